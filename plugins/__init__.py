@@ -1,0 +1,1 @@
+"""Built-in kpr plugins, one package each; each registers in the `kpr.plugins` entry-point group."""

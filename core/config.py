@@ -9,11 +9,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 DEFAULT_CONFIG_PATH = Path("/etc/kpr/kpr.yaml")
@@ -44,15 +44,18 @@ def _check_ip(value: str) -> str:
         raise ValueError(f"not an IP address: {value!r}") from None
 
 
+# An IP address in any notation, normalised to Python's text form.
+IPAddress = Annotated[str, AfterValidator(_check_ip)]
+
+
 class NodeSection(Section):
     # This node's name, matched against EndpointSlice nodeName for traffic policy Local.
     name: str = Field(default_factory=socket.gethostname, min_length=1)
     # Node addresses NodePort listens on; empty means the addresses of `devices`.
-    addresses: list[str] = []
+    addresses: list[IPAddress] = []
     # External devices NodePort programs attach to; empty means those with a default route.
     devices: list[str] = []
 
-    _addresses = field_validator("addresses")(lambda v: [_check_ip(a) for a in v])
 
 
 class SourceSection(Section):
@@ -213,7 +216,8 @@ def format_errors(err: pydantic.ValidationError, prefix: tuple[str | int, ...] =
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         value = e.get("input")
-        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
+        quiet = e["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) or repr(value) in msg
+        shown = "" if quiet else f" (got {value!r})"
         lines.append(f"{path}: {msg}{shown}")
     return lines
 

@@ -2,7 +2,7 @@
 
 Hooks are grouped by lifecycle, in the order the agent calls them:
 
-1. configuration: ``kpr_config_schema``, ``kpr_configure``
+1. configuration: ``kpr_config_schema``, ``kpr_requires``, ``kpr_configure``
 2. start: ``kpr_start``
 3. service events, delivered by the event bus: ``kpr_service_upsert``,
    ``kpr_service_delete``, ``kpr_sync_complete``
@@ -46,6 +46,19 @@ def kpr_config_schema() -> "type[pydantic.BaseModel] | None":
     Returns: a pydantic model class for the section. The ``enabled`` key is the core's and is
     removed before validation. Return ``None`` (or do not implement the hook) for a plugin
     without keys of its own; then any other key in its section is an error.
+    """
+
+
+@hookspec
+def kpr_requires() -> "list[str]":
+    """Name the core facilities an enabled plugin needs.
+
+    Called: once per enabled plugin after its section validated, before any plugin is
+    configured.
+
+    Returns: names of core facilities, from: ``"servicemaps"`` (the shared BPF service maps,
+    pinned under ``bpf.pinPath`` and written by the core's service map writer, which is then
+    started before every plugin). An unknown name stops start-up with the plugin's name.
     """
 
 

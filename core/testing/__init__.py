@@ -1,0 +1,31 @@
+"""Test harness shared by kpr's and its plugins' kernel tests.
+
+- kpr.testing.prog_run: BPF_PROG_TEST_RUN through libbpf, table-driven packet cases,
+  checksum verification.
+- kpr.testing.netns: throw-away namespace topologies (nodes, pods, clients, routers).
+- kpr.testing.cgroup: child cgroups for cgroup BPF hooks.
+
+Submodules are imported on use so `import kpr.testing` stays cheap and needs no root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+__all__ = ["kernel_skip_reason"]
+
+
+def kernel_skip_reason() -> str | None:
+    """Why kernel tests cannot run here, or None when they can (root, bcc, iproute2)."""
+    if os.geteuid() != 0:
+        return "kernel tests need root (BPF, network namespaces, cgroups)"
+    try:
+        import bcc  # noqa: F401 - only checking that it imports
+    except ImportError as exc:
+        return f"bcc not importable ({exc}); run scripts/install-deps.sh and use a venv with --system-site-packages"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) not installed; run scripts/install-deps.sh"
+    if not os.path.exists("/proc/self/ns/net"):
+        return "kernel without network namespaces"
+    return None

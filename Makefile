@@ -1,0 +1,28 @@
+# The whole set-up on a fresh Debian 12 machine, as root: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kpr-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test system venv bench clean-state
+
+system:
+	@bash scripts/install-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e '.[test,bgp,kubernetes]'
+	@touch $(STAMP)
+
+venv: system $(STAMP)
+
+test: venv
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: venv
+	@bash scripts/demo.sh
+
+bench: venv
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

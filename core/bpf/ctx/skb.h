@@ -1,0 +1,89 @@
+/* Packet context for tc (clsact) programs: struct __sk_buff.
+ *
+ * ctx/skb.h and ctx/xdp.h define the same API so lib/ headers and plugin code compile for
+ * both hooks. An operation one context lacks is a macro calling an undefined extern named
+ * after the problem (__kpr_skb_has_no_...): using it fails the build (bcc: "cannot call
+ * non-static helper function", pointing at the name) instead of silently doing nothing.
+ * They are macros, not inline functions, because bcc rejects such a call even in an unused
+ * function.
+ *
+ * Include exactly one ctx header, before any lib/ header that touches packets.
+ */
+#ifndef KPR_CTX_SKB_H
+#define KPR_CTX_SKB_H
+
+#ifdef KPR_CTX_XDP
+#error "include only one of ctx/skb.h and ctx/xdp.h"
+#endif
+#define KPR_CTX_SKB 1 // this program runs on socket buffers (tc)
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#ifndef KPR_CTX_MAX_OFF
+#define KPR_CTX_MAX_OFF 512 // largest header offset ctx_ptr() accepts; bounds variable offsets for the verifier
+#endif
+
+typedef struct __sk_buff kpr_ctx_t; // the program's context type
+
+#define CTX_PASS TC_ACT_OK             // let the kernel continue with the packet
+#define CTX_DROP TC_ACT_SHOT           // drop the packet
+#define CTX_REDIRECT TC_ACT_REDIRECT   // what a successful ctx_redirect*() returns
+
+extern int __kpr_skb_has_no_tx_verdict(void);
+extern int __kpr_skb_has_no_adjust_head(void);
+
+// tc has no XDP_TX; ctx_tx() below bounces the packet out of its device instead.
+#define CTX_TX (__kpr_skb_has_no_tx_verdict())
+
+static __always_inline void *ctx_data(kpr_ctx_t *ctx) { return (void *)(long)ctx->data; }
+static __always_inline void *ctx_data_end(kpr_ctx_t *ctx) { return (void *)(long)ctx->data_end; }
+static __always_inline __u32 ctx_len(kpr_ctx_t *ctx) { return ctx->len; }
+// The device the program runs on (ingress or egress side).
+static __always_inline __u32 ctx_ifindex(kpr_ctx_t *ctx) { return ctx->ifindex; }
+
+// Pointer to `size` bytes at `off` from the start of the packet, or NULL when they are not in
+// the linear data. Re-derive pointers with it after any helper that may move packet data.
+static __always_inline void *ctx_ptr(kpr_ctx_t *ctx, __u32 off, __u32 size)
+{
+	void *data = ctx_data(ctx), *end = ctx_data_end(ctx);
+
+	if (off > KPR_CTX_MAX_OFF)
+		return (void *)0;
+	if (data + off + size > end)
+		return (void *)0;
+	return data + off;
+}
+
+// Send the packet back out of the device it is on: the tc counterpart of XDP_TX.
+static __always_inline int ctx_tx(kpr_ctx_t *ctx) { return bpf_redirect(ctx->ifindex, 0); }
+static __always_inline int ctx_redirect(kpr_ctx_t *ctx, __u32 ifindex, __u32 flags)
+{
+	return bpf_redirect(ifindex, flags);
+}
+// Into the peer of a veth/netkit device, skipping the backlog queue (pod ingress fast path).
+static __always_inline int ctx_redirect_peer(kpr_ctx_t *ctx, __u32 ifindex, __u32 flags)
+{
+	return bpf_redirect_peer(ifindex, flags);
+}
+// Out of a device with the kernel's neighbour resolution filling in the MACs.
+static __always_inline int ctx_redirect_neigh(kpr_ctx_t *ctx, __u32 ifindex)
+{
+	// bcc 0.26 declares this helper without its `plen` argument; call it with the kernel's four
+	return ((long (*)(__u32, void *, int, __u64))BPF_FUNC_redirect_neigh)(ifindex, (void *)0, 0, 0);
+}
+static __always_inline int ctx_adjust_room(kpr_ctx_t *ctx, __s32 len_diff, __u32 mode, __u64 flags)
+{
+	return bpf_skb_adjust_room(ctx, len_diff, mode, flags);
+}
+#define ctx_adjust_head(ctx, delta) ((void)(ctx), (void)(delta), __kpr_skb_has_no_adjust_head())
+static __always_inline int ctx_load_bytes(kpr_ctx_t *ctx, __u32 off, void *to, __u32 len)
+{
+	return bpf_skb_load_bytes(ctx, off, to, len);
+}
+static __always_inline int ctx_store_bytes(kpr_ctx_t *ctx, __u32 off, const void *from, __u32 len)
+{
+	return bpf_skb_store_bytes(ctx, off, (void *)from, len, 0);
+}
+
+#endif /* KPR_CTX_SKB_H */

@@ -1,0 +1,75 @@
+/* Packet context for XDP programs: struct xdp_md.
+ *
+ * Same API as ctx/skb.h (see there). Operations XDP lacks (redirect_peer, redirect_neigh,
+ * adjust_room) are macros calling an undefined extern (__kpr_xdp_has_no_...), so a program
+ * using one fails to build rather than silently misbehaving.
+ */
+#ifndef KPR_CTX_XDP_H
+#define KPR_CTX_XDP_H
+
+#ifdef KPR_CTX_SKB
+#error "include only one of ctx/skb.h and ctx/xdp.h"
+#endif
+#define KPR_CTX_XDP 1 // this program runs on XDP frames
+
+#include <uapi/linux/bpf.h>
+
+#ifndef KPR_CTX_MAX_OFF
+#define KPR_CTX_MAX_OFF 512 // largest header offset ctx_ptr() accepts; bounds variable offsets for the verifier
+#endif
+
+typedef struct xdp_md kpr_ctx_t; // the program's context type
+
+#define CTX_PASS XDP_PASS         // let the kernel's stack have the frame
+#define CTX_DROP XDP_DROP         // drop the frame
+#define CTX_TX XDP_TX             // send the frame back out of the device it arrived on
+#define CTX_REDIRECT XDP_REDIRECT // what a successful ctx_redirect() returns
+
+extern int __kpr_xdp_has_no_redirect_peer(void);
+extern int __kpr_xdp_has_no_redirect_neigh(void);
+extern int __kpr_xdp_has_no_adjust_room(void);
+
+static __always_inline void *ctx_data(kpr_ctx_t *ctx) { return (void *)(long)ctx->data; }
+static __always_inline void *ctx_data_end(kpr_ctx_t *ctx) { return (void *)(long)ctx->data_end; }
+static __always_inline __u32 ctx_len(kpr_ctx_t *ctx) { return ctx->data_end - ctx->data; }
+// The device the frame arrived on.
+static __always_inline __u32 ctx_ifindex(kpr_ctx_t *ctx) { return ctx->ingress_ifindex; }
+
+// Pointer to `size` bytes at `off` from the start of the frame, or NULL when beyond its end.
+// Re-derive pointers with it after any helper that may move frame data.
+static __always_inline void *ctx_ptr(kpr_ctx_t *ctx, __u32 off, __u32 size)
+{
+	void *data = ctx_data(ctx), *end = ctx_data_end(ctx);
+
+	if (off > KPR_CTX_MAX_OFF)
+		return (void *)0;
+	if (data + off + size > end)
+		return (void *)0;
+	return data + off;
+}
+
+static __always_inline int ctx_tx(kpr_ctx_t *ctx) { return XDP_TX; }
+static __always_inline int ctx_redirect(kpr_ctx_t *ctx, __u32 ifindex, __u32 flags)
+{
+	return bpf_redirect(ifindex, flags);
+}
+#define ctx_redirect_peer(ctx, ifindex, flags) \
+	((void)(ctx), (void)(ifindex), (void)(flags), __kpr_xdp_has_no_redirect_peer())
+#define ctx_redirect_neigh(ctx, ifindex) ((void)(ctx), (void)(ifindex), __kpr_xdp_has_no_redirect_neigh())
+#define ctx_adjust_room(ctx, len_diff, mode, flags) \
+	((void)(ctx), (void)(len_diff), (void)(mode), (void)(flags), __kpr_xdp_has_no_adjust_room())
+// Grow (negative delta) or shrink the frame at its head, e.g. to push an encapsulation header.
+static __always_inline int ctx_adjust_head(kpr_ctx_t *ctx, int delta)
+{
+	return bpf_xdp_adjust_head(ctx, delta);
+}
+static __always_inline int ctx_load_bytes(kpr_ctx_t *ctx, __u32 off, void *to, __u32 len)
+{
+	return bpf_xdp_load_bytes(ctx, off, to, len);
+}
+static __always_inline int ctx_store_bytes(kpr_ctx_t *ctx, __u32 off, const void *from, __u32 len)
+{
+	return bpf_xdp_store_bytes(ctx, off, (void *)from, len);
+}
+
+#endif /* KPR_CTX_XDP_H */

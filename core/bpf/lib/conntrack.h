@@ -1,0 +1,147 @@
+/* Connection tracking for load-balanced flows: an LRU map keyed by the 5-tuple remembers the
+ * backend (and the frontend's rev-NAT index) a flow was given, so established flows keep their
+ * backend while the service changes, and replies can be reverse-translated.
+ *
+ * Context-free. Entries are created for the original direction (client -> frontend) and, by
+ * programs that see replies, for the reply direction (backend -> client).
+ */
+#ifndef KPR_LIB_CONNTRACK_H
+#define KPR_LIB_CONNTRACK_H
+
+#include "lib/common.h"
+#include "lib/maps.h"
+
+#ifndef KPR_CT_MAX
+#define KPR_CT_MAX 131072 // tracked flows (both directions); LRU evicts the oldest when full
+#endif
+#ifndef KPR_CT_TCP_TIMEOUT_NS
+#define KPR_CT_TCP_TIMEOUT_NS (21600ULL * 1000000000ULL) // idle established TCP flow lifetime: 6 h (Cilium's)
+#endif
+#ifndef KPR_CT_TCP_SYN_TIMEOUT_NS
+#define KPR_CT_TCP_SYN_TIMEOUT_NS (60ULL * 1000000000ULL) // a TCP flow that never saw a reply: 60 s
+#endif
+#ifndef KPR_CT_TCP_CLOSE_TIMEOUT_NS
+#define KPR_CT_TCP_CLOSE_TIMEOUT_NS (10ULL * 1000000000ULL) // after FIN or RST: 10 s, so ports recycle
+#endif
+#ifndef KPR_CT_OTHER_TIMEOUT_NS
+#define KPR_CT_OTHER_TIMEOUT_NS (60ULL * 1000000000ULL) // UDP, SCTP, ICMP idle lifetime: 60 s
+#endif
+#ifndef KPR_CT_TOUCH_INTERVAL_NS
+#define KPR_CT_TOUCH_INTERVAL_NS 1000000000ULL // refresh last_seen at most once a second: fewer writes to a shared line
+#endif
+
+#define KPR_CT_DIR_ORIGINAL 0 // client -> frontend (before DNAT)
+#define KPR_CT_DIR_REPLY 1    // backend -> client (after DNAT)
+
+#define KPR_CT_F_SEEN_REPLY (1U << 0) // a reply was seen: the flow is established
+#define KPR_CT_F_CLOSING (1U << 1)    // FIN or RST seen: short timeout
+#define KPR_CT_F_NODE_PORT (1U << 2)  // created by the NodePort path (SNAT may apply)
+#define KPR_CT_F_SNAT (1U << 3)       // the flow was source-NATed (see lib/nat.h)
+
+#define KPR_TCP_FIN 0x01 // TCP flag bits as in the header's flags byte
+#define KPR_TCP_SYN 0x02
+#define KPR_TCP_RST 0x04
+#define KPR_TCP_ACK 0x10
+
+// kpr_ct key: one direction of a flow.
+struct kpr_ct_key {
+	union kpr_addr saddr; // source address
+	union kpr_addr daddr; // destination address
+	__be16 sport;         // source port (ICMP echo: id)
+	__be16 dport;         // destination port
+	__u8 proto;           // IPPROTO_*
+	__u8 dir;             // KPR_CT_DIR_*
+	__u16 pad;            // zero
+};
+
+// kpr_ct value.
+struct kpr_ct_entry {
+	__u64 last_seen;  // kpr_now() at the last refresh, ns
+	__u32 backend_id; // the flow's backend (kpr_backend key)
+	__u32 rev_nat;    // the frontend's rev-NAT index (kpr_revnat key)
+	__u16 flags;      // KPR_CT_F_*
+	__u8 tcp_flags;   // union of TCP flags seen
+	__u8 pad;         // zero
+	__u32 pad2;       // zero
+};
+
+_Static_assert(sizeof(struct kpr_ct_key) == 40, "kpr_ct_key layout");
+_Static_assert(sizeof(struct kpr_ct_entry) == 24, "kpr_ct_entry layout");
+
+// Tracked flows; LRU so the map never fills up with dead flows.
+BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_ct_entry, kpr_ct, KPR_CT_MAX, KPR_PIN(kpr_ct));
+
+static __always_inline void kpr_ct_key_from_tuple(struct kpr_ct_key *k, const struct kpr_tuple *t, __u8 dir)
+{
+	k->saddr = t->saddr;
+	k->daddr = t->daddr;
+	k->sport = t->sport;
+	k->dport = t->dport;
+	k->proto = t->proto;
+	k->dir = dir;
+	k->pad = 0;
+}
+
+static __always_inline __u64 kpr_ct_timeout(const struct kpr_ct_entry *e, __u8 proto)
+{
+	if (proto != IPPROTO_TCP)
+		return KPR_CT_OTHER_TIMEOUT_NS;
+	if (e->flags & KPR_CT_F_CLOSING)
+		return KPR_CT_TCP_CLOSE_TIMEOUT_NS;
+	if (!(e->flags & KPR_CT_F_SEEN_REPLY))
+		return KPR_CT_TCP_SYN_TIMEOUT_NS;
+	return KPR_CT_TCP_TIMEOUT_NS;
+}
+
+/* The live entry for the tuple in direction `dir`, refreshed with this packet's TCP flags; NULL
+ * when there is none or it expired (a new SYN then starts a new flow with a fresh pick). */
+static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple *t, __u8 dir)
+{
+	struct kpr_ct_key k;
+	struct kpr_ct_entry *e;
+	__u64 now;
+
+	kpr_ct_key_from_tuple(&k, t, dir);
+	e = kpr_ct.lookup(&k);
+	if (!e)
+		return (void *)0;
+	now = kpr_now();
+	if (now - e->last_seen > kpr_ct_timeout(e, t->proto))
+		return (void *)0;
+	if (t->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)) {
+		e->flags |= KPR_CT_F_CLOSING;
+		e->last_seen = now;
+	} else if (now - e->last_seen > KPR_CT_TOUCH_INTERVAL_NS) {
+		e->last_seen = now;
+	}
+	if ((t->tcp_flags | e->tcp_flags) != e->tcp_flags)
+		e->tcp_flags |= t->tcp_flags;
+	if (dir == KPR_CT_DIR_REPLY && !(e->flags & KPR_CT_F_SEEN_REPLY))
+		e->flags |= KPR_CT_F_SEEN_REPLY;
+	return e;
+}
+
+// Record a new flow. Returns 0 or the map update's negative error.
+static __always_inline int kpr_ct_create(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,
+					 __u16 flags)
+{
+	struct kpr_ct_key k;
+	struct kpr_ct_entry e = {};
+
+	kpr_ct_key_from_tuple(&k, t, dir);
+	e.last_seen = kpr_now();
+	e.backend_id = backend_id;
+	e.rev_nat = rev_nat;
+	e.flags = flags;
+	e.tcp_flags = t->tcp_flags;
+	return kpr_ct.update(&k, &e);
+}
+
+// Mark the original direction's entry as answered, from a reply seen elsewhere.
+static __always_inline void kpr_ct_seen_reply(struct kpr_ct_entry *e)
+{
+	if (!(e->flags & KPR_CT_F_SEEN_REPLY))
+		e->flags |= KPR_CT_F_SEEN_REPLY;
+}
+
+#endif /* KPR_LIB_CONNTRACK_H */

@@ -1,0 +1,109 @@
+/* Incremental checksum updates (RFC 1624) for both contexts.
+ *
+ * tc (skb): through bpf_l3/l4_csum_replace, which also keep skb->csum right for
+ * CHECKSUM_COMPLETE and leave CHECKSUM_PARTIAL headers (only the pseudo header summed)
+ * correct; doing the arithmetic by hand would break offloaded packets.
+ * XDP: frames carry complete checksums, so the field is patched in place.
+ *
+ * skb helpers invalidate packet pointers: callers re-derive them with ctx_ptr() afterwards.
+ * Every function takes the offset of the checksum field and returns 0 or a negative error.
+ */
+#ifndef KPR_LIB_CSUM_H
+#define KPR_LIB_CSUM_H
+
+#if !defined(KPR_CTX_SKB) && !defined(KPR_CTX_XDP)
+#error "include ctx/skb.h or ctx/xdp.h before lib/csum.h"
+#endif
+
+#include "lib/common.h"
+
+#define KPR_CSUM_PSEUDO BPF_F_PSEUDO_HDR       // the changed field is in the L4 pseudo header (an address)
+#define KPR_CSUM_UDP BPF_F_MARK_MANGLED_0      // UDP rules: 0 means "no checksum" and is kept; a result of 0 is sent as 0xffff
+
+#define KPR_E_CSUM -1 // checksum field outside the packet
+
+// Ones-complement 32-bit add with end-around carry.
+static __always_inline __u32 kpr_csum_add(__u32 a, __u32 b)
+{
+	a += b;
+	return a + (a < b);
+}
+
+// Fold a 32-bit partial sum into the 16-bit complemented checksum stored in headers.
+static __always_inline __u16 kpr_csum_fold(__u32 c)
+{
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)~c;
+}
+
+#ifdef KPR_CTX_XDP
+// Patch the 16-bit checksum at `off` for a change of `from` to `to` (32-bit sums of the changed bytes).
+static __always_inline int kpr_csum_patch(kpr_ctx_t *ctx, __u32 off, __u32 from_sum, __u32 to_sum, __u64 flags)
+{
+	__u16 *sum = ctx_ptr(ctx, off, sizeof(*sum));
+	__u16 res;
+
+	if (!sum)
+		return KPR_E_CSUM;
+	if ((flags & KPR_CSUM_UDP) && *sum == 0)
+		return 0;
+	res = kpr_csum_fold(kpr_csum_add(kpr_csum_add(~(__u32)*sum, ~from_sum), to_sum));
+	if ((flags & KPR_CSUM_UDP) && res == 0)
+		res = 0xffff;
+	*sum = res;
+	return 0;
+}
+#endif
+
+// The IPv4 header checksum at `off`, for a changed 4-byte field (an address).
+static __always_inline int kpr_csum_l3_replace4(kpr_ctx_t *ctx, __u32 off, __be32 from, __be32 to)
+{
+#ifdef KPR_CTX_SKB
+	return bpf_l3_csum_replace(ctx, off, from, to, 4);
+#else
+	return kpr_csum_patch(ctx, off, from, to, 0);
+#endif
+}
+
+// The L4 checksum at `off`, for a changed 4-byte field (an IPv4 address: pass KPR_CSUM_PSEUDO).
+static __always_inline int kpr_csum_l4_replace4(kpr_ctx_t *ctx, __u32 off, __be32 from, __be32 to, __u64 flags)
+{
+#ifdef KPR_CTX_SKB
+	return bpf_l4_csum_replace(ctx, off, from, to, flags | 4);
+#else
+	return kpr_csum_patch(ctx, off, from, to, flags);
+#endif
+}
+
+// The L4 checksum at `off`, for a changed 2-byte field (a port).
+static __always_inline int kpr_csum_l4_replace2(kpr_ctx_t *ctx, __u32 off, __be16 from, __be16 to, __u64 flags)
+{
+#ifdef KPR_CTX_SKB
+	return bpf_l4_csum_replace(ctx, off, from, to, flags | 2);
+#else
+	return kpr_csum_patch(ctx, off, from, to, flags);
+#endif
+}
+
+// The L4 checksum at `off`, for a changed 16-byte field (an IPv6 address: pass KPR_CSUM_PSEUDO).
+static __always_inline int kpr_csum_l4_replace16(kpr_ctx_t *ctx, __u32 off, const union kpr_addr *from,
+						 const union kpr_addr *to, __u64 flags)
+{
+	__u32 f = 0, t = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		f = kpr_csum_add(f, from->w[i]);
+		t = kpr_csum_add(t, to->w[i]);
+	}
+#ifdef KPR_CTX_SKB
+	// size 0 in flags: `to` is a precomputed difference (what bpf_csum_diff would return)
+	return bpf_l4_csum_replace(ctx, off, 0, kpr_csum_add(~f, t), flags);
+#else
+	return kpr_csum_patch(ctx, off, f, t, flags);
+#endif
+}
+
+#endif /* KPR_LIB_CSUM_H */

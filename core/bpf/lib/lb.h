@@ -1,0 +1,204 @@
+/* Service lookup and backend selection on a flow tuple; context-free (tc, XDP, socket hooks).
+ *
+ * Typical use for a new flow:
+ *   struct kpr_svc_key key; struct kpr_svc_val *svc; struct kpr_backend *be; __u32 id;
+ *   svc = kpr_lb_lookup(&key, &t, KPR_LB_FROM_CLUSTER);        // NULL: not a service
+ *   if (svc && !kpr_lb_src_allowed(svc, &t.saddr)) drop;
+ *   be = kpr_lb_pick(&key, svc, &t, &aff, &id);                 // NULL: no backend, reject
+ * then DNAT to be->addr/be->port and remember id in conntrack, so the flow keeps its backend
+ * while the service's slots change.
+ */
+#ifndef KPR_LIB_LB_H
+#define KPR_LIB_LB_H
+
+#include "lib/common.h"
+#include "lib/maps.h"
+
+#ifndef KPR_LB_WILDCARD
+#define KPR_LB_WILDCARD 1 // 1: a miss on a node address retries the address-0 NodePort entry
+#endif
+#ifndef KPR_LB_RANDOM_BY_HASH
+#define KPR_LB_RANDOM_BY_HASH 0 // 1: "random" selection hashes the 5-tuple (stable per flow without conntrack)
+#endif
+
+// kpr_lb_lookup() flags.
+#define KPR_LB_FROM_CLUSTER (1U << 0) // the caller is inside the cluster: prefer the internal scope
+#define KPR_LB_NODE_ADDR (1U << 1)    // daddr is one of this node's addresses: wildcard NodePort applies
+
+/* Find the service entry (slot 0) for the tuple's destination. `key` is filled in and left
+ * pointing at the entry found (wildcard address and scope included), ready for
+ * kpr_lb_pick(). Returns NULL when the destination is not a service. */
+static __always_inline struct kpr_svc_val *kpr_lb_lookup(struct kpr_svc_key *key, const struct kpr_tuple *t,
+							  __u32 lflags)
+{
+	struct kpr_svc_val *svc, *isvc;
+
+	key->addr = t->daddr;
+	key->port = t->dport;
+	key->proto = t->proto;
+	key->scope = KPR_SCOPE_EXTERNAL;
+	key->slot = 0;
+	key->pad = 0;
+	svc = kpr_svc.lookup(key);
+#if KPR_LB_WILDCARD
+	if (!svc && (lflags & KPR_LB_NODE_ADDR)) {
+		kpr_addr_set_any(&key->addr, t->family);
+		svc = kpr_svc.lookup(key);
+	}
+#endif
+	if (!svc)
+		return (void *)0;
+	if ((lflags & KPR_LB_FROM_CLUSTER) && (svc->flags & KPR_SVC_F_TWO_SCOPES)) {
+		key->scope = KPR_SCOPE_INTERNAL;
+		isvc = kpr_svc.lookup(key);
+		if (isvc)
+			return isvc;
+		key->scope = KPR_SCOPE_EXTERNAL; // the writer adds internal entries first; tolerate a race
+	}
+	return svc;
+}
+
+// Whether the client may use the service (loadBalancerSourceRanges); true when it has none.
+static __always_inline int kpr_lb_src_allowed(const struct kpr_svc_val *svc, const union kpr_addr *saddr)
+{
+	struct kpr_srcrange_key k = {};
+
+	if (!(svc->flags & KPR_SVC_F_SOURCE_RANGES))
+		return 1;
+	k.prefixlen = 32 + 128;
+	k.rev_nat = svc->rev_nat;
+	k.addr = *saddr;
+	return kpr_srcrange.lookup(&k) != (void *)0;
+}
+
+// Backend id in slot `slot` of the service `key` points at (slot 0 left in key afterwards).
+static __always_inline __u32 kpr_lb_slot_backend(struct kpr_svc_key *key, __u16 slot)
+{
+	struct kpr_svc_val *v;
+
+	key->slot = slot;
+	v = kpr_svc.lookup(key);
+	key->slot = 0;
+	return v ? v->backend_id : 0;
+}
+
+// Maglev pick: the flow hash indexes the frontend scope's table. 0 when there is no table yet.
+static __always_inline __u32 kpr_lb_maglev_backend(const struct kpr_svc_key *key, const struct kpr_svc_val *svc,
+						    const struct kpr_tuple *t)
+{
+	struct kpr_maglev_key mk = {};
+	__u32 idx, *id;
+	void *table;
+
+	mk.rev_nat = svc->rev_nat;
+	mk.scope = key->scope;
+	table = kpr_maglev.lookup(&mk);
+	if (!table)
+		return 0;
+	idx = kpr_tuple_hash(t) % KPR_MAGLEV_M;
+	id = bpf_map_lookup_elem(table, &idx);
+	return id ? *id : 0;
+}
+
+// Random pick among the selectable slots 1..count.
+static __always_inline __u32 kpr_lb_random_backend(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
+						    const struct kpr_tuple *t)
+{
+	__u32 r;
+
+	if (svc->count == 0)
+		return 0;
+#if KPR_LB_RANDOM_BY_HASH
+	r = kpr_tuple_hash(t);
+#else
+	r = bpf_get_prandom_u32();
+#endif
+	return kpr_lb_slot_backend(key, (__u16)(r % svc->count) + 1);
+}
+
+// Fill an affinity key for a client address (tc/XDP) ...
+static __always_inline void kpr_lb_affinity_key_addr(struct kpr_affinity_key *k, const struct kpr_svc_val *svc,
+						      const union kpr_addr *client)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->client = *client;
+	k->rev_nat = svc->rev_nat;
+}
+
+// ... or for a network namespace (socket LB: the client's address is not known at connect()).
+static __always_inline void kpr_lb_affinity_key_netns(struct kpr_affinity_key *k, const struct kpr_svc_val *svc,
+						       __u64 netns_cookie)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->client.w[0] = (__u32)netns_cookie;
+	k->client.w[1] = (__u32)(netns_cookie >> 32);
+	k->rev_nat = svc->rev_nat;
+	k->netns = 1;
+}
+
+// The remembered backend of an affinity client, if still within the service's timeout.
+static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *svc, struct kpr_affinity_key *aff,
+						      __u64 now)
+{
+	struct kpr_affinity_val *v = kpr_affinity.lookup(aff);
+
+	if (!v)
+		return 0;
+	if (now - v->last_used > (__u64)svc->affinity_timeout * 1000000000ULL)
+		return 0;
+	return v->backend_id;
+}
+
+/* Pick the backend for a new flow to the service entry `key`/`svc` found by kpr_lb_lookup():
+ * affinity (when the service has it and `aff` is given), then Maglev or random. Returns the
+ * backend and its id in *id, or NULL when the service has no selectable backend. */
+static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
+							const struct kpr_tuple *t, struct kpr_affinity_key *aff,
+							__u32 *id)
+{
+	struct kpr_backend *be = (void *)0;
+	__u32 bid = 0;
+	__u64 now = 0;
+
+	*id = 0;
+	if (svc->count == 0)
+		return (void *)0;
+	if (aff && (svc->flags & KPR_SVC_F_AFFINITY)) {
+		now = kpr_now();
+		bid = kpr_lb_affinity_backend(svc, aff, now);
+		// a backend gone from the backends map (deleted since) is not reused
+		if (bid)
+			be = kpr_backend.lookup(&bid);
+		if (be && be->state != KPR_BACKEND_ACTIVE)
+			be = (void *)0;
+	}
+	if (!be) {
+		bid = 0;
+		if (svc->flags & KPR_SVC_F_MAGLEV)
+			bid = kpr_lb_maglev_backend(key, svc, t);
+		if (!bid) // no Maglev table (yet): fall back to random rather than drop
+			bid = kpr_lb_random_backend(key, svc, t);
+		if (!bid)
+			return (void *)0;
+		be = kpr_backend.lookup(&bid);
+		if (!be)
+			return (void *)0;
+	}
+	if (aff && (svc->flags & KPR_SVC_F_AFFINITY)) {
+		struct kpr_affinity_val v = {};
+
+		v.last_used = now;
+		v.backend_id = bid;
+		kpr_affinity.update(aff, &v);
+	}
+	*id = bid;
+	return be;
+}
+
+// Reverse-NAT entry (the frontend) of a flow, from the rev-NAT index kept in conntrack.
+static __always_inline struct kpr_revnat *kpr_lb_revnat(__u32 rev_nat)
+{
+	return kpr_revnat.lookup(&rev_nat);
+}
+
+#endif /* KPR_LIB_LB_H */

@@ -1,0 +1,173 @@
+/* The service maps kpr's programs share, pinned under KPR_PIN_PATH.
+ *
+ * kpr.servicemaps.ServiceMapWriter is their one writer; programs only read them (and write
+ * the affinity LRU). Maps are declared BPF_TABLE_PINNED: bcc opens the pin when it exists
+ * (whatever its declared size) and creates and pins it otherwise, so a program loaded
+ * before the writer ran still finds the same maps later. The Python mirror of every struct
+ * is kpr.bpf.maps; tests/kernel/test_maps_layout.py checks that the two agree.
+ *
+ * Layout (after Cilium's lb maps, one map per kind for both families, addresses v4-mapped):
+ *   kpr_svc       (addr, port, proto, scope, slot) -> slot 0: service; slots 1..: backend ids
+ *   kpr_backend   backend id -> address, port, state
+ *   kpr_revnat    rev-NAT index -> frontend address/port (what replies are rewritten to)
+ *   kpr_affinity  (client, rev_nat) -> backend id, last use      (LRU, written by programs)
+ *   kpr_maglev    (rev_nat, scope) -> inner array of KPR_MAGLEV_M backend ids (hash of maps)
+ *   kpr_srcrange  LPM (rev_nat, prefix) -> allowed (loadBalancerSourceRanges)
+ */
+#ifndef KPR_LIB_MAPS_H
+#define KPR_LIB_MAPS_H
+
+#include "lib/common.h"
+
+/* --- tunables (kpr.bpf.maps.cflags() passes the writer's values) ------------------------- */
+
+#ifndef KPR_PIN_PATH
+#define KPR_PIN_PATH "/sys/fs/bpf/kpr" // bpffs directory the maps are pinned in (config bpf.pinPath)
+#endif
+#ifndef KPR_SVC_MAX
+#define KPR_SVC_MAX 65536 // service map entries: per frontend and scope, 1 + its backend slots
+#endif
+#ifndef KPR_BACKEND_MAX
+#define KPR_BACKEND_MAX 65536 // distinct backends (address, port, protocol) across all services
+#endif
+#ifndef KPR_REVNAT_MAX
+#define KPR_REVNAT_MAX 65536 // frontends (rev-NAT indexes), wildcard NodePort entries included
+#endif
+#ifndef KPR_AFFINITY_MAX
+#define KPR_AFFINITY_MAX 65536 // remembered (client, service) pairs for sessionAffinity; LRU evicts the rest
+#endif
+#ifndef KPR_MAGLEV_MAX
+#define KPR_MAGLEV_MAX 8192 // Maglev tables (frontend scopes using Maglev)
+#endif
+#ifndef KPR_MAGLEV_M
+#define KPR_MAGLEV_M 16381 // Maglev table size: prime, >= 100 x backends for <1% imbalance (Cilium's default)
+#endif
+#ifndef KPR_SRCRANGE_MAX
+#define KPR_SRCRANGE_MAX 16384 // loadBalancerSourceRanges CIDRs across all frontends
+#endif
+
+#define KPR_PIN(name) KPR_PIN_PATH "/" #name // pin path of a map named `name`
+
+/* --- constants ----------------------------------------------------------------------- */
+
+#define KPR_SCOPE_EXTERNAL 0 // backends for traffic from outside the node (externalTrafficPolicy)
+#define KPR_SCOPE_INTERNAL 1 // backends for traffic from inside the cluster, when they differ
+
+// Service entry flags (struct kpr_svc_val.flags, slot 0).
+#define KPR_SVC_F_CLUSTER_IP (1U << 0)    // frontend type ClusterIP
+#define KPR_SVC_F_NODE_PORT (1U << 1)     // frontend type NodePort (node address, or the wildcard)
+#define KPR_SVC_F_EXTERNAL_IP (1U << 2)   // frontend type ExternalIP
+#define KPR_SVC_F_LOAD_BALANCER (1U << 3) // frontend type LoadBalancer ingress address
+#define KPR_SVC_F_HOST_PORT (1U << 4)     // frontend type HostPort
+#define KPR_SVC_F_AFFINITY (1U << 5)      // sessionAffinity ClientIP: consult kpr_affinity first
+#define KPR_SVC_F_SOURCE_RANGES (1U << 6) // loadBalancerSourceRanges: clients must match kpr_srcrange
+#define KPR_SVC_F_LOCAL_SCOPE (1U << 7)   // this entry's backends are node-local only (traffic policy Local)
+#define KPR_SVC_F_TWO_SCOPES (1U << 8)    // an internal-scope entry exists: in-cluster callers look it up
+#define KPR_SVC_F_MAGLEV (1U << 9)        // select with the Maglev table, not at random
+#define KPR_SVC_F_WILDCARD (1U << 10)     // the address-0 NodePort entry, matched for any node address
+
+// Backend states (struct kpr_backend.state).
+#define KPR_BACKEND_ACTIVE 0      // ready: new connections may pick it
+#define KPR_BACKEND_TERMINATING 1 // serving but terminating: only existing flows (KEP-1669 fallback aside)
+
+#define KPR_BACKEND_F_LOCAL (1U << 0) // the backend runs on this node
+
+/* --- structs ------------------------------------------------------------------------- */
+
+// kpr_svc key: one frontend in one scope, and a slot (0 = the service, 1.. = its backends).
+struct kpr_svc_key {
+	union kpr_addr addr; // frontend address; ::ffff:0.0.0.0 / :: for the wildcard NodePort entry
+	__be16 port;         // frontend port, network order
+	__u8 proto;          // IPPROTO_TCP / UDP / SCTP
+	__u8 scope;          // KPR_SCOPE_EXTERNAL / KPR_SCOPE_INTERNAL
+	__u16 slot;          // 0: service entry; 1..count: selectable backends; then terminating ones
+	__u16 pad;           // zero: no compiler padding may hide in a hash key
+};
+
+// kpr_svc value: slot 0 describes the service, other slots name one backend.
+struct kpr_svc_val {
+	__u32 backend_id;       // slots > 0: the backend's id in kpr_backend; slot 0: 0
+	__u16 count;            // slot 0: selectable backends (slots 1..count); 0 = no backend, reject
+	__u16 terminating;      // slot 0: terminating backends in slots count+1..count+terminating
+	__u32 rev_nat;          // the frontend's rev-NAT index (every slot, so any entry leads back)
+	__u32 flags;            // slot 0: KPR_SVC_F_*
+	__u32 affinity_timeout; // slot 0: sessionAffinity timeout in seconds; 0 = no affinity
+};
+
+// kpr_backend value (key: __u32 backend id; ids start at 1 and are never reused while referenced).
+struct kpr_backend {
+	union kpr_addr addr; // backend address
+	__be16 port;         // backend port, network order
+	__u8 proto;          // IPPROTO_*
+	__u8 state;          // KPR_BACKEND_ACTIVE / KPR_BACKEND_TERMINATING
+	__u8 flags;          // KPR_BACKEND_F_*
+	__u8 pad[3];         // zero
+};
+
+// kpr_revnat value (key: __u32 rev-NAT index): the frontend replies must appear to come from.
+struct kpr_revnat {
+	union kpr_addr addr; // frontend address; zero (wildcard NodePort) = the node address the client dialled
+	__be16 port;         // frontend port, network order
+	__u8 proto;          // IPPROTO_*
+	__u8 pad;            // zero
+};
+
+// kpr_affinity key: a client and a frontend.
+struct kpr_affinity_key {
+	union kpr_addr client; // client address; socket LB: the netns cookie in w[0..1]
+	__u32 rev_nat;         // the frontend's rev-NAT index
+	__u8 netns;            // 1: `client` holds a netns cookie rather than an address
+	__u8 pad[3];           // zero
+};
+
+// kpr_affinity value.
+struct kpr_affinity_val {
+	__u64 last_used;  // kpr_now() of the client's last new connection, ns
+	__u32 backend_id; // the backend the client sticks to
+	__u32 pad;        // zero
+};
+
+// kpr_maglev key: one frontend scope's Maglev table.
+struct kpr_maglev_key {
+	__u32 rev_nat; // the frontend's rev-NAT index
+	__u32 scope;   // KPR_SCOPE_*
+};
+
+// kpr_srcrange key (LPM trie: prefixlen counts the bits of rev_nat and addr that must match).
+struct kpr_srcrange_key {
+	__u32 prefixlen;     // 32 (rev_nat) + prefix length within addr (IPv4: 96 + length)
+	__u32 rev_nat;       // the frontend the range belongs to
+	union kpr_addr addr; // range address, v4-mapped for IPv4
+};
+
+_Static_assert(sizeof(union kpr_addr) == 16, "kpr_addr layout");
+_Static_assert(sizeof(struct kpr_svc_key) == 24, "kpr_svc_key layout");
+_Static_assert(sizeof(struct kpr_svc_val) == 20, "kpr_svc_val layout");
+_Static_assert(sizeof(struct kpr_backend) == 24, "kpr_backend layout");
+_Static_assert(sizeof(struct kpr_revnat) == 20, "kpr_revnat layout");
+_Static_assert(sizeof(struct kpr_affinity_key) == 24, "kpr_affinity_key layout");
+_Static_assert(sizeof(struct kpr_affinity_val) == 16, "kpr_affinity_val layout");
+_Static_assert(sizeof(struct kpr_maglev_key) == 8, "kpr_maglev_key layout");
+_Static_assert(sizeof(struct kpr_srcrange_key) == 24, "kpr_srcrange_key layout");
+
+/* --- maps ---------------------------------------------------------------------------- */
+
+// Frontends and their backend slots.
+BPF_TABLE_PINNED("hash", struct kpr_svc_key, struct kpr_svc_val, kpr_svc, KPR_SVC_MAX, KPR_PIN(kpr_svc));
+// Backend id -> backend.
+BPF_TABLE_PINNED("hash", __u32, struct kpr_backend, kpr_backend, KPR_BACKEND_MAX, KPR_PIN(kpr_backend));
+// Rev-NAT index -> frontend.
+BPF_TABLE_PINNED("hash", __u32, struct kpr_revnat, kpr_revnat, KPR_REVNAT_MAX, KPR_PIN(kpr_revnat));
+// sessionAffinity memory; LRU so forgotten clients age out without a sweeper.
+BPF_TABLE_PINNED("lru_hash", struct kpr_affinity_key, struct kpr_affinity_val, kpr_affinity, KPR_AFFINITY_MAX,
+		 KPR_PIN(kpr_affinity));
+// Template for the inner Maglev arrays (bcc needs one to create the outer map; never pinned).
+BPF_ARRAY(kpr_maglev_in, __u32, KPR_MAGLEV_M);
+// (rev_nat, scope) -> Maglev table; hash of maps so a table is swapped atomically by one update.
+BPF_TABLE_PINNED("hash_of_maps$kpr_maglev_in", struct kpr_maglev_key, int, kpr_maglev, KPR_MAGLEV_MAX,
+		 KPR_PIN(kpr_maglev));
+// loadBalancerSourceRanges per frontend.
+BPF_TABLE_PINNED("lpm_trie", struct kpr_srcrange_key, __u32, kpr_srcrange, KPR_SRCRANGE_MAX, KPR_PIN(kpr_srcrange),
+		 BPF_F_NO_PREALLOC);
+
+#endif /* KPR_LIB_MAPS_H */

@@ -1,0 +1,236 @@
+"""Compile and load BPF C through bcc, turning bcc's printed diagnostics into exceptions.
+
+bcc reports failures as a bare `Exception` and prints the useful part (clang's
+diagnostics, the verifier log) to file descriptor 2 from C++, where Python cannot catch
+it. We redirect fd 2 to a temporary file around each bcc call and put what was printed
+into the exception we raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kpr.bpf.headers import HeadersMissing, ensure_kernel_headers
+
+if TYPE_CHECKING:  # bcc is a system package; import it lazily so `kpr` imports without it
+    import bcc
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent
+VERIFIER_TAIL_LINES = 30
+
+__all__ = [
+    "BPF_DIR",
+    "BPFError",
+    "BPFPermissionError",
+    "BccMissing",
+    "CompileError",
+    "HeadersMissing",
+    "VerifierError",
+    "attach_type_value",
+    "compile_and_load",
+    "load_prog",
+    "prog_type_value",
+]
+
+
+class BPFError(RuntimeError):
+    """Base of the loader's errors."""
+
+
+class BccMissing(BPFError):
+    """The bcc Python bindings are not importable."""
+
+
+class BPFPermissionError(BPFError):
+    """The kernel refused for lack of privileges (not root, no CAP_BPF/CAP_SYS_ADMIN)."""
+
+
+class CompileError(BPFError):
+    def __init__(self, file: str, message: str) -> None:
+        self.file = file
+        self.message = message
+        super().__init__(f"failed to compile {file}:\n{message}")
+
+
+class VerifierError(BPFError):
+    def __init__(self, prog: str, file: str, reason: str, log_text: str) -> None:
+        self.prog = prog
+        self.file = file
+        self.reason = reason
+        self.log = log_text
+        lines = [ln for ln in log_text.rstrip().splitlines()]
+        self.log_tail = "\n".join(lines[-VERIFIER_TAIL_LINES:])
+        super().__init__(f"verifier rejected {prog} ({file}): {reason}\n{self.log_tail}")
+
+
+def import_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError as exc:
+        raise BccMissing(
+            f"bcc Python bindings not importable ({exc}); install python3-bpfcc and use a venv "
+            "made with --system-site-packages"
+        ) from exc
+    return bcc
+
+
+# fd 2 is process-wide: serialise captures so two threads do not swap each other's output.
+_capture_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _capture_fd2() -> Iterator[list[str]]:
+    """Collect everything written to fd 2 inside the block; the text lands in the yielded list."""
+    out: list[str] = []
+    with _capture_lock, tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield out
+            finally:
+                # C++ stderr is unbuffered, but Python's sys.stderr may hold text.
+                with contextlib.suppress(Exception):
+                    import sys
+
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+def _looks_like_path(src: str) -> bool:
+    return "\n" not in src and src.endswith((".c", ".h", ".bpf.c")) and Path(src).is_file()
+
+
+def compile_and_load(
+    src: str | Path,
+    *,
+    cflags: Sequence[str] = (),
+    include_dirs: Sequence[Path] = (),
+    name: str = "",
+    debug: int = 0,
+) -> bcc.BPF:
+    """Compile BPF C (a file path or source text) with bcc and return the module.
+
+    Programs in it are loaded separately with `load_prog`. `name` labels source text in
+    errors (a file's own path is used for files). Programs can include "lib/x.h" and
+    "ctx/skb.h" from kpr's bpf directory; a file's own directory is searched too.
+    """
+    bcc = import_bcc()
+    ensure_kernel_headers()
+
+    dirs: list[Path] = [BPF_DIR]
+    if isinstance(src, Path) or _looks_like_path(src):
+        path = Path(src).resolve()
+        text = path.read_text()
+        label = name or str(path)
+        # bcc compiles a file's contents as /virtual/main.c, so its directory must be explicit.
+        dirs.insert(0, path.parent)
+    else:
+        text = src
+        label = name or "<text>"
+    dirs.extend(Path(d) for d in include_dirs)
+    flags = [f"-I{d}" for d in dirs] + list(cflags)
+
+    log.debug("event=bpf_compile file=%s cflags=%s", label, flags)
+    with _capture_fd2() as captured:
+        try:
+            # bcc wants bytes and warns about str on every call.
+            module = bcc.BPF(text=text.encode(), cflags=flags, debug=debug)
+        except Exception as exc:  # bcc raises bare Exception
+            failure: Exception | None = exc
+        else:
+            failure = None
+    printed = captured[0] if captured else ""
+    # clang names the buffer /virtual/main.c; point the reader at the real file instead.
+    printed = printed.replace("/virtual/main.c", label)
+
+    if failure is not None:
+        msg = str(failure)
+        if msg.startswith("Failed to compile"):
+            log.debug("event=bpf_compile_failed file=%s", label)
+            raise CompileError(label, printed.strip() or msg) from failure
+        # BPF() also auto-loads kprobe__/tracepoint__ functions, which can fail in the verifier.
+        raise _load_failure(msg, "<autoload>", label, printed) from failure
+    if printed.strip():
+        log.debug("event=bpf_compile_output file=%s output=%r", label, printed.strip())
+    module._kpr_label = label  # remembered for load_prog's error messages
+    return module
+
+
+def _load_failure(msg: str, prog: str, label: str, printed: str) -> BPFError:
+    if "super-user" in msg:
+        return BPFPermissionError(f"loading {prog} ({label}) needs root or CAP_BPF: {msg}")
+    m = re.search(r"Failed to load BPF program (?:b')?([^':]+)'?: (.*)", msg)
+    if m:
+        prog = m.group(1)
+        reason = m.group(2)
+    else:
+        reason = msg
+    log.debug("event=bpf_verifier_rejected prog=%s file=%s reason=%r", prog, label, reason)
+    return VerifierError(prog, label, reason, printed)
+
+
+def prog_type_value(prog_type: int | str) -> int:
+    """Accept bcc's numbers or names such as "XDP", "SCHED_CLS", "CGROUP_SOCK_ADDR"."""
+    if isinstance(prog_type, int):
+        return prog_type
+    bcc = import_bcc()
+    try:
+        return int(getattr(bcc.BPFProgType, prog_type.upper()))
+    except AttributeError:
+        raise ValueError(f"unknown BPF program type {prog_type!r}") from None
+
+
+def attach_type_value(attach_type: int | str | None) -> int:
+    if attach_type is None:
+        return -1
+    if isinstance(attach_type, int):
+        return attach_type
+    bcc = import_bcc()
+    try:
+        return int(getattr(bcc.BPFAttachType, attach_type.upper()))
+    except AttributeError:
+        raise ValueError(f"unknown BPF attach type {attach_type!r}") from None
+
+
+def load_prog(
+    bpf: bcc.BPF,
+    fn_name: str,
+    prog_type: int | str,
+    *,
+    attach_type: int | str | None = None,
+    device: str | None = None,
+) -> Any:
+    """Load one function of a compiled module as a program; returns bcc's Function (.fd, .name)."""
+    label = getattr(bpf, "_kpr_label", "<text>")
+    ptype = prog_type_value(prog_type)
+    atype = attach_type_value(attach_type)
+    with _capture_fd2() as captured:
+        try:
+            fn = bpf.load_func(fn_name.encode(), ptype, device=device.encode() if device else None, attach_type=atype)
+        except Exception as exc:  # bcc raises bare Exception
+            failure: Exception | None = exc
+        else:
+            failure = None
+    printed = captured[0] if captured else ""
+    if failure is not None:
+        msg = str(failure)
+        if msg.startswith("Unknown program"):
+            raise BPFError(f"no function {fn_name!r} in {label}") from failure
+        raise _load_failure(msg, fn_name, label, printed) from failure
+    log.debug("event=bpf_prog_loaded prog=%s file=%s type=%s fd=%d", fn_name, label, ptype, fn.fd)
+    return fn

@@ -1,0 +1,697 @@
+"""Python side of the shared service maps: struct mirrors, map specs, and map access.
+
+The C side is core/bpf/lib/maps.h (+ conntrack.h, nat.h); tests/kernel/test_maps_layout.py
+checks that every ctypes mirror here matches bcc's view of the C struct. The writer packs
+entries with the `struct.Struct` packers below (much faster than ctypes instances); their
+formats are checked against the ctypes mirrors too.
+
+Maps are created, pinned and opened through libbpf.so.1 (ctypes): bcc has no batch
+operations in Python, and the writer must own the maps before any program is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import functools
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BpfMap",
+    "MapIncompatible",
+    "MapSpec",
+    "SPECS",
+    "cflags",
+    "addr_to_bytes",
+    "bytes_to_addr",
+    "libbpf",
+]
+
+# --- kernel constants (uapi/linux/bpf.h) -----------------------------------------------
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_HASH_OF_MAPS = 13
+
+MAP_TYPE_NAMES = {1: "hash", 2: "array", 9: "lru_hash", 11: "lpm_trie", 13: "hash_of_maps"}
+
+BPF_F_NO_PREALLOC = 1 << 0
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
+PROTO_NAMES = {v: k for k, v in IPPROTO.items()}
+
+# Mirrors of the #defines in lib/maps.h.
+SCOPE_EXTERNAL = 0  # backends for traffic from outside the node
+SCOPE_INTERNAL = 1  # backends for in-cluster traffic, when they differ
+
+SVC_F_CLUSTER_IP = 1 << 0
+SVC_F_NODE_PORT = 1 << 1
+SVC_F_EXTERNAL_IP = 1 << 2
+SVC_F_LOAD_BALANCER = 1 << 3
+SVC_F_HOST_PORT = 1 << 4
+SVC_F_AFFINITY = 1 << 5
+SVC_F_SOURCE_RANGES = 1 << 6
+SVC_F_LOCAL_SCOPE = 1 << 7
+SVC_F_TWO_SCOPES = 1 << 8
+SVC_F_MAGLEV = 1 << 9
+SVC_F_WILDCARD = 1 << 10
+
+SVC_FLAG_NAMES = {
+    SVC_F_CLUSTER_IP: "ClusterIP",
+    SVC_F_NODE_PORT: "NodePort",
+    SVC_F_EXTERNAL_IP: "ExternalIP",
+    SVC_F_LOAD_BALANCER: "LoadBalancer",
+    SVC_F_HOST_PORT: "HostPort",
+    SVC_F_AFFINITY: "affinity",
+    SVC_F_SOURCE_RANGES: "source-ranges",
+    SVC_F_LOCAL_SCOPE: "local",
+    SVC_F_TWO_SCOPES: "two-scopes",
+    SVC_F_MAGLEV: "maglev",
+    SVC_F_WILDCARD: "wildcard",
+}
+
+BACKEND_ACTIVE = 0
+BACKEND_TERMINATING = 1
+BACKEND_F_LOCAL = 1 << 0
+
+# --- ctypes mirrors of the C structs ---------------------------------------------------
+
+
+class KprAddr(ctypes.Union):
+    # union kpr_addr: IPv6, or IPv4 mapped into ::ffff:0:0/96.
+    _fields_ = [("b", ctypes.c_uint8 * 16), ("h", ctypes.c_uint16 * 8), ("w", ctypes.c_uint32 * 4)]
+
+
+class SvcKey(ctypes.Structure):
+    # struct kpr_svc_key: frontend, scope and backend slot.
+    _fields_ = [
+        ("addr", KprAddr),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
+        ("slot", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class SvcVal(ctypes.Structure):
+    # struct kpr_svc_val: slot 0 the service, other slots a backend id.
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("terminating", ctypes.c_uint16),
+        ("rev_nat", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("affinity_timeout", ctypes.c_uint32),
+    ]
+
+
+class Backend(ctypes.Structure):
+    # struct kpr_backend: kpr_backend value.
+    _fields_ = [
+        ("addr", KprAddr),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class RevNat(ctypes.Structure):
+    # struct kpr_revnat: kpr_revnat value.
+    _fields_ = [("addr", KprAddr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class AffinityKey(ctypes.Structure):
+    # struct kpr_affinity_key.
+    _fields_ = [
+        ("client", KprAddr),
+        ("rev_nat", ctypes.c_uint32),
+        ("netns", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class AffinityVal(ctypes.Structure):
+    # struct kpr_affinity_val.
+    _fields_ = [("last_used", ctypes.c_uint64), ("backend_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class MaglevKey(ctypes.Structure):
+    # struct kpr_maglev_key.
+    _fields_ = [("rev_nat", ctypes.c_uint32), ("scope", ctypes.c_uint32)]
+
+
+class SrcRangeKey(ctypes.Structure):
+    # struct kpr_srcrange_key (LPM).
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("rev_nat", ctypes.c_uint32), ("addr", KprAddr)]
+
+
+class CtKey(ctypes.Structure):
+    # struct kpr_ct_key (lib/conntrack.h); also the kpr_snat key.
+    _fields_ = [
+        ("saddr", KprAddr),
+        ("daddr", KprAddr),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class CtEntry(ctypes.Structure):
+    # struct kpr_ct_entry (lib/conntrack.h).
+    _fields_ = [
+        ("last_seen", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint32),
+        ("rev_nat", ctypes.c_uint32),
+        ("flags", ctypes.c_uint16),
+        ("tcp_flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class NatEntry(ctypes.Structure):
+    # struct kpr_nat_entry (lib/nat.h).
+    _fields_ = [
+        ("addr", KprAddr),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint32),
+        ("created", ctypes.c_uint64),
+    ]
+
+
+# Fast packers with the same layouts ("=": native order, no padding; ports are passed already
+# in network order, as `htons(port)`).
+SVC_KEY = struct.Struct("=16sHBBHH")  # addr, port, proto, scope, slot, pad
+SVC_VAL = struct.Struct("=IHHIII")  # backend_id, count, terminating, rev_nat, flags, affinity_timeout
+BACKEND = struct.Struct("=16sHBBB3x")  # addr, port, proto, state, flags
+REVNAT = struct.Struct("=16sHBx")  # addr, port, proto
+MAGLEV_KEY = struct.Struct("=II")  # rev_nat, scope
+SRCRANGE_KEY = struct.Struct("=II16s")  # prefixlen, rev_nat, addr
+U32 = struct.Struct("=I")
+
+# Struct mirror -> packer, for the layout test.
+PACKERS: dict[type[ctypes.Structure], struct.Struct] = {
+    SvcKey: SVC_KEY,
+    SvcVal: SVC_VAL,
+    Backend: BACKEND,
+    RevNat: REVNAT,
+    MaglevKey: MAGLEV_KEY,
+    SrcRangeKey: SRCRANGE_KEY,
+}
+
+htons = socket.htons
+ntohs = socket.ntohs
+
+_V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+@functools.lru_cache(maxsize=65536)
+def addr_to_bytes(address: str) -> bytes:
+    """16 bytes as the maps store an address: IPv6 as is, IPv4 mapped into ::ffff:0:0/96."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        return _V4_PREFIX + ip.packed
+    return ip.packed
+
+
+def bytes_to_addr(raw: bytes) -> str:
+    """Inverse of addr_to_bytes: the text form, IPv4 for mapped addresses."""
+    if raw[:12] == _V4_PREFIX:
+        return str(ipaddress.IPv4Address(raw[12:16]))
+    return str(ipaddress.IPv6Address(raw[:16]))
+
+
+def wildcard_bytes(family: int) -> bytes:
+    """The address-0 of a family as stored: ::ffff:0.0.0.0 or ::."""
+    return addr_to_bytes("0.0.0.0" if family == 4 else "::")
+
+
+# --- map specs --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    # Map and pin name (the C variable name in lib/*.h).
+    name: str
+    # BPF_MAP_TYPE_*.
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    # C macro that sets max_entries in lib/*.h ("" when fixed).
+    macro: str = ""
+    flags: int = 0
+    # Inner map of a map-of-maps: (type, key_size, value_size, max_entries).
+    inner: tuple[int, int, int, int] | None = None
+
+    def describe(self) -> str:
+        return (
+            f"type={MAP_TYPE_NAMES.get(self.type, self.type)} key_size={self.key_size} "
+            f"value_size={self.value_size} max_entries={self.max_entries} flags={self.flags}"
+        )
+
+
+MAGLEV_DEFAULT_SIZE = 16381  # KPR_MAGLEV_M
+
+# Every shared map kpr pins, with lib/*.h's defaults.
+SPECS: dict[str, MapSpec] = {
+    s.name: s
+    for s in (
+        MapSpec("kpr_svc", BPF_MAP_TYPE_HASH, 24, 20, 65536, "KPR_SVC_MAX"),
+        MapSpec("kpr_backend", BPF_MAP_TYPE_HASH, 4, 24, 65536, "KPR_BACKEND_MAX"),
+        MapSpec("kpr_revnat", BPF_MAP_TYPE_HASH, 4, 20, 65536, "KPR_REVNAT_MAX"),
+        MapSpec("kpr_affinity", BPF_MAP_TYPE_LRU_HASH, 24, 16, 65536, "KPR_AFFINITY_MAX"),
+        MapSpec(
+            "kpr_maglev",
+            BPF_MAP_TYPE_HASH_OF_MAPS,
+            8,
+            4,
+            8192,
+            "KPR_MAGLEV_MAX",
+            inner=(BPF_MAP_TYPE_ARRAY, 4, 4, MAGLEV_DEFAULT_SIZE),
+        ),
+        MapSpec("kpr_srcrange", BPF_MAP_TYPE_LPM_TRIE, 24, 4, 16384, "KPR_SRCRANGE_MAX", BPF_F_NO_PREALLOC),
+        MapSpec("kpr_ct", BPF_MAP_TYPE_LRU_HASH, 40, 24, 131072, "KPR_CT_MAX"),
+        MapSpec("kpr_snat", BPF_MAP_TYPE_LRU_HASH, 40, 32, 131072, "KPR_SNAT_MAX"),
+    )
+}
+
+# The maps the service writer fills; the others are written by programs.
+SERVICE_MAPS = ("kpr_svc", "kpr_backend", "kpr_revnat", "kpr_maglev", "kpr_srcrange")
+
+
+def specs_with(sizes: Mapping[str, int] | None = None, maglev_size: int = MAGLEV_DEFAULT_SIZE) -> dict[str, MapSpec]:
+    """SPECS with max_entries overridden per map name, and the Maglev table size."""
+    sizes = dict(sizes or {})
+    unknown = set(sizes) - set(SPECS)
+    if unknown:
+        raise ValueError(f"unknown map names in sizes: {sorted(unknown)}")
+    out = {}
+    for name, spec in SPECS.items():
+        if name in sizes:
+            spec = replace(spec, max_entries=int(sizes[name]))
+        if spec.inner is not None:
+            t, k, v, _ = spec.inner
+            spec = replace(spec, inner=(t, k, v, maglev_size))
+        out[name] = spec
+    return out
+
+
+def cflags(
+    pin_path: str | Path, sizes: Mapping[str, int] | None = None, maglev_size: int = MAGLEV_DEFAULT_SIZE
+) -> list[str]:
+    """-D flags that make lib/*.h declare the maps exactly as the writer creates them."""
+    flags = [f'-DKPR_PIN_PATH="{Path(pin_path)}"', f"-DKPR_MAGLEV_M={maglev_size}"]
+    for spec in specs_with(sizes, maglev_size).values():
+        if spec.macro:
+            flags.append(f"-D{spec.macro}={spec.max_entries}")
+    return flags
+
+
+# --- libbpf through ctypes ---------------------------------------------------------------
+
+
+class _CreateOpts(ctypes.Structure):
+    # struct bpf_map_create_opts (libbpf 1.1 bpf.h).
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32),
+        ("map_ifindex", ctypes.c_uint32),
+    ]
+
+
+class _BatchOpts(ctypes.Structure):
+    # struct bpf_map_batch_opts.
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class MapInfo(ctypes.Structure):
+    # struct bpf_map_info (uapi), the fields up to map_extra.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    # struct bpf_prog_info (uapi), the fields up to name: enough to tell whose program it is.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+_c_int, _c_u32, _vp, _cp = ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_char_p
+_pu32 = ctypes.POINTER(ctypes.c_uint32)
+
+_SIGNATURES = {
+    "bpf_map_create": [_c_int, _cp, _c_u32, _c_u32, _c_u32, ctypes.POINTER(_CreateOpts)],
+    "bpf_map_update_elem": [_c_int, _vp, _vp, ctypes.c_uint64],
+    "bpf_map_lookup_elem": [_c_int, _vp, _vp],
+    "bpf_map_delete_elem": [_c_int, _vp],
+    "bpf_map_get_next_key": [_c_int, _vp, _vp],
+    "bpf_map_update_batch": [_c_int, _vp, _vp, _pu32, ctypes.POINTER(_BatchOpts)],
+    "bpf_map_delete_batch": [_c_int, _vp, _pu32, ctypes.POINTER(_BatchOpts)],
+    "bpf_map_lookup_batch": [_c_int, _vp, _vp, _vp, _vp, _pu32, ctypes.POINTER(_BatchOpts)],
+    "bpf_obj_pin": [_c_int, _cp],
+    "bpf_obj_get": [_cp],
+    "bpf_obj_get_info_by_fd": [_c_int, _vp, _pu32],
+    "bpf_map_get_fd_by_id": [_c_u32],
+    "bpf_prog_get_fd_by_id": [_c_u32],
+    "bpf_prog_detach2": [_c_int, _c_int, _c_int],
+    "bpf_prog_query": [_c_int, _c_int, _c_u32, _pu32, _pu32, _pu32],
+}
+
+
+@functools.cache
+def libbpf() -> ctypes.CDLL:
+    """libbpf.so.1 with the signatures kpr uses. Functions return -errno (libbpf 1.x)."""
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError:
+        found = ctypes.util.find_library("bpf")
+        if not found:
+            raise OSError("libbpf.so.1 not found; install libbpf1 (a dependency of python3-bpfcc)") from None
+        lib = ctypes.CDLL(found, use_errno=True)
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = -rc
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+_BATCH_OPTS = _BatchOpts(sz=ctypes.sizeof(_BatchOpts), elem_flags=BPF_ANY, flags=0)
+# Batch operations a map type lacks fail with these (the kernel then leaves count alone);
+# callers fall back to one element at a time. 524 is the kernel-internal ENOTSUPP.
+_UNSUPPORTED = (errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP, 524)
+
+
+class MapIncompatible(RuntimeError):
+    """A pinned map exists but does not match what kpr needs; the message says how to fix it."""
+
+
+def obj_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return info
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return info
+
+
+class BpfMap:
+    """One map by fd: element and batch operations on raw bytes keys and values.
+
+    `ops` counts elements written and deleted, so tests can prove an update touched only
+    the entries that changed.
+    """
+
+    def __init__(self, fd: int, name: str, key_size: int, value_size: int, map_type: int) -> None:
+        self.fd = fd
+        self.name = name
+        self.key_size = key_size
+        self.value_size = value_size
+        self.type = map_type
+        self.ops = {"update": 0, "delete": 0, "syscalls": 0}
+        self._batch_ok = {"update": True, "delete": True, "lookup": True}
+
+    # -- lifecycle
+
+    @classmethod
+    def create(cls, spec: MapSpec, inner_fd: int | None = None) -> "BpfMap":
+        opts = _CreateOpts(sz=ctypes.sizeof(_CreateOpts), map_flags=spec.flags)
+        if inner_fd is not None:
+            opts.inner_map_fd = inner_fd
+        fd = _check(
+            libbpf().bpf_map_create(
+                spec.type, spec.name.encode(), spec.key_size, spec.value_size, spec.max_entries, ctypes.byref(opts)
+            ),
+            f"bpf_map_create {spec.name} ({spec.describe()})",
+        )
+        return cls(fd, spec.name, spec.key_size, spec.value_size, spec.type)
+
+    @classmethod
+    def open_pinned(cls, path: Path) -> "BpfMap":
+        fd = _check(libbpf().bpf_obj_get(str(path).encode()), f"bpf_obj_get {path}")
+        info = obj_info(fd)
+        return cls(fd, info.name.decode(), info.key_size, info.value_size, info.type)
+
+    @classmethod
+    def from_id(cls, map_id: int) -> "BpfMap":
+        fd = _check(libbpf().bpf_map_get_fd_by_id(map_id), f"bpf_map_get_fd_by_id {map_id}")
+        info = obj_info(fd)
+        return cls(fd, info.name.decode(), info.key_size, info.value_size, info.type)
+
+    def pin(self, path: Path) -> None:
+        _check(libbpf().bpf_obj_pin(self.fd, str(path).encode()), f"bpf_obj_pin {self.name} {path}")
+
+    def info(self) -> MapInfo:
+        return obj_info(self.fd)
+
+    @property
+    def id(self) -> int:
+        return self.info().id
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "BpfMap":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- single elements
+
+    def lookup(self, key: bytes) -> bytes | None:
+        val = ctypes.create_string_buffer(self.value_size)
+        rc = libbpf().bpf_map_lookup_elem(self.fd, key, val)
+        self.ops["syscalls"] += 1
+        if rc == -errno_mod.ENOENT:
+            return None
+        _check(rc, f"lookup in {self.name}")
+        return val.raw
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        rc = libbpf().bpf_map_update_elem(self.fd, key, value, flags)
+        self.ops["syscalls"] += 1
+        _check(rc, f"update in {self.name}")
+        self.ops["update"] += 1
+
+    def delete(self, key: bytes) -> bool:
+        rc = libbpf().bpf_map_delete_elem(self.fd, key)
+        self.ops["syscalls"] += 1
+        if rc == -errno_mod.ENOENT:
+            return False
+        _check(rc, f"delete in {self.name}")
+        self.ops["delete"] += 1
+        return True
+
+    def keys(self) -> Iterator[bytes]:
+        lib = libbpf()
+        cur = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        while True:
+            rc = lib.bpf_map_get_next_key(self.fd, cur, nxt)
+            if rc == -errno_mod.ENOENT:
+                return
+            _check(rc, f"get_next_key in {self.name}")
+            key = nxt.raw
+            yield key
+            cur = key
+
+    # -- batches (one syscall for many elements; the point of the writer's design)
+
+    def update_many(self, keys: Sequence[bytes], values: Sequence[bytes], *, batch: bool = True) -> None:
+        """Write every (key, value); batched when the map type supports it."""
+        n = len(keys)
+        if n == 0:
+            return
+        if batch and self._batch_ok["update"]:
+            count = ctypes.c_uint32(n)
+            rc = libbpf().bpf_map_update_batch(
+                self.fd, b"".join(keys), b"".join(values), ctypes.byref(count), ctypes.byref(_BATCH_OPTS)
+            )
+            self.ops["syscalls"] += 1
+            if rc == 0:
+                self.ops["update"] += n
+                return
+            if -rc in _UNSUPPORTED:
+                log.debug("event=map_batch_unsupported map=%s op=update errno=%d", self.name, -rc)
+                self._batch_ok["update"] = False
+                count.value = 0
+            else:
+                self.ops["update"] += count.value
+                _check(rc, f"update_batch in {self.name} ({count.value} of {n} written)")
+            # fall through: one at a time from where the batch stopped
+            keys, values = keys[count.value :], values[count.value :]
+        for k, v in zip(keys, values):
+            self.update(k, v)
+
+    def delete_many(self, keys: Sequence[bytes], *, batch: bool = True) -> None:
+        """Delete every key; keys already gone are not an error."""
+        n = len(keys)
+        if n == 0:
+            return
+        if batch and self._batch_ok["delete"]:
+            count = ctypes.c_uint32(n)
+            rc = libbpf().bpf_map_delete_batch(self.fd, b"".join(keys), ctypes.byref(count), ctypes.byref(_BATCH_OPTS))
+            self.ops["syscalls"] += 1
+            if rc == 0:
+                self.ops["delete"] += n
+                return
+            # A missing key stops a batch with ENOENT after `count` deletions: resume past it.
+            done = count.value
+            if -rc in _UNSUPPORTED:
+                log.debug("event=map_batch_unsupported map=%s op=delete errno=%d", self.name, -rc)
+                self._batch_ok["delete"] = False
+                done = 0
+            else:
+                self.ops["delete"] += done
+            if -rc in _UNSUPPORTED:
+                pass
+            elif -rc != errno_mod.ENOENT:
+                _check(rc, f"delete_batch in {self.name} ({done} of {n} deleted)")
+            else:
+                done += 1  # the key that was missing
+            if done < n:
+                self.delete_many(keys[done:], batch=self._batch_ok["delete"])
+            return
+        for k in keys:
+            self.delete(k)
+
+    def items(self, *, chunk: int = 8192) -> list[tuple[bytes, bytes]]:
+        """Every (key, value), by lookup_batch when supported."""
+        if not self._batch_ok["lookup"]:
+            return self._items_one_by_one()
+        lib = libbpf()
+        ks, vs = self.key_size, self.value_size
+        # The batch cursor is opaque; hash maps use a bucket index, others may use a key.
+        token_size = max(ks, 8)
+        in_tok = ctypes.create_string_buffer(token_size)
+        out_tok = ctypes.create_string_buffer(token_size)
+        out: list[tuple[bytes, bytes]] = []
+        first = True
+        while True:
+            kbuf = ctypes.create_string_buffer(ks * chunk)
+            vbuf = ctypes.create_string_buffer(vs * chunk)
+            count = ctypes.c_uint32(chunk)
+            rc = lib.bpf_map_lookup_batch(
+                self.fd, None if first else in_tok, out_tok, kbuf, vbuf, ctypes.byref(count), ctypes.byref(_BATCH_OPTS)
+            )
+            self.ops["syscalls"] += 1
+            if rc < 0 and -rc == errno_mod.ENOSPC and count.value == 0:
+                chunk *= 4  # a hash bucket holds more entries than the buffer
+                continue
+            if rc < 0 and -rc in _UNSUPPORTED:
+                self._batch_ok["lookup"] = False
+                return self._items_one_by_one()
+            if rc < 0 and -rc != errno_mod.ENOENT:
+                _check(rc, f"lookup_batch in {self.name}")
+            n = count.value
+            kraw, vraw = kbuf.raw, vbuf.raw
+            out.extend((kraw[i * ks : (i + 1) * ks], vraw[i * vs : (i + 1) * vs]) for i in range(n))
+            if rc < 0:  # ENOENT: that was the last batch
+                return out
+            ctypes.memmove(in_tok, out_tok, token_size)
+            first = False
+
+    def _items_one_by_one(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        for k in list(self.keys()):
+            v = self.lookup(k)
+            if v is not None:
+                out.append((k, v))
+        return out
+
+
+def check_compatible(m: BpfMap, spec: MapSpec, path: Path) -> None:
+    """Raise MapIncompatible naming every difference between a pinned map and its spec."""
+    info = m.info()
+    have = {
+        "type": info.type,
+        "key_size": info.key_size,
+        "value_size": info.value_size,
+        "max_entries": info.max_entries,
+        "flags": info.map_flags,
+    }
+    want = {
+        "type": spec.type,
+        "key_size": spec.key_size,
+        "value_size": spec.value_size,
+        "max_entries": spec.max_entries,
+        "flags": spec.flags,
+    }
+    diffs = [f"{k} {have[k]} (want {want[k]})" for k in want if have[k] != want[k]]
+    if diffs:
+        raise MapIncompatible(
+            f"pinned map {path} does not match this kpr: {', '.join(diffs)}. Established flows use the old "
+            f"map, so it is not replaced automatically: run `kpr cleanup` (drops all kpr state) or restore "
+            f"the previous sizes"
+        )

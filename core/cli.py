@@ -1,0 +1,188 @@
+"""The `kpr` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__, api
+from .config import DEFAULT_CONFIG_PATH, ConfigError, KprConfig, load_config
+from .pluginmanager import PluginError, build_plugin_manager, discover
+
+
+def _load(args: argparse.Namespace) -> KprConfig:
+    return load_config(args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    build_plugin_manager(config)
+    print(f"{args.config}: ok (plugins enabled: {', '.join(config.enabled_plugins()) or 'none'})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    level = "debug" if args.debug else config.log.level
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    from .daemon import Agent
+
+    return Agent(config).run()
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    try:
+        return Path(_load(args).api.socket)
+    except ConfigError:
+        if Path(args.config) == DEFAULT_CONFIG_PATH and not DEFAULT_CONFIG_PATH.exists():
+            return Path("/run/kpr/kpr.sock")
+        raise
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = api.get(_socket(args), "/v1/status")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    src = st["source"]
+    print(f"kpr {st['version']} on {st['node']['name']}  ready={'yes' if st['ready'] else 'no'}  uptime={st['uptimeSeconds']}s")
+    print(f"node:     addresses={','.join(st['node']['addresses']) or '-'} devices={','.join(st['node']['devices']) or '-'}")
+    print(f"source:   {src['kind']} {src['path']}  synced={'yes' if src['synced'] else 'no'}")
+    for origin, reason in sorted(src["errors"].items()):
+        print(f"  error:  {origin}: {reason}")
+    print(f"services: {st['services']}  frontends: {st['frontends']}  backends: {st['backends']}")
+    unhealthy = 0
+    for name, p in st["plugins"].items():
+        bus = p.get("bus", {})
+        health = "ok" if p["healthy"] else "FAILING"
+        unhealthy += 0 if p["healthy"] else 1
+        counters = " ".join(f"{k}={v}" for k, v in sorted(p["counters"].items()))
+        print(f"plugin {name}: {health} delivered={bus.get('delivered', 0)} errors={bus.get('errors', 0)} pending={bus.get('pending', 0)} {counters}".rstrip())
+        if p["message"]:
+            print(f"  {p['message']}")
+        for key, err in sorted(bus.get("failing", {}).items()):
+            print(f"  failing: {key}: {err}")
+    return 1 if unhealthy else 0
+
+
+def cmd_service_list(args: argparse.Namespace) -> int:
+    rows = api.get(_socket(args), "/v1/services")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("SERVICE", "TYPE", "FRONTEND", "BACKENDS")]
+    for r in rows:
+        addr = f"[{r['address']}]" if ":" in r["address"] else r["address"]
+        fe = f"{addr}:{r['port']}/{r['protocol']}"
+        bes = [
+            (f"[{b['address']}]" if ":" in b["address"] else b["address"]) + f":{b['port']}" + (" (terminating)" if b["state"] != "active" else "")
+            for b in r["backends"]
+        ]
+        table.append((r["service"], r["type"], fe, ", ".join(bes) or "(none)"))
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    found = discover()
+    enabled: set[str] = set()
+    try:
+        enabled = set(_load(args).enabled_plugins())
+    except ConfigError as e:
+        if Path(args.config).exists():
+            raise
+        print(f"(no config at {args.config}: showing every plugin as disabled)", file=sys.stderr)
+        del e
+    rows: list[dict[str, Any]] = [
+        {"name": n, "enabled": n in enabled, "dist": d.dist, "version": d.version, "builtin": d.builtin, "entryPoint": d.value}
+        for n, d in sorted(found.items())
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'PLUGIN':<16} {'ENABLED':<8} {'PACKAGE':<24} ENTRY POINT")
+    for r in rows:
+        print(f"{r['name']:<16} {'yes' if r['enabled'] else 'no':<8} {r['dist'] + ' ' + r['version']:<24} {r['entryPoint']}")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"kpr {__version__}")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    try:
+        from .bpf.cleanup import cleanup
+    except ImportError as e:
+        print(f"cleanup is unavailable: {e}", file=sys.stderr)
+        return 1
+    config = _load(args)
+    removed = cleanup(Path(config.bpf.pin_path))
+    for item in removed:
+        print(f"removed {item}")
+    if not removed:
+        print("nothing to remove")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kpr", description="kpr: a kube-proxy replacement for Linux nodes")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=str(DEFAULT_CONFIG_PATH), help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", parents=[common], help="run the agent in the foreground")
+    s.add_argument("--debug", action="store_true", help="log at debug level")
+    s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("check-config", parents=[common], help="validate the config; exit 1 with the errors")
+    s.set_defaults(fn=cmd_check_config)
+    for name, fn, helptext in (("status", cmd_status, "the running agent's status"),):
+        s = sub.add_parser(name, parents=[common], help=helptext)
+        s.add_argument("--socket", help="API socket (default: api.socket from the config)")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("service", parents=[common], help="services the agent serves")
+    ssub = s.add_subparsers(dest="service_command", required=True)
+    sl = ssub.add_parser("list", parents=[common], help="one row per frontend")
+    sl.add_argument("--socket", help="API socket (default: api.socket from the config)")
+    sl.add_argument("--json", action="store_true", help="a JSON array, one object per frontend")
+    sl.set_defaults(fn=cmd_service_list)
+    s = sub.add_parser("plugins", parents=[common], help="discovered plugins and whether each is enabled")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_plugins)
+    s = sub.add_parser("version", parents=[common], help="print the version")
+    s.set_defaults(fn=cmd_version)
+    s = sub.add_parser("cleanup", parents=[common], help="remove every program, filter, pin and attachment kpr made")
+    s.set_defaults(fn=cmd_cleanup)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    except (PluginError, api.ApiError) as e:
+        print(f"kpr: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

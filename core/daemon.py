@@ -1,0 +1,262 @@
+"""The agent: wires config, plugins, bus, source, API and metrics, and runs until told to stop.
+
+As kopf does: signal handlers only set a flag; shutdown is bounded by agent.shutdownTimeout
+(a watchdog ends the process if a plugin hangs); a periodic level-based resync re-delivers
+every service so plugins can repair drift between their state and the desired one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__, sdnotify
+from .api import ApiServer
+from .bus import Backoff, EventBus
+from .config import KprConfig
+from .metrics import Metrics
+from .model import NodeInfo, PluginStatus
+from .node import detect, missing_devices
+from .pluginmanager import KprPluginManager, PluginError, PluginHandle, build_plugin_manager, make_contexts
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+def make_source(config: KprConfig):
+    kind = config.source.kind
+    if kind == "files":
+        from .allocator import Allocator
+        from .sources.files import FilesSource
+
+        allocator = Allocator(config.source.state_path, list(config.service.cluster_cidr), config.service.port_range)
+        return FilesSource(config.source.path, allocator, poll_interval=config.source.poll_interval)
+    raise PluginError(f"source.kind: {kind!r} is not available in this build (use files)")
+
+
+class Agent:
+    def __init__(self, config: KprConfig, *, internal_plugins: dict[str, Any] | None = None, backoff: Backoff | None = None):
+        self.config = config
+        self._internal = internal_plugins or {}
+        self._backoff = backoff
+        self._stop = threading.Event()
+        self.kpm: KprPluginManager | None = None
+        self.handles: list[PluginHandle] = []
+        self._started: list[PluginHandle] = []
+        self.metrics = Metrics()
+        self.bus = EventBus(backoff=backoff, on_event=self.metrics.on_event)
+        self.node: NodeInfo = NodeInfo(name=config.node.name)
+        self.store: ObjectStore | None = None
+        self.source = None
+        self.api: ApiServer | None = None
+        self._ready_sent = False
+        self.started_at = time.time()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        # Runs in a signal handler: only set the flag.
+        self._stop.set()
+
+    def setup(self) -> None:
+        """Everything up to serving: plugins configured and started, bus, store, API, metrics, source."""
+        cfg = self.config
+        self.node = detect(cfg.node)
+        missing = missing_devices(self.node.devices)
+        if missing:
+            raise PluginError(f"node.devices: no such device on this host: {', '.join(missing)}")
+        log.info("agent.node name=%s addresses=%s devices=%s", self.node.name, ",".join(self.node.addresses), ",".join(self.node.devices))
+        self.kpm = build_plugin_manager(cfg, internal=self._internal)
+        self.handles = self.kpm.handles
+        make_contexts(self.kpm, cfg, self.node)
+        for h in self.handles:
+            try:
+                h.call("kpr_configure", config=h.section, context=h.context)
+            except Exception as e:
+                raise PluginError(f"plugin {h.name}: configure failed: {type(e).__name__}: {e}") from e
+        for h in self.handles:
+            try:
+                h.call("kpr_start", context=h.context)
+            except Exception as e:
+                self._stop_plugins()
+                raise PluginError(f"plugin {h.name}: start failed: {type(e).__name__}: {e}") from e
+            self._started.append(h)
+            log.info("plugin.started plugin=%s dist=%s", h.name, h.info.dist)
+        for h in self.handles:
+            self.bus.add_plugin(h.name, h.call)
+        self.bus.start()
+        self.store = ObjectStore(self.node, self.bus, proxy_name=cfg.service.proxy_name, on_synced=self._on_synced)
+        self.metrics.attach_agent(self)
+        self.api = ApiServer(cfg.api.socket, self)
+        self.api.start()
+        if cfg.metrics.address:
+            self.metrics.serve(cfg.metrics.address)
+        self.source = make_source(cfg)
+        self.source.start(self.store)
+
+    def _on_synced(self, seconds: float) -> None:
+        self.metrics.sync_duration.set(seconds)
+
+    def run(self) -> int:
+        """Run in the foreground until SIGTERM/SIGINT; returns the exit code."""
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            try:
+                self.setup()
+            except Exception:
+                self.shutdown()
+                raise
+            log.info("agent.running version=%s", __version__)
+            next_resync = time.monotonic() + self.config.agent.resync_interval
+            while not self._stop.wait(0.2):
+                self._tick()
+                if self.config.agent.resync_interval and time.monotonic() >= next_resync:
+                    next_resync = time.monotonic() + self.config.agent.resync_interval
+                    if self.store.is_synced:
+                        self.bus.resync(self.store.snapshot())
+            log.info("agent.stopping")
+            return self.shutdown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _tick(self) -> None:
+        n_services, n_frontends, n_backends = self.store.counts()
+        self.metrics.services.set(n_services)
+        self.metrics.frontends.set(n_frontends)
+        self.metrics.backends.set(n_backends)
+        self.metrics.source_errors.set(len(self.store.errors))
+        if not self._ready_sent and self.store.is_synced and self.bus.synced():
+            self._ready_sent = True
+            log.info("agent.ready services=%d", n_services)
+            sdnotify.notify("READY=1\nSTATUS=synced")
+        self._check_node()
+
+    def _check_node(self) -> None:
+        # Only detected facts can change; configured ones are fixed.
+        cfg = self.config.node
+        if cfg.addresses and cfg.devices:
+            return
+        now = time.monotonic()
+        if now < getattr(self, "_next_node_check", 0):
+            return
+        self._next_node_check = now + 5.0
+        node = detect(cfg)
+        if node != self.node:
+            log.info("node.changed addresses=%s devices=%s", ",".join(node.addresses), ",".join(node.devices))
+            self.node = node
+            for h in self.handles:
+                h.context.node = node
+            self.bus.node_changed(node)
+            self.store.set_node(node)
+
+    def shutdown(self) -> int:
+        """Bounded: a watchdog ends the process if stopping takes longer than shutdownTimeout."""
+        timeout = self.config.agent.shutdown_timeout
+        sdnotify.notify("STOPPING=1")
+        watchdog = threading.Timer(timeout + 1.0, self._overrun)
+        watchdog.daemon = True
+        watchdog.start()
+        deadline = time.monotonic() + timeout
+        clean = False
+        try:
+            if self.source is not None:
+                self.source.stop()
+            stuck = self.bus.stop(timeout=max(0.1, (deadline - time.monotonic()) / 2))
+            if stuck:
+                log.warning("agent.bus_stuck plugins=%s", ",".join(stuck))
+            clean = self._stop_plugins(deadline) and not stuck
+            if self.api is not None:
+                self.api.close()
+            self.metrics.close()
+        finally:
+            watchdog.cancel()
+        log.info("agent.stopped clean=%s", clean)
+        return 0 if clean else 1
+
+    def _stop_plugins(self, deadline: float | None = None) -> bool:
+        """Stop started plugins in reverse order; False when one overran the deadline."""
+        clean = True
+        for h in reversed(self._started):
+            t = threading.Thread(target=self._stop_one, args=(h,), name=f"kpr-stop-{h.name}", daemon=True)
+            t.start()
+            t.join(None if deadline is None else max(0.1, deadline - time.monotonic()))
+            if t.is_alive():
+                log.error("plugin.stop_timeout plugin=%s", h.name)
+                clean = False
+        self._started = []
+        return clean
+
+    @staticmethod
+    def _stop_one(h: PluginHandle) -> None:
+        try:
+            h.call("kpr_stop", context=h.context)
+            log.info("plugin.stopped plugin=%s", h.name)
+        except Exception as e:
+            log.error("plugin.stop_failed plugin=%s error=%r", h.name, e, exc_info=True)
+
+    def _overrun(self) -> None:
+        log.error("agent.shutdown_timeout seconds=%.1f: exiting anyway", self.config.agent.shutdown_timeout)
+        logging.shutdown()
+        os._exit(1)
+
+    # --- observation ---------------------------------------------------------------------
+
+    def plugin_statuses(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for h in self.handles:
+            worker = self.bus.workers.get(h.name)
+            try:
+                results = [r for r in h.call("kpr_status") if r is not None]
+                st = results[0] if results else PluginStatus()
+                if isinstance(st, dict):
+                    st = PluginStatus(**st)
+            except Exception as e:
+                st = PluginStatus(healthy=False, message=f"status failed: {type(e).__name__}: {e}")
+            entry: dict[str, Any] = {
+                "healthy": st.healthy,
+                "message": st.message,
+                "counters": dict(st.counters),
+                "details": st.details,
+                "dist": h.info.dist,
+            }
+            if worker is not None:
+                s = worker.stats
+                entry["bus"] = {
+                    "delivered": s.delivered,
+                    "errors": s.errors,
+                    "retries": s.retries,
+                    "pending": worker.pending_count(),
+                    "synced": s.synced,
+                    "lastError": s.last_error,
+                    "failing": dict(s.failing),
+                }
+                if s.failing:
+                    entry["healthy"] = False
+            out[h.name] = entry
+        return out
+
+    def status(self) -> dict[str, Any]:
+        n_services, n_frontends, n_backends = self.store.counts() if self.store else (0, 0, 0)
+        return {
+            "version": __version__,
+            "node": {"name": self.node.name, "addresses": list(self.node.addresses), "devices": list(self.node.devices)},
+            "uptimeSeconds": round(time.time() - self.started_at, 1),
+            "source": {
+                "kind": self.config.source.kind,
+                "path": str(self.config.source.path),
+                "synced": bool(self.store and self.store.is_synced),
+                "syncSeconds": self.store.sync_duration if self.store else None,
+                "errors": dict(self.store.errors) if self.store else {},
+            },
+            "services": n_services,
+            "frontends": n_frontends,
+            "backends": n_backends,
+            "ready": self._ready_sent,
+            "plugins": self.plugin_statuses(),
+        }

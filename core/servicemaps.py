@@ -1,0 +1,903 @@
+"""The one writer of kpr's shared service maps (layout: core/bpf/lib/maps.h).
+
+`ServiceMapWriter` turns `Service` objects into map entries and keeps the pinned maps equal
+to the desired state:
+
+- Level-based. Every upsert renders the service's whole desired state and diffs it against
+  a Python shadow of what the maps hold, so only entries that changed are written and only
+  entries no longer wanted are deleted; `full_sync` does the same for all services against
+  the maps' real contents (dumped with lookup_batch) and applies the difference with batch
+  syscalls.
+- Restart-safe. `open()` adopts maps already pinned (never recreates compatible ones) and
+  rebuilds the shadow from them: backend ids, rev-NAT indexes and slot order are kept, so
+  established flows (conntrack holds backend ids and rev-NAT indexes) survive a restart.
+  Entries nobody re-delivers are removed on `kpr_sync_complete`.
+- Safe ordering for concurrent readers: backends, rev-NAT entries, source ranges and Maglev
+  tables are written before the service entries that lead to them; slot 0 (the count) is
+  written after its slots and deleted before them; orphans are deleted last.
+
+A frontend group is everything one (address, port, protocol) owns: its service entries in
+both scopes, rev-NAT entry, source ranges and Maglev tables. Groups are owned by one service;
+a second service claiming the same frontend is reported as a conflict and retried when the
+owner lets go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import hookimpl
+from .bpf import maps as M
+from .bpf.maglev import build_table, is_prime
+from .model import Backend, BackendState, Frontend, FrontendType, PluginStatus, Service, ServiceKey
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ServiceMapWriter", "ALGORITHM_ANNOTATION", "MapIncompatible"]
+
+MapIncompatible = M.MapIncompatible
+
+# Per-service override of the writer's selection algorithm: "random" or "maglev".
+ALGORITHM_ANNOTATION = "service.kpr.io/lb-algorithm"
+
+_TYPE_FLAGS = {
+    FrontendType.CLUSTER_IP: M.SVC_F_CLUSTER_IP,
+    FrontendType.NODE_PORT: M.SVC_F_NODE_PORT,
+    FrontendType.EXTERNAL_IP: M.SVC_F_EXTERNAL_IP,
+    FrontendType.LOAD_BALANCER: M.SVC_F_LOAD_BALANCER,
+    FrontendType.HOST_PORT: M.SVC_F_HOST_PORT,
+}
+_SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
+_STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
+
+_PORT = struct.Struct("=H")  # a port already in network order, as stored
+_SLOT = [struct.pack("=HH", i, 0) for i in range(1024)]  # key tail: slot, pad
+_ONE = M.U32.pack(1)  # kpr_srcrange value
+
+
+def _slot(i: int) -> bytes:
+    return _SLOT[i] if i < 1024 else struct.pack("=HH", i, 0)
+
+
+def _fk_label(fk: bytes) -> str:
+    """ "10.0.0.1:80/TCP" or "[fd00::1]:80/TCP" for a frontend key (addr16 + port + proto)."""
+    addr = M.bytes_to_addr(fk[:16])
+    port = M.ntohs(_PORT.unpack_from(fk, 16)[0])
+    proto = M.PROTO_NAMES.get(fk[18], str(fk[18]))
+    host = f"[{addr}]" if ":" in addr else addr
+    return f"{host}:{port}/{proto}"
+
+
+def _backend_name(val: bytes) -> str:
+    """Stable Maglev name of a backend value: "addr:port"."""
+    addr = M.bytes_to_addr(val[:16])
+    port = M.ntohs(_PORT.unpack_from(val, 16)[0])
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+@dataclass(eq=False)
+class _Group:
+    """What one frontend (address, port, protocol) holds in the maps."""
+
+    rev_nat: int
+    # The service that wrote it; None for entries adopted from pinned maps, not yet re-delivered.
+    owner: ServiceKey | None
+    # kpr_svc key -> value, both scopes, all slots.
+    svc: dict[bytes, bytes] = field(default_factory=dict)
+    # kpr_revnat value (b"" for a group adopted without one).
+    revnat: bytes = b""
+    # Selectable backend ids in slot order, per scope: kept so later renders move few slots.
+    order: dict[int, list[int]] = field(default_factory=dict)
+    # Backend ids referenced by any slot.
+    backends: frozenset[int] = frozenset()
+    # Scope -> sorted (name, id) pairs its Maglev table was built from (None: unknown, rebuild).
+    maglev: dict[int, tuple[tuple[str, int], ...] | None] = field(default_factory=dict)
+    # kpr_srcrange keys.
+    srcrange: frozenset[bytes] = frozenset()
+
+
+class ServiceMapWriter:
+    """Writes services into the maps pinned under `pin_path` (kpr's bpf.pinPath).
+
+    Also a kpr plugin object: register it with the plugin manager and it follows the bus.
+    """
+
+    def __init__(
+        self,
+        pin_path: Path | str,
+        *,
+        maglev_size: int = M.MAGLEV_DEFAULT_SIZE,
+        algorithm: str = "random",
+        sizes: dict[str, int] | None = None,
+        batch: bool = True,
+        create_datapath_maps: bool = True,
+    ) -> None:
+        if not is_prime(maglev_size):
+            raise ValueError(f"maglev_size must be prime, got {maglev_size}")
+        if algorithm not in ("random", "maglev"):
+            raise ValueError(f"algorithm must be random or maglev, got {algorithm!r}")
+        self.pin_path = Path(pin_path)
+        self.maglev_size = maglev_size
+        self.algorithm = algorithm
+        self.batch = batch
+        self.specs = M.specs_with(sizes, maglev_size)
+        self._names = list(M.SERVICE_MAPS) + (
+            [n for n in self.specs if n not in M.SERVICE_MAPS] if create_datapath_maps else []
+        )
+        self.maps: dict[str, M.BpfMap] = {}
+        self._lock = threading.RLock()
+        self._reset_shadow()
+        self.errors = 0
+        self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it
+        self._maglev_cache: OrderedDict[tuple, array] = OrderedDict()
+        self._maglev_keys = array("I", range(maglev_size)).tobytes()
+
+    def _reset_shadow(self) -> None:
+        self._groups: dict[bytes, _Group] = {}
+        self._by_service: dict[ServiceKey, set[bytes]] = {}
+        self._services: dict[ServiceKey, Service] = {}
+        # Backends: identity (addr16 + port + proto) -> id; id -> value in the map; id -> refs.
+        self._backend_ids: dict[bytes, int] = {}
+        self._backend_vals: dict[int, bytes] = {}
+        self._backend_refs: dict[int, int] = {}
+        self._revnat_ids: dict[bytes, int] = {}
+        self._next_backend = 1
+        self._next_revnat = 1
+        # Entries found in the maps that no group accounts for; removed by GC.
+        self._stray: dict[str, set[bytes]] = {"kpr_srcrange": set(), "kpr_maglev": set(), "kpr_revnat": set()}
+        self._delivered: set[ServiceKey] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> "ServiceMapWriter":
+        """Create the maps, or adopt the pinned ones, and rebuild the shadow from them."""
+        with self._lock:
+            self._check_bpffs()
+            self.pin_path.mkdir(parents=True, exist_ok=True)
+            created, adopted = [], []
+            try:
+                for name in self._names:
+                    spec, path = self.specs[name], self.pin_path / name
+                    if path.exists():
+                        m = M.BpfMap.open_pinned(path)
+                        self.maps[name] = m
+                        M.check_compatible(m, spec, path)
+                        adopted.append(name)
+                    else:
+                        m = self._create(spec)
+                        self.maps[name] = m
+                        m.pin(path)
+                        created.append(name)
+                self._check_maglev_inner()
+                self._reload()
+            except Exception:
+                self.close()
+                raise
+            log.info(
+                "event=servicemaps_open pin_path=%s created=%s adopted=%s frontends=%d backends=%d",
+                self.pin_path, ",".join(created) or "-", ",".join(adopted) or "-",
+                len(self._groups), len(self._backend_vals),
+            )
+            return self
+
+    def close(self) -> None:
+        """Close the map fds. Pins stay: programs keep using the maps (`kpr cleanup` removes them)."""
+        with self._lock:
+            for m in self.maps.values():
+                m.close()
+            self.maps.clear()
+
+    def __enter__(self) -> "ServiceMapWriter":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_bpffs(self) -> None:
+        from .bpf.fs import find_mounts
+
+        p = self.pin_path.resolve() if self.pin_path.exists() else self.pin_path
+        if not any(p == m or m in p.parents for m in find_mounts("bpf")):
+            raise OSError(f"{self.pin_path} is not on a bpffs: mount one (mount -t bpf bpf /sys/fs/bpf) or set bpf.pinPath")
+
+    def _create(self, spec: M.MapSpec) -> M.BpfMap:
+        if spec.inner is None:
+            return M.BpfMap.create(spec)
+        t, k, v, n = spec.inner
+        template = M.BpfMap.create(M.MapSpec("kpr_maglev_in", t, k, v, n))
+        try:
+            return M.BpfMap.create(spec, inner_fd=template.fd)
+        finally:
+            template.close()
+
+    def _check_maglev_inner(self) -> None:
+        outer = self.maps["kpr_maglev"]
+        for key in outer.keys():
+            raw = outer.lookup(key)
+            if raw is None:
+                continue
+            with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
+                size = inner.info().max_entries
+            if size != self.maglev_size:
+                raise MapIncompatible(
+                    f"pinned map {self.pin_path / 'kpr_maglev'} holds Maglev tables of {size} slots, this kpr "
+                    f"builds {self.maglev_size}: run `kpr cleanup` or restore the previous maglev size"
+                )
+            return
+
+    # ------------------------------------------------------------------ adoption
+
+    def _reload(self) -> None:
+        """Rebuild the shadow from the maps' contents, keeping known owners."""
+        owners = {fk: g.owner for fk, g in self._groups.items() if g.owner is not None}
+        services, delivered = self._services, self._delivered
+        self._reset_shadow()
+        self._services, self._delivered = services, delivered
+
+        for k, v in self.maps["kpr_backend"].items():
+            bid = M.U32.unpack(k)[0]
+            self._backend_vals[bid] = v
+            self._backend_ids[v[:19]] = bid
+            self._backend_refs[bid] = 0
+            self._next_backend = max(self._next_backend, bid + 1)
+
+        by_revnat: dict[int, _Group] = {}
+        counts: dict[tuple[bytes, int], int] = {}
+        slots: dict[tuple[bytes, int], dict[int, int]] = {}
+        for k, v in self.maps["kpr_svc"].items():
+            fk, scope, slot = k[:19], k[19], _PORT.unpack_from(k, 20)[0]
+            bid, count, _term, rev_nat, _flags, _aff = M.SVC_VAL.unpack(v)
+            g = self._groups.get(fk)
+            if g is None:
+                g = self._groups[fk] = _Group(rev_nat, owners.get(fk))
+                by_revnat[rev_nat] = g
+            g.svc[k] = v
+            if slot == 0:
+                counts[(fk, scope)] = count
+            else:
+                slots.setdefault((fk, scope), {})[slot] = bid
+        for (fk, scope), count in counts.items():
+            got = slots.get((fk, scope), {})
+            self._groups[fk].order[scope] = [got[i] for i in range(1, count + 1) if i in got]
+        for fk, g in self._groups.items():
+            ids = set()
+            for (gfk, _scope), s in slots.items():
+                if gfk == fk:
+                    ids.update(s.values())
+            g.backends = frozenset(i for i in ids if i in self._backend_vals)
+            for bid in g.backends:
+                self._backend_refs[bid] += 1
+
+        for k, v in self.maps["kpr_revnat"].items():
+            idx = M.U32.unpack(k)[0]
+            fk = v[:19]
+            g = by_revnat.get(idx)
+            if g is None:
+                self._stray["kpr_revnat"].add(k)
+            else:
+                g.revnat = v
+                self._revnat_ids[fk] = idx
+            self._next_revnat = max(self._next_revnat, idx + 1)
+        for fk, g in self._groups.items():
+            self._revnat_ids.setdefault(fk, g.rev_nat)
+            self._next_revnat = max(self._next_revnat, g.rev_nat + 1)
+
+        for k, _v in self.maps["kpr_srcrange"].items():
+            g = by_revnat.get(M.SRCRANGE_KEY.unpack(k)[1])
+            if g is None:
+                self._stray["kpr_srcrange"].add(k)
+            else:
+                g.srcrange = g.srcrange | {k}
+        for k in list(self.maps["kpr_maglev"].keys()):
+            rev_nat, scope = M.MAGLEV_KEY.unpack(k)
+            g = by_revnat.get(rev_nat)
+            if g is None:
+                self._stray["kpr_maglev"].add(k)
+                continue
+            # Assume the table matches the selectable slots (it was built from them); a
+            # wrong assumption only costs a rebuild-free imbalance until the next change.
+            g.maglev[scope] = self._maglev_input(g.order.get(scope, []))
+        self._by_service = {}
+        for fk, g in self._groups.items():
+            if g.owner is not None:
+                self._by_service.setdefault(g.owner, set()).add(fk)
+
+    def _maglev_input(self, ids: Iterable[int]) -> tuple[tuple[str, int], ...]:
+        return tuple(sorted((_backend_name(self._backend_vals[i]), i) for i in ids if i in self._backend_vals))
+
+    # ------------------------------------------------------------------ allocation
+
+    def _backend_id(self, bkey: bytes) -> int:
+        bid = self._backend_ids.get(bkey)
+        if bid is None:
+            bid = self._next_backend
+            while bid in self._backend_vals or bid == 0:
+                bid = (bid + 1) & 0xFFFFFFFF
+            self._next_backend = (bid + 1) & 0xFFFFFFFF or 1
+            self._backend_ids[bkey] = bid
+        return bid
+
+    def _revnat_id(self, fk: bytes) -> int:
+        idx = self._revnat_ids.get(fk)
+        if idx is None:
+            used = {g.rev_nat for g in self._groups.values()}
+            idx = self._next_revnat
+            while idx in used or idx == 0:
+                idx = (idx + 1) & 0xFFFFFFFF
+            self._next_revnat = (idx + 1) & 0xFFFFFFFF or 1
+            self._revnat_ids[fk] = idx
+        return idx
+
+    # ------------------------------------------------------------------ rendering
+
+    def _algorithm_for(self, service: Service) -> str:
+        algo = service.annotation_map.get(ALGORITHM_ANNOTATION, self.algorithm)
+        return algo if algo in ("random", "maglev") else self.algorithm
+
+    def _render(self, service: Service) -> dict[bytes, _Group]:
+        """The groups a service wants, keyed by frontend key."""
+        out: dict[bytes, _Group] = {}
+        maglev = self._algorithm_for(service) == "maglev"
+        for fe in service.frontends:
+            addr = M.addr_to_bytes(fe.address)
+            port = _PORT.pack(M.htons(fe.port))
+            proto = fe.protocol.number
+            flags = _TYPE_FLAGS[fe.type]
+            wild = M.wildcard_bytes(fe.family)
+            if addr == wild:
+                flags |= M.SVC_F_WILDCARD
+            self._render_group(out, service.key, fe, addr + port + bytes((proto,)), flags, maglev)
+            if fe.type is FrontendType.NODE_PORT and addr != wild:
+                # Any node address (and socket LB's loopback) finds the service through address 0.
+                self._render_group(
+                    out, service.key, fe, wild + port + bytes((proto,)), M.SVC_F_NODE_PORT | M.SVC_F_WILDCARD, maglev
+                )
+        return out
+
+    def _render_group(
+        self, out: dict[bytes, _Group], owner: ServiceKey, fe: Frontend, fk: bytes, flags: int, maglev: bool
+    ) -> None:
+        if fk in out:  # the wildcard entry of a NodePort served on several node addresses
+            return
+        prev = self._groups.get(fk)
+        rev_nat = prev.rev_nat if prev is not None else self._revnat_id(fk)
+        port, proto = fk[16:18], fk[18]
+        g = _Group(rev_nat, owner, revnat=fk + b"\x00")
+
+        # Backend ids; the same endpoint listed twice (should not happen) counts once.
+        ids: dict[Backend, int] = {}
+        pending_vals = self._pending_vals
+        for b in fe.backends:
+            bport = _PORT.pack(M.htons(b.port))
+            baddr = M.addr_to_bytes(b.address)
+            bid = self._backend_id(baddr + bport + bytes((proto,)))
+            ids[b] = bid
+            pending_vals[bid] = M.BACKEND.pack(
+                baddr,
+                M.htons(b.port),
+                proto,
+                M.BACKEND_TERMINATING if b.state is BackendState.TERMINATING else M.BACKEND_ACTIVE,
+                M.BACKEND_F_LOCAL if b.local else 0,
+            )
+
+        common = flags
+        if fe.affinity_timeout > 0:
+            common |= M.SVC_F_AFFINITY
+        if fe.source_ranges:
+            common |= M.SVC_F_SOURCE_RANGES
+            g.srcrange = frozenset(self._srcrange_keys(fe, rev_nat))
+        if maglev:
+            common |= M.SVC_F_MAGLEV
+
+        scopes = [(M.SCOPE_EXTERNAL, fe.external_scope_local)]
+        ext = self._scope_backends(fe, fe.external_scope_local, ids)
+        intl = self._scope_backends(fe, fe.internal_scope_local, ids)
+        two = (set(ext[0]), set(ext[1])) != (set(intl[0]), set(intl[1]))
+        if two:
+            scopes.append((M.SCOPE_INTERNAL, fe.internal_scope_local))
+
+        tail = _PORT.pack(0) + _PORT.pack(0)  # count/terminating 0 for backend slots
+        slot_val_tail = tail + M.U32.pack(rev_nat) + bytes(8)
+        referenced: set[int] = set()
+        for scope, local in scopes:
+            sel, term = ext if scope == M.SCOPE_EXTERNAL else intl
+            prev_order = prev.order.get(scope) if prev is not None else None
+            order = _stable_order(prev_order, sel)
+            g.order[scope] = order
+            f = common
+            if local:
+                f |= M.SVC_F_LOCAL_SCOPE
+            if two and scope == M.SCOPE_EXTERNAL:
+                f |= M.SVC_F_TWO_SCOPES
+            head = fk + bytes((scope,))
+            svc = g.svc
+            svc[head + _SLOT[0]] = M.SVC_VAL.pack(0, len(order), len(term), rev_nat, f, fe.affinity_timeout)
+            for i, bid in enumerate(order + term, 1):
+                svc[head + _slot(i)] = M.U32.pack(bid) + slot_val_tail
+            referenced.update(order)
+            referenced.update(term)
+            if maglev and order:
+                g.maglev[scope] = tuple(sorted((_maglev_name(b), ids[b]) for b in sel_backends(fe, ids, order)))
+        g.backends = frozenset(referenced)
+        out[fk] = g
+
+    @staticmethod
+    def _scope_backends(fe: Frontend, local_only: bool, ids: dict[Backend, int]) -> tuple[list[int], list[int]]:
+        """(selectable ids, terminating ids kept for existing flows) of one scope."""
+        selectable = fe.selectable(local_only)
+        sel = _dedup(ids[b] for b in selectable)
+        chosen = set(sel)
+        term = sorted(
+            {ids[b] for b in fe.backends if b.state is BackendState.TERMINATING and (b.local or not local_only)}
+            - chosen
+        )
+        return sel, term
+
+    @staticmethod
+    def _srcrange_keys(fe: Frontend, rev_nat: int) -> list[bytes]:
+        keys = []
+        for cidr in fe.source_ranges:
+            net = ipaddress.ip_network(cidr, strict=False)
+            if net.version != fe.family:
+                continue  # a range of the other family can never match this frontend's clients
+            plen = net.prefixlen + (96 if net.version == 4 else 0)
+            keys.append(M.SRCRANGE_KEY.pack(32 + plen, rev_nat, M.addr_to_bytes(str(net.network_address))))
+        return keys
+
+    # ------------------------------------------------------------------ public API
+
+    def upsert(self, service: Service) -> None:
+        """Make the maps hold exactly this service's desired state (touching only what changed)."""
+        with self._lock:
+            self._require_open()
+            key = service.key
+            self._services[key] = service
+            self._delivered.add(key)
+            self._pending_vals: dict[int, bytes] = {}
+            desired = self._render(service)
+            for fk in list(desired):
+                g = self._groups.get(fk)
+                if g is not None and g.owner is not None and g.owner != key:
+                    log.warning(
+                        "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), key, g.owner
+                    )
+                    self.conflicts[fk] = key
+                    del desired[fk]
+                elif self.conflicts.get(fk) == key:
+                    del self.conflicts[fk]
+            old_fks = self._by_service.get(key, set()) | {fk for fk in desired if fk in self._groups}
+            self._apply({fk: self._groups.get(fk) for fk in old_fks}, desired)
+
+    def delete(self, key: ServiceKey) -> None:
+        """Remove everything the service wrote; a service never seen is not an error."""
+        with self._lock:
+            self._require_open()
+            self._services.pop(key, None)
+            self._delivered.add(key)
+            self._pending_vals = {}
+            fks = self._by_service.get(key, set())
+            self._apply({fk: self._groups.get(fk) for fk in fks}, {})
+            self._retry_conflicts(fks)
+
+    def full_sync(self, services: Iterable[Service]) -> None:
+        """Make the maps hold exactly these services: everything else is removed."""
+        with self._lock:
+            self._require_open()
+            services = sorted(services, key=lambda s: s.key)
+            self._reload()  # diff against what the maps really hold
+            for g in self._groups.values():
+                g.owner = None  # ownership is decided afresh, in key order
+            self._by_service = {}
+            self._services = {s.key: s for s in services}
+            self._delivered = set(self._services)
+            self.conflicts = {}
+            self._pending_vals = {}
+            desired: dict[bytes, _Group] = {}
+            for s in services:
+                for fk, g in self._render(s).items():
+                    if fk in desired:
+                        log.warning(
+                            "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), s.key, desired[fk].owner
+                        )
+                        self.conflicts[fk] = s.key
+                        continue
+                    desired[fk] = g
+            old = dict(self._groups)
+            self._apply(old, desired, strays=True)
+
+    def gc(self) -> int:
+        """Remove adopted entries no service re-delivered since open; returns frontends removed."""
+        with self._lock:
+            self._require_open()
+            orphans = {fk: g for fk, g in self._groups.items() if g.owner is None}
+            self._pending_vals = {}
+            self._apply(orphans, {}, strays=True)
+            if orphans:
+                log.info("event=servicemaps_gc frontends=%d", len(orphans))
+            return len(orphans)
+
+    def read_back(self) -> dict[str, Any]:
+        """Decode the maps (not the shadow) into plain data: for tests and `kpr service list`."""
+        with self._lock:
+            self._require_open()
+            backends = {}
+            for k, v in self.maps["kpr_backend"].items():
+                addr, port, proto, state, flags = M.BACKEND.unpack(v)
+                backends[M.U32.unpack(k)[0]] = {
+                    "address": M.bytes_to_addr(addr),
+                    "port": M.ntohs(port),
+                    "protocol": M.PROTO_NAMES.get(proto, str(proto)),
+                    "state": _STATE_NAMES.get(state, str(state)),
+                    "local": bool(flags & M.BACKEND_F_LOCAL),
+                }
+            revnat = {}
+            for k, v in self.maps["kpr_revnat"].items():
+                revnat[M.U32.unpack(k)[0]] = _fk_label(v[:19])
+            ranges: dict[int, list[str]] = {}
+            for k, _v in self.maps["kpr_srcrange"].items():
+                plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(k)
+                a = M.bytes_to_addr(addr)
+                bits = plen - 32 - (96 if "." in a else 0)
+                ranges.setdefault(rev_nat, []).append(f"{a}/{bits}")
+            maglev: dict[tuple[int, int], list[int]] = {}
+            outer = self.maps["kpr_maglev"]
+            for k in list(outer.keys()):
+                raw = outer.lookup(k)
+                if raw is None:
+                    continue
+                with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
+                    vals = b"".join(v for _, v in sorted(inner.items()))
+                maglev[M.MAGLEV_KEY.unpack(k)] = list(array("I", vals))
+            entries: dict[tuple[bytes, int], dict[int, tuple]] = {}
+            for k, v in self.maps["kpr_svc"].items():
+                entries.setdefault((k[:19], k[19]), {})[_PORT.unpack_from(k, 20)[0]] = M.SVC_VAL.unpack(v)
+            frontends = {}
+            for (fk, scope), slots in sorted(entries.items()):
+                head = slots.get(0)
+                label = f"{_fk_label(fk)} {_SCOPE_NAMES.get(scope, scope)}"
+                if head is None:
+                    frontends[label] = {"error": "slots without a service entry", "slots": sorted(slots)}
+                    continue
+                _, count, term, rev_nat, flags, aff = head
+                ids = [slots.get(i, (0,))[0] for i in range(1, count + term + 1)]
+                names = [_backend_label(backends.get(i)) for i in ids]
+                table = maglev.get((rev_nat, scope))
+                frontends[label] = {
+                    "rev_nat": rev_nat,
+                    "flags": sorted(n for bit, n in M.SVC_FLAG_NAMES.items() if flags & bit),
+                    "affinity_timeout": aff,
+                    "backends": sorted(names[:count]),
+                    "terminating": sorted(names[count:]),
+                    "backend_ids": ids[:count],
+                    "source_ranges": sorted(ranges.get(rev_nat, [])) if flags & M.SVC_F_SOURCE_RANGES else [],
+                    "maglev": _table_shares(table, backends) if table is not None else None,
+                    "stray_slots": sorted(s for s in slots if s > count + term),
+                }
+            return {
+                "frontends": frontends,
+                "backends": backends,
+                "revnat": revnat,
+                "maglev_tables": sorted(maglev),
+            }
+
+    def entry_counts(self) -> dict[str, int]:
+        """Entries per map according to the shadow (cheap: no syscalls)."""
+        with self._lock:
+            return {
+                "kpr_svc": sum(len(g.svc) for g in self._groups.values()),
+                "kpr_backend": len(self._backend_vals),
+                "kpr_revnat": sum(1 for g in self._groups.values() if g.revnat),
+                "kpr_srcrange": sum(len(g.srcrange) for g in self._groups.values()),
+                "kpr_maglev": sum(1 for g in self._groups.values() for t in g.maglev.values()),
+            }
+
+    def ops(self) -> dict[str, dict[str, int]]:
+        """Elements written/deleted and syscalls made, per map, since open."""
+        return {name: dict(m.ops) for name, m in self.maps.items()}
+
+    def ids(self) -> dict[str, dict[str, int]]:
+        """Kernel map ids by name (unchanged across an adopting restart)."""
+        return {name: m.id for name, m in self.maps.items()}
+
+    def backend_ids(self) -> dict[str, int]:
+        """Backend "addr:port/proto" -> id, from the shadow."""
+        with self._lock:
+            return {_backend_label_raw(v): bid for bid, v in self._backend_vals.items()}
+
+    # ------------------------------------------------------------------ applying a diff
+
+    def _require_open(self) -> None:
+        if not self.maps:
+            raise RuntimeError("ServiceMapWriter is not open")
+
+    def _apply(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], *, strays: bool = False) -> None:
+        try:
+            self._apply_diff(old, new, strays)
+        except Exception:
+            self.errors += 1
+            log.exception("event=servicemaps_apply_failed frontends=%d", len(new))
+            # The maps may hold part of the change: believe them, not the shadow.
+            try:
+                self._reload()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                log.exception("event=servicemaps_reload_failed")
+            raise
+
+    def _apply_diff(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], strays: bool) -> None:
+        old_svc: dict[bytes, bytes] = {}
+        new_svc: dict[bytes, bytes] = {}
+        old_rn: dict[int, bytes] = {}
+        new_rn: dict[int, bytes] = {}
+        old_sr: set[bytes] = set()
+        new_sr: set[bytes] = set()
+        old_mg: dict[bytes, Any] = {}
+        new_mg: dict[bytes, Any] = {}
+        ref_delta: dict[int, int] = {}
+        for g in old.values():
+            if g is None:
+                continue
+            old_svc.update(g.svc)
+            if g.revnat:
+                old_rn[g.rev_nat] = g.revnat
+            old_sr |= g.srcrange
+            for scope, inp in g.maglev.items():
+                old_mg[M.MAGLEV_KEY.pack(g.rev_nat, scope)] = inp
+            for bid in g.backends:
+                ref_delta[bid] = ref_delta.get(bid, 0) - 1
+        for g in new.values():
+            new_svc.update(g.svc)
+            new_rn[g.rev_nat] = g.revnat
+            new_sr |= g.srcrange
+            for scope, inp in g.maglev.items():
+                new_mg[M.MAGLEV_KEY.pack(g.rev_nat, scope)] = inp
+            for bid in g.backends:
+                ref_delta[bid] = ref_delta.get(bid, 0) + 1
+
+        refs = self._backend_refs
+        be_up = {}
+        for bid, val in self._pending_vals.items():
+            if (refs.get(bid, 0) + ref_delta.get(bid, 0)) > 0 and self._backend_vals.get(bid) != val:
+                be_up[bid] = val
+        be_del = [bid for bid, d in ref_delta.items() if d < 0 and refs.get(bid, 0) + d <= 0 and bid in self._backend_vals]
+        if strays:
+            be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in self._backend_vals and bid not in ref_delta)
+
+        svc_up = {k: v for k, v in new_svc.items() if old_svc.get(k) != v}
+        svc_del = [k for k in old_svc if k not in new_svc]
+        rn_up = {i: v for i, v in new_rn.items() if old_rn.get(i) != v}
+        rn_del = [i for i in old_rn if i not in new_rn]
+        sr_up = new_sr - old_sr
+        sr_del = old_sr - new_sr
+        mg_up = {k: v for k, v in new_mg.items() if v is not None and old_mg.get(k) != v}
+        mg_del = [k for k in old_mg if k not in new_mg]
+
+        b = self.batch
+        mp = self.maps
+        # 1. what service entries will point at
+        if be_up:
+            mp["kpr_backend"].update_many([M.U32.pack(i) for i in be_up], list(be_up.values()), batch=b)
+        if rn_up:
+            mp["kpr_revnat"].update_many([M.U32.pack(i) for i in rn_up], list(rn_up.values()), batch=b)
+        if sr_up:
+            keys = sorted(sr_up)
+            mp["kpr_srcrange"].update_many(keys, [_ONE] * len(keys), batch=b)
+        for k, inp in mg_up.items():
+            self._write_maglev(k, inp)
+        # 2. service entries: backend slots, then internal slot 0, then external slot 0
+        if svc_up:
+            keys = sorted(svc_up, key=_svc_write_order)
+            mp["kpr_svc"].update_many(keys, [svc_up[k] for k in keys], batch=b)
+        # 3. deletions, external slot 0 first so lookups stop before slots disappear
+        if svc_del:
+            svc_del.sort(key=_svc_delete_order)
+            mp["kpr_svc"].delete_many(svc_del, batch=b)
+        if mg_del:
+            mp["kpr_maglev"].delete_many(mg_del, batch=False)
+        if sr_del:
+            mp["kpr_srcrange"].delete_many(sorted(sr_del), batch=b)
+        if rn_del:
+            mp["kpr_revnat"].delete_many([M.U32.pack(i) for i in rn_del], batch=b)
+        if strays:
+            for name, keys in self._stray.items():
+                if keys:
+                    mp[name].delete_many(sorted(keys), batch=b and name != "kpr_maglev")
+                    keys.clear()
+        if be_del:
+            mp["kpr_backend"].delete_many([M.U32.pack(i) for i in be_del], batch=b)
+
+        # Shadow follows the maps.
+        for fk, g in old.items():
+            if g is not None and fk not in new:
+                self._groups.pop(fk, None)
+                self._revnat_ids.pop(fk, None)
+                if g.owner is not None and g.owner in self._by_service:
+                    self._by_service[g.owner].discard(fk)
+                    if not self._by_service[g.owner]:
+                        del self._by_service[g.owner]
+        for fk, g in new.items():
+            prev = self._groups.get(fk)
+            if prev is not None and prev.owner is not None and prev.owner != g.owner:
+                self._by_service.get(prev.owner, set()).discard(fk)
+            self._groups[fk] = g
+            self._revnat_ids[fk] = g.rev_nat
+            self._by_service.setdefault(g.owner, set()).add(fk)
+        for bid, d in ref_delta.items():
+            refs[bid] = refs.get(bid, 0) + d
+        self._backend_vals.update(be_up)
+        for bid in be_del:
+            val = self._backend_vals.pop(bid, None)
+            refs.pop(bid, None)
+            if val is not None and self._backend_ids.get(val[:19]) == bid:
+                del self._backend_ids[val[:19]]
+        # ids rendered but never written (conflicting frontends) are forgotten
+        for bid in self._pending_vals:
+            if bid not in self._backend_vals:
+                refs.pop(bid, None)
+                for bk in [bk for bk, i in self._backend_ids.items() if i == bid]:
+                    del self._backend_ids[bk]
+        for fk in [fk for fk in self._revnat_ids if fk not in self._groups]:
+            del self._revnat_ids[fk]
+        self._pending_vals = {}
+        log.debug(
+            "event=servicemaps_applied svc_up=%d svc_del=%d backend_up=%d backend_del=%d revnat_up=%d "
+            "revnat_del=%d srcrange_up=%d srcrange_del=%d maglev_up=%d maglev_del=%d",
+            len(svc_up), len(svc_del), len(be_up), len(be_del), len(rn_up), len(rn_del),
+            len(sr_up), len(sr_del), len(mg_up), len(mg_del),
+        )
+
+    def _write_maglev(self, key: bytes, inp: tuple[tuple[str, int], ...]) -> None:
+        """Build the table and swap it in with one outer-map update (readers never see half a table)."""
+        table = self._maglev_cache.get(inp)
+        if table is None:
+            table = build_table(((bid, name) for name, bid in inp), self.maglev_size)
+            self._maglev_cache[inp] = table
+            if len(self._maglev_cache) > 256:
+                self._maglev_cache.popitem(last=False)
+        else:
+            self._maglev_cache.move_to_end(inp)
+        t, k, v, n = self.specs["kpr_maglev"].inner
+        with M.BpfMap.create(M.MapSpec("kpr_maglev_in", t, k, v, n)) as inner:
+            count = n
+            inner.update_blob(self._maglev_keys, table.tobytes(), count)
+            self.maps["kpr_maglev"].update(key, M.U32.pack(inner.fd))
+
+    def _retry_conflicts(self, freed: Iterable[bytes]) -> None:
+        waiting = {self.conflicts.pop(fk) for fk in list(freed) if fk in self.conflicts}
+        for key in sorted(waiting):
+            svc = self._services.get(key)
+            if svc is not None:
+                log.info("event=frontend_conflict_retry service=%s", key)
+                self.upsert(svc)
+
+    # ------------------------------------------------------------------ plugin hooks
+
+    @hookimpl
+    def kpr_service_upsert(self, service: Service) -> None:
+        self.upsert(service)
+
+    @hookimpl
+    def kpr_service_delete(self, key: ServiceKey) -> None:
+        self.delete(key)
+
+    @hookimpl
+    def kpr_sync_complete(self) -> None:
+        self.gc()
+
+    @hookimpl
+    def kpr_status(self) -> PluginStatus:
+        with self._lock:
+            counts = self.entry_counts() if self.maps else {}
+            conflicts = len(self.conflicts)
+            counters = {
+                "services": float(len(self._by_service) - (1 if None in self._by_service else 0)),
+                "frontends": float(len(self._groups)),
+                "backends": float(len(self._backend_vals)),
+                "map_entries": float(sum(counts.values())),
+                "errors": float(self.errors),
+                "conflicts": float(conflicts),
+            }
+            for name, n in counts.items():
+                counters[f"entries_{name}"] = float(n)
+            healthy = bool(self.maps)
+            msg = f"{int(counters['services'])} services, {int(counters['backends'])} backends"
+            if not healthy:
+                msg = "maps not open"
+            elif conflicts:
+                msg += f", {conflicts} conflicting frontends"
+            return PluginStatus(healthy=healthy, message=msg, counters=counters)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _svc_write_order(k: bytes) -> tuple[bool, bool]:
+    # backend slots first, then the internal scope's slot 0, the external slot 0 last
+    slot0 = k[20] == 0 and k[21] == 0
+    return (slot0, slot0 and k[19] == M.SCOPE_EXTERNAL)
+
+
+def _svc_delete_order(k: bytes) -> tuple[bool, bool]:
+    slot0 = k[20] == 0 and k[21] == 0
+    return (not slot0, k[19] != M.SCOPE_EXTERNAL)
+
+
+def _dedup(it: Iterable[int]) -> list[int]:
+    seen: dict[int, None] = {}
+    for x in it:
+        seen.setdefault(x, None)
+    return list(seen)
+
+
+def _stable_order(prev: list[int] | None, want: list[int]) -> list[int]:
+    """Slot order for `want` that moves as few ids as possible from `prev`.
+
+    Survivors keep their slots; new ids fill the holes, then go at the end; leftover holes
+    are closed with ids taken from the end. Without a previous order, ids are sorted.
+    """
+    if not prev:
+        return sorted(want)
+    want_set = set(want)
+    prev_set = set(prev)
+    out: list[int | None] = [x if x in want_set else None for x in prev]
+    added = sorted(x for x in want_set if x not in prev_set)
+    holes = [i for i, x in enumerate(out) if x is None]
+    ai = 0
+    for i in holes:
+        if ai < len(added):
+            out[i] = added[ai]
+            ai += 1
+    out.extend(added[ai:])
+    # close remaining holes from the tail
+    lo = 0
+    while True:
+        while out and out[-1] is None:
+            out.pop()
+        try:
+            lo = out.index(None, lo)
+        except ValueError:
+            break
+        out[lo] = out.pop()
+    return out  # type: ignore[return-value]
+
+
+def _maglev_name(b: Backend) -> str:
+    return f"[{b.address}]:{b.port}" if ":" in b.address else f"{b.address}:{b.port}"
+
+
+def sel_backends(fe: Frontend, ids: dict[Backend, int], order: list[int]) -> list[Backend]:
+    wanted = set(order)
+    seen: set[int] = set()
+    out = []
+    for b in fe.backends:
+        bid = ids[b]
+        if bid in wanted and bid not in seen:
+            seen.add(bid)
+            out.append(b)
+    return out
+
+
+def _backend_label(b: dict | None) -> str:
+    if b is None:
+        return "?"
+    host = f"[{b['address']}]" if ":" in b["address"] else b["address"]
+    return f"{host}:{b['port']}"
+
+
+def _backend_label_raw(v: bytes) -> str:
+    return _backend_name(v) + "/" + M.PROTO_NAMES.get(v[18], str(v[18]))
+
+
+def _table_shares(table: list[int], backends: dict[int, dict]) -> dict[str, int]:
+    counts: dict[int, int] = {}
+    for bid in table:
+        counts[bid] = counts.get(bid, 0) + 1
+    return {_backend_label(backends.get(bid)): n for bid, n in sorted(counts.items())}

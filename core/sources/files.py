@@ -1,0 +1,586 @@
+"""The files source: Kubernetes manifests in a directory, for nodes without a cluster.
+
+Every *.yaml, *.yml and *.json file directly in the directory is read (hidden files and editor
+leftovers are not); a file may hold several YAML documents and kubectl-style lists. The
+directory is polled: a file whose (mtime, size, inode) changed is read again, and only the
+objects that actually changed reach the sink.
+
+A mistake in one file must never take down services that work: a file that does not parse
+keeps its last good objects, an invalid object keeps its last good version while the rest of
+its file applies, and each problem is reported under the file's path until it is fixed.
+
+Services are defaulted as the API server would: missing ClusterIPs and nodePorts come from
+the Allocator, and the allocated values are written into the object the sink receives.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..allocator import AllocationError, Allocator
+from ..model import InvalidObject
+from . import SUPPORTED_KINDS, ObjectRef, ObjectSink
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml", ".json")
+
+# libyaml's parser when PyYAML has it: the same safe subset as yaml.safe_load_all, faster.
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_BOOL = "tag:yaml.org,2002:bool"
+_NULL = "tag:yaml.org,2002:null"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+_MERGE = "tag:yaml.org,2002:merge"
+# Plain scalar -> tag. Manifests repeat the same few values ("TCP", "http", "true", node
+# names) thousands of times; resolving each through the implicit-type regexes is a good
+# part of a big scan.
+_resolved: dict[str, str] = {}
+_RESOLVED_MAX = 1 << 16
+
+
+class _ManifestLoader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """yaml.safe_load_all's results, built about twice as fast.
+
+    The generic constructor's per-node bookkeeping dominates loading a big directory even
+    with libyaml. Plain maps, sequences, strings, ints, bools and nulls are built directly
+    here; anything else (merge keys, floats, timestamps, octal, binary, odd keys) goes
+    through the stock SafeConstructor, so results and errors stay those of safe_load_all.
+    """
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+        # With a plain scalar and no path resolvers (SafeLoader has none) the tag depends
+        # on the value alone.
+        if kind is yaml.ScalarNode and implicit[0] and not self.yaml_path_resolvers:
+            tag = _resolved.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(_resolved) < _RESOLVED_MAX:
+                    _resolved[value] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
+
+    def construct_document(self, node: Any) -> Any:
+        data = self._build(node)
+        while self.state_generators:
+            generators, self.state_generators = self.state_generators, []
+            for g in generators:
+                for _ in g:
+                    pass
+        self.constructed_objects = {}
+        self.recursive_objects = {}
+        self.deep_construct = False
+        return data
+
+    def _build(self, node: Any) -> Any:
+        cls, tag = type(node), node.tag
+        if cls is yaml.ScalarNode:
+            value = node.value
+            if tag == _STR:
+                return value
+            if tag == _INT and value.isdigit() and (value[0] != "0" or value == "0"):
+                return int(value)  # "017" is octal in YAML 1.1: the stock path has it
+            if tag == _NULL:
+                return None
+            if tag == _BOOL:
+                return self.bool_values[value.lower()]
+            return self.construct_object(node, deep=True)
+        memo = self.constructed_objects
+        if node in memo:
+            return memo[node]  # an alias
+        if cls is yaml.MappingNode and tag == _MAP:
+            out: dict = {}
+            memo[node] = out
+            for k, v in node.value:
+                if k.tag == _MERGE:
+                    del memo[node]
+                    return self.construct_object(node, deep=True)
+                key = self._build(k)
+                try:
+                    out[key] = self._build(v)
+                except TypeError:
+                    if isinstance(key, (list, dict)):
+                        del memo[node]
+                        return self.construct_object(node, deep=True)  # raises the stock error
+                    raise
+            return out
+        if cls is yaml.SequenceNode and tag == _SEQ:
+            items: list = []
+            memo[node] = items
+            items.extend(self._build(n) for n in node.value)
+            return items
+        return self.construct_object(node, deep=True)
+
+# (mtime_ns, size, inode): a file whose signature is unchanged is not read again.
+Signature = tuple[int, int, int]
+
+
+class _ParseError(Exception):
+    pass
+
+
+@dataclass
+class _FileState:
+    sig: Signature
+    # The file's last good objects in document order; what it contributes.
+    objects: dict[ObjectRef, dict] = field(default_factory=dict)
+    # Problems found reading this version of the file, reported under its path.
+    errors: list[str] = field(default_factory=list)
+    # The file did not parse: `objects` are left from an earlier version.
+    failed: bool = False
+    # namespace/name of every Service the file names, valid or not: their allocations
+    # are kept when pruning.
+    service_keys: set[str] = field(default_factory=set)
+    position: dict[ObjectRef, int] = field(default_factory=dict)
+
+
+def _ignored(name: str) -> bool:
+    # Hidden files include vim's .x.swp and emacs' .#x lock links; emacs autosaves are #x#.
+    if name.startswith((".", "#")) or name.endswith(("~", ".swp", ".tmp")):
+        return True
+    return not name.endswith(SUFFIXES)
+
+
+def _describe(doc: dict) -> str:
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    return f"{doc.get('kind') or '(no kind)'} {meta.get('namespace') or 'default'}/{meta.get('name') or '(no name)'}"
+
+
+def _describe_ref(ref: ObjectRef) -> str:
+    return f"{ref[0]} {ref[1]}/{ref[2]}"
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    context_mark = getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    text = f"not valid YAML{where}: {problem}"
+    if context:
+        # Often the real mistake: an unclosed bracket is only noticed lines later.
+        started = f" started at line {context_mark.line + 1}" if context_mark is not None else ""
+        text += f" ({context}{started})"
+    return text
+
+
+def parse_manifest(name: str, data: bytes) -> list[dict]:
+    """The objects in one manifest file, lists flattened; raises _ParseError with the line."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _ParseError(f"not UTF-8 text (byte {e.start})") from None
+    docs: list[Any]
+    if name.endswith(".json"):
+        try:
+            docs = [json.loads(text)] if text.strip() else []
+        except json.JSONDecodeError as e:
+            raise _ParseError(f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    else:
+        try:
+            docs = list(yaml.load_all(text, Loader=_ManifestLoader))
+        except yaml.YAMLError as e:
+            raise _ParseError(_yaml_reason(e)) from None
+    out: list[dict] = []
+    for i, doc in enumerate(docs, 1):
+        if doc is None:
+            continue  # an empty document, e.g. a trailing `---`
+        if not isinstance(doc, dict):
+            raise _ParseError(f"document {i} is not a mapping (got {type(doc).__name__})")
+        kind = doc.get("kind")
+        if isinstance(kind, str) and kind.endswith("List") and "items" in doc:
+            items = doc["items"]
+            if not isinstance(items, list):
+                raise _ParseError(f"document {i}: {kind}.items is not a list")
+            # A typed list from the API (ServiceList) leaves kind out of its items.
+            item_kind = kind[: -len("List")] if kind != "List" else None
+            for j, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise _ParseError(f"document {i}: items[{j}] is not a mapping")
+                if item_kind and "kind" not in item:
+                    item = {"kind": item_kind, "apiVersion": doc.get("apiVersion"), **item}
+                out.append(item)
+        else:
+            out.append(doc)
+    return out
+
+
+def _translate() -> Any:
+    # Imported late: translate pulls in the whole model, and the source must be importable
+    # (for `kpr check-config`) even while translate is being worked on.
+    from .. import translate
+
+    return translate
+
+
+class FilesSource:
+    """Feeds a sink from the manifests in ``path``; see the module docstring."""
+
+    def __init__(self, path: Path, allocator: Allocator, poll_interval: float = 0.5):
+        self.path = Path(path)
+        self.allocator = allocator
+        self.poll_interval = poll_interval
+        self._sink: ObjectSink | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        # Serialises passes: tests may call scan_once while the thread runs.
+        self._lock = threading.Lock()
+        self._files: dict[str, _FileState] = {}
+        # ref -> files holding it, sorted; the first one wins.
+        self._holders: dict[ObjectRef, list[str]] = {}
+        # What the sink has been given.
+        self._sent: dict[ObjectRef, dict] = {}
+        # Problems found across files (duplicates, allocation): ref -> {file: reason}.
+        self._ref_errors: dict[ObjectRef, dict[str, str]] = {}
+        self._file_ref_errors: dict[str, dict[ObjectRef, str]] = {}
+        # Services whose allocation failed: tried again every pass, as whatever blocked
+        # them may have gone.
+        self._retry: set[ObjectRef] = set()
+        # origin -> reason as last reported to the sink.
+        self._reported: dict[str, str] = {}
+        self._synced = False
+        self._pruned = False
+        self.passes = 0
+
+    # --- Source --------------------------------------------------------------------------
+
+    def start(self, sink: ObjectSink) -> None:
+        if self._thread is not None:
+            raise RuntimeError("FilesSource already started")
+        self._sink = sink
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="kpr-files", daemon=True)
+        self._thread.start()
+        log.info("files.start path=%s poll_interval=%.2f", self.path, self.poll_interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            # A pass checks the stop flag between files, so this is short even mid-scan.
+            thread.join(timeout=0.9)
+            if thread.is_alive():
+                log.warning("files.stop thread still busy; leaving it (daemon)")
+        log.info("files.stop path=%s", self.path)
+
+    def scan_once(self, sink: ObjectSink | None = None) -> bool:
+        """One synchronous pass; returns whether anything was sent. The first pass sends the
+        whole state and then calls ``sink.synced()``."""
+        sink = sink or self._sink
+        if sink is None:
+            raise RuntimeError("scan_once needs a sink (or start() first)")
+        with self._lock:
+            return self._pass(sink)
+
+    # --- the pass ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._sink is not None
+        while not self._stop.is_set():
+            try:
+                self.scan_once(self._sink)
+            except Exception:
+                # Keep polling: the next pass may well succeed (a file being written, a
+                # sink hiccup); the traceback says what went wrong.
+                log.exception("files.scan_failed path=%s", self.path)
+            self._stop.wait(self.poll_interval)
+
+    def _list(self) -> tuple[dict[str, Signature], str]:
+        sigs: dict[str, Signature] = {}
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return sigs, "directory does not exist"
+        except NotADirectoryError:
+            return sigs, "not a directory"
+        except OSError as e:
+            return sigs, f"cannot list directory: {e.strerror}"
+        for entry in entries:
+            if _ignored(entry.name):
+                continue
+            try:
+                # Follows symlinks: a ConfigMap volume swaps its ..data link, which changes
+                # the inode seen through the file's own (unchanged) link.
+                st = entry.stat()
+            except OSError:
+                continue  # dangling symlink, or removed since the listing
+            if stat.S_ISREG(st.st_mode):
+                sigs[entry.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return sigs, ""
+
+    def _pass(self, sink: ObjectSink) -> bool:
+        started = time.perf_counter()
+        self.passes += 1
+        tr = _translate()
+        listing, dir_problem = self._list()
+        dir_origin = str(self.path)
+        if dir_problem:
+            # Keep what we have: a directory that vanished is far more likely a mount not
+            # there yet than a wish to delete every service.
+            self._report(sink, dir_origin, dir_problem)
+            self._finish_first_pass(sink, parse_ok=False)
+            return False
+        self._report(sink, dir_origin, "")
+
+        changed = sorted(n for n, sig in listing.items() if n not in self._files or self._files[n].sig != sig)
+        removed = sorted(n for n in self._files if n not in listing)
+        parsed: dict[str, _FileState] = {}
+        for name in changed:
+            if self._stop.is_set():
+                return False  # nothing committed yet; the state stays consistent
+            st = self._load_file(tr, name, listing[name], self._files.get(name))
+            if st is not None:
+                parsed[name] = st
+
+        dirty: set[ObjectRef] = set()
+        touched: set[str] = set(removed) | set(parsed)
+        for name in removed:
+            old = self._files.pop(name)
+            for ref in old.objects:
+                self._unhold(ref, name)
+            dirty.update(old.objects)
+            log.info("files.removed file=%s objects=%d", name, len(old.objects))
+        for name, st in parsed.items():
+            old = self._files.get(name)
+            old_objects = old.objects if old is not None else {}
+            for ref in old_objects.keys() - st.objects.keys():
+                self._unhold(ref, name)
+                dirty.add(ref)
+            for ref, obj in st.objects.items():
+                prev = old_objects.get(ref)
+                if prev is None:
+                    bisect.insort(self._holders.setdefault(ref, []), name)
+                    dirty.add(ref)
+                elif prev is not obj and prev != obj:
+                    dirty.add(ref)
+            self._files[name] = st
+            if not st.failed:
+                log.info("files.reload file=%s objects=%d errors=%d", name, len(st.objects), len(st.errors))
+        dirty |= self._retry
+
+        upserts, deletes = self._resolve(dirty, touched)
+        for name in sorted(touched):
+            self._report_file(sink, name)
+        if upserts or deletes:
+            sink.apply(list(upserts.values()), deletes)
+        self._finish_first_pass(sink, parse_ok=not any(st.failed for st in self._files.values()))
+        if self.allocator.dirty:
+            try:
+                self.allocator.save()
+            except OSError as e:
+                # Serving goes on; only stability across a restart is at risk.
+                log.error("files.allocations_not_saved path=%s error=%s", self.allocator.state_path, e)
+        if changed or removed or upserts or deletes:
+            log.info(
+                "files.scan files=%d changed=%d removed=%d upserts=%d deletes=%d ms=%.1f",
+                len(listing), len(changed), len(removed), len(upserts), len(deletes),
+                (time.perf_counter() - started) * 1000,
+            )
+        return bool(upserts or deletes)
+
+    def _finish_first_pass(self, sink: ObjectSink, parse_ok: bool) -> None:
+        if not self._synced:
+            self._synced = True
+            sink.synced()
+            log.info("files.synced objects=%d", len(self._sent))
+        if parse_ok and not self._pruned:
+            # Only now: allocations of services we have not seen yet must survive until
+            # every file has been read, or a restart would hand out their values again.
+            # A file that does not parse may name services, so wait until all do.
+            self._pruned = True
+            keep = {f"{ref[1]}/{ref[2]}" for ref in self._sent if ref[0] == "Service"}
+            for st in self._files.values():
+                keep |= st.service_keys
+            n = self.allocator.retain(keep)
+            if n:
+                log.info("files.allocations_released services=%d", n)
+            if self.allocator.dirty:
+                try:
+                    self.allocator.save()
+                except OSError as e:
+                    log.error("files.allocations_not_saved path=%s error=%s", self.allocator.state_path, e)
+
+    def _load_file(self, tr: Any, name: str, sig: Signature, old: _FileState | None) -> _FileState | None:
+        path = self.path / name
+        last_good = old.objects if old is not None else {}
+        keys = old.service_keys if old is not None else set()
+        try:
+            data = path.read_bytes()
+            after = os.stat(path)
+        except OSError as e:
+            return _FileState(sig, last_good, [f"cannot read: {e.strerror}"], True, keys, old.position if old else {})
+        if (after.st_mtime_ns, after.st_size, after.st_ino) != sig:
+            # Still being written: read it next pass rather than act on half a file.
+            log.debug("files.busy file=%s", name)
+            return None
+        try:
+            docs = parse_manifest(name, data)
+        except _ParseError as e:
+            log.warning("files.parse_failed file=%s reason=%s kept=%d", name, e, len(last_good))
+            return _FileState(sig, last_good, [str(e)], True, keys, old.position if old else {})
+
+        st = _FileState(sig)
+        for doc in docs:
+            meta = doc.get("metadata")
+            # The API server puts objects without a namespace into "default".
+            if isinstance(meta, dict) and not meta.get("namespace"):
+                meta["namespace"] = "default"
+            kind = doc.get("kind")
+            label = _describe(doc)
+            if kind == "Service" and isinstance(meta, dict) and isinstance(meta.get("name"), str):
+                st.service_keys.add(f"{meta['namespace']}/{meta['name']}")
+            if kind not in SUPPORTED_KINDS:
+                st.errors.append(f"{label}: kind {kind!r} is not supported (only {', '.join(SUPPORTED_KINDS)}); skipped")
+                continue
+            ref: ObjectRef | None = None
+            try:
+                ref = tr.object_ref(doc)
+                tr.validate_object(doc)
+            except (InvalidObject, ValueError, TypeError, KeyError, AttributeError) as e:
+                # validate_object names the object itself; other exceptions do not.
+                reason = str(e) if str(e).startswith(label) else f"{label}: {e}"
+                prev = last_good.get(ref) if ref is not None else None
+                if prev is not None and ref not in st.objects:
+                    st.objects[ref] = prev
+                    st.errors.append(f"{reason}; keeping its last good version")
+                else:
+                    st.errors.append(f"{reason}; skipped")
+                continue
+            if ref in st.objects:
+                st.errors.append(f"{label} appears twice in this file; the first is used")
+                continue
+            st.objects[ref] = doc
+        st.position = {ref: i for i, ref in enumerate(st.objects)}
+        return st
+
+    def _unhold(self, ref: ObjectRef, name: str) -> None:
+        holders = self._holders.get(ref)
+        if holders is None:
+            return
+        try:
+            holders.remove(name)
+        except ValueError:
+            pass
+        if not holders:
+            del self._holders[ref]
+
+    def _resolve(self, dirty: set[ObjectRef], touched: set[str]) -> tuple[dict[ObjectRef, dict], list[ObjectRef]]:
+        """Work out what each dirty ref now is and which changes the sink needs."""
+        upserts: dict[ObjectRef, dict] = {}
+        deletes: list[ObjectRef] = []
+
+        def order(ref: ObjectRef) -> tuple[int, str, int]:
+            holders = self._holders.get(ref)
+            if not holders:
+                return (0, "", 0)  # deletes first: they free allocations for the rest
+            return (1, holders[0], self._files[holders[0]].position.get(ref, 0))
+
+        queue = deque(sorted(dirty, key=order))
+        failed: list[ObjectRef] = []
+        progress_after_failure = False
+        retried = False
+        while queue or (failed and progress_after_failure and not retried):
+            if not queue:
+                # Something freed a value after a service was refused it (another service
+                # moved off it later in this pass): one more try, so no error flickers.
+                queue.extend(failed)
+                failed.clear()
+                retried = True
+            ref = queue.popleft()
+            holders = self._holders.get(ref) or []
+            errors = {
+                f: f"{_describe_ref(ref)} is also defined in {holders[0]}, which wins; ignored here"
+                for f in holders[1:]
+            }
+            if not holders:
+                self._set_ref_errors(ref, {}, touched)
+                self._retry.discard(ref)
+                if ref in self._sent:
+                    del self._sent[ref]
+                    upserts.pop(ref, None)
+                    deletes.append(ref)
+                if ref[0] == "Service":
+                    self.allocator.release(f"{ref[1]}/{ref[2]}")
+                    progress_after_failure = bool(failed)
+                continue
+            winner = holders[0]
+            obj = self._files[winner].objects[ref]
+            if ref[0] == "Service":
+                try:
+                    alloc = self.allocator.allocate(obj)
+                except AllocationError as e:
+                    kept = "; keeping its last good version" if ref in self._sent else "; not applied"
+                    errors[winner] = f"{_describe_ref(ref)}: {e}{kept}"
+                    self._set_ref_errors(ref, errors, touched)
+                    self._retry.add(ref)
+                    if ref not in failed:
+                        failed.append(ref)
+                    continue
+                progress_after_failure = progress_after_failure or bool(failed)
+                self._retry.discard(ref)
+                obj = alloc.obj
+                for key in sorted(alloc.displaced):
+                    ns, _, name = key.partition("/")
+                    moved = ("Service", ns, name)
+                    if moved in self._holders and moved not in queue:
+                        queue.append(moved)
+            self._set_ref_errors(ref, errors, touched)
+            if self._sent.get(ref) != obj:
+                self._sent[ref] = obj
+                upserts[ref] = obj
+                if ref in deletes:
+                    deletes.remove(ref)
+        return upserts, deletes
+
+    # --- errors --------------------------------------------------------------------------
+
+    def _set_ref_errors(self, ref: ObjectRef, errors: dict[str, str], touched: set[str]) -> None:
+        old = self._ref_errors.get(ref, {})
+        if old == errors:
+            return
+        for f in old:
+            self._file_ref_errors.get(f, {}).pop(ref, None)
+            touched.add(f)
+        for f, reason in errors.items():
+            self._file_ref_errors.setdefault(f, {})[ref] = reason
+            touched.add(f)
+        if errors:
+            self._ref_errors[ref] = errors
+        else:
+            self._ref_errors.pop(ref, None)
+
+    def _report_file(self, sink: ObjectSink, name: str) -> None:
+        st = self._files.get(name)
+        parts = list(st.errors) if st is not None else []
+        ref_errors = self._file_ref_errors.get(name, {})
+        parts += [ref_errors[r] for r in sorted(ref_errors)]
+        if not ref_errors:
+            self._file_ref_errors.pop(name, None)
+        self._report(sink, str(self.path / name), "; ".join(parts))
+
+    def _report(self, sink: ObjectSink, origin: str, reason: str) -> None:
+        if reason:
+            if self._reported.get(origin) != reason:
+                self._reported[origin] = reason
+                log.warning("files.error origin=%s reason=%s", origin, reason)
+                sink.report_error(origin, reason)
+        elif origin in self._reported:
+            del self._reported[origin]
+            log.info("files.error_cleared origin=%s", origin)
+            sink.clear_error(origin)

@@ -1,0 +1,1027 @@
+"""Kubernetes objects (plain dicts, as the API serves them) -> the service model.
+
+Sources hand raw Service, EndpointSlice, Endpoints and Pod objects here; plugins only ever
+see the `kpr.model.Service` this module builds. The rules follow kube-proxy (and Cilium
+where kube-proxy has no opinion, e.g. HostPort): see `translate_service` and
+`translate_pod`.
+
+Parsing and validation are one pass: each `_parse_*` function checks the fields it reads
+and returns what translation needs, so `validate_object` costs no more than the reading
+translation has to do anyway. IP text is parsed through a bounded cache because the same
+addresses come back on every update of a service.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from kpr.model import (
+    Backend,
+    BackendState,
+    Frontend,
+    FrontendType,
+    InvalidObject,
+    NodeInfo,
+    Protocol,
+    Service,
+    ServiceKey,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
+DEFAULT_AFFINITY_TIMEOUT = 10800
+MAX_AFFINITY_TIMEOUT = 86400
+# The pseudo-service a Pod's HostPorts live in is keyed "pod:<name>" so it can never
+# collide with a real Service of the same name.
+POD_KEY_PREFIX = "pod:"
+
+_API_VERSIONS = {
+    "Service": "v1",
+    "Endpoints": "v1",
+    "Pod": "v1",
+    "EndpointSlice": "discovery.k8s.io/v1",
+}
+_PROTOCOLS = {p.value: p for p in Protocol}
+_SERVICE_TYPES = frozenset({"ClusterIP", "NodePort", "LoadBalancer", "ExternalName"})
+_NODE_PORT_TYPES = frozenset({"NodePort", "LoadBalancer"})
+# "Global" is the pre-1.14 spelling of Cluster; old objects still carry it.
+_EXTERNAL_POLICIES = {"Cluster": False, "Global": False, "Local": True}
+_INTERNAL_POLICIES = {"Cluster": False, "Local": True}
+_AFFINITIES = frozenset({"None", "ClientIP"})
+_FAMILY_POLICIES = frozenset({"SingleStack", "PreferDualStack", "RequireDualStack"})
+_IP_FAMILIES = {"IPv4": 4, "IPv6": 6}
+_IP_MODES = frozenset({"VIP", "Proxy"})
+# 0 marks FQDN slices, which carry no addresses a datapath can use.
+_ADDRESS_TYPES = {"IPv4": 4, "IPv6": 6, "FQDN": 0}
+_FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+_TYPE_RANK = {t: i for i, t in enumerate(FrontendType)}
+
+# (canonical text, family 4|6, integer value): the integer gives a numeric sort order.
+_IP = tuple[str, int, int]
+# Big enough for every endpoint of a 10k-service cluster; bounded so churn cannot leak.
+_IP_CACHE_SIZE = 1 << 18
+
+
+# --- addresses -------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=_IP_CACHE_SIZE)
+def _parse_ip_text(text: str) -> _IP | None:
+    # Most addresses are canonical IPv4, which libc parses 2x faster than ipaddress does;
+    # the round trip through inet_ntop admits only text that is already canonical.
+    try:
+        packed = socket.inet_pton(socket.AF_INET, text)
+    except (OSError, ValueError):
+        pass
+    else:
+        if socket.inet_ntop(socket.AF_INET, packed) == text:
+            return text, 4, int.from_bytes(packed, "big")
+    # Zone ids ("fe80::1%eth0") are accepted by ipaddress but never valid in the API.
+    if "%" in text:
+        return None
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text)
+    except ValueError:
+        sloppy = _parse_sloppy_ipv4(text)
+        if sloppy is None:
+            return None
+        ip = sloppy
+    return ip.compressed, ip.version, int(ip)
+
+
+def _parse_sloppy_ipv4(text: str) -> ipaddress.IPv4Address | None:
+    """Dotted quads with leading zeros, read as decimal.
+
+    Objects created before Kubernetes 1.30 may hold such addresses; the API server and
+    kube-proxy (netutils.ParseIPSloppy) accept them, so rejecting them here would drop
+    services kube-proxy serves.
+    """
+    parts = text.split(".")
+    if len(parts) != 4:
+        return None
+    octets = []
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or len(part) > 3:
+            return None
+        octets.append(int(part))
+    if max(octets) > 255:
+        return None
+    return ipaddress.IPv4Address(bytes(octets))
+
+
+def _ip(value: object) -> _IP | None:
+    """Parse an IP address field; None when it is not a string holding one."""
+    if not isinstance(value, str):
+        return None
+    return _parse_ip_text(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cidr_text(text: str) -> tuple[str, int, int, int] | None:
+    """(normalised CIDR, family, network as int, prefix length) or None."""
+    text = text.strip()  # the API's validation lets whitespace padding through
+    # A bare address is not a CIDR for the API either (Go's ParseCIDR wants the prefix).
+    if "/" not in text or "%" in text:
+        return None
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+    return str(net), net.version, int(net.network_address), net.prefixlen
+
+
+@functools.lru_cache(maxsize=16)
+def _node_addresses(addresses: tuple[str, ...]) -> dict[int, tuple[_IP, ...]]:
+    """The node's addresses by family, parsed once per distinct NodeInfo.addresses."""
+    by_family: dict[int, list[_IP]] = {4: [], 6: []}
+    for text in addresses:
+        parsed = _ip(text)
+        if parsed is None:
+            log.warning("ignoring node address %r: not an IP address", text)
+        elif parsed not in by_family[parsed[1]]:
+            by_family[parsed[1]].append(parsed)
+    return {family: tuple(ips) for family, ips in by_family.items()}
+
+
+_LOOPBACK: dict[int, _IP] = {4: _parse_ip_text("127.0.0.1"), 6: _parse_ip_text("::1")}  # type: ignore[dict-item]
+
+
+def clear_caches() -> None:
+    """Forget parsed addresses (benchmarks use this to measure a cold start)."""
+    _parse_ip_text.cache_clear()
+    _parse_cidr_text.cache_clear()
+    _node_addresses.cache_clear()
+    _BACKENDS.clear()
+
+
+# --- object identity -------------------------------------------------------------------
+
+
+def object_ref(obj: dict) -> tuple[str, str, str]:
+    """(kind, namespace, name) of any object; never raises, so it can name broken ones."""
+    if not isinstance(obj, Mapping):
+        return "", "default", ""
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        meta = {}
+    kind = obj.get("kind")
+    namespace = meta.get("namespace")
+    name = meta.get("name")
+    return (
+        kind if isinstance(kind, str) else "",
+        namespace if isinstance(namespace, str) and namespace else "default",
+        name if isinstance(name, str) else "",
+    )
+
+
+def service_key_of(obj: dict) -> ServiceKey | None:
+    """The ServiceKey an object contributes to, or None when it belongs to no service."""
+    kind, namespace, name = object_ref(obj)
+    if not name:
+        return None
+    if kind in ("Service", "Endpoints"):
+        return ServiceKey(namespace, name)
+    if kind == "Pod":
+        return ServiceKey(namespace, POD_KEY_PREFIX + name)
+    if kind == "EndpointSlice":
+        labels = obj["metadata"].get("labels")
+        service = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, Mapping) else None
+        if isinstance(service, str) and service:
+            return ServiceKey(namespace, service)
+    return None
+
+
+# --- validation helpers ----------------------------------------------------------------
+
+
+def _fail(obj: Mapping[str, Any], reason: str) -> NoReturn:
+    kind, namespace, name = object_ref(obj)  # type: ignore[arg-type]
+    raise InvalidObject(f"{kind or 'object'} {namespace}/{name}: {reason}")
+
+
+def _dict(obj: dict, value: object, path: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _fail(obj, f"{path}: must be an object, got {type(value).__name__}")
+    return value
+
+
+def _list(obj: dict, value: object, path: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _fail(obj, f"{path}: must be a list, got {type(value).__name__}")
+    return value
+
+
+def _str(obj: dict, value: object, path: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        _fail(obj, f"{path}: must be a string, got {type(value).__name__}")
+    return value
+
+
+def _bool(obj: dict, value: object, path: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        _fail(obj, f"{path}: must be true or false, got {value!r}")
+    return value
+
+
+def _enum(obj: dict, value: object, allowed: Mapping[str, Any] | frozenset[str], path: str) -> str:
+    """A string from `allowed`; absent or empty gives ""."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or value not in allowed:
+        _fail(obj, f"{path}: {value!r} is not one of {', '.join(sorted(allowed))}")
+    return value
+
+
+def _port(obj: dict, value: object, path: str, optional: bool = False) -> int:
+    """A port number 1-65535; with optional, absent or 0 gives 0."""
+    if optional and (value is None or (type(value) is int and value == 0)):
+        return 0
+    # bool is an int subclass; `true` is no port.
+    if type(value) is not int or not 0 < value <= 65535:
+        _fail(obj, f"{path}: {value!r} is not a port number (1-65535)")
+    return value
+
+
+def _protocol(obj: dict, value: object, path: str) -> Protocol:
+    if value is None or value == "":
+        return Protocol.TCP
+    proto = _PROTOCOLS.get(value) if isinstance(value, str) else None
+    if proto is None:
+        _fail(obj, f"{path}: unknown protocol {value!r} (TCP, UDP or SCTP)")
+    return proto
+
+
+def _address(obj: dict, value: object, path: str) -> _IP:
+    parsed = _ip(value)
+    if parsed is None:
+        _fail(obj, f"{path}: {value!r} is not an IP address")
+    return parsed
+
+
+def _string_map(obj: dict, value: object, path: str) -> dict[str, str]:
+    mapping = _dict(obj, value, path)
+    for k, v in mapping.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            _fail(obj, f"{path}: {k!r}: keys and values must be strings")
+    return mapping
+
+
+def _check_common(obj: object) -> str:
+    """Check apiVersion, kind and metadata; return the kind."""
+    if not isinstance(obj, dict):
+        raise InvalidObject(f"object is not a mapping: {type(obj).__name__}")
+    kind = obj.get("kind")
+    if not kind:
+        _fail(obj, "kind missing")
+    if not isinstance(kind, str) or kind not in _API_VERSIONS:
+        raise InvalidObject(f"unsupported kind {kind}")
+    api_version = obj.get("apiVersion")
+    if not api_version:
+        _fail(obj, "apiVersion missing")
+    if api_version != _API_VERSIONS[kind]:
+        _fail(obj, f"apiVersion: {api_version!r} is not {_API_VERSIONS[kind]} for {kind}")
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        _fail(obj, "metadata missing")
+    name = meta.get("name")
+    if not name or not isinstance(name, str):
+        _fail(obj, "metadata.name missing")
+    _str(obj, meta.get("namespace"), "metadata.namespace")
+    _string_map(obj, meta.get("labels"), "metadata.labels")
+    _string_map(obj, meta.get("annotations"), "metadata.annotations")
+    return kind
+
+
+# --- Service ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ServicePort:
+    name: str
+    protocol: Protocol
+    port: int
+    node_port: int
+
+
+@dataclass(slots=True)
+class _ServiceSpec:
+    """What translation needs from a Service, already checked."""
+
+    type: str
+    cluster_ips: tuple[_IP, ...]  # empty for headless or not (yet) allocated
+    families: tuple[int, ...]
+    ports: tuple[_ServicePort, ...]
+    external_ips: tuple[_IP, ...]
+    lb_ips: tuple[_IP, ...]  # VIP-mode ingress IPs and spec.loadBalancerIP
+    source_ranges: tuple[str, ...]
+    external_local: bool
+    internal_local: bool
+    affinity_timeout: int
+    health_check_node_port: int
+    publish_not_ready: bool
+
+
+def _parse_service(obj: dict) -> _ServiceSpec:
+    spec = _dict(obj, obj.get("spec"), "spec")
+    get = spec.get
+    stype = _enum(obj, get("type"), _SERVICE_TYPES, "spec.type") or "ClusterIP"
+    cluster_ips = _parse_cluster_ips(obj, spec)
+    families = _parse_families(obj, spec, cluster_ips)
+    ports = tuple(_parse_service_port(obj, p, i) for i, p in enumerate(_list(obj, get("ports"), "spec.ports")))
+    # Most services set few of the fields below; absent ones are skipped without calls,
+    # which matters when a full sync parses every service of a large cluster.
+    external_ips: tuple[_IP, ...] = ()
+    if get("externalIPs") is not None:
+        external_ips = tuple(
+            _address(obj, text, f"spec.externalIPs[{i}]")
+            for i, text in enumerate(_list(obj, get("externalIPs"), "spec.externalIPs"))
+        )
+    lb_ips: tuple[_IP, ...] = ()
+    if get("loadBalancerIP") is not None or obj.get("status") is not None:
+        lb_ips = _parse_lb_ips(obj, spec, stype)
+    source_ranges: tuple[str, ...] = ()
+    if get("loadBalancerSourceRanges") is not None or SOURCE_RANGES_ANNOTATION in (
+        obj["metadata"].get("annotations") or ()
+    ):
+        source_ranges = _parse_source_ranges(obj, spec)
+    affinity_timeout = 0
+    if get("sessionAffinity") is not None or get("sessionAffinityConfig") is not None:
+        affinity_timeout = _parse_affinity(obj, spec)
+    external_policy = internal_policy = ""
+    if get("externalTrafficPolicy") is not None:
+        external_policy = _enum(obj, get("externalTrafficPolicy"), _EXTERNAL_POLICIES, "spec.externalTrafficPolicy")
+    if get("internalTrafficPolicy") is not None:
+        internal_policy = _enum(obj, get("internalTrafficPolicy"), _INTERNAL_POLICIES, "spec.internalTrafficPolicy")
+    if get("ipFamilyPolicy") is not None:
+        _enum(obj, get("ipFamilyPolicy"), _FAMILY_POLICIES, "spec.ipFamilyPolicy")
+    health_check = 0
+    if get("healthCheckNodePort") is not None:
+        health_check = _port(obj, get("healthCheckNodePort"), "spec.healthCheckNodePort", optional=True)
+    if get("allocateLoadBalancerNodePorts") is not None:
+        _bool(obj, get("allocateLoadBalancerNodePorts"), "spec.allocateLoadBalancerNodePorts")
+    publish = get("publishNotReadyAddresses")
+    if publish is not None:
+        _bool(obj, publish, "spec.publishNotReadyAddresses")
+    if get("externalName") is not None:
+        _str(obj, get("externalName"), "spec.externalName")
+
+    return _ServiceSpec(
+        type=stype,
+        cluster_ips=cluster_ips,
+        families=families,
+        ports=ports,
+        external_ips=external_ips,
+        lb_ips=lb_ips,
+        source_ranges=source_ranges,
+        external_local=_EXTERNAL_POLICIES.get(external_policy, False),
+        internal_local=_INTERNAL_POLICIES.get(internal_policy, False),
+        affinity_timeout=affinity_timeout,
+        health_check_node_port=health_check,
+        publish_not_ready=publish is True,
+    )
+
+
+def _parse_cluster_ips(obj: dict, spec: dict) -> tuple[_IP, ...]:
+    cluster_ip = _str(obj, spec.get("clusterIP"), "spec.clusterIP")
+    if cluster_ip not in ("", "None"):
+        _address(obj, cluster_ip, "spec.clusterIP")
+    texts = _list(obj, spec.get("clusterIPs"), "spec.clusterIPs")
+    if not texts:
+        texts = [cluster_ip] if cluster_ip else []
+    elif cluster_ip and texts[0] != cluster_ip:
+        _fail(obj, f"spec.clusterIP: {cluster_ip!r} differs from spec.clusterIPs[0] {texts[0]!r}")
+    if texts == ["None"]:
+        return ()
+    ips: list[_IP] = []
+    for i, text in enumerate(texts):
+        if text == "None":
+            _fail(obj, f"spec.clusterIPs[{i}]: 'None' must be the only entry")
+        ips.append(_address(obj, text, f"spec.clusterIPs[{i}]"))
+    if len(ips) > 2 or (len(ips) == 2 and ips[0][1] == ips[1][1]):
+        _fail(obj, "spec.clusterIPs: at most one address per IP family")
+    return tuple(ips)
+
+
+def _parse_families(obj: dict, spec: dict, cluster_ips: tuple[_IP, ...]) -> tuple[int, ...]:
+    families: list[int] = []
+    for i, name in enumerate(_list(obj, spec.get("ipFamilies"), "spec.ipFamilies")):
+        family = _IP_FAMILIES.get(name) if isinstance(name, str) else None
+        if family is None:
+            _fail(obj, f"spec.ipFamilies[{i}]: {name!r} is not IPv4 or IPv6")
+        if family in families:
+            _fail(obj, f"spec.ipFamilies[{i}]: {name} listed twice")
+        families.append(family)
+    if not families:
+        return tuple(ip[1] for ip in cluster_ips)
+    for i, ip in enumerate(cluster_ips):
+        if ip[1] not in families:
+            _fail(obj, f"spec.clusterIPs[{i}]: {ip[0]} is not of a family in spec.ipFamilies")
+    return tuple(families)
+
+
+def _parse_service_port(obj: dict, port: object, i: int) -> _ServicePort:
+    path = f"spec.ports[{i}]"
+    port = _dict(obj, port, path)
+    target = port.get("targetPort")
+    if isinstance(target, str):
+        if not target:
+            _fail(obj, f"{path}.targetPort: empty port name")
+    elif target is not None:
+        _port(obj, target, f"{path}.targetPort")
+    return _ServicePort(
+        name=_str(obj, port.get("name"), f"{path}.name"),
+        protocol=_protocol(obj, port.get("protocol"), f"{path}.protocol"),
+        port=_port(obj, port.get("port"), f"{path}.port"),
+        node_port=_port(obj, port.get("nodePort"), f"{path}.nodePort", optional=True),
+    )
+
+
+def _parse_lb_ips(obj: dict, spec: dict, stype: str) -> tuple[_IP, ...]:
+    ips: list[_IP] = []
+    status = _dict(obj, obj.get("status"), "status")
+    balancer = _dict(obj, status.get("loadBalancer"), "status.loadBalancer")
+    for i, ingress in enumerate(_list(obj, balancer.get("ingress"), "status.loadBalancer.ingress")):
+        path = f"status.loadBalancer.ingress[{i}]"
+        ingress = _dict(obj, ingress, path)
+        _str(obj, ingress.get("hostname"), f"{path}.hostname")
+        mode = _enum(obj, ingress.get("ipMode"), _IP_MODES, f"{path}.ipMode")
+        text = _str(obj, ingress.get("ip"), f"{path}.ip")
+        if not text:
+            continue  # hostname-only: the balancer proxies, nothing for the node to do
+        ip = _address(obj, text, f"{path}.ip")
+        # KEP-1860: a Proxy-mode balancer rewrites the destination itself, so its IP must
+        # not be captured on the node (that would bypass the balancer's own features).
+        if mode != "Proxy":
+            ips.append(ip)
+    requested = _str(obj, spec.get("loadBalancerIP"), "spec.loadBalancerIP")
+    if requested:
+        ips.append(_address(obj, requested, "spec.loadBalancerIP"))
+    # A stale status after a type change must not keep a VIP alive.
+    return tuple(ips) if stype == "LoadBalancer" else ()
+
+
+def _parse_source_ranges(obj: dict, spec: dict) -> tuple[str, ...]:
+    ranges = _list(obj, spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
+    paths = [f"spec.loadBalancerSourceRanges[{i}]" for i in range(len(ranges))]
+    annotations = obj["metadata"].get("annotations") or {}
+    annotation = annotations.get(SOURCE_RANGES_ANNOTATION)
+    # As in the API (service.GetLoadBalancerSourceRanges), the field wins over the annotation.
+    if not ranges and annotation:
+        ranges = [part for part in annotation.split(",") if part.strip()]
+        paths = [f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"] * len(ranges)
+    parsed = set()
+    for text, path in zip(ranges, paths):
+        cidr = _parse_cidr_text(text) if isinstance(text, str) else None
+        if cidr is None:
+            _fail(obj, f"{path}: {text!r} is not a CIDR")
+        parsed.add(cidr)
+    return tuple(c[0] for c in sorted(parsed, key=lambda c: c[1:]))
+
+
+def _parse_affinity(obj: dict, spec: dict) -> int:
+    affinity = _enum(obj, spec.get("sessionAffinity"), _AFFINITIES, "spec.sessionAffinity")
+    config = _dict(obj, spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
+    client_ip = _dict(obj, config.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
+    timeout = client_ip.get("timeoutSeconds")
+    if timeout is not None and (type(timeout) is not int or not 0 < timeout <= MAX_AFFINITY_TIMEOUT):
+        _fail(
+            obj,
+            f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {timeout!r} is not 1-{MAX_AFFINITY_TIMEOUT}",
+        )
+    if affinity != "ClientIP":
+        return 0
+    return timeout or DEFAULT_AFFINITY_TIMEOUT
+
+
+# --- EndpointSlice and Endpoints -------------------------------------------------------
+
+# (address, state, node name, zone) of one usable endpoint.
+_Endpoint = tuple[_IP, BackendState, str, str]
+# (port name, protocol, port number or 0 when the slice does not restrict ports)
+_EndpointPort = tuple[str, Protocol, int]
+
+
+@dataclass(slots=True)
+class _Slice:
+    family: int  # 0 for FQDN
+    ports: list[_EndpointPort]
+    # Endpoint conditions before the service's publishNotReadyAddresses is applied:
+    # (address, ready, serving, terminating, node name, zone).
+    endpoints: list[tuple[_IP, bool, bool, bool, str, str]]
+
+
+def _parse_slice(obj: dict) -> _Slice:
+    address_type = obj.get("addressType")
+    family = _ADDRESS_TYPES.get(address_type) if isinstance(address_type, str) else None
+    if family is None:
+        _fail(obj, f"addressType: {address_type!r} is not one of IPv4, IPv6, FQDN")
+    ports: list[_EndpointPort] = []
+    for i, port in enumerate(_list(obj, obj.get("ports"), "ports")):
+        port = _dict(obj, port, f"ports[{i}]")
+        ports.append(
+            (
+                _str(obj, port.get("name"), f"ports[{i}].name"),
+                _protocol(obj, port.get("protocol"), f"ports[{i}].protocol"),
+                _port(obj, port.get("port"), f"ports[{i}].port", optional=True),
+            )
+        )
+    return _Slice(family, ports, _parse_slice_endpoints(obj, family))
+
+
+def _parse_slice_endpoints(obj: dict, family: int) -> list[tuple[_IP, bool, bool, bool, str, str]]:
+    # The hot loop of a full sync (every endpoint of every slice): checks are inline and
+    # cheap; on any doubt _endpoint_error re-examines the endpoint and names the field.
+    raw = _list(obj, obj.get("endpoints"), "endpoints")
+    out = []
+    append = out.append
+    parse_ip = _parse_ip_text
+    for i, endpoint in enumerate(raw):
+        if not isinstance(endpoint, dict):
+            _endpoint_error(obj, endpoint, i, family)
+        addresses = endpoint.get("addresses")
+        if not isinstance(addresses, list) or not addresses:
+            _endpoint_error(obj, endpoint, i, family)
+        if family:
+            text = addresses[0]
+            first = parse_ip(text) if isinstance(text, str) else None
+            if first is None or first[1] != family:
+                _endpoint_error(obj, endpoint, i, family)
+            if len(addresses) > 1:
+                _check_addresses(obj, addresses, i, family)
+        else:
+            first = _NO_IP
+        conditions = endpoint.get("conditions")
+        if conditions:
+            if not isinstance(conditions, dict):
+                _endpoint_error(obj, endpoint, i, family)
+            r = conditions.get("ready")
+            s = conditions.get("serving")
+            t = conditions.get("terminating")
+            if (r is not None and r.__class__ is not bool) or (s is not None and s.__class__ is not bool) or (
+                t is not None and t.__class__ is not bool
+            ):
+                _endpoint_error(obj, endpoint, i, family)
+            # nil ready means ready; nil serving defers to ready; nil terminating means not.
+            ready = r is not False
+            serving = ready if s is None else s
+            terminating = t is True
+        elif conditions is None or conditions == {}:
+            ready = serving = True
+            terminating = False
+        else:
+            _endpoint_error(obj, endpoint, i, family)
+        node_name = endpoint.get("nodeName") or ""
+        zone = endpoint.get("zone") or ""
+        if node_name.__class__ is not str or zone.__class__ is not str:
+            _endpoint_error(obj, endpoint, i, family)
+        append((first, ready, serving, terminating, node_name, zone))
+    return out
+
+
+_NO_IP: _IP = ("", 0, 0)
+
+
+def _check_addresses(obj: dict, addresses: list, i: int, family: int) -> None:
+    for j, text in enumerate(addresses):
+        parsed = _ip(text)
+        if parsed is None or parsed[1] != family:
+            _fail(obj, f"endpoints[{i}].addresses[{j}]: {text!r} is not an IPv{family} address")
+
+
+def _endpoint_error(obj: dict, endpoint: object, i: int, family: int) -> NoReturn:
+    """Raise the precise error for an endpoint the fast path found wrong."""
+    path = f"endpoints[{i}]"
+    if not isinstance(endpoint, dict):
+        _fail(obj, f"{path}: must be an object")
+    addresses = endpoint.get("addresses")
+    if not isinstance(addresses, list) or not addresses:
+        _fail(obj, f"{path}.addresses: must be a non-empty list")
+    if family:
+        _check_addresses(obj, addresses, i, family)
+    conditions = _dict(obj, endpoint.get("conditions"), f"{path}.conditions")
+    for name in ("ready", "serving", "terminating"):
+        _bool(obj, conditions.get(name), f"{path}.conditions.{name}")
+    _str(obj, endpoint.get("nodeName"), f"{path}.nodeName")
+    _str(obj, endpoint.get("zone"), f"{path}.zone")
+    _fail(obj, f"{path}: invalid")  # unreachable unless the fast path and this disagree
+
+
+@dataclass(slots=True)
+class _Subset:
+    ready: list[tuple[_IP, str]]  # (address, node name)
+    not_ready: list[tuple[_IP, str]]
+    ports: list[_EndpointPort]
+
+
+def _parse_endpoints(obj: dict) -> list[_Subset]:
+    subsets = []
+    for i, subset in enumerate(_list(obj, obj.get("subsets"), "subsets")):
+        path = f"subsets[{i}]"
+        subset = _dict(obj, subset, path)
+        ports: list[_EndpointPort] = []
+        for j, port in enumerate(_list(obj, subset.get("ports"), f"{path}.ports")):
+            port = _dict(obj, port, f"{path}.ports[{j}]")
+            ports.append(
+                (
+                    _str(obj, port.get("name"), f"{path}.ports[{j}].name"),
+                    _protocol(obj, port.get("protocol"), f"{path}.ports[{j}].protocol"),
+                    _port(obj, port.get("port"), f"{path}.ports[{j}].port"),
+                )
+            )
+        subsets.append(
+            _Subset(
+                ready=_parse_endpoint_addresses(obj, subset, "addresses", path),
+                not_ready=_parse_endpoint_addresses(obj, subset, "notReadyAddresses", path),
+                ports=ports,
+            )
+        )
+    return subsets
+
+
+def _parse_endpoint_addresses(obj: dict, subset: dict, field: str, path: str) -> list[tuple[_IP, str]]:
+    out = []
+    for i, address in enumerate(_list(obj, subset.get(field), f"{path}.{field}")):
+        address = _dict(obj, address, f"{path}.{field}[{i}]")
+        ip = _address(obj, address.get("ip"), f"{path}.{field}[{i}].ip")
+        out.append((ip, _str(obj, address.get("nodeName"), f"{path}.{field}[{i}].nodeName")))
+    return out
+
+
+# --- Pod -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _HostPort:
+    name: str
+    protocol: Protocol
+    container_port: int
+    host_port: int
+    host_ip: _IP | None  # None binds every node address
+
+
+@dataclass(slots=True)
+class _Pod:
+    node_name: str
+    host_network: bool
+    phase: str
+    pod_ips: dict[int, _IP]  # the first pod IP of each family
+    host_ports: list[_HostPort]
+
+
+def _parse_pod(obj: dict) -> _Pod:
+    spec = _dict(obj, obj.get("spec"), "spec")
+    status = _dict(obj, obj.get("status"), "status")
+    host_ports = _container_host_ports(obj, spec, "containers", sidecars_only=False)
+    host_ports += _container_host_ports(obj, spec, "initContainers", sidecars_only=True)
+
+    pod_ips: dict[int, _IP] = {}
+    for i, entry in enumerate(_list(obj, status.get("podIPs"), "status.podIPs")):
+        ip = _address(obj, _dict(obj, entry, f"status.podIPs[{i}]").get("ip"), f"status.podIPs[{i}].ip")
+        pod_ips.setdefault(ip[1], ip)
+    primary = _str(obj, status.get("podIP"), "status.podIP")
+    if primary:
+        ip = _address(obj, primary, "status.podIP")
+        pod_ips.setdefault(ip[1], ip)
+    host_ip = _str(obj, status.get("hostIP"), "status.hostIP")
+    if host_ip:
+        _address(obj, host_ip, "status.hostIP")
+
+    return _Pod(
+        node_name=_str(obj, spec.get("nodeName"), "spec.nodeName"),
+        host_network=bool(_bool(obj, spec.get("hostNetwork"), "spec.hostNetwork")),
+        phase=_str(obj, status.get("phase"), "status.phase"),
+        pod_ips=pod_ips,
+        host_ports=host_ports,
+    )
+
+
+def _container_host_ports(obj: dict, spec: dict, field: str, sidecars_only: bool) -> list[_HostPort]:
+    out = []
+    for i, container in enumerate(_list(obj, spec.get(field), f"spec.{field}")):
+        path = f"spec.{field}[{i}]"
+        container = _dict(obj, container, path)
+        # Of init containers only sidecars (restartPolicy Always) keep running and serving.
+        serving = not sidecars_only or container.get("restartPolicy") == "Always"
+        for j, port in enumerate(_list(obj, container.get("ports"), f"{path}.ports")):
+            parsed = _parse_container_port(obj, port, f"{path}.ports[{j}]")
+            if parsed is not None and serving:
+                out.append(parsed)
+    return out
+
+
+def _parse_container_port(obj: dict, port: object, path: str) -> _HostPort | None:
+    port = _dict(obj, port, path)
+    container_port = _port(obj, port.get("containerPort"), f"{path}.containerPort")
+    host_port = _port(obj, port.get("hostPort"), f"{path}.hostPort", optional=True)
+    protocol = _protocol(obj, port.get("protocol"), f"{path}.protocol")
+    name = _str(obj, port.get("name"), f"{path}.name")
+    host_ip_text = _str(obj, port.get("hostIP"), f"{path}.hostIP")
+    host_ip = _address(obj, host_ip_text, f"{path}.hostIP") if host_ip_text else None
+    if not host_port:
+        return None
+    if host_ip is not None and host_ip[2] == 0:  # 0.0.0.0 or ::, i.e. unset
+        host_ip = None
+    return _HostPort(name, protocol, container_port, host_port, host_ip)
+
+
+# --- validation entry point ------------------------------------------------------------
+
+_PARSERS = {
+    "Service": _parse_service,
+    "EndpointSlice": _parse_slice,
+    "Endpoints": _parse_endpoints,
+    "Pod": _parse_pod,
+}
+
+
+def validate_object(obj: dict) -> None:
+    """Raise InvalidObject("<kind> <ns>/<name>: <field>: <reason>") for an unusable object."""
+    _PARSERS[_check_common(obj)](obj)
+
+
+# --- translation -----------------------------------------------------------------------
+
+
+def _served_by(labels: Mapping[str, str], proxy_name: str) -> bool:
+    # kube-proxy's selector: no proxy name -> services without the label; else label == name.
+    if proxy_name:
+        return labels.get(SERVICE_PROXY_NAME_LABEL) == proxy_name
+    return SERVICE_PROXY_NAME_LABEL not in labels
+
+
+def _sorted_items(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(mapping.items())) if mapping else ()
+
+
+# Backends being collected for one (port name, protocol, family), keyed by (address as
+# int, port) so duplicates across slices collapse.
+_BackendGroup = dict[tuple[int, int], Backend]
+_GroupKey = tuple[str, Protocol, int]
+
+
+def _offer(group: _BackendGroup, backend: Backend, ip: _IP) -> None:
+    """Add a backend, keeping the better of duplicates so slice order does not matter."""
+    key = (ip[2], backend.port)
+    current = group.get(key)
+    if current is None or _better(backend, current):
+        group[key] = backend
+
+
+def _better(new: Backend, old: Backend) -> bool:
+    # Ready beats terminating, local beats remote (as kube-proxy); then a fixed tie-break.
+    new_rank = (new.state is BackendState.ACTIVE, new.local)
+    old_rank = (old.state is BackendState.ACTIVE, old.local)
+    if new_rank != old_rank:
+        return new_rank > old_rank
+    return (new.node_name, new.zone) < (old.node_name, old.zone)
+
+
+# Backends are immutable, so equal ones can be shared. Interning them lets a resync (which
+# re-translates services whose endpoints mostly did not change) skip building them again;
+# a plain dict keyed by fields is cheaper to probe than lru_cache. Cleared when full.
+_BACKENDS: dict[tuple[str, int, bool, str, bool, str], Backend] = {}
+_BACKENDS_MAX = _IP_CACHE_SIZE
+
+
+def _new_backend(key: tuple[str, int, bool, str, bool, str]) -> Backend:
+    if len(_BACKENDS) >= _BACKENDS_MAX:
+        _BACKENDS.clear()
+    address, port, active, node_name, local, zone = key
+    state = BackendState.ACTIVE if active else BackendState.TERMINATING
+    backend = _BACKENDS[key] = Backend(address, port, state, node_name, local, zone)
+    return backend
+
+
+def _slice_backends(groups: dict[_GroupKey, _BackendGroup], parsed: _Slice, publish: bool, node_name: str) -> None:
+    interned = _BACKENDS.get
+    for name, protocol, number in parsed.ports:
+        if not number:
+            continue  # a port-less slice port means "all ports": unusable for a service port
+        group = groups.setdefault((name, protocol, parsed.family), {})
+        for ip, ready, serving, terminating, ep_node, zone in parsed.endpoints:
+            if ready or publish:
+                active = True
+            elif serving and terminating:
+                active = False
+            else:
+                continue
+            key = (ip[0], number, active, ep_node, ep_node == node_name and ep_node != "", zone)
+            backend = interned(key) or _new_backend(key)
+            slot = (ip[2], number)
+            current = group.get(slot)
+            if current is None or (current is not backend and _better(backend, current)):
+                group[slot] = backend
+
+
+def _endpoints_backends(
+    groups: dict[_GroupKey, _BackendGroup], subsets: list[_Subset], publish: bool, node_name: str
+) -> None:
+    for subset in subsets:
+        addresses = subset.ready + subset.not_ready if publish else subset.ready
+        for name, protocol, number in subset.ports:
+            for ip, ep_node in addresses:
+                group = groups.setdefault((name, protocol, ip[1]), {})
+                key = (ip[0], number, True, ep_node, ep_node == node_name and ep_node != "", "")
+                _offer(group, _BACKENDS.get(key) or _new_backend(key), ip)
+
+
+def _belongs(obj: dict, key: ServiceKey) -> bool:
+    """Whether a checked EndpointSlice or Endpoints object is the given service's."""
+    meta = obj["metadata"]
+    if (meta.get("namespace") or "default") != key.namespace:
+        return False
+    if obj["kind"] == "Endpoints":
+        return meta["name"] == key.name
+    return (meta.get("labels") or {}).get(SERVICE_NAME_LABEL) == key.name
+
+
+def _collect_backends(
+    key: ServiceKey,
+    spec: _ServiceSpec,
+    slices: list[dict],
+    endpoints: dict | None,
+    node: NodeInfo,
+) -> dict[_GroupKey, tuple[Backend, ...]]:
+    groups: dict[_GroupKey, _BackendGroup] = {}
+    have_slices = False
+    for obj in slices:
+        if _check_common(obj) != "EndpointSlice":
+            _fail(obj, "expected an EndpointSlice")
+        parsed = _parse_slice(obj)
+        if not _belongs(obj, key):
+            log.debug("ignoring EndpointSlice %s/%s: not of service %s", *object_ref(obj)[1:], key)
+            continue
+        have_slices = True
+        if parsed.family:
+            _slice_backends(groups, parsed, spec.publish_not_ready, node.name)
+    # Legacy Endpoints only for clusters (or mirrors) without EndpointSlices for this service.
+    if not have_slices and endpoints is not None:
+        if _check_common(endpoints) != "Endpoints":
+            _fail(endpoints, "expected an Endpoints object")
+        subsets = _parse_endpoints(endpoints)
+        if _belongs(endpoints, key):
+            _endpoints_backends(groups, subsets, spec.publish_not_ready, node.name)
+    return {gk: tuple(b for _, b in sorted(group.items())) for gk, group in groups.items()}
+
+
+class _FrontendSet:
+    """Frontends of one service, deduplicated on (type, address, port, protocol)."""
+
+    __slots__ = ("items", "affinity")
+
+    def __init__(self, affinity: int) -> None:
+        self.items: dict[tuple[int, int, int, int, str], Frontend] = {}
+        self.affinity = affinity
+
+    def add(
+        self,
+        ftype: FrontendType,
+        ip: _IP,
+        port: int,
+        protocol: Protocol,
+        port_name: str,
+        backends: tuple[Backend, ...],
+        **options: Any,
+    ) -> None:
+        key = (_TYPE_RANK[ftype], ip[1], ip[2], port, protocol.value)
+        if key in self.items:
+            return
+        self.items[key] = Frontend(
+            type=ftype,
+            address=ip[0],
+            port=port,
+            protocol=protocol,
+            backends=backends,
+            port_name=port_name,
+            affinity_timeout=self.affinity,
+            **options,
+        )
+
+    def sorted(self) -> tuple[Frontend, ...]:
+        return tuple(f for _, f in sorted(self.items.items()))
+
+
+def _service_frontends(
+    spec: _ServiceSpec, backends: dict[_GroupKey, tuple[Backend, ...]], node: NodeInfo
+) -> tuple[Frontend, ...]:
+    out = _FrontendSet(spec.affinity_timeout)
+    families = spec.families
+    node_addresses = _node_addresses(tuple(node.addresses))
+    # kube-proxy runs one proxier per family and each only takes the service's addresses of
+    # its own family, so addresses of a family the service lacks are dropped.
+    external_ips = [ip for ip in spec.external_ips if ip[1] in families]
+    lb_ips = [ip for ip in spec.lb_ips if ip[1] in families]
+    external = {"external_local": spec.external_local}
+    # The health check port only means something when external traffic stays local.
+    checked = {**external, "health_check_node_port": spec.health_check_node_port if spec.external_local else 0}
+    # All ranges go on every LB frontend (not only those of its family): a v6 VIP of a
+    # service that lists only v4 ranges then admits no v6 client instead of all of them.
+    balanced = {**checked, "source_ranges": spec.source_ranges}
+    for sp in spec.ports:
+        name, protocol, port = sp.name, sp.protocol, sp.port
+        by_family = {family: backends.get((name, protocol, family), ()) for family in (4, 6)}
+        for ip in spec.cluster_ips:
+            out.add(
+                FrontendType.CLUSTER_IP, ip, port, protocol, name, by_family[ip[1]], internal_local=spec.internal_local
+            )
+        if sp.node_port and spec.type in _NODE_PORT_TYPES:
+            for family in families:
+                for ip in (*node_addresses[family], _LOOPBACK[family]):
+                    out.add(FrontendType.NODE_PORT, ip, sp.node_port, protocol, name, by_family[family], **checked)
+        for ip in lb_ips:
+            out.add(FrontendType.LOAD_BALANCER, ip, port, protocol, name, by_family[ip[1]], **balanced)
+        for ip in external_ips:
+            out.add(FrontendType.EXTERNAL_IP, ip, port, protocol, name, by_family[ip[1]], **external)
+    return out.sorted()
+
+
+def translate_service(
+    svc: dict,
+    slices: list[dict],
+    endpoints: dict | None,
+    node: NodeInfo,
+    proxy_name: str = "",
+) -> Service | None:
+    """The model of one Service on `node`, or None when it gets no data path here.
+
+    None for: a service-proxy-name label that is not ours, ExternalName, headless
+    (clusterIP None) or not yet allocated (clusterIP "") services - kube-proxy skips those
+    entirely, external addresses included - and services that end up with no frontend.
+    `slices` are the service's EndpointSlices (others are ignored); `endpoints` its legacy
+    Endpoints, used only when no slice is given. Raises InvalidObject for invalid input.
+    """
+    if _check_common(svc) != "Service":
+        _fail(svc, "expected a Service")
+    spec = _parse_service(svc)
+    meta = svc["metadata"]
+    labels = meta.get("labels") or {}
+    if not _served_by(labels, proxy_name):
+        return None
+    if spec.type == "ExternalName" or not spec.cluster_ips:
+        return None
+    key = ServiceKey(meta.get("namespace") or "default", meta["name"])
+    backends = _collect_backends(key, spec, slices, endpoints, node)
+    frontends = _service_frontends(spec, backends, node)
+    if not frontends:
+        return None
+    return Service(
+        key=key,
+        frontends=frontends,
+        labels=_sorted_items(labels),
+        annotations=_sorted_items(meta.get("annotations")),
+        source_kind="Service",
+    )
+
+
+def translate_pod(pod: dict, node: NodeInfo) -> Service | None:
+    """The HostPort pseudo-service of a Pod running on `node`, or None when it has none.
+
+    Each container port with a hostPort is reachable on its hostIP, or when unset on every
+    node address of each pod IP's family, and goes to podIP:containerPort.
+    Host-network pods are skipped: their hostPort is the process's own socket on the node.
+    """
+    if _check_common(pod) != "Pod":
+        _fail(pod, "expected a Pod")
+    parsed = _parse_pod(pod)
+    if parsed.node_name and parsed.node_name != node.name:
+        return None
+    if parsed.phase in _FINISHED_PHASES or parsed.host_network or not parsed.pod_ips:
+        return None
+    out = _FrontendSet(0)
+    node_addresses = _node_addresses(tuple(node.addresses))
+    for hp in parsed.host_ports:
+        if hp.host_ip is not None:
+            targets = [(hp.host_ip, parsed.pod_ips.get(hp.host_ip[1]))]
+        else:
+            targets = [(ip, pod_ip) for family, pod_ip in parsed.pod_ips.items() for ip in node_addresses[family]]
+        for ip, pod_ip in targets:
+            if pod_ip is None:
+                continue  # a hostIP of a family the pod has no address in
+            backend = Backend(pod_ip[0], hp.container_port, BackendState.ACTIVE, node.name, True)
+            out.add(FrontendType.HOST_PORT, ip, hp.host_port, hp.protocol, hp.name, (backend,))
+    frontends = out.sorted()
+    if not frontends:
+        return None
+    meta = pod["metadata"]
+    return Service(
+        key=ServiceKey(meta.get("namespace") or "default", POD_KEY_PREFIX + meta["name"]),
+        frontends=frontends,
+        labels=_sorted_items(meta.get("labels")),
+        annotations=_sorted_items(meta.get("annotations")),
+        source_kind="Pod",
+    )

@@ -1,0 +1,265 @@
+"""The agent end to end: files source -> store -> bus -> plugins, the CLI over the local API,
+metrics, and bounded shutdown on SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kpr import hookimpl
+from kpr.config import parse_config
+from kpr.daemon import Agent
+from kpr.model import PluginStatus
+
+WEB = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.5]
+    nodeName: node1
+  - addresses: [10.244.2.7]
+    nodeName: node2
+    conditions: {ready: false, serving: true, terminating: true}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp: Path, manifests: Path, extra: str = "") -> Path:
+    cfg = tmp / "kpr.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            node: {{name: node1, addresses: [192.168.50.10], devices: [lo]}}
+            source: {{kind: files, path: {manifests}, statePath: {tmp}/alloc.json, pollInterval: 0.05}}
+            service: {{clusterCIDR: [10.96.0.0/16]}}
+            api: {{socket: {tmp}/kpr.sock}}
+            metrics: {{address: "127.0.0.1:{free_port()}"}}
+            agent: {{stateDir: {tmp}/state, shutdownTimeout: 3}}
+            """
+        )
+        + extra
+    )
+    return cfg
+
+
+class Recorder:
+    """An internal plugin that records every hook call, in order."""
+
+    def __init__(self, fail_on: str = ""):
+        self.calls: list[tuple[str, object]] = []
+        self.fail_on = fail_on
+
+    @hookimpl
+    def kpr_configure(self, config, context):
+        self.calls.append(("kpr_configure", context.name))
+
+    @hookimpl
+    def kpr_start(self, context):
+        self.calls.append(("kpr_start", context.node.name))
+
+    @hookimpl
+    def kpr_service_upsert(self, service):
+        if self.fail_on and str(service.key) == self.fail_on:
+            raise RuntimeError("injected failure")
+        self.calls.append(("kpr_service_upsert", service))
+
+    @hookimpl
+    def kpr_service_delete(self, key):
+        self.calls.append(("kpr_service_delete", str(key)))
+
+    @hookimpl
+    def kpr_sync_complete(self):
+        self.calls.append(("kpr_sync_complete", None))
+
+    @hookimpl
+    def kpr_status(self):
+        return PluginStatus(healthy=True, message="recording", counters={"calls": len(self.calls)})
+
+    @hookimpl
+    def kpr_stop(self, context):
+        self.calls.append(("kpr_stop", None))
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_agent_in_process(agent: Agent):
+    agent.setup()
+    return agent
+
+
+def test_hooks_arrive_in_lifecycle_order_and_follow_file_changes(tmp_path):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(WEB)
+    cfg = parse_config(write_config(tmp_path, manifests).read_text())
+    rec, bad = Recorder(), Recorder(fail_on="default/web")
+    agent = Agent(cfg, internal_plugins={"rec": rec, "bad": bad})
+    agent.setup()
+    try:
+        wait_for(lambda: "kpr_sync_complete" in rec.names(), what="sync complete")
+        names = rec.names()
+        assert names[:2] == ["kpr_configure", "kpr_start"]
+        assert names.index("kpr_service_upsert") < names.index("kpr_sync_complete")
+        web = [c[1] for c in rec.calls if c[0] == "kpr_service_upsert"][-1]
+        assert [(f.type.value, f.address, f.port) for f in web.frontends] == [("ClusterIP", "10.96.0.10", 80)]
+        assert [(b.address, b.port, b.state.value, b.local) for b in web.frontends[0].backends] == [
+            ("10.244.1.5", 8080, "active", True),
+            ("10.244.2.7", 8080, "terminating", False),
+        ]
+        # A failing plugin does not hold up the recorder, and shows in status.
+        wait_for(lambda: agent.plugin_statuses()["bad"]["bus"]["errors"] >= 1, what="bad plugin error")
+        st = agent.status()
+        assert st["plugins"]["bad"]["healthy"] is False
+        assert "injected failure" in st["plugins"]["bad"]["bus"]["failing"]["default/web"]
+        assert st["plugins"]["rec"]["healthy"] is True and st["plugins"]["rec"]["counters"]["calls"] >= 3
+
+        # Live change: the slice loses its terminating endpoint; then the file goes.
+        (manifests / "web.yaml").write_text(WEB.split("  - addresses: [10.244.2.7]")[0])
+        wait_for(lambda: len(rec.calls[-1][1].frontends[0].backends) == 1 if rec.calls[-1][0] == "kpr_service_upsert" else False, what="upsert with one backend")
+        (manifests / "web.yaml").unlink()
+        wait_for(lambda: ("kpr_service_delete", "default/web") in rec.calls, what="delete")
+    finally:
+        agent.shutdown()
+    assert rec.names()[-1] == "kpr_stop"
+
+
+def test_cli_against_a_running_agent(tmp_path):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(WEB)
+    (manifests / "broken.yaml").write_text("kind: Service\nmetadata: {name: [\n")
+    cfg = write_config(tmp_path, manifests)
+    kpr = [sys.executable, "-m", "kpr.cli"]
+    proc = subprocess.Popen(kpr + ["run", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        def ready():
+            out = subprocess.run(kpr + ["status", "--json", "--config", str(cfg)], capture_output=True, text=True)
+            return out.returncode == 0 and json.loads(out.stdout)["ready"]
+
+        wait_for(ready, 20, "agent ready")
+        rows = json.loads(subprocess.run(kpr + ["service", "list", "--json", "--config", str(cfg)], capture_output=True, text=True, check=True).stdout)
+        assert rows == [
+            {
+                "service": "default/web",
+                "type": "ClusterIP",
+                "address": "10.96.0.10",
+                "port": 80,
+                "protocol": "TCP",
+                "backends": [
+                    {"address": "10.244.1.5", "port": 8080, "state": "active"},
+                    {"address": "10.244.2.7", "port": 8080, "state": "terminating"},
+                ],
+            }
+        ]
+        table = subprocess.run(kpr + ["service", "list", "--config", str(cfg)], capture_output=True, text=True, check=True).stdout
+        assert "10.96.0.10:80/TCP" in table and "10.244.2.7:8080 (terminating)" in table
+        status = json.loads(subprocess.run(kpr + ["status", "--json", "--config", str(cfg)], capture_output=True, text=True).stdout)
+        assert any("broken.yaml" in origin for origin in status["source"]["errors"]), status["source"]["errors"]
+        assert oct(os.stat(tmp_path / "kpr.sock").st_mode & 0o777) == "0o600"
+
+        address = [l for l in cfg.read_text().splitlines() if "metrics" in l][0].split('"')[1]
+        body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+        assert "kpr_services 1.0" in body
+        assert "kpr_backends 2.0" in body
+        assert "kpr_sync_duration_seconds" in body
+        assert "kpr_source_errors 1.0" in body
+
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        assert not (tmp_path / "kpr.sock").exists(), "the socket is removed on shutdown"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    gone = subprocess.run(kpr + ["status", "--config", str(cfg)], capture_output=True, text=True)
+    assert gone.returncode == 1 and "no agent socket" in gone.stderr
+
+
+HANGING = """
+import sys, time
+from kpr import hookimpl
+from kpr.config import load_config
+from kpr.daemon import Agent
+
+class Hang:
+    @hookimpl
+    def kpr_stop(self, context):
+        time.sleep(60)
+
+sys.exit(Agent(load_config(sys.argv[1]), internal_plugins={"hang": Hang()}).run())
+"""
+
+
+def test_shutdown_is_bounded_when_a_plugin_hangs(tmp_path):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    cfg = write_config(tmp_path, manifests)
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING)
+    proc = subprocess.Popen([sys.executable, str(script), str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "kpr.sock").exists(), 20, "agent socket")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(15)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 3 + 2.5, f"shutdownTimeout is 3 s, the agent took {took:.1f}"
+    assert code == 1
+    assert "plugin.stop_timeout plugin=hang" in proc.stderr.read()
+
+
+def test_check_config_exit_codes(tmp_path):
+    good = write_config(tmp_path, tmp_path)
+    ok = subprocess.run([sys.executable, "-m", "kpr.cli", "check-config", "--config", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("service: {nodePortRange: 40000-30000}\nplugins: {ghost: {enabled: true}}\n")
+    out = subprocess.run([sys.executable, "-m", "kpr.cli", "check-config", "--config", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "service.nodePortRange" in out.stderr
+    missing = subprocess.run([sys.executable, "-m", "kpr.cli", "check-config", "--config", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "kpr.cli", "version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("kpr 0.")

@@ -1,0 +1,333 @@
+"""Allocator: ClusterIPs and nodePorts as the API server would hand them out, kept across restarts."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from kpr.allocator import AllocationError, Allocator
+from kpr.config import PortRange
+
+RANGE = PortRange(first=30000, last=32767)
+
+
+def svc(name: str, ns: str = "default", **spec) -> dict:
+    spec.setdefault("ports", [{"name": "http", "port": 80, "protocol": "TCP"}])
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def alloc(tmp_path: Path, cidrs=("10.96.0.0/16",), rng: PortRange = RANGE, name: str = "alloc.json") -> Allocator:
+    return Allocator(tmp_path / "state" / name, list(cidrs), rng)
+
+
+def node_ports(obj: dict) -> list[int | None]:
+    return [p.get("nodePort") for p in obj["spec"]["ports"]]
+
+
+# --- ClusterIPs --------------------------------------------------------------------------
+
+
+def test_cluster_ip_from_ipv4_cidr(tmp_path):
+    a = alloc(tmp_path)
+    raw = svc("web")
+    out = a.allocate(raw).obj
+    ip = out["spec"]["clusterIP"]
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.96.0.0/16")
+    assert ip not in ("10.96.0.0", "10.96.0.1", "10.96.255.255")
+    assert out["spec"]["clusterIPs"] == [ip]
+    assert out["spec"]["ipFamilies"] == ["IPv4"]
+    assert out["spec"]["ipFamilyPolicy"] == "SingleStack"
+    # The manifest's own dict is left alone: the source compares against it.
+    assert "clusterIP" not in raw["spec"]
+
+
+def test_cluster_ip_ipv6_only_when_asked(tmp_path):
+    a = alloc(tmp_path, cidrs=("10.96.0.0/16", "fd00:10:96::/112"))
+    out = a.allocate(svc("v6", ipFamilies=["IPv6"])).obj
+    assert ipaddress.ip_address(out["spec"]["clusterIP"]) in ipaddress.ip_network("fd00:10:96::/112")
+    assert out["spec"]["ipFamilies"] == ["IPv6"]
+    # A service without ipFamilies gets the first configured family.
+    out4 = a.allocate(svc("plain")).obj
+    assert ipaddress.ip_address(out4["spec"]["clusterIP"]).version == 4
+
+
+def test_ipv6_primary_when_listed_first(tmp_path):
+    a = alloc(tmp_path, cidrs=("fd00:10:96::/112", "10.96.0.0/16"))
+    out = a.allocate(svc("web")).obj
+    assert ipaddress.ip_address(out["spec"]["clusterIP"]).version == 6
+
+
+def test_dual_stack(tmp_path):
+    a = alloc(tmp_path, cidrs=("10.96.0.0/16", "fd00:10:96::/112"))
+    out = a.allocate(svc("ds", ipFamilyPolicy="PreferDualStack")).obj
+    v4, v6 = out["spec"]["clusterIPs"]
+    assert ipaddress.ip_address(v4) in ipaddress.ip_network("10.96.0.0/16")
+    assert ipaddress.ip_address(v6) in ipaddress.ip_network("fd00:10:96::/112")
+    assert out["spec"]["clusterIP"] == v4
+    assert out["spec"]["ipFamilies"] == ["IPv4", "IPv6"]
+
+    out = a.allocate(svc("ds6", ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv6", "IPv4"])).obj
+    assert [ipaddress.ip_address(i).version for i in out["spec"]["clusterIPs"]] == [6, 4]
+    assert out["spec"]["ipFamilies"] == ["IPv6", "IPv4"]
+
+
+def test_dual_stack_with_one_cidr(tmp_path):
+    a = alloc(tmp_path, cidrs=("10.96.0.0/16",))
+    out = a.allocate(svc("prefer", ipFamilyPolicy="PreferDualStack")).obj
+    assert len(out["spec"]["clusterIPs"]) == 1
+    with pytest.raises(AllocationError, match="RequireDualStack needs an IPv6"):
+        a.allocate(svc("require", ipFamilyPolicy="RequireDualStack"))
+    with pytest.raises(AllocationError, match="no IPv6 service.clusterCIDR"):
+        a.allocate(svc("v6", ipFamilies=["IPv6"]))
+
+
+def test_no_cidr_means_no_cluster_ip_but_node_ports(tmp_path):
+    a = alloc(tmp_path, cidrs=())
+    out = a.allocate(svc("np", type="NodePort")).obj
+    assert "clusterIP" not in out["spec"]
+    assert node_ports(out)[0] in RANGE
+
+
+def test_headless_and_external_name_get_nothing(tmp_path):
+    a = alloc(tmp_path)
+    headless = svc("h", clusterIP="None")
+    assert a.allocate(headless).obj == headless
+    ext = svc("e", type="ExternalName", externalName="example.com")
+    assert a.allocate(ext).obj == ext
+    assert a.keys() == ["default/h"]  # the headless one holds nothing, but is known
+
+
+def test_skips_network_first_host_and_broadcast_and_exhausts(tmp_path):
+    a = alloc(tmp_path, cidrs=("10.0.0.0/29",))
+    got = {a.allocate(svc(f"s{i}")).obj["spec"]["clusterIP"] for i in range(5)}
+    assert got == {f"10.0.0.{i}" for i in range(2, 7)}
+    with pytest.raises(AllocationError, match=r"no free ClusterIP left in 10\.0\.0\.0/29"):
+        a.allocate(svc("one-too-many"))
+    # The failed service holds nothing; freeing one lets it in.
+    assert a.get("default/one-too-many") is None
+    a.release("default/s0")
+    assert a.allocate(svc("one-too-many")).obj["spec"]["clusterIP"] in got
+
+
+def test_allocation_is_deterministic(tmp_path):
+    a = alloc(tmp_path, name="a.json")
+    b = alloc(tmp_path, name="b.json")
+    for i in range(50):
+        assert a.allocate(svc(f"s{i}", type="NodePort")).obj == b.allocate(svc(f"s{i}", type="NodePort")).obj
+
+
+def test_reallocating_same_service_is_stable(tmp_path):
+    a = alloc(tmp_path)
+    first = a.allocate(svc("web", type="NodePort")).obj
+    again = a.allocate(svc("web", type="NodePort")).obj
+    assert first == again
+    assert not a.allocate(svc("web", type="NodePort")).displaced
+
+
+# --- nodePorts ---------------------------------------------------------------------------
+
+
+def test_node_ports_in_range(tmp_path):
+    a = alloc(tmp_path, rng=PortRange(first=31000, last=31099))
+    out = a.allocate(
+        svc("np", type="NodePort", ports=[{"name": "a", "port": 80}, {"name": "b", "port": 443}])
+    ).obj
+    nps = node_ports(out)
+    assert all(31000 <= p <= 31099 for p in nps)
+    assert len(set(nps)) == 2
+    # ClusterIP services get none.
+    assert node_ports(a.allocate(svc("cip")).obj) == [None]
+
+
+def test_tcp_and_udp_of_one_port_share_a_node_port(tmp_path):
+    a = alloc(tmp_path)
+    out = a.allocate(
+        svc("dns", type="NodePort", ports=[
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+        ])
+    ).obj
+    udp, tcp = node_ports(out)
+    assert udp == tcp
+
+
+def test_load_balancer_node_ports_and_health_check(tmp_path):
+    a = alloc(tmp_path)
+    out = a.allocate(svc("lb", type="LoadBalancer", externalTrafficPolicy="Local")).obj
+    assert node_ports(out)[0] in RANGE
+    hc = out["spec"]["healthCheckNodePort"]
+    assert hc in RANGE and hc != node_ports(out)[0]
+    # allocateLoadBalancerNodePorts: false keeps ports without nodePorts, the health check still gets one.
+    out = a.allocate(
+        svc("lb2", type="LoadBalancer", externalTrafficPolicy="Local", allocateLoadBalancerNodePorts=False)
+    ).obj
+    assert node_ports(out) == [None]
+    assert out["spec"]["healthCheckNodePort"] in RANGE
+    # Cluster policy: no health check port.
+    out = a.allocate(svc("lb3", type="LoadBalancer")).obj
+    assert "healthCheckNodePort" not in out["spec"]
+
+
+def test_node_port_range_exhausted(tmp_path):
+    a = alloc(tmp_path, rng=PortRange(first=30000, last=30002))
+    for i in range(3):
+        a.allocate(svc(f"s{i}", type="NodePort"))
+    with pytest.raises(AllocationError, match="no free nodePort left in service.nodePortRange 30000-30002"):
+        a.allocate(svc("s3", type="NodePort"))
+
+
+def test_explicit_node_port_outside_range(tmp_path):
+    a = alloc(tmp_path)
+    with pytest.raises(AllocationError, match="outside service.nodePortRange"):
+        a.allocate(svc("np", type="NodePort", ports=[{"port": 80, "nodePort": 8080}]))
+
+
+# --- explicit values and conflicts --------------------------------------------------------
+
+
+def test_explicit_values_are_kept_and_reserved(tmp_path):
+    a = alloc(tmp_path, cidrs=("10.0.0.0/29",), rng=PortRange(first=30000, last=30001))
+    out = a.allocate(svc("fixed", type="NodePort", clusterIP="10.0.0.4", ports=[{"port": 80, "nodePort": 30001}])).obj
+    assert out["spec"]["clusterIPs"] == ["10.0.0.4"]
+    assert node_ports(out) == [30001]
+    # The rest of the range goes to others, never the reserved values.
+    other = a.allocate(svc("auto", type="NodePort")).obj
+    assert other["spec"]["clusterIP"] != "10.0.0.4"
+    assert node_ports(other) == [30000]
+    with pytest.raises(AllocationError, match="no free nodePort"):
+        a.allocate(svc("auto2", type="NodePort"))
+
+
+def test_explicit_conflict_first_keeps_it(tmp_path):
+    a = alloc(tmp_path)
+    a.allocate(svc("first", type="NodePort", clusterIP="10.96.5.5", ports=[{"port": 80, "nodePort": 30080}]))
+    with pytest.raises(AllocationError, match="nodePort 30080/TCP is already allocated to service default/first"):
+        a.allocate(svc("second", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    with pytest.raises(AllocationError, match="clusterIP 10.96.5.5 is already allocated to service default/first"):
+        a.allocate(svc("third", clusterIP="10.96.5.5"))
+    assert a.get("default/first") == {"clusterIPs": ["10.96.5.5"], "nodePorts": {"/TCP/80": 30080}}
+    # Another protocol on the same number is no conflict.
+    out = a.allocate(svc("udp", type="NodePort", ports=[{"port": 80, "protocol": "UDP", "nodePort": 30080}])).obj
+    assert node_ports(out) == [30080]
+
+
+def test_failed_allocation_leaves_previous_values(tmp_path):
+    a = alloc(tmp_path)
+    a.allocate(svc("a", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    before = a.allocate(svc("b", type="NodePort")).obj
+    with pytest.raises(AllocationError):
+        a.allocate(svc("b", type="NodePort", clusterIP="10.96.9.9", ports=[{"port": 80, "nodePort": 30080}]))
+    assert a.get("default/b") == {"clusterIPs": before["spec"]["clusterIPs"], "nodePorts": {"http/TCP/80": node_ports(before)[0]}}
+    # 10.96.9.9 was not kept by the failed attempt.
+    assert a.allocate(svc("c", clusterIP="10.96.9.9")).obj["spec"]["clusterIP"] == "10.96.9.9"
+
+
+def test_explicit_value_takes_over_an_automatic_one(tmp_path):
+    a = alloc(tmp_path, cidrs=("10.0.0.0/29",), rng=PortRange(first=30000, last=30004))
+    auto = a.allocate(svc("auto", type="NodePort")).obj
+    ip, np = auto["spec"]["clusterIP"], node_ports(auto)[0]
+    res = a.allocate(svc("pinned", type="NodePort", clusterIP=ip, ports=[{"port": 80, "nodePort": np}]))
+    assert res.displaced == {"default/auto"}
+    assert res.obj["spec"]["clusterIP"] == ip and node_ports(res.obj) == [np]
+    moved = a.allocate(svc("auto", type="NodePort")).obj
+    assert moved["spec"]["clusterIP"] != ip
+    assert node_ports(moved)[0] != np
+
+
+def test_mismatched_cluster_ips(tmp_path):
+    a = alloc(tmp_path, cidrs=("10.96.0.0/16", "fd00::/112"))
+    with pytest.raises(AllocationError, match="is not spec.clusterIPs"):
+        a.allocate(svc("x", clusterIP="10.96.0.5", clusterIPs=["10.96.0.6"]))
+    with pytest.raises(AllocationError, match="SingleStack allows one family"):
+        a.allocate(svc("y", ipFamilyPolicy="SingleStack", ipFamilies=["IPv4", "IPv6"]))
+    # One explicit address plus dual stack: the other family is allocated.
+    out = a.allocate(svc("z", clusterIP="10.96.0.7", ipFamilyPolicy="PreferDualStack")).obj
+    assert out["spec"]["clusterIPs"][0] == "10.96.0.7"
+    assert ipaddress.ip_address(out["spec"]["clusterIPs"][1]).version == 6
+
+
+# --- persistence ---------------------------------------------------------------------------
+
+
+def test_stable_across_restart_in_any_order(tmp_path):
+    cidrs = ("10.96.0.0/16", "fd00:10:96::/112")
+    a = alloc(tmp_path, cidrs=cidrs)
+    names = [f"s{i}" for i in range(20)]
+    first = {n: a.allocate(svc(n, type="LoadBalancer", externalTrafficPolicy="Local", ipFamilyPolicy="PreferDualStack")).obj for n in names}
+    a.save()
+    b = alloc(tmp_path, cidrs=cidrs)
+    # A newcomer allocated before the old services come back must not take their values.
+    newcomer = b.allocate(svc("newcomer", type="NodePort", ipFamilyPolicy="PreferDualStack")).obj
+    taken = {ip for o in first.values() for ip in o["spec"]["clusterIPs"]}
+    assert not set(newcomer["spec"]["clusterIPs"]) & taken
+    for n in reversed(names):
+        assert b.allocate(svc(n, type="LoadBalancer", externalTrafficPolicy="Local", ipFamilyPolicy="PreferDualStack")).obj == first[n]
+
+
+def test_state_file_format_and_atomic_write(tmp_path):
+    a = alloc(tmp_path)
+    out = a.allocate(svc("web", ns="shop", type="NodePort")).obj
+    assert not (tmp_path / "state").exists()  # nothing written until save
+    a.save()
+    path = tmp_path / "state" / "alloc.json"
+    data = json.loads(path.read_text())
+    assert data == {
+        "version": 1,
+        "services": {
+            "shop/web": {"clusterIPs": out["spec"]["clusterIPs"], "nodePorts": {"http/TCP/80": node_ports(out)[0]}}
+        },
+    }
+    assert [p.name for p in path.parent.iterdir()] == ["alloc.json"]  # no temp file left
+    assert not a.dirty
+
+
+def test_retain_releases_services_gone(tmp_path):
+    a = alloc(tmp_path)
+    a.allocate(svc("keep"))
+    a.allocate(svc("gone"))
+    a.save()
+    b = alloc(tmp_path)
+    assert b.keys() == ["default/gone", "default/keep"]
+    assert b.retain(["default/keep"]) == 1
+    b.save()
+    assert list(json.loads((tmp_path / "state" / "alloc.json").read_text())["services"]) == ["default/keep"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"version": 1}', '{"version": 99, "services": {}}'])
+def test_corrupt_state_file_starts_empty(tmp_path, caplog, content):
+    path = tmp_path / "state" / "alloc.json"
+    path.parent.mkdir()
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="kpr.allocator"):
+        a = alloc(tmp_path)
+    assert a.keys() == []
+    assert any("state_corrupt" in r.getMessage() for r in caplog.records)
+    a.allocate(svc("web"))
+    a.save()
+    assert "default/web" in json.loads(path.read_text())["services"]
+
+
+def test_bad_entries_and_out_of_range_values_are_dropped(tmp_path, caplog):
+    path = tmp_path / "state" / "alloc.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({
+        "version": 1,
+        "services": {
+            "default/bad": {"clusterIPs": ["not-an-ip"]},
+            "default/old": {"clusterIPs": ["192.168.0.9"], "nodePorts": {"/TCP/80": 20000}},
+            "default/ok": {"clusterIPs": ["10.96.0.50"], "nodePorts": {"/TCP/80": 30050}},
+            "default/zdup": {"clusterIPs": ["10.96.0.50"]},
+        },
+    }))
+    with caplog.at_level(logging.INFO, logger="kpr.allocator"):
+        a = alloc(tmp_path)
+    assert a.get("default/bad") is None
+    assert a.get("default/old") == {}
+    assert a.get("default/zdup") == {}  # loaded after default/ok, which keeps the address
+    assert a.get("default/ok") == {"clusterIPs": ["10.96.0.50"], "nodePorts": {"/TCP/80": 30050}}
+    out = a.allocate(svc("ok", type="NodePort", ports=[{"port": 80}])).obj
+    assert out["spec"]["clusterIP"] == "10.96.0.50" and node_ports(out) == [30050]

@@ -1,0 +1,538 @@
+"""FilesSource: manifests in a directory, fed to a sink as the API server would feed it."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kpr.allocator import Allocator
+from kpr.config import PortRange
+from kpr.sources.files import FilesSource, parse_manifest
+
+RANGE = PortRange(first=30000, last=32767)
+
+
+class RecordingSink:
+    """Keeps what a store would keep, and every call in order."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[tuple] = []
+        self.objects: dict[tuple[str, str, str], dict] = {}
+        self.errors: dict[str, str] = {}
+        self.batches: list[tuple[list[dict], list[tuple[str, str, str]]]] = []
+        self.synced_calls = 0
+
+    def apply(self, upserts, deletes):
+        with self.lock:
+            self.events.append(("apply", len(upserts), len(deletes)))
+            self.batches.append((list(upserts), list(deletes)))
+            for ref in deletes:
+                assert ref in self.objects, f"delete of unknown {ref}"
+                del self.objects[ref]
+            for obj in upserts:
+                m = obj["metadata"]
+                self.objects[(obj["kind"], m["namespace"], m["name"])] = obj
+
+    def synced(self):
+        with self.lock:
+            self.events.append(("synced",))
+            self.synced_calls += 1
+
+    def report_error(self, origin, reason):
+        with self.lock:
+            self.events.append(("error", origin, reason))
+            self.errors[origin] = reason
+
+    def clear_error(self, origin):
+        with self.lock:
+            self.events.append(("clear", origin))
+            assert origin in self.errors, f"clear of unreported {origin}"
+            del self.errors[origin]
+
+    def get(self, kind: str, name: str, ns: str = "default") -> dict | None:
+        with self.lock:
+            return self.objects.get((kind, ns, name))
+
+
+def service(name: str, ns: str | None = None, **spec) -> dict:
+    spec.setdefault("ports", [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}])
+    meta: dict = {"name": name}
+    if ns:
+        meta["namespace"] = ns
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+
+
+def slice_(svc: str, *addresses: str, name: str | None = None) -> dict:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name or f"{svc}-abc", "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [a], "nodeName": "node1"} for a in addresses],
+    }
+
+
+def write(path: Path, *docs: dict) -> None:
+    # Write then rename, as editors and kubectl-style tools do, so a poll never sees half.
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump_all(list(docs), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def make(tmp_path: Path, cidrs=("10.96.0.0/16",), rng: PortRange = RANGE, poll: float = 0.05) -> FilesSource:
+    d = tmp_path / "services.d"
+    d.mkdir(exist_ok=True)
+    alloc = Allocator(tmp_path / "state" / "allocations.json", list(cidrs), rng)
+    return FilesSource(d, alloc, poll_interval=poll)
+
+
+def wait_for(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+# --- initial state and sync ------------------------------------------------------------------
+
+
+def test_initial_batch_then_synced_once(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "a.yaml", service("web"), slice_("web", "10.244.0.5", "10.244.1.5"))
+    write(src.path / "b.yml", service("db", ns="data"))
+    sink = RecordingSink()
+    assert src.scan_once(sink)
+    assert sink.events[0] == ("apply", 3, 0)
+    assert sink.events[1] == ("synced",)
+    assert set(sink.objects) == {
+        ("Service", "default", "web"),
+        ("EndpointSlice", "default", "web-abc"),
+        ("Service", "data", "db"),
+    }
+    assert not src.scan_once(sink)
+    assert not src.scan_once(sink)
+    assert sink.synced_calls == 1
+    assert sink.errors == {}
+
+
+def test_synced_even_when_empty_or_directory_missing(tmp_path):
+    alloc = Allocator(tmp_path / "alloc.json", [], RANGE)
+    src = FilesSource(tmp_path / "nope", alloc, poll_interval=0.05)
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert sink.synced_calls == 1
+    assert "does not exist" in sink.errors[str(tmp_path / "nope")]
+    (tmp_path / "nope").mkdir()
+    write(tmp_path / "nope" / "a.yaml", service("web"))
+    src.scan_once(sink)
+    assert sink.errors == {}
+    assert sink.get("Service", "web") is not None
+    assert sink.synced_calls == 1
+
+
+def test_parses_lists_json_multidoc_and_skips_other_files(tmp_path):
+    src = make(tmp_path)
+    d = src.path
+    (d / "list.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [service("l1"), service("l2")]}))
+    typed = {"apiVersion": "v1", "kind": "ServiceList", "items": [{k: v for k, v in service("t1").items() if k != "kind"}]}
+    (d / "typed.yaml").write_text(yaml.safe_dump(typed))
+    (d / "one.json").write_text(json.dumps(service("j1")))
+    (d / "multi.yaml").write_text("---\n" + yaml.safe_dump(service("m1")) + "---\n" + yaml.safe_dump(service("m2")) + "---\n")
+    for ignored in (".hidden.yaml", "#auto.yaml#", "backup.yaml~", "notes.txt", ".multi.yaml.swp"):
+        (d / ignored).write_text(yaml.safe_dump(service("ignored-" + ignored.strip(".#~"))))
+    (d / "sub").mkdir()
+    (d / "sub" / "deep.yaml").write_text(yaml.safe_dump(service("deep")))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert sorted(n for (_, _, n) in sink.objects) == ["j1", "l1", "l2", "m1", "m2", "t1"]
+    assert sink.errors == {}
+    assert sink.get("Service", "t1")["metadata"]["namespace"] == "default"
+
+
+def test_parse_manifest_reports_line():
+    with pytest.raises(Exception, match="flow sequence started at line 3"):
+        parse_manifest("x.yaml", b"kind: Service\nmetadata:\n  name: [oops\n")
+    with pytest.raises(Exception, match="line 2"):
+        parse_manifest("x.json", b'{"kind": "Service",\n  oops}')
+    with pytest.raises(Exception, match="not a mapping"):
+        parse_manifest("x.yaml", b"- a\n- b\n")
+
+
+# --- live reload -------------------------------------------------------------------------------
+
+
+def test_live_add_modify_delete(tmp_path):
+    src = make(tmp_path)
+    sink = RecordingSink()
+    src.start(sink)
+    try:
+        wait_for(lambda: sink.synced_calls == 1)
+        assert sink.objects == {}
+
+        write(src.path / "web.yaml", service("web"), slice_("web", "10.244.0.5"))
+        wait_for(lambda: sink.get("EndpointSlice", "web-abc") is not None)
+        assert sink.get("Service", "web") is not None
+        n_batches = len(sink.batches)
+
+        # Only the object that changed is sent again.
+        write(src.path / "web.yaml", service("web"), slice_("web", "10.244.0.5", "10.244.0.6"))
+        wait_for(lambda: len(sink.get("EndpointSlice", "web-abc")["endpoints"]) == 2)
+        upserts, deletes = sink.batches[n_batches]
+        assert [o["kind"] for o in upserts] == ["EndpointSlice"] and deletes == []
+
+        # A rewrite with the same content sends nothing.
+        n_batches = len(sink.batches)
+        write(src.path / "web.yaml", service("web"), slice_("web", "10.244.0.5", "10.244.0.6"))
+        time.sleep(0.3)
+        assert len(sink.batches) == n_batches
+
+        # Dropping an object from a file deletes just that one.
+        write(src.path / "web.yaml", service("web"))
+        wait_for(lambda: sink.get("EndpointSlice", "web-abc") is None)
+        assert sink.get("Service", "web") is not None
+
+        (src.path / "web.yaml").unlink()
+        wait_for(lambda: sink.objects == {})
+        assert sink.batches[-1] == ([], [("Service", "default", "web")])
+        assert sink.synced_calls == 1
+    finally:
+        src.stop()
+
+
+def test_in_place_edit_is_seen(tmp_path):
+    src = make(tmp_path)
+    sink = RecordingSink()
+    path = src.path / "web.yaml"
+    path.write_text(yaml.safe_dump(service("web")))
+    src.scan_once(sink)
+    # Same size and inode, only the mtime moves: still a change.
+    text = path.read_text().replace("port: 80", "port: 81")
+    path.write_text(text)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    src.scan_once(sink)
+    assert sink.get("Service", "web")["spec"]["ports"][0]["port"] == 81
+
+
+def test_stop_is_quick(tmp_path):
+    src = make(tmp_path, poll=30)
+    sink = RecordingSink()
+    src.start(sink)
+    wait_for(lambda: sink.synced_calls == 1)
+    t0 = time.monotonic()
+    src.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert not any(t.name == "kpr-files" and t.is_alive() for t in threading.enumerate())
+
+
+# --- bad files -----------------------------------------------------------------------------------
+
+
+def test_malformed_yaml_keeps_last_good_until_fixed(tmp_path):
+    src = make(tmp_path)
+    sink = RecordingSink()
+    path = src.path / "web.yaml"
+    write(path, service("web"), slice_("web", "10.244.0.5"))
+    src.scan_once(sink)
+    good = dict(sink.objects)
+
+    path.write_text("apiVersion: v1\nkind: Service\nmetadata:\n  name: [web\n")
+    src.scan_once(sink)
+    assert sink.objects == good  # nothing deleted
+    assert "line 4" in sink.errors[str(path)]
+
+    path.write_text("- just\n- a list\n")
+    src.scan_once(sink)
+    assert "not a mapping" in sink.errors[str(path)]
+    assert sink.objects == good
+
+    write(path, service("web"))
+    src.scan_once(sink)
+    assert sink.errors == {}
+    assert ("clear", str(path)) in sink.events
+    assert set(sink.objects) == {("Service", "default", "web")}
+
+
+def test_broken_file_at_start_is_reported_and_others_apply(tmp_path):
+    src = make(tmp_path)
+    (src.path / "bad.yaml").write_text("kind: Service\n  : :\n")
+    write(src.path / "good.yaml", service("web"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "web")}
+    assert list(sink.errors) == [str(src.path / "bad.yaml")]
+    assert sink.synced_calls == 1
+
+
+def test_unknown_kind_is_reported_and_skipped(tmp_path):
+    src = make(tmp_path)
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}, "data": {}}
+    path = src.path / "mixed.yaml"
+    write(path, cm, service("web"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "web")}
+    reason = sink.errors[str(path)]
+    assert "ConfigMap" in reason and "default/settings" in reason
+
+
+def test_invalid_object_keeps_last_good_and_others_apply(tmp_path):
+    src = make(tmp_path)
+    path = src.path / "web.yaml"
+    write(path, service("web"), slice_("web", "10.244.0.5"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    good_svc = sink.get("Service", "web")
+
+    bad = service("web", ports=[{"port": 99999}])
+    write(path, bad, slice_("web", "10.244.0.5", "10.244.0.6"), service("new", ports=[{"port": "x"}]))
+    src.scan_once(sink)
+    assert sink.get("Service", "web") == good_svc
+    assert len(sink.get("EndpointSlice", "web-abc")["endpoints"]) == 2
+    assert sink.get("Service", "new") is None  # invalid from the start: never sent
+    reason = sink.errors[str(path)]
+    assert "Service default/web" in reason and "last good" in reason
+    assert "Service default/new" in reason
+
+    write(path, service("web", ports=[{"port": 81}]), slice_("web", "10.244.0.5"))
+    src.scan_once(sink)
+    assert sink.errors == {}
+    assert sink.get("Service", "web")["spec"]["ports"][0]["port"] == 81
+
+
+def test_invalid_object_kept_across_unchanged_passes_and_deleted_with_file(tmp_path):
+    src = make(tmp_path)
+    path = src.path / "web.yaml"
+    write(path, service("web"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    write(path, service("web", ports=[{"port": 0}]))
+    src.scan_once(sink)
+    write(path, service("web", ports=[{"port": -1}]))  # still invalid: still the first good one
+    src.scan_once(sink)
+    assert sink.get("Service", "web")["spec"]["ports"][0]["port"] == 80
+    path.unlink()
+    src.scan_once(sink)
+    assert sink.objects == {} and sink.errors == {}
+
+
+def test_duplicate_object_first_file_wins(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "b.yaml", service("web", ports=[{"port": 2}]))
+    write(src.path / "a.yaml", service("web", ports=[{"port": 1}]))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert sink.get("Service", "web")["spec"]["ports"][0]["port"] == 1
+    reason = sink.errors[str(src.path / "b.yaml")]
+    assert "Service default/web" in reason and "a.yaml" in reason
+    assert str(src.path / "a.yaml") not in sink.errors
+
+    # The winner goes: the other copy takes over and the complaint goes with it.
+    (src.path / "a.yaml").unlink()
+    src.scan_once(sink)
+    assert sink.get("Service", "web")["spec"]["ports"][0]["port"] == 2
+    assert sink.errors == {}
+    assert ("Service", "default", "web") not in sum((d for _, d in sink.batches), [])
+
+
+def test_same_name_in_other_namespace_or_kind_is_no_duplicate(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "a.yaml", service("web"), slice_("web", "10.244.0.5", name="web"))
+    write(src.path / "b.yaml", service("web", ns="other"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert len(sink.objects) == 3 and sink.errors == {}
+
+
+# --- allocation ---------------------------------------------------------------------------------
+
+
+def test_cluster_ips_and_node_ports_are_filled_in(tmp_path):
+    src = make(tmp_path, cidrs=("10.96.0.0/16", "fd00:10:96::/112"))
+    write(
+        src.path / "svc.yaml",
+        service("v4"),
+        service("v6", ipFamilies=["IPv6"]),
+        service("ds", ipFamilyPolicy="RequireDualStack"),
+        service("np", type="NodePort"),
+        service("lb", type="LoadBalancer", externalTrafficPolicy="Local"),
+        service("headless", clusterIP="None"),
+    )
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert sink.errors == {}
+    spec = lambda n: sink.get("Service", n)["spec"]  # noqa: E731
+    assert spec("v4")["clusterIP"].startswith("10.96.") and spec("v4")["ipFamilies"] == ["IPv4"]
+    assert spec("v6")["clusterIP"].startswith("fd00:10:96::")
+    assert spec("ds")["ipFamilies"] == ["IPv4", "IPv6"] and len(spec("ds")["clusterIPs"]) == 2
+    assert spec("np")["ports"][0]["nodePort"] in RANGE
+    assert spec("lb")["ports"][0]["nodePort"] in RANGE
+    assert spec("lb")["healthCheckNodePort"] in RANGE
+    assert spec("headless")["clusterIP"] == "None"
+    ips = [ip for n in ("v4", "v6", "ds", "np", "lb") for ip in spec(n)["clusterIPs"]]
+    assert len(ips) == len(set(ips))
+
+
+def test_no_cluster_cidr_leaves_services_without_cluster_ip(tmp_path):
+    src = make(tmp_path, cidrs=())
+    write(src.path / "svc.yaml", service("web"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert "clusterIP" not in sink.get("Service", "web")["spec"]
+    assert sink.errors == {}
+
+
+def test_allocations_stable_across_restart(tmp_path):
+    docs = [service(f"s{i}", type="NodePort", ipFamilyPolicy="PreferDualStack") for i in range(10)]
+    cidrs = ("10.96.0.0/16", "fd00:10:96::/112")
+    src = make(tmp_path, cidrs=cidrs)
+    write(src.path / "a.yaml", *docs)
+    sink = RecordingSink()
+    src.scan_once(sink)
+    before = {k: v["spec"] for k, v in sink.objects.items()}
+
+    # A new source and allocator on the same state; a newcomer sorts first and must not
+    # take anyone's values.
+    write(src.path / "0-new.yaml", service("newcomer", type="NodePort"))
+    src2 = make(tmp_path, cidrs=cidrs)
+    sink2 = RecordingSink()
+    src2.scan_once(sink2)
+    after = {k: v["spec"] for k, v in sink2.objects.items() if k[2] != "newcomer"}
+    assert after == before
+    new = sink2.get("Service", "newcomer")["spec"]
+    assert new["clusterIP"] not in {s["clusterIP"] for s in before.values()}
+    assert new["ports"][0]["nodePort"] not in {s["ports"][0]["nodePort"] for s in before.values()}
+
+
+def test_allocations_of_services_gone_are_released_after_sync(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "a.yaml", service("stays"))
+    write(src.path / "b.yaml", service("goes"))
+    src.scan_once(RecordingSink())
+    state = tmp_path / "state" / "allocations.json"
+    assert set(json.loads(state.read_text())["services"]) == {"default/stays", "default/goes"}
+
+    # Gone while kpr was down: released once the restarted source has read everything.
+    (src.path / "b.yaml").unlink()
+    src2 = make(tmp_path)
+    assert src2.allocator.get("default/goes") is not None
+    sink2 = RecordingSink()
+    src2.scan_once(sink2)
+    assert src2.allocator.get("default/goes") is None
+    assert set(json.loads(state.read_text())["services"]) == {"default/stays"}
+
+    # Gone while running: released right away.
+    (src.path / "a.yaml").unlink()
+    src2.scan_once(sink2)
+    assert json.loads(state.read_text())["services"] == {}
+
+
+def test_allocations_kept_while_a_file_does_not_parse(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "a.yaml", service("web"))
+    src.scan_once(RecordingSink())
+    ip = src.allocator.get("default/web")["clusterIPs"]
+    # Broken across a restart: its services may still be in there, so keep their values.
+    (src.path / "a.yaml").write_text("kind: Service\nmetadata: {name: web\n")
+    src2 = make(tmp_path)
+    sink = RecordingSink()
+    src2.scan_once(sink)
+    assert sink.errors and src2.allocator.get("default/web")["clusterIPs"] == ip
+    write(src.path / "a.yaml", service("web"))
+    src2.scan_once(sink)
+    assert sink.get("Service", "web")["spec"]["clusterIPs"] == ip
+
+
+def test_explicit_values_respected(tmp_path):
+    src = make(tmp_path)
+    write(
+        src.path / "a.yaml",
+        service("web", type="NodePort", clusterIP="10.96.7.7", ports=[{"port": 80, "nodePort": 30080}]),
+    )
+    sink = RecordingSink()
+    src.scan_once(sink)
+    spec = sink.get("Service", "web")["spec"]
+    assert spec["clusterIPs"] == ["10.96.7.7"] and spec["ports"][0]["nodePort"] == 30080
+    assert src.allocator.get("default/web") == {"clusterIPs": ["10.96.7.7"], "nodePorts": {"/TCP/80": 30080}}
+
+
+def test_conflicting_explicit_node_port_first_keeps_it(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "a.yaml", service("first", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    write(src.path / "b.yaml", service("second", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]),
+          service("bystander"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert sink.get("Service", "first")["spec"]["ports"][0]["nodePort"] == 30080
+    assert sink.get("Service", "second") is None
+    assert sink.get("Service", "bystander") is not None
+    reason = sink.errors[str(src.path / "b.yaml")]
+    assert "Service default/second" in reason and "30080" in reason and "default/first" in reason
+
+    # The holder lets go: the second gets it on the next pass, and the error clears.
+    write(src.path / "a.yaml", service("first", type="NodePort", ports=[{"port": 80, "nodePort": 30081}]))
+    src.scan_once(sink)
+    assert sink.get("Service", "second")["spec"]["ports"][0]["nodePort"] == 30080
+    assert sink.get("Service", "first")["spec"]["ports"][0]["nodePort"] == 30081
+    assert sink.errors == {}
+
+
+def test_conflicting_cluster_ip_keeps_last_good(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "a.yaml", service("first", clusterIP="10.96.1.1"))
+    write(src.path / "b.yaml", service("second"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    good = sink.get("Service", "second")
+    write(src.path / "b.yaml", service("second", clusterIP="10.96.1.1", ports=[{"port": 81}]))
+    src.scan_once(sink)
+    assert sink.get("Service", "second") == good
+    assert "clusterIP 10.96.1.1 is already allocated to service default/first" in sink.errors[str(src.path / "b.yaml")]
+    assert sink.get("Service", "first")["spec"]["clusterIP"] == "10.96.1.1"
+
+
+def test_explicit_value_moves_an_automatic_one(tmp_path):
+    # A manifest that names a value gets it even when another service was given it
+    # automatically; that one moves, both in one batch.
+    src = make(tmp_path, rng=PortRange(first=30000, last=30001))
+    write(src.path / "a.yaml", service("auto", type="NodePort"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    taken = sink.get("Service", "auto")["spec"]["ports"][0]["nodePort"]
+    write(src.path / "b.yaml", service("pinned", type="NodePort", ports=[{"port": 80, "nodePort": taken}]))
+    src.scan_once(sink)
+    assert sink.errors == {}
+    upserts, _ = sink.batches[-1]
+    assert {o["metadata"]["name"] for o in upserts} == {"auto", "pinned"}
+    assert sink.get("Service", "pinned")["spec"]["ports"][0]["nodePort"] == taken
+    assert sink.get("Service", "auto")["spec"]["ports"][0]["nodePort"] == ({30000, 30001} - {taken}).pop()
+
+
+def test_allocation_error_is_reported(tmp_path):
+    src = make(tmp_path, cidrs=("10.96.0.0/16",))
+    write(src.path / "a.yaml", service("v6", ipFamilies=["IPv6"]), service("ok"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert sink.get("Service", "ok") is not None and sink.get("Service", "v6") is None
+    assert "no IPv6 service.clusterCIDR" in sink.errors[str(src.path / "a.yaml")]
+
+
+def test_examples_load_cleanly(tmp_path):
+    examples = Path(__file__).resolve().parent.parent / "examples" / "manifests"
+    alloc = Allocator(tmp_path / "alloc.json", ["10.96.0.0/16", "fd00:10:96::/112"], RANGE)
+    src = FilesSource(examples, alloc)
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert sink.errors == {}
+    assert len([r for r in sink.objects if r[0] == "Service"]) >= 5
+    lb = [o for o in sink.objects.values() if o["kind"] == "Service" and o["spec"].get("type") == "LoadBalancer"]
+    assert lb and all(o["spec"]["healthCheckNodePort"] in RANGE for o in lb)

@@ -1,0 +1,178 @@
+"""Plugin discovery, enabling by config, per-plugin config sections and start-up errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from kpr import hookimpl
+from kpr.config import ConfigError, Section, parse_config
+from kpr.pluginmanager import Discovered, PluginError, build_plugin_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WithSettings:
+    class Cfg(Section):
+        mode: str = "snat"
+        table_size: int = pydantic.Field(16381, gt=0)
+
+    @hookimpl
+    def kpr_config_schema(self):
+        return self.Cfg
+
+    @hookimpl
+    def kpr_status(self):
+        return None
+
+
+class NoSettings:
+    @hookimpl
+    def kpr_status(self):
+        return None
+
+
+class Misspelt:
+    @hookimpl
+    def kpr_service_upsret(self, service):
+        pass
+
+
+def found(**objs):
+    return {n: Discovered(n, f"tests:{n}", "test-dist", "1", obj=o) for n, o in objs.items()}
+
+
+def test_only_enabled_plugins_are_registered():
+    cfg = parse_config("plugins: {a: {enabled: true}, b: {enabled: false}}")
+    kpm = build_plugin_manager(cfg, discovered=found(a=WithSettings, b=WithSettings, c=WithSettings))
+    assert [h.name for h in kpm.handles] == ["a"]
+    assert kpm.pm.get_plugin("b") is None and kpm.pm.get_plugin("c") is None
+
+
+def test_plugin_section_is_validated_and_handed_over():
+    cfg = parse_config("plugins: {a: {enabled: true, mode: dsr, tableSize: 7}}")
+    kpm = build_plugin_manager(cfg, discovered=found(a=WithSettings))
+    section = kpm.handle("a").section
+    assert (section.mode, section.table_size) == ("dsr", 7)
+    assert cfg.plugin_sections["a"] is section
+
+
+def test_a_disabled_plugins_section_is_still_checked():
+    cfg = parse_config("plugins: {a: {enabled: false, tableSize: -1}}")
+    with pytest.raises(ConfigError) as e:
+        build_plugin_manager(cfg, discovered=found(a=WithSettings))
+    assert "plugins.a.tableSize: Input should be greater than 0 (got -1)" in str(e.value)
+
+
+def test_unknown_key_in_a_plugin_section_is_named():
+    cfg = parse_config("plugins: {a: {enabled: true, mdoe: dsr}, n: {enabled: true, x: 1}}")
+    with pytest.raises(ConfigError) as e:
+        build_plugin_manager(cfg, discovered=found(a=WithSettings, n=NoSettings))
+    assert "plugins.a.mdoe: unknown key" in str(e.value)
+    assert "plugins.n.x: unknown key (plugin n has no settings)" in str(e.value)
+
+
+def test_a_plugin_not_installed_stops_start_up():
+    cfg = parse_config("plugins: {nope: {enabled: true}}")
+    with pytest.raises(PluginError, match=r"not installed: plugins\.nope \(installed: a\)"):
+        build_plugin_manager(cfg, discovered=found(a=WithSettings))
+
+
+def test_a_hook_without_a_spec_stops_start_up():
+    cfg = parse_config("plugins: {typo: {enabled: true}}")
+    with pytest.raises(PluginError, match=r"plugin typo: .*kpr_service_upsret"):
+        build_plugin_manager(cfg, discovered=found(typo=Misspelt))
+
+
+def test_per_plugin_calls_reach_only_that_plugin():
+    cfg = parse_config("plugins: {a: {enabled: true}, b: {enabled: true}}")
+    kpm = build_plugin_manager(cfg, discovered=found(a=WithSettings, b=WithSettings))
+    a, b = kpm.handle("a"), kpm.handle("b")
+    assert a.plugin is not b.plugin, "a class entry point is instantiated per plugin"
+    assert a.call("kpr_config_schema") == [WithSettings.Cfg]
+    assert a.implements("kpr_status") and not a.implements("kpr_service_upsert")
+
+
+def test_builtin_entry_points_are_discovered():
+    from kpr.pluginmanager import discover
+
+    for name, d in discover().items():
+        if d.builtin:
+            assert d.value.startswith("kpr.plugins."), f"built-in plugin {name} must live in plugins/"
+
+
+@pytest.fixture(scope="module")
+def example_plugin(tmp_path_factory):
+    """The example third-party package, pip-installed into a directory of its own."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT / "examples" / "plugin")],
+        check=True,
+    )
+    env = dict(os.environ, PYTHONPATH=str(target))
+    return env
+
+
+def test_example_third_party_plugin_is_discovered(example_plugin, tmp_path):
+    cfg = tmp_path / "kpr.yaml"
+    cfg.write_text("plugins: {servicelog: {enabled: true, path: /tmp/x.jsonl}}\n")
+    out = subprocess.run([sys.executable, "-m", "kpr.cli", "plugins", "--json", "--config", str(cfg)], env=example_plugin, capture_output=True, text=True, check=True)
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["servicelog"] == {
+        "name": "servicelog",
+        "enabled": True,
+        "dist": "kpr-servicelog",
+        "version": "0.1.0",
+        "builtin": False,
+        "entryPoint": "kpr_servicelog:ServiceLog",
+    }
+    ok = subprocess.run([sys.executable, "-m", "kpr.cli", "check-config", "--config", str(cfg)], env=example_plugin, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    cfg.write_text("plugins: {servicelog: {enabled: true, withBackends: sometimes}}\n")
+    bad = subprocess.run([sys.executable, "-m", "kpr.cli", "check-config", "--config", str(cfg)], env=example_plugin, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "plugins.servicelog.withBackends: Input should be a valid boolean" in bad.stderr
+
+
+class NeedsMaps:
+    @hookimpl
+    def kpr_requires(self):
+        return ["servicemaps"]
+
+
+class NeedsMagic:
+    @hookimpl
+    def kpr_requires(self):
+        return ["magic"]
+
+
+class FakeFacility:
+    """Stands in for a core facility object; only its registration order is under test."""
+
+
+def test_required_facility_is_registered_first_once():
+    cfg = parse_config("plugins: {a: {enabled: true}, b: {enabled: true}, c: {enabled: false}}")
+    made = []
+    kpm = build_plugin_manager(
+        cfg,
+        discovered=found(a=NeedsMaps, b=NeedsMaps, c=NeedsMagic),
+        facilities={"servicemaps": lambda c: made.append(c) or FakeFacility()},
+    )
+    assert [h.name for h in kpm.handles] == ["servicemaps", "a", "b"]
+    assert len(made) == 1 and made[0] is cfg
+
+
+def test_unknown_facility_stops_start_up():
+    cfg = parse_config("plugins: {c: {enabled: true}}")
+    with pytest.raises(PluginError, match="plugin c requires 'magic'"):
+        build_plugin_manager(cfg, discovered=found(c=NeedsMagic), facilities={})
+
+
+def test_no_facility_without_a_plugin_that_needs_it():
+    cfg = parse_config("plugins: {a: {enabled: false}}")
+    kpm = build_plugin_manager(cfg, discovered=found(a=NeedsMaps), facilities={"servicemaps": lambda c: 1 / 0})
+    assert kpm.handles == []

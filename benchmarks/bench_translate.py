@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 from kpr import translate
 from kpr.model import NodeInfo
@@ -29,6 +31,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def pod_address(n: int) -> str:
+    """The n-th address of a pod range starting at 10.128.0.0."""
+    return f"10.{128 + (n >> 16)}.{(n >> 8) & 0xFF}.{n & 0xFF}"
 
 
 def make_cluster(services: int, endpoints: int) -> list[tuple[dict, dict]]:
@@ -62,7 +69,7 @@ def make_cluster(services: int, endpoints: int) -> list[tuple[dict, dict]]:
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [
                 {
-                    "addresses": [f"10.{128 + ((base + j) >> 16)}.{((base + j) >> 8) & 0xFF}.{(base + j) & 0xFF}"],
+                    "addresses": [pod_address(base + j)],
                     "conditions": {"ready": True, "serving": True, "terminating": False},
                     "nodeName": f"node-{(base + j) % 100}",
                     "zone": f"zone-{j % 3}",
@@ -74,57 +81,84 @@ def make_cluster(services: int, endpoints: int) -> list[tuple[dict, dict]]:
     return cluster
 
 
-def run_translate(cluster: list[tuple[dict, dict]]) -> float:
-    start = time.perf_counter()
+def run_translate(cluster: list[tuple[dict, dict]]) -> None:
     for svc, slice_ in cluster:
         translate.translate_service(svc, [slice_], None, NODE)
-    return time.perf_counter() - start
 
 
-def run_validate(cluster: list[tuple[dict, dict]]) -> float:
-    start = time.perf_counter()
+def run_validate(cluster: list[tuple[dict, dict]]) -> None:
     for svc, slice_ in cluster:
         translate.validate_object(svc)
         translate.validate_object(slice_)
-    return time.perf_counter() - start
 
 
-def timed(fn, cluster, cold: bool, repeat: int) -> list[float]:
-    times = []
+def measure(
+    fn: Callable[[list], None], cluster: list, cold: bool, repeat: int
+) -> tuple[float, float, float]:
+    """(best wall, median wall, best CPU) seconds over `repeat` runs."""
+    walls, cpus = [], []
     for _ in range(repeat):
         if cold:
             translate.clear_caches()
         else:
-            fn(cluster)  # fill the caches
+            fn(cluster)  # fill the caches, as a resync finds them
         gc.collect()
-        times.append(fn(cluster))
-    return times
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn(cluster)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), statistics.median(walls), min(cpus)
+
+
+def report(label: str, count: int, unit: str, figures: tuple[float, float, float]) -> None:
+    best, median, cpu = figures
+    print(
+        f"  {label:44s} best {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms"
+        f"  cpu {cpu * 1e3:6.0f} ms  ({best / count * 1e6:4.1f} us/{unit})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--endpoints", type=int, default=10)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
     cluster = make_cluster(args.services, args.endpoints)
-    objects = 2 * len(cluster)
-    backends = args.services * args.endpoints
-    print(f"cpu:    {cpu_model()}")
+    print(f"cpu:    {cpu_model()} ({os.cpu_count()} cpus)")
     print(f"python: {platform.python_implementation()} {platform.python_version()}")
-    print(f"input:  {args.services} services x {args.endpoints} endpoints (one slice each), {backends} backends")
-    for label, fn, count in (
-        ("validate_object (all objects)", run_validate, objects),
-        ("translate_service (all services)", run_translate, args.services),
-    ):
-        for cold in (True, False):
-            times = timed(fn, cluster, cold, args.repeat)
-            best, median = min(times), statistics.median(times)
-            print(
-                f"{label:34s} {'cold' if cold else 'warm'}: best {best * 1e3:7.1f} ms,"
-                f" median {median * 1e3:7.1f} ms ({best / count * 1e6:5.1f} us/object)"
-            )
+    print(
+        f"input:  {args.services} services x {args.endpoints} endpoints (one EndpointSlice each),"
+        f" {args.services * args.endpoints} backends; best/median of {args.repeat}"
+    )
+    n_objects, n_services = 2 * len(cluster), len(cluster)
+    print("validate_object, every Service and EndpointSlice:")
+    report(
+        "cold address cache (first sync)",
+        n_objects,
+        "object",
+        measure(run_validate, cluster, True, args.repeat),
+    )
+    report(
+        "warm address cache (resync)",
+        n_objects,
+        "object",
+        measure(run_validate, cluster, False, args.repeat),
+    )
+    print("translate_service, every Service with its slice:")
+    report(
+        "cold caches (first sync)",
+        n_services,
+        "service",
+        measure(run_translate, cluster, True, args.repeat),
+    )
+    report(
+        "warm caches (resync)",
+        n_services,
+        "service",
+        measure(run_translate, cluster, False, args.repeat),
+    )
 
 
 if __name__ == "__main__":

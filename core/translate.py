@@ -35,6 +35,9 @@ from kpr.model import (
 
 log = logging.getLogger(__name__)
 
+# A Kubernetes object as the API serves it (JSON decoded); only checked fields are trusted.
+KubeObject = dict[str, Any]
+
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
@@ -67,6 +70,7 @@ _TYPE_RANK = {t: i for i, t in enumerate(FrontendType)}
 
 # (canonical text, family 4|6, integer value): the integer gives a numeric sort order.
 _IP = tuple[str, int, int]
+_NO_IP: _IP = ("", 0, 0)  # the "address" of an FQDN endpoint, which is never used
 # Big enough for every endpoint of a 10k-service cluster; bounded so churn cannot leak.
 _IP_CACHE_SIZE = 1 << 18
 
@@ -160,13 +164,12 @@ def clear_caches() -> None:
     _parse_ip_text.cache_clear()
     _parse_cidr_text.cache_clear()
     _node_addresses.cache_clear()
-    _BACKENDS.clear()
 
 
 # --- object identity -------------------------------------------------------------------
 
 
-def object_ref(obj: dict) -> tuple[str, str, str]:
+def object_ref(obj: KubeObject) -> tuple[str, str, str]:
     """(kind, namespace, name) of any object; never raises, so it can name broken ones."""
     if not isinstance(obj, Mapping):
         return "", "default", ""
@@ -183,7 +186,7 @@ def object_ref(obj: dict) -> tuple[str, str, str]:
     )
 
 
-def service_key_of(obj: dict) -> ServiceKey | None:
+def service_key_of(obj: KubeObject) -> ServiceKey | None:
     """The ServiceKey an object contributes to, or None when it belongs to no service."""
     kind, namespace, name = object_ref(obj)
     if not name:
@@ -208,7 +211,7 @@ def _fail(obj: Mapping[str, Any], reason: str) -> NoReturn:
     raise InvalidObject(f"{kind or 'object'} {namespace}/{name}: {reason}")
 
 
-def _dict(obj: dict, value: object, path: str) -> dict:
+def _dict(obj: KubeObject, value: object, path: str) -> KubeObject:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -216,7 +219,7 @@ def _dict(obj: dict, value: object, path: str) -> dict:
     return value
 
 
-def _list(obj: dict, value: object, path: str) -> list:
+def _list(obj: KubeObject, value: object, path: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -224,7 +227,7 @@ def _list(obj: dict, value: object, path: str) -> list:
     return value
 
 
-def _str(obj: dict, value: object, path: str) -> str:
+def _str(obj: KubeObject, value: object, path: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -232,13 +235,15 @@ def _str(obj: dict, value: object, path: str) -> str:
     return value
 
 
-def _bool(obj: dict, value: object, path: str) -> bool | None:
+def _bool(obj: KubeObject, value: object, path: str) -> bool | None:
     if value is not None and not isinstance(value, bool):
         _fail(obj, f"{path}: must be true or false, got {value!r}")
     return value
 
 
-def _enum(obj: dict, value: object, allowed: Mapping[str, Any] | frozenset[str], path: str) -> str:
+def _enum(
+    obj: KubeObject, value: object, allowed: Mapping[str, Any] | frozenset[str], path: str
+) -> str:
     """A string from `allowed`; absent or empty gives ""."""
     if value is None or value == "":
         return ""
@@ -247,7 +252,7 @@ def _enum(obj: dict, value: object, allowed: Mapping[str, Any] | frozenset[str],
     return value
 
 
-def _port(obj: dict, value: object, path: str, optional: bool = False) -> int:
+def _port(obj: KubeObject, value: object, path: str, optional: bool = False) -> int:
     """A port number 1-65535; with optional, absent or 0 gives 0."""
     if optional and (value is None or (type(value) is int and value == 0)):
         return 0
@@ -257,7 +262,7 @@ def _port(obj: dict, value: object, path: str, optional: bool = False) -> int:
     return value
 
 
-def _protocol(obj: dict, value: object, path: str) -> Protocol:
+def _protocol(obj: KubeObject, value: object, path: str) -> Protocol:
     if value is None or value == "":
         return Protocol.TCP
     proto = _PROTOCOLS.get(value) if isinstance(value, str) else None
@@ -266,14 +271,14 @@ def _protocol(obj: dict, value: object, path: str) -> Protocol:
     return proto
 
 
-def _address(obj: dict, value: object, path: str) -> _IP:
+def _address(obj: KubeObject, value: object, path: str) -> _IP:
     parsed = _ip(value)
     if parsed is None:
         _fail(obj, f"{path}: {value!r} is not an IP address")
     return parsed
 
 
-def _string_map(obj: dict, value: object, path: str) -> dict[str, str]:
+def _string_map(obj: KubeObject, value: object, path: str) -> dict[str, str]:
     mapping = _dict(obj, value, path)
     for k, v in mapping.items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -336,13 +341,15 @@ class _ServiceSpec:
     publish_not_ready: bool
 
 
-def _parse_service(obj: dict) -> _ServiceSpec:
+def _parse_service(obj: KubeObject) -> _ServiceSpec:
     spec = _dict(obj, obj.get("spec"), "spec")
     get = spec.get
     stype = _enum(obj, get("type"), _SERVICE_TYPES, "spec.type") or "ClusterIP"
     cluster_ips = _parse_cluster_ips(obj, spec)
     families = _parse_families(obj, spec, cluster_ips)
-    ports = tuple(_parse_service_port(obj, p, i) for i, p in enumerate(_list(obj, get("ports"), "spec.ports")))
+    ports = tuple(
+        _parse_service_port(obj, p, i) for i, p in enumerate(_list(obj, get("ports"), "spec.ports"))
+    )
     # Most services set few of the fields below; absent ones are skipped without calls,
     # which matters when a full sync parses every service of a large cluster.
     external_ips: tuple[_IP, ...] = ()
@@ -364,14 +371,20 @@ def _parse_service(obj: dict) -> _ServiceSpec:
         affinity_timeout = _parse_affinity(obj, spec)
     external_policy = internal_policy = ""
     if get("externalTrafficPolicy") is not None:
-        external_policy = _enum(obj, get("externalTrafficPolicy"), _EXTERNAL_POLICIES, "spec.externalTrafficPolicy")
+        external_policy = _enum(
+            obj, get("externalTrafficPolicy"), _EXTERNAL_POLICIES, "spec.externalTrafficPolicy"
+        )
     if get("internalTrafficPolicy") is not None:
-        internal_policy = _enum(obj, get("internalTrafficPolicy"), _INTERNAL_POLICIES, "spec.internalTrafficPolicy")
+        internal_policy = _enum(
+            obj, get("internalTrafficPolicy"), _INTERNAL_POLICIES, "spec.internalTrafficPolicy"
+        )
     if get("ipFamilyPolicy") is not None:
         _enum(obj, get("ipFamilyPolicy"), _FAMILY_POLICIES, "spec.ipFamilyPolicy")
     health_check = 0
     if get("healthCheckNodePort") is not None:
-        health_check = _port(obj, get("healthCheckNodePort"), "spec.healthCheckNodePort", optional=True)
+        health_check = _port(
+            obj, get("healthCheckNodePort"), "spec.healthCheckNodePort", optional=True
+        )
     if get("allocateLoadBalancerNodePorts") is not None:
         _bool(obj, get("allocateLoadBalancerNodePorts"), "spec.allocateLoadBalancerNodePorts")
     publish = get("publishNotReadyAddresses")
@@ -396,7 +409,7 @@ def _parse_service(obj: dict) -> _ServiceSpec:
     )
 
 
-def _parse_cluster_ips(obj: dict, spec: dict) -> tuple[_IP, ...]:
+def _parse_cluster_ips(obj: KubeObject, spec: KubeObject) -> tuple[_IP, ...]:
     cluster_ip = _str(obj, spec.get("clusterIP"), "spec.clusterIP")
     if cluster_ip not in ("", "None"):
         _address(obj, cluster_ip, "spec.clusterIP")
@@ -417,7 +430,9 @@ def _parse_cluster_ips(obj: dict, spec: dict) -> tuple[_IP, ...]:
     return tuple(ips)
 
 
-def _parse_families(obj: dict, spec: dict, cluster_ips: tuple[_IP, ...]) -> tuple[int, ...]:
+def _parse_families(
+    obj: KubeObject, spec: KubeObject, cluster_ips: tuple[_IP, ...]
+) -> tuple[int, ...]:
     families: list[int] = []
     for i, name in enumerate(_list(obj, spec.get("ipFamilies"), "spec.ipFamilies")):
         family = _IP_FAMILIES.get(name) if isinstance(name, str) else None
@@ -434,7 +449,7 @@ def _parse_families(obj: dict, spec: dict, cluster_ips: tuple[_IP, ...]) -> tupl
     return tuple(families)
 
 
-def _parse_service_port(obj: dict, port: object, i: int) -> _ServicePort:
+def _parse_service_port(obj: KubeObject, port: object, i: int) -> _ServicePort:
     path = f"spec.ports[{i}]"
     port = _dict(obj, port, path)
     target = port.get("targetPort")
@@ -451,7 +466,7 @@ def _parse_service_port(obj: dict, port: object, i: int) -> _ServicePort:
     )
 
 
-def _parse_lb_ips(obj: dict, spec: dict, stype: str) -> tuple[_IP, ...]:
+def _parse_lb_ips(obj: KubeObject, spec: KubeObject, stype: str) -> tuple[_IP, ...]:
     ips: list[_IP] = []
     status = _dict(obj, obj.get("status"), "status")
     balancer = _dict(obj, status.get("loadBalancer"), "status.loadBalancer")
@@ -475,7 +490,7 @@ def _parse_lb_ips(obj: dict, spec: dict, stype: str) -> tuple[_IP, ...]:
     return tuple(ips) if stype == "LoadBalancer" else ()
 
 
-def _parse_source_ranges(obj: dict, spec: dict) -> tuple[str, ...]:
+def _parse_source_ranges(obj: KubeObject, spec: KubeObject) -> tuple[str, ...]:
     ranges = _list(obj, spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
     paths = [f"spec.loadBalancerSourceRanges[{i}]" for i in range(len(ranges))]
     annotations = obj["metadata"].get("annotations") or {}
@@ -485,7 +500,7 @@ def _parse_source_ranges(obj: dict, spec: dict) -> tuple[str, ...]:
         ranges = [part for part in annotation.split(",") if part.strip()]
         paths = [f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"] * len(ranges)
     parsed = set()
-    for text, path in zip(ranges, paths):
+    for text, path in zip(ranges, paths, strict=True):
         cidr = _parse_cidr_text(text) if isinstance(text, str) else None
         if cidr is None:
             _fail(obj, f"{path}: {text!r} is not a CIDR")
@@ -493,16 +508,16 @@ def _parse_source_ranges(obj: dict, spec: dict) -> tuple[str, ...]:
     return tuple(c[0] for c in sorted(parsed, key=lambda c: c[1:]))
 
 
-def _parse_affinity(obj: dict, spec: dict) -> int:
+def _parse_affinity(obj: KubeObject, spec: KubeObject) -> int:
     affinity = _enum(obj, spec.get("sessionAffinity"), _AFFINITIES, "spec.sessionAffinity")
     config = _dict(obj, spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
     client_ip = _dict(obj, config.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
     timeout = client_ip.get("timeoutSeconds")
-    if timeout is not None and (type(timeout) is not int or not 0 < timeout <= MAX_AFFINITY_TIMEOUT):
-        _fail(
-            obj,
-            f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {timeout!r} is not 1-{MAX_AFFINITY_TIMEOUT}",
-        )
+    if timeout is not None and (
+        type(timeout) is not int or not 0 < timeout <= MAX_AFFINITY_TIMEOUT
+    ):
+        path = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+        _fail(obj, f"{path}: {timeout!r} is not 1-{MAX_AFFINITY_TIMEOUT}")
     if affinity != "ClientIP":
         return 0
     return timeout or DEFAULT_AFFINITY_TIMEOUT
@@ -510,8 +525,6 @@ def _parse_affinity(obj: dict, spec: dict) -> int:
 
 # --- EndpointSlice and Endpoints -------------------------------------------------------
 
-# (address, state, node name, zone) of one usable endpoint.
-_Endpoint = tuple[_IP, BackendState, str, str]
 # (port name, protocol, port number or 0 when the slice does not restrict ports)
 _EndpointPort = tuple[str, Protocol, int]
 
@@ -525,7 +538,7 @@ class _Slice:
     endpoints: list[tuple[_IP, bool, bool, bool, str, str]]
 
 
-def _parse_slice(obj: dict) -> _Slice:
+def _parse_slice(obj: KubeObject) -> _Slice:
     address_type = obj.get("addressType")
     family = _ADDRESS_TYPES.get(address_type) if isinstance(address_type, str) else None
     if family is None:
@@ -543,11 +556,13 @@ def _parse_slice(obj: dict) -> _Slice:
     return _Slice(family, ports, _parse_slice_endpoints(obj, family))
 
 
-def _parse_slice_endpoints(obj: dict, family: int) -> list[tuple[_IP, bool, bool, bool, str, str]]:
+def _parse_slice_endpoints(
+    obj: KubeObject, family: int
+) -> list[tuple[_IP, bool, bool, bool, str, str]]:
     # The hot loop of a full sync (every endpoint of every slice): checks are inline and
     # cheap; on any doubt _endpoint_error re-examines the endpoint and names the field.
     raw = _list(obj, obj.get("endpoints"), "endpoints")
-    out = []
+    out: list[tuple[_IP, bool, bool, bool, str, str]] = []
     append = out.append
     parse_ip = _parse_ip_text
     for i, endpoint in enumerate(raw):
@@ -572,8 +587,10 @@ def _parse_slice_endpoints(obj: dict, family: int) -> list[tuple[_IP, bool, bool
             r = conditions.get("ready")
             s = conditions.get("serving")
             t = conditions.get("terminating")
-            if (r is not None and r.__class__ is not bool) or (s is not None and s.__class__ is not bool) or (
-                t is not None and t.__class__ is not bool
+            if (
+                (r is not None and r.__class__ is not bool)
+                or (s is not None and s.__class__ is not bool)
+                or (t is not None and t.__class__ is not bool)
             ):
                 _endpoint_error(obj, endpoint, i, family)
             # nil ready means ready; nil serving defers to ready; nil terminating means not.
@@ -593,17 +610,14 @@ def _parse_slice_endpoints(obj: dict, family: int) -> list[tuple[_IP, bool, bool
     return out
 
 
-_NO_IP: _IP = ("", 0, 0)
-
-
-def _check_addresses(obj: dict, addresses: list, i: int, family: int) -> None:
+def _check_addresses(obj: KubeObject, addresses: list[Any], i: int, family: int) -> None:
     for j, text in enumerate(addresses):
         parsed = _ip(text)
         if parsed is None or parsed[1] != family:
             _fail(obj, f"endpoints[{i}].addresses[{j}]: {text!r} is not an IPv{family} address")
 
 
-def _endpoint_error(obj: dict, endpoint: object, i: int, family: int) -> NoReturn:
+def _endpoint_error(obj: KubeObject, endpoint: object, i: int, family: int) -> NoReturn:
     """Raise the precise error for an endpoint the fast path found wrong."""
     path = f"endpoints[{i}]"
     if not isinstance(endpoint, dict):
@@ -628,7 +642,7 @@ class _Subset:
     ports: list[_EndpointPort]
 
 
-def _parse_endpoints(obj: dict) -> list[_Subset]:
+def _parse_endpoints(obj: KubeObject) -> list[_Subset]:
     subsets = []
     for i, subset in enumerate(_list(obj, obj.get("subsets"), "subsets")):
         path = f"subsets[{i}]"
@@ -653,7 +667,9 @@ def _parse_endpoints(obj: dict) -> list[_Subset]:
     return subsets
 
 
-def _parse_endpoint_addresses(obj: dict, subset: dict, field: str, path: str) -> list[tuple[_IP, str]]:
+def _parse_endpoint_addresses(
+    obj: KubeObject, subset: KubeObject, field: str, path: str
+) -> list[tuple[_IP, str]]:
     out = []
     for i, address in enumerate(_list(obj, subset.get(field), f"{path}.{field}")):
         address = _dict(obj, address, f"{path}.{field}[{i}]")
@@ -683,7 +699,7 @@ class _Pod:
     host_ports: list[_HostPort]
 
 
-def _parse_pod(obj: dict) -> _Pod:
+def _parse_pod(obj: KubeObject) -> _Pod:
     spec = _dict(obj, obj.get("spec"), "spec")
     status = _dict(obj, obj.get("status"), "status")
     host_ports = _container_host_ports(obj, spec, "containers", sidecars_only=False)
@@ -691,7 +707,9 @@ def _parse_pod(obj: dict) -> _Pod:
 
     pod_ips: dict[int, _IP] = {}
     for i, entry in enumerate(_list(obj, status.get("podIPs"), "status.podIPs")):
-        ip = _address(obj, _dict(obj, entry, f"status.podIPs[{i}]").get("ip"), f"status.podIPs[{i}].ip")
+        ip = _address(
+            obj, _dict(obj, entry, f"status.podIPs[{i}]").get("ip"), f"status.podIPs[{i}].ip"
+        )
         pod_ips.setdefault(ip[1], ip)
     primary = _str(obj, status.get("podIP"), "status.podIP")
     if primary:
@@ -710,7 +728,9 @@ def _parse_pod(obj: dict) -> _Pod:
     )
 
 
-def _container_host_ports(obj: dict, spec: dict, field: str, sidecars_only: bool) -> list[_HostPort]:
+def _container_host_ports(
+    obj: KubeObject, spec: KubeObject, field: str, sidecars_only: bool
+) -> list[_HostPort]:
     out = []
     for i, container in enumerate(_list(obj, spec.get(field), f"spec.{field}")):
         path = f"spec.{field}[{i}]"
@@ -724,7 +744,7 @@ def _container_host_ports(obj: dict, spec: dict, field: str, sidecars_only: bool
     return out
 
 
-def _parse_container_port(obj: dict, port: object, path: str) -> _HostPort | None:
+def _parse_container_port(obj: KubeObject, port: object, path: str) -> _HostPort | None:
     port = _dict(obj, port, path)
     container_port = _port(obj, port.get("containerPort"), f"{path}.containerPort")
     host_port = _port(obj, port.get("hostPort"), f"{path}.hostPort", optional=True)
@@ -749,7 +769,7 @@ _PARSERS = {
 }
 
 
-def validate_object(obj: dict) -> None:
+def validate_object(obj: KubeObject) -> None:
     """Raise InvalidObject("<kind> <ns>/<name>: <field>: <reason>") for an unusable object."""
     _PARSERS[_check_common(obj)](obj)
 
@@ -791,41 +811,22 @@ def _better(new: Backend, old: Backend) -> bool:
     return (new.node_name, new.zone) < (old.node_name, old.zone)
 
 
-# Backends are immutable, so equal ones can be shared. Interning them lets a resync (which
-# re-translates services whose endpoints mostly did not change) skip building them again;
-# a plain dict keyed by fields is cheaper to probe than lru_cache. Cleared when full.
-_BACKENDS: dict[tuple[str, int, bool, str, bool, str], Backend] = {}
-_BACKENDS_MAX = _IP_CACHE_SIZE
-
-
-def _new_backend(key: tuple[str, int, bool, str, bool, str]) -> Backend:
-    if len(_BACKENDS) >= _BACKENDS_MAX:
-        _BACKENDS.clear()
-    address, port, active, node_name, local, zone = key
-    state = BackendState.ACTIVE if active else BackendState.TERMINATING
-    backend = _BACKENDS[key] = Backend(address, port, state, node_name, local, zone)
-    return backend
-
-
-def _slice_backends(groups: dict[_GroupKey, _BackendGroup], parsed: _Slice, publish: bool, node_name: str) -> None:
-    interned = _BACKENDS.get
+def _slice_backends(
+    groups: dict[_GroupKey, _BackendGroup], parsed: _Slice, publish: bool, node_name: str
+) -> None:
     for name, protocol, number in parsed.ports:
         if not number:
             continue  # a port-less slice port means "all ports": unusable for a service port
         group = groups.setdefault((name, protocol, parsed.family), {})
         for ip, ready, serving, terminating, ep_node, zone in parsed.endpoints:
             if ready or publish:
-                active = True
+                state = BackendState.ACTIVE
             elif serving and terminating:
-                active = False
+                state = BackendState.TERMINATING
             else:
                 continue
-            key = (ip[0], number, active, ep_node, ep_node == node_name and ep_node != "", zone)
-            backend = interned(key) or _new_backend(key)
-            slot = (ip[2], number)
-            current = group.get(slot)
-            if current is None or (current is not backend and _better(backend, current)):
-                group[slot] = backend
+            local = ep_node == node_name and ep_node != ""
+            _offer(group, Backend(ip[0], number, state, ep_node, local, zone), ip)
 
 
 def _endpoints_backends(
@@ -836,25 +837,25 @@ def _endpoints_backends(
         for name, protocol, number in subset.ports:
             for ip, ep_node in addresses:
                 group = groups.setdefault((name, protocol, ip[1]), {})
-                key = (ip[0], number, True, ep_node, ep_node == node_name and ep_node != "", "")
-                _offer(group, _BACKENDS.get(key) or _new_backend(key), ip)
+                local = ep_node == node_name and ep_node != ""
+                _offer(group, Backend(ip[0], number, BackendState.ACTIVE, ep_node, local), ip)
 
 
-def _belongs(obj: dict, key: ServiceKey) -> bool:
+def _belongs(obj: KubeObject, key: ServiceKey) -> bool:
     """Whether a checked EndpointSlice or Endpoints object is the given service's."""
     meta = obj["metadata"]
     if (meta.get("namespace") or "default") != key.namespace:
         return False
     if obj["kind"] == "Endpoints":
-        return meta["name"] == key.name
-    return (meta.get("labels") or {}).get(SERVICE_NAME_LABEL) == key.name
+        return bool(meta["name"] == key.name)
+    return bool((meta.get("labels") or {}).get(SERVICE_NAME_LABEL) == key.name)
 
 
 def _collect_backends(
     key: ServiceKey,
     spec: _ServiceSpec,
-    slices: list[dict],
-    endpoints: dict | None,
+    slices: list[KubeObject],
+    endpoints: KubeObject | None,
     node: NodeInfo,
 ) -> dict[_GroupKey, tuple[Backend, ...]]:
     groups: dict[_GroupKey, _BackendGroup] = {}
@@ -882,7 +883,7 @@ def _collect_backends(
 class _FrontendSet:
     """Frontends of one service, deduplicated on (type, address, port, protocol)."""
 
-    __slots__ = ("items", "affinity")
+    __slots__ = ("affinity", "items")
 
     def __init__(self, affinity: int) -> None:
         self.items: dict[tuple[int, int, int, int, str], Frontend] = {}
@@ -928,7 +929,10 @@ def _service_frontends(
     lb_ips = [ip for ip in spec.lb_ips if ip[1] in families]
     external = {"external_local": spec.external_local}
     # The health check port only means something when external traffic stays local.
-    checked = {**external, "health_check_node_port": spec.health_check_node_port if spec.external_local else 0}
+    checked = {
+        **external,
+        "health_check_node_port": spec.health_check_node_port if spec.external_local else 0,
+    }
     # All ranges go on every LB frontend (not only those of its family): a v6 VIP of a
     # service that lists only v4 ranges then admits no v6 client instead of all of them.
     balanced = {**checked, "source_ranges": spec.source_ranges}
@@ -937,23 +941,41 @@ def _service_frontends(
         by_family = {family: backends.get((name, protocol, family), ()) for family in (4, 6)}
         for ip in spec.cluster_ips:
             out.add(
-                FrontendType.CLUSTER_IP, ip, port, protocol, name, by_family[ip[1]], internal_local=spec.internal_local
+                FrontendType.CLUSTER_IP,
+                ip,
+                port,
+                protocol,
+                name,
+                by_family[ip[1]],
+                internal_local=spec.internal_local,
             )
         if sp.node_port and spec.type in _NODE_PORT_TYPES:
             for family in families:
                 for ip in (*node_addresses[family], _LOOPBACK[family]):
-                    out.add(FrontendType.NODE_PORT, ip, sp.node_port, protocol, name, by_family[family], **checked)
+                    out.add(
+                        FrontendType.NODE_PORT,
+                        ip,
+                        sp.node_port,
+                        protocol,
+                        name,
+                        by_family[family],
+                        **checked,
+                    )
         for ip in lb_ips:
-            out.add(FrontendType.LOAD_BALANCER, ip, port, protocol, name, by_family[ip[1]], **balanced)
+            out.add(
+                FrontendType.LOAD_BALANCER, ip, port, protocol, name, by_family[ip[1]], **balanced
+            )
         for ip in external_ips:
-            out.add(FrontendType.EXTERNAL_IP, ip, port, protocol, name, by_family[ip[1]], **external)
+            out.add(
+                FrontendType.EXTERNAL_IP, ip, port, protocol, name, by_family[ip[1]], **external
+            )
     return out.sorted()
 
 
 def translate_service(
-    svc: dict,
-    slices: list[dict],
-    endpoints: dict | None,
+    svc: KubeObject,
+    slices: list[KubeObject],
+    endpoints: KubeObject | None,
     node: NodeInfo,
     proxy_name: str = "",
 ) -> Service | None:
@@ -988,7 +1010,7 @@ def translate_service(
     )
 
 
-def translate_pod(pod: dict, node: NodeInfo) -> Service | None:
+def translate_pod(pod: KubeObject, node: NodeInfo) -> Service | None:
     """The HostPort pseudo-service of a Pod running on `node`, or None when it has none.
 
     Each container port with a hostPort is reachable on its hostIP, or when unset on every
@@ -1008,7 +1030,11 @@ def translate_pod(pod: dict, node: NodeInfo) -> Service | None:
         if hp.host_ip is not None:
             targets = [(hp.host_ip, parsed.pod_ips.get(hp.host_ip[1]))]
         else:
-            targets = [(ip, pod_ip) for family, pod_ip in parsed.pod_ips.items() for ip in node_addresses[family]]
+            targets = [
+                (ip, pod_ip)
+                for family, pod_ip in parsed.pod_ips.items()
+                for ip in node_addresses[family]
+            ]
         for ip, pod_ip in targets:
             if pod_ip is None:
                 continue  # a hostIP of a family the pod has no address in

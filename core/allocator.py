@@ -12,9 +12,9 @@ Rules:
   held by another service's *automatic* allocation is taken over and that service is moved
   (listed in ``Allocation.displaced``), so a manifest's explicit values never depend on what
   the allocator happened to pick before.
-- Allocations loaded from the state file are provisional until their service shows up again:
-  they are kept from other automatic allocations, and ``retain`` releases those of services
-  that did not come back once the source has seen everything.
+- Allocations loaded from the state file (explicit marks included, so the holder of a
+  contested value stays the same across restarts) are kept until the source, having read
+  every manifest, calls ``retain`` with the services that still exist.
 - As with kube-apiserver (KEP-3070, KEP-3668), automatic values prefer the upper part of a
   range and leave a small lower band to explicit values, making takeovers rare.
 """
@@ -78,6 +78,8 @@ class _Record:
             out["nodePorts"] = dict(sorted(self.node_ports.items()))
         if self.health_check_node_port:
             out["healthCheckNodePort"] = self.health_check_node_port
+        if self.explicit:
+            out["explicit"] = sorted(_show(c) for c in self.explicit)
         return out
 
 
@@ -152,8 +154,6 @@ class Allocator:
         self._port_range = _Range(node_port_range.first, n, _static_band(n, 32, 128))
 
         self._records: dict[str, _Record] = {}
-        # Keys loaded from the state file that no manifest has claimed yet in this run.
-        self._provisional: set[str] = set()
         self._ips: dict[str, str] = {}  # ip -> service key
         self._ports: dict[tuple[str, int], str] = {}  # (protocol, port) -> service key
         self._port_numbers: dict[int, int] = {}  # port -> claims on it, any protocol
@@ -187,7 +187,7 @@ class Allocator:
             owner = self._owner(c)
             if owner is not None and owner != key:
                 rec = self._records.get(owner)
-                if rec is not None and c in rec.explicit and owner not in self._provisional:
+                if rec is not None and c in rec.explicit:
                     raise AllocationError(f"{what} is already allocated to service {owner}")
                 displaced.add(owner)
             staged.add(c)
@@ -216,19 +216,21 @@ class Allocator:
                 if self._owner(c) == owner:
                     self._drop(c)
                     self._forget(victim, c)
+                    self._dirty = True
                     log.warning("allocator.takeover service=%s value=%s from=%s", key, _show(c), owner)
         for c in new.claims():
             self._take(c, key)
-        self._provisional.discard(key)
-        if old is None or old.to_json() != new.to_json():
+        if (old.to_json() if old is not None else {}) != new.to_json():
             self._dirty = True
-        self._records[key] = new
+        if new.claims():
+            self._records[key] = new
+        else:
+            self._records.pop(key, None)  # headless, or no clusterCIDR: nothing to keep
         return Allocation(self._inject(svc, new_spec, new_ports), displaced - {key})
 
     def release(self, key: str) -> None:
         """Forget a service's allocations (it was deleted)."""
         rec = self._records.pop(key, None)
-        self._provisional.discard(key)
         if rec is None:
             return
         for c in rec.claims():
@@ -594,8 +596,9 @@ class Allocator:
             kept.node_ports = {k: np for k, np in rec.node_ports.items() if keep(("port", (k.split("/")[1], np)))}
             hc = rec.health_check_node_port
             kept.health_check_node_port = hc if hc and keep(("port", ("TCP", hc))) else 0
-            self._records[key] = kept
-            self._provisional.add(key)
+            kept.explicit = {c for c in rec.explicit if c in kept.claims()}
+            if kept.claims():
+                self._records[key] = kept
         log.info("allocator.load path=%s services=%d", self.state_path, len(self._records))
 
     @staticmethod
@@ -613,7 +616,14 @@ class Allocator:
         hc = entry.get("healthCheckNodePort") or 0
         if not isinstance(hc, int) or isinstance(hc, bool):
             raise ValueError(f"bad healthCheckNodePort {hc!r}")
-        return _Record(cluster_ips=ips, node_ports=nps, health_check_node_port=hc)
+        explicit: set[Claim] = set()
+        for text in entry.get("explicit") or []:
+            number, sep, proto = str(text).partition("/")
+            if sep:
+                explicit.add(("port", (proto, int(number))))
+            else:
+                explicit.add(("ip", str(ipaddress.ip_address(text))))
+        return _Record(cluster_ips=ips, node_ports=nps, health_check_node_port=hc, explicit=explicit)
 
 
 def _show(c: Claim) -> str:

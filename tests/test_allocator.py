@@ -98,7 +98,7 @@ def test_headless_and_external_name_get_nothing(tmp_path):
     assert a.allocate(headless).obj == headless
     ext = svc("e", type="ExternalName", externalName="example.com")
     assert a.allocate(ext).obj == ext
-    assert a.keys() == ["default/h"]  # the headless one holds nothing, but is known
+    assert a.keys() == []
 
 
 def test_skips_network_first_host_and_broadcast_and_exhausts(tmp_path):
@@ -209,7 +209,9 @@ def test_explicit_conflict_first_keeps_it(tmp_path):
         a.allocate(svc("second", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
     with pytest.raises(AllocationError, match="clusterIP 10.96.5.5 is already allocated to service default/first"):
         a.allocate(svc("third", clusterIP="10.96.5.5"))
-    assert a.get("default/first") == {"clusterIPs": ["10.96.5.5"], "nodePorts": {"/TCP/80": 30080}}
+    assert a.get("default/first") == {
+        "clusterIPs": ["10.96.5.5"], "nodePorts": {"/TCP/80": 30080}, "explicit": ["10.96.5.5", "30080/TCP"]
+    }
     # Another protocol on the same number is no conflict.
     out = a.allocate(svc("udp", type="NodePort", ports=[{"port": 80, "protocol": "UDP", "nodePort": 30080}])).obj
     assert node_ports(out) == [30080]
@@ -326,8 +328,35 @@ def test_bad_entries_and_out_of_range_values_are_dropped(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kpr.allocator"):
         a = alloc(tmp_path)
     assert a.get("default/bad") is None
-    assert a.get("default/old") == {}
-    assert a.get("default/zdup") == {}  # loaded after default/ok, which keeps the address
+    assert a.get("default/old") is None  # nothing left that fits the config
+    assert a.get("default/zdup") is None  # loaded after default/ok, which keeps the address
     assert a.get("default/ok") == {"clusterIPs": ["10.96.0.50"], "nodePorts": {"/TCP/80": 30050}}
     out = a.allocate(svc("ok", type="NodePort", ports=[{"port": 80}])).obj
     assert out["spec"]["clusterIP"] == "10.96.0.50" and node_ports(out) == [30050]
+
+
+def test_readded_service_gets_its_old_values_back(tmp_path):
+    # The preferred value comes from a hash of the service key, so deleting a service and
+    # adding it back (a file moved away and back) keeps its address when still free.
+    a = alloc(tmp_path)
+    before = a.allocate(svc("web", type="NodePort")).obj
+    a.release("default/web")
+    for i in range(20):
+        a.allocate(svc(f"other{i}", type="NodePort"))
+    assert a.allocate(svc("web", type="NodePort")).obj == before
+
+
+def test_explicit_holder_survives_restart(tmp_path):
+    a = alloc(tmp_path)
+    a.allocate(svc("holder", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    a.save()
+    b = alloc(tmp_path)
+    # The contender comes first after the restart; the holder still has the value.
+    with pytest.raises(AllocationError, match="already allocated to service default/holder"):
+        b.allocate(svc("contender", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    # An automatic value from before the restart is still taken over by an explicit one.
+    auto = b.allocate(svc("auto", type="NodePort")).obj
+    b.save()
+    c = alloc(tmp_path)
+    res = c.allocate(svc("pinned", type="NodePort", ports=[{"port": 80, "nodePort": node_ports(auto)[0]}]))
+    assert res.displaced == {"default/auto"}

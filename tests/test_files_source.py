@@ -462,7 +462,36 @@ def test_explicit_values_respected(tmp_path):
     src.scan_once(sink)
     spec = sink.get("Service", "web")["spec"]
     assert spec["clusterIPs"] == ["10.96.7.7"] and spec["ports"][0]["nodePort"] == 30080
-    assert src.allocator.get("default/web") == {"clusterIPs": ["10.96.7.7"], "nodePorts": {"/TCP/80": 30080}}
+    assert src.allocator.get("default/web") == {
+        "clusterIPs": ["10.96.7.7"], "nodePorts": {"/TCP/80": 30080}, "explicit": ["10.96.7.7", "30080/TCP"]
+    }
+
+
+def test_writing_allocated_values_into_the_manifest_sends_nothing(tmp_path):
+    # As when `kubectl get -o yaml` output replaces a hand-written manifest.
+    src = make(tmp_path)
+    write(src.path / "a.yaml", service("web", type="NodePort"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    full = sink.get("Service", "web")
+    n = len(sink.batches)
+    write(src.path / "a.yaml", full)
+    src.scan_once(sink)
+    assert len(sink.batches) == n
+    assert sink.errors == {}
+
+
+def test_identical_duplicate_taking_over_sends_nothing(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "a.yaml", service("web"))
+    write(src.path / "b.yaml", service("web"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    n = len(sink.batches)
+    (src.path / "a.yaml").unlink()
+    src.scan_once(sink)
+    assert len(sink.batches) == n
+    assert sink.errors == {} and sink.get("Service", "web") is not None
 
 
 def test_conflicting_explicit_node_port_first_keeps_it(tmp_path):
@@ -484,6 +513,46 @@ def test_conflicting_explicit_node_port_first_keeps_it(tmp_path):
     assert sink.get("Service", "second")["spec"]["ports"][0]["nodePort"] == 30080
     assert sink.get("Service", "first")["spec"]["ports"][0]["nodePort"] == 30081
     assert sink.errors == {}
+
+
+def test_conflict_winner_stable_across_restart(tmp_path):
+    src = make(tmp_path)
+    write(src.path / "z.yaml", service("holder", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    # A contender in a file that sorts first, added later: refused.
+    write(src.path / "a.yaml", service("contender", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    src.scan_once(sink)
+    assert sink.get("Service", "contender") is None
+
+    # After a restart the holder keeps it, though the contender is read first.
+    src2 = make(tmp_path)
+    sink2 = RecordingSink()
+    src2.scan_once(sink2)
+    assert sink2.get("Service", "holder")["spec"]["ports"][0]["nodePort"] == 30080
+    assert sink2.get("Service", "contender") is None
+    assert "default/holder" in sink2.errors[str(src.path / "a.yaml")]
+
+    # The holder moves off it; the contender, read earlier in the same pass, still gets it
+    # in that pass (no error flickers).
+    n = len(sink2.events)
+    write(src.path / "z.yaml", service("holder", type="NodePort", ports=[{"port": 80, "nodePort": 30081}]))
+    src2.scan_once(sink2)
+    assert sink2.get("Service", "contender")["spec"]["ports"][0]["nodePort"] == 30080
+    assert sink2.errors == {}
+    assert [e[0] for e in sink2.events[n:]] == ["clear", "apply"]
+    write(src.path / "z.yaml", service("holder", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    src2.scan_once(sink2)
+    assert sink2.get("Service", "holder")["spec"]["ports"][0]["nodePort"] == 30081  # last good
+    assert "default/contender" in sink2.errors[str(src.path / "z.yaml")]
+
+    # The holder went away while kpr was down: the contender gets it in the initial batch.
+    (src.path / "z.yaml").unlink()
+    src3 = make(tmp_path)
+    sink3 = RecordingSink()
+    src3.scan_once(sink3)
+    assert sink3.get("Service", "contender")["spec"]["ports"][0]["nodePort"] == 30080
+    assert sink3.errors == {}
 
 
 def test_conflicting_cluster_ip_keeps_last_good(tmp_path):

@@ -38,93 +38,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
 
 # libyaml's parser when PyYAML has it: the same safe subset as yaml.safe_load_all, faster.
-_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-_STR = "tag:yaml.org,2002:str"
-_INT = "tag:yaml.org,2002:int"
-_BOOL = "tag:yaml.org,2002:bool"
-_NULL = "tag:yaml.org,2002:null"
-_MAP = "tag:yaml.org,2002:map"
-_SEQ = "tag:yaml.org,2002:seq"
-_MERGE = "tag:yaml.org,2002:merge"
-# Plain scalar -> tag. Manifests repeat the same few values ("TCP", "http", "true", node
-# names) thousands of times; resolving each through the implicit-type regexes is a good
-# part of a big scan.
-_resolved: dict[str, str] = {}
-_RESOLVED_MAX = 1 << 16
-
-
-class _ManifestLoader(_BaseLoader):  # type: ignore[misc,valid-type]
-    """yaml.safe_load_all's results, built about twice as fast.
-
-    The generic constructor's per-node bookkeeping dominates loading a big directory even
-    with libyaml. Plain maps, sequences, strings, ints, bools and nulls are built directly
-    here; anything else (merge keys, floats, timestamps, octal, binary, odd keys) goes
-    through the stock SafeConstructor, so results and errors stay those of safe_load_all.
-    """
-
-    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
-        # With a plain scalar and no path resolvers (SafeLoader has none) the tag depends
-        # on the value alone.
-        if kind is yaml.ScalarNode and implicit[0] and not self.yaml_path_resolvers:
-            tag = _resolved.get(value)
-            if tag is None:
-                tag = super().resolve(kind, value, implicit)
-                if len(_resolved) < _RESOLVED_MAX:
-                    _resolved[value] = tag
-            return tag
-        return super().resolve(kind, value, implicit)
-
-    def construct_document(self, node: Any) -> Any:
-        data = self._build(node)
-        while self.state_generators:
-            generators, self.state_generators = self.state_generators, []
-            for g in generators:
-                for _ in g:
-                    pass
-        self.constructed_objects = {}
-        self.recursive_objects = {}
-        self.deep_construct = False
-        return data
-
-    def _build(self, node: Any) -> Any:
-        cls, tag = type(node), node.tag
-        if cls is yaml.ScalarNode:
-            value = node.value
-            if tag == _STR:
-                return value
-            if tag == _INT and value.isdigit() and (value[0] != "0" or value == "0"):
-                return int(value)  # "017" is octal in YAML 1.1: the stock path has it
-            if tag == _NULL:
-                return None
-            if tag == _BOOL:
-                return self.bool_values[value.lower()]
-            return self.construct_object(node, deep=True)
-        memo = self.constructed_objects
-        if node in memo:
-            return memo[node]  # an alias
-        if cls is yaml.MappingNode and tag == _MAP:
-            out: dict = {}
-            memo[node] = out
-            for k, v in node.value:
-                if k.tag == _MERGE:
-                    del memo[node]
-                    return self.construct_object(node, deep=True)
-                key = self._build(k)
-                try:
-                    out[key] = self._build(v)
-                except TypeError:
-                    if isinstance(key, (list, dict)):
-                        del memo[node]
-                        return self.construct_object(node, deep=True)  # raises the stock error
-                    raise
-            return out
-        if cls is yaml.SequenceNode and tag == _SEQ:
-            items: list = []
-            memo[node] = items
-            items.extend(self._build(n) for n in node.value)
-            return items
-        return self.construct_object(node, deep=True)
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # (mtime_ns, size, inode): a file whose signature is unchanged is not read again.
 Signature = tuple[int, int, int]
@@ -194,7 +108,7 @@ def parse_manifest(name: str, data: bytes) -> list[dict]:
             raise _ParseError(f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     else:
         try:
-            docs = list(yaml.load_all(text, Loader=_ManifestLoader))
+            docs = list(yaml.load_all(text, Loader=_Loader))
         except yaml.YAMLError as e:
             raise _ParseError(_yaml_reason(e)) from None
     out: list[dict] = []
@@ -334,7 +248,7 @@ class FilesSource:
             # Keep what we have: a directory that vanished is far more likely a mount not
             # there yet than a wish to delete every service.
             self._report(sink, dir_origin, dir_problem)
-            self._finish_first_pass(sink, parse_ok=False)
+            self._finish_first_pass(sink)
             return False
         self._report(sink, dir_origin, "")
 
@@ -373,13 +287,14 @@ class FilesSource:
             if not st.failed:
                 log.info("files.reload file=%s objects=%d errors=%d", name, len(st.objects), len(st.errors))
         dirty |= self._retry
+        self._prune_allocations()
 
         upserts, deletes = self._resolve(dirty, touched)
         for name in sorted(touched):
             self._report_file(sink, name)
         if upserts or deletes:
             sink.apply(list(upserts.values()), deletes)
-        self._finish_first_pass(sink, parse_ok=not any(st.failed for st in self._files.values()))
+        self._finish_first_pass(sink)
         if self.allocator.dirty:
             try:
                 self.allocator.save()
@@ -394,40 +309,47 @@ class FilesSource:
             )
         return bool(upserts or deletes)
 
-    def _finish_first_pass(self, sink: ObjectSink, parse_ok: bool) -> None:
+    def _finish_first_pass(self, sink: ObjectSink) -> None:
         if not self._synced:
             self._synced = True
             sink.synced()
             log.info("files.synced objects=%d", len(self._sent))
-        if parse_ok and not self._pruned:
-            # Only now: allocations of services we have not seen yet must survive until
-            # every file has been read, or a restart would hand out their values again.
-            # A file that does not parse may name services, so wait until all do.
-            self._pruned = True
-            keep = {f"{ref[1]}/{ref[2]}" for ref in self._sent if ref[0] == "Service"}
-            for st in self._files.values():
-                keep |= st.service_keys
-            n = self.allocator.retain(keep)
-            if n:
-                log.info("files.allocations_released services=%d", n)
-            if self.allocator.dirty:
-                try:
-                    self.allocator.save()
-                except OSError as e:
-                    log.error("files.allocations_not_saved path=%s error=%s", self.allocator.state_path, e)
+
+    def _prune_allocations(self) -> None:
+        """Release the saved allocations of services no file names any more.
+
+        Only once every file has been read (and parsed: a broken file may name services),
+        or a restart would hand their values to others; and before any allocation, so a
+        service that went away while kpr was down does not hold a contested value.
+        """
+        if self._pruned or any(st.failed for st in self._files.values()):
+            return
+        self._pruned = True
+        keep = {f"{ref[1]}/{ref[2]}" for ref in self._holders if ref[0] == "Service"}
+        for st in self._files.values():
+            keep |= st.service_keys
+        n = self.allocator.retain(keep)
+        if n:
+            log.info("files.allocations_released services=%d", n)
 
     def _load_file(self, tr: Any, name: str, sig: Signature, old: _FileState | None) -> _FileState | None:
         path = self.path / name
         last_good = old.objects if old is not None else {}
         keys = old.service_keys if old is not None else set()
-        try:
-            data = path.read_bytes()
-            after = os.stat(path)
-        except OSError as e:
-            return _FileState(sig, last_good, [f"cannot read: {e.strerror}"], True, keys, old.position if old else {})
-        if (after.st_mtime_ns, after.st_size, after.st_ino) != sig:
-            # Still being written: read it next pass rather than act on half a file.
-            log.debug("files.busy file=%s", name)
+        for _ in range(3):
+            try:
+                data = path.read_bytes()
+                after = os.stat(path)
+            except OSError as e:
+                return _FileState(sig, last_good, [f"cannot read: {e.strerror}"], True, keys, old.position if old else {})
+            now = (after.st_mtime_ns, after.st_size, after.st_ino)
+            if now == sig:
+                break
+            # Written to since it was listed (or while read): read it again, so the state
+            # kept is that of the version actually read and never half a file.
+            sig = now
+        else:
+            log.info("files.busy file=%s; trying next pass", name)
             return None
         try:
             docs = parse_manifest(name, data)
@@ -492,6 +414,9 @@ class FilesSource:
             return (1, holders[0], self._files[holders[0]].position.get(ref, 0))
 
         queue = deque(sorted(dirty, key=order))
+        # A service moved by another's explicit value gets a free automatic one, so it never
+        # moves anyone in turn; the cap only guards against a bug looping a pass forever.
+        visits: dict[ObjectRef, int] = {}
         failed: list[ObjectRef] = []
         progress_after_failure = False
         retried = False
@@ -538,7 +463,8 @@ class FilesSource:
                 for key in sorted(alloc.displaced):
                     ns, _, name = key.partition("/")
                     moved = ("Service", ns, name)
-                    if moved in self._holders and moved not in queue:
+                    visits[moved] = visits.get(moved, 0) + 1
+                    if moved in self._holders and moved not in queue and visits[moved] <= 3:
                         queue.append(moved)
             self._set_ref_errors(ref, errors, touched)
             if self._sent.get(ref) != obj:

@@ -124,17 +124,20 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    try:
-        from .bpf.cleanup import cleanup
-    except ImportError as e:
-        print(f"cleanup is unavailable: {e}", file=sys.stderr)
-        return 1
+    from .bpf.cleanup import CleanupError, cleanup
+
     config = _load(args)
-    removed = cleanup(Path(config.bpf.pin_path))
-    for item in removed:
-        print(f"removed {item}")
-    if not removed:
-        print("nothing to remove")
+    try:
+        done = cleanup(Path(config.bpf.pin_path))
+    except CleanupError as e:
+        for item in e.removed:
+            print(item)
+        print(f"kpr: {e}", file=sys.stderr)
+        return 1
+    for item in done:
+        print(item)
+    if not done:
+        print(f"nothing to remove under {config.bpf.pin_path}")
     return 0
 
 

@@ -24,6 +24,7 @@ owner lets go.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import struct
@@ -31,14 +32,14 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import hookimpl
 from .bpf import maps as M
 from .bpf.maglev import build_table, is_prime
-from .model import Backend, BackendState, Frontend, FrontendType, PluginStatus, Service, ServiceKey
+from .context import PluginContext
+from .model import BackendState, Frontend, FrontendType, PluginStatus, Protocol, Service, ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,28 @@ _TYPE_FLAGS = {
     FrontendType.LOAD_BALANCER: M.SVC_F_LOAD_BALANCER,
     FrontendType.HOST_PORT: M.SVC_F_HOST_PORT,
 }
+# Protocol.number builds a dict on every call; renders ask once per frontend.
+_PROTO_BYTE = {p: bytes((p.number,)) for p in Protocol}
 _SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
 _STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
 
 _PORT = struct.Struct("=H")  # a port already in network order, as stored
 _SLOT = [struct.pack("=HH", i, 0) for i in range(1024)]  # key tail: slot, pad
 _ONE = M.U32.pack(1)  # kpr_srcrange value
+_V4_MAPPED = M.addr_to_bytes("0.0.0.0")[:12]  # ::ffff:0:0/96
+_BYTE = [bytes((i,)) for i in range(256)]
+# Backend value tails after (addr, port, proto): state, flags, pad; indexed by Backend.local.
+_ACTIVE = (bytes((M.BACKEND_ACTIVE, 0, 0, 0, 0)), bytes((M.BACKEND_ACTIVE, M.BACKEND_F_LOCAL, 0, 0, 0)))
+_TERMINATING = (
+    bytes((M.BACKEND_TERMINATING, 0, 0, 0, 0)),
+    bytes((M.BACKEND_TERMINATING, M.BACKEND_F_LOCAL, 0, 0, 0)),
+)
+_WILD4, _WILD6 = M.wildcard_bytes(4), M.wildcard_bytes(6)
 
 
-def _slot(i: int) -> bytes:
-    return _SLOT[i] if i < 1024 else struct.pack("=HH", i, 0)
+def _slot_tails(n: int) -> list[bytes]:
+    """Key tails of slots 1..n."""
+    return _SLOT[1 : n + 1] if n < 1024 else _SLOT[1:] + [struct.pack("=HH", i, 0) for i in range(1024, n + 1)]
 
 
 def _fk_label(fk: bytes) -> str:
@@ -84,25 +97,28 @@ def _backend_name(val: bytes) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-@dataclass(eq=False)
 class _Group:
     """What one frontend (address, port, protocol) holds in the maps."""
 
-    rev_nat: int
-    # The service that wrote it; None for entries adopted from pinned maps, not yet re-delivered.
-    owner: ServiceKey | None
-    # kpr_svc key -> value, both scopes, all slots.
-    svc: dict[bytes, bytes] = field(default_factory=dict)
-    # kpr_revnat value (b"" for a group adopted without one).
-    revnat: bytes = b""
-    # Selectable backend ids in slot order, per scope: kept so later renders move few slots.
-    order: dict[int, list[int]] = field(default_factory=dict)
-    # Backend ids referenced by any slot.
-    backends: frozenset[int] = frozenset()
-    # Scope -> sorted (name, id) pairs its Maglev table was built from (None: unknown, rebuild).
-    maglev: dict[int, tuple[tuple[str, int], ...] | None] = field(default_factory=dict)
-    # kpr_srcrange keys.
-    srcrange: frozenset[bytes] = frozenset()
+    # A plain class with __slots__: full syncs make one per frontend, tens of thousands.
+    __slots__ = ("rev_nat", "owner", "svc", "revnat", "order", "backends", "maglev", "srcrange")
+
+    def __init__(self, rev_nat: int, owner: ServiceKey | None, revnat: bytes = b"") -> None:
+        self.rev_nat = rev_nat
+        # The service that wrote it; None for entries adopted from pinned maps, not yet re-delivered.
+        self.owner = owner
+        # kpr_svc key -> value, both scopes, all slots.
+        self.svc: dict[bytes, bytes] = {}
+        # kpr_revnat value (b"" for a group adopted without one).
+        self.revnat = revnat
+        # Selectable backend ids in slot order, per scope: kept so later renders move few slots.
+        self.order: dict[int, list[int]] = {}
+        # Backend ids referenced by any slot.
+        self.backends: frozenset[int] = frozenset()
+        # Scope -> sorted (name, id) pairs its Maglev table was built from (None: unknown, rebuild).
+        self.maglev: dict[int, tuple[tuple[str, int], ...] | None] = {}
+        # kpr_srcrange keys.
+        self.srcrange: frozenset[bytes] = frozenset()
 
 
 class ServiceMapWriter:
@@ -150,11 +166,15 @@ class ServiceMapWriter:
         self._backend_vals: dict[int, bytes] = {}
         self._backend_refs: dict[int, int] = {}
         self._revnat_ids: dict[bytes, int] = {}
+        self._revnat_used: set[int] = set()
         self._next_backend = 1
         self._next_revnat = 1
         # Entries found in the maps that no group accounts for; removed by GC.
         self._stray: dict[str, set[bytes]] = {"kpr_srcrange": set(), "kpr_maglev": set(), "kpr_revnat": set()}
         self._delivered: set[ServiceKey] = set()
+        # Per operation: backends rendered (id -> (identity, value)) and rev-NAT indexes allocated.
+        self._pending_vals: dict[int, tuple[bytes, bytes]] = {}
+        self._fresh_revnat: list[bytes] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -268,11 +288,11 @@ class ServiceMapWriter:
         for (fk, scope), count in counts.items():
             got = slots.get((fk, scope), {})
             self._groups[fk].order[scope] = [got[i] for i in range(1, count + 1) if i in got]
-        for fk, g in self._groups.items():
-            ids = set()
-            for (gfk, _scope), s in slots.items():
-                if gfk == fk:
-                    ids.update(s.values())
+        referenced: dict[bytes, set[int]] = {}
+        for (fk, _scope), s in slots.items():
+            referenced.setdefault(fk, set()).update(s.values())
+        for fk, ids in referenced.items():
+            g = self._groups[fk]
             g.backends = frozenset(i for i in ids if i in self._backend_vals)
             for bid in g.backends:
                 self._backend_refs[bid] += 1
@@ -285,10 +305,11 @@ class ServiceMapWriter:
                 self._stray["kpr_revnat"].add(k)
             else:
                 g.revnat = v
-                self._revnat_ids[fk] = idx
+            self._revnat_used.add(idx)
             self._next_revnat = max(self._next_revnat, idx + 1)
         for fk, g in self._groups.items():
-            self._revnat_ids.setdefault(fk, g.rev_nat)
+            self._revnat_ids[fk] = g.rev_nat
+            self._revnat_used.add(g.rev_nat)
             self._next_revnat = max(self._next_revnat, g.rev_nat + 1)
 
         for k, _v in self.maps["kpr_srcrange"].items():
@@ -303,8 +324,8 @@ class ServiceMapWriter:
             if g is None:
                 self._stray["kpr_maglev"].add(k)
                 continue
-            # Assume the table matches the selectable slots (it was built from them); a
-            # wrong assumption only costs a rebuild-free imbalance until the next change.
+            # The table was built from the selectable slots; take that as its input so an
+            # unchanged re-delivery after a restart does not rebuild every table.
             g.maglev[scope] = self._maglev_input(g.order.get(scope, []))
         self._by_service = {}
         for fk, g in self._groups.items():
@@ -329,13 +350,19 @@ class ServiceMapWriter:
     def _revnat_id(self, fk: bytes) -> int:
         idx = self._revnat_ids.get(fk)
         if idx is None:
-            used = {g.rev_nat for g in self._groups.values()}
             idx = self._next_revnat
-            while idx in used or idx == 0:
+            while idx in self._revnat_used or idx == 0:
                 idx = (idx + 1) & 0xFFFFFFFF
             self._next_revnat = (idx + 1) & 0xFFFFFFFF or 1
             self._revnat_ids[fk] = idx
+            self._revnat_used.add(idx)
+            self._fresh_revnat.append(fk)
         return idx
+
+    def _forget_revnat(self, fk: bytes) -> None:
+        idx = self._revnat_ids.pop(fk, None)
+        if idx is not None:
+            self._revnat_used.discard(idx)
 
     # ------------------------------------------------------------------ rendering
 
@@ -347,47 +374,66 @@ class ServiceMapWriter:
         """The groups a service wants, keyed by frontend key."""
         out: dict[bytes, _Group] = {}
         maglev = self._algorithm_for(service) == "maglev"
+        # Frontends of one service usually share their backends: convert each backend once
+        # (None: a single frontend, nothing to share).
+        seen: dict[tuple, tuple[int, bytes]] | None = {} if len(service.frontends) > 1 else None
         for fe in service.frontends:
             addr = M.addr_to_bytes(fe.address)
-            port = _PORT.pack(M.htons(fe.port))
-            proto = fe.protocol.number
+            tail = fe.port.to_bytes(2, "big") + _PROTO_BYTE[fe.protocol]
             flags = _TYPE_FLAGS[fe.type]
-            wild = M.wildcard_bytes(fe.family)
+            wild = _WILD4 if addr[:12] == _V4_MAPPED else _WILD6
             if addr == wild:
                 flags |= M.SVC_F_WILDCARD
-            self._render_group(out, service.key, fe, addr + port + bytes((proto,)), flags, maglev)
+            self._render_group(out, service.key, fe, addr + tail, flags, maglev, seen)
             if fe.type is FrontendType.NODE_PORT and addr != wild:
                 # Any node address (and socket LB's loopback) finds the service through address 0.
-                self._render_group(
-                    out, service.key, fe, wild + port + bytes((proto,)), M.SVC_F_NODE_PORT | M.SVC_F_WILDCARD, maglev
-                )
+                self._render_group(out, service.key, fe, wild + tail, M.SVC_F_NODE_PORT | M.SVC_F_WILDCARD, maglev, seen)
         return out
 
     def _render_group(
-        self, out: dict[bytes, _Group], owner: ServiceKey, fe: Frontend, fk: bytes, flags: int, maglev: bool
+        self,
+        out: dict[bytes, _Group],
+        owner: ServiceKey,
+        fe: Frontend,
+        fk: bytes,
+        flags: int,
+        maglev: bool,
+        seen: dict[tuple, tuple[int, bytes]] | None,
     ) -> None:
         if fk in out:  # the wildcard entry of a NodePort served on several node addresses
             return
         prev = self._groups.get(fk)
         rev_nat = prev.rev_nat if prev is not None else self._revnat_id(fk)
-        port, proto = fk[16:18], fk[18]
+        proto_b = fk[18:19]
         g = _Group(rev_nat, owner, revnat=fk + b"\x00")
 
-        # Backend ids; the same endpoint listed twice (should not happen) counts once.
-        ids: dict[Backend, int] = {}
+        # Backend ids by object identity (selectable() hands back the same objects; hashing
+        # the dataclasses would cost more than the rest of the render).
+        ids: dict[int, int] = {}
         pending_vals = self._pending_vals
+        backend_ids = self._backend_ids
+        to_bytes = M.addr_to_bytes
+        all_active = True
+        terminating = BackendState.TERMINATING
         for b in fe.backends:
-            bport = _PORT.pack(M.htons(b.port))
-            baddr = M.addr_to_bytes(b.address)
-            bid = self._backend_id(baddr + bport + bytes((proto,)))
-            ids[b] = bid
-            pending_vals[bid] = M.BACKEND.pack(
-                baddr,
-                M.htons(b.port),
-                proto,
-                M.BACKEND_TERMINATING if b.state is BackendState.TERMINATING else M.BACKEND_ACTIVE,
-                M.BACKEND_F_LOCAL if b.local else 0,
-            )
+            state = b.state
+            term = state is terminating
+            if seen is not None:
+                ident = (b.address, b.port, proto_b, state, b.local)
+                hit = seen.get(ident)
+                if hit is not None:
+                    ids[id(b)] = hit[0]
+                    all_active = all_active and not term
+                    continue
+            bkey = to_bytes(b.address) + b.port.to_bytes(2, "big") + proto_b
+            bid = backend_ids.get(bkey) or self._backend_id(bkey)
+            val = bkey + (_TERMINATING if term else _ACTIVE)[b.local]
+            pending_vals[bid] = (bkey, val)
+            if seen is not None:
+                seen[ident] = (bid, val)
+            if term:
+                all_active = False
+            ids[id(b)] = bid
 
         common = flags
         if fe.affinity_timeout > 0:
@@ -399,14 +445,23 @@ class ServiceMapWriter:
             common |= M.SVC_F_MAGLEV
 
         scopes = [(M.SCOPE_EXTERNAL, fe.external_scope_local)]
-        ext = self._scope_backends(fe, fe.external_scope_local, ids)
-        intl = self._scope_backends(fe, fe.internal_scope_local, ids)
-        two = (set(ext[0]), set(ext[1])) != (set(intl[0]), set(intl[1]))
+        ext_local, int_local = fe.external_scope_local, fe.internal_scope_local
+        if all_active and not ext_local:
+            # the common case, without selectable()'s filtering: every backend, no terminating
+            ext: tuple[list[int], list[int]] = (list(dict.fromkeys(ids.values())), [])
+        else:
+            ext = self._scope_backends(fe, ext_local, ids, all_active)
+        if int_local == ext_local:
+            intl, two = ext, False
+        else:
+            intl = self._scope_backends(fe, int_local, ids, all_active)
+            two = (set(ext[0]), set(ext[1])) != (set(intl[0]), set(intl[1]))
         if two:
             scopes.append((M.SCOPE_INTERNAL, fe.internal_scope_local))
 
-        tail = _PORT.pack(0) + _PORT.pack(0)  # count/terminating 0 for backend slots
-        slot_val_tail = tail + M.U32.pack(rev_nat) + bytes(8)
+        # backend slot values: id, count 0, terminating 0, rev_nat, flags 0, affinity 0
+        slot_val_tail = bytes(4) + M.U32.pack(rev_nat) + bytes(8)
+        pack_u32 = M.U32.pack
         referenced: set[int] = set()
         for scope, local in scopes:
             sel, term = ext if scope == M.SCOPE_EXTERNAL else intl
@@ -418,26 +473,34 @@ class ServiceMapWriter:
                 f |= M.SVC_F_LOCAL_SCOPE
             if two and scope == M.SCOPE_EXTERNAL:
                 f |= M.SVC_F_TWO_SCOPES
-            head = fk + bytes((scope,))
+            head = fk + _BYTE[scope]
             svc = g.svc
             svc[head + _SLOT[0]] = M.SVC_VAL.pack(0, len(order), len(term), rev_nat, f, fe.affinity_timeout)
-            for i, bid in enumerate(order + term, 1):
-                svc[head + _slot(i)] = M.U32.pack(bid) + slot_val_tail
-            referenced.update(order)
-            referenced.update(term)
+            slotted = order + term if term else order
+            svc.update(
+                zip(
+                    [head + t for t in _slot_tails(len(slotted))],
+                    [pack_u32(bid) + slot_val_tail for bid in slotted],
+                )
+            )
+            referenced.update(slotted)
             if maglev and order:
-                g.maglev[scope] = tuple(sorted((_maglev_name(b), ids[b]) for b in sel_backends(fe, ids, order)))
+                # names from the packed address, as adoption derives them: same table after a restart
+                g.maglev[scope] = tuple(sorted((_backend_name(pending_vals[bid][1]), bid) for bid in order))
         g.backends = frozenset(referenced)
         out[fk] = g
 
     @staticmethod
-    def _scope_backends(fe: Frontend, local_only: bool, ids: dict[Backend, int]) -> tuple[list[int], list[int]]:
+    def _scope_backends(
+        fe: Frontend, local_only: bool, ids: dict[int, int], all_active: bool
+    ) -> tuple[list[int], list[int]]:
         """(selectable ids, terminating ids kept for existing flows) of one scope."""
-        selectable = fe.selectable(local_only)
-        sel = _dedup(ids[b] for b in selectable)
+        sel = list(dict.fromkeys([ids[id(b)] for b in fe.selectable(local_only)]))
+        if all_active:
+            return sel, []
         chosen = set(sel)
         term = sorted(
-            {ids[b] for b in fe.backends if b.state is BackendState.TERMINATING and (b.local or not local_only)}
+            {ids[id(b)] for b in fe.backends if b.state is BackendState.TERMINATING and (b.local or not local_only)}
             - chosen
         )
         return sel, term
@@ -462,7 +525,7 @@ class ServiceMapWriter:
             key = service.key
             self._services[key] = service
             self._delivered.add(key)
-            self._pending_vals: dict[int, bytes] = {}
+            self._begin()
             desired = self._render(service)
             for fk in list(desired):
                 g = self._groups.get(fk)
@@ -483,16 +546,27 @@ class ServiceMapWriter:
             self._require_open()
             self._services.pop(key, None)
             self._delivered.add(key)
-            self._pending_vals = {}
-            fks = self._by_service.get(key, set())
+            self._begin()
+            fks = set(self._by_service.get(key, ()))
             self._apply({fk: self._groups.get(fk) for fk in fks}, {})
             self._retry_conflicts(fks)
 
     def full_sync(self, services: Iterable[Service]) -> None:
         """Make the maps hold exactly these services: everything else is removed."""
+        # A full sync allocates a few objects per map entry and creates no reference cycles;
+        # the collector's passes over the growing heap cost ~25% of a 20k-service sync.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._full_sync(services)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _full_sync(self, services: Iterable[Service]) -> None:
         with self._lock:
             self._require_open()
-            services = sorted(services, key=lambda s: s.key)
+            services = sorted(services, key=lambda s: (s.key.namespace, s.key.name))
             self._reload()  # diff against what the maps really hold
             for g in self._groups.values():
                 g.owner = None  # ownership is decided afresh, in key order
@@ -500,7 +574,7 @@ class ServiceMapWriter:
             self._services = {s.key: s for s in services}
             self._delivered = set(self._services)
             self.conflicts = {}
-            self._pending_vals = {}
+            self._begin()
             desired: dict[bytes, _Group] = {}
             for s in services:
                 for fk, g in self._render(s).items():
@@ -519,7 +593,7 @@ class ServiceMapWriter:
         with self._lock:
             self._require_open()
             orphans = {fk: g for fk, g in self._groups.items() if g.owner is None}
-            self._pending_vals = {}
+            self._begin()
             self._apply(orphans, {}, strays=True)
             if orphans:
                 log.info("event=servicemaps_gc frontends=%d", len(orphans))
@@ -555,8 +629,8 @@ class ServiceMapWriter:
                 if raw is None:
                     continue
                 with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
-                    vals = b"".join(v for _, v in sorted(inner.items()))
-                maglev[M.MAGLEV_KEY.unpack(k)] = list(array("I", vals))
+                    items = sorted(inner.items(), key=lambda kv: M.U32.unpack(kv[0])[0])
+                maglev[M.MAGLEV_KEY.unpack(k)] = list(array("I", b"".join(v for _, v in items)))
             entries: dict[tuple[bytes, int], dict[int, tuple]] = {}
             for k, v in self.maps["kpr_svc"].items():
                 entries.setdefault((k[:19], k[19]), {})[_PORT.unpack_from(k, 20)[0]] = M.SVC_VAL.unpack(v)
@@ -604,7 +678,7 @@ class ServiceMapWriter:
         """Elements written/deleted and syscalls made, per map, since open."""
         return {name: dict(m.ops) for name, m in self.maps.items()}
 
-    def ids(self) -> dict[str, dict[str, int]]:
+    def ids(self) -> dict[str, int]:
         """Kernel map ids by name (unchanged across an adopting restart)."""
         return {name: m.id for name, m in self.maps.items()}
 
@@ -614,6 +688,10 @@ class ServiceMapWriter:
             return {_backend_label_raw(v): bid for bid, v in self._backend_vals.items()}
 
     # ------------------------------------------------------------------ applying a diff
+
+    def _begin(self) -> None:
+        self._pending_vals = {}
+        self._fresh_revnat = []
 
     def _require_open(self) -> None:
         if not self.maps:
@@ -633,55 +711,85 @@ class ServiceMapWriter:
             raise
 
     def _apply_diff(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], strays: bool) -> None:
-        old_svc: dict[bytes, bytes] = {}
-        new_svc: dict[bytes, bytes] = {}
-        old_rn: dict[int, bytes] = {}
-        new_rn: dict[int, bytes] = {}
-        old_sr: set[bytes] = set()
-        new_sr: set[bytes] = set()
-        old_mg: dict[bytes, Any] = {}
-        new_mg: dict[bytes, Any] = {}
+        # Diff group by group: a service-map key belongs to exactly one group (its prefix is
+        # the frontend key), so unchanged groups cost one dict comparison.
+        svc_up: dict[bytes, bytes] = {}  # backend slots
+        head_up: dict[bytes, bytes] = {}  # slot 0 entries, written last
+        svc_del: list[bytes] = []  # stale slots of frontends that stay
+        gone_del: list[bytes] = []  # every entry of frontends that go
+        rn_up: dict[int, bytes] = {}
+        rn_del: list[int] = []
+        sr_up: set[bytes] = set()
+        sr_del: set[bytes] = set()
+        mg_up: dict[bytes, Any] = {}
+        mg_del: list[bytes] = []
         ref_delta: dict[int, int] = {}
-        for g in old.values():
-            if g is None:
+        pack_mg = M.MAGLEV_KEY.pack
+
+        for fk, g in new.items():
+            og = old.get(fk)
+            if og is None:
+                svc_up.update(g.svc)
+            elif og.svc != g.svc:
+                osvc = og.svc
+                svc_up.update((k, v) for k, v in g.svc.items() if osvc.get(k) != v)
+                svc_del.extend(k for k in osvc if k not in g.svc)
+            for scope in (M.SCOPE_INTERNAL, M.SCOPE_EXTERNAL):
+                k0 = fk + _BYTE[scope] + _SLOT[0]
+                v0 = svc_up.pop(k0, None)
+                if v0 is not None:
+                    head_up[k0] = v0
+            if og is None or og.revnat != g.revnat or og.rev_nat != g.rev_nat:
+                rn_up[g.rev_nat] = g.revnat
+            if og is not None and og.rev_nat != g.rev_nat and og.revnat:
+                rn_del.append(og.rev_nat)
+            if og is None:
+                sr_up |= g.srcrange
+            elif og.srcrange != g.srcrange:
+                sr_up |= g.srcrange - og.srcrange
+                sr_del |= og.srcrange - g.srcrange
+            if g.maglev or (og is not None and og.maglev):
+                omg = {pack_mg(og.rev_nat, sc): i for sc, i in og.maglev.items()} if og is not None else {}
+                nmg = {pack_mg(g.rev_nat, sc): i for sc, i in g.maglev.items()}
+                mg_up.update((k, i) for k, i in nmg.items() if i is not None and omg.get(k) != i)
+                mg_del.extend(k for k in omg if k not in nmg)
+            if og is None:
+                for bid in g.backends:
+                    ref_delta[bid] = ref_delta.get(bid, 0) + 1
+            elif og.backends != g.backends:
+                for bid in g.backends - og.backends:
+                    ref_delta[bid] = ref_delta.get(bid, 0) + 1
+                for bid in og.backends - g.backends:
+                    ref_delta[bid] = ref_delta.get(bid, 0) - 1
+        for fk, og in old.items():
+            if og is None or fk in new:
                 continue
-            old_svc.update(g.svc)
-            if g.revnat:
-                old_rn[g.rev_nat] = g.revnat
-            old_sr |= g.srcrange
-            for scope, inp in g.maglev.items():
-                old_mg[M.MAGLEV_KEY.pack(g.rev_nat, scope)] = inp
-            for bid in g.backends:
+            # external slot 0 first, so lookups stop before the rest goes
+            heads = [fk + _BYTE[sc] + _SLOT[0] for sc in (M.SCOPE_EXTERNAL, M.SCOPE_INTERNAL)]
+            gone_del.extend(k for k in heads if k in og.svc)
+            gone_del.extend(k for k in og.svc if k not in heads)
+            if og.revnat:
+                rn_del.append(og.rev_nat)
+            sr_del |= og.srcrange
+            mg_del.extend(pack_mg(og.rev_nat, sc) for sc in og.maglev)
+            for bid in og.backends:
                 ref_delta[bid] = ref_delta.get(bid, 0) - 1
-        for g in new.values():
-            new_svc.update(g.svc)
-            new_rn[g.rev_nat] = g.revnat
-            new_sr |= g.srcrange
-            for scope, inp in g.maglev.items():
-                new_mg[M.MAGLEV_KEY.pack(g.rev_nat, scope)] = inp
-            for bid in g.backends:
-                ref_delta[bid] = ref_delta.get(bid, 0) + 1
 
         refs = self._backend_refs
+        vals = self._backend_vals
         be_up = {}
-        for bid, val in self._pending_vals.items():
-            if (refs.get(bid, 0) + ref_delta.get(bid, 0)) > 0 and self._backend_vals.get(bid) != val:
+        for bid, (_bkey, val) in self._pending_vals.items():
+            if vals.get(bid) != val and (refs.get(bid, 0) + ref_delta.get(bid, 0)) > 0:
                 be_up[bid] = val
-        be_del = [bid for bid, d in ref_delta.items() if d < 0 and refs.get(bid, 0) + d <= 0 and bid in self._backend_vals]
+        be_del = [bid for bid, d in ref_delta.items() if d < 0 and refs.get(bid, 0) + d <= 0 and bid in vals]
         if strays:
-            be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in self._backend_vals and bid not in ref_delta)
-
-        svc_up = {k: v for k, v in new_svc.items() if old_svc.get(k) != v}
-        svc_del = [k for k in old_svc if k not in new_svc]
-        rn_up = {i: v for i, v in new_rn.items() if old_rn.get(i) != v}
-        rn_del = [i for i in old_rn if i not in new_rn]
-        sr_up = new_sr - old_sr
-        sr_del = old_sr - new_sr
-        mg_up = {k: v for k, v in new_mg.items() if v is not None and old_mg.get(k) != v}
-        mg_del = [k for k in old_mg if k not in new_mg]
+            be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in vals and bid not in ref_delta)
 
         b = self.batch
         mp = self.maps
+        # 0. frontends that go: first, so a nearly full map has room for what comes
+        if gone_del:
+            mp["kpr_svc"].delete_many(gone_del, batch=b)
         # 1. what service entries will point at
         if be_up:
             mp["kpr_backend"].update_many([M.U32.pack(i) for i in be_up], list(be_up.values()), batch=b)
@@ -692,11 +800,11 @@ class ServiceMapWriter:
             mp["kpr_srcrange"].update_many(keys, [_ONE] * len(keys), batch=b)
         for k, inp in mg_up.items():
             self._write_maglev(k, inp)
-        # 2. service entries: backend slots, then internal slot 0, then external slot 0
-        if svc_up:
-            keys = sorted(svc_up, key=_svc_write_order)
-            mp["kpr_svc"].update_many(keys, [svc_up[k] for k in keys], batch=b)
-        # 3. deletions, external slot 0 first so lookups stop before slots disappear
+        # 2. service entries: backend slots, then slot 0 (internal scope before external)
+        if svc_up or head_up:
+            svc_up.update(head_up)  # dicts keep insertion order: heads land last
+            mp["kpr_svc"].update_many(list(svc_up), list(svc_up.values()), batch=b)
+        # 3. deletions, slot 0 first so lookups stop before slots disappear
         if svc_del:
             svc_del.sort(key=_svc_delete_order)
             mp["kpr_svc"].delete_many(svc_del, batch=b)
@@ -718,7 +826,7 @@ class ServiceMapWriter:
         for fk, g in old.items():
             if g is not None and fk not in new:
                 self._groups.pop(fk, None)
-                self._revnat_ids.pop(fk, None)
+                self._forget_revnat(fk)
                 if g.owner is not None and g.owner in self._by_service:
                     self._by_service[g.owner].discard(fk)
                     if not self._by_service[g.owner]:
@@ -728,7 +836,6 @@ class ServiceMapWriter:
             if prev is not None and prev.owner is not None and prev.owner != g.owner:
                 self._by_service.get(prev.owner, set()).discard(fk)
             self._groups[fk] = g
-            self._revnat_ids[fk] = g.rev_nat
             self._by_service.setdefault(g.owner, set()).add(fk)
         for bid, d in ref_delta.items():
             refs[bid] = refs.get(bid, 0) + d
@@ -738,19 +845,20 @@ class ServiceMapWriter:
             refs.pop(bid, None)
             if val is not None and self._backend_ids.get(val[:19]) == bid:
                 del self._backend_ids[val[:19]]
-        # ids rendered but never written (conflicting frontends) are forgotten
-        for bid in self._pending_vals:
+        # ids allocated while rendering but never written (conflicting frontends) are forgotten
+        for bid, (bkey, _val) in self._pending_vals.items():
             if bid not in self._backend_vals:
                 refs.pop(bid, None)
-                for bk in [bk for bk, i in self._backend_ids.items() if i == bid]:
-                    del self._backend_ids[bk]
-        for fk in [fk for fk in self._revnat_ids if fk not in self._groups]:
-            del self._revnat_ids[fk]
-        self._pending_vals = {}
+                if self._backend_ids.get(bkey) == bid:
+                    del self._backend_ids[bkey]
+        for fk in self._fresh_revnat:
+            if fk not in self._groups:
+                self._forget_revnat(fk)
+        self._begin()
         log.debug(
             "event=servicemaps_applied svc_up=%d svc_del=%d backend_up=%d backend_del=%d revnat_up=%d "
             "revnat_del=%d srcrange_up=%d srcrange_del=%d maglev_up=%d maglev_del=%d",
-            len(svc_up), len(svc_del), len(be_up), len(be_del), len(rn_up), len(rn_del),
+            len(svc_up), len(svc_del) + len(gone_del), len(be_up), len(be_del), len(rn_up), len(rn_del),
             len(sr_up), len(sr_del), len(mg_up), len(mg_del),
         )
 
@@ -766,8 +874,7 @@ class ServiceMapWriter:
             self._maglev_cache.move_to_end(inp)
         t, k, v, n = self.specs["kpr_maglev"].inner
         with M.BpfMap.create(M.MapSpec("kpr_maglev_in", t, k, v, n)) as inner:
-            count = n
-            inner.update_blob(self._maglev_keys, table.tobytes(), count)
+            inner.update_blob(self._maglev_keys, table.tobytes(), n)
             self.maps["kpr_maglev"].update(key, M.U32.pack(inner.fd))
 
     def _retry_conflicts(self, freed: Iterable[bytes]) -> None:
@@ -779,6 +886,15 @@ class ServiceMapWriter:
                 self.upsert(svc)
 
     # ------------------------------------------------------------------ plugin hooks
+
+    @hookimpl
+    def kpr_start(self, context: PluginContext) -> None:
+        if not self.maps:
+            self.open()
+
+    @hookimpl
+    def kpr_stop(self, context: PluginContext) -> None:
+        self.close()  # pins stay: established flows keep working until the next agent adopts them
 
     @hookimpl
     def kpr_service_upsert(self, service: Service) -> None:
@@ -819,22 +935,9 @@ class ServiceMapWriter:
 # ---------------------------------------------------------------------- helpers
 
 
-def _svc_write_order(k: bytes) -> tuple[bool, bool]:
-    # backend slots first, then the internal scope's slot 0, the external slot 0 last
-    slot0 = k[20] == 0 and k[21] == 0
-    return (slot0, slot0 and k[19] == M.SCOPE_EXTERNAL)
-
-
 def _svc_delete_order(k: bytes) -> tuple[bool, bool]:
     slot0 = k[20] == 0 and k[21] == 0
     return (not slot0, k[19] != M.SCOPE_EXTERNAL)
-
-
-def _dedup(it: Iterable[int]) -> list[int]:
-    seen: dict[int, None] = {}
-    for x in it:
-        seen.setdefault(x, None)
-    return list(seen)
 
 
 def _stable_order(prev: list[int] | None, want: list[int]) -> list[int]:
@@ -867,22 +970,6 @@ def _stable_order(prev: list[int] | None, want: list[int]) -> list[int]:
             break
         out[lo] = out.pop()
     return out  # type: ignore[return-value]
-
-
-def _maglev_name(b: Backend) -> str:
-    return f"[{b.address}]:{b.port}" if ":" in b.address else f"{b.address}:{b.port}"
-
-
-def sel_backends(fe: Frontend, ids: dict[Backend, int], order: list[int]) -> list[Backend]:
-    wanted = set(order)
-    seen: set[int] = set()
-    out = []
-    for b in fe.backends:
-        bid = ids[b]
-        if bid in wanted and bid not in seen:
-            seen.add(bid)
-            out.append(b)
-    return out
 
 
 def _backend_label(b: dict | None) -> str:

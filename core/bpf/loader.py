@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kpr.bpf.headers import HeadersMissing, ensure_kernel_headers
+from kpr.bpf.inline import inline_includes
 
 if TYPE_CHECKING:  # bcc is a system package; import it lazily so `kpr` imports without it
     import bcc
@@ -144,6 +145,8 @@ def compile_and_load(
         label = name or "<text>"
     dirs.extend(Path(d) for d in include_dirs)
     flags = [f"-I{d}" for d in dirs] + list(cflags)
+    # bcc rewrites map calls only in the main text, so kpr's headers are pasted into it.
+    text = inline_includes(text, dirs, label=label)
 
     log.debug("event=bpf_compile file=%s cflags=%s", label, flags)
     with _capture_fd2() as captured:

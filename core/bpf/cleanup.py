@@ -1,0 +1,411 @@
+"""`kpr cleanup`: detach what kpr attached and remove what it pinned, and nothing else.
+
+Plugins record each attachment with `record_attachment()` as they make it. The registry is
+a pinned BPF map, `kpr_attach`, under the pin dir: bpffs holds only pins, directories and
+symlinks (no regular files), and keeping the registry next to the pins means it lives and
+dies with them. Each record is a small JSON document:
+
+  tc:     {"ifname", "ifindex", "direction": "ingress"|"egress", "netns": path or ""}
+  xdp:    {"ifname", "ifindex", "netns"}
+  cgroup: {"cgroup": path, "attach_type": bcc BPFAttachType name or number}
+
+plus the program's name and, when known, its id. Cleanup detaches a tc filter only when its
+program name (or id) is the recorded one, an XDP program only when the attached program is
+the recorded one, and a cgroup program only by its id, so a foreign program at the same
+hook is never touched. A netns is identified by path and inode: a recreated namespace at
+the same path is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import secrets
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import maps as M
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CleanupError",
+    "attachments",
+    "cleanup",
+    "forget_attachment",
+    "record_attachment",
+    "scratch_pin_dir",
+]
+
+REGISTRY = "kpr_attach"  # pin name of the attachment registry map
+RECORD_SIZE = 1024  # bytes per JSON record (value size of kpr_attach)
+REGISTRY_MAX = 1024  # records; plenty for devices x directions x hooks
+KINDS = ("tc", "xdp", "cgroup")
+_REGISTRY_SPEC = M.MapSpec(REGISTRY, M.BPF_MAP_TYPE_HASH, 4, RECORD_SIZE, REGISTRY_MAX)
+
+_TC_PARENTS = {"ingress": "ingress", "egress": "egress"}
+_XDP_MODES = {1: "xdpdrv", 2: "xdpgeneric", 3: "xdpoffload"}
+
+
+class CleanupError(RuntimeError):
+    """Some things could not be removed; `removed` lists what was, `errors` what was not."""
+
+    def __init__(self, removed: list[str], errors: list[str]) -> None:
+        self.removed = removed
+        self.errors = errors
+        super().__init__("cleanup incomplete:\n  " + "\n  ".join(errors))
+
+
+# ---------------------------------------------------------------------- registry
+
+
+def _open_registry(pin_path: Path, create: bool) -> M.BpfMap | None:
+    path = Path(pin_path) / REGISTRY
+    if path.exists():
+        m = M.BpfMap.open_pinned(path)
+        M.check_compatible(m, _REGISTRY_SPEC, path)
+        return m
+    if not create:
+        return None
+    Path(pin_path).mkdir(parents=True, exist_ok=True)
+    m = M.BpfMap.create(_REGISTRY_SPEC)
+    try:
+        m.pin(path)
+    except FileExistsError:  # another process created it first
+        m.close()
+        return _open_registry(pin_path, create=False)
+    return m
+
+
+def _netns_inode(path: str) -> int:
+    return os.stat(path).st_ino if path else 0
+
+
+def _normalise(kind: str, target: Mapping[str, Any]) -> dict[str, Any]:
+    if kind not in KINDS:
+        raise ValueError(f"attachment kind must be one of {KINDS}, got {kind!r}")
+    t = dict(target)
+    if kind in ("tc", "xdp"):
+        if not t.get("ifname"):
+            raise ValueError(f"{kind} attachment needs target ifname")
+        t.setdefault("ifindex", 0)
+        t["netns"] = str(t.get("netns") or "")
+        if kind == "tc":
+            if t.get("direction") not in _TC_PARENTS:
+                raise ValueError("tc attachment needs direction ingress or egress")
+    else:
+        if not t.get("cgroup"):
+            raise ValueError("cgroup attachment needs target cgroup (a cgroup v2 directory)")
+        t["cgroup"] = str(t["cgroup"])
+        at = t.get("attach_type")
+        if isinstance(at, str):
+            from .loader import attach_type_value
+
+            t["attach_type_name"] = at
+            t["attach_type"] = attach_type_value(at)
+        elif not isinstance(at, int):
+            raise ValueError("cgroup attachment needs attach_type (BPFAttachType name or number)")
+    return t
+
+
+def _identity(rec: Mapping[str, Any]) -> tuple:
+    t = rec["target"]
+    if rec["kind"] == "cgroup":
+        where: tuple = (t["cgroup"], t["attach_type"])
+    else:
+        where = (t["netns"], t["ifname"], t.get("direction", ""))
+    return (rec["kind"], where, rec["prog_name"])
+
+
+def record_attachment(
+    pin_path: Path | str, kind: str, target: Mapping[str, Any], prog_name: str, *, prog_id: int = 0
+) -> int:
+    """Remember that kpr attached `prog_name` (id `prog_id`) at `target`; returns the record id.
+
+    Recording the same hook and program name again replaces the old record (a restarted
+    agent re-attaches with a new program id).
+    """
+    t = _normalise(kind, target)
+    rec: dict[str, Any] = {"kind": kind, "target": t, "prog_name": prog_name, "prog_id": int(prog_id)}
+    if kind in ("tc", "xdp") and t["netns"]:
+        rec["netns_inode"] = _netns_inode(t["netns"])
+    raw = json.dumps(rec, separators=(",", ":"), sort_keys=True).encode()
+    if len(raw) >= RECORD_SIZE:
+        raise ValueError(f"attachment record longer than {RECORD_SIZE} bytes")
+    m = _open_registry(Path(pin_path), create=True)
+    assert m is not None
+    with m:
+        existing = _read(m)
+        ident = _identity(rec)
+        rid = next((i for i, r in existing.items() if _identity(r) == ident), None)
+        if rid is None:
+            rid = max(existing, default=0) + 1
+        m.update(M.U32.pack(rid), raw.ljust(RECORD_SIZE, b"\x00"))
+    log.info("event=attachment_recorded id=%d kind=%s prog=%s target=%s", rid, kind, prog_name, t)
+    return rid
+
+
+def forget_attachment(pin_path: Path | str, record_id: int) -> None:
+    """Drop a record (the plugin detached the program itself)."""
+    m = _open_registry(Path(pin_path), create=False)
+    if m is not None:
+        with m:
+            m.delete(M.U32.pack(record_id))
+
+
+def _read(m: M.BpfMap) -> dict[int, dict[str, Any]]:
+    out = {}
+    for k, v in m.items():
+        try:
+            out[M.U32.unpack(k)[0]] = json.loads(v.rstrip(b"\x00"))
+        except ValueError:
+            log.warning("event=attachment_record_unreadable key=%s", k.hex())
+    return out
+
+
+def attachments(pin_path: Path | str) -> list[dict[str, Any]]:
+    """Every recorded attachment, each with its record "id"."""
+    m = _open_registry(Path(pin_path), create=False)
+    if m is None:
+        return []
+    with m:
+        return [dict(r, id=i) for i, r in sorted(_read(m).items())]
+
+
+# ---------------------------------------------------------------------- detaching
+
+
+def _in_netns(netns: str, argv: list[str]) -> list[str]:
+    return (["nsenter", f"--net={netns}"] if netns else []) + argv
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    log.debug("event=cmd argv=%s", argv)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def _where(t: Mapping[str, Any]) -> str:
+    return f"{t['ifname']}" + (f" (netns {t['netns']})" if t["netns"] else "")
+
+
+def _netns_gone(rec: Mapping[str, Any]) -> str | None:
+    """Why the record's netns is not the one it was recorded in, or None when it is."""
+    netns = rec["target"]["netns"]
+    if not netns:
+        return None
+    try:
+        ino = _netns_inode(netns)
+    except OSError:
+        return f"netns {netns} is gone"
+    if rec.get("netns_inode") and ino != rec["netns_inode"]:
+        return f"netns {netns} is a different namespace now"
+    return None
+
+
+def _detach_tc(rec: Mapping[str, Any]) -> list[str]:
+    t = rec["target"]
+    gone = _netns_gone(rec)
+    if gone:
+        return [f"skipped tc {t['direction']} {rec['prog_name']} on {t['ifname']}: {gone}"]
+    res = _run(_in_netns(t["netns"], ["tc", "-j", "filter", "show", "dev", t["ifname"], t["direction"]]))
+    if res.returncode != 0:
+        if "Cannot find device" in res.stderr:
+            return [f"skipped tc {t['direction']} {rec['prog_name']} on {_where(t)}: device is gone"]
+        raise OSError(f"tc filter show dev {t['ifname']} {t['direction']}: {res.stderr.strip()}")
+    done = []
+    for f in json.loads(res.stdout or "[]"):
+        opts = f.get("options") or {}
+        if f.get("kind") != "bpf" or "handle" not in opts:
+            continue
+        prog = opts.get("prog") or {}
+        ours = opts.get("bpf_name") == rec["prog_name"] or (rec.get("prog_id") and prog.get("id") == rec["prog_id"])
+        if not ours:
+            continue
+        argv = ["tc", "filter", "del", "dev", t["ifname"], t["direction"], "protocol", f.get("protocol", "all"),
+                "pref", str(f["pref"]), "handle", str(opts["handle"]), "bpf"]
+        dres = _run(_in_netns(t["netns"], argv))
+        if dres.returncode != 0:
+            raise OSError(f"{' '.join(argv)}: {dres.stderr.strip()}")
+        done.append(f"detached tc {t['direction']} filter {opts.get('bpf_name', '?')} (prog id {prog.get('id', '?')}) "
+                    f"from {_where(t)}")
+    return done
+
+
+def _detach_xdp(rec: Mapping[str, Any]) -> list[str]:
+    t = rec["target"]
+    gone = _netns_gone(rec)
+    if gone:
+        return [f"skipped xdp {rec['prog_name']} on {t['ifname']}: {gone}"]
+    res = _run(_in_netns(t["netns"], ["ip", "-j", "-d", "link", "show", "dev", t["ifname"]]))
+    if res.returncode != 0:
+        if "does not exist" in res.stderr or "Cannot find device" in res.stderr:
+            return [f"skipped xdp {rec['prog_name']} on {_where(t)}: device is gone"]
+        raise OSError(f"ip link show {t['ifname']}: {res.stderr.strip()}")
+    links = json.loads(res.stdout or "[]")
+    xdp = (links[0] if links else {}).get("xdp") or {}
+    done = []
+    for att in xdp.get("attached") or ([xdp] if xdp.get("prog") else []):
+        prog = att.get("prog") or {}
+        ours = (rec.get("prog_id") and prog.get("id") == rec["prog_id"]) or (
+            not rec.get("prog_id") and prog.get("name") == rec["prog_name"][:15]
+        )
+        mode = _XDP_MODES.get(att.get("mode"))
+        if not ours or mode is None:
+            continue
+        argv = ["ip", "link", "set", "dev", t["ifname"], mode, "off"]
+        dres = _run(_in_netns(t["netns"], argv))
+        if dres.returncode != 0:
+            raise OSError(f"{' '.join(argv)}: {dres.stderr.strip()}")
+        done.append(f"detached xdp {prog.get('name')} (prog id {prog.get('id')}, {mode}) from {_where(t)}")
+    return done
+
+
+def _detach_cgroup(rec: Mapping[str, Any]) -> list[str]:
+    t = rec["target"]
+    lib = M.libbpf()
+    try:
+        cg_fd = os.open(t["cgroup"], os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return [f"skipped cgroup {rec['prog_name']} on {t['cgroup']}: cgroup is gone"]
+    done = []
+    try:
+        ids = (ctypes.c_uint32 * 64)()
+        cnt = ctypes.c_uint32(64)
+        flags = ctypes.c_uint32(0)
+        rc = lib.bpf_prog_query(cg_fd, t["attach_type"], 0, ctypes.byref(flags), ids, ctypes.byref(cnt))
+        if rc < 0:
+            raise OSError(-rc, f"bpf_prog_query {t['cgroup']}: {os.strerror(-rc)}")
+        for pid in list(ids)[: cnt.value]:
+            try:
+                pfd = M._check(lib.bpf_prog_get_fd_by_id(pid), f"bpf_prog_get_fd_by_id {pid}")
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue
+                raise
+            try:
+                name = M.prog_info(pfd).name.decode()
+                # by id when recorded: a name alone could be another agent's program
+                ours = pid == rec["prog_id"] if rec.get("prog_id") else name == rec["prog_name"][:15]
+                if not ours:
+                    continue
+                M._check(lib.bpf_prog_detach2(pfd, cg_fd, t["attach_type"]), f"bpf_prog_detach2 {name}")
+                at = t.get("attach_type_name", t["attach_type"])
+                done.append(f"detached cgroup {at} program {name} (prog id {pid}) from {t['cgroup']}")
+            finally:
+                os.close(pfd)
+    finally:
+        os.close(cg_fd)
+    return done
+
+
+_DETACH = {"tc": _detach_tc, "xdp": _detach_xdp, "cgroup": _detach_cgroup}
+
+
+# ---------------------------------------------------------------------- cleanup
+
+
+def _refuse_unsafe(pin_path: Path) -> None:
+    from .fs import find_mounts
+
+    mounts = find_mounts("bpf")
+    real = pin_path.resolve()
+    if real in mounts:
+        raise ValueError(f"refusing to clean {pin_path}: it is a bpffs mount point, not kpr's own directory")
+    if not any(m in real.parents for m in mounts):
+        raise ValueError(f"refusing to clean {pin_path}: not inside a bpffs")
+
+
+def cleanup(pin_path: Path | str) -> list[str]:
+    """Detach every recorded attachment, then remove every pin under pin_path and the directory.
+
+    Returns one line per thing removed (or skipped, with the reason). Raises CleanupError,
+    after doing everything it could, when something could not be removed.
+    """
+    pin_path = Path(pin_path)
+    if not pin_path.exists():
+        return []
+    _refuse_unsafe(pin_path)
+    removed: list[str] = []
+    errors: list[str] = []
+    for rec in attachments(pin_path):
+        try:
+            removed.extend(_DETACH[rec["kind"]](rec))
+        except (OSError, KeyError, ValueError, subprocess.SubprocessError) as exc:
+            errors.append(f"{rec.get('kind')} {rec.get('prog_name')} at {rec.get('target')}: {exc}")
+    if errors:
+        # Keep the registry (and the pins) so a second run can finish the job.
+        raise CleanupError(removed, errors)
+    for root, dirs, files in os.walk(pin_path, topdown=False):
+        for name in files:
+            p = Path(root) / name
+            try:
+                p.unlink()
+                removed.append(f"removed pin {p}")
+            except OSError as exc:
+                errors.append(f"unlink {p}: {exc.strerror}")
+        for name in dirs:
+            p = Path(root) / name
+            try:
+                if p.is_symlink():  # os.walk lists links to directories here; they are not ours to follow
+                    p.unlink()
+                    removed.append(f"removed symlink {p}")
+                    continue
+                p.rmdir()
+                removed.append(f"removed directory {p}")
+            except OSError as exc:
+                errors.append(f"rmdir {p}: {exc.strerror}")
+    try:
+        pin_path.rmdir()
+        removed.append(f"removed directory {pin_path}")
+    except OSError as exc:
+        errors.append(f"rmdir {pin_path}: {exc.strerror}")
+    for line in removed:
+        log.info("event=cleanup_removed what=%r", line)
+    if errors:
+        raise CleanupError(removed, errors)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_pin_dir(prefix: str = "kpr-test") -> Iterator[Path]:
+    """A fresh, unique pin dir for tests and benchmarks, cleaned up (detached, unpinned) on exit.
+
+    It is made in /sys/fs/bpf when that is a bpffs (e.g. /sys/fs/bpf/kpr-test-1a2b3c4d);
+    otherwise a private bpffs is mounted on a temporary directory and unmounted afterwards,
+    so nothing is left on the machine either way. Concurrent runs never share a private mount.
+    """
+    from .fs import DEFAULT_BPFFS, find_mounts
+
+    # Only the system's bpffs is shared: any other mount (another run's scratch mount, a
+    # demo's) may be unmounted by its owner while we use it.
+    mounted: Path | None = None
+    if DEFAULT_BPFFS in find_mounts("bpf"):
+        base = DEFAULT_BPFFS
+    else:
+        mounted = Path(tempfile.mkdtemp(prefix=f"{prefix}-bpffs-"))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", str(mounted).encode(), b"bpf", ctypes.c_ulong(0), None) != 0:
+            err = ctypes.get_errno()
+            mounted.rmdir()
+            raise OSError(err, f"mount -t bpf bpf {mounted}: {os.strerror(err)}")
+        base = mounted
+    pin = base / f"{prefix}-{secrets.token_hex(4)}"
+    try:
+        yield pin
+    finally:
+        try:
+            cleanup(pin)
+        finally:
+            if mounted is not None:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.umount2(str(mounted).encode(), 0) != 0:
+                    log.error("event=scratch_bpffs_umount_failed path=%s errno=%d", mounted, ctypes.get_errno())
+                else:
+                    mounted.rmdir()

@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import struct
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -156,6 +157,8 @@ class ServiceMapWriter:
         self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it
         self._maglev_cache: OrderedDict[tuple, array] = OrderedDict()
         self._maglev_keys = array("I", range(maglev_size)).tobytes()
+        # Services delivered through the bus before kpr_sync_complete; None afterwards.
+        self._initial: dict[ServiceKey, Service] | None = {}
 
     def _reset_shadow(self) -> None:
         self._groups: dict[bytes, _Group] = {}
@@ -914,17 +917,33 @@ class ServiceMapWriter:
     def kpr_stop(self, context: PluginContext) -> None:
         self.close()  # pins stay: established flows keep working until the next agent adopts them
 
+    # Through the bus, the initial state is collected and written in one batched full sync
+    # at kpr_sync_complete (adopted maps keep serving the old state until then); later
+    # changes are applied one service at a time.
+
     @hookimpl
     def kpr_service_upsert(self, service: Service) -> None:
+        if self._initial is not None:
+            self._initial[service.key] = service
+            return
         self.upsert(service)
 
     @hookimpl
     def kpr_service_delete(self, key: ServiceKey) -> None:
+        if self._initial is not None:
+            self._initial.pop(key, None)
+            return
         self.delete(key)
 
     @hookimpl
     def kpr_sync_complete(self) -> None:
-        self.gc()
+        initial, self._initial = self._initial, None
+        if initial is None:
+            self.gc()
+            return
+        t0 = time.monotonic()
+        self.full_sync(initial.values())
+        log.info("event=servicemaps_initial_sync services=%d seconds=%.3f", len(initial), time.monotonic() - t0)
 
     @hookimpl
     def kpr_status(self) -> PluginStatus:

@@ -238,8 +238,8 @@ def test_restart_adopts_pinned_maps_and_keeps_ids(pin_path: Path) -> None:
         w2.upsert(web())
         w2.upsert(DNS)
         assert diff_ops(ops0, total_ops(w2)) == {}  # re-delivery after restart writes nothing
-        # EMPTY was not re-delivered: the end of the initial sync removes it, and only it.
-        w2.kpr_sync_complete()
+        # EMPTY was not re-delivered: garbage collection removes it, and only it.
+        w2.gc()
         after = w2.read_back()
         assert set(after["frontends"]) == set(before["frontends"]) - {"10.96.0.20:80/TCP external"}
         assert w2.backend_ids() == backend_ids
@@ -317,6 +317,28 @@ def test_maglev_tables_match_the_python_builder(pin_path: Path) -> None:
         # Switching back to random drops the table after the flag is cleared.
         w.upsert(Service(svc.key, svc.frontends))
         assert w.read_back()["maglev_tables"] == []
+
+
+def test_initial_state_through_the_bus_is_one_full_sync(pin_path: Path) -> None:
+    with ServiceMapWriter(pin_path) as w:
+        for s in (web(), DNS, EMPTY):
+            w.upsert(s)
+        ids, backend_ids, before = w.ids(), w.backend_ids(), w.read_back()
+    with ServiceMapWriter(pin_path) as w2:
+        ops0 = total_ops(w2)
+        w2.kpr_service_upsert(service=web())
+        w2.kpr_service_upsert(service=DNS)
+        assert diff_ops(ops0, total_ops(w2)) == {}, "before sync complete the adopted maps keep serving as they are"
+        assert w2.read_back() == before
+        w2.kpr_sync_complete()
+        after = w2.read_back()
+        assert set(after["frontends"]) == set(before["frontends"]) - {"10.96.0.20:80/TCP external"}
+        assert w2.ids() == ids and w2.backend_ids() == backend_ids
+        writes = w2.ops()
+        assert sum(o["update"] for o in writes.values()) <= 1, "unchanged services are not rewritten"
+        # After sync complete, a change is applied at once.
+        w2.kpr_service_delete(key=DNS.key)
+        assert not any(k.startswith("[fd00:96::10]:53/UDP") for k in w2.read_back()["frontends"])
 
 
 def test_writer_is_a_plugin(pin_path: Path) -> None:

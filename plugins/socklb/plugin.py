@@ -1,0 +1,501 @@
+"""The socklb plugin: loads the socket-LB programs, attaches them to a cgroup, keeps its own
+maps (node addresses, per-socket reverse NAT) in step with services and node facts.
+
+The shared service maps are the core's ServiceMapWriter's (kpr_requires "servicemaps"); the
+writer follows the bus on its own worker, so this plugin never writes them. What it does per
+service is its own: when backends leave a frontend, reverse-NAT entries of sockets that were
+sent to them are dropped, and with terminateConnections those sockets are destroyed.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from kpr import hookimpl
+from kpr.bpf import maps as M
+from kpr.context import PluginContext
+from kpr.model import FrontendType, NodeInfo, PluginStatus, Service, ServiceKey
+
+from . import sockdiag
+from .config import SockLBConfig
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "bpf" / "socklb.c"
+
+# (program, program type, attach type). post_bind hooks only with bindProtection.
+HOOKS: tuple[tuple[str, str, str], ...] = (
+    ("sklb4_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
+    ("sklb6_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
+    ("sklb4_sendmsg", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG"),
+    ("sklb6_sendmsg", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
+    ("sklb4_recvmsg", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG"),
+    ("sklb6_recvmsg", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
+    ("sklb4_peername", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME"),
+    ("sklb6_peername", "CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME"),
+)
+BIND_HOOKS: tuple[tuple[str, str, str], ...] = (
+    ("sklb4_postbind", "CGROUP_SOCK", "CGROUP_INET4_POST_BIND"),
+    ("sklb6_postbind", "CGROUP_SOCK", "CGROUP_INET6_POST_BIND"),
+)
+
+# kpr_sock_stats slots, in the order of KPR_SOCK_ST_* in lib/sock.h.
+STATS = (
+    "connect",
+    "sendmsg",
+    "reverse",
+    "no_backend",
+    "bind_refused",
+    "skip_not_host",
+    "skip_external_ip",
+    "skip_source_ranges",
+    "revnat_update_failed",
+    "revnat_stale",
+    "family_mismatch",
+)
+
+BPF_F_ALLOW_MULTI = 1 << 1  # share the cgroup hook with other agents' programs
+
+# Pinned maps this plugin owns (lib/sock.h), next to the shared ones under bpf.pinPath.
+REVNAT_MAP = "kpr_sock_revnat"
+HOSTADDR_MAP = "kpr_sock_hostaddr"
+STATS_MAP = "kpr_sock_stats"
+
+REVNAT_KEY = struct.Struct("=Q16sHHI")  # cookie, backend addr, backend port (network order), pad, pad
+REVNAT_VAL = struct.Struct("=16sHBxIQ")  # dialled addr, port (network order), proto, rev_nat, netns cookie
+
+# How long termination waits for the service map writer (its own bus worker) to stop offering
+# a removed backend, so a client that reconnects at once does not get the same backend again.
+WRITER_WAIT_SECONDS = 2.0
+
+# A frontend as the reverse-NAT map sees it: (dialled address or None for NodePort, which is
+# dialled at any node address or loopback, port in network order, protocol number).
+FrontendMatch = tuple[bytes | None, int, int]
+# A backend as the reverse-NAT map keys it: (address, port in network order).
+BackendMatch = tuple[bytes, int]
+
+
+def _frontends(service: Service) -> dict[FrontendMatch, frozenset[BackendMatch]]:
+    out: dict[FrontendMatch, set[BackendMatch]] = {}
+    for fe in service.frontends:
+        if fe.protocol.number not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            continue
+        addr = None if fe.type is FrontendType.NODE_PORT else M.addr_to_bytes(fe.address)
+        out.setdefault((addr, M.htons(fe.port), fe.protocol.number), set()).update(
+            (M.addr_to_bytes(b.address), M.htons(b.port)) for b in fe.backends
+        )
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+@dataclass
+class _Attachment:
+    prog: str
+    attach_type: str
+    fn: Any  # bcc BPF.Function
+    prog_id: int
+    record_id: int
+
+
+@dataclass
+class _Counters:
+    revnat_dropped: int = 0
+    sockets_destroyed: int = 0
+    destroy_errors: int = 0
+    netns_not_found: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class SockLB:
+    """Instantiated once per agent by the plugin manager."""
+
+    def __init__(self) -> None:
+        self.cfg: SockLBConfig | None = None
+        self.context: PluginContext | None = None
+        self.pin_path: Path | None = None
+        self.cgroup: Path | None = None
+        self.host_netns_cookie = 0
+        self._host_ns_fd = -1
+        self._bpf: Any = None
+        self._cg_fd = -1
+        self._attached: list[_Attachment] = []
+        self._maps: dict[str, M.BpfMap] = {}
+        self._services: dict[ServiceKey, dict[FrontendMatch, frozenset[BackendMatch]]] = {}
+        self._hostaddrs: set[bytes] = set()
+        self._lock = threading.RLock()
+        self._c = _Counters()
+        self._destroy_unsupported = ""
+        self._set_retval = True
+
+    # ------------------------------------------------------------------ configuration
+
+    @hookimpl
+    def kpr_config_schema(self) -> type[pydantic.BaseModel]:
+        return SockLBConfig
+
+    @hookimpl
+    def kpr_requires(self) -> list[str]:
+        return ["servicemaps"]
+
+    @hookimpl
+    def kpr_configure(self, config: SockLBConfig, context: PluginContext) -> None:
+        self.cfg = config
+        self.context = context
+        self.pin_path = Path(context.config.bpf.pin_path)
+        if config.algorithm == "maglev":
+            log.warning("event=socklb_algorithm_not_applied algorithm=maglev reason=%r", self._algorithm_note())
+
+    def _algorithm_note(self) -> str:
+        # The writer builds Maglev tables only for services it renders as Maglev, and the hooks
+        # follow each entry's flag; the core creates the writer with its own default, so this
+        # key cannot reach it from a plugin.
+        if self.cfg is None or self.cfg.algorithm == "random":
+            return "random unless a service is annotated service.kpr.io/lb-algorithm=maglev"
+        return (
+            "maglev requested, but the service map writer's default (random) decides; annotate services "
+            "with service.kpr.io/lb-algorithm=maglev"
+        )
+
+    # ------------------------------------------------------------------ start / stop
+
+    @hookimpl
+    def kpr_start(self, context: PluginContext) -> None:
+        from kpr.bpf import fs, probes
+        from kpr.bpf.cleanup import record_attachment
+        from kpr.bpf.inline import inline_includes
+        from kpr.bpf.loader import attach_type_value, compile_and_load, load_prog
+
+        cfg, pin = self.cfg, self.pin_path
+        assert cfg is not None and pin is not None, "kpr_configure first"
+        if not any(m == pin.resolve() or m in pin.resolve().parents for m in fs.find_mounts("bpf")):
+            raise OSError(f"bpf.pinPath {pin} is not on a bpffs (mount -t bpf bpf /sys/fs/bpf)")
+        self.cgroup = Path(cfg.cgroup_path) if cfg.cgroup_path else fs.ensure_cgroup2()
+        real = self.cgroup.resolve()
+        if not (real / "cgroup.procs").exists() or not any(m == real or m in real.parents for m in fs.find_mounts("cgroup2")):
+            raise OSError(f"plugins.socklb.cgroupPath: {self.cgroup} is not a cgroup v2 directory")
+        hooks = HOOKS + (BIND_HOOKS if cfg.bind_protection else ())
+        try:
+            # "The host" is the namespace the agent runs in; remember it for node-address
+            # refreshes that arrive on other threads.
+            self._host_ns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            self.host_netns_cookie = sockdiag.current_netns_cookie()
+            self._set_retval = probes.have_helper("set_retval", "CGROUP_SOCK_ADDR")
+            if not self._set_retval:
+                log.warning("event=socklb_no_set_retval effect=refusals_fail_with_EPERM")
+            if cfg.terminate_connections:
+                self._destroy_unsupported = sockdiag.destroy_unsupported()
+                if self._destroy_unsupported:
+                    log.error("event=socklb_terminate_unsupported error=%s", self._destroy_unsupported)
+            pin.mkdir(parents=True, exist_ok=True)
+            cflags = M.cflags(pin) + [
+                f"-DKPR_SOCK_HOST_NETNS={self.host_netns_cookie}ULL",
+                f"-DKPR_SOCK_HOST_ONLY={int(cfg.host_namespace_only)}",
+                f"-DKPR_SOCK_REVNAT_MAX={cfg.reverse_nat_map_size}",
+                f"-DKPR_SOCK_HAVE_SET_RETVAL={int(self._set_retval)}",
+            ]
+            text = inline_includes(SOURCE.read_text(), [SOURCE.parent], label=str(SOURCE))
+            self._bpf = compile_and_load(text, cflags=cflags, name=str(SOURCE))
+            for name in (REVNAT_MAP, HOSTADDR_MAP, STATS_MAP):
+                self._maps[name] = M.BpfMap.open_pinned(pin / name)
+            self._sync_hostaddrs(context.node)
+            self._cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            for prog, ptype, atype in hooks:
+                fn = load_prog(self._bpf, prog, ptype, attach_type=atype)
+                self._attach(fn, atype, attach_type_value(atype))
+                # Tracked before it is recorded: an attachment outlives this process.
+                a = _Attachment(prog, atype, fn, M.prog_info(fn.fd).id, 0)
+                self._attached.append(a)
+                a.record_id = record_attachment(
+                    pin, "cgroup", {"cgroup": str(self.cgroup), "attach_type": atype}, prog, prog_id=a.prog_id
+                )
+        except BaseException:
+            self._teardown()
+            raise
+        log.info(
+            "event=socklb_started cgroup=%s hooks=%d host_netns_cookie=%d host_only=%s bind_protection=%s "
+            "terminate_connections=%s set_retval=%s",
+            self.cgroup, len(self._attached), self.host_netns_cookie, cfg.host_namespace_only,
+            cfg.bind_protection, cfg.terminate_connections, self._set_retval,
+        )
+
+    def _attach(self, fn: Any, name: str, value: int) -> None:
+        from bcc import BPF
+
+        try:
+            BPF.attach_func(fn, self._cg_fd, value, BPF_F_ALLOW_MULTI)
+        except Exception as exc:  # bcc raises a bare Exception with the errno text
+            raise OSError(f"attaching {fn.name.decode()} to {self.cgroup} ({name}): {exc}") from None
+
+    @hookimpl
+    def kpr_stop(self, context: PluginContext) -> None:
+        self._teardown()
+        log.info("event=socklb_stopped cgroup=%s", self.cgroup)
+
+    def _teardown(self) -> None:
+        """Detach and close; pinned maps stay (reverse NAT keeps working across a restart)."""
+        from kpr.bpf.cleanup import forget_attachment
+        from kpr.bpf.loader import attach_type_value
+
+        with self._lock:
+            errors = []
+            for a in reversed(self._attached):
+                rc = M.libbpf().bpf_prog_detach2(a.fn.fd, self._cg_fd, attach_type_value(a.attach_type))
+                if rc < 0 and -rc != errno.ENOENT:  # ENOENT: `kpr cleanup` detached it already
+                    errors.append(f"detach {a.prog}: {os.strerror(-rc)}")
+                    continue
+                try:
+                    if a.record_id:
+                        forget_attachment(self.pin_path, a.record_id)
+                except OSError as exc:
+                    errors.append(f"forget {a.prog}: {exc}")
+            self._attached.clear()
+            for m in self._maps.values():
+                m.close()
+            self._maps.clear()
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
+            for attr in ("_cg_fd", "_host_ns_fd"):
+                fd = getattr(self, attr)
+                if fd >= 0:
+                    os.close(fd)
+                    setattr(self, attr, -1)
+            if errors:
+                raise OSError("socklb teardown: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ node addresses
+
+    @hookimpl
+    def kpr_node_changed(self, node: NodeInfo) -> None:
+        self._sync_hostaddrs(node)
+
+    def _host_addresses(self) -> set[str]:
+        """Global addresses of every interface in the host namespace (read in that namespace)."""
+
+        def read() -> set[str]:
+            from pyroute2 import IPRoute
+
+            out = set()
+            with IPRoute() as ipr:
+                for msg in ipr.get_addr():
+                    ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+                    if not (ip.is_loopback or ip.is_link_local):
+                        out.add(str(ip))
+            return out
+
+        return sockdiag.run_in_netns(f"/proc/self/fd/{self._host_ns_fd}", read)
+
+    def _sync_hostaddrs(self, node: NodeInfo) -> None:
+        """NodePorts answer on, and local ExternalIPs are, the node's addresses and every other
+        address the host namespace holds."""
+        with self._lock:
+            m = self._maps.get(HOSTADDR_MAP)
+            if m is None:
+                return
+            addrs = set(node.addresses)
+            try:
+                addrs |= self._host_addresses()
+            except Exception as exc:  # the configured addresses still work
+                log.warning("event=socklb_host_addresses_unreadable error=%r", exc)
+            want = {M.addr_to_bytes(a) for a in addrs}
+            gone = [k for k in m.keys() if k not in want]
+            m.update_many(sorted(want), [M.U32.pack(1)] * len(want))
+            m.delete_many(gone)
+            self._hostaddrs = want
+            log.info("event=socklb_host_addresses count=%d", len(want))
+
+    # ------------------------------------------------------------------ services
+
+    @hookimpl
+    def kpr_service_upsert(self, service: Service) -> None:
+        with self._lock:
+            new = _frontends(service)
+            old = self._services.get(service.key, {})
+            self._services[service.key] = new
+            removed = {fe: gone for fe, bes in old.items() if (gone := bes - new.get(fe, frozenset()))}
+            if removed:
+                self._purge(removed, service.key)
+
+    @hookimpl
+    def kpr_service_delete(self, key: ServiceKey) -> None:
+        with self._lock:
+            old = self._services.pop(key, None)
+            if old:
+                self._purge(old, key)
+
+    @hookimpl
+    def kpr_sync_complete(self) -> None:
+        # Backends that left while no agent ran: whatever the delivered state does not offer.
+        with self._lock:
+            valid: dict[FrontendMatch, set[BackendMatch]] = {}
+            for fes in self._services.values():
+                for fe, bes in fes.items():
+                    valid.setdefault(fe, set()).update(bes)
+            self._purge(None, None, keep=valid)
+
+    def _purge(
+        self,
+        removed: dict[FrontendMatch, frozenset[BackendMatch]] | None,
+        key: ServiceKey | None,
+        *,
+        keep: dict[FrontendMatch, set[BackendMatch]] | None = None,
+    ) -> None:
+        """Drop reverse-NAT entries of sockets sent to removed backends (or, with `keep`, to any
+        backend not kept); with terminateConnections, destroy those sockets too."""
+        m = self._maps.get(REVNAT_MAP)
+        if m is None:
+            return
+        stale: list[bytes] = []
+        doomed: dict[int, dict[tuple[int, bytes, int], set[int]]] = {}  # netns -> (proto, addr, port) -> cookies
+        for k, v in m.items():
+            cookie, baddr, bport, _, _ = REVNAT_KEY.unpack(k)
+            faddr, fport, proto, _rev_nat, netns = REVNAT_VAL.unpack(v)
+            be = (baddr, bport)
+            matches = [(faddr, fport, proto), (None, fport, proto)]
+            if removed is not None:
+                hit = any(be in removed.get(fe, ()) for fe in matches)
+            else:
+                known = [fe for fe in matches if fe in keep]
+                hit = bool(known) and not any(be in keep[fe] for fe in known)
+            if hit:
+                stale.append(k)
+                doomed.setdefault(netns, {}).setdefault((proto, baddr, M.ntohs(bport)), set()).add(cookie)
+        if not stale:
+            return
+        if self.cfg.terminate_connections:
+            self._terminate(doomed, removed)
+        m.delete_many(stale)
+        self._c.revnat_dropped += len(stale)
+        log.info("event=socklb_revnat_dropped service=%s entries=%d", key or "-", len(stale))
+
+    # ------------------------------------------------------------------ terminateConnections
+
+    def _terminate(
+        self,
+        doomed: dict[int, dict[tuple[int, bytes, int], set[int]]],
+        removed: dict[FrontendMatch, frozenset[BackendMatch]] | None,
+    ) -> None:
+        if self._destroy_unsupported:
+            return
+        if removed:
+            self._wait_writer(removed)
+        paths = sockdiag.find_netns(doomed)
+        for netns, groups in doomed.items():
+            path = paths.get(netns)
+            if path is None:
+                self._c.netns_not_found += 1
+                log.info("event=socklb_netns_gone netns_cookie=%d sockets=%d", netns, sum(map(len, groups.values())))
+                continue
+            targets = [sockdiag.Target(p, a, port, frozenset(c)) for (p, a, port), c in groups.items()]
+            try:
+                n = sockdiag.run_in_netns(path, lambda t=targets: sockdiag.destroy_in_current_netns(t))
+            except sockdiag.DestroyUnsupported as exc:
+                self._destroy_unsupported = str(exc)
+                log.error("event=socklb_terminate_unsupported error=%s", exc)
+                return
+            except OSError as exc:
+                self._c.destroy_errors += 1
+                self._note_error(f"terminating sockets in {path}: {exc}")
+                continue
+            self._c.sockets_destroyed += n
+            log.info("event=socklb_sockets_destroyed netns=%s count=%d", path, n)
+
+    def _wait_writer(self, removed: dict[FrontendMatch, frozenset[BackendMatch]]) -> None:
+        """Wait (bounded) until the shared maps no longer offer the removed backends."""
+        deadline = time.monotonic() + WRITER_WAIT_SECONDS
+        try:
+            with M.BpfMap.open_pinned(self.pin_path / "kpr_svc") as svc, M.BpfMap.open_pinned(
+                self.pin_path / "kpr_backend"
+            ) as backends:
+                while True:
+                    if not any(self._offered(svc, backends, fe, bes) for fe, bes in removed.items()):
+                        return
+                    if time.monotonic() > deadline:
+                        log.warning("event=socklb_writer_wait_timeout seconds=%.1f", WRITER_WAIT_SECONDS)
+                        return
+                    time.sleep(0.02)
+        except OSError as exc:
+            log.warning("event=socklb_writer_wait_failed error=%s", exc)
+
+    @staticmethod
+    def _offered(svc: M.BpfMap, backends: M.BpfMap, fe: FrontendMatch, bes: frozenset[BackendMatch]) -> bool:
+        addr, port, proto = fe
+        if addr is None:  # NodePort: every node address leads to the wildcard entry
+            addrs = [M.wildcard_bytes(4), M.wildcard_bytes(6)]
+        else:
+            addrs = [addr]
+        for a in addrs:
+            for scope in (M.SCOPE_EXTERNAL, M.SCOPE_INTERNAL):
+                head = M.SVC_KEY.pack(a, port, proto, scope, 0, 0)
+                raw = svc.lookup(head)
+                if raw is None:
+                    continue
+                count = M.SVC_VAL.unpack(raw)[1]
+                for slot in range(1, count + 1):
+                    sv = svc.lookup(M.SVC_KEY.pack(a, port, proto, scope, slot, 0))
+                    bv = backends.lookup(M.U32.pack(M.SVC_VAL.unpack(sv)[0])) if sv else None
+                    if bv is not None and (bv[:16], M.BACKEND.unpack(bv)[1]) in bes:
+                        return True
+        return False
+
+    # ------------------------------------------------------------------ status
+
+    def _note_error(self, text: str) -> None:
+        log.warning("event=socklb_error error=%s", text)
+        self._c.errors = (self._c.errors + [text])[-10:]
+
+    def stats(self) -> dict[str, int]:
+        """The datapath's counters, summed over CPUs ({} when not started)."""
+        bpf = self._bpf
+        if bpf is None:
+            return {}
+        try:
+            table = bpf[STATS_MAP.encode()]
+            return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
+        except Exception as exc:  # stopping under our feet; status must not fail for it
+            log.debug("event=socklb_stats_unreadable error=%r", exc)
+            return {}
+
+    @hookimpl
+    def kpr_status(self) -> PluginStatus:
+        # No lock: a termination pass may hold it for seconds, and status must stay quick.
+        attached = [f"{a.attach_type}:{a.prog}" for a in self._attached]
+        counters: dict[str, float] = {k: float(v) for k, v in self.stats().items()}
+        counters.update(
+            hooks_attached=float(len(attached)),
+            revnat_dropped=float(self._c.revnat_dropped),
+            sockets_destroyed=float(self._c.sockets_destroyed),
+            destroy_errors=float(self._c.destroy_errors),
+            netns_not_found=float(self._c.netns_not_found),
+        )
+        healthy = bool(attached)
+        msg = f"{len(attached)} hooks on {self.cgroup}" if healthy else "not attached"
+        if self.cfg is not None and self.cfg.terminate_connections and self._destroy_unsupported:
+            msg += f"; terminateConnections cannot work: {self._destroy_unsupported}"
+        if not self._set_retval:
+            msg += "; refusals fail with EPERM (no bpf_set_retval)"
+        details: dict[str, object] = {
+            "cgroup": str(self.cgroup) if self.cgroup else None,
+            "hooks": attached,
+            "hostNetnsCookie": self.host_netns_cookie,
+            "hostAddresses": sorted(M.bytes_to_addr(a) for a in self._hostaddrs),
+            "terminateConnections": {
+                "enabled": bool(self.cfg and self.cfg.terminate_connections),
+                "supported": not self._destroy_unsupported,
+                "reason": self._destroy_unsupported,
+            },
+            "algorithm": self._algorithm_note(),
+            "errors": list(self._c.errors),
+        }
+        return PluginStatus(healthy=healthy, message=msg, counters=counters, details=details)

@@ -1,0 +1,269 @@
+"""Shared pieces of the socklb kernel tests and benchmark: peer scripts, a private bpffs, a
+node-with-pods topology, and a running socklb plugin driven with the service map writer.
+
+Layout: one "node" namespace (the host, as far as the plugin is concerned: its netns cookie
+is the host's) holding node addresses 10.77.0.1 and fd77::1 on lo; pods be1..be3 run a
+server answering with their name on TCP and UDP port 8080 (dual-stack); pod "cli" is the
+client. Clients always run inside a test namespace AND the child cgroup the programs are
+attached to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpr.config import KprConfig
+from kpr.context import PluginContext
+from kpr.model import Backend, BackendState, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
+from kpr.plugins.socklb.config import SockLBConfig
+from kpr.plugins.socklb.plugin import SockLB
+from kpr.servicemaps import ServiceMapWriter
+from kpr.testing.cgroup import run_in_cgroup
+from kpr.testing.netns import Topology
+
+PY = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+
+NODE4, NODE6 = "10.77.0.1", "fd77::1"
+PODS = {"be1": ("10.244.0.11", "fd44::11"), "be2": ("10.244.0.12", "fd44::12"), "be3": ("10.244.0.13", "fd44::13")}
+CLIENT4, CLIENT6 = "10.244.0.100", "fd44::100"
+PORT = 8080
+
+# Backend: answers TCP connections with its name (then echoes until EOF) and UDP datagrams
+# with its name, on [::]:PORT for both families.
+SERVER = r"""
+import socket, sys, threading
+name, port = sys.argv[1], int(sys.argv[2])
+def tcp_conn(c):
+    with c:
+        c.sendall((name + "\n").encode())
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return
+            c.sendall(d)
+def tcp():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port)); s.listen(512)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=tcp_conn, args=(c,), daemon=True).start()
+def udp():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    while True:
+        d, a = s.recvfrom(65536)
+        s.sendto(name.encode() if d != b"echo" else d, a)
+threading.Thread(target=udp, daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+# Client: one JSON line per attempt. Modes:
+#   tcp HOST PORT N [-6]       connect, getpeername, read the answer
+#   udp HOST PORT N [-6]       unconnected sendto + recvfrom (the source shows the reverse NAT)
+#   udpconn HOST PORT N [-6]   connect, send, recv, getpeername
+#   bind HOST PORT tcp|udp [-6]
+#   hold HOST PORT tcp|udp     connect and print; then per stdin line: `peer` (getpeername),
+#                              `wait` (block until the socket is closed or destroyed)
+#   gap=S                      (tcp/udp/udpconn) sleep S seconds between attempts
+CLIENT = r"""
+import errno, json, socket, sys, time
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rest = sys.argv[4:]
+fam = socket.AF_INET6 if (":" in host or "-6" in rest) else socket.AF_INET
+gap = float(next((a[4:] for a in rest if a.startswith("gap=")), 0))
+def err(e):
+    return errno.errorcode.get(e.errno, str(e.errno)) if getattr(e, "errno", None) else type(e).__name__
+def out(**kw):
+    print(json.dumps(kw), flush=True)
+def peer(a):
+    return [a[0], a[1]]
+if mode in ("tcp", "udp", "udpconn"):
+    for i in range(int(rest[0])):
+        if i and gap:
+            time.sleep(gap)
+        t0 = time.monotonic()
+        kind = socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM
+        s = socket.socket(fam, kind)
+        s.settimeout(3)
+        try:
+            if mode == "udp":
+                s.sendto(b"hi", (host, port))
+                d, a = s.recvfrom(512)
+                out(src=peer(a), answer=d.decode(), ms=(time.monotonic() - t0) * 1e3)
+            else:
+                s.connect((host, port))
+                p = peer(s.getpeername())
+                if mode == "udpconn":
+                    s.send(b"hi")
+                    d = s.recv(512)
+                else:
+                    d = b""
+                    while not d.endswith(b"\n"):
+                        c = s.recv(512)
+                        if not c:
+                            break
+                        d += c
+                out(peer=p, answer=d.decode().strip(), ms=(time.monotonic() - t0) * 1e3)
+        except OSError as e:
+            out(error=err(e), ms=(time.monotonic() - t0) * 1e3)
+        finally:
+            s.close()
+elif mode == "bind":
+    kind = socket.SOCK_STREAM if rest[0] == "tcp" else socket.SOCK_DGRAM
+    s = socket.socket(fam, kind)
+    try:
+        s.bind((host, port))
+        out(ok=True, bound=peer(s.getsockname()))
+    except OSError as e:
+        out(error=err(e))
+elif mode == "hold":
+    kind = socket.SOCK_STREAM if rest[0] == "tcp" else socket.SOCK_DGRAM
+    s = socket.socket(fam, kind)
+    s.settimeout(5)
+    s.connect((host, port))
+    if kind == socket.SOCK_DGRAM:
+        s.send(b"hi")
+    out(peer=peer(s.getpeername()), answer=s.recv(512).decode().strip())
+    for cmd in sys.stdin:
+        cmd = cmd.strip()
+        if cmd == "peer":
+            try:
+                out(peer=peer(s.getpeername()))
+            except OSError as e:
+                out(error=err(e))
+        elif cmd == "wait":
+            s.settimeout(20)
+            t0 = time.monotonic()
+            try:
+                d = s.recv(512)
+                out(event="eof" if not d else "data", after=time.monotonic() - t0)
+            except OSError as e:
+                out(event="error", error=err(e), after=time.monotonic() - t0)
+"""
+
+
+@contextlib.contextmanager
+def private_bpffs(prefix: str = "kpr-socklb") -> Iterator[Path]:
+    """A bpffs mounted on a fresh temporary directory, unmounted and removed afterwards."""
+    mnt = Path(tempfile.mkdtemp(prefix=f"{prefix}-bpffs-"))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", str(mnt).encode(), b"bpf", ctypes.c_ulong(0), None) != 0:
+        err = ctypes.get_errno()
+        mnt.rmdir()
+        raise OSError(err, f"mount -t bpf bpf {mnt}: {os.strerror(err)}")
+    try:
+        yield mnt
+    finally:
+        if libc.umount2(str(mnt).encode(), 2) != 0:  # MNT_DETACH: never leave it mounted
+            logging.getLogger(__name__).error("event=bpffs_umount_failed path=%s", mnt)
+        else:
+            mnt.rmdir()
+
+
+def build_topology(topo: Topology) -> None:
+    topo.add_node("node")
+    topo.run("node", f"ip addr add {NODE4}/32 dev lo && ip -6 addr add {NODE6}/128 dev lo nodad")
+    for name, (ip4, ip6) in PODS.items():
+        topo.add_pod("node", name, ip4, ip6=ip6)
+    topo.add_pod("node", "cli", CLIENT4, ip6=CLIENT6)
+    for name in PODS:
+        proc = topo.popen(name, [PY, "-c", SERVER, name, str(PORT)], stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"server in {name} did not start: {line!r}")
+
+
+def be(name: str, *, v6: bool = False, state: BackendState = BackendState.ACTIVE, local: bool = True) -> Backend:
+    return Backend(PODS[name][1 if v6 else 0], PORT, state=state, node_name="node1" if local else "node2", local=local)
+
+
+def service(
+    name: str,
+    frontends: list[tuple[FrontendType, str, int]],
+    backends: list[Backend],
+    protocols: tuple[Protocol, ...] = (Protocol.TCP, Protocol.UDP),
+    annotations: tuple[tuple[str, str], ...] = (),
+    **fe_kw: Any,
+) -> Service:
+    fes = tuple(
+        Frontend(t, addr, port, proto, backends=tuple(backends), **fe_kw)
+        for t, addr, port in frontends
+        for proto in protocols
+    )
+    return Service(ServiceKey("default", name), fes, annotations=annotations)
+
+
+@dataclass
+class Env:
+    topo: Topology
+    pin: Path
+    writer: ServiceMapWriter
+    cgroup: Path
+    plugins: list[SockLB] = field(default_factory=list)
+
+    @property
+    def plugin(self) -> SockLB:
+        return self.plugins[0]
+
+    def apply(self, svc: Service) -> None:
+        """One bus dispatch: the writer and every plugin get the new state."""
+        self.writer.upsert(svc)
+        for p in self.plugins:
+            p.kpr_service_upsert(svc)
+
+    def delete(self, key: ServiceKey) -> None:
+        self.writer.delete(key)
+        for p in self.plugins:
+            p.kpr_service_delete(key)
+
+    def client(self, *args: Any, ns: str = "cli", cgroup: Path | None = None, timeout: float = 60) -> list[dict]:
+        res = run_in_cgroup(
+            cgroup or self.cgroup, [PY, "-c", CLIENT, *map(str, args)], self.topo[ns], timeout=timeout
+        )
+        return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+    def start_plugin(self, cgroup: Path, **cfg: Any) -> SockLB:
+        plugin = start_socklb(self.topo, self.pin, cgroup, **cfg)
+        self.plugins.append(plugin)
+        return plugin
+
+    def stop_plugin(self, plugin: SockLB) -> None:
+        self.plugins.remove(plugin)
+        plugin.kpr_stop(plugin.context)
+
+
+def plugin_context(pin: Path, state_dir: Path | None = None) -> PluginContext:
+    config = KprConfig.model_validate({"bpf": {"pinPath": str(pin)}, "agent": {"stateDir": str(state_dir or pin)}})
+    return PluginContext(
+        name="socklb",
+        node=NodeInfo("node1", addresses=(NODE4, NODE6)),
+        log=logging.getLogger("kpr.plugins.socklb"),
+        config=config,
+        state_dir=state_dir or pin,
+    )
+
+
+def start_socklb(topo: Topology, pin: Path, cgroup: Path, **cfg: Any) -> SockLB:
+    """configure + start a SockLB whose host is the topology's node namespace."""
+    plugin = SockLB()
+    ctx = plugin_context(pin)
+    plugin.kpr_configure(config=SockLBConfig.model_validate({"cgroupPath": str(cgroup), **cfg}), context=ctx)
+    with topo["node"].enter():
+        plugin.kpr_start(context=ctx)
+    return plugin

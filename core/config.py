@@ -184,7 +184,7 @@ class KprConfig(Section):
     agent: AgentSection = AgentSection()
     # plugins.<name>: {enabled: bool, ...the plugin's own keys}
     plugins: dict[str, PluginToggle] = {}
-    # Validated plugin sections, filled in by kpr.plugins_manager.validate_plugin_sections.
+    # Validated sections of the enabled plugins, filled in by kpr.pluginmanager.build_plugin_manager.
     plugin_sections: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="before")

@@ -175,6 +175,8 @@ def build_plugin_manager(
             handles.append(PluginHandle(name, obj, info, section))
     if problems:
         raise ConfigError(problems)
+    # Facilities read the enabled plugins' sections (e.g. the writer's algorithm and sizes).
+    config.plugin_sections.update({h.name: h.section for h in handles})
     handles = _add_facilities(handles, config, facilities if facilities is not None else FACILITIES)
 
     for h in handles:
@@ -188,14 +190,14 @@ def build_plugin_manager(
     except pluggy.PluginValidationError as e:
         plugin_name = pm.get_name(e.plugin) if e.plugin is not None else "?"
         raise PluginError(f"plugin {plugin_name}: {e} (is the hook name misspelt? every kpr hook is listed in kpr.hookspecs)") from None
-    config.plugin_sections.update({h.name: h.section for h in handles})
     return KprPluginManager(pm, handles, found)
 
 
 def _service_map_writer(config: KprConfig) -> Any:
-    from .servicemaps import ServiceMapWriter
+    from .servicemaps import ServiceMapWriter, writer_params
 
-    return ServiceMapWriter(config.bpf.pin_path)
+    params = writer_params(config)
+    return ServiceMapWriter(config.bpf.pin_path, algorithm=params.algorithm, maglev_size=params.maglev_size, sizes=params.sizes)
 
 
 # Core facilities plugins may ask for with kpr_requires: name -> factory of a core-owned

@@ -33,14 +33,20 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic.alias_generators import to_camel
 
 from . import hookimpl
 from .bpf import maps as M
 from .bpf.maglev import build_table, is_prime
 from .context import PluginContext
 from .model import BackendState, Frontend, FrontendType, PluginStatus, Protocol, Service, ServiceKey
+
+if TYPE_CHECKING:
+    from .config import KprConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +126,60 @@ class _Group:
         self.maglev: dict[int, tuple[tuple[str, int], ...] | None] = {}
         # kpr_srcrange keys.
         self.srcrange: frozenset[bytes] = frozenset()
+
+
+@dataclass(frozen=True)
+class WriterParams:
+    """What the shared maps are built with; programs must be compiled with the same values."""
+
+    algorithm: str = "random"
+    maglev_size: int = M.MAGLEV_DEFAULT_SIZE
+    # max_entries overrides by map name.
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def cflags(self, pin_path: Path | str) -> list[str]:
+        return M.cflags(pin_path, self.sizes, self.maglev_size)
+
+
+# Plugin section keys (snake_case attributes) that configure the shared maps, and what they set.
+_SHARED_KEYS = {"algorithm": "algorithm", "maglev_table_size": "maglev_size", "conntrack_size": "conntrack"}
+
+
+def writer_params(config: "KprConfig") -> WriterParams:
+    """The shared maps' settings, from the enabled plugins' sections.
+
+    The maps are shared, so plugins that set the same knob (``algorithm``,
+    ``maglevTableSize``, ``conntrackSize``) must agree; a disagreement is a ConfigError
+    naming both keys.
+    """
+    from .config import ConfigError
+
+    chosen: dict[str, tuple[str, Any]] = {}
+    problems = []
+    for name, section in sorted(config.plugin_sections.items()):
+        if section is None:
+            continue
+        for attr, knob in _SHARED_KEYS.items():
+            value = getattr(section, attr, None)
+            if value is None:
+                continue
+            key = f"plugins.{name}.{to_camel(attr)}"
+            if knob in chosen and chosen[knob][1] != value:
+                other_key, other = chosen[knob]
+                problems.append(f"{key}: {value!r} disagrees with {other_key}: {other!r} (the service maps are shared)")
+                continue
+            chosen.setdefault(knob, (key, value))
+    if problems:
+        raise ConfigError(problems)
+    sizes = {}
+    if "conntrack" in chosen:
+        ct = int(chosen["conntrack"][1])
+        sizes = {"kpr_ct": ct, "kpr_snat": ct}
+    return WriterParams(
+        algorithm=chosen.get("algorithm", ("", "random"))[1],
+        maglev_size=int(chosen.get("maglev_size", ("", M.MAGLEV_DEFAULT_SIZE))[1]),
+        sizes=sizes,
+    )
 
 
 class ServiceMapWriter:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 import pytest
 
 from kpr.config import ConfigError, parse_config
@@ -108,7 +110,16 @@ def test_status_says_when_terminating_connections_cannot_work() -> None:
     assert status.details["terminateConnections"]["supported"] is False
 
 
-def test_status_explains_the_algorithm_default() -> None:
-    plugin = SockLB()
-    plugin.cfg = SockLBConfig.model_validate({"algorithm": "maglev"})
-    assert "annotate services" in plugin.kpr_status().details["algorithm"]
+def test_status_names_the_algorithm_the_shared_maps_use(tmp_path) -> None:
+    from kpr.config import parse_config
+    from kpr.context import PluginContext
+    from kpr.model import NodeInfo
+    from kpr.pluginmanager import build_plugin_manager
+
+    cfg = parse_config("plugins: {socklb: {enabled: true, algorithm: maglev}}")
+    kpm = build_plugin_manager(cfg)
+    assert kpm.handle("servicemaps").plugin.algorithm == "maglev", "socklb's algorithm reaches the writer"
+    plugin = kpm.handle("socklb").plugin
+    ctx = PluginContext("socklb", NodeInfo("n1"), logging.getLogger("t"), cfg, tmp_path)
+    plugin.kpr_configure(config=kpm.handle("socklb").section, context=ctx)
+    assert plugin.kpr_status().details["algorithm"].startswith("maglev unless a service is annotated")

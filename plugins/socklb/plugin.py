@@ -26,6 +26,7 @@ import pydantic
 from kpr import hookimpl
 from kpr.bpf import maps as M
 from kpr.context import PluginContext
+from kpr.servicemaps import WriterParams, writer_params
 from kpr.model import FrontendType, NodeInfo, PluginStatus, Service, ServiceKey
 
 from . import sockdiag
@@ -124,6 +125,7 @@ class SockLB:
         self.cfg: SockLBConfig | None = None
         self.context: PluginContext | None = None
         self.pin_path: Path | None = None
+        self.params = WriterParams()
         self.cgroup: Path | None = None
         self.host_netns_cookie = 0
         self._host_ns_fd = -1
@@ -153,19 +155,14 @@ class SockLB:
         self.cfg = config
         self.context = context
         self.pin_path = Path(context.config.bpf.pin_path)
-        if config.algorithm == "maglev":
-            log.warning("event=socklb_algorithm_not_applied algorithm=maglev reason=%r", self._algorithm_note())
+        # The shared maps' settings (algorithm, Maglev size) come from every enabled plugin's
+        # section; the programs are compiled with the same values the writer uses.
+        self.params = writer_params(context.config)
 
     def _algorithm_note(self) -> str:
-        # The writer builds Maglev tables only for services it renders as Maglev, and the hooks
-        # follow each entry's flag; the core creates the writer with its own default, so this
-        # key cannot reach it from a plugin.
-        if self.cfg is None or self.cfg.algorithm == "random":
-            return "random unless a service is annotated service.kpr.io/lb-algorithm=maglev"
-        return (
-            "maglev requested, but the service map writer's default (random) decides; annotate services "
-            "with service.kpr.io/lb-algorithm=maglev"
-        )
+        # The writer marks each service entry random or Maglev (default from this key, per
+        # service from the annotation); the hooks follow the entry's flag.
+        return f"{self.params.algorithm} unless a service is annotated service.kpr.io/lb-algorithm"
 
     # ------------------------------------------------------------------ start / stop
 
@@ -198,7 +195,7 @@ class SockLB:
                 if self._destroy_unsupported:
                     log.error("event=socklb_terminate_unsupported error=%s", self._destroy_unsupported)
             pin.mkdir(parents=True, exist_ok=True)
-            cflags = M.cflags(pin) + [
+            cflags = self.params.cflags(pin) + [
                 f"-DKPR_SOCK_HOST_NETNS={self.host_netns_cookie}ULL",
                 f"-DKPR_SOCK_HOST_ONLY={int(cfg.host_namespace_only)}",
                 f"-DKPR_SOCK_REVNAT_MAX={cfg.reverse_nat_map_size}",

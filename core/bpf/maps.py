@@ -152,7 +152,7 @@ class AffinityKey(ctypes.Structure):
 
 class AffinityVal(ctypes.Structure):
     # struct kpr_affinity_val.
-    _fields_ = [("last_used", ctypes.c_uint64), ("backend_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [("last_used", ctypes.c_uint64), ("backend_id", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
 
 
 class MaglevKey(ctypes.Structure):

@@ -641,6 +641,41 @@ def test_lb_header_selects_and_dnats_what_the_writer_wrote(lb_setup: tuple[LbPro
     assert p.run(v4("10.0.1.5", "10.96.0.99", 47001, 80))[0] == p.passed
 
 
+def test_affinity_forgets_a_backend_that_left_the_service(lb_setup: tuple[LbProgram, ServiceMapWriter]) -> None:
+    p, w = lb_setup
+    p.cfg(0)
+    client = "192.0.2.7"
+    first = dest(p.run(v4(client, "203.0.113.10", 45500, 80))[1])
+    assert all(dest(p.run(v4(client, "203.0.113.10", 45501 + i, 80))[1]) == first for i in range(5))
+    # The sticky backend leaves the service but lives on in another one, so the backends
+    # map still holds it: the client must be moved, not kept on it.
+    gone = next(b for b in WEB_BACKENDS if f"{b.address}:{b.port}" == first)
+    w.upsert(Service(ServiceKey("default", "keeper"), (Frontend(CIP, "10.96.0.50", 80, TCP_, (gone,)),)))
+    w.upsert(web(tuple(b for b in WEB_BACKENDS if b is not gone)))
+    assert first.split(":")[0] + ":8080/TCP" in w.backend_ids(), "the backend is still in the backends map"
+    after = {dest(p.run(v4(client, "203.0.113.10", 45600 + i, 80))[1]) for i in range(10)}
+    assert first not in after and len(after) == 1, after
+    # A backend that merely moved slot keeps its clients: add one, the sticky one stays.
+    second = after.pop()
+    w.upsert(web(tuple(b for b in WEB_BACKENDS if b is not gone) + (be("10.1.0.9"),)))
+    assert all(dest(p.run(v4(client, "203.0.113.10", 45700 + i, 80))[1]) == second for i in range(10))
+
+
+def test_affinity_holds_for_a_maglev_service(lb_setup: tuple[LbProgram, ServiceMapWriter]) -> None:
+    p, w = lb_setup
+    fe = MAGLEV_SVC.frontends[0]
+    sticky = Service(
+        ServiceKey("default", "mg-sticky"),
+        (Frontend(CIP, "10.96.0.41", 80, TCP_, fe.backends, affinity_timeout=60),),
+        annotations=MAGLEV_SVC.annotations,
+    )
+    w.upsert(sticky)
+    p.cfg(0)
+    for client in ("10.0.3.1", "10.0.3.2", "10.0.3.3"):
+        picks = {dest(p.run(v4(client, "10.96.0.41", 52000 + i, 80))[1]) for i in range(15)}
+        assert len(picks) == 1, (client, picks)
+
+
 def test_lb_header_maglev_pick_is_the_python_table_entry(lb_setup: tuple[LbProgram, ServiceMapWriter]) -> None:
     p, w = lb_setup
     ids = w.backend_ids()

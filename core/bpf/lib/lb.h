@@ -17,6 +17,9 @@
 #ifndef KPR_LB_WILDCARD
 #define KPR_LB_WILDCARD 1 // 1: a miss on a node address retries the address-0 NodePort entry
 #endif
+#ifndef KPR_LB_AFFINITY_SCAN
+#define KPR_LB_AFFINITY_SCAN 4 // slots searched for a remembered backend whose slot moved (a removal compacts slots); verifier cost grows with it
+#endif
 #ifndef KPR_LB_RANDOM_BY_HASH
 #define KPR_LB_RANDOM_BY_HASH 0 // 1: "random" selection hashes the 5-tuple (stable per flow without conntrack)
 #endif
@@ -100,9 +103,8 @@ static __always_inline __u32 kpr_lb_maglev_backend(const struct kpr_svc_key *key
 	return id ? *id : 0;
 }
 
-// Random pick among the selectable slots 1..count.
-static __always_inline __u32 kpr_lb_random_backend(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
-						    const struct kpr_tuple *t)
+// Random slot among the selectable slots 1..count (0 when there is none).
+static __always_inline __u16 kpr_lb_random_slot(const struct kpr_svc_val *svc, const struct kpr_tuple *t)
 {
 	__u32 r;
 
@@ -113,7 +115,16 @@ static __always_inline __u32 kpr_lb_random_backend(struct kpr_svc_key *key, cons
 #else
 	r = bpf_get_prandom_u32();
 #endif
-	return kpr_lb_slot_backend(key, (__u16)(r % svc->count) + 1);
+	return (__u16)(r % svc->count) + 1;
+}
+
+// Random pick among the selectable slots 1..count.
+static __always_inline __u32 kpr_lb_random_backend(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
+						    const struct kpr_tuple *t)
+{
+	__u16 slot = kpr_lb_random_slot(svc, t);
+
+	return slot ? kpr_lb_slot_backend(key, slot) : 0;
 }
 
 // Fill an affinity key for a client address (tc/XDP) ...
@@ -136,17 +147,36 @@ static __always_inline void kpr_lb_affinity_key_netns(struct kpr_affinity_key *k
 	k->netns = 1;
 }
 
-// The remembered backend of an affinity client, if still within the service's timeout.
-static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *svc, struct kpr_affinity_key *aff,
-						      __u64 now)
+/* The remembered backend of an affinity client, if still within the service's timeout and
+ * still one of this service's selectable backends: backends are shared across services, so
+ * one that left this service may live on in the backends map. The slot remembered with it
+ * is checked first; when a removal moved it, the first KPR_LB_AFFINITY_SCAN slots are
+ * searched (and the next new connection searches again). *slot is set when the hint held. */
+static __always_inline __u32 kpr_lb_affinity_backend(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
+						      struct kpr_affinity_key *aff, __u64 now, __u16 *slot)
 {
 	struct kpr_affinity_val *v = kpr_affinity.lookup(aff);
+	__u32 bid;
+	__u16 i;
 
 	if (!v)
 		return 0;
 	if (now - v->last_used > (__u64)svc->affinity_timeout * 1000000000ULL)
 		return 0;
-	return v->backend_id;
+	bid = v->backend_id;
+	if (v->slot >= 1 && v->slot <= svc->count && kpr_lb_slot_backend(key, (__u16)v->slot) == bid) {
+		*slot = (__u16)v->slot;
+		return bid;
+	}
+#pragma clang loop unroll(disable)
+	for (i = 1; i <= KPR_LB_AFFINITY_SCAN; i++) {
+		if (i > svc->count)
+			break;
+		// *slot stays 0: distinct constants here would defeat the verifier's state pruning
+		if (kpr_lb_slot_backend(key, i) == bid)
+			return bid;
+	}
+	return 0;
 }
 
 /* Pick the backend for a new flow to the service entry `key`/`svc` found by kpr_lb_lookup():
@@ -159,14 +189,14 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 	struct kpr_backend *be = (void *)0;
 	__u32 bid = 0;
 	__u64 now = 0;
+	__u16 slot = 0;
 
 	*id = 0;
 	if (svc->count == 0)
 		return (void *)0;
 	if (aff && (svc->flags & KPR_SVC_F_AFFINITY)) {
 		now = kpr_now();
-		bid = kpr_lb_affinity_backend(svc, aff, now);
-		// a backend gone from the backends map (deleted since) is not reused
+		bid = kpr_lb_affinity_backend(key, svc, aff, now, &slot);
 		if (bid)
 			be = kpr_backend.lookup(&bid);
 		if (be && be->state != KPR_BACKEND_ACTIVE)
@@ -174,10 +204,16 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 	}
 	if (!be) {
 		bid = 0;
-		if (svc->flags & KPR_SVC_F_MAGLEV)
+		slot = 0;
+		/* Affinity services pick a new client's backend at random: the affinity entry then
+		 * remembers the slot, which makes its later membership check O(1). Maglev would buy
+		 * nothing here: the client sticks to its backend whatever the 5-tuple. */
+		if ((svc->flags & KPR_SVC_F_MAGLEV) && !(aff && (svc->flags & KPR_SVC_F_AFFINITY)))
 			bid = kpr_lb_maglev_backend(key, svc, t);
-		if (!bid) // no Maglev table (yet): fall back to random rather than drop
-			bid = kpr_lb_random_backend(key, svc, t);
+		if (!bid) { // no Maglev table (yet): fall back to random rather than drop
+			slot = kpr_lb_random_slot(svc, t);
+			bid = slot ? kpr_lb_slot_backend(key, slot) : 0;
+		}
 		if (!bid)
 			return (void *)0;
 		be = kpr_backend.lookup(&bid);
@@ -189,6 +225,7 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 
 		v.last_used = now;
 		v.backend_id = bid;
+		v.slot = slot;
 		kpr_affinity.update(aff, &v);
 	}
 	*id = bid;

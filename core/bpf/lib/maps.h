@@ -124,7 +124,7 @@ struct kpr_affinity_key {
 struct kpr_affinity_val {
 	__u64 last_used;  // kpr_now() of the client's last new connection, ns
 	__u32 backend_id; // the backend the client sticks to
-	__u32 pad;        // zero
+	__u32 slot;       // the slot the backend held when picked: reused only while that slot still names it
 };
 
 // kpr_maglev key: one frontend scope's Maglev table.

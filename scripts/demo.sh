@@ -210,3 +210,68 @@ BIRD
   echo "== kpr status (announce_bgp)"
   $KPR status --config $CFG 2>/dev/null | sed -n '/^plugin announce_bgp/,/^plugin /p' | grep -v '^plugin [^a]' || true
 fi
+
+# ---------------------------------------------------------------------------------------
+# announce_arp: a router resolves the LoadBalancer IP 10.0.100.10 to the node's MAC over ARP.
+# A third agent runs inside a demo "node" namespace whose eth0 is a veth to a "router"
+# namespace (examples/demo-announce-arp.yaml); the router reaches 10.0.100.0/24 on-link, so it
+# ARPs for the VIP itself. Nothing is sent on, or changed in, the machine's own interfaces.
+ARPCFG=examples/demo-announce-arp.yaml
+ARPLOG=/run/kpr-demo/arp-agent.log
+ARPN=kprdemo$$-arpnode                       # unique per run
+ARPR=kprdemo$$-arprtr
+arpagent=""
+
+arp_cleanup() {
+  [ -n "$arpagent" ] && { kill -TERM "$arpagent" 2>/dev/null; wait "$arpagent" 2>/dev/null || true; }
+  for ns in "$ARPN" "$ARPR"; do
+    if ip netns list | grep -qw "$ns"; then
+      for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+      ip netns del "$ns" 2>/dev/null || true
+    fi
+  done
+  rm -rf /run/kpr-demo/arp-allocations.json /run/kpr-demo/arp-state   # the log stays, for reading
+}
+eval "$(declare -f cleanup_demo | sed '1s/^cleanup_demo/arp_prev_cleanup_demo/')"
+cleanup_demo() { arp_prev_cleanup_demo; arp_cleanup; }
+
+for ns in "$ARPN" "$ARPR"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n "$ARPN" link add eth0 type veth peer name eth0 netns "$ARPR"
+ip -n "$ARPN" addr add 10.0.0.1/24 dev eth0
+ip -n "$ARPN" link set eth0 up
+ip -n "$ARPN" route add default via 10.0.0.254    # a forwarding node whose default route
+ip netns exec "$ARPN" sysctl -qw net.ipv4.ip_forward=1   # leads back to the router: the loop case
+ip -n "$ARPR" addr add 10.0.0.254/24 dev eth0
+ip -n "$ARPR" link set eth0 up
+ip -n "$ARPR" route add 10.0.100.0/24 dev eth0
+node_mac=$(ip -n "$ARPN" -br link show eth0 | awk '{print $3}')
+
+$KPR check-config --config $ARPCFG
+ip netns exec "$ARPN" $KPR run --config $ARPCFG 2>"$ARPLOG" &
+arpagent=$!
+announced=""
+for _ in $(seq 1 100); do
+  if $KPR status --config $ARPCFG --json 2>/dev/null | grep -q '"10.0.100.10"'; then announced=yes; break; fi
+  kill -0 $arpagent 2>/dev/null || { echo "the announce_arp agent exited; its log:"; cat "$ARPLOG"; exit 1; }
+  sleep 0.1
+done
+sleep 0.3   # the responder's socket is open by now; give it a moment after the first claim
+
+echo
+echo "== announce_arp: the node namespace $ARPN (eth0 $node_mac) announces 10.0.100.10"
+ip netns exec "$ARPR" arping -c 2 -W 0.3 -w 3 -i eth0 10.0.100.10 || true
+# The router's own resolution, and traffic the node has no service for: without the drop
+# table the node would route it back to the router, and round it would go.
+ip netns exec "$ARPR" ping -c 2 -i 0.2 -W 1 10.0.100.10 >/dev/null 2>&1 || true
+echo
+echo "== ip neigh show 10.0.100.10 (in the router namespace $ARPR)"
+ip -n "$ARPR" neigh show 10.0.100.10
+echo
+echo "== nft list table inet kpr_announce_arp (in the node namespace: forwarded VIP traffic is dropped)"
+ip netns exec "$ARPN" nft list table inet kpr_announce_arp
+echo
+echo "== kpr status (announce_arp agent)"
+$KPR status --config $ARPCFG 2>/dev/null | sed -n '/^plugin announce_arp/,$p' || true
+[ -n "$announced" ] || echo "(the agent did not announce 10.0.100.10 within 10 s; its log: $ARPLOG)"
+echo
+echo "(announce_arp agent log: $ARPLOG)"

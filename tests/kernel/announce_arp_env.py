@@ -1,0 +1,282 @@
+"""Shared pieces of the announce_arp kernel tests and benchmark: an L2 segment in namespaces
+with kpr agents on its nodes, and the router's view of it.
+
+Layout: a "sw" namespace holds a bridge; every node (n1, n2, ...) and the router "r" have
+eth0 on it. Nodes hold 10.0.0.<i>/24 and fd00::<i>/64 (forwarding on, default route via the
+router); the router holds 10.0.0.254 and fd00::fe and reaches the VIP prefixes
+10.0.100.0/24 and fd00:100::/64 on-link, so it resolves VIPs with ARP / NDP itself. Each
+node runs `kpr run` (files source, announce_arp) inside its namespace as a subprocess; its
+config, manifests, socket, state and log live in a per-test directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpr import api
+from kpr.testing.netns import Topology
+
+VIP4 = "10.0.100.10"
+VIP6 = "fd00:100::10"
+ROUTER4 = "10.0.0.254"
+ROUTER6 = "fd00::fe"
+PORT = 17946  # heartbeats; inside the test namespaces only
+KEY = b"kpr-announce-arp-test-key-0123456789"
+
+
+def node_ip4(i: int) -> str:
+    return f"10.0.0.{i}"
+
+
+def node_ip6(i: int) -> str:
+    return f"fd00::{i}"
+
+
+def lb_manifest(name: str, vip: str, endpoint_nodes: list[str], *, local: bool = False) -> str:
+    """A LoadBalancer service at `vip` with one ready endpoint on each named node."""
+    v6 = ":" in vip
+    family = "IPv6" if v6 else "IPv4"
+    eps = "\n".join(
+        f"  - addresses: [\"{'fd00:10:244::' if v6 else '10.244.'}{i + 1}{'' if v6 else '.5'}\"]\n"
+        f"    conditions: {{ready: true}}\n    nodeName: {n}"
+        for i, n in enumerate(endpoint_nodes)
+    )
+    return textwrap.dedent(
+        f"""\
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: {name}, namespace: default}}
+        spec:
+          type: LoadBalancer
+          externalTrafficPolicy: {'Local' if local else 'Cluster'}
+          ipFamilies: [{family}]
+          ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
+        status:
+          loadBalancer:
+            ingress: [{{ip: "{vip}"}}]
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: {name}-1
+          namespace: default
+          labels: {{kubernetes.io/service-name: {name}}}
+        addressType: {family}
+        ports: [{{name: http, port: 8080, protocol: TCP}}]
+        """
+    ) + ("endpoints:\n" + eps + "\n" if endpoint_nodes else "endpoints: []\n")
+
+
+@dataclass
+class Node:
+    name: str
+    index: int
+    ns: str
+    dir: Path
+    mac: str = ""
+    proc: subprocess.Popen | None = None
+    log: Any = None
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "kpr.yaml"
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "kpr.sock"
+
+
+@dataclass
+class Segment:
+    topo: Topology
+    base: Path
+    n_nodes: int = 3
+    members: bool = True
+    announce: dict[str, Any] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        t = self.topo
+        t.add_namespace("sw")
+        t.run("sw", "ip link add br0 type bridge && ip link set br0 type bridge mcast_snooping 0 && ip link set br0 up")
+        t.add_router("r")
+        self._attach("r", [f"{ROUTER4}/24", f"{ROUTER6}/64"])
+        t.run("r", f"ip route add 10.0.100.0/24 dev eth0 && ip -6 route add fd00:100::/64 dev eth0")
+        self.manifests = self.base / "manifests"
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        (self.base / "arp.key").write_bytes(KEY)
+        os.chmod(self.base / "arp.key", 0o600)
+        for i in range(1, self.n_nodes + 1):
+            self.add_node(f"node{i}", i)
+
+    def _attach(self, ns: str, addrs: list[str]) -> None:
+        t = self.topo
+        port = f"p{ns}"[:15]
+        t.link(ns, "sw", addrs, None, ifname_a="eth0", ifname_b=port)
+        t.run("sw", f"ip link set {port} master br0")
+
+    def add_node(self, name: str, i: int) -> Node:
+        ns = f"n{i}"
+        self.topo.add_node(ns)
+        self._attach(ns, [f"{node_ip4(i)}/24", f"{node_ip6(i)}/64"])
+        self.topo.add_route(ns, "default", ROUTER4)
+        self.topo.add_route(ns, "default", ROUTER6)
+        d = self.base / name
+        d.mkdir(parents=True, exist_ok=True)
+        node = Node(name, i, ns, d, mac=self.topo.mac(ns, "eth0"))
+        self.nodes[name] = node
+        return node
+
+    # --- agents ------------------------------------------------------------------------
+
+    def write_config(self, node: Node, manifests: Path | None = None, **announce: Any) -> None:
+        section = {
+            "enabled": True,
+            "interfaces": ["eth0"],
+            "heartbeatPort": PORT,
+            "heartbeatInterval": 0.1,
+            "deadInterval": 0.5,
+            "garpRepeat": 3,
+            "garpSpacing": 0.2,
+        }
+        if self.members:
+            section["members"] = [f"{n.name}={node_ip4(n.index)}" for n in self.nodes.values()]
+            section["keyFile"] = str(self.base / "arp.key")
+        section.update(self.announce)
+        section.update(announce)
+        cfg = {
+            "node": {"name": node.name, "addresses": [node_ip4(node.index), node_ip6(node.index)], "devices": ["eth0"]},
+            "source": {"kind": "files", "path": str(manifests or self.manifests), "statePath": str(node.dir / "alloc.json"), "pollInterval": 0.05},
+            "service": {"clusterCIDR": ["10.96.0.0/16", "fd00:96::/112"]},
+            "api": {"socket": str(node.socket)},
+            "metrics": {"address": ""},
+            "agent": {"stateDir": str(node.dir / "state"), "shutdownTimeout": 5},
+            "plugins": {"announce_arp": section},
+        }
+        node.config.write_text(json.dumps(cfg, indent=1))
+
+    def start(self, name: str, **announce: Any) -> Node:
+        node = self.nodes[name]
+        if announce or not node.config.exists():
+            self.write_config(node, **announce)
+        node.log = open(node.dir / "agent.log", "ab")
+        node.proc = self.topo.popen(node.ns, [sys.executable, "-m", "kpr.cli", "run", "--config", str(node.config)], stderr=node.log)
+        return node
+
+    def send_signal(self, name: str, sig: int) -> None:
+        """Signal the agent without waiting for it (its own process group)."""
+        os.killpg(self.nodes[name].proc.pid, sig)
+
+    def reap(self, name: str, timeout: float = 10) -> int:
+        node = self.nodes[name]
+        rc = node.proc.wait(timeout=timeout)
+        node.proc = None
+        node.log.close()
+        return rc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        if self.nodes[name].proc is None:
+            return None
+        self.send_signal(name, sig)
+        return self.reap(name, timeout)
+
+    def status(self, name: str) -> dict | None:
+        try:
+            return api.get(self.nodes[name].socket, "/v1/status", timeout=2)
+        except api.ApiError:
+            return None
+
+    def plugin(self, name: str) -> dict | None:
+        st = self.status(name)
+        return st["plugins"].get("announce_arp") if st else None
+
+    def wait_ready(self, names: list[str], timeout: float = 30) -> None:
+        def ready(n: str) -> bool:
+            p = self.plugin(n)
+            if self.nodes[n].proc is not None and self.nodes[n].proc.poll() is not None:
+                raise AssertionError(f"agent {n} exited: {self.log_tail(n)}")
+            st = self.status(n)
+            return bool(
+                st
+                and st["ready"]
+                and p
+                and p["healthy"]
+                and all(i["open"] for i in p["details"]["interfaces"].values())
+                and n in p["details"]["live"]
+                and not p["details"]["waitingFor"]
+            )
+
+        wait_for(lambda: all(ready(n) for n in names), timeout, f"agents {names} ready", lambda: {n: self.plugin(n) for n in names})
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.nodes[name].dir / "agent.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def owners(self, vip: str) -> set[str]:
+        """Nodes whose agent says it owns the address now."""
+        out = set()
+        for n in self.nodes:
+            p = self.plugin(n)
+            if p and vip in p["details"]["owned"]:
+                out.add(n)
+        return out
+
+    # --- the router's view ------------------------------------------------------------
+
+    def by_mac(self, mac: str | None) -> str | None:
+        for n in self.nodes.values():
+            if mac and n.mac == mac.lower():
+                return n.name
+        return None
+
+    def neigh(self, vip: str) -> str | None:
+        """The router's neighbour entry for the address (its MAC), or None."""
+        fam = "-6" if ":" in vip else "-4"
+        out = self.topo.run("r", ["ip", fam, "-j", "neigh", "show", vip, "dev", "eth0"]).stdout
+        for e in json.loads(out or "[]"):
+            if e.get("lladdr") and "FAILED" not in e.get("state", []) and "INCOMPLETE" not in e.get("state", []):
+                return e["lladdr"].lower()
+        return None
+
+    def neigh_owner(self, vip: str) -> str | None:
+        return self.by_mac(self.neigh(vip))
+
+    def flush_neigh(self, vip: str) -> None:
+        fam = "-6" if ":" in vip else "-4"
+        self.topo.run("r", ["ip", fam, "neigh", "flush", "to", vip, "dev", "eth0"], check=False)
+
+    def resolve(self, vip: str) -> None:
+        """Make the router resolve the address (a ping nobody answers still needs ARP / NDP)."""
+        fam = "-6" if ":" in vip else "-4"
+        self.topo.run("r", ["ping", fam, "-c", "1", "-W", "0.5", vip], check=False)
+
+    def arping(self, vip: str, count: int = 3, iface: str = "eth0") -> list[str]:
+        """MACs of every ARP reply to `count` requests (all of them, duplicates included)."""
+        res = self.topo.run(
+            "r",
+            ["arping", "-c", str(count), "-W", "0.2", "-w", str(count * 0.2 + 1), "-i", iface, vip],
+            check=False,
+            timeout=count + 10,
+        )
+        return re.findall(r"bytes from ([0-9a-f]{2}(?::[0-9a-f]{2}){5})", res.stdout.lower())
+
+
+def wait_for(cond, timeout: float = 10.0, what: str = "condition", show=None) -> float:
+    """Poll until cond() is true; returns the seconds it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    extra = f"; state: {show()}" if show else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")

@@ -275,3 +275,102 @@ $KPR status --config $ARPCFG 2>/dev/null | sed -n '/^plugin announce_arp/,$p' ||
 [ -n "$announced" ] || echo "(the agent did not announce 10.0.100.10 within 10 s; its log: $ARPLOG)"
 echo
 echo "(announce_arp agent log: $ARPLOG)"
+
+# ---------------------------------------------------------------------------------------
+# tc_nodeport: an external client reaches a NodePort (a pod on node1) and LoadBalancer IPs
+# (a pod on node2, by SNAT and by DSR) through the tc programs of two kpr agents, one in each
+# node namespace. Client -- router -- node1 / node2, each node with one pod; veths only
+# between namespaces this script makes, private bpffs mounts under /run/kpr-demo.
+NPCFG1=examples/demo-tc-nodeport.yaml
+NPCFG2=examples/demo-tc-nodeport-node2.yaml
+NPLOG1=/run/kpr-demo/np1-agent.log
+NPLOG2=/run/kpr-demo/np2-agent.log
+NP=kprnp$$                                   # namespace prefix, unique per run
+npagent1=""
+npagent2=""
+
+np_cleanup() {
+  for a in "$npagent1" "$npagent2"; do
+    [ -n "$a" ] && { kill -TERM "$a" 2>/dev/null; wait "$a" 2>/dev/null || true; }
+  done
+  for c in "$NPCFG1:/run/kpr-demo/np1-bpffs" "$NPCFG2:/run/kpr-demo/np2-bpffs"; do
+    if mountpoint -q "${c#*:}"; then $KPR cleanup --config "${c%%:*}" >/dev/null 2>&1 || true; fi
+  done
+  for n in cl p1 p2 n1 n2 rt; do
+    if ip netns list | grep -qw "$NP-$n"; then
+      for pid in $(ip netns pids "$NP-$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+      ip netns del "$NP-$n" 2>/dev/null || true
+    fi
+  done
+  for m in /run/kpr-demo/np1-bpffs /run/kpr-demo/np2-bpffs; do
+    mountpoint -q "$m" && umount "$m"
+    rmdir "$m" 2>/dev/null || true
+  done
+}
+eval "$(declare -f cleanup_demo | sed '1s/^cleanup_demo/np_prev_cleanup_demo/')"
+cleanup_demo() { np_prev_cleanup_demo; np_cleanup; }
+
+# The pods' web server: answers with its name and the client address it sees.
+NPSERVER='import http.server, sys
+name = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"hello from {name}, you are {self.client_address[0]}\n".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()'
+
+for n in cl rt n1 n2 p1 p2; do ip netns add "$NP-$n"; ip -n "$NP-$n" link set lo up; done
+for n in rt n1 n2; do ip netns exec "$NP-$n" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0; done
+# client -- router
+ip -n "$NP-rt" link add cl0 type veth peer name eth0 netns "$NP-cl"
+ip -n "$NP-rt" addr add 10.100.0.1/24 dev cl0; ip -n "$NP-rt" link set cl0 up
+ip -n "$NP-cl" addr add 10.100.0.2/24 dev eth0; ip -n "$NP-cl" link set eth0 up
+ip -n "$NP-cl" route add default via 10.100.0.1
+# router -- nodes; each node holds one pod behind a veth
+for i in 1 2; do
+  ip -n "$NP-rt" link add "n$i" type veth peer name eth0 netns "$NP-n$i"
+  ip -n "$NP-rt" addr add "10.0.$i.1/24" dev "n$i"; ip -n "$NP-rt" link set "n$i" up
+  ip -n "$NP-n$i" addr add "10.0.$i.10/24" dev eth0; ip -n "$NP-n$i" link set eth0 up
+  ip -n "$NP-n$i" route add default via "10.0.$i.1"
+  ip -n "$NP-rt" route add "10.244.$i.0/24" via "10.0.$i.10"
+  ip -n "$NP-n$i" link add "lxcp$i" type veth peer name eth0 netns "$NP-p$i"
+  ip -n "$NP-n$i" addr add 169.254.1.1/32 dev "lxcp$i"; ip -n "$NP-n$i" link set "lxcp$i" up
+  ip -n "$NP-n$i" route add "10.244.$i.11/32" dev "lxcp$i"
+  ip -n "$NP-p$i" addr add "10.244.$i.11/32" dev eth0; ip -n "$NP-p$i" link set eth0 up
+  ip -n "$NP-p$i" route add 169.254.1.1 dev eth0 scope link
+  ip -n "$NP-p$i" route add default via 169.254.1.1 dev eth0
+  (ip netns exec "$NP-p$i" python3 -c "$NPSERVER" "p$i" >/dev/null 2>&1 &)
+done
+# the LoadBalancer IPs are node1's to serve (what BGP or ARP announcement would arrange)
+ip -n "$NP-rt" route add 203.0.113.96/28 via 10.0.1.10
+for i in 1 2; do mkdir -p "/run/kpr-demo/np$i-bpffs"; mount -t bpf bpf "/run/kpr-demo/np$i-bpffs"; done
+
+$KPR check-config --config $NPCFG1
+ip netns exec "$NP-n1" $KPR run --config $NPCFG1 2>"$NPLOG1" &
+npagent1=$!
+ip netns exec "$NP-n2" $KPR run --config $NPCFG2 2>"$NPLOG2" &
+npagent2=$!
+for c in "$NPCFG1:$npagent1:$NPLOG1" "$NPCFG2:$npagent2:$NPLOG2"; do
+  cfg=${c%%:*}; rest=${c#*:}; pid=${rest%%:*}; logf=${rest#*:}
+  for _ in $(seq 1 150); do
+    if $KPR status --config "$cfg" --json 2>/dev/null | grep -q '"ready": true'; then break; fi
+    kill -0 "$pid" 2>/dev/null || { echo "the tc_nodeport agent ($cfg) exited; its log:"; cat "$logf"; exit 1; }
+    sleep 0.1
+  done
+done
+
+npcurl() { ip netns exec "$NP-cl" curl -s --max-time 3 "$@" || echo "(no answer)"; }
+echo
+echo "== tc_nodeport: client 10.100.0.2 -> node1 (agents in $NP-n1 and $NP-n2, programs on their eth0)"
+printf 'NodePort 10.0.1.10:30180 (web-local, pod p1 on node1):        '; npcurl http://10.0.1.10:30180/
+printf 'LoadBalancer 203.0.113.100 (web-remote, p2 on node2, SNAT):   '; npcurl http://203.0.113.100/
+printf 'LoadBalancer 203.0.113.101 (web-dsr, p2 on node2, DSR):       '; npcurl http://203.0.113.101/
+printf 'healthCheckNodePort 32180 on node1 (has a local endpoint):    '; npcurl -w ' HTTP %{http_code}\n' http://10.0.1.10:32180/
+printf 'healthCheckNodePort 32180 on node2 (has none):                '; npcurl -w ' HTTP %{http_code}\n' http://10.0.2.10:32180/
+echo
+echo "== kpr status (node1's tc_nodeport agent)"
+$KPR status --config $NPCFG1 2>/dev/null | sed -n '/^plugin tc_nodeport/,$p' || true
+echo
+echo "(tc_nodeport agent logs: $NPLOG1 $NPLOG2)"

@@ -37,6 +37,8 @@
 #define KPR_CT_F_CLOSING (1U << 1)    // FIN or RST seen: short timeout
 #define KPR_CT_F_NODE_PORT (1U << 2)  // created by the NodePort path (SNAT may apply)
 #define KPR_CT_F_SNAT (1U << 3)       // the flow was source-NATed (see lib/nat.h)
+#define KPR_CT_F_DSR (1U << 4)        // the flow goes to a remote backend by direct server return (lib/dsr.h)
+#define KPR_CT_F_LOCAL (1U << 5)      // the flow's backend is on this node (DNAT only)
 
 #define KPR_TCP_FIN 0x01 // TCP flag bits as in the header's flags byte
 #define KPR_TCP_SYN 0x02

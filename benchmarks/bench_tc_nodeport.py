@@ -1,0 +1,277 @@
+"""tc_nodeport: the per-packet cost of its tc programs, and end-to-end NodePort / LoadBalancer
+traffic against dialling the backend directly and against a kube-proxy-shaped iptables rule set.
+Everything runs in namespaces this script makes (tests/kernel/tc_nodeport_env.py).
+
+1. BPF_PROG_TEST_RUN on node1's ingress program, one packet per call (repeat=1: the programs
+   rewrite their packet, and with repeat > 1 the kernel would feed them their own output),
+   against a bare `return TC_ACT_OK` program measured the same way. Per-call fixed overhead is
+   in every figure; the ratios are the comparable numbers.
+     - established flow, remote backend (SNAT): conntrack hit, tail call, FIB, SNAT mapping
+     - established flow, local backend: conntrack hit, tail call, DNAT, FIB, redirect_peer
+     - new flows (a distinct source port each): service lookup, pick, conntrack + reverse
+       entries, SNAT port allocation
+   The program's counters prove which path each loop took. New flows touch ~8 map entries in
+   large tables, each a cold cache line with distinct flows: that, not instructions, is their cost.
+2. End to end from the external client: TCP connection rate (connect, read a line, close),
+   1-byte request/response over one connection, and iperf3 throughput, to
+     - the pod directly (through the same nodes; kpr's programs see the packets and pass them)
+     - node1's NodePort -> pod on node1 (kpr: DNAT + redirect_peer)
+     - a LoadBalancer IP -> pod on node2 by SNAT, and by DSR (vs that pod directly)
+     - the same through iptables DNAT in node1 shaped like kube-proxy's (KUBE-SERVICES with
+       --rules decoy services, KUBE-NODEPORTS, KUBE-SVC/KUBE-SEP chains, KUBE-MARK-MASQ for
+       the remote backend), with kpr's programs still attached but not serving those ports.
+
+    .venv/bin/python benchmarks/bench_tc_nodeport.py [--runs 20000] [--connects 1000] [--rr 5000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
+
+from tc_nodeport_env import CLIENT, NODES, PODS, PY, Cluster, backends, cluster  # noqa: E402
+
+from kpr.bpf.loader import compile_and_load, load_prog  # noqa: E402
+from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey  # noqa: E402
+from kpr.plugins.tc_nodeport import datapath as D  # noqa: E402
+from kpr.testing.netns import in_netns  # noqa: E402
+from kpr.testing.prog_run import test_run  # noqa: E402
+
+N1 = NODES["node1"]["addr"]
+VIP_SNAT, VIP_DSR = "203.0.113.40", "203.0.113.41"
+VIP_PROG = "203.0.113.42"  # the BPF loops' own service (p2b): their flows take no SNAT port the end-to-end runs need
+NP_KPR, NP_IPT_LOCAL, NP_IPT_REMOTE = 30080, 30091, 30092
+IPERF_PORT = 5201
+
+# Client loops, printed as one JSON line: connection rate and request/response latency.
+CLIENT_BENCH = r"""
+import json, socket, sys, time
+mode, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def line(s):
+    d = b""
+    while not d.endswith(b"\n"):
+        c = s.recv(256)
+        if not c:
+            raise OSError("closed")
+        d += c
+if mode == "crr":
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s = socket.create_connection((host, port), timeout=5)
+        line(s)
+        s.close()
+    dt = time.perf_counter() - t0
+    print(json.dumps({"per_s": n / dt}))
+else:
+    s = socket.create_connection((host, port), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    line(s)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s.sendall(b"x")
+        if not s.recv(1):
+            raise OSError("closed")
+    dt = time.perf_counter() - t0
+    print(json.dumps({"us": dt / n * 1e6}))
+"""
+
+
+def svc(name: str, fe_type: FrontendType, addr_of: Callable[[str], str], port: int, pod: str, target: int = 8080,
+        mode: str = "") -> Callable[[str], Service]:
+    ann = (("service.kpr.io/lb-mode", mode),) if mode else ()
+
+    def make(node: str) -> Service:
+        bes = tuple(b.__class__(b.address, target, node_name=b.node_name, local=b.local) for b in backends(node, pod))
+        return Service(ServiceKey("bench", name), (Frontend(fe_type, addr_of(node), port, Protocol.TCP, bes),), annotations=ann)
+
+    return make
+
+
+def iptables_rules(rules: int) -> str:
+    """kube-proxy's shape: KUBE-SERVICES walks ClusterIPs, then KUBE-NODEPORTS for local addresses."""
+    p1, p2 = PODS["p1a"][1], PODS["p2a"][1]
+    out = ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-NODEPORTS - [0:0]", ":KUBE-POSTROUTING - [0:0]",
+           ":KUBE-MARK-MASQ - [0:0]", "-A PREROUTING -j KUBE-SERVICES", "-A POSTROUTING -j KUBE-POSTROUTING",
+           "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+           "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+           "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
+           "-A KUBE-POSTROUTING -j MASQUERADE"]
+    for i in range(rules):
+        svc_chain, sep = f"KUBE-SVC-D{i:05d}", f"KUBE-SEP-D{i:05d}"
+        out += [f":{svc_chain} - [0:0]", f":{sep} - [0:0]",
+                f"-A KUBE-SERVICES -d 10.97.{i // 250}.{i % 250 + 1}/32 -p tcp --dport 80 -j {svc_chain}",
+                f"-A {svc_chain} -j {sep}", f"-A {sep} -p tcp -j DNAT --to-destination 10.244.9.9:80"]
+    for name, port, dest, masq in (("LOCAL", NP_IPT_LOCAL, p1, False), ("REMOTE", NP_IPT_REMOTE, p2, True),
+                                   ("LOCALPERF", NP_IPT_LOCAL + 100, p1, False), ("REMOTEPERF", NP_IPT_REMOTE + 100, p2, True)):
+        target = IPERF_PORT if "PERF" in name else 8080
+        out += [f":KUBE-SVC-{name} - [0:0]", f":KUBE-SEP-{name} - [0:0]",
+                f"-A KUBE-NODEPORTS -p tcp --dport {port} -j KUBE-SVC-{name}"]
+        if masq:
+            out.append(f"-A KUBE-SVC-{name} -j KUBE-MARK-MASQ")
+        out += [f"-A KUBE-SVC-{name} -j KUBE-SEP-{name}",
+                f"-A KUBE-SEP-{name} -p tcp -j DNAT --to-destination {dest}:{target}"]
+    out += ["-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS", "COMMIT"]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------- 1. BPF_PROG_TEST_RUN
+
+
+def prog_bench(c: Cluster, runs: int) -> dict[str, Any]:
+    new_snat = min(runs, (D.SNAT_PORT_MAX - D.SNAT_PORT_MIN) // 2)
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    dp = c.plugins["node1"].datapath
+    assert dp is not None
+    topo = c.topo
+    ifindex = topo.ifindex("node1", "eth0")
+    mac = topo.mac("node1", "eth0")
+    ctx = struct.pack("=11I", 0, 0, 0, 0, 0, 0, 0, 0, 0, ifindex, ifindex)
+    bare_b = compile_and_load("int bare_ok(struct __sk_buff *skb) { return 0; }\n", name="bare")
+    bare = load_prog(bare_b, "bare_ok", "SCHED_CLS")
+
+    def pkt(dst: str, dport: int, sport: int, flags: str) -> bytes:
+        return bytes(Ether(src="02:00:00:00:00:99", dst=mac) / IP(src=CLIENT, dst=dst) / TCP(sport=sport, dport=dport, flags=flags) / (b"x" * 64))
+
+    def loop(fd: int, packets: list[bytes]) -> tuple[float, float]:
+        """Mean kernel-measured ns per run, and wall-clock ns per call."""
+        total = 0
+        t0 = time.perf_counter_ns()
+        for p in packets:
+            total += test_run(fd, p, ctx=ctx).duration_ns
+        return total / len(packets), (time.perf_counter_ns() - t0) / len(packets)
+
+    out: dict[str, Any] = {}
+    try:
+        with in_netns(topo["node1"].path):
+            ing = dp.fd(D.INGRESS)
+            # warm the flows up (first packet: new flow)
+            test_run(ing, pkt(VIP_PROG, 80, 50000, "S"), ctx=ctx)
+            test_run(ing, pkt(N1, NP_KPR, 50001, "S"), ctx=ctx)
+            variants = {
+                "bare (return TC_ACT_OK)": (bare.fd, [pkt(VIP_PROG, 80, 50000, "A")] * runs, None),
+                "established, remote backend (SNAT)": (ing, [pkt(VIP_PROG, 80, 50000, "A")] * runs, "established"),
+                "established, local backend (DNAT)": (ing, [pkt(N1, NP_KPR, 50001, "A")] * runs, "established"),
+                "new flows, local backend (DNAT)": (ing, [pkt(N1, NP_KPR, 1024 + i, "S") for i in range(runs)], "new_local"),
+                # fewer than half the SNAT ports toward one backend: allocation rarely retries
+                "new flows, remote backend (SNAT)": (ing, [pkt(VIP_PROG, 80, 1024 + i, "S") for i in range(new_snat)], "new_snat"),
+                "not a service (passed through)": (ing, [pkt(N1, 22, 50002, "A")] * runs, None),
+            }
+            for name, (fd, packets, counter) in variants.items():
+                before = dp.stats()
+                kernel_ns, wall_ns = loop(fd, packets)
+                after = dp.stats()
+                took = after[counter] - before[counter] if counter else None
+                drops = sum(after[k] - before[k] for k in D.DROP_STATS)
+                out[name] = {"kernel_ns": kernel_ns, "wall_ns": wall_ns, "counter": counter, "counted": took, "drops": drops}
+    finally:
+        bare_b.cleanup()
+    return out
+
+
+# ---------------------------------------------------------------------- 2. end to end
+
+
+def client_bench(c: Cluster, mode: str, host: str, port: int, n: int) -> float:
+    res = c.topo.run("cl", [PY, "-c", CLIENT_BENCH, mode, host, str(port), str(n)], timeout=600)
+    v = json.loads(res.stdout.strip().splitlines()[-1])
+    return float(v["per_s"] if mode == "crr" else v["us"])
+
+
+def iperf(c: Cluster, host: str, port: int, seconds: float) -> float:
+    # whole seconds: iperf3 reads -t as an integer, and 0 means "forever"
+    secs = str(max(1, round(seconds)))
+    res = c.topo.run("cl", ["iperf3", "-c", host, "-p", str(port), "-t", secs, "-J"], timeout=120, check=False)
+    if res.returncode != 0:
+        return float("nan")
+    return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20000, help="test runs per BPF variant")
+    ap.add_argument("--connects", type=int, default=1000, help="TCP connections per variant per round")
+    ap.add_argument("--rr", type=int, default=5000, help="1-byte round trips per variant per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iperf-seconds", type=int, default=2)
+    ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
+    args = ap.parse_args()
+
+    with cluster(second_device=False, conntrack_size=65536) as c:
+        c.apply(svc("np", FrontendType.NODE_PORT, lambda n: NODES[n]["addr"], NP_KPR, "p1a"))
+        c.apply(svc("snat", FrontendType.LOAD_BALANCER, lambda n: VIP_SNAT, 80, "p2a"))
+        c.apply(svc("prog", FrontendType.LOAD_BALANCER, lambda n: VIP_PROG, 80, "p2b"))
+        c.apply(svc("dsr", FrontendType.LOAD_BALANCER, lambda n: VIP_DSR, 80, "p2a", mode="dsr"))
+        c.apply(svc("np-perf", FrontendType.NODE_PORT, lambda n: NODES[n]["addr"], NP_KPR + 100, "p1a", target=IPERF_PORT))
+        c.apply(svc("snat-perf", FrontendType.LOAD_BALANCER, lambda n: VIP_SNAT, IPERF_PORT, "p2a", target=IPERF_PORT))
+        c.apply(svc("dsr-perf", FrontendType.LOAD_BALANCER, lambda n: VIP_DSR, IPERF_PORT, "p2a", target=IPERF_PORT, mode="dsr"))
+        for pod in ("p1a", "p2a"):
+            c.topo.popen(pod, ["iperf3", "-s", "-p", str(IPERF_PORT)])
+        ipt = subprocess.run(["ip", "netns", "exec", c.topo["node1"].netns, "iptables-restore"], input=iptables_rules(args.rules),
+                             capture_output=True, text=True)
+        have_ipt = ipt.returncode == 0
+        if not have_ipt:
+            print(f"(iptables variants skipped: {ipt.stderr.strip()})", file=sys.stderr)
+        time.sleep(0.5)
+
+        print(f"== tc_nodeport: BPF_PROG_TEST_RUN, one packet per call, {args.runs} calls per variant "
+              f"(kernel {platform.release()})")
+        prog = prog_bench(c, args.runs)
+        bare = prog["bare (return TC_ACT_OK)"]["kernel_ns"]
+        for name, v in prog.items():
+            proof = f"  [{v['counter']} +{v['counted']}, drops +{v['drops']}]" if v["counter"] else ""
+            print(f"  {name:40s} {v['kernel_ns']:8.1f} ns  {v['kernel_ns'] / bare:5.2f}x bare   "
+                  f"(wall {v['wall_ns'] / 1000:.1f} us/call){proof}")
+
+        p1, p2 = PODS["p1a"][1], PODS["p2a"][1]
+        targets: dict[str, tuple[str, int, int]] = {  # name -> (host, port, iperf port)
+            "direct to pod on node1": (p1, 8080, IPERF_PORT),
+            "NodePort -> node1 pod (kpr)": (N1, NP_KPR, NP_KPR + 100),
+            "direct to pod on node2": (p2, 8080, IPERF_PORT),
+            "LB IP -> node2 pod, SNAT (kpr)": (VIP_SNAT, 80, IPERF_PORT),
+            "LB IP -> node2 pod, DSR (kpr)": (VIP_DSR, 80, IPERF_PORT),
+        }
+        if have_ipt:
+            targets["NodePort -> node1 pod (iptables)"] = (N1, NP_IPT_LOCAL, NP_IPT_LOCAL + 100)
+            targets["NodePort -> node2 pod (iptables, masq)"] = (N1, NP_IPT_REMOTE, NP_IPT_REMOTE + 100)
+        crr: dict[str, list[float]] = {k: [] for k in targets}
+        rr: dict[str, list[float]] = {k: [] for k in targets}
+        bw: dict[str, list[float]] = {k: [] for k in targets}
+        # a short unrecorded pass first: neighbour entries, page cache, Python start-up
+        for name, (host, port, pport) in targets.items():
+            client_bench(c, "crr", host, port, 20)
+            iperf(c, host, pport, 1)
+        for _ in range(args.rounds):
+            for name, (host, port, pport) in targets.items():
+                crr[name].append(client_bench(c, "crr", host, port, args.connects))
+                rr[name].append(client_bench(c, "rr", host, port, args.rr))
+                bw[name].append(iperf(c, host, pport, args.iperf_seconds))
+        med = statistics.median
+        base = {"node1": "direct to pod on node1", "node2": "direct to pod on node2"}
+        print(f"\n== end to end from the external client ({args.rounds} rounds, medians; iptables behind "
+              f"{args.rules} decoy services)")
+        print(f"  {'path':40s} {'conn/s':>9s} {'ratio':>6s} {'RR us':>8s} {'ratio':>6s} {'Gbit/s':>7s} {'ratio':>6s}")
+        for name in targets:
+            ref = base["node2"] if ("node2" in name) else base["node1"]
+            c_, r_, b_ = med(crr[name]), med(rr[name]), med(bw[name])
+            print(f"  {name:40s} {c_:9.0f} {c_ / med(crr[ref]):6.2f} {r_:8.1f} {r_ / med(rr[ref]):6.2f} "
+                  f"{b_:7.2f} {b_ / med(bw[ref]):6.2f}")
+        st = c.stats("node1")
+        print(f"\n  node1 counters: new_local={st['new_local']} new_snat={st['new_snat']} new_dsr={st['new_dsr']} "
+              f"established={st['established']} drops={sum(st[k] for k in D.DROP_STATS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,958 @@
+/* North-south load balancing: NodePort, LoadBalancer, ExternalIP and HostPort frontends reached
+ * from outside the node, for programs on the node's external devices.
+ *
+ * Written against the ctx API only, so tc (ctx/skb.h) and XDP (ctx/xdp.h) compile the same
+ * logic. What XDP cannot do is behind switches that default off there: DSR needs
+ * bpf_skb_adjust_room (KPR_NP_DSR), delivery into a pod namespace needs bpf_redirect_peer
+ * (KPR_NP_PEER); turning them on in an XDP build fails the build on purpose (ctx/xdp.h).
+ *
+ * Per packet arriving from outside (kpr_np_from_netdev):
+ *   1. a DSR header from another node's kpr: remember (backend, client) -> frontend, strip it;
+ *   2. an ICMP error about a source-NATed flow: translate it back to the client;
+ *   3. a reply to a source-NATed flow: restore client and frontend, send it to the client;
+ *   4. a tracked flow (kpr_ct): same backend, same treatment as its first packet;
+ *   5. a new flow to a frontend: source ranges, backend pick (random/Maglev/affinity), conntrack,
+ *      then by backend: local -> DNAT and deliver to the pod; remote -> DNAT and SNAT
+ *      (node address, allocated port) or DSR (client address kept, frontend carried along);
+ *      no backend -> ICMP port unreachable (eTP=Local without a local backend: drop);
+ *   6. anything else to an announced address (LB IP, ExternalIP): dropped, never routed back out.
+ * Per packet leaving to the outside (kpr_np_to_netdev): replies of local and DSR backends, and
+ * ICMP errors they send, get the frontend as their source.
+ *
+ * The work is split into stages reached by tail calls (kpr_np_calls), as Cilium does: one
+ * program holding every path exceeds the 512-byte stack and loses the verifier in register
+ * spills, and bcc cannot link BPF-to-BPF calls. A stage re-parses the packet and finds what
+ * the stage before decided in a per-CPU map (kpr_np_state): XDP has no skb->cb. The entry
+ * file defines one program per KPR_NP_CALL_* (kpr_np_stage_*() below) and the loader puts
+ * them into kpr_np_calls.
+ *
+ * Maps owned here (pinned next to the shared ones, filled by the tc_nodeport plugin):
+ * kpr_np_rev, kpr_np_fe, kpr_np_vip, kpr_np_nodeaddr, kpr_np_dev, kpr_np_stats, kpr_np_calls (tc)
+ * or kpr_np_xcalls (XDP).
+ */
+#ifndef KPR_LIB_NODEPORT_H
+#define KPR_LIB_NODEPORT_H
+
+#if !defined(KPR_CTX_SKB) && !defined(KPR_CTX_XDP)
+#error "include ctx/skb.h or ctx/xdp.h before lib/nodeport.h"
+#endif
+
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/csum.h"
+#include "lib/lb.h"
+#include "lib/conntrack.h"
+#include "lib/nat.h"
+
+/* --- tunables ---------------------------------------------------------------------- */
+
+#define KPR_NP_MODE_SNAT 0   // remote backends: source NAT to the node's address
+#define KPR_NP_MODE_DSR 1    // remote backends: keep the client's address, reply straight from the backend's node
+#define KPR_NP_MODE_HYBRID 2 // DSR for TCP, SNAT for everything else
+
+#ifndef KPR_NP_MODE
+#define KPR_NP_MODE KPR_NP_MODE_SNAT // default mode (plugins.tc_nodeport.mode); per frontend: kpr_np_fe
+#endif
+#ifndef KPR_NP_PASS
+#define KPR_NP_PASS CTX_PASS // verdict for packets kpr leaves alone (tc: TC_ACT_UNSPEC lets later filters run)
+#endif
+#ifndef KPR_NP_DSR
+#ifdef KPR_CTX_SKB
+#define KPR_NP_DSR 1 // DSR support (needs bpf_skb_adjust_room); 0: DSR frontends fall back to SNAT
+#else
+#define KPR_NP_DSR 0
+#endif
+#endif
+#ifndef KPR_NP_PEER
+#ifdef KPR_CTX_SKB
+#define KPR_NP_PEER 1 // deliver to local pods with bpf_redirect_peer (skips the host's backlog queue)
+#else
+#define KPR_NP_PEER 0
+#endif
+#endif
+#ifndef KPR_NP_ICMP_UNREACH
+#define KPR_NP_ICMP_UNREACH 1 // 1: answer frontends without backends with ICMP port unreachable; 0: drop
+#endif
+#ifndef KPR_NP_ICMP_RATE
+#define KPR_NP_ICMP_RATE 1000 // generated ICMP errors per second per CPU; 0: unlimited
+#endif
+#ifndef KPR_NP_REV_MAX
+#define KPR_NP_REV_MAX 524288 // reverse translations (one per flow with a local, SNAT or DSR-received backend); LRU
+#endif
+#ifndef KPR_NP_FE_MAX
+#define KPR_NP_FE_MAX 65536 // frontends with a per-service mode (annotation service.kpr.io/lb-mode)
+#endif
+#ifndef KPR_NP_VIP_MAX
+#define KPR_NP_VIP_MAX 16384 // announced addresses (LoadBalancer IPs, ExternalIPs)
+#endif
+#ifndef KPR_NP_NODEADDR_MAX
+#define KPR_NP_NODEADDR_MAX 1024 // node addresses a NodePort answers on
+#endif
+#ifndef KPR_NP_DEV_MAX
+#define KPR_NP_DEV_MAX 256 // external devices (and key 0, the node's default SNAT addresses)
+#endif
+
+#ifndef KPR_DSR_EDIT
+#define KPR_DSR_EDIT KPR_NP_DSR // DSR header insertion/removal exactly when DSR is on
+#endif
+#include "lib/icmp.h"
+#include "lib/dsr.h"
+
+#define KPR_NP_AF_INET 2   // AF_INET for bpf_fib_lookup
+#define KPR_NP_AF_INET6 10 // AF_INET6 for bpf_fib_lookup
+
+// Frontend types reached from outside the node; ClusterIP traffic is left to the kernel/socket LB.
+#define KPR_NP_SVC_TYPES (KPR_SVC_F_NODE_PORT | KPR_SVC_F_LOAD_BALANCER | KPR_SVC_F_EXTERNAL_IP | KPR_SVC_F_HOST_PORT)
+
+/* --- counters (kpr.plugins.tc_nodeport.datapath.STATS mirrors the order) ---------------- */
+
+#define KPR_NP_ST_NEW_LOCAL 0        // new flows to a backend on this node
+#define KPR_NP_ST_NEW_SNAT 1         // new flows to a remote backend, source-NATed
+#define KPR_NP_ST_NEW_DSR 2          // new flows to a remote backend, DSR
+#define KPR_NP_ST_ESTABLISHED 3      // packets of tracked flows forwarded
+#define KPR_NP_ST_REPLY_REVNAT 4     // replies of local/DSR backends given the frontend as source (egress)
+#define KPR_NP_ST_REPLY_SNAT 5       // replies to source-NATed flows sent back to the client (ingress)
+#define KPR_NP_ST_DSR_RECEIVED 6     // DSR headers received and stripped (this node has the backend)
+#define KPR_NP_ST_ICMP_SENT 7        // ICMP port unreachable / fragmentation needed sent
+#define KPR_NP_ST_ICMP_XLATED 8      // ICMP errors about tracked flows translated
+#define KPR_NP_ST_DROP_NO_BACKEND 9  // dropped: frontend without backend (ICMP off, limited or failed)
+#define KPR_NP_ST_DROP_NO_LOCAL 10   // dropped: externalTrafficPolicy=Local and no local backend
+#define KPR_NP_ST_DROP_SRC_RANGE 11  // dropped: client outside loadBalancerSourceRanges
+#define KPR_NP_ST_DROP_VIP 12        // dropped: announced address, port or protocol it does not serve
+#define KPR_NP_ST_DROP_SNAT_PORT 13  // dropped: no free SNAT port (exhaustion)
+#define KPR_NP_ST_DROP_NAT 14        // dropped: a rewrite failed (truncated headers, SCTP port change)
+#define KPR_NP_ST_DROP_DSR 15        // dropped: DSR header could not be added or removed
+#define KPR_NP_ST_DROP_DSR_BAD 16    // dropped: DSR header naming no frontend of this cluster
+#define KPR_NP_ST_DROP_MTU 17        // dropped: DSR header would exceed the MTU and DF is clear
+#define KPR_NP_ST_DROP_NO_REV 18     // dropped: reply to a SNAT port whose frontend is unknown
+#define KPR_NP_ST_DROP_NO_SNAT_ADDR 19 // dropped: no node address of the egress device's family to SNAT to
+#define KPR_NP_ST_MALFORMED 20       // passed: headers kpr could not parse
+#define KPR_NP_ST_FRAGMENT 21        // passed: non-first fragments (no ports to balance on)
+#define KPR_NP_ST_FIB_PASS 22        // handed to the kernel: no usable route in the FIB lookup
+#define KPR_NP_ST_CT_FAILED 23       // conntrack or reverse entry could not be written (flow still forwarded)
+#define KPR_NP_ST_STALE_BACKEND 24   // tracked flow whose backend is gone: balanced again
+#define KPR_NP_ST_ICMP_LIMITED 25    // ICMP errors not sent: rate limit
+#define KPR_NP_ST_TAIL_MISSING 26    // dropped: a stage program is missing from kpr_np_calls
+#define KPR_NP_ST_REV_STALE 27       // passed: a new connection's SYN-ACK met the reverse entry of an ended flow (deleted)
+#define KPR_NP_ST_MAX 28
+
+/* --- stages (kpr.plugins.tc_nodeport.datapath.CALLS mirrors the order) ------------------- */
+
+#define KPR_NP_CALL_LOCAL 0       // DNAT to a local backend, deliver to the pod
+#define KPR_NP_CALL_SNAT 1        // DNAT + SNAT to a remote backend
+#define KPR_NP_CALL_DSR 2         // DNAT + DSR header to a remote backend
+#define KPR_NP_CALL_NO_BACKEND 3  // ICMP port unreachable for a frontend without backends
+#define KPR_NP_CALL_SNAT_REPLY 4  // a reply to a source-NATed flow, back to the client
+#define KPR_NP_CALL_DSR_RECV 5    // a DSR header for a backend on this node
+#define KPR_NP_CALL_ICMP_IN 6     // an ICMP error from outside about a source-NATed flow
+#define KPR_NP_CALL_ICMP_OUT 7    // an ICMP error from a local/DSR backend, leaving
+#define KPR_NP_CALL_MAX 8
+
+/* --- structs ------------------------------------------------------------------------- */
+
+#define KPR_NP_REV_F_DSR (1U << 0)     // made from a DSR header (this node has the backend; no conntrack entry)
+#define KPR_NP_REV_F_CLOSING (1U << 1) // FIN or RST seen in a reply
+
+// kpr_np_rev value (key: struct kpr_ct_key of the reply, backend -> client, dir REPLY).
+struct kpr_np_rev {
+	union kpr_addr addr; // frontend address replies must come from (the address the client dialled)
+	__be16 port;         // frontend port
+	__u16 flags;         // KPR_NP_REV_F_*
+	__u32 pad;           // zero
+	__u64 last_seen;     // kpr_now() at creation or the last refresh (at most once a second), ns
+};
+
+// kpr_np_fe key: a frontend as the service map keys it (wildcard address for NodePort).
+struct kpr_np_fe_key {
+	union kpr_addr addr; // frontend address
+	__be16 port;         // frontend port
+	__u8 proto;          // IPPROTO_*
+	__u8 pad;            // zero
+};
+
+// kpr_np_fe value: per-frontend overrides of the plugin's defaults.
+struct kpr_np_fe {
+	__u8 mode;   // KPR_NP_MODE_*
+	__u8 pad[3]; // zero
+};
+
+// kpr_np_dev value (key: ifindex; 0 = defaults): the address a flow leaving through it is SNATed to.
+struct kpr_np_dev {
+	union kpr_addr addr4; // IPv4 (v4-mapped); zero: none
+	union kpr_addr addr6; // IPv6; zero: none
+	__u32 flags;          // reserved, zero
+	__u32 pad;            // zero
+};
+
+_Static_assert(sizeof(struct kpr_np_rev) == 32, "kpr_np_rev layout");
+_Static_assert(sizeof(struct kpr_np_fe_key) == 20, "kpr_np_fe_key layout");
+_Static_assert(sizeof(struct kpr_np_fe) == 4, "kpr_np_fe layout");
+_Static_assert(sizeof(struct kpr_np_dev) == 40, "kpr_np_dev layout");
+
+// What the service stage decided, for the stage it tail-calls.
+struct kpr_np_state {
+	__u32 backend_id; // the flow's backend (kpr_backend key)
+	__u16 flags;      // the flow's KPR_CT_F_*
+	__u8 created;     // 1: the flow's first packet (reverse entries are written then)
+	__u8 pad;         // zero
+};
+
+// One CPU's ICMP rate-limit bucket.
+struct kpr_np_rl {
+	__u64 stamp;  // kpr_now() when the bucket was last refilled
+	__u64 tokens; // errors still allowed in this second
+};
+
+/* --- maps ---------------------------------------------------------------------------- */
+
+// (backend, client) of a reply -> the frontend it must come from. LRU: active flows stay.
+BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_np_rev, kpr_np_rev, KPR_NP_REV_MAX, KPR_PIN(kpr_np_rev));
+// Frontends whose service overrides the default mode.
+BPF_TABLE_PINNED("hash", struct kpr_np_fe_key, struct kpr_np_fe, kpr_np_fe, KPR_NP_FE_MAX, KPR_PIN(kpr_np_fe));
+// Announced addresses: traffic to them that no frontend takes is dropped.
+BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_vip, KPR_NP_VIP_MAX, KPR_PIN(kpr_np_vip));
+// Node addresses: a port miss on them retries the wildcard NodePort entry.
+BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_nodeaddr, KPR_NP_NODEADDR_MAX, KPR_PIN(kpr_np_nodeaddr));
+// External devices by ifindex (0: defaults): SNAT addresses; also tells pod devices from external ones.
+BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, KPR_PIN(kpr_np_dev));
+// Counters, per CPU (KPR_NP_ST_*).
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_np_stats, KPR_NP_ST_MAX, KPR_PIN(kpr_np_stats));
+// ICMP rate limiting, per CPU; not pinned: a restart may refill the buckets.
+BPF_PERCPU_ARRAY(kpr_np_icmp_rl, struct kpr_np_rl, 1);
+// Hand-over between stages of one packet (same CPU throughout: programs do not migrate).
+BPF_PERCPU_ARRAY(kpr_np_state, struct kpr_np_state, 1);
+// The stage programs (KPR_NP_CALL_*). Pinned: a program array drops its entries when its last
+// user reference goes, which would break attached programs of an agent that exited.
+// A program array serves one program type only: an XDP build has its own (kpr_np_xcalls).
+#ifdef KPR_CTX_SKB
+BPF_TABLE_PINNED("prog", __u32, __u32, kpr_np_calls, KPR_NP_CALL_MAX, KPR_PIN(kpr_np_calls));
+#else
+BPF_TABLE_PINNED("prog", __u32, __u32, kpr_np_xcalls, KPR_NP_CALL_MAX, KPR_PIN(kpr_np_xcalls));
+#endif
+
+/* --- small helpers -------------------------------------------------------------------- */
+
+static __always_inline void kpr_np_count(__u32 idx)
+{
+	__u64 *c = kpr_np_stats.lookup(&idx);
+
+	if (c)
+		*c += 1;
+}
+
+// Continue with stage `idx`; returns only when that stage is missing.
+static __always_inline int kpr_np_tail(kpr_ctx_t *ctx, __u32 idx)
+{
+#ifdef KPR_CTX_SKB
+	kpr_np_calls.call(ctx, idx);
+#else
+	kpr_np_xcalls.call(ctx, idx);
+#endif
+	kpr_np_count(KPR_NP_ST_TAIL_MISSING);
+	return CTX_DROP;
+}
+
+// Drop packets to an announced address nobody serves; leave everything else alone.
+static __always_inline int kpr_np_vip_guard(const struct kpr_pkt *pkt)
+{
+	union kpr_addr a = pkt->t.daddr;
+
+	if (kpr_np_vip.lookup(&a)) {
+		kpr_np_count(KPR_NP_ST_DROP_VIP);
+		return CTX_DROP;
+	}
+	return KPR_NP_PASS;
+}
+
+static __always_inline int kpr_np_icmp_allowed(void)
+{
+#if KPR_NP_ICMP_RATE
+	__u32 zero = 0;
+	struct kpr_np_rl *rl = kpr_np_icmp_rl.lookup(&zero);
+	__u64 now;
+
+	if (!rl)
+		return 1;
+	now = kpr_now();
+	if (now - rl->stamp >= 1000000000ULL) {
+		rl->stamp = now;
+		rl->tokens = KPR_NP_ICMP_RATE;
+	}
+	if (!rl->tokens) {
+		kpr_np_count(KPR_NP_ST_ICMP_LIMITED);
+		return 0;
+	}
+	rl->tokens--;
+#endif
+	return 1;
+}
+
+// Reply-direction conntrack key: from the backend `b`:`bport` to the client `c`:`cport`.
+static __always_inline void kpr_np_rev_key(struct kpr_ct_key *k, const union kpr_addr *b, __be16 bport,
+					   const union kpr_addr *c, __be16 cport, __u8 proto)
+{
+	k->saddr = *b;
+	k->daddr = *c;
+	k->sport = bport;
+	k->dport = cport;
+	k->proto = proto;
+	k->dir = KPR_CT_DIR_REPLY;
+	k->pad = 0;
+}
+
+// Remember that replies from backend to client must come from the frontend.
+static __always_inline void kpr_np_rev_create(const union kpr_addr *b, __be16 bport, const union kpr_addr *c,
+					      __be16 cport, __u8 proto, const union kpr_addr *fe, __be16 fport,
+					      __u16 flags)
+{
+	struct kpr_ct_key k;
+	struct kpr_np_rev v = {};
+
+	kpr_np_rev_key(&k, b, bport, c, cport, proto);
+	v.addr = *fe;
+	v.port = fport;
+	v.flags = flags;
+	v.last_seen = kpr_now();
+	if (kpr_np_rev.update(&k, &v))
+		kpr_np_count(KPR_NP_ST_CT_FAILED);
+}
+
+// Refresh a reverse entry from a packet of its flow (at most once a second: fewer writes to a shared line).
+static __always_inline void kpr_np_rev_touch(struct kpr_np_rev *rev, __u8 tcp_flags)
+{
+	__u64 now = kpr_now();
+
+	if (tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)) {
+		if (!(rev->flags & KPR_NP_REV_F_CLOSING))
+			rev->flags |= KPR_NP_REV_F_CLOSING;
+		rev->last_seen = now;
+	} else if (now - rev->last_seen > KPR_CT_TOUCH_INTERVAL_NS) {
+		rev->last_seen = now;
+	}
+}
+
+// The mode for a new flow to a remote backend of the frontend `key` found.
+static __always_inline __u8 kpr_np_mode_of(const struct kpr_svc_key *key, __u8 proto)
+{
+	struct kpr_np_fe_key fk = {};
+	struct kpr_np_fe *o;
+	__u8 mode = KPR_NP_MODE;
+
+	fk.addr = key->addr;
+	fk.port = key->port;
+	fk.proto = key->proto;
+	o = kpr_np_fe.lookup(&fk);
+	if (o)
+		mode = o->mode;
+	if (mode == KPR_NP_MODE_HYBRID)
+		mode = proto == IPPROTO_TCP ? KPR_NP_MODE_DSR : KPR_NP_MODE_SNAT;
+#if !KPR_NP_DSR
+	mode = KPR_NP_MODE_SNAT;
+#endif
+	return mode;
+}
+
+/* --- routing ------------------------------------------------------------------------- */
+
+// FIB lookup for a packet from `s` to `d`; `tot_len` non-zero also checks it against the route's MTU.
+static __always_inline int kpr_np_fib(kpr_ctx_t *ctx, struct bpf_fib_lookup *p, const struct kpr_tuple *t,
+				      const union kpr_addr *s, const union kpr_addr *d, __u16 tot_len)
+{
+	__builtin_memset(p, 0, sizeof(*p));
+	p->ifindex = ctx_ifindex(ctx);
+	p->l4_protocol = t->proto;
+	p->sport = t->sport;
+	p->dport = t->dport;
+	p->tot_len = tot_len;
+	if (t->family == KPR_FAMILY_V4) {
+		p->family = KPR_NP_AF_INET;
+		p->ipv4_src = s->w[3];
+		p->ipv4_dst = d->w[3];
+	} else {
+		p->family = KPR_NP_AF_INET6;
+		p->ipv6_src[0] = s->w[0];
+		p->ipv6_src[1] = s->w[1];
+		p->ipv6_src[2] = s->w[2];
+		p->ipv6_src[3] = s->w[3];
+		p->ipv6_dst[0] = d->w[0];
+		p->ipv6_dst[1] = d->w[1];
+		p->ipv6_dst[2] = d->w[2];
+		p->ipv6_dst[3] = d->w[3];
+	}
+	return bpf_fib_lookup(ctx, p, sizeof(*p), 0);
+}
+
+/* Send a translated packet where the FIB lookup `p` (result `rc`) says: with the route's MACs
+ * straight out of the device (or into the pod's namespace when `peer`), through the kernel's
+ * neighbour resolution when the next hop's MAC is not known yet, or to the kernel's own
+ * routing when the lookup found no forwarding route (local delivery, policy it cannot see). */
+static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p, int rc, int peer)
+{
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		__u8 *eth = ctx_ptr(ctx, 0, 12);
+
+		if (!eth)
+			return CTX_DROP;
+		__builtin_memcpy(eth, p->dmac, 6);
+		__builtin_memcpy(eth + 6, p->smac, 6);
+#if KPR_NP_PEER
+		if (peer && !kpr_np_dev.lookup((__u32 *)&p->ifindex))
+			return ctx_redirect_peer(ctx, p->ifindex, 0);
+#endif
+		return ctx_redirect(ctx, p->ifindex, 0);
+	}
+#ifdef KPR_CTX_SKB
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return ctx_redirect_neigh(ctx, p->ifindex);
+#endif
+	kpr_np_count(KPR_NP_ST_FIB_PASS);
+	return CTX_PASS;
+}
+
+// Forward a packet whose tuple is final (after every rewrite).
+static __always_inline int kpr_np_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, int peer)
+{
+	struct bpf_fib_lookup p;
+	int rc = kpr_np_fib(ctx, &p, &pkt->t, &pkt->t.saddr, &pkt->t.daddr, 0);
+
+	return kpr_np_forward(ctx, &p, rc, peer);
+}
+
+/* --- errors back to the client ------------------------------------------------------- */
+
+static __always_inline int kpr_np_send_error(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, __u8 type, __u8 code, __u32 mtu)
+{
+	if (!kpr_np_icmp_allowed())
+		return -1;
+	if (kpr_icmp_reply_error(ctx, pkt, type, code, mtu))
+		return -1;
+	kpr_np_count(KPR_NP_ST_ICMP_SENT);
+	return 0;
+}
+
+/* --- forwarding one packet of a flow ---------------------------------------------------- */
+
+// The node's address to source-NAT to when leaving through `ifindex`, or NULL.
+static __always_inline const union kpr_addr *kpr_np_snat_addr(__u32 ifindex, __u8 family)
+{
+	struct kpr_np_dev *d = kpr_np_dev.lookup(&ifindex);
+	__u32 zero = 0;
+	const union kpr_addr *a;
+
+	if (d) {
+		a = family == KPR_FAMILY_V4 ? &d->addr4 : &d->addr6;
+		if (a->w[0] | a->w[1] | a->w[2] | a->w[3])
+			if (family == KPR_FAMILY_V6 || a->w[3])
+				return a;
+	}
+	d = kpr_np_dev.lookup(&zero);
+	if (!d)
+		return (void *)0;
+	a = family == KPR_FAMILY_V4 ? &d->addr4 : &d->addr6;
+	if (family == KPR_FAMILY_V4 ? a->w[3] == 0 : (a->w[0] | a->w[1] | a->w[2] | a->w[3]) == 0)
+		return (void *)0;
+	return a;
+}
+
+/* --- forwarding stages ---------------------------------------------------------------- */
+
+// The packet and its flow's state, for a forwarding stage. Returns 0, or -1 with nothing to do.
+static __always_inline int kpr_np_stage_begin(kpr_ctx_t *ctx, struct kpr_pkt *pkt, struct kpr_np_state **st,
+					      struct kpr_backend **be)
+{
+	__u32 zero = 0, bid;
+
+	*st = kpr_np_state.lookup(&zero);
+	if (!*st)
+		return -1;
+	if (kpr_parse(ctx, pkt) != KPR_PARSE_OK || !pkt->l4_off)
+		return -1;
+	bid = (*st)->backend_id;
+	*be = kpr_backend.lookup(&bid);
+	return *be ? 0 : -1;
+}
+
+// KPR_NP_CALL_LOCAL: DNAT, then straight into the pod (the client's address is kept).
+static __always_inline int kpr_np_stage_local(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_np_state *st;
+	struct kpr_backend *be;
+
+	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
+		return CTX_DROP;
+	if (st->created)
+		kpr_np_rev_create(&be->addr, be->port, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &pkt.t.daddr, pkt.t.dport, 0);
+	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
+		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		return CTX_DROP;
+	}
+	return kpr_np_route(ctx, &pkt, 1);
+}
+
+// KPR_NP_CALL_SNAT: DNAT to the backend and SNAT to the egress device's node address.
+static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_np_state *st;
+	struct kpr_backend *be;
+	struct bpf_fib_lookup p;
+	const union kpr_addr *nat;
+	struct kpr_nat_entry *m;
+	int rc, err;
+
+	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
+		return CTX_DROP;
+	rc = kpr_np_fib(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
+	nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
+			       pkt.t.family);
+	if (!nat) {
+		kpr_np_count(KPR_NP_ST_DROP_NO_SNAT_ADDR);
+		return CTX_DROP;
+	}
+	if (st->created)
+		kpr_np_rev_create(&be->addr, be->port, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &pkt.t.daddr, pkt.t.dport, 0);
+	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
+		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		return CTX_DROP;
+	}
+	m = kpr_snat_mapping(&pkt.t, nat, 1, &err);
+	if (!m) {
+		kpr_np_count(KPR_NP_ST_DROP_SNAT_PORT);
+		return CTX_DROP;
+	}
+	if (kpr_nat_snat(ctx, &pkt, &m->addr, m->port)) {
+		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		return CTX_DROP;
+	}
+	return kpr_np_forward(ctx, &p, rc, 0);
+}
+
+#if KPR_NP_DSR
+// KPR_NP_CALL_DSR: DNAT to the backend, keep the client's address, carry the frontend along.
+static __always_inline int kpr_np_stage_dsr(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_np_state *st;
+	struct kpr_backend *be;
+	struct bpf_fib_lookup p;
+	union kpr_addr fe;
+	__be16 fport;
+	__u32 extra, l3len;
+	int rc;
+
+	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
+		return CTX_DROP;
+	fe = pkt.t.daddr;
+	fport = pkt.t.dport;
+	extra = pkt.t.family == KPR_FAMILY_V4 ? KPR_DSR_OPT4_LEN : KPR_DSR_OPT6_LEN;
+	l3len = ctx_len(ctx) - pkt.l3_off + extra;
+#ifdef KPR_CTX_SKB
+	// A GSO packet is checked per segment by the kernel (and adjust_room shrinks its segments
+	// by the header it adds): only a single packet is held against the route's MTU here.
+	if (ctx->gso_size)
+		l3len = 0;
+#endif
+	rc = kpr_np_fib(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, (__u16)l3len);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		// tell the client the path MTU less the DSR header: it then sends packets that fit
+		int v4 = pkt.t.family == KPR_FAMILY_V4;
+		__u32 mtu = p.mtu_result > extra ? p.mtu_result - extra : 0;
+
+		if (v4) {
+			struct iphdr *ip = ctx_ptr(ctx, pkt.l3_off, sizeof(*ip));
+
+			if (!ip || !(ip->frag_off & kpr_htons(0x4000))) {
+				kpr_np_count(KPR_NP_ST_DROP_MTU);
+				return CTX_DROP;
+			}
+		}
+		if (!kpr_np_send_error(ctx, &pkt, v4 ? ICMP_DEST_UNREACH : ICMPV6_PKT_TOOBIG, v4 ? ICMP_FRAG_NEEDED : 0,
+				       mtu))
+			return ctx_tx(ctx);
+		kpr_np_count(KPR_NP_ST_DROP_MTU);
+		return CTX_DROP;
+	}
+	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
+		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		return CTX_DROP;
+	}
+	if (kpr_dsr_insert(ctx, &pkt, &fe, fport)) {
+		kpr_np_count(KPR_NP_ST_DROP_DSR);
+		return CTX_DROP;
+	}
+	return kpr_np_forward(ctx, &p, rc, 0);
+}
+#endif
+
+// KPR_NP_CALL_NO_BACKEND: a frontend without a backend answers port unreachable (kube-proxy's REJECT).
+static __always_inline int kpr_np_stage_no_backend(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	int v4;
+
+	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK)
+		return CTX_DROP;
+	v4 = pkt.t.family == KPR_FAMILY_V4;
+#if KPR_NP_ICMP_UNREACH
+	if (!kpr_np_send_error(ctx, &pkt, v4 ? ICMP_DEST_UNREACH : ICMPV6_DEST_UNREACH,
+			       v4 ? ICMP_PORT_UNREACH : ICMPV6_PORT_UNREACH, 0))
+		return ctx_tx(ctx);
+#endif
+	kpr_np_count(KPR_NP_ST_DROP_NO_BACKEND);
+	return CTX_DROP;
+}
+
+/* --- the service path ------------------------------------------------------------------ */
+
+// Hand a flow to its forwarding stage.
+static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, __u32 bid, __u16 flags, __u8 created)
+{
+	__u32 zero = 0;
+	struct kpr_np_state *st = kpr_np_state.lookup(&zero);
+
+	if (!st)
+		return CTX_DROP;
+	st->backend_id = bid;
+	st->flags = flags;
+	st->created = created;
+	if (flags & KPR_CT_F_LOCAL)
+		return kpr_np_tail(ctx, KPR_NP_CALL_LOCAL);
+	if (flags & KPR_CT_F_DSR)
+		return kpr_np_tail(ctx, KPR_NP_CALL_DSR);
+	return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
+}
+
+// Tracked flow or new flow to a frontend; anything else goes to the announced-address guard.
+static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
+{
+	struct kpr_ct_entry *ct;
+	struct kpr_svc_key key;
+	struct kpr_svc_val *svc;
+	struct kpr_affinity_key aff;
+	struct kpr_backend *be;
+	__u32 bid;
+	__u16 flags;
+
+	ct = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_ORIGINAL);
+	if (ct && (ct->flags & KPR_CT_F_NODE_PORT)) {
+		bid = ct->backend_id;
+		if (kpr_backend.lookup(&bid)) {
+			__u8 tf = pkt->t.tcp_flags & (KPR_TCP_ACK | KPR_TCP_SYN);
+			__u8 restart = 0;
+
+			// a client ACK without SYN means it heard the server: established (DSR never sees replies)
+			if (tf == KPR_TCP_ACK)
+				kpr_ct_seen_reply(ct);
+			// a SYN on the tuple of a flow that ended: the same backend, but a new connection
+			// (its reverse entry is written afresh, so replies are not taken for stale ones)
+			if (tf == KPR_TCP_SYN && (ct->flags & KPR_CT_F_CLOSING)) {
+				ct->flags &= ~(KPR_CT_F_CLOSING | KPR_CT_F_SEEN_REPLY);
+				restart = 1;
+			}
+			kpr_np_count(KPR_NP_ST_ESTABLISHED);
+			return kpr_np_dispatch(ctx, bid, ct->flags, restart);
+		}
+		kpr_np_count(KPR_NP_ST_STALE_BACKEND);
+	}
+
+	svc = kpr_lb_lookup(&key, &pkt->t, 0);
+	if (!svc) {
+		union kpr_addr d = pkt->t.daddr;
+
+		if (kpr_np_nodeaddr.lookup(&d))
+			svc = kpr_lb_lookup(&key, &pkt->t, KPR_LB_NODE_ADDR);
+	}
+	if (!svc || !(svc->flags & KPR_NP_SVC_TYPES))
+		return kpr_np_vip_guard(pkt);
+	if (!kpr_lb_src_allowed(svc, &pkt->t.saddr)) {
+		kpr_np_count(KPR_NP_ST_DROP_SRC_RANGE);
+		return CTX_DROP;
+	}
+	if (svc->count == 0 && (svc->flags & KPR_SVC_F_LOCAL_SCOPE)) {
+		kpr_np_count(KPR_NP_ST_DROP_NO_LOCAL);
+		return CTX_DROP;
+	}
+	kpr_lb_affinity_key_addr(&aff, svc, &pkt->t.saddr);
+	be = kpr_lb_pick(&key, svc, &pkt->t, &aff, &bid);
+	if (!be)
+		return kpr_np_tail(ctx, KPR_NP_CALL_NO_BACKEND);
+
+	flags = KPR_CT_F_NODE_PORT;
+	if (be->flags & KPR_BACKEND_F_LOCAL) {
+		flags |= KPR_CT_F_LOCAL;
+		kpr_np_count(KPR_NP_ST_NEW_LOCAL);
+	} else if (kpr_np_mode_of(&key, pkt->t.proto) == KPR_NP_MODE_DSR &&
+		   (pkt->t.family == KPR_FAMILY_V6 || pkt->l4_off == pkt->l3_off + sizeof(struct iphdr))) {
+		// (an IPv4 client packet with options of its own goes SNAT: no room is assumed for ours)
+		flags |= KPR_CT_F_DSR;
+		kpr_np_count(KPR_NP_ST_NEW_DSR);
+	} else {
+		flags |= KPR_CT_F_SNAT;
+		kpr_np_count(KPR_NP_ST_NEW_SNAT);
+	}
+	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, flags))
+		kpr_np_count(KPR_NP_ST_CT_FAILED);
+	return kpr_np_dispatch(ctx, bid, flags, 1);
+}
+
+/* --- replies to source-NATed flows ----------------------------------------------------- */
+
+// Whether a reply-direction tuple's destination port is one SNAT allocates.
+static __always_inline int kpr_np_snat_port(const struct kpr_tuple *t)
+{
+	return kpr_ntohs(t->dport) >= KPR_SNAT_PORT_MIN && kpr_ntohs(t->dport) <= KPR_SNAT_PORT_MAX;
+}
+
+// KPR_NP_CALL_SNAT_REPLY: backend -> node:port becomes frontend -> client.
+static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_nat_entry *n;
+	struct kpr_np_rev *rev;
+	struct kpr_ct_key rk;
+
+	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || !pkt.l4_off)
+		return KPR_NP_PASS;
+	n = kpr_snat_reverse(&pkt.t);
+	if (!n)
+		return KPR_NP_PASS;
+	kpr_np_rev_key(&rk, &pkt.t.saddr, pkt.t.sport, &n->addr, n->port, pkt.t.proto);
+	rev = kpr_np_rev.lookup(&rk);
+	if (!rev) {
+		kpr_np_count(KPR_NP_ST_DROP_NO_REV);
+		return CTX_DROP;
+	}
+	kpr_np_rev_touch(rev, pkt.t.tcp_flags);
+	if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
+		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		return CTX_DROP;
+	}
+	kpr_np_count(KPR_NP_ST_REPLY_SNAT);
+	return kpr_np_route(ctx, &pkt, 0);
+}
+
+/* --- DSR on the backend's node --------------------------------------------------------- */
+
+#if KPR_NP_DSR
+// KPR_NP_CALL_DSR_RECV: remember the frontend the backend must answer from, strip the header.
+static __always_inline int kpr_np_stage_dsr_recv(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_tuple ft = {};
+	struct kpr_svc_key key;
+	struct kpr_svc_val *svc;
+	struct kpr_np_rev *rev;
+	struct kpr_ct_key rk;
+	union kpr_addr fe;
+	__be16 fport;
+
+	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || !pkt.l4_off || !kpr_dsr_parse(ctx, &pkt, &fe, &fport))
+		return KPR_NP_PASS;
+	// Only frontends of this cluster (another node's NodePort: the wildcard entry), so a forged
+	// header cannot make a backend answer from an arbitrary address.
+	ft.daddr = fe;
+	ft.dport = fport;
+	ft.proto = pkt.t.proto;
+	ft.family = pkt.t.family;
+	svc = kpr_lb_lookup(&key, &ft, KPR_LB_NODE_ADDR);
+	if (!svc || !(svc->flags & KPR_NP_SVC_TYPES)) {
+		kpr_np_count(KPR_NP_ST_DROP_DSR_BAD);
+		return CTX_DROP;
+	}
+	kpr_np_rev_key(&rk, &pkt.t.daddr, pkt.t.dport, &pkt.t.saddr, pkt.t.sport, pkt.t.proto);
+	rev = kpr_np_rev.lookup(&rk);
+	// a SYN starts a connection: its entry is written afresh (no closing mark from an ended one)
+	if (rev && kpr_addr_eq(&rev->addr, &fe) && rev->port == fport &&
+	    (pkt.t.tcp_flags & (KPR_TCP_SYN | KPR_TCP_ACK)) != KPR_TCP_SYN)
+		kpr_np_rev_touch(rev, 0);
+	else
+		kpr_np_rev_create(&pkt.t.daddr, pkt.t.dport, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &fe, fport,
+				  KPR_NP_REV_F_DSR);
+	if (kpr_dsr_strip(ctx, &pkt)) {
+		kpr_np_count(KPR_NP_ST_DROP_DSR);
+		return CTX_DROP;
+	}
+	kpr_np_count(KPR_NP_ST_DSR_RECEIVED);
+	// the packet is now client -> local pod: the kernel delivers it
+	return CTX_PASS;
+}
+#endif
+
+/* --- ICMP errors about tracked flows ---------------------------------------------------- */
+
+// KPR_NP_CALL_ICMP_IN: an error from outside about a packet kpr source-NATed (node:port -> backend).
+static __always_inline int kpr_np_stage_icmp_in(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_icmp_inner in;
+	struct kpr_tuple rt = {};
+	struct kpr_nat_entry *n;
+	struct kpr_np_rev *rev;
+	struct kpr_ct_key rk;
+	union kpr_addr client, fe, be;
+	__be16 cport, fport;
+
+	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || kpr_icmp_parse_inner(ctx, &pkt, &in))
+		return KPR_NP_PASS;
+	// the flow's reply direction: backend -> node:port
+	rt.saddr = in.t.daddr;
+	rt.daddr = in.t.saddr;
+	rt.sport = in.t.dport;
+	rt.dport = in.t.sport;
+	rt.proto = in.t.proto;
+	rt.family = in.t.family;
+	n = kpr_snat_reverse(&rt);
+	if (!n)
+		return kpr_np_vip_guard(&pkt);
+	client = n->addr;
+	cport = n->port;
+	be = in.t.daddr;
+	kpr_np_rev_key(&rk, &be, in.t.dport, &client, cport, in.t.proto);
+	rev = kpr_np_rev.lookup(&rk);
+	if (!rev) {
+		kpr_np_count(KPR_NP_ST_DROP_NO_REV);
+		return CTX_DROP;
+	}
+	fe = rev->addr;
+	fport = rev->port;
+	// Outer header first: no condition then spans the packet rewrites (the verifier, unlike the
+	// compiler, cannot tell which branch combinations are impossible).
+	// An error the backend itself sent must come from the frontend; a router's keeps its address.
+	if (kpr_addr_eq(&pkt.t.saddr, &be) && kpr_nat_rewrite_addr(ctx, &pkt, &fe, 0))
+		goto fail;
+	if (kpr_nat_rewrite_addr(ctx, &pkt, &client, 1))
+		goto fail;
+	if (kpr_icmp_inner_rewrite(ctx, &pkt, &in, &client, cport, 0))
+		goto fail;
+	if (kpr_icmp_inner_rewrite(ctx, &pkt, &in, &fe, fport, 1))
+		goto fail;
+	kpr_np_count(KPR_NP_ST_ICMP_XLATED);
+	return kpr_np_route(ctx, &pkt, 0);
+fail:
+	kpr_np_count(KPR_NP_ST_DROP_NAT);
+	return CTX_DROP;
+}
+
+// KPR_NP_CALL_ICMP_OUT: an error a local (or DSR-reached) backend sends about a packet of a balanced flow.
+static __always_inline int kpr_np_stage_icmp_out(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_icmp_inner in;
+	struct kpr_np_rev *rev;
+	struct kpr_ct_key rk;
+	union kpr_addr fe, be;
+	__be16 fport;
+
+	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || kpr_icmp_parse_inner(ctx, &pkt, &in))
+		return KPR_NP_PASS;
+	// the quote is client -> backend; the flow's replies are backend -> client
+	be = in.t.daddr;
+	kpr_np_rev_key(&rk, &be, in.t.dport, &in.t.saddr, in.t.sport, in.t.proto);
+	rev = kpr_np_rev.lookup(&rk);
+	if (!rev)
+		return KPR_NP_PASS;
+	fe = rev->addr;
+	fport = rev->port;
+	if ((kpr_addr_eq(&pkt.t.saddr, &be) && kpr_nat_rewrite_addr(ctx, &pkt, &fe, 0)) ||
+	    kpr_icmp_inner_rewrite(ctx, &pkt, &in, &fe, fport, 1)) {
+		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		return CTX_DROP;
+	}
+	kpr_np_count(KPR_NP_ST_ICMP_XLATED);
+	return CTX_PASS;
+}
+
+/* Whether a reverse entry still belongs to a live flow, asked when a backend's SYN-ACK (a new
+ * connection) meets it: a client that reuses a source port of an ended NodePort flow to dial
+ * the pod directly must not have the replies rewritten. DSR entries (no conntrack entry on
+ * this node) are live until their flow closes; a new DSR SYN rewrites them. */
+static __always_inline int kpr_np_rev_live(const struct kpr_np_rev *rev, const struct kpr_tuple *reply)
+{
+	struct kpr_ct_key k;
+	struct kpr_ct_entry *e;
+
+	if (rev->flags & KPR_NP_REV_F_DSR)
+		return !(rev->flags & KPR_NP_REV_F_CLOSING);
+	k.saddr = reply->daddr;
+	k.daddr = rev->addr;
+	k.sport = reply->dport;
+	k.dport = rev->port;
+	k.proto = reply->proto;
+	k.dir = KPR_CT_DIR_ORIGINAL;
+	k.pad = 0;
+	e = kpr_ct.lookup(&k);
+	return e && !(e->flags & KPR_CT_F_CLOSING);
+}
+
+/* --- entry points ------------------------------------------------------------------------ */
+
+// A packet arriving on an external device.
+static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	int ret = kpr_parse(ctx, &pkt);
+#if KPR_NP_DSR
+	union kpr_addr fe;
+	__be16 fport;
+#endif
+
+	if (ret == KPR_PARSE_NOT_IP)
+		return KPR_NP_PASS;
+	if (ret == KPR_PARSE_MALFORMED) {
+		kpr_np_count(KPR_NP_ST_MALFORMED);
+		return KPR_NP_PASS;
+	}
+	if (!pkt.l4_off) { // non-first fragment, or an L4 without ports
+		if (pkt.frag)
+			kpr_np_count(KPR_NP_ST_FRAGMENT);
+		return kpr_np_vip_guard(&pkt);
+	}
+	if (pkt.t.proto != IPPROTO_TCP && pkt.t.proto != IPPROTO_UDP) {
+		if (kpr_icmp_is_error(ctx, &pkt))
+			return kpr_np_tail(ctx, KPR_NP_CALL_ICMP_IN);
+		return kpr_np_vip_guard(&pkt);
+	}
+#if KPR_NP_DSR
+	if (kpr_dsr_parse(ctx, &pkt, &fe, &fport))
+		return kpr_np_tail(ctx, KPR_NP_CALL_DSR_RECV);
+#endif
+	if (kpr_np_snat_port(&pkt.t) && kpr_snat_reverse(&pkt.t))
+		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT_REPLY);
+	return kpr_np_lb(ctx, &pkt);
+}
+
+// A packet leaving through an external device.
+static __always_inline int kpr_np_to_netdev(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_np_rev *rev;
+	struct kpr_ct_key rk;
+
+	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || !pkt.l4_off)
+		return KPR_NP_PASS;
+	if (pkt.t.proto != IPPROTO_TCP && pkt.t.proto != IPPROTO_UDP) {
+		if (kpr_icmp_is_error(ctx, &pkt))
+			return kpr_np_tail(ctx, KPR_NP_CALL_ICMP_OUT);
+		return KPR_NP_PASS;
+	}
+	kpr_ct_key_from_tuple(&rk, &pkt.t, KPR_CT_DIR_REPLY);
+	rev = kpr_np_rev.lookup(&rk);
+	if (!rev)
+		return KPR_NP_PASS;
+	if ((pkt.t.tcp_flags & (KPR_TCP_SYN | KPR_TCP_ACK)) == (KPR_TCP_SYN | KPR_TCP_ACK) && !kpr_np_rev_live(rev, &pkt.t)) {
+		kpr_np_rev.delete(&rk);
+		kpr_np_count(KPR_NP_ST_REV_STALE);
+		return KPR_NP_PASS;
+	}
+	kpr_np_rev_touch(rev, pkt.t.tcp_flags);
+	if (kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
+		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		return CTX_DROP;
+	}
+	kpr_np_count(KPR_NP_ST_REPLY_REVNAT);
+	return CTX_PASS;
+}
+
+#endif /* KPR_LIB_NODEPORT_H */

@@ -1,0 +1,285 @@
+"""Conntrack garbage collection for NodePort flows, and clearing flows whose backend is gone.
+
+The maps are LRU, so they never fill up with dead flows; collection is about correctness and
+accounting: expired flows give their SNAT ports back, reverse entries and SNAT mappings of
+flows that ended are removed, and counters tell how many flows are live.
+
+What belongs to whom:
+  kpr_ct      ORIGINAL entries flagged KPR_CT_F_NODE_PORT (client -> frontend). Expired after
+              lib/conntrack.h's timeouts (mirrored below). Non-TCP flows whose backend left
+              their frontend are "stale" and cleared at once: kube-proxy's long-standing
+              stale-UDP problem (clients keep sending into the void) does not happen here.
+  kpr_np_rev  reverse translations (backend -> client). Those made from a DSR header (on the
+              backend's node: no conntrack entry there) expire on their own timestamps; the
+              others live exactly as long as their conntrack flow.
+  kpr_snat    mappings whose SNAT address is one of this node's: live while their flow is.
+
+A flow born between the dumps of two maps could look orphaned: entries younger than GRACE_NS
+are never collected for want of a partner.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kpr.bpf import maps as M
+
+from . import datapath as D
+
+log = logging.getLogger(__name__)
+
+# lib/conntrack.h timeouts, ns.
+TCP_TIMEOUT_NS = 21600 * 10**9
+TCP_SYN_TIMEOUT_NS = 60 * 10**9
+TCP_CLOSE_TIMEOUT_NS = 10 * 10**9
+OTHER_TIMEOUT_NS = 60 * 10**9
+GRACE_NS = 10 * 10**9  # entries this young are never orphans (their partner may be being written)
+
+TCP, UDP = 6, 17
+
+# A flow as the maps can all name it: client address, client port (network order), protocol,
+# backend address, backend port (network order).
+Flow = tuple[bytes, int, int, bytes, int]
+# Backends a frontend may send to: (address, port in network order).
+BackendSet = frozenset[tuple[bytes, int]]
+
+
+def now_ns() -> int:
+    # bpf_ktime_get_coarse_ns() is CLOCK_MONOTONIC_COARSE: the same time base as monotonic_ns.
+    return time.monotonic_ns()
+
+
+def ct_timeout(flags: int, proto: int) -> int:
+    if proto != TCP:
+        return OTHER_TIMEOUT_NS
+    if flags & D.CT_F_CLOSING:
+        return TCP_CLOSE_TIMEOUT_NS
+    if not flags & D.CT_F_SEEN_REPLY:
+        return TCP_SYN_TIMEOUT_NS
+    return TCP_TIMEOUT_NS
+
+
+def rev_timeout(flags: int, proto: int) -> int:
+    if proto != TCP:
+        return OTHER_TIMEOUT_NS
+    return TCP_CLOSE_TIMEOUT_NS if flags & D.REV_F_CLOSING else TCP_TIMEOUT_NS
+
+
+@dataclass
+class Totals:
+    runs: int = 0
+    ct_expired: int = 0
+    stale_flows_cleared: int = 0
+    rev_expired: int = 0
+    snat_freed: int = 0
+    errors: int = 0
+    last_duration_ms: float = 0.0
+    # Live entries found by the last pass.
+    ct_entries: int = 0
+    rev_entries: int = 0
+    snat_entries: int = 0
+
+
+@dataclass
+class PassResult:
+    ct_expired: int = 0
+    stale: int = 0
+    rev_expired: int = 0
+    snat_freed: int = 0
+    live: set[Flow] = field(default_factory=set)
+
+
+class Collector:
+    """One collector per plugin; `run()` is one pass, `start()` runs passes on a thread.
+
+    `allowed(daddr16, dport_n, proto)` returns the backends the frontend may use now, or None
+    when the frontend is unknown (then its flows are never judged stale).
+    `snat_addrs()` returns this node's SNAT addresses (16-byte form).
+    """
+
+    def __init__(
+        self,
+        maps: dict[str, M.BpfMap],
+        allowed: Callable[[bytes, int, int], BackendSet | None],
+        snat_addrs: Callable[[], set[bytes]],
+        interval: float,
+        after_pass: Callable[[], None] | None = None,
+    ) -> None:
+        self.maps = maps
+        self.after_pass = after_pass
+        self.allowed = allowed
+        self.snat_addrs = snat_addrs
+        self.interval = interval
+        self.totals = Totals()
+        self._lock = threading.Lock()  # one pass at a time (thread and purges from the bus worker)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # backend id -> (address, port) from earlier dumps: a flow's backend may be gone from
+        # kpr_backend before its flow is cleared, and its reverse entry is keyed by address.
+        self._backend_names: dict[int, tuple[bytes, int]] = {}
+
+    # ------------------------------------------------------------------ thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kpr-tc-nodeport-gc", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run()
+                if self.after_pass is not None:
+                    self.after_pass()
+            except Exception:  # keep collecting; the next pass may succeed
+                self.totals.errors += 1
+                log.exception("event=nodeport_gc_failed")
+
+    # ------------------------------------------------------------------ passes
+
+    def _backends(self) -> dict[int, tuple[bytes, int]]:
+        current = {}
+        for k, v in self.maps["kpr_backend"].items():
+            addr, port, _proto, _state, _flags = M.BACKEND.unpack(v)
+            current[M.U32.unpack(k)[0]] = (addr, port)
+        # names of backends gone since the last pass are kept one more pass
+        merged = dict(self._backend_names)
+        merged.update(current)
+        self._backend_names = current
+        return merged
+
+    def run(self, *, stale_only: bool = False, only: Callable[[bytes, int, int], bool] | None = None) -> PassResult:
+        """One pass. `stale_only`: clear flows of removed backends only (no expiry), of the
+        frontends `only(addr16, port_n, proto)` accepts (None: all)."""
+        with self._lock:
+            t0 = time.perf_counter()
+            res = self._run(stale_only, only)
+            t = self.totals
+            t.ct_expired += res.ct_expired
+            t.stale_flows_cleared += res.stale
+            t.rev_expired += res.rev_expired
+            t.snat_freed += res.snat_freed
+            if not stale_only:
+                t.runs += 1
+                t.last_duration_ms = (time.perf_counter() - t0) * 1e3
+            if res.ct_expired or res.stale or res.rev_expired or res.snat_freed:
+                log.info(
+                    "event=nodeport_gc stale_only=%s ct_expired=%d stale_cleared=%d rev_expired=%d snat_freed=%d",
+                    stale_only, res.ct_expired, res.stale, res.rev_expired, res.snat_freed,
+                )
+            return res
+
+    def _run(self, stale_only: bool, only: Callable[[bytes, int, int], bool] | None) -> PassResult:
+        res = PassResult()
+        now = now_ns()
+        names = self._backends()
+        ct = self.maps["kpr_ct"]
+        dead_ct: list[bytes] = []
+        gone: set[Flow] = set()  # flows cleared now whose partners go with them
+        n_ct = 0
+        for k, v in ct.items():
+            saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
+            last_seen, bid, _rev_nat, flags, _tf, _p, _p2 = D.CT_ENTRY.unpack(v)
+            if direction != D.CT_DIR_ORIGINAL or not flags & D.CT_F_NODE_PORT:
+                continue
+            be = names.get(bid)
+            if only is not None and not only(daddr, dport, proto):
+                if be is not None:
+                    res.live.add((saddr, sport, proto, be[0], be[1]))
+                continue
+            expired = not stale_only and now - last_seen > ct_timeout(flags, proto)
+            stale = proto != TCP and self._stale(daddr, dport, proto, be)
+            if expired or stale:
+                dead_ct.append(k)
+                if stale and not expired:
+                    res.stale += 1
+                else:
+                    res.ct_expired += 1
+                if be is not None:
+                    gone.add((saddr, sport, proto, be[0], be[1]))
+                continue
+            n_ct += 1
+            if be is not None:
+                res.live.add((saddr, sport, proto, be[0], be[1]))
+        if dead_ct:
+            ct.delete_many(dead_ct)
+        self._rev_pass(res, now, stale_only, gone)
+        self._snat_pass(res, now, stale_only, gone)
+        if not stale_only:
+            self.totals.ct_entries = n_ct
+        return res
+
+    def _stale(self, daddr: bytes, dport: int, proto: int, be: tuple[bytes, int] | None) -> bool:
+        allowed = self.allowed(daddr, dport, proto)
+        if allowed is None:
+            return False  # a frontend this plugin does not know (yet): not its call
+        return be is None or be not in allowed
+
+    def _rev_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
+        rev = self.maps[D.REV_MAP]
+        dead: list[bytes] = []
+        n = 0
+        for k, v in rev.items():
+            baddr, caddr, bport, cport, proto, _dir, _ = D.CT_KEY.unpack(k)
+            _fe, _fport, flags, _pad, last_seen = D.NP_REV.unpack(v)
+            flow = (caddr, cport, proto, baddr, bport)
+            if flow in gone:
+                dead.append(k)
+                continue
+            if stale_only:
+                continue
+            if flags & D.REV_F_DSR:
+                keep = now - last_seen <= rev_timeout(flags, proto)
+            else:
+                keep = flow in res.live or now - last_seen < GRACE_NS
+            if keep:
+                n += 1
+            else:
+                dead.append(k)
+        if dead:
+            rev.delete_many(dead)
+            res.rev_expired += len(dead)
+        if not stale_only:
+            self.totals.rev_entries = n
+
+    def _snat_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
+        snat = self.maps["kpr_snat"]
+        ours = self.snat_addrs()
+        items = snat.items()
+        dead: list[bytes] = []
+        kept_reverse: set[bytes] = set()
+        reverse: dict[bytes, int] = {}  # reverse key -> created
+        n = 0
+        for k, v in items:
+            saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
+            addr, port, _p, _p2, created = D.NAT_ENTRY.unpack(v)
+            if direction == D.CT_DIR_REPLY:
+                if daddr in ours:
+                    reverse[k] = created
+                continue
+            if addr not in ours:
+                continue  # another owner's mapping
+            flow = (saddr, sport, proto, daddr, dport)
+            rkey = D.CT_KEY.pack(daddr, addr, dport, port, proto, D.CT_DIR_REPLY, 0)
+            if flow in gone or (not stale_only and flow not in res.live and now - created >= GRACE_NS):
+                dead.append(k)
+                dead.append(rkey)
+                res.snat_freed += 1
+            else:
+                kept_reverse.add(rkey)
+                n += 1
+        if not stale_only:
+            # reverse halves whose forward half is gone (an interrupted allocation, an LRU eviction)
+            dead.extend(k for k, created in reverse.items() if k not in kept_reverse and now - created >= GRACE_NS)
+            self.totals.snat_entries = n
+        if dead:
+            snat.delete_many(sorted(set(dead)))

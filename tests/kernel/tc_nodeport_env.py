@@ -1,0 +1,274 @@
+"""Shared pieces of the tc_nodeport end-to-end tests and benchmark: a two-node cluster in
+network namespaces with an external client behind a router, pods that report the client
+address they see, and tc_nodeport plugins driven together with the service map writer.
+
+    cl (10.100.0.2, fd10::2) -- rt -- node1 eth0 (10.0.1.10, fd01::10) -- pods p1a, p1b
+                                 \\-- node2 eth0 (10.0.2.10, fd02::10) -- pods p2a, p2b
+    cl2 (10.101.0.2) -- node1 eth1 (10.101.0.1)              (a second external device)
+
+The router sends the LoadBalancer/External IPs (203.0.113.0/26, 2001:db8:f::/64) to node1
+and the pod networks to their nodes. Every node and the router forward; clients have no
+route off the machine. Each node has its own private bpffs and writer, as real nodes would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpr.bpf.cleanup import scratch_pin_dir
+from kpr.config import KprConfig
+from kpr.context import PluginContext
+from kpr.model import Backend, NodeInfo, Service, ServiceKey
+from kpr.plugins.tc_nodeport.config import TcNodePortConfig
+from kpr.plugins.tc_nodeport.plugin import TcNodePort
+from kpr.servicemaps import ServiceMapWriter
+from kpr.testing.netns import Topology
+
+PY = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+
+CLIENT, CLIENT6, CLIENT2 = "10.100.0.2", "fd10::2", "10.101.0.2"
+NODES = {
+    "node1": {"addr": "10.0.1.10", "addr6": "fd01::10", "rt": "10.0.1.1", "rt6": "fd01::1", "pods4": "10.244.1.0/24", "pods6": "fd44:1::/64"},
+    "node2": {"addr": "10.0.2.10", "addr6": "fd02::10", "rt": "10.0.2.1", "rt6": "fd02::1", "pods4": "10.244.2.0/24", "pods6": "fd44:2::/64"},
+}
+NODE1_ETH1 = "10.101.0.1"
+PODS = {
+    "p1a": ("node1", "10.244.1.11", "fd44:1::11"),
+    "p1b": ("node1", "10.244.1.12", "fd44:1::12"),
+    "p2a": ("node2", "10.244.2.11", "fd44:2::11"),
+    "p2b": ("node2", "10.244.2.12", "fd44:2::12"),
+}
+PORT = 8080
+VIP_NET, VIP6_NET = "203.0.113.0/26", "2001:db8:f::/64"
+
+# Pod server: TCP answers "<name> <client address>\n" then echoes; UDP answers each datagram
+# with "<name> <client address>". Dual-stack on [::]:PORT.
+SERVER = r"""
+import socket, sys, threading
+name, port = sys.argv[1], int(sys.argv[2])
+def peer(a):
+    h = a[0]
+    return h[7:] if h.startswith("::ffff:") else h
+def conn(c, a):
+    with c:
+        c.sendall(f"{name} {peer(a)}\n".encode())
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return
+            c.sendall(d)
+def tcp():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port)); s.listen(1024)
+    while True:
+        c, a = s.accept()
+        threading.Thread(target=conn, args=(c, a), daemon=True).start()
+def udp():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    while True:
+        d, a = s.recvfrom(65536)
+        s.sendto(f"{name} {peer(a)}".encode(), a)
+threading.Thread(target=udp, daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+# Client: one JSON line per attempt.
+#   tcp HOST PORT N [timeout=S]           connect, read the first line: {"answer": "<name> <addr>"}
+#   udp HOST PORT N [sport=P] [timeout=S]  connected UDP from a fixed source port: {"answer": ...}
+#   http HOST PORT                        GET /: {"status": code, "body": {...}}
+CLIENT_SCRIPT = r"""
+import errno, json, socket, sys, time, urllib.request, urllib.error
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+opts = dict(a.split("=", 1) for a in sys.argv[4:] if "=" in a)
+n = int(next((a for a in sys.argv[4:] if "=" not in a), "1"))
+timeout = float(opts.get("timeout", 2))
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+def err(e):
+    return errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+def out(**kw):
+    print(json.dumps(kw), flush=True)
+if mode == "http":
+    h = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{h}:{port}/healthz", timeout=timeout) as r:
+            out(status=r.status, body=json.loads(r.read()))
+    except urllib.error.HTTPError as e:
+        out(status=e.code, body=json.loads(e.read()))
+    except OSError as e:
+        out(error=err(e.reason if hasattr(e, "reason") and isinstance(e.reason, OSError) else e))
+    sys.exit(0)
+for i in range(n):
+    kind = socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM
+    s = socket.socket(fam, kind)
+    s.settimeout(timeout)
+    try:
+        if mode == "udp":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", int(opts.get("sport", 0))))
+            s.connect((host, port))
+            s.send(b"hi")
+            out(answer=s.recv(512).decode().strip())
+        else:
+            s.connect((host, port))
+            d = b""
+            while not d.endswith(b"\n"):
+                c = s.recv(512)
+                if not c:
+                    break
+                d += c
+            out(answer=d.decode().strip())
+    except OSError as e:
+        out(error=err(e))
+    finally:
+        s.close()
+"""
+
+
+def build_topology(topo: Topology, *, second_device: bool = True, pods: tuple[str, ...] = tuple(PODS)) -> None:
+    topo.add_router("rt")
+    topo.add_external("cl")
+    topo.link("rt", "cl", ["10.100.0.1/24", "fd10::1/64"], [f"{CLIENT}/24", f"{CLIENT6}/64"])
+    topo.add_route("cl", "default", "10.100.0.1")
+    topo.add_route("cl", "default", "fd10::1")
+    for name, n in NODES.items():
+        topo.add_node(name)
+        topo.link("rt", name, [f"{n['rt']}/24", f"{n['rt6']}/64"], [f"{n['addr']}/24", f"{n['addr6']}/64"])
+        topo.add_route(name, "default", n["rt"])
+        topo.add_route(name, "default", n["rt6"])
+        topo.add_route("rt", n["pods4"], n["addr"])
+        topo.add_route("rt", n["pods6"], n["addr6"])
+    topo.add_route("rt", VIP_NET, NODES["node1"]["addr"])
+    topo.add_route("rt", VIP6_NET, NODES["node1"]["addr6"])
+    for ns in ("rt", "node1", "node2"):
+        topo.sysctl(ns, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"})
+    if second_device:
+        topo.add_external("cl2")
+        topo.link("node1", "cl2", f"{NODE1_ETH1}/24", f"{CLIENT2}/24")
+        topo.add_route("cl2", "default", NODE1_ETH1)
+    for pod in pods:
+        node, ip4, ip6 = PODS[pod]
+        topo.add_pod(node, pod, ip4, ip6=ip6)
+        proc = topo.popen(pod, [PY, "-c", SERVER, pod, str(PORT)], stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"server in {pod} did not start: {line!r}")
+
+
+def backends(node: str, *pods: str, v6: bool = False, **kw: Any) -> tuple[Backend, ...]:
+    """Backends as `node`'s kpr sees them (local when the pod runs there)."""
+    return tuple(
+        Backend(PODS[p][2 if v6 else 1], PORT, node_name=PODS[p][0], local=PODS[p][0] == node, **kw) for p in pods
+    )
+
+
+def client(topo: Topology, *args: Any, ns: str = "cl", timeout: float = 60) -> list[dict]:
+    res = topo.run(ns, [PY, "-c", CLIENT_SCRIPT, *map(str, args)], timeout=timeout)
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+
+def answers(rows: list[dict]) -> list[str]:
+    return [r.get("answer") or r.get("error", "?") for r in rows]
+
+
+def plugin_context(pin: Path, node: str, devices: tuple[str, ...], state_dir: Path | None = None) -> PluginContext:
+    config = KprConfig.model_validate({"bpf": {"pinPath": str(pin)}, "agent": {"stateDir": str(state_dir or pin)}})
+    addrs = (NODES[node]["addr"], NODES[node]["addr6"]) + ((NODE1_ETH1,) if "eth1" in devices else ())
+    return PluginContext(
+        name="tc_nodeport",
+        node=NodeInfo(node, addresses=addrs, devices=devices),
+        log=logging.getLogger("kpr.plugins.tc_nodeport"),
+        config=config,
+        state_dir=state_dir or pin,
+    )
+
+
+def start_plugin(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), **cfg: Any) -> TcNodePort:
+    plugin = TcNodePort()
+    ctx = plugin_context(pin, node, devices)
+    plugin.kpr_configure(config=TcNodePortConfig.model_validate(cfg), context=ctx)
+    with topo[node].enter():  # the agent runs in the node's namespace
+        plugin.kpr_start(context=ctx)
+    return plugin
+
+
+ServiceFactory = Callable[[str], Service]
+
+
+@dataclass
+class Cluster:
+    topo: Topology
+    pins: dict[str, Path]
+    writers: dict[str, ServiceMapWriter]
+    plugins: dict[str, TcNodePort] = field(default_factory=dict)
+    applied: dict[ServiceKey, ServiceFactory] = field(default_factory=dict)
+
+    def apply(self, factory: ServiceFactory) -> None:
+        """One bus dispatch on every node: the writer first, then the plugin (as the agent's
+        facility ordering has it)."""
+        for node, w in self.writers.items():
+            svc = factory(node)
+            w.upsert(svc)
+            if node in self.plugins:
+                self.plugins[node].kpr_service_upsert(svc)
+            self.applied[svc.key] = factory
+
+    def delete(self, key: ServiceKey) -> None:
+        for node, w in self.writers.items():
+            w.delete(key)
+            if node in self.plugins:
+                self.plugins[node].kpr_service_delete(key)
+        self.applied.pop(key, None)
+
+    def clear(self) -> None:
+        for key in list(self.applied):
+            self.delete(key)
+
+    def stats(self, node: str) -> dict[str, int]:
+        dp = self.plugins[node].datapath
+        assert dp is not None
+        return dp.stats()
+
+
+@contextlib.contextmanager
+def cluster(*, start: bool = True, second_device: bool = True, **cfg: Any) -> Iterator[Cluster]:
+    with scratch_pin_dir("kpr-np-n1") as pin1, scratch_pin_dir("kpr-np-n2") as pin2, Topology() as topo:
+        build_topology(topo, second_device=second_device)
+        pins = {"node1": pin1, "node2": pin2}
+        writers = {n: ServiceMapWriter(p).open() for n, p in pins.items()}
+        c = Cluster(topo, pins, writers)
+        try:
+            if start:
+                c.plugins["node1"] = start_plugin(topo, "node1", pin1, ("eth0", "eth1") if second_device else ("eth0",), **cfg)
+                c.plugins["node2"] = start_plugin(topo, "node2", pin2, ("eth0",), **cfg)
+            yield c
+        finally:
+            for p in c.plugins.values():
+                with contextlib.suppress(Exception):
+                    p.kpr_stop(p.context)
+            for w in writers.values():
+                w.close()
+
+
+def tc_filters(topo: Topology, ns: str, dev: str, direction: str) -> list[tuple[int, str]]:
+    """(pref, name) of the BPF filters at one hook, as tc(8) shows them."""
+    out = topo.run(ns, ["tc", "-j", "filter", "show", "dev", dev, direction]).stdout
+    rows = []
+    for f in json.loads(out or "[]"):
+        opts = f.get("options") or {}
+        if f.get("kind") == "bpf" and "handle" in opts:
+            rows.append((int(f["pref"]), opts.get("bpf_name", "")))
+    return sorted(rows)

@@ -1,0 +1,438 @@
+"""tc_nodeport end to end: real traffic from an external client through the node's tc programs
+to pods on this node and on another one (topology in tc_nodeport_env.py).
+
+Every backend answers with its name and the client address it sees, so each test checks both
+which backend answered and whether the client's address survived (DSR, local backends) or
+became the node's (SNAT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kpr.bpf.cleanup import attachments, scratch_pin_dir
+from kpr.bpf.loader import compile_and_load, load_prog
+from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.servicemaps import ServiceMapWriter
+from kpr.testing.netns import Topology
+
+from tc_nodeport_env import (
+    CLIENT,
+    CLIENT2,
+    CLIENT6,
+    NODE1_ETH1,
+    NODES,
+    PODS,
+    Cluster,
+    answers,
+    backends,
+    build_topology,
+    client,
+    cluster,
+    start_plugin,
+    tc_filters,
+)
+
+pytestmark = pytest.mark.kernel
+
+NP, LB = FrontendType.NODE_PORT, FrontendType.LOAD_BALANCER
+TCP, UDP = Protocol.TCP, Protocol.UDP
+N1, N2 = NODES["node1"]["addr"], NODES["node2"]["addr"]
+N1_6 = NODES["node1"]["addr6"]
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Cluster]:
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    with cluster(gc_interval=1.0, conntrack_size=65536) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "env" in request.fixturenames:
+        request.getfixturevalue("env").clear()
+
+
+def nodeport(name: str, port: int, *pods: str, proto: Protocol = TCP, local_policy: bool = False, hc: int = 0,
+             v6: bool = False, annotations: tuple = ()) -> Any:
+    """A NodePort service as each node's kpr would receive it (frontends on that node's addresses)."""
+
+    def make(node: str) -> Service:
+        fes = [Frontend(NP, NODES[node]["addr"], port, proto, backends(node, *pods), external_local=local_policy,
+                        health_check_node_port=hc)]
+        if v6:
+            fes.append(Frontend(NP, NODES[node]["addr6"], port, proto, backends(node, *pods, v6=True),
+                                external_local=local_policy, health_check_node_port=hc))
+        if node == "node1":
+            fes.append(Frontend(NP, NODE1_ETH1, port, proto, backends(node, *pods), external_local=local_policy,
+                                health_check_node_port=hc))
+        return Service(ServiceKey("default", name), tuple(fes), annotations=annotations)
+
+    return make
+
+
+def loadbalancer(name: str, vip: str, *pods: str, proto: Protocol = TCP, mode: str = "", port: int = 80,
+                 local_policy: bool = False, ranges: tuple[str, ...] = ()) -> Any:
+    ann = (("service.kpr.io/lb-mode", mode),) if mode else ()
+
+    def make(node: str) -> Service:
+        fe = Frontend(LB, vip, port, proto, backends(node, *pods, v6=":" in vip), external_local=local_policy,
+                      source_ranges=ranges)
+        return Service(ServiceKey("default", name), (fe,), annotations=ann)
+
+    return make
+
+
+def _name_and_peer(rows: list[dict]) -> list[tuple[str, str]]:
+    out = []
+    for a in answers(rows):
+        name, _, peer = a.partition(" ")
+        out.append((name, peer))
+    return out
+
+
+# ---------------------------------------------------------------------- local and remote backends
+
+
+def test_nodeport_to_a_local_pod_keeps_the_client_address(env: Cluster) -> None:
+    env.apply(nodeport("web", 30080, "p1a", v6=True))
+    assert _name_and_peer(client(env.topo, "tcp", N1, 30080, 3)) == [("p1a", CLIENT)] * 3
+    assert _name_and_peer(client(env.topo, "tcp", N1_6, 30080, 2)) == [("p1a", CLIENT6)] * 2
+    st = env.stats("node1")
+    assert st["new_local"] >= 5 and st["reply_revnat"] >= 5, st
+
+
+def test_remote_backend_with_snat_sees_the_node_address(env: Cluster) -> None:
+    env.apply(loadbalancer("lb-snat", "203.0.113.10", "p2a"))
+    env.apply(loadbalancer("lb-snat-udp", "203.0.113.10", "p2a", proto=UDP))
+    assert _name_and_peer(client(env.topo, "tcp", "203.0.113.10", 80, 3)) == [("p2a", N1)] * 3
+    assert _name_and_peer(client(env.topo, "udp", "203.0.113.10", 80, 2)) == [("p2a", N1)] * 2
+    st = env.stats("node1")
+    assert st["new_snat"] >= 5 and st["reply_snat"] >= 5, st
+
+
+def test_remote_backend_with_dsr_sees_the_client_and_answers_directly(env: Cluster) -> None:
+    before1, before2 = env.stats("node1"), env.stats("node2")
+    env.apply(loadbalancer("lb-dsr", "203.0.113.11", "p2a", mode="dsr"))
+    assert _name_and_peer(client(env.topo, "tcp", "203.0.113.11", 80, 3)) == [("p2a", CLIENT)] * 3
+    a1, a2 = env.stats("node1"), env.stats("node2")
+    assert a1["new_dsr"] - before1["new_dsr"] == 3
+    assert a1["reply_snat"] == before1["reply_snat"], "DSR replies never pass node1"
+    assert a2["dsr_received"] - before2["dsr_received"] >= 3, "node2 stripped the DSR option"
+    assert a2["reply_revnat"] - before2["reply_revnat"] >= 3, "node2 gave the replies the frontend's address"
+
+
+def test_hybrid_mode_is_dsr_for_tcp_and_snat_for_udp(env: Cluster) -> None:
+    env.apply(loadbalancer("lb-hy", "203.0.113.12", "p2a", mode="hybrid"))
+    env.apply(loadbalancer("lb-hy-udp", "203.0.113.12", "p2a", mode="hybrid", proto=UDP))
+    assert _name_and_peer(client(env.topo, "tcp", "203.0.113.12", 80, 1)) == [("p2a", CLIENT)]
+    assert _name_and_peer(client(env.topo, "udp", "203.0.113.12", 80, 1)) == [("p2a", N1)]
+
+
+def test_external_traffic_policy_local(env: Cluster) -> None:
+    env.apply(nodeport("etp-local", 30081, "p1a", local_policy=True))
+    # node1 has the backend: the client's address is kept
+    assert _name_and_peer(client(env.topo, "tcp", N1, 30081, 2)) == [("p1a", CLIENT)] * 2
+    # node2 has none: it drops (no answer, no reset)
+    assert answers(client(env.topo, "tcp", N2, 30081, 1, "timeout=1")) == ["TimeoutError"]
+    assert env.stats("node2")["drop_no_local_backend"] >= 1
+
+
+def test_health_check_node_port_answers_200_or_503(env: Cluster) -> None:
+    env.apply(nodeport("hc", 30082, "p1a", "p1b", local_policy=True, hc=32100))
+    r1 = client(env.topo, "http", N1, 32100)[0]
+    r2 = client(env.topo, "http", N2, 32100)[0]
+    assert r1["status"] == 200 and r1["body"]["service"] == {"namespace": "default", "name": "hc"}
+    assert r1["body"]["localEndpoints"] == 2
+    assert r2["status"] == 503 and r2["body"]["localEndpoints"] == 0
+    assert env.plugins["node1"].kpr_status().details["healthChecks"] == {32100: {"service": "default/hc", "localEndpoints": 2}}
+    # the service goes: so does the listener
+    env.delete(ServiceKey("default", "hc"))
+    assert client(env.topo, "http", N1, 32100)[0].get("error") == "ECONNREFUSED"
+
+
+def test_frontend_without_backends_refuses_at_once(env: Cluster) -> None:
+    env.apply(loadbalancer("empty", "203.0.113.13"))
+    env.apply(loadbalancer("empty-udp", "203.0.113.13", proto=UDP, port=53))
+    t0 = time.monotonic()
+    assert answers(client(env.topo, "tcp", "203.0.113.13", 80, 1)) == ["ECONNREFUSED"]
+    assert answers(client(env.topo, "udp", "203.0.113.13", 53, 1)) == ["ECONNREFUSED"]
+    assert time.monotonic() - t0 < 1.5, "ICMP port unreachable, not a timeout"
+
+
+def test_unserved_port_on_an_announced_address_is_dropped_not_looped(env: Cluster) -> None:
+    env.apply(loadbalancer("only80", "203.0.113.14", "p1a"))
+    before = env.stats("node1")["drop_vip_unserved"]
+    # without the guard node1 would route the packet back to the router, which sends it to node1 ...
+    assert answers(client(env.topo, "tcp", "203.0.113.14", 443, 1, "timeout=1")) == ["TimeoutError"]
+    after = env.stats("node1")["drop_vip_unserved"]
+    assert 1 <= after - before <= 4, "dropped once per SYN (retransmits), not looping"
+    assert _name_and_peer(client(env.topo, "tcp", "203.0.113.14", 80, 1)) == [("p1a", CLIENT)]
+
+
+def test_source_ranges_and_session_affinity(env: Cluster) -> None:
+    env.apply(loadbalancer("ranged", "203.0.113.15", "p1a", ranges=("10.200.0.0/16",)))
+    assert answers(client(env.topo, "tcp", "203.0.113.15", 80, 1, "timeout=1")) == ["TimeoutError"]
+    env.apply(loadbalancer("ranged", "203.0.113.15", "p1a", ranges=(f"{CLIENT}/32",)))
+    assert _name_and_peer(client(env.topo, "tcp", "203.0.113.15", 80, 1)) == [("p1a", CLIENT)]
+
+    def sticky(node: str) -> Service:
+        fe = Frontend(LB, "203.0.113.16", 80, TCP, backends(node, "p1a", "p1b", "p2a"), affinity_timeout=60)
+        return Service(ServiceKey("default", "sticky"), (fe,))
+
+    env.apply(sticky)
+    got = {name for name, _ in _name_and_peer(client(env.topo, "tcp", "203.0.113.16", 80, 8))}
+    assert len(got) == 1, got
+
+
+def test_several_devices_at_once(env: Cluster) -> None:
+    env.apply(nodeport("multi", 30083, "p1a"))
+    for dev in ("eth0", "eth1"):
+        assert tc_filters(env.topo, "node1", dev, "ingress") == [(1, "kpr_np_ingress")]
+        assert tc_filters(env.topo, "node1", dev, "egress") == [(1, "kpr_np_egress")]
+    assert _name_and_peer(client(env.topo, "tcp", NODE1_ETH1, 30083, 2, ns="cl2")) == [("p1a", CLIENT2)] * 2
+    assert _name_and_peer(client(env.topo, "tcp", N1, 30083, 1)) == [("p1a", CLIENT)]
+    status = env.plugins["node1"].kpr_status()
+    assert status.healthy and status.counters["devices_attached"] == 2, status
+
+
+def test_stale_udp_flows_are_cleared_when_the_backend_goes(env: Cluster) -> None:
+    env.apply(loadbalancer("dns", "203.0.113.17", "p2a", proto=UDP, port=53))
+    # p2a stays a backend of another service, so its backend entry (and id) outlive this change:
+    # only clearing the tracked flow moves it
+    env.apply(loadbalancer("other", "203.0.113.19", "p2a", proto=UDP, port=53))
+    # one client socket, one 5-tuple, throughout: conntrack pins it to its backend
+    assert answers(client(env.topo, "udp", "203.0.113.17", 53, 2, "sport=45053"))[0].startswith("p2a")
+    stale_before = env.plugins["node1"].kpr_status().counters["stale_flows_cleared"]
+    env.apply(loadbalancer("dns", "203.0.113.17", "p2b", proto=UDP, port=53))
+    # p2a is still alive: without clearing, the tracked flow would keep reaching it
+    assert answers(client(env.topo, "udp", "203.0.113.17", 53, 2, "sport=45053"))[0].startswith("p2b")
+    assert env.plugins["node1"].kpr_status().counters["stale_flows_cleared"] > stale_before
+
+
+def test_conntrack_gc_counts_and_expires(env: Cluster) -> None:
+    env.apply(loadbalancer("gc", "203.0.113.18", "p2a", proto=UDP, port=53))
+    client(env.topo, "udp", "203.0.113.18", 53, 3)
+    p = env.plugins["node1"]
+    assert p.collector is not None
+    p.collector.run()
+    st = p.kpr_status().counters
+    assert st["conntrack_entries"] >= 3 and st["snat_entries"] >= 3 and st["reverse_entries"] >= 3, st
+    # pretend 2 minutes passed: UDP flows (60 s) expire, their SNAT ports come back
+    import kpr.plugins.tc_nodeport.gc as G
+
+    real = G.now_ns
+    G.now_ns = lambda: real() + 120 * 10**9  # type: ignore[assignment]
+    try:
+        res = p.collector.run()
+    finally:
+        G.now_ns = real  # type: ignore[assignment]
+    assert res.ct_expired >= 3 and res.snat_freed >= 3 and res.rev_expired >= 3, res
+
+
+def test_status_reports_what_the_writer_does_not_honour(env: Cluster) -> None:
+    st = env.plugins["node1"].kpr_status()
+    writer = st.details["writer"]
+    # this test's writers were made with the writer's defaults (131072 conntrack entries), not
+    # from the plugin's section as the agent's is: the plugin says so instead of ignoring it
+    assert writer["conntrackSize"] == {"configured": 65536, "kpr_ct": 131072, "kpr_np_rev": 65536, "honoured": False}
+    assert st.counters["config_not_honoured"] >= 1 and "not honoured" in st.message
+    assert st.counters["drops_total"] == sum(v for k, v in st.counters.items() if k.startswith("drop_"))
+
+
+# ---------------------------------------------------------------------- attachment
+
+
+FOREIGN = "int foreign_ingress(struct __sk_buff *skb) { return -1; }\n"  # TC_ACT_UNSPEC: let the next filter run
+
+
+def test_foreign_filters_are_never_touched_and_reattach_is_idempotent(kernel_headers: Path) -> None:
+    from pyroute2 import IPRoute
+
+    with scratch_pin_dir("kpr-np-att") as pin, Topology() as topo:
+        build_topology(topo, second_device=False, pods=("p1a",))
+        b = compile_and_load(FOREIGN)
+        try:
+            fn = load_prog(b, "foreign_ingress", "SCHED_CLS")
+            with topo["node1"].enter(), IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname="eth0")[0]
+                ipr.tc("add", "clsact", idx)
+                ipr.tc("add-filter", "bpf", idx, ":1", fd=fn.fd, name="foreign_ingress", parent="ffff:fff2", classid=1,
+                       direct_action=True, prio=1)
+            with ServiceMapWriter(pin) as w:
+                svc = nodeport("att", 30090, "p1a")("node1")
+                w.upsert(svc)
+                p1 = start_plugin(topo, "node1", pin)
+                p1.kpr_service_upsert(svc)
+                # pref 1 is the foreign filter's: kpr takes the next one and leaves it alone
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
+                assert p1.kpr_status().details["foreignFiltersFirst"] == {"eth0": ["foreign_ingress"]}
+                assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
+                # a second agent (restart) replaces kpr's filter in place: no duplicate, no gap
+                p2 = start_plugin(topo, "node1", pin)
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
+                assert tc_filters(topo, "node1", "eth0", "egress") == [(1, "kpr_np_egress")]
+                assert len([a for a in attachments(pin) if a["target"]["ifname"] == "eth0"]) == 2
+                p2.kpr_service_upsert(svc)
+                assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
+                p1.datapath.close()  # the first agent is gone (its programs were replaced)
+                p1.datapath = None
+                p2.kpr_stop(p2.context)
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
+                assert tc_filters(topo, "node1", "eth0", "egress") == []
+                assert attachments(pin) == []
+        finally:
+            b.cleanup()
+
+
+def test_node_changes_reattach(kernel_headers: Path) -> None:
+    with scratch_pin_dir("kpr-np-nc") as pin, Topology() as topo:
+        build_topology(topo, pods=())
+        with ServiceMapWriter(pin):
+            p = start_plugin(topo, "node1", pin, ("eth0",))
+            try:
+                assert tc_filters(topo, "node1", "eth1", "ingress") == []
+                from kpr.model import NodeInfo
+
+                node = NodeInfo("node1", (N1, NODE1_ETH1), ("eth0", "eth1"))
+                p.context.node = node
+                p.kpr_node_changed(node)  # from a thread outside the node's namespace, as the bus worker may be
+                assert tc_filters(topo, "node1", "eth1", "ingress") == [(1, "kpr_np_ingress")]
+                node = NodeInfo("node1", (NODE1_ETH1,), ("eth1",))
+                p.context.node = node
+                p.kpr_node_changed(node)
+                assert tc_filters(topo, "node1", "eth0", "ingress") == []
+                assert tc_filters(topo, "node1", "eth1", "egress") == [(1, "kpr_np_egress")]
+            finally:
+                p.kpr_stop(p.context)
+
+
+def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp_path: Path) -> None:
+    with scratch_pin_dir("kpr-np-clean") as pin, Topology() as topo:
+        build_topology(topo, pods=())
+        with ServiceMapWriter(pin):
+            p = start_plugin(topo, "node1", pin, ("eth0", "eth1"))
+        try:
+            assert tc_filters(topo, "node1", "eth1", "egress") == [(1, "kpr_np_egress")]
+            cfg = tmp_path / "kpr.yaml"
+            cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
+            kpr = Path(sys.executable).with_name("kpr")
+            res = subprocess.run([str(kpr), "cleanup", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            assert res.stdout.count("detached tc") == 4, res.stdout
+            for dev in ("eth0", "eth1"):
+                for d in ("ingress", "egress"):
+                    assert tc_filters(topo, "node1", dev, d) == []
+            assert not pin.exists()
+        finally:
+            with contextlib.suppress(Exception):
+                p.kpr_stop(p.context)
+
+
+def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: Path) -> None:
+    """A real agent (files source, bus, writer facility, tc_nodeport) in node1's namespace; and
+    with the plugin disabled, nothing attached at all."""
+    from kpr.config import parse_config
+    from kpr.daemon import Agent
+
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(textwrap.dedent(f"""
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: web, namespace: default}}
+        spec:
+          type: NodePort
+          clusterIP: 10.96.9.10
+          ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30099}}]
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+        addressType: IPv4
+        ports: [{{name: http, port: 8080, protocol: TCP}}]
+        endpoints:
+          - addresses: [{PODS['p1a'][1]}]
+            nodeName: node1
+          - addresses: [{PODS['p2a'][1]}]
+            nodeName: node2
+        """))
+
+    with scratch_pin_dir("kpr-np-agent") as pin, Topology() as topo:
+        build_topology(topo, pods=("p1a", "p2a"))
+
+        def config(enabled: bool) -> Any:
+            return parse_config(textwrap.dedent(f"""
+                node: {{name: node1, addresses: [{N1}, {NODE1_ETH1}], devices: [eth0, eth1]}}
+                source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
+                service: {{clusterCIDR: [10.96.0.0/16]}}
+                bpf: {{pinPath: {pin}}}
+                api: {{socket: {tmp_path}/kpr.sock}}
+                metrics: {{address: ""}}
+                agent: {{stateDir: {tmp_path}/state}}
+                plugins: {{tc_nodeport: {{enabled: {str(enabled).lower()}, mode: snat, conntrackSize: 65536}}}}
+                """))
+
+        agent = Agent(config(False))
+        with topo["node1"].enter():
+            agent.setup()
+        try:
+            for dev in ("eth0", "eth1"):
+                assert tc_filters(topo, "node1", dev, "ingress") == [], "a disabled plugin attaches nothing"
+        finally:
+            agent.shutdown()
+
+        agent = Agent(config(True))
+        with topo["node1"].enter():
+            agent.setup()
+        try:
+            deadline = time.monotonic() + 15
+            while not (agent.store.is_synced and agent.bus.synced()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for dev in ("eth0", "eth1"):
+                assert tc_filters(topo, "node1", dev, "ingress") == [(1, "kpr_np_ingress")]
+            seen: set[tuple[str, str]] = set()
+            deadline = time.monotonic() + 10
+            while len(seen) < 2 and time.monotonic() < deadline:
+                seen.update(_name_and_peer(client(topo, "tcp", N1, 30099, 4)))
+            # the local pod keeps the client's address, the remote one sees node1's (SNAT)
+            assert seen == {("p1a", CLIENT), ("p2a", N1)}, seen
+            status = agent.plugin_statuses()["tc_nodeport"]
+            assert status["healthy"], status
+            assert status["counters"]["new_local"] >= 1 and status["counters"]["new_snat"] >= 1
+            # the core's writer took conntrackSize from this plugin's section
+            assert status["details"]["writer"]["conntrackSize"]["honoured"] is True, status["details"]["writer"]
+            assert status["counters"]["config_not_honoured"] == 0
+        finally:
+            assert agent.shutdown() == 0
+        for dev in ("eth0", "eth1"):
+            assert tc_filters(topo, "node1", dev, "ingress") == [], "kpr_stop detaches"
+
+
+def test_keep_attached_on_stop_leaves_nodeports_working(kernel_headers: Path) -> None:
+    with scratch_pin_dir("kpr-np-keep") as pin, Topology() as topo:
+        build_topology(topo, second_device=False, pods=("p1a",))
+        with ServiceMapWriter(pin) as w:
+            svc = nodeport("keep", 30095, "p1a")("node1")
+            w.upsert(svc)
+            p = start_plugin(topo, "node1", pin, keep_attached_on_stop=True)
+            p.kpr_service_upsert(svc)
+            p.kpr_stop(p.context)  # the agent stops (a restart): the programs and their maps stay
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")]
+            assert _name_and_peer(client(topo, "tcp", N1, 30095, 2)) == [("p1a", CLIENT)] * 2
+            assert len(attachments(pin)) == 2, "still recorded for `kpr cleanup`"
+        # scratch_pin_dir's cleanup is `kpr cleanup`: it detaches them

@@ -1,0 +1,583 @@
+"""The NodePort programs on packets (BPF_PROG_TEST_RUN), table-driven as Katran's fixtures.
+
+Every case: a description, a packet built with scapy, the expected verdict and the expected
+output packet (byte for byte, or a check), with every IPv4/TCP/UDP/ICMP checksum of the
+output verified (quoted headers of ICMP errors included). The programs run against maps the
+core's ServiceMapWriter filled, inside a namespace whose routes and neighbours the FIB lookups
+see (the test run's skb lives on that namespace's eth0), so the output MACs are the routed
+next hop's.
+
+Layout of the "lb" namespace (the node under test):
+  eth0 10.0.0.1/24, fd00::1/64 (node addresses); outside next hop 10.0.0.2 / fd00::2 (default
+       routes, clients 192.0.2.0/24, 198.51.100.0/24, 2001:db8:c::/64 behind it); node2 at
+       10.0.0.3 / fd00::3 routes the remote pods 10.244.2.0/24 and fd00:244:2::/64.
+  lxcpod -> pod 10.244.1.10 / fd00:244:1::10 (a local backend, static neighbour).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from kpr.bpf import maps as M
+from kpr.bpf.cleanup import scratch_pin_dir
+from kpr.bpf.inline import inline_includes
+from kpr.bpf.loader import CompileError, compile_and_load, load_prog
+from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.plugins.tc_nodeport import datapath as D
+from kpr.servicemaps import ServiceMapWriter
+from kpr.testing.netns import Topology, in_netns
+from kpr.testing.prog_run import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, Case, run_cases, test_run
+
+pytestmark = pytest.mark.kernel
+
+NP, LB, EIP = FrontendType.NODE_PORT, FrontendType.LOAD_BALANCER, FrontendType.EXTERNAL_IP
+TCP_, UDP_ = Protocol.TCP, Protocol.UDP
+
+NODE4, NODE6 = "10.0.0.1", "fd00::1"
+OUT4, OUT6 = "10.0.0.2", "fd00::2"
+NODE2_4, NODE2_6 = "10.0.0.3", "fd00::3"
+POD4, POD6 = "10.244.1.10", "fd00:244:1::10"  # local backend
+REM4, REM6 = "10.244.2.20", "fd00:244:2::20"  # remote backend (node2)
+REM4_DSR = "10.244.2.21"
+CLIENT4, CLIENT6 = "192.0.2.50", "2001:db8:c::50"
+ALLOWED4 = "198.51.100.7"
+MAC_OUT, MAC_NODE2, MAC_POD = "02:00:00:00:00:02", "02:00:00:00:00:03", "02:00:00:00:01:10"
+
+VIP_REMOTE, VIP_DSR, VIP_LOCALPOL, VIP_RANGES, VIP_EMPTY = (
+    "203.0.113.10", "203.0.113.11", "203.0.113.12", "203.0.113.13", "203.0.113.14",
+)
+VIP6_REMOTE, VIP6_DSR, VIP6_EMPTY = "2001:db8:f::10", "2001:db8:f::11", "2001:db8:f::14"
+NODEPORT = 30080
+
+
+def be(addr: str, port: int = 8080, *, local: bool = False) -> Backend:
+    return Backend(addr, port, node_name="lb" if local else "node2", local=local)
+
+
+def svc(name: str, frontends: list[Frontend], **kw: Any) -> Service:
+    return Service(ServiceKey("default", name), tuple(frontends), **kw)
+
+
+SERVICES = [
+    svc("local", [Frontend(NP, NODE4, NODEPORT, p, (be(POD4, local=True),)) for p in (TCP_, UDP_)]
+        + [Frontend(NP, NODE6, NODEPORT, TCP_, (be(POD6, local=True),))]),
+    svc("remote", [Frontend(LB, VIP_REMOTE, 80, p, (be(REM4),)) for p in (TCP_, UDP_)]
+        + [Frontend(LB, VIP6_REMOTE, 80, p, (be(REM6),)) for p in (TCP_, UDP_)]),
+    svc("dsr", [Frontend(LB, VIP_DSR, 80, TCP_, (be(REM4_DSR),)), Frontend(LB, VIP6_DSR, 80, TCP_, (be(REM6),))],
+        annotations=(("service.kpr.io/lb-mode", "dsr"),)),
+    svc("localpol", [Frontend(LB, VIP_LOCALPOL, 80, TCP_, (be(REM4),), external_local=True)]),
+    svc("ranges", [Frontend(LB, VIP_RANGES, 80, TCP_, (be(POD4, local=True),), source_ranges=("198.51.100.0/24",))]),
+    svc("empty", [Frontend(LB, VIP_EMPTY, 80, TCP_), Frontend(LB, VIP_EMPTY, 53, UDP_), Frontend(LB, VIP6_EMPTY, 80, TCP_)]),
+]
+
+
+@dataclass
+class Lab:
+    topo: Topology
+    pin: Path
+    writer: ServiceMapWriter
+    dp: D.Datapath
+    ifindex: int
+    mac: str  # eth0's MAC
+    lxc_mac: str  # the node's side of the pod veth
+
+    @property
+    def ctx(self) -> bytes:
+        # struct __sk_buff up to ifindex: the test run's skb is on eth0 of the lb namespace
+        return struct.pack("=11I", 0, 0, 0, 0, 0, 0, 0, 0, 0, self.ifindex, self.ifindex)
+
+    def run(self, prog: str, cases: list[Case]) -> list[Any]:
+        for c in cases:
+            c.ctx = self.ctx
+        with in_netns(self.topo["lb"].path):
+            return run_cases(self.dp.fd(prog), cases, kind="tc")
+
+    def one(self, prog: str, pkt: Any) -> tuple[int, Ether]:
+        with in_netns(self.topo["lb"].path):
+            res = test_run(self.dp.fd(prog), bytes(pkt), ctx=self.ctx)
+        return res.signed, Ether(res.data_out)
+
+    def stats(self) -> dict[str, int]:
+        return self.dp.stats()
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    with scratch_pin_dir("kpr-np-prog") as pin, Topology() as topo:
+        topo.add_node("lb")
+        topo.add_namespace("out")
+        topo.link("lb", "out", [f"{NODE4}/24", f"{NODE6}/64"], [f"{OUT4}/24", f"{OUT6}/64"])
+        topo.add_pod("lb", "pod", POD4, ip6=POD6)
+        lb = topo["lb"]
+        lxc = next(i for i in lb.ifaces if i.startswith("lxc"))
+        lb.run(
+            f"ip neigh replace {OUT4} lladdr {MAC_OUT} dev eth0 nud permanent && "
+            f"ip neigh replace {NODE2_4} lladdr {MAC_NODE2} dev eth0 nud permanent && "
+            f"ip -6 neigh replace {OUT6} lladdr {MAC_OUT} dev eth0 nud permanent && "
+            f"ip -6 neigh replace {NODE2_6} lladdr {MAC_NODE2} dev eth0 nud permanent && "
+            f"ip neigh replace {POD4} lladdr {MAC_POD} dev {lxc} nud permanent && "
+            f"ip -6 neigh replace {POD6} lladdr {MAC_POD} dev {lxc} nud permanent && "
+            f"ip route replace default via {OUT4} && ip -6 route replace default via {OUT6} && "
+            f"ip route replace 10.244.2.0/24 via {NODE2_4} && ip -6 route replace fd00:244:2::/64 via {NODE2_6}"
+        )
+        ifindex = topo.ifindex("lb", "eth0")
+        writer = ServiceMapWriter(pin).open()
+        dp = None
+        try:
+            for s in SERVICES:
+                writer.upsert(s)
+            dp = D.Datapath(pin, mode="snat").load()
+            dp.set_devices({ifindex: (NODE4, NODE6)}, (NODE4, NODE6))
+            dp.set_node_addresses([NODE4, NODE6])
+            dp.set_vips([VIP_REMOTE, VIP_DSR, VIP_LOCALPOL, VIP_RANGES, VIP_EMPTY, VIP6_REMOTE, VIP6_DSR, VIP6_EMPTY])
+            dp.set_modes({(VIP_DSR, 80, 6): "dsr", (VIP6_DSR, 80, 6): "dsr"})
+            yield Lab(topo, pin, writer, dp, ifindex, topo.mac("lb", "eth0"), topo.mac("lb", lxc))
+        finally:
+            if dp is not None:
+                dp.close()
+            writer.close()
+
+
+# ---------------------------------------------------------------------- packet builders
+
+
+def eth_in(lab: Lab, src_mac: str = MAC_OUT) -> Ether:
+    return Ether(src=src_mac, dst=lab.mac)
+
+
+def tcp4(lab: Lab, src: str, dst: str, sport: int, dport: int, flags: str = "S", **ip: Any) -> Ether:
+    return eth_in(lab) / IP(src=src, dst=dst, **ip) / TCP(sport=sport, dport=dport, flags=flags) / Raw(b"kpr")
+
+
+def udp4(lab: Lab, src: str, dst: str, sport: int, dport: int, mac: str = MAC_OUT) -> Ether:
+    return eth_in(lab, mac) / IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / Raw(b"kpr-udp")
+
+
+def tcp6(lab: Lab, src: str, dst: str, sport: int, dport: int, flags: str = "S") -> Ether:
+    return eth_in(lab) / IPv6(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags) / Raw(b"kpr")
+
+
+def routed(lab: Lab, to_mac: str) -> Ether:
+    return Ether(src=lab.mac, dst=to_mac)
+
+
+# ---------------------------------------------------------------------- layout
+
+
+def test_struct_packers_match_the_c_structs(lab: Lab) -> None:
+    t = lab.dp.bpf
+    for name, key, leaf in (
+        ("kpr_np_rev", D.CT_KEY, D.NP_REV),
+        ("kpr_np_fe", D.NP_FE_KEY, D.NP_FE),
+        ("kpr_np_dev", M.U32, D.NP_DEV),
+        ("kpr_ct", D.CT_KEY, D.CT_ENTRY),
+        ("kpr_snat", D.CT_KEY, D.NAT_ENTRY),
+    ):
+        table = t[name.encode()]
+        assert ctypes.sizeof(table.Key) == key.size, name
+        assert ctypes.sizeof(table.Leaf) == leaf.size, name
+    assert len(D.STATS) == len(t[b"kpr_np_stats"]), "STATS mirrors KPR_NP_ST_MAX"
+    assert ctypes.sizeof(M.CtKey) == D.CT_KEY.size and ctypes.sizeof(M.CtEntry) == D.CT_ENTRY.size
+    assert ctypes.sizeof(M.NatEntry) == D.NAT_ENTRY.size
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def test_dnat_to_a_local_backend_keeps_the_client_and_goes_into_the_pod(lab: Lab) -> None:
+    lab.run(D.INGRESS, [
+        Case(
+            "TCP SYN to the NodePort on the node address: DNAT to the local pod, client address kept",
+            tcp4(lab, CLIENT4, NODE4, 40000, NODEPORT),
+            TC_ACT_REDIRECT,
+            Ether(src=lab.lxc_mac, dst=MAC_POD) / IP(src=CLIENT4, dst=POD4) / TCP(sport=40000, dport=8080, flags="S") / Raw(b"kpr"),
+        ),
+        Case(
+            "the same flow's next packet: conntrack, same backend",
+            tcp4(lab, CLIENT4, NODE4, 40000, NODEPORT, flags="A"),
+            TC_ACT_REDIRECT,
+            Ether(src=lab.lxc_mac, dst=MAC_POD) / IP(src=CLIENT4, dst=POD4) / TCP(sport=40000, dport=8080, flags="A") / Raw(b"kpr"),
+        ),
+        Case(
+            "IPv6 NodePort to the local pod",
+            tcp6(lab, CLIENT6, NODE6, 40000, NODEPORT),
+            TC_ACT_REDIRECT,
+            Ether(src=lab.lxc_mac, dst=MAC_POD) / IPv6(src=CLIENT6, dst=POD6) / TCP(sport=40000, dport=8080, flags="S") / Raw(b"kpr"),
+        ),
+    ])
+    # the pod's reply leaves through eth0 with the frontend as its source
+    lab.run(D.EGRESS, [
+        Case(
+            "the pod's SYN-ACK leaving: source becomes the NodePort address",
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=POD4, dst=CLIENT4) / TCP(sport=8080, dport=40000, flags="SA") / Raw(b"kpr"),
+            TC_ACT_OK,
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=NODE4, dst=CLIENT4) / TCP(sport=NODEPORT, dport=40000, flags="SA") / Raw(b"kpr"),
+        ),
+        Case(
+            "IPv6 reply leaving",
+            Ether(src=lab.mac, dst=MAC_OUT) / IPv6(src=POD6, dst=CLIENT6) / TCP(sport=8080, dport=40000, flags="SA") / Raw(b"kpr"),
+            TC_ACT_OK,
+            Ether(src=lab.mac, dst=MAC_OUT) / IPv6(src=NODE6, dst=CLIENT6) / TCP(sport=NODEPORT, dport=40000, flags="SA") / Raw(b"kpr"),
+        ),
+        Case(
+            "a packet of no tracked flow leaving: untouched, later filters still see it",
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=POD4, dst=CLIENT4) / TCP(sport=8080, dport=41111, flags="A"),
+            TC_ACT_UNSPEC,
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=POD4, dst=CLIENT4) / TCP(sport=8080, dport=41111, flags="A"),
+        ),
+    ])
+
+
+def _snat_check(expect_dst: str, expect_dport: int, seen: dict[str, int], key: str, v6: bool = False) -> Any:
+    def check(out: Ether) -> None:
+        ip = out[IPv6] if v6 else out[IP]
+        l4 = out[TCP] if TCP in out else out[UDP]
+        assert out.dst == MAC_NODE2 and out.src != MAC_OUT, out.summary()
+        assert (ip.src, ip.dst, l4.dport) == ((NODE6 if v6 else NODE4), expect_dst, expect_dport), out.summary()
+        assert D.SNAT_PORT_MIN <= l4.sport <= D.SNAT_PORT_MAX, l4.sport
+        seen[key] = l4.sport
+
+    return check
+
+
+def test_snat_to_a_remote_backend_and_the_reverse_nat_of_its_reply(lab: Lab) -> None:
+    seen: dict[str, int] = {}
+    lab.run(D.INGRESS, [
+        Case("TCP SYN to a LoadBalancer IP with a remote backend: DNAT + SNAT to the node address, routed to node2",
+             tcp4(lab, CLIENT4, VIP_REMOTE, 40001, 80), TC_ACT_REDIRECT, _snat_check(REM4, 8080, seen, "tcp")),
+        Case("UDP to the same LoadBalancer IP", udp4(lab, CLIENT4, VIP_REMOTE, 5001, 80), TC_ACT_REDIRECT,
+             _snat_check(REM4, 8080, seen, "udp")),
+        Case("IPv6 TCP to a remote backend: SNAT to the node's IPv6 address",
+             tcp6(lab, CLIENT6, VIP6_REMOTE, 40001, 80), TC_ACT_REDIRECT, _snat_check(REM6, 8080, seen, "tcp6", v6=True)),
+    ])
+    # the same flow keeps its mapping
+    verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40001, 80, flags="A"))
+    assert verdict == TC_ACT_REDIRECT and out[TCP].sport == seen["tcp"]
+    lab.run(D.INGRESS, [
+        Case(
+            "the backend's SYN-ACK to the node's SNAT port: back to the client, from the LoadBalancer IP",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / TCP(sport=8080, dport=seen["tcp"], flags="SA") / Raw(b"ok"),
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / TCP(sport=80, dport=40001, flags="SA") / Raw(b"ok"),
+        ),
+        Case(
+            "the UDP reply",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / UDP(sport=8080, dport=seen["udp"]) / Raw(b"ok"),
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=5001) / Raw(b"ok"),
+        ),
+        Case(
+            "the IPv6 reply",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IPv6(src=REM6, dst=NODE6) / TCP(sport=8080, dport=seen["tcp6"], flags="SA") / Raw(b"ok"),
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_OUT) / IPv6(src=VIP6_REMOTE, dst=CLIENT6) / TCP(sport=80, dport=40001, flags="SA") / Raw(b"ok"),
+        ),
+        Case(
+            "a packet to a SNAT port nobody holds: not ours, untouched",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / TCP(sport=8080, dport=65000 if seen["tcp"] != 65000 else 64999, flags="A"),
+            TC_ACT_UNSPEC,
+            None,
+        ),
+    ])
+    # ICMP error from the backend about the UDP flow: translated back to the client
+    inner = IP(src=NODE4, dst=REM4) / UDP(sport=seen["udp"], dport=8080) / Raw(b"kpr-udp")
+    want_inner = IP(src=CLIENT4, dst=VIP_REMOTE) / UDP(sport=5001, dport=80) / Raw(b"kpr-udp")
+    lab.run(D.INGRESS, [
+        Case(
+            "ICMP port unreachable from the backend about the source-NATed UDP flow: to the client, about its own packet",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / ICMP(type=3, code=3) / bytes(inner)[:28],
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / ICMP(type=3, code=3) / bytes(want_inner)[:28],
+        ),
+        Case(
+            "ICMP fragmentation needed from a router on the way (its own address kept)",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=NODE2_4, dst=NODE4) / ICMP(type=3, code=4, nexthopmtu=1400) / bytes(inner)[:28],
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_OUT) / IP(src=NODE2_4, dst=CLIENT4) / ICMP(type=3, code=4, nexthopmtu=1400) / bytes(want_inner)[:28],
+        ),
+    ])
+    st = lab.stats()
+    assert st["new_snat"] >= 3 and st["reply_snat"] >= 3 and st["icmp_translated"] >= 2, st
+
+
+def test_dsr_adds_the_frontend_and_the_backend_node_strips_it(lab: Lab) -> None:
+    opt4 = IPOption(b"\x9a\x08" + (80).to_bytes(2, "big") + bytes(map(int, VIP_DSR.split("."))))
+    lab.run(D.INGRESS, [
+        Case(
+            "TCP SYN to a DSR LoadBalancer IP: DNAT, client address kept, frontend in an IPv4 option",
+            tcp4(lab, CLIENT4, VIP_DSR, 40002, 80),
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_NODE2) / IP(src=CLIENT4, dst=REM4_DSR, options=[opt4]) / TCP(sport=40002, dport=8080, flags="S") / Raw(b"kpr"),
+        ),
+        Case(
+            "IPv6: the frontend in a destination option",
+            tcp6(lab, CLIENT6, VIP6_DSR, 40002, 80),
+            TC_ACT_REDIRECT,
+            lambda out: _check_dsr6(out),
+        ),
+    ])
+    # this node as the backend's node: a DSR packet for the local pod arrives from the LB node
+    dsr_in = Ether(src=MAC_NODE2, dst=lab.mac) / IP(src="192.0.2.60", dst=POD4, options=[opt4]) / TCP(sport=40003, dport=8080, flags="S") / Raw(b"kpr")
+    forged = IPOption(b"\x9a\x08" + (80).to_bytes(2, "big") + bytes((203, 0, 113, 99)))
+    lab.run(D.INGRESS, [
+        Case(
+            "a DSR packet for a local pod: the option is stripped, the kernel delivers it",
+            dsr_in,
+            TC_ACT_OK,
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src="192.0.2.60", dst=POD4) / TCP(sport=40003, dport=8080, flags="S") / Raw(b"kpr"),
+        ),
+        Case(
+            "a DSR option naming no frontend of the cluster: dropped",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src="192.0.2.61", dst=POD4, options=[forged]) / TCP(sport=40004, dport=8080, flags="S"),
+            TC_ACT_SHOT,
+            None,
+        ),
+    ])
+    lab.run(D.EGRESS, [
+        Case(
+            "the pod's reply leaves this node straight to the client, from the DSR frontend",
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=POD4, dst="192.0.2.60") / TCP(sport=8080, dport=40003, flags="SA") / Raw(b"ok"),
+            TC_ACT_OK,
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=VIP_DSR, dst="192.0.2.60") / TCP(sport=80, dport=40003, flags="SA") / Raw(b"ok"),
+        ),
+    ])
+    # IPv6 decapsulation on the backend node
+    dst6 = _dsr6_hdr(VIP6_DSR, 80, next_header=6)
+    # the TCP segment with its checksum over the final addresses (extension headers do not count)
+    tcp = TCP(bytes(IPv6(src="2001:db8:c::60", dst=POD6) / TCP(sport=40005, dport=8080, flags="S") / Raw(b"kpr"))[40:])
+    lab.run(D.INGRESS, [
+        Case(
+            "an IPv6 DSR packet for a local pod: the destination options header is stripped",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IPv6(src="2001:db8:c::60", dst=POD6, nh=60) / Raw(dst6 + bytes(tcp)),
+            TC_ACT_OK,
+            Ether(src=MAC_NODE2, dst=lab.mac) / IPv6(src="2001:db8:c::60", dst=POD6) / TCP(sport=40005, dport=8080, flags="S") / Raw(b"kpr"),
+        ),
+    ])
+    st = lab.stats()
+    assert st["new_dsr"] >= 2 and st["dsr_received"] >= 2 and st["drop_dsr_unknown_frontend"] >= 1, st
+
+
+def _dsr6_hdr(addr: str, port: int, next_header: int) -> bytes:
+    """kpr's IPv6 DSR destination options header, as lib/dsr.h writes it (24 bytes)."""
+    import ipaddress
+
+    return bytes((next_header, 2, 0x1B, 18)) + port.to_bytes(2, "big") + ipaddress.IPv6Address(addr).packed + b"\x01\x00"
+
+
+def _check_dsr6(out: Ether) -> None:
+    ip = out[IPv6]
+    assert out.dst == MAC_NODE2 and (ip.src, ip.dst) == (CLIENT6, REM6), out.summary()
+    assert ip.nh == 60, "a destination options header follows the IPv6 header"
+    assert bytes(ip)[40:64] == _dsr6_hdr(VIP6_DSR, 80, next_header=6), bytes(ip)[40:64].hex()
+    assert out[TCP].dport == 8080 and out[TCP].sport == 40002
+
+
+def test_external_traffic_policy_local_without_local_backend_drops(lab: Lab) -> None:
+    lab.run(D.INGRESS, [
+        Case("eTP=Local LoadBalancer IP whose only backend is on another node: dropped",
+             tcp4(lab, CLIENT4, VIP_LOCALPOL, 40010, 80), TC_ACT_SHOT, None),
+    ])
+    assert lab.stats()["drop_no_local_backend"] >= 1
+
+
+def test_source_ranges(lab: Lab) -> None:
+    lab.run(D.INGRESS, [
+        Case("client outside loadBalancerSourceRanges: dropped", tcp4(lab, CLIENT4, VIP_RANGES, 40020, 80), TC_ACT_SHOT, None),
+        Case(
+            "client inside the range: served",
+            tcp4(lab, ALLOWED4, VIP_RANGES, 40020, 80),
+            TC_ACT_REDIRECT,
+            Ether(src=lab.lxc_mac, dst=MAC_POD) / IP(src=ALLOWED4, dst=POD4) / TCP(sport=40020, dport=8080, flags="S") / Raw(b"kpr"),
+        ),
+    ])
+    assert lab.stats()["drop_source_range"] >= 1
+
+
+def test_frontend_without_backends_answers_icmp_unreachable(lab: Lab) -> None:
+    syn = tcp4(lab, CLIENT4, VIP_EMPTY, 40030, 80)
+    dns = udp4(lab, CLIENT4, VIP_EMPTY, 5030, 53)
+    syn6 = tcp6(lab, CLIENT6, VIP6_EMPTY, 40030, 80)
+    lab.run(D.INGRESS, [
+        Case(
+            "TCP SYN to a LoadBalancer IP without backends: ICMP port unreachable back out of eth0",
+            syn,
+            TC_ACT_REDIRECT,
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=VIP_EMPTY, dst=CLIENT4, tos=0xC0, id=0, ttl=64)
+            / ICMP(type=3, code=3) / bytes(syn[IP])[:28],
+        ),
+        Case(
+            "UDP too",
+            dns,
+            TC_ACT_REDIRECT,
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=VIP_EMPTY, dst=CLIENT4, tos=0xC0, id=0, ttl=64)
+            / ICMP(type=3, code=3) / bytes(dns[IP])[:28],
+        ),
+        Case(
+            "IPv6: ICMPv6 destination unreachable, port unreachable",
+            syn6,
+            TC_ACT_REDIRECT,
+            Ether(src=lab.mac, dst=MAC_OUT) / IPv6(src=VIP6_EMPTY, dst=CLIENT6, hlim=64)
+            / ICMPv6DestUnreach(code=4) / bytes(syn6[IPv6])[:48],
+        ),
+    ])
+    assert lab.stats()["icmp_sent"] >= 3
+
+
+def test_unserved_port_or_protocol_on_an_announced_address_is_dropped(lab: Lab) -> None:
+    lab.run(D.INGRESS, [
+        Case("TCP to a LoadBalancer IP on a port it does not serve: dropped, never routed back out",
+             tcp4(lab, CLIENT4, VIP_REMOTE, 40040, 443), TC_ACT_SHOT, None),
+        Case("UDP to a port only TCP serves: dropped", udp4(lab, CLIENT4, VIP_DSR, 5040, 80), TC_ACT_SHOT, None),
+        Case("ICMP echo to the LoadBalancer IP: dropped",
+             eth_in(lab) / IP(src=CLIENT4, dst=VIP_REMOTE) / ICMP(type=8, id=7), TC_ACT_SHOT, None),
+        Case("IPv6 to an unserved port of an announced address: dropped",
+             tcp6(lab, CLIENT6, VIP6_REMOTE, 40040, 22), TC_ACT_SHOT, None),
+        Case("ssh to the node address: not kpr's, untouched",
+             tcp4(lab, CLIENT4, NODE4, 40041, 22), TC_ACT_UNSPEC, tcp4(lab, CLIENT4, NODE4, 40041, 22)),
+        Case("ARP: untouched", Ether(src=MAC_OUT, dst="ff:ff:ff:ff:ff:ff", type=0x0806) / Raw(bytes(28)), TC_ACT_UNSPEC, None,
+             check_checksums=False),
+    ])
+    assert lab.stats()["drop_vip_unserved"] >= 4
+
+
+def test_icmp_error_from_a_local_backend_is_translated_back(lab: Lab) -> None:
+    # a UDP flow to the local backend through the NodePort
+    verdict, _ = lab.one(D.INGRESS, udp4(lab, CLIENT4, NODE4, 5050, NODEPORT))
+    assert verdict == TC_ACT_REDIRECT
+    quoted = IP(src=CLIENT4, dst=POD4) / UDP(sport=5050, dport=8080) / Raw(b"kpr-udp")
+    want = IP(src=CLIENT4, dst=NODE4) / UDP(sport=5050, dport=NODEPORT) / Raw(b"kpr-udp")
+    lab.run(D.EGRESS, [
+        Case(
+            "the pod's ICMP port unreachable leaving: from the NodePort address, quoting the client's own packet",
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=POD4, dst=CLIENT4) / ICMP(type=3, code=3) / bytes(quoted),
+            TC_ACT_OK,
+            Ether(src=lab.mac, dst=MAC_OUT) / IP(src=NODE4, dst=CLIENT4) / ICMP(type=3, code=3) / bytes(want),
+        ),
+    ])
+
+
+def test_dsr_packet_too_big_for_the_route_answers_fragmentation_needed(lab: Lab) -> None:
+    big = eth_in(lab) / IP(src=CLIENT4, dst=VIP_DSR, flags="DF") / TCP(sport=40060, dport=80, flags="A") / Raw(b"x" * 1460)
+    assert len(big) - 14 == 1500
+    verdict, out = lab.one(D.INGRESS, big)
+    assert verdict == TC_ACT_REDIRECT, verdict
+    assert out[IP].src == VIP_DSR and out[IP].dst == CLIENT4 and out[ICMP].type == 3 and out[ICMP].code == 4
+    assert out[ICMP].nexthopmtu == 1492, "the route's MTU less the 8 bytes of the DSR option"
+
+
+# ---------------------------------------------------------------------- the same logic for XDP
+
+XDP_ENTRY = r"""
+#include "ctx/xdp.h"
+#include "lib/nodeport.h"
+int xnp_ingress(struct xdp_md *ctx) { return kpr_np_from_netdev(ctx); }
+int xnp_egress(struct xdp_md *ctx) { return kpr_np_to_netdev(ctx); }
+int xnp_local(struct xdp_md *ctx) { return kpr_np_stage_local(ctx); }
+int xnp_snat(struct xdp_md *ctx) { return kpr_np_stage_snat(ctx); }
+int xnp_nobackend(struct xdp_md *ctx) { return kpr_np_stage_no_backend(ctx); }
+int xnp_snat_reply(struct xdp_md *ctx) { return kpr_np_stage_snat_reply(ctx); }
+int xnp_icmp_in(struct xdp_md *ctx) { return kpr_np_stage_icmp_in(ctx); }
+int xnp_icmp_out(struct xdp_md *ctx) { return kpr_np_stage_icmp_out(ctx); }
+#if KPR_NP_DSR
+int xnp_dsr(struct xdp_md *ctx) { return kpr_np_stage_dsr(ctx); }
+#endif
+"""
+
+
+def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
+    from kpr.testing.prog_run import XDP_DROP, XDP_REDIRECT
+
+    flags = M.cflags(lab.pin)
+    b = compile_and_load(inline_includes(XDP_ENTRY), cflags=flags, name="xdp-nodeport")
+    try:
+        progs = {}
+        for name in ("xnp_ingress", "xnp_egress", "xnp_local", "xnp_snat", "xnp_nobackend", "xnp_snat_reply", "xnp_icmp_out"):
+            progs[name] = load_prog(b, name, "XDP")
+        calls = b[b"kpr_np_xcalls"]
+        for idx, name in ((0, "xnp_local"), (1, "xnp_snat"), (3, "xnp_nobackend"), (4, "xnp_snat_reply")):
+            calls[calls.Key(idx)] = calls.Leaf(progs[name].fd)
+        # the XDP build on packets: a remote backend is source-NATed and redirected by the FIB
+        # result; an unserved port on an announced address is dropped
+        with in_netns(lab.topo["lb"].path):
+
+            def xrun(pkt: Ether) -> Any:
+                data = bytes(pkt)
+                # xdp_md: data 0, data_end = length, data_meta 0, ingress_ifindex = eth0
+                return test_run(progs["xnp_ingress"].fd, data, ctx=struct.pack("=6I", 0, len(data), 0, lab.ifindex, 0, 0))
+
+            res = xrun(tcp4(lab, CLIENT4, VIP_REMOTE, 41000, 80))
+            assert res.retval == XDP_REDIRECT, res.retval
+            out = Ether(res.data_out)
+            assert (out[IP].src, out[IP].dst, out.dst) == (NODE4, REM4, MAC_NODE2), out.summary()
+            assert xrun(tcp4(lab, CLIENT4, VIP_REMOTE, 41001, 443)).retval == XDP_DROP
+    finally:
+        b.cleanup()
+    # DSR edits the packet between L3 and L4 (bpf_skb_adjust_room): asking an XDP build for it
+    # fails the build, naming the missing operation
+    with pytest.raises(CompileError, match="__kpr_xdp_has_no_adjust_room"):
+        compile_and_load(inline_includes(XDP_ENTRY), cflags=flags + ["-DKPR_NP_DSR=1"], name="xdp-nodeport-dsr")
+    # so does delivering into a pod's namespace (bpf_redirect_peer)
+    with pytest.raises(CompileError, match="__kpr_xdp_has_no_redirect_peer"):
+        compile_and_load(inline_includes(XDP_ENTRY), cflags=flags + ["-DKPR_NP_PEER=1"], name="xdp-nodeport-peer")
+
+
+def test_a_reused_client_port_never_meets_a_stale_reverse_entry(lab: Lab) -> None:
+    pod_synack = Ether(src=lab.mac, dst=MAC_OUT) / IP(src=POD4, dst=CLIENT4) / TCP(sport=8080, dport=40100, flags="SA")
+    via_np = Ether(src=lab.mac, dst=MAC_OUT) / IP(src=NODE4, dst=CLIENT4) / TCP(sport=NODEPORT, dport=40100, flags="SA")
+    lab.run(D.INGRESS, [
+        Case("a NodePort connection to the local pod", tcp4(lab, CLIENT4, NODE4, 40100, NODEPORT), TC_ACT_REDIRECT, None),
+        Case("... the client closes it", tcp4(lab, CLIENT4, NODE4, 40100, NODEPORT, flags="FA"), TC_ACT_REDIRECT, None),
+    ])
+    before = lab.stats()["reverse_entry_stale"]
+    lab.run(D.EGRESS, [
+        Case(
+            "the same client port then dials the pod directly: the pod's SYN-ACK is not rewritten",
+            pod_synack, TC_ACT_UNSPEC, pod_synack,
+        ),
+    ])
+    assert lab.stats()["reverse_entry_stale"] == before + 1
+    lab.run(D.INGRESS, [
+        Case("a new NodePort SYN on the ended flow's tuple starts it over",
+             tcp4(lab, CLIENT4, NODE4, 40100, NODEPORT), TC_ACT_REDIRECT, None),
+    ])
+    lab.run(D.EGRESS, [Case("its SYN-ACK is translated again", pod_synack, TC_ACT_OK, via_np)])
+
+
+def test_maglev_picks_follow_the_writer_table(lab: Lab) -> None:
+    from test_servicemaps import tuple_hash
+
+    from kpr.bpf.maglev import build_table
+
+    vip = "203.0.113.30"
+    pods = [f"10.244.2.{i}" for i in (31, 32, 33)]
+    lab.writer.upsert(svc("maglev", [Frontend(LB, vip, 80, TCP_, tuple(be(p) for p in pods))],
+                          annotations=(("service.kpr.io/lb-algorithm", "maglev"),)))
+    try:
+        ids = lab.writer.backend_ids()
+        table = build_table([(ids[f"{p}:8080/TCP"], f"{p}:8080") for p in pods], lab.dp.maglev_size)
+        by_id = {ids[f"{p}:8080/TCP"]: p for p in pods}
+        seen = set()
+        for sport in range(42000, 42060):
+            verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, vip, sport, 80))
+            assert verdict == TC_ACT_REDIRECT
+            want = by_id[table[tuple_hash(CLIENT4, vip, sport, 80, 6) % lab.dp.maglev_size]]
+            assert out[IP].dst == want, sport
+            seen.add(want)
+        assert seen == set(pods)
+    finally:
+        lab.writer.delete(ServiceKey("default", "maglev"))

@@ -89,27 +89,62 @@ def import_bcc() -> Any:
 _capture_lock = threading.Lock()
 
 
+# LLVM ends the process on a fatal error (e.g. "BPF stack limit exceeded") while fd 2 is
+# captured, so the capture goes to a named file that only a finished compile removes; the
+# next compile in any kpr process reports what such a file holds.
+CRASH_DIR = Path(tempfile.gettempdir())
+_CRASH_PREFIX = "kpr-bpf-compile-"
+
+
+def _capture_path() -> Path:
+    return CRASH_DIR / f"{_CRASH_PREFIX}{os.getpid()}.log"
+
+
+def report_crashed_compiles() -> list[str]:
+    """Log and remove the captured output of compiles that ended their process; returns it."""
+    found = []
+    for path in sorted(CRASH_DIR.glob(f"{_CRASH_PREFIX}*.log")):
+        try:
+            pid = int(path.stem[len(_CRASH_PREFIX) :])
+        except ValueError:
+            continue
+        if pid == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            text = path.read_text(errors="replace").strip()
+            path.unlink()
+        except OSError:
+            continue
+        found.append(text)
+        log.error("event=bpf_compile_crashed pid=%d output=%r", pid, text[-4000:] or "(nothing printed)")
+    return found
+
+
 @contextlib.contextmanager
 def _capture_fd2() -> Iterator[list[str]]:
     """Collect everything written to fd 2 inside the block; the text lands in the yielded list."""
     out: list[str] = []
-    with _capture_lock, tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
+    with _capture_lock:
+        path = _capture_path()
+        with open(path, "w+b") as tmp:
+            saved = os.dup(2)
             try:
-                yield out
-            finally:
-                # C++ stderr is unbuffered, but Python's sys.stderr may hold text.
-                with contextlib.suppress(Exception):
-                    import sys
+                os.dup2(tmp.fileno(), 2)
+                try:
+                    yield out
+                finally:
+                    # C++ stderr is unbuffered, but Python's sys.stderr may hold text.
+                    with contextlib.suppress(Exception):
+                        import sys
 
-                    sys.stderr.flush()
-                os.dup2(saved, 2)
-        finally:
-            os.close(saved)
-            tmp.seek(0)
-            out.append(tmp.read().decode(errors="replace"))
+                        sys.stderr.flush()
+                    os.dup2(saved, 2)
+            finally:
+                os.close(saved)
+                tmp.seek(0)
+                out.append(tmp.read().decode(errors="replace"))
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _looks_like_path(src: str) -> bool:
@@ -132,6 +167,7 @@ def compile_and_load(
     """
     bcc = import_bcc()
     ensure_kernel_headers()
+    report_crashed_compiles()
 
     dirs: list[Path] = [BPF_DIR]
     if isinstance(src, Path) or _looks_like_path(src):

@@ -317,3 +317,40 @@ def test_install_deps_names_the_package_when_no_tree(tmp_path: Path) -> None:
     res = _install_deps(tmp_path, "6.18.0-none")
     assert res.returncode == 1
     assert "apt-get install linux-headers-" in res.stderr
+
+
+STACK_HOG = r"""
+int hog(struct __sk_buff *skb)
+{
+	volatile char big[1024];
+	big[skb->len & 1023] = 1;
+	return big[skb->protocol & 1023];
+}
+"""
+
+
+@pytest.mark.kernel
+def test_a_compile_that_ends_the_process_is_reported_by_the_next(require_kernel, kernel_headers, tmp_path):
+    from kpr.bpf import loader
+
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import sys\nfrom kpr.bpf import loader\n"
+        f"loader.CRASH_DIR = __import__('pathlib').Path({str(tmp_path)!r})\n"
+        f"loader.compile_and_load({STACK_HOG!r}, name='hog.c')\n"
+        "print('survived')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    if "survived" in proc.stdout:
+        pytest.skip("this LLVM reports the oversized stack as an error instead of ending the process")
+    assert proc.returncode != 0
+    left = list(tmp_path.glob("kpr-bpf-compile-*.log"))
+    assert len(left) == 1, "the crashed compile's output stays on disk"
+    old = loader.CRASH_DIR
+    loader.CRASH_DIR = tmp_path
+    try:
+        reports = loader.report_crashed_compiles()
+    finally:
+        loader.CRASH_DIR = old
+    assert len(reports) == 1 and "stack" in reports[0].lower(), reports
+    assert not list(tmp_path.glob("kpr-bpf-compile-*.log")), "a report is given once"

@@ -9,6 +9,7 @@ resync, where the same addresses come back). Run: python benchmarks/bench_transl
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import platform
@@ -159,6 +160,32 @@ def main() -> None:
         "service",
         measure(run_translate, cluster, False, args.repeat),
     )
+    report_memory(cluster)
+
+
+def report_memory(cluster: list[tuple[dict, dict]]) -> None:
+    """What the model of every service holds, against the manifests it came from."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    translate.clear_caches()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    model = [translate.translate_service(svc, [slice_], None, NODE) for svc, slice_ in cluster]
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    tracemalloc.start()
+    copies = [copy.deepcopy(pair) for pair in cluster]
+    manifests = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    print("memory (tracemalloc):")
+    print(
+        f"  model of {len(model)} services            {(held - base) / 2**20:7.1f} MiB"
+        f"  ({(held - base) / len(model):.0f} B/service, peak {(peak - base) / 2**20:.1f} MiB)"
+    )
+    print(f"  the manifests as dicts (baseline)       {manifests / 2**20:7.1f} MiB  ratio model/manifests {(held - base) / manifests:.2f}x")
+    del copies
 
 
 if __name__ == "__main__":

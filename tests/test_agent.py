@@ -263,3 +263,30 @@ def test_check_config_exit_codes(tmp_path):
 def test_version():
     out = subprocess.run([sys.executable, "-m", "kpr.cli", "version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("kpr 0.")
+
+
+def test_systemd_readiness_after_sync_and_stopping_on_sigterm(tmp_path):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(WEB)
+    cfg = write_config(tmp_path, manifests)
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(20)
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify))
+    proc = subprocess.Popen([sys.executable, "-m", "kpr.cli", "run", "--config", str(cfg)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        ready = sock.recv(4096).decode()
+        assert ready.startswith("READY=1"), ready
+        # Ready means synced: the service is already served when systemd hears it.
+        rows = json.loads(subprocess.run([sys.executable, "-m", "kpr.cli", "service", "list", "--json", "--config", str(cfg)], capture_output=True, text=True, check=True).stdout)
+        assert [r["address"] for r in rows] == ["10.96.0.10"]
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096).decode().startswith("STOPPING=1")
+        assert proc.wait(10) == 0
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -17,6 +17,7 @@ Layout of the "lb" namespace (the node under test):
 from __future__ import annotations
 
 import ctypes
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -499,32 +500,109 @@ int xnp_dsr(struct xdp_md *ctx) { return kpr_np_stage_dsr(ctx); }
 """
 
 
+# Programs of the XDP build and the KPR_NP_CALL_* slot each fills (None: entry program).
+# DSR (slot 2) and DSR receive (5) are not built for XDP.
+XDP_PROGS = {
+    "xnp_ingress": None,
+    "xnp_egress": None,
+    "xnp_local": 0,
+    "xnp_snat": 1,
+    "xnp_nobackend": 3,
+    "xnp_snat_reply": 4,
+    "xnp_icmp_in": 6,
+    "xnp_icmp_out": 7,
+}
+
+
+def xdp_ctx(lab: Lab, data: bytes) -> bytes:
+    # xdp_md: data 0, data_end = length, data_meta 0, ingress_ifindex = eth0
+    return struct.pack("=6I", 0, len(data), 0, lab.ifindex, 0, 0)
+
+
 def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
+    from kpr.bpf.loader import VerifierError
     from kpr.testing.prog_run import XDP_DROP, XDP_REDIRECT
 
+    built = {n for n in re.findall(r"^int (xnp_\w+)\(", XDP_ENTRY, re.M)} - {"xnp_dsr"}
+    assert built == set(XDP_PROGS), "XDP_PROGS lists every program the XDP build defines"
     flags = M.cflags(lab.pin)
     b = compile_and_load(inline_includes(XDP_ENTRY), cflags=flags, name="xdp-nodeport")
     try:
-        progs = {}
-        for name in ("xnp_ingress", "xnp_egress", "xnp_local", "xnp_snat", "xnp_nobackend", "xnp_snat_reply", "xnp_icmp_out"):
-            progs[name] = load_prog(b, name, "XDP")
+        # every stage of the XDP build passes the verifier, ICMP-in included
+        progs, rejected = {}, {}
+        for name in XDP_PROGS:
+            try:
+                progs[name] = load_prog(b, name, "XDP")
+            except VerifierError as exc:
+                rejected[name] = exc.log_tail
+        assert not rejected, "\n".join(f"{n} rejected:\n{tail}" for n, tail in rejected.items())
         calls = b[b"kpr_np_xcalls"]
-        for idx, name in ((0, "xnp_local"), (1, "xnp_snat"), (3, "xnp_nobackend"), (4, "xnp_snat_reply")):
-            calls[calls.Key(idx)] = calls.Leaf(progs[name].fd)
+        for name, idx in XDP_PROGS.items():
+            if idx is not None:
+                calls[calls.Key(idx)] = calls.Leaf(progs[name].fd)
         # the XDP build on packets: a remote backend is source-NATed and redirected by the FIB
         # result; an unserved port on an announced address is dropped
         with in_netns(lab.topo["lb"].path):
 
             def xrun(pkt: Ether) -> Any:
                 data = bytes(pkt)
-                # xdp_md: data 0, data_end = length, data_meta 0, ingress_ifindex = eth0
-                return test_run(progs["xnp_ingress"].fd, data, ctx=struct.pack("=6I", 0, len(data), 0, lab.ifindex, 0, 0))
+                return test_run(progs["xnp_ingress"].fd, data, ctx=xdp_ctx(lab, data))
 
             res = xrun(tcp4(lab, CLIENT4, VIP_REMOTE, 41000, 80))
             assert res.retval == XDP_REDIRECT, res.retval
             out = Ether(res.data_out)
             assert (out[IP].src, out[IP].dst, out.dst) == (NODE4, REM4, MAC_NODE2), out.summary()
             assert xrun(tcp4(lab, CLIENT4, VIP_REMOTE, 41001, 443)).retval == XDP_DROP
+
+            # ICMP errors about source-NATed flows, translated back by the XDP build's ICMP-in
+            # stage (reached from the entry program by tail call)
+            res = xrun(udp4(lab, CLIENT4, VIP_REMOTE, 5101, 80))
+            assert res.retval == XDP_REDIRECT, res.retval
+            snat4 = Ether(res.data_out)[UDP].sport
+            flow6 = eth_in(lab) / IPv6(src=CLIENT6, dst=VIP6_REMOTE) / UDP(sport=5102, dport=80) / Raw(b"kpr-udp6")
+            res = xrun(flow6)
+            assert res.retval == XDP_REDIRECT, res.retval
+            out6 = Ether(res.data_out)
+            assert (out6[IPv6].src, out6[IPv6].dst) == (NODE6, REM6), out6.summary()
+            snat6 = out6[UDP].sport
+            before = lab.stats()["icmp_translated"]
+
+            inner = IP(src=NODE4, dst=REM4) / UDP(sport=snat4, dport=8080) / Raw(b"kpr-udp")
+            want_inner = IP(src=CLIENT4, dst=VIP_REMOTE) / UDP(sport=5101, dport=80) / Raw(b"kpr-udp")
+            inner6 = IPv6(src=NODE6, dst=REM6) / UDP(sport=snat6, dport=8080) / Raw(b"kpr-udp6")
+            want_inner6 = IPv6(src=CLIENT6, dst=VIP6_REMOTE) / UDP(sport=5102, dport=80) / Raw(b"kpr-udp6")
+            cases = [
+                Case(
+                    "XDP: ICMP port unreachable from the backend: to the client from the frontend, about its own packet",
+                    Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / ICMP(type=3, code=3) / bytes(inner)[:28],
+                    XDP_REDIRECT,
+                    routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / ICMP(type=3, code=3) / bytes(want_inner)[:28],
+                ),
+                Case(
+                    "XDP: the same error quoting the whole packet (quoted UDP checksum kept right)",
+                    Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / ICMP(type=3, code=3) / bytes(inner),
+                    XDP_REDIRECT,
+                    routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / ICMP(type=3, code=3) / bytes(want_inner),
+                ),
+                Case(
+                    "XDP: fragmentation needed from a router on the way (its own address kept)",
+                    Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=NODE2_4, dst=NODE4) / ICMP(type=3, code=4, nexthopmtu=1400)
+                    / bytes(inner)[:28],
+                    XDP_REDIRECT,
+                    routed(lab, MAC_OUT) / IP(src=NODE2_4, dst=CLIENT4) / ICMP(type=3, code=4, nexthopmtu=1400)
+                    / bytes(want_inner)[:28],
+                ),
+                Case(
+                    "XDP: ICMPv6 port unreachable from the backend: to the client from the frontend",
+                    Ether(src=MAC_NODE2, dst=lab.mac) / IPv6(src=REM6, dst=NODE6) / ICMPv6DestUnreach(code=4) / bytes(inner6),
+                    XDP_REDIRECT,
+                    routed(lab, MAC_OUT) / IPv6(src=VIP6_REMOTE, dst=CLIENT6) / ICMPv6DestUnreach(code=4) / bytes(want_inner6),
+                ),
+            ]
+            for c in cases:
+                c.ctx = xdp_ctx(lab, bytes(c.packet))
+            run_cases(progs["xnp_ingress"].fd, cases, kind="xdp")
+        assert lab.stats()["icmp_translated"] == before + len(cases)
     finally:
         b.cleanup()
     # DSR edits the packet between L3 and L4 (bpf_skb_adjust_room): asking an XDP build for it

@@ -29,8 +29,26 @@ extern int __kpr_xdp_has_no_redirect_peer(void);
 extern int __kpr_xdp_has_no_redirect_neigh(void);
 extern int __kpr_xdp_has_no_adjust_room(void);
 
-static __always_inline void *ctx_data(kpr_ctx_t *ctx) { return (void *)(long)ctx->data; }
-static __always_inline void *ctx_data_end(kpr_ctx_t *ctx) { return (void *)(long)ctx->data_end; }
+/* data and data_end are loaded with one opaque instruction each, straight into a 64-bit
+ * pointer. Written as (void *)(long)ctx->data, the compiler may keep the 32-bit field as an
+ * integer: XDP rewrites are plain stores (no helper call forces a reload), so it merges loads
+ * from different branches and spills, then zero-extends the merged value (r <<= 32; r >>= 32)
+ * before use, and the verifier refuses shifts on packet pointers ("pointer arithmetic on
+ * pkt_end prohibited"). The asm keeps every use a fresh load of a pointer. */
+static __always_inline void *ctx_data(kpr_ctx_t *ctx)
+{
+	void *p;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(p) : "r"(ctx), "i"(__builtin_offsetof(struct xdp_md, data)));
+	return p;
+}
+static __always_inline void *ctx_data_end(kpr_ctx_t *ctx)
+{
+	void *p;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(p) : "r"(ctx), "i"(__builtin_offsetof(struct xdp_md, data_end)));
+	return p;
+}
 static __always_inline __u32 ctx_len(kpr_ctx_t *ctx) { return ctx->data_end - ctx->data; }
 // The device the frame arrived on.
 static __always_inline __u32 ctx_ifindex(kpr_ctx_t *ctx) { return ctx->ingress_ifindex; }

@@ -8,9 +8,9 @@ import pytest
 from kpr.bpf import maps as M
 from kpr.config import ConfigError, parse_config
 from kpr.model import Backend, BackendState, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.nodeport import gc as G
 from kpr.pluginmanager import build_plugin_manager
 from kpr.plugins.tc_nodeport import datapath as D
-from kpr.plugins.tc_nodeport import gc as G
 from kpr.plugins.tc_nodeport.config import TcNodePortConfig
 from kpr.plugins.tc_nodeport.plugin import MODE_ANNOTATION, _service_state
 

@@ -1,257 +1,28 @@
-"""The NodePort programs (plugins/tc_nodeport/bpf/tc_nodeport.c over core/bpf/lib/nodeport.h)
-and the maps they share with the plugin.
-
-`Datapath` compiles and loads the entry programs and their stages, fills the stage program
-array, and writes the plugin-owned maps (devices, node addresses, announced addresses,
-per-frontend modes). Struct packers here mirror lib/nodeport.h, lib/conntrack.h and
-lib/nat.h; tests/kernel/test_tc_nodeport_prog.py checks them against bcc's view of the C.
+"""The tc build of the NodePort programs: plugins/tc_nodeport/bpf/tc_nodeport.c over
+core/bpf/lib/nodeport.h. Everything not tc-specific (struct packers, counters, the plugin-owned
+maps) is kpr.nodeport.datapath's, re-exported here.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import logging
-import struct
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from kpr.bpf import maps as M
-
-log = logging.getLogger(__name__)
+from kpr.nodeport.datapath import *  # noqa: F403 (this module is the tc build's view of it)
+from kpr.nodeport.datapath import CALLS
+from kpr.nodeport.datapath import Datapath as _Base
 
 SOURCE = Path(__file__).resolve().parent / "bpf" / "tc_nodeport.c"
 
 # Entry programs and the names tc shows for them (kpr_* marks kpr's filters).
 INGRESS, EGRESS = "kpr_np_ingress", "kpr_np_egress"
-# Stage programs in KPR_NP_CALL_* order (lib/nodeport.h).
-CALLS = (
-    "kpr_np_local",
-    "kpr_np_snat",
-    "kpr_np_dsr",
-    "kpr_np_nobackend",
-    "kpr_np_snat_reply",
-    "kpr_np_dsr_recv",
-    "kpr_np_icmp_in",
-    "kpr_np_icmp_out",
-)
-# kpr_np_stats slots in KPR_NP_ST_* order.
-STATS = (
-    "new_local",
-    "new_snat",
-    "new_dsr",
-    "established",
-    "reply_revnat",
-    "reply_snat",
-    "dsr_received",
-    "icmp_sent",
-    "icmp_translated",
-    "drop_no_backend",
-    "drop_no_local_backend",
-    "drop_source_range",
-    "drop_vip_unserved",
-    "drop_snat_no_port",
-    "drop_nat_failed",
-    "drop_dsr_failed",
-    "drop_dsr_unknown_frontend",
-    "drop_mtu",
-    "drop_no_reverse_entry",
-    "drop_no_snat_address",
-    "malformed",
-    "fragments",
-    "fib_to_kernel",
-    "conntrack_write_failed",
-    "stale_backend",
-    "icmp_rate_limited",
-    "tail_call_missing",
-    "reverse_entry_stale",
-)
-DROP_STATS = tuple(s for s in STATS if s.startswith("drop_"))
-
-MODES = {"snat": 0, "dsr": 1, "hybrid": 2}
-MODE_NAMES = {v: k for k, v in MODES.items()}
-
-# Plugin-owned pinned maps (lib/nodeport.h).
-REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP = "kpr_np_rev", "kpr_np_fe", "kpr_np_vip", "kpr_np_nodeaddr", "kpr_np_dev"
-STATS_MAP, CALLS_MAP = "kpr_np_stats", "kpr_np_calls"
-OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP)
-
-# --- struct packers ("=" native order, no padding; ports as stored, network order) ---------
-
-CT_KEY = struct.Struct("=16s16sHHBBH")  # kpr_ct_key: saddr, daddr, sport, dport, proto, dir, pad
-CT_ENTRY = struct.Struct("=QIIHBBI")  # kpr_ct_entry: last_seen, backend_id, rev_nat, flags, tcp_flags, pad, pad2
-NAT_ENTRY = struct.Struct("=16sHHIQ")  # kpr_nat_entry: addr, port, pad, pad2, created
-NP_REV = struct.Struct("=16sHHIQ")  # kpr_np_rev: addr, port, flags, pad, last_seen
-NP_FE_KEY = struct.Struct("=16sHBx")  # kpr_np_fe_key: addr, port, proto
-NP_FE = struct.Struct("=B3x")  # kpr_np_fe: mode
-NP_DEV = struct.Struct("=16s16sII")  # kpr_np_dev: addr4, addr6, flags, pad
-
-CT_DIR_ORIGINAL, CT_DIR_REPLY = 0, 1
-CT_F_SEEN_REPLY, CT_F_CLOSING, CT_F_NODE_PORT, CT_F_SNAT, CT_F_DSR, CT_F_LOCAL = 1, 2, 4, 8, 16, 32
-REV_F_DSR, REV_F_CLOSING = 1, 2
-SNAT_PORT_MIN, SNAT_PORT_MAX = 61000, 65535  # lib/nat.h's defaults of KPR_SNAT_PORT_MIN/MAX
-
-_ZERO16 = bytes(16)
+CALLS_MAP = "kpr_np_calls"
 
 
-@dataclass(frozen=True)
-class WriterSettings:
-    """What the maps the core's service map writer created hold: the values that matter here."""
+class Datapath(_Base):
+    """The tc programs: clsact ingress and egress, and every stage."""
 
-    conntrack_size: int
-    snat_size: int
-    # Maglev table size of the tables present; None when there is no table to tell from.
-    maglev_size: int | None
-
-
-def writer_settings(pin: Path) -> WriterSettings:
-    with M.BpfMap.open_pinned(pin / "kpr_ct") as ct, M.BpfMap.open_pinned(pin / "kpr_snat") as snat:
-        ct_size, snat_size = ct.info().max_entries, snat.info().max_entries
-    maglev = None
-    path = pin / "kpr_maglev"
-    if path.exists():
-        with M.BpfMap.open_pinned(path) as outer:
-            for key in outer.keys():
-                raw = outer.lookup(key)
-                if raw is None:
-                    continue
-                with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
-                    maglev = inner.info().max_entries
-                break
-    return WriterSettings(ct_size, snat_size, maglev)
-
-
-def family_of(addr: str) -> int:
-    return ipaddress.ip_address(addr).version
-
-
-class Datapath:
-    """The loaded programs of one agent, and handles on the maps they use."""
-
-    def __init__(
-        self,
-        pin: Path | str,
-        *,
-        mode: str = "snat",
-        conntrack_size: int = 524288,
-        icmp_unreachable: bool = True,
-        redirect_peer: bool = True,
-        maglev_size: int = M.MAGLEV_DEFAULT_SIZE,
-        snat_ports: tuple[int, int] = (SNAT_PORT_MIN, SNAT_PORT_MAX),
-        extra_cflags: Iterable[str] = (),
-    ) -> None:
-        self.pin = Path(pin)
-        self.mode = mode
-        self.conntrack_size = conntrack_size
-        self.icmp_unreachable = icmp_unreachable
-        self.redirect_peer = redirect_peer
-        self.maglev_size = maglev_size
-        self.snat_ports = snat_ports
-        self.extra_cflags = list(extra_cflags)
-        self.bpf: Any = None
-        self.progs: dict[str, Any] = {}
-        self.maps: dict[str, M.BpfMap] = {}
-
-    def cflags(self) -> list[str]:
-        return M.cflags(self.pin, maglev_size=self.maglev_size) + [
-            f"-DKPR_NP_MODE={MODES[self.mode]}",
-            f"-DKPR_NP_REV_MAX={self.conntrack_size}",
-            f"-DKPR_NP_ICMP_UNREACH={int(self.icmp_unreachable)}",
-            f"-DKPR_NP_PEER={int(self.redirect_peer)}",
-            f"-DKPR_SNAT_PORT_MIN={self.snat_ports[0]}",
-            f"-DKPR_SNAT_PORT_MAX={self.snat_ports[1]}",
-            *self.extra_cflags,
-        ]
-
-    def load(self) -> "Datapath":
-        """Compile, load every program, fill the stage array, open the plugin's maps."""
-        from kpr.bpf.inline import inline_includes
-        from kpr.bpf.loader import compile_and_load, load_prog
-
-        text = inline_includes(SOURCE.read_text(), [SOURCE.parent], label=str(SOURCE))
-        self.bpf = compile_and_load(text, cflags=self.cflags(), name=str(SOURCE))
-        try:
-            for name in (INGRESS, EGRESS, *CALLS):
-                self.progs[name] = load_prog(self.bpf, name, "SCHED_CLS")
-            table = self.bpf[CALLS_MAP.encode()]
-            for i, name in enumerate(CALLS):
-                table[table.Key(i)] = table.Leaf(self.progs[name].fd)
-            for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc"):
-                self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
-        except BaseException:
-            self.close()
-            raise
-        log.info(
-            "event=nodeport_loaded mode=%s conntrack_size=%d maglev_size=%d programs=%d",
-            self.mode, self.conntrack_size, self.maglev_size, len(self.progs),
-        )
-        return self
-
-    def close(self) -> None:
-        for m in self.maps.values():
-            m.close()
-        self.maps.clear()
-        self.progs.clear()
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
-
-    def fd(self, name: str) -> int:
-        return int(self.progs[name].fd)
-
-    def prog_id(self, name: str) -> int:
-        return int(M.prog_info(self.fd(name)).id)
-
-    # ------------------------------------------------------------------ counters
-
-    def stats(self) -> dict[str, int]:
-        """kpr_np_stats summed over CPUs ({} when not loaded)."""
-        bpf = self.bpf
-        if bpf is None:
-            return {}
-        table = bpf[STATS_MAP.encode()]
-        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
-
-    def own_sizes(self) -> dict[str, int]:
-        """max_entries of the plugin's pinned maps (a pin from an earlier run keeps its size)."""
-        return {name: m.info().max_entries for name, m in self.maps.items() if name in OWN_MAPS}
-
-    # ------------------------------------------------------------------ plugin-owned maps
-
-    @staticmethod
-    def _sync(m: M.BpfMap, want: Mapping[bytes, bytes]) -> tuple[int, int]:
-        have = dict(m.items())
-        up = {k: v for k, v in want.items() if have.get(k) != v}
-        gone = [k for k in have if k not in want]
-        if up:
-            m.update_many(list(up), list(up.values()))
-        if gone:
-            m.delete_many(gone)
-        return len(up), len(gone)
-
-    def set_devices(self, devices: Mapping[int, tuple[str | None, str | None]], default: tuple[str | None, str | None]) -> None:
-        """kpr_np_dev: ifindex -> (IPv4, IPv6) SNAT addresses; key 0 holds the node's defaults."""
-
-        def val(pair: tuple[str | None, str | None]) -> bytes:
-            a4 = M.addr_to_bytes(pair[0]) if pair[0] else _ZERO16
-            a6 = M.addr_to_bytes(pair[1]) if pair[1] else _ZERO16
-            return NP_DEV.pack(a4, a6, 0, 0)
-
-        want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
-        want[M.U32.pack(0)] = val(default)
-        self._sync(self.maps[DEV_MAP], want)
-
-    def set_node_addresses(self, addresses: Iterable[str]) -> None:
-        self._sync(self.maps[NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
-
-    def set_vips(self, addresses: Iterable[str]) -> None:
-        self._sync(self.maps[VIP_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
-
-    def set_modes(self, modes: Mapping[tuple[str, int, int], str]) -> None:
-        """kpr_np_fe: (address, port, protocol number) -> mode, for frontends overriding the default."""
-        want = {
-            NP_FE_KEY.pack(M.addr_to_bytes(addr), M.htons(port), proto): NP_FE.pack(MODES[mode])
-            for (addr, port, proto), mode in modes.items()
-        }
-        self._sync(self.maps[FE_MAP], want)
+    SOURCE = SOURCE
+    ENTRIES = (INGRESS, EGRESS)
+    CALLS = CALLS
+    PROG_TYPE = "SCHED_CLS"
+    CALLS_MAP = CALLS_MAP

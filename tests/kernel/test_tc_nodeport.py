@@ -233,7 +233,7 @@ def test_conntrack_gc_counts_and_expires(env: Cluster) -> None:
     st = p.kpr_status().counters
     assert st["conntrack_entries"] >= 3 and st["snat_entries"] >= 3 and st["reverse_entries"] >= 3, st
     # pretend 2 minutes passed: UDP flows (60 s) expire, their SNAT ports come back
-    import kpr.plugins.tc_nodeport.gc as G
+    import kpr.nodeport.gc as G
 
     real = G.now_ns
     G.now_ns = lambda: real() + 120 * 10**9  # type: ignore[assignment]

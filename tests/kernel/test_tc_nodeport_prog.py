@@ -36,6 +36,7 @@ from kpr.bpf.inline import inline_includes
 from kpr.bpf.loader import CompileError, compile_and_load, load_prog
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.plugins.tc_nodeport import datapath as D
+from kpr.plugins.xdp_nodeport import datapath as XD
 from kpr.servicemaps import ServiceMapWriter
 from kpr.testing.netns import Topology, in_netns
 from kpr.testing.prog_run import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, Case, run_cases, test_run
@@ -483,35 +484,13 @@ def test_dsr_packet_too_big_for_the_route_answers_fragmentation_needed(lab: Lab)
 
 # ---------------------------------------------------------------------- the same logic for XDP
 
-XDP_ENTRY = r"""
-#include "ctx/xdp.h"
-#include "lib/nodeport.h"
-int xnp_ingress(struct xdp_md *ctx) { return kpr_np_from_netdev(ctx); }
-int xnp_egress(struct xdp_md *ctx) { return kpr_np_to_netdev(ctx); }
-int xnp_local(struct xdp_md *ctx) { return kpr_np_stage_local(ctx); }
-int xnp_snat(struct xdp_md *ctx) { return kpr_np_stage_snat(ctx); }
-int xnp_nobackend(struct xdp_md *ctx) { return kpr_np_stage_no_backend(ctx); }
-int xnp_snat_reply(struct xdp_md *ctx) { return kpr_np_stage_snat_reply(ctx); }
-int xnp_icmp_in(struct xdp_md *ctx) { return kpr_np_stage_icmp_in(ctx); }
-int xnp_icmp_out(struct xdp_md *ctx) { return kpr_np_stage_icmp_out(ctx); }
-#if KPR_NP_DSR
-int xnp_dsr(struct xdp_md *ctx) { return kpr_np_stage_dsr(ctx); }
-#endif
-"""
-
+# The XDP build is the xdp_nodeport plugin's entry file (the same lib/nodeport.h, ctx/xdp.h).
+XDP_ENTRY = XD.SOURCE.read_text()
 
 # Programs of the XDP build and the KPR_NP_CALL_* slot each fills (None: entry program).
 # DSR (slot 2) and DSR receive (5) are not built for XDP.
-XDP_PROGS = {
-    "xnp_ingress": None,
-    "xnp_egress": None,
-    "xnp_local": 0,
-    "xnp_snat": 1,
-    "xnp_nobackend": 3,
-    "xnp_snat_reply": 4,
-    "xnp_icmp_in": 6,
-    "xnp_icmp_out": 7,
-}
+XDP_PROGS = {XD.INGRESS: None, XD.EGRESS: None, **{name: i for i, name in enumerate(XD.CALLS) if name}}
+XDP_DSR_ONLY = {"kpr_xnp_dsr", "kpr_xnp_dsr_recv"}
 
 
 def xdp_ctx(lab: Lab, data: bytes) -> bytes:
@@ -523,10 +502,10 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
     from kpr.bpf.loader import VerifierError
     from kpr.testing.prog_run import XDP_DROP, XDP_REDIRECT
 
-    built = {n for n in re.findall(r"^int (xnp_\w+)\(", XDP_ENTRY, re.M)} - {"xnp_dsr"}
+    built = {n for n in re.findall(r"^int (kpr_xnp_\w+)\(", XDP_ENTRY, re.M)} - XDP_DSR_ONLY
     assert built == set(XDP_PROGS), "XDP_PROGS lists every program the XDP build defines"
     flags = M.cflags(lab.pin)
-    b = compile_and_load(inline_includes(XDP_ENTRY), cflags=flags, name="xdp-nodeport")
+    b = compile_and_load(inline_includes(XDP_ENTRY, [XD.SOURCE.parent], label=str(XD.SOURCE)), cflags=flags, name="xdp-nodeport")
     try:
         # every stage of the XDP build passes the verifier, ICMP-in included
         progs, rejected = {}, {}
@@ -546,7 +525,7 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
 
             def xrun(pkt: Ether) -> Any:
                 data = bytes(pkt)
-                return test_run(progs["xnp_ingress"].fd, data, ctx=xdp_ctx(lab, data))
+                return test_run(progs[XD.INGRESS].fd, data, ctx=xdp_ctx(lab, data))
 
             res = xrun(tcp4(lab, CLIENT4, VIP_REMOTE, 41000, 80))
             assert res.retval == XDP_REDIRECT, res.retval
@@ -601,17 +580,17 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
             ]
             for c in cases:
                 c.ctx = xdp_ctx(lab, bytes(c.packet))
-            run_cases(progs["xnp_ingress"].fd, cases, kind="xdp")
+            run_cases(progs[XD.INGRESS].fd, cases, kind="xdp")
         assert lab.stats()["icmp_translated"] == before + len(cases)
     finally:
         b.cleanup()
     # DSR edits the packet between L3 and L4 (bpf_skb_adjust_room): asking an XDP build for it
     # fails the build, naming the missing operation
     with pytest.raises(CompileError, match="__kpr_xdp_has_no_adjust_room"):
-        compile_and_load(inline_includes(XDP_ENTRY), cflags=flags + ["-DKPR_NP_DSR=1"], name="xdp-nodeport-dsr")
+        compile_and_load(inline_includes(XDP_ENTRY, [XD.SOURCE.parent], label=str(XD.SOURCE)), cflags=flags + ["-DKPR_NP_DSR=1"], name="xdp-nodeport-dsr")
     # so does delivering into a pod's namespace (bpf_redirect_peer)
     with pytest.raises(CompileError, match="__kpr_xdp_has_no_redirect_peer"):
-        compile_and_load(inline_includes(XDP_ENTRY), cflags=flags + ["-DKPR_NP_PEER=1"], name="xdp-nodeport-peer")
+        compile_and_load(inline_includes(XDP_ENTRY, [XD.SOURCE.parent], label=str(XD.SOURCE)), cflags=flags + ["-DKPR_NP_PEER=1"], name="xdp-nodeport-peer")
 
 
 def test_a_reused_client_port_never_meets_a_stale_reverse_entry(lab: Lab) -> None:

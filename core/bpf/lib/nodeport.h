@@ -105,7 +105,7 @@
 // Frontend types reached from outside the node; ClusterIP traffic is left to the kernel/socket LB.
 #define KPR_NP_SVC_TYPES (KPR_SVC_F_NODE_PORT | KPR_SVC_F_LOAD_BALANCER | KPR_SVC_F_EXTERNAL_IP | KPR_SVC_F_HOST_PORT)
 
-/* --- counters (kpr.plugins.tc_nodeport.datapath.STATS mirrors the order) ---------------- */
+/* --- counters (kpr.nodeport.datapath.STATS mirrors the order) ---------------- */
 
 #define KPR_NP_ST_NEW_LOCAL 0        // new flows to a backend on this node
 #define KPR_NP_ST_NEW_SNAT 1         // new flows to a remote backend, source-NATed
@@ -137,7 +137,7 @@
 #define KPR_NP_ST_REV_STALE 27       // passed: a new connection's SYN-ACK met the reverse entry of an ended flow (deleted)
 #define KPR_NP_ST_MAX 28
 
-/* --- stages (kpr.plugins.tc_nodeport.datapath.CALLS mirrors the order) ------------------- */
+/* --- stages (kpr.nodeport.datapath.CALLS mirrors the order) ------------------- */
 
 #define KPR_NP_CALL_LOCAL 0       // DNAT to a local backend, deliver to the pod
 #define KPR_NP_CALL_SNAT 1        // DNAT + SNAT to a remote backend

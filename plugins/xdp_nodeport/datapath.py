@@ -1,0 +1,42 @@
+"""The XDP build of the NodePort programs: plugins/xdp_nodeport/bpf/xdp_nodeport.c over
+core/bpf/lib/nodeport.h (everything else: kpr.nodeport.datapath)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kpr.nodeport.datapath import Datapath as _Base
+
+SOURCE = Path(__file__).resolve().parent / "bpf" / "xdp_nodeport.c"
+
+# The program attached to each device (kpr_* marks kpr's programs; at most 15 characters,
+# the kernel's program name length).
+INGRESS = "kpr_xnp_ingress"
+# Built and verified, not attached (XDP has no egress hook; a devmap egress program could use it).
+EGRESS = "kpr_xnp_egress"
+# Stages in KPR_NP_CALL_* order; "" for the DSR slots this build leaves empty.
+CALLS = (
+    "kpr_xnp_local",
+    "kpr_xnp_snat",
+    "",
+    "kpr_xnp_nobackend",
+    "kpr_xnp_snat_reply",
+    "",
+    "kpr_xnp_icmp_in",
+    "kpr_xnp_icmp_out",
+)
+CALLS_MAP = "kpr_np_xcalls"
+
+
+class Datapath(_Base):
+    """The XDP programs: the ingress entry and its stages (no DSR, no redirect_peer)."""
+
+    SOURCE = SOURCE
+    ENTRIES = (INGRESS,)
+    CALLS = CALLS
+    PROG_TYPE = "XDP"
+    CALLS_MAP = CALLS_MAP
+
+    def __init__(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]
+        kw["redirect_peer"] = False  # XDP cannot deliver into a pod's namespace
+        super().__init__(*args, **kw)

@@ -1,0 +1,249 @@
+"""xdp_nodeport end to end: real traffic from an external client through node1's XDP program
+to a backend on node2, source-NATed (topology in tc_nodeport_env.py, node1 with eth0 only).
+
+A veth delivers frames its XDP program redirects or transmits only when the peer has an XDP
+program too: the router's side of node1's link gets a bare XDP_PASS program for the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kpr.bpf.cleanup import attachments, scratch_pin_dir
+from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.plugins.xdp_nodeport.config import XdpNodePortConfig
+from kpr.plugins.xdp_nodeport.plugin import XdpNodePort
+from kpr.servicemaps import ServiceMapWriter
+from kpr.testing.netns import Topology
+
+from tc_nodeport_env import NODES, PODS, Cluster, answers, backends, build_topology, client, cluster, plugin_context
+
+pytestmark = pytest.mark.kernel
+
+NP, LB = FrontendType.NODE_PORT, FrontendType.LOAD_BALANCER
+TCP, UDP = Protocol.TCP, Protocol.UDP
+N1 = NODES["node1"]["addr"]
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+# Turns transmit checksum offload off on a device (legacy ETHTOOL_STXCSUM ioctl; no ethtool
+# binary needed). A veth hands the peer CHECKSUM_PARTIAL packets; an XDP program that redirects
+# one loses that state, so the receiver would see the bare pseudo-header sum. Senders on real
+# wires always send full checksums: the test's senders do too.
+NO_TX_CSUM = r"""
+import ctypes, fcntl, socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for dev in sys.argv[1:]:
+    buf = ctypes.create_string_buffer(struct.pack("II", 0x17, 0), 8)  # ETHTOOL_STXCSUM, off
+    fcntl.ioctl(s, 0x8946, struct.pack("16sP", dev.encode(), ctypes.addressof(buf)))  # SIOCETHTOOL
+"""
+
+PASS = "int kpr_t_xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }"
+
+
+def xdp_on(topo: Topology, ns: str, dev: str) -> list[tuple[int, str]]:
+    """(ip's mode number: 1 native, 2 generic; program name) of the XDP programs on a device."""
+    links = json.loads(topo.run(ns, ["ip", "-j", "-d", "link", "show", "dev", dev]).stdout or "[]")
+    xdp = (links[0] if links else {}).get("xdp") or {}
+    return sorted((int(a.get("mode", 0)), (a.get("prog") or {}).get("name", ""))
+                  for a in (xdp.get("attached") or ([xdp] if xdp.get("prog") else [])))
+
+
+def dev_with(topo: Topology, ns: str, addr: str) -> str:
+    for link in json.loads(topo.run(ns, ["ip", "-j", "addr", "show"]).stdout):
+        if any(a.get("local") == addr for a in link.get("addr_info", [])):
+            return str(link["ifname"])
+    raise LookupError(f"no device with {addr} in {ns}")
+
+
+@contextlib.contextmanager
+def peer_pass(topo: Topology, ns: str, dev: str) -> Iterator[None]:
+    """A bare XDP_PASS program on `dev` in `ns`, so frames redirected into its veth peer arrive."""
+    from bcc import BPF
+
+    from kpr.bpf.loader import compile_and_load, load_prog
+
+    b = compile_and_load(PASS, name="xdp-pass")
+    try:
+        fn = load_prog(b, "kpr_t_xdp_pass", "XDP")
+        with topo[ns].enter():
+            BPF.attach_xdp(dev, fn, XDP_FLAGS_DRV_MODE)
+        try:
+            yield
+        finally:
+            with topo[ns].enter():
+                BPF.remove_xdp(dev, XDP_FLAGS_DRV_MODE)
+    finally:
+        b.cleanup()
+
+
+def full_checksums(topo: Topology, *namespaces: str) -> None:
+    for ns in namespaces:
+        topo.run(ns, [sys.executable, "-c", NO_TX_CSUM, "eth0"])
+
+
+def start_xdp(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), **cfg: Any) -> XdpNodePort:
+    plugin = XdpNodePort()
+    ctx = plugin_context(pin, node, devices)
+    plugin.kpr_configure(config=XdpNodePortConfig.model_validate(cfg), context=ctx)
+    with topo[node].enter():
+        plugin.kpr_start(context=ctx)
+    return plugin
+
+
+def service(name: str, fe_type: FrontendType, addr: str | None, port: int, *pods: str, proto: Protocol = TCP) -> Any:
+    def make(node: str) -> Service:
+        a = addr or NODES[node]["addr"]
+        return Service(ServiceKey("default", name), (Frontend(fe_type, a, port, proto, backends(node, *pods)),))
+
+    return make
+
+
+def peers(rows: list[dict]) -> list[tuple[str, str]]:
+    return [tuple(a.partition(" ")[::2]) for a in answers(rows)]  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Cluster]:
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    with cluster(start=False, second_device=False) as c:
+        full_checksums(c.topo, "cl", *(p for p, (node, _a, _b) in PODS.items() if node == "node2"))
+        with peer_pass(c.topo, "rt", dev_with(c.topo, "rt", NODES["node1"]["rt"])):
+            c.plugins["node1"] = start_xdp(  # type: ignore[assignment]
+                c.topo, "node1", c.pins["node1"], gc_interval=1.0, conntrack_size=65536, xdp_mode="native"
+            )
+            try:
+                yield c
+            finally:
+                p = c.plugins.pop("node1")
+                p.kpr_stop(p.context)
+                assert xdp_on(c.topo, "node1", "eth0") == [], "kpr_stop detaches"
+
+
+@pytest.fixture(autouse=True)
+def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "env" in request.fixturenames:
+        request.getfixturevalue("env").clear()
+
+
+def test_nodeport_to_a_remote_backend_is_source_nated_in_xdp(env: Cluster) -> None:
+    assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")], "native XDP on node1's device"
+    env.apply(service("web", NP, None, 30080, "p2a"))
+    env.apply(service("web-udp", NP, None, 30080, "p2a", proto=UDP))
+    env.apply(service("lb", LB, "203.0.113.10", 80, "p2a"))
+    assert peers(client(env.topo, "tcp", N1, 30080, 3)) == [("p2a", N1)] * 3
+    assert peers(client(env.topo, "udp", N1, 30080, 2)) == [("p2a", N1)] * 2
+    assert peers(client(env.topo, "tcp", "203.0.113.10", 80, 2)) == [("p2a", N1)] * 2
+    st = env.stats("node1")
+    assert st["new_snat"] >= 7 and st["reply_snat"] >= 7, st
+    status = env.plugins["node1"].kpr_status()
+    assert status.healthy, status
+    assert status.details["devices"] == {"eth0": {"xdp": "native"}}, status.details
+    assert status.counters["new_snat"] >= 7
+
+
+def test_frontend_without_backends_answers_port_unreachable(env: Cluster) -> None:
+    env.apply(service("empty", NP, None, 30081))
+    t0 = time.monotonic()
+    assert answers(client(env.topo, "tcp", N1, 30081, 1, "timeout=5")) == ["ECONNREFUSED"]
+    assert time.monotonic() - t0 < 4
+    assert env.stats("node1")["icmp_sent"] >= 1
+
+
+def test_reattach_is_idempotent_and_recorded_once(env: Cluster) -> None:
+    p = env.plugins["node1"]
+    assert p.context is not None
+    before = attachments(env.pins["node1"])
+    assert [(r["kind"], r["target"]["ifname"], r["prog_name"]) for r in before] == [("xdp", "eth0", "kpr_xnp_ingress")]
+    p.kpr_node_changed(p.context.node)
+    p.kpr_node_changed(p.context.node)
+    assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
+    assert len(attachments(env.pins["node1"])) == 1
+    env.apply(service("web2", NP, None, 30082, "p2b"))
+    assert peers(client(env.topo, "tcp", N1, 30082, 2)) == [("p2b", N1)] * 2
+
+
+def test_dsr_is_refused_by_the_config_not_the_kernel() -> None:
+    with pytest.raises(Exception, match="mode"):
+        XdpNodePortConfig.model_validate({"mode": "dsr"})
+
+
+def test_generic_mode_and_kpr_cleanup_detaches(kernel_headers: Path, tmp_path: Path) -> None:
+    with scratch_pin_dir("kpr-xnp-clean") as pin, Topology() as topo:
+        build_topology(topo, pods=())
+        with ServiceMapWriter(pin):
+            p = start_xdp(topo, "node1", pin, ("eth0", "eth1"), xdp_mode="generic")
+        try:
+            for dev in ("eth0", "eth1"):
+                assert xdp_on(topo, "node1", dev) == [(2, "kpr_xnp_ingress")]
+            assert "generic XDP on eth0, eth1" in p.kpr_status().message
+            cfg = tmp_path / "kpr.yaml"
+            cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
+            kpr = Path(sys.executable).with_name("kpr")
+            res = subprocess.run([str(kpr), "cleanup", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            assert res.stdout.count("detached xdp") == 2, res.stdout
+            for dev in ("eth0", "eth1"):
+                assert xdp_on(topo, "node1", dev) == []
+            assert not pin.exists()
+        finally:
+            with contextlib.suppress(Exception):
+                p.kpr_stop(p.context)
+
+
+def test_agent_with_the_plugin_disabled_attaches_nothing(kernel_headers: Path, tmp_path: Path) -> None:
+    from kpr.config import parse_config
+    from kpr.daemon import Agent
+
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    with scratch_pin_dir("kpr-xnp-agent") as pin, Topology() as topo:
+        build_topology(topo, pods=())
+
+        def config(enabled: bool) -> Any:
+            return parse_config(textwrap.dedent(f"""
+                node: {{name: node1, addresses: [{N1}], devices: [eth0, eth1]}}
+                source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
+                service: {{clusterCIDR: [10.96.0.0/16]}}
+                bpf: {{pinPath: {pin}}}
+                api: {{socket: {tmp_path}/kpr.sock}}
+                metrics: {{address: ""}}
+                agent: {{stateDir: {tmp_path}/state}}
+                plugins: {{xdp_nodeport: {{enabled: {str(enabled).lower()}, xdpMode: native, conntrackSize: 65536}}}}
+                """))
+
+        agent = Agent(config(False))
+        with topo["node1"].enter():
+            agent.setup()
+        try:
+            for dev in ("eth0", "eth1"):
+                assert xdp_on(topo, "node1", dev) == [], "a disabled plugin attaches nothing"
+            assert attachments(pin) == []
+        finally:
+            agent.shutdown()
+
+        agent = Agent(config(True))
+        with topo["node1"].enter():
+            agent.setup()
+        try:
+            for dev in ("eth0", "eth1"):
+                assert xdp_on(topo, "node1", dev) == [(1, "kpr_xnp_ingress")]
+            status = agent.plugin_statuses()["xdp_nodeport"]
+            assert status["healthy"], status
+        finally:
+            assert agent.shutdown() == 0
+        for dev in ("eth0", "eth1"):
+            assert xdp_on(topo, "node1", dev) == [], "kpr_stop detaches"

@@ -96,7 +96,7 @@ def attach(ifname: str, fn: Any, want: str) -> str:
             if m != mode:
                 _set_off(ifname, m)
         try:
-            BPF.attach_xdp(ifname, fn, FLAGS[mode])
+            BPF.attach_xdp(ifname.encode(), fn, FLAGS[mode])  # bcc wants bytes
         except Exception as exc:
             errors.append(f"{mode}: {exc}")
             continue

@@ -347,6 +347,21 @@ class NodePortAgent:
         """Take kpr's program off one hook of a device (in the agent's namespace)."""
         raise NotImplementedError
 
+    def _detach_unlisted(self, devices: tuple[str, ...]) -> None:
+        """Take kpr's programs off devices no longer in node.devices, and forget their records."""
+        from kpr.bpf.cleanup import forget_attachment
+
+        for (ifname, direction), a in list(self._attached.items()):
+            if ifname in devices:
+                continue
+            try:
+                self._detach_one(ifname, direction)
+                if a.record_id:
+                    forget_attachment(self.pin, a.record_id)
+            except OSError as exc:
+                self._note_error(f"detaching from {ifname}: {exc}")
+            del self._attached[(ifname, direction)]
+
     def _attach_devices(self, devices: tuple[str, ...], facts: dict[str, tuple[int, str | None, str | None]]) -> None:
         """Attach to `devices` (facts: name -> (ifindex, IPv4, IPv6)), detach from those no longer
         listed; fill self._attached, self._device_errors (and self._foreign_ahead)."""

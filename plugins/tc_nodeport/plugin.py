@@ -71,20 +71,11 @@ class TcNodePort(NodePortAgent):
     def _attach_devices(self, devices: tuple[str, ...], facts: dict[str, tuple[int, str | None, str | None]]) -> None:
         from pyroute2 import IPRoute
 
-        from kpr.bpf.cleanup import forget_attachment, record_attachment
+        from kpr.bpf.cleanup import record_attachment
 
         cfg, dp, pin = self.cfg, self.datapath, self.pin
         assert cfg is not None and dp is not None and pin is not None and self._netns is not None
-        # devices no longer listed: take kpr's filters off them
-        for (ifname, direction), a in list(self._attached.items()):
-            if ifname not in devices:
-                try:
-                    self._detach_one(ifname, direction)
-                    if a.record_id:
-                        forget_attachment(pin, a.record_id)
-                except OSError as exc:
-                    self._note_error(f"detaching from {ifname}: {exc}")
-                del self._attached[(ifname, direction)]
+        self._detach_unlisted(devices)
         progs = {"ingress": D.INGRESS, "egress": D.EGRESS}
         ids = {d: dp.prog_id(p) for d, p in progs.items()}
 

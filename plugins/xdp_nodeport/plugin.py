@@ -156,15 +156,7 @@ class XdpNodePort(NodePortAgent):
 
         cfg, dp, pin = self.cfg, self.datapath, self.pin
         assert cfg is not None and dp is not None and pin is not None and self._netns is not None
-        for (ifname, direction), a in list(self._attached.items()):
-            if ifname not in devices:
-                try:
-                    self._detach_one(ifname, direction)
-                    if a.record_id:
-                        forget_attachment(pin, a.record_id)
-                except OSError as exc:
-                    self._note_error(f"detaching from {ifname}: {exc}")
-                del self._attached[(ifname, direction)]
+        self._detach_unlisted(devices)
         fn = dp.progs[D.INGRESS]
         prog_id = dp.prog_id(D.INGRESS)
 

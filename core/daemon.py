@@ -55,6 +55,7 @@ class Agent:
         self.source = None
         self.api: ApiServer | None = None
         self._ready_sent = False
+        self._next_node_check = 0.0
         self.started_at = time.time()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -143,7 +144,7 @@ class Agent:
         if cfg.addresses and cfg.devices:
             return
         now = time.monotonic()
-        if now < getattr(self, "_next_node_check", 0):
+        if now < self._next_node_check:
             return
         self._next_node_check = now + 5.0
         node = detect(cfg)

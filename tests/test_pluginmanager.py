@@ -100,9 +100,10 @@ def test_per_plugin_calls_reach_only_that_plugin():
 def test_builtin_entry_points_are_discovered():
     from kpr.pluginmanager import discover
 
-    for name, d in discover().items():
-        if d.builtin:
-            assert d.value.startswith("kpr.plugins."), f"built-in plugin {name} must live in plugins/"
+    builtins = {name: d for name, d in discover().items() if d.builtin}
+    assert {"socklb", "tc_nodeport", "xdp_nodeport", "announce_bgp", "announce_arp"} <= set(builtins)
+    for name, d in builtins.items():
+        assert d.value.startswith("kpr.plugins."), f"built-in plugin {name} must live in plugins/"
 
 
 @pytest.fixture(scope="module")

@@ -56,8 +56,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     src = st["source"]
     print(f"kpr {st['version']} on {st['node']['name']}  ready={'yes' if st['ready'] else 'no'}  uptime={st['uptimeSeconds']}s")
-    print(f"node:     addresses={','.join(st['node']['addresses']) or '-'} devices={','.join(st['node']['devices']) or '-'}")
-    print(f"source:   {src['kind']} {src['path']}  synced={'yes' if src['synced'] else 'no'}")
+    zone = st["node"].get("zone")
+    print(
+        f"node:     addresses={','.join(st['node']['addresses']) or '-'} devices={','.join(st['node']['devices']) or '-'}"
+        + (f" zone={zone}" if zone else "")
+    )
+    if src["kind"] == "kubernetes":
+        print(f"source:   kubernetes {src.get('server', '')} ({src.get('connection', '')})  state={src.get('state', '?')}  synced={'yes' if src['synced'] else 'no'}")
+        since = src.get("secondsSinceLastEvent")
+        print(f"          last event {'-' if since is None else f'{since}s ago'}", end="")
+        if src.get("lastError"):
+            print(f"; last error {src.get('lastErrorAgeSeconds')}s ago: {src['lastError']}", end="")
+        print()
+    else:
+        print(f"source:   {src['kind']} {src.get('path', '')}  synced={'yes' if src['synced'] else 'no'}")
     for origin, reason in sorted(src["errors"].items()):
         print(f"  error:  {origin}: {reason}")
     print(f"services: {st['services']}  frontends: {st['frontends']}  backends: {st['backends']}")

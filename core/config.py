@@ -7,6 +7,7 @@ with the model it returns from ``kpr_config_schema`` (see ``kpr.plugins_manager`
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,7 +51,9 @@ IPAddress = Annotated[str, AfterValidator(_check_ip)]
 
 class NodeSection(Section):
     # This node's name, matched against EndpointSlice nodeName for traffic policy Local.
-    name: str = Field(default_factory=socket.gethostname, min_length=1)
+    # Default: the NODE_NAME environment variable (a DaemonSet sets it from spec.nodeName),
+    # then the hostname.
+    name: str = Field(default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname(), min_length=1)
     # Node addresses NodePort listens on; empty means the addresses of `devices`.
     addresses: list[IPAddress] = []
     # External devices NodePort programs attach to; empty means those with a default route.
@@ -67,8 +70,30 @@ class SourceSection(Section):
     state_path: Path = Path("/var/lib/kpr/allocations.json")
     # Seconds between scans of the manifests directory.
     poll_interval: float = Field(0.5, gt=0, le=60)
-    # kubeconfig for the kubernetes source; empty means in-cluster config.
+    # --- the kubernetes source: how to reach the API server, first match wins ---
+    # A direct address ("https://10.0.0.1:6443"), as Cilium's k8sServiceHost: the
+    # `kubernetes` ClusterIP is not reachable before kpr itself serves it. Authenticates
+    # with tokenFile and trusts caFile.
+    api_server: str = ""
+    # A kubeconfig file, and optionally the context to use in it.
     kubeconfig: str = ""
+    context: str = ""
+    # The bearer token (re-read when it changes: projected tokens rotate) and the CA of the
+    # API server, for apiServer and in-cluster use; the defaults are the service account's.
+    token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    ca_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    # Client-side rate limit on requests to the API server (a token bucket).
+    qps: float = Field(20.0, gt=0, le=10000)
+    burst: int = Field(40, ge=1, le=100000)
+    # Objects per page of the initial lists and relists.
+    page_size: int = Field(500, ge=1, le=100000)
+
+    @field_validator("api_server")
+    @classmethod
+    def _api_server(cls, v: str) -> str:
+        if v and not v.startswith("https://"):
+            raise ValueError(f"must be an https:// URL (TLS is always verified), got {v!r}")
+        return v.rstrip("/")
 
 
 class PortRange(BaseModel):

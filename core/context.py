@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .model import NodeInfo
 
 if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
     from .config import KprConfig
+    from .kube.client import Connection
+
+
+class KubeAccess:
+    """One connection to the API server for every plugin that asks, made on first use from
+    the `source` section (apiServer, kubeconfig or in-cluster), whatever the source kind."""
+
+    def __init__(self, config: "KprConfig"):
+        self._config = config
+        self._lock = threading.Lock()
+        self._conn: "Connection | None" = None
+
+    def client(self) -> "ApiClient":
+        with self._lock:
+            if self._conn is None:
+                from .kube.client import connect
+
+                self._conn = connect(self._config.source, user_agent="kpr-plugin")
+            return self._conn.client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 @dataclass
@@ -26,3 +54,13 @@ class PluginContext:
     config: "KprConfig"
     # A directory this plugin may keep state in across restarts.
     state_dir: Path
+    # The core's shared API-server connection; use kube_client().
+    kube: KubeAccess | None = field(default=None, repr=False)
+
+    def kube_client(self) -> "ApiClient":
+        """A `kubernetes` ApiClient for the cluster the `source` section points at (TLS
+        verified, token rotation followed). Raises kpr.kube.client.KubeConfigError, whose
+        message names the key to set, when there is no way to reach an API server."""
+        if self.kube is None:
+            self.kube = KubeAccess(self.config)
+        return self.kube.client()

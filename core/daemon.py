@@ -7,13 +7,15 @@ every service so plugins can repair drift between their state and the desired on
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import os
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__, sdnotify
 from .api import ApiServer
@@ -28,7 +30,7 @@ from .store import ObjectStore
 log = logging.getLogger(__name__)
 
 
-def make_source(config: KprConfig):
+def make_source(config: KprConfig, node_name: str = "", on_node: Callable[[dict | None], None] | None = None):
     kind = config.source.kind
     if kind == "files":
         from .allocator import Allocator
@@ -36,7 +38,38 @@ def make_source(config: KprConfig):
 
         allocator = Allocator(config.source.state_path, list(config.service.cluster_cidr), config.service.port_range)
         return FilesSource(config.source.path, allocator, poll_interval=config.source.poll_interval)
-    raise PluginError(f"source.kind: {kind!r} is not available in this build (use files)")
+    if kind == "kubernetes":
+        from .sources.kubernetes import KubernetesSource
+
+        return KubernetesSource(config.source, node_name or config.node.name, config.service.proxy_name, on_node=on_node)
+    raise PluginError(f"source.kind: {kind!r} is not available in this build (use files or kubernetes)")
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+# The label before Kubernetes 1.17; still set by some installers.
+OLD_ZONE_LABEL = "failure-domain.beta.kubernetes.io/zone"
+
+
+def node_object_facts(node: dict | None) -> tuple[tuple[str, ...], str]:
+    """(InternalIP and ExternalIP addresses, zone) from a Node object; empty when absent."""
+    if not isinstance(node, dict):
+        return (), ""
+    addresses: list[str] = []
+    status = node.get("status") if isinstance(node.get("status"), dict) else {}
+    for a in status.get("addresses") or ():
+        if not isinstance(a, dict) or a.get("type") not in ("InternalIP", "ExternalIP"):
+            continue
+        try:
+            text = str(ipaddress.ip_address(str(a.get("address", ""))))
+        except ValueError:
+            log.warning("node.bad_address address=%r", a.get("address"))
+            continue
+        if text not in addresses:
+            addresses.append(text)
+    meta = node.get("metadata") if isinstance(node.get("metadata"), dict) else {}
+    labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
+    zone = labels.get(ZONE_LABEL) or labels.get(OLD_ZONE_LABEL) or ""
+    return tuple(addresses), zone if isinstance(zone, str) else ""
 
 
 class Agent:
@@ -56,6 +89,9 @@ class Agent:
         self.api: ApiServer | None = None
         self._ready_sent = False
         self._next_node_check = 0.0
+        # Node facts from the API server's Node object (kubernetes source): addresses and zone.
+        self._api_node: tuple[tuple[str, ...], str] = ((), "")
+        self._node_lock = threading.Lock()
         self.started_at = time.time()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -67,7 +103,7 @@ class Agent:
     def setup(self) -> None:
         """Everything up to serving: plugins configured and started, bus, store, API, metrics, source."""
         cfg = self.config
-        self.node = detect(cfg.node)
+        self.node = self._node_facts()
         missing = missing_devices(self.node.devices)
         if missing:
             raise PluginError(f"node.devices: no such device on this host: {', '.join(missing)}")
@@ -97,7 +133,7 @@ class Agent:
         self.api.start()
         if cfg.metrics.address:
             self.metrics.serve(cfg.metrics.address)
-        self.source = make_source(cfg)
+        self.source = make_source(cfg, self.node.name, on_node=self._on_node_object)
         self.source.start(self.store)
 
     def _on_synced(self, seconds: float) -> None:
@@ -138,23 +174,45 @@ class Agent:
             sdnotify.notify("READY=1\nSTATUS=synced")
         self._check_node()
 
-    def _check_node(self) -> None:
+    def _node_facts(self) -> NodeInfo:
+        """Configured facts win, then the Node object's (addresses, zone), then detection."""
+        node = detect(self.config.node)
+        api_addresses, zone = self._api_node
+        if api_addresses and not self.config.node.addresses:
+            node = dataclasses.replace(node, addresses=api_addresses)
+        if zone and not node.zone:
+            node = dataclasses.replace(node, zone=zone)
+        return node
+
+    def _on_node_object(self, obj: dict | None) -> None:
+        # Runs on the source's thread, before the services this change affects.
+        facts = node_object_facts(obj)
+        if facts == self._api_node:
+            return
+        self._api_node = facts
+        log.info("node.object addresses=%s zone=%s", ",".join(facts[0]) or "-", facts[1] or "-")
+        self._check_node(force=True)
+
+    def _check_node(self, force: bool = False) -> None:
         # Only detected facts can change; configured ones are fixed.
         cfg = self.config.node
-        if cfg.addresses and cfg.devices:
+        if cfg.addresses and cfg.devices and not force:
             return
         now = time.monotonic()
-        if now < self._next_node_check:
+        if now < self._next_node_check and not force:
             return
         self._next_node_check = now + 5.0
-        node = detect(cfg)
-        if node != self.node:
-            log.info("node.changed addresses=%s devices=%s", ",".join(node.addresses), ",".join(node.devices))
+        with self._node_lock:
+            node = self._node_facts()
+            if node == self.node:
+                return
+            log.info("node.changed addresses=%s devices=%s zone=%s", ",".join(node.addresses), ",".join(node.devices), node.zone or "-")
             self.node = node
             for h in self.handles:
                 h.context.node = node
             self.bus.node_changed(node)
-            self.store.set_node(node)
+            if self.store is not None:
+                self.store.set_node(node)
 
     def shutdown(self) -> int:
         """Bounded: a watchdog ends the process if stopping takes longer than shutdownTimeout."""
@@ -172,6 +230,9 @@ class Agent:
             if stuck:
                 log.warning("agent.bus_stuck plugins=%s", ",".join(stuck))
             clean = self._stop_plugins(deadline) and not stuck
+            kube = next((h.context.kube for h in self.handles if h.context is not None and h.context.kube), None)
+            if kube is not None:
+                kube.close()
             if self.api is not None:
                 self.api.close()
             self.metrics.close()
@@ -244,17 +305,27 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         n_services, n_frontends, n_backends = self.store.counts() if self.store else (0, 0, 0)
+        source: dict[str, Any] = {"kind": self.config.source.kind}
+        if self.config.source.kind == "files":
+            source["path"] = str(self.config.source.path)
+        source.update(
+            synced=bool(self.store and self.store.is_synced),
+            syncSeconds=self.store.sync_duration if self.store else None,
+            errors=dict(self.store.errors) if self.store else {},
+        )
+        extra = getattr(self.source, "status", None)
+        if callable(extra):
+            source.update(extra())
         return {
             "version": __version__,
-            "node": {"name": self.node.name, "addresses": list(self.node.addresses), "devices": list(self.node.devices)},
-            "uptimeSeconds": round(time.time() - self.started_at, 1),
-            "source": {
-                "kind": self.config.source.kind,
-                "path": str(self.config.source.path),
-                "synced": bool(self.store and self.store.is_synced),
-                "syncSeconds": self.store.sync_duration if self.store else None,
-                "errors": dict(self.store.errors) if self.store else {},
+            "node": {
+                "name": self.node.name,
+                "addresses": list(self.node.addresses),
+                "devices": list(self.node.devices),
+                "zone": self.node.zone,
             },
+            "uptimeSeconds": round(time.time() - self.started_at, 1),
+            "source": source,
             "services": n_services,
             "frontends": n_frontends,
             "backends": n_backends,

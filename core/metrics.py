@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -34,6 +34,7 @@ class Metrics:
 
     def attach_agent(self, agent: "Agent") -> None:
         self.registry.register(_PluginCollector(agent))
+        self.registry.register(_SourceCollector(agent))
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")
@@ -68,3 +69,32 @@ class _PluginCollector:
                     continue
         yield healthy
         yield counters
+
+
+class _SourceCollector:
+    """The kubernetes source's per-kind counters (events, relists, watch restarts, errors),
+    read from its status at scrape time; nothing for a source that has none."""
+
+    def __init__(self, agent: "Agent"):
+        self._agent = agent
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        events = CounterMetricFamily("kpr_source_events", "Watch events received, by kind and type", labels=["kind", "type"])
+        relists = CounterMetricFamily("kpr_source_relists", "Lists after the first, by kind (410 Gone, expired resourceVersion)", labels=["kind"])
+        restarts = CounterMetricFamily("kpr_source_watch_restarts", "Watches ended by the server and started again, by kind", labels=["kind"])
+        errors = CounterMetricFamily("kpr_source_request_errors", "Failed list and watch requests, by kind", labels=["kind"])
+        status = getattr(self._agent.source, "status", None)
+        kinds = (status() if callable(status) else {}).get("kinds") or {}
+        for kind, st in kinds.items():
+            for type_, n in (st.get("events") or {}).items():
+                events.add_metric([kind, type_], n)
+            relists.add_metric([kind], st.get("relists", 0))
+            restarts.add_metric([kind], st.get("watchRestarts", 0))
+            errors.add_metric([kind], st.get("errors", 0))
+        yield events
+        yield relists
+        yield restarts
+        yield errors

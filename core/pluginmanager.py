@@ -19,7 +19,7 @@ import pydantic
 
 from . import ENTRY_POINT_GROUP, PROJECT, hookspecs
 from .config import ConfigError, KprConfig, format_errors
-from .context import PluginContext
+from .context import KubeAccess, PluginContext
 from .model import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,7 @@ def check_config(config: KprConfig) -> None:
 
 
 def make_contexts(kpm: KprPluginManager, config: KprConfig, node: NodeInfo) -> None:
+    kube = KubeAccess(config)
     for h in kpm.handles:
         state_dir = Path(config.agent.state_dir) / "plugins" / h.name
         h.context = PluginContext(
@@ -240,4 +241,5 @@ def make_contexts(kpm: KprPluginManager, config: KprConfig, node: NodeInfo) -> N
             log=logging.getLogger(f"kpr.plugins.{h.name}"),
             config=config,
             state_dir=state_dir,
+            kube=kube,
         )

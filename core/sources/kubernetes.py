@@ -1,0 +1,345 @@
+"""The kubernetes source: Services, EndpointSlices, this node's Node and the Pods on this
+node that declare hostPorts, listed and watched from the API server.
+
+Objects reach the sink with the same meaning as from the files source; the API server has
+already allocated ClusterIPs and nodePorts. kube-proxy's server-side label selectors apply
+(services handed to another proxy, and headless ones, never reach this node), so does a
+field selector for this node's Node and Pods; Pods without a hostPort are dropped here, as
+no field selector can say "has a hostPort".
+
+Guarantees, the same as the files source's:
+- nothing reaches the sink until every kind has finished its initial list; then the whole
+  state goes in one batch (the Node first, so the first translation already has this
+  node's addresses and zone), then `synced()`;
+- a relist (after 410 Gone) is reconciled against what the sink holds: an object whose
+  resourceVersion did not change is not sent again, so an unchanged service produces no
+  bus event, and only objects gone from the list are deleted;
+- while the API server is unreachable nothing is deleted: the last good state stays in
+  force, and the problem shows in status under the watched kind;
+- an object the API server sends that kpr cannot use is reported under its name and its
+  last good version stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..kube.client import Connection, RateLimiter, connect
+from ..kube.informer import Informer, JitterBackoff, Watched
+from ..model import InvalidObject
+from . import ObjectRef, ObjectSink
+
+log = logging.getLogger(__name__)
+
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+KINDS = ("Node", "Service", "EndpointSlice", "Pod")
+
+
+def service_selector(proxy_name: str) -> str:
+    """kube-proxy's label selector for Services and EndpointSlices."""
+    if proxy_name:
+        return f"{PROXY_NAME_LABEL}={proxy_name},!{HEADLESS_LABEL}"
+    return f"!{PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
+
+
+def has_host_port(pod: dict) -> bool:
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        return False
+    for group in ("containers", "initContainers"):
+        for c in spec.get(group) or ():
+            if isinstance(c, dict):
+                for p in c.get("ports") or ():
+                    if isinstance(p, dict) and p.get("hostPort"):
+                        return True
+    return False
+
+
+def _slim(obj: dict) -> dict:
+    # managedFields and kubectl's last-applied copy are often most of an object's size and
+    # nothing in kpr reads them; 10k services are held for the agent's lifetime.
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+        ann = meta.get("annotations")
+        if isinstance(ann, dict) and LAST_APPLIED in ann:
+            ann = dict(ann)
+            del ann[LAST_APPLIED]
+            meta["annotations"] = ann
+    return obj
+
+
+def _rv(obj: dict | None) -> str | None:
+    meta = obj.get("metadata") if obj else None
+    return meta.get("resourceVersion") if isinstance(meta, dict) else None
+
+
+def _label(ref: ObjectRef) -> str:
+    return f"{ref[0]} {ref[1]}/{ref[2]}"
+
+
+class KubernetesSource:
+    """See the module docstring. `on_node` receives this node's Node object (None while it
+    does not exist), on the source's threads, before any service it affects."""
+
+    def __init__(
+        self,
+        section: Any,
+        node_name: str,
+        proxy_name: str = "",
+        *,
+        on_node: Callable[[dict | None], None] | None = None,
+        backoff: JitterBackoff | None = None,
+        idle_timeout: float = 120.0,
+        watch_timeout: tuple[int, int] = (240, 480),
+    ):
+        self.section = section
+        self.node_name = node_name
+        self.proxy_name = proxy_name
+        self.on_node = on_node
+        self._backoff = backoff
+        self._idle_timeout = idle_timeout
+        self._watch_timeout = watch_timeout
+        self._lock = threading.RLock()
+        self._sink: ObjectSink | None = None
+        self.connection: Connection | None = None
+        self.informers: dict[str, Informer] = {}
+        self._cache: dict[str, dict[ObjectRef, dict]] = {k: {} for k in KINDS if k != "Node"}
+        self._node: dict | None = None
+        self._listed: set[str] = set()
+        self._synced = False
+        self._failing: dict[str, tuple[str, float]] = {}
+        self._invalid: set[str] = set()
+        self._last_error: tuple[str, float] | None = None
+        self._last_event: float | None = None
+        self.applied = 0  # batches handed to the sink, for tests and status
+
+    # --- Source --------------------------------------------------------------------------
+
+    def start(self, sink: ObjectSink) -> None:
+        from kubernetes.client import CoreV1Api, DiscoveryV1Api
+
+        self._sink = sink
+        self.connection = connect(self.section)
+        core, discovery = CoreV1Api(self.connection.client), DiscoveryV1Api(self.connection.client)
+        selector = service_selector(self.proxy_name)
+        watched = [
+            Watched("Node", "v1", core.list_node, field_selector=f"metadata.name={self.node_name}"),
+            Watched("Service", "v1", core.list_service_for_all_namespaces, label_selector=selector),
+            Watched("EndpointSlice", "discovery.k8s.io/v1", discovery.list_endpoint_slice_for_all_namespaces, label_selector=selector),
+            Watched("Pod", "v1", core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={self.node_name}"),
+        ]
+        limiter = RateLimiter(self.section.qps, self.section.burst)
+        for w in watched:
+            self.informers[w.kind] = Informer(
+                w, self, limiter, page_size=self.section.page_size, backoff=self._backoff,
+                idle_timeout=self._idle_timeout, watch_timeout=self._watch_timeout,
+            )
+        for inf in self.informers.values():
+            inf.start()
+        log.info("kube.start server=%s how=%s node=%s selector=%s", self.connection.server, self.connection.how, self.node_name, selector)
+
+    def stop(self) -> None:
+        for inf in self.informers.values():
+            inf.stop()
+        deadline = time.monotonic() + 0.9
+        for inf in self.informers.values():
+            if not inf.join(max(0.01, deadline - time.monotonic())):
+                log.warning("kube.stop kind=%s thread still busy; leaving it (daemon)", inf.kind)
+        if self.connection is not None:
+            self.connection.close()
+        log.info("kube.stop")
+
+    # --- informer handler ----------------------------------------------------------------
+
+    def listed(self, kind: str, items: list[dict], resource_version: str) -> None:
+        with self._lock:
+            self._last_event = time.monotonic()
+            if kind == "Node":
+                node = next((o for o in items if (o.get("metadata") or {}).get("name") == self.node_name), None)
+                self._set_node(node)
+            else:
+                cache = self._cache[kind]
+                fresh: dict[ObjectRef, dict] = {}
+                upserts: list[dict] = []
+                for obj in items:
+                    ref, usable = self._admit(kind, obj, cache)
+                    if ref is None or usable is None:
+                        continue
+                    fresh[ref] = usable
+                    if usable is not cache.get(ref):
+                        upserts.append(usable)
+                deletes = [ref for ref in cache if ref not in fresh]
+                for ref in deletes:
+                    self._clear_invalid(ref)
+                self._cache[kind] = fresh
+                if self._synced and (upserts or deletes):
+                    log.info("kube.reconciled kind=%s upserts=%d deletes=%d", kind, len(upserts), len(deletes))
+                    self._apply(upserts, deletes)
+            first = kind not in self._listed
+            self._listed.add(kind)
+            if first:
+                log.info("kube.listed kind=%s objects=%d resource_version=%s", kind, len(items), resource_version)
+            if not self._synced and self._listed.issuperset(KINDS):
+                self._initial_sync()
+
+    def event(self, kind: str, type_: str, obj: dict) -> None:
+        with self._lock:
+            self._last_event = time.monotonic()
+            if kind == "Node":
+                if (obj.get("metadata") or {}).get("name") == self.node_name:
+                    self._set_node(None if type_ == "DELETED" else obj)
+                return
+            cache = self._cache[kind]
+            if type_ == "DELETED":
+                ref = self._ref(obj)
+                if ref is not None:
+                    self._clear_invalid(ref)
+                    if cache.pop(ref, None) is not None and self._synced:
+                        self._apply([], [ref])
+                return
+            ref, usable = self._admit(kind, obj, cache)
+            if ref is None:
+                return
+            if usable is None:
+                # A Pod that no longer declares a hostPort, or an invalid first version.
+                if cache.pop(ref, None) is not None and self._synced:
+                    self._apply([], [ref])
+                return
+            if usable is cache.get(ref):
+                return
+            cache[ref] = usable
+            if self._synced:
+                self._apply([usable], [])
+
+    def failed(self, kind: str, reason: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._failing[kind] = (reason, now)
+            self._last_error = (reason, now)
+        if self._sink is not None:
+            self._sink.report_error(kind, f"{reason}; the last good state stays in force")
+
+    def recovered(self, kind: str) -> None:
+        with self._lock:
+            self._failing.pop(kind, None)
+        if self._sink is not None:
+            self._sink.clear_error(kind)
+
+    # --- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _ref(obj: dict) -> ObjectRef | None:
+        from .. import translate
+
+        try:
+            return translate.object_ref(obj)
+        except (InvalidObject, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def _admit(self, kind: str, obj: dict, cache: dict[ObjectRef, dict]) -> tuple[ObjectRef | None, dict | None]:
+        """(ref, the object to hold): the cached object itself when unchanged, the new one
+        when usable, the last good one (or None) when invalid, None for a Pod without
+        hostPorts."""
+        from .. import translate
+
+        ref = self._ref(obj)
+        if ref is None:
+            meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+            origin = f"{kind} {meta.get('namespace') or ''}/{meta.get('name') or '(no name)'}"
+            self._report_invalid(origin, f"{origin}: no usable metadata; skipped")
+            return None, None
+        old = cache.get(ref)
+        if old is not None and _rv(old) is not None and _rv(old) == _rv(obj):
+            return ref, old
+        if kind == "Pod" and not has_host_port(obj):
+            return ref, None
+        try:
+            translate.validate_object(obj)
+        except (InvalidObject, ValueError, TypeError, KeyError, AttributeError) as e:
+            kept = "; keeping its last good version" if old is not None else "; skipped"
+            self._report_invalid(_label(ref), f"{e}{kept}")
+            return ref, old
+        self._clear_invalid(ref)
+        return ref, _slim(obj)
+
+    def _report_invalid(self, origin: str, reason: str) -> None:
+        self._invalid.add(origin)
+        if self._sink is not None:
+            self._sink.report_error(origin, reason)
+
+    def _clear_invalid(self, ref: ObjectRef) -> None:
+        origin = _label(ref)
+        if origin in self._invalid:
+            self._invalid.discard(origin)
+            if self._sink is not None:
+                self._sink.clear_error(origin)
+
+    def _set_node(self, node: dict | None) -> None:
+        changed = _rv(node) != _rv(self._node) or (node is None) != (self._node is None)
+        self._node = node
+        origin = f"Node {self.node_name}"
+        if node is None:
+            self._report_invalid(origin, f"{origin} not found in the API server: node addresses come from node.devices, zone unknown")
+        elif origin in self._invalid:
+            self._invalid.discard(origin)
+            if self._sink is not None:
+                self._sink.clear_error(origin)
+        if self._synced and changed and self.on_node is not None:
+            self.on_node(node)
+
+    def _apply(self, upserts: list[dict], deletes: list[ObjectRef]) -> None:
+        assert self._sink is not None
+        self.applied += 1
+        self._sink.apply(upserts, deletes)
+
+    def _initial_sync(self) -> None:
+        if self.on_node is not None:
+            self.on_node(self._node)
+        objects = [o for kind in ("Service", "EndpointSlice", "Pod") for o in self._cache[kind].values()]
+        if objects:
+            self._apply(objects, [])
+        self._synced = True
+        assert self._sink is not None
+        self._sink.synced()
+        log.info("kube.synced objects=%d", len(objects))
+
+    # --- observation ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            kinds = {}
+            for kind, inf in self.informers.items():
+                st = inf.stats
+                kinds[kind] = {
+                    "state": st.state,
+                    "resourceVersion": st.resource_version,
+                    "objects": (1 if self._node else 0) if kind == "Node" else len(self._cache[kind]),
+                    "events": dict(st.events),
+                    "relists": st.relists,
+                    "watchRestarts": st.watch_restarts,
+                    "errors": st.errors,
+                }
+            if not self._synced:
+                state = "syncing"
+            elif self._failing:
+                state = "disconnected"
+            else:
+                state = "watching"
+            return {
+                "state": state,
+                "server": self.connection.server if self.connection else "",
+                "connection": self.connection.how if self.connection else "",
+                "lastError": self._last_error[0] if self._last_error else "",
+                "lastErrorAgeSeconds": round(now - self._last_error[1], 1) if self._last_error else None,
+                "secondsSinceLastEvent": round(now - self._last_event, 1) if self._last_event else None,
+                "tokenRotations": self.connection.tokens.rotations if self.connection and self.connection.tokens else 0,
+                "kinds": kinds,
+            }

@@ -108,6 +108,15 @@ class Agent:
         if missing:
             raise PluginError(f"node.devices: no such device on this host: {', '.join(missing)}")
         log.info("agent.node name=%s addresses=%s devices=%s", self.node.name, ",".join(self.node.addresses), ",".join(self.node.devices))
+        # The source is made (and its connection settings checked) before any plugin
+        # attaches: a source that cannot work must not leave programs behind it.
+        self.source = make_source(cfg, self.node.name, on_node=self._on_node_object)
+        prepare = getattr(self.source, "prepare", None)
+        if callable(prepare):
+            try:
+                prepare()
+            except Exception as e:
+                raise PluginError(f"source: {e}") from e
         self.kpm = build_plugin_manager(cfg, internal=self._internal)
         self.handles = self.kpm.handles
         make_contexts(self.kpm, cfg, self.node)
@@ -133,7 +142,6 @@ class Agent:
         self.api.start()
         if cfg.metrics.address:
             self.metrics.serve(cfg.metrics.address)
-        self.source = make_source(cfg, self.node.name, on_node=self._on_node_object)
         self.source.start(self.store)
 
     def _on_synced(self, seconds: float) -> None:

@@ -122,11 +122,18 @@ class KubernetesSource:
 
     # --- Source --------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Build the connection now: settings that cannot work fail here, naming the key,
+        before anything else starts. Reaching the server is start()'s business."""
+        if self.connection is None:
+            self.connection = connect(self.section)
+
     def start(self, sink: ObjectSink) -> None:
         from kubernetes.client import CoreV1Api, DiscoveryV1Api
 
         self._sink = sink
-        self.connection = connect(self.section)
+        self.prepare()
+        assert self.connection is not None
         core, discovery = CoreV1Api(self.connection.client), DiscoveryV1Api(self.connection.client)
         selector = service_selector(self.proxy_name)
         watched = [

@@ -155,6 +155,15 @@ class ServiceSection(Section):
 class BpfSection(Section):
     # bpffs directory every kpr map and program is pinned under.
     pin_path: Path = Path("/sys/fs/bpf/kpr")
+    # max_entries of the service maps, for clusters beyond the defaults (65536 frontend
+    # slots, 65536 backends, 65536 reverse-NAT entries): keys kprSvc, kprBackend, kprRevnat,
+    # kprAffinity. Maps already pinned with other sizes are refused at start (kpr cleanup
+    # removes them).
+    map_sizes: dict[Literal["kprSvc", "kprBackend", "kprRevnat", "kprAffinity"], Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)]] = {}
+
+    def map_size_overrides(self) -> dict[str, int]:
+        """map_sizes keyed by map name (kprSvc -> kpr_svc)."""
+        return {"kpr_" + k[3:].lower(): v for k, v in self.map_sizes.items()}
 
 
 class ApiSection(Section):

@@ -171,10 +171,10 @@ def writer_params(config: "KprConfig") -> WriterParams:
             chosen.setdefault(knob, (key, value))
     if problems:
         raise ConfigError(problems)
-    sizes = {}
+    sizes = config.bpf.map_size_overrides()
     if "conntrack" in chosen:
         ct = int(chosen["conntrack"][1])
-        sizes = {"kpr_ct": ct, "kpr_snat": ct}
+        sizes.update(kpr_ct=ct, kpr_snat=ct)
     return WriterParams(
         algorithm=chosen.get("algorithm", ("", "random"))[1],
         maglev_size=int(chosen.get("maglev_size", ("", M.MAGLEV_DEFAULT_SIZE))[1]),

@@ -65,3 +65,16 @@ def test_disabled_plugins_do_not_count():
 
 def test_defaults_without_plugins():
     assert writer_params(parse_config("")) == WriterParams()
+
+
+def test_bpf_map_sizes_size_the_service_maps_and_the_programs_declarations():
+    cfg = parse_config("bpf: {mapSizes: {kprSvc: 262144, kprBackend: 131072}}\nplugins: {b: {enabled: true, conntrackSize: 4096}}")
+    build_plugin_manager(cfg, discovered=found())
+    params = writer_params(cfg)
+    assert params.sizes == {"kpr_svc": 262144, "kpr_backend": 131072, "kpr_ct": 4096, "kpr_snat": 4096}
+    flags = params.cflags("/sys/fs/bpf/x")
+    assert "-DKPR_SVC_MAX=262144" in flags and "-DKPR_BACKEND_MAX=131072" in flags and "-DKPR_REVNAT_MAX=65536" in flags
+    with pytest.raises(ConfigError, match="bpf.mapSizes.kprSvc: Input should be greater than or equal to 1024"):
+        parse_config("bpf: {mapSizes: {kprSvc: 10}}")
+    with pytest.raises(ConfigError, match="bpf.mapSizes.kprCt"):
+        parse_config("bpf: {mapSizes: {kprCt: 4096}}")

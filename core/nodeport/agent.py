@@ -288,7 +288,9 @@ class NodePortAgent:
             self._writer = D.writer_settings(pin)
             self._writer_checked = time.monotonic()
             # the tables' real size decides where the program looks, whatever was asked for
-            self.datapath = self._new_datapath(cfg, self._writer.maglev_size or M.MAGLEV_DEFAULT_SIZE).load()
+            datapath = self._new_datapath(cfg, self._writer.maglev_size or M.MAGLEV_DEFAULT_SIZE)
+            datapath.sizes = context.config.bpf.map_size_overrides()
+            self.datapath = datapath.load()
             self.health = HealthChecks(self._netns, cfg.health_check_address)
             self._sync_node(context.node)
             self.collector = Collector(

@@ -157,12 +157,14 @@ class Datapath:
         self.maglev_size = maglev_size
         self.snat_ports = snat_ports
         self.extra_cflags = list(extra_cflags)
+        # bpf.mapSizes overrides: the programs must declare the pinned maps as the writer made them.
+        self.sizes: dict[str, int] = {}
         self.bpf: Any = None
         self.progs: dict[str, Any] = {}
         self.maps: dict[str, M.BpfMap] = {}
 
     def cflags(self) -> list[str]:
-        return M.cflags(self.pin, maglev_size=self.maglev_size) + [
+        return M.cflags(self.pin, self.sizes, maglev_size=self.maglev_size) + [
             f"-DKPR_NP_MODE={MODES[self.mode]}",
             f"-DKPR_NP_REV_MAX={self.conntrack_size}",
             f"-DKPR_NP_ICMP_UNREACH={int(self.icmp_unreachable)}",

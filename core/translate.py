@@ -1013,8 +1013,9 @@ def translate_service(
 def translate_pod(pod: KubeObject, node: NodeInfo) -> Service | None:
     """The HostPort pseudo-service of a Pod running on `node`, or None when it has none.
 
-    Each container port with a hostPort is reachable on its hostIP, or when unset on every
-    node address of each pod IP's family, and goes to podIP:containerPort.
+    Each container port with a hostPort is reachable on its hostIP when that is a node
+    address, or when unset on every node address of each pod IP's family, and goes to
+    podIP:containerPort.
     Host-network pods are skipped: their hostPort is the process's own socket on the node.
     """
     if _check_common(pod) != "Pod":
@@ -1028,6 +1029,10 @@ def translate_pod(pod: KubeObject, node: NodeInfo) -> Service | None:
     node_addresses = _node_addresses(tuple(node.addresses))
     for hp in parsed.host_ports:
         if hp.host_ip is not None:
+            # Another address is not this node's to serve: a pod would take every client's
+            # traffic to it (as CVE-2020-8554 with ExternalIPs).
+            if hp.host_ip not in node_addresses[hp.host_ip[1]]:
+                continue
             targets = [(hp.host_ip, parsed.pod_ips.get(hp.host_ip[1]))]
         else:
             targets = [

@@ -952,6 +952,18 @@ POD_CASES = [
         ],
     ),
     Case(
+        "hostport-host-ip-not-a-node-address",
+        "A hostIP that is not one of the node's addresses is not served: the pod would take "
+        "every client's traffic to that address (CVE-2020-8554 with ExternalIPs).",
+        [
+            pod("""
+                - {containerPort: 53, hostPort: 53, protocol: UDP, hostIP: 8.8.8.8}
+                - {containerPort: 8080, hostPort: 80, hostIP: 192.168.1.10}
+            """)
+        ],
+        [f"HostPort 192.168.1.10:80/TCP -> 10.1.0.5:8080 {LOCAL}"],
+    ),
+    Case(
         "hostport-host-ip-other-family",
         "A hostIP of a family the pod has no IP in gives nothing.",
         [pod("- {containerPort: 8080, hostPort: 80, hostIP: '2001:db8::10'}")],

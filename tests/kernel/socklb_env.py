@@ -1,5 +1,6 @@
 """Shared pieces of the socklb kernel tests and benchmark: peer scripts, a private bpffs, a
-node-with-pods topology, and a running socklb plugin driven with the service map writer.
+node-with-pods topology, and a running socklb plugin driven with the service map writer
+(services directly, or Kubernetes objects through the agent's object store).
 
 Layout: one "node" namespace (the host, as far as the plugin is concerned: its netns cookie
 is the host's) holding node addresses 10.77.0.1 and fd77::1 on lo; pods be1..be3 run a
@@ -18,10 +19,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from kpr.config import KprConfig
 from kpr.context import PluginContext
@@ -29,12 +33,15 @@ from kpr.model import Backend, BackendState, Frontend, FrontendType, NodeInfo, P
 from kpr.plugins.socklb.config import SockLBConfig
 from kpr.plugins.socklb.plugin import SockLB
 from kpr.servicemaps import ServiceMapWriter
-from kpr.testing.cgroup import run_in_cgroup
+from kpr.sources import ObjectRef
+from kpr.store import ObjectStore
+from kpr.testing.cgroup import child_cgroup, run_in_cgroup
 from kpr.testing.netns import Topology
 
 PY = shutil.which("python3", path="/usr/bin:/bin") or "python3"
 
 NODE4, NODE6 = "10.77.0.1", "fd77::1"
+NODE = NodeInfo("node1", addresses=(NODE4, NODE6))  # the node facts the plugin and the store get
 PODS = {"be1": ("10.244.0.11", "fd44::11"), "be2": ("10.244.0.12", "fd44::12"), "be3": ("10.244.0.13", "fd44::13")}
 CLIENT4, CLIENT6 = "10.244.0.100", "fd44::100"
 PORT = 8080
@@ -189,6 +196,13 @@ def build_topology(topo: Topology) -> None:
             raise RuntimeError(f"server in {name} did not start: {line!r}")
 
 
+def answers(rows: list[dict]) -> list[str]:
+    """The answers of a client's rows; any error fails the test, naming it."""
+    bad = [r for r in rows if "error" in r]
+    assert not bad, f"client errors: {bad}"
+    return [r["answer"] for r in rows]
+
+
 def be(name: str, *, v6: bool = False, state: BackendState = BackendState.ACTIVE, local: bool = True) -> Backend:
     return Backend(PODS[name][1 if v6 else 0], PORT, state=state, node_name="node1" if local else "node2", local=local)
 
@@ -216,6 +230,8 @@ class Env:
     writer: ServiceMapWriter
     cgroup: Path
     plugins: list[SockLB] = field(default_factory=list)
+    applied: dict[ServiceKey, None] = field(default_factory=dict)
+    store: ObjectStore | None = None
 
     @property
     def plugin(self) -> SockLB:
@@ -226,11 +242,28 @@ class Env:
         self.writer.upsert(svc)
         for p in self.plugins:
             p.kpr_service_upsert(svc)
+        self.applied[svc.key] = None
 
     def delete(self, key: ServiceKey) -> None:
         self.writer.delete(key)
         for p in self.plugins:
             p.kpr_service_delete(key)
+        self.applied.pop(key, None)
+
+    def feed(self, *objs: dict, gone: Iterable[ObjectRef] = ()) -> None:
+        """Kubernetes objects (Pods, Services, ...) in and `gone` refs out of the agent's object
+        store, which translates them for NODE and publishes each model change as one `apply`
+        or `delete`, as the agent's store does to the bus."""
+        if self.store is None:
+            publisher = SimpleNamespace(upsert=self.apply, delete=self.delete, sync_complete=lambda: None)
+            self.store = ObjectStore(NODE, publisher)
+        self.store.apply(list(objs), list(gone))
+
+    def clear(self) -> None:
+        """Delete every service applied, and forget the objects fed."""
+        self.store = None
+        for key in list(self.applied):
+            self.delete(key)
 
     def client(self, *args: Any, ns: str = "cli", cgroup: Path | None = None, timeout: float = 60) -> list[dict]:
         res = run_in_cgroup(
@@ -252,7 +285,7 @@ def plugin_context(pin: Path, state_dir: Path | None = None) -> PluginContext:
     config = KprConfig.model_validate({"bpf": {"pinPath": str(pin)}, "agent": {"stateDir": str(state_dir or pin)}})
     return PluginContext(
         name="socklb",
-        node=NodeInfo("node1", addresses=(NODE4, NODE6)),
+        node=NODE,
         log=logging.getLogger("kpr.plugins.socklb"),
         config=config,
         state_dir=state_dir or pin,
@@ -267,3 +300,37 @@ def start_socklb(topo: Topology, pin: Path, cgroup: Path, **cfg: Any) -> SockLB:
     with topo["node"].enter():
         plugin.kpr_start(context=ctx)
     return plugin
+
+
+@contextlib.contextmanager
+def running(name: str = "kpr-socklb", **cfg: Any) -> Iterator[Env]:
+    """The whole set-up: a private bpffs, the topology with its servers, a child cgroup, the
+    writer and one plugin on that cgroup; all stopped and removed afterwards, even on failure."""
+    with contextlib.ExitStack() as stack:
+        mnt = stack.enter_context(private_bpffs(name))
+        topo = stack.enter_context(Topology())
+        cg = stack.enter_context(child_cgroup(name))
+        build_topology(topo)
+        pin = mnt / "kpr"
+        writer = ServiceMapWriter(pin).open()
+        stack.callback(writer.close)
+        env = Env(topo, pin, writer, cg)
+
+        def stop_all() -> None:
+            for p in list(env.plugins):
+                env.stop_plugin(p)
+
+        stack.callback(stop_all)
+        env.start_plugin(cg, **cfg)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def socklb(kernel_headers: Path) -> Iterator[Env]:
+    """`running()` once per test module that asks for it (import the fixture there)."""
+    from kpr.bpf.probes import cgroup2_mount
+
+    if cgroup2_mount() is None:
+        pytest.skip("no cgroup2 hierarchy mounted")
+    with running() as env:
+        yield env

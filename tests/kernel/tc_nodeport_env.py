@@ -1,6 +1,7 @@
 """Shared pieces of the tc_nodeport end-to-end tests and benchmark: a two-node cluster in
 network namespaces with an external client behind a router, pods that report the client
-address they see, and tc_nodeport plugins driven together with the service map writer.
+address they see, and tc_nodeport plugins driven together with the service map writer
+(services directly, or Kubernetes objects through each node's own object store).
 
     cl (10.100.0.2, fd10::2) -- rt -- node1 eth0 (10.0.1.10, fd01::10) -- pods p1a, p1b
                                  \\-- node2 eth0 (10.0.2.10, fd02::10) -- pods p2a, p2b
@@ -18,9 +19,11 @@ import json
 import logging
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kpr.bpf.cleanup import scratch_pin_dir
@@ -30,6 +33,8 @@ from kpr.model import Backend, NodeInfo, Service, ServiceKey
 from kpr.plugins.tc_nodeport.config import TcNodePortConfig
 from kpr.plugins.tc_nodeport.plugin import TcNodePort
 from kpr.servicemaps import ServiceMapWriter
+from kpr.sources import ObjectRef
+from kpr.store import ObjectStore
 from kpr.testing.netns import Topology
 
 PY = shutil.which("python3", path="/usr/bin:/bin") or "python3"
@@ -184,12 +189,17 @@ def answers(rows: list[dict]) -> list[str]:
     return [r.get("answer") or r.get("error", "?") for r in rows]
 
 
+def node_info(node: str, devices: tuple[str, ...] = ("eth0",)) -> NodeInfo:
+    """The node facts `node`'s agent would have with these devices."""
+    addrs = (NODES[node]["addr"], NODES[node]["addr6"]) + ((NODE1_ETH1,) if "eth1" in devices else ())
+    return NodeInfo(node, addresses=addrs, devices=devices)
+
+
 def plugin_context(pin: Path, node: str, devices: tuple[str, ...], state_dir: Path | None = None) -> PluginContext:
     config = KprConfig.model_validate({"bpf": {"pinPath": str(pin)}, "agent": {"stateDir": str(state_dir or pin)}})
-    addrs = (NODES[node]["addr"], NODES[node]["addr6"]) + ((NODE1_ETH1,) if "eth1" in devices else ())
     return PluginContext(
         name="tc_nodeport",
-        node=NodeInfo(node, addresses=addrs, devices=devices),
+        node=node_info(node, devices),
         log=logging.getLogger("kpr.plugins.tc_nodeport"),
         config=config,
         state_dir=state_dir or pin,
@@ -215,27 +225,52 @@ class Cluster:
     writers: dict[str, ServiceMapWriter]
     plugins: dict[str, TcNodePort] = field(default_factory=dict)
     applied: dict[ServiceKey, ServiceFactory] = field(default_factory=dict)
+    stores: dict[str, ObjectStore] = field(default_factory=dict)
 
     def apply(self, factory: ServiceFactory) -> None:
         """One bus dispatch on every node: the writer first, then the plugin (as the agent's
         facility ordering has it)."""
-        for node, w in self.writers.items():
+        for node in self.writers:
             svc = factory(node)
-            w.upsert(svc)
-            if node in self.plugins:
-                self.plugins[node].kpr_service_upsert(svc)
+            self._upsert(node, svc)
             self.applied[svc.key] = factory
 
     def delete(self, key: ServiceKey) -> None:
-        for node, w in self.writers.items():
-            w.delete(key)
-            if node in self.plugins:
-                self.plugins[node].kpr_service_delete(key)
+        for node in self.writers:
+            self._delete(node, key)
         self.applied.pop(key, None)
 
+    def feed(self, *objs: dict, gone: Iterable[ObjectRef] = ()) -> None:
+        """Kubernetes objects (Pods, Services, ...) in and `gone` refs out of each node's own
+        object store, as each node's agent has one: a model change a store publishes is one
+        dispatch on its node only."""
+        for node in self.writers:
+            if node not in self.stores:
+                info = self.plugins[node].context.node if node in self.plugins else node_info(node)
+                publisher = SimpleNamespace(
+                    upsert=partial(self._upsert, node), delete=partial(self._delete, node), sync_complete=lambda: None
+                )
+                self.stores[node] = ObjectStore(info, publisher)
+            self.stores[node].apply(list(objs), list(gone))
+
+    def _upsert(self, node: str, svc: Service) -> None:
+        self.writers[node].upsert(svc)
+        if node in self.plugins:
+            self.plugins[node].kpr_service_upsert(svc)
+
+    def _delete(self, node: str, key: ServiceKey) -> None:
+        self.writers[node].delete(key)
+        if node in self.plugins:
+            self.plugins[node].kpr_service_delete(key)
+
     def clear(self) -> None:
+        """Delete every service applied or published by a store, and forget the objects fed."""
         for key in list(self.applied):
             self.delete(key)
+        for node, store in self.stores.items():
+            for key in list(store.services):
+                self._delete(node, key)
+        self.stores.clear()
 
     def stats(self, node: str) -> dict[str, int]:
         dp = self.plugins[node].datapath

@@ -47,10 +47,12 @@ from socklb_env import (
     PODS,
     PY,
     Env,
+    answers,
     be,
     build_topology,
     private_bpffs,
     service,
+    socklb,  # noqa: F401 - the module fixture
     start_socklb,
 )
 
@@ -64,54 +66,13 @@ IP = {name: v4 for name, (v4, _) in PODS.items()}
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def env_module(kernel_headers: Path) -> Iterator[Env]:
-    from kpr.bpf.probes import cgroup2_mount
-
-    if cgroup2_mount() is None:
-        pytest.skip("no cgroup2 hierarchy mounted")
-    with contextlib.ExitStack() as stack:
-        mnt = stack.enter_context(private_bpffs())
-        topo = stack.enter_context(Topology())
-        cg = stack.enter_context(child_cgroup("kpr-socklb"))
-        build_topology(topo)
-        pin = mnt / "kpr"
-        writer = ServiceMapWriter(pin).open()
-        stack.callback(writer.close)
-        env = Env(topo, pin, writer, cg)
-
-        def stop_all() -> None:
-            for p in list(env.plugins):
-                env.stop_plugin(p)
-
-        stack.callback(stop_all)
-        env.start_plugin(cg)
-        yield env
-
-
 @pytest.fixture
-def env(env_module: Env) -> Iterator[Env]:
-    """The shared set-up; services a test applied are deleted afterwards."""
-    applied: list[ServiceKey] = []
-    apply = env_module.apply
-
-    def tracking(svc: Any) -> None:
-        applied.append(svc.key)
-        apply(svc)
-
-    env_module.apply = tracking  # type: ignore[method-assign]
+def env(socklb: Env) -> Iterator[Env]:
+    """The module's shared set-up; services a test applied are deleted afterwards."""
     try:
-        yield env_module
+        yield socklb
     finally:
-        env_module.apply = apply  # type: ignore[method-assign]
-        for key in dict.fromkeys(applied):
-            env_module.delete(key)
-
-
-def answers(rows: list[dict]) -> list[str]:
-    bad = [r for r in rows if "error" in r]
-    assert not bad, f"client errors: {bad}"
-    return [r["answer"] for r in rows]
+        socklb.clear()
 
 
 def prog_ids(cgroup: Path, attach_type: str) -> list[int]:

@@ -48,10 +48,20 @@ KUBECTLS = _kubectls()
 needs_kubectl = pytest.mark.skipif(not KUBECTLS, reason="no kubectl binary on PATH")
 
 
+def _server_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name or t.name.startswith("kpr-apiserver")]
+
+
 @pytest.fixture
 def srv():
+    before = set(_server_threads())
     with KubeApiServer(bookmark_interval=0.3, history=1000) as s:
         yield s
+    # Closing leaves no connection thread behind, whatever the test left open.
+    deadline = time.monotonic() + 5
+    while set(_server_threads()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(_server_threads()) - before
 
 
 @pytest.fixture
@@ -121,13 +131,21 @@ def test_kubectl_apply_get_describe_delete(srv, kubeconfig, tmp_path, binary):
     got = json.loads(kubectl(binary, kubeconfig, "get", "svc", "-A", "-o", "json").stdout)
     assert sorted(i["metadata"]["name"] for i in got["items"]) == ["api", "dns", "echo", "ingress", "web"]
     assert "10.0.100.10" in kubectl(binary, kubeconfig, "describe", "svc", "-n", "ingress", "ingress").stdout
-    assert "web" in kubectl(binary, kubeconfig, "get", "svc", "-n", "shop").stdout
+    # kubectl get prints the server's Table: the real columns.
+    table = kubectl(binary, kubeconfig, "get", "svc", "-n", "ingress", "-o", "wide").stdout.splitlines()
+    assert table[0].split() == ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE", "SELECTOR"]
+    nodeport = srv.get("Service", "ingress", "ingress")["spec"]["ports"][0]["nodePort"]
+    assert table[1].split()[:5] == ["ingress", "LoadBalancer", web_ip_of(srv, "ingress", "ingress"), "10.0.100.10", f"443:{nodeport}/TCP"]
 
     out = kubectl(binary, kubeconfig, "delete", "-f", str(f)).stdout
     assert 'service "web" deleted' in out
     assert srv.get("Service", "shop", "web") is None and srv.get("EndpointSlice", "shop", "web-7x2kq") is None
     p = kubectl(binary, kubeconfig, "get", "svc", "-n", "shop", "web", check=False)
     assert p.returncode != 0 and "NotFound" in p.stderr
+
+
+def web_ip_of(srv, ns: str, name: str) -> str:
+    return srv.get("Service", ns, name)["spec"]["clusterIP"]
 
 
 DAEMONSET = """

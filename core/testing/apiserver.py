@@ -27,8 +27,10 @@ Deviations from the real server, on purpose: namespaces need not exist before ob
 created in them; create keeps a given status (so a manifest's status.loadBalancer reaches
 the agent, as with the files source; main-resource updates and patches keep the old status
 as the real server does, and ``update_status`` or the HTTP status subresource change it);
-list responses are never served as Tables (kubectl prints its plain columns); there is no
+fieldValidation=Strict is accepted but unknown fields are kept, not refused; there is no
 admission, no garbage collection, no finalizer handling and no server-side apply.
+``kubectl get`` gets Tables with the real columns for the common kinds (Name and Age for
+the others), in lists and in ``get -w`` streams.
 
 Faults, each observable by a client: ``drop_watches``, ``fail``, ``stall``, ``expire``,
 ``rotate_token``, ``down`` / ``up``. ``requests`` records every request for assertions.
@@ -833,7 +835,12 @@ class KubeApiServer:
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
-        self._closing = True
+        with self._lock:
+            # Watches are cut, not ended: no terminating chunk, as when a server dies.
+            for ws in self._watches.values():
+                for w in ws:
+                    w.dropped = True
+            self._closing = True
         httpd.shutdown()
         httpd.server_close()
         if self._thread is not None:
@@ -1294,7 +1301,10 @@ class KubeApiServer:
             if method == "GET":
                 if query.get("watch") in ("true", "1"):
                     return self._watch(h, res, namespace, query)
-                return h.reply(200, self._list(res, namespace, query))
+                out = self._list(res, namespace, query)
+                if _wants_table(h):
+                    out = _table(res, out["items"], out["metadata"], query)
+                return h.reply(200, out)
             if method == "POST":
                 obj = self._create(res, _json(body), namespace, dry)
                 return h.reply(201, obj)
@@ -1308,7 +1318,8 @@ class KubeApiServer:
                 obj = self._objects[res].get(self._key(res, namespace, name))
             if obj is None:
                 raise _not_found(res, name)
-            return h.reply(200, obj)
+            return h.reply(200, _table(res, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]}, query)
+                           if _wants_table(h) else obj)
         if method == "PUT":
             return h.reply(200, self._update(res, _json(body), namespace, sub, dry, name=name))
         if method == "PATCH":
@@ -1411,13 +1422,13 @@ class KubeApiServer:
         except ValueError:
             raise ApiError(400, f"invalid resourceVersion {rv_text!r} or timeoutSeconds {timeout!r}") from None
         w = _Watch(res, flt, h.conn)
-        initial: list[bytes] = []
+        initial: list[dict] = []
         too_old = False
         with self._lock:
             if since is None:
                 for o in sorted(self._objects[res].values(), key=_sort_key):
                     if flt.match(o):
-                        initial.append(_dumps({"type": "ADDED", "object": o}) + b"\n")
+                        initial.append(o)
                 w.last_rv = self._rv
             elif since < self._floor:
                 too_old = True
@@ -1436,6 +1447,14 @@ class KubeApiServer:
         h.close_connection = True
         log.debug("apiserver.watch_open resource=%s namespace=%s since=%s", res.plural, namespace, rv_text)
 
+        table = _wants_table(h)
+
+        def encode(type_: str, obj: dict, line: bytes | None = None) -> bytes:
+            # kubectl get -w asks for Tables in the stream too.
+            if table:
+                return _dumps({"type": type_, "object": _table(res, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]}, query)}) + b"\n"
+            return line or _dumps({"type": type_, "object": obj}) + b"\n"
+
         def send(data: bytes) -> None:
             self._wait_stall(h.conn)
             h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -1447,8 +1466,8 @@ class KubeApiServer:
                 send(_dumps({"type": "ERROR", "object": _status(410, msg, "Expired")}) + b"\n")
                 h.wfile.write(b"0\r\n\r\n")
                 return
-            for line in initial:
-                send(line)
+            for obj in initial:
+                send(encode("ADDED", obj))
             next_bookmark = time.monotonic() + self.bookmark_interval
             while not w.dropped and not self._closing:
                 now = time.monotonic()
@@ -1463,9 +1482,9 @@ class KubeApiServer:
                     ev = None
                 if ev is not None:
                     w.last_rv = ev.rv
-                    line = self._event_line(w, ev)
-                    if line is not None:
-                        send(line)
+                    out = self._event_for(w, ev)
+                    if out is not None:
+                        send(encode(*out))
                     continue
                 if bookmarks and time.monotonic() >= next_bookmark:
                     with self._lock:
@@ -1493,21 +1512,22 @@ class KubeApiServer:
             raise _Closed()
 
     @staticmethod
-    def _event_line(w: _Watch, ev: _Event) -> bytes | None:
+    def _event_for(w: _Watch, ev: _Event) -> tuple[str, dict, bytes | None] | None:
+        """What this watcher sees of an event: (type, object, the shared encoding if it fits)."""
         flt = w.filter
         if ev.type == "ADDED":
-            return ev.line() if flt.match(ev.obj) else None
+            return (ev.type, ev.obj, ev.line()) if flt.match(ev.obj) else None
         if ev.type == "DELETED":
-            return ev.line() if flt.match(ev.old) else None
+            return (ev.type, ev.obj, ev.line()) if flt.match(ev.old) else None
         was, now = flt.match(ev.old), flt.match(ev.obj)
         if was and now:
-            return ev.line()
+            return (ev.type, ev.obj, ev.line())
         if now:
-            return _dumps({"type": "ADDED", "object": ev.obj}) + b"\n"
+            return ("ADDED", ev.obj, None)
         if was:
             # Leaving the selector reads as a deletion: the old content at the new version.
             gone = {**ev.old, "metadata": {**ev.old["metadata"], "resourceVersion": str(ev.rv)}}  # type: ignore[index]
-            return _dumps({"type": "DELETED", "object": gone}) + b"\n"
+            return ("DELETED", gone, None)
         return None
 
 
@@ -1641,6 +1661,148 @@ def _openapi_v2_json() -> dict:
             "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
         }} for path, r in _patch_paths()
     }}
+
+
+# --- Tables (kubectl get asks for them) ----------------------------------------------------
+
+
+def _wants_table(h: _Handler) -> bool:
+    return "as=Table" in h.headers.get("Accept", "")
+
+
+def _age(obj: dict) -> str:
+    try:
+        t = datetime.datetime.strptime(obj["metadata"]["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
+    except (KeyError, ValueError, TypeError):
+        return "<unknown>"
+    s = int((datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - t).total_seconds())
+    if s < 120:
+        return f"{max(s, 0)}s"
+    if s < 600:
+        return f"{s // 60}m{s % 60}s" if s % 60 else f"{s // 60}m"
+    if s < 3 * 3600:
+        return f"{s // 60}m"
+    if s < 48 * 3600:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def _get(obj: dict, *path: str, default: Any = None) -> Any:
+    for p in path:
+        obj = obj.get(p) if isinstance(obj, dict) else None  # type: ignore[assignment]
+    return default if obj is None else obj
+
+
+def _svc_external(o: dict) -> str:
+    spec = o.get("spec") or {}
+    if spec.get("type") == "ExternalName":
+        return spec.get("externalName") or "<none>"
+    ips = list(spec.get("externalIPs") or [])
+    if spec.get("type") == "LoadBalancer":
+        lb = [i.get("ip") or i.get("hostname") for i in _get(o, "status", "loadBalancer", "ingress", default=[])]
+        ips = [i for i in lb if i] + ips
+        return ",".join(ips) or "<pending>"
+    return ",".join(ips) or "<none>"
+
+
+def _svc_ports(o: dict) -> str:
+    out = []
+    for p in _get(o, "spec", "ports", default=[]):
+        np = f":{p['nodePort']}" if p.get("nodePort") else ""
+        out.append(f"{p.get('port')}{np}/{p.get('protocol', 'TCP')}")
+    return ",".join(out) or "<none>"
+
+
+def _slice_endpoints(o: dict) -> str:
+    addrs = [a for e in o.get("endpoints") or [] for a in e.get("addresses") or []]
+    more = f" + {len(addrs) - 3} more..." if len(addrs) > 3 else ""
+    return ",".join(addrs[:3]) + more if addrs else "<unset>"
+
+
+def _node_ready(o: dict) -> str:
+    cond = next((c for c in _get(o, "status", "conditions", default=[]) if c.get("type") == "Ready"), None)
+    return "Ready" if cond and cond.get("status") == "True" else "NotReady" if cond else "Unknown"
+
+
+def _pod_ready(o: dict) -> str:
+    statuses = _get(o, "status", "containerStatuses", default=[])
+    return f"{sum(1 for c in statuses if c.get('ready'))}/{len(_get(o, 'spec', 'containers', default=[]))}"
+
+
+# (column, type, priority, cell); priority 1 shows with -o wide. Kinds not listed get Name, Age.
+_Col = tuple[str, str, int, Any]
+_COLUMNS: dict[str, list[_Col]] = {
+    "Service": [
+        ("Type", "string", 0, lambda o: _get(o, "spec", "type", default="ClusterIP")),
+        ("Cluster-IP", "string", 0, lambda o: _get(o, "spec", "clusterIP", default="<none>")),
+        ("External-IP", "string", 0, _svc_external),
+        ("Port(s)", "string", 0, _svc_ports),
+        ("Selector", "string", 1, lambda o: ",".join(f"{k}={v}" for k, v in _get(o, "spec", "selector", default={}).items()) or "<none>"),
+    ],
+    "EndpointSlice": [
+        ("AddressType", "string", 0, lambda o: o.get("addressType", "")),
+        ("Ports", "string", 0, lambda o: ",".join(str(p.get("port")) for p in o.get("ports") or []) or "<unset>"),
+        ("Endpoints", "string", 0, _slice_endpoints),
+    ],
+    "Endpoints": [
+        ("Endpoints", "string", 0, lambda o: ",".join(
+            f"{a.get('ip')}:{p.get('port')}" for s in o.get("subsets") or [] for a in s.get("addresses") or []
+            for p in s.get("ports") or [{}]) or "<none>"),
+    ],
+    "Namespace": [("Status", "string", 0, lambda o: _get(o, "status", "phase", default="Active"))],
+    "Node": [
+        ("Status", "string", 0, _node_ready),
+        ("Version", "string", 0, lambda o: _get(o, "status", "nodeInfo", "kubeletVersion", default="")),
+    ],
+    "Pod": [
+        ("Ready", "string", 0, _pod_ready),
+        ("Status", "string", 0, lambda o: _get(o, "status", "phase", default="Pending")),
+        ("IP", "string", 1, lambda o: _get(o, "status", "podIP", default="<none>")),
+        ("Node", "string", 1, lambda o: _get(o, "spec", "nodeName", default="<none>")),
+    ],
+    "DaemonSet": [
+        ("Desired", "integer", 0, lambda o: _get(o, "status", "desiredNumberScheduled", default=0)),
+        ("Current", "integer", 0, lambda o: _get(o, "status", "currentNumberScheduled", default=0)),
+        ("Ready", "integer", 0, lambda o: _get(o, "status", "numberReady", default=0)),
+        ("Available", "integer", 0, lambda o: _get(o, "status", "numberAvailable", default=0)),
+    ],
+    "Deployment": [
+        ("Ready", "string", 0, lambda o: f"{_get(o, 'status', 'readyReplicas', default=0)}/{_get(o, 'spec', 'replicas', default=1)}"),
+        ("Available", "integer", 0, lambda o: _get(o, "status", "availableReplicas", default=0)),
+    ],
+    "ConfigMap": [("Data", "integer", 0, lambda o: len(o.get("data") or {}) + len(o.get("binaryData") or {}))],
+    "Secret": [
+        ("Type", "string", 0, lambda o: o.get("type", "Opaque")),
+        ("Data", "integer", 0, lambda o: len(o.get("data") or {})),
+    ],
+    "Lease": [("Holder", "string", 0, lambda o: _get(o, "spec", "holderIdentity", default=""))],
+}
+
+
+def _table(res: Resource, objs: list[dict], meta: dict, query: dict) -> dict:
+    """The meta.k8s.io/v1 Table the real server answers kubectl with: its columns for the
+    common kinds, Name and Age for the rest."""
+    cols: list[_Col] = [("Name", "string", 0, lambda o: o["metadata"]["name"]), *_COLUMNS.get(res.kind, []),
+                        ("Age", "string", 0, _age)]
+    # Age sits before the wide-only columns, as in kubectl's own output.
+    cols = [c for c in cols if c[2] == 0] + [c for c in cols if c[2] > 0]
+    include = query.get("includeObject", "Metadata")
+
+    def row_object(o: dict) -> dict | None:
+        if include == "Object":
+            return {"kind": res.kind, "apiVersion": res.api_version, **o}
+        if include == "None":
+            return None
+        return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}
+
+    return {
+        "kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
+        "columnDefinitions": [
+            {"name": n, "type": t, "format": "name" if n == "Name" else "", "description": n, "priority": p}
+            for n, t, p, _ in cols
+        ],
+        "rows": [{"cells": [f(o) for *_, f in cols], "object": row_object(o)} for o in objs],
+    }
 
 
 def _resource_list(gv: tuple[str, str]) -> dict:

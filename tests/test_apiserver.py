@@ -260,6 +260,17 @@ def test_kubectl_get_watch(srv, kubeconfig):
         p.communicate(timeout=10)
 
 
+@needs_kubectl
+def test_kubectl_token_file_and_rotation(srv, tmp_path):
+    following = srv.write_kubeconfig(tmp_path / "following", token_file=True)
+    static = srv.write_kubeconfig(tmp_path / "static")
+    kubectl(KUBECTLS[0], static, "get", "ns")
+    srv.rotate_token()
+    assert "kube-system" in kubectl(KUBECTLS[0], following, "get", "ns").stdout
+    p = kubectl(KUBECTLS[0], static, "get", "ns", check=False)
+    assert p.returncode != 0 and "Unauthorized" in p.stderr
+
+
 # --- the Python client: list, selectors ----------------------------------------------------
 
 
@@ -389,7 +400,21 @@ def test_watch_selector_leaving_is_deleted(srv, core):
     assert events[0]["raw_object"]["metadata"]["labels"] == {"proxy": "kpr"}  # the last content it matched
 
 
-def test_watch_expired_resource_version_raises_410(srv, core):
+def test_watch_list_initial_events_end_with_a_bookmark(srv):
+    srv.create(svc("a"))
+    ctx = ssl.create_default_context(cafile=srv.ca_file)
+    req = urllib.request.Request(f"{srv.url}/api/v1/namespaces/default/services?watch=1&sendInitialEvents=true"
+                                 "&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1")
+    req.add_header("Authorization", f"Bearer {srv.token}")
+    with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+        first, second = json.loads(r.readline()), json.loads(r.readline())
+    assert first["type"] == "ADDED" and first["object"]["metadata"]["name"] == "a"
+    assert second["type"] == "BOOKMARK"
+    assert second["object"]["metadata"] == {"resourceVersion": str(srv.resource_version),
+                                            "annotations": {"k8s.io/initial-events-end": "true"}}
+
+
+def test_watch_expired_resource_version_raises_410(srv, core, tmp_path):
     srv.create(svc("a"))
     rv = core.list_namespaced_service("default").metadata.resource_version
     srv.expire()
@@ -404,11 +429,20 @@ def test_watch_expired_resource_version_raises_410(srv, core):
         assert r.status == 200
         ev = json.loads(r.readline())
     assert ev["type"] == "ERROR" and ev["object"]["code"] == 410 and ev["object"]["reason"] == "Expired"
-    # A resourceVersion still in history replays; a small history forgets the oldest.
+    # A small history forgets the oldest events: their versions are too old as well.
     with KubeApiServer(history=3) as small:
-        for i in range(5):
+        first = small.create(svc("s0"))["metadata"]["resourceVersion"]
+        for i in range(1, 3):
             small.create(svc(f"s{i}"))
-        assert small._floor > 0
+        small_core = client.CoreV1Api(config.new_client_from_config(config_file=small.write_kubeconfig(tmp_path / "small")))
+        events = list(watch.Watch().stream(small_core.list_namespaced_service, "default", resource_version=first, timeout_seconds=1))
+        assert [e["object"].metadata.name for e in events] == ["s1", "s2"]
+        small.create(svc("s3"))  # evicts s0's event: still nothing after `first` is missing
+        assert len(list(watch.Watch().stream(small_core.list_namespaced_service, "default", resource_version=first, timeout_seconds=0.5))) == 3
+        small.create(svc("s4"))  # evicts s1's event, which a watch from `first` needs
+        with pytest.raises(client.ApiException) as e:
+            list(watch.Watch().stream(small_core.list_namespaced_service, "default", resource_version=first, timeout_seconds=1))
+        assert e.value.status == 410
 
 
 # --- writes --------------------------------------------------------------------------------
@@ -536,6 +570,12 @@ def test_service_defaulting_and_allocation(srv):
     with pytest.raises(Exception) as e:
         srv.create(svc("dup", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
     assert getattr(e.value, "code", None) == 422
+    # Changing the type drops what the old type used, as the real server does.
+    lb_obj = srv.get("Service", "default", "lb")
+    lb_obj["spec"]["type"] = "ClusterIP"
+    spec = srv.update(lb_obj)["spec"]
+    assert "nodePort" not in spec["ports"][0] and "healthCheckNodePort" not in spec and "externalTrafficPolicy" not in spec
+    assert spec["clusterIP"] == lb["clusterIP"]
     # Delete frees the values for others.
     srv.delete("Service", "default", "np")
     assert srv.create(svc("dup", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))["spec"]["ports"][0]["nodePort"] == 30080

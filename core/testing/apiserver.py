@@ -8,9 +8,12 @@ What it speaks, over HTTPS (a CA made per server with trustme) with bearer-token
 
 - discovery (/version, /api, /apis, /api/v1, /apis/<group>/<version>) in the plain format;
   kubectl asks for aggregated discovery in its Accept header and falls back to the plain one
-  when the Content-Type says so. /openapi/v2 and /openapi/v3 answer 404: kubectl then
-  validates and computes apply patches from the types compiled into it, so plain
-  ``kubectl apply -f`` works without flags;
+  when the Content-Type says so;
+- just enough OpenAPI for plain ``kubectl apply -f`` (no --validate=false): kubectl refuses
+  to apply when it cannot download OpenAPI, unless the document says the server validates
+  fields itself (the ``fieldValidation`` parameter on each kind's PATCH). /openapi/v3 (1.28+)
+  and /openapi/v2 (1.27, protobuf only) say exactly that and carry no schemas, so kubectl
+  computes its strategic merge patches from the types compiled into it;
 - the resources in ``RESOURCES`` (one line each), namespaced and cluster-scoped paths and the
   all-namespaces lists, with the status subresource where the real server has one;
 - get, list (limit and continue over a consistent snapshot, label and field selectors),
@@ -599,10 +602,23 @@ def _default_service(svc: dict) -> None:
     ports = spec.get("ports") or []
     if not isinstance(ports, list) or not all(isinstance(p, dict) for p in ports):
         raise ApiError(422, "spec.ports must be a list of objects")
+    # Fields the type does not use go, as the real server drops them when the type changes
+    # (so kubectl apply can turn a NodePort service back into a ClusterIP one).
+    if stype not in ("NodePort", "LoadBalancer"):
+        for p in ports:
+            p.pop("nodePort", None)
+        spec.pop("externalTrafficPolicy", None)
+    if stype != "LoadBalancer":
+        spec.pop("allocateLoadBalancerNodePorts", None)
+    if stype != "LoadBalancer" or spec.get("externalTrafficPolicy") != "Local":
+        spec.pop("healthCheckNodePort", None)
+    if stype == "ExternalName":
+        for k in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy"):
+            spec.pop(k, None)
     for p in ports:
         p.setdefault("protocol", "TCP")
-        if stype != "ExternalName":
-            p.setdefault("targetPort", p.get("port"))
+        if stype != "ExternalName" and "port" in p:
+            p.setdefault("targetPort", p["port"])
     if stype == "ExternalName":
         return
     spec.setdefault("internalTrafficPolicy", "Cluster")
@@ -1299,7 +1315,7 @@ class KubeApiServer:
         dry = query.get("dryRun") == "All"
         if name is None:
             if method == "GET":
-                if query.get("watch") in ("true", "1"):
+                if query.get("watch", "").lower() in ("true", "1"):
                     return self._watch(h, res, namespace, query)
                 out = self._list(res, namespace, query)
                 if _wants_table(h):
@@ -1312,7 +1328,7 @@ class KubeApiServer:
                 return h.reply(200, self._delete_collection(res, namespace, query, dry))
             raise ApiError(405, f"{method} is not allowed on a collection of {res.plural}")
         if method == "GET":
-            if query.get("watch") in ("true", "1"):
+            if query.get("watch", "").lower() in ("true", "1"):
                 return self._watch(h, res, namespace, {**query, "fieldSelector": f"metadata.name={name}"})
             with self._lock:
                 obj = self._objects[res].get(self._key(res, namespace, name))
@@ -1414,10 +1430,12 @@ class KubeApiServer:
         flt = _Filter(namespace, parse_label_selector(query.get("labelSelector", "")),
                       parse_field_selector(query.get("fieldSelector", ""), res))
         rv_text = query.get("resourceVersion", "")
-        bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        bookmarks = query.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        # The watch-list protocol: current objects as ADDED, then a bookmark marking their end.
+        initial_events = query.get("sendInitialEvents", "").lower() in ("true", "1")
         timeout = query.get("timeoutSeconds")
         try:
-            since = int(rv_text) if rv_text not in ("", "0") else None
+            since = int(rv_text) if rv_text not in ("", "0") and not initial_events else None
             deadline = time.monotonic() + float(timeout) if timeout else float("inf")
         except ValueError:
             raise ApiError(400, f"invalid resourceVersion {rv_text!r} or timeoutSeconds {timeout!r}") from None
@@ -1455,6 +1473,12 @@ class KubeApiServer:
                 return _dumps({"type": type_, "object": _table(res, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]}, query)}) + b"\n"
             return line or _dumps({"type": type_, "object": obj}) + b"\n"
 
+        def bookmark(annotations: dict | None = None) -> bytes:
+            meta: dict[str, Any] = {"resourceVersion": str(w.last_rv)}
+            if annotations:
+                meta["annotations"] = annotations
+            return _dumps({"type": "BOOKMARK", "object": {"kind": res.kind, "apiVersion": res.api_version, "metadata": meta}}) + b"\n"
+
         def send(data: bytes) -> None:
             self._wait_stall(h.conn)
             h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -1468,6 +1492,8 @@ class KubeApiServer:
                 return
             for obj in initial:
                 send(encode("ADDED", obj))
+            if initial_events and bookmarks:
+                send(bookmark({"k8s.io/initial-events-end": "true"}))
             next_bookmark = time.monotonic() + self.bookmark_interval
             while not w.dropped and not self._closing:
                 now = time.monotonic()
@@ -1491,10 +1517,7 @@ class KubeApiServer:
                         # Only with nothing queued is every event up to now delivered.
                         if w.q.empty():
                             w.last_rv = self._rv
-                    send(_dumps({"type": "BOOKMARK", "object": {
-                        "kind": res.kind, "apiVersion": res.api_version,
-                        "metadata": {"resourceVersion": str(w.last_rv)},
-                    }}) + b"\n")
+                    send(bookmark())
                     next_bookmark = time.monotonic() + self.bookmark_interval
                 if h.conn.closed:
                     break

@@ -438,7 +438,7 @@ def test_watch_expired_resource_version_raises_410(srv, core, tmp_path):
         events = list(watch.Watch().stream(small_core.list_namespaced_service, "default", resource_version=first, timeout_seconds=1))
         assert [e["object"].metadata.name for e in events] == ["s1", "s2"]
         small.create(svc("s3"))  # evicts s0's event: still nothing after `first` is missing
-        assert len(list(watch.Watch().stream(small_core.list_namespaced_service, "default", resource_version=first, timeout_seconds=0.5))) == 3
+        assert len(list(watch.Watch().stream(small_core.list_namespaced_service, "default", resource_version=first, timeout_seconds=1))) == 3
         small.create(svc("s4"))  # evicts s1's event, which a watch from `first` needs
         with pytest.raises(client.ApiException) as e:
             list(watch.Watch().stream(small_core.list_namespaced_service, "default", resource_version=first, timeout_seconds=1))

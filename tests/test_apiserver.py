@@ -613,6 +613,7 @@ def test_discovery_errors_and_malformed_bodies(srv):
 
 def test_auth_and_tls(srv, core, tmp_path):
     assert raw(srv, "GET", "/api/v1/services", token="wrong")[0] == 401
+    assert raw(srv, "GET", "/api/v1/services", token="wr\u00f6ng")[0] == 401
     code, status = raw(srv, "GET", "/api/v1/services", token="")
     assert code == 401 and status["reason"] == "Unauthorized"
     old = srv.token
@@ -698,6 +699,39 @@ def test_drop_watches(srv, core):
     while srv.open_watches and time.monotonic() < deadline:
         time.sleep(0.02)
     assert srv.open_watches == 0
+
+
+def test_fan_out_to_many_watchers(srv):
+    watchers, events = 30, 300
+    counts = [0] * watchers
+    ctx = ssl.create_default_context(cafile=srv.ca_file)
+    rv = srv.resource_version
+
+    def reader(i: int) -> None:
+        req = urllib.request.Request(f"{srv.url}/apis/discovery.k8s.io/v1/endpointslices?watch=1&resourceVersion={rv}&timeoutSeconds=20")
+        req.add_header("Authorization", f"Bearer {srv.token}")
+        with urllib.request.urlopen(req, context=ctx, timeout=20) as r:
+            for line in r:
+                if json.loads(line)["type"] == "ADDED":
+                    counts[i] += 1
+                if counts[i] == events:
+                    return
+
+    threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(watchers)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while srv.open_watches < watchers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    for i in range(events):
+        srv.create({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": f"e{i}"},
+                    "addressType": "IPv4", "endpoints": [{"addresses": [f"10.0.{i // 256}.{i % 256}"]}]})
+    write_s = time.monotonic() - t0
+    for t in threads:
+        t.join(15)
+    assert counts == [events] * watchers
+    assert write_s < 1.0, f"{events} writes took {write_s:.2f}s with {watchers} watchers"
 
 
 def test_down_and_up(srv, core):

@@ -31,7 +31,8 @@ created in them; create keeps a given status (so a manifest's status.loadBalance
 the agent, as with the files source; main-resource updates and patches keep the old status
 as the real server does, and ``update_status`` or the HTTP status subresource change it);
 fieldValidation=Strict is accepted but unknown fields are kept, not refused; there is no
-admission, no garbage collection, no finalizer handling and no server-side apply.
+admission, no controllers (no Endpoints mirrored from EndpointSlices, no pods for a
+DaemonSet), no garbage collection, no finalizer handling and no server-side apply.
 ``kubectl get`` gets Tables with the real columns for the common kinds (Name and Age for
 the others), in lists and in ``get -w`` streams.
 
@@ -1225,7 +1226,10 @@ class KubeApiServer:
         self.requests.append((h.command, path, query))
         length = h.headers.get("Content-Length")
         try:
-            body = h.rfile.read(int(length)) if length else b""
+            n = int(length) if length else 0
+            if n < 0:
+                raise ValueError(length)
+            body = h.rfile.read(n) if n else b""
         except ValueError:
             h.close_connection = True
             h.reply(400, _status(400, "bad Content-Length"))
@@ -1233,7 +1237,8 @@ class KubeApiServer:
         self._wait_stall(h.conn)
         try:
             auth = h.headers.get("Authorization", "")
-            if not auth.startswith("Bearer ") or not secrets.compare_digest(auth[7:].strip(), self.token):
+            given = auth[7:].strip().encode("utf-8", "replace")
+            if not auth.startswith("Bearer ") or not secrets.compare_digest(given, self.token.encode()):
                 raise ApiError(401, "Unauthorized")
             code = self._failing()
             if code is not None:

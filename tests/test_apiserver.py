@@ -148,6 +148,19 @@ def web_ip_of(srv, ns: str, name: str) -> str:
     return srv.get("Service", ns, name)["spec"]["clusterIP"]
 
 
+@needs_kubectl
+@pytest.mark.parametrize("minor", [27, 33])
+def test_dispatcher_follows_server_version(tmp_path, minor):
+    # google-cloud-cli's kubectl runs the kubectl matching the server's minor version.
+    with KubeApiServer(version=(1, minor)) as s:
+        kc = s.write_kubeconfig(tmp_path / "kc")
+        info = json.loads(kubectl(KUBECTLS[0], kc, "version", "-o", "json").stdout)
+        assert info["serverVersion"]["minor"] == str(minor)
+        if "-dispatcher" in subprocess.run([KUBECTLS[0], "version", "--client"], capture_output=True, text=True).stdout:
+            assert info["clientVersion"]["minor"] == str(minor)
+        assert "service/dns created" in kubectl(KUBECTLS[0], kc, "apply", "-f", str(MANIFESTS)).stdout
+
+
 DAEMONSET = """
 apiVersion: v1
 kind: Namespace

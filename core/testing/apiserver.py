@@ -75,7 +75,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_CIDRS = ("10.96.0.0/12", "fd00:10:96::/112")
 NODE_PORT_RANGE = PortRange(first=30000, last=32767)
-# What /version reports; kubectl only checks that it parses.
+# What /version reports unless told otherwise. google-cloud-cli's kubectl dispatcher runs the
+# kubectl of the server's minor version (1.27..1.33 are installed side by side).
 SERVER_VERSION = (1, 33)
 # Namespaces a fresh cluster has.
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -778,8 +779,12 @@ class KubeApiServer:
     """An in-memory Kubernetes API server on 127.0.0.1 (TLS, bearer token); see the module
     docstring. Use as a context manager, or call ``start`` and ``close``."""
 
-    def __init__(self, bookmark_interval: float = 60.0, history: int = 10000, port: int = 0):
+    def __init__(
+        self, bookmark_interval: float = 60.0, history: int = 10000, port: int = 0,
+        version: tuple[int, int] = SERVER_VERSION,
+    ):
         self.bookmark_interval = bookmark_interval
+        self.version = version
         self._lock = threading.RLock()
         self._rv = 0
         self._objects: dict[Resource, dict[tuple[str, str], dict]] = {r: {} for r in RESOURCES}
@@ -1259,7 +1264,7 @@ class KubeApiServer:
         parts = [p for p in path.split("/") if p]
         method = h.command
         if path == "/version":
-            major, minor = SERVER_VERSION
+            major, minor = self.version
             return h.reply(200, {
                 "major": str(major), "minor": str(minor), "gitVersion": f"v{major}.{minor}.0",
                 "gitCommit": "0" * 40, "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",

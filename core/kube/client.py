@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -171,3 +171,49 @@ def connect(section: "SourceSection", *, user_agent: str = "kpr") -> Connection:
     client.user_agent = user_agent
     log.info("kube.connect server=%s how=%s", cfg.host, how)
     return Connection(client=client, server=cfg.host, how=how, tokens=tokens)
+
+
+# The generated clients' keyword names for list/watch, and the query parameter each is.
+_QUERY = {
+    "label_selector": "labelSelector",
+    "field_selector": "fieldSelector",
+    "limit": "limit",
+    "_continue": "continue",
+    "watch": "watch",
+    "resource_version": "resourceVersion",
+    "allow_watch_bookmarks": "allowWatchBookmarks",
+    "timeout_seconds": "timeoutSeconds",
+}
+
+
+def raw_lister(client: "ApiClient", path: str) -> Callable[..., Any]:
+    """A list/watch call for `path` taking the generated methods' keywords
+    (label_selector, limit, _continue, watch, ..., _request_timeout) and returning the raw
+    urllib3 response; non-2xx answers raise ApiException as the generated methods do.
+
+    Used instead of CoreV1Api & co. because importing those builds hundreds of pydantic
+    models (about half a second of an agent's start) for objects kpr reads as plain JSON."""
+    from kubernetes.client.exceptions import ApiException
+
+    def call(**kw: Any) -> Any:
+        timeout = kw.pop("_request_timeout", None)
+        kw.pop("_preload_content", None)
+        query = []
+        for key, value in kw.items():
+            if value is None:
+                continue
+            if key not in _QUERY:
+                raise TypeError(f"unknown list parameter {key!r}")
+            query.append((_QUERY[key], str(value).lower() if isinstance(value, bool) else value))
+        req = client.param_serialize(
+            method="GET", resource_path=path, query_params=query,
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+        )
+        resp = client.call_api(*req, _request_timeout=timeout)
+        if not 200 <= resp.status <= 299:
+            resp.read()
+            raise ApiException.from_response(http_resp=resp, body=None, data=None)
+        return resp.response
+
+    call.__name__ = f"list {path}"
+    return call

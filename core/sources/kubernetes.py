@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..kube.client import Connection, RateLimiter, connect
+from ..kube.client import Connection, RateLimiter, connect, raw_lister
 from ..kube.informer import Informer, JitterBackoff, Watched
 from ..model import InvalidObject
 from . import ObjectRef, ObjectSink
@@ -115,7 +115,8 @@ class KubernetesSource:
         self._listed: set[str] = set()
         self._synced = False
         self._failing: dict[str, tuple[str, float]] = {}
-        self._invalid: set[str] = set()
+        # origin -> reason of objects (or the Node) that could not be used
+        self._invalid: dict[str, str] = {}
         self._last_error: tuple[str, float] | None = None
         self._last_event: float | None = None
         self.applied = 0  # batches handed to the sink, for tests and status
@@ -123,24 +124,19 @@ class KubernetesSource:
     # --- Source --------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Build the connection now: settings that cannot work fail here, naming the key,
-        before anything else starts. Reaching the server is start()'s business."""
-        if self.connection is None:
-            self.connection = connect(self.section)
-
-    def start(self, sink: ObjectSink) -> None:
-        from kubernetes.client import CoreV1Api, DiscoveryV1Api
-
-        self._sink = sink
-        self.prepare()
-        assert self.connection is not None
-        core, discovery = CoreV1Api(self.connection.client), DiscoveryV1Api(self.connection.client)
+        """Connect and start listing now: settings that cannot work fail here, naming the key,
+        and the initial lists run while the plugins start (compiling BPF takes a while).
+        Nothing reaches a sink before start()."""
+        if self.connection is not None:
+            return
+        self.connection = connect(self.section)
+        client = self.connection.client
         selector = service_selector(self.proxy_name)
         watched = [
-            Watched("Node", "v1", core.list_node, field_selector=f"metadata.name={self.node_name}"),
-            Watched("Service", "v1", core.list_service_for_all_namespaces, label_selector=selector),
-            Watched("EndpointSlice", "discovery.k8s.io/v1", discovery.list_endpoint_slice_for_all_namespaces, label_selector=selector),
-            Watched("Pod", "v1", core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={self.node_name}"),
+            Watched("Node", "v1", raw_lister(client, "/api/v1/nodes"), field_selector=f"metadata.name={self.node_name}"),
+            Watched("Service", "v1", raw_lister(client, "/api/v1/services"), label_selector=selector),
+            Watched("EndpointSlice", "discovery.k8s.io/v1", raw_lister(client, "/apis/discovery.k8s.io/v1/endpointslices"), label_selector=selector),
+            Watched("Pod", "v1", raw_lister(client, "/api/v1/pods"), field_selector=f"spec.nodeName={self.node_name}"),
         ]
         limiter = RateLimiter(self.section.qps, self.section.burst)
         for w in watched:
@@ -151,6 +147,18 @@ class KubernetesSource:
         for inf in self.informers.values():
             inf.start()
         log.info("kube.start server=%s how=%s node=%s selector=%s", self.connection.server, self.connection.how, self.node_name, selector)
+
+    def start(self, sink: ObjectSink) -> None:
+        self.prepare()
+        with self._lock:
+            self._sink = sink
+            # What went wrong before the sink was there.
+            for kind, (reason, _) in sorted(self._failing.items()):
+                sink.report_error(kind, f"{reason}; the last good state stays in force")
+            for origin, reason in sorted(self._invalid.items()):
+                sink.report_error(origin, reason)
+            if self._listed.issuperset(KINDS):
+                self._initial_sync()
 
     def stop(self) -> None:
         for inf in self.informers.values():
@@ -193,7 +201,7 @@ class KubernetesSource:
             self._listed.add(kind)
             if first:
                 log.info("kube.listed kind=%s objects=%d resource_version=%s", kind, len(items), resource_version)
-            if not self._synced and self._listed.issuperset(KINDS):
+            if not self._synced and self._sink is not None and self._listed.issuperset(KINDS):
                 self._initial_sync()
 
     def event(self, kind: str, type_: str, obj: dict) -> None:
@@ -230,14 +238,14 @@ class KubernetesSource:
             now = time.monotonic()
             self._failing[kind] = (reason, now)
             self._last_error = (reason, now)
-        if self._sink is not None:
-            self._sink.report_error(kind, f"{reason}; the last good state stays in force")
+            if self._sink is not None:
+                self._sink.report_error(kind, f"{reason}; the last good state stays in force")
 
     def recovered(self, kind: str) -> None:
         with self._lock:
             self._failing.pop(kind, None)
-        if self._sink is not None:
-            self._sink.clear_error(kind)
+            if self._sink is not None:
+                self._sink.clear_error(kind)
 
     # --- internals -----------------------------------------------------------------------
 
@@ -277,16 +285,14 @@ class KubernetesSource:
         return ref, _slim(obj)
 
     def _report_invalid(self, origin: str, reason: str) -> None:
-        self._invalid.add(origin)
+        self._invalid[origin] = reason
         if self._sink is not None:
             self._sink.report_error(origin, reason)
 
-    def _clear_invalid(self, ref: ObjectRef) -> None:
-        origin = _label(ref)
-        if origin in self._invalid:
-            self._invalid.discard(origin)
-            if self._sink is not None:
-                self._sink.clear_error(origin)
+    def _clear_invalid(self, ref: ObjectRef | str) -> None:
+        origin = ref if isinstance(ref, str) else _label(ref)
+        if self._invalid.pop(origin, None) is not None and self._sink is not None:
+            self._sink.clear_error(origin)
 
     def _set_node(self, node: dict | None) -> None:
         changed = _rv(node) != _rv(self._node) or (node is None) != (self._node is None)
@@ -294,10 +300,8 @@ class KubernetesSource:
         origin = f"Node {self.node_name}"
         if node is None:
             self._report_invalid(origin, f"{origin} not found in the API server: node addresses come from node.devices, zone unknown")
-        elif origin in self._invalid:
-            self._invalid.discard(origin)
-            if self._sink is not None:
-                self._sink.clear_error(origin)
+        else:
+            self._clear_invalid(origin)
         if self._synced and changed and self.on_node is not None:
             self.on_node(node)
 

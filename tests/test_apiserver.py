@@ -90,14 +90,20 @@ def svc(name: str, ns: str = "default", labels: dict | None = None, **spec) -> d
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns, "labels": labels or {}}, "spec": spec}
 
 
-def raw(srv, method: str, path: str, body: bytes | None = None, token: str | None = None, ctype: str = "application/json"):
-    """One request with urllib, for what the client libraries hide; returns (code, JSON)."""
+def urlopen(srv, path: str, method: str = "GET", body: bytes | None = None, token: str | None = None,
+            ctype: str = "application/json", timeout: float = 10):
+    """One request with urllib, for what the client libraries hide (a watch stream's lines)."""
     ctx = ssl.create_default_context(cafile=srv.ca_file)
     req = urllib.request.Request(srv.url + path, data=body, method=method)
     req.add_header("Authorization", f"Bearer {srv.token if token is None else token}")
     req.add_header("Content-Type", ctype)
+    return urllib.request.urlopen(req, context=ctx, timeout=timeout)
+
+
+def raw(srv, method: str, path: str, body: bytes | None = None, token: str | None = None, ctype: str = "application/json"):
+    """One request; returns (code, JSON)."""
     try:
-        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+        with urlopen(srv, path, method, body, token, ctype) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -415,11 +421,8 @@ def test_watch_selector_leaving_is_deleted(srv, core):
 
 def test_watch_list_initial_events_end_with_a_bookmark(srv):
     srv.create(svc("a"))
-    ctx = ssl.create_default_context(cafile=srv.ca_file)
-    req = urllib.request.Request(f"{srv.url}/api/v1/namespaces/default/services?watch=1&sendInitialEvents=true"
-                                 "&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1")
-    req.add_header("Authorization", f"Bearer {srv.token}")
-    with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+    with urlopen(srv, "/api/v1/namespaces/default/services?watch=1&sendInitialEvents=true"
+                      "&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1") as r:
         first, second = json.loads(r.readline()), json.loads(r.readline())
     assert first["type"] == "ADDED" and first["object"]["metadata"]["name"] == "a"
     assert second["type"] == "BOOKMARK"
@@ -435,10 +438,7 @@ def test_watch_expired_resource_version_raises_410(srv, core, tmp_path):
         list(watch.Watch().stream(core.list_namespaced_service, "default", resource_version=rv, timeout_seconds=5))
     assert e.value.status == 410
     # On the wire: an in-stream ERROR event with a Status 410 Expired, as real servers send.
-    ctx = ssl.create_default_context(cafile=srv.ca_file)
-    req = urllib.request.Request(f"{srv.url}/api/v1/namespaces/default/services?watch=true&resourceVersion={rv}")
-    req.add_header("Authorization", f"Bearer {srv.token}")
-    with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+    with urlopen(srv, f"/api/v1/namespaces/default/services?watch=true&resourceVersion={rv}") as r:
         assert r.status == 200
         ev = json.loads(r.readline())
     assert ev["type"] == "ERROR" and ev["object"]["code"] == 410 and ev["object"]["reason"] == "Expired"
@@ -717,13 +717,10 @@ def test_drop_watches(srv, core):
 def test_fan_out_to_many_watchers(srv):
     watchers, events = 30, 300
     counts = [0] * watchers
-    ctx = ssl.create_default_context(cafile=srv.ca_file)
     rv = srv.resource_version
 
     def reader(i: int) -> None:
-        req = urllib.request.Request(f"{srv.url}/apis/discovery.k8s.io/v1/endpointslices?watch=1&resourceVersion={rv}&timeoutSeconds=20")
-        req.add_header("Authorization", f"Bearer {srv.token}")
-        with urllib.request.urlopen(req, context=ctx, timeout=20) as r:
+        with urlopen(srv, f"/apis/discovery.k8s.io/v1/endpointslices?watch=1&resourceVersion={rv}&timeoutSeconds=20", timeout=20) as r:
             for line in r:
                 if json.loads(line)["type"] == "ADDED":
                     counts[i] += 1

@@ -777,7 +777,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 class KubeApiServer:
     """An in-memory Kubernetes API server on 127.0.0.1 (TLS, bearer token); see the module
-    docstring. Use as a context manager, or call ``start`` and ``close``."""
+    docstring. Use as a context manager, or call ``start`` and ``close``.
+
+    The direct methods (``create``, ``update``, ``update_status``, ``delete``, ``apply_many``)
+    write as HTTP requests do, with the same events, and raise ``ApiError`` (``.code``,
+    ``.status()``) where HTTP would answer an error. ``version`` is what /version reports."""
 
     def __init__(
         self, bookmark_interval: float = 60.0, history: int = 10000, port: int = 0,

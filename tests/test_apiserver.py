@@ -235,6 +235,8 @@ def test_kubectl_apply_daemonset_and_friends(srv, kubeconfig, tmp_path):
         assert f"{what} created" in out
     ds = srv.get("DaemonSet", "kpr-system", "kpr")
     assert ds["metadata"]["generation"] == 1
+    listed = kubectl(KUBECTLS[0], kubeconfig, "get", "all", "-n", "kpr-system", "-o", "name").stdout.split()
+    assert listed == ["daemonset.apps/kpr"]
     # Status written through the subresource survives the next apply, as on a real server.
     srv.update_status({**ds, "status": {"numberReady": 1}})
 

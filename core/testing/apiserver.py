@@ -116,6 +116,7 @@ class Resource:
     short: tuple[str, ...] = ()
     status: bool = False  # has a status subresource; main-resource writes keep the status
     fields: tuple[str, ...] = ()
+    all: bool = False  # in the "all" category (kubectl get all)
 
     @property
     def api_version(self) -> str:
@@ -140,9 +141,9 @@ _POD_FIELDS = (
 
 RESOURCES: tuple[Resource, ...] = (
     Resource("", "v1", "Namespace", "namespaces", False, ("ns",), status=True, fields=("status.phase",)),
-    Resource("", "v1", "Service", "services", True, ("svc",), status=True, fields=("spec.clusterIP", "spec.type")),
+    Resource("", "v1", "Service", "services", True, ("svc",), status=True, fields=("spec.clusterIP", "spec.type"), all=True),
     Resource("", "v1", "Endpoints", "endpoints", True, ("ep",)),
-    Resource("", "v1", "Pod", "pods", True, ("po",), status=True, fields=_POD_FIELDS),
+    Resource("", "v1", "Pod", "pods", True, ("po",), status=True, fields=_POD_FIELDS, all=True),
     Resource("", "v1", "Node", "nodes", False, ("no",), status=True, fields=("spec.unschedulable",)),
     Resource("", "v1", "ConfigMap", "configmaps", True, ("cm",)),
     Resource("", "v1", "Secret", "secrets", True, (), fields=("type",)),
@@ -150,8 +151,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("", "v1", "Event", "events", True, ("ev",), fields=_EVENT_FIELDS),
     Resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", True, ()),
     Resource("coordination.k8s.io", "v1", "Lease", "leases", True, ()),
-    Resource("apps", "v1", "DaemonSet", "daemonsets", True, ("ds",), status=True),
-    Resource("apps", "v1", "Deployment", "deployments", True, ("deploy",), status=True),
+    Resource("apps", "v1", "DaemonSet", "daemonsets", True, ("ds",), status=True, all=True),
+    Resource("apps", "v1", "Deployment", "deployments", True, ("deploy",), status=True, all=True),
     Resource("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),
     Resource("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False),
     Resource("rbac.authorization.k8s.io", "v1", "Role", "roles", True),
@@ -1850,6 +1851,8 @@ def _resource_list(gv: tuple[str, str]) -> dict:
         entry = {"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind, "verbs": _VERBS}
         if r.short:
             entry["shortNames"] = list(r.short)
+        if r.all:
+            entry["categories"] = ["all"]
         resources.append(entry)
         if r.status:
             resources.append({"name": f"{r.plural}/status", "singularName": "", "namespaced": r.namespaced,

@@ -155,6 +155,9 @@ class NodeInfo:
     name: str
     addresses: tuple[str, ...] = ()
     devices: tuple[str, ...] = ()
+    # The Node's topology.kubernetes.io/zone label; "" when unknown, which turns off
+    # topology-aware routing (an unknown zone can never match an endpoint's zone hints).
+    zone: str = ""
 
     def addresses_of(self, family: int) -> tuple[str, ...]:
         return tuple(a for a in self.addresses if ipaddress.ip_address(a).version == family)

@@ -41,6 +41,9 @@ KubeObject = dict[str, Any]
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
+# KEP-2433 topology-aware routing; the older name counts only when the newer one is absent.
+TOPOLOGY_MODE_ANNOTATION = "service.kubernetes.io/topology-mode"
+TOPOLOGY_HINTS_ANNOTATION = "service.kubernetes.io/topology-aware-hints"
 DEFAULT_AFFINITY_TIMEOUT = 10800
 MAX_AFFINITY_TIMEOUT = 86400
 # The pseudo-service a Pod's HostPorts live in is keyed "pod:<name>" so it can never
@@ -66,6 +69,9 @@ _IP_MODES = frozenset({"VIP", "Proxy"})
 # 0 marks FQDN slices, which carry no addresses a datapath can use.
 _ADDRESS_TYPES = {"IPv4": 4, "IPv6": 6, "FQDN": 0}
 _FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+# Annotation values that leave zone hints off. kube-proxy takes any other value as on, not
+# only "Auto": hints may come from another controller's heuristic (KEP-2433).
+_TOPOLOGY_OFF = frozenset({"", "disabled", "Disabled"})
 _TYPE_RANK = {t: i for i, t in enumerate(FrontendType)}
 
 # (canonical text, family 4|6, integer value): the integer gives a numeric sort order.
@@ -339,6 +345,8 @@ class _ServiceSpec:
     affinity_timeout: int
     health_check_node_port: int
     publish_not_ready: bool
+    # The service asks for zone hints to be honoured (trafficDistribution or annotation).
+    topology: bool
 
 
 def _parse_service(obj: KubeObject) -> _ServiceSpec:
@@ -392,6 +400,18 @@ def _parse_service(obj: KubeObject) -> _ServiceSpec:
         _bool(obj, publish, "spec.publishNotReadyAddresses")
     if get("externalName") is not None:
         _str(obj, get("externalName"), "spec.externalName")
+    # KEP-4444: any trafficDistribution (PreferClose, PreferSameZone, PreferSameNode) has the
+    # EndpointSlice controller write zone hints, and unknown future values are not refused
+    # here (the API server vets them); without it, the KEP-2433 annotation decides.
+    topology = False
+    if get("trafficDistribution") is not None:
+        topology = bool(_str(obj, get("trafficDistribution"), "spec.trafficDistribution"))
+    annotations = obj["metadata"].get("annotations")
+    if annotations and not topology:
+        mode = annotations.get(TOPOLOGY_MODE_ANNOTATION)
+        if mode is None:
+            mode = annotations.get(TOPOLOGY_HINTS_ANNOTATION, "")
+        topology = mode not in _TOPOLOGY_OFF
 
     return _ServiceSpec(
         type=stype,
@@ -406,6 +426,7 @@ def _parse_service(obj: KubeObject) -> _ServiceSpec:
         affinity_timeout=affinity_timeout,
         health_check_node_port=health_check,
         publish_not_ready=publish is True,
+        topology=topology,
     )
 
 
@@ -527,15 +548,16 @@ def _parse_affinity(obj: KubeObject, spec: KubeObject) -> int:
 
 # (port name, protocol, port number or 0 when the slice does not restrict ports)
 _EndpointPort = tuple[str, Protocol, int]
+# Endpoint conditions before the service's publishNotReadyAddresses is applied:
+# (address, ready, serving, terminating, node name, zone, hints.forZones names).
+_SliceEndpoint = tuple[_IP, bool, bool, bool, str, str, tuple[str, ...]]
 
 
 @dataclass(slots=True)
 class _Slice:
     family: int  # 0 for FQDN
     ports: list[_EndpointPort]
-    # Endpoint conditions before the service's publishNotReadyAddresses is applied:
-    # (address, ready, serving, terminating, node name, zone).
-    endpoints: list[tuple[_IP, bool, bool, bool, str, str]]
+    endpoints: list[_SliceEndpoint]
 
 
 def _parse_slice(obj: KubeObject) -> _Slice:
@@ -556,13 +578,11 @@ def _parse_slice(obj: KubeObject) -> _Slice:
     return _Slice(family, ports, _parse_slice_endpoints(obj, family))
 
 
-def _parse_slice_endpoints(
-    obj: KubeObject, family: int
-) -> list[tuple[_IP, bool, bool, bool, str, str]]:
+def _parse_slice_endpoints(obj: KubeObject, family: int) -> list[_SliceEndpoint]:
     # The hot loop of a full sync (every endpoint of every slice): checks are inline and
     # cheap; on any doubt _endpoint_error re-examines the endpoint and names the field.
     raw = _list(obj, obj.get("endpoints"), "endpoints")
-    out: list[tuple[_IP, bool, bool, bool, str, str]] = []
+    out: list[_SliceEndpoint] = []
     append = out.append
     parse_ip = _parse_ip_text
     for i, endpoint in enumerate(raw):
@@ -606,8 +626,43 @@ def _parse_slice_endpoints(
         zone = endpoint.get("zone") or ""
         if node_name.__class__ is not str or zone.__class__ is not str:
             _endpoint_error(obj, endpoint, i, family)
-        append((first, ready, serving, terminating, node_name, zone))
+        hints = endpoint.get("hints")
+        zone_hints = () if hints is None else _zone_hints(obj, hints, i)
+        append((first, ready, serving, terminating, node_name, zone, zone_hints))
     return out
+
+
+def _zone_hints(obj: KubeObject, hints: object, i: int) -> tuple[str, ...]:
+    """The zone names of one endpoint's hints.forZones; () when it names none."""
+    # Every endpoint of a service with trafficDistribution has hints, so this is part of the
+    # hot loop too: checks are inline and _zone_hints_error names the field on any doubt.
+    if hints.__class__ is dict:
+        entries = hints.get("forZones")  # type: ignore[attr-defined]
+        if entries.__class__ is list:
+            names = []
+            for entry in entries:
+                name = entry.get("name") if entry.__class__ is dict else None
+                # The API requires a name; an empty one would read as a hint for an
+                # unknown zone.
+                if name.__class__ is not str or not name:
+                    break
+                names.append(name)
+            else:
+                return tuple(names)
+        elif entries is None:
+            return ()
+    _zone_hints_error(obj, hints, i)
+
+
+def _zone_hints_error(obj: KubeObject, hints: object, i: int) -> NoReturn:
+    """Raise the precise error for hints the fast path found wrong."""
+    path = f"endpoints[{i}].hints"
+    hints = _dict(obj, hints, path)
+    for j, entry in enumerate(_list(obj, hints.get("forZones"), f"{path}.forZones")):
+        entry_path = f"{path}.forZones[{j}]"
+        if not _str(obj, _dict(obj, entry, entry_path).get("name"), f"{entry_path}.name"):
+            _fail(obj, f"{entry_path}.name: must not be empty")
+    _fail(obj, f"{path}: invalid")  # unreachable unless the fast path and this disagree
 
 
 def _check_addresses(obj: KubeObject, addresses: list[Any], i: int, family: int) -> None:
@@ -788,27 +843,36 @@ def _sorted_items(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], .
     return tuple(sorted(mapping.items())) if mapping else ()
 
 
+# A backend with the zones its endpoint is hinted for; hints only decide which backends
+# a frontend gets, so they stay out of the model.
+_Candidate = tuple[Backend, tuple[str, ...]]
 # Backends being collected for one (port name, protocol, family), keyed by (address as
 # int, port) so duplicates across slices collapse.
-_BackendGroup = dict[tuple[int, int], Backend]
+_BackendGroup = dict[tuple[int, int], _Candidate]
 _GroupKey = tuple[str, Protocol, int]
+# The backends of one group for frontends whose traffic policy is Cluster, and for those
+# whose policy is Local: these also need every local backend, which zone hints may leave out.
+_Choice = tuple[tuple[Backend, ...], tuple[Backend, ...]]
+_NO_CHOICE: _Choice = ((), ())
 
 
-def _offer(group: _BackendGroup, backend: Backend, ip: _IP) -> None:
+def _offer(group: _BackendGroup, candidate: _Candidate, ip: _IP) -> None:
     """Add a backend, keeping the better of duplicates so slice order does not matter."""
-    key = (ip[2], backend.port)
+    key = (ip[2], candidate[0].port)
     current = group.get(key)
-    if current is None or _better(backend, current):
-        group[key] = backend
+    if current is None or _better(candidate, current):
+        group[key] = candidate
 
 
-def _better(new: Backend, old: Backend) -> bool:
+def _better(new_candidate: _Candidate, old_candidate: _Candidate) -> bool:
     # Ready beats terminating, local beats remote (as kube-proxy); then a fixed tie-break.
+    new, old = new_candidate[0], old_candidate[0]
     new_rank = (new.state is BackendState.ACTIVE, new.local)
     old_rank = (old.state is BackendState.ACTIVE, old.local)
     if new_rank != old_rank:
         return new_rank > old_rank
-    return (new.node_name, new.zone) < (old.node_name, old.zone)
+    new_tie = (new.node_name, new.zone, new_candidate[1])
+    return new_tie < (old.node_name, old.zone, old_candidate[1])
 
 
 def _slice_backends(
@@ -818,7 +882,7 @@ def _slice_backends(
         if not number:
             continue  # a port-less slice port means "all ports": unusable for a service port
         group = groups.setdefault((name, protocol, parsed.family), {})
-        for ip, ready, serving, terminating, ep_node, zone in parsed.endpoints:
+        for ip, ready, serving, terminating, ep_node, zone, hints in parsed.endpoints:
             if ready or publish:
                 state = BackendState.ACTIVE
             elif serving and terminating:
@@ -826,7 +890,12 @@ def _slice_backends(
             else:
                 continue
             local = ep_node == node_name and ep_node != ""
-            _offer(group, Backend(ip[0], number, state, ep_node, local, zone), ip)
+            candidate = (Backend(ip[0], number, state, ep_node, local, zone), hints)
+            # _offer inlined: this runs for every endpoint of a full sync.
+            key = (ip[2], number)
+            current = group.get(key)
+            if current is None or _better(candidate, current):
+                group[key] = candidate
 
 
 def _endpoints_backends(
@@ -838,7 +907,8 @@ def _endpoints_backends(
             for ip, ep_node in addresses:
                 group = groups.setdefault((name, protocol, ip[1]), {})
                 local = ep_node == node_name and ep_node != ""
-                _offer(group, Backend(ip[0], number, BackendState.ACTIVE, ep_node, local), ip)
+                backend = Backend(ip[0], number, BackendState.ACTIVE, ep_node, local)
+                _offer(group, (backend, ()), ip)
 
 
 def _belongs(obj: KubeObject, key: ServiceKey) -> bool:
@@ -857,7 +927,7 @@ def _collect_backends(
     slices: list[KubeObject],
     endpoints: KubeObject | None,
     node: NodeInfo,
-) -> dict[_GroupKey, tuple[Backend, ...]]:
+) -> dict[_GroupKey, _Choice]:
     groups: dict[_GroupKey, _BackendGroup] = {}
     have_slices = False
     for obj in slices:
@@ -877,7 +947,50 @@ def _collect_backends(
         subsets = _parse_endpoints(endpoints)
         if _belongs(endpoints, key):
             _endpoints_backends(groups, subsets, spec.publish_not_ready, node.name)
-    return {gk: tuple(b for _, b in sorted(group.items())) for gk, group in groups.items()}
+    # Legacy Endpoints have no hints: a service served from them never filters by zone.
+    zone = node.zone if spec.topology else ""
+    out: dict[_GroupKey, _Choice] = {}
+    for gk, group in groups.items():
+        choice = _prefer_zone([c for _, c in sorted(group.items())], zone) if zone else None
+        # Sorting again when hints do not apply keeps an extra list off the common path.
+        if choice is None:
+            everything = tuple([c[0] for _, c in sorted(group.items())])
+            choice = (everything, everything)
+        out[gk] = choice
+    return out
+
+
+def _prefer_zone(candidates: list[_Candidate], zone: str) -> _Choice | None:
+    """(Cluster-policy, Local-policy) backends under zone hints (KEP-2433), or None.
+
+    Hints apply only when every ready endpoint has some and at least one names this zone:
+    one endpoint without them (a controller midway, or a custom slice) or none for this
+    zone would otherwise strand the zone's traffic, so then every endpoint serves. Only
+    ready endpoints are filtered: terminating ones are picked only when no ready one is
+    in scope (never the case here, one is in this zone) and stay listed so flows to them
+    can drain. Traffic policy Local is not subject to hints, as in kube-proxy: local
+    backends the hints send elsewhere remain for the Local scope.
+    """
+    in_zone = False
+    for backend, hints in candidates:
+        if backend.state is BackendState.ACTIVE:
+            if not hints:
+                return None
+            in_zone = in_zone or zone in hints
+    if not in_zone:
+        return None
+    active = BackendState.ACTIVE
+    cluster: list[Backend] = []
+    with_local: list[Backend] = []
+    for backend, hints in candidates:
+        if backend.state is not active or zone in hints:
+            cluster.append(backend)
+            with_local.append(backend)
+        elif backend.local:
+            with_local.append(backend)
+    kept = tuple(cluster)
+    # One tuple for both when no local backend was left out: frontends then share it.
+    return kept, kept if len(with_local) == len(kept) else tuple(with_local)
 
 
 class _FrontendSet:
@@ -918,7 +1031,7 @@ class _FrontendSet:
 
 
 def _service_frontends(
-    spec: _ServiceSpec, backends: dict[_GroupKey, tuple[Backend, ...]], node: NodeInfo
+    spec: _ServiceSpec, backends: dict[_GroupKey, _Choice], node: NodeInfo
 ) -> tuple[Frontend, ...]:
     out = _FrontendSet(spec.affinity_timeout)
     families = spec.families
@@ -936,9 +1049,14 @@ def _service_frontends(
     # All ranges go on every LB frontend (not only those of its family): a v6 VIP of a
     # service that lists only v4 ranges then admits no v6 client instead of all of them.
     balanced = {**checked, "source_ranges": spec.source_ranges}
+    # Which of a group's backend lists (_Choice) a frontend takes, by its traffic policy.
+    internal_pick = 1 if spec.internal_local else 0
+    external_pick = 1 if spec.external_local else 0
     for sp in spec.ports:
         name, protocol, port = sp.name, sp.protocol, sp.port
-        by_family = {family: backends.get((name, protocol, family), ()) for family in (4, 6)}
+        by_family = {
+            family: backends.get((name, protocol, family), _NO_CHOICE) for family in (4, 6)
+        }
         for ip in spec.cluster_ips:
             out.add(
                 FrontendType.CLUSTER_IP,
@@ -946,7 +1064,7 @@ def _service_frontends(
                 port,
                 protocol,
                 name,
-                by_family[ip[1]],
+                by_family[ip[1]][internal_pick],
                 internal_local=spec.internal_local,
             )
         if sp.node_port and spec.type in _NODE_PORT_TYPES:
@@ -958,16 +1076,28 @@ def _service_frontends(
                         sp.node_port,
                         protocol,
                         name,
-                        by_family[family],
+                        by_family[family][external_pick],
                         **checked,
                     )
         for ip in lb_ips:
             out.add(
-                FrontendType.LOAD_BALANCER, ip, port, protocol, name, by_family[ip[1]], **balanced
+                FrontendType.LOAD_BALANCER,
+                ip,
+                port,
+                protocol,
+                name,
+                by_family[ip[1]][external_pick],
+                **balanced,
             )
         for ip in external_ips:
             out.add(
-                FrontendType.EXTERNAL_IP, ip, port, protocol, name, by_family[ip[1]], **external
+                FrontendType.EXTERNAL_IP,
+                ip,
+                port,
+                protocol,
+                name,
+                by_family[ip[1]][external_pick],
+                **external,
             )
     return out.sorted()
 

@@ -164,6 +164,33 @@ NOT_READY_SLICE = eps("""
     - {addresses: [10.1.0.1], conditions: {ready: false}}
     - {addresses: [10.1.0.2], conditions: {ready: false, serving: true, terminating: true}}
 """)
+# Topology-aware routing: this node is in zone z1. Endpoint 10.1.0.3 lives in z2 but is
+# hinted for z1 and z3, so hints, not zones, decide.
+ZONED = NodeInfo("node-a", ("192.168.1.10", "2001:db8::10"), zone="z1")
+TOPOLOGY_SLICE = eps("""
+    ports: [{port: 80}]
+    endpoints:
+    - {addresses: [10.1.0.1], nodeName: node-b, zone: z1, hints: {forZones: [{name: z1}]}}
+    - {addresses: [10.1.0.2], nodeName: node-c, zone: z2, hints: {forZones: [{name: z2}]}}
+    - addresses: [10.1.0.3]
+      nodeName: node-d
+      zone: z2
+      hints: {forZones: [{name: z3}, {name: z1}]}
+""")
+IN_Z1 = "10.1.0.1:80 node=node-b zone=z1; 10.1.0.3:80 node=node-d zone=z2"
+ALL_ZONES = "10.1.0.1:80 node=node-b zone=z1; 10.1.0.2:80 node=node-c zone=z2; " + (
+    "10.1.0.3:80 node=node-d zone=z2"
+)
+# A local endpoint the hints send to z2, a remote one hinted for z1, a remote one for z2.
+LOCAL_HINTED_ELSEWHERE_SLICE = eps("""
+    ports: [{port: 80}]
+    endpoints:
+    - {addresses: [10.1.0.1], nodeName: node-a, zone: z1, hints: {forZones: [{name: z2}]}}
+    - {addresses: [10.1.0.2], nodeName: node-b, zone: z1, hints: {forZones: [{name: z1}]}}
+    - {addresses: [10.1.0.3], nodeName: node-c, zone: z2, hints: {forZones: [{name: z2}]}}
+""")
+TOPOLOGY_MODE = "service.kubernetes.io/topology-mode"
+TOPOLOGY_HINTS = "service.kubernetes.io/topology-aware-hints"
 PROXY_LABEL = "service.kubernetes.io/service-proxy-name"
 RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 
@@ -791,6 +818,254 @@ SERVICE_CASES = [
         ["ClusterIP 10.96.0.10:80/TCP -> 10.1.0.1:80"],
     ),
     Case(
+        "topology-prefer-close",
+        "trafficDistribution PreferClose with every ready endpoint hinted and one hinted for "
+        "this node's zone: ClusterIP and Cluster-policy NodePorts take only the endpoints "
+        "hinted for the zone, whatever zone they live in (KEP-4444, KEP-2433).",
+        [
+            svc("""
+                type: NodePort
+                clusterIP: 10.96.0.10
+                trafficDistribution: PreferClose
+                ports: [{port: 80, nodePort: 30080}]
+            """),
+            TOPOLOGY_SLICE,
+        ],
+        [
+            f"ClusterIP 10.96.0.10:80/TCP -> {IN_Z1}",
+            f"NodePort 127.0.0.1:30080/TCP -> {IN_Z1}",
+            f"NodePort 192.168.1.10:30080/TCP -> {IN_Z1}",
+        ],
+        node=ZONED,
+    ),
+    Case(
+        "topology-mode-annotation",
+        "The annotation service.kubernetes.io/topology-mode: Auto turns hints on too, on "
+        "LoadBalancer and ExternalIP frontends as on the ClusterIP.",
+        [
+            svc(
+                """
+                type: LoadBalancer
+                clusterIP: 10.96.0.10
+                allocateLoadBalancerNodePorts: false
+                externalIPs: [198.51.100.7]
+                ports: [{port: 80}]
+                """,
+                status="loadBalancer: {ingress: [{ip: 203.0.113.1}]}",
+                metadata=f"annotations: {{{TOPOLOGY_MODE}: Auto}}",
+            ),
+            TOPOLOGY_SLICE,
+        ],
+        [
+            f"ClusterIP 10.96.0.10:80/TCP -> {IN_Z1}",
+            f"LoadBalancer 203.0.113.1:80/TCP -> {IN_Z1}",
+            f"ExternalIP 198.51.100.7:80/TCP -> {IN_Z1}",
+        ],
+        node=ZONED,
+    ),
+    Case(
+        "topology-aware-hints-annotation",
+        "The older annotation service.kubernetes.io/topology-aware-hints: auto turns hints on.",
+        [
+            svc(
+                "clusterIP: 10.96.0.10\nports: [{port: 80}]",
+                metadata=f"annotations: {{{TOPOLOGY_HINTS}: auto}}",
+            ),
+            TOPOLOGY_SLICE,
+        ],
+        [f"ClusterIP 10.96.0.10:80/TCP -> {IN_Z1}"],
+        node=ZONED,
+    ),
+    Case(
+        "topology-mode-disabled-wins",
+        "topology-mode wins over the older annotation: Disabled there leaves hints off even "
+        "with topology-aware-hints: auto.",
+        [
+            svc(
+                "clusterIP: 10.96.0.10\nports: [{port: 80}]",
+                metadata=f"annotations: {{{TOPOLOGY_MODE}: Disabled, {TOPOLOGY_HINTS}: auto}}",
+            ),
+            TOPOLOGY_SLICE,
+        ],
+        [f"ClusterIP 10.96.0.10:80/TCP -> {ALL_ZONES}"],
+        node=ZONED,
+    ),
+    Case(
+        "topology-not-requested",
+        "Without trafficDistribution or a topology annotation, hints are ignored.",
+        [svc("clusterIP: 10.96.0.10\nports: [{port: 80}]"), TOPOLOGY_SLICE],
+        [f"ClusterIP 10.96.0.10:80/TCP -> {ALL_ZONES}"],
+        node=ZONED,
+    ),
+    Case(
+        "topology-zone-unknown",
+        "A node without a known zone uses every endpoint.",
+        [
+            svc("clusterIP: 10.96.0.10\ntrafficDistribution: PreferClose\nports: [{port: 80}]"),
+            TOPOLOGY_SLICE,
+        ],
+        [f"ClusterIP 10.96.0.10:80/TCP -> {ALL_ZONES}"],
+    ),
+    Case(
+        "topology-no-hint-for-zone",
+        "When no endpoint is hinted for this node's zone every endpoint is used, rather than "
+        "none.",
+        [
+            svc("clusterIP: 10.96.0.10\ntrafficDistribution: PreferClose\nports: [{port: 80}]"),
+            TOPOLOGY_SLICE,
+        ],
+        [f"ClusterIP 10.96.0.10:80/TCP -> {ALL_ZONES}"],
+        node=NodeInfo("node-a", ("192.168.1.10",), zone="z9"),
+    ),
+    Case(
+        "topology-endpoint-without-hints",
+        "One ready endpoint without hints (here in another slice) turns hints off for the "
+        "service: every endpoint is used.",
+        [
+            svc("clusterIP: 10.96.0.10\ntrafficDistribution: PreferClose\nports: [{port: 80}]"),
+            TOPOLOGY_SLICE,
+            eps("ports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.4]}]", name="web-2"),
+        ],
+        [f"ClusterIP 10.96.0.10:80/TCP -> {ALL_ZONES}; 10.1.0.4:80"],
+        node=ZONED,
+    ),
+    Case(
+        "topology-empty-hints",
+        "Hints naming no zone count as no hints.",
+        [
+            svc("clusterIP: 10.96.0.10\ntrafficDistribution: PreferClose\nports: [{port: 80}]"),
+            TOPOLOGY_SLICE,
+            eps(
+                """
+                ports: [{port: 80}]
+                endpoints: [{addresses: [10.1.0.4], hints: {forZones: []}}]
+                """,
+                name="web-2",
+            ),
+        ],
+        [f"ClusterIP 10.96.0.10:80/TCP -> {ALL_ZONES}; 10.1.0.4:80"],
+        node=ZONED,
+    ),
+    Case(
+        "topology-terminating",
+        "Only ready endpoints decide whether hints apply (a terminating one without hints "
+        "does not turn them off) and only ready ones are filtered: terminating ones stay for "
+        "draining, picked only when no ready one is left, which hints never leave.",
+        [
+            svc("clusterIP: 10.96.0.10\ntrafficDistribution: PreferClose\nports: [{port: 80}]"),
+            eps("""
+                ports: [{port: 80}]
+                endpoints:
+                - {addresses: [10.1.0.1], hints: {forZones: [{name: z1}]}}
+                - {addresses: [10.1.0.2], hints: {forZones: [{name: z2}]}}
+                - addresses: [10.1.0.3]
+                  conditions: {ready: false, serving: true, terminating: true}
+                - addresses: [10.1.0.4]
+                  conditions: {ready: false, serving: true, terminating: true}
+                  hints: {forZones: [{name: z2}]}
+                - addresses: [10.1.0.5]
+                  conditions: {ready: false}
+            """),
+        ],
+        [
+            "ClusterIP 10.96.0.10:80/TCP -> 10.1.0.1:80; 10.1.0.3:80 terminating; "
+            "10.1.0.4:80 terminating"
+        ],
+        node=ZONED,
+    ),
+    Case(
+        "topology-etp-local",
+        "With externalTrafficPolicy Local, Local wins over hints: external frontends keep the "
+        "local endpoint the hints send elsewhere, for their node-local scope, besides the "
+        "zone's endpoints for in-cluster callers; the ClusterIP (Cluster) gets the zone's only.",
+        [
+            svc("""
+                type: NodePort
+                clusterIP: 10.96.0.10
+                externalTrafficPolicy: Local
+                trafficDistribution: PreferClose
+                ports: [{port: 80, nodePort: 30080}]
+            """),
+            LOCAL_HINTED_ELSEWHERE_SLICE,
+        ],
+        [
+            "ClusterIP 10.96.0.10:80/TCP -> 10.1.0.2:80 node=node-b zone=z1",
+            "NodePort 127.0.0.1:30080/TCP eTP=Local -> 10.1.0.1:80 node=node-a local zone=z1; "
+            "10.1.0.2:80 node=node-b zone=z1",
+            "NodePort 192.168.1.10:30080/TCP eTP=Local -> 10.1.0.1:80 node=node-a local zone=z1; "
+            "10.1.0.2:80 node=node-b zone=z1",
+        ],
+        node=ZONED,
+    ),
+    Case(
+        "topology-itp-local",
+        "With internalTrafficPolicy Local the ClusterIP keeps the local endpoint the hints send "
+        "elsewhere; Cluster-policy NodePorts get the zone's endpoints only.",
+        [
+            svc("""
+                type: NodePort
+                clusterIP: 10.96.0.10
+                internalTrafficPolicy: Local
+                trafficDistribution: PreferClose
+                ports: [{port: 80, nodePort: 30080}]
+            """),
+            LOCAL_HINTED_ELSEWHERE_SLICE,
+        ],
+        [
+            "ClusterIP 10.96.0.10:80/TCP iTP=Local -> 10.1.0.1:80 node=node-a local zone=z1; "
+            "10.1.0.2:80 node=node-b zone=z1",
+            "NodePort 127.0.0.1:30080/TCP -> 10.1.0.2:80 node=node-b zone=z1",
+            "NodePort 192.168.1.10:30080/TCP -> 10.1.0.2:80 node=node-b zone=z1",
+        ],
+        node=ZONED,
+    ),
+    Case(
+        "topology-dual-stack",
+        "Hints are judged per IP family, as kube-proxy's per-family proxiers do: IPv4 "
+        "endpoints all hinted are filtered while an IPv6 endpoint without hints leaves IPv6 "
+        "with every endpoint.",
+        [
+            svc("""
+                clusterIP: 10.96.0.10
+                clusterIPs: [10.96.0.10, 'fd00:96::a']
+                ipFamilies: [IPv4, IPv6]
+                trafficDistribution: PreferClose
+                ports: [{port: 80}]
+            """),
+            eps("""
+                ports: [{port: 80}]
+                endpoints:
+                - {addresses: [10.1.0.1], hints: {forZones: [{name: z1}]}}
+                - {addresses: [10.1.0.2], hints: {forZones: [{name: z2}]}}
+            """),
+            eps(
+                """
+                ports: [{port: 80}]
+                endpoints:
+                - {addresses: ['fd00:1::1'], hints: {forZones: [{name: z1}]}}
+                - {addresses: ['fd00:1::2']}
+                """,
+                name="web-v6",
+                family="IPv6",
+            ),
+        ],
+        [
+            "ClusterIP 10.96.0.10:80/TCP -> 10.1.0.1:80",
+            "ClusterIP [fd00:96::a]:80/TCP -> [fd00:1::1]:80; [fd00:1::2]:80",
+        ],
+        node=ZONED,
+    ),
+    Case(
+        "topology-legacy-endpoints",
+        "Legacy Endpoints carry no hints: a service served from them uses every address.",
+        [
+            svc("clusterIP: 10.96.0.10\ntrafficDistribution: PreferClose\nports: [{port: 80}]"),
+            legacy("subsets: [{addresses: [{ip: 10.1.0.1}, {ip: 10.1.0.2}], ports: [{port: 80}]}]"),
+        ],
+        ["ClusterIP 10.96.0.10:80/TCP -> 10.1.0.1:80; 10.1.0.2:80"],
+        node=ZONED,
+    ),
+    Case(
         "proxy-name-unlabelled",
         "Without a proxy name, a service without the service-proxy-name label is served.",
         [svc("clusterIP: 10.96.0.10\nports: [{port: 80}]")],
@@ -1217,6 +1492,11 @@ INVALID = [
         "spec.internalTrafficPolicy: 'Global' is not one of Cluster, Local",
     ),
     (
+        "traffic-distribution",
+        edit(SERVICE, "spec.trafficDistribution", True),
+        "spec.trafficDistribution: must be a string, got bool",
+    ),
+    (
         "affinity",
         edit(SERVICE, "spec.sessionAffinity", "Cookie"),
         "spec.sessionAffinity: 'Cookie' is not one of ClientIP, None",
@@ -1312,6 +1592,36 @@ INVALID = [
         "endpoints[0].nodeName: must be a string",
     ),
     ("slice-endpoint", edit(SLICE, "endpoints.0", "10.1.0.1"), "endpoints[0]: must be an object"),
+    (
+        "slice-hints",
+        edit(SLICE, "endpoints.0.hints", ["z1"]),
+        "endpoints[0].hints: must be an object, got list",
+    ),
+    (
+        "slice-hints-for-zones",
+        edit(SLICE, "endpoints.0.hints", {"forZones": {"name": "z1"}}),
+        "endpoints[0].hints.forZones: must be a list, got dict",
+    ),
+    (
+        "slice-hint",
+        edit(SLICE, "endpoints.0.hints", {"forZones": [{"name": "z1"}, "z2"]}),
+        "endpoints[0].hints.forZones[1]: must be an object, got str",
+    ),
+    (
+        "slice-hint-name",
+        edit(SLICE, "endpoints.0.hints", {"forZones": [{"name": 1}]}),
+        "endpoints[0].hints.forZones[0].name: must be a string, got int",
+    ),
+    (
+        "slice-hint-no-name",
+        edit(SLICE, "endpoints.0.hints", {"forZones": [{}]}),
+        "endpoints[0].hints.forZones[0].name: must not be empty",
+    ),
+    (
+        "slice-hint-empty-name",
+        edit(SLICE, "endpoints.0.hints", {"forZones": [{"name": "z1"}, {"name": ""}]}),
+        "endpoints[0].hints.forZones[1].name: must not be empty",
+    ),
     ("slice-port", edit(SLICE, "ports.0.port", 70000), "ports[0].port: 70000 is not a port"),
     (
         "slice-protocol",
@@ -1471,6 +1781,37 @@ def test_duplicate_endpoint_tie_break_is_order_independent() -> None:
     first = translate_service(service, [a, b], None, NODE)
     assert first == translate_service(service, [b, a], None, NODE)
     assert summarize(first) == ["ClusterIP 10.96.0.10:80/TCP -> 10.1.0.1:80 zone=z1"]
+
+
+def test_duplicate_endpoint_hints_tie_break_is_order_independent() -> None:
+    """Two copies differing only in hints: the same one wins whichever slice comes first, so
+    whether the endpoint serves this zone does not depend on slice order."""
+    service, _, _ = load(
+        [svc("clusterIP: 10.96.0.10\ntrafficDistribution: PreferClose\nports: [{port: 80}]")]
+    )
+    a, b = (
+        yaml.safe_load(
+            eps(
+                f"""
+                ports: [{{port: 80}}]
+                endpoints:
+                - {{addresses: [10.1.0.1], hints: {{forZones: [{{name: {zone}}}]}}}}
+                - {{addresses: [10.1.0.2], hints: {{forZones: [{{name: z1}}]}}}}
+                """,
+                name,
+            )
+        )
+        for name, zone in (("a", "z2"), ("b", "z1"))
+    )
+    first = translate_service(service, [a, b], None, ZONED)
+    assert first == translate_service(service, [b, a], None, ZONED)
+    assert summarize(first) == ["ClusterIP 10.96.0.10:80/TCP -> 10.1.0.1:80; 10.1.0.2:80"]
+
+
+def test_node_zone_is_optional_and_hashed() -> None:
+    """Callers that know no zone keep working; the zone is part of the node's identity."""
+    assert NodeInfo("node-a", ("192.168.1.10",), ("eth0",)).zone == ""
+    assert len({ZONED, NodeInfo("node-a", ZONED.addresses, zone="z2"), ZONED}) == 2
 
 
 def test_labels_and_annotations_sorted() -> None:

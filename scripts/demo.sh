@@ -7,6 +7,13 @@ CFG=examples/demo.yaml
 LOG=/run/kpr-demo/agent.log
 mkdir -p /run/kpr-demo
 
+# A virtual cluster first: the test API server, kubectl, and an agent per node namespace
+# watching it (scripts/demo_cluster.py removes everything it made before it returns).
+echo "==== kpr in a cluster: source.kind kubernetes"
+.venv/bin/python scripts/demo_cluster.py
+echo
+echo "==== kpr on bare metal: source.kind files (examples/manifests), and one vignette per plugin"
+
 $KPR check-config --config $CFG
 $KPR run --config $CFG 2>"$LOG" &
 agent=$!

@@ -786,8 +786,11 @@ class KubeApiServer:
 
     def __init__(
         self, bookmark_interval: float = 60.0, history: int = 10000, port: int = 0,
-        version: tuple[int, int] = SERVER_VERSION,
+        version: tuple[int, int] = SERVER_VERSION, host: str = "127.0.0.1",
     ):
+        # `host`: an IPv4 address to listen on; 127.0.0.1 unless a test network (make demo's
+        # control-plane namespace) needs the server on an address of its own.
+        self.host = host
         self.bookmark_interval = bookmark_interval
         self.version = version
         self._lock = threading.RLock()
@@ -806,7 +809,7 @@ class KubeApiServer:
         self._dir = Path(tempfile.mkdtemp(prefix="kpr-apiserver-"))
         self._allocator = Allocator(self._dir / "allocations.json", list(SERVICE_CIDRS), NODE_PORT_RANGE)
         ca = _trustme().CA()
-        cert = ca.issue_cert("127.0.0.1", "::1", "localhost")
+        cert = ca.issue_cert(*dict.fromkeys((self.host, "127.0.0.1", "::1", "localhost")))
         self.ca_file = str(self._dir / "ca.pem")
         ca.cert_pem.write_to_path(self.ca_file)
         self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -842,14 +845,14 @@ class KubeApiServer:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self._port}"
+        return f"https://{self.host}:{self._port}"
 
     def up(self) -> None:
         """Listen (again, on the same port after ``down``)."""
         if self._httpd is not None:
             return
         self._closing = False
-        self._httpd = _HTTPServer(("127.0.0.1", self._port), self)
+        self._httpd = _HTTPServer((self.host, self._port), self)
         self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"kpr-apiserver-{self._port}", daemon=True
@@ -1280,7 +1283,7 @@ class KubeApiServer:
         if path == "/api":
             return h.reply(200, {
                 "kind": "APIVersions", "versions": ["v1"],
-                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self._port}"}],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.host}:{self._port}"}],
             })
         if path == "/apis":
             return h.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": _groups()})

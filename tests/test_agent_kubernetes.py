@@ -190,3 +190,39 @@ def test_a_config_without_a_way_to_the_api_server_stops_start_up(tmp_path, monke
     with pytest.raises(Exception, match="no way to reach the API server"):
         agent.setup()
     agent.shutdown()
+
+
+def test_prefer_close_follows_the_zone_of_the_nodes_node_object(api, tmp_path):
+    api.create({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "near", "namespace": "default"},
+        "spec": {"trafficDistribution": "PreferClose", "ports": [{"port": 80, "targetPort": 8080}]},
+    })
+    api.create({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "near-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "near"}},
+        "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.244.1.1"], "nodeName": "node1", "zone": "zone-a", "conditions": {"ready": True}, "hints": {"forZones": [{"name": "zone-a"}]}},
+            {"addresses": ["10.244.2.1"], "nodeName": "node2", "zone": "zone-b", "conditions": {"ready": True}, "hints": {"forZones": [{"name": "zone-b"}]}},
+        ],
+    })
+    _, cfg = agent_config(tmp_path, api, "node1")
+    agent, _ = start(cfg)
+    try:
+        def cluster_backends():
+            svc = next(s for k, s in agent.store.services.items() if str(k) == "default/near")
+            return {b.address for f in svc.frontends if f.type.value == "ClusterIP" for b in f.backends}
+
+        assert cluster_backends() == {"10.244.1.1"}, "zone-a's endpoint only, the zone from node1's Node"
+        # The node moves to zone-b (its label changes at the API server): the backends follow.
+        n = api.get("Node", "", "node1")
+        n["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-b"
+        api.update(n)
+        wait_for(lambda: cluster_backends() == {"10.244.2.1"}, 3, "zone-b's endpoint")
+        # A zone no endpoint is hinted for: every endpoint, as kube-proxy falls back.
+        n = api.get("Node", "", "node1")
+        n["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-c"
+        api.update(n)
+        wait_for(lambda: cluster_backends() == {"10.244.1.1", "10.244.2.1"}, 3, "every endpoint")
+    finally:
+        agent.shutdown()

@@ -87,12 +87,12 @@ def api():
 
 
 class Running:
-    def __init__(self, srv: KubeApiServer, node: str = "node1", proxy_name: str = "", **section):
+    def __init__(self, srv: KubeApiServer, node: str = "node1", proxy_name: str = "", idle_timeout: float = 5.0, **section):
         self.section = SourceSection(kind="kubernetes", apiServer=srv.url, tokenFile=srv.token_file, caFile=srv.ca_file, **section)
         self.nodes: list[dict | None] = []
         self.recorder = Recorder()
         self.store = ObjectStore(NodeInfo(name=node, addresses=("192.168.1.1",)), self.recorder, proxy_name=proxy_name)
-        self.source = KubernetesSource(self.section, node, proxy_name, on_node=self.nodes.append, backoff=FAST, idle_timeout=5.0)
+        self.source = KubernetesSource(self.section, node, proxy_name, on_node=self.nodes.append, backoff=FAST, idle_timeout=idle_timeout)
 
     def __enter__(self) -> "Running":
         self.source.start(self.store)
@@ -385,3 +385,17 @@ def test_a_server_with_another_ca_is_never_trusted(api, tmp_path):
         assert not store.is_synced
     finally:
         src.stop()
+
+
+def test_a_stalled_server_is_noticed_and_left_behind_when_it_answers_again(api):
+    api.create(node_object("node1", ["10.0.0.1"]))
+    api.create(service("web"))
+    with Running(api, idle_timeout=1.0) as r:
+        r.synced()
+        api.stall()
+        wait_for(lambda: "timed out" in r.store.errors.get("Service", ""), 10, "the silent watch given up")
+        assert r.has("default/web")
+        api.heal()
+        api.create(service("after"))
+        wait_for(lambda: r.has("default/after"), 5.0, "a change once the server answers")
+        wait_for(lambda: not r.store.errors, 5.0, "errors cleared")

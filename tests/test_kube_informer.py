@@ -1,0 +1,96 @@
+"""The informer's handling of what a watch stream may carry, garbage included, and its
+backoff and rate limit: pure logic, no server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kpr.kube.client import RateLimiter
+from kpr.kube.informer import Informer, JitterBackoff, Watched, _Expired, _StreamError
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict]] = []
+
+    def listed(self, kind, items, rv):
+        pass
+
+    def event(self, kind, type_, obj):
+        self.events.append((kind, type_, obj))
+
+    def failed(self, kind, reason):
+        pass
+
+    def recovered(self, kind):
+        pass
+
+
+@pytest.fixture
+def inf():
+    h = Handler()
+    return Informer(Watched("Service", "v1", lambda **kw: None), h, RateLimiter(100, 10))
+
+
+CASES = [
+    # (description, line, expected: "event" | "bookmark" | exception type)
+    ("an added object", '{"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"7"}}}', "event"),
+    ("a bookmark moves the resourceVersion only", '{"type":"BOOKMARK","object":{"kind":"Service","metadata":{"resourceVersion":"9"}}}', "bookmark"),
+    ("410 in the stream means relist", '{"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired"}}', _Expired),
+    ("another ERROR event", '{"type":"ERROR","object":{"kind":"Status","code":500,"message":"boom"}}', _StreamError),
+    ("not JSON", "<html>proxy error</html>", _StreamError),
+    ("JSON but not an event", "[1, 2]", _StreamError),
+    ("an event without an object", '{"type":"ADDED"}', _StreamError),
+    ("an object that is not a mapping", '{"type":"ADDED","object":"x"}', _StreamError),
+    ("an unknown event type", '{"type":"EXPLODED","object":{}}', _StreamError),
+]
+
+
+@pytest.mark.parametrize("desc,line,expected", CASES, ids=[c[0] for c in CASES])
+def test_watch_lines(inf, desc, line, expected):
+    if isinstance(expected, type):
+        with pytest.raises(expected):
+            inf._on_line(line)
+        assert not inf.handler.events
+    elif expected == "event":
+        inf._on_line(line)
+        (kind, type_, obj), = inf.handler.events
+        assert (kind, type_, obj["kind"], obj["apiVersion"]) == ("Service", "ADDED", "Service", "v1")
+        assert inf.stats.resource_version == "7"
+    else:
+        inf._on_line(line)
+        assert not inf.handler.events and inf.stats.resource_version == "9"
+        assert inf.stats.events["BOOKMARK"] == 1
+
+
+def test_backoff_grows_with_jitter_and_stays_under_the_cap():
+    b = JitterBackoff(initial=0.2, maximum=3.0)
+    for attempt, base in ((1, 0.2), (2, 0.4), (3, 0.8), (10, 3.0), (50, 3.0)):
+        delays = [b.delay(attempt) for _ in range(200)]
+        assert all(base / 2 <= d <= base for d in delays), attempt
+        assert len(set(delays)) > 1, "jittered"
+
+
+def test_rate_limiter_allows_the_burst_then_qps():
+    rl = RateLimiter(qps=50, burst=5)
+    t0 = time.monotonic()
+    for _ in range(5):
+        assert rl.wait()
+    assert time.monotonic() - t0 < 0.05, "the burst is immediate"
+    for _ in range(10):
+        rl.wait()
+    took = time.monotonic() - t0
+    assert 0.15 <= took < 1.0, f"10 more at 50/s take about 0.2 s, took {took:.3f}"
+
+
+def test_rate_limiter_wait_ends_when_stopping():
+    rl = RateLimiter(qps=0.1, burst=1)
+    assert rl.wait()
+    stop = threading.Event()
+    threading.Timer(0.1, stop.set).start()
+    t0 = time.monotonic()
+    assert rl.wait(stop) is False
+    assert time.monotonic() - t0 < 1.0

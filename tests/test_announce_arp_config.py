@@ -41,6 +41,13 @@ def test_defaults_and_camel_case_keys():
     assert cfg.drop_unserved == "true"
 
 
+def test_kubernetes_membership_defaults():
+    cfg = AnnounceARPConfig.model_validate({"interfaces": ["eth0"], "membership": "kubernetes"})
+    assert (cfg.lease_namespace, cfg.lease_duration, cfg.renew_interval, cfg.lease_prefix) == ("kube-system", 3, 1.0, "kpr-arp-")
+    assert cfg.lease_name("node1") == "kpr-arp-node1"
+    assert AnnounceARPConfig.model_validate({"interfaces": ["eth0"]}).membership == "heartbeat"
+
+
 @pytest.mark.parametrize(
     "section,key,words",
     [
@@ -64,6 +71,17 @@ def test_defaults_and_camel_case_keys():
         ("enabled: true\ninterfaces: [eth0]\ndropUnserved: maybe\n", "plugins.announce_arp.dropUnserved", "auto"),
         ("enabled: true\ninterfaces: [eth0]\nfrontendTypes: [ClusterIP]\n", "plugins.announce_arp.frontendTypes", "LoadBalancer"),
         ("enabled: true\ninterfaces: [eth0]\ngarpRepeats: 3\n", "plugins.announce_arp.garpRepeats", "unknown key"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: lease\n", "plugins.announce_arp.membership", "heartbeat"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nmembers: [a=10.0.0.1]\n", "plugins.announce_arp.members", "only for membership: heartbeat"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nkeyFile: /k\n", "plugins.announce_arp.keyFile", "only for membership: heartbeat"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\ndeadInterval: 2\n", "plugins.announce_arp.deadInterval", "only for membership: heartbeat"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nheartbeatPort: 7000\n", "plugins.announce_arp.heartbeatPort", "only for membership: heartbeat"),
+        ("enabled: true\ninterfaces: [eth0]\nleaseDuration: 5\n", "plugins.announce_arp.leaseDuration", "only for membership: kubernetes"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: heartbeat\nleaseNamespace: kpr\n", "plugins.announce_arp.leaseNamespace", "only for membership: kubernetes"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nleaseDuration: 1\n", "plugins.announce_arp.renewInterval", "at most half leaseDuration"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nleaseDuration: 1.5\n", "plugins.announce_arp.leaseDuration", "integer"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nleaseNamespace: Kube_System\n", "plugins.announce_arp.leaseNamespace", "not a valid namespace"),
+        ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nleasePrefix: ARP/\n", "plugins.announce_arp.leasePrefix", "cannot start a Lease name"),
     ],
 )
 def test_errors_name_the_key(section, key, words):

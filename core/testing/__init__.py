@@ -4,6 +4,8 @@
   checksum verification.
 - kpr.testing.netns: throw-away namespace topologies (nodes, pods, clients, routers).
 - kpr.testing.cgroup: child cgroups for cgroup BPF hooks.
+- kpr.testing.relay: a TCP relay that brings a loopback test server into a namespace, and
+  cuts one client off it.
 - kpr.testing.apiserver: an in-memory Kubernetes API server (TLS, token auth, faults) for
   tests of the Kubernetes source; kubectl and the kubernetes client accept it.
 

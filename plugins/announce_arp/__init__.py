@@ -4,6 +4,7 @@ NDP, one node per address, as MetalLB's layer-2 mode does but with faster failov
 - ownership.py: which node owns an address (rendezvous hashing over the eligible live nodes)
 - heartbeat.py, membership.py: which nodes are alive and what each may announce
   (authenticated UDP heartbeats), behind the `Membership` interface
+- leases.py: the same through one coordination.k8s.io Lease per node (membership: kubernetes)
 - responder.py: answers ARP requests / neighbour solicitations, sends gratuitous ARP and
   unsolicited neighbour advertisements (scapy)
 - droprules.py: the nftables table that keeps a node from routing VIP traffic back out
@@ -21,6 +22,14 @@ Enable it with
         keyFile: /etc/kpr/arp.key   # shared secret, at least 16 bytes
         garpRepeat: 3
         garpInterval: 0             # seconds; 0 disables periodic re-announcement
+
+or, with Leases through the API server the `source` section reaches,
+
+        membership: kubernetes
+        leaseNamespace: kube-system
+        leaseDuration: 3            # seconds
+        renewInterval: 1.0          # seconds
+        leasePrefix: kpr-arp-
 """
 
 from .config import AnnounceARPConfig

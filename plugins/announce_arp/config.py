@@ -1,4 +1,12 @@
-"""The `plugins.announce_arp` config section."""
+"""The `plugins.announce_arp` config section.
+
+Two memberships decide which nodes are alive: `heartbeat` (UDP heartbeats between `members`,
+keys members, heartbeatPort, heartbeatInterval, deadInterval, keyFile, maxClockSkew) and
+`kubernetes` (one coordination.k8s.io Lease per node, keys leaseNamespace, leaseDuration,
+renewInterval, leasePrefix). A key of the other membership is an error naming the key rather
+than silently ignored: a `members` list left in place after switching to Leases would
+otherwise look authoritative while nothing reads it.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,25 @@ from kpr.config import Section
 # backslashes are legal in Linux but cannot be written in an nftables set, so refused too.
 _IFNAME = re.compile(r'^[^/\s:"\\]{1,15}$')
 _NODE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+# A Kubernetes namespace (DNS label) and an object name prefix (DNS subdomain characters).
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_PREFIX = re.compile(r"^[a-z0-9][-a-z0-9.]{0,200}$")
+
+# Keys of each membership; the other membership refuses them by name.
+HEARTBEAT_KEYS = {
+    "members": "members",
+    "heartbeat_port": "heartbeatPort",
+    "heartbeat_interval": "heartbeatInterval",
+    "dead_interval": "deadInterval",
+    "key_file": "keyFile",
+    "max_clock_skew": "maxClockSkew",
+}
+LEASE_KEYS = {
+    "lease_namespace": "leaseNamespace",
+    "lease_duration": "leaseDuration",
+    "renew_interval": "renewInterval",
+    "lease_prefix": "leasePrefix",
+}
 
 # Datapath plugins that take (DNAT or drop) every packet to a VIP before routing; with one of
 # them enabled the explicit drop table is not needed (dropUnserved: auto).
@@ -51,6 +78,10 @@ class AnnounceARPConfig(Section):
     # Interfaces ARP requests and neighbour solicitations are answered on, and gratuitous
     # announcements sent from; checked to exist when the plugin starts.
     interfaces: list[str] = Field(min_length=1)
+    # How nodes learn who is alive and what each may announce: heartbeat (UDP between
+    # `members`) or kubernetes (a coordination.k8s.io Lease per node, through the API server
+    # the `source` section points at).
+    membership: Literal["heartbeat", "kubernetes"] = "heartbeat"
     # Every node that may announce, as name=address of its heartbeat endpoint; this node's
     # name (node.name) must be one of them. Empty: this node alone announces every address.
     members: list[str] = []
@@ -80,6 +111,17 @@ class AnnounceARPConfig(Section):
     # Heartbeats whose timestamp is further than this from the local clock are refused
     # (replay protection across restarts); nodes' clocks must agree within it.
     max_clock_skew: float = Field(30.0, gt=0, le=3600)
+    # --- membership: kubernetes ---
+    # Namespace of the Leases (it exists in every cluster, as Cilium's L2 leases use it).
+    lease_namespace: str = "kube-system"
+    # leaseDurationSeconds of this node's Lease: a node that stops renewing (killed, or cut
+    # off from the API server) drops out this long after its last renewal. Whole seconds, as
+    # in the Lease API.
+    lease_duration: int = Field(3, ge=1, le=3600)
+    # Seconds between renewals; at most half leaseDuration, or one slow write moves addresses.
+    renew_interval: float = Field(1.0, ge=0.1, le=1800)
+    # Each node's Lease is <leasePrefix><node name>.
+    lease_prefix: str = "kpr-arp-"
     # Frontend types whose addresses are announced.
     frontend_types: list[Literal["LoadBalancer", "ExternalIP"]] = ["LoadBalancer", "ExternalIP"]
     # Announce only services whose labels include all of these (empty: every service).
@@ -126,12 +168,59 @@ class AnnounceARPConfig(Section):
         # The cross-checks below are field validators so an error carries its key; a key
         # left out is filled in here under its camelCase name, or pydantic would report a
         # default's error under the Python name (key_file instead of keyFile).
+        # Only the chosen membership's keys are filled: a key of the other one is refused
+        # when given, so it must stay absent when it was not.
         if isinstance(data, dict):
             data = dict(data)
-            for alias, name in (("deadInterval", "dead_interval"), ("keyFile", "key_file")):
+            if data.get("membership") == "kubernetes":
+                fill = (("renewInterval", "renew_interval"),)
+            else:
+                fill = (("deadInterval", "dead_interval"), ("keyFile", "key_file"))
+            for alias, name in fill:
                 if alias not in data and name not in data:
                     data[alias] = cls.model_fields[name].default
         return data
+
+    # Declared before the checks below so they run first for a key of the wrong membership.
+    @field_validator(*HEARTBEAT_KEYS, mode="before")
+    @classmethod
+    def _heartbeat_only(cls, v: object, info: ValidationInfo) -> object:
+        if info.data.get("membership") == "kubernetes":
+            key = HEARTBEAT_KEYS[info.field_name or ""]
+            raise ValueError(
+                f"only for membership: heartbeat; with membership: kubernetes the nodes are the "
+                f"holders of the Leases in leaseNamespace and need no {key} (remove it)"
+            )
+        return v
+
+    @field_validator(*LEASE_KEYS, mode="before")
+    @classmethod
+    def _lease_only(cls, v: object, info: ValidationInfo) -> object:
+        if info.data.get("membership") != "kubernetes":
+            raise ValueError("only for membership: kubernetes (set membership: kubernetes, or remove it)")
+        return v
+
+    @field_validator("lease_namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if not _NAMESPACE.match(v):
+            raise ValueError(f"{v!r} is not a valid namespace name")
+        return v
+
+    @field_validator("lease_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not _PREFIX.match(v):
+            raise ValueError(f"{v!r} cannot start a Lease name (lower-case letters, digits, '-' and '.')")
+        return v
+
+    @field_validator("renew_interval")
+    @classmethod
+    def _renew_within_lease(cls, v: float, info: ValidationInfo) -> float:
+        duration = info.data.get("lease_duration")
+        if duration is not None and v > duration / 2:
+            raise ValueError(f"must be at most half leaseDuration ({duration}), or one slow renewal moves addresses, got {v}")
+        return v
 
     # Field validators (not a model validator) so an error carries the key it is about;
     # fields validate in declaration order, so the ones compared with are in info.data.
@@ -151,6 +240,9 @@ class AnnounceARPConfig(Section):
         if v is not None and not v.is_absolute():
             raise ValueError(f"must be an absolute path, got {str(v)!r}")
         return v
+
+    def lease_name(self, node: str) -> str:
+        return f"{self.lease_prefix}{node}"
 
     @property
     def member_list(self) -> list[Member]:

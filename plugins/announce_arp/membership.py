@@ -2,8 +2,8 @@
 
 `Membership` is the interface the plugin uses; `HeartbeatMembership` implements it with
 authenticated UDP heartbeats between the nodes of `plugins.announce_arp.members`, and
-`SoloMembership` for a node that announces alone. A Kubernetes-backed membership (Lease
-objects for liveness) plugs in behind the same interface.
+`SoloMembership` for a node that announces alone; `KubernetesMembership` (leases.py) with one
+coordination.k8s.io Lease per node, behind the same interface.
 """
 
 from __future__ import annotations
@@ -53,6 +53,44 @@ class Membership(Protocol):
     def health(self) -> Health: ...
 
 
+class PublishingMembership:
+    """What the memberships that talk to peers share: this node's eligibility (published to
+    the peers at once, by waking the sender), the peers' (`_peer_eligible`), subscribers."""
+
+    self_name: str
+    _lock: threading.Lock
+    _wake: threading.Event
+    _eligible: frozenset[str] | None
+    _callbacks: list[Callable[[], None]]
+
+    def _peer_eligible(self, node: str) -> frozenset[str] | None:
+        raise NotImplementedError
+
+    def eligible(self, node: str) -> frozenset[str] | None:
+        with self._lock:
+            if node == self.self_name:
+                return self._eligible
+            return self._peer_eligible(node)
+
+    def publish(self, eligible: frozenset[str] | None) -> None:
+        with self._lock:
+            if eligible == self._eligible:
+                return
+            self._eligible = eligible
+        # Sent at once: peers act on eligibility changes within one round trip.
+        self._wake.set()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def _fire(self) -> None:
+        for cb in self._callbacks:
+            try:
+                cb()
+            except Exception:
+                log.exception("event=membership_callback_failed")
+
+
 class SoloMembership:
     """No peers: this node is always the only live one."""
 
@@ -82,7 +120,7 @@ class SoloMembership:
         return Health(True, "standalone (no members configured)", {"live_nodes": 1})
 
 
-class HeartbeatMembership:
+class HeartbeatMembership(PublishingMembership):
     """UDP heartbeats to every member, from and to each member's address on one port.
 
     One thread sends (every heartbeatInterval, and at once when eligibility changes) and
@@ -168,23 +206,9 @@ class HeartbeatMembership:
                 return frozenset()
             return self.table.live(now) | {self.self_name}
 
-    def eligible(self, node: str) -> frozenset[str] | None:
-        with self._lock:
-            if node == self.self_name:
-                return self._eligible
-            peer = self.table.peers.get(node)
-            return peer.eligible if peer is not None else None
-
-    def publish(self, eligible: frozenset[str] | None) -> None:
-        with self._lock:
-            if eligible == self._eligible:
-                return
-            self._eligible = eligible
-        # Sent at once: peers act on eligibility changes within one round trip.
-        self._wake.set()
-
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        self._callbacks.append(callback)
+    def _peer_eligible(self, node: str) -> frozenset[str] | None:
+        peer = self.table.peers.get(node)
+        return peer.eligible if peer is not None else None
 
     def health(self) -> Health:
         now = time.monotonic()
@@ -231,13 +255,6 @@ class HeartbeatMembership:
             log.info("event=membership_changed live=%s joined=%s left=%s", ",".join(sorted(live)) or "-", ",".join(sorted(came)) or "-", ",".join(sorted(gone)) or "-")
         if changed or force:
             self._fire()
-
-    def _fire(self) -> None:
-        for cb in self._callbacks:
-            try:
-                cb()
-            except Exception:
-                log.exception("event=membership_callback_failed")
 
     def _open(self) -> socket.socket:
         sock = socket.socket(self.family, socket.SOCK_DGRAM)

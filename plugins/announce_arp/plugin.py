@@ -28,6 +28,7 @@ from . import ownership
 from .config import AnnounceARPConfig
 from .droprules import DropRules
 from .heartbeat import Codec, cluster_id
+from .leases import KubernetesMembership
 from .membership import HeartbeatMembership, Membership, SoloMembership
 from .responder import Responder, missing_interfaces
 
@@ -87,7 +88,8 @@ class AnnounceARP:
     ) -> None:
         self.cfg: AnnounceARPConfig | None = None
         self.context: PluginContext | None = None
-        self._membership_factory = membership_factory or self._heartbeat_membership
+        self._membership_factory = membership_factory or self._membership
+        self._kube_client: Any = None
         self._responder_factory = responder_factory or self._responder
         self._droprules_factory = droprules_factory or (lambda cfg: DropRules(cfg.interfaces))
         self.membership: Membership | None = None
@@ -131,10 +133,44 @@ class AnnounceARP:
             )
         if config.key_file is not None and len(members) > 1:
             self._key = read_key(config.key_file)
+        if config.membership == "kubernetes":
+            from kpr.kube.client import KubeConfigError
+
+            name = config.lease_name(context.node.name)
+            if len(name) > 253:
+                raise ValueError(f"{KEY}.leasePrefix: the Lease name {name[:40]}... would be {len(name)} characters, at most 253")
+            # The core's client, never one of our own; made now so a missing API server
+            # shows at configure time, not as a start that never becomes live.
+            try:
+                self._kube_client = context.kube_client()
+            except KubeConfigError as e:
+                raise ValueError(f"{KEY}.membership: kubernetes needs an API server: {e}") from None
         self.drop = config.drop_enabled(context.config.enabled_plugins())
         log.info(
-            "event=announce_configured node=%s interfaces=%s members=%d drop_unserved=%s",
-            context.node.name, ",".join(config.interfaces), len(members), self.drop,
+            "event=announce_configured node=%s interfaces=%s membership=%s members=%d drop_unserved=%s",
+            context.node.name, ",".join(config.interfaces), config.membership, len(members), self.drop,
+        )
+
+    def _membership(self, cfg: AnnounceARPConfig, context: PluginContext) -> Membership:
+        if cfg.membership == "kubernetes":
+            return self._lease_membership(cfg, context)
+        return self._heartbeat_membership(cfg, context)
+
+    def _lease_membership(self, cfg: AnnounceARPConfig, context: PluginContext) -> Membership:
+        if self._kube_client is None:
+            from kpr.kube.client import KubeConfigError
+
+            try:
+                self._kube_client = context.kube_client()
+            except KubeConfigError as e:
+                raise ValueError(f"{KEY}.membership: kubernetes needs an API server: {e}") from None
+        return KubernetesMembership(
+            context.node.name,
+            self._kube_client,
+            namespace=cfg.lease_namespace,
+            prefix=cfg.lease_prefix,
+            lease_duration=cfg.lease_duration,
+            renew_interval=cfg.renew_interval,
         )
 
     def _heartbeat_membership(self, cfg: AnnounceARPConfig, context: PluginContext) -> Membership:
@@ -377,7 +413,7 @@ class AnnounceARP:
             "conflicts": c["gratuitous"],
             "socket_errors": c["socket_errors"],
             "send_errors": c["send_errors"],
-            **{f"heartbeat_{k}": v for k, v in mh.counters.items()},
+            **{f"{getattr(self.membership, 'counter_prefix', 'heartbeat')}_{k}": v for k, v in mh.counters.items()},
         }
         if self.droprules is not None:
             counters["dropped_packets"] = self._dropped_packets

@@ -7,6 +7,11 @@ router); the router holds 10.0.0.254 and fd00::fe and reaches the VIP prefixes
 10.0.100.0/24 and fd00:100::/64 on-link, so it resolves VIPs with ARP / NDP itself. Each
 node runs `kpr run` (files source, announce_arp) inside its namespace as a subprocess; its
 config, manifests, socket, state and log live in a per-test directory.
+
+With `membership="kubernetes"` the agents keep the files source for services but take part
+through Leases on a test API server (kpr.testing.apiserver) that the test runs on the host's
+loopback; a kpr.testing.relay.TcpRelay makes it reachable at the same address and port on
+each node namespace's loopback, so agents use its URL and certificate unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from kpr import api
+from kpr.testing.apiserver import KubeApiServer
 from kpr.testing.netns import Topology
+from kpr.testing.relay import TcpRelay
 
 VIP4 = "10.0.100.10"
 VIP6 = "fd00:100::10"
@@ -104,9 +111,17 @@ class Segment:
     members: bool = True
     announce: dict[str, Any] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
+    # heartbeat, or kubernetes: Leases on `apiserver`, reached through a TcpRelay.
+    membership: str = "heartbeat"
+    apiserver: KubeApiServer | None = None
 
     def __post_init__(self) -> None:
         t = self.topo
+        self.relay: TcpRelay | None = None
+        if self.membership == "kubernetes":
+            if self.apiserver is None:
+                raise ValueError("membership kubernetes needs an apiserver")
+            self.relay = TcpRelay(self.apiserver.port)
         t.add_namespace("sw")
         t.run("sw", "ip link add br0 type bridge && ip link set br0 type bridge mcast_snooping 0 && ip link set br0 up")
         t.add_router("r")
@@ -131,32 +146,54 @@ class Segment:
         self._attach(ns, [f"{node_ip4(i)}/24", f"{node_ip6(i)}/64"])
         self.topo.add_route(ns, "default", ROUTER4)
         self.topo.add_route(ns, "default", ROUTER6)
+        if self.relay is not None:
+            self.relay.listen(self.relay.target[1], netns=self.topo.namespaces[ns].path)
         d = self.base / name
         d.mkdir(parents=True, exist_ok=True)
         node = Node(name, i, ns, d, mac=self.topo.mac(ns, "eth0"))
         self.nodes[name] = node
         return node
 
+    def close(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+
     # --- agents ------------------------------------------------------------------------
 
+    def expiry(self, config: Path | None = None) -> float:
+        """Seconds after which a silent (killed) node drops out, as configured."""
+        cfg = json.loads((config or next(iter(self.nodes.values())).config).read_text())["plugins"]["announce_arp"]
+        return float(cfg.get("leaseDuration", 3)) if self.membership == "kubernetes" else float(cfg["deadInterval"])
+
+    def long_expiry(self, seconds: float) -> dict[str, Any]:
+        """The announce keys that make a killed node count for `seconds`."""
+        if self.membership == "kubernetes":
+            return {"leaseDuration": int(seconds), "renewInterval": 0.5}
+        return {"deadInterval": seconds}
+
     def write_config(self, node: Node, manifests: Path | None = None, **announce: Any) -> None:
-        section = {
+        section: dict[str, Any] = {
             "enabled": True,
             "interfaces": ["eth0"],
-            "heartbeatPort": PORT,
-            "heartbeatInterval": 0.1,
-            "deadInterval": 0.5,
             "garpRepeat": 3,
             "garpSpacing": 0.2,
         }
-        if self.members:
-            section["members"] = [f"{n.name}={node_ip4(n.index)}" for n in self.nodes.values()]
-            section["keyFile"] = str(self.base / "arp.key")
+        source: dict[str, Any] = {}
+        if self.membership == "kubernetes":
+            assert self.apiserver is not None
+            section["membership"] = "kubernetes"
+            # Services still come from the files; the Leases from the API server.
+            source = {"apiServer": self.apiserver.url, "tokenFile": self.apiserver.token_file, "caFile": self.apiserver.ca_file}
+        else:
+            section |= {"heartbeatPort": PORT, "heartbeatInterval": 0.1, "deadInterval": 0.5}
+            if self.members:
+                section["members"] = [f"{n.name}={node_ip4(n.index)}" for n in self.nodes.values()]
+                section["keyFile"] = str(self.base / "arp.key")
         section.update(self.announce)
         section.update(announce)
         cfg = {
             "node": {"name": node.name, "addresses": [node_ip4(node.index), node_ip6(node.index)], "devices": ["eth0"]},
-            "source": {"kind": "files", "path": str(manifests or self.manifests), "statePath": str(node.dir / "alloc.json"), "pollInterval": 0.05},
+            "source": {"kind": "files", "path": str(manifests or self.manifests), "statePath": str(node.dir / "alloc.json"), "pollInterval": 0.05, **source},
             "service": {"clusterCIDR": ["10.96.0.0/16", "fd00:96::/112"]},
             "api": {"socket": str(node.socket)},
             "metrics": {"address": ""},

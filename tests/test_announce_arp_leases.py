@@ -1,0 +1,301 @@
+"""announce_arp's Lease membership against the test API server: several memberships in one
+process, each a node with its own connection (the core's, from a config's `source` section),
+as on separate machines. Liveness, eligibility, a killed node expiring, a stopping node
+handing over at once, an API outage, and the first look at Leases left by dead nodes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+
+import pytest
+
+from kpr.config import parse_config
+from kpr.context import PluginContext
+from kpr.model import NodeInfo
+from kpr.plugins.announce_arp.leases import ELIGIBLE_ANNOTATION, LABELS, KubernetesMembership, ServerClock, decode_eligible
+from kpr.plugins.announce_arp.plugin import AnnounceARP
+from kpr.pluginmanager import build_plugin_manager
+from kpr.testing.apiserver import KubeApiServer
+from kpr.testing.relay import TcpRelay
+from kpr.testing.waiting import wait_for
+
+NS = "kube-system"
+PREFIX = "kpr-arp-"
+
+
+def config_text(srv: KubeApiServer | None, announce: str = "membership: kubernetes", port: int | None = None) -> str:
+    # port: reach the server through a relay on that loopback port instead
+    url = f"https://127.0.0.1:{port}" if port else srv.url if srv else ""
+    source = (
+        f"source: {{kind: kubernetes, apiServer: '{url}', tokenFile: '{srv.token_file}', caFile: '{srv.ca_file}'}}\n"
+        if srv is not None
+        else "source: {kind: files}\n"
+    )
+    return source + f"plugins:\n  announce_arp: {{enabled: true, interfaces: [eth0], {announce}}}\n"
+
+
+def context(srv: KubeApiServer | None, node: str, announce: str = "membership: kubernetes", port: int | None = None) -> PluginContext:
+    cfg = parse_config(config_text(srv, announce, port))
+    build_plugin_manager(cfg)
+    return PluginContext("announce_arp", NodeInfo(node), logging.getLogger("t"), cfg, None)
+
+
+@pytest.fixture
+def srv():
+    with KubeApiServer(bookmark_interval=0.5) as s:
+        yield s
+
+
+@pytest.fixture
+def cluster(srv):
+    """make(node, duration, renew) -> a started membership; all stopped and closed after."""
+    made: list[tuple[KubernetesMembership, PluginContext]] = []
+
+    def make(node: str, duration: int = 1, renew: float = 0.2, start: bool = True, port: int | None = None) -> KubernetesMembership:
+        ctx = context(srv, node, port=port)
+        m = KubernetesMembership(node, ctx.kube_client(), namespace=NS, prefix=PREFIX, lease_duration=duration, renew_interval=renew)
+        made.append((m, ctx))
+        if start:
+            m.start()
+        return m
+
+    yield make
+    for m, ctx in made:
+        m.kill()
+        if ctx.kube is not None:
+            ctx.kube.close()
+
+
+def lease(srv: KubeApiServer, node: str) -> dict | None:
+    return srv.get("Lease", NS, PREFIX + node)
+
+
+def all_see(members: list[KubernetesMembership], nodes: set[str], timeout: float = 5.0) -> None:
+    wait_for(lambda: all(m.live_nodes() == nodes for m in members), timeout, f"every node to see {sorted(nodes)}")
+
+
+def test_each_node_holds_its_lease_and_all_see_each_other(srv, cluster):
+    a, b, c = cluster("node1"), cluster("node2"), cluster("node3")
+    all_see([a, b, c], {"node1", "node2", "node3"})
+    obj = lease(srv, "node1")
+    spec = obj["spec"]
+    assert spec["holderIdentity"] == "node1" and spec["leaseDurationSeconds"] == 1
+    assert spec["leaseTransitions"] == 0 and spec["acquireTime"]
+    assert obj["metadata"]["labels"].items() >= LABELS.items()
+    # renewed: renewTime moves on, on the server's clock (the same machine here)
+    first = spec["renewTime"]
+    wait_for(lambda: lease(srv, "node1")["spec"]["renewTime"] != first, 2, "a renewal")
+    renewed = datetime.datetime.fromisoformat(lease(srv, "node1")["spec"]["renewTime"])
+    assert abs(renewed.timestamp() - time.time()) < 2.0
+    # not finished its initial sync: nothing published yet, peers know it as None
+    assert obj["metadata"]["annotations"][ELIGIBLE_ANNOTATION] == "null"
+    assert b.eligible("node1") is None
+    h = a.health()
+    assert h.healthy, h
+    assert h.counters["renewals"] >= 2 and h.counters["renew_failures"] == 0 and h.counters["live_nodes"] == 3
+
+
+def test_eligibility_travels_in_the_lease_at_once(srv, cluster):
+    a, b = cluster("node1", duration=10, renew=5.0), cluster("node2", duration=10, renew=5.0)
+    all_see([a, b], {"node1", "node2"})
+    calls = []
+    b.subscribe(lambda: calls.append(time.monotonic()))
+    t0 = time.monotonic()
+    a.publish(frozenset({"10.0.100.10", "fd00:100::10"}))
+    # written and seen well before the 5 s renewal would have carried it
+    wait_for(lambda: b.eligible("node1") == {"10.0.100.10", "fd00:100::10"}, 2, "node2 to see node1's addresses")
+    assert time.monotonic() - t0 < 1.0
+    assert calls, "subscribers were not told"
+    ann = lease(srv, "node1")["metadata"]["annotations"][ELIGIBLE_ANNOTATION]
+    assert json.loads(ann) == ["10.0.100.10", "fd00:100::10"]
+    a.publish(frozenset())
+    wait_for(lambda: b.eligible("node1") == frozenset(), 2, "the empty set")
+    assert a.eligible("node1") == frozenset()
+
+
+def test_a_killed_node_expires_after_the_lease_duration(srv, cluster):
+    a, b, c = cluster("node1", duration=2, renew=0.3), cluster("node2", duration=2, renew=0.3), cluster("node3", duration=2, renew=0.3)
+    all_see([a, b, c], {"node1", "node2", "node3"})
+    t0 = time.monotonic()
+    a.kill()  # no release: the Lease stays, held by node1, and runs out
+    time.sleep(1.0)
+    assert b.live_nodes() == c.live_nodes() == {"node1", "node2", "node3"}, "expired before its duration"
+    wait_for(lambda: b.live_nodes() == c.live_nodes() == {"node2", "node3"}, 3, "node1 to expire")
+    took = time.monotonic() - t0
+    assert 1.5 < took < 3.0, took
+    assert lease(srv, "node1")["spec"]["holderIdentity"] == "node1"
+    assert b.health().counters["peer_expiries"] == 1
+
+
+def test_a_stopping_node_releases_its_lease_and_peers_take_over_at_once(srv, cluster):
+    a, b = cluster("node1", duration=10, renew=0.5), cluster("node2", duration=10, renew=0.5)
+    all_see([a, b], {"node1", "node2"})
+    t0 = time.monotonic()
+    a.stop()
+    wait_for(lambda: b.live_nodes() == {"node2"}, 2, "node1 to leave")
+    assert time.monotonic() - t0 < 1.0, "handed over no faster than expiry"
+    spec = lease(srv, "node1")["spec"]
+    assert not spec.get("holderIdentity") and spec["leaseDurationSeconds"] == 1
+    assert b.health().counters["peer_expiries"] == 0
+    # it comes back: the released Lease is taken again, a transition
+    a2 = cluster("node1", duration=10, renew=0.5)
+    all_see([a2, b], {"node1", "node2"})
+    assert lease(srv, "node1")["spec"]["leaseTransitions"] == 1
+    assert a2.health().counters["transitions"] == 1
+
+
+def test_api_outage_keeps_serving_while_the_own_lease_is_valid_then_stops_and_recovers(srv, cluster):
+    a, b = cluster("node1", duration=2, renew=0.3), cluster("node2", duration=2, renew=0.3)
+    all_see([a, b], {"node1", "node2"})
+    t0 = time.monotonic()
+    srv.down()
+    # still valid: each keeps its part, and makes no claim from the other's silence
+    time.sleep(1.0)
+    assert a.live_nodes() == {"node1", "node2"}
+    h = a.health()
+    assert not h.healthy and "cannot renew" in h.message and "still serving" in h.message, h
+    assert h.counters["renew_failures"] >= 1
+    # run out: no part at all, so nothing is announced
+    wait_for(lambda: a.live_nodes() == frozenset() and b.live_nodes() == frozenset(), 3, "both to drop out")
+    assert time.monotonic() - t0 < 2.6
+    assert "not announcing" in a.health().message
+    srv.up()
+    all_see([a, b], {"node1", "node2"}, timeout=10)
+    wait_for(lambda: a.health().healthy and b.health().healthy, 5, "healthy again")
+
+
+def test_a_node_cut_off_from_the_api_server_lets_go_before_the_others_take_over(srv, cluster):
+    with TcpRelay(srv.port) as relay:
+        port = relay.listen()
+        a = cluster("node1", duration=2, renew=0.3)
+        b = cluster("node2", duration=2, renew=0.3, port=port)
+        c = cluster("node3", duration=2, renew=0.3)
+        everyone = {"node1", "node2", "node3"}
+        all_see([a, b, c], everyone)
+        t0 = time.monotonic()
+        relay.cut()  # node2 alone loses the API server
+        time.sleep(1.0)
+        assert b.live_nodes() == everyone, "node2 gave up before its Lease ran out"
+        h = b.health()
+        assert not h.healthy and "still serving" in h.message, h
+        assert a.health().healthy
+        # node1 and node3 see it expire; by then node2 has stopped counting itself
+        while time.monotonic() - t0 < 4.0:
+            if "node2" not in a.live_nodes():
+                assert b.live_nodes() == frozenset(), "node2 still took part after its peers saw it expire"
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("node1 never saw node2 expire")
+        wait_for(lambda: c.live_nodes() == {"node1", "node3"}, 1, "node3 to see node2 expire")
+        relay.listen(port)  # back
+        all_see([a, b, c], everyone, timeout=10)
+
+
+def test_a_broken_watch_freezes_the_view_of_others_until_fresh_leases_arrive(srv, cluster):
+    a, b = cluster("node1", duration=2, renew=0.3), cluster("node2", duration=2, renew=0.3)
+    all_see([a, b], {"node1", "node2"})
+    a.failed("Lease", "test: watch broken")  # as its informer reports a failing watch
+    b.kill()
+    time.sleep(2.6)
+    # its own Lease is renewed, so node1 takes part, but claims nothing from node2's silence
+    assert a.live_nodes() == {"node1", "node2"}
+    assert "watching Leases: test: watch broken" in a.health().message
+    t0 = time.monotonic()
+    a.recovered("Lease")
+    assert a.live_nodes() == {"node1", "node2"}, "thawed before the missed events could land"
+    wait_for(lambda: a.live_nodes() == {"node1"}, 2, "node2 to expire once the watch is back")
+    assert 0.9 < time.monotonic() - t0 < 1.5
+    assert a.health().healthy
+
+
+def test_a_dead_nodes_old_lease_does_not_count_on_first_sight(srv, cluster):
+    old = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=60)
+    fresh = datetime.datetime.now(datetime.timezone.utc)
+    for node, t in (("ghost", old), ("fresh", fresh)):
+        srv.create(
+            {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": PREFIX + node, "namespace": NS, "labels": LABELS, "annotations": {ELIGIBLE_ANNOTATION: '["10.0.100.10"]'}},
+                "spec": {"holderIdentity": node, "leaseDurationSeconds": 2, "renewTime": t.isoformat(), "acquireTime": t.isoformat()},
+            }
+        )
+    a = cluster("node1", duration=2, renew=0.3)
+    wait_for(lambda: "node1" in a.live_nodes(), 5, "node1 live")
+    live = a.live_nodes()
+    assert "ghost" not in live and "fresh" in live, live
+    assert a.eligible("fresh") == {"10.0.100.10"}
+    # nobody renews "fresh": it runs out on time
+    wait_for(lambda: a.live_nodes() == {"node1"}, 3, "fresh to expire")
+
+
+def test_renewals_count_whatever_the_holders_clock_says(srv, cluster):
+    """A holder with a clock an hour behind still counts while it renews: renewals are timed
+    when seen, not by their renewTime."""
+    a = cluster("node1", duration=2, renew=0.3)
+    wait_for(lambda: "node1" in a.live_nodes(), 5, "node1 live")
+    skewed = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
+    obj = srv.create(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": PREFIX + "late", "namespace": NS, "labels": LABELS},
+            "spec": {"holderIdentity": "late", "leaseDurationSeconds": 2, "renewTime": skewed.isoformat()},
+        }
+    )
+    deadline = time.monotonic() + 3.0
+    seen = False
+    while time.monotonic() < deadline:
+        skewed += datetime.timedelta(seconds=0.3)
+        obj["spec"]["renewTime"] = skewed.isoformat()
+        obj = srv.update(obj)
+        time.sleep(0.3)
+        seen = seen or "late" in a.live_nodes()
+        if seen:
+            assert "late" in a.live_nodes(), "a renewing holder dropped out"
+    assert seen
+    wait_for(lambda: "late" not in a.live_nodes(), 3, "late to expire once it stops renewing")
+
+
+def test_server_clock_follows_the_date_header():
+    c = ServerClock()
+    assert abs(c.now() - time.time()) < 0.1
+    t = time.time()
+    ahead = datetime.datetime.fromtimestamp(t + 3600, datetime.timezone.utc)
+    c.sample({"Date": ahead.strftime("%a, %d %b %Y %H:%M:%S GMT")}, t, t)
+    assert 3599 < c.offset < 3601
+
+
+def test_eligible_annotation_decoding():
+    assert decode_eligible(None) is None
+    assert decode_eligible("null") is None
+    assert decode_eligible("garbage") is None
+    assert decode_eligible('["10.0.0.1"]') == {"10.0.0.1"}
+    assert decode_eligible("[]") == frozenset()
+
+
+def test_no_api_server_is_a_configure_error_naming_the_key():
+    ctx = context(None, "node1")
+    section = ctx.config.plugin_sections["announce_arp"]
+    with pytest.raises(ValueError, match=r"plugins\.announce_arp\.membership: kubernetes needs an API server: .*apiServer"):
+        AnnounceARP().kpr_configure(config=section, context=ctx)
+
+
+def test_plugin_builds_the_lease_membership_from_the_core_client(srv):
+    ctx = context(srv, "node1", "membership: kubernetes, leaseDuration: 4, renewInterval: 0.5, leasePrefix: arp-, leaseNamespace: kpr-system")
+    plugin = AnnounceARP()
+    plugin.kpr_configure(config=ctx.config.plugin_sections["announce_arp"], context=ctx)
+    m = plugin._membership(plugin.cfg, ctx)
+    try:
+        assert isinstance(m, KubernetesMembership)
+        assert (m.namespace, m.lease_name, m.duration, m.interval) == ("kpr-system", "arp-node1", 4, 0.5)
+        assert m.api.api_client is ctx.kube_client()
+        m.start()
+        wait_for(lambda: srv.get("Lease", "kpr-system", "arp-node1"), 5, "the Lease")
+    finally:
+        m.stop()
+        ctx.kube.close()

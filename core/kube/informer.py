@@ -93,7 +93,9 @@ class InformerStats:
     last_error: str = ""
 
 
-def _reason(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """One line for a failed API request: "HTTP 500 InternalError: ...", or the connection
+    problem ("NewConnectionError: Connection refused")."""
     status = getattr(exc, "status", None)
     if status is not None:
         reason = getattr(exc, "reason", "") or ""
@@ -203,7 +205,7 @@ class Informer:
     def _fail(self, exc: BaseException) -> None:
         self._failures += 1
         self.stats.errors += 1
-        reason = f"{self.stats.state} {self.kind}: {_reason(exc)}"
+        reason = f"{self.stats.state} {self.kind}: {describe_error(exc)}"
         self.stats.last_error = reason
         delay = self.backoff.delay(self._failures)
         log.warning("kube.error kind=%s reason=%s retry_in=%.2f", self.kind, reason, delay)

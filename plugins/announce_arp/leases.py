@@ -50,7 +50,7 @@ from typing import Any
 from kpr.bus import Backoff
 from kpr.kube.client import RateLimiter
 from kpr.kube.informer import Informer, JitterBackoff, Watched
-from kpr.kube.informer import _reason as describe_error
+from kpr.kube.informer import describe_error
 
 from .membership import Health, PublishingMembership
 

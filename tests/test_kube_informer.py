@@ -94,3 +94,17 @@ def test_rate_limiter_wait_ends_when_stopping():
     t0 = time.monotonic()
     assert rl.wait(stop) is False
     assert time.monotonic() - t0 < 1.0
+
+
+def test_a_handler_that_fails_on_one_event_does_not_stop_the_stream():
+    class Choking(Handler):
+        def event(self, kind, type_, obj):
+            if obj["metadata"]["name"] == "bad":
+                raise ValueError("cannot use it")
+            super().event(kind, type_, obj)
+
+    inf = Informer(Watched("Service", "v1", lambda **kw: None), Choking(), RateLimiter(100, 10))
+    inf._on_line('{"type":"ADDED","object":{"metadata":{"name":"bad","resourceVersion":"5"}}}')
+    inf._on_line('{"type":"ADDED","object":{"metadata":{"name":"good","resourceVersion":"6"}}}')
+    assert [o["metadata"]["name"] for _, _, o in inf.handler.events] == ["good"]
+    assert inf.stats.errors == 1 and inf.stats.resource_version == "6"

@@ -340,4 +340,10 @@ class Informer:
             self.stats.resource_version = self._rv
         if type_ == "BOOKMARK":
             return
-        self.handler.event(self.kind, type_, self._complete(obj))
+        try:
+            self.handler.event(self.kind, type_, self._complete(obj))
+        except Exception:
+            # One object the handler chokes on must not stop the stream (nor, resumed from
+            # before it, replay it for ever): count it, log it, go on.
+            self.stats.errors += 1
+            log.exception("kube.handler_failed kind=%s type=%s", self.kind, type_)

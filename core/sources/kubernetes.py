@@ -80,6 +80,11 @@ def _rv(obj: dict | None) -> str | None:
     return meta.get("resourceVersion") if isinstance(meta, dict) else None
 
 
+def _name(obj: dict) -> object:
+    meta = obj.get("metadata")
+    return meta.get("name") if isinstance(meta, dict) else None
+
+
 def _label(ref: ObjectRef) -> str:
     return f"{ref[0]} {ref[1]}/{ref[2]}"
 
@@ -177,7 +182,7 @@ class KubernetesSource:
         with self._lock:
             self._last_event = time.monotonic()
             if kind == "Node":
-                node = next((o for o in items if (o.get("metadata") or {}).get("name") == self.node_name), None)
+                node = next((o for o in items if _name(o) == self.node_name), None)
                 self._set_node(node)
             else:
                 cache = self._cache[kind]
@@ -208,7 +213,7 @@ class KubernetesSource:
         with self._lock:
             self._last_event = time.monotonic()
             if kind == "Node":
-                if (obj.get("metadata") or {}).get("name") == self.node_name:
+                if _name(obj) == self.node_name:
                     self._set_node(None if type_ == "DELETED" else obj)
                 return
             cache = self._cache[kind]

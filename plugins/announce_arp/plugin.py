@@ -157,13 +157,7 @@ class AnnounceARP:
         return self._heartbeat_membership(cfg, context)
 
     def _lease_membership(self, cfg: AnnounceARPConfig, context: PluginContext) -> Membership:
-        if self._kube_client is None:
-            from kpr.kube.client import KubeConfigError
-
-            try:
-                self._kube_client = context.kube_client()
-            except KubeConfigError as e:
-                raise ValueError(f"{KEY}.membership: kubernetes needs an API server: {e}") from None
+        assert self._kube_client is not None, "kpr_configure gets the client for membership: kubernetes"
         return KubernetesMembership(
             context.node.name,
             self._kube_client,

@@ -9,11 +9,18 @@ dies with them. Each record is a small JSON document:
   xdp:    {"ifname", "ifindex", "netns"}
   cgroup: {"cgroup": path, "attach_type": bcc BPFAttachType name or number}
 
-plus the program's name and, when known, its id. Cleanup detaches a tc filter only when its
-program name (or id) is the recorded one, an XDP program only when the attached program is
-the recorded one, and a cgroup program only by its id, so a foreign program at the same
-hook is never touched. A netns is identified by path and inode: a recreated namespace at
-the same path is left alone.
+plus the program's name and, when known, its id.
+
+Cleanup first detaches and unpins every BPF link pinned under `<pin>/links` (kpr.bpf.links:
+how kpr attaches wherever the kernel allows). Then, at every hook the registry names (a
+cgroup and attach type; a device's clsact filters, tcx hooks and XDP), it removes each
+program whose name carries kpr's prefix (kpr.bpf.links.KPR_PROG_PREFIXES: kpr_*, socklb's
+sklb*): those attached the old way, and orphans an older run left there (a killed agent's
+second set, a link pinned somewhere else), through the link that holds them when there is
+one. Another owner's program at the same hook is never touched, nor any hook kpr did not
+record. It then looks again and fails (CleanupError, `kpr cleanup` exits non-zero) when a
+program it should have removed is still attached. A netns is identified by path and inode: a
+recreated namespace at the same path is left alone.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import links as L
 from . import maps as M
 
 log = logging.getLogger(__name__)
@@ -209,6 +217,48 @@ def _netns_gone(rec: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _ours(name: str | None) -> bool:
+    return bool(name) and str(name).startswith(L.KPR_PROG_PREFIXES)
+
+
+def _via_links(prog_id: int, kind: str, held: dict[int, list[L.LinkInfo]] | None = None) -> list[L.LinkInfo]:
+    held = L.links_of_progs() if held is None else held
+    return [li for li in held.get(prog_id, []) if li.kind == kind]
+
+
+def _tcx(rec: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Detach kpr's tcx programs at the recorded device and direction; (done, still attached)."""
+    import socket
+
+    t = rec["target"]
+    at = L.ATTACH_TCX_INGRESS if t["direction"] == "ingress" else L.ATTACH_TCX_EGRESS
+
+    def ids() -> list[tuple[int, str]]:
+        try:
+            idx = socket.if_nametoindex(t["ifname"])
+        except OSError:
+            return []
+        try:
+            return [(pid, L.prog_name(pid) or "") for pid in L.query(idx, at)]
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no tcx on this kernel
+                return []
+            raise
+
+    done = []
+    held = None
+    for pid, name in L.run_in_netns(t["netns"], ids):
+        if not _ours(name):
+            continue
+        held = L.links_of_progs() if held is None else held
+        for li in _via_links(pid, "tcx", held):
+            if L.detach_link_id(li.id):
+                done.append(f"detached tcx {t['direction']} {name} (prog id {pid}, link {li.id}) from {_where(t)}")
+    left = [f"tcx {t['direction']} {name} (prog id {pid}) on {_where(t)}" for pid, name in L.run_in_netns(t["netns"], ids)
+            if _ours(name)]
+    return done, left
+
+
 def _detach_tc(rec: Mapping[str, Any]) -> list[str]:
     t = rec["target"]
     gone = _netns_gone(rec)
@@ -225,7 +275,7 @@ def _detach_tc(rec: Mapping[str, Any]) -> list[str]:
         if f.get("kind") != "bpf" or "handle" not in opts:
             continue
         prog = opts.get("prog") or {}
-        ours = opts.get("bpf_name") == rec["prog_name"] or (rec.get("prog_id") and prog.get("id") == rec["prog_id"])
+        ours = _ours(opts.get("bpf_name")) or (rec.get("prog_id") and prog.get("id") == rec["prog_id"])
         if not ours:
             continue
         argv = ["tc", "filter", "del", "dev", t["ifname"], t["direction"], "protocol", f.get("protocol", "all"),
@@ -235,6 +285,16 @@ def _detach_tc(rec: Mapping[str, Any]) -> list[str]:
             raise OSError(f"{' '.join(argv)}: {dres.stderr.strip()}")
         done.append(f"detached tc {t['direction']} filter {opts.get('bpf_name', '?')} (prog id {prog.get('id', '?')}) "
                     f"from {_where(t)}")
+    tcx_done, left = _tcx(rec)
+    done += tcx_done
+    res = _run(_in_netns(t["netns"], ["tc", "-j", "filter", "show", "dev", t["ifname"], t["direction"]]))
+    if res.returncode == 0:
+        for f in json.loads(res.stdout or "[]"):
+            opts = f.get("options") or {}
+            if f.get("kind") == "bpf" and "handle" in opts and _ours(opts.get("bpf_name")):
+                left.append(f"tc {t['direction']} filter {opts.get('bpf_name')} on {_where(t)}")
+    if left:
+        raise OSError(errno.EBUSY, "still attached: " + ", ".join(left))
     return done
 
 
@@ -248,22 +308,35 @@ def _detach_xdp(rec: Mapping[str, Any]) -> list[str]:
         if "does not exist" in res.stderr or "Cannot find device" in res.stderr:
             return [f"skipped xdp {rec['prog_name']} on {_where(t)}: device is gone"]
         raise OSError(f"ip link show {t['ifname']}: {res.stderr.strip()}")
-    links = json.loads(res.stdout or "[]")
-    xdp = (links[0] if links else {}).get("xdp") or {}
+    def progs() -> list[dict[str, Any]]:
+        res = _run(_in_netns(t["netns"], ["ip", "-j", "-d", "link", "show", "dev", t["ifname"]]))
+        links = json.loads(res.stdout or "[]") if res.returncode == 0 else []
+        xdp = (links[0] if links else {}).get("xdp") or {}
+        return [a for a in (xdp.get("attached") or ([xdp] if xdp.get("prog") else []))]
+
     done = []
-    for att in xdp.get("attached") or ([xdp] if xdp.get("prog") else []):
+    for att in progs():
         prog = att.get("prog") or {}
-        ours = (rec.get("prog_id") and prog.get("id") == rec["prog_id"]) or (
-            not rec.get("prog_id") and prog.get("name") == rec["prog_name"][:15]
-        )
+        ours = (rec.get("prog_id") and prog.get("id") == rec["prog_id"]) or _ours(prog.get("name"))
         mode = _XDP_MODES.get(att.get("mode"))
         if not ours or mode is None:
+            continue
+        via = _via_links(int(prog.get("id", 0)), "xdp")
+        if via:
+            for li in via:
+                L.detach_link_id(li.id)
+            done.append(f"detached xdp {prog.get('name')} (prog id {prog.get('id')}, {mode}, link "
+                        f"{','.join(str(li.id) for li in via)}) from {_where(t)}")
             continue
         argv = ["ip", "link", "set", "dev", t["ifname"], mode, "off"]
         dres = _run(_in_netns(t["netns"], argv))
         if dres.returncode != 0:
             raise OSError(f"{' '.join(argv)}: {dres.stderr.strip()}")
         done.append(f"detached xdp {prog.get('name')} (prog id {prog.get('id')}, {mode}) from {_where(t)}")
+    left = [f"xdp {(a.get('prog') or {}).get('name')} on {_where(t)}" for a in progs()
+            if _ours((a.get("prog") or {}).get("name"))]
+    if left:
+        raise OSError(errno.EBUSY, "still attached: " + ", ".join(left))
     return done
 
 
@@ -275,14 +348,10 @@ def _detach_cgroup(rec: Mapping[str, Any]) -> list[str]:
     except FileNotFoundError:
         return [f"skipped cgroup {rec['prog_name']} on {t['cgroup']}: cgroup is gone"]
     done = []
+    at = t.get("attach_type_name", t["attach_type"])
+    held = None
     try:
-        ids = (ctypes.c_uint32 * 64)()
-        cnt = ctypes.c_uint32(64)
-        flags = ctypes.c_uint32(0)
-        rc = lib.bpf_prog_query(cg_fd, t["attach_type"], 0, ctypes.byref(flags), ids, ctypes.byref(cnt))
-        if rc < 0:
-            raise OSError(-rc, f"bpf_prog_query {t['cgroup']}: {os.strerror(-rc)}")
-        for pid in list(ids)[: cnt.value]:
+        for pid in L.query(cg_fd, t["attach_type"]):
             try:
                 pfd = M._check(lib.bpf_prog_get_fd_by_id(pid), f"bpf_prog_get_fd_by_id {pid}")
             except OSError as exc:
@@ -291,17 +360,31 @@ def _detach_cgroup(rec: Mapping[str, Any]) -> list[str]:
                 raise
             try:
                 name = M.prog_info(pfd).name.decode()
-                # by id when recorded: a name alone could be another agent's program
-                ours = pid == rec["prog_id"] if rec.get("prog_id") else name == rec["prog_name"][:15]
-                if not ours:
+                # kpr's name at a hook kpr recorded: the recorded program, or an orphan of an
+                # older run (a killed agent's second set)
+                if not (pid == rec.get("prog_id") or _ours(name)):
                     continue
-                M._check(lib.bpf_prog_detach2(pfd, cg_fd, t["attach_type"]), f"bpf_prog_detach2 {name}")
-                at = t.get("attach_type_name", t["attach_type"])
-                done.append(f"detached cgroup {at} program {name} (prog id {pid}) from {t['cgroup']}")
+                held = L.links_of_progs() if held is None else held
+                via = _via_links(pid, "cgroup", held)
+                if via:
+                    for li in via:
+                        L.detach_link_id(li.id)
+                    how = f"link {','.join(str(li.id) for li in via)}"
+                else:
+                    rc = lib.bpf_prog_detach2(pfd, cg_fd, t["attach_type"])
+                    if rc < 0 and -rc == errno.ENOENT:
+                        continue  # detached meanwhile
+                    M._check(rc, f"bpf_prog_detach2 {name}")
+                    how = "attach"
+                done.append(f"detached cgroup {at} program {name} (prog id {pid}, {how}) from {t['cgroup']}")
             finally:
                 os.close(pfd)
+        left = [f"cgroup {at} {L.prog_name(pid)} (prog id {pid}) on {t['cgroup']}"
+                for pid in L.query(cg_fd, t["attach_type"]) if pid == rec.get("prog_id") or _ours(L.prog_name(pid))]
     finally:
         os.close(cg_fd)
+    if left:
+        raise OSError(errno.EBUSY, "still attached: " + ", ".join(left))
     return done
 
 
@@ -334,7 +417,16 @@ def cleanup(pin_path: Path | str) -> list[str]:
     _refuse_unsafe(pin_path)
     removed: list[str] = []
     errors: list[str] = []
+    try:
+        removed.extend(L.sweep(pin_path / L.LINKS_DIR, lambda _p, _li: False))
+    except OSError as exc:
+        errors.append(f"links under {pin_path / L.LINKS_DIR}: {exc}")
+    seen: set[tuple] = set()
     for rec in attachments(pin_path):
+        hook = _identity(rec)[:2]
+        if hook in seen:  # one pass per hook removes every kpr program there
+            continue
+        seen.add(hook)
         try:
             removed.extend(_DETACH[rec["kind"]](rec))
         except (OSError, KeyError, ValueError, subprocess.SubprocessError) as exc:

@@ -30,6 +30,11 @@ class SockLBConfig(Section):
     algorithm: Literal["random", "maglev"] = "random"
     # Entries of the per-socket reverse-NAT map (socket, backend) -> dialled service; LRU.
     reverse_nat_map_size: int = Field(262144, ge=1024, le=16 * 1024 * 1024)
+    # Leave the hooks attached when the agent stops (pinned BPF links under bpf.pinPath), so
+    # pods' connections to services keep working until the next agent adopts them; `kpr
+    # cleanup` removes them. false: detach on stop (new connections to ClusterIPs fail while
+    # no agent runs).
+    keep_attached_on_stop: bool = True
 
     @field_validator("cgroup_path")
     @classmethod

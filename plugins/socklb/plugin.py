@@ -1,6 +1,16 @@
 """The socklb plugin: loads the socket-LB programs, attaches them to a cgroup, keeps its own
 maps (node addresses, per-socket reverse NAT) in step with services and node facts.
 
+Each hook is a cgroup BPF link pinned at <bpf.pinPath>/links/socklb/cgroup-<cgroup id>/<hook>
+(kpr.bpf.links): it outlives the agent, so pods' connections to ClusterIPs keep working
+while no agent runs. A starting agent adopts the pinned links and switches them to its newly
+loaded programs (BPF_LINK_UPDATE, atomic), attaches only what is missing, removes links of
+hooks it no longer wants (bindProtection turned off) or of cgroups that are gone, and removes
+copies of its programs attached the old way by an earlier run. Without cgroup links (or with
+KPR_BPF_LINKS=off) it attaches with BPF_F_ALLOW_MULTI as before, puts the new program next to
+the old one and then detaches the old one, so there is still one copy and no gap. Stop leaves
+everything attached unless keepAttachedOnStop is false; `kpr cleanup` removes it.
+
 The shared service maps are the core's ServiceMapWriter's (kpr_requires "servicemaps"); the
 writer follows the bus on its own worker, so this plugin never writes them. What it does per
 service is its own: when backends leave a frontend, reverse-NAT entries of sockets that were
@@ -24,6 +34,7 @@ from typing import Any
 import pydantic
 
 from kpr import hookimpl
+from kpr.bpf import links
 from kpr.bpf import maps as M
 from kpr.context import PluginContext
 from kpr.servicemaps import WriterParams, writer_params
@@ -107,6 +118,11 @@ class _Attachment:
     fn: Any  # bcc BPF.Function
     prog_id: int
     record_id: int
+    # The pinned link holding the program at its hook, and its fd while the agent runs;
+    # link_fd -1: attached without a link (the fallback).
+    link_pin: Path | None = None
+    link_fd: int = -1
+    action: str = ""  # created | adopted | updated | attached (fallback)
 
 
 @dataclass
@@ -139,6 +155,9 @@ class SockLB:
         self._c = _Counters()
         self._destroy_unsupported = ""
         self._set_retval = True
+        self._fallback = ""  # why hooks are attached without links ("" : with links)
+        # More compiler flags (tests build a changed program, as an upgrade would bring).
+        self.extra_cflags: list[str] = []
 
     # ------------------------------------------------------------------ configuration
 
@@ -200,6 +219,7 @@ class SockLB:
                 f"-DKPR_SOCK_HOST_ONLY={int(cfg.host_namespace_only)}",
                 f"-DKPR_SOCK_REVNAT_MAX={cfg.reverse_nat_map_size}",
                 f"-DKPR_SOCK_HAVE_SET_RETVAL={int(self._set_retval)}",
+                *self.extra_cflags,
             ]
             text = inline_includes(SOURCE.read_text(), [SOURCE.parent], label=str(SOURCE))
             self._bpf = compile_and_load(text, cflags=cflags, name=str(SOURCE))
@@ -207,55 +227,148 @@ class SockLB:
                 self._maps[name] = M.BpfMap.open_pinned(pin / name)
             self._sync_hostaddrs(context.node)
             self._cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            link_dir = self._link_dir()
             for prog, ptype, atype in hooks:
                 fn = load_prog(self._bpf, prog, ptype, attach_type=atype)
-                self._attach(fn, atype, attach_type_value(atype))
                 # Tracked before it is recorded: an attachment outlives this process.
                 a = _Attachment(prog, atype, fn, M.prog_info(fn.fd).id, 0)
+                self._attach(a, link_dir)
                 self._attached.append(a)
                 a.record_id = record_attachment(
                     pin, "cgroup", {"cgroup": str(self.cgroup), "attach_type": atype}, prog, prog_id=a.prog_id
                 )
+                self._drop_other_copies(a)
+            self._sweep_links(link_dir, {atype.lower() for _p, _t, atype in hooks})
         except BaseException:
-            self._teardown()
+            # What is attached stays attached (an adopted link still runs the last good
+            # program); only this process's handles go.
+            self._teardown(detach=False)
             raise
         log.info(
-            "event=socklb_started cgroup=%s hooks=%d host_netns_cookie=%d host_only=%s bind_protection=%s "
-            "terminate_connections=%s set_retval=%s",
-            self.cgroup, len(self._attached), self.host_netns_cookie, cfg.host_namespace_only,
+            "event=socklb_started cgroup=%s hooks=%d links=%s host_netns_cookie=%d host_only=%s "
+            "bind_protection=%s terminate_connections=%s set_retval=%s",
+            self.cgroup, len(self._attached), self._actions(), self.host_netns_cookie, cfg.host_namespace_only,
             cfg.bind_protection, cfg.terminate_connections, self._set_retval,
         )
 
-    def _attach(self, fn: Any, name: str, value: int) -> None:
+    def _link_dir(self) -> Path:
+        assert self.pin_path is not None
+        return self.pin_path / links.LINKS_DIR / "socklb" / f"cgroup-{os.fstat(self._cg_fd).st_ino}"
+
+    def _actions(self) -> str:
+        counts: dict[str, int] = {}
+        for a in self._attached:
+            counts[a.action] = counts.get(a.action, 0) + 1
+        return ",".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "-"
+
+    def _attach(self, a: _Attachment, link_dir: Path) -> None:
+        """Put a's program at its hook: through the pinned link (adopted, updated or created),
+        or, where the kernel has no cgroup links, attached the old way (BPF_F_ALLOW_MULTI)."""
         from bcc import BPF
 
+        from kpr.bpf.loader import attach_type_value
+
+        value = attach_type_value(a.attach_type)
+        pin = link_dir / a.attach_type.lower()
         try:
-            BPF.attach_func(fn, self._cg_fd, value, BPF_F_ALLOW_MULTI)
+            a.link_fd, a.action, _info = links.ensure(pin, a.fn.fd, links.Hook.cgroup(self._cg_fd, value))
+            a.link_pin = pin
+            return
+        except links.LinkUnsupported as exc:
+            if not self._fallback:
+                log.warning("event=socklb_links_unavailable error=%s effect=attached_without_links", exc)
+            self._fallback = str(exc)
+        except OSError as exc:
+            raise OSError(f"attaching {a.prog} to {self.cgroup} ({a.attach_type}): {exc}") from None
+        try:
+            BPF.attach_func(a.fn, self._cg_fd, value, BPF_F_ALLOW_MULTI)
         except Exception as exc:  # bcc raises a bare Exception with the errno text
-            raise OSError(f"attaching {fn.name.decode()} to {self.cgroup} ({name}): {exc}") from None
+            raise OSError(f"attaching {a.prog} to {self.cgroup} ({a.attach_type}): {exc}") from None
+        a.action = "attached"
+
+    def _drop_other_copies(self, a: _Attachment) -> None:
+        """Detach every other copy of a's program at its hook on this cgroup: an earlier run's,
+        attached without a link or through a link pinned elsewhere. Same program name only."""
+        from kpr.bpf.loader import attach_type_value
+
+        value = attach_type_value(a.attach_type)
+        held: dict[int, list[links.LinkInfo]] | None = None
+        for pid in links.query(self._cg_fd, value):
+            if pid == a.prog_id or links.prog_name(pid) != a.prog[:15]:
+                continue
+            if held is None:
+                held = links.links_of_progs()
+            via = [li for li in held.get(pid, []) if li.kind == "cgroup"]
+            try:
+                if via:
+                    for li in via:
+                        links.detach_link_id(li.id)
+                else:
+                    fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(pid), f"bpf_prog_get_fd_by_id {pid}")
+                    try:
+                        M._check(M.libbpf().bpf_prog_detach2(fd, self._cg_fd, value), f"bpf_prog_detach2 {a.prog}")
+                    finally:
+                        os.close(fd)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            log.info("event=socklb_old_copy_detached hook=%s prog_id=%d via=%s", a.attach_type, pid,
+                     "link" if via else "attach")
+
+    def _sweep_links(self, link_dir: Path, wanted: set[str]) -> None:
+        """Links of hooks this config does not want on our cgroup, and links whose cgroup is gone."""
+        root = link_dir.parent
+
+        def keep(p: Path, li: links.LinkInfo) -> bool:
+            if p.parent == link_dir:
+                return p.name in wanted and not li.defunct
+            return not li.defunct  # another cgroup's: kept while it exists (`kpr cleanup` removes it)
+
+        for line in links.sweep(root, keep):
+            log.info("event=socklb_link_swept what=%r", line)
+        from kpr.bpf.cleanup import attachments, forget_attachment
+
+        for rec in attachments(self.pin_path):
+            t = rec["target"]
+            name = str(t.get("attach_type_name", "")).lower()
+            if rec["kind"] == "cgroup" and t.get("cgroup") == str(self.cgroup) and name and name not in wanted:
+                forget_attachment(self.pin_path, rec["id"])
 
     @hookimpl
     def kpr_stop(self, context: PluginContext) -> None:
-        self._teardown()
-        log.info("event=socklb_stopped cgroup=%s", self.cgroup)
+        keep = bool(self.cfg is None or self.cfg.keep_attached_on_stop)
+        self._teardown(detach=not keep)
+        log.info("event=socklb_stopped cgroup=%s detached=%s", self.cgroup, not keep)
 
-    def _teardown(self) -> None:
-        """Detach and close; pinned maps stay (reverse NAT keeps working across a restart)."""
+    def _teardown(self, *, detach: bool = True) -> None:
+        """Close this process's handles; with `detach`, take the programs off their hooks too.
+        Pinned maps stay (reverse NAT keeps working across a restart)."""
         from kpr.bpf.cleanup import forget_attachment
         from kpr.bpf.loader import attach_type_value
 
         with self._lock:
             errors = []
             for a in reversed(self._attached):
-                rc = M.libbpf().bpf_prog_detach2(a.fn.fd, self._cg_fd, attach_type_value(a.attach_type))
-                if rc < 0 and -rc != errno.ENOENT:  # ENOENT: `kpr cleanup` detached it already
-                    errors.append(f"detach {a.prog}: {os.strerror(-rc)}")
-                    continue
-                try:
-                    if a.record_id:
-                        forget_attachment(self.pin_path, a.record_id)
-                except OSError as exc:
-                    errors.append(f"forget {a.prog}: {exc}")
+                if detach:
+                    if a.link_pin is not None:
+                        try:
+                            links.release(a.link_pin)
+                        except OSError as exc:
+                            errors.append(f"detach {a.prog}: {exc}")
+                            continue
+                    else:
+                        rc = M.libbpf().bpf_prog_detach2(a.fn.fd, self._cg_fd, attach_type_value(a.attach_type))
+                        if rc < 0 and -rc != errno.ENOENT:  # ENOENT: `kpr cleanup` detached it already
+                            errors.append(f"detach {a.prog}: {os.strerror(-rc)}")
+                            continue
+                    try:
+                        if a.record_id:
+                            forget_attachment(self.pin_path, a.record_id)
+                    except OSError as exc:
+                        errors.append(f"forget {a.prog}: {exc}")
+                if a.link_fd >= 0:
+                    os.close(a.link_fd)
+                    a.link_fd = -1
             self._attached.clear()
             for m in self._maps.values():
                 m.close()
@@ -482,9 +595,14 @@ class SockLB:
             msg += f"; terminateConnections cannot work: {self._destroy_unsupported}"
         if not self._set_retval:
             msg += "; refusals fail with EPERM (no bpf_set_retval)"
+        if self._fallback:
+            msg += f"; attached without BPF links ({self._fallback})"
         details: dict[str, object] = {
             "cgroup": str(self.cgroup) if self.cgroup else None,
             "hooks": attached,
+            "links": {a.attach_type: {"pin": str(a.link_pin) if a.link_pin else None, "action": a.action}
+                      for a in list(self._attached)},
+            "linksFallback": self._fallback,
             "hostNetnsCookie": self.host_netns_cookie,
             "hostAddresses": sorted(M.bytes_to_addr(a) for a in self._hostaddrs),
             "terminateConnections": {

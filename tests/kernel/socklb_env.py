@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from kpr.bpf.cleanup import cleanup
 from kpr.config import KprConfig
 from kpr.context import PluginContext
 from kpr.model import Backend, BackendState, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
@@ -232,6 +233,7 @@ class Env:
     plugins: list[SockLB] = field(default_factory=list)
     applied: dict[ServiceKey, None] = field(default_factory=dict)
     store: ObjectStore | None = None
+    abandoned: list[SockLB] = field(default_factory=list)
 
     @property
     def plugin(self) -> SockLB:
@@ -271,14 +273,21 @@ class Env:
         )
         return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
 
-    def start_plugin(self, cgroup: Path, **cfg: Any) -> SockLB:
-        plugin = start_socklb(self.topo, self.pin, cgroup, **cfg)
+    def start_plugin(self, cgroup: Path, *, extra_cflags: Iterable[str] = (), **cfg: Any) -> SockLB:
+        plugin = start_socklb(self.topo, self.pin, cgroup, extra_cflags=extra_cflags, **cfg)
         self.plugins.append(plugin)
         return plugin
 
     def stop_plugin(self, plugin: SockLB) -> None:
         self.plugins.remove(plugin)
         plugin.kpr_stop(plugin.context)
+
+    def abandon(self, plugin: SockLB) -> None:
+        """What SIGKILL leaves: the plugin gets no stop; its hooks stay as they are. (Its
+        file descriptors are closed at the end of the test, as the kernel closes a killed
+        process's.)"""
+        self.plugins.remove(plugin)
+        self.abandoned.append(plugin)
 
 
 def plugin_context(pin: Path, state_dir: Path | None = None) -> PluginContext:
@@ -292,9 +301,11 @@ def plugin_context(pin: Path, state_dir: Path | None = None) -> PluginContext:
     )
 
 
-def start_socklb(topo: Topology, pin: Path, cgroup: Path, **cfg: Any) -> SockLB:
-    """configure + start a SockLB whose host is the topology's node namespace."""
+def start_socklb(topo: Topology, pin: Path, cgroup: Path, *, extra_cflags: Iterable[str] = (), **cfg: Any) -> SockLB:
+    """configure + start a SockLB whose host is the topology's node namespace (extra_cflags:
+    a changed program, as an upgrade brings)."""
     plugin = SockLB()
+    plugin.extra_cflags = list(extra_cflags)
     ctx = plugin_context(pin)
     plugin.kpr_configure(config=SockLBConfig.model_validate({"cgroupPath": str(cgroup), **cfg}), context=ctx)
     with topo["node"].enter():
@@ -312,6 +323,9 @@ def running(name: str = "kpr-socklb", **cfg: Any) -> Iterator[Env]:
         cg = stack.enter_context(child_cgroup(name))
         build_topology(topo)
         pin = mnt / "kpr"
+        # Stop leaves the hooks attached (pinned links): `kpr cleanup` takes them off before
+        # the cgroups go.
+        stack.callback(cleanup, pin)
         writer = ServiceMapWriter(pin).open()
         stack.callback(writer.close)
         env = Env(topo, pin, writer, cg)
@@ -319,6 +333,8 @@ def running(name: str = "kpr-socklb", **cfg: Any) -> Iterator[Env]:
         def stop_all() -> None:
             for p in list(env.plugins):
                 env.stop_plugin(p)
+            for p in env.abandoned:
+                p._teardown(detach=False)
 
         stack.callback(stop_all)
         env.start_plugin(cg, **cfg)

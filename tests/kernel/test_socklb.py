@@ -385,41 +385,208 @@ def test_host_namespace_only_and_bind_protection_off(env: Env) -> None:
 # ---------------------------------------------------------------- attachments
 
 
-def test_status_stop_and_cleanup_detach_everything(env: Env) -> None:
+ALL_HOOKS = [h for _, _, h in HOOKS] + ["CGROUP_INET4_POST_BIND", "CGROUP_INET6_POST_BIND"]
+
+
+def hook_progs(cgroup: Path) -> dict[str, list[int]]:
+    """Program ids at each of socklb's hooks on the cgroup."""
+    return {a: prog_ids(cgroup, a) for a in ALL_HOOKS if prog_ids(cgroup, a)}
+
+
+def bpftool_cgroup(cgroup: Path) -> list[dict]:
+    """`bpftool cgroup show` of the cgroup (the programs attached there, links included)."""
+    res = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout or "[]")
+
+
+def link_ids(plugin: SockLB) -> dict[str, int]:
+    from kpr.bpf import links
+
+    return {a.attach_type: links.link_info(a.link_fd).id for a in plugin._attached}
+
+
+def map_ids(plugin: SockLB) -> dict[str, int]:
+    return {name: m.id for name, m in plugin._maps.items()}
+
+
+def prog_tags(ids: list[int]) -> set[bytes]:
+    out = set()
+    for pid in ids:
+        fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(pid), "prog fd")
+        try:
+            out.add(bytes(M.prog_info(fd).tag))
+        finally:
+            os.close(fd)
+    return out
+
+
+def test_stop_leaves_the_hooks_and_new_instances_adopt_them(env: Env) -> None:
+    """Stop, a killed agent (no stop) and an upgrade (changed program text): one program per
+    hook throughout, the same links and maps, the ClusterIP served all along."""
+    env.apply(service("adopt", [(CIP, "10.96.0.40", 80)], [be("be1")], protocols=(TCP,)))
     with child_cgroup("kpr-socklb-att") as cg:
-        plugin = env.start_plugin(cg)
-        hooks = attached_hooks(cg)
-        assert hooks == {a: 1 for a in [h for _, _, h in HOOKS] + ["CGROUP_INET4_POST_BIND", "CGROUP_INET6_POST_BIND"]}
-        status = plugin.kpr_status()
+        serve = lambda: answers(env.client("tcp", "10.96.0.40", 80, 2, cgroup=cg)) == ["be1"] * 2  # noqa: E731
+        p1 = env.start_plugin(cg)
+        progs = hook_progs(cg)
+        assert {a: len(ids) for a, ids in progs.items()} == {a: 1 for a in ALL_HOOKS}
+        status = p1.kpr_status()
         assert status.healthy and status.counters["hooks_attached"] == 10
+        assert {v["action"] for v in status.details["links"].values()} == {"created"}
+        assert not status.details["linksFallback"]
         recorded = [r for r in attachments(env.pin) if r["target"]["cgroup"] == str(cg)]
         assert len(recorded) == 10
-        env.stop_plugin(plugin)
-        assert attached_hooks(cg) == {}, "kpr_stop must detach"
+        links1, maps1 = link_ids(p1), map_ids(p1)
+        assert len(set(links1.values())) == 10
+        assert len(bpftool_cgroup(cg)) == 10
+        assert serve()
+
+        env.stop_plugin(p1)  # SIGTERM
+        assert hook_progs(cg) == progs, "stop leaves the programs attached"
+        assert serve(), "served while no agent runs"
+
+        p2 = env.start_plugin(cg)  # the next agent: new programs, the same links
+        assert {a: len(ids) for a, ids in hook_progs(cg).items()} == {a: 1 for a in ALL_HOOKS}
+        assert {v["action"] for v in p2.kpr_status().details["links"].values()} == {"updated"}
+        assert link_ids(p2) == links1 and map_ids(p2) == maps1
+        assert serve()
+
+        env.abandon(p2)  # SIGKILL: no stop
+        p3 = env.start_plugin(cg)
+        now = hook_progs(cg)
+        assert {a: len(ids) for a, ids in now.items()} == {a: 1 for a in ALL_HOOKS}, "never a second copy"
+        assert link_ids(p3) == links1 and map_ids(p3) == maps1
+        assert len(bpftool_cgroup(cg)) == 10
+        assert serve()
+
+        before = prog_tags([i for ids in now.values() for i in ids])
+        env.abandon(p3)  # an upgrade: changed program text
+        # (refusals without bpf_set_retval: a different program, the same maps)
+        p4 = env.start_plugin(cg, extra_cflags=["-UKPR_SOCK_HAVE_SET_RETVAL", "-DKPR_SOCK_HAVE_SET_RETVAL=0"])
+        upgraded = hook_progs(cg)
+        assert {a: len(ids) for a, ids in upgraded.items()} == {a: 1 for a in ALL_HOOKS}
+        assert link_ids(p4) == links1 and map_ids(p4) == maps1
+        assert {v["action"] for v in p4.kpr_status().details["links"].values()} == {"updated"}
+        assert serve()
+        assert prog_tags(upgraded["CGROUP_INET4_CONNECT"]) - before, "the upgrade runs the changed program"
+
+        # bindProtection off: the post_bind links go, the rest stay
+        env.abandon(p4)
+        p5 = env.start_plugin(cg, bindProtection=False)
+        assert set(hook_progs(cg)) == {h for _, _, h in HOOKS}
+        mine = env.pin / "links" / "socklb" / f"cgroup-{os.stat(cg).st_ino}"
+        assert sorted(p.name for p in mine.iterdir()) == sorted(h.lower() for _, _, h in HOOKS)
+
+        # keepAttachedOnStop: false detaches, as before links
+        p5.cfg = p5.cfg.model_copy(update={"keep_attached_on_stop": False})
+        env.stop_plugin(p5)
+        assert hook_progs(cg) == {}, "keepAttachedOnStop false detaches"
         assert not [r for r in attachments(env.pin) if r["target"]["cgroup"] == str(cg)], "records forgotten"
         assert (env.pin / "kpr_sock_revnat").exists(), "pinned maps outlive the agent"
 
 
+def test_without_links_the_fallback_keeps_one_copy(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KPR_BPF_LINKS=off: the old attach (BPF_F_ALLOW_MULTI), still one copy per hook across a
+    stop and a kill, and the ClusterIP served while no agent runs."""
+    monkeypatch.setenv("KPR_BPF_LINKS", "cgroup")
+    env.apply(service("fallback", [(CIP, "10.96.0.41", 80)], [be("be2")], protocols=(TCP,)))
+    with child_cgroup("kpr-socklb-fb") as cg:
+        serve = lambda: answers(env.client("tcp", "10.96.0.41", 80, 2, cgroup=cg)) == ["be2"] * 2  # noqa: E731
+        p1 = env.start_plugin(cg)
+        st = p1.kpr_status()
+        assert st.details["linksFallback"] and "without BPF links" in st.message
+        assert {v["action"] for v in st.details["links"].values()} == {"attached"}
+        assert not (env.pin / "links" / "socklb" / f"cgroup-{os.stat(cg).st_ino}").exists()
+        first = hook_progs(cg)
+        assert {a: len(ids) for a, ids in first.items()} == {a: 1 for a in ALL_HOOKS}
+        env.stop_plugin(p1)
+        assert hook_progs(cg) == first and serve()
+        p2 = env.start_plugin(cg)
+        env.abandon(p2)
+        p3 = env.start_plugin(cg)
+        now = hook_progs(cg)
+        assert {a: len(ids) for a, ids in now.items()} == {a: 1 for a in ALL_HOOKS}, "never a second copy"
+        assert all(now[a] != first[a] for a in ALL_HOOKS), "the new programs replaced the old"
+        assert serve()
+        # the fallback's programs move to links as soon as links are allowed again
+        monkeypatch.delenv("KPR_BPF_LINKS")
+        env.abandon(p3)
+        p4 = env.start_plugin(cg)
+        assert {v["action"] for v in p4.kpr_status().details["links"].values()} == {"created"}
+        assert {a: len(ids) for a, ids in hook_progs(cg).items()} == {a: 1 for a in ALL_HOOKS}
+        assert serve()
+        p4.cfg = p4.cfg.model_copy(update={"keep_attached_on_stop": False})
+        env.stop_plugin(p4)
+        assert hook_progs(cg) == {}
+
+
 def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp_path: Path) -> None:
-    # A plugin that never stopped (the agent was killed): `kpr cleanup` finds its hooks.
+    # A plugin that never stopped (the agent was killed), plus an orphan of an older run
+    # (a second copy attached the old way) and another owner's program at the same hook:
+    # `kpr cleanup` removes kpr's, leaves the other owner's, and exits 0.
+    from bcc import BPF
+
     with private_bpffs() as mnt, Topology() as topo, child_cgroup("kpr-socklb-clean") as cg:
         topo.add_node("node")
         pin = mnt / "kpr"
-        with ServiceMapWriter(pin):
-            plugin = start_socklb(topo, pin, cg)
+        extra = compile_and_load("int sklb4_connect(struct bpf_sock_addr *c) { return 1; }\n"
+                                 "int foreign(struct bpf_sock_addr *c) { return 1; }\n")
+        plugin = None
         try:
-            assert len(attached_hooks(cg)) == 10
+            with ServiceMapWriter(pin):
+                plugin = start_socklb(topo, pin, cg)
+            at = attach_type_value("CGROUP_INET4_CONNECT")
+            cg_fd = os.open(cg, os.O_RDONLY)
+            try:
+                for name in ("sklb4_connect", "foreign"):
+                    fn = load_prog(extra, name, "CGROUP_SOCK_ADDR", attach_type="CGROUP_INET4_CONNECT")
+                    BPF.attach_func(fn, cg_fd, at, 1 << 1)
+            finally:
+                os.close(cg_fd)
+            assert len(prog_ids(cg, "CGROUP_INET4_CONNECT")) == 3
+            assert sum(len(v) for v in hook_progs(cg).values()) == 12
             cfg = tmp_path / "kpr.yaml"
             cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
             kpr = Path(sys.executable).with_name("kpr")
             res = subprocess.run([str(kpr), "cleanup", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
             assert res.returncode == 0, res.stderr
-            assert res.stdout.count("detached cgroup") == 10, res.stdout
-            assert attached_hooks(cg) == {}
+            assert res.stdout.count("detached cgroup link") == 10, res.stdout
+            assert res.stdout.count("detached cgroup") == 11, res.stdout
+            left = hook_progs(cg)
+            assert list(left) == ["CGROUP_INET4_CONNECT"] and len(left["CGROUP_INET4_CONNECT"]) == 1
+            fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(left["CGROUP_INET4_CONNECT"][0]), "prog")
+            try:
+                assert M.prog_info(fd).name == b"foreign", "another owner's program stays"
+            finally:
+                os.close(fd)
             assert not pin.exists()
         finally:
-            with contextlib.suppress(OSError):
-                plugin._teardown()
+            if plugin is not None:
+                with contextlib.suppress(OSError):
+                    plugin._teardown()
+            extra.cleanup()
+
+
+def test_cleanup_fails_when_a_program_stays_attached(kernel_headers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kpr.bpf import cleanup as C
+    from kpr.bpf import links
+
+    with private_bpffs() as mnt, Topology() as topo, child_cgroup("kpr-socklb-stuck") as cg:
+        topo.add_node("node")
+        pin = mnt / "kpr"
+        with ServiceMapWriter(pin):
+            plugin = start_socklb(topo, pin, cg)
+        plugin._teardown(detach=False)
+        # links that refuse to go, as a detach the kernel refused would
+        monkeypatch.setattr(links, "sweep", lambda d, keep: [])
+        monkeypatch.setattr(links, "detach_link_id", lambda i: False)
+        with pytest.raises(C.CleanupError) as err:
+            C.cleanup(pin)
+        assert "still attached" in str(err.value) and "sklb4_connect" in str(err.value)
+        assert pin.exists(), "the registry stays for a second run"
+        monkeypatch.undo()
+        C.cleanup(pin)
+        assert hook_progs(cg) == {} and not pin.exists()
 
 
 def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: Path) -> None:
@@ -500,8 +667,9 @@ def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: 
             assert status["healthy"], status
         finally:
             assert agent.shutdown() == 0
-        assert attached_hooks(cg) == {}, "shutdown detaches"
+        assert len(attached_hooks(cg)) == 10, "shutdown leaves the hooks (keepAttachedOnStop)"
         cleanup(pin)
+        assert attached_hooks(cg) == {}, "`kpr cleanup` removes them"
 
 
 # ---------------------------------------------------------------- decision logic, packet-free

@@ -33,8 +33,9 @@ class ConfigError(Exception):
 class Section(BaseModel):
     """Base for every config section, core and plugin: camelCase keys, unknown keys rejected."""
 
+    # allow_inf_nan=False: `.inf` and `.nan` are refused for every float key, core and plugin.
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
     )
 
 
@@ -70,6 +71,13 @@ class SourceSection(Section):
     state_path: Path = Path("/var/lib/kpr/allocations.json")
     # Seconds between scans of the manifests directory.
     poll_interval: float = Field(0.5, gt=0, le=60)
+    # Seconds a manifests directory that held objects may stay empty (no manifest files, or
+    # only files without objects) before kpr believes it and deletes them; until then the
+    # last good state stays and status warns. 0 trusts emptiness at once.
+    empty_grace_period: float = Field(60.0, ge=0, le=86400)
+    # Bytes a manifest file may hold; a bigger one is reported and its last good objects
+    # kept. Checked before the file is read into memory.
+    max_file_size: int = Field(10 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     # --- the kubernetes source: how to reach the API server, first match wins ---
     # A direct address ("https://10.0.0.1:6443"), as Cilium's k8sServiceHost: the
     # `kubernetes` ClusterIP is not reachable before kpr itself serves it. Authenticates
@@ -238,6 +246,12 @@ class KprConfig(Section):
         return dict(toggle.model_extra or {})
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr() cut to one short line: a value quoted in an error is a hint, not a dump."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def format_errors(err: pydantic.ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
     """One line per problem: the dotted key path, what is wrong, and the value given."""
     lines = []
@@ -250,30 +264,94 @@ def format_errors(err: pydantic.ValidationError, prefix: tuple[str | int, ...] =
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         value = e.get("input")
-        quiet = e["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) or repr(value) in msg
-        shown = "" if quiet else f" (got {value!r})"
+        quiet = e["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) or short_repr(value) in msg
+        shown = "" if quiet else f" (got {short_repr(value)})"
         lines.append(f"{path}: {msg}{shown}")
     return lines
+
+
+# Bounds on a config document, far above any real one: the deepest real key (a BGP peer's
+# selector) nests 7 levels, and a config has a few hundred values.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+
+
+def yaml_reason(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own text spans lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    context = getattr(e, "context", None)
+    context_mark = getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    text = f"not valid YAML{where}: {problem}"
+    if context:
+        # Often the real mistake: an unclosed bracket is only noticed lines later.
+        started = f" started at line {context_mark.line + 1}" if context_mark is not None else ""
+        text += f" ({context}{started})"
+    return text
+
+
+def shape_problem(data: Any, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES, depth0: int = 1) -> str:
+    """Why a parsed document is unreasonable (too deep, or too big once YAML aliases are
+    expanded: a "billion laughs" is a few lines of anchors), or "". Walks without recursion
+    and stops at the first bound, so the cost is bounded too. `depth0` is the depth of `data`
+    itself (0 for a list of documents)."""
+    stack: list[tuple[Any, int]] = [(data, depth0)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            return f"more than {max_nodes} values (YAML aliases expanded)"
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth >= max_depth and children:
+            return f"nested deeper than {max_depth} levels"
+        stack.extend((c, depth + 1) for c in children)
+    return ""
+
+
+def _load_yaml(text: str) -> Any:
+    """The one document in `text`; raises ValueError with a one-line reason."""
+    if "\x00" in text:
+        raise ValueError(f"a binary file, not YAML text (NUL byte at offset {text.index(chr(0))})")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(yaml_reason(e)) from None
+    except RecursionError:
+        raise ValueError(f"not valid YAML: nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        # A scalar YAML resolves but Python refuses, e.g. the date 2024-13-45.
+        raise ValueError(f"not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def parse_config(text: str, source: str = "") -> KprConfig:
     """Parse and validate the core keys of a config document. Plugin sections come later."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {e}"], source) from None
+        data = _load_yaml(text)
+    except ValueError as e:
+        raise ConfigError([str(e)], source) from None
+    shape = shape_problem(data)
+    if shape:
+        raise ConfigError([f"(top level): {shape}"], source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"(top level): must be a mapping of keys, got {type(data).__name__}"], source)
     plugins = data.get("plugins")
     if plugins is not None and not isinstance(plugins, dict):
-        raise ConfigError([f"plugins: must be a mapping of plugin names, got {plugins!r}"], source)
+        raise ConfigError([f"plugins: must be a mapping of plugin names, got {short_repr(plugins)}"], source)
     for name, section in (plugins or {}).items():
         if section is None:
             plugins[name] = {}
         elif not isinstance(section, dict):
-            raise ConfigError([f"plugins.{name}: must be a mapping, got {section!r}"], source)
+            raise ConfigError([f"plugins.{name}: must be a mapping, got {short_repr(section)}"], source)
     try:
         return KprConfig.model_validate(data)
     except pydantic.ValidationError as e:
@@ -283,7 +361,17 @@ def parse_config(text: str, source: str = "") -> KprConfig:
 def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> KprConfig:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            # Bounded: a config path pointing at /dev/zero or a huge file must not eat memory.
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError([f"cannot read {path}: {e.strerror}"], str(path)) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"(top level): larger than {MAX_CONFIG_BYTES} bytes; not a kpr config"], str(path))
+    if b"\x00" in data:
+        raise ConfigError([f"(top level): a binary file, not YAML text (NUL byte at offset {data.index(0)})"], str(path))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"(top level): not UTF-8 text (byte {e.start})"], str(path)) from None
     return parse_config(text, str(path))

@@ -37,7 +37,14 @@ def make_source(config: KprConfig, node_name: str = "", on_node: Callable[[dict 
         from .sources.files import FilesSource
 
         allocator = Allocator(config.source.state_path, list(config.service.cluster_cidr), config.service.port_range)
-        return FilesSource(config.source.path, allocator, poll_interval=config.source.poll_interval)
+        src = config.source
+        return FilesSource(
+            src.path,
+            allocator,
+            poll_interval=src.poll_interval,
+            empty_grace_period=src.empty_grace_period,
+            max_file_size=src.max_file_size,
+        )
     if kind == "kubernetes":
         from .sources.kubernetes import KubernetesSource
 

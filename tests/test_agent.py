@@ -54,7 +54,7 @@ def write_config(tmp: Path, manifests: Path, extra: str = "") -> Path:
         textwrap.dedent(
             f"""
             node: {{name: node1, addresses: [192.168.50.10], devices: [lo]}}
-            source: {{kind: files, path: {manifests}, statePath: {tmp}/alloc.json, pollInterval: 0.05}}
+            source: {{kind: files, path: {manifests}, statePath: {tmp}/alloc.json, pollInterval: 0.05, emptyGracePeriod: 0}}
             service: {{clusterCIDR: [10.96.0.0/16]}}
             api: {{socket: {tmp}/kpr.sock}}
             metrics: {{address: "127.0.0.1:{free_port()}"}}

@@ -87,11 +87,14 @@ def write(path: Path, *docs: dict) -> None:
     os.replace(tmp, path)
 
 
-def make(tmp_path: Path, cidrs=("10.96.0.0/16",), rng: PortRange = RANGE, poll: float = 0.05) -> FilesSource:
+def make(tmp_path: Path, cidrs=("10.96.0.0/16",), rng: PortRange = RANGE, poll: float = 0.05, **kw) -> FilesSource:
     d = tmp_path / "services.d"
-    d.mkdir(exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
     alloc = Allocator(tmp_path / "state" / "allocations.json", list(cidrs), rng)
-    return FilesSource(d, alloc, poll_interval=poll)
+    # Emptiness trusted at once unless a test says otherwise: several tests remove the last
+    # file and expect its objects gone (the grace period has tests of its own below).
+    kw.setdefault("empty_grace_period", 0)
+    return FilesSource(d, alloc, poll_interval=poll, **kw)
 
 
 def wait_for(cond, timeout: float = 5.0) -> None:
@@ -605,3 +608,296 @@ def test_examples_load_cleanly(tmp_path):
     assert len([r for r in sink.objects if r[0] == "Service"]) >= 5
     lb = [o for o in sink.objects.values() if o["kind"] == "Service" and o["spec"].get("type") == "LoadBalancer"]
     assert lb and all(o["spec"]["healthCheckNodePort"] in RANGE for o in lb)
+
+
+# --- sudden emptiness, size cap, files kpr cannot read -----------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_emptied_directory_keeps_last_good_state_for_the_grace_period(tmp_path):
+    clock = Clock()
+    src = make(tmp_path, empty_grace_period=60, clock=clock)
+    sink = RecordingSink()
+    write(src.path / "web.yaml", service("web"), slice_("web", "10.244.0.5"))
+    write(src.path / "db.yaml", service("db"))
+    src.scan_once(sink)
+    good = dict(sink.objects)
+    n_batches = len(sink.batches)
+
+    # A mount not up yet, a sync half done: every manifest gone at once.
+    for f in src.path.iterdir():
+        f.unlink()
+    (src.path / "README").write_text("not a manifest\n")
+    src.scan_once(sink)
+    assert sink.objects == good and len(sink.batches) == n_batches
+    warning = sink.errors[str(src.path)]
+    assert "empty (no manifest files) while 3 objects were served" in warning
+    assert "source.emptyGracePeriod" in warning and "60s" in warning
+
+    # Still within the grace period: still kept, warned once (not re-reported every pass).
+    clock.now += 59
+    src.scan_once(sink)
+    assert sink.objects == good
+    assert [e for e in sink.events if e[0] == "error"] == [("error", str(src.path), warning)]
+
+    # The files come back: nothing was ever deleted, so nothing is sent; the warning goes.
+    write(src.path / "web.yaml", service("web"), slice_("web", "10.244.0.5"))
+    write(src.path / "db.yaml", service("db"))
+    src.scan_once(sink)
+    assert sink.objects == good and len(sink.batches) == n_batches
+    assert sink.errors == {}
+
+    # Emptied again: the grace period starts afresh, and once it has passed emptiness is
+    # believed and everything goes in one batch.
+    clock.now += 100
+    for f in src.path.glob("*.yaml"):
+        f.unlink()
+    src.scan_once(sink)
+    assert sink.objects == good
+    clock.now += 60
+    src.scan_once(sink)
+    assert sink.objects == {}
+    assert sorted(sink.batches[-1][1]) == sorted(good)
+    assert sink.errors == {}
+    # Empty and nothing served: nothing to distrust any more.
+    clock.now += 1
+    src.scan_once(sink)
+    assert sink.errors == {}
+
+
+def test_files_all_emptied_count_as_an_empty_directory(tmp_path):
+    clock = Clock()
+    src = make(tmp_path, empty_grace_period=30, clock=clock)
+    sink = RecordingSink()
+    write(src.path / "a.yaml", service("a"))
+    (src.path / "b.json").write_text(json.dumps(service("b")))
+    src.scan_once(sink)
+    good = dict(sink.objects)
+    assert len(good) == 2
+    # Truncated in place (a copy tool that creates first and fills later); comments only.
+    (src.path / "a.yaml").write_text("# nothing yet\n---\n")
+    (src.path / "b.json").write_text("")
+    src.scan_once(sink)
+    assert sink.objects == good
+    assert "empty (no objects in its manifest files) while 2 objects" in sink.errors[str(src.path)]
+    # One file filled again: not empty, so the other file's emptiness is believed at once.
+    write(src.path / "a.yaml", service("a"))
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "a")}
+    assert sink.errors == {}
+
+
+def test_one_file_emptied_is_believed_at_once(tmp_path):
+    src = make(tmp_path, empty_grace_period=60, clock=Clock())
+    sink = RecordingSink()
+    write(src.path / "a.yaml", service("a"))
+    write(src.path / "b.yaml", service("b"))
+    src.scan_once(sink)
+    (src.path / "b.yaml").unlink()
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "a")}
+    assert sink.errors == {}
+
+
+def test_a_broken_file_keeps_the_directory_from_being_empty(tmp_path):
+    src = make(tmp_path, empty_grace_period=60, clock=Clock())
+    sink = RecordingSink()
+    write(src.path / "a.yaml", service("a"))
+    src.scan_once(sink)
+    (src.path / "a.yaml").write_text("kind: Service\nmetadata: {name: [\n")
+    src.scan_once(sink)
+    # The file's own rule applies (last good kept), not the directory's.
+    assert set(sink.objects) == {("Service", "default", "a")}
+    assert list(sink.errors) == [str(src.path / "a.yaml")]
+
+
+def test_empty_at_start_is_simply_empty_and_grace_zero_trusts_at_once(tmp_path):
+    src = make(tmp_path, empty_grace_period=60, clock=Clock())
+    sink = RecordingSink()
+    src.scan_once(sink)
+    assert sink.synced_calls == 1 and sink.objects == {} and sink.errors == {}
+
+    src0 = make(tmp_path / "other", empty_grace_period=0)
+    sink0 = RecordingSink()
+    write(src0.path / "a.yaml", service("a"))
+    src0.scan_once(sink0)
+    (src0.path / "a.yaml").unlink()
+    src0.scan_once(sink0)
+    assert sink0.objects == {} and sink0.errors == {}
+
+
+def test_grace_period_in_real_time_with_the_polling_thread(tmp_path):
+    src = make(tmp_path, empty_grace_period=0.5)
+    sink = RecordingSink()
+    write(src.path / "a.yaml", service("a"))
+    src.start(sink)
+    try:
+        wait_for(lambda: sink.get("Service", "a") is not None)
+        (src.path / "a.yaml").unlink()
+        t0 = time.monotonic()
+        wait_for(lambda: str(src.path) in sink.errors)
+        assert sink.get("Service", "a") is not None
+        wait_for(lambda: sink.get("Service", "a") is None)
+        assert time.monotonic() - t0 >= 0.45
+        wait_for(lambda: sink.errors == {})
+    finally:
+        src.stop()
+
+
+def test_file_over_the_size_cap_is_reported_and_never_read(tmp_path, monkeypatch):
+    src = make(tmp_path, max_file_size=4096)
+    sink = RecordingSink()
+    path = src.path / "web.yaml"
+    write(path, service("web"))
+    write(src.path / "other.yaml", service("other"))
+    src.scan_once(sink)
+    good = dict(sink.objects)
+
+    # Sparse: a gigabyte that costs no disk, and would cost a gigabyte of memory if read.
+    with open(path, "r+b") as f:
+        f.truncate(1 << 30)
+    reads: list[int] = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    src.scan_once(sink)
+    assert sink.objects == good
+    assert sink.errors[str(path)] == "larger than source.maxFileSize (4096 bytes); not read, keeping its last good objects"
+    assert sum(reads) == 0
+
+    write(path, service("web2"))
+    src.scan_once(sink)
+    assert ("Service", "default", "web2") in sink.objects and sink.errors == {}
+
+    big = src.path / "big.yaml"
+    big.write_text("# " + "x" * 5000 + "\n")
+    src.scan_once(sink)
+    assert sink.errors[str(big)].endswith("not read, nothing from it applied")
+
+
+def test_bounded_read_stops_at_the_cap_whatever_the_size_says(tmp_path):
+    from kpr.sources.files import _read_bounded
+
+    # /proc files claim size 0 and hold more: the cap holds on what is read.
+    assert _read_bounded(Path("/proc/self/status"), 64) is None
+    assert _read_bounded(Path("/proc/self/status"), 1 << 20).startswith(b"Name:")
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 100)
+    assert _read_bounded(p, 100) == b"x" * 100
+    assert _read_bounded(p, 99) is None
+
+
+def test_symlink_loop_dangling_link_and_directory_are_reported(tmp_path):
+    src = make(tmp_path)
+    sink = RecordingSink()
+    write(src.path / "a.yaml", service("a"))
+    target = tmp_path / "b-target.yaml"
+    write(target, service("b"))
+    (src.path / "b.yaml").symlink_to(target)
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "a"), ("Service", "default", "b")}
+
+    # The link's target goes (a ConfigMap swap half done): b's last good stays, reported.
+    target.unlink()
+    (src.path / "loop.yaml").symlink_to(src.path / "loop.yaml")
+    (src.path / "dir.yaml").mkdir()
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "a"), ("Service", "default", "b")}
+    assert sink.errors == {
+        str(src.path / "b.yaml"): "dangling symlink (its target does not exist)",
+        str(src.path / "loop.yaml"): "symlink loop (too many levels of symbolic links)",
+        str(src.path / "dir.yaml"): "not a regular file (a directory)",
+    }
+    n_events = len(sink.events)
+    src.scan_once(sink)
+    assert len(sink.events) == n_events, "an unchanged problem is not reported again"
+
+    write(target, service("b"))
+    (src.path / "loop.yaml").unlink()
+    (src.path / "dir.yaml").rmdir()
+    src.scan_once(sink)
+    assert sink.errors == {}
+    (src.path / "b.yaml").unlink()
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "a")}
+
+
+def test_unreadable_file_is_reported_and_keeps_last_good(tmp_path, monkeypatch):
+    src = make(tmp_path)
+    sink = RecordingSink()
+    path = src.path / "web.yaml"
+    write(path, service("web"))
+    src.scan_once(sink)
+    real_open = os.open
+
+    def deny(p, *a, **kw):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(p, *a, **kw)
+
+    # As root a mode of 000 does not stop a read; a denied open is what a non-root agent sees.
+    monkeypatch.setattr(os, "open", deny)
+    write(path, service("web"), service("web2"))
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "web")}
+    assert sink.errors == {str(path): "cannot read: Permission denied"}
+    monkeypatch.setattr(os, "open", real_open)
+    path.touch()
+    src.scan_once(sink)
+    assert ("Service", "default", "web2") in sink.objects and sink.errors == {}
+
+
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+)
+
+
+@pytest.mark.parametrize(
+    "name,data,reason",
+    [
+        ("deep.json", b"[" * 100000 + b"]" * 100000, "not valid JSON: nested deeper than 64 levels"),
+        ("deep.yaml", b"kind: Service\nx: " + b"[" * 500 + b"]" * 500, "nested deeper than 64 levels"),
+        ("deepblock.yaml", "".join(" " * i + f"k{i}:\n" for i in range(200)).encode() + b" " * 200 + b"1\n", "nested deeper than 64 levels"),
+        ("bomb.yaml", ALIAS_BOMB.encode(), "values (YAML aliases expanded)"),
+        ("binary.yaml", b"\x7fELF\x02\x01\x01\x00\x00\x00", "a binary file, not YAML or JSON text (NUL byte at offset 7)"),
+        ("latin1.yaml", b"kind: Service\nmetadata: {name: caf\xe9}\n", "not UTF-8 text (byte 34)"),
+        ("date.yaml", b"kind: Service\nmetadata: {name: 2024-13-45}\n", "not valid YAML: month must be in 1..12"),
+        ("ctrl.yaml", b"kind: Service\x01\n", "not valid YAML: unacceptable character #x0001"),
+    ],
+)
+def test_hostile_file_is_reported_and_the_rest_applies(tmp_path, name, data, reason):
+    src = make(tmp_path)
+    sink = RecordingSink()
+    write(src.path / "good.yaml", service("good"))
+    (src.path / name).write_bytes(data)
+    src.scan_once(sink)
+    assert set(sink.objects) == {("Service", "default", "good")}
+    assert reason in sink.errors[str(src.path / name)]
+    assert "\n" not in sink.errors[str(src.path / name)]
+
+
+def test_a_huge_value_is_cut_in_the_report(tmp_path):
+    src = make(tmp_path)
+    sink = RecordingSink()
+    svc = service("web")
+    svc["spec"]["type"] = "x" * 100000
+    write(src.path / "web.yaml", svc)
+    src.scan_once(sink)
+    reason = sink.errors[str(src.path / "web.yaml")]
+    assert len(reason) <= 500 and reason.endswith("…")
+
+
+def test_origin_of_names_the_winning_file(tmp_path):
+    src = make(tmp_path)
+    sink = RecordingSink()
+    write(src.path / "b.yaml", service("web"))
+    write(src.path / "a.yaml", service("web"))
+    src.scan_once(sink)
+    assert src.origin_of(("Service", "default", "web")) == str(src.path / "a.yaml")
+    assert src.origin_of(("Service", "default", "nope")) is None

@@ -16,6 +16,7 @@ the Allocator, and the allocated values are written into the object the sink rec
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import logging
 import os
@@ -25,11 +26,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from ..allocator import AllocationError, Allocator
+from ..config import shape_problem, yaml_reason
 from ..model import InvalidObject
 from . import SUPPORTED_KINDS, ObjectRef, ObjectSink
 
@@ -42,6 +44,16 @@ _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # (mtime_ns, size, inode): a file whose signature is unchanged is not read again.
 Signature = tuple[int, int, int]
+# The signature of a file kpr could not even stat (a symlink loop, a dangling link).
+NO_SIGNATURE: Signature = (-1, -1, -1)
+
+DEFAULT_MAX_FILE_SIZE = 10 * 1024 * 1024
+DEFAULT_EMPTY_GRACE_PERIOD = 60.0
+# Far deeper than any Kubernetes object (managedFields included); deeper input would only
+# find the recursion limit somewhere downstream.
+MAX_DEPTH = 64
+# A reported reason is a hint for a person, cut to this many characters per problem.
+MAX_REASON = 500
 
 
 class _ParseError(Exception):
@@ -80,20 +92,6 @@ def _describe_ref(ref: ObjectRef) -> str:
     return f"{ref[0]} {ref[1]}/{ref[2]}"
 
 
-def _yaml_reason(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e)
-    context = getattr(e, "context", None)
-    context_mark = getattr(e, "context_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    text = f"not valid YAML{where}: {problem}"
-    if context:
-        # Often the real mistake: an unclosed bracket is only noticed lines later.
-        started = f" started at line {context_mark.line + 1}" if context_mark is not None else ""
-        text += f" ({context}{started})"
-    return text
-
-
 def parse_manifest(name: str, data: bytes) -> list[dict]:
     """The objects in one manifest file, lists flattened; raises _ParseError with the line."""
     try:
@@ -101,16 +99,30 @@ def parse_manifest(name: str, data: bytes) -> list[dict]:
     except UnicodeDecodeError as e:
         raise _ParseError(f"not UTF-8 text (byte {e.start})") from None
     docs: list[Any]
+    if "\x00" in text:
+        raise _ParseError(f"a binary file, not YAML or JSON text (NUL byte at offset {text.index(chr(0))})")
     if name.endswith(".json"):
         try:
             docs = [json.loads(text)] if text.strip() else []
         except json.JSONDecodeError as e:
             raise _ParseError(f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise _ParseError(f"not valid JSON: nested deeper than {MAX_DEPTH} levels") from None
     else:
         try:
             docs = list(yaml.load_all(text, Loader=_Loader))
         except yaml.YAMLError as e:
-            raise _ParseError(_yaml_reason(e)) from None
+            raise _ParseError(yaml_reason(e)) from None
+        except RecursionError:
+            raise _ParseError(f"not valid YAML: nested deeper than {MAX_DEPTH} levels") from None
+        except (ValueError, TypeError, OverflowError) as e:
+            # A scalar YAML resolves but Python refuses, e.g. the date 2024-13-45.
+            raise _ParseError(f"not valid YAML: {' '.join(str(e).split())}") from None
+    # Bounded depth, and bounded size once aliases are expanded: without aliases a value
+    # takes at least a byte of the file, so only an alias bomb exceeds this.
+    shape = shape_problem(docs, max_depth=MAX_DEPTH, max_nodes=100_000 + len(data), depth0=0)
+    if shape:
+        raise _ParseError(shape)
     out: list[dict] = []
     for i, doc in enumerate(docs, 1):
         if doc is None:
@@ -135,6 +147,63 @@ def parse_manifest(name: str, data: bytes) -> list[dict]:
     return out
 
 
+def _stat_problem(entry: os.DirEntry, e: OSError) -> str:
+    """Why a listed name cannot be used, or "" when it simply went away since the listing."""
+    if e.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if e.errno == errno.ENOENT:
+        try:
+            os.lstat(entry.path)
+        except OSError:
+            return ""  # removed since the listing
+        return "dangling symlink (its target does not exist)"
+    return f"cannot stat: {e.strerror}"
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "unknown type"
+
+
+def _cut(text: str, limit: int = MAX_REASON) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _read_bounded(path: Path, limit: int) -> bytes | None:
+    """The file's bytes, or None when it holds more than `limit`: never more than limit + 1
+    bytes in memory, whatever the file claims or grows to while read."""
+    # O_NONBLOCK: a name swapped for a FIFO since the listing must not hang the pass.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_type(st.st_mode)})")
+        if st.st_size > limit:
+            return None
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1024 * 1024))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        return None if len(data) > limit else data
+    finally:
+        os.close(fd)
+
+
+def _kept(sig: Signature, old: _FileState | None, reason: str) -> _FileState:
+    """The state of a file that cannot be used now: its last good objects, and why."""
+    if old is None:
+        return _FileState(sig, {}, [reason], True)
+    return _FileState(sig, old.objects, [reason], True, old.service_keys, old.position)
+
+
 def _translate() -> Any:
     # Imported late: translate pulls in the whole model, and the source must be importable
     # (for `kpr check-config`) even while translate is being worked on.
@@ -146,10 +215,23 @@ def _translate() -> Any:
 class FilesSource:
     """Feeds a sink from the manifests in ``path``; see the module docstring."""
 
-    def __init__(self, path: Path, allocator: Allocator, poll_interval: float = 0.5):
+    def __init__(
+        self,
+        path: Path,
+        allocator: Allocator,
+        poll_interval: float = 0.5,
+        empty_grace_period: float = DEFAULT_EMPTY_GRACE_PERIOD,
+        max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.path = Path(path)
         self.allocator = allocator
         self.poll_interval = poll_interval
+        self.empty_grace_period = empty_grace_period
+        self.max_file_size = max_file_size
+        self._clock = clock
+        # When the directory was first seen empty while objects were served; None otherwise.
+        self._empty_since: float | None = None
         self._sink: ObjectSink | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -202,6 +284,11 @@ class FilesSource:
         with self._lock:
             return self._pass(sink)
 
+    def origin_of(self, ref: ObjectRef) -> str | None:
+        """The file an object the sink holds comes from (the one that wins), for messages."""
+        holders = self._holders.get(ref)
+        return str(self.path / holders[0]) if holders else None
+
     # --- the pass ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -215,16 +302,19 @@ class FilesSource:
                 log.exception("files.scan_failed path=%s", self.path)
             self._stop.wait(self.poll_interval)
 
-    def _list(self) -> tuple[dict[str, Signature], str]:
+    def _list(self) -> tuple[dict[str, Signature], dict[str, str], str]:
+        """(signature of each manifest file, problem of each one kpr cannot use, a problem
+        with the directory itself)."""
         sigs: dict[str, Signature] = {}
+        problems: dict[str, str] = {}
         try:
             entries = list(os.scandir(self.path))
         except FileNotFoundError:
-            return sigs, "directory does not exist"
+            return sigs, problems, "directory does not exist"
         except NotADirectoryError:
-            return sigs, "not a directory"
+            return sigs, problems, "not a directory"
         except OSError as e:
-            return sigs, f"cannot list directory: {e.strerror}"
+            return sigs, problems, f"cannot list directory: {e.strerror}"
         for entry in entries:
             if _ignored(entry.name):
                 continue
@@ -232,28 +322,33 @@ class FilesSource:
                 # Follows symlinks: a ConfigMap volume swaps its ..data link, which changes
                 # the inode seen through the file's own (unchanged) link.
                 st = entry.stat()
-            except OSError:
-                continue  # dangling symlink, or removed since the listing
+            except OSError as e:
+                reason = _stat_problem(entry, e)
+                if reason:
+                    problems[entry.name] = reason
+                continue
             if stat.S_ISREG(st.st_mode):
                 sigs[entry.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
-        return sigs, ""
+            else:
+                problems[entry.name] = f"not a regular file ({_file_type(st.st_mode)})"
+        return sigs, problems, ""
 
     def _pass(self, sink: ObjectSink) -> bool:
         started = time.perf_counter()
         self.passes += 1
         tr = _translate()
-        listing, dir_problem = self._list()
+        listing, problems, dir_problem = self._list()
         dir_origin = str(self.path)
         if dir_problem:
             # Keep what we have: a directory that vanished is far more likely a mount not
             # there yet than a wish to delete every service.
+            self._empty_since = None
             self._report(sink, dir_origin, dir_problem)
             self._finish_first_pass(sink)
             return False
-        self._report(sink, dir_origin, "")
 
         changed = sorted(n for n, sig in listing.items() if n not in self._files or self._files[n].sig != sig)
-        removed = sorted(n for n in self._files if n not in listing)
+        removed = sorted(n for n in self._files if n not in listing and n not in problems)
         parsed: dict[str, _FileState] = {}
         for name in changed:
             if self._stop.is_set():
@@ -261,6 +356,15 @@ class FilesSource:
             st = self._load_file(tr, name, listing[name], self._files.get(name))
             if st is not None:
                 parsed[name] = st
+        for name, reason in sorted(problems.items()):
+            # A name kpr cannot read (a symlink loop, a dangling link, a directory) keeps its
+            # last good objects, like a file that does not parse.
+            old = self._files.get(name)
+            if old is None or old.sig != NO_SIGNATURE or old.errors != [reason]:
+                parsed[name] = _kept(NO_SIGNATURE, old, reason)
+        if self._distrust_emptiness(sink, dir_origin, bool(listing or problems), parsed, removed):
+            return False
+        self._report(sink, dir_origin, "")
 
         dirty: set[ObjectRef] = set()
         touched: set[str] = set(removed) | set(parsed)
@@ -309,6 +413,40 @@ class FilesSource:
             )
         return bool(upserts or deletes)
 
+    def _distrust_emptiness(
+        self, sink: ObjectSink, origin: str, any_files: bool, parsed: dict[str, _FileState], removed: list[str]
+    ) -> bool:
+        """Whether to keep the last good state because the directory suddenly holds nothing.
+
+        "Empty" is the state this pass would leave: no object from any file, because there is
+        no manifest file or every one is empty (or holds nothing kpr serves). A file that does
+        not parse or cannot be read keeps its last good objects, so it never makes the
+        directory empty. Emptiness is believed once it has lasted source.emptyGracePeriod;
+        at start-up (nothing served yet) at once.
+        """
+        would_hold = any(
+            (parsed[n] if n in parsed else st).objects for n, st in self._files.items() if n not in removed
+        ) or any(st.objects for n, st in parsed.items() if n not in self._files)
+        if would_hold or not self._sent:
+            self._empty_since = None
+            return False
+        now = self._clock()
+        if self._empty_since is None:
+            self._empty_since = now
+        if now - self._empty_since >= self.empty_grace_period:
+            log.warning(
+                "files.empty_trusted path=%s objects=%d after=%.1fs", self.path, len(self._sent), now - self._empty_since
+            )
+            return False
+        what = "no objects in its manifest files" if any_files else "no manifest files"
+        self._report(
+            sink,
+            origin,
+            f"empty ({what}) while {len(self._sent)} objects were served; keeping them until it has stayed "
+            f"empty for {self.empty_grace_period:g}s (source.emptyGracePeriod)",
+        )
+        return True
+
     def _finish_first_pass(self, sink: ObjectSink) -> None:
         if not self._synced:
             self._synced = True
@@ -335,13 +473,21 @@ class FilesSource:
     def _load_file(self, tr: Any, name: str, sig: Signature, old: _FileState | None) -> _FileState | None:
         path = self.path / name
         last_good = old.objects if old is not None else {}
-        keys = old.service_keys if old is not None else set()
+        too_big = (
+            f"larger than source.maxFileSize ({self.max_file_size} bytes); not read, "
+            f"{'keeping its last good objects' if last_good else 'nothing from it applied'}"
+        )
+        if sig[1] > self.max_file_size:
+            return _kept(sig, old, too_big)
         for _ in range(3):
             try:
-                data = path.read_bytes()
+                data = _read_bounded(path, self.max_file_size)
                 after = os.stat(path)
             except OSError as e:
-                return _FileState(sig, last_good, [f"cannot read: {e.strerror}"], True, keys, old.position if old else {})
+                return _kept(sig, old, f"cannot read: {e.strerror}")
+            if data is None:
+                # Grew past the cap while being read: the version on disk is the new one.
+                return _kept((after.st_mtime_ns, after.st_size, after.st_ino), old, too_big)
             now = (after.st_mtime_ns, after.st_size, after.st_ino)
             if now == sig:
                 break
@@ -355,7 +501,7 @@ class FilesSource:
             docs = parse_manifest(name, data)
         except _ParseError as e:
             log.warning("files.parse_failed file=%s reason=%s kept=%d", name, e, len(last_good))
-            return _FileState(sig, last_good, [str(e)], True, keys, old.position if old else {})
+            return _kept(sig, old, str(e))
 
         st = _FileState(sig)
         for doc in docs:
@@ -374,9 +520,14 @@ class FilesSource:
             try:
                 ref = tr.object_ref(doc)
                 tr.validate_object(doc)
-            except (InvalidObject, ValueError, TypeError, KeyError, AttributeError) as e:
+            except Exception as e:
                 # validate_object names the object itself; other exceptions do not.
                 reason = str(e) if str(e).startswith(label) else f"{label}: {e}"
+                if not isinstance(e, (InvalidObject, ValueError, TypeError, KeyError, AttributeError)):
+                    # A bug in validation must cost this object, not the pass (and every
+                    # later pass, as the file would be read again and again).
+                    log.exception("files.validate_crashed file=%s object=%s", name, label)
+                    reason = f"{label}: validation failed ({type(e).__name__}: {e}), a bug in kpr"
                 prev = last_good.get(ref) if ref is not None else None
                 if prev is not None and ref not in st.objects:
                     st.objects[ref] = prev
@@ -390,6 +541,11 @@ class FilesSource:
             st.objects[ref] = doc
         st.position = {ref: i for i, ref in enumerate(st.objects)}
         return st
+
+    def origin_of(self, ref: ObjectRef) -> str | None:
+        """The file the sink's version of an object came from (the store names it in errors)."""
+        holders = self._holders.get(ref)
+        return str(self.path / holders[0]) if holders else None
 
     def _unhold(self, ref: ObjectRef, name: str) -> None:
         holders = self._holders.get(ref)
@@ -496,6 +652,8 @@ class FilesSource:
         parts = list(st.errors) if st is not None else []
         ref_errors = self._file_ref_errors.get(name, {})
         parts += [ref_errors[r] for r in sorted(ref_errors)]
+        # A value quoted in a reason may be huge (a megabyte of name): status stays readable.
+        parts = [_cut(p) for p in parts]
         if not ref_errors:
             self._file_ref_errors.pop(name, None)
         self._report(sink, str(self.path / name), "; ".join(parts))

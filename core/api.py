@@ -3,17 +3,26 @@
 GET /v1/status    agent, source and per-plugin status
 GET /v1/services  one object per frontend (the shape of `kpr service list --json`)
 GET /v1/plugins   the enabled plugins
+
+One request per connection (HTTP/1.0). At most MAX_CONNECTIONS are served at once; one more is
+answered 503 and closed. A connection gets IO_TIMEOUT seconds for each read and write and
+CONNECTION_DEADLINE seconds in all, so a client that sends nothing, sends slowly or reads
+nothing is dropped and its thread freed. A client that hangs up is logged at debug level, one
+line, never a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,13 +52,98 @@ def frontend_rows(services: list[Service]) -> list[dict[str, Any]]:
     return rows
 
 
+MAX_CONNECTIONS = 16
+IO_TIMEOUT = 5.0
+CONNECTION_DEADLINE = 15.0
+
+# What a client that goes away mid-request looks like from here: not the agent's problem.
+_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b'Content-Length: 49\r\n\r\n{"error": "too many connections; try again soon"}'
+)
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Room in the accept queue for bursts; what waits there costs no thread.
+    request_queue_size = 64
+
+    def __init__(self, path: str, handler: type, max_connections: int, deadline: float):
+        super().__init__(path, handler)
+        self.max_connections = max_connections
+        self.deadline = deadline
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        # Connections being served -> when each must be done.
+        self._active: dict[socket.socket, float] = {}
+        self.refused = 0
+        self.dropped = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            log.debug("api.busy connections=%d", self.max_connections)
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)  # fits any socket buffer; never waits on the client
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self._active[request] = time.monotonic() + self.deadline
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(request)
+
+    def _release(self, request: socket.socket) -> None:
+        with self._lock:
+            if self._active.pop(request, None) is None:
+                return
+        self._slots.release()
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def reap(self) -> None:
+        """Cut connections past their deadline: a client dripping a byte at a time never
+        trips the per-read timeout, but it does trip this."""
+        now = time.monotonic()
+        with self._lock:
+            late = [s for s, t in self._active.items() if t <= now]
+        for s in late:
+            self.dropped += 1
+            log.debug("api.deadline connection dropped after %.0fs", self.deadline)
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # the handler's blocked read or write returns
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _CLIENT_GONE) or (isinstance(exc, OSError) and exc.errno in (errno.ENOTCONN, errno.EBADF)):
+            log.debug("api.client_gone error=%s", exc)
+            return
+        # Not a client's doing: say what, without a traceback per connection.
+        log.warning("api.connection_failed error=%s: %s", type(exc).__name__, exc)
 
 
 class _Handler(BaseHTTPRequestHandler):
     agent: "Agent"
+    # Each read and write of the connection (StreamRequestHandler sets it on the socket).
+    timeout = IO_TIMEOUT
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         routes = {
@@ -59,13 +153,16 @@ class _Handler(BaseHTTPRequestHandler):
         }
         fn = routes.get(self.path)
         if fn is None:
-            self._send(404, {"error": f"no such path {self.path}"})
+            self._send(404, {"error": f"no such path {self.path[:100]}"})
             return
         try:
-            self._send(200, fn())
+            body = fn()
         except Exception as e:  # an API bug must answer, not kill the agent
             log.exception("api.error path=%s", self.path)
             self._send(500, {"error": f"{type(e).__name__}: {e}"})
+            return
+        # Outside the try: a client gone by now is no API bug (handle_error says so quietly).
+        self._send(200, body)
 
     def _send(self, code: int, body: Any) -> None:
         data = json.dumps(body, indent=None, default=str).encode()
@@ -83,19 +180,38 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ApiServer:
-    def __init__(self, path: Path, agent: "Agent"):
+    def __init__(
+        self,
+        path: Path,
+        agent: "Agent",
+        max_connections: int = MAX_CONNECTIONS,
+        io_timeout: float = IO_TIMEOUT,
+        deadline: float = CONNECTION_DEADLINE,
+    ):
         self.path = Path(path)
-        handler = type("Handler", (_Handler,), {"agent": agent})
+        handler = type("Handler", (_Handler,), {"agent": agent, "timeout": io_timeout})
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.path.exists() or self.path.is_symlink():
             self._remove_stale()
         old = os.umask(0o177)  # root-only from the moment the socket exists
         try:
-            self._server = _Server(str(self.path), handler)
+            self._server = _Server(str(self.path), handler, max_connections, deadline)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        self._stop = threading.Event()
+        self._reap_every = min(0.5, deadline / 4)
         self._thread = threading.Thread(target=self._server.serve_forever, name="kpr-api", daemon=True)
+        self._reaper = threading.Thread(target=self._reap, name="kpr-api-reaper", daemon=True)
+
+    def _reap(self) -> None:
+        while not self._stop.wait(self._reap_every):
+            self._server.reap()
+
+    def stats(self) -> dict[str, int]:
+        """Connections being served, refused as over the bound, and cut at the deadline."""
+        s = self._server
+        return {"active": s.active(), "refused": s.refused, "dropped": s.dropped}
 
     def _remove_stale(self) -> None:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -110,9 +226,11 @@ class ApiServer:
 
     def start(self) -> None:
         self._thread.start()
+        self._reaper.start()
         log.info("api.listen socket=%s", self.path)
 
     def close(self) -> None:
+        self._stop.set()
         self._server.shutdown()
         self._server.server_close()
         try:
@@ -140,7 +258,12 @@ def get(path: Path, route: str, timeout: float = 5.0) -> Any:
     """GET a route from the agent's socket; ApiError says plainly why it failed."""
     conn = _UnixConnection(str(path), timeout)
     try:
-        conn.request("GET", route)
+        try:
+            conn.request("GET", route)
+        except (BrokenPipeError, ConnectionResetError):
+            # A busy agent answers 503 and closes before reading the request: the answer is
+            # there to read.
+            pass
         resp = conn.getresponse()
         body = json.loads(resp.read() or b"null")
     except FileNotFoundError:

@@ -23,7 +23,7 @@ def test_defaults_and_the_documented_shape() -> None:
         "dsr", "maglev", 16381, 524288, True,
     )
     d = TcNodePortConfig()
-    assert d.mode == "snat" and d.tc_priority == 1 and not d.keep_attached_on_stop
+    assert d.mode == "snat" and d.tc_priority == 1 and d.keep_attached_on_stop
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def test_defaults_and_the_documented_shape() -> None:
     assert (cfg.mode, cfg.algorithm, cfg.maglev_table_size, cfg.conntrack_size, cfg.snat_ports, cfg.health_check,
             cfg.gc_interval, cfg.xdp_mode) == ("snat", "maglev", 16381, 524288, (62000, 63000), False, 5.0, "native")
     d = XdpNodePortConfig()
-    assert d.mode == "snat" and d.xdp_mode == "auto" and not d.keep_attached_on_stop
+    assert d.mode == "snat" and d.xdp_mode == "auto" and d.keep_attached_on_stop
     assert isinstance(d, NodePortSection), "the keys tc_nodeport has too come from one place"
 
 

@@ -10,6 +10,13 @@ externalTrafficPolicy=Local get their healthCheckNodePort served (healthcheck.py
 
 The shared service maps are the core's ServiceMapWriter's (kpr_requires "servicemaps"): it
 follows the bus on its own worker and this plugin never writes them.
+
+Attachments outlive the agent: each plugin attaches through BPF links pinned under
+<bpf.pinPath>/links/<plugin>/<device>/ (kpr.bpf.links; tcx for tc, XDP links for XDP) where
+the kernel has them, and otherwise the old way; a starting agent adopts what is pinned
+(switching it to its new programs atomically), and takes kpr's programs off devices no longer
+in node.devices, whether this process attached them or an earlier run (the registry of
+kpr.bpf.cleanup names them). Stop leaves everything attached unless keepAttachedOnStop is false.
 """
 
 from __future__ import annotations
@@ -216,8 +223,13 @@ class _Attached:
     ifindex: int
     direction: str
     prog: str
-    pref: int
+    pref: int  # clsact filter priority (0: not a clsact filter)
     record_id: int
+    # "tcx", "clsact", "xdp-link" or "xdp"; the pinned link and its fd while the agent runs
+    how: str = ""
+    link_pin: Path | None = None
+    link_fd: int = -1
+    action: str = ""  # created | adopted | updated | replaced | added
 
 
 @dataclass
@@ -333,7 +345,11 @@ class NodePortAgent:
                             forget_attachment(self.pin, a.record_id)
                     except OSError as exc:
                         errors.append(f"{ifname} {direction}: {exc}")
-                self._attached.clear()
+            for a in self._attached.values():
+                if a.link_fd >= 0:  # the pin holds the link
+                    os.close(a.link_fd)
+                    a.link_fd = -1
+            self._attached.clear()
             if self.datapath is not None:
                 self.datapath.close()
                 self.datapath = None
@@ -349,9 +365,25 @@ class NodePortAgent:
         """Take kpr's program off one hook of a device (in the agent's namespace)."""
         raise NotImplementedError
 
+    # The registry kind of this plugin's attachments (kpr.bpf.cleanup) and its program names.
+    RECORD_KIND = "tc"
+
+    def _record_names(self) -> tuple[str, ...]:
+        dp = self.datapath
+        return tuple(dp.ENTRIES) if dp is not None else ()
+
+    def _link_dir(self) -> Path:
+        from kpr.bpf import links
+
+        assert self.pin is not None
+        return self.pin / links.LINKS_DIR / self.NAME
+
     def _detach_unlisted(self, devices: tuple[str, ...]) -> None:
-        """Take kpr's programs off devices no longer in node.devices, and forget their records."""
-        from kpr.bpf.cleanup import forget_attachment
+        """Take kpr's programs off devices no longer in node.devices, and forget their records:
+        this process's attachments, an earlier run's (recorded in the registry, in this
+        agent's namespace) and links pinned for such devices."""
+        from kpr.bpf import links
+        from kpr.bpf.cleanup import attachments, forget_attachment
 
         for (ifname, direction), a in list(self._attached.items()):
             if ifname in devices:
@@ -362,7 +394,24 @@ class NodePortAgent:
                     forget_attachment(self.pin, a.record_id)
             except OSError as exc:
                 self._note_error(f"detaching from {ifname}: {exc}")
+            if a.link_fd >= 0:
+                os.close(a.link_fd)
             del self._attached[(ifname, direction)]
+        names = self._record_names()
+        for rec in attachments(self.pin):
+            t = rec["target"]
+            if (rec["kind"] != self.RECORD_KIND or rec["prog_name"] not in names or t["ifname"] in devices
+                    or t.get("netns", "") != self._netns_path):
+                continue
+            try:
+                self._detach_one(t["ifname"], t.get("direction", "xdp"))
+                forget_attachment(self.pin, rec["id"])
+                log.info("event=nodeport_unlisted_detached dev=%s prog=%s", t["ifname"], rec["prog_name"])
+            except OSError as exc:
+                self._note_error(f"detaching an earlier run's program from {t['ifname']}: {exc}")
+        root = self._link_dir()
+        for line in links.sweep(root, lambda p, li: p.parent.name in devices and not li.defunct):
+            log.info("event=nodeport_link_swept what=%r", line)
 
     def _attach_devices(self, devices: tuple[str, ...], facts: dict[str, tuple[int, str | None, str | None]]) -> None:
         """Attach to `devices` (facts: name -> (ifindex, IPv4, IPv6)), detach from those no longer
@@ -374,7 +423,7 @@ class NodePortAgent:
         raise NotImplementedError
 
     def _device_details(self, attached: list[_Attached], devices: list[str]) -> dict[str, Any]:
-        return {dev: {a.direction: a.pref for a in attached if a.ifname == dev} for dev in devices}
+        return {dev: {a.direction: (a.pref or a.how) for a in attached if a.ifname == dev} for dev in devices}
 
     def _sync_node(self, node: NodeInfo) -> None:
         """Device SNAT addresses, node addresses, announced addresses; attach to node.devices."""

@@ -38,9 +38,10 @@ class NodePortSection(Section):
     gc_interval: float = Field(10.0, ge=0.5, le=3600)
     # Answer a frontend without backends with ICMP port unreachable (kube-proxy's REJECT); false drops.
     icmp_unreachable: bool = True
-    # Leave the programs attached when the agent stops, so NodePorts keep working across a
-    # restart (`kpr cleanup` removes them). Default: detach on stop.
-    keep_attached_on_stop: bool = False
+    # Leave the programs attached when the agent stops (pinned BPF links, or the fallback
+    # attachments), so NodePorts keep working until the next agent adopts them; `kpr cleanup`
+    # removes them. false: detach on stop.
+    keep_attached_on_stop: bool = True
 
     @field_validator("maglev_table_size")
     @classmethod

@@ -1,21 +1,37 @@
-"""clsact filters on the node's external devices, through pyroute2.
+"""kpr's tc programs on the node's external devices: tcx links where the kernel has them,
+clsact filters through pyroute2 otherwise.
 
-kpr's filters are recognised by name (kpr_*, the BPF function name given to tc); every other
-filter on the device is someone else's and is never changed or removed. Attaching is
-idempotent: a kpr filter already at the hook is replaced in place (same priority and handle,
-so there is no moment without a program), a missing one is added at the configured priority,
-or the next free one when another owner holds it.
+tcx (kernel 6.6+): `place()` puts each program at its hook through a BPF link pinned at
+<bpf.pinPath>/links/tc_nodeport/<device>/<ingress|egress> (kpr.bpf.links). The link outlives
+the agent; the next agent adopts it and switches it to its newly loaded program with
+BPF_LINK_UPDATE, so there is never a moment without a program nor a second copy. tcx programs
+run before every clsact filter, and ours after other owners' tcx programs attached earlier.
+A packet kpr passes (TC_ACT_OK) ends tc processing there, as it did from a kpr filter at the
+first priority.
 
-Every call acts in the calling thread's network namespace: the plugin runs them in the
-agent's (see plugin._in_agent_netns).
+clsact (the fallback: no tcx, KPR_BPF_LINKS=off or =tcx, or another owner's clsact filter
+already at the hook, which kpr will not jump ahead of): kpr's filters are recognised by name
+(kpr_*, the BPF function name given to tc); every other filter on the device is someone
+else's and is never changed or removed. Attaching is idempotent: a kpr filter already at the
+hook is replaced in place (same priority and handle, so there is no moment without a
+program), a missing one is added at the configured priority, or the next free one when
+another owner holds it. Filters stay when the process ends.
+
+Moving between the two (an upgrade from filters to tcx, links turned off) attaches the new
+way first and then removes the old copy. Every call acts in the calling thread's network
+namespace: the plugin runs them in the agent's (see kpr.nodeport.agent._AgentNetns).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from kpr.bpf import links
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +174,108 @@ def foreign_ahead(ipr: Any, ifname: str, direction: str) -> list[str]:
     if not ours:
         return []
     return sorted({f.name or f.kind for f in present if not f.ours and f.pref < min(ours)})
+
+
+# ---------------------------------------------------------------------- tcx links
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where `place()` put a program: through a tcx link (pref 0) or as a clsact filter."""
+
+    ifname: str
+    ifindex: int
+    direction: str
+    how: str  # "tcx" | "clsact"
+    pref: int
+    action: str  # created | adopted | updated (tcx); added | replaced (clsact)
+    link_pin: Path | None = None
+    link_fd: int = -1
+    fallback: str = ""  # why not tcx
+
+
+def tcx_programs(ifindex: int, direction: str) -> list[tuple[int, str]]:
+    """(prog id, name) of the tcx programs at a hook, in the order they run ([] without tcx)."""
+    at = links.ATTACH_TCX_INGRESS if direction == "ingress" else links.ATTACH_TCX_EGRESS
+    try:
+        ids = links.query(ifindex, at)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return []
+        raise
+    return [(pid, links.prog_name(pid) or "") for pid in ids]
+
+
+def _drop_tcx_copies(ifindex: int, direction: str, name: str, keep_id: int) -> int:
+    """Detach other tcx copies of program `name` at the hook (an earlier run's links)."""
+    n = 0
+    held = None
+    for pid, pname in tcx_programs(ifindex, direction):
+        if pid == keep_id or pname != name[:15]:
+            continue
+        held = links.links_of_progs() if held is None else held
+        for li in held.get(pid, []):
+            if li.kind == "tcx" and links.detach_link_id(li.id):
+                n += 1
+    return n
+
+
+def place(ipr: Any, link_dir: Path, ifname: str, direction: str, fd: int, name: str, prio: int) -> Placement:
+    """Put program `fd` (named `name`, kpr_*) at one hook of a device: adopt or create the tcx
+    link pinned under link_dir/<ifname>/<direction>, or attach a clsact filter where tcx is not
+    to be used; remove kpr's copy attached the other way."""
+    if not name.startswith(KPR_PREFIX):
+        raise ValueError(f"kpr filter names start with {KPR_PREFIX!r}, got {name!r}")
+    idx = _ifindex(ipr, ifname)
+    pin = link_dir / ifname / direction
+    foreign = sorted({f.name or f.kind for f in filters(ipr, ifname, direction) if not f.ours})
+    fallback = ""
+    if pin.exists() or (links.enabled("tcx") and not foreign):
+        try:
+            lfd, action, li = links.ensure(pin, fd, links.Hook.tcx(idx, direction))
+        except links.LinkUnsupported as exc:
+            fallback = str(exc)
+        except OSError as exc:
+            raise AttachError(exc.errno or errno.EIO, f"attaching {name} to {ifname} {direction} (tcx): {exc}") from None
+        else:
+            try:
+                old = detach(ipr, ifname, direction, (name,)) + _drop_tcx_copies(idx, direction, name, li.prog_id)
+            except OSError:
+                os.close(lfd)
+                raise
+            log.info("event=tcx_attached dev=%s direction=%s prog=%s action=%s link_id=%d old_copies_removed=%d",
+                     ifname, direction, name, action, li.id, old)
+            return Placement(ifname, idx, direction, "tcx", 0, action, pin, lfd)
+    elif foreign:
+        fallback = f"another owner's clsact filter at the hook ({', '.join(foreign)}): kpr stays behind it"
+    else:
+        fallback = f"tcx links turned off ({links.ENV})"
+    before = {f.name for f in filters(ipr, ifname, direction) if f.ours}
+    f = attach(ipr, ifname, direction, fd, name, prio)
+    _drop_tcx_copies(idx, direction, name, -1)
+    return Placement(ifname, idx, direction, "clsact", f.pref, "replaced" if name in before else "added",
+                     fallback=fallback)
+
+
+def remove(ipr: Any, link_dir: Path, ifname: str, direction: str, name: str) -> int:
+    """Take kpr's program `name` off one hook however it is attached; returns how many went."""
+    n = 0
+    pin = link_dir / ifname / direction
+    if links.release(pin):
+        n += 1
+    n += detach(ipr, ifname, direction, (name,))
+    try:
+        idx = _ifindex(ipr, ifname)
+    except AttachError:
+        return n  # the device is gone, and its programs with it
+    return n + _drop_tcx_copies(idx, direction, name, -1)
+
+
+def tcx_ahead(ipr: Any, ifname: str, direction: str) -> list[str]:
+    """Names of other owners' tcx programs that run before kpr's at the hook."""
+    out = []
+    for _pid, name in tcx_programs(_ifindex(ipr, ifname), direction):
+        if name.startswith(KPR_PREFIX):
+            break
+        out.append(name or "?")
+    return out

@@ -11,12 +11,15 @@ follows the bus on its own worker and this plugin never writes them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from typing import Any
 
 import pydantic
 
 from kpr import hookimpl
+from kpr.model import PluginStatus
 from kpr.nodeport.agent import (  # noqa: F401 (re-exported: tests and tools name them here)
     ALGORITHM_ANNOTATION,
     MODE_ANNOTATION,
@@ -61,9 +64,11 @@ class TcNodePort(NodePortAgent):
     def _detach_one(self, ifname: str, direction: str) -> None:
         from pyroute2 import IPRoute
 
+        link_dir = self._link_dir()
+
         def run() -> int:
             with IPRoute() as ipr:
-                return A.detach(ipr, ifname, direction, (D.INGRESS if direction == "ingress" else D.EGRESS,))
+                return A.remove(ipr, link_dir, ifname, direction, D.INGRESS if direction == "ingress" else D.EGRESS)
 
         assert self._netns is not None
         self._netns(run)
@@ -78,8 +83,9 @@ class TcNodePort(NodePortAgent):
         self._detach_unlisted(devices)
         progs = {"ingress": D.INGRESS, "egress": D.EGRESS}
         ids = {d: dp.prog_id(p) for d, p in progs.items()}
+        link_dir = self._link_dir()
 
-        def run() -> tuple[dict[tuple[str, str], A.Filter], dict[str, str], dict[str, list[str]]]:
+        def run() -> tuple[dict[tuple[str, str], A.Placement], dict[str, str], dict[str, list[str]]]:
             done, failed, ahead = {}, {}, {}
             with IPRoute() as ipr:
                 for dev in devices:
@@ -88,22 +94,35 @@ class TcNodePort(NodePortAgent):
                         continue
                     try:
                         for direction, prog in progs.items():
-                            done[(dev, direction)] = A.attach(ipr, dev, direction, dp.fd(prog), prog, cfg.tc_priority)
-                        ahead[dev] = sorted(set(A.foreign_ahead(ipr, dev, "ingress") + A.foreign_ahead(ipr, dev, "egress")))
+                            done[(dev, direction)] = A.place(ipr, link_dir, dev, direction, dp.fd(prog), prog,
+                                                             cfg.tc_priority)
+                        ahead[dev] = sorted({n for d in progs for n in (
+                            A.tcx_ahead(ipr, dev, d) if done[(dev, d)].how == "tcx" else A.foreign_ahead(ipr, dev, d))})
                     except OSError as exc:
                         failed[dev] = str(exc)
             return done, failed, ahead
 
         done, failed, ahead = self._netns(run)
-        for (dev, direction), f in done.items():
+        for (dev, direction), pl in done.items():
+            old = self._attached.get((dev, direction))
+            if old is not None and old.link_fd >= 0:
+                os.close(old.link_fd)
             rid = record_attachment(
                 pin,
                 "tc",
-                {"ifname": dev, "ifindex": f.ifindex, "direction": direction, "netns": self._netns_path},
+                {"ifname": dev, "ifindex": pl.ifindex, "direction": direction, "netns": self._netns_path},
                 progs[direction],
                 prog_id=ids[direction],
             )
-            self._attached[(dev, direction)] = _Attached(dev, f.ifindex, direction, progs[direction], f.pref, rid)
+            self._attached[(dev, direction)] = _Attached(
+                dev, pl.ifindex, direction, progs[direction], pl.pref, rid,
+                how=pl.how, link_pin=pl.link_pin, link_fd=pl.link_fd, action=pl.action,
+            )
+            if pl.fallback:
+                self._fallbacks[(dev, direction)] = pl.fallback
+                log.info("event=tc_clsact_fallback dev=%s direction=%s reason=%r", dev, direction, pl.fallback)
+            else:
+                self._fallbacks.pop((dev, direction), None)
         for dev, why in failed.items():
             self._c.attach_errors += 1
             self._note_error(f"{dev}: {why}")
@@ -112,3 +131,18 @@ class TcNodePort(NodePortAgent):
         self._foreign_ahead = {d: a for d, a in ahead.items() if a}
         for dev, names in self._foreign_ahead.items():
             log.warning("event=nodeport_foreign_filters_first dev=%s filters=%s", dev, ",".join(names))
+
+    @property
+    def _fallbacks(self) -> dict[tuple[str, str], str]:
+        """Hooks attached as clsact filters instead of tcx links, and why."""
+        m = self.__dict__.get("_tc_fallbacks")
+        if m is None:
+            m = self.__dict__["_tc_fallbacks"] = {}
+        return m
+
+    @hookimpl
+    def kpr_status(self) -> PluginStatus:
+        st = super().kpr_status()
+        details = dict(st.details)
+        details["linksFallback"] = {f"{d} {r}": why for (d, r), why in sorted(self._fallbacks.items())}
+        return dataclasses.replace(st, details=details)

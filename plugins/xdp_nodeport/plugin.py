@@ -23,6 +23,15 @@ What XDP does here, and what it does not:
     checksums; the tests turn transmit checksum offload off on their senders.
   - enabled together with tc_nodeport on one node, both serve healthCheckNodePort: set
     healthCheck: false on one of them.
+
+Attachment: an XDP BPF link pinned at <bpf.pinPath>/links/xdp_nodeport/<device>/xdp
+(kpr.bpf.links) keeps the program on the device while no agent runs; the next agent adopts
+it and switches it to its new program (BPF_LINK_UPDATE), so there is never a gap nor a second
+copy. An XDP link cannot take the place of a program attached the old way, so moving from an
+earlier version's attachment detaches that first (a gap of a few milliseconds, once). A
+changed xdpMode (native/generic) re-creates the link (a gap, likewise). Without XDP links
+(kernel < 5.9, KPR_BPF_LINKS=off or =xdp) the program is attached through netlink as before,
+which also outlives the process and is replaced in place by the next agent.
 """
 
 from __future__ import annotations
@@ -31,12 +40,17 @@ import dataclasses
 import errno
 import json
 import logging
+import os
+import socket
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pydantic
 
 from kpr import hookimpl
+from kpr.bpf import links
+from kpr.bpf import maps as M
 from kpr.model import PluginStatus
 from kpr.nodeport.agent import NodePortAgent, _Attached
 
@@ -79,15 +93,66 @@ def _set_off(ifname: str, mode: str) -> None:
         raise XdpAttachError(errno.EIO, f"detaching XDP ({mode}) from {ifname}: {res.stderr.strip()}")
 
 
-def attach(ifname: str, fn: Any, want: str) -> str:
+def _kpr_progs(present: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    return [p for p in present if p[2].startswith(KPR_PREFIX)]
+
+
+def _attach_link(ifname: str, fn: Any, want: str, pin: Path) -> tuple[str, int, str] | None:
+    """Through a pinned XDP link: (mode, link fd, action), or None when the kernel has no XDP
+    links (the caller attaches the old way)."""
+    idx = socket.if_nametoindex(ifname)
+    prog_id = M.prog_info(fn.fd).id
+    held = links.links_of_progs()
+    # kpr's program attached without a link (an earlier version, the fallback) blocks a link
+    for m, pid, _n in _kpr_progs(xdp_programs(ifname)):
+        if not any(li.kind == "xdp" for li in held.get(pid, [])):
+            _set_off(ifname, m)
+            log.info("event=xdp_old_attachment_removed dev=%s mode=%s prog_id=%d", ifname, m, pid)
+    if pin.exists():
+        now = xdp_programs(ifname)
+        mode_now = next((m for m, _i, n in now if n.startswith(KPR_PREFIX)), None)
+        if want != "auto" and mode_now is not None and mode_now != want:
+            links.release(pin)  # another mode asked for: a new link
+            log.info("event=xdp_mode_changed dev=%s old=%s new=%s", ifname, mode_now, want)
+    tries = ["native", "generic"] if want == "auto" else [want]
+    errors, unsupported = [], 0
+    for mode in tries:
+        try:
+            lfd, action, _li = links.ensure(pin, fn.fd, links.Hook.xdp(idx, FLAGS[mode]))
+        except links.LinkUnsupported as exc:
+            unsupported += 1
+            errors.append(f"{mode}: {exc}")
+            continue
+        except OSError as exc:
+            errors.append(f"{mode}: {exc}")
+            continue
+        got = next((m for m, i, _n in xdp_programs(ifname) if i == prog_id), None)
+        if got is None:
+            os.close(lfd)
+            errors.append(f"{mode}: not attached after attaching it")
+            continue
+        log.info("event=xdp_attached dev=%s prog=%s mode=%s link=%s", ifname, fn.name.decode(), got, action)
+        return got, lfd, action
+    if unsupported == len(tries):
+        return None
+    raise XdpAttachError(errno.EOPNOTSUPP, f"attaching XDP to {ifname}: " + "; ".join(errors))
+
+
+def attach(ifname: str, fn: Any, want: str, link_dir: Path | None = None) -> tuple[str, int, str]:
     """Attach bcc function `fn` to `ifname` (want: native | generic | auto), replacing kpr's own
-    program, never another owner's. Returns the mode it got."""
+    program, never another owner's. Returns (mode, link fd or -1, action)."""
     from bcc import BPF
 
     present = xdp_programs(ifname)
     foreign = [n or f"id {i}" for _m, i, n in present if not n.startswith(KPR_PREFIX)]
     if foreign:
         raise XdpAttachError(errno.EBUSY, f"{ifname} has another owner's XDP program ({', '.join(foreign)}): not replaced")
+    if link_dir is not None:
+        pin = link_dir / ifname / "xdp"
+        if pin.exists() or links.enabled("xdp"):
+            got = _attach_link(ifname, fn, want, pin)
+            if got is not None:
+                return got
     tries = ["native", "generic"] if want == "auto" else [want]
     errors = []
     for mode in tries:
@@ -104,22 +169,30 @@ def attach(ifname: str, fn: Any, want: str) -> str:
         if not any(m == mode and n == fn.name.decode()[:15] for m, _i, n in now):
             errors.append(f"{mode}: not attached after attaching it ({now})")
             continue
-        log.info("event=xdp_attached dev=%s prog=%s mode=%s", ifname, fn.name.decode(), mode)
-        return mode
+        log.info("event=xdp_attached dev=%s prog=%s mode=%s link=none", ifname, fn.name.decode(), mode)
+        return mode, -1, "attached"
     raise XdpAttachError(errno.EOPNOTSUPP, f"attaching XDP to {ifname}: " + "; ".join(errors))
 
 
-def detach(ifname: str) -> int:
-    """Remove kpr's XDP program (every mode) from a device; another owner's is left alone."""
+def detach(ifname: str, link_dir: Path | None = None) -> int:
+    """Remove kpr's XDP program (every mode, link or not) from a device; another owner's is left alone."""
+    n = 0
+    if link_dir is not None and links.release(link_dir / ifname / "xdp"):
+        n += 1
     try:
         present = xdp_programs(ifname)
     except XdpAttachError:
-        return 0  # the device is gone, and its program with it
-    n = 0
-    for mode, _i, name in present:
-        if name.startswith(KPR_PREFIX):
+        return n  # the device is gone, and its program with it
+    held = None
+    for mode, pid, name in _kpr_progs(present):
+        held = links.links_of_progs() if held is None else held
+        via = [li for li in held.get(pid, []) if li.kind == "xdp"]
+        if via:
+            for li in via:
+                links.detach_link_id(li.id)
+        else:
             _set_off(ifname, mode)
-            n += 1
+        n += 1
     if n:
         log.info("event=xdp_detached dev=%s count=%d", ifname, n)
     return n
@@ -147,9 +220,12 @@ class XdpNodePort(NodePortAgent):
 
     # ------------------------------------------------------------------ devices
 
+    RECORD_KIND = "xdp"
+
     def _detach_one(self, ifname: str, direction: str) -> None:
         assert self._netns is not None
-        self._netns(lambda: detach(ifname))
+        link_dir = self._link_dir()
+        self._netns(lambda: detach(ifname, link_dir))
 
     def _attach_devices(self, devices: tuple[str, ...], facts: dict[str, tuple[int, str | None, str | None]]) -> None:
         from kpr.bpf.cleanup import forget_attachment, record_attachment
@@ -160,27 +236,34 @@ class XdpNodePort(NodePortAgent):
         fn = dp.progs[D.INGRESS]
         prog_id = dp.prog_id(D.INGRESS)
 
-        def run() -> tuple[dict[str, str], dict[str, str]]:
+        link_dir = self._link_dir()
+
+        def run() -> tuple[dict[str, tuple[str, int, str]], dict[str, str]]:
             done, failed = {}, {}
             for dev in devices:
                 if dev not in facts:
                     failed[dev] = "no such device in the agent's network namespace"
                     continue
                 try:
-                    done[dev] = attach(dev, fn, cfg.xdp_mode)
+                    done[dev] = attach(dev, fn, cfg.xdp_mode, link_dir)
                 except OSError as exc:
                     failed[dev] = str(exc)
             return done, failed
 
         done, failed = self._netns(run)
-        for dev, mode in done.items():
+        for dev, (mode, link_fd, action) in done.items():
             old = self._attached.get((dev, "xdp"))
             if old is not None and old.record_id:
                 forget_attachment(pin, old.record_id)
+            if old is not None and old.link_fd >= 0:
+                os.close(old.link_fd)
             ifindex = facts[dev][0]
             rid = record_attachment(pin, "xdp", {"ifname": dev, "ifindex": ifindex, "netns": self._netns_path},
                                     D.INGRESS, prog_id=prog_id)
-            self._attached[(dev, "xdp")] = _Attached(dev, ifindex, "xdp", D.INGRESS, 0, rid)
+            self._attached[(dev, "xdp")] = _Attached(
+                dev, ifindex, "xdp", D.INGRESS, 0, rid, how="xdp-link" if link_fd >= 0 else "xdp",
+                link_pin=link_dir / dev / "xdp" if link_fd >= 0 else None, link_fd=link_fd, action=action,
+            )
             self._modes[dev] = mode
             if cfg.xdp_mode == "auto" and mode == "generic":
                 log.warning("event=xdp_generic_fallback dev=%s hint='the driver has no native XDP'", dev)
@@ -193,6 +276,10 @@ class XdpNodePort(NodePortAgent):
     def _device_details(self, attached: list[_Attached], devices: list[str]) -> dict[str, Any]:
         return {dev: {"xdp": self._modes.get(dev, "?")} for dev in devices}
 
+    def _link_details(self) -> dict[str, Any]:
+        return {a.ifname: {"link": str(a.link_pin) if a.link_pin else None, "action": a.action}
+                for a in list(self._attached.values())}
+
     @hookimpl
     def kpr_status(self) -> PluginStatus:
         st = super().kpr_status()
@@ -202,7 +289,9 @@ class XdpNodePort(NodePortAgent):
             if self.cfg is not None and self.cfg.xdp_mode == "auto":
                 note += " (native XDP failed: no driver support)"
             st = dataclasses.replace(st, message=st.message + note)
-        return st
+        details = dict(st.details)
+        details["links"] = self._link_details()
+        return dataclasses.replace(st, details=details)
 
     @property
     def _modes(self) -> dict[str, str]:

@@ -298,12 +298,24 @@ def cluster(*, start: bool = True, second_device: bool = True, **cfg: Any) -> It
                 w.close()
 
 
+TCX = 0  # tc_filters() lists tcx programs at "pref" 0: they run before every clsact filter
+
+
 def tc_filters(topo: Topology, ns: str, dev: str, direction: str) -> list[tuple[int, str]]:
-    """(pref, name) of the BPF filters at one hook, as tc(8) shows them."""
+    """(pref, name) of the BPF programs at one hook: tcx programs (pref TCX, in the order
+    they run, from BPF_PROG_QUERY) then clsact filters as tc(8) shows them."""
+    import socket
+
+    from kpr.plugins.tc_nodeport.attach import tcx_programs
+
+    with topo[ns].enter():
+        try:
+            rows = [(TCX, name) for _pid, name in tcx_programs(socket.if_nametoindex(dev), direction)]
+        except OSError:
+            rows = []
     out = topo.run(ns, ["tc", "-j", "filter", "show", "dev", dev, direction]).stdout
-    rows = []
     for f in json.loads(out or "[]"):
         opts = f.get("options") or {}
         if f.get("kind") == "bpf" and "handle" in opts:
             rows.append((int(f["pref"]), opts.get("bpf_name", "")))
-    return sorted(rows)
+    return [r for r in rows if r[0] == TCX] + sorted(r for r in rows if r[0] != TCX)

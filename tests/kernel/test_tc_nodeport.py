@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kpr.bpf.cleanup import attachments, scratch_pin_dir
+from kpr.bpf.cleanup import attachments, cleanup, scratch_pin_dir
 from kpr.bpf.loader import compile_and_load, load_prog
 from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.servicemaps import ServiceMapWriter
@@ -32,6 +32,7 @@ from tc_nodeport_env import (
     NODE1_ETH1,
     NODES,
     PODS,
+    TCX,
     Cluster,
     answers,
     backends,
@@ -202,8 +203,8 @@ def test_source_ranges_and_session_affinity(env: Cluster) -> None:
 def test_several_devices_at_once(env: Cluster) -> None:
     env.apply(nodeport("multi", 30083, "p1a"))
     for dev in ("eth0", "eth1"):
-        assert tc_filters(env.topo, "node1", dev, "ingress") == [(1, "kpr_np_ingress")]
-        assert tc_filters(env.topo, "node1", dev, "egress") == [(1, "kpr_np_egress")]
+        assert tc_filters(env.topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")]
+        assert tc_filters(env.topo, "node1", dev, "egress") == [(TCX, "kpr_np_egress")]
     assert _name_and_peer(client(env.topo, "tcp", NODE1_ETH1, 30083, 2, ns="cl2")) == [("p1a", CLIENT2)] * 2
     assert _name_and_peer(client(env.topo, "tcp", N1, 30083, 1)) == [("p1a", CLIENT)]
     status = env.plugins["node1"].kpr_status()
@@ -278,14 +279,16 @@ def test_foreign_filters_are_never_touched_and_reattach_is_idempotent(kernel_hea
                 w.upsert(svc)
                 p1 = start_plugin(topo, "node1", pin)
                 p1.kpr_service_upsert(svc)
-                # pref 1 is the foreign filter's: kpr takes the next one and leaves it alone
+                # pref 1 is the foreign filter's: kpr takes the next one and leaves it alone (no
+                # tcx link at that hook: it would run ahead of the foreign filter); egress has
+                # no foreign filter: a tcx link
                 assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
                 assert p1.kpr_status().details["foreignFiltersFirst"] == {"eth0": ["foreign_ingress"]}
                 assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
                 # a second agent (restart) replaces kpr's filter in place: no duplicate, no gap
-                p2 = start_plugin(topo, "node1", pin)
+                p2 = start_plugin(topo, "node1", pin, keep_attached_on_stop=False)
                 assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
-                assert tc_filters(topo, "node1", "eth0", "egress") == [(1, "kpr_np_egress")]
+                assert tc_filters(topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
                 assert len([a for a in attachments(pin) if a["target"]["ifname"] == "eth0"]) == 2
                 p2.kpr_service_upsert(svc)
                 assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
@@ -311,12 +314,12 @@ def test_node_changes_reattach(kernel_headers: Path) -> None:
                 node = NodeInfo("node1", (N1, NODE1_ETH1), ("eth0", "eth1"))
                 p.context.node = node
                 p.kpr_node_changed(node)  # from a thread outside the node's namespace, as the bus worker may be
-                assert tc_filters(topo, "node1", "eth1", "ingress") == [(1, "kpr_np_ingress")]
+                assert tc_filters(topo, "node1", "eth1", "ingress") == [(TCX, "kpr_np_ingress")]
                 node = NodeInfo("node1", (NODE1_ETH1,), ("eth1",))
                 p.context.node = node
                 p.kpr_node_changed(node)
                 assert tc_filters(topo, "node1", "eth0", "ingress") == []
-                assert tc_filters(topo, "node1", "eth1", "egress") == [(1, "kpr_np_egress")]
+                assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
             finally:
                 p.kpr_stop(p.context)
 
@@ -327,7 +330,7 @@ def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp
         with ServiceMapWriter(pin):
             p = start_plugin(topo, "node1", pin, ("eth0", "eth1"))
         try:
-            assert tc_filters(topo, "node1", "eth1", "egress") == [(1, "kpr_np_egress")]
+            assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
             cfg = tmp_path / "kpr.yaml"
             cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
             kpr = Path(sys.executable).with_name("kpr")
@@ -404,7 +407,7 @@ def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: 
             while not (agent.store.is_synced and agent.bus.synced()) and time.monotonic() < deadline:
                 time.sleep(0.05)
             for dev in ("eth0", "eth1"):
-                assert tc_filters(topo, "node1", dev, "ingress") == [(1, "kpr_np_ingress")]
+                assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")]
             seen: set[tuple[str, str]] = set()
             deadline = time.monotonic() + 10
             while len(seen) < 2 and time.monotonic() < deadline:
@@ -420,7 +423,10 @@ def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: 
         finally:
             assert agent.shutdown() == 0
         for dev in ("eth0", "eth1"):
-            assert tc_filters(topo, "node1", dev, "ingress") == [], "kpr_stop detaches"
+            assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")], "stop leaves them"
+        cleanup(pin)
+        for dev in ("eth0", "eth1"):
+            assert tc_filters(topo, "node1", dev, "ingress") == [], "`kpr cleanup` removes them"
 
 
 def test_keep_attached_on_stop_leaves_nodeports_working(kernel_headers: Path) -> None:
@@ -432,7 +438,7 @@ def test_keep_attached_on_stop_leaves_nodeports_working(kernel_headers: Path) ->
             p = start_plugin(topo, "node1", pin, keep_attached_on_stop=True)
             p.kpr_service_upsert(svc)
             p.kpr_stop(p.context)  # the agent stops (a restart): the programs and their maps stay
-            assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")]
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
             assert _name_and_peer(client(topo, "tcp", N1, 30095, 2)) == [("p1a", CLIENT)] * 2
             assert len(attachments(pin)) == 2, "still recorded for `kpr cleanup`"
         # scratch_pin_dir's cleanup is `kpr cleanup`: it detaches them

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kpr.bpf.cleanup import attachments, scratch_pin_dir
+from kpr.bpf.cleanup import attachments, cleanup, scratch_pin_dir
 from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.plugins.xdp_nodeport.config import XdpNodePortConfig
 from kpr.plugins.xdp_nodeport.plugin import XdpNodePort
@@ -122,7 +122,8 @@ def env() -> Iterator[Cluster]:
         full_checksums(c.topo, "cl", *(p for p, (node, _a, _b) in PODS.items() if node == "node2"))
         with peer_pass(c.topo, "rt", dev_with(c.topo, "rt", NODES["node1"]["rt"])):
             c.plugins["node1"] = start_xdp(  # type: ignore[assignment]
-                c.topo, "node1", c.pins["node1"], gc_interval=1.0, conntrack_size=65536, xdp_mode="native"
+                c.topo, "node1", c.pins["node1"], gc_interval=1.0, conntrack_size=65536, xdp_mode="native",
+                keep_attached_on_stop=False,
             )
             try:
                 yield c
@@ -204,6 +205,61 @@ def test_generic_mode_and_kpr_cleanup_detaches(kernel_headers: Path, tmp_path: P
                 p.kpr_stop(p.context)
 
 
+def test_a_new_instance_adopts_the_pinned_link(env: Cluster) -> None:
+    """A killed agent (no stop) and an upgrade: the next one switches the pinned XDP link to its
+    program; one program on the device, the same link, the NodePort served before and after."""
+    from kpr.bpf import links
+
+    p1 = env.plugins["node1"]
+    env.apply(service("adopt", NP, None, 30083, "p2a"))
+    assert peers(client(env.topo, "tcp", N1, 30083, 2)) == [("p2a", N1)] * 2
+    first = p1._attached[("eth0", "xdp")]
+    assert first.how == "xdp-link" and first.link_pin is not None
+    link_id = links.link_info(first.link_fd).id
+    # the next agent, while the first one still holds its programs (killed, not stopped)
+    p2 = start_xdp(env.topo, "node1", env.pins["node1"], gc_interval=1.0, conntrack_size=65536, xdp_mode="native",
+                   keep_attached_on_stop=False)
+    try:
+        a = p2._attached[("eth0", "xdp")]
+        assert a.action == "updated" and links.link_info(a.link_fd).id == link_id
+        assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
+        assert p2.kpr_status().details["links"]["eth0"]["action"] == "updated"
+        assert [(r["kind"], r["target"]["ifname"]) for r in attachments(env.pins["node1"])] == [("xdp", "eth0")]
+        p2.kpr_service_upsert(service("adopt", NP, None, 30083, "p2a")("node1"))
+        assert peers(client(env.topo, "tcp", N1, 30083, 2)) == [("p2a", N1)] * 2
+    finally:
+        # hand the device back to the module's plugin (which then stops with detach)
+        p2._teardown(detach=False)
+        p1.kpr_node_changed(p1.context.node)
+    assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
+    assert links.link_info(p1._attached[("eth0", "xdp")].link_fd).id == link_id
+
+
+def test_without_xdp_links_the_fallback_attaches_and_moves_to_a_link_later(
+    kernel_headers: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with scratch_pin_dir("kpr-xnp-fb") as pin, Topology() as topo:
+        build_topology(topo, pods=())
+        monkeypatch.setenv("KPR_BPF_LINKS", "xdp")
+        with ServiceMapWriter(pin):
+            p1 = start_xdp(topo, "node1", pin, ("eth0",), xdp_mode="generic")
+            p2 = None
+            try:
+                assert p1._attached[("eth0", "xdp")].how == "xdp"
+                assert xdp_on(topo, "node1", "eth0") == [(2, "kpr_xnp_ingress")]
+                p1.kpr_stop(p1.context)
+                assert xdp_on(topo, "node1", "eth0") == [(2, "kpr_xnp_ingress")], "stays after stop"
+                monkeypatch.delenv("KPR_BPF_LINKS")
+                p2 = start_xdp(topo, "node1", pin, ("eth0",), xdp_mode="generic")
+                assert p2._attached[("eth0", "xdp")].how == "xdp-link"
+                assert xdp_on(topo, "node1", "eth0") == [(2, "kpr_xnp_ingress")]
+            finally:
+                for p in (p1, p2):
+                    if p is not None:
+                        with contextlib.suppress(Exception):
+                            p._teardown(detach=False)
+
+
 def test_agent_with_the_plugin_disabled_attaches_nothing(kernel_headers: Path, tmp_path: Path) -> None:
     from kpr.config import parse_config
     from kpr.daemon import Agent
@@ -246,4 +302,7 @@ def test_agent_with_the_plugin_disabled_attaches_nothing(kernel_headers: Path, t
         finally:
             assert agent.shutdown() == 0
         for dev in ("eth0", "eth1"):
-            assert xdp_on(topo, "node1", dev) == [], "kpr_stop detaches"
+            assert xdp_on(topo, "node1", dev) == [(1, "kpr_xnp_ingress")], "stop leaves it (keepAttachedOnStop)"
+        cleanup(pin)
+        for dev in ("eth0", "eth1"):
+            assert xdp_on(topo, "node1", dev) == [], "`kpr cleanup` removes it"

@@ -163,11 +163,14 @@ class ServiceSection(Section):
 class BpfSection(Section):
     # bpffs directory every kpr map and program is pinned under.
     pin_path: Path = Path("/sys/fs/bpf/kpr")
-    # max_entries of the service maps, for clusters beyond the defaults (65536 frontend
-    # slots, 65536 backends, 65536 reverse-NAT entries): keys kprSvc, kprBackend, kprRevnat,
-    # kprAffinity. Maps already pinned with other sizes are refused at start (kpr cleanup
-    # removes them).
-    map_sizes: dict[Literal["kprSvc", "kprBackend", "kprRevnat", "kprAffinity"], Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)]] = {}
+    # max_entries of the service maps, for clusters beyond the defaults (kpr.bpf.maps.SPECS:
+    # kprSvc 262144, kprBackend 131072, kprRevnat 65536, kprAffinity 65536, kprMaglev 32768,
+    # kprSrcrange 16384; README "Sizing the service maps"). Maps already pinned with other
+    # sizes are refused at start (kpr cleanup removes them).
+    map_sizes: dict[
+        Literal["kprSvc", "kprBackend", "kprRevnat", "kprAffinity", "kprMaglev", "kprSrcrange"],
+        Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)],
+    ] = {}
 
     def map_size_overrides(self) -> dict[str, int]:
         """map_sizes keyed by map name (kprSvc -> kpr_svc)."""

@@ -183,11 +183,16 @@ class Agent:
         self.metrics.frontends.set(n_frontends)
         self.metrics.backends.set(n_backends)
         self.metrics.source_errors.set(len(self.store.errors))
-        if not self._ready_sent and self.store.is_synced and self.bus.synced():
+        if not self._ready_sent and self.store.is_synced and self.bus.synced() and self._plugins_synced():
             self._ready_sent = True
             log.info("agent.ready services=%d", n_services)
             sdnotify.notify("READY=1\nSTATUS=synced")
         self._check_node()
+
+    def _plugins_synced(self) -> bool:
+        """False while a plugin's status says its initial state is not in place yet
+        (details.synced false: the service map writer until its initial sync is written)."""
+        return all(st["details"].get("synced", True) is not False for st in self.plugin_statuses().values())
 
     def _node_facts(self) -> NodeInfo:
         """Configured facts win, then the Node object's (addresses, zone), then detection."""

@@ -16,6 +16,21 @@ to the desired state:
   tables are written before the service entries that lead to them; slot 0 (the count) is
   written after its slots and deleted before them; orphans are deleted last.
 
+- Planned capacity. Before writing, the writer checks that the desired state fits each map
+  (max_entries); a service that would not fit is refused on its own (logged and reported in
+  status with its name and the map, counted in `refusals`) and keeps its last good state:
+  whatever the maps already hold for it stays, nothing of the new state is written (a service
+  that never fitted is not programmed at all). Every other service is programmed. Refused
+  services are tried again when entries are freed.
+- Kernel = desired. A write that fails half way is rolled back: the maps are read back and
+  repaired to the state before the change (no partial batch stays behind). `check()`, run
+  periodically (agent.resyncInterval), reads the maps back and repairs any difference from the
+  desired state, one made by hand with bpftool included; status counts come from the kernel.
+- Ready only when written. Through the bus, the initial state is one full sync at
+  `kpr_sync_complete`; if it cannot be written, the writer retries with backoff and reports
+  itself not synced (status details `synced: false`, what is missing), which holds the
+  agent's readiness.
+
 A frontend group is everything one (address, port, protocol) owns: its service entries in
 both scopes, rev-NAT entry, source ranges and Maglev tables. Groups are owned by one service;
 a second service claiming the same frontend is reported as a conflict and retried when the
@@ -42,6 +57,7 @@ from pydantic.alias_generators import to_camel
 from . import hookimpl
 from .bpf import maps as M
 from .bpf.maglev import build_table, is_prime
+from .bus import Backoff
 from .context import PluginContext
 from .model import BackendState, Frontend, FrontendType, PluginStatus, Protocol, Service, ServiceKey
 
@@ -50,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServiceMapWriter", "ALGORITHM_ANNOTATION", "MapIncompatible"]
+__all__ = ["ServiceMapWriter", "ALGORITHM_ANNOTATION", "MapIncompatible", "Refusal", "group_entries", "first_overflow"]
 
 MapIncompatible = M.MapIncompatible
 
@@ -128,6 +144,57 @@ class _Group:
         self.srcrange: frozenset[bytes] = frozenset()
 
 
+# The config key (bpf.mapSizes) that sizes each map the writer fills.
+SIZE_KEYS = {"kpr_svc": "kprSvc", "kpr_backend": "kprBackend", "kpr_revnat": "kprRevnat",
+             "kpr_maglev": "kprMaglev", "kpr_srcrange": "kprSrcrange"}
+
+
+def group_entries(groups: Iterable[_Group]) -> dict[str, int]:
+    """Entries the groups take in each service map; kpr_backend is left at 0 (backends are
+    shared between groups: count distinct ids, see ServiceMapWriter._needs)."""
+    svc = revnat = srcrange = maglev = 0
+    for g in groups:
+        svc += len(g.svc)
+        revnat += 1 if g.revnat else 0
+        srcrange += len(g.srcrange)
+        maglev += len(g.maglev)
+    return {"kpr_svc": svc, "kpr_backend": 0, "kpr_revnat": revnat, "kpr_srcrange": srcrange, "kpr_maglev": maglev}
+
+
+def first_overflow(
+    current: dict[str, int], delta: dict[str, int], limits: dict[str, int]
+) -> tuple[str, int, int] | None:
+    """The first map (in SERVICE_MAPS order) that `delta` more entries would overflow, as
+    (map, entries wanted, entries free); None when everything fits. A map the delta does not
+    grow never overflows: a service that shrinks or stays the same is always let through."""
+    for name in M.SERVICE_MAPS:
+        d = delta.get(name, 0)
+        have = current.get(name, 0)
+        if d > 0 and have + d > limits[name]:
+            return name, d, max(0, limits[name] - have)
+    return None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a service is not (fully) programmed: the map it would overflow."""
+
+    map: str
+    # entries the service needs beyond what it holds now, and what the map has free
+    need: int
+    free: int
+    max_entries: int
+    # the service's growth per map: tried again once all of it fits
+    delta: tuple[tuple[str, int], ...] = ()
+
+    def text(self) -> str:
+        key = SIZE_KEYS.get(self.map, self.map)
+        return (
+            f"{self.map} full: needs {self.need} more entries, {self.free} of {self.max_entries} free "
+            f"(raise bpf.mapSizes.{key}); keeps its last good state"
+        )
+
+
 @dataclass(frozen=True)
 class WriterParams:
     """What the shared maps are built with; programs must be compiled with the same values."""
@@ -197,6 +264,8 @@ class ServiceMapWriter:
         sizes: dict[str, int] | None = None,
         batch: bool = True,
         create_datapath_maps: bool = True,
+        check_interval: float | None = None,
+        retry_backoff: Backoff | None = None,
     ) -> None:
         if not is_prime(maglev_size):
             raise ValueError(f"maglev_size must be prime, got {maglev_size}")
@@ -211,10 +280,28 @@ class ServiceMapWriter:
             [n for n in self.specs if n not in M.SERVICE_MAPS] if create_datapath_maps else []
         )
         self.maps: dict[str, M.BpfMap] = {}
+        self.limits = {name: self.specs[name].max_entries for name in M.SERVICE_MAPS}
         self._lock = threading.RLock()
         self._reset_shadow()
         self.errors = 0
         self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it
+        # Services refused for capacity (they keep their last good state), and counters.
+        self.refused: dict[ServiceKey, Refusal] = {}
+        self.refusals = 0  # refusal decisions since start
+        self.rollbacks = 0  # failed writes rolled back
+        self.repairs = 0  # entries written or deleted to repair a difference found by check()
+        self.checks = 0
+        # Seconds between check()s when run as a plugin (None: agent.resyncInterval; 0: never).
+        self.check_interval = check_interval
+        self._backoff = retry_backoff or Backoff(0.5, 30.0)
+        self._checker: threading.Thread | None = None
+        self._kick = threading.Event()
+        self._stopping = False
+        # Initial sync: requested (sync complete seen), failed attempts, last error, next retry.
+        self._sync_requested = False
+        self._sync_attempts = 0
+        self.sync_error = ""
+        self._retry_at: float | None = None
         self._maglev_cache: OrderedDict[tuple, array] = OrderedDict()
         self._maglev_keys = array("I", range(maglev_size)).tobytes()
         # Services delivered through the bus before kpr_sync_complete; None afterwards.
@@ -234,6 +321,8 @@ class ServiceMapWriter:
         self._next_revnat = 1
         # Entries found in the maps that no group accounts for; removed by GC.
         self._stray: dict[str, set[bytes]] = {"kpr_srcrange": set(), "kpr_maglev": set(), "kpr_revnat": set()}
+        # Entries the groups take per map (group_entries of every group), kept up to date.
+        self._count = group_entries(())
         self._delivered: set[ServiceKey] = set()
         # Per operation: backends rendered (id -> (identity, value)) and rev-NAT indexes allocated.
         self._pending_vals: dict[int, tuple[bytes, bytes]] = {}
@@ -411,6 +500,7 @@ class ServiceMapWriter:
         for fk, g in self._groups.items():
             if g.owner is not None:
                 self._by_service.setdefault(g.owner, set()).add(fk)
+        self._count = group_entries(self._groups.values())
 
     def _maglev_input(self, ids: Iterable[int]) -> tuple[tuple[str, int], ...]:
         return tuple(sorted((_backend_name(self._backend_vals[i]), i) for i in ids if i in self._backend_vals))
@@ -603,6 +693,8 @@ class ServiceMapWriter:
         with self._lock:
             self._require_open()
             key = service.key
+            if key in self.refused and self._services.get(key) == service:
+                return  # still refused; tried again when entries are freed
             self._services[key] = service
             self._delivered.add(key)
             self._begin()
@@ -618,18 +710,28 @@ class ServiceMapWriter:
                 elif self.conflicts.get(fk) == key:
                     del self.conflicts[fk]
             old_fks = self._by_service.get(key, set()) | {fk for fk in desired if fk in self._groups}
-            self._apply({fk: self._groups.get(fk) for fk in old_fks}, desired)
+            old = {fk: self._groups.get(fk) for fk in old_fks}
+            refusal = self._refusal(old, desired)
+            if refusal is not None:
+                self._refuse(key, refusal)
+                self._forget_render()
+                return
+            if self.refused.pop(key, None) is not None:
+                log.info("event=service_accepted service=%s", key)
+            self._apply(old, desired)
 
     def delete(self, key: ServiceKey) -> None:
         """Remove everything the service wrote; a service never seen is not an error."""
         with self._lock:
             self._require_open()
             self._services.pop(key, None)
+            self.refused.pop(key, None)
             self._delivered.add(key)
             self._begin()
             fks = set(self._by_service.get(key, ()))
             self._apply({fk: self._groups.get(fk) for fk in fks}, {})
             self._retry_conflicts(fks)
+            self._retry_refused()
 
     def full_sync(self, services: Iterable[Service]) -> None:
         """Make the maps hold exactly these services: everything else is removed."""
@@ -654,19 +756,124 @@ class ServiceMapWriter:
             self._services = {s.key: s for s in services}
             self._delivered = set(self._services)
             self.conflicts = {}
+            self.refused = {}
             self._begin()
-            desired: dict[bytes, _Group] = {}
-            for s in services:
-                for fk, g in self._render(s).items():
-                    if fk in desired:
-                        log.warning(
-                            "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), s.key, desired[fk].owner
-                        )
-                        self.conflicts[fk] = s.key
-                        continue
-                    desired[fk] = g
             old = dict(self._groups)
+            desired = self._plan(services, old)
             self._apply(old, desired, strays=True)
+
+    def _plan(self, services: list[Service], old: dict[bytes, _Group]) -> dict[bytes, _Group]:
+        """The groups a full sync writes: services in key order, each whole or refused.
+
+        A service claims its frontends (a frontend already claimed is a conflict) if all of
+        them fit beside what earlier services took; otherwise it is refused and keeps the
+        groups the maps hold for frontends it claims (its last good state), if those fit.
+        """
+        desired: dict[bytes, _Group] = {}
+        used = group_entries(())
+        used_bids: set[int] = set()
+        for s in services:
+            mine: dict[bytes, _Group] = {}
+            for fk, g in self._render(s).items():
+                if fk in desired:
+                    log.warning(
+                        "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), s.key, desired[fk].owner
+                    )
+                    self.conflicts[fk] = s.key
+                    continue
+                mine[fk] = g
+            need = self._needs(mine.values(), used_bids)
+            hit = first_overflow(used, need, self.limits)
+            if hit is not None:
+                self._refuse(s.key, Refusal(*hit, self.limits[hit[0]], tuple(need.items())))
+                mine = {fk: old[fk] for fk in mine if fk in old}
+                need = self._needs(mine.values(), used_bids)
+                if not mine or first_overflow(used, need, self.limits) is not None:
+                    continue
+                for g in mine.values():
+                    g.owner = s.key
+            desired.update(mine)
+            for name, n in need.items():
+                used[name] += n
+            for g in mine.values():
+                used_bids.update(g.backends)
+        return desired
+
+    # ------------------------------------------------------------------ capacity
+
+    @staticmethod
+    def _needs(groups: Iterable[_Group], known_backends: set[int]) -> dict[str, int]:
+        """Entries `groups` add to a state that already holds `known_backends`."""
+        groups = list(groups)
+        need = group_entries(groups)
+        new_bids: set[int] = set()
+        for g in groups:
+            new_bids.update(g.backends)
+        need["kpr_backend"] = len(new_bids - known_backends)
+        return need
+
+    def _counts(self) -> dict[str, int]:
+        """Entries per map the shadow accounts for, strays included (cheap: no syscalls)."""
+        c = dict(self._count)
+        c["kpr_backend"] = len(self._backend_vals)
+        for name, keys in self._stray.items():
+            c[name] += len(keys)
+        return c
+
+    def _refusal(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group]) -> Refusal | None:
+        """Whether replacing `old` by `new` would overflow a map (the service's own delta)."""
+        before = group_entries(g for g in old.values() if g is not None)
+        after = group_entries(new.values())
+        delta = {name: after[name] - before[name] for name in after}
+        refs: dict[int, int] = {}
+        for g in old.values():
+            if g is not None:
+                for bid in g.backends:
+                    refs[bid] = refs.get(bid, 0) - 1
+        for g in new.values():
+            for bid in g.backends:
+                refs[bid] = refs.get(bid, 0) + 1
+        vals, have = self._backend_vals, self._backend_refs
+        added = sum(1 for bid, d in refs.items() if d > 0 and bid not in vals)
+        freed = sum(1 for bid, d in refs.items() if d < 0 and bid in vals and have.get(bid, 0) + d <= 0)
+        delta["kpr_backend"] = added - freed
+        hit = first_overflow(self._counts(), delta, self.limits)
+        if hit is None:
+            return None
+        return Refusal(*hit, self.limits[hit[0]], tuple(delta.items()))
+
+    def _forget_render(self) -> None:
+        """Forget the ids the last render allocated; nothing of it is written."""
+        for bid, (bkey, _val) in self._pending_vals.items():
+            if bid not in self._backend_vals:
+                self._backend_refs.pop(bid, None)
+                if self._backend_ids.get(bkey) == bid:
+                    del self._backend_ids[bkey]
+        for fk in self._fresh_revnat:
+            if fk not in self._groups:
+                self._forget_revnat(fk)
+        self._begin()
+
+    def _refuse(self, key: ServiceKey, refusal: Refusal) -> None:
+        self.refused[key] = refusal
+        self.refusals += 1
+        log.error("event=service_refused service=%s map=%s reason=%r", key, refusal.map, refusal.text())
+
+    def _retry_refused(self) -> None:
+        """Try refused services again whose growth now fits (in key order)."""
+        for key in sorted(self.refused):
+            r = self.refused.get(key)
+            svc = self._services.get(key)
+            if r is None or svc is None:
+                self.refused.pop(key, None)
+                continue
+            if first_overflow(self._counts(), dict(r.delta), self.limits) is None:
+                log.info("event=service_refused_retry service=%s", key)
+                del self.refused[key]
+                try:
+                    self.upsert(svc)
+                except Exception:  # noqa: BLE001 - rolled back and logged; tried again later
+                    log.exception("event=service_refused_retry_failed service=%s", key)
 
     def gc(self) -> int:
         """Remove adopted entries no service re-delivered since open; returns frontends removed."""
@@ -744,15 +951,17 @@ class ServiceMapWriter:
             }
 
     def entry_counts(self) -> dict[str, int]:
-        """Entries per map according to the shadow (cheap: no syscalls)."""
+        """Entries per map according to the shadow, strays found at the last read-back included
+        (cheap: no syscalls)."""
         with self._lock:
-            return {
-                "kpr_svc": sum(len(g.svc) for g in self._groups.values()),
-                "kpr_backend": len(self._backend_vals),
-                "kpr_revnat": sum(1 for g in self._groups.values() if g.revnat),
-                "kpr_srcrange": sum(len(g.srcrange) for g in self._groups.values()),
-                "kpr_maglev": sum(1 for g in self._groups.values() for t in g.maglev.values()),
-            }
+            c = self._counts()
+            return {name: c[name] for name in M.SERVICE_MAPS}
+
+    def kernel_counts(self) -> dict[str, int]:
+        """Entries per map as the kernel holds them (read back)."""
+        with self._lock:
+            self._require_open()
+            return {name: self.maps[name].count() for name in M.SERVICE_MAPS}
 
     def ops(self) -> dict[str, dict[str, int]]:
         """Elements written/deleted and syscalls made, per map, since open."""
@@ -783,12 +992,56 @@ class ServiceMapWriter:
         except Exception:
             self.errors += 1
             log.exception("event=servicemaps_apply_failed frontends=%d", len(new))
-            # The maps may hold part of the change: believe them, not the shadow.
+            # The maps may hold part of the change: roll them back to the state before it.
             try:
-                self._reload()
-            except Exception:  # noqa: BLE001 - the first error is the one to report
-                log.exception("event=servicemaps_reload_failed")
+                n = self._repair()
+                self.rollbacks += 1
+                log.warning("event=servicemaps_rolled_back entries=%d", n)
+            except Exception:  # noqa: BLE001 - the first error is the one to report; check() repairs later
+                log.exception("event=servicemaps_rollback_failed")
             raise
+
+    def _op_total(self) -> int:
+        return sum(m.ops["update"] + m.ops["delete"] for m in self.maps.values())
+
+    def _repair(self) -> int:
+        """Make the maps equal the shadow (the accepted desired state): read them back, then
+        write what differs and delete what nobody wants. Returns entries written or deleted."""
+        groups, vals = self._groups, self._backend_vals
+        saved = {a: getattr(self, a) for a in _SHADOW}
+        before = self._op_total()
+        try:
+            self._reload()  # the shadow now describes the kernel
+            self._begin()
+            self._pending_vals = {bid: (vals[bid][:19], vals[bid]) for g in groups.values() for bid in g.backends if bid in vals}
+            self._apply_diff(dict(self._groups), groups, True)
+        except BaseException:
+            # The shadow stays the desired state (the kernel differs until a later repair).
+            for a, v in saved.items():
+                setattr(self, a, v)
+            self._begin()
+            raise
+        for fk, g in groups.items():
+            self._revnat_ids[fk] = g.rev_nat
+            self._revnat_used.add(g.rev_nat)
+            self._next_revnat = max(self._next_revnat, g.rev_nat + 1)
+        # identities as the maps now hold them (a hand-edited value must not keep its id)
+        self._backend_ids = {val[:19]: bid for bid, val in self._backend_vals.items()}
+        return self._op_total() - before
+
+    def check(self) -> int:
+        """Compare the maps with the desired state and repair any difference (one made by hand
+        included); returns the entries repaired. Before the initial sync the desired state is
+        the adopted one: only entries nothing accounts for go."""
+        with self._lock:
+            self._require_open()
+            self.checks += 1
+            n = self._repair()
+            if n:
+                self.repairs += n
+                log.warning("event=servicemaps_repaired entries=%d", n)
+            self._retry_refused()
+            return n
 
     def _apply_diff(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], strays: bool) -> None:
         # Diff group by group: a service-map key belongs to exactly one group (its prefix is
@@ -805,15 +1058,18 @@ class ServiceMapWriter:
         mg_del: list[bytes] = []
         ref_delta: dict[int, int] = {}
         pack_mg = M.MAGLEV_KEY.pack
+        svc_new = 0  # kpr_svc keys written that the map does not hold yet
 
         for fk, g in new.items():
             og = old.get(fk)
             if og is None:
                 svc_up.update(g.svc)
+                svc_new += len(g.svc)
             elif og.svc != g.svc:
                 osvc = og.svc
                 svc_up.update((k, v) for k, v in g.svc.items() if osvc.get(k) != v)
                 svc_del.extend(k for k in osvc if k not in g.svc)
+                svc_new += sum(1 for k in g.svc if k not in osvc)
             for scope in (M.SCOPE_INTERNAL, M.SCOPE_EXTERNAL):
                 k0 = fk + _BYTE[scope] + _SLOT[0]
                 v0 = svc_up.pop(k0, None)
@@ -864,12 +1120,39 @@ class ServiceMapWriter:
         be_del = [bid for bid, d in ref_delta.items() if d < 0 and refs.get(bid, 0) + d <= 0 and bid in vals]
         if strays:
             be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in vals and bid not in ref_delta)
+        # An entry a new group still wants is never deleted (rev-NAT indexes read back from
+        # hand-edited maps may collide).
+        if rn_del:
+            live_rn = {g.rev_nat for g in new.values() if g.revnat}
+            rn_del = [i for i in rn_del if i not in live_rn]
+        if mg_del:
+            live_mg = {pack_mg(g.rev_nat, sc) for g in new.values() for sc in g.maglev}
+            mg_del = [k for k in mg_del if k not in live_mg]
+        if sr_del:
+            for g in new.values():
+                if g.srcrange:
+                    sr_del -= g.srcrange
 
         b = self.batch
         mp = self.maps
+        # Where the change would not fit beside what it replaces, everything that goes is
+        # deleted first (readers may miss an entry for a moment instead of the write failing).
+        have = self._counts()
+        peak = {
+            "kpr_svc": have["kpr_svc"] - len(gone_del) + svc_new,
+            "kpr_backend": have["kpr_backend"] + sum(1 for i in be_up if i not in vals),
+            "kpr_revnat": have["kpr_revnat"] + len(rn_up),
+            "kpr_srcrange": have["kpr_srcrange"] + len(sr_up),
+            "kpr_maglev": have["kpr_maglev"] + len(mg_up),
+        }
+        tight = any(peak[name] > self.limits[name] for name in peak)
         # 0. frontends that go: first, so a nearly full map has room for what comes
         if gone_del:
             mp["kpr_svc"].delete_many(gone_del, batch=b)
+        if tight:
+            log.info("event=servicemaps_tight peak=%s", ",".join(f"{k}:{v}" for k, v in peak.items()))
+            self._delete_phase(svc_del, mg_del, sr_del, rn_del, strays, be_del)
+            svc_del, mg_del, sr_del, rn_del, be_del = [], [], set(), [], []
         # 1. what service entries will point at
         if be_up:
             mp["kpr_backend"].update_many([M.U32.pack(i) for i in be_up], list(be_up.values()), batch=b)
@@ -885,27 +1168,15 @@ class ServiceMapWriter:
             svc_up.update(head_up)  # dicts keep insertion order: heads land last
             mp["kpr_svc"].update_many(list(svc_up), list(svc_up.values()), batch=b)
         # 3. deletions, slot 0 first so lookups stop before slots disappear
-        if svc_del:
-            svc_del.sort(key=_svc_delete_order)
-            mp["kpr_svc"].delete_many(svc_del, batch=b)
-        if mg_del:
-            mp["kpr_maglev"].delete_many(mg_del, batch=False)
-        if sr_del:
-            mp["kpr_srcrange"].delete_many(sorted(sr_del), batch=b)
-        if rn_del:
-            mp["kpr_revnat"].delete_many([M.U32.pack(i) for i in rn_del], batch=b)
-        if strays:
-            for name, keys in self._stray.items():
-                if keys:
-                    mp[name].delete_many(sorted(keys), batch=b and name != "kpr_maglev")
-                    keys.clear()
-        if be_del:
-            mp["kpr_backend"].delete_many([M.U32.pack(i) for i in be_del], batch=b)
+        self._delete_phase(svc_del, mg_del, sr_del, rn_del, strays, be_del)
 
         # Shadow follows the maps.
+        count = self._count
         for fk, g in old.items():
             if g is not None and fk not in new:
-                self._groups.pop(fk, None)
+                gone = self._groups.pop(fk, None)
+                if gone is not None:
+                    _add_counts(count, gone, -1)
                 self._forget_revnat(fk)
                 if g.owner is not None and g.owner in self._by_service:
                     self._by_service[g.owner].discard(fk)
@@ -915,6 +1186,9 @@ class ServiceMapWriter:
             prev = self._groups.get(fk)
             if prev is not None and prev.owner is not None and prev.owner != g.owner:
                 self._by_service.get(prev.owner, set()).discard(fk)
+            if prev is not None:
+                _add_counts(count, prev, -1)
+            _add_counts(count, g, 1)
             self._groups[fk] = g
             self._by_service.setdefault(g.owner, set()).add(fk)
         for bid, d in ref_delta.items():
@@ -941,6 +1215,28 @@ class ServiceMapWriter:
             len(svc_up), len(svc_del) + len(gone_del), len(be_up), len(be_del), len(rn_up), len(rn_del),
             len(sr_up), len(sr_del), len(mg_up), len(mg_del),
         )
+
+    def _delete_phase(
+        self, svc_del: list[bytes], mg_del: list[bytes], sr_del: set[bytes], rn_del: list[int], strays: bool, be_del: list[int]
+    ) -> None:
+        b = self.batch
+        mp = self.maps
+        if svc_del:
+            svc_del.sort(key=_svc_delete_order)
+            mp["kpr_svc"].delete_many(svc_del, batch=b)
+        if mg_del:
+            mp["kpr_maglev"].delete_many(mg_del, batch=False)
+        if sr_del:
+            mp["kpr_srcrange"].delete_many(sorted(sr_del), batch=b)
+        if rn_del:
+            mp["kpr_revnat"].delete_many([M.U32.pack(i) for i in rn_del], batch=b)
+        if strays:
+            for name, keys in self._stray.items():
+                if keys:
+                    mp[name].delete_many(sorted(keys), batch=b and name != "kpr_maglev")
+                    keys.clear()
+        if be_del:
+            mp["kpr_backend"].delete_many([M.U32.pack(i) for i in be_del], batch=b)
 
     def _write_maglev(self, key: bytes, inp: tuple[tuple[str, int], ...]) -> None:
         """Build the table and swap it in with one outer-map update (readers never see half a table)."""
@@ -972,10 +1268,40 @@ class ServiceMapWriter:
         if not self.maps:
             self._mount_bpffs_if_missing()
             self.open()
+        if self.check_interval is None:
+            self.check_interval = float(context.config.agent.resync_interval) if context is not None else 0.0
+        self._stopping = False
+        self._checker = threading.Thread(target=self._check_loop, name="kpr-servicemaps-check", daemon=True)
+        self._checker.start()
 
     @hookimpl
     def kpr_stop(self, context: PluginContext) -> None:
+        self._stopping = True
+        self._kick.set()
+        if self._checker is not None:
+            self._checker.join(10)
+            self._checker = None
         self.close()  # pins stay: established flows keep working until the next agent adopts them
+
+    def _check_loop(self) -> None:
+        """Retries a failed initial sync with backoff, and runs check() every check_interval."""
+        interval = self.check_interval or 0.0
+        next_check = time.monotonic() + interval
+        while True:
+            due = [t for t in (self._retry_at, next_check if interval else None) if t is not None]
+            self._kick.wait(max(0.0, min(due) - time.monotonic()) if due else None)
+            self._kick.clear()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            try:
+                if self._retry_at is not None and now >= self._retry_at:
+                    self._initial_sync()
+                elif interval and now >= next_check:
+                    next_check = now + interval
+                    self.check()
+            except Exception:  # noqa: BLE001 - logged; the next round tries again
+                log.exception("event=servicemaps_check_failed")
 
     # Through the bus, the initial state is collected and written in one batched full sync
     # at kpr_sync_complete (adopted maps keep serving the old state until then); later
@@ -983,53 +1309,140 @@ class ServiceMapWriter:
 
     @hookimpl
     def kpr_service_upsert(self, service: Service) -> None:
-        if self._initial is not None:
-            self._initial[service.key] = service
-            return
-        self.upsert(service)
+        with self._lock:
+            if self._initial is not None:
+                self._initial[service.key] = service
+                self._desired_changed()
+                return
+            self.upsert(service)
 
     @hookimpl
     def kpr_service_delete(self, key: ServiceKey) -> None:
-        if self._initial is not None:
-            self._initial.pop(key, None)
-            return
-        self.delete(key)
+        with self._lock:
+            if self._initial is not None:
+                self._initial.pop(key, None)
+                self._desired_changed()
+                return
+            self.delete(key)
 
     @hookimpl
     def kpr_sync_complete(self) -> None:
-        initial, self._initial = self._initial, None
-        if initial is None:
-            self.gc()
-            return
-        t0 = time.monotonic()
-        self.full_sync(initial.values())
-        log.info("event=servicemaps_initial_sync services=%d seconds=%.3f", len(initial), time.monotonic() - t0)
+        with self._lock:
+            if self._initial is None:
+                self.gc()
+                return
+            self._sync_requested = True
+            self._initial_sync()
+
+    def _desired_changed(self) -> None:
+        # While a failed initial sync waits for its retry, a new desired state is tried soon.
+        if self._retry_at is not None:
+            self._retry_at = min(self._retry_at, time.monotonic() + self._backoff.initial)
+            self._kick.set()
+
+    def _initial_sync(self) -> bool:
+        """Write the initial state (one full sync); on failure the maps are rolled back, the
+        writer stays not synced and a retry is scheduled with backoff."""
+        with self._lock:
+            initial = self._initial
+            if initial is None or not self._sync_requested:
+                return initial is None
+            t0 = time.monotonic()
+            try:
+                self.full_sync(initial.values())
+            except Exception as e:  # noqa: BLE001 - reported in status, retried
+                self._sync_attempts += 1
+                self.sync_error = f"{type(e).__name__}: {e}"
+                delay = self._backoff.delay(self._sync_attempts)
+                self._retry_at = time.monotonic() + delay
+                self._kick.set()
+                log.error(
+                    "event=servicemaps_initial_sync_failed services=%d attempt=%d retry_in=%.1f error=%r: not ready",
+                    len(initial), self._sync_attempts, delay, self.sync_error,
+                )
+                return False
+            self._initial = None
+            self._retry_at = None
+            self.sync_error = ""
+            log.info(
+                "event=servicemaps_initial_sync services=%d seconds=%.3f attempts=%d refused=%d",
+                len(initial), time.monotonic() - t0, self._sync_attempts + 1, len(self.refused),
+            )
+            return True
 
     @hookimpl
     def kpr_status(self) -> PluginStatus:
+        """Counts read back from the kernel maps; `details.synced` is false until the initial
+        state is in the maps (the agent is not ready before)."""
         with self._lock:
-            counts = self.entry_counts() if self.maps else {}
+            counts = self.kernel_counts() if self.maps else {}
+            expected = self.entry_counts()
             conflicts = len(self.conflicts)
+            synced = self._initial is None
             counters = {
                 "services": float(len(self._by_service) - (1 if None in self._by_service else 0)),
                 "frontends": float(len(self._groups)),
-                "backends": float(len(self._backend_vals)),
+                "backends": float(counts.get("kpr_backend", 0)),
                 "map_entries": float(sum(counts.values())),
                 "errors": float(self.errors),
                 "conflicts": float(conflicts),
+                "refused": float(len(self.refused)),
+                "refusals": float(self.refusals),
+                "rollbacks": float(self.rollbacks),
+                "repairs": float(self.repairs),
+                "checks": float(self.checks),
             }
             for name, n in counts.items():
                 counters[f"entries_{name}"] = float(n)
+                counters[f"max_entries_{name}"] = float(self.limits[name])
+            details: dict[str, Any] = {
+                "synced": synced,
+                "refused": {str(k): r.text() for k, r in sorted(self.refused.items())},
+            }
+            drift = {name: {"kernel": n, "desired": expected[name]} for name, n in counts.items() if n != expected[name]}
+            if drift:
+                details["drift"] = drift
             healthy = bool(self.maps)
             msg = f"{int(counters['services'])} services, {int(counters['backends'])} backends"
             if not healthy:
                 msg = "maps not open"
-            elif conflicts:
+            if conflicts:
                 msg += f", {conflicts} conflicting frontends"
-            return PluginStatus(healthy=healthy, message=msg, counters=counters)
+            if self.refused:
+                healthy = False
+                first = min(self.refused)
+                msg += f", {len(self.refused)} refused (first {first}: {self.refused[first].map} full)"
+            if not synced and self._sync_attempts:
+                healthy = False
+                waiting = sorted(str(k) for k in (self._initial or {}))
+                details["missing"] = waiting[:50]
+                details["syncError"] = self.sync_error
+                msg += (
+                    f"; initial state not in the maps ({len(waiting)} services waiting, attempt "
+                    f"{self._sync_attempts} failed: {self.sync_error}; retrying)"
+                )
+            elif not synced:
+                msg += "; waiting for the initial state"
+            if drift:
+                msg += f"; maps differ from the desired state in {', '.join(sorted(drift))} (check() repairs)"
+            return PluginStatus(healthy=healthy, message=msg, counters=counters, details=details)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+# What _reset_shadow sets: the writer's picture of the maps.
+_SHADOW = (
+    "_groups", "_by_service", "_backend_ids", "_backend_vals", "_backend_refs", "_revnat_ids", "_revnat_used",
+    "_next_backend", "_next_revnat", "_stray", "_count",
+)
+
+
+def _add_counts(count: dict[str, int], g: _Group, sign: int) -> None:
+    count["kpr_svc"] += sign * len(g.svc)
+    count["kpr_revnat"] += sign * (1 if g.revnat else 0)
+    count["kpr_srcrange"] += sign * len(g.srcrange)
+    count["kpr_maglev"] += sign * len(g.maglev)
 
 
 def _svc_delete_order(k: bytes) -> tuple[bool, bool]:

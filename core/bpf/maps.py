@@ -281,14 +281,24 @@ class MapSpec:
 
 MAGLEV_DEFAULT_SIZE = 16381  # KPR_MAGLEV_M
 
-# Every shared map kpr pins, with lib/*.h's defaults.
+# Every shared map kpr pins. These max_entries are the one definition of the defaults:
+# programs get them as -D flags (cflags() below), and lib/*.h's #ifndef fallbacks repeat them
+# (tests/test_map_defaults.py checks that they agree). bpf.mapSizes overrides them.
+#
+# Sized for at least 10k services x 10 endpoints: every service a ClusterIP, a third of them
+# also a NodePort on two node addresses (~220k kpr_svc entries, 100k backends, 23k frontends).
+# Hash maps are preallocated: the kernel takes the memory at creation, per max entry, whatever
+# the fill (memlock, kernel 6.18): kpr_svc 112 B (28 MiB), kpr_backend 96 B (12 MiB),
+# kpr_revnat 96 B (6 MiB), kpr_affinity 104 B (6.5 MiB), kpr_maglev 80 B (2.5 MiB) plus 128 KiB
+# per Maglev table in use (M = 16381); kpr_srcrange is not preallocated (per range in use);
+# kpr_ct 128 B (16 MiB), kpr_snat 136 B (17 MiB).
 SPECS: dict[str, MapSpec] = {
     s.name: s
     for s in (
         # frontend + scope + slot -> service entry (slot 0) or backend id
-        MapSpec("kpr_svc", BPF_MAP_TYPE_HASH, 24, 20, 65536, "KPR_SVC_MAX"),
+        MapSpec("kpr_svc", BPF_MAP_TYPE_HASH, 24, 20, 262144, "KPR_SVC_MAX"),
         # backend id -> address, port, protocol, state
-        MapSpec("kpr_backend", BPF_MAP_TYPE_HASH, 4, 24, 65536, "KPR_BACKEND_MAX"),
+        MapSpec("kpr_backend", BPF_MAP_TYPE_HASH, 4, 24, 131072, "KPR_BACKEND_MAX"),
         # rev-NAT index -> frontend address, port, protocol
         MapSpec("kpr_revnat", BPF_MAP_TYPE_HASH, 4, 20, 65536, "KPR_REVNAT_MAX"),
         # (client, rev-NAT index) -> backend id, last use: sessionAffinity, written by programs
@@ -299,7 +309,7 @@ SPECS: dict[str, MapSpec] = {
             BPF_MAP_TYPE_HASH_OF_MAPS,
             8,
             4,
-            8192,
+            32768,
             "KPR_MAGLEV_MAX",
             inner=(BPF_MAP_TYPE_ARRAY, 4, 4, MAGLEV_DEFAULT_SIZE),
         ),
@@ -696,6 +706,36 @@ class BpfMap:
             out.extend((kraw[i * ks : (i + 1) * ks], vraw[i * vs : (i + 1) * vs]) for i in range(n))
             if rc < 0:  # ENOENT: that was the last batch
                 return out
+            ctypes.memmove(in_tok, out_tok, token_size)
+            first = False
+
+    def count(self, *, chunk: int = 8192) -> int:
+        """Entries the kernel holds (lookup_batch into reused buffers; keys one by one where unsupported)."""
+        if not self._batch_ok["lookup"]:
+            return sum(1 for _ in self.keys())
+        lib = libbpf()
+        token_size = max(self.key_size, 8)
+        in_tok = ctypes.create_string_buffer(token_size)
+        out_tok = ctypes.create_string_buffer(token_size)
+        kbuf = ctypes.create_string_buffer(self.key_size * chunk)
+        vbuf = ctypes.create_string_buffer(self.value_size * chunk)
+        total, first = 0, True
+        while True:
+            n = ctypes.c_uint32(chunk)
+            rc = self._sys(
+                lib.bpf_map_lookup_batch,
+                self.fd, None if first else in_tok, out_tok, kbuf, vbuf, ctypes.byref(n), ctypes.byref(_BATCH_OPTS),
+            )
+            if rc < 0 and -rc == errno_mod.ENOSPC and n.value == 0:
+                return len(self.items(chunk=chunk * 4))  # a hash bucket holds more than the buffer
+            if rc < 0 and -rc in _UNSUPPORTED:
+                self._batch_ok["lookup"] = False
+                return sum(1 for _ in self.keys())
+            if rc < 0 and -rc != errno_mod.ENOENT:
+                _check(rc, f"lookup_batch in {self.name}")
+            total += n.value
+            if rc < 0:  # ENOENT: that was the last batch
+                return total
             ctypes.memmove(in_tok, out_tok, token_size)
             first = False
 

@@ -118,3 +118,75 @@ def test_writer_opened_on_a_fresh_pin_path_is_empty(require_kernel):
             assert w.read_back()["frontends"] == {}
         finally:
             w.close()
+
+
+MAGLEV_WEB = WEB.replace(
+    "metadata: {name: web, namespace: default}\n",
+    "metadata: {name: web, namespace: default, annotations: {service.kpr.io/lb-algorithm: maglev}}\n",
+    1,
+)
+
+
+def test_agent_is_not_ready_until_its_initial_state_is_in_the_maps(require_kernel, tmp_path):
+    """The initial sync cannot be written (a pinned kpr_maglev whose inner-map template has
+    another size refuses every Maglev table): no READY, status says what is missing, the maps
+    keep nothing of the failed batch; once the state can be written the retry makes it ready."""
+    import os
+    import socket
+
+    from kpr.bpf import maps as M
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "web.yaml").write_text(MAGLEV_WEB)
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.setblocking(False)
+    old_env = os.environ.get("NOTIFY_SOCKET")
+    os.environ["NOTIFY_SOCKET"] = str(notify)
+    with scratch_pin_dir("kpr-agentmaps") as pin:
+        t, k, v, _ = M.SPECS["kpr_maglev"].inner
+        with M.BpfMap.create(M.MapSpec("kpr_maglev_in", t, k, v, 251)) as small:
+            with M.BpfMap.create(M.SPECS["kpr_maglev"], inner_fd=small.fd) as outer:
+                pin.mkdir(parents=True, exist_ok=True)
+                outer.pin(pin / "kpr_maglev")
+        agent = Agent(parse_config(config_text(tmp_path, pin)), internal_plugins={"needs": NeedsMaps()})
+        agent.setup()
+        try:
+            writer = agent.kpm.handle("servicemaps").plugin
+
+            def tick_until(cond, timeout=15.0):
+                def step():
+                    agent._tick()
+                    return cond()
+                return wait_for(step, timeout)
+
+            assert tick_until(lambda: writer._sync_attempts >= 2), "the initial sync is retried"
+            st = agent.status()
+            assert st["ready"] is False and agent.bus.synced()
+            ws = st["plugins"]["servicemaps"]
+            assert ws["healthy"] is False and ws["details"]["synced"] is False
+            assert ws["details"]["missing"] == ["default/web"]
+            assert "Invalid argument" in ws["details"]["syncError"]
+            assert "initial state not in the maps" in ws["message"]
+            assert writer.read_back()["frontends"] == {}, "the failed batch was rolled back"
+            assert ws["counters"]["map_entries"] == 0
+            with pytest.raises(BlockingIOError):
+                sock.recv(4096)  # no READY=1
+
+            # The state changes to one that can be written: retried soon, then ready.
+            (tmp_path / "m" / "web.yaml").write_text(WEB)
+            assert tick_until(lambda: agent.status()["ready"]), agent.status()["plugins"]["servicemaps"]["message"]
+            assert writer.read_back()["frontends"]["10.96.0.10:80/TCP external"]["backends"] == ["10.244.1.5:8080"]
+            sock.setblocking(True)
+            sock.settimeout(5)
+            assert sock.recv(4096).decode().startswith("READY=1")
+            ws = agent.status()["plugins"]["servicemaps"]
+            assert ws["healthy"] and ws["details"]["synced"] and "missing" not in ws["details"]
+        finally:
+            agent.shutdown()
+            sock.close()
+            if old_env is None:
+                os.environ.pop("NOTIFY_SOCKET", None)
+            else:
+                os.environ["NOTIFY_SOCKET"] = old_env

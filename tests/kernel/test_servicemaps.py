@@ -271,17 +271,18 @@ def test_full_sync_removes_everything_not_desired(pin_path: Path) -> None:
             assert summary(w.read_back()) == EXPECTED
 
 
-def test_a_full_map_fails_loudly_and_the_shadow_follows_the_maps(pin_path: Path) -> None:
+def test_a_service_that_does_not_fit_is_refused_and_nothing_of_it_is_written(pin_path: Path) -> None:
     with ServiceMapWriter(pin_path, sizes={"kpr_svc": 8}) as w:
         w.upsert(EMPTY)
-        with pytest.raises(OSError, match="kpr_svc"):
-            w.upsert(web())  # 16 entries do not fit in 8
-        assert w.kpr_status().counters["errors"] == 1
-        # Whatever part of the change landed, the shadow now describes the maps, and a
-        # full sync to a state that fits converges.
-        assert w.entry_counts()["kpr_svc"] == len(w.maps["kpr_svc"].items())
+        w.upsert(web())  # 16 entries do not fit in 8: refused before anything is written
+        st = w.kpr_status()
+        assert (st.counters["errors"], st.counters["refused"]) == (0, 1)
+        assert "kpr_svc full" in st.details["refused"]["default/web"]
+        assert w.entry_counts()["kpr_svc"] == len(w.maps["kpr_svc"].items()) == 1
+        # A full sync to a state that fits converges, and nothing is refused any more.
         w.full_sync([EMPTY, FALLBACK])
         assert summary(w.read_back()) == {k: v for k, v in EXPECTED.items() if "10.96.0.20" in k or "10.96.0.30" in k}
+        assert w.refused == {}
 
 
 def test_conflicting_frontend_goes_to_the_first_service(writer: ServiceMapWriter) -> None:

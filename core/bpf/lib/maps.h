@@ -19,16 +19,17 @@
 
 #include "lib/common.h"
 
-/* --- tunables (kpr.bpf.maps.cflags() passes the writer's values) ------------------------- */
+/* --- tunables: kpr.bpf.maps.SPECS is their one definition and cflags() passes its values;
+ * these fallbacks repeat them (tests/test_map_defaults.py checks that they agree) ---------- */
 
 #ifndef KPR_PIN_PATH
 #define KPR_PIN_PATH "/sys/fs/bpf/kpr" // bpffs directory the maps are pinned in (config bpf.pinPath)
 #endif
 #ifndef KPR_SVC_MAX
-#define KPR_SVC_MAX 65536 // service map entries: per frontend and scope, 1 + its backend slots
+#define KPR_SVC_MAX 262144 // service map entries: per frontend and scope, 1 + its backend slots
 #endif
 #ifndef KPR_BACKEND_MAX
-#define KPR_BACKEND_MAX 65536 // distinct backends (address, port, protocol) across all services
+#define KPR_BACKEND_MAX 131072 // distinct backends (address, port, protocol) across all services
 #endif
 #ifndef KPR_REVNAT_MAX
 #define KPR_REVNAT_MAX 65536 // frontends (rev-NAT indexes), wildcard NodePort entries included
@@ -37,7 +38,7 @@
 #define KPR_AFFINITY_MAX 65536 // remembered (client, service) pairs for sessionAffinity; LRU evicts the rest
 #endif
 #ifndef KPR_MAGLEV_MAX
-#define KPR_MAGLEV_MAX 8192 // Maglev tables (frontend scopes using Maglev)
+#define KPR_MAGLEV_MAX 32768 // Maglev tables (frontend scopes using Maglev)
 #endif
 #ifndef KPR_MAGLEV_M
 #define KPR_MAGLEV_M 16381 // Maglev table size: prime, >= 100 x backends for <1% imbalance (Cilium's default)

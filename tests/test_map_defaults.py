@@ -1,0 +1,55 @@
+"""One definition of the map sizes: kpr.bpf.maps.SPECS. Programs get them as -D flags; the
+#ifndef fallbacks in lib/*.h must say the same, and every bpf.mapSizes key names a map."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kpr.bpf import maps as M
+from kpr.config import BpfSection, parse_config
+
+LIB = Path(M.__file__).parent / "lib"
+
+
+def header_defaults() -> dict[str, str]:
+    out = {}
+    for h in sorted(LIB.glob("*.h")):
+        text = h.read_text()
+        for macro, value in re.findall(r"#ifndef (KPR_\w+)\n#define \1 (\S+)", text):
+            out[macro] = value
+    return out
+
+
+def test_header_fallbacks_equal_the_python_specs():
+    defaults = header_defaults()
+    for spec in M.SPECS.values():
+        if spec.macro:
+            assert defaults.get(spec.macro) == str(spec.max_entries), (spec.name, spec.macro)
+    assert defaults["KPR_MAGLEV_M"] == str(M.MAGLEV_DEFAULT_SIZE)
+    assert defaults["KPR_PIN_PATH"] == f'"{BpfSection().pin_path}"'
+
+
+def test_cflags_pass_every_size():
+    flags = M.cflags("/sys/fs/bpf/kpr")
+    for spec in M.SPECS.values():
+        if spec.macro:
+            assert f"-D{spec.macro}={spec.max_entries}" in flags
+
+
+def test_every_map_sizes_key_names_a_spec():
+    keys = ("kprSvc", "kprBackend", "kprRevnat", "kprAffinity", "kprMaglev", "kprSrcrange")
+    cfg = parse_config("bpf: {mapSizes: {%s}}" % ", ".join(f"{k}: {2048 + i}" for i, k in enumerate(keys)))
+    sizes = cfg.bpf.map_size_overrides()
+    assert set(sizes) <= set(M.SPECS)
+    assert M.specs_with(sizes)["kpr_maglev"].max_entries == 2052
+    assert M.specs_with(sizes)["kpr_srcrange"].max_entries == 2053
+
+
+def test_defaults_hold_10k_services_x_10_endpoints_on_paper():
+    # every service a ClusterIP (1 + 10 entries), a third also a NodePort on two node
+    # addresses plus the wildcard entry (3 x 11); one backend per endpoint.
+    svc = 10_000 * 11 + 3334 * 3 * 11
+    assert svc <= M.SPECS["kpr_svc"].max_entries
+    assert 100_000 <= M.SPECS["kpr_backend"].max_entries
+    assert 10_000 + 3334 * 3 <= M.SPECS["kpr_revnat"].max_entries

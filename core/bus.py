@@ -5,6 +5,10 @@ the others. The queue is keyed by service: a burst of changes to one service col
 its latest state (level-triggered), and one worker per plugin means calls for a service never
 overlap. A failed delivery is retried with exponential backoff until it succeeds or a newer
 state replaces it.
+
+An agent's bus also tends the process's memory (kpr.memory): it gives back what the plugins'
+BPF compiles freed when it starts, and settles the heap once the initial state has reached
+every plugin, the agent's one big burst of allocations.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from . import memory
 from .model import NodeInfo, Service, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -52,11 +57,19 @@ Invoker = Callable[..., Any]
 
 
 class PluginWorker:
-    def __init__(self, name: str, invoke: Invoker, backoff: Backoff, on_event: Callable[[str, str, bool], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        invoke: Invoker,
+        backoff: Backoff,
+        on_event: Callable[[str, str, bool], None] | None = None,
+        on_synced: Callable[[], None] | None = None,
+    ):
         self.name = name
         self._invoke = invoke
         self._backoff = backoff
         self._on_event = on_event
+        self._on_synced = on_synced
         self._cond = threading.Condition()
         self._pending: OrderedDict[Any, tuple[str, Any]] = OrderedDict()
         # key -> (due monotonic time, attempt number, (event, payload))
@@ -143,7 +156,7 @@ class PluginWorker:
                 self._invoke("kpr_node_changed", node=payload)
             elif event == "sync":
                 self._invoke("kpr_sync_complete")
-                self.stats.synced = True
+                self._synced()
         except Exception as e:  # a plugin's bug must not stop the agent or the other plugins
             self.stats.errors += 1
             self.stats.last_error = f"{event} {_show(key)}: {type(e).__name__}: {e}"
@@ -153,7 +166,7 @@ class PluginWorker:
                 self._on_event(self.name, event, False)
             if event == "sync":
                 # The initial state was handed over; the plugin's failure is its own.
-                self.stats.synced = True
+                self._synced()
                 return True
             return False
         self.stats.delivered += 1
@@ -161,6 +174,13 @@ class PluginWorker:
         if self._on_event:
             self._on_event(self.name, event, True)
         return True
+
+
+    def _synced(self) -> None:
+        first = not self.stats.synced
+        self.stats.synced = True
+        if first and self._on_synced:
+            self._on_synced()
 
 
 def _show(key: Any) -> str:
@@ -174,21 +194,44 @@ def _show(key: Any) -> str:
 class EventBus:
     """Fan-out of service events to one worker per plugin."""
 
-    def __init__(self, backoff: Backoff | None = None, on_event: Callable[[str, str, bool], None] | None = None):
+    def __init__(
+        self,
+        backoff: Backoff | None = None,
+        on_event: Callable[[str, str, bool], None] | None = None,
+        settle_memory: bool = False,
+    ):
+        """`settle_memory`: settle the process's memory once every plugin has the initial
+        state (an agent's bus; tests sharing a process with many buses leave it off)."""
         self._backoff = backoff or Backoff()
         self._on_event = on_event
+        self._settle_memory = settle_memory
+        self._settled = False
+        self._settle_lock = threading.Lock()
         self.workers: dict[str, PluginWorker] = {}
         self._started = False
 
     def add_plugin(self, name: str, invoke: Invoker) -> None:
         if self._started:
             raise RuntimeError("plugins must be added before the bus starts")
-        self.workers[name] = PluginWorker(name, invoke, self._backoff, self._on_event)
+        self.workers[name] = PluginWorker(name, invoke, self._backoff, self._on_event, self._worker_synced)
 
     def start(self) -> None:
         self._started = True
+        if self._settle_memory:
+            # The plugins have started: what compiling their BPF code freed goes back to the
+            # system before the initial state comes in (it is not pymalloc's to reuse).
+            memory.trim()
         for w in self.workers.values():
             w.start()
+
+    def _worker_synced(self) -> None:
+        # On the worker that delivered the last initial sync, after it counts as synced:
+        # readiness does not wait for this.
+        with self._settle_lock:
+            if not self._settle_memory or self._settled or not self.synced():
+                return
+            self._settled = True
+        memory.settle()
 
     def upsert(self, service: Service) -> None:
         for w in self.workers.values():

@@ -89,7 +89,7 @@ class Agent:
         self.handles: list[PluginHandle] = []
         self._started: list[PluginHandle] = []
         self.metrics = Metrics()
-        self.bus = EventBus(backoff=backoff, on_event=self.metrics.on_event)
+        self.bus = EventBus(backoff=backoff, on_event=self.metrics.on_event, settle_memory=True)
         self.node: NodeInfo = NodeInfo(name=config.node.name)
         self.store: ObjectStore | None = None
         self.source = None

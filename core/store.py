@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from typing import Callable, Protocol
 
-from . import translate
+from . import memory, translate
 from .model import InvalidObject, NodeInfo, Service, ServiceKey
 from .sources import ObjectRef
 
@@ -46,6 +46,7 @@ class ObjectStore:
 
     # --- ObjectSink ----------------------------------------------------------------------
 
+    @memory.gc_paused
     def apply(self, upserts: list[dict], deletes: list[ObjectRef]) -> None:
         with self._lock:
             touched: set[ServiceKey] = set()
@@ -57,6 +58,7 @@ class ObjectStore:
                         self._members[key].discard(ref)
                         touched.add(key)
             for obj in upserts:
+                memory.compact(obj)  # held for the agent's lifetime: repeated strings once
                 ref = translate.object_ref(obj)
                 old = self._objects.get(ref)
                 if old is not None:

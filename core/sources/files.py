@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .. import memory
 from ..allocator import AllocationError, Allocator
 from ..config import shape_problem, yaml_reason
 from ..model import InvalidObject
@@ -333,6 +334,7 @@ class FilesSource:
                 problems[entry.name] = f"not a regular file ({_file_type(st.st_mode)})"
         return sigs, problems, ""
 
+    @memory.gc_paused
     def _pass(self, sink: ObjectSink) -> bool:
         started = time.perf_counter()
         self.passes += 1

@@ -1,0 +1,249 @@
+"""The agent's memory and time to ready as the number of services grows.
+
+For each size (0, 1k, 10k and 20k Services, each with one EndpointSlice of 10 endpoints, as
+JSON manifests of 100 services per file) a `kpr run` process is started with the socklb plugin
+(on a child cgroup nothing runs in, pins in a scratch dir) and the core's service map writer,
+fed by the files source. Measured:
+
+- ready: from starting the process to the agent reporting ready (every plugin synced, the
+  BPF maps written), and the agent's CPU time until then (which a busy machine inflates less);
+- VmRSS at ready, VmRSS 2 s later (steady) and VmHWM (the peak) of the agent process;
+- the same as ratios and differences against the 0-service agent: the goal of issue 11 is
+  steady RSS at 20k services at most 100 MB above the empty agent's, ready in under 3 s.
+
+With --trace, each agent runs in-process under tracemalloc instead (`--child`, started by
+this script) and prints, at ready, VmRSS at each step (start, plugins started, ready) and the
+Python heap by the kpr module that allocated it; tracemalloc slows the agent, so ready time
+and RSS from a traced run are not comparable with the untraced ones. Root needed (BPF).
+
+    .venv/bin/python benchmarks/bench_agent_memory.py [--sizes 0,1000,10000,20000] [--trace]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_files_source import cpu_model  # noqa: E402
+from bench_kubernetes_source import objects, write_files  # noqa: E402
+
+from kpr import api as kapi  # noqa: E402
+from kpr.bpf.cleanup import scratch_pin_dir  # noqa: E402
+from kpr.testing.cgroup import child_cgroup  # noqa: E402
+
+SETTLE = 2.0
+
+
+def proc_status(pid: int | str) -> dict[str, float]:
+    """VmRSS and VmHWM in MB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: unlike wall time, not inflated by a busy machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def write_config(tmp: Path, n: int, pin: Path, cg: Path) -> Path:
+    manifests_dir = tmp / f"m-{n}"
+    manifests_dir.mkdir()
+    write_files(manifests_dir, objects(n))
+    cfg = tmp / f"kpr-{n}.yaml"
+    cfg.write_text(
+        f"""
+node: {{name: node0, addresses: [192.168.0.10], devices: [lo]}}
+source: {{kind: files, path: {manifests_dir}, statePath: {tmp}/alloc-{n}.json}}
+service: {{clusterCIDR: [10.96.0.0/12]}}
+bpf: {{pinPath: {pin}, mapSizes: {{kprSvc: 262144, kprBackend: 262144}}}}
+api: {{socket: {tmp}/kpr-{n}.sock}}
+metrics: {{address: ""}}
+agent: {{stateDir: {tmp}/state-{n}, shutdownTimeout: 10}}
+plugins:
+  socklb: {{enabled: true, cgroupPath: {cg}}}
+"""
+    )
+    return cfg
+
+
+def wait_ready(proc: subprocess.Popen, sock: Path, deadline: float, log_name: str) -> dict:
+    """The agent's status once it says ready (polled every 10 ms on its API socket)."""
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the agent exited; see {log_name}")
+        with contextlib.suppress(kapi.ApiError):
+            status = kapi.get(sock, "/v1/status")
+            if status.get("ready"):
+                return status
+        time.sleep(0.01)
+    raise RuntimeError(f"the agent was not ready in time; see {log_name}")
+
+
+def stop(proc: subprocess.Popen, cfg: Path) -> None:
+    """SIGTERM (SIGKILL after a minute), then `kpr cleanup` for whatever stayed pinned."""
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(60)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg)], capture_output=True)
+
+
+def run(n: int, tmp: Path, trace: bool) -> dict:
+    with scratch_pin_dir("kpr-bench-mem") as pin, child_cgroup("kpr-bench-mem") as cg:
+        cfg = write_config(tmp, n, pin, cg)
+        sock = tmp / f"kpr-{n}.sock"
+        log = open(tmp / f"agent-{n}.log", "w")
+        report = tmp / f"trace-{n}.json"
+        if trace:
+            cmd = [sys.executable, __file__, "--child", str(cfg), "--report", str(report)]
+        else:
+            cmd = [sys.executable, "-m", "kpr.cli", "run", "--config", str(cfg)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stderr=log)
+        try:
+            status = wait_ready(proc, sock, t0 + 600, log.name)
+            ready = time.perf_counter() - t0
+            cpu = cpu_seconds(proc.pid)
+            assert status["services"] == n, status["services"]
+            at_ready = proc_status(proc.pid)
+            time.sleep(SETTLE)
+            steady = proc_status(proc.pid)
+            if trace:
+                while not report.exists() and proc.poll() is None:
+                    time.sleep(0.1)
+        finally:
+            stop(proc, cfg)
+            log.close()
+    out = {"ready": ready, "cpu": cpu, "rss_ready": at_ready["VmRSS"], "rss": steady["VmRSS"], "hwm": steady["VmHWM"]}
+    if trace:
+        out["trace"] = json.loads(report.read_text())
+    return out
+
+
+# --- --child: the agent in this process, under tracemalloc ---------------------------------
+
+
+def _owner(filename: str) -> str:
+    """core/store.py, plugins/socklb/..., or the library a frame belongs to."""
+    parts = Path(filename).parts
+    for anchor in ("core", "plugins", "bcc", "json", "yaml", "pydantic", "pluggy"):
+        if anchor in parts:
+            i = len(parts) - 1 - parts[::-1].index(anchor)
+            return "/".join(parts[i:])
+    return parts[-1] if parts else filename
+
+
+def child(cfg_path: str, report: str) -> int:
+    import gc
+    import logging
+    import tracemalloc
+
+    from kpr.config import load_config
+    from kpr.daemon import Agent
+
+    logging.basicConfig(level=logging.WARNING)
+    steps = {"start": proc_status("self")["VmRSS"]}
+    tracemalloc.start(1)
+    agent = Agent(load_config(Path(cfg_path)))
+    original_start = agent.bus.start
+
+    def bus_start() -> None:  # the plugins have been configured and started (BPF compiled)
+        steps["plugins started"] = proc_status("self")["VmRSS"]
+        original_start()
+
+    agent.bus.start = bus_start  # type: ignore[method-assign]
+    # Agent.run installs signal handlers, which only the main thread may do: it runs here,
+    # and a thread takes the snapshot at ready.
+    done = threading.Event()
+
+    def watch() -> None:
+        while not agent._ready_sent and not done.is_set():
+            time.sleep(0.01)
+        if done.is_set():
+            return
+        time.sleep(SETTLE / 2)
+        gc.collect()
+        steps["ready"] = proc_status("self")["VmRSS"]
+        snap = tracemalloc.take_snapshot()
+        by_file: dict[str, int] = {}
+        by_line: dict[str, int] = {}
+        for stat in snap.statistics("lineno"):
+            frame = stat.traceback[0]
+            owner = _owner(frame.filename)
+            by_file[owner] = by_file.get(owner, 0) + stat.size
+            by_line[f"{owner}:{frame.lineno}"] = stat.size
+        total = sum(by_file.values())
+        tmp = Path(report + ".tmp")
+        tmp.write_text(json.dumps({
+            "steps": steps,
+            "traced_mb": total / 2**20,
+            "files": sorted(by_file.items(), key=lambda x: -x[1])[:15],
+            "lines": sorted(by_line.items(), key=lambda x: -x[1])[:15],
+        }))
+        tmp.rename(report)
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    try:
+        return agent.run()
+    finally:
+        done.set()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0,1000,10000,20000")
+    ap.add_argument("--trace", action="store_true", help="tracemalloc in the agent (slower; see above)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--report", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.report)
+    if os.geteuid() != 0:
+        print("needs root (BPF maps, a child cgroup)", file=sys.stderr)
+        return 1
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; agent = `kpr run` with socklb + the service map writer, "
+          f"files source, JSON manifests; {'traced' if args.trace else 'untraced'}")
+    print(f"{'services':>8} {'ready s':>8} {'cpu s':>6} {'RSS@ready MB':>12} {'RSS MB':>7} {'HWM MB':>7} "
+          f"{'RSS-empty MB':>12} {'HWM-empty MB':>12} {'RSS/empty':>9}")
+    base = None
+    with tempfile.TemporaryDirectory(prefix="kpr-bench-mem-") as tmpd:
+        tmp = Path(tmpd)
+        for n in sizes:
+            r = run(n, tmp, args.trace)
+            if base is None:
+                base = r
+            print(f"{n:>8} {r['ready']:>8.2f} {r['cpu']:>6.2f} {r['rss_ready']:>12.0f} {r['rss']:>7.0f} {r['hwm']:>7.0f} "
+                  f"{r['rss'] - base['rss']:>12.0f} {r['hwm'] - base['hwm']:>12.0f} {r['rss'] / base['rss']:>9.2f}", flush=True)
+            if args.trace:
+                t = r["trace"]
+                print("         RSS by step: " + ", ".join(f"{k} {v:.0f} MB" for k, v in t["steps"].items()))
+                print(f"         Python heap at ready (tracemalloc): {t['traced_mb']:.1f} MB")
+                for name, size in t["files"][:10]:
+                    print(f"           {size / 2**20:8.1f} MB  {name}")
+                for name, size in t["lines"][:10]:
+                    print(f"           {size / 2**20:8.1f} MB  {name}")
+    print(f"ready: process start to every plugin synced (cpu: the agent's CPU time until then); RSS: VmRSS {SETTLE:.0f} s after ready (steady); "
+          "HWM: VmHWM, the peak; baseline: the first size")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""kpr.memory: compacted objects mean what they meant, the collector's pauses nest and end,
+the bus settles an agent's memory once, and the store's bytes per service stay bounded."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import sys
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+from kpr import bus as kbus
+from kpr import memory, translate
+from kpr.bus import Backoff, EventBus
+from kpr.model import NodeInfo, Service, ServiceKey
+from kpr.store import ObjectStore
+
+NODE = NodeInfo("node1", ("192.168.50.10",))
+
+
+def service(i: int, node_port: bool = False) -> dict:
+    spec: dict = {
+        "clusterIP": f"10.96.{i // 250}.{i % 250 + 1}",
+        "selector": {"app": f"svc{i}"},
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+    }
+    if node_port:
+        spec["type"] = "NodePort"
+        spec["ports"][0]["nodePort"] = 30000 + i
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"svc{i}", "namespace": f"ns{i % 7}", "labels": {"tier": "web"}},
+        "spec": spec,
+    }
+
+
+def endpoint_slice(i: int, endpoints: int = 10) -> dict:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": f"svc{i}-abcde", "namespace": f"ns{i % 7}", "labels": {translate.SERVICE_NAME_LABEL: f"svc{i}"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [f"10.244.{(i * endpoints + j) // 250 % 256}.{(i * endpoints + j) % 250 + 1}"],
+                "conditions": {"ready": j != 3, "serving": True, "terminating": j == 3},
+                "nodeName": f"node{j % 3}",
+            }
+            for j in range(endpoints)
+        ],
+    }
+
+
+def parsed(obj: dict) -> dict:
+    """As a source hands it over: every string a fresh object, as json and yaml make them."""
+    return json.loads(json.dumps(obj))
+
+
+class NullPublisher:
+    def __init__(self) -> None:
+        self.upserts = 0
+
+    def upsert(self, service: Service) -> None:
+        self.upserts += 1
+
+    def delete(self, key: ServiceKey) -> None:
+        pass
+
+    def sync_complete(self) -> None:
+        pass
+
+
+# --- compact -------------------------------------------------------------------------------
+
+
+def test_compact_keeps_every_value_and_what_translate_makes_of_it():
+    for i, node_port in ((1, False), (2, True)):
+        svc, es = parsed(service(i, node_port)), parsed(endpoint_slice(i))
+        want_svc, want_es = copy.deepcopy(svc), copy.deepcopy(es)
+        want = translate.translate_service(want_svc, [want_es], None, NODE)
+        assert memory.compact(svc) is svc and memory.compact(es) is es
+        assert svc == want_svc and es == want_es
+        assert json.dumps(svc) == json.dumps(want_svc)  # the order of keys too
+        got = translate.translate_service(svc, [es], None, NODE)
+        assert got == want and got is not None and got.frontends[0].backends
+
+
+def test_compact_shares_repeated_strings_and_flag_dicts_only():
+    a, b = parsed(endpoint_slice(1)), parsed(endpoint_slice(2))
+    assert a["endpoints"][0]["nodeName"] is not b["endpoints"][0]["nodeName"]
+    memory.compact(a)
+    memory.compact(b)
+    ea, eb = a["endpoints"][0], b["endpoints"][0]
+    assert ea["nodeName"] is eb["nodeName"]
+    assert a["ports"][0]["protocol"] is b["ports"][0]["protocol"] is sys.intern("TCP")
+    assert a["endpoints"][0]["addresses"][0] is sys.intern("10.244.0.11")
+    # Conditions (flags only) are shared across endpoints and objects ...
+    assert ea["conditions"] is eb["conditions"] is a["endpoints"][1]["conditions"]
+    assert a["endpoints"][3]["conditions"] == {"ready": False, "serving": True, "terminating": True}
+    assert a["endpoints"][3]["conditions"] is not ea["conditions"]
+    # ... while a dict holding anything else stays the object's own, even when equal.
+    assert a["ports"][0] == b["ports"][0] and a["ports"][0] is not b["ports"][0]
+    assert a["endpoints"][0] is not b["endpoints"][0]
+
+
+def test_compact_leaves_other_values_alone():
+    obj = {"a": [1, 2.5, None, True, ["x", {"y": "z"}]], "b": {}, "c": {"n": 1, "f": False}, 1: "int key"}
+    want = copy.deepcopy(obj)
+    assert memory.compact(obj) == want
+    assert memory.compact("text") == "text" and memory.compact(None) is None
+
+
+# --- the collector ---------------------------------------------------------------------------
+
+
+def test_gc_paused_nests_and_restores():
+    seen = []
+
+    @memory.gc_paused
+    def inner() -> None:
+        seen.append(gc.isenabled())
+
+    @memory.gc_paused
+    def outer(fail: bool) -> None:
+        seen.append(gc.isenabled())
+        inner()
+        seen.append(gc.isenabled())
+        if fail:
+            raise RuntimeError("boom")
+
+    assert gc.isenabled()
+    outer(False)
+    assert seen == [False, False, False] and gc.isenabled()
+    with pytest.raises(RuntimeError):
+        outer(True)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        inner()
+        assert not gc.isenabled()  # off before, off after
+    finally:
+        gc.enable()
+
+
+def test_settle_freezes_and_trims():
+    try:
+        freed = memory.settle()
+        assert freed >= 0
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert memory.rss_bytes() > 0
+
+
+# --- the bus ---------------------------------------------------------------------------------
+
+
+def _bus(settle_memory: bool, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kbus.memory, "settle", lambda: calls.append("settle") or 0)
+    monkeypatch.setattr(kbus.memory, "trim", lambda: calls.append("trim"))
+    gate = threading.Event()
+
+    def slow(hook, **kw):
+        if hook == "kpr_sync_complete":
+            gate.wait(5)
+
+    bus = EventBus(backoff=Backoff(initial=0.01, maximum=0.05), settle_memory=settle_memory)
+    bus.add_plugin("fast", lambda hook, **kw: None)
+    bus.add_plugin("slow", slow)
+    return bus, gate, calls
+
+
+def test_bus_settles_once_every_plugin_has_the_initial_state(monkeypatch):
+    bus, gate, calls = _bus(True, monkeypatch)
+    bus.start()
+    try:
+        assert calls == ["trim"]  # the plugins' compiles are done when the bus starts
+        bus.sync_complete()
+        time.sleep(0.1)
+        assert calls == ["trim"] and not bus.synced()  # one plugin still has it queued
+        gate.set()
+        assert bus.wait_idle(5) and bus.synced()
+        deadline = time.monotonic() + 5
+        while calls != ["trim", "settle"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls == ["trim", "settle"]
+        bus.sync_complete()  # a later sync is no initial state
+        assert bus.wait_idle(5)
+        time.sleep(0.05)
+        assert calls == ["trim", "settle"]
+    finally:
+        gate.set()
+        bus.stop()
+
+
+def test_bus_leaves_memory_alone_unless_asked(monkeypatch):
+    bus, gate, calls = _bus(False, monkeypatch)
+    gate.set()
+    bus.start()
+    try:
+        bus.sync_complete()
+        assert bus.wait_idle(5) and bus.synced()
+        time.sleep(0.05)
+        assert calls == []
+    finally:
+        bus.stop()
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+def test_store_compacts_what_it_keeps_and_leaves_the_collector_on():
+    store = ObjectStore(NODE, NullPublisher())
+    svc, es = parsed(service(1)), parsed(endpoint_slice(1))
+    store.apply([svc, es], [])
+    assert gc.isenabled()
+    assert store.services[ServiceKey("ns1", "svc1")].frontends[0].backends
+    assert es["endpoints"][0]["nodeName"] is sys.intern("node0")
+    assert es["endpoints"][0]["conditions"] is es["endpoints"][1]["conditions"]
+
+
+def test_store_bytes_per_service_are_bounded():
+    """2k services x 10 endpoints: what the store holds (objects and model) per service.
+
+    Measured at about 12.9 KB (15.3 KB before the store compacted objects); the bound leaves
+    room for the model or the store's indexes to grow a little, not for a second copy of the
+    objects, nor for losing the compaction."""
+    n = 2000
+    texts = [json.dumps(o) for i in range(n) for o in (service(i, i % 10 == 0), endpoint_slice(i))]
+    publisher = NullPublisher()
+    store = ObjectStore(NODE, publisher)
+    store.apply([parsed(service(n)), parsed(endpoint_slice(n))], [])  # anything made once
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        objs = [json.loads(t) for t in texts]
+        store.apply(objs, [])
+        del objs
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert publisher.upserts == n + 1 and len(store.services) == n + 1
+    per_service = held / n
+    assert per_service < 14500, f"{per_service:.0f} bytes per service"

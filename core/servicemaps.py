@@ -843,7 +843,7 @@ class ServiceMapWriter:
         return Refusal(*hit, self.limits[hit[0]], tuple(delta.items()))
 
     def _forget_render(self) -> None:
-        """Forget the ids the last render allocated; nothing of it is written."""
+        """Forget the ids the last render allocated that were not written."""
         for bid, (bkey, _val) in self._pending_vals.items():
             if bid not in self._backend_vals:
                 self._backend_refs.pop(bid, None)
@@ -1200,15 +1200,7 @@ class ServiceMapWriter:
             if val is not None and self._backend_ids.get(val[:19]) == bid:
                 del self._backend_ids[val[:19]]
         # ids allocated while rendering but never written (conflicting frontends) are forgotten
-        for bid, (bkey, _val) in self._pending_vals.items():
-            if bid not in self._backend_vals:
-                refs.pop(bid, None)
-                if self._backend_ids.get(bkey) == bid:
-                    del self._backend_ids[bkey]
-        for fk in self._fresh_revnat:
-            if fk not in self._groups:
-                self._forget_revnat(fk)
-        self._begin()
+        self._forget_render()
         log.debug(
             "event=servicemaps_applied svc_up=%d svc_del=%d backend_up=%d backend_del=%d revnat_up=%d "
             "revnat_del=%d srcrange_up=%d srcrange_del=%d maglev_up=%d maglev_del=%d",

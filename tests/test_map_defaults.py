@@ -53,3 +53,13 @@ def test_defaults_hold_10k_services_x_10_endpoints_on_paper():
     assert svc <= M.SPECS["kpr_svc"].max_entries
     assert 100_000 <= M.SPECS["kpr_backend"].max_entries
     assert 10_000 + 3334 * 3 <= M.SPECS["kpr_revnat"].max_entries
+
+
+def test_the_readmes_50k_example_is_a_valid_config():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("**A worked example: 50k services.**", 1)[1]
+    block = example.split("```yaml\n", 1)[1].split("```", 1)[0]
+    sizes = parse_config(block).bpf.map_size_overrides()
+    assert sizes == {"kpr_svc": 1048576, "kpr_backend": 655360, "kpr_revnat": 131072}
+    # 898,000 service entries and 500,000 backends fit with room for rollouts
+    assert sizes["kpr_svc"] >= 898_000 * 1.15 and sizes["kpr_backend"] >= 500_000 * 1.25

@@ -165,6 +165,118 @@ def _node_addresses(addresses: tuple[str, ...]) -> dict[int, tuple[_IP, ...]]:
 _LOOPBACK: dict[int, _IP] = {4: _parse_ip_text("127.0.0.1"), 6: _parse_ip_text("::1")}  # type: ignore[dict-item]
 
 
+# Why an address can be no service or endpoint address. Such an address in a manifest
+# would redirect traffic the node never meant to hand a service: a ClusterIP 127.0.0.1
+# captures every pod's own loopback port, 0.0.0.0 is the local host to connect(), and
+# link-local, multicast and broadcast addresses belong to the segment, not to a service.
+# IPv4-mapped IPv6 addresses share the maps' encoding of IPv4 (::ffff:a.b.c.d), so one
+# would shadow the IPv4 address it maps. 240.0.0.0/4 stays allowed: some clusters (GKE's
+# class E pod ranges) use it as private space.
+_SPECIAL_NETWORKS = [
+    ("127.0.0.0/8", "a loopback address"),
+    ("0.0.0.0/8", "an unspecified address (0.0.0.0/8)"),
+    ("169.254.0.0/16", "a link-local address (169.254.0.0/16)"),
+    ("255.255.255.255/32", "the broadcast address"),
+    ("224.0.0.0/4", "a multicast address (224.0.0.0/4)"),
+    ("::/128", "an unspecified address"),
+    ("::1/128", "a loopback address"),
+    ("fe80::/10", "a link-local address (fe80::/10)"),
+    ("ff00::/8", "a multicast address (ff00::/8)"),
+    ("::ffff:0:0/96", "an IPv4-mapped IPv6 address (use the IPv4 address)"),
+]
+
+# (family, bits below the prefix, the prefix as int, what the network is)
+def _special_table() -> tuple[tuple[int, int, int, str], ...]:
+    out = []
+    for text, what in _SPECIAL_NETWORKS:
+        net = ipaddress.ip_network(text)
+        shift = net.max_prefixlen - net.prefixlen
+        out.append((net.version, shift, int(net.network_address) >> shift, what))
+    return tuple(out)
+
+
+_SPECIAL = _special_table()
+
+
+def _special(ip: _IP) -> str:
+    """Why `ip` cannot be a ClusterIP, external, LoadBalancer or endpoint address ("" if it can)."""
+    family, value = ip[1], ip[2]
+    for net_family, shift, prefix, what in _SPECIAL:
+        if net_family == family and value >> shift == prefix:
+            return what
+    return ""
+
+
+# IPv4 first octets under which _special may object: the endpoint loop tests this table
+# and calls _special only on a hit, as nearly every address passes.
+_SUSPECT_V4 = tuple(
+    any(f == 4 and (p << s) >> 24 <= top <= ((p + 1 << s) - 1) >> 24 for f, s, p, _ in _SPECIAL)
+    for top in range(256)
+)
+
+
+class AddressRules:
+    """What validation checks addresses against beyond the object itself.
+
+    `cluster_cidrs` is `service.clusterCIDR`, at most one network per family: a ClusterIP of
+    a family with a network must lie in it, and be neither its network address nor (IPv4)
+    its broadcast address, which no allocator hands out. A family without one is not
+    range-checked (`checks_family` says which; the store warns). The default instance,
+    NO_RULES, checks no range.
+    """
+
+    __slots__ = ("cluster_cidrs", "_ranges")
+
+    def __init__(self, cluster_cidrs: tuple[str, ...] | list[str] = ()):
+        # family -> (first address, last address, the network as text)
+        ranges: dict[int, tuple[int, int, str]] = {}
+        for text in cluster_cidrs:
+            net = ipaddress.ip_network(text, strict=False)
+            if net.version in ranges:
+                raise ValueError(f"two IPv{net.version} networks in service.clusterCIDR")
+            ranges[net.version] = (int(net.network_address), int(net.broadcast_address), str(net))
+        self.cluster_cidrs = tuple(r[2] for r in ranges.values())
+        self._ranges = ranges
+
+    def checks_family(self, family: int) -> bool:
+        return family in self._ranges
+
+    def may_claim(self, ip: _IP) -> bool:
+        """Whether a ClusterIP could be `ip`: within the family's network, or no network."""
+        limits = self._ranges.get(ip[1])
+        return limits is None or limits[0] <= ip[2] <= limits[1]
+
+    def cluster_ip_problem(self, ip: _IP) -> str:
+        """Why `ip` cannot be a ClusterIP under these rules ("" if it can)."""
+        if ip[1] == 6 or _SUSPECT_V4[ip[2] >> 24]:
+            reason = _special(ip)
+            if reason:
+                return f"is {reason}"
+        limits = self._ranges.get(ip[1])
+        if limits is None:
+            return ""
+        first, last, text = limits
+        if not first <= ip[2] <= last:
+            return f"is not in service.clusterCIDR {text}"
+        if ip[2] == first and last - first > 1:
+            return f"is the network address of service.clusterCIDR {text}"
+        if ip[1] == 4 and ip[2] == last and last - first > 1:
+            return f"is the broadcast address of service.clusterCIDR {text}"
+        return ""
+
+    def __repr__(self) -> str:
+        return f"AddressRules({list(self.cluster_cidrs)!r})"
+
+
+NO_RULES = AddressRules()
+
+
+@functools.lru_cache(maxsize=8)
+def address_rules(cluster_cidrs: tuple[str, ...]) -> AddressRules:
+    """The AddressRules of service.clusterCIDR, made once per distinct value."""
+    return AddressRules(cluster_cidrs)
+
+
 def clear_caches() -> None:
     """Forget parsed addresses (benchmarks use this to measure a cold start)."""
     _parse_ip_text.cache_clear()
@@ -207,6 +319,83 @@ def service_key_of(obj: KubeObject) -> ServiceKey | None:
         if isinstance(service, str) and service:
             return ServiceKey(namespace, service)
     return None
+
+
+def canonical_ip(text: object) -> str:
+    """The canonical text of an IP address ("" when `text` is none), as the model writes it."""
+    parsed = _ip(text)
+    return parsed[0] if parsed is not None else ""
+
+
+def cluster_ips_of(obj: KubeObject) -> list[tuple[str, str]]:
+    """(field, canonical address) of each ClusterIP a Service object claims; never raises.
+
+    For the store's checks across objects, which need the claims of every service (also
+    of ones translation would refuse); what is not an address is left out.
+    """
+    spec = obj.get("spec") if isinstance(obj, Mapping) else None
+    if not isinstance(spec, Mapping):
+        return []
+    texts = spec.get("clusterIPs")
+    field = "spec.clusterIPs"
+    if not isinstance(texts, list) or not texts:
+        texts, field = [spec.get("clusterIP")], "spec.clusterIP"
+    out = []
+    for i, text in enumerate(texts):
+        parsed = _ip(text)
+        if parsed is not None:
+            out.append((f"{field}[{i}]" if field == "spec.clusterIPs" else field, parsed[0]))
+    return out
+
+
+def _list_or_empty(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def endpoint_addresses_of(obj: KubeObject, rules: AddressRules = NO_RULES) -> set[str]:
+    """The canonical addresses an EndpointSlice, Endpoints or Pod lists as endpoints (a
+    Pod: its pod IPs) that a ClusterIP could be under `rules`: with service.clusterCIDR
+    set, only those inside it, so pod networks apart from it cost the store no index.
+    Empty for other kinds. Never raises; what is not an address is left out."""
+    out: set[str] = set()
+    if not isinstance(obj, Mapping):
+        return out
+    kind = obj.get("kind")
+    if rules.cluster_cidrs:
+
+        def parse(text: object) -> _IP | None:
+            parsed = _ip(text)
+            return parsed if parsed is not None and rules.may_claim(parsed) else None
+
+    else:
+        parse = _ip
+    if kind == "EndpointSlice":
+        for endpoint in _list_or_empty(obj.get("endpoints")):
+            addresses = endpoint.get("addresses") if isinstance(endpoint, Mapping) else None
+            for text in addresses if isinstance(addresses, list) else ():
+                parsed = parse(text)
+                if parsed is not None:
+                    out.add(parsed[0])
+    elif kind == "Endpoints":
+        for subset in _list_or_empty(obj.get("subsets")):
+            if not isinstance(subset, Mapping):
+                continue
+            for field in ("addresses", "notReadyAddresses"):
+                for address in _list_or_empty(subset.get(field)):
+                    parsed = parse(address.get("ip")) if isinstance(address, Mapping) else None
+                    if parsed is not None:
+                        out.add(parsed[0])
+    elif kind == "Pod":
+        status = obj.get("status")
+        if isinstance(status, Mapping):
+            for entry in _list_or_empty(status.get("podIPs")):
+                parsed = parse(entry.get("ip")) if isinstance(entry, Mapping) else None
+                if parsed is not None:
+                    out.add(parsed[0])
+            parsed = parse(status.get("podIP"))
+            if parsed is not None:
+                out.add(parsed[0])
+    return out
 
 
 # --- validation helpers ----------------------------------------------------------------
@@ -284,6 +473,16 @@ def _address(obj: KubeObject, value: object, path: str) -> _IP:
     return parsed
 
 
+def _service_address(obj: KubeObject, value: object, path: str) -> _IP:
+    """An address traffic is sent to or delivered at: no loopback, unspecified, link-local,
+    multicast or broadcast address (see _special)."""
+    parsed = _address(obj, value, path)
+    reason = _special(parsed)
+    if reason:
+        _fail(obj, f"{path}: {value} is {reason}")
+    return parsed
+
+
 def _string_map(obj: KubeObject, value: object, path: str) -> dict[str, str]:
     mapping = _dict(obj, value, path)
     for k, v in mapping.items():
@@ -349,11 +548,11 @@ class _ServiceSpec:
     topology: bool
 
 
-def _parse_service(obj: KubeObject) -> _ServiceSpec:
+def _parse_service(obj: KubeObject, rules: AddressRules = NO_RULES) -> _ServiceSpec:
     spec = _dict(obj, obj.get("spec"), "spec")
     get = spec.get
     stype = _enum(obj, get("type"), _SERVICE_TYPES, "spec.type") or "ClusterIP"
-    cluster_ips = _parse_cluster_ips(obj, spec)
+    cluster_ips = _parse_cluster_ips(obj, spec, rules)
     families = _parse_families(obj, spec, cluster_ips)
     ports = tuple(
         _parse_service_port(obj, p, i) for i, p in enumerate(_list(obj, get("ports"), "spec.ports"))
@@ -363,7 +562,7 @@ def _parse_service(obj: KubeObject) -> _ServiceSpec:
     external_ips: tuple[_IP, ...] = ()
     if get("externalIPs") is not None:
         external_ips = tuple(
-            _address(obj, text, f"spec.externalIPs[{i}]")
+            _service_address(obj, text, f"spec.externalIPs[{i}]")
             for i, text in enumerate(_list(obj, get("externalIPs"), "spec.externalIPs"))
         )
     lb_ips: tuple[_IP, ...] = ()
@@ -430,13 +629,16 @@ def _parse_service(obj: KubeObject) -> _ServiceSpec:
     )
 
 
-def _parse_cluster_ips(obj: KubeObject, spec: KubeObject) -> tuple[_IP, ...]:
+def _parse_cluster_ips(obj: KubeObject, spec: KubeObject, rules: AddressRules) -> tuple[_IP, ...]:
     cluster_ip = _str(obj, spec.get("clusterIP"), "spec.clusterIP")
     if cluster_ip not in ("", "None"):
         _address(obj, cluster_ip, "spec.clusterIP")
     texts = _list(obj, spec.get("clusterIPs"), "spec.clusterIPs")
+    # Errors name the field the manifest wrote: clusterIP when it left clusterIPs out.
+    field = "spec.clusterIPs"
     if not texts:
         texts = [cluster_ip] if cluster_ip else []
+        field = "spec.clusterIP"
     elif cluster_ip and texts[0] != cluster_ip:
         _fail(obj, f"spec.clusterIP: {cluster_ip!r} differs from spec.clusterIPs[0] {texts[0]!r}")
     if texts == ["None"]:
@@ -445,7 +647,12 @@ def _parse_cluster_ips(obj: KubeObject, spec: KubeObject) -> tuple[_IP, ...]:
     for i, text in enumerate(texts):
         if text == "None":
             _fail(obj, f"spec.clusterIPs[{i}]: 'None' must be the only entry")
-        ips.append(_address(obj, text, f"spec.clusterIPs[{i}]"))
+        path = f"spec.clusterIPs[{i}]" if field == "spec.clusterIPs" else field
+        ip = _address(obj, text, path)
+        problem = rules.cluster_ip_problem(ip)
+        if problem:
+            _fail(obj, f"{path}: {text} {problem}")
+        ips.append(ip)
     if len(ips) > 2 or (len(ips) == 2 and ips[0][1] == ips[1][1]):
         _fail(obj, "spec.clusterIPs: at most one address per IP family")
     return tuple(ips)
@@ -499,14 +706,14 @@ def _parse_lb_ips(obj: KubeObject, spec: KubeObject, stype: str) -> tuple[_IP, .
         text = _str(obj, ingress.get("ip"), f"{path}.ip")
         if not text:
             continue  # hostname-only: the balancer proxies, nothing for the node to do
-        ip = _address(obj, text, f"{path}.ip")
+        ip = _service_address(obj, text, f"{path}.ip")
         # KEP-1860: a Proxy-mode balancer rewrites the destination itself, so its IP must
         # not be captured on the node (that would bypass the balancer's own features).
         if mode != "Proxy":
             ips.append(ip)
     requested = _str(obj, spec.get("loadBalancerIP"), "spec.loadBalancerIP")
     if requested:
-        ips.append(_address(obj, requested, "spec.loadBalancerIP"))
+        ips.append(_service_address(obj, requested, "spec.loadBalancerIP"))
     # A stale status after a type change must not keep a VIP alive.
     return tuple(ips) if stype == "LoadBalancer" else ()
 
@@ -585,6 +792,7 @@ def _parse_slice_endpoints(obj: KubeObject, family: int) -> list[_SliceEndpoint]
     out: list[_SliceEndpoint] = []
     append = out.append
     parse_ip = _parse_ip_text
+    suspect = _SUSPECT_V4
     for i, endpoint in enumerate(raw):
         if not isinstance(endpoint, dict):
             _endpoint_error(obj, endpoint, i, family)
@@ -595,6 +803,8 @@ def _parse_slice_endpoints(obj: KubeObject, family: int) -> list[_SliceEndpoint]
             text = addresses[0]
             first = parse_ip(text) if isinstance(text, str) else None
             if first is None or first[1] != family:
+                _endpoint_error(obj, endpoint, i, family)
+            if (family == 6 or suspect[first[2] >> 24]) and _special(first):
                 _endpoint_error(obj, endpoint, i, family)
             if len(addresses) > 1:
                 _check_addresses(obj, addresses, i, family)
@@ -670,6 +880,9 @@ def _check_addresses(obj: KubeObject, addresses: list[Any], i: int, family: int)
         parsed = _ip(text)
         if parsed is None or parsed[1] != family:
             _fail(obj, f"endpoints[{i}].addresses[{j}]: {text!r} is not an IPv{family} address")
+        reason = _special(parsed)
+        if reason:
+            _fail(obj, f"endpoints[{i}].addresses[{j}]: {text} is {reason}")
 
 
 def _endpoint_error(obj: KubeObject, endpoint: object, i: int, family: int) -> NoReturn:
@@ -728,7 +941,7 @@ def _parse_endpoint_addresses(
     out = []
     for i, address in enumerate(_list(obj, subset.get(field), f"{path}.{field}")):
         address = _dict(obj, address, f"{path}.{field}[{i}]")
-        ip = _address(obj, address.get("ip"), f"{path}.{field}[{i}].ip")
+        ip = _service_address(obj, address.get("ip"), f"{path}.{field}[{i}].ip")
         out.append((ip, _str(obj, address.get("nodeName"), f"{path}.{field}[{i}].nodeName")))
     return out
 
@@ -762,13 +975,13 @@ def _parse_pod(obj: KubeObject) -> _Pod:
 
     pod_ips: dict[int, _IP] = {}
     for i, entry in enumerate(_list(obj, status.get("podIPs"), "status.podIPs")):
-        ip = _address(
+        ip = _service_address(
             obj, _dict(obj, entry, f"status.podIPs[{i}]").get("ip"), f"status.podIPs[{i}].ip"
         )
         pod_ips.setdefault(ip[1], ip)
     primary = _str(obj, status.get("podIP"), "status.podIP")
     if primary:
-        ip = _address(obj, primary, "status.podIP")
+        ip = _service_address(obj, primary, "status.podIP")
         pod_ips.setdefault(ip[1], ip)
     host_ip = _str(obj, status.get("hostIP"), "status.hostIP")
     if host_ip:
@@ -824,9 +1037,16 @@ _PARSERS = {
 }
 
 
-def validate_object(obj: KubeObject) -> None:
-    """Raise InvalidObject("<kind> <ns>/<name>: <field>: <reason>") for an unusable object."""
-    _PARSERS[_check_common(obj)](obj)
+def validate_object(obj: KubeObject, rules: AddressRules = NO_RULES) -> None:
+    """Raise InvalidObject("<kind> <ns>/<name>: <field>: <reason>") for an unusable object.
+
+    `rules` adds the checks that depend on configuration (ClusterIPs in service.clusterCIDR).
+    """
+    kind = _check_common(obj)
+    if kind == "Service":
+        _parse_service(obj, rules)
+    else:
+        _PARSERS[kind](obj)
 
 
 # --- translation -----------------------------------------------------------------------
@@ -1108,6 +1328,7 @@ def translate_service(
     endpoints: KubeObject | None,
     node: NodeInfo,
     proxy_name: str = "",
+    rules: AddressRules = NO_RULES,
 ) -> Service | None:
     """The model of one Service on `node`, or None when it gets no data path here.
 
@@ -1115,11 +1336,12 @@ def translate_service(
     (clusterIP None) or not yet allocated (clusterIP "") services - kube-proxy skips those
     entirely, external addresses included - and services that end up with no frontend.
     `slices` are the service's EndpointSlices (others are ignored); `endpoints` its legacy
-    Endpoints, used only when no slice is given. Raises InvalidObject for invalid input.
+    Endpoints, used only when no slice is given. Raises InvalidObject for invalid input,
+    a ClusterIP outside `rules` included.
     """
     if _check_common(svc) != "Service":
         _fail(svc, "expected a Service")
-    spec = _parse_service(svc)
+    spec = _parse_service(svc, rules)
     meta = svc["metadata"]
     labels = meta.get("labels") or {}
     if not _served_by(labels, proxy_name):

@@ -31,6 +31,11 @@ from kpr.model import (
     ServiceKey,
 )
 from kpr.translate import (
+    NO_RULES,
+    AddressRules,
+    canonical_ip,
+    cluster_ips_of,
+    endpoint_addresses_of,
     object_ref,
     service_key_of,
     translate_pod,
@@ -1892,3 +1897,195 @@ def test_object_ref_and_service_key(
 ) -> None:
     assert object_ref(obj) == ref
     assert service_key_of(obj) == key
+
+
+# --- addresses no manifest may claim (issue 11) ----------------------------------------
+
+# (class, address, the reason validation gives): every class refused as a ClusterIP,
+# external, LoadBalancer or endpoint address.
+SPECIAL = [
+    ("loopback", "127.0.0.1", "is a loopback address"),
+    ("loopback-net", "127.5.6.7", "is a loopback address"),
+    ("loopback-v6", "::1", "is a loopback address"),
+    ("unspecified", "0.0.0.0", "is an unspecified address (0.0.0.0/8)"),
+    ("this-network", "0.1.2.3", "is an unspecified address (0.0.0.0/8)"),
+    ("unspecified-v6", "::", "is an unspecified address"),
+    ("link-local", "169.254.1.1", "is a link-local address (169.254.0.0/16)"),
+    ("link-local-v6", "fe80::1", "is a link-local address (fe80::/10)"),
+    ("multicast", "224.0.0.1", "is a multicast address (224.0.0.0/4)"),
+    ("multicast-top", "239.255.255.255", "is a multicast address (224.0.0.0/4)"),
+    ("multicast-v6", "ff02::1", "is a multicast address (ff00::/8)"),
+    ("broadcast", "255.255.255.255", "is the broadcast address"),
+    ("v4-mapped", "::ffff:10.1.0.1", "is an IPv4-mapped IPv6 address"),
+]
+# Neighbours of the refused ranges, and ranges some clusters use, that stay valid.
+ORDINARY = [
+    "126.255.255.255", "128.0.0.1", "1.0.0.0", "169.253.255.255", "169.255.0.1",
+    "223.255.255.255", "240.0.0.1", "255.255.255.254", "10.96.0.0",
+    "fe7f:ffff::1", "fec0::1", "2001:db8::1", "::2", "::fffe:a01:1", "fd00::1",
+]
+
+
+def v6(address: str) -> bool:
+    return ":" in address
+
+
+def with_cluster_ips(address: str, field: str) -> dict:
+    family = "IPv6" if v6(address) else "IPv4"
+    obj = edit(SERVICE, "spec.ipFamilies", [family])
+    if field == "spec.clusterIP":
+        obj["spec"]["clusterIP"] = address
+    else:
+        obj["spec"]["clusterIP"] = address
+        obj["spec"]["clusterIPs"] = [address]
+    return obj
+
+
+def with_slice_address(address: str, index: int) -> dict:
+    obj = edit(SLICE, "addressType", "IPv6" if v6(address) else "IPv4")
+    ordinary = "fd00::1" if v6(address) else "10.1.0.1"
+    obj["endpoints"][0]["addresses"] = [ordinary] * index + [address]
+    return obj
+
+
+def with_pod_ips(address: str, field: str) -> dict:
+    obj = edit(POD, "status.podIPs", [{"ip": "10.1.0.1"}, {"ip": address}])
+    if field == "status.podIP":
+        obj["status"] = {"podIP": address}
+    return obj
+
+
+# (field as the error names it, build(address) -> an object claiming it in that field)
+ADDRESS_FIELDS = [
+    ("spec.clusterIP", lambda a: with_cluster_ips(a, "spec.clusterIP")),
+    ("spec.clusterIPs[0]", lambda a: with_cluster_ips(a, "spec.clusterIPs")),
+    ("spec.externalIPs[1]", lambda a: edit(SERVICE, "spec.externalIPs", ["192.0.2.1", a])),
+    (
+        "status.loadBalancer.ingress[0].ip",
+        lambda a: edit(edit(SERVICE, "spec.type", "LoadBalancer"), "status", ingress({"ip": a})),
+    ),
+    ("spec.loadBalancerIP", lambda a: edit(SERVICE, "spec.loadBalancerIP", a)),
+    ("endpoints[0].addresses[0]", lambda a: with_slice_address(a, 0)),
+    ("endpoints[0].addresses[1]", lambda a: with_slice_address(a, 1)),
+    ("subsets[0].addresses[0].ip", lambda a: edit(ENDPOINTS, "subsets.0.addresses.0.ip", a)),
+    (
+        "subsets[0].notReadyAddresses[0].ip",
+        lambda a: edit(ENDPOINTS, "subsets.0.notReadyAddresses", [{"ip": a}]),
+    ),
+    ("status.podIP", lambda a: with_pod_ips(a, "status.podIP")),
+    ("status.podIPs[1].ip", lambda a: with_pod_ips(a, "status.podIPs")),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "build", "address", "reason"),
+    [(f, b, a, r) for f, b in ADDRESS_FIELDS for _, a, r in SPECIAL],
+    ids=[f"{f}-{c}" for f, _ in ADDRESS_FIELDS for c, _, _ in SPECIAL],
+)
+def test_special_addresses_are_refused_in_every_field(
+    field: str, build, address: str, reason: str
+) -> None:
+    obj = build(address)
+    kind, ns, name = object_ref(obj)
+    with pytest.raises(InvalidObject, match=re.escape(f"{kind} {ns}/{name}: {field}: {address} {reason}")):
+        validate_object(obj)
+
+
+@pytest.mark.parametrize(
+    ("field", "build", "address"),
+    [(f, b, a) for f, b in ADDRESS_FIELDS for a in ORDINARY],
+    ids=[f"{f}-{a}" for f, _ in ADDRESS_FIELDS for a in ORDINARY],
+)
+def test_ordinary_addresses_pass_in_every_field(field: str, build, address: str) -> None:
+    validate_object(build(address))
+
+
+def test_translation_refuses_what_validation_refuses() -> None:
+    """Sources that skip validate_object still never get a loopback ClusterIP served."""
+    with pytest.raises(InvalidObject, match=re.escape("spec.clusterIPs[0]: 127.0.0.1 is a loopback")):
+        translate_service(with_cluster_ips("127.0.0.1", "spec.clusterIPs"), [], None, NODE)
+    bad_slice = with_slice_address("169.254.0.9", 0)
+    with pytest.raises(InvalidObject, match=re.escape("endpoints[0].addresses[0]: 169.254.0.9 is a link")):
+        translate_service(edit(SERVICE, "metadata.name", "web"), [bad_slice], None, NODE)
+
+
+def test_a_host_ip_of_any_address_is_no_endpoint() -> None:
+    """hostIP 0.0.0.0 means every node address and status.hostIP is the node's: neither is
+    an address traffic is delivered to, so neither is refused."""
+    obj = edit(POD, "spec.containers.0.ports.0.hostIP", "0.0.0.0")
+    obj["status"]["hostIP"] = "192.168.1.10"
+    validate_object(obj)
+
+
+# service.clusterCIDR: ClusterIPs must lie in the configured network of their family.
+RULES = AddressRules(("10.96.0.0/16", "fd00:96::/112"))
+CIDR_CASES = [
+    # (id, ClusterIP, the rules, "" when accepted or the reason)
+    ("inside", "10.96.1.2", RULES, ""),
+    ("first-host", "10.96.0.1", RULES, ""),
+    ("last-host", "10.96.255.254", RULES, ""),
+    ("outside", "10.97.0.1", RULES, "is not in service.clusterCIDR 10.96.0.0/16"),
+    ("pod-address", "10.244.0.5", RULES, "is not in service.clusterCIDR 10.96.0.0/16"),
+    ("network", "10.96.0.0", RULES, "is the network address of service.clusterCIDR 10.96.0.0/16"),
+    ("broadcast", "10.96.255.255", RULES, "is the broadcast address of service.clusterCIDR 10.96.0.0/16"),
+    ("v6-inside", "fd00:96::5", RULES, ""),
+    ("v6-last", "fd00:96::ffff", RULES, ""),
+    ("v6-outside", "fd00:97::5", RULES, "is not in service.clusterCIDR fd00:96::/112"),
+    ("v6-network", "fd00:96::", RULES, "is the network address of service.clusterCIDR fd00:96::/112"),
+    ("special-first", "127.0.0.1", AddressRules(("127.0.0.0/8",)), "is a loopback address"),
+    ("no-v6-network", "fd00:97::5", AddressRules(("10.96.0.0/16",)), ""),
+    ("no-network", "10.97.0.1", NO_RULES, ""),
+    ("slash-32", "10.96.0.7", AddressRules(("10.96.0.7/32",)), ""),
+    ("slash-31", "10.96.0.6", AddressRules(("10.96.0.6/31",)), ""),
+    ("host-bits", "10.96.3.3", AddressRules(("10.96.1.1/16",)), ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("address", "rules", "reason"), [c[1:] for c in CIDR_CASES], ids=[c[0] for c in CIDR_CASES]
+)
+def test_cluster_ips_lie_in_the_cluster_cidr(address: str, rules: AddressRules, reason: str) -> None:
+    obj = with_cluster_ips(address, "spec.clusterIPs")
+    if not reason:
+        validate_object(obj, rules)
+        assert translate_service(obj, [], None, NODE, rules=rules) is not None
+        return
+    message = f"Service shop/bad: spec.clusterIPs[0]: {address} {reason}"
+    with pytest.raises(InvalidObject, match=re.escape(message)):
+        validate_object(obj, rules)
+    with pytest.raises(InvalidObject, match=re.escape(message)):
+        translate_service(obj, [], None, NODE, rules=rules)
+
+
+def test_cluster_cidr_checks_only_cluster_ips() -> None:
+    """External, LoadBalancer and endpoint addresses lie outside the service network."""
+    obj = edit(SERVICE, "spec.externalIPs", ["192.0.2.1"])
+    obj["spec"]["loadBalancerIP"] = "198.51.100.1"
+    validate_object(obj, AddressRules(("10.96.0.0/16",)))
+    validate_object(SLICE, AddressRules(("10.96.0.0/16",)))
+
+
+def test_address_rules() -> None:
+    assert RULES.checks_family(4) and RULES.checks_family(6)
+    assert not AddressRules(("10.96.0.0/16",)).checks_family(6)
+    assert AddressRules(("10.96.1.1/16",)).cluster_cidrs == ("10.96.0.0/16",)
+    with pytest.raises(ValueError, match="two IPv4 networks"):
+        AddressRules(("10.96.0.0/16", "10.97.0.0/16"))
+
+
+def test_addresses_for_the_stores_checks() -> None:
+    """The store indexes ClusterIPs and endpoint addresses from raw objects: canonical
+    text, the field each ClusterIP came from, and nothing raised for broken input."""
+    dual = edit(SERVICE, "spec.clusterIPs", ["10.96.0.10", "FD00::0A"])
+    assert cluster_ips_of(dual) == [("spec.clusterIPs[0]", "10.96.0.10"), ("spec.clusterIPs[1]", "fd00::a")]
+    assert cluster_ips_of(SERVICE) == [("spec.clusterIP", "10.96.0.10")]
+    assert cluster_ips_of(edit(SERVICE, "spec.clusterIP", "None")) == []
+    assert cluster_ips_of(edit(SERVICE, "spec", "junk")) == []
+    slice_ = edit(SLICE, "endpoints", [{"addresses": ["10.1.0.1", "010.001.000.002"]}, "junk", {}])
+    assert endpoint_addresses_of(slice_) == {"10.1.0.1", "10.1.0.2"}
+    legacy_eps = edit(ENDPOINTS, "subsets.0.notReadyAddresses", [{"ip": "10.1.0.3"}, 7])
+    assert endpoint_addresses_of(legacy_eps) == {"10.1.0.1", "10.1.0.3"}
+    assert endpoint_addresses_of(with_pod_ips("fd00::1", "status.podIPs")) == {"10.1.0.1", "fd00::1"}
+    assert endpoint_addresses_of(SERVICE) == set()
+    assert endpoint_addresses_of(edit(SLICE, "endpoints", 5)) == set()
+    assert canonical_ip("2001:DB8::1") == "2001:db8::1" and canonical_ip("x") == ""

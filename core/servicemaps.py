@@ -719,6 +719,8 @@ class ServiceMapWriter:
             if self.refused.pop(key, None) is not None:
                 log.info("event=service_accepted service=%s", key)
             self._apply(old, desired)
+            if self.refused:
+                self._retry_refused()  # the change may have freed entries
 
     def delete(self, key: ServiceKey) -> None:
         """Remove everything the service wrote; a service never seen is not an error."""
@@ -774,7 +776,13 @@ class ServiceMapWriter:
         used_bids: set[int] = set()
         for s in services:
             mine: dict[bytes, _Group] = {}
-            for fk, g in self._render(s).items():
+            try:
+                rendered = self._render(s)
+            except Exception:  # noqa: BLE001 - one service's bad input must not hold up the rest
+                self.errors += 1
+                log.exception("event=service_render_failed service=%s", s.key)
+                continue
+            for fk, g in rendered.items():
                 if fk in desired:
                     log.warning(
                         "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), s.key, desired[fk].owner

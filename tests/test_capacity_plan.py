@@ -83,3 +83,12 @@ def test_a_service_delta_counts_what_it_gives_back():
     w._forget_render()
     r = w._refusal({}, w._render(svc("a", "10.96.0.1", 6)))
     assert isinstance(r, Refusal) and (r.map, r.need, r.free) == ("kpr_svc", 7, 6)
+
+
+def test_a_service_that_cannot_be_rendered_is_skipped_alone():
+    w = ServiceMapWriter("/nonexistent")
+    bad = Service(ServiceKey("default", "bad"), (Frontend(CIP, "not-an-address", 80, Protocol.TCP, ()),))
+    good = svc("good", "10.96.0.7", 1)
+    desired = w._plan([bad, good], old={})
+    assert [g.owner.name for g in desired.values()] == ["good"]
+    assert w.errors == 1

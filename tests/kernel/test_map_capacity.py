@@ -258,3 +258,15 @@ def test_the_default_sizes_hold_10k_services_x_10_endpoints(pin_path: Path) -> N
         assert counts == w.entry_counts()
         for name, n in counts.items():
             assert n <= M.SPECS[name].max_entries
+
+
+def test_a_service_that_shrinks_makes_room_for_a_refused_one(pin_path: Path) -> None:
+    wide = Service(ServiceKey("default", "wide"), tuple(Frontend(CIP, f"10.96.3.{i}", 80, TCP, BACKENDS) for i in range(1, 3)))
+    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 8}, create_datapath_maps=False) as w:
+        w.upsert(wide)  # 6 entries
+        w.upsert(WEB)  # 3 more do not fit
+        assert list(w.refused) == [WEB.key]
+        w.upsert(Service(wide.key, wide.frontends[:1]))  # gives 3 back
+        assert w.refused == {}
+        assert frontends(w) == {"10.96.3.1:80/TCP", "10.96.0.10:80/TCP"}
+        kernel_equals_status(w)

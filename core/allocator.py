@@ -150,6 +150,8 @@ class Allocator:
             self._ip_ranges[net.version] = _Range(int(net.network_address) + 2, size, _static_band(size, 16, 256))
         # Families in configured order: the first is what a service without ipFamilies gets.
         self.families = [ipaddress.ip_network(c).version for c in cluster_cidrs]
+        # The networks as configured, for validation of explicit ClusterIPs.
+        self.cluster_cidrs = tuple(str(n) for n in self._nets.values())
         n = node_port_range.last - node_port_range.first + 1
         self._port_range = _Range(node_port_range.first, n, _static_band(n, 32, 128))
 

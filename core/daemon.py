@@ -143,7 +143,14 @@ class Agent:
         for h in self.handles:
             self.bus.add_plugin(h.name, h.call)
         self.bus.start()
-        self.store = ObjectStore(self.node, self.bus, proxy_name=cfg.service.proxy_name, on_synced=self._on_synced)
+        self.store = ObjectStore(
+            self.node,
+            self.bus,
+            proxy_name=cfg.service.proxy_name,
+            on_synced=self._on_synced,
+            cluster_cidrs=cfg.service.cluster_cidr,
+            origin_of=getattr(self.source, "origin_of", None),
+        )
         self.metrics.attach_agent(self)
         self.api = ApiServer(cfg.api.socket, self)
         self.api.start()
@@ -332,6 +339,7 @@ class Agent:
             synced=bool(self.store and self.store.is_synced),
             syncSeconds=self.store.sync_duration if self.store else None,
             errors=dict(self.store.errors) if self.store else {},
+            warnings=dict(self.store.warnings) if self.store else {},
         )
         extra = getattr(self.source, "status", None)
         if callable(extra):

@@ -2,6 +2,11 @@
 
 A source feeds objects; the store works out which services they touch, translates those,
 and publishes only services whose model actually changed.
+
+The store also refuses what no single object shows to be wrong: a ClusterIP equal to one of
+this node's addresses, or to an address that an EndpointSlice, Endpoints or Pod lists as an
+endpoint (either would take the traffic meant for that host or pod). The service claiming
+the address is refused; the endpoint's own service is not.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Callable, Protocol
 
 from . import memory, translate
-from .model import InvalidObject, NodeInfo, Service, ServiceKey
+from .model import FrontendType, InvalidObject, NodeInfo, Service, ServiceKey
 from .sources import ObjectRef
 
 log = logging.getLogger(__name__)
@@ -28,9 +34,24 @@ class Publisher(Protocol):
 class ObjectStore:
     """Implements the sources' ObjectSink and publishes model changes."""
 
-    def __init__(self, node: NodeInfo, publisher: Publisher, proxy_name: str = "", on_synced: Callable[[float], None] | None = None):
+    def __init__(
+        self,
+        node: NodeInfo,
+        publisher: Publisher,
+        proxy_name: str = "",
+        on_synced: Callable[[float], None] | None = None,
+        cluster_cidrs: Iterable[str] = (),
+        origin_of: Callable[[ObjectRef], str | None] | None = None,
+    ):
+        """`cluster_cidrs` is service.clusterCIDR, which ClusterIPs must lie in; `origin_of`
+        names where an object came from (the files source's file) for error messages."""
         self._lock = threading.RLock()
         self.node = node
+        self._rules = translate.address_rules(tuple(cluster_cidrs))
+        self._origin_of = origin_of
+        self._node_ips = self._canonical_node_ips(node)
+        # Families without a clusterCIDR that no warning has named yet.
+        self._unwarned = {f for f in (4, 6) if not self._rules.checks_family(f)}
         self._publisher = publisher
         self._proxy_name = proxy_name
         self._on_synced = on_synced
@@ -39,6 +60,14 @@ class ObjectStore:
         self._members: dict[ServiceKey, set[ObjectRef]] = defaultdict(set)
         self.services: dict[ServiceKey, Service] = {}
         self.errors: dict[str, str] = {}
+        # Things accepted but worth knowing (a ClusterIP family without service.clusterCIDR).
+        self.warnings: dict[str, str] = {}
+        # Endpoint address -> the ref of the object listing it, or a list of them when
+        # several do: what a ClusterIP must not be. One reference per address, no set;
+        # with service.clusterCIDR set, only addresses inside it (see _index).
+        self._endpoint_ips: dict[str, ObjectRef | list[ObjectRef]] = {}
+        # ClusterIP -> the services whose Service object claims it.
+        self._claims: dict[str, list[ServiceKey]] = {}
         self.is_synced = False
         self._started = time.monotonic()
         self.sync_duration: float | None = None
@@ -53,6 +82,7 @@ class ObjectStore:
             for ref in deletes:
                 obj = self._objects.pop(ref, None)
                 if obj is not None:
+                    self._index(ref, obj, None, touched)
                     key = translate.service_key_of(obj)
                     if key is not None:
                         self._members[key].discard(ref)
@@ -61,6 +91,7 @@ class ObjectStore:
                 memory.compact(obj)  # held for the agent's lifetime: repeated strings once
                 ref = translate.object_ref(obj)
                 old = self._objects.get(ref)
+                self._index(ref, old, obj, touched)
                 if old is not None:
                     old_key = translate.service_key_of(old)
                     if old_key is not None:
@@ -96,12 +127,122 @@ class ObjectStore:
             if self.errors.pop(origin, None) is not None:
                 log.info("source.recovered origin=%s", origin)
 
+    # --- addresses claimed across objects ------------------------------------------------
+
+    def _index(self, ref: ObjectRef, old: dict | None, new: dict | None, touched: set[ServiceKey]) -> None:
+        """Follow the ClusterIPs and endpoint addresses an object change adds and removes;
+        services whose ClusterIP became or stopped being an endpoint address are touched."""
+        kind = (new or old or {}).get("kind")
+        if kind == "Service":
+            key = translate.service_key_of(new or old or {})
+            if key is None:
+                return
+            before = {ip for _, ip in translate.cluster_ips_of(old)} if old is not None else set()
+            after = {ip for _, ip in translate.cluster_ips_of(new)} if new is not None else set()
+            for ip in before - after:
+                owners = self._claims.get(ip)
+                if owners is not None and key in owners:
+                    owners.remove(key)
+                    if not owners:
+                        del self._claims[ip]
+            for ip in after - before:
+                owners = self._claims.setdefault(ip, [])
+                if key not in owners:
+                    owners.append(key)
+            return
+        if kind not in ("EndpointSlice", "Endpoints", "Pod"):
+            return
+        # A ClusterIP outside service.clusterCIDR is refused anyway: only addresses inside
+        # it can conflict, which keeps the index empty where pod and service networks differ.
+        rules = self._rules
+        before = translate.endpoint_addresses_of(old, rules) if old is not None else set()
+        after = translate.endpoint_addresses_of(new, rules) if new is not None else set()
+        listed = self._endpoint_ips
+        for ip in before - after:
+            holders = listed.get(ip)
+            if isinstance(holders, list):
+                if ref in holders:
+                    holders.remove(ref)
+                if len(holders) == 1:
+                    listed[ip] = holders[0]
+                touched.update(self._claims.get(ip, ()))  # its error names another lister now
+            elif holders == ref:
+                del listed[ip]
+                touched.update(self._claims.get(ip, ()))
+        for ip in after - before:
+            holders = listed.get(ip)
+            if holders is None:
+                listed[ip] = ref
+                touched.update(self._claims.get(ip, ()))
+            elif isinstance(holders, list):
+                holders.append(ref)
+            elif holders != ref:
+                listed[ip] = [holders, ref]
+
+    @staticmethod
+    def _canonical_node_ips(node: NodeInfo) -> frozenset[str]:
+        return frozenset(ip for ip in (translate.canonical_ip(a) for a in node.addresses) if ip)
+
+    def _conflicts(self, svc: dict, service: Service) -> list[str]:
+        """Why a Service's ClusterIPs would take traffic meant for the node or a pod."""
+        node_ips, listed = self._node_ips, self._endpoint_ips
+        # The common case, no conflict, costs a look at the translated frontends only.
+        if not any(
+            f.address in node_ips or f.address in listed
+            for f in service.frontends
+            if f.type is FrontendType.CLUSTER_IP
+        ):
+            return []
+        problems = []
+        for field, ip in translate.cluster_ips_of(svc):
+            if ip in node_ips:
+                problems.append(f"{field}: {ip} is an address of this node ({self.node.name or 'node'})")
+                continue
+            holders = self._endpoint_ips.get(ip)
+            if holders is not None:
+                holder = holders[0] if isinstance(holders, list) else holders
+                where = self._where(holder)
+                problems.append(f"{field}: {ip} is an endpoint address of {holder[0]} {holder[1]}/{holder[2]}{where}")
+        return problems
+
+    def _service_where(self, svc: dict | None) -> str:
+        return self._where(translate.object_ref(svc)) if svc is not None else ""
+
+    def _where(self, ref: ObjectRef) -> str:
+        """" (in <file>)" when the source can say where an object came from."""
+        if self._origin_of is None:
+            return ""
+        try:
+            origin = self._origin_of(ref)
+        except Exception:  # naming the file is a courtesy; never fail a refresh over it
+            return ""
+        return f" (in {origin})" if origin else ""
+
+    def _warn_unchecked(self, service: Service) -> None:
+        """Warn once per family that ClusterIPs go unchecked without service.clusterCIDR."""
+        if not self._unwarned:
+            return
+        for f in service.frontends:
+            if f.type is not FrontendType.CLUSTER_IP:
+                continue
+            family = 6 if ":" in f.address else 4
+            if family not in self._unwarned:
+                continue
+            self._unwarned.discard(family)
+            origin = f"service.clusterCIDR IPv{family}"
+            self.warnings[origin] = (
+                f"no IPv{family} network configured: IPv{family} ClusterIPs are not range-checked "
+                f"(first seen: {service.key} {f.address})"
+            )
+            log.warning("store.warning origin=%s reason=%s", origin, self.warnings[origin])
+
     # --- model ---------------------------------------------------------------------------
 
     def set_node(self, node: NodeInfo) -> None:
         """New node facts: every service is translated again (NodePort frontends follow addresses)."""
         with self._lock:
             self.node = node
+            self._node_ips = self._canonical_node_ips(node)
             for key in sorted(set(self._members) | set(self.services)):
                 self._refresh(key)
 
@@ -113,11 +254,18 @@ class ObjectStore:
         members = self._members.get(key) or set()
         objs = [self._objects[r] for r in members]
         origin = f"service {key}"
+        svc = next((o for o in objs if o.get("kind") == "Service"), None)
         try:
             service = self._translate(key, objs)
         except InvalidObject as e:
             # The last good state stays published; the problem shows in status.
-            self.report_error(origin, str(e))
+            self.report_error(origin, f"{e}{self._service_where(svc)}")
+            return
+        conflicts = self._conflicts(svc, service) if service is not None and svc is not None else []
+        if conflicts:
+            where = self._service_where(svc)
+            self.report_error(origin, f"Service {key}{where}: {'; '.join(conflicts)}; not served")
+            self._withdraw_conflicting(key)
             return
         self.clear_error(origin)
         self.translations += 1
@@ -131,9 +279,23 @@ class ObjectStore:
                 self._publisher.delete(key)
             return
         if service != old:
+            self._warn_unchecked(service)
             self.services[key] = service
             log.debug("service.upsert service=%s frontends=%d", key, len(service.frontends))
             self._publisher.upsert(service)
+
+    def _withdraw_conflicting(self, key: ServiceKey) -> None:
+        """A refused service's last good state stays published unless it serves an address
+        now found to be the node's or an endpoint's: then it goes, as it would hijack."""
+        old = self.services.get(key)
+        if old is None:
+            return
+        for f in old.frontends:
+            if f.type is FrontendType.CLUSTER_IP and (f.address in self._node_ips or f.address in self._endpoint_ips):
+                del self.services[key]
+                log.warning("service.withdrawn service=%s address=%s", key, f.address)
+                self._publisher.delete(key)
+                return
 
     def _translate(self, key: ServiceKey, objs: list[dict]) -> Service | None:
         svc = endpoints = pod = None
@@ -153,7 +315,7 @@ class ObjectStore:
         if svc is None:
             return None
         slices.sort(key=lambda s: s.get("metadata", {}).get("name", ""))
-        return translate.translate_service(svc, slices, endpoints, self.node, self._proxy_name)
+        return translate.translate_service(svc, slices, endpoints, self.node, self._proxy_name, self._rules)
 
     def counts(self) -> tuple[int, int, int]:
         """(services, frontends, backends) currently published."""

@@ -506,6 +506,7 @@ class FilesSource:
             return _kept(sig, old, str(e))
 
         st = _FileState(sig)
+        rules = tr.address_rules(self.allocator.cluster_cidrs)
         for doc in docs:
             meta = doc.get("metadata")
             # The API server puts objects without a namespace into "default".
@@ -521,7 +522,7 @@ class FilesSource:
             ref: ObjectRef | None = None
             try:
                 ref = tr.object_ref(doc)
-                tr.validate_object(doc)
+                tr.validate_object(doc, rules)
             except Exception as e:
                 # validate_object names the object itself; other exceptions do not.
                 reason = str(e) if str(e).startswith(label) else f"{label}: {e}"
@@ -543,11 +544,6 @@ class FilesSource:
             st.objects[ref] = doc
         st.position = {ref: i for i, ref in enumerate(st.objects)}
         return st
-
-    def origin_of(self, ref: ObjectRef) -> str | None:
-        """The file the sink's version of an object came from (the store names it in errors)."""
-        holders = self._holders.get(ref)
-        return str(self.path / holders[0]) if holders else None
 
     def _unhold(self, ref: ObjectRef, name: str) -> None:
         holders = self._holders.get(ref)

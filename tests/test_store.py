@@ -1,0 +1,431 @@
+"""ObjectStore: the checks across objects that no single manifest can show wrong (issue 11).
+
+A ClusterIP equal to one of the node's addresses, or to an address an EndpointSlice,
+Endpoints or Pod lists as an endpoint, would take the traffic meant for that host or pod.
+The service claiming it is refused (its last good state withdrawn when that serves the
+address); the endpoint's own service is served; removing the conflict lets the claimer in.
+Also: ClusterIPs outside service.clusterCIDR refused, a warning when a family has no
+network, and errors naming the file with the files source (unit, and `kpr status --json`
+of a running agent).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kpr.allocator import Allocator
+from kpr.config import PortRange, SourceSection
+from kpr.kube.informer import JitterBackoff
+from kpr.model import FrontendType, NodeInfo, Service, ServiceKey
+from kpr.sources.files import FilesSource
+from kpr.sources.kubernetes import KubernetesSource
+from kpr.store import ObjectStore
+from kpr.testing.apiserver import KubeApiServer
+from kpr.testing.waiting import wait_for
+from kpr.translate import SERVICE_NAME_LABEL
+
+NODE = NodeInfo("node1", ("192.168.50.10", "fd50::10"))
+WEB = ServiceKey("shop", "web")
+DB = ServiceKey("shop", "db")
+
+
+class Publisher:
+    """Records what the store publishes, as the bus would receive it."""
+
+    def __init__(self) -> None:
+        self.services: dict[ServiceKey, Service] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def upsert(self, service: Service) -> None:
+        self.services[service.key] = service
+        self.calls.append(("upsert", str(service.key)))
+
+    def delete(self, key: ServiceKey) -> None:
+        del self.services[key]
+        self.calls.append(("delete", str(key)))
+
+    def sync_complete(self) -> None:
+        pass
+
+    def cluster_ips(self, key: ServiceKey) -> list[str]:
+        service = self.services.get(key)
+        if service is None:
+            return []
+        return sorted({f.address for f in service.frontends if f.type is FrontendType.CLUSTER_IP})
+
+
+def service(name: str, *cluster_ips: str, ns: str = "shop") -> dict:
+    spec: dict = {"ports": [{"name": "http", "port": 80}]}
+    if cluster_ips:
+        spec["clusterIP"] = cluster_ips[0]
+        spec["clusterIPs"] = list(cluster_ips)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def endpoint_slice(svc: str, *addresses: str, name: str = "", ns: str = "shop") -> dict:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name or f"{svc}-1", "namespace": ns, "labels": {SERVICE_NAME_LABEL: svc}},
+        "addressType": "IPv6" if addresses and ":" in addresses[0] else "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [{"addresses": [a]} for a in addresses],
+    }
+
+
+def legacy_endpoints(svc: str, *addresses: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {"name": svc, "namespace": "shop"},
+        "subsets": [{"addresses": [{"ip": a} for a in addresses], "ports": [{"name": "http", "port": 8080}]}],
+    }
+
+
+def host_port_pod(name: str, address: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"nodeName": "node1", "containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 8081}]}]},
+        "status": {"phase": "Running", "podIP": address, "podIPs": [{"ip": address}]},
+    }
+
+
+def ref(obj: dict) -> tuple[str, str, str]:
+    return (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+
+def make(**kw) -> tuple[ObjectStore, Publisher]:
+    pub = Publisher()
+    return ObjectStore(NODE, pub, **kw), pub
+
+
+# --- a ClusterIP that is an endpoint's address -----------------------------------------
+
+# (id, the objects listing 10.244.1.5 as an endpoint, the object the error names)
+LISTERS = [
+    ("slice", [endpoint_slice("db", "10.244.1.5")], "EndpointSlice shop/db-1"),
+    ("legacy-endpoints", [legacy_endpoints("db", "10.244.1.5")], "Endpoints shop/db"),
+    ("pod", [host_port_pod("agent", "10.244.1.5")], "Pod shop/agent"),
+    ("not-ready", [{**endpoint_slice("db", "10.244.1.5"), "endpoints": [
+        {"addresses": ["10.244.1.5"], "conditions": {"ready": False}}]}], "EndpointSlice shop/db-1"),
+]
+
+
+@pytest.mark.parametrize("order", ["claim-first", "endpoint-first", "one-batch"])
+@pytest.mark.parametrize(("listers", "named"), [c[1:] for c in LISTERS], ids=[c[0] for c in LISTERS])
+def test_a_cluster_ip_that_is_an_endpoint_address_is_refused(listers: list[dict], named: str, order: str) -> None:
+    store, pub = make()
+    claimer = [service("web", "10.244.1.5"), endpoint_slice("web", "10.244.2.1")]
+    owner = [service("db", "10.96.0.20"), *listers]
+    if order == "claim-first":
+        store.apply(claimer, [])
+        store.apply(owner, [])
+    elif order == "endpoint-first":
+        store.apply(owner, [])
+        store.apply(claimer, [])
+    else:
+        store.apply(claimer + owner, [])
+    assert WEB not in pub.services
+    assert store.errors["service shop/web"] == (
+        f"Service shop/web: spec.clusterIPs[0]: 10.244.1.5 is an endpoint address of {named}; not served"
+    )
+    # The endpoint's own service is not refused.
+    assert pub.cluster_ips(DB) == ["10.96.0.20"]
+    assert "service shop/db" not in store.errors
+
+
+@pytest.mark.parametrize(
+    "remove",
+    ["delete-slice", "slice-drops-address", "claimer-moves"],
+)
+def test_removing_the_conflict_lets_the_claimer_in(remove: str) -> None:
+    store, pub = make()
+    db_slice = endpoint_slice("db", "10.244.1.5", "10.244.1.6")
+    store.apply([service("web", "10.244.1.5"), service("db", "10.96.0.20"), db_slice], [])
+    assert WEB not in pub.services
+    if remove == "delete-slice":
+        store.apply([], [ref(db_slice)])
+        expected = ["10.244.1.5"]
+    elif remove == "slice-drops-address":
+        store.apply([endpoint_slice("db", "10.244.1.6")], [])
+        expected = ["10.244.1.5"]
+    else:
+        store.apply([service("web", "10.96.0.21")], [])
+        expected = ["10.96.0.21"]
+    assert pub.cluster_ips(WEB) == expected
+    assert "service shop/web" not in store.errors
+
+
+def test_an_address_listed_twice_stays_listed_until_both_go() -> None:
+    store, pub = make()
+    a, b = endpoint_slice("db", "10.244.1.5", name="db-a"), endpoint_slice("db", "10.244.1.5", name="db-b")
+    store.apply([service("web", "10.244.1.5"), service("db", "10.96.0.20"), a, b], [])
+    store.apply([], [ref(a)])
+    assert WEB not in pub.services and "EndpointSlice shop/db-b" in store.errors["service shop/web"]
+    store.apply([], [ref(b)])
+    assert pub.cluster_ips(WEB) == ["10.244.1.5"]
+
+
+def test_a_served_service_that_becomes_a_hijacker_is_withdrawn() -> None:
+    """Its last good state would take the pod's traffic: it goes, it is not kept."""
+    store, pub = make()
+    store.apply([service("web", "10.244.1.5")], [])
+    assert pub.cluster_ips(WEB) == ["10.244.1.5"]
+    store.apply([service("db", "10.96.0.20"), endpoint_slice("db", "10.244.1.5")], [])
+    assert WEB not in pub.services and pub.calls[-1] == ("delete", "shop/web")
+    assert "is an endpoint address of EndpointSlice shop/db-1" in store.errors["service shop/web"]
+
+
+def test_a_change_that_conflicts_keeps_the_last_good_state() -> None:
+    """A service served at a harmless address that asks for a pod's keeps what it had."""
+    store, pub = make()
+    store.apply([service("web", "10.96.0.10"), service("db", "10.96.0.20"), endpoint_slice("db", "10.244.1.5")], [])
+    store.apply([service("web", "10.244.1.5")], [])
+    assert pub.cluster_ips(WEB) == ["10.96.0.10"]
+    assert "spec.clusterIPs[0]: 10.244.1.5 is an endpoint address" in store.errors["service shop/web"]
+
+
+def test_dual_stack_names_the_conflicting_family() -> None:
+    store, pub = make()
+    store.apply(
+        [service("web", "10.96.0.10", "fd44::5"), service("db", "10.96.0.20"), endpoint_slice("db", "FD44::5")], []
+    )
+    assert WEB not in pub.services
+    assert "spec.clusterIPs[1]: fd44::5 is an endpoint address of EndpointSlice shop/db-1" in store.errors["service shop/web"]
+
+
+def test_a_service_whose_own_slice_lists_its_cluster_ip_is_refused() -> None:
+    """Its ClusterIP would still capture connections to that pod from everyone else."""
+    store, pub = make()
+    store.apply([service("web", "10.244.1.5"), endpoint_slice("web", "10.244.1.5")], [])
+    assert WEB not in pub.services
+    assert "EndpointSlice shop/web-1" in store.errors["service shop/web"]
+
+
+def test_services_that_get_no_data_path_are_not_checked() -> None:
+    store, pub = make()
+    headless = service("web", "None")
+    other_proxy = service("db", "10.244.1.5")
+    other_proxy["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other"}
+    store.apply([headless, other_proxy, endpoint_slice("x", "10.244.1.5")], [])
+    assert store.errors == {}
+
+
+# --- a ClusterIP that is the node's address --------------------------------------------
+
+
+def test_a_cluster_ip_equal_to_a_node_address_is_refused_and_follows_the_node() -> None:
+    store, pub = make()
+    store.apply([service("web", "192.168.50.10"), service("db", "10.96.0.20", "FD50::10")], [])
+    assert WEB not in pub.services and DB not in pub.services
+    assert store.errors["service shop/web"] == (
+        "Service shop/web: spec.clusterIPs[0]: 192.168.50.10 is an address of this node (node1); not served"
+    )
+    assert "spec.clusterIPs[1]: fd50::10 is an address of this node" in store.errors["service shop/db"]
+    store.set_node(NodeInfo("node1", ("192.168.50.11",)))
+    assert pub.cluster_ips(WEB) == ["192.168.50.10"] and pub.cluster_ips(DB) == ["10.96.0.20", "fd50::10"]
+    assert store.errors == {}
+    # The node takes the address back: the service serving it is withdrawn.
+    store.set_node(NodeInfo("node1", ("192.168.50.10",)))
+    assert WEB not in pub.services and "service shop/web" in store.errors
+
+
+# --- service.clusterCIDR ---------------------------------------------------------------
+
+
+def test_cluster_ips_outside_the_cluster_cidr_are_refused_for_any_source() -> None:
+    """The kubernetes source validates without the config; the store checks the range."""
+    store, pub = make(cluster_cidrs=["10.96.0.0/16"])
+    store.apply([service("web", "10.97.0.10"), service("db", "10.96.0.20")], [])
+    assert WEB not in pub.services and pub.cluster_ips(DB) == ["10.96.0.20"]
+    assert store.errors["service shop/web"] == (
+        "Service shop/web: spec.clusterIPs[0]: 10.97.0.10 is not in service.clusterCIDR 10.96.0.0/16"
+    )
+    assert store.warnings == {}
+
+
+def test_a_family_without_cluster_cidr_is_accepted_with_one_warning() -> None:
+    store, pub = make(cluster_cidrs=["10.96.0.0/16"])
+    store.apply([service("web", "10.96.0.10", "fd00::10"), service("db", "10.96.0.20", "fd00::20")], [])
+    assert pub.cluster_ips(WEB) == ["10.96.0.10", "fd00::10"] and DB in pub.services
+    assert store.warnings == {
+        "service.clusterCIDR IPv6": "no IPv6 network configured: IPv6 ClusterIPs are not range-checked "
+        "(first seen: shop/db fd00::20)"
+    }
+    assert store.errors == {}
+
+
+# --- the file named, with the files source ---------------------------------------------
+
+
+def files_source(tmp_path: Path, cidrs: tuple[str, ...] = ("10.96.0.0/16",)) -> FilesSource:
+    (tmp_path / "m").mkdir()
+    allocator = Allocator(tmp_path / "alloc.json", list(cidrs), PortRange(first=30000, last=32767))
+    return FilesSource(tmp_path / "m", allocator, poll_interval=0.05)
+
+
+def write(path: Path, *docs: dict) -> None:
+    path.write_text(yaml.safe_dump_all(docs))
+
+
+def test_files_source_names_the_file_object_and_field_and_keeps_the_rest(tmp_path: Path) -> None:
+    # A service network that holds the pod addresses too: the thief passes the range check.
+    src = files_source(tmp_path, cidrs=("10.0.0.0/8",))
+    store, pub = make(cluster_cidrs=["10.0.0.0/8"], origin_of=src.origin_of)
+    m = src.path
+    write(
+        m / "shop.yaml",
+        service("loop", "127.0.0.1"),
+        service("outside", "11.0.0.1"),
+        service("web", "10.96.0.10"),
+        endpoint_slice("web", "10.244.1.5"),
+    )
+    write(m / "thief.yaml", service("thief", "10.244.1.5"))
+    src.scan_once(store)
+    assert pub.cluster_ips(WEB) == ["10.96.0.10"]  # the rest of the file stays in force
+    shop = store.errors[str(m / "shop.yaml")]
+    assert "Service shop/loop: spec.clusterIPs[0]: 127.0.0.1 is a loopback address; skipped" in shop
+    assert "Service shop/outside: spec.clusterIPs[0]: 11.0.0.1 is not in service.clusterCIDR 10.0.0.0/8; skipped" in shop
+    assert store.errors["service shop/thief"] == (
+        f"Service shop/thief (in {m / 'thief.yaml'}): spec.clusterIPs[0]: 10.244.1.5 is an endpoint "
+        f"address of EndpointSlice shop/web-1 (in {m / 'shop.yaml'}); not served"
+    )
+    assert ServiceKey("shop", "thief") not in pub.services
+
+    # Fixed in place: the files source's last good version of "loop" was none, so it
+    # appears now; the thief moves to a free address and is let in.
+    write(m / "thief.yaml", service("thief", "10.96.0.99"))
+    write(
+        m / "shop.yaml",
+        service("loop", "10.96.0.11"),
+        service("outside", "10.96.0.12"),
+        service("web", "10.96.0.10"),
+        endpoint_slice("web", "10.244.1.5"),
+    )
+    time.sleep(0.01)  # a new mtime for the rewritten files
+    src.scan_once(store)
+    assert store.errors == {}
+    assert pub.cluster_ips(ServiceKey("shop", "thief")) == ["10.96.0.99"]
+    assert pub.cluster_ips(ServiceKey("shop", "loop")) == ["10.96.0.11"]
+
+
+def test_files_source_without_cluster_cidr_checks_no_range(tmp_path: Path) -> None:
+    src = files_source(tmp_path, cidrs=())
+    store, pub = make(origin_of=src.origin_of)
+    write(src.path / "web.yaml", service("web", "10.97.0.10"))
+    src.scan_once(store)
+    assert pub.cluster_ips(WEB) == ["10.97.0.10"] and store.errors == {}
+    assert "service.clusterCIDR IPv4" in store.warnings
+
+
+# --- the kubernetes source: an API server that lets a bad address through ----------------
+
+
+def test_kubernetes_source_gets_the_same_checks() -> None:
+    """The test API server, like a misconfigured or older real one, stores these services;
+    the kubernetes source refuses the loopback ClusterIP (validate_object) and the store the
+    one outside service.clusterCIDR and the one that is a pod's address."""
+    with KubeApiServer(bookmark_interval=0.5) as api:
+        for obj in (
+            service("loop", "127.0.0.1", ns="default"),
+            service("outside", "10.97.0.1", ns="default"),
+            service("thief", "10.96.1.5", ns="default"),
+            service("db", "10.96.0.20", ns="default"),
+            endpoint_slice("db", "10.96.1.5", ns="default"),
+            service("web", "10.96.0.10", ns="default"),
+        ):
+            api.create(obj)
+        section = SourceSection(kind="kubernetes", apiServer=api.url, tokenFile=api.token_file, caFile=api.ca_file)
+        pub = Publisher()
+        store = ObjectStore(NODE, pub, cluster_cidrs=["10.96.0.0/16"])
+        src = KubernetesSource(section, "node1", backoff=JitterBackoff(initial=0.05, maximum=0.3))
+        src.start(store)
+        try:
+            wait_for(lambda: store.is_synced, 10, "the initial sync")
+            assert sorted(str(k) for k in pub.services) == ["default/db", "default/web"]
+            errors = store.errors
+            assert "spec.clusterIPs[0]: 127.0.0.1 is a loopback address" in errors["Service default/loop"]
+            assert errors["service default/outside"] == (
+                "Service default/outside: spec.clusterIPs[0]: 10.97.0.1 is not in service.clusterCIDR 10.96.0.0/16"
+            )
+            assert errors["service default/thief"] == (
+                "Service default/thief: spec.clusterIPs[0]: 10.96.1.5 is an endpoint address of "
+                "EndpointSlice default/db-1; not served"
+            )
+            # The pod leaves the slice: the claimer is let in.
+            api.update(endpoint_slice("db", "10.96.1.6", ns="default"))
+            wait_for(lambda: pub.cluster_ips(ServiceKey("default", "thief")) == ["10.96.1.5"], 5, "the thief let in")
+        finally:
+            src.stop()
+
+
+# --- kpr status --json of a running agent ----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refusals_show_in_kpr_status_json(tmp_path: Path) -> None:
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    write(manifests / "bad.yaml", service("loop", "127.0.0.1"), service("web", "192.168.0.10"))
+    write(manifests / "node.yaml", service("node", "192.168.50.10"))
+    cfg = tmp_path / "kpr.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            node: {{name: node1, addresses: [192.168.50.10], devices: [lo]}}
+            source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
+            service: {{clusterCIDR: [192.168.0.0/16]}}
+            api: {{socket: {tmp_path}/kpr.sock}}
+            metrics: {{address: "127.0.0.1:{free_port()}"}}
+            agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 3}}
+            """
+        )
+    )
+    kpr = [sys.executable, "-m", "kpr.cli"]
+    proc = subprocess.Popen(kpr + ["run", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        status: dict = {}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = subprocess.run(kpr + ["status", "--json", "--config", str(cfg)], capture_output=True, text=True)
+            if out.returncode == 0:
+                status = json.loads(out.stdout)
+                if status["ready"] and len(status["source"]["errors"]) == 2:
+                    break
+            time.sleep(0.1)
+        errors = status["source"]["errors"]
+        assert "Service shop/loop: spec.clusterIPs[0]: 127.0.0.1 is a loopback address" in errors[str(manifests / "bad.yaml")]
+        assert errors["service shop/node"] == (
+            f"Service shop/node (in {manifests / 'node.yaml'}): spec.clusterIPs[0]: 192.168.50.10 "
+            "is an address of this node (node1); not served"
+        )
+        rows = json.loads(
+            subprocess.run(kpr + ["service", "list", "--json", "--config", str(cfg)], capture_output=True, text=True, check=True).stdout
+        )
+        assert [r["service"] for r in rows] == ["shop/web"]
+    finally:
+        proc.terminate()
+        try:
+            _, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    # ... and in the log.
+    assert "127.0.0.1 is a loopback address" in stderr
+    assert "192.168.50.10 is an address of this node" in stderr

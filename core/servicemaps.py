@@ -48,7 +48,7 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,9 +144,10 @@ class _Group:
         self.srcrange: frozenset[bytes] = frozenset()
 
 
-# The config key (bpf.mapSizes) that sizes each map the writer fills.
+# The config key (bpf.mapSizes) that sizes each map the writer fills, and every map it sizes.
 SIZE_KEYS = {"kpr_svc": "kprSvc", "kpr_backend": "kprBackend", "kpr_revnat": "kprRevnat",
              "kpr_maglev": "kprMaglev", "kpr_srcrange": "kprSrcrange"}
+SIZE_KEYS_ALL = {**SIZE_KEYS, "kpr_affinity": "kprAffinity"}
 
 
 def group_entries(groups: Iterable[_Group]) -> dict[str, int]:
@@ -276,6 +277,7 @@ class ServiceMapWriter:
         self.algorithm = algorithm
         self.batch = batch
         self.specs = M.specs_with(sizes, maglev_size)
+        self._explicit_sizes = set(sizes or ())
         self._names = list(M.SERVICE_MAPS) + (
             [n for n in self.specs if n not in M.SERVICE_MAPS] if create_datapath_maps else []
         )
@@ -342,7 +344,7 @@ class ServiceMapWriter:
                     if path.exists():
                         m = M.BpfMap.open_pinned(path)
                         self.maps[name] = m
-                        M.check_compatible(m, spec, path)
+                        M.check_compatible(m, self._pinned_size(m, spec), path)
                         adopted.append(name)
                     else:
                         m = self._create(spec)
@@ -360,6 +362,24 @@ class ServiceMapWriter:
                 len(self._groups), len(self._backend_vals),
             )
             return self
+
+    def _pinned_size(self, m: M.BpfMap, spec: M.MapSpec) -> M.MapSpec:
+        """A service map pinned by an earlier kpr with another default size is adopted as it
+        is (established flows keep their maps; capacity is planned against its real size).
+        A size set in bpf.mapSizes must match the pin."""
+        have = m.info().max_entries
+        if have == spec.max_entries or spec.name in self._explicit_sizes or spec.name not in SIZE_KEYS_ALL:
+            return spec
+        log.warning(
+            "event=servicemaps_pinned_size map=%s pinned=%d default=%d: kept; `kpr cleanup` and a restart, "
+            "or bpf.mapSizes.%s, resize it",
+            spec.name, have, spec.max_entries, SIZE_KEYS_ALL[spec.name],
+        )
+        spec = replace(spec, max_entries=have)
+        self.specs[spec.name] = spec
+        if spec.name in self.limits:
+            self.limits[spec.name] = have
+        return spec
 
     def close(self) -> None:
         """Close the map fds. Pins stay: programs keep using the maps (`kpr cleanup` removes them)."""

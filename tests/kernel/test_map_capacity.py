@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,31 @@ def test_a_service_that_shrinks_makes_room_for_a_refused_one(pin_path: Path) -> 
         assert w.refused == {}
         assert frontends(w) == {"10.96.3.1:80/TCP", "10.96.0.10:80/TCP"}
         kernel_equals_status(w)
+
+
+def test_a_map_pinned_with_an_earlier_default_size_is_kept(pin_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from kpr.bpf.inline import inline_includes
+    from kpr.bpf.loader import compile_and_load
+
+    pin_path.mkdir(parents=True, exist_ok=True)
+    old = replace(M.SPECS["kpr_svc"], max_entries=65536)
+    with M.BpfMap.create(old) as m:
+        m.pin(pin_path / "kpr_svc")
+        map_id = m.id
+    with caplog.at_level(logging.WARNING, logger="kpr.servicemaps"):
+        w = ServiceMapWriter(pin_path, create_datapath_maps=False).open()
+    try:
+        assert "event=servicemaps_pinned_size map=kpr_svc pinned=65536 default=262144" in caplog.text
+        assert w.ids()["kpr_svc"] == map_id and w.limits["kpr_svc"] == 65536
+        assert w.kpr_status().counters["max_entries_kpr_svc"] == 65536
+        # Programs compiled with the default sizes use the pinned map as it is.
+        b = compile_and_load(inline_includes('#include "lib/maps.h"\nint noop(void *ctx) { return 0; }\n'), cflags=M.cflags(pin_path))
+        try:
+            assert M.obj_info(b[b"kpr_svc"].map_fd).id == map_id
+        finally:
+            b.cleanup()
+    finally:
+        w.close()
+    # A size set in bpf.mapSizes must match the pin.
+    with pytest.raises(M.MapIncompatible, match="max_entries 65536 \\(want 262144\\)"):
+        ServiceMapWriter(pin_path, sizes={"kpr_svc": 262144}, create_datapath_maps=False).open()

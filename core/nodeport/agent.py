@@ -268,6 +268,8 @@ class NodePortAgent:
         self._algo_seen: dict[str, int] = {}
         self._c = _Counters()
         self._synced = False
+        # More compiler flags for _new_datapath (tests build a changed program, as an upgrade brings).
+        self.extra_cflags: list[str] = []
 
     # ------------------------------------------------------------------ configuration
 
@@ -443,6 +445,8 @@ class NodePortAgent:
             self._snat_addrs = {M.addr_to_bytes(a) for a in snat}
             self._write_vips()
             self._attach_devices(tuple(node.devices), facts)
+            if not self._device_errors:  # every entry is this build's now: earlier builds' stages go
+                self.datapath.drop_other_generations()
 
     @hookimpl
     def kpr_node_changed(self, node: NodeInfo) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -157,6 +158,10 @@ class Datapath:
         self.maglev_size = maglev_size
         self.snat_ports = snat_ports
         self.extra_cflags = list(extra_cflags)
+        # This build's own stage array (lib/nodeport.h KPR_NP_CALLS_PIN): the entries it
+        # replaces keep their own stages until the switch; drop_other_generations() then
+        # unpins the arrays of earlier builds.
+        self.calls_pin = f"{self.CALLS_MAP}_{secrets.token_hex(4)}"  # bpffs refuses dots in names
         # bpf.mapSizes overrides: the programs must declare the pinned maps as the writer made them.
         self.sizes: dict[str, int] = {}
         self.bpf: Any = None
@@ -171,6 +176,7 @@ class Datapath:
             f"-DKPR_NP_PEER={int(self.redirect_peer)}",
             f"-DKPR_SNAT_PORT_MIN={self.snat_ports[0]}",
             f"-DKPR_SNAT_PORT_MAX={self.snat_ports[1]}",
+            f'-DKPR_NP_CALLS_PIN="{self.calls_pin}"',
             *self.extra_cflags,
         ]
 
@@ -208,6 +214,21 @@ class Datapath:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+    def drop_other_generations(self) -> list[str]:
+        """Unpin the stage arrays of earlier builds (call once this build's entries are attached
+        everywhere: an entry still attached from an earlier build would lose its stages)."""
+        gone = []
+        for p in sorted(self.pin.glob(f"{self.CALLS_MAP}*")):
+            if p.name != self.calls_pin and (p.name == self.CALLS_MAP or p.name.startswith(f"{self.CALLS_MAP}_")):
+                try:
+                    p.unlink()
+                    gone.append(p.name)
+                except FileNotFoundError:
+                    continue
+        if gone:
+            log.info("event=nodeport_old_stage_arrays_unpinned pins=%s", ",".join(gone))
+        return gone
 
     def fd(self, name: str) -> int:
         return int(self.progs[name].fd)

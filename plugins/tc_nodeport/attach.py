@@ -5,9 +5,9 @@ tcx (kernel 6.6+): `place()` puts each program at its hook through a BPF link pi
 <bpf.pinPath>/links/tc_nodeport/<device>/<ingress|egress> (kpr.bpf.links). The link outlives
 the agent; the next agent adopts it and switches it to its newly loaded program with
 BPF_LINK_UPDATE, so there is never a moment without a program nor a second copy. tcx programs
-run before every clsact filter, and ours after other owners' tcx programs attached earlier.
-A packet kpr passes (TC_ACT_OK) ends tc processing there, as it did from a kpr filter at the
-first priority.
+run before every clsact filter, and ours after other owners' tcx programs attached earlier;
+a packet kpr leaves alone gets TC_ACT_UNSPEC (TCX_NEXT), so later tcx programs and clsact
+filters still see it.
 
 clsact (the fallback: no tcx, KPR_BPF_LINKS=off or =tcx, or another owner's clsact filter
 already at the hook, which kpr will not jump ahead of): kpr's filters are recognised by name

@@ -57,6 +57,7 @@ class TcNodePort(NodePortAgent):
             redirect_peer=cfg.redirect_peer,
             snat_ports=cfg.snat_ports,
             maglev_size=maglev_size,
+            extra_cflags=self.extra_cflags,
         )
 
     # ------------------------------------------------------------------ devices

@@ -216,6 +216,7 @@ class XdpNodePort(NodePortAgent):
             icmp_unreachable=cfg.icmp_unreachable,
             snat_ports=cfg.snat_ports,
             maglev_size=maglev_size,
+            extra_cflags=self.extra_cflags,
         )
 
     # ------------------------------------------------------------------ devices

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from kpr.plugins.socklb.plugin import SockLB
 from kpr.servicemaps import ServiceMapWriter
 from kpr.sources import ObjectRef
 from kpr.store import ObjectStore
-from kpr.testing.cgroup import child_cgroup, run_in_cgroup
+from kpr.testing.cgroup import child_cgroup, popen_in_cgroup, run_in_cgroup
 from kpr.testing.netns import Topology
 
 PY = shutil.which("python3", path="/usr/bin:/bin") or "python3"
@@ -163,6 +164,70 @@ elif mode == "hold":
                 out(event="eof" if not d else "data", after=time.monotonic() - t0)
             except OSError as e:
                 out(event="error", error=err(e), after=time.monotonic() - t0)
+"""
+
+
+# Load for restart tests and bench_restart.py: a new TCP connection every GAP seconds to
+# HOST:PORT (each reads the backend's name line), and one long-lived connection that echoes a
+# byte every GAP. On stdin EOF it prints one JSON summary: attempts, failures (time, errno),
+# the successful connects (start time, CLOCK_MONOTONIC as the caller's, and duration) and how
+# the long-lived connection fared.
+LOAD = r"""
+import errno, json, socket, sys, threading, time
+host, port, gap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+stop = threading.Event()
+ok, failed = [], []
+held = {"echoes": 0, "error": ""}
+def err(e):
+    return errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+def one():
+    t0 = time.monotonic()
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect((host, port))
+        d = b""
+        while not d.endswith(b"\n"):
+            c = s.recv(512)
+            if not c:
+                raise ConnectionResetError(errno.ECONNRESET, "eof")
+            d += c
+        ok.append([t0, time.monotonic() - t0])
+    except OSError as e:
+        failed.append([t0, err(e)])
+    finally:
+        s.close()
+def churn():
+    nxt = time.monotonic()
+    while not stop.is_set():
+        one()
+        nxt += gap
+        time.sleep(max(0.0, nxt - time.monotonic()))
+def hold():
+    try:
+        s = socket.create_connection((host, port), timeout=2)
+        s.settimeout(2)
+        d = b""
+        while not d.endswith(b"\n"):
+            d += s.recv(512)
+        while not stop.is_set():
+            s.sendall(b"x")
+            if s.recv(1) != b"x":
+                raise ConnectionResetError(errno.ECONNRESET, "no echo")
+            held["echoes"] += 1
+            time.sleep(gap)
+    except OSError as e:
+        held["error"] = err(e)
+threads = [threading.Thread(target=f, daemon=True) for f in (churn, hold)]
+for t in threads:
+    t.start()
+print("started", flush=True)
+sys.stdin.read()
+stop.set()
+for t in threads:
+    t.join(5)
+print(json.dumps({"attempts": len(ok) + len(failed), "ok": ok, "failed": failed, "held": held}), flush=True)
 """
 
 
@@ -350,3 +415,162 @@ def socklb(kernel_headers: Path) -> Iterator[Env]:
         pytest.skip("no cgroup2 hierarchy mounted")
     with running() as env:
         yield env
+
+
+# ---------------------------------------------------------------------- restarts under load
+
+KPR = Path(sys.executable).with_name("kpr")
+RESTART_IP = "10.96.7.20"  # the restart rig's ClusterIP (port 80 -> be1, be2 on PORT)
+
+RESTART_MANIFESTS = f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: {RESTART_IP}
+  ports: [{{name: http, port: 80, targetPort: {PORT}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: {PORT}, protocol: TCP}}]
+endpoints:
+  - addresses: [{PODS["be1"][0]}]
+    nodeName: node1
+  - addresses: [{PODS["be2"][0]}]
+    nodeName: node1
+"""
+
+
+@dataclass
+class Load:
+    """A running LOAD client; `finish()` returns its summary."""
+
+    proc: subprocess.Popen
+
+    def finish(self) -> dict:
+        out, _ = self.proc.communicate(timeout=30)
+        return json.loads(out.strip().splitlines()[-1])
+
+
+@dataclass
+class AgentRig:
+    """`kpr run` as a real process in one namespace of a topology (`agent_ns`), with the config
+    `config_text` (files source under work/manifests), restarted the ways an operator or
+    systemd would; `load()` starts a LOAD client in `load_ns` (and `load_cgroup`, if any)."""
+
+    topo: Topology
+    pin: Path
+    work: Path
+    config_text: str
+    manifests: str
+    agent_ns: str = "node"
+    load_ns: str = "cli"
+    load_cgroup: Path | None = None
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def config(self) -> Path:
+        return self.work / "kpr.yaml"
+
+    def write_config(self) -> None:
+        (self.work / "manifests").mkdir(exist_ok=True)
+        (self.work / "manifests" / "services.yaml").write_text(self.manifests)
+        self.config.write_text(
+            f"source: {{kind: files, path: {self.work}/manifests, statePath: {self.work}/alloc.json, pollInterval: 0.05}}\n"
+            f"bpf: {{pinPath: {self.pin}}}\n"
+            f"api: {{socket: {self.work}/kpr.sock}}\n"
+            f"metrics: {{address: \"\"}}\n"
+            f"agent: {{stateDir: {self.work}/state}}\n" + self.config_text
+        )
+
+    def start(self, timeout: float = 60) -> float:
+        """Start an agent and wait until it reports ready; returns the seconds that took."""
+        import time
+
+        assert self.proc is None or self.proc.poll() is not None, "an agent is running"
+        self.starts += 1
+        log = open(self.work / f"agent-{self.starts}.log", "w")
+        t0 = time.monotonic()
+        # nsenter, not `ip netns exec`: that remounts /sys, and the cgroup2 mount with it
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net={self.topo[self.agent_ns].path}", str(KPR), "run", "--config", str(self.config)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the agent exited ({self.proc.returncode}): "
+                                   f"{(self.work / f'agent-{self.starts}.log').read_text()[-3000:]}")
+            res = subprocess.run([str(KPR), "status", "--config", str(self.config), "--json"],
+                                 capture_output=True, text=True, timeout=10)
+            if res.returncode == 0 and json.loads(res.stdout or "{}").get("ready"):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise TimeoutError(f"the agent was not ready within {timeout} s")
+
+    def stop(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def load(self, host: str, port: int, gap: float = 0.01) -> Load:
+        argv = [PY, "-c", LOAD, host, str(port), str(gap)]
+        kw: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.load_cgroup is not None:
+            proc = popen_in_cgroup(self.load_cgroup, argv, self.topo[self.load_ns], **kw)
+        else:
+            proc = self.topo.popen(self.load_ns, argv, **kw)
+        line = proc.stdout.readline()
+        if line.strip() != "started":
+            raise RuntimeError(f"load client did not start: {line!r}")
+        return Load(proc)
+
+
+def longest_gap(ok: list[list[float]], start: float, end: float) -> float:
+    """The longest time (s) without a successful connect starting, around [start, end]: from
+    the last success before `start` (or start) to the next, and so on until `end`. A connect
+    that takes long (a busy CPU while the new agent compiles) shows here too: see slowest()."""
+    times = sorted(t for t, _d in ok)
+    before = [t for t in times if t < start]
+    inside = [t for t in times if start <= t <= end]
+    after = [t for t in times if t > end]
+    points = ([before[-1]] if before else [start]) + inside + ([after[0]] if after else [end])
+    return max((b - a for a, b in zip(points, points[1:])), default=end - start)
+
+
+@contextlib.contextmanager
+def restart_rig(name: str = "kpr-restart", *, keep_attached: bool = True) -> Iterator[AgentRig]:
+    """socklb under restarts: the node topology, a child cgroup for the hooks and the load, a
+    private bpffs and a work directory; the ClusterIP RESTART_IP:80 goes to be1 and be2. The
+    agent is killed and everything it attached removed (`kpr cleanup`) afterwards."""
+    with contextlib.ExitStack() as stack:
+        mnt = stack.enter_context(private_bpffs(name))
+        topo = stack.enter_context(Topology())
+        cg = stack.enter_context(child_cgroup(name))
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{name}-")))
+        build_topology(topo)
+        pin = mnt / "kpr"
+        stack.callback(cleanup, pin)
+        config = (
+            f"node: {{name: node1, addresses: [{NODE4}, \"{NODE6}\"], devices: [lo]}}\n"
+            f"plugins: {{socklb: {{enabled: true, cgroupPath: {cg}, keepAttachedOnStop: {str(keep_attached).lower()}}}}}\n"
+        )
+        rig = AgentRig(topo, pin, work, config, RESTART_MANIFESTS, load_cgroup=cg)
+        rig.write_config()
+        stack.callback(rig.kill)
+        yield rig
+
+
+def slowest(ok: list[list[float]], start: float, end: float) -> float:
+    """The longest successful connect (s) that started within [start, end]."""
+    return max((d for t, d in ok if start <= t <= end), default=0.0)

@@ -206,8 +206,12 @@ def plugin_context(pin: Path, node: str, devices: tuple[str, ...], state_dir: Pa
     )
 
 
-def start_plugin(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), **cfg: Any) -> TcNodePort:
+def start_plugin(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), *,
+                 extra_cflags: Iterable[str] = (), **cfg: Any) -> TcNodePort:
+    """configure + start a TcNodePort in the node's namespace (extra_cflags: a changed program,
+    as an upgrade brings)."""
     plugin = TcNodePort()
+    plugin.extra_cflags = list(extra_cflags)
     ctx = plugin_context(pin, node, devices)
     plugin.kpr_configure(config=TcNodePortConfig.model_validate(cfg), context=ctx)
     with topo[node].enter():  # the agent runs in the node's namespace
@@ -319,3 +323,44 @@ def tc_filters(topo: Topology, ns: str, dev: str, direction: str) -> list[tuple[
         if f.get("kind") == "bpf" and "handle" in opts:
             rows.append((int(f["pref"]), opts.get("bpf_name", "")))
     return [r for r in rows if r[0] == TCX] + sorted(r for r in rows if r[0] != TCX)
+
+
+# ---------------------------------------------------------------------- restarts under load
+
+NP_RESTART_PORT = 30070  # the restart rig's NodePort (-> p1a on node1, p2a on node2)
+
+
+def nodeport_manifests() -> str:
+    eps = "".join(f"  - addresses: [{PODS[p][1]}]\n    nodeName: {PODS[p][0]}\n" for p in ("p1a", "p2a"))
+    return (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: default}\n"
+        f"spec:\n  type: NodePort\n  clusterIP: 10.96.9.70\n"
+        f"  ports: [{{name: http, port: 80, targetPort: {PORT}, nodePort: {NP_RESTART_PORT}}}]\n"
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n"
+        "metadata: {name: np-1, namespace: default, labels: {kubernetes.io/service-name: np}}\n"
+        f"addressType: IPv4\nports: [{{name: http, port: {PORT}, protocol: TCP}}]\nendpoints:\n{eps}"
+    )
+
+
+@contextlib.contextmanager
+def nodeport_restart_rig(name: str = "kpr-np-restart", *, keep_attached: bool = True) -> Iterator[Any]:
+    """tc_nodeport under restarts: `kpr run` in node1's namespace on eth0 (socklb_env.AgentRig),
+    the NodePort NP_RESTART_PORT to a local and a remote pod, the load from the external client;
+    the agent is killed and everything it attached removed (`kpr cleanup`) afterwards."""
+    import tempfile
+
+    from socklb_env import AgentRig
+
+    n = NODES["node1"]
+    with scratch_pin_dir(name) as pin, Topology() as topo, tempfile.TemporaryDirectory(prefix=f"{name}-") as work:
+        build_topology(topo, second_device=False, pods=("p1a", "p2a"))
+        config = (
+            f"node: {{name: node1, addresses: [{n['addr']}, \"{n['addr6']}\"], devices: [eth0]}}\n"
+            f"plugins: {{tc_nodeport: {{enabled: true, keepAttachedOnStop: {str(keep_attached).lower()}}}}}\n"
+        )
+        rig = AgentRig(topo, pin, Path(work), config, nodeport_manifests(), agent_ns="node1", load_ns="cl")
+        rig.write_config()
+        try:
+            yield rig
+        finally:
+            rig.kill()

@@ -834,3 +834,46 @@ def test_decision_logic_affinity_is_per_netns(decide_maps: tuple[Path, ServiceMa
     finally:
         bpf.cleanup()
         w.delete(ServiceKey("default", "aff"))
+
+
+# ---------------------------------------------------------------- restarts under traffic
+
+
+def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -> None:
+    """`kpr run` as a real process; a pod opens a connection to a ClusterIP every 10 ms and
+    holds one more. SIGTERM + start and SIGKILL + start: no failed connection, the long-lived
+    one unbroken, one program per hook, the same pinned maps."""
+    import signal
+
+    from socklb_env import RESTART_IP, longest_gap, restart_rig, slowest
+
+    with restart_rig("kpr-socklb-rs") as rig:
+        rig.start()
+        svc_id = M.BpfMap.open_pinned(rig.pin / "kpr_svc")
+        try:
+            map_id = svc_id.id
+        finally:
+            svc_id.close()
+        load = rig.load(RESTART_IP, 80, gap=0.01)
+        windows = []
+        try:
+            time.sleep(0.5)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                t0 = time.monotonic()
+                rig.stop(sig)
+                assert len(attached_hooks(rig.load_cgroup)) == 10, "the hooks stay while no agent runs"
+                rig.start()
+                time.sleep(0.3)
+                windows.append((sig.name, t0, time.monotonic()))
+                assert {a: len(prog_ids(rig.load_cgroup, a)) for a in ALL_HOOKS} == {a: 1 for a in ALL_HOOKS}
+        finally:
+            res = load.finish()
+        with M.BpfMap.open_pinned(rig.pin / "kpr_svc") as m:
+            assert m.id == map_id, "the same maps"
+        assert res["attempts"] > 100
+        assert res["failed"] == [], res["failed"][:10]
+        assert not res["held"]["error"] and res["held"]["echoes"] > 100, res["held"]
+        for name, a, b in windows:
+            print(f"{name}: longest gap {longest_gap(res['ok'], a, b) * 1e3:.1f} ms, "
+                  f"slowest connect {slowest(res['ok'], a, b) * 1e3:.1f} ms")
+        rig.stop(signal.SIGTERM)

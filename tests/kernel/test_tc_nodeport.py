@@ -9,6 +9,7 @@ became the node's (SNAT).
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -344,6 +345,188 @@ def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp
         finally:
             with contextlib.suppress(Exception):
                 p.kpr_stop(p.context)
+
+
+def _tags(ids: list[int]) -> set[bytes]:
+    from kpr.bpf import maps as M
+
+    out = set()
+    for pid in ids:
+        fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(pid), "prog fd")
+        try:
+            out.add(bytes(M.prog_info(fd).tag))
+        finally:
+            os.close(fd)
+    return out
+
+
+def _tcx_ids(topo: Topology, dev: str, direction: str) -> list[int]:
+    import socket
+
+    from kpr.plugins.tc_nodeport.attach import tcx_programs
+
+    with topo["node1"].enter():
+        return [pid for pid, _n in tcx_programs(socket.if_nametoindex(dev), direction)]
+
+
+def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -> None:
+    """Stop leaves the tcx links; the next instance (after a stop, a kill, an upgrade) updates
+    them: one program per hook, the same links and maps, the NodePort served throughout; a
+    device dropped from node.devices loses kpr's programs even when an earlier run put them
+    there; an older version's clsact filter is removed once the link runs."""
+    from pyroute2 import IPRoute
+
+    from kpr.bpf import links
+
+    with scratch_pin_dir("kpr-np-adopt") as pin, Topology() as topo:
+        build_topology(topo, pods=("p1a",))
+        started: list = []
+        try:
+            with ServiceMapWriter(pin) as w:
+                svc = nodeport("adopt", 30091, "p1a")("node1")
+                w.upsert(svc)
+
+                def start(devices: tuple[str, ...] = ("eth0", "eth1"), **kw: Any) -> Any:
+                    p = start_plugin(topo, "node1", pin, devices, **kw)
+                    p.kpr_service_upsert(svc)
+                    started.append(p)
+                    return p
+
+                def one_each(devices: tuple[str, ...] = ("eth0", "eth1")) -> None:
+                    for dev in devices:
+                        assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")]
+                        assert tc_filters(topo, "node1", dev, "egress") == [(TCX, "kpr_np_egress")]
+
+                serve = lambda: _name_and_peer(client(topo, "tcp", N1, 30091, 2)) == [("p1a", CLIENT)] * 2  # noqa: E731
+                p1 = start()
+                one_each()
+                assert {a.action for a in p1._attached.values()} == {"created"}
+                ids1 = {k: links.link_info(a.link_fd).id for k, a in p1._attached.items()}
+                maps1 = {n: m.id for n, m in p1.datapath.maps.items()}
+                assert serve()
+                p1.kpr_stop(p1.context)  # SIGTERM: the links stay, the NodePort is served
+                one_each()
+                assert serve()
+                p2 = start()
+                one_each()
+                assert {a.action for a in p2._attached.values()} == {"updated"}
+                assert {k: links.link_info(a.link_fd).id for k, a in p2._attached.items()} == ids1
+                assert {n: m.id for n, m in p2.datapath.maps.items()} == maps1
+                before = _tags(_tcx_ids(topo, "eth0", "ingress"))
+                # SIGKILL and an upgrade (ICMP unreachable compiled out): p2 never stops; the new
+                # build replaces it through the links
+                p3 = start(extra_cflags=["-UKPR_NP_ICMP_UNREACH", "-DKPR_NP_ICMP_UNREACH=0"])
+                one_each()
+                assert {a.action for a in p3._attached.values()} == {"updated"}
+                assert {k: links.link_info(a.link_fd).id for k, a in p3._attached.items()} == ids1
+                assert {n: m.id for n, m in p3.datapath.maps.items()} == maps1
+                # the entries run the new build (the changed code is in a stage: the pinned
+                # kpr_np_calls array holds the new stages)
+                assert _tcx_ids(topo, "eth0", "ingress") == [p3.datapath.prog_id("kpr_np_ingress")]
+                assert _tags(_tcx_ids(topo, "eth0", "ingress")) == before
+                assert serve()
+                svc_empty = nodeport("adopt-empty", 30093)("node1")
+                w.upsert(svc_empty)
+                p3.kpr_service_upsert(svc_empty)
+                assert answers(client(topo, "tcp", N1, 30093, 1, "timeout=1")) == ["TimeoutError"], "dropped, no ICMP"
+                assert len(attachments(pin)) == 4
+                # an older version's clsact filter at a hook (as kpr attached before links)
+                with topo["node1"].enter(), IPRoute() as ipr:
+                    idx = ipr.link_lookup(ifname="eth0")[0]
+                    ipr.tc("add", "clsact", idx)  # tcx needs none
+                    ipr.tc("add-filter", "bpf", idx, ":1", fd=p3.datapath.fd("kpr_np_ingress"), name="kpr_np_ingress",
+                           parent="ffff:fff2", classid=1, direct_action=True, prio=1)
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress"), (1, "kpr_np_ingress")]
+                # a new instance for eth0 only: eth1 was an earlier run's, and goes
+                p4 = start(("eth0",))
+                one_each(("eth0",))
+                for d in ("ingress", "egress"):
+                    assert tc_filters(topo, "node1", "eth1", d) == []
+                assert [r["target"]["ifname"] for r in attachments(pin)] == ["eth0", "eth0"]
+                assert sorted(p.name for p in (pin / "links" / "tc_nodeport").iterdir()) == ["eth0"]
+                assert serve()
+        finally:
+            for p in started:
+                with contextlib.suppress(Exception):
+                    p._teardown(detach=False)
+
+
+def test_without_tcx_links_clsact_filters_keep_one_copy(kernel_headers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KPR_BPF_LINKS=tcx: clsact filters as before links, replaced in place by the next
+    instance; allowed again, the next instance moves to a tcx link and drops the filter."""
+    with scratch_pin_dir("kpr-np-fb") as pin, Topology() as topo:
+        build_topology(topo, second_device=False, pods=("p1a",))
+        started: list = []
+        try:
+            with ServiceMapWriter(pin) as w:
+                svc = nodeport("fb", 30092, "p1a")("node1")
+                w.upsert(svc)
+                serve = lambda: _name_and_peer(client(topo, "tcp", N1, 30092, 2)) == [("p1a", CLIENT)] * 2  # noqa: E731
+                monkeypatch.setenv("KPR_BPF_LINKS", "tcx")
+                for _ in range(2):
+                    p = start_plugin(topo, "node1", pin)
+                    p.kpr_service_upsert(svc)
+                    started.append(p)
+                    assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")]
+                    assert tc_filters(topo, "node1", "eth0", "egress") == [(1, "kpr_np_egress")]
+                    assert p.kpr_status().details["linksFallback"]
+                    assert serve()
+                    p.kpr_stop(p.context)
+                    assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")], "stays"
+                monkeypatch.delenv("KPR_BPF_LINKS")
+                p = start_plugin(topo, "node1", pin)
+                p.kpr_service_upsert(svc)
+                started.append(p)
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
+                assert tc_filters(topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
+                assert not p.kpr_status().details["linksFallback"]
+                assert serve()
+        finally:
+            for p in started:
+                with contextlib.suppress(Exception):
+                    p._teardown(detach=False)
+
+
+def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -> None:
+    """`kpr run` in node1's namespace; the external client opens a connection to the NodePort
+    every 10 ms and holds one more. SIGTERM + start and SIGKILL + start: no failed
+    connection, the long-lived one unbroken, one program per hook, the same maps."""
+    import signal
+
+    from socklb_env import longest_gap, slowest
+
+    from kpr.bpf import maps as M
+    from tc_nodeport_env import NP_RESTART_PORT, nodeport_restart_rig
+
+    with nodeport_restart_rig("kpr-np-rs") as rig:
+        rig.start()
+        with M.BpfMap.open_pinned(rig.pin / "kpr_ct") as m:
+            ct_id = m.id
+        load = rig.load(N1, NP_RESTART_PORT, gap=0.01)
+        windows = []
+        try:
+            time.sleep(0.5)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                t0 = time.monotonic()
+                rig.stop(sig)
+                assert tc_filters(rig.topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
+                rig.start()
+                time.sleep(0.3)
+                windows.append((sig.name, t0, time.monotonic()))
+                assert tc_filters(rig.topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
+                assert tc_filters(rig.topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
+        finally:
+            res = load.finish()
+        with M.BpfMap.open_pinned(rig.pin / "kpr_ct") as m:
+            assert m.id == ct_id, "the same conntrack map"
+        assert len(list(rig.pin.glob("kpr_np_calls*"))) == 1, "earlier builds' stage arrays are unpinned"
+        assert res["attempts"] > 100
+        assert res["failed"] == [], res["failed"][:10]
+        assert not res["held"]["error"] and res["held"]["echoes"] > 100, res["held"]
+        for name, a, b in windows:
+            print(f"{name}: longest gap {longest_gap(res['ok'], a, b) * 1e3:.1f} ms, "
+                  f"slowest connect {slowest(res['ok'], a, b) * 1e3:.1f} ms")
+        rig.stop(signal.SIGTERM)
 
 
 def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: Path) -> None:

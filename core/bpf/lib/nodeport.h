@@ -225,10 +225,20 @@ BPF_PERCPU_ARRAY(kpr_np_state, struct kpr_np_state, 1);
 // The stage programs (KPR_NP_CALL_*). Pinned: a program array drops its entries when its last
 // user reference goes, which would break attached programs of an agent that exited.
 // A program array serves one program type only: an XDP build has its own (kpr_np_xcalls).
+// Each build pins its own array (KPR_NP_CALLS_PIN, named per load by the plugin): the stages
+// hand state over in the build's own kpr_np_state, so an entry must only ever reach its own
+// build's stages; the link update that installs a new entry switches entry and stages at once.
+#ifndef KPR_NP_CALLS_PIN
 #ifdef KPR_CTX_SKB
-BPF_TABLE_PINNED("prog", __u32, __u32, kpr_np_calls, KPR_NP_CALL_MAX, KPR_PIN(kpr_np_calls));
+#define KPR_NP_CALLS_PIN "kpr_np_calls" // pin name of the stage array under KPR_PIN_PATH
 #else
-BPF_TABLE_PINNED("prog", __u32, __u32, kpr_np_xcalls, KPR_NP_CALL_MAX, KPR_PIN(kpr_np_xcalls));
+#define KPR_NP_CALLS_PIN "kpr_np_xcalls"
+#endif
+#endif
+#ifdef KPR_CTX_SKB
+BPF_TABLE_PINNED("prog", __u32, __u32, kpr_np_calls, KPR_NP_CALL_MAX, KPR_PIN_PATH "/" KPR_NP_CALLS_PIN);
+#else
+BPF_TABLE_PINNED("prog", __u32, __u32, kpr_np_xcalls, KPR_NP_CALL_MAX, KPR_PIN_PATH "/" KPR_NP_CALLS_PIN);
 #endif
 
 /* --- small helpers -------------------------------------------------------------------- */

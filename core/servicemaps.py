@@ -209,6 +209,9 @@ class WriterParams:
         return M.cflags(pin_path, self.sizes, self.maglev_size)
 
 
+# Seconds from a change of the desired state to the next try of a failed initial sync.
+_RETRY_ON_CHANGE = 2.0
+
 # Plugin section keys (snake_case attributes) that configure the shared maps, and what they set.
 _SHARED_KEYS = {"algorithm": "algorithm", "maglev_table_size": "maglev_size", "conntrack_size": "conntrack"}
 
@@ -813,10 +816,13 @@ class ServiceMapWriter:
             need = self._needs(mine.values(), used_bids)
             hit = first_overflow(used, need, self.limits)
             if hit is not None:
-                self._refuse(s.key, Refusal(*hit, self.limits[hit[0]], tuple(need.items())))
+                wanted = need
                 mine = {fk: old[fk] for fk in mine if fk in old}
                 need = self._needs(mine.values(), used_bids)
-                if not mine or first_overflow(used, need, self.limits) is not None:
+                kept = bool(mine) and first_overflow(used, need, self.limits) is None
+                growth = {name: wanted[name] - (need[name] if kept else 0) for name in wanted}
+                self._refuse(s.key, Refusal(*hit, self.limits[hit[0]], tuple(growth.items())))
+                if not kept:
                     continue
                 for g in mine.values():
                     g.owner = s.key
@@ -1355,9 +1361,10 @@ class ServiceMapWriter:
             self._initial_sync()
 
     def _desired_changed(self) -> None:
-        # While a failed initial sync waits for its retry, a new desired state is tried soon.
+        # While a failed initial sync waits for its retry, a new desired state is tried soon
+        # (but not more often than every _RETRY_ON_CHANGE seconds under churn).
         if self._retry_at is not None:
-            self._retry_at = min(self._retry_at, time.monotonic() + self._backoff.initial)
+            self._retry_at = min(self._retry_at, time.monotonic() + _RETRY_ON_CHANGE)
             self._kick.set()
 
     def _initial_sync(self) -> bool:

@@ -92,3 +92,14 @@ def test_a_service_that_cannot_be_rendered_is_skipped_alone():
     desired = w._plan([bad, good], old={})
     assert [g.owner.name for g in desired.values()] == ["good"]
     assert w.errors == 1
+
+
+def test_a_refused_service_keeps_its_old_groups_and_waits_only_for_its_growth():
+    w = ServiceMapWriter("/nonexistent", sizes={"kpr_svc": 8})
+    old = w._render(svc("a", "10.96.5.", 2))  # 10.96.5.0: 3 entries, as the maps hold them
+    w._forget_render()
+    big = svc("a", "10.96.5.", 2, frontends=3)  # 10.96.5.0-2: 9 entries
+    desired = w._plan([big], old=old)
+    assert desired == old and all(desired[fk] is old[fk] for fk in old), "the last good state stays as it is"
+    assert all(g.owner == big.key for g in desired.values())
+    assert dict(w.refused[big.key].delta)["kpr_svc"] == 6, "tried again once 6 more entries fit"

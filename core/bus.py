@@ -116,6 +116,9 @@ class PluginWorker:
                     return None
                 if self._pending:
                     key, (event, payload) = self._pending.popitem(last=False)
+                    if not self._pending:
+                        # A dict never shrinks: after an initial sync's burst, a small one.
+                        self._pending = OrderedDict()
                     self._busy_key = key
                     return key, event, payload, 0
                 now = time.monotonic()

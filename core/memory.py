@@ -2,18 +2,21 @@
 
 What the agent holds for its lifetime is mostly the sources' objects (parsed manifests or API
 objects, shared by the source and the store) and the model translated from them; with tens of
-thousands of services these are millions of small dicts, lists and strings. Three things keep
-that down, none of which changes what any object means:
+thousands of services these are millions of small dicts, lists and strings. None of what
+follows changes what any object means:
 
-- `compact` interns the strings of an object in place: a name, a node name, a protocol or a
-  key repeated across 20k objects is kept once, not once per object (json and yaml make a
-  new string for every occurrence of a value);
+- `compact` interns the strings of an object in place, keys too: a name, a node name, a
+  protocol or a key repeated across 20k objects is kept once, not once per object (json makes
+  a new string for every value, yaml for every key and value), and the flag-only dicts of
+  endpoint conditions are shared;
 - `gc_paused` keeps the cyclic garbage collector out of a big batch: the objects of an initial
-  sync are all long-lived and freed by reference counting, yet each collection of the oldest
-  generation would walk every one of them (40% of a 20k-service initial sync);
-- `settle`, once the initial state has reached every plugin, collects what is left, moves the
-  survivors out of the collector's reach for good (`gc.freeze`) and gives the heap's free
-  pages back to the system (`malloc_trim`).
+  sync are long-lived and freed by reference counting, yet each collection of the oldest
+  generation would walk all of them (40% of a 20k-service initial sync), and so would the
+  first collections after it, so what such a batch leaves behind is frozen out of the
+  collector's reach (`gc.freeze`);
+- `settle`, once the initial state has reached every plugin, freezes what else survives and
+  gives the C heap's free pages back to the system (`malloc_trim`): bcc/LLVM's compile
+  buffers and the initial sync's garbage.
 """
 
 from __future__ import annotations
@@ -39,13 +42,16 @@ _FLAGS_MAX = 256
 _pause_lock = threading.Lock()
 _pauses = 0
 _was_enabled = False
+# New objects a paused batch may leave behind before they are frozen (see gc_paused).
+FREEZE_AFTER = 100_000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def compact(obj: Any) -> Any:
-    """Intern every string in a JSON-like object (dicts, lists, scalars), keys too, in place;
-    returns obj. Equality is unchanged: only which string objects hold the text is."""
+    """Intern every string in a JSON-like object (dicts, lists, scalars), keys too, in place,
+    and share dicts of flags only; returns obj. Equality and key order are unchanged: only
+    which objects hold the values is. The object must be read-only from then on."""
     if type(obj) is dict:
         _compact_dict(obj)
     elif type(obj) is list:
@@ -63,12 +69,19 @@ def _compact_dict(d: dict) -> None:
                 shared = _flags.get(flags)
                 if shared is not None:
                     d[k] = shared
-                elif len(_flags) < _FLAGS_MAX:
+                    continue
+                if len(_flags) < _FLAGS_MAX:
                     _flags[flags] = v
-            else:
-                _compact_dict(v)
+            _compact_dict(v)
         elif type(v) is list:
             _compact_list(v)
+    # Keys: yaml makes a new string for each one. A key is swapped only by inserting it again,
+    # so the dict is rebuilt, in the same order; one key tells whether its producer interned.
+    first = next(iter(d), None)
+    if type(first) is str and _intern(first) is not first:
+        items = [(_intern(k) if type(k) is str else k, v) for k, v in d.items()]
+        d.clear()
+        d.update(items)
 
 
 def _compact_list(items: list) -> None:
@@ -94,13 +107,20 @@ def _paused() -> Iterator[None]:
     finally:
         with _pause_lock:
             _pauses -= 1
-            if _pauses == 0 and _was_enabled:
-                gc.enable()
+            if _pauses == 0:
+                if gc.get_count()[0] > FREEZE_AFTER:
+                    # A batch that leaves this many new objects behind (an initial sync) made
+                    # the agent's state: out of the collector's reach now, or its first
+                    # collections would walk all of it.
+                    gc.freeze()
+                if _was_enabled:
+                    gc.enable()
 
 
 def gc_paused(fn: F) -> F:
     """Run fn with the cyclic garbage collector off (re-entrant, across threads: it stays off
-    while any paused call runs), as it was afterwards."""
+    while any paused call runs), as it was afterwards. When the outermost call leaves more
+    than FREEZE_AFTER new objects tracked, they are frozen (gc.freeze) on the way out."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -140,10 +160,10 @@ def trim() -> None:
 
 
 def settle() -> int:
-    """After the initial sync: collect garbage, freeze the survivors out of later collections,
-    give free heap pages back to the system. Returns the bytes of RSS given back."""
+    """After the initial sync: freeze what survives out of later collections (no collection
+    first: a full one of a large state holds the GIL for a second), give the C heap's free
+    pages back to the system. Returns the bytes of RSS given back."""
     before = rss_bytes()
-    gc.collect()
     gc.freeze()
     trim()
     freed = max(0, before - rss_bytes())

@@ -12,6 +12,7 @@ import time
 import tracemalloc
 
 import pytest
+import yaml
 
 from kpr import bus as kbus
 from kpr import memory, translate
@@ -20,6 +21,8 @@ from kpr.model import NodeInfo, Service, ServiceKey
 from kpr.store import ObjectStore
 
 NODE = NodeInfo("node1", ("192.168.50.10",))
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def service(i: int, node_port: bool = False) -> dict:
@@ -92,6 +95,9 @@ def test_compact_keeps_every_value_and_what_translate_makes_of_it():
 
 
 def test_compact_shares_repeated_strings_and_flag_dicts_only():
+    """Strings are immutable, so sharing them is free; a dict shared between objects would
+    be one mutation away from changing both, so only dicts of flags are (nothing writes to
+    an endpoint's conditions once parsed)."""
     a, b = parsed(endpoint_slice(1)), parsed(endpoint_slice(2))
     assert a["endpoints"][0]["nodeName"] is not b["endpoints"][0]["nodeName"]
     memory.compact(a)
@@ -107,6 +113,18 @@ def test_compact_shares_repeated_strings_and_flag_dicts_only():
     # ... while a dict holding anything else stays the object's own, even when equal.
     assert a["ports"][0] == b["ports"][0] and a["ports"][0] is not b["ports"][0]
     assert a["endpoints"][0] is not b["endpoints"][0]
+
+
+def test_compact_interns_keys_yaml_made_again_for_each_object_in_order():
+    docs = list(yaml.load_all(yaml.dump_all([service(1), service(2)], Dumper=_Dumper), Loader=_Loader))
+    a, b = docs
+    assert next(iter(a["spec"])) is not next(iter(b["spec"]))
+    want = copy.deepcopy(docs)
+    for d in docs:
+        memory.compact(d)
+    assert docs == want and [json.dumps(d) for d in docs] == [json.dumps(d) for d in want]
+    for x, y in ((a, b), (a["spec"], b["spec"]), (a["spec"]["ports"][0], b["spec"]["ports"][0])):
+        assert all(kx is ky for kx, ky in zip(x, y))
 
 
 def test_compact_leaves_other_values_alone():
@@ -146,6 +164,23 @@ def test_gc_paused_nests_and_restores():
         assert not gc.isenabled()  # off before, off after
     finally:
         gc.enable()
+
+
+def test_a_paused_batch_that_leaves_many_objects_freezes_them():
+    kept = []
+
+    @memory.gc_paused
+    def batch(n: int) -> None:
+        kept.extend([i] for i in range(n))  # lists: tracked by the collector, unlike {"i": i}
+
+    gc.collect()
+    try:
+        batch(100)
+        assert gc.get_freeze_count() == 0 and gc.isenabled()
+        batch(memory.FREEZE_AFTER + 1000)
+        assert gc.get_freeze_count() > memory.FREEZE_AFTER and gc.isenabled()
+    finally:
+        gc.unfreeze()
 
 
 def test_settle_freezes_and_trims():

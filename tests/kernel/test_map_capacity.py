@@ -65,6 +65,23 @@ def kernel_equals_status(w: ServiceMapWriter) -> None:
     assert "drift" not in w.kpr_status().details
 
 
+def metric_counters(w: ServiceMapWriter) -> dict[str, float]:
+    """kpr_plugin_counter{plugin="servicemaps"} as the agent's metrics endpoint serves it."""
+    from kpr.metrics import _PluginCollector
+
+    class Agent:
+        def plugin_statuses(self) -> dict:
+            st = w.kpr_status()
+            return {"servicemaps": {"healthy": st.healthy, "counters": st.counters}}
+
+    return {
+        s.labels["counter"]: s.value
+        for family in _PluginCollector(Agent()).collect()
+        for s in family.samples
+        if s.name == "kpr_plugin_counter" and s.labels["plugin"] == "servicemaps"
+    }
+
+
 def test_a_service_with_100k_external_ips_is_refused_alone(pin_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     huge = with_external_ips("huge", 100_000)
     with ServiceMapWriter(pin_path, create_datapath_maps=False) as w:
@@ -80,6 +97,7 @@ def test_a_service_with_100k_external_ips_is_refused_alone(pin_path: Path, caplo
         assert "bpf.mapSizes.kprSvc" in st.details["refused"]["default/huge"]
         assert (st.counters["refused"], st.counters["refusals"], st.counters["errors"]) == (1, 1, 0)
         assert not st.healthy and "default/huge" in st.message
+        assert metric_counters(w)["refusals"] == 1, "counted in the agent's metrics"
         # The same state re-delivered (a level resync) is not rendered again.
         w.upsert(huge)
         assert w.kpr_status().counters["refusals"] == 1

@@ -134,6 +134,25 @@ def test_compact_leaves_other_values_alone():
     assert memory.compact("text") == "text" and memory.compact(None) is None
 
 
+def test_the_files_source_compacts_each_file_as_it_reads_it(tmp_path):
+    from kpr.allocator import Allocator
+    from kpr.config import PortRange
+    from kpr.sources.files import FilesSource
+
+    d = tmp_path / "services.d"
+    d.mkdir()
+    (d / "a.yaml").write_text(yaml.dump_all([service(1), endpoint_slice(1)], Dumper=_Dumper))
+    (d / "b.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [service(2), endpoint_slice(2)]}))
+    store = ObjectStore(NODE, NullPublisher())
+    src = FilesSource(d, Allocator(tmp_path / "alloc.json", ["10.96.0.0/12"], PortRange(first=30000, last=32767)))
+    src.scan_once(store)
+    assert len(store.services) == 2 and not store.errors
+    a, b = (store._objects[("EndpointSlice", f"ns{i}", f"svc{i}-abcde")] for i in (1, 2))
+    assert a["endpoints"][0]["nodeName"] is b["endpoints"][0]["nodeName"]
+    assert next(iter(a["endpoints"][0])) is next(iter(b["endpoints"][0]))
+    assert a["endpoints"][0]["conditions"] is b["endpoints"][0]["conditions"]
+
+
 # --- the collector ---------------------------------------------------------------------------
 
 

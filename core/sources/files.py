@@ -500,7 +500,8 @@ class FilesSource:
             log.info("files.busy file=%s; trying next pass", name)
             return None
         try:
-            docs = parse_manifest(name, data)
+            # Compacted as each file is read, so its duplicate strings are freed for the next.
+            docs = [memory.compact(d) for d in parse_manifest(name, data)]
         except _ParseError as e:
             log.warning("files.parse_failed file=%s reason=%s kept=%d", name, e, len(last_good))
             return _kept(sig, old, str(e))

@@ -52,10 +52,13 @@ def compact(obj: Any) -> Any:
     """Intern every string in a JSON-like object (dicts, lists, scalars), keys too, in place,
     and share dicts of flags only; returns obj. Equality and key order are unchanged: only
     which objects hold the values is. The object must be read-only from then on."""
-    if type(obj) is dict:
-        _compact_dict(obj)
-    elif type(obj) is list:
-        _compact_list(obj)
+    try:
+        if type(obj) is dict:
+            _compact_dict(obj)
+        elif type(obj) is list:
+            _compact_list(obj)
+    except RecursionError:
+        pass  # nested deeper than any real object: left as it is below that depth, still equal
     return obj
 
 

@@ -131,6 +131,10 @@ def test_compact_leaves_other_values_alone():
     obj = {"a": [1, 2.5, None, True, ["x", {"y": "z"}]], "b": {}, "c": {"n": 1, "f": False}, 1: "int key"}
     want = copy.deepcopy(obj)
     assert memory.compact(obj) == want
+    deep: dict = {"leaf": "x"}
+    for _ in range(sys.getrecursionlimit() + 100):  # what no parser hands over, yet no crash
+        deep = {"k": [deep]}
+    assert memory.compact(deep) is deep
     assert memory.compact("text") == "text" and memory.compact(None) is None
 
 

@@ -301,22 +301,20 @@ def shape_problem(data: Any, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NO
     expanded: a "billion laughs" is a few lines of anchors), or "". Walks without recursion
     and stops at the first bound, so the cost is bounded too. `depth0` is the depth of `data`
     itself (0 for a list of documents)."""
+    if not isinstance(data, (dict, list)):
+        return ""
     stack: list[tuple[Any, int]] = [(data, depth0)]
-    nodes = 0
+    nodes = 1
     while stack:
         value, depth = stack.pop()
-        nodes += 1
+        children = value.values() if isinstance(value, dict) else value
+        nodes += len(children)
         if nodes > max_nodes:
             return f"more than {max_nodes} values (YAML aliases expanded)"
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
         if depth >= max_depth and children:
             return f"nested deeper than {max_depth} levels"
-        stack.extend((c, depth + 1) for c in children)
+        # Only containers go on the stack: scalars are counted above, in bulk.
+        stack.extend((c, depth + 1) for c in children if type(c) is dict or type(c) is list)
     return ""
 
 

@@ -39,6 +39,7 @@ _intern = sys.intern
 # Their keys come from a handful of API fields, so this stays small.
 _flags: dict[tuple, dict] = {}
 _FLAGS_MAX = 256
+_METADATA = sys.intern("metadata")
 _pause_lock = threading.Lock()
 _pauses = 0
 _was_enabled = False
@@ -51,7 +52,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 def compact(obj: Any) -> Any:
     """Intern every string in a JSON-like object (dicts, lists, scalars), keys too, in place,
     and share dicts of flags only; returns obj. Equality and key order are unchanged: only
-    which objects hold the values is. The object must be read-only from then on."""
+    which objects hold the values is. The object must be read-only from then on.
+
+    An object compacted before (by its source; the store compacts again what reaches it) is
+    left as it is: its "metadata" key is then the interned string, which a parser never makes
+    (json and yaml make their own; kpr's code interned the name at import)."""
+    if type(obj) is dict:
+        for k in obj:
+            if k == "metadata":
+                if k is _METADATA:
+                    return obj
+                break
     try:
         if type(obj) is dict:
             _compact_dict(obj)

@@ -127,6 +127,18 @@ def test_compact_interns_keys_yaml_made_again_for_each_object_in_order():
         assert all(kx is ky for kx, ky in zip(x, y))
 
 
+def test_an_object_compacted_once_is_not_walked_again():
+    svc = parsed(service(1))
+    memory.compact(svc)
+    fresh = "".join(["10.96.", "9.9"])  # made at run time: not the interned string
+    svc["spec"]["clusterIP"] = fresh  # as the allocator fills one in, after the source compacted
+    memory.compact(svc)
+    assert svc["spec"]["clusterIP"] is fresh
+    other = parsed(service(1))  # the same object parsed again: new strings, compacted
+    memory.compact(other)
+    assert other["spec"]["selector"]["app"] is svc["spec"]["selector"]["app"]
+
+
 def test_compact_leaves_other_values_alone():
     obj = {"a": [1, 2.5, None, True, ["x", {"y": "z"}]], "b": {}, "c": {"n": 1, "f": False}, 1: "int key"}
     want = copy.deepcopy(obj)

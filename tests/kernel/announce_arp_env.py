@@ -193,7 +193,7 @@ class Segment:
         section.update(announce)
         cfg = {
             "node": {"name": node.name, "addresses": [node_ip4(node.index), node_ip6(node.index)], "devices": ["eth0"]},
-            "source": {"kind": "files", "path": str(manifests or self.manifests), "statePath": str(node.dir / "alloc.json"), "pollInterval": 0.05, **source},
+            "source": {"kind": "files", "path": str(manifests or self.manifests), "statePath": str(node.dir / "alloc.json"), "pollInterval": 0.05, "emptyGracePeriod": 0, **source},
             "service": {"clusterCIDR": ["10.96.0.0/16", "fd00:96::/112"]},
             "api": {"socket": str(node.socket)},
             "metrics": {"address": ""},

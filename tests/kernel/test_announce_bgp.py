@@ -400,7 +400,7 @@ def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
         textwrap.dedent(
             f"""
             node: {{name: node1, addresses: [{NODE_IP}], devices: [lo]}}
-            source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
+            source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05, emptyGracePeriod: 0}}
             service: {{clusterCIDR: [10.96.0.0/16]}}
             api: {{socket: {tmp_path}/kpr.sock}}
             metrics: {{address: "127.0.0.1:{port}"}}

@@ -318,19 +318,25 @@ def shape_problem(data: Any, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NO
     return ""
 
 
+def load_yaml(text: str, loader: Any = yaml.SafeLoader, many: bool = False, max_depth: int = MAX_DEPTH) -> Any:
+    """The document in `text` (with `many`, the list of them), read with a safe `loader`;
+    whatever the text, a failure is a ValueError with a one-line reason."""
+    try:
+        return list(yaml.load_all(text, Loader=loader)) if many else yaml.load(text, Loader=loader)
+    except yaml.YAMLError as e:
+        raise ValueError(yaml_reason(e)) from None
+    except RecursionError:
+        raise ValueError(f"not valid YAML: nested deeper than {max_depth} levels") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        # A scalar YAML resolves but Python refuses, e.g. the date 2024-13-45.
+        raise ValueError(f"not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def _load_yaml(text: str) -> Any:
     """The one document in `text`; raises ValueError with a one-line reason."""
     if "\x00" in text:
         raise ValueError(f"a binary file, not YAML text (NUL byte at offset {text.index(chr(0))})")
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(yaml_reason(e)) from None
-    except RecursionError:
-        raise ValueError(f"not valid YAML: nested deeper than {MAX_DEPTH} levels") from None
-    except (ValueError, TypeError, OverflowError) as e:
-        # A scalar YAML resolves but Python refuses, e.g. the date 2024-13-45.
-        raise ValueError(f"not valid YAML: {' '.join(str(e).split())}") from None
+    return load_yaml(text)
 
 
 def parse_config(text: str, source: str = "") -> KprConfig:

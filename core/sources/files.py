@@ -32,7 +32,7 @@ import yaml
 
 from .. import memory
 from ..allocator import AllocationError, Allocator
-from ..config import shape_problem, yaml_reason
+from ..config import load_yaml, shape_problem
 from ..model import InvalidObject
 from . import SUPPORTED_KINDS, ObjectRef, ObjectSink
 
@@ -111,14 +111,9 @@ def parse_manifest(name: str, data: bytes) -> list[dict]:
             raise _ParseError(f"not valid JSON: nested deeper than {MAX_DEPTH} levels") from None
     else:
         try:
-            docs = list(yaml.load_all(text, Loader=_Loader))
-        except yaml.YAMLError as e:
-            raise _ParseError(yaml_reason(e)) from None
-        except RecursionError:
-            raise _ParseError(f"not valid YAML: nested deeper than {MAX_DEPTH} levels") from None
-        except (ValueError, TypeError, OverflowError) as e:
-            # A scalar YAML resolves but Python refuses, e.g. the date 2024-13-45.
-            raise _ParseError(f"not valid YAML: {' '.join(str(e).split())}") from None
+            docs = load_yaml(text, _Loader, many=True, max_depth=MAX_DEPTH)
+        except ValueError as e:
+            raise _ParseError(str(e)) from None
     # Bounded depth, and bounded size once aliases are expanded: without aliases a value
     # takes at least a byte of the file, so only an alias bomb exceeds this.
     shape = shape_problem(docs, max_depth=MAX_DEPTH, max_nodes=100_000 + len(data), depth0=0)

@@ -62,6 +62,7 @@ __all__ = [
     "links_of_progs",
     "pinned",
     "prog_name",
+    "prog_tag",
     "query",
     "release",
     "run_in_netns",
@@ -71,6 +72,7 @@ __all__ = [
 LINKS_DIR = "links"  # under bpf.pinPath: links/<plugin>/<target>/<hook>
 KINDS = ("cgroup", "tcx", "xdp")
 ENV = "KPR_BPF_LINKS"  # "off", or the kinds to attach without links ("cgroup,xdp")
+CLONE_NEWNET = 0x40000000
 
 # Names of kpr's programs start with one of these (socklb's sklb*, the NodePort programs'
 # kpr_*); `kpr cleanup` removes such programs, and only such, from hooks kpr recorded.
@@ -203,6 +205,17 @@ def prog_name(prog_id: int) -> str | None:
         os.close(fd)
 
 
+def prog_tag(prog_id: int) -> bytes | None:
+    """The program's tag (a hash of its instructions: a changed build has another), None when gone."""
+    fd = _lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        return bytes(M.prog_info(fd).tag)
+    finally:
+        os.close(fd)
+
+
 def query(target: int, attach_type: int) -> list[int]:
     """Ids of the programs at one hook: `target` is a cgroup fd, or an ifindex (tcx) in the
     calling thread's network namespace. Attached with or without links alike."""
@@ -241,31 +254,33 @@ def enabled(kind: str) -> bool:
     return kind not in {k.strip() for k in v.split(",") if k.strip()}
 
 
-def run_in_netns(netns: str, fn: Callable[[], T]) -> T:
-    """fn() in the network namespace at path `netns` ("" for the caller's), on its own thread."""
-    if not netns:
+def run_in_netns(netns: str | int, fn: Callable[[], T]) -> T:
+    """fn() in a network namespace, on a thread of its own that enters it (the caller's
+    namespace stays as it is): `netns` is a path ("" for the caller's own) or an open fd."""
+    if netns == "":
         return fn()
     out: dict[str, Any] = {}
 
     def target() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         try:
-            fd = os.open(netns, os.O_RDONLY)
+            fd = netns if isinstance(netns, int) else os.open(netns, os.O_RDONLY)
         except OSError as exc:
             out["exc"] = exc
             return
         try:
-            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            if libc.setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
-                out["exc"] = OSError(err, f"setns {netns}: {os.strerror(err)}")
+                out["exc"] = OSError(err, f"setns into network namespace {netns}: {os.strerror(err)}")
                 return
             out["value"] = fn()
         except BaseException as exc:  # handed to the caller
             out["exc"] = exc
         finally:
-            os.close(fd)
+            if not isinstance(netns, int):
+                os.close(fd)
 
-    t = threading.Thread(target=target, name="kpr-links-netns")
+    t = threading.Thread(target=target, name="kpr-netns")
     t.start()
     t.join()
     if "exc" in out:

@@ -21,7 +21,6 @@ kpr.bpf.cleanup names them). Stop leaves everything attached unless keepAttached
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import logging
 import os
@@ -55,7 +54,6 @@ ALGORITHM_ANNOTATION = "service.kpr.io/lb-algorithm"
 EXTERNAL_TYPES = (FrontendType.NODE_PORT, FrontendType.LOAD_BALANCER, FrontendType.EXTERNAL_IP, FrontendType.HOST_PORT)
 ANNOUNCED_TYPES = (FrontendType.LOAD_BALANCER, FrontendType.EXTERNAL_IP)
 WRITER_WAIT_SECONDS = 1.0  # how long a purge waits for the writer to stop offering removed backends
-CLONE_NEWNET = 0x40000000
 
 FeKey = tuple[bytes, int, int]  # (address16, port in network order, protocol number)
 
@@ -78,27 +76,11 @@ class _AgentNetns:
         return os.stat("/proc/thread-self/ns/net").st_ino == self.ino
 
     def __call__(self, fn: Callable[[], T]) -> T:
+        from kpr.bpf.links import run_in_netns
+
         if self.here():
             return fn()
-        out: dict[str, Any] = {}
-
-        def target() -> None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(self.fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                out["exc"] = OSError(err, f"setns into the agent's network namespace: {os.strerror(err)}")
-                return
-            try:
-                out["value"] = fn()
-            except BaseException as exc:  # handed to the caller
-                out["exc"] = exc
-
-        t = threading.Thread(target=target, name="kpr-nodeport-netns")
-        t.start()
-        t.join()
-        if "exc" in out:
-            raise out["exc"]
-        return out["value"]
+        return run_in_netns(self.fd, fn)
 
     def path(self) -> str:
         """A path naming the namespace for `kpr cleanup` ("" for the host's own)."""

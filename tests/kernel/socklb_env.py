@@ -168,7 +168,8 @@ elif mode == "hold":
 
 
 # Load for restart tests and bench_restart.py: a new TCP connection every GAP seconds to
-# HOST:PORT (each reads the backend's name line), and one long-lived connection that echoes a
+# HOST:PORT, each on its own thread (it reads the backend's name line; 1 s timeout), and one
+# long-lived connection that echoes a
 # byte every GAP. On stdin EOF it prints one JSON summary: attempts, failures (time, errno),
 # the successful connects (start time, CLOCK_MONOTONIC as the caller's, and duration) and how
 # the long-lived connection fared.
@@ -199,9 +200,10 @@ def one():
     finally:
         s.close()
 def churn():
+    # one attempt per tick whatever the others do: an outage costs one failure per tick
     nxt = time.monotonic()
     while not stop.is_set():
-        one()
+        threading.Thread(target=one, daemon=True).start()
         nxt += gap
         time.sleep(max(0.0, nxt - time.monotonic()))
 def hold():
@@ -227,6 +229,7 @@ sys.stdin.read()
 stop.set()
 for t in threads:
     t.join(5)
+time.sleep(1.2)  # attempts in flight end (1 s timeout)
 print(json.dumps({"attempts": len(ok) + len(failed), "ok": ok, "failed": failed, "held": held}), flush=True)
 """
 

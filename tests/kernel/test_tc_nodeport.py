@@ -9,7 +9,6 @@ became the node's (SNAT).
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import textwrap
@@ -347,17 +346,10 @@ def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp
                 p.kpr_stop(p.context)
 
 
-def _tags(ids: list[int]) -> set[bytes]:
-    from kpr.bpf import maps as M
+def _tags(ids: list[int]) -> set[bytes | None]:
+    from kpr.bpf.links import prog_tag
 
-    out = set()
-    for pid in ids:
-        fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(pid), "prog fd")
-        try:
-            out.add(bytes(M.prog_info(fd).tag))
-        finally:
-            os.close(fd)
-    return out
+    return {prog_tag(pid) for pid in ids}
 
 
 def _tcx_ids(topo: Topology, dev: str, direction: str) -> list[int]:

@@ -237,7 +237,9 @@ def variant(draw, mild: bool = False) -> tuple[str, bytes, dict | None]:
             else:
                 parent[key] = draw(identity_breakers)
         elif op == "replace":
-            parent[key] = draw(plausible_like(parent[key]) if mild else values)
+            # A copy: hypothesis caches strategies by their arguments, so a value sampled from
+            # this document's own parts may come back in a later example.
+            parent[key] = copy.deepcopy(draw(plausible_like(parent[key]) if mild else values))
         elif op == "delete":
             del parent[key]
         else:
@@ -392,6 +394,7 @@ def test_malformed_manifests_never_hurt_the_agent_or_the_good_services(tmp_path)
                 if fresh:
                     # The same mutation in a namespace of its own: serialised again so the
                     # namespace is in the bytes (corrupt bytes stay colliding).
+                    doc = copy.deepcopy(doc)
                     meta = doc.get("metadata") if isinstance(doc, dict) else None
                     if isinstance(meta, dict) and meta.get("namespace") in (None, "", "default"):
                         meta["namespace"] = f"fuzz-{n}"

@@ -134,21 +134,24 @@ class ObjectStore:
         services whose ClusterIP became or stopped being an endpoint address are touched."""
         kind = (new or old or {}).get("kind")
         if kind == "Service":
+            claimed = translate.claimed_cluster_ips
+            before = claimed(old) if old is not None else ()
+            after = claimed(new) if new is not None else ()
             key = translate.service_key_of(new or old or {})
-            if key is None:
+            if before == after or key is None:
                 return
-            before = {ip for _, ip in translate.cluster_ips_of(old)} if old is not None else set()
-            after = {ip for _, ip in translate.cluster_ips_of(new)} if new is not None else set()
-            for ip in before - after:
-                owners = self._claims.get(ip)
-                if owners is not None and key in owners:
+            claims = self._claims
+            for ip in before:
+                owners = claims.get(ip)
+                if ip not in after and owners is not None and key in owners:
                     owners.remove(key)
                     if not owners:
-                        del self._claims[ip]
-            for ip in after - before:
-                owners = self._claims.setdefault(ip, [])
-                if key not in owners:
-                    owners.append(key)
+                        del claims[ip]
+            for ip in after:
+                if ip not in before:
+                    owners = claims.setdefault(ip, [])
+                    if key not in owners:
+                        owners.append(key)
             return
         if kind not in ("EndpointSlice", "Endpoints", "Pod"):
             return
@@ -157,8 +160,10 @@ class ObjectStore:
         rules = self._rules
         before = translate.endpoint_addresses_of(old, rules) if old is not None else set()
         after = translate.endpoint_addresses_of(new, rules) if new is not None else set()
+        if before:  # else all of after is new (a full sync), without a set difference
+            before, after = before - after, after - before
         listed = self._endpoint_ips
-        for ip in before - after:
+        for ip in before:
             holders = listed.get(ip)
             if isinstance(holders, list):
                 if ref in holders:
@@ -169,11 +174,12 @@ class ObjectStore:
             elif holders == ref:
                 del listed[ip]
                 touched.update(self._claims.get(ip, ()))
-        for ip in after - before:
-            holders = listed.get(ip)
-            if holders is None:
-                listed[ip] = ref
-                touched.update(self._claims.get(ip, ()))
+        claims = self._claims
+        for ip in after:
+            holders = listed.setdefault(ip, ref)
+            if holders is ref:
+                if ip in claims:
+                    touched.update(claims[ip])
             elif isinstance(holders, list):
                 holders.append(ref)
             elif holders != ref:

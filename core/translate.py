@@ -327,25 +327,36 @@ def canonical_ip(text: object) -> str:
     return parsed[0] if parsed is not None else ""
 
 
+def _cluster_ip_texts(obj: KubeObject) -> tuple[str, list[Any]]:
+    """(the field the manifest wrote, its values) for a Service's ClusterIPs; never raises."""
+    spec = obj.get("spec") if isinstance(obj, Mapping) else None
+    if not isinstance(spec, Mapping):
+        return "", []
+    texts = spec.get("clusterIPs")
+    if isinstance(texts, list) and texts:
+        return "spec.clusterIPs", texts
+    return "spec.clusterIP", [spec.get("clusterIP")]
+
+
 def cluster_ips_of(obj: KubeObject) -> list[tuple[str, str]]:
     """(field, canonical address) of each ClusterIP a Service object claims; never raises.
 
     For the store's checks across objects, which need the claims of every service (also
     of ones translation would refuse); what is not an address is left out.
     """
-    spec = obj.get("spec") if isinstance(obj, Mapping) else None
-    if not isinstance(spec, Mapping):
-        return []
-    texts = spec.get("clusterIPs")
-    field = "spec.clusterIPs"
-    if not isinstance(texts, list) or not texts:
-        texts, field = [spec.get("clusterIP")], "spec.clusterIP"
+    field, texts = _cluster_ip_texts(obj)
     out = []
     for i, text in enumerate(texts):
         parsed = _ip(text)
         if parsed is not None:
             out.append((f"{field}[{i}]" if field == "spec.clusterIPs" else field, parsed[0]))
     return out
+
+
+def claimed_cluster_ips(obj: KubeObject) -> tuple[str, ...]:
+    """The canonical addresses of cluster_ips_of without their fields: the store's index
+    of claims, kept for every Service of a full sync."""
+    return tuple(ip[0] for ip in map(_ip, _cluster_ip_texts(obj)[1]) if ip is not None)
 
 
 def _list_or_empty(value: object) -> list[Any]:
@@ -357,45 +368,37 @@ def endpoint_addresses_of(obj: KubeObject, rules: AddressRules = NO_RULES) -> se
     Pod: its pod IPs) that a ClusterIP could be under `rules`: with service.clusterCIDR
     set, only those inside it, so pod networks apart from it cost the store no index.
     Empty for other kinds. Never raises; what is not an address is left out."""
-    out: set[str] = set()
+    texts: list[Any] = []
     if not isinstance(obj, Mapping):
-        return out
+        return set()
     kind = obj.get("kind")
-    if rules.cluster_cidrs:
-
-        def parse(text: object) -> _IP | None:
-            parsed = _ip(text)
-            return parsed if parsed is not None and rules.may_claim(parsed) else None
-
-    else:
-        parse = _ip
+    # The raw texts first, then one pass that parses them: this runs for every endpoint
+    # of a full sync (the store's index).
     if kind == "EndpointSlice":
         for endpoint in _list_or_empty(obj.get("endpoints")):
-            addresses = endpoint.get("addresses") if isinstance(endpoint, Mapping) else None
-            for text in addresses if isinstance(addresses, list) else ():
-                parsed = parse(text)
-                if parsed is not None:
-                    out.add(parsed[0])
+            addresses = endpoint.get("addresses") if isinstance(endpoint, dict) else None
+            if isinstance(addresses, list):
+                texts += addresses
     elif kind == "Endpoints":
         for subset in _list_or_empty(obj.get("subsets")):
-            if not isinstance(subset, Mapping):
-                continue
-            for field in ("addresses", "notReadyAddresses"):
-                for address in _list_or_empty(subset.get(field)):
-                    parsed = parse(address.get("ip")) if isinstance(address, Mapping) else None
-                    if parsed is not None:
-                        out.add(parsed[0])
+            if isinstance(subset, dict):
+                for field in ("addresses", "notReadyAddresses"):
+                    for address in _list_or_empty(subset.get(field)):
+                        if isinstance(address, dict):
+                            texts.append(address.get("ip"))
     elif kind == "Pod":
         status = obj.get("status")
-        if isinstance(status, Mapping):
+        if isinstance(status, dict):
             for entry in _list_or_empty(status.get("podIPs")):
-                parsed = parse(entry.get("ip")) if isinstance(entry, Mapping) else None
-                if parsed is not None:
-                    out.add(parsed[0])
-            parsed = parse(status.get("podIP"))
-            if parsed is not None:
-                out.add(parsed[0])
-    return out
+                if isinstance(entry, dict):
+                    texts.append(entry.get("ip"))
+            texts.append(status.get("podIP"))
+    parse = _parse_ip_text
+    parsed = (parse(text) for text in texts if text.__class__ is str)
+    if rules.cluster_cidrs:
+        may_claim = rules.may_claim
+        return {ip[0] for ip in parsed if ip is not None and may_claim(ip)}
+    return {ip[0] for ip in parsed if ip is not None}
 
 
 # --- validation helpers ----------------------------------------------------------------

@@ -325,25 +325,42 @@ def test_node_changes_reattach(kernel_headers: Path) -> None:
 
 
 def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp_path: Path) -> None:
+    # The killed agent's tcx links, plus an orphan of an older version (a kpr clsact filter)
+    # and another owner's filter at the same hook: kpr's go, the other owner's stays.
+    from pyroute2 import IPRoute
+
     with scratch_pin_dir("kpr-np-clean") as pin, Topology() as topo:
         build_topology(topo, pods=())
+        b = compile_and_load(FOREIGN)
         with ServiceMapWriter(pin):
             p = start_plugin(topo, "node1", pin, ("eth0", "eth1"))
         try:
             assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
+            fn = load_prog(b, "foreign_ingress", "SCHED_CLS")
+            with topo["node1"].enter(), IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname="eth0")[0]
+                ipr.tc("add", "clsact", idx)
+                for prio, fd, name in ((1, fn.fd, "foreign_ingress"), (2, p.datapath.fd("kpr_np_ingress"), "kpr_np_ingress")):
+                    ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent="ffff:fff2", classid=1,
+                           direct_action=True, prio=prio)
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [
+                (TCX, "kpr_np_ingress"), (1, "foreign_ingress"), (2, "kpr_np_ingress")]
             cfg = tmp_path / "kpr.yaml"
             cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
             kpr = Path(sys.executable).with_name("kpr")
             res = subprocess.run([str(kpr), "cleanup", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
             assert res.returncode == 0, res.stderr
-            assert res.stdout.count("detached tc") == 4, res.stdout
-            for dev in ("eth0", "eth1"):
-                for d in ("ingress", "egress"):
-                    assert tc_filters(topo, "node1", dev, d) == []
+            assert res.stdout.count("detached tcx link") == 4, res.stdout
+            assert res.stdout.count("detached tc ingress filter kpr_np_ingress") == 1, res.stdout
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
+            assert tc_filters(topo, "node1", "eth0", "egress") == []
+            for d in ("ingress", "egress"):
+                assert tc_filters(topo, "node1", "eth1", d) == []
             assert not pin.exists()
         finally:
             with contextlib.suppress(Exception):
                 p.kpr_stop(p.context)
+            b.cleanup()
 
 
 def _tags(ids: list[int]) -> set[bytes | None]:

@@ -234,6 +234,9 @@ def variant(draw, mild: bool = False) -> tuple[str, bytes, dict | None]:
                 parent[key] = draw(st.one_of(st.none(), st.just(""), identity_breakers))
             elif path == ("kind",):
                 parent[key] = draw(kind_breakers)
+            elif path == ("metadata",):
+                # A mapping could be valid metadata naming another object.
+                parent[key] = draw(identity_breakers.filter(lambda v: not isinstance(v, dict)))
             else:
                 parent[key] = draw(identity_breakers)
         elif op == "replace":

@@ -330,8 +330,8 @@ def tc_filters(topo: Topology, ns: str, dev: str, direction: str) -> list[tuple[
 NP_RESTART_PORT = 30070  # the restart rig's NodePort (-> p1a on node1, p2a on node2)
 
 
-def nodeport_manifests() -> str:
-    eps = "".join(f"  - addresses: [{PODS[p][1]}]\n    nodeName: {PODS[p][0]}\n" for p in ("p1a", "p2a"))
+def nodeport_manifests(pods: tuple[str, ...] = ("p1a", "p2a")) -> str:
+    eps = "".join(f"  - addresses: [{PODS[p][1]}]\n    nodeName: {PODS[p][0]}\n" for p in pods)
     return (
         "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: default}\n"
         f"spec:\n  type: NodePort\n  clusterIP: 10.96.9.70\n"
@@ -343,22 +343,25 @@ def nodeport_manifests() -> str:
 
 
 @contextlib.contextmanager
-def nodeport_restart_rig(name: str = "kpr-np-restart", *, keep_attached: bool = True) -> Iterator[Any]:
-    """tc_nodeport under restarts: `kpr run` in node1's namespace on eth0 (socklb_env.AgentRig),
-    the NodePort NP_RESTART_PORT to a local and a remote pod, the load from the external client;
-    the agent is killed and everything it attached removed (`kpr cleanup`) afterwards."""
+def nodeport_restart_rig(name: str = "kpr-np-restart", *, keep_attached: bool = True, plugin: str = "tc_nodeport",
+                         pods: tuple[str, ...] = ("p1a", "p2a"), section: str = "") -> Iterator[Any]:
+    """A NodePort plugin (tc_nodeport, or xdp_nodeport with `section` "xdpMode: native" and
+    remote pods only) under restarts: `kpr run` in node1's namespace on eth0
+    (socklb_env.AgentRig), the NodePort NP_RESTART_PORT to `pods`, the load from the external
+    client; the agent is killed and everything it attached removed (`kpr cleanup`) afterwards."""
     import tempfile
 
     from socklb_env import AgentRig
 
     n = NODES["node1"]
     with scratch_pin_dir(name) as pin, Topology() as topo, tempfile.TemporaryDirectory(prefix=f"{name}-") as work:
-        build_topology(topo, second_device=False, pods=("p1a", "p2a"))
+        build_topology(topo, second_device=False, pods=pods)
         config = (
             f"node: {{name: node1, addresses: [{n['addr']}, \"{n['addr6']}\"], devices: [eth0]}}\n"
-            f"plugins: {{tc_nodeport: {{enabled: true, keepAttachedOnStop: {str(keep_attached).lower()}}}}}\n"
+            f"plugins: {{{plugin}: {{enabled: true, keepAttachedOnStop: {str(keep_attached).lower()}"
+            f"{', ' + section if section else ''}}}}}\n"
         )
-        rig = AgentRig(topo, pin, Path(work), config, nodeport_manifests(), agent_ns="node1", load_ns="cl")
+        rig = AgentRig(topo, pin, Path(work), config, nodeport_manifests(pods), agent_ns="node1", load_ns="cl")
         rig.write_config()
         try:
             yield rig

@@ -260,6 +260,48 @@ def test_without_xdp_links_the_fallback_attaches_and_moves_to_a_link_later(
                             p._teardown(detach=False)
 
 
+def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -> None:
+    """`kpr run` with xdp_nodeport in node1's namespace; the external client opens a connection
+    to the NodePort (a remote backend: SNAT in XDP) every 10 ms and holds one more. SIGTERM +
+    start and SIGKILL + start: no failed connection, the held one unbroken, one program on the
+    device, the same link."""
+    import signal
+
+    from socklb_env import longest_gap, slowest
+    from tc_nodeport_env import NP_RESTART_PORT, nodeport_restart_rig
+
+    from kpr.bpf import links
+
+    with nodeport_restart_rig("kpr-xnp-rs", plugin="xdp_nodeport", pods=("p2a",), section="xdpMode: native") as rig:
+        full_checksums(rig.topo, "cl", "p2a")
+        with peer_pass(rig.topo, "rt", dev_with(rig.topo, "rt", NODES["node1"]["rt"])):
+            rig.start()
+            pin = rig.pin / "links" / "xdp_nodeport" / "eth0" / "xdp"
+            link_id = links.pinned(pin.parent)[pin].id
+            load = rig.load(N1, NP_RESTART_PORT, gap=0.01)
+            windows = []
+            try:
+                time.sleep(0.5)
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    t0 = time.monotonic()
+                    rig.stop(sig)
+                    assert xdp_on(rig.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
+                    rig.start()
+                    time.sleep(0.3)
+                    windows.append((sig.name, t0, time.monotonic()))
+                    assert xdp_on(rig.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
+                    assert links.pinned(pin.parent)[pin].id == link_id, "the same link"
+            finally:
+                res = load.finish()
+            rig.stop(signal.SIGTERM)
+        assert res["attempts"] > 100
+        assert res["failed"] == [], res["failed"][:10]
+        assert not res["held"]["error"] and res["held"]["echoes"] > 100, res["held"]
+        for name, a, b in windows:
+            print(f"{name}: longest gap {longest_gap(res['ok'], a, b) * 1e3:.1f} ms, "
+                  f"slowest connect {slowest(res['ok'], a, b) * 1e3:.1f} ms")
+
+
 def test_agent_with_the_plugin_disabled_attaches_nothing(kernel_headers: Path, tmp_path: Path) -> None:
     from kpr.config import parse_config
     from kpr.daemon import Agent

@@ -72,6 +72,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"source:   {src['kind']} {src.get('path', '')}  synced={'yes' if src['synced'] else 'no'}")
     for origin, reason in sorted(src["errors"].items()):
         print(f"  error:  {origin}: {reason}")
+    for origin, reason in sorted((src.get("warnings") or {}).items()):
+        print(f"  warning: {origin}: {reason}")
     print(f"services: {st['services']}  frontends: {st['frontends']}  backends: {st['backends']}")
     unhealthy = 0
     for name, p in st["plugins"].items():

@@ -37,11 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
-from socklb_env import RESTART_IP, longest_gap, restart_rig, slowest  # noqa: E402
+from socklb_env import RESTART_IP, Window, longest_gap, restart_rig, restarts_under_load, slowest  # noqa: E402
 from tc_nodeport_env import NODES, NP_RESTART_PORT, nodeport_restart_rig  # noqa: E402
 
-SETTLE = 0.3  # seconds after ready that still count to the restart
-KINDS = (("SIGTERM", signal.SIGTERM), ("SIGKILL", signal.SIGKILL))
+KINDS = ("SIGTERM", "SIGKILL")
 
 
 def run(path: str, keep: bool, rounds: int, gap: float) -> dict:
@@ -51,38 +50,29 @@ def run(path: str, keep: bool, rounds: int, gap: float) -> dict:
         rig_cm, target = nodeport_restart_rig("kpr-bench-np", keep_attached=keep), (NODES["node1"]["addr"], NP_RESTART_PORT)
     with rig_cm as rig:
         rig.start()
-        load = rig.load(*target, gap=gap)
         t_begin = time.monotonic()
-        windows: list[tuple[str, float, float, float]] = []
-        try:
-            time.sleep(0.5)
-            for _ in range(rounds):
-                for name, sig in KINDS:
-                    t0 = time.monotonic()
-                    rig.stop(sig)
-                    ready = rig.start()
-                    time.sleep(SETTLE)
-                    windows.append((name, t0, time.monotonic(), ready))
-                    time.sleep(0.3)
-        finally:
-            res = load.finish()
+        res, windows = restarts_under_load(rig, *target, rounds=rounds, gap=gap)
         t_end = time.monotonic()
         rig.stop(signal.SIGTERM)
     out: dict = {"attempts": res["attempts"], "rate": res["attempts"] / (t_end - t_begin), "held": res["held"], "kinds": {}}
-    for name, _sig in KINDS:
-        rows = [w for w in windows if w[0] == name]
+
+    def inside(t: float, w: Window) -> bool:
+        return w.start <= t <= w.end
+
+    for name in KINDS:
+        rows = [w for w in windows if w.kind == name]
         out["kinds"][name] = {
-            "failed": [sum(1 for t, _e in res["failed"] if a <= t <= b) for _n, a, b, _r in rows],
-            "gap_ms": [longest_gap(res["ok"], a, b) * 1e3 for _n, a, b, _r in rows],
-            "slowest_ms": [slowest(res["ok"], a, b) * 1e3 for _n, a, b, _r in rows],
-            "ready_s": [r for *_x, r in rows],
+            "failed": [sum(1 for t, _e in res["failed"] if inside(t, w)) for w in rows],
+            "gap_ms": [longest_gap(res["ok"], w.start, w.end) * 1e3 for w in rows],
+            "slowest_ms": [slowest(res["ok"], w.start, w.end) * 1e3 for w in rows],
+            "ready_s": [w.ready for w in rows],
             # attempts the client managed to start in the window, against one per gap
-            "load_pct": [100.0 * (sum(1 for t, _d in res["ok"] if a <= t <= b)
-                                  + sum(1 for t, _e in res["failed"] if a <= t <= b)) / ((b - a) / gap)
-                         for _n, a, b, _r in rows],
-            "errors": sorted({e for t, e in res["failed"] if any(a <= t <= b for _n, a, b, _r in rows)}),
+            "load_pct": [100.0 * (sum(1 for t, _d in res["ok"] if inside(t, w))
+                                  + sum(1 for t, _e in res["failed"] if inside(t, w))) / ((w.end - w.start) / gap)
+                         for w in rows],
+            "errors": sorted({e for t, e in res["failed"] if any(inside(t, w) for w in rows)}),
         }
-    out["failed_outside"] = sum(1 for t, _e in res["failed"] if not any(a <= t <= b for _n, a, b, _r in windows))
+    out["failed_outside"] = sum(1 for t, _e in res["failed"] if not any(inside(t, w) for w in windows))
     return out
 
 

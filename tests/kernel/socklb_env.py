@@ -574,6 +574,61 @@ def restart_rig(name: str = "kpr-restart", *, keep_attached: bool = True) -> Ite
         yield rig
 
 
+@dataclass
+class Window:
+    """One restart: the signal's name, when it was sent, until SETTLE after ready, and how long
+    the new agent took to be ready."""
+
+    kind: str
+    start: float
+    end: float
+    ready: float
+
+
+SETTLE = 0.3  # seconds after a restarted agent is ready that still count to its restart
+
+
+def restarts_under_load(
+    rig: AgentRig, host: str, port: int, *, rounds: int = 1, gap: float = 0.01,
+    after_stop: Any = None, after_start: Any = None,
+) -> tuple[dict, list[Window]]:
+    """With a LOAD client on host:port, restart the rig's (running) agent `rounds` times with
+    SIGTERM + start and SIGKILL + start; `after_stop()` / `after_start()` check the node in
+    between. Returns the load's summary and the restarts' windows."""
+    import signal
+    import time
+
+    load = rig.load(host, port, gap=gap)
+    windows: list[Window] = []
+    try:
+        time.sleep(0.5)
+        for _ in range(rounds):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                t0 = time.monotonic()
+                rig.stop(sig)
+                if after_stop is not None:
+                    after_stop()
+                ready = rig.start()
+                time.sleep(SETTLE)
+                windows.append(Window(sig.name, t0, time.monotonic(), ready))
+                if after_start is not None:
+                    after_start()
+                time.sleep(0.2)
+    finally:
+        res = load.finish()
+    return res, windows
+
+
+def assert_no_loss(res: dict, windows: list[Window]) -> None:
+    """No failed connection, the held one unbroken; prints each restart's gap."""
+    assert res["attempts"] > 100
+    assert res["failed"] == [], res["failed"][:10]
+    assert not res["held"]["error"] and res["held"]["echoes"] > 100, res["held"]
+    for w in windows:
+        print(f"{w.kind}: longest gap {longest_gap(res['ok'], w.start, w.end) * 1e3:.1f} ms, "
+              f"slowest connect {slowest(res['ok'], w.start, w.end) * 1e3:.1f} ms, ready in {w.ready:.2f} s")
+
+
 def slowest(ok: list[list[float]], start: float, end: float) -> float:
     """The longest successful connect (s) that started within [start, end]."""
     return max((d for t, d in ok if start <= t <= end), default=0.0)

@@ -840,35 +840,21 @@ def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -
     one unbroken, one program per hook, the same pinned maps."""
     import signal
 
-    from socklb_env import RESTART_IP, longest_gap, restart_rig, slowest
+    from socklb_env import RESTART_IP, assert_no_loss, restart_rig, restarts_under_load
 
     with restart_rig("kpr-socklb-rs") as rig:
         rig.start()
-        svc_id = M.BpfMap.open_pinned(rig.pin / "kpr_svc")
-        try:
-            map_id = svc_id.id
-        finally:
-            svc_id.close()
-        load = rig.load(RESTART_IP, 80, gap=0.01)
-        windows = []
-        try:
-            time.sleep(0.5)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                t0 = time.monotonic()
-                rig.stop(sig)
-                assert len(attached_hooks(rig.load_cgroup)) == 10, "the hooks stay while no agent runs"
-                rig.start()
-                time.sleep(0.3)
-                windows.append((sig.name, t0, time.monotonic()))
-                assert {a: len(prog_ids(rig.load_cgroup, a)) for a in ALL_HOOKS} == {a: 1 for a in ALL_HOOKS}
-        finally:
-            res = load.finish()
+        with M.BpfMap.open_pinned(rig.pin / "kpr_svc") as m:
+            map_id = m.id
+
+        def stays() -> None:
+            assert len(attached_hooks(rig.load_cgroup)) == 10, "the hooks stay while no agent runs"
+
+        def one_each() -> None:
+            assert {a: len(prog_ids(rig.load_cgroup, a)) for a in ALL_HOOKS} == {a: 1 for a in ALL_HOOKS}
+
+        res, windows = restarts_under_load(rig, RESTART_IP, 80, after_stop=stays, after_start=one_each)
         with M.BpfMap.open_pinned(rig.pin / "kpr_svc") as m:
             assert m.id == map_id, "the same maps"
-        assert res["attempts"] > 100
-        assert res["failed"] == [], res["failed"][:10]
-        assert not res["held"]["error"] and res["held"]["echoes"] > 100, res["held"]
-        for name, a, b in windows:
-            print(f"{name}: longest gap {longest_gap(res['ok'], a, b) * 1e3:.1f} ms, "
-                  f"slowest connect {slowest(res['ok'], a, b) * 1e3:.1f} ms")
+        assert_no_loss(res, windows)
         rig.stop(signal.SIGTERM)

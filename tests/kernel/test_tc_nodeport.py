@@ -502,7 +502,7 @@ def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -
     connection, the long-lived one unbroken, one program per hook, the same maps."""
     import signal
 
-    from socklb_env import longest_gap, slowest
+    from socklb_env import assert_no_loss, restarts_under_load
 
     from kpr.bpf import maps as M
     from tc_nodeport_env import NP_RESTART_PORT, nodeport_restart_rig
@@ -511,30 +511,19 @@ def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -
         rig.start()
         with M.BpfMap.open_pinned(rig.pin / "kpr_ct") as m:
             ct_id = m.id
-        load = rig.load(N1, NP_RESTART_PORT, gap=0.01)
-        windows = []
-        try:
-            time.sleep(0.5)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                t0 = time.monotonic()
-                rig.stop(sig)
-                assert tc_filters(rig.topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
-                rig.start()
-                time.sleep(0.3)
-                windows.append((sig.name, t0, time.monotonic()))
-                assert tc_filters(rig.topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
-                assert tc_filters(rig.topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
-        finally:
-            res = load.finish()
+
+        def stays() -> None:
+            assert tc_filters(rig.topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
+
+        def one_each() -> None:
+            assert tc_filters(rig.topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
+            assert tc_filters(rig.topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
+
+        res, windows = restarts_under_load(rig, N1, NP_RESTART_PORT, after_stop=stays, after_start=one_each)
         with M.BpfMap.open_pinned(rig.pin / "kpr_ct") as m:
             assert m.id == ct_id, "the same conntrack map"
         assert len(list(rig.pin.glob("kpr_np_calls*"))) == 1, "earlier builds' stage arrays are unpinned"
-        assert res["attempts"] > 100
-        assert res["failed"] == [], res["failed"][:10]
-        assert not res["held"]["error"] and res["held"]["echoes"] > 100, res["held"]
-        for name, a, b in windows:
-            print(f"{name}: longest gap {longest_gap(res['ok'], a, b) * 1e3:.1f} ms, "
-                  f"slowest connect {slowest(res['ok'], a, b) * 1e3:.1f} ms")
+        assert_no_loss(res, windows)
         rig.stop(signal.SIGTERM)
 
 

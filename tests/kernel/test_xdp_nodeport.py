@@ -267,7 +267,7 @@ def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -
     device, the same link."""
     import signal
 
-    from socklb_env import longest_gap, slowest
+    from socklb_env import assert_no_loss, restarts_under_load
     from tc_nodeport_env import NP_RESTART_PORT, nodeport_restart_rig
 
     from kpr.bpf import links
@@ -278,28 +278,14 @@ def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -
             rig.start()
             pin = rig.pin / "links" / "xdp_nodeport" / "eth0" / "xdp"
             link_id = links.pinned(pin.parent)[pin].id
-            load = rig.load(N1, NP_RESTART_PORT, gap=0.01)
-            windows = []
-            try:
-                time.sleep(0.5)
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    t0 = time.monotonic()
-                    rig.stop(sig)
-                    assert xdp_on(rig.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
-                    rig.start()
-                    time.sleep(0.3)
-                    windows.append((sig.name, t0, time.monotonic()))
-                    assert xdp_on(rig.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
-                    assert links.pinned(pin.parent)[pin].id == link_id, "the same link"
-            finally:
-                res = load.finish()
+
+            def one() -> None:
+                assert xdp_on(rig.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
+                assert links.pinned(pin.parent)[pin].id == link_id, "the same link"
+
+            res, windows = restarts_under_load(rig, N1, NP_RESTART_PORT, after_stop=one, after_start=one)
             rig.stop(signal.SIGTERM)
-        assert res["attempts"] > 100
-        assert res["failed"] == [], res["failed"][:10]
-        assert not res["held"]["error"] and res["held"]["echoes"] > 100, res["held"]
-        for name, a, b in windows:
-            print(f"{name}: longest gap {longest_gap(res['ok'], a, b) * 1e3:.1f} ms, "
-                  f"slowest connect {slowest(res['ok'], a, b) * 1e3:.1f} ms")
+        assert_no_loss(res, windows)
 
 
 def test_agent_with_the_plugin_disabled_attaches_nothing(kernel_headers: Path, tmp_path: Path) -> None:

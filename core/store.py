@@ -190,7 +190,14 @@ class ObjectStore:
         return frozenset(ip for ip in (translate.canonical_ip(a) for a in node.addresses) if ip)
 
     def _conflicts(self, svc: dict, service: Service) -> list[str]:
-        """Why a Service's ClusterIPs would take traffic meant for the node or a pod."""
+        """Why a Service's ClusterIPs would take traffic meant for the node or a pod.
+
+        An endpoint address counts against a ClusterIP only outside service.clusterCIDR:
+        no pod lives in the service network, so a slice listing one of its addresses is the
+        odd one out and must not refuse the service (else anyone able to write an
+        EndpointSlice could take any service down, the API server's own `kubernetes`
+        service included). Without a network for the family nothing tells the two apart,
+        and the address a pod is known by wins."""
         node_ips, listed = self._node_ips, self._endpoint_ips
         # The common case, no conflict, costs a look at the translated frontends only.
         if not any(
@@ -205,7 +212,7 @@ class ObjectStore:
                 problems.append(f"{field}: {ip} is an address of this node ({self.node.name or 'node'})")
                 continue
             holders = self._endpoint_ips.get(ip)
-            if holders is not None:
+            if holders is not None and not self._rules.in_network(ip):
                 holder = holders[0] if isinstance(holders, list) else holders
                 where = self._where(holder)
                 problems.append(f"{field}: {ip} is an endpoint address of {holder[0]} {holder[1]}/{holder[2]}{where}")
@@ -292,12 +299,14 @@ class ObjectStore:
 
     def _withdraw_conflicting(self, key: ServiceKey) -> None:
         """A refused service's last good state stays published unless it serves an address
-        now found to be the node's or an endpoint's: then it goes, as it would hijack."""
+        now found to be the node's or a pod's: then it goes, as it would hijack."""
         old = self.services.get(key)
         if old is None:
             return
         for f in old.frontends:
-            if f.type is FrontendType.CLUSTER_IP and (f.address in self._node_ips or f.address in self._endpoint_ips):
+            if f.type is FrontendType.CLUSTER_IP and (
+                f.address in self._node_ips or (f.address in self._endpoint_ips and not self._rules.in_network(f.address))
+            ):
                 del self.services[key]
                 log.warning("service.withdrawn service=%s address=%s", key, f.address)
                 self._publisher.delete(key)

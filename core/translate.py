@@ -241,6 +241,13 @@ class AddressRules:
     def checks_family(self, family: int) -> bool:
         return family in self._ranges
 
+    def in_network(self, text: str) -> bool:
+        """Whether `text` lies in the configured service.clusterCIDR of its family (False
+        for a family without one, or for what is not an address)."""
+        ip = _ip(text)
+        limits = self._ranges.get(ip[1]) if ip is not None else None
+        return limits is not None and limits[0] <= ip[2] <= limits[1]
+
     def may_claim(self, ip: _IP) -> bool:
         """Whether a ClusterIP could be `ip`: within the family's network, or no network."""
         limits = self._ranges.get(ip[1])

@@ -470,12 +470,9 @@ def test_malformed_manifests_never_hurt_the_agent_or_the_good_services(tmp_path)
     assert fed["corrupt"] > 0 and fed["fresh"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by a longer run of the hunt above (KPR_FUZZ_BATCHES=2500): the store refuses a Service whose "
-    "ClusterIP any EndpointSlice lists as an endpoint, even one served long before the slice appeared, so one "
-    "slice in any namespace takes any service down; reported (core/store.py, core/translate.py are not ours)",
-)
+# Found by a longer run of the hunt above (KPR_FUZZ_BATCHES=2500): one valid EndpointSlice in
+# any namespace listing a served ClusterIP took that service down. The store now lets an
+# endpoint count only against a ClusterIP that is the newcomer (see ObjectStore._conflicts).
 def test_a_slice_elsewhere_cannot_take_a_served_cluster_ip_down(tmp_path):
     from kpr.allocator import Allocator
     from kpr.config import PortRange

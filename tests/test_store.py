@@ -178,13 +178,25 @@ def test_an_address_listed_twice_stays_listed_until_both_go() -> None:
 
 
 def test_a_served_service_that_becomes_a_hijacker_is_withdrawn() -> None:
-    """Its last good state would take the pod's traffic: it goes, it is not kept."""
+    """Without a service network nothing tells a ClusterIP from a pod's address: the pod,
+    once a slice lists it, wins, and the service's last good state goes (it would hijack)."""
     store, pub = make()
     store.apply([service("web", "10.244.1.5")], [])
     assert pub.cluster_ips(WEB) == ["10.244.1.5"]
     store.apply([service("db", "10.96.0.20"), endpoint_slice("db", "10.244.1.5")], [])
     assert WEB not in pub.services and pub.calls[-1] == ("delete", "shop/web")
     assert "is an endpoint address of EndpointSlice shop/db-1" in store.errors["service shop/web"]
+
+
+def test_inside_service_cluster_cidr_a_cluster_ip_always_beats_an_endpoint_listing_it() -> None:
+    """No pod lives in the service network: a slice listing one of its addresses cannot
+    refuse the service, not even when both arrive at once (an agent's restart)."""
+    store, pub = make(cluster_cidrs=["10.96.0.0/16"])
+    store.apply([service("web", "10.96.0.10"), service("db", "10.96.0.20"), endpoint_slice("db", "10.96.0.10")], [])
+    assert pub.cluster_ips(WEB) == ["10.96.0.10"] and "service shop/web" not in store.errors
+    # Nor later, once served.
+    store.apply([endpoint_slice("db", "10.96.0.10", name="db-2")], [])
+    assert pub.cluster_ips(WEB) == ["10.96.0.10"] and ("delete", "shop/web") not in pub.calls
 
 
 def test_a_change_that_conflicts_keeps_the_last_good_state() -> None:
@@ -280,14 +292,14 @@ def write(path: Path, *docs: dict) -> None:
 
 
 def test_files_source_names_the_file_object_and_field_and_keeps_the_rest(tmp_path: Path) -> None:
-    # A service network that holds the pod addresses too: the thief passes the range check.
-    src = files_source(tmp_path, cidrs=("10.0.0.0/8",))
-    store, pub = make(cluster_cidrs=["10.0.0.0/8"], origin_of=src.origin_of)
+    # IPv4 without a service network: the thief is caught by the endpoint listing it.
+    src = files_source(tmp_path, cidrs=("fd00:96::/112",))
+    store, pub = make(cluster_cidrs=["fd00:96::/112"], origin_of=src.origin_of)
     m = src.path
     write(
         m / "shop.yaml",
         service("loop", "127.0.0.1"),
-        service("outside", "11.0.0.1"),
+        service("outside", "fd00:97::1"),
         service("web", "10.96.0.10"),
         endpoint_slice("web", "10.244.1.5"),
     )
@@ -296,7 +308,7 @@ def test_files_source_names_the_file_object_and_field_and_keeps_the_rest(tmp_pat
     assert pub.cluster_ips(WEB) == ["10.96.0.10"]  # the rest of the file stays in force
     shop = store.errors[str(m / "shop.yaml")]
     assert "Service shop/loop: spec.clusterIPs[0]: 127.0.0.1 is a loopback address; skipped" in shop
-    assert "Service shop/outside: spec.clusterIPs[0]: 11.0.0.1 is not in service.clusterCIDR 10.0.0.0/8; skipped" in shop
+    assert "Service shop/outside: spec.clusterIPs[0]: fd00:97::1 is not in service.clusterCIDR fd00:96::/112; skipped" in shop
     assert store.errors["service shop/thief"] == (
         f"Service shop/thief (in {m / 'thief.yaml'}): spec.clusterIPs[0]: 10.244.1.5 is an endpoint "
         f"address of EndpointSlice shop/web-1 (in {m / 'shop.yaml'}); not served"
@@ -309,7 +321,7 @@ def test_files_source_names_the_file_object_and_field_and_keeps_the_rest(tmp_pat
     write(
         m / "shop.yaml",
         service("loop", "10.96.0.11"),
-        service("outside", "10.96.0.12"),
+        service("outside", "fd00:96::12"),
         service("web", "10.96.0.10"),
         endpoint_slice("web", "10.244.1.5"),
     )
@@ -339,7 +351,7 @@ def test_kubernetes_source_gets_the_same_checks() -> None:
     with KubeApiServer(bookmark_interval=0.5) as api:
         for obj in (
             service("loop", "127.0.0.1", ns="default"),
-            service("outside", "10.97.0.1", ns="default"),
+            service("outside", "fd00:97::1", ns="default"),
             service("thief", "10.96.1.5", ns="default"),
             service("db", "10.96.0.20", ns="default"),
             endpoint_slice("db", "10.96.1.5", ns="default"),
@@ -348,7 +360,8 @@ def test_kubernetes_source_gets_the_same_checks() -> None:
             api.create(obj)
         section = SourceSection(kind="kubernetes", apiServer=api.url, tokenFile=api.token_file, caFile=api.ca_file)
         pub = Publisher()
-        store = ObjectStore(NODE, pub, cluster_cidrs=["10.96.0.0/16"])
+        # IPv4 without a service network, so the thief is judged by the endpoint listing it.
+        store = ObjectStore(NODE, pub, cluster_cidrs=["fd00:96::/112"])
         src = KubernetesSource(section, "node1", backoff=JitterBackoff(initial=0.05, maximum=0.3))
         src.start(store)
         try:
@@ -357,7 +370,7 @@ def test_kubernetes_source_gets_the_same_checks() -> None:
             errors = store.errors
             assert "spec.clusterIPs[0]: 127.0.0.1 is a loopback address" in errors["Service default/loop"]
             assert errors["service default/outside"] == (
-                "Service default/outside: spec.clusterIPs[0]: 10.97.0.1 is not in service.clusterCIDR 10.96.0.0/16"
+                "Service default/outside: spec.clusterIPs[0]: fd00:97::1 is not in service.clusterCIDR fd00:96::/112"
             )
             assert errors["service default/thief"] == (
                 "Service default/thief: spec.clusterIPs[0]: 10.96.1.5 is an endpoint address of "

@@ -149,7 +149,10 @@ class SockLB:
         self._cg_fd = -1
         self._attached: list[_Attachment] = []
         self._maps: dict[str, M.BpfMap] = {}
-        self._services: dict[ServiceKey, dict[FrontendMatch, frozenset[BackendMatch]]] = {}
+        # The services delivered, as delivered: the bus hands every plugin the store's own
+        # frozen objects, so keeping them costs nothing; their frontend -> backend sets are
+        # worked out when a change needs them (40 MB at 20k services if kept).
+        self._services: dict[ServiceKey, Service] = {}
         self._hostaddrs: set[bytes] = set()
         self._lock = threading.RLock()
         self._c = _Counters()
@@ -430,9 +433,11 @@ class SockLB:
     @hookimpl
     def kpr_service_upsert(self, service: Service) -> None:
         with self._lock:
-            new = _frontends(service)
-            old = self._services.get(service.key, {})
-            self._services[service.key] = new
+            previous = self._services.get(service.key)
+            self._services[service.key] = service
+            if previous is None or previous == service:
+                return
+            new, old = _frontends(service), _frontends(previous)
             removed = {fe: gone for fe, bes in old.items() if (gone := bes - new.get(fe, frozenset()))}
             if removed:
                 self._purge(removed, service.key)
@@ -440,7 +445,8 @@ class SockLB:
     @hookimpl
     def kpr_service_delete(self, key: ServiceKey) -> None:
         with self._lock:
-            old = self._services.pop(key, None)
+            previous = self._services.pop(key, None)
+            old = _frontends(previous) if previous is not None else None
             if old:
                 self._purge(old, key)
 
@@ -449,8 +455,8 @@ class SockLB:
         # Backends that left while no agent ran: whatever the delivered state does not offer.
         with self._lock:
             valid: dict[FrontendMatch, set[BackendMatch]] = {}
-            for fes in self._services.values():
-                for fe, bes in fes.items():
+            for svc in self._services.values():
+                for fe, bes in _frontends(svc).items():
                     valid.setdefault(fe, set()).update(bes)
             self._purge(None, None, keep=valid)
 

@@ -16,6 +16,7 @@ import pytest
 
 from kpr import api
 from kpr.api import ApiError, ApiServer
+from kpr.testing.waiting import wait_for
 
 
 class FakeAgent:
@@ -53,15 +54,6 @@ def connect(path: Path) -> socket.socket:
     s.settimeout(10)
     s.connect(str(path))
     return s
-
-
-def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_status_is_served(serve):

@@ -12,7 +12,6 @@ of a running agent).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -30,7 +29,7 @@ from kpr.sources.files import FilesSource
 from kpr.sources.kubernetes import KubernetesSource
 from kpr.store import ObjectStore
 from kpr.testing.apiserver import KubeApiServer
-from kpr.testing.waiting import wait_for
+from kpr.testing.waiting import free_port, wait_for
 from kpr.translate import SERVICE_NAME_LABEL
 
 NODE = NodeInfo("node1", ("192.168.50.10", "fd50::10"))
@@ -384,12 +383,6 @@ def test_kubernetes_source_gets_the_same_checks() -> None:
 
 
 # --- kpr status --json of a running agent ----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_refusals_show_in_kpr_status_json(tmp_path: Path) -> None:

@@ -84,7 +84,6 @@ class _StreamError(Exception):
 @dataclass
 class InformerStats:
     events: dict[str, int] = field(default_factory=lambda: {"ADDED": 0, "MODIFIED": 0, "DELETED": 0, "BOOKMARK": 0})
-    lists: int = 0
     relists: int = 0
     watch_restarts: int = 0
     errors: int = 0
@@ -267,7 +266,6 @@ class Informer:
                 break
             if self._stop.is_set():
                 raise _StreamError("stopping")
-        self.stats.lists += 1
         if self._listed_once:
             self.stats.relists += 1
         self._listed_once = True

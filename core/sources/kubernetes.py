@@ -159,7 +159,7 @@ class KubernetesSource:
             self._sink = sink
             # What went wrong before the sink was there.
             for kind, (reason, _) in sorted(self._failing.items()):
-                sink.report_error(kind, f"{reason}; the last good state stays in force")
+                self._report_failing(kind, reason)
             for origin, reason in sorted(self._invalid.items()):
                 sink.report_error(origin, reason)
             if self._listed.issuperset(KINDS):
@@ -243,8 +243,11 @@ class KubernetesSource:
             now = time.monotonic()
             self._failing[kind] = (reason, now)
             self._last_error = (reason, now)
-            if self._sink is not None:
-                self._sink.report_error(kind, f"{reason}; the last good state stays in force")
+            self._report_failing(kind, reason)
+
+    def _report_failing(self, kind: str, reason: str) -> None:
+        if self._sink is not None:
+            self._sink.report_error(kind, f"{reason}; the last good state stays in force")
 
     def recovered(self, kind: str) -> None:
         with self._lock:

@@ -1,7 +1,9 @@
 """The local API: JSON over HTTP on a root-only unix socket, for the CLI.
 
 GET /v1/status    agent, source and per-plugin status
-GET /v1/services  one object per frontend (the shape of `kpr service list --json`)
+GET /v1/services  one object per frontend (the shape of `kpr service list --json`); `state` is
+                  "served", or "refused" with the `reason` a plugin gave (the service map
+                  writer refuses a service that would not fit the maps)
 GET /v1/plugins   the enabled plugins
 
 One request per connection (HTTP/1.0). At most MAX_CONNECTIONS are served at once; one more is
@@ -35,17 +37,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def frontend_rows(services: list[Service]) -> list[dict[str, Any]]:
+def refused_services(statuses: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Service ("namespace/name") -> why it is not served, from the plugins' status details
+    ("refused", as the service map writer reports services that would not fit the maps)."""
+    out: dict[str, str] = {}
+    for st in statuses.values():
+        refused = (st.get("details") or {}).get("refused")
+        if isinstance(refused, dict):
+            for key, reason in refused.items():
+                out.setdefault(str(key), str(reason))
+    return out
+
+
+def frontend_rows(services: list[Service], refused: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per frontend; a service in `refused` (see refused_services) is marked so: it
+    is in the desired state but not (or only in its last good state) in the maps."""
+    refused = refused or {}
     rows = []
     for s in sorted(services, key=lambda s: s.key):
+        key = str(s.key)
+        reason = refused.get(key, "")
         for f in s.frontends:
             rows.append(
                 {
-                    "service": str(s.key),
+                    "service": key,
                     "type": f.type.value,
                     "address": f.address,
                     "port": f.port,
                     "protocol": f.protocol.value,
+                    "state": "refused" if reason else "served",
+                    "reason": reason,
                     "backends": [{"address": b.address, "port": b.port, "state": b.state.value} for b in f.backends],
                 }
             )
@@ -148,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         routes = {
             "/v1/status": lambda: self.agent.status(),
-            "/v1/services": lambda: frontend_rows(self.agent.store.snapshot()),
+            "/v1/services": lambda: frontend_rows(self.agent.store.snapshot(), refused_services(self.agent.plugin_statuses())),
             "/v1/plugins": lambda: [{"name": h.name, "dist": h.info.dist, "builtin": h.info.builtin} for h in self.agent.handles],
         }
         fn = routes.get(self.path)

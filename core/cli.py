@@ -94,7 +94,8 @@ def cmd_service_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [("SERVICE", "TYPE", "FRONTEND", "BACKENDS")]
+    table = [("SERVICE", "TYPE", "FRONTEND", "STATE", "BACKENDS")]
+    reasons: dict[int, str] = {}
     for r in rows:
         addr = f"[{r['address']}]" if ":" in r["address"] else r["address"]
         fe = f"{addr}:{r['port']}/{r['protocol']}"
@@ -102,10 +103,17 @@ def cmd_service_list(args: argparse.Namespace) -> int:
             (f"[{b['address']}]" if ":" in b["address"] else b["address"]) + f":{b['port']}" + (" (terminating)" if b["state"] != "active" else "")
             for b in r["backends"]
         ]
-        table.append((r["service"], r["type"], fe, ", ".join(bes) or "(none)"))
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+        state = r.get("state", "served")
+        if state != "served" and r.get("reason"):
+            # once per service, under its last frontend
+            reasons = {i: why for i, why in reasons.items() if table[i][0] != r["service"]}
+            reasons[len(table)] = r["reason"]
+        table.append((r["service"], r["type"], fe, state, ", ".join(bes) or "(none)"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+        if i in reasons:
+            print(f"  {row[0]} refused: {reasons[i]}")
     return 0
 
 

@@ -179,6 +179,8 @@ def test_cli_against_a_running_agent(tmp_path):
                 "address": "10.96.0.10",
                 "port": 80,
                 "protocol": "TCP",
+                "state": "served",
+                "reason": "",
                 "backends": [
                     {"address": "10.244.1.5", "port": 8080, "state": "active"},
                     {"address": "10.244.2.7", "port": 8080, "state": "terminating"},

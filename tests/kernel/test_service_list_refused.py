@@ -1,0 +1,89 @@
+"""`kpr service list` tells a service the writer refused (it would not fit the maps) from one it
+serves: state and reason, in the table and in --json."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kpr import api as kapi
+from kpr.bpf.cleanup import scratch_pin_dir
+from kpr.config import parse_config
+from kpr.daemon import Agent
+from kpr.testing.waiting import wait_for
+
+from test_agent_maps import WEB, NeedsMaps
+
+pytestmark = pytest.mark.kernel
+
+# 1,100 externalIPs: 1,101 frontends of 2 kpr_svc entries each, in a kpr_svc of 1,024.
+HUGE = """
+apiVersion: v1
+kind: Service
+metadata: {name: huge, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  externalIPs: [%s]
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: huge-1, namespace: default, labels: {kubernetes.io/service-name: huge}}
+addressType: IPv4
+ports: [{port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.9]
+""" % ", ".join(f"203.0.{i // 250}.{i % 250 + 1}" for i in range(1100))
+
+
+def test_a_refused_service_shows_as_refused_in_service_list(require_kernel, tmp_path):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(WEB)
+    (manifests / "huge.yaml").write_text(HUGE)
+    with scratch_pin_dir(f"kpr-refused-{os.getpid()}") as pin:
+        text = f"""
+node: {{name: node1, addresses: [192.168.50.10], devices: [lo]}}
+source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
+bpf: {{pinPath: {pin}, mapSizes: {{kprSvc: 1024}}}}
+api: {{socket: {tmp_path}/kpr.sock}}
+metrics: {{address: ""}}
+agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 5}}
+"""
+        cfg_file = tmp_path / "kpr.yaml"
+        cfg_file.write_text(text)
+        agent = Agent(parse_config(text), internal_plugins={"needs": NeedsMaps()})
+        agent.setup()
+        try:
+            writer = agent.kpm.handle("servicemaps").plugin
+            wait_for(lambda: agent.bus.synced() and writer._initial is None, timeout=30, what="initial sync")
+            assert [str(k) for k in writer.refused] == ["default/huge"]
+            assert "10.96.0.20:80/TCP external" not in writer.read_back()["frontends"]
+
+            rows = kapi.get(tmp_path / "kpr.sock", "/v1/services")
+            by_service: dict[str, set[tuple[str, str]]] = {}
+            for r in rows:
+                by_service.setdefault(r["service"], set()).add((r["state"], r["reason"]))
+            assert by_service["default/web"] == {("served", "")}
+            [(state, reason)] = by_service["default/huge"]
+            assert state == "refused"
+            assert "kpr_svc full" in reason and "bpf.mapSizes.kprSvc" in reason
+
+            kpr = [sys.executable, "-m", "kpr.cli"]
+            listed = subprocess.run(kpr + ["service", "list", "--json", "--config", str(cfg_file)], capture_output=True, text=True, check=True)
+            assert {(r["service"], r["state"]) for r in json.loads(listed.stdout)} == {("default/web", "served"), ("default/huge", "refused")}
+            table = subprocess.run(kpr + ["service", "list", "--config", str(cfg_file)], capture_output=True, text=True, check=True).stdout
+            lines = table.splitlines()
+            assert lines[0].split()[:5] == ["SERVICE", "TYPE", "FRONTEND", "STATE", "BACKENDS"]
+            web = [line for line in lines if line.startswith("default/web ")]
+            assert web and all(line.split()[3] == "served" for line in web)
+            huge = [line for line in lines if line.startswith("default/huge ")]
+            assert len(huge) == 1101 and all(line.split()[3] == "refused" for line in huge)
+            notes = [line for line in lines if line.startswith("  default/huge refused: kpr_svc full")]
+            assert len(notes) == 1, "the reason once per service"
+            assert lines.index(notes[0]) == lines.index(huge[-1]) + 1, "under the service's last frontend"
+        finally:
+            agent.shutdown()
+            subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg_file)], capture_output=True)

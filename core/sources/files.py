@@ -1,9 +1,11 @@
 """The files source: Kubernetes manifests in a directory, for nodes without a cluster.
 
 Every *.yaml, *.yml and *.json file directly in the directory is read (hidden files and editor
-leftovers are not); a file may hold several YAML documents and kubectl-style lists. The
-directory is polled: a file whose (mtime, size, inode) changed is read again, and only the
-objects that actually changed reach the sink.
+leftovers are not); a file may hold several YAML documents and kubectl-style lists. A pass
+runs when inotify reports a completed change (dirwatch.py; a burst is one pass) and at least
+every max(pollInterval, SAFETY_POLL) seconds, or every pollInterval where inotify cannot be
+used: a file whose (mtime, size, inode) changed is read again, and only the objects that
+actually changed reach the sink. A file still open for writing is not read.
 
 A mistake in one file must never take down services that work: a file that does not parse
 keeps its last good objects, an invalid object keeps its last good version while the rest of
@@ -35,6 +37,7 @@ from ..allocator import AllocationError, Allocator
 from ..config import load_yaml, shape_problem
 from ..model import InvalidObject
 from . import SUPPORTED_KINDS, ObjectRef, ObjectSink
+from .dirwatch import DirWatcher, WatchUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,13 @@ DEFAULT_EMPTY_GRACE_PERIOD = 60.0
 MAX_DEPTH = 64
 # A reported reason is a hint for a person, cut to this many characters per problem.
 MAX_REASON = 500
+# With inotify, the directory is still scanned at least this often (or every pollInterval
+# when that is longer): a safety net, as events can be lost.
+SAFETY_POLL = 10.0
+
+
+def _nothing_busy() -> set[str]:
+    return set()
 
 
 class _ParseError(Exception):
@@ -249,6 +259,11 @@ class FilesSource:
         self._synced = False
         self._pruned = False
         self.passes = 0
+        # "inotify" or "poll" (watchFallback in status says why), set when the thread starts.
+        self.watch_mode = "poll"
+        self.watch_problem = ""
+        self._busy: Callable[[], set[str]] = _nothing_busy
+        self._watcher: DirWatcher | None = None
 
     # --- Source --------------------------------------------------------------------------
 
@@ -263,6 +278,9 @@ class FilesSource:
 
     def stop(self) -> None:
         self._stop.set()
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.interrupt()
         thread, self._thread = self._thread, None
         if thread is not None:
             # A pass checks the stop flag between files, so this is short even mid-scan.
@@ -287,8 +305,28 @@ class FilesSource:
 
     # --- the pass ------------------------------------------------------------------------
 
+    def status(self) -> dict[str, Any]:
+        """How changes are noticed: inotify events, or polling every pollInterval (and why)."""
+        return {"watch": self.watch_mode, **({"watchFallback": self.watch_problem} if self.watch_problem else {})}
+
+    def _watch(self) -> DirWatcher | None:
+        """An inotify watch on the directory, or None (then it is polled) with the reason kept."""
+        try:
+            watcher = DirWatcher(self.path)
+        except WatchUnavailable as e:
+            if e.strerror != self.watch_problem:
+                log.warning("files.watch_unavailable path=%s reason=%s; polling every %.2fs", self.path, e.strerror, self.poll_interval)
+            self.watch_mode, self.watch_problem = "poll", str(e.strerror)
+            return None
+        if self.watch_mode != "inotify":
+            log.info("files.watching path=%s safety_poll=%.1fs", self.path, max(self.poll_interval, SAFETY_POLL))
+        self.watch_mode, self.watch_problem = "inotify", ""
+        self._busy, self._watcher = watcher.busy, watcher
+        return watcher
+
     def _run(self) -> None:
         assert self._sink is not None
+        watcher = self._watch()
         while not self._stop.is_set():
             try:
                 self.scan_once(self._sink)
@@ -296,7 +334,24 @@ class FilesSource:
                 # Keep polling: the next pass may well succeed (a file being written, a
                 # sink hiccup); the traceback says what went wrong.
                 log.exception("files.scan_failed path=%s", self.path)
-            self._stop.wait(self.poll_interval)
+            if watcher is None or watcher.gone:
+                if watcher is not None:
+                    self._busy, self._watcher = _nothing_busy, None
+                    watcher.close()
+                self._stop.wait(self.poll_interval)
+                # The directory may exist (again) now.
+                watcher = None if self._stop.is_set() else self._watch()
+                continue
+            # Events wake the pass; the poll stays as a slow safety net (events lost to an
+            # overflowing queue, a filesystem inotify misreports).
+            timeout = max(self.poll_interval, SAFETY_POLL)
+            if self._empty_since is not None:
+                # Nothing changes when the grace period ends: wake for it.
+                timeout = min(timeout, max(0.0, self._empty_since + self.empty_grace_period - self._clock()) + 0.01)
+            watcher.wait(timeout)
+        if watcher is not None:
+            self._busy, self._watcher = _nothing_busy, None
+            watcher.close()
 
     def _list(self) -> tuple[dict[str, Signature], dict[str, str], str]:
         """(signature of each manifest file, problem of each one kpr cannot use, a problem
@@ -344,7 +399,8 @@ class FilesSource:
             self._finish_first_pass(sink)
             return False
 
-        changed = sorted(n for n, sig in listing.items() if n not in self._files or self._files[n].sig != sig)
+        busy = self._busy()  # open for writing (inotify): their last good state stays for now
+        changed = sorted(n for n, sig in listing.items() if (n not in self._files or self._files[n].sig != sig) and n not in busy)
         removed = sorted(n for n in self._files if n not in listing and n not in problems)
         parsed: dict[str, _FileState] = {}
         for name in changed:

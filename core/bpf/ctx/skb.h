@@ -77,6 +77,12 @@ static __always_inline int ctx_adjust_room(kpr_ctx_t *ctx, __s32 len_diff, __u32
 	return bpf_skb_adjust_room(ctx, len_diff, mode, flags);
 }
 #define ctx_adjust_head(ctx, delta) ((void)(ctx), (void)(delta), __kpr_skb_has_no_adjust_head())
+// Make the packet exactly `len` bytes long, cutting or zero-filling at its end (a reply
+// built in place that is longer or shorter than the request).
+static __always_inline int ctx_set_len(kpr_ctx_t *ctx, __u32 len)
+{
+	return bpf_skb_change_tail(ctx, len, 0);
+}
 static __always_inline int ctx_load_bytes(kpr_ctx_t *ctx, __u32 off, void *to, __u32 len)
 {
 	return bpf_skb_load_bytes(ctx, off, to, len);

@@ -84,7 +84,7 @@ static __always_inline int ctx_adjust_head(kpr_ctx_t *ctx, int delta)
 // Make the frame exactly `len` bytes long at its end (see ctx/skb.h).
 static __always_inline int ctx_set_len(kpr_ctx_t *ctx, __u32 len)
 {
-	return bpf_xdp_adjust_tail(ctx, (int)len - (int)(ctx_data_end(ctx) - ctx_data(ctx)));
+	return bpf_xdp_adjust_tail(ctx, (int)len - (int)ctx_len(ctx));
 }
 static __always_inline int ctx_load_bytes(kpr_ctx_t *ctx, __u32 off, void *to, __u32 len)
 {

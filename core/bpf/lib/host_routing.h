@@ -1,0 +1,487 @@
+/* eBPF host routing: ordinary traffic between the node's external devices and its local pods
+ * without the host's upper stack (netfilter, the routing decision, the backlog queue), as in
+ * Cilium's LPC 2020 talk, and per-packet ClusterIP for pods outside the socket hooks.
+ *
+ * tc only (needs ctx/skb.h): bpf_redirect_peer and bpf_redirect_neigh exist for skbs only.
+ *
+ * Three entry points:
+ *   kpr_hr_from_netdev_main  ingress of an external device. A packet for a known local pod
+ *       goes straight into the pod: bpf_redirect_peer into the pod's namespace when the pod's
+ *       host-side device is a veth/netkit whose peer is the pod's (kpr_dev_has_peer), else
+ *       bpf_redirect to the device the route names (a bridge) with the route's MACs, or
+ *       bpf_redirect_neigh when the neighbour is not resolved yet. Replies to per-packet
+ *       ClusterIP flows are reverse-translated first.
+ *   kpr_hr_from_pod_main  ingress of a pod's host-side device (a veth, or a bridge port). A
+ *       packet from a known pod: replies of local backends are reverse-translated, packets to
+ *       a service are DNATed to a backend (conntrack keeps the flow on it), then the packet is
+ *       routed: into another local pod as above, out of any other device by bpf_redirect_neigh
+ *       (the kernel resolves the next hop's MAC).
+ *   kpr_hr_to_pod_main  egress of a pod's host-side device: replies to per-packet ClusterIP
+ *       flows that came through the stack (or any redirect that ends at this device) get
+ *       their service address back before the pod sees them.
+ *
+ * Everything else is the kernel's (CTX_PASS to the stack, counted by reason): not IP, headers
+ * kpr cannot parse, fragments, IPv4 options (DSR carries a frontend there), packets not for or
+ * from a known pod, packets for the node itself, TTL about to run out (the stack answers with
+ * ICMP time exceeded), routes the FIB lookup cannot resolve. A redirect is issued only where
+ * the kernel takes it: bpf_redirect_peer only into devices the agent classified as veth/netkit peers
+ * (kpr.netdevs, lib/devkind.h).
+ *
+ * Helpers: KPR_HR_PEER (1: bpf_redirect_peer; 0: bpf_redirect out of the host-side device)
+ * and KPR_HR_NEIGH (1: bpf_redirect_neigh; 0: the stack) are the talk's fallbacks, chosen by
+ * the plugin from feature probes and config.
+ *
+ * Maps owned here (pinned next to the shared ones, filled by the host_routing plugin):
+ * kpr_hr_pods, kpr_hr_devs, kpr_hr_stats. Flows of the per-packet ClusterIP path live in the
+ * shared kpr_ct: an ORIGINAL entry (pod -> service) names the backend, a REPLY entry
+ * (backend -> pod) the service's rev-NAT index; neither carries KPR_CT_F_NODE_PORT, so the
+ * NodePort collector leaves them to the LRU.
+ */
+#ifndef KPR_LIB_HOST_ROUTING_H
+#define KPR_LIB_HOST_ROUTING_H
+
+#ifndef KPR_CTX_SKB
+#error "lib/host_routing.h is for tc programs: include ctx/skb.h first"
+#endif
+
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/csum.h"
+#include "lib/lb.h"
+#include "lib/conntrack.h"
+#include "lib/nat.h"
+#include "lib/devkind.h"
+
+/* --- tunables ---------------------------------------------------------------------- */
+
+#ifndef KPR_HR_PASS
+#define KPR_HR_PASS TC_ACT_UNSPEC // packets left to the kernel: later tcx programs and filters still see them
+#endif
+#ifndef KPR_HR_PEER
+#define KPR_HR_PEER 1 // 1: bpf_redirect_peer into pods on veth/netkit; 0: bpf_redirect out of the host-side device
+#endif
+#ifndef KPR_HR_NEIGH
+#define KPR_HR_NEIGH 1 // 1: bpf_redirect_neigh where the next hop's MAC is the kernel's to find; 0: the stack
+#endif
+#ifndef KPR_HR_CLUSTER_IP
+#define KPR_HR_CLUSTER_IP 1 // 1: per-packet service load balancing for packets from pods
+#endif
+#ifndef KPR_HR_PODS_MAX
+#define KPR_HR_PODS_MAX 16384 // local pod addresses (both families)
+#endif
+#ifndef KPR_HR_DEVS_MAX
+#define KPR_HR_DEVS_MAX 16384 // devices the programs decide on (external and pods' host-side ones)
+#endif
+
+#define KPR_HR_AF_INET 2   // AF_INET for bpf_fib_lookup
+#define KPR_HR_AF_INET6 10 // AF_INET6
+
+// Service types the per-packet path balances for pods (exact-address entries; NodePort at
+// node addresses and HostPort are the stack's and tc_nodeport's).
+#define KPR_HR_SVC_TYPES (KPR_SVC_F_CLUSTER_IP | KPR_SVC_F_EXTERNAL_IP | KPR_SVC_F_LOAD_BALANCER)
+
+// kpr_hr_devs flags.
+#define KPR_HR_DEV_F_EXTERNAL (1U << 0) // one of the configured external devices
+#define KPR_HR_DEV_F_POD (1U << 1)      // a pod's host-side device (veth/netkit, or a bridge port)
+#define KPR_HR_DEV_F_BRIDGE (1U << 3)   // a bridge pods sit on (routes to its pods name it)
+#define KPR_HR_DEV_F_L2 (1U << 4)       // a bridge port: only frames to gw_mac are routed, the rest is switched
+
+// kpr_hr_stats slots; the plugin's STATS names them in this order.
+#define KPR_HR_ST_PEER 0             // delivered into a pod by bpf_redirect_peer
+#define KPR_HR_ST_REDIRECT 1         // sent out of a device by bpf_redirect with the route's MACs
+#define KPR_HR_ST_NEIGH 2            // sent out of a device by bpf_redirect_neigh
+#define KPR_HR_ST_SVC_NEW 3          // per-packet ClusterIP: new flows balanced
+#define KPR_HR_ST_SVC_ESTABLISHED 4  // per-packet ClusterIP: packets of tracked flows translated
+#define KPR_HR_ST_SVC_REVNAT 5       // per-packet ClusterIP: replies given the service address back
+#define KPR_HR_ST_PASS_NOT_IP 6      // to the stack: not IPv4/IPv6 (ARP, LLDP, ...)
+#define KPR_HR_ST_PASS_MALFORMED 7   // to the stack: headers kpr could not parse
+#define KPR_HR_ST_PASS_FRAGMENT 8    // to the stack: IP fragments
+#define KPR_HR_ST_PASS_IP_OPTIONS 9  // to the stack: IPv4 options, IPv6 extension headers (DSR, others)
+#define KPR_HR_ST_PASS_NOT_POD 10    // to the stack: neither to (external) nor from (pod side) a known pod
+#define KPR_HR_ST_PASS_LOCAL 11      // to the stack: for the node itself (FIB: not forwarded)
+#define KPR_HR_ST_PASS_TTL 12        // to the stack: TTL/hop limit would expire (ICMP is the stack's)
+#define KPR_HR_ST_PASS_FIB 13        // to the stack: the FIB lookup gave no usable route
+#define KPR_HR_ST_PASS_NO_NEIGH 14   // to the stack: next hop unresolved and bpf_redirect_neigh not used
+#define KPR_HR_ST_PASS_NEIGH_OFF 15  // to the stack: leaving the node without bpf_redirect_neigh (fallback)
+#define KPR_HR_ST_PASS_SWITCHED 16   // to the stack: a bridge port's frame to another MAC (switched, not routed)
+#define KPR_HR_ST_PASS_NOT_DEV 17    // to the stack: the route's device is not one kpr decides for
+#define KPR_HR_ST_DROP_NO_BACKEND 18 // dropped: a service without backends
+#define KPR_HR_ST_DROP_NAT 19        // dropped: a rewrite failed
+#define KPR_HR_ST_CT_FAILED 20       // conntrack entry not written (the packet still went)
+#define KPR_HR_ST_STALE_BACKEND 21   // tracked flow whose backend is gone: balanced again
+#define KPR_HR_ST_MAX 22
+
+/* --- structs ------------------------------------------------------------------------- */
+
+// kpr_hr_pods value (key: union kpr_addr, the pod's address).
+struct kpr_hr_pod {
+	__u32 ifindex; // the device the pod's route names (its host-side veth, or its bridge)
+	__u32 flags;   // reserved, zero
+};
+
+// kpr_hr_devs value (key: __u32 ifindex).
+struct kpr_hr_dev {
+	__u32 flags;     // KPR_HR_DEV_F_*
+	__u8 kind;       // KPR_DEV_* (lib/devkind.h): bpf_redirect_peer only into a veth/netkit peer
+	__u8 gw_mac[6];  // bridge ports: the bridge's MAC (pods route through it); else zero
+	__u8 pad;        // zero
+};
+
+_Static_assert(sizeof(struct kpr_hr_pod) == 8, "kpr_hr_pod layout");
+_Static_assert(sizeof(struct kpr_hr_dev) == 12, "kpr_hr_dev layout");
+
+/* --- maps ---------------------------------------------------------------------------- */
+
+// Local pod addresses: from the source's Pod objects and the host's /32 and /128 pod routes.
+BPF_TABLE_PINNED("hash", union kpr_addr, struct kpr_hr_pod, kpr_hr_pods, KPR_HR_PODS_MAX, KPR_PIN(kpr_hr_pods));
+// Devices by ifindex: what each one allows.
+BPF_TABLE_PINNED("hash", __u32, struct kpr_hr_dev, kpr_hr_devs, KPR_HR_DEVS_MAX, KPR_PIN(kpr_hr_devs));
+// Counters, per CPU (KPR_HR_ST_*).
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_hr_stats, KPR_HR_ST_MAX, KPR_PIN(kpr_hr_stats));
+
+/* --- helpers --------------------------------------------------------------------------- */
+
+static __always_inline void kpr_hr_count(__u32 idx)
+{
+	__u64 *c = kpr_hr_stats.lookup(&idx);
+
+	if (c)
+		*c += 1;
+}
+
+// Count a reason and hand the packet to the stack.
+static __always_inline int kpr_hr_pass(__u32 reason)
+{
+	kpr_hr_count(reason);
+	return KPR_HR_PASS;
+}
+
+static __always_inline struct kpr_hr_pod *kpr_hr_pod_of(const union kpr_addr *a)
+{
+	union kpr_addr k = *a;
+
+	return kpr_hr_pods.lookup(&k);
+}
+
+// Multicast, broadcast and link-local destinations (neighbour discovery among them) are the stack's.
+static __always_inline int kpr_hr_special_dst(const union kpr_addr *d, __u8 family)
+{
+	if (family == KPR_FAMILY_V4) {
+		__u32 a = kpr_ntohl(d->w[3]);
+
+		return (a >> 28) == 0xe || a == 0xffffffff;
+	}
+	return d->b[0] == 0xff || (d->b[0] == 0xfe && (d->b[1] & 0xc0) == 0x80);
+}
+
+// Parse; on anything but a whole, option-free, unfragmented IP packet, the reason to pass it.
+static __always_inline int kpr_hr_parse(kpr_ctx_t *ctx, struct kpr_pkt *pkt, __u32 *reason)
+{
+	int ret = kpr_parse(ctx, pkt);
+
+	if (ret == KPR_PARSE_NOT_IP) {
+		*reason = KPR_HR_ST_PASS_NOT_IP;
+		return -1;
+	}
+	if (ret == KPR_PARSE_MALFORMED) {
+		*reason = KPR_HR_ST_PASS_MALFORMED;
+		return -1;
+	}
+	if (pkt->frag) {
+		*reason = KPR_HR_ST_PASS_FRAGMENT;
+		return -1;
+	}
+	// an IPv4 header with options (a DSR frontend among them) is the stack's and tc_nodeport's
+	if (pkt->t.family == KPR_FAMILY_V4 && pkt->l4_off && pkt->l4_off != pkt->l3_off + sizeof(struct iphdr)) {
+		*reason = KPR_HR_ST_PASS_IP_OPTIONS;
+		return -1;
+	}
+	// IPv6 extension headers likewise (a DSR destination option among them)
+	if (pkt->t.family == KPR_FAMILY_V6 && pkt->l4_off && pkt->l4_off != pkt->l3_off + sizeof(struct ipv6hdr)) {
+		*reason = KPR_HR_ST_PASS_IP_OPTIONS;
+		return -1;
+	}
+	if (pkt->t.family == KPR_FAMILY_V4 && !pkt->l4_off) {
+		struct iphdr *ip = ctx_ptr(ctx, pkt->l3_off, sizeof(*ip));
+
+		if (!ip || ip->ihl != 5) {
+			*reason = KPR_HR_ST_PASS_IP_OPTIONS;
+			return -1;
+		}
+	}
+	if (kpr_hr_special_dst(&pkt->t.daddr, pkt->t.family)) {
+		*reason = KPR_HR_ST_PASS_LOCAL;
+		return -1;
+	}
+	return 0;
+}
+
+// FIB lookup for the packet as it is now.
+static __always_inline int kpr_hr_fib(kpr_ctx_t *ctx, struct bpf_fib_lookup *p, const struct kpr_tuple *t)
+{
+	__builtin_memset(p, 0, sizeof(*p));
+	p->ifindex = ctx_ifindex(ctx);
+	p->l4_protocol = t->proto;
+	p->sport = t->sport;
+	p->dport = t->dport;
+	if (t->family == KPR_FAMILY_V4) {
+		p->family = KPR_HR_AF_INET;
+		p->ipv4_src = t->saddr.w[3];
+		p->ipv4_dst = t->daddr.w[3];
+	} else {
+		p->family = KPR_HR_AF_INET6;
+		__builtin_memcpy(p->ipv6_src, t->saddr.w, 16);
+		__builtin_memcpy(p->ipv6_dst, t->daddr.w, 16);
+	}
+	return bpf_fib_lookup(ctx, p, sizeof(*p), 0);
+}
+
+/* Forwarding is routing: the TTL (hop limit) goes down by one, as the stack would do. Returns
+ * -1 when it would expire here (the stack then sends ICMP time exceeded). */
+static __always_inline int kpr_hr_dec_ttl(kpr_ctx_t *ctx, const struct kpr_pkt *pkt)
+{
+	if (pkt->t.family == KPR_FAMILY_V4) {
+		struct iphdr *ip = ctx_ptr(ctx, pkt->l3_off, sizeof(*ip));
+		__be16 from, to;
+
+		if (!ip || ip->ttl <= 1)
+			return -1;
+		// ttl and protocol share one 16-bit word of the header checksum
+		from = *(__be16 *)&ip->ttl;
+		ip->ttl--;
+		to = *(__be16 *)&ip->ttl;
+		return bpf_l3_csum_replace(ctx, pkt->l3_off + offsetof(struct iphdr, check), from, to, 2) ? -1 : 0;
+	} else {
+		struct ipv6hdr *ip6 = ctx_ptr(ctx, pkt->l3_off, sizeof(*ip6));
+
+		if (!ip6 || ip6->hop_limit <= 1)
+			return -1;
+		ip6->hop_limit--;
+	}
+	return 0;
+}
+
+static __always_inline int kpr_hr_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
+{
+	__u8 *eth = ctx_ptr(ctx, 0, 12);
+
+	if (!eth)
+		return -1;
+	__builtin_memcpy(eth, p->dmac, 6);
+	__builtin_memcpy(eth + 6, p->smac, 6);
+	return 0;
+}
+
+/* Route the packet (tuple final) with the fastest helper the route's device allows:
+ *   into a pod behind a PEER device: bpf_redirect_peer (KPR_HR_PEER) or bpf_redirect;
+ *   to a bridge with pods: bpf_redirect with the route's MACs;
+ *   anywhere else (the route leaves the node): bpf_redirect_neigh (KPR_HR_NEIGH) or the stack.
+ * `to_pod`: the destination is a known local pod. */
+static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, int to_pod)
+{
+	struct bpf_fib_lookup p;
+	struct kpr_hr_dev *dev;
+	__u32 oif;
+	int rc = kpr_hr_fib(ctx, &p, &pkt->t);
+
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return kpr_hr_pass(KPR_HR_ST_PASS_LOCAL);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return kpr_hr_pass(KPR_HR_ST_PASS_FIB);
+	oif = p.ifindex;
+	if (oif == ctx_ifindex(ctx)) // hairpin out of the device it came in on: the stack's (redirects, ICMP)
+		return kpr_hr_pass(KPR_HR_ST_PASS_FIB);
+	dev = kpr_hr_devs.lookup(&oif);
+	if (to_pod) {
+		if (!dev || !(dev->flags & (KPR_HR_DEV_F_POD | KPR_HR_DEV_F_BRIDGE)))
+			return kpr_hr_pass(KPR_HR_ST_PASS_NOT_DEV);
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+			if (kpr_hr_dec_ttl(ctx, pkt))
+				return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
+			if (kpr_hr_set_macs(ctx, &p))
+				return kpr_hr_pass(KPR_HR_ST_PASS_MALFORMED);
+#if KPR_HR_PEER
+			if ((dev->flags & KPR_HR_DEV_F_POD) && kpr_dev_has_peer(dev->kind)) {
+				kpr_hr_count(KPR_HR_ST_PEER);
+				return ctx_redirect_peer(ctx, oif, 0);
+			}
+#endif
+			kpr_hr_count(KPR_HR_ST_REDIRECT);
+			return ctx_redirect(ctx, oif, 0);
+		}
+#if KPR_HR_NEIGH
+		if (kpr_hr_dec_ttl(ctx, pkt))
+			return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
+		kpr_hr_count(KPR_HR_ST_NEIGH);
+		return ctx_redirect_neigh(ctx, oif);
+#else
+		return kpr_hr_pass(KPR_HR_ST_PASS_NO_NEIGH);
+#endif
+	}
+	// leaving the node: only through the external devices (overlays, tunnels: the stack's)
+	if (!dev || !(dev->flags & KPR_HR_DEV_F_EXTERNAL))
+		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_DEV);
+#if KPR_HR_NEIGH
+	if (kpr_hr_dec_ttl(ctx, pkt))
+		return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
+	kpr_hr_count(KPR_HR_ST_NEIGH);
+	return ctx_redirect_neigh(ctx, oif);
+#else
+	return kpr_hr_pass(KPR_HR_ST_PASS_NEIGH_OFF);
+#endif
+}
+
+/* --- per-packet services --------------------------------------------------------------- */
+
+#if KPR_HR_CLUSTER_IP
+// A reply of a per-packet service flow (backend -> pod): the service becomes its source again.
+// Returns 0 (translated or not one), or -1 when the rewrite failed (drop).
+static __always_inline int kpr_hr_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
+{
+	struct kpr_ct_entry *e;
+	struct kpr_revnat *rn;
+
+	if (!pkt->l4_off)
+		return 0;
+	e = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_REPLY);
+	if (!e || (e->flags & KPR_CT_F_NODE_PORT))
+		return 0;
+	rn = kpr_lb_revnat(e->rev_nat);
+	if (!rn)
+		return 0;
+	if (kpr_nat_revnat(ctx, pkt, rn)) {
+		kpr_hr_count(KPR_HR_ST_DROP_NAT);
+		return -1;
+	}
+	kpr_hr_count(KPR_HR_ST_SVC_REVNAT);
+	return 0;
+}
+
+// The reply tuple of a flow DNATed to `be`: backend -> the pod.
+static __always_inline void kpr_hr_reply_tuple(struct kpr_tuple *r, const struct kpr_tuple *t,
+					       const struct kpr_backend *be)
+{
+	r->saddr = be->addr;
+	r->daddr = t->saddr;
+	r->sport = be->port;
+	r->dport = t->sport;
+	r->proto = t->proto;
+	r->family = t->family;
+	r->tcp_flags = 0;
+	r->pad = 0;
+}
+
+/* A packet from a pod to a service: its tracked flow's backend, or a new pick (conntrack in both
+ * directions), then DNAT. Returns 0 (translated, or no service), 1 to drop. */
+static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
+{
+	struct kpr_ct_entry *ct;
+	struct kpr_svc_key key;
+	struct kpr_svc_val *svc;
+	struct kpr_affinity_key aff;
+	struct kpr_backend *be = (void *)0;
+	struct kpr_tuple r;
+	__u32 bid;
+
+	if (!pkt->l4_off || (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP))
+		return 0;
+	ct = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_ORIGINAL);
+	if (ct && !(ct->flags & KPR_CT_F_NODE_PORT)) {
+		bid = ct->backend_id;
+		be = kpr_backend.lookup(&bid);
+		if (be) {
+			kpr_hr_count(KPR_HR_ST_SVC_ESTABLISHED);
+			goto dnat;
+		}
+		kpr_hr_count(KPR_HR_ST_STALE_BACKEND);
+	}
+	svc = kpr_lb_lookup(&key, &pkt->t, KPR_LB_FROM_CLUSTER);
+	if (!svc || !(svc->flags & KPR_HR_SVC_TYPES))
+		return 0;
+	kpr_lb_affinity_key_addr(&aff, svc, &pkt->t.saddr);
+	be = kpr_lb_pick(&key, svc, &pkt->t, &aff, &bid);
+	if (!be) {
+		kpr_hr_count(KPR_HR_ST_DROP_NO_BACKEND);
+		return 1;
+	}
+	kpr_hr_count(KPR_HR_ST_SVC_NEW);
+	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, 0))
+		kpr_hr_count(KPR_HR_ST_CT_FAILED);
+	kpr_hr_reply_tuple(&r, &pkt->t, be);
+	if (kpr_ct_create(&r, KPR_CT_DIR_REPLY, bid, svc->rev_nat, 0))
+		kpr_hr_count(KPR_HR_ST_CT_FAILED);
+dnat:
+	if (kpr_nat_dnat(ctx, pkt, &be->addr, be->port)) {
+		kpr_hr_count(KPR_HR_ST_DROP_NAT);
+		return 1;
+	}
+	return 0;
+}
+#endif
+
+/* --- entry points ------------------------------------------------------------------------ */
+
+// Ingress of an external device.
+static __always_inline int kpr_hr_from_netdev_main(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	__u32 reason;
+
+	if (kpr_hr_parse(ctx, &pkt, &reason))
+		return kpr_hr_pass(reason);
+	if (!kpr_hr_pod_of(&pkt.t.daddr))
+		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
+#if KPR_HR_CLUSTER_IP
+	if (kpr_hr_revnat(ctx, &pkt))
+		return CTX_DROP;
+#endif
+	return kpr_hr_route(ctx, &pkt, 1);
+}
+
+// Ingress of a pod's host-side device: what the pod sends.
+static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_hr_dev *dev;
+	__u32 reason, ifindex = ctx_ifindex(ctx);
+
+	if (kpr_hr_parse(ctx, &pkt, &reason))
+		return kpr_hr_pass(reason);
+	if (!kpr_hr_pod_of(&pkt.t.saddr))
+		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
+#if KPR_HR_CLUSTER_IP
+	if (kpr_hr_revnat(ctx, &pkt))
+		return CTX_DROP;
+#endif
+	dev = kpr_hr_devs.lookup(&ifindex);
+	if (dev && (dev->flags & KPR_HR_DEV_F_L2)) {
+		__u8 *eth = ctx_ptr(ctx, 0, 6);
+
+		// on a bridge, only frames to the bridge itself are routed; the rest is switched
+		if (!eth || ((eth[0] ^ dev->gw_mac[0]) | (eth[1] ^ dev->gw_mac[1]) | (eth[2] ^ dev->gw_mac[2]) |
+			     (eth[3] ^ dev->gw_mac[3]) | (eth[4] ^ dev->gw_mac[4]) | (eth[5] ^ dev->gw_mac[5])))
+			return kpr_hr_pass(KPR_HR_ST_PASS_SWITCHED);
+	}
+#if KPR_HR_CLUSTER_IP
+	if (kpr_hr_service(ctx, &pkt))
+		return CTX_DROP;
+#endif
+	return kpr_hr_route(ctx, &pkt, kpr_hr_pod_of(&pkt.t.daddr) != (void *)0);
+}
+
+// Egress of a pod's host-side device: what the pod is about to receive through the stack.
+static __always_inline int kpr_hr_to_pod_main(kpr_ctx_t *ctx)
+{
+#if KPR_HR_CLUSTER_IP
+	struct kpr_pkt pkt;
+
+	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || pkt.frag)
+		return KPR_HR_PASS;
+	if (kpr_hr_revnat(ctx, &pkt))
+		return CTX_DROP;
+#endif
+	return KPR_HR_PASS;
+}
+
+#endif /* KPR_LIB_HOST_ROUTING_H */

@@ -1,0 +1,171 @@
+"""The host routing programs (bpf/host_routing.c over core/bpf/lib/host_routing.h) and the maps
+the plugin writes: local pods, devices; counters read back for status.
+
+Struct packers mirror lib/host_routing.h (tests/kernel/test_host_routing_prog.py checks them
+against bcc's view of the C).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kpr.bpf import maps as M
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "bpf" / "host_routing.c"
+
+# Entry programs (kpr_* marks kpr's programs for tc, tcx and `kpr cleanup`).
+FROM_NETDEV, FROM_POD, TO_POD = "kpr_hr_from_netdev", "kpr_hr_from_pod", "kpr_hr_to_pod"
+ENTRIES = (FROM_NETDEV, FROM_POD, TO_POD)
+
+# kpr_hr_stats slots in KPR_HR_ST_* order.
+STATS = (
+    "redirect_peer",
+    "redirect",
+    "redirect_neigh",
+    "service_new",
+    "service_established",
+    "service_revnat",
+    "pass_not_ip",
+    "pass_malformed",
+    "pass_fragment",
+    "pass_ip_options",
+    "pass_not_pod",
+    "pass_local",
+    "pass_ttl",
+    "pass_fib",
+    "pass_no_neigh",
+    "pass_neigh_off",
+    "pass_switched",
+    "pass_not_dev",
+    "drop_no_backend",
+    "drop_nat",
+    "conntrack_write_failed",
+    "stale_backend",
+)
+PASS_STATS = tuple(s for s in STATS if s.startswith("pass_"))
+
+PODS_MAP, DEVS_MAP, STATS_MAP = "kpr_hr_pods", "kpr_hr_devs", "kpr_hr_stats"
+OWN_MAPS = (PODS_MAP, DEVS_MAP)
+
+POD = struct.Struct("=II")  # kpr_hr_pod: ifindex, flags
+DEV = struct.Struct("=IB6sB")  # kpr_hr_dev: flags, kind, gw_mac, pad
+
+DEV_F_EXTERNAL, DEV_F_POD, DEV_F_BRIDGE, DEV_F_L2 = 1, 2, 8, 16
+
+
+@dataclass(frozen=True)
+class DevEntry:
+    flags: int
+    kind: int = 0
+    gw_mac: str = ""  # "aa:bb:..." for bridge ports
+
+
+@dataclass(frozen=True)
+class Helpers:
+    """Which helper carries each direction (after probes and config)."""
+
+    peer: bool  # into pods: bpf_redirect_peer (else bpf_redirect)
+    neigh: bool  # out of the node: bpf_redirect_neigh (else the stack)
+
+    @property
+    def to_pod(self) -> str:
+        return "bpf_redirect_peer" if self.peer else "bpf_redirect"
+
+    @property
+    def to_netdev(self) -> str:
+        return "bpf_redirect_neigh" if self.neigh else "stack"
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", "")) if text else bytes(6)
+
+
+class Datapath:
+    """The loaded programs of one agent and the plugin's maps."""
+
+    def __init__(self, pin: Path | str, helpers: Helpers, *, cluster_ip: bool = True, max_pods: int = 16384,
+                 extra_cflags: Iterable[str] = ()) -> None:
+        self.pin = Path(pin)
+        self.helpers = helpers
+        self.cluster_ip = cluster_ip
+        self.max_pods = max_pods
+        self.extra_cflags = list(extra_cflags)
+        self.sizes: dict[str, int] = {}
+        self.maglev_size = M.MAGLEV_DEFAULT_SIZE
+        self.bpf: Any = None
+        self.progs: dict[str, Any] = {}
+        self.maps: dict[str, M.BpfMap] = {}
+
+    def cflags(self) -> list[str]:
+        return M.cflags(self.pin, self.sizes, maglev_size=self.maglev_size) + [
+            f"-DKPR_HR_PEER={int(self.helpers.peer)}",
+            f"-DKPR_HR_NEIGH={int(self.helpers.neigh)}",
+            f"-DKPR_HR_CLUSTER_IP={int(self.cluster_ip)}",
+            f"-DKPR_HR_PODS_MAX={self.max_pods}",
+            *self.extra_cflags,
+        ]
+
+    def load(self) -> "Datapath":
+        from kpr.bpf.loader import compile_and_load, load_prog
+
+        self.bpf = compile_and_load(SOURCE, cflags=self.cflags())
+        try:
+            for name in ENTRIES:
+                self.progs[name] = load_prog(self.bpf, name, "SCHED_CLS")
+            for name in OWN_MAPS:
+                self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
+        except BaseException:
+            self.close()
+            raise
+        log.info("event=host_routing_loaded to_pod=%s to_netdev=%s cluster_ip=%s", self.helpers.to_pod,
+                 self.helpers.to_netdev, self.cluster_ip)
+        return self
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+        self.progs.clear()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def fd(self, name: str) -> int:
+        return int(self.progs[name].fd)
+
+    def prog_id(self, name: str) -> int:
+        return int(M.prog_info(self.fd(name)).id)
+
+    def stats(self) -> dict[str, int]:
+        bpf = self.bpf
+        if bpf is None:
+            return {}
+        table = bpf[STATS_MAP.encode()]
+        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
+
+    @staticmethod
+    def _sync(m: M.BpfMap, want: Mapping[bytes, bytes]) -> tuple[int, int]:
+        have = dict(m.items())
+        up = {k: v for k, v in want.items() if have.get(k) != v}
+        gone = [k for k in have if k not in want]
+        if up:
+            m.update_many(list(up), list(up.values()))
+        if gone:
+            m.delete_many(gone)
+        return len(up), len(gone)
+
+    def set_pods(self, pods: Mapping[str, int]) -> tuple[int, int]:
+        """kpr_hr_pods: pod address -> ifindex of the device its route names."""
+        return self._sync(self.maps[PODS_MAP], {M.addr_to_bytes(a): POD.pack(idx, 0) for a, idx in pods.items()})
+
+    def set_devices(self, devices: Mapping[int, DevEntry]) -> tuple[int, int]:
+        """kpr_hr_devs: ifindex -> flags, kind, gateway MAC."""
+        want = {M.U32.pack(idx): DEV.pack(d.flags, d.kind, _mac(d.gw_mac), 0) for idx, d in devices.items()}
+        return self._sync(self.maps[DEVS_MAP], want)

@@ -1,0 +1,191 @@
+"""host_routing end to end: real traffic between an external client and pods on per-pod veths
+and on a bridge (topology in host_routing_env.py), without the plugin, with it, and with each
+of the talk's fallbacks forced; the plugin's counters prove which helper carried the packets.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from kpr.bpf import links
+from kpr.bpf.cleanup import cleanup
+from kpr.testing.waiting import wait_for
+
+from host_routing_env import CLIENT, NODE, PODS, PORT, Rig, answers, client, delta, rig
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Rig]:
+    with rig(prefix="kpr-hr-e2e") as r:
+        yield r
+
+
+@pytest.fixture
+def hr(env: Rig) -> Iterator[Rig]:
+    """The rig; whatever plugin a test started is stopped and detached afterwards."""
+    try:
+        yield env
+    finally:
+        if env.plugin is not None:
+            env.plugin.cfg = env.plugin.cfg.model_copy(update={"keep_attached_on_stop": False})
+            env.stop()
+
+
+def traffic(r: Rig, pod: str, *, src: str = "cl", n: int = 3) -> list[str]:
+    """TCP and UDP, IPv4 and IPv6, from `src` to `pod`: every answer names the pod and the
+    client's own address (nothing translated on the way)."""
+    out = []
+    for fam in (0, 1):
+        out += answers(client(r.topo, "tcp", PODS[pod][fam], PORT, n, ns=src))
+        out += answers(client(r.topo, "udp", PODS[pod][fam], PORT, n, ns=src))
+    return out
+
+
+def expected(pod: str, src: str = "cl", n: int = 3) -> list[str]:
+    addrs = (CLIENT, "fd21::2") if src == "cl" else PODS[src]
+    return [f"{pod} {addrs[fam]}" for fam in (0, 1) for _ in range(2 * n)]
+
+
+def tcx_names(r: Rig, dev: str, direction: str) -> list[str]:
+    at = links.ATTACH_TCX_INGRESS if direction == "ingress" else links.ATTACH_TCX_EGRESS
+    with r.topo["node"].enter():
+        ids = links.query(socket.if_nametoindex(dev), at)
+    return [links.prog_name(i) or "?" for i in ids]
+
+
+def test_without_plugin_the_stack_carries_everything(hr: Rig) -> None:
+    for pod in PODS:
+        assert traffic(hr, pod, n=1) == expected(pod, n=1)
+    assert tcx_names(hr, "eth0", "ingress") == []
+
+
+@pytest.mark.parametrize("peer,neigh", [(True, True), (False, True), (True, False), (False, False)],
+                         ids=["peer+neigh", "redirect+neigh", "peer+stack", "redirect+stack"])
+def test_helpers_and_fallbacks(hr: Rig, peer: bool, neigh: bool) -> None:
+    p = hr.start(redirectPeer=peer, redirectNeigh=neigh)
+    hr.source_pods("b1", "b2")
+    wait_for(lambda: "10.245.9.11" in p.plan.pods, what="bridge pod learned from the source")
+    helpers = p.kpr_status().details["helpers"]
+    assert helpers["toPod"] == ("bpf_redirect_peer" if peer else "bpf_redirect")
+    assert helpers["toNetdev"] == ("bpf_redirect_neigh" if neigh else "stack")
+
+    before = hr.stats()
+    assert traffic(hr, "p1") == expected("p1")
+    d = delta(before, hr.stats())
+    # into the veth pod: the peer helper, or its fallback, never both
+    if peer:
+        assert d.get("redirect_peer", 0) >= 12 and d.get("redirect", 0) == 0, d
+    else:
+        assert d.get("redirect", 0) >= 12 and d.get("redirect_peer", 0) == 0, d
+    # out of the node: bpf_redirect_neigh, or the stack with the reason counted
+    if neigh:
+        assert d.get("redirect_neigh", 0) >= 12 and d.get("pass_neigh_off", 0) == 0, d
+    else:
+        assert d.get("redirect_neigh", 0) == 0 and d.get("pass_neigh_off", 0) >= 12, d
+
+    before = hr.stats()
+    assert traffic(hr, "b1") == expected("b1")
+    d = delta(before, hr.stats())
+    # a bridge has no peer: bpf_redirect to it with the route's MACs, whatever redirectPeer says
+    assert d.get("redirect", 0) >= 12 and d.get("redirect_peer", 0) == 0, d
+
+
+def test_bridge_pods_every_connection(hr: Rig) -> None:
+    """Pods on a bridge: every connection from outside succeeds (30 of 30, twice), none of
+    them by bpf_redirect_peer (the kernel would drop it unseen)."""
+    hr.start()
+    hr.source_pods("b1", "b2")
+    wait_for(lambda: "10.245.9.12" in hr.plugin.plan.pods, what="bridge pods learned")
+    for _ in range(2):
+        before = hr.stats()
+        rows = client(hr.topo, "tcp", PODS["b2"][0], PORT, 30, ns="cl")
+        assert answers(rows) == [f"b2 {CLIENT}"] * 30
+        d = delta(before, hr.stats())
+        assert d.get("redirect_peer", 0) == 0 and d.get("redirect", 0) >= 30, d
+
+
+def test_pod_to_pod_and_pod_to_outside(hr: Rig) -> None:
+    hr.start()
+    hr.source_pods("b1", "b2")
+    wait_for(lambda: "10.245.9.11" in hr.plugin.plan.pods, what="bridge pods learned")
+    before = hr.stats()
+    assert traffic(hr, "p2", src="p1") == expected("p2", "p1")
+    d = delta(before, hr.stats())
+    assert d.get("redirect_peer", 0) >= 24 and d.get("redirect_neigh", 0) == 0, d  # both ways into peers
+
+    before = hr.stats()
+    assert traffic(hr, "b2", src="b1") == expected("b2", "b1")
+    d = delta(before, hr.stats())
+    assert d.get("pass_switched", 0) >= 24 and d.get("redirect", 0) == 0, d  # one bridge: switched, not routed
+
+    before = hr.stats()
+    assert answers(client(hr.topo, "tcp", CLIENT, PORT, 3, ns="p1")) == [f"cl {PODS['p1'][0]}"] * 3
+    d = delta(before, hr.stats())
+    assert d.get("redirect_neigh", 0) >= 6 and d.get("redirect_peer", 0) >= 6, d
+
+
+def test_learns_pods_live(hr: Rig) -> None:
+    from host_routing_env import add_veth_pod
+
+    p = hr.start()
+    assert "10.245.9.11" not in p.plan.pods  # bridge pods: only the source names them
+    before = hr.stats()
+    assert answers(client(hr.topo, "tcp", PODS["b1"][0], PORT, 2, ns="cl")) == [f"b1 {CLIENT}"] * 2
+    assert delta(before, hr.stats()).get("pass_not_pod", 0) >= 2
+
+    add_veth_pod(hr.topo, "p3", "10.244.9.13", "fd44:9::13")
+    try:
+        wait_for(lambda: "10.244.9.13" in p.plan.pods and ("lxcp3", "ingress") in p.attached,
+                 what="new pod's route and device picked up")
+        before = hr.stats()
+        assert answers(client(hr.topo, "tcp", "10.244.9.13", PORT, 3, ns="cl")) == [f"p3 {CLIENT}"] * 3
+        assert delta(before, hr.stats()).get("redirect_peer", 0) >= 6
+    finally:
+        hr.topo.run("node", ["ip", "link", "del", "lxcp3"])
+    wait_for(lambda: "10.244.9.13" not in p.plan.pods and ("lxcp3", "ingress") not in p.attached,
+             what="gone pod forgotten")
+    assert not (p._link_dir() / "lxcp3").exists()
+
+
+def test_leaves_what_it_does_not_understand_to_the_stack(hr: Rig) -> None:
+    hr.start()
+    before = hr.stats()
+    hr.topo.run("cl", ["ping", "-c", "2", "-i", "0.2", NODE])  # the node itself
+    hr.topo.run("cl", ["ip", "neigh", "flush", "dev", "eth0"])
+    hr.topo.run("cl", ["ping", "-c", "2", "-i", "0.2", "-s", "3000", PODS["p1"][0]])  # fragments, ARP first
+    d = delta(before, hr.stats())
+    assert d.get("pass_not_pod", 0) >= 2, d
+    assert d.get("pass_not_ip", 0) >= 1, d
+    assert d.get("pass_fragment", 0) >= 4, d
+    res = hr.topo.run("cl", ["ping", "-c", "1", "-t", "1", PODS["p1"][0]], check=False)
+    assert "Time to live exceeded" in res.stdout or res.returncode != 0
+    assert delta(before, hr.stats()).get("pass_ttl", 0) >= 1
+
+
+def test_restart_adopts_links_and_cleanup_removes_them(hr: Rig) -> None:
+    p = hr.start(keepAttachedOnStop=True)
+    hr.stop()  # the links stay: traffic keeps its fast path without an agent
+    assert tcx_names(hr, "eth0", "ingress") == ["kpr_hr_from_net"]
+    assert tcx_names(hr, "lxcp1", "ingress") == ["kpr_hr_from_pod"]
+    assert traffic(hr, "p1", n=1) == expected("p1", n=1)
+
+    p = hr.start(keepAttachedOnStop=True)
+    assert tcx_names(hr, "eth0", "ingress") == ["kpr_hr_from_net"]  # updated in place, no second copy
+    before = hr.stats()
+    assert traffic(hr, "p1", n=1) == expected("p1", n=1)
+    assert delta(before, hr.stats()).get("redirect_peer", 0) >= 4
+    hr.stop()
+    with hr.topo["node"].enter():
+        removed = cleanup(hr.pin)  # `kpr cleanup`
+    assert any("host_routing/eth0/ingress" in line for line in removed), removed
+    for dev, direction in (("eth0", "ingress"), ("lxcp1", "ingress"), ("lxcp1", "egress")):
+        assert tcx_names(hr, dev, direction) == []
+    assert traffic(hr, "p1", n=1) == expected("p1", n=1)
+    hr.writer.close()
+    hr.writer.open()  # the maps the cleanup removed, for the tests after this one
+    del p

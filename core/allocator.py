@@ -17,6 +17,9 @@ Rules:
   every manifest, calls ``retain`` with the services that still exist.
 - As with kube-apiserver (KEP-3070, KEP-3668), automatic values prefer the upper part of a
   range and leave a small lower band to explicit values, making takeovers rare.
+- LoadBalancer addresses are not allocated here (lb_ipam decides them); they are only kept,
+  per service, as written through the files source (``set_load_balancer``), so a restarted
+  agent serves them from its first pass. They go with the service's other allocations.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class _Record:
     # Claims written in the service's manifest; the others are automatic and may be taken
     # over by another service's explicit value.
     explicit: set[Claim] = field(default_factory=set)
+    # status.loadBalancer.ingress addresses written back (lb_ipam); not claims of a range.
+    load_balancer_ips: list[str] = field(default_factory=list)
 
     def claims(self) -> list[Claim]:
         out: list[Claim] = [("ip", ip) for ip in self.cluster_ips]
@@ -80,6 +85,8 @@ class _Record:
             out["healthCheckNodePort"] = self.health_check_node_port
         if self.explicit:
             out["explicit"] = sorted(_show(c) for c in self.explicit)
+        if self.load_balancer_ips:
+            out["loadBalancerIPs"] = list(self.load_balancer_ips)
         return out
 
 
@@ -179,6 +186,8 @@ class Allocator:
             return Allocation(svc)
 
         new = _Record()
+        if old is not None and stype == "LoadBalancer":
+            new.load_balancer_ips = old.load_balancer_ips
         # Values taken in this call, so two ports of one service never get the same one.
         staged: set[Claim] = set()
         displaced: set[str] = set()
@@ -224,7 +233,7 @@ class Allocator:
             self._take(c, key)
         if (old.to_json() if old is not None else {}) != new.to_json():
             self._dirty = True
-        if new.claims():
+        if new.claims() or new.load_balancer_ips:
             self._records[key] = new
         else:
             self._records.pop(key, None)  # headless, or no clusterCIDR: nothing to keep
@@ -248,6 +257,24 @@ class Allocator:
         for k in gone:
             self.release(k)
         return len(gone)
+
+    def set_load_balancer(self, key: str, ips: list[str]) -> bool:
+        """Keep `ips` as the service's LoadBalancer addresses; returns whether they changed."""
+        rec = self._records.get(key)
+        if (rec.load_balancer_ips if rec is not None else []) == list(ips):
+            return False
+        if rec is None:
+            rec = self._records[key] = _Record()
+        rec.load_balancer_ips = list(ips)
+        if not rec.claims() and not rec.load_balancer_ips:
+            del self._records[key]
+        self._dirty = True
+        log.info("allocator.load_balancer service=%s ips=%s", key, ",".join(ips))
+        return True
+
+    def load_balancer(self, key: str) -> list[str]:
+        rec = self._records.get(key)
+        return rec.load_balancer_ips if rec is not None else []
 
     def get(self, key: str) -> dict[str, Any] | None:
         """A service's allocations as persisted (for status and tests)."""
@@ -599,7 +626,8 @@ class Allocator:
             hc = rec.health_check_node_port
             kept.health_check_node_port = hc if hc and keep(("port", ("TCP", hc))) else 0
             kept.explicit = {c for c in rec.explicit if c in kept.claims()}
-            if kept.claims():
+            kept.load_balancer_ips = rec.load_balancer_ips
+            if kept.claims() or kept.load_balancer_ips:
                 self._records[key] = kept
         log.info("allocator.load path=%s services=%d", self.state_path, len(self._records))
 
@@ -625,7 +653,8 @@ class Allocator:
                 explicit.add(("port", (proto, int(number))))
             else:
                 explicit.add(("ip", str(ipaddress.ip_address(text))))
-        return _Record(cluster_ips=ips, node_ports=nps, health_check_node_port=hc, explicit=explicit)
+        lb = [str(ipaddress.ip_address(i)) for i in entry.get("loadBalancerIPs") or []]
+        return _Record(cluster_ips=ips, node_ports=nps, health_check_node_port=hc, explicit=explicit, load_balancer_ips=lb)
 
 
 def _show(c: Claim) -> str:

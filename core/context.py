@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from .config import KprConfig
     from .kube.client import Connection
+    from .sources import StatusWriter
 
 
 class KubeAccess:
@@ -56,6 +57,8 @@ class PluginContext:
     state_dir: Path
     # The core's shared API-server connection; use kube_client().
     kube: KubeAccess | None = field(default=None, repr=False)
+    # The agent's source (files or kubernetes); use status_writer().
+    source: object | None = field(default=None, repr=False)
 
     def kube_client(self) -> "ApiClient":
         """A `kubernetes` ApiClient for the cluster the `source` section points at (TLS
@@ -64,3 +67,14 @@ class PluginContext:
         if self.kube is None:
             self.kube = KubeAccess(self.config)
         return self.kube.client()
+
+    def status_writer(self) -> "StatusWriter":
+        """The source's write-back of Service status.loadBalancer (kpr.sources.StatusWriter):
+        how an address allocator hands its results to every plugin. Raises RuntimeError,
+        naming the source, when the source cannot take writes."""
+        from .sources import StatusWriter
+
+        if not isinstance(self.source, StatusWriter):
+            kind = getattr(getattr(self.config, "source", None), "kind", "?")
+            raise RuntimeError(f"source.kind {kind!r} cannot take status writes (files and kubernetes can)")
+        return self.source

@@ -128,6 +128,8 @@ class Agent:
         self.handles = self.kpm.handles
         make_contexts(self.kpm, cfg, self.node)
         for h in self.handles:
+            h.context.source = self.source
+        for h in self.handles:
             try:
                 h.call("kpr_configure", config=h.section, context=h.context)
             except Exception as e:

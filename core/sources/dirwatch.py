@@ -101,7 +101,7 @@ class DirWatcher:
         os.close(self._wake_w)
 
     def interrupt(self) -> None:
-        """End the current (or next) wait at once; for stopping."""
+        """End the current (or next) wait at once: for stopping, or for a pass now."""
         try:
             os.write(self._wake_w, b"x")
         except OSError:
@@ -126,6 +126,10 @@ class DirWatcher:
                 return False
             ready, _, _ = select.select([self._inotify.fileno(), self._wake_r], [], [], left)
             if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)  # drained: interrupt() may come again
+                except OSError:
+                    pass
                 return False
             if ready and self._consume(self._inotify.read(timeout=0)):
                 break

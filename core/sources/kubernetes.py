@@ -25,13 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..kube.client import Connection, RateLimiter, connect, raw_lister
+from ..kube.client import Connection, RateLimiter, connect, raw_json, raw_lister
+from ..kube.election import LeaseElector, micro_time
 from ..kube.informer import Informer, JitterBackoff, Watched
 from ..model import InvalidObject
-from . import ObjectRef, ObjectSink
+from . import LeaseSpec, ObjectRef, ObjectSink, ServiceHandler
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ HEADLESS_LABEL = "service.kubernetes.io/headless"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 KINDS = ("Node", "Service", "EndpointSlice", "Pod")
+# The condition lb_ipam's writes set on a Service, as Cilium's LB IPAM sets its own.
+LB_CONDITION = "lbipam.kpr.io/request-satisfied"
 
 
 def service_selector(proxy_name: str) -> str:
@@ -125,6 +128,10 @@ class KubernetesSource:
         self._last_error: tuple[str, float] | None = None
         self._last_event: float | None = None
         self.applied = 0  # batches handed to the sink, for tests and status
+        # StatusWriter: who hears of Service changes, the Lease election, writes made.
+        self._service_handlers: list[ServiceHandler] = []
+        self._elector: LeaseElector | None = None
+        self.status_writes = 0
 
     # --- Source --------------------------------------------------------------------------
 
@@ -166,6 +173,7 @@ class KubernetesSource:
                 self._initial_sync()
 
     def stop(self) -> None:
+        self.resign()
         for inf in self.informers.values():
             inf.stop()
         deadline = time.monotonic() + 0.9
@@ -317,6 +325,12 @@ class KubernetesSource:
         assert self._sink is not None
         self.applied += 1
         self._sink.apply(upserts, deletes)
+        if self._service_handlers:
+            services = [o for o in upserts if o.get("kind") == "Service"]
+            gone = [f"{r[1]}/{r[2]}" for r in deletes if r[0] == "Service"]
+            if services or gone:
+                for handler in self._service_handlers:
+                    handler(services, gone)
 
     def _initial_sync(self) -> None:
         if self.on_node is not None:
@@ -328,6 +342,76 @@ class KubernetesSource:
         assert self._sink is not None
         self._sink.synced()
         log.info("kube.synced objects=%d", len(objects))
+
+    # --- StatusWriter (kpr.sources): status.loadBalancer through the status subresource ---
+
+    independent = False
+
+    def watch_services(self, handler: ServiceHandler) -> None:
+        with self._lock:
+            self._service_handlers.append(handler)
+            # Before the initial sync the services arrive with it, through _apply.
+            if self._synced and self._cache["Service"]:
+                handler(list(self._cache["Service"].values()), [])
+
+    def elect(self, lease: LeaseSpec, on_change: Callable[[bool], None]) -> None:
+        self.prepare()
+        assert self.connection is not None
+        if self._elector is not None:
+            raise RuntimeError("elect was already called")
+        self._elector = LeaseElector(
+            self.connection.client, lease.namespace, lease.name, self.node_name,
+            duration=lease.duration, retry_period=lease.retry_period, on_change=on_change,
+        )
+        self._elector.start()
+
+    def resign(self) -> None:
+        elector, self._elector = self._elector, None
+        if elector is not None:
+            elector.stop(release=True)
+
+    def write_load_balancer(self, key: str, ips: Sequence[str], problem: str = "") -> bool:
+        elector = self._elector
+        if elector is None or not elector.elected or self.connection is None:
+            return False
+        ns, _, name = key.partition("/")
+        with self._lock:
+            svc = self._cache["Service"].get(("Service", ns, name))
+        if svc is None:
+            return True  # gone: nothing to write
+        status = svc.get("status") if isinstance(svc.get("status"), dict) else {}
+        balancer = status.get("loadBalancer") if isinstance(status.get("loadBalancer"), dict) else {}
+        shown = [i.get("ip") for i in balancer.get("ingress") or [] if isinstance(i, dict)]
+        old = next((c for c in status.get("conditions") or [] if isinstance(c, dict) and c.get("type") == LB_CONDITION), None)
+        ok = "False" if problem else "True"
+        if shown == list(ips) and (
+            (old is None and not ips and not problem)
+            or (old is not None and old.get("status") == ok and (old.get("message") or "") == problem)
+        ):
+            return True
+        patch: dict[str, Any] = {"loadBalancer": {"ingress": [{"ip": ip} for ip in ips]}}
+        if ips or problem:
+            changed = old is None or old.get("status") != ok
+            patch["conditions"] = [{
+                "type": LB_CONDITION, "status": ok,
+                "reason": "AddressAllocationFailed" if problem else "AddressAllocated",
+                "message": problem or f"allocated {', '.join(ips)}",
+                "lastTransitionTime": micro_time()[:19] + "Z" if changed else old.get("lastTransitionTime"),
+                "observedGeneration": (svc.get("metadata") or {}).get("generation") or 1,
+            }]
+        elif old is not None:
+            patch["conditions"] = [{"type": LB_CONDITION, "$patch": "delete"}]
+        path = f"/api/v1/namespaces/{ns}/services/{name}/status"
+        code, answer = raw_json(
+            self.connection.client, "PATCH", path, {"status": patch}, content_type="application/strategic-merge-patch+json"
+        )
+        if code == 404:
+            return True
+        if not 200 <= code <= 299:
+            raise RuntimeError(f"PATCH {path} answered {code}: {(answer or {}).get('message', '')}")
+        self.status_writes += 1
+        log.info("kube.status_written service=%s ingress=%s problem=%s", key, ",".join(ips), problem)
+        return True
 
     # --- observation ---------------------------------------------------------------------
 

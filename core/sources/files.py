@@ -13,6 +13,12 @@ its file applies, and each problem is reported under the file's path until it is
 
 Services are defaulted as the API server would: missing ClusterIPs and nodePorts come from
 the Allocator, and the allocated values are written into the object the sink receives.
+
+The source is a StatusWriter (kpr.sources): LoadBalancer addresses written to it (lb_ipam)
+are kept in the Allocator's state beside ClusterIPs and nodePorts and put into
+status.loadBalancer.ingress of the object the sink receives, unless the manifest sets that
+itself. Watchers see the objects without them (as the manifests and the Allocator make
+them), so what they decide can depend on the manifests only.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -36,7 +42,7 @@ from .. import memory
 from ..allocator import AllocationError, Allocator
 from ..config import load_yaml, shape_problem
 from ..model import InvalidObject
-from . import SUPPORTED_KINDS, ObjectRef, ObjectSink
+from . import SUPPORTED_KINDS, LeaseSpec, ObjectRef, ObjectSink, ServiceHandler
 from .dirwatch import DirWatcher, WatchUnavailable
 
 log = logging.getLogger(__name__)
@@ -259,6 +265,13 @@ class FilesSource:
         self._synced = False
         self._pruned = False
         self.passes = 0
+        # StatusWriter: watchers of Services, writes waiting for the next pass (key ->
+        # addresses), Services as watchers last saw them, and this pass's news for them.
+        self._service_handlers: list[ServiceHandler] = []
+        self._lb_lock = threading.Lock()
+        self._lb_pending: dict[str, list[str]] = {}
+        self._lb_seen: dict[ObjectRef, dict] = {}
+        self._lb_news: tuple[list[dict], list[str]] = ([], [])
         # "inotify" or "poll" (watchFallback in status says why), set when the thread starts.
         self.watch_mode = "poll"
         self.watch_problem = ""
@@ -444,6 +457,7 @@ class FilesSource:
             if not st.failed:
                 log.info("files.reload file=%s objects=%d errors=%d", name, len(st.objects), len(st.errors))
         dirty |= self._retry
+        dirty |= self._take_lb_writes()
         self._prune_allocations()
 
         upserts, deletes = self._resolve(dirty, touched)
@@ -451,6 +465,7 @@ class FilesSource:
             self._report_file(sink, name)
         if upserts or deletes:
             sink.apply(list(upserts.values()), deletes)
+        self._tell_service_handlers()
         self._finish_first_pass(sink)
         if self.allocator.dirty:
             try:
@@ -649,6 +664,8 @@ class FilesSource:
                 if ref[0] == "Service":
                     self.allocator.release(f"{ref[1]}/{ref[2]}")
                     progress_after_failure = bool(failed)
+                    if self._lb_seen.pop(ref, None) is not None:
+                        self._lb_news[1].append(f"{ref[1]}/{ref[2]}")
                 continue
             winner = holders[0]
             obj = self._files[winner].objects[ref]
@@ -665,7 +682,7 @@ class FilesSource:
                     continue
                 progress_after_failure = progress_after_failure or bool(failed)
                 self._retry.discard(ref)
-                obj = alloc.obj
+                obj = self._lb_status(ref, alloc.obj)
                 for key in sorted(alloc.displaced):
                     ns, _, name = key.partition("/")
                     moved = ("Service", ns, name)
@@ -679,6 +696,66 @@ class FilesSource:
                 if ref in deletes:
                     deletes.remove(ref)
         return upserts, deletes
+
+    # --- StatusWriter (kpr.sources) -------------------------------------------------------
+
+    independent = True
+
+    def watch_services(self, handler: ServiceHandler) -> None:
+        with self._lock:
+            self._service_handlers.append(handler)
+            if self._lb_seen:
+                handler(list(self._lb_seen.values()), [])
+
+    def elect(self, lease: LeaseSpec, on_change: Callable[[bool], None]) -> None:
+        # Every node writes its own copy: nothing to compete for.
+        on_change(True)
+
+    def resign(self) -> None:
+        pass
+
+    def write_load_balancer(self, key: str, ips: Sequence[str], problem: str = "") -> bool:
+        # Taken by the next pass, which owns the Allocator; a problem is the
+        # writer's to report (the files source has no conditions).
+        with self._lb_lock:
+            self._lb_pending[key] = list(ips)
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.interrupt()  # a pass now; without inotify the next poll takes it
+        return True
+
+    def _take_lb_writes(self) -> set[ObjectRef]:
+        with self._lb_lock:
+            pending, self._lb_pending = self._lb_pending, {}
+        dirty: set[ObjectRef] = set()
+        for key, ips in pending.items():
+            if self.allocator.set_load_balancer(key, ips):
+                ns, _, name = key.partition("/")
+                dirty.add(("Service", ns, name))
+        return dirty
+
+    def _lb_status(self, ref: ObjectRef, obj: dict) -> dict:
+        """`obj` with its written LoadBalancer addresses; watchers hear of `obj` as it was."""
+        spec = obj.get("spec")
+        is_lb = isinstance(spec, dict) and spec.get("type") == "LoadBalancer"
+        # Only LoadBalancers (and one that just stopped being one) are kept for watchers.
+        if self._service_handlers and (is_lb or ref in self._lb_seen) and self._lb_seen.get(ref) != obj:
+            self._lb_seen[ref] = obj
+            self._lb_news[0].append(obj)
+        ips = self.allocator.load_balancer(f"{ref[1]}/{ref[2]}")
+        if not ips or not is_lb:
+            return obj
+        status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+        if isinstance(status.get("loadBalancer"), dict) and status["loadBalancer"].get("ingress"):
+            return obj  # the manifest's own
+        return {**obj, "status": {**status, "loadBalancer": {"ingress": [{"ip": ip} for ip in ips]}}}
+
+    def _tell_service_handlers(self) -> None:
+        upserts, deletes = self._lb_news
+        self._lb_news = ([], [])
+        if upserts or deletes:
+            for handler in self._service_handlers:
+                handler(upserts, deletes)
 
     # --- errors --------------------------------------------------------------------------
 

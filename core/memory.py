@@ -14,6 +14,11 @@ follows changes what any object means:
   generation would walk all of them (40% of a 20k-service initial sync), and so would the
   first collections after it, so what such a batch leaves behind is frozen out of the
   collector's reach (`gc.freeze`);
+- `pack` keeps an object the agent must hold but seldom reads (the store's and the files
+  source's copy of each manifest, the same bytes in both) as one bytes object (marshal),
+  a fifth of its dicts, lists and strings; `unpack` gives back an equal object when it is
+  read (translation). Packed early, a full sync never holds every object's dicts at once:
+  memory freed between long-lived objects is what keeps RSS up after a sync;
 - `settle`, once the initial state has reached every plugin, freezes what else survives and
   gives the C heap's free pages back to the system (`malloc_trim`): bcc/LLVM's compile
   buffers and the initial sync's garbage.
@@ -25,6 +30,7 @@ import ctypes
 import functools
 import gc
 import logging
+import marshal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -106,6 +112,34 @@ def _compact_list(items: list) -> None:
             _compact_dict(v)
         elif type(v) is list:
             _compact_list(v)
+
+
+def pack(obj: Any) -> Any:
+    """An object the caller keeps but seldom reads, as bytes (`unpack` gives back an equal
+    object, with its strings interned as they were). What marshal cannot hold (a YAML
+    timestamp) is returned as it is: callers keep either and `unpack` takes either."""
+    if type(obj) is bytes:
+        return obj
+    try:
+        return marshal.dumps(obj)
+    except ValueError:
+        return obj
+
+
+def unpack(kept: Any) -> Any:
+    """The object `pack` kept: a new one for each call of packed bytes, read-only as the
+    original was (dicts of flags may be shared inside it, as compact shares them)."""
+    return marshal.loads(kept) if type(kept) is bytes else kept
+
+
+def same(kept: Any, obj: Any) -> bool:
+    """Whether what `pack` kept equals `obj` (packed or not): packed bytes are compared
+    first, and unpacked only when they differ (marshal's bytes for equal objects may)."""
+    if kept is obj:
+        return True
+    if type(kept) is bytes and type(obj) is bytes and kept == obj:
+        return True
+    return bool(unpack(kept) == unpack(obj))
 
 
 @contextmanager

@@ -55,7 +55,8 @@ class ObjectStore:
         self._publisher = publisher
         self._proxy_name = proxy_name
         self._on_synced = on_synced
-        self._objects: dict[ObjectRef, dict] = {}
+        # ref -> the object, packed (memory.pack): unpacked when its service is translated.
+        self._objects: dict[ObjectRef, bytes | dict] = {}
         # service key -> refs of the objects that feed it (the Service, slices, Endpoints, Pod)
         self._members: dict[ServiceKey, set[ObjectRef]] = defaultdict(set)
         self.services: dict[ServiceKey, Service] = {}
@@ -76,34 +77,42 @@ class ObjectStore:
     # --- ObjectSink ----------------------------------------------------------------------
 
     @memory.gc_paused
-    def apply(self, upserts: list[dict], deletes: list[ObjectRef]) -> None:
+    def apply(self, upserts: list[dict | bytes], deletes: list[ObjectRef]) -> None:
         with self._lock:
             touched: set[ServiceKey] = set()
             for ref in deletes:
-                obj = self._objects.pop(ref, None)
+                obj = memory.unpack(self._objects.pop(ref, None))
                 if obj is not None:
                     self._index(ref, obj, None, touched)
                     key = translate.service_key_of(obj)
                     if key is not None:
                         self._members[key].discard(ref)
                         touched.add(key)
-            for obj in upserts:
-                memory.compact(obj)  # held for the agent's lifetime: repeated strings once
+            for item in upserts:
+                # Sources may hand objects packed (memory.pack); the dict lives for this step only.
+                obj = memory.unpack(item)
+                memory.compact(obj)  # strings shared with the model it is translated into
                 ref = translate.object_ref(obj)
-                old = self._objects.get(ref)
+                old = memory.unpack(self._objects.get(ref))
                 self._index(ref, old, obj, touched)
                 if old is not None:
                     old_key = translate.service_key_of(old)
                     if old_key is not None:
                         self._members[old_key].discard(ref)
                         touched.add(old_key)
-                self._objects[ref] = obj
+                # Kept packed, read again when its service is translated.
+                self._objects[ref] = item if type(item) is bytes else memory.pack(obj)
                 key = translate.service_key_of(obj)
                 if key is not None:
                     self._members[key].add(ref)
                     touched.add(key)
             for key in sorted(touched):
                 self._refresh(key)
+
+    def object(self, ref: ObjectRef) -> dict | None:
+        """The object the store holds under `ref` (a copy: the store keeps it packed)."""
+        with self._lock:
+            return memory.unpack(self._objects.get(ref))
 
     def synced(self) -> None:
         with self._lock:
@@ -265,7 +274,8 @@ class ObjectStore:
 
     def _refresh(self, key: ServiceKey) -> None:
         members = self._members.get(key) or set()
-        objs = [self._objects[r] for r in members]
+        unpack = memory.unpack
+        objs = [unpack(self._objects[r]) for r in members]
         origin = f"service {key}"
         svc = next((o for o in objs if o.get("kind") == "Service"), None)
         try:

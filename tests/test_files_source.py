@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kpr import memory
 from kpr.allocator import Allocator
 from kpr.config import PortRange
 from kpr.sources.files import FilesSource, parse_manifest
@@ -32,7 +33,8 @@ class RecordingSink:
     def apply(self, upserts, deletes):
         with self.lock:
             self.events.append(("apply", len(upserts), len(deletes)))
-            self.batches.append((list(upserts), list(deletes)))
+            upserts = [memory.unpack(o) for o in upserts]  # objects may come packed
+            self.batches.append((upserts, list(deletes)))
             for ref in deletes:
                 assert ref in self.objects, f"delete of unknown {ref}"
                 del self.objects[ref]

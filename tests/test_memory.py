@@ -150,7 +150,7 @@ def test_compact_leaves_other_values_alone():
     assert memory.compact("text") == "text" and memory.compact(None) is None
 
 
-def test_the_files_source_compacts_each_file_as_it_reads_it(tmp_path):
+def test_the_files_source_and_the_store_keep_one_packed_copy_of_each_object(tmp_path):
     from kpr.allocator import Allocator
     from kpr.config import PortRange
     from kpr.sources.files import FilesSource
@@ -163,10 +163,35 @@ def test_the_files_source_compacts_each_file_as_it_reads_it(tmp_path):
     src = FilesSource(d, Allocator(tmp_path / "alloc.json", ["10.96.0.0/12"], PortRange(first=30000, last=32767)))
     src.scan_once(store)
     assert len(store.services) == 2 and not store.errors
-    a, b = (store._objects[("EndpointSlice", f"ns{i}", f"svc{i}-abcde")] for i in (1, 2))
-    assert a["endpoints"][0]["nodeName"] is b["endpoints"][0]["nodeName"]
+    refs = [("EndpointSlice", f"ns{i}", f"svc{i}-abcde") for i in (1, 2)]
+    for ref, name in zip(refs, ("a.yaml", "b.json")):
+        kept = store._objects[ref]
+        assert type(kept) is bytes, "packed once translated"
+        assert src._files[name].objects[ref] is kept and src._sent[ref] is kept, "one copy for the source and the store"
+    a, b = (store.object(ref) for ref in refs)
+    assert a == endpoint_slice(1) and b == endpoint_slice(2)
+    # Unpacked, its strings are the interned ones the model shares.
+    assert a["endpoints"][0]["nodeName"] is b["endpoints"][0]["nodeName"] is sys.intern("node0")
     assert next(iter(a["endpoints"][0])) is next(iter(b["endpoints"][0]))
-    assert a["endpoints"][0]["conditions"] is b["endpoints"][0]["conditions"]
+    # Unchanged files read again (a new mtime) send nothing: equal objects stay the same.
+    for name in ("a.yaml", "b.json"):
+        (d / name).write_text((d / name).read_text())
+        (d / name).touch()
+    src._files["a.yaml"].sig = src._files["b.json"].sig = (0, 0, 0)
+    assert src.scan_once(store) is False
+
+
+def test_pack_keeps_what_marshal_cannot_hold_as_it_is_and_same_compares_by_value():
+    import datetime
+
+    obj = {"a": [1, 2.5, None, True, "x"], "b": {"c": {}}}
+    packed = memory.pack(obj)
+    assert type(packed) is bytes and memory.unpack(packed) == obj and memory.unpack(packed) is not obj
+    assert memory.pack(packed) is packed and memory.unpack(obj) is obj
+    dated = {"metadata": {"annotations": {"when": datetime.date(2024, 1, 1)}}}  # a YAML timestamp
+    assert memory.pack(dated) is dated
+    assert memory.same(packed, copy.deepcopy(obj)) and memory.same(packed, memory.pack(copy.deepcopy(obj)))
+    assert not memory.same(packed, {**obj, "b": 1}) and not memory.same(None, obj)
 
 
 # --- the collector ---------------------------------------------------------------------------
@@ -323,4 +348,5 @@ def test_store_bytes_per_service_are_bounded():
         tracemalloc.stop()
     assert publisher.upserts == n + 1 and len(store.services) == n + 1
     per_service = held / n
+    print(f"store: {per_service:.0f} bytes per service")
     assert per_service < 14500, f"{per_service:.0f} bytes per service"

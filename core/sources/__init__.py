@@ -21,8 +21,10 @@ SUPPORTED_KINDS = ("Service", "EndpointSlice", "Endpoints", "Pod")
 class ObjectSink(Protocol):
     """What a source feeds: the agent's object store."""
 
-    def apply(self, upserts: list[dict], deletes: list[ObjectRef]) -> None:
-        """Objects added or changed (whole objects) and objects gone, in one batch."""
+    def apply(self, upserts: list[dict | bytes], deletes: list[ObjectRef]) -> None:
+        """Objects added or changed (whole objects) and objects gone, in one batch. An object
+        may come packed (kpr.memory.pack; the files source sends them so): a sink reads each
+        with kpr.memory.unpack."""
 
     def synced(self) -> None:
         """The source has passed on everything it held at start-up."""

@@ -80,8 +80,10 @@ class _ParseError(Exception):
 @dataclass
 class _FileState:
     sig: Signature
-    # The file's last good objects in document order; what it contributes.
-    objects: dict[ObjectRef, dict] = field(default_factory=dict)
+    # The file's last good objects in document order; what it contributes. Packed
+    # (memory.pack) as soon as each is checked, so a pass holds the dicts of one file at a
+    # time; the sink gets them packed and keeps the same bytes.
+    objects: dict[ObjectRef, Any] = field(default_factory=dict)
     # Problems found reading this version of the file, reported under its path.
     errors: list[str] = field(default_factory=list)
     # The file did not parse: `objects` are left from an earlier version.
@@ -252,8 +254,8 @@ class FilesSource:
         self._files: dict[str, _FileState] = {}
         # ref -> files holding it, sorted; the first one wins.
         self._holders: dict[ObjectRef, list[str]] = {}
-        # What the sink has been given.
-        self._sent: dict[ObjectRef, dict] = {}
+        # What the sink has been given (packed; the file's own bytes unless allocation changed it).
+        self._sent: dict[ObjectRef, Any] = {}
         # Problems found across files (duplicates, allocation): ref -> {file: reason}.
         self._ref_errors: dict[ObjectRef, dict[str, str]] = {}
         self._file_ref_errors: dict[str, dict[ObjectRef, str]] = {}
@@ -451,7 +453,7 @@ class FilesSource:
                 if prev is None:
                     bisect.insort(self._holders.setdefault(ref, []), name)
                     dirty.add(ref)
-                elif prev is not obj and prev != obj:
+                elif not memory.same(prev, obj):
                     dirty.add(ref)
             self._files[name] = st
             if not st.failed:
@@ -608,7 +610,7 @@ class FilesSource:
             if ref in st.objects:
                 st.errors.append(f"{label} appears twice in this file; the first is used")
                 continue
-            st.objects[ref] = doc
+            st.objects[ref] = memory.pack(doc)
         st.position = {ref: i for i, ref in enumerate(st.objects)}
         return st
 
@@ -668,7 +670,9 @@ class FilesSource:
                         self._lb_news[1].append(f"{ref[1]}/{ref[2]}")
                 continue
             winner = holders[0]
-            obj = self._files[winner].objects[ref]
+            kept = self._files[winner].objects[ref]
+            # Only a Service is read here (allocation); the rest goes to the sink packed.
+            obj = read = memory.unpack(kept) if ref[0] == "Service" else kept
             if ref[0] == "Service":
                 try:
                     alloc = self.allocator.allocate(obj)
@@ -690,7 +694,8 @@ class FilesSource:
                     if moved in self._holders and moved not in queue and visits[moved] <= 3:
                         queue.append(moved)
             self._set_ref_errors(ref, errors, touched)
-            if self._sent.get(ref) != obj:
+            obj = kept if obj is read else memory.pack(obj)
+            if not memory.same(self._sent.get(ref), obj):
                 self._sent[ref] = obj
                 upserts[ref] = obj
                 if ref in deletes:

@@ -64,7 +64,7 @@ class PoolConfig(Section):
     # false: only services that name this pool (annotation) or one of its addresses.
     auto_assign: bool = True
     # Never hand out IPv4 addresses ending in .0 or .255 (some clients drop them).
-    avoid_buggy_ips: bool = False
+    avoid_buggy_ips: bool = Field(False, alias="avoidBuggyIPs")
 
     @field_validator("name")
     @classmethod

@@ -23,7 +23,7 @@ class HostRoutingConfig(Section):
     # Per-packet load balancing at pods' host-side devices for services (ClusterIP, ExternalIP,
     # LoadBalancer) dialled by pods the socket hooks do not cover (socklb hostNamespaceOnly,
     # pods outside socklb's cgroup). false: such pods cannot reach services.
-    cluster_ip: bool = True
+    cluster_ip: bool = Field(True, alias="clusterIP")
     # Leave the programs attached when the agent stops (packets keep flowing; `kpr cleanup`
     # removes them).
     keep_attached_on_stop: bool = True

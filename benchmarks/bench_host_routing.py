@@ -1,0 +1,244 @@
+"""host_routing: TCP_RR and throughput between an external client and a pod, through the host's
+stack (the legacy path, with a kube-proxy-shaped iptables rule set in place), with
+bpf_redirect_neigh only (pods reached by bpf_redirect out of their host-side veth), and with
+bpf_redirect_neigh + bpf_redirect_peer, in one run on one topology (tests/kernel/host_routing_env.py:
+client netns -- node netns -- pod netns over veths, the pod on a /32 route).
+
+  TCP_RR: one TCP connection, 1-byte request, 1-byte response, as many as fit in --seconds;
+          transactions per second. A small C client/server (compiled here with cc; a Python
+          loop when there is no compiler) so the path, not the interpreter, is measured; the
+          client is pinned to CPU 0 and the server to --server-cpu (taskset; CPU 0 too by default).
+  TCP_STREAM: iperf3, client -> pod, --seconds; Gbit/s received.
+
+The three variants are measured in turn within each round (so drift hits them alike); figures
+are medians over --rounds. The load average is printed before and after. The plugin's counters
+are read after each BPF run to prove which helper carried the packets.
+
+    .venv/bin/python benchmarks/bench_host_routing.py [--rounds 5] [--seconds 3] [--rules 1000]
+
+Ends with one line: `TCP_RR neigh+peer vs legacy: R x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
+
+from host_routing_env import PODS, PY, Rig, delta, rig  # noqa: E402
+
+POD = "p1"
+RR_PORT, IPERF_PORT = 7001, 5201
+
+RR_C = r"""
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    int one = 1, zero = 0; char b;
+    if (argc == 3 && !strcmp(argv[1], "server")) {
+        int s = socket(AF_INET6, SOCK_STREAM, 0);
+        struct sockaddr_in6 a = {0};
+        a.sin6_family = AF_INET6; a.sin6_port = htons(atoi(argv[2]));
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+        if (bind(s, (void *)&a, sizeof(a)) || listen(s, 16)) { perror("bind/listen"); return 1; }
+        printf("ready\n"); fflush(stdout);
+        for (;;) {
+            int c = accept(s, 0, 0);
+            if (c < 0) continue;
+            setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+            while (recv(c, &b, 1, 0) == 1 && send(c, &b, 1, 0) == 1) {}
+            close(c);
+        }
+    }
+    if (argc == 5 && !strcmp(argv[1], "client")) {
+        struct addrinfo *ai, hints = {0};
+        hints.ai_socktype = SOCK_STREAM;
+        if (getaddrinfo(argv[2], argv[3], &hints, &ai)) { fprintf(stderr, "resolve\n"); return 1; }
+        int s = socket(ai->ai_family, SOCK_STREAM, 0);
+        if (connect(s, ai->ai_addr, ai->ai_addrlen)) { perror("connect"); return 1; }
+        setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        double secs = atof(argv[4]), t0 = now(), t; long n = 0;
+        b = 'x';
+        do {
+            for (int i = 0; i < 100; i++) {
+                if (send(s, &b, 1, 0) != 1 || recv(s, &b, 1, 0) != 1) { perror("rr"); return 1; }
+            }
+            n += 100;
+            t = now();
+        } while (t - t0 < secs);
+        printf("{\"tps\": %.1f, \"n\": %ld}\n", n / (t - t0), n);
+        return 0;
+    }
+    fprintf(stderr, "usage: rr server PORT | rr client HOST PORT SECONDS\n");
+    return 2;
+}
+"""
+
+# The same loop in Python, for machines without a C compiler (slower: the interpreter then
+# takes a larger share of each transaction, which shrinks every ratio).
+RR_PY = r"""
+import json, socket, sys, time
+if sys.argv[1] == "server":
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", int(sys.argv[2]))); s.listen(16)
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while (d := c.recv(1)) and c.send(d) == 1:
+            pass
+        c.close()
+host, port, secs = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+s = socket.create_connection((host, port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+n, t0 = 0, time.perf_counter()
+while True:
+    for _ in range(100):
+        s.send(b"x"); s.recv(1)
+    n += 100
+    t = time.perf_counter()
+    if t - t0 >= secs:
+        break
+print(json.dumps({"tps": n / (t - t0), "n": n}))
+"""
+
+
+def rr_command(work: Path) -> tuple[list[str], str]:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        src, out = work / "rr.c", work / "rr"
+        src.write_text(RR_C)
+        res = subprocess.run([cc, "-O2", "-o", str(out), str(src)], capture_output=True, text=True)
+        if res.returncode == 0:
+            return [str(out)], "C"
+        print(f"(cc failed, Python RR loop instead: {res.stderr.strip()[:200]})", file=sys.stderr)
+    return [PY, "-c", RR_PY], "Python"
+
+
+def iptables_rules(rules: int) -> str:
+    """What kube-proxy (iptables mode) leaves on a node: nat KUBE-SERVICES walked for every new
+    flow, masquerade marking, filter KUBE-FORWARD with conntrack; `rules` decoy services."""
+    out = ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-NODEPORTS - [0:0]", ":KUBE-POSTROUTING - [0:0]",
+           ":KUBE-MARK-MASQ - [0:0]", "-A PREROUTING -m comment --comment kubernetes -j KUBE-SERVICES",
+           "-A OUTPUT -j KUBE-SERVICES", "-A POSTROUTING -j KUBE-POSTROUTING",
+           "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+           "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+           "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0", "-A KUBE-POSTROUTING -j MASQUERADE"]
+    for i in range(rules):
+        svc, sep = f"KUBE-SVC-D{i:05d}", f"KUBE-SEP-D{i:05d}"
+        out += [f":{svc} - [0:0]", f":{sep} - [0:0]",
+                f"-A KUBE-SERVICES -d 10.97.{i // 250}.{i % 250 + 1}/32 -p tcp --dport 80 -j {svc}",
+                f"-A {svc} -j {sep}", f"-A {sep} -p tcp -j DNAT --to-destination 10.244.200.9:80"]
+    out += ["-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS", "COMMIT",
+            "*filter", ":KUBE-FORWARD - [0:0]", ":KUBE-SERVICES - [0:0]",
+            "-A FORWARD -m comment --comment kubernetes -j KUBE-FORWARD",
+            "-A FORWARD -m conntrack --ctstate NEW -j KUBE-SERVICES",
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+            "-A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT",
+            "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", "COMMIT"]
+    return "\n".join(out) + "\n"
+
+
+def rr(r: Rig, cmd: list[str], host: str, seconds: float) -> float:
+    res = r.topo.run("cl", ["taskset", "-c", "0", *cmd, "client", host, str(RR_PORT), str(seconds)],
+                     timeout=seconds + 30)
+    return float(json.loads(res.stdout.strip().splitlines()[-1])["tps"])
+
+
+def iperf(r: Rig, host: str, seconds: float) -> float:
+    secs = str(max(1, round(seconds)))  # iperf3 reads -t as whole seconds; 0 is "forever"
+    res = r.topo.run("cl", ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", secs, "-J"], timeout=seconds + 60)
+    return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+VARIANTS = {
+    "legacy": None,  # no plugin: the host's stack with the iptables rule set
+    "neigh": {"redirectPeer": False, "redirectNeigh": True},
+    "neigh+peer": {"redirectPeer": True, "redirectNeigh": True},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per TCP_RR and per iperf3 run")
+    ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
+    ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    ap.add_argument("--server-cpu", default="0",
+                    help="CPU of the RR and iperf3 servers (the client runs on CPU 0); the same CPU by default, "
+                         "so cross-CPU wakeups (IPIs) do not hide the path's own cost")
+    args = ap.parse_args()
+
+    load_before = os.getloadavg()
+    results: dict[str, dict[str, list[float]]] = {v: {"tps": [], "gbps": []} for v in VARIANTS}
+    proof: dict[str, dict[str, int]] = {}
+    host = PODS[POD][0]
+    with tempfile.TemporaryDirectory(prefix="kpr-bench-hr-") as work, rig(pods=(POD,), prefix="kpr-bench-hr") as r:
+        cmd, impl = rr_command(Path(work))
+        srv = r.topo.popen(POD, ["taskset", "-c", args.server_cpu, *cmd, "server", str(RR_PORT)], stdout=subprocess.PIPE, text=True)
+        if srv.stdout.readline().strip() != "ready":
+            raise RuntimeError("RR server did not start")
+        r.topo.popen(POD, ["taskset", "-c", args.server_cpu, "iperf3", "-s", "-p", str(IPERF_PORT)])
+        ipt = r.topo.run("node", ["iptables-restore"], input=iptables_rules(args.rules), check=False)
+        if ipt.returncode != 0:
+            print(f"(iptables rule set not installed: {ipt.stderr.strip()[:200]})", file=sys.stderr)
+        time.sleep(0.5)
+        for rnd in range(args.rounds):
+            for name, cfg in VARIANTS.items():
+                if cfg is not None:
+                    r.start(keepAttachedOnStop=False, clusterIP=False, **cfg)
+                before = r.stats() if cfg is not None else {}
+                results[name]["tps"].append(rr(r, cmd, host, args.seconds))
+                results[name]["gbps"].append(iperf(r, host, args.seconds))
+                if cfg is not None:
+                    proof[name] = delta(before, r.stats())
+                    r.stop()
+            print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
+                f"{n} {results[n]['tps'][-1]:.0f} tps {results[n]['gbps'][-1]:.2f} Gbit/s" for n in VARIANTS),
+                file=sys.stderr)
+    load_after = os.getloadavg()
+
+    med = {n: {k: statistics.median(v) for k, v in res.items()} for n, res in results.items()}
+    base = med["legacy"]
+    print(f"\n== host_routing: external client -> pod {host} over veths ({platform.release()}, "
+          f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.seconds:g} s, medians; RR loop in {impl}; "
+          f"iptables: {args.rules} decoy services)")
+    print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    print(f"  {'variant':<12} {'TCP_RR tps':>11} {'vs legacy':>10} {'iperf3 Gbit/s':>14} {'vs legacy':>10}")
+    for n, m in med.items():
+        print(f"  {n:<12} {m['tps']:>11.0f} {m['tps'] / base['tps']:>9.2f}x {m['gbps']:>14.2f} "
+              f"{m['gbps'] / base['gbps']:>9.2f}x")
+    for n, d in proof.items():
+        shown = {k: v for k, v in d.items() if k in ("redirect_peer", "redirect", "redirect_neigh", "pass_neigh_off")}
+        print(f"  counters, last {n} round: {shown}")
+    if args.json:
+        print(json.dumps({"results": results, "medians": med, "proof": proof}))
+    print(f"TCP_RR neigh+peer vs legacy: {med['neigh+peer']['tps'] / base['tps']:.2f} x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""host_routing's per-packet services: pods the socket hooks do not cover (no socklb here at
+all, as for a pod outside socklb's cgroup or with hostNamespaceOnly) reach ClusterIPs through
+the program at their host-side device: DNAT to a backend with conntrack, and the reply gets the
+service address back on every path to the pod: from a local backend (pod device ingress), from
+a remote one (external device ingress, before bpf_redirect_peer), and through the stack (pod
+device egress).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.testing.waiting import wait_for
+
+from host_routing_env import CLIENT, PODS, PORT, Rig, answers, client, delta, rig
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+CIP, CIP6 = "10.96.77.10", "fd96::77:10"
+KEY = ServiceKey("default", "hr-cip")
+
+
+def service(*backends: tuple[str, str]) -> Service:
+    """ClusterIP CIP:80 and CIP6:80 (TCP and UDP) -> `backends` (name, "v4"|"v6" addresses) on PORT."""
+    fes = []
+    for fam, addr in ((0, CIP), (1, CIP6)):
+        bes = tuple(Backend((PODS[n] if n in PODS else (CLIENT, "fd21::2"))[fam], PORT, node_name="node" if n in PODS else "other",
+                            local=n in PODS) for n, _ in backends)
+        for proto in (Protocol.TCP, Protocol.UDP):
+            fes.append(Frontend(FrontendType.CLUSTER_IP, addr, 80, proto, bes))
+    return Service(KEY, tuple(fes))
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Rig]:
+    with rig(prefix="kpr-hr-svc") as r:
+        yield r
+
+
+@pytest.fixture
+def hr(env: Rig) -> Iterator[Rig]:
+    try:
+        yield env
+    finally:
+        env.writer.delete(KEY)
+        if env.plugin is not None:
+            env.plugin.cfg = env.plugin.cfg.model_copy(update={"keep_attached_on_stop": False})
+            env.stop()
+
+
+def dial(r: Rig, src: str, n: int = 3, timeout: float = 2) -> list[str]:
+    out = []
+    for addr in (CIP, CIP6):
+        out += answers(client(r.topo, "tcp", addr, 80, n, f"timeout={timeout}", ns=src))
+        out += answers(client(r.topo, "udp", addr, 80, n, f"timeout={timeout}", ns=src))
+    return out
+
+
+def seen_by(backend: str, src: str, n: int = 3) -> list[str]:
+    return [f"{backend} {PODS[src][fam]}" for fam in (0, 1) for _ in range(2 * n)]
+
+
+@pytest.mark.parametrize("src", ["p1", "b1"])
+def test_local_backend(hr: Rig, src: str) -> None:
+    hr.start()
+    hr.source_pods("b1", "b2")
+    wait_for(lambda: PODS["b1"][1] in hr.plugin.plan.pods, what="bridge pods learned from the source")
+    hr.writer.upsert(service(("p2", "")))
+    before = hr.stats()
+    assert dial(hr, src) == seen_by("p2", src)
+    d = delta(before, hr.stats())
+    assert d.get("service_new", 0) >= 12 and d.get("service_revnat", 0) >= 12, d
+    assert d.get("redirect_peer", 0) >= 24, d  # there into p2 and back into p1 (from b1: back by the bridge)
+
+
+@pytest.mark.parametrize("src", ["p1", "b1"])
+def test_remote_backend(hr: Rig, src: str) -> None:
+    hr.start()
+    hr.source_pods("b1", "b2")
+    wait_for(lambda: PODS["b1"][1] in hr.plugin.plan.pods, what="bridge pods learned from the source")
+    hr.writer.upsert(service(("cl", "")))
+    before = hr.stats()
+    assert dial(hr, src) == seen_by("cl", src)
+    d = delta(before, hr.stats())
+    assert d.get("service_new", 0) >= 12 and d.get("service_revnat", 0) >= 12, d
+    assert d.get("redirect_neigh", 0) >= 12, d  # out of the node to the backend
+
+
+def test_established_flow_keeps_its_backend(hr: Rig) -> None:
+    hr.start()
+    hr.writer.upsert(service(("p2", ""), ("cl", "")))
+    # one UDP "connection" from a fixed source port: every datagram to the backend its first one got
+    rows = [answers(client(hr.topo, "udp", CIP, 80, 1, "sport=40123", ns="p1"))[0] for _ in range(8)]
+    assert len(set(rows)) == 1 and rows[0] in (f"p2 {PODS['p1'][0]}", f"cl {PODS['p1'][0]}"), rows
+    seen = set(answers(client(hr.topo, "tcp", CIP, 80, 30, ns="p1")))
+    assert seen == {f"p2 {PODS['p1'][0]}", f"cl {PODS['p1'][0]}"}  # new flows spread over both
+
+
+def test_reply_through_the_stack_is_translated_at_the_pod_device(hr: Rig) -> None:
+    """No external device for the plugin: the remote backend's replies reach the pod through the
+    host's stack, and the pod device's egress program gives them the service address back."""
+    hr.start(devices=["nosuchdev"])
+    hr.writer.upsert(service(("cl", "")))
+    before = hr.stats()
+    assert dial(hr, "p1") == seen_by("cl", "p1")
+    d = delta(before, hr.stats())
+    assert d.get("service_revnat", 0) >= 12, d
+    assert d.get("redirect_peer", 0) == 0, d  # nothing came in through an external device program
+
+
+def test_turned_off_pods_outside_the_socket_hooks_cannot_reach_services(hr: Rig) -> None:
+    hr.start(clusterIP=False)
+    hr.writer.upsert(service(("p2", "")))
+    rows = client(hr.topo, "tcp", CIP, 80, 1, "timeout=1", ns="p1")
+    assert "answer" not in rows[0], rows
+    assert hr.plugin.kpr_status().details["clusterIP"] is False

@@ -1,0 +1,284 @@
+"""lb_ipam through both sources: the address is written back to the source and reaches the
+store (and so every plugin) as an ordinary LoadBalancer frontend. Files: stable across a
+restart, the same on two nodes whatever order they saw the manifests in. Kubernetes (the
+test API server): the status is written once, by the Lease holder, and another node takes
+over when the holder stops renewing."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kpr.allocator import Allocator
+from kpr.config import PortRange, SourceSection
+from kpr.kube.informer import JitterBackoff
+from kpr.model import FrontendType, NodeInfo
+from kpr.plugins.lb_ipam.config import LbIpamConfig
+from kpr.plugins.lb_ipam.plugin import LbIpam
+from kpr.sources.files import FilesSource
+from kpr.sources.kubernetes import LB_CONDITION, KubernetesSource
+from kpr.store import ObjectStore
+from kpr.testing.apiserver import KubeApiServer
+from kpr.testing.waiting import wait_for
+
+POOL = "203.0.113.0/24"
+CONFIG = {"pools": [{"name": "public", "addresses": [POOL]}], "lease": {"duration": 2.0, "retryPeriod": 0.2}}
+
+
+class Publisher:
+    """The store's publisher: the latest model Service per key."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.services: dict[str, object] = {}
+
+    def upsert(self, svc) -> None:
+        with self.lock:
+            self.services[str(svc.key)] = svc
+
+    def delete(self, key) -> None:
+        with self.lock:
+            self.services.pop(str(key), None)
+
+    def sync_complete(self) -> None:
+        pass
+
+    def lb_addresses(self, key: str) -> set[str]:
+        with self.lock:
+            svc = self.services.get(key)
+        return {f.address for f in svc.frontends if f.type is FrontendType.LOAD_BALANCER} if svc else set()
+
+
+def service(name: str, ns: str = "default", port: int = 80, **spec) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": port, "targetPort": 8080, "protocol": "TCP"}], **spec},
+    }
+
+
+def plugin(config: dict = CONFIG) -> LbIpam:
+    p = LbIpam()
+    p.config = LbIpamConfig.model_validate(config)
+    return p
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+class FilesNode:
+    """One node with the files source: source, store and the plugin, as the agent wires them."""
+
+    def __init__(self, manifests: Path, state: Path, with_plugin: bool = True):
+        self.allocator = Allocator(state / "allocations.json", ["10.96.0.0/16"], PortRange(first=30000, last=32767))
+        self.source = FilesSource(manifests, self.allocator, poll_interval=0.05)
+        self.publisher = Publisher()
+        self.store = ObjectStore(NodeInfo(name="n", addresses=("192.168.1.1",)), self.publisher, cluster_cidrs=["10.96.0.0/16"])
+        self.plugin = plugin() if with_plugin else None
+
+    def __enter__(self) -> "FilesNode":
+        if self.plugin is not None:
+            self.plugin.start(self.source)
+        self.source.start(self.store)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.plugin is not None:
+            self.plugin.stop()
+        self.source.stop()
+
+    def addresses(self, keys: list[str], timeout: float = 10.0) -> dict[str, set[str]]:
+        def ready():
+            got = {k: self.publisher.lb_addresses(k) for k in keys}
+            return got if all(got.values()) else None
+
+        return wait_for(ready, timeout, f"LoadBalancer addresses of {keys}")
+
+
+def write(directory: Path, name: str, objs: list[dict]) -> None:
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(yaml.safe_dump_all(objs))
+    tmp.rename(directory / name)
+
+
+def test_files_a_load_balancer_without_an_address_gets_one(tmp_path):
+    (tmp_path / "m").mkdir()
+    write(tmp_path / "m", "web.yaml", [service("web"), service("pinned", loadBalancerIP="203.0.113.200"),
+                                        service("cluster", type="ClusterIP")])
+    with FilesNode(tmp_path / "m", tmp_path) as node:
+        got = node.addresses(["default/web", "default/pinned"])
+        (ip,) = got["default/web"]
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(POOL)
+        assert got["default/pinned"] == {"203.0.113.200"}
+        assert node.publisher.lb_addresses("default/cluster") == set()
+        # Kept in the allocation state beside the ClusterIP and the nodePort.
+        node.source.scan_once()
+        saved = node.allocator.get("default/web")
+        assert saved["loadBalancerIPs"] == [ip] and saved["clusterIPs"] and saved["nodePorts"]
+        status = node.plugin.kpr_status()
+        assert status.counters["pool_public_used"] == 2 and status.counters["pool_public_free"] == 254
+
+        # Changing the type releases it; a bad request is refused and reported.
+        write(tmp_path / "m", "web.yaml", [service("web", type="ClusterIP"), service("pinned", loadBalancerIP="198.51.100.1")])
+        wait_for(lambda: not node.publisher.lb_addresses("default/web"), 10, "the release")
+        wait_for(lambda: node.plugin.kpr_status().details["problems"].get("default/pinned"), 10, "the problem in status")
+        assert "198.51.100.1 is in no pool" in node.plugin.kpr_status().details["problems"]["default/pinned"]
+        # spec.loadBalancerIP is served by translate whatever lb_ipam thinks of it.
+        # The refused service loses what it held (only the request itself stays served).
+        wait_for(lambda: node.publisher.lb_addresses("default/pinned") == {"198.51.100.1"}, 10, "the old address gone")
+        wait_for(lambda: node.plugin.kpr_status().counters["pool_public_used"] == 0, 10, "the pool emptied")
+
+
+def test_files_the_address_survives_a_restart_before_the_plugin_speaks(tmp_path):
+    (tmp_path / "m").mkdir()
+    write(tmp_path / "m", "svc.yaml", [service(f"s{i}") for i in range(5)])
+    keys = [f"default/s{i}" for i in range(5)]
+    with FilesNode(tmp_path / "m", tmp_path) as node:
+        before = node.addresses(keys)
+        wait_for(lambda: not node.allocator.dirty and node.allocator.load_balancer("default/s4"), 10, "saved")
+    # A restarted agent's first pass already serves them, from the allocation state alone.
+    again = FilesNode(tmp_path / "m", tmp_path, with_plugin=False)
+    again.source.scan_once(again.store)
+    assert {k: again.publisher.lb_addresses(k) for k in keys} == before
+    # And the plugin, deciding from the manifests only, agrees: nothing is written anew.
+    with FilesNode(tmp_path / "m", tmp_path) as node:
+        assert node.addresses(keys) == before
+        time.sleep(0.3)
+        assert {k: node.publisher.lb_addresses(k) for k in keys} == before
+
+
+def test_files_two_nodes_agree_whatever_order_they_saw_the_manifests(tmp_path):
+    services = [service(f"s{i:02}", port=80 + i % 3) for i in range(40)]
+    keys = [f"default/{s['metadata']['name']}" for s in services]
+    # A small pool: collisions and probing happen.
+    config = {"pools": [{"name": "public", "addresses": ["203.0.113.0/26"]}]}
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    (tmp_path / "sa").mkdir()
+    (tmp_path / "sb").mkdir()
+    write(a_dir, "all.yaml", services)
+    node_a = FilesNode(a_dir, tmp_path / "sa")
+    node_b = FilesNode(b_dir, tmp_path / "sb")
+    node_a.plugin, node_b.plugin = plugin(config), plugin(config)
+    with node_a, node_b:
+        got_a = node_a.addresses(keys)
+        # Node B sees them arrive a few at a time, in another order, some deleted and re-added.
+        order = services[:]
+        random.Random(7).shuffle(order)
+        for i in range(0, 40, 8):
+            write(b_dir, f"part{i}.yaml", order[i:i + 8])
+            time.sleep(0.15)
+        (b_dir / "part0.yaml").unlink()
+        time.sleep(0.3)
+        write(b_dir, "part0.yaml", order[0:8])
+        got_b = node_b.addresses(keys)
+
+        def settled():
+            a = {k: node_a.publisher.lb_addresses(k) for k in keys}
+            b = {k: node_b.publisher.lb_addresses(k) for k in keys}
+            return a == b and all(a.values())
+
+        wait_for(settled, 10, "both nodes to agree")
+        assert len({ip for v in got_a.values() for ip in v}) == 40
+
+
+# --- kubernetes -----------------------------------------------------------------------------
+
+FAST = JitterBackoff(initial=0.05, maximum=0.3)
+
+
+class KubeNode:
+    def __init__(self, srv: KubeApiServer, name: str):
+        section = SourceSection(kind="kubernetes", apiServer=srv.url, tokenFile=srv.token_file, caFile=srv.ca_file)
+        self.publisher = Publisher()
+        self.store = ObjectStore(NodeInfo(name=name, addresses=("192.168.1.1",)), self.publisher)
+        self.source = KubernetesSource(section, name, backoff=FAST, idle_timeout=5.0)
+        self.plugin = plugin()
+
+    def __enter__(self) -> "KubeNode":
+        self.source.prepare()
+        self.plugin.start(self.source)
+        self.source.start(self.store)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.plugin.stop()
+        self.source.stop()
+
+    @property
+    def elected(self) -> bool:
+        return bool(self.source._elector and self.source._elector.elected)
+
+
+def ingress(srv: KubeApiServer, name: str) -> list[str]:
+    obj = srv.get("Service", "default", name) or {}
+    return [i["ip"] for i in ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []]
+
+
+def condition(srv: KubeApiServer, name: str) -> dict | None:
+    obj = srv.get("Service", "default", name) or {}
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == LB_CONDITION), None)
+
+
+def status_writes(srv: KubeApiServer) -> list[str]:
+    return [path for method, path, _ in srv.requests if method == "PATCH" and path.endswith("/status")]
+
+
+@pytest.fixture
+def api():
+    with KubeApiServer(bookmark_interval=0.5) as srv:
+        yield srv
+
+
+def test_kubernetes_status_is_written_once_by_the_elected_node_and_taken_over(api):
+    for i in range(4):
+        api.create(service(f"s{i}"))
+    api.create(service("bad", loadBalancerIP="198.51.100.1"))
+    with KubeNode(api, "node-a") as a, KubeNode(api, "node-b") as b:
+        wait_for(lambda: all(ingress(api, f"s{i}") for i in range(4)), 15, "every status written")
+        wait_for(lambda: condition(api, "bad"), 10, "the refusal as a condition")
+        time.sleep(1.0)  # both nodes see the writes and recompute: nothing more is written
+        assert (a.elected, b.elected) in ((True, False), (False, True))
+        leader, other = (a, b) if a.elected else (b, a)
+        assert leader.source.status_writes == 5 and other.source.status_writes == 0
+        assert len(status_writes(api)) == 5
+        before = {f"s{i}": ingress(api, f"s{i}") for i in range(4)}
+        assert all(ipaddress.ip_address(v[0]) in ipaddress.ip_network(POOL) for v in before.values())
+        assert len({v[0] for v in before.values()}) == 4
+        ok = condition(api, "s0")
+        assert ok["status"] == "True" and ok["reason"] == "AddressAllocated"
+        bad = condition(api, "bad")
+        assert bad["status"] == "False" and "198.51.100.1 is in no pool" in bad["message"]
+        # Every node serves the written addresses, through its own watch.
+        for node in (a, b):
+            wait_for(lambda: node.publisher.lb_addresses("default/s0") == set(before["s0"]), 10, "the address served")
+
+        # The leader stops renewing (hung, not stopped: the Lease is not handed back).
+        leader.source._elector.stop(release=False)
+        api.create(service("late"))
+        wait_for(lambda: other.elected, 10, "the other node elected after the Lease lapsed")
+        wait_for(lambda: ingress(api, "late"), 10, "the new service's status, by the new leader")
+        assert other.source.status_writes == 1
+        assert {f"s{i}": ingress(api, f"s{i}") for i in range(4)} == before
+        lease = api.get("Lease", "kube-system", "kpr-lb-ipam")
+        assert lease["spec"]["holderIdentity"] == other.source.node_name
+
+
+def test_kubernetes_a_graceful_stop_hands_the_lease_over_at_once(api):
+    api.create(service("s"))
+    with KubeNode(api, "node-a") as a:
+        wait_for(lambda: a.elected, 10, "node-a elected")
+        wait_for(lambda: ingress(api, "s"), 10, "written")
+        with KubeNode(api, "node-b") as b:
+            a.plugin.stop()  # resigns: releases the Lease
+            wait_for(lambda: b.elected, 1.5, "node-b elected well before the 2 s duration")
+            api.create(service("t"))
+            wait_for(lambda: ingress(api, "t"), 10, "written by node-b")

@@ -136,7 +136,8 @@ def make():
         m = membership or FakeMembership()
         r = FakeResponder()
         d = drops or FakeDrops()
-        p = AnnounceARP(membership_factory=lambda c, x: m, responder_factory=lambda c: r, droprules_factory=lambda c: d)
+        p = AnnounceARP(membership_factory=lambda c, x: m, responder_factory=lambda c: r, droprules_factory=lambda c: d,
+                        bpf_factory=lambda c, x: None)
         p.kpr_configure(config=section, context=ctx)
         p.kpr_start(context=ctx)
         started.append((p, ctx))

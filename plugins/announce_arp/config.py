@@ -122,6 +122,10 @@ class AnnounceARPConfig(Section):
     renew_interval: float = Field(1.0, ge=0.1, le=1800)
     # Each node's Lease is <leasePrefix><node name>.
     lease_prefix: str = "kpr-arp-"
+    # Who answers ARP requests and neighbour solicitations: auto (a tc BPF program on each
+    # interface, through a pinned tcx link; Python where it cannot attach) or python (a
+    # packet socket per interface, as before the program existed).
+    responder: Literal["auto", "python"] = "auto"
     # Frontend types whose addresses are announced.
     frontend_types: list[Literal["LoadBalancer", "ExternalIP"]] = ["LoadBalancer", "ExternalIP"]
     # Announce only services whose labels include all of these (empty: every service).

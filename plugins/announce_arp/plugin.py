@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from pathlib import Path
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from kpr.context import PluginContext
 from kpr.model import BackendState, Frontend, NodeInfo, PluginStatus, Service, ServiceKey
 
 from . import ownership
+from .bpfanswer import BpfAnswerer
 from .config import AnnounceARPConfig
 from .droprules import DropRules
 from .heartbeat import Codec, cluster_id
@@ -85,6 +87,7 @@ class AnnounceARP:
         membership_factory: MembershipFactory | None = None,
         responder_factory: Callable[[AnnounceARPConfig], Any] | None = None,
         droprules_factory: Callable[[AnnounceARPConfig], Any] | None = None,
+        bpf_factory: Callable[[AnnounceARPConfig, PluginContext], Any] | None = None,
     ) -> None:
         self.cfg: AnnounceARPConfig | None = None
         self.context: PluginContext | None = None
@@ -92,6 +95,9 @@ class AnnounceARP:
         self._kube_client: Any = None
         self._responder_factory = responder_factory or self._responder
         self._droprules_factory = droprules_factory or (lambda cfg: DropRules(cfg.interfaces))
+        self._bpf_factory = bpf_factory or self._bpf_answerer
+        # Answers requests in BPF where it attaches (None: Python answers everywhere).
+        self.bpf: Any = None
         self.membership: Membership | None = None
         self.responder: Any = None
         self.droprules: Any = None
@@ -185,6 +191,24 @@ class AnnounceARP:
     def _responder(cfg: AnnounceARPConfig) -> Responder:
         return Responder(cfg.interfaces, garp_repeat=cfg.garp_repeat, garp_spacing=cfg.garp_spacing, garp_interval=cfg.garp_interval)
 
+    @staticmethod
+    def _bpf_answerer(cfg: AnnounceARPConfig, context: PluginContext) -> BpfAnswerer | None:
+        if cfg.responder == "python":
+            return None
+        # A killed agent's program stops answering within `hold`, well before its peers
+        # give up on it (deadInterval / leaseDuration) and take its addresses.
+        expiry = cfg.lease_duration if cfg.membership == "kubernetes" else cfg.dead_interval
+        return BpfAnswerer(cfg.interfaces, Path(context.config.bpf.pin_path), hold=min(0.5, expiry / 2))
+
+    def _start_bpf(self, cfg: AnnounceARPConfig, context: PluginContext) -> None:
+        self.bpf = self._bpf_factory(cfg, context)
+        if self.bpf is None:
+            return
+        if self.bpf.load():
+            for ifname, why in self.bpf.attach_all().items():
+                log.warning("event=arp_answered_in_python interface=%s reason=%s", ifname, why)
+        self.responder.answer_on(set(cfg.interfaces) - self.bpf.answering())
+
     # --- start / stop ----------------------------------------------------------------------
 
     @hookimpl
@@ -196,6 +220,7 @@ class AnnounceARP:
             raise ValueError(f"{KEY}.interfaces: no such interface on this node: {', '.join(missing)}")
         self.membership = self._membership_factory(cfg, context)
         self.responder = self._responder_factory(cfg)
+        self._start_bpf(cfg, context)
         if self.drop:
             self.droprules = self._droprules_factory(cfg)
         self.membership.subscribe(self._dirty.set)
@@ -214,6 +239,8 @@ class AnnounceARP:
             self._thread.join(timeout=5)
         # Stop answering first, then tell the peers, so they take over within one round trip
         # and never while this node still answers; only then wait for threads to finish.
+        if self.bpf is not None:
+            self.bpf.stop()
         if self.responder is not None:
             self.responder.set_owned(set())
         if self.membership is not None:
@@ -346,6 +373,12 @@ class AnnounceARP:
         owned = plan.owned
         if self.droprules is not None:
             owned = self._sync_drops(plan.known, owned)
+        if self.bpf is not None:
+            # The program answers for a taken address before it is announced, and a dropped
+            # one is never answered again from here on.
+            self.bpf.set_owned(owned)
+            if self.bpf.refresh():
+                self.responder.answer_on(set(self.cfg.interfaces) - self.bpf.answering())
         taken, dropped = self.responder.set_owned(owned)
         if taken or dropped:
             self.ownership_changes += 1
@@ -395,20 +428,27 @@ class AnnounceARP:
             synced = self._synced
         owned = sorted(self.responder.owned)
         c = self.responder.counters
+        bpf = self.bpf.counters() if self.bpf is not None else {}
+        in_bpf = self.bpf.answering() if self.bpf is not None else set()
         counters: dict[str, float] = {
             "addresses_known": len(plan.known),
             "addresses_owned": len(owned),
             "addresses_eligible": len(plan.eligible_here),
             "ownership_changes": self.ownership_changes,
-            "arp_replies": c["arp"],
-            "na_replies": c["na"],
+            # Answers from both: Python on some interfaces, BPF on the others.
+            "arp_replies": c["arp"] + sum(v["arp_replies"] for v in bpf.values()),
+            "na_replies": c["na"] + sum(v["na_replies"] for v in bpf.values()),
             "requests_not_owned": c["not_owned"],
             "garp_sent": c["garp_sent"],
-            "conflicts": c["gratuitous"],
+            "conflicts": c["gratuitous"] + sum(v["conflicts"] for v in bpf.values()),
             "socket_errors": c["socket_errors"],
             "send_errors": c["send_errors"],
             **{f"{getattr(self.membership, 'counter_prefix', 'heartbeat')}_{k}": v for k, v in mh.counters.items()},
         }
+        # The program's own counters per interface, as "bpf_<counter>:<interface>".
+        for ifname, values in sorted(bpf.items()):
+            for name, value in values.items():
+                counters[f"bpf_{name}:{ifname}"] = value
         if self.droprules is not None:
             counters["dropped_packets"] = self._dropped_packets
         if problems:
@@ -430,6 +470,10 @@ class AnnounceARP:
                 "waitingFor": list(plan.waiting_for),
                 "eligibleHere": sorted(plan.eligible_here),
                 "interfaces": ports,
+                # Who answers requests on each interface: "bpf" (the tc program) or "python".
+                "answering": {i: ("bpf" if i in in_bpf else "python") for i in self.cfg.interfaces},
+                "bpf": ({"loadError": self.bpf.load_error, "interfaces": self.bpf.details()}
+                        if self.bpf is not None else None),
                 "membership": mh.details,
                 "dropRules": bool(self.droprules is not None),
             },

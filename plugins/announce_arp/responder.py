@@ -252,6 +252,9 @@ class Responder:
         backoff: Backoff | None = None,
     ):
         self.ports = {name: _Port(name) for name in interfaces}
+        # Interfaces whose requests Python answers; the others are answered in BPF, and their
+        # socket only announces (its filter passes nothing).
+        self.answering: frozenset[str] = frozenset(interfaces)
         self.garp_repeat = garp_repeat
         self.garp_spacing = garp_spacing
         self.garp_interval = garp_interval
@@ -323,6 +326,20 @@ class Responder:
             log.info("event=address_dropped address=%s", addr)
         return taken, dropped
 
+    def answer_on(self, interfaces: set[str] | frozenset[str]) -> None:
+        """Answer requests in Python on exactly these interfaces (the rest only announce)."""
+        with self._lock:
+            new = frozenset(interfaces) & frozenset(self.ports)
+            if new == self.answering:
+                return
+            self.answering = new
+            for port in self.ports.values():
+                try:
+                    self._refilter(port)
+                except Exception as e:
+                    log.debug("event=refilter_failed interface=%s error=%r", port.ifname, e)
+        log.info("event=python_answers interfaces=%s", ",".join(sorted(new)) or "-")
+
     def health(self) -> tuple[bool, str, dict[str, object]]:
         problems = [f"interface {p.ifname}: {p.error}" for p in self.ports.values() if p.error]
         details = {p.ifname: {"mac": p.mac, "open": p.sock is not None, "error": p.error} for p in self.ports.values()}
@@ -337,9 +354,10 @@ class Responder:
         from scapy.config import conf
 
         # promisc off: broadcast ARP needs no promiscuous mode, and all-multicast (below)
-        # brings solicited-node multicast without taking in every unicast frame.
+        # brings solicited-node multicast without taking in every unicast frame (a BPF
+        # answerer on the interface needs it as much).
         # The filter goes on before the socket is bound, so not one frame slips past it...
-        sock = conf.L2socket(iface=port.ifname, promisc=False, filter=filter_for(self._owned))
+        sock = conf.L2socket(iface=port.ifname, promisc=False, filter=filter_for(self._owned if port.ifname in self.answering else frozenset()))
         try:
             index = socket.if_nametoindex(port.ifname)
             mreq = struct.pack("IHH8s", index, PACKET_MR_ALLMULTI, 0, b"")
@@ -359,7 +377,7 @@ class Responder:
         sock = sock or port.sock
         if sock is None:
             return
-        owned = self._owned
+        owned = self._owned if port.ifname in self.answering else frozenset()
         expr = filter_for(owned)
         try:
             attach_filter(sock.ins, expr)
@@ -417,6 +435,8 @@ class Responder:
                 continue
             if frame is None:  # our own outgoing frame
                 continue
+            if port.ifname not in self.answering:
+                continue  # queued before the filter changed: BPF answers it
             try:
                 kind, reply, target = port.answerer.answer(frame, self._owned)
             except Exception as e:  # a malformed frame must not stop the responder

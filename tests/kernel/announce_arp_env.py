@@ -16,6 +16,7 @@ each node namespace's loopback, so agents use its URL and certificate unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,8 +31,10 @@ from typing import Any
 
 from kpr import api
 from kpr.testing.apiserver import KubeApiServer
-from kpr.testing.netns import Topology
+from kpr.testing.netns import Topology, in_netns
 from kpr.testing.relay import TcpRelay
+
+from socklb_env import private_bpffs
 
 VIP4 = "10.0.100.10"
 VIP6 = "fd00:100::10"
@@ -118,6 +121,10 @@ class Segment:
     def __post_init__(self) -> None:
         t = self.topo
         self.relay: TcpRelay | None = None
+        # Each node pins its links in its own directory of a private bpffs (the agents share
+        # this host's bpffs otherwise, and `ip netns exec` hides /sys/fs/bpf).
+        self._stack = contextlib.ExitStack()
+        self.bpffs = self._stack.enter_context(private_bpffs(f"kpr-arp-{os.getpid()}"))
         if self.membership == "kubernetes":
             if self.apiserver is None:
                 raise ValueError("membership kubernetes needs an apiserver")
@@ -155,8 +162,16 @@ class Segment:
         return node
 
     def close(self) -> None:
-        if self.relay is not None:
-            self.relay.close()
+        try:
+            for node in self.nodes.values():
+                if node.config.exists() and node.ns in self.topo.namespaces:
+                    # What an operator runs: the node's pinned links and programs go.
+                    self.topo.run(node.ns, [sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(node.config)],
+                                  check=False, timeout=30)
+        finally:
+            self._stack.close()
+            if self.relay is not None:
+                self.relay.close()
 
     # --- agents ------------------------------------------------------------------------
 
@@ -198,6 +213,7 @@ class Segment:
             "api": {"socket": str(node.socket)},
             "metrics": {"address": ""},
             "agent": {"stateDir": str(node.dir / "state"), "shutdownTimeout": 5},
+            "bpf": {"pinPath": str(self.bpffs / node.name)},
             "plugins": {"announce_arp": section},
         }
         node.config.write_text(json.dumps(cfg, indent=1))
@@ -306,6 +322,95 @@ class Segment:
             timeout=count + 10,
         )
         return re.findall(r"bytes from ([0-9a-f]{2}(?::[0-9a-f]{2}){5})", res.stdout.lower())
+
+
+def request_frames(src_mac: str, target: str, senders: int, first: int = 200) -> list[bytes]:
+    """ARP requests (or neighbour solicitations, for an IPv6 target) for `target`, each from a
+    different sender address (one: the router's own), all from `src_mac`."""
+    from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr, IPv6
+    from scapy.layers.l2 import ARP, Ether
+
+    v6 = ":" in target
+    if v6:
+        import ipaddress
+
+        low = ipaddress.IPv6Address(target).packed[-3:]
+        dst = str(ipaddress.IPv6Address(bytes.fromhex("ff0200000000000000000001ff") + low))
+        dst_mac = "33:33:ff:" + ":".join(f"{b:02x}" for b in low)
+    frames = []
+    for i in range(senders):
+        if v6:
+            ip = ROUTER6 if senders == 1 else f"fd00::{first:x}:{i // 65536:x}:{i % 65536:x}"
+            frames.append(bytes(Ether(src=src_mac, dst=dst_mac) / IPv6(src=ip, dst=dst, hlim=255)
+                                / ICMPv6ND_NS(tgt=target) / ICMPv6NDOptSrcLLAddr(lladdr=src_mac)))
+        else:
+            ip = ROUTER4 if senders == 1 else f"10.0.{first + i // 250}.{i % 250 + 1}"
+            frames.append(bytes(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=src_mac, psrc=ip, pdst=target)))
+    return frames
+
+
+def flood(seg: Segment, target: str, seconds: float, senders: int, rate: int, *, ns: str = "r",
+          count_replies: bool = True) -> tuple[float, int]:
+    """Offer `rate` requests/s for `target` from `senders` distinct requesters, sent from the
+    `ns` namespace's eth0 for `seconds`; returns (replies per second received there, requests
+    sent). Replies are counted from a packet socket (ARP replies from the target, or
+    neighbour advertisements for it)."""
+    import select
+    import socket
+    import threading
+
+    import scapy.arch  # noqa: F401
+    from scapy.config import conf
+
+    frames = request_frames(seg.topo.mac(ns, "eth0"), target, senders)
+    if ":" in target:
+        import ipaddress
+
+        words = ipaddress.IPv6Address(target).packed
+        tgt = " and ".join(f"ip6[{48 + 4 * i}:4] = 0x{words[4 * i:4 * i + 4].hex()}" for i in range(4))
+        expr = f"icmp6 and ip6[40] = 136 and {tgt}"
+    else:
+        expr = f"arp and arp[6:2] = 2 and arp src host {target}"
+    with in_netns(seg.topo.namespaces[ns].path):
+        rx = conf.L2socket(iface="eth0", promisc=False, filter=expr) if count_replies else None
+        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        tx.bind(("eth0", 0))
+    count = 0
+    stop = threading.Event()
+
+    def receive() -> None:
+        nonlocal count
+        while not stop.is_set():
+            if select.select([rx.ins], [], [], 0.1)[0]:
+                _, frame, _ = rx.recv_raw()
+                if frame is not None:
+                    count += 1
+
+    t = threading.Thread(target=receive, daemon=True) if rx is not None else None
+    if t is not None:
+        t.start()
+    sent = 0
+    t0 = time.monotonic()
+    try:
+        # Paced to a fixed offered rate, in small bursts.
+        while (elapsed := time.monotonic() - t0) < seconds:
+            due = int(elapsed * rate)
+            while sent < due:
+                try:
+                    tx.send(frames[sent % senders])
+                except BlockingIOError:
+                    pass  # the device queue is full: offered, not sent
+                sent += 1
+            time.sleep(0.0005)
+        elapsed = time.monotonic() - t0
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        if t is not None:
+            t.join()
+            rx.close()
+        tx.close()
+    return count / elapsed, sent
 
 
 def wait_for(cond, timeout: float = 10.0, what: str = "condition", show=None) -> float:

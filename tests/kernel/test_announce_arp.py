@@ -11,6 +11,7 @@ import json
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -22,7 +23,7 @@ from kpr.plugins.announce_arp.heartbeat import Codec, Heartbeat, cluster_id
 from kpr.testing.apiserver import KubeApiServer
 from kpr.testing.netns import Topology, in_netns
 
-from announce_arp_env import KEY, PORT, VIP4, VIP6, Segment, lb_manifest, node_ip4, wait_for
+from announce_arp_env import KEY, PORT, VIP4, VIP6, Segment, flood, lb_manifest, node_ip4, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -56,13 +57,18 @@ def seg(request, tmp_path):
 def solo(tmp_path, **announce):
     """One node without members (it alone announces) and the router; torn down on exit."""
     with Topology() as topo:
-        yield topo, Segment(topo, tmp_path, n_nodes=1, members=False, announce=announce)
+        s = Segment(topo, tmp_path, n_nodes=1, members=False, announce=announce)
+        try:
+            yield topo, s
+        finally:
+            s.close()
 
 
 def assert_only_owner_answers(s: Segment, vip: str, owner: str, count: int = 3) -> None:
     macs = s.arping(vip, count)
     assert macs and len(macs) == count and set(macs) == {s.nodes[owner].mac}, (
-        f"arping {vip}: replies from {[s.by_mac(m) or m for m in macs]}, expected {count} from {owner}"
+        f"arping {vip}: replies from {[s.by_mac(m) or m for m in macs]}, expected {count} from {owner}; "
+        f"its counters: {(s.plugin(owner) or {}).get('counters')}"
     )
 
 
@@ -270,28 +276,89 @@ def test_local_traffic_policy_follows_ready_local_endpoints(seg):
     assert seg.arping(VIP4, 2) == []
 
 
-def test_only_the_configured_interfaces_answer(tmp_path):
-    with solo(tmp_path) as (topo, s):
+RESPONDERS = pytest.mark.parametrize("responder", ["auto", "python"])
+
+
+def assert_answering(s: Segment, node: str, responder: str, interfaces: tuple[str, ...] = ("eth0",)) -> None:
+    want = "bpf" if responder == "auto" else "python"
+    assert s.plugin(node)["details"]["answering"] == {i: want for i in interfaces}, s.plugin(node)["details"]
+
+
+@RESPONDERS
+def test_only_the_configured_interfaces_answer(tmp_path, responder):
+    with solo(tmp_path, responder=responder) as (topo, s):
         # a second link between node and router that the plugin is not configured for
         topo.link("n1", "r", "10.1.0.1/24", "10.1.0.254/24", ifname_a="eth1", ifname_b="eth1")
         (s.manifests / "lb4.yaml").write_text(lb_manifest("lb4", VIP4, ["node1"]))
         s.start("node1")
         try:
             s.wait_ready(["node1"])
+            assert_answering(s, "node1", responder)
             assert_only_owner_answers(s, VIP4, "node1")
             assert s.arping(VIP4, 2, iface="eth1") == []
             c = s.plugin("node1")["counters"]
             assert c["arp_replies"] == 3
+            if responder == "auto":
+                assert c["bpf_arp_replies:eth0"] == 3, c
+                assert "bpf_arp_replies:eth1" not in c
         finally:
             s.stop("node1")
 
 
-def test_ipv6_solicitations_are_answered_with_the_interface_mac(tmp_path):
+@pytest.mark.parametrize("vip", [VIP4, VIP6])
+def test_a_requester_resolves_the_address_at_once_under_a_flood(tmp_path, vip):
+    """An ARP (NDP) scan from 50,000 distinct requesters must not starve a real neighbour."""
     with solo(tmp_path) as (topo, s):
+        topo.add_namespace("c")
+        s._attach("c", ["10.0.0.50/24", "fd00::50/64"])
+        topo.run("c", "ip route add 10.0.100.0/24 dev eth0 && ip -6 route add fd00:100::/64 dev eth0")
+        (s.manifests / "lb.yaml").write_text(lb_manifest("lb", vip, ["node1"]))
+        s.start("node1")
+        try:
+            s.wait_ready(["node1"])
+            assert_answering(s, "node1", "auto")
+            wait_for(lambda: s.plugin("node1")["details"]["owned"] == [vip], 5, "owned")
+            fam = "-6" if ":" in vip else "-4"
+            errors: list[BaseException] = []
+            sent: list[int] = []
+
+            def run_flood() -> None:
+                try:
+                    sent.append(flood(s, vip, 6.0, 50_000, 20_000, count_replies=False)[1])
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            t = threading.Thread(target=run_flood)
+            t.start()
+            try:
+                time.sleep(1.0)  # the flood is under way
+                for attempt in range(3):
+                    topo.run("c", ["ip", fam, "neigh", "flush", "dev", "eth0"], check=False)
+                    # one ping, one second: the kernel sends a single request in that time
+                    topo.run("c", ["ping", fam, "-c", "1", "-W", "1", vip], check=False)
+                    out = json.loads(topo.run("c", ["ip", fam, "-j", "neigh", "show", vip, "dev", "eth0"]).stdout or "[]")
+                    macs = [e.get("lladdr") for e in out if e.get("lladdr")]
+                    assert macs == [s.nodes["node1"].mac], f"attempt {attempt}: client neighbour entry {out}"
+                assert t.is_alive(), "the flood ended before the client's attempts"
+            finally:
+                t.join()
+            assert not errors, errors
+            c = s.plugin("node1")["counters"]
+            answered = c["arp_replies"] if fam == "-4" else c["na_replies"]
+            # a real flood (not one the sender could not produce), and every request answered
+            assert sent[0] > 50_000 and answered >= sent[0], (sent, c)
+        finally:
+            s.stop("node1")
+
+
+@RESPONDERS
+def test_ipv6_solicitations_are_answered_with_the_interface_mac(tmp_path, responder):
+    with solo(tmp_path, responder=responder) as (topo, s):
         (s.manifests / "lb6.yaml").write_text(lb_manifest("lb6", VIP6, ["node1"]))
         s.start("node1")
         try:
             s.wait_ready(["node1"])
+            assert_answering(s, "node1", responder)
             s.resolve(VIP6)
             assert s.neigh_owner(VIP6) == "node1"
             assert s.plugin("node1")["counters"]["na_replies"] >= 1

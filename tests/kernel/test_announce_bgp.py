@@ -441,3 +441,64 @@ def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
         wait_until(lambda: "10.0.100.77/32" not in bird.routes(), 10, "withdrawn on delete")
     finally:
         assert agent.shutdown() == 0
+
+
+def test_a_manifest_change_reaches_service_list_and_bird_without_a_poll(lab, tmp_path):
+    """pollInterval is an hour: only the files source's inotify watch can explain a change
+    arriving within the waits below."""
+    import json
+    import subprocess
+    import sys
+
+    lab.pair()
+    bird = lab.bird()
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    svc_file = manifests / "ingress.yaml"
+    svc_file.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
+    config = tmp_path / "kpr.yaml"
+    config.write_text(textwrap.dedent(
+        f"""
+        node: {{name: node1, addresses: [{NODE_IP}], devices: [lo]}}
+        source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 3600, emptyGracePeriod: 0}}
+        service: {{clusterCIDR: [10.96.0.0/16]}}
+        api: {{socket: {tmp_path}/kpr.sock}}
+        metrics: {{address: ""}}
+        agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 5}}
+        plugins:
+          announce_bgp:
+            enabled: true
+            localASN: {LOCAL_ASN}
+            netns: {lab.topo["node"].netns}
+            gracefulRestartTime: 30
+            peers: [{{address: {RTR_IP}, asn: {ROUTER_ASN}, holdTime: 6}}]
+        """
+    ))
+
+    def service_list() -> list[str]:
+        res = subprocess.run([sys.executable, "-m", "kpr.cli", "service", "list", "--json", "--config", str(config)],
+                             capture_output=True, text=True, timeout=30, check=True)
+        return sorted({r["address"] for r in json.loads(res.stdout)})
+
+    agent = Agent(parse_config(config.read_text()))
+    agent.setup()
+    try:
+        wait_until(lambda: LB_PREFIX in bird.routes(), 20, "route from the manifest")
+        assert agent.status()["source"]["watch"] == "inotify"
+        assert LB_IP in service_list()
+        # Rewritten in place, as an editor without a rename does: IN_CLOSE_WRITE.
+        svc_file.write_text(MANIFEST.format(lb="10.0.100.77", node="node1"))
+        wait_until(lambda: "10.0.100.77/32" in (r := bird.routes()) and LB_PREFIX not in r, 10, "moved address at bird")
+        assert "10.0.100.77" in service_list() and LB_IP not in service_list()
+        # Renamed into place: IN_MOVED_TO.
+        tmp = manifests / ".ingress.yaml.tmp"
+        tmp.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
+        tmp.rename(svc_file)
+        wait_until(lambda: LB_PREFIX in (r := bird.routes()) and "10.0.100.77/32" not in r, 10, "back at bird")
+        assert LB_IP in service_list()
+        # Removed: IN_DELETE.
+        svc_file.unlink()
+        wait_until(lambda: LB_PREFIX not in bird.routes(), 10, "withdrawn")
+        assert agent.store.counts()[0] == 0
+    finally:
+        assert agent.shutdown() == 0

@@ -29,6 +29,8 @@ class Publisher(Protocol):
     def upsert(self, service: Service) -> None: ...
     def delete(self, key: ServiceKey) -> None: ...
     def sync_complete(self) -> None: ...
+    # Optional: the pods on this node changed ("namespace/name" -> pod IPs, the whole set).
+    # def pods_changed(self, pods: dict[str, tuple[str, ...]]) -> None: ...
 
 
 class ObjectStore:
@@ -69,6 +71,8 @@ class ObjectStore:
         self._endpoint_ips: dict[str, ObjectRef | list[ObjectRef]] = {}
         # ClusterIP -> the services whose Service object claims it.
         self._claims: dict[str, list[ServiceKey]] = {}
+        # Pods running on this node in their own namespace: "namespace/name" -> pod IPs.
+        self.local_pods: dict[str, tuple[str, ...]] = {}
         self.is_synced = False
         self._started = time.monotonic()
         self.sync_duration: float | None = None
@@ -119,6 +123,9 @@ class ObjectStore:
             if self.is_synced:
                 return
             self.is_synced = True
+            # The initial state is translated: parsed addresses (an entry per endpoint) were
+            # worth keeping for its passes only; later changes refill what they use.
+            translate.clear_caches()
             self.sync_duration = time.monotonic() - self._started
             log.info("store.synced services=%d seconds=%.3f", len(self.services), self.sync_duration)
             self._publisher.sync_complete()

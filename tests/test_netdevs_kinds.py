@@ -20,7 +20,9 @@ def _header_kinds() -> dict[str, int]:
 
 
 def test_header_matches_enum() -> None:
-    assert _header_kinds() == {k.name: k.value for k in DevKind}
+    kinds = _header_kinds()
+    assert kinds.pop("COUNT") == len(DevKind)  # array sizes in the data path
+    assert kinds == {k.name: k.value for k in DevKind}
 
 
 def test_header_parser_sees_a_mismatch(tmp_path: Path) -> None:

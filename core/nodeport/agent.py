@@ -8,6 +8,10 @@ modes, node addresses and per-device SNAT addresses. A collector thread expires 
 state (gc.py); flows whose backend left are cleared when the service changes. Services with
 externalTrafficPolicy=Local get their healthCheckNodePort served (healthcheck.py).
 
+The programs pick the forwarding helper by what the egress device is (a pod's veth, a bridge,
+an overlay device, ...): a kpr.netdevs.DeviceWatcher on the agent's namespace keeps the
+data path's kpr_np_devkind map current as links come and go, with no setting to make.
+
 The shared service maps are the core's ServiceMapWriter's (kpr_requires "servicemaps"): it
 follows the bus on its own worker and this plugin never writes them.
 
@@ -35,6 +39,7 @@ from kpr import hookimpl
 from kpr.bpf import maps as M
 from kpr.context import PluginContext
 from kpr.model import BackendState, FrontendType, NodeInfo, PluginStatus, Protocol, Service, ServiceKey
+from kpr.netdevs import DeviceWatcher, NetDev
 
 from . import datapath as D
 from .config import NodePortSection
@@ -233,6 +238,8 @@ class NodePortAgent:
         self.datapath: D.Datapath | None = None
         self.collector: Collector | None = None
         self.health: HealthChecks | None = None
+        self.netdevs: DeviceWatcher | None = None
+        self._devices: dict[int, NetDev] = {}
         self._netns: _AgentNetns | None = None
         self._netns_path = ""
         self._lock = threading.RLock()
@@ -288,6 +295,9 @@ class NodePortAgent:
             datapath.sizes = context.config.bpf.map_size_overrides()
             self.datapath = datapath.load()
             self.health = HealthChecks(self._netns, cfg.health_check_address)
+            # before any attachment: the programs must know the pods' devices from their first packet
+            watcher = DeviceWatcher(self._on_devices)
+            self.netdevs = self._netns(watcher.start)
             self._sync_node(context.node)
             self.collector = Collector(
                 self.datapath.maps, self._allowed, lambda: set(self._snat_addrs), cfg.gc_interval,
@@ -314,6 +324,9 @@ class NodePortAgent:
         from kpr.bpf.cleanup import forget_attachment
 
         errors = []
+        if self.netdevs is not None:
+            self.netdevs.stop()
+            self.netdevs = None
         if self.collector is not None:
             self.collector.stop()
             self.collector = None
@@ -429,6 +442,33 @@ class NodePortAgent:
             self._attach_devices(tuple(node.devices), facts)
             if not self._device_errors:  # every entry is this build's now: earlier builds' stages go
                 self.datapath.drop_other_generations()
+
+    def _on_devices(self, devices: dict[int, NetDev]) -> None:
+        """The watcher's view of the namespace's links, into kpr_np_devkind (watcher thread)."""
+        self._devices = devices
+        dp = self.datapath
+        if dp is None:
+            return
+        try:
+            written, removed = dp.set_device_kinds({i: d.kind for i, d in devices.items()})
+        except (OSError, KeyError) as exc:  # stopping under our feet: the next start writes it all
+            log.debug("event=nodeport_devkinds_unwritten error=%r", exc)
+            return
+        if written or removed:
+            log.debug("event=nodeport_devkinds devices=%d written=%d removed=%d", len(devices), written, removed)
+
+    def _device_kinds(self) -> dict[str, Any]:
+        """For status: how many links of each kind, and the kind of each external device."""
+        devs = list(self._devices.values())
+        by_kind: dict[str, int] = {}
+        for d in devs:
+            by_kind[d.kind.name.lower()] = by_kind.get(d.kind.name.lower(), 0) + 1
+        wanted = set(self.context.node.devices) if self.context else set()
+        return {
+            "links": dict(sorted(by_kind.items())),
+            "external": {d.name: d.kind.name.lower() for d in devs if d.name in wanted},
+            "watchErrors": self.netdevs.errors if self.netdevs is not None else None,
+        }
 
     @hookimpl
     def kpr_node_changed(self, node: NodeInfo) -> None:
@@ -660,6 +700,8 @@ class NodePortAgent:
             stats = {}
         counters: dict[str, float] = {k: float(v) for k, v in stats.items()}
         counters["drops_total"] = float(sum(stats.get(k, 0) for k in D.DROP_STATS))
+        # packets a redirect helper could not take, handed to the kernel instead (by reason in fwd_stack_*)
+        counters["given_up_total"] = float(sum(stats.get(k, 0) for k in D.GIVEN_UP_STATS))
         # snapshots: status must not wait for a bus worker holding the lock, nor trip over it
         attached = list(self._attached.values())
         devices = sorted({a.ifname for a in attached})
@@ -712,6 +754,7 @@ class NodePortAgent:
             "healthCheckErrors": dict(self.health.errors) if self.health is not None else {},
             "modeAnnotationProblems": sorted(self._mode_problems.values()),
             "mapSizes": dp.own_sizes() if dp is not None else {},
+            "deviceKinds": self._device_kinds(),
             "errors": list(self._c.errors),
         }
         return PluginStatus(healthy=healthy, message=msg, counters=counters, details=details)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import secrets
 import struct
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from kpr.bpf import maps as M
+from kpr.bpf.inline import BPF_DIR
+from kpr.netdevs import DevKind
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,43 @@ STATS = (
     "tail_call_missing",
     "reverse_entry_stale",
 )
-DROP_STATS = tuple(s for s in STATS if s.startswith("drop_"))
+
+
+def _fwd_names(header: Path) -> dict[int, str]:
+    """kpr_np_fwd slot -> counter name, read from the KPR_NP_FWD_* defines (one definition):
+    fwd_<reason> for how packets left or why they were given up on, egress_<kind> per
+    KPR_DEV_* kind of egress device."""
+    text = header.read_text()
+    names = {
+        int(m[2]): f"fwd_{m[1].lower()}"
+        for m in re.finditer(r"^#define KPR_NP_FWD_([A-Z0-9_]+)\s+(\d+)\b", text, re.M)
+        if m[1] not in ("BY_KIND", "MAX")
+    }
+    by_kind = re.search(r"^#define KPR_NP_FWD_BY_KIND\s+(\d+)\b", text, re.M)
+    if by_kind is None or not names:
+        raise RuntimeError(f"{header}: no KPR_NP_FWD_* counters")
+    base = int(by_kind[1])
+    names.update({base + k.value: f"egress_{k.name.lower()}" for k in DevKind})
+    return names
+
+
+NODEPORT_H = BPF_DIR / "lib" / "nodeport.h"
+# kpr_np_fwd slots: how packets left, by reason and by egress device kind.
+FWD_STATS = _fwd_names(NODEPORT_H)
+DROP_STATS = tuple(s for s in STATS if s.startswith("drop_")) + tuple(
+    n for n in FWD_STATS.values() if n.startswith("fwd_drop_")
+)
+# Reasons a packet was handed to the kernel's stack instead of a redirect helper.
+GIVEN_UP_STATS = tuple(n for n in FWD_STATS.values() if n.startswith("fwd_stack_")) + ("fib_to_kernel",)
 
 MODES = {"snat": 0, "dsr": 1, "hybrid": 2}
 MODE_NAMES = {v: k for k, v in MODES.items()}
 
 # Plugin-owned pinned maps (lib/nodeport.h).
 REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP = "kpr_np_rev", "kpr_np_fe", "kpr_np_vip", "kpr_np_nodeaddr", "kpr_np_dev"
-STATS_MAP = "kpr_np_stats"
-OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP)
+DEVKIND_MAP = "kpr_np_devkind"
+STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"
+OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP)
 
 # --- struct packers ("=" native order, no padding; ports as stored, network order) ---------
 
@@ -244,7 +275,10 @@ class Datapath:
         if bpf is None:
             return {}
         table = bpf[STATS_MAP.encode()]
-        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
+        out = {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
+        fwd = bpf[FWD_MAP.encode()]
+        out.update({name: int(sum(fwd[fwd.Key(i)])) for i, name in FWD_STATS.items()})
+        return out
 
     def own_sizes(self) -> dict[str, int]:
         """max_entries of the plugin's pinned maps (a pin from an earlier run keeps its size)."""
@@ -274,6 +308,11 @@ class Datapath:
         want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
         want[M.U32.pack(0)] = val(default)
         self._sync(self.maps[DEV_MAP], want)
+
+    def set_device_kinds(self, kinds: Mapping[int, int]) -> tuple[int, int]:
+        """kpr_np_devkind: ifindex -> KPR_DEV_* (kpr.netdevs.DevKind) of every link of the node's
+        namespace; (written, removed)."""
+        return self._sync(self.maps[DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
 
     def set_node_addresses(self, addresses: Iterable[str]) -> None:
         self._sync(self.maps[NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})

@@ -34,6 +34,7 @@ from kpr.bpf import maps as M
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.bpf.inline import inline_includes
 from kpr.bpf.loader import CompileError, compile_and_load, load_prog
+from kpr.netdevs import classify
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.plugins.tc_nodeport import datapath as D
 from kpr.plugins.xdp_nodeport import datapath as XD
@@ -145,6 +146,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
                 writer.upsert(s)
             dp = D.Datapath(pin, mode="snat").load()
             dp.set_devices({ifindex: (NODE4, NODE6)}, (NODE4, NODE6))
+            dp.set_device_kinds({i: d.kind for i, d in classify(lb.netns).items()})  # as the agent's watcher does
             dp.set_node_addresses([NODE4, NODE6])
             dp.set_vips([VIP_REMOTE, VIP_DSR, VIP_LOCALPOL, VIP_RANGES, VIP_EMPTY, VIP6_REMOTE, VIP6_DSR, VIP6_EMPTY])
             dp.set_modes({(VIP_DSR, 80, 6): "dsr", (VIP6_DSR, 80, 6): "dsr"})

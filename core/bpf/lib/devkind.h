@@ -18,6 +18,7 @@
 #define KPR_DEV_PHYSICAL 5   // other Ethernet device: NIC, macvlan, bond, vlan, dummy
 #define KPR_DEV_VETH_LOCAL 6 // veth whose peer is in the same namespace
 #define KPR_DEV_L3 7         // no Ethernet header: loopback, tun, raw IP devices
+#define KPR_DEV_COUNT 8      // number of kinds (array sizes), not a kind
 
 // bpf_redirect_peer only reaches these; anything else is dropped by the kernel after the
 // program returned, where no counter sees it.

@@ -27,8 +27,19 @@
  * them into kpr_np_calls.
  *
  * Maps owned here (pinned next to the shared ones, filled by the tc_nodeport plugin):
- * kpr_np_rev, kpr_np_fe, kpr_np_vip, kpr_np_nodeaddr, kpr_np_dev, kpr_np_stats, kpr_np_calls (tc)
- * or kpr_np_xcalls (XDP).
+ * kpr_np_rev, kpr_np_fe, kpr_np_vip, kpr_np_nodeaddr, kpr_np_dev, kpr_np_devkind, kpr_np_stats,
+ * kpr_np_fwd, kpr_np_calls (tc) or kpr_np_xcalls (XDP).
+ *
+ * Forwarding is decided by what the FIB's egress device is (kpr_np_devkind, which the agent
+ * keeps current from kpr.netdevs; values KPR_DEV_*): bpf_redirect_peer only into a veth or
+ * netkit whose peer is in another namespace (anything else it would hand to the kernel, which
+ * drops it after the program returned, unseen), bpf_redirect with the FIB's MACs or
+ * bpf_redirect_neigh for every other device (a bridge forwards by its FDB, an overlay device
+ * encapsulates), the kernel's stack for a device the agent has not classified. XDP can only
+ * XDP_REDIRECT, and only a device with an XDP transmit path receives that (a veth only when its
+ * peer runs XDP): it redirects to the external devices it is attached to and passes everything
+ * else (pods' veths, bridges, overlays) to the stack. kpr_np_fwd counts how each packet left
+ * and why one was given up on.
  */
 #ifndef KPR_LIB_NODEPORT_H
 #define KPR_LIB_NODEPORT_H
@@ -44,6 +55,7 @@
 #include "lib/lb.h"
 #include "lib/conntrack.h"
 #include "lib/nat.h"
+#include "lib/devkind.h"
 
 /* --- tunables ---------------------------------------------------------------------- */
 
@@ -93,6 +105,10 @@
 #define KPR_NP_DEV_MAX 256 // external devices (and key 0, the node's default SNAT addresses)
 #endif
 
+#ifndef KPR_NP_DEVKIND_MAX
+#define KPR_NP_DEVKIND_MAX 16384 // classified devices: every link of the node's namespace (pods' veths too)
+#endif
+
 #ifndef KPR_DSR_EDIT
 #define KPR_DSR_EDIT KPR_NP_DSR // DSR header insertion/removal exactly when DSR is on
 #endif
@@ -136,6 +152,18 @@
 #define KPR_NP_ST_TAIL_MISSING 26    // dropped: a stage program is missing from kpr_np_calls
 #define KPR_NP_ST_REV_STALE 27       // passed: a new connection's SYN-ACK met the reverse entry of an ended flow (deleted)
 #define KPR_NP_ST_MAX 28
+
+/* --- how packets left (kpr_np_fwd; kpr.nodeport.datapath reads the names from here) --- */
+
+#define KPR_NP_FWD_PEER 0                 // into a pod's namespace with bpf_redirect_peer (veth/netkit peer)
+#define KPR_NP_FWD_NEIGH 1                // bpf_redirect_neigh: the kernel resolves the next hop's MAC
+#define KPR_NP_FWD_REDIRECT 2             // bpf_redirect with the FIB's MACs (XDP: XDP_REDIRECT)
+#define KPR_NP_FWD_STACK_UNKNOWN_DEV 3    // given up, to the kernel's stack: egress device not classified (yet)
+#define KPR_NP_FWD_STACK_XDP_UNREACHABLE 4 // given up (XDP), to the stack: XDP_REDIRECT cannot reach that device
+#define KPR_NP_FWD_STACK_NO_NEIGH 5       // given up (XDP), to the stack: the next hop's MAC is not known yet
+#define KPR_NP_FWD_DROP_SHORT 6           // dropped: frame shorter than an Ethernet header
+#define KPR_NP_FWD_BY_KIND 8              // + KPR_DEV_*: packets routed out of a device of that kind
+#define KPR_NP_FWD_MAX (KPR_NP_FWD_BY_KIND + KPR_DEV_COUNT)
 
 /* --- stages (kpr.nodeport.datapath.CALLS mirrors the order) ------------------- */
 
@@ -216,8 +244,12 @@ BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_vip, KPR_NP_VIP_MAX, KPR_
 BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_nodeaddr, KPR_NP_NODEADDR_MAX, KPR_PIN(kpr_np_nodeaddr));
 // External devices by ifindex (0: defaults): SNAT addresses; also tells pod devices from external ones.
 BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, KPR_PIN(kpr_np_dev));
+// What each device is (ifindex -> KPR_DEV_*), for the forwarding helper it allows.
+BPF_TABLE_PINNED("hash", __u32, __u32, kpr_np_devkind, KPR_NP_DEVKIND_MAX, KPR_PIN(kpr_np_devkind));
 // Counters, per CPU (KPR_NP_ST_*).
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_np_stats, KPR_NP_ST_MAX, KPR_PIN(kpr_np_stats));
+// Forwarding counters, per CPU (KPR_NP_FWD_*): a map of its own, so kpr_np_stats keeps its size.
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_np_fwd, KPR_NP_FWD_MAX, KPR_PIN(kpr_np_fwd));
 // ICMP rate limiting, per CPU; not pinned: a restart may refill the buckets.
 BPF_PERCPU_ARRAY(kpr_np_icmp_rl, struct kpr_np_rl, 1);
 // Hand-over between stages of one packet (same CPU throughout: programs do not migrate).
@@ -246,6 +278,14 @@ BPF_TABLE_PINNED("prog", __u32, __u32, kpr_np_xcalls, KPR_NP_CALL_MAX, KPR_PIN_P
 static __always_inline void kpr_np_count(__u32 idx)
 {
 	__u64 *c = kpr_np_stats.lookup(&idx);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline void kpr_np_fwd_count(__u32 idx)
+{
+	__u64 *c = kpr_np_fwd.lookup(&idx);
 
 	if (c)
 		*c += 1;
@@ -393,31 +433,90 @@ static __always_inline int kpr_np_fib(kpr_ctx_t *ctx, struct bpf_fib_lookup *p, 
 	return bpf_fib_lookup(ctx, p, sizeof(*p), 0);
 }
 
-/* Send a translated packet where the FIB lookup `p` (result `rc`) says: with the route's MACs
- * straight out of the device (or into the pod's namespace when `peer`), through the kernel's
- * neighbour resolution when the next hop's MAC is not known yet, or to the kernel's own
- * routing when the lookup found no forwarding route (local delivery, policy it cannot see). */
+// What the egress device is. An external device (kpr_np_dev) not classified yet is taken for a
+// plain Ethernet device: the operator named it, and kpr's programs run on it.
+static __always_inline __u32 kpr_np_devkind_of(__u32 ifindex, int external)
+{
+	__u32 *k = kpr_np_devkind.lookup(&ifindex);
+
+	if (k && *k < KPR_DEV_COUNT)
+		return *k;
+	return external ? KPR_DEV_PHYSICAL : KPR_DEV_UNKNOWN;
+}
+
+// The route's MACs on the frame; -1 when it is too short to hold them.
+static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
+{
+	__u8 *eth = ctx_ptr(ctx, 0, 12);
+
+	if (!eth) {
+		kpr_np_fwd_count(KPR_NP_FWD_DROP_SHORT);
+		return -1;
+	}
+	__builtin_memcpy(eth, p->dmac, 6);
+	__builtin_memcpy(eth + 6, p->smac, 6);
+	return 0;
+}
+
+/* Send a translated packet where the FIB lookup `p` (result `rc`) says, with the fastest helper
+ * its egress device allows (see the top of this file): into the pod's namespace when `peer` and
+ * the device has a peer, with the route's MACs out of the device, through the kernel's neighbour
+ * resolution when the next hop's MAC is not known yet, or to the kernel's own routing when the
+ * lookup found no forwarding route or the device is one no helper can be trusted with.
+ * The frame is only rewritten when a helper takes it: the stack must see it as it came. */
 static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p, int rc, int peer)
 {
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		__u8 *eth = ctx_ptr(ctx, 0, 12);
+	__u32 ifindex = p->ifindex, kind;
+	int external;
 
-		if (!eth)
-			return CTX_DROP;
-		__builtin_memcpy(eth, p->dmac, 6);
-		__builtin_memcpy(eth + 6, p->smac, 6);
-#if KPR_NP_PEER
-		if (peer && !kpr_np_dev.lookup((__u32 *)&p->ifindex))
-			return ctx_redirect_peer(ctx, p->ifindex, 0);
-#endif
-		return ctx_redirect(ctx, p->ifindex, 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+		kpr_np_count(KPR_NP_ST_FIB_PASS);
+		return CTX_PASS;
 	}
-#ifdef KPR_CTX_SKB
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return ctx_redirect_neigh(ctx, p->ifindex);
+	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
+	kind = kpr_np_devkind_of(ifindex, external);
+	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
+#ifdef KPR_CTX_XDP
+	// XDP_REDIRECT needs the target's XDP transmit path: the external devices kpr's XDP
+	// program runs on have one; a pod's veth only if its peer runs XDP, a bridge or an overlay
+	// device none. The stack forwards the translated frame to those instead.
+#if KPR_NP_PEER
+	if (peer && kpr_dev_has_peer(kind)) // asking XDP for it fails the build (ctx/xdp.h), on purpose
+		return ctx_redirect_peer(ctx, ifindex, 0);
 #endif
-	kpr_np_count(KPR_NP_ST_FIB_PASS);
-	return CTX_PASS;
+	// (an overlay or bridge named as an external device runs generic XDP at best: no transmit path either)
+	if (!external || (kind != KPR_DEV_PHYSICAL && kind != KPR_DEV_VETH_PEER && kind != KPR_DEV_VETH_LOCAL)) {
+		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
+		return CTX_PASS;
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		kpr_np_fwd_count(KPR_NP_FWD_STACK_NO_NEIGH);
+		return CTX_PASS;
+	}
+	if (kpr_np_set_macs(ctx, p))
+		return CTX_DROP;
+	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
+	return ctx_redirect(ctx, ifindex, 0);
+#else
+	if (kind == KPR_DEV_UNKNOWN) {
+		kpr_np_fwd_count(KPR_NP_FWD_STACK_UNKNOWN_DEV);
+		return CTX_PASS;
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		kpr_np_fwd_count(KPR_NP_FWD_NEIGH);
+		return ctx_redirect_neigh(ctx, ifindex);
+	}
+	if (kpr_np_set_macs(ctx, p))
+		return CTX_DROP;
+#if KPR_NP_PEER
+	if (peer && !external && kpr_dev_has_peer(kind)) {
+		kpr_np_fwd_count(KPR_NP_FWD_PEER);
+		return ctx_redirect_peer(ctx, ifindex, 0);
+	}
+#endif
+	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
+	return ctx_redirect(ctx, ifindex, 0);
+#endif
 }
 
 // Forward a packet whose tuple is final (after every rewrite).

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Sentinel queue keys; services use their ServiceKey.
 _SYNC = ("__sync__",)
 _NODE = ("__node__",)
+_PODS = ("__pods__",)
 
 
 @dataclass
@@ -157,6 +158,8 @@ class PluginWorker:
                 self._invoke("kpr_service_delete", key=payload)
             elif event == "node":
                 self._invoke("kpr_node_changed", node=payload)
+            elif event == "pods":
+                self._invoke("kpr_pods_changed", pods=payload)
             elif event == "sync":
                 self._invoke("kpr_sync_complete")
                 self._synced()
@@ -191,6 +194,8 @@ def _show(key: Any) -> str:
         return "sync"
     if key == _NODE:
         return "node"
+    if key == _PODS:
+        return "pods"
     return str(key)
 
 
@@ -247,6 +252,11 @@ class EventBus:
     def node_changed(self, node: NodeInfo) -> None:
         for w in self.workers.values():
             w.put(_NODE, "node", node)
+
+    def pods_changed(self, pods: dict[str, tuple[str, ...]]) -> None:
+        """The pods on this node (the whole set; a newer one replaces one not delivered yet)."""
+        for w in self.workers.values():
+            w.put(_PODS, "pods", pods)
 
     def sync_complete(self) -> None:
         """Queue sync complete behind everything queued so far: the initial state."""

@@ -6,7 +6,7 @@ Hooks are grouped by lifecycle, in the order the agent calls them:
 2. start: ``kpr_start``
 3. service events, delivered by the event bus: ``kpr_service_upsert``,
    ``kpr_service_delete``, ``kpr_sync_complete``
-4. node events: ``kpr_node_changed``
+4. node events: ``kpr_node_changed``, ``kpr_pods_changed``
 5. observation: ``kpr_status``
 6. shutdown: ``kpr_stop``
 
@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 from . import hookspec
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import pydantic
 
     from .context import PluginContext
@@ -159,6 +161,24 @@ def kpr_node_changed(node: "NodeInfo") -> None:
         node: the node's name, addresses and external devices.
 
     Returns: nothing. Raising is logged and counted.
+    """
+
+
+@hookspec
+def kpr_pods_changed(pods: "Mapping[str, tuple[str, ...]]") -> None:
+    """The pods running on this node changed.
+
+    Called: from the plugin's bus worker whenever the source delivers a Pod change that
+    changes the set (level-triggered: the whole set every time; a newer set replaces one not
+    delivered yet). Both sources deliver Pods: the Kubernetes source this node's Pods (field
+    selector spec.nodeName), the files source every Pod in the manifests.
+
+    Args:
+        pods: ``"namespace/name"`` -> the pod's IPs (one per family), for pods on this node
+            (spec.nodeName) in their own network namespace (not hostNetwork), not finished
+            (phase Succeeded/Failed) and with an address.
+
+    Returns: nothing. Raising is logged, counted and retried with backoff.
     """
 
 

@@ -84,6 +84,7 @@ class ObjectStore:
     def apply(self, upserts: list[dict | bytes], deletes: list[ObjectRef]) -> None:
         with self._lock:
             touched: set[ServiceKey] = set()
+            pods: list[dict] = []
             for ref in deletes:
                 obj = memory.unpack(self._objects.pop(ref, None))
                 if obj is not None:
@@ -96,6 +97,8 @@ class ObjectStore:
                 # Sources may hand objects packed (memory.pack); the dict lives for this step only.
                 obj = memory.unpack(item)
                 memory.compact(obj)  # strings shared with the model it is translated into
+                if obj.get("kind") == "Pod":
+                    pods.append(obj)
                 ref = translate.object_ref(obj)
                 old = memory.unpack(self._objects.get(ref))
                 self._index(ref, old, obj, touched)
@@ -112,6 +115,27 @@ class ObjectStore:
                     touched.add(key)
             for key in sorted(touched):
                 self._refresh(key)
+            self._pods(pods, deletes)
+
+    def _pods(self, upserts: list[dict], deletes: list[ObjectRef]) -> None:
+        """Follow the pods on this node; publish the whole set when it changed."""
+        pods = dict(self.local_pods)
+        for ref in deletes:
+            if ref[0] == "Pod":
+                pods.pop(f"{ref[1]}/{ref[2]}", None)
+        for obj in upserts:
+            ref = translate.object_ref(obj)
+            ips = translate.local_pod_ips(obj, self.node)
+            if ips:
+                pods[f"{ref[1]}/{ref[2]}"] = ips
+            else:
+                pods.pop(f"{ref[1]}/{ref[2]}", None)
+        if pods == self.local_pods:
+            return
+        self.local_pods = pods
+        publish = getattr(self._publisher, "pods_changed", None)
+        if publish is not None:
+            publish(dict(pods))
 
     def object(self, ref: ObjectRef) -> dict | None:
         """The object the store holds under `ref` (a copy: the store keeps it packed)."""

@@ -1372,6 +1372,19 @@ def translate_service(
     )
 
 
+def local_pod_ips(pod: KubeObject, node: NodeInfo) -> tuple[str, ...]:
+    """The pod IPs (one per family) of a Pod running on `node` in its own network namespace;
+    () for a pod elsewhere, on the host network, finished, without an address yet, or not
+    readable. What plugins that route to pods (host_routing) learn pods from."""
+    try:
+        parsed = _parse_pod(pod)
+    except (InvalidObject, ValueError, TypeError, KeyError, AttributeError):
+        return ()
+    if parsed.node_name != node.name or parsed.phase in _FINISHED_PHASES or parsed.host_network:
+        return ()
+    return tuple(ip[0] for _family, ip in sorted(parsed.pod_ips.items()))
+
+
 def translate_pod(pod: KubeObject, node: NodeInfo) -> Service | None:
     """The HostPort pseudo-service of a Pod running on `node`, or None when it has none.
 

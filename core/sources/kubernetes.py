@@ -1,11 +1,11 @@
 """The kubernetes source: Services, EndpointSlices, this node's Node and the Pods on this
-node that declare hostPorts, listed and watched from the API server.
+node, listed and watched from the API server.
 
 Objects reach the sink with the same meaning as from the files source; the API server has
 already allocated ClusterIPs and nodePorts. kube-proxy's server-side label selectors apply
 (services handed to another proxy, and headless ones, never reach this node), so does a
-field selector for this node's Node and Pods; Pods without a hostPort are dropped here, as
-no field selector can say "has a hostPort".
+field selector for this node's Node and Pods. Every Pod of this node is kept (HostPorts, and
+the pod addresses plugins that route to pods learn from: kpr_pods_changed).
 
 Guarantees, the same as the files source's:
 - nothing reaches the sink until every kind has finished its initial list; then the whole
@@ -236,7 +236,7 @@ class KubernetesSource:
             if ref is None:
                 return
             if usable is None:
-                # A Pod that no longer declares a hostPort, or an invalid first version.
+                # An invalid first version.
                 if cache.pop(ref, None) is not None and self._synced:
                     self._apply([], [ref])
                 return
@@ -276,8 +276,7 @@ class KubernetesSource:
 
     def _admit(self, kind: str, obj: dict, cache: dict[ObjectRef, dict]) -> tuple[ObjectRef | None, dict | None]:
         """(ref, the object to hold): the cached object itself when unchanged, the new one
-        when usable, the last good one (or None) when invalid, None for a Pod without
-        hostPorts."""
+        when usable, the last good one (or None) when invalid."""
         from .. import translate
 
         ref = self._ref(obj)
@@ -289,8 +288,6 @@ class KubernetesSource:
         old = cache.get(ref)
         if old is not None and _rv(old) is not None and _rv(old) == _rv(obj):
             return ref, old
-        if kind == "Pod" and not has_host_port(obj):
-            return ref, None
         try:
             translate.validate_object(obj)
         except (InvalidObject, ValueError, TypeError, KeyError, AttributeError) as e:

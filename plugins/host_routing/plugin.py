@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,10 @@ class HostRouting:
     def kpr_node_changed(self, node: NodeInfo) -> None:
         if self.watcher is not None:
             self.watcher.kick()  # devices may have changed; the watcher's thread is in the agent's namespace
+
+    @hookimpl
+    def kpr_pods_changed(self, pods: Mapping[str, tuple[str, ...]]) -> None:
+        self.set_source_pods(a for ips in pods.values() for a in ips)
 
     def set_source_pods(self, addresses: Iterable[str]) -> None:
         """Pod addresses of this node from the source (Pod objects); a sync follows."""

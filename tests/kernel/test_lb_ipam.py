@@ -1,0 +1,133 @@
+"""lb_ipam end to end on real kernels: two nodes run `kpr run` (files source, lb_ipam,
+announce_arp, tc_nodeport) in namespaces on a bridge, reading the same manifests. A
+LoadBalancer Service that names no address gets one from the pool on both nodes alike; the
+node with the endpoint answers ARP for it; a client behind the router reaches the pod through
+tc_nodeport, its own address kept (externalTrafficPolicy Local), and `kpr service list`
+shows the address. Layout and agents: announce_arp_env.Segment; pod server and client:
+tc_nodeport_env.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import signal
+import subprocess
+import textwrap
+
+import pytest
+
+from kpr import api
+from kpr.testing.netns import Topology
+from kpr.testing.waiting import wait_for
+
+from announce_arp_env import ROUTER4, Segment
+from tc_nodeport_env import PY, SERVER, answers, client
+
+pytestmark = pytest.mark.kernel
+
+POOL = "10.0.100.16/28"  # inside the router's on-link VIP prefix
+POD = "10.244.1.5"
+
+MANIFESTS = textwrap.dedent(f"""\
+    apiVersion: v1
+    kind: Service
+    metadata: {{name: web, namespace: default}}
+    spec:
+      type: LoadBalancer
+      externalTrafficPolicy: Local
+      ipFamilies: [IPv4]
+      ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {{name: other, namespace: default}}
+    spec:
+      type: LoadBalancer
+      ipFamilies: [IPv4]
+      ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
+    ---
+    apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata:
+      name: web-1
+      namespace: default
+      labels: {{kubernetes.io/service-name: web}}
+    addressType: IPv4
+    ports: [{{name: http, port: 8080, protocol: TCP}}]
+    endpoints:
+      - addresses: ["{POD}"]
+        conditions: {{ready: true}}
+        nodeName: node1
+    """)
+
+
+def lb_ipam_status(seg: Segment, name: str) -> dict | None:
+    st = seg.status(name)
+    return st["plugins"].get("lb_ipam") if st else None
+
+
+def lb_addresses(seg: Segment, name: str) -> dict[str, str]:
+    """`kpr service list`'s LoadBalancer addresses on one node: service -> address."""
+    rows = api.get(seg.nodes[name].socket, "/v1/services", timeout=2)
+    return {r["service"]: r["address"] for r in rows if r["type"] == "LoadBalancer"}
+
+
+@pytest.fixture
+def seg(tmp_path):
+    with contextlib.ExitStack() as stack:
+        topo = stack.enter_context(Topology())
+        s = Segment(topo, tmp_path, n_nodes=2)
+        stack.callback(s.close)
+        try:
+            yield s
+        finally:
+            for name in s.nodes:
+                if s.nodes[name].proc is not None:
+                    with contextlib.suppress(Exception):
+                        s.stop(name, signal.SIGKILL)
+
+
+def test_an_address_from_the_pool_announced_and_served(seg):
+    topo = seg.topo
+    topo.add_pod("n1", "p1", POD)
+    server = topo.popen("p1", [PY, "-c", SERVER, "p1", "8080"], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    (seg.manifests / "web.yaml").write_text(MANIFESTS)
+    for name, node in seg.nodes.items():
+        seg.write_config(node)
+        cfg = json.loads(node.config.read_text())
+        cfg["plugins"]["tc_nodeport"] = {"enabled": True}
+        cfg["plugins"]["lb_ipam"] = {"enabled": True, "pools": [{"name": "vips", "addresses": [POOL]}]}
+        node.config.write_text(json.dumps(cfg, indent=1))
+        seg.start(name)
+
+    def allocated(name: str) -> dict[str, str] | None:
+        if seg.nodes[name].proc.poll() is not None:
+            raise AssertionError(f"agent {name} exited: {seg.log_tail(name)}")
+        try:
+            got = lb_addresses(seg, name)
+        except api.ApiError:
+            return None
+        return got if len(got) == 2 else None
+
+    views = {n: wait_for(lambda n=n: allocated(n), 60, f"addresses on {n}") for n in seg.nodes}
+    # Two nodes, no coordination, the same answer; from the pool, one address each.
+    assert views["node1"] == views["node2"]
+    vip = views["node1"]["default/web"]
+    assert ipaddress.ip_address(vip) in ipaddress.ip_network(POOL)
+    assert vip != views["node1"]["default/other"]
+    for n in seg.nodes:
+        st = lb_ipam_status(seg, n)
+        assert st["counters"]["pool_vips_used"] == 2 and st["counters"]["pool_vips_free"] == 14
+
+    # Only node1 has a local endpoint (Local policy), so it alone is eligible and answers.
+    wait_for(lambda: seg.owners(vip) == {"node1"}, 30, "node1 owning the address")
+    macs = seg.arping(vip, 3)
+    assert macs and set(macs) == {seg.nodes["node1"].mac}
+
+    # Through tc_nodeport to the pod; the client's address is kept.
+    rows = wait_for(lambda: (r := client(topo, "tcp", vip, 80, 3, ns="r")) and all(a.startswith("p1 ") for a in answers(r)) and r,
+                    30, "the router reaching the pod through the address")
+    assert answers(rows) == [f"p1 {ROUTER4}"] * 3

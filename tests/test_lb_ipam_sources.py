@@ -282,3 +282,67 @@ def test_kubernetes_a_graceful_stop_hands_the_lease_over_at_once(api):
             wait_for(lambda: b.elected, 1.5, "node-b elected well before the 2 s duration")
             api.create(service("t"))
             wait_for(lambda: ingress(api, "t"), 10, "written by node-b")
+
+
+# --- the agent ------------------------------------------------------------------------------
+
+
+def agent_config(tmp: Path, pools: str) -> Path:
+    cfg = tmp / "kpr.yaml"
+    cfg.write_text(
+        f"node: {{name: node1, addresses: [192.168.50.10], devices: [lo]}}\n"
+        f"source: {{kind: files, path: {tmp}/m, statePath: {tmp}/alloc.json, pollInterval: 0.05, emptyGracePeriod: 0}}\n"
+        f"service: {{clusterCIDR: [10.96.0.0/16]}}\n"
+        f"api: {{socket: {tmp}/kpr.sock}}\n"
+        f"metrics: {{address: ''}}\n"
+        f"agent: {{stateDir: {tmp}/state, shutdownTimeout: 3}}\n"
+        f"plugins:\n  lb_ipam:\n    enabled: true\n    pools: {pools}\n"
+    )
+    return cfg
+
+
+def test_the_agent_serves_and_lists_the_address(tmp_path):
+    from kpr import api
+    from kpr.config import parse_config
+    from kpr.daemon import Agent
+
+    (tmp_path / "m").mkdir()
+    write(tmp_path / "m", "svc.yaml", [service("web"), service("bad", loadBalancerIP="198.51.100.1")])
+    agent = Agent(parse_config(agent_config(tmp_path, f"[{{name: public, addresses: ['{POOL}']}}]").read_text()))
+    agent.setup()
+    try:
+        def listed():
+            rows = api.get(tmp_path / "kpr.sock", "/v1/services", timeout=2)
+            return [r["address"] for r in rows if r["service"] == "default/web" and r["type"] == "LoadBalancer"]
+
+        (ip,) = wait_for(listed, 10, "kpr service list showing the address")
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(POOL)
+        st = api.get(tmp_path / "kpr.sock", "/v1/status", timeout=2)["plugins"]["lb_ipam"]
+        assert st["details"]["problems"] == {"default/bad": "requested address 198.51.100.1 is in no pool"}
+        assert st["counters"]["pool_public_used"] == 1
+    finally:
+        agent.shutdown()
+
+
+def test_check_config_names_overlapping_pools(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "m").mkdir()
+    cfg = agent_config(tmp_path, "[{name: a, addresses: [203.0.113.0/28]}, {name: b, addresses: [203.0.113.8/29]}]")
+    res = subprocess.run([sys.executable, "-m", "kpr.cli", "check-config", "--config", str(cfg)], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "plugins.lb_ipam" in res.stderr + res.stdout
+    assert "pools 'a' and 'b' overlap at 203.0.113.8-203.0.113.15" in res.stderr + res.stdout
+
+
+def test_status_writer_needs_a_source_that_takes_writes(tmp_path):
+    import logging
+
+    from kpr.config import parse_config
+    from kpr.context import PluginContext
+
+    cfg = parse_config(agent_config(tmp_path, "[]").read_text())
+    ctx = PluginContext("lb_ipam", NodeInfo(name="n"), logging.getLogger("t"), cfg, tmp_path, source=object())
+    with pytest.raises(RuntimeError, match="source.kind 'files' cannot take status writes"):
+        ctx.status_writer()

@@ -172,6 +172,10 @@ class LbIpam:
                         self._pending[key] = res
         if self._elected:
             self._flush()
+        else:
+            # Not ours to write; a newly elected node writes every result anyway.
+            with self._lock:
+                self._pending.clear()
 
     def _flush(self) -> None:
         assert self.writer is not None

@@ -17,25 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from kpr.plugins.lb_ipam.allocator import LbAllocator
 from kpr.plugins.lb_ipam.config import LbIpamConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_files_source import cpu_model  # noqa: E402
+
 POOL = {"name": "bench", "addresses": ["10.200.0.0/16"]}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def service(i: int, name: str = "", sharing: bool = False, ip: str = "") -> dict:

@@ -79,6 +79,8 @@ class LbAllocator:
         self._groups: dict[tuple[str, int, str], dict[str, Request]] = {}
         self._affected: set[str] = set()
         self._redo: set[str] = set()
+        # Per update: refusals within a group sharing one address, worked out once.
+        self._refused: dict[tuple, dict[str, str]] = {}
 
     # --- public --------------------------------------------------------------------------
 
@@ -90,8 +92,14 @@ class LbAllocator:
                 self._withdraw(key)
                 del self.requests[key]
                 self._affected.add(key)
+        self._refused.clear()
         for obj in upserts:
-            req = parse(obj, self.lb_class, self.use_status)
+            try:
+                req = parse(obj, self.lb_class, self.use_status)
+            except Exception:
+                # A bug in reading one object must cost that object, not the batch.
+                log.exception("lb_ipam.parse_failed object=%r", (obj.get("metadata") or {}).get("name"))
+                continue
             if self.requests.get(req.key) == req:
                 continue
             self._withdraw(req.key)
@@ -289,16 +297,18 @@ class LbAllocator:
         return [eid[len("svc:"):]]
 
     @staticmethod
-    def _accepted(candidates: list[tuple[tuple, Request]], key: str) -> str:
-        """Why `key` may not share the address with the candidates before it ("" if it may)."""
+    def _refusals(candidates: list[tuple[tuple, Request]]) -> dict[str, str]:
+        """Key -> why it may not share the address with the candidates before it (in rank
+        order), for those that may not; one pass over the group."""
         winners: list[Request] = []
+        out: dict[str, str] = {}
         for _, r in sorted(candidates, key=lambda c: c[0]):
-            why = next((r.shares_with(w) for w in winners if r.shares_with(w)), "")
-            if r.key == key:
-                return why
-            if not why:
+            why = next((w for w in (r.shares_with(w) for w in winners) if w), "")
+            if why:
+                out[r.key] = why
+            else:
                 winners.append(r)
-        return ""
+        return out
 
     def _result(self, key: str) -> Result:
         req = self.requests[key]
@@ -311,8 +321,10 @@ class LbAllocator:
             if step[0] == "pin":
                 _, pool, fam, slot, _rank = step
                 ip = str(ipaddress.ip_address(self.spaces[(pool, fam)].address(slot)))
-                claims = self._claims[(pool, fam, slot)]
-                why = self._accepted([((c.rank, c.req.prio), c.req) for c in claims], key)
+                where = (pool, fam, slot)
+                if where not in self._refused:
+                    self._refused[where] = self._refusals([((c.rank, c.req.prio), c.req) for c in self._claims[where]])
+                why = self._refused[where].get(key)
                 if why:
                     return Result(problem=f"requested address {ip} is taken: {why}")
                 ips.append(ip)
@@ -324,8 +336,10 @@ class LbAllocator:
                 return Result(problem=f"pool {pool} has no free IPv{fam} address ({table.waiting()} services waiting)")
             ip = str(ipaddress.ip_address(self.spaces[(pool, fam)].address(slot)))
             if eid.startswith("share:"):
-                members = self._groups[(pool, fam, eid[len("share:"):])]
-                why = self._accepted([(m.prio, m) for m in members.values()], key)
+                gkey = (pool, fam, eid[len("share:"):])
+                if gkey not in self._refused:
+                    self._refused[gkey] = self._refusals([(m.prio, m) for m in self._groups[gkey].values()])
+                why = self._refused[gkey].get(key)
                 if why:
                     return Result(problem=f"cannot share {ip}: {why}")
             ips.append(ip)

@@ -59,6 +59,7 @@ from .bpf import maps as M
 from .bpf.maglev import build_table, is_prime
 from .bus import Backoff
 from .context import PluginContext
+from .idtables import IdBytes, IdCounts
 from .model import BackendState, Frontend, FrontendType, PluginStatus, Protocol, Service, ServiceKey
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class _Group:
     # the writer keeps them for its lifetime. Its kpr_svc entries are kept packed (all keys
     # in one bytes, all values in another: fixed sizes) rather than as a dict of bytes, a
     # fifth of the memory; `svc` unpacks them for the rare diff of a changed group.
-    __slots__ = ("rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "revnat", "order", "backends", "maglev", "srcrange")
+    __slots__ = ("rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "n_heads", "revnat", "order", "backends", "maglev", "srcrange")
 
     def __init__(self, rev_nat: int, owner: ServiceKey | None, revnat: bytes = b"") -> None:
         self.rev_nat = rev_nat
@@ -135,7 +136,7 @@ class _Group:
         self.owner = owner
         # kpr_svc keys and values, both scopes, all slots (see svc).
         self._svc_keys = self._svc_vals = b""
-        self.n_svc = 0
+        self.n_svc = self.n_heads = 0  # entries, of which slot 0 entries (packed first)
         # kpr_revnat value (b"" for a group adopted without one).
         self.revnat = revnat
         # Selectable backend ids in slot order, per scope: kept so later renders move few slots.
@@ -147,11 +148,27 @@ class _Group:
         # kpr_srcrange keys.
         self.srcrange: frozenset[bytes] = frozenset()
 
-    def set_svc(self, keys: list[bytes], values: list[bytes]) -> None:
-        """Its kpr_svc entries, keys and values in the same order (each of one size)."""
+    def set_svc(self, keys: list[bytes], values: list[bytes], heads: int | None = None) -> None:
+        """Its kpr_svc entries, keys and values in the same order (each of one size); the
+        first `heads` are its slot 0 entries (None: found and moved first here)."""
+        if heads is None:
+            first = [i for i, k in enumerate(keys) if k[20:22] == b"\0\0"]
+            if first:
+                rest = [i for i, k in enumerate(keys) if k[20:22] != b"\0\0"]
+                keys, values = [keys[i] for i in first + rest], [values[i] for i in first + rest]
+            heads = len(first)
         self._svc_keys = b"".join(keys)
         self._svc_vals = b"".join(values)
         self.n_svc = len(keys)
+        self.n_heads = heads
+
+    def packed_svc(self) -> tuple[bytes, bytes, bytes, bytes]:
+        """(slot 0 keys, their values, the other keys, their values), each concatenated."""
+        n, h = self.n_svc, self.n_heads
+        if not n:
+            return b"", b"", b"", b""
+        k, v = len(self._svc_keys) // n * h, len(self._svc_vals) // n * h
+        return self._svc_keys[:k], self._svc_vals[:v], self._svc_keys[k:], self._svc_vals[v:]
 
     @property
     def svc(self) -> dict[bytes, bytes]:
@@ -348,8 +365,9 @@ class ServiceMapWriter:
         self._services: dict[ServiceKey, Service] = {}
         # Backends: identity (addr16 + port + proto) -> id; id -> value in the map; id -> refs.
         self._backend_ids: dict[bytes, int] = {}
-        self._backend_vals: dict[int, bytes] = {}
-        self._backend_refs: dict[int, int] = {}
+        # (flat tables: a few bytes per backend where dicts took about a hundred)
+        self._backend_vals = IdBytes(M.BACKEND.size)
+        self._backend_refs = IdCounts()
         self._revnat_ids: dict[bytes, int] = {}
         self._revnat_used: set[int] = set()
         self._next_backend = 1
@@ -360,7 +378,7 @@ class ServiceMapWriter:
         self._count = group_entries(())
         self._delivered: set[ServiceKey] = set()
         # Per operation: backends rendered (id -> (identity, value)) and rev-NAT indexes allocated.
-        self._pending_vals: dict[int, tuple[bytes, bytes]] = {}
+        self._pending_vals: dict[int, bytes] = {}  # id -> value (its first 19 bytes: the identity)
         self._fresh_revnat: list[bytes] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -657,7 +675,7 @@ class ServiceMapWriter:
             bkey = to_bytes(b.address) + b.port.to_bytes(2, "big") + proto_b
             bid = backend_ids.get(bkey) or self._backend_id(bkey)
             val = bkey + (_TERMINATING if term else _ACTIVE)[b.local]
-            pending_vals[bid] = (bkey, val)
+            pending_vals[bid] = val
             if seen is not None:
                 seen[ident] = (bid, val)
             if term:
@@ -692,6 +710,9 @@ class ServiceMapWriter:
         slot_val_tail = bytes(4) + M.U32.pack(rev_nat) + bytes(8)
         pack_u32 = M.U32.pack
         referenced: set[int] = set()
+        # slot 0 entries first, the internal scope's before the external one's (as written)
+        head_keys: list[bytes] = []
+        head_vals: list[bytes] = []
         svc_keys: list[bytes] = []
         svc_vals: list[bytes] = []
         for scope, local in scopes:
@@ -705,16 +726,16 @@ class ServiceMapWriter:
             if two and scope == M.SCOPE_EXTERNAL:
                 f |= M.SVC_F_TWO_SCOPES
             head = fk + _BYTE[scope]
-            svc_keys.append(head + _SLOT[0])
-            svc_vals.append(M.SVC_VAL.pack(0, len(order), len(term), rev_nat, f, fe.affinity_timeout))
+            head_keys.insert(0, head + _SLOT[0])
+            head_vals.insert(0, M.SVC_VAL.pack(0, len(order), len(term), rev_nat, f, fe.affinity_timeout))
             slotted = order + term if term else order
             svc_keys += [head + t for t in _slot_tails(len(slotted))]
             svc_vals += [pack_u32(bid) + slot_val_tail for bid in slotted]
             referenced.update(slotted)
             if maglev and order:
                 # names from the packed address, as adoption derives them: same table after a restart
-                g.maglev[scope] = tuple(sorted((_backend_name(pending_vals[bid][1]), bid) for bid in order))
-        g.set_svc(svc_keys, svc_vals)
+                g.maglev[scope] = tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order))
+        g.set_svc(head_keys + svc_keys, head_vals + svc_vals, len(head_keys))
         g.backends = tuple(sorted(referenced))
         out[fk] = g
 
@@ -913,7 +934,8 @@ class ServiceMapWriter:
 
     def _forget_render(self) -> None:
         """Forget the ids the last render allocated that were not written."""
-        for bid, (bkey, _val) in self._pending_vals.items():
+        for bid, val in self._pending_vals.items():
+            bkey = val[:19]
             if bid not in self._backend_vals:
                 self._backend_refs.pop(bid, None)
                 if self._backend_ids.get(bkey) == bid:
@@ -1082,7 +1104,7 @@ class ServiceMapWriter:
         try:
             self._reload()  # the shadow now describes the kernel
             self._begin()
-            self._pending_vals = {bid: (vals[bid][:19], vals[bid]) for g in groups.values() for bid in g.backends if bid in vals}
+            self._pending_vals = {bid: vals[bid] for g in groups.values() for bid in g.backends if bid in vals}
             self._apply_diff(dict(self._groups), groups, True)
         except BaseException:
             # The shadow stays the desired state (the kernel differs until a later repair).
@@ -1128,11 +1150,17 @@ class ServiceMapWriter:
         ref_delta: dict[int, int] = {}
         pack_mg = M.MAGLEV_KEY.pack
         svc_new = 0  # kpr_svc keys written that the map does not hold yet
+        b = self.batch
+        # New frontends, written from their packed entries (a full sync makes no object per entry).
+        fresh: list[_Group] = []
 
         for fk, g in new.items():
             og = old.get(fk)
             if og is None:
-                svc_up.update(g.svc)
+                if b:
+                    fresh.append(g)
+                else:
+                    svc_up.update(g.svc)
                 svc_new += g.n_svc
             elif not og.same_svc(g):
                 osvc, gsvc = og.svc, g.svc
@@ -1185,7 +1213,7 @@ class ServiceMapWriter:
         refs = self._backend_refs
         vals = self._backend_vals
         be_up = {}
-        for bid, (_bkey, val) in self._pending_vals.items():
+        for bid, val in self._pending_vals.items():
             if vals.get(bid) != val and (refs.get(bid, 0) + ref_delta.get(bid, 0)) > 0:
                 be_up[bid] = val
         be_del = [bid for bid, d in ref_delta.items() if d < 0 and refs.get(bid, 0) + d <= 0 and bid in vals]
@@ -1204,7 +1232,6 @@ class ServiceMapWriter:
                 if g.srcrange:
                     sr_del -= g.srcrange
 
-        b = self.batch
         mp = self.maps
         # Where the change would not fit beside what it replaces, everything that goes is
         # deleted first (readers may miss an entry for a moment instead of the write failing).
@@ -1225,7 +1252,10 @@ class ServiceMapWriter:
             self._delete_phase(svc_del, mg_del, sr_del, rn_del, strays, be_del)
             svc_del, mg_del, sr_del, rn_del, be_del = [], [], set(), [], []
         # 1. what service entries will point at
-        if be_up:
+        if be_up and b:
+            # ids as one array of u32 (M.U32's layout), no bytes object per key
+            mp["kpr_backend"].update_blob(array("I", be_up).tobytes(), b"".join(be_up.values()), len(be_up))
+        elif be_up:
             mp["kpr_backend"].update_many([M.U32.pack(i) for i in be_up], list(be_up.values()), batch=b)
         if rn_up:
             mp["kpr_revnat"].update_many([M.U32.pack(i) for i in rn_up], list(rn_up.values()), batch=b)
@@ -1235,7 +1265,22 @@ class ServiceMapWriter:
         for k, inp in mg_up.items():
             self._write_maglev(k, inp)
         # 2. service entries: backend slots, then slot 0 (internal scope before external)
-        if svc_up or head_up:
+        if fresh:
+            packed = [g.packed_svc() for g in fresh]
+            heads = sum(g.n_heads for g in fresh)
+            slots = sum(g.n_svc for g in fresh) - heads
+            svc_map = mp["kpr_svc"]
+            if svc_up:
+                svc_map.update_many(list(svc_up), list(svc_up.values()), batch=b)
+            if slots:
+                svc_map.update_blob(b"".join([p[2] for p in packed]), b"".join([p[3] for p in packed]), slots)
+            if heads or head_up:
+                svc_map.update_blob(
+                    b"".join([p[0] for p in packed] + list(head_up)),
+                    b"".join([p[1] for p in packed] + list(head_up.values())),
+                    heads + len(head_up),
+                )
+        elif svc_up or head_up:
             svc_up.update(head_up)  # dicts keep insertion order: heads land last
             mp["kpr_svc"].update_many(list(svc_up), list(svc_up.values()), batch=b)
         # 3. deletions, slot 0 first so lookups stop before slots disappear

@@ -1,0 +1,42 @@
+"""kpr.idtables: flat tables behave as the dicts they replace, for any id and value."""
+
+import random
+
+import pytest
+
+from kpr.idtables import IdBytes, IdCounts
+
+
+def test_id_bytes_behaves_as_a_dict_for_dense_far_and_odd_entries():
+    table, model = IdBytes(4), {}
+    rng = random.Random(7)
+    for _ in range(5000):
+        i = rng.choice([rng.randrange(1, 300), rng.randrange(1 << 20, 1 << 32), 0])
+        op = rng.random()
+        if op < 0.6:
+            value = rng.randbytes(4) if rng.random() < 0.95 else rng.randbytes(rng.randrange(0, 9))
+            table[i] = model[i] = value
+        elif op < 0.9:
+            assert table.pop(i, None) == model.pop(i, None)
+        else:
+            assert table.get(i) == model.get(i) and (i in table) == (i in model)
+        assert len(table) == len(model)
+    assert dict(table.items()) == model and sorted(table) == sorted(model) and table == model
+    for i in model:
+        assert table[i] == model[i]
+    with pytest.raises(KeyError):
+        table[12345]
+
+
+def test_id_counts_keep_present_zeros_apart_from_absent_ids():
+    counts = IdCounts()
+    counts[3] = 0
+    counts[3] += 2
+    counts[1 << 31] = -1
+    counts.update({7: 5})
+    assert dict(counts.items()) == {3: 2, 7: 5, 1 << 31: -1}
+    assert counts.get(4, 0) == 0 and 4 not in counts and 3 in counts
+    counts[7] = 0
+    assert 7 in counts and counts.pop(7) == 0 and 7 not in counts and len(counts) == 2
+    counts[5] = 1 << 70  # beyond 64 bits: kept all the same
+    assert counts[5] == 1 << 70

@@ -37,7 +37,7 @@ CLUSTER_RULES = {
     (group, resource, verb)
     for group, resource in (("", "services"), ("discovery.k8s.io", "endpointslices"), ("", "nodes"), ("", "pods"))
     for verb in ("list", "watch")
-}
+} | {("", "services/status", "patch")}  # lb_ipam's write-back
 LEASE_RULES = {("coordination.k8s.io", "leases", verb) for verb in ("get", "list", "watch", "create", "update")}
 
 

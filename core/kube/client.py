@@ -219,24 +219,21 @@ def raw_lister(client: "ApiClient", path: str) -> Callable[..., Any]:
     return call
 
 
-def raw_json(
-    client: "ApiClient", method: str, path: str, body: Any = None,
-    content_type: str = "application/json", timeout: float = 10.0,
-) -> tuple[int, Any]:
-    """One request with a JSON body (a dict, or None), answered with (HTTP status, the
-    decoded JSON answer or None). Non-2xx answers are returned, not raised: callers such as
-    a Lease election act on 404 and 409 themselves. Raw for the reason raw_lister is."""
+
+def json_call(method: Callable[..., Any], *args: Any, timeout: float = 10.0) -> tuple[int, Any]:
+    """Call a `kubernetes` client method (CoreV1Api().patch_namespaced_service_status, ...)
+    and return (HTTP status, the answer as plain JSON, or None). Errors the API server
+    answers are returned, not raised: callers such as a Lease election act on 404 and 409.
+    The answer is not turned into the client's model objects, which kpr never uses."""
     import json
 
-    headers = {"Accept": "application/json"}
-    if body is not None:
-        headers["Content-Type"] = content_type
-    req = client.param_serialize(
-        method=method, resource_path=path, header_params=headers, body=body, auth_settings=["BearerToken"],
-    )
-    resp = client.call_api(*req, _request_timeout=(min(2.0, timeout), timeout))
-    data = resp.read()
+    from kubernetes.client.exceptions import ApiException
+
     try:
-        return resp.status, json.loads(data) if data else None
+        resp = method(*args, _preload_content=False, _request_timeout=(min(2.0, timeout), timeout))
+    except ApiException as e:
+        return e.status or 0, None
+    try:
+        return resp.status, json.loads(resp.data) if resp.data else None
     except ValueError:
         return resp.status, None

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .client import raw_json
+from .client import json_call
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ class LeaseElector:
         self.duration = duration
         self.retry_period = retry_period
         self.on_change = on_change
-        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
+        from kubernetes.client import CoordinationV1Api
+
+        self.api = CoordinationV1Api(client)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Monotonic time our hold ends unless renewed; 0: not held.
@@ -80,7 +82,7 @@ class LeaseElector:
             lease["spec"] = {**lease.get("spec", {}), "holderIdentity": None, "leaseDurationSeconds": 1,
                              "renewTime": micro_time()}
             try:
-                raw_json(self.client, "PUT", self.path, lease)
+                json_call(self.api.replace_namespaced_lease, self.name, self.namespace, lease)
             except Exception as e:  # the peers wait for the duration instead
                 log.warning("lease.release_failed lease=%s/%s error=%s", self.namespace, self.name, e)
         self._valid_until = 0.0
@@ -103,12 +105,12 @@ class LeaseElector:
     def try_once(self) -> bool:
         """One acquire-or-renew step; returns whether this node holds the Lease."""
         started = time.monotonic()
-        code, lease = raw_json(self.client, "GET", self.path)
+        code, lease = json_call(self.api.read_namespaced_lease, self.name, self.namespace)
         if code == 404:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"namespace": self.namespace, "name": self.name},
                     "spec": self._spec(None)}
-            code, lease = raw_json(self.client, "POST", self.path.rsplit("/", 1)[0], body)
+            code, lease = json_call(self.api.create_namespaced_lease, self.namespace, body)
             return self._after_write(code, lease, started, new_holder=True)
         if code != 200 or not isinstance(lease, dict):
             raise RuntimeError(f"GET lease answered {code}")
@@ -123,7 +125,7 @@ class LeaseElector:
             self._valid_until = 0.0
             return False
         lease["spec"] = self._spec(spec if holder == self.identity else None, spec)
-        code, answer = raw_json(self.client, "PUT", self.path, lease)
+        code, answer = json_call(self.api.replace_namespaced_lease, self.name, self.namespace, lease)
         return self._after_write(code, answer, started, new_holder=holder != self.identity)
 
     def _spec(self, mine: dict | None, old: dict | None = None) -> dict:

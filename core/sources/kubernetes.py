@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..kube.client import Connection, RateLimiter, connect, raw_json, raw_lister
+from ..kube.client import Connection, RateLimiter, connect, json_call, raw_lister
 from ..kube.election import LeaseElector, micro_time
 from ..kube.informer import Informer, JitterBackoff, Watched
 from ..model import InvalidObject
@@ -131,6 +131,7 @@ class KubernetesSource:
         # StatusWriter: who hears of Service changes, the Lease election, writes made.
         self._service_handlers: list[ServiceHandler] = []
         self._elector: LeaseElector | None = None
+        self._core_api: Any = None
         self.status_writes = 0
 
     # --- Source --------------------------------------------------------------------------
@@ -399,14 +400,16 @@ class KubernetesSource:
             }]
         elif old is not None:
             patch["conditions"] = [{"type": LB_CONDITION, "$patch": "delete"}]
-        path = f"/api/v1/namespaces/{ns}/services/{name}/status"
-        code, answer = raw_json(
-            self.connection.client, "PATCH", path, {"status": patch}, content_type="application/strategic-merge-patch+json"
-        )
+        if self._core_api is None:
+            from kubernetes.client import CoreV1Api  # builds the client's models: only for writers
+
+            self._core_api = CoreV1Api(self.connection.client)
+        # A dict body goes as a strategic merge patch: conditions merge by type.
+        code, _ = json_call(self._core_api.patch_namespaced_service_status, name, ns, {"status": patch})
         if code == 404:
             return True
         if not 200 <= code <= 299:
-            raise RuntimeError(f"PATCH {path} answered {code}: {(answer or {}).get('message', '')}")
+            raise RuntimeError(f"patching the status of service {key} answered {code}")
         self.status_writes += 1
         log.info("kube.status_written service=%s ingress=%s problem=%s", key, ",".join(ips), problem)
         return True

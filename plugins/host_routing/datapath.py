@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kpr.bpf import maps as M
+from kpr.nodeport.datapath import Datapath as NodePortDatapath
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +151,8 @@ class Datapath:
         table = bpf[STATS_MAP.encode()]
         return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
 
-    @staticmethod
-    def _sync(m: M.BpfMap, want: Mapping[bytes, bytes]) -> tuple[int, int]:
-        have = dict(m.items())
-        up = {k: v for k, v in want.items() if have.get(k) != v}
-        gone = [k for k in have if k not in want]
-        if up:
-            m.update_many(list(up), list(up.values()))
-        if gone:
-            m.delete_many(gone)
-        return len(up), len(gone)
+    # The NodePort data path's map sync: write what differs, delete what is not wanted.
+    _sync = staticmethod(NodePortDatapath._sync)
 
     def set_pods(self, pods: Mapping[str, int]) -> tuple[int, int]:
         """kpr_hr_pods: pod address -> ifindex of the device its route names."""

@@ -136,6 +136,17 @@ class Rig:
         self.plugin.set_source_pods([a for n in names for a in PODS[n]])
 
 
+def stopping(r: Rig) -> Iterator[Rig]:
+    """For a per-test fixture over a module's rig: whatever plugin the test started is stopped
+    and detached afterwards."""
+    try:
+        yield r
+    finally:
+        if r.plugin is not None:
+            r.plugin.cfg = r.plugin.cfg.model_copy(update={"keep_attached_on_stop": False})
+            r.stop()
+
+
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
 

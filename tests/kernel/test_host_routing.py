@@ -6,6 +6,7 @@ of the talk's fallbacks forced; the plugin's counters prove which helper carried
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,7 @@ from kpr.bpf import links
 from kpr.bpf.cleanup import cleanup
 from kpr.testing.waiting import wait_for
 
-from host_routing_env import CLIENT, NODE, PODS, PORT, Rig, answers, client, delta, rig
+from host_routing_env import CLIENT, NODE, PODS, PORT, Rig, answers, client, delta, rig, stopping
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -27,13 +28,7 @@ def env() -> Iterator[Rig]:
 
 @pytest.fixture
 def hr(env: Rig) -> Iterator[Rig]:
-    """The rig; whatever plugin a test started is stopped and detached afterwards."""
-    try:
-        yield env
-    finally:
-        if env.plugin is not None:
-            env.plugin.cfg = env.plugin.cfg.model_copy(update={"keep_attached_on_stop": False})
-            env.stop()
+    yield from stopping(env)
 
 
 def traffic(r: Rig, pod: str, *, src: str = "cl", n: int = 3) -> list[str]:
@@ -138,6 +133,9 @@ def test_learns_pods_live(hr: Rig) -> None:
     assert answers(client(hr.topo, "tcp", PODS["b1"][0], PORT, 2, ns="cl")) == [f"b1 {CLIENT}"] * 2
     assert delta(before, hr.stats()).get("pass_not_pod", 0) >= 2
 
+    syncs = p.syncs
+    time.sleep(1)
+    assert p.syncs - syncs <= 1, "the plugin's own attachments must not keep waking its watcher"
     add_veth_pod(hr.topo, "p3", "10.244.9.13", "fd44:9::13")
     try:
         wait_for(lambda: "10.244.9.13" in p.plan.pods and ("lxcp3", "ingress") in p.attached,

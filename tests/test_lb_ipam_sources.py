@@ -287,14 +287,14 @@ def test_kubernetes_a_graceful_stop_hands_the_lease_over_at_once(api):
 # --- the agent ------------------------------------------------------------------------------
 
 
-def agent_config(tmp: Path, pools: str) -> Path:
+def agent_config(tmp: Path, pools: str, metrics: str = "") -> Path:
     cfg = tmp / "kpr.yaml"
     cfg.write_text(
         f"node: {{name: node1, addresses: [192.168.50.10], devices: [lo]}}\n"
         f"source: {{kind: files, path: {tmp}/m, statePath: {tmp}/alloc.json, pollInterval: 0.05, emptyGracePeriod: 0}}\n"
         f"service: {{clusterCIDR: [10.96.0.0/16]}}\n"
         f"api: {{socket: {tmp}/kpr.sock}}\n"
-        f"metrics: {{address: ''}}\n"
+        f"metrics: {{address: '{metrics}'}}\n"
         f"agent: {{stateDir: {tmp}/state, shutdownTimeout: 3}}\n"
         f"plugins:\n  lb_ipam:\n    enabled: true\n    pools: {pools}\n"
     )
@@ -308,7 +308,11 @@ def test_the_agent_serves_and_lists_the_address(tmp_path):
 
     (tmp_path / "m").mkdir()
     write(tmp_path / "m", "svc.yaml", [service("web"), service("bad", loadBalancerIP="198.51.100.1")])
-    agent = Agent(parse_config(agent_config(tmp_path, f"[{{name: public, addresses: ['{POOL}']}}]").read_text()))
+    from kpr.testing.waiting import free_port
+
+    port = free_port()
+    cfg = agent_config(tmp_path, f"[{{name: public, addresses: ['{POOL}']}}]", metrics=f"127.0.0.1:{port}")
+    agent = Agent(parse_config(cfg.read_text()))
     agent.setup()
     try:
         def listed():
@@ -320,6 +324,12 @@ def test_the_agent_serves_and_lists_the_address(tmp_path):
         st = api.get(tmp_path / "kpr.sock", "/v1/status", timeout=2)["plugins"]["lb_ipam"]
         assert st["details"]["problems"] == {"default/bad": "requested address 198.51.100.1 is in no pool"}
         assert st["counters"]["pool_public_used"] == 1
+        # Addresses used and free per pool, as metrics.
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'kpr_plugin_counter{counter="pool_public_used",plugin="lb_ipam"} 1.0' in text
+        assert 'kpr_plugin_counter{counter="pool_public_free",plugin="lb_ipam"} 255.0' in text
     finally:
         agent.shutdown()
 
@@ -346,3 +356,56 @@ def test_status_writer_needs_a_source_that_takes_writes(tmp_path):
     ctx = PluginContext("lb_ipam", NodeInfo(name="n"), logging.getLogger("t"), cfg, tmp_path, source=object())
     with pytest.raises(RuntimeError, match="source.kind 'files' cannot take status writes"):
         ctx.status_writer()
+
+
+# --- the Lease election on its own ----------------------------------------------------------
+
+
+def test_lease_election_racing_nodes_elect_exactly_one(api):
+    from kpr.kube.client import connect
+    from kpr.kube.election import LeaseElector
+
+    section = SourceSection(kind="kubernetes", apiServer=api.url, tokenFile=api.token_file, caFile=api.ca_file)
+    conns = [connect(section) for _ in range(3)]
+    electors = [LeaseElector(c.client, "kube-system", "race", f"node-{i}", duration=2.0, retry_period=0.1)
+                for i, c in enumerate(conns)]
+    try:
+        # Every node tries at once, from nothing: one creates, the others see 409 or a holder.
+        threads = [threading.Thread(target=e.try_once) for e in electors]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(e.elected for e in electors) == 1
+        for e in electors:
+            e.start()
+        time.sleep(1.0)
+        assert sum(e.elected for e in electors) == 1
+        holder = next(e for e in electors if e.elected)
+        assert api.get("Lease", "kube-system", "race")["spec"]["holderIdentity"] == holder.identity
+        # The holder releases: another takes over at its next try, well before the duration.
+        holder.stop(release=True)
+        wait_for(lambda: sum(e.elected for e in electors if e is not holder) == 1, 1.5, "a new holder")
+    finally:
+        for e in electors:
+            e.stop(release=False)
+        for c in conns:
+            c.close()
+
+
+def test_files_a_shrunk_pool_moves_only_what_it_no_longer_covers():
+    from kpr.plugins.lb_ipam.allocator import LbAllocator
+
+    def run(addresses: list[str]) -> dict[str, tuple[str, ...]]:
+        cfg = LbIpamConfig.model_validate({"pools": [{"name": "p", "addresses": addresses}]})
+        a = LbAllocator(cfg.pools, cfg.load_balancer_class)
+        a.update([service(f"s{i}", ipFamilies=["IPv4"]) for i in range(30)])
+        return {k: r.ips for k, r in a.results.items()}
+
+    wide = run(["10.1.0.0/24", "10.2.0.0/24"])
+    narrow = run(["10.1.0.0/24"])
+    assert all(v[0].startswith("10.1.") for v in narrow.values())
+    # Jump hashing: dropping the last range moves (about) only those that were in it.
+    moved = [k for k in wide if wide[k] != narrow[k]]
+    in_dropped = [k for k in wide if wide[k][0].startswith("10.2.")]
+    assert set(in_dropped) <= set(moved) and len(moved) <= len(in_dropped) + 3

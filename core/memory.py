@@ -137,6 +137,8 @@ def same(kept: Any, obj: Any) -> bool:
     first, and unpacked only when they differ (marshal's bytes for equal objects may)."""
     if kept is obj:
         return True
+    if kept is None or obj is None:
+        return False
     if type(kept) is bytes and type(obj) is bytes and kept == obj:
         return True
     return bool(unpack(kept) == unpack(obj))

@@ -96,7 +96,6 @@ class ObjectStore:
             for item in upserts:
                 # Sources may hand objects packed (memory.pack); the dict lives for this step only.
                 obj = memory.unpack(item)
-                memory.compact(obj)  # strings shared with the model it is translated into
                 if obj.get("kind") == "Pod":
                     pods.append(obj)
                 ref = translate.object_ref(obj)

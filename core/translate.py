@@ -17,6 +17,7 @@ import functools
 import ipaddress
 import logging
 import socket
+from sys import intern
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -846,6 +847,9 @@ def _parse_slice_endpoints(obj: KubeObject, family: int) -> list[_SliceEndpoint]
         zone = endpoint.get("zone") or ""
         if node_name.__class__ is not str or zone.__class__ is not str:
             _endpoint_error(obj, endpoint, i, family)
+        # Kept by the model's backends: one string per node and zone, not one per endpoint
+        # (objects are parsed from packed bytes, each with strings of its own).
+        node_name, zone = intern(node_name), intern(zone)
         hints = endpoint.get("hints")
         zone_hints = () if hints is None else _zone_hints(obj, hints, i)
         append((first, ready, serving, terminating, node_name, zone, zone_hints))

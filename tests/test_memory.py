@@ -170,9 +170,15 @@ def test_the_files_source_and_the_store_keep_one_packed_copy_of_each_object(tmp_
         assert src._files[name].objects[ref] is kept and src._sent[ref] is kept, "one copy for the source and the store"
     a, b = (store.object(ref) for ref in refs)
     assert a == endpoint_slice(1) and b == endpoint_slice(2)
-    # Unpacked, its strings are the interned ones the model shares.
-    assert a["endpoints"][0]["nodeName"] is b["endpoints"][0]["nodeName"] is sys.intern("node0")
-    assert next(iter(a["endpoints"][0])) is next(iter(b["endpoints"][0]))
+    # The model keeps one string per node name, whichever object (YAML or JSON) named it.
+    names = {
+        id(be.node_name)
+        for s in store.services.values()
+        for f in s.frontends
+        for be in f.backends
+        if be.node_name == "node0"
+    }
+    assert names == {id(sys.intern("node0"))}
     # Unchanged files read again (a new mtime) send nothing: equal objects stay the same.
     for name in ("a.yaml", "b.json"):
         (d / name).write_text((d / name).read_text())
@@ -314,14 +320,17 @@ def test_bus_leaves_memory_alone_unless_asked(monkeypatch):
 # --- the store -------------------------------------------------------------------------------
 
 
-def test_store_compacts_what_it_keeps_and_leaves_the_collector_on():
+def test_store_keeps_objects_packed_and_leaves_the_collector_on():
     store = ObjectStore(NODE, NullPublisher())
     svc, es = parsed(service(1)), parsed(endpoint_slice(1))
-    store.apply([svc, es], [])
+    store.apply([svc, memory.pack(es)], [])
     assert gc.isenabled()
-    assert store.services[ServiceKey("ns1", "svc1")].frontends[0].backends
-    assert es["endpoints"][0]["nodeName"] is sys.intern("node0")
-    assert es["endpoints"][0]["conditions"] is es["endpoints"][1]["conditions"]
+    backends = store.services[ServiceKey("ns1", "svc1")].frontends[0].backends
+    assert backends and backends[0].node_name is sys.intern("node0")
+    kept = {ref: store._objects[ref] for ref in store._objects}
+    assert all(type(v) is bytes for v in kept.values()), "dicts and packed objects alike"
+    assert store.object(("Service", "ns1", "svc1")) == service(1)
+    assert store.object(("EndpointSlice", "ns1", "svc1-abcde")) == endpoint_slice(1)
 
 
 def test_store_bytes_per_service_are_bounded():

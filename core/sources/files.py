@@ -568,8 +568,11 @@ class FilesSource:
             log.info("files.busy file=%s; trying next pass", name)
             return None
         try:
-            # Compacted as each file is read, so its duplicate strings are freed for the next.
-            docs = [memory.compact(d) for d in parse_manifest(name, data)]
+            docs = parse_manifest(name, data)
+            if not name.endswith(".json"):
+                # YAML makes a string per key: interned, an object packs each key once (json
+                # shares a file's keys already, and the time is better spent elsewhere).
+                docs = [memory.compact(d) for d in docs]
         except _ParseError as e:
             log.warning("files.parse_failed file=%s reason=%s kept=%d", name, e, len(last_good))
             return _kept(sig, old, str(e))

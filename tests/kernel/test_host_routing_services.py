@@ -23,12 +23,12 @@ CIP, CIP6 = "10.96.77.10", "fd96::77:10"
 KEY = ServiceKey("default", "hr-cip")
 
 
-def service(*backends: tuple[str, str]) -> Service:
-    """ClusterIP CIP:80 and CIP6:80 (TCP and UDP) -> `backends` (name, "v4"|"v6" addresses) on PORT."""
+def service(*backends: str) -> Service:
+    """ClusterIP CIP:80 and CIP6:80 (TCP and UDP) -> `backends` (pods, or "cl": outside the node) on PORT."""
     fes = []
     for fam, addr in ((0, CIP), (1, CIP6)):
         bes = tuple(Backend((PODS[n] if n in PODS else (CLIENT, "fd21::2"))[fam], PORT, node_name="node" if n in PODS else "other",
-                            local=n in PODS) for n, _ in backends)
+                            local=n in PODS) for n in backends)
         for proto in (Protocol.TCP, Protocol.UDP):
             fes.append(Frontend(FrontendType.CLUSTER_IP, addr, 80, proto, bes))
     return Service(KEY, tuple(fes))
@@ -69,7 +69,7 @@ def test_pod_reaches_a_clusterip(hr: Rig, src: str, backend: str, carrier: str) 
     hr.start()
     hr.source_pods("b1", "b2")
     wait_for(lambda: PODS["b1"][1] in hr.plugin.plan.pods, what="bridge pods learned from the source")
-    hr.writer.upsert(service((backend, "")))
+    hr.writer.upsert(service(backend))
     before = hr.stats()
     assert dial(hr, src) == seen_by(backend, src)
     d = delta(before, hr.stats())
@@ -79,7 +79,7 @@ def test_pod_reaches_a_clusterip(hr: Rig, src: str, backend: str, carrier: str) 
 
 def test_established_flow_keeps_its_backend(hr: Rig) -> None:
     hr.start()
-    hr.writer.upsert(service(("p2", ""), ("cl", "")))
+    hr.writer.upsert(service("p2", "cl"))
     # one UDP "connection" from a fixed source port: every datagram to the backend its first one got
     rows = [answers(client(hr.topo, "udp", CIP, 80, 1, "sport=40123", ns="p1"))[0] for _ in range(8)]
     assert len(set(rows)) == 1 and rows[0] in (f"p2 {PODS['p1'][0]}", f"cl {PODS['p1'][0]}"), rows
@@ -91,7 +91,7 @@ def test_reply_through_the_stack_is_translated_at_the_pod_device(hr: Rig) -> Non
     """No external device for the plugin: the remote backend's replies reach the pod through the
     host's stack, and the pod device's egress program gives them the service address back."""
     hr.start(devices=["nosuchdev"])
-    hr.writer.upsert(service(("cl", "")))
+    hr.writer.upsert(service("cl"))
     before = hr.stats()
     assert dial(hr, "p1") == seen_by("cl", "p1")
     d = delta(before, hr.stats())
@@ -101,7 +101,35 @@ def test_reply_through_the_stack_is_translated_at_the_pod_device(hr: Rig) -> Non
 
 def test_turned_off_pods_outside_the_socket_hooks_cannot_reach_services(hr: Rig) -> None:
     hr.start(clusterIP=False)
-    hr.writer.upsert(service(("p2", "")))
+    hr.writer.upsert(service("p2"))
     rows = client(hr.topo, "tcp", CIP, 80, 1, "timeout=1", ns="p1")
     assert "answer" not in rows[0], rows
     assert hr.plugin.kpr_status().details["clusterIP"] is False
+
+
+def test_with_socklb_only_pods_outside_its_cgroup_take_the_per_packet_path(hr: Rig) -> None:
+    """socklb on a child cgroup: a client in it has its connect() rewritten (the program sees the
+    backend's address, no service); the same pod's client outside it is balanced per packet."""
+    import json
+
+    from kpr.testing.cgroup import child_cgroup, run_in_cgroup
+
+    from socklb_env import start_socklb
+    from tc_nodeport_env import CLIENT_SCRIPT, PY
+
+    hr.start()
+    hr.writer.upsert(service("p2"))
+    with child_cgroup("kpr-hr-socklb") as cg:
+        sl = start_socklb(hr.topo, hr.pin, cg, keepAttachedOnStop=False)
+        try:
+            before = hr.stats()
+            res = run_in_cgroup(cg, [PY, "-c", CLIENT_SCRIPT, "tcp", CIP, "80", "3"], hr.topo["p1"])
+            rows = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+            assert answers(rows) == [f"p2 {PODS['p1'][0]}"] * 3
+            assert delta(before, hr.stats()).get("service_new", 0) == 0  # socklb's, at connect()
+
+            before = hr.stats()
+            assert answers(client(hr.topo, "tcp", CIP, 80, 3, ns="p1")) == [f"p2 {PODS['p1'][0]}"] * 3
+            assert delta(before, hr.stats()).get("service_new", 0) >= 3  # host_routing's, per packet
+        finally:
+            sl.kpr_stop(context=sl.context)

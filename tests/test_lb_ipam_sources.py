@@ -246,7 +246,7 @@ def test_kubernetes_status_is_written_once_by_the_elected_node_and_taken_over(ap
         wait_for(lambda: all(ingress(api, f"s{i}") for i in range(4)), 15, "every status written")
         wait_for(lambda: condition(api, "bad"), 10, "the refusal as a condition")
         time.sleep(1.0)  # both nodes see the writes and recompute: nothing more is written
-        assert (a.elected, b.elected) in ((True, False), (False, True))
+        wait_for(lambda: (a.elected, b.elected) in ((True, False), (False, True)), 5, "one holder")
         leader, other = (a, b) if a.elected else (b, a)
         assert leader.source.status_writes == 5 and other.source.status_writes == 0
         assert len(status_writes(api)) == 5
@@ -380,7 +380,8 @@ def test_lease_election_racing_nodes_elect_exactly_one(api):
         for e in electors:
             e.start()
         time.sleep(1.0)
-        assert sum(e.elected for e in electors) == 1
+        # (A holder starved of CPU for a whole duration may lapse for a moment: never two.)
+        wait_for(lambda: sum(e.elected for e in electors) == 1, 5, "one holder")
         holder = next(e for e in electors if e.elected)
         assert api.get("Lease", "kube-system", "race")["spec"]["holderIdentity"] == holder.identity
         # The holder releases: another takes over at its next try, well before the duration.

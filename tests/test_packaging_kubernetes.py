@@ -353,7 +353,7 @@ def test_commented_plugins_are_valid_once_uncommented(tmp_path):
     path = _written("\n".join(lines) + "\n", tmp_path / "all.yaml")
     config = load_config(path)
     build_plugin_manager(config)
-    assert set(config.enabled_plugins()) == {"socklb", "tc_nodeport", "xdp_nodeport", "announce_arp", "announce_bgp"}
+    assert set(config.enabled_plugins()) == {"socklb", "tc_nodeport", "xdp_nodeport", "announce_arp", "announce_bgp", "lb_ipam"}
 
 
 # --- the readiness probe -------------------------------------------------------------------

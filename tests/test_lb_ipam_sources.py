@@ -143,10 +143,16 @@ def test_files_the_address_survives_a_restart_before_the_plugin_speaks(tmp_path)
     with FilesNode(tmp_path / "m", tmp_path) as node:
         before = node.addresses(keys)
         wait_for(lambda: not node.allocator.dirty and node.allocator.load_balancer("default/s4"), 10, "saved")
-    # A restarted agent's first pass already serves them, from the allocation state alone.
+    # A restarted agent's first pass already serves them, from the allocation state alone
+    # (the plugin registered, as it does at start, but not heard yet).
     again = FilesNode(tmp_path / "m", tmp_path, with_plugin=False)
+    again.source.watch_services(lambda upserts, deletes: None)
     again.source.scan_once(again.store)
     assert {k: again.publisher.lb_addresses(k) for k in keys} == before
+    # With lb_ipam turned off nothing it wrote is served.
+    off = FilesNode(tmp_path / "m", tmp_path, with_plugin=False)
+    off.source.scan_once(off.store)
+    assert {k: off.publisher.lb_addresses(k) for k in keys} == {k: set() for k in keys}
     # And the plugin, deciding from the manifests only, agrees: nothing is written anew.
     with FilesNode(tmp_path / "m", tmp_path) as node:
         assert node.addresses(keys) == before

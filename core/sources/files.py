@@ -744,10 +744,13 @@ class FilesSource:
 
     def _lb_status(self, ref: ObjectRef, obj: dict) -> dict:
         """`obj` with its written LoadBalancer addresses; watchers hear of `obj` as it was."""
+        if not self._service_handlers:
+            # No writer runs (lb_ipam turned off): what it wrote once is not served.
+            return obj
         spec = obj.get("spec")
         is_lb = isinstance(spec, dict) and spec.get("type") == "LoadBalancer"
         # Only LoadBalancers (and one that just stopped being one) are kept for watchers.
-        if self._service_handlers and (is_lb or ref in self._lb_seen) and self._lb_seen.get(ref) != obj:
+        if (is_lb or ref in self._lb_seen) and self._lb_seen.get(ref) != obj:
             self._lb_seen[ref] = obj
             self._lb_news[0].append(obj)
         ips = self.allocator.load_balancer(f"{ref[1]}/{ref[2]}")

@@ -187,3 +187,44 @@ def test_restart_adopts_links_and_cleanup_removes_them(hr: Rig) -> None:
     hr.writer.close()
     hr.writer.open()  # the maps the cleanup removed, for the tests after this one
     del p
+
+
+def test_next_to_tc_nodeport_on_the_same_device(hr: Rig) -> None:
+    """tc_nodeport and host_routing both on eth0's ingress (tcx, in attach order): NodePort
+    traffic to local pods on a veth and on a bridge is tc_nodeport's, and the replies, which
+    host_routing sends out of eth0 by bpf_redirect_neigh, still get the frontend back at eth0's
+    egress (tc_nodeport's reverse NAT)."""
+    import logging
+
+    from kpr.config import KprConfig
+    from kpr.context import PluginContext
+    from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
+    from kpr.plugins.tc_nodeport.config import TcNodePortConfig
+    from kpr.plugins.tc_nodeport.plugin import TcNodePort
+
+    hr.start()
+    hr.source_pods("b1", "b2")
+    wait_for(lambda: PODS["b1"][0] in hr.plugin.plan.pods, what="bridge pods learned")
+    np_port = 30090
+    key = ServiceKey("default", "hr-np")
+    np = TcNodePort()
+    ctx = PluginContext(name="tc_nodeport", node=NodeInfo("node", addresses=(NODE,), devices=("eth0",)),
+                        log=logging.getLogger("kpr.plugins.tc_nodeport"),
+                        config=KprConfig.model_validate({"bpf": {"pinPath": str(hr.pin)}, "agent": {"stateDir": str(hr.pin)}}),
+                        state_dir=hr.pin)
+    np.kpr_configure(config=TcNodePortConfig.model_validate({"keepAttachedOnStop": False}), context=ctx)
+    with hr.topo["node"].enter():
+        np.kpr_start(context=ctx)
+    try:
+        for pod in ("p1", "b1"):
+            svc = Service(key, (Frontend(FrontendType.NODE_PORT, NODE, np_port, Protocol.TCP,
+                                         (Backend(PODS[pod][0], PORT, node_name="node", local=True),)),))
+            hr.writer.upsert(svc)
+            np.kpr_service_upsert(svc)
+            before = hr.stats()
+            assert answers(client(hr.topo, "tcp", NODE, np_port, 10, ns="cl")) == [f"{pod} {CLIENT}"] * 10
+            assert delta(before, hr.stats()).get("redirect_neigh", 0) >= 20  # the replies went by host_routing
+        assert tcx_names(hr, "eth0", "ingress") == ["kpr_hr_from_net", "kpr_np_ingress"]
+    finally:
+        hr.writer.delete(key)
+        np.kpr_stop(context=ctx)

@@ -1,7 +1,7 @@
 """lb_ipam end to end on real kernels: two nodes run `kpr run` (files source, lb_ipam,
 announce_arp, tc_nodeport) in namespaces on a bridge, reading the same manifests. A
-LoadBalancer Service that names no address gets one from the pool on both nodes alike; the
-node with the endpoint answers ARP for it; a client behind the router reaches the pod through
+LoadBalancer Service that names no address (IPv4, and IPv6) gets one from the pool on both nodes alike; the
+node with the endpoint answers ARP / NDP for it; a client behind the router reaches the pod through
 tc_nodeport, its own address kept (externalTrafficPolicy Local), and `kpr service list`
 shows the address. Layout and agents: announce_arp_env.Segment; pod server and client:
 tc_nodeport_env.
@@ -22,22 +22,26 @@ from kpr import api
 from kpr.testing.netns import Topology
 from kpr.testing.waiting import wait_for
 
-from announce_arp_env import ROUTER4, Segment
+from announce_arp_env import ROUTER4, ROUTER6, Segment
 from tc_nodeport_env import PY, SERVER, answers, client
 
 pytestmark = pytest.mark.kernel
 
-POOL = "10.0.100.16/28"  # inside the router's on-link VIP prefix
-POD = "10.244.1.5"
+# Inside the router's on-link VIP prefixes (it resolves them with ARP / NDP itself).
+POOLS = {4: "10.0.100.16/28", 6: "fd00:100::10/124"}
+POD = {4: "10.244.1.5", 6: "fd00:10:244::5"}
 
-MANIFESTS = textwrap.dedent(f"""\
+
+def manifests(family: int) -> str:
+    fam = f"IPv{family}"
+    return textwrap.dedent(f"""\
     apiVersion: v1
     kind: Service
     metadata: {{name: web, namespace: default}}
     spec:
       type: LoadBalancer
       externalTrafficPolicy: Local
-      ipFamilies: [IPv4]
+      ipFamilies: [{fam}]
       ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
     ---
     apiVersion: v1
@@ -45,7 +49,7 @@ MANIFESTS = textwrap.dedent(f"""\
     metadata: {{name: other, namespace: default}}
     spec:
       type: LoadBalancer
-      ipFamilies: [IPv4]
+      ipFamilies: [{fam}]
       ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
     ---
     apiVersion: discovery.k8s.io/v1
@@ -54,10 +58,10 @@ MANIFESTS = textwrap.dedent(f"""\
       name: web-1
       namespace: default
       labels: {{kubernetes.io/service-name: web}}
-    addressType: IPv4
+    addressType: {fam}
     ports: [{{name: http, port: 8080, protocol: TCP}}]
     endpoints:
-      - addresses: ["{POD}"]
+      - addresses: ["{POD[family]}"]
         conditions: {{ready: true}}
         nodeName: node1
     """)
@@ -89,17 +93,18 @@ def seg(tmp_path):
                         s.stop(name, signal.SIGKILL)
 
 
-def test_an_address_from_the_pool_announced_and_served(seg):
+@pytest.mark.parametrize("family", [4, 6])
+def test_an_address_from_the_pool_announced_and_served(seg, family):
     topo = seg.topo
-    topo.add_pod("n1", "p1", POD)
+    topo.add_pod("n1", "p1", POD[4], ip6=POD[6])
     server = topo.popen("p1", [PY, "-c", SERVER, "p1", "8080"], stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"
-    (seg.manifests / "web.yaml").write_text(MANIFESTS)
+    (seg.manifests / "web.yaml").write_text(manifests(family))
     for name, node in seg.nodes.items():
         seg.write_config(node)
         cfg = json.loads(node.config.read_text())
         cfg["plugins"]["tc_nodeport"] = {"enabled": True}
-        cfg["plugins"]["lb_ipam"] = {"enabled": True, "pools": [{"name": "vips", "addresses": [POOL]}]}
+        cfg["plugins"]["lb_ipam"] = {"enabled": True, "pools": [{"name": "vips", "addresses": [POOLS[4], POOLS[6]]}]}
         node.config.write_text(json.dumps(cfg, indent=1))
         seg.start(name)
 
@@ -116,18 +121,22 @@ def test_an_address_from_the_pool_announced_and_served(seg):
     # Two nodes, no coordination, the same answer; from the pool, one address each.
     assert views["node1"] == views["node2"]
     vip = views["node1"]["default/web"]
-    assert ipaddress.ip_address(vip) in ipaddress.ip_network(POOL)
+    assert ipaddress.ip_address(vip) in ipaddress.ip_network(POOLS[family])
     assert vip != views["node1"]["default/other"]
     for n in seg.nodes:
         st = lb_ipam_status(seg, n)
-        assert st["counters"]["pool_vips_used"] == 2 and st["counters"]["pool_vips_free"] == 14
+        assert st["counters"]["pool_vips_used"] == 2 and st["counters"]["pool_vips_free"] == 30
 
     # Only node1 has a local endpoint (Local policy), so it alone is eligible and answers.
     wait_for(lambda: seg.owners(vip) == {"node1"}, 30, "node1 owning the address")
-    macs = seg.arping(vip, 3)
-    assert macs and set(macs) == {seg.nodes["node1"].mac}
+    if family == 4:
+        macs = seg.arping(vip, 3)
+        assert macs and set(macs) == {seg.nodes["node1"].mac}
+    else:
+        seg.resolve(vip)
+        wait_for(lambda: seg.neigh_owner(vip) == "node1", 10, "the router's NDP entry naming node1")
 
     # Through tc_nodeport to the pod; the client's address is kept.
     rows = wait_for(lambda: (r := client(topo, "tcp", vip, 80, 3, ns="r")) and all(a.startswith("p1 ") for a in answers(r)) and r,
                     30, "the router reaching the pod through the address")
-    assert answers(rows) == [f"p1 {ROUTER4}"] * 3
+    assert answers(rows) == [f"p1 {ROUTER4 if family == 4 else ROUTER6}"] * 3

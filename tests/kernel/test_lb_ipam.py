@@ -1,10 +1,10 @@
 """lb_ipam end to end on real kernels: two nodes run `kpr run` (files source, lb_ipam,
 announce_arp, tc_nodeport) in namespaces on a bridge, reading the same manifests. A
-LoadBalancer Service that names no address (IPv4, and IPv6) gets one from the pool on both nodes alike; the
-node with the endpoint answers ARP / NDP for it; a client behind the router reaches the pod through
-tc_nodeport, its own address kept (externalTrafficPolicy Local), and `kpr service list`
-shows the address. Layout and agents: announce_arp_env.Segment; pod server and client:
-tc_nodeport_env.
+LoadBalancer Service that names no address (IPv4, and IPv6) gets one from the pool on both
+nodes alike; the node with the endpoint answers ARP / NDP for it; a client behind the router
+reaches the pod through tc_nodeport, its own address kept (externalTrafficPolicy Local), and
+`kpr service list` shows the address. Layout and agents: announce_arp_env.Segment; pod server
+and client: tc_nodeport_env.
 """
 
 from __future__ import annotations

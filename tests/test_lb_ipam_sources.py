@@ -7,7 +7,10 @@ over when the holder stops renewing."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -244,7 +247,7 @@ def api():
         yield srv
 
 
-def test_kubernetes_status_is_written_once_by_the_elected_node_and_taken_over(api):
+def test_kubernetes_status_is_written_once_by_the_elected_node_and_taken_over(api, tmp_path):
     for i in range(4):
         api.create(service(f"s{i}"))
     api.create(service("bad", loadBalancerIP="198.51.100.1"))
@@ -263,6 +266,13 @@ def test_kubernetes_status_is_written_once_by_the_elected_node_and_taken_over(ap
         assert ok["status"] == "True" and ok["reason"] == "AddressAllocated"
         bad = condition(api, "bad")
         assert bad["status"] == "False" and "198.51.100.1 is in no pool" in bad["message"]
+        # What kubectl shows (EXTERNAL-IP is status.loadBalancer.ingress).
+        kubectl = shutil.which("kubectl")
+        if kubectl:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")} | {"HOME": str(tmp_path)}
+            out = subprocess.run([kubectl, "--kubeconfig", api.write_kubeconfig(tmp_path / "kc"), "get", "svc", "s0"],
+                                 capture_output=True, text=True, timeout=60, env=env)
+            assert out.returncode == 0 and before["s0"][0] in out.stdout, out.stdout + out.stderr
         # Every node serves the written addresses, through its own watch.
         for node in (a, b):
             wait_for(lambda: node.publisher.lb_addresses("default/s0") == set(before["s0"]), 10, "the address served")
@@ -341,7 +351,6 @@ def test_the_agent_serves_and_lists_the_address(tmp_path):
 
 
 def test_check_config_names_overlapping_pools(tmp_path):
-    import subprocess
     import sys
 
     (tmp_path / "m").mkdir()

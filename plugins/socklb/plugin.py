@@ -3,8 +3,10 @@ maps (node addresses, per-socket reverse NAT) in step with services and node fac
 
 Each hook is a cgroup BPF link pinned at <bpf.pinPath>/links/socklb/cgroup-<cgroup id>/<hook>
 (kpr.bpf.links): it outlives the agent, so pods' connections to ClusterIPs keep working
-while no agent runs. A starting agent adopts the pinned links and switches them to its newly
-loaded programs (BPF_LINK_UPDATE, atomic), attaches only what is missing, removes links of
+while no agent runs. A starting agent adopts the pinned links: when they already run the build
+it would make (kpr.bpf.builds: same source, flags, kernel, bcc) it keeps their programs and
+compiles nothing; otherwise it switches them to its newly loaded programs (BPF_LINK_UPDATE,
+atomic). It attaches only what is missing, removes links of
 hooks it no longer wants (bindProtection turned off) or of cgroups that are gone, and removes
 copies of its programs attached the old way by an earlier run. Without cgroup links (or with
 KPR_BPF_LINKS=off) it attaches with BPF_F_ALLOW_MULTI as before, puts the new program next to
@@ -34,7 +36,7 @@ from typing import Any
 import pydantic
 
 from kpr import hookimpl
-from kpr.bpf import links
+from kpr.bpf import builds, links, percpu
 from kpr.bpf import maps as M
 from kpr.context import PluginContext
 from kpr.servicemaps import WriterParams, writer_params
@@ -115,7 +117,7 @@ def _frontends(service: Service) -> dict[FrontendMatch, frozenset[BackendMatch]]
 class _Attachment:
     prog: str
     attach_type: str
-    fn: Any  # bcc BPF.Function
+    fn: Any  # bcc BPF.Function, or builds.AdoptedProg (the pinned link's program, not compiled)
     prog_id: int
     record_id: int
     # The pinned link holding the program at its hook, and its fd while the agent runs;
@@ -159,6 +161,7 @@ class SockLB:
         self._destroy_unsupported = ""
         self._set_retval = True
         self._fallback = ""  # why hooks are attached without links ("" : with links)
+        self._build = ""  # "compiled", or "adopted": the pinned links ran this build already
         # More compiler flags (tests build a changed program, as an upgrade would bring).
         self.extra_cflags: list[str] = []
 
@@ -204,35 +207,51 @@ class SockLB:
         if not (real / "cgroup.procs").exists() or not any(m == real or m in real.parents for m in fs.find_mounts("cgroup2")):
             raise OSError(f"plugins.socklb.cgroupPath: {self.cgroup} is not a cgroup v2 directory")
         hooks = HOOKS + (BIND_HOOKS if cfg.bind_protection else ())
+        adopted: dict[str, builds.AdoptedProg] | None = None
         try:
             # "The host" is the namespace the agent runs in; remember it for node-address
             # refreshes that arrive on other threads.
             self._host_ns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
             self.host_netns_cookie = sockdiag.current_netns_cookie()
-            self._set_retval = probes.have_helper("set_retval", "CGROUP_SOCK_ADDR")
-            if not self._set_retval:
-                log.warning("event=socklb_no_set_retval effect=refusals_fail_with_EPERM")
             if cfg.terminate_connections:
                 self._destroy_unsupported = sockdiag.destroy_unsupported()
                 if self._destroy_unsupported:
                     log.error("event=socklb_terminate_unsupported error=%s", self._destroy_unsupported)
             pin.mkdir(parents=True, exist_ok=True)
-            cflags = self.params.cflags(pin) + [
-                f"-DKPR_SOCK_HOST_NETNS={self.host_netns_cookie}ULL",
-                f"-DKPR_SOCK_HOST_ONLY={int(cfg.host_namespace_only)}",
-                f"-DKPR_SOCK_REVNAT_MAX={cfg.reverse_nat_map_size}",
-                f"-DKPR_SOCK_HAVE_SET_RETVAL={int(self._set_retval)}",
-                *self.extra_cflags,
-            ]
+
+            def cflags(set_retval: bool) -> list[str]:
+                return self.params.cflags(pin) + [
+                    f"-DKPR_SOCK_HOST_NETNS={self.host_netns_cookie}ULL",
+                    f"-DKPR_SOCK_HOST_ONLY={int(cfg.host_namespace_only)}",
+                    f"-DKPR_SOCK_REVNAT_MAX={cfg.reverse_nat_map_size}",
+                    f"-DKPR_SOCK_HAVE_SET_RETVAL={int(set_retval)}",
+                    *self.extra_cflags,
+                ]
+
             text = inline_includes(SOURCE.read_text(), [SOURCE.parent], label=str(SOURCE))
-            self._bpf = compile_and_load(text, cflags=cflags, name=str(SOURCE))
+            self._cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            link_dir = self._link_dir()
+            # The pinned links already run this very build (a restart without a change): keep
+            # them as they are and skip the compile (kpr.bpf.builds). The set_retval probe
+            # compiles too; its answer depends only on the kernel, which a build's digest
+            # covers, so a build made with either answer tells it.
+            guesses = {builds.digest(text, cflags(v)): v for v in (True, False)}
+            found = builds.adopt(pin, list(guesses), {prog: link_dir / atype.lower() for prog, _t, atype in hooks})
+            if found is not None:
+                build, adopted = found
+                self._set_retval = guesses[build]
+            else:
+                self._set_retval = probes.have_helper("set_retval", "CGROUP_SOCK_ADDR")
+                build = builds.digest(text, cflags(self._set_retval))
+                self._bpf = compile_and_load(text, cflags=cflags(self._set_retval), name=str(SOURCE))
+            if not self._set_retval:
+                log.warning("event=socklb_no_set_retval effect=refusals_fail_with_EPERM")
+            self._build = "compiled" if adopted is None else "adopted"
             for name in (REVNAT_MAP, HOSTADDR_MAP, STATS_MAP):
                 self._maps[name] = M.BpfMap.open_pinned(pin / name)
             self._sync_hostaddrs(context.node)
-            self._cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
-            link_dir = self._link_dir()
             for prog, ptype, atype in hooks:
-                fn = load_prog(self._bpf, prog, ptype, attach_type=atype)
+                fn = adopted.pop(prog) if adopted is not None else load_prog(self._bpf, prog, ptype, attach_type=atype)
                 # Tracked before it is recorded: an attachment outlives this process.
                 a = _Attachment(prog, atype, fn, M.prog_info(fn.fd).id, 0)
                 self._attach(a, link_dir)
@@ -241,16 +260,21 @@ class SockLB:
                     pin, "cgroup", {"cgroup": str(self.cgroup), "attach_type": atype}, prog, prog_id=a.prog_id
                 )
                 self._drop_other_copies(a)
+            if self._bpf is not None:
+                builds.record(pin, build, [a.prog_id for a in self._attached])
             self._sweep_links(link_dir, {atype.lower() for _p, _t, atype in hooks})
         except BaseException:
             # What is attached stays attached (an adopted link still runs the last good
             # program); only this process's handles go.
+            for p in (adopted or {}).values():
+                p.close()
             self._teardown(detach=False)
             raise
         log.info(
-            "event=socklb_started cgroup=%s hooks=%d links=%s host_netns_cookie=%d host_only=%s "
+            "event=socklb_started cgroup=%s hooks=%d links=%s build=%s host_netns_cookie=%d host_only=%s "
             "bind_protection=%s terminate_connections=%s set_retval=%s",
-            self.cgroup, len(self._attached), self._actions(), self.host_netns_cookie, cfg.host_namespace_only,
+            self.cgroup, len(self._attached), self._actions(), self._build, self.host_netns_cookie,
+            cfg.host_namespace_only,
             cfg.bind_protection, cfg.terminate_connections, self._set_retval,
         )
 
@@ -372,6 +396,8 @@ class SockLB:
                 if a.link_fd >= 0:
                     os.close(a.link_fd)
                     a.link_fd = -1
+                if isinstance(a.fn, builds.AdoptedProg):
+                    a.fn.close()
             self._attached.clear()
             for m in self._maps.values():
                 m.close()
@@ -573,12 +599,11 @@ class SockLB:
 
     def stats(self) -> dict[str, int]:
         """The datapath's counters, summed over CPUs ({} when not started)."""
-        bpf = self._bpf
-        if bpf is None:
+        m = self._maps.get(STATS_MAP)
+        if m is None:
             return {}
         try:
-            table = bpf[STATS_MAP.encode()]
-            return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
+            return dict(zip(STATS, percpu.u64_sums(m, len(STATS))))
         except Exception as exc:  # stopping under our feet; status must not fail for it
             log.debug("event=socklb_stats_unreadable error=%r", exc)
             return {}
@@ -609,6 +634,7 @@ class SockLB:
             "links": {a.attach_type: {"pin": str(a.link_pin) if a.link_pin else None, "action": a.action}
                       for a in list(self._attached)},
             "linksFallback": self._fallback,
+            "build": self._build,
             "hostNetnsCookie": self.host_netns_cookie,
             "hostAddresses": sorted(M.bytes_to_addr(a) for a in self._hostaddrs),
             "terminateConnections": {

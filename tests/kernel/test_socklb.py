@@ -428,6 +428,7 @@ def test_stop_leaves_the_hooks_and_new_instances_adopt_them(env: Env) -> None:
         status = p1.kpr_status()
         assert status.healthy and status.counters["hooks_attached"] == 10
         assert {v["action"] for v in status.details["links"].values()} == {"created"}
+        assert status.details["build"] == "compiled"
         assert not status.details["linksFallback"]
         recorded = [r for r in attachments(env.pin) if r["target"]["cgroup"] == str(cg)]
         assert len(recorded) == 10
@@ -440,9 +441,10 @@ def test_stop_leaves_the_hooks_and_new_instances_adopt_them(env: Env) -> None:
         assert hook_progs(cg) == progs, "stop leaves the programs attached"
         assert serve(), "served while no agent runs"
 
-        p2 = env.start_plugin(cg)  # the next agent: new programs, the same links
-        assert {a: len(ids) for a, ids in hook_progs(cg).items()} == {a: 1 for a in ALL_HOOKS}
-        assert {v["action"] for v in p2.kpr_status().details["links"].values()} == {"updated"}
+        p2 = env.start_plugin(cg)  # the next agent, the same build: the links' programs kept, no compile
+        assert hook_progs(cg) == progs
+        assert p2.kpr_status().details["build"] == "adopted"
+        assert {v["action"] for v in p2.kpr_status().details["links"].values()} == {"adopted"}
         assert link_ids(p2) == links1 and map_ids(p2) == maps1
         assert serve()
 
@@ -462,6 +464,7 @@ def test_stop_leaves_the_hooks_and_new_instances_adopt_them(env: Env) -> None:
         assert {a: len(ids) for a, ids in upgraded.items()} == {a: 1 for a in ALL_HOOKS}
         assert link_ids(p4) == links1 and map_ids(p4) == maps1
         assert {v["action"] for v in p4.kpr_status().details["links"].values()} == {"updated"}
+        assert p4.kpr_status().details["build"] == "compiled"
         assert serve()
         assert prog_tags(upgraded["CGROUP_INET4_CONNECT"]) - before, "the upgrade runs the changed program"
 

@@ -285,6 +285,33 @@ def test_a_requested_address_is_shared_under_the_same_rules():
     assert "no common lbipam.kpr.io/sharing-key" in a.results["default/c"].problem
 
 
+def test_a_service_with_a_sharing_key_joins_the_address_its_key_requested():
+    a = allocator()
+    a.update([share("b", (443,)), share("c", (8080,))])
+    assert a.results["default/b"].ips == a.results["default/c"].ips
+    changed = a.update([share("a", (80,), loadBalancerIP="203.0.113.9")])
+    # The others follow the requested address, and give theirs up.
+    assert {k: r.ips for k, r in changed.items()} == {f"default/{n}": ("203.0.113.9",) for n in "abc"}
+    assert a.usage()["public"]["used"] == 1
+    # The request goes: they share an automatic address again.
+    changed = a.update([], ["default/a"])
+    assert changed["default/b"].ips == changed["default/c"].ips != ("203.0.113.9",)
+
+
+def test_with_status_services_sharing_an_address_keep_sharing_it():
+    # kubernetes: after the write-back every member holds the address in its status.
+    a = allocator(use_status=True)
+    a.update([share("a", (80,)), share("b", (443,))])
+    ip = a.results["default/a"].ips
+    assert a.results["default/b"].ips == ip
+    changed = a.update([share("a", (80,), status_ips=ip), share("b", (443,), status_ips=ip)])
+    assert changed == {}
+    # A new member joins what the key holds, however the automatic group would hash now.
+    changed = a.update([share("c", (8080,))])
+    assert changed["default/c"].ips == ip
+    assert a.usage()["public"]["used"] == 1
+
+
 # --- exhaustion and pool changes ------------------------------------------------------------
 
 
@@ -435,7 +462,7 @@ services_st = st.lists(
         st.sampled_from(["default", "team"]),
         st.sampled_from([None, "2024-01-01T00:00:00Z", "2024-06-01T00:00:00Z"]),
         st.sampled_from([None, "203.0.113.3", "203.0.113.5"]),
-        st.sampled_from([None, "k1"]),
+        st.sampled_from([None, "k1", "k2"]),
         st.sampled_from([80, 443]),
     ),
     unique_by=lambda t: (t[0], t[1]),

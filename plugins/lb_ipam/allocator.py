@@ -11,8 +11,10 @@ Rules (the README's lb_ipam section says the same for users):
   lbipam.kpr.io/sharing-key share it when their ports differ (and, with
   externalTrafficPolicy Local, policy and selector are the same); the rest are refused.
 - Other families come from the first pool, in configured order, that serves the service and
-  auto-assigns (or the one the pool annotation names). Services with one sharing key share
-  one automatic address per pool and family, under the same compatibility rule.
+  auto-assigns (or the one the pool annotation names). A service with a sharing key joins an
+  address its key already has there (requested, or held; the lowest when several), else the
+  services with that key share one automatic address per pool and family; always under the
+  same compatibility rule.
 - Automatic addresses come from a history-independent table per pool family (table.py):
   with the files source, where every node decides alone, the result depends only on the
   services, not on the order they were seen. With the kubernetes source (`use_status`) the
@@ -36,8 +38,9 @@ from .table import SlotTable
 
 log = logging.getLogger(__name__)
 
-# Ranks of a pinned claim: requested by the service, or held from before (status).
-REQUESTED, HELD = 0, 1
+# Ranks of a pinned claim: requested by the service, held from before (status), or joined
+# (a service with a sharing key on an address its key already has in that pool family).
+REQUESTED, HELD, JOINED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class LbAllocator:
         self._problems: dict[str, str] = {}
         self._claims: dict[tuple[str, int, int], list[_Claim]] = {}
         self._groups: dict[tuple[str, int, str], dict[str, Request]] = {}
+        # (pool, family, sharing key) -> slots requested or held with that key (-> claims),
+        # and the services of that key that follow them (joined, or in the automatic group).
+        self._anchors: dict[tuple[str, int, str], dict[int, int]] = {}
+        self._floating: dict[tuple[str, int, str], set[str]] = {}
         self._affected: set[str] = set()
         self._redo: set[str] = set()
         # Per update: refusals within a group sharing one address, worked out once.
@@ -207,9 +214,16 @@ class LbAllocator:
                 why = f"pool {req.pool}" if req.pool else "auto-assigning pool serving this service"
                 self._problems[key] = f"no {why} has IPv{fam} addresses"
                 return
+            if req.sharing:
+                anchors = self._anchors.get((pool, fam, req.sharing))
+                if anchors:
+                    plan.append(("pin", pool, fam, min(anchors), JOINED))
+                    continue
             eid = f"share:{req.sharing}" if req.sharing else f"svc:{key}"
             plan.append(("auto", pool, fam, eid))
         for step in plan:
+            if (step[0] == "auto" or step[4] == JOINED) and req.sharing:
+                self._floating.setdefault((step[1], step[2], req.sharing), set()).add(key)
             if step[0] == "pin":
                 self._pin(step[1], step[2], step[3], _Claim(key, step[4], req))
             else:
@@ -227,8 +241,9 @@ class LbAllocator:
             where = self._locate(ip)
             if where is None or where[0] not in allowed or self.spaces[where[:2]].buggy(where[2]):
                 return None
-            if any(c.key != req.key for c in self._claims.get(where, ())):
-                return None  # someone requested it, or held it first
+            if any(c.key != req.key and not (req.sharing and c.req.sharing == req.sharing)
+                   for c in self._claims.get(where, ())):
+                return None  # someone requested it, or held it first (and shares no key)
             return where
         return None
 
@@ -244,6 +259,12 @@ class LbAllocator:
         self._affected.update(c.key for c in claims)
         if len(claims) == 1:
             self.tables[(pool, fam)].pin(slot)
+        if claim.rank != JOINED and claim.req.sharing:
+            gkey = (pool, fam, claim.req.sharing)
+            anchors = self._anchors.setdefault(gkey, {})
+            anchors[slot] = anchors.get(slot, 0) + 1
+            # Services of the key may now join it (or a lower one).
+            self._redo.update(self._floating.get(gkey, set()) - {claim.key})
 
     def _enter(self, pool: str, fam: int, eid: str, req: Request) -> None:
         table = self.tables[(pool, fam)]
@@ -264,6 +285,19 @@ class LbAllocator:
         for step in self._plans.pop(key, []):
             if step[0] == "pin":
                 where = step[1:4]
+                mine = next((c for c in self._claims.get(where, []) if c.key == key), None)
+                if mine is not None and mine.req.sharing:
+                    gkey = (where[0], where[1], mine.req.sharing)
+                    if mine.rank == JOINED:
+                        self._unfloat(gkey, key)
+                    else:
+                        anchors = self._anchors[gkey]
+                        anchors[where[2]] -= 1
+                        if not anchors[where[2]]:
+                            del anchors[where[2]]
+                            if not anchors:
+                                del self._anchors[gkey]
+                            self._redo.update(self._floating.get(gkey, set()) - {key})
                 claims = [c for c in self._claims.get(where, []) if c.key != key]
                 self._affected.update(c.key for c in claims)
                 if claims:
@@ -278,6 +312,7 @@ class LbAllocator:
                 table.remove(eid)
                 continue
             gkey = (pool, fam, eid[len("share:"):])
+            self._unfloat(gkey, key)
             members = self._groups[gkey]
             before = min(m.prio for m in members.values())
             del members[key]
@@ -288,6 +323,13 @@ class LbAllocator:
             elif min(m.prio for m in members.values()) != before:
                 table.remove(eid)
                 table.add(eid, min(m.prio for m in members.values()))
+
+    def _unfloat(self, gkey: tuple[str, int, str], key: str) -> None:
+        floating = self._floating.get(gkey)
+        if floating is not None:
+            floating.discard(key)
+            if not floating:
+                del self._floating[gkey]
 
     # --- results -------------------------------------------------------------------------
 

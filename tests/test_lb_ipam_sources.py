@@ -425,3 +425,23 @@ def test_files_a_shrunk_pool_moves_only_what_it_no_longer_covers():
     moved = [k for k in wide if wide[k] != narrow[k]]
     in_dropped = [k for k in wide if wide[k][0].startswith("10.2.")]
     assert set(in_dropped) <= set(moved) and len(moved) <= len(in_dropped) + 3
+
+
+def test_kubernetes_a_type_change_releases_only_what_lb_ipam_wrote(api):
+    api.create(service("mine"))
+    foreign = service("theirs", loadBalancerClass="example.com/other")
+    foreign["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}
+    api.create(foreign)
+    with KubeNode(api, "node-a") as a:
+        wait_for(lambda: ingress(api, "mine") and condition(api, "mine"), 10, "written")
+        obj = api.get("Service", "default", "mine")
+        obj["spec"]["type"] = "ClusterIP"
+        for port in obj["spec"]["ports"]:
+            port.pop("nodePort", None)
+        api.update(obj)
+        wait_for(lambda: not ingress(api, "mine") and condition(api, "mine") is None, 10, "the release")
+        time.sleep(0.5)
+        # Another controller's service was never touched.
+        assert ingress(api, "theirs") == ["198.51.100.9"] and condition(api, "theirs") is None
+        assert not any(path.endswith("/theirs/status") for path in status_writes(api))
+        assert a.source.status_writes == 2

@@ -91,10 +91,11 @@ class StatusWriter(Protocol):
         An independent source grants it at once."""
 
     def write_load_balancer(self, key: str, ips: Sequence[str], problem: str = "") -> bool:
-        """Make `key`'s status.loadBalancer.ingress exactly `ips` (empty: none), and report
-        `problem` ("" clears it: in `kpr status`, and as a service condition where the
-        source has conditions). Returns False when this node may not write now. Writing
-        what the service already shows costs nothing."""
+        """Make `key`'s status.loadBalancer.ingress exactly `ips` and record `problem` (as a
+        service condition where the source has conditions). Empty `ips` and no problem is a
+        release: it drops only what this writer wrote (a status another controller wrote
+        stays). Returns False when this node may not write now. Writing what the service
+        already shows costs nothing."""
 
     def resign(self) -> None:
         """Stop competing; a held Lease is released so another node takes over at once."""

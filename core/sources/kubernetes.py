@@ -381,6 +381,8 @@ class KubernetesSource:
         balancer = status.get("loadBalancer") if isinstance(status.get("loadBalancer"), dict) else {}
         shown = [i.get("ip") for i in balancer.get("ingress") or [] if isinstance(i, dict)]
         old = next((c for c in status.get("conditions") or [] if isinstance(c, dict) and c.get("type") == LB_CONDITION), None)
+        if not ips and not problem and old is None:
+            return True  # a release, but nothing here is ours (another controller's status)
         ok = "False" if problem else "True"
         message = problem or f"allocated {', '.join(ips)}"
         if shown == list(ips) and (

@@ -182,18 +182,15 @@ class LbIpam:
         with self._lock:
             pending = sorted(self._pending.items())
         for key, res in pending:
-            # Another implementation's service: only an independent source (which holds
-            # nothing but what this plugin wrote) needs the release.
-            if res.ignored and not self.writer.independent:
-                ok = True
-            else:
-                try:
-                    ok = self.writer.write_load_balancer(key, list(res.ips), res.problem)
-                except Exception as e:
-                    self.write_errors += 1
-                    self.last_error = f"{key}: {e}"
-                    log.warning("lb_ipam.write_failed service=%s error=%s", key, e)
-                    continue
+            # Not ours (any more) is a release: the source drops only what this plugin wrote
+            # (the kubernetes source: a status carrying lb_ipam's condition).
+            try:
+                ok = self.writer.write_load_balancer(key, list(res.ips), res.problem)
+            except Exception as e:
+                self.write_errors += 1
+                self.last_error = f"{key}: {e}"
+                log.warning("lb_ipam.write_failed service=%s error=%s", key, e)
+                continue
             if not ok:
                 return  # no longer elected; the next one writes
             self.writes += 1

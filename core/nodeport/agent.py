@@ -66,6 +66,14 @@ FeKey = tuple[bytes, int, int]  # (address16, port in network order, protocol nu
 # ---------------------------------------------------------------------- network namespace
 
 
+def device_pin_name(ifname: str) -> str:
+    """A device's name as a bpffs path component (links/<plugin>/<device>/): bpffs refuses
+    names with a dot (EPERM), and flannel.1 or eth0.100 have one. Reversible ("%" escaped too);
+    names without either are unchanged, so earlier pins stay where they were."""
+    return ifname.replace("%", "%25").replace(".", "%2E")
+
+
+
 class _AgentNetns:
     """Runs callables in the network namespace the agent started in, whichever thread calls.
 
@@ -407,7 +415,8 @@ class NodePortAgent:
             except OSError as exc:
                 self._note_error(f"detaching an earlier run's program from {t['ifname']}: {exc}")
         root = self._link_dir()
-        for line in links.sweep(root, lambda p, li: p.parent.name in devices and not li.defunct):
+        pinned_as = {device_pin_name(d) for d in devices}
+        for line in links.sweep(root, lambda p, li: p.parent.name in pinned_as and not li.defunct):
             log.info("event=nodeport_link_swept what=%r", line)
 
     def _attach_devices(self, devices: tuple[str, ...], facts: dict[str, tuple[int, str | None, str | None]]) -> None:

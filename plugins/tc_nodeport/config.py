@@ -17,5 +17,7 @@ class TcNodePortConfig(NodePortSection):
     # tc filter priority of kpr's programs on each device (lower runs first). Filters of other
     # owners are never touched; one at a lower priority sees packets before kpr does.
     tc_priority: int = Field(1, ge=1, le=65535)
-    # Deliver to node-local pods with bpf_redirect_peer (skips the host's backlog; pods on veths).
+    # Deliver to node-local pods on veth/netkit devices with bpf_redirect_peer (skips the host's
+    # backlog). Other devices (a bridge, an overlay) never get it, whatever this says; false:
+    # bpf_redirect for every pod.
     redirect_peer: bool = True

@@ -15,8 +15,10 @@ What XDP does here, and what it does not:
     dsr/hybrid; services annotated service.kpr.io/lb-mode=dsr are source-NATed);
   - XDP has no egress hook: replies of backends on this node are not translated back, so a
     frontend whose backend is local works only with tc_nodeport also enabled (its egress
-    program translates them). Delivery into pods is a bpf_redirect to the pod's host device
-    (no bpf_redirect_peer in XDP).
+    program translates them). XDP_REDIRECT goes only to the external devices the program runs
+    on; anything routed elsewhere (a pod's veth, whose peer runs no XDP; a bridge; an overlay)
+    goes to the kernel's stack, counted by reason (kpr_np_fwd): requests to local pods
+    translated, source-NATed flows untranslated, for tc_nodeport behind XDP to carry on.
   - XDP_TX / redirect out of a veth reaches the peer only if the peer has an XDP program, and
     a veth hands XDP packets whose checksum the sender left to offload (CHECKSUM_PARTIAL):
     redirected as frames, they arrive with a bad checksum. Packets from a real wire carry full
@@ -52,7 +54,7 @@ from kpr import hookimpl
 from kpr.bpf import links
 from kpr.bpf import maps as M
 from kpr.model import PluginStatus
-from kpr.nodeport.agent import NodePortAgent, _Attached
+from kpr.nodeport.agent import NodePortAgent, _Attached, device_pin_name
 
 from . import datapath as D
 from .config import XdpNodePortConfig
@@ -148,7 +150,7 @@ def attach(ifname: str, fn: Any, want: str, link_dir: Path | None = None) -> tup
     if foreign:
         raise XdpAttachError(errno.EBUSY, f"{ifname} has another owner's XDP program ({', '.join(foreign)}): not replaced")
     if link_dir is not None:
-        pin = link_dir / ifname / "xdp"
+        pin = link_dir / device_pin_name(ifname) / "xdp"
         if pin.exists() or links.enabled("xdp"):
             got = _attach_link(ifname, fn, want, pin)
             if got is not None:
@@ -177,7 +179,7 @@ def attach(ifname: str, fn: Any, want: str, link_dir: Path | None = None) -> tup
 def detach(ifname: str, link_dir: Path | None = None) -> int:
     """Remove kpr's XDP program (every mode, link or not) from a device; another owner's is left alone."""
     n = 0
-    if link_dir is not None and links.release(link_dir / ifname / "xdp"):
+    if link_dir is not None and links.release(link_dir / device_pin_name(ifname) / "xdp"):
         n += 1
     try:
         present = xdp_programs(ifname)
@@ -263,7 +265,7 @@ class XdpNodePort(NodePortAgent):
                                     D.INGRESS, prog_id=prog_id)
             self._attached[(dev, "xdp")] = _Attached(
                 dev, ifindex, "xdp", D.INGRESS, 0, rid, how="xdp-link" if link_fd >= 0 else "xdp",
-                link_pin=link_dir / dev / "xdp" if link_fd >= 0 else None, link_fd=link_fd, action=action,
+                link_pin=link_dir / device_pin_name(dev) / "xdp" if link_fd >= 0 else None, link_fd=link_fd, action=action,
             )
             self._modes[dev] = mode
             if cfg.xdp_mode == "auto" and mode == "generic":

@@ -10,6 +10,19 @@ address they see, and tc_nodeport plugins driven together with the service map w
 The router sends the LoadBalancer/External IPs (203.0.113.0/26, 2001:db8:f::/64) to node1
 and the pod networks to their nodes. Every node and the router forward; clients have no
 route off the machine. Each node has its own private bpffs and writer, as real nodes would.
+
+Pods are laid out one of three ways (LAYOUTS), as the common pod networks do:
+  veth:   one veth per pod, a /32 (/128) host route to it, the node answering for a link-local
+          gateway on it (Cilium, Calico);
+  bridge: the pods' veths are ports of a Linux bridge cni0 that holds the pod subnet's
+          gateway (.1); the router routes each pod subnet to its node (flannel host-gw,
+          kubenet, the bridge CNI plugin);
+  vxlan:  pods on cni0 as in bridge, and the other node's pods behind a vxlan device
+          flannel.1 (VNI 1, port 8472, 10.244.N.0/32 on it), routed "via 10.244.M.0 dev
+          flannel.1 onlink" with a permanent neighbour and a static FDB entry for the other
+          node's VTEP, as flannel's vxlan backend programs them; the router knows no pod
+          subnet. Both nodes list flannel.1 among their devices (a DSR'd packet is stripped
+          where it arrives: on the overlay device).
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +43,7 @@ from typing import Any
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.config import KprConfig
 from kpr.context import PluginContext
-from kpr.model import Backend, NodeInfo, Service, ServiceKey
+from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
 from kpr.plugins.tc_nodeport.config import TcNodePortConfig
 from kpr.plugins.tc_nodeport.plugin import TcNodePort
 from kpr.servicemaps import ServiceMapWriter
@@ -52,6 +66,8 @@ PODS = {
     "p2b": ("node2", "10.244.2.12", "fd44:2::12"),
 }
 PORT = 8080
+NP, LB = FrontendType.NODE_PORT, FrontendType.LOAD_BALANCER
+TCP, UDP = Protocol.TCP, Protocol.UDP
 VIP_NET, VIP6_NET = "203.0.113.0/26", "2001:db8:f::/64"
 
 # Pod server: TCP answers "<name> <client address>\n" then echoes; UDP answers each datagram
@@ -143,7 +159,68 @@ for i in range(n):
 """
 
 
-def build_topology(topo: Topology, *, second_device: bool = True, pods: tuple[str, ...] = tuple(PODS)) -> None:
+LAYOUTS = ("veth", "bridge", "vxlan")
+VXLAN_DEV, VXLAN_VNI, VXLAN_PORT, VXLAN_MTU = "flannel.1", 1, 8472, 1450
+
+
+def vtep4(node: str) -> str:
+    """The node's address on flannel.1: its pod subnet's network address (flannel's choice)."""
+    return NODES[node]["pods4"].split("/")[0]
+
+
+def vtep6(node: str) -> str:
+    return NODES[node]["pods6"].split("/")[0] + "f"
+
+
+def pod_gateways(node: str) -> tuple[str, str]:
+    """The gateway cni0 holds in the bridge and vxlan layouts (the subnet's first address)."""
+    return NODES[node]["pods4"].split("/")[0][:-1] + "1", NODES[node]["pods6"].split("/")[0] + "1"
+
+
+def _bridge(topo: Topology, node: str) -> None:
+    gw4, gw6 = pod_gateways(node)
+    topo.run(node, f"ip link add cni0 type bridge && ip addr add {gw4}/24 dev cni0 && "
+                   f"ip -6 addr add {gw6}/64 dev cni0 nodad && ip link set cni0 up")
+
+
+def _bridge_pod(topo: Topology, node: str, pod: str, ip4: str, ip6: str) -> None:
+    gw4, gw6 = pod_gateways(node)
+    topo.add_namespace(pod, "pod")
+    host_if = f"veth{pod}"
+    topo.link(pod, node, [f"{ip4}/24", f"{ip6}/64"], ifname_a="eth0", ifname_b=host_if)
+    topo.run(node, f"ip link set {host_if} master cni0")
+    topo.add_route(pod, "default", gw4)
+    topo.add_route(pod, "default", gw6)
+
+
+def _vxlan(topo: Topology) -> None:
+    for name, n in NODES.items():
+        topo.run(name, f"ip link add {VXLAN_DEV} type vxlan id {VXLAN_VNI} local {n['addr']} dev eth0 "
+                       f"dstport {VXLAN_PORT} nolearning && ip link set {VXLAN_DEV} mtu {VXLAN_MTU} up && "
+                       f"ip addr add {vtep4(name)}/32 dev {VXLAN_DEV} && "
+                       f"ip -6 addr add {vtep6(name)}/128 dev {VXLAN_DEV} nodad")
+    for name in NODES:
+        for other, o in NODES.items():
+            if other == name:
+                continue
+            mac = topo.mac(other, VXLAN_DEV)
+            topo.run(name, f"ip route replace {o['pods4']} via {vtep4(other)} dev {VXLAN_DEV} onlink && "
+                           f"ip -6 route replace {o['pods6']} via {vtep6(other)} dev {VXLAN_DEV} onlink && "
+                           f"ip neigh replace {vtep4(other)} lladdr {mac} dev {VXLAN_DEV} nud permanent && "
+                           f"ip -6 neigh replace {vtep6(other)} lladdr {mac} dev {VXLAN_DEV} nud permanent && "
+                           f"bridge fdb append {mac} dev {VXLAN_DEV} dst {o['addr']}")
+
+
+def layout_devices(layout: str, node: str) -> tuple[str, ...]:
+    """node.devices of a node in `layout` (no second external device)."""
+    return ("eth0", VXLAN_DEV) if layout == "vxlan" else ("eth0",)
+
+
+def build_topology(topo: Topology, *, second_device: bool = True, pods: tuple[str, ...] = tuple(PODS),
+                   layout: str = "veth") -> None:
+    """The two-node cluster with its pods laid out as `layout` says (LAYOUTS)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     topo.add_router("rt")
     topo.add_external("cl")
     topo.link("rt", "cl", ["10.100.0.1/24", "fd10::1/64"], [f"{CLIENT}/24", f"{CLIENT6}/64"])
@@ -154,8 +231,11 @@ def build_topology(topo: Topology, *, second_device: bool = True, pods: tuple[st
         topo.link("rt", name, [f"{n['rt']}/24", f"{n['rt6']}/64"], [f"{n['addr']}/24", f"{n['addr6']}/64"])
         topo.add_route(name, "default", n["rt"])
         topo.add_route(name, "default", n["rt6"])
-        topo.add_route("rt", n["pods4"], n["addr"])
-        topo.add_route("rt", n["pods6"], n["addr6"])
+        if layout != "vxlan":  # an overlay's pod subnets are the nodes' business only
+            topo.add_route("rt", n["pods4"], n["addr"])
+            topo.add_route("rt", n["pods6"], n["addr6"])
+        if layout != "veth":
+            _bridge(topo, name)
     topo.add_route("rt", VIP_NET, NODES["node1"]["addr"])
     topo.add_route("rt", VIP6_NET, NODES["node1"]["addr6"])
     for ns in ("rt", "node1", "node2"):
@@ -164,9 +244,14 @@ def build_topology(topo: Topology, *, second_device: bool = True, pods: tuple[st
         topo.add_external("cl2")
         topo.link("node1", "cl2", f"{NODE1_ETH1}/24", f"{CLIENT2}/24")
         topo.add_route("cl2", "default", NODE1_ETH1)
+    if layout == "vxlan":
+        _vxlan(topo)
     for pod in pods:
         node, ip4, ip6 = PODS[pod]
-        topo.add_pod(node, pod, ip4, ip6=ip6)
+        if layout == "veth":
+            topo.add_pod(node, pod, ip4, ip6=ip6)
+        else:
+            _bridge_pod(topo, node, pod, ip4, ip6)
         proc = topo.popen(pod, [PY, "-c", SERVER, pod, str(PORT)], stdout=subprocess.PIPE, text=True)
         line = proc.stdout.readline()
         if line.strip() != "ready":
@@ -219,6 +304,45 @@ def start_plugin(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] 
     return plugin
 
 
+def nodeport(name: str, port: int, *pods: str, proto: Protocol = TCP, local_policy: bool = False, hc: int = 0,
+             v6: bool = False, annotations: tuple = ()) -> Any:
+    """A NodePort service as each node's kpr would receive it (frontends on that node's addresses)."""
+
+    def make(node: str) -> Service:
+        fes = [Frontend(NP, NODES[node]["addr"], port, proto, backends(node, *pods), external_local=local_policy,
+                        health_check_node_port=hc)]
+        if v6:
+            fes.append(Frontend(NP, NODES[node]["addr6"], port, proto, backends(node, *pods, v6=True),
+                                external_local=local_policy, health_check_node_port=hc))
+        if node == "node1":
+            fes.append(Frontend(NP, NODE1_ETH1, port, proto, backends(node, *pods), external_local=local_policy,
+                                health_check_node_port=hc))
+        return Service(ServiceKey("default", name), tuple(fes), annotations=annotations)
+
+    return make
+
+
+def loadbalancer(name: str, vip: str, *pods: str, proto: Protocol = TCP, mode: str = "", port: int = 80,
+                 local_policy: bool = False, ranges: tuple[str, ...] = ()) -> Any:
+    ann = (("service.kpr.io/lb-mode", mode),) if mode else ()
+
+    def make(node: str) -> Service:
+        fe = Frontend(LB, vip, port, proto, backends(node, *pods, v6=":" in vip), external_local=local_policy,
+                      source_ranges=ranges)
+        return Service(ServiceKey("default", name), (fe,), annotations=ann)
+
+    return make
+
+
+def name_and_peer(rows: list[dict]) -> list[tuple[str, str]]:
+    """(backend name, client address it saw) per answer (the error's name for a failure)."""
+    out = []
+    for a in answers(rows):
+        name, _, peer = a.partition(" ")
+        out.append((name, peer))
+    return out
+
+
 ServiceFactory = Callable[[str], Service]
 
 
@@ -230,6 +354,8 @@ class Cluster:
     plugins: dict[str, TcNodePort] = field(default_factory=dict)
     applied: dict[ServiceKey, ServiceFactory] = field(default_factory=dict)
     stores: dict[str, ObjectStore] = field(default_factory=dict)
+    # more plugins on a node, given every service as well (xdp_nodeport in front of tc_nodeport)
+    extra: list[tuple[str, Any]] = field(default_factory=list)
 
     def apply(self, factory: ServiceFactory) -> None:
         """One bus dispatch on every node: the writer first, then the plugin (as the agent's
@@ -261,11 +387,17 @@ class Cluster:
         self.writers[node].upsert(svc)
         if node in self.plugins:
             self.plugins[node].kpr_service_upsert(svc)
+        for n, p in self.extra:
+            if n == node:
+                p.kpr_service_upsert(svc)
 
     def _delete(self, node: str, key: ServiceKey) -> None:
         self.writers[node].delete(key)
         if node in self.plugins:
             self.plugins[node].kpr_service_delete(key)
+        for n, p in self.extra:
+            if n == node:
+                p.kpr_service_delete(key)
 
     def clear(self) -> None:
         """Delete every service applied or published by a store, and forget the objects fed."""
@@ -323,6 +455,119 @@ def tc_filters(topo: Topology, ns: str, dev: str, direction: str) -> list[tuple[
         if f.get("kind") == "bpf" and "handle" in opts:
             rows.append((int(f["pref"]), opts.get("bpf_name", "")))
     return [r for r in rows if r[0] == TCX] + sorted(r for r in rows if r[0] != TCX)
+
+
+# ---------------------------------------------------------------------- XDP
+
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+# Turns transmit checksum offload off on a device (legacy ETHTOOL_STXCSUM ioctl; no ethtool
+# binary needed). A veth hands the peer CHECKSUM_PARTIAL packets; an XDP program that redirects
+# one loses that state, so the receiver would see the bare pseudo-header sum. Senders on real
+# wires always send full checksums: the test's senders do too.
+NO_TX_CSUM = r"""
+import ctypes, fcntl, socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for dev in sys.argv[1:]:
+    buf = ctypes.create_string_buffer(struct.pack("II", 0x17, 0), 8)  # ETHTOOL_STXCSUM, off
+    fcntl.ioctl(s, 0x8946, struct.pack("16sP", dev.encode(), ctypes.addressof(buf)))  # SIOCETHTOOL
+"""
+
+PASS = "int kpr_t_xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }"
+
+
+def xdp_on(topo: Topology, ns: str, dev: str) -> list[tuple[int, str]]:
+    """(ip's mode number: 1 native, 2 generic; program name) of the XDP programs on a device."""
+    links = json.loads(topo.run(ns, ["ip", "-j", "-d", "link", "show", "dev", dev]).stdout or "[]")
+    xdp = (links[0] if links else {}).get("xdp") or {}
+    return sorted((int(a.get("mode", 0)), (a.get("prog") or {}).get("name", ""))
+                  for a in (xdp.get("attached") or ([xdp] if xdp.get("prog") else [])))
+
+
+def dev_with(topo: Topology, ns: str, addr: str) -> str:
+    for link in json.loads(topo.run(ns, ["ip", "-j", "addr", "show"]).stdout):
+        if any(a.get("local") == addr for a in link.get("addr_info", [])):
+            return str(link["ifname"])
+    raise LookupError(f"no device with {addr} in {ns}")
+
+
+@contextlib.contextmanager
+def peer_pass(topo: Topology, ns: str, dev: str) -> Iterator[None]:
+    """A bare XDP_PASS program on `dev` in `ns`, so frames redirected into its veth peer arrive."""
+    from bcc import BPF
+
+    from kpr.bpf.loader import compile_and_load, load_prog
+
+    b = compile_and_load(PASS, name="xdp-pass")
+    try:
+        fn = load_prog(b, "kpr_t_xdp_pass", "XDP")
+        with topo[ns].enter():
+            BPF.attach_xdp(dev.encode(), fn, XDP_FLAGS_DRV_MODE)  # bcc wants bytes
+        try:
+            yield
+        finally:
+            with topo[ns].enter():
+                BPF.remove_xdp(dev.encode(), XDP_FLAGS_DRV_MODE)
+    finally:
+        b.cleanup()
+
+
+def full_checksums(topo: Topology, *namespaces: str) -> None:
+    for ns in namespaces:
+        topo.run(ns, [sys.executable, "-c", NO_TX_CSUM, "eth0"])
+
+
+def start_xdp(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), **cfg: Any) -> Any:
+    from kpr.plugins.xdp_nodeport.config import XdpNodePortConfig
+    from kpr.plugins.xdp_nodeport.plugin import XdpNodePort
+
+    plugin = XdpNodePort()
+    ctx = plugin_context(pin, node, devices)
+    plugin.kpr_configure(config=XdpNodePortConfig.model_validate(cfg), context=ctx)
+    with topo[node].enter():
+        plugin.kpr_start(context=ctx)
+    return plugin
+
+
+# ---------------------------------------------------------------------- the three pod layouts
+
+
+@contextlib.contextmanager
+def layout_cluster(layout: str, plugin: str = "tc_nodeport", **cfg: Any) -> Iterator[Cluster]:
+    """Both nodes in `layout` (LAYOUTS) with tc_nodeport on their devices; plugin="xdp_nodeport"
+    puts xdp_nodeport on node1 as well (in front of tc_nodeport, whose egress program gives the
+    replies of node1's own pods the frontend's address: XDP has no egress hook), with what XDP
+    on veths needs (an XDP program on the router's side of node1's link, full checksums from
+    every sender)."""
+    if plugin not in ("tc_nodeport", "xdp_nodeport"):
+        raise ValueError(f"plugin {plugin!r}")
+    with contextlib.ExitStack() as stack:
+        pin1 = stack.enter_context(scratch_pin_dir("kpr-np-l1"))
+        pin2 = stack.enter_context(scratch_pin_dir("kpr-np-l2"))
+        topo = stack.enter_context(Topology())
+        build_topology(topo, second_device=False, layout=layout)
+        pins = {"node1": pin1, "node2": pin2}
+        writers = {n: ServiceMapWriter(p).open() for n, p in pins.items()}
+        c = Cluster(topo, pins, writers)
+        try:
+            for node in NODES:
+                c.plugins[node] = start_plugin(topo, node, pins[node], layout_devices(layout, node), **cfg)
+            if plugin == "xdp_nodeport":
+                full_checksums(topo, "cl", *PODS)
+                stack.enter_context(peer_pass(topo, "rt", dev_with(topo, "rt", NODES["node1"]["rt"])))
+                xcfg = {k: v for k, v in cfg.items() if k != "mode"}
+                c.extra.append(("node1", start_xdp(topo, "node1", pins["node1"], layout_devices(layout, "node1"),
+                                                   xdp_mode="auto", health_check=False, **xcfg)))
+            yield c
+        finally:
+            for _node, p in reversed(c.extra):
+                with contextlib.suppress(Exception):
+                    p.kpr_stop(p.context)
+            for p in c.plugins.values():
+                with contextlib.suppress(Exception):
+                    p.kpr_stop(p.context)
+            for w in writers.values():
+                w.close()
 
 
 # ---------------------------------------------------------------------- restarts under load

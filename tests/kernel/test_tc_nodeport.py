@@ -39,9 +39,12 @@ from tc_nodeport_env import (
     build_topology,
     client,
     cluster,
+    loadbalancer,
+    nodeport,
     start_plugin,
     tc_filters,
 )
+from tc_nodeport_env import name_and_peer as _name_and_peer
 
 pytestmark = pytest.mark.kernel
 
@@ -66,44 +69,6 @@ def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "env" in request.fixturenames:
         request.getfixturevalue("env").clear()
-
-
-def nodeport(name: str, port: int, *pods: str, proto: Protocol = TCP, local_policy: bool = False, hc: int = 0,
-             v6: bool = False, annotations: tuple = ()) -> Any:
-    """A NodePort service as each node's kpr would receive it (frontends on that node's addresses)."""
-
-    def make(node: str) -> Service:
-        fes = [Frontend(NP, NODES[node]["addr"], port, proto, backends(node, *pods), external_local=local_policy,
-                        health_check_node_port=hc)]
-        if v6:
-            fes.append(Frontend(NP, NODES[node]["addr6"], port, proto, backends(node, *pods, v6=True),
-                                external_local=local_policy, health_check_node_port=hc))
-        if node == "node1":
-            fes.append(Frontend(NP, NODE1_ETH1, port, proto, backends(node, *pods), external_local=local_policy,
-                                health_check_node_port=hc))
-        return Service(ServiceKey("default", name), tuple(fes), annotations=annotations)
-
-    return make
-
-
-def loadbalancer(name: str, vip: str, *pods: str, proto: Protocol = TCP, mode: str = "", port: int = 80,
-                 local_policy: bool = False, ranges: tuple[str, ...] = ()) -> Any:
-    ann = (("service.kpr.io/lb-mode", mode),) if mode else ()
-
-    def make(node: str) -> Service:
-        fe = Frontend(LB, vip, port, proto, backends(node, *pods, v6=":" in vip), external_local=local_policy,
-                      source_ranges=ranges)
-        return Service(ServiceKey("default", name), (fe,), annotations=ann)
-
-    return make
-
-
-def _name_and_peer(rows: list[dict]) -> list[tuple[str, str]]:
-    out = []
-    for a in answers(rows):
-        name, _, peer = a.partition(" ")
-        out.append((name, peer))
-    return out
 
 
 # ---------------------------------------------------------------------- local and remote backends

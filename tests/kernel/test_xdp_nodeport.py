@@ -26,80 +26,27 @@ from kpr.plugins.xdp_nodeport.plugin import XdpNodePort
 from kpr.servicemaps import ServiceMapWriter
 from kpr.testing.netns import Topology
 
-from tc_nodeport_env import NODES, PODS, Cluster, answers, backends, build_topology, client, cluster, plugin_context
+from tc_nodeport_env import (
+    NODES,
+    PODS,
+    Cluster,
+    answers,
+    backends,
+    build_topology,
+    client,
+    cluster,
+    dev_with,
+    full_checksums,
+    peer_pass,
+    start_xdp,
+    xdp_on,
+)
 
 pytestmark = pytest.mark.kernel
 
 NP, LB = FrontendType.NODE_PORT, FrontendType.LOAD_BALANCER
 TCP, UDP = Protocol.TCP, Protocol.UDP
 N1 = NODES["node1"]["addr"]
-XDP_FLAGS_DRV_MODE = 1 << 2
-
-# Turns transmit checksum offload off on a device (legacy ETHTOOL_STXCSUM ioctl; no ethtool
-# binary needed). A veth hands the peer CHECKSUM_PARTIAL packets; an XDP program that redirects
-# one loses that state, so the receiver would see the bare pseudo-header sum. Senders on real
-# wires always send full checksums: the test's senders do too.
-NO_TX_CSUM = r"""
-import ctypes, fcntl, socket, struct, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for dev in sys.argv[1:]:
-    buf = ctypes.create_string_buffer(struct.pack("II", 0x17, 0), 8)  # ETHTOOL_STXCSUM, off
-    fcntl.ioctl(s, 0x8946, struct.pack("16sP", dev.encode(), ctypes.addressof(buf)))  # SIOCETHTOOL
-"""
-
-PASS = "int kpr_t_xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }"
-
-
-def xdp_on(topo: Topology, ns: str, dev: str) -> list[tuple[int, str]]:
-    """(ip's mode number: 1 native, 2 generic; program name) of the XDP programs on a device."""
-    links = json.loads(topo.run(ns, ["ip", "-j", "-d", "link", "show", "dev", dev]).stdout or "[]")
-    xdp = (links[0] if links else {}).get("xdp") or {}
-    return sorted((int(a.get("mode", 0)), (a.get("prog") or {}).get("name", ""))
-                  for a in (xdp.get("attached") or ([xdp] if xdp.get("prog") else [])))
-
-
-def dev_with(topo: Topology, ns: str, addr: str) -> str:
-    for link in json.loads(topo.run(ns, ["ip", "-j", "addr", "show"]).stdout):
-        if any(a.get("local") == addr for a in link.get("addr_info", [])):
-            return str(link["ifname"])
-    raise LookupError(f"no device with {addr} in {ns}")
-
-
-@contextlib.contextmanager
-def peer_pass(topo: Topology, ns: str, dev: str) -> Iterator[None]:
-    """A bare XDP_PASS program on `dev` in `ns`, so frames redirected into its veth peer arrive."""
-    from bcc import BPF
-
-    from kpr.bpf.loader import compile_and_load, load_prog
-
-    b = compile_and_load(PASS, name="xdp-pass")
-    try:
-        fn = load_prog(b, "kpr_t_xdp_pass", "XDP")
-        with topo[ns].enter():
-            BPF.attach_xdp(dev, fn, XDP_FLAGS_DRV_MODE)
-        try:
-            yield
-        finally:
-            with topo[ns].enter():
-                BPF.remove_xdp(dev, XDP_FLAGS_DRV_MODE)
-    finally:
-        b.cleanup()
-
-
-def full_checksums(topo: Topology, *namespaces: str) -> None:
-    for ns in namespaces:
-        topo.run(ns, [sys.executable, "-c", NO_TX_CSUM, "eth0"])
-
-
-def start_xdp(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), **cfg: Any) -> XdpNodePort:
-    plugin = XdpNodePort()
-    ctx = plugin_context(pin, node, devices)
-    plugin.kpr_configure(config=XdpNodePortConfig.model_validate(cfg), context=ctx)
-    with topo[node].enter():
-        plugin.kpr_start(context=ctx)
-    return plugin
-
-
 def service(name: str, fe_type: FrontendType, addr: str | None, port: int, *pods: str, proto: Protocol = TCP) -> Any:
     def make(node: str) -> Service:
         a = addr or NODES[node]["addr"]

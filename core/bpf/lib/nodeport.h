@@ -458,6 +458,38 @@ static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_
 	return 0;
 }
 
+#ifdef KPR_CTX_XDP
+/* Whether XDP can send a frame where the FIB lookup `p` (result `rc`) says; otherwise counts
+ * why not, and the frame goes to the stack. XDP_REDIRECT needs the target's XDP transmit path:
+ * the external devices kpr's XDP program runs on have one (an overlay or a bridge named as one
+ * runs generic XDP at best: no transmit path either); a pod's veth only if its peer runs XDP, a
+ * bridge or an overlay device none. Stages that source-NAT ask before translating: a frame whose
+ * source became the node's own address is a martian to the stack, so they pass it untranslated
+ * and tc_nodeport behind XDP (or the stack) carries the flow on. */
+static __always_inline int kpr_np_xdp_sendable(const struct bpf_fib_lookup *p, int rc)
+{
+	__u32 ifindex = p->ifindex, kind;
+	int external;
+
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+		kpr_np_count(KPR_NP_ST_FIB_PASS);
+		return 0;
+	}
+	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
+	kind = kpr_np_devkind_of(ifindex, external);
+	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
+	if (!external || (kind != KPR_DEV_PHYSICAL && kind != KPR_DEV_VETH_PEER && kind != KPR_DEV_VETH_LOCAL)) {
+		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
+		return 0;
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		kpr_np_fwd_count(KPR_NP_FWD_STACK_NO_NEIGH);
+		return 0;
+	}
+	return 1;
+}
+#endif
+
 /* Send a translated packet where the FIB lookup `p` (result `rc`) says, with the fastest helper
  * its egress device allows (see the top of this file): into the pod's namespace when `peer` and
  * the device has a peer, with the route's MACs out of the device, through the kernel's neighbour
@@ -466,7 +498,20 @@ static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_
  * The frame is only rewritten when a helper takes it: the stack must see it as it came. */
 static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p, int rc, int peer)
 {
-	__u32 ifindex = p->ifindex, kind;
+	__u32 ifindex = p->ifindex;
+#ifdef KPR_CTX_XDP
+#if KPR_NP_PEER
+	if (peer) // asking XDP for bpf_redirect_peer fails the build (ctx/xdp.h), on purpose
+		return ctx_redirect_peer(ctx, ifindex, 0);
+#endif
+	if (!kpr_np_xdp_sendable(p, rc))
+		return CTX_PASS;
+	if (kpr_np_set_macs(ctx, p))
+		return CTX_DROP;
+	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
+	return ctx_redirect(ctx, ifindex, 0);
+#else
+	__u32 kind;
 	int external;
 
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
@@ -476,28 +521,6 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
 	kind = kpr_np_devkind_of(ifindex, external);
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
-#ifdef KPR_CTX_XDP
-	// XDP_REDIRECT needs the target's XDP transmit path: the external devices kpr's XDP
-	// program runs on have one; a pod's veth only if its peer runs XDP, a bridge or an overlay
-	// device none. The stack forwards the translated frame to those instead.
-#if KPR_NP_PEER
-	if (peer && kpr_dev_has_peer(kind)) // asking XDP for it fails the build (ctx/xdp.h), on purpose
-		return ctx_redirect_peer(ctx, ifindex, 0);
-#endif
-	// (an overlay or bridge named as an external device runs generic XDP at best: no transmit path either)
-	if (!external || (kind != KPR_DEV_PHYSICAL && kind != KPR_DEV_VETH_PEER && kind != KPR_DEV_VETH_LOCAL)) {
-		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
-		return CTX_PASS;
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		kpr_np_fwd_count(KPR_NP_FWD_STACK_NO_NEIGH);
-		return CTX_PASS;
-	}
-	if (kpr_np_set_macs(ctx, p))
-		return CTX_DROP;
-	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
-	return ctx_redirect(ctx, ifindex, 0);
-#else
 	if (kind == KPR_DEV_UNKNOWN) {
 		kpr_np_fwd_count(KPR_NP_FWD_STACK_UNKNOWN_DEV);
 		return CTX_PASS;
@@ -622,6 +645,11 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	}
 	if (st->created)
 		kpr_np_rev_create(&be->addr, be->port, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &pkt.t.daddr, pkt.t.dport, 0);
+#ifdef KPR_CTX_XDP
+	// the flow's conntrack and reverse entries are written: tc_nodeport behind carries it on
+	if (!kpr_np_xdp_sendable(&p, rc))
+		return CTX_PASS;
+#endif
 	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
 		kpr_np_count(KPR_NP_ST_DROP_NAT);
 		return CTX_DROP;
@@ -635,7 +663,14 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		kpr_np_count(KPR_NP_ST_DROP_NAT);
 		return CTX_DROP;
 	}
+#ifdef KPR_CTX_XDP
+	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT); // kpr_np_xdp_sendable said yes above
+	if (kpr_np_set_macs(ctx, &p))
+		return CTX_DROP;
+	return ctx_redirect(ctx, p.ifindex, 0);
+#else
 	return kpr_np_forward(ctx, &p, rc, 0);
+#endif
 }
 
 #if KPR_NP_DSR
@@ -834,12 +869,33 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 		return CTX_DROP;
 	}
 	kpr_np_rev_touch(rev, pkt.t.tcp_flags);
+#ifdef KPR_CTX_XDP
+	{
+		// the route to the client first: a reply XDP cannot send is passed untranslated
+		struct bpf_fib_lookup p;
+		union kpr_addr fe = rev->addr, cl = n->addr;
+		int rc = kpr_np_fib(ctx, &p, &pkt.t, &fe, &cl, 0);
+
+		if (!kpr_np_xdp_sendable(&p, rc))
+			return CTX_PASS;
+		if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
+			kpr_np_count(KPR_NP_ST_DROP_NAT);
+			return CTX_DROP;
+		}
+		kpr_np_count(KPR_NP_ST_REPLY_SNAT);
+		if (kpr_np_set_macs(ctx, &p))
+			return CTX_DROP;
+		kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
+		return ctx_redirect(ctx, p.ifindex, 0);
+	}
+#else
 	if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
 		kpr_np_count(KPR_NP_ST_DROP_NAT);
 		return CTX_DROP;
 	}
 	kpr_np_count(KPR_NP_ST_REPLY_SNAT);
 	return kpr_np_route(ctx, &pkt, 0);
+#endif
 }
 
 /* --- DSR on the backend's node --------------------------------------------------------- */

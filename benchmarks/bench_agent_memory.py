@@ -41,6 +41,8 @@ from kpr.bpf.cleanup import scratch_pin_dir  # noqa: E402
 from kpr.testing.cgroup import child_cgroup  # noqa: E402
 
 SETTLE = 2.0
+# Files and lines listed by --trace (--top).
+TOP = int(os.environ.get("KPR_BENCH_TOP", "10"))
 
 
 def proc_status(pid: int | str) -> dict[str, float]:
@@ -193,8 +195,8 @@ def child(cfg_path: str, report: str) -> int:
         tmp.write_text(json.dumps({
             "steps": steps,
             "traced_mb": total / 2**20,
-            "files": sorted(by_file.items(), key=lambda x: -x[1])[:15],
-            "lines": sorted(by_line.items(), key=lambda x: -x[1])[:15],
+            "files": sorted(by_file.items(), key=lambda x: -x[1])[:TOP],
+            "lines": sorted(by_line.items(), key=lambda x: -x[1])[:TOP],
         }))
         tmp.rename(report)
 
@@ -210,9 +212,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0,1000,10000,20000")
     ap.add_argument("--trace", action="store_true", help="tracemalloc in the agent (slower; see above)")
+    ap.add_argument("--top", type=int, default=TOP, help="files and lines listed by --trace")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--report", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["KPR_BENCH_TOP"] = str(args.top)  # the traced child lists as many
     if args.child:
         return child(args.child, args.report)
     if os.geteuid() != 0:
@@ -236,9 +240,9 @@ def main() -> int:
                 t = r["trace"]
                 print("         RSS by step: " + ", ".join(f"{k} {v:.0f} MB" for k, v in t["steps"].items()))
                 print(f"         Python heap at ready (tracemalloc): {t['traced_mb']:.1f} MB")
-                for name, size in t["files"][:10]:
+                for name, size in t["files"]:
                     print(f"           {size / 2**20:8.1f} MB  {name}")
-                for name, size in t["lines"][:10]:
+                for name, size in t["lines"]:
                     print(f"           {size / 2**20:8.1f} MB  {name}")
     print(f"ready: process start to every plugin synced (cpu: the agent's CPU time until then); RSS: VmRSS {SETTLE:.0f} s after ready (steady); "
           "HWM: VmHWM, the peak; baseline: the first size")

@@ -121,6 +121,9 @@ def _backend_name(val: bytes) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
+_NO_RANGES: frozenset[bytes] = frozenset()
+
+
 class _Group:
     """What one frontend (address, port, protocol) holds in the maps."""
 
@@ -145,8 +148,8 @@ class _Group:
         self.backends: tuple[int, ...] | frozenset[int] = ()
         # Scope -> sorted (name, id) pairs its Maglev table was built from (None: unknown, rebuild).
         self.maglev: dict[int, tuple[tuple[str, int], ...] | None] = {}
-        # kpr_srcrange keys.
-        self.srcrange: frozenset[bytes] = frozenset()
+        # kpr_srcrange keys (most groups have none: one empty set shared by all of them).
+        self.srcrange: frozenset[bytes] = _NO_RANGES
 
     def set_svc(self, keys: list[bytes], values: list[bytes], heads: int | None = None) -> None:
         """Its kpr_svc entries, keys and values in the same order (each of one size); the

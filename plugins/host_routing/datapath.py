@@ -49,6 +49,7 @@ STATS = (
     "drop_nat",
     "conntrack_write_failed",
     "stale_backend",
+    "service_hairpin",
 )
 PASS_STATS = tuple(s for s in STATS if s.startswith("pass_"))
 

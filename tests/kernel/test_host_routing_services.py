@@ -133,3 +133,19 @@ def test_with_socklb_only_pods_outside_its_cgroup_take_the_per_packet_path(hr: R
             assert delta(before, hr.stats()).get("service_new", 0) >= 3  # host_routing's, per packet
         finally:
             sl.kpr_stop(context=sl.context)
+
+
+@pytest.mark.parametrize("src", ["p1", "b1"])
+def test_hairpin_a_pod_reaches_itself_through_a_service(hr: Rig, src: str) -> None:
+    """The backend picked is the client pod itself: the source becomes the service address (the
+    pod sees the ClusterIP as its peer), and the reply, addressed to the ClusterIP, comes back
+    into the same pod from the service."""
+    hr.start()
+    hr.source_pods("b1", "b2")
+    wait_for(lambda: PODS["b1"][1] in hr.plugin.plan.pods, what="bridge pods learned from the source")
+    hr.writer.upsert(service(src))
+    before = hr.stats()
+    want = [f"{src} {addr}" for addr in (CIP, CIP6) for _ in range(6)]
+    assert dial(hr, src) == want
+    d = delta(before, hr.stats())
+    assert d.get("service_hairpin", 0) >= 24, d  # requests and replies

@@ -50,7 +50,6 @@
 #include "lib/csum.h"
 #include "lib/lb.h"
 #include "lib/conntrack.h"
-#include "lib/nat.h"
 #include "lib/devkind.h"
 
 /* --- tunables ---------------------------------------------------------------------- */
@@ -110,7 +109,13 @@
 #define KPR_HR_ST_DROP_NAT 19        // dropped: a rewrite failed
 #define KPR_HR_ST_CT_FAILED 20       // conntrack entry not written (the packet still went)
 #define KPR_HR_ST_STALE_BACKEND 21   // tracked flow whose backend is gone: balanced again
-#define KPR_HR_ST_MAX 22
+#define KPR_HR_ST_SVC_HAIRPIN 22     // per-packet ClusterIP: packets of a pod reaching itself through a service
+#define KPR_HR_ST_MAX 23
+
+// kpr_ct flag of per-packet flows whose backend is their own client (hairpin): the source
+// becomes the service address, so the pod's reply comes back through its device. A high bit,
+// clear of lib/conntrack.h's KPR_CT_F_*.
+#define KPR_HR_CT_F_HAIRPIN (1U << 15)
 
 /* --- structs ------------------------------------------------------------------------- */
 
@@ -241,25 +246,28 @@ static __always_inline int kpr_hr_fib(kpr_ctx_t *ctx, struct bpf_fib_lookup *p, 
  * -1 when it would expire here (the stack then sends ICMP time exceeded). */
 static __always_inline int kpr_hr_dec_ttl(kpr_ctx_t *ctx, const struct kpr_pkt *pkt)
 {
+	// through load/store helpers: after the NAT helpers the verifier no longer trusts a
+	// packet pointer at a variable offset on every path that reaches here
 	if (pkt->t.family == KPR_FAMILY_V4) {
-		struct iphdr *ip = ctx_ptr(ctx, pkt->l3_off, sizeof(*ip));
-		__be16 from, to;
+		__be16 from = 0, to;
+		__u8 *b = (__u8 *)&from;
 
-		if (!ip || ip->ttl <= 1)
-			return -1;
 		// ttl and protocol share one 16-bit word of the header checksum
-		from = *(__be16 *)&ip->ttl;
-		ip->ttl--;
-		to = *(__be16 *)&ip->ttl;
+		if (ctx_load_bytes(ctx, pkt->l3_off + offsetof(struct iphdr, ttl), &from, 2) || b[0] <= 1)
+			return -1;
+		to = from;
+		((__u8 *)&to)[0] = b[0] - 1;
+		if (ctx_store_bytes(ctx, pkt->l3_off + offsetof(struct iphdr, ttl), &to, 2))
+			return -1;
 		return bpf_l3_csum_replace(ctx, pkt->l3_off + offsetof(struct iphdr, check), from, to, 2) ? -1 : 0;
 	} else {
-		struct ipv6hdr *ip6 = ctx_ptr(ctx, pkt->l3_off, sizeof(*ip6));
+		__u8 hl = 0;
 
-		if (!ip6 || ip6->hop_limit <= 1)
+		if (ctx_load_bytes(ctx, pkt->l3_off + offsetof(struct ipv6hdr, hop_limit), &hl, 1) || hl <= 1)
 			return -1;
-		ip6->hop_limit--;
+		hl--;
+		return ctx_store_bytes(ctx, pkt->l3_off + offsetof(struct ipv6hdr, hop_limit), &hl, 1) ? -1 : 0;
 	}
-	return 0;
 }
 
 static __always_inline int kpr_hr_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
@@ -277,8 +285,9 @@ static __always_inline int kpr_hr_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_
  *   into a pod behind a PEER device: bpf_redirect_peer (KPR_HR_PEER) or bpf_redirect;
  *   to a bridge with pods: bpf_redirect with the route's MACs;
  *   anywhere else (the route leaves the node): bpf_redirect_neigh (KPR_HR_NEIGH) or the stack.
- * `to_pod`: the destination is a known local pod. */
-static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, int to_pod)
+ * `to_pod`: the destination is a known local pod; `hairpin`: a service flow back into the pod it
+ * came from (the one case where the route may name the device the packet came in on). */
+static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, int to_pod, int hairpin)
 {
 	struct bpf_fib_lookup p;
 	struct kpr_hr_dev *dev;
@@ -290,7 +299,7 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return kpr_hr_pass(KPR_HR_ST_PASS_FIB);
 	oif = p.ifindex;
-	if (oif == ctx_ifindex(ctx)) // hairpin out of the device it came in on: the stack's (redirects, ICMP)
+	if (oif == ctx_ifindex(ctx) && !hairpin) // out of the device it came in on: the stack's (redirects, ICMP)
 		return kpr_hr_pass(KPR_HR_ST_PASS_FIB);
 	dev = kpr_hr_devs.lookup(&oif);
 	if (to_pod) {
@@ -335,12 +344,61 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 /* --- per-packet services --------------------------------------------------------------- */
 
 #if KPR_HR_CLUSTER_IP
-// A reply of a per-packet service flow (backend -> pod): the service becomes its source again.
-// Returns 0 (translated or not one), or -1 when the rewrite failed (drop).
+/* One address of the packet rewritten, with the checksum fixes, through load/store helpers
+ * rather than packet pointers: with lib/nat.h's pointer-based rewrites inlined at every reply
+ * and hairpin site, clang computes a packet pointer before its bounds check and the verifier
+ * refuses the program. */
+static __always_inline int kpr_hr_set_addr(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *to, int is_dst)
+{
+	union kpr_addr *cur = is_dst ? &pkt->t.daddr : &pkt->t.saddr;
+	__u64 l4flags = KPR_CSUM_PSEUDO | (pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0);
+
+	if (pkt->t.family == KPR_FAMILY_V4) {
+		__u32 off = pkt->l3_off + (is_dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+		__be32 from = cur->w[3], nto = to->w[3];
+
+		if (ctx_store_bytes(ctx, off, &nto, 4) ||
+		    kpr_csum_l3_replace4(ctx, pkt->l3_off + offsetof(struct iphdr, check), from, nto) ||
+		    (pkt->csum_off && kpr_csum_l4_replace4(ctx, pkt->csum_off, from, nto, l4flags)))
+			return -1;
+	} else {
+		__u32 off = pkt->l3_off + (is_dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+		union kpr_addr from = *cur, nto = *to;
+
+		if (ctx_store_bytes(ctx, off, &nto, 16) ||
+		    (pkt->csum_off && kpr_csum_l4_replace16(ctx, pkt->csum_off, &from, &nto, l4flags)))
+			return -1;
+	}
+	*cur = *to;
+	return 0;
+}
+
+// One TCP/UDP port rewritten with the checksum fix, through load/store helpers likewise.
+static __always_inline int kpr_hr_set_port(kpr_ctx_t *ctx, struct kpr_pkt *pkt, __be16 to, int is_dst)
+{
+	__be16 *cur = is_dst ? &pkt->t.dport : &pkt->t.sport;
+	__be16 from = *cur;
+
+	if (from == to)
+		return 0;
+	if (ctx_store_bytes(ctx, pkt->l4_off + (is_dst ? 2 : 0), &to, 2) ||
+	    (pkt->csum_off &&
+	     kpr_csum_l4_replace2(ctx, pkt->csum_off, from, to, pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0)))
+		return -1;
+	*cur = to;
+	return 0;
+}
+
+/* A reply of a per-packet service flow (backend -> pod): the service becomes its source again;
+ * a hairpin flow's reply (pod -> the service address it was given as client) also goes back to
+ * the pod itself. Returns 0 (translated, or not one), 1 (a hairpin reply, translated), or -1 when
+ * the rewrite failed (drop). */
 static __always_inline int kpr_hr_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
 	struct kpr_ct_entry *e;
 	struct kpr_revnat *rn;
+	union kpr_addr client;
+	int hairpin;
 
 	if (!pkt->l4_off)
 		return 0;
@@ -350,20 +408,25 @@ static __always_inline int kpr_hr_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	rn = kpr_lb_revnat(e->rev_nat);
 	if (!rn)
 		return 0;
-	if (kpr_nat_revnat(ctx, pkt, rn)) {
+	hairpin = (e->flags & KPR_HR_CT_F_HAIRPIN) != 0;
+	client = pkt->t.saddr; // a hairpin reply's sender is the client itself
+	if (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP)
+		return 0; // per-packet flows are TCP and UDP only
+	if (kpr_hr_set_addr(ctx, pkt, &rn->addr, 0) || kpr_hr_set_port(ctx, pkt, rn->port, 0) ||
+	    (hairpin && kpr_hr_set_addr(ctx, pkt, &client, 1))) {
 		kpr_hr_count(KPR_HR_ST_DROP_NAT);
 		return -1;
 	}
-	kpr_hr_count(KPR_HR_ST_SVC_REVNAT);
-	return 0;
+	kpr_hr_count(hairpin ? KPR_HR_ST_SVC_HAIRPIN : KPR_HR_ST_SVC_REVNAT);
+	return hairpin;
 }
 
 // The reply tuple of a flow DNATed to `be`: backend -> the pod.
 static __always_inline void kpr_hr_reply_tuple(struct kpr_tuple *r, const struct kpr_tuple *t,
-					       const struct kpr_backend *be)
+					       const struct kpr_backend *be, int hairpin)
 {
 	r->saddr = be->addr;
-	r->daddr = t->saddr;
+	r->daddr = hairpin ? t->daddr : t->saddr; // hairpin: the reply goes to the service address
 	r->sport = be->port;
 	r->dport = t->sport;
 	r->proto = t->proto;
@@ -373,7 +436,8 @@ static __always_inline void kpr_hr_reply_tuple(struct kpr_tuple *r, const struct
 }
 
 /* A packet from a pod to a service: its tracked flow's backend, or a new pick (conntrack in both
- * directions), then DNAT. Returns 0 (translated, or no service), 1 to drop. */
+ * directions), then DNAT; when the backend is the pod itself, SNAT to the service address too
+ * (hairpin). Returns 0 (translated, or no service), 2 (hairpin), 1 to drop. */
 static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
 	struct kpr_ct_entry *ct;
@@ -382,10 +446,13 @@ static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	struct kpr_affinity_key aff;
 	struct kpr_backend *be = (void *)0;
 	struct kpr_tuple r;
+	union kpr_addr fe;
 	__u32 bid;
+	int hairpin;
 
 	if (!pkt->l4_off || (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP))
 		return 0;
+	fe = pkt->t.daddr;
 	ct = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_ORIGINAL);
 	if (ct && !(ct->flags & KPR_CT_F_NODE_PORT)) {
 		bid = ct->backend_id;
@@ -406,15 +473,22 @@ static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		return 1;
 	}
 	kpr_hr_count(KPR_HR_ST_SVC_NEW);
-	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, 0))
+	hairpin = kpr_addr_eq(&be->addr, &pkt->t.saddr);
+	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, hairpin ? KPR_HR_CT_F_HAIRPIN : 0))
 		kpr_hr_count(KPR_HR_ST_CT_FAILED);
-	kpr_hr_reply_tuple(&r, &pkt->t, be);
-	if (kpr_ct_create(&r, KPR_CT_DIR_REPLY, bid, svc->rev_nat, 0))
+	kpr_hr_reply_tuple(&r, &pkt->t, be, hairpin);
+	if (kpr_ct_create(&r, KPR_CT_DIR_REPLY, bid, svc->rev_nat, hairpin ? KPR_HR_CT_F_HAIRPIN : 0))
 		kpr_hr_count(KPR_HR_ST_CT_FAILED);
 dnat:
-	if (kpr_nat_dnat(ctx, pkt, &be->addr, be->port)) {
+	hairpin = kpr_addr_eq(&be->addr, &pkt->t.saddr);
+	if (kpr_hr_set_addr(ctx, pkt, &be->addr, 1) || kpr_hr_set_port(ctx, pkt, be->port, 1) ||
+	    (hairpin && kpr_hr_set_addr(ctx, pkt, &fe, 0))) {
 		kpr_hr_count(KPR_HR_ST_DROP_NAT);
 		return 1;
+	}
+	if (hairpin) {
+		kpr_hr_count(KPR_HR_ST_SVC_HAIRPIN);
+		return 2;
 	}
 	return 0;
 }
@@ -433,10 +507,10 @@ static __always_inline int kpr_hr_from_netdev_main(kpr_ctx_t *ctx)
 	if (!kpr_hr_pod_of(&pkt.t.daddr))
 		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
 #if KPR_HR_CLUSTER_IP
-	if (kpr_hr_revnat(ctx, &pkt))
+	if (kpr_hr_revnat(ctx, &pkt) < 0)
 		return CTX_DROP;
 #endif
-	return kpr_hr_route(ctx, &pkt, 1);
+	return kpr_hr_route(ctx, &pkt, 1, 0);
 }
 
 // Ingress of a pod's host-side device: what the pod sends.
@@ -445,17 +519,20 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 	struct kpr_pkt pkt;
 	struct kpr_hr_dev *dev;
 	__u32 reason, ifindex = ctx_ifindex(ctx);
+	int ret = 0, hairpin = 0;
 
 	if (kpr_hr_parse(ctx, &pkt, &reason))
 		return kpr_hr_pass(reason);
 	if (!kpr_hr_pod_of(&pkt.t.saddr))
 		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
 #if KPR_HR_CLUSTER_IP
-	if (kpr_hr_revnat(ctx, &pkt))
+	ret = kpr_hr_revnat(ctx, &pkt);
+	if (ret < 0)
 		return CTX_DROP;
+	hairpin = ret; // a hairpin reply, now from the service to the pod it came from
 #endif
 	dev = kpr_hr_devs.lookup(&ifindex);
-	if (dev && (dev->flags & KPR_HR_DEV_F_L2)) {
+	if (!hairpin && dev && (dev->flags & KPR_HR_DEV_F_L2)) {
 		__u8 *eth = ctx_ptr(ctx, 0, 6);
 
 		// on a bridge, only frames to the bridge itself are routed; the rest is switched
@@ -464,10 +541,14 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 			return kpr_hr_pass(KPR_HR_ST_PASS_SWITCHED);
 	}
 #if KPR_HR_CLUSTER_IP
-	if (kpr_hr_service(ctx, &pkt))
-		return CTX_DROP;
+	if (!hairpin) {
+		ret = kpr_hr_service(ctx, &pkt);
+		if (ret == 1)
+			return CTX_DROP;
+		hairpin = ret == 2;
+	}
 #endif
-	return kpr_hr_route(ctx, &pkt, kpr_hr_pod_of(&pkt.t.daddr) != (void *)0);
+	return kpr_hr_route(ctx, &pkt, hairpin || kpr_hr_pod_of(&pkt.t.daddr) != (void *)0, hairpin);
 }
 
 // Egress of a pod's host-side device: what the pod is about to receive through the stack.
@@ -478,7 +559,7 @@ static __always_inline int kpr_hr_to_pod_main(kpr_ctx_t *ctx)
 
 	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || pkt.frag)
 		return KPR_HR_PASS;
-	if (kpr_hr_revnat(ctx, &pkt))
+	if (kpr_hr_revnat(ctx, &pkt) < 0)
 		return CTX_DROP;
 #endif
 	return KPR_HR_PASS;

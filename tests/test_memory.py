@@ -336,9 +336,9 @@ def test_store_keeps_objects_packed_and_leaves_the_collector_on():
 def test_store_bytes_per_service_are_bounded():
     """2k services x 10 endpoints: what the store holds (objects and model) per service.
 
-    Measured at about 12.9 KB (15.3 KB before the store compacted objects); the bound leaves
-    room for the model or the store's indexes to grow a little, not for a second copy of the
-    objects, nor for losing the compaction."""
+    Measured at about 6.9 KB with objects kept packed (12.9 KB when the store kept them
+    compacted, 15.3 KB before that); the bound leaves room for the model or the store's
+    indexes to grow a little, not for keeping the objects' dicts."""
     n = 2000
     texts = [json.dumps(o) for i in range(n) for o in (service(i, i % 10 == 0), endpoint_slice(i))]
     publisher = NullPublisher()
@@ -357,5 +357,36 @@ def test_store_bytes_per_service_are_bounded():
         tracemalloc.stop()
     assert publisher.upserts == n + 1 and len(store.services) == n + 1
     per_service = held / n
-    print(f"store: {per_service:.0f} bytes per service")
-    assert per_service < 14500, f"{per_service:.0f} bytes per service"
+    assert per_service < 8000, f"{per_service:.0f} bytes per service"
+
+
+def test_service_map_writer_groups_bytes_per_service_are_bounded():
+    """2k ClusterIP services x 10 backends: the frontend groups the writer plans (and keeps
+    as its shadow of the maps) per service, backend ids allocated for them included.
+
+    Measured at about 2.3 KB with each group's kpr_svc entries packed in two bytes objects
+    and its backend ids in a tuple (4.7 KB with a dict of bytes per entry and a frozenset);
+    the bound is below what a dict per group alone would take."""
+    from kpr.model import Backend, Frontend, FrontendType, Protocol
+    from kpr.servicemaps import ServiceMapWriter
+
+    def svc(i: int) -> Service:
+        backends = tuple(Backend(f"10.{i // 25000}.{i // 100 % 250}.{i % 100 * 2 + j}", 8080, node_name=f"node{j % 3}") for j in range(10))
+        frontend = Frontend(FrontendType.CLUSTER_IP, f"10.96.{i // 250}.{i % 250 + 1}", 80, Protocol.TCP, backends)
+        return Service(ServiceKey(f"ns{i % 7}", f"svc{i}"), (frontend,))
+
+    n = 2000
+    services = [svc(i) for i in range(n)]
+    writer = ServiceMapWriter("/nonexistent", sizes={"kpr_svc": 262144, "kpr_backend": 262144})  # never opened
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        desired = writer._plan(services, old={})
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(desired) == n and sum(g.n_svc for g in desired.values()) == 11 * n
+    per_service = held / n
+    assert per_service < 2900, f"{per_service:.0f} bytes per service"

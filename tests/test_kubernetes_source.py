@@ -309,6 +309,8 @@ def test_node_object_and_host_port_pods_of_this_node(api):
         r.synced()
         assert [n["metadata"]["name"] for n in r.nodes] == ["node1"]
         assert {str(k) for k in r.store.services} == {"default/pod:hp"}
+        # every Pod of this node reaches the store, hostPorts or not (kpr_pods_changed)
+        assert r.store.local_pods == {"default/hp": ("10.244.1.9",), "default/plain": ("10.244.1.9",)}
         n = api.get("Node", "", "node1")
         n["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-b"
         api.update(n)

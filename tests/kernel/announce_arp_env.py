@@ -121,6 +121,7 @@ class Segment:
     def __post_init__(self) -> None:
         t = self.topo
         self.relay: TcpRelay | None = None
+        self.hosts: dict[str, int] = {}  # plain hosts (add_host): namespace -> index
         # Each node pins its links in its own directory of a private bpffs (the agents share
         # this host's bpffs otherwise, and `ip netns exec` hides /sys/fs/bpf).
         self._stack = contextlib.ExitStack()
@@ -160,6 +161,19 @@ class Segment:
         node = Node(name, i, ns, d, mac=self.topo.mac(ns, "eth0"))
         self.nodes[name] = node
         return node
+
+    def add_host(self, ns: str, i: int) -> str:
+        """A plain host on the segment (no forwarding: a router would forward replies meant
+        for a scan's made-up requesters and fill the kernel's neighbour table, which all
+        namespaces share), at 10.0.0.<i> and fd00::<i>, reaching the VIP prefixes on-link and
+        ignoring redirects (it resolves VIPs itself, as the router does)."""
+        self.topo.add_namespace(ns)
+        self.hosts[ns] = i
+        self._attach(ns, [f"{node_ip4(i)}/24", f"{node_ip6(i)}/64"])
+        self.topo.run(ns, "ip route add 10.0.100.0/24 dev eth0 && ip -6 route add fd00:100::/64 dev eth0")
+        for fam in ("ipv4", "ipv6"):
+            self.topo.sysctl(ns, {f"net.{fam}.conf.all.accept_redirects": "0", f"net.{fam}.conf.eth0.accept_redirects": "0"})
+        return ns
 
     def close(self) -> None:
         try:
@@ -324,32 +338,55 @@ class Segment:
         return re.findall(r"bytes from ([0-9a-f]{2}(?::[0-9a-f]{2}){5})", res.stdout.lower())
 
 
-def request_frames(src_mac: str, target: str, senders: int, first: int = 200) -> list[bytes]:
+def _fold(x: int) -> int:
+    while x >> 16:
+        x = (x & 0xFFFF) + (x >> 16)
+    return x
+
+
+def request_frames(src_mac: str, target: str, senders: int, first: int = 200, own: int | None = None) -> list[bytes]:
     """ARP requests (or neighbour solicitations, for an IPv6 target) for `target`, each from a
-    different sender address (one: the router's own), all from `src_mac`."""
+    different sender address (one: the sender's own, 10.0.0.<own> / fd00::<own>, or the
+    router's), all from `src_mac`. One frame is built
+    with scapy; the others patch its sender address (and the ICMPv6 checksum, RFC 1624)."""
+    import ipaddress
+    import socket
+    import struct
+
     from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr, IPv6
     from scapy.layers.l2 import ARP, Ether
 
-    v6 = ":" in target
-    if v6:
-        import ipaddress
-
+    if ":" in target:
         low = ipaddress.IPv6Address(target).packed[-3:]
         dst = str(ipaddress.IPv6Address(bytes.fromhex("ff0200000000000000000001ff") + low))
         dst_mac = "33:33:ff:" + ":".join(f"{b:02x}" for b in low)
+        addrs = [ROUTER6 if own is None else node_ip6(own)] if senders == 1 else [f"fd00::{first:x}:{i // 65536:x}:{i % 65536:x}" for i in range(senders)]
+        base = bytearray(bytes(Ether(src=src_mac, dst=dst_mac) / IPv6(src=addrs[0], dst=dst, hlim=255)
+                               / ICMPv6ND_NS(tgt=target) / ICMPv6NDOptSrcLLAddr(lladdr=src_mac)))
+        off, csum_off, fam = 22, 56, socket.AF_INET6
+    else:
+        # 10.<first>.0.1 upwards, off the segment's /24 (62,500 per <first>)
+        addrs = [ROUTER4 if own is None else node_ip4(own)] if senders == 1 else [f"10.{first + i // 62500}.{(i // 250) % 250}.{i % 250 + 1}" for i in range(senders)]
+        base = bytearray(bytes(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=src_mac, psrc=addrs[0], pdst=target)))
+        off, csum_off, fam = 28, 0, socket.AF_INET
+    old = socket.inet_pton(fam, addrs[0])
+    old_sum = sum(struct.unpack(f"!{len(old) // 2}H", old))
     frames = []
-    for i in range(senders):
-        if v6:
-            ip = ROUTER6 if senders == 1 else f"fd00::{first:x}:{i // 65536:x}:{i % 65536:x}"
-            frames.append(bytes(Ether(src=src_mac, dst=dst_mac) / IPv6(src=ip, dst=dst, hlim=255)
-                                / ICMPv6ND_NS(tgt=target) / ICMPv6NDOptSrcLLAddr(lladdr=src_mac)))
-        else:
-            ip = ROUTER4 if senders == 1 else f"10.0.{first + i // 250}.{i % 250 + 1}"
-            frames.append(bytes(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=src_mac, psrc=ip, pdst=target)))
+    for a in addrs:
+        raw = socket.inet_pton(fam, a)
+        f = bytearray(base)
+        f[off:off + len(raw)] = raw
+        if csum_off:
+            (c,) = struct.unpack_from("!H", base, csum_off)
+            new_sum = sum(struct.unpack(f"!{len(raw) // 2}H", raw))
+            words = len(raw) // 2  # ~m summed over the changed words is words * 0xffff - sum(m)
+            c = ~_fold((~c & 0xFFFF) + words * 0xFFFF - old_sum + new_sum) & 0xFFFF
+            struct.pack_into("!H", f, csum_off, c)
+        frames.append(bytes(f))
     return frames
 
 
-def flood(seg: Segment, target: str, seconds: float, senders: int, rate: int, *, ns: str = "r",
+def flood(seg: Segment, target: str, seconds: float, senders: int, rate: int, *, ns: str,
           count_replies: bool = True) -> tuple[float, int]:
     """Offer `rate` requests/s for `target` from `senders` distinct requesters, sent from the
     `ns` namespace's eth0 for `seconds`; returns (replies per second received there, requests
@@ -362,7 +399,7 @@ def flood(seg: Segment, target: str, seconds: float, senders: int, rate: int, *,
     import scapy.arch  # noqa: F401
     from scapy.config import conf
 
-    frames = request_frames(seg.topo.mac(ns, "eth0"), target, senders)
+    frames = request_frames(seg.topo.mac(ns, "eth0"), target, senders, own=seg.hosts.get(ns))
     if ":" in target:
         import ipaddress
 

@@ -444,7 +444,7 @@ def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
 
 
 def test_a_manifest_change_reaches_service_list_and_bird_without_a_poll(lab, tmp_path):
-    """pollInterval is an hour: only the files source's inotify watch can explain a change
+    """pollInterval is a minute (the most it may be): only the files source's inotify watch can explain a change
     arriving within the waits below."""
     import json
     import subprocess
@@ -460,7 +460,7 @@ def test_a_manifest_change_reaches_service_list_and_bird_without_a_poll(lab, tmp
     config.write_text(textwrap.dedent(
         f"""
         node: {{name: node1, addresses: [{NODE_IP}], devices: [lo]}}
-        source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 3600, emptyGracePeriod: 0}}
+        source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 60, emptyGracePeriod: 0}}
         service: {{clusterCIDR: [10.96.0.0/16]}}
         api: {{socket: {tmp_path}/kpr.sock}}
         metrics: {{address: ""}}

@@ -142,9 +142,6 @@ class Datapath:
     def fd(self, name: str) -> int:
         return int(self.progs[name].fd)
 
-    def prog_id(self, name: str) -> int:
-        return int(M.prog_info(self.fd(name)).id)
-
     def stats(self) -> dict[str, int]:
         bpf = self.bpf
         if bpf is None:

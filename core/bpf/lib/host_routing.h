@@ -302,43 +302,39 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 	if (oif == ctx_ifindex(ctx) && !hairpin) // out of the device it came in on: the stack's (redirects, ICMP)
 		return kpr_hr_pass(KPR_HR_ST_PASS_FIB);
 	dev = kpr_hr_devs.lookup(&oif);
+	// decide first: a packet left to the stack must keep its TTL (the stack takes one off)
 	if (to_pod) {
 		if (!dev || !(dev->flags & (KPR_HR_DEV_F_POD | KPR_HR_DEV_F_BRIDGE)))
 			return kpr_hr_pass(KPR_HR_ST_PASS_NOT_DEV);
-		if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-			if (kpr_hr_dec_ttl(ctx, pkt))
-				return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
-			if (kpr_hr_set_macs(ctx, &p))
-				return kpr_hr_pass(KPR_HR_ST_PASS_MALFORMED);
-#if KPR_HR_PEER
-			if ((dev->flags & KPR_HR_DEV_F_POD) && kpr_dev_has_peer(dev->kind)) {
-				kpr_hr_count(KPR_HR_ST_PEER);
-				return ctx_redirect_peer(ctx, oif, 0);
-			}
+#if !KPR_HR_NEIGH
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+			return kpr_hr_pass(KPR_HR_ST_PASS_NO_NEIGH);
 #endif
-			kpr_hr_count(KPR_HR_ST_REDIRECT);
-			return ctx_redirect(ctx, oif, 0);
-		}
-#if KPR_HR_NEIGH
-		if (kpr_hr_dec_ttl(ctx, pkt))
-			return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
-		kpr_hr_count(KPR_HR_ST_NEIGH);
-		return ctx_redirect_neigh(ctx, oif);
-#else
-		return kpr_hr_pass(KPR_HR_ST_PASS_NO_NEIGH);
+	} else {
+		// leaving the node: only through the external devices (overlays, tunnels: the stack's)
+		if (!dev || !(dev->flags & KPR_HR_DEV_F_EXTERNAL))
+			return kpr_hr_pass(KPR_HR_ST_PASS_NOT_DEV);
+#if !KPR_HR_NEIGH
+		return kpr_hr_pass(KPR_HR_ST_PASS_NEIGH_OFF);
 #endif
 	}
-	// leaving the node: only through the external devices (overlays, tunnels: the stack's)
-	if (!dev || !(dev->flags & KPR_HR_DEV_F_EXTERNAL))
-		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_DEV);
-#if KPR_HR_NEIGH
 	if (kpr_hr_dec_ttl(ctx, pkt))
 		return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
+	if (to_pod && rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (kpr_hr_set_macs(ctx, &p))
+			return CTX_DROP; // no Ethernet header after all: nothing sane to hand on
+#if KPR_HR_PEER
+		if ((dev->flags & KPR_HR_DEV_F_POD) && kpr_dev_has_peer(dev->kind)) {
+			kpr_hr_count(KPR_HR_ST_PEER);
+			return ctx_redirect_peer(ctx, oif, 0);
+		}
+#endif
+		kpr_hr_count(KPR_HR_ST_REDIRECT);
+		return ctx_redirect(ctx, oif, 0);
+	}
+	// the next hop's MAC is the kernel's to find (out of the node, or a pod not resolved yet)
 	kpr_hr_count(KPR_HR_ST_NEIGH);
 	return ctx_redirect_neigh(ctx, oif);
-#else
-	return kpr_hr_pass(KPR_HR_ST_PASS_NEIGH_OFF);
-#endif
 }
 
 /* --- per-packet services --------------------------------------------------------------- */

@@ -673,9 +673,9 @@ class FilesSource:
                         self._lb_news[1].append(f"{ref[1]}/{ref[2]}")
                 continue
             winner = holders[0]
-            kept = self._files[winner].objects[ref]
+            packed = self._files[winner].objects[ref]
             # Only a Service is read here (allocation); the rest goes to the sink packed.
-            obj = read = memory.unpack(kept) if ref[0] == "Service" else kept
+            obj = read = memory.unpack(packed) if ref[0] == "Service" else packed
             if ref[0] == "Service":
                 try:
                     alloc = self.allocator.allocate(obj)
@@ -697,7 +697,7 @@ class FilesSource:
                     if moved in self._holders and moved not in queue and visits[moved] <= 3:
                         queue.append(moved)
             self._set_ref_errors(ref, errors, touched)
-            obj = kept if obj is read else memory.pack(obj)
+            obj = packed if obj is read else memory.pack(obj)
             if not memory.same(self._sent.get(ref), obj):
                 self._sent[ref] = obj
                 upserts[ref] = obj

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
+from kpr.bpf import maps as M
 from kpr.bpf.cleanup import attachments, cleanup, scratch_pin_dir
 from kpr.bpf.loader import compile_and_load, load_prog
-from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.servicemaps import ServiceMapWriter
 from kpr.testing.netns import Topology
 
@@ -80,6 +81,43 @@ def test_nodeport_to_a_local_pod_keeps_the_client_address(env: Cluster) -> None:
     assert _name_and_peer(client(env.topo, "tcp", N1_6, 30080, 2)) == [("p1a", CLIENT6)] * 2
     st = env.stats("node1")
     assert st["new_local"] >= 5 and st["reply_revnat"] >= 5, st
+
+
+def test_a_pod_created_after_start_is_reached_through_its_peer(env: Cluster) -> None:
+    """The agent follows links as they come (kpr.netdevs): a pod's veth made after the programs
+    were attached is known to them at once, so its first packets go by bpf_redirect_peer, not
+    to the stack as a device of unknown kind; when the pod goes, its device's entry goes."""
+    from kpr.testing.waiting import wait_for
+
+    from tc_nodeport_env import PORT, PY, SERVER
+
+    plugin = env.plugins["node1"]
+    topo = env.topo
+    topo.add_pod("node1", "p1n", "10.244.1.40", ip6="fd44:1::40")
+    server = topo.popen("p1n", [PY, "-c", SERVER, "p1n", str(PORT)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    lxc = next(i for i in topo["node1"].ifaces if i.startswith("lxcp1n"))
+    idx = topo.ifindex("node1", lxc)
+    wait_for(lambda: idx in plugin._devices, 5, "the new pod's veth classified")
+    before = env.stats("node1")
+
+    def fresh(node: str) -> Service:
+        fe = Frontend(NP, NODES[node]["addr"], 30085, TCP, (Backend("10.244.1.40", PORT, node_name="node1",
+                                                                     local=node == "node1"),))
+        return Service(ServiceKey("default", "fresh"), (fe,))
+
+    env.apply(fresh)
+    assert _name_and_peer(client(env.topo, "tcp", N1, 30085, 3)) == [("p1n", CLIENT)] * 3
+    after = env.stats("node1")
+    assert after["fwd_peer"] - before["fwd_peer"] >= 3, (before, after)
+    assert after["fwd_stack_unknown_dev"] == before["fwd_stack_unknown_dev"]
+    kinds = plugin.kpr_status().details["deviceKinds"]["links"]
+    assert kinds["veth_peer"] >= 5, kinds  # eth0 and the pods' host-side devices
+    topo.run("node1", ["ip", "link", "del", lxc])
+    wait_for(lambda: idx not in plugin._devices, 5, "the pod's veth gone")
+    dp = plugin.datapath
+    assert dp is not None
+    wait_for(lambda: dp.maps["kpr_np_devkind"].lookup(M.U32.pack(idx)) is None, 5, "its kind unset")
 
 
 def test_remote_backend_with_snat_sees_the_node_address(env: Cluster) -> None:

@@ -5,8 +5,10 @@ NDP, one node per address, as MetalLB's layer-2 mode does but with faster failov
 - heartbeat.py, membership.py: which nodes are alive and what each may announce
   (authenticated UDP heartbeats), behind the `Membership` interface
 - leases.py: the same through one coordination.k8s.io Lease per node (membership: kubernetes)
-- responder.py: answers ARP requests / neighbour solicitations, sends gratuitous ARP and
-  unsolicited neighbour advertisements (scapy)
+- bpfanswer.py: answers ARP requests / neighbour solicitations in BPF (bpf/arp_tc.c over
+  core/bpf/lib/arp.h) on every interface the program attaches to
+- responder.py: sends gratuitous ARP and unsolicited neighbour advertisements, and answers
+  requests in Python where the BPF program cannot be attached (scapy)
 - droprules.py: the nftables table that keeps a node from routing VIP traffic back out
 
 Enable it with

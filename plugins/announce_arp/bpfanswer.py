@@ -10,7 +10,7 @@ Each program is attached to tcx ingress through a BPF link pinned at
 <bpf.pinPath>/links/announce_arp/<interface>/ingress (kpr.bpf.links): a restarted agent
 adopts the link and switches it to its new program atomically; `kpr cleanup` removes it.
 The link outlives the agent, so the program only answers while the agent vouches for its
-map (kpr_arp_alive, moved forward every hold/4 seconds): a killed agent's addresses stop
+map (kpr_arp_alive, moved forward every hold/8 seconds): a killed agent's addresses stop
 being answered within `hold`, before a peer takes them over.
 
 An interface the program cannot be attached to (no tcx links, no bcc, a verifier refusal)
@@ -280,7 +280,7 @@ class BpfAnswerer:
         self._alive_map.update(M.U32.pack(0), U64.pack(until))
 
     def _keepalive(self) -> None:
-        while not self._stop.wait(self.hold / 4):
+        while not self._stop.wait(self.hold / 8):
             try:
                 self._vouch()
             except OSError as e:

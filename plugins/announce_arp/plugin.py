@@ -195,10 +195,11 @@ class AnnounceARP:
     def _bpf_answerer(cfg: AnnounceARPConfig, context: PluginContext) -> BpfAnswerer | None:
         if cfg.responder == "python":
             return None
-        # A killed agent's program stops answering within `hold`, well before its peers
-        # give up on it (deadInterval / leaseDuration) and take its addresses.
+        # A killed agent's program stops answering within `hold`, before its peers give up
+        # on it (deadInterval / leaseDuration after its last heartbeat) and take its
+        # addresses; as long as that, so a briefly starved agent does not stop answering.
         expiry = cfg.lease_duration if cfg.membership == "kubernetes" else cfg.dead_interval
-        return BpfAnswerer(cfg.interfaces, Path(context.config.bpf.pin_path), hold=min(0.5, expiry / 2))
+        return BpfAnswerer(cfg.interfaces, Path(context.config.bpf.pin_path), hold=min(1.0, 0.8 * expiry))
 
     def _start_bpf(self, cfg: AnnounceARPConfig, context: PluginContext) -> None:
         self.bpf = self._bpf_factory(cfg, context)

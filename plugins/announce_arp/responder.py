@@ -1,5 +1,9 @@
 """Answering ARP and neighbour solicitations for owned addresses, and announcing them.
 
+Requests are answered here only on the interfaces in `answering`: the others are answered by
+the BPF program (bpfanswer.py), and their socket only sends announcements (its filter passes
+nothing; it keeps the interface in all-multicast for the program's solicited-node traffic).
+
 One packet socket per configured interface (scapy's ``conf.L2socket``: it never sees its own
 outgoing frames, so it cannot answer itself), with a kernel filter that passes only ARP
 requests and neighbour solicitations for the addresses owned right now, swapped whenever

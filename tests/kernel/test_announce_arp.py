@@ -11,6 +11,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -349,6 +350,42 @@ def test_a_requester_resolves_the_address_at_once_under_a_flood(tmp_path, vip):
             assert sent[0] > 20_000 and answered >= sent[0], (sent, {k: v for k, v in c.items() if "bpf" in k})
         finally:
             s.stop("node1")
+
+
+def tcx_ingress(topo: Topology, ns: str) -> list[str]:
+    """Names of the tcx programs at eth0 ingress of a namespace, in order."""
+    from kpr.bpf import links
+
+    with in_netns(topo.namespaces[ns].path):
+        idx = socket.if_nametoindex("eth0")
+        return [links.prog_name(p) or "?" for p in links.query(idx, links.ATTACH_TCX_INGRESS)]
+
+
+def test_the_program_is_adopted_on_restart_silent_without_an_agent_and_removed_by_cleanup(tmp_path):
+    with solo(tmp_path) as (topo, s):
+        (s.manifests / "lb4.yaml").write_text(lb_manifest("lb4", VIP4, ["node1"]))
+        s.start("node1")
+        s.wait_ready(["node1"])
+        assert s.plugin("node1")["details"]["bpf"]["interfaces"]["eth0"]["action"] == "created"
+        assert_only_owner_answers(s, VIP4, "node1", 2)
+        s.stop("node1", signal.SIGKILL)
+        # killed: the pinned link keeps the program, which stops answering on its own
+        assert tcx_ingress(topo, "n1") == ["kpr_arp_tc"]
+        time.sleep(1.0)
+        assert s.arping(VIP4, 2) == []
+        s.start("node1")
+        s.wait_ready(["node1"])
+        # the same link, switched to the new agent's program: still one program at the hook
+        assert s.plugin("node1")["details"]["bpf"]["interfaces"]["eth0"]["action"] == "updated"
+        assert tcx_ingress(topo, "n1") == ["kpr_arp_tc"]
+        assert_only_owner_answers(s, VIP4, "node1", 2)
+        assert s.stop("node1") == 0
+        assert s.arping(VIP4, 2) == []  # stopped: nothing answers
+        config = s.nodes["node1"].config
+        res = topo.run("n1", [sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(config)], check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert tcx_ingress(topo, "n1") == []
+        assert not (s.bpffs / "node1").exists()
 
 
 @RESPONDERS

@@ -502,7 +502,7 @@ def xdp_ctx(lab: Lab, data: bytes) -> bytes:
 
 def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
     from kpr.bpf.loader import VerifierError
-    from kpr.testing.prog_run import XDP_DROP, XDP_REDIRECT
+    from kpr.testing.prog_run import XDP_DROP, XDP_PASS, XDP_REDIRECT
 
     built = {n for n in re.findall(r"^int (kpr_xnp_\w+)\(", XDP_ENTRY, re.M)} - XDP_DSR_ONLY
     assert built == set(XDP_PROGS), "XDP_PROGS lists every program the XDP build defines"
@@ -534,6 +534,15 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
             out = Ether(res.data_out)
             assert (out[IP].src, out[IP].dst, out.dst) == (NODE4, REM4, MAC_NODE2), out.summary()
             assert xrun(tcp4(lab, CLIENT4, VIP_REMOTE, 41001, 443)).retval == XDP_DROP
+            # a local pod: XDP_REDIRECT cannot reach its veth (no XDP on the peer), so the
+            # translated frame goes to the stack with the MACs it came with
+            before = lab.stats()
+            res = xrun(tcp4(lab, CLIENT4, NODE4, 41002, NODEPORT))
+            out = Ether(res.data_out)
+            assert res.retval == XDP_PASS and (out.src, out.dst, out[IP].dst) == (MAC_OUT, lab.mac, POD4), out.summary()
+            after = lab.stats()
+            assert after["fwd_stack_xdp_unreachable"] - before["fwd_stack_xdp_unreachable"] == 1
+            assert after["fwd_redirect"] == before["fwd_redirect"] and after["fwd_peer"] == before["fwd_peer"]
 
             # ICMP errors about source-NATed flows, translated back by the XDP build's ICMP-in
             # stage (reached from the entry program by tail call)
@@ -640,3 +649,44 @@ def test_maglev_picks_follow_the_writer_table(lab: Lab) -> None:
         assert seen == set(pods)
     finally:
         lab.writer.delete(ServiceKey("default", "maglev"))
+
+
+def test_the_egress_device_kind_picks_the_helper(lab: Lab) -> None:
+    """Local delivery by the pod device's kind (kpr_np_devkind): redirect_peer into a veth with a
+    peer, bpf_redirect with the route's MACs into a bridge, the stack (the frame's MACs as they
+    came, the packet translated) for a device not classified yet. The verdict is TC_ACT_REDIRECT
+    for both helpers: the counters tell them apart."""
+    from kpr.netdevs import DevKind
+
+    lxc_idx = lab.topo.ifindex("lb", next(i for i in lab.topo["lb"].ifaces if i.startswith("lxc")))
+    kinds = lab.dp.maps[D.DEVKIND_MAP]
+    saved = kinds.lookup(M.U32.pack(lxc_idx))
+    assert saved is not None and M.U32.unpack(saved)[0] == DevKind.VETH_PEER, "the lab's pod veth is classified"
+    want = Ether(src=lab.lxc_mac, dst=MAC_POD) / IP(src=CLIENT4, dst=POD4) / TCP(sport=40500, dport=8080, flags="S") / Raw(b"kpr")
+
+    def one(sport: int) -> tuple[int, Ether, dict[str, int]]:
+        before = lab.stats()
+        verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, NODE4, sport, NODEPORT))
+        after = lab.stats()
+        return verdict, out, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+    try:
+        verdict, out, d = one(40500)
+        assert verdict == TC_ACT_REDIRECT and bytes(out) == bytes(want)
+        assert d["fwd_peer"] == 1 and d["egress_veth_peer"] == 1 and "fwd_redirect" not in d, d
+
+        kinds.update(M.U32.pack(lxc_idx), M.U32.pack(DevKind.BRIDGE))
+        verdict, out, d = one(40501)
+        assert verdict == TC_ACT_REDIRECT and (out.src, out.dst, out[IP].dst) == (lab.lxc_mac, MAC_POD, POD4)
+        assert d["fwd_redirect"] == 1 and d["egress_bridge"] == 1 and "fwd_peer" not in d, d
+
+        kinds.delete(M.U32.pack(lxc_idx))
+        verdict, out, d = one(40502)
+        assert verdict == TC_ACT_OK, "an unclassified device: the stack, never a helper that may drop"
+        assert (out.src, out.dst) == (MAC_OUT, lab.mac), "the frame as it came, for the stack to accept"
+        assert (out[IP].dst, out[TCP].dport) == (POD4, 8080), "translated: the stack routes it to the pod"
+        assert d["fwd_stack_unknown_dev"] == 1 and d["egress_unknown"] == 1, d
+        status_names = set(D.FWD_STATS.values())
+        assert {"fwd_peer", "fwd_redirect", "fwd_neigh", "fwd_stack_unknown_dev", "egress_bridge"} <= status_names
+    finally:
+        kinds.update(M.U32.pack(lxc_idx), saved)

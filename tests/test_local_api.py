@@ -20,7 +20,8 @@ from kpr.testing.waiting import wait_for
 
 
 class FakeAgent:
-    """What the API reads from an agent: status, the store's services, the plugin handles."""
+    """What the API reads from an agent: status, the store's services, the plugins' statuses
+    (services a plugin refused), the plugin handles."""
 
     def __init__(self, status_delay: float = 0.0, big: int = 0):
         self.status_delay = status_delay
@@ -32,6 +33,9 @@ class FakeAgent:
         if self.status_delay:
             time.sleep(self.status_delay)
         return {"ready": True, "padding": "x" * self.big}
+
+    def plugin_statuses(self) -> dict:
+        return {}
 
 
 @pytest.fixture

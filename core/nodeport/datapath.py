@@ -2,8 +2,10 @@
 xdp_nodeport.c for XDP) and the maps they share with the plugins.
 
 `Datapath` compiles and loads the entry programs and their stages, fills the stage program
-array, and writes the plugin-owned maps (devices, node addresses, announced addresses,
-per-frontend modes). The plugins subclass it with their entry file, program names, program
+array, and writes the plugin-owned maps (devices, the kind of every link, node addresses,
+announced addresses, per-frontend modes). Its counters are kpr_np_stats (STATS, in
+KPR_NP_ST_* order) and kpr_np_fwd (FWD_STATS, named from the KPR_NP_FWD_* defines of
+lib/nodeport.h: how packets left, why one was handed to the stack, by egress device kind). The plugins subclass it with their entry file, program names, program
 type and stage array. Struct packers here mirror lib/nodeport.h, lib/conntrack.h and
 lib/nat.h; tests/kernel/test_tc_nodeport_prog.py checks them against bcc's view of the C.
 """
@@ -168,6 +170,8 @@ class Datapath:
     CALLS: tuple[str, ...] = CALLS
     PROG_TYPE = "SCHED_CLS"
     CALLS_MAP = "kpr_np_calls"
+    # The link pinned per device for each entry (links/<plugin>/<device>/<hook>), in ENTRIES order.
+    LINK_HOOKS: tuple[str, ...] = ("ingress", "egress")
 
     def __init__(
         self,
@@ -189,10 +193,11 @@ class Datapath:
         self.maglev_size = maglev_size
         self.snat_ports = snat_ports
         self.extra_cflags = list(extra_cflags)
-        # This build's own stage array (lib/nodeport.h KPR_NP_CALLS_PIN): the entries it
-        # replaces keep their own stages until the switch; drop_other_generations() then
-        # unpins the arrays of earlier builds.
+        # This build's own stage array (lib/nodeport.h KPR_NP_CALLS_PIN), named after the
+        # build's digest by load(): the entries it replaces keep their own stages until the
+        # switch; drop_other_generations() then unpins the arrays of earlier builds.
         self.calls_pin = f"{self.CALLS_MAP}_{secrets.token_hex(4)}"  # bpffs refuses dots in names
+        self.build = ""  # "compiled", or "adopted": the pinned links ran this build already
         # bpf.mapSizes overrides: the programs must declare the pinned maps as the writer made them.
         self.sizes: dict[str, int] = {}
         self.bpf: Any = None
@@ -211,29 +216,45 @@ class Datapath:
             *self.extra_cflags,
         ]
 
-    def load(self) -> "Datapath":
-        """Compile, load every program, fill the stage array, open the plugin's maps."""
+    def load(self, links_of: Mapping[str, Path] | None = None) -> "Datapath":
+        """Compile, load every program, fill the stage array, open the plugin's maps. When the
+        links pinned at `links_of` (entry program -> link pin) already run this build, their
+        programs are taken as they are instead (kpr.bpf.builds: no compile; their stages are
+        in this build's pinned stage array already)."""
+        from kpr.bpf import builds
         from kpr.bpf.inline import inline_includes
         from kpr.bpf.loader import compile_and_load, load_prog
 
         source = self.SOURCE
         text = inline_includes(source.read_text(), [source.parent], label=str(source))
-        self.bpf = compile_and_load(text, cflags=self.cflags(), name=str(source))
+        # One stage array per build, named after it: a restart with the same build finds the
+        # array its entries use.
+        self.calls_pin = self.CALLS_MAP  # the digest covers every flag but the array's own name
+        digest = builds.digest(text, self.cflags())
+        self.calls_pin = f"{self.CALLS_MAP}_{digest.hex()[:16]}"
+        found = builds.adopt(self.pin, [digest], links_of) if links_of else None
         try:
-            for name in (*self.ENTRIES, *(c for c in self.CALLS if c)):
-                self.progs[name] = load_prog(self.bpf, name, self.PROG_TYPE)
-            table = self.bpf[self.CALLS_MAP.encode()]
-            for i, name in enumerate(self.CALLS):
-                if name:
-                    table[table.Key(i)] = table.Leaf(self.progs[name].fd)
-            for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc"):
+            if found is not None:
+                self.progs.update(found[1])
+                self.build = "adopted"
+            else:
+                self.bpf = compile_and_load(text, cflags=self.cflags(), name=str(source))
+                self.build = "compiled"
+                for name in (*self.ENTRIES, *(c for c in self.CALLS if c)):
+                    self.progs[name] = load_prog(self.bpf, name, self.PROG_TYPE)
+                table = self.bpf[self.CALLS_MAP.encode()]
+                for i, name in enumerate(self.CALLS):
+                    if name:
+                        table[table.Key(i)] = table.Leaf(self.progs[name].fd)
+                builds.record(self.pin, digest, [self.prog_id(n) for n in self.ENTRIES])
+            for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc", STATS_MAP, FWD_MAP):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
         except BaseException:
             self.close()
             raise
         log.info(
-            "event=nodeport_loaded mode=%s conntrack_size=%d maglev_size=%d programs=%d",
-            self.mode, self.conntrack_size, self.maglev_size, len(self.progs),
+            "event=nodeport_loaded mode=%s conntrack_size=%d maglev_size=%d programs=%d build=%s",
+            self.mode, self.conntrack_size, self.maglev_size, len(self.progs), self.build,
         )
         return self
 
@@ -241,6 +262,9 @@ class Datapath:
         for m in self.maps.values():
             m.close()
         self.maps.clear()
+        for p in self.progs.values():
+            if hasattr(p, "close"):  # adopted (kpr.bpf.builds); bcc closes its own
+                p.close()
         self.progs.clear()
         if self.bpf is not None:
             self.bpf.cleanup()
@@ -271,13 +295,14 @@ class Datapath:
 
     def stats(self) -> dict[str, int]:
         """kpr_np_stats summed over CPUs ({} when not loaded)."""
-        bpf = self.bpf
-        if bpf is None:
+        from kpr.bpf import percpu
+
+        stats, fwd = self.maps.get(STATS_MAP), self.maps.get(FWD_MAP)
+        if stats is None or fwd is None:
             return {}
-        table = bpf[STATS_MAP.encode()]
-        out = {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
-        fwd = bpf[FWD_MAP.encode()]
-        out.update({name: int(sum(fwd[fwd.Key(i)])) for i, name in FWD_STATS.items()})
+        out = dict(zip(STATS, percpu.u64_sums(stats, len(STATS))))
+        sums = percpu.u64_sums(fwd, max(FWD_STATS) + 1)
+        out.update({name: sums[i] for i, name in FWD_STATS.items()})
         return out
 
     def own_sizes(self) -> dict[str, int]:

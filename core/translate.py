@@ -305,11 +305,17 @@ def object_ref(obj: KubeObject) -> tuple[str, str, str]:
     kind = obj.get("kind")
     namespace = meta.get("namespace")
     name = meta.get("name")
+    # Interned: refs are kept as keys by the source and the store, each from its own copy
+    # of the object (packed objects unpack with strings of their own).
     return (
-        kind if isinstance(kind, str) else "",
-        namespace if isinstance(namespace, str) and namespace else "default",
-        name if isinstance(name, str) else "",
+        _interned(kind) if isinstance(kind, str) else "",
+        _interned(namespace) if isinstance(namespace, str) and namespace else "default",
+        _interned(name) if isinstance(name, str) else "",
     )
+
+
+def _interned(text: str) -> str:
+    return intern(text) if type(text) is str else text
 
 
 def service_key_of(obj: KubeObject) -> ServiceKey | None:
@@ -1362,7 +1368,7 @@ def translate_service(
         return None
     if spec.type == "ExternalName" or not spec.cluster_ips:
         return None
-    key = ServiceKey(meta.get("namespace") or "default", meta["name"])
+    key = ServiceKey(_interned(meta.get("namespace") or "default"), _interned(meta["name"]))
     backends = _collect_backends(key, spec, slices, endpoints, node)
     frontends = _service_frontends(spec, backends, node)
     if not frontends:

@@ -72,6 +72,11 @@ static __always_inline int ctx_redirect_neigh(kpr_ctx_t *ctx, __u32 ifindex)
 	// bcc 0.26 declares this helper without its `plen` argument; call it with the kernel's four
 	return ((long (*)(__u32, void *, int, __u64))BPF_FUNC_redirect_neigh)(ifindex, (void *)0, 0, 0);
 }
+// The same to a known next hop (a FIB lookup's result): the kernel skips its own route lookup.
+static __always_inline int ctx_redirect_neigh_nh(kpr_ctx_t *ctx, __u32 ifindex, struct bpf_redir_neigh *nh)
+{
+	return ((long (*)(__u32, void *, int, __u64))BPF_FUNC_redirect_neigh)(ifindex, nh, sizeof(*nh), 0);
+}
 static __always_inline int ctx_adjust_room(kpr_ctx_t *ctx, __s32 len_diff, __u32 mode, __u64 flags)
 {
 	return bpf_skb_adjust_room(ctx, len_diff, mode, flags);

@@ -74,6 +74,8 @@ static __always_inline int ctx_redirect(kpr_ctx_t *ctx, __u32 ifindex, __u32 fla
 #define ctx_redirect_peer(ctx, ifindex, flags) \
 	((void)(ctx), (void)(ifindex), (void)(flags), __kpr_xdp_has_no_redirect_peer())
 #define ctx_redirect_neigh(ctx, ifindex) ((void)(ctx), (void)(ifindex), __kpr_xdp_has_no_redirect_neigh())
+#define ctx_redirect_neigh_nh(ctx, ifindex, nh) \
+	((void)(ctx), (void)(ifindex), (void)(nh), __kpr_xdp_has_no_redirect_neigh())
 #define ctx_adjust_room(ctx, len_diff, mode, flags) \
 	((void)(ctx), (void)(len_diff), (void)(mode), (void)(flags), __kpr_xdp_has_no_adjust_room())
 // Grow (negative delta) or shrink the frame at its head, e.g. to push an encapsulation header.

@@ -270,6 +270,20 @@ static __always_inline int kpr_hr_dec_ttl(kpr_ctx_t *ctx, const struct kpr_pkt *
 	}
 }
 
+static __always_inline int kpr_hr_redirect_neigh(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
+{
+	struct bpf_redir_neigh nh = {};
+
+	if (p->family == KPR_HR_AF_INET) {
+		nh.nh_family = KPR_HR_AF_INET;
+		nh.ipv4_nh = p->ipv4_dst; // the FIB lookup leaves the next hop here
+	} else {
+		nh.nh_family = KPR_HR_AF_INET6;
+		__builtin_memcpy(nh.ipv6_nh, p->ipv6_dst, 16);
+	}
+	return ctx_redirect_neigh_nh(ctx, p->ifindex, &nh);
+}
+
 static __always_inline int kpr_hr_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
 {
 	__u8 *eth = ctx_ptr(ctx, 0, 12);
@@ -332,9 +346,10 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 		kpr_hr_count(KPR_HR_ST_REDIRECT);
 		return ctx_redirect(ctx, oif, 0);
 	}
-	// the next hop's MAC is the kernel's to find (out of the node, or a pod not resolved yet)
+	// the next hop's MAC is the kernel's to find (out of the node, or a pod not resolved yet);
+	// the lookup's next hop goes along, so the kernel does not route the packet a second time
 	kpr_hr_count(KPR_HR_ST_NEIGH);
-	return ctx_redirect_neigh(ctx, oif);
+	return kpr_hr_redirect_neigh(ctx, &p);
 }
 
 /* --- per-packet services --------------------------------------------------------------- */

@@ -7,7 +7,9 @@ client netns -- node netns -- pod netns over veths, the pod on a /32 route).
   TCP_RR: one TCP connection, 1-byte request, 1-byte response, as many as fit in --seconds;
           transactions per second. A small C client/server (compiled here with cc; a Python
           loop when there is no compiler) so the path, not the interpreter, is measured; the
-          client is pinned to CPU 0 and the server to --server-cpu (taskset; CPU 0 too by default).
+          client is pinned to CPU 0 and the server to --server-cpu (taskset; CPU 0 too by default),
+          both under SCHED_FIFO (chrt; --no-rt turns it off) so other work on a shared machine
+          does not decide the figures (the kernel's RT throttling still leaves that CPU 5%).
   TCP_STREAM: iperf3, client -> pod, --seconds; Gbit/s received.
 
 The three variants are measured in turn within each round (so drift hits them alike); figures
@@ -161,8 +163,16 @@ def iptables_rules(rules: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def rr(r: Rig, cmd: list[str], host: str, seconds: float) -> float:
-    res = r.topo.run("cl", ["taskset", "-c", "0", *cmd, "client", host, str(RR_PORT), str(seconds)],
+def pinned(cpu: str, rt: bool) -> list[str]:
+    """taskset (and chrt, when asked and present) in front of a command."""
+    out = ["taskset", "-c", cpu]
+    if rt and shutil.which("chrt"):
+        out = ["chrt", "-f", "10", *out]
+    return out
+
+
+def rr(r: Rig, cmd: list[str], host: str, seconds: float, rt: bool) -> float:
+    res = r.topo.run("cl", [*pinned("0", rt), *cmd, "client", host, str(RR_PORT), str(seconds)],
                      timeout=seconds + 30)
     return float(json.loads(res.stdout.strip().splitlines()[-1])["tps"])
 
@@ -186,6 +196,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="per TCP_RR and per iperf3 run")
     ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    ap.add_argument("--no-rt", dest="rt", action="store_false", help="no SCHED_FIFO for the RR and iperf3 processes")
     ap.add_argument("--server-cpu", default="0",
                     help="CPU of the RR and iperf3 servers (the client runs on CPU 0); the same CPU by default, "
                          "so cross-CPU wakeups (IPIs) do not hide the path's own cost")
@@ -197,10 +208,10 @@ def main() -> int:
     host = PODS[POD][0]
     with tempfile.TemporaryDirectory(prefix="kpr-bench-hr-") as work, rig(pods=(POD,), prefix="kpr-bench-hr") as r:
         cmd, impl = rr_command(Path(work))
-        srv = r.topo.popen(POD, ["taskset", "-c", args.server_cpu, *cmd, "server", str(RR_PORT)], stdout=subprocess.PIPE, text=True)
+        srv = r.topo.popen(POD, [*pinned(args.server_cpu, args.rt), *cmd, "server", str(RR_PORT)], stdout=subprocess.PIPE, text=True)
         if srv.stdout.readline().strip() != "ready":
             raise RuntimeError("RR server did not start")
-        r.topo.popen(POD, ["taskset", "-c", args.server_cpu, "iperf3", "-s", "-p", str(IPERF_PORT)])
+        r.topo.popen(POD, [*pinned(args.server_cpu, args.rt), "iperf3", "-s", "-p", str(IPERF_PORT)])
         ipt = r.topo.run("node", ["iptables-restore"], input=iptables_rules(args.rules), check=False)
         if ipt.returncode != 0:
             print(f"(iptables rule set not installed: {ipt.stderr.strip()[:200]})", file=sys.stderr)
@@ -210,7 +221,7 @@ def main() -> int:
                 if cfg is not None:
                     r.start(keepAttachedOnStop=False, clusterIP=False, **cfg)
                 before = r.stats() if cfg is not None else {}
-                results[name]["tps"].append(rr(r, cmd, host, args.seconds))
+                results[name]["tps"].append(rr(r, cmd, host, args.seconds, args.rt))
                 results[name]["gbps"].append(iperf(r, host, args.seconds))
                 if cfg is not None:
                     proof[name] = delta(before, r.stats())
@@ -223,7 +234,8 @@ def main() -> int:
     med = {n: {k: statistics.median(v) for k, v in res.items()} for n, res in results.items()}
     base = med["legacy"]
     print(f"\n== host_routing: external client -> pod {host} over veths ({platform.release()}, "
-          f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.seconds:g} s, medians; RR loop in {impl}; "
+          f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.seconds:g} s, medians; RR loop in {impl}"
+          f"{', SCHED_FIFO' if args.rt and shutil.which('chrt') else ''}; "
           f"iptables: {args.rules} decoy services)")
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
@@ -231,6 +243,8 @@ def main() -> int:
     for n, m in med.items():
         print(f"  {n:<12} {m['tps']:>11.0f} {m['tps'] / base['tps']:>9.2f}x {m['gbps']:>14.2f} "
               f"{m['gbps'] / base['gbps']:>9.2f}x")
+    paired = statistics.median(a / b for a, b in zip(results["neigh+peer"]["tps"], results["legacy"]["tps"]))
+    print(f"  TCP_RR neigh+peer / legacy within each round, median: {paired:.2f}x")
     for n, d in proof.items():
         shown = {k: v for k, v in d.items() if k in ("redirect_peer", "redirect", "redirect_neigh", "pass_neigh_off")}
         print(f"  counters, last {n} round: {shown}")

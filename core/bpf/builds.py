@@ -64,9 +64,10 @@ def digest(text: str, cflags: Sequence[str]) -> bytes:
 
 @dataclass
 class AdoptedProg:
-    """A program a pinned link runs, opened by id: stands in for bcc's Function (.fd, .name)."""
+    """A program a pinned link runs, opened by id: stands in for bcc's Function (.fd, and
+    .name in bytes as bcc has it)."""
 
-    name: str
+    name: bytes
     fd: int
     id: int
 
@@ -178,7 +179,7 @@ def _prog_of_link(link_pin: Path, name: str) -> AdoptedProg | None:
     pfd = lib.bpf_prog_get_fd_by_id(li.prog_id)
     if pfd < 0:
         return None
-    return AdoptedProg(name, pfd, li.prog_id)
+    return AdoptedProg(name.encode(), pfd, li.prog_id)
 
 
 def adopt(

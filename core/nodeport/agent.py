@@ -301,7 +301,12 @@ class NodePortAgent:
             # the tables' real size decides where the program looks, whatever was asked for
             datapath = self._new_datapath(cfg, self._writer.maglev_size or M.MAGLEV_DEFAULT_SIZE)
             datapath.sizes = context.config.bpf.map_size_overrides()
-            self.datapath = datapath.load()
+            # a restart with the same build keeps the programs the first device's links run
+            first = context.node.devices[:1]
+            self.datapath = datapath.load({
+                entry: self._link_dir() / device_pin_name(first[0]) / hook
+                for entry, hook in zip(datapath.ENTRIES, datapath.LINK_HOOKS)
+            } if first else None)
             self.health = HealthChecks(self._netns, cfg.health_check_address)
             # before any attachment: the programs must know the pods' devices from their first packet
             watcher = DeviceWatcher(self._on_devices)

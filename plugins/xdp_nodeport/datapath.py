@@ -36,6 +36,7 @@ class Datapath(_Base):
     CALLS = CALLS
     PROG_TYPE = "XDP"
     CALLS_MAP = CALLS_MAP
+    LINK_HOOKS = ("xdp",)
 
     def __init__(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]
         kw["redirect_peer"] = False  # XDP cannot deliver into a pod's namespace

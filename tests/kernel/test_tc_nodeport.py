@@ -382,8 +382,8 @@ def _tcx_ids(topo: Topology, dev: str, direction: str) -> list[int]:
 
 
 def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -> None:
-    """Stop leaves the tcx links; the next instance (after a stop, a kill, an upgrade) updates
-    them: one program per hook, the same links and maps, the NodePort served throughout; a
+    """Stop leaves the tcx links; the next instance adopts them (after a stop: the same build,
+    no compile) or updates them (after a kill, an upgrade): one program per hook, the same links and maps, the NodePort served throughout; a
     device dropped from node.devices loses kpr's programs even when an earlier run put them
     there; an older version's clsact filter is removed once the link runs."""
     from pyroute2 import IPRoute
@@ -419,9 +419,10 @@ def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -
                 p1.kpr_stop(p1.context)  # SIGTERM: the links stay, the NodePort is served
                 one_each()
                 assert serve()
-                p2 = start()
+                p2 = start()  # the same build: the links' programs kept, no compile
                 one_each()
-                assert {a.action for a in p2._attached.values()} == {"updated"}
+                assert p2.datapath.build == "adopted"
+                assert {a.action for a in p2._attached.values()} == {"adopted"}
                 assert {k: links.link_info(a.link_fd).id for k, a in p2._attached.items()} == ids1
                 assert {n: m.id for n, m in p2.datapath.maps.items()} == maps1
                 before = _tags(_tcx_ids(topo, "eth0", "ingress"))
@@ -429,6 +430,7 @@ def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -
                 # build replaces it through the links
                 p3 = start(extra_cflags=["-UKPR_NP_ICMP_UNREACH", "-DKPR_NP_ICMP_UNREACH=0"])
                 one_each()
+                assert p3.datapath.build == "compiled"
                 assert {a.action for a in p3._attached.values()} == {"updated"}
                 assert {k: links.link_info(a.link_fd).id for k, a in p3._attached.items()} == ids1
                 assert {n: m.id for n, m in p3.datapath.maps.items()} == maps1

@@ -153,8 +153,9 @@ def test_generic_mode_and_kpr_cleanup_detaches(kernel_headers: Path, tmp_path: P
 
 
 def test_a_new_instance_adopts_the_pinned_link(env: Cluster) -> None:
-    """A killed agent (no stop) and an upgrade: the next one switches the pinned XDP link to its
-    program; one program on the device, the same link, the NodePort served before and after."""
+    """A killed agent (no stop): the next one, of the same build, keeps the program the pinned XDP
+    link runs (no compile); one program on the device, the same link, the NodePort served
+    before and after. (An upgrade through the link: test_upgrade.py's NodePort case.)"""
     from kpr.bpf import links
 
     p1 = env.plugins["node1"]
@@ -168,9 +169,10 @@ def test_a_new_instance_adopts_the_pinned_link(env: Cluster) -> None:
                    keep_attached_on_stop=False)
     try:
         a = p2._attached[("eth0", "xdp")]
-        assert a.action == "updated" and links.link_info(a.link_fd).id == link_id
+        assert a.action == "adopted" and links.link_info(a.link_fd).id == link_id
+        assert p2.datapath.build == "adopted"
         assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
-        assert p2.kpr_status().details["links"]["eth0"]["action"] == "updated"
+        assert p2.kpr_status().details["links"]["eth0"]["action"] == "adopted"
         assert [(r["kind"], r["target"]["ifname"]) for r in attachments(env.pins["node1"])] == [("xdp", "eth0")]
         p2.kpr_service_upsert(service("adopt", NP, None, 30083, "p2a")("node1"))
         assert peers(client(env.topo, "tcp", N1, 30083, 2)) == [("p2a", N1)] * 2

@@ -3,9 +3,13 @@ restart, with the data path left attached on stop (pinned BPF links, the default
 detaching on stop (keepAttachedOnStop: false, kpr's behaviour before links).
 
 The real `kpr run` runs in a namespace this script makes (tests/kernel/socklb_env.py's
-AgentRig) and is restarted `--rounds` times each way: SIGTERM then start, SIGKILL then start.
-Meanwhile a client (socklb_env.LOAD) opens a new TCP connection every `--gap` seconds (each
-reads the backend's greeting) and holds one more connection, echoing a byte every `--gap`:
+AgentRig) and is restarted `--rounds` times each way: SIGTERM then start, SIGKILL then start,
+and (links kept) an upgrade: SIGTERM, then a start whose config changes a compile flag
+(socklb_env.UPGRADE_KEYS), so the new agent loads other programs into the same links. A
+"none" row is the same load with no restart at all (windows of socklb_env.IDLE_WINDOW s): the
+gaps the client shows on its own on this machine, the floor of every other row. Meanwhile a
+client (socklb_env.LOAD) opens a new TCP connection every `--gap` seconds (each reads the
+backend's greeting) and holds one more connection, echoing a byte every `--gap`:
 
 - socklb: a pod in the hooks' child cgroup dials a ClusterIP;
 - tc_nodeport: an external client dials a NodePort on node1 (a local and a remote backend,
@@ -13,15 +17,15 @@ reads the backend's greeting) and holds one more connection, echoing a byte ever
 
 Per restart, from the moment the signal is sent until 0.3 s after the new agent is ready:
 failed connections, the longest time without a successful connect starting ("gap"; 10 ms is
-the load's own spacing) and the slowest successful connect (a gap with no failure and a slow
-connect is the CPU busy compiling the new agent's programs, not a service outage), and "load
-%": the attempts the client managed to start in the window against one per gap (below 100, the
-client itself was starved of CPU and the gap says as much about it as about kpr). Figures
-are medians over rounds; the load is printed with them. With detach on stop, a SIGKILL leaves
-the links pinned as well (nothing runs to detach them), so its row equals the default's; the
-agent before links attached a second copy there instead (issue 11).
+the load's own spacing) and the slowest successful connect. Attempts start on their own clock
+whatever the others do, so with no failure a gap is the client itself starting late: a CPU
+busy elsewhere (the new agent's start, other processes), not a service outage; "load %" is
+the attempts the client managed to start in the window against one per gap. Figures are
+medians over rounds; the load average is printed with them. With detach on stop, a SIGKILL
+leaves the links pinned as well (nothing runs to detach them), so its row equals the
+default's; the agent before links attached a second copy there instead (issue 11).
 
-    .venv/bin/python benchmarks/bench_restart.py [--rounds 3] [--gap 0.01] [--paths socklb,tc_nodeport]
+    .venv/bin/python benchmarks/bench_restart.py [--rounds 3] [--gap 0.01] [--paths socklb,tc_nodeport] [--no-detach]
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
-from socklb_env import RESTART_IP, Window, longest_gap, restart_rig, restarts_under_load, slowest  # noqa: E402
+from socklb_env import (  # noqa: E402
+    RESTART_IP, UPGRADE_KEYS, Window, longest_gap, restart_rig, restarts_under_load, slowest,
+)
 from tc_nodeport_env import NODES, NP_RESTART_PORT, nodeport_restart_rig  # noqa: E402
 
-KINDS = ("SIGTERM", "SIGKILL")
+KINDS = ("none", "SIGTERM", "SIGKILL", "upgrade")  # with links kept; detach on stop: the two signals
 
 
 def run(path: str, keep: bool, rounds: int, gap: float) -> dict:
@@ -48,10 +54,13 @@ def run(path: str, keep: bool, rounds: int, gap: float) -> dict:
         rig_cm, target = restart_rig("kpr-bench-rs", keep_attached=keep), (RESTART_IP, 80)
     else:
         rig_cm, target = nodeport_restart_rig("kpr-bench-np", keep_attached=keep), (NODES["node1"]["addr"], NP_RESTART_PORT)
+    kinds = KINDS if keep else ("SIGTERM", "SIGKILL")
     with rig_cm as rig:
+        if path != "socklb":
+            rig.upgrade_with(UPGRADE_KEYS[path])
         rig.start()
         t_begin = time.monotonic()
-        res, windows = restarts_under_load(rig, *target, rounds=rounds, gap=gap)
+        res, windows = restarts_under_load(rig, *target, rounds=rounds, gap=gap, kinds=kinds)
         t_end = time.monotonic()
         rig.stop(signal.SIGTERM)
     out: dict = {"attempts": res["attempts"], "rate": res["attempts"] / (t_end - t_begin), "held": res["held"], "kinds": {}}
@@ -59,7 +68,7 @@ def run(path: str, keep: bool, rounds: int, gap: float) -> dict:
     def inside(t: float, w: Window) -> bool:
         return w.start <= t <= w.end
 
-    for name in KINDS:
+    for name in kinds:
         rows = [w for w in windows if w.kind == name]
         out["kinds"][name] = {
             "failed": [sum(1 for t, _e in res["failed"] if inside(t, w)) for w in rows],
@@ -81,6 +90,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gap", type=float, default=0.01)
     ap.add_argument("--paths", default="socklb,tc_nodeport")
+    ap.add_argument("--detach", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the rows with detach on stop (kpr before links)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (namespaces, cgroups, BPF)")
@@ -96,7 +107,7 @@ def main() -> None:
     print("-" * len(head))
     summary = []
     for path in args.paths.split(","):
-        for keep in (True, False):
+        for keep in (True, False) if args.detach else (True,):
             r = run(path, keep, args.rounds, args.gap)
             mode = "stay attached" if keep else "detach (old)"
             for kind, k in r["kinds"].items():

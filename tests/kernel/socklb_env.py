@@ -621,6 +621,7 @@ SETTLE = 0.3  # seconds after a restarted agent is ready that still count to its
 UPGRADE_KEYS = {"socklb": "reverseNatMapSize: 131072", "tc_nodeport": "icmpUnreachable: false",
                 "xdp_nodeport": "icmpUnreachable: false"}
 RESTART_KINDS = ("SIGTERM", "SIGKILL")  # "upgrade": SIGTERM, then a start with other BPF code
+IDLE_WINDOW = 1.5  # seconds of a "none" window: no restart, the load's own gaps (a baseline)
 
 
 def restarts_under_load(
@@ -628,7 +629,8 @@ def restarts_under_load(
     after_stop: Any = None, after_start: Any = None, kinds: tuple[str, ...] = RESTART_KINDS,
 ) -> tuple[dict, list[Window]]:
     """With a LOAD client on host:port, restart the rig's (running) agent `rounds` times each
-    of `kinds`: SIGTERM + start, SIGKILL + start, "upgrade" (SIGTERM, rig.upgrade(), start);
+    of `kinds`: SIGTERM + start, SIGKILL + start, "upgrade" (SIGTERM, rig.upgrade(), start),
+    "none" (no restart: IDLE_WINDOW seconds of the load alone, its own gaps as a baseline);
     `after_stop()` / `after_start()` check the node in between. Returns the load's summary and
     the restarts' windows."""
     import signal
@@ -641,6 +643,11 @@ def restarts_under_load(
         for _ in range(rounds):
             for kind in kinds:
                 t0 = time.monotonic()
+                if kind == "none":
+                    time.sleep(IDLE_WINDOW + SETTLE)
+                    windows.append(Window(kind, t0, time.monotonic(), 0.0))
+                    time.sleep(0.2)
+                    continue
                 rig.stop(signal.SIGKILL if kind == "SIGKILL" else signal.SIGTERM)
                 if kind == "upgrade":
                     rig.upgrade()

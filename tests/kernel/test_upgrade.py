@@ -3,8 +3,7 @@ stopped (SIGTERM), and a second one starts with other BPF code (a config key tha
 compile flag), while a client opens a connection every 10 ms and holds one more. No failed
 connection, the held one unbroken; afterwards exactly one program per hook, the same link ids
 and map ids, and the links hold the second agent's new programs. A plain restart after that
-adopts the new build as it is where the plugin adopts builds (socklb: no compile, the same
-program ids; the NodePort plugins compile again and update the links).
+adopts the new build as it is (kpr.bpf.builds: no compile, the same program ids).
 """
 
 from __future__ import annotations
@@ -109,8 +108,7 @@ def test_tc_nodeport_upgrade_between_two_agents(kernel_headers: Path) -> None:
 
         upgrade_under_load(rig, NODES["node1"]["addr"], NP_RESTART_PORT, "tc_nodeport",
                            ("kpr_svc", "kpr_backend", "kpr_ct", "kpr_snat"), at_hook,
-                           # the NodePort programs are compiled on every start (not adopted yet)
-                           adopts=False)
+                           adopts=True)
         assert len(list(rig.pin.glob("kpr_np_calls*"))) == 1, "the old build's stage array is unpinned"
         rig.stop(signal.SIGTERM)
 

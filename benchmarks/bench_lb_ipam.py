@@ -7,7 +7,11 @@
 - the same with a sharing key (groups of 4 services);
 - the new service at 10,000 in a /12 (the same count at 1/16 the fill), which separates
   the cost of the count (should be none) from that of the fill (longer probe runs: a /16
-  holding 10k is 15% full).
+  holding 10k is 15% full);
+- end to end with the files source: 10,000 LoadBalancer services in one manifest until every
+  one reaches the sink with its address, at a first start (one pass, lb_ipam decides and
+  writes, a second pass delivers) and a restart (the allocation state holds them), against
+  the same source delivering the services without lb_ipam.
 
 Medians of single changes, the two sides interleaved in one process. Run:
 python benchmarks/bench_lb_ipam.py [--services 10000] [--rounds 9]
@@ -19,8 +23,18 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
+
+import yaml
+
+from kpr import memory
+from kpr.allocator import Allocator
+from kpr.config import PortRange
+from kpr.plugins.lb_ipam.plugin import LbIpam
+from kpr.sources.files import FilesSource
 
 from kpr.plugins.lb_ipam.allocator import LbAllocator
 from kpr.plugins.lb_ipam.config import LbIpamConfig
@@ -69,6 +83,71 @@ def timed(a: LbAllocator, obj: dict) -> float:
     return time.perf_counter() - started
 
 
+class _Sink:
+    """Counts services delivered, and those with a LoadBalancer address."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.services: set[str] = set()
+        self.with_address: set[str] = set()
+
+    def apply(self, upserts: list, deletes: list) -> None:
+        with self.lock:
+            for obj in upserts:
+                obj = memory.unpack(obj)
+                name = obj["metadata"]["name"]
+                self.services.add(name)
+                if ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress"):
+                    self.with_address.add(name)
+
+    def synced(self) -> None:
+        pass
+
+    def report_error(self, origin: str, reason: str) -> None:
+        raise SystemExit(f"source error {origin}: {reason[:200]}")
+
+    def clear_error(self, origin: str) -> None:
+        pass
+
+
+def files_end_to_end(n: int) -> None:
+    base = Path(tempfile.mkdtemp(prefix="bench-lb-ipam-"))
+    (base / "m").mkdir()
+    docs = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"svc-{i}", "namespace": "bench"},
+         "spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": False, "ipFamilies": ["IPv4"],
+                  "ports": [{"port": 80, "protocol": "TCP"}]}}
+        for i in range(n)
+    ]
+    (base / "m" / "svc.yaml").write_text(yaml.safe_dump_all(docs))
+
+    def run(with_plugin: bool, state: str) -> float:
+        alloc = Allocator(base / state, ["10.96.0.0/12"], PortRange(first=30000, last=32767))
+        source = FilesSource(base / "m", alloc, poll_interval=0.05)
+        sink = _Sink()
+        plugin = None
+        started = time.perf_counter()
+        if with_plugin:
+            plugin = LbIpam()
+            plugin.config = LbIpamConfig.model_validate({"pools": [POOL]})
+            plugin.start(source)
+        source.start(sink)
+        done = (lambda: len(sink.with_address) == n) if with_plugin else (lambda: len(sink.services) == n)
+        while not done():
+            time.sleep(0.005)
+        took = time.perf_counter() - started
+        if plugin is not None:
+            plugin.stop()
+        source.stop()
+        return took
+
+    without = run(False, "plain.json")
+    first = run(True, "lb.json")
+    restart = run(True, "lb.json")
+    print(f"files source, {n} LoadBalancer services until all delivered: without lb_ipam {without:.2f}s; "
+          f"with lb_ipam, first start {first:.2f}s ({first / without:.2f}x), restart {restart:.2f}s ({restart / without:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=10_000)
@@ -108,6 +187,7 @@ def main() -> None:
     for what, (at0, atn) in rows.items():
         m0, mn = statistics.median(at0), statistics.median(atn)
         print(f"{what:28} {m0 * 1e6:8.1f}us {mn * 1e6:8.1f}us {mn / m0:7.2f}")
+    files_end_to_end(n)
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

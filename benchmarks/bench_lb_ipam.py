@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -141,9 +142,12 @@ def files_end_to_end(n: int) -> None:
         source.stop()
         return took
 
-    without = run(False, "plain.json")
-    first = run(True, "lb.json")
-    restart = run(True, "lb.json")
+    try:
+        without = run(False, "plain.json")
+        first = run(True, "lb.json")
+        restart = run(True, "lb.json")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     print(f"files source, {n} LoadBalancer services until all delivered: without lb_ipam {without:.2f}s; "
           f"with lb_ipam, first start {first:.2f}s ({first / without:.2f}x), restart {restart:.2f}s ({restart / without:.2f}x)")
 

@@ -134,6 +134,9 @@ def run_agent(tmp: Path, topo: Topology, sock: Path, args: argparse.Namespace, w
     out: dict[str, object] = {}
     manifests = tmp / "manifests"
     manifests.mkdir(parents=True)
+    # A service that stays: removing a round's file must not leave the directory empty, which
+    # the default config (emptyGracePeriod 60 s) does not believe for a minute.
+    (manifests / "anchor.yaml").write_text(SERVICE.format(name="anchor", ip="10.0.102.1"))
     poll = "" if args.poll is None else f", pollInterval: {args.poll}"
     cfg = parse_config(
         textwrap.dedent(

@@ -287,6 +287,9 @@ class FilesSource:
             raise RuntimeError("FilesSource already started")
         self._sink = sink
         self._stop.clear()
+        # Watching from before the first pass (and in status from the start): nothing
+        # written meanwhile is missed.
+        self._watch()
         self._thread = threading.Thread(target=self._run, name="kpr-files", daemon=True)
         self._thread.start()
         log.info("files.start path=%s poll_interval=%.2f", self.path, self.poll_interval)
@@ -341,7 +344,7 @@ class FilesSource:
 
     def _run(self) -> None:
         assert self._sink is not None
-        watcher = self._watch()
+        watcher = self._watcher
         while not self._stop.is_set():
             try:
                 self.scan_once(self._sink)

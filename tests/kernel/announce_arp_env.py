@@ -232,12 +232,14 @@ class Segment:
         }
         node.config.write_text(json.dumps(cfg, indent=1))
 
-    def start(self, name: str, **announce: Any) -> Node:
+    def start(self, name: str, env: dict[str, str] | None = None, **announce: Any) -> Node:
+        """Start the node's agent (`env`: extra environment variables for it)."""
         node = self.nodes[name]
         if announce or not node.config.exists():
             self.write_config(node, **announce)
         node.log = open(node.dir / "agent.log", "ab")
-        node.proc = self.topo.popen(node.ns, [sys.executable, "-m", "kpr.cli", "run", "--config", str(node.config)], stderr=node.log)
+        node.proc = self.topo.popen(node.ns, [sys.executable, "-m", "kpr.cli", "run", "--config", str(node.config)],
+                                    stderr=node.log, env={**os.environ, **(env or {})})
         return node
 
     def send_signal(self, name: str, sig: int) -> None:

@@ -388,6 +388,23 @@ def test_the_program_is_adopted_on_restart_silent_without_an_agent_and_removed_b
         assert not (s.bpffs / "node1").exists()
 
 
+def test_python_answers_where_the_program_cannot_attach(tmp_path):
+    with solo(tmp_path) as (topo, s):
+        (s.manifests / "lb4.yaml").write_text(lb_manifest("lb4", VIP4, ["node1"]))
+        # tcx links refused (as on a kernel without them): the interface falls back to Python
+        s.start("node1", env={"KPR_BPF_LINKS": "off"})
+        s.wait_ready(["node1"])
+        p = s.plugin("node1")
+        assert p["healthy"], p["message"]
+        assert p["details"]["answering"] == {"eth0": "python"}
+        assert "links turned off" in p["details"]["bpf"]["interfaces"]["eth0"]["error"], p["details"]["bpf"]
+        assert tcx_ingress(topo, "n1") == []
+        assert_only_owner_answers(s, VIP4, "node1", 2)
+        assert s.plugin("node1")["counters"]["arp_replies"] == 2
+        assert "bpf_arp_replies:eth0" not in s.plugin("node1")["counters"]
+        s.stop("node1")
+
+
 @RESPONDERS
 def test_ipv6_solicitations_are_answered_with_the_interface_mac(tmp_path, responder):
     with solo(tmp_path, responder=responder) as (topo, s):

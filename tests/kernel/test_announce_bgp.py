@@ -388,6 +388,27 @@ endpoints:
 """
 
 
+def agent_config(lab, tmp_path, manifests: Path, *, poll: float, metrics: str = "", extra: str = "") -> str:
+    """An agent config: the files source on `manifests`, announce_bgp to the lab's router."""
+    return textwrap.dedent(
+        f"""
+        node: {{name: node1, addresses: [{NODE_IP}], devices: [lo]}}
+        source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: {poll}, emptyGracePeriod: 0}}
+        service: {{clusterCIDR: [10.96.0.0/16]}}
+        api: {{socket: {tmp_path}/kpr.sock}}
+        metrics: {{address: "{metrics}"}}
+        agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 5}}
+        plugins:
+          announce_bgp:
+            enabled: true
+            localASN: {LOCAL_ASN}
+            netns: {lab.topo["node"].netns}
+            gracefulRestartTime: 30
+            peers: [{{address: {RTR_IP}, asn: {ROUTER_ASN}, holdTime: 6}}]
+        """
+    ) + textwrap.indent(textwrap.dedent(extra), "    ")
+
+
 def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
     lab.pair()
     bird = lab.bird()
@@ -396,28 +417,11 @@ def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
     svc_file = manifests / "ingress.yaml"
     svc_file.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
     port = free_port()
-    cfg = parse_config(
-        textwrap.dedent(
-            f"""
-            node: {{name: node1, addresses: [{NODE_IP}], devices: [lo]}}
-            source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05, emptyGracePeriod: 0}}
-            service: {{clusterCIDR: [10.96.0.0/16]}}
-            api: {{socket: {tmp_path}/kpr.sock}}
-            metrics: {{address: "127.0.0.1:{port}"}}
-            agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 5}}
-            plugins:
-              announce_bgp:
-                enabled: true
-                localASN: {LOCAL_ASN}
-                netns: {lab.topo["node"].netns}
-                gracefulRestartTime: 30
-                peers: [{{address: {RTR_IP}, asn: {ROUTER_ASN}, holdTime: 6}}]
-                advertisements:
-                  - serviceSelector: {{matchLabels: {{bgp: "yes"}}}}
-                    communities: ["64512:443"]
-            """
-        )
-    )
+    cfg = parse_config(agent_config(lab, tmp_path, manifests, poll=0.05, metrics=f"127.0.0.1:{port}", extra="""
+        advertisements:
+          - serviceSelector: {matchLabels: {bgp: "yes"}}
+            communities: ["64512:443"]
+        """))
     agent = Agent(cfg)
     agent.setup()
     try:
@@ -457,23 +461,7 @@ def test_a_manifest_change_reaches_service_list_and_bird_without_a_poll(lab, tmp
     svc_file = manifests / "ingress.yaml"
     svc_file.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
     config = tmp_path / "kpr.yaml"
-    config.write_text(textwrap.dedent(
-        f"""
-        node: {{name: node1, addresses: [{NODE_IP}], devices: [lo]}}
-        source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 60, emptyGracePeriod: 0}}
-        service: {{clusterCIDR: [10.96.0.0/16]}}
-        api: {{socket: {tmp_path}/kpr.sock}}
-        metrics: {{address: ""}}
-        agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 5}}
-        plugins:
-          announce_bgp:
-            enabled: true
-            localASN: {LOCAL_ASN}
-            netns: {lab.topo["node"].netns}
-            gracefulRestartTime: 30
-            peers: [{{address: {RTR_IP}, asn: {ROUTER_ASN}, holdTime: 6}}]
-        """
-    ))
+    config.write_text(agent_config(lab, tmp_path, manifests, poll=60))
 
     def service_list() -> list[str]:
         res = subprocess.run([sys.executable, "-m", "kpr.cli", "service", "list", "--json", "--config", str(config)],

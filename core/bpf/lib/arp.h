@@ -134,6 +134,23 @@ static __always_inline int kpr_mac_eq(const __u8 *a, const __u8 *b)
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
 }
 
+// The entry to answer a request with, or NULL (counted) when the target is not owned here, the
+// agent has gone silent, or the request is our own frame coming back.
+static __always_inline struct kpr_arp_val *kpr_arp_answerable(__u32 ifindex, struct kpr_arp_val *own, const __u8 *src_mac)
+{
+	if (!own) {
+		kpr_arp_count(ifindex, KPR_ARP_ST_NOT_OWNED);
+		return (void *)0;
+	}
+	if (!kpr_arp_agent_alive()) {
+		kpr_arp_count(ifindex, KPR_ARP_ST_EXPIRED);
+		return (void *)0;
+	}
+	if (kpr_mac_eq(src_mac, own->mac))
+		return (void *)0; // never answer ourselves
+	return own;
+}
+
 static __always_inline int kpr_arp_v4(kpr_ctx_t *ctx, __u32 ifindex)
 {
 	struct ethhdr *eth = ctx_ptr(ctx, 0, ETH_HLEN + sizeof(struct kpr_arp_eth));
@@ -163,16 +180,9 @@ static __always_inline int kpr_arp_v4(kpr_ctx_t *ctx, __u32 ifindex)
 	}
 	if (a->op != kpr_htons(ARPOP_REQUEST))
 		return KPR_ARP_PASS;
-	if (!own) {
-		kpr_arp_count(ifindex, KPR_ARP_ST_NOT_OWNED);
+	own = kpr_arp_answerable(ifindex, own, eth->h_source);
+	if (!own)
 		return KPR_ARP_PASS;
-	}
-	if (!kpr_arp_agent_alive()) {
-		kpr_arp_count(ifindex, KPR_ARP_ST_EXPIRED);
-		return KPR_ARP_PASS;
-	}
-	if (kpr_mac_eq(eth->h_source, own->mac))
-		return KPR_ARP_PASS; // our own frame coming back: never answer ourselves
 	__builtin_memcpy(asker, a->sha, 6);
 	__builtin_memcpy(eth->h_dest, asker, 6);
 	__builtin_memcpy(eth->h_source, own->mac, 6);
@@ -225,15 +235,8 @@ static __always_inline int kpr_ndp(kpr_ctx_t *ctx, __u32 ifindex)
 			kpr_arp_count(ifindex, KPR_ARP_ST_CONFLICT);
 		return KPR_ARP_PASS;
 	}
-	if (!own) {
-		kpr_arp_count(ifindex, KPR_ARP_ST_NOT_OWNED);
-		return KPR_ARP_PASS;
-	}
-	if (!kpr_arp_agent_alive()) {
-		kpr_arp_count(ifindex, KPR_ARP_ST_EXPIRED);
-		return KPR_ARP_PASS;
-	}
-	if (kpr_mac_eq(eth->h_source, own->mac))
+	own = kpr_arp_answerable(ifindex, own, eth->h_source);
+	if (!own)
 		return KPR_ARP_PASS;
 	dad = kpr_addr_is_unspec(src);
 

@@ -23,7 +23,7 @@ def problems(section: str) -> list[str]:
 def test_defaults_and_camel_case_keys():
     cfg = AnnounceARPConfig.model_validate({"interfaces": ["eth0"]})
     assert (cfg.heartbeat_port, cfg.heartbeat_interval, cfg.dead_interval) == (7946, 0.2, 1.0)
-    assert (cfg.garp_repeat, cfg.garp_interval, cfg.drop_unserved) == (3, 0.0, "auto")
+    assert (cfg.garp_repeat, cfg.garp_interval, cfg.drop_unserved, cfg.responder) == (3, 0.0, "auto", "auto")
     cfg = AnnounceARPConfig.model_validate(
         {
             "interfaces": ["eth0", "eth1"],
@@ -72,6 +72,7 @@ def test_kubernetes_membership_defaults():
         ("enabled: true\ninterfaces: [eth0]\nfrontendTypes: [ClusterIP]\n", "plugins.announce_arp.frontendTypes", "LoadBalancer"),
         ("enabled: true\ninterfaces: [eth0]\ngarpRepeats: 3\n", "plugins.announce_arp.garpRepeats", "unknown key"),
         ("enabled: true\ninterfaces: [eth0]\nmembership: lease\n", "plugins.announce_arp.membership", "heartbeat"),
+        ("enabled: true\ninterfaces: [eth0]\nresponder: bpf\n", "plugins.announce_arp.responder", "'auto' or 'python'"),
         ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nmembers: [a=10.0.0.1]\n", "plugins.announce_arp.members", "only for membership: heartbeat"),
         ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\nkeyFile: /k\n", "plugins.announce_arp.keyFile", "only for membership: heartbeat"),
         ("enabled: true\ninterfaces: [eth0]\nmembership: kubernetes\ndeadInterval: 2\n", "plugins.announce_arp.deadInterval", "only for membership: heartbeat"),

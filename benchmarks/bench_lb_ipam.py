@@ -111,6 +111,15 @@ class _Sink:
         pass
 
 
+def probes(a: LbAllocator, make, sharing: bool, reps: int = 2000) -> float:
+    """Slots the tables looked at per change (add + delete), on average: the work itself,
+    free of the machine's noise."""
+    before = sum(t.probes for t in a.tables.values())
+    for r in range(reps):
+        timed(a, make(5_000_000 + r, sharing))
+    return (sum(t.probes for t in a.tables.values()) - before) / reps
+
+
 def files_end_to_end(n: int) -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-lb-ipam-"))
     (base / "m").mkdir()
@@ -187,10 +196,12 @@ def main() -> None:
         for what, (at0, atn, make, sharing) in cases.items():
             rows[what][0].append(timed(at0, make(r, sharing)))
             rows[what][1].append(timed(atn, make(r, sharing)))
-    print(f"{'one change (add + delete)':28} {'at 0':>10} {'at ' + str(n):>10} {'ratio':>7}")
+    print(f"{'one change (add + delete)':28} {'at 0':>10} {'at ' + str(n):>10} {'ratio':>7}   slots probed per change")
     for what, (at0, atn) in rows.items():
         m0, mn = statistics.median(at0), statistics.median(atn)
-        print(f"{what:28} {m0 * 1e6:8.1f}us {mn * 1e6:8.1f}us {mn / m0:7.2f}")
+        a0, an = cases[what][0], cases[what][1]
+        p0, pn = probes(a0, cases[what][2], cases[what][3]), probes(an, cases[what][2], cases[what][3])
+        print(f"{what:28} {m0 * 1e6:8.1f}us {mn * 1e6:8.1f}us {mn / m0:7.2f}   {p0:.2f} vs {pn:.2f}")
     files_end_to_end(n)
     print(f"load after: {os.getloadavg()[0]:.2f}")
 

@@ -58,9 +58,13 @@ class SlotTable:
         self._pinned_usable = 0
         self._waiting: set[str] = set()
         self._waiting_heap: list[tuple[Priority, str]] = []
-        self._placed_heap: list[_Low] = []
+        # Placed entries, lowest priority first: built at the first overflow and kept while
+        # the table stays at least half full, so a table with room pays nothing for it.
+        self._placed_heap: list[_Low] | None = None
         # Ids whose slot changed (placed, moved, evicted) since the caller last cleared it.
         self.moved: set[str] = set()
+        # Slots looked at, placing and re-placing: the work, for benchmarks and status.
+        self.probes = 0
 
     # --- observation ---------------------------------------------------------------------
 
@@ -102,6 +106,8 @@ class SlotTable:
         self.moved.add(id)
         self._rebuild_after(s)
         self._fill_from_waiting()
+        if self._placed_heap is not None and len(self.slots) < self.capacity // 2:
+            self._placed_heap = None
 
     def pin(self, slot: int) -> None:
         n = self.pins.get(slot, 0)
@@ -177,6 +183,7 @@ class SlotTable:
         carried = e
         i = carried.home
         while True:
+            self.probes += 1
             if self._blocked(i):
                 i = (i + 1) % self.size
                 continue
@@ -185,14 +192,14 @@ class SlotTable:
                 self.slots[i] = carried
                 self.where[carried.id] = i
                 self.moved.add(carried.id)
-                heapq.heappush(self._placed_heap, _Low(carried.prio, carried.id))
+                if self._placed_heap is not None:
+                    heapq.heappush(self._placed_heap, _Low(carried.prio, carried.id))
                 if occ is None:
                     break
                 carried = occ
             i = (i + 1) % self.size
-        if len(self._placed_heap) > 2 * len(self.slots) + 64:
-            self._placed_heap = [_Low(e.prio, e.id) for e in self.slots.values()]
-            heapq.heapify(self._placed_heap)
+        if self._placed_heap is not None and len(self._placed_heap) > 2 * len(self.slots) + 64:
+            self._placed_heap = None  # rebuilt without the stale items when next needed
 
     def _rebuild_after(self, slot: int) -> None:
         """Re-place the entries of the run after `slot`, which just came free: each may now
@@ -200,6 +207,7 @@ class SlotTable:
         run: list[tuple[int, Entry]] = []
         i = (slot + 1) % self.size
         for _ in range(self.size - 1):
+            self.probes += 1
             if not self._blocked(i):
                 occ = self.slots.get(i)
                 if occ is None:
@@ -215,6 +223,9 @@ class SlotTable:
                 self.moved.discard(e.id)
 
     def _lowest_placed(self) -> Entry | None:
+        if self._placed_heap is None:
+            self._placed_heap = [_Low(e.prio, e.id) for e in self.slots.values()]
+            heapq.heapify(self._placed_heap)
         while self._placed_heap:
             top = self._placed_heap[0]
             e = self.entries.get(top.id)

@@ -179,6 +179,8 @@ def rr(r: Rig, cmd: list[str], host: str, seconds: float, rt: bool) -> float:
 
 def iperf(r: Rig, host: str, seconds: float) -> float:
     secs = str(max(1, round(seconds)))  # iperf3 reads -t as whole seconds; 0 is "forever"
+    # the client is not SCHED_FIFO: next to its server at the same priority on one CPU it
+    # could spin while the server waits for the CPU
     res = r.topo.run("cl", ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", secs, "-J"], timeout=seconds + 60)
     return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
@@ -211,7 +213,7 @@ def main() -> int:
         srv = r.topo.popen(POD, [*pinned(args.server_cpu, args.rt), *cmd, "server", str(RR_PORT)], stdout=subprocess.PIPE, text=True)
         if srv.stdout.readline().strip() != "ready":
             raise RuntimeError("RR server did not start")
-        r.topo.popen(POD, [*pinned(args.server_cpu, args.rt), "iperf3", "-s", "-p", str(IPERF_PORT)])
+        r.topo.popen(POD, [*pinned(args.server_cpu, False), "iperf3", "-s", "-p", str(IPERF_PORT)])
         ipt = r.topo.run("node", ["iptables-restore"], input=iptables_rules(args.rules), check=False)
         if ipt.returncode != 0:
             print(f"(iptables rule set not installed: {ipt.stderr.strip()[:200]})", file=sys.stderr)

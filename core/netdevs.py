@@ -22,6 +22,7 @@ Kinds (the same values as KPR_DEV_* in core/bpf/lib/devkind.h; a root-free test 
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import select
@@ -44,6 +45,7 @@ NETLINK_ROUTE = 0
 COALESCE_SECONDS = 0.02
 STOP_SECONDS = 2.0
 START_SECONDS = 10.0
+RETRY_SECONDS = 1.0  # a dump that failed is tried again after this long, events or not
 
 OVERLAY_KINDS = frozenset({
     "vxlan", "geneve", "bareudp", "gtp", "gre", "gretap", "ip6gre", "ip6gretap", "erspan", "ip6erspan",
@@ -243,22 +245,29 @@ class DeviceWatcher:
                 return True
             except OSError as exc:
                 # ENOBUFS: events were lost; the dump that follows catches up anyway
-                if exc.errno == 105:
+                if exc.errno == errno.ENOBUFS:
                     continue
                 log.warning("event=netdevs_socket_error error=%s", exc)
                 return False
 
-    def _refresh(self, first: bool = False) -> None:
+    @property
+    def running(self) -> bool:
+        """Whether the watcher still follows events (False before start, after stop, or when its
+        thread ended on an error: `devices` is then as of its last dump)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    def _refresh(self, first: bool = False) -> bool:
+        """Dump and report a change; False when the dump failed."""
         try:
             current = _dump(self._ipr)
         except Exception as exc:
             if first:
                 raise
             self.errors += 1
-            log.warning("event=netdevs_dump_failed error=%r", exc)
-            return
+            log.warning("event=netdevs_dump_failed error=%r retry_seconds=%.1f", exc, RETRY_SECONDS)
+            return False
         if current == self.devices and not first:
-            return
+            return True
         self.devices = current
         self.changes += 1
         try:
@@ -266,6 +275,7 @@ class DeviceWatcher:
         except Exception:
             self.errors += 1
             log.exception("event=netdevs_callback_failed")
+        return True
 
     def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
         try:
@@ -289,15 +299,16 @@ class DeviceWatcher:
     def _watch(self) -> None:
         assert self._events is not None
         fds = [self._events.fileno(), self._wake_r]
+        retry = False  # the last dump failed: look again after RETRY_SECONDS
         while not self._stopping.is_set():
             try:
-                ready, _, _ = select.select(fds, [], [])
+                ready, _, _ = select.select(fds, [], [], RETRY_SECONDS if retry else None)
             except OSError as exc:
                 log.warning("event=netdevs_select_failed error=%s", exc)
                 return
             if self._stopping.is_set() or self._wake_r in ready:
                 return
-            if not self._drain():
+            if ready and not self._drain():
                 return
             # coalesce: wait for the burst to end (bounded by quiet time, not by its length)
             while not self._stopping.is_set():
@@ -307,4 +318,4 @@ class DeviceWatcher:
                 if not self._drain():
                     return
             if not self._stopping.is_set():
-                self._refresh()
+                retry = not self._refresh()

@@ -481,6 +481,7 @@ class NodePortAgent:
         return {
             "links": dict(sorted(by_kind.items())),
             "external": {d.name: d.kind.name.lower() for d in devs if d.name in wanted},
+            "watching": self.netdevs.running if self.netdevs is not None else False,
             "watchErrors": self.netdevs.errors if self.netdevs is not None else None,
         }
 
@@ -741,7 +742,9 @@ class NodePortAgent:
         counters["config_not_honoured"] = float(len(not_honoured))
 
         wanted = tuple(self.context.node.devices) if self.context else ()
-        healthy = dp is not None and bool(wanted) and not self._device_errors and set(wanted) <= set(devices)
+        watching = self.netdevs is not None and self.netdevs.running
+        healthy = (dp is not None and bool(wanted) and not self._device_errors and set(wanted) <= set(devices)
+                   and watching)
         if dp is None:
             msg = "not started"
         elif not wanted:
@@ -750,6 +753,8 @@ class NodePortAgent:
             msg = f"{len(devices)}/{len(wanted)} devices, mode {cfg.mode if cfg else '?'}"
             if self._device_errors:
                 msg += "; failed: " + ", ".join(f"{d} ({w})" for d, w in sorted(self._device_errors.items()))
+        if dp is not None and not watching:
+            msg += "; links no longer followed (device watcher stopped): new pods' devices go through the stack"
         if not_honoured:
             msg += f"; {len(not_honoured)} setting(s) not honoured by the service map writer"
         if self._mode_problems:

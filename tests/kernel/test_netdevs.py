@@ -139,3 +139,16 @@ def test_watcher_callback_error_is_counted(topology: Topology) -> None:
         wait_for(lambda: "d1" in _by_name(w.devices), 5, "the watcher carries on")
     finally:
         w.stop()
+
+
+def test_running_says_whether_events_are_followed(topology: Topology) -> None:
+    node = topology.add_node("node")
+    w = DeviceWatcher(lambda d: None, netns=node.netns)
+    assert not w.running
+    w.start()
+    try:
+        assert w.running
+    finally:
+        w.stop()
+    assert not w.running
+    w.stop()  # a second stop is harmless

@@ -282,7 +282,9 @@ def test_kubernetes_status_is_written_once_by_the_elected_node_and_taken_over(ap
         api.create(service("late"))
         wait_for(lambda: other.elected, 10, "the other node elected after the Lease lapsed")
         wait_for(lambda: ingress(api, "late"), 10, "the new service's status, by the new leader")
-        assert other.source.status_writes == 1
+        # (The counter moves when the PATCH has returned, a moment after the server shows it.)
+        wait_for(lambda: other.source.status_writes == 1, 5, "the new leader's write counted")
+        assert leader.source.status_writes == 5
         assert {f"s{i}": ingress(api, f"s{i}") for i in range(4)} == before
         lease = api.get("Lease", "kube-system", "kpr-lb-ipam")
         assert lease["spec"]["holderIdentity"] == other.source.node_name
@@ -445,3 +447,48 @@ def test_kubernetes_a_type_change_releases_only_what_lb_ipam_wrote(api):
         assert ingress(api, "theirs") == ["198.51.100.9"] and condition(api, "theirs") is None
         assert not any(path.endswith("/theirs/status") for path in status_writes(api))
         assert a.source.status_writes == 2
+
+
+def test_kubernetes_two_agents_one_writer_and_a_graceful_hand_over(api, tmp_path):
+    from kpr import api as local_api
+    from kpr.config import parse_config
+    from kpr.daemon import Agent
+
+    def config(node: str):
+        return parse_config(
+            f"node: {{name: {node}, addresses: [192.168.50.10], devices: [lo]}}\n"
+            f"source: {{kind: kubernetes, apiServer: '{api.url}', tokenFile: {api.token_file}, caFile: {api.ca_file}}}\n"
+            f"api: {{socket: {tmp_path}/{node}.sock}}\nmetrics: {{address: ''}}\n"
+            f"agent: {{stateDir: {tmp_path}/{node}-state, shutdownTimeout: 3}}\n"
+            f"plugins:\n  lb_ipam:\n    enabled: true\n    pools: [{{name: public, addresses: ['{POOL}']}}]\n"
+            f"    lease: {{duration: 2, retryPeriod: 0.2}}\n"
+        )
+
+    def listed(node: str, name: str) -> list[str]:
+        rows = local_api.get(tmp_path / f"{node}.sock", "/v1/services", timeout=2)
+        return [r["address"] for r in rows if r["service"] == f"default/{name}" and r["type"] == "LoadBalancer"]
+
+    api.create(service("web"))
+    agents = {n: Agent(config(n)) for n in ("node1", "node2")}
+    running = dict(agents)
+    try:
+        for a in agents.values():
+            a.setup()
+        ip = wait_for(lambda: ingress(api, "web"), 15, "the status written")
+        for n in agents:
+            wait_for(lambda n=n: listed(n, "web") == ip, 10, f"kpr service list on {n}")
+        elected = wait_for(lambda: [n for n, a in agents.items()
+                                    if local_api.get(tmp_path / f"{n}.sock", "/v1/status", timeout=2)["plugins"]["lb_ipam"]["counters"]["elected"]],
+                           10, "one elected")
+        assert len(elected) == 1 and len(status_writes(api)) == 1
+        # The writer stops: its Lease is handed back and the other agent writes the next one.
+        running.pop(elected[0]).shutdown()
+        api.create(service("late"))
+        late = wait_for(lambda: ingress(api, "late"), 5, "the next status, by the other agent")
+        assert late != ip
+        (other,) = running
+        wait_for(lambda: listed(other, "late") == late, 10, "served by the other agent")
+        assert api.get("Lease", "kube-system", "kpr-lb-ipam")["spec"]["holderIdentity"] == other
+    finally:
+        for a in running.values():
+            a.shutdown()

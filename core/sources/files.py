@@ -716,7 +716,7 @@ class FilesSource:
         with self._lock:
             self._service_handlers.append(handler)
             if self._lb_seen:
-                handler(list(self._lb_seen.values()), [])
+                handler([memory.unpack(o) for o in self._lb_seen.values()], [])
 
     def elect(self, lease: LeaseSpec, on_change: Callable[[bool], None]) -> None:
         # Every node writes its own copy: nothing to compete for.
@@ -753,8 +753,9 @@ class FilesSource:
         spec = obj.get("spec")
         is_lb = isinstance(spec, dict) and spec.get("type") == "LoadBalancer"
         # Only LoadBalancers (and one that just stopped being one) are kept for watchers.
-        if (is_lb or ref in self._lb_seen) and self._lb_seen.get(ref) != obj:
-            self._lb_seen[ref] = obj
+        if (is_lb or ref in self._lb_seen) and not memory.same(self._lb_seen.get(ref), obj):
+            # Packed: 10k LoadBalancers would otherwise be held twice as dicts.
+            self._lb_seen[ref] = memory.pack(obj)
             self._lb_news[0].append(obj)
         ips = self.allocator.load_balancer(f"{ref[1]}/{ref[2]}")
         if not ips or not is_lb:

@@ -364,7 +364,8 @@ class ServiceMapWriter:
 
     def _reset_shadow(self) -> None:
         self._groups: dict[bytes, _Group] = {}
-        self._by_service: dict[ServiceKey, set[bytes]] = {}
+        # service -> its frontend keys (a tuple: most services have one or two; see _own)
+        self._by_service: dict[ServiceKey | None, tuple[bytes, ...] | set[bytes]] = {}
         self._services: dict[ServiceKey, Service] = {}
         # Backends: identity (addr16 + port + proto) -> id; id -> value in the map; id -> refs.
         self._backend_ids: dict[bytes, int] = {}
@@ -579,7 +580,7 @@ class ServiceMapWriter:
         self._by_service = {}
         for fk, g in self._groups.items():
             if g.owner is not None:
-                self._by_service.setdefault(g.owner, set()).add(fk)
+                _own(self._by_service, g.owner, fk)
         self._count = group_entries(self._groups.values())
 
     def _maglev_input(self, ids: Iterable[int]) -> tuple[tuple[str, int], ...]:
@@ -791,7 +792,7 @@ class ServiceMapWriter:
                     del desired[fk]
                 elif self.conflicts.get(fk) == key:
                     del self.conflicts[fk]
-            old_fks = self._by_service.get(key, set()) | {fk for fk in desired if fk in self._groups}
+            old_fks = set(self._by_service.get(key, ())) | {fk for fk in desired if fk in self._groups}
             old = {fk: self._groups.get(fk) for fk in old_fks}
             refusal = self._refusal(old, desired)
             if refusal is not None:
@@ -1298,18 +1299,16 @@ class ServiceMapWriter:
                     _add_counts(count, gone, -1)
                 self._forget_revnat(fk)
                 if g.owner is not None and g.owner in self._by_service:
-                    self._by_service[g.owner].discard(fk)
-                    if not self._by_service[g.owner]:
-                        del self._by_service[g.owner]
+                    _disown(self._by_service, g.owner, fk, drop_empty=True)
         for fk, g in new.items():
             prev = self._groups.get(fk)
             if prev is not None and prev.owner is not None and prev.owner != g.owner:
-                self._by_service.get(prev.owner, set()).discard(fk)
+                _disown(self._by_service, prev.owner, fk, drop_empty=False)
             if prev is not None:
                 _add_counts(count, prev, -1)
             _add_counts(count, g, 1)
             self._groups[fk] = g
-            self._by_service.setdefault(g.owner, set()).add(fk)
+            _own(self._by_service, g.owner, fk)
         for bid, d in ref_delta.items():
             refs[bid] = refs.get(bid, 0) + d
         self._backend_vals.update(be_up)
@@ -1548,6 +1547,29 @@ _SHADOW = (
     "_groups", "_by_service", "_backend_ids", "_backend_vals", "_backend_refs", "_revnat_ids", "_revnat_used",
     "_next_backend", "_next_revnat", "_stray", "_count",
 )
+
+
+def _own(by: dict[Any, Any], owner: ServiceKey | None, fk: bytes) -> None:
+    """Record that `owner` has `fk`: a tuple while it has a few, a set beyond."""
+    fks = by.get(owner, ())
+    if type(fks) is set:
+        fks.add(fk)
+    elif fk not in fks:
+        by[owner] = fks + (fk,) if len(fks) < 8 else {*fks, fk}
+
+
+def _disown(by: dict[Any, Any], owner: ServiceKey | None, fk: bytes, drop_empty: bool) -> None:
+    """Forget that `owner` has `fk`; an owner left with none is dropped only when asked (an
+    empty entry still counts in status, as it always did)."""
+    fks = by.get(owner)
+    if fks is None:
+        return
+    if type(fks) is set:
+        fks.discard(fk)
+    elif fk in fks:
+        fks = by[owner] = tuple(f for f in fks if f != fk)
+    if drop_empty and not fks:
+        del by[owner]
 
 
 def _add_counts(count: dict[str, int], g: _Group, sign: int) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Callable, Protocol
 
@@ -60,7 +59,8 @@ class ObjectStore:
         # ref -> the object, packed (memory.pack): unpacked when its service is translated.
         self._objects: dict[ObjectRef, bytes | dict] = {}
         # service key -> refs of the objects that feed it (the Service, slices, Endpoints, Pod)
-        self._members: dict[ServiceKey, set[ObjectRef]] = defaultdict(set)
+        # (a tuple while few: most services have two members, and a set takes four times the memory)
+        self._members: dict[ServiceKey, tuple[ObjectRef, ...] | set[ObjectRef]] = {}
         self.services: dict[ServiceKey, Service] = {}
         self.errors: dict[str, str] = {}
         # Things accepted but worth knowing (a ClusterIP family without service.clusterCIDR).
@@ -91,7 +91,7 @@ class ObjectStore:
                     self._index(ref, obj, None, touched)
                     key = translate.service_key_of(obj)
                     if key is not None:
-                        self._members[key].discard(ref)
+                        self._drop_member(key, ref)
                         touched.add(key)
             for item in upserts:
                 # Sources may hand objects packed (memory.pack); the dict lives for this step only.
@@ -104,13 +104,17 @@ class ObjectStore:
                 if old is not None:
                     old_key = translate.service_key_of(old)
                     if old_key is not None:
-                        self._members[old_key].discard(ref)
+                        self._drop_member(old_key, ref)
                         touched.add(old_key)
                 # Kept packed, read again when its service is translated.
                 self._objects[ref] = item if type(item) is bytes else memory.pack(obj)
                 key = translate.service_key_of(obj)
                 if key is not None:
-                    self._members[key].add(ref)
+                    members = self._members.get(key, ())
+                    if type(members) is set:
+                        members.add(ref)
+                    elif ref not in members:  # a set beyond a few (a service of many slices)
+                        self._members[key] = members + (ref,) if len(members) < 8 else {*members, ref}
                     touched.add(key)
             for key in sorted(touched):
                 self._refresh(key)
@@ -140,6 +144,13 @@ class ObjectStore:
         """The object the store holds under `ref` (a copy: the store keeps it packed)."""
         with self._lock:
             return memory.unpack(self._objects.get(ref))
+
+    def _drop_member(self, key: ServiceKey, ref: ObjectRef) -> None:
+        members = self._members.get(key)
+        if type(members) is set:
+            members.discard(ref)
+        elif members and ref in members:
+            self._members[key] = tuple(r for r in members if r != ref)
 
     def synced(self) -> None:
         with self._lock:
@@ -303,7 +314,7 @@ class ObjectStore:
             return list(self.services.values())
 
     def _refresh(self, key: ServiceKey) -> None:
-        members = self._members.get(key) or set()
+        members = self._members.get(key) or ()
         unpack = memory.unpack
         objs = [unpack(self._objects[r]) for r in members]
         origin = f"service {key}"

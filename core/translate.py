@@ -704,7 +704,7 @@ def _parse_service_port(obj: KubeObject, port: object, i: int) -> _ServicePort:
     elif target is not None:
         _port(obj, target, f"{path}.targetPort")
     return _ServicePort(
-        name=_str(obj, port.get("name"), f"{path}.name"),
+        name=_interned(_str(obj, port.get("name"), f"{path}.name")),  # kept by the model's frontends
         protocol=_protocol(obj, port.get("protocol"), f"{path}.protocol"),
         port=_port(obj, port.get("port"), f"{path}.port"),
         node_port=_port(obj, port.get("nodePort"), f"{path}.nodePort", optional=True),

@@ -89,7 +89,7 @@ class _FileState:
     # The file did not parse: `objects` are left from an earlier version.
     failed: bool = False
     # namespace/name of every Service the file names, valid or not: their allocations
-    # are kept when pruning.
+    # are kept when pruning (collected until that one pruning is done).
     service_keys: set[str] = field(default_factory=set)
     position: dict[ObjectRef, int] = field(default_factory=dict)
 
@@ -539,6 +539,7 @@ class FilesSource:
         keep = {f"{ref[1]}/{ref[2]}" for ref in self._holders if ref[0] == "Service"}
         for st in self._files.values():
             keep |= st.service_keys
+            st.service_keys.clear()  # needed for this one pruning only (a string per Service)
         n = self.allocator.retain(keep)
         if n:
             log.info("files.allocations_released services=%d", n)
@@ -589,7 +590,7 @@ class FilesSource:
                 meta["namespace"] = "default"
             kind = doc.get("kind")
             label = _describe(doc)
-            if kind == "Service" and isinstance(meta, dict) and isinstance(meta.get("name"), str):
+            if kind == "Service" and isinstance(meta, dict) and isinstance(meta.get("name"), str) and not self._pruned:
                 st.service_keys.add(f"{meta['namespace']}/{meta['name']}")
             if kind not in SUPPORTED_KINDS:
                 st.errors.append(f"{label}: kind {kind!r} is not supported (only {', '.join(SUPPORTED_KINDS)}); skipped")

@@ -21,7 +21,9 @@ Rules (the README's lb_ipam section says the same for users):
   address a service already holds in status.loadBalancer.ingress is kept like a request of
   lower rank, so nothing moves when a new node is elected.
 - Any problem leaves the service without an address and says why; nothing another service
-  holds changes because of it.
+  holds changes because of it. (With the files source the ranking still decides who holds
+  what: in an exhausted pool, or in a sharing group, a service that ranks first takes its
+  place whenever it arrives; the README lists when addresses move.)
 """
 
 from __future__ import annotations

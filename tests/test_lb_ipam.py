@@ -373,6 +373,16 @@ def test_with_status_a_held_address_is_kept_and_a_request_beats_it():
     assert changed["default/held"].ips and changed["default/held"].ips != ("203.0.113.77",)
 
 
+def test_with_status_an_exhausted_pool_takes_nothing_held():
+    a = allocator(pool(addresses=["203.0.113.0/30"]), use_status=True)
+    held = {f"s{i}": (f"203.0.113.{i}",) for i in range(4)}
+    a.update([svc(n, created="2024-06-01T00:00:00Z", status_ips=ip) for n, ip in held.items()])
+    # An older service arrives: it waits, where the files rule would give it an address.
+    changed = a.update([svc("older", created="2020-01-01T00:00:00Z")])
+    assert list(changed) == ["default/older"] and "no free IPv4 address" in changed["default/older"].problem
+    assert {k[len("default/"):]: r.ips for k, r in a.results.items() if r.ips} == held
+
+
 def test_files_leave_a_manifests_own_status_alone():
     a = allocator()
     a.update([svc("own", status_ips=("198.51.100.7",))])

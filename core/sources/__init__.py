@@ -95,7 +95,8 @@ class StatusWriter(Protocol):
         service condition where the source has conditions). Empty `ips` and no problem is a
         release: it drops only what this writer wrote (a status another controller wrote
         stays). Returns False when this node may not write now. Writing what the service
-        already shows costs nothing."""
+        already shows costs nothing. Raises RuntimeError when the write was refused for this
+        service, anything else when the source cannot be reached."""
 
     def resign(self) -> None:
         """Stop competing; a held Lease is released so another node takes over at once."""

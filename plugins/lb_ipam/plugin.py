@@ -162,7 +162,10 @@ class LbIpam:
                 if res.problem:
                     log.warning("lb_ipam.refused service=%s reason=%s", key, res.problem)
                 elif res.ips:
-                    log.info("lb_ipam.allocated service=%s ips=%s", key, ",".join(res.ips))
+                    log.debug("lb_ipam.allocated service=%s ips=%s", key, ",".join(res.ips))
+            if changed:
+                log.info("lb_ipam.changed services=%d with_address=%d refused=%d", len(changed),
+                         sum(1 for r in changed.values() if r.ips), sum(1 for r in changed.values() if r.problem))
             deleted = set(deletes)
             with self._lock:
                 for key, res in changed.items():
@@ -190,7 +193,10 @@ class LbIpam:
                 self.write_errors += 1
                 self.last_error = f"{key}: {e}"
                 log.warning("lb_ipam.write_failed service=%s error=%s", key, e)
-                continue
+                if isinstance(e, RuntimeError):
+                    continue  # the source answered about this service: the others may pass
+                return  # the source cannot be reached: all wait for the retry
+
             if not ok:
                 return  # no longer elected; the next one writes
             self.writes += 1

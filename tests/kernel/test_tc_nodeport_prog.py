@@ -655,7 +655,8 @@ def test_the_egress_device_kind_picks_the_helper(lab: Lab) -> None:
     """Local delivery by the pod device's kind (kpr_np_devkind): redirect_peer into a veth with a
     peer, bpf_redirect with the route's MACs into a bridge, the stack (the frame's MACs as they
     came, the packet translated) for a device not classified yet. The verdict is TC_ACT_REDIRECT
-    for both helpers: the counters tell them apart."""
+    for both helpers: the counters tell them apart. A source-NATed flow through a device of
+    unknown kind takes bpf_redirect_neigh."""
     from kpr.netdevs import DevKind
 
     lxc_idx = lab.topo.ifindex("lb", next(i for i in lab.topo["lb"].ifaces if i.startswith("lxc")))
@@ -686,6 +687,23 @@ def test_the_egress_device_kind_picks_the_helper(lab: Lab) -> None:
         assert (out.src, out.dst) == (MAC_OUT, lab.mac), "the frame as it came, for the stack to accept"
         assert (out[IP].dst, out[TCP].dport) == (POD4, 8080), "translated: the stack routes it to the pod"
         assert d["fwd_stack_unknown_dev"] == 1 and d["egress_unknown"] == 1, d
+        # a source-NATed flow through a device of unknown kind: not the stack (the node's own
+        # source address would be a martian there) but the neighbour helper, safe on any device
+        eth0 = M.U32.pack(lab.ifindex)
+        saved_eth0 = kinds.lookup(eth0)
+        kinds.update(eth0, M.U32.pack(DevKind.UNKNOWN))
+        try:
+            before = lab.stats()
+            verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40503, 80))
+            after = lab.stats()
+        finally:
+            if saved_eth0 is not None:
+                kinds.update(eth0, saved_eth0)
+            else:
+                kinds.delete(eth0)
+        assert verdict == TC_ACT_REDIRECT and (out[IP].src, out[IP].dst) == (NODE4, REM4), out.summary()
+        assert after["fwd_neigh"] - before["fwd_neigh"] == 1 and after["egress_unknown"] - before["egress_unknown"] == 1
+        assert after["fwd_stack_unknown_dev"] == before["fwd_stack_unknown_dev"]
         status_names = set(D.FWD_STATS.values())
         assert {"fwd_peer", "fwd_redirect", "fwd_neigh", "fwd_stack_unknown_dev", "egress_bridge"} <= status_names
     finally:

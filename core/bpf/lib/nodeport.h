@@ -35,7 +35,9 @@
  * netkit whose peer is in another namespace (anything else it would hand to the kernel, which
  * drops it after the program returned, unseen), bpf_redirect with the FIB's MACs or
  * bpf_redirect_neigh for every other device (a bridge forwards by its FDB, an overlay device
- * encapsulates), the kernel's stack for a device the agent has not classified. XDP can only
+ * encapsulates), for a device the agent has not classified (yet) the kernel's stack when the
+ * packet still has the client's source (a local pod's request) and bpf_redirect_neigh
+ * otherwise (the stack drops a packet with the node's own address as its source). XDP can only
  * XDP_REDIRECT, and only a device with an XDP transmit path receives that (a veth only when its
  * peer runs XDP): it redirects to the external devices it is attached to and passes everything
  * else (pods' veths, bridges, overlays) to the stack. kpr_np_fwd counts how each packet left
@@ -522,8 +524,16 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 	kind = kpr_np_devkind_of(ifindex, external);
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
 	if (kind == KPR_DEV_UNKNOWN) {
-		kpr_np_fwd_count(KPR_NP_FWD_STACK_UNKNOWN_DEV);
-		return CTX_PASS;
+		// A request for a local pod (only DNAT: the client's source) the stack delivers as
+		// well. Other stages may have made the node's own address the source, which the stack
+		// drops as a martian: the neighbour helper is safe on every kind of device (only
+		// redirect_peer needs a peer), so they take it.
+		if (peer) {
+			kpr_np_fwd_count(KPR_NP_FWD_STACK_UNKNOWN_DEV);
+			return CTX_PASS;
+		}
+		kpr_np_fwd_count(KPR_NP_FWD_NEIGH);
+		return ctx_redirect_neigh(ctx, ifindex);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		kpr_np_fwd_count(KPR_NP_FWD_NEIGH);

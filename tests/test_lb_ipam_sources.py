@@ -492,3 +492,18 @@ def test_kubernetes_two_agents_one_writer_and_a_graceful_hand_over(api, tmp_path
     finally:
         for a in running.values():
             a.shutdown()
+
+
+def test_kubernetes_a_failed_write_is_retried(api):
+    with KubeNode(api, "node-a") as a:
+        wait_for(lambda: a.elected, 10, "elected")
+        api.fail(500)
+        api.create(service("x"))  # directly: the watch that is open still tells the node
+        try:
+            wait_for(lambda: a.plugin.write_errors >= 1, 10, "a write refused with 500")
+            assert not ingress(api, "x")
+            assert "answered 500" in a.plugin.kpr_status().message
+        finally:
+            api.heal()
+        wait_for(lambda: ingress(api, "x"), 15, "the write retried once the server answers")
+        wait_for(lambda: a.plugin.kpr_status().healthy, 10, "healthy again")

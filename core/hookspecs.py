@@ -74,8 +74,10 @@ def kpr_configure(config: "pydantic.BaseModel | None", context: "PluginContext")
     Args:
         config: an instance of the model the plugin returned from ``kpr_config_schema``,
             or ``None`` when it declared none.
-        context: the plugin's name, node facts, a logger, the whole config and a state
-            directory.
+        context: the plugin's name, node facts, a logger, the whole config, a state
+            directory and core facilities: ``kube_client()`` (the API server) and
+            ``status_writer()`` (the source's write-back of Service status, see
+            kpr.sources.StatusWriter).
 
     Returns: nothing. Raising stops start-up with the plugin's name and the error.
     """

@@ -122,6 +122,8 @@ def _backend_name(val: bytes) -> str:
 
 
 _NO_RANGES: frozenset[bytes] = frozenset()
+_NO_ORDER: tuple[None, None] = (None, None)
+_NO_MAGLEV: dict[int, Any] = {}  # never written: see _Group.set_maglev
 
 
 class _Group:
@@ -131,7 +133,7 @@ class _Group:
     # the writer keeps them for its lifetime. Its kpr_svc entries are kept packed (all keys
     # in one bytes, all values in another: fixed sizes) rather than as a dict of bytes, a
     # fifth of the memory; `svc` unpacks them for the rare diff of a changed group.
-    __slots__ = ("rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "n_heads", "revnat", "order", "backends", "maglev", "srcrange")
+    __slots__ = ("rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "n_heads", "revnat", "_order", "backends", "maglev", "srcrange")
 
     def __init__(self, rev_nat: int, owner: ServiceKey | None, revnat: bytes = b"") -> None:
         self.rev_nat = rev_nat
@@ -142,14 +144,30 @@ class _Group:
         self.n_svc = self.n_heads = 0  # entries, of which slot 0 entries (packed first)
         # kpr_revnat value (b"" for a group adopted without one).
         self.revnat = revnat
-        # Selectable backend ids in slot order, per scope: kept so later renders move few slots.
-        self.order: dict[int, list[int]] = {}
+        # Selectable backend ids in slot order, by scope (external, internal; None where it has
+        # none): kept so later renders move few slots. See order_of.
+        self._order: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = _NO_ORDER
         # Backend ids referenced by any slot, sorted (a tuple: a fifth of a frozenset's size).
         self.backends: tuple[int, ...] | frozenset[int] = ()
-        # Scope -> sorted (name, id) pairs its Maglev table was built from (None: unknown, rebuild).
-        self.maglev: dict[int, tuple[tuple[str, int], ...] | None] = {}
+        # Scope -> sorted (name, id) pairs its Maglev table was built from (None: unknown,
+        # rebuild). Most groups have none: one shared empty dict, replaced before a write.
+        self.maglev: dict[int, tuple[tuple[str, int], ...] | None] = _NO_MAGLEV
         # kpr_srcrange keys (most groups have none: one empty set shared by all of them).
         self.srcrange: frozenset[bytes] = _NO_RANGES
+
+    def order_of(self, scope: int) -> tuple[int, ...] | None:
+        """The scope's selectable backend ids in slot order (None: the scope has no entries)."""
+        return self._order[scope]
+
+    def set_order(self, scope: int, ids: list[int] | tuple[int, ...]) -> None:
+        order = list(self._order)
+        order[scope] = tuple(ids)
+        self._order = (order[0], order[1])
+
+    def set_maglev(self, scope: int, built_from: tuple[tuple[str, int], ...] | None) -> None:
+        if self.maglev is _NO_MAGLEV:
+            self.maglev = {}
+        self.maglev[scope] = built_from
 
     def set_svc(self, keys: list[bytes], values: list[bytes], heads: int | None = None) -> None:
         """Its kpr_svc entries, keys and values in the same order (each of one size); the
@@ -537,7 +555,7 @@ class ServiceMapWriter:
             self._groups[fk].set_svc(keys, values)
         for (fk, scope), count in counts.items():
             got = slots.get((fk, scope), {})
-            self._groups[fk].order[scope] = [got[i] for i in range(1, count + 1) if i in got]
+            self._groups[fk].set_order(scope, [got[i] for i in range(1, count + 1) if i in got])
         referenced: dict[bytes, set[int]] = {}
         for (fk, _scope), s in slots.items():
             referenced.setdefault(fk, set()).update(s.values())
@@ -576,7 +594,7 @@ class ServiceMapWriter:
                 continue
             # The table was built from the selectable slots; take that as its input so an
             # unchanged re-delivery after a restart does not rebuild every table.
-            g.maglev[scope] = self._maglev_input(g.order.get(scope, []))
+            g.set_maglev(scope, self._maglev_input(g.order_of(scope) or ()))
         self._by_service = {}
         for fk, g in self._groups.items():
             if g.owner is not None:
@@ -721,9 +739,9 @@ class ServiceMapWriter:
         svc_vals: list[bytes] = []
         for scope, local in scopes:
             sel, term = ext if scope == M.SCOPE_EXTERNAL else intl
-            prev_order = prev.order.get(scope) if prev is not None else None
+            prev_order = prev.order_of(scope) if prev is not None else None
             order = _stable_order(prev_order, sel)
-            g.order[scope] = order
+            g.set_order(scope, order)
             f = common
             if local:
                 f |= M.SVC_F_LOCAL_SCOPE
@@ -738,7 +756,7 @@ class ServiceMapWriter:
             referenced.update(slotted)
             if maglev and order:
                 # names from the packed address, as adoption derives them: same table after a restart
-                g.maglev[scope] = tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order))
+                g.set_maglev(scope, tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order)))
         g.set_svc(head_keys + svc_keys, head_vals + svc_vals, len(head_keys))
         g.backends = tuple(sorted(referenced))
         out[fk] = g
@@ -1584,7 +1602,7 @@ def _svc_delete_order(k: bytes) -> tuple[bool, bool]:
     return (not slot0, k[19] != M.SCOPE_EXTERNAL)
 
 
-def _stable_order(prev: list[int] | None, want: list[int]) -> list[int]:
+def _stable_order(prev: tuple[int, ...] | list[int] | None, want: list[int]) -> list[int]:
     """Slot order for `want` that moves as few ids as possible from `prev`.
 
     Survivors keep their slots; new ids fill the holes, then go at the end; leftover holes

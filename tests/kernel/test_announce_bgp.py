@@ -409,13 +409,19 @@ def agent_config(lab, tmp_path, manifests: Path, *, poll: float, metrics: str = 
     ) + textwrap.indent(textwrap.dedent(extra), "    ")
 
 
-def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
+def manifest_lab(lab, tmp_path) -> tuple[Bird, Path, Path]:
+    """The router with bird, and a manifests directory holding MANIFEST at LB_IP in one file."""
     lab.pair()
     bird = lab.bird()
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     svc_file = manifests / "ingress.yaml"
     svc_file.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
+    return bird, manifests, svc_file
+
+
+def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
+    bird, manifests, svc_file = manifest_lab(lab, tmp_path)
     port = free_port()
     cfg = parse_config(agent_config(lab, tmp_path, manifests, poll=0.05, metrics=f"127.0.0.1:{port}", extra="""
         advertisements:
@@ -448,18 +454,13 @@ def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
 
 
 def test_a_manifest_change_reaches_service_list_and_bird_without_a_poll(lab, tmp_path):
-    """pollInterval is a minute (the most it may be): only the files source's inotify watch can explain a change
-    arriving within the waits below."""
+    """pollInterval is a minute (the most it may be): only the files source's inotify watch
+    can explain a change arriving within the waits below."""
     import json
     import subprocess
     import sys
 
-    lab.pair()
-    bird = lab.bird()
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    svc_file = manifests / "ingress.yaml"
-    svc_file.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
+    bird, manifests, svc_file = manifest_lab(lab, tmp_path)
     config = tmp_path / "kpr.yaml"
     config.write_text(agent_config(lab, tmp_path, manifests, poll=60))
 

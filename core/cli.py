@@ -33,8 +33,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    from . import memory
     from .daemon import Agent
 
+    memory.one_heap()  # before the agent starts threads
     return Agent(config).run()
 
 

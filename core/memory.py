@@ -19,6 +19,9 @@ follows changes what any object means:
   a fifth of its dicts, lists and strings; `unpack` gives back an equal object when it is
   read (translation). Packed early, a full sync never holds every object's dicts at once:
   memory freed between long-lived objects is what keeps RSS up after a sync;
+- `one_heap`, for the agent's process, has every thread allocate from glibc's main heap: a
+  thread of its own (the files source, the bus's workers) otherwise gets an arena of its own,
+  and each keeps its freed memory apart (about 9 MB at 20k services);
 - `settle`, once the initial state has reached every plugin, freezes what else survives and
   gives the C heap's free pages back to the system (`malloc_trim`): bcc/LLVM's compile
   buffers and the initial sync's garbage.
@@ -200,6 +203,23 @@ def _malloc_trim() -> Callable[[int], int] | None:
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int
     return fn
+
+
+# mallopt parameter (glibc's malloc.h)
+_M_ARENA_MAX = -8
+
+
+def one_heap() -> bool:
+    """Limit glibc to one malloc arena for the whole process (call before threads start);
+    False where that cannot be done (not glibc). Every allocation holds the GIL anyway, so
+    threads lose nothing by sharing the heap."""
+    try:
+        fn = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return bool(fn(_M_ARENA_MAX, 1))
 
 
 def trim() -> None:

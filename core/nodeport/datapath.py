@@ -193,9 +193,9 @@ class Datapath:
         self.maglev_size = maglev_size
         self.snat_ports = snat_ports
         self.extra_cflags = list(extra_cflags)
-        # This build's own stage array (lib/nodeport.h KPR_NP_CALLS_PIN), named after the
-        # build's digest by load(): the entries it replaces keep their own stages until the
-        # switch; drop_other_generations() then unpins the arrays of earlier builds.
+        # This build's own stage array (lib/nodeport.h KPR_NP_CALLS_PIN): the entries it
+        # replaces keep their own stages until the switch; drop_other_generations() then
+        # unpins the arrays of earlier builds (load() names the adopted build's, if adopted).
         self.calls_pin = f"{self.CALLS_MAP}_{secrets.token_hex(4)}"  # bpffs refuses dots in names
         self.build = ""  # "compiled", or "adopted": the pinned links ran this build already
         # bpf.mapSizes overrides: the programs must declare the pinned maps as the writer made them.
@@ -227,16 +227,24 @@ class Datapath:
 
         source = self.SOURCE
         text = inline_includes(source.read_text(), [source.parent], label=str(source))
-        # One stage array per build, named after it: a restart with the same build finds the
-        # array its entries use.
-        self.calls_pin = self.CALLS_MAP  # the digest covers every flag but the array's own name
+        # The digest covers every flag but the stage array's own name. A compile always pins a
+        # fresh array (__init__'s name), even for a build that runs already: stages of a new
+        # compile read its own per-CPU state map, which the running entries never fill, so
+        # they must never reach them (SYNs were lost that way until the entries switched).
+        fresh, self.calls_pin = self.calls_pin, self.CALLS_MAP
         digest = builds.digest(text, self.cflags())
-        self.calls_pin = f"{self.CALLS_MAP}_{digest.hex()[:16]}"
+        self.calls_pin = fresh
         found = builds.adopt(self.pin, [digest], links_of) if links_of else None
         try:
             if found is not None:
                 self.progs.update(found[1])
                 self.build = "adopted"
+                # keep the adopted entries' array when earlier builds' arrays are unpinned
+                used = set(builds.map_ids(self.fd(self.ENTRIES[0])))
+                for p in self.pin.glob(f"{self.CALLS_MAP}_*"):
+                    with M.BpfMap.open_pinned(p) as m:
+                        if m.id in used:
+                            self.calls_pin = p.name
             else:
                 self.bpf = compile_and_load(text, cflags=self.cflags(), name=str(source))
                 self.build = "compiled"

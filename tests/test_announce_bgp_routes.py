@@ -11,7 +11,7 @@ from kpr.plugins.announce_bgp.routes import (
     next_hop,
     service_routes,
 )
-from kpr.plugins.announce_bgp.selector import Selector
+from kpr.selectors import Selector
 
 LB, EXT, CIP = FrontendType.LOAD_BALANCER, FrontendType.EXTERNAL_IP, FrontendType.CLUSTER_IP
 ACTIVE, TERM = BackendState.ACTIVE, BackendState.TERMINATING

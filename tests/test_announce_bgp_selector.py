@@ -1,80 +1,42 @@
-"""Label selectors with Kubernetes semantics (announce_bgp's serviceSelector)."""
+"""announce_bgp's serviceSelector is core's label selector (kpr.selectors, tested in
+test_selectors.py): the config takes its shape and errors, and an advertisement matches with it."""
 
-import pytest
+from kpr.model import Backend, BackendState, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.plugins.announce_bgp.config import AnnounceBGPConfig
+from kpr.plugins.announce_bgp.plugin import advertisements_of
+from kpr.plugins.announce_bgp.routes import announced_addresses
+from kpr.selectors import LabelSelectorConfig, Selector
 
-from kpr.plugins.announce_bgp.config import LabelSelectorConfig
-from kpr.plugins.announce_bgp.selector import EVERYTHING, Requirement, Selector, check_key, check_value
-
-
-def sel(match_labels=None, *exprs):
-    return Selector.build(match_labels, exprs)
-
-
-def test_empty_selector_matches_everything():
-    assert EVERYTHING.empty
-    assert EVERYTHING.matches({}) and EVERYTHING.matches({"a": "b"})
-    assert LabelSelectorConfig().selector().matches({"anything": "x"})
-
-
-def test_match_labels_all_must_match():
-    s = sel({"app": "web", "tier": "front"})
-    assert s.matches({"app": "web", "tier": "front", "extra": "1"})
-    assert not s.matches({"app": "web"})
-    assert not s.matches({"app": "web", "tier": "back"})
-
-
-@pytest.mark.parametrize(
-    "op,values,labels,expected",
-    [
-        ("In", ["a", "b"], {"k": "a"}, True),
-        ("In", ["a", "b"], {"k": "c"}, False),
-        ("In", ["a"], {}, False),  # In needs the key
-        ("NotIn", ["a"], {"k": "b"}, True),
-        ("NotIn", ["a"], {"k": "a"}, False),
-        ("NotIn", ["a"], {}, True),  # NotIn matches an absent key, as in apimachinery
-        ("Exists", [], {"k": ""}, True),
-        ("Exists", [], {"other": "x"}, False),
-        ("DoesNotExist", [], {}, True),
-        ("DoesNotExist", [], {"k": "x"}, False),
+SELECTED = {
+    "localASN": 64512,
+    "advertisements": [
+        {"serviceSelector": {"matchLabels": {"bgp": "yes"}, "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}]}},
+        {},
     ],
-)
-def test_operators(op, values, labels, expected):
-    assert Requirement("k", op, frozenset(values)).matches(labels) is expected
+}
 
 
-def test_labels_and_expressions_are_anded():
-    s = sel({"app": "web"}, ("env", "In", ["prod", "staging"]), ("canary", "DoesNotExist", []))
-    assert s.matches({"app": "web", "env": "prod"})
-    assert not s.matches({"app": "web", "env": "dev"})
-    assert not s.matches({"app": "web", "env": "prod", "canary": "true"})
-    assert not s.matches({"app": "db", "env": "prod"})
-
-
-@pytest.mark.parametrize(
-    "op,values,msg",
-    [("In", [], "needs at least one value"), ("NotIn", [], "needs at least one value"), ("Exists", ["x"], "takes no values"), ("Bogus", [], "operator must be")],
-)
-def test_bad_requirements(op, values, msg):
-    with pytest.raises(ValueError, match=msg):
-        Requirement("k", op, frozenset(values))
-
-
-def test_label_key_and_value_syntax():
-    assert check_key("app.kubernetes.io/name") == "app.kubernetes.io/name"
-    assert check_key("a") == "a"
-    for bad in ("", "-a", "a/", "/a", "Bad_Prefix/x", "a" * 64, "a b"):
-        with pytest.raises(ValueError):
-            check_key(bad)
-    assert check_value("") == "" and check_value("v1.2_3-x") == "v1.2_3-x"
-    for bad in ("-x", "x-", "a" * 64, "a b"):
-        with pytest.raises(ValueError):
-            check_value(bad)
-
-
-def test_config_selector_round_trip():
-    cfg = LabelSelectorConfig.model_validate(
-        {"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}]}
+def lb(labels: dict[str, str]) -> Service:
+    return Service(
+        ServiceKey("default", "web"),
+        (Frontend(FrontendType.LOAD_BALANCER, "10.0.100.10", 80, Protocol.TCP, (Backend("10.244.0.5", 8080, BackendState.ACTIVE),)),),
+        labels=tuple(sorted(labels.items())),
     )
-    s = cfg.selector()
-    assert s.matches({"app": "web"}) and s.matches({"app": "web", "env": "prod"})
-    assert not s.matches({"app": "web", "env": "dev"})
+
+
+def test_the_config_takes_cores_selector():
+    cfg = AnnounceBGPConfig.model_validate(SELECTED)
+    selected, everything = cfg.advertisements
+    assert isinstance(selected.service_selector, LabelSelectorConfig)
+    assert everything.service_selector == LabelSelectorConfig()
+
+
+def test_advertisements_match_services_with_it():
+    selected, everything = advertisements_of(AnnounceBGPConfig.model_validate(SELECTED))
+    assert selected.selector == Selector.build({"bgp": "yes"}, [("env", "NotIn", ["dev"])])
+    assert everything.selector.empty
+    assert announced_addresses(lb({"bgp": "yes"}), selected) == {"10.0.100.10"}
+    assert announced_addresses(lb({"bgp": "yes", "env": "prod"}), selected) == {"10.0.100.10"}
+    assert announced_addresses(lb({"bgp": "yes", "env": "dev"}), selected) == set()
+    assert announced_addresses(lb({}), selected) == set()
+    assert announced_addresses(lb({}), everything) == {"10.0.100.10"}

@@ -14,6 +14,7 @@ from kpr.plugins.lb_ipam.allocator import LbAllocator, Result
 from kpr.plugins.lb_ipam.config import DEFAULT_CLASS, LbIpamConfig
 from kpr.plugins.lb_ipam.pools import AddressSpace, jump_hash
 from kpr.plugins.lb_ipam.table import SlotTable
+from kpr.selectors import LabelSelectorConfig
 
 
 def config(*pools: dict, **more) -> LbIpamConfig:
@@ -411,6 +412,19 @@ def test_config_error_names_the_key_path():
     with pytest.raises(pydantic.ValidationError) as e:
         config(pool("a", ["203.0.113.0/28"], autoAsign=True))
     assert "pools.0.autoAsign" in str(e.value)
+
+
+@pytest.mark.parametrize("selector, where, message", [
+    ({"matchExpressions": [{"key": "tier", "operator": "In"}]}, "pools.0.serviceSelector.matchExpressions.0", "operator In needs at least one value"),
+    ({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist", "values": ["x"]}]}, "pools.0.serviceSelector.matchExpressions.0", "operator DoesNotExist takes no values"),
+    ({"matchLabels": {"bad key": "x"}}, "pools.0.serviceSelector.matchLabels", "not a valid label key: 'bad key'"),
+])
+def test_service_selector_is_cores_label_selector(selector, where, message):
+    """serviceSelector is kpr.selectors.LabelSelectorConfig (its matching: test_selectors.py)."""
+    assert isinstance(config(pool("a", serviceSelector={"matchLabels": {"tier": "edge"}})).pools[0].service_selector, LabelSelectorConfig)
+    with pytest.raises(pydantic.ValidationError) as e:
+        config(pool("a", serviceSelector=selector))
+    assert any(".".join(map(str, err["loc"])) == where and message in err["msg"] for err in e.value.errors()), e.value
 
 
 # --- the slot table -------------------------------------------------------------------------

@@ -16,9 +16,9 @@ Enable it with
         peers:
           - {address: 10.0.0.254, asn: 64500}
 
-Modules: config.py (the section), selector.py and routes.py (pure logic: which routes),
-exabgp.py (config file, commands, supervisor), bridge.py (the helper ExaBGP runs),
-speaker.py (the agent's end of the bridge), plugin.py (the hooks).
+Modules: config.py (the section; serviceSelector is core's kpr.selectors), routes.py (pure
+logic: which routes), exabgp.py (config file, commands, supervisor), bridge.py (the helper
+ExaBGP runs), speaker.py (the agent's end of the bridge), plugin.py (the hooks).
 """
 
 from .config import AnnounceBGPConfig

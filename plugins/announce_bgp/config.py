@@ -14,8 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from kpr.config import IPAddress, Section
-
-from .selector import Requirement, Selector, check_key, check_value
+from kpr.selectors import LabelSelectorConfig
 
 ASN_MAX = 2**32 - 1
 # RFC 6793's AS_TRANS stands in for a 4-byte ASN towards old speakers; it is never an AS.
@@ -108,45 +107,6 @@ LargeCommunity = Annotated[str, BeforeValidator(lambda v: large_community(v) if 
 
 def _family_of(address: str) -> str:
     return "ipv4" if ipaddress.ip_address(address).version == 4 else "ipv6"
-
-
-class SelectorRequirementConfig(Section):
-    key: str
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[str] = []
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        return check_key(v)
-
-    @field_validator("values")
-    @classmethod
-    def _values(cls, v: list[str]) -> list[str]:
-        return [check_value(x) for x in v]
-
-    @model_validator(mode="after")
-    def _arity(self) -> "SelectorRequirementConfig":
-        Requirement(self.key, self.operator, frozenset(self.values))  # raises with the reason
-        return self
-
-
-class LabelSelectorConfig(Section):
-    """A Kubernetes label selector; empty matches every service."""
-
-    match_labels: dict[str, str] = {}
-    match_expressions: list[SelectorRequirementConfig] = []
-
-    @field_validator("match_labels")
-    @classmethod
-    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, value in v.items():
-            check_key(key)
-            check_value(value)
-        return v
-
-    def selector(self) -> Selector:
-        return Selector.build(self.match_labels, [(e.key, e.operator, e.values) for e in self.match_expressions])
 
 
 class PeerConfig(Section):

@@ -21,8 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from kpr.model import BackendState, Frontend, FrontendType, Service, ServiceKey
-
-from .selector import EVERYTHING, Selector
+from kpr.selectors import EVERYTHING, Selector
 
 NEXT_HOP_SELF = "self"
 

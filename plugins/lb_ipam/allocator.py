@@ -33,6 +33,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from kpr.selectors import Selector
+
 from .config import PoolConfig
 from .pools import AddressSpace
 from .requests import Request, parse
@@ -70,6 +72,8 @@ class LbAllocator:
         self.lb_class = lb_class
         self.use_status = use_status
         self._by_name = {p.name: p for p in self.pools}
+        # Compiled once: every service is matched against every pool on each pass.
+        self._selectors: dict[str, Selector] = {p.name: p.service_selector.selector() for p in self.pools}
         self.spaces: dict[tuple[str, int], AddressSpace] = {}
         self.tables: dict[tuple[str, int], SlotTable] = {}
         for p in self.pools:
@@ -154,7 +158,7 @@ class LbAllocator:
         labels = req.label_map
         matching = [
             p for p in self.pools
-            if (not p.namespaces or req.namespace in p.namespaces) and p.service_selector.matches(labels)
+            if (not p.namespaces or req.namespace in p.namespaces) and self._selectors[p.name].matches(labels)
         ]
         if req.pool:
             named = self._by_name.get(req.pool)

@@ -4,51 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from kpr.config import Section
+from kpr.selectors import LabelSelectorConfig
 
 from .pools import AddressSpace, parse_addresses
 
 DEFAULT_CLASS = "lbipam.kpr.io/lb-ipam"
 _POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
-
-
-class SelectorRequirement(Section):
-    key: str
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[str] = []
-
-    @model_validator(mode="after")
-    def _arity(self) -> "SelectorRequirement":
-        if self.operator in ("In", "NotIn") and not self.values:
-            raise ValueError(f"operator {self.operator} needs at least one value")
-        if self.operator in ("Exists", "DoesNotExist") and self.values:
-            raise ValueError(f"operator {self.operator} takes no values")
-        return self
-
-    def matches(self, labels: dict[str, str]) -> bool:
-        present = self.key in labels
-        if self.operator == "Exists":
-            return present
-        if self.operator == "DoesNotExist":
-            return not present
-        inside = present and labels[self.key] in self.values
-        return inside if self.operator == "In" else not inside
-
-
-class ServiceSelector(Section):
-    """A Kubernetes label selector (matchLabels and matchExpressions, ANDed); empty: all."""
-
-    match_labels: dict[str, str] = {}
-    match_expressions: list[SelectorRequirement] = []
-
-    def matches(self, labels: dict[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.match_labels.items()) and all(
-            r.matches(labels) for r in self.match_expressions
-        )
 
 
 class PoolConfig(Section):
@@ -58,7 +23,7 @@ class PoolConfig(Section):
     # family; the order matters: addresses appended at the end move few services.
     addresses: list[str] = Field(min_length=1)
     # Only services whose labels match; empty: every service.
-    service_selector: ServiceSelector = ServiceSelector()
+    service_selector: LabelSelectorConfig = LabelSelectorConfig()
     # Only services in these namespaces; empty: every namespace.
     namespaces: list[str] = []
     # false: only services that name this pool (annotation) or one of its addresses.

@@ -1,4 +1,8 @@
-"""Kubernetes label selectors (metav1.LabelSelector): pure matching logic.
+"""Kubernetes label selectors (metav1.LabelSelector): matching, and the config model.
+
+Plugins that pick services by label (announce_bgp's advertisements, lb_ipam's pools) take a
+``serviceSelector`` of the shape ``LabelSelectorConfig`` validates, and match it through
+``LabelSelectorConfig.selector()``, compiled once, not per service.
 
 matchLabels and matchExpressions are ANDed; an empty selector matches every set of labels,
 as it does for a Deployment or a NetworkPolicy. Operators follow apimachinery's
@@ -12,6 +16,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import field_validator, model_validator
+
+from kpr.config import Section
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -82,3 +91,42 @@ class Selector:
 
 
 EVERYTHING = Selector()
+
+
+class SelectorRequirementConfig(Section):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = []
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return check_key(v)
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, v: list[str]) -> list[str]:
+        return [check_value(x) for x in v]
+
+    @model_validator(mode="after")
+    def _arity(self) -> "SelectorRequirementConfig":
+        Requirement(self.key, self.operator, frozenset(self.values))  # raises with the reason
+        return self
+
+
+class LabelSelectorConfig(Section):
+    """A Kubernetes label selector; empty matches every service."""
+
+    match_labels: dict[str, str] = {}
+    match_expressions: list[SelectorRequirementConfig] = []
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            check_key(key)
+            check_value(value)
+        return v
+
+    def selector(self) -> Selector:
+        return Selector.build(self.match_labels, [(e.key, e.operator, e.values) for e in self.match_expressions])

@@ -5,6 +5,11 @@ GET /v1/services  one object per frontend (the shape of `kpr service list --json
                   "served", or "refused" with the `reason` a plugin gave (the service map
                   writer refuses a service that would not fit the maps)
 GET /v1/plugins   the enabled plugins
+GET /v1/datapath/services
+                  one object per frontend as the pinned maps hold it (kpr.readback), named
+                  after the desired state's rows; `kpr service list --datapath`
+/v1/status also carries "maps" when the service map writer runs: the kernel maps compared
+with its accepted state (kpr.readback.differences), {"count": 0, ...} when in sync.
 
 One request per connection (HTTP/1.0). At most MAX_CONNECTIONS are served at once; one more is
 answered 503 and closed. A connection gets IO_TIMEOUT seconds for each read and write and
@@ -71,6 +76,40 @@ def frontend_rows(services: list[Service], refused: dict[str, str] | None = None
                 }
             )
     return rows
+
+
+def _writer(agent: "Agent") -> Any:
+    """The service map writer facility, when a plugin asked for it."""
+    return next((h.plugin for h in agent.handles if h.name == "servicemaps"), None)
+
+
+def maps_sync(agent: "Agent") -> dict[str, Any] | None:
+    """The kernel maps against the writer's accepted state (None without a writer)."""
+    from .readback import differences
+
+    writer = _writer(agent)
+    if writer is None:
+        return None
+    try:
+        return differences(writer)
+    except OSError as e:
+        return {"count": 0, "first": [], "maps": {}, "error": f"maps unreadable: {e}"}
+
+
+def status_with_maps(agent: "Agent") -> dict[str, Any]:
+    """The agent's status, with "maps" (maps_sync) when there is a service map writer."""
+    st = agent.status()
+    sync = maps_sync(agent) if getattr(agent, "handles", None) else None
+    return dict(st, maps=sync) if sync is not None else st
+
+
+def datapath_rows(agent: "Agent") -> list[dict[str, Any]]:
+    """What the pinned maps hold, one object per frontend, named after the desired state."""
+    from .readback import DatapathMaps, join_services
+
+    desired = frontend_rows(agent.store.snapshot(), refused_services(agent.plugin_statuses())) if agent.store else []
+    with DatapathMaps(agent.config.bpf.pin_path) as dm:
+        return join_services(dm.frontends(), desired)
 
 
 MAX_CONNECTIONS = 16
@@ -168,7 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         routes = {
-            "/v1/status": lambda: self.agent.status(),
+            "/v1/status": lambda: status_with_maps(self.agent),
+            "/v1/datapath/services": lambda: datapath_rows(self.agent),
             "/v1/services": lambda: frontend_rows(self.agent.store.snapshot(), refused_services(self.agent.plugin_statuses())),
             "/v1/plugins": lambda: [{"name": h.name, "dist": h.info.dist, "builtin": h.info.builtin} for h in self.agent.handles],
         }

@@ -36,7 +36,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import memory
     from .daemon import Agent
 
-    memory.one_heap()  # before the agent starts threads
+    import os as _os
+    if not _os.environ.get("H2_NO_ONE_HEAP"):
+        memory.one_heap()  # before the agent starts threads
     return Agent(config).run()
 
 
@@ -77,21 +79,65 @@ def cmd_status(args: argparse.Namespace) -> int:
     for origin, reason in sorted((src.get("warnings") or {}).items()):
         print(f"  warning: {origin}: {reason}")
     print(f"services: {st['services']}  frontends: {st['frontends']}  backends: {st['backends']}")
+    maps = st.get("maps")
+    if maps is not None:
+        print(f"maps:     {_maps_line(maps)}")
+        for line in maps.get("first") or ():
+            print(f"  diff:   {line}")
     unhealthy = 0
     for name, p in st["plugins"].items():
         bus = p.get("bus", {})
         health = "ok" if p["healthy"] else "FAILING"
         unhealthy += 0 if p["healthy"] else 1
-        counters = " ".join(f"{k}={v}" for k, v in sorted(p["counters"].items()))
-        print(f"plugin {name}: {health} delivered={bus.get('delivered', 0)} errors={bus.get('errors', 0)} pending={bus.get('pending', 0)} {counters}".rstrip())
+        counters = p["counters"]
+        if args.verbose:
+            shown = " ".join(f"{k}={_num(v)}" for k, v in sorted(counters.items()))
+        else:
+            shown = _key_counters(name, counters, bus)
+        print(f"plugin {name}: {health}  {shown}".rstrip())
         if p["message"]:
             print(f"  {p['message']}")
         for key, err in sorted(bus.get("failing", {}).items()):
             print(f"  failing: {key}: {err}")
+    if not args.verbose:
+        print("(kpr status --verbose for every counter)")
     return 1 if unhealthy else 0
 
 
+def _num(v: Any) -> str:
+    """A counter as text: integers without a trailing .0."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _maps_line(maps: dict[str, Any]) -> str:
+    if maps.get("error"):
+        return f"not compared: {maps['error']}"
+    if not maps.get("count"):
+        return "in sync"
+    per = ", ".join(f"{n} {c}" for n, c in sorted(maps.get("maps", {}).items()))
+    n = maps['count']
+    return f"{n} difference{'' if n == 1 else 's'} from the desired state ({per})"
+
+
+def _key_counters(plugin: str, counters: dict[str, Any], bus: dict[str, Any]) -> str:
+    """The few counters that matter at a glance: errors, and drops by reason (non-zero)."""
+    from .drops import drops
+
+    errors = int(bus.get("errors", 0)) + sum(int(v) for k, v in counters.items() if k == "errors" or k.endswith("_errors"))
+    parts = [f"errors={errors}"]
+    if bus.get("pending"):
+        parts.append(f"pending={bus['pending']}")
+    by_reason = {r: n for r, n in sorted(drops(plugin, counters).items()) if n}
+    if by_reason:
+        parts.append("drops: " + " ".join(f"{r}={n}" for r, n in by_reason.items()))
+    return "  ".join(parts)
+
+
 def cmd_service_list(args: argparse.Namespace) -> int:
+    if getattr(args, "datapath", False):
+        return _service_list_datapath(args)
     rows = api.get(_socket(args), "/v1/services")
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -117,6 +163,77 @@ def cmd_service_list(args: argparse.Namespace) -> int:
         if i in reasons:
             print(f"  {row[0]} refused: {reasons[i]}")
     return 0
+
+
+def _service_list_datapath(args: argparse.Namespace) -> int:
+    rows = api.get(_socket(args), "/v1/datapath/services")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("SERVICE", "TYPE", "FRONTEND", "SCOPE", "ALGORITHM", "BACKENDS")]
+    extra: dict[int, list[str]] = {}
+    for r in rows:
+        host = f"[{r['address']}]" if ":" in r["address"] else r["address"]
+        fe = f"{host}:{r['port']}/{r['protocol']}"
+        for scope, e in sorted(r["scopes"].items()):
+            if "error" in e:
+                table.append((r["service"], r["type"], fe, scope, "-", e["error"]))
+                continue
+            bes = [
+                (f"[{b['address']}]" if ":" in b["address"] else b["address"]) + f":{b['port']}"
+                + ("" if b["state"] == "active" else f" ({b['state']})") + (" local" if b.get("local") else "")
+                for b in e["backends"]
+            ]
+            notes = []
+            if e["local"]:
+                notes.append("traffic policy Local")
+            if e["affinityTimeout"]:
+                notes.append(f"affinity {e['affinityTimeout']}s")
+            if e["sourceRanges"]:
+                notes.append(f"source ranges {', '.join(e['sourceRanges'])}")
+            if e.get("strayslots"):
+                notes.append(f"stray slots {e['strayslots']}")
+            if notes:
+                extra[len(table)] = notes
+            table.append((r["service"], r["type"], fe, scope, e["algorithm"], ", ".join(bes) or "(none)"))
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5])
+        for note in extra.get(i, ()):
+            print(f"    {note}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import ExplainError, explain, parse_endpoint, parse_target, render
+
+    try:
+        target = parse_target(args.target)
+        source = sport = None
+        if args.source:
+            source, sport = parse_endpoint(args.source, port_required=False)
+        via = args.via or []
+        if via and via[0] == "device":
+            if len(via) != 2:
+                raise ExplainError("--via device needs the device name: --via device eth0")
+            kind, device = "device", via[1]
+        elif via in (["socket"], []):
+            kind, device = ("socket" if via else "device"), ""
+        else:
+            raise ExplainError(f"--via {' '.join(via)}: expected 'socket' or 'device NAME'")
+        pin = Path(args.pin_path) if args.pin_path else Path(_load(args).bpf.pin_path)
+        result = explain(pin, target, source=source, sport=sport, via=kind, device=device)
+    except ExplainError as e:
+        print(f"kpr explain: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError) as e:
+        print(f"kpr explain: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(result))
+    return 1 if result["verdict"] == "not_a_service" else 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -180,12 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, parents=[common], help=helptext)
         s.add_argument("--socket", help="API socket (default: api.socket from the config)")
         s.add_argument("--json", action="store_true")
+        s.add_argument("--verbose", "-v", action="store_true", help="every counter of every plugin")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("explain", parents=[common], help="what the data path does with a connection, from the live maps")
+    s.add_argument("target", metavar="ADDR:PORT[/PROTO]", help="the address dialled ([ADDR6]:PORT for IPv6; TCP by default)")
+    s.add_argument("--from", dest="source", metavar="SRC[:PORT]", help="the client's address and source port")
+    s.add_argument("--via", nargs="+", metavar="socket|device NAME", help="the hook: the socket hooks, or tc/XDP on a device (default: device)")
+    s.add_argument("--pin-path", help="bpffs directory of the maps (default: bpf.pinPath from the config)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_explain)
     s = sub.add_parser("service", parents=[common], help="services the agent serves")
     ssub = s.add_subparsers(dest="service_command", required=True)
     sl = ssub.add_parser("list", parents=[common], help="one row per frontend")
     sl.add_argument("--socket", help="API socket (default: api.socket from the config)")
     sl.add_argument("--json", action="store_true", help="a JSON array, one object per frontend")
+    sl.add_argument("--datapath", action="store_true", help="what the pinned maps hold (decoded), not the desired state")
     sl.set_defaults(fn=cmd_service_list)
     s = sub.add_parser("plugins", parents=[common], help="discovered plugins and whether each is enabled")
     s.add_argument("--json", action="store_true")

@@ -1,0 +1,406 @@
+"""The pinned maps read back: what the data path holds, decoded, and how it differs from the
+desired state.
+
+`DatapathMaps` opens the maps under a pin path (bpf.pinPath) read-only and answers the same
+lookups the programs make (lib/lb.h): the service entry of a frontend and scope, a slot's
+backend, a scope's Maglev table, the source ranges LPM, an affinity entry, a conntrack entry.
+`kpr explain` decides with these; `frontends()` decodes everything for
+`kpr service list --datapath`.
+
+`differences(writer)` compares the kernel maps with the service map writer's accepted state
+entry by entry (not only by count) and repairs nothing: `kpr status` shows the result as
+`maps: in sync` or the number of differences and the first few. The writer's own check()
+repairs on its period; this answers "does the kernel hold what kpr thinks, right now".
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bpf import maps as M
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DatapathMaps", "SvcEntry", "differences", "frontend_type", "now_ns"]
+
+_PORT = struct.Struct("=H")
+_CT_DIR_ORIGINAL = 0  # KPR_CT_DIR_ORIGINAL (lib/conntrack.h)
+_CT_KEY = struct.Struct("=16s16sHHBBH")  # kpr_ct_key: saddr, daddr, sport, dport, proto, dir, pad
+_CT_ENTRY = struct.Struct("=QIIHBBI")  # kpr_ct_entry: last_seen, backend_id, rev_nat, flags, tcp_flags, pad, pad2
+_AFF_KEY = struct.Struct("=16sIB3x")  # kpr_affinity_key: client, rev_nat, netns
+_AFF_VAL = struct.Struct("=QII")  # kpr_affinity_val: last_used, backend_id, slot
+_TYPE_BITS = (
+    (M.SVC_F_CLUSTER_IP, "ClusterIP"),
+    (M.SVC_F_NODE_PORT, "NodePort"),
+    (M.SVC_F_EXTERNAL_IP, "ExternalIP"),
+    (M.SVC_F_LOAD_BALANCER, "LoadBalancer"),
+    (M.SVC_F_HOST_PORT, "HostPort"),
+)
+SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
+STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
+# Maps programs other than the writer own; read when present (the plugin that pins them is on).
+OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_np_nodeaddr", "kpr_sock_hostaddr")
+
+
+# bpf_ktime_get_coarse_ns() reads CLOCK_MONOTONIC_COARSE (6 on Linux; Python names it only sometimes).
+_CLOCK_MONOTONIC_COARSE = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)
+
+
+def now_ns() -> int:
+    """kpr_now() as the programs see it (the coarse monotonic clock; lib/common.h)."""
+    return time.clock_gettime_ns(_CLOCK_MONOTONIC_COARSE)
+
+
+def frontend_type(flags: int) -> str:
+    return next((name for bit, name in _TYPE_BITS if flags & bit), "?")
+
+
+@dataclass(frozen=True)
+class SvcEntry:
+    """Slot 0 of one frontend scope (struct kpr_svc_val), with the key it was found under."""
+
+    addr: bytes  # as stored (v4-mapped); the wildcard for the address-0 NodePort entry
+    port: int  # host order
+    proto: int
+    scope: int
+    count: int
+    terminating: int
+    rev_nat: int
+    flags: int
+    affinity_timeout: int
+
+    @property
+    def address(self) -> str:
+        return M.bytes_to_addr(self.addr)
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+    @property
+    def flag_names(self) -> list[str]:
+        return sorted(n for bit, n in M.SVC_FLAG_NAMES.items() if self.flags & bit)
+
+    @property
+    def algorithm(self) -> str:
+        return "maglev" if self.flags & M.SVC_F_MAGLEV else "random"
+
+
+class DatapathMaps:
+    """The maps pinned under one pin path, opened for reading (close() or use `with`)."""
+
+    def __init__(self, pin_path: Path | str) -> None:
+        self.pin_path = Path(pin_path)
+        self.maps: dict[str, M.BpfMap] = {}
+        missing = [n for n in M.SERVICE_MAPS if not (self.pin_path / n).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"no kpr service maps under {self.pin_path} (missing {', '.join(missing)}): is the agent "
+                "running with this bpf.pinPath?"
+            )
+        try:
+            for name in M.SERVICE_MAPS + OPTIONAL_MAPS:
+                if (self.pin_path / name).exists():
+                    self.maps[name] = M.BpfMap.open_pinned(self.pin_path / name)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
+
+    def __enter__(self) -> "DatapathMaps":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def has(self, name: str) -> bool:
+        return name in self.maps
+
+    # -- the lookups lib/lb.h makes
+
+    def service(self, addr: bytes, port: int, proto: int, scope: int) -> SvcEntry | None:
+        raw = self.maps["kpr_svc"].lookup(M.SVC_KEY.pack(addr, M.htons(port), proto, scope, 0, 0))
+        if raw is None:
+            return None
+        _bid, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(raw)
+        return SvcEntry(addr, port, proto, scope, count, term, rev_nat, flags, aff)
+
+    def slot_backend(self, e: SvcEntry, slot: int) -> int:
+        raw = self.maps["kpr_svc"].lookup(M.SVC_KEY.pack(e.addr, M.htons(e.port), e.proto, e.scope, slot, 0))
+        return M.SVC_VAL.unpack(raw)[0] if raw is not None else 0
+
+    def slots(self, e: SvcEntry) -> list[int]:
+        """Backend ids of slots 1..count+terminating (0 where a slot is missing)."""
+        return [self.slot_backend(e, i) for i in range(1, e.count + e.terminating + 1)]
+
+    def backend(self, bid: int) -> dict[str, Any] | None:
+        raw = self.maps["kpr_backend"].lookup(M.U32.pack(bid))
+        if raw is None:
+            return None
+        addr, port, proto, state, flags = M.BACKEND.unpack(raw)
+        return {
+            "id": bid,
+            "address": M.bytes_to_addr(addr),
+            "port": M.ntohs(port),
+            "protocol": M.PROTO_NAMES.get(proto, str(proto)),
+            "state": STATE_NAMES.get(state, str(state)),
+            "local": bool(flags & M.BACKEND_F_LOCAL),
+        }
+
+    def maglev_table(self, rev_nat: int, scope: int) -> M.BpfMap | None:
+        """The scope's inner Maglev array (caller closes it), or None when there is none."""
+        raw = self.maps["kpr_maglev"].lookup(M.MAGLEV_KEY.pack(rev_nat, scope))
+        return M.BpfMap.from_id(M.U32.unpack(raw)[0]) if raw is not None else None
+
+    def maglev_pick(self, e: SvcEntry, flow_hash: int) -> tuple[int, int, int] | None:
+        """(backend id, table slot, table size) lb.h reads for a flow hash; None without a table."""
+        table = self.maglev_table(e.rev_nat, e.scope)
+        if table is None:
+            return None
+        with table:
+            size = table.info().max_entries
+            idx = flow_hash % size
+            raw = table.lookup(M.U32.pack(idx))
+        return (M.U32.unpack(raw)[0] if raw else 0), idx, size
+
+    def source_allowed(self, rev_nat: int, client: bytes) -> bool:
+        """kpr_lb_src_allowed(): an LPM lookup of the full-length key finds the longest match."""
+        return self.maps["kpr_srcrange"].lookup(M.SRCRANGE_KEY.pack(32 + 128, rev_nat, client)) is not None
+
+    def source_ranges(self, rev_nat: int) -> list[str]:
+        out = []
+        for k, _v in self.maps["kpr_srcrange"].items():
+            plen, rn, addr = M.SRCRANGE_KEY.unpack(k)
+            if rn == rev_nat:
+                a = M.bytes_to_addr(addr)
+                out.append(f"{a}/{plen - 32 - (96 if '.' in a else 0)}")
+        return sorted(out)
+
+    def affinity(self, client: bytes, rev_nat: int, netns: bool = False) -> tuple[int, int, int] | None:
+        """(last_used ns, backend id, slot) of an affinity entry, or None."""
+        m = self.maps.get("kpr_affinity")
+        if m is None:
+            return None
+        raw = m.lookup(_AFF_KEY.pack(client, rev_nat, 1 if netns else 0))
+        return _AFF_VAL.unpack(raw) if raw is not None else None
+
+    def conntrack(self, saddr: bytes, daddr: bytes, sport: int, dport: int, proto: int) -> dict[str, int] | None:
+        """The per-packet path's conntrack entry of a flow (original direction), or None."""
+        m = self.maps.get("kpr_ct")
+        if m is None:
+            return None
+        raw = m.lookup(_CT_KEY.pack(saddr, daddr, M.htons(sport), M.htons(dport), proto, _CT_DIR_ORIGINAL, 0))
+        if raw is None:
+            return None
+        last, bid, rev_nat, flags, _tf, _p, _p2 = _CT_ENTRY.unpack(raw)
+        return {"last_seen": last, "backend_id": bid, "rev_nat": rev_nat, "flags": flags}
+
+    def is_node_address(self, addr: bytes, hook: str) -> bool:
+        """Whether the hook's program takes `addr` for one of this node's addresses (the
+        wildcard NodePort entry then applies): kpr_np_nodeaddr (tc/XDP), kpr_sock_hostaddr."""
+        m = self.maps.get("kpr_sock_hostaddr" if hook == "socket" else "kpr_np_nodeaddr")
+        return m is not None and m.lookup(addr) is not None
+
+    # -- the whole picture
+
+    def frontends(self) -> list[dict[str, Any]]:
+        """One object per frontend (address, port, protocol) as the maps hold it: the shape of
+        `kpr service list --json` rows (backends of the external scope, as clients outside
+        the node get them), plus what only the maps know (scopes, flags, rev-NAT index, slot
+        order, algorithm, affinity, source ranges, Maglev shares)."""
+        backends: dict[int, dict[str, Any]] = {}
+        for k, v in self.maps["kpr_backend"].items():
+            bid = M.U32.unpack(k)[0]
+            addr, port, proto, state, flags = M.BACKEND.unpack(v)
+            backends[bid] = {
+                "id": bid,
+                "address": M.bytes_to_addr(addr),
+                "port": M.ntohs(port),
+                "state": STATE_NAMES.get(state, str(state)),
+                "local": bool(flags & M.BACKEND_F_LOCAL),
+            }
+        ranges: dict[int, list[str]] = {}
+        for k, _v in self.maps["kpr_srcrange"].items():
+            plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(k)
+            a = M.bytes_to_addr(addr)
+            ranges.setdefault(rev_nat, []).append(f"{a}/{plen - 32 - (96 if '.' in a else 0)}")
+        entries: dict[tuple[bytes, int], dict[int, tuple]] = {}
+        for k, v in self.maps["kpr_svc"].items():
+            entries.setdefault((k[:19], k[19]), {})[_PORT.unpack_from(k, 20)[0]] = M.SVC_VAL.unpack(v)
+        shares: dict[tuple[int, int], dict[int, int]] = {}
+        outer = self.maps["kpr_maglev"]
+        for k in list(outer.keys()):
+            raw = outer.lookup(k)
+            if raw is None:
+                continue
+            with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
+                counts: dict[int, int] = {}
+                for _ik, iv in inner.items():
+                    bid = M.U32.unpack(iv)[0]
+                    counts[bid] = counts.get(bid, 0) + 1
+            shares[M.MAGLEV_KEY.unpack(k)] = counts
+        rows: dict[bytes, dict[str, Any]] = {}
+        for (fk, scope), slots in sorted(entries.items()):
+            addr = M.bytes_to_addr(fk[:16])
+            port = M.ntohs(_PORT.unpack_from(fk, 16)[0])
+            proto = M.PROTO_NAMES.get(fk[18], str(fk[18]))
+            row = rows.setdefault(
+                fk, {"service": "", "type": "?", "address": addr, "port": port, "protocol": proto, "backends": [], "scopes": {}}
+            )
+            head = slots.get(0)
+            sname = SCOPE_NAMES.get(scope, str(scope))
+            if head is None:
+                row["scopes"][sname] = {"error": "backend slots without a service entry (slot 0)", "slots": sorted(slots)}
+                continue
+            _, count, term, rev_nat, flags, aff = head
+            ids = [slots.get(i, (0,))[0] for i in range(1, count + term + 1)]
+
+            def show(i: int, bid: int) -> dict[str, Any]:
+                b = backends.get(bid)
+                if b is None:
+                    return {"id": bid, "address": "?", "port": 0, "state": "missing", "local": False}
+                return dict(b, state="terminating" if i >= count else b["state"])
+
+            listed = [show(i, bid) for i, bid in enumerate(ids)]
+            entry: dict[str, Any] = {
+                "revNat": rev_nat,
+                "flags": sorted(n for bit, n in M.SVC_FLAG_NAMES.items() if flags & bit),
+                "algorithm": "maglev" if flags & M.SVC_F_MAGLEV else "random",
+                "local": bool(flags & M.SVC_F_LOCAL_SCOPE),
+                "affinityTimeout": aff,
+                "sourceRanges": sorted(ranges.get(rev_nat, [])) if flags & M.SVC_F_SOURCE_RANGES else [],
+                "backends": listed,
+                "strayslots": sorted(s for s in slots if s > count + term),
+            }
+            table = shares.get((rev_nat, scope))
+            if table is not None:
+                entry["maglev"] = {f"{_label(backends.get(b))}": n for b, n in sorted(table.items())}
+            row["scopes"][sname] = entry
+            if scope == M.SCOPE_EXTERNAL:
+                row["type"] = frontend_type(flags)
+                row["backends"] = [{"address": b["address"], "port": b["port"], "state": b["state"]} for b in listed]
+                row["revNat"] = rev_nat
+                row["algorithm"] = entry["algorithm"]
+                row["affinityTimeout"] = aff
+                row["sourceRanges"] = entry["sourceRanges"]
+                row["wildcard"] = bool(flags & M.SVC_F_WILDCARD)
+        return [rows[fk] for fk in sorted(rows, key=lambda fk: (rows[fk]["address"], rows[fk]["port"], rows[fk]["protocol"]))]
+
+    def occupancy(self) -> dict[str, tuple[int, int]]:
+        """(entries, max_entries) of every map opened: conntrack and NAT fill included."""
+        return {name: (m.count(), m.info().max_entries) for name, m in self.maps.items()}
+
+
+def _label(b: dict[str, Any] | None) -> str:
+    if b is None:
+        return "?"
+    return f"[{b['address']}]:{b['port']}" if ":" in b["address"] else f"{b['address']}:{b['port']}"
+
+
+def join_services(datapath: list[dict[str, Any]], desired: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Name each decoded frontend after the desired-state row (frontend_rows) with the same
+    address, port and protocol; a wildcard NodePort entry after a NodePort row with its port."""
+    by_fe = {(r["address"], r["port"], r["protocol"]): r for r in desired}
+    by_np = {(r["port"], r["protocol"]): r for r in desired if r["type"] == "NodePort"}
+    for row in datapath:
+        want = by_fe.get((row["address"], row["port"], row["protocol"]))
+        if want is None and row.get("wildcard"):
+            want = by_np.get((row["port"], row["protocol"]))
+        row["service"] = want["service"] if want else "(not in the desired state)"
+        row["state"] = want.get("state", "served") if want else "stray"
+    return datapath
+
+
+# ---------------------------------------------------------------------- differences
+
+
+def _fk_text(key: bytes) -> str:
+    addr = M.bytes_to_addr(key[:16])
+    host = f"[{addr}]" if ":" in addr else addr
+    return f"{host}:{M.ntohs(_PORT.unpack_from(key, 16)[0])}/{M.PROTO_NAMES.get(key[18], str(key[18]))}"
+
+
+def _describe(name: str, key: bytes) -> str:
+    if name == "kpr_svc":
+        slot = _PORT.unpack_from(key, 20)[0]
+        return f"{_fk_text(key)} {SCOPE_NAMES.get(key[19], key[19])} slot {slot}"
+    if name in ("kpr_backend", "kpr_revnat"):
+        return f"id {M.U32.unpack(key)[0]}"
+    if name == "kpr_maglev":
+        rev_nat, scope = M.MAGLEV_KEY.unpack(key)
+        return f"rev-NAT {rev_nat} {SCOPE_NAMES.get(scope, scope)}"
+    if name == "kpr_srcrange":
+        plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(key)
+        a = M.bytes_to_addr(addr)
+        return f"rev-NAT {rev_nat} {a}/{plen - 32 - (96 if '.' in a else 0)}"
+    return key.hex()
+
+
+def _desired_entries(writer: Any) -> dict[str, dict[bytes, bytes | None]]:
+    """The writer's accepted state per map (value None: only the key is compared). Reads the
+    writer's shadow, under its lock: the frontend groups and the backends they use."""
+    want: dict[str, dict[bytes, bytes | None]] = {n: {} for n in M.SERVICE_MAPS}
+    used: set[int] = set()
+    for g in writer._groups.values():
+        want["kpr_svc"].update(g.svc)
+        if g.revnat:
+            want["kpr_revnat"][M.U32.pack(g.rev_nat)] = g.revnat
+        for k in g.srcrange:
+            want["kpr_srcrange"][k] = None
+        for scope in g.maglev:
+            want["kpr_maglev"][M.MAGLEV_KEY.pack(g.rev_nat, scope)] = None
+        used.update(g.backends)
+    vals = writer._backend_vals
+    for bid in used:
+        if bid in vals:
+            want["kpr_backend"][M.U32.pack(bid)] = vals[bid]
+    return want
+
+
+def differences(writer: Any, limit: int = 5) -> dict[str, Any]:
+    """Entry-by-entry comparison of the kernel maps with the writer's accepted state:
+    {"count": n, "first": [up to `limit` descriptions], "maps": {name: n}}. Repairs nothing."""
+    with writer._lock:
+        if not writer.maps:
+            return {"count": 0, "first": [], "maps": {}, "error": "maps not open"}
+        want = _desired_entries(writer)
+        have: dict[str, dict[bytes, bytes]] = {}
+        for name in M.SERVICE_MAPS:
+            m = writer.maps[name]
+            have[name] = dict(m.items()) if name != "kpr_maglev" else {k: b"" for k in m.keys()}
+    first: list[str] = []
+    per_map: dict[str, int] = {}
+    for name in M.SERVICE_MAPS:
+        w, h = want[name], have[name]
+        found = []
+        for k in w.keys() - h.keys():
+            found.append(f"{name} {_describe(name, k)}: missing from the kernel")
+        for k in h.keys() - w.keys():
+            found.append(f"{name} {_describe(name, k)}: in the kernel, not desired")
+        for k in w.keys() & h.keys():
+            if w[k] is not None and w[k] != h[k]:
+                found.append(f"{name} {_describe(name, k)}: kernel value {_value_text(name, h[k])}, desired {_value_text(name, w[k])}")
+        if found:
+            per_map[name] = len(found)
+            first.extend(sorted(found)[: max(0, limit - len(first))])
+    return {"count": sum(per_map.values()), "first": first, "maps": per_map}
+
+
+def _value_text(name: str, raw: bytes) -> str:
+    if name == "kpr_svc":
+        bid, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(raw)
+        return f"(backend {bid}, count {count}, terminating {term}, rev-NAT {rev_nat}, flags {flags:#x})"
+    if name == "kpr_backend":
+        addr, port, _proto, state, flags = M.BACKEND.unpack(raw)
+        return f"({_label({'address': M.bytes_to_addr(addr), 'port': M.ntohs(port)})} {STATE_NAMES.get(state, state)})"
+    if name == "kpr_revnat":
+        return _fk_text(raw[:19])
+    return raw.hex()

@@ -1,0 +1,60 @@
+"""Through a running agent: `kpr service list --datapath` decodes the pinned maps in the shape
+of `kpr service list --json`, and `kpr status` says whether the maps match the desired state
+(`maps: in sync`, or the differences: one made by hand with bpftool is reported)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from kpr import cli
+from kpr.bpf import maps as M
+from kpr.bpf.cleanup import scratch_pin_dir
+from kpr.config import parse_config
+
+from test_agent_maps import WEB, config_text, start_agent
+
+pytestmark = pytest.mark.kernel
+
+
+def test_datapath_list_and_maps_in_sync(require_kernel, tmp_path, capsys) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "web.yaml").write_text(WEB)
+    with scratch_pin_dir("kpr-h8-dpstatus") as pin:
+        text = config_text(tmp_path, pin)
+        cfg = tmp_path / "kpr.yaml"
+        cfg.write_text(text)
+        agent = start_agent(parse_config(text))
+        try:
+            assert cli.main(["service", "list", "--json", "--config", str(cfg)]) == 0
+            desired = json.loads(capsys.readouterr().out)
+            assert cli.main(["service", "list", "--datapath", "--json", "--config", str(cfg)]) == 0
+            held = json.loads(capsys.readouterr().out)
+            assert len(held) == len(desired) == 1
+            same = ("service", "type", "address", "port", "protocol", "state", "backends")
+            assert {k: held[0][k] for k in same} == {k: desired[0][k] for k in same}
+            assert held[0]["scopes"]["external"]["algorithm"] == "random"
+            assert held[0]["scopes"]["external"]["backends"][0]["address"] == "10.244.1.5"
+
+            assert cli.main(["service", "list", "--datapath", "--config", str(cfg)]) == 0
+            out = capsys.readouterr().out
+            assert "default/web" in out and "10.96.0.10:80/TCP" in out and "10.244.1.5:8080" in out
+
+            cli.main(["status", "--config", str(cfg)])
+            assert "maps:     in sync" in capsys.readouterr().out
+
+            # A slot deleted by hand: status names it.
+            key = M.SVC_KEY.pack(M.addr_to_bytes("10.96.0.10"), M.htons(80), 6, 0, 1, 0)
+            done = subprocess.run(["bpftool", "map", "delete", "pinned", str(pin / "kpr_svc"), "key", "hex",
+                                   *key.hex(" ").split()], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            cli.main(["status", "--config", str(cfg)])
+            out = capsys.readouterr().out
+            assert "maps:     1 difference from the desired state (kpr_svc 1)" in out, out
+            assert "kpr_svc 10.96.0.10:80/TCP external slot 1: missing from the kernel" in out
+            cli.main(["status", "--json", "--config", str(cfg)])
+            assert json.loads(capsys.readouterr().out)["maps"]["count"] == 1
+        finally:
+            assert agent.shutdown() == 0

@@ -221,3 +221,21 @@ def test_maps_read_back_equal_the_desired_state_after_churn(env: Cluster) -> Non
     assert f"{fe.address}:{fe.port}/UDP external slot 0: kernel value" in d["first"][0]
     w.check()
     assert differences(w)["count"] == 0
+
+
+def test_load_balancer_and_wildcard_node_port(env: Cluster) -> None:
+    from tc_nodeport_env import loadbalancer
+
+    env.apply(loadbalancer("lbx", "203.0.113.9", "p2a", proto=UDP, port=53))
+    r = _explain(env, "203.0.113.9:53/UDP", CLIENT, 5353)
+    assert r["service"]["type"] == "LoadBalancer" and _pod_of(r["backend"]) == "p2a"
+    assert name_and_peer(client(env.topo, "udp", "203.0.113.9", 53, 1))[0][0] == "p2a"
+    # A NodePort on the wildcard entry: any node address leads there.
+    wild = Service(ServiceKey("default", "wild"), (Frontend(NP, "0.0.0.0", 30096, UDP, backends("node1", "p1b")),))
+    env.writers["node1"].upsert(wild)
+    try:
+        r = _explain(env, f"{N1}:30096/UDP", CLIENT, 5353)
+        assert r["service"]["entry"] == "0.0.0.0:30096/UDP" and _pod_of(r["backend"]) == "p1b"
+        assert any("wildcard" in s for s in r["steps"])
+    finally:
+        env.writers["node1"].delete(wild.key)

@@ -36,9 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import memory
     from .daemon import Agent
 
-    import os as _os
-    if not _os.environ.get("H2_NO_ONE_HEAP"):
-        memory.one_heap()  # before the agent starts threads
+    memory.one_heap()  # before the agent starts threads
     return Agent(config).run()
 
 

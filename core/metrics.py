@@ -35,6 +35,9 @@ class Metrics:
     def attach_agent(self, agent: "Agent") -> None:
         self.registry.register(_PluginCollector(agent))
         self.registry.register(_SourceCollector(agent))
+        self.registry.register(_DropCollector(agent))
+        self.registry.register(_MapCollector(agent))
+        self.registry.register(_ServiceCollector(agent))
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")
@@ -98,3 +101,75 @@ class _SourceCollector:
         yield relists
         yield restarts
         yield errors
+
+
+class _DropCollector:
+    """kpr_drops_total{hook,reason}: the programs' drop and refusal counters by reason (the
+    names of kpr.drops, the ones `kpr explain` gives), read from plugin status at scrape time."""
+
+    def __init__(self, agent: "Agent"):
+        self._agent = agent
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from .drops import drops, hook_of
+
+        fam = CounterMetricFamily("kpr_drops", "Packets dropped and calls refused by the data path, by hook and reason", labels=["hook", "reason"])
+        for plugin, st in self._agent.plugin_statuses().items():
+            for reason, n in sorted(drops(plugin, st.get("counters") or {}).items()):
+                fam.add_metric([hook_of(plugin), reason], n)
+        yield fam
+
+
+class _MapCollector:
+    """Occupancy of the pinned maps (conntrack, NAT, affinity and the service maps): entries
+    and max_entries per map, counted in the kernel at scrape time (batch lookups)."""
+
+    def __init__(self, agent: "Agent"):
+        self._agent = agent
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from .readback import DatapathMaps
+
+        entries = GaugeMetricFamily("kpr_map_entries", "Entries in a pinned BPF map", labels=["map"])
+        limit = GaugeMetricFamily("kpr_map_max_entries", "Capacity (max_entries) of a pinned BPF map", labels=["map"])
+        try:
+            with DatapathMaps(self._agent.config.bpf.pin_path) as dm:
+                for name, (n, cap) in sorted(dm.occupancy().items()):
+                    entries.add_metric([name], n)
+                    limit.add_metric([name], cap)
+        except OSError as e:  # no maps (no plugin uses them) or not readable: no samples
+            log.debug("metrics.maps_unreadable error=%s", e)
+        yield entries
+        yield limit
+
+
+class _ServiceCollector:
+    """Per service: frontends, and backends by state, from the desired state."""
+
+    def __init__(self, agent: "Agent"):
+        self._agent = agent
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        fes = GaugeMetricFamily("kpr_service_frontends", "Frontends (address, port, protocol) of a service", labels=["service"])
+        bes = GaugeMetricFamily("kpr_service_backends", "Distinct backends of a service, by state", labels=["service", "state"])
+        store = self._agent.store
+        for svc in store.snapshot() if store is not None else ():
+            key = str(svc.key)
+            fes.add_metric([key], len(svc.frontends))
+            by_state: dict[str, set] = {}
+            for f in svc.frontends:
+                for b in f.backends:
+                    by_state.setdefault(b.state.value, set()).add((b.address, b.port))
+            for state, members in sorted(by_state.items()):
+                bes.add_metric([key, state], len(members))
+        yield fes
+        yield bes

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kpr import cli
+from kpr import cli, drops
 from kpr.bpf import maps as M
 from kpr.bpf.flowhash import tuple_hash, tuple_hash_raw
 from kpr.bpf.loader import compile_and_load, load_prog
@@ -175,6 +175,9 @@ def test_drops_and_refusals_carry_the_counter_reasons(env: Cluster) -> None:
     after = env.stats("node1")
     assert after["drop_no_local_backend"] > before["drop_no_local_backend"]
     assert after["drop_source_range"] > before["drop_source_range"]
+    # ... and kpr_drops_total{hook="tc"} carries them under the reasons explain gave.
+    by_reason = drops.drops("tc_nodeport", env.plugins["node1"].kpr_status().counters)
+    assert by_reason["no_local_backend"] >= 1 and by_reason["source_range"] >= 1
 
 
 def test_no_service_exits_1(env: Cluster, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ written is never read, and a directory inotify cannot watch is polled (status sa
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import yaml
@@ -112,3 +113,28 @@ def test_network_filesystems_are_not_trusted_to_raise_events(tmp_path):
     for kind in ("nfs", "nfs4", "cifs", "fuse.sshfs", "9p", "ceph"):
         assert dirwatch._remote(kind), kind
     assert dirwatch.fs_type("/proc/self") == "proc"
+
+
+def test_a_configmap_volume_swap_arrives_and_editor_files_wake_nothing(watched):
+    src, sink = watched
+    d = src.path
+
+    def version(name: str, svc_type: str) -> None:
+        (d / name).mkdir()
+        (d / name / "web.yaml").write_text(yaml.safe_dump(service("web", type=svc_type)))
+        # as the kubelet's atomic writer: a new ..data link renamed over the old one
+        os.symlink(name, d / "..data_tmp")
+        os.replace(d / "..data_tmp", d / "..data")
+
+    version("..v1", "ClusterIP")
+    os.symlink("..data/web.yaml", d / "web.yaml")
+    wait_for(lambda: (s := sink.get("Service", "web")) and s["spec"]["type"] == "ClusterIP", 5, "first version")
+    version("..v2", "NodePort")
+    wait_for(lambda: sink.get("Service", "web")["spec"]["type"] == "NodePort", 5, "swapped version")
+
+    passes = src.passes
+    (d / ".web.yaml.swp").write_bytes(b"\0" * 64)
+    (d / "notes.tmp").write_text("x")
+    (d / "web.yaml~").write_text("x")
+    time.sleep(0.3)
+    assert src.passes == passes

@@ -18,6 +18,7 @@ import logging
 import os
 import select
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ class WatchUnavailable(OSError):
 class DirWatcher:
     """inotify on one directory (not its subdirectories: the source reads only its own files)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, ignored: Callable[[str], bool] = lambda name: False):
         self.path = Path(path)
+        # Names the source never reads (editor swap files, a tool's temporary file before
+        # its rename): their events wake nothing.
+        self._ignored = ignored
         try:
             from inotify_simple import INotify, flags
         except ImportError as e:  # pragma: no cover - a dependency in pyproject.toml
@@ -147,6 +151,8 @@ class DirWatcher:
         for ev in events:
             self.events += 1
             mask, name = ev.mask, ev.name
+            if name and self._ignored(name):
+                continue
             if mask & (f.DELETE_SELF | f.MOVE_SELF | f.IGNORED):
                 self.gone = True
                 wake = True

@@ -330,7 +330,8 @@ class FilesSource:
     def _watch(self) -> DirWatcher | None:
         """An inotify watch on the directory, or None (then it is polled) with the reason kept."""
         try:
-            watcher = DirWatcher(self.path)
+            # A ConfigMap volume swaps its hidden ..data link: that one matters.
+            watcher = DirWatcher(self.path, lambda name: _ignored(name) and not name.startswith(".."))
         except WatchUnavailable as e:
             if e.strerror != self.watch_problem:
                 log.warning("files.watch_unavailable path=%s reason=%s; polling every %.2fs", self.path, e.strerror, self.poll_interval)

@@ -234,6 +234,51 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if result["verdict"] == "not_a_service" else 0
 
 
+def _split(values: list[str] | None) -> frozenset[str]:
+    return frozenset(v.strip() for item in values or () for v in item.split(",") if v.strip())
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from . import monitor as mon
+
+    try:
+        keep = mon.EventFilter(
+            types=_split(args.type), services=_split(args.service), addresses=_split(args.address), reasons=_split(args.reason)
+        )
+        pin = Path(args.pin_path) if args.pin_path else Path(_load(args).bpf.pin_path)
+        m = mon.Monitor(pin, types=keep.type_mask(), sample=args.sample)
+        services = None
+        if not args.no_names:
+            sock = _socket(args)
+
+            def services() -> dict:
+                try:
+                    return mon.service_names(api.get(sock, "/v1/services"))
+                except api.ApiError as e:  # names are a nicety: events come from the maps
+                    logging.getLogger(__name__).debug("monitor.no_names error=%s", e)
+                    return {}
+
+        if keep.services and services is None:
+            raise mon.MonitorError("--service needs service names from the agent (drop --no-names)")
+        with m:
+            print_event = (lambda e: print(mon.as_json(e), flush=True)) if args.json else (lambda e: print(e.text(), flush=True))
+            if not args.json:
+                print(f"listening on {pin / mon.RING_MAP} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            try:
+                mon.run(m, keep, print_event, services=services, count=args.count, seconds=args.seconds)
+            finally:
+                lost = m.lost()
+                if lost:
+                    print(f"kpr monitor: {lost} events found the ring buffer full (all listeners)", file=sys.stderr)
+    except mon.MonitorError as e:
+        print(f"kpr monitor: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError) as e:
+        print(f"kpr monitor: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     found = discover()
     enabled: set[str] = set()
@@ -304,6 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pin-path", help="bpffs directory of the maps (default: bpf.pinPath from the config)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_explain)
+    s = sub.add_parser("monitor", parents=[common], help="live events from the data path (new flows, drops, refusals)")
+    s.add_argument("--type", action="append", metavar="T[,T]", help="new, drop, refuse, ct_full, nat_full (default: all)")
+    s.add_argument("--service", action="append", metavar="NS/NAME[,...]", help="events of these services only")
+    s.add_argument("--address", action="append", metavar="IP[,IP]", help="events whose client, frontend or backend is this address")
+    s.add_argument("--reason", action="append", metavar="R[,R]", help="drop/refusal reasons (kpr_drops_total's) or new-flow kinds")
+    s.add_argument("--sample", type=int, default=1, metavar="N", help="the programs emit 1 event in N (default 1: every event)")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.add_argument("--count", type=int, default=0, metavar="N", help="stop after N events")
+    s.add_argument("--seconds", type=float, default=0.0, metavar="S", help="stop after S seconds")
+    s.add_argument("--no-names", action="store_true", help="do not ask the agent for service names")
+    s.add_argument("--socket", help="API socket for service names (default: api.socket from the config)")
+    s.add_argument("--pin-path", help="bpffs directory of the maps (default: bpf.pinPath from the config)")
+    s.set_defaults(fn=cmd_monitor)
     s = sub.add_parser("service", parents=[common], help="services the agent serves")
     ssub = s.add_subparsers(dest="service_command", required=True)
     sl = ssub.add_parser("list", parents=[common], help="one row per frontend")

@@ -16,6 +16,7 @@
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/lb.h"
+#include "lib/monitor.h"
 
 /* --- tunables ---------------------------------------------------------------------- */
 
@@ -152,6 +153,29 @@ static __always_inline int kpr_sock_is_hostaddr(const union kpr_addr *a)
 	return kpr_sock_hostaddr.lookup((union kpr_addr *)a) != (void *)0;
 }
 
+// A `kpr monitor` event for a socket's translation or refusal (nothing unless someone listens).
+static __always_inline void kpr_sock_mon(const struct kpr_sock_req *req, __u8 type, __u8 reason, __u32 rev_nat,
+					 __u32 id, const struct kpr_backend *be)
+{
+#if KPR_MON
+	struct kpr_mon_event *e = kpr_mon_begin(type, KPR_MON_HOOK_SOCKET, reason);
+
+	if (!e)
+		return;
+	e->cookie = req->cookie;
+	e->daddr = req->daddr;
+	e->dport = req->dport;
+	e->proto = req->proto;
+	e->rev_nat = rev_nat;
+	e->backend_id = id;
+	if (be) {
+		e->baddr = be->addr;
+		e->bport = be->port;
+	}
+	kpr_mon_submit(e);
+#endif
+}
+
 /* The decision of a connect/sendmsg hook. Returns KPR_SOCK_PASS, KPR_SOCK_XLATE (res filled
  * in) or KPR_SOCK_REJECT. Selection follows lib/lb.h: in-cluster scope (internalTrafficPolicy),
  * affinity keyed by the socket's netns (its address is not known yet at connect()), then
@@ -206,6 +230,7 @@ static __always_inline int kpr_sock_xlate(const struct kpr_sock_req *req, struct
 	be = kpr_lb_pick(&key, svc, &t, &aff, &id);
 	if (!be) {
 		kpr_sock_count(KPR_SOCK_ST_NO_BACKEND);
+		kpr_sock_mon(req, KPR_MON_T_REFUSE, KPR_MON_R_NO_BACKEND, svc->rev_nat, 0, (void *)0);
 		return KPR_SOCK_REJECT;
 	}
 	if (kpr_addr_is_v4(&be->addr) != (req->family == KPR_FAMILY_V4)) {
@@ -219,6 +244,7 @@ static __always_inline int kpr_sock_xlate(const struct kpr_sock_req *req, struct
 	res->rev_nat = svc->rev_nat;
 	res->svc_flags = svc->flags;
 	kpr_sock_count(req->hook == KPR_SOCK_HOOK_SENDMSG ? KPR_SOCK_ST_SENDMSG : KPR_SOCK_ST_CONNECT);
+	kpr_sock_mon(req, KPR_MON_T_NEW, KPR_MON_NEW_SOCKET, svc->rev_nat, id, be);
 	return KPR_SOCK_XLATE;
 }
 

@@ -18,7 +18,7 @@ and the watching source; each also measures its idle CPU (the process's CPU time
 window with no change). Goals: a single change at the router under 100 ms at p99, idle CPU
 no higher than the baseline's.
 
-    .venv/bin/python benchmarks/bench_announce_bgp.py [--rounds 30] [--bulk 500] [--poll S] [--idle 10] [--format json]
+    .venv/bin/python benchmarks/bench_announce_bgp.py [--rounds 100] [--bulk 500] [--poll S] [--idle 10] [--format json]
 
 Needs root, bird2 and ExaBGP 5 (the venv's).
 """
@@ -121,7 +121,7 @@ class _PollOnly:
     """Stands in for the files source's inotify watcher in the baseline run: the source then
     polls every pollInterval, as it did before it watched the directory."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, *_args: object) -> None:
         raise WatchUnavailable(0, "baseline run: polling only, as before inotify")
 
 
@@ -237,7 +237,7 @@ def run_agent(tmp: Path, topo: Topology, sock: Path, args: argparse.Namespace, w
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--bulk", type=int, default=500)
     ap.add_argument("--poll", type=float, default=None, help="files source pollInterval (s); default: the config's default")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of each idle CPU window")

@@ -1,5 +1,6 @@
 """The announce_arp plugin: which addresses this node announces, kept in step with services,
-membership and eligibility, and handed to the responder (and the drop table).
+membership and eligibility, and handed to the BPF answerer (which answers requests where its
+program attaches), the responder (announcements, and answers elsewhere) and the drop table.
 
 Every change (a service event, sync completion, a peer joining, leaving or changing its
 eligibility) only marks the state dirty; one controller thread recomputes ownership from
@@ -11,11 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from pathlib import Path
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydantic

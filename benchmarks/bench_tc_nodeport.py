@@ -2,16 +2,13 @@
 traffic against dialling the backend directly and against a kube-proxy-shaped iptables rule set.
 Everything runs in namespaces this script makes (tests/kernel/tc_nodeport_env.py).
 
-1. BPF_PROG_TEST_RUN on node1's ingress program, one packet per call (repeat=1: the programs
-   rewrite their packet, and with repeat > 1 the kernel would feed them their own output),
-   against a bare `return TC_ACT_OK` program measured the same way. Per-call fixed overhead is
-   in every figure; the ratios are the comparable numbers.
-     - established flow, remote backend (SNAT): conntrack hit, tail call, FIB, SNAT mapping
-     - established flow, local backend: conntrack hit, tail call, DNAT, FIB, redirect_peer
-     - new flows (a distinct source port each): service lookup, pick, conntrack + reverse
-       entries, SNAT port allocation
-   The program's counters prove which path each loop took. New flows touch ~8 map entries in
-   large tables, each a cold cache line with distinct flows: that, not instructions, is their cost.
+1. BPF_PROG_TEST_RUN on the ingress program in a lab namespace of its own
+   (kpr.testing.nodeport_bench, shared with bench_xdp_nodeport.py): against a bare
+   `return TC_ACT_OK`, by the restoring wrapper (repeat=N, ns above bare) and by repeat=1 calls
+   (ratio to bare); established and new flows to a remote backend (SNAT) and a local one,
+   traffic for no service, new flows over every frontend at 10 / 10k / 50k services, a
+   per-stage table and the optimisation switches on and off; the program's counters prove the
+   path of every case.
 2. End to end from the external client: TCP connection rate (connect, read a line, close),
    1-byte request/response over one connection, and iperf3 throughput, to
      - the pod directly (through the same nodes; kpr's programs see the packets and pass them)
@@ -21,7 +18,8 @@ Everything runs in namespaces this script makes (tests/kernel/tc_nodeport_env.py
        --rules decoy services, KUBE-NODEPORTS, KUBE-SVC/KUBE-SEP chains, KUBE-MARK-MASQ for
        the remote backend), with kpr's programs still attached but not serving those ports.
 
-    .venv/bin/python benchmarks/bench_tc_nodeport.py [--runs 20000] [--connects 1000] [--rr 5000] [--rounds 3]
+    .venv/bin/python benchmarks/bench_tc_nodeport.py [--runs 20000] [--services 10,10000,50000] [--no-e2e]
+        [--connects 1000] [--rr 5000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,26 +28,22 @@ import argparse
 import json
 import platform
 import statistics
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
-from tc_nodeport_env import CLIENT, NODES, PODS, PY, Cluster, backends, cluster  # noqa: E402
+from tc_nodeport_env import NODES, PODS, PY, Cluster, backends, cluster  # noqa: E402
 
-from kpr.bpf.loader import compile_and_load, load_prog  # noqa: E402
 from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey  # noqa: E402
 from kpr.plugins.tc_nodeport import datapath as D  # noqa: E402
-from kpr.testing.netns import in_netns  # noqa: E402
-from kpr.testing.prog_run import test_run  # noqa: E402
+from kpr.testing.nodeport_bench import run_suite, uptime  # noqa: E402
 
 N1 = NODES["node1"]["addr"]
 VIP_SNAT, VIP_DSR = "203.0.113.40", "203.0.113.41"
-VIP_PROG = "203.0.113.42"  # the BPF loops' own service (p2b): their flows take no SNAT port the end-to-end runs need
 NP_KPR, NP_IPT_LOCAL, NP_IPT_REMOTE = 30080, 30091, 30092
 IPERF_PORT = 5201
 
@@ -124,62 +118,6 @@ def iptables_rules(rules: int) -> str:
     return "\n".join(out) + "\n"
 
 
-# ---------------------------------------------------------------------- 1. BPF_PROG_TEST_RUN
-
-
-def prog_bench(c: Cluster, runs: int) -> dict[str, Any]:
-    new_snat = min(runs, (D.SNAT_PORT_MAX - D.SNAT_PORT_MIN) // 2)
-    from scapy.layers.inet import IP, TCP
-    from scapy.layers.l2 import Ether
-
-    dp = c.plugins["node1"].datapath
-    assert dp is not None
-    topo = c.topo
-    ifindex = topo.ifindex("node1", "eth0")
-    mac = topo.mac("node1", "eth0")
-    ctx = struct.pack("=11I", 0, 0, 0, 0, 0, 0, 0, 0, 0, ifindex, ifindex)
-    bare_b = compile_and_load("int bare_ok(struct __sk_buff *skb) { return 0; }\n", name="bare")
-    bare = load_prog(bare_b, "bare_ok", "SCHED_CLS")
-
-    def pkt(dst: str, dport: int, sport: int, flags: str) -> bytes:
-        return bytes(Ether(src="02:00:00:00:00:99", dst=mac) / IP(src=CLIENT, dst=dst) / TCP(sport=sport, dport=dport, flags=flags) / (b"x" * 64))
-
-    def loop(fd: int, packets: list[bytes]) -> tuple[float, float]:
-        """Mean kernel-measured ns per run, and wall-clock ns per call."""
-        total = 0
-        t0 = time.perf_counter_ns()
-        for p in packets:
-            total += test_run(fd, p, ctx=ctx).duration_ns
-        return total / len(packets), (time.perf_counter_ns() - t0) / len(packets)
-
-    out: dict[str, Any] = {}
-    try:
-        with in_netns(topo["node1"].path):
-            ing = dp.fd(D.INGRESS)
-            # warm the flows up (first packet: new flow)
-            test_run(ing, pkt(VIP_PROG, 80, 50000, "S"), ctx=ctx)
-            test_run(ing, pkt(N1, NP_KPR, 50001, "S"), ctx=ctx)
-            variants = {
-                "bare (return TC_ACT_OK)": (bare.fd, [pkt(VIP_PROG, 80, 50000, "A")] * runs, None),
-                "established, remote backend (SNAT)": (ing, [pkt(VIP_PROG, 80, 50000, "A")] * runs, "established"),
-                "established, local backend (DNAT)": (ing, [pkt(N1, NP_KPR, 50001, "A")] * runs, "established"),
-                "new flows, local backend (DNAT)": (ing, [pkt(N1, NP_KPR, 1024 + i, "S") for i in range(runs)], "new_local"),
-                # fewer than half the SNAT ports toward one backend: allocation rarely retries
-                "new flows, remote backend (SNAT)": (ing, [pkt(VIP_PROG, 80, 1024 + i, "S") for i in range(new_snat)], "new_snat"),
-                "not a service (passed through)": (ing, [pkt(N1, 22, 50002, "A")] * runs, None),
-            }
-            for name, (fd, packets, counter) in variants.items():
-                before = dp.stats()
-                kernel_ns, wall_ns = loop(fd, packets)
-                after = dp.stats()
-                took = after[counter] - before[counter] if counter else None
-                drops = sum(after[k] - before[k] for k in D.DROP_STATS)
-                out[name] = {"kernel_ns": kernel_ns, "wall_ns": wall_ns, "counter": counter, "counted": took, "drops": drops}
-    finally:
-        bare_b.cleanup()
-    return out
-
-
 # ---------------------------------------------------------------------- 2. end to end
 
 
@@ -198,20 +136,10 @@ def iperf(c: Cluster, host: str, port: int, seconds: float) -> float:
     return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=20000, help="test runs per BPF variant")
-    ap.add_argument("--connects", type=int, default=1000, help="TCP connections per variant per round")
-    ap.add_argument("--rr", type=int, default=5000, help="1-byte round trips per variant per round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--iperf-seconds", type=int, default=2)
-    ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
-    args = ap.parse_args()
-
+def end_to_end(args: argparse.Namespace) -> None:
     with cluster(second_device=False, conntrack_size=65536) as c:
         c.apply(svc("np", FrontendType.NODE_PORT, lambda n: NODES[n]["addr"], NP_KPR, "p1a"))
         c.apply(svc("snat", FrontendType.LOAD_BALANCER, lambda n: VIP_SNAT, 80, "p2a"))
-        c.apply(svc("prog", FrontendType.LOAD_BALANCER, lambda n: VIP_PROG, 80, "p2b"))
         c.apply(svc("dsr", FrontendType.LOAD_BALANCER, lambda n: VIP_DSR, 80, "p2a", mode="dsr"))
         c.apply(svc("np-perf", FrontendType.NODE_PORT, lambda n: NODES[n]["addr"], NP_KPR + 100, "p1a", target=IPERF_PORT))
         c.apply(svc("snat-perf", FrontendType.LOAD_BALANCER, lambda n: VIP_SNAT, IPERF_PORT, "p2a", target=IPERF_PORT))
@@ -224,15 +152,6 @@ def main() -> int:
         if not have_ipt:
             print(f"(iptables variants skipped: {ipt.stderr.strip()})", file=sys.stderr)
         time.sleep(0.5)
-
-        print(f"== tc_nodeport: BPF_PROG_TEST_RUN, one packet per call, {args.runs} calls per variant "
-              f"(kernel {platform.release()})")
-        prog = prog_bench(c, args.runs)
-        bare = prog["bare (return TC_ACT_OK)"]["kernel_ns"]
-        for name, v in prog.items():
-            proof = f"  [{v['counter']} +{v['counted']}, drops +{v['drops']}]" if v["counter"] else ""
-            print(f"  {name:40s} {v['kernel_ns']:8.1f} ns  {v['kernel_ns'] / bare:5.2f}x bare   "
-                  f"(wall {v['wall_ns'] / 1000:.1f} us/call){proof}")
 
         p1, p2 = PODS["p1a"][1], PODS["p2a"][1]
         targets: dict[str, tuple[str, int, int]] = {  # name -> (host, port, iperf port)
@@ -270,6 +189,32 @@ def main() -> int:
         st = c.stats("node1")
         print(f"\n  node1 counters: new_local={st['new_local']} new_snat={st['new_snat']} new_dsr={st['new_dsr']} "
               f"established={st['established']} drops={sum(st[k] for k in D.DROP_STATS)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20000, help="BPF_PROG_TEST_RUN runs per case and method")
+    ap.add_argument("--prog-rounds", type=int, default=5, help="wrapper rounds per case (median)")
+    ap.add_argument("--services", default="10,10000,50000", help="service counts; the first is the main table's")
+    ap.add_argument("--no-stages", action="store_true", help="skip the per-stage builds")
+    ap.add_argument("--no-switches", action="store_true", help="skip the optimisation switches")
+    ap.add_argument("--no-e2e", action="store_true", help="only the BPF_PROG_TEST_RUN part")
+    ap.add_argument("--connects", type=int, default=1000, help="TCP connections per variant per round")
+    ap.add_argument("--rr", type=int, default=5000, help="1-byte round trips per variant per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iperf-seconds", type=int, default=2)
+    ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
+    args = ap.parse_args()
+
+    print(f"== tc_nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {platform.release()}); {uptime()}")
+    summary = run_suite("tc", runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
+                        stages=not args.no_stages, switches=not args.no_switches)
+    if not args.no_e2e:
+        end_to_end(args)
+    # the summary last: the figures the issue's goals are stated in
+    print(f"\n{uptime()}")
+    for line in summary.values():
+        print(line)
     return 0
 
 

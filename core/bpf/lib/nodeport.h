@@ -110,6 +110,15 @@
 #ifndef KPR_NP_DEVKIND_MAX
 #define KPR_NP_DEVKIND_MAX 16384 // classified devices: every link of the node's namespace (pods' veths too)
 #endif
+#ifndef KPR_NP_BENCH_STOP
+#define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
+#endif
+// Per-stage timing (benchmarks/bench_xdp_nodeport.py): a build with -DKPR_NP_BENCH_STOP=N leaves here.
+#define KPR_NP_STOP(n)                      \
+	do {                                \
+		if (KPR_NP_BENCH_STOP == (n)) \
+			return CTX_PASS;     \
+	} while (0)
 
 #ifndef KPR_DSR_EDIT
 #define KPR_DSR_EDIT KPR_NP_DSR // DSR header insertion/removal exactly when DSR is on
@@ -646,7 +655,9 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 
 	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
 		return CTX_DROP;
+	KPR_NP_STOP(4);
 	rc = kpr_np_fib(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
+	KPR_NP_STOP(5);
 	nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
 			       pkt.t.family);
 	if (!nat) {
@@ -673,6 +684,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		kpr_np_count(KPR_NP_ST_DROP_NAT);
 		return CTX_DROP;
 	}
+	KPR_NP_STOP(6);
 #ifdef KPR_CTX_XDP
 	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT); // kpr_np_xdp_sendable said yes above
 	if (kpr_np_set_macs(ctx, &p))
@@ -806,6 +818,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 				restart = 1;
 			}
 			kpr_np_count(KPR_NP_ST_ESTABLISHED);
+			KPR_NP_STOP(2);
 			return kpr_np_dispatch(ctx, bid, ct->flags, restart);
 		}
 		kpr_np_count(KPR_NP_ST_STALE_BACKEND);
@@ -846,8 +859,10 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		flags |= KPR_CT_F_SNAT;
 		kpr_np_count(KPR_NP_ST_NEW_SNAT);
 	}
+	KPR_NP_STOP(2);
 	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, flags))
 		kpr_np_count(KPR_NP_ST_CT_FAILED);
+	KPR_NP_STOP(3);
 	return kpr_np_dispatch(ctx, bid, flags, 1);
 }
 
@@ -1073,6 +1088,7 @@ static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 	__be16 fport;
 #endif
 
+	KPR_NP_STOP(1);
 	if (ret == KPR_PARSE_NOT_IP)
 		return KPR_NP_PASS;
 	if (ret == KPR_PARSE_MALFORMED) {

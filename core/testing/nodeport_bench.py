@@ -1,0 +1,480 @@
+"""Per-packet cost of the NodePort programs (tc and XDP builds of lib/nodeport.h) with
+BPF_PROG_TEST_RUN, shared by benchmarks/bench_tc_nodeport.py and bench_xdp_nodeport.py.
+
+Two methods, both against a bare program of the same hook measured the same way:
+  - wrapper: a small program restores the input packet (and, for new flows, stamps a fresh
+    client address into it) and tail-calls the program under test; run with repeat=N, so the
+    kernel's per-run figure has no per-call overhead. The programs rewrite their packet and
+    BPF_PROG_TEST_RUN does not restore it between repeats: without the wrapper every run after
+    the first would take another path. Reported as ns above (wrapper -> bare).
+  - repeat=1: one call per packet, the kernel's duration of each; reported as a ratio to the
+    bare program's (the per-call overhead is in both).
+Builds differ by -D flags (stop points of lib/nodeport.h KPR_NP_BENCH_STOP for the per-stage
+table, and the optimisation switches); the program's own counters are read around every
+measurement and show which path ran.
+
+The lab: a namespace "lb" (the node: eth0 10.0.0.1/24 to "out", next hop 10.0.0.2; node2 at
+10.0.0.3 routes the remote backends 10.244.2.0/24 and 10.245.0.0/16; a local pod 10.244.1.10)
+with the core's ServiceMapWriter filling a scratch pin dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpr.testing.prog_run import test_run
+
+NODE4, OUT4, NODE2_4 = "10.0.0.1", "10.0.0.2", "10.0.0.3"
+POD4 = "10.244.1.10"
+MAC_OUT, MAC_NODE2, MAC_POD = "02:00:00:00:00:02", "02:00:00:00:00:03", "02:00:00:00:01:10"
+VIP = "203.0.113.40"  # the measured LoadBalancer frontend: 100 remote backends (SNAT)
+NODEPORT = 30080  # the measured NodePort frontend: one local backend
+FILLER_BASE = 0x0AC80000  # 10.200.0.0: filler frontends 10.200.0.0 + i, one remote backend each
+CLIENT_BASE = 0x64400000  # 100.64.0.0: clients of new flows 100.64.0.0 + n
+PKT_LEN = 64  # every measured frame: Ethernet + IPv4 + TCP + 10 bytes (the wrapper copies this many)
+
+WRAPPER_C = r"""
+#define PKT_LEN %(len)d
+struct wr_cfg {
+	__u32 vary;   // 1: a new client address (CLIENT_BASE + counter) per run
+	__u32 spread; // > 0: destination FILLER_BASE + counter %% spread (new flows over many frontends)
+	__u8 data[PKT_LEN];
+};
+BPF_ARRAY(wr_cfg, struct wr_cfg, 1);
+BPF_ARRAY(wr_ctr, __u32, 1);
+BPF_PROG_ARRAY(wr_target, 1);
+
+static __always_inline int wr_restore(CTX *ctx)
+{
+	__u32 zero = 0, *n;
+	struct wr_cfg *c = wr_cfg.lookup(&zero);
+	__u8 *d = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+
+	if (!c || d + PKT_LEN > end)
+		return -1;
+	__builtin_memcpy(d, c->data, PKT_LEN);
+	if (c->vary) {
+		n = wr_ctr.lookup(&zero);
+		if (!n)
+			return -1;
+		*n += 1;
+		*(__be32 *)(d + 26) = bpf_htonl(%(client)d + *n);
+		if (c->spread)
+			*(__be32 *)(d + 30) = bpf_htonl(%(filler)d + *n %% c->spread);
+	}
+	return 0;
+}
+
+int wr_main(CTX *ctx)
+{
+	if (wr_restore(ctx))
+		return %(abort)s;
+	wr_target.call(ctx, 0);
+	return %(abort)s;
+}
+
+int wr_bare(CTX *ctx) { return %(bare)s; }
+"""
+
+HOOKS = {
+    # hook: (C context type, program type, bare verdict, name of the bare program)
+    "xdp": ("struct xdp_md", "XDP", "XDP_TX", "return XDP_TX"),
+    "tc": ("struct __sk_buff", "SCHED_CLS", "TC_ACT_OK", "return TC_ACT_OK"),
+}
+
+
+def ip4(n: int) -> str:
+    return ".".join(str((n >> s) & 255) for s in (24, 16, 8, 0))
+
+
+@dataclass
+class Measured:
+    """One case: kernel ns per run by each method (medians over rounds), and counter deltas."""
+
+    wrapper_ns: list[float] = field(default_factory=list)
+    single_ns: list[float] = field(default_factory=list)
+    counted: dict[str, int] = field(default_factory=dict)
+    runs: int = 0
+    verdicts: set[int] = field(default_factory=set)
+
+    @property
+    def wrapper(self) -> float:
+        return statistics.median(self.wrapper_ns) if self.wrapper_ns else float("nan")
+
+    @property
+    def single(self) -> float:
+        return statistics.median(self.single_ns) if self.single_ns else float("nan")
+
+
+class ProgLab:
+    """The lab namespace, the service maps, and loaded builds of one hook's program."""
+
+    def __init__(self, services: int) -> None:
+        self.services = services
+        self._stack = contextlib.ExitStack()
+        self.builds: dict[str, Any] = {}  # build name -> Datapath
+        self.wrappers: dict[str, tuple[Any, Any, Any]] = {}  # hook -> (bpf, main fn, bare fn)
+
+    # ------------------------------------------------------------------ setup
+
+    def __enter__(self) -> "ProgLab":
+        from kpr.bpf.cleanup import scratch_pin_dir
+        from kpr.netdevs import classify
+        from kpr.servicemaps import ServiceMapWriter
+        from kpr.testing.netns import Topology
+
+        try:
+            self.pin = self._stack.enter_context(scratch_pin_dir("kpr-npbench"))
+            self.topo = topo = self._stack.enter_context(Topology())
+            topo.add_node("lb")
+            topo.add_namespace("out")
+            topo.link("lb", "out", [f"{NODE4}/24"], [f"{OUT4}/24"])
+            topo.add_pod("lb", "pod", POD4)
+            lb = topo["lb"]
+            lxc = next(i for i in lb.ifaces if i.startswith("lxc"))
+            lb.run(
+                f"ip neigh replace {OUT4} lladdr {MAC_OUT} dev eth0 nud permanent && "
+                f"ip neigh replace {NODE2_4} lladdr {MAC_NODE2} dev eth0 nud permanent && "
+                f"ip neigh replace {POD4} lladdr {MAC_POD} dev {lxc} nud permanent && "
+                f"ip route replace default via {OUT4} && ip route replace 10.244.2.0/24 via {NODE2_4} && "
+                f"ip route replace 10.245.0.0/16 via {NODE2_4}"
+            )
+            self.ifindex = topo.ifindex("lb", "eth0")
+            self.mac = topo.mac("lb", "eth0")
+            self.kinds = {i: d.kind for i, d in classify(lb.netns).items()}
+            self.writer = ServiceMapWriter(self.pin).open()
+            self._stack.callback(self.writer.close)
+            t0 = time.perf_counter()
+            self.writer.full_sync(self._services())
+            self.sync_s = time.perf_counter() - t0
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for dp in self.builds.values():
+            dp.close()
+        for bpf, _m, _b in self.wrappers.values():
+            bpf.cleanup()
+        self._stack.close()
+
+    def _services(self) -> list[Any]:
+        from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+
+        tcp = Protocol.TCP
+        out = [
+            Service(ServiceKey("bench", "vip"), (Frontend(FrontendType.LOAD_BALANCER, VIP, 80, tcp, tuple(
+                Backend(f"10.244.2.{i}", 8080, node_name="node2") for i in range(1, 101))),)),
+            Service(ServiceKey("bench", "np"), (Frontend(FrontendType.NODE_PORT, NODE4, NODEPORT, tcp, (
+                Backend(POD4, 8080, node_name="lb", local=True),)),)),
+        ]
+        for i in range(max(0, self.services - len(out))):
+            be = Backend(ip4(0x0AF50000 + i + 1), 8080, node_name="node2")
+            out.append(Service(ServiceKey("bench", f"f{i}"), (
+                Frontend(FrontendType.LOAD_BALANCER, ip4(FILLER_BASE + i), 80, tcp, (be,)),)))
+        return out
+
+    @property
+    def fillers(self) -> int:
+        return max(0, self.services - 2)
+
+    def load(self, hook: str, name: str, cflags: Sequence[str] = ()) -> Any:
+        """Compile and load one build of the hook's program, its device maps filled as the agent does."""
+        from kpr.plugins.tc_nodeport import datapath as TD
+        from kpr.plugins.xdp_nodeport import datapath as XD
+
+        cls = XD.Datapath if hook == "xdp" else TD.Datapath
+        dp = cls(self.pin, mode="snat", extra_cflags=list(cflags)).load()
+        self.builds[name] = dp
+        dp.set_devices({self.ifindex: (NODE4, None)}, (NODE4, None))
+        dp.set_device_kinds(self.kinds)
+        dp.set_node_addresses([NODE4])
+        dp.set_vips([VIP] + [ip4(FILLER_BASE + i) for i in range(self.fillers)])
+        return dp
+
+    def entry(self, hook: str, name: str) -> int:
+        from kpr.plugins.tc_nodeport import datapath as TD
+        from kpr.plugins.xdp_nodeport import datapath as XD
+
+        return self.builds[name].fd(XD.INGRESS if hook == "xdp" else TD.INGRESS)
+
+    def wrapper(self, hook: str) -> tuple[Any, Any, Any]:
+        from kpr.bpf.loader import compile_and_load, load_prog
+
+        if hook not in self.wrappers:
+            ctype, ptype, verdict, _ = HOOKS[hook]
+            src = "#include <uapi/linux/pkt_cls.h>\n#define CTX " + ctype + "\n" + WRAPPER_C % {
+                "len": PKT_LEN, "client": CLIENT_BASE, "filler": FILLER_BASE,
+                "abort": "XDP_ABORTED" if hook == "xdp" else "TC_ACT_SHOT", "bare": verdict,
+            }
+            bpf = compile_and_load(src, name=f"wrapper_{hook}")
+            self.wrappers[hook] = (bpf, load_prog(bpf, "wr_main", ptype), load_prog(bpf, "wr_bare", ptype))
+        return self.wrappers[hook]
+
+    # ------------------------------------------------------------------ packets and context
+
+    def ctx(self, hook: str) -> bytes:
+        if hook == "xdp":  # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index
+            return struct.pack("=6I", 0, PKT_LEN, 0, self.ifindex, 0, 0)
+        return struct.pack("=11I", 0, 0, 0, 0, 0, 0, 0, 0, 0, self.ifindex, self.ifindex)
+
+    def packet(self, dst: str, dport: int, *, src: str = "192.0.2.50", sport: int = 40000, flags: str = "A") -> bytes:
+        from scapy.layers.inet import IP, TCP
+        from scapy.layers.l2 import Ether
+
+        p = bytes(Ether(src=MAC_OUT, dst=self.mac) / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags)
+                  / (b"k" * 10))
+        assert len(p) == PKT_LEN, len(p)
+        return p
+
+    def flush_flows(self) -> None:
+        """Empty conntrack, SNAT and reverse entries: every case starts with the same table fill."""
+        from kpr.bpf import maps as M
+
+        for name in ("kpr_ct", "kpr_snat", "kpr_np_rev"):
+            with M.BpfMap.open_pinned(self.pin / name) as m:
+                keys = list(m.keys())
+                if keys:
+                    m.delete_many(keys)
+
+    # ------------------------------------------------------------------ measuring
+
+    def run_wrapped(self, hook: str, target_fd: int, pkt: bytes, repeat: int, *, vary: bool = False,
+                    spread: int = 0) -> tuple[float, int]:
+        """Kernel ns per run of wrapper -> target over `repeat` runs, and the last verdict."""
+        bpf, main, _bare = self.wrapper(hook)
+        cfg = bpf[b"wr_cfg"]
+        v = cfg.Leaf()
+        v.vary, v.spread = int(vary), spread
+        for i, b in enumerate(pkt):
+            v.data[i] = b
+        cfg[cfg.Key(0)] = v
+        prog = bpf[b"wr_target"]
+        prog[prog.Key(0)] = prog.Leaf(target_fd)
+        res = test_run(main.fd, pkt, repeat=repeat, ctx=self.ctx(hook))
+        return float(res.duration_ns), res.retval
+
+    def run_single(self, hook: str, fd: int, packets: Sequence[bytes]) -> tuple[float, set[int]]:
+        """Median kernel ns of one call per packet, and the verdicts seen."""
+        ctx = self.ctx(hook)
+        ds, verdicts = [], set()
+        for p in packets:
+            r = test_run(fd, p, ctx=ctx)
+            ds.append(r.duration_ns)
+            verdicts.add(r.retval)
+        return float(statistics.median(ds)), verdicts
+
+
+# ---------------------------------------------------------------------- cases and suites
+
+
+@dataclass(frozen=True)
+class Case:
+    """A packet stream: established (one flow, warmed up first) or new flows (a client each)."""
+
+    name: str
+    kind: str  # "established", "new", "bare", "pass"
+    dst: str
+    dport: int
+    counter: str | None  # kpr_np_stats counter that must grow by one per run
+    spread: bool = False  # new flows spread over every filler frontend
+
+
+def cases(lab: ProgLab, hook: str) -> list[Case]:
+    out = [
+        Case("established, remote backend (SNAT)", "established", VIP, 80, "established"),
+        Case("new flow, remote backend (SNAT)", "new", VIP, 80, "new_snat"),
+        Case("established, local backend", "established", NODE4, NODEPORT, "established"),
+        Case("new flow, local backend", "new", NODE4, NODEPORT, "new_local"),
+        Case("not a service (node address, port 22)", "pass", NODE4, 22, None),
+    ]
+    if lab.fillers:
+        out.append(Case(f"new flows over {lab.fillers} frontends (SNAT)", "new", ip4(FILLER_BASE), 80, "new_snat",
+                        spread=True))
+    return out
+
+
+def measure(lab: ProgLab, hook: str, build: str, case: Case, runs: int, rounds: int, *,
+            single: bool = True) -> Measured:
+    """Wrapper method (rounds x runs/rounds repeats) and repeat=1 (runs calls) for one case of one build."""
+    from kpr.testing.netns import in_netns
+
+    dp = lab.builds[build]
+    fd = lab.entry(hook, build)
+    # flows are set up by the full program: a build that stops early would not write them
+    warm = lab.entry(hook, "default")
+    m = Measured(runs=runs)
+    per_round = max(1, runs // rounds)
+    before = dp.stats()
+    with in_netns(lab.topo["lb"].path):
+        for r in range(rounds):
+            lab.flush_flows()
+            base = lab.packet(case.dst, case.dport, sport=40000 + r, flags="S" if case.kind == "new" else "A")
+            if case.kind == "established":
+                test_run(warm, lab.packet(case.dst, case.dport, sport=40000 + r, flags="S"), ctx=lab.ctx(hook))
+            spread = lab.fillers if case.spread else 0
+            ns, verdict = lab.run_wrapped(hook, fd, base, per_round, vary=case.kind == "new", spread=spread)
+            m.wrapper_ns.append(ns)
+            m.verdicts.add(verdict)
+        if single:
+            lab.flush_flows()
+            if case.kind == "new":
+                n0 = 1_000_000
+                pkts = [lab.packet(ip4(FILLER_BASE + i % lab.fillers) if case.spread else case.dst, case.dport,
+                                   src=ip4(CLIENT_BASE + n0 + i), flags="S") for i in range(runs)]
+            else:
+                if case.kind == "established":
+                    test_run(warm, lab.packet(case.dst, case.dport, sport=41000, flags="S"), ctx=lab.ctx(hook))
+                pkts = [lab.packet(case.dst, case.dport, sport=41000, flags="A")] * runs
+            m.single_ns.append(lab.run_single(hook, fd, pkts)[0])
+    after = dp.stats()
+    m.counted = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    return m
+
+
+def bare(lab: ProgLab, hook: str, runs: int, rounds: int) -> Measured:
+    from kpr.testing.netns import in_netns
+
+    _bpf, _main, bare_fn = lab.wrapper(hook)
+    m = Measured(runs=runs)
+    pkt = lab.packet(VIP, 80)
+    with in_netns(lab.topo["lb"].path):
+        for _ in range(rounds):
+            ns, _v = lab.run_wrapped(hook, bare_fn.fd, pkt, max(1, runs // rounds))
+            m.wrapper_ns.append(ns)
+        m.single_ns.append(lab.run_single(hook, bare_fn.fd, [pkt] * runs)[0])
+    return m
+
+
+def proof(m: Measured, case: Case, hook: str) -> str:
+    """The counters that show the path, and whether they grew by one per run."""
+    from kpr.testing.prog_run import verdict_name
+
+    runs = m.runs + (m.runs if m.single_ns else 0)
+    keep = {k: v for k, v in m.counted.items() if not k.startswith("egress_")}
+    text = " ".join(f"{k}+{v}" for k, v in sorted(keep.items())) or "no counter moved"
+    ok = True
+    if case.counter is not None:
+        # rounds x (runs // rounds) wrapped runs (rounding down), plus the repeat=1 calls
+        ok = keep.get(case.counter, 0) >= runs * 0.95 and not any(k.startswith("drop_") for k in keep)
+    elif case.kind == "pass":
+        ok = not any(k in keep for k in ("established", "new_snat", "new_local"))
+    verdicts = ",".join(verdict_name(v, hook) for v in sorted(m.verdicts))
+    return f"[{verdicts}; {text}{'' if ok else '; PATH NOT PROVEN'}]"
+
+
+def summary_line(label: str, m: Measured, b: Measured) -> str:
+    return f"{label}: {m.wrapper - b.wrapper:.0f} ns above bare (wrapper), {m.single / b.single:.2f} x bare (repeat=1)"
+
+
+# ---------------------------------------------------------------------- the suite both benchmarks run
+
+# Per-stage table: builds that return at lib/nodeport.h's stop points; each row is the cost up to there.
+STOPS = (
+    (1, "parse"),
+    (2, "conntrack / service lookup, backend pick"),
+    (3, "conntrack entry written (new flows)"),
+    (4, "tail call, stage re-parse, backend lookup"),
+    (5, "FIB lookup"),
+    (6, "SNAT port, DNAT + SNAT rewrite"),
+    (0, "forward (full program)"),
+)
+
+# Optimisation switches, each measured against the default build in the same run: name -> -D flags
+# that turn the default's choice around.
+SWITCHES: dict[str, tuple[str, ...]] = {
+    "fine clock (bpf_ktime_get_ns; default coarse)": ("-DKPR_CLOCK_FINE=1",),
+}
+
+
+def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stages: bool = True,
+              switches: bool = True, out: Any = None) -> dict[str, str]:
+    """Measure one hook's program; print the tables; return the summary lines by label."""
+    import sys
+
+    out = out or sys.stdout
+    pr = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    summary: dict[str, str] = {}
+    new_runs = runs
+    with ProgLab(scales[0]) as lab:
+        t0 = time.perf_counter()
+        lab.load(hook, "default")
+        pr(f"  (default build compiled in {time.perf_counter() - t0:.1f} s; {lab.services} services)")
+        b = bare(lab, hook, runs, rounds)
+        pr(f"  {'case':58s} {'wrapper':>8s} {'above bare':>10s} {'repeat=1':>9s} {'x bare':>7s}")
+        pr(f"  {'bare (' + HOOKS[hook][3] + ')':58s} {b.wrapper:8.1f} {'':>10s} {b.single:9.1f}")
+        res: dict[str, Measured] = {}
+        for c in cases(lab, hook):
+            m = measure(lab, hook, "default", c, new_runs if c.kind == "new" else runs, rounds)
+            res[c.name] = m
+            pr(f"  {c.name:58s} {m.wrapper:8.1f} {m.wrapper - b.wrapper:10.1f} {m.single:9.1f} "
+               f"{m.single / b.single:7.2f}  {proof(m, c, hook)}")
+        summary["established"] = summary_line(f"{hook} established", res["established, remote backend (SNAT)"], b)
+        summary["new flow"] = summary_line(f"{hook} new flow", res["new flow, remote backend (SNAT)"], b)
+        summary["non-service"] = summary_line(f"{hook} non-service", res["not a service (node address, port 22)"], b)
+        spread = [k for k in res if k.startswith("new flows over")]
+        scale_rows = {lab.services: res[spread[0]]} if spread else {}
+
+        if stages:
+            pr(f"\n  per stage (wrapper method, ns above bare; builds stopping after each stage; {lab.services} services)")
+            pr(f"  {'stage (cumulative)':50s} {'established':>12s} {'+':>6s} {'new flow':>10s} {'+':>6s}")
+            est_c, new_c = cases(lab, hook)[0], cases(lab, hook)[1]
+            prev = (0.0, 0.0)
+            for stop, label in STOPS:
+                name = "default" if stop == 0 else f"stop{stop}"
+                if name not in lab.builds:
+                    lab.load(hook, name, [f"-DKPR_NP_BENCH_STOP={stop}"])
+                e = measure(lab, hook, name, est_c, runs, rounds, single=False).wrapper - b.wrapper
+                n = measure(lab, hook, name, new_c, new_runs, rounds, single=False).wrapper - b.wrapper
+                pr(f"  {label:50s} {e:12.1f} {e - prev[0]:+6.0f} {n:10.1f} {n - prev[1]:+6.0f}")
+                prev = (e, n)
+
+        if switches and SWITCHES:
+            pr(f"\n  switches (one build each against the default, same run; wrapper ns above bare / repeat=1 x bare)")
+            sel = [c for c in cases(lab, hook) if c.name in (
+                "established, remote backend (SNAT)", "new flow, remote backend (SNAT)",
+                "not a service (node address, port 22)")]
+            pr(f"  {'build':50s} " + " ".join(f"{c.kind:>18s}" for c in sel))
+            for label, flags in (("default", ()), *SWITCHES.items()):
+                if label != "default":
+                    lab.load(hook, label, flags)
+                cells = []
+                for c in sel:
+                    m = measure(lab, hook, label, c, new_runs if c.kind == "new" else runs, rounds)
+                    cells.append(f"{m.wrapper - b.wrapper:8.1f} / {m.single / b.single:5.2f}x")
+                pr(f"  {label:50s} " + " ".join(f"{x:>18s}" for x in cells))
+
+    for n in scales[1:]:
+        t0 = time.perf_counter()
+        with ProgLab(n) as big:
+            pr(f"\n  {n} services (written in {big.sync_s:.1f} s)")
+            big.load(hook, "default")
+            bb = bare(big, hook, runs, rounds)
+            c = [x for x in cases(big, hook) if x.spread][0]
+            m = measure(big, hook, "default", c, new_runs, rounds)
+            scale_rows[n] = m
+            pr(f"  {c.name:58s} {m.wrapper - bb.wrapper:8.1f} ns above bare, {m.single / bb.single:5.2f} x bare  "
+               f"{proof(m, c, hook)}")
+    if len(scale_rows) > 1:
+        base_n = min(scale_rows)
+        for n, m in sorted(scale_rows.items()):
+            if n != base_n:
+                r_w = m.wrapper / scale_rows[base_n].wrapper
+                r_s = m.single / scale_rows[base_n].single
+                summary[f"scale {n}"] = (f"{hook} new flows over {n} vs {base_n} frontends: {r_w:.2f} x (wrapper, "
+                                         f"incl. the wrapper), {r_s:.2f} x (repeat=1)")
+    return summary
+
+
+def uptime() -> str:
+    import subprocess
+
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -23,6 +23,7 @@ DEVS = {
     6: NetDev(6, "vxlan0", DevKind.OVERLAY, None, MAC),
     7: NetDev(7, "lxck", DevKind.NETKIT, None, None),
     8: NetDev(8, "vloc", DevKind.VETH_LOCAL, None, MAC),
+    9: NetDev(9, "wg0", DevKind.OVERLAY, None, None),
 }
 
 
@@ -47,7 +48,18 @@ def test_pods_from_routes_and_from_the_source() -> None:
     assert p.devices[3] == D.DevEntry(D.DEV_F_POD, DevKind.VETH_PEER)
     assert p.devices[4] == D.DevEntry(D.DEV_F_BRIDGE, DevKind.BRIDGE)
     assert p.devices[5] == D.DevEntry(D.DEV_F_POD | D.DEV_F_L2, DevKind.VETH_PEER, "02:00:00:00:c0:01")
-    assert 6 not in p.devices and 8 not in p.devices
+    assert 8 not in p.devices
+    # an Ethernet overlay carries pods' traffic to other nodes (bpf_redirect_neigh); an L3 tunnel
+    # is the stack's, and neither is ever a pod device (no bpf_redirect_peer into them)
+    assert p.devices[6] == D.DevEntry(D.DEV_F_OVERLAY, DevKind.OVERLAY)
+    assert 9 not in p.devices
+
+
+def test_an_overlay_listed_as_external_device() -> None:
+    p = plan(DEVS, [Route("10.244.2.0", 32, 6)], {"10.244.2.11": 6}, ["eth0", "vxlan0"])
+    assert p.devices[6] == D.DevEntry(D.DEV_F_EXTERNAL | D.DEV_F_OVERLAY, DevKind.OVERLAY)
+    assert p.external == {"eth0": 2, "vxlan0": 6}
+    assert p.pods == {} and p.not_local == ["10.244.2.11"] and p.pod_devices == {}
 
 
 def test_an_external_device_is_never_a_pod_device() -> None:

@@ -50,6 +50,7 @@ STATS = (
     "conntrack_write_failed",
     "stale_backend",
     "service_hairpin",
+    "redirect_neigh_overlay",
 )
 PASS_STATS = tuple(s for s in STATS if s.startswith("pass_"))
 
@@ -59,7 +60,7 @@ OWN_MAPS = (PODS_MAP, DEVS_MAP)
 POD = struct.Struct("=II")  # kpr_hr_pod: ifindex, flags
 DEV = struct.Struct("=IB6sB")  # kpr_hr_dev: flags, kind, gw_mac, pad
 
-DEV_F_EXTERNAL, DEV_F_POD, DEV_F_BRIDGE, DEV_F_L2 = 1, 2, 8, 16
+DEV_F_EXTERNAL, DEV_F_POD, DEV_F_BRIDGE, DEV_F_L2, DEV_F_OVERLAY = 1, 2, 8, 16, 32
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ A pod is
     or a bridge (flannel host-gw, kubenet, the bridge CNI: pods share a subnet on cni0).
 An address routed anywhere else (an external device, an overlay) is not local and is left out.
 
+Ethernet overlays (vxlan, geneve: a MAC, a neighbour per remote VTEP, flannel vxlan) are
+marked so that what pods send to other nodes' pods leaves through them by bpf_redirect_neigh,
+whether or not they are external devices; L3 tunnels (wireguard, ipip, gre) are not: their
+traffic is the stack's.
+
 Programs go on: the external devices' ingress (traffic to pods); every pod's host-side device,
 ingress (what the pod sends) and egress (per-packet service replies via the stack); for a
 bridge with pods, each of its veth ports stands for a pod's host-side device.
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 
 from kpr.netdevs import DevKind, NetDev
 
-from .datapath import DEV_F_BRIDGE, DEV_F_EXTERNAL, DEV_F_L2, DEV_F_POD, DevEntry
+from .datapath import DEV_F_BRIDGE, DEV_F_EXTERNAL, DEV_F_L2, DEV_F_OVERLAY, DEV_F_POD, DevEntry
 
 PEER_KINDS = (DevKind.VETH_PEER, DevKind.NETKIT)
 
@@ -53,6 +58,11 @@ def _mac(dev: NetDev) -> str:
     return dev.mac.hex(":") if dev.mac else ""
 
 
+def _eth_overlay(dev: NetDev) -> bool:
+    """An overlay with an Ethernet header (vxlan, geneve), which bpf_redirect_neigh can feed."""
+    return dev.kind is DevKind.OVERLAY and dev.mac is not None
+
+
 def plan(devs: Mapping[int, NetDev], routes: Iterable[Route], source_pods: Mapping[str, int | None],
          external: Iterable[str]) -> Plan:
     """`source_pods`: pod address -> ifindex of the device the kernel routes it through (None:
@@ -65,8 +75,11 @@ def plan(devs: Mapping[int, NetDev], routes: Iterable[Route], source_pods: Mappi
             out.missing.append(name)
             continue
         out.external[name] = d.ifindex
-        out.devices[d.ifindex] = DevEntry(DEV_F_EXTERNAL, int(d.kind))
+        out.devices[d.ifindex] = DevEntry(DEV_F_EXTERNAL | (DEV_F_OVERLAY if _eth_overlay(d) else 0), int(d.kind))
     ext_idx = set(out.external.values())
+    for d in devs.values():
+        if d.ifindex not in ext_idx and _eth_overlay(d):
+            out.devices[d.ifindex] = DevEntry(DEV_F_OVERLAY, int(d.kind))
 
     for r in routes:
         full = 32 if ":" not in r.dst else 128

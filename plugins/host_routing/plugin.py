@@ -7,8 +7,9 @@ where they belong: ingress of every external device, ingress and egress of every
 host-side device. A watcher thread (watcher.py) re-syncs on every link or route change.
 
 Attachments are tcx links pinned at <bpf.pinPath>/links/host_routing/<device>/<direction>
-(kpr.bpf.links): a restarted agent adopts them and switches them to its new programs
-atomically; links of devices that went away are swept; `kpr cleanup` removes them all.
+(kpr.bpf.links; a dot in a device's name escaped, as bpffs refuses it: flannel.1, eth0.100):
+a restarted agent adopts them and switches them to its new programs atomically; links of
+devices that went away are swept; `kpr cleanup` removes them all.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ class HostRouting:
 
     def _attach(self, p: Plan) -> None:
         from kpr.bpf import links
+        from kpr.nodeport.agent import device_pin_name
 
         dp, cfg = self.datapath, self.cfg
         assert dp is not None and cfg is not None
@@ -242,7 +244,8 @@ class HostRouting:
         attached: dict[tuple[str, str], str] = {}
         for (name, direction), (idx, prog) in sorted(want.items()):
             try:
-                fd, action, _li = links.ensure(root / name / direction, dp.fd(prog), links.Hook.tcx(idx, direction))
+                fd, action, _li = links.ensure(root / device_pin_name(name) / direction, dp.fd(prog),
+                                               links.Hook.tcx(idx, direction))
                 os.close(fd)
             except OSError as exc:
                 if exc.errno == errno.ENODEV:  # gone since the dump; the next event syncs again
@@ -253,7 +256,7 @@ class HostRouting:
             attached[(name, direction)] = prog
             if action != "adopted" or (name, direction) not in self.attached:
                 log.info("event=host_routing_attached dev=%s direction=%s prog=%s action=%s", name, direction, prog, action)
-        keep = set(attached)
+        keep = {(device_pin_name(n), d) for n, d in attached}  # pin paths: bpffs refuses dots (flannel.1)
         for line in links.sweep(root, lambda pin, li: (pin.parent.name, pin.name) in keep and not li.defunct):
             log.info("event=host_routing_link_swept what=%r", line)
         self.attached = attached

@@ -1,6 +1,7 @@
 """Shared pieces of the host_routing end-to-end tests and benchmark: one node in a network
 namespace with an external client on its external device, pods on per-pod veths with /32
-routes (Cilium, Calico) and pods on a Linux bridge (flannel host-gw, kubenet, bridge CNI).
+routes (Cilium, Calico) and pods on a Linux bridge (flannel host-gw, kubenet, bridge CNI);
+and (overlay_rig) the tc_nodeport tests' two-node cluster in its vxlan layout (flannel vxlan).
 
     cl (10.210.0.2, fd21::2) -- eth0 node (10.210.0.1, fd21::1)
                                      |-- lxcp1 / lxcp2 -- pods p1, p2 (10.244.9.x, fd44:9::x, /32 routes)
@@ -32,6 +33,7 @@ from kpr.plugins.host_routing.plugin import HostRouting
 from kpr.servicemaps import ServiceMapWriter
 from kpr.testing.netns import Topology
 
+import tc_nodeport_env as np_env
 from tc_nodeport_env import PORT, PY, SERVER, answers, client
 
 __all__ = ["PORT", "answers", "client"]
@@ -91,11 +93,12 @@ def build_topology(topo: Topology, *, pods: tuple[str, ...] = tuple(PODS), serve
         start_server(topo, "cl")  # a backend outside the node (per-packet services' remote backend)
 
 
-def plugin_context(pin: Path, devices: tuple[str, ...] = ("eth0",)) -> PluginContext:
+def plugin_context(pin: Path, devices: tuple[str, ...] = ("eth0",), node: str = "node",
+                   addresses: tuple[str, ...] = (NODE, NODE6)) -> PluginContext:
     config = KprConfig.model_validate({"bpf": {"pinPath": str(pin)}, "agent": {"stateDir": str(pin)}})
     return PluginContext(
         name="host_routing",
-        node=NodeInfo("node", addresses=(NODE, NODE6), devices=devices),
+        node=NodeInfo(node, addresses=addresses, devices=devices),
         log=logging.getLogger("kpr.plugins.host_routing"),
         config=config,
         state_dir=pin,
@@ -109,14 +112,18 @@ class Rig:
     writer: ServiceMapWriter
     plugin: HostRouting | None = None
     extra_cflags: list[str] = field(default_factory=list)
+    # the namespace the plugin runs in, its addresses, and pod name -> (IPv4, IPv6) of every pod
+    node: str = "node"
+    addresses: tuple[str, ...] = (NODE, NODE6)
+    pods: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(PODS))
 
     def start(self, **cfg: Any) -> HostRouting:
         """configure + start the plugin in the node's namespace, as the agent would."""
         plugin = HostRouting()
         plugin.extra_cflags = list(self.extra_cflags)
-        ctx = plugin_context(self.pin)
+        ctx = plugin_context(self.pin, node=self.node, addresses=self.addresses)
         plugin.kpr_configure(config=HostRoutingConfig.model_validate(cfg), context=ctx)
-        with self.topo["node"].enter():
+        with self.topo[self.node].enter():
             plugin.kpr_start(context=ctx)
         self.plugin = plugin
         return plugin
@@ -133,7 +140,7 @@ class Rig:
     def source_pods(self, *names: str) -> None:
         """The pod addresses the source would deliver (Pod objects on this node)."""
         assert self.plugin is not None
-        self.plugin.set_source_pods([a for n in names for a in PODS[n]])
+        self.plugin.set_source_pods([a for n in names for a in self.pods[n]])
 
 
 def stopping(r: Rig) -> Iterator[Rig]:
@@ -152,16 +159,42 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def _running(r: Rig) -> Iterator[Rig]:
+    try:
+        yield r
+    finally:
+        with contextlib.suppress(Exception):
+            if r.plugin is not None:
+                r.plugin.cfg = r.plugin.cfg.model_copy(update={"keep_attached_on_stop": False})
+            r.stop()
+        r.writer.close()
+
+
+@contextlib.contextmanager
 def rig(*, pods: tuple[str, ...] = tuple(PODS), servers: bool = True, prefix: str = "kpr-hr") -> Iterator[Rig]:
     with scratch_pin_dir(prefix) as pin, Topology() as topo:
         build_topology(topo, pods=pods, servers=servers)
-        writer = ServiceMapWriter(pin).open()
-        r = Rig(topo, pin, writer)
-        try:
+        with _running(Rig(topo, pin, ServiceMapWriter(pin).open())) as r:
             yield r
-        finally:
-            with contextlib.suppress(Exception):
-                if r.plugin is not None:
-                    r.plugin.cfg = r.plugin.cfg.model_copy(update={"keep_attached_on_stop": False})
-                r.stop()
-            writer.close()
+
+
+OVERLAY_NODE, OVERLAY_DEV = "node1", np_env.VXLAN_DEV
+OVERLAY_PODS = {name: (ip4, ip6) for name, (_node, ip4, ip6) in np_env.PODS.items()}
+
+
+@contextlib.contextmanager
+def overlay_rig(*, pods: tuple[str, ...] = ("p1a", "p1b", "p2a"), prefix: str = "kpr-hr-ovl") -> Iterator[Rig]:
+    """tc_nodeport_env's cluster in its vxlan layout (flannel vxlan: each node's pods on cni0,
+    the other node's pods behind flannel.1), the plugin to run on node1. The router also routes
+    node1's pod subnet to node1, so the external client reaches node1's pods directly (as a
+    router that learned the node's pod CIDR would); node2's pods stay reachable only through
+    the overlay."""
+    with scratch_pin_dir(prefix) as pin, Topology() as topo:
+        np_env.build_topology(topo, second_device=False, pods=pods, layout="vxlan")
+        n1 = np_env.NODES[OVERLAY_NODE]
+        topo.add_route("rt", n1["pods4"], n1["addr"])
+        topo.add_route("rt", n1["pods6"], n1["addr6"])
+        r = Rig(topo, pin, ServiceMapWriter(pin).open(), node=OVERLAY_NODE, addresses=(n1["addr"], n1["addr6"]),
+                pods=dict(OVERLAY_PODS))
+        with _running(r):
+            yield r

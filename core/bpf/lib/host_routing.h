@@ -14,8 +14,9 @@
  *   kpr_hr_from_pod_main  ingress of a pod's host-side device (a veth, or a bridge port). A
  *       packet from a known pod: replies of local backends are reverse-translated, packets to
  *       a service are DNATed to a backend (conntrack keeps the flow on it), then the packet is
- *       routed: into another local pod as above, out of any other device by bpf_redirect_neigh
- *       (the kernel resolves the next hop's MAC).
+ *       routed: into another local pod as above, out of an external device or an Ethernet
+ *       overlay (vxlan, geneve: other nodes' pods, flannel vxlan) by bpf_redirect_neigh (the
+ *       kernel resolves the next hop's MAC; the overlay's FDB names the remote node).
  *   kpr_hr_to_pod_main  egress of a pod's host-side device: replies to per-packet ClusterIP
  *       flows that came through the stack (or any redirect that ends at this device) get
  *       their service address back before the pod sees them.
@@ -23,7 +24,9 @@
  * Everything else is the kernel's (CTX_PASS to the stack, counted by reason): not IP, headers
  * kpr cannot parse, fragments, IPv4 options (DSR carries a frontend there), packets not for or
  * from a known pod, packets for the node itself, TTL about to run out (the stack answers with
- * ICMP time exceeded), routes the FIB lookup cannot resolve. A redirect is issued only where
+ * ICMP time exceeded), routes the FIB lookup cannot resolve or that leave through a device that
+ * is neither external, nor a pod's, nor an Ethernet overlay (L3 tunnels: wireguard, ipip, gre;
+ * their encapsulation is the stack's). A redirect is issued only where
  * the kernel takes it: bpf_redirect_peer only into devices the agent classified as veth/netkit peers
  * (kpr.netdevs, lib/devkind.h).
  *
@@ -85,6 +88,7 @@
 #define KPR_HR_DEV_F_POD (1U << 1)      // a pod's host-side device (veth/netkit, or a bridge port)
 #define KPR_HR_DEV_F_BRIDGE (1U << 3)   // a bridge pods sit on (routes to its pods name it)
 #define KPR_HR_DEV_F_L2 (1U << 4)       // a bridge port: only frames to gw_mac are routed, the rest is switched
+#define KPR_HR_DEV_F_OVERLAY (1U << 5)  // an Ethernet overlay (vxlan, geneve): other nodes' pods behind it
 
 // kpr_hr_stats slots; the plugin's STATS names them in this order.
 #define KPR_HR_ST_PEER 0             // delivered into a pod by bpf_redirect_peer
@@ -110,7 +114,8 @@
 #define KPR_HR_ST_CT_FAILED 20       // conntrack entry not written (the packet still went)
 #define KPR_HR_ST_STALE_BACKEND 21   // tracked flow whose backend is gone: balanced again
 #define KPR_HR_ST_SVC_HAIRPIN 22     // per-packet ClusterIP: packets of a pod reaching itself through a service
-#define KPR_HR_ST_MAX 23
+#define KPR_HR_ST_NEIGH_OVERLAY 23   // sent into an overlay device by bpf_redirect_neigh (not counted as NEIGH)
+#define KPR_HR_ST_MAX 24
 
 // kpr_ct flag of per-packet flows whose backend is their own client (hairpin): the source
 // becomes the service address, so the pod's reply comes back through its device. A high bit,
@@ -325,8 +330,10 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 			return kpr_hr_pass(KPR_HR_ST_PASS_NO_NEIGH);
 #endif
 	} else {
-		// leaving the node: only through the external devices (overlays, tunnels: the stack's)
-		if (!dev || !(dev->flags & KPR_HR_DEV_F_EXTERNAL))
+		// leaving the node: through the external devices or an Ethernet overlay (vxlan, geneve:
+		// the neighbour names the remote VTEP's MAC, the device's FDB the node); L3 tunnels and
+		// anything else are the stack's
+		if (!dev || !(dev->flags & (KPR_HR_DEV_F_EXTERNAL | KPR_HR_DEV_F_OVERLAY)))
 			return kpr_hr_pass(KPR_HR_ST_PASS_NOT_DEV);
 #if !KPR_HR_NEIGH
 		return kpr_hr_pass(KPR_HR_ST_PASS_NEIGH_OFF);
@@ -347,8 +354,9 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 		return ctx_redirect(ctx, oif, 0);
 	}
 	// the next hop's MAC is the kernel's to find (out of the node, or a pod not resolved yet);
-	// the lookup's next hop goes along, so the kernel does not route the packet a second time
-	kpr_hr_count(KPR_HR_ST_NEIGH);
+	// the lookup's next hop goes along, so the kernel does not route the packet a second time;
+	// never bpf_redirect_peer: an overlay has no peer (the route to a remote pod names it)
+	kpr_hr_count(dev && (dev->flags & KPR_HR_DEV_F_OVERLAY) ? KPR_HR_ST_NEIGH_OVERLAY : KPR_HR_ST_NEIGH);
 	return kpr_hr_redirect_neigh(ctx, &p);
 }
 

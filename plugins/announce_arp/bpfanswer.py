@@ -49,6 +49,8 @@ COUNTERS_H = BPF_DIR / "lib" / "arp_counters.h"
 KEY = struct.Struct("=I16s")  # struct kpr_arp_key: ifindex, address (v4-mapped)
 VAL = struct.Struct("=6sH")  # struct kpr_arp_val: MAC, pad
 U64 = struct.Struct("=Q")
+# Seconds before an interface the program could not be attached to is tried again.
+RETRY_S = 30.0
 
 
 def counter_names(path: Path = COUNTERS_H) -> tuple[str, ...]:
@@ -85,6 +87,8 @@ class _Iface:
     link_pin: Path | None = None
     action: str = ""
     error: str = ""
+    # When a failed attach is tried again (an interface recreated is tried at once).
+    retry_at: float = 0.0
 
 
 class BpfAnswerer:
@@ -193,7 +197,8 @@ class BpfAnswerer:
                      port.name, port.ifindex, port.mac, action, li.id)
             return
         port.ifindex = 0
-        log.warning("event=arp_bpf_not_attached interface=%s reason=%s", port.name, port.error)
+        port.retry_at = time.monotonic() + RETRY_S
+        log.warning("event=arp_bpf_not_attached interface=%s reason=%s retry_in=%.0fs", port.name, port.error, RETRY_S)
 
     def refresh(self) -> bool:
         """Follow interfaces that were recreated (new ifindex) or changed MAC, and retry
@@ -210,10 +215,10 @@ class BpfAnswerer:
                 log.info("event=arp_bpf_interface_changed interface=%s ifindex=%d->%d mac=%s->%s",
                          port.name, port.ifindex, idx, port.mac, mac)
                 os.close(port.link_fd)
-                port.link_fd, port.ifindex = -1, 0
+                port.link_fd, port.ifindex, port.retry_at = -1, 0, 0.0
                 port.error = "interface gone" if not idx else ""
                 changed = True
-            if port.link_fd < 0 and idx:
+            if port.link_fd < 0 and idx and time.monotonic() >= port.retry_at:
                 self._attach(port)
                 changed = changed or port.link_fd >= 0
         if changed:

@@ -329,6 +329,31 @@ class Segment:
         fam = "-6" if ":" in vip else "-4"
         self.topo.run("r", ["ping", fam, "-c", "1", "-W", "0.5", vip], check=False)
 
+    def solicit(self, vip: str, iface: str = "eth0", ns: str = "r", wait: float = 0.5) -> list[str]:
+        """MACs in the neighbour advertisements answering one solicitation for `vip`, sent
+        from `iface` of namespace `ns` (a packet socket: no neighbour entry is involved)."""
+        import select
+
+        import scapy.arch  # noqa: F401
+        from scapy.config import conf
+        from scapy.layers.inet6 import ICMPv6NDOptDstLLAddr
+        from scapy.layers.l2 import Ether
+
+        (frame,) = request_frames(self.topo.mac(ns, iface), vip, 1)
+        with in_netns(self.topo.namespaces[ns].path):
+            sock = conf.L2socket(iface=iface, promisc=False, filter="icmp6 and ip6[40] = 136")
+        try:
+            sock.send(frame)
+            macs, end = [], time.monotonic() + wait
+            while (left := end - time.monotonic()) > 0:
+                if select.select([sock.ins], [], [], left)[0]:
+                    _, raw, _ = sock.recv_raw()
+                    if raw is not None and ICMPv6NDOptDstLLAddr in (p := Ether(raw)) and p.tgt == vip:
+                        macs.append(p[ICMPv6NDOptDstLLAddr].lladdr.lower())
+            return macs
+        finally:
+            sock.close()
+
     def arping(self, vip: str, count: int = 3, iface: str = "eth0") -> list[str]:
         """MACs of every ARP reply to `count` requests (all of them, duplicates included)."""
         res = self.topo.run(

@@ -291,12 +291,17 @@ def test_only_the_configured_interfaces_answer(tmp_path, responder):
         # a second link between node and router that the plugin is not configured for
         topo.link("n1", "r", "10.1.0.1/24", "10.1.0.254/24", ifname_a="eth1", ifname_b="eth1")
         (s.manifests / "lb4.yaml").write_text(lb_manifest("lb4", VIP4, ["node1"]))
+        (s.manifests / "lb6.yaml").write_text(lb_manifest("lb6", VIP6, ["node1"]))
         s.start("node1")
         try:
             s.wait_ready(["node1"])
+            wait_for(lambda: sorted(s.plugin("node1")["details"]["owned"]) == [VIP4, VIP6], 5, "owned")
             assert_answering(s, "node1", responder)
             assert_only_owner_answers(s, VIP4, "node1")
             assert s.arping(VIP4, 2, iface="eth1") == []
+            assert s.solicit(VIP6) == [s.nodes["node1"].mac]
+            assert s.solicit(VIP6, iface="eth1") == []
+            assert s.solicit("fd00:100::99") == []  # not owned by anyone
             c = s.plugin("node1")["counters"]
             assert c["arp_replies"] == 3
             if responder == "auto":

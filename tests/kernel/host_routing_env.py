@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,11 +28,12 @@ from typing import Any
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.config import KprConfig
 from kpr.context import PluginContext
-from kpr.model import NodeInfo
+from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
+from kpr.plugins.host_routing import datapath as D
 from kpr.plugins.host_routing.config import HostRoutingConfig
 from kpr.plugins.host_routing.plugin import HostRouting
 from kpr.servicemaps import ServiceMapWriter
-from kpr.testing.netns import Topology
+from kpr.testing.netns import Topology, in_netns
 
 import tc_nodeport_env as np_env
 from tc_nodeport_env import PORT, PY, SERVER, answers, client
@@ -198,3 +200,98 @@ def overlay_rig(*, pods: tuple[str, ...] = ("p1a", "p1b", "p2a"), prefix: str = 
                 pods=dict(OVERLAY_PODS))
         with _running(r):
             yield r
+
+
+# ---------------------------------------------------------------------- BPF_PROG_TEST_RUN lab
+
+NODE4, LAB_NODE6 = "10.0.0.1", "fd00::1"  # the lab node's eth0
+OUT4, OUT6 = "10.0.0.2", "fd00::2"
+POD4, POD6 = "10.244.1.10", "fd00:244:1::10"
+FAR4 = "192.0.2.50"  # somewhere outside, via OUT4
+REMOTE4, REMOTE6 = "10.244.2.10", "fd00:244:2::10"  # another node's pod, behind the vxlan device
+REMOTE_NET4, REMOTE_NET6 = "10.244.2.0/24", "fd00:244:2::/64"
+VTEP4, VTEP6 = "10.244.2.0", "fd00:244:2::f"  # that node's address on the overlay (flannel's choice)
+CIP, CIP_EMPTY = "10.96.0.10", "10.96.0.11"
+MAC_OUT, MAC_POD, MAC_VTEP = "02:00:00:00:00:02", "02:00:00:00:01:10", "02:00:00:00:02:00"
+LAB_OVERLAY = "vx0"
+
+
+@dataclass
+class Lab:
+    topo: Topology
+    dp: D.Datapath
+    eth0: int
+    lxc: int
+    mac: str  # eth0's
+    lxc_mac: str
+    overlay: int  # the vxlan device's ifindex
+    overlay_mac: str
+
+    @staticmethod
+    def ctx(ifindex: int) -> bytes:
+        # struct __sk_buff up to ifindex (ingress_ifindex, ifindex): the skb is on that device
+        return struct.pack("=11I", 0, 0, 0, 0, 0, 0, 0, 0, 0, ifindex, ifindex)
+
+    def run(self, prog: str, ifindex: int, case: Any, counter: str) -> None:
+        """One kpr.testing.prog_run Case through `prog` on the device `ifindex`; `counter` must
+        move by exactly one."""
+        from kpr.testing.prog_run import run_cases
+
+        case.ctx = self.ctx(ifindex)
+        before = self.dp.stats()
+        with in_netns(self.topo["hr"].path):
+            run_cases(self.dp.fd(prog), [case], kind="tc")
+        moved = self.dp.stats()[counter] - before[counter]
+        assert moved == 1, f"{case.description}: counter {counter} moved by {moved}"
+
+
+@contextlib.contextmanager
+def prog_lab(prefix: str, *, helpers: D.Helpers = D.Helpers(peer=True, neigh=True),
+             extra_cflags: tuple[str, ...] = ()) -> Iterator[Lab]:
+    """A namespace shaped like a node for BPF_PROG_TEST_RUN: an external veth eth0 (the outside
+    at OUT4/OUT6, default route), one pod on a veth with /32 and /128 routes, a vxlan device
+    with another node's pods behind it (routed via its VTEP address onlink, as flannel does),
+    permanent neighbour entries everywhere; a ClusterIP CIP:80 -> FAR4:8080 and CIP_EMPTY:80
+    without backends; the programs loaded and their maps filled as the plugin's sync would."""
+    from kpr.netdevs import classify
+    from kpr.plugins.host_routing.discovery import Route, plan
+
+    with scratch_pin_dir(prefix) as pin, Topology() as topo:
+        topo.add_node("hr")
+        topo.add_namespace("out")
+        topo.link("hr", "out", [f"{NODE4}/24", f"{LAB_NODE6}/64"], [f"{OUT4}/24", f"{OUT6}/64"],
+                  ifname_a="eth0", ifname_b="eth0")
+        topo.add_pod("hr", "pod", POD4, ip6=POD6)
+        hr = topo["hr"]
+        lxc = next(i for i in hr.ifaces if i.startswith("lxc"))
+        hr.run(f"ip neigh replace {OUT4} lladdr {MAC_OUT} dev eth0 nud permanent && "
+               f"ip -6 neigh replace {OUT6} lladdr {MAC_OUT} dev eth0 nud permanent && "
+               f"ip neigh replace {POD4} lladdr {MAC_POD} dev {lxc} nud permanent && "
+               f"ip -6 neigh replace {POD6} lladdr {MAC_POD} dev {lxc} nud permanent && "
+               f"ip route replace default via {OUT4} && "
+               f"ip link add {LAB_OVERLAY} type vxlan id 1 local {NODE4} dev eth0 dstport 8472 nolearning && "
+               f"ip link set {LAB_OVERLAY} up && "
+               f"ip route replace {REMOTE_NET4} via {VTEP4} dev {LAB_OVERLAY} onlink && "
+               f"ip -6 route replace {REMOTE_NET6} via {VTEP6} dev {LAB_OVERLAY} onlink && "
+               f"ip neigh replace {VTEP4} lladdr {MAC_VTEP} dev {LAB_OVERLAY} nud permanent && "
+               f"ip -6 neigh replace {VTEP6} lladdr {MAC_VTEP} dev {LAB_OVERLAY} nud permanent")
+        writer = ServiceMapWriter(pin).open()
+        backend = (Backend(FAR4, 8080, node_name="other"),)
+        writer.upsert(Service(ServiceKey("t", "cip"), (
+            Frontend(FrontendType.CLUSTER_IP, CIP, 80, Protocol.TCP, backend),
+            Frontend(FrontendType.CLUSTER_IP, CIP_EMPTY, 80, Protocol.TCP, ()),
+        )))
+        dp = None
+        try:
+            dp = D.Datapath(pin, helpers, extra_cflags=extra_cflags).load()
+            devs = classify(hr.netns)
+            routes = [Route(POD4, 32, topo.ifindex("hr", lxc)), Route(POD6, 128, topo.ifindex("hr", lxc))]
+            p = plan(devs, routes, {}, ["eth0"])  # what the plugin's sync computes
+            dp.set_devices(p.devices)
+            dp.set_pods(p.pods)
+            yield Lab(topo, dp, topo.ifindex("hr", "eth0"), topo.ifindex("hr", lxc), topo.mac("hr", "eth0"),
+                      topo.mac("hr", lxc), topo.ifindex("hr", LAB_OVERLAY), topo.mac("hr", LAB_OVERLAY))
+        finally:
+            if dp is not None:
+                dp.close()
+            writer.close()

@@ -1,18 +1,17 @@
 """host_routing's programs decision by decision, with BPF_PROG_TEST_RUN (Katran-style fixtures:
 description, input packet, expected verdict, expected output, and the counter that must move).
 
-The runs happen inside a namespace shaped like a node (an external veth "eth0", one pod on a
-veth with a /32 route, permanent neighbour entries), so the programs' FIB lookups see real
-routes. The kernel does not carry out a redirect in a test run: the verdict and the rewritten
-frame (MACs, TTL, NAT) are what is checked; end to end delivery is test_host_routing.py's.
+The runs happen inside a namespace shaped like a node (host_routing_env.prog_lab: an external
+veth "eth0", one pod on a veth with a /32 route, a vxlan overlay to another node's pods,
+permanent neighbour entries), so the programs' FIB lookups see real routes. The kernel does not
+carry out a redirect in a test run: the verdict and the rewritten frame (MACs, TTL, NAT) are
+what is checked; end to end delivery is test_host_routing.py's.
 """
 
 from __future__ import annotations
 
 import ctypes
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,47 +21,13 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 from kpr.bpf import maps as M
-from kpr.bpf.cleanup import scratch_pin_dir
-from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
-from kpr.netdevs import classify
 from kpr.plugins.host_routing import datapath as D
-from kpr.plugins.host_routing.discovery import Route, plan
-from kpr.servicemaps import ServiceMapWriter
-from kpr.testing.netns import Topology, in_netns
-from kpr.testing.prog_run import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, Case, run_cases
+from kpr.testing.prog_run import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, Case
+
+from host_routing_env import (CIP, CIP_EMPTY, FAR4, MAC_OUT, MAC_POD, MAC_VTEP, NODE4, OUT4, OUT6, POD4, POD6,
+                              REMOTE4, REMOTE6, Lab, prog_lab)
 
 pytestmark = pytest.mark.kernel
-
-NODE4, NODE6 = "10.0.0.1", "fd00::1"
-OUT4, OUT6 = "10.0.0.2", "fd00::2"
-POD4, POD6 = "10.244.1.10", "fd00:244:1::10"
-FAR4 = "192.0.2.50"  # somewhere outside, via OUT4
-CIP, CIP_EMPTY = "10.96.0.10", "10.96.0.11"
-MAC_OUT, MAC_POD = "02:00:00:00:00:02", "02:00:00:00:01:10"
-
-
-@dataclass
-class Lab:
-    topo: Topology
-    dp: D.Datapath
-    eth0: int
-    lxc: int
-    mac: str  # eth0's
-    lxc_mac: str
-
-    @staticmethod
-    def ctx(ifindex: int) -> bytes:
-        # struct __sk_buff up to ifindex (ingress_ifindex, ifindex): the skb is on that device
-        return struct.pack("=11I", 0, 0, 0, 0, 0, 0, 0, 0, 0, ifindex, ifindex)
-
-    def run(self, prog: str, ifindex: int, case: Case, counter: str) -> None:
-        case.ctx = self.ctx(ifindex)
-        before = self.dp.stats()
-        with in_netns(self.topo["hr"].path):
-            run_cases(self.dp.fd(prog), [case], kind="tc")
-        moved = self.dp.stats()[counter] - before[counter]
-        assert moved == 1, f"{case.description}: counter {counter} moved by {moved}"
-
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
@@ -70,39 +35,8 @@ def lab() -> Iterator[Lab]:
 
     if reason := kernel_skip_reason():
         pytest.skip(reason)
-    with scratch_pin_dir("kpr-hr-prog") as pin, Topology() as topo:
-        topo.add_node("hr")
-        topo.add_namespace("out")
-        topo.link("hr", "out", [f"{NODE4}/24", f"{NODE6}/64"], [f"{OUT4}/24", f"{OUT6}/64"],
-                  ifname_a="eth0", ifname_b="eth0")
-        topo.add_pod("hr", "pod", POD4, ip6=POD6)
-        hr = topo["hr"]
-        lxc = next(i for i in hr.ifaces if i.startswith("lxc"))
-        hr.run(f"ip neigh replace {OUT4} lladdr {MAC_OUT} dev eth0 nud permanent && "
-               f"ip -6 neigh replace {OUT6} lladdr {MAC_OUT} dev eth0 nud permanent && "
-               f"ip neigh replace {POD4} lladdr {MAC_POD} dev {lxc} nud permanent && "
-               f"ip -6 neigh replace {POD6} lladdr {MAC_POD} dev {lxc} nud permanent && "
-               f"ip route replace default via {OUT4}")
-        writer = ServiceMapWriter(pin).open()
-        backend = (Backend(FAR4, 8080, node_name="other"),)
-        writer.upsert(Service(ServiceKey("t", "cip"), (
-            Frontend(FrontendType.CLUSTER_IP, CIP, 80, Protocol.TCP, backend),
-            Frontend(FrontendType.CLUSTER_IP, CIP_EMPTY, 80, Protocol.TCP, ()),
-        )))
-        dp = None
-        try:
-            dp = D.Datapath(pin, D.Helpers(peer=True, neigh=True)).load()
-            devs = classify(hr.netns)
-            routes = [Route(POD4, 32, topo.ifindex("hr", lxc)), Route(POD6, 128, topo.ifindex("hr", lxc))]
-            p = plan(devs, routes, {}, ["eth0"])  # what the plugin's sync computes
-            dp.set_devices(p.devices)
-            dp.set_pods(p.pods)
-            yield Lab(topo, dp, topo.ifindex("hr", "eth0"), topo.ifindex("hr", lxc), topo.mac("hr", "eth0"),
-                      topo.mac("hr", lxc))
-        finally:
-            if dp is not None:
-                dp.close()
-            writer.close()
+    with prog_lab("kpr-hr-prog") as lab:
+        yield lab
 
 
 def test_struct_packers_match_the_c_structs(lab: Lab) -> None:
@@ -161,12 +95,14 @@ def ext_cases(lab: Lab) -> list[tuple[Case, str]]:
               same(p)), "pass_ip_options"),
         (Case("TTL 1 to a pod: the stack sends time exceeded", p := from_out(lab) / tcp4(OUT4, POD4, ttl=1),
               TC_ACT_UNSPEC, same(p)), "pass_ttl"),
+        (Case("to another node's pod (behind the overlay): not local, the stack's",
+              p := from_out(lab) / tcp4(OUT4, REMOTE4), TC_ACT_UNSPEC, same(p)), "pass_not_pod"),
         (Case("multicast is the stack's", p := from_out(lab) / IP(src=OUT4, dst="224.0.0.5") / UDP(dport=5000),
               TC_ACT_UNSPEC, same(p)), "pass_local"),
     ]
 
 
-@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("i", range(10))
 def test_from_netdev(lab: Lab, i: int) -> None:
     case, counter = ext_cases(lab)[i]
     lab.run(D.FROM_NETDEV, lab.eth0, case, counter)
@@ -189,12 +125,18 @@ def pod_cases(lab: Lab) -> list[tuple[Case, str]]:
         (Case("pod to a ClusterIP: DNAT to the backend, then out",
               from_pod(lab) / IP(src=POD4, dst=CIP) / TCP(sport=40100, dport=80, flags="S") / Raw(b"kpr"),
               TC_ACT_REDIRECT, leaves(FAR4)), "service_new"),
+        (Case("pod to another node's pod behind the vxlan device: bpf_redirect_neigh into the overlay",
+              from_pod(lab) / tcp4(POD4, REMOTE4), TC_ACT_REDIRECT, leaves(REMOTE4)), "redirect_neigh_overlay"),
+        (Case("IPv6 over the overlay likewise, hop limit - 1",
+              from_pod(lab) / IPv6(src=POD6, dst=REMOTE6, hlim=64) / TCP(sport=40000, dport=8080, flags="S"),
+              TC_ACT_REDIRECT, lambda out: (out[IPv6].dst, out[IPv6].hlim) == (REMOTE6, 63) or pytest.fail(out.summary())),
+         "redirect_neigh_overlay"),
         (Case("pod to a ClusterIP without backends: dropped", from_pod(lab) / IP(src=POD4, dst=CIP_EMPTY) / TCP(dport=80),
               TC_ACT_SHOT, None, check_checksums=False), "drop_no_backend"),
     ]
 
 
-@pytest.mark.parametrize("i", range(5))
+@pytest.mark.parametrize("i", range(7))
 def test_from_pod(lab: Lab, i: int) -> None:
     case, counter = pod_cases(lab)[i]
     lab.run(D.FROM_POD, lab.lxc, case, counter)

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from prometheus_client import generate_latest
 
 from kpr.config import KprConfig

@@ -677,3 +677,12 @@ def assert_no_loss(res: dict, windows: list[Window]) -> None:
 def slowest(ok: list[list[float]], start: float, end: float) -> float:
     """The longest successful connect (s) that started within [start, end]."""
     return max((d for t, d in ok if start <= t <= end), default=0.0)
+
+
+@pytest.fixture(name="env")
+def clean_env(socklb: Env) -> Iterator[Env]:
+    """`socklb` for one test: the services it applied are deleted afterwards (import both)."""
+    try:
+        yield socklb
+    finally:
+        socklb.clear()

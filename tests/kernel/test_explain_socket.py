@@ -4,8 +4,6 @@ the per-packet path), and a frontend the tc path would not take."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from kpr.explain import explain, parse_target
@@ -17,6 +15,7 @@ from socklb_env import (
     answers,
     be,
     service,
+    clean_env,  # noqa: F401 - the fixture `env`
     socklb,  # noqa: F401 - the module fixture
 )
 
@@ -26,13 +25,6 @@ CIP, LB = FrontendType.CLUSTER_IP, FrontendType.LOAD_BALANCER
 TCP = Protocol.TCP
 NAME = {v4: name for name, (v4, _) in PODS.items()}
 
-
-@pytest.fixture
-def env(socklb: Env) -> Iterator[Env]:
-    try:
-        yield socklb
-    finally:
-        socklb.clear()
 
 
 def _sock(env: Env, target: str) -> dict:

@@ -8,8 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-
 import pytest
 
 from kpr.model import FrontendType, Protocol
@@ -21,6 +19,7 @@ from socklb_env import (
     answers,
     be,
     service,
+    clean_env,  # noqa: F401 - the fixture `env`
     socklb,  # noqa: F401 - the module fixture
 )
 
@@ -30,13 +29,6 @@ CIP = FrontendType.CLUSTER_IP
 TCP = Protocol.TCP
 IP = {name: v4 for name, (v4, _) in PODS.items()}
 
-
-@pytest.fixture
-def env(socklb: Env) -> Iterator[Env]:
-    try:
-        yield socklb
-    finally:
-        socklb.clear()
 
 
 def _collect(m: Monitor, n: int, timeout: float = 10.0) -> list[Event]:

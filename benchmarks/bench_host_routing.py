@@ -19,6 +19,11 @@ are read after each BPF run to prove which helper carried the packets.
     .venv/bin/python benchmarks/bench_host_routing.py [--rounds 5] [--seconds 3] [--rules 1000]
 
 Ends with one line: `TCP_RR neigh+peer vs legacy: R x`.
+
+`--prog-cost` measures the programs alone instead: BPF_PROG_TEST_RUN on the prog tests' lab
+(host_routing_env.prog_lab), one packet per call (a redirect or NAT would otherwise see its own
+output), the kernel-measured time per packet of each decision minus a bare tc program's,
+cases interleaved within each round, medians over --rounds.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
@@ -191,6 +197,71 @@ VARIANTS = {
 }
 
 
+BARE = "int kpr_t_bare(struct __sk_buff *skb) { return -1; }"  # TC_ACT_UNSPEC, nothing read
+
+
+def prog_cost(args: argparse.Namespace) -> int:
+    """ns per packet of each decision above a bare tc program (BPF_PROG_TEST_RUN)."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    from host_routing_env import CIP, FAR4, MAC_OUT, MAC_POD, NODE4, OUT4, OUT6, POD4, POD6, REMOTE4, prog_lab
+    from kpr.bpf.loader import compile_and_load, load_prog
+    from kpr.plugins.host_routing import datapath as D
+    from kpr.testing.netns import in_netns
+    from kpr.testing.prog_run import test_run
+
+    load_before = os.getloadavg()
+    bare = compile_and_load(BARE, name="hr-bare")
+    try:
+        with prog_lab("kpr-bench-hr-prog") as lab:
+            out, pod = Ether(src=MAC_OUT, dst=lab.mac), Ether(src=MAC_POD, dst=lab.lxc_mac)
+
+            def tcp(src: str, dst: str, sport: int = 40000, dport: int = 8080, v6: bool = False) -> Any:
+                l3 = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
+                return l3 / TCP(sport=sport, dport=dport, flags="A") / Raw(b"x" * 32)
+
+            ext, frm = lab.dp.fd(D.FROM_NETDEV), lab.dp.fd(D.FROM_POD)
+            cases = {  # name -> (counter that proves the decision, program fd, device, frame)
+                "bare tc program": ("", int(load_prog(bare, "kpr_t_bare", "SCHED_CLS").fd), lab.eth0, out / IP()),
+                "outside -> node (not a pod)": ("pass_not_pod", ext, lab.eth0, out / tcp(OUT4, NODE4)),
+                "outside -> pod, v4 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT4, POD4)),
+                "outside -> pod, v6 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT6, POD6, v6=True)),
+                "pod -> outside (neigh)": ("redirect_neigh", frm, lab.lxc, pod / tcp(POD4, FAR4)),
+                "pod -> other node's pod (overlay)": ("redirect_neigh_overlay", frm, lab.lxc, pod / tcp(POD4, REMOTE4)),
+                "pod -> ClusterIP, tracked": ("service_established", frm, lab.lxc, pod / tcp(POD4, CIP, 41000, 80)),
+                "ClusterIP reply -> pod": ("service_revnat", ext, lab.eth0, out / tcp(FAR4, POD4, 8080, 41000)),
+            }
+            cases = {k: (c, fd, dev, bytes(f)) for k, (c, fd, dev, f) in cases.items()}
+            ns: dict[str, list[float]] = {k: [] for k in cases}
+            with in_netns(lab.topo["hr"].path):
+                for name, (counter, fd, dev, frame) in cases.items():  # warm up; the ClusterIP flow gets tracked
+                    test_run(fd, frame, ctx=lab.ctx(dev))
+                    before = lab.dp.stats()
+                    test_run(fd, frame, ctx=lab.ctx(dev))
+                    if counter and lab.dp.stats()[counter] - before[counter] != 1:
+                        raise RuntimeError(f"{name}: {counter} did not move: {delta(before, lab.dp.stats())}")
+                for _ in range(args.rounds):
+                    for name, (_counter, fd, dev, frame) in cases.items():
+                        ctx = lab.ctx(dev)
+                        ns[name].append(sum(test_run(fd, frame, ctx=ctx).duration_ns for _ in range(args.calls))
+                                        / args.calls)
+    finally:
+        bare.cleanup()
+    load_after = os.getloadavg()
+    med = {k: statistics.median(v) for k, v in ns.items()}
+    base = med["bare tc program"]
+    print(f"\n== host_routing programs, BPF_PROG_TEST_RUN ({platform.release()}, {os.cpu_count()} CPUs; "
+          f"{args.rounds} rounds x {args.calls} calls per case, medians)")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print(f"  {'case':<36} {'ns/packet':>10} {'above bare':>11}")
+    for name, v in med.items():
+        print(f"  {name:<36} {v:>10.0f} {v - base:>11.0f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -201,7 +272,11 @@ def main() -> int:
     ap.add_argument("--server-cpu", default="0",
                     help="CPU of the RR and iperf3 servers (the client runs on CPU 0); the same CPU by default, "
                          "so cross-CPU wakeups (IPIs) do not hide the path's own cost")
+    ap.add_argument("--prog-cost", action="store_true", help="only the programs' cost per packet (BPF_PROG_TEST_RUN)")
+    ap.add_argument("--calls", type=int, default=5000, help="--prog-cost: packets per case and round")
     args = ap.parse_args()
+    if args.prog_cost:
+        return prog_cost(args)
 
     load_before = os.getloadavg()
     results: dict[str, dict[str, list[float]]] = {v: {"tps": [], "gbps": []} for v in VARIANTS}

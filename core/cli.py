@@ -189,8 +189,8 @@ def _service_list_datapath(args: argparse.Namespace) -> int:
                 notes.append(f"affinity {e['affinityTimeout']}s")
             if e["sourceRanges"]:
                 notes.append(f"source ranges {', '.join(e['sourceRanges'])}")
-            if e.get("strayslots"):
-                notes.append(f"stray slots {e['strayslots']}")
+            if e.get("straySlots"):
+                notes.append(f"stray slots {e['straySlots']}")
             if notes:
                 extra[len(table)] = notes
             table.append((r["service"], r["type"], fe, scope, e["algorithm"], ", ".join(bes) or "(none)"))

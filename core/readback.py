@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from .bpf import maps as M
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DatapathMaps", "SvcEntry", "differences", "frontend_type", "now_ns"]
+__all__ = ["DatapathMaps", "Decoded", "SvcEntry", "decode_maps", "differences", "frontend_type", "now_ns"]
 
 _PORT = struct.Struct("=H")
 _CT_DIR_ORIGINAL = 0  # KPR_CT_DIR_ORIGINAL (lib/conntrack.h)
@@ -88,6 +89,55 @@ class SvcEntry:
     @property
     def algorithm(self) -> str:
         return "maglev" if self.flags & M.SVC_F_MAGLEV else "random"
+
+
+@dataclass
+class Decoded:
+    """The service maps' contents, decoded once (decode_maps); the writer's read_back() and
+    DatapathMaps.frontends() shape it for their callers."""
+
+    # backend id -> address, port, protocol, state, local
+    backends: dict[int, dict[str, Any]]
+    # rev-NAT index -> "addr:port/PROTO" of the frontend replies come from
+    revnat: dict[int, str]
+    # rev-NAT index -> source ranges as "addr/len"
+    ranges: dict[int, list[str]]
+    # (frontend key: addr16 + port + proto, scope) -> slot -> kpr_svc value tuple
+    slots: dict[tuple[bytes, int], dict[int, tuple]]
+    # (rev-NAT index, scope) -> the Maglev table's backend ids
+    maglev: dict[tuple[int, int], list[int]]
+
+
+def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
+    """Read and decode every service map (batch lookups; Maglev tables through their ids)."""
+    backends: dict[int, dict[str, Any]] = {}
+    for k, v in maps["kpr_backend"].items():
+        addr, port, proto, state, flags = M.BACKEND.unpack(v)
+        backends[M.U32.unpack(k)[0]] = {
+            "address": M.bytes_to_addr(addr),
+            "port": M.ntohs(port),
+            "protocol": M.PROTO_NAMES.get(proto, str(proto)),
+            "state": STATE_NAMES.get(state, str(state)),
+            "local": bool(flags & M.BACKEND_F_LOCAL),
+        }
+    revnat = {M.U32.unpack(k)[0]: _fk_text(v[:19]) for k, v in maps["kpr_revnat"].items()}
+    ranges: dict[int, list[str]] = {}
+    for k, _v in maps["kpr_srcrange"].items():
+        plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(k)
+        ranges.setdefault(rev_nat, []).append(_range_text(plen, addr))
+    slots: dict[tuple[bytes, int], dict[int, tuple]] = {}
+    for k, v in maps["kpr_svc"].items():
+        slots.setdefault((k[:19], k[19]), {})[_PORT.unpack_from(k, 20)[0]] = M.SVC_VAL.unpack(v)
+    maglev: dict[tuple[int, int], list[int]] = {}
+    outer = maps["kpr_maglev"]
+    for k in list(outer.keys()):
+        raw = outer.lookup(k)
+        if raw is None:
+            continue
+        with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
+            items = sorted(inner.items(), key=lambda kv: M.U32.unpack(kv[0])[0])
+        maglev[M.MAGLEV_KEY.unpack(k)] = list(array("I", b"".join(v for _, v in items)))
+    return Decoded(backends, revnat, ranges, slots, maglev)
 
 
 class DatapathMaps:
@@ -176,13 +226,8 @@ class DatapathMaps:
         return self.maps["kpr_srcrange"].lookup(M.SRCRANGE_KEY.pack(32 + 128, rev_nat, client)) is not None
 
     def source_ranges(self, rev_nat: int) -> list[str]:
-        out = []
-        for k, _v in self.maps["kpr_srcrange"].items():
-            plen, rn, addr = M.SRCRANGE_KEY.unpack(k)
-            if rn == rev_nat:
-                a = M.bytes_to_addr(addr)
-                out.append(f"{a}/{plen - 32 - (96 if '.' in a else 0)}")
-        return sorted(out)
+        keys = (M.SRCRANGE_KEY.unpack(k) for k, _v in self.maps["kpr_srcrange"].items())
+        return sorted(_range_text(plen, addr) for plen, rn, addr in keys if rn == rev_nat)
 
     def affinity(self, client: bytes, rev_nat: int, netns: bool = False) -> tuple[int, int, int] | None:
         """(last_used ns, backend id, slot) of an affinity entry, or None."""
@@ -216,37 +261,15 @@ class DatapathMaps:
         `kpr service list --json` rows (backends of the external scope, as clients outside
         the node get them), plus what only the maps know (scopes, flags, rev-NAT index, slot
         order, algorithm, affinity, source ranges, Maglev shares)."""
-        backends: dict[int, dict[str, Any]] = {}
-        for k, v in self.maps["kpr_backend"].items():
-            bid = M.U32.unpack(k)[0]
-            addr, port, proto, state, flags = M.BACKEND.unpack(v)
-            backends[bid] = {
-                "id": bid,
-                "address": M.bytes_to_addr(addr),
-                "port": M.ntohs(port),
-                "state": STATE_NAMES.get(state, str(state)),
-                "local": bool(flags & M.BACKEND_F_LOCAL),
-            }
-        ranges: dict[int, list[str]] = {}
-        for k, _v in self.maps["kpr_srcrange"].items():
-            plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(k)
-            a = M.bytes_to_addr(addr)
-            ranges.setdefault(rev_nat, []).append(f"{a}/{plen - 32 - (96 if '.' in a else 0)}")
-        entries: dict[tuple[bytes, int], dict[int, tuple]] = {}
-        for k, v in self.maps["kpr_svc"].items():
-            entries.setdefault((k[:19], k[19]), {})[_PORT.unpack_from(k, 20)[0]] = M.SVC_VAL.unpack(v)
+        d = decode_maps(self.maps)
+        backends = {bid: dict(b, id=bid) for bid, b in d.backends.items()}
+        ranges, entries = d.ranges, d.slots
         shares: dict[tuple[int, int], dict[int, int]] = {}
-        outer = self.maps["kpr_maglev"]
-        for k in list(outer.keys()):
-            raw = outer.lookup(k)
-            if raw is None:
-                continue
-            with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
-                counts: dict[int, int] = {}
-                for _ik, iv in inner.items():
-                    bid = M.U32.unpack(iv)[0]
-                    counts[bid] = counts.get(bid, 0) + 1
-            shares[M.MAGLEV_KEY.unpack(k)] = counts
+        for key, table in d.maglev.items():
+            counts: dict[int, int] = {}
+            for bid in table:
+                counts[bid] = counts.get(bid, 0) + 1
+            shares[key] = counts
         rows: dict[bytes, dict[str, Any]] = {}
         for (fk, scope), slots in sorted(entries.items()):
             addr = M.bytes_to_addr(fk[:16])
@@ -278,7 +301,7 @@ class DatapathMaps:
                 "affinityTimeout": aff,
                 "sourceRanges": sorted(ranges.get(rev_nat, [])) if flags & M.SVC_F_SOURCE_RANGES else [],
                 "backends": listed,
-                "strayslots": sorted(s for s in slots if s > count + term),
+                "straySlots": sorted(s for s in slots if s > count + term),
             }
             table = shares.get((rev_nat, scope))
             if table is not None:
@@ -297,6 +320,12 @@ class DatapathMaps:
     def occupancy(self) -> dict[str, tuple[int, int]]:
         """(entries, max_entries) of every map opened: conntrack and NAT fill included."""
         return {name: (m.count(), m.info().max_entries) for name, m in self.maps.items()}
+
+
+def _range_text(plen: int, addr: bytes) -> str:
+    """A kpr_srcrange key's prefix as "addr/len" (IPv4 lengths without the mapped /96)."""
+    a = M.bytes_to_addr(addr)
+    return f"{a}/{plen - 32 - (96 if '.' in a else 0)}"
 
 
 def _label(b: dict[str, Any] | None) -> str:
@@ -339,8 +368,7 @@ def _describe(name: str, key: bytes) -> str:
         return f"rev-NAT {rev_nat} {SCOPE_NAMES.get(scope, scope)}"
     if name == "kpr_srcrange":
         plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(key)
-        a = M.bytes_to_addr(addr)
-        return f"rev-NAT {rev_nat} {a}/{plen - 32 - (96 if '.' in a else 0)}"
+        return f"rev-NAT {rev_nat} {_range_text(plen, addr)}"
     return key.hex()
 
 

@@ -758,7 +758,10 @@ class ServiceMapWriter:
                 # names from the packed address, as adoption derives them: same table after a restart
                 g.set_maglev(scope, tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order)))
         g.set_svc(head_keys + svc_keys, head_vals + svc_vals, len(head_keys))
-        g.backends = tuple(sorted(referenced))
+        backends = tuple(sorted(referenced))
+        # Usually the one scope's slot order itself (every backend active, sorted): kept once.
+        first = g.order_of(M.SCOPE_EXTERNAL)
+        g.backends = first if first == backends else backends
         out[fk] = g
 
     @staticmethod
@@ -1000,42 +1003,15 @@ class ServiceMapWriter:
             return len(orphans)
 
     def read_back(self) -> dict[str, Any]:
-        """Decode the maps (not the shadow) into plain data: for tests and `kpr service list`."""
+        """Decode the maps (not the shadow) into plain data: for tests. The decoding is
+        kpr.readback's, which `kpr service list --datapath` and `kpr explain` use too."""
+        from .readback import decode_maps
+
         with self._lock:
             self._require_open()
-            backends = {}
-            for k, v in self.maps["kpr_backend"].items():
-                addr, port, proto, state, flags = M.BACKEND.unpack(v)
-                backends[M.U32.unpack(k)[0]] = {
-                    "address": M.bytes_to_addr(addr),
-                    "port": M.ntohs(port),
-                    "protocol": M.PROTO_NAMES.get(proto, str(proto)),
-                    "state": _STATE_NAMES.get(state, str(state)),
-                    "local": bool(flags & M.BACKEND_F_LOCAL),
-                }
-            revnat = {}
-            for k, v in self.maps["kpr_revnat"].items():
-                revnat[M.U32.unpack(k)[0]] = _fk_label(v[:19])
-            ranges: dict[int, list[str]] = {}
-            for k, _v in self.maps["kpr_srcrange"].items():
-                plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(k)
-                a = M.bytes_to_addr(addr)
-                bits = plen - 32 - (96 if "." in a else 0)
-                ranges.setdefault(rev_nat, []).append(f"{a}/{bits}")
-            maglev: dict[tuple[int, int], list[int]] = {}
-            outer = self.maps["kpr_maglev"]
-            for k in list(outer.keys()):
-                raw = outer.lookup(k)
-                if raw is None:
-                    continue
-                with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
-                    items = sorted(inner.items(), key=lambda kv: M.U32.unpack(kv[0])[0])
-                maglev[M.MAGLEV_KEY.unpack(k)] = list(array("I", b"".join(v for _, v in items)))
-            entries: dict[tuple[bytes, int], dict[int, tuple]] = {}
-            for k, v in self.maps["kpr_svc"].items():
-                entries.setdefault((k[:19], k[19]), {})[_PORT.unpack_from(k, 20)[0]] = M.SVC_VAL.unpack(v)
+            d = decode_maps(self.maps)
             frontends = {}
-            for (fk, scope), slots in sorted(entries.items()):
+            for (fk, scope), slots in sorted(d.slots.items()):
                 head = slots.get(0)
                 label = f"{_fk_label(fk)} {_SCOPE_NAMES.get(scope, scope)}"
                 if head is None:
@@ -1043,8 +1019,8 @@ class ServiceMapWriter:
                     continue
                 _, count, term, rev_nat, flags, aff = head
                 ids = [slots.get(i, (0,))[0] for i in range(1, count + term + 1)]
-                names = [_backend_label(backends.get(i)) for i in ids]
-                table = maglev.get((rev_nat, scope))
+                names = [_backend_label(d.backends.get(i)) for i in ids]
+                table = d.maglev.get((rev_nat, scope))
                 frontends[label] = {
                     "rev_nat": rev_nat,
                     "flags": sorted(n for bit, n in M.SVC_FLAG_NAMES.items() if flags & bit),
@@ -1052,15 +1028,15 @@ class ServiceMapWriter:
                     "backends": sorted(names[:count]),
                     "terminating": sorted(names[count:]),
                     "backend_ids": ids[:count],
-                    "source_ranges": sorted(ranges.get(rev_nat, [])) if flags & M.SVC_F_SOURCE_RANGES else [],
-                    "maglev": _table_shares(table, backends) if table is not None else None,
+                    "source_ranges": sorted(d.ranges.get(rev_nat, [])) if flags & M.SVC_F_SOURCE_RANGES else [],
+                    "maglev": _table_shares(table, d.backends) if table is not None else None,
                     "stray_slots": sorted(s for s in slots if s > count + term),
                 }
             return {
                 "frontends": frontends,
-                "backends": backends,
-                "revnat": revnat,
-                "maglev_tables": sorted(maglev),
+                "backends": d.backends,
+                "revnat": d.revnat,
+                "maglev_tables": sorted(d.maglev),
             }
 
     def entry_counts(self) -> dict[str, int]:

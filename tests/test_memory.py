@@ -372,7 +372,7 @@ def test_service_map_writer_groups_bytes_per_service_are_bounded():
     """2k ClusterIP services x 10 backends: the frontend groups the writer plans (and keeps
     as its shadow of the maps) per service, backend ids allocated for them included.
 
-    Measured at about 2.1 KB with each group's kpr_svc entries packed in two bytes objects,
+    Measured at about 2.0 KB with each group's kpr_svc entries packed in two bytes objects,
     its backend ids and slot order in tuples (4.7 KB with a dict of bytes per entry, a
     frozenset and dicts of lists); the bound is below what a dict per group alone would take."""
     from kpr.model import Backend, Frontend, FrontendType, Protocol

@@ -242,3 +242,18 @@ def test_load_balancer_and_wildcard_node_port(env: Cluster) -> None:
         assert any("wildcard" in s for s in r["steps"])
     finally:
         env.writers["node1"].delete(wild.key)
+
+
+def test_external_ip_and_external_traffic_policy_local(env: Cluster) -> None:
+    ext = FrontendType.EXTERNAL_IP
+
+    def make(node: str) -> Service:
+        fe = Frontend(ext, "203.0.113.20", 8443, TCP, backends(node, "p1a", "p2a"), external_local=True)
+        return Service(ServiceKey("default", "extl"), (fe,))
+
+    env.apply(make)
+    r = _explain(env, "203.0.113.20:8443", CLIENT, 4321)
+    assert r["service"]["type"] == "ExternalIP" and r["service"]["trafficPolicy"] == "Local"
+    # Local: only the pod on node1 is selectable here, so the pick is exact, and traffic agrees.
+    assert [_pod_of(b) for b in r["backends"]] == ["p1a"] and _pod_of(r["backend"]) == "p1a"
+    assert {p for p, _ in name_and_peer(client(env.topo, "tcp", "203.0.113.20", 8443, 3))} == {"p1a"}

@@ -15,7 +15,12 @@ event per call when the monitor is on. Each figure is the median over rounds of 
 mean; the spread of the build without the monitor across rounds is the noise the off switch
 is compared with. Everything runs on maps in a private pin directory.
 
-    .venv/bin/python benchmarks/bench_monitor.py [--runs 20000] [--rounds 7]
+Then the same on the tc NodePort program (kpr.testing.nodeport_bench's lab and methods, as
+bench_tc_nodeport.py: the restoring wrapper with repeat=N, ns above bare; and repeat=1, x bare):
+a new flow to a local backend (one event per packet when on) and an established flow (no
+event: the check is not even reached), without the monitor, off, on unread, on with a reader.
+
+    .venv/bin/python benchmarks/bench_monitor.py [--runs 20000] [--rounds 7] [--tc-runs 20000]
 """
 
 from __future__ import annotations
@@ -87,10 +92,51 @@ def lost(pin: Path) -> int:
         return MonCfg.from_buffer_copy(cfg.lookup(M.U32.pack(0))).lost
 
 
+def tc_path(runs: int, rounds: int) -> None:
+    from kpr.testing import nodeport_bench as NB
+
+    if "lib/monitor.h" not in (Path(NB.__file__).resolve().parents[1] / "bpf" / "lib" / "nodeport.h").read_text():
+        print("== tc path: lib/nodeport.h emits no monitor events in this tree: skipped")
+        return
+    print(f"== monitor on the tc NodePort program: {runs} runs x {rounds} rounds per figure")
+    with NB.ProgLab(2) as lab:
+        lab.load("tc", "default")
+        lab.load("tc", "without", ["-DKPR_MON=0"])
+        b = NB.bare(lab, "tc", runs, rounds)
+        print(f"  {'case / monitor':62s} {'wrapper':>8s} {'above bare':>10s} {'repeat=1':>9s} {'x bare':>7s}")
+        print(f"  {'bare':62s} {b.wrapper:8.1f} {'':>10s} {b.single:9.1f}")
+        wanted = {"new flow, local backend", "established, remote backend (SNAT)"}
+        for case in [c for c in NB.cases(lab, "tc") if c.name in wanted]:
+            rows = []
+            rows.append(("without the monitor (KPR_MON=0)", NB.measure(lab, "tc", "without", case, runs, rounds)))
+            set_listeners(lab.pin, 0)
+            rows.append(("monitor off", NB.measure(lab, "tc", "default", case, runs, rounds)))
+            set_listeners(lab.pin, 1)
+            rows.append(("monitor on, nobody reading", NB.measure(lab, "tc", "default", case, runs, rounds)))
+            set_listeners(lab.pin, 0)
+            with Monitor(lab.pin) as m:
+                stop = threading.Event()
+                t = threading.Thread(target=lambda: [m.poll(50) for _ in iter(stop.is_set, True)])
+                t.start()
+                try:
+                    rows.append(("monitor on, with a reader", NB.measure(lab, "tc", "default", case, runs, rounds)))
+                finally:
+                    stop.set()
+                    t.join()
+            for label, r in rows:
+                print(f"  {case.name + ', ' + label:62s} {r.wrapper:8.1f} {r.wrapper - b.wrapper:10.1f} {r.single:9.1f} "
+                      f"{r.single / b.single:7.2f}  {NB.proof(r, case, 'tc')}")
+            spread = rows[0][1].wrapper_ns
+            print(f"    off vs without: {rows[1][1].wrapper - rows[0][1].wrapper:+.1f} ns (wrapper); rounds of the build "
+                  f"without: {min(spread):.1f}-{max(spread):.1f}")
+        print(f"  events lost (ring full while unread): {lost(lab.pin)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20000, help="test runs per variant per round")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tc-runs", type=int, default=20000, help="runs per figure on the tc path (0: skip it)")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
@@ -172,6 +218,8 @@ def main() -> int:
     verdict = "within the noise" if abs(off) <= noise else ("faster, beyond the noise" if off < 0 else "OUTSIDE the noise")
     print(f"  off switch: {off:+.1f} ns vs the build without the monitor: {verdict}")
     print(f"  events: {delivered} read by the reader; {lost_events} found the ring full (the unread rounds)")
+    if args.tc_runs:
+        tc_path(args.tc_runs, args.rounds)
     return 0
 
 

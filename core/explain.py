@@ -133,7 +133,7 @@ def _device_hook(pin_path: Path, device: str) -> str:
     try:
         for rec in attachments(pin_path):
             tgt = rec.get("target") or {}
-            if tgt.get("ifname") == device and str(rec.get("prog_name", "")).startswith(("kpr_np", "xnp", "np")):
+            if tgt.get("ifname") == device and str(rec.get("prog_name", "")).startswith(("kpr_np_", "kpr_xnp_")):
                 kinds.add(rec["kind"])
     except OSError as e:
         log.debug("explain.attachments_unreadable error=%s", e)

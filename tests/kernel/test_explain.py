@@ -131,7 +131,7 @@ def test_maglev_backend_explain_names_is_the_one_traffic_reaches(env: Cluster) -
     predicted = {}
     for sp in range(first, first + n):
         r = _explain(env, f"{N1}:30090/UDP", CLIENT, sp)
-        assert r["verdict"] == "forward" and r["by"] == "maglev", r
+        assert r["verdict"] == "forward" and r["by"] == "maglev" and r["hook"] == "tc on eth0", r
         assert r["maglev"]["hash"] == tuple_hash(CLIENT, sp, N1, 30090, 17)
         predicted[sp] = _pod_of(r["backend"])
     assert len(set(predicted.values())) >= 3, predicted  # the ports spread: the check has teeth

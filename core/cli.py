@@ -216,7 +216,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 raise ExplainError("--via device needs the device name: --via device eth0")
             kind, device = "device", via[1]
         elif via in (["socket"], []):
-            kind, device = ("socket" if via else "device"), ""
+            kind, device = ("socket" if via else "auto"), ""
         else:
             raise ExplainError(f"--via {' '.join(via)}: expected 'socket' or 'device NAME'")
         pin = Path(args.pin_path) if args.pin_path else Path(_load(args).bpf.pin_path)
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("explain", parents=[common], help="what the data path does with a connection, from the live maps")
     s.add_argument("target", metavar="ADDR:PORT[/PROTO]", help="the address dialled ([ADDR6]:PORT for IPv6; TCP by default)")
     s.add_argument("--from", dest="source", metavar="SRC[:PORT]", help="the client's address and source port")
-    s.add_argument("--via", nargs="+", metavar="socket|device NAME", help="the hook: the socket hooks, or tc/XDP on a device (default: device)")
+    s.add_argument("--via", nargs="+", metavar="socket|device NAME", help="the hook: the socket hooks, or tc/XDP on a device (default: the socket hooks for a ClusterIP when socklb runs, else the first device with kpr's NodePort programs)")
     s.add_argument("--pin-path", help="bpffs directory of the maps (default: bpf.pinPath from the config)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_explain)

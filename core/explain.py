@@ -125,21 +125,42 @@ def _is_loopback(addr: str) -> bool:
     return ipaddress.ip_address(addr).is_loopback
 
 
-def _device_hook(pin_path: Path, device: str) -> str:
-    """"XDP" or "tc", from the attachments kpr recorded on the device (XDP runs first)."""
+def _nodeport_devices(pin_path: Path) -> dict[str, set[str]]:
+    """Device -> {"tc", "xdp"}: where kpr recorded its NodePort programs (kpr_np_*, kpr_xnp_*)."""
     from .bpf.cleanup import attachments
 
-    kinds = set()
+    out: dict[str, set[str]] = {}
     try:
         for rec in attachments(pin_path):
-            tgt = rec.get("target") or {}
-            if tgt.get("ifname") == device and str(rec.get("prog_name", "")).startswith(("kpr_np_", "kpr_xnp_")):
-                kinds.add(rec["kind"])
+            dev = (rec.get("target") or {}).get("ifname")
+            if dev and str(rec.get("prog_name", "")).startswith(("kpr_np_", "kpr_xnp_")):
+                out.setdefault(dev, set()).add(rec["kind"])
     except OSError as e:
         log.debug("explain.attachments_unreadable error=%s", e)
+    return out
+
+
+def _device_hook(pin_path: Path, device: str) -> str:
+    """"XDP" or "tc" on the device (XDP runs first)."""
+    kinds = _nodeport_devices(pin_path).get(device, set())
     if "xdp" in kinds:
         return "XDP"
     return "tc" if "tc" in kinds else "tc/XDP (no kpr program recorded on it)"
+
+
+def _auto_via(pin_path: Path, target: Target) -> tuple[str, str]:
+    """No --via: the socket hooks when socklb's maps are pinned and either no NodePort program
+    is attached or the frontend is a ClusterIP (what a pod would dial); else the first device
+    with a NodePort program (what an external client would come through)."""
+    devices = sorted(_nodeport_devices(pin_path))
+    if (pin_path / "kpr_sock_hostaddr").exists():
+        if not devices:
+            return "socket", ""
+        with DatapathMaps(pin_path) as dm:
+            e = dm.service(M.addr_to_bytes(target.address), target.port, target.proto, M.SCOPE_EXTERNAL)
+        if e is not None and e.has(M.SVC_F_CLUSTER_IP):
+            return "socket", ""
+    return "device", devices[0] if devices else ""
 
 
 def explain(
@@ -148,17 +169,20 @@ def explain(
     *,
     source: str | None = None,
     sport: int | None = None,
-    via: str = "device",
+    via: str = "auto",
     device: str = "",
 ) -> dict[str, Any]:
     """What the data path does with a connection to `target` from `source`:`sport` through
-    `via` ("socket" or "device" on `device`). Raises ExplainError for bad input and
-    FileNotFoundError when no maps are pinned at `pin_path`."""
-    if via not in ("socket", "device"):
+    `via` ("socket", "device" on `device`, or "auto": see _auto_via). Raises ExplainError for
+    bad input and FileNotFoundError when no maps are pinned at `pin_path`."""
+    if via not in ("socket", "device", "auto"):
         raise ExplainError(f"--via must be 'socket' or 'device NAME', got {via!r}")
     if source is not None and (":" in source) != (":" in target.address):
         raise ExplainError(f"source {source} and frontend {target.address} are of different address families")
     pin_path = Path(pin_path)
+    if via == "auto":
+        DatapathMaps(pin_path).close()  # no maps: say so before guessing a hook
+        via, device = _auto_via(pin_path, target)
     hook = "socket" if via == "socket" else "device"
     out: dict[str, Any] = {
         "frontend": target.text(),

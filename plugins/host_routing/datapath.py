@@ -55,6 +55,7 @@ STATS = (
 PASS_STATS = tuple(s for s in STATS if s.startswith("pass_"))
 
 PODS_MAP, DEVS_MAP, STATS_MAP = "kpr_hr_pods", "kpr_hr_devs", "kpr_hr_stats"
+NH_MAP = "kpr_hr_nh"  # next hops of pods behind peers, learned by the programs (bpf_redirect_peer builds only)
 OWN_MAPS = (PODS_MAP, DEVS_MAP)
 
 POD = struct.Struct("=II")  # kpr_hr_pod: ifindex, flags
@@ -149,6 +150,35 @@ class Datapath:
             return {}
         table = bpf[STATS_MAP.encode()]
         return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
+
+    def next_hops(self) -> dict[str, int]:
+        """kpr_hr_nh: pod address -> ifindex the programs remembered from their FIB lookups."""
+        table = self._nh_table()
+        if table is None:
+            return {}
+        return {M.bytes_to_addr(bytes(k)): int(v.ifindex) for k, v in table.items()}
+
+    def flush_next_hops(self) -> int:
+        """Forget what the programs learned from the FIB (after links or routes changed: a new
+        MTU, a device gone); the next packet to each pod asks the FIB again."""
+        table = self._nh_table()
+        if table is None:
+            return 0
+        keys = list(table.keys())
+        for k in keys:
+            try:
+                del table[k]
+            except KeyError:  # evicted meanwhile
+                pass
+        return len(keys)
+
+    def _nh_table(self) -> Any:
+        if self.bpf is None or not self.helpers.peer:
+            return None
+        try:
+            return self.bpf.get_table(NH_MAP.encode())
+        except KeyError:  # built without it (-DKPR_HR_NH_CACHE=0)
+            return None
 
     # The NodePort data path's map sync: write what differs, delete what is not wanted.
     _sync = staticmethod(NodePortDatapath._sync)

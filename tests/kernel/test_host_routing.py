@@ -150,6 +150,28 @@ def test_learns_pods_live(hr: Rig) -> None:
     assert not (p._link_dir() / "lxcp3").exists()
 
 
+def test_a_changed_mtu_is_honoured(hr: Rig) -> None:
+    """The programs remember pods' next hops from their FIB lookups (kpr_hr_nh); a link change,
+    here the pod device's MTU, makes the plugin's sync forget them, so the FIB's MTU check holds
+    again: a packet too big for the pod's device is left to the stack (which answers with
+    "fragmentation needed"), not carried into the pod by a remembered next hop."""
+    p = hr.start()
+    pod = PODS["p1"][0]
+    assert traffic(hr, "p1", n=1) == expected("p1", n=1)
+    assert pod in p.datapath.next_hops()
+    syncs = p.syncs
+    hr.topo.run("node", ["ip", "link", "set", "lxcp1", "mtu", "1280"])
+    try:
+        wait_for(lambda: p.syncs > syncs and pod not in p.datapath.next_hops(), what="next hops forgotten")
+        before = hr.stats()
+        hr.topo.run("cl", ["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1400", pod], check=False)
+        d = delta(before, hr.stats())
+        assert d.get("pass_fib", 0) >= 1 and d.get("redirect_peer", 0) == 0, d
+    finally:
+        hr.topo.run("node", ["ip", "link", "set", "lxcp1", "mtu", "1500"])
+    assert answers(client(hr.topo, "tcp", pod, PORT, 2, ns="cl")) == [f"p1 {CLIENT}"] * 2
+
+
 def test_leaves_what_it_does_not_understand_to_the_stack(hr: Rig) -> None:
     hr.start()
     before = hr.stats()

@@ -153,3 +153,57 @@ def test_reply_of_a_service_flow_is_translated_back(lab: Lab) -> None:
 
     reply = from_out(lab) / IP(src=FAR4, dst=POD4) / TCP(sport=8080, dport=41000, flags="SA") / Raw(b"kpr")
     lab.run(D.FROM_NETDEV, lab.eth0, Case("reply", reply, TC_ACT_REDIRECT, check), "service_revnat")
+
+
+def nh_table(lab: Lab) -> Any:
+    return lab.dp.bpf.get_table(D.NH_MAP.encode())
+
+
+def set_next_hop(lab: Lab, addr: str, ifindex: int, dmac: str, smac: str, max_len: int = 1518) -> None:
+    table = nh_table(lab)
+    leaf = table.Leaf()
+    leaf.ifindex, leaf.max_len = ifindex, max_len
+    ctypes.memmove(leaf.dmac, bytes.fromhex(dmac.replace(":", "")), 6)
+    ctypes.memmove(leaf.smac, bytes.fromhex(smac.replace(":", "")), 6)
+    table[table.Key.from_buffer_copy(M.addr_to_bytes(addr))] = leaf
+
+
+def test_next_hop_of_a_pod_is_remembered_and_forgotten(lab: Lab) -> None:
+    """The FIB's answer for a pod behind a peer is kept (kpr_hr_nh): the next packet gets the same
+    frame without a lookup; flush_next_hops() (every sync) forgets it."""
+    lab.dp.flush_next_hops()
+    assert lab.dp.next_hops() == {}
+    pkt = from_out(lab) / tcp4(OUT4, POD4)
+    for _ in range(2):
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("to the pod", pkt, TC_ACT_REDIRECT, into_pod(lab, tcp4(OUT4, POD4))),
+                "redirect_peer")
+        assert lab.dp.next_hops() == {POD4: lab.lxc}
+    assert lab.dp.flush_next_hops() == 1 and lab.dp.next_hops() == {}
+
+
+def test_remembered_next_hop_is_used_only_while_it_holds(lab: Lab) -> None:
+    bogus_d, bogus_s = "02:00:00:00:aa:aa", "02:00:00:00:bb:bb"
+    l3 = tcp4(OUT4, POD4)
+    pkt = from_out(lab) / l3
+
+    def with_macs(dst: str, src: str) -> bytes:
+        out = into_pod(lab, l3)
+        out.dst, out.src = dst, src
+        return bytes(out)
+
+    try:
+        # an entry that holds is used as it is: its MACs, not the FIB's, prove it
+        set_next_hop(lab, POD4, lab.lxc, bogus_d, bogus_s)
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("entry used", pkt, TC_ACT_REDIRECT, with_macs(bogus_d, bogus_s)),
+                "redirect_peer")
+        # the pod's route names another device now: the FIB decides, and its answer replaces the entry
+        set_next_hop(lab, POD4, lab.eth0, bogus_d, bogus_s)
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("entry of another device", pkt, TC_ACT_REDIRECT,
+                                              into_pod(lab, l3)), "redirect_peer")
+        assert lab.dp.next_hops() == {POD4: lab.lxc}
+        # longer than the device's MTU allowed when the entry was made: the FIB decides
+        set_next_hop(lab, POD4, lab.lxc, bogus_d, bogus_s, max_len=len(pkt) - 1)
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("longer than the entry allows", pkt, TC_ACT_REDIRECT,
+                                              into_pod(lab, l3)), "redirect_peer")
+    finally:
+        lab.dp.flush_next_hops()

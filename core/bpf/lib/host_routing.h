@@ -69,6 +69,9 @@
 #ifndef KPR_HR_CLUSTER_IP
 #define KPR_HR_CLUSTER_IP 1 // 1: per-packet service load balancing for packets from pods
 #endif
+#ifndef KPR_HR_NH_CACHE
+#define KPR_HR_NH_CACHE 1 // 1: remember the FIB's answer for pods behind veth/netkit peers (no FIB lookup per packet)
+#endif
 #ifndef KPR_HR_PODS_MAX
 #define KPR_HR_PODS_MAX 16384 // local pod addresses (both families)
 #endif
@@ -138,6 +141,19 @@ struct kpr_hr_dev {
 	__u8 pad;        // zero
 };
 
+/* kpr_hr_nh value (key: union kpr_addr, a pod's address): the FIB's answer for a pod behind a
+ * veth/netkit peer, so packets into it skip the FIB lookup. Only used while `ifindex` is still
+ * the pod's (kpr_hr_pods) and the packet fits the device's MTU without GSO (else the FIB decides
+ * as before); the plugin empties the map on every sync, which follows every link and route
+ * change (a new MTU, a device gone). With bpf_redirect_peer the MACs are the pod's to see, not
+ * the kernel's to switch by; so the cache is for the peer helper only. */
+struct kpr_hr_nh {
+	__u32 ifindex;  // the pod's host-side device
+	__u32 max_len;  // the longest non-GSO packet the FIB would let through (MTU + Ethernet + VLAN)
+	__u8 dmac[6];   // the pod's MAC (the neighbour's)
+	__u8 smac[6];   // the host-side device's MAC
+};
+
 _Static_assert(sizeof(struct kpr_hr_pod) == 8, "kpr_hr_pod layout");
 _Static_assert(sizeof(struct kpr_hr_dev) == 12, "kpr_hr_dev layout");
 
@@ -147,6 +163,10 @@ _Static_assert(sizeof(struct kpr_hr_dev) == 12, "kpr_hr_dev layout");
 BPF_TABLE_PINNED("hash", union kpr_addr, struct kpr_hr_pod, kpr_hr_pods, KPR_HR_PODS_MAX, KPR_PIN(kpr_hr_pods));
 // Devices by ifindex: what each one allows.
 BPF_TABLE_PINNED("hash", __u32, struct kpr_hr_dev, kpr_hr_devs, KPR_HR_DEVS_MAX, KPR_PIN(kpr_hr_devs));
+#if KPR_HR_PEER && KPR_HR_NH_CACHE
+// Next hops of pods behind peer devices, learned from FIB lookups (per load, not pinned).
+BPF_TABLE("lru_hash", union kpr_addr, struct kpr_hr_nh, kpr_hr_nh, KPR_HR_PODS_MAX);
+#endif
 // Counters, per CPU (KPR_HR_ST_*).
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_hr_stats, KPR_HR_ST_MAX, KPR_PIN(kpr_hr_stats));
 
@@ -247,10 +267,34 @@ static __always_inline int kpr_hr_fib(kpr_ctx_t *ctx, struct bpf_fib_lookup *p, 
 	return bpf_fib_lookup(ctx, p, sizeof(*p), 0);
 }
 
+#define KPR_HR_ETH_HLEN 14
+#define KPR_HR_VLAN_HLEN 4
+
 /* Forwarding is routing: the TTL (hop limit) goes down by one, as the stack would do. Returns
  * -1 when it would expire here (the stack then sends ICMP time exceeded). */
 static __always_inline int kpr_hr_dec_ttl(kpr_ctx_t *ctx, const struct kpr_pkt *pkt)
 {
+	// an untagged frame (nearly all): the header in place, the checksum fixed as the stack's
+	// ip_decrease_ttl() does (RFC 1141): no helper calls
+	if (pkt->l3_off == KPR_HR_ETH_HLEN) {
+		if (pkt->t.family == KPR_FAMILY_V4) {
+			struct iphdr *ip = ctx_ptr(ctx, KPR_HR_ETH_HLEN, sizeof(*ip));
+			__u32 check;
+
+			if (!ip || ip->ttl <= 1)
+				return -1;
+			check = (__u32)ip->check + (__u32)kpr_htons(0x0100);
+			ip->check = (__u16)(check + (check >= 0xffff));
+			ip->ttl--;
+		} else {
+			struct ipv6hdr *ip6 = ctx_ptr(ctx, KPR_HR_ETH_HLEN, sizeof(*ip6));
+
+			if (!ip6 || ip6->hop_limit <= 1)
+				return -1;
+			ip6->hop_limit--;
+		}
+		return 0;
+	}
 	// through load/store helpers: after the NAT helpers the verifier no longer trusts a
 	// packet pointer at a variable offset on every path that reaches here
 	if (pkt->t.family == KPR_FAMILY_V4) {
@@ -304,14 +348,39 @@ static __always_inline int kpr_hr_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_
  *   into a pod behind a PEER device: bpf_redirect_peer (KPR_HR_PEER) or bpf_redirect;
  *   to a bridge with pods: bpf_redirect with the route's MACs;
  *   anywhere else (the route leaves the node): bpf_redirect_neigh (KPR_HR_NEIGH) or the stack.
- * `to_pod`: the destination is a known local pod; `hairpin`: a service flow back into the pod it
- * came from (the one case where the route may name the device the packet came in on). */
-static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, int to_pod, int hairpin)
+ * `pod`: the destination's kpr_hr_pods entry when it is a known local pod (then also `to_pod`);
+ * `hairpin`: a service flow back into the pod it came from (the one case where the route may
+ * name the device the packet came in on; to_pod without a `pod`). */
+static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, const struct kpr_hr_pod *pod,
+					int to_pod, int hairpin)
 {
 	struct bpf_fib_lookup p;
 	struct kpr_hr_dev *dev;
 	__u32 oif;
-	int rc = kpr_hr_fib(ctx, &p, &pkt->t);
+	int rc;
+
+#if KPR_HR_PEER && KPR_HR_NH_CACHE
+	if (pod) {
+		union kpr_addr k = pkt->t.daddr;
+		struct kpr_hr_nh *nh = kpr_hr_nh.lookup(&k);
+
+		// what the FIB said last time, while it still holds (see struct kpr_hr_nh)
+		if (nh && nh->ifindex == pod->ifindex && nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len) {
+			__u8 *eth;
+
+			if (kpr_hr_dec_ttl(ctx, pkt))
+				return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
+			eth = ctx_ptr(ctx, 0, 12);
+			if (!eth)
+				return CTX_DROP; // as kpr_hr_set_macs()
+			__builtin_memcpy(eth, nh->dmac, 6);
+			__builtin_memcpy(eth + 6, nh->smac, 6);
+			kpr_hr_count(KPR_HR_ST_PEER);
+			return ctx_redirect_peer(ctx, nh->ifindex, 0);
+		}
+	}
+#endif
+	rc = kpr_hr_fib(ctx, &p, &pkt->t);
 
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return kpr_hr_pass(KPR_HR_ST_PASS_LOCAL);
@@ -346,6 +415,16 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 			return CTX_DROP; // no Ethernet header after all: nothing sane to hand on
 #if KPR_HR_PEER
 		if ((dev->flags & KPR_HR_DEV_F_POD) && kpr_dev_has_peer(dev->kind)) {
+#if KPR_HR_NH_CACHE
+			if (pod && pod->ifindex == oif) {
+				struct kpr_hr_nh nh = {.ifindex = oif, .max_len = (__u32)p.mtu_result + KPR_HR_ETH_HLEN + KPR_HR_VLAN_HLEN};
+				union kpr_addr k = pkt->t.daddr;
+
+				__builtin_memcpy(nh.dmac, p.dmac, 6);
+				__builtin_memcpy(nh.smac, p.smac, 6);
+				kpr_hr_nh.update(&k, &nh);
+			}
+#endif
 			kpr_hr_count(KPR_HR_ST_PEER);
 			return ctx_redirect_peer(ctx, oif, 0);
 		}
@@ -419,8 +498,8 @@ static __always_inline int kpr_hr_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	union kpr_addr client;
 	int hairpin;
 
-	if (!pkt->l4_off)
-		return 0;
+	if (!pkt->l4_off || (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP))
+		return 0; // per-packet flows are TCP and UDP only: no conntrack lookup for the rest
 	e = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_REPLY);
 	if (!e || (e->flags & KPR_CT_F_NODE_PORT))
 		return 0;
@@ -429,8 +508,6 @@ static __always_inline int kpr_hr_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		return 0;
 	hairpin = (e->flags & KPR_HR_CT_F_HAIRPIN) != 0;
 	client = pkt->t.saddr; // a hairpin reply's sender is the client itself
-	if (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP)
-		return 0; // per-packet flows are TCP and UDP only
 	if (kpr_hr_set_addr(ctx, pkt, &rn->addr, 0) || kpr_hr_set_port(ctx, pkt, rn->port, 0) ||
 	    (hairpin && kpr_hr_set_addr(ctx, pkt, &client, 1))) {
 		kpr_hr_count(KPR_HR_ST_DROP_NAT);
@@ -519,17 +596,19 @@ dnat:
 static __always_inline int kpr_hr_from_netdev_main(kpr_ctx_t *ctx)
 {
 	struct kpr_pkt pkt;
+	struct kpr_hr_pod *pod;
 	__u32 reason;
 
 	if (kpr_hr_parse(ctx, &pkt, &reason))
 		return kpr_hr_pass(reason);
-	if (!kpr_hr_pod_of(&pkt.t.daddr))
+	pod = kpr_hr_pod_of(&pkt.t.daddr);
+	if (!pod)
 		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
 #if KPR_HR_CLUSTER_IP
 	if (kpr_hr_revnat(ctx, &pkt) < 0)
 		return CTX_DROP;
 #endif
-	return kpr_hr_route(ctx, &pkt, 1, 0);
+	return kpr_hr_route(ctx, &pkt, pod, 1, 0);
 }
 
 // Ingress of a pod's host-side device: what the pod sends.
@@ -537,12 +616,14 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 {
 	struct kpr_pkt pkt;
 	struct kpr_hr_dev *dev;
+	struct kpr_hr_pod *pod;
 	__u32 reason, ifindex = ctx_ifindex(ctx);
 	int ret = 0, hairpin = 0;
 
 	if (kpr_hr_parse(ctx, &pkt, &reason))
 		return kpr_hr_pass(reason);
-	if (!kpr_hr_pod_of(&pkt.t.saddr))
+	pod = kpr_hr_pod_of(&pkt.t.saddr);
+	if (!pod)
 		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
 #if KPR_HR_CLUSTER_IP
 	ret = kpr_hr_revnat(ctx, &pkt);
@@ -550,8 +631,10 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 		return CTX_DROP;
 	hairpin = ret; // a hairpin reply, now from the service to the pod it came from
 #endif
-	dev = kpr_hr_devs.lookup(&ifindex);
-	if (!hairpin && dev && (dev->flags & KPR_HR_DEV_F_L2)) {
+	// a pod whose route names this very device has it to itself (veth, netkit): no bridge port
+	// (bridge pods' routes name the bridge), so no device lookup for the switched-frame check
+	dev = hairpin || pod->ifindex == ifindex ? (void *)0 : kpr_hr_devs.lookup(&ifindex);
+	if (dev && (dev->flags & KPR_HR_DEV_F_L2)) {
 		__u8 *eth = ctx_ptr(ctx, 0, 6);
 
 		// on a bridge, only frames to the bridge itself are routed; the rest is switched
@@ -567,7 +650,8 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 		hairpin = ret == 2;
 	}
 #endif
-	return kpr_hr_route(ctx, &pkt, hairpin || kpr_hr_pod_of(&pkt.t.daddr) != (void *)0, hairpin);
+	pod = hairpin ? (void *)0 : kpr_hr_pod_of(&pkt.t.daddr);
+	return kpr_hr_route(ctx, &pkt, pod, hairpin || pod != (void *)0, hairpin);
 }
 
 // Egress of a pod's host-side device: what the pod is about to receive through the stack.

@@ -257,6 +257,7 @@ class NodePortAgent:
         self._services: dict[ServiceKey, _SvcState] = {}
         self._fe_index: dict[FeKey, dict[ServiceKey, BackendSet]] = {}
         self._np_index: dict[tuple[int, int], dict[ServiceKey, BackendSet]] = {}
+        self._ports_written: set[tuple[int, int]] | None = None  # kpr_np_ports as last written
         self._node_addrs: set[str] = set()
         self._snat_addrs: set[bytes] = set()
         self._mode_problems: dict[ServiceKey, str] = {}
@@ -303,6 +304,7 @@ class NodePortAgent:
             datapath.sizes = context.config.bpf.map_size_overrides()
             # a restart with the same build keeps the programs the first device's links run
             first = context.node.devices[:1]
+            self._ports_written = None
             self.datapath = datapath.load({
                 entry: self._link_dir() / device_pin_name(first[0]) / hook
                 for entry, hook in zip(datapath.ENTRIES, datapath.LINK_HOOKS)
@@ -453,6 +455,7 @@ class NodePortAgent:
             snat = {a for _i, v4, v6 in facts.values() for a in (v4, v6) if a} | {a for a in (default4, default6) if a}
             self._snat_addrs = {M.addr_to_bytes(a) for a in snat}
             self._write_vips()
+            self._write_ports()
             self._attach_devices(tuple(node.devices), facts)
             if not self._device_errors:  # every entry is this build's now: earlier builds' stages go
                 self.datapath.drop_other_generations()
@@ -497,6 +500,16 @@ class NodePortAgent:
         assert self.datapath is not None
         vips = set().union(*(s.vips for s in self._services.values())) - self._node_addrs
         self.datapath.set_vips(vips)
+
+    def _write_ports(self) -> None:
+        """The frontend ports the programs' fast exit lets through (kpr_np_ports), when they changed.
+        Until the initial sync completes, ports are only added: a restarted agent knows few
+        services yet, and the programs running meanwhile must keep balancing the others."""
+        assert self.datapath is not None
+        ports = {(M.htons(port_n), proto) for _a, port_n, proto in self._fe_index}  # (htons swaps back)
+        if ports != self._ports_written:
+            self.datapath.set_frontend_ports(ports, keep=not self._synced)
+            self._ports_written = ports
 
     def _write_modes(self) -> None:
         assert self.datapath is not None
@@ -543,6 +556,7 @@ class NodePortAgent:
             self._services[service.key] = new
             self._index(service.key, old, new)
             if self.datapath is not None:
+                self._write_ports()
                 if old is None or old.vips != new.vips:
                     self._write_vips()
                 if old is None or old.modes != new.modes:
@@ -561,6 +575,7 @@ class NodePortAgent:
                 return
             self._index(key, old, None)
             if self.datapath is not None:
+                self._write_ports()
                 if old.vips:
                     self._write_vips()
                 if old.modes:
@@ -572,6 +587,10 @@ class NodePortAgent:
     def kpr_sync_complete(self) -> None:
         # Flows pinned to backends that left while no agent ran: the same rule as for a change.
         self._synced = True
+        with self._lock:
+            if self.datapath is not None:
+                self._ports_written = None
+                self._write_ports()  # now exactly the services' ports
         if self.collector is not None:
             res = self.collector.run(stale_only=True)
             if res.stale:

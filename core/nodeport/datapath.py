@@ -105,8 +105,12 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 # Plugin-owned pinned maps (lib/nodeport.h).
 REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP = "kpr_np_rev", "kpr_np_fe", "kpr_np_vip", "kpr_np_nodeaddr", "kpr_np_dev"
 DEVKIND_MAP = "kpr_np_devkind"
+PORTS_MAP = "kpr_np_ports"
 STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"
-OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP)
+OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP)
+# kpr_np_ports (lib/nodeport.h): 64 ports per word, TCP words then UDP words, then the armed word.
+PORTS_ARMED = 2048
+_PORT_PROTO_BASE = {6: 0, 17: 1024}
 
 # --- struct packers ("=" native order, no padding; ports as stored, network order) ---------
 
@@ -352,6 +356,28 @@ class Datapath:
 
     def set_vips(self, addresses: Iterable[str]) -> None:
         self._sync(self.maps[VIP_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
+
+    def set_frontend_ports(self, ports: Iterable[tuple[int, int]], *, keep: bool = False) -> None:
+        """kpr_np_ports: every (port, protocol number) of a frontend reached from outside, as the
+        bitmap the programs' fast exit tests; then armed (before, nothing exits early). `keep`
+        adds to the ports already there instead of replacing them."""
+        m = self.maps[PORTS_MAP]
+        have = dict(m.items())
+        words = [0] * PORTS_ARMED
+        if keep:
+            for k, v in have.items():
+                i = M.U32.unpack(k)[0]
+                if i < PORTS_ARMED:
+                    words[i] = struct.unpack("=Q", v)[0]
+        for port, proto in ports:
+            base = _PORT_PROTO_BASE.get(proto)
+            if base is not None:
+                words[base | port >> 6] |= 1 << (port & 63)
+        want = {M.U32.pack(i): struct.pack("=Q", w) for i, w in enumerate(words)}
+        up = {k: v for k, v in want.items() if have.get(k) != v}
+        if up:
+            m.update_many(list(up), list(up.values()))
+        m.update(M.U32.pack(PORTS_ARMED), struct.pack("=Q", 1))
 
     def set_modes(self, modes: Mapping[tuple[str, int, int], str]) -> None:
         """kpr_np_fe: (address, port, protocol number) -> mode, for frontends overriding the default."""

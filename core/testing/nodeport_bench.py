@@ -198,6 +198,7 @@ class ProgLab:
         dp.set_device_kinds(self.kinds)
         dp.set_node_addresses([NODE4])
         dp.set_vips([VIP] + [ip4(FILLER_BASE + i) for i in range(self.fillers)])
+        dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])  # as the agent does (arms the fast exit)
         return dp
 
     def entry(self, hook: str, name: str) -> int:
@@ -391,6 +392,7 @@ STOPS = (
 # Optimisation switches, each measured against the default build in the same run: name -> -D flags
 # that turn the default's choice around.
 SWITCHES: dict[str, tuple[str, ...]] = {
+    "no fast exit for non-service ports (KPR_NP_PREFILTER=0)": ("-DKPR_NP_PREFILTER=0",),
     "fine clock (bpf_ktime_get_ns; default coarse)": ("-DKPR_CLOCK_FINE=1",),
 }
 

@@ -27,7 +27,7 @@
  * them into kpr_np_calls.
  *
  * Maps owned here (pinned next to the shared ones, filled by the tc_nodeport plugin):
- * kpr_np_rev, kpr_np_fe, kpr_np_vip, kpr_np_nodeaddr, kpr_np_dev, kpr_np_devkind, kpr_np_stats,
+ * kpr_np_rev, kpr_np_fe, kpr_np_vip, kpr_np_nodeaddr, kpr_np_dev, kpr_np_devkind, kpr_np_ports, kpr_np_stats,
  * kpr_np_fwd, kpr_np_calls (tc) or kpr_np_xcalls (XDP).
  *
  * Forwarding is decided by what the FIB's egress device is (kpr_np_devkind, which the agent
@@ -109,6 +109,9 @@
 
 #ifndef KPR_NP_DEVKIND_MAX
 #define KPR_NP_DEVKIND_MAX 16384 // classified devices: every link of the node's namespace (pods' veths too)
+#endif
+#ifndef KPR_NP_PREFILTER
+#define KPR_NP_PREFILTER 1 // 1: a TCP/UDP packet to a port no frontend uses leaves after one bitmap test (kpr_np_ports)
 #endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
@@ -255,6 +258,11 @@ BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_vip, KPR_NP_VIP_MAX, KPR_
 BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_nodeaddr, KPR_NP_NODEADDR_MAX, KPR_PIN(kpr_np_nodeaddr));
 // External devices by ifindex (0: defaults): SNAT addresses; also tells pod devices from external ones.
 BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, KPR_PIN(kpr_np_dev));
+/* Frontend ports (kpr_np_ports, written by the agent from every external frontend): bit
+ * (port & 63) of word (proto index << 10 | port >> 6), TCP index 0, UDP 1; word
+ * KPR_NP_PORTS_ARMED is non-zero once the agent wrote them all (until then nothing exits early). */
+#define KPR_NP_PORTS_ARMED 2048
+BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_PORTS_ARMED + 1, KPR_PIN(kpr_np_ports));
 // What each device is (ifindex -> KPR_DEV_*), for the forwarding helper it allows.
 BPF_TABLE_PINNED("hash", __u32, __u32, kpr_np_devkind, KPR_NP_DEVKIND_MAX, KPR_PIN(kpr_np_devkind));
 // Counters, per CPU (KPR_NP_ST_*).
@@ -324,6 +332,20 @@ static __always_inline int kpr_np_vip_guard(const struct kpr_pkt *pkt)
 		return CTX_DROP;
 	}
 	return KPR_NP_PASS;
+}
+
+// Whether a TCP/UDP tuple's destination port is a frontend's (or the bitmap is not armed yet).
+static __always_inline int kpr_np_port_served(const struct kpr_tuple *t)
+{
+	__u32 k = KPR_NP_PORTS_ARMED;
+	__u16 port = kpr_ntohs(t->dport);
+	__u64 *w = kpr_np_ports.lookup(&k);
+
+	if (!w || !*w)
+		return 1;
+	k = (t->proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
+	w = kpr_np_ports.lookup(&k);
+	return !w || ((*w >> (port & 63)) & 1);
 }
 
 static __always_inline int kpr_np_icmp_allowed(void)
@@ -1111,6 +1133,12 @@ static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 #endif
 	if (kpr_np_snat_port(&pkt.t) && kpr_snat_reverse(&pkt.t))
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT_REPLY);
+#if KPR_NP_PREFILTER
+	// the fast exit: no conntrack or service lookups for a port no frontend has (replies to
+	// source-NATed flows, DSR headers and ICMP errors took their paths above)
+	if (!kpr_np_port_served(&pkt.t))
+		return kpr_np_vip_guard(&pkt);
+#endif
 	return kpr_np_lb(ctx, &pkt);
 }
 

@@ -1,0 +1,78 @@
+"""The NodePort programs' fast exit for ports no frontend has (kpr_np_ports, lib/nodeport.h
+KPR_NP_PREFILTER), on tc and XDP with BPF_PROG_TEST_RUN: what it lets go early, and what
+still takes its path (frontends, replies to source-NATed flows, announced addresses)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from kpr.testing.nodeport_bench import MAC_NODE2, NODE4, NODEPORT, VIP, ProgLab
+from kpr.testing.netns import in_netns
+from kpr.testing.prog_run import TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, test_run
+
+pytestmark = pytest.mark.kernel
+
+PASS = {"tc": TC_ACT_UNSPEC & 0xFFFFFFFF, "xdp": XDP_PASS}
+DROP = {"tc": TC_ACT_SHOT, "xdp": XDP_DROP}
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[ProgLab]:
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    with ProgLab(2) as pl:
+        for hook in ("tc", "xdp"):
+            pl.load(hook, hook)
+        yield pl
+
+
+def run(lab: ProgLab, hook: str, pkt: bytes) -> tuple[int, bytes, dict[str, int]]:
+    dp = lab.builds[hook]
+    before = dp.stats()
+    with in_netns(lab.topo["lb"].path):
+        res = test_run(lab.entry(hook, hook), pkt, ctx=lab.ctx(hook))
+    after = dp.stats()
+    return res.retval, res.data_out, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_frontend_ports_pass_the_filter_and_replies_still_find_their_flow(lab: ProgLab, hook: str) -> None:
+    lab.flush_flows()
+    verdict, out, moved = run(lab, hook, lab.packet(VIP, 80, sport=45000, flags="S"))
+    assert moved.get("new_snat") == 1, moved
+    snat = Ether(out)
+    assert snat[IP].src == NODE4 and snat[IP].dst.startswith("10.244.2.")
+    # the backend's reply comes to a SNAT port, which no frontend has: it must not exit early
+    reply = bytes(Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=snat[IP].dst, dst=NODE4)
+                  / TCP(sport=snat[TCP].dport, dport=snat[TCP].sport, flags="SA") / (b"k" * 10))
+    verdict, out, moved = run(lab, hook, reply)
+    assert moved.get("reply_snat") == 1, moved
+    assert Ether(out)[IP].src == VIP and Ether(out)[TCP].sport == 80
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_other_ports_leave_early_and_announced_addresses_still_drop(lab: ProgLab, hook: str) -> None:
+    verdict, _out, moved = run(lab, hook, lab.packet(NODE4, 22, sport=45001, flags="S"))
+    assert verdict == PASS[hook] and moved == {}
+    verdict, _out, moved = run(lab, hook, lab.packet(VIP, 443, sport=45002, flags="S"))
+    assert verdict == DROP[hook] and moved == {"drop_vip_unserved": 1}, moved
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_a_port_taken_out_of_the_bitmap_is_not_balanced(lab: ProgLab, hook: str) -> None:
+    dp = lab.builds[hook]
+    lab.flush_flows()  # the builds share the flow maps: no flow of the other hook's test may answer
+    try:
+        dp.set_frontend_ports([(NODEPORT, 6)])
+        verdict, _out, moved = run(lab, hook, lab.packet(VIP, 80, sport=45003, flags="S"))
+        assert verdict == DROP[hook] and moved == {"drop_vip_unserved": 1}, moved
+        verdict, _out, moved = run(lab, hook, lab.packet(NODE4, NODEPORT, sport=45004, flags="S"))
+        assert moved.get("new_local") == 1, moved
+    finally:
+        dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])

@@ -333,14 +333,14 @@ static __always_inline int kpr_hr_redirect_neigh(kpr_ctx_t *ctx, const struct bp
 	return ctx_redirect_neigh_nh(ctx, p->ifindex, &nh);
 }
 
-static __always_inline int kpr_hr_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
+static __always_inline int kpr_hr_set_macs(kpr_ctx_t *ctx, const __u8 *dmac, const __u8 *smac)
 {
 	__u8 *eth = ctx_ptr(ctx, 0, 12);
 
 	if (!eth)
 		return -1;
-	__builtin_memcpy(eth, p->dmac, 6);
-	__builtin_memcpy(eth + 6, p->smac, 6);
+	__builtin_memcpy(eth, dmac, 6);
+	__builtin_memcpy(eth + 6, smac, 6);
 	return 0;
 }
 
@@ -366,15 +366,10 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 
 		// what the FIB said last time, while it still holds (see struct kpr_hr_nh)
 		if (nh && nh->ifindex == pod->ifindex && nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len) {
-			__u8 *eth;
-
 			if (kpr_hr_dec_ttl(ctx, pkt))
 				return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
-			eth = ctx_ptr(ctx, 0, 12);
-			if (!eth)
-				return CTX_DROP; // as kpr_hr_set_macs()
-			__builtin_memcpy(eth, nh->dmac, 6);
-			__builtin_memcpy(eth + 6, nh->smac, 6);
+			if (kpr_hr_set_macs(ctx, nh->dmac, nh->smac))
+				return CTX_DROP; // no Ethernet header after all, as below
 			kpr_hr_count(KPR_HR_ST_PEER);
 			return ctx_redirect_peer(ctx, nh->ifindex, 0);
 		}
@@ -411,7 +406,7 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 	if (kpr_hr_dec_ttl(ctx, pkt))
 		return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
 	if (to_pod && rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (kpr_hr_set_macs(ctx, &p))
+		if (kpr_hr_set_macs(ctx, p.dmac, p.smac))
 			return CTX_DROP; // no Ethernet header after all: nothing sane to hand on
 #if KPR_HR_PEER
 		if ((dev->flags & KPR_HR_DEV_F_POD) && kpr_dev_has_peer(dev->kind)) {

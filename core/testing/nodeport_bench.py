@@ -104,6 +104,16 @@ class Measured:
     runs: int = 0
     verdicts: set[int] = field(default_factory=set)
 
+    def add(self, other: "Measured") -> "Measured":
+        """Fold another round of the same case in."""
+        self.wrapper_ns += other.wrapper_ns
+        self.single_ns += other.single_ns
+        self.runs += other.runs
+        self.verdicts |= other.verdicts
+        for k, v in other.counted.items():
+            self.counted[k] = self.counted.get(k, 0) + v
+        return self
+
     @property
     def wrapper(self) -> float:
         return statistics.median(self.wrapper_ns) if self.wrapper_ns else float("nan")
@@ -393,8 +403,23 @@ STOPS = (
 # that turn the default's choice around.
 SWITCHES: dict[str, tuple[str, ...]] = {
     "no fast exit for non-service ports (KPR_NP_PREFILTER=0)": ("-DKPR_NP_PREFILTER=0",),
-    "fine clock (bpf_ktime_get_ns; default coarse)": ("-DKPR_CLOCK_FINE=1",),
+    "no carried state: stage re-parses, looks up backend (KPR_NP_CARRY=0)": ("-DKPR_NP_CARRY=0",),
+    "conntrack written every packet (KPR_CT_LOOKUP_BEFORE_WRITE=0)": ("-DKPR_CT_LOOKUP_BEFORE_WRITE=0",),
+    "fine clock (bpf_ktime_get_ns; default coarse, KPR_CLOCK_FINE=1)": ("-DKPR_CLOCK_FINE=1",),
+    "all four off (the build before issue 14's changes)": ("-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0",
+                                                           "-DKPR_CT_LOOKUP_BEFORE_WRITE=0", "-DKPR_CLOCK_FINE=1"),
 }
+
+
+def interleaved(lab: ProgLab, hook: str, jobs: Sequence[tuple[str, Case]], runs: int, rounds: int, *,
+                single: bool = True) -> list[Measured]:
+    """Each (build, case) measured in `rounds` rounds of runs/rounds, the rounds going over every
+    job in turn: drift in the machine's load spreads over all of them alike."""
+    out = [Measured() for _ in jobs]
+    for _ in range(rounds):
+        for m, (build, case) in zip(out, jobs):
+            m.add(measure(lab, hook, build, case, max(1, runs // rounds), 1, single=single))
+    return out
 
 
 def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stages: bool = True,
@@ -405,7 +430,10 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
     out = out or sys.stdout
     pr = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     summary: dict[str, str] = {}
-    new_runs = runs
+    import os
+
+    # one CPU throughout: the kernel's per-run figure then never spans a migration
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     with ProgLab(scales[0]) as lab:
         t0 = time.perf_counter()
         lab.load(hook, "default")
@@ -414,8 +442,8 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
         pr(f"  {'case':58s} {'wrapper':>8s} {'above bare':>10s} {'repeat=1':>9s} {'x bare':>7s}")
         pr(f"  {'bare (' + HOOKS[hook][3] + ')':58s} {b.wrapper:8.1f} {'':>10s} {b.single:9.1f}")
         res: dict[str, Measured] = {}
-        for c in cases(lab, hook):
-            m = measure(lab, hook, "default", c, new_runs if c.kind == "new" else runs, rounds)
+        main_cases = cases(lab, hook)
+        for c, m in zip(main_cases, interleaved(lab, hook, [("default", c) for c in main_cases], runs, rounds)):
             res[c.name] = m
             pr(f"  {c.name:58s} {m.wrapper:8.1f} {m.wrapper - b.wrapper:10.1f} {m.single:9.1f} "
                f"{m.single / b.single:7.2f}  {proof(m, c, hook)}")
@@ -430,12 +458,19 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
             pr(f"  {'stage (cumulative)':50s} {'established':>12s} {'+':>6s} {'new flow':>10s} {'+':>6s}")
             est_c, new_c = cases(lab, hook)[0], cases(lab, hook)[1]
             prev = (0.0, 0.0)
-            for stop, label in STOPS:
-                name = "default" if stop == 0 else f"stop{stop}"
+            names = {stop: "default" if stop == 0 else f"stop{stop}" for stop, _l in STOPS}
+            for stop, name in names.items():
                 if name not in lab.builds:
                     lab.load(hook, name, [f"-DKPR_NP_BENCH_STOP={stop}"])
-                e = measure(lab, hook, name, est_c, runs, rounds, single=False).wrapper - b.wrapper
-                n = measure(lab, hook, name, new_c, new_runs, rounds, single=False).wrapper - b.wrapper
+            jobs = [(names[stop], c) for stop, _l in STOPS for c in (est_c, new_c)]
+            got = iter(interleaved(lab, hook, jobs, runs, rounds, single=False))
+            for stop, label in STOPS:
+                e = next(got).wrapper - b.wrapper
+                n = next(got).wrapper - b.wrapper
+                if stop == 3:  # an established packet never reaches stop 3: that build runs it in full
+                    pr(f"  {label:50s} {'-':>12s} {'':>6s} {n:10.1f} {n - prev[1]:+6.0f}")
+                    prev = (prev[0], n)
+                    continue
                 pr(f"  {label:50s} {e:12.1f} {e - prev[0]:+6.0f} {n:10.1f} {n - prev[1]:+6.0f}")
                 prev = (e, n)
 
@@ -444,15 +479,17 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
             sel = [c for c in cases(lab, hook) if c.name in (
                 "established, remote backend (SNAT)", "new flow, remote backend (SNAT)",
                 "not a service (node address, port 22)")]
-            pr(f"  {'build':50s} " + " ".join(f"{c.kind:>18s}" for c in sel))
-            for label, flags in (("default", ()), *SWITCHES.items()):
-                if label != "default":
-                    lab.load(hook, label, flags)
+            pr(f"  {'build':72s} " + " ".join(f"{c.kind:>18s}" for c in sel))
+            builds = [("default", ()), *SWITCHES.items()]
+            for label, flags in builds[1:]:
+                lab.load(hook, label, flags)
+            got = iter(interleaved(lab, hook, [(label, c) for label, _f in builds for c in sel], runs, rounds))
+            for label, _f in builds:
                 cells = []
                 for c in sel:
-                    m = measure(lab, hook, label, c, new_runs if c.kind == "new" else runs, rounds)
+                    m = next(got)
                     cells.append(f"{m.wrapper - b.wrapper:8.1f} / {m.single / b.single:5.2f}x")
-                pr(f"  {label:50s} " + " ".join(f"{x:>18s}" for x in cells))
+                pr(f"  {label:72s} " + " ".join(f"{x:>18s}" for x in cells))
 
     for n in scales[1:]:
         t0 = time.perf_counter()
@@ -461,7 +498,7 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
             big.load(hook, "default")
             bb = bare(big, hook, runs, rounds)
             c = [x for x in cases(big, hook) if x.spread][0]
-            m = measure(big, hook, "default", c, new_runs, rounds)
+            m = measure(big, hook, "default", c, runs, rounds)
             scale_rows[n] = m
             pr(f"  {c.name:58s} {m.wrapper - bb.wrapper:8.1f} ns above bare, {m.single / bb.single:5.2f} x bare  "
                f"{proof(m, c, hook)}")

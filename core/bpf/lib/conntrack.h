@@ -30,6 +30,10 @@
 #define KPR_CT_TOUCH_INTERVAL_NS 1000000000ULL // refresh last_seen at most once a second: fewer writes to a shared line
 #endif
 
+#ifndef KPR_CT_LOOKUP_BEFORE_WRITE
+#define KPR_CT_LOOKUP_BEFORE_WRITE 1 // 1: an established packet writes an entry only when a field changes; 0: every packet (benchmarks' comparison)
+#endif
+
 #define KPR_CT_DIR_ORIGINAL 0 // client -> frontend (before DNAT)
 #define KPR_CT_DIR_REPLY 1    // backend -> client (after DNAT)
 
@@ -110,6 +114,14 @@ static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple
 	now = kpr_now();
 	if (now - e->last_seen > kpr_ct_timeout(e, t->proto))
 		return (void *)0;
+#if !KPR_CT_LOOKUP_BEFORE_WRITE
+	// every packet dirties the entry's cache line (shared by every CPU the flow's packets reach)
+	e->last_seen = now;
+	e->tcp_flags |= t->tcp_flags;
+	e->flags |= (t->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST) ? KPR_CT_F_CLOSING : 0) |
+		    (dir == KPR_CT_DIR_REPLY ? KPR_CT_F_SEEN_REPLY : 0);
+	return e;
+#endif
 	if (t->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)) {
 		e->flags |= KPR_CT_F_CLOSING;
 		e->last_seen = now;

@@ -113,6 +113,9 @@
 #ifndef KPR_NP_PREFILTER
 #define KPR_NP_PREFILTER 1 // 1: a TCP/UDP packet to a port no frontend uses leaves after one bitmap test (kpr_np_ports)
 #endif
+#ifndef KPR_NP_CARRY
+#define KPR_NP_CARRY 1 // 1: the service stage hands the backend it found to the forwarding stage (no second lookup)
+#endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
 #endif
@@ -238,6 +241,12 @@ struct kpr_np_state {
 	__u16 flags;      // the flow's KPR_CT_F_*
 	__u8 created;     // 1: the flow's first packet (reverse entries are written then)
 	__u8 pad;         // zero
+#if KPR_NP_CARRY
+	// The backend as looked up there (same packet, same CPU: a tail call is immediate). The
+	// parse is not carried: offsets read back from a map are unbounded for the verifier, and
+	// re-parsing costs less than bounding every use.
+	struct kpr_backend be;
+#endif
 };
 
 // One CPU's ICMP rate-limit bucket.
@@ -641,9 +650,14 @@ static __always_inline int kpr_np_stage_begin(kpr_ctx_t *ctx, struct kpr_pkt *pk
 		return -1;
 	if (kpr_parse(ctx, pkt) != KPR_PARSE_OK || !pkt->l4_off)
 		return -1;
+#if KPR_NP_CARRY
+	*be = &(*st)->be;
+	return 0;
+#else
 	bid = (*st)->backend_id;
 	*be = kpr_backend.lookup(&bid);
 	return *be ? 0 : -1;
+#endif
 }
 
 // KPR_NP_CALL_LOCAL: DNAT, then straight into the pod (the client's address is kept).
@@ -795,7 +809,8 @@ static __always_inline int kpr_np_stage_no_backend(kpr_ctx_t *ctx)
 /* --- the service path ------------------------------------------------------------------ */
 
 // Hand a flow to its forwarding stage.
-static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, __u32 bid, __u16 flags, __u8 created)
+static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_backend *be, __u32 bid, __u16 flags,
+					   __u8 created)
 {
 	__u32 zero = 0;
 	struct kpr_np_state *st = kpr_np_state.lookup(&zero);
@@ -805,6 +820,9 @@ static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, __u32 bid, __u16 flag
 	st->backend_id = bid;
 	st->flags = flags;
 	st->created = created;
+#if KPR_NP_CARRY
+	st->be = *be;
+#endif
 	if (flags & KPR_CT_F_LOCAL)
 		return kpr_np_tail(ctx, KPR_NP_CALL_LOCAL);
 	if (flags & KPR_CT_F_DSR)
@@ -826,7 +844,8 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	ct = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_ORIGINAL);
 	if (ct && (ct->flags & KPR_CT_F_NODE_PORT)) {
 		bid = ct->backend_id;
-		if (kpr_backend.lookup(&bid)) {
+		be = kpr_backend.lookup(&bid);
+		if (be) {
 			__u8 tf = pkt->t.tcp_flags & (KPR_TCP_ACK | KPR_TCP_SYN);
 			__u8 restart = 0;
 
@@ -841,7 +860,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 			}
 			kpr_np_count(KPR_NP_ST_ESTABLISHED);
 			KPR_NP_STOP(2);
-			return kpr_np_dispatch(ctx, bid, ct->flags, restart);
+			return kpr_np_dispatch(ctx, be, bid, ct->flags, restart);
 		}
 		kpr_np_count(KPR_NP_ST_STALE_BACKEND);
 	}
@@ -885,7 +904,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, flags))
 		kpr_np_count(KPR_NP_ST_CT_FAILED);
 	KPR_NP_STOP(3);
-	return kpr_np_dispatch(ctx, bid, flags, 1);
+	return kpr_np_dispatch(ctx, be, bid, flags, 1);
 }
 
 /* --- replies to source-NATed flows ----------------------------------------------------- */

@@ -143,13 +143,13 @@ struct kpr_hr_dev {
 
 /* kpr_hr_nh value (key: union kpr_addr, a pod's address): the FIB's answer for a pod behind a
  * veth/netkit peer, so packets into it skip the FIB lookup. Only used while `ifindex` is still
- * the pod's (kpr_hr_pods) and the packet fits the device's MTU without GSO (else the FIB decides
- * as before); the plugin empties the map on every sync, which follows every link and route
+ * the pod's (kpr_hr_pods) and the packet fits the device's MTU as the FIB's check has it (else
+ * the FIB decides as before); the plugin empties the map on every sync, which follows every link and route
  * change (a new MTU, a device gone). With bpf_redirect_peer the MACs are the pod's to see, not
  * the kernel's to switch by; so the cache is for the peer helper only. */
 struct kpr_hr_nh {
 	__u32 ifindex;  // the pod's host-side device
-	__u32 max_len;  // the longest non-GSO packet the FIB would let through (MTU + Ethernet + VLAN)
+	__u32 max_len;  // the longest non-GSO packet the FIB lets through (MTU + Ethernet + VLAN); GSO ones all
 	__u8 dmac[6];   // the pod's MAC (the neighbour's)
 	__u8 smac[6];   // the host-side device's MAC
 };
@@ -365,7 +365,8 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 		struct kpr_hr_nh *nh = kpr_hr_nh.lookup(&k);
 
 		// what the FIB said last time, while it still holds (see struct kpr_hr_nh)
-		if (nh && nh->ifindex == pod->ifindex && nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len) {
+		if (nh && nh->ifindex == pod->ifindex && nh->ifindex != ctx_ifindex(ctx) &&
+		    (ctx_len(ctx) <= nh->max_len || ctx->gso_size)) { // the FIB's is_skb_forwardable(): GSO fits
 			if (kpr_hr_dec_ttl(ctx, pkt))
 				return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
 			if (kpr_hr_set_macs(ctx, nh->dmac, nh->smac))

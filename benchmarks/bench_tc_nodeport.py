@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from tc_nodeport_env import NODES, PODS, PY, Cluster, backends, cluster  # noqa:
 
 from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey  # noqa: E402
 from kpr.plugins.tc_nodeport import datapath as D  # noqa: E402
-from kpr.testing.nodeport_bench import run_suite, uptime  # noqa: E402
+from kpr.testing.nodeport_bench import add_arguments, print_summary, run_from_args  # noqa: E402
 
 N1 = NODES["node1"]["addr"]
 VIP_SNAT, VIP_DSR = "203.0.113.40", "203.0.113.41"
@@ -193,11 +192,7 @@ def end_to_end(args: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=20000, help="BPF_PROG_TEST_RUN runs per case and method")
-    ap.add_argument("--prog-rounds", type=int, default=5, help="wrapper rounds per case (median)")
-    ap.add_argument("--services", default="10,10000,50000", help="service counts; the first is the main table's")
-    ap.add_argument("--no-stages", action="store_true", help="skip the per-stage builds")
-    ap.add_argument("--no-switches", action="store_true", help="skip the optimisation switches")
+    add_arguments(ap)
     ap.add_argument("--no-e2e", action="store_true", help="only the BPF_PROG_TEST_RUN part")
     ap.add_argument("--connects", type=int, default=1000, help="TCP connections per variant per round")
     ap.add_argument("--rr", type=int, default=5000, help="1-byte round trips per variant per round")
@@ -206,15 +201,10 @@ def main() -> int:
     ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
     args = ap.parse_args()
 
-    print(f"== tc_nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {platform.release()}); {uptime()}")
-    summary = run_suite("tc", runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
-                        stages=not args.no_stages, switches=not args.no_switches)
+    summary = run_from_args("tc", args)
     if not args.no_e2e:
         end_to_end(args)
-    # the summary last: the figures the goals are stated in
-    print(f"\n{uptime()}")
-    for line in summary.values():
-        print(line)
+    print_summary(summary)
     return 0
 
 

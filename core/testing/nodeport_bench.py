@@ -21,12 +21,14 @@ with the core's ServiceMapWriter filling a scratch pin dir.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import struct
+import subprocess
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from kpr.testing.prog_run import test_run
@@ -405,9 +407,13 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "no fast exit for non-service ports (KPR_NP_PREFILTER=0)": ("-DKPR_NP_PREFILTER=0",),
     "no carried state: stage re-parses, looks up backend (KPR_NP_CARRY=0)": ("-DKPR_NP_CARRY=0",),
     "conntrack written every packet (KPR_CT_LOOKUP_BEFORE_WRITE=0)": ("-DKPR_CT_LOOKUP_BEFORE_WRITE=0",),
+    "SNAT address looked up every packet (KPR_NP_LAZY_SNAT_ADDR=0)": ("-DKPR_NP_LAZY_SNAT_ADDR=0",),
     "fine clock (bpf_ktime_get_ns; default coarse, KPR_CLOCK_FINE=1)": ("-DKPR_CLOCK_FINE=1",),
-    "all four off (the build before issue 14's changes)": ("-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0",
-                                                           "-DKPR_CT_LOOKUP_BEFORE_WRITE=0", "-DKPR_CLOCK_FINE=1"),
+    "all off (as before issue 14's changes, with a fine clock and writes)": (
+        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
+        "-DKPR_CLOCK_FINE=1"),
+    "before issue 14 (KPR_NP_PREFILTER, KPR_NP_CARRY, KPR_NP_LAZY_SNAT_ADDR off)": (
+        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0"),
 }
 
 
@@ -425,13 +431,9 @@ def interleaved(lab: ProgLab, hook: str, jobs: Sequence[tuple[str, Case]], runs:
 def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stages: bool = True,
               switches: bool = True, out: Any = None) -> dict[str, str]:
     """Measure one hook's program; print the tables; return the summary lines by label."""
-    import sys
-
     out = out or sys.stdout
     pr = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     summary: dict[str, str] = {}
-    import os
-
     # one CPU throughout: the kernel's per-run figure then never spans a migration
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     with ProgLab(scales[0]) as lab:
@@ -513,7 +515,27 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
     return summary
 
 
-def uptime() -> str:
-    import subprocess
+def add_arguments(ap: Any) -> None:
+    """The BPF_PROG_TEST_RUN part's options, the same in both benchmarks."""
+    ap.add_argument("--runs", type=int, default=20000, help="BPF_PROG_TEST_RUN runs per case and method")
+    ap.add_argument("--prog-rounds", type=int, default=5, help="wrapper rounds per case, interleaved (median)")
+    ap.add_argument("--services", default="10,10000,50000", help="service counts; the first is the main table's")
+    ap.add_argument("--no-stages", action="store_true", help="skip the per-stage builds")
+    ap.add_argument("--no-switches", action="store_true", help="skip the optimisation switches")
 
+
+def run_from_args(hook: str, args: Any) -> dict[str, str]:
+    print(f"== {hook} nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {os.uname().release}); {uptime()}")
+    return run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
+                     stages=not args.no_stages, switches=not args.no_switches)
+
+
+def print_summary(summary: dict[str, str]) -> None:
+    """The summary lines the issue's goals are stated in, with the load, last."""
+    print(f"\n{uptime()}")
+    for line in summary.values():
+        print(line)
+
+
+def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

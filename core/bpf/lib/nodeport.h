@@ -116,6 +116,9 @@
 #ifndef KPR_NP_CARRY
 #define KPR_NP_CARRY 1 // 1: the service stage hands the backend it found to the forwarding stage (no second lookup)
 #endif
+#ifndef KPR_NP_LAZY_SNAT_ADDR
+#define KPR_NP_LAZY_SNAT_ADDR 1 // 1: the node address to SNAT to is looked up only when a flow's SNAT mapping is made
+#endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
 #endif
@@ -694,12 +697,14 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	KPR_NP_STOP(4);
 	rc = kpr_np_fib(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
 	KPR_NP_STOP(5);
+#if !KPR_NP_LAZY_SNAT_ADDR
 	nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
 			       pkt.t.family);
 	if (!nat) {
 		kpr_np_count(KPR_NP_ST_DROP_NO_SNAT_ADDR);
 		return CTX_DROP;
 	}
+#endif
 	if (st->created)
 		kpr_np_rev_create(&be->addr, be->port, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &pkt.t.daddr, pkt.t.dport, 0);
 #ifdef KPR_CTX_XDP
@@ -711,7 +716,21 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		kpr_np_count(KPR_NP_ST_DROP_NAT);
 		return CTX_DROP;
 	}
+#if KPR_NP_LAZY_SNAT_ADDR
+	// a flow past its first packet has its mapping: no device lookups for the address
+	m = kpr_snat_mapping(&pkt.t, (void *)0, 0, &err);
+	if (!m) {
+		nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
+				       pkt.t.family);
+		if (!nat) {
+			kpr_np_count(KPR_NP_ST_DROP_NO_SNAT_ADDR);
+			return CTX_DROP;
+		}
+		m = kpr_snat_mapping(&pkt.t, nat, 1, &err);
+	}
+#else
 	m = kpr_snat_mapping(&pkt.t, nat, 1, &err);
+#endif
 	if (!m) {
 		kpr_np_count(KPR_NP_ST_DROP_SNAT_PORT);
 		return CTX_DROP;

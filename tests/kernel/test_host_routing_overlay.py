@@ -20,7 +20,7 @@ from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, Servic
 from kpr.plugins.host_routing import datapath as D
 from kpr.testing.waiting import wait_for
 
-from host_routing_env import OVERLAY_DEV, OVERLAY_PODS, PORT, Rig, answers, client, delta, overlay_rig, stopping
+from host_routing_env import OVERLAY_DEV, OVERLAY_PODS, PORT, PY, Rig, answers, client, delta, overlay_rig, stopping
 from tc_nodeport_env import CLIENT, CLIENT6
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -121,3 +121,42 @@ def test_overlay_layout(hr: Rig, devices: tuple[str, ...], neigh: bool) -> None:
             assert d.get("redirect", 0) == 0, (what, d)
         if what == "ClusterIP":
             assert d.get("service_new", 0) >= 4 * N and d.get("service_revnat", 0) >= 8 * N, d
+
+
+# 2 MB through a pod's echo server and back: "<all back?> <bytes back>".
+BULK = r"""
+import socket, sys, threading
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+s.makefile("rb").readline()  # the server's greeting
+data, got = b"x" * 2_000_000, 0
+def read():
+    global got
+    while got < len(data):
+        d = s.recv(1 << 16)
+        if not d:
+            return
+        got += len(d)
+t = threading.Thread(target=read)
+t.start()
+s.sendall(data)
+t.join(30)
+print(got == len(data), got)
+"""
+
+
+def test_bulk_over_the_overlay_learns_the_path_mtu(hr: Rig) -> None:
+    """The pods keep MTU 1500 (tc_nodeport_env), above flannel.1's 1450: a segment too big for the
+    overlay, GSO or not, is left to the stack (pass_fib), whose ICMP teaches the pod the path MTU,
+    as without the plugin; the rest goes into the overlay by bpf_redirect_neigh. 2 MB each way,
+    IPv4 and IPv6."""
+    p = hr.start()
+    hr.source_pods(LOCAL)
+    wait_for(lambda: PODS[LOCAL][1] in p.plan.pods, what="node1's bridge pods learned from the source")
+    for addr in PODS[REMOTE]:
+        hr.topo.run(LOCAL, "ip route flush cache && ip -6 route flush cache")
+        before = hr.stats()
+        out = hr.topo.run(LOCAL, [PY, "-c", BULK, addr, str(PORT)], timeout=90)
+        assert out.stdout.split() == ["True", "2000000"], out.stdout
+        d = delta(before, hr.stats())
+        assert d.get("pass_fib", 0) >= 1 and d.get("redirect_neigh_overlay", 0) >= 10, (addr, d)
+        assert "mtu 1450" in hr.topo.run(LOCAL, ["ip", "route", "get", addr]).stdout, addr

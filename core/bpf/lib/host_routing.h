@@ -143,13 +143,12 @@ struct kpr_hr_dev {
 
 /* kpr_hr_nh value (key: union kpr_addr, a pod's address): the FIB's answer for a pod behind a
  * veth/netkit peer, so packets into it skip the FIB lookup. Only used while `ifindex` is still
- * the pod's (kpr_hr_pods) and the packet fits the device's MTU as the FIB's check has it (else
- * the FIB decides as before); the plugin empties the map on every sync, which follows every link and route
+ * the pod's (kpr_hr_pods) and the packet fits the device's MTU (else the FIB decides as before); the plugin empties the map on every sync, which follows every link and route
  * change (a new MTU, a device gone). With bpf_redirect_peer the MACs are the pod's to see, not
  * the kernel's to switch by; so the cache is for the peer helper only. */
 struct kpr_hr_nh {
 	__u32 ifindex;  // the pod's host-side device
-	__u32 max_len;  // the longest non-GSO packet the FIB lets through (MTU + Ethernet + VLAN); GSO ones all
+	__u32 max_len;  // the longest packet used with it (MTU + Ethernet + VLAN); longer ones (GSO) ask the FIB
 	__u8 dmac[6];   // the pod's MAC (the neighbour's)
 	__u8 smac[6];   // the host-side device's MAC
 };
@@ -319,6 +318,20 @@ static __always_inline int kpr_hr_dec_ttl(kpr_ctx_t *ctx, const struct kpr_pkt *
 	}
 }
 
+/* Whether a GSO packet's segments fit the MTU of `ifindex`, as the stack's forwarding checks
+ * (skb_gso_validate_network_len): the FIB lookup's own check lets every GSO packet through, and
+ * a segment too big for the device (a pod MTU above an overlay's, say) would leave fragmented
+ * or be dropped instead of the sender learning the path MTU from the stack's ICMP. */
+static __always_inline int kpr_hr_gso_fits(kpr_ctx_t *ctx, __u32 ifindex)
+{
+	__u32 mtu = 0;
+
+	if (!ctx->gso_size)
+		return 1;
+	// bpf_check_mtu(ctx, ifindex, &mtu_len, len_diff, BPF_MTU_CHK_SEGS): 0 when it fits
+	return ((long (*)(void *, __u32, __u32 *, __s32, __u64))BPF_FUNC_check_mtu)(ctx, ifindex, &mtu, 0, 1) == 0;
+}
+
 static __always_inline int kpr_hr_redirect_neigh(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
 {
 	struct bpf_redir_neigh nh = {};
@@ -365,8 +378,7 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 		struct kpr_hr_nh *nh = kpr_hr_nh.lookup(&k);
 
 		// what the FIB said last time, while it still holds (see struct kpr_hr_nh)
-		if (nh && nh->ifindex == pod->ifindex && nh->ifindex != ctx_ifindex(ctx) &&
-		    (ctx_len(ctx) <= nh->max_len || ctx->gso_size)) { // the FIB's is_skb_forwardable(): GSO fits
+		if (nh && nh->ifindex == pod->ifindex && nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len) {
 			if (kpr_hr_dec_ttl(ctx, pkt))
 				return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
 			if (kpr_hr_set_macs(ctx, nh->dmac, nh->smac))
@@ -384,6 +396,8 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 		return kpr_hr_pass(KPR_HR_ST_PASS_FIB);
 	oif = p.ifindex;
 	if (oif == ctx_ifindex(ctx) && !hairpin) // out of the device it came in on: the stack's (redirects, ICMP)
+		return kpr_hr_pass(KPR_HR_ST_PASS_FIB);
+	if (!kpr_hr_gso_fits(ctx, oif)) // the stack sends "fragmentation needed" (packet too big)
 		return kpr_hr_pass(KPR_HR_ST_PASS_FIB);
 	dev = kpr_hr_devs.lookup(&oif);
 	// decide first: a packet left to the stack must keep its TTL (the stack takes one off)

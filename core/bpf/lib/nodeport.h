@@ -58,6 +58,13 @@
 #include "lib/conntrack.h"
 #include "lib/nat.h"
 #include "lib/devkind.h"
+#include "lib/monitor.h"
+
+#ifdef KPR_CTX_SKB
+#define KPR_NP_MON_HOOK KPR_MON_HOOK_TC // `kpr monitor` events say which build saw the packet
+#else
+#define KPR_NP_MON_HOOK KPR_MON_HOOK_XDP
+#endif
 
 /* --- tunables ---------------------------------------------------------------------- */
 
@@ -733,6 +740,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 #endif
 	if (!m) {
 		kpr_np_count(KPR_NP_ST_DROP_SNAT_PORT);
+		kpr_mon_flow(KPR_MON_T_NAT_FULL, KPR_NP_MON_HOOK, KPR_MON_R_SNAT_NO_PORT, &pkt.t, 0, st->backend_id, be);
 		return CTX_DROP;
 	}
 	if (kpr_nat_snat(ctx, &pkt, &m->addr, m->port)) {
@@ -895,16 +903,20 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		return kpr_np_vip_guard(pkt);
 	if (!kpr_lb_src_allowed(svc, &pkt->t.saddr)) {
 		kpr_np_count(KPR_NP_ST_DROP_SRC_RANGE);
+		kpr_mon_flow(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_SOURCE_RANGE, &pkt->t, svc->rev_nat, 0, (void *)0);
 		return CTX_DROP;
 	}
 	if (svc->count == 0 && (svc->flags & KPR_SVC_F_LOCAL_SCOPE)) {
 		kpr_np_count(KPR_NP_ST_DROP_NO_LOCAL);
+		kpr_mon_flow(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_NO_LOCAL_BACKEND, &pkt->t, svc->rev_nat, 0, (void *)0);
 		return CTX_DROP;
 	}
 	kpr_lb_affinity_key_addr(&aff, svc, &pkt->t.saddr);
 	be = kpr_lb_pick(&key, svc, &pkt->t, &aff, &bid);
-	if (!be)
+	if (!be) {
+		kpr_mon_flow(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_NO_BACKEND, &pkt->t, svc->rev_nat, 0, (void *)0);
 		return kpr_np_tail(ctx, KPR_NP_CALL_NO_BACKEND);
+	}
 
 	flags = KPR_CT_F_NODE_PORT;
 	if (be->flags & KPR_BACKEND_F_LOCAL) {
@@ -920,8 +932,13 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		kpr_np_count(KPR_NP_ST_NEW_SNAT);
 	}
 	KPR_NP_STOP(2);
-	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, flags))
+	kpr_mon_flow(KPR_MON_T_NEW, KPR_NP_MON_HOOK,
+		     (flags & KPR_CT_F_LOCAL) ? KPR_MON_NEW_LOCAL : (flags & KPR_CT_F_DSR) ? KPR_MON_NEW_DSR : KPR_MON_NEW_SNAT,
+		     &pkt->t, svc->rev_nat, bid, be);
+	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, flags)) {
 		kpr_np_count(KPR_NP_ST_CT_FAILED);
+		kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt->t, svc->rev_nat, bid, be);
+	}
 	KPR_NP_STOP(3);
 	return kpr_np_dispatch(ctx, be, bid, flags, 1);
 }

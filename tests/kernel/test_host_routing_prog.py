@@ -24,8 +24,8 @@ from kpr.bpf import maps as M
 from kpr.plugins.host_routing import datapath as D
 from kpr.testing.prog_run import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, Case
 
-from host_routing_env import (CIP, CIP_EMPTY, FAR4, MAC_OUT, MAC_POD, MAC_VTEP, NODE4, OUT4, OUT6, POD4, POD6,
-                              REMOTE4, REMOTE6, Lab, prog_lab)
+from host_routing_env import (CIP, CIP_EMPTY, FAR4, MAC_OUT, MAC_POD, NODE4, OUT4, OUT6, POD4, POD6, REMOTE4,
+                              REMOTE6, Lab, prog_lab)
 
 pytestmark = pytest.mark.kernel
 

@@ -1,9 +1,10 @@
 """host_routing with other nodes' pods behind a vxlan overlay, as flannel vxlan lays them out
 (host_routing_env.overlay_rig: tc_nodeport_env's two nodes in their vxlan layout, node1's pods
 on cni0, node2's behind flannel.1): real traffic from the external client to a local pod, from
-a local pod to a remote pod over the overlay, and per-packet ClusterIP from a local pod to a
-backend on the remote node, IPv4 and IPv6, TCP and UDP, without the plugin and with it (the
-overlay left to discovery, or also listed as a device, and with bpf_redirect_neigh forced off).
+a local pod to a remote pod over the overlay and back, and per-packet ClusterIP from a local pod
+to a backend on the remote node, IPv4 and IPv6, TCP and UDP, without the plugin and with it
+(the overlay left to discovery, or also listed as a device, and with bpf_redirect_neigh forced
+off).
 The counters prove what carried the packets: into the bridge by bpf_redirect, into the overlay
 by bpf_redirect_neigh (`redirect_neigh_overlay`) or the stack, never bpf_redirect_peer.
 """
@@ -121,6 +122,14 @@ def test_overlay_layout(hr: Rig, devices: tuple[str, ...], neigh: bool) -> None:
             assert d.get("redirect", 0) == 0, (what, d)
         if what == "ClusterIP":
             assert d.get("service_new", 0) >= 4 * N and d.get("service_revnat", 0) >= 8 * N, d
+
+    # a remote pod to a local pod: decapsulated on flannel.1, then into the bridge by bpf_redirect
+    # where the program is on flannel.1 (else by the stack); the replies into the overlay as above
+    before = hr.stats()
+    assert traffic(hr, PODS[LOCAL], PORT, REMOTE) == seen_by(LOCAL, REMOTE)
+    d = delta(before, hr.stats())
+    assert d.get("redirect_peer", 0) == 0 and d.get("redirect_neigh", 0) == 0, d
+    assert (d.get("redirect", 0) >= 8 * N) == listed and (d.get("redirect_neigh_overlay", 0) >= 8 * N) == neigh, d
 
 
 # 2 MB through a pod's echo server and back: "<all back?> <bytes back>".

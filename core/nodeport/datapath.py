@@ -110,6 +110,7 @@ STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"
 OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP)
 # kpr_np_ports (lib/nodeport.h): 64 ports per word, TCP words then UDP words, then the armed word.
 PORTS_ARMED = 2048
+VIP_BITS = PORTS_ARMED + 1  # then 1024 words: a bit per announced address at vip_hash()
 _PORT_PROTO_BASE = {6: 0, 17: 1024}
 
 # --- struct packers ("=" native order, no padding; ports as stored, network order) ---------
@@ -128,6 +129,22 @@ REV_F_DSR, REV_F_CLOSING = 1, 2
 SNAT_PORT_MIN, SNAT_PORT_MAX = 61000, 65535  # lib/nat.h's defaults of KPR_SNAT_PORT_MIN/MAX
 
 _ZERO16 = bytes(16)
+
+
+def vip_hash(addr16: bytes) -> int:
+    """lib/nodeport.h kpr_np_vip_hash(): the 32-bit words as the program loads them (native order)."""
+    w0, w1, w2, w3 = struct.unpack("=4I", addr16)
+    h = w0 ^ w1 ^ w2 ^ w3
+    return (h ^ (h >> 16)) & 0xFFFF
+
+
+def _vip_words(addresses: Iterable[bytes]) -> dict[int, int]:
+    """kpr_np_ports words with the bits of these announced addresses set."""
+    words: dict[int, int] = {}
+    for a in addresses:
+        h = vip_hash(a)
+        words[VIP_BITS + (h >> 6)] = words.get(VIP_BITS + (h >> 6), 0) | 1 << (h & 63)
+    return words
 
 
 @dataclass(frozen=True)
@@ -355,29 +372,44 @@ class Datapath:
         self._sync(self.maps[NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
 
     def set_vips(self, addresses: Iterable[str]) -> None:
-        self._sync(self.maps[VIP_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
+        """kpr_np_vip, and the announced-address bits of kpr_np_ports the early exit tests first:
+        a bit is set before its address is added and cleared after it is removed."""
+        want = {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses}
+        m = self.maps[VIP_MAP]
+        self._set_words(VIP_BITS, 1024, _vip_words(set(want) | set(m.keys())))
+        self._sync(m, want)
+        self._set_words(VIP_BITS, 1024, _vip_words(want))
 
     def set_frontend_ports(self, ports: Iterable[tuple[int, int]], *, keep: bool = False) -> None:
         """kpr_np_ports: every (port, protocol number) of a frontend reached from outside, as the
         bitmap the programs' fast exit tests; then armed (before, nothing exits early). `keep`
         adds to the ports already there instead of replacing them."""
-        m = self.maps[PORTS_MAP]
-        have = dict(m.items())
-        words = [0] * PORTS_ARMED
+        words: dict[int, int] = {}
         if keep:
-            for k, v in have.items():
+            for k, v in self.maps[PORTS_MAP].items():
                 i = M.U32.unpack(k)[0]
                 if i < PORTS_ARMED:
                     words[i] = struct.unpack("=Q", v)[0]
         for port, proto in ports:
             base = _PORT_PROTO_BASE.get(proto)
             if base is not None:
-                words[base | port >> 6] |= 1 << (port & 63)
-        want = {M.U32.pack(i): struct.pack("=Q", w) for i, w in enumerate(words)}
-        up = {k: v for k, v in want.items() if have.get(k) != v}
+                i = base | port >> 6
+                words[i] = words.get(i, 0) | 1 << (port & 63)
+        self._set_words(0, PORTS_ARMED, words)
+        self._set_words(PORTS_ARMED, 1, {PORTS_ARMED: 1})
+
+    def _set_words(self, first: int, count: int, words: Mapping[int, int]) -> None:
+        """kpr_np_ports words first..first+count as given (absent: zero), where they differ. A map
+        pinned by a build with fewer words keeps them absent (its programs then look up)."""
+        m = self.maps[PORTS_MAP]
+        have = dict(m.items())
+        up = {}
+        for i in range(first, min(first + count, m.info().max_entries)):
+            k, v = M.U32.pack(i), struct.pack("=Q", words.get(i, 0))
+            if have.get(k) != v:
+                up[k] = v
         if up:
             m.update_many(list(up), list(up.values()))
-        m.update(M.U32.pack(PORTS_ARMED), struct.pack("=Q", 1))
 
     def set_modes(self, modes: Mapping[tuple[str, int, int], str]) -> None:
         """kpr_np_fe: (address, port, protocol number) -> mode, for frontends overriding the default."""

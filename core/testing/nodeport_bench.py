@@ -525,6 +525,10 @@ def add_arguments(ap: Any) -> None:
 
 
 def run_from_args(hook: str, args: Any) -> dict[str, str]:
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C: the lab's namespaces and pins are removed on the way out
+    signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))
     print(f"== {hook} nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {os.uname().release}); {uptime()}")
     return run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
                      stages=not args.no_stages, switches=not args.no_switches)

@@ -279,9 +279,12 @@ BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_nodeaddr, KPR_NP_NODEADDR
 BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, KPR_PIN(kpr_np_dev));
 /* Frontend ports (kpr_np_ports, written by the agent from every external frontend): bit
  * (port & 63) of word (proto index << 10 | port >> 6), TCP index 0, UDP 1; word
- * KPR_NP_PORTS_ARMED is non-zero once the agent wrote them all (until then nothing exits early). */
+ * KPR_NP_PORTS_ARMED is non-zero once the agent wrote them all (until then nothing exits early).
+ * The 1024 words from KPR_NP_VIP_BITS hold a bit per announced address (kpr_np_vip), at
+ * kpr_np_vip_hash(): a clear bit spares the early exit the announced-address lookup. */
 #define KPR_NP_PORTS_ARMED 2048
-BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_PORTS_ARMED + 1, KPR_PIN(kpr_np_ports));
+#define KPR_NP_VIP_BITS (KPR_NP_PORTS_ARMED + 1)
+BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_VIP_BITS + 1024, KPR_PIN(kpr_np_ports));
 // What each device is (ifindex -> KPR_DEV_*), for the forwarding helper it allows.
 BPF_TABLE_PINNED("hash", __u32, __u32, kpr_np_devkind, KPR_NP_DEVKIND_MAX, KPR_PIN(kpr_np_devkind));
 // Counters, per CPU (KPR_NP_ST_*).
@@ -365,6 +368,23 @@ static __always_inline int kpr_np_port_served(const struct kpr_tuple *t)
 	k = (t->proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
 	w = kpr_np_ports.lookup(&k);
 	return !w || ((*w >> (port & 63)) & 1);
+}
+
+// 16-bit hash of an address for the announced-address bits (kpr.nodeport.datapath.vip_hash mirrors it).
+static __always_inline __u32 kpr_np_vip_hash(const union kpr_addr *a)
+{
+	__u32 h = a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3];
+
+	return (h ^ (h >> 16)) & 0xffff;
+}
+
+// Whether the address may be an announced one (its bit is set, or the bits are not there).
+static __always_inline int kpr_np_maybe_vip(const union kpr_addr *a)
+{
+	__u32 h = kpr_np_vip_hash(a), k = KPR_NP_VIP_BITS + (h >> 6);
+	__u64 *w = kpr_np_ports.lookup(&k);
+
+	return !w || ((*w >> (h & 63)) & 1);
 }
 
 static __always_inline int kpr_np_icmp_allowed(void)
@@ -1192,7 +1212,7 @@ static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 	// the fast exit: no conntrack or service lookups for a port no frontend has (replies to
 	// source-NATed flows, DSR headers and ICMP errors took their paths above)
 	if (!kpr_np_port_served(&pkt.t))
-		return kpr_np_vip_guard(&pkt);
+		return kpr_np_maybe_vip(&pkt.t.daddr) ? kpr_np_vip_guard(&pkt) : KPR_NP_PASS;
 #endif
 	return kpr_np_lb(ctx, &pkt);
 }

@@ -92,13 +92,14 @@ def lost(pin: Path) -> int:
         return MonCfg.from_buffer_copy(cfg.lookup(M.U32.pack(0))).lost
 
 
-def tc_path(runs: int, rounds: int) -> None:
+def tc_path(runs: int, rounds: int, reps: int) -> None:
     from kpr.testing import nodeport_bench as NB
 
     if "lib/monitor.h" not in (Path(NB.__file__).resolve().parents[1] / "bpf" / "lib" / "nodeport.h").read_text():
         print("== tc path: lib/nodeport.h emits no monitor events in this tree: skipped")
         return
-    print(f"== monitor on the tc NodePort program: {runs} runs x {rounds} rounds per figure")
+    print(f"== monitor on the tc NodePort program: {runs} runs x {rounds} rounds per measurement, medians of "
+          f"{reps} repetitions in rotating order")
     with NB.ProgLab(2) as lab:
         lab.load("tc", "default")
         lab.load("tc", "without", ["-DKPR_MON=0"])
@@ -106,29 +107,42 @@ def tc_path(runs: int, rounds: int) -> None:
         print(f"  {'case / monitor':62s} {'wrapper':>8s} {'above bare':>10s} {'repeat=1':>9s} {'x bare':>7s}")
         print(f"  {'bare':62s} {b.wrapper:8.1f} {'':>10s} {b.single:9.1f}")
         wanted = {"new flow, local backend", "established, remote backend (SNAT)"}
-        for case in [c for c in NB.cases(lab, "tc") if c.name in wanted]:
-            rows = []
-            rows.append(("without the monitor (KPR_MON=0)", NB.measure(lab, "tc", "without", case, runs, rounds)))
-            set_listeners(lab.pin, 0)
-            rows.append(("monitor off", NB.measure(lab, "tc", "default", case, runs, rounds)))
-            set_listeners(lab.pin, 1)
-            rows.append(("monitor on, nobody reading", NB.measure(lab, "tc", "default", case, runs, rounds)))
-            set_listeners(lab.pin, 0)
+        labels = ("without the monitor (KPR_MON=0)", "monitor off", "monitor on, nobody reading", "monitor on, with a reader")
+
+        def one(label: str, case: NB.Case) -> NB.Measured:
+            if label == labels[0]:
+                return NB.measure(lab, "tc", "without", case, runs, rounds)
+            if label != labels[3]:
+                set_listeners(lab.pin, 1 if label == labels[2] else 0)
+                try:
+                    return NB.measure(lab, "tc", "default", case, runs, rounds)
+                finally:
+                    set_listeners(lab.pin, 0)
             with Monitor(lab.pin) as m:
                 stop = threading.Event()
                 t = threading.Thread(target=lambda: [m.poll(50) for _ in iter(stop.is_set, True)])
                 t.start()
                 try:
-                    rows.append(("monitor on, with a reader", NB.measure(lab, "tc", "default", case, runs, rounds)))
+                    return NB.measure(lab, "tc", "default", case, runs, rounds)
                 finally:
                     stop.set()
                     t.join()
-            for label, r in rows:
-                print(f"  {case.name + ', ' + label:62s} {r.wrapper:8.1f} {r.wrapper - b.wrapper:10.1f} {r.single:9.1f} "
-                      f"{r.single / b.single:7.2f}  {NB.proof(r, case, 'tc')}")
-            spread = rows[0][1].wrapper_ns
-            print(f"    off vs without: {rows[1][1].wrapper - rows[0][1].wrapper:+.1f} ns (wrapper); rounds of the build "
-                  f"without: {min(spread):.1f}-{max(spread):.1f}")
+
+        for case in [c for c in NB.cases(lab, "tc") if c.name in wanted]:
+            got: dict[str, list[NB.Measured]] = {label: [] for label in labels}
+            for rep in range(reps):  # the order turns each repetition: no variant always goes first
+                for label in labels[rep % 4:] + labels[: rep % 4]:
+                    got[label].append(one(label, case))
+            med = {label: (statistics.median(m.wrapper for m in ms), statistics.median(m.single for m in ms))
+                   for label, ms in got.items()}
+            for label in labels:
+                w, single = med[label]
+                print(f"  {case.name + ', ' + label:62s} {w:8.1f} {w - b.wrapper:10.1f} {single:9.1f} "
+                      f"{single / b.single:7.2f}  {NB.proof(got[label][-1], case, 'tc')}")
+            ref = [m.wrapper for m in got[labels[0]]]
+            print(f"    off vs without: {med[labels[1]][0] - med[labels[0]][0]:+.1f} ns (wrapper), "
+                  f"{med[labels[1]][1] / med[labels[0]][1]:.3f}x (repeat=1); the build without across "
+                  f"repetitions: {min(ref):.1f}-{max(ref):.1f} ns")
         print(f"  events lost (ring full while unread): {lost(lab.pin)}")
 
 
@@ -136,7 +150,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20000, help="test runs per variant per round")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--tc-runs", type=int, default=20000, help="runs per figure on the tc path (0: skip it)")
+    ap.add_argument("--tc-runs", type=int, default=20000, help="runs per measurement on the tc path (0: skip it)")
+    ap.add_argument("--tc-reps", type=int, default=4, help="repetitions of each tc variant (order rotated)")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
@@ -219,7 +234,7 @@ def main() -> int:
     print(f"  off switch: {off:+.1f} ns vs the build without the monitor: {verdict}")
     print(f"  events: {delivered} read by the reader; {lost_events} found the ring full (the unread rounds)")
     if args.tc_runs:
-        tc_path(args.tc_runs, args.rounds)
+        tc_path(args.tc_runs, args.rounds, args.tc_reps)
     return 0
 
 

@@ -263,3 +263,14 @@ def test_without_via_the_nodeport_device(env: Cluster) -> None:
     env.apply(_svc("autovia", 30097, "p1a", proto=TCP))
     r = run_explain(env.pins["node1"], parse_target(f"{N1}:30097"), source=CLIENT, sport=999)
     assert r["hook"] == "tc on eth0" and _pod_of(r["backend"]) == "p1a"
+
+
+def test_host_port(env: Cluster) -> None:
+    def make(node: str) -> Service:
+        fe = Frontend(FrontendType.HOST_PORT, NODES[node]["addr"], 8088, TCP, backends(node, "p1b"))
+        return Service(ServiceKey("default", "hostport"), (fe,))
+
+    env.apply(make)
+    r = _explain(env, f"{N1}:8088", CLIENT, 777)
+    assert r["service"]["type"] == "HostPort" and _pod_of(r["backend"]) == "p1b"
+    assert name_and_peer(client(env.topo, "tcp", N1, 8088, 1))[0][0] == "p1b"

@@ -211,6 +211,9 @@ class ProgLab:
         dp.set_node_addresses([NODE4])
         dp.set_vips([VIP] + [ip4(FILLER_BASE + i) for i in range(self.fillers)])
         dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])  # as the agent does (arms the fast exit)
+        # the wrapper is compiled here, outside the lab's namespace: compiled inside it, later
+        # test runs of the thread failed with ENODEV (the thread had left the namespace)
+        self.wrapper(hook)
         return dp
 
     def entry(self, hook: str, name: str) -> int:

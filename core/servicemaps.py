@@ -1229,6 +1229,12 @@ class ServiceMapWriter:
             for g in new.values():
                 if g.srcrange:
                     sr_del -= g.srcrange
+        if strays:
+            # Nor a stray: a hand-edited slot 0 can give its frontend another rev-NAT index at
+            # reload, leaving the frontend's own kpr_revnat entry looking like nobody's.
+            self._stray["kpr_revnat"] -= {M.U32.pack(g.rev_nat) for g in new.values() if g.revnat}
+            self._stray["kpr_maglev"] -= {pack_mg(g.rev_nat, sc) for g in new.values() for sc in g.maglev}
+            self._stray["kpr_srcrange"] -= {k for g in new.values() for k in g.srcrange}
 
         mp = self.maps
         # Where the change would not fit beside what it replaces, everything that goes is

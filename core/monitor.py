@@ -291,6 +291,14 @@ class Monitor:
         raw, self._pending = self._pending, []
         return [Event.decode(r) for r in raw]
 
+    def collect(self, n: int, timeout: float = 10.0) -> list[Event]:
+        """Poll until at least n events arrived or `timeout` seconds passed."""
+        got: list[Event] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            got.extend(self.poll(100))
+        return got
+
     def close(self) -> None:
         if self._cfg is not None:
             try:

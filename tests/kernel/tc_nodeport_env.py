@@ -612,3 +612,28 @@ def nodeport_restart_rig(name: str = "kpr-np-restart", *, keep_attached: bool = 
             yield rig
         finally:
             rig.kill()
+
+
+def on_node_address(name: str, port: int, *pods: str, proto: Protocol = UDP, type_: FrontendType = NP,
+                    annotations: tuple = (), **fe: Any) -> ServiceFactory:
+    """A service with one frontend on each node's own address (fe: Frontend's other fields,
+    e.g. external_local, source_ranges, affinity_timeout)."""
+
+    def make(node: str) -> Service:
+        f = Frontend(type_, NODES[node]["addr"], port, proto, backends(node, *pods), **fe)
+        return Service(ServiceKey("default", name), (f,), annotations=annotations)
+
+    return make
+
+
+@contextlib.contextmanager
+def one_device_cluster() -> Iterator[Cluster]:
+    """cluster() with node1 on eth0 only, skipped (with the reason) where kernel tests cannot run."""
+    import pytest
+
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    with cluster(second_device=False) as c:
+        yield c

@@ -26,7 +26,7 @@ from kpr.readback import DatapathMaps, differences
 from kpr.servicemaps import ALGORITHM_ANNOTATION
 from kpr.testing.prog_run import test_run
 
-from tc_nodeport_env import CLIENT, NODES, PODS, PY, Cluster, backends, client, cluster, name_and_peer
+from tc_nodeport_env import CLIENT, NODES, PODS, PY, Cluster, backends, client, name_and_peer, on_node_address, one_device_cluster
 
 pytestmark = pytest.mark.kernel
 
@@ -92,11 +92,7 @@ def test_flow_hash_equals_the_programs() -> None:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Cluster]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
-    with cluster(second_device=False) as c:
+    with one_device_cluster() as c:
         yield c
 
 
@@ -107,14 +103,8 @@ def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
         request.getfixturevalue("env").clear()
 
 
-def _svc(name: str, port: int, *pods: str, proto: Protocol = UDP, maglev: bool = False, **fe: object):
-    ann = ((ALGORITHM_ANNOTATION, "maglev"),) if maglev else ()
-
-    def make(node: str) -> Service:
-        f = Frontend(NP, NODES[node]["addr"], port, proto, backends(node, *pods), **fe)
-        return Service(ServiceKey("default", name), (f,), annotations=ann)
-
-    return make
+def _svc(name: str, port: int, *pods: str, maglev: bool = False, **kw: object):
+    return on_node_address(name, port, *pods, annotations=((ALGORITHM_ANNOTATION, "maglev"),) if maglev else (), **kw)
 
 
 def _explain(env: Cluster, target: str, src: str | None = None, sport: int | None = None) -> dict:
@@ -223,7 +213,7 @@ def test_maps_read_back_equal_the_desired_state_after_churn(env: Cluster) -> Non
     assert d["count"] == 1 and d["maps"] == {"kpr_svc": 1}
     assert f"{fe.address}:{fe.port}/UDP external slot 0: kernel value" in d["first"][0]
     w.check()
-    assert differences(w)["count"] == 0
+    assert differences(w)["count"] == 0, differences(w)
 
 
 def test_load_balancer_and_wildcard_node_port(env: Cluster) -> None:
@@ -266,11 +256,7 @@ def test_without_via_the_nodeport_device(env: Cluster) -> None:
 
 
 def test_host_port(env: Cluster) -> None:
-    def make(node: str) -> Service:
-        fe = Frontend(FrontendType.HOST_PORT, NODES[node]["addr"], 8088, TCP, backends(node, "p1b"))
-        return Service(ServiceKey("default", "hostport"), (fe,))
-
-    env.apply(make)
+    env.apply(on_node_address("hostport", 8088, "p1b", proto=TCP, type_=FrontendType.HOST_PORT))
     r = _explain(env, f"{N1}:8088", CLIENT, 777)
     assert r["service"]["type"] == "HostPort" and _pod_of(r["backend"]) == "p1b"
     assert name_and_peer(client(env.topo, "tcp", N1, 8088, 1))[0][0] == "p1b"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kpr.model import FrontendType, Protocol
-from kpr.monitor import Event, EventFilter, Monitor
+from kpr.monitor import EventFilter, Monitor
 
 from socklb_env import (
     PODS,
@@ -31,14 +31,6 @@ IP = {name: v4 for name, (v4, _) in PODS.items()}
 
 
 
-def _collect(m: Monitor, n: int, timeout: float = 10.0) -> list[Event]:
-    got: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        got.extend(m.poll(100))
-    return got
-
-
 def test_events_of_a_scripted_sequence_in_order(env: Env) -> None:
     env.apply(service("mon-a", [(CIP, "10.96.3.10", 80)], [be("be1")], protocols=(TCP,)))
     env.apply(service("mon-b", [(CIP, "10.96.3.11", 80)], [], protocols=(TCP,)))
@@ -47,7 +39,7 @@ def test_events_of_a_scripted_sequence_in_order(env: Env) -> None:
         assert answers(env.client("tcp", "10.96.3.10", 80, 1)) == ["be1"]
         assert [r.get("error") for r in env.client("tcp", "10.96.3.11", 80, 1)] == ["ECONNREFUSED"]
         assert answers(env.client("tcp", "10.96.3.12", 80, 1)) == ["be3"]
-        events = _collect(m, 3)
+        events = m.collect(3)
     got = [(e.type, e.hook, e.reason, e.frontend, e.backend) for e in events]
     assert got == [
         ("new", "socket", "socket", "10.96.3.10:80", f"{IP['be1']}:8080"),
@@ -62,12 +54,12 @@ def test_nothing_is_emitted_while_nobody_listens(env: Env) -> None:
     env.apply(service("mon-off", [(CIP, "10.96.3.20", 80)], [be("be2")], protocols=(TCP,)))
     with Monitor(env.pin) as m:
         assert answers(env.client("tcp", "10.96.3.20", 80, 1)) == ["be2"]
-        assert len(_collect(m, 1)) == 1  # the set-up emits when someone listens
+        assert len(m.collect(1)) == 1  # the set-up emits when someone listens
     assert answers(env.client("tcp", "10.96.3.20", 80, 5)) == ["be2"] * 5  # nobody listens
     with Monitor(env.pin) as m:
         assert m.poll(300) == [], "events were emitted with the flag off"
         assert answers(env.client("tcp", "10.96.3.20", 80, 1)) == ["be2"]
-        assert len(_collect(m, 1)) == 1
+        assert len(m.collect(1)) == 1
 
 
 def test_type_filter_in_the_programs_and_sampling(env: Env) -> None:
@@ -77,7 +69,7 @@ def test_type_filter_in_the_programs_and_sampling(env: Env) -> None:
     with Monitor(env.pin, types=keep.type_mask()) as m:
         env.client("tcp", "10.96.3.30", 80, 3)
         env.client("tcp", "10.96.3.31", 80, 2)
-        events = _collect(m, 2) + m.poll(300)
+        events = m.collect(2) + m.poll(300)
     assert [(e.type, e.reason) for e in events] == [("refuse", "no_backend")] * 2
     with Monitor(env.pin, sample=1000) as m:
         env.client("tcp", "10.96.3.30", 80, 20)

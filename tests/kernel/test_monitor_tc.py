@@ -4,46 +4,24 @@ translated and the drop counters' reasons."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
-from kpr.monitor import Event, Monitor
+from kpr.monitor import Monitor
 
-from tc_nodeport_env import CLIENT, NODES, PODS, Cluster, backends, client, cluster
+from tc_nodeport_env import CLIENT, NODES, PODS, Cluster, client, one_device_cluster
+from tc_nodeport_env import on_node_address as _svc
 
 pytestmark = pytest.mark.kernel
 
-NP = FrontendType.NODE_PORT
-UDP = Protocol.UDP
 N1 = NODES["node1"]["addr"]
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Cluster]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
-    with cluster(second_device=False) as c:
+    with one_device_cluster() as c:
         yield c
-
-
-def _svc(name: str, port: int, *pods: str, **fe: object):
-    def make(node: str) -> Service:
-        return Service(ServiceKey("default", name), (Frontend(NP, NODES[node]["addr"], port, UDP, backends(node, *pods), **fe),))
-
-    return make
-
-
-def _collect(m: Monitor, n: int, timeout: float = 10.0) -> list[Event]:
-    got: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        got.extend(m.poll(100))
-    return got
 
 
 def test_new_flows_and_drops_in_order(env: Cluster) -> None:
@@ -55,7 +33,7 @@ def test_new_flows_and_drops_in_order(env: Cluster) -> None:
     with Monitor(env.pins["node1"]) as m:
         for port, sport in ((30200, 5000), (30201, 5001), (30202, 5002), (30203, 5003), (30204, 5004)):
             client(env.topo, "udp", N1, port, 1, f"sport={sport}", "timeout=0.3")
-        events = _collect(m, 5)
+        events = m.collect(5)
         events += m.poll(200)
     p1a, p2a = PODS["p1a"][1], PODS["p2a"][1]
     got = [(e.type, e.hook, e.reason, e.client, e.frontend, e.backend) for e in events]

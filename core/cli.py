@@ -206,11 +206,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import ExplainError, explain, parse_endpoint, parse_target, render
 
     try:
-        target = parse_target(args.target)
+        via = list(args.via or [])
+        text = args.target
+        # `--via socket ADDR:PORT`: argparse hands the target to --via (nargs="+"); take it back.
+        if text is None and via and via[-1] not in ("socket", "device") and (len(via) > 2 or via[0] == "socket"):
+            text = via.pop()
+        if text is None:
+            raise ExplainError("the address to explain is missing: kpr explain ADDR:PORT[/PROTO]")
+        target = parse_target(text)
         source = sport = None
         if args.source:
             source, sport = parse_endpoint(args.source, port_required=False)
-        via = args.via or []
         if via and via[0] == "device":
             if len(via) != 2:
                 raise ExplainError("--via device needs the device name: --via device eth0")
@@ -343,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--verbose", "-v", action="store_true", help="every counter of every plugin")
         s.set_defaults(fn=fn)
     s = sub.add_parser("explain", parents=[common], help="what the data path does with a connection, from the live maps")
-    s.add_argument("target", metavar="ADDR:PORT[/PROTO]", help="the address dialled ([ADDR6]:PORT for IPv6; TCP by default)")
+    s.add_argument("target", nargs="?", metavar="ADDR:PORT[/PROTO]", help="the address dialled ([ADDR6]:PORT for IPv6; TCP by default)")
     s.add_argument("--from", dest="source", metavar="SRC[:PORT]", help="the client's address and source port")
     s.add_argument("--via", nargs="+", metavar="socket|device NAME", help="the hook: the socket hooks, or tc/XDP on a device (default: the socket hooks for a ClusterIP when socklb runs, else the first device with kpr's NodePort programs)")
     s.add_argument("--pin-path", help="bpffs directory of the maps (default: bpf.pinPath from the config)")

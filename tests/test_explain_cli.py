@@ -35,6 +35,13 @@ def test_explain_bad_via_and_missing_maps(tmp_path, capsys) -> None:
     assert "needs the device name" in capsys.readouterr().err
     assert cli.main(["explain", "10.0.0.1:80", "--pin-path", str(tmp_path)]) == 1
     assert "no kpr service maps under" in capsys.readouterr().err
+    # --via before the address: the address is still the target, not a device name
+    assert cli.main(["explain", "--pin-path", str(tmp_path), "--via", "socket", "10.0.0.1:80"]) == 1
+    assert "no kpr service maps under" in capsys.readouterr().err
+    assert cli.main(["explain", "--pin-path", str(tmp_path), "--via", "device", "eth0", "10.0.0.1:80"]) == 1
+    assert "no kpr service maps under" in capsys.readouterr().err
+    assert cli.main(["explain", "--pin-path", str(tmp_path), "--via", "device", "eth0"]) == 2
+    assert "the address to explain is missing" in capsys.readouterr().err
 
 
 def test_drop_reasons_are_the_counter_names() -> None:

@@ -6,17 +6,23 @@ The event types, hooks and reasons are read from lib/monitor.h's #defines (one d
 listens, and lowers it on close. The ring buffer is read through libbpf's ring_buffer API.
 
 Filtering by type and sampling are done in the programs (kpr_mon_cfg.types, .sample) for the
-first listener; filters by service, address and reason are applied here.
+only listener; filters by service, address and reason are applied here. Listeners register
+as files under registry_dir(), so one killed with SIGKILL stops counting at the next start or
+stop of another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import hashlib
 import ipaddress
 import json
 import logging
+import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +38,13 @@ __all__ = ["Event", "EventFilter", "MonEvent", "Monitor", "MonitorError", "TYPES
 
 MONITOR_H = BPF_DIR / "lib" / "monitor.h"
 CFG_MAP, RING_MAP = "kpr_mon_cfg", "kpr_mon_ring"
+# Running monitors register here (one directory per pin path), so a killed one is noticed:
+# under the agent's runtime directory where there is one, else under /tmp.
+RUN_DIR = Path("/run/kpr")
+
+
+def registry_dir() -> Path:
+    return RUN_DIR / "monitor" if RUN_DIR.is_dir() else Path(tempfile.gettempdir()) / "kpr-monitor"
 
 
 def _defines(prefix: str, header: Path = MONITOR_H) -> dict[int, str]:
@@ -224,13 +237,20 @@ class Monitor:
     """A listener on the programs' events under `pin_path` (use `with`)."""
 
     pin_path: Path
-    types: int = 0  # kpr_mon_cfg.types when this is the first listener
+    types: int = 0  # kpr_mon_cfg.types when this is the only listener
     sample: int = 1
+    # Where listeners register (see _listeners); by default one directory per pin path.
+    registry: Path = Path()
     _cfg: M.BpfMap | None = None
     _ring: M.BpfMap | None = None
     _rb: int | None = None
     _pending: list[bytes] = field(default_factory=list)
     _cb: Any = None
+
+    def __post_init__(self) -> None:
+        if self.registry == Path():
+            tag = hashlib.blake2b(str(Path(self.pin_path).resolve()).encode(), digest_size=6).hexdigest()
+            self.registry = registry_dir() / tag
 
     def open(self) -> "Monitor":
         pin = Path(self.pin_path)
@@ -257,23 +277,45 @@ class Monitor:
             self.close()
             raise MonitorError(f"ring_buffer__new on {pin / RING_MAP}: {errno.errorcode.get(err, err)}")
         self._rb = rb
-        self._listen(+1)
+        self._listen(True)
         return self
 
-    def _listen(self, delta: int) -> None:
-        """Count this listener in kpr_mon_cfg.on (the programs' off switch). The first one
-        sets the type mask and sampling; later ones widen to every type, unsampled."""
+    def _listeners(self, mine: bool) -> int:
+        """Listeners alive: one file per monitor in `registry` named "<pid>-<n>"; files of
+        processes that are gone (a monitor killed with SIGKILL) are removed, so a dead
+        listener keeps the programs emitting only until the next monitor starts or stops."""
+        reg = self.registry
+        reg.mkdir(parents=True, exist_ok=True, mode=0o700)
+        own = reg / f"{os.getpid()}-{id(self)}"
+        if mine:
+            own.touch()
+        else:
+            own.unlink(missing_ok=True)
+        alive = 0
+        for f in reg.iterdir():
+            pid = f.name.split("-", 1)[0]
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                alive += 1
+            else:
+                f.unlink(missing_ok=True)
+        if not alive:
+            with contextlib.suppress(OSError):
+                reg.rmdir()
+                reg.parent.rmdir()  # the last pin path's registry: nothing left behind
+        return alive
+
+    def _listen(self, mine: bool) -> None:
+        """Set kpr_mon_cfg.on (the programs' off switch) to the listeners alive. Alone, this
+        monitor sets the type mask and sampling; with others, every type, unsampled."""
         assert self._cfg is not None
         key = M.U32.pack(0)
         raw = self._cfg.lookup(key)
         cfg = MonCfg.from_buffer_copy(raw) if raw else MonCfg()
-        was = cfg.on
-        cfg.on = max(0, was + delta)
-        if delta > 0:
-            if was == 0:
-                cfg.types, cfg.sample = self.types, self.sample
-            else:
-                cfg.types, cfg.sample = 0, 1
+        cfg.on = self._listeners(mine)
+        if cfg.on == 1 and mine:
+            cfg.types, cfg.sample = self.types, self.sample
+        elif cfg.on > 1:
+            cfg.types, cfg.sample = 0, 1
         self._cfg.update(key, bytes(cfg))
         log.debug("event=monitor_listeners on=%d types=%#x sample=%d", cfg.on, cfg.types, cfg.sample)
 
@@ -303,7 +345,7 @@ class Monitor:
         if self._cfg is not None:
             try:
                 if self._rb is not None:
-                    self._listen(-1)
+                    self._listen(False)
             except OSError as e:  # the maps went away (cleanup): nothing to lower
                 log.debug("event=monitor_close_failed error=%s", e)
         if self._rb is not None:

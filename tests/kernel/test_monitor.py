@@ -102,3 +102,23 @@ def test_cli_json_lines_with_filters(env: Env) -> None:
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 2 and all(r["frontend"] == "10.96.3.41:80" and r["reason"] == "no_backend" for r in rows), rows
     assert all(r["type"] == "refuse" and r["hook"] == "socket" and r["protocol"] == "TCP" for r in rows)
+
+
+def test_a_killed_listener_stops_counting(env: Env, tmp_path) -> None:
+    from kpr.bpf import maps as M
+    from kpr.monitor import MonCfg
+
+    def on() -> int:
+        with M.BpfMap.open_pinned(env.pin / "kpr_mon_cfg") as cfg:
+            return MonCfg.from_buffer_copy(cfg.lookup(M.U32.pack(0))).on
+
+    reg = tmp_path / "listeners"
+    killed = subprocess.Popen(["sleep", "60"])
+    with Monitor(env.pin, registry=reg):
+        (reg / f"{killed.pid}-1").touch()  # a second monitor, as it registers...
+        killed.kill()  # ... then SIGKILL: it never lowers the flag
+        killed.wait()
+        with Monitor(env.pin, registry=reg):
+            assert on() == 2  # the dead one is no longer counted
+        assert on() == 1
+    assert on() == 0 and not reg.exists()

@@ -83,17 +83,31 @@ def _writer(agent: "Agent") -> Any:
     return next((h.plugin for h in agent.handles if h.name == "servicemaps"), None)
 
 
+# The comparison reads every service map under the writer's lock: at most once per this many
+# seconds, however often `kpr status` is asked (a readiness probe runs it every few seconds).
+MAPS_SYNC_MAX_AGE = 5.0
+_maps_sync_cache: dict[int, tuple[float, dict[str, Any]]] = {}
+_maps_sync_lock = threading.Lock()
+
+
 def maps_sync(agent: "Agent") -> dict[str, Any] | None:
-    """The kernel maps against the writer's accepted state (None without a writer)."""
+    """The kernel maps against the writer's accepted state (None without a writer), with
+    "ageSeconds": how old the comparison is."""
     from .readback import differences
 
     writer = _writer(agent)
     if writer is None:
         return None
-    try:
-        return differences(writer)
-    except OSError as e:
-        return {"count": 0, "first": [], "maps": {}, "error": f"maps unreadable: {e}"}
+    with _maps_sync_lock:
+        now = time.monotonic()
+        cached = _maps_sync_cache.get(id(writer))
+        if cached is None or now - cached[0] > MAPS_SYNC_MAX_AGE:
+            try:
+                result = differences(writer)
+            except OSError as e:
+                result = {"count": 0, "first": [], "maps": {}, "error": f"maps unreadable: {e}"}
+            cached = _maps_sync_cache[id(writer)] = (now, result)
+        return dict(cached[1], ageSeconds=round(now - cached[0], 1))
 
 
 def status_with_maps(agent: "Agent") -> dict[str, Any]:

@@ -53,6 +53,8 @@ def _socket(args: argparse.Namespace) -> Path:
 
 def cmd_status(args: argparse.Namespace) -> int:
     st = api.get(_socket(args), "/v1/status")
+    for p in st.get("plugins", {}).values():
+        p["counters"] = _integers(p.get("counters") or {})
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -89,7 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         unhealthy += 0 if p["healthy"] else 1
         counters = p["counters"]
         if args.verbose:
-            shown = " ".join(f"{k}={_num(v)}" for k, v in sorted(counters.items()))
+            shown = " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
         else:
             shown = _key_counters(name, counters, bus)
         print(f"plugin {name}: {health}  {shown}".rstrip())
@@ -102,21 +104,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if unhealthy else 0
 
 
-def _num(v: Any) -> str:
-    """A counter as text: integers without a trailing .0."""
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
 def _maps_line(maps: dict[str, Any]) -> str:
     if maps.get("error"):
         return f"not compared: {maps['error']}"
+    age = maps.get("ageSeconds") or 0
+    when = f" (compared {age:.0f}s ago)" if age >= 1 else ""
     if not maps.get("count"):
-        return "in sync"
+        return "in sync" + when
     per = ", ".join(f"{n} {c}" for n, c in sorted(maps.get("maps", {}).items()))
-    n = maps['count']
-    return f"{n} difference{'' if n == 1 else 's'} from the desired state ({per})"
+    n = maps["count"]
+    return f"{n} difference{'' if n == 1 else 's'} from the desired state ({per}){when}"
+
+
+def _integers(counters: dict[str, Any]) -> dict[str, Any]:
+    """Counters with whole-number floats as integers (plugins report floats)."""
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in counters.items()}
 
 
 def _key_counters(plugin: str, counters: dict[str, Any], bus: dict[str, Any]) -> str:

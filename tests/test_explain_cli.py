@@ -3,6 +3,8 @@ the status lines (real cli.main on a status the API would answer)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kpr import api, cli, drops
@@ -77,6 +79,9 @@ def test_status_is_readable_at_a_glance(monkeypatch, capsys, tmp_path) -> None:
     assert cli.main(["status", "--verbose", "--socket", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "new_snat=12 " in out and "drop_mtu=0 " in out and "ratio=0.5" in out and "12.0" not in out
+    assert cli.main(["status", "--json", "--socket", str(tmp_path / "s")]) == 0
+    counters = json.loads(capsys.readouterr().out)["plugins"]["tc_nodeport"]["counters"]
+    assert counters["new_snat"] == 12 and type(counters["new_snat"]) is int and counters["ratio"] == 0.5
 
 
 def test_status_lists_the_first_differences(monkeypatch, capsys, tmp_path) -> None:
@@ -85,4 +90,7 @@ def test_status_lists_the_first_differences(monkeypatch, capsys, tmp_path) -> No
     cli.main(["status", "--socket", str(tmp_path / "s")])
     out = capsys.readouterr().out
     assert "maps:     7 differences from the desired state (kpr_backend 1, kpr_svc 6)" in out
+    diff["ageSeconds"] = 3.2
+    cli.main(["status", "--socket", str(tmp_path / "s")])
+    assert "(kpr_backend 1, kpr_svc 6) (compared 3s ago)" in capsys.readouterr().out
     assert "  diff:   kpr_svc 10.0.0.1:80/TCP external slot 0: missing from the kernel" in out

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from kpr import cli
+from kpr import api, cli
 from kpr.bpf import maps as M
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.config import parse_config
@@ -19,7 +19,7 @@ from test_agent_maps import WEB, config_text, start_agent
 pytestmark = pytest.mark.kernel
 
 
-def test_datapath_list_and_maps_in_sync(require_kernel, tmp_path, capsys) -> None:
+def test_datapath_list_and_maps_in_sync(require_kernel, tmp_path, capsys, monkeypatch) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "web.yaml").write_text(WEB)
     with scratch_pin_dir("kpr-h8-dpstatus") as pin:
@@ -50,6 +50,11 @@ def test_datapath_list_and_maps_in_sync(require_kernel, tmp_path, capsys) -> Non
             done = subprocess.run(["bpftool", "map", "delete", "pinned", str(pin / "kpr_svc"), "key", "hex",
                                    *key.hex(" ").split()], capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
+            # Within MAPS_SYNC_MAX_AGE the last comparison is shown, with its age.
+            cli.main(["status", "--json", "--config", str(cfg)])
+            cached = json.loads(capsys.readouterr().out)["maps"]
+            assert cached["count"] == 0 and cached["ageSeconds"] >= 0
+            monkeypatch.setattr(api, "MAPS_SYNC_MAX_AGE", 0.0)
             cli.main(["status", "--config", str(cfg)])
             out = capsys.readouterr().out
             assert "maps:     1 difference from the desired state (kpr_svc 1)" in out, out

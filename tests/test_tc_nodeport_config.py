@@ -196,3 +196,19 @@ def test_dsr_reverse_entries_expire_on_their_own_clock(monkeypatch: pytest.Monke
     maps = {"kpr_ct": FakeMap(), D.REV_MAP: rev, "kpr_snat": FakeMap(), "kpr_backend": FakeMap()}
     res = _collector(maps, None).run()
     assert res.rev_expired == 1 and len(rev.d) == 1
+
+
+def test_collector_thread_leaves_quietly_once_its_maps_are_closed(caplog: pytest.LogCaptureFixture) -> None:
+    """A datapath that closes its maps (dict emptied) while the collector's thread still runs,
+    as a teardown whose stop() timed out leaves it: the thread ends instead of logging a
+    KeyError traceback every interval (seen from a leaked collector in a later test)."""
+    maps: dict[str, FakeMap] = {}
+    c = G.Collector(maps, lambda a, p, pr: None, lambda: {NODE}, 0.01)  # type: ignore[arg-type]
+    c.start()
+    thread = c._thread
+    assert thread is not None
+    thread.join(2.0)
+    assert not thread.is_alive()
+    assert c.totals.errors == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    c.stop()

@@ -136,6 +136,12 @@ class Collector:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
+            if not self.maps:
+                # The datapath closed its maps under us (a teardown whose stop() timed out
+                # waiting for a long pass, or an owner that never called stop()): there is
+                # nothing left to collect, and a pass would only fail on the missing maps.
+                log.debug("event=nodeport_gc_exit reason=maps_closed")
+                return
             try:
                 self.run()
                 if self.after_pass is not None:

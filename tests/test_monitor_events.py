@@ -12,7 +12,7 @@ import pytest
 from kpr import drops
 from kpr.bpf import maps as M
 from kpr.monitor import HOOKS, MONITOR_H, NEW_HOW, REASONS, TYPES, Event, EventFilter, MonCfg, MonEvent, MonitorError
-from kpr.nodeport.datapath import STATS
+from kpr.nodeport.datapath import DROP_STATS, STATS
 
 C_SIZES = {"__u64": 8, "__u32": 4, "__u16": 2, "__be16": 2, "__u8": 1, "union kpr_addr": 16}
 
@@ -39,11 +39,16 @@ def test_python_mirror_matches_the_header(struct: str, mirror: type[ctypes.Struc
 
 
 def test_names_come_from_the_header_and_reasons_are_drop_counter_names() -> None:
-    assert set(TYPES.values()) == {"new", "drop", "refuse", "ct_full", "nat_full"}
+    assert set(TYPES.values()) == {"new", "drop", "refuse", "ct_full", "nat_full", "pass"}
     assert set(HOOKS.values()) == {"socket", "tc", "xdp"}
     assert set(NEW_HOW.values()) == {"socket", "local", "snat", "dsr"}
     counter_reasons = {drops.reason_of("tc_nodeport", s) for s in STATS} | set(drops.SOCKET_REFUSALS)
-    assert set(REASONS.values()) <= counter_reasons
+    # "malformed" is the one passed (not dropped) packet with an event of its own (type pass)
+    assert set(REASONS.values()) <= counter_reasons | {"malformed"}
+    # ... and every drop or refusal the programs count has its reason: the events tell them all
+    # (fwd_drop_short, a frame too short for MACs after it parsed, has no tuple to tell)
+    dropped = {drops.reason_of("tc_nodeport", s) for s in DROP_STATS} | set(drops.SOCKET_REFUSALS)
+    assert dropped - {"short"} <= set(REASONS.values())
 
 
 def _raw(**kw: object) -> bytes:

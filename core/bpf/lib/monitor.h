@@ -31,6 +31,7 @@
 #define KPR_MON_T_REFUSE 3   // a connect()/sendmsg() refused (reason: KPR_MON_R_*)
 #define KPR_MON_T_CT_FULL 4  // a conntrack or reverse entry could not be written
 #define KPR_MON_T_NAT_FULL 5 // no free SNAT port (NAT exhaustion)
+#define KPR_MON_T_PASS 6     // a packet kpr could not take apart, left to the kernel's stack (reason: KPR_MON_R_*)
 
 // Where the event comes from (struct kpr_mon_event.hook).
 #define KPR_MON_HOOK_SOCKET 1 // the cgroup connect/sendmsg hooks (socklb)
@@ -49,6 +50,14 @@
 #define KPR_MON_R_SOURCE_RANGE 3     // the client is outside loadBalancerSourceRanges
 #define KPR_MON_R_SNAT_NO_PORT 4     // no free SNAT port
 #define KPR_MON_R_VIP_UNSERVED 5     // an announced address, on a port or protocol it does not serve
+#define KPR_MON_R_NAT_FAILED 6       // a rewrite failed (truncated headers, SCTP port change)
+#define KPR_MON_R_DSR_FAILED 7       // the DSR header could not be added or removed
+#define KPR_MON_R_DSR_UNKNOWN_FRONTEND 8 // a DSR header naming no frontend of this cluster
+#define KPR_MON_R_MTU 9              // the DSR header would exceed the MTU and DF is clear
+#define KPR_MON_R_NO_REVERSE_ENTRY 10 // a reply to a SNAT port whose frontend is unknown
+#define KPR_MON_R_NO_SNAT_ADDRESS 11 // no node address of the egress device's family to SNAT to
+#define KPR_MON_R_MALFORMED 12       // headers kpr could not parse (type KPR_MON_T_PASS: the stack judges them)
+#define KPR_MON_R_BIND_REFUSED 13    // bind() to a frontend's address and port refused (bind protection)
 
 // kpr_mon_cfg value (one entry, key 0): written by `kpr monitor`, read by the programs.
 struct kpr_mon_cfg {

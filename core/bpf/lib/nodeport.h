@@ -332,6 +332,13 @@ static __always_inline void kpr_np_fwd_count(__u32 idx)
 		*c += 1;
 }
 
+// A drop counted and told to `kpr monitor` under the counter's name (KPR_MON_R_*).
+static __always_inline void kpr_np_drop(__u32 idx, __u8 reason, const struct kpr_tuple *t)
+{
+	kpr_np_count(idx);
+	kpr_mon_flow(KPR_MON_T_DROP, KPR_NP_MON_HOOK, reason, t, 0, 0, (void *)0);
+}
+
 // Continue with stage `idx`; returns only when that stage is missing.
 static __always_inline int kpr_np_tail(kpr_ctx_t *ctx, __u32 idx)
 {
@@ -350,7 +357,7 @@ static __always_inline int kpr_np_vip_guard(const struct kpr_pkt *pkt)
 	union kpr_addr a = pkt->t.daddr;
 
 	if (kpr_np_vip.lookup(&a)) {
-		kpr_np_count(KPR_NP_ST_DROP_VIP);
+		kpr_np_drop(KPR_NP_ST_DROP_VIP, KPR_MON_R_VIP_UNSERVED, &pkt->t);
 		return CTX_DROP;
 	}
 	return KPR_NP_PASS;
@@ -702,7 +709,7 @@ static __always_inline int kpr_np_stage_local(kpr_ctx_t *ctx)
 	if (st->created)
 		kpr_np_rev_create(&be->addr, be->port, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &pkt.t.daddr, pkt.t.dport, 0);
 	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
-		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	return kpr_np_route(ctx, &pkt, 1);
@@ -728,7 +735,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
 			       pkt.t.family);
 	if (!nat) {
-		kpr_np_count(KPR_NP_ST_DROP_NO_SNAT_ADDR);
+		kpr_np_drop(KPR_NP_ST_DROP_NO_SNAT_ADDR, KPR_MON_R_NO_SNAT_ADDRESS, &pkt.t);
 		return CTX_DROP;
 	}
 #endif
@@ -740,7 +747,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		return CTX_PASS;
 #endif
 	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
-		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 #if KPR_NP_LAZY_SNAT_ADDR
@@ -750,7 +757,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
 				       pkt.t.family);
 		if (!nat) {
-			kpr_np_count(KPR_NP_ST_DROP_NO_SNAT_ADDR);
+			kpr_np_drop(KPR_NP_ST_DROP_NO_SNAT_ADDR, KPR_MON_R_NO_SNAT_ADDRESS, &pkt.t);
 			return CTX_DROP;
 		}
 		m = kpr_snat_mapping(&pkt.t, nat, 1, &err);
@@ -764,7 +771,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		return CTX_DROP;
 	}
 	if (kpr_nat_snat(ctx, &pkt, &m->addr, m->port)) {
-		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	KPR_NP_STOP(6);
@@ -813,22 +820,22 @@ static __always_inline int kpr_np_stage_dsr(kpr_ctx_t *ctx)
 			struct iphdr *ip = ctx_ptr(ctx, pkt.l3_off, sizeof(*ip));
 
 			if (!ip || !(ip->frag_off & kpr_htons(0x4000))) {
-				kpr_np_count(KPR_NP_ST_DROP_MTU);
+				kpr_np_drop(KPR_NP_ST_DROP_MTU, KPR_MON_R_MTU, &pkt.t);
 				return CTX_DROP;
 			}
 		}
 		if (!kpr_np_send_error(ctx, &pkt, v4 ? ICMP_DEST_UNREACH : ICMPV6_PKT_TOOBIG, v4 ? ICMP_FRAG_NEEDED : 0,
 				       mtu))
 			return ctx_tx(ctx);
-		kpr_np_count(KPR_NP_ST_DROP_MTU);
+		kpr_np_drop(KPR_NP_ST_DROP_MTU, KPR_MON_R_MTU, &pkt.t);
 		return CTX_DROP;
 	}
 	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
-		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	if (kpr_dsr_insert(ctx, &pkt, &fe, fport)) {
-		kpr_np_count(KPR_NP_ST_DROP_DSR);
+		kpr_np_drop(KPR_NP_ST_DROP_DSR, KPR_MON_R_DSR_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	return kpr_np_forward(ctx, &p, rc, 0);
@@ -987,7 +994,7 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 	kpr_np_rev_key(&rk, &pkt.t.saddr, pkt.t.sport, &n->addr, n->port, pkt.t.proto);
 	rev = kpr_np_rev.lookup(&rk);
 	if (!rev) {
-		kpr_np_count(KPR_NP_ST_DROP_NO_REV);
+		kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
 		return CTX_DROP;
 	}
 	kpr_np_rev_touch(rev, pkt.t.tcp_flags);
@@ -1001,7 +1008,7 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 		if (!kpr_np_xdp_sendable(&p, rc))
 			return CTX_PASS;
 		if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
-			kpr_np_count(KPR_NP_ST_DROP_NAT);
+			kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 			return CTX_DROP;
 		}
 		kpr_np_count(KPR_NP_ST_REPLY_SNAT);
@@ -1012,7 +1019,7 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 	}
 #else
 	if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
-		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	kpr_np_count(KPR_NP_ST_REPLY_SNAT);
@@ -1045,7 +1052,7 @@ static __always_inline int kpr_np_stage_dsr_recv(kpr_ctx_t *ctx)
 	ft.family = pkt.t.family;
 	svc = kpr_lb_lookup(&key, &ft, KPR_LB_NODE_ADDR);
 	if (!svc || !(svc->flags & KPR_NP_SVC_TYPES)) {
-		kpr_np_count(KPR_NP_ST_DROP_DSR_BAD);
+		kpr_np_drop(KPR_NP_ST_DROP_DSR_BAD, KPR_MON_R_DSR_UNKNOWN_FRONTEND, &pkt.t);
 		return CTX_DROP;
 	}
 	kpr_np_rev_key(&rk, &pkt.t.daddr, pkt.t.dport, &pkt.t.saddr, pkt.t.sport, pkt.t.proto);
@@ -1058,7 +1065,7 @@ static __always_inline int kpr_np_stage_dsr_recv(kpr_ctx_t *ctx)
 		kpr_np_rev_create(&pkt.t.daddr, pkt.t.dport, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &fe, fport,
 				  KPR_NP_REV_F_DSR);
 	if (kpr_dsr_strip(ctx, &pkt)) {
-		kpr_np_count(KPR_NP_ST_DROP_DSR);
+		kpr_np_drop(KPR_NP_ST_DROP_DSR, KPR_MON_R_DSR_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	kpr_np_count(KPR_NP_ST_DSR_RECEIVED);
@@ -1099,7 +1106,7 @@ static __always_inline int kpr_np_stage_icmp_in(kpr_ctx_t *ctx)
 	kpr_np_rev_key(&rk, &be, in.t.dport, &client, cport, in.t.proto);
 	rev = kpr_np_rev.lookup(&rk);
 	if (!rev) {
-		kpr_np_count(KPR_NP_ST_DROP_NO_REV);
+		kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
 		return CTX_DROP;
 	}
 	fe = rev->addr;
@@ -1118,7 +1125,7 @@ static __always_inline int kpr_np_stage_icmp_in(kpr_ctx_t *ctx)
 	kpr_np_count(KPR_NP_ST_ICMP_XLATED);
 	return kpr_np_route(ctx, &pkt, 0);
 fail:
-	kpr_np_count(KPR_NP_ST_DROP_NAT);
+	kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 	return CTX_DROP;
 }
 
@@ -1144,7 +1151,7 @@ static __always_inline int kpr_np_stage_icmp_out(kpr_ctx_t *ctx)
 	fport = rev->port;
 	if ((kpr_addr_eq(&pkt.t.saddr, &be) && kpr_nat_rewrite_addr(ctx, &pkt, &fe, 0)) ||
 	    kpr_icmp_inner_rewrite(ctx, &pkt, &in, &fe, fport, 1)) {
-		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	kpr_np_count(KPR_NP_ST_ICMP_XLATED);
@@ -1190,6 +1197,7 @@ static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 		return KPR_NP_PASS;
 	if (ret == KPR_PARSE_MALFORMED) {
 		kpr_np_count(KPR_NP_ST_MALFORMED);
+		kpr_mon_flow(KPR_MON_T_PASS, KPR_NP_MON_HOOK, KPR_MON_R_MALFORMED, &pkt.t, 0, 0, (void *)0);
 		return KPR_NP_PASS;
 	}
 	if (!pkt.l4_off) { // non-first fragment, or an L4 without ports
@@ -1242,7 +1250,7 @@ static __always_inline int kpr_np_to_netdev(kpr_ctx_t *ctx)
 	}
 	kpr_np_rev_touch(rev, pkt.t.tcp_flags);
 	if (kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
-		kpr_np_count(KPR_NP_ST_DROP_NAT);
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	kpr_np_count(KPR_NP_ST_REPLY_REVNAT);

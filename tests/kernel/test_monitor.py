@@ -14,6 +14,7 @@ from kpr.model import FrontendType, Protocol
 from kpr.monitor import EventFilter, Monitor
 
 from socklb_env import (
+    NODE4,
     PODS,
     Env,
     answers,
@@ -26,6 +27,7 @@ from socklb_env import (
 pytestmark = pytest.mark.kernel
 
 CIP = FrontendType.CLUSTER_IP
+NP = FrontendType.NODE_PORT
 TCP = Protocol.TCP
 IP = {name: v4 for name, (v4, _) in PODS.items()}
 
@@ -48,6 +50,17 @@ def test_events_of_a_scripted_sequence_in_order(env: Env) -> None:
     ]
     assert events[0].cookie and events[0].protocol == "TCP" and events[0].rev_nat and events[0].backend_id
     assert events[0].ts_ns <= events[1].ts_ns <= events[2].ts_ns
+
+
+def test_a_bind_refused_by_bind_protection_is_an_event(env: Env) -> None:
+    env.apply(service("mon-bind", [(NP, NODE4, 30095)], [be("be1")], protocols=(TCP,)))
+    with Monitor(env.pin) as m:
+        assert env.client("bind", NODE4, 30095, "tcp", ns="node")[0].get("error") == "EADDRINUSE"
+        events = m.collect(1) + m.poll(200)
+    assert [(e.type, e.hook, e.reason, e.frontend, e.protocol) for e in events] == [
+        ("refuse", "socket", "bind_refused", f"{NODE4}:30095", "TCP")
+    ]
+    assert events[0].cookie
 
 
 def test_nothing_is_emitted_while_nobody_listens(env: Env) -> None:

@@ -176,6 +176,22 @@ static __always_inline void kpr_sock_mon(const struct kpr_sock_req *req, __u8 ty
 #endif
 }
 
+// A `kpr monitor` event for a bind() refused by bind protection: the address and port asked for.
+static __always_inline void kpr_sock_mon_bind(__u64 cookie, const union kpr_addr *addr, __be16 port, __u8 proto)
+{
+#if KPR_MON
+	struct kpr_mon_event *e = kpr_mon_begin(KPR_MON_T_REFUSE, KPR_MON_HOOK_SOCKET, KPR_MON_R_BIND_REFUSED);
+
+	if (!e)
+		return;
+	e->cookie = cookie;
+	e->daddr = *addr;
+	e->dport = port;
+	e->proto = proto;
+	kpr_mon_submit(e);
+#endif
+}
+
 /* The decision of a connect/sendmsg hook. Returns KPR_SOCK_PASS, KPR_SOCK_XLATE (res filled
  * in) or KPR_SOCK_REJECT. Selection follows lib/lb.h: in-cluster scope (internalTrafficPolicy),
  * affinity keyed by the socket's netns (its address is not known yet at connect()), then

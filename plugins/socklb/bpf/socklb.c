@@ -123,6 +123,7 @@ static __always_inline int kpr_sock_post_bind(struct bpf_sock *ctx, union kpr_ad
 	if (!kpr_sock_bind_taken(addr, kpr_htons(ctx->src_port), (__u8)ctx->protocol))
 		return KPR_SOCK_ALLOW;
 	kpr_sock_count(KPR_SOCK_ST_BIND_REFUSED);
+	kpr_sock_mon_bind(bpf_get_socket_cookie(ctx), addr, kpr_htons(ctx->src_port), (__u8)ctx->protocol);
 	return kpr_sock_refuse(KPR_SOCK_EADDRINUSE);
 }
 

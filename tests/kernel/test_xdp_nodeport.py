@@ -27,6 +27,7 @@ from kpr.servicemaps import ServiceMapWriter
 from kpr.testing.netns import Topology
 
 from tc_nodeport_env import (
+    CLIENT,
     NODES,
     PODS,
     Cluster,
@@ -37,6 +38,8 @@ from tc_nodeport_env import (
     cluster,
     dev_with,
     full_checksums,
+    name_and_peer,
+    on_node_address,
     peer_pass,
     start_xdp,
     xdp_on,
@@ -101,6 +104,48 @@ def test_nodeport_to_a_remote_backend_is_source_nated_in_xdp(env: Cluster) -> No
     assert status.healthy, status
     assert status.details["devices"] == {"eth0": {"xdp": "native"}}, status.details
     assert status.counters["new_snat"] >= 7
+
+
+def _explain(env: Cluster, target: str, sport: int) -> dict:
+    from kpr.explain import explain, parse_target
+
+    return explain(env.pins["node1"], parse_target(target), source=CLIENT, sport=sport, via="device", device="eth0")
+
+
+def test_explain_names_the_remote_backend_xdp_reaches(env: Cluster) -> None:
+    """`kpr explain` on a device where XDP runs: under Maglev, for many source ports, the
+    backend it names (both remote: source-NATed in XDP) is the one real traffic reaches."""
+    from kpr.servicemaps import ALGORITHM_ANNOTATION
+
+    env.apply(on_node_address("xmag", 30085, "p2a", "p2b", annotations=((ALGORITHM_ANNOTATION, "maglev"),)))
+    predicted = {}
+    for sp in range(21000, 21024):
+        r = _explain(env, f"{N1}:30085/UDP", sp)
+        assert (r["verdict"], r["by"], r["hook"]) == ("forward", "maglev", "XDP on eth0"), r
+        predicted[sp] = next(p for p, (_n, ip4, _ip6) in PODS.items() if ip4 == r["backend"]["address"])
+    assert set(predicted.values()) == {"p2a", "p2b"}, predicted  # the ports spread: the check has teeth
+    before = env.stats("node1")["new_snat"]
+    reached = {sp: name_and_peer(client(env.topo, "udp", N1, 30085, 1, f"sport={sp}"))[0] for sp in predicted}
+    assert reached == {sp: (pod, N1) for sp, pod in predicted.items()}
+    assert env.stats("node1")["new_snat"] - before == len(predicted), "XDP translated them"
+    r = _explain(env, f"{N1}:30085/UDP", 21000)
+    assert r["by"] == "conntrack" and r["backend"]["address"] == PODS[predicted[21000]][1]
+
+
+def test_explain_drop_reason_agrees_with_xdp_and_its_monitor_event(env: Cluster) -> None:
+    from kpr.monitor import Monitor
+
+    env.apply(on_node_address("xlocal", 30086, "p2a", external_local=True))
+    r = _explain(env, f"{N1}:30086/UDP", 4242)
+    assert (r["verdict"], r["reason"], r["hook"]) == ("drop", "no_local_backend", "XDP on eth0"), r
+    before = env.stats("node1")["drop_no_local_backend"]
+    with Monitor(env.pins["node1"]) as m:
+        assert answers(client(env.topo, "udp", N1, 30086, 1, "sport=4242", "timeout=0.5")) == ["TimeoutError"]
+        events = m.collect(1) + m.poll(200)
+    assert env.stats("node1")["drop_no_local_backend"] == before + 1
+    assert [(e.type, e.hook, e.reason, e.client, e.frontend) for e in events] == [
+        ("drop", "xdp", r["reason"], f"{CLIENT}:4242", f"{N1}:30086")
+    ]
 
 
 def test_frontend_without_backends_answers_port_unreachable(env: Cluster) -> None:

@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_explain)
     s = sub.add_parser("monitor", parents=[common], help="live events from the data path (new flows, drops, refusals)")
-    s.add_argument("--type", action="append", metavar="T[,T]", help="new, drop, refuse, ct_full, nat_full (default: all)")
+    s.add_argument("--type", action="append", metavar="T[,T]", help="new, drop, refuse, ct_full, nat_full, pass (default: all)")
     s.add_argument("--service", action="append", metavar="NS/NAME[,...]", help="events of these services only")
     s.add_argument("--address", action="append", metavar="IP[,IP]", help="events whose client, frontend or backend is this address")
     s.add_argument("--reason", action="append", metavar="R[,R]", help="drop/refusal reasons (kpr_drops_total's) or new-flow kinds")

@@ -239,7 +239,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(render(result))
-    return 1 if result["verdict"] == "not_a_service" else 0
+    return 1 if result["service"] is None else 0  # no service (an announced address's unserved port: dropped)
 
 
 def _split(values: list[str] | None) -> frozenset[str]:

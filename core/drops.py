@@ -20,6 +20,7 @@ SOCKET_REFUSALS = ("no_backend", "bind_refused")
 NO_BACKEND = "no_backend"
 NO_LOCAL_BACKEND = "no_local_backend"
 SOURCE_RANGE = "source_range"
+VIP_UNSERVED = "vip_unserved"
 
 
 def reason_of(plugin: str, counter: str) -> str | None:

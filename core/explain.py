@@ -196,6 +196,12 @@ def explain(
     steps: list[str] = out["steps"]
     with DatapathMaps(pin_path) as dm:
         e = _lookup(dm, target, hook, steps)
+        if e is None and hook == "device" and dm.is_announced(M.addr_to_bytes(target.address)):
+            out["verdict"] = "drop"
+            out["reason"] = drops.VIP_UNSERVED
+            steps.append(f"no entry for {target.text()} in kpr_svc, but {target.address} is an announced address "
+                         "(kpr_np_vip): tc/XDP drop what no frontend of it takes")
+            return out
         if e is None:
             out["verdict"] = "not_a_service"
             steps.append(f"no entry for {target.text()} in kpr_svc: the data path leaves it alone")
@@ -347,7 +353,8 @@ def render(r: dict[str, Any]) -> str:
         b = r.get("backend")
         lines.append(f"=> forwarded to {_backend_text(b)} ({r.get('by')})" if b else f"=> forwarded to one of the backends ({r.get('by')})")
     elif v in ("drop", "refuse"):
-        lines.append(f"=> {'dropped' if v == 'drop' else 'refused'}: {r['reason']}")
+        what = f"{'dropped' if v == 'drop' else 'refused'}: {r['reason']}"
+        lines.append(f"=> {what}" if svc else f"=> {r['frontend']} is no service, and {what}")
     elif v == "pass":
         lines.append("=> not translated here" + (f" ({r['reason']})" if r.get("reason") else ""))
     else:

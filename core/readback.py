@@ -45,7 +45,7 @@ _TYPE_BITS = (
 SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
 STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
 # Maps programs other than the writer own; read when present (the plugin that pins them is on).
-OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_np_nodeaddr", "kpr_sock_hostaddr")
+OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_np_nodeaddr", "kpr_np_vip", "kpr_sock_hostaddr")
 
 
 # bpf_ktime_get_coarse_ns() reads CLOCK_MONOTONIC_COARSE (6 on Linux; Python names it only sometimes).
@@ -252,6 +252,12 @@ class DatapathMaps:
         """Whether the hook's program takes `addr` for one of this node's addresses (the
         wildcard NodePort entry then applies): kpr_np_nodeaddr (tc/XDP), kpr_sock_hostaddr."""
         m = self.maps.get("kpr_sock_hostaddr" if hook == "socket" else "kpr_np_nodeaddr")
+        return m is not None and m.lookup(addr) is not None
+
+    def is_announced(self, addr: bytes) -> bool:
+        """Whether tc/XDP drop traffic to `addr` that no frontend takes (kpr_np_vip: the
+        LoadBalancer and External IPs the node announces)."""
+        m = self.maps.get("kpr_np_vip")
         return m is not None and m.lookup(addr) is not None
 
     # -- the whole picture

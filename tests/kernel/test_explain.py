@@ -223,6 +223,12 @@ def test_load_balancer_and_wildcard_node_port(env: Cluster) -> None:
     r = _explain(env, "203.0.113.9:53/UDP", CLIENT, 5353)
     assert r["service"]["type"] == "LoadBalancer" and _pod_of(r["backend"]) == "p2a"
     assert name_and_peer(client(env.topo, "udp", "203.0.113.9", 53, 1))[0][0] == "p2a"
+    # Its address on another port: no service, but tc drops it (vip_unserved), as explain says.
+    r = _explain(env, "203.0.113.9:54/UDP", CLIENT, 5354)
+    assert (r["verdict"], r["reason"], r["service"]) == ("drop", drops.VIP_UNSERVED, None), r
+    before = env.stats("node1")["drop_vip_unserved"]
+    client(env.topo, "udp", "203.0.113.9", 54, 1, "sport=5354", "timeout=0.5")
+    assert env.stats("node1")["drop_vip_unserved"] == before + 1
     # A NodePort on the wildcard entry: any node address leads there.
     wild = Service(ServiceKey("default", "wild"), (Frontend(NP, "0.0.0.0", 30096, UDP, backends("node1", "p1b")),))
     env.writers["node1"].upsert(wild)

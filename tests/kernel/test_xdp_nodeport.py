@@ -132,7 +132,7 @@ def test_explain_names_the_remote_backend_xdp_reaches(env: Cluster) -> None:
     assert r["by"] == "conntrack" and r["backend"]["address"] == PODS[predicted[21000]][1]
 
 
-def test_explain_drop_reason_agrees_with_xdp_and_its_monitor_event(env: Cluster) -> None:
+def test_explain_drop_reason_agrees_with_xdp_and_its_monitor_event(env: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
     from kpr.monitor import Monitor
 
     env.apply(on_node_address("xlocal", 30086, "p2a", external_local=True))
@@ -146,6 +146,18 @@ def test_explain_drop_reason_agrees_with_xdp_and_its_monitor_event(env: Cluster)
     assert [(e.type, e.hook, e.reason, e.client, e.frontend) for e in events] == [
         ("drop", "xdp", r["reason"], f"{CLIENT}:4242", f"{N1}:30086")
     ]
+
+    # An announced address on a port it does not serve: no service, and dropped (vip_unserved).
+    from kpr import cli
+
+    env.apply(service("xvip", LB, "203.0.113.40", 53, "p2a", proto=UDP))
+    r = _explain(env, "203.0.113.40:54/UDP", 4243)
+    assert (r["verdict"], r["reason"], r["service"]) == ("drop", "vip_unserved", None), r
+    assert cli.main(["explain", "203.0.113.40:54/UDP", "--pin-path", str(env.pins["node1"]), "--via", "device", "eth0"]) == 1
+    assert "is no service, and dropped: vip_unserved" in capsys.readouterr().out
+    before = env.stats("node1")["drop_vip_unserved"]
+    assert answers(client(env.topo, "udp", "203.0.113.40", 54, 1, "sport=4243", "timeout=0.5")) == ["TimeoutError"]
+    assert env.stats("node1")["drop_vip_unserved"] == before + 1
 
 
 def test_frontend_without_backends_answers_port_unreachable(env: Cluster) -> None:

@@ -21,6 +21,7 @@ with the core's ServiceMapWriter filling a scratch pin dir.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import statistics
 import struct
@@ -209,11 +210,10 @@ class ProgLab:
         dp.set_devices({self.ifindex: (NODE4, None)}, (NODE4, None))
         dp.set_device_kinds(self.kinds)
         dp.set_node_addresses([NODE4])
-        dp.set_vips([VIP] + [ip4(FILLER_BASE + i) for i in range(self.fillers)])
+        # announced: as many as kpr_np_vip holds (KPR_NP_VIP_MAX); the other frontends work unannounced
+        dp.set_vips([VIP] + [ip4(FILLER_BASE + i) for i in range(min(self.fillers, 16000))])
         dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])  # as the agent does (arms the fast exit)
-        # the wrapper is compiled here, outside the lab's namespace: compiled inside it, later
-        # test runs of the thread failed with ENODEV (the thread had left the namespace)
-        self.wrapper(hook)
+        self.wrapper(hook)  # compiled with the build, not inside a timed block
         return dp
 
     def entry(self, hook: str, name: str) -> int:
@@ -275,15 +275,28 @@ class ProgLab:
         cfg[cfg.Key(0)] = v
         prog = bpf[b"wr_target"]
         prog[prog.Key(0)] = prog.Leaf(target_fd)
-        res = test_run(main.fd, pkt, repeat=repeat, ctx=self.ctx(hook))
+        res = self._test_run(hook, main.fd, pkt, repeat)
         return float(res.duration_ns), res.retval
+
+    def _test_run(self, hook: str, fd: int, pkt: bytes, repeat: int = 1) -> Any:
+        """test_run in the lab's namespace, with a clear error when the lab's device is gone."""
+        try:
+            return test_run(fd, pkt, repeat=repeat, ctx=self.ctx(hook))
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
+            links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+            names = [ln.split(":")[1].strip() for ln in links.splitlines() if ":" in ln]
+            raise RuntimeError(
+                f"the lab's eth0 (ifindex {self.ifindex}) is gone from its namespace (links left: {names}): "
+                "something outside this benchmark removed the lab's namespaces or veths"
+            ) from exc
 
     def run_single(self, hook: str, fd: int, packets: Sequence[bytes]) -> tuple[float, set[int]]:
         """Median kernel ns of one call per packet, and the verdicts seen."""
-        ctx = self.ctx(hook)
         ds, verdicts = [], set()
         for p in packets:
-            r = test_run(fd, p, ctx=ctx)
+            r = self._test_run(hook, fd, p)
             ds.append(r.duration_ns)
             verdicts.add(r.retval)
         return float(statistics.median(ds)), verdicts

@@ -129,15 +129,17 @@ class Event:
         saddr, daddr, baddr = bytes(e.saddr), bytes(e.daddr), bytes(e.baddr)
         socket_hook = HOOKS.get(e.hook) == "socket"
         has_backend = any(baddr) or e.bport
+        # a drop decided where no packet headers were at hand (kpr_mon_bare): no addresses
+        bare = not (e.proto or any(daddr) or any(saddr) or e.dport or e.sport)
         return cls(
             type=type_,
             hook=HOOKS.get(e.hook, str(e.hook)),
             reason=reason,
-            protocol=M.PROTO_NAMES.get(e.proto, str(e.proto)),
-            frontend=_endpoint(daddr, e.dport),
-            frontend_address=M.bytes_to_addr(daddr),
-            client=None if socket_hook else _endpoint(saddr, e.sport),
-            client_address=None if socket_hook else M.bytes_to_addr(saddr),
+            protocol="" if bare else M.PROTO_NAMES.get(e.proto, str(e.proto)),
+            frontend="" if bare else _endpoint(daddr, e.dport),
+            frontend_address="" if bare else M.bytes_to_addr(daddr),
+            client=None if socket_hook or bare else _endpoint(saddr, e.sport),
+            client_address=None if socket_hook or bare else M.bytes_to_addr(saddr),
             backend=_endpoint(baddr, e.bport) if has_backend else None,
             backend_address=M.bytes_to_addr(baddr) if has_backend else None,
             rev_nat=e.rev_nat,
@@ -154,7 +156,7 @@ class Event:
             "reason": self.reason,
             "protocol": self.protocol,
             "client": self.client,
-            "frontend": self.frontend,
+            "frontend": self.frontend or None,
             "backend": self.backend,
             "service": self.service or None,
             "revNat": self.rev_nat,
@@ -164,8 +166,11 @@ class Event:
 
     def text(self) -> str:
         t = time.strftime("%H:%M:%S", time.localtime(self.ts_ns / 1e9)) + f".{self.ts_ns % 1_000_000_000 // 1000:06d}"
-        who = self.client if self.client else f"socket {self.cookie}"
-        line = f"{t} {self.type:<8} {self.hook:<6} {who} -> {self.frontend}/{self.protocol}"
+        if not self.frontend:  # no packet headers to tell (a missing stage, a frame too short)
+            line = f"{t} {self.type:<8} {self.hook:<6} -"
+        else:
+            who = self.client if self.client else f"socket {self.cookie}"
+            line = f"{t} {self.type:<8} {self.hook:<6} {who} -> {self.frontend}/{self.protocol}"
         if self.type == "new":
             line += f" => {self.backend} ({self.reason})"
         elif self.reason:
@@ -381,7 +386,7 @@ def run(
     while True:
         wait = 200 if deadline is None else max(0, min(200, int((deadline - time.monotonic()) * 1000)))
         for e in monitor.poll(wait):
-            key = (e.frontend_address, int(e.frontend.rsplit(":", 1)[1]), e.protocol)
+            key = (e.frontend_address, int(e.frontend.rsplit(":", 1)[1]), e.protocol) if e.frontend else None
             if key not in names and services and e.rev_nat and time.monotonic() - looked > 1.0:
                 names, looked = services(), time.monotonic()  # a service added since: at most once a second
             e.service = names.get(key, "")

@@ -48,7 +48,7 @@ def test_explain_bad_via_and_missing_maps(tmp_path, capsys) -> None:
 
 def test_drop_reasons_are_the_counter_names() -> None:
     counters = {"drop_source_range": 3.0, "fwd_drop_short": 1.0, "new_snat": 9.0, "drops_total": 4.0, "no_backend": 2.0}
-    assert drops.drops("tc_nodeport", counters) == {"source_range": 3, "short": 1}
+    assert drops.drops("tc_nodeport", counters) == {"source_range": 3, "short_frame": 1}
     assert drops.drops("socklb", {"no_backend": 2.0, "connect": 5.0, "bind_refused": 1.0}) == {"no_backend": 2, "bind_refused": 1}
     assert drops.hook_of("xdp_nodeport") == "xdp" and drops.hook_of("socklb") == "socket"
 

@@ -51,7 +51,7 @@ def test_drops_by_hook_and_reason_and_per_service_gauges(tmp_path: Path) -> None
     text = _scrape(_agent(tmp_path / "nothing-pinned", SERVICES, STATUSES))
     assert 'kpr_drops_total{hook="tc",reason="source_range"} 4.0' in text
     assert 'kpr_drops_total{hook="tc",reason="no_backend"} 0.0' in text
-    assert 'kpr_drops_total{hook="tc",reason="short"} 1.0' in text
+    assert 'kpr_drops_total{hook="tc",reason="short_frame"} 1.0' in text
     assert 'kpr_drops_total{hook="socket",reason="no_backend"} 2.0' in text
     assert "new_snat" not in text.split("kpr_drops_total")[1].split("\n# ")[0]
     assert 'kpr_service_frontends{service="default/web"} 2.0' in text

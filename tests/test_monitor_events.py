@@ -12,7 +12,7 @@ import pytest
 from kpr import drops
 from kpr.bpf import maps as M
 from kpr.monitor import HOOKS, MONITOR_H, NEW_HOW, REASONS, TYPES, Event, EventFilter, MonCfg, MonEvent, MonitorError
-from kpr.nodeport.datapath import DROP_STATS, STATS
+from kpr.nodeport.datapath import DROP_STATS, FWD_STATS, STATS
 
 C_SIZES = {"__u64": 8, "__u32": 4, "__u16": 2, "__be16": 2, "__u8": 1, "union kpr_addr": 16}
 
@@ -42,13 +42,14 @@ def test_names_come_from_the_header_and_reasons_are_drop_counter_names() -> None
     assert set(TYPES.values()) == {"new", "drop", "refuse", "ct_full", "nat_full", "pass"}
     assert set(HOOKS.values()) == {"socket", "tc", "xdp"}
     assert set(NEW_HOW.values()) == {"socket", "local", "snat", "dsr"}
-    counter_reasons = {drops.reason_of("tc_nodeport", s) for s in STATS} | set(drops.SOCKET_REFUSALS)
+    counter_reasons = {drops.reason_of("tc_nodeport", s) for s in (*STATS, *FWD_STATS.values())} | set(drops.SOCKET_REFUSALS)
     # "malformed" is the one passed (not dropped) packet with an event of its own (type pass)
     assert set(REASONS.values()) <= counter_reasons | {"malformed"}
     # ... and every drop or refusal the programs count has its reason: the events tell them all
-    # (fwd_drop_short, a frame too short for MACs after it parsed, has no tuple to tell)
-    dropped = {drops.reason_of("tc_nodeport", s) for s in DROP_STATS} | set(drops.SOCKET_REFUSALS)
-    assert dropped - {"short"} <= set(REASONS.values())
+    dropped = counter_reasons - {None}
+    assert {drops.reason_of("tc_nodeport", s) for s in DROP_STATS} <= dropped
+    assert {"short_frame", "tail_call_missing"} <= dropped
+    assert dropped <= set(REASONS.values())
 
 
 def _raw(**kw: object) -> bytes:
@@ -74,6 +75,13 @@ def test_decode_filter_and_print() -> None:
     sock = Event.decode(_raw(type=3, hook=1, reason=1, proto=6, daddr="10.96.0.10", dport=M.htons(80), cookie=77))
     assert sock.client is None and "socket 77 -> 10.96.0.10:80/TCP: no_backend" in sock.text()
     assert sock.to_json()["cookie"] == 77 and sock.to_json()["backend"] is None
+
+    # a drop without packet headers (kpr_mon_bare: a missing stage, a frame too short)
+    bare = Event.decode(_raw(type=2, hook=2, reason=15, ts=1))
+    assert (bare.reason, bare.client, bare.frontend, bare.protocol) == ("tail_call_missing", None, "", "")
+    assert bare.text().endswith(" drop     tc     -: tail_call_missing")
+    assert bare.to_json()["frontend"] is None and bare.to_json()["client"] is None
+    assert EventFilter(reasons=frozenset({"tail_call_missing"}))(bare) and not EventFilter(addresses=frozenset({"::"}))(bare)
 
     assert EventFilter()(new) and EventFilter(types=frozenset({"drop"}))(drop) and not EventFilter(types=frozenset({"drop"}))(new)
     assert EventFilter(reasons=frozenset({"source_range"}))(drop) and not EventFilter(reasons=frozenset({"no_backend"}))(drop)

@@ -708,3 +708,27 @@ def test_the_egress_device_kind_picks_the_helper(lab: Lab) -> None:
         assert {"fwd_peer", "fwd_redirect", "fwd_neigh", "fwd_stack_unknown_dev", "egress_bridge"} <= status_names
     finally:
         kinds.update(M.U32.pack(lxc_idx), saved)
+
+
+def test_a_stage_missing_from_the_tail_call_array_drops_and_tells_the_monitor(lab: Lab) -> None:
+    from kpr.monitor import Monitor
+
+    calls = lab.dp.bpf[lab.dp.CALLS_MAP.encode()]
+    key = calls.Key(D.CALLS.index("kpr_np_snat"))
+    before = lab.stats()["tail_call_missing"]
+    del calls[key]
+    try:
+        with Monitor(lab.pin) as m:
+            verdict, _ = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40070, 80))
+            events = m.collect(2, timeout=3.0)
+    finally:
+        calls[key] = calls.Leaf(lab.dp.fd("kpr_np_snat"))
+    assert verdict == TC_ACT_SHOT
+    assert lab.stats()["tail_call_missing"] == before + 1
+    # the flow was balanced (new, snat) before its stage was looked up; the drop has no tuple
+    assert [(e.type, e.hook, e.reason, e.client, e.frontend) for e in events] == [
+        ("new", "tc", "snat", f"{CLIENT4}:40070", f"{VIP_REMOTE}:80"),
+        ("drop", "tc", "tail_call_missing", None, ""),
+    ]
+    # the stage back: the same flow is source-NATed again
+    assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40071, 80))[0] == TC_ACT_REDIRECT

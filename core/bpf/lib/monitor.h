@@ -58,6 +58,8 @@
 #define KPR_MON_R_NO_SNAT_ADDRESS 11 // no node address of the egress device's family to SNAT to
 #define KPR_MON_R_MALFORMED 12       // headers kpr could not parse (type KPR_MON_T_PASS: the stack judges them)
 #define KPR_MON_R_BIND_REFUSED 13    // bind() to a frontend's address and port refused (bind protection)
+#define KPR_MON_R_SHORT_FRAME 14     // a frame too short for the route's MACs (counter fwd_drop_short; no tuple)
+#define KPR_MON_R_TAIL_CALL_MISSING 15 // a stage program missing from the tail-call array (no tuple)
 
 // kpr_mon_cfg value (one entry, key 0): written by `kpr monitor`, read by the programs.
 struct kpr_mon_cfg {
@@ -162,10 +164,25 @@ static __always_inline void kpr_mon_flow(__u8 type, __u8 hook, __u8 reason, cons
 	kpr_mon_submit(e);
 }
 
+/* An event with no packet headers to tell (addresses, ports and proto zero): drops decided
+ * where no tuple is at hand, e.g. a missing tail-call stage. kpr.monitor prints it without
+ * addresses. */
+static __always_inline void kpr_mon_bare(__u8 type, __u8 hook, __u8 reason)
+{
+	struct kpr_mon_event *e = kpr_mon_begin(type, hook, reason);
+
+	if (e)
+		kpr_mon_submit(e);
+}
+
 #else /* !KPR_MON: every emit point compiles to nothing */
 
 #define kpr_mon_flow(type, hook, reason, t, rev_nat, backend_id, be) \
 	do {                                                         \
+	} while (0)
+
+#define kpr_mon_bare(type, hook, reason) \
+	do {                             \
 	} while (0)
 
 #endif /* KPR_MON */

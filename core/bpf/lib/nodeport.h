@@ -348,6 +348,8 @@ static __always_inline int kpr_np_tail(kpr_ctx_t *ctx, __u32 idx)
 	kpr_np_xcalls.call(ctx, idx);
 #endif
 	kpr_np_count(KPR_NP_ST_TAIL_MISSING);
+	// no tuple here (kpr_np_dispatch has none): the event names the reason only
+	kpr_mon_bare(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_TAIL_CALL_MISSING);
 	return CTX_DROP;
 }
 
@@ -530,6 +532,7 @@ static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_
 
 	if (!eth) {
 		kpr_np_fwd_count(KPR_NP_FWD_DROP_SHORT);
+		kpr_mon_bare(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_SHORT_FRAME);
 		return -1;
 	}
 	__builtin_memcpy(eth, p->dmac, 6);

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kpr.nodeport.agent import device_pin_name
+from kpr.bpf.links import device_pin_name
 
 
 @pytest.mark.parametrize(("ifname", "want"), [

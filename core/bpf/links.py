@@ -325,6 +325,13 @@ class Hook:
         return li.ifindex == self.expect
 
 
+def device_pin_name(ifname: str) -> str:
+    """A device's name as a bpffs path component (links/<plugin>/<device>/): bpffs refuses
+    names with a dot (EPERM), and flannel.1 or eth0.100 have one. Reversible ("%" escaped too);
+    names without either are unchanged, so earlier pins stay where they were."""
+    return ifname.replace("%", "%25").replace(".", "%2E")
+
+
 def _open(pin: Path) -> int | None:
     fd = _lib().bpf_obj_get(str(pin).encode())
     if fd < 0:

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 from kpr import hookimpl
 from kpr.bpf import maps as M
+from kpr.bpf.links import device_pin_name
 from kpr.context import PluginContext
 from kpr.model import BackendState, FrontendType, NodeInfo, PluginStatus, Protocol, Service, ServiceKey
 from kpr.netdevs import DeviceWatcher, NetDev
@@ -64,13 +65,6 @@ FeKey = tuple[bytes, int, int]  # (address16, port in network order, protocol nu
 
 
 # ---------------------------------------------------------------------- network namespace
-
-
-def device_pin_name(ifname: str) -> str:
-    """A device's name as a bpffs path component (links/<plugin>/<device>/): bpffs refuses
-    names with a dot (EPERM), and flannel.1 or eth0.100 have one. Reversible ("%" escaped too);
-    names without either are unchanged, so earlier pins stay where they were."""
-    return ifname.replace("%", "%25").replace(".", "%2E")
 
 
 

@@ -177,7 +177,7 @@ class BpfAnswerer:
 
         try:
             self.bind(port.name)
-            pin = self.link_dir / port.name / "ingress"
+            pin = self.link_dir / links.device_pin_name(port.name) / "ingress"
             fd, action, li = links.ensure(pin, self._fn.fd, links.Hook.tcx(port.ifindex, "ingress"))
         except links.LinkUnsupported as e:
             port.error = f"no tcx link for the BPF answers ({e.strerror or e}); answered in Python"

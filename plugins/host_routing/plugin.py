@@ -230,7 +230,6 @@ class HostRouting:
 
     def _attach(self, p: Plan) -> None:
         from kpr.bpf import links
-        from kpr.nodeport.agent import device_pin_name
 
         dp, cfg = self.datapath, self.cfg
         assert dp is not None and cfg is not None
@@ -246,7 +245,7 @@ class HostRouting:
         attached: dict[tuple[str, str], str] = {}
         for (name, direction), (idx, prog) in sorted(want.items()):
             try:
-                fd, action, _li = links.ensure(root / device_pin_name(name) / direction, dp.fd(prog),
+                fd, action, _li = links.ensure(root / links.device_pin_name(name) / direction, dp.fd(prog),
                                                links.Hook.tcx(idx, direction))
                 os.close(fd)
             except OSError as exc:
@@ -258,7 +257,7 @@ class HostRouting:
             attached[(name, direction)] = prog
             if action != "adopted" or (name, direction) not in self.attached:
                 log.info("event=host_routing_attached dev=%s direction=%s prog=%s action=%s", name, direction, prog, action)
-        keep = {(device_pin_name(n), d) for n, d in attached}  # pin paths: bpffs refuses dots (flannel.1)
+        keep = {(links.device_pin_name(n), d) for n, d in attached}  # pin paths: bpffs refuses dots (flannel.1)
         for line in links.sweep(root, lambda pin, li: (pin.parent.name, pin.name) in keep and not li.defunct):
             log.info("event=host_routing_link_swept what=%r", line)
         self.attached = attached

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from kpr.bpf import links
-from kpr.nodeport.agent import device_pin_name
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +227,7 @@ def place(ipr: Any, link_dir: Path, ifname: str, direction: str, fd: int, name: 
     if not name.startswith(KPR_PREFIX):
         raise ValueError(f"kpr filter names start with {KPR_PREFIX!r}, got {name!r}")
     idx = _ifindex(ipr, ifname)
-    pin = link_dir / device_pin_name(ifname) / direction
+    pin = link_dir / links.device_pin_name(ifname) / direction
     foreign = sorted({f.name or f.kind for f in filters(ipr, ifname, direction) if not f.ours})
     fallback = ""
     if pin.exists() or (links.enabled("tcx") and not foreign):
@@ -261,7 +260,7 @@ def place(ipr: Any, link_dir: Path, ifname: str, direction: str, fd: int, name: 
 def remove(ipr: Any, link_dir: Path, ifname: str, direction: str, name: str) -> int:
     """Take kpr's program `name` off one hook however it is attached; returns how many went."""
     n = 0
-    pin = link_dir / device_pin_name(ifname) / direction
+    pin = link_dir / links.device_pin_name(ifname) / direction
     if links.release(pin):
         n += 1
     n += detach(ipr, ifname, direction, (name,))

@@ -54,7 +54,7 @@ from kpr import hookimpl
 from kpr.bpf import links
 from kpr.bpf import maps as M
 from kpr.model import PluginStatus
-from kpr.nodeport.agent import NodePortAgent, _Attached, device_pin_name
+from kpr.nodeport.agent import NodePortAgent, _Attached
 
 from . import datapath as D
 from .config import XdpNodePortConfig
@@ -150,7 +150,7 @@ def attach(ifname: str, fn: Any, want: str, link_dir: Path | None = None) -> tup
     if foreign:
         raise XdpAttachError(errno.EBUSY, f"{ifname} has another owner's XDP program ({', '.join(foreign)}): not replaced")
     if link_dir is not None:
-        pin = link_dir / device_pin_name(ifname) / "xdp"
+        pin = link_dir / links.device_pin_name(ifname) / "xdp"
         if pin.exists() or links.enabled("xdp"):
             got = _attach_link(ifname, fn, want, pin)
             if got is not None:
@@ -179,7 +179,7 @@ def attach(ifname: str, fn: Any, want: str, link_dir: Path | None = None) -> tup
 def detach(ifname: str, link_dir: Path | None = None) -> int:
     """Remove kpr's XDP program (every mode, link or not) from a device; another owner's is left alone."""
     n = 0
-    if link_dir is not None and links.release(link_dir / device_pin_name(ifname) / "xdp"):
+    if link_dir is not None and links.release(link_dir / links.device_pin_name(ifname) / "xdp"):
         n += 1
     try:
         present = xdp_programs(ifname)
@@ -265,7 +265,7 @@ class XdpNodePort(NodePortAgent):
                                     D.INGRESS, prog_id=prog_id)
             self._attached[(dev, "xdp")] = _Attached(
                 dev, ifindex, "xdp", D.INGRESS, 0, rid, how="xdp-link" if link_fd >= 0 else "xdp",
-                link_pin=link_dir / device_pin_name(dev) / "xdp" if link_fd >= 0 else None, link_fd=link_fd, action=action,
+                link_pin=link_dir / links.device_pin_name(dev) / "xdp" if link_fd >= 0 else None, link_fd=link_fd, action=action,
             )
             self._modes[dev] = mode
             if cfg.xdp_mode == "auto" and mode == "generic":

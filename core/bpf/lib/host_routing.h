@@ -54,6 +54,7 @@
 #include "lib/lb.h"
 #include "lib/conntrack.h"
 #include "lib/devkind.h"
+#include "lib/fib.h"
 
 /* --- tunables ---------------------------------------------------------------------- */
 
@@ -78,9 +79,6 @@
 #ifndef KPR_HR_DEVS_MAX
 #define KPR_HR_DEVS_MAX 16384 // devices the programs decide on (external and pods' host-side ones)
 #endif
-
-#define KPR_HR_AF_INET 2   // AF_INET for bpf_fib_lookup
-#define KPR_HR_AF_INET6 10 // AF_INET6
 
 // Service types the per-packet path balances for pods (exact-address entries; NodePort at
 // node addresses and HostPort are the stack's and tc_nodeport's).
@@ -246,26 +244,6 @@ static __always_inline int kpr_hr_parse(kpr_ctx_t *ctx, struct kpr_pkt *pkt, __u
 	return 0;
 }
 
-// FIB lookup for the packet as it is now.
-static __always_inline int kpr_hr_fib(kpr_ctx_t *ctx, struct bpf_fib_lookup *p, const struct kpr_tuple *t)
-{
-	__builtin_memset(p, 0, sizeof(*p));
-	p->ifindex = ctx_ifindex(ctx);
-	p->l4_protocol = t->proto;
-	p->sport = t->sport;
-	p->dport = t->dport;
-	if (t->family == KPR_FAMILY_V4) {
-		p->family = KPR_HR_AF_INET;
-		p->ipv4_src = t->saddr.w[3];
-		p->ipv4_dst = t->daddr.w[3];
-	} else {
-		p->family = KPR_HR_AF_INET6;
-		__builtin_memcpy(p->ipv6_src, t->saddr.w, 16);
-		__builtin_memcpy(p->ipv6_dst, t->daddr.w, 16);
-	}
-	return bpf_fib_lookup(ctx, p, sizeof(*p), 0);
-}
-
 #define KPR_HR_ETH_HLEN 14
 #define KPR_HR_VLAN_HLEN 4
 
@@ -336,25 +314,14 @@ static __always_inline int kpr_hr_redirect_neigh(kpr_ctx_t *ctx, const struct bp
 {
 	struct bpf_redir_neigh nh = {};
 
-	if (p->family == KPR_HR_AF_INET) {
-		nh.nh_family = KPR_HR_AF_INET;
+	if (p->family == KPR_FIB_AF_INET) {
+		nh.nh_family = KPR_FIB_AF_INET;
 		nh.ipv4_nh = p->ipv4_dst; // the FIB lookup leaves the next hop here
 	} else {
-		nh.nh_family = KPR_HR_AF_INET6;
+		nh.nh_family = KPR_FIB_AF_INET6;
 		__builtin_memcpy(nh.ipv6_nh, p->ipv6_dst, 16);
 	}
 	return ctx_redirect_neigh_nh(ctx, p->ifindex, &nh);
-}
-
-static __always_inline int kpr_hr_set_macs(kpr_ctx_t *ctx, const __u8 *dmac, const __u8 *smac)
-{
-	__u8 *eth = ctx_ptr(ctx, 0, 12);
-
-	if (!eth)
-		return -1;
-	__builtin_memcpy(eth, dmac, 6);
-	__builtin_memcpy(eth + 6, smac, 6);
-	return 0;
 }
 
 /* Route the packet (tuple final) with the fastest helper the route's device allows:
@@ -381,14 +348,14 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 		if (nh && nh->ifindex == pod->ifindex && nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len) {
 			if (kpr_hr_dec_ttl(ctx, pkt))
 				return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
-			if (kpr_hr_set_macs(ctx, nh->dmac, nh->smac))
+			if (kpr_fib_set_macs(ctx, nh->dmac, nh->smac))
 				return CTX_DROP; // no Ethernet header after all, as below
 			kpr_hr_count(KPR_HR_ST_PEER);
 			return ctx_redirect_peer(ctx, nh->ifindex, 0);
 		}
 	}
 #endif
-	rc = kpr_hr_fib(ctx, &p, &pkt->t);
+	rc = kpr_fib_lookup(ctx, &p, &pkt->t, &pkt->t.saddr, &pkt->t.daddr, 0);
 
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return kpr_hr_pass(KPR_HR_ST_PASS_LOCAL);
@@ -421,7 +388,7 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 	if (kpr_hr_dec_ttl(ctx, pkt))
 		return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
 	if (to_pod && rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (kpr_hr_set_macs(ctx, p.dmac, p.smac))
+		if (kpr_fib_set_macs(ctx, p.dmac, p.smac))
 			return CTX_DROP; // no Ethernet header after all: nothing sane to hand on
 #if KPR_HR_PEER
 		if ((dev->flags & KPR_HR_DEV_F_POD) && kpr_dev_has_peer(dev->kind)) {

@@ -1,0 +1,491 @@
+"""Applying: the public upsert/delete/full_sync, capacity planning, and writing a diff of
+frontend groups to the maps in a safe order with batch syscalls."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from array import array
+from collections.abc import Iterable
+from typing import Any
+
+from ..bpf import maps as M
+from ..bpf.maglev import build_table
+from ..model import Service, ServiceKey
+from .groups import _BYTE, _ONE, _SLOT, _Group, _add_counts, _disown, _fk_label, _own, group_entries
+from .params import Refusal, first_overflow
+
+log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
+
+
+class ApplyMixin:
+    """ServiceMapWriter's writing side (state: see ServiceMapWriter._reset_shadow)."""
+
+    # ------------------------------------------------------------------ public API
+
+    def upsert(self, service: Service) -> None:
+        """Make the maps hold exactly this service's desired state (touching only what changed)."""
+        with self._lock:
+            self._require_open()
+            key = service.key
+            if key in self.refused and self._services.get(key) == service:
+                return  # still refused; tried again when entries are freed
+            self._services[key] = service
+            self._delivered.add(key)
+            self._begin()
+            desired = self._render(service)
+            for fk in list(desired):
+                g = self._groups.get(fk)
+                if g is not None and g.owner is not None and g.owner != key:
+                    log.warning(
+                        "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), key, g.owner
+                    )
+                    self.conflicts[fk] = key
+                    del desired[fk]
+                elif self.conflicts.get(fk) == key:
+                    del self.conflicts[fk]
+            old_fks = set(self._by_service.get(key, ())) | {fk for fk in desired if fk in self._groups}
+            old = {fk: self._groups.get(fk) for fk in old_fks}
+            refusal = self._refusal(old, desired)
+            if refusal is not None:
+                self._refuse(key, refusal)
+                self._forget_render()
+                return
+            if self.refused.pop(key, None) is not None:
+                log.info("event=service_accepted service=%s", key)
+            self._apply(old, desired)
+            if self.refused:
+                self._retry_refused()  # the change may have freed entries
+
+    def delete(self, key: ServiceKey) -> None:
+        """Remove everything the service wrote; a service never seen is not an error."""
+        with self._lock:
+            self._require_open()
+            self._services.pop(key, None)
+            self.refused.pop(key, None)
+            self._delivered.add(key)
+            self._begin()
+            fks = set(self._by_service.get(key, ()))
+            self._apply({fk: self._groups.get(fk) for fk in fks}, {})
+            self._retry_conflicts(fks)
+            self._retry_refused()
+
+    def full_sync(self, services: Iterable[Service]) -> None:
+        """Make the maps hold exactly these services: everything else is removed."""
+        # A full sync allocates a few objects per map entry and creates no reference cycles;
+        # the collector's passes over the growing heap cost ~25% of a 20k-service sync.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._full_sync(services)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _full_sync(self, services: Iterable[Service]) -> None:
+        with self._lock:
+            self._require_open()
+            services = sorted(services, key=lambda s: (s.key.namespace, s.key.name))
+            self._reload()  # diff against what the maps really hold
+            for g in self._groups.values():
+                g.owner = None  # ownership is decided afresh, in key order
+            self._by_service = {}
+            self._services = {s.key: s for s in services}
+            self._delivered = set(self._services)
+            self.conflicts = {}
+            self.refused = {}
+            self._begin()
+            old = dict(self._groups)
+            desired = self._plan(services, old)
+            self._apply(old, desired, strays=True)
+
+    def _plan(self, services: list[Service], old: dict[bytes, _Group]) -> dict[bytes, _Group]:
+        """The groups a full sync writes: services in key order, each whole or refused.
+
+        A service claims its frontends (a frontend already claimed is a conflict) if all of
+        them fit beside what earlier services took; otherwise it is refused and keeps the
+        groups the maps hold for frontends it claims (its last good state), if those fit.
+        """
+        desired: dict[bytes, _Group] = {}
+        used = group_entries(())
+        used_bids: set[int] = set()
+        for s in services:
+            mine: dict[bytes, _Group] = {}
+            try:
+                rendered = self._render(s)
+            except Exception:  # noqa: BLE001 - one service's bad input must not hold up the rest
+                self.errors += 1
+                log.exception("event=service_render_failed service=%s", s.key)
+                continue
+            for fk, g in rendered.items():
+                if fk in desired:
+                    log.warning(
+                        "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), s.key, desired[fk].owner
+                    )
+                    self.conflicts[fk] = s.key
+                    continue
+                mine[fk] = g
+            need = self._needs(mine.values(), used_bids)
+            hit = first_overflow(used, need, self.limits)
+            if hit is not None:
+                wanted = need
+                mine = {fk: old[fk] for fk in mine if fk in old}
+                need = self._needs(mine.values(), used_bids)
+                kept = bool(mine) and first_overflow(used, need, self.limits) is None
+                growth = {name: wanted[name] - (need[name] if kept else 0) for name in wanted}
+                self._refuse(s.key, Refusal(*hit, self.limits[hit[0]], tuple(growth.items())))
+                if not kept:
+                    continue
+                for g in mine.values():
+                    g.owner = s.key
+            desired.update(mine)
+            for name, n in need.items():
+                used[name] += n
+            for g in mine.values():
+                used_bids.update(g.backends)
+        return desired
+    # ------------------------------------------------------------------ capacity
+
+    @staticmethod
+    def _needs(groups: Iterable[_Group], known_backends: set[int]) -> dict[str, int]:
+        """Entries `groups` add to a state that already holds `known_backends`."""
+        groups = list(groups)
+        need = group_entries(groups)
+        new_bids: set[int] = set()
+        for g in groups:
+            new_bids.update(g.backends)
+        need["kpr_backend"] = len(new_bids - known_backends)
+        return need
+
+    def _counts(self) -> dict[str, int]:
+        """Entries per map the shadow accounts for, strays included (cheap: no syscalls)."""
+        c = dict(self._count)
+        c["kpr_backend"] = len(self._backend_vals)
+        for name, keys in self._stray.items():
+            c[name] += len(keys)
+        return c
+
+    def _refusal(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group]) -> Refusal | None:
+        """Whether replacing `old` by `new` would overflow a map (the service's own delta)."""
+        before = group_entries(g for g in old.values() if g is not None)
+        after = group_entries(new.values())
+        delta = {name: after[name] - before[name] for name in after}
+        refs: dict[int, int] = {}
+        for g in old.values():
+            if g is not None:
+                for bid in g.backends:
+                    refs[bid] = refs.get(bid, 0) - 1
+        for g in new.values():
+            for bid in g.backends:
+                refs[bid] = refs.get(bid, 0) + 1
+        vals, have = self._backend_vals, self._backend_refs
+        added = sum(1 for bid, d in refs.items() if d > 0 and bid not in vals)
+        freed = sum(1 for bid, d in refs.items() if d < 0 and bid in vals and have.get(bid, 0) + d <= 0)
+        delta["kpr_backend"] = added - freed
+        hit = first_overflow(self._counts(), delta, self.limits)
+        if hit is None:
+            return None
+        return Refusal(*hit, self.limits[hit[0]], tuple(delta.items()))
+
+    def _forget_render(self) -> None:
+        """Forget the ids the last render allocated that were not written."""
+        for bid, val in self._pending_vals.items():
+            bkey = val[:19]
+            if bid not in self._backend_vals:
+                self._backend_refs.pop(bid, None)
+                if self._backend_ids.get(bkey) == bid:
+                    del self._backend_ids[bkey]
+        for fk in self._fresh_revnat:
+            if fk not in self._groups:
+                self._forget_revnat(fk)
+        self._begin()
+
+    def _refuse(self, key: ServiceKey, refusal: Refusal) -> None:
+        self.refused[key] = refusal
+        self.refusals += 1
+        log.error("event=service_refused service=%s map=%s reason=%r", key, refusal.map, refusal.text())
+
+    def _retry_refused(self) -> None:
+        """Try refused services again whose growth now fits (in key order)."""
+        for key in sorted(self.refused):
+            r = self.refused.get(key)
+            svc = self._services.get(key)
+            if r is None or svc is None:
+                self.refused.pop(key, None)
+                continue
+            if first_overflow(self._counts(), dict(r.delta), self.limits) is None:
+                log.info("event=service_refused_retry service=%s", key)
+                del self.refused[key]
+                try:
+                    self.upsert(svc)
+                except Exception:  # noqa: BLE001 - rolled back and logged; tried again later
+                    log.exception("event=service_refused_retry_failed service=%s", key)
+
+    # ------------------------------------------------------------------ applying a diff
+
+    def _begin(self) -> None:
+        self._pending_vals = {}
+        self._fresh_revnat = []
+
+    def _require_open(self) -> None:
+        if not self.maps:
+            raise RuntimeError("ServiceMapWriter is not open")
+
+    def _apply(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], *, strays: bool = False) -> None:
+        try:
+            self._apply_diff(old, new, strays)
+        except Exception:
+            self.errors += 1
+            log.exception("event=servicemaps_apply_failed frontends=%d", len(new))
+            # The maps may hold part of the change: roll them back to the state before it.
+            try:
+                n = self._repair()
+                self.rollbacks += 1
+                log.warning("event=servicemaps_rolled_back entries=%d", n)
+            except Exception:  # noqa: BLE001 - the first error is the one to report; check() repairs later
+                log.exception("event=servicemaps_rollback_failed")
+            raise
+
+    def _apply_diff(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], strays: bool) -> None:
+        # Diff group by group: a service-map key belongs to exactly one group (its prefix is
+        # the frontend key), so unchanged groups cost one dict comparison.
+        svc_up: dict[bytes, bytes] = {}  # backend slots
+        head_up: dict[bytes, bytes] = {}  # slot 0 entries, written last
+        svc_del: list[bytes] = []  # stale slots of frontends that stay
+        gone_del: list[bytes] = []  # every entry of frontends that go
+        rn_up: dict[int, bytes] = {}
+        rn_del: list[int] = []
+        sr_up: set[bytes] = set()
+        sr_del: set[bytes] = set()
+        mg_up: dict[bytes, Any] = {}
+        mg_del: list[bytes] = []
+        ref_delta: dict[int, int] = {}
+        pack_mg = M.MAGLEV_KEY.pack
+        svc_new = 0  # kpr_svc keys written that the map does not hold yet
+        b = self.batch
+        # New frontends, written from their packed entries (a full sync makes no object per entry).
+        fresh: list[_Group] = []
+
+        for fk, g in new.items():
+            og = old.get(fk)
+            if og is None:
+                if b:
+                    fresh.append(g)
+                else:
+                    svc_up.update(g.svc)
+                svc_new += g.n_svc
+            elif not og.same_svc(g):
+                osvc, gsvc = og.svc, g.svc
+                svc_up.update((k, v) for k, v in gsvc.items() if osvc.get(k) != v)
+                svc_del.extend(k for k in osvc if k not in gsvc)
+                svc_new += sum(1 for k in gsvc if k not in osvc)
+            for scope in (M.SCOPE_INTERNAL, M.SCOPE_EXTERNAL):
+                k0 = fk + _BYTE[scope] + _SLOT[0]
+                v0 = svc_up.pop(k0, None)
+                if v0 is not None:
+                    head_up[k0] = v0
+            if og is None or og.revnat != g.revnat or og.rev_nat != g.rev_nat:
+                rn_up[g.rev_nat] = g.revnat
+            if og is not None and og.rev_nat != g.rev_nat and og.revnat:
+                rn_del.append(og.rev_nat)
+            if og is None:
+                sr_up |= g.srcrange
+            elif og.srcrange != g.srcrange:
+                sr_up |= g.srcrange - og.srcrange
+                sr_del |= og.srcrange - g.srcrange
+            if g.maglev or (og is not None and og.maglev):
+                omg = {pack_mg(og.rev_nat, sc): i for sc, i in og.maglev.items()} if og is not None else {}
+                nmg = {pack_mg(g.rev_nat, sc): i for sc, i in g.maglev.items()}
+                mg_up.update((k, i) for k, i in nmg.items() if i is not None and omg.get(k) != i)
+                mg_del.extend(k for k in omg if k not in nmg)
+            if og is None:
+                for bid in g.backends:
+                    ref_delta[bid] = ref_delta.get(bid, 0) + 1
+            elif og.backends != g.backends:
+                gb, ob = frozenset(g.backends), frozenset(og.backends)
+                for bid in gb - ob:
+                    ref_delta[bid] = ref_delta.get(bid, 0) + 1
+                for bid in ob - gb:
+                    ref_delta[bid] = ref_delta.get(bid, 0) - 1
+        for fk, og in old.items():
+            if og is None or fk in new:
+                continue
+            # external slot 0 first, so lookups stop before the rest goes
+            heads = [fk + _BYTE[sc] + _SLOT[0] for sc in (M.SCOPE_EXTERNAL, M.SCOPE_INTERNAL)]
+            osvc = og.svc
+            gone_del.extend(k for k in heads if k in osvc)
+            gone_del.extend(k for k in osvc if k not in heads)
+            if og.revnat:
+                rn_del.append(og.rev_nat)
+            sr_del |= og.srcrange
+            mg_del.extend(pack_mg(og.rev_nat, sc) for sc in og.maglev)
+            for bid in og.backends:
+                ref_delta[bid] = ref_delta.get(bid, 0) - 1
+
+        refs = self._backend_refs
+        vals = self._backend_vals
+        be_up = {}
+        for bid, val in self._pending_vals.items():
+            if vals.get(bid) != val and (refs.get(bid, 0) + ref_delta.get(bid, 0)) > 0:
+                be_up[bid] = val
+        be_del = [bid for bid, d in ref_delta.items() if d < 0 and refs.get(bid, 0) + d <= 0 and bid in vals]
+        if strays:
+            be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in vals and bid not in ref_delta)
+        # An entry a new group still wants is never deleted (rev-NAT indexes read back from
+        # hand-edited maps may collide).
+        if rn_del:
+            live_rn = {g.rev_nat for g in new.values() if g.revnat}
+            rn_del = [i for i in rn_del if i not in live_rn]
+        if mg_del:
+            live_mg = {pack_mg(g.rev_nat, sc) for g in new.values() for sc in g.maglev}
+            mg_del = [k for k in mg_del if k not in live_mg]
+        if sr_del:
+            for g in new.values():
+                if g.srcrange:
+                    sr_del -= g.srcrange
+        if strays:
+            # Nor a stray: a hand-edited slot 0 can give its frontend another rev-NAT index at
+            # reload, leaving the frontend's own kpr_revnat entry looking like nobody's.
+            self._stray["kpr_revnat"] -= {M.U32.pack(g.rev_nat) for g in new.values() if g.revnat}
+            self._stray["kpr_maglev"] -= {pack_mg(g.rev_nat, sc) for g in new.values() for sc in g.maglev}
+            self._stray["kpr_srcrange"] -= {k for g in new.values() for k in g.srcrange}
+
+        mp = self.maps
+        # Where the change would not fit beside what it replaces, everything that goes is
+        # deleted first (readers may miss an entry for a moment instead of the write failing).
+        have = self._counts()
+        peak = {
+            "kpr_svc": have["kpr_svc"] - len(gone_del) + svc_new,
+            "kpr_backend": have["kpr_backend"] + sum(1 for i in be_up if i not in vals),
+            "kpr_revnat": have["kpr_revnat"] + len(rn_up),
+            "kpr_srcrange": have["kpr_srcrange"] + len(sr_up),
+            "kpr_maglev": have["kpr_maglev"] + len(mg_up),
+        }
+        tight = any(peak[name] > self.limits[name] for name in peak)
+        # 0. frontends that go: first, so a nearly full map has room for what comes
+        if gone_del:
+            mp["kpr_svc"].delete_many(gone_del, batch=b)
+        if tight:
+            log.info("event=servicemaps_tight peak=%s", ",".join(f"{k}:{v}" for k, v in peak.items()))
+            self._delete_phase(svc_del, mg_del, sr_del, rn_del, strays, be_del)
+            svc_del, mg_del, sr_del, rn_del, be_del = [], [], set(), [], []
+        # 1. what service entries will point at
+        if be_up and b:
+            # ids as one array of u32 (M.U32's layout), no bytes object per key
+            mp["kpr_backend"].update_blob(array("I", be_up).tobytes(), b"".join(be_up.values()), len(be_up))
+        elif be_up:
+            mp["kpr_backend"].update_many([M.U32.pack(i) for i in be_up], list(be_up.values()), batch=b)
+        if rn_up:
+            mp["kpr_revnat"].update_many([M.U32.pack(i) for i in rn_up], list(rn_up.values()), batch=b)
+        if sr_up:
+            keys = sorted(sr_up)
+            mp["kpr_srcrange"].update_many(keys, [_ONE] * len(keys), batch=b)
+        for k, inp in mg_up.items():
+            self._write_maglev(k, inp)
+        # 2. service entries: backend slots, then slot 0 (internal scope before external)
+        if fresh:
+            packed = [g.packed_svc() for g in fresh]
+            heads = sum(g.n_heads for g in fresh)
+            slots = sum(g.n_svc for g in fresh) - heads
+            svc_map = mp["kpr_svc"]
+            if svc_up:
+                svc_map.update_many(list(svc_up), list(svc_up.values()), batch=b)
+            if slots:
+                svc_map.update_blob(b"".join([p[2] for p in packed]), b"".join([p[3] for p in packed]), slots)
+            if heads or head_up:
+                svc_map.update_blob(
+                    b"".join([p[0] for p in packed] + list(head_up)),
+                    b"".join([p[1] for p in packed] + list(head_up.values())),
+                    heads + len(head_up),
+                )
+        elif svc_up or head_up:
+            svc_up.update(head_up)  # dicts keep insertion order: heads land last
+            mp["kpr_svc"].update_many(list(svc_up), list(svc_up.values()), batch=b)
+        # 3. deletions, slot 0 first so lookups stop before slots disappear
+        self._delete_phase(svc_del, mg_del, sr_del, rn_del, strays, be_del)
+
+        # Shadow follows the maps.
+        count = self._count
+        for fk, g in old.items():
+            if g is not None and fk not in new:
+                gone = self._groups.pop(fk, None)
+                if gone is not None:
+                    _add_counts(count, gone, -1)
+                self._forget_revnat(fk)
+                if g.owner is not None and g.owner in self._by_service:
+                    _disown(self._by_service, g.owner, fk, drop_empty=True)
+        for fk, g in new.items():
+            prev = self._groups.get(fk)
+            if prev is not None and prev.owner is not None and prev.owner != g.owner:
+                _disown(self._by_service, prev.owner, fk, drop_empty=False)
+            if prev is not None:
+                _add_counts(count, prev, -1)
+            _add_counts(count, g, 1)
+            self._groups[fk] = g
+            _own(self._by_service, g.owner, fk)
+        for bid, d in ref_delta.items():
+            refs[bid] = refs.get(bid, 0) + d
+        self._backend_vals.update(be_up)
+        for bid in be_del:
+            val = self._backend_vals.pop(bid, None)
+            refs.pop(bid, None)
+            if val is not None and self._backend_ids.get(val[:19]) == bid:
+                del self._backend_ids[val[:19]]
+        # ids allocated while rendering but never written (conflicting frontends) are forgotten
+        self._forget_render()
+        log.debug(
+            "event=servicemaps_applied svc_up=%d svc_del=%d backend_up=%d backend_del=%d revnat_up=%d "
+            "revnat_del=%d srcrange_up=%d srcrange_del=%d maglev_up=%d maglev_del=%d",
+            len(svc_up), len(svc_del) + len(gone_del), len(be_up), len(be_del), len(rn_up), len(rn_del),
+            len(sr_up), len(sr_del), len(mg_up), len(mg_del),
+        )
+
+    def _delete_phase(
+        self, svc_del: list[bytes], mg_del: list[bytes], sr_del: set[bytes], rn_del: list[int], strays: bool, be_del: list[int]
+    ) -> None:
+        b = self.batch
+        mp = self.maps
+        if svc_del:
+            svc_del.sort(key=_svc_delete_order)
+            mp["kpr_svc"].delete_many(svc_del, batch=b)
+        if mg_del:
+            mp["kpr_maglev"].delete_many(mg_del, batch=False)
+        if sr_del:
+            mp["kpr_srcrange"].delete_many(sorted(sr_del), batch=b)
+        if rn_del:
+            mp["kpr_revnat"].delete_many([M.U32.pack(i) for i in rn_del], batch=b)
+        if strays:
+            for name, keys in self._stray.items():
+                if keys:
+                    mp[name].delete_many(sorted(keys), batch=b and name != "kpr_maglev")
+                    keys.clear()
+        if be_del:
+            mp["kpr_backend"].delete_many([M.U32.pack(i) for i in be_del], batch=b)
+
+    def _write_maglev(self, key: bytes, inp: tuple[tuple[str, int], ...]) -> None:
+        """Build the table and swap it in with one outer-map update (readers never see half a table)."""
+        table = self._maglev_cache.get(inp)
+        if table is None:
+            table = build_table(((bid, name) for name, bid in inp), self.maglev_size)
+            self._maglev_cache[inp] = table
+            if len(self._maglev_cache) > 256:
+                self._maglev_cache.popitem(last=False)
+        else:
+            self._maglev_cache.move_to_end(inp)
+        t, k, v, n = self.specs["kpr_maglev"].inner
+        with M.BpfMap.create(M.MapSpec("kpr_maglev_in", t, k, v, n)) as inner:
+            inner.update_blob(self._maglev_keys, table.tobytes(), n)
+            self.maps["kpr_maglev"].update(key, M.U32.pack(inner.fd))
+
+    def _retry_conflicts(self, freed: Iterable[bytes]) -> None:
+        waiting = {self.conflicts.pop(fk) for fk in list(freed) if fk in self.conflicts}
+        for key in sorted(waiting):
+            svc = self._services.get(key)
+            if svc is not None:
+                log.info("event=frontend_conflict_retry service=%s", key)
+                self.upsert(svc)
+
+
+def _svc_delete_order(k: bytes) -> tuple[bool, bool]:
+    slot0 = k[20] == 0 and k[21] == 0
+    return (not slot0, k[19] != M.SCOPE_EXTERNAL)

@@ -1,0 +1,197 @@
+"""How the service maps' entries are encoded, and the writer's picture of one frontend.
+
+`_Group` is everything one frontend (address, port, protocol) holds in the maps: its kpr_svc
+entries in both scopes (packed), rev-NAT entry, source ranges and Maglev tables. The constants
+are the byte pieces rendering and applying build keys and values from (layout:
+core/bpf/lib/maps.h).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from ..bpf import maps as M
+from ..model import FrontendType, Protocol, ServiceKey
+
+_TYPE_FLAGS = {
+    FrontendType.CLUSTER_IP: M.SVC_F_CLUSTER_IP,
+    FrontendType.NODE_PORT: M.SVC_F_NODE_PORT,
+    FrontendType.EXTERNAL_IP: M.SVC_F_EXTERNAL_IP,
+    FrontendType.LOAD_BALANCER: M.SVC_F_LOAD_BALANCER,
+    FrontendType.HOST_PORT: M.SVC_F_HOST_PORT,
+}
+# Protocol.number builds a dict on every call; renders ask once per frontend.
+_PROTO_BYTE = {p: bytes((p.number,)) for p in Protocol}
+_SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
+_STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
+
+_PORT = struct.Struct("=H")  # a port already in network order, as stored
+_SLOT = [struct.pack("=HH", i, 0) for i in range(1024)]  # key tail: slot, pad
+_ONE = M.U32.pack(1)  # kpr_srcrange value
+_V4_MAPPED = M.addr_to_bytes("0.0.0.0")[:12]  # ::ffff:0:0/96
+_BYTE = [bytes((i,)) for i in range(256)]
+# Backend value tails after (addr, port, proto): state, flags, pad; indexed by Backend.local.
+_ACTIVE = (bytes((M.BACKEND_ACTIVE, 0, 0, 0, 0)), bytes((M.BACKEND_ACTIVE, M.BACKEND_F_LOCAL, 0, 0, 0)))
+_TERMINATING = (
+    bytes((M.BACKEND_TERMINATING, 0, 0, 0, 0)),
+    bytes((M.BACKEND_TERMINATING, M.BACKEND_F_LOCAL, 0, 0, 0)),
+)
+_WILD4, _WILD6 = M.wildcard_bytes(4), M.wildcard_bytes(6)
+
+
+def _slot_tails(n: int) -> list[bytes]:
+    """Key tails of slots 1..n."""
+    return _SLOT[1 : n + 1] if n < 1024 else _SLOT[1:] + [struct.pack("=HH", i, 0) for i in range(1024, n + 1)]
+
+
+def _fk_label(fk: bytes) -> str:
+    """ "10.0.0.1:80/TCP" or "[fd00::1]:80/TCP" for a frontend key (addr16 + port + proto)."""
+    addr = M.bytes_to_addr(fk[:16])
+    port = M.ntohs(_PORT.unpack_from(fk, 16)[0])
+    proto = M.PROTO_NAMES.get(fk[18], str(fk[18]))
+    host = f"[{addr}]" if ":" in addr else addr
+    return f"{host}:{port}/{proto}"
+
+
+def _backend_name(val: bytes) -> str:
+    """Stable Maglev name of a backend value: "addr:port"."""
+    addr = M.bytes_to_addr(val[:16])
+    port = M.ntohs(_PORT.unpack_from(val, 16)[0])
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+
+_NO_RANGES: frozenset[bytes] = frozenset()
+_NO_ORDER: tuple[None, None] = (None, None)
+_NO_MAGLEV: dict[int, Any] = {}  # never written: see _Group.set_maglev
+
+
+class _Group:
+    """What one frontend (address, port, protocol) holds in the maps."""
+
+    # A plain class with __slots__: full syncs make one per frontend, tens of thousands, and
+    # the writer keeps them for its lifetime. Its kpr_svc entries are kept packed (all keys
+    # in one bytes, all values in another: fixed sizes) rather than as a dict of bytes, a
+    # fifth of the memory; `svc` unpacks them for the rare diff of a changed group.
+    __slots__ = ("rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "n_heads", "revnat", "_order", "backends", "maglev", "srcrange")
+
+    def __init__(self, rev_nat: int, owner: ServiceKey | None, revnat: bytes = b"") -> None:
+        self.rev_nat = rev_nat
+        # The service that wrote it; None for entries adopted from pinned maps, not yet re-delivered.
+        self.owner = owner
+        # kpr_svc keys and values, both scopes, all slots (see svc).
+        self._svc_keys = self._svc_vals = b""
+        self.n_svc = self.n_heads = 0  # entries, of which slot 0 entries (packed first)
+        # kpr_revnat value (b"" for a group adopted without one).
+        self.revnat = revnat
+        # Selectable backend ids in slot order, by scope (external, internal; None where it has
+        # none): kept so later renders move few slots. See order_of.
+        self._order: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = _NO_ORDER
+        # Backend ids referenced by any slot, sorted (a tuple: a fifth of a frozenset's size).
+        self.backends: tuple[int, ...] | frozenset[int] = ()
+        # Scope -> sorted (name, id) pairs its Maglev table was built from (None: unknown,
+        # rebuild). Most groups have none: one shared empty dict, replaced before a write.
+        self.maglev: dict[int, tuple[tuple[str, int], ...] | None] = _NO_MAGLEV
+        # kpr_srcrange keys (most groups have none: one empty set shared by all of them).
+        self.srcrange: frozenset[bytes] = _NO_RANGES
+
+    def order_of(self, scope: int) -> tuple[int, ...] | None:
+        """The scope's selectable backend ids in slot order (None: the scope has no entries)."""
+        return self._order[scope]
+
+    def set_order(self, scope: int, ids: list[int] | tuple[int, ...]) -> None:
+        order = list(self._order)
+        order[scope] = tuple(ids)
+        self._order = (order[0], order[1])
+
+    def set_maglev(self, scope: int, built_from: tuple[tuple[str, int], ...] | None) -> None:
+        if self.maglev is _NO_MAGLEV:
+            self.maglev = {}
+        self.maglev[scope] = built_from
+
+    def set_svc(self, keys: list[bytes], values: list[bytes], heads: int | None = None) -> None:
+        """Its kpr_svc entries, keys and values in the same order (each of one size); the
+        first `heads` are its slot 0 entries (None: found and moved first here)."""
+        if heads is None:
+            first = [i for i, k in enumerate(keys) if k[20:22] == b"\0\0"]
+            if first:
+                rest = [i for i, k in enumerate(keys) if k[20:22] != b"\0\0"]
+                keys, values = [keys[i] for i in first + rest], [values[i] for i in first + rest]
+            heads = len(first)
+        self._svc_keys = b"".join(keys)
+        self._svc_vals = b"".join(values)
+        self.n_svc = len(keys)
+        self.n_heads = heads
+
+    def packed_svc(self) -> tuple[bytes, bytes, bytes, bytes]:
+        """(slot 0 keys, their values, the other keys, their values), each concatenated."""
+        n, h = self.n_svc, self.n_heads
+        if not n:
+            return b"", b"", b"", b""
+        k, v = len(self._svc_keys) // n * h, len(self._svc_vals) // n * h
+        return self._svc_keys[:k], self._svc_vals[:v], self._svc_keys[k:], self._svc_vals[v:]
+
+    @property
+    def svc(self) -> dict[bytes, bytes]:
+        """kpr_svc key -> value, both scopes, all slots (a new dict, unpacked)."""
+        n = self.n_svc
+        if not n:
+            return {}
+        ks, vs = self._svc_keys, self._svc_vals
+        k, v = len(ks) // n, len(vs) // n
+        return dict(zip([ks[i : i + k] for i in range(0, len(ks), k)], [vs[i : i + v] for i in range(0, n * v, v)] if v else [b""] * n))
+
+    @svc.setter
+    def svc(self, entries: dict[bytes, bytes]) -> None:
+        self.set_svc(list(entries), list(entries.values()))
+
+    def same_svc(self, other: "_Group") -> bool:
+        """Whether both hold the same kpr_svc entries (packed in the same order, or not)."""
+        if self._svc_keys == other._svc_keys and self._svc_vals == other._svc_vals:
+            return True
+        return self.n_svc == other.n_svc and self.svc == other.svc
+
+
+
+def group_entries(groups: Iterable[_Group]) -> dict[str, int]:
+    """Entries the groups take in each service map; kpr_backend is left at 0 (backends are
+    shared between groups: count distinct ids, see ServiceMapWriter._needs)."""
+    svc = revnat = srcrange = maglev = 0
+    for g in groups:
+        svc += g.n_svc
+        revnat += 1 if g.revnat else 0
+        srcrange += len(g.srcrange)
+        maglev += len(g.maglev)
+    return {"kpr_svc": svc, "kpr_backend": 0, "kpr_revnat": revnat, "kpr_srcrange": srcrange, "kpr_maglev": maglev}
+
+
+def _own(by: dict[Any, Any], owner: ServiceKey | None, fk: bytes) -> None:
+    """Record that `owner` has `fk`: a tuple while it has a few, a set beyond."""
+    fks = by.get(owner, ())
+    if type(fks) is set:
+        fks.add(fk)
+    elif fk not in fks:
+        by[owner] = fks + (fk,) if len(fks) < 8 else {*fks, fk}
+
+
+def _disown(by: dict[Any, Any], owner: ServiceKey | None, fk: bytes, drop_empty: bool) -> None:
+    """Forget that `owner` has `fk`; an owner left with none is dropped only when asked (an
+    empty entry still counts in status, as it always did)."""
+    fks = by.get(owner)
+    if fks is None:
+        return
+    if type(fks) is set:
+        fks.discard(fk)
+    elif fk in fks:
+        fks = by[owner] = tuple(f for f in fks if f != fk)
+    if drop_empty and not fks:
+        del by[owner]
+
+
+def _add_counts(count: dict[str, int], g: _Group, sign: int) -> None:
+    count["kpr_svc"] += sign * g.n_svc
+    count["kpr_revnat"] += sign * (1 if g.revnat else 0)
+    count["kpr_srcrange"] += sign * len(g.srcrange)
+    count["kpr_maglev"] += sign * len(g.maglev)

@@ -1,0 +1,190 @@
+"""The writer's plugin hooks: it follows the bus (initial full sync at kpr_sync_complete,
+then one service at a time), retries a failed initial sync, runs check() periodically and
+reports status."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from .. import hookimpl
+from ..context import PluginContext
+from ..model import PluginStatus, Service, ServiceKey
+
+log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
+
+# Seconds from a change of the desired state to the next try of a failed initial sync.
+_RETRY_ON_CHANGE = 2.0
+
+
+class HooksMixin:
+    """ServiceMapWriter as a kpr plugin object (state: see ServiceMapWriter.__init__)."""
+
+    # ------------------------------------------------------------------ plugin hooks
+
+    @hookimpl
+    def kpr_start(self, context: PluginContext) -> None:
+        if not self.maps:
+            self._mount_bpffs_if_missing()
+            self.open()
+        if self.check_interval is None:
+            self.check_interval = float(context.config.agent.resync_interval) if context is not None else 0.0
+        self._stopping = False
+        self._checker = threading.Thread(target=self._check_loop, name="kpr-servicemaps-check", daemon=True)
+        self._checker.start()
+
+    @hookimpl
+    def kpr_stop(self, context: PluginContext) -> None:
+        self._stopping = True
+        self._kick.set()
+        if self._checker is not None:
+            self._checker.join(10)
+            self._checker = None
+        self.close()  # pins stay: established flows keep working until the next agent adopts them
+
+    def _check_loop(self) -> None:
+        """Retries a failed initial sync with backoff, and runs check() every check_interval."""
+        interval = self.check_interval or 0.0
+        next_check = time.monotonic() + interval
+        while True:
+            due = [t for t in (self._retry_at, next_check if interval else None) if t is not None]
+            self._kick.wait(max(0.0, min(due) - time.monotonic()) if due else None)
+            self._kick.clear()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            try:
+                if self._retry_at is not None and now >= self._retry_at:
+                    self._initial_sync()
+                elif interval and now >= next_check:
+                    next_check = now + interval
+                    self.check()
+            except Exception:  # noqa: BLE001 - logged; the next round tries again
+                log.exception("event=servicemaps_check_failed")
+
+    # Through the bus, the initial state is collected and written in one batched full sync
+    # at kpr_sync_complete (adopted maps keep serving the old state until then); later
+    # changes are applied one service at a time.
+
+    @hookimpl
+    def kpr_service_upsert(self, service: Service) -> None:
+        with self._lock:
+            if self._initial is not None:
+                self._initial[service.key] = service
+                self._desired_changed()
+                return
+            self.upsert(service)
+
+    @hookimpl
+    def kpr_service_delete(self, key: ServiceKey) -> None:
+        with self._lock:
+            if self._initial is not None:
+                self._initial.pop(key, None)
+                self._desired_changed()
+                return
+            self.delete(key)
+
+    @hookimpl
+    def kpr_sync_complete(self) -> None:
+        with self._lock:
+            if self._initial is None:
+                self.gc()
+                return
+            self._sync_requested = True
+            self._initial_sync()
+
+    def _desired_changed(self) -> None:
+        # While a failed initial sync waits for its retry, a new desired state is tried soon
+        # (but not more often than every _RETRY_ON_CHANGE seconds under churn).
+        if self._retry_at is not None:
+            self._retry_at = min(self._retry_at, time.monotonic() + _RETRY_ON_CHANGE)
+            self._kick.set()
+
+    def _initial_sync(self) -> bool:
+        """Write the initial state (one full sync); on failure the maps are rolled back, the
+        writer stays not synced and a retry is scheduled with backoff."""
+        with self._lock:
+            initial = self._initial
+            if initial is None or not self._sync_requested:
+                return initial is None
+            t0 = time.monotonic()
+            try:
+                self.full_sync(initial.values())
+            except Exception as e:  # noqa: BLE001 - reported in status, retried
+                self._sync_attempts += 1
+                self.sync_error = f"{type(e).__name__}: {e}"
+                delay = self._backoff.delay(self._sync_attempts)
+                self._retry_at = time.monotonic() + delay
+                self._kick.set()
+                log.error(
+                    "event=servicemaps_initial_sync_failed services=%d attempt=%d retry_in=%.1f error=%r: not ready",
+                    len(initial), self._sync_attempts, delay, self.sync_error,
+                )
+                return False
+            self._initial = None
+            self._retry_at = None
+            self.sync_error = ""
+            log.info(
+                "event=servicemaps_initial_sync services=%d seconds=%.3f attempts=%d refused=%d",
+                len(initial), time.monotonic() - t0, self._sync_attempts + 1, len(self.refused),
+            )
+            return True
+
+    @hookimpl
+    def kpr_status(self) -> PluginStatus:
+        """Counts read back from the kernel maps; `details.synced` is false until the initial
+        state is in the maps (the agent is not ready before)."""
+        with self._lock:
+            counts = self.kernel_counts() if self.maps else {}
+            expected = self.entry_counts()
+            conflicts = len(self.conflicts)
+            synced = self._initial is None
+            counters = {
+                "services": float(len(self._by_service) - (1 if None in self._by_service else 0)),
+                "frontends": float(len(self._groups)),
+                "backends": float(counts.get("kpr_backend", 0)),
+                "map_entries": float(sum(counts.values())),
+                "errors": float(self.errors),
+                "conflicts": float(conflicts),
+                "refused": float(len(self.refused)),
+                "refusals": float(self.refusals),
+                "rollbacks": float(self.rollbacks),
+                "repairs": float(self.repairs),
+                "checks": float(self.checks),
+            }
+            for name, n in counts.items():
+                counters[f"entries_{name}"] = float(n)
+                counters[f"max_entries_{name}"] = float(self.limits[name])
+            details: dict[str, Any] = {
+                "synced": synced,
+                "refused": {str(k): r.text() for k, r in sorted(self.refused.items())},
+            }
+            drift = {name: {"kernel": n, "desired": expected[name]} for name, n in counts.items() if n != expected[name]}
+            if drift:
+                details["drift"] = drift
+            healthy = bool(self.maps)
+            msg = f"{int(counters['services'])} services, {int(counters['backends'])} backends"
+            if not healthy:
+                msg = "maps not open"
+            if conflicts:
+                msg += f", {conflicts} conflicting frontends"
+            if self.refused:
+                healthy = False
+                first = min(self.refused)
+                msg += f", {len(self.refused)} refused (first {first}: {self.refused[first].map} full)"
+            if not synced and self._sync_attempts:
+                healthy = False
+                waiting = sorted(str(k) for k in (self._initial or {}))
+                details["missing"] = waiting[:50]
+                details["syncError"] = self.sync_error
+                msg += (
+                    f"; initial state not in the maps ({len(waiting)} services waiting, attempt "
+                    f"{self._sync_attempts} failed: {self.sync_error}; retrying)"
+                )
+            elif not synced:
+                msg += "; waiting for the initial state"
+            if drift:
+                msg += f"; maps differ from the desired state in {', '.join(sorted(drift))} (check() repairs)"
+            return PluginStatus(healthy=healthy, message=msg, counters=counters, details=details)

@@ -1,0 +1,257 @@
+"""Rendering: a `Service` in, the frontend groups (map entries) it wants out.
+
+Pure apart from the id tables it allocates from (backend ids, rev-NAT indexes) and the
+previous groups it keeps slot order from; no syscalls, so it is unit-tested without root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING
+
+from ..bpf import maps as M
+from ..model import BackendState, Frontend, FrontendType, Service, ServiceKey
+from .groups import (
+    _ACTIVE, _BYTE, _PROTO_BYTE, _SLOT, _TERMINATING, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
+    _Group, _backend_name, _slot_tails,
+)
+
+if TYPE_CHECKING:
+    from ..idtables import IdBytes, IdCounts
+
+# Per-service override of the writer's selection algorithm: "random" or "maglev".
+ALGORITHM_ANNOTATION = "service.kpr.io/lb-algorithm"
+
+
+class RenderMixin:
+    """ServiceMapWriter's id allocation and rendering (state: see ServiceMapWriter._reset_shadow)."""
+
+    _groups: dict[bytes, _Group]
+    _backend_ids: dict[bytes, int]
+    _backend_vals: "IdBytes"
+    _backend_refs: "IdCounts"
+    _revnat_ids: dict[bytes, int]
+    _revnat_used: set[int]
+    _next_backend: int
+    _next_revnat: int
+    _pending_vals: dict[int, bytes]
+    _fresh_revnat: list[bytes]
+    algorithm: str
+
+    # ------------------------------------------------------------------ allocation
+
+    def _backend_id(self, bkey: bytes) -> int:
+        bid = self._backend_ids.get(bkey)
+        if bid is None:
+            bid = self._next_backend
+            while bid in self._backend_vals or bid == 0:
+                bid = (bid + 1) & 0xFFFFFFFF
+            self._next_backend = (bid + 1) & 0xFFFFFFFF or 1
+            self._backend_ids[bkey] = bid
+        return bid
+
+    def _revnat_id(self, fk: bytes) -> int:
+        idx = self._revnat_ids.get(fk)
+        if idx is None:
+            idx = self._next_revnat
+            while idx in self._revnat_used or idx == 0:
+                idx = (idx + 1) & 0xFFFFFFFF
+            self._next_revnat = (idx + 1) & 0xFFFFFFFF or 1
+            self._revnat_ids[fk] = idx
+            self._revnat_used.add(idx)
+            self._fresh_revnat.append(fk)
+        return idx
+
+    def _forget_revnat(self, fk: bytes) -> None:
+        idx = self._revnat_ids.pop(fk, None)
+        if idx is not None:
+            self._revnat_used.discard(idx)
+
+    # ------------------------------------------------------------------ rendering
+
+    def _algorithm_for(self, service: Service) -> str:
+        algo = service.annotation_map.get(ALGORITHM_ANNOTATION, self.algorithm)
+        return algo if algo in ("random", "maglev") else self.algorithm
+
+    def _render(self, service: Service) -> dict[bytes, _Group]:
+        """The groups a service wants, keyed by frontend key."""
+        out: dict[bytes, _Group] = {}
+        maglev = self._algorithm_for(service) == "maglev"
+        # Frontends of one service usually share their backends: convert each backend once
+        # (None: a single frontend, nothing to share).
+        seen: dict[tuple, tuple[int, bytes]] | None = {} if len(service.frontends) > 1 else None
+        for fe in service.frontends:
+            addr = M.addr_to_bytes(fe.address)
+            tail = fe.port.to_bytes(2, "big") + _PROTO_BYTE[fe.protocol]
+            flags = _TYPE_FLAGS[fe.type]
+            wild = _WILD4 if addr[:12] == _V4_MAPPED else _WILD6
+            if addr == wild:
+                flags |= M.SVC_F_WILDCARD
+            self._render_group(out, service.key, fe, addr + tail, flags, maglev, seen)
+            if fe.type is FrontendType.NODE_PORT and addr != wild:
+                # Any node address (and socket LB's loopback) finds the service through address 0.
+                self._render_group(out, service.key, fe, wild + tail, M.SVC_F_NODE_PORT | M.SVC_F_WILDCARD, maglev, seen)
+        return out
+
+    def _render_group(
+        self,
+        out: dict[bytes, _Group],
+        owner: ServiceKey,
+        fe: Frontend,
+        fk: bytes,
+        flags: int,
+        maglev: bool,
+        seen: dict[tuple, tuple[int, bytes]] | None,
+    ) -> None:
+        if fk in out:  # the wildcard entry of a NodePort served on several node addresses
+            return
+        prev = self._groups.get(fk)
+        rev_nat = prev.rev_nat if prev is not None else self._revnat_id(fk)
+        proto_b = fk[18:19]
+        g = _Group(rev_nat, owner, revnat=fk + b"\x00")
+
+        # Backend ids by object identity (selectable() hands back the same objects; hashing
+        # the dataclasses would cost more than the rest of the render).
+        ids: dict[int, int] = {}
+        pending_vals = self._pending_vals
+        backend_ids = self._backend_ids
+        to_bytes = M.addr_to_bytes
+        all_active = True
+        terminating = BackendState.TERMINATING
+        for b in fe.backends:
+            state = b.state
+            term = state is terminating
+            if seen is not None:
+                ident = (b.address, b.port, proto_b, state, b.local)
+                hit = seen.get(ident)
+                if hit is not None:
+                    ids[id(b)] = hit[0]
+                    all_active = all_active and not term
+                    continue
+            bkey = to_bytes(b.address) + b.port.to_bytes(2, "big") + proto_b
+            bid = backend_ids.get(bkey) or self._backend_id(bkey)
+            val = bkey + (_TERMINATING if term else _ACTIVE)[b.local]
+            pending_vals[bid] = val
+            if seen is not None:
+                seen[ident] = (bid, val)
+            if term:
+                all_active = False
+            ids[id(b)] = bid
+
+        common = flags
+        if fe.affinity_timeout > 0:
+            common |= M.SVC_F_AFFINITY
+        if fe.source_ranges:
+            common |= M.SVC_F_SOURCE_RANGES
+            g.srcrange = frozenset(self._srcrange_keys(fe, rev_nat))
+        if maglev:
+            common |= M.SVC_F_MAGLEV
+
+        scopes = [(M.SCOPE_EXTERNAL, fe.external_scope_local)]
+        ext_local, int_local = fe.external_scope_local, fe.internal_scope_local
+        if all_active and not ext_local:
+            # the common case, without selectable()'s filtering: every backend, no terminating
+            ext: tuple[list[int], list[int]] = (list(dict.fromkeys(ids.values())), [])
+        else:
+            ext = self._scope_backends(fe, ext_local, ids, all_active)
+        if int_local == ext_local:
+            intl, two = ext, False
+        else:
+            intl = self._scope_backends(fe, int_local, ids, all_active)
+            two = (set(ext[0]), set(ext[1])) != (set(intl[0]), set(intl[1]))
+        if two:
+            scopes.append((M.SCOPE_INTERNAL, fe.internal_scope_local))
+
+        # backend slot values: id, count 0, terminating 0, rev_nat, flags 0, affinity 0
+        slot_val_tail = bytes(4) + M.U32.pack(rev_nat) + bytes(8)
+        pack_u32 = M.U32.pack
+        referenced: set[int] = set()
+        # slot 0 entries first, the internal scope's before the external one's (as written)
+        head_keys: list[bytes] = []
+        head_vals: list[bytes] = []
+        svc_keys: list[bytes] = []
+        svc_vals: list[bytes] = []
+        for scope, local in scopes:
+            sel, term = ext if scope == M.SCOPE_EXTERNAL else intl
+            prev_order = prev.order_of(scope) if prev is not None else None
+            order = _stable_order(prev_order, sel)
+            g.set_order(scope, order)
+            f = common
+            if local:
+                f |= M.SVC_F_LOCAL_SCOPE
+            if two and scope == M.SCOPE_EXTERNAL:
+                f |= M.SVC_F_TWO_SCOPES
+            head = fk + _BYTE[scope]
+            head_keys.insert(0, head + _SLOT[0])
+            head_vals.insert(0, M.SVC_VAL.pack(0, len(order), len(term), rev_nat, f, fe.affinity_timeout))
+            slotted = order + term if term else order
+            svc_keys += [head + t for t in _slot_tails(len(slotted))]
+            svc_vals += [pack_u32(bid) + slot_val_tail for bid in slotted]
+            referenced.update(slotted)
+            if maglev and order:
+                # names from the packed address, as adoption derives them: same table after a restart
+                g.set_maglev(scope, tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order)))
+        g.set_svc(head_keys + svc_keys, head_vals + svc_vals, len(head_keys))
+        backends = tuple(sorted(referenced))
+        # Usually the one scope's slot order itself (every backend active, sorted): kept once.
+        first = g.order_of(M.SCOPE_EXTERNAL)
+        g.backends = first if first == backends else backends
+        out[fk] = g
+
+    @staticmethod
+    def _scope_backends(
+        fe: Frontend, local_only: bool, ids: dict[int, int], all_active: bool
+    ) -> tuple[list[int], list[int]]:
+        """(selectable ids, terminating ids kept for existing flows) of one scope."""
+        sel = list(dict.fromkeys([ids[id(b)] for b in fe.selectable(local_only)]))
+        if all_active:
+            return sel, []
+        chosen = set(sel)
+        term = sorted(
+            {ids[id(b)] for b in fe.backends if b.state is BackendState.TERMINATING and (b.local or not local_only)}
+            - chosen
+        )
+        return sel, term
+
+    @staticmethod
+    def _srcrange_keys(fe: Frontend, rev_nat: int) -> list[bytes]:
+        keys = []
+        for cidr in fe.source_ranges:
+            net = ipaddress.ip_network(cidr, strict=False)
+            if net.version != fe.family:
+                continue  # a range of the other family can never match this frontend's clients
+            plen = net.prefixlen + (96 if net.version == 4 else 0)
+            keys.append(M.SRCRANGE_KEY.pack(32 + plen, rev_nat, M.addr_to_bytes(str(net.network_address))))
+        return keys
+
+
+def _stable_order(prev: tuple[int, ...] | list[int] | None, want: list[int]) -> list[int]:
+    """Slot order for `want` that moves as few ids as possible from `prev`.
+
+    Survivors keep their slots; new ids fill the holes, then go at the end; leftover holes
+    are closed with ids taken from the end. Without a previous order, ids are sorted.
+    """
+    if not prev:
+        return sorted(want)
+    want_set = set(want)
+    prev_set = set(prev)
+    out: list[int | None] = [x if x in want_set else None for x in prev]
+    added = sorted(x for x in want_set if x not in prev_set)
+    holes = [i for i, x in enumerate(out) if x is None]
+    ai = 0
+    for i in holes:
+        if ai < len(added):
+            out[i] = added[ai]
+            ai += 1
+    out.extend(added[ai:])
+    # close remaining holes from the tail
+    lo = 0
+    while True:
+        while out and out[-1] is None:
+            out.pop()
+        try:
+            lo = out.index(None, lo)
+        except ValueError:
+            break
+        out[lo] = out.pop()
+    return out  # type: ignore[return-value]

@@ -1,0 +1,223 @@
+"""ServiceMapWriter: the maps' lifecycle (create or adopt, close) and the writer's state,
+composed with rendering, applying, read-back and the plugin hooks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from array import array
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+
+from ..bpf import maps as M
+from ..bpf.maglev import is_prime
+from ..bus import Backoff
+from ..idtables import IdBytes, IdCounts
+from ..model import Service, ServiceKey
+from .applying import ApplyMixin
+from .groups import _Group, group_entries
+from .hooks import HooksMixin
+from .params import SIZE_KEYS_ALL, Refusal
+from .reconcile import ReconcileMixin
+from .rendering import RenderMixin
+
+log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
+
+MapIncompatible = M.MapIncompatible
+
+
+class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
+    """Writes services into the maps pinned under `pin_path` (kpr's bpf.pinPath).
+
+    Also a kpr plugin object: register it with the plugin manager and it follows the bus.
+    """
+
+    def __init__(
+        self,
+        pin_path: Path | str,
+        *,
+        maglev_size: int = M.MAGLEV_DEFAULT_SIZE,
+        algorithm: str = "random",
+        sizes: dict[str, int] | None = None,
+        batch: bool = True,
+        create_datapath_maps: bool = True,
+        check_interval: float | None = None,
+        retry_backoff: Backoff | None = None,
+    ) -> None:
+        if not is_prime(maglev_size):
+            raise ValueError(f"maglev_size must be prime, got {maglev_size}")
+        if algorithm not in ("random", "maglev"):
+            raise ValueError(f"algorithm must be random or maglev, got {algorithm!r}")
+        self.pin_path = Path(pin_path)
+        self.maglev_size = maglev_size
+        self.algorithm = algorithm
+        self.batch = batch
+        self.specs = M.specs_with(sizes, maglev_size)
+        self._explicit_sizes = set(sizes or ())
+        self._names = list(M.SERVICE_MAPS) + (
+            [n for n in self.specs if n not in M.SERVICE_MAPS] if create_datapath_maps else []
+        )
+        self.maps: dict[str, M.BpfMap] = {}
+        self.limits = {name: self.specs[name].max_entries for name in M.SERVICE_MAPS}
+        self._lock = threading.RLock()
+        self._reset_shadow()
+        self.errors = 0
+        self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it
+        # Services refused for capacity (they keep their last good state), and counters.
+        self.refused: dict[ServiceKey, Refusal] = {}
+        self.refusals = 0  # refusal decisions since start
+        self.rollbacks = 0  # failed writes rolled back
+        self.repairs = 0  # entries written or deleted to repair a difference found by check()
+        self.checks = 0
+        # Seconds between check()s when run as a plugin (None: agent.resyncInterval; 0: never).
+        self.check_interval = check_interval
+        self._backoff = retry_backoff or Backoff(0.5, 30.0)
+        self._checker: threading.Thread | None = None
+        self._kick = threading.Event()
+        self._stopping = False
+        # Initial sync: requested (sync complete seen), failed attempts, last error, next retry.
+        self._sync_requested = False
+        self._sync_attempts = 0
+        self.sync_error = ""
+        self._retry_at: float | None = None
+        self._maglev_cache: OrderedDict[tuple, array] = OrderedDict()
+        self._maglev_keys = array("I", range(maglev_size)).tobytes()
+        # Services delivered through the bus before kpr_sync_complete; None afterwards.
+        self._initial: dict[ServiceKey, Service] | None = {}
+
+    def _reset_shadow(self) -> None:
+        self._groups: dict[bytes, _Group] = {}
+        # service -> its frontend keys (a tuple: most services have one or two; see _own)
+        self._by_service: dict[ServiceKey | None, tuple[bytes, ...] | set[bytes]] = {}
+        self._services: dict[ServiceKey, Service] = {}
+        # Backends: identity (addr16 + port + proto) -> id; id -> value in the map; id -> refs.
+        self._backend_ids: dict[bytes, int] = {}
+        # (flat tables: a few bytes per backend where dicts took about a hundred)
+        self._backend_vals = IdBytes(M.BACKEND.size)
+        self._backend_refs = IdCounts()
+        self._revnat_ids: dict[bytes, int] = {}
+        self._revnat_used: set[int] = set()
+        self._next_backend = 1
+        self._next_revnat = 1
+        # Entries found in the maps that no group accounts for; removed by GC.
+        self._stray: dict[str, set[bytes]] = {"kpr_srcrange": set(), "kpr_maglev": set(), "kpr_revnat": set()}
+        # Entries the groups take per map (group_entries of every group), kept up to date.
+        self._count = group_entries(())
+        self._delivered: set[ServiceKey] = set()
+        # Per operation: backends rendered (id -> (identity, value)) and rev-NAT indexes allocated.
+        self._pending_vals: dict[int, bytes] = {}  # id -> value (its first 19 bytes: the identity)
+        self._fresh_revnat: list[bytes] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> "ServiceMapWriter":
+        """Create the maps, or adopt the pinned ones, and rebuild the shadow from them."""
+        with self._lock:
+            self._check_bpffs()
+            self.pin_path.mkdir(parents=True, exist_ok=True)
+            created, adopted = [], []
+            try:
+                for name in self._names:
+                    spec, path = self.specs[name], self.pin_path / name
+                    if path.exists():
+                        m = M.BpfMap.open_pinned(path)
+                        self.maps[name] = m
+                        M.check_compatible(m, self._pinned_size(m, spec), path)
+                        adopted.append(name)
+                    else:
+                        m = self._create(spec)
+                        self.maps[name] = m
+                        m.pin(path)
+                        created.append(name)
+                self._check_maglev_inner()
+                self._reload()
+            except Exception:
+                self.close()
+                raise
+            log.info(
+                "event=servicemaps_open pin_path=%s created=%s adopted=%s frontends=%d backends=%d",
+                self.pin_path, ",".join(created) or "-", ",".join(adopted) or "-",
+                len(self._groups), len(self._backend_vals),
+            )
+            return self
+
+    def _pinned_size(self, m: M.BpfMap, spec: M.MapSpec) -> M.MapSpec:
+        """A service map pinned by an earlier kpr with another default size is adopted as it
+        is (established flows keep their maps; capacity is planned against its real size).
+        A size set in bpf.mapSizes must match the pin."""
+        have = m.info().max_entries
+        if have == spec.max_entries or spec.name in self._explicit_sizes or spec.name not in SIZE_KEYS_ALL:
+            return spec
+        log.warning(
+            "event=servicemaps_pinned_size map=%s pinned=%d default=%d: kept; `kpr cleanup` and a restart, "
+            "or bpf.mapSizes.%s, resize it",
+            spec.name, have, spec.max_entries, SIZE_KEYS_ALL[spec.name],
+        )
+        spec = replace(spec, max_entries=have)
+        self.specs[spec.name] = spec
+        if spec.name in self.limits:
+            self.limits[spec.name] = have
+        return spec
+
+    def close(self) -> None:
+        """Close the map fds. Pins stay: programs keep using the maps (`kpr cleanup` removes them)."""
+        with self._lock:
+            for m in self.maps.values():
+                m.close()
+            self.maps.clear()
+
+    def __enter__(self) -> "ServiceMapWriter":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _mount_bpffs_if_missing(self) -> None:
+        """As Cilium does: with no bpffs under the pin path, mount one where it belongs.
+
+        Pins under the standard /sys/fs/bpf get bpffs mounted there; any other pin path gets
+        one mounted on its parent directory.
+        """
+        from ..bpf.fs import ensure_bpffs, find_mounts
+
+        target = self.pin_path if self.pin_path.is_absolute() else self.pin_path.resolve()
+        if any(target == m or m in target.parents for m in find_mounts("bpf")):
+            return
+        std = Path("/sys/fs/bpf")
+        where = std if std in target.parents else target.parent
+        where.mkdir(parents=True, exist_ok=True)
+        ensure_bpffs(where, reuse_existing=False)
+        log.info("servicemaps.bpffs_mounted path=%s", where)
+
+    def _check_bpffs(self) -> None:
+        from ..bpf.fs import find_mounts
+
+        p = self.pin_path.resolve() if self.pin_path.exists() else self.pin_path
+        if not any(p == m or m in p.parents for m in find_mounts("bpf")):
+            raise OSError(f"{self.pin_path} is not on a bpffs: mount one (mount -t bpf bpf /sys/fs/bpf) or set bpf.pinPath")
+
+    def _create(self, spec: M.MapSpec) -> M.BpfMap:
+        if spec.inner is None:
+            return M.BpfMap.create(spec)
+        t, k, v, n = spec.inner
+        template = M.BpfMap.create(M.MapSpec("kpr_maglev_in", t, k, v, n))
+        try:
+            return M.BpfMap.create(spec, inner_fd=template.fd)
+        finally:
+            template.close()
+
+    def _check_maglev_inner(self) -> None:
+        outer = self.maps["kpr_maglev"]
+        for key in outer.keys():
+            raw = outer.lookup(key)
+            if raw is None:
+                continue
+            with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
+                size = inner.info().max_entries
+            if size != self.maglev_size:
+                raise MapIncompatible(
+                    f"pinned map {self.pin_path / 'kpr_maglev'} holds Maglev tables of {size} slots, this kpr "
+                    f"builds {self.maglev_size}: run `kpr cleanup` or restore the previous maglev size"
+                )
+            return

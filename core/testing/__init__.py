@@ -1,5 +1,14 @@
-"""Test harness shared by kpr's and its plugins' kernel tests.
+"""The testing kit shared by kpr's and its plugins' tests (README: "Testing a plugin").
 
+- kpr.testing.harness: one plugin (or a few) run as the agent would, against a real service
+  map writer: apply/delete/feed a service, the writer first, then the plugins.
+- kpr.testing.agent: agent configs with every path the test's own (AgentConfig), agents run
+  from them in this process (start_agent, running_agent).
+- kpr.testing.echo: echo servers and a client (TCP and UDP, IPv4 and IPv6) in namespaces.
+- kpr.testing.bpffs: scratch pin directories and private bpffs mounts.
+- kpr.testing.waiting: wait_for (a condition with a deadline), free_port.
+- kpr.testing.fixtures: pytest fixtures and hooks (`from kpr.testing.fixtures import *` in a
+  conftest.py): kernel skips, topology, cgroup, pin_dir, bpffs, harness.
 - kpr.testing.prog_run: BPF_PROG_TEST_RUN through libbpf, table-driven packet cases,
   checksum verification.
 - kpr.testing.netns: throw-away namespace topologies (nodes, pods, clients, routers).

@@ -1,0 +1,156 @@
+"""Agent configs for tests, and agents run from them.
+
+`AgentConfig` builds a kpr config whose every path is the test's own: the API socket, the
+state directory, the files source's manifests and allocations under `work` (a tmp_path, or
+`scratch_agent`'s temporary directory), the pins under `pin` (a scratch pin directory); the
+metrics listener off. Two tests, or two agents of one test, never share a path.
+
+    cfg = AgentConfig(tmp_path, pin).plugin("socklb", cgroupPath=str(cg))
+    cfg.manifest("web", WEB)            # a file under cfg.manifests
+    path = cfg.write()                  # kpr.yaml, for `kpr run --config` or the CLI
+    with running_agent(cfg) as agent:   # the agent in this process, synced
+        ...
+
+The config is written as JSON (YAML reads it), so a test may also edit `cfg.document()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AgentConfig", "running_agent", "scratch_agent", "start_agent"]
+
+
+@dataclass
+class AgentConfig:
+    work: Path
+    pin: Path
+    node: str = "node1"
+    addresses: Sequence[str] = ("192.168.50.10",)
+    devices: Sequence[str] = ("lo",)
+    # plugin name -> its section (camelCase keys, as in kpr.yaml); `enabled` is added
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # more keys of the files source (pollInterval, emptyGracePeriod, a Kubernetes API server
+    # for Leases...) and other top-level sections (service, bpf maps sizes...), merged last
+    source: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    shutdown_timeout: float | None = 5
+
+    def __post_init__(self) -> None:
+        self.work, self.pin = Path(self.work), Path(self.pin)
+
+    @property
+    def path(self) -> Path:
+        return self.work / "kpr.yaml"
+
+    @property
+    def manifests(self) -> Path:
+        return self.work / "manifests"
+
+    @property
+    def socket(self) -> Path:
+        return self.work / "kpr.sock"
+
+    @property
+    def state(self) -> Path:
+        return self.work / "state"
+
+    def plugin(self, name: str, **section: Any) -> "AgentConfig":
+        """Enable plugin `name` with these keys (merged into what it has); returns self."""
+        self.plugins.setdefault(name, {}).update(section)
+        return self
+
+    def manifest(self, name: str, text: str) -> Path:
+        """Write one manifest file (name.yaml) for the files source."""
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        path = self.manifests / f"{name}.yaml"
+        path.write_text(text)
+        return path
+
+    def document(self) -> dict[str, Any]:
+        agent: dict[str, Any] = {"stateDir": str(self.state)}
+        if self.shutdown_timeout is not None:
+            agent["shutdownTimeout"] = self.shutdown_timeout
+        doc: dict[str, Any] = {
+            "node": {"name": self.node, "addresses": list(self.addresses), "devices": list(self.devices)},
+            "source": {"kind": "files", "path": str(self.manifests), "statePath": str(self.work / "alloc.json"),
+                       "pollInterval": 0.05, **self.source},
+            "bpf": {"pinPath": str(self.pin)},
+            "api": {"socket": str(self.socket)},
+            "metrics": {"address": ""},
+            "agent": agent,
+            "plugins": {name: {"enabled": True, **section} for name, section in self.plugins.items()},
+        }
+        for key, value in self.extra.items():
+            if isinstance(value, Mapping) and isinstance(doc.get(key), dict):
+                doc[key] = {**doc[key], **copy.deepcopy(dict(value))}
+            else:
+                doc[key] = copy.deepcopy(value)
+        if not doc["plugins"]:
+            del doc["plugins"]
+        return doc
+
+    def text(self) -> str:
+        return json.dumps(self.document(), indent=1)
+
+    def write(self) -> Path:
+        """kpr.yaml under `work` (and the manifests directory); returns its path."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.text())
+        return self.path
+
+    def parse(self) -> Any:
+        """The validated KprConfig (core keys), as `kpr run` reads it."""
+        from kpr.config import parse_config
+
+        return parse_config(self.text(), str(self.path))
+
+
+@contextlib.contextmanager
+def scratch_agent(prefix: str = "kpr-test", **kw: Any) -> Iterator[AgentConfig]:
+    """An AgentConfig on a fresh temporary work directory and a scratch pin directory, both
+    removed (the pins detached) afterwards. `kw`: AgentConfig's fields."""
+    from kpr.testing.bpffs import scratch_pin_dir
+
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}-") as work, scratch_pin_dir(prefix) as pin:
+        yield AgentConfig(Path(work), pin, **kw)
+
+
+def start_agent(config: Any, *, internal_plugins: Mapping[str, Any] | None = None, timeout: float = 15.0) -> Any:
+    """A kpr Agent in this process, set up and synced (its bus has delivered the source's
+    first state to every plugin). `config`: an AgentConfig or a parsed KprConfig;
+    `internal_plugins`: plugin objects to load beside the installed ones, by name."""
+    from kpr.daemon import Agent
+    from kpr.testing.waiting import wait_for
+
+    if isinstance(config, AgentConfig):
+        config.write()
+        config = config.parse()
+    agent = Agent(config, internal_plugins=dict(internal_plugins or {}))
+    agent.setup()
+    try:
+        wait_for(agent.bus.synced, timeout, "the agent to sync")
+    except BaseException:
+        agent.shutdown()
+        raise
+    return agent
+
+
+@contextlib.contextmanager
+def running_agent(config: Any, **kw: Any) -> Iterator[Any]:
+    """start_agent for a block; the agent shuts down at its end, and a failing shutdown
+    (exit code not 0) fails the test."""
+    agent = start_agent(config, **kw)
+    try:
+        yield agent
+    finally:
+        rc = agent.shutdown()
+    assert rc == 0, f"the agent's shutdown returned {rc}"

@@ -1,0 +1,46 @@
+"""Scratch bpffs for tests: a private mount, or a unique pin directory, gone afterwards.
+
+- `private_bpffs(prefix)`: a bpffs mounted on a fresh temporary directory, for agents that
+  run in other namespaces (`ip netns exec` hides /sys/fs/bpf) or tests that must not share
+  the system's bpffs; unmounted (lazily, so nothing stays mounted) and removed on exit.
+- `scratch_pin_dir(prefix)`: a unique pin directory (kpr.bpf.cleanup's), whatever kpr pinned
+  under it detached and removed on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from kpr.bpf.cleanup import scratch_pin_dir
+
+__all__ = ["private_bpffs", "scratch_pin_dir"]
+
+log = logging.getLogger(__name__)
+MNT_DETACH = 2
+
+
+@contextlib.contextmanager
+def private_bpffs(prefix: str = "kpr-test") -> Iterator[Path]:
+    """A bpffs mounted on a fresh temporary directory, unmounted and removed afterwards."""
+    from kpr.bpf.fs import _mount
+
+    mnt = Path(tempfile.mkdtemp(prefix=f"{prefix}-bpffs-"))
+    try:
+        _mount("bpf", mnt, "bpf")
+    except OSError:
+        mnt.rmdir()
+        raise
+    try:
+        yield mnt
+    finally:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(str(mnt).encode(), MNT_DETACH) != 0:  # never leave it mounted
+            log.error("event=bpffs_umount_failed path=%s errno=%d", mnt, ctypes.get_errno())
+        else:
+            os.rmdir(mnt)

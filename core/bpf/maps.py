@@ -1,9 +1,9 @@
 """Python side of the shared service maps: struct mirrors, map specs, and map access.
 
-The C side is core/bpf/lib/maps.h (+ conntrack.h, nat.h); tests/kernel/test_maps_layout.py
-checks that every ctypes mirror here matches bcc's view of the C struct. The writer packs
-entries with the `struct.Struct` packers below (much faster than ctypes instances); their
-formats are checked against the ctypes mirrors too.
+The C side is core/bpf/lib/maps.h (+ conntrack.h, nat.h), the one definition: constants,
+ctypes mirrors and packers here are read from it (kpr.bpf.abi); tests/kernel/test_maps_layout.py
+checks the mirrors against bcc's view of the C structs. The writer packs entries with the
+`struct.Struct` packers below (much faster than ctypes instances).
 
 Maps are created, pinned and opened through libbpf.so.1 (ctypes): bcc has no batch
 operations in Python, and the writer must own the maps before any program is loaded.
@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from kpr.bpf import abi
 
 log = logging.getLogger(__name__)
 
@@ -57,159 +59,67 @@ BPF_NOEXIST = 1
 IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in IPPROTO.items()}
 
-# Mirrors of the #defines in lib/maps.h.
-SCOPE_EXTERNAL = 0  # backends for traffic from outside the node
-SCOPE_INTERNAL = 1  # backends for in-cluster traffic, when they differ
+# The constants, structs and packers below are read from lib/maps.h, lib/conntrack.h and
+# lib/nat.h (kpr.bpf.abi): the headers are their one definition.
+SCOPE_EXTERNAL = abi.value("KPR_SCOPE_EXTERNAL")  # backends for traffic from outside the node
+SCOPE_INTERNAL = abi.value("KPR_SCOPE_INTERNAL")  # backends for in-cluster traffic, when they differ
 
-SVC_F_CLUSTER_IP = 1 << 0
-SVC_F_NODE_PORT = 1 << 1
-SVC_F_EXTERNAL_IP = 1 << 2
-SVC_F_LOAD_BALANCER = 1 << 3
-SVC_F_HOST_PORT = 1 << 4
-SVC_F_AFFINITY = 1 << 5
-SVC_F_SOURCE_RANGES = 1 << 6
-SVC_F_LOCAL_SCOPE = 1 << 7
-SVC_F_TWO_SCOPES = 1 << 8
-SVC_F_MAGLEV = 1 << 9
-SVC_F_WILDCARD = 1 << 10
+SVC_F_CLUSTER_IP = abi.value("KPR_SVC_F_CLUSTER_IP")
+SVC_F_NODE_PORT = abi.value("KPR_SVC_F_NODE_PORT")
+SVC_F_EXTERNAL_IP = abi.value("KPR_SVC_F_EXTERNAL_IP")
+SVC_F_LOAD_BALANCER = abi.value("KPR_SVC_F_LOAD_BALANCER")
+SVC_F_HOST_PORT = abi.value("KPR_SVC_F_HOST_PORT")
+SVC_F_AFFINITY = abi.value("KPR_SVC_F_AFFINITY")
+SVC_F_SOURCE_RANGES = abi.value("KPR_SVC_F_SOURCE_RANGES")
+SVC_F_LOCAL_SCOPE = abi.value("KPR_SVC_F_LOCAL_SCOPE")
+SVC_F_TWO_SCOPES = abi.value("KPR_SVC_F_TWO_SCOPES")
+SVC_F_MAGLEV = abi.value("KPR_SVC_F_MAGLEV")
+SVC_F_WILDCARD = abi.value("KPR_SVC_F_WILDCARD")
 
+# How `kpr service list` names the KPR_SVC_F_* flags where it is not the suffix in lower case
+# with dashes (SOURCE_RANGES: "source-ranges"); a new flag in lib/maps.h is named with nothing
+# to add here.
+_SVC_FLAG_LABELS = {
+    "CLUSTER_IP": "ClusterIP",
+    "NODE_PORT": "NodePort",
+    "EXTERNAL_IP": "ExternalIP",
+    "LOAD_BALANCER": "LoadBalancer",
+    "HOST_PORT": "HostPort",
+    "LOCAL_SCOPE": "local",
+}
 SVC_FLAG_NAMES = {
-    SVC_F_CLUSTER_IP: "ClusterIP",
-    SVC_F_NODE_PORT: "NodePort",
-    SVC_F_EXTERNAL_IP: "ExternalIP",
-    SVC_F_LOAD_BALANCER: "LoadBalancer",
-    SVC_F_HOST_PORT: "HostPort",
-    SVC_F_AFFINITY: "affinity",
-    SVC_F_SOURCE_RANGES: "source-ranges",
-    SVC_F_LOCAL_SCOPE: "local",
-    SVC_F_TWO_SCOPES: "two-scopes",
-    SVC_F_MAGLEV: "maglev",
-    SVC_F_WILDCARD: "wildcard",
+    bit: _SVC_FLAG_LABELS.get(suffix, suffix.lower().replace("_", "-"))
+    for suffix, bit in abi.group("KPR_SVC_F_").items()
 }
 
-BACKEND_ACTIVE = 0
-BACKEND_TERMINATING = 1
-BACKEND_F_LOCAL = 1 << 0
+BACKEND_ACTIVE = abi.value("KPR_BACKEND_ACTIVE")
+BACKEND_TERMINATING = abi.value("KPR_BACKEND_TERMINATING")
+BACKEND_F_LOCAL = abi.value("KPR_BACKEND_F_LOCAL")
 
-# --- ctypes mirrors of the C structs ---------------------------------------------------
+# --- ctypes mirrors of the C structs, generated from the headers --------------------------
 
-
-class KprAddr(ctypes.Union):
-    # union kpr_addr: IPv6, or IPv4 mapped into ::ffff:0:0/96.
-    _fields_ = [("b", ctypes.c_uint8 * 16), ("h", ctypes.c_uint16 * 8), ("w", ctypes.c_uint32 * 4)]
-
-
-class SvcKey(ctypes.Structure):
-    # struct kpr_svc_key: frontend, scope and backend slot.
-    _fields_ = [
-        ("addr", KprAddr),
-        ("port", ctypes.c_uint16),
-        ("proto", ctypes.c_uint8),
-        ("scope", ctypes.c_uint8),
-        ("slot", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16),
-    ]
-
-
-class SvcVal(ctypes.Structure):
-    # struct kpr_svc_val: slot 0 the service, other slots a backend id.
-    _fields_ = [
-        ("backend_id", ctypes.c_uint32),
-        ("count", ctypes.c_uint16),
-        ("terminating", ctypes.c_uint16),
-        ("rev_nat", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("affinity_timeout", ctypes.c_uint32),
-    ]
-
-
-class Backend(ctypes.Structure):
-    # struct kpr_backend: kpr_backend value.
-    _fields_ = [
-        ("addr", KprAddr),
-        ("port", ctypes.c_uint16),
-        ("proto", ctypes.c_uint8),
-        ("state", ctypes.c_uint8),
-        ("flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
-    ]
-
-
-class RevNat(ctypes.Structure):
-    # struct kpr_revnat: kpr_revnat value.
-    _fields_ = [("addr", KprAddr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
-
-
-class AffinityKey(ctypes.Structure):
-    # struct kpr_affinity_key.
-    _fields_ = [
-        ("client", KprAddr),
-        ("rev_nat", ctypes.c_uint32),
-        ("netns", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
-    ]
-
-
-class AffinityVal(ctypes.Structure):
-    # struct kpr_affinity_val.
-    _fields_ = [("last_used", ctypes.c_uint64), ("backend_id", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
-
-
-class MaglevKey(ctypes.Structure):
-    # struct kpr_maglev_key.
-    _fields_ = [("rev_nat", ctypes.c_uint32), ("scope", ctypes.c_uint32)]
-
-
-class SrcRangeKey(ctypes.Structure):
-    # struct kpr_srcrange_key (LPM).
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("rev_nat", ctypes.c_uint32), ("addr", KprAddr)]
-
-
-class CtKey(ctypes.Structure):
-    # struct kpr_ct_key (lib/conntrack.h); also the kpr_snat key.
-    _fields_ = [
-        ("saddr", KprAddr),
-        ("daddr", KprAddr),
-        ("sport", ctypes.c_uint16),
-        ("dport", ctypes.c_uint16),
-        ("proto", ctypes.c_uint8),
-        ("dir", ctypes.c_uint8),
-        ("pad", ctypes.c_uint16),
-    ]
-
-
-class CtEntry(ctypes.Structure):
-    # struct kpr_ct_entry (lib/conntrack.h).
-    _fields_ = [
-        ("last_seen", ctypes.c_uint64),
-        ("backend_id", ctypes.c_uint32),
-        ("rev_nat", ctypes.c_uint32),
-        ("flags", ctypes.c_uint16),
-        ("tcp_flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("pad2", ctypes.c_uint32),
-    ]
-
-
-class NatEntry(ctypes.Structure):
-    # struct kpr_nat_entry (lib/nat.h).
-    _fields_ = [
-        ("addr", KprAddr),
-        ("port", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16),
-        ("pad2", ctypes.c_uint32),
-        ("created", ctypes.c_uint64),
-    ]
-
+KprAddr = abi.ctype("kpr_addr")  # union kpr_addr: IPv6, or IPv4 mapped into ::ffff:0:0/96
+SvcKey = abi.ctype("kpr_svc_key")  # frontend, scope and backend slot
+SvcVal = abi.ctype("kpr_svc_val")  # slot 0 the service, other slots a backend id
+Backend = abi.ctype("kpr_backend")
+RevNat = abi.ctype("kpr_revnat")
+AffinityKey = abi.ctype("kpr_affinity_key")
+AffinityVal = abi.ctype("kpr_affinity_val")
+MaglevKey = abi.ctype("kpr_maglev_key")
+SrcRangeKey = abi.ctype("kpr_srcrange_key")  # LPM key
+CtKey = abi.ctype("kpr_ct_key")  # lib/conntrack.h; also the kpr_snat key
+CtEntry = abi.ctype("kpr_ct_entry")
+NatEntry = abi.ctype("kpr_nat_entry")  # lib/nat.h
 
 # Fast packers with the same layouts ("=": native order, no padding; ports are passed already
-# in network order, as `htons(port)`).
-SVC_KEY = struct.Struct("=16sHBBHH")  # addr, port, proto, scope, slot, pad
-SVC_VAL = struct.Struct("=IHHIII")  # backend_id, count, terminating, rev_nat, flags, affinity_timeout
-BACKEND = struct.Struct("=16sHBBB3x")  # addr, port, proto, state, flags
-REVNAT = struct.Struct("=16sHBx")  # addr, port, proto
-MAGLEV_KEY = struct.Struct("=II")  # rev_nat, scope
-SRCRANGE_KEY = struct.Struct("=II16s")  # prefixlen, rev_nat, addr
+# in network order, as `htons(port)`). Callers pass the fields positionally, in header order,
+# without the ones skipped (pad bytes); tests/test_abi.py pins the field lists they rely on.
+SVC_KEY = abi.packer("kpr_svc_key")  # addr, port, proto, scope, slot, pad
+SVC_VAL = abi.packer("kpr_svc_val")  # backend_id, count, terminating, rev_nat, flags, affinity_timeout
+BACKEND = abi.packer("kpr_backend", skip=("pad",))  # addr, port, proto, state, flags
+REVNAT = abi.packer("kpr_revnat", skip=("pad",))  # addr, port, proto
+MAGLEV_KEY = abi.packer("kpr_maglev_key")  # rev_nat, scope
+SRCRANGE_KEY = abi.packer("kpr_srcrange_key")  # prefixlen, rev_nat, addr
 U32 = struct.Struct("=I")
 
 # Struct mirror -> packer, for the layout test.
@@ -281,6 +191,8 @@ class MapSpec:
 
 MAGLEV_DEFAULT_SIZE = 16381  # KPR_MAGLEV_M
 
+_sz = ctypes.sizeof  # key and value sizes: the structs' (lib/*.h)
+
 # Every shared map kpr pins. These max_entries are the one definition of the defaults:
 # programs get them as -D flags (cflags() below), and lib/*.h's #ifndef fallbacks repeat them
 # (tests/test_map_defaults.py checks that they agree). bpf.mapSizes overrides them.
@@ -296,29 +208,29 @@ SPECS: dict[str, MapSpec] = {
     s.name: s
     for s in (
         # frontend + scope + slot -> service entry (slot 0) or backend id
-        MapSpec("kpr_svc", BPF_MAP_TYPE_HASH, 24, 20, 262144, "KPR_SVC_MAX"),
+        MapSpec("kpr_svc", BPF_MAP_TYPE_HASH, _sz(SvcKey), _sz(SvcVal), 262144, "KPR_SVC_MAX"),
         # backend id -> address, port, protocol, state
-        MapSpec("kpr_backend", BPF_MAP_TYPE_HASH, 4, 24, 131072, "KPR_BACKEND_MAX"),
+        MapSpec("kpr_backend", BPF_MAP_TYPE_HASH, 4, _sz(Backend), 131072, "KPR_BACKEND_MAX"),
         # rev-NAT index -> frontend address, port, protocol
-        MapSpec("kpr_revnat", BPF_MAP_TYPE_HASH, 4, 20, 65536, "KPR_REVNAT_MAX"),
+        MapSpec("kpr_revnat", BPF_MAP_TYPE_HASH, 4, _sz(RevNat), 65536, "KPR_REVNAT_MAX"),
         # (client, rev-NAT index) -> backend id, last use: sessionAffinity, written by programs
-        MapSpec("kpr_affinity", BPF_MAP_TYPE_LRU_HASH, 24, 16, 65536, "KPR_AFFINITY_MAX"),
+        MapSpec("kpr_affinity", BPF_MAP_TYPE_LRU_HASH, _sz(AffinityKey), _sz(AffinityVal), 65536, "KPR_AFFINITY_MAX"),
         # (rev-NAT index, scope) -> inner array of M backend ids
         MapSpec(
             "kpr_maglev",
             BPF_MAP_TYPE_HASH_OF_MAPS,
-            8,
+            _sz(MaglevKey),
             4,
             32768,
             "KPR_MAGLEV_MAX",
             inner=(BPF_MAP_TYPE_ARRAY, 4, 4, MAGLEV_DEFAULT_SIZE),
         ),
         # LPM (rev-NAT index, client prefix) -> allowed: loadBalancerSourceRanges
-        MapSpec("kpr_srcrange", BPF_MAP_TYPE_LPM_TRIE, 24, 4, 16384, "KPR_SRCRANGE_MAX", BPF_F_NO_PREALLOC),
+        MapSpec("kpr_srcrange", BPF_MAP_TYPE_LPM_TRIE, _sz(SrcRangeKey), 4, 16384, "KPR_SRCRANGE_MAX", BPF_F_NO_PREALLOC),
         # 5-tuple + direction -> backend id, rev-NAT index, timestamps (lib/conntrack.h)
-        MapSpec("kpr_ct", BPF_MAP_TYPE_LRU_HASH, 40, 24, 131072, "KPR_CT_MAX"),
+        MapSpec("kpr_ct", BPF_MAP_TYPE_LRU_HASH, _sz(CtKey), _sz(CtEntry), 131072, "KPR_CT_MAX"),
         # 5-tuple + direction -> SNAT address/port, both directions (lib/nat.h)
-        MapSpec("kpr_snat", BPF_MAP_TYPE_LRU_HASH, 40, 32, 131072, "KPR_SNAT_MAX"),
+        MapSpec("kpr_snat", BPF_MAP_TYPE_LRU_HASH, _sz(CtKey), _sz(NatEntry), 131072, "KPR_SNAT_MAX"),
     )
 }
 

@@ -3,18 +3,18 @@ xdp_nodeport.c for XDP) and the maps they share with the plugins.
 
 `Datapath` compiles and loads the entry programs and their stages, fills the stage program
 array, and writes the plugin-owned maps (devices, the kind of every link, node addresses,
-announced addresses, per-frontend modes). Its counters are kpr_np_stats (STATS, in
-KPR_NP_ST_* order) and kpr_np_fwd (FWD_STATS, named from the KPR_NP_FWD_* defines of
-lib/nodeport.h: how packets left, why one was handed to the stack, by egress device kind). The plugins subclass it with their entry file, program names, program
-type and stage array. Struct packers here mirror lib/nodeport.h, lib/conntrack.h and
-lib/nat.h; tests/kernel/test_tc_nodeport_prog.py checks them against bcc's view of the C.
+announced addresses, per-frontend modes). Its counters are kpr_np_stats (STATS, named
+from the KPR_NP_ST_* defines of lib/nodeport.h in slot order) and kpr_np_fwd (FWD_STATS, from
+the KPR_NP_FWD_* defines: how packets left, why one was handed to the stack, by egress device
+kind). The plugins subclass it with their entry file, program names, program type and stage
+array. Constants and struct packers here are read from lib/nodeport.h, lib/conntrack.h and
+lib/nat.h (kpr.bpf.abi); tests/kernel/test_tc_nodeport_prog.py checks them against bcc's view.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import secrets
 import struct
 from collections.abc import Iterable, Mapping
@@ -22,84 +22,59 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kpr.bpf import abi
 from kpr.bpf import maps as M
 from kpr.bpf.inline import BPF_DIR
 from kpr.netdevs import DevKind
 
 log = logging.getLogger(__name__)
 
-# Stage programs of the tc build in KPR_NP_CALL_* order (lib/nodeport.h).
-CALLS = (
-    "kpr_np_local",
-    "kpr_np_snat",
-    "kpr_np_dsr",
-    "kpr_np_nobackend",
-    "kpr_np_snat_reply",
-    "kpr_np_dsr_recv",
-    "kpr_np_icmp_in",
-    "kpr_np_icmp_out",
-)
-# kpr_np_stats slots in KPR_NP_ST_* order.
-STATS = (
-    "new_local",
-    "new_snat",
-    "new_dsr",
-    "established",
-    "reply_revnat",
-    "reply_snat",
-    "dsr_received",
-    "icmp_sent",
-    "icmp_translated",
-    "drop_no_backend",
-    "drop_no_local_backend",
-    "drop_source_range",
-    "drop_vip_unserved",
-    "drop_snat_no_port",
-    "drop_nat_failed",
-    "drop_dsr_failed",
-    "drop_dsr_unknown_frontend",
-    "drop_mtu",
-    "drop_no_reverse_entry",
-    "drop_no_snat_address",
-    "malformed",
-    "fragments",
-    "fib_to_kernel",
-    "conntrack_write_failed",
-    "stale_backend",
-    "icmp_rate_limited",
-    "tail_call_missing",
-    "reverse_entry_stale",
-)
+# Stage programs of the tc build, in KPR_NP_CALL_* slot order (lib/nodeport.h): kpr_np_<call>.
+CALLS = tuple(f"kpr_np_{n}" for n in abi.counters("KPR_NP_CALL_", names={"NO_BACKEND": "nobackend"}))
+# kpr_np_stats slots in KPR_NP_ST_* order (lib/nodeport.h, via kpr.bpf.abi). A counter is
+# named by its C suffix in lower case; these published names (status, metrics, kpr.drops,
+# `kpr monitor` reasons) differ from their C suffix. A new KPR_NP_ST_* needs nothing here.
+STATS_NAMES = {
+    "ICMP_XLATED": "icmp_translated",
+    "DROP_NO_LOCAL": "drop_no_local_backend",
+    "DROP_SRC_RANGE": "drop_source_range",
+    "DROP_VIP": "drop_vip_unserved",
+    "DROP_SNAT_PORT": "drop_snat_no_port",
+    "DROP_NAT": "drop_nat_failed",
+    "DROP_DSR": "drop_dsr_failed",
+    "DROP_DSR_BAD": "drop_dsr_unknown_frontend",
+    "DROP_NO_REV": "drop_no_reverse_entry",
+    "DROP_NO_SNAT_ADDR": "drop_no_snat_address",
+    "FRAGMENT": "fragments",
+    "FIB_PASS": "fib_to_kernel",
+    "CT_FAILED": "conntrack_write_failed",
+    "ICMP_LIMITED": "icmp_rate_limited",
+    "TAIL_MISSING": "tail_call_missing",
+    "REV_STALE": "reverse_entry_stale",
+}
+STATS = abi.counters("KPR_NP_ST_", names=STATS_NAMES)
 
 
-def _fwd_names(header: Path) -> dict[int, str]:
-    """kpr_np_fwd slot -> counter name, read from the KPR_NP_FWD_* defines (one definition):
+def _fwd_names() -> dict[int, str]:
+    """kpr_np_fwd slot -> counter name, from the KPR_NP_FWD_* defines (one definition):
     fwd_<reason> for how packets left or why they were given up on, egress_<kind> per
     KPR_DEV_* kind of egress device."""
-    text = header.read_text()
-    names = {
-        int(m[2]): f"fwd_{m[1].lower()}"
-        for m in re.finditer(r"^#define KPR_NP_FWD_([A-Z0-9_]+)\s+(\d+)\b", text, re.M)
-        if m[1] not in ("BY_KIND", "MAX")
-    }
-    by_kind = re.search(r"^#define KPR_NP_FWD_BY_KIND\s+(\d+)\b", text, re.M)
-    if by_kind is None or not names:
-        raise RuntimeError(f"{header}: no KPR_NP_FWD_* counters")
-    base = int(by_kind[1])
+    names = {slot: f"fwd_{reason.lower()}" for reason, slot in abi.group("KPR_NP_FWD_", exclude=("BY_KIND", "MAX")).items()}
+    base = abi.value("KPR_NP_FWD_BY_KIND")
     names.update({base + k.value: f"egress_{k.name.lower()}" for k in DevKind})
     return names
 
 
 NODEPORT_H = BPF_DIR / "lib" / "nodeport.h"
 # kpr_np_fwd slots: how packets left, by reason and by egress device kind.
-FWD_STATS = _fwd_names(NODEPORT_H)
+FWD_STATS = _fwd_names()
 DROP_STATS = tuple(s for s in STATS if s.startswith("drop_")) + tuple(
     n for n in FWD_STATS.values() if n.startswith("fwd_drop_")
 )
 # Reasons a packet was handed to the kernel's stack instead of a redirect helper.
 GIVEN_UP_STATS = tuple(n for n in FWD_STATS.values() if n.startswith("fwd_stack_")) + ("fib_to_kernel",)
 
-MODES = {"snat": 0, "dsr": 1, "hybrid": 2}
+MODES = {name.lower(): v for name, v in abi.group("KPR_NP_MODE_").items()}  # snat, dsr, hybrid
 MODE_NAMES = {v: k for k, v in MODES.items()}
 
 # Plugin-owned pinned maps (lib/nodeport.h).
@@ -109,24 +84,28 @@ PORTS_MAP = "kpr_np_ports"
 STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"
 OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP)
 # kpr_np_ports (lib/nodeport.h): 64 ports per word, TCP words then UDP words, then the armed word.
-PORTS_ARMED = 2048
-VIP_BITS = PORTS_ARMED + 1  # then 1024 words: a bit per announced address at vip_hash()
+PORTS_ARMED = abi.value("KPR_NP_PORTS_ARMED")
+VIP_BITS = abi.value("KPR_NP_VIP_BITS")  # then 1024 words: a bit per announced address at vip_hash()
 _PORT_PROTO_BASE = {6: 0, 17: 1024}
 
-# --- struct packers ("=" native order, no padding; ports as stored, network order) ---------
+# --- struct packers, read from lib/nodeport.h, lib/conntrack.h and lib/nat.h -----------------
+# ("=" native order, no padding; ports as stored, network order; fields positionally in header
+# order, pads included unless skipped: tests/test_abi.py pins the lists callers rely on)
 
-CT_KEY = struct.Struct("=16s16sHHBBH")  # kpr_ct_key: saddr, daddr, sport, dport, proto, dir, pad
-CT_ENTRY = struct.Struct("=QIIHBBI")  # kpr_ct_entry: last_seen, backend_id, rev_nat, flags, tcp_flags, pad, pad2
-NAT_ENTRY = struct.Struct("=16sHHIQ")  # kpr_nat_entry: addr, port, pad, pad2, created
-NP_REV = struct.Struct("=16sHHIQ")  # kpr_np_rev: addr, port, flags, pad, last_seen
-NP_FE_KEY = struct.Struct("=16sHBx")  # kpr_np_fe_key: addr, port, proto
-NP_FE = struct.Struct("=B3x")  # kpr_np_fe: mode
-NP_DEV = struct.Struct("=16s16sII")  # kpr_np_dev: addr4, addr6, flags, pad
+CT_KEY = abi.packer("kpr_ct_key")  # saddr, daddr, sport, dport, proto, dir, pad
+CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, tcp_flags, pad, pad2
+NAT_ENTRY = abi.packer("kpr_nat_entry")  # addr, port, pad, pad2, created
+NP_REV = abi.packer("kpr_np_rev")  # addr, port, flags, pad, last_seen
+NP_FE_KEY = abi.packer("kpr_np_fe_key", skip=("pad",))  # addr, port, proto
+NP_FE = abi.packer("kpr_np_fe", skip=("pad",))  # mode
+NP_DEV = abi.packer("kpr_np_dev")  # addr4, addr6, flags, pad
 
-CT_DIR_ORIGINAL, CT_DIR_REPLY = 0, 1
-CT_F_SEEN_REPLY, CT_F_CLOSING, CT_F_NODE_PORT, CT_F_SNAT, CT_F_DSR, CT_F_LOCAL = 1, 2, 4, 8, 16, 32
-REV_F_DSR, REV_F_CLOSING = 1, 2
-SNAT_PORT_MIN, SNAT_PORT_MAX = 61000, 65535  # lib/nat.h's defaults of KPR_SNAT_PORT_MIN/MAX
+CT_DIR_ORIGINAL, CT_DIR_REPLY = abi.value("KPR_CT_DIR_ORIGINAL"), abi.value("KPR_CT_DIR_REPLY")
+CT_F_SEEN_REPLY, CT_F_CLOSING, CT_F_NODE_PORT, CT_F_SNAT, CT_F_DSR, CT_F_LOCAL = (
+    abi.value(f"KPR_CT_F_{n}") for n in ("SEEN_REPLY", "CLOSING", "NODE_PORT", "SNAT", "DSR", "LOCAL")
+)
+REV_F_DSR, REV_F_CLOSING = abi.value("KPR_NP_REV_F_DSR"), abi.value("KPR_NP_REV_F_CLOSING")
+SNAT_PORT_MIN, SNAT_PORT_MAX = abi.value("KPR_SNAT_PORT_MIN"), abi.value("KPR_SNAT_PORT_MAX")  # lib/nat.h defaults
 
 _ZERO16 = bytes(16)
 

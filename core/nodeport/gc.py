@@ -6,7 +6,7 @@ flows that ended are removed, and counters tell how many flows are live.
 
 What belongs to whom:
   kpr_ct      ORIGINAL entries flagged KPR_CT_F_NODE_PORT (client -> frontend). Expired after
-              lib/conntrack.h's timeouts (mirrored below). Non-TCP flows whose backend left
+              lib/conntrack.h's timeouts (read from it below). Non-TCP flows whose backend left
               their frontend are "stale" and cleared at once: kube-proxy's long-standing
               stale-UDP problem (clients keep sending into the void) does not happen here.
   kpr_np_rev  reverse translations (backend -> client). Those made from a DSR header (on the
@@ -26,17 +26,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kpr.bpf import abi
 from kpr.bpf import maps as M
 
 from . import datapath as D
 
 log = logging.getLogger(__name__)
 
-# lib/conntrack.h timeouts, ns.
-TCP_TIMEOUT_NS = 21600 * 10**9
-TCP_SYN_TIMEOUT_NS = 60 * 10**9
-TCP_CLOSE_TIMEOUT_NS = 10 * 10**9
-OTHER_TIMEOUT_NS = 60 * 10**9
+# lib/conntrack.h timeouts (their #ifndef defaults), ns.
+TCP_TIMEOUT_NS = abi.value("KPR_CT_TCP_TIMEOUT_NS")
+TCP_SYN_TIMEOUT_NS = abi.value("KPR_CT_TCP_SYN_TIMEOUT_NS")
+TCP_CLOSE_TIMEOUT_NS = abi.value("KPR_CT_TCP_CLOSE_TIMEOUT_NS")
+OTHER_TIMEOUT_NS = abi.value("KPR_CT_OTHER_TIMEOUT_NS")
 GRACE_NS = 10 * 10**9  # entries this young are never orphans (their partner may be being written)
 
 TCP, UDP = 6, 17

@@ -26,7 +26,6 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from typing import Any
 import pydantic
 
 from kpr import hookimpl
-from kpr.bpf import builds, links, percpu
+from kpr.bpf import abi, builds, links, percpu
 from kpr.bpf import maps as M
 from kpr.context import PluginContext
 from kpr.servicemaps import WriterParams, writer_params
@@ -65,19 +64,16 @@ BIND_HOOKS: tuple[tuple[str, str, str], ...] = (
     ("sklb6_postbind", "CGROUP_SOCK", "CGROUP_INET6_POST_BIND"),
 )
 
-# kpr_sock_stats slots, in the order of KPR_SOCK_ST_* in lib/sock.h.
-STATS = (
-    "connect",
-    "sendmsg",
-    "reverse",
-    "no_backend",
-    "bind_refused",
-    "skip_not_host",
-    "skip_external_ip",
-    "skip_source_ranges",
-    "revnat_update_failed",
-    "revnat_stale",
-    "family_mismatch",
+# kpr_sock_stats slots in KPR_SOCK_ST_* order (lib/sock.h, via kpr.bpf.abi), each named by its
+# C suffix in lower case, or by its published name (status, metrics) where that differs.
+STATS = abi.counters(
+    "KPR_SOCK_ST_",
+    names={
+        "SKIP_EXTERNAL": "skip_external_ip",
+        "SKIP_SRCRANGE": "skip_source_ranges",
+        "REVNAT_FAIL": "revnat_update_failed",
+        "FAMILY": "family_mismatch",
+    },
 )
 
 BPF_F_ALLOW_MULTI = 1 << 1  # share the cgroup hook with other agents' programs
@@ -87,8 +83,9 @@ REVNAT_MAP = "kpr_sock_revnat"
 HOSTADDR_MAP = "kpr_sock_hostaddr"
 STATS_MAP = "kpr_sock_stats"
 
-REVNAT_KEY = struct.Struct("=Q16sHHI")  # cookie, backend addr, backend port (network order), pad, pad
-REVNAT_VAL = struct.Struct("=16sHBxIQ")  # dialled addr, port (network order), proto, rev_nat, netns cookie
+# lib/sock.h's structs: fields positionally in header order (tests/test_abi.py pins the lists).
+REVNAT_KEY = abi.packer("kpr_sock_revnat_key")  # cookie, backend addr, backend port (network order), pad, pad2
+REVNAT_VAL = abi.packer("kpr_sock_revnat_val", skip=("pad",))  # dialled addr, port (network order), proto, rev_nat, netns
 
 # How long termination waits for the service map writer (its own bus worker) to stop offering
 # a removed backend, so a client that reconnects at once does not get the same backend again.

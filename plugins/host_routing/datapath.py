@@ -1,19 +1,19 @@
 """The host routing programs (bpf/host_routing.c over core/bpf/lib/host_routing.h) and the maps
 the plugin writes: local pods, devices; counters read back for status.
 
-Struct packers mirror lib/host_routing.h (tests/kernel/test_host_routing_prog.py checks them
-against bcc's view of the C).
+Counter names, flags and struct packers are read from lib/host_routing.h (kpr.bpf.abi);
+tests/kernel/test_host_routing_prog.py checks them against bcc's view of the C.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kpr.bpf import abi
 from kpr.bpf import maps as M
 from kpr.nodeport.datapath import Datapath as NodePortDatapath
 
@@ -25,32 +25,20 @@ SOURCE = Path(__file__).resolve().parent / "bpf" / "host_routing.c"
 FROM_NETDEV, FROM_POD, TO_POD = "kpr_hr_from_netdev", "kpr_hr_from_pod", "kpr_hr_to_pod"
 ENTRIES = (FROM_NETDEV, FROM_POD, TO_POD)
 
-# kpr_hr_stats slots in KPR_HR_ST_* order.
-STATS = (
-    "redirect_peer",
-    "redirect",
-    "redirect_neigh",
-    "service_new",
-    "service_established",
-    "service_revnat",
-    "pass_not_ip",
-    "pass_malformed",
-    "pass_fragment",
-    "pass_ip_options",
-    "pass_not_pod",
-    "pass_local",
-    "pass_ttl",
-    "pass_fib",
-    "pass_no_neigh",
-    "pass_neigh_off",
-    "pass_switched",
-    "pass_not_dev",
-    "drop_no_backend",
-    "drop_nat",
-    "conntrack_write_failed",
-    "stale_backend",
-    "service_hairpin",
-    "redirect_neigh_overlay",
+# kpr_hr_stats slots in KPR_HR_ST_* order (lib/host_routing.h, via kpr.bpf.abi), each named by
+# its C suffix in lower case, or by its published name (status, metrics) where that differs.
+STATS = abi.counters(
+    "KPR_HR_ST_",
+    names={
+        "PEER": "redirect_peer",
+        "NEIGH": "redirect_neigh",
+        "SVC_NEW": "service_new",
+        "SVC_ESTABLISHED": "service_established",
+        "SVC_REVNAT": "service_revnat",
+        "CT_FAILED": "conntrack_write_failed",
+        "SVC_HAIRPIN": "service_hairpin",
+        "NEIGH_OVERLAY": "redirect_neigh_overlay",
+    },
 )
 PASS_STATS = tuple(s for s in STATS if s.startswith("pass_"))
 
@@ -58,10 +46,13 @@ PODS_MAP, DEVS_MAP, STATS_MAP = "kpr_hr_pods", "kpr_hr_devs", "kpr_hr_stats"
 NH_MAP = "kpr_hr_nh"  # next hops of pods behind peers, learned by the programs (bpf_redirect_peer builds only)
 OWN_MAPS = (PODS_MAP, DEVS_MAP)
 
-POD = struct.Struct("=II")  # kpr_hr_pod: ifindex, flags
-DEV = struct.Struct("=IB6sB")  # kpr_hr_dev: flags, kind, gw_mac, pad
+# lib/host_routing.h's structs and flags: fields positionally in header order (tests/test_abi.py).
+POD = abi.packer("kpr_hr_pod")  # ifindex, flags
+DEV = abi.packer("kpr_hr_dev")  # flags, kind, gw_mac, pad
 
-DEV_F_EXTERNAL, DEV_F_POD, DEV_F_BRIDGE, DEV_F_L2, DEV_F_OVERLAY = 1, 2, 8, 16, 32
+DEV_F_EXTERNAL, DEV_F_POD, DEV_F_BRIDGE, DEV_F_L2, DEV_F_OVERLAY = (
+    abi.value(f"KPR_HR_DEV_F_{n}") for n in ("EXTERNAL", "POD", "BRIDGE", "L2", "OVERLAY")
+)
 
 
 @dataclass(frozen=True)

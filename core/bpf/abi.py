@@ -43,6 +43,7 @@ __all__ = [
     "default",
     "group",
     "packer",
+    "read_xmacro",
     "struct_of",
     "value",
     "xmacro",
@@ -360,20 +361,7 @@ class Abi:
 
     def xmacro(self, header: str, macro: str, arg: int) -> tuple[str, ...]:
         """Argument `arg` of every `MACRO(a, b, ...)` line of an X-macro list file, in order."""
-        path = self.lib_dir / header
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise AbiError(f"{path}: {exc.strerror}") from None
-        out = []
-        for m in re.finditer(rf"^{re.escape(macro)}\(([^)]*)\)", text, re.M):
-            args = [a.strip() for a in m[1].split(",")]
-            if len(args) <= arg:
-                raise AbiError(f"{path}: {m[0]} has no argument {arg}")
-            out.append(args[arg])
-        if not out:
-            raise AbiError(f"{path}: no {macro}(...) lines")
-        return tuple(out)
+        return read_xmacro(self.lib_dir / header, macro, arg)
 
     # -- types
 
@@ -456,6 +444,24 @@ class Abi:
     def types(self) -> list[str]:
         """Every struct and union name the headers define (parseable or not)."""
         return sorted(self._raw_types)
+
+
+def read_xmacro(path: Path, macro: str, arg: int) -> tuple[str, ...]:
+    """Argument `arg` of every `MACRO(a, b, ...)` line of one X-macro list file, in order: the
+    style of a list C expands into an enum (lib/arp_counters.h)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise AbiError(f"{path}: {exc.strerror}") from None
+    out = []
+    for m in re.finditer(rf"^{re.escape(macro)}\(([^)]*)\)", text, re.M):
+        args = [a.strip() for a in m[1].split(",")]
+        if len(args) <= arg:
+            raise AbiError(f"{path}: {m[0]} has no argument {arg}")
+        out.append(args[arg])
+    if not out:
+        raise AbiError(f"{path}: no {macro}(...) lines")
+    return tuple(out)
 
 
 def _camel(name: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import struct
 import threading
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kpr.bpf import links
+from kpr.bpf import abi, links
 from kpr.bpf import maps as M
 from kpr.bpf.loader import BPF_DIR
 
@@ -46,8 +45,8 @@ LINK_SUBDIR = "announce_arp"
 OWNED_MAP, STATS_MAP, ALIVE_MAP = "kpr_arp_owned", "kpr_arp_stats", "kpr_arp_alive"
 COUNTERS_H = BPF_DIR / "lib" / "arp_counters.h"
 
-KEY = struct.Struct("=I16s")  # struct kpr_arp_key: ifindex, address (v4-mapped)
-VAL = struct.Struct("=6sH")  # struct kpr_arp_val: MAC, pad
+KEY = abi.packer("kpr_arp_key")  # struct kpr_arp_key (lib/arp.h): ifindex, address (v4-mapped)
+VAL = abi.packer("kpr_arp_val")  # struct kpr_arp_val: MAC, pad
 U64 = struct.Struct("=Q")
 # Seconds before an interface the program could not be attached to is tried again.
 RETRY_S = 30.0
@@ -55,10 +54,7 @@ RETRY_S = 30.0
 
 def counter_names(path: Path = COUNTERS_H) -> tuple[str, ...]:
     """The program's counters in slot order, from the one definition C builds its enum from."""
-    names = re.findall(r"^KPR_ARP_COUNTER\(\s*\w+\s*,\s*(\w+)\s*\)", path.read_text(), re.M)
-    if not names:
-        raise ValueError(f"{path}: no KPR_ARP_COUNTER lines")
-    return tuple(names)
+    return abi.read_xmacro(path, "KPR_ARP_COUNTER", 1)
 
 
 COUNTERS = counter_names()

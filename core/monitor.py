@@ -1,7 +1,7 @@
 """`kpr monitor`: read the programs' events from the pinned ring buffer (lib/monitor.h).
 
-The event types, hooks and reasons are read from lib/monitor.h's #defines (one definition);
-`MonEvent` mirrors struct kpr_mon_event (tests/test_monitor.py checks both by name). A
+The event types, hooks and reasons are read from lib/monitor.h's #defines (one definition),
+and `MonEvent` and `MonCfg` are its structs, both through kpr.bpf.abi. A
 `Monitor` raises kpr_mon_cfg.on while it is open, so the programs emit only while someone
 listens, and lowers it on close. The ring buffer is read through libbpf's ring_buffer API.
 
@@ -21,7 +21,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bpf import abi
 from .bpf import maps as M
 from .bpf.inline import BPF_DIR
 
@@ -47,13 +47,9 @@ def registry_dir() -> Path:
     return RUN_DIR / "monitor" if RUN_DIR.is_dir() else Path(tempfile.gettempdir()) / "kpr-monitor"
 
 
-def _defines(prefix: str, header: Path = MONITOR_H) -> dict[int, str]:
-    """value -> lower-case name of every `#define KPR_MON_<prefix>_<NAME> <n>`."""
-    text = header.read_text()
-    found = {int(m[2]): m[1].lower() for m in re.finditer(rf"^#define KPR_MON_{prefix}_([A-Z0-9_]+)\s+(\d+)\b", text, re.M)}
-    if not found:
-        raise RuntimeError(f"{header}: no KPR_MON_{prefix}_* defines")
-    return found
+def _defines(prefix: str) -> dict[int, str]:
+    """value -> lower-case name of every `#define KPR_MON_<prefix>_<NAME> <n>` (kpr.bpf.abi)."""
+    return {v: name.lower() for name, v in abi.group(f"KPR_MON_{prefix}_").items()}
 
 
 TYPES = _defines("T")  # 1: "new", 2: "drop", ...
@@ -61,32 +57,9 @@ HOOKS = _defines("HOOK")  # 1: "socket", 2: "tc", 3: "xdp"
 NEW_HOW = _defines("NEW")  # 1: "socket", 2: "local", ...
 REASONS = _defines("R")  # 1: "no_backend", ... (the drop counters' names, kpr.drops)
 
-
-class MonEvent(ctypes.Structure):
-    # struct kpr_mon_event (lib/monitor.h).
-    _fields_ = [
-        ("ts", ctypes.c_uint64),
-        ("cookie", ctypes.c_uint64),
-        ("saddr", ctypes.c_uint8 * 16),
-        ("daddr", ctypes.c_uint8 * 16),
-        ("baddr", ctypes.c_uint8 * 16),
-        ("sport", ctypes.c_uint16),
-        ("dport", ctypes.c_uint16),
-        ("bport", ctypes.c_uint16),
-        ("proto", ctypes.c_uint8),
-        ("type", ctypes.c_uint8),
-        ("hook", ctypes.c_uint8),
-        ("reason", ctypes.c_uint8),
-        ("pad", ctypes.c_uint16),
-        ("rev_nat", ctypes.c_uint32),
-        ("backend_id", ctypes.c_uint32),
-        ("pad2", ctypes.c_uint32),
-    ]
-
-
-class MonCfg(ctypes.Structure):
-    # struct kpr_mon_cfg (lib/monitor.h).
-    _fields_ = [("on", ctypes.c_uint32), ("types", ctypes.c_uint32), ("sample", ctypes.c_uint32), ("lost", ctypes.c_uint32)]
+# struct kpr_mon_event (lib/monitor.h), read from the header; addresses as 16 bytes
+MonEvent = abi.ctype("kpr_mon_event", unions_as_bytes=True)
+MonCfg = abi.ctype("kpr_mon_cfg")  # struct kpr_mon_cfg
 
 
 class MonitorError(RuntimeError):

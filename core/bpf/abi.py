@@ -421,15 +421,20 @@ class Abi:
         return self.struct_of(name).packer(skip)
 
     @functools.cache  # noqa: B019 - one ctypes class per type and Abi, for the process
-    def ctype(self, name: str) -> type:
-        """A ctypes.Structure (or Union) with the C fields, names and layout."""
+    def ctype(self, name: str, *, unions_as_bytes: bool = False) -> type:
+        """A ctypes.Structure (or Union) with the C fields, names and layout. With
+        unions_as_bytes, a union field (union kpr_addr) is a __u8 array of its size instead:
+        what code that copies addresses in and out as bytes wants."""
         t = self.struct_of(name)
         fields: list[tuple[str, object]] = []
         for f in t.fields:
+            kind, _, inner = f.ctype.partition(" ")
             if f.ctype in _SCALARS:
                 base: object = _SCALARS[f.ctype][2]
+            elif kind == "union" and unions_as_bytes:
+                base = ctypes.c_uint8 * self.struct_of(inner).size
             else:
-                base = self.ctype(f.ctype.split()[1])
+                base = self.ctype(inner, unions_as_bytes=unions_as_bytes)
             fields.append((f.name, base * f.count if f.count is not None else base))  # type: ignore[operator]
         cls_base = ctypes.Union if t.kind == "union" else ctypes.Structure
         attrs: dict[str, object] = {"__doc__": f"{t.kind} {t.name} ({t.header}), read from the header."}
@@ -500,5 +505,5 @@ def packer(name: str, skip: Iterable[str] = ()) -> struct.Struct:
     return default().packer(name, skip)
 
 
-def ctype(name: str) -> type:
-    return default().ctype(name)
+def ctype(name: str, *, unions_as_bytes: bool = False) -> type:
+    return default().ctype(name, unions_as_bytes=unions_as_bytes)

@@ -116,7 +116,7 @@ NatEntry = abi.ctype("kpr_nat_entry")  # lib/nat.h
 # without the ones skipped (pad bytes); tests/test_abi.py pins the field lists they rely on.
 SVC_KEY = abi.packer("kpr_svc_key")  # addr, port, proto, scope, slot, pad
 SVC_VAL = abi.packer("kpr_svc_val")  # backend_id, count, terminating, rev_nat, flags, affinity_timeout
-BACKEND = abi.packer("kpr_backend", skip=("pad",))  # addr, port, proto, state, flags
+BACKEND = abi.packer("kpr_backend", skip=("pad",))  # addr, port, proto, reserved (0: state is per service), flags
 REVNAT = abi.packer("kpr_revnat", skip=("pad",))  # addr, port, proto
 MAGLEV_KEY = abi.packer("kpr_maglev_key")  # rev_nat, scope
 SRCRANGE_KEY = abi.packer("kpr_srcrange_key")  # prefixlen, rev_nat, addr
@@ -209,7 +209,7 @@ SPECS: dict[str, MapSpec] = {
     for s in (
         # frontend + scope + slot -> service entry (slot 0) or backend id
         MapSpec("kpr_svc", BPF_MAP_TYPE_HASH, _sz(SvcKey), _sz(SvcVal), 262144, "KPR_SVC_MAX"),
-        # backend id -> address, port, protocol, state
+        # backend id -> address, port, protocol (its state is per service, in kpr_svc)
         MapSpec("kpr_backend", BPF_MAP_TYPE_HASH, 4, _sz(Backend), 131072, "KPR_BACKEND_MAX"),
         # rev-NAT index -> frontend address, port, protocol
         MapSpec("kpr_revnat", BPF_MAP_TYPE_HASH, 4, _sz(RevNat), 65536, "KPR_REVNAT_MAX"),

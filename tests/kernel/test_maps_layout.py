@@ -90,9 +90,9 @@ def test_packers_write_the_same_bytes_as_the_mirrors() -> None:
     assert bytes(k) == M.SVC_KEY.pack(addr, M.htons(80), 6, 1, 7, 0)
     v = M.SvcVal(backend_id=9, count=3, terminating=1, rev_nat=12, flags=0x305, affinity_timeout=600)
     assert bytes(v) == M.SVC_VAL.pack(9, 3, 1, 12, 0x305, 600)
-    be = M.Backend(port=M.htons(8080), proto=17, state=1, flags=1)
+    be = M.Backend(port=M.htons(8080), proto=17, reserved=0, flags=1)
     be.addr.b[:] = addr
-    assert bytes(be) == M.BACKEND.pack(addr, M.htons(8080), 17, 1, 1)
+    assert bytes(be) == M.BACKEND.pack(addr, M.htons(8080), 17, 0, 1)
     rn = M.RevNat(port=M.htons(53), proto=17)
     rn.addr.b[:] = addr
     assert bytes(rn) == M.REVNAT.pack(addr, M.htons(53), 17)

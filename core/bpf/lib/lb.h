@@ -148,8 +148,9 @@ static __always_inline void kpr_lb_affinity_key_netns(struct kpr_affinity_key *k
 }
 
 /* The remembered backend of an affinity client, if still within the service's timeout and
- * still one of this service's selectable backends: backends are shared across services, so
- * one that left this service may live on in the backends map. The slot remembered with it
+ * still one of this service's selectable backends (slots 1..count): backends are shared
+ * across services, so one that left this service, or is terminating in it, may live on in
+ * the backends map. The slot remembered with it
  * is checked first; when a removal moved it, the first KPR_LB_AFFINITY_SCAN slots are
  * searched (and the next new connection searches again). *slot is set when the hint held. */
 static __always_inline __u32 kpr_lb_affinity_backend(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
@@ -196,11 +197,12 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 		return (void *)0;
 	if (aff && (svc->flags & KPR_SVC_F_AFFINITY)) {
 		now = kpr_now();
+		/* Only a backend in this service's selectable slots comes back: whether it may take
+		 * new connections is the slot's business (kpr_backend is shared by services that
+		 * may disagree on the pod's state). */
 		bid = kpr_lb_affinity_backend(key, svc, aff, now, &slot);
 		if (bid)
 			be = kpr_backend.lookup(&bid);
-		if (be && be->state != KPR_BACKEND_ACTIVE)
-			be = (void *)0;
 	}
 	if (!be) {
 		bid = 0;

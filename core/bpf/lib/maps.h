@@ -8,7 +8,8 @@
  *
  * Layout (after Cilium's lb maps, one map per kind for both families, addresses v4-mapped):
  *   kpr_svc       (addr, port, proto, scope, slot) -> slot 0: service; slots 1..: backend ids
- *   kpr_backend   backend id -> address, port, state
+ *                 and each backend's state in that service
+ *   kpr_backend   backend id -> address, port (shared by every service listing it: no state)
  *   kpr_revnat    rev-NAT index -> frontend address/port (what replies are rewritten to)
  *   kpr_affinity  (client, rev_nat) -> backend id, last use      (LRU, written by programs)
  *   kpr_maglev    (rev_nat, scope) -> inner array of KPR_MAGLEV_M backend ids (hash of maps)
@@ -67,7 +68,11 @@
 #define KPR_SVC_F_MAGLEV (1U << 9)        // select with the Maglev table, not at random
 #define KPR_SVC_F_WILDCARD (1U << 10)     // the address-0 NodePort entry, matched for any node address
 
-// Backend states (struct kpr_backend.state).
+/* Backend states, per service: kpr_svc_val.flags of a backend slot. One pod port can be ready
+ * in one Service and terminating in another, so the state lives in each service's slots, never
+ * in the shared kpr_backend entry. Programs decide by the slot's position (1..count selectable,
+ * affinity included; after count only existing flows); the state says why, for read-back: a
+ * terminating backend in 1..count is a KEP-1669 fallback (no ready backend in that scope). */
 #define KPR_BACKEND_ACTIVE 0      // ready: new connections may pick it
 #define KPR_BACKEND_TERMINATING 1 // serving but terminating: only existing flows (KEP-1669 fallback aside)
 
@@ -91,7 +96,7 @@ struct kpr_svc_val {
 	__u16 count;            // slot 0: selectable backends (slots 1..count); 0 = no backend, reject
 	__u16 terminating;      // slot 0: terminating backends in slots count+1..count+terminating
 	__u32 rev_nat;          // the frontend's rev-NAT index (every slot, so any entry leads back)
-	__u32 flags;            // slot 0: KPR_SVC_F_*
+	__u32 flags;            // slot 0: KPR_SVC_F_*; slots > 0: the backend's state here, KPR_BACKEND_*
 	__u32 affinity_timeout; // slot 0: sessionAffinity timeout in seconds; 0 = no affinity
 };
 
@@ -100,7 +105,7 @@ struct kpr_backend {
 	union kpr_addr addr; // backend address
 	__be16 port;         // backend port, network order
 	__u8 proto;          // IPPROTO_*
-	__u8 state;          // KPR_BACKEND_ACTIVE / KPR_BACKEND_TERMINATING
+	__u8 reserved;       // zero; was a state shared by all services (now per service, in kpr_svc)
 	__u8 flags;          // KPR_BACKEND_F_*
 	__u8 pad[3];         // zero
 };

@@ -1,23 +1,36 @@
 """Service map writer benchmarks (not a test): prints timings and the ratios that matter.
 
-    sudo .venv/bin/python benchmarks/bench_servicemaps.py [--quick]
+    sudo .venv/bin/python benchmarks/bench_servicemaps.py [--quick] [--reps N] [--no-iptables]
 
-1. Full sync of 10k services x 10 backends: batched syscalls vs one element at a time.
-2. One service change applied with 100 vs 10k services in the maps (should not grow).
-3. Maglev table build per service (10 backends, M=16381).
-4. Full sync of 50k services x 10 backends, against Cilium's published 50k services in 708 ms.
+In one run, every service a ClusterIP with 10 backends of its own (the shape of issue 13's
+figures), medians of --reps runs:
 
-Each run uses its own scratch pin dir (kpr.bpf.cleanup.scratch_pin_dir), removed afterwards.
+1. Full sync of 10k and 50k services into empty maps, against Cilium's published 50k
+   services in 708 ms; beside it kube-proxy's shape of the same 10k services loaded with
+   `iptables-restore` into a scratch network namespace (never the host's tables).
+2. Full sync of 10k batched vs one element at a time (what the batch syscalls buy).
+3. 1000 new services applied (one upsert each, as the bus delivers them) on top of 0, 10k
+   and 50k services: should cost the same whatever is already there.
+4. One service change (a backend more, then back) with 100 vs 50k services in the maps.
+5. Shrinking the maps from 50k services to 10 with a full sync.
+6. Maglev table build per service.
+
+Ends with the summary lines `full sync 10000: N ms` and `full sync 50000: N ms`. Each writer
+uses its own scratch pin dir (kpr.bpf.cleanup.scratch_pin_dir), removed afterwards; the
+namespace is this run's own (kpr.testing.netns.Topology), removed afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.bpf.maglev import DEFAULT_SIZE, build_table
@@ -26,23 +39,35 @@ from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, Servic
 from kpr.servicemaps import ServiceMapWriter
 
 CILIUM_50K_MS = 708.0  # Cilium's load-balancer control plane: 50,000 services in 708 ms
+GOAL_10K_MS = 150.0
+BACKENDS = 10
 
 
-def services(n: int, backends: int = 10, extra: int = 0) -> list[Service]:
-    out = []
-    for i in range(n):
-        bes = tuple(
-            Backend(f"10.{64 + (i * backends + j) // 65536}.{(i * backends + j) // 256 % 256}.{(i * backends + j) % 256}", 8080)
-            for j in range(backends + (extra if i == 0 else 0))
-        )
-        vip = f"10.96.{i // 256}.{i % 256}" if i < 65536 else f"10.97.{(i - 65536) // 256}.{i % 256}"
-        out.append(Service(ServiceKey("bench", f"svc-{i}"), (Frontend(FrontendType.CLUSTER_IP, vip, 80, Protocol.TCP, bes),)))
-    return out
+def _svc(i: int, backends: int = BACKENDS, extra: int = 0) -> Service:
+    """Service number i: VIP and backends of its own (addresses unique up to 2^20 services)."""
+    bes = tuple(
+        Backend(f"10.{64 + (i * backends + j) // 65536}.{(i * backends + j) // 256 % 256}.{(i * backends + j) % 256}", 8080)
+        for j in range(backends + extra)
+    )
+    vip = f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}"
+    return Service(ServiceKey("bench", f"svc-{i}"), (Frontend(FrontendType.CLUSTER_IP, vip, 80, Protocol.TCP, bes),))
 
 
-def sizes_for(n: int, backends: int) -> dict[str, int]:
+def services(n: int, backends: int = BACKENDS, start: int = 0) -> list[Service]:
+    return [_svc(i, backends) for i in range(start, start + n)]
+
+
+def sizes_for(n: int, backends: int = BACKENDS) -> dict[str, int]:
     entries = n * (1 + backends)
     return {"kpr_svc": entries + 1024, "kpr_backend": n * backends + 1024, "kpr_revnat": n + 1024}
+
+
+@contextmanager
+def writer(n: int, **kw: object) -> Iterator[ServiceMapWriter]:
+    """An open writer on maps of their own, sized for n services."""
+    with scratch_pin_dir("kpr-bench") as pin:
+        with ServiceMapWriter(pin, sizes=sizes_for(n), create_datapath_maps=False, **kw) as w:  # type: ignore[arg-type]
+            yield w
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -52,68 +77,182 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def full_sync(n: int, backends: int, batch: bool) -> tuple[float, dict]:
-    svcs = services(n, backends)
-    addr_to_bytes.cache_clear()  # every run converts its addresses from scratch
-    with scratch_pin_dir("kpr-bench") as pin:
-        with ServiceMapWriter(pin, sizes=sizes_for(n, backends), batch=batch, create_datapath_maps=False) as w:
-            t = timed(lambda: w.full_sync(svcs))
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def full_sync(n: int, reps: int, batch: bool = True) -> tuple[float, dict]:
+    """Median seconds of a full sync of n services into empty maps; syscall figures of the last."""
+    svcs = services(n)
+    times, info = [], {}
+    for _ in range(reps):
+        addr_to_bytes.cache_clear()  # every run converts its addresses from scratch
+        with writer(n, batch=batch) as w:
+            times.append(timed(lambda: w.full_sync(svcs)))
             ops = w.ops().values()
-            syscalls = sum(o["syscalls"] for o in ops)
-            sys_s = sum(o["syscall_ns"] for o in ops) / 1e9
-            entries = sum(w.entry_counts().values())
-    return t, {"syscalls": syscalls, "entries": entries, "syscall_s": sys_s}
+            info = {
+                "syscalls": sum(o["syscalls"] for o in ops),
+                "syscall_s": sum(o["syscall_ns"] for o in ops) / 1e9,
+                "entries": sum(w.entry_counts().values()),
+            }
+    return statistics.median(times), info
+
+
+def add_1000(base: int, reps: int) -> float:
+    """Median seconds to upsert 1000 new services, one at a time, on top of `base` services."""
+    new = services(1000, start=base)
+    times = []
+    with writer(base + 1000) as w:
+        w.full_sync(services(base))
+        for _ in range(reps):
+            times.append(timed(lambda: [w.upsert(s) for s in new]))
+            for s in new:
+                w.delete(s.key)
+    return statistics.median(times)
 
 
 def one_change(n: int, reps: int) -> float:
+    """Median seconds of one upsert changing a service (a backend more, then back) among n."""
     svcs = services(n)
-    with scratch_pin_dir("kpr-bench") as pin:
-        with ServiceMapWriter(pin, sizes=sizes_for(n, 11), create_datapath_maps=False) as w:
-            w.full_sync(svcs)
-            a, b = svcs[0], services(1, extra=1)[0]  # the same service with one backend more
-            times = []
-            for i in range(reps):
-                t = time.perf_counter()
-                w.upsert(b if i % 2 == 0 else a)
-                times.append(time.perf_counter() - t)
+    a, b = svcs[0], _svc(0, extra=1)
+    times = []
+    with writer(n + 1) as w:
+        w.full_sync(svcs)
+        gc.collect()
+        for i in range(reps):
+            t = time.perf_counter()
+            w.upsert(b if i % 2 == 0 else a)
+            times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def shrink(n: int, to: int, reps: int) -> float:
+    """Median seconds of a full sync of `to` services over maps holding n."""
+    svcs = services(n)
+    times = []
+    for _ in range(reps):
+        with writer(n) as w:
+            w.full_sync(svcs)
+            times.append(timed(lambda: w.full_sync(svcs[:to])))
+    return statistics.median(times)
+
+
+def kube_proxy_rules(n: int, backends: int = BACKENDS) -> str:
+    """iptables-restore input shaped like kube-proxy's (iptables mode) for the same services:
+    KUBE-SERVICES jumps per ClusterIP, a KUBE-SVC chain per service with the masquerade mark and
+    one statistic-random jump per endpoint, a KUBE-SEP chain per endpoint with its DNAT."""
+    chains = [":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-POSTROUTING - [0:0]"]
+    rules = [
+        "-A PREROUTING -m comment --comment kubernetes-service-portals -j KUBE-SERVICES",
+        "-A OUTPUT -m comment --comment kubernetes-service-portals -j KUBE-SERVICES",
+        "-A POSTROUTING -m comment --comment kubernetes-postrouting-rules -j KUBE-POSTROUTING",
+        "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
+        "-A KUBE-POSTROUTING -j MASQUERADE --random-fully",
+    ]
+    for s in services(n, backends):
+        fe = s.frontends[0]
+        name = f"{s.key.namespace}/{s.key.name}:http"
+        svc_chain = f"KUBE-SVC-{s.key.name.upper().replace('-', '')[:20]}"
+        chains.append(f":{svc_chain} - [0:0]")
+        rules.append(
+            f'-A KUBE-SERVICES -d {fe.address}/32 -p tcp -m comment --comment "{name} cluster IP" '
+            f"-m tcp --dport {fe.port} -j {svc_chain}"
+        )
+        rules.append(
+            f'-A {svc_chain} ! -s 10.244.0.0/16 -d {fe.address}/32 -p tcp -m comment --comment "{name} cluster IP" '
+            f"-m tcp --dport {fe.port} -j KUBE-MARK-MASQ"
+        )
+        for j, b in enumerate(fe.backends):
+            sep = f"KUBE-SEP-{s.key.name.upper().replace('-', '')[:14]}E{j}"
+            chains.append(f":{sep} - [0:0]")
+            left = len(fe.backends) - j
+            stat = f"-m statistic --mode random --probability {1 / left:.11f} " if left > 1 else ""
+            rules.append(f'-A {svc_chain} -m comment --comment "{name} -> {b.address}:{b.port}" {stat}-j {sep}')
+            rules.append(f'-A {sep} -s {b.address}/32 -m comment --comment "{name}" -j KUBE-MARK-MASQ')
+            rules.append(f'-A {sep} -p tcp -m comment --comment "{name}" -m tcp -j DNAT --to-destination {b.address}:{b.port}')
+    return "\n".join(["*nat", *chains, *rules, "COMMIT"]) + "\n"
+
+
+def iptables_restore(n: int) -> float | str:
+    """Seconds iptables-restore takes to load kube-proxy's rules for n services into a scratch
+    netns; a string saying why it could not run."""
+    from kpr.testing.netns import Topology
+
+    text = kube_proxy_rules(n)
+    with Topology(f"kb{os.getpid() % 100000}") as topo:
+        ns = topo.add_namespace("ipt").netns
+        t = time.perf_counter()
+        r = subprocess.run(["ip", "netns", "exec", ns, "iptables-restore"], input=text, capture_output=True, text=True)
+        took = time.perf_counter() - t
+    if r.returncode != 0:
+        return f"iptables-restore failed: {r.stderr.strip()[:200]}"
+    return took
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (1k / 5k services) for a smoke run")
+    ap.add_argument("--reps", type=int, default=3, help="runs per figure (medians)")
+    ap.add_argument("--no-iptables", action="store_true", help="skip the kube-proxy iptables-restore comparison")
     args = ap.parse_args()
     big, huge = (1000, 5000) if args.quick else (10_000, 50_000)
+    reps = max(1, args.reps)
+    print(f"start: {load()}, {os.cpu_count()} CPUs; medians of {reps} runs")
 
-    print(f"1. full sync of {big} services x 10 backends")
-    full_sync(100, 10, batch=True)  # warm-up: imports, first map creation
-    tb, info_b = full_sync(big, 10, batch=True)
-    to, info_o = full_sync(big, 10, batch=False)
-    for label, t, info in (("batched:      ", tb, info_b), ("one at a time:", to, info_o)):
+    full_sync(100, 1)  # warm-up: imports, first map creation
+    print(f"1. full sync of N services x {BACKENDS} backends into empty maps")
+    sync = {}
+    for n in (big, huge):
+        t, info = full_sync(n, reps)
+        sync[n] = t
         print(
-            f"   {label}    {t * 1e3:8.1f} ms total, {info['syscall_s'] * 1e3:7.1f} ms in {info['syscalls']} map "
-            f"syscalls ({info['entries']} entries)"
+            f"   {n:6d} services: {t * 1e3:8.1f} ms  ({info['entries']} entries, {info['syscalls']} syscalls, "
+            f"{info['syscall_s'] * 1e3:.1f} ms in them)"
         )
-    print(f"   ratio one-at-a-time / batched: {to / tb:.2f}x total, {info_o['syscall_s'] / info_b['syscall_s']:.1f}x in syscalls")
+    if not args.no_iptables:
+        ipt = iptables_restore(big)
+        if isinstance(ipt, str):
+            print(f"   kube-proxy iptables-restore of {big}: skipped ({ipt})")
+        else:
+            print(f"   kube-proxy iptables-restore of the same {big} services: {ipt * 1e3:8.1f} ms "
+                  f"({ipt / sync[big]:.0f}x the writer's full sync)")
+    goal = huge == 50_000
+    if goal:
+        print(f"   50k vs Cilium's {CILIUM_50K_MS:.0f} ms: {sync[huge] * 1e3 / CILIUM_50K_MS:.2f}x; "
+              f"10k vs the goal {GOAL_10K_MS:.0f} ms: {sync[big] * 1e3 / GOAL_10K_MS:.2f}x")
 
-    print(f"2. one service change (add a backend) with 100 vs {big} services in the maps")
-    small = one_change(100, 1000)
-    large = one_change(big, 1000)
-    print(f"   at 100:           {small * 1e6:8.1f} us")
-    print(f"   at {big}:{' ' * (13 - len(str(big)))}{large * 1e6:8.1f} us")
-    print(f"   ratio: {large / small:.2f}x (1.0 = does not grow with the number of services)")
+    print(f"2. full sync of {big}: batched vs one element at a time")
+    to, info_o = full_sync(big, 1, batch=False)
+    print(f"   one at a time: {to * 1e3:8.1f} ms ({info_o['syscalls']} syscalls); {to / sync[big]:.1f}x batched")
 
-    print(f"3. Maglev table build, 10 backends, M={DEFAULT_SIZE}")
+    print("3. 1000 new services (one upsert each) on top of N")
+    adds = {base: add_1000(base, reps) for base in (0, big, huge)}
+    for base, t in adds.items():
+        print(f"   on top of {base:6d}: {t * 1e3:8.1f} ms  ({t / adds[0]:.2f}x on top of 0)")
+
+    print(f"4. one service change with 100 vs {huge} services in the maps")
+    small, large = one_change(100, 1000), one_change(huge, 1000)
+    print(f"   at 100: {small * 1e6:8.1f} us; at {huge}: {large * 1e6:8.1f} us; ratio {large / small:.2f}x")
+
+    print(f"5. shrinking from {huge} services to 10 (a full sync of 10)")
+    sh = shrink(huge, 10, reps)
+    print(f"   {sh * 1e3:8.1f} ms")
+
+    print(f"6. Maglev table build, 10 backends, M={DEFAULT_SIZE}")
     bes = [(i, f"10.0.0.{i}:8080") for i in range(1, 11)]
     build_table(bes)
     mt = statistics.median(timed(lambda: build_table(bes)) for _ in range(30))
-    print(f"   per service:      {mt * 1e3:8.2f} ms")
+    print(f"   per service: {mt * 1e3:8.2f} ms")
 
-    print(f"4. full sync of {huge} services x 10 backends")
-    th, info_h = full_sync(huge, 10, batch=True)
-    print(f"   batched:          {th * 1e3:8.1f} ms  ({info_h['entries']} entries, {info_h['syscalls']} syscalls)")
-    if huge == 50_000:
-        print(f"   vs Cilium's {CILIUM_50K_MS:.0f} ms for 50k services: {th * 1e3 / CILIUM_50K_MS:.2f}x")
+    print(f"end: {load()}")
+    add_ratio = adds[huge] / adds[0]
+    chg_ratio = large / small
+    print(f"goals: +1000 on top of {huge} {add_ratio:.2f}x of on top of 0 (goal 1.2x); "
+          f"one change at {huge} {chg_ratio:.2f}x of at 100 (goal 1.2x)")
+    print(f"full sync {big}: {sync[big] * 1e3:.0f} ms")
+    print(f"full sync {huge}: {sync[huge] * 1e3:.0f} ms")
     return 0
 
 

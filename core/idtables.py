@@ -99,6 +99,13 @@ class _Dense:
         for i, value in other.items() if isinstance(other, Mapping) else other:
             self[i] = value
 
+    def missing(self, ids: Iterable[int]) -> list[int]:
+        """The ids not in the table, in the order given (one call for many: a full sync asks
+        about hundreds of thousands)."""
+        has, far = self._has, self._far
+        top = len(has)
+        return [i for i in ids if not (type(i) is int and 0 <= i < top and has[i]) and i not in far]
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (_Dense, dict)):
             return len(self) == len(other) and all(other.get(i) == v for i, v in self.items())
@@ -148,6 +155,38 @@ class IdBytes(_Dense):
         s = self.size
         self._buf[i * s : i * s + s] = value
 
+    def update(self, other: Mapping[int, Any] | Iterable[tuple[int, Any]]) -> None:
+        # The loop of __setitem__ inlined: the writer stores hundreds of thousands at once.
+        s, has, buf, far = self.size, self._has, self._buf, self._far
+        added = 0
+        for i, value in other.items() if isinstance(other, Mapping) else other:
+            # _slot grows _has and _buf in place: the local names stay valid
+            if type(value) is bytes and len(value) == s and type(i) is int and (0 <= i < len(has) or self._slot(i)):
+                if far:
+                    far.pop(i, None)
+                if not has[i]:
+                    has[i] = 1
+                    added += 1
+                buf[i * s : i * s + s] = value
+            else:
+                self._n += added
+                added = 0
+                self[i] = value
+        self._n += added
+
+    def changed(self, values: Mapping[int, bytes]) -> list[int]:
+        """The ids of `values` the table lacks or holds another value for."""
+        s, has, buf, far = self.size, self._has, self._buf, self._far
+        top = len(has)
+        out = []
+        for i, v in values.items():
+            if type(i) is int and 0 <= i < top and has[i]:
+                if buf[i * s : i * s + s] != v:
+                    out.append(i)
+            elif far.get(i) != v:
+                out.append(i)
+        return out
+
     def _empty(self) -> bytes:
         return bytes(self.size)
 
@@ -175,6 +214,27 @@ class IdCounts(_Dense):
 
     def _write(self, i: int, value: int) -> None:
         self._counts[i] = value
+
+    def add_many(self, deltas: Mapping[int, int]) -> None:
+        """self[i] = self.get(i, 0) + d for every (i, d): ids not present are added."""
+        has, counts, far = self._has, self._counts, self._far
+        added = 0
+        for i, d in deltas.items():
+            # _slot grows _has and _counts in place: the local names stay valid
+            if type(i) is int and (0 <= i < len(has) or self._slot(i)):
+                if has[i]:
+                    counts[i] += d
+                    continue
+                v = d + (far.pop(i, 0) if far else 0)
+                if -(1 << 63) <= v < (1 << 63):
+                    has[i] = 1
+                    added += 1
+                    counts[i] = v
+                    continue
+            self._n += added
+            added = 0
+            self[i] = self.get(i, 0) + d
+        self._n += added
 
     def _empty(self) -> int:
         return 0

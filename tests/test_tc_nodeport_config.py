@@ -1,5 +1,5 @@
-"""tc_nodeport without a kernel: its config section, the per-service state it derives, and the
-collector's decisions on fake maps."""
+"""tc_nodeport without a kernel: its config section, the per-service state the NodePort
+facility derives, and the collector's decisions on fake maps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kpr.nodeport import gc as G
 from kpr.pluginmanager import build_plugin_manager
 from kpr.plugins.tc_nodeport import datapath as D
 from kpr.plugins.tc_nodeport.config import TcNodePortConfig
-from kpr.plugins.tc_nodeport.plugin import MODE_ANNOTATION, _service_state
+from kpr.nodeport.services import MODE_ANNOTATION, service_state
 
 
 def test_defaults_and_the_documented_shape() -> None:
@@ -47,8 +47,8 @@ def test_check_config_names_the_key(section: dict, problem: str) -> None:
 
 def test_enabled_plugin_requires_the_service_maps() -> None:
     config = parse_config("plugins:\n  tc_nodeport: {enabled: true, mode: hybrid}\n")
-    kpm = build_plugin_manager(config, facilities={"servicemaps": lambda cfg: object()})
-    assert [h.name for h in kpm.handles] == ["servicemaps", "tc_nodeport"]
+    kpm = build_plugin_manager(config, facilities={"servicemaps": lambda cfg: object(), "nodeport": lambda cfg: object()})
+    assert [h.name for h in kpm.handles] == ["servicemaps", "nodeport", "tc_nodeport"]
     assert kpm.handle("tc_nodeport").section.mode == "hybrid"
 
 
@@ -73,7 +73,7 @@ def _svc(annotations: tuple = ()) -> Service:
 
 
 def test_service_state() -> None:
-    st, problem = _service_state(_svc(), "snat")
+    st, problem = service_state(_svc())
     assert problem == ""
     # ClusterIP and SCTP frontends are not this plugin's
     assert {(M.bytes_to_addr(a), M.ntohs(p), pr) for a, p, pr in st.frontends} == {
@@ -89,14 +89,15 @@ def test_service_state() -> None:
 
 
 def test_mode_annotation() -> None:
-    st, problem = _service_state(_svc(((MODE_ANNOTATION, "dsr"),)), "snat")
+    st, problem = service_state(_svc(((MODE_ANNOTATION, "dsr"),)))
     assert problem == ""
     assert st.modes[("10.0.0.1", 30080, 6)] == "dsr"
     assert st.modes[("0.0.0.0", 30080, 6)] == "dsr", "the wildcard NodePort entry too"
     assert st.modes[("203.0.113.5", 80, 6)] == "dsr"
-    same, _ = _service_state(_svc(((MODE_ANNOTATION, "snat"),)), "snat")
-    assert same.modes == {}, "an annotation equal to the default writes nothing"
-    bad, problem = _service_state(_svc(((MODE_ANNOTATION, "direct"),)), "snat")
+    # written whatever a plugin's default is: tc and XDP read one table, each with its own default
+    same, _ = service_state(_svc(((MODE_ANNOTATION, "snat"),)))
+    assert same.modes[("203.0.113.5", 80, 6)] == "snat"
+    bad, problem = service_state(_svc(((MODE_ANNOTATION, "direct"),)))
     assert bad.modes == {} and "direct" in problem and "snat" in problem
 
 

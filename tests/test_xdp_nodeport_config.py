@@ -60,8 +60,8 @@ def test_check_config_names_the_key(section: dict, problem: str) -> None:
 
 def test_enabled_plugin_requires_the_service_maps_and_shares_the_writer_knobs() -> None:
     config = parse_config("plugins:\n  xdp_nodeport: {enabled: true, algorithm: maglev, conntrackSize: 65536}\n")
-    kpm = build_plugin_manager(config, facilities={"servicemaps": lambda cfg: object()})
-    assert [h.name for h in kpm.handles] == ["servicemaps", "xdp_nodeport"]
+    kpm = build_plugin_manager(config, facilities={"servicemaps": lambda cfg: object(), "nodeport": lambda cfg: object()})
+    assert [h.name for h in kpm.handles] == ["servicemaps", "nodeport", "xdp_nodeport"]
     assert isinstance(kpm.handle("xdp_nodeport").plugin, XdpNodePort)
     params = writer_params(config)
     assert params.algorithm == "maglev" and params.sizes == {"kpr_ct": 65536, "kpr_snat": 65536}
@@ -70,7 +70,7 @@ def test_enabled_plugin_requires_the_service_maps_and_shares_the_writer_knobs() 
         "plugins:\n  xdp_nodeport: {enabled: true, algorithm: maglev}\n  tc_nodeport: {enabled: true, algorithm: random}\n"
     )
     with pytest.raises(ConfigError, match="algorithm"):
-        build_plugin_manager(both, facilities={"servicemaps": lambda cfg: writer_params(cfg)})
+        build_plugin_manager(both, facilities={"servicemaps": lambda cfg: writer_params(cfg), "nodeport": lambda cfg: object()})
 
 
 def test_the_xdp_build_is_the_entry_file_over_the_shared_library() -> None:

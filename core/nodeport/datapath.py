@@ -81,7 +81,9 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP = "kpr_np_rev", "kpr_np_fe", "kpr_np_vip", "kpr_np_nodeaddr", "kpr_np_dev"
 DEVKIND_MAP = "kpr_np_devkind"
 PORTS_MAP = "kpr_np_ports"
-STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"
+# Counters: each build has its own pair (lib/nodeport.h KPR_NP_PIN_STATS, KPR_NP_PIN_FWD), so
+# with tc and XDP on one node each plugin's status counts its own program's packets only.
+STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"  # the tc build's; XDP: kpr_np_xstats, kpr_np_xfwd
 OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP)
 # kpr_np_ports (lib/nodeport.h): 64 ports per word, TCP words then UDP words, then the armed word.
 PORTS_ARMED = abi.value("KPR_NP_PORTS_ARMED")
@@ -170,6 +172,8 @@ class Datapath:
     CALLS: tuple[str, ...] = CALLS
     PROG_TYPE = "SCHED_CLS"
     CALLS_MAP = "kpr_np_calls"
+    # This build's counters (pin names).
+    STATS_MAP, FWD_MAP = STATS_MAP, FWD_MAP
     # The link pinned per device for each entry (links/<plugin>/<device>/<hook>), in ENTRIES order.
     LINK_HOOKS: tuple[str, ...] = ("ingress", "egress")
 
@@ -255,7 +259,9 @@ class Datapath:
                     if name:
                         table[table.Key(i)] = table.Leaf(self.progs[name].fd)
                 builds.record(self.pin, digest, [self.prog_id(n) for n in self.ENTRIES])
-            for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc", STATS_MAP, FWD_MAP):
+            for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc"):
+                self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
+            for name in (self.STATS_MAP, self.FWD_MAP):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
         except BaseException:
             self.close()
@@ -302,10 +308,10 @@ class Datapath:
     # ------------------------------------------------------------------ counters
 
     def stats(self) -> dict[str, int]:
-        """kpr_np_stats summed over CPUs ({} when not loaded)."""
+        """This build's counters summed over CPUs ({} when not loaded)."""
         from kpr.bpf import percpu
 
-        stats, fwd = self.maps.get(STATS_MAP), self.maps.get(FWD_MAP)
+        stats, fwd = self.maps.get(self.STATS_MAP), self.maps.get(self.FWD_MAP)
         if stats is None or fwd is None:
             return {}
         out = dict(zip(STATS, percpu.u64_sums(stats, len(STATS))))

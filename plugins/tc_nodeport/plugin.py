@@ -2,11 +2,11 @@
 
 It loads the NodePort programs (datapath.py: bpf/tc_nodeport.c over core/bpf/lib/nodeport.h)
 and attaches them to clsact ingress and egress of every device in node.devices (attach.py).
-Everything else (services, node facts, conntrack GC, healthCheckNodePort, status) is the
-shared kpr.nodeport.agent.NodePortAgent, which the xdp_nodeport plugin uses too.
-
-The shared service maps are the core's ServiceMapWriter's (kpr_requires "servicemaps"): it
-follows the bus on its own worker and this plugin never writes them.
+Loading and attaching is kpr.nodeport.agent.NodePortAgent's, which xdp_nodeport uses too.
+The state both share (services, node facts, the NodePort maps, conntrack GC,
+healthCheckNodePort) is the core's NodePort facility's (kpr_requires "nodeport"), the service
+maps the core's writer's (kpr_requires "servicemaps"): this plugin writes neither. Its status
+counts its own programs' packets (kpr_np_stats, kpr_np_fwd).
 """
 
 from __future__ import annotations
@@ -20,16 +20,8 @@ import pydantic
 
 from kpr import hookimpl
 from kpr.model import PluginStatus
-from kpr.nodeport.agent import (  # noqa: F401 (re-exported: tests and tools name them here)
-    ALGORITHM_ANNOTATION,
-    MODE_ANNOTATION,
-    NodePortAgent,
-    _AgentNetns,
-    _Attached,
-    _device_facts,
-    _service_state,
-    _SvcState,
-)
+from kpr.nodeport.agent import Attached, NodePortAgent
+from kpr.nodeport.netns import DeviceFacts
 
 from . import attach as A
 from . import datapath as D
@@ -42,6 +34,11 @@ class TcNodePort(NodePortAgent):
     """Instantiated once per agent by the plugin manager."""
 
     NAME = "tc_nodeport"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Hooks attached as clsact filters instead of tcx links, and why.
+        self._fallbacks: dict[tuple[str, str], str] = {}
 
     @hookimpl
     def kpr_config_schema(self) -> type[pydantic.BaseModel]:
@@ -74,7 +71,7 @@ class TcNodePort(NodePortAgent):
         assert self._netns is not None
         self._netns(run)
 
-    def _attach_devices(self, devices: tuple[str, ...], facts: dict[str, tuple[int, str | None, str | None]]) -> None:
+    def _attach_devices(self, devices: tuple[str, ...], facts: DeviceFacts) -> None:
         from pyroute2 import IPRoute
 
         from kpr.bpf.cleanup import record_attachment
@@ -115,7 +112,7 @@ class TcNodePort(NodePortAgent):
                 progs[direction],
                 prog_id=ids[direction],
             )
-            self._attached[(dev, direction)] = _Attached(
+            self._attached[(dev, direction)] = Attached(
                 dev, pl.ifindex, direction, progs[direction], pl.pref, rid,
                 how=pl.how, link_pin=pl.link_pin, link_fd=pl.link_fd, action=pl.action,
             )
@@ -132,14 +129,6 @@ class TcNodePort(NodePortAgent):
         self._foreign_ahead = {d: a for d, a in ahead.items() if a}
         for dev, names in self._foreign_ahead.items():
             log.warning("event=nodeport_foreign_filters_first dev=%s filters=%s", dev, ",".join(names))
-
-    @property
-    def _fallbacks(self) -> dict[tuple[str, str], str]:
-        """Hooks attached as clsact filters instead of tcx links, and why."""
-        m = self.__dict__.get("_tc_fallbacks")
-        if m is None:
-            m = self.__dict__["_tc_fallbacks"] = {}
-        return m
 
     @hookimpl
     def kpr_status(self) -> PluginStatus:

@@ -26,6 +26,8 @@ CALLS = (
     "kpr_xnp_icmp_out",
 )
 CALLS_MAP = "kpr_np_xcalls"
+# This build's counters (lib/nodeport.h KPR_NP_PIN_STATS, KPR_NP_PIN_FWD in an XDP build).
+STATS_MAP, FWD_MAP = "kpr_np_xstats", "kpr_np_xfwd"
 
 
 class Datapath(_Base):
@@ -36,6 +38,7 @@ class Datapath(_Base):
     CALLS = CALLS
     PROG_TYPE = "XDP"
     CALLS_MAP = CALLS_MAP
+    STATS_MAP, FWD_MAP = STATS_MAP, FWD_MAP
     LINK_HOOKS = ("xdp",)
 
     def __init__(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]

@@ -2,8 +2,11 @@
 
 The same C code base as tc_nodeport (core/bpf/lib/nodeport.h), compiled for XDP
 (bpf/xdp_nodeport.c over ctx/xdp.h), attached to every device in node.devices: native
-(driver) mode, generic as a fallback (xdpMode: native | generic | auto). Services, node facts,
-conntrack GC, healthCheckNodePort and status are the shared kpr.nodeport.agent.NodePortAgent.
+(driver) mode, generic as a fallback (xdpMode: native | generic | auto). Loading and attaching
+is kpr.nodeport.agent.NodePortAgent's; services, node facts, the NodePort maps, conntrack GC
+and healthCheckNodePort are the core's NodePort facility's (kpr_requires "nodeport"), one per
+node whichever NodePort plugins run. Its status counts its own program's packets
+(kpr_np_xstats, kpr_np_xfwd), not tc_nodeport's.
 
 What XDP does here, and what it does not:
   - new flows to a remote backend: DNAT + SNAT to the node's address, sent out by the FIB
@@ -23,8 +26,11 @@ What XDP does here, and what it does not:
     a veth hands XDP packets whose checksum the sender left to offload (CHECKSUM_PARTIAL):
     redirected as frames, they arrive with a bad checksum. Packets from a real wire carry full
     checksums; the tests turn transmit checksum offload off on their senders.
-  - enabled together with tc_nodeport on one node, both serve healthCheckNodePort: set
-    healthCheck: false on one of them.
+  - enabled together with tc_nodeport on one node (the way to serve local backends): XDP takes
+    every packet first and serves what it can, tc_nodeport's programs behind it deliver to
+    local backends and translate their replies; one facility writes the maps both read, with
+    each service's own mode (XDP source-NATs whatever the mode), one collector sweeps
+    conntrack, one listener serves each healthCheckNodePort.
 
 Attachment: an XDP BPF link pinned at <bpf.pinPath>/links/xdp_nodeport/<device>/xdp
 (kpr.bpf.links) keeps the program on the device while no agent runs; the next agent adopts
@@ -54,7 +60,8 @@ from kpr import hookimpl
 from kpr.bpf import links
 from kpr.bpf import maps as M
 from kpr.model import PluginStatus
-from kpr.nodeport.agent import NodePortAgent, _Attached
+from kpr.nodeport.agent import Attached, NodePortAgent
+from kpr.nodeport.netns import DeviceFacts
 
 from . import datapath as D
 from .config import XdpNodePortConfig
@@ -205,6 +212,10 @@ class XdpNodePort(NodePortAgent):
 
     NAME = "xdp_nodeport"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._modes: dict[str, str] = {}  # device -> the XDP mode it got (native, generic)
+
     @hookimpl
     def kpr_config_schema(self) -> type[pydantic.BaseModel]:
         return XdpNodePortConfig
@@ -230,7 +241,7 @@ class XdpNodePort(NodePortAgent):
         link_dir = self._link_dir()
         self._netns(lambda: detach(ifname, link_dir))
 
-    def _attach_devices(self, devices: tuple[str, ...], facts: dict[str, tuple[int, str | None, str | None]]) -> None:
+    def _attach_devices(self, devices: tuple[str, ...], facts: DeviceFacts) -> None:
         from kpr.bpf.cleanup import forget_attachment, record_attachment
 
         cfg, dp, pin = self.cfg, self.datapath, self.pin
@@ -263,7 +274,7 @@ class XdpNodePort(NodePortAgent):
             ifindex = facts[dev][0]
             rid = record_attachment(pin, "xdp", {"ifname": dev, "ifindex": ifindex, "netns": self._netns_path},
                                     D.INGRESS, prog_id=prog_id)
-            self._attached[(dev, "xdp")] = _Attached(
+            self._attached[(dev, "xdp")] = Attached(
                 dev, ifindex, "xdp", D.INGRESS, 0, rid, how="xdp-link" if link_fd >= 0 else "xdp",
                 link_pin=link_dir / links.device_pin_name(dev) / "xdp" if link_fd >= 0 else None, link_fd=link_fd, action=action,
             )
@@ -276,7 +287,7 @@ class XdpNodePort(NodePortAgent):
             log.error("event=nodeport_attach_failed dev=%s error=%s", dev, why)
         self._device_errors = failed
 
-    def _device_details(self, attached: list[_Attached], devices: list[str]) -> dict[str, Any]:
+    def _device_details(self, attached: list[Attached], devices: list[str]) -> dict[str, Any]:
         return {dev: {"xdp": self._modes.get(dev, "?")} for dev in devices}
 
     def _link_details(self) -> dict[str, Any]:
@@ -295,10 +306,3 @@ class XdpNodePort(NodePortAgent):
         details = dict(st.details)
         details["links"] = self._link_details()
         return dataclasses.replace(st, details=details)
-
-    @property
-    def _modes(self) -> dict[str, str]:
-        m = self.__dict__.get("_xdp_modes")
-        if m is None:
-            m = self.__dict__["_xdp_modes"] = {}
-        return m

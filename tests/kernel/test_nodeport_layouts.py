@@ -207,6 +207,6 @@ def test_every_connection_to_a_bridged_local_pod_succeeds(env: Env) -> None:
     # status says how packets left and what the devices are
     st = c.plugins["node1"].kpr_status()
     assert st.healthy, st
-    kinds = st.details["deviceKinds"]
+    kinds = c.plugins["node1"].nodeport.kpr_status().details["deviceKinds"]
     assert kinds["links"]["bridge"] == 1 and kinds["external"] == {"eth0": DevKind.VETH_PEER.name.lower()}, kinds
     assert st.counters["egress_bridge"] >= ROUNDS * CONNECTIONS and st.counters["fwd_stack_unknown_dev"] == 0, st.counters

@@ -98,7 +98,7 @@ def test_a_pod_created_after_start_is_reached_through_its_peer(env: Cluster) -> 
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     lxc = next(i for i in topo["node1"].ifaces if i.startswith("lxcp1n"))
     idx = topo.ifindex("node1", lxc)
-    wait_for(lambda: idx in plugin._devices, 5, "the new pod's veth classified")
+    wait_for(lambda: idx in plugin.nodeport.devices, 5, "the new pod's veth classified")
     before = env.stats("node1")
 
     def fresh(node: str) -> Service:
@@ -111,10 +111,10 @@ def test_a_pod_created_after_start_is_reached_through_its_peer(env: Cluster) -> 
     after = env.stats("node1")
     assert after["fwd_peer"] - before["fwd_peer"] >= 3, (before, after)
     assert after["fwd_stack_unknown_dev"] == before["fwd_stack_unknown_dev"]
-    kinds = plugin.kpr_status().details["deviceKinds"]["links"]
+    kinds = plugin.nodeport.kpr_status().details["deviceKinds"]["links"]
     assert kinds["veth_peer"] >= 5, kinds  # eth0 and the pods' host-side devices
     topo.run("node1", ["ip", "link", "del", lxc])
-    wait_for(lambda: idx not in plugin._devices, 5, "the pod's veth gone")
+    wait_for(lambda: idx not in plugin.nodeport.devices, 5, "the pod's veth gone")
     dp = plugin.datapath
     assert dp is not None
     wait_for(lambda: dp.maps["kpr_np_devkind"].lookup(M.U32.pack(idx)) is None, 5, "its kind unset")
@@ -163,7 +163,7 @@ def test_health_check_node_port_answers_200_or_503(env: Cluster) -> None:
     assert r1["status"] == 200 and r1["body"]["service"] == {"namespace": "default", "name": "hc"}
     assert r1["body"]["localEndpoints"] == 2
     assert r2["status"] == 503 and r2["body"]["localEndpoints"] == 0
-    assert env.plugins["node1"].kpr_status().details["healthChecks"] == {32100: {"service": "default/hc", "localEndpoints": 2}}
+    assert env.plugins["node1"].nodeport.kpr_status().details["healthChecks"] == {32100: {"service": "default/hc", "localEndpoints": 2}}
     # the service goes: so does the listener
     env.delete(ServiceKey("default", "hc"))
     assert client(env.topo, "http", N1, 32100)[0].get("error") == "ECONNREFUSED"
@@ -221,18 +221,18 @@ def test_stale_udp_flows_are_cleared_when_the_backend_goes(env: Cluster) -> None
     env.apply(loadbalancer("other", "203.0.113.19", "p2a", proto=UDP, port=53))
     # one client socket, one 5-tuple, throughout: conntrack pins it to its backend
     assert answers(client(env.topo, "udp", "203.0.113.17", 53, 2, "sport=45053"))[0].startswith("p2a")
-    stale_before = env.plugins["node1"].kpr_status().counters["stale_flows_cleared"]
+    stale_before = env.plugins["node1"].nodeport.kpr_status().counters["stale_flows_cleared"]
     env.apply(loadbalancer("dns", "203.0.113.17", "p2b", proto=UDP, port=53))
     # p2a is still alive: without clearing, the tracked flow would keep reaching it
     assert answers(client(env.topo, "udp", "203.0.113.17", 53, 2, "sport=45053"))[0].startswith("p2b")
-    assert env.plugins["node1"].kpr_status().counters["stale_flows_cleared"] > stale_before
+    assert env.plugins["node1"].nodeport.kpr_status().counters["stale_flows_cleared"] > stale_before
 
 
 def test_conntrack_gc_counts_and_expires(env: Cluster) -> None:
     env.apply(loadbalancer("gc", "203.0.113.18", "p2a", proto=UDP, port=53))
     client(env.topo, "udp", "203.0.113.18", 53, 3)
-    p = env.plugins["node1"]
-    assert p.collector is not None
+    p = env.plugins["node1"].nodeport
+    assert p is not None and p.collector is not None
     p.collector.run()
     st = p.kpr_status().counters
     assert st["conntrack_entries"] >= 3 and st["snat_entries"] >= 3 and st["reverse_entries"] >= 3, st
@@ -249,12 +249,13 @@ def test_conntrack_gc_counts_and_expires(env: Cluster) -> None:
 
 
 def test_status_reports_what_the_writer_does_not_honour(env: Cluster) -> None:
-    st = env.plugins["node1"].kpr_status()
+    st = env.plugins["node1"].nodeport.kpr_status()
     writer = st.details["writer"]
     # this test's writers were made with the writer's defaults (131072 conntrack entries), not
-    # from the plugin's section as the agent's is: the plugin says so instead of ignoring it
+    # from the plugin's section as the agent's is: the facility says so instead of ignoring it
     assert writer["conntrackSize"] == {"configured": 65536, "kpr_ct": 131072, "kpr_np_rev": 65536, "honoured": False}
     assert st.counters["config_not_honoured"] >= 1 and "not honoured" in st.message
+    st = env.plugins["node1"].kpr_status()
     assert st.counters["drops_total"] == sum(v for k, v in st.counters.items() if k.startswith("drop_"))
 
 

@@ -26,9 +26,10 @@
  * file defines one program per KPR_NP_CALL_* (kpr_np_stage_*() below) and the loader puts
  * them into kpr_np_calls.
  *
- * Maps owned here (pinned next to the shared ones, filled by the tc_nodeport plugin):
- * kpr_np_rev, kpr_np_fe, kpr_np_vip, kpr_np_nodeaddr, kpr_np_dev, kpr_np_devkind, kpr_np_ports, kpr_np_stats,
- * kpr_np_fwd, kpr_np_calls (tc) or kpr_np_xcalls (XDP).
+ * Maps owned here (pinned next to the shared ones): kpr_np_rev, kpr_np_fe, kpr_np_vip,
+ * kpr_np_nodeaddr, kpr_np_dev, kpr_np_devkind, kpr_np_ports, created and written by the NodePort
+ * facility (kpr.nodeport.facility) whichever hooks run; per build: its counters (kpr_np_stats and
+ * kpr_np_fwd for tc, kpr_np_xstats and kpr_np_xfwd for XDP) and stages (kpr_np_calls, kpr_np_xcalls).
  *
  * Forwarding is decided by what the FIB's egress device is (kpr_np_devkind, which the agent
  * keeps current from kpr.netdevs; values KPR_DEV_*): bpf_redirect_peer only into a veth or
@@ -287,10 +288,20 @@ BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, K
 BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_VIP_BITS + 1024, KPR_PIN(kpr_np_ports));
 // What each device is (ifindex -> KPR_DEV_*), for the forwarding helper it allows.
 BPF_TABLE_PINNED("hash", __u32, __u32, kpr_np_devkind, KPR_NP_DEVKIND_MAX, KPR_PIN(kpr_np_devkind));
-// Counters, per CPU (KPR_NP_ST_*).
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_np_stats, KPR_NP_ST_MAX, KPR_PIN(kpr_np_stats));
-// Forwarding counters, per CPU (KPR_NP_FWD_*): a map of its own, so kpr_np_stats keeps its size.
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_np_fwd, KPR_NP_FWD_MAX, KPR_PIN(kpr_np_fwd));
+/* Counters, per CPU, per hook: tc and XDP on one node (XDP in front, tc behind it for local
+ * backends and replies) each count into their own pair, so each plugin reports its own packets
+ * (kpr.nodeport.datapath.Datapath.STATS_MAP / FWD_MAP name the pins). */
+#ifdef KPR_CTX_SKB
+#define KPR_NP_PIN_STATS "kpr_np_stats"
+#define KPR_NP_PIN_FWD "kpr_np_fwd"
+#else
+#define KPR_NP_PIN_STATS "kpr_np_xstats"
+#define KPR_NP_PIN_FWD "kpr_np_xfwd"
+#endif
+// KPR_NP_ST_* counters.
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_np_stats, KPR_NP_ST_MAX, KPR_PIN_PATH "/" KPR_NP_PIN_STATS);
+// Forwarding counters (KPR_NP_FWD_*): a map of its own, so kpr_np_stats keeps its size.
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_np_fwd, KPR_NP_FWD_MAX, KPR_PIN_PATH "/" KPR_NP_PIN_FWD);
 // ICMP rate limiting, per CPU; not pinned: a restart may refill the buckets.
 BPF_PERCPU_ARRAY(kpr_np_icmp_rl, struct kpr_np_rl, 1);
 // Hand-over between stages of one packet (same CPU throughout: programs do not migrate).

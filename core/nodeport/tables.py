@@ -1,0 +1,229 @@
+"""The NodePort maps the facility owns (lib/nodeport.h): created here when not pinned yet, so
+they exist before any plugin loads its programs, and written here only.
+
+  kpr_np_rev       reverse translations (written by the programs, collected by gc.py)
+  kpr_np_fe        per-frontend modes (services annotated service.kpr.io/lb-mode)
+  kpr_np_vip       announced addresses
+  kpr_np_nodeaddr  node addresses
+  kpr_np_dev       SNAT addresses per external device (key 0: the node's defaults)
+  kpr_np_devkind   what every link of the namespace is (kpr.netdevs)
+  kpr_np_ports     the fast exit's bitmaps: frontend ports, announced-address bits
+
+Per-service changes are written as differences (`apply`): a word of kpr_np_ports, a key of
+kpr_np_vip or kpr_np_fe at a time, from a mirror of the words, never by dumping a map.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from kpr.bpf import abi
+from kpr.bpf import maps as M
+
+from . import datapath as D
+from .services import Change, ModeKey, PortKey
+
+log = logging.getLogger(__name__)
+
+_WORD = struct.Struct("=Q")
+_PORT_PROTO_BASE = {6: 0, 17: 1024}
+
+
+def specs(rev_size: int) -> list[M.MapSpec]:
+    """The maps as lib/nodeport.h declares them (kpr_np_rev sized like conntrack)."""
+    return [
+        M.MapSpec(D.REV_MAP, M.BPF_MAP_TYPE_LRU_HASH, D.CT_KEY.size, D.NP_REV.size, rev_size, "KPR_NP_REV_MAX"),
+        M.MapSpec(D.FE_MAP, M.BPF_MAP_TYPE_HASH, D.NP_FE_KEY.size, D.NP_FE.size, abi.value("KPR_NP_FE_MAX")),
+        M.MapSpec(D.VIP_MAP, M.BPF_MAP_TYPE_HASH, 16, 4, abi.value("KPR_NP_VIP_MAX")),
+        M.MapSpec(D.NODEADDR_MAP, M.BPF_MAP_TYPE_HASH, 16, 4, abi.value("KPR_NP_NODEADDR_MAX")),
+        M.MapSpec(D.DEV_MAP, M.BPF_MAP_TYPE_HASH, 4, D.NP_DEV.size, abi.value("KPR_NP_DEV_MAX")),
+        M.MapSpec(D.DEVKIND_MAP, M.BPF_MAP_TYPE_HASH, 4, 4, abi.value("KPR_NP_DEVKIND_MAX")),
+        M.MapSpec(D.PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.VIP_BITS + 1024),
+    ]
+
+
+def port_word(port: int, proto: int) -> tuple[int, int] | None:
+    """(kpr_np_ports word, bit) of a frontend port (host order), None for other protocols."""
+    base = _PORT_PROTO_BASE.get(proto)
+    if base is None:
+        return None
+    return base | port >> 6, 1 << (port & 63)
+
+
+def _mode_key(mk: ModeKey) -> bytes:
+    addr, port, proto = mk
+    return D.NP_FE_KEY.pack(M.addr_to_bytes(addr), M.htons(port), proto)
+
+
+class NodePortTables:
+    """Handles on the facility's maps, and the writes to them."""
+
+    def __init__(self, pin: Path, rev_size: int) -> None:
+        self.pin = Path(pin)
+        self.maps: dict[str, M.BpfMap] = {}
+        created = []
+        try:
+            for spec in specs(rev_size):
+                path = self.pin / spec.name
+                if path.exists():
+                    self.maps[spec.name] = M.BpfMap.open_pinned(path)
+                    continue
+                m = M.BpfMap.create(spec)
+                try:
+                    m.pin(path)
+                except OSError:
+                    m.close()
+                    if not path.exists():
+                        raise
+                    m = M.BpfMap.open_pinned(path)  # pinned meanwhile by a program's load
+                else:
+                    created.append(spec.name)
+                self.maps[spec.name] = m
+            ports = self.maps[D.PORTS_MAP]
+            self._nwords = ports.info().max_entries
+            # the words as the map holds them: later writes compare against this mirror
+            self._words = {M.U32.unpack(k)[0]: _WORD.unpack(v)[0] for k, v in ports.items()}
+        except BaseException:
+            self.close()
+            raise
+        self._vip_bits: Counter[int] = Counter()  # vip_hash -> announced addresses written with it
+        log.info("event=nodeport_tables_open pin_path=%s created=%s", self.pin, ",".join(created) or "-")
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+
+    # ------------------------------------------------------------------ small maps, whole
+
+    def set_devices(self, devices: Mapping[int, tuple[str | None, str | None]], default: tuple[str | None, str | None]) -> None:
+        """kpr_np_dev: ifindex -> (IPv4, IPv6) SNAT addresses; key 0 holds the node's defaults."""
+
+        def val(pair: tuple[str | None, str | None]) -> bytes:
+            zero = bytes(16)
+            return D.NP_DEV.pack(M.addr_to_bytes(pair[0]) if pair[0] else zero,
+                                 M.addr_to_bytes(pair[1]) if pair[1] else zero, 0, 0)
+
+        want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
+        want[M.U32.pack(0)] = val(default)
+        D.Datapath._sync(self.maps[D.DEV_MAP], want)
+
+    def set_device_kinds(self, kinds: Mapping[int, int]) -> tuple[int, int]:
+        """kpr_np_devkind: ifindex -> KPR_DEV_*; (written, removed)."""
+        return D.Datapath._sync(self.maps[D.DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
+
+    def set_node_addresses(self, addresses: Iterable[str]) -> None:
+        D.Datapath._sync(self.maps[D.NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
+
+    # ------------------------------------------------------------------ by difference
+
+    def _write_words(self, words: Mapping[int, int]) -> None:
+        up = {i: w for i, w in words.items() if i < self._nwords and self._words.get(i, 0) != w}
+        if up:
+            self.maps[D.PORTS_MAP].update_many([M.U32.pack(i) for i in up], [_WORD.pack(w) for w in up.values()])
+            self._words.update(up)
+
+    def add_ports(self, ports: Iterable[PortKey]) -> None:
+        words: dict[int, int] = {}
+        for port, proto in ports:
+            pw = port_word(port, proto)
+            if pw is not None:
+                words[pw[0]] = words.get(pw[0], self._words.get(pw[0], 0)) | pw[1]
+        self._write_words(words)
+
+    def remove_ports(self, ports: Iterable[PortKey]) -> None:
+        words: dict[int, int] = {}
+        for port, proto in ports:
+            pw = port_word(port, proto)
+            if pw is not None:
+                words[pw[0]] = words.get(pw[0], self._words.get(pw[0], 0)) & ~pw[1]
+        self._write_words(words)
+
+    def set_ports(self, ports: Iterable[PortKey]) -> None:
+        """Exactly these frontend ports (the initial sync's end), then armed."""
+        words = {i: 0 for i in range(D.PORTS_ARMED)}
+        for port, proto in ports:
+            pw = port_word(port, proto)
+            if pw is not None:
+                words[pw[0]] |= pw[1]
+        self._write_words(words)
+        self.arm()
+
+    def arm(self) -> None:
+        """Until armed, the programs' fast exit lets every packet through to the lookups."""
+        self._write_words({D.PORTS_ARMED: 1})
+
+    def add_vips(self, addresses: Iterable[str]) -> None:
+        """An announced address's bit is set before the address is added."""
+        keys = [M.addr_to_bytes(a) for a in addresses]
+        if not keys:
+            return
+        words: dict[int, int] = {}
+        for k in keys:
+            h = D.vip_hash(k)
+            self._vip_bits[h] += 1
+            i = D.VIP_BITS + (h >> 6)
+            words[i] = words.get(i, self._words.get(i, 0)) | 1 << (h & 63)
+        self._write_words(words)
+        self.maps[D.VIP_MAP].update_many(keys, [M.U32.pack(1)] * len(keys))
+
+    def remove_vips(self, addresses: Iterable[str]) -> None:
+        """... and cleared after it is removed (when no other address shares it)."""
+        keys = [M.addr_to_bytes(a) for a in addresses]
+        if not keys:
+            return
+        self.maps[D.VIP_MAP].delete_many(keys)
+        words: dict[int, int] = {}
+        for k in keys:
+            h = D.vip_hash(k)
+            self._vip_bits[h] -= 1
+            if self._vip_bits[h] <= 0:
+                del self._vip_bits[h]
+                i = D.VIP_BITS + (h >> 6)
+                words[i] = words.get(i, self._words.get(i, 0)) & ~(1 << (h & 63))
+        self._write_words(words)
+
+    def set_vips(self, addresses: Iterable[str]) -> None:
+        """Exactly these announced addresses (start, node address changes): whatever the map
+        holds besides them goes."""
+        want = {M.addr_to_bytes(a): a for a in addresses}
+        have = {bytes(k) for k in self.maps[D.VIP_MAP].keys()}
+        self._vip_bits.clear()
+        words = {D.VIP_BITS + i: 0 for i in range(1024)}
+        for k in set(want) | have:  # bits of every address present or coming, first
+            h = D.vip_hash(k)
+            words[D.VIP_BITS + (h >> 6)] |= 1 << (h & 63)
+        self._write_words(words)
+        gone = [k for k in have if k not in want]
+        if gone:
+            self.maps[D.VIP_MAP].delete_many(gone)
+        if want:
+            self.maps[D.VIP_MAP].update_many(list(want), [M.U32.pack(1)] * len(want))
+        words = {D.VIP_BITS + i: 0 for i in range(1024)}
+        for k in want:
+            h = D.vip_hash(k)
+            self._vip_bits[h] += 1
+            words[D.VIP_BITS + (h >> 6)] |= 1 << (h & 63)
+        self._write_words(words)
+
+    def set_modes(self, modes: Mapping[ModeKey, str]) -> None:
+        """Exactly these per-frontend modes (start)."""
+        D.Datapath._sync(self.maps[D.FE_MAP], {_mode_key(k): D.NP_FE.pack(D.MODES[m]) for k, m in modes.items()})
+
+    def apply(self, ch: Change, *, vip_filter: set[str], keep_ports: bool) -> None:
+        """One service's change. Announced addresses in `vip_filter` (the node's own) are not
+        announced; `keep_ports`: ports only added (before the initial sync is complete)."""
+        self.add_ports(ch.ports_added)
+        self.add_vips(ch.vips_added - vip_filter)
+        if ch.modes_set:
+            self.maps[D.FE_MAP].update_many([_mode_key(k) for k in ch.modes_set],
+                                            [D.NP_FE.pack(D.MODES[m]) for m in ch.modes_set.values()])
+        if ch.modes_removed:
+            self.maps[D.FE_MAP].delete_many([_mode_key(k) for k in ch.modes_removed])
+        self.remove_vips(ch.vips_removed - vip_filter)
+        if not keep_ports:
+            self.remove_ports(ch.ports_removed)

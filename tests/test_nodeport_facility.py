@@ -1,0 +1,81 @@
+"""The NodePort facility without a kernel: one facility for both NodePort plugins (the plugin
+manager adds it once), its settings merged from their sections, and the per-service
+bookkeeping whose changes are differences (first reference in, last reference out)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kpr.bpf import maps as M
+from kpr.config import ConfigError, parse_config
+from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.nodeport.facility import NodePortFacility, Settings, settings_from
+from kpr.nodeport.services import MODE_ANNOTATION, ServiceBook, service_state
+from kpr.pluginmanager import build_plugin_manager
+from kpr.plugins.tc_nodeport.config import TcNodePortConfig
+from kpr.plugins.xdp_nodeport.config import XdpNodePortConfig
+
+LB = FrontendType.LOAD_BALANCER
+
+
+def _lb(name: str, vip: str, port: int = 80, mode: str = "", backend: str = "10.244.1.10") -> Service:
+    fe = Frontend(LB, vip, port, Protocol.TCP, (Backend(backend, 8080, node_name="n1"),))
+    return Service(ServiceKey("default", name), (fe,), annotations=((MODE_ANNOTATION, mode),) if mode else ())
+
+
+def test_both_plugins_get_one_facility() -> None:
+    config = parse_config("plugins:\n  tc_nodeport: {enabled: true, mode: dsr}\n  xdp_nodeport: {enabled: true}\n")
+    kpm = build_plugin_manager(config, facilities={"servicemaps": lambda cfg: object(),
+                                                   "nodeport": NodePortFacility.from_config})
+    names = [h.name for h in kpm.handles]
+    assert names.count("nodeport") == 1 and names.index("nodeport") < names.index("tc_nodeport")
+    fac = kpm.handle("nodeport").plugin
+    assert isinstance(fac, NodePortFacility) and not fac.standalone
+    assert kpm.pm.hook.kpr_service_upsert.get_hookimpls()[0].plugin is fac, "only the facility takes services"
+    assert [i.plugin for i in kpm.pm.hook.kpr_service_upsert.get_hookimpls()] == [fac]
+
+
+def test_settings_merge_and_disagreements_name_both_keys() -> None:
+    tc = TcNodePortConfig.model_validate({"healthCheck": False, "gcInterval": 5})
+    xdp = XdpNodePortConfig.model_validate({"healthCheckAddress": "10.0.0.1", "gcInterval": 5})
+    st = settings_from({"tc_nodeport": tc, "xdp_nodeport": xdp})
+    assert st.health_check and st.health_check_address == "10.0.0.1" and st.gc_interval == 5
+    assert settings_from({}) == Settings()
+    with pytest.raises(ConfigError) as exc:
+        settings_from({"tc_nodeport": TcNodePortConfig.model_validate({"gcInterval": 3, "healthCheck": False}),
+                       "xdp_nodeport": xdp})
+    assert exc.value.problems == [
+        "plugins.xdp_nodeport.gcInterval: 5.0 disagrees with plugins.tc_nodeport.gcInterval: 3.0 "
+        "(one NodePort facility serves both plugins)"
+    ]
+
+
+def test_a_change_yields_only_its_own_differences() -> None:
+    book = ServiceBook()
+    a = book.put(ServiceKey("default", "a"), service_state(_lb("a", "203.0.113.1", mode="dsr"))[0])
+    assert a is not None
+    assert a.ports_added == {(80, 6)} and a.vips_added == {"203.0.113.1"}
+    assert a.modes_set == {("203.0.113.1", 80, 6): "dsr"}
+    # a second service on the same port adds no port; its own address only
+    b = book.put(ServiceKey("default", "b"), service_state(_lb("b", "203.0.113.2"))[0])
+    assert b is not None and b.ports_added == set() and b.vips_added == {"203.0.113.2"} and not b.modes_set
+    assert book.put(ServiceKey("default", "b"), service_state(_lb("b", "203.0.113.2"))[0]) is None, "unchanged"
+    # a moved backend: the frontend's old backend is reported for its flows to be cleared
+    moved = book.put(ServiceKey("default", "b"), service_state(_lb("b", "203.0.113.2", backend="10.244.1.99"))[0])
+    assert moved is not None
+    assert list(moved.backends_removed.values()) == [frozenset({(M.addr_to_bytes("10.244.1.10"), M.htons(8080))})]
+    gone = book.put(ServiceKey("default", "a"), None)
+    assert gone is not None and gone.ports_removed == set(), "b still uses port 80"
+    assert gone.vips_removed == {"203.0.113.1"} and gone.modes_removed == {("203.0.113.1", 80, 6)}
+    last = book.put(ServiceKey("default", "b"), None)
+    assert last is not None and last.ports_removed == {(80, 6)}
+    assert book.ports() == set() and book.vips() == set() and book.modes() == {}
+
+
+def test_two_services_claiming_one_frontend_mode() -> None:
+    book = ServiceBook()
+    book.put(ServiceKey("default", "a"), service_state(_lb("a", "203.0.113.1", mode="dsr"))[0])
+    ch = book.put(ServiceKey("default", "b"), service_state(_lb("b", "203.0.113.1", mode="snat"))[0])
+    assert ch is not None and ch.modes_set == {("203.0.113.1", 80, 6): "snat"}
+    ch = book.put(ServiceKey("default", "b"), None)
+    assert ch is not None and ch.modes_set == {("203.0.113.1", 80, 6): "dsr"} and not ch.modes_removed

@@ -202,7 +202,13 @@ def _service_map_writer(config: KprConfig) -> Any:
 
 # Core facilities plugins may ask for with kpr_requires: name -> factory of a core-owned
 # plugin object, registered ahead of every plugin so it starts first and stops last.
-FACILITIES: dict[str, Callable[[KprConfig], Any]] = {"servicemaps": _service_map_writer}
+def _nodeport_facility(config: KprConfig) -> Any:
+    from .nodeport.facility import NodePortFacility
+
+    return NodePortFacility.from_config(config)
+
+
+FACILITIES: dict[str, Callable[[KprConfig], Any]] = {"servicemaps": _service_map_writer, "nodeport": _nodeport_facility}
 
 
 def _add_facilities(handles: list[PluginHandle], config: KprConfig, facilities: dict[str, Callable[[KprConfig], Any]]) -> list[PluginHandle]:

@@ -55,6 +55,10 @@
 #include "lib/conntrack.h"
 #include "lib/devkind.h"
 #include "lib/fib.h"
+/* Rewrites through load/store helpers: inlined at every reply and hairpin site after helpers
+ * that move the packet, the pointer form is refused by the verifier (see lib/rewrite.h). */
+#define KPR_REWRITE_HELPERS 1
+#include "lib/rewrite.h"
 
 /* --- tunables ---------------------------------------------------------------------- */
 
@@ -419,51 +423,6 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 /* --- per-packet services --------------------------------------------------------------- */
 
 #if KPR_HR_CLUSTER_IP
-/* One address of the packet rewritten, with the checksum fixes, through load/store helpers
- * rather than packet pointers: with lib/nat.h's pointer-based rewrites inlined at every reply
- * and hairpin site, clang computes a packet pointer before its bounds check and the verifier
- * refuses the program. */
-static __always_inline int kpr_hr_set_addr(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *to, int is_dst)
-{
-	union kpr_addr *cur = is_dst ? &pkt->t.daddr : &pkt->t.saddr;
-	__u64 l4flags = KPR_CSUM_PSEUDO | (pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0);
-
-	if (pkt->t.family == KPR_FAMILY_V4) {
-		__u32 off = pkt->l3_off + (is_dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
-		__be32 from = cur->w[3], nto = to->w[3];
-
-		if (ctx_store_bytes(ctx, off, &nto, 4) ||
-		    kpr_csum_l3_replace4(ctx, pkt->l3_off + offsetof(struct iphdr, check), from, nto) ||
-		    (pkt->csum_off && kpr_csum_l4_replace4(ctx, pkt->csum_off, from, nto, l4flags)))
-			return -1;
-	} else {
-		__u32 off = pkt->l3_off + (is_dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
-		union kpr_addr from = *cur, nto = *to;
-
-		if (ctx_store_bytes(ctx, off, &nto, 16) ||
-		    (pkt->csum_off && kpr_csum_l4_replace16(ctx, pkt->csum_off, &from, &nto, l4flags)))
-			return -1;
-	}
-	*cur = *to;
-	return 0;
-}
-
-// One TCP/UDP port rewritten with the checksum fix, through load/store helpers likewise.
-static __always_inline int kpr_hr_set_port(kpr_ctx_t *ctx, struct kpr_pkt *pkt, __be16 to, int is_dst)
-{
-	__be16 *cur = is_dst ? &pkt->t.dport : &pkt->t.sport;
-	__be16 from = *cur;
-
-	if (from == to)
-		return 0;
-	if (ctx_store_bytes(ctx, pkt->l4_off + (is_dst ? 2 : 0), &to, 2) ||
-	    (pkt->csum_off &&
-	     kpr_csum_l4_replace2(ctx, pkt->csum_off, from, to, pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0)))
-		return -1;
-	*cur = to;
-	return 0;
-}
-
 /* A reply of a per-packet service flow (backend -> pod): the service becomes its source again;
  * a hairpin flow's reply (pod -> the service address it was given as client) also goes back to
  * the pod itself. Returns 0 (translated, or not one), 1 (a hairpin reply, translated), or -1 when
@@ -485,8 +444,8 @@ static __always_inline int kpr_hr_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		return 0;
 	hairpin = (e->flags & KPR_HR_CT_F_HAIRPIN) != 0;
 	client = pkt->t.saddr; // a hairpin reply's sender is the client itself
-	if (kpr_hr_set_addr(ctx, pkt, &rn->addr, 0) || kpr_hr_set_port(ctx, pkt, rn->port, 0) ||
-	    (hairpin && kpr_hr_set_addr(ctx, pkt, &client, 1))) {
+	if (kpr_nat_rewrite_addr(ctx, pkt, &rn->addr, 0) || kpr_nat_rewrite_port(ctx, pkt, rn->port, 0) ||
+	    (hairpin && kpr_nat_rewrite_addr(ctx, pkt, &client, 1))) {
 		kpr_hr_count(KPR_HR_ST_DROP_NAT);
 		return -1;
 	}
@@ -554,8 +513,8 @@ static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		kpr_hr_count(KPR_HR_ST_CT_FAILED);
 dnat:
 	hairpin = kpr_addr_eq(&be->addr, &pkt->t.saddr);
-	if (kpr_hr_set_addr(ctx, pkt, &be->addr, 1) || kpr_hr_set_port(ctx, pkt, be->port, 1) ||
-	    (hairpin && kpr_hr_set_addr(ctx, pkt, &fe, 0))) {
+	if (kpr_nat_rewrite_addr(ctx, pkt, &be->addr, 1) || kpr_nat_rewrite_port(ctx, pkt, be->port, 1) ||
+	    (hairpin && kpr_nat_rewrite_addr(ctx, pkt, &fe, 0))) {
 		kpr_hr_count(KPR_HR_ST_DROP_NAT);
 		return 1;
 	}

@@ -1,4 +1,4 @@
-/* Address/port rewriting (DNAT to a backend, SNAT, reverse NAT) with checksum fixes, and SNAT
+/* DNAT to a backend, SNAT, reverse NAT (the rewrites themselves: lib/rewrite.h), and SNAT
  * port allocation.
  *
  * Needs ctx/skb.h or ctx/xdp.h first and a packet parsed by kpr_parse(). Rewrites keep
@@ -16,6 +16,7 @@
 #include "lib/parse.h"
 #include "lib/csum.h"
 #include "lib/conntrack.h"
+#include "lib/rewrite.h"
 
 #ifndef KPR_SNAT_MAX
 #define KPR_SNAT_MAX 131072 // SNAT mappings (two per flow: forward and reverse); LRU evicts the oldest
@@ -30,8 +31,6 @@
 #define KPR_SNAT_RETRIES 16 // random ports tried before giving up on a new SNAT flow
 #endif
 
-#define KPR_E_NAT_PKT -2      // header not in the packet
-#define KPR_E_NAT_UNSUPP -3   // SCTP port change: its CRC32c cannot be patched incrementally
 #define KPR_E_NAT_NOPORT -4   // no free SNAT port after KPR_SNAT_RETRIES tries
 
 // kpr_snat value: where one direction of a source-NATed flow is translated to.
@@ -47,75 +46,6 @@ _Static_assert(sizeof(struct kpr_nat_entry) == 32, "kpr_nat_entry layout");
 
 // SNAT mappings keyed like conntrack: DIR_ORIGINAL = the client's tuple, DIR_REPLY = the reply's tuple.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_nat_entry, kpr_snat, KPR_SNAT_MAX, KPR_PIN(kpr_snat));
-
-// Rewrite one address of the packet (dst when is_dst, else src) with L3/L4 checksum fixes.
-static __always_inline int kpr_nat_rewrite_addr(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *to,
-						 int is_dst)
-{
-	union kpr_addr *cur = is_dst ? &pkt->t.daddr : &pkt->t.saddr;
-	__u64 l4flags = KPR_CSUM_PSEUDO | (pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0);
-	// ICMPv4 has no pseudo header; SCTP's CRC32c does not cover addresses
-	int l4 = pkt->csum_off && pkt->t.proto != IPPROTO_ICMP;
-
-	if (pkt->t.family == KPR_FAMILY_V4) {
-		struct iphdr *ip = ctx_ptr(ctx, pkt->l3_off, sizeof(*ip));
-		__be32 from, nto = to->w[3];
-
-		if (!ip)
-			return KPR_E_NAT_PKT;
-		if (is_dst) {
-			from = ip->daddr;
-			ip->daddr = nto;
-		} else {
-			from = ip->saddr;
-			ip->saddr = nto;
-		}
-		if (kpr_csum_l3_replace4(ctx, pkt->l3_off + offsetof(struct iphdr, check), from, nto))
-			return KPR_E_NAT_PKT;
-		if (l4 && kpr_csum_l4_replace4(ctx, pkt->csum_off, from, nto, l4flags))
-			return KPR_E_NAT_PKT;
-	} else {
-		__u32 off = pkt->l3_off + (is_dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
-		union kpr_addr *a = ctx_ptr(ctx, off, sizeof(*a));
-		union kpr_addr from;
-
-		if (!a)
-			return KPR_E_NAT_PKT;
-		from = *a;
-		*a = *to;
-		if (l4 && kpr_csum_l4_replace16(ctx, pkt->csum_off, &from, to, l4flags))
-			return KPR_E_NAT_PKT;
-	}
-	*cur = *to;
-	return 0;
-}
-
-// Rewrite one port (dport when is_dst) with the L4 checksum fix. ICMP echo ids are left alone.
-static __always_inline int kpr_nat_rewrite_port(kpr_ctx_t *ctx, struct kpr_pkt *pkt, __be16 to, int is_dst)
-{
-	__be16 *cur = is_dst ? &pkt->t.dport : &pkt->t.sport;
-	__be16 *p, from;
-	__u32 off;
-
-	if (*cur == to || !pkt->l4_off)
-		return 0;
-	if (pkt->t.proto == IPPROTO_SCTP)
-		return KPR_E_NAT_UNSUPP;
-	if (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP)
-		return 0;
-	// TCP and UDP both start with source port, destination port
-	off = pkt->l4_off + (is_dst ? 2 : 0);
-	p = ctx_ptr(ctx, off, sizeof(*p));
-	if (!p)
-		return KPR_E_NAT_PKT;
-	from = *p;
-	*p = to;
-	if (pkt->csum_off &&
-	    kpr_csum_l4_replace2(ctx, pkt->csum_off, from, to, pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0))
-		return KPR_E_NAT_PKT;
-	*cur = to;
-	return 0;
-}
 
 // DNAT: send the packet to `addr`:`port` (a backend). port 0 keeps the port.
 static __always_inline int kpr_nat_dnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *addr, __be16 port)

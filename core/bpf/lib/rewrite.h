@@ -1,0 +1,105 @@
+/* Rewriting one address or port of a parsed packet, with the L3/L4 checksum fixes: the one
+ * mechanism under DNAT, SNAT and reverse NAT (lib/nat.h) and eBPF host routing's per-packet
+ * services (lib/host_routing.h). No maps: including it creates nothing.
+ *
+ * Two forms of the same rewrite, chosen per build:
+ *   packet pointers (default): cheapest, what XDP and the NodePort programs use;
+ *   load/store helpers (-DKPR_REWRITE_HELPERS=1): for a program that inlines rewrites at many
+ *     call sites after helpers that move the packet (host_routing): there clang computes the
+ *     packet pointer at a variable offset before its bounds check on some paths, and the
+ *     verifier refuses the program; a helper call takes an offset and needs no pointer.
+ * Either way pkt->t stays in step with the packet, and the old value is taken from it.
+ */
+#ifndef KPR_LIB_REWRITE_H
+#define KPR_LIB_REWRITE_H
+
+#if !defined(KPR_CTX_SKB) && !defined(KPR_CTX_XDP)
+#error "include ctx/skb.h or ctx/xdp.h before lib/rewrite.h"
+#endif
+
+#include "lib/common.h"
+#include "lib/parse.h"
+#include "lib/csum.h"
+
+#ifndef KPR_REWRITE_HELPERS
+#define KPR_REWRITE_HELPERS 0 // 1: rewrite through ctx_store_bytes (see above); 0: through packet pointers
+#endif
+
+#define KPR_E_NAT_PKT -2    // header not in the packet
+#define KPR_E_NAT_UNSUPP -3 // SCTP port change: its CRC32c cannot be patched incrementally
+
+// Put `len` bytes at `off`: by pointer, or by helper in a KPR_REWRITE_HELPERS build.
+static __always_inline int kpr_rewrite_bytes(kpr_ctx_t *ctx, __u32 off, const void *from, __u32 len)
+{
+#if KPR_REWRITE_HELPERS
+	return ctx_store_bytes(ctx, off, from, len) ? KPR_E_NAT_PKT : 0;
+#else
+	void *p = ctx_ptr(ctx, off, len);
+
+	if (!p)
+		return KPR_E_NAT_PKT;
+	if (len == 2)
+		*(__u16 *)p = *(const __u16 *)from;
+	else if (len == 4)
+		*(__u32 *)p = *(const __u32 *)from;
+	else
+		__builtin_memcpy(p, from, 16);
+	return 0;
+#endif
+}
+
+// Rewrite one address of the packet (dst when is_dst, else src) with L3/L4 checksum fixes.
+static __always_inline int kpr_nat_rewrite_addr(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *to,
+						 int is_dst)
+{
+	union kpr_addr *cur = is_dst ? &pkt->t.daddr : &pkt->t.saddr;
+	__u64 l4flags = KPR_CSUM_PSEUDO | (pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0);
+	// ICMPv4 has no pseudo header; SCTP's CRC32c does not cover addresses
+	int l4 = pkt->csum_off && pkt->t.proto != IPPROTO_ICMP;
+
+	if (pkt->t.family == KPR_FAMILY_V4) {
+		__u32 off = pkt->l3_off + (is_dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+		__be32 from = cur->w[3], nto = to->w[3];
+
+		if (kpr_rewrite_bytes(ctx, off, &nto, 4))
+			return KPR_E_NAT_PKT;
+		if (kpr_csum_l3_replace4(ctx, pkt->l3_off + offsetof(struct iphdr, check), from, nto))
+			return KPR_E_NAT_PKT;
+		if (l4 && kpr_csum_l4_replace4(ctx, pkt->csum_off, from, nto, l4flags))
+			return KPR_E_NAT_PKT;
+	} else {
+		__u32 off = pkt->l3_off + (is_dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+		union kpr_addr from = *cur, nto = *to;
+
+		if (kpr_rewrite_bytes(ctx, off, &nto, 16))
+			return KPR_E_NAT_PKT;
+		if (l4 && kpr_csum_l4_replace16(ctx, pkt->csum_off, &from, &nto, l4flags))
+			return KPR_E_NAT_PKT;
+	}
+	*cur = *to;
+	return 0;
+}
+
+// Rewrite one port (dport when is_dst) with the L4 checksum fix. ICMP echo ids are left alone.
+static __always_inline int kpr_nat_rewrite_port(kpr_ctx_t *ctx, struct kpr_pkt *pkt, __be16 to, int is_dst)
+{
+	__be16 *cur = is_dst ? &pkt->t.dport : &pkt->t.sport;
+	__be16 from = *cur;
+
+	if (from == to || !pkt->l4_off)
+		return 0;
+	if (pkt->t.proto == IPPROTO_SCTP)
+		return KPR_E_NAT_UNSUPP;
+	if (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP)
+		return 0;
+	// TCP and UDP both start with source port, destination port
+	if (kpr_rewrite_bytes(ctx, pkt->l4_off + (is_dst ? 2 : 0), &to, 2))
+		return KPR_E_NAT_PKT;
+	if (pkt->csum_off &&
+	    kpr_csum_l4_replace2(ctx, pkt->csum_off, from, to, pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0))
+		return KPR_E_NAT_PKT;
+	*cur = to;
+	return 0;
+}
+
+#endif /* KPR_LIB_REWRITE_H */

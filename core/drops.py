@@ -3,8 +3,9 @@ counter kpr_drops_total{hook,reason} and `kpr status`.
 
 The reasons are the programs' own counter names without their "drop_" prefix: tc_nodeport's
 and xdp_nodeport's kpr_np_stats drop_* slots (kpr.nodeport.datapath.STATS) and kpr_np_fwd
-fwd_drop_* slots, and the socket hooks' refusals (kpr.plugins.socklb STATS). A new drop
-counter in a program shows up here with its name, with nothing to add. The few drop counters
+fwd_drop_* slots, and the socket hooks' refusals (kpr.plugins.socklb STATS), all named from
+their #defines in lib/*.h by kpr.bpf.abi. A new drop counter in a program's header shows up
+here with its name, with nothing to add. The few drop counters
 named otherwise keep their names (status and tests read them) and are mapped in RENAMED.
 """
 

@@ -1,6 +1,7 @@
-"""Shared pieces of the socklb kernel tests and benchmark: peer scripts, a private bpffs, a
-node-with-pods topology, and a running socklb plugin driven with the service map writer
-(services directly, or Kubernetes objects through the agent's object store).
+"""Shared pieces of the socklb kernel tests and benchmark: a node-with-pods topology with
+kpr.testing.echo's servers and client, and a running socklb plugin driven with the service
+map writer by kpr.testing.harness (services directly, or Kubernetes objects through the
+agent's object store); the restart rig (`kpr run` under load).
 
 Layout: one "node" namespace (the host, as far as the plugin is concerned: its netns cookie
 is the host's) holding node addresses 10.77.0.1 and fd77::1 on lo; pods be1..be3 run a
@@ -12,36 +13,31 @@ attached to.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
-import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from kpr import api
 from kpr.bpf.cleanup import cleanup
-from kpr.config import KprConfig
-from kpr.context import PluginContext
 from kpr.model import Backend, BackendState, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
-from kpr.plugins.socklb.config import SockLBConfig
 from kpr.plugins.socklb.plugin import SockLB
 from kpr.servicemaps import ServiceMapWriter
-from kpr.sources import ObjectRef
-from kpr.store import ObjectStore
-from kpr.testing.cgroup import child_cgroup, popen_in_cgroup, run_in_cgroup
+from kpr.testing import echo
+from kpr.testing.bpffs import private_bpffs
+from kpr.testing.cgroup import child_cgroup, popen_in_cgroup
+from kpr.testing.echo import PY, answers
+from kpr.testing.harness import PluginHarness, plugin_context, start_plugin
 from kpr.testing.netns import Topology
 
-PY = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+__all__ = ["PY", "answers", "private_bpffs"]  # the kit's, imported from here by older tests
 
 NODE4, NODE6 = "10.77.0.1", "fd77::1"
 NODE = NodeInfo("node1", addresses=(NODE4, NODE6))  # the node facts the plugin and the store get
@@ -49,123 +45,10 @@ PODS = {"be1": ("10.244.0.11", "fd44::11"), "be2": ("10.244.0.12", "fd44::12"), 
 CLIENT4, CLIENT6 = "10.244.0.100", "fd44::100"
 PORT = 8080
 
-# Backend: answers TCP connections with its name (then echoes until EOF) and UDP datagrams
-# with its name, on [::]:PORT for both families.
-SERVER = r"""
-import socket, sys, threading
-name, port = sys.argv[1], int(sys.argv[2])
-def tcp_conn(c):
-    with c:
-        c.sendall((name + "\n").encode())
-        while True:
-            d = c.recv(65536)
-            if not d:
-                return
-            c.sendall(d)
-def tcp():
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", port)); s.listen(512)
-    while True:
-        c, _ = s.accept()
-        threading.Thread(target=tcp_conn, args=(c,), daemon=True).start()
-def udp():
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", port))
-    while True:
-        d, a = s.recvfrom(65536)
-        s.sendto(name.encode() if d != b"echo" else d, a)
-threading.Thread(target=udp, daemon=True).start()
-threading.Thread(target=tcp, daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-# Client: one JSON line per attempt. Modes:
-#   tcp HOST PORT N [-6]       connect, getpeername, read the answer
-#   udp HOST PORT N [-6]       unconnected sendto + recvfrom (the source shows the reverse NAT)
-#   udpconn HOST PORT N [-6]   connect, send, recv, getpeername
-#   bind HOST PORT tcp|udp [-6]
-#   hold HOST PORT tcp|udp     connect and print; then per stdin line: `peer` (getpeername),
-#                              `wait` (block until the socket is closed or destroyed)
-#   gap=S                      (tcp/udp/udpconn) sleep S seconds between attempts
-CLIENT = r"""
-import errno, json, socket, sys, time
-mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rest = sys.argv[4:]
-fam = socket.AF_INET6 if (":" in host or "-6" in rest) else socket.AF_INET
-gap = float(next((a[4:] for a in rest if a.startswith("gap=")), 0))
-def err(e):
-    return errno.errorcode.get(e.errno, str(e.errno)) if getattr(e, "errno", None) else type(e).__name__
-def out(**kw):
-    print(json.dumps(kw), flush=True)
-def peer(a):
-    return [a[0], a[1]]
-if mode in ("tcp", "udp", "udpconn"):
-    for i in range(int(rest[0])):
-        if i and gap:
-            time.sleep(gap)
-        t0 = time.monotonic()
-        kind = socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM
-        s = socket.socket(fam, kind)
-        s.settimeout(3)
-        try:
-            if mode == "udp":
-                s.sendto(b"hi", (host, port))
-                d, a = s.recvfrom(512)
-                out(src=peer(a), answer=d.decode(), ms=(time.monotonic() - t0) * 1e3)
-            else:
-                s.connect((host, port))
-                p = peer(s.getpeername())
-                if mode == "udpconn":
-                    s.send(b"hi")
-                    d = s.recv(512)
-                else:
-                    d = b""
-                    while not d.endswith(b"\n"):
-                        c = s.recv(512)
-                        if not c:
-                            break
-                        d += c
-                out(peer=p, answer=d.decode().strip(), ms=(time.monotonic() - t0) * 1e3)
-        except OSError as e:
-            out(error=err(e), ms=(time.monotonic() - t0) * 1e3)
-        finally:
-            s.close()
-elif mode == "bind":
-    kind = socket.SOCK_STREAM if rest[0] == "tcp" else socket.SOCK_DGRAM
-    s = socket.socket(fam, kind)
-    try:
-        s.bind((host, port))
-        out(ok=True, bound=peer(s.getsockname()))
-    except OSError as e:
-        out(error=err(e))
-elif mode == "hold":
-    kind = socket.SOCK_STREAM if rest[0] == "tcp" else socket.SOCK_DGRAM
-    s = socket.socket(fam, kind)
-    s.settimeout(5)
-    s.connect((host, port))
-    if kind == socket.SOCK_DGRAM:
-        s.send(b"hi")
-    out(peer=peer(s.getpeername()), answer=s.recv(512).decode().strip())
-    for cmd in sys.stdin:
-        cmd = cmd.strip()
-        if cmd == "peer":
-            try:
-                out(peer=peer(s.getpeername()))
-            except OSError as e:
-                out(error=err(e))
-        elif cmd == "wait":
-            s.settimeout(20)
-            t0 = time.monotonic()
-            try:
-                d = s.recv(512)
-                out(event="eof" if not d else "data", after=time.monotonic() - t0)
-            except OSError as e:
-                out(event="error", error=err(e), after=time.monotonic() - t0)
-"""
+# Backends answer with their name only (kpr.testing.echo with peer=False): the socket LB
+# translates in the client's own connect(), so the backend sees the client's address anyway.
+# CLIENT (kpr.testing.echo's) runs tcp/udp/udpconn/bind/hold; see that module.
+SERVER, CLIENT = echo.SERVER, echo.CLIENT
 
 
 # Load for restart tests and bench_restart.py: a new TCP connection every GAP seconds to
@@ -235,24 +118,6 @@ print(json.dumps({"attempts": len(ok) + len(failed), "ok": ok, "failed": failed,
 """
 
 
-@contextlib.contextmanager
-def private_bpffs(prefix: str = "kpr-socklb") -> Iterator[Path]:
-    """A bpffs mounted on a fresh temporary directory, unmounted and removed afterwards."""
-    mnt = Path(tempfile.mkdtemp(prefix=f"{prefix}-bpffs-"))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"bpf", str(mnt).encode(), b"bpf", ctypes.c_ulong(0), None) != 0:
-        err = ctypes.get_errno()
-        mnt.rmdir()
-        raise OSError(err, f"mount -t bpf bpf {mnt}: {os.strerror(err)}")
-    try:
-        yield mnt
-    finally:
-        if libc.umount2(str(mnt).encode(), 2) != 0:  # MNT_DETACH: never leave it mounted
-            logging.getLogger(__name__).error("event=bpffs_umount_failed path=%s", mnt)
-        else:
-            mnt.rmdir()
-
-
 def build_topology(topo: Topology) -> None:
     topo.add_node("node")
     topo.run("node", f"ip addr add {NODE4}/32 dev lo && ip -6 addr add {NODE6}/128 dev lo nodad")
@@ -260,17 +125,7 @@ def build_topology(topo: Topology) -> None:
         topo.add_pod("node", name, ip4, ip6=ip6)
     topo.add_pod("node", "cli", CLIENT4, ip6=CLIENT6)
     for name in PODS:
-        proc = topo.popen(name, [PY, "-c", SERVER, name, str(PORT)], stdout=subprocess.PIPE, text=True)
-        line = proc.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"server in {name} did not start: {line!r}")
-
-
-def answers(rows: list[dict]) -> list[str]:
-    """The answers of a client's rows; any error fails the test, naming it."""
-    bad = [r for r in rows if "error" in r]
-    assert not bad, f"client errors: {bad}"
-    return [r["answer"] for r in rows]
+        echo.start_echo(topo[name], name, PORT, peer=False)
 
 
 def be(name: str, *, v6: bool = False, state: BackendState = BackendState.ACTIVE, local: bool = True) -> Backend:
@@ -293,93 +148,48 @@ def service(
     return Service(ServiceKey("default", name), fes, annotations=annotations)
 
 
-@dataclass
-class Env:
-    topo: Topology
-    pin: Path
-    writer: ServiceMapWriter
-    cgroup: Path
-    plugins: list[SockLB] = field(default_factory=list)
-    applied: dict[ServiceKey, None] = field(default_factory=dict)
-    store: ObjectStore | None = None
-    abandoned: list[SockLB] = field(default_factory=list)
+class Env(PluginHarness):
+    """socklb plugins on the node namespace against one writer (kpr.testing.harness: `apply`,
+    `delete`, `feed`, `clear` dispatch as the bus does), clients in the topology's pods
+    inside the hooks' child cgroup."""
+
+    def __init__(self, topo: Topology, pin: Path, writer: ServiceMapWriter, cgroup: Path) -> None:
+        super().__init__(NODE, pin, writer=writer, netns=topo["node"])
+        self.topo, self.cgroup = topo, cgroup
+        self.abandoned: list[SockLB] = []
 
     @property
     def plugin(self) -> SockLB:
         return self.plugins[0]
 
-    def apply(self, svc: Service) -> None:
-        """One bus dispatch: the writer and every plugin get the new state."""
-        self.writer.upsert(svc)
-        for p in self.plugins:
-            p.kpr_service_upsert(svc)
-        self.applied[svc.key] = None
-
-    def delete(self, key: ServiceKey) -> None:
-        self.writer.delete(key)
-        for p in self.plugins:
-            p.kpr_service_delete(key)
-        self.applied.pop(key, None)
-
-    def feed(self, *objs: dict, gone: Iterable[ObjectRef] = ()) -> None:
-        """Kubernetes objects (Pods, Services, ...) in and `gone` refs out of the agent's object
-        store, which translates them for NODE and publishes each model change as one `apply`
-        or `delete`, as the agent's store does to the bus."""
-        if self.store is None:
-            publisher = SimpleNamespace(upsert=self.apply, delete=self.delete, sync_complete=lambda: None)
-            self.store = ObjectStore(NODE, publisher)
-        self.store.apply(list(objs), list(gone))
-
-    def clear(self) -> None:
-        """Delete every service applied, and forget the objects fed."""
-        self.store = None
-        for key in list(self.applied):
-            self.delete(key)
-
     def client(self, *args: Any, ns: str = "cli", cgroup: Path | None = None, timeout: float = 60) -> list[dict]:
-        res = run_in_cgroup(
-            cgroup or self.cgroup, [PY, "-c", CLIENT, *map(str, args)], self.topo[ns], timeout=timeout
-        )
-        return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+        return echo.client(self.topo[ns], *args, cgroup=cgroup or self.cgroup, timeout=timeout)
 
     def start_plugin(self, cgroup: Path, *, extra_cflags: Iterable[str] = (), **cfg: Any) -> SockLB:
-        plugin = start_socklb(self.topo, self.pin, cgroup, extra_cflags=extra_cflags, **cfg)
-        self.plugins.append(plugin)
-        return plugin
+        return self.start(_socklb(extra_cflags), {"cgroupPath": str(cgroup), **cfg}, name="socklb")
 
     def stop_plugin(self, plugin: SockLB) -> None:
-        self.plugins.remove(plugin)
-        plugin.kpr_stop(plugin.context)
+        self.stop(plugin)
 
     def abandon(self, plugin: SockLB) -> None:
         """What SIGKILL leaves: the plugin gets no stop; its hooks stay as they are. (Its
         file descriptors are closed at the end of the test, as the kernel closes a killed
         process's.)"""
         self.plugins.remove(plugin)
+        self.contexts.pop(id(plugin))
         self.abandoned.append(plugin)
 
 
-def plugin_context(pin: Path, state_dir: Path | None = None) -> PluginContext:
-    config = KprConfig.model_validate({"bpf": {"pinPath": str(pin)}, "agent": {"stateDir": str(state_dir or pin)}})
-    return PluginContext(
-        name="socklb",
-        node=NODE,
-        log=logging.getLogger("kpr.plugins.socklb"),
-        config=config,
-        state_dir=state_dir or pin,
-    )
+def _socklb(extra_cflags: Iterable[str]) -> SockLB:
+    plugin = SockLB()
+    plugin.extra_cflags = list(extra_cflags)  # a changed program, as an upgrade brings
+    return plugin
 
 
 def start_socklb(topo: Topology, pin: Path, cgroup: Path, *, extra_cflags: Iterable[str] = (), **cfg: Any) -> SockLB:
-    """configure + start a SockLB whose host is the topology's node namespace (extra_cflags:
-    a changed program, as an upgrade brings)."""
-    plugin = SockLB()
-    plugin.extra_cflags = list(extra_cflags)
-    ctx = plugin_context(pin)
-    plugin.kpr_configure(config=SockLBConfig.model_validate({"cgroupPath": str(cgroup), **cfg}), context=ctx)
-    with topo["node"].enter():
-        plugin.kpr_start(context=ctx)
-    return plugin
+    """configure + start a SockLB whose host is the topology's node namespace."""
+    ctx = plugin_context("socklb", NODE, pin)
+    return start_plugin(_socklb(extra_cflags), {"cgroupPath": str(cgroup), **cfg}, ctx, netns=topo["node"])
 
 
 @contextlib.contextmanager
@@ -395,17 +205,9 @@ def running(name: str = "kpr-socklb", **cfg: Any) -> Iterator[Env]:
         # Stop leaves the hooks attached (pinned links): `kpr cleanup` takes them off before
         # the cgroups go.
         stack.callback(cleanup, pin)
-        writer = ServiceMapWriter(pin).open()
-        stack.callback(writer.close)
-        env = Env(topo, pin, writer, cg)
-
-        def stop_all() -> None:
-            for p in list(env.plugins):
-                env.stop_plugin(p)
-            for p in env.abandoned:
-                p._teardown(detach=False)
-
-        stack.callback(stop_all)
+        env = Env(topo, pin, ServiceMapWriter(pin).open(), cg)
+        stack.callback(env.close)  # running plugins stopped, the writer closed
+        stack.callback(lambda: [p._teardown(detach=False) for p in env.abandoned])
         env.start_plugin(cg, **cfg)
         yield env
 

@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,17 +38,17 @@ from types import SimpleNamespace
 from typing import Any
 
 from kpr.bpf.cleanup import scratch_pin_dir
-from kpr.config import KprConfig
 from kpr.context import PluginContext
 from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
-from kpr.plugins.tc_nodeport.config import TcNodePortConfig
 from kpr.plugins.tc_nodeport.plugin import TcNodePort
 from kpr.servicemaps import ServiceMapWriter
 from kpr.sources import ObjectRef
 from kpr.store import ObjectStore
+from kpr.testing import echo, harness
+from kpr.testing.echo import PY, name_and_peer
 from kpr.testing.netns import Topology
 
-PY = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+__all__ = ["PY", "name_and_peer"]  # the kit's, imported from here by the tests
 
 CLIENT, CLIENT6, CLIENT2 = "10.100.0.2", "fd10::2", "10.101.0.2"
 NODES = {
@@ -70,93 +67,10 @@ NP, LB = FrontendType.NODE_PORT, FrontendType.LOAD_BALANCER
 TCP, UDP = Protocol.TCP, Protocol.UDP
 VIP_NET, VIP6_NET = "203.0.113.0/26", "2001:db8:f::/64"
 
-# Pod server: TCP answers "<name> <client address>\n" then echoes; UDP answers each datagram
-# with "<name> <client address>". Dual-stack on [::]:PORT.
-SERVER = r"""
-import socket, sys, threading
-name, port = sys.argv[1], int(sys.argv[2])
-def peer(a):
-    h = a[0]
-    return h[7:] if h.startswith("::ffff:") else h
-def conn(c, a):
-    with c:
-        c.sendall(f"{name} {peer(a)}\n".encode())
-        while True:
-            d = c.recv(65536)
-            if not d:
-                return
-            c.sendall(d)
-def tcp():
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", port)); s.listen(1024)
-    while True:
-        c, a = s.accept()
-        threading.Thread(target=conn, args=(c, a), daemon=True).start()
-def udp():
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", port))
-    while True:
-        d, a = s.recvfrom(65536)
-        s.sendto(f"{name} {peer(a)}".encode(), a)
-threading.Thread(target=udp, daemon=True).start()
-threading.Thread(target=tcp, daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-# Client: one JSON line per attempt.
-#   tcp HOST PORT N [timeout=S]           connect, read the first line: {"answer": "<name> <addr>"}
-#   udp HOST PORT N [sport=P] [timeout=S]  connected UDP from a fixed source port: {"answer": ...}
-#   http HOST PORT                        GET /: {"status": code, "body": {...}}
-CLIENT_SCRIPT = r"""
-import errno, json, socket, sys, time, urllib.request, urllib.error
-mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-opts = dict(a.split("=", 1) for a in sys.argv[4:] if "=" in a)
-n = int(next((a for a in sys.argv[4:] if "=" not in a), "1"))
-timeout = float(opts.get("timeout", 2))
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-def err(e):
-    return errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
-def out(**kw):
-    print(json.dumps(kw), flush=True)
-if mode == "http":
-    h = f"[{host}]" if ":" in host else host
-    try:
-        with urllib.request.urlopen(f"http://{h}:{port}/healthz", timeout=timeout) as r:
-            out(status=r.status, body=json.loads(r.read()))
-    except urllib.error.HTTPError as e:
-        out(status=e.code, body=json.loads(e.read()))
-    except OSError as e:
-        out(error=err(e.reason if hasattr(e, "reason") and isinstance(e.reason, OSError) else e))
-    sys.exit(0)
-for i in range(n):
-    kind = socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM
-    s = socket.socket(fam, kind)
-    s.settimeout(timeout)
-    try:
-        if mode == "udp":
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", int(opts.get("sport", 0))))
-            s.connect((host, port))
-            s.send(b"hi")
-            out(answer=s.recv(512).decode().strip())
-        else:
-            s.connect((host, port))
-            d = b""
-            while not d.endswith(b"\n"):
-                c = s.recv(512)
-                if not c:
-                    break
-                d += c
-            out(answer=d.decode().strip())
-    except OSError as e:
-        out(error=err(e))
-    finally:
-        s.close()
-"""
+# Pods run kpr.testing.echo's server: "<name> <client address>" on TCP (then echoes) and UDP,
+# dual-stack on [::]:PORT. CLIENT_SCRIPT is kpr.testing.echo's client; `client()` below runs
+# it with this module's defaults (see there).
+SERVER, CLIENT_SCRIPT = echo.SERVER, echo.CLIENT
 
 
 LAYOUTS = ("veth", "bridge", "vxlan")
@@ -252,10 +166,7 @@ def build_topology(topo: Topology, *, second_device: bool = True, pods: tuple[st
             topo.add_pod(node, pod, ip4, ip6=ip6)
         else:
             _bridge_pod(topo, node, pod, ip4, ip6)
-        proc = topo.popen(pod, [PY, "-c", SERVER, pod, str(PORT)], stdout=subprocess.PIPE, text=True)
-        line = proc.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"server in {pod} did not start: {line!r}")
+        echo.start_echo(topo[pod], pod, PORT)
 
 
 def backends(node: str, *pods: str, v6: bool = False, **kw: Any) -> tuple[Backend, ...]:
@@ -266,12 +177,17 @@ def backends(node: str, *pods: str, v6: bool = False, **kw: Any) -> tuple[Backen
 
 
 def client(topo: Topology, *args: Any, ns: str = "cl", timeout: float = 60) -> list[dict]:
-    res = topo.run(ns, [PY, "-c", CLIENT_SCRIPT, *map(str, args)], timeout=timeout)
-    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    """kpr.testing.echo's client in `ns`, as these tests use it: "udp" is a connected socket
+    (replies from another address than the one dialled are not taken: the reverse NAT must
+    be right), sockets time out after 2 s unless timeout=S says otherwise."""
+    mode, *rest = map(str, args)
+    if not any(a.startswith("timeout=") for a in rest):
+        rest.append("timeout=2")
+    return echo.client(topo[ns], "udpconn" if mode == "udp" else mode, *rest, timeout=timeout)
 
 
-def answers(rows: list[dict]) -> list[str]:
-    return [r.get("answer") or r.get("error", "?") for r in rows]
+# A failed attempt is its error's name among the answers: these tests expect some.
+answers = echo.answers_or_errors
 
 
 def node_info(node: str, devices: tuple[str, ...] = ("eth0",)) -> NodeInfo:
@@ -280,28 +196,18 @@ def node_info(node: str, devices: tuple[str, ...] = ("eth0",)) -> NodeInfo:
     return NodeInfo(node, addresses=addrs, devices=devices)
 
 
-def plugin_context(pin: Path, node: str, devices: tuple[str, ...], state_dir: Path | None = None) -> PluginContext:
-    config = KprConfig.model_validate({"bpf": {"pinPath": str(pin)}, "agent": {"stateDir": str(state_dir or pin)}})
-    return PluginContext(
-        name="tc_nodeport",
-        node=node_info(node, devices),
-        log=logging.getLogger("kpr.plugins.tc_nodeport"),
-        config=config,
-        state_dir=state_dir or pin,
-    )
+def plugin_context(pin: Path, node: str, devices: tuple[str, ...], state_dir: Path | None = None,
+                   name: str = "tc_nodeport") -> PluginContext:
+    return harness.plugin_context(name, node_info(node, devices), pin, state_dir=state_dir)
 
 
 def start_plugin(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), *,
                  extra_cflags: Iterable[str] = (), **cfg: Any) -> TcNodePort:
-    """configure + start a TcNodePort in the node's namespace (extra_cflags: a changed program,
-    as an upgrade brings)."""
+    """configure + start a TcNodePort in the node's namespace, as the agent runs there
+    (extra_cflags: a changed program, as an upgrade brings)."""
     plugin = TcNodePort()
     plugin.extra_cflags = list(extra_cflags)
-    ctx = plugin_context(pin, node, devices)
-    plugin.kpr_configure(config=TcNodePortConfig.model_validate(cfg), context=ctx)
-    with topo[node].enter():  # the agent runs in the node's namespace
-        plugin.kpr_start(context=ctx)
-    return plugin
+    return harness.start_plugin(plugin, cfg, plugin_context(pin, node, devices), netns=topo[node])
 
 
 def nodeport(name: str, port: int, *pods: str, proto: Protocol = TCP, local_policy: bool = False, hc: int = 0,
@@ -332,15 +238,6 @@ def loadbalancer(name: str, vip: str, *pods: str, proto: Protocol = TCP, mode: s
         return Service(ServiceKey("default", name), (fe,), annotations=ann)
 
     return make
-
-
-def name_and_peer(rows: list[dict]) -> list[tuple[str, str]]:
-    """(backend name, client address it saw) per answer (the error's name for a failure)."""
-    out = []
-    for a in answers(rows):
-        name, _, peer = a.partition(" ")
-        out.append((name, peer))
-    return out
 
 
 ServiceFactory = Callable[[str], Service]
@@ -420,18 +317,24 @@ def cluster(*, start: bool = True, second_device: bool = True, **cfg: Any) -> It
         build_topology(topo, second_device=second_device)
         pins = {"node1": pin1, "node2": pin2}
         writers = {n: ServiceMapWriter(p).open() for n, p in pins.items()}
-        c = Cluster(topo, pins, writers)
-        try:
+        with _stopping(Cluster(topo, pins, writers)) as c:
             if start:
                 c.plugins["node1"] = start_plugin(topo, "node1", pin1, ("eth0", "eth1") if second_device else ("eth0",), **cfg)
                 c.plugins["node2"] = start_plugin(topo, "node2", pin2, ("eth0",), **cfg)
             yield c
-        finally:
-            for p in c.plugins.values():
-                with contextlib.suppress(Exception):
-                    p.kpr_stop(p.context)
-            for w in writers.values():
-                w.close()
+
+
+@contextlib.contextmanager
+def _stopping(c: Cluster) -> Iterator[Cluster]:
+    """On exit every plugin of the cluster is stopped (the extra ones first), the writers closed."""
+    try:
+        yield c
+    finally:
+        for p in [p for _node, p in reversed(c.extra)] + list(c.plugins.values()):
+            with contextlib.suppress(Exception):
+                p.kpr_stop(p.context)
+        for w in c.writers.values():
+            w.close()
 
 
 TCX = 0  # tc_filters() lists tcx programs at "pref" 0: they run before every clsact filter
@@ -518,15 +421,10 @@ def full_checksums(topo: Topology, *namespaces: str) -> None:
 
 
 def start_xdp(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), **cfg: Any) -> Any:
-    from kpr.plugins.xdp_nodeport.config import XdpNodePortConfig
     from kpr.plugins.xdp_nodeport.plugin import XdpNodePort
 
-    plugin = XdpNodePort()
-    ctx = plugin_context(pin, node, devices)
-    plugin.kpr_configure(config=XdpNodePortConfig.model_validate(cfg), context=ctx)
-    with topo[node].enter():
-        plugin.kpr_start(context=ctx)
-    return plugin
+    # The context's name stays tc_nodeport's, as these tests always had it.
+    return harness.start_plugin(XdpNodePort(), cfg, plugin_context(pin, node, devices), netns=topo[node])
 
 
 # ---------------------------------------------------------------------- the three pod layouts
@@ -548,8 +446,7 @@ def layout_cluster(layout: str, plugin: str = "tc_nodeport", **cfg: Any) -> Iter
         build_topology(topo, second_device=False, layout=layout)
         pins = {"node1": pin1, "node2": pin2}
         writers = {n: ServiceMapWriter(p).open() for n, p in pins.items()}
-        c = Cluster(topo, pins, writers)
-        try:
+        with _stopping(Cluster(topo, pins, writers)) as c:
             for node in NODES:
                 c.plugins[node] = start_plugin(topo, node, pins[node], layout_devices(layout, node), **cfg)
             if plugin == "xdp_nodeport":
@@ -559,15 +456,6 @@ def layout_cluster(layout: str, plugin: str = "tc_nodeport", **cfg: Any) -> Iter
                 c.extra.append(("node1", start_xdp(topo, "node1", pins["node1"], layout_devices(layout, "node1"),
                                                    xdp_mode="auto", health_check=False, **xcfg)))
             yield c
-        finally:
-            for _node, p in reversed(c.extra):
-                with contextlib.suppress(Exception):
-                    p.kpr_stop(p.context)
-            for p in c.plugins.values():
-                with contextlib.suppress(Exception):
-                    p.kpr_stop(p.context)
-            for w in writers.values():
-                w.close()
 
 
 # ---------------------------------------------------------------------- restarts under load

@@ -94,11 +94,16 @@ def parse_target(text: str) -> Target:
     return Target(addr, port, proto)
 
 
-def _backend_text(b: dict[str, Any] | None) -> str:
+def _backend_text(b: dict[str, Any] | None, with_state: bool = True) -> str:
     if b is None:
         return "?"
     host = f"[{b['address']}]" if ":" in b["address"] else b["address"]
-    return f"{host}:{b['port']}" + (" (local)" if b.get("local") else "")
+    notes = []
+    if with_state and b.get("state", "active") != "active":
+        notes.append(b["state"])  # in this service: a KEP-1669 fallback when among the selectable
+    if b.get("local"):
+        notes.append("local")
+    return f"{host}:{b['port']}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _lookup(dm: DatapathMaps, t: Target, hook: str, steps: list[str]) -> SvcEntry | None:
@@ -216,10 +221,11 @@ def explain(
             "algorithm": e.algorithm,
             "affinityTimeout": e.affinity_timeout if e.has(M.SVC_F_AFFINITY) else 0,
         }
-        ids = dm.slots(e)
-        cands = [dm.backend(b) for b in ids[: e.count]]
-        out["backends"] = [b for b in cands if b is not None]
-        out["terminating"] = [b for b in (dm.backend(i) for i in ids[e.count :]) if b is not None]
+        # each with its state in this service, from its slot (a pod port shared by services
+        # may be ready in one and terminating in another)
+        members = dm.members(e)
+        out["backends"] = [b for b in members if b["slot"] <= e.count]
+        out["terminating"] = [b for b in members if b["slot"] > e.count]
         _decide(dm, e, target, hook, source, sport, out)
     return out
 
@@ -258,7 +264,7 @@ def _decide(dm: DatapathMaps, e: SvcEntry, t: Target, hook: str, source: str | N
         ct = dm.conntrack(M.addr_to_bytes(source), M.addr_to_bytes(t.address), sport, t.port, t.proto)
         if ct is not None and dm.backend(ct["backend_id"]) is not None:
             out["verdict"] = "forward"
-            out["backend"] = dm.backend(ct["backend_id"])
+            out["backend"] = _member(dm, out, ct["backend_id"])
             out["by"] = "conntrack"
             steps.append("a tracked flow (kpr_ct): it keeps its backend")
             return
@@ -278,7 +284,7 @@ def _decide(dm: DatapathMaps, e: SvcEntry, t: Target, hook: str, source: str | N
         steps.append(f"sessionAffinity ClientIP ({e.affinity_timeout}s)")
         bid = _affinity_backend(dm, e, source, hook)
         if bid:
-            out["backend"] = dm.backend(bid)
+            out["backend"] = _member(dm, out, bid)
             out["by"] = "affinity"
             steps.append("an affinity entry within its timeout names a selectable backend: it is reused")
             return
@@ -299,7 +305,7 @@ def _decide(dm: DatapathMaps, e: SvcEntry, t: Target, hook: str, source: str | N
         pick = dm.maglev_pick(e, h)
         if pick is not None and pick[0]:
             bid, idx, size = pick
-            out["backend"] = dm.backend(bid)
+            out["backend"] = _member(dm, out, bid)
             out["by"] = "maglev"
             out["maglev"] = {"hash": h, "slot": idx, "tableSize": size}
             steps.append(f"Maglev: flow hash {h:#010x} -> table slot {idx} of {size}")
@@ -308,11 +314,17 @@ def _decide(dm: DatapathMaps, e: SvcEntry, t: Target, hook: str, source: str | N
     _random(dm, e, out, f"random: any of the {e.count} selectable backends")
 
 
+def _member(dm: DatapathMaps, out: dict[str, Any], bid: int) -> dict[str, Any] | None:
+    """Backend `bid` as this service lists it (its state here), else the shared entry (a
+    tracked flow's backend that has left the service)."""
+    return next((b for b in out["backends"] + out["terminating"] if b["id"] == bid), None) or dm.backend(bid)
+
+
 def _random(dm: DatapathMaps, e: SvcEntry, out: dict[str, Any], step: str) -> None:
     """A random pick among slots 1..count: exact only when there is one."""
     out["by"] = "random"
     if e.count == 1:
-        out["backend"] = dm.backend(dm.slot_backend(e, 1))
+        out["backend"] = _member(dm, out, dm.slot_backend(e, 1))
         out["steps"].append("random, but there is one selectable backend")
         return
     out["backend"] = None
@@ -345,7 +357,7 @@ def render(r: dict[str, Any]) -> str:
         )
         bes = r.get("backends") or []
         lines.append(f"  backends: {', '.join(_backend_text(b) for b in bes) or '(none)'}"
-                     + (f"  terminating: {', '.join(_backend_text(b) for b in r['terminating'])}" if r.get("terminating") else ""))
+                     + (f"  terminating: {', '.join(_backend_text(b, False) for b in r['terminating'])}" if r.get("terminating") else ""))
     for s in r["steps"]:
         lines.append(f"  - {s}")
     v = r["verdict"]

@@ -7,6 +7,10 @@ backend, a scope's Maglev table, the source ranges LPM, an affinity entry, a con
 `kpr explain` decides with these; `frontends()` decodes everything for
 `kpr service list --datapath`.
 
+A backend's state (active, terminating) is per service: it is read from the service's slot
+(after `count` always terminating; within, the slot's flags), never from kpr_backend, which
+every service listing the pod port shares.
+
 `differences(writer)` compares the kernel maps with the service map writer's accepted state
 entry by entry (not only by count) and repairs nothing: `kpr status` shows the result as
 `maps: in sync` or the number of differences and the first few. The writer's own check()
@@ -27,7 +31,7 @@ from .bpf import maps as M
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DatapathMaps", "Decoded", "SvcEntry", "decode_maps", "differences", "frontend_type", "now_ns"]
+__all__ = ["DatapathMaps", "Decoded", "SvcEntry", "decode_maps", "differences", "frontend_type", "now_ns", "slot_state"]
 
 _PORT = struct.Struct("=H")
 _CT_DIR_ORIGINAL = 0  # KPR_CT_DIR_ORIGINAL (lib/conntrack.h)
@@ -96,7 +100,7 @@ class Decoded:
     """The service maps' contents, decoded once (decode_maps); the writer's read_back() and
     DatapathMaps.frontends() shape it for their callers."""
 
-    # backend id -> address, port, protocol, state, local
+    # backend id -> address, port, protocol, local (no state: that is per service, in the slots)
     backends: dict[int, dict[str, Any]]
     # rev-NAT index -> "addr:port/PROTO" of the frontend replies come from
     revnat: dict[int, str]
@@ -112,14 +116,7 @@ def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
     """Read and decode every service map (batch lookups; Maglev tables through their ids)."""
     backends: dict[int, dict[str, Any]] = {}
     for k, v in maps["kpr_backend"].items():
-        addr, port, proto, state, flags = M.BACKEND.unpack(v)
-        backends[M.U32.unpack(k)[0]] = {
-            "address": M.bytes_to_addr(addr),
-            "port": M.ntohs(port),
-            "protocol": M.PROTO_NAMES.get(proto, str(proto)),
-            "state": STATE_NAMES.get(state, str(state)),
-            "local": bool(flags & M.BACKEND_F_LOCAL),
-        }
+        backends[M.U32.unpack(k)[0]] = _backend_dict(v)
     revnat = {M.U32.unpack(k)[0]: _fk_text(v[:19]) for k, v in maps["kpr_revnat"].items()}
     ranges: dict[int, list[str]] = {}
     for k, _v in maps["kpr_srcrange"].items():
@@ -191,19 +188,24 @@ class DatapathMaps:
         """Backend ids of slots 1..count+terminating (0 where a slot is missing)."""
         return [self.slot_backend(e, i) for i in range(1, e.count + e.terminating + 1)]
 
+    def members(self, e: SvcEntry) -> list[dict[str, Any]]:
+        """The backends of slots 1..count+terminating, each with its slot and its state in this
+        service (slot_state); slots whose backend entry is missing are left out."""
+        out = []
+        for i in range(1, e.count + e.terminating + 1):
+            raw = self.maps["kpr_svc"].lookup(M.SVC_KEY.pack(e.addr, M.htons(e.port), e.proto, e.scope, i, 0))
+            if raw is None:
+                continue
+            bid, _c, _t, _r, flags, _a = M.SVC_VAL.unpack(raw)
+            b = self.backend(bid)
+            if b is not None:
+                out.append(dict(b, slot=i, state=slot_state(i, e.count, flags)))
+        return out
+
     def backend(self, bid: int) -> dict[str, Any] | None:
+        """The shared backend entry (no state: see members())."""
         raw = self.maps["kpr_backend"].lookup(M.U32.pack(bid))
-        if raw is None:
-            return None
-        addr, port, proto, state, flags = M.BACKEND.unpack(raw)
-        return {
-            "id": bid,
-            "address": M.bytes_to_addr(addr),
-            "port": M.ntohs(port),
-            "protocol": M.PROTO_NAMES.get(proto, str(proto)),
-            "state": STATE_NAMES.get(state, str(state)),
-            "local": bool(flags & M.BACKEND_F_LOCAL),
-        }
+        return None if raw is None else dict(id=bid, **_backend_dict(raw))
 
     def maglev_table(self, rev_nat: int, scope: int) -> M.BpfMap | None:
         """The scope's inner Maglev array (caller closes it), or None when there is none."""
@@ -290,15 +292,14 @@ class DatapathMaps:
                 row["scopes"][sname] = {"error": "backend slots without a service entry (slot 0)", "slots": sorted(slots)}
                 continue
             _, count, term, rev_nat, flags, aff = head
-            ids = [slots.get(i, (0,))[0] for i in range(1, count + term + 1)]
-
-            def show(i: int, bid: int) -> dict[str, Any]:
+            def show(i: int) -> dict[str, Any]:
+                bid, _c, _t, _r, sflags, _a = slots.get(i, (0, 0, 0, 0, 0, 0))
                 b = backends.get(bid)
                 if b is None:
                     return {"id": bid, "address": "?", "port": 0, "state": "missing", "local": False}
-                return dict(b, state="terminating" if i >= count else b["state"])
+                return dict(b, state=slot_state(i, count, sflags))
 
-            listed = [show(i, bid) for i, bid in enumerate(ids)]
+            listed = [show(i) for i in range(1, count + term + 1)]
             entry: dict[str, Any] = {
                 "revNat": rev_nat,
                 "flags": sorted(n for bit, n in M.SVC_FLAG_NAMES.items() if flags & bit),
@@ -326,6 +327,26 @@ class DatapathMaps:
     def occupancy(self) -> dict[str, tuple[int, int]]:
         """(entries, max_entries) of every map opened: conntrack and NAT fill included."""
         return {name: (m.count(), m.info().max_entries) for name, m in self.maps.items()}
+
+
+def slot_state(slot: int, count: int, flags: int) -> str:
+    """A backend's state in one service from its slot (1-based) and the slot's flags: after
+    `count` terminating (kept for existing flows); within, what the flags say (terminating
+    there: a KEP-1669 fallback, no ready backend in the scope)."""
+    if slot > count:
+        return "terminating"
+    return STATE_NAMES.get(flags, str(flags))
+
+
+def _backend_dict(raw: bytes) -> dict[str, Any]:
+    """A kpr_backend value decoded (its reserved byte, once a shared state, ignored)."""
+    addr, port, proto, _reserved, flags = M.BACKEND.unpack(raw)
+    return {
+        "address": M.bytes_to_addr(addr),
+        "port": M.ntohs(port),
+        "protocol": M.PROTO_NAMES.get(proto, str(proto)),
+        "local": bool(flags & M.BACKEND_F_LOCAL),
+    }
 
 
 def _range_text(plen: int, addr: bytes) -> str:
@@ -433,8 +454,8 @@ def _value_text(name: str, raw: bytes) -> str:
         bid, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(raw)
         return f"(backend {bid}, count {count}, terminating {term}, rev-NAT {rev_nat}, flags {flags:#x})"
     if name == "kpr_backend":
-        addr, port, _proto, state, flags = M.BACKEND.unpack(raw)
-        return f"({_label({'address': M.bytes_to_addr(addr), 'port': M.ntohs(port)})} {STATE_NAMES.get(state, state)})"
+        b = _backend_dict(raw)
+        return f"({_label(b)}{' local' if b['local'] else ''}{'' if raw[19] == 0 else f', reserved {raw[19]}'})"
     if name == "kpr_revnat":
         return _fk_text(raw[:19])
     return raw.hex()

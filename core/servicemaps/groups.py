@@ -32,12 +32,10 @@ _SLOT = [struct.pack("=HH", i, 0) for i in range(1024)]  # key tail: slot, pad
 _ONE = M.U32.pack(1)  # kpr_srcrange value
 _V4_MAPPED = M.addr_to_bytes("0.0.0.0")[:12]  # ::ffff:0:0/96
 _BYTE = [bytes((i,)) for i in range(256)]
-# Backend value tails after (addr, port, proto): state, flags, pad; indexed by Backend.local.
-_ACTIVE = (bytes((M.BACKEND_ACTIVE, 0, 0, 0, 0)), bytes((M.BACKEND_ACTIVE, M.BACKEND_F_LOCAL, 0, 0, 0)))
-_TERMINATING = (
-    bytes((M.BACKEND_TERMINATING, 0, 0, 0, 0)),
-    bytes((M.BACKEND_TERMINATING, M.BACKEND_F_LOCAL, 0, 0, 0)),
-)
+# Backend value tails after (addr, port, proto): reserved, flags, pad; indexed by Backend.local.
+# No state: the entry is shared by every service listing the pod port, and they may disagree
+# (ready in one, terminating in another); a backend slot's flags hold its state per service.
+_BACKEND_TAIL = (bytes(5), bytes((0, M.BACKEND_F_LOCAL, 0, 0, 0)))
 _WILD4, _WILD6 = M.wildcard_bytes(4), M.wildcard_bytes(6)
 
 

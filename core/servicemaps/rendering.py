@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..bpf import maps as M
 from ..model import BackendState, Frontend, FrontendType, Service, ServiceKey
 from .groups import (
-    _ACTIVE, _BYTE, _PROTO_BYTE, _SLOT, _TERMINATING, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
+    _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SLOT, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
     _Group, _backend_name, _slot_tails,
 )
 
@@ -119,10 +119,9 @@ class RenderMixin:
         all_active = True
         terminating = BackendState.TERMINATING
         for b in fe.backends:
-            state = b.state
-            term = state is terminating
+            term = b.state is terminating
             if seen is not None:
-                ident = (b.address, b.port, proto_b, state, b.local)
+                ident = (b.address, b.port, proto_b, b.local)
                 hit = seen.get(ident)
                 if hit is not None:
                     ids[id(b)] = hit[0]
@@ -130,7 +129,7 @@ class RenderMixin:
                     continue
             bkey = to_bytes(b.address) + b.port.to_bytes(2, "big") + proto_b
             bid = backend_ids.get(bkey) or self._backend_id(bkey)
-            val = bkey + (_TERMINATING if term else _ACTIVE)[b.local]
+            val = bkey + _BACKEND_TAIL[b.local]
             pending_vals[bid] = val
             if seen is not None:
                 seen[ident] = (bid, val)
@@ -162,9 +161,13 @@ class RenderMixin:
         if two:
             scopes.append((M.SCOPE_INTERNAL, fe.internal_scope_local))
 
-        # backend slot values: id, count 0, terminating 0, rev_nat, flags 0, affinity 0
-        slot_val_tail = bytes(4) + M.U32.pack(rev_nat) + bytes(8)
+        # backend slot values: id, count 0, terminating 0, rev_nat, flags (the backend's state
+        # in this service: terminating ones fill slots after count, or all of 1..count in the
+        # KEP-1669 fallback), affinity 0
         pack_u32 = M.U32.pack
+        active_tail = bytes(4) + pack_u32(rev_nat) + pack_u32(M.BACKEND_ACTIVE) + bytes(4)
+        term_tail = bytes(4) + pack_u32(rev_nat) + pack_u32(M.BACKEND_TERMINATING) + bytes(4)
+        active_ids = None if all_active else {ids[id(b)] for b in fe.backends if b.state is not terminating}
         referenced: set[int] = set()
         # slot 0 entries first, the internal scope's before the external one's (as written)
         head_keys: list[bytes] = []
@@ -186,7 +189,10 @@ class RenderMixin:
             head_vals.insert(0, M.SVC_VAL.pack(0, len(order), len(term), rev_nat, f, fe.affinity_timeout))
             slotted = order + term if term else order
             svc_keys += [head + t for t in _slot_tails(len(slotted))]
-            svc_vals += [pack_u32(bid) + slot_val_tail for bid in slotted]
+            if active_ids is None:
+                svc_vals += [pack_u32(bid) + active_tail for bid in slotted]
+            else:
+                svc_vals += [pack_u32(bid) + (active_tail if bid in active_ids else term_tail) for bid in slotted]
             referenced.update(slotted)
             if maglev and order:
                 # names from the packed address, as adoption derives them: same table after a restart

@@ -94,11 +94,16 @@ class ObjectStore:
                         self._drop_member(key, ref)
                         touched.add(key)
             for item in upserts:
-                # Sources may hand objects packed (memory.pack); the dict lives for this step only.
-                obj = memory.unpack(item)
-                if obj.get("kind") == "Pod":
-                    pods.append(obj)
-                ref = translate.object_ref(obj)
+                found = translate.checked(item)
+                if found is not None:
+                    # A slice the source validated: what the store needs of it was read then.
+                    obj, ref, key = item, found.ref, found.key
+                else:
+                    # Sources may hand objects packed (memory.pack); the dict lives for this step only.
+                    obj = memory.unpack(item)
+                    if obj.get("kind") == "Pod":
+                        pods.append(obj)
+                    ref, key = translate.object_ref(obj), translate.service_key_of(obj)
                 old = memory.unpack(self._objects.get(ref))
                 self._index(ref, old, obj, touched)
                 if old is not None:
@@ -108,7 +113,6 @@ class ObjectStore:
                         touched.add(old_key)
                 # Kept packed, read again when its service is translated.
                 self._objects[ref] = item if type(item) is bytes else memory.pack(obj)
-                key = translate.service_key_of(obj)
                 if key is not None:
                     members = self._members.get(key, ())
                     if type(members) is set:
@@ -179,10 +183,11 @@ class ObjectStore:
 
     # --- addresses claimed across objects ------------------------------------------------
 
-    def _index(self, ref: ObjectRef, old: dict | None, new: dict | None, touched: set[ServiceKey]) -> None:
+    def _index(self, ref: ObjectRef, old: dict | None, new: dict | bytes | None, touched: set[ServiceKey]) -> None:
         """Follow the ClusterIPs and endpoint addresses an object change adds and removes;
-        services whose ClusterIP became or stopped being an endpoint address are touched."""
-        kind = (new or old or {}).get("kind")
+        services whose ClusterIP became or stopped being an endpoint address are touched.
+        `new` is packed only for a slice validation read (translate.checked)."""
+        kind = ref[0]
         if kind == "Service":
             claimed = translate.claimed_cluster_ips
             before = claimed(old) if old is not None else ()
@@ -316,9 +321,11 @@ class ObjectStore:
     def _refresh(self, key: ServiceKey) -> None:
         members = self._members.get(key) or ()
         unpack = memory.unpack
-        objs = [unpack(self._objects[r]) for r in members]
+        # EndpointSlices go to translation as kept (packed): a slice the source validated
+        # moments ago is not read again (translate.take_checked).
+        objs = [(r, self._objects[r] if r[0] == "EndpointSlice" else unpack(self._objects[r])) for r in members]
         origin = f"service {key}"
-        svc = next((o for o in objs if o.get("kind") == "Service"), None)
+        svc = next((o for r, o in objs if r[0] == "Service"), None)
         try:
             service = self._translate(key, objs)
         except InvalidObject as e:
@@ -363,15 +370,15 @@ class ObjectStore:
                 self._publisher.delete(key)
                 return
 
-    def _translate(self, key: ServiceKey, objs: list[dict]) -> Service | None:
+    def _translate(self, key: ServiceKey, objs: list[tuple[ObjectRef, dict | bytes]]) -> Service | None:
         svc = endpoints = pod = None
         slices = []
-        for o in objs:
-            kind = o.get("kind")
+        for ref, o in objs:
+            kind = ref[0]
             if kind == "Service":
                 svc = o
             elif kind == "EndpointSlice":
-                slices.append(o)
+                slices.append((ref[2], o))
             elif kind == "Endpoints":
                 endpoints = o
             elif kind == "Pod":
@@ -380,8 +387,10 @@ class ObjectStore:
             return translate.translate_pod(pod, self.node)
         if svc is None:
             return None
-        slices.sort(key=lambda s: s.get("metadata", {}).get("name", ""))
-        return translate.translate_service(svc, slices, endpoints, self.node, self._proxy_name, self._rules)
+        slices.sort(key=lambda s: s[0])  # by name
+        return translate.translate_service(
+            svc, [o for _, o in slices], endpoints, self.node, self._proxy_name, self._rules
+        )
 
     def counts(self) -> tuple[int, int, int]:
         """(services, frontends, backends) currently published."""

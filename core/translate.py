@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from kpr.memory import unpack
 from kpr.model import (
     Backend,
     BackendState,
@@ -381,7 +382,16 @@ def endpoint_addresses_of(obj: KubeObject, rules: AddressRules = NO_RULES) -> se
     """The canonical addresses an EndpointSlice, Endpoints or Pod lists as endpoints (a
     Pod: its pod IPs) that a ClusterIP could be under `rules`: with service.clusterCIDR
     set, only those inside it, so pod networks apart from it cost the store no index.
-    Empty for other kinds. Never raises; what is not an address is left out."""
+    Empty for other kinds. Never raises; what is not an address is left out. `obj` may be
+    packed (kpr.memory.pack): a slice validation read is not read again."""
+    found = checked(obj)
+    if found is not None:
+        # Checked: every endpoint has one address, of the slice's family.
+        if rules.cluster_cidrs:
+            may_claim = rules.may_claim
+            return {e[0][0] for e in found.endpoints if may_claim(e[0])}
+        return {e[0][0] for e in found.endpoints}
+    obj = unpack(obj)
     texts: list[Any] = []
     if not isinstance(obj, Mapping):
         return set()
@@ -773,15 +783,28 @@ def _parse_affinity(obj: KubeObject, spec: KubeObject) -> int:
 # (port name, protocol, port number or 0 when the slice does not restrict ports)
 _EndpointPort = tuple[str, Protocol, int]
 # Endpoint conditions before the service's publishNotReadyAddresses is applied:
-# (address, ready, serving, terminating, node name, zone, hints.forZones names).
-_SliceEndpoint = tuple[_IP, bool, bool, bool, str, str, tuple[str, ...]]
+# (address, _READY | _DRAINING | _UNUSABLE, node name, zone, hints.forZones names).
+# Five items: the size of a Backend (80 bytes), so the memory of parsed slices, freed while
+# translation makes Backends (translate.checked keeps them for a whole pass), is reused.
+_SliceEndpoint = tuple[_IP, int, str, str, tuple[str, ...]]
+_READY = 2  # ready: active
+_DRAINING = 1  # not ready, serving and terminating: picked only when no ready one remains
+_UNUSABLE = 0
 
 
 @dataclass(slots=True)
 class _Slice:
     family: int  # 0 for FQDN
-    ports: list[_EndpointPort]
-    endpoints: list[_SliceEndpoint]
+    # Tuples: parsed slices may be kept for a pass (translate.checked); a tuple of ten
+    # endpoints is the size of a frontend's tuple of ten backends, which reuses its memory.
+    ports: tuple[_EndpointPort, ...]
+    endpoints: tuple[_SliceEndpoint, ...]
+    # Some endpoint lists more than one address (only the first is in `endpoints`).
+    multi: bool = False
+    # Set when validation keeps the parse (translate.checked): the slice's ref and the key
+    # of its service (six fields: the size of a Backend, see _SliceEndpoint).
+    ref: tuple[str, str, str] | None = None
+    key: ServiceKey | None = None
 
 
 def _parse_slice(obj: KubeObject) -> _Slice:
@@ -799,14 +822,17 @@ def _parse_slice(obj: KubeObject) -> _Slice:
                 _port(obj, port.get("port"), f"ports[{i}].port", optional=True),
             )
         )
-    return _Slice(family, ports, _parse_slice_endpoints(obj, family))
+    endpoints, multi = _parse_slice_endpoints(obj, family)
+    return _Slice(family, tuple(ports), endpoints, multi)
 
 
-def _parse_slice_endpoints(obj: KubeObject, family: int) -> list[_SliceEndpoint]:
+def _parse_slice_endpoints(obj: KubeObject, family: int) -> tuple[tuple[_SliceEndpoint, ...], bool]:
+    """The endpoints, and whether any lists more than one address."""
     # The hot loop of a full sync (every endpoint of every slice): checks are inline and
     # cheap; on any doubt _endpoint_error re-examines the endpoint and names the field.
     raw = _list(obj, obj.get("endpoints"), "endpoints")
     out: list[_SliceEndpoint] = []
+    multi = False
     append = out.append
     parse_ip = _parse_ip_text
     suspect = _SUSPECT_V4
@@ -825,6 +851,7 @@ def _parse_slice_endpoints(obj: KubeObject, family: int) -> list[_SliceEndpoint]
                 _endpoint_error(obj, endpoint, i, family)
             if len(addresses) > 1:
                 _check_addresses(obj, addresses, i, family)
+                multi = True
         else:
             first = _NO_IP
         conditions = endpoint.get("conditions")
@@ -841,12 +868,12 @@ def _parse_slice_endpoints(obj: KubeObject, family: int) -> list[_SliceEndpoint]
             ):
                 _endpoint_error(obj, endpoint, i, family)
             # nil ready means ready; nil serving defers to ready; nil terminating means not.
-            ready = r is not False
-            serving = ready if s is None else s
-            terminating = t is True
+            if r is not False:
+                usable = _READY
+            else:
+                usable = _DRAINING if s is True and t is True else _UNUSABLE
         elif conditions is None or conditions == {}:
-            ready = serving = True
-            terminating = False
+            usable = _READY
         else:
             _endpoint_error(obj, endpoint, i, family)
         node_name = endpoint.get("nodeName") or ""
@@ -858,8 +885,8 @@ def _parse_slice_endpoints(obj: KubeObject, family: int) -> list[_SliceEndpoint]
         node_name, zone = intern(node_name), intern(zone)
         hints = endpoint.get("hints")
         zone_hints = () if hints is None else _zone_hints(obj, hints, i)
-        append((first, ready, serving, terminating, node_name, zone, zone_hints))
-    return out
+        append((first, usable, node_name, zone, zone_hints))
+    return tuple(out), multi
 
 
 def _zone_hints(obj: KubeObject, hints: object, i: int) -> tuple[str, ...]:
@@ -1057,16 +1084,61 @@ _PARSERS = {
 }
 
 
-def validate_object(obj: KubeObject, rules: AddressRules = NO_RULES) -> None:
+def validate_object(obj: KubeObject, rules: AddressRules = NO_RULES) -> Checked | None:
     """Raise InvalidObject("<kind> <ns>/<name>: <field>: <reason>") for an unusable object.
 
     `rules` adds the checks that depend on configuration (ClusterIPs in service.clusterCIDR).
+    Returns what was read of an EndpointSlice (None for other kinds), for `remember_checked`.
     """
     kind = _check_common(obj)
     if kind == "Service":
         _parse_service(obj, rules)
-    else:
-        _PARSERS[kind](obj)
+        return None
+    if kind == "EndpointSlice":
+        parsed = _parse_slice(obj)
+        # Every FQDN slice and any endpoint with more than one address take the long way:
+        # the store's index reads every address, the parse keeps the first only.
+        if not parsed.family or parsed.multi:
+            return None
+        parsed.ref, parsed.key = object_ref(obj), service_key_of(obj)
+        return parsed
+    _PARSERS[kind](obj)
+    return None
+
+
+# --- parse once ------------------------------------------------------------------------
+
+# EndpointSlices as validation read them, by the packed bytes (kpr.memory.pack) a source
+# keeps and hands to the store: the store translates the same bytes moments later (a full
+# sync), and reading every slice twice (and unpacking it twice more) was about a quarter of
+# a full sync. Filled by a source's pass and emptied at its end (`forget_checked`), so the
+# entries live no longer than one pass; the store takes each one when it translates it.
+_checked: dict[bytes, _Slice] = {}
+# What validate_object returns for remember_checked: an EndpointSlice as read, with its ref
+# and its service's key.
+Checked = _Slice
+
+
+def remember_checked(packed: object, checked: Checked | None) -> None:
+    """Keep what validate_object read of the object packed as `packed`, until the store
+    translates those bytes or the source's pass ends."""
+    if checked is not None and type(packed) is bytes:
+        _checked[packed] = checked
+
+
+def checked(item: object) -> Checked | None:
+    """What validation read of a packed object (not taken: see `take_checked`), or None."""
+    return _checked.get(item) if type(item) is bytes else None  # type: ignore[call-overload]
+
+
+def take_checked(item: object) -> Checked | None:
+    """Like `checked`, and forgotten: translated once, an object's parse is not needed again."""
+    return _checked.pop(item, None) if type(item) is bytes else None  # type: ignore[call-overload]
+
+
+def forget_checked() -> None:
+    """Drop whatever was not translated (objects unchanged since the source last sent them)."""
+    _checked.clear()
 
 
 # --- translation -----------------------------------------------------------------------
@@ -1122,10 +1194,10 @@ def _slice_backends(
         if not number:
             continue  # a port-less slice port means "all ports": unusable for a service port
         group = groups.setdefault((name, protocol, parsed.family), {})
-        for ip, ready, serving, terminating, ep_node, zone, hints in parsed.endpoints:
-            if ready or publish:
+        for ip, usable, ep_node, zone, hints in parsed.endpoints:
+            if usable == _READY or publish:
                 state = BackendState.ACTIVE
-            elif serving and terminating:
+            elif usable == _DRAINING:
                 state = BackendState.TERMINATING
             else:
                 continue
@@ -1171,12 +1243,21 @@ def _collect_backends(
     groups: dict[_GroupKey, _BackendGroup] = {}
     have_slices = False
     for obj in slices:
-        if _check_common(obj) != "EndpointSlice":
-            _fail(obj, "expected an EndpointSlice")
-        parsed = _parse_slice(obj)
-        if not _belongs(obj, key):
-            log.debug("ignoring EndpointSlice %s/%s: not of service %s", *object_ref(obj)[1:], key)
-            continue
+        found = take_checked(obj)
+        if found is not None:
+            # Validated by the source moments ago: read once.
+            parsed = found
+            if found.key != key:
+                log.debug("ignoring EndpointSlice %s/%s: not of service %s", *found.ref[1:], key)
+                continue
+        else:
+            obj = unpack(obj)
+            if _check_common(obj) != "EndpointSlice":
+                _fail(obj, "expected an EndpointSlice")
+            parsed = _parse_slice(obj)
+            if not _belongs(obj, key):
+                log.debug("ignoring EndpointSlice %s/%s: not of service %s", *object_ref(obj)[1:], key)
+                continue
         have_slices = True
         if parsed.family:
             _slice_backends(groups, parsed, spec.publish_not_ready, node.name)
@@ -1355,8 +1436,9 @@ def translate_service(
     None for: a service-proxy-name label that is not ours, ExternalName, headless
     (clusterIP None) or not yet allocated (clusterIP "") services - kube-proxy skips those
     entirely, external addresses included - and services that end up with no frontend.
-    `slices` are the service's EndpointSlices (others are ignored); `endpoints` its legacy
-    Endpoints, used only when no slice is given. Raises InvalidObject for invalid input,
+    `slices` are the service's EndpointSlices (others are ignored), dicts or packed
+    (kpr.memory.pack: a slice validate_object read is then not read again, see `checked`);
+    `endpoints` its legacy Endpoints, used only when no slice is given. Raises InvalidObject for invalid input,
     a ClusterIP outside `rules` included.
     """
     if _check_common(svc) != "Service":

@@ -405,6 +405,13 @@ class FilesSource:
 
     @memory.gc_paused
     def _pass(self, sink: ObjectSink) -> bool:
+        try:
+            return self._pass_once(sink)
+        finally:
+            # What validation read and the store did not translate (unchanged objects).
+            _translate().forget_checked()
+
+    def _pass_once(self, sink: ObjectSink) -> bool:
         started = time.perf_counter()
         self.passes += 1
         tr = _translate()
@@ -599,7 +606,7 @@ class FilesSource:
             ref: ObjectRef | None = None
             try:
                 ref = tr.object_ref(doc)
-                tr.validate_object(doc, rules)
+                read = tr.validate_object(doc, rules)
             except Exception as e:
                 # validate_object names the object itself; other exceptions do not.
                 reason = str(e) if str(e).startswith(label) else f"{label}: {e}"
@@ -618,7 +625,9 @@ class FilesSource:
             if ref in st.objects:
                 st.errors.append(f"{label} appears twice in this file; the first is used")
                 continue
-            st.objects[ref] = memory.pack(doc)
+            packed = st.objects[ref] = memory.pack(doc)
+            # The store translates these bytes later in this pass: not read twice.
+            tr.remember_checked(packed, read)
         st.position = {ref: i for i, ref in enumerate(st.objects)}
         return st
 

@@ -59,6 +59,7 @@
 #include "lib/conntrack.h"
 #include "lib/nat.h"
 #include "lib/devkind.h"
+#include "lib/fib.h"
 #include "lib/monitor.h"
 
 #ifdef KPR_CTX_SKB
@@ -142,9 +143,6 @@
 #endif
 #include "lib/icmp.h"
 #include "lib/dsr.h"
-
-#define KPR_NP_AF_INET 2   // AF_INET for bpf_fib_lookup
-#define KPR_NP_AF_INET6 10 // AF_INET6 for bpf_fib_lookup
 
 // Frontend types reached from outside the node; ClusterIP traffic is left to the kernel/socket LB.
 #define KPR_NP_SVC_TYPES (KPR_SVC_F_NODE_PORT | KPR_SVC_F_LOAD_BALANCER | KPR_SVC_F_EXTERNAL_IP | KPR_SVC_F_HOST_PORT)
@@ -497,34 +495,6 @@ static __always_inline __u8 kpr_np_mode_of(const struct kpr_svc_key *key, __u8 p
 
 /* --- routing ------------------------------------------------------------------------- */
 
-// FIB lookup for a packet from `s` to `d`; `tot_len` non-zero also checks it against the route's MTU.
-static __always_inline int kpr_np_fib(kpr_ctx_t *ctx, struct bpf_fib_lookup *p, const struct kpr_tuple *t,
-				      const union kpr_addr *s, const union kpr_addr *d, __u16 tot_len)
-{
-	__builtin_memset(p, 0, sizeof(*p));
-	p->ifindex = ctx_ifindex(ctx);
-	p->l4_protocol = t->proto;
-	p->sport = t->sport;
-	p->dport = t->dport;
-	p->tot_len = tot_len;
-	if (t->family == KPR_FAMILY_V4) {
-		p->family = KPR_NP_AF_INET;
-		p->ipv4_src = s->w[3];
-		p->ipv4_dst = d->w[3];
-	} else {
-		p->family = KPR_NP_AF_INET6;
-		p->ipv6_src[0] = s->w[0];
-		p->ipv6_src[1] = s->w[1];
-		p->ipv6_src[2] = s->w[2];
-		p->ipv6_src[3] = s->w[3];
-		p->ipv6_dst[0] = d->w[0];
-		p->ipv6_dst[1] = d->w[1];
-		p->ipv6_dst[2] = d->w[2];
-		p->ipv6_dst[3] = d->w[3];
-	}
-	return bpf_fib_lookup(ctx, p, sizeof(*p), 0);
-}
-
 // What the egress device is. An external device (kpr_np_dev) not classified yet is taken for a
 // plain Ethernet device: the operator named it, and kpr's programs run on it.
 static __always_inline __u32 kpr_np_devkind_of(__u32 ifindex, int external)
@@ -539,15 +509,11 @@ static __always_inline __u32 kpr_np_devkind_of(__u32 ifindex, int external)
 // The route's MACs on the frame; -1 when it is too short to hold them.
 static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
 {
-	__u8 *eth = ctx_ptr(ctx, 0, 12);
-
-	if (!eth) {
+	if (kpr_fib_set_macs(ctx, p->dmac, p->smac)) {
 		kpr_np_fwd_count(KPR_NP_FWD_DROP_SHORT);
 		kpr_mon_bare(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_SHORT_FRAME);
 		return -1;
 	}
-	__builtin_memcpy(eth, p->dmac, 6);
-	__builtin_memcpy(eth + 6, p->smac, 6);
 	return 0;
 }
 
@@ -647,7 +613,7 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 static __always_inline int kpr_np_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, int peer)
 {
 	struct bpf_fib_lookup p;
-	int rc = kpr_np_fib(ctx, &p, &pkt->t, &pkt->t.saddr, &pkt->t.daddr, 0);
+	int rc = kpr_fib_lookup(ctx, &p, &pkt->t, &pkt->t.saddr, &pkt->t.daddr, 0);
 
 	return kpr_np_forward(ctx, &p, rc, peer);
 }
@@ -743,7 +709,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
 		return CTX_DROP;
 	KPR_NP_STOP(4);
-	rc = kpr_np_fib(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
+	rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
 	KPR_NP_STOP(5);
 #if !KPR_NP_LAZY_SNAT_ADDR
 	nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
@@ -824,7 +790,7 @@ static __always_inline int kpr_np_stage_dsr(kpr_ctx_t *ctx)
 	if (ctx->gso_size)
 		l3len = 0;
 #endif
-	rc = kpr_np_fib(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, (__u16)l3len);
+	rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, (__u16)l3len);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		// tell the client the path MTU less the DSR header: it then sends packets that fit
 		int v4 = pkt.t.family == KPR_FAMILY_V4;
@@ -1017,7 +983,7 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 		// the route to the client first: a reply XDP cannot send is passed untranslated
 		struct bpf_fib_lookup p;
 		union kpr_addr fe = rev->addr, cl = n->addr;
-		int rc = kpr_np_fib(ctx, &p, &pkt.t, &fe, &cl, 0);
+		int rc = kpr_fib_lookup(ctx, &p, &pkt.t, &fe, &cl, 0);
 
 		if (!kpr_np_xdp_sendable(&p, rc))
 			return CTX_PASS;

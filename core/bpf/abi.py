@@ -42,6 +42,7 @@ __all__ = [
     "ctype",
     "default",
     "group",
+    "leaves",
     "packer",
     "read_xmacro",
     "struct_of",
@@ -467,6 +468,20 @@ def read_xmacro(path: Path, macro: str, arg: int) -> tuple[str, ...]:
     if not out:
         raise AbiError(f"{path}: no {macro}(...) lines")
     return tuple(out)
+
+
+def leaves(cls: type, base: int = 0, prefix: str = "") -> list[tuple[str, int, int]]:
+    """(field path, offset, size) of every leaf field of a ctypes struct or union: two layouts
+    agree when these do (a generated mirror against bcc's view of the C type)."""
+    out = []
+    for name, ftype, *_ in cls._fields_:  # type: ignore[attr-defined]
+        desc = getattr(cls, name)
+        path = f"{prefix}{name}"
+        if isinstance(ftype, type) and issubclass(ftype, (ctypes.Structure, ctypes.Union)):
+            out.extend(leaves(ftype, base + desc.offset, path + "."))
+        else:
+            out.append((path, base + desc.offset, desc.size))
+    return out
 
 
 def _camel(name: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kpr.bpf import maps as M
+from kpr.bpf.abi import leaves as layout
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.bpf.inline import inline_includes
 from kpr.bpf.loader import CompileError, compile_and_load, load_prog
@@ -50,19 +51,6 @@ MIRRORS = {
     "kpr_ct": (M.CtKey, M.CtEntry),
     "kpr_snat": (M.CtKey, M.NatEntry),
 }
-
-
-def layout(cls: type, base: int = 0, prefix: str = "") -> list[tuple[str, int, int]]:
-    """(field path, offset, size) of every leaf field of a ctypes struct/union."""
-    out = []
-    for name, ftype, *_ in cls._fields_:
-        desc = getattr(cls, name)
-        path = f"{prefix}{name}"
-        if isinstance(ftype, type) and issubclass(ftype, (ctypes.Structure, ctypes.Union)):
-            out.extend(layout(ftype, base + desc.offset, path + "."))
-        else:
-            out.append((path, base + desc.offset, desc.size))
-    return out
 
 
 def test_every_struct_matches_its_python_mirror(pin_path: Path) -> None:

@@ -6,6 +6,15 @@ its latest state (level-triggered), and one worker per plugin means calls for a 
 overlap. A failed delivery is retried with exponential backoff until it succeeds or a newer
 state replaces it.
 
+A node change is a barrier in every queue: what is queued after it is delivered after it,
+even a service that was already waiting (that one is then delivered twice, before and after
+the node change), so the services the store re-delivers because of new node facts never
+overtake them.
+
+When a plugin needs the shared service maps, the bus has a writer stage in front of the
+workers (kpr.pipeline): every change is applied to the maps first, in batches, and reaches
+the plugins with the generation the maps then hold.
+
 An agent's bus also tends the process's memory (kpr.memory): it gives back what the plugins'
 BPF compiles freed when it starts, and settles the heap once the initial state has reached
 every plugin, the agent's one big burst of allocations.
@@ -29,6 +38,70 @@ log = logging.getLogger(__name__)
 _SYNC = ("__sync__",)
 _NODE = ("__node__",)
 _PODS = ("__pods__",)
+
+# The hook each event is delivered through.
+HOOKS = {
+    "upsert": "kpr_service_upsert",
+    "delete": "kpr_service_delete",
+    "node": "kpr_node_changed",
+    "pods": "kpr_pods_changed",
+    "sync": "kpr_sync_complete",
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One queued change: `event` names the hook (HOOKS), `generation` the service maps'
+    generation once the writer stage applied it (0 without a writer stage)."""
+
+    key: Any
+    event: str
+    payload: Any
+    generation: int = 0
+
+    @property
+    def barrier(self) -> bool:
+        return self.event == "node"
+
+
+class KeyedQueue:
+    """Pending events in arrival order, one per key: a newer event for a key that is still
+    waiting takes its place (coalescing), unless a barrier (a node change) was queued since;
+    then it goes behind the barrier and the older one is delivered first. Not locked: the
+    owner holds its own lock."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[tuple[int, Any], Event] = OrderedDict()
+        self._epoch = 0
+        # key -> the epoch of its newest waiting event
+        self._newest: dict[Any, int] = {}
+
+    def put(self, ev: Event) -> None:
+        self._items[(self._epoch, ev.key)] = ev
+        self._newest[ev.key] = self._epoch
+        if ev.barrier:
+            self._epoch += 1
+
+    def pop(self) -> Event:
+        (epoch, key), ev = self._items.popitem(last=False)
+        if self._newest.get(key) == epoch:
+            del self._newest[key]
+        if not self._items:
+            # A dict never shrinks: after an initial sync's burst, a small one.
+            self._items = OrderedDict()
+        return ev
+
+    def drain(self) -> list[Event]:
+        out = list(self._items.values())
+        self._items = OrderedDict()
+        self._newest = {}
+        return out
+
+    def waiting(self, key: Any) -> bool:
+        return key in self._newest
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -72,20 +145,29 @@ class PluginWorker:
         self._on_event = on_event
         self._on_synced = on_synced
         self._cond = threading.Condition()
-        self._pending: OrderedDict[Any, tuple[str, Any]] = OrderedDict()
-        # key -> (due monotonic time, attempt number, (event, payload))
-        self._retry: dict[Any, tuple[float, int, tuple[str, Any]]] = {}
+        self._pending = KeyedQueue()
+        # key -> (due monotonic time, attempt number, event)
+        self._retry: dict[Any, tuple[float, int, Event]] = {}
         self._busy_key: Any = None
+        # The hook the worker is inside (None between deliveries): named when a stop waits.
+        self.busy_hook: str | None = None
         self._stopping = False
         self.stats = WorkerStats()
         self._thread = threading.Thread(target=self._loop, name=f"kpr-bus-{name}", daemon=True)
 
     # --- producer side -------------------------------------------------------------------
 
-    def put(self, key: Any, event: str, payload: Any) -> None:
+    def put(self, ev: Event) -> None:
         with self._cond:
-            self._retry.pop(key, None)
-            self._pending[key] = (event, payload)
+            self._retry.pop(ev.key, None)
+            self._pending.put(ev)
+            self._cond.notify()
+
+    def put_many(self, events: Iterable[Event]) -> None:
+        with self._cond:
+            for ev in events:
+                self._retry.pop(ev.key, None)
+                self._pending.put(ev)
             self._cond.notify()
 
     def start(self) -> None:
@@ -97,7 +179,10 @@ class PluginWorker:
             self._cond.notify()
 
     def join(self, timeout: float) -> bool:
-        self._thread.join(timeout)
+        """True once the worker has left its hook and ended (or never started)."""
+        if self._thread.ident is None:
+            return True
+        self._thread.join(max(0.0, timeout))
         return not self._thread.is_alive()
 
     def idle(self) -> bool:
@@ -110,26 +195,25 @@ class PluginWorker:
 
     # --- worker side ---------------------------------------------------------------------
 
-    def _next(self) -> tuple[Any, str, Any, int] | None:
+    def _next(self) -> tuple[Event, int] | None:
         with self._cond:
             while True:
                 if self._stopping:
                     return None
                 if self._pending:
-                    key, (event, payload) = self._pending.popitem(last=False)
-                    if not self._pending:
-                        # A dict never shrinks: after an initial sync's burst, a small one.
-                        self._pending = OrderedDict()
-                    self._busy_key = key
-                    return key, event, payload, 0
+                    ev = self._pending.pop()
+                    self._busy_key = ev.key
+                    self.busy_hook = HOOKS[ev.event]
+                    return ev, 0
                 now = time.monotonic()
-                due = [(t, k) for k, (t, _, _) in self._retry.items()]
-                if due:
-                    t, key = min(due, key=lambda x: x[0])
+                if self._retry:
+                    key = min(self._retry, key=lambda k: self._retry[k][0])
+                    t = self._retry[key][0]
                     if t <= now:
-                        _, attempt, (event, payload) = self._retry.pop(key)
+                        _, attempt, ev = self._retry.pop(key)
                         self._busy_key = key
-                        return key, event, payload, attempt
+                        self.busy_hook = HOOKS[ev.event]
+                        return ev, attempt
                     self._cond.wait(t - now)
                 else:
                     self._cond.wait()
@@ -139,29 +223,31 @@ class PluginWorker:
             item = self._next()
             if item is None:
                 return
-            key, event, payload, attempt = item
-            ok = self._deliver(key, event, payload, attempt)
+            ev, attempt = item
+            ok = self._deliver(ev, attempt)
             with self._cond:
                 self._busy_key = None
-                if not ok and key not in self._pending and not self._stopping:
+                self.busy_hook = None
+                if not ok and not self._pending.waiting(ev.key) and not self._stopping:
                     attempt += 1
                     delay = self._backoff.delay(attempt)
-                    self._retry[key] = (time.monotonic() + delay, attempt, (event, payload))
+                    self._retry[ev.key] = (time.monotonic() + delay, attempt, ev)
                     self.stats.retries += 1
-                    log.info("bus.retry plugin=%s key=%s attempt=%d delay=%.2f", self.name, _show(key), attempt, delay)
+                    log.info("bus.retry plugin=%s key=%s attempt=%d delay=%.2f", self.name, _show(ev.key), attempt, delay)
 
-    def _deliver(self, key: Any, event: str, payload: Any, attempt: int) -> bool:
+    def _deliver(self, ev: Event, attempt: int) -> bool:
+        key, event, payload = ev.key, ev.event, ev.payload
         try:
             if event == "upsert":
-                self._invoke("kpr_service_upsert", service=payload)
+                self._invoke("kpr_service_upsert", service=payload, generation=ev.generation)
             elif event == "delete":
-                self._invoke("kpr_service_delete", key=payload)
+                self._invoke("kpr_service_delete", key=payload, generation=ev.generation)
             elif event == "node":
                 self._invoke("kpr_node_changed", node=payload)
             elif event == "pods":
                 self._invoke("kpr_pods_changed", pods=payload)
             elif event == "sync":
-                self._invoke("kpr_sync_complete")
+                self._invoke("kpr_sync_complete", generation=ev.generation)
                 self._synced()
         except Exception as e:  # a plugin's bug must not stop the agent or the other plugins
             self.stats.errors += 1
@@ -200,7 +286,7 @@ def _show(key: Any) -> str:
 
 
 class EventBus:
-    """Fan-out of service events to one worker per plugin."""
+    """Fan-out of service events to one worker per plugin, behind the writer stage if any."""
 
     def __init__(
         self,
@@ -216,12 +302,23 @@ class EventBus:
         self._settled = False
         self._settle_lock = threading.Lock()
         self.workers: dict[str, PluginWorker] = {}
+        # The writer stage (kpr.pipeline.WriterStage), when a plugin needs the service maps.
+        self.stage: Any = None
         self._started = False
 
     def add_plugin(self, name: str, invoke: Invoker) -> None:
         if self._started:
             raise RuntimeError("plugins must be added before the bus starts")
         self.workers[name] = PluginWorker(name, invoke, self._backoff, self._on_event, self._worker_synced)
+
+    def set_writer(self, name: str, writer: Any) -> None:
+        """Put the service map writer in front of the plugins (see kpr.pipeline): every change
+        is applied to the maps before any plugin's worker gets it."""
+        if self._started:
+            raise RuntimeError("the writer must be set before the bus starts")
+        from .pipeline import WriterStage
+
+        self.stage = WriterStage(name, writer, self._fan_out, self._backoff, self._on_event)
 
     def start(self) -> None:
         self._started = True
@@ -231,6 +328,8 @@ class EventBus:
             memory.trim()
         for w in self.workers.values():
             w.start()
+        if self.stage is not None:
+            self.stage.start()
 
     def _worker_synced(self) -> None:
         # On the worker that delivered the last initial sync, after it counts as synced:
@@ -241,27 +340,35 @@ class EventBus:
             self._settled = True
         memory.settle()
 
-    def upsert(self, service: Service) -> None:
+    def _put(self, ev: Event) -> None:
+        if self.stage is not None:
+            self.stage.put(ev)
+        else:
+            for w in self.workers.values():
+                w.put(ev)
+
+    def _fan_out(self, events: list[Event]) -> None:
+        """The writer stage's output: events the maps now hold, to every plugin's worker."""
         for w in self.workers.values():
-            w.put(service.key, "upsert", service)
+            w.put_many(events)
+
+    def upsert(self, service: Service) -> None:
+        self._put(Event(service.key, "upsert", service))
 
     def delete(self, key: ServiceKey) -> None:
-        for w in self.workers.values():
-            w.put(key, "delete", key)
+        self._put(Event(key, "delete", key))
 
     def node_changed(self, node: NodeInfo) -> None:
-        for w in self.workers.values():
-            w.put(_NODE, "node", node)
+        """New node facts; a barrier: everything queued after it reaches plugins after it."""
+        self._put(Event(_NODE, "node", node))
 
     def pods_changed(self, pods: dict[str, tuple[str, ...]]) -> None:
         """The pods on this node (the whole set; a newer one replaces one not delivered yet)."""
-        for w in self.workers.values():
-            w.put(_PODS, "pods", pods)
+        self._put(Event(_PODS, "pods", pods))
 
     def sync_complete(self) -> None:
         """Queue sync complete behind everything queued so far: the initial state."""
-        for w in self.workers.values():
-            w.put(_SYNC, "sync", None)
+        self._put(Event(_SYNC, "sync", None))
 
     def resync(self, services: Iterable[Service]) -> None:
         """Level-based resync: hand every plugin every service again (handlers are idempotent)."""
@@ -269,9 +376,11 @@ class EventBus:
             self.upsert(s)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
+        """True once the writer stage and every worker have nothing left to deliver."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(w.idle() for w in self.workers.values()):
+            # The stage first: what it hands on lands in the workers' queues before it is idle.
+            if (self.stage is None or self.stage.idle()) and all(w.idle() for w in self.workers.values()):
                 return True
             time.sleep(0.005)
         return False
@@ -279,13 +388,38 @@ class EventBus:
     def synced(self) -> bool:
         return all(w.stats.synced for w in self.workers.values())
 
-    def stop(self, timeout: float = 5.0) -> list[str]:
-        """Stop every worker; returns the names of workers still busy at the deadline."""
+    def stats_of(self, name: str) -> tuple[WorkerStats, int] | None:
+        """(delivery counters, events waiting) of a plugin's worker or of the writer stage."""
+        if self.stage is not None and self.stage.name == name:
+            return self.stage.stats, self.stage.pending_count()
+        w = self.workers.get(name)
+        return (w.stats, w.pending_count()) if w is not None else None
+
+    def request_stop(self) -> None:
+        """Tell the writer stage and every worker to stop after the hook they are in."""
+        if self.stage is not None:
+            self.stage.stop()
         for w in self.workers.values():
             w.stop()
+
+    def join(self, name: str, timeout: float) -> bool:
+        """Wait until the plugin's worker (or the writer stage, by its name) has left its
+        hook and ended; False when it is still inside at the timeout."""
+        if self.stage is not None and self.stage.name == name:
+            return self.stage.join(timeout)
+        w = self.workers.get(name)
+        return w is None or w.join(timeout)
+
+    def busy_hook(self, name: str) -> str | None:
+        """The hook the plugin's worker (or the writer stage) is inside, if any."""
+        if self.stage is not None and self.stage.name == name:
+            return self.stage.busy_hook
+        w = self.workers.get(name)
+        return w.busy_hook if w is not None else None
+
+    def stop(self, timeout: float = 5.0) -> list[str]:
+        """Stop every worker; returns the names of workers still busy at the deadline."""
+        self.request_stop()
         deadline = time.monotonic() + timeout
-        stuck = []
-        for w in self.workers.values():
-            if not w.join(max(0.0, deadline - time.monotonic())):
-                stuck.append(w.name)
-        return stuck
+        names = ([self.stage.name] if self.stage is not None else []) + list(self.workers)
+        return [n for n in names if not self.join(n, deadline - time.monotonic())]

@@ -3,6 +3,10 @@
 As kopf does: signal handlers only set a flag; shutdown is bounded by agent.shutdownTimeout
 (a watchdog ends the process if a plugin hangs); a periodic level-based resync re-delivers
 every service so plugins can repair drift between their state and the desired one.
+
+A plugin is stopped only once its bus worker has left the hook it was in (or the wait for it
+ran out, which the agent logs as plugin.stop_busy); a stop after a failed start is bounded by
+the same timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .config import KprConfig
 from .metrics import Metrics
 from .model import NodeInfo, PluginStatus
 from .node import detect, missing_devices
+from .pipeline import WRITER_FACILITY
 from .pluginmanager import KprPluginManager, PluginError, PluginHandle, build_plugin_manager, make_contexts
 from .store import ObjectStore
 
@@ -138,12 +143,18 @@ class Agent:
             try:
                 h.call("kpr_start", context=h.context)
             except Exception as e:
-                self._stop_plugins()
+                self._stop_plugins(time.monotonic() + cfg.agent.shutdown_timeout)
                 raise PluginError(f"plugin {h.name}: start failed: {type(e).__name__}: {e}") from e
             self._started.append(h)
             log.info("plugin.started plugin=%s dist=%s", h.name, h.info.dist)
+        # The service map writer is the bus's writer stage, not a plugin with a worker: every
+        # change reaches the maps before any plugin (kpr.pipeline).
+        writer = self.kpm.facility(WRITER_FACILITY)
+        if writer is not None:
+            self.bus.set_writer(writer.name, writer.plugin)
         for h in self.handles:
-            self.bus.add_plugin(h.name, h.call)
+            if h is not writer:
+                self.bus.add_plugin(h.name, h.call)
         self.bus.start()
         self.store = ObjectStore(
             self.node,
@@ -250,15 +261,16 @@ class Agent:
         watchdog = threading.Timer(timeout + 1.0, self._overrun)
         watchdog.daemon = True
         watchdog.start()
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         clean = False
         try:
             if self.source is not None:
                 self.source.stop()
-            stuck = self.bus.stop(timeout=max(0.1, (deadline - time.monotonic()) / 2))
-            if stuck:
-                log.warning("agent.bus_stuck plugins=%s", ",".join(stuck))
-            clean = self._stop_plugins(deadline) and not stuck
+            self.bus.request_stop()
+            # Workers finish the hook they are in; a plugin's kpr_stop waits for its own
+            # worker up to three quarters of the timeout, and has the rest.
+            clean = self._stop_plugins(deadline, workers_until=start + 0.75 * timeout)
             kube = next((h.context.kube for h in self.handles if h.context is not None and h.context.kube), None)
             if kube is not None:
                 kube.close()
@@ -270,18 +282,36 @@ class Agent:
         log.info("agent.stopped clean=%s", clean)
         return 0 if clean else 1
 
-    def _stop_plugins(self, deadline: float | None = None) -> bool:
-        """Stop started plugins in reverse order; False when one overran the deadline."""
+    def _stop_plugins(self, deadline: float, workers_until: float | None = None) -> bool:
+        """Stop started plugins in reverse order, each once its bus worker left its hook
+        (waiting until `workers_until`, default the deadline); False when a worker or a
+        kpr_stop overran."""
         clean = True
         for h in reversed(self._started):
+            if not self._wait_worker(h, deadline if workers_until is None else workers_until):
+                clean = False
             t = threading.Thread(target=self._stop_one, args=(h,), name=f"kpr-stop-{h.name}", daemon=True)
             t.start()
-            t.join(None if deadline is None else max(0.1, deadline - time.monotonic()))
+            t.join(max(0.1, deadline - time.monotonic()))
             if t.is_alive():
                 log.error("plugin.stop_timeout plugin=%s", h.name)
                 clean = False
         self._started = []
         return clean
+
+    def _wait_worker(self, h: PluginHandle, until: float) -> bool:
+        """Wait until the plugin's bus worker has left its hook; False when it is still inside."""
+        if self.bus.join(h.name, 0):
+            return True
+        hook = self.bus.busy_hook(h.name) or "-"
+        log.info("plugin.stop_waiting plugin=%s hook=%s", h.name, hook)
+        if self.bus.join(h.name, until - time.monotonic()):
+            return True
+        log.error(
+            "plugin.stop_busy plugin=%s hook=%s: its worker is still in the hook at the shutdown deadline; stopping it anyway",
+            h.name, self.bus.busy_hook(h.name) or hook,
+        )
+        return False
 
     @staticmethod
     def _stop_one(h: PluginHandle) -> None:
@@ -301,7 +331,7 @@ class Agent:
     def plugin_statuses(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for h in self.handles:
-            worker = self.bus.workers.get(h.name)
+            delivery = self.bus.stats_of(h.name)
             try:
                 results = [r for r in h.call("kpr_status") if r is not None]
                 st = results[0] if results else PluginStatus()
@@ -316,17 +346,20 @@ class Agent:
                 "details": st.details,
                 "dist": h.info.dist,
             }
-            if worker is not None:
-                s = worker.stats
+            if delivery is not None:
+                s, pending = delivery
                 entry["bus"] = {
                     "delivered": s.delivered,
                     "errors": s.errors,
                     "retries": s.retries,
-                    "pending": worker.pending_count(),
+                    "pending": pending,
                     "synced": s.synced,
                     "lastError": s.last_error,
                     "failing": dict(s.failing),
                 }
+                if self.bus.stage is not None and self.bus.stage.name == h.name:
+                    # The writer stage: the generation the maps hold (what plugins were handed).
+                    entry["bus"]["generation"] = self.bus.stage.generation
                 if s.failing:
                     entry["healthy"] = False
             out[h.name] = entry

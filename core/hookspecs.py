@@ -60,7 +60,8 @@ def kpr_requires() -> "list[str]":
 
     Returns: names of core facilities, from: ``"servicemaps"`` (the shared BPF service maps,
     pinned under ``bpf.pinPath`` and written by the core's service map writer, which is then
-    started before every plugin). An unknown name stops start-up with the plugin's name.
+    started before every plugin, stopped after them, and applies every service change before
+    any plugin's worker gets it). An unknown name stops start-up with the plugin's name.
     """
 
 
@@ -104,17 +105,25 @@ def kpr_start(context: "PluginContext") -> None:
 
 
 @hookspec
-def kpr_service_upsert(service: "Service") -> None:
+def kpr_service_upsert(service: "Service", generation: int = 0) -> None:
     """Make the data path match the whole desired state of one service.
 
     Called: from the plugin's bus worker whenever a service appears or changes, with the
     latest state only (bursts are coalesced), and again after a failure, with backoff.
     Calls for one service never overlap, and calls for different services reach one plugin
-    one at a time.
+    one at a time. When the agent runs the service map writer (some enabled plugin requires
+    ``"servicemaps"``), the writer applied the change first: when this hook runs, the service
+    maps already hold this state or a newer one (unless the writer refused the service for
+    capacity: then they keep its last good state, and ``kpr status`` names it). A plugin never
+    polls the maps to learn whether the writer has caught up.
 
     Args:
         service: the complete desired state (level-triggered, not a diff). Handlers must
             be idempotent: the same service may be delivered more than once.
+        generation: the service maps' generation once this change was applied: it grows by
+            one with every batch the writer applied, and the changes of one batch share it.
+            0 when the agent runs no writer. Implementations may leave it out of their
+            signature.
 
     Returns: nothing. Raising marks the delivery failed: it is logged, counted in the
     plugin's status and retried with backoff until it succeeds or a newer state replaces it.
@@ -122,27 +131,37 @@ def kpr_service_upsert(service: "Service") -> None:
 
 
 @hookspec
-def kpr_service_delete(key: "ServiceKey") -> None:
+def kpr_service_delete(key: "ServiceKey", generation: int = 0) -> None:
     """Remove everything the plugin holds for one service.
 
     Called: from the plugin's bus worker when a service disappears (deleted, became
-    headless or ExternalName, or handed to another proxy). Delivery, ordering and retries as
-    for ``kpr_service_upsert``; a delete may come for a service the plugin never saw.
+    headless or ExternalName, or handed to another proxy). Delivery, ordering, retries and
+    the maps' promise as for ``kpr_service_upsert``: with the writer, the maps no longer hold
+    the service (or hold a newer state of it) when this runs. A delete may come for a service
+    the plugin never saw.
 
     Args:
         key: the namespace and name of the service.
+        generation: the service maps' generation once the delete was applied, as for
+            ``kpr_service_upsert``.
 
     Returns: nothing. Raising is retried with backoff.
     """
 
 
 @hookspec
-def kpr_sync_complete() -> None:
+def kpr_sync_complete(generation: int = 0) -> None:
     """Signal that the full initial state has been delivered to this plugin.
 
     Called: once per plugin, from its bus worker, after every service that existed at
-    start-up was delivered (successfully or given up for retry). A plugin that garbage
-    collects state left from an earlier run (pinned maps, announced routes) does it here.
+    start-up was delivered (successfully or given up for retry). With the writer, the
+    initial state is in the maps when this runs (its full sync is written), and no service
+    event reaches any plugin before that. A plugin that garbage collects state left from an
+    earlier run (pinned maps, announced routes) does it here.
+
+    Args:
+        generation: the service maps' generation holding the initial state (0 without a
+            writer).
 
     Returns: nothing.
     """
@@ -157,7 +176,9 @@ def kpr_node_changed(node: "NodeInfo") -> None:
 
     Called: from the plugin's bus worker when the node's addresses or devices change after
     start-up; the plugin's ``context.node`` already holds the new facts. Services whose
-    frontends depend on node addresses (NodePort) are re-delivered after it.
+    frontends depend on node addresses (NodePort) are re-delivered after it: a node change is
+    a barrier in the plugin's queue, so no service queued after it (even one already waiting
+    before it) reaches the plugin before it.
 
     Args:
         node: the node's name, addresses and external devices.
@@ -206,10 +227,13 @@ def kpr_status() -> "PluginStatus | None":
 def kpr_stop(context: "PluginContext") -> None:
     """Release what ``kpr_start`` acquired that must not outlive the agent.
 
-    Called: once per started plugin on shutdown, after the bus stopped delivering, in the
-    reverse order of start, each bounded by the agent's shutdown timeout. Pinned BPF state
-    that keeps established flows working across a restart should stay (``kpr cleanup``
-    removes it).
+    Called: once per started plugin on shutdown, in the reverse order of start, only after
+    the plugin's bus worker has left the hook it was in; if the worker is still inside one
+    when the agent's wait for it ends (three quarters of agent.shutdownTimeout), the agent
+    logs ``plugin.stop_busy`` with the plugin and the hook and calls ``kpr_stop`` anyway.
+    Every stop is bounded by the shutdown timeout, a stop after a failed start included.
+    Pinned BPF state that keeps established flows working across a restart should stay
+    (``kpr cleanup`` removes it).
 
     Args:
         context: the plugin's context.

@@ -74,6 +74,8 @@ class PluginHandle:
     info: Discovered
     section: pydantic.BaseModel | None
     context: PluginContext | None = None
+    # A core facility (FACILITIES) rather than a plugin some package installed.
+    facility: bool = False
     _pm: pluggy.PluginManager | None = field(default=None, repr=False)
     _callers: dict[str, Callable[..., list]] = field(default_factory=dict, repr=False)
 
@@ -101,6 +103,10 @@ class KprPluginManager:
             if h.name == name:
                 return h
         raise KeyError(name)
+
+    def facility(self, name: str) -> PluginHandle | None:
+        """The core facility of that name, when an enabled plugin required it."""
+        return next((h for h in self.handles if h.facility and h.name == name), None)
 
 
 def _schema_of(obj: Any, name: str) -> type[pydantic.BaseModel] | None:
@@ -201,7 +207,9 @@ def _service_map_writer(config: KprConfig) -> Any:
 
 
 # Core facilities plugins may ask for with kpr_requires: name -> factory of a core-owned
-# plugin object, registered ahead of every plugin so it starts first and stops last.
+# object, registered ahead of every plugin so it starts first and stops last. The service map
+# writer ("servicemaps") is not fed by a bus worker as plugins are: it is the bus's writer
+# stage (kpr.pipeline), which applies every change before any plugin gets it.
 def _nodeport_facility(config: KprConfig) -> Any:
     from .nodeport.facility import NodePortFacility
 
@@ -228,7 +236,9 @@ def _add_facilities(handles: list[PluginHandle], config: KprConfig, facilities: 
         if any(h.name == name for h in handles):
             continue
         obj = facilities[name](config)
-        extra.append(PluginHandle(name, obj, Discovered(name, f"<core {type(obj).__name__}>", PROJECT, "", obj=obj), None))
+        extra.append(
+            PluginHandle(name, obj, Discovered(name, f"<core {type(obj).__name__}>", PROJECT, "", obj=obj), None, facility=True)
+        )
     return extra + handles
 
 

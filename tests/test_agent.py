@@ -2,6 +2,7 @@
 metrics, and bounded shutdown on SIGTERM."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -292,3 +293,123 @@ def test_systemd_readiness_after_sync_and_stopping_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class Slow:
+    """An internal plugin whose upsert hook stays inside until `gate` opens; records when it
+    left the hook and when kpr_stop ran (and whether the hook was still running then)."""
+
+    def __init__(self):
+        self.inside = threading.Event()
+        self.gate = threading.Event()
+        self.events: list[str] = []
+
+    @hookimpl
+    def kpr_service_upsert(self, service):
+        self.inside.set()
+        self.gate.wait(30)
+        self.events.append("left")
+        self.inside.clear()
+
+    @hookimpl
+    def kpr_stop(self, context):
+        self.events.append("stop while inside" if self.inside.is_set() else "stop")
+
+
+class LogLines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("kpr").addHandler(self)
+        logging.getLogger("kpr").setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("kpr").removeHandler(self)
+
+
+def slow_agent(tmp_path, timeout):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(WEB)
+    text = write_config(tmp_path, manifests).read_text().replace("shutdownTimeout: 3", f"shutdownTimeout: {timeout}")
+    slow = Slow()
+    agent = Agent(parse_config(text), internal_plugins={"slow": slow})
+    agent.setup()
+    wait_for(slow.inside.is_set, what="the plugin inside its upsert hook")
+    return agent, slow
+
+
+def test_kpr_stop_waits_until_the_worker_left_its_hook(tmp_path):
+    agent, slow = slow_agent(tmp_path, timeout=20)
+    with LogLines() as logs:
+        result = []
+        t = threading.Thread(target=lambda: result.append(agent.shutdown()))
+        t.start()
+        try:
+            wait_for(lambda: any(l.startswith("plugin.stop_waiting plugin=slow hook=kpr_service_upsert") for l in logs.lines),
+                     what="the agent waiting for the plugin's worker")
+            assert slow.events == [], "kpr_stop must not run while the worker is inside a hook"
+        finally:
+            slow.gate.set()
+            t.join(25)
+    assert slow.events == ["left", "stop"]
+    assert result == [0]
+
+
+def test_a_worker_stuck_past_the_deadline_is_named_and_the_plugin_stopped_anyway(tmp_path):
+    agent, slow = slow_agent(tmp_path, timeout=1)
+    try:
+        with LogLines() as logs:
+            assert agent.shutdown() == 1, "not clean: a worker overran"
+        busy = [i for i, l in enumerate(logs.lines) if l.startswith("plugin.stop_busy plugin=slow hook=kpr_service_upsert")]
+        assert busy, logs.lines
+        assert slow.events == ["stop while inside"], "called once the wait ran out, after saying so"
+    finally:
+        slow.gate.set()
+
+
+class StopHangs:
+    def __init__(self):
+        self.release = threading.Event()
+
+    @hookimpl
+    def kpr_stop(self, context):
+        self.release.wait(60)
+
+
+class StartFails:
+    @hookimpl
+    def kpr_start(self, context):
+        raise RuntimeError("cannot start")
+
+
+def test_stopping_after_a_failed_start_is_bounded(tmp_path):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    text = write_config(tmp_path, manifests).read_text().replace("shutdownTimeout: 3", "shutdownTimeout: 1")
+    hangs = StopHangs()
+    agent = Agent(parse_config(text), internal_plugins={"hangs": hangs, "fails": StartFails()})
+    errors: list[BaseException] = []
+
+    def setup():
+        try:
+            agent.setup()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            errors.append(e)
+
+    with LogLines() as logs:
+        t = threading.Thread(target=setup, daemon=True)
+        t.start()
+        t.join(20)
+    try:
+        assert not t.is_alive(), "setup hung in the started plugin's kpr_stop"
+        assert len(errors) == 1 and "plugin fails: start failed" in str(errors[0])
+        assert "plugin.stop_timeout plugin=hangs" in logs.lines
+    finally:
+        hangs.release.set()

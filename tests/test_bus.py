@@ -1,10 +1,12 @@
-"""The event bus: coalescing, isolation between plugins, retries, and sync ordering."""
+"""The event bus: coalescing, isolation between plugins, retries, sync ordering, node changes
+as barriers, and stopping. The writer stage in front of it: tests/test_pipeline.py."""
 
 import threading
 import time
 
 from kpr.bus import Backoff, EventBus
 from kpr.model import Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
+from kpr.store import ObjectStore
 
 
 def svc(name: str, port: int = 80) -> Service:
@@ -19,6 +21,7 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
         self.fail_times = {}
+        self.generations = []
 
     def __call__(self, hook, **kw):
         self.gate.wait(5)
@@ -28,6 +31,19 @@ class Recorder:
             self.fail_times[label] -= 1
             raise RuntimeError(f"boom {label}")
         self.calls.append((hook, arg))
+        self.generations.append(kw.get("generation"))
+
+    def order(self):
+        """Each call as "hook:label" (a service's label has its first port: web@80)."""
+        out = []
+        for hook, arg in self.calls:
+            if isinstance(arg, Service):
+                out.append(f"{hook}:{arg.key.name}@{arg.frontends[0].port}")
+            elif isinstance(arg, NodeInfo):
+                out.append(f"{hook}:{','.join(arg.addresses)}")
+            else:
+                out.append(f"{hook}:{arg}")
+        return out
 
 
 def make_bus(*names):
@@ -142,3 +158,82 @@ def test_stop_is_bounded_when_a_plugin_hangs():
 def test_backoff_grows_and_caps():
     b = Backoff(initial=0.1, maximum=1.0)
     assert [b.delay(n) for n in (1, 2, 3, 4, 5, 6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_service_hooks_get_generation_zero_without_a_writer_stage():
+    bus, recs = make_bus("a")
+    bus.start()
+    bus.upsert(svc("web"))
+    bus.delete(ServiceKey("default", "gone"))
+    bus.sync_complete()
+    assert bus.wait_idle(5)
+    assert [c[0] for c in recs["a"].calls] == ["kpr_service_upsert", "kpr_service_delete", "kpr_sync_complete"]
+    assert recs["a"].generations == [0, 0, 0]
+    bus.stop()
+
+
+def test_a_node_change_overtakes_no_service_queued_after_it():
+    """A service already waiting, changed again after a node change, is delivered after the
+    node change (its older state before): a waiting key keeps its place only until a node
+    change is queued behind it."""
+    bus, recs = make_bus("a")
+    recs["a"].gate.clear()
+    bus.start()
+    bus.upsert(svc("first"))
+    time.sleep(0.05)  # the worker is blocked inside the first delivery
+    bus.upsert(svc("web", 1))
+    bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
+    bus.upsert(svc("web", 2))
+    bus.upsert(svc("web", 3))  # coalesces with the state queued after the node change
+    recs["a"].gate.set()
+    assert bus.wait_idle(5)
+    assert recs["a"].order() == [
+        "kpr_service_upsert:first@80",
+        "kpr_service_upsert:web@1",
+        "kpr_node_changed:10.0.0.2",
+        "kpr_service_upsert:web@3",
+    ]
+    bus.stop()
+
+
+NODEPORT = [
+    {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "np", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]},
+    },
+    {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "np-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "np"}},
+        "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "node1"}],
+    },
+]
+
+
+def test_the_store_re_delivers_services_after_the_node_change_whatever_was_queued():
+    """The agent's order (bus.node_changed, then store.set_node): each plugin gets the new node
+    facts before the NodePort service rendered with them, although an older state of that
+    service was still waiting in its queue."""
+    bus, recs = make_bus("a", "b")
+    recs["a"].gate.clear()
+    node = NodeInfo("node1", ("192.168.50.10",))
+    store = ObjectStore(node, bus, cluster_cidrs=["10.96.0.0/16"])
+    bus.start()
+    bus.upsert(svc("first"))
+    time.sleep(0.05)  # plugin a is blocked inside its first delivery; b is not
+    store.apply(NODEPORT, [])
+    new = NodeInfo("node1", ("192.168.50.11",))
+    bus.node_changed(new)
+    store.set_node(new)
+    recs["a"].gate.set()
+    assert bus.wait_idle(5)
+    def node_ports(service):
+        return {f.address for f in service.frontends if f.type is FrontendType.NODE_PORT}
+
+    for name, r in recs.items():
+        seen = [a for h, a in r.calls if h == "kpr_node_changed" or (isinstance(a, Service) and a.key.name == "np")]
+        labels = [",".join(a.addresses) if isinstance(a, NodeInfo) else sorted(node_ports(a)) for a in seen]
+        at = labels.index("192.168.50.11")
+        assert all("192.168.50.11" not in l for l in labels[:at]), f"{name}: {labels}"
+        assert labels[at + 1:] == [["127.0.0.1", "192.168.50.11"]], f"{name}: {labels}"
+    bus.stop()

@@ -1,13 +1,14 @@
-"""The writer's plugin hooks: it follows the bus (initial full sync at kpr_sync_complete,
-then one service at a time), retries a failed initial sync, runs check() periodically and
-reports status."""
+"""The writer as the bus's writer stage (kpr.pipeline) and as a core facility: it applies
+the bus's changes in batches (the initial state collected and written in one full sync at
+sync complete, then change by change), retries a failed initial sync, runs check()
+periodically (kpr_start / kpr_stop) and reports status (kpr_status)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from .. import hookimpl
 from ..context import PluginContext
@@ -20,7 +21,11 @@ _RETRY_ON_CHANGE = 2.0
 
 
 class HooksMixin:
-    """ServiceMapWriter as a kpr plugin object (state: see ServiceMapWriter.__init__)."""
+    """ServiceMapWriter as the writer stage and a facility (state: see ServiceMapWriter.__init__)."""
+
+    # Called (from whichever thread wrote it) once the initial state is in the maps; the
+    # writer stage sets it to learn that a retried initial sync succeeded.
+    on_written: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ plugin hooks
 
@@ -64,36 +69,56 @@ class HooksMixin:
             except Exception:  # noqa: BLE001 - logged; the next round tries again
                 log.exception("event=servicemaps_check_failed")
 
-    # Through the bus, the initial state is collected and written in one batched full sync
-    # at kpr_sync_complete (adopted maps keep serving the old state until then); later
-    # changes are applied one service at a time.
+    # Through the writer stage, the initial state is collected and written in one batched
+    # full sync at sync complete (adopted maps keep serving the old state until then); later
+    # changes are applied as they come.
 
-    @hookimpl
-    def kpr_service_upsert(self, service: Service) -> None:
-        with self._lock:
-            if self._initial is not None:
-                self._initial[service.key] = service
-                self._desired_changed()
-                return
-            self.upsert(service)
+    @property
+    def initial_written(self) -> bool:
+        """True once the initial state is in the maps (before, the stage holds events back)."""
+        return self._initial is None
 
-    @hookimpl
-    def kpr_service_delete(self, key: ServiceKey) -> None:
+    def apply_batch(self, changes: Sequence[tuple[str, Any]]) -> dict[int, Exception]:
+        """Apply a batch of the bus's changes in order, under one hold of the lock:
+        ``("upsert", Service)``, ``("delete", ServiceKey)``, ``("sync", None)``. Returns the
+        changes that failed, by index (each left the maps as they were; the stage retries
+        it). A failed initial sync is not one of them: the writer retries it itself."""
+        failed: dict[int, Exception] = {}
         with self._lock:
-            if self._initial is not None:
-                self._initial.pop(key, None)
-                self._desired_changed()
-                return
-            self.delete(key)
+            for i, (event, payload) in enumerate(changes):
+                try:
+                    if event == "upsert":
+                        self._take_upsert(payload)
+                    elif event == "delete":
+                        self._take_delete(payload)
+                    elif event == "sync":
+                        self._take_sync()
+                    else:
+                        raise ValueError(f"unknown change {event!r} (upsert, delete or sync)")
+                except Exception as e:  # noqa: BLE001 - reported to the stage, which retries
+                    failed[i] = e
+        return failed
 
-    @hookimpl
-    def kpr_sync_complete(self) -> None:
-        with self._lock:
-            if self._initial is None:
-                self.gc()
-                return
-            self._sync_requested = True
-            self._initial_sync()
+    def _take_upsert(self, service: Service) -> None:
+        if self._initial is not None:
+            self._initial[service.key] = service
+            self._desired_changed()
+            return
+        self.upsert(service)
+
+    def _take_delete(self, key: ServiceKey) -> None:
+        if self._initial is not None:
+            self._initial.pop(key, None)
+            self._desired_changed()
+            return
+        self.delete(key)
+
+    def _take_sync(self) -> None:
+        if self._initial is None:
+            self.gc()
+            return
+        self._sync_requested = True
+        self._initial_sync()
 
     def _desired_changed(self) -> None:
         # While a failed initial sync waits for its retry, a new desired state is tried soon
@@ -130,7 +155,9 @@ class HooksMixin:
                 "event=servicemaps_initial_sync services=%d seconds=%.3f attempts=%d refused=%d",
                 len(initial), time.monotonic() - t0, self._sync_attempts + 1, len(self.refused),
             )
-            return True
+        if self.on_written is not None:
+            self.on_written()
+        return True
 
     @hookimpl
     def kpr_status(self) -> PluginStatus:

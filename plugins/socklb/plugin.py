@@ -27,7 +27,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +85,6 @@ STATS_MAP = "kpr_sock_stats"
 # lib/sock.h's structs: fields positionally in header order (tests/test_abi.py pins the lists).
 REVNAT_KEY = abi.packer("kpr_sock_revnat_key")  # cookie, backend addr, backend port (network order), pad, pad2
 REVNAT_VAL = abi.packer("kpr_sock_revnat_val", skip=("pad",))  # dialled addr, port (network order), proto, rev_nat, netns
-
-# How long termination waits for the service map writer (its own bus worker) to stop offering
-# a removed backend, so a client that reconnects at once does not get the same backend again.
-WRITER_WAIT_SECONDS = 2.0
 
 # A frontend as the reverse-NAT map sees it: (dialled address or None for NodePort, which is
 # dialled at any node address or loopback, port in network order, protocol number).
@@ -527,8 +522,8 @@ class SockLB:
     ) -> None:
         if self._destroy_unsupported:
             return
-        if removed:
-            self._wait_writer(removed)
+        # No wait for the maps: the writer stage applied this change before the hook ran
+        # (kpr.pipeline), so a client that reconnects at once gets another backend.
         paths = sockdiag.find_netns(doomed)
         for netns, groups in doomed.items():
             path = paths.get(netns)
@@ -549,44 +544,6 @@ class SockLB:
                 continue
             self._c.sockets_destroyed += n
             log.info("event=socklb_sockets_destroyed netns=%s count=%d", path, n)
-
-    def _wait_writer(self, removed: dict[FrontendMatch, frozenset[BackendMatch]]) -> None:
-        """Wait (bounded) until the shared maps no longer offer the removed backends."""
-        deadline = time.monotonic() + WRITER_WAIT_SECONDS
-        try:
-            with M.BpfMap.open_pinned(self.pin_path / "kpr_svc") as svc, M.BpfMap.open_pinned(
-                self.pin_path / "kpr_backend"
-            ) as backends:
-                while True:
-                    if not any(self._offered(svc, backends, fe, bes) for fe, bes in removed.items()):
-                        return
-                    if time.monotonic() > deadline:
-                        log.warning("event=socklb_writer_wait_timeout seconds=%.1f", WRITER_WAIT_SECONDS)
-                        return
-                    time.sleep(0.02)
-        except OSError as exc:
-            log.warning("event=socklb_writer_wait_failed error=%s", exc)
-
-    @staticmethod
-    def _offered(svc: M.BpfMap, backends: M.BpfMap, fe: FrontendMatch, bes: frozenset[BackendMatch]) -> bool:
-        addr, port, proto = fe
-        if addr is None:  # NodePort: every node address leads to the wildcard entry
-            addrs = [M.wildcard_bytes(4), M.wildcard_bytes(6)]
-        else:
-            addrs = [addr]
-        for a in addrs:
-            for scope in (M.SCOPE_EXTERNAL, M.SCOPE_INTERNAL):
-                head = M.SVC_KEY.pack(a, port, proto, scope, 0, 0)
-                raw = svc.lookup(head)
-                if raw is None:
-                    continue
-                count = M.SVC_VAL.unpack(raw)[1]
-                for slot in range(1, count + 1):
-                    sv = svc.lookup(M.SVC_KEY.pack(a, port, proto, scope, slot, 0))
-                    bv = backends.lookup(M.U32.pack(M.SVC_VAL.unpack(sv)[0])) if sv else None
-                    if bv is not None and (bv[:16], M.BACKEND.unpack(bv)[1]) in bes:
-                        return True
-        return False
 
     # ------------------------------------------------------------------ status
 

@@ -331,32 +331,33 @@ def test_initial_state_through_the_bus_is_one_full_sync(pin_path: Path) -> None:
         ids, backend_ids, before = w.ids(), w.backend_ids(), w.read_back()
     with ServiceMapWriter(pin_path) as w2:
         ops0 = total_ops(w2)
-        w2.kpr_service_upsert(service=web())
-        w2.kpr_service_upsert(service=DNS)
+        # What the writer stage (kpr.pipeline) hands it, in two batches.
+        assert w2.apply_batch([("upsert", web()), ("upsert", DNS)]) == {}
+        assert not w2.initial_written
         assert diff_ops(ops0, total_ops(w2)) == {}, "before sync complete the adopted maps keep serving as they are"
         assert w2.read_back() == before
-        w2.kpr_sync_complete()
+        assert w2.apply_batch([("sync", None)]) == {} and w2.initial_written
         after = w2.read_back()
         assert set(after["frontends"]) == set(before["frontends"]) - {"10.96.0.20:80/TCP external"}
         assert w2.ids() == ids and w2.backend_ids() == backend_ids
         writes = w2.ops()
         assert sum(o["update"] for o in writes.values()) <= 1, "unchanged services are not rewritten"
         # After sync complete, a change is applied at once.
-        w2.kpr_service_delete(key=DNS.key)
+        assert w2.apply_batch([("delete", DNS.key)]) == {}
         assert not any(k.startswith("[fd00:96::10]:53/UDP") for k in w2.read_back()["frontends"])
 
 
-def test_writer_is_a_plugin(pin_path: Path) -> None:
+def test_writer_is_a_facility_fed_by_the_stage(pin_path: Path) -> None:
     writer = ServiceMapWriter(pin_path)
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(writer, name="servicemaps")
     pm.hook.kpr_start(context=None)  # opens (creates and pins) the maps
     assert (pin_path / "kpr_svc").exists()
+    # Service events come from the writer stage, never from a plugin hook call.
     pm.hook.kpr_service_upsert(service=web())
-    pm.hook.kpr_service_upsert(service=DNS)
-    pm.hook.kpr_service_delete(key=DNS.key)
-    pm.hook.kpr_sync_complete()
+    assert writer.initial_written is False and not writer._initial
+    assert writer.apply_batch([("upsert", web()), ("upsert", DNS), ("delete", DNS.key), ("sync", None)]) == {}
     (status,) = pm.hook.kpr_status()
     assert isinstance(status, PluginStatus) and status.healthy
     c = status.counters

@@ -1,0 +1,205 @@
+"""The writer stage: the store's changes reach the shared service maps before any plugin.
+
+When an enabled plugin requires ``"servicemaps"``, the bus puts the core's service map writer
+in front of the plugins' workers. The stage has one keyed queue (coalescing as a worker's
+does, node changes as barriers) and one thread, which takes everything waiting as one batch,
+applies it through the writer (``apply_batch``), and only then hands the batch's events to
+every plugin's worker, each carrying the generation the maps now hold. So a plugin's
+``kpr_service_upsert(service, generation)`` runs when the maps already hold that state (or a
+newer one): no plugin polls the maps to learn what the writer did.
+
+Before the initial state is written (the writer collects it and writes it in one full sync at
+sync complete, retried with backoff when it fails), the stage holds every event back and
+hands them on, in order and coalesced, once the writer says it is written. A change the
+writer fails to apply is retried with backoff and reaches the plugins once applied, unless a
+newer state of the same service replaces it first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Protocol, Sequence
+
+from .bus import Backoff, Event, KeyedQueue, WorkerStats, _show
+
+log = logging.getLogger(__name__)
+
+# The name the writer has as a facility, in kpr_requires and `kpr status`.
+WRITER_FACILITY = "servicemaps"
+
+# Events the writer applies; node and pod changes only keep their place in the order.
+_WRITER_EVENTS = ("upsert", "delete", "sync")
+
+
+class MapWriter(Protocol):
+    """What the stage needs from the writer (kpr.servicemaps.ServiceMapWriter)."""
+
+    # Set by the stage: called (from any thread) when the initial state got written later,
+    # by a retry of a failed initial sync.
+    on_written: Callable[[], None] | None
+
+    @property
+    def initial_written(self) -> bool: ...
+
+    def apply_batch(self, changes: Sequence[tuple[str, Any]]) -> dict[int, Exception]: ...
+
+
+class WriterStage:
+    """The writer's queue and thread; `fan_out` hands applied events to the plugins' workers."""
+
+    def __init__(
+        self,
+        name: str,
+        writer: MapWriter,
+        fan_out: Callable[[list[Event]], None],
+        backoff: Backoff,
+        on_event: Callable[[str, str, bool], None] | None = None,
+    ):
+        self.name = name
+        self.writer = writer
+        self._fan_out = fan_out
+        self._backoff = backoff
+        self._on_event = on_event
+        self._cond = threading.Condition()
+        self._pending = KeyedQueue()
+        # key -> (due monotonic time, attempt number, event) for changes the writer failed
+        self._retry: dict[Any, tuple[float, int, Event]] = {}
+        # Applied but not handed on: everything before the initial state is in the maps.
+        # Only the stage's thread changes it.
+        self._held = KeyedQueue()
+        self._busy = False
+        self._kicked = False
+        self._stopping = False
+        self.busy_hook: str | None = None
+        # Grows by one with every batch handed on; the events of a batch carry it.
+        self.generation = 0
+        self.stats = WorkerStats()
+        writer.on_written = self.kick
+        self._thread = threading.Thread(target=self._loop, name=f"kpr-stage-{name}", daemon=True)
+
+    # --- producer side -------------------------------------------------------------------
+
+    def put(self, ev: Event) -> None:
+        with self._cond:
+            self._retry.pop(ev.key, None)
+            self._pending.put(ev)
+            self._cond.notify()
+
+    def kick(self) -> None:
+        """Look at the writer again (its initial state may be written now)."""
+        with self._cond:
+            self._kicked = True
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def join(self, timeout: float) -> bool:
+        if self._thread.ident is None:
+            return True
+        self._thread.join(max(0.0, timeout))
+        return not self._thread.is_alive()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._retry and not self._busy and not self._held
+
+    def pending_count(self) -> int:
+        with self._cond:
+            return len(self._pending) + len(self._retry) + len(self._held)
+
+    # --- the stage's thread --------------------------------------------------------------
+
+    def _next_batch(self) -> tuple[list[Event], dict[Any, int]] | None:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                now = time.monotonic()
+                due = [k for k, (t, _, _) in self._retry.items() if t <= now]
+                if self._pending or due or self._kicked:
+                    break
+                wake = min((t for t, _, _ in self._retry.values()), default=None)
+                self._cond.wait(None if wake is None else wake - now)
+            self._kicked = False
+            batch = self._pending.drain()
+            attempts: dict[Any, int] = {}
+            for k in due:
+                _, attempts[k], ev = self._retry.pop(k)
+                batch.append(ev)
+            self._busy = True
+            return batch, attempts
+
+    def _loop(self) -> None:
+        while True:
+            item = self._next_batch()
+            if item is None:
+                return
+            try:
+                self._step(*item)
+            except Exception:  # noqa: BLE001 - the stage must outlive a bug in one batch
+                log.exception("pipeline.step_failed stage=%s", self.name)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self.busy_hook = None
+
+    def _step(self, batch: list[Event], attempts: dict[Any, int]) -> None:
+        changes = [i for i, ev in enumerate(batch) if ev.event in _WRITER_EVENTS]
+        failed: dict[int, Exception] = {}
+        if changes:
+            self.busy_hook = "apply_batch"
+            try:
+                bad = self.writer.apply_batch([(batch[i].event, batch[i].payload) for i in changes])
+                failed = {changes[j]: e for j, e in bad.items()}
+            except Exception as e:  # noqa: BLE001 - the whole batch is retried
+                failed = {i: e for i in changes}
+        last = {ev.key: i for i, ev in enumerate(batch)}
+        for i, ev in enumerate(batch):
+            err = failed.get(i)
+            if err is None:
+                self._held.put(ev)
+                self.stats.failing.pop(_show(ev.key), None)
+            elif last[ev.key] == i:  # an older state followed by a newer one is not retried
+                self._failed(ev, attempts.get(ev.key, 0), err)
+        if self._held and self.writer.initial_written:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        self.generation += 1
+        events = [dataclasses.replace(ev, generation=self.generation) for ev in self._held.drain()]
+        self._fan_out(events)
+        for ev in events:
+            if ev.event in _WRITER_EVENTS:
+                self.stats.delivered += 1
+                if self._on_event:
+                    self._on_event(self.name, ev.event, True)
+            if ev.event == "sync":
+                self.stats.synced = True
+        log.debug("pipeline.batch stage=%s generation=%d events=%d", self.name, self.generation, len(events))
+
+    def _failed(self, ev: Event, attempt: int, err: Exception) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = f"{ev.event} {_show(ev.key)}: {type(err).__name__}: {err}"
+        self.stats.failing[_show(ev.key)] = f"{type(err).__name__}: {err}"
+        if self._on_event:
+            self._on_event(self.name, ev.event, False)
+        with self._cond:
+            if self._pending.waiting(ev.key) or self._stopping:
+                return  # a newer state is queued: it replaces this one
+            attempt += 1
+            delay = self._backoff.delay(attempt)
+            self._retry[ev.key] = (time.monotonic() + delay, attempt, ev)
+            self.stats.retries += 1
+        log.error(
+            "pipeline.write_failed stage=%s event=%s key=%s attempt=%d retry_in=%.2f error=%r: plugins wait for it",
+            self.name, ev.event, _show(ev.key), attempt, delay, err,
+        )

@@ -1,0 +1,239 @@
+"""The writer stage (kpr.pipeline) on the real bus: changes reach the plugins only after the
+writer applied them, a burst is one batch, the generation grows and reaches the hooks, the
+initial state is held back until it is written, failed writes are retried before any plugin
+sees them, and node changes stay barriers. With the real writer and kernel maps:
+tests/kernel/test_pipeline_maps.py."""
+
+import threading
+import time
+
+from kpr.bus import Backoff, EventBus
+from kpr.model import Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
+
+
+def svc(name: str, port: int = 80) -> Service:
+    return Service(ServiceKey("default", name), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.10", port, Protocol.TCP),))
+
+
+class Writer:
+    """Stands in for the service map writer's stage API (apply_batch, initial_written,
+    on_written): keeps what it was given as `maps`, records each batch, can block or fail."""
+
+    on_written = None
+
+    def __init__(self, written: bool = True, sync_writes: bool = True):
+        self.maps: dict[ServiceKey, Service] = {}
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_times: dict[str, int] = {}
+        self.written = written
+        # Whether a "sync" change writes the initial state (False: it fails, as a full sync
+        # the kernel refuses does, and the writer retries it on its own).
+        self.sync_writes = sync_writes
+
+    @property
+    def initial_written(self) -> bool:
+        return self.written
+
+    def apply_batch(self, changes):
+        self.gate.wait(5)
+        failed = {}
+        labels = []
+        for i, (event, payload) in enumerate(changes):
+            key = payload.key if event == "upsert" else payload
+            labels.append(f"{event}:{key}")
+            if self.fail_times.get(str(key), 0) > 0:
+                self.fail_times[str(key)] -= 1
+                failed[i] = OSError(f"map write failed for {key}")
+            elif event == "upsert":
+                self.maps[key] = payload
+            elif event == "delete":
+                self.maps.pop(key, None)
+            elif event == "sync" and self.sync_writes:
+                self.written = True
+        self.batches.append(labels)
+        return failed
+
+
+class Plugin:
+    """A plugin's hook invoker that notes what the writer's maps held when each hook ran."""
+
+    def __init__(self, writer: Writer):
+        self.writer = writer
+        self.calls: list[tuple[str, object, object]] = []  # (hook, argument, generation)
+        self.maps_at_call: list[object] = []
+
+    def __call__(self, hook, **kw):
+        arg = kw.get("service") or kw.get("key") or kw.get("node")
+        self.calls.append((hook, arg, kw.get("generation")))
+        if hook == "kpr_service_upsert":
+            self.maps_at_call.append(self.writer.maps.get(arg.key))
+        elif hook == "kpr_service_delete":
+            self.maps_at_call.append(self.writer.maps.get(arg, "absent"))
+
+    def hooks(self):
+        return [c[0] for c in self.calls]
+
+
+def make(writer: Writer, *names: str) -> tuple[EventBus, dict[str, Plugin]]:
+    bus = EventBus(backoff=Backoff(initial=0.01, maximum=0.05))
+    bus.set_writer("servicemaps", writer)
+    plugins = {n: Plugin(writer) for n in names}
+    for n, p in plugins.items():
+        bus.add_plugin(n, p)
+    return bus, plugins
+
+
+def test_plugins_get_a_change_only_once_the_writer_applied_it_with_its_generation():
+    writer = Writer()
+    bus, plugins = make(writer, "a", "b")
+    bus.start()
+    try:
+        bus.upsert(svc("web", 1))
+        assert bus.wait_idle(5)
+        bus.upsert(svc("web", 2))
+        assert bus.wait_idle(5)
+        bus.delete(ServiceKey("default", "web"))
+        assert bus.wait_idle(5)
+    finally:
+        bus.stop()
+    for p in plugins.values():
+        assert p.hooks() == ["kpr_service_upsert", "kpr_service_upsert", "kpr_service_delete"]
+        upserts = [c[1] for c in p.calls[:2]]
+        assert p.maps_at_call == [upserts[0], upserts[1], "absent"], "the maps already held each state"
+        gens = [c[2] for c in p.calls]
+        assert gens == [1, 2, 3], "one generation per batch, growing"
+    assert bus.stage.generation == 3
+
+
+def test_a_burst_is_one_batch_and_its_changes_share_a_generation():
+    writer = Writer()
+    bus, plugins = make(writer, "a")
+    writer.gate.clear()  # hold the writer so a burst queues up behind its first batch
+    bus.start()
+    try:
+        bus.upsert(svc("first"))
+        deadline = time.monotonic() + 5
+        while bus.stage.busy_hook != "apply_batch" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for i in range(50):
+            bus.upsert(svc(f"s{i}"))
+        bus.upsert(svc("s7", 8080))  # coalesces with s7's waiting change
+        writer.gate.set()
+        assert bus.wait_idle(5)
+    finally:
+        bus.stop()
+    assert writer.batches[0] == ["upsert:default/first"]
+    assert len(writer.batches) == 2 and len(writer.batches[1]) == 50, "the burst is one batch"
+    calls = plugins["a"].calls
+    assert [c[2] for c in calls] == [1] + [2] * 50
+    s7 = [c[1] for c in calls if c[1].key.name == "s7"]
+    assert [s.frontends[0].port for s in s7] == [8080], "the latest state only"
+
+
+def test_the_initial_state_reaches_plugins_only_once_it_is_written():
+    """The writer collects the initial state and writes it at sync complete; when that fails
+    (it retries on its own), plugins get nothing, and everything once it is written."""
+    writer = Writer(written=False, sync_writes=False)
+    bus, plugins = make(writer, "a")
+    bus.start()
+    try:
+        bus.upsert(svc("web"))
+        bus.upsert(svc("db"))
+        bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
+        bus.sync_complete()
+        assert not bus.wait_idle(0.3), "held back: the initial state is not in the maps"
+        assert plugins["a"].calls == [] and not bus.synced()
+        assert writer.batches, "the writer had the changes"
+        # The writer's own retry writes it, and says so.
+        writer.written = True
+        writer.on_written()
+        assert bus.wait_idle(5)
+    finally:
+        bus.stop()
+    p = plugins["a"]
+    assert p.hooks() == ["kpr_service_upsert", "kpr_service_upsert", "kpr_node_changed", "kpr_sync_complete"]
+    assert {c[2] for c in p.calls if c[0] != "kpr_node_changed"} == {1}
+    assert bus.synced() and bus.stage.stats.synced
+
+
+def test_a_change_the_writer_failed_is_retried_before_any_plugin_sees_it():
+    writer = Writer()
+    writer.fail_times["default/web"] = 2
+    bus, plugins = make(writer, "a")
+    bus.start()
+    try:
+        bus.upsert(svc("web"))
+        bus.upsert(svc("other"))
+        assert bus.wait_idle(5)
+    finally:
+        bus.stop()
+    p = plugins["a"]
+    assert [c[1].key.name for c in p.calls] == ["other", "web"], "web waited for its write"
+    assert p.maps_at_call == [svc("other"), svc("web")]
+    st = bus.stage.stats
+    assert (st.errors, st.retries, st.failing) == (2, 2, {})
+    assert "map write failed" in st.last_error
+
+
+def test_a_newer_state_replaces_a_failed_write_waiting_for_its_retry():
+    writer = Writer()
+    writer.fail_times["default/web"] = 1
+    bus = EventBus(backoff=Backoff(initial=0.5, maximum=0.5))
+    bus.set_writer("servicemaps", writer)
+    p = Plugin(writer)
+    bus.add_plugin("a", p)
+    bus.start()
+    try:
+        bus.upsert(svc("web", 1))
+        deadline = time.monotonic() + 5
+        while not bus.stage.stats.errors and time.monotonic() < deadline:
+            time.sleep(0.005)
+        bus.upsert(svc("web", 2))
+        assert bus.wait_idle(5)
+    finally:
+        bus.stop()
+    assert [c[1].frontends[0].port for c in p.calls] == [2]
+
+
+def test_a_node_change_stays_a_barrier_through_the_stage():
+    writer = Writer()
+    bus, plugins = make(writer, "a")
+    writer.gate.clear()
+    bus.start()
+    try:
+        bus.upsert(svc("first"))
+        deadline = time.monotonic() + 5
+        while bus.stage.busy_hook != "apply_batch" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        bus.upsert(svc("web", 1))
+        bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
+        bus.upsert(svc("web", 2))
+        writer.gate.set()
+        assert bus.wait_idle(5)
+    finally:
+        bus.stop()
+    order = [(h, a.frontends[0].port if isinstance(a, Service) else None) for h, a, _ in plugins["a"].calls]
+    assert order == [
+        ("kpr_service_upsert", 80),
+        ("kpr_service_upsert", 1),
+        ("kpr_node_changed", None),
+        ("kpr_service_upsert", 2),
+    ]
+
+
+def test_stopping_waits_for_the_stage_to_leave_the_writer():
+    writer = Writer()
+    bus, _ = make(writer, "a")
+    writer.gate.clear()
+    bus.start()
+    bus.upsert(svc("web"))
+    deadline = time.monotonic() + 5
+    while bus.stage.busy_hook != "apply_batch" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    bus.request_stop()
+    assert bus.busy_hook("servicemaps") == "apply_batch"
+    assert not bus.join("servicemaps", 0.1), "still inside the writer"
+    writer.gate.set()
+    assert bus.join("servicemaps", 5) and bus.join("a", 5)

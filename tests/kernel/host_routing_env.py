@@ -7,8 +7,8 @@ and (overlay_rig) the tc_nodeport tests' two-node cluster in its vxlan layout (f
                                      |-- lxcp1 / lxcp2 -- pods p1, p2 (10.244.9.x, fd44:9::x, /32 routes)
                                      `-- cni0 (10.245.9.1/24, fd45:9::1/64) -- brb1 / brb2 -- pods b1, b2
 
-The client routes both pod networks to the node. Every pod and the client run the tc_nodeport
-tests' echo server (answers "<name> <client address>"), so a test sees who answered and from
+The client routes both pod networks to the node. Every pod and the client run kpr.testing.echo's
+server (answers "<name> <client address>"), so a test sees who answered and from
 which address. The plugin runs as the agent would, in the node's namespace, with its own
 private pin directory and service map writer. Namespace names are unique per run
 (kpr.testing.netns), pin directories too (scratch_pin_dir).
@@ -17,28 +17,27 @@ private pin directory and service map writer. Namespace names are unique per run
 from __future__ import annotations
 
 import contextlib
-import logging
 import struct
-import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kpr.bpf.cleanup import scratch_pin_dir
-from kpr.config import KprConfig
+import pytest
+
 from kpr.context import PluginContext
 from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
 from kpr.plugins.host_routing import datapath as D
-from kpr.plugins.host_routing.config import HostRoutingConfig
 from kpr.plugins.host_routing.plugin import HostRouting
 from kpr.servicemaps import ServiceMapWriter
+from kpr.testing import echo, harness
+from kpr.testing.bpffs import scratch_pin_dir
 from kpr.testing.netns import Topology, in_netns
 
 import tc_nodeport_env as np_env
 from tc_nodeport_env import PORT, PY, SERVER, answers, client
 
-__all__ = ["PORT", "answers", "client"]
+__all__ = ["PORT", "PY", "SERVER", "answers", "client"]
 
 CLIENT, CLIENT6 = "10.210.0.2", "fd21::2"
 NODE, NODE6 = "10.210.0.1", "fd21::1"
@@ -50,10 +49,7 @@ PODS = {**VETH_PODS, **BRIDGE_PODS}
 
 
 def start_server(topo: Topology, ns: str) -> None:
-    proc = topo.popen(ns, [PY, "-c", SERVER, ns, str(PORT)], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if line.strip() != "ready":
-        raise RuntimeError(f"server in {ns} did not start: {line!r}")
+    echo.start_echo(topo[ns], ns, PORT)
 
 
 def add_veth_pod(topo: Topology, name: str, ip4: str, ip6: str, *, server: bool = True) -> None:
@@ -96,15 +92,8 @@ def build_topology(topo: Topology, *, pods: tuple[str, ...] = tuple(PODS), serve
 
 
 def plugin_context(pin: Path, devices: tuple[str, ...] = ("eth0",), node: str = "node",
-                   addresses: tuple[str, ...] = (NODE, NODE6)) -> PluginContext:
-    config = KprConfig.model_validate({"bpf": {"pinPath": str(pin)}, "agent": {"stateDir": str(pin)}})
-    return PluginContext(
-        name="host_routing",
-        node=NodeInfo(node, addresses=addresses, devices=devices),
-        log=logging.getLogger("kpr.plugins.host_routing"),
-        config=config,
-        state_dir=pin,
-    )
+                   addresses: tuple[str, ...] = (NODE, NODE6), name: str = "host_routing") -> PluginContext:
+    return harness.plugin_context(name, NodeInfo(node, addresses=addresses, devices=devices), pin)
 
 
 @dataclass
@@ -123,12 +112,13 @@ class Rig:
         """configure + start the plugin in the node's namespace, as the agent would."""
         plugin = HostRouting()
         plugin.extra_cflags = list(self.extra_cflags)
-        ctx = plugin_context(self.pin, node=self.node, addresses=self.addresses)
-        plugin.kpr_configure(config=HostRoutingConfig.model_validate(cfg), context=ctx)
-        with self.topo[self.node].enter():
-            plugin.kpr_start(context=ctx)
-        self.plugin = plugin
+        self.plugin = self.start_other(plugin, cfg, "host_routing")
         return plugin
+
+    def start_other(self, plugin: Any, section: dict[str, Any], name: str, devices: tuple[str, ...] = ("eth0",)) -> Any:
+        """Another plugin (tc_nodeport, socklb...) on the same node, pins and writer; the caller stops it."""
+        ctx = plugin_context(self.pin, devices, node=self.node, addresses=self.addresses, name=name)
+        return harness.start_plugin(plugin, section, ctx, netns=self.topo[self.node])
 
     def stop(self) -> None:
         if self.plugin is not None:
@@ -154,6 +144,29 @@ def stopping(r: Rig) -> Iterator[Rig]:
         if r.plugin is not None:
             r.plugin.cfg = r.plugin.cfg.model_copy(update={"keep_attached_on_stop": False})
             r.stop()
+
+
+def rig_fixtures(make: Callable[..., Any] | None = None, *, prefix: str, delete: tuple[ServiceKey, ...] = ()) -> tuple[Any, Any]:
+    """The two fixtures a test module of a rig takes, as `env, hr = rig_fixtures(prefix=...)`:
+    `env`, the rig (`make`: rig or overlay_rig) once per module; `hr`, that rig for one test,
+    whatever plugin it started stopped and detached afterwards and the services `delete`
+    names deleted from the maps."""
+    make = make or rig
+
+    @pytest.fixture(scope="module")
+    def env() -> Iterator[Rig]:
+        with make(prefix=prefix) as r:
+            yield r
+
+    @pytest.fixture
+    def hr(env: Rig) -> Iterator[Rig]:
+        try:
+            yield from stopping(env)
+        finally:
+            for key in delete:
+                env.writer.delete(key)
+
+    return env, hr
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

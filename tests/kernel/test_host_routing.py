@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,20 +14,12 @@ from kpr.bpf import links
 from kpr.bpf.cleanup import cleanup
 from kpr.testing.waiting import wait_for
 
-from host_routing_env import CLIENT, NODE, PODS, PORT, Rig, answers, client, delta, rig, stopping
+from host_routing_env import CLIENT, NODE, PODS, PORT, Rig, answers, client, delta, rig_fixtures
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Rig]:
-    with rig(prefix="kpr-hr-e2e") as r:
-        yield r
-
-
-@pytest.fixture
-def hr(env: Rig) -> Iterator[Rig]:
-    yield from stopping(env)
+env, hr = rig_fixtures(prefix="kpr-hr-e2e")
 
 
 def traffic(r: Rig, pod: str, *, src: str = "cl", n: int = 3) -> list[str]:
@@ -225,12 +216,7 @@ def test_next_to_tc_nodeport_on_the_same_device(hr: Rig) -> None:
     traffic to local pods on a veth and on a bridge is tc_nodeport's, and the replies, which
     host_routing sends out of eth0 by bpf_redirect_neigh, still get the frontend back at eth0's
     egress (tc_nodeport's reverse NAT)."""
-    import logging
-
-    from kpr.config import KprConfig
-    from kpr.context import PluginContext
-    from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
-    from kpr.plugins.tc_nodeport.config import TcNodePortConfig
+    from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
     from kpr.plugins.tc_nodeport.plugin import TcNodePort
 
     hr.start()
@@ -238,14 +224,7 @@ def test_next_to_tc_nodeport_on_the_same_device(hr: Rig) -> None:
     wait_for(lambda: PODS["b1"][0] in hr.plugin.plan.pods, what="bridge pods learned")
     np_port = 30090
     key = ServiceKey("default", "hr-np")
-    np = TcNodePort()
-    ctx = PluginContext(name="tc_nodeport", node=NodeInfo("node", addresses=(NODE,), devices=("eth0",)),
-                        log=logging.getLogger("kpr.plugins.tc_nodeport"),
-                        config=KprConfig.model_validate({"bpf": {"pinPath": str(hr.pin)}, "agent": {"stateDir": str(hr.pin)}}),
-                        state_dir=hr.pin)
-    np.kpr_configure(config=TcNodePortConfig.model_validate({"keepAttachedOnStop": False}), context=ctx)
-    with hr.topo["node"].enter():
-        np.kpr_start(context=ctx)
+    np = hr.start_other(TcNodePort(), {"keepAttachedOnStop": False}, "tc_nodeport")
     try:
         for pod in ("p1", "b1"):
             svc = Service(key, (Frontend(FrontendType.NODE_PORT, NODE, np_port, Protocol.TCP,
@@ -258,4 +237,4 @@ def test_next_to_tc_nodeport_on_the_same_device(hr: Rig) -> None:
         assert tcx_names(hr, "eth0", "ingress") == ["kpr_hr_from_net", "kpr_np_ingress"]
     finally:
         hr.writer.delete(key)
-        np.kpr_stop(context=ctx)
+        np.kpr_stop(context=np.context)

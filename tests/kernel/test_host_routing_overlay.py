@@ -12,7 +12,6 @@ by bpf_redirect_neigh (`redirect_neigh_overlay`) or the stack, never bpf_redirec
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -21,7 +20,7 @@ from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, Servic
 from kpr.plugins.host_routing import datapath as D
 from kpr.testing.waiting import wait_for
 
-from host_routing_env import OVERLAY_DEV, OVERLAY_PODS, PORT, PY, Rig, answers, client, delta, overlay_rig, stopping
+from host_routing_env import OVERLAY_DEV, OVERLAY_PODS, PORT, PY, Rig, answers, client, delta, overlay_rig, rig_fixtures
 from tc_nodeport_env import CLIENT, CLIENT6
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -33,18 +32,7 @@ KEY = ServiceKey("default", "hr-ovl-cip")
 N = 3  # attempts per protocol and family: at least 4 * N packets each way
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Rig]:
-    with overlay_rig(prefix="kpr-hr-ovl") as r:
-        yield r
-
-
-@pytest.fixture
-def hr(env: Rig) -> Iterator[Rig]:
-    try:
-        yield from stopping(env)
-    finally:
-        env.writer.delete(KEY)
+env, hr = rig_fixtures(overlay_rig, prefix="kpr-hr-ovl", delete=(KEY,))
 
 
 def traffic(r: Rig, dst: tuple[str, str], port: int, src: str) -> list[str]:

@@ -8,14 +8,13 @@ device egress).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.testing.waiting import wait_for
 
-from host_routing_env import CLIENT, PODS, PORT, Rig, answers, client, delta, rig, stopping
+from host_routing_env import CLIENT, PODS, PORT, Rig, answers, client, delta, rig_fixtures
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -34,18 +33,7 @@ def service(*backends: str) -> Service:
     return Service(KEY, tuple(fes))
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Rig]:
-    with rig(prefix="kpr-hr-svc") as r:
-        yield r
-
-
-@pytest.fixture
-def hr(env: Rig) -> Iterator[Rig]:
-    try:
-        yield from stopping(env)
-    finally:
-        env.writer.delete(KEY)
+env, hr = rig_fixtures(prefix="kpr-hr-svc", delete=(KEY,))
 
 
 def dial(r: Rig, src: str, n: int = 3, timeout: float = 2) -> list[str]:
@@ -110,12 +98,10 @@ def test_turned_off_pods_outside_the_socket_hooks_cannot_reach_services(hr: Rig)
 def test_with_socklb_only_pods_outside_its_cgroup_take_the_per_packet_path(hr: Rig) -> None:
     """socklb on a child cgroup: a client in it has its connect() rewritten (the program sees the
     backend's address, no service); the same pod's client outside it is balanced per packet."""
-    import json
-
-    from kpr.testing.cgroup import child_cgroup, run_in_cgroup
+    from kpr.testing import echo
+    from kpr.testing.cgroup import child_cgroup
 
     from socklb_env import start_socklb
-    from tc_nodeport_env import CLIENT_SCRIPT, PY
 
     hr.start()
     hr.writer.upsert(service("p2"))
@@ -123,8 +109,7 @@ def test_with_socklb_only_pods_outside_its_cgroup_take_the_per_packet_path(hr: R
         sl = start_socklb(hr.topo, hr.pin, cg, keepAttachedOnStop=False)
         try:
             before = hr.stats()
-            res = run_in_cgroup(cg, [PY, "-c", CLIENT_SCRIPT, "tcp", CIP, "80", "3"], hr.topo["p1"])
-            rows = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+            rows = echo.client(hr.topo["p1"], "tcp", CIP, 80, 3, cgroup=cg)
             assert answers(rows) == [f"p2 {PODS['p1'][0]}"] * 3
             assert delta(before, hr.stats()).get("service_new", 0) == 0  # socklb's, at connect()
 

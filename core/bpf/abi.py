@@ -26,7 +26,7 @@ import functools
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kpr.bpf.inline import BPF_DIR
@@ -111,7 +111,6 @@ class CType:
     align: int
     header: str
     packed: bool = False
-    _abi: "Abi | None" = field(default=None, compare=False, repr=False)
 
     def field_names(self, skip: Iterable[str] = ()) -> tuple[str, ...]:
         skip = set(skip)
@@ -411,7 +410,7 @@ class Abi:
         if not fields:
             raise AbiError(f"{where} has no fields")
         size = -(-size // align) * align
-        t = CType(kind, name, tuple(fields), size, align, header, packed, self)
+        t = CType(kind, name, tuple(fields), size, align, header, packed)
         asserted = self.asserted_sizes.get(name)
         if asserted is not None and asserted[0] != size:
             raise AbiError(f"{where}: the fields add up to {size} bytes, but the header asserts {asserted[0]}")

@@ -7,7 +7,9 @@ GET /v1/services  one object per frontend (the shape of `kpr service list --json
 GET /v1/plugins   the enabled plugins
 GET /v1/datapath/services
                   one object per frontend as the pinned maps hold it (kpr.readback), named
-                  after the desired state's rows; `kpr service list --datapath`
+                  after the desired state's rows; `kpr service list --datapath`. In both, a
+                  backend's `state` is its state in that service (a pod port listed by several
+                  services may be active in one and terminating in another)
 /v1/status also carries "maps" when the service map writer runs: the kernel maps compared
 with its accepted state (kpr.readback.differences), {"count": 0, ...} when in sync.
 

@@ -11,7 +11,6 @@ takes over at its next try.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import time
@@ -19,14 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .client import json_call
+from .lease import holding_spec, micro_time, released_spec
 
 log = logging.getLogger(__name__)
-
-
-def micro_time(t: float | None = None) -> str:
-    """metav1.MicroTime text."""
-    d = datetime.datetime.fromtimestamp(time.time() if t is None else t, datetime.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LeaseElector:
@@ -79,8 +73,7 @@ class LeaseElector:
             self._thread = None
         if release and self.elected and self._lease is not None:
             lease = dict(self._lease)
-            lease["spec"] = {**lease.get("spec", {}), "holderIdentity": None, "leaseDurationSeconds": 1,
-                             "renewTime": micro_time()}
+            lease["spec"] = released_spec(lease.get("spec"), micro_time())
             try:
                 json_call(self.api.replace_namespaced_lease, self.name, self.namespace, lease)
             except Exception as e:  # the peers wait for the duration instead
@@ -109,7 +102,7 @@ class LeaseElector:
         if code == 404:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"namespace": self.namespace, "name": self.name},
-                    "spec": self._spec(None)}
+                    "spec": holding_spec(None, self.identity, self.duration, micro_time(), acquire=True)}
             code, lease = json_call(self.api.create_namespaced_lease, self.namespace, body)
             return self._after_write(code, lease, started, new_holder=True)
         if code != 200 or not isinstance(lease, dict):
@@ -124,18 +117,9 @@ class LeaseElector:
         if holder and holder != self.identity and not lapsed:
             self._valid_until = 0.0
             return False
-        lease["spec"] = self._spec(spec if holder == self.identity else None, spec)
+        lease["spec"] = holding_spec(spec, self.identity, self.duration, micro_time(), acquire=holder != self.identity)
         code, answer = json_call(self.api.replace_namespaced_lease, self.name, self.namespace, lease)
         return self._after_write(code, answer, started, new_holder=holder != self.identity)
-
-    def _spec(self, mine: dict | None, old: dict | None = None) -> dict:
-        now = micro_time()
-        spec = dict(old or {})
-        spec.update(holderIdentity=self.identity, leaseDurationSeconds=max(1, round(self.duration)), renewTime=now)
-        if mine is None:
-            spec["acquireTime"] = now
-            spec["leaseTransitions"] = int((old or {}).get("leaseTransitions") or 0) + (1 if old else 0)
-        return spec
 
     def _after_write(self, code: int, lease: Any, started: float, new_holder: bool) -> bool:
         if code in (200, 201) and isinstance(lease, dict):

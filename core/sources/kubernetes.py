@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..kube.client import Connection, RateLimiter, connect, json_call, raw_lister
-from ..kube.election import LeaseElector, micro_time
+from ..kube.election import LeaseElector
+from ..kube.lease import micro_time
 from ..kube.informer import Informer, JitterBackoff, Watched
 from ..model import InvalidObject
 from . import LeaseSpec, ObjectRef, ObjectSink, ServiceHandler

@@ -34,15 +34,11 @@ take over at once; a killed node's Lease expires after leaseDuration.
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import functools
 import json
 import logging
-import statistics
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +47,7 @@ from kpr.bus import Backoff
 from kpr.kube.client import RateLimiter
 from kpr.kube.informer import Informer, JitterBackoff, Watched
 from kpr.kube.informer import describe_error
+from kpr.kube.lease import ServerClock, holding_spec, micro_time, parse_time, released_spec
 
 from .membership import Health, PublishingMembership
 
@@ -83,50 +80,6 @@ def decode_eligible(text: str | None) -> frozenset[str] | None:
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         return None
     return frozenset(value)
-
-
-def parse_time(value: Any) -> datetime.datetime | None:
-    if isinstance(value, datetime.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        t = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
-
-
-class ServerClock:
-    """The API server's wall clock as seen from here: local time plus the median offset
-    measured from the Date headers of recent answers (0 until the first one)."""
-
-    def __init__(self, samples: int = 5):
-        self._offsets: deque[float] = deque(maxlen=samples)
-        self._lock = threading.Lock()
-
-    def sample(self, headers: Any, sent: float, received: float) -> None:
-        date = headers.get("Date") if headers is not None else None
-        if not date:
-            return
-        try:
-            server = email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError):
-            return
-        # Date is truncated to the second: its middle is the best guess.
-        with self._lock:
-            self._offsets.append(server + 0.5 - (sent + received) / 2)
-
-    @property
-    def offset(self) -> float:
-        with self._lock:
-            return statistics.median(self._offsets) if self._offsets else 0.0
-
-    def now(self) -> float:
-        return time.time() + self.offset
-
-    def now_datetime(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc)
 
 
 @dataclass
@@ -434,67 +387,62 @@ class KubernetesMembership(PublishingMembership):
                 deadline = min(deadline, expiry + 0.001)
             self._wake.wait(max(0.0, deadline - time.monotonic()))
 
-    def _body(self, lease: Any, acquire: bool) -> Any:
-        from kubernetes.client import V1Lease, V1LeaseSpec, V1ObjectMeta
-
-        now = self.clock.now_datetime()
+    def _body(self, lease: dict | None, acquire: bool) -> tuple[dict, str]:
+        """Our Lease as we write it (held by this node, eligibility annotated); `acquire`: taken
+        over or created. `lease`: as the server last returned it, None for a new one."""
         with self._lock:
             eligible = encode_eligible(self._eligible)
-        new = lease is None
-        if new:
-            lease = V1Lease(metadata=V1ObjectMeta(name=self.lease_name, namespace=self.namespace), spec=V1LeaseSpec())
-        meta, spec = lease.metadata, lease.spec or V1LeaseSpec()
-        meta.labels = {**(meta.labels or {}), **LABELS}
-        meta.annotations = {**(meta.annotations or {}), ELIGIBLE_ANNOTATION: eligible}
-        if acquire:
-            spec.acquire_time = now
-            spec.lease_transitions = 0 if new else (spec.lease_transitions or 0) + 1
-        spec.holder_identity = self.self_name
-        spec.lease_duration_seconds = self.duration
-        spec.renew_time = now
-        lease.spec = spec
-        return lease, eligible
+        if lease is None:
+            lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                     "metadata": {"name": self.lease_name, "namespace": self.namespace}}
+        meta = dict(lease.get("metadata") or {})
+        meta["labels"] = {**(meta.get("labels") or {}), **LABELS}
+        meta["annotations"] = {**(meta.get("annotations") or {}), ELIGIBLE_ANNOTATION: eligible}
+        spec = holding_spec(lease.get("spec"), self.self_name, self.duration, micro_time(self.clock.now()), acquire=acquire)
+        return {**lease, "metadata": meta, "spec": spec}, eligible
 
-    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
-        if not self._limiter.wait(self._stop):
+    def _call(self, method: Callable[..., Any], *args: Any, limited: bool = True) -> dict | None:
+        """One API call, its answer as plain JSON; the Date header feeds the server clock.
+        Errors the server answers raise ApiException."""
+        if limited and not self._limiter.wait(self._stop):
             raise InterruptedError("stopping")
         t0 = time.time()
-        data, _status, headers = method(*args, _request_timeout=(min(2.0, self._timeout), self._timeout))
-        self.clock.sample(headers, t0, time.time())
-        return data
+        resp = method(*args, _preload_content=False, _request_timeout=(min(2.0, self._timeout), self._timeout))
+        self.clock.sample(resp.headers, t0, time.time())
+        return json.loads(resp.data) if resp.data else None
 
     def _acquire(self) -> tuple[Any, str]:
         """Read our Lease, create it or take it back; returns it and the eligibility written."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            current = self._call(self.api.read_namespaced_lease_with_http_info, self.lease_name, self.namespace)
+            current = self._call(self.api.read_namespaced_lease, self.lease_name, self.namespace)
         except ApiException as e:
             if e.status != 404:
                 raise
             current = None
         if current is None:
             body, eligible = self._body(None, acquire=True)
-            created = self._call(self.api.create_namespaced_lease_with_http_info, self.namespace, body)
+            created = self._call(self.api.create_namespaced_lease, self.namespace, body)
             with self._lock:
                 self.counters["transitions"] += 1
             log.info("event=lease_created lease=%s/%s", self.namespace, self.lease_name)
             return created, eligible
-        spec = current.spec
-        holder = spec.holder_identity if spec is not None else None
+        spec = current.get("spec") or {}
+        holder = spec.get("holderIdentity")
         if holder == self.self_name:
             # Ours already (a restart within leaseDuration): carry on renewing it.
             body, eligible = self._body(current, acquire=False)
         else:
-            renew = parse_time(spec.renew_time) if spec is not None else None
-            duration = (spec.lease_duration_seconds or 0) if spec is not None else 0
+            renew = parse_time(spec.get("renewTime"))
+            duration = spec.get("leaseDurationSeconds") or 0
             if holder and renew is not None and renew.timestamp() + duration > self.clock.now() - CLOCK_TOLERANCE:
                 raise _HeldByOther(f"Lease {self.namespace}/{self.lease_name} is held by {holder!r} (another node with this name?)")
             body, eligible = self._body(current, acquire=True)
             with self._lock:
                 self.counters["transitions"] += 1
             log.info("event=lease_acquired lease=%s/%s previous_holder=%s", self.namespace, self.lease_name, holder or "-")
-        return self._call(self.api.replace_namespaced_lease_with_http_info, self.lease_name, self.namespace, body), eligible
+        return self._call(self.api.replace_namespaced_lease, self.lease_name, self.namespace, body), eligible
 
     def _renew(self) -> bool:
         from kubernetes.client.exceptions import ApiException
@@ -506,7 +454,7 @@ class KubernetesMembership(PublishingMembership):
             else:
                 body, eligible = self._body(self._lease, acquire=False)
                 try:
-                    lease = self._call(self.api.replace_namespaced_lease_with_http_info, self.lease_name, self.namespace, body)
+                    lease = self._call(self.api.replace_namespaced_lease, self.lease_name, self.namespace, body)
                 except ApiException as e:
                     if e.status not in (404, 409):
                         raise
@@ -552,16 +500,11 @@ class KubernetesMembership(PublishingMembership):
         if lease is None:
             return
         try:
-            spec = lease.spec
-            spec.holder_identity = None
-            spec.lease_duration_seconds = 1
-            spec.renew_time = self.clock.now_datetime()
-            lease.metadata.annotations = {k: v for k, v in (lease.metadata.annotations or {}).items() if k != ELIGIBLE_ANNOTATION}
-            t0 = time.time()
-            _data, _status, headers = self.api.replace_namespaced_lease_with_http_info(
-                self.lease_name, self.namespace, lease, _request_timeout=(min(2.0, self._timeout), self._timeout)
-            )
-            self.clock.sample(headers, t0, time.time())
+            meta = dict(lease.get("metadata") or {})
+            meta["annotations"] = {k: v for k, v in (meta.get("annotations") or {}).items() if k != ELIGIBLE_ANNOTATION}
+            body = {**lease, "metadata": meta, "spec": released_spec(lease.get("spec"), micro_time(self.clock.now()))}
+            # not rate-limited: the limiter gives nothing once stopping
+            self._call(self.api.replace_namespaced_lease, self.lease_name, self.namespace, body, limited=False)
             log.info("event=lease_released lease=%s/%s", self.namespace, self.lease_name)
         except Exception as e:  # noqa: BLE001 - peers see it expire instead
             log.warning("event=lease_release_failed lease=%s/%s reason=%s: peers take over after %ds", self.namespace, self.lease_name, describe_error(e), self.duration)

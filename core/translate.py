@@ -298,10 +298,11 @@ def clear_caches() -> None:
 
 def object_ref(obj: KubeObject) -> tuple[str, str, str]:
     """(kind, namespace, name) of any object; never raises, so it can name broken ones."""
-    if not isinstance(obj, Mapping):
+    # `type() is dict` first: an ABC check costs ten times more, for every object of a sync.
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         return "", "default", ""
     meta = obj.get("metadata")
-    if not isinstance(meta, Mapping):
+    if type(meta) is not dict and not isinstance(meta, Mapping):
         meta = {}
     kind = obj.get("kind")
     namespace = meta.get("namespace")
@@ -330,7 +331,7 @@ def service_key_of(obj: KubeObject) -> ServiceKey | None:
         return ServiceKey(namespace, POD_KEY_PREFIX + name)
     if kind == "EndpointSlice":
         labels = obj["metadata"].get("labels")
-        service = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, Mapping) else None
+        service = labels.get(SERVICE_NAME_LABEL) if type(labels) is dict or isinstance(labels, Mapping) else None
         if isinstance(service, str) and service:
             return ServiceKey(namespace, service)
     return None
@@ -344,8 +345,8 @@ def canonical_ip(text: object) -> str:
 
 def _cluster_ip_texts(obj: KubeObject) -> tuple[str, list[Any]]:
     """(the field the manifest wrote, its values) for a Service's ClusterIPs; never raises."""
-    spec = obj.get("spec") if isinstance(obj, Mapping) else None
-    if not isinstance(spec, Mapping):
+    spec = obj.get("spec") if type(obj) is dict or isinstance(obj, Mapping) else None
+    if type(spec) is not dict and not isinstance(spec, Mapping):
         return "", []
     texts = spec.get("clusterIPs")
     if isinstance(texts, list) and texts:

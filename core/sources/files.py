@@ -133,10 +133,16 @@ def parse_manifest(name: str, data: bytes) -> list[dict]:
         except ValueError as e:
             raise _ParseError(str(e)) from None
     # Bounded depth, and bounded size once aliases are expanded: without aliases a value
-    # takes at least a byte of the file, so only an alias bomb exceeds this.
-    shape = shape_problem(docs, max_depth=MAX_DEPTH, max_nodes=100_000 + len(data), depth0=0)
-    if shape:
-        raise _ParseError(shape)
+    # takes at least a byte of the file, so only an alias bomb exceeds this. JSON has no
+    # aliases: only its depth is checked, by a walk that costs half as much (a fifth of
+    # reading a big directory went into this check).
+    if name.endswith(".json"):
+        if _too_deep(docs, MAX_DEPTH):
+            raise _ParseError(f"nested deeper than {MAX_DEPTH} levels")
+    else:
+        shape = shape_problem(docs, max_depth=MAX_DEPTH, max_nodes=100_000 + len(data), depth0=0)
+        if shape:
+            raise _ParseError(shape)
     out: list[dict] = []
     for i, doc in enumerate(docs, 1):
         if doc is None:
@@ -159,6 +165,24 @@ def parse_manifest(name: str, data: bytes) -> list[dict]:
         else:
             out.append(doc)
     return out
+
+
+def _too_deep(docs: list[Any], max_depth: int) -> bool:
+    """Whether a dict or list at depth `max_depth` or deeper holds anything (`docs` is at
+    depth 0), as config.shape_problem finds "nested deeper than": level by level, looking
+    only at the containers (JSON makes nothing else that holds values)."""
+    level: list[Any] = [docs]
+    for _ in range(max_depth):
+        below: list[Any] = []
+        add = below.append
+        for value in level:
+            for child in value.values() if value.__class__ is dict else value:
+                if child.__class__ is dict or child.__class__ is list:
+                    add(child)
+        if not below:
+            return False
+        level = below
+    return any(level)
 
 
 def _stat_problem(entry: os.DirEntry, e: OSError) -> str:

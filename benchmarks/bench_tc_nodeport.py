@@ -18,8 +18,14 @@ Everything runs in namespaces this script makes (tests/kernel/tc_nodeport_env.py
        --rules decoy services, KUBE-NODEPORTS, KUBE-SVC/KUBE-SEP chains, KUBE-MARK-MASQ for
        the remote backend), with kpr's programs still attached but not serving those ports.
 
+3. Control plane: what one service change costs the NodePort facility (the state
+   tc_nodeport's programs read: frontend ports, announced addresses, modes), as blocks of 1000
+   LoadBalancer services applied one service at a time on top of 0 and of 8000 services
+   already known (the goal: the same cost, within 1.2x), medians over --upsert-rounds, and
+   every block of a climb from 0 to 9000 (it used to grow block by block: 0.18 s to 1.98 s).
+
     .venv/bin/python benchmarks/bench_tc_nodeport.py [--runs 20000] [--services 10,10000,50000] [--no-e2e]
-        [--connects 1000] [--rr 5000] [--rounds 3]
+        [--connects 1000] [--rr 5000] [--rounds 3] [--upserts-only] [--upsert-rounds 5]
 """
 
 from __future__ import annotations
@@ -190,6 +196,76 @@ def end_to_end(args: argparse.Namespace) -> None:
               f"established={st['established']} drops={sum(st[k] for k in D.DROP_STATS)}")
 
 
+def _lb_block(first: int, n: int) -> list[Service]:
+    """n LoadBalancer services, each its own announced address (198.18.0.0/15) on port 80."""
+    out = []
+    for i in range(first, first + n):
+        vip = f"198.18.{i >> 8 & 0xFF}.{i & 0xFF}" if i < 65536 else f"198.19.{i >> 8 & 0xFF}.{i & 0xFF}"
+        be = backends("node1", "p1a")
+        fe = Frontend(FrontendType.LOAD_BALANCER, vip, 80, Protocol.TCP, be)
+        out.append(Service(ServiceKey("bench", f"lb{i}"), (fe,)))
+    return out
+
+
+def upserts(args: argparse.Namespace) -> None:
+    """Part 3: one service change at a time into a NodePort facility of its own (scratch bpffs,
+    a namespace of its own; the service map writer's maps exist, no program is loaded: the
+    facility's share of an upsert is what is measured)."""
+    import logging
+
+    from kpr.bpf.cleanup import scratch_pin_dir
+    from kpr.config import KprConfig
+    from kpr.context import PluginContext
+    from kpr.model import NodeInfo
+    from kpr.nodeport.facility import NodePortFacility, Settings
+    from kpr.servicemaps import ServiceMapWriter
+    from kpr.testing.netns import Topology
+    from kpr.testing.nodeport_bench import uptime
+
+    block = 1000
+
+    def timed(fac: NodePortFacility, services: list[Service]) -> float:
+        t0 = time.perf_counter()
+        for sv in services:
+            fac.kpr_service_upsert(sv)
+        return time.perf_counter() - t0
+
+    print(f"== NodePort facility: per-service upserts, blocks of {block} LoadBalancer services; {uptime()}")
+    with scratch_pin_dir("kpr-bench-npfac") as pin, Topology() as topo:
+        topo.add_node("n")
+        writer = ServiceMapWriter(pin).open()
+        ctx = PluginContext(name="nodeport", node=NodeInfo("n", addresses=("10.0.1.10",), devices=()),
+                            log=logging.getLogger("kpr.nodeport"),
+                            config=KprConfig.model_validate({"bpf": {"pinPath": str(pin)}}), state_dir=pin)
+        fac = NodePortFacility(Settings(conntrack_size=131072))  # the writer's default kpr_ct size
+        fac.kpr_configure(None, ctx)
+        try:
+            with topo["n"].enter():
+                fac.kpr_start(ctx)
+            fac.kpr_sync_complete()
+            base = _lb_block(0, 8000)
+            extra = _lb_block(8000, block)
+            on0, on8k = [], []
+            for _ in range(args.upsert_rounds):
+                on0.append(timed(fac, extra))  # nothing else known
+                for sv in extra:
+                    fac.kpr_service_delete(sv.key)
+                timed(fac, base)
+                on8k.append(timed(fac, extra))  # 8000 known
+                for sv in base + extra:
+                    fac.kpr_service_delete(sv.key)
+            m0, m8 = statistics.median(on0), statistics.median(on8k)
+            print(f"  1000 on top of 0:    median {m0 * 1000:7.1f} ms  (runs: {', '.join(f'{x * 1000:.0f}' for x in on0)})")
+            print(f"  1000 on top of 8000: median {m8 * 1000:7.1f} ms  (runs: {', '.join(f'{x * 1000:.0f}' for x in on8k)})")
+            print(f"  ratio 8000/0: {m8 / m0:.2f} (goal: within 1.2)")
+            climb = [timed(fac, _lb_block(i * block, block)) for i in range(9)]
+            print("  climb 0 -> 9000, each block: " + ", ".join(f"{x:.3f} s" for x in climb))
+            print(f"  after: {uptime()}")
+        finally:
+            fac.kpr_stop(ctx)
+            writer.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
@@ -199,8 +275,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iperf-seconds", type=int, default=2)
     ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
+    ap.add_argument("--upserts-only", action="store_true", help="only part 3, the per-service upsert cost")
+    ap.add_argument("--upsert-rounds", type=int, default=5, help="rounds of part 3 (medians over them)")
     args = ap.parse_args()
 
+    upserts(args)
+    if args.upserts_only:
+        return 0
     summary = run_from_args("tc", args)
     if not args.no_e2e:
         end_to_end(args)

@@ -130,43 +130,41 @@ class Backoff:
 Invoker = Callable[..., Any]
 
 
-class PluginWorker:
+class QueueThread:
+    """A keyed queue with retries and the one thread that drains it: a plugin's worker, and
+    the writer stage (kpr.pipeline)."""
+
     def __init__(
         self,
         name: str,
-        invoke: Invoker,
         backoff: Backoff,
-        on_event: Callable[[str, str, bool], None] | None = None,
-        on_synced: Callable[[], None] | None = None,
+        on_event: Callable[[str, str, bool], None] | None,
+        synchronous: bool,
+        thread_name: str,
     ):
         self.name = name
-        self._invoke = invoke
         self._backoff = backoff
         self._on_event = on_event
-        self._on_synced = on_synced
+        # Tests: work in the caller's thread at once, a failure raised to the caller.
+        self._synchronous = synchronous
         self._cond = threading.Condition()
         self._pending = KeyedQueue()
         # key -> (due monotonic time, attempt number, event)
         self._retry: dict[Any, tuple[float, int, Event]] = {}
-        self._busy_key: Any = None
-        # The hook the worker is inside (None between deliveries): named when a stop waits.
+        self._busy = False
+        # The hook (or writer call) the thread is inside, None between: named when a stop waits.
         self.busy_hook: str | None = None
         self._stopping = False
         self.stats = WorkerStats()
-        self._thread = threading.Thread(target=self._loop, name=f"kpr-bus-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
 
-    # --- producer side -------------------------------------------------------------------
+    def _loop(self) -> None:
+        raise NotImplementedError
 
-    def put(self, ev: Event) -> None:
-        with self._cond:
-            self._retry.pop(ev.key, None)
-            self._pending.put(ev)
-            self._cond.notify()
-
-    def put_many(self, events: Iterable[Event]) -> None:
+    def _enqueue(self, events: Iterable[Event]) -> None:
         with self._cond:
             for ev in events:
-                self._retry.pop(ev.key, None)
+                self._retry.pop(ev.key, None)  # a newer state replaces a pending retry
                 self._pending.put(ev)
             self._cond.notify()
 
@@ -179,19 +177,69 @@ class PluginWorker:
             self._cond.notify()
 
     def join(self, timeout: float) -> bool:
-        """True once the worker has left its hook and ended (or never started)."""
+        """True once the thread has left its hook and ended (or never started)."""
         if self._thread.ident is None:
             return True
         self._thread.join(max(0.0, timeout))
         return not self._thread.is_alive()
 
+    def _waiting(self) -> int:
+        """Events held besides the queue and the retries (under the lock)."""
+        return 0
+
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and not self._retry and self._busy_key is None
+            return not self._pending and not self._retry and not self._busy and not self._waiting()
 
     def pending_count(self) -> int:
         with self._cond:
-            return len(self._pending) + len(self._retry)
+            return len(self._pending) + len(self._retry) + self._waiting()
+
+    def _failed(self, ev: Event, err: Exception) -> None:
+        """Count a failed event in the stats and the metrics."""
+        self.stats.errors += 1
+        self.stats.last_error = f"{ev.event} {_show(ev.key)}: {type(err).__name__}: {err}"
+        self.stats.failing[_show(ev.key)] = f"{type(err).__name__}: {err}"
+        if self._on_event:
+            self._on_event(self.name, ev.event, False)
+
+    def _schedule_retry(self, ev: Event, attempt: int) -> float | None:
+        """Retry a failed event with backoff unless a newer one for its key is queued; the
+        delay, or None. Call with the lock held."""
+        if self._pending.waiting(ev.key) or self._stopping:
+            return None
+        attempt += 1
+        delay = self._backoff.delay(attempt)
+        self._retry[ev.key] = (time.monotonic() + delay, attempt, ev)
+        self.stats.retries += 1
+        return delay
+
+
+class PluginWorker(QueueThread):
+    def __init__(
+        self,
+        name: str,
+        invoke: Invoker,
+        backoff: Backoff,
+        on_event: Callable[[str, str, bool], None] | None = None,
+        on_synced: Callable[[], None] | None = None,
+        synchronous: bool = False,
+    ):
+        super().__init__(name, backoff, on_event, synchronous, f"kpr-bus-{name}")
+        self._invoke = invoke
+        self._on_synced = on_synced
+
+    # --- producer side -------------------------------------------------------------------
+
+    def put(self, ev: Event) -> None:
+        self.put_many((ev,))
+
+    def put_many(self, events: Iterable[Event]) -> None:
+        if self._synchronous:
+            for ev in events:
+                self._deliver(ev, 0, raise_errors=True)
+            return
+        self._enqueue(events)
 
     # --- worker side ---------------------------------------------------------------------
 
@@ -202,7 +250,7 @@ class PluginWorker:
                     return None
                 if self._pending:
                     ev = self._pending.pop()
-                    self._busy_key = ev.key
+                    self._busy = True
                     self.busy_hook = HOOKS[ev.event]
                     return ev, 0
                 now = time.monotonic()
@@ -211,7 +259,7 @@ class PluginWorker:
                     t = self._retry[key][0]
                     if t <= now:
                         _, attempt, ev = self._retry.pop(key)
-                        self._busy_key = key
+                        self._busy = True
                         self.busy_hook = HOOKS[ev.event]
                         return ev, attempt
                     self._cond.wait(t - now)
@@ -226,16 +274,13 @@ class PluginWorker:
             ev, attempt = item
             ok = self._deliver(ev, attempt)
             with self._cond:
-                self._busy_key = None
+                self._busy = False
                 self.busy_hook = None
-                if not ok and not self._pending.waiting(ev.key) and not self._stopping:
-                    attempt += 1
-                    delay = self._backoff.delay(attempt)
-                    self._retry[ev.key] = (time.monotonic() + delay, attempt, ev)
-                    self.stats.retries += 1
-                    log.info("bus.retry plugin=%s key=%s attempt=%d delay=%.2f", self.name, _show(ev.key), attempt, delay)
+                delay = None if ok else self._schedule_retry(ev, attempt)
+            if delay is not None:
+                log.info("bus.retry plugin=%s key=%s attempt=%d delay=%.2f", self.name, _show(ev.key), attempt + 1, delay)
 
-    def _deliver(self, ev: Event, attempt: int) -> bool:
+    def _deliver(self, ev: Event, attempt: int, raise_errors: bool = False) -> bool:
         key, event, payload = ev.key, ev.event, ev.payload
         try:
             if event == "upsert":
@@ -250,12 +295,10 @@ class PluginWorker:
                 self._invoke("kpr_sync_complete", generation=ev.generation)
                 self._synced()
         except Exception as e:  # a plugin's bug must not stop the agent or the other plugins
-            self.stats.errors += 1
-            self.stats.last_error = f"{event} {_show(key)}: {type(e).__name__}: {e}"
-            self.stats.failing[_show(key)] = f"{type(e).__name__}: {e}"
+            self._failed(ev, e)
             log.error("bus.error plugin=%s event=%s key=%s attempt=%d error=%r", self.name, event, _show(key), attempt, e, exc_info=True)
-            if self._on_event:
-                self._on_event(self.name, event, False)
+            if raise_errors:
+                raise
             if event == "sync":
                 # The initial state was handed over; the plugin's failure is its own.
                 self._synced()
@@ -293,9 +336,16 @@ class EventBus:
         backoff: Backoff | None = None,
         on_event: Callable[[str, str, bool], None] | None = None,
         settle_memory: bool = False,
+        synchronous: bool = False,
     ):
         """`settle_memory`: settle the process's memory once every plugin has the initial
-        state (an agent's bus; tests sharing a process with many buses leave it off)."""
+        state (an agent's bus; tests sharing a process with many buses leave it off).
+
+        `synchronous` (tests and test harnesses): no threads; each change goes through the
+        writer stage and every plugin in the caller's thread before the call returns, in the
+        same order and with the same generations as the threaded bus; a failed write or a
+        plugin's exception is raised to the caller instead of retried."""
+        self._synchronous = synchronous
         self._backoff = backoff or Backoff()
         self._on_event = on_event
         self._settle_memory = settle_memory
@@ -309,7 +359,9 @@ class EventBus:
     def add_plugin(self, name: str, invoke: Invoker) -> None:
         if self._started:
             raise RuntimeError("plugins must be added before the bus starts")
-        self.workers[name] = PluginWorker(name, invoke, self._backoff, self._on_event, self._worker_synced)
+        self.workers[name] = PluginWorker(
+            name, invoke, self._backoff, self._on_event, self._worker_synced, synchronous=self._synchronous
+        )
 
     def set_writer(self, name: str, writer: Any) -> None:
         """Put the service map writer in front of the plugins (see kpr.pipeline): every change
@@ -318,7 +370,7 @@ class EventBus:
             raise RuntimeError("the writer must be set before the bus starts")
         from .pipeline import WriterStage
 
-        self.stage = WriterStage(name, writer, self._fan_out, self._backoff, self._on_event)
+        self.stage = WriterStage(name, writer, self._fan_out, self._backoff, self._on_event, synchronous=self._synchronous)
 
     def start(self) -> None:
         self._started = True
@@ -326,6 +378,8 @@ class EventBus:
             # The plugins have started: what compiling their BPF code freed goes back to the
             # system before the initial state comes in (it is not pymalloc's to reuse).
             memory.trim()
+        if self._synchronous:
+            return
         for w in self.workers.values():
             w.start()
         if self.stage is not None:
@@ -378,12 +432,13 @@ class EventBus:
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """True once the writer stage and every worker have nothing left to deliver."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             # The stage first: what it hands on lands in the workers' queues before it is idle.
             if (self.stage is None or self.stage.idle()) and all(w.idle() for w in self.workers.values()):
                 return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.005)
-        return False
 
     def synced(self) -> bool:
         return all(w.stats.synced for w in self.workers.values())

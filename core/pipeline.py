@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from typing import Any, Callable, Protocol, Sequence
 
-from .bus import Backoff, Event, KeyedQueue, WorkerStats, _show
+from .bus import Backoff, Event, KeyedQueue, QueueThread, _show
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class MapWriter(Protocol):
     def apply_batch(self, changes: Sequence[tuple[str, Any]]) -> dict[int, Exception]: ...
 
 
-class WriterStage:
+class WriterStage(QueueThread):
     """The writer's queue and thread; `fan_out` hands applied events to the plugins' workers."""
 
     def __init__(
@@ -57,64 +56,47 @@ class WriterStage:
         fan_out: Callable[[list[Event]], None],
         backoff: Backoff,
         on_event: Callable[[str, str, bool], None] | None = None,
+        synchronous: bool = False,
     ):
-        self.name = name
+        # synchronous (tests): apply and hand on in the caller's thread, a failed write raised.
+        super().__init__(name, backoff, on_event, synchronous, f"kpr-stage-{name}")
         self.writer = writer
         self._fan_out = fan_out
-        self._backoff = backoff
-        self._on_event = on_event
-        self._cond = threading.Condition()
-        self._pending = KeyedQueue()
-        # key -> (due monotonic time, attempt number, event) for changes the writer failed
-        self._retry: dict[Any, tuple[float, int, Event]] = {}
         # Applied but not handed on: everything before the initial state is in the maps.
-        # Only the stage's thread changes it.
+        # Only the stage's thread (or, synchronous, the caller under the lock) changes it.
         self._held = KeyedQueue()
-        self._busy = False
         self._kicked = False
-        self._stopping = False
-        self.busy_hook: str | None = None
         # Grows by one with every batch handed on; the events of a batch carry it.
         self.generation = 0
-        self.stats = WorkerStats()
         writer.on_written = self.kick
-        self._thread = threading.Thread(target=self._loop, name=f"kpr-stage-{name}", daemon=True)
 
     # --- producer side -------------------------------------------------------------------
 
     def put(self, ev: Event) -> None:
-        with self._cond:
-            self._retry.pop(ev.key, None)
-            self._pending.put(ev)
-            self._cond.notify()
+        if self._synchronous:
+            with self._cond:  # one caller at a time, as the stage's one thread
+                self._busy = True
+                try:
+                    self._step([ev], {})
+                finally:
+                    self._busy = False
+            return
+        self._enqueue((ev,))
 
     def kick(self) -> None:
         """Look at the writer again (its initial state may be written now)."""
+        if self._synchronous:
+            # The writer's own retry thread: hand on what it held, under the stage's lock.
+            with self._cond:
+                if not self._busy and self._held and self.writer.initial_written:
+                    self._hand_on()
+            return
         with self._cond:
             self._kicked = True
             self._cond.notify()
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-
-    def join(self, timeout: float) -> bool:
-        if self._thread.ident is None:
-            return True
-        self._thread.join(max(0.0, timeout))
-        return not self._thread.is_alive()
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._pending and not self._retry and not self._busy and not self._held
-
-    def pending_count(self) -> int:
-        with self._cond:
-            return len(self._pending) + len(self._retry) + len(self._held)
+    def _waiting(self) -> int:
+        return len(self._held)
 
     # --- the stage's thread --------------------------------------------------------------
 
@@ -169,7 +151,7 @@ class WriterStage:
                 self._held.put(ev)
                 self.stats.failing.pop(_show(ev.key), None)
             elif last[ev.key] == i:  # an older state followed by a newer one is not retried
-                self._failed(ev, attempts.get(ev.key, 0), err)
+                self._write_failed(ev, attempts.get(ev.key, 0), err)
         if self._held and self.writer.initial_written:
             self._hand_on()
 
@@ -186,20 +168,13 @@ class WriterStage:
                 self.stats.synced = True
         log.debug("pipeline.batch stage=%s generation=%d events=%d", self.name, self.generation, len(events))
 
-    def _failed(self, ev: Event, attempt: int, err: Exception) -> None:
-        self.stats.errors += 1
-        self.stats.last_error = f"{ev.event} {_show(ev.key)}: {type(err).__name__}: {err}"
-        self.stats.failing[_show(ev.key)] = f"{type(err).__name__}: {err}"
-        if self._on_event:
-            self._on_event(self.name, ev.event, False)
+    def _write_failed(self, ev: Event, attempt: int, err: Exception) -> None:
+        self._failed(ev, err)
+        if self._synchronous:
+            raise err
         with self._cond:
-            if self._pending.waiting(ev.key) or self._stopping:
-                return  # a newer state is queued: it replaces this one
-            attempt += 1
-            delay = self._backoff.delay(attempt)
-            self._retry[ev.key] = (time.monotonic() + delay, attempt, ev)
-            self.stats.retries += 1
+            delay = self._schedule_retry(ev, attempt)
         log.error(
-            "pipeline.write_failed stage=%s event=%s key=%s attempt=%d retry_in=%.2f error=%r: plugins wait for it",
-            self.name, ev.event, _show(ev.key), attempt, delay, err,
+            "pipeline.write_failed stage=%s event=%s key=%s attempt=%d retry_in=%s error=%r: plugins wait for it",
+            self.name, ev.event, _show(ev.key), attempt + 1, "-" if delay is None else f"{delay:.2f}", err,
         )

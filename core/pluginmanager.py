@@ -242,6 +242,20 @@ def _add_facilities(handles: list[PluginHandle], config: KprConfig, facilities: 
     return extra + handles
 
 
+def hook_caller(plugin: Any, name: str = "plugin") -> Callable[..., list]:
+    """An invoker for EventBus.add_plugin that calls one plugin object's hooks as the agent
+    does: through pluggy, so an implementation gets only the arguments it names (tests and
+    test harnesses driving the real bus with a plugin the agent did not load)."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(plugin, name=name)
+
+    def call(hook: str, **kwargs: Any) -> list:
+        return getattr(pm.hook, hook)(**kwargs)
+
+    return call
+
+
 def check_config(config: KprConfig) -> None:
     """Validate every plugin section in the config, enabled or not. Raises on the first kind of problem."""
     build_plugin_manager(config)

@@ -5,10 +5,14 @@ sees them, and node changes stay barriers. With the real writer and kernel maps:
 tests/kernel/test_pipeline_maps.py."""
 
 import threading
-import time
 
+import pytest
+
+from kpr import hookimpl
 from kpr.bus import Backoff, EventBus
 from kpr.model import Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
+from kpr.pluginmanager import hook_caller
+from kpr.testing.waiting import wait_for
 
 
 def svc(name: str, port: int = 80) -> Service:
@@ -85,6 +89,14 @@ def make(writer: Writer, *names: str) -> tuple[EventBus, dict[str, Plugin]]:
     return bus, plugins
 
 
+def block_in_writer(bus: EventBus, writer: Writer) -> None:
+    """Leave the stage inside the writer with a first batch ("first"), so what follows queues
+    up behind it; open writer.gate to go on."""
+    writer.gate.clear()
+    bus.upsert(svc("first"))
+    wait_for(lambda: bus.stage.busy_hook == "apply_batch", 5, "the stage inside the writer")
+
+
 def test_plugins_get_a_change_only_once_the_writer_applied_it_with_its_generation():
     writer = Writer()
     bus, plugins = make(writer, "a", "b")
@@ -110,13 +122,9 @@ def test_plugins_get_a_change_only_once_the_writer_applied_it_with_its_generatio
 def test_a_burst_is_one_batch_and_its_changes_share_a_generation():
     writer = Writer()
     bus, plugins = make(writer, "a")
-    writer.gate.clear()  # hold the writer so a burst queues up behind its first batch
     bus.start()
     try:
-        bus.upsert(svc("first"))
-        deadline = time.monotonic() + 5
-        while bus.stage.busy_hook != "apply_batch" and time.monotonic() < deadline:
-            time.sleep(0.005)
+        block_in_writer(bus, writer)  # a burst queues up behind the first batch
         for i in range(50):
             bus.upsert(svc(f"s{i}"))
         bus.upsert(svc("s7", 8080))  # coalesces with s7's waiting change
@@ -187,9 +195,7 @@ def test_a_newer_state_replaces_a_failed_write_waiting_for_its_retry():
     bus.start()
     try:
         bus.upsert(svc("web", 1))
-        deadline = time.monotonic() + 5
-        while not bus.stage.stats.errors and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for(lambda: bus.stage.stats.errors, 5, "the failed write")
         bus.upsert(svc("web", 2))
         assert bus.wait_idle(5)
     finally:
@@ -200,13 +206,9 @@ def test_a_newer_state_replaces_a_failed_write_waiting_for_its_retry():
 def test_a_node_change_stays_a_barrier_through_the_stage():
     writer = Writer()
     bus, plugins = make(writer, "a")
-    writer.gate.clear()
     bus.start()
     try:
-        bus.upsert(svc("first"))
-        deadline = time.monotonic() + 5
-        while bus.stage.busy_hook != "apply_batch" and time.monotonic() < deadline:
-            time.sleep(0.005)
+        block_in_writer(bus, writer)
         bus.upsert(svc("web", 1))
         bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
         bus.upsert(svc("web", 2))
@@ -226,14 +228,69 @@ def test_a_node_change_stays_a_barrier_through_the_stage():
 def test_stopping_waits_for_the_stage_to_leave_the_writer():
     writer = Writer()
     bus, _ = make(writer, "a")
-    writer.gate.clear()
     bus.start()
-    bus.upsert(svc("web"))
-    deadline = time.monotonic() + 5
-    while bus.stage.busy_hook != "apply_batch" and time.monotonic() < deadline:
-        time.sleep(0.005)
+    block_in_writer(bus, writer)
     bus.request_stop()
     assert bus.busy_hook("servicemaps") == "apply_batch"
     assert not bus.join("servicemaps", 0.1), "still inside the writer"
     writer.gate.set()
     assert bus.join("servicemaps", 5) and bus.join("a", 5)
+
+
+class OldStyle:
+    """A plugin written before generations: its hooks name only the service or key."""
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def kpr_service_upsert(self, service):
+        self.calls.append(("upsert", service.key.name))
+
+    @hookimpl
+    def kpr_service_delete(self, key):
+        self.calls.append(("delete", key.name))
+
+    @hookimpl
+    def kpr_sync_complete(self):
+        self.calls.append(("sync", None))
+
+
+class WantsGeneration:
+    def __init__(self, writer):
+        self.writer = writer
+        self.calls = []
+
+    @hookimpl
+    def kpr_service_upsert(self, service, generation):
+        self.calls.append(("upsert", service.key.name, generation, self.writer.maps.get(service.key) == service))
+
+    @hookimpl
+    def kpr_sync_complete(self, generation):
+        self.calls.append(("sync", None, generation, self.writer.written))
+
+
+def test_synchronous_bus_runs_the_stage_and_the_plugins_before_returning():
+    """Tests and harnesses: no threads, the same order and generations; plugins written with or
+    without the generation argument both work (pluggy hands each what it names)."""
+    writer = Writer(written=False)
+    bus = EventBus(synchronous=True)
+    bus.set_writer("servicemaps", writer)
+    old, new = OldStyle(), WantsGeneration(writer)
+    bus.add_plugin("old", hook_caller(old, "old"))
+    bus.add_plugin("new", hook_caller(new, "new"))
+    bus.start()
+    bus.upsert(svc("web"))
+    assert new.calls == [] and old.calls == [], "held: the initial state is not written"
+    bus.sync_complete()
+    assert new.calls == [("upsert", "web", 1, True), ("sync", None, 1, True)]
+    bus.upsert(svc("db"))
+    assert new.calls[-1] == ("upsert", "db", 2, True), "applied and delivered before upsert returned"
+    bus.delete(ServiceKey("default", "web"))
+    assert old.calls == [("upsert", "web"), ("sync", None), ("upsert", "db"), ("delete", "web")]
+    assert bus.synced() and bus.wait_idle(0)
+
+    writer.fail_times["default/broken"] = 1
+    with pytest.raises(OSError, match="map write failed"):
+        bus.upsert(svc("broken"))
+    assert old.calls[-1] == ("delete", "web"), "a failed write reaches no plugin"

@@ -25,16 +25,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kpr import api
 from kpr.testing.apiserver import KubeApiServer
+from kpr.testing.bpffs import private_bpffs
 from kpr.testing.netns import Topology, in_netns
 from kpr.testing.relay import TcpRelay
+from kpr.testing.waiting import wait_for
 
-from socklb_env import private_bpffs
+__all__ = ["wait_for"]  # the kit's, imported from here by the tests and the benchmark
 
 VIP4 = "10.0.100.10"
 VIP6 = "fd00:100::10"
@@ -365,6 +368,25 @@ class Segment:
         return re.findall(r"bytes from ([0-9a-f]{2}(?::[0-9a-f]{2}){5})", res.stdout.lower())
 
 
+@contextlib.contextmanager
+def segment(base: Path, **kw: Any) -> Iterator[Segment]:
+    """A Segment (`kw`: its fields) on a fresh topology; afterwards every agent still running
+    is killed (SIGKILL, as a test that failed midway leaves them), the nodes' pins cleaned up
+    and the namespaces removed."""
+    with Topology() as topo:
+        s = Segment(topo, base, **kw)
+        try:
+            yield s
+        finally:
+            try:
+                for name, node in s.nodes.items():
+                    if node.proc is not None:
+                        with contextlib.suppress(Exception):
+                            s.stop(name, signal.SIGKILL)
+            finally:
+                s.close()
+
+
 def _fold(x: int) -> int:
     while x >> 16:
         x = (x & 0xFFFF) + (x >> 16)
@@ -475,14 +497,3 @@ def flood(seg: Segment, target: str, seconds: float, senders: int, rate: int, *,
             rx.close()
         tx.close()
     return count / elapsed, sent
-
-
-def wait_for(cond, timeout: float = 10.0, what: str = "condition", show=None) -> float:
-    """Poll until cond() is true; returns the seconds it took."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    extra = f"; state: {show()}" if show else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")

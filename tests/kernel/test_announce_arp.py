@@ -24,7 +24,7 @@ from kpr.plugins.announce_arp.heartbeat import Codec, Heartbeat, cluster_id
 from kpr.testing.apiserver import KubeApiServer
 from kpr.testing.netns import Topology, in_netns
 
-from announce_arp_env import KEY, PORT, VIP4, VIP6, Segment, flood, lb_manifest, node_ip4, wait_for
+from announce_arp_env import KEY, PORT, VIP4, VIP6, Segment, flood, lb_manifest, node_ip4, segment, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -39,30 +39,15 @@ BOTH_MEMBERSHIPS = pytest.mark.parametrize("seg", ["heartbeat", "kubernetes"], i
 def seg(request, tmp_path):
     membership = getattr(request, "param", "heartbeat")
     with contextlib.ExitStack() as stack:
-        topo = stack.enter_context(Topology())
         srv = stack.enter_context(KubeApiServer(bookmark_interval=0.5)) if membership == "kubernetes" else None
-        s = Segment(topo, tmp_path, membership=membership, apiserver=srv)
-        stack.callback(s.close)
-        try:
-            yield s
-        finally:
-            for name in s.nodes:
-                if s.nodes[name].proc is not None:
-                    try:
-                        s.stop(name, signal.SIGKILL)
-                    except Exception:
-                        pass
+        yield stack.enter_context(segment(tmp_path, membership=membership, apiserver=srv))
 
 
 @contextlib.contextmanager
 def solo(tmp_path, **announce):
     """One node without members (it alone announces) and the router; torn down on exit."""
-    with Topology() as topo:
-        s = Segment(topo, tmp_path, n_nodes=1, members=False, announce=announce)
-        try:
-            yield topo, s
-        finally:
-            s.close()
+    with segment(tmp_path, n_nodes=1, members=False, announce=announce) as s:
+        yield s.topo, s
 
 
 def assert_only_owner_answers(s: Segment, vip: str, owner: str, count: int = 3) -> None:

@@ -9,21 +9,18 @@ and client: tc_nodeport_env.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import signal
-import subprocess
 import textwrap
 
 import pytest
 
 from kpr import api
-from kpr.testing.netns import Topology
+from kpr.testing.echo import start_echo
 from kpr.testing.waiting import wait_for
 
-from announce_arp_env import ROUTER4, ROUTER6, Segment
-from tc_nodeport_env import PY, SERVER, answers, client
+from announce_arp_env import ROUTER4, ROUTER6, Segment, segment
+from tc_nodeport_env import answers, client
 
 pytestmark = pytest.mark.kernel
 
@@ -80,25 +77,15 @@ def lb_addresses(seg: Segment, name: str) -> dict[str, str]:
 
 @pytest.fixture
 def seg(tmp_path):
-    with contextlib.ExitStack() as stack:
-        topo = stack.enter_context(Topology())
-        s = Segment(topo, tmp_path, n_nodes=2)
-        stack.callback(s.close)
-        try:
-            yield s
-        finally:
-            for name in s.nodes:
-                if s.nodes[name].proc is not None:
-                    with contextlib.suppress(Exception):
-                        s.stop(name, signal.SIGKILL)
+    with segment(tmp_path, n_nodes=2) as s:
+        yield s
 
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_an_address_from_the_pool_announced_and_served(seg, family):
     topo = seg.topo
     topo.add_pod("n1", "p1", POD[4], ip6=POD[6])
-    server = topo.popen("p1", [PY, "-c", SERVER, "p1", "8080"], stdout=subprocess.PIPE, text=True)
-    assert server.stdout.readline().strip() == "ready"
+    start_echo(topo["p1"], "p1", 8080)
     (seg.manifests / "web.yaml").write_text(manifests(family))
     for name, node in seg.nodes.items():
         seg.write_config(node)

@@ -234,14 +234,13 @@ def test_check_repairs_entries_added_changed_and_deleted_with_bpftool(pin_path: 
         kernel_equals_status(w)
 
 
-def test_the_check_runs_periodically_as_a_plugin(pin_path: Path) -> None:
+def test_the_check_runs_periodically_once_started(pin_path: Path) -> None:
     import time
 
     w = ServiceMapWriter(pin_path, create_datapath_maps=False, check_interval=0.2)
     w.kpr_start(context=None)
     try:
-        w.kpr_service_upsert(service=WEB)
-        w.kpr_sync_complete()
+        assert w.apply_batch([("upsert", WEB), ("sync", None)]) == {}  # as the writer stage hands them
         before = w.read_back()
         w.maps["kpr_svc"].update(*stray_svc_entry(7))
         deadline = time.monotonic() + 5

@@ -31,7 +31,7 @@ __all__ = ["AgentConfig", "running_agent", "scratch_agent", "start_agent"]
 @dataclass
 class AgentConfig:
     work: Path
-    pin: Path
+    pin: Path | None  # None: no bpf section (an agent whose plugins pin nothing)
     node: str = "node1"
     addresses: Sequence[str] = ("192.168.50.10",)
     devices: Sequence[str] = ("lo",)
@@ -44,7 +44,8 @@ class AgentConfig:
     shutdown_timeout: float | None = 5
 
     def __post_init__(self) -> None:
-        self.work, self.pin = Path(self.work), Path(self.pin)
+        self.work = Path(self.work)
+        self.pin = Path(self.pin) if self.pin is not None else None
 
     @property
     def path(self) -> Path:
@@ -82,12 +83,13 @@ class AgentConfig:
             "node": {"name": self.node, "addresses": list(self.addresses), "devices": list(self.devices)},
             "source": {"kind": "files", "path": str(self.manifests), "statePath": str(self.work / "alloc.json"),
                        "pollInterval": 0.05, **self.source},
-            "bpf": {"pinPath": str(self.pin)},
             "api": {"socket": str(self.socket)},
             "metrics": {"address": ""},
             "agent": agent,
             "plugins": {name: {"enabled": True, **section} for name, section in self.plugins.items()},
         }
+        if self.pin is not None:
+            doc["bpf"] = {"pinPath": str(self.pin)}
         for key, value in self.extra.items():
             if isinstance(value, Mapping) and isinstance(doc.get(key), dict):
                 doc[key] = {**doc[key], **copy.deepcopy(dict(value))}

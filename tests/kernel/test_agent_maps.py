@@ -3,7 +3,6 @@ adopts them across a restart, and `kpr cleanup` removes them."""
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -12,26 +11,13 @@ from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.config import parse_config
 from kpr.daemon import Agent
 from kpr.servicemaps import ServiceMapWriter
+from kpr.testing import agent as kit
+from kpr.testing.manifests import endpoint_slice, service, yaml_docs
+from kpr.testing.waiting import wait_for
 
 pytestmark = pytest.mark.kernel
 
-WEB = """
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{port: 80, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.244.1.5]
-    nodeName: node1
-"""
+WEB = yaml_docs(service("web", cluster_ip="10.96.0.10"), endpoint_slice("web", ["10.244.1.5"]))
 
 
 class NeedsMaps:
@@ -43,30 +29,13 @@ class NeedsMaps:
 
 
 def config_text(tmp_path, pin):
-    return f"""
-node: {{name: node1, addresses: [192.168.50.10], devices: [lo]}}
-source: {{kind: files, path: {tmp_path}/m, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
-bpf: {{pinPath: {pin}}}
-api: {{socket: {tmp_path}/kpr.sock}}
-metrics: {{address: ""}}
-agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 5}}
-"""
-
-
-def wait_for(cond, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+    """An agent config (kpr.testing.agent) with the manifests in tmp_path/m."""
+    return kit.AgentConfig(tmp_path, pin, source={"path": str(tmp_path / "m")}).text()
 
 
 def start_agent(cfg):
-    agent = Agent(cfg, internal_plugins={"needs": NeedsMaps()})
-    agent.setup()
-    assert wait_for(lambda: agent.bus.synced()), "the agent did not sync"
-    return agent
+    """The agent with NeedsMaps beside the installed plugins, synced."""
+    return kit.start_agent(cfg, internal_plugins={"needs": NeedsMaps()})
 
 
 def test_agent_writes_adopts_and_cleanup_removes_the_maps(require_kernel, tmp_path):
@@ -98,7 +67,8 @@ def test_agent_writes_adopts_and_cleanup_removes_the_maps(require_kernel, tmp_pa
             assert writer.backend_ids() == backend_ids
             # A live change reaches the maps through the bus.
             (tmp_path / "m" / "web.yaml").write_text(WEB.replace("10.244.1.5", "10.244.1.6"))
-            assert wait_for(lambda: writer.read_back()["frontends"].get("10.96.0.10:80/TCP external", {}).get("backends") == ["10.244.1.6:8080"])
+            wait_for(lambda: writer.read_back()["frontends"].get("10.96.0.10:80/TCP external", {}).get("backends") == ["10.244.1.6:8080"],
+                     15, "the changed backend in the maps")
         finally:
             agent.shutdown()
 
@@ -120,11 +90,8 @@ def test_writer_opened_on_a_fresh_pin_path_is_empty(require_kernel):
             w.close()
 
 
-MAGLEV_WEB = WEB.replace(
-    "metadata: {name: web, namespace: default}\n",
-    "metadata: {name: web, namespace: default, annotations: {service.kpr.io/lb-algorithm: maglev}}\n",
-    1,
-)
+MAGLEV_WEB = yaml_docs(service("web", cluster_ip="10.96.0.10", annotations={"service.kpr.io/lb-algorithm": "maglev"}),
+                       endpoint_slice("web", ["10.244.1.5"]))
 
 
 def test_agent_is_not_ready_until_its_initial_state_is_in_the_maps(require_kernel, tmp_path):
@@ -155,13 +122,13 @@ def test_agent_is_not_ready_until_its_initial_state_is_in_the_maps(require_kerne
         try:
             writer = agent.kpm.handle("servicemaps").plugin
 
-            def tick_until(cond, timeout=15.0):
+            def tick_until(cond, what, timeout=15.0):
                 def step():
                     agent._tick()
                     return cond()
-                return wait_for(step, timeout)
+                return wait_for(step, timeout, what, lambda: agent.status()["plugins"]["servicemaps"]["message"])
 
-            assert tick_until(lambda: writer._sync_attempts >= 2), "the initial sync is retried"
+            tick_until(lambda: writer._sync_attempts >= 2, "the initial sync retried")
             st = agent.status()
             # Plugins hear of the initial state only once it is in the maps (kpr.pipeline).
             assert st["ready"] is False and not agent.bus.synced()
@@ -177,7 +144,7 @@ def test_agent_is_not_ready_until_its_initial_state_is_in_the_maps(require_kerne
 
             # The state changes to one that can be written: retried soon, then ready.
             (tmp_path / "m" / "web.yaml").write_text(WEB)
-            assert tick_until(lambda: agent.status()["ready"]), agent.status()["plugins"]["servicemaps"]["message"]
+            tick_until(lambda: agent.status()["ready"], "ready")
             assert writer.read_back()["frontends"]["10.96.0.10:80/TCP external"]["backends"] == ["10.244.1.5:8080"]
             sock.setblocking(True)
             sock.settimeout(5)

@@ -10,8 +10,9 @@ import pytest
 
 from kpr import api as kapi
 from kpr.bpf.cleanup import scratch_pin_dir
-from kpr.config import parse_config
 from kpr.daemon import Agent
+from kpr.testing.agent import AgentConfig
+from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.waiting import wait_for
 
 from test_agent_maps import WEB, NeedsMaps
@@ -19,23 +20,10 @@ from test_agent_maps import WEB, NeedsMaps
 pytestmark = pytest.mark.kernel
 
 # 1,100 externalIPs: 1,101 frontends of 2 kpr_svc entries each, in a kpr_svc of 1,024.
-HUGE = """
-apiVersion: v1
-kind: Service
-metadata: {name: huge, namespace: default}
-spec:
-  clusterIP: 10.96.0.20
-  externalIPs: [%s]
-  ports: [{port: 80, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: huge-1, namespace: default, labels: {kubernetes.io/service-name: huge}}
-addressType: IPv4
-ports: [{port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.244.1.9]
-""" % ", ".join(f"203.0.{i // 250}.{i % 250 + 1}" for i in range(1100))
+HUGE = yaml_docs(
+    service("huge", cluster_ip="10.96.0.20", external_ips=[f"203.0.{i // 250}.{i % 250 + 1}" for i in range(1100)]),
+    endpoint_slice("huge", ["10.244.1.9"], node=None),
+)
 
 
 def test_a_refused_service_shows_as_refused_in_service_list(require_kernel, tmp_path):
@@ -44,17 +32,9 @@ def test_a_refused_service_shows_as_refused_in_service_list(require_kernel, tmp_
     (manifests / "web.yaml").write_text(WEB)
     (manifests / "huge.yaml").write_text(HUGE)
     with scratch_pin_dir(f"kpr-refused-{os.getpid()}") as pin:
-        text = f"""
-node: {{name: node1, addresses: [192.168.50.10], devices: [lo]}}
-source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
-bpf: {{pinPath: {pin}, mapSizes: {{kprSvc: 1024}}}}
-api: {{socket: {tmp_path}/kpr.sock}}
-metrics: {{address: ""}}
-agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 5}}
-"""
-        cfg_file = tmp_path / "kpr.yaml"
-        cfg_file.write_text(text)
-        agent = Agent(parse_config(text), internal_plugins={"needs": NeedsMaps()})
+        cfg = AgentConfig(tmp_path, pin, source={"path": str(manifests)}, extra={"bpf": {"mapSizes": {"kprSvc": 1024}}})
+        cfg_file = cfg.write()
+        agent = Agent(cfg.parse(), internal_plugins={"needs": NeedsMaps()})
         agent.setup()
         try:
             writer = agent.kpm.handle("servicemaps").plugin

@@ -41,6 +41,15 @@ class _Dense:
     def _grow(self, n: int) -> None:
         self._has.extend(bytes(n - len(self._has)))
 
+    def _run_slots(self, lo: int, n: int) -> bool:
+        """Whether ids lo..lo+n-1 belong in the arrays (growing them): a run starting within
+        reach of the dense ids stays dense however long it is."""
+        if not self._slot(lo):
+            return False
+        if lo + n > len(self._has):
+            self._grow(lo + n + len(self._has) // 2)
+        return True
+
     def __len__(self) -> int:
         return self._n + len(self._far)
 
@@ -157,6 +166,8 @@ class IdBytes(_Dense):
 
     def update(self, other: Mapping[int, Any] | Iterable[tuple[int, Any]]) -> None:
         # The loop of __setitem__ inlined: the writer stores hundreds of thousands at once.
+        if isinstance(other, Mapping) and self._fill_run(other):
+            return
         s, has, buf, far = self.size, self._has, self._buf, self._far
         added = 0
         for i, value in other.items() if isinstance(other, Mapping) else other:
@@ -173,6 +184,34 @@ class IdBytes(_Dense):
                 added = 0
                 self[i] = value
         self._n += added
+
+    def _fill_run(self, other: Mapping[int, Any]) -> bool:
+        """Store `other` with two slice copies when its ids are one ascending run none of
+        which is present (new ids, as a full sync allocates them); False: not that case."""
+        n = len(other)
+        if n < 64:
+            return False
+        ids = iter(other)
+        lo = next(ids)
+        s = self.size
+        values = list(other.values())
+        if (
+            type(lo) is not int
+            or lo < 0
+            or not self._run_slots(lo, n)
+            or list(other) != list(range(lo, lo + n))
+            or any(self._has[lo : lo + n])
+            or (self._far and not self._far.keys().isdisjoint(other))
+            or not all(type(v) is bytes for v in values)
+        ):
+            return False
+        blob = b"".join(values)
+        if len(blob) != n * s or set(map(len, values)) != {s}:
+            return False
+        self._has[lo : lo + n] = b"\x01" * n
+        self._buf[lo * s : (lo + n) * s] = blob
+        self._n += n
+        return True
 
     def changed(self, values: Mapping[int, bytes]) -> list[int]:
         """The ids of `values` the table lacks or holds another value for."""
@@ -217,6 +256,27 @@ class IdCounts(_Dense):
 
     def add_many(self, deltas: Mapping[int, int]) -> None:
         """self[i] = self.get(i, 0) + d for every (i, d): ids not present are added."""
+        n = len(deltas)
+        if n >= 64:
+            # one ascending run of new ids (a full sync's): one slice copy
+            lo = next(iter(deltas))
+            if (
+                type(lo) is int
+                and lo >= 0
+                and self._run_slots(lo, n)
+                and list(deltas) == list(range(lo, lo + n))
+                and not any(self._has[lo : lo + n])
+                and (not self._far or self._far.keys().isdisjoint(deltas))
+            ):
+                try:
+                    run = array("q", deltas.values())
+                except (OverflowError, TypeError):
+                    pass
+                else:
+                    self._has[lo : lo + n] = b"\x01" * n
+                    self._counts[lo : lo + n] = run
+                    self._n += n
+                    return
         has, counts, far = self._has, self._counts, self._far
         added = 0
         for i, d in deltas.items():

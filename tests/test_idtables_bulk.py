@@ -56,3 +56,27 @@ def test_add_many_matches_a_dict(seed):
             ref[i] = ref.get(i, 0) + d
         assert dict(t.items()) == ref
         assert len(t) == len(ref)
+
+
+@pytest.mark.parametrize("present", [(), (150,), (10**9,)])
+def test_runs_of_new_ids_match_one_at_a_time(present):
+    """Ascending runs of new ids (a full sync's) take a slice copy; an id already present,
+    here or among the far ids, takes the general path: the result is the same."""
+    run = range(100, 300)
+    bulk_b, single_b = IdBytes(4), IdBytes(4)
+    bulk_c, single_c = IdCounts(), IdCounts()
+    for i in present:
+        for t in (bulk_b, single_b):
+            t[i] = _val(i, 7)
+        for t in (bulk_c, single_c):
+            t[i] = 5
+    values = {i: _val(i) for i in run} | {i: _val(i) for i in present if i not in run}
+    bulk_b.update(values)
+    for i, v in values.items():
+        single_b[i] = v
+    assert bulk_b == single_b and len(bulk_b) == len(single_b)
+    deltas = {i: i % 3 + 1 for i in run} | {i: 1 for i in present if i not in run}
+    bulk_c.add_many(deltas)
+    for i, d in deltas.items():
+        single_c[i] = single_c.get(i, 0) + d
+    assert dict(bulk_c.items()) == dict(single_c.items()) and len(bulk_c) == len(single_c)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import gc
 import logging
 from array import array
+from collections import Counter
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 from ..bpf import maps as M
@@ -109,6 +111,7 @@ class ApplyMixin:
         desired: dict[bytes, _Group] = {}
         used = group_entries(())
         used_bids: set[int] = set()
+        limits = self.limits
         for s in services:
             mine: dict[bytes, _Group] = {}
             try:
@@ -125,8 +128,27 @@ class ApplyMixin:
                     self.conflicts[fk] = s.key
                     continue
                 mine[fk] = g
+            if len(mine) == 1:
+                # the common case, without _needs's dicts and sets (a full sync asks 50k times)
+                (g,) = mine.values()
+                bids = g.backends
+                nb = len(bids) - len(used_bids.intersection(bids)) if used_bids else len(bids)
+                if (
+                    used["kpr_svc"] + g.n_svc <= limits["kpr_svc"]
+                    and used["kpr_backend"] + nb <= limits["kpr_backend"]
+                    and used["kpr_revnat"] + 1 <= limits["kpr_revnat"]
+                    and not g.srcrange
+                    and not g.maglev
+                    and g.revnat
+                ):
+                    desired.update(mine)
+                    used["kpr_svc"] += g.n_svc
+                    used["kpr_backend"] += nb
+                    used["kpr_revnat"] += 1
+                    used_bids.update(bids)
+                    continue
             need = self._needs(mine.values(), used_bids)
-            hit = first_overflow(used, need, self.limits)
+            hit = first_overflow(used, need, limits)
             if hit is not None:
                 wanted = need
                 mine = {fk: old[fk] for fk in mine if fk in old}
@@ -187,14 +209,17 @@ class ApplyMixin:
             return None
         return Refusal(*hit, self.limits[hit[0]], tuple(delta.items()))
 
-    def _forget_render(self) -> None:
-        """Forget the ids the last render allocated that were not written."""
-        for bid, val in self._pending_vals.items():
-            bkey = val[:19]
-            if bid not in self._backend_vals:
-                self._backend_refs.pop(bid, None)
-                if self._backend_ids.get(bkey) == bid:
-                    del self._backend_ids[bkey]
+    def _forget_render(self, written: Iterable[int] = ()) -> None:
+        """Forget the ids the last render allocated that were not written (`written`: ids
+        known to be in the table now, not asked about again)."""
+        pending = self._pending_vals
+        if written:
+            pending = {bid: val for bid, val in pending.items() if bid not in written}
+        for bid in self._backend_vals.missing(pending):
+            bkey = pending[bid][:19]
+            self._backend_refs.pop(bid, None)
+            if self._backend_ids.get(bkey) == bid:
+                del self._backend_ids[bkey]
         for fk in self._fresh_revnat:
             if fk not in self._groups:
                 self._forget_revnat(fk)
@@ -265,15 +290,25 @@ class ApplyMixin:
         b = self.batch
         # New frontends, written from their packed entries (a full sync makes no object per entry).
         fresh: list[_Group] = []
+        # Backends referenced by new frontends, counted at once below (C speed: a full sync
+        # adds hundreds of thousands of references).
+        added: list[tuple[int, ...] | frozenset[int]] = []
 
         for fk, g in new.items():
             og = old.get(fk)
             if og is None:
+                # the whole group is new: nothing to compare, everything to write
+                svc_new += g.n_svc
+                rn_up[g.rev_nat] = g.revnat
+                if g.srcrange:
+                    sr_up |= g.srcrange
+                if g.maglev:
+                    mg_up.update((pack_mg(g.rev_nat, sc), i) for sc, i in g.maglev.items() if i is not None)
+                added.append(g.backends)
                 if b:
                     fresh.append(g)
-                else:
-                    svc_up.update(g.svc)
-                svc_new += g.n_svc
+                    continue
+                svc_up.update(g.svc)
             elif not og.same_svc(g):
                 osvc, gsvc = og.svc, g.svc
                 svc_up.update((k, v) for k, v in gsvc.items() if osvc.get(k) != v)
@@ -299,9 +334,8 @@ class ApplyMixin:
                 mg_up.update((k, i) for k, i in nmg.items() if i is not None and omg.get(k) != i)
                 mg_del.extend(k for k in omg if k not in nmg)
             if og is None:
-                for bid in g.backends:
-                    ref_delta[bid] = ref_delta.get(bid, 0) + 1
-            elif og.backends != g.backends:
+                continue
+            if og.backends != g.backends:
                 gb, ob = frozenset(g.backends), frozenset(og.backends)
                 for bid in gb - ob:
                     ref_delta[bid] = ref_delta.get(bid, 0) + 1
@@ -324,12 +358,22 @@ class ApplyMixin:
 
         refs = self._backend_refs
         vals = self._backend_vals
+        ref_add: Counter[int] = Counter()
+        ref_add.update(chain.from_iterable(added))
+        dropped = list(ref_delta)  # only these can have lost references
+        if ref_delta:
+            # net change per id: one table for the bookkeeping below
+            for bid, d in ref_delta.items():
+                ref_add[bid] += d
+        ref_delta = ref_add
         be_up = {}
-        for bid, val in self._pending_vals.items():
-            if vals.get(bid) != val and (refs.get(bid, 0) + ref_delta.get(bid, 0)) > 0:
-                be_up[bid] = val
-        be_del = [bid for bid, d in ref_delta.items() if d < 0 and refs.get(bid, 0) + d <= 0 and bid in vals]
-        if strays:
+        pending = self._pending_vals
+        changed = vals.changed(pending) if pending else ()
+        if changed:
+            dget, rget = ref_delta.get, refs.get
+            be_up = {bid: pending[bid] for bid in changed if dget(bid, 0) > 0 or rget(bid, 0) + dget(bid, 0) > 0}
+        be_del = [bid for bid in dropped if (d := ref_delta[bid]) < 0 and refs.get(bid, 0) + d <= 0 and bid in vals]
+        if strays and len(refs):
             be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in vals and bid not in ref_delta)
         # An entry a new group still wants is never deleted (rev-NAT indexes read back from
         # hand-edited maps may collide).
@@ -346,9 +390,12 @@ class ApplyMixin:
         if strays:
             # Nor a stray: a hand-edited slot 0 can give its frontend another rev-NAT index at
             # reload, leaving the frontend's own kpr_revnat entry looking like nobody's.
-            self._stray["kpr_revnat"] -= {M.U32.pack(g.rev_nat) for g in new.values() if g.revnat}
-            self._stray["kpr_maglev"] -= {pack_mg(g.rev_nat, sc) for g in new.values() for sc in g.maglev}
-            self._stray["kpr_srcrange"] -= {k for g in new.values() for k in g.srcrange}
+            if self._stray["kpr_revnat"]:
+                self._stray["kpr_revnat"] -= {M.U32.pack(g.rev_nat) for g in new.values() if g.revnat}
+            if self._stray["kpr_maglev"]:
+                self._stray["kpr_maglev"] -= {pack_mg(g.rev_nat, sc) for g in new.values() for sc in g.maglev}
+            if self._stray["kpr_srcrange"]:
+                self._stray["kpr_srcrange"] -= {k for g in new.values() for k in g.srcrange}
 
         mp = self.maps
         # Where the change would not fit beside what it replaces, everything that goes is
@@ -356,7 +403,7 @@ class ApplyMixin:
         have = self._counts()
         peak = {
             "kpr_svc": have["kpr_svc"] - len(gone_del) + svc_new,
-            "kpr_backend": have["kpr_backend"] + sum(1 for i in be_up if i not in vals),
+            "kpr_backend": have["kpr_backend"] + len(vals.missing(be_up)),
             "kpr_revnat": have["kpr_revnat"] + len(rn_up),
             "kpr_srcrange": have["kpr_srcrange"] + len(sr_up),
             "kpr_maglev": have["kpr_maglev"] + len(mg_up),
@@ -414,17 +461,18 @@ class ApplyMixin:
                 self._forget_revnat(fk)
                 if g.owner is not None and g.owner in self._by_service:
                     _disown(self._by_service, g.owner, fk, drop_empty=True)
+        groups, by_service = self._groups, self._by_service
         for fk, g in new.items():
-            prev = self._groups.get(fk)
-            if prev is not None and prev.owner is not None and prev.owner != g.owner:
-                _disown(self._by_service, prev.owner, fk, drop_empty=False)
+            prev = groups.get(fk)
             if prev is not None:
+                if prev.owner is not None and prev.owner != g.owner:
+                    _disown(by_service, prev.owner, fk, drop_empty=False)
                 _add_counts(count, prev, -1)
-            _add_counts(count, g, 1)
-            self._groups[fk] = g
-            _own(self._by_service, g.owner, fk)
-        for bid, d in ref_delta.items():
-            refs[bid] = refs.get(bid, 0) + d
+            groups[fk] = g
+            _own(by_service, g.owner, fk)
+        for name, n in group_entries(new.values()).items():
+            count[name] += n
+        refs.add_many(ref_delta)
         self._backend_vals.update(be_up)
         for bid in be_del:
             val = self._backend_vals.pop(bid, None)
@@ -432,7 +480,7 @@ class ApplyMixin:
             if val is not None and self._backend_ids.get(val[:19]) == bid:
                 del self._backend_ids[val[:19]]
         # ids allocated while rendering but never written (conflicting frontends) are forgotten
-        self._forget_render()
+        self._forget_render(be_up)
         log.debug(
             "event=servicemaps_applied svc_up=%d svc_del=%d backend_up=%d backend_del=%d revnat_up=%d "
             "revnat_del=%d srcrange_up=%d srcrange_del=%d maglev_up=%d maglev_del=%d",

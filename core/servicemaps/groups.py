@@ -123,6 +123,14 @@ class _Group:
         self.n_svc = len(keys)
         self.n_heads = heads
 
+    def set_packed(self, keys: bytes, values: bytes, n: int, heads: int) -> None:
+        """Its kpr_svc entries already packed: `n` keys and values, the first `heads` of them
+        slot 0 entries (as set_svc keeps them)."""
+        self._svc_keys = keys
+        self._svc_vals = values
+        self.n_svc = n
+        self.n_heads = heads
+
     def packed_svc(self) -> tuple[bytes, bytes, bytes, bytes]:
         """(slot 0 keys, their values, the other keys, their values), each concatenated."""
         n, h = self.n_svc, self.n_heads

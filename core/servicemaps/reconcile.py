@@ -224,7 +224,7 @@ class ReconcileMixin:
 # What _reset_shadow sets: the writer's picture of the maps.
 _SHADOW = (
     "_groups", "_by_service", "_backend_ids", "_backend_vals", "_backend_refs", "_revnat_ids", "_revnat_used",
-    "_next_backend", "_next_revnat", "_stray", "_count",
+    "_next_backend", "_ids_wrapped", "_next_revnat", "_stray", "_count",
 )
 
 

@@ -7,10 +7,14 @@ previous groups it keeps slot order from; no syscalls, so it is unit-tested with
 from __future__ import annotations
 
 import ipaddress
+import socket
+from array import array
+from functools import lru_cache
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from ..bpf import maps as M
-from ..model import BackendState, Frontend, FrontendType, Service, ServiceKey
+from ..model import Backend, BackendState, Frontend, FrontendType, Service, ServiceKey
 from .groups import (
     _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SLOT, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
     _Group, _backend_name, _slot_tails,
@@ -21,6 +25,17 @@ if TYPE_CHECKING:
 
 # Per-service override of the writer's selection algorithm: "random" or "maglev".
 ALGORITHM_ANNOTATION = "service.kpr.io/lb-algorithm"
+
+_pton, _AF_INET = socket.inet_pton, socket.AF_INET
+_V4_PREFIX = _V4_MAPPED  # ::ffff:0:0/96, what a v4 address is stored behind
+_ADDRESS, _PORT_OF = attrgetter("address"), attrgetter("port")
+_STATE_OF, _LOCAL_OF = attrgetter("state"), attrgetter("local")
+
+
+@lru_cache(maxsize=1024)
+def _port_bytes(port: int) -> bytes:
+    """A port's two bytes in network order (backends share few ports)."""
+    return port.to_bytes(2, "big")
 
 
 class RenderMixin:
@@ -44,9 +59,12 @@ class RenderMixin:
         bid = self._backend_ids.get(bkey)
         if bid is None:
             bid = self._next_backend
-            while bid in self._backend_vals or bid == 0:
-                bid = (bid + 1) & 0xFFFFFFFF
+            if self._ids_wrapped or not 0 < bid < 0xFFFFFFFF:
+                while bid in self._backend_vals or bid == 0:
+                    bid = (bid + 1) & 0xFFFFFFFF
             self._next_backend = (bid + 1) & 0xFFFFFFFF or 1
+            if self._next_backend <= bid:
+                self._ids_wrapped = True
             self._backend_ids[bkey] = bid
         return bid
 
@@ -70,6 +88,8 @@ class RenderMixin:
     # ------------------------------------------------------------------ rendering
 
     def _algorithm_for(self, service: Service) -> str:
+        if not service.annotations:
+            return self.algorithm
         algo = service.annotation_map.get(ALGORITHM_ANNOTATION, self.algorithm)
         return algo if algo in ("random", "maglev") else self.algorithm
 
@@ -110,14 +130,22 @@ class RenderMixin:
         proto_b = fk[18:19]
         g = _Group(rev_nat, owner, revnat=fk + b"\x00")
 
-        # Backend ids by object identity (selectable() hands back the same objects; hashing
-        # the dataclasses would cost more than the rest of the render).
-        ids: dict[int, int] = {}
         pending_vals = self._pending_vals
         backend_ids = self._backend_ids
         to_bytes = M.addr_to_bytes
         all_active = True
         terminating = BackendState.TERMINATING
+        if seen is None:
+            # One frontend (nothing to share with another): list at a time
+            bids, all_active = self._backend_ids_of(fe.backends, proto_b)
+            if all_active and not fe.external_scope_local and not fe.internal_scope_local:
+                self._render_simple(out, g, prev, fe, fk, flags, maglev, bids)
+                return
+            # Backend ids by object identity (selectable() hands back the same objects;
+            # hashing the dataclasses would cost more than the rest of the render).
+            self._render_scopes(out, g, prev, fe, fk, flags, maglev, dict(zip(map(id, fe.backends), bids)), all_active)
+            return
+        ids: dict[int, int] = {}
         for b in fe.backends:
             term = b.state is terminating
             if seen is not None:
@@ -136,7 +164,102 @@ class RenderMixin:
             if term:
                 all_active = False
             ids[id(b)] = bid
+        self._render_scopes(out, g, prev, fe, fk, flags, maglev, ids, all_active)
 
+    def _backend_ids_of(self, backends: tuple[Backend, ...], proto_b: bytes) -> tuple[list[int], bool]:
+        """The backends' ids in order (allocated where new, their values put in _pending_vals)
+        and whether all are active. List at a time, not backend at a time: a full sync runs
+        this for 500k backends at 50k services. Addresses are converted directly: a full
+        sync's are mostly new, where addr_to_bytes's cache only adds its bookkeeping."""
+        addrs = list(map(_ADDRESS, backends))
+        try:
+            a16s = [_V4_PREFIX + _pton(_AF_INET, a) for a in addrs]
+        except OSError:  # IPv6 (or a bad address: addr_to_bytes names it)
+            a16s = list(map(M.addr_to_bytes, addrs))
+        ports = list(map(_PORT_OF, backends))
+        if ports and ports.count(ports[0]) == len(ports):
+            tail = _port_bytes(ports[0]) + proto_b
+            bkeys = [a + tail for a in a16s]
+        else:
+            bkeys = [a + _port_bytes(p) + proto_b for a, p in zip(a16s, ports)]
+        backend_ids = self._backend_ids
+        bids = list(map(backend_ids.get, bkeys))
+        if None in bids:
+            new = [i for i, bid in enumerate(bids) if bid is None]
+            nxt = self._next_backend
+            if not self._ids_wrapped and 0 < nxt and nxt + len(new) < 0xFFFFFFFF:
+                # straight from the counter: below it every id is taken, above it none
+                if len(new) == len(bids) and len(set(bkeys)) == len(bkeys):
+                    # all new (as in a full sync into empty maps): at once
+                    bids = list(range(nxt, nxt + len(bids)))
+                    backend_ids.update(zip(bkeys, bids))
+                    nxt += len(bids)
+                    new = []
+                for i in new:
+                    bkey = bkeys[i]
+                    bid = backend_ids.get(bkey)  # listed twice in this frontend
+                    if bid is None:
+                        bid = backend_ids[bkey] = nxt
+                        nxt += 1
+                    bids[i] = bid
+                self._next_backend = nxt
+            else:
+                for i in new:
+                    bids[i] = self._backend_id(bkeys[i])
+        locals_ = list(map(_LOCAL_OF, backends))
+        if True in locals_:
+            vals = [bk + _BACKEND_TAIL[loc] for bk, loc in zip(bkeys, locals_)]
+        else:
+            t0 = _BACKEND_TAIL[0]
+            vals = [bk + t0 for bk in bkeys]
+        self._pending_vals.update(zip(bids, vals))
+        return bids, BackendState.TERMINATING not in map(_STATE_OF, backends)
+
+    def _render_simple(
+        self, out: dict[bytes, _Group], g: _Group, prev: _Group | None, fe: Frontend, fk: bytes, flags: int,
+        maglev: bool, bids: list[int],
+    ) -> None:
+        """The common frontend, packed directly: one scope (no local traffic policy), every
+        backend active. Equal to what _render_scopes makes of it (tests/test_servicemaps_render.py)."""
+        rev_nat = g.rev_nat
+        f = flags
+        if fe.affinity_timeout > 0:
+            f |= M.SVC_F_AFFINITY
+        if fe.source_ranges:
+            f |= M.SVC_F_SOURCE_RANGES
+            g.srcrange = frozenset(self._srcrange_keys(fe, rev_nat))
+        if maglev:
+            f |= M.SVC_F_MAGLEV
+        sel = bids if len(set(bids)) == len(bids) else list(dict.fromkeys(bids))
+        prev_order = prev.order_of(M.SCOPE_EXTERNAL) if prev is not None else None
+        order = _stable_order(prev_order, sel)
+        n = len(order)
+        head = fk + _BYTE[M.SCOPE_EXTERNAL]
+        keys = head + _SLOT[0] + b"".join(map(head.__add__, _slot_tails(n)))
+        # slot values as u32 words (kpr_svc_val: id, count|terminating, rev_nat, flags = the
+        # backend's state, affinity): the ids dropped into a repeated template
+        words = array("I", (0, 0, rev_nat, M.BACKEND_ACTIVE, 0)) * n
+        words[0::5] = array("I", order)
+        vals = M.SVC_VAL.pack(0, n, 0, rev_nat, f, fe.affinity_timeout) + words.tobytes()
+        g.set_packed(keys, vals, n + 1, 1)
+        order_t = tuple(order)
+        g.set_order(M.SCOPE_EXTERNAL, order_t)
+        if maglev and order:
+            # names from the packed address, as adoption derives them: same table after a restart
+            pending_vals = self._pending_vals
+            g.set_maglev(M.SCOPE_EXTERNAL, tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order)))
+        # Usually the slot order itself (sorted when new): kept once.
+        g.backends = g.order_of(M.SCOPE_EXTERNAL) if prev_order is None else tuple(sorted(order_t))
+        out[fk] = g
+
+    def _render_scopes(
+        self, out: dict[bytes, _Group], g: _Group, prev: _Group | None, fe: Frontend, fk: bytes, flags: int,
+        maglev: bool, ids: dict[int, int], all_active: bool,
+    ) -> None:
+        """Any frontend: both scopes, terminating backends, local traffic policies."""
+        rev_nat = g.rev_nat
+        pending_vals = self._pending_vals
+        terminating = BackendState.TERMINATING
         common = flags
         if fe.affinity_timeout > 0:
             common |= M.SVC_F_AFFINITY

@@ -99,6 +99,9 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         self._revnat_ids: dict[bytes, int] = {}
         self._revnat_used: set[int] = set()
         self._next_backend = 1
+        # Whether _next_backend wrapped around: until it does, every id in use is below it and
+        # a new id needs no look-up (see RenderMixin._backend_id).
+        self._ids_wrapped = False
         self._next_revnat = 1
         # Entries found in the maps that no group accounts for; removed by GC.
         self._stray: dict[str, set[bytes]] = {"kpr_srcrange": set(), "kpr_maglev": set(), "kpr_revnat": set()}

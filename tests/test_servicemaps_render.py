@@ -1,0 +1,116 @@
+"""Rendering of the service map writer, without root: a Service in, map entries out.
+
+The common frontend (every backend active, no local traffic policy) is packed by a fast path;
+it must render exactly what the general path renders, fresh and against a previous state
+(slot order kept), and the entries must decode to the service.
+"""
+
+import random
+import struct
+
+import pytest
+
+from kpr.bpf import maps as M
+from kpr.model import Backend, BackendState, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.servicemaps import ALGORITHM_ANNOTATION, ServiceMapWriter
+
+
+def _writer(general: bool = False) -> ServiceMapWriter:
+    """A writer that is never opened (rendering needs no maps); `general`: the fast path off."""
+    w = ServiceMapWriter("/nonexistent/kpr-render-test")
+    if general:
+        def via_scopes(out, g, prev, fe, fk, flags, maglev, bids):  # noqa: ANN001, ANN202
+            w._render_scopes(out, g, prev, fe, fk, flags, maglev, dict(zip(map(id, fe.backends), bids)), True)
+
+        w._render_simple = via_scopes  # type: ignore[method-assign]
+    return w
+
+
+def _service(rnd: random.Random, i: int, n_backends: int | None = None, **fe_kw: object) -> Service:
+    n = rnd.randrange(0, 12) if n_backends is None else n_backends
+    v6 = rnd.random() < 0.3
+    pool = [f"fd00::{rnd.randrange(1, 40):x}" if v6 else f"10.0.{rnd.randrange(0, 3)}.{rnd.randrange(1, 40)}" for _ in range(n)]
+    bes = tuple(Backend(a, rnd.choice((80, 8080)), local=rnd.random() < 0.3) for a in pool)
+    kind = rnd.choice((FrontendType.CLUSTER_IP, FrontendType.LOAD_BALANCER, FrontendType.EXTERNAL_IP))
+    vip = f"fd01::{i:x}" if v6 else f"10.96.0.{i}"
+    fe = Frontend(kind, vip, 80, rnd.choice((Protocol.TCP, Protocol.UDP)), bes, **fe_kw)  # type: ignore[arg-type]
+    ann = ((ALGORITHM_ANNOTATION, "maglev"),) if rnd.random() < 0.2 else ()
+    return Service(ServiceKey("t", f"s{i}"), (fe,), annotations=ann)
+
+
+def _picture(groups: dict) -> dict:
+    return {
+        fk: (g.rev_nat, g.revnat, g.packed_svc(), g.n_svc, g.n_heads, g.order_of(0), g.order_of(1),
+             tuple(g.backends), dict(g.maglev), g.srcrange, g.owner)
+        for fk, g in groups.items()
+    }
+
+
+def _render_both(fast: ServiceMapWriter, general: ServiceMapWriter, svc: Service) -> tuple[dict, dict]:
+    a, b = fast._render(svc), general._render(svc)
+    assert fast._pending_vals == general._pending_vals
+    return _picture(a), _picture(b)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_path_renders_what_the_general_path_renders(seed):
+    rnd = random.Random(seed)
+    fast, general = _writer(), _writer(general=True)
+    for i in range(1, 60):
+        extra = {"affinity_timeout": 30} if rnd.random() < 0.2 else {}
+        if rnd.random() < 0.1:
+            extra["source_ranges"] = ("192.0.2.0/24", "2001:db8::/64")
+        svc = _service(rnd, i, **extra)
+        pa, pb = _render_both(fast, general, svc)
+        assert pa == pb, svc
+        # as if applied: the next render keeps slot order against these groups
+        for w in (fast, general):
+            w._groups.update(w._render(svc))
+            w._begin()
+        changed = Service(svc.key, (Frontend(svc.frontends[0].type, svc.frontends[0].address, 80,
+                                             svc.frontends[0].protocol, _service(rnd, i).frontends[0].backends[:5]
+                                             + svc.frontends[0].backends[2:]),), annotations=svc.annotations)
+        pa, pb = _render_both(fast, general, changed)
+        assert pa == pb, changed
+
+
+def test_entries_decode_to_the_service():
+    w = _writer()
+    bes = tuple(Backend(f"10.1.0.{j}", 8080) for j in (5, 3, 9))
+    svc = Service(ServiceKey("t", "a"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.1", 80, Protocol.TCP, bes, affinity_timeout=7),))
+    (fk, g), = w._render(svc).items()
+    assert fk == M.addr_to_bytes("10.96.0.1") + (80).to_bytes(2, "big") + bytes((6,))
+    heads_k, heads_v, keys, vals = g.packed_svc()
+    key = struct.Struct("=19sBHH")
+    assert [key.unpack(heads_k)] == [(fk, M.SCOPE_EXTERNAL, 0, 0)]
+    bid0, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(heads_v)
+    assert (bid0, count, term, aff) == (0, 3, 0, 7)
+    assert flags == M.SVC_F_CLUSTER_IP | M.SVC_F_AFFINITY
+    assert rev_nat == g.rev_nat and g.revnat == fk + b"\0"
+    slots = [key.unpack(keys[i : i + 24]) for i in range(0, len(keys), 24)]
+    assert [(s[0], s[1], s[2]) for s in slots] == [(fk, M.SCOPE_EXTERNAL, i) for i in (1, 2, 3)]
+    vals_u = [M.SVC_VAL.unpack(vals[i : i + 20]) for i in range(0, len(vals), 20)]
+    assert all(v[1:] == (0, 0, rev_nat, M.BACKEND_ACTIVE, 0) for v in vals_u)
+    ids = [v[0] for v in vals_u]
+    assert ids == sorted(ids) and tuple(ids) == g.backends
+    by_id = {bid: M.bytes_to_addr(w._pending_vals[bid][:16]) for bid in ids}
+    assert sorted(by_id.values()) == ["10.1.0.3", "10.1.0.5", "10.1.0.9"]
+
+
+def test_terminating_and_local_take_the_general_path_and_say_so():
+    w = _writer()
+    bes = (Backend("10.1.0.1", 80), Backend("10.1.0.2", 80, state=BackendState.TERMINATING))
+    svc = Service(ServiceKey("t", "b"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.2", 80, Protocol.TCP, bes),))
+    (g,) = w._render(svc).values()
+    _hk, hv, _k, vals = g.packed_svc()
+    assert M.SVC_VAL.unpack(hv)[1:3] == (1, 1)  # one selectable, one terminating
+    states = [M.SVC_VAL.unpack(vals[i : i + 20])[4] for i in range(0, len(vals), 20)]
+    assert states == [M.BACKEND_ACTIVE, M.BACKEND_TERMINATING]
+
+
+def test_bad_backend_address_is_a_clear_error():
+    w = _writer()
+    svc = Service(ServiceKey("t", "c"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.3", 80, Protocol.TCP,
+                                                  (Backend("10.1.0.300", 80),)),))
+    with pytest.raises(ValueError, match="10.1.0.300"):
+        w._render(svc)

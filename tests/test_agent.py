@@ -132,6 +132,7 @@ def test_hooks_arrive_in_lifecycle_order_and_follow_file_changes(tmp_path):
     agent.setup()
     try:
         wait_for(lambda: "kpr_sync_complete" in rec.names(), what="sync complete")
+        assert agent.bus.stage is None, "no plugin requires the service maps: no writer stage"
         names = rec.names()
         assert names[:2] == ["kpr_configure", "kpr_start"]
         assert names.index("kpr_service_upsert") < names.index("kpr_sync_complete")

@@ -7,45 +7,31 @@ teardown stops it); its control socket and config live in the test's temporary d
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kpr.config import KprConfig
-from kpr.context import PluginContext
 from kpr.model import Backend, BackendState, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
-from kpr.plugins.announce_bgp.config import AnnounceBGPConfig
 from kpr.plugins.announce_bgp.exabgp import Backoff
 from kpr.plugins.announce_bgp.plugin import AnnounceBGP
+from kpr.testing.harness import plugin_context, start_plugin
 from kpr.testing.netns import Namespace
+from kpr.testing.waiting import free_port, wait_for
+
+__all__ = ["free_port"]  # the kit's, imported from here by the tests
+
+# Conditions here ask bird or gobgp (a process each time): poll less often than the kit's default.
+wait_until = partial(wait_for, interval=0.05)
 
 LOCAL_ASN = 64512
 ROUTER_ASN = 64500
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 # --- bird2 -----------------------------------------------------------------------------------
@@ -218,14 +204,10 @@ def make_plugin(
     name: str = "announce_bgp",
     backoff: Backoff | None = None,
 ) -> AnnounceBGP:
-    cfg = AnnounceBGPConfig.model_validate(section)
     plugin = AnnounceBGP()
     if backoff is not None:
         plugin.backoff = backoff
-    ctx = PluginContext(name=name, node=node, log=logging.getLogger(f"kpr.plugins.{name}"), config=KprConfig(), state_dir=state_dir)
-    plugin.kpr_configure(config=cfg, context=ctx)
-    plugin.kpr_start(context=ctx)
-    return plugin
+    return start_plugin(plugin, section, plugin_context(name, node, state_dir=state_dir))
 
 
 def lb_service(

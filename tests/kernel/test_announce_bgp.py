@@ -5,7 +5,6 @@ linked by a veth. Nothing touches the host's addresses or routes."""
 from __future__ import annotations
 
 import shutil
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +13,8 @@ import pytest
 
 from kpr.config import parse_config
 from kpr.daemon import Agent
+from kpr.testing.agent import AgentConfig
+from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.model import BackendState, FrontendType, NodeInfo
 from kpr.plugins.announce_bgp.exabgp import Backoff, ExaBGPMissing, find_exabgp
 
@@ -367,70 +368,41 @@ def test_a_source_address_that_appears_later_is_picked_up(lab):
     assert p.local_addresses == {RTR_IP: NODE_IP}
 
 
-MANIFEST = """
-apiVersion: v1
-kind: Service
-metadata: {{name: ingress, namespace: ingress, labels: {{bgp: "yes"}}}}
-spec:
-  type: LoadBalancer
-  externalTrafficPolicy: Local
-  ports: [{{name: https, port: 443, targetPort: 8443}}]
-status:
-  loadBalancer:
-    ingress: [{{ip: {lb}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: ingress-1, namespace: ingress, labels: {{kubernetes.io/service-name: ingress}}}}
-addressType: IPv4
-ports: [{{name: https, port: 8443, protocol: TCP}}]
-endpoints:
-  - addresses: [10.244.0.31]
-    nodeName: {node}
-"""
+def manifest(lb: str, node: str) -> str:
+    """ingress/ingress, a LoadBalancer at `lb` labelled bgp=yes, Local policy, its one endpoint on `node`."""
+    return yaml_docs(
+        service("ingress", namespace="ingress", type="LoadBalancer", local=True, port=443, target_port=8443,
+                port_name="https", labels={"bgp": "yes"}, lb_ip=lb),
+        endpoint_slice("ingress", ["10.244.0.31"], namespace="ingress", port=8443, port_name="https", node=node),
+    )
 
 
-def agent_config(lab, tmp_path, manifests: Path, *, poll: float, metrics: str = "", extra: str = "") -> str:
-    """An agent config: the files source on `manifests`, announce_bgp to the lab's router."""
-    return textwrap.dedent(
-        f"""
-        node: {{name: node1, addresses: [{NODE_IP}], devices: [lo]}}
-        source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: {poll}, emptyGracePeriod: 0}}
-        service: {{clusterCIDR: [10.96.0.0/16]}}
-        api: {{socket: {tmp_path}/kpr.sock}}
-        metrics: {{address: "{metrics}"}}
-        agent: {{stateDir: {tmp_path}/state, shutdownTimeout: 5}}
-        plugins:
-          announce_bgp:
-            enabled: true
-            localASN: {LOCAL_ASN}
-            netns: {lab.topo["node"].netns}
-            gracefulRestartTime: 30
-            peers: [{{address: {RTR_IP}, asn: {ROUTER_ASN}, holdTime: 6}}]
-        """
-    ) + textwrap.indent(textwrap.dedent(extra), "    ")
+def agent_config(lab, tmp_path, *, poll: float, metrics: str = "", **section) -> AgentConfig:
+    """An agent config: the files source on tmp_path/manifests, announce_bgp (`section`: more
+    of its keys) to the lab's router."""
+    cfg = AgentConfig(tmp_path, None, addresses=(NODE_IP,), source={"pollInterval": poll, "emptyGracePeriod": 0},
+                      extra={"service": {"clusterCIDR": ["10.96.0.0/16"]}, "metrics": {"address": metrics}})
+    return cfg.plugin("announce_bgp", localASN=LOCAL_ASN, netns=lab.topo["node"].netns, gracefulRestartTime=30,
+                      peers=[{"address": RTR_IP, "asn": ROUTER_ASN, "holdTime": 6}], **section)
 
 
 def manifest_lab(lab, tmp_path) -> tuple[Bird, Path, Path]:
-    """The router with bird, and a manifests directory holding MANIFEST at LB_IP in one file."""
+    """The router with bird, and a manifests directory holding manifest(LB_IP, "node1") in one file."""
     lab.pair()
     bird = lab.bird()
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     svc_file = manifests / "ingress.yaml"
-    svc_file.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
+    svc_file.write_text(manifest(lb=LB_IP, node="node1"))
     return bird, manifests, svc_file
 
 
 def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
     bird, manifests, svc_file = manifest_lab(lab, tmp_path)
     port = free_port()
-    cfg = parse_config(agent_config(lab, tmp_path, manifests, poll=0.05, metrics=f"127.0.0.1:{port}", extra="""
-        advertisements:
-          - serviceSelector: {matchLabels: {bgp: "yes"}}
-            communities: ["64512:443"]
-        """))
-    agent = Agent(cfg)
+    cfg = agent_config(lab, tmp_path, poll=0.05, metrics=f"127.0.0.1:{port}",
+                       advertisements=[{"serviceSelector": {"matchLabels": {"bgp": "yes"}}, "communities": ["64512:443"]}])
+    agent = Agent(cfg.parse())
     agent.setup()
     try:
         routes = wait_until(lambda: (r := bird.routes()) and LB_PREFIX in r and r, 20, "route from the manifest")
@@ -442,12 +414,12 @@ def test_agent_end_to_end_from_manifest_changes(lab, tmp_path):
         assert f'kpr_plugin_counter{{counter="peer_up:{RTR_IP}",plugin="announce_bgp"}} 1.0' in body
 
         # The endpoint moves to another node: eTP=Local, so this node withdraws.
-        svc_file.write_text(MANIFEST.format(lb=LB_IP, node="node2"))
+        svc_file.write_text(manifest(lb=LB_IP, node="node2"))
         wait_until(lambda: LB_PREFIX not in bird.routes(), 10, "withdrawn when the endpoint leaves")
-        svc_file.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
+        svc_file.write_text(manifest(lb=LB_IP, node="node1"))
         wait_until(lambda: LB_PREFIX in bird.routes(), 10, "announced when it returns")
         # The LB address changes, then the service goes.
-        svc_file.write_text(MANIFEST.format(lb="10.0.100.77", node="node1"))
+        svc_file.write_text(manifest(lb="10.0.100.77", node="node1"))
         wait_until(lambda: "10.0.100.77/32" in (r := bird.routes()) and LB_PREFIX not in r, 10, "address change")
         svc_file.unlink()
         wait_until(lambda: "10.0.100.77/32" not in bird.routes(), 10, "withdrawn on delete")
@@ -463,8 +435,7 @@ def test_a_manifest_change_reaches_service_list_and_bird_without_a_poll(lab, tmp
     import sys
 
     bird, manifests, svc_file = manifest_lab(lab, tmp_path)
-    config = tmp_path / "kpr.yaml"
-    config.write_text(agent_config(lab, tmp_path, manifests, poll=60))
+    config = agent_config(lab, tmp_path, poll=60).write()
 
     def service_list() -> list[str]:
         res = subprocess.run([sys.executable, "-m", "kpr.cli", "service", "list", "--json", "--config", str(config)],
@@ -478,12 +449,12 @@ def test_a_manifest_change_reaches_service_list_and_bird_without_a_poll(lab, tmp
         assert agent.status()["source"]["watch"] == "inotify"
         assert LB_IP in service_list()
         # Rewritten in place, as an editor without a rename does: IN_CLOSE_WRITE.
-        svc_file.write_text(MANIFEST.format(lb="10.0.100.77", node="node1"))
+        svc_file.write_text(manifest(lb="10.0.100.77", node="node1"))
         wait_until(lambda: "10.0.100.77/32" in (r := bird.routes()) and LB_PREFIX not in r, 10, "moved address at bird")
         assert "10.0.100.77" in service_list() and LB_IP not in service_list()
         # Renamed into place: IN_MOVED_TO.
         tmp = manifests / ".ingress.yaml.tmp"
-        tmp.write_text(MANIFEST.format(lb=LB_IP, node="node1"))
+        tmp.write_text(manifest(lb=LB_IP, node="node1"))
         tmp.rename(svc_file)
         wait_until(lambda: LB_PREFIX in (r := bird.routes()) and "10.0.100.77/32" not in r, 10, "back at bird")
         assert LB_IP in service_list()

@@ -46,7 +46,6 @@ from .tables import NodePortTables
 log = logging.getLogger(__name__)
 
 NAME = "nodeport"  # the name plugins ask for with kpr_requires
-WRITER_WAIT_SECONDS = 1.0  # how long a purge waits for the writer to stop offering removed backends
 SHARED_MAPS = ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc")  # the service map writer's, read here
 
 
@@ -357,46 +356,18 @@ class NodePortFacility:
             self.health.set(new.hc_port, key, new.local_endpoints)
 
     def _purge(self, key: ServiceKey, removed: dict[FeKey, BackendSet]) -> None:
-        """Clear the non-TCP flows (and their SNAT ports and reverse entries) of backends that left."""
+        """Clear the non-TCP flows (and their SNAT ports and reverse entries) of backends that left.
+        The maps no longer offer them: the writer stage applies every change before the
+        facility's worker gets it (kpr.pipeline), so a flow cleared now cannot come back."""
         removed = {k: v for k, v in removed.items() if k[2] != 6}  # TCP flows end on their own (RST)
         if not removed or self.collector is None:
             return
-        self._wait_writer(removed)
         fes = set(removed)
         ports = {(k[1], k[2]) for k in removed}
         res = self.collector.run(stale_only=True, only=lambda a, p, pr: (a, p, pr) in fes or (p, pr) in ports)
         self._purges += 1
         if res.stale:
             log.info("event=nodeport_stale_flows_cleared service=%s count=%d", key, res.stale)
-
-    def _wait_writer(self, removed: dict[FeKey, BackendSet]) -> None:
-        """Wait (bounded) until the shared maps stop offering the removed backends: the writer
-        follows the bus on its own worker, and a flow it still sends there would survive the purge."""
-        if not self.shared:
-            return
-        svc, backends = self.shared["kpr_svc"], self.shared["kpr_backend"]
-        deadline = time.monotonic() + WRITER_WAIT_SECONDS
-        while True:
-            if not any(self._offered(svc, backends, fe, bes) for fe, bes in removed.items()):
-                return
-            if time.monotonic() > deadline:
-                log.info("event=nodeport_writer_wait_timeout seconds=%.1f", WRITER_WAIT_SECONDS)
-                return
-            time.sleep(0.02)
-
-    @staticmethod
-    def _offered(svc: M.BpfMap, backends: M.BpfMap, fe: FeKey, bes: BackendSet) -> bool:
-        addr, port, proto = fe
-        raw = svc.lookup(M.SVC_KEY.pack(addr, port, proto, M.SCOPE_EXTERNAL, 0, 0))
-        if raw is None:
-            return False
-        _bid, count, term, _rn, _fl, _aff = M.SVC_VAL.unpack(raw)
-        for slot in range(1, count + term + 1):
-            sv = svc.lookup(M.SVC_KEY.pack(addr, port, proto, M.SCOPE_EXTERNAL, slot, 0))
-            bv = backends.lookup(M.U32.pack(M.SVC_VAL.unpack(sv)[0])) if sv else None
-            if bv is not None and (bv[:16], M.BACKEND.unpack(bv)[1]) in bes:
-                return True
-        return False
 
     # ------------------------------------------------------------------ the writer's settings
 

@@ -508,6 +508,7 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
     assert built == set(XDP_PROGS), "XDP_PROGS lists every program the XDP build defines"
     flags = M.cflags(lab.pin)
     b = compile_and_load(inline_includes(XDP_ENTRY, [XD.SOURCE.parent], label=str(XD.SOURCE)), cflags=flags, name="xdp-nodeport")
+    xdp_counters = XD.Datapath(lab.pin)
     try:
         # every stage of the XDP build passes the verifier, ICMP-in included
         progs, rejected = {}, {}
@@ -517,6 +518,11 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
             except VerifierError as exc:
                 rejected[name] = exc.log_tail
         assert not rejected, "\n".join(f"{n} rejected:\n{tail}" for n, tail in rejected.items())
+        # the XDP build counts into its own maps (kpr_np_xstats, kpr_np_xfwd), never the tc build's
+        for pin_name in (xdp_counters.STATS_MAP, xdp_counters.FWD_MAP):
+            xdp_counters.maps[pin_name] = M.BpfMap.open_pinned(lab.pin / pin_name)
+        xstats = xdp_counters.stats
+        tc_before = lab.stats()
         calls = b[b"kpr_np_xcalls"]
         for name, idx in XDP_PROGS.items():
             if idx is not None:
@@ -536,11 +542,11 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
             assert xrun(tcp4(lab, CLIENT4, VIP_REMOTE, 41001, 443)).retval == XDP_DROP
             # a local pod: XDP_REDIRECT cannot reach its veth (no XDP on the peer), so the
             # translated frame goes to the stack with the MACs it came with
-            before = lab.stats()
+            before = xstats()
             res = xrun(tcp4(lab, CLIENT4, NODE4, 41002, NODEPORT))
             out = Ether(res.data_out)
             assert res.retval == XDP_PASS and (out.src, out.dst, out[IP].dst) == (MAC_OUT, lab.mac, POD4), out.summary()
-            after = lab.stats()
+            after = xstats()
             assert after["fwd_stack_xdp_unreachable"] - before["fwd_stack_xdp_unreachable"] == 1
             assert after["fwd_redirect"] == before["fwd_redirect"] and after["fwd_peer"] == before["fwd_peer"]
 
@@ -555,7 +561,7 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
             out6 = Ether(res.data_out)
             assert (out6[IPv6].src, out6[IPv6].dst) == (NODE6, REM6), out6.summary()
             snat6 = out6[UDP].sport
-            before = lab.stats()["icmp_translated"]
+            before = xstats()["icmp_translated"]
 
             inner = IP(src=NODE4, dst=REM4) / UDP(sport=snat4, dport=8080) / Raw(b"kpr-udp")
             want_inner = IP(src=CLIENT4, dst=VIP_REMOTE) / UDP(sport=5101, dport=80) / Raw(b"kpr-udp")
@@ -592,8 +598,10 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
             for c in cases:
                 c.ctx = xdp_ctx(lab, bytes(c.packet))
             run_cases(progs[XD.INGRESS].fd, cases, kind="xdp")
-        assert lab.stats()["icmp_translated"] == before + len(cases)
+        assert xstats()["icmp_translated"] == before + len(cases)
+        assert lab.stats() == tc_before, "nothing counted in the tc build's maps"
     finally:
+        xdp_counters.close()
         b.cleanup()
     # DSR edits the packet between L3 and L4 (bpf_skb_adjust_room): asking an XDP build for it
     # fails the build, naming the missing operation

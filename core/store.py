@@ -66,6 +66,9 @@ class ObjectStore:
         # (a tuple while few: most services have two members, and a set takes four times the memory)
         self._members: dict[ServiceKey, tuple[ObjectRef, ...] | set[ObjectRef]] = {}
         self.services: dict[ServiceKey, Service] = {}
+        # (frontends, backends) of `services`, kept up to date: the agent reads them for its
+        # metrics every 0.2 s, and counting 20k services each time took 5 ms and the lock.
+        self._frontends = self._backends = 0
         self.errors: dict[str, str] = {}
         # Things accepted but worth knowing (a ClusterIP family without service.clusterCIDR).
         self.warnings: dict[str, str] = {}
@@ -107,7 +110,8 @@ class ObjectStore:
                     obj = memory.unpack(item)
                     if obj.get("kind") == "Pod":
                         pods.append(obj)
-                    ref, key = translate.object_ref(obj), translate.service_key_of(obj)
+                    ref = translate.object_ref(obj)
+                    key = translate.service_key_of(obj, ref)
                 old = memory.unpack(self._objects.get(ref))
                 self._index(ref, old, obj, touched)
                 if old is not None:
@@ -350,12 +354,14 @@ class ObjectStore:
         old = self.services.get(key)
         if service is None:
             if old is not None:
+                self._recount(old, None)
                 del self.services[key]
                 log.info("service.delete service=%s", key)
                 self._publisher.delete(key)
             return
         if service != old:
             self._warn_unchecked(service)
+            self._recount(old, service)
             self.services[key] = service
             log.debug("service.upsert service=%s frontends=%d", key, len(service.frontends))
             self._publisher.upsert(service)
@@ -370,6 +376,7 @@ class ObjectStore:
             if f.type is FrontendType.CLUSTER_IP and (
                 f.address in self._node_ips or (f.address in self._endpoint_ips and not self._rules.in_network(f.address))
             ):
+                self._recount(old, None)
                 del self.services[key]
                 log.warning("service.withdrawn service=%s address=%s", key, f.address)
                 self._publisher.delete(key)
@@ -399,7 +406,12 @@ class ObjectStore:
 
     def counts(self) -> tuple[int, int, int]:
         """(services, frontends, backends) currently published."""
-        with self._lock:
-            frontends = sum(len(s.frontends) for s in self.services.values())
-            backends = sum(len(f.backends) for s in self.services.values() for f in s.frontends)
-            return len(self.services), frontends, backends
+        # No lock: three reads of values _recount keeps (a full sync holds the lock for
+        # seconds, and the agent asks every 0.2 s); a count may lag a refresh in progress.
+        return len(self.services), self._frontends, self._backends
+
+    def _recount(self, old: Service | None, new: Service | None) -> None:
+        for service, sign in ((old, -1), (new, 1)):
+            if service is not None:
+                self._frontends += sign * len(service.frontends)
+                self._backends += sign * sum(len(f.backends) for f in service.frontends)

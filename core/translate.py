@@ -320,9 +320,10 @@ def _interned(text: str) -> str:
     return intern(text) if type(text) is str else text
 
 
-def service_key_of(obj: KubeObject) -> ServiceKey | None:
-    """The ServiceKey an object contributes to, or None when it belongs to no service."""
-    kind, namespace, name = object_ref(obj)
+def service_key_of(obj: KubeObject, ref: tuple[str, str, str] | None = None) -> ServiceKey | None:
+    """The ServiceKey an object contributes to, or None when it belongs to no service.
+    `ref` is the object's object_ref when the caller has it already."""
+    kind, namespace, name = ref if ref is not None else object_ref(obj)
     if not name:
         return None
     if kind in ("Service", "Endpoints"):
@@ -1101,7 +1102,8 @@ def validate_object(obj: KubeObject, rules: AddressRules = NO_RULES) -> Checked 
         # the store's index reads every address, the parse keeps the first only.
         if not parsed.family or parsed.multi:
             return None
-        parsed.ref, parsed.key = object_ref(obj), service_key_of(obj)
+        parsed.ref = ref = object_ref(obj)
+        parsed.key = service_key_of(obj, ref)
         return parsed
     _PARSERS[kind](obj)
     return None

@@ -435,3 +435,36 @@ def test_refusals_show_in_kpr_status_json(tmp_path: Path) -> None:
     # ... and in the log.
     assert "127.0.0.1 is a loopback address" in stderr
     assert "192.168.50.10 is an address of this node" in stderr
+
+
+def test_counts_follow_every_publication() -> None:
+    store, pub = make()
+
+    def recount() -> tuple[int, int, int]:
+        services = list(pub.services.values())
+        return (
+            len(services),
+            sum(len(s.frontends) for s in services),
+            sum(len(f.backends) for s in services for f in s.frontends),
+        )
+
+    steps = [
+        ([service("web", "10.96.0.10"), endpoint_slice("web", "10.244.1.1", "10.244.1.2")], []),
+        ([service("db", "10.96.0.11", "fd00::11"), endpoint_slice("db", "10.244.2.1")], []),
+        ([endpoint_slice("web", "10.244.1.1")], []),  # a backend fewer
+        ([host_port_pod("agent", "10.244.3.1")], []),
+        ([service("thief", "10.244.1.1")], []),  # refused: an endpoint's address
+        ([], [ref(endpoint_slice("web"))]),  # web loses its backends, keeps its frontend
+        ([], [ref(service("db"))]),
+    ]
+    seen = set()
+    for upserts, deletes in steps:
+        store.apply(upserts, deletes)
+        assert store.counts() == recount()
+        seen.add(store.counts())
+    assert len(seen) == len(steps) - 1  # every step but the refused one changed something
+    # A service that becomes a hijacker is withdrawn, and no longer counted.
+    store.apply([service("web2", "10.96.0.20")], [])
+    store.apply([endpoint_slice("db", "10.96.0.20")], [])
+    assert ServiceKey("shop", "web2") not in pub.services
+    assert store.counts() == recount()

@@ -637,17 +637,17 @@ class FilesSource:
             if isinstance(meta, dict) and not meta.get("namespace"):
                 meta["namespace"] = "default"
             kind = doc.get("kind")
-            label = _describe(doc)
             if kind == "Service" and isinstance(meta, dict) and isinstance(meta.get("name"), str) and not self._pruned:
                 st.service_keys.add(f"{meta['namespace']}/{meta['name']}")
             if kind not in SUPPORTED_KINDS:
-                st.errors.append(f"{label}: kind {kind!r} is not supported (only {', '.join(SUPPORTED_KINDS)}); skipped")
+                st.errors.append(f"{_describe(doc)}: kind {kind!r} is not supported (only {', '.join(SUPPORTED_KINDS)}); skipped")
                 continue
             ref: ObjectRef | None = None
             try:
                 ref = tr.object_ref(doc)
                 read = tr.validate_object(doc, rules)
             except Exception as e:
+                label = _describe(doc)  # made only for a problem: most objects have none
                 # validate_object names the object itself; other exceptions do not.
                 reason = str(e) if str(e).startswith(label) else f"{label}: {e}"
                 if not isinstance(e, (InvalidObject, ValueError, TypeError, KeyError, AttributeError)):
@@ -663,7 +663,7 @@ class FilesSource:
                     st.errors.append(f"{reason}; skipped")
                 continue
             if ref in st.objects:
-                st.errors.append(f"{label} appears twice in this file; the first is used")
+                st.errors.append(f"{_describe(doc)} appears twice in this file; the first is used")
                 continue
             packed = st.objects[ref] = memory.pack(doc)
             # The store translates these bytes later in this pass: not read twice.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "bpffs",
     "cgroup",
+    "clear_after",
     "harness",
     "kernel_headers",
     "pin_dir",
@@ -121,6 +122,20 @@ def bpffs(require_kernel: None) -> Iterator[Path]:
 
     with private_bpffs("kpr-t") as mnt:
         yield mnt
+
+
+def clear_after(name: str = "env") -> Any:
+    """An autouse fixture for a test module sharing one module-scoped fixture `name` (a
+    harness, a cluster): after each test that used it, its `clear()` runs, so the next test
+    starts without the services this one applied. `_clean = clear_after("env")`."""
+
+    @pytest.fixture(autouse=True)
+    def _clear_after(request: pytest.FixtureRequest) -> Iterator[None]:
+        yield
+        if name in request.fixturenames:
+            request.getfixturevalue(name).clear()
+
+    return _clear_after
 
 
 @pytest.fixture

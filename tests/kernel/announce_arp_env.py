@@ -23,7 +23,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from typing import Any
 
 from kpr import api
 from kpr.testing.apiserver import KubeApiServer
+from kpr.testing.agent import AgentConfig
 from kpr.testing.bpffs import private_bpffs
+from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.netns import Topology, in_netns
 from kpr.testing.relay import TcpRelay
 from kpr.testing.waiting import wait_for
@@ -59,35 +60,11 @@ def lb_manifest(name: str, vip: str, endpoint_nodes: list[str], *, local: bool =
     """A LoadBalancer service at `vip` with one ready endpoint on each named node."""
     v6 = ":" in vip
     family = "IPv6" if v6 else "IPv4"
-    eps = "\n".join(
-        f"  - addresses: [\"{'fd00:10:244::' if v6 else '10.244.'}{i + 1}{'' if v6 else '.5'}\"]\n"
-        f"    conditions: {{ready: true}}\n    nodeName: {n}"
-        for i, n in enumerate(endpoint_nodes)
+    eps = [(f"fd00:10:244::{i + 1}" if v6 else f"10.244.{i + 1}.5", n) for i, n in enumerate(endpoint_nodes)]
+    return yaml_docs(
+        service(name, type="LoadBalancer", local=local, family=family, port_name="http", protocol="TCP", lb_ip=vip),
+        endpoint_slice(name, eps, port_name="http", ready=True, family=family),
     )
-    return textwrap.dedent(
-        f"""\
-        apiVersion: v1
-        kind: Service
-        metadata: {{name: {name}, namespace: default}}
-        spec:
-          type: LoadBalancer
-          externalTrafficPolicy: {'Local' if local else 'Cluster'}
-          ipFamilies: [{family}]
-          ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
-        status:
-          loadBalancer:
-            ingress: [{{ip: "{vip}"}}]
-        ---
-        apiVersion: discovery.k8s.io/v1
-        kind: EndpointSlice
-        metadata:
-          name: {name}-1
-          namespace: default
-          labels: {{kubernetes.io/service-name: {name}}}
-        addressType: {family}
-        ports: [{{name: http, port: 8080, protocol: TCP}}]
-        """
-    ) + ("endpoints:\n" + eps + "\n" if endpoint_nodes else "endpoints: []\n")
 
 
 @dataclass
@@ -95,18 +72,13 @@ class Node:
     name: str
     index: int
     ns: str
-    dir: Path
+    agent: AgentConfig  # its agent's config, every path in the node's own directory
     mac: str = ""
     proc: subprocess.Popen | None = None
     log: Any = None
 
-    @property
-    def config(self) -> Path:
-        return self.dir / "kpr.yaml"
-
-    @property
-    def socket(self) -> Path:
-        return self.dir / "kpr.sock"
+    def __post_init__(self) -> None:
+        self.dir, self.config, self.socket = self.agent.work, self.agent.path, self.agent.socket
 
 
 @dataclass
@@ -161,7 +133,9 @@ class Segment:
             self.relay.listen(self.relay.target[1], netns=self.topo.namespaces[ns].path)
         d = self.base / name
         d.mkdir(parents=True, exist_ok=True)
-        node = Node(name, i, ns, d, mac=self.topo.mac(ns, "eth0"))
+        agent = AgentConfig(d, self.bpffs / name, node=name, addresses=(node_ip4(i), node_ip6(i)), devices=("eth0",),
+                            extra={"service": {"clusterCIDR": ["10.96.0.0/16", "fd00:96::/112"]}})
+        node = Node(name, i, ns, agent, mac=self.topo.mac(ns, "eth0"))
         self.nodes[name] = node
         return node
 
@@ -223,17 +197,9 @@ class Segment:
                 section["keyFile"] = str(self.base / "arp.key")
         section.update(self.announce)
         section.update(announce)
-        cfg = {
-            "node": {"name": node.name, "addresses": [node_ip4(node.index), node_ip6(node.index)], "devices": ["eth0"]},
-            "source": {"kind": "files", "path": str(manifests or self.manifests), "statePath": str(node.dir / "alloc.json"), "pollInterval": 0.05, "emptyGracePeriod": 0, **source},
-            "service": {"clusterCIDR": ["10.96.0.0/16", "fd00:96::/112"]},
-            "api": {"socket": str(node.socket)},
-            "metrics": {"address": ""},
-            "agent": {"stateDir": str(node.dir / "state"), "shutdownTimeout": 5},
-            "bpf": {"pinPath": str(self.bpffs / node.name)},
-            "plugins": {"announce_arp": section},
-        }
-        node.config.write_text(json.dumps(cfg, indent=1))
+        node.agent.source = {"path": str(manifests or self.manifests), "emptyGracePeriod": 0, **source}
+        node.agent.plugins = {"announce_arp": section}
+        node.agent.write()
 
     def start(self, name: str, env: dict[str, str] | None = None, **announce: Any) -> Node:
         """Start the node's agent (`env`: extra environment variables for it)."""

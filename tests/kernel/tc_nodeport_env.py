@@ -280,21 +280,20 @@ class Cluster:
                 self.stores[node] = ObjectStore(info, publisher)
             self.stores[node].apply(list(objs), list(gone))
 
+    def _on(self, node: str) -> list[Any]:
+        """The plugins running on `node`, in dispatch order."""
+        own = [self.plugins[node]] if node in self.plugins else []
+        return own + [p for n, p in self.extra if n == node]
+
     def _upsert(self, node: str, svc: Service) -> None:
         self.writers[node].upsert(svc)
-        if node in self.plugins:
-            self.plugins[node].kpr_service_upsert(svc)
-        for n, p in self.extra:
-            if n == node:
-                p.kpr_service_upsert(svc)
+        for p in self._on(node):
+            p.kpr_service_upsert(svc)
 
     def _delete(self, node: str, key: ServiceKey) -> None:
         self.writers[node].delete(key)
-        if node in self.plugins:
-            self.plugins[node].kpr_service_delete(key)
-        for n, p in self.extra:
-            if n == node:
-                p.kpr_service_delete(key)
+        for p in self._on(node):
+            p.kpr_service_delete(key)
 
     def clear(self) -> None:
         """Delete every service applied or published by a store, and forget the objects fed."""

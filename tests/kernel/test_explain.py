@@ -20,6 +20,7 @@ from kpr.bpf import maps as M
 from kpr.bpf.flowhash import tuple_hash, tuple_hash_raw
 from kpr.bpf.loader import compile_and_load, load_prog
 from kpr.explain import parse_target
+from kpr.testing.fixtures import clear_after
 from kpr.explain import explain as run_explain
 from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.readback import DatapathMaps, differences
@@ -96,11 +97,7 @@ def env() -> Iterator[Cluster]:
         yield c
 
 
-@pytest.fixture(autouse=True)
-def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    if "env" in request.fixturenames:
-        request.getfixturevalue("env").clear()
+_clean = clear_after("env")
 
 
 def _svc(name: str, port: int, *pods: str, maglev: bool = False, **kw: object):

@@ -9,15 +9,8 @@ import pytest
 from kpr.explain import explain, parse_target
 from kpr.model import FrontendType, Protocol
 
-from socklb_env import (
-    PODS,
-    Env,
-    answers,
-    be,
-    service,
-    clean_env,  # noqa: F401 - the fixture `env`
-    socklb,  # noqa: F401 - the module fixture
-)
+from socklb_env import PODS, Env, answers, be, service
+from socklb_env import clean_env, socklb  # noqa: F401 - the fixtures `env` and `socklb`
 
 pytestmark = pytest.mark.kernel
 

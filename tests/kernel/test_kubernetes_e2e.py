@@ -20,6 +20,7 @@ from kpr.config import SourceSection
 from kpr.kube.informer import JitterBackoff
 from kpr.sources.kubernetes import KubernetesSource
 from kpr.testing.apiserver import KubeApiServer
+from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.waiting import wait_for
 
 from socklb_env import PODS, PORT, running
@@ -27,30 +28,6 @@ from socklb_env import PODS, PORT, running
 pytestmark = pytest.mark.kernel
 
 KUBECTL = shutil.which("kubectl")
-
-SERVICE = """\
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default}
-spec:
-  ports: [{name: tcp, port: 80, targetPort: 8080, protocol: TCP}]
-"""
-
-SLICE = """\
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: echo-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: echo}}
-addressType: IPv4
-ports: [{{name: tcp, port: {port}, protocol: TCP}}]
-endpoints:
-  - addresses: [{address}]
-    nodeName: node1
-    conditions: {{ready: true}}
-"""
-
 
 class Cluster:
     def __init__(self, api: KubeApiServer, env, source: KubernetesSource, kubeconfig: str, manifests: Path):
@@ -62,8 +39,9 @@ class Cluster:
         return out.stdout
 
     def write(self, backend: str) -> None:
-        (self.manifests / "10-service.yaml").write_text(SERVICE)
-        (self.manifests / "20-slice.yaml").write_text(SLICE.format(port=PORT, address=PODS[backend][0]))
+        (self.manifests / "10-service.yaml").write_text(yaml_docs(service("echo", port_name="tcp", protocol="TCP")))
+        (self.manifests / "20-slice.yaml").write_text(yaml_docs(
+            endpoint_slice("echo", [PODS[backend][0]], port=PORT, port_name="tcp", ready=True)))
 
     def cluster_ip(self) -> str:
         return json.loads(self.kubectl("get", "service", "echo", "-o", "json"))["spec"]["clusterIP"]

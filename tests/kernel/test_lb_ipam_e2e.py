@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import textwrap
 
 import pytest
 
 from kpr import api
 from kpr.testing.echo import start_echo
+from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.waiting import wait_for
 
 from announce_arp_env import ROUTER4, ROUTER6, Segment, segment
@@ -30,38 +30,11 @@ POD = {4: "10.244.1.5", 6: "fd00:10:244::5"}
 
 
 def manifests(family: int) -> str:
+    """web (Local policy, its endpoint on node1) and other (no endpoints): LoadBalancers without addresses."""
     fam = f"IPv{family}"
-    return textwrap.dedent(f"""\
-    apiVersion: v1
-    kind: Service
-    metadata: {{name: web, namespace: default}}
-    spec:
-      type: LoadBalancer
-      externalTrafficPolicy: Local
-      ipFamilies: [{fam}]
-      ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {{name: other, namespace: default}}
-    spec:
-      type: LoadBalancer
-      ipFamilies: [{fam}]
-      ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
-    ---
-    apiVersion: discovery.k8s.io/v1
-    kind: EndpointSlice
-    metadata:
-      name: web-1
-      namespace: default
-      labels: {{kubernetes.io/service-name: web}}
-    addressType: {fam}
-    ports: [{{name: http, port: 8080, protocol: TCP}}]
-    endpoints:
-      - addresses: ["{POD[family]}"]
-        conditions: {{ready: true}}
-        nodeName: node1
-    """)
+    lb = dict(type="LoadBalancer", family=fam, port_name="http", protocol="TCP")
+    return yaml_docs(service("web", local=True, **lb), service("other", **lb),
+                     endpoint_slice("web", [POD[family]], port_name="http", ready=True, family=fam))
 
 
 def lb_ipam_status(seg: Segment, name: str) -> dict | None:

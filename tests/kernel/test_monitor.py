@@ -13,16 +13,8 @@ import pytest
 from kpr.model import FrontendType, Protocol
 from kpr.monitor import EventFilter, Monitor
 
-from socklb_env import (
-    NODE4,
-    PODS,
-    Env,
-    answers,
-    be,
-    service,
-    clean_env,  # noqa: F401 - the fixture `env`
-    socklb,  # noqa: F401 - the module fixture
-)
+from socklb_env import NODE4, PODS, Env, answers, be, service
+from socklb_env import clean_env, socklb  # noqa: F401 - the fixtures `env` and `socklb`
 
 pytestmark = pytest.mark.kernel
 

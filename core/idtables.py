@@ -111,6 +111,8 @@ class _Dense:
     def missing(self, ids: Iterable[int]) -> list[int]:
         """The ids not in the table, in the order given (one call for many: a full sync asks
         about hundreds of thousands)."""
+        if not self._n and not self._far:
+            return list(ids)  # an empty table (a full sync into empty maps)
         has, far = self._has, self._far
         top = len(has)
         return [i for i in ids if not (type(i) is int and 0 <= i < top and has[i]) and i not in far]
@@ -202,7 +204,7 @@ class IdBytes(_Dense):
             or list(other) != list(range(lo, lo + n))
             or any(self._has[lo : lo + n])
             or (self._far and not self._far.keys().isdisjoint(other))
-            or not all(type(v) is bytes for v in values)
+            or set(map(type, values)) != {bytes}
         ):
             return False
         blob = b"".join(values)
@@ -215,6 +217,8 @@ class IdBytes(_Dense):
 
     def changed(self, values: Mapping[int, bytes]) -> list[int]:
         """The ids of `values` the table lacks or holds another value for."""
+        if not self._n and not self._far:
+            return list(values)  # an empty table: every one is new
         s, has, buf, far = self.size, self._has, self._buf, self._far
         top = len(has)
         out = []

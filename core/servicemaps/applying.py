@@ -370,8 +370,11 @@ class ApplyMixin:
         pending = self._pending_vals
         changed = vals.changed(pending) if pending else ()
         if changed:
-            dget, rget = ref_delta.get, refs.get
-            be_up = {bid: pending[bid] for bid in changed if dget(bid, 0) > 0 or rget(bid, 0) + dget(bid, 0) > 0}
+            if len(changed) == len(pending) and not dropped and ref_delta.keys() >= pending.keys():
+                be_up = pending  # all new or changed, all referenced by groups this change adds
+            else:
+                dget, rget = ref_delta.get, refs.get
+                be_up = {bid: pending[bid] for bid in changed if dget(bid, 0) > 0 or rget(bid, 0) + dget(bid, 0) > 0}
         be_del = [bid for bid in dropped if (d := ref_delta[bid]) < 0 and refs.get(bid, 0) + d <= 0 and bid in vals]
         if strays and len(refs):
             be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in vals and bid not in ref_delta)

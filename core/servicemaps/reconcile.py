@@ -5,11 +5,13 @@ the maps for tests and status."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
+from itertools import chain, groupby
 from typing import Any
 
 from ..bpf import maps as M
-from .groups import _PORT, _SCOPE_NAMES, _Group, _backend_name, _fk_label, _own, group_entries
+from .groups import _SCOPE_NAMES, _Group, _backend_name, _fk_label, _own, group_entries
 
 log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
 
@@ -26,45 +28,66 @@ class ReconcileMixin:
         self._reset_shadow()
         self._services, self._delivered = services, delivered
 
-        for k, v in self.maps["kpr_backend"].items():
-            bid = M.U32.unpack(k)[0]
-            self._backend_vals[bid] = v
-            self._backend_ids[v[:19]] = bid
-            self._backend_refs[bid] = 0
-            self._next_backend = max(self._next_backend, bid + 1)
+        # Whole maps at a time (a restart adopts, and every full sync re-reads, 1M entries at
+        # 50k services): values unpacked by struct over the joined entries, not one by one.
+        be_items = self.maps["kpr_backend"].items()
+        vals = self._backend_vals
+        if be_items:
+            bids = [t[0] for t in M.U32.iter_unpack(b"".join([k for k, _ in be_items]))]
+            bvals = [v for _, v in be_items]
+            vals.update(zip(bids, bvals))
+            self._backend_ids = dict(zip([v[:19] for v in bvals], bids))
+            self._backend_refs.add_many(dict.fromkeys(bids, 0))
+            self._next_backend = max(self._next_backend, max(bids) + 1)
 
         by_revnat: dict[int, _Group] = {}
-        counts: dict[tuple[bytes, int], int] = {}
-        slots: dict[tuple[bytes, int], dict[int, int]] = {}
-        entries: dict[bytes, tuple[list[bytes], list[bytes]]] = {}
-        for k, v in self.maps["kpr_svc"].items():
-            fk, scope, slot = k[:19], k[19], _PORT.unpack_from(k, 20)[0]
-            bid, count, _term, rev_nat, _flags, _aff = M.SVC_VAL.unpack(v)
-            g = self._groups.get(fk)
-            if g is None:
-                g = self._groups[fk] = _Group(rev_nat, owners.get(fk))
-                by_revnat[rev_nat] = g
-                entries[fk] = ([], [])
-            kv = entries[fk]
-            kv[0].append(k)
-            kv[1].append(v)
-            if slot == 0:
-                counts[(fk, scope)] = count
-            else:
-                slots.setdefault((fk, scope), {})[slot] = bid
-        for fk, (keys, values) in entries.items():
-            self._groups[fk].set_svc(keys, values)
-        for (fk, scope), count in counts.items():
-            got = slots.get((fk, scope), {})
-            self._groups[fk].set_order(scope, [got[i] for i in range(1, count + 1) if i in got])
-        referenced: dict[bytes, set[int]] = {}
-        for (fk, _scope), s in slots.items():
-            referenced.setdefault(fk, set()).update(s.values())
-        for fk, ids in referenced.items():
-            g = self._groups[fk]
-            g.backends = tuple(sorted(i for i in ids if i in self._backend_vals))
-            for bid in g.backends:
-                self._backend_refs[bid] += 1
+        svc_items = self.maps["kpr_svc"].items()
+        # Sorted by key, a frontend's entries are one run: scope by scope, slot 0 first
+        # (slots above 255 sort out of order: their runs take the general path).
+        svc_items.sort()
+        keys = [k for k, _ in svc_items]
+        values = [v for _, v in svc_items]
+        del svc_items
+        scopes, slots, bids, counts, revnats = _svc_columns(keys, values)
+        groups = self._groups
+        referenced: list[tuple[bytes, set[int]]] = []
+        fks = [k[:19] for k in keys]
+        for fk, run in groupby(range(len(keys)), fks.__getitem__):
+            at = list(run)
+            a, b = at[0], at[-1] + 1
+            rev_nat = revnats[a]
+            g = groups[fk] = _Group(rev_nat, owners.get(fk))
+            by_revnat[rev_nat] = g
+            g.set_svc(keys[a:b], values[a:b])
+            m = b - a - 1
+            if slots[a] == 0 and scopes.count(scopes[a], a, b) == b - a and slots[a + 1 : b] == list(range(1, m + 1)):
+                # one scope, slot 0 and slots 1..m (the common run)
+                count = counts[a]
+                g.set_order(scopes[a], bids[a + 1 : a + 1 + min(count, m)])
+                if m:
+                    referenced.append((fk, set(bids[a + 1 : b])))
+                continue
+            heads: dict[int, int] = {}
+            by_scope: dict[int, dict[int, int]] = {}
+            for i in at:
+                if slots[i] == 0:
+                    heads[scopes[i]] = counts[i]
+                else:
+                    by_scope.setdefault(scopes[i], {})[slots[i]] = bids[i]
+            for scope, count in heads.items():
+                got = by_scope.get(scope, {})
+                g.set_order(scope, [got[j] for j in range(1, count + 1) if j in got])
+            if by_scope:
+                ids: set[int] = set()
+                for got in by_scope.values():
+                    ids.update(got.values())
+                referenced.append((fk, ids))
+        if referenced:
+            gone = set(vals.missing({i for _, ids in referenced for i in ids}))
+            for fk, ids in referenced:
+                g = groups[fk]
+                g.backends = tuple(sorted(ids - gone if gone else ids))
+            self._backend_refs.add_many(Counter(chain.from_iterable(groups[fk].backends for fk, _ in referenced)))
 
         for k, v in self.maps["kpr_revnat"].items():
             idx = M.U32.unpack(k)[0]
@@ -244,3 +267,19 @@ def _table_shares(table: list[int], backends: dict[int, dict]) -> dict[str, int]
     for bid in table:
         counts[bid] = counts.get(bid, 0) + 1
     return {_backend_label(backends.get(bid)): n for bid, n in sorted(counts.items())}
+
+
+# kpr_svc's layout as the fast column split below reads it (lib/maps.h: key addr16, port,
+# proto, scope, slot, pad; value backend_id, count, terminating, rev_nat, flags, affinity).
+_COLUMNS_OK = (M.SVC_KEY.format, M.SVC_VAL.format) == ("=16sHBBHH", "=IHHIII")
+
+
+def _svc_columns(keys: list[bytes], values: list[bytes]) -> tuple[bytes, list[int], list[int], list[int], list[int]]:
+    """(scope, slot) of every kpr_svc key and (backend id, count, rev_nat) of every value, as
+    columns cut from the joined entries by memoryview casts (no object per entry)."""
+    kb, vb = b"".join(keys), b"".join(values)
+    if _COLUMNS_OK and len(kb) == 24 * len(keys) and len(vb) == 20 * len(values):
+        k16, v16, v32 = memoryview(kb).cast("H"), memoryview(vb).cast("H"), memoryview(vb).cast("I")
+        return kb[19::24], k16[10::12].tolist(), v32[0::5].tolist(), v16[2::10].tolist(), v32[2::5].tolist()
+    kt, vt = list(M.SVC_KEY.iter_unpack(kb)), list(M.SVC_VAL.iter_unpack(vb))
+    return (bytes(t[3] for t in kt), [t[4] for t in kt], [t[0] for t in vt], [t[1] for t in vt], [t[3] for t in vt])

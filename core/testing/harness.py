@@ -17,7 +17,8 @@
   `kpr_configure` and `kpr_start`, inside a network namespace when one is given (the agent
   runs in the node's).
 - `apply(service)` / `delete(key)` are one dispatch each: the writer's upsert/delete, then
-  `kpr_service_upsert` / `kpr_service_delete` on each started plugin, in start order.
+  `kpr_service_upsert` / `kpr_service_delete` on each started plugin, in start order (with
+  `generation`, one more per change written, to hooks that take it).
   `feed(*objects)` takes Kubernetes objects through the agent's own ObjectStore (translated
   for the harness's node) and dispatches each model change the same way.
 - `stop(plugin)` calls `kpr_stop`; leaving the context stops every plugin still running
@@ -29,6 +30,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -104,6 +106,8 @@ class PluginHarness:
         self.contexts: dict[int, PluginContext] = {}
         self.applied: dict[ServiceKey, Service] = {}
         self.store: Any = None
+        # What the bus's writer stage hands the plugins: one more per change written (0 without a writer).
+        self.generation = 0
 
     def open_writer(self) -> Any:
         """Open the service map writer on the pin directory (kpr's shared service maps)."""
@@ -135,21 +139,30 @@ class PluginHarness:
         """One bus dispatch of a changed service: the writer, then every plugin."""
         if self.writer is not None:
             self.writer.upsert(svc)
-        for p in self.plugins:
-            p.kpr_service_upsert(service=svc)
+            self.generation += 1
+        self._call("kpr_service_upsert", service=svc)
         self.applied[svc.key] = svc
 
     def delete(self, key: ServiceKey) -> None:
         if self.writer is not None:
             self.writer.delete(key)
-        for p in self.plugins:
-            p.kpr_service_delete(key=key)
+            self.generation += 1
+        self._call("kpr_service_delete", key=key)
         self.applied.pop(key, None)
 
     def sync_complete(self) -> None:
+        self._call("kpr_sync_complete")
+
+    def _call(self, hook: str, **kw: Any) -> None:
+        # As pluggy does: a hook gets `generation` only when its signature names it.
         for p in self.plugins:
-            if hasattr(p, "kpr_sync_complete"):
-                p.kpr_sync_complete()
+            fn = getattr(p, hook, None)
+            if fn is None:
+                continue
+            if "generation" in inspect.signature(fn).parameters:
+                fn(**kw, generation=self.generation)
+            else:
+                fn(**kw)
 
     def feed(self, *objs: dict, gone: Iterable[Any] = ()) -> None:
         """Kubernetes objects in and `gone` ObjectRefs out of the agent's ObjectStore for this

@@ -34,14 +34,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
-from kpr.config import parse_config
 from kpr.daemon import Agent
 from kpr.sources.dirwatch import DirWatcher as _WATCHER
 from kpr.sources.dirwatch import WatchUnavailable
+from kpr.testing.agent import AgentConfig
 from kpr.testing.netns import Topology
 
 NODE_IP, RTR_IP = "10.99.0.1", "10.99.0.2"
@@ -137,27 +136,11 @@ def run_agent(tmp: Path, topo: Topology, sock: Path, args: argparse.Namespace, w
     # A service that stays: removing a round's file must not leave the directory empty, which
     # the default config (emptyGracePeriod 60 s) does not believe for a minute.
     (manifests / "anchor.yaml").write_text(SERVICE.format(name="anchor", ip="10.0.102.1"))
-    poll = "" if args.poll is None else f", pollInterval: {args.poll}"
-    cfg = parse_config(
-        textwrap.dedent(
-            f"""
-            node: {{name: node1, addresses: [{NODE_IP}], devices: [lo]}}
-            source: {{kind: files, path: {manifests}, statePath: {tmp}/alloc.json{poll}}}
-            service: {{clusterCIDR: [10.96.0.0/16]}}
-            api: {{socket: {tmp}/kpr.sock}}
-            metrics: {{address: ""}}
-            agent: {{stateDir: {tmp}/state, shutdownTimeout: 5}}
-            plugins:
-              announce_bgp:
-                enabled: true
-                localASN: 64512
-                routerID: {NODE_IP}
-                netns: {topo["node"].netns}
-                peers: [{{address: {RTR_IP}, asn: 64500, holdTime: 9}}]
-            """
-        )
-    )
-    agent = Agent(cfg)
+    cfg = AgentConfig(tmp, None, addresses=(NODE_IP,), poll_interval=args.poll,
+                      extra={"service": {"clusterCIDR": ["10.96.0.0/16"]}})
+    cfg.plugin("announce_bgp", localASN=64512, routerID=NODE_IP, netns=topo["node"].netns,
+               peers=[{"address": RTR_IP, "asn": 64500, "holdTime": 9}])
+    agent = Agent(cfg.parse())
     t0 = time.perf_counter()
     agent.setup()
     try:

@@ -24,7 +24,6 @@ across machines.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -35,12 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
-from socklb_env import PODS, PY, Env, build_topology, private_bpffs  # noqa: E402
+from socklb_env import PODS, PY, running  # noqa: E402
 
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey  # noqa: E402
-from kpr.servicemaps import ServiceMapWriter  # noqa: E402
-from kpr.testing.cgroup import child_cgroup, run_in_cgroup  # noqa: E402
-from kpr.testing.netns import Topology  # noqa: E402
+from kpr.testing.cgroup import run_in_cgroup  # noqa: E402
 
 CLUSTER_IP = "10.96.0.10"  # served by socklb
 IPT_IP = "10.96.9.10"  # served by iptables DNAT in the node namespace
@@ -130,19 +127,11 @@ def main() -> int:
     args = ap.parse_args()
 
     backend = PODS["be1"][0]
-    with contextlib.ExitStack() as stack:
-        mnt = stack.enter_context(private_bpffs("kpr-bench-socklb"))
-        topo = stack.enter_context(Topology())
-        cg = stack.enter_context(child_cgroup("kpr-bench-socklb"))
-        build_topology(topo)
+    # socklb_env's set-up (private bpffs, node with pods, child cgroup, writer, the plugin).
+    with running("kpr-bench-socklb", bindProtection=False) as env:
+        topo, cg = env.topo, env.cgroup
         proc = topo.popen("be1", [PY, "-c", SERVER], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        pin = mnt / "kpr"
-        writer = ServiceMapWriter(pin).open()
-        stack.callback(writer.close)
-        env = Env(topo, pin, writer, cg)
-        plugin = env.start_plugin(cg, bindProtection=False)
-        stack.callback(env.stop_plugin, plugin)
         svc = Service(
             ServiceKey("bench", "bench"),
             tuple(
@@ -200,7 +189,7 @@ def main() -> int:
                 for r in runs:
                     for name, row in r(n).items():
                         results[mode].setdefault(name, []).append(row)
-        stats = plugin.stats()
+        stats = env.plugin.stats()
 
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for mode, per in results.items():

@@ -42,6 +42,8 @@ class AgentConfig:
     source: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     shutdown_timeout: float | None = 5
+    # the files source's poll (a test wants changes fast); None: kpr's default
+    poll_interval: float | None = 0.05
 
     def __post_init__(self) -> None:
         self.work = Path(self.work)
@@ -82,7 +84,7 @@ class AgentConfig:
         doc: dict[str, Any] = {
             "node": {"name": self.node, "addresses": list(self.addresses), "devices": list(self.devices)},
             "source": {"kind": "files", "path": str(self.manifests), "statePath": str(self.work / "alloc.json"),
-                       "pollInterval": 0.05, **self.source},
+                       **({"pollInterval": self.poll_interval} if self.poll_interval is not None else {}), **self.source},
             "api": {"socket": str(self.socket)},
             "metrics": {"address": ""},
             "agent": agent,

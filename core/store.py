@@ -76,8 +76,9 @@ class ObjectStore:
         # several do: what a ClusterIP must not be. One reference per address, no set;
         # with service.clusterCIDR set, only addresses inside it (see _index).
         self._endpoint_ips: dict[str, ObjectRef | list[ObjectRef]] = {}
-        # ClusterIP -> the services whose Service object claims it.
-        self._claims: dict[str, list[ServiceKey]] = {}
+        # ClusterIP -> the service whose Service object claims it, or a list of them when
+        # several do (a list per address took 1.5 MB at 20k services).
+        self._claims: dict[str, ServiceKey | list[ServiceKey]] = {}
         # Pods running on this node in their own namespace: "namespace/name" -> pod IPs.
         self.local_pods: dict[str, tuple[str, ...]] = {}
         self.is_synced = False
@@ -201,21 +202,36 @@ class ObjectStore:
             claimed = translate.claimed_cluster_ips
             before = claimed(old) if old is not None else ()
             after = claimed(new) if new is not None else ()
-            key = translate.service_key_of(new or old or {})
-            if before == after or key is None:
+            if before == after:
+                return
+            key = translate.service_key_of(new or old or {}, ref)
+            if key is None:
                 return
             claims = self._claims
             for ip in before:
                 owners = claims.get(ip)
-                if ip not in after and owners is not None and key in owners:
-                    owners.remove(key)
-                    if not owners:
+                if ip in after or owners is None:
+                    continue
+                if type(owners) is list:
+                    if key in owners:
+                        owners.remove(key)
+                    if len(owners) == 1:
+                        claims[ip] = owners[0]
+                    elif not owners:
                         del claims[ip]
+                elif owners == key:
+                    del claims[ip]
             for ip in after:
-                if ip not in before:
-                    owners = claims.setdefault(ip, [])
+                if ip in before:
+                    continue
+                owners = claims.get(ip)
+                if owners is None:
+                    claims[ip] = key
+                elif type(owners) is list:
                     if key not in owners:
                         owners.append(key)
+                elif owners != key:
+                    claims[ip] = [owners, key]
             return
         if kind not in ("EndpointSlice", "Endpoints", "Pod"):
             return
@@ -234,20 +250,26 @@ class ObjectStore:
                     holders.remove(ref)
                 if len(holders) == 1:
                     listed[ip] = holders[0]
-                touched.update(self._claims.get(ip, ()))  # its error names another lister now
+                touched.update(self._claimers(ip))  # its error names another lister now
             elif holders == ref:
                 del listed[ip]
-                touched.update(self._claims.get(ip, ()))
+                touched.update(self._claimers(ip))
         claims = self._claims
         for ip in after:
             holders = listed.setdefault(ip, ref)
             if holders is ref:
                 if ip in claims:
-                    touched.update(claims[ip])
+                    touched.update(self._claimers(ip))
             elif isinstance(holders, list):
                 holders.append(ref)
             elif holders != ref:
                 listed[ip] = [holders, ref]
+
+    def _claimers(self, ip: str) -> list[ServiceKey] | tuple[ServiceKey, ...]:
+        owners = self._claims.get(ip)
+        if owners is None:
+            return ()
+        return owners if type(owners) is list else (owners,)  # type: ignore[return-value]
 
     @staticmethod
     def _canonical_node_ips(node: NodeInfo) -> frozenset[str]:

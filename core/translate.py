@@ -1122,10 +1122,13 @@ _checked: dict[bytes, _Slice] = {}
 Checked = _Slice
 
 
-def remember_checked(packed: object, checked: Checked | None) -> None:
+def remember_checked(packed: object, checked: Checked | None, ref: tuple[str, str, str] | None = None) -> None:
     """Keep what validate_object read of the object packed as `packed`, until the store
-    translates those bytes or the source's pass ends."""
+    translates those bytes or the source's pass ends. `ref`, the object's object_ref as the
+    source keeps it, is then the store's too (one tuple, not one per holder)."""
     if checked is not None and type(packed) is bytes:
+        if ref is not None and ref == checked.ref:
+            checked.ref = ref
         _checked[packed] = checked
 
 

@@ -468,3 +468,23 @@ def test_counts_follow_every_publication() -> None:
     store.apply([endpoint_slice("db", "10.96.0.20")], [])
     assert ServiceKey("shop", "web2") not in pub.services
     assert store.counts() == recount()
+
+
+def test_two_services_claiming_one_address_both_follow_its_listing() -> None:
+    store, pub = make()
+    a, b = ServiceKey("shop", "a"), ServiceKey("shop", "b")
+    store.apply([service("a", "10.244.1.5"), service("b", "10.244.1.5")], [])
+    assert pub.cluster_ips(a) == pub.cluster_ips(b) == ["10.244.1.5"]
+    store.apply([endpoint_slice("db", "10.244.1.5")], [])  # both claims are now hijacks
+    assert a not in pub.services and b not in pub.services
+    assert {"service shop/a", "service shop/b"} <= store.errors.keys()
+    store.apply([], [ref(endpoint_slice("db"))])
+    assert pub.cluster_ips(a) == pub.cluster_ips(b) == ["10.244.1.5"]
+    # One claimer left: the listing still reaches it, and only it.
+    store.apply([service("a", "10.96.0.9")], [])
+    store.apply([endpoint_slice("db", "10.244.1.5")], [])
+    assert pub.cluster_ips(a) == ["10.96.0.9"] and b not in pub.services
+    assert "service shop/a" not in store.errors
+    store.apply([], [ref(service("b"))])
+    store.apply([], [ref(endpoint_slice("db"))])
+    assert store._claims == {"10.96.0.9": a}

@@ -667,7 +667,7 @@ class FilesSource:
                 continue
             packed = st.objects[ref] = memory.pack(doc)
             # The store translates these bytes later in this pass: not read twice.
-            tr.remember_checked(packed, read)
+            tr.remember_checked(packed, read, ref)
         return st
 
     def _unhold(self, ref: ObjectRef, name: str) -> None:

@@ -19,13 +19,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AgentConfig", "running_agent", "scratch_agent", "start_agent"]
+__all__ = ["AgentConfig", "kpr_cli", "kpr_cleanup", "running_agent", "scratch_agent", "start_agent"]
 
 
 @dataclass
@@ -45,25 +47,16 @@ class AgentConfig:
     # the files source's poll (a test wants changes fast); None: kpr's default
     poll_interval: float | None = 0.05
 
+    # under `work`: the config file, the manifests directory, the API socket, the state directory
+    path: Path = field(init=False)
+    manifests: Path = field(init=False)
+    socket: Path = field(init=False)
+    state: Path = field(init=False)
+
     def __post_init__(self) -> None:
-        self.work = Path(self.work)
+        self.work = w = Path(self.work)
         self.pin = Path(self.pin) if self.pin is not None else None
-
-    @property
-    def path(self) -> Path:
-        return self.work / "kpr.yaml"
-
-    @property
-    def manifests(self) -> Path:
-        return self.work / "manifests"
-
-    @property
-    def socket(self) -> Path:
-        return self.work / "kpr.sock"
-
-    @property
-    def state(self) -> Path:
-        return self.work / "state"
+        self.path, self.manifests, self.socket, self.state = w / "kpr.yaml", w / "manifests", w / "kpr.sock", w / "state"
 
     def plugin(self, name: str, **section: Any) -> "AgentConfig":
         """Enable plugin `name` with these keys (merged into what it has); returns self."""
@@ -116,6 +109,23 @@ class AgentConfig:
         from kpr.config import parse_config
 
         return parse_config(self.text(), str(self.path))
+
+
+def kpr_cli(*args: str, netns: Any = None, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """The `kpr` command (this interpreter's kpr.cli) with `args`, in `netns` (a Namespace)
+    when given; its output captured as text."""
+    argv = [sys.executable, "-m", "kpr.cli", *args]
+    if netns is not None:
+        return netns.run(argv, check=check, timeout=timeout)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def kpr_cleanup(pin: Path, work: Path, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """`kpr cleanup` of what an agent pinned under `pin` (a config naming only the pin
+    directory is written to `work`), as an operator runs it. `kw`: kpr_cli's."""
+    cfg = Path(work) / "kpr-cleanup.yaml"
+    cfg.write_text(json.dumps({"bpf": {"pinPath": str(pin)}}))
+    return kpr_cli("cleanup", "--config", str(cfg), **kw)
 
 
 @contextlib.contextmanager

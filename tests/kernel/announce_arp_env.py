@@ -31,7 +31,7 @@ from typing import Any
 
 from kpr import api
 from kpr.testing.apiserver import KubeApiServer
-from kpr.testing.agent import AgentConfig
+from kpr.testing.agent import AgentConfig, kpr_cli
 from kpr.testing.bpffs import private_bpffs
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.netns import Topology, in_netns
@@ -157,8 +157,7 @@ class Segment:
             for node in self.nodes.values():
                 if node.config.exists() and node.ns in self.topo.namespaces:
                     # What an operator runs: the node's pinned links and programs go.
-                    self.topo.run(node.ns, [sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(node.config)],
-                                  check=False, timeout=30)
+                    kpr_cli("cleanup", "--config", str(node.config), netns=self.topo[node.ns], timeout=30)
         finally:
             self._stack.close()
             if self.relay is not None:

@@ -1,8 +1,6 @@
 """The agent feeds the shared service maps through the bus when a plugin asks for them,
 adopts them across a restart, and `kpr cleanup` removes them."""
 
-import subprocess
-import sys
 
 import pytest
 
@@ -72,11 +70,11 @@ def test_agent_writes_adopts_and_cleanup_removes_the_maps(require_kernel, tmp_pa
         finally:
             agent.shutdown()
 
-        out = subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg_file)], capture_output=True, text=True)
+        out = kit.kpr_cli("cleanup", "--config", str(cfg_file))
         assert out.returncode == 0, out.stderr
         assert "kpr_svc" in out.stdout
         assert not pin.exists(), "cleanup removes every pin and the directory"
-        again = subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg_file)], capture_output=True, text=True)
+        again = kit.kpr_cli("cleanup", "--config", str(cfg_file))
         assert again.returncode == 0 and "nothing to remove" in again.stdout
 
 

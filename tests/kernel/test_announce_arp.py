@@ -11,7 +11,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -21,6 +20,7 @@ from kpr.plugins.announce_arp import ownership
 from kpr.plugins.announce_arp.config import Member
 from kpr.plugins.announce_arp.droprules import DropRules
 from kpr.plugins.announce_arp.heartbeat import Codec, Heartbeat, cluster_id
+from kpr.testing.agent import kpr_cli
 from kpr.testing.apiserver import KubeApiServer
 from kpr.testing.netns import Topology, in_netns
 
@@ -372,7 +372,7 @@ def test_the_program_is_adopted_on_restart_silent_without_an_agent_and_removed_b
         assert s.stop("node1") == 0
         assert s.arping(VIP4, 2) == []  # stopped: nothing answers
         config = s.nodes["node1"].config
-        res = topo.run("n1", [sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(config)], check=False)
+        res = kpr_cli("cleanup", "--config", str(config), netns=topo["n1"])
         assert res.returncode == 0, res.stdout + res.stderr
         assert tcx_ingress(topo, "n1") == []
         assert not (s.bpffs / "node1").exists()

@@ -13,7 +13,7 @@ import pytest
 
 from kpr.config import parse_config
 from kpr.daemon import Agent
-from kpr.testing.agent import AgentConfig
+from kpr.testing.agent import AgentConfig, kpr_cli
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.model import BackendState, FrontendType, NodeInfo
 from kpr.plugins.announce_bgp.exabgp import Backoff, ExaBGPMissing, find_exabgp
@@ -431,15 +431,12 @@ def test_a_manifest_change_reaches_service_list_and_bird_without_a_poll(lab, tmp
     """pollInterval is a minute (the most it may be): only the files source's inotify watch
     can explain a change arriving within the waits below."""
     import json
-    import subprocess
-    import sys
 
     bird, manifests, svc_file = manifest_lab(lab, tmp_path)
     config = agent_config(lab, tmp_path, poll=60).write()
 
     def service_list() -> list[str]:
-        res = subprocess.run([sys.executable, "-m", "kpr.cli", "service", "list", "--json", "--config", str(config)],
-                             capture_output=True, text=True, timeout=30, check=True)
+        res = kpr_cli("service", "list", "--json", "--config", str(config), timeout=30, check=True)
         return sorted({r["address"] for r in json.loads(res.stdout)})
 
     agent = Agent(parse_config(config.read_text()))

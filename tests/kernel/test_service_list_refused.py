@@ -3,15 +3,13 @@ serves: state and reason, in the table and in --json."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from kpr import api as kapi
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.daemon import Agent
-from kpr.testing.agent import AgentConfig
+from kpr.testing.agent import AgentConfig, kpr_cli
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.waiting import wait_for
 
@@ -51,10 +49,9 @@ def test_a_refused_service_shows_as_refused_in_service_list(require_kernel, tmp_
             assert state == "refused"
             assert "kpr_svc full" in reason and "bpf.mapSizes.kprSvc" in reason
 
-            kpr = [sys.executable, "-m", "kpr.cli"]
-            listed = subprocess.run(kpr + ["service", "list", "--json", "--config", str(cfg_file)], capture_output=True, text=True, check=True)
+            listed = kpr_cli("service", "list", "--json", "--config", str(cfg_file), check=True)
             assert {(r["service"], r["state"]) for r in json.loads(listed.stdout)} == {("default/web", "served"), ("default/huge", "refused")}
-            table = subprocess.run(kpr + ["service", "list", "--config", str(cfg_file)], capture_output=True, text=True, check=True).stdout
+            table = kpr_cli("service", "list", "--config", str(cfg_file), check=True).stdout
             lines = table.splitlines()
             assert lines[0].split()[:5] == ["SERVICE", "TYPE", "FRONTEND", "STATE", "BACKENDS"]
             web = [line for line in lines if line.startswith("default/web ")]
@@ -66,4 +63,4 @@ def test_a_refused_service_shows_as_refused_in_service_list(require_kernel, tmp_
             assert lines.index(notes[0]) == lines.index(huge[-1]) + 1, "under the service's last frontend"
         finally:
             agent.shutdown()
-            subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg_file)], capture_output=True)
+            kpr_cli("cleanup", "--config", str(cfg_file))

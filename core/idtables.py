@@ -215,6 +215,23 @@ class IdBytes(_Dense):
         self._n += n
         return True
 
+    def pop_many(self, ids: Iterable[int]) -> list[bytes | None]:
+        """Remove the ids; their values in order (None where absent)."""
+        s, has, buf, far = self.size, self._has, self._buf, self._far
+        top, empty = len(has), bytes(s)
+        out: list[bytes | None] = []
+        gone = 0
+        for i in ids:
+            if type(i) is int and 0 <= i < top and has[i]:
+                out.append(bytes(buf[i * s : i * s + s]))
+                has[i] = 0
+                buf[i * s : i * s + s] = empty
+                gone += 1
+            else:
+                out.append(far.pop(i, None))
+        self._n -= gone
+        return out
+
     def changed(self, values: Mapping[int, bytes]) -> list[int]:
         """The ids of `values` the table lacks or holds another value for."""
         if not self._n and not self._far:
@@ -257,6 +274,26 @@ class IdCounts(_Dense):
 
     def _write(self, i: int, value: int) -> None:
         self._counts[i] = value
+
+    def get_many(self, ids: Iterable[int], default: int = 0) -> list[int]:
+        """The counts of the ids in order (`default` where absent)."""
+        has, counts, far = self._has, self._counts, self._far
+        top = len(has)
+        return [counts[i] if type(i) is int and 0 <= i < top and has[i] else far.get(i, default) for i in ids]
+
+    def pop_many(self, ids: Iterable[int]) -> None:
+        """Remove the ids (absent ones are no error)."""
+        has, counts, far = self._has, self._counts, self._far
+        top = len(has)
+        gone = 0
+        for i in ids:
+            if type(i) is int and 0 <= i < top and has[i]:
+                has[i] = 0
+                counts[i] = 0
+                gone += 1
+            elif far:
+                far.pop(i, None)
+        self._n -= gone
 
     def add_many(self, deltas: Mapping[int, int]) -> None:
         """self[i] = self.get(i, 0) + d for every (i, d): ids not present are added."""

@@ -80,3 +80,12 @@ def test_runs_of_new_ids_match_one_at_a_time(present):
     for i, d in deltas.items():
         single_c[i] = single_c.get(i, 0) + d
     assert dict(bulk_c.items()) == dict(single_c.items()) and len(bulk_c) == len(single_c)
+
+
+def test_pop_many_and_get_many():
+    vals, refs = IdBytes(4, {i: _val(i) for i in IDS}), IdCounts({i: i % 7 for i in IDS})
+    assert refs.get_many([1, 4, 10**9, -5, -6], default=-1) == [1, -1, 10**9 % 7, -5 % 7, -1]
+    assert vals.pop_many([1, 4, 10**9]) == [_val(1), None, _val(10**9)]
+    refs.pop_many([1, 4, 10**9])
+    assert 1 not in vals and 10**9 not in vals and len(vals) == len(IDS) - 2
+    assert dict(refs.items()) == {i: i % 7 for i in IDS if i not in (1, 10**9)} and len(refs) == len(IDS) - 2

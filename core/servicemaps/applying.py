@@ -293,6 +293,7 @@ class ApplyMixin:
         # Backends referenced by new frontends, counted at once below (C speed: a full sync
         # adds hundreds of thousands of references).
         added: list[tuple[int, ...] | frozenset[int]] = []
+        removed: list[tuple[int, ...] | frozenset[int]] = []  # of frontends that go
 
         for fk, g in new.items():
             og = old.get(fk)
@@ -345,19 +346,29 @@ class ApplyMixin:
             if og is None or fk in new:
                 continue
             # external slot 0 first, so lookups stop before the rest goes
-            heads = [fk + _BYTE[sc] + _SLOT[0] for sc in (M.SCOPE_EXTERNAL, M.SCOPE_INTERNAL)]
-            osvc = og.svc
-            gone_del.extend(k for k in heads if k in osvc)
-            gone_del.extend(k for k in osvc if k not in heads)
+            head_k, _hv, rest_k, _rv = og.packed_svc()
+            if head_k:
+                ks = len(head_k) // og.n_heads
+                hs = [head_k[i : i + ks] for i in range(0, len(head_k), ks)]
+                if len(hs) > 1:
+                    hs.sort(key=_svc_delete_order)
+                gone_del += hs
+                gone_del += [rest_k[i : i + ks] for i in range(0, len(rest_k), ks)]
+            elif rest_k:
+                gone_del += og.svc
             if og.revnat:
                 rn_del.append(og.rev_nat)
-            sr_del |= og.srcrange
-            mg_del.extend(pack_mg(og.rev_nat, sc) for sc in og.maglev)
-            for bid in og.backends:
-                ref_delta[bid] = ref_delta.get(bid, 0) - 1
+            if og.srcrange:
+                sr_del |= og.srcrange
+            if og.maglev:
+                mg_del.extend(pack_mg(og.rev_nat, sc) for sc in og.maglev)
+            removed.append(og.backends)
 
         refs = self._backend_refs
         vals = self._backend_vals
+        if removed:
+            for bid, n in Counter(chain.from_iterable(removed)).items():
+                ref_delta[bid] = ref_delta.get(bid, 0) - n
         ref_add: Counter[int] = Counter()
         ref_add.update(chain.from_iterable(added))
         dropped = list(ref_delta)  # only these can have lost references
@@ -375,7 +386,13 @@ class ApplyMixin:
             else:
                 dget, rget = ref_delta.get, refs.get
                 be_up = {bid: pending[bid] for bid in changed if dget(bid, 0) > 0 or rget(bid, 0) + dget(bid, 0) > 0}
-        be_del = [bid for bid in dropped if (d := ref_delta[bid]) < 0 and refs.get(bid, 0) + d <= 0 and bid in vals]
+        be_del = [bid for bid in dropped if ref_delta[bid] < 0]
+        if be_del:
+            be_del = [bid for bid, n in zip(be_del, refs.get_many(be_del)) if n + ref_delta[bid] <= 0]
+            absent = vals.missing(be_del)
+            if absent:
+                absent_set = set(absent)
+                be_del = [bid for bid in be_del if bid not in absent_set]
         if strays and len(refs):
             be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in vals and bid not in ref_delta)
         # An entry a new group still wants is never deleted (rev-NAT indexes read back from
@@ -477,11 +494,12 @@ class ApplyMixin:
             count[name] += n
         refs.add_many(ref_delta)
         self._backend_vals.update(be_up)
-        for bid in be_del:
-            val = self._backend_vals.pop(bid, None)
-            refs.pop(bid, None)
-            if val is not None and self._backend_ids.get(val[:19]) == bid:
-                del self._backend_ids[val[:19]]
+        if be_del:
+            ids = self._backend_ids
+            for bid, val in zip(be_del, self._backend_vals.pop_many(be_del)):
+                if val is not None and ids.get(val[:19]) == bid:
+                    del ids[val[:19]]
+            refs.pop_many(be_del)
         # ids allocated while rendering but never written (conflicting frontends) are forgotten
         self._forget_render(be_up)
         log.debug(

@@ -35,7 +35,8 @@ from typing import Any
 from kpr.testing.prog_run import test_run
 
 NODE4, OUT4, NODE2_4 = "10.0.0.1", "10.0.0.2", "10.0.0.3"
-POD4 = "10.244.1.10"
+NODE6, OUT6, NODE2_6 = "fd00::1", "fd00::2", "fd00::3"
+POD4, POD6 = "10.244.1.10", "fd00:244:1::10"
 MAC_OUT, MAC_NODE2, MAC_POD = "02:00:00:00:00:02", "02:00:00:00:00:03", "02:00:00:00:01:10"
 VIP = "203.0.113.40"  # the measured LoadBalancer frontend: 100 remote backends (SNAT)
 NODEPORT = 30080  # the measured NodePort frontend: one local backend
@@ -97,6 +98,31 @@ def ip4(n: int) -> str:
     return ".".join(str((n >> s) & 255) for s in (24, 16, 8, 0))
 
 
+def build_lab(topo: Any, *, v6: bool = False, remote4: Sequence[str] = ("10.244.2.0/24",),
+              remote6: Sequence[str] = ("fd00:244:2::/64",)) -> str:
+    """The lab's namespaces in `topo` (a kpr.testing.netns.Topology): "lb", the node, with eth0
+    (NODE4, and NODE6 when `v6`) to "out" (OUT4/OUT6, the default route) and a local pod (POD4,
+    POD6) on a veth; the `remote4`/`remote6` networks routed via node2 (NODE2_4/NODE2_6) on eth0.
+    Every next hop has a permanent neighbour entry, so a program's FIB lookups succeed in a
+    test run without traffic. Returns the pod's veth on the node."""
+    topo.add_node("lb")
+    topo.add_namespace("out")
+    topo.link("lb", "out", [f"{NODE4}/24", *([f"{NODE6}/64"] if v6 else [])], [f"{OUT4}/24", *([f"{OUT6}/64"] if v6 else [])])
+    topo.add_pod("lb", "pod", POD4, ip6=POD6 if v6 else None)
+    lb = topo["lb"]
+    lxc = next(i for i in lb.ifaces if i.startswith("lxc"))
+    neigh = [(OUT4, MAC_OUT, "eth0"), (NODE2_4, MAC_NODE2, "eth0"), (POD4, MAC_POD, lxc)]
+    routes = [("default", OUT4)] + [(net, NODE2_4) for net in remote4]
+    if v6:
+        neigh += [(OUT6, MAC_OUT, "eth0"), (NODE2_6, MAC_NODE2, "eth0"), (POD6, MAC_POD, lxc)]
+        routes += [("default", OUT6)] + [(net, NODE2_6) for net in remote6]
+    lb.run(" && ".join(
+        [f"ip neigh replace {a} lladdr {mac} dev {dev} nud permanent" for a, mac, dev in neigh]
+        + [f"ip {'-6 ' if ':' in via else ''}route replace {dst} via {via}" for dst, via in routes]
+    ))
+    return lxc
+
+
 @dataclass
 class Measured:
     """One case: kernel ns per run by each method (medians over rounds), and counter deltas."""
@@ -146,19 +172,8 @@ class ProgLab:
         try:
             self.pin = self._stack.enter_context(scratch_pin_dir("kpr-npbench"))
             self.topo = topo = self._stack.enter_context(Topology())
-            topo.add_node("lb")
-            topo.add_namespace("out")
-            topo.link("lb", "out", [f"{NODE4}/24"], [f"{OUT4}/24"])
-            topo.add_pod("lb", "pod", POD4)
+            build_lab(topo, remote4=("10.244.2.0/24", "10.245.0.0/16"))
             lb = topo["lb"]
-            lxc = next(i for i in lb.ifaces if i.startswith("lxc"))
-            lb.run(
-                f"ip neigh replace {OUT4} lladdr {MAC_OUT} dev eth0 nud permanent && "
-                f"ip neigh replace {NODE2_4} lladdr {MAC_NODE2} dev eth0 nud permanent && "
-                f"ip neigh replace {POD4} lladdr {MAC_POD} dev {lxc} nud permanent && "
-                f"ip route replace default via {OUT4} && ip route replace 10.244.2.0/24 via {NODE2_4} && "
-                f"ip route replace 10.245.0.0/16 via {NODE2_4}"
-            )
             self.ifindex = topo.ifindex("lb", "eth0")
             self.mac = topo.mac("lb", "eth0")
             self.kinds = {i: d.kind for i, d in classify(lb.netns).items()}

@@ -222,14 +222,7 @@ class RenderMixin:
         """The common frontend, packed directly: one scope (no local traffic policy), every
         backend active. Equal to what _render_scopes makes of it (tests/test_servicemaps_render.py)."""
         rev_nat = g.rev_nat
-        f = flags
-        if fe.affinity_timeout > 0:
-            f |= M.SVC_F_AFFINITY
-        if fe.source_ranges:
-            f |= M.SVC_F_SOURCE_RANGES
-            g.srcrange = frozenset(self._srcrange_keys(fe, rev_nat))
-        if maglev:
-            f |= M.SVC_F_MAGLEV
+        f = self._frontend_flags(g, fe, flags, maglev)
         sel = bids if len(set(bids)) == len(bids) else list(dict.fromkeys(bids))
         prev_order = prev.order_of(M.SCOPE_EXTERNAL) if prev is not None else None
         order = _stable_order(prev_order, sel)
@@ -252,6 +245,17 @@ class RenderMixin:
         g.backends = g.order_of(M.SCOPE_EXTERNAL) if prev_order is None else tuple(sorted(order_t))
         out[fk] = g
 
+    def _frontend_flags(self, g: _Group, fe: Frontend, flags: int, maglev: bool) -> int:
+        """Slot 0's flags: the type's plus affinity, source ranges (their keys put in g) and Maglev."""
+        if fe.affinity_timeout > 0:
+            flags |= M.SVC_F_AFFINITY
+        if fe.source_ranges:
+            flags |= M.SVC_F_SOURCE_RANGES
+            g.srcrange = frozenset(self._srcrange_keys(fe, g.rev_nat))
+        if maglev:
+            flags |= M.SVC_F_MAGLEV
+        return flags
+
     def _render_scopes(
         self, out: dict[bytes, _Group], g: _Group, prev: _Group | None, fe: Frontend, fk: bytes, flags: int,
         maglev: bool, ids: dict[int, int], all_active: bool,
@@ -260,14 +264,7 @@ class RenderMixin:
         rev_nat = g.rev_nat
         pending_vals = self._pending_vals
         terminating = BackendState.TERMINATING
-        common = flags
-        if fe.affinity_timeout > 0:
-            common |= M.SVC_F_AFFINITY
-        if fe.source_ranges:
-            common |= M.SVC_F_SOURCE_RANGES
-            g.srcrange = frozenset(self._srcrange_keys(fe, rev_nat))
-        if maglev:
-            common |= M.SVC_F_MAGLEV
+        common = self._frontend_flags(g, fe, flags, maglev)
 
         scopes = [(M.SCOPE_EXTERNAL, fe.external_scope_local)]
         ext_local, int_local = fe.external_scope_local, fe.internal_scope_local

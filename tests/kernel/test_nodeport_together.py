@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 
 from kpr import api
+from kpr.bpf import maps as M
 from kpr.bpf.cleanup import cleanup, scratch_pin_dir
+from kpr.nodeport import datapath as D
 from kpr.testing import echo
 from kpr.testing.cgroup import child_cgroup
 from kpr.testing.netns import Topology
@@ -58,7 +60,10 @@ def _manifests() -> str:
         f"spec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n"
         f"  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]\n",
         slice_("web-1", "web", ("p1a", "p2a")),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: default}\n"
+        # its own mode, other than tc_nodeport's default (dsr in the first test): the one frontend
+        # table must keep it, whatever XDP's default (snat)
+        "apiVersion: v1\nkind: Service\n"
+        "metadata: {name: lb, namespace: default, annotations: {service.kpr.io/lb-mode: snat}}\n"
         "spec:\n  type: LoadBalancer\n  clusterIP: 10.96.9.11\n  externalTrafficPolicy: Local\n"
         f"  healthCheckNodePort: {HC_PORT}\n"
         "  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30098}]\n",
@@ -120,7 +125,8 @@ def _delta(before: dict, after: dict, key: str) -> float:
 
 def test_tc_and_xdp_nodeport_together(cluster_for_xdp: Topology, tmp_path: Path) -> None:
     topo = cluster_for_xdp
-    plugins = ("plugins:\n  tc_nodeport: {enabled: true, mode: snat}\n"
+    # tc's default dsr is never used: XDP in front source-NATs every new flow (node2 runs no kpr)
+    plugins = ("plugins:\n  tc_nodeport: {enabled: true, mode: dsr}\n"
                "  xdp_nodeport: {enabled: true, xdpMode: auto}\n")
     with scratch_pin_dir("kpr-np-both") as pin, _agent(topo, pin, tmp_path, plugins):
         st = _status(tmp_path)
@@ -151,6 +157,14 @@ def test_tc_and_xdp_nodeport_together(cluster_for_xdp: Topology, tmp_path: Path)
         r = client(topo, "http", N1, HC_PORT)[0]
         assert r["status"] == 200 and r["body"]["localEndpoints"] == 1, r
         assert shared["counters"]["gc_errors"] == 0
+        # the frontend table holds the annotated service's mode, written once for both hooks
+        with M.BpfMap.open_pinned(pin / D.FE_MAP) as fe:
+            modes = {}
+            for k, v in fe.items():
+                a, port, proto = D.NP_FE_KEY.unpack(k)
+                modes[(M.bytes_to_addr(a), M.ntohs(port), proto)] = D.MODE_NAMES[D.NP_FE.unpack(v)[0]]
+        assert {(N1, 30098, 6), ("0.0.0.0", 30098, 6)} <= set(modes) and set(modes.values()) == {"snat"}, modes
+        assert all(port == 30098 for _a, port, _p in modes), "only the annotated service's frontends"
 
 
 @pytest.fixture

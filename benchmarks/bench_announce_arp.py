@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
-from announce_arp_env import VIP4, VIP6, Segment, flood, lb_manifest, node_ip4, node_ip6, wait_for  # noqa: E402
+from announce_arp_env import VIP4, VIP6, Segment, flood, lb_manifest, node_ip4, node_ip6, segment, wait_for  # noqa: E402
 
 from kpr.plugins.announce_arp import ownership  # noqa: E402
 from kpr.testing.netns import Topology, in_netns  # noqa: E402
@@ -67,8 +67,7 @@ class NeighWatch:
 
 def failover_rounds(base: Path, rounds: int, sig: int, timing: dict, responder: str = "auto") -> list[float]:
     out = []
-    with Topology() as topo:
-        seg = Segment(topo, base, announce={**timing, "responder": responder})
+    with segment(base, announce={**timing, "responder": responder}) as seg:
         (seg.manifests / "lb.yaml").write_text(lb_manifest("lb", VIP4, NODES))
         for n in NODES:
             seg.start(n)
@@ -97,7 +96,6 @@ def failover_rounds(base: Path, rounds: int, sig: int, timing: dict, responder: 
             for n in NODES:
                 if seg.nodes[n].proc is not None:
                     seg.stop(n)
-            seg.close()
     return out
 
 
@@ -115,8 +113,7 @@ def reply_rate(base: Path, seconds: float, responder: str, v6: bool = False, rep
     """Reply rates of one node answering with `responder` (auto: BPF; python), and of its
     kernel for its own address, measured in the same run."""
     vip, own = (VIP6, node_ip6(1)) if v6 else (VIP4, node_ip4(1))
-    with Topology() as topo:
-        seg = Segment(topo, base, n_nodes=1, members=False)
+    with segment(base, n_nodes=1, members=False) as seg:
         scanner = seg.add_host("f", 60)
         (seg.manifests / "lb.yaml").write_text(lb_manifest("lb", vip, ["node1"]))
         seg.start("node1", responder=responder)
@@ -132,7 +129,6 @@ def reply_rate(base: Path, seconds: float, responder: str, v6: bool = False, rep
             return out
         finally:
             seg.stop("node1")
-            seg.close()
 
 
 def show(name: str, xs: list[float]) -> None:

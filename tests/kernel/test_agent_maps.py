@@ -1,6 +1,7 @@
 """The agent feeds the shared service maps through the bus when a plugin asks for them,
 adopts them across a restart, and `kpr cleanup` removes them."""
 
+import contextlib
 
 import pytest
 
@@ -36,14 +37,21 @@ def start_agent(cfg):
     return kit.start_agent(cfg, internal_plugins={"needs": NeedsMaps()})
 
 
-def test_agent_writes_adopts_and_cleanup_removes_the_maps(require_kernel, tmp_path):
+@contextlib.contextmanager
+def web_config(tmp_path, prefix="kpr-agentmaps"):
+    """WEB in tmp_path/m, a scratch pin directory, and the agent config on both written to
+    tmp_path/kpr.yaml: (pin, config text, config file); the pins removed afterwards."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "web.yaml").write_text(WEB)
-    with scratch_pin_dir("kpr-agentmaps") as pin:
+    with scratch_pin_dir(prefix) as pin:
         text = config_text(tmp_path, pin)
         cfg_file = tmp_path / "kpr.yaml"
         cfg_file.write_text(text)
+        yield pin, text, cfg_file
 
+
+def test_agent_writes_adopts_and_cleanup_removes_the_maps(require_kernel, tmp_path):
+    with web_config(tmp_path) as (pin, text, cfg_file):
         agent = start_agent(parse_config(text))
         try:
             assert [h.name for h in agent.handles] == ["servicemaps", "needs"], "the writer starts first"

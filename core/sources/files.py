@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
 
 from .. import memory
 from ..allocator import AllocationError, Allocator
@@ -44,13 +43,15 @@ from ..config import load_yaml, shape_problem
 from ..model import InvalidObject
 from . import SUPPORTED_KINDS, LeaseSpec, ObjectRef, ObjectSink, ServiceHandler
 from .dirwatch import DirWatcher, WatchUnavailable
+from .yamlload import FastSafeLoader
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
 
-# libyaml's parser when PyYAML has it: the same safe subset as yaml.safe_load_all, faster.
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# libyaml's parser when PyYAML has it, and plain documents built without PyYAML's
+# constructor: the same safe subset as yaml.safe_load_all, faster (yamlload.py).
+_Loader: Any = FastSafeLoader
 
 # (mtime_ns, size, inode): a file whose signature is unchanged is not read again.
 Signature = tuple[int, int, int]

@@ -1,7 +1,7 @@
 """The agent's memory and time to ready as the number of services grows.
 
 For each size (0, 1k, 10k and 20k Services, each with one EndpointSlice of 10 endpoints, as
-JSON manifests of 100 services per file) a `kpr run` process is started with the socklb plugin
+JSON manifests of 100 services per file, or YAML with --format yaml) a `kpr run` process is started with the socklb plugin
 (on a child cgroup nothing runs in, pins in a scratch dir) and the core's service map writer,
 fed by the files source. Measured:
 
@@ -19,7 +19,7 @@ this script) and prints, at ready, VmRSS at each step (start, plugins started, r
 Python heap by the kpr module that allocated it; tracemalloc slows the agent, so ready time
 and RSS from a traced run are not comparable with the untraced ones. Root needed (BPF).
 
-    .venv/bin/python benchmarks/bench_agent_memory.py [--sizes 0,1000,10000,20000] [--trace]
+    .venv/bin/python benchmarks/bench_agent_memory.py [--sizes 0,1000,10000,20000] [--trace] [--format yaml]
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_files_source import cpu_model  # noqa: E402
-from bench_kubernetes_source import objects, write_files  # noqa: E402
+from bench_kubernetes_source import PER_FILE, objects, write_files  # noqa: E402
 
 from kpr import api as kapi  # noqa: E402
 from kpr.bpf.cleanup import scratch_pin_dir  # noqa: E402
@@ -65,10 +67,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def write_config(tmp: Path, n: int, pin: Path, cg: Path) -> Path:
+def write_yaml_files(d: Path, objs: list[list[dict]]) -> None:
+    """The same objects as write_files, as multi-document YAML files."""
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    for f in range(0, len(objs), PER_FILE):
+        docs = [o for pair in objs[f : f + PER_FILE] for o in pair]
+        (d / f"{f // PER_FILE:04d}.yaml").write_text(yaml.dump_all(docs, Dumper=dumper, sort_keys=False))
+
+
+def write_config(tmp: Path, n: int, pin: Path, cg: Path, fmt: str = "json") -> Path:
     manifests_dir = tmp / f"m-{n}"
     manifests_dir.mkdir()
-    write_files(manifests_dir, objects(n))
+    (write_yaml_files if fmt == "yaml" else write_files)(manifests_dir, objects(n))
     cfg = tmp / f"kpr-{n}.yaml"
     cfg.write_text(
         f"""
@@ -122,9 +132,9 @@ def stop(proc: subprocess.Popen, cfg: Path) -> None:
     subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg)], capture_output=True)
 
 
-def run(n: int, tmp: Path, trace: bool) -> dict:
+def run(n: int, tmp: Path, trace: bool, fmt: str = "json") -> dict:
     with scratch_pin_dir("kpr-bench-mem") as pin, child_cgroup("kpr-bench-mem") as cg:
-        cfg = write_config(tmp, n, pin, cg)
+        cfg = write_config(tmp, n, pin, cg, fmt)
         sock = tmp / f"kpr-{n}.sock"
         log = open(tmp / f"agent-{n}.log", "w")
         report = tmp / f"trace-{n}.json"
@@ -234,6 +244,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="0,1000,10000,20000")
     ap.add_argument("--trace", action="store_true", help="tracemalloc in the agent (slower; see above)")
     ap.add_argument("--top", type=int, default=TOP, help="files and lines listed by --trace")
+    ap.add_argument("--format", choices=("json", "yaml"), default="json", help="the manifests' format")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--report", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -245,14 +256,14 @@ def main() -> int:
         return 1
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; agent = `kpr run` with socklb + the service map writer, "
-          f"files source, JSON manifests; {'traced' if args.trace else 'untraced'}")
+          f"files source, {args.format.upper()} manifests; {'traced' if args.trace else 'untraced'}")
     print(f"{'services':>8} {'ready s':>8} {'cpu s':>6} {'RSS@ready MB':>12} {'RSS MB':>7} {'HWM MB':>7} "
           f"{'RSS-empty MB':>12} {'HWM-empty MB':>12} {'RSS/empty':>9}")
     base = None
     with tempfile.TemporaryDirectory(prefix="kpr-bench-mem-") as tmpd:
         tmp = Path(tmpd)
         for n in sizes:
-            r = run(n, tmp, args.trace)
+            r = run(n, tmp, args.trace, args.format)
             if base is None:
                 base = r
             print(f"{n:>8} {r['ready']:>8.2f} {r['cpu']:>6.2f} {r['rss_ready']:>12.0f} {r['rss']:>7.0f} {r['hwm']:>7.0f} "

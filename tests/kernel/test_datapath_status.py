@@ -11,21 +11,15 @@ import pytest
 
 from kpr import api, cli
 from kpr.bpf import maps as M
-from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.config import parse_config
 
-from test_agent_maps import WEB, config_text, start_agent
+from test_agent_maps import start_agent, web_config
 
 pytestmark = pytest.mark.kernel
 
 
 def test_datapath_list_and_maps_in_sync(require_kernel, tmp_path, capsys, monkeypatch) -> None:
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "web.yaml").write_text(WEB)
-    with scratch_pin_dir("kpr-h8-dpstatus") as pin:
-        text = config_text(tmp_path, pin)
-        cfg = tmp_path / "kpr.yaml"
-        cfg.write_text(text)
+    with web_config(tmp_path, "kpr-h8-dpstatus") as (pin, text, cfg):
         agent = start_agent(parse_config(text))
         try:
             assert cli.main(["service", "list", "--json", "--config", str(cfg)]) == 0

@@ -57,9 +57,11 @@ def test_fast_path_renders_what_the_general_path_renders(seed):
     rnd = random.Random(seed)
     fast, general = _writer(), _writer(general=True)
     for i in range(1, 60):
-        extra = {"affinity_timeout": 30} if rnd.random() < 0.2 else {}
+        extra: dict[str, object] = {"affinity_timeout": 30} if rnd.random() < 0.2 else {}
         if rnd.random() < 0.1:
             extra["source_ranges"] = ("192.0.2.0/24", "2001:db8::/64")
+        if rnd.random() < 0.1:  # set on any type: only some types have a local scope
+            extra["external_local" if rnd.random() < 0.5 else "internal_local"] = True
         svc = _service(rnd, i, **extra)
         pa, pb = _render_both(fast, general, svc)
         assert pa == pb, svc

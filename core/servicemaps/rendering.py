@@ -102,7 +102,7 @@ class RenderMixin:
         seen: dict[tuple, tuple[int, bytes]] | None = {} if len(service.frontends) > 1 else None
         for fe in service.frontends:
             addr = M.addr_to_bytes(fe.address)
-            tail = fe.port.to_bytes(2, "big") + _PROTO_BYTE[fe.protocol]
+            tail = _port_bytes(fe.port) + _PROTO_BYTE[fe.protocol]
             flags = _TYPE_FLAGS[fe.type]
             wild = _WILD4 if addr[:12] == _V4_MAPPED else _WILD6
             if addr == wild:
@@ -130,21 +130,22 @@ class RenderMixin:
         proto_b = fk[18:19]
         g = _Group(rev_nat, owner, revnat=fk + b"\x00")
 
-        pending_vals = self._pending_vals
-        backend_ids = self._backend_ids
-        to_bytes = M.addr_to_bytes
-        all_active = True
-        terminating = BackendState.TERMINATING
         if seen is None:
             # One frontend (nothing to share with another): list at a time
             bids, all_active = self._backend_ids_of(fe.backends, proto_b)
-            if all_active and not fe.external_scope_local and not fe.internal_scope_local:
+            # (no local traffic policy set: neither scope is local, whatever the type)
+            if all_active and not fe.external_local and not fe.internal_local:
                 self._render_simple(out, g, prev, fe, fk, flags, maglev, bids)
                 return
             # Backend ids by object identity (selectable() hands back the same objects;
             # hashing the dataclasses would cost more than the rest of the render).
             self._render_scopes(out, g, prev, fe, fk, flags, maglev, dict(zip(map(id, fe.backends), bids)), all_active)
             return
+        pending_vals = self._pending_vals
+        backend_ids = self._backend_ids
+        to_bytes = M.addr_to_bytes
+        all_active = True
+        terminating = BackendState.TERMINATING
         ids: dict[int, int] = {}
         for b in fe.backends:
             term = b.state is terminating
@@ -171,44 +172,42 @@ class RenderMixin:
         and whether all are active. List at a time, not backend at a time: a full sync runs
         this for 500k backends at 50k services. Addresses are converted directly: a full
         sync's are mostly new, where addr_to_bytes's cache only adds its bookkeeping."""
+        n = len(backends)
         addrs = list(map(_ADDRESS, backends))
-        try:
-            a16s = [_V4_PREFIX + _pton(_AF_INET, a) for a in addrs]
-        except OSError:  # IPv6 (or a bad address: addr_to_bytes names it)
-            a16s = list(map(M.addr_to_bytes, addrs))
         ports = list(map(_PORT_OF, backends))
-        if ports and ports.count(ports[0]) == len(ports):
+        if n and ports.count(ports[0]) == n:
             tail = _port_bytes(ports[0]) + proto_b
-            bkeys = [a + tail for a in a16s]
+            try:
+                bkeys = [_V4_PREFIX + _pton(_AF_INET, a) + tail for a in addrs]
+            except OSError:  # IPv6 (or a bad address: addr_to_bytes names it)
+                bkeys = [a + tail for a in map(M.addr_to_bytes, addrs)]
         else:
-            bkeys = [a + _port_bytes(p) + proto_b for a, p in zip(a16s, ports)]
+            bkeys = [M.addr_to_bytes(a) + _port_bytes(p) + proto_b for a, p in zip(addrs, ports)]
         backend_ids = self._backend_ids
         bids = list(map(backend_ids.get, bkeys))
         if None in bids:
-            new = [i for i, bid in enumerate(bids) if bid is None]
             nxt = self._next_backend
-            if not self._ids_wrapped and 0 < nxt and nxt + len(new) < 0xFFFFFFFF:
+            if not self._ids_wrapped and 0 < nxt and nxt + n < 0xFFFFFFFF:
                 # straight from the counter: below it every id is taken, above it none
-                if len(new) == len(bids) and len(set(bkeys)) == len(bkeys):
+                if bids.count(None) == n and len(set(bkeys)) == n:
                     # all new (as in a full sync into empty maps): at once
-                    bids = list(range(nxt, nxt + len(bids)))
+                    bids = list(range(nxt, nxt + n))
                     backend_ids.update(zip(bkeys, bids))
-                    nxt += len(bids)
-                    new = []
-                for i in new:
-                    bkey = bkeys[i]
-                    bid = backend_ids.get(bkey)  # listed twice in this frontend
-                    if bid is None:
-                        bid = backend_ids[bkey] = nxt
-                        nxt += 1
-                    bids[i] = bid
+                    nxt += n
+                else:
+                    for i, bid in enumerate(bids):
+                        if bid is None:
+                            bkey = bkeys[i]
+                            bid = backend_ids.get(bkey)  # listed twice in this frontend
+                            if bid is None:
+                                bid = backend_ids[bkey] = nxt
+                                nxt += 1
+                            bids[i] = bid
                 self._next_backend = nxt
             else:
-                for i in new:
-                    bids[i] = self._backend_id(bkeys[i])
-        locals_ = list(map(_LOCAL_OF, backends))
-        if True in locals_:
-            vals = [bk + _BACKEND_TAIL[loc] for bk, loc in zip(bkeys, locals_)]
+                bids = [bid if bid is not None else self._backend_id(bk) for bid, bk in zip(bids, bkeys)]
+        if any(map(_LOCAL_OF, backends)):
+            vals = [bk + _BACKEND_TAIL[loc] for bk, loc in zip(bkeys, map(_LOCAL_OF, backends))]
         else:
             t0 = _BACKEND_TAIL[0]
             vals = [bk + t0 for bk in bkeys]
@@ -222,13 +221,13 @@ class RenderMixin:
         """The common frontend, packed directly: one scope (no local traffic policy), every
         backend active. Equal to what _render_scopes makes of it (tests/test_servicemaps_render.py)."""
         rev_nat = g.rev_nat
-        f = self._frontend_flags(g, fe, flags, maglev)
+        f = self._frontend_flags(g, fe, flags, maglev) if fe.affinity_timeout or fe.source_ranges or maglev else flags
         sel = bids if len(set(bids)) == len(bids) else list(dict.fromkeys(bids))
         prev_order = prev.order_of(M.SCOPE_EXTERNAL) if prev is not None else None
-        order = _stable_order(prev_order, sel)
+        order = sorted(sel) if not prev_order else _stable_order(prev_order, sel)
         n = len(order)
         head = fk + _BYTE[M.SCOPE_EXTERNAL]
-        keys = head + _SLOT[0] + b"".join(map(head.__add__, _slot_tails(n)))
+        keys = head + _SLOT[0] + b"".join(map(head.__add__, _SLOT[1 : n + 1] if n < 1024 else _slot_tails(n)))
         # slot values as u32 words (kpr_svc_val: id, count|terminating, rev_nat, flags = the
         # backend's state, affinity): the ids dropped into a repeated template
         words = array("I", (0, 0, rev_nat, M.BACKEND_ACTIVE, 0)) * n
@@ -242,7 +241,7 @@ class RenderMixin:
             pending_vals = self._pending_vals
             g.set_maglev(M.SCOPE_EXTERNAL, tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order)))
         # Usually the slot order itself (sorted when new): kept once.
-        g.backends = g.order_of(M.SCOPE_EXTERNAL) if prev_order is None else tuple(sorted(order_t))
+        g.backends = order_t if not prev_order else tuple(sorted(order_t))
         out[fk] = g
 
     def _frontend_flags(self, g: _Group, fe: Frontend, flags: int, maglev: bool) -> int:

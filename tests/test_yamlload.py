@@ -144,3 +144,17 @@ def test_random_documents_agree() -> None:
     for _ in range(300):
         text = "\n---\n".join(f"x: {node(0)}" for _ in range(rng.randint(1, 3)))
         assert same(load(text, FastSafeLoader), load(text, Reference)), text
+
+
+def test_no_path_resolvers_as_the_fast_resolve_assumes() -> None:
+    # FastSafeLoader answers resolve() and skips descend/ascend_resolver as BaseResolver does
+    # only without path resolvers (yaml.add_path_resolver): none may be added.
+    assert FastSafeLoader.yaml_path_resolvers == {}
+    assert FastSafeLoader.yaml_implicit_resolvers is Reference.yaml_implicit_resolvers
+
+
+def test_the_tag_cache_stays_bounded() -> None:
+    text = "\n".join(f"k{i}: v{i}" for i in range(yamlload._TAGS_MAX + 10))
+    doc = yaml.load(text, Loader=FastSafeLoader)
+    assert len(doc) == yamlload._TAGS_MAX + 10
+    assert len(yamlload._tags) <= yamlload._TAGS_MAX

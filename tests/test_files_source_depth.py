@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import yaml
 
 from kpr.config import shape_problem
 from kpr.sources.files import MAX_DEPTH, _ParseError, _too_deep, parse_manifest
@@ -54,3 +55,19 @@ def test_random_shapes_agree() -> None:
         assert _too_deep(docs, MAX_DEPTH) == expected
         seen.add(expected)
     assert seen == {True, False}  # both outcomes were tried
+
+
+@pytest.mark.parametrize("star", ["", "  note: '*.example.com'\n"], ids=["no-star", "star-in-a-string"])
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 2, MAX_DEPTH + 2])
+def test_yaml_without_aliases_gets_the_same_bound(depth: int, star: str) -> None:
+    """YAML without a `*` (no alias) takes the depth walk; with one, shape_problem: the
+    same answer either way."""
+    text = f"kind: Service\nmetadata:\n  name: x\n{star}x: " + "[" * depth + "1" + "]" * depth + "\n"
+    doc = yaml.safe_load(text)
+    expected = shape_problem([doc], max_depth=MAX_DEPTH, max_nodes=10**9, depth0=0)
+    if expected:
+        with pytest.raises(_ParseError, match=f"^nested deeper than {MAX_DEPTH} levels$"):
+            parse_manifest("deep.yaml", text.encode())
+    else:
+        assert parse_manifest("deep.yaml", text.encode()) == [doc]
+    assert bool(expected) == (depth > MAX_DEPTH - 2)

@@ -227,6 +227,10 @@ class ReconcileMixin:
             self._next_revnat = max(self._next_revnat, g.rev_nat + 1)
         # identities as the maps now hold them (a hand-edited value must not keep its id)
         self._backend_ids = {val[:19]: bid for bid, val in self._backend_vals.items()}
+        # The desired state's ids were written back too: the counter stays above them (new
+        # ids are taken from it without a look-up, see RenderMixin._backend_id).
+        self._next_backend = max(self._next_backend, saved["_next_backend"])
+        self._ids_wrapped = self._ids_wrapped or saved["_ids_wrapped"]
         return self._op_total() - before
 
     def check(self) -> int:

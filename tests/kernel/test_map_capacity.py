@@ -234,6 +234,26 @@ def test_check_repairs_entries_added_changed_and_deleted_with_bpftool(pin_path: 
         kernel_equals_status(w)
 
 
+def test_a_backend_the_repair_writes_back_keeps_its_id_to_itself(pin_path: Path) -> None:
+    """check() writes back a backend deleted by hand: a service added afterwards gets a new id,
+    not the written-back one (new ids come from a counter that must stay above every id in use)."""
+    with ServiceMapWriter(pin_path, create_datapath_maps=False) as w:
+        w.upsert(cluster_ip("a", "10.96.1.1"))
+        ids_a = w.backend_ids()
+        top = max(ids_a.values())
+        w.maps["kpr_backend"].delete(M.U32.pack(top))  # the newest backend, gone by hand
+        assert w.check() == 1
+        w.upsert(cluster_ip("b", "10.96.1.2", (Backend("10.2.0.1", 8080),)))
+        ids = w.backend_ids()
+        assert ids["10.2.0.1:8080/TCP"] not in ids_a.values(), ids
+        assert {k: ids[k] for k in ids_a} == ids_a
+        read = w.read_back()["backends"]
+        name_of_top = next(name for name, bid in ids_a.items() if bid == top)
+        assert read[top]["address"] == name_of_top.split(":")[0], "the written-back backend is still itself"
+        assert read[ids["10.2.0.1:8080/TCP"]]["address"] == "10.2.0.1"
+        kernel_equals_status(w)
+
+
 def test_the_check_runs_periodically_once_started(pin_path: Path) -> None:
     import time
 

@@ -116,3 +116,18 @@ def test_bad_backend_address_is_a_clear_error():
                                                   (Backend("10.1.0.300", 80),)),))
     with pytest.raises(ValueError, match="10.1.0.300"):
         w._render(svc)
+
+
+def test_new_ids_skip_ids_in_use_after_the_last_u32():
+    """Adopted maps may hold id 0xffffffff: new ids start again from 1 and skip any in use."""
+    w = _writer()
+    w._backend_vals[2] = bytes(24)
+    w._backend_vals[0xFFFFFFFF] = bytes(24)
+    w._next_backend = 0x100000000
+    svc = Service(ServiceKey("t", "w"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.4", 80, Protocol.TCP,
+                                                  tuple(Backend(f"10.1.0.{j}", 80) for j in (1, 2, 3))),))
+    (g,) = w._render(svc).values()
+    assert g.backends == (1, 3, 4)
+    (g,) = w._render(Service(ServiceKey("t", "x"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.5", 80, Protocol.TCP,
+                                                             (Backend("10.1.0.9", 80),)),))).values()
+    assert g.backends == (5,)

@@ -60,6 +60,9 @@ class RenderMixin:
         if bid is None:
             bid = self._next_backend
             if self._ids_wrapped or not 0 < bid < 0xFFFFFFFF:
+                if bid > 0xFFFFFFFF:  # past the last u32 (adopted maps held id 0xffffffff): from 0 again
+                    bid &= 0xFFFFFFFF
+                    self._ids_wrapped = True
                 while bid in self._backend_vals or bid == 0:
                     bid = (bid + 1) & 0xFFFFFFFF
             self._next_backend = (bid + 1) & 0xFFFFFFFF or 1

@@ -237,6 +237,8 @@ def test_cluster_policy_needs_a_ready_endpoint_somewhere(make):
     p.kpr_service_upsert(service=lb("c", "10.0.100.12", backends=(("10.244.2.6", "node2", False),)))
     p.kpr_sync_complete()
     wait_for(lambda: r.owned == {"10.0.100.10"}, what="owned")
+    # the plan is recorded just after the responder took the address: wait for it too
+    wait_for(lambda: p._plan.owned == {"10.0.100.10"}, what="plan recorded")
     assert p._plan.known == {"10.0.100.10", "10.0.100.11", "10.0.100.12"}
 
 

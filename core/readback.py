@@ -36,7 +36,7 @@ __all__ = ["DatapathMaps", "Decoded", "SvcEntry", "decode_maps", "differences", 
 _PORT = struct.Struct("=H")
 _CT_DIR_ORIGINAL = 0  # KPR_CT_DIR_ORIGINAL (lib/conntrack.h)
 _CT_KEY = struct.Struct("=16s16sHHBBH")  # kpr_ct_key: saddr, daddr, sport, dport, proto, dir, pad
-_CT_ENTRY = struct.Struct("=QIIHBBI")  # kpr_ct_entry: last_seen, backend_id, rev_nat, flags, tcp_flags, pad, pad2
+_CT_ENTRY = struct.Struct("=QIIHBBHH16s")  # kpr_ct_entry: last_seen, backend_id, rev_nat, flags, tcp_flags, pad, nat_port, pad2, nat_addr
 _AFF_KEY = struct.Struct("=16sIB3x")  # kpr_affinity_key: client, rev_nat, netns
 _AFF_VAL = struct.Struct("=QII")  # kpr_affinity_val: last_used, backend_id, slot
 _TYPE_BITS = (
@@ -247,7 +247,7 @@ class DatapathMaps:
         raw = m.lookup(_CT_KEY.pack(saddr, daddr, M.htons(sport), M.htons(dport), proto, _CT_DIR_ORIGINAL, 0))
         if raw is None:
             return None
-        last, bid, rev_nat, flags, _tf, _p, _p2 = _CT_ENTRY.unpack(raw)
+        last, bid, rev_nat, flags = _CT_ENTRY.unpack(raw)[:4]
         return {"last_seen": last, "backend_id": bid, "rev_nat": rev_nat, "flags": flags}
 
     def is_node_address(self, addr: bytes, hook: str) -> bool:

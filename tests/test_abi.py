@@ -38,8 +38,8 @@ PACKERS: dict[str, tuple[struct.Struct, str, tuple[str, ...], tuple[str, ...]]] 
     "M.MAGLEV_KEY": (M.MAGLEV_KEY, "kpr_maglev_key", (), ("rev_nat", "scope")),
     "M.SRCRANGE_KEY": (M.SRCRANGE_KEY, "kpr_srcrange_key", (), ("prefixlen", "rev_nat", "addr")),
     "D.CT_KEY": (D.CT_KEY, "kpr_ct_key", (), ("saddr", "daddr", "sport", "dport", "proto", "dir", "pad")),
-    "D.CT_ENTRY": (D.CT_ENTRY, "kpr_ct_entry", (), ("last_seen", "backend_id", "rev_nat", "flags", "tcp_flags", "pad", "pad2")),
-    "D.NAT_ENTRY": (D.NAT_ENTRY, "kpr_nat_entry", (), ("addr", "port", "pad", "pad2", "created")),
+    "D.CT_ENTRY": (D.CT_ENTRY, "kpr_ct_entry", (), ("last_seen", "backend_id", "rev_nat", "flags", "tcp_flags", "pad", "nat_port", "pad2", "nat_addr")),
+    "D.NAT_ENTRY": (D.NAT_ENTRY, "kpr_nat_entry", (), ("addr", "port", "fe_port", "pad2", "created", "fe_addr")),
     "D.NP_REV": (D.NP_REV, "kpr_np_rev", (), ("addr", "port", "flags", "pad", "last_seen")),
     "D.NP_FE_KEY": (D.NP_FE_KEY, "kpr_np_fe_key", ("pad",), ("addr", "port", "proto")),
     "D.NP_FE": (D.NP_FE, "kpr_np_fe", ("pad",), ("mode",)),
@@ -142,7 +142,7 @@ def test_ctypes_mirrors_are_the_headers_structs() -> None:
         assert ctypes.sizeof(mirror) == t.size, name
     # the map specs' key and value sizes are the structs'
     assert (M.SPECS["kpr_svc"].key_size, M.SPECS["kpr_svc"].value_size) == (24, 20)
-    assert (M.SPECS["kpr_snat"].key_size, M.SPECS["kpr_snat"].value_size) == (40, 32)
+    assert (M.SPECS["kpr_snat"].key_size, M.SPECS["kpr_snat"].value_size) == (40, 48)
 
 
 def test_constants_are_the_headers_values() -> None:

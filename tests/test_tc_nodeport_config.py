@@ -121,19 +121,34 @@ CLIENT, FE, BE, NODE = A("192.0.2.1"), A("203.0.113.5"), A("10.244.2.11"), A("10
 P = M.htons
 
 
-def _maps(now: int, *, flags: int, proto: int, last_seen: int, backend_id: int = 7) -> dict[str, FakeMap]:
+# A SNAT flow as each build writes it: "two" entries (KPR_NP_SNAT_IN_CT: the mapping in the
+# conntrack entry, one kpr_snat entry for replies naming client and frontend) or "four"
+# (conntrack, SNAT forward and reverse, kpr_np_rev).
+LAYOUTS = ("two", "four")
+
+
+def _maps(now: int, *, flags: int, proto: int, last_seen: int, backend_id: int = 7,
+          layout: str = "two") -> dict[str, FakeMap]:
+    two = layout == "two"
     ct = FakeMap({
         D.CT_KEY.pack(CLIENT, FE, P(5000), P(80), proto, D.CT_DIR_ORIGINAL, 0):
-            D.CT_ENTRY.pack(last_seen, backend_id, 3, flags | D.CT_F_NODE_PORT, 0, 0, 0),
+            D.CT_ENTRY.pack(last_seen, backend_id, 3, flags | D.CT_F_NODE_PORT, 0, 0,
+                            P(62000) if two else 0, 0, NODE if two else bytes(16)),
         # a flow another program tracks: never this collector's
         D.CT_KEY.pack(CLIENT, A("10.96.0.1"), P(5001), P(80), proto, D.CT_DIR_ORIGINAL, 0):
-            D.CT_ENTRY.pack(0, 1, 1, 0, 0, 0, 0),
+            D.CT_ENTRY.pack(0, 1, 1, 0, 0, 0, 0, 0, bytes(16)),
     })
-    rev = FakeMap({D.CT_KEY.pack(BE, CLIENT, P(8080), P(5000), proto, D.CT_DIR_REPLY, 0): D.NP_REV.pack(FE, P(80), 0, 0, 0)})
-    snat = FakeMap({
-        D.CT_KEY.pack(CLIENT, BE, P(5000), P(8080), proto, D.CT_DIR_ORIGINAL, 0): D.NAT_ENTRY.pack(NODE, P(62000), 0, 0, 0),
-        D.CT_KEY.pack(BE, NODE, P(8080), P(62000), proto, D.CT_DIR_REPLY, 0): D.NAT_ENTRY.pack(CLIENT, P(5000), 0, 0, 0),
-    })
+    reverse_key = D.CT_KEY.pack(BE, NODE, P(8080), P(62000), proto, D.CT_DIR_REPLY, 0)
+    if two:
+        rev = FakeMap()
+        snat = FakeMap({reverse_key: D.NAT_ENTRY.pack(CLIENT, P(5000), P(80), 0, now - 20 * 10**9, FE)})
+    else:
+        rev = FakeMap({D.CT_KEY.pack(BE, CLIENT, P(8080), P(5000), proto, D.CT_DIR_REPLY, 0): D.NP_REV.pack(FE, P(80), 0, 0, 0)})
+        snat = FakeMap({
+            D.CT_KEY.pack(CLIENT, BE, P(5000), P(8080), proto, D.CT_DIR_ORIGINAL, 0):
+                D.NAT_ENTRY.pack(NODE, P(62000), 0, 0, 0, bytes(16)),
+            reverse_key: D.NAT_ENTRY.pack(CLIENT, P(5000), 0, 0, 0, bytes(16)),
+        })
     backend = FakeMap({M.U32.pack(7): M.BACKEND.pack(BE, P(8080), proto, 0, 0)})
     return {"kpr_ct": ct, D.REV_MAP: rev, "kpr_snat": snat, "kpr_backend": backend}
 
@@ -142,23 +157,42 @@ def _collector(maps: dict[str, FakeMap], allowed: G.BackendSet | None) -> G.Coll
     return G.Collector(maps, lambda a, p, pr: allowed, lambda: {NODE}, 1.0)  # type: ignore[arg-type]
 
 
-def test_live_flow_keeps_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_live_flow_keeps_everything(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     now = 10**15
     monkeypatch.setattr(G, "now_ns", lambda: now)
-    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now - 5 * 10**9)
+    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now - 5 * 10**9, layout=layout)
+    entries = {name: dict(m.d) for name, m in maps.items()}
     c = _collector(maps, frozenset({(BE, P(8080))}))
     res = c.run()
     assert (res.ct_expired, res.stale, res.rev_expired, res.snat_freed) == (0, 0, 0, 0)
-    assert c.totals.ct_entries == 1 and c.totals.snat_entries == 1 and c.totals.rev_entries == 1
-    assert len(maps["kpr_ct"].d) == 2
+    assert c.totals.ct_entries == 1 and c.totals.snat_entries == 1
+    assert c.totals.rev_entries == (0 if layout == "two" else 1)
+    assert {name: m.d for name, m in maps.items()} == entries
 
 
-def test_expired_udp_flow_frees_its_port_and_reverse_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reverse_entry_of_no_flow_is_freed_once_past_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SNAT_IN_CT reverse entry whose conntrack entry is gone (evicted, never written): freed
+    after GRACE_NS, kept while younger (its conntrack entry may be being written)."""
     now = 10**15
     monkeypatch.setattr(G, "now_ns", lambda: now)
-    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now - 61 * 10**9)
+    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now)
+    maps["kpr_ct"].d.clear()
+    (key, raw), = maps["kpr_snat"].d.items()
+    young = D.NAT_ENTRY.pack(*D.NAT_ENTRY.unpack(raw)[:4], now - 10**9, FE)
+    maps["kpr_snat"].d[key] = young
+    assert _collector(maps, None).run().snat_freed == 0 and maps["kpr_snat"].d == {key: young}
+    maps["kpr_snat"].d[key] = raw  # 20 s old
+    assert _collector(maps, None).run().snat_freed == 1 and maps["kpr_snat"].d == {}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_expired_udp_flow_frees_its_port_and_reverse_entry(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    now = 10**15
+    monkeypatch.setattr(G, "now_ns", lambda: now)
+    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now - 61 * 10**9, layout=layout)
     res = _collector(maps, frozenset({(BE, P(8080))})).run()
-    assert (res.ct_expired, res.snat_freed, res.rev_expired) == (1, 1, 1)
+    assert (res.ct_expired, res.snat_freed, res.rev_expired) == (1, 1, 0 if layout == "two" else 1)
     assert len(maps["kpr_ct"].d) == 1, "the other program's entry stays"
     assert maps["kpr_snat"].d == {} and maps[D.REV_MAP].d == {}
 
@@ -177,6 +211,9 @@ def test_stale_udp_flow_is_cleared_even_when_young(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(G, "now_ns", lambda: now)
     maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now)
     other = frozenset({(A("10.244.2.12"), P(8080))})
+    res = _collector(maps, other).run(stale_only=True)
+    assert res.stale == 1 and res.snat_freed == 1 and maps["kpr_snat"].d == {}
+    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now, layout="four")
     res = _collector(maps, other).run(stale_only=True)
     assert res.stale == 1 and res.snat_freed == 1 and res.rev_expired == 1
     # a frontend the plugin does not know is never judged

@@ -95,8 +95,8 @@ _PORT_PROTO_BASE = {6: 0, 17: 1024}
 # order, pads included unless skipped: tests/test_abi.py pins the lists callers rely on)
 
 CT_KEY = abi.packer("kpr_ct_key")  # saddr, daddr, sport, dport, proto, dir, pad
-CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, tcp_flags, pad, pad2
-NAT_ENTRY = abi.packer("kpr_nat_entry")  # addr, port, pad, pad2, created
+CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, tcp_flags, pad, nat_port, pad2, nat_addr
+NAT_ENTRY = abi.packer("kpr_nat_entry")  # addr, port, fe_port, pad2, created, fe_addr
 NP_REV = abi.packer("kpr_np_rev")  # addr, port, flags, pad, last_seen
 NP_FE_KEY = abi.packer("kpr_np_fe_key", skip=("pad",))  # addr, port, proto
 NP_FE = abi.packer("kpr_np_fe", skip=("pad",))  # mode

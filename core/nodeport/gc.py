@@ -9,10 +9,13 @@ What belongs to whom:
               lib/conntrack.h's timeouts (read from it below). Non-TCP flows whose backend left
               their frontend are "stale" and cleared at once: kube-proxy's long-standing
               stale-UDP problem (clients keep sending into the void) does not happen here.
-  kpr_np_rev  reverse translations (backend -> client). Those made from a DSR header (on the
-              backend's node: no conntrack entry there) expire on their own timestamps; the
-              others live exactly as long as their conntrack flow.
-  kpr_snat    mappings whose SNAT address is one of this node's: live while their flow is.
+  kpr_np_rev  reverse translations (backend -> client) of local and DSR flows. Those made
+              from a DSR header (on the backend's node: no conntrack entry there) expire on
+              their own timestamps; the others live exactly as long as their conntrack flow.
+  kpr_snat    mappings whose SNAT address is one of this node's: live while their flow is. A
+              SNAT flow has one entry here, keyed by its reply tuple (client and frontend in
+              it; its SNAT address and port are in its conntrack entry); flows a
+              KPR_NP_SNAT_IN_CT=0 build made also have a forward entry (and a kpr_np_rev one).
 
 A flow born between the dumps of two maps could look orphaned: entries younger than GRACE_NS
 are never collected for want of a partner.
@@ -195,7 +198,7 @@ class Collector:
         n_ct = 0
         for k, v in ct.items():
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
-            last_seen, bid, _rev_nat, flags, _tf, _p, _p2 = D.CT_ENTRY.unpack(v)
+            last_seen, bid, _rev_nat, flags = D.CT_ENTRY.unpack(v)[:4]
             if direction != D.CT_DIR_ORIGINAL or not flags & D.CT_F_NODE_PORT:
                 continue
             be = names.get(bid)
@@ -261,17 +264,16 @@ class Collector:
     def _snat_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
         snat = self.maps["kpr_snat"]
         ours = self.snat_addrs()
-        items = snat.items()
         dead: list[bytes] = []
-        kept_reverse: set[bytes] = set()
-        reverse: dict[bytes, int] = {}  # reverse key -> created
+        paired: set[bytes] = set()  # reverse keys a forward entry decided
+        reverse: dict[bytes, tuple[Flow, int]] = {}  # reverse key -> (its flow, created)
         n = 0
-        for k, v in items:
+        for k, v in snat.items():
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
-            addr, port, _p, _p2, created = D.NAT_ENTRY.unpack(v)
+            addr, port, _fport, _p2, created, _fe = D.NAT_ENTRY.unpack(v)
             if direction == D.CT_DIR_REPLY:
-                if daddr in ours:
-                    reverse[k] = created
+                if daddr in ours:  # backend -> node:port; the value names the client
+                    reverse[k] = ((addr, port, proto, saddr, sport), created)
                 continue
             if addr not in ours:
                 continue  # another owner's mapping
@@ -282,11 +284,20 @@ class Collector:
                 dead.append(rkey)
                 res.snat_freed += 1
             else:
-                kept_reverse.add(rkey)
+                n += 1
+            paired.add(rkey)
+        # Reverse entries on their own (the SNAT flows of KPR_NP_SNAT_IN_CT builds; also the
+        # halves of an interrupted allocation or an evicted forward entry): live while their
+        # conntrack flow is.
+        for k, (flow, created) in reverse.items():
+            if k in paired:
+                continue
+            if flow in gone or (not stale_only and flow not in res.live and now - created >= GRACE_NS):
+                dead.append(k)
+                res.snat_freed += 1
+            else:
                 n += 1
         if not stale_only:
-            # reverse halves whose forward half is gone (an interrupted allocation, an LRU eviction)
-            dead.extend(k for k, created in reverse.items() if k not in kept_reverse and now - created >= GRACE_NS)
             self.totals.snat_entries = n
         if dead:
             snat.delete_many(sorted(set(dead)))

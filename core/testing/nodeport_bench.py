@@ -425,10 +425,10 @@ def summary_line(label: str, m: Measured, b: Measured) -> str:
 STOPS = (
     (1, "parse"),
     (2, "conntrack / service lookup, backend pick"),
-    (3, "conntrack entry written (new flows)"),
+    (3, "conntrack entry written (new local/DSR flows; SNAT: at 6)"),
     (4, "tail call, stage re-parse, backend lookup"),
     (5, "FIB lookup"),
-    (6, "SNAT port, DNAT + SNAT rewrite"),
+    (6, "SNAT port + conntrack entry, DNAT + SNAT rewrite"),
     (0, "forward (full program)"),
 )
 
@@ -440,11 +440,12 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "conntrack written every packet (KPR_CT_LOOKUP_BEFORE_WRITE=0)": ("-DKPR_CT_LOOKUP_BEFORE_WRITE=0",),
     "SNAT address looked up every packet (KPR_NP_LAZY_SNAT_ADDR=0)": ("-DKPR_NP_LAZY_SNAT_ADDR=0",),
     "fine clock (bpf_ktime_get_ns; default coarse, KPR_CLOCK_FINE=1)": ("-DKPR_CLOCK_FINE=1",),
+    "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
-        "-DKPR_CLOCK_FINE=1"),
-    "before issue 14 (KPR_NP_PREFILTER, KPR_NP_CARRY, KPR_NP_LAZY_SNAT_ADDR off)": (
-        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0"),
+        "-DKPR_CLOCK_FINE=1", "-DKPR_NP_SNAT_IN_CT=0"),
+    "before issue 14 (KPR_NP_PREFILTER, KPR_NP_CARRY, KPR_NP_LAZY_SNAT_ADDR, KPR_NP_SNAT_IN_CT off)": (
+        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0"),
 }
 
 

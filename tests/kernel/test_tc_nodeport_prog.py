@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +318,77 @@ def test_snat_to_a_remote_backend_and_the_reverse_nat_of_its_reply(lab: Lab) -> 
     ])
     st = lab.stats()
     assert st["new_snat"] >= 3 and st["reply_snat"] >= 3 and st["icmp_translated"] >= 2, st
+
+
+def _flow_entries(lab: Lab, client: str, cport: int, proto: int) -> dict[str, list[tuple[tuple, tuple]]]:
+    """Every entry of kpr_ct, kpr_snat and kpr_np_rev naming the client address and port."""
+    c = M.addr_to_bytes(client)
+    out: dict[str, list[tuple[tuple, tuple]]] = {}
+    for name, leaf in (("kpr_ct", D.CT_ENTRY), ("kpr_snat", D.NAT_ENTRY), (D.REV_MAP, D.NP_REV)):
+        with M.BpfMap.open_pinned(lab.pin / name) as m:
+            rows = [(D.CT_KEY.unpack(k), leaf.unpack(v)) for k, v in m.items()]
+        out[name] = [(k, v) for k, v in rows if k[4] == proto and (
+            (k[0] == c and k[2] == M.htons(cport)) or (k[1] == c and k[3] == M.htons(cport))
+            or (name == "kpr_snat" and v[0] == c and v[1] == M.htons(cport)))]
+    return out
+
+
+def test_a_new_snat_flow_writes_two_entries(lab: Lab) -> None:
+    """KPR_NP_SNAT_IN_CT: the conntrack entry holds the SNAT address and port, one kpr_snat
+    entry keyed by the reply tuple holds client and frontend; no SNAT forward entry, no
+    kpr_np_rev entry. The reply finds the flow through that one entry (checked above)."""
+    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5077, 80))
+    assert verdict == TC_ACT_REDIRECT
+    port = out[UDP].sport
+    e = _flow_entries(lab, CLIENT4, 5077, 17)
+    (ck, cv), = e["kpr_ct"]
+    assert ck[1] == M.addr_to_bytes(VIP_REMOTE) and ck[5] == D.CT_DIR_ORIGINAL
+    last_seen, _bid, _rn, flags, _tf, _pad, nat_port, _pad2, nat_addr = cv
+    assert flags & D.CT_F_SNAT and (nat_port, nat_addr) == (M.htons(port), M.addr_to_bytes(NODE4))
+    (sk, sv), = e["kpr_snat"]
+    assert sk == (M.addr_to_bytes(REM4), M.addr_to_bytes(NODE4), M.htons(8080), M.htons(port), 17, D.CT_DIR_REPLY, 0)
+    addr, cport, fe_port, _p2, _created, fe_addr = sv
+    assert (addr, cport, fe_addr, fe_port) == (M.addr_to_bytes(CLIENT4), M.htons(5077), M.addr_to_bytes(VIP_REMOTE), M.htons(80))
+    assert e[D.REV_MAP] == []
+    # the next packet of the flow keeps its port and writes nothing new
+    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5077, 80))
+    assert verdict == TC_ACT_REDIRECT and out[UDP].sport == port
+    assert {k: len(v) for k, v in _flow_entries(lab, CLIENT4, 5077, 17).items()} == {"kpr_ct": 1, "kpr_snat": 1, D.REV_MAP: 0}
+
+
+def test_a_flow_of_the_four_entry_layout_keeps_its_port_and_replies(lab: Lab) -> None:
+    """A flow a KPR_NP_SNAT_IN_CT=0 build began (conntrack entry without a mapping, SNAT forward
+    and reverse entries, a kpr_np_rev entry; written here as that build writes them) goes on
+    with its port, and its replies still find their frontend."""
+    c, fe, rem, node = (M.addr_to_bytes(a) for a in (CLIENT4, VIP_REMOTE, REM4, NODE4))
+    port = 61234
+    with M.BpfMap.open_pinned(lab.pin / "kpr_backend") as b:
+        bid = next(M.U32.unpack(k)[0] for k, v in b.items() if M.BACKEND.unpack(v)[:2] == (rem, M.htons(8080)))
+    with M.BpfMap.open_pinned(lab.pin / "kpr_svc") as s:
+        rev_nat = next(M.SVC_VAL.unpack(v)[3] for k, v in s.items()
+                       if M.SVC_KEY.unpack(k)[:3] == (fe, M.htons(80), 17) and M.SVC_KEY.unpack(k)[4] == 0)
+    now = time.monotonic_ns()
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
+        ct.update(D.CT_KEY.pack(c, fe, M.htons(5078), M.htons(80), 17, D.CT_DIR_ORIGINAL, 0),
+                  D.CT_ENTRY.pack(now, bid, rev_nat, D.CT_F_NODE_PORT | D.CT_F_SNAT, 0, 0, 0, 0, bytes(16)))
+    with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as sn:
+        sn.update(D.CT_KEY.pack(c, rem, M.htons(5078), M.htons(8080), 17, D.CT_DIR_ORIGINAL, 0),
+                  D.NAT_ENTRY.pack(node, M.htons(port), 0, 0, now, bytes(16)))
+        sn.update(D.CT_KEY.pack(rem, node, M.htons(8080), M.htons(port), 17, D.CT_DIR_REPLY, 0),
+                  D.NAT_ENTRY.pack(c, M.htons(5078), 0, 0, now, bytes(16)))
+    with M.BpfMap.open_pinned(lab.pin / D.REV_MAP) as rv:
+        rv.update(D.CT_KEY.pack(rem, c, M.htons(8080), M.htons(5078), 17, D.CT_DIR_REPLY, 0),
+                  D.NP_REV.pack(fe, M.htons(80), 0, 0, now))
+    before = lab.stats()
+    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5078, 80))
+    assert verdict == TC_ACT_REDIRECT and (out[IP].src, out[UDP].sport, out[IP].dst) == (NODE4, port, REM4)
+    assert lab.stats()["established"] == before["established"] + 1
+    lab.run(D.INGRESS, [Case(
+        "the reply finds its frontend in kpr_np_rev",
+        Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / UDP(sport=8080, dport=port) / Raw(b"ok"),
+        TC_ACT_REDIRECT,
+        routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=5078) / Raw(b"ok"),
+    )])
 
 
 def test_dsr_adds_the_frontend_and_the_backend_node_strips_it(lab: Lab) -> None:

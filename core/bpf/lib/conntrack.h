@@ -60,19 +60,23 @@ struct kpr_ct_key {
 	__u16 pad;            // zero
 };
 
-// kpr_ct value.
+/* kpr_ct value. A source-NATed NodePort flow keeps its SNAT address and port here (no SNAT
+ * forward entry of its own: one LRU insert less per new flow); its reply side is one kpr_snat
+ * entry keyed by the reply tuple (lib/nat.h, kpr_snat_alloc). */
 struct kpr_ct_entry {
-	__u64 last_seen;  // kpr_now() at the last refresh, ns
-	__u32 backend_id; // the flow's backend (kpr_backend key)
-	__u32 rev_nat;    // the frontend's rev-NAT index (kpr_revnat key)
-	__u16 flags;      // KPR_CT_F_*
-	__u8 tcp_flags;   // union of TCP flags seen
-	__u8 pad;         // zero
-	__u32 pad2;       // zero
+	__u64 last_seen;         // kpr_now() at the last refresh, ns
+	__u32 backend_id;        // the flow's backend (kpr_backend key)
+	__u32 rev_nat;           // the frontend's rev-NAT index (kpr_revnat key)
+	__u16 flags;             // KPR_CT_F_*
+	__u8 tcp_flags;          // union of TCP flags seen
+	__u8 pad;                // zero
+	__be16 nat_port;         // KPR_CT_F_SNAT flows: the SNAT source port; 0: no mapping made yet
+	__u16 pad2;              // zero
+	union kpr_addr nat_addr; // KPR_CT_F_SNAT flows: the SNAT source address (with nat_port)
 };
 
 _Static_assert(sizeof(struct kpr_ct_key) == 40, "kpr_ct_key layout");
-_Static_assert(sizeof(struct kpr_ct_entry) == 24, "kpr_ct_entry layout");
+_Static_assert(sizeof(struct kpr_ct_entry) == 40, "kpr_ct_entry layout");
 
 // Tracked flows; LRU so the map never fills up with dead flows.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_ct_entry, kpr_ct, KPR_CT_MAX, KPR_PIN(kpr_ct));
@@ -148,6 +152,24 @@ static __always_inline int kpr_ct_create(const struct kpr_tuple *t, __u8 dir, __
 	e.rev_nat = rev_nat;
 	e.flags = flags;
 	e.tcp_flags = t->tcp_flags;
+	return kpr_ct.update(&k, &e);
+}
+
+// Record a new source-NATed flow with its SNAT address and port (see struct kpr_ct_entry).
+static __always_inline int kpr_ct_create_snat(const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat, __u16 flags,
+					      const union kpr_addr *nat_addr, __be16 nat_port)
+{
+	struct kpr_ct_key k;
+	struct kpr_ct_entry e = {};
+
+	kpr_ct_key_from_tuple(&k, t, KPR_CT_DIR_ORIGINAL);
+	e.last_seen = kpr_now();
+	e.backend_id = backend_id;
+	e.rev_nat = rev_nat;
+	e.flags = flags;
+	e.tcp_flags = t->tcp_flags;
+	e.nat_port = nat_port;
+	e.nat_addr = *nat_addr;
 	return kpr_ct.update(&k, &e);
 }
 

@@ -33,16 +33,19 @@
 
 #define KPR_E_NAT_NOPORT -4   // no free SNAT port after KPR_SNAT_RETRIES tries
 
-// kpr_snat value: where one direction of a source-NATed flow is translated to.
+/* kpr_snat value: where one direction of a source-NATed flow is translated to. A NodePort
+ * flow's reverse entry (kpr_snat_alloc) also holds the frontend its replies must come from,
+ * so a reply needs this one entry (no kpr_np_rev entry); fe_port 0: not recorded here. */
 struct kpr_nat_entry {
-	union kpr_addr addr; // forward: the SNAT address; reverse: the original client address
-	__be16 port;         // forward: the SNAT port; reverse: the original client port
-	__u16 pad;           // zero
-	__u32 pad2;          // zero
-	__u64 created;       // kpr_now() at allocation, ns
+	union kpr_addr addr;    // forward: the SNAT address; reverse: the original client address
+	__be16 port;            // forward: the SNAT port; reverse: the original client port
+	__be16 fe_port;         // reverse, NodePort flows: the frontend port; 0: none
+	__u32 pad2;             // zero
+	__u64 created;          // kpr_now() at allocation, ns
+	union kpr_addr fe_addr; // reverse, NodePort flows: the frontend address (the one the client dialled)
 };
 
-_Static_assert(sizeof(struct kpr_nat_entry) == 32, "kpr_nat_entry layout");
+_Static_assert(sizeof(struct kpr_nat_entry) == 48, "kpr_nat_entry layout");
 
 // SNAT mappings keyed like conntrack: DIR_ORIGINAL = the client's tuple, DIR_REPLY = the reply's tuple.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_nat_entry, kpr_snat, KPR_SNAT_MAX, KPR_PIN(kpr_snat));
@@ -126,6 +129,41 @@ static __always_inline struct kpr_nat_entry *kpr_snat_mapping(const struct kpr_t
 	}
 	*err = KPR_E_NAT_NOPORT;
 	return (void *)0;
+}
+
+/* The reply side of a new NodePort SNAT flow (tuple after DNAT: client -> backend), in one LRU
+ * insert: the reverse entry, inserted with BPF_NOEXIST so a port is owned by one flow per
+ * remote endpoint, holds the client and the frontend. The forward side (SNAT address and
+ * port) goes into the flow's conntrack entry (kpr_ct_create_snat). Returns 0 with *port set,
+ * or KPR_E_NAT_NOPORT. */
+static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union kpr_addr *nat_addr,
+					  const union kpr_addr *fe, __be16 fport, __be16 *port)
+{
+	struct kpr_ct_key rk;
+	struct kpr_nat_entry rev = {};
+	int i;
+
+	rev.addr = t->saddr;
+	rev.port = t->sport;
+	rev.fe_addr = *fe;
+	rev.fe_port = fport;
+	rev.created = kpr_now();
+	rk.saddr = t->daddr;
+	rk.daddr = *nat_addr;
+	rk.sport = t->dport;
+	rk.proto = t->proto;
+	rk.dir = KPR_CT_DIR_REPLY;
+	rk.pad = 0;
+	for (i = 0; i < KPR_SNAT_RETRIES; i++) {
+		__u16 p = KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1);
+
+		rk.dport = kpr_htons(p);
+		if (kpr_snat.insert(&rk, &rev) == 0) {
+			*port = rk.dport;
+			return 0;
+		}
+	}
+	return KPR_E_NAT_NOPORT;
 }
 
 // The original client of a reply to a source-NATed flow (tuple as received), or NULL.

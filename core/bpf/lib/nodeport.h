@@ -128,6 +128,12 @@
 #ifndef KPR_NP_LAZY_SNAT_ADDR
 #define KPR_NP_LAZY_SNAT_ADDR 1 // 1: the node address to SNAT to is looked up only when a flow's SNAT mapping is made
 #endif
+#ifndef KPR_NP_SNAT_IN_CT
+/* 1: a new SNAT flow writes two LRU entries: conntrack (holding the SNAT address and port) and
+ * one kpr_snat entry keyed by the reply tuple (holding client and frontend); 0: four, as
+ * before (conntrack, SNAT forward and reverse, kpr_np_rev). Both builds read either kind. */
+#define KPR_NP_SNAT_IN_CT 1
+#endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
 #endif
@@ -246,10 +252,14 @@ _Static_assert(sizeof(struct kpr_np_dev) == 40, "kpr_np_dev layout");
 
 // What the service stage decided, for the stage it tail-calls.
 struct kpr_np_state {
-	__u32 backend_id; // the flow's backend (kpr_backend key)
-	__u16 flags;      // the flow's KPR_CT_F_*
-	__u8 created;     // 1: the flow's first packet (reverse entries are written then)
-	__u8 pad;         // zero
+	__u32 backend_id;        // the flow's backend (kpr_backend key)
+	__u16 flags;             // the flow's KPR_CT_F_*
+	__u8 created;            // 1: the flow's first packet (reverse entries are written then)
+	__u8 pad;                // zero
+	__u32 rev_nat;           // the frontend's rev-NAT index (a SNAT flow's conntrack entry is written by its stage)
+	__be16 nat_port;         // SNAT flows: the mapping from the conntrack entry; 0: none yet
+	__u16 pad2;              // zero
+	union kpr_addr nat_addr; // with nat_port
 #if KPR_NP_CARRY
 	// The backend as looked up there (same packet, same CPU: a tail call is immediate). The
 	// parse is not carried: offsets read back from a map are unbounded for the verifier, and
@@ -703,14 +713,72 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	struct kpr_backend *be;
 	struct bpf_fib_lookup p;
 	const union kpr_addr *nat;
+	int rc;
+	int err;
+#if KPR_NP_SNAT_IN_CT
+	struct kpr_tuple orig; // the client's tuple (the conntrack key), before DNAT
+	__be16 nport;
+#else
 	struct kpr_nat_entry *m;
-	int rc, err;
+#endif
 
 	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
 		return CTX_DROP;
 	KPR_NP_STOP(4);
 	rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
 	KPR_NP_STOP(5);
+#if KPR_NP_SNAT_IN_CT
+	orig = pkt.t;
+#ifdef KPR_CTX_XDP
+	if (!kpr_np_xdp_sendable(&p, rc)) {
+		// tc_nodeport behind carries the flow on: the same backend from this entry, the
+		// SNAT mapping made there
+		if (st->created && !st->nat_port &&
+		    kpr_ct_create(&orig, KPR_CT_DIR_ORIGINAL, st->backend_id, st->rev_nat, st->flags))
+			kpr_np_count(KPR_NP_ST_CT_FAILED);
+		return CTX_PASS;
+	}
+#endif
+	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
+		return CTX_DROP;
+	}
+	if (!st->nat_port && !st->created) {
+		// a flow a KPR_NP_SNAT_IN_CT=0 build began: its mapping is a forward entry
+		struct kpr_nat_entry *m = kpr_snat_mapping(&pkt.t, (void *)0, 0, &err);
+
+		if (m) {
+			st->nat_addr = m->addr;
+			st->nat_port = m->port;
+		}
+	}
+	if (!st->nat_port) {
+		// a new flow (or one XDP passed on without a mapping): one kpr_snat insert for the
+		// replies, one conntrack insert holding the mapping
+		nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
+				       pkt.t.family);
+		if (!nat) {
+			kpr_np_drop(KPR_NP_ST_DROP_NO_SNAT_ADDR, KPR_MON_R_NO_SNAT_ADDRESS, &pkt.t);
+			return CTX_DROP;
+		}
+		if (kpr_snat_alloc(&pkt.t, nat, &orig.daddr, orig.dport, &nport)) {
+			kpr_np_count(KPR_NP_ST_DROP_SNAT_PORT);
+			kpr_mon_flow(KPR_MON_T_NAT_FULL, KPR_NP_MON_HOOK, KPR_MON_R_SNAT_NO_PORT, &pkt.t, 0, st->backend_id,
+				     be);
+			return CTX_DROP;
+		}
+		st->nat_addr = *nat;
+		st->nat_port = nport;
+		if (kpr_ct_create_snat(&orig, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
+			kpr_np_count(KPR_NP_ST_CT_FAILED);
+			kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &orig, st->rev_nat, st->backend_id, be);
+		}
+	}
+	if (kpr_nat_snat(ctx, &pkt, &st->nat_addr, st->nat_port)) {
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
+		return CTX_DROP;
+	}
+#else
 #if !KPR_NP_LAZY_SNAT_ADDR
 	nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
 			       pkt.t.family);
@@ -754,6 +822,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
+#endif
 	KPR_NP_STOP(6);
 #ifdef KPR_CTX_XDP
 	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT); // kpr_np_xdp_sendable said yes above
@@ -843,8 +912,9 @@ static __always_inline int kpr_np_stage_no_backend(kpr_ctx_t *ctx)
 /* --- the service path ------------------------------------------------------------------ */
 
 // Hand a flow to its forwarding stage.
+// `ct`: the flow's conntrack entry (its SNAT mapping goes along), NULL for a new flow.
 static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_backend *be, __u32 bid, __u16 flags,
-					   __u8 created)
+					   __u8 created, __u32 rev_nat, const struct kpr_ct_entry *ct)
 {
 	__u32 zero = 0;
 	struct kpr_np_state *st = kpr_np_state.lookup(&zero);
@@ -854,6 +924,13 @@ static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_back
 	st->backend_id = bid;
 	st->flags = flags;
 	st->created = created;
+	st->rev_nat = rev_nat;
+	if (ct && ct->nat_port) {
+		st->nat_port = ct->nat_port;
+		st->nat_addr = ct->nat_addr;
+	} else {
+		st->nat_port = 0;
+	}
 #if KPR_NP_CARRY
 	st->be = *be;
 #endif
@@ -894,7 +971,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 			}
 			kpr_np_count(KPR_NP_ST_ESTABLISHED);
 			KPR_NP_STOP(2);
-			return kpr_np_dispatch(ctx, be, bid, ct->flags, restart);
+			return kpr_np_dispatch(ctx, be, bid, ct->flags, restart, ct->rev_nat, ct);
 		}
 		kpr_np_count(KPR_NP_ST_STALE_BACKEND);
 	}
@@ -942,12 +1019,14 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	kpr_mon_flow(KPR_MON_T_NEW, KPR_NP_MON_HOOK,
 		     (flags & KPR_CT_F_LOCAL) ? KPR_MON_NEW_LOCAL : (flags & KPR_CT_F_DSR) ? KPR_MON_NEW_DSR : KPR_MON_NEW_SNAT,
 		     &pkt->t, svc->rev_nat, bid, be);
-	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, flags)) {
+	// a SNAT flow's entry is written by its stage, with the SNAT mapping in it (one insert)
+	if ((!KPR_NP_SNAT_IN_CT || !(flags & KPR_CT_F_SNAT)) &&
+	    kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, flags)) {
 		kpr_np_count(KPR_NP_ST_CT_FAILED);
 		kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt->t, svc->rev_nat, bid, be);
 	}
 	KPR_NP_STOP(3);
-	return kpr_np_dispatch(ctx, be, bid, flags, 1);
+	return kpr_np_dispatch(ctx, be, bid, flags, 1, svc->rev_nat, (void *)0);
 }
 
 /* --- replies to source-NATed flows ----------------------------------------------------- */
@@ -965,29 +1044,39 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 	struct kpr_nat_entry *n;
 	struct kpr_np_rev *rev;
 	struct kpr_ct_key rk;
+	union kpr_addr fe;
+	__be16 fport;
 
 	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || !pkt.l4_off)
 		return KPR_NP_PASS;
 	n = kpr_snat_reverse(&pkt.t);
 	if (!n)
 		return KPR_NP_PASS;
-	kpr_np_rev_key(&rk, &pkt.t.saddr, pkt.t.sport, &n->addr, n->port, pkt.t.proto);
-	rev = kpr_np_rev.lookup(&rk);
-	if (!rev) {
-		kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
-		return CTX_DROP;
+	if (n->fe_port) {
+		// the frontend is in the SNAT entry itself (KPR_NP_SNAT_IN_CT builds)
+		fe = n->fe_addr;
+		fport = n->fe_port;
+	} else {
+		kpr_np_rev_key(&rk, &pkt.t.saddr, pkt.t.sport, &n->addr, n->port, pkt.t.proto);
+		rev = kpr_np_rev.lookup(&rk);
+		if (!rev) {
+			kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
+			return CTX_DROP;
+		}
+		kpr_np_rev_touch(rev, pkt.t.tcp_flags);
+		fe = rev->addr;
+		fport = rev->port;
 	}
-	kpr_np_rev_touch(rev, pkt.t.tcp_flags);
 #ifdef KPR_CTX_XDP
 	{
 		// the route to the client first: a reply XDP cannot send is passed untranslated
 		struct bpf_fib_lookup p;
-		union kpr_addr fe = rev->addr, cl = n->addr;
+		union kpr_addr cl = n->addr;
 		int rc = kpr_fib_lookup(ctx, &p, &pkt.t, &fe, &cl, 0);
 
 		if (!kpr_np_xdp_sendable(&p, rc))
 			return CTX_PASS;
-		if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
+		if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &fe, fport)) {
 			kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 			return CTX_DROP;
 		}
@@ -998,7 +1087,7 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 		return ctx_redirect(ctx, p.ifindex, 0);
 	}
 #else
-	if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &rev->addr, rev->port)) {
+	if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &fe, fport)) {
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
@@ -1083,14 +1172,19 @@ static __always_inline int kpr_np_stage_icmp_in(kpr_ctx_t *ctx)
 	client = n->addr;
 	cport = n->port;
 	be = in.t.daddr;
-	kpr_np_rev_key(&rk, &be, in.t.dport, &client, cport, in.t.proto);
-	rev = kpr_np_rev.lookup(&rk);
-	if (!rev) {
-		kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
-		return CTX_DROP;
+	if (n->fe_port) {
+		fe = n->fe_addr;
+		fport = n->fe_port;
+	} else {
+		kpr_np_rev_key(&rk, &be, in.t.dport, &client, cport, in.t.proto);
+		rev = kpr_np_rev.lookup(&rk);
+		if (!rev) {
+			kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
+			return CTX_DROP;
+		}
+		fe = rev->addr;
+		fport = rev->port;
 	}
-	fe = rev->addr;
-	fport = rev->port;
 	// Outer header first: no condition then spans the packet rewrites (the verifier, unlike the
 	// compiler, cannot tell which branch combinations are impossible).
 	// An error the backend itself sent must come from the frontend; a router's keeps its address.

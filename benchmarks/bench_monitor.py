@@ -29,13 +29,13 @@ import argparse
 import os
 import platform
 import statistics
-import struct
 import sys
 import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
+from kpr.bpf import abi  # noqa: E402
 from kpr.bpf import maps as M  # noqa: E402
 from kpr.bpf.cleanup import scratch_pin_dir  # noqa: E402
 from kpr.bpf.loader import compile_and_load, load_prog  # noqa: E402
@@ -62,7 +62,7 @@ int mon_decide(struct xdp_md *ctx)
 }
 """
 BARE = "int mon_bare(struct xdp_md *ctx) { return XDP_PASS; }\n"
-REQ = struct.Struct("=16sHBBIQQ")  # struct kpr_sock_req
+REQ = abi.packer("kpr_sock_req")  # daddr, dport, proto, family, hook, netns, cookie
 VIP = "10.96.0.10"
 XLATE = 1
 

@@ -32,6 +32,10 @@ _Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _STR = "tag:yaml.org,2002:str"
 _SEQ = "tag:yaml.org,2002:seq"
 _MAP = "tag:yaml.org,2002:map"
+# The scalars SafeConstructor builds by a plain call (not a generator).
+_SCALAR_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "binary", "timestamp")
+)
 # Keys SafeConstructor.flatten_mapping rewrites: merge (<<) and value (=).
 _SPECIAL_KEYS = frozenset({"tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"})
 # Deeper documents go to PyYAML, whose constructor does not recurse (the files source then
@@ -102,12 +106,11 @@ class _Builder:
             tag = node.tag
             if tag == _STR:
                 return node.value
-            if tag in (_SEQ, _MAP):
-                raise _Slow  # an explicit !!map on a scalar: PyYAML's error
-            ctor = self.scalars.get(tag)
-            if ctor is None:
+            if tag not in _SCALAR_TAGS:
+                # A collection's tag on a scalar (!!map, !!set, !!omap: PyYAML's error; their
+                # constructors are generators), or a tag PyYAML does not know.
                 raise _Slow
-            return ctor(self.loader, node)
+            return self.scalars[tag](self.loader, node)
         key = id(node)
         built = self.done.get(key)
         if built is not None:

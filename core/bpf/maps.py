@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BpfMap",
     "MapIncompatible",
+    "GROWN_VALUES",
+    "grow_pinned",
+    "grows",
     "MapSpec",
     "SPECS",
     "cflags",
@@ -658,6 +661,54 @@ class BpfMap:
             if v is not None:
                 out.append((k, v))
         return out
+
+
+# Flow-state maps whose values grew at their end in a later kpr, the new bytes zero meaning
+# "not recorded here" (the programs read either kind of entry): name -> the value sizes an
+# older kpr pinned. An upgrade copies such a map into one of the new layout (grow_pinned)
+# instead of refusing it, so established flows survive the upgrade. The two-insert SNAT
+# layout (issue 14) grew kpr_ct by the SNAT address and port, kpr_snat by the frontend.
+GROWN_VALUES: dict[str, tuple[int, ...]] = {"kpr_ct": (24,), "kpr_snat": (32,)}
+
+
+def grows(m: BpfMap, spec: MapSpec) -> bool:
+    """Whether pinned map `m` is an older layout of `spec` that grow_pinned can carry over."""
+    info = m.info()
+    return (
+        info.value_size in GROWN_VALUES.get(spec.name, ())
+        and (info.type, info.key_size, info.map_flags) == (spec.type, spec.key_size, spec.flags)
+        and info.value_size < spec.value_size
+    )
+
+
+def grow_pinned(m: BpfMap, spec: MapSpec, path: Path) -> BpfMap:
+    """Copy the pinned map `m` (an older layout, see grows()) into a new map of `spec` (its
+    size kept), every value zero-extended, and pin the new map in its place. Programs still
+    holding the old map keep it until they are replaced; flows they begin after the copy are
+    not carried over. Closes `m`; returns the new map."""
+    info = m.info()
+    spec = replace(spec, max_entries=info.max_entries)
+    new = BpfMap.create(spec)
+    try:
+        items = m.items()
+        pad = bytes(spec.value_size - info.value_size)
+        if items:
+            new.update_many([k for k, _ in items], [v + pad for _, v in items])
+        tmp = path.with_name(path.name + "_grown")  # bpffs refuses dots in names
+        if tmp.exists():  # a copy a crashed agent left behind
+            tmp.unlink()
+        new.pin(tmp)
+        # bpffs renames atomically: the pin names the old map or the new one, never neither
+        os.rename(tmp, path)
+    except BaseException:
+        new.close()
+        raise
+    m.close()
+    log.warning(
+        "event=map_layout_upgraded map=%s path=%s entries=%d value_size_old=%d value_size=%d",
+        spec.name, path, len(items), info.value_size, spec.value_size,
+    )
+    return new
 
 
 def check_compatible(m: BpfMap, spec: MapSpec, path: Path) -> None:

@@ -126,7 +126,11 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
                     if path.exists():
                         m = M.BpfMap.open_pinned(path)
                         self.maps[name] = m
-                        M.check_compatible(m, self._pinned_size(m, spec), path)
+                        spec = self._pinned_size(m, spec)
+                        if M.grows(m, spec):
+                            # flow state of an older layout: carried over, not refused
+                            m = self.maps[name] = M.grow_pinned(m, spec, path)
+                        M.check_compatible(m, spec, path)
                         adopted.append(name)
                     else:
                         m = self._create(spec)

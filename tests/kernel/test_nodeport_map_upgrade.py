@@ -1,8 +1,9 @@
 """An upgrade onto maps pinned by a kpr before the two-insert SNAT layout (issue 14): kpr_ct
 entries were 24 bytes (no SNAT address and port) and kpr_snat entries 32 (no frontend). The
-new programs cannot read those entries, so the agent does not adopt the maps: the service map
-writer refuses them with a message naming each map, its old and new value size, and
-`kpr cleanup` (which ends the established flows: there is no in-place conversion)."""
+new programs read either kind (a zero SNAT port or frontend port: look where the old layout
+kept it), so the service map writer carries such a map over into the new layout, every
+entry zero-extended, under the same pin: established flows survive the upgrade. A pinned map
+that differs in any other way is still refused with a message naming it."""
 
 from __future__ import annotations
 
@@ -28,18 +29,45 @@ def kernel() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(OLD_VALUE_SIZES))
-def test_maps_of_the_four_insert_layout_are_refused_with_a_clear_message(kernel: None, name: str) -> None:
+def test_maps_of_the_four_insert_layout_are_carried_over_zero_extended(kernel: None, name: str) -> None:
     old = OLD_VALUE_SIZES[name]
-    assert M.SPECS[name].value_size != old, "the layout changed"
+    spec = M.SPECS[name]
+    assert spec.value_size > old, "the layout grew"
+    entries = {bytes([i]) * spec.key_size: bytes([i + 1]) * old for i in range(1, 40)}
     with scratch_pin_dir("kpr-npupg") as pin:
         pin.mkdir(parents=True, exist_ok=True)
-        with M.BpfMap.create(dataclasses.replace(M.SPECS[name], value_size=old)) as m:
+        with M.BpfMap.create(dataclasses.replace(spec, value_size=old)) as m:
+            m.update_many(list(entries), list(entries.values()))
             m.pin(pin / name)
+            old_id = m.id
+        with ServiceMapWriter(pin).open() as w:
+            grown = w.maps[name]
+            info = grown.info()
+            assert (info.value_size, info.max_entries) == (spec.value_size, spec.max_entries)
+            grown_id = grown.id
+            assert grown_id != old_id
+            pad = bytes(spec.value_size - old)
+            assert dict(grown.items()) == {k: v + pad for k, v in entries.items()}
+        # the pin names the new map: the next agent adopts it as it is
+        with M.BpfMap.open_pinned(pin / name) as again:
+            assert again.info().value_size == spec.value_size and again.id == grown_id
+        with ServiceMapWriter(pin).open() as w:
+            assert w.maps[name].id == grown_id
+        assert not (pin / f"{name}_grown").exists()
+
+
+def test_a_pinned_map_that_differs_otherwise_is_refused_with_a_clear_message(kernel: None) -> None:
+    spec = M.SPECS["kpr_ct"]
+    with scratch_pin_dir("kpr-npupg") as pin:
+        pin.mkdir(parents=True, exist_ok=True)
+        # an older value size, but a key of another size: nothing to carry over
+        with M.BpfMap.create(dataclasses.replace(spec, value_size=24, key_size=spec.key_size + 8)) as m:
+            m.pin(pin / "kpr_ct")
         with pytest.raises(M.MapIncompatible) as err:
             ServiceMapWriter(pin).open()
         msg = str(err.value)
-        assert f"{pin / name}" in msg and f"value_size {old} (want {M.SPECS[name].value_size})" in msg, msg
+        assert f"{pin / 'kpr_ct'}" in msg and f"key_size {spec.key_size + 8} (want {spec.key_size})" in msg, msg
         assert "kpr cleanup" in msg
         # nothing else was left half made: with the old map gone, the writer opens
-        (pin / name).unlink()
+        (pin / "kpr_ct").unlink()
         ServiceMapWriter(pin).open().close()

@@ -81,6 +81,7 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP = "kpr_np_rev", "kpr_np_fe", "kpr_np_vip", "kpr_np_nodeaddr", "kpr_np_dev"
 DEVKIND_MAP = "kpr_np_devkind"
 PORTS_MAP = "kpr_np_ports"
+NH_MAP = "kpr_np_nh"  # next hops cached per backend (KPR_NP_NH_CACHE); key NH_GEN: the generation
 # Counters: each build has its own pair (lib/nodeport.h KPR_NP_PIN_STATS, KPR_NP_PIN_FWD), so
 # with tc and XDP on one node each plugin's status counts its own program's packets only.
 STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"  # the tc build's; XDP: kpr_np_xstats, kpr_np_xfwd
@@ -101,6 +102,8 @@ NP_REV = abi.packer("kpr_np_rev")  # addr, port, flags, pad, last_seen
 NP_FE_KEY = abi.packer("kpr_np_fe_key", skip=("pad",))  # addr, port, proto
 NP_FE = abi.packer("kpr_np_fe", skip=("pad",))  # mode
 NP_DEV = abi.packer("kpr_np_dev")  # addr4, addr6, flags, pad
+NP_NH = abi.packer("kpr_np_nh")  # gen, ifindex, smac, dmac, kind, stamp, addr
+NH_GEN = abi.value("KPR_NP_NH_GEN")
 
 CT_DIR_ORIGINAL, CT_DIR_REPLY = abi.value("KPR_CT_DIR_ORIGINAL"), abi.value("KPR_CT_DIR_REPLY")
 CT_F_SEEN_REPLY, CT_F_CLOSING, CT_F_NODE_PORT, CT_F_SNAT, CT_F_DSR, CT_F_LOCAL = (
@@ -117,6 +120,17 @@ def vip_hash(addr16: bytes) -> int:
     w0, w1, w2, w3 = struct.unpack("=4I", addr16)
     h = w0 ^ w1 ^ w2 ^ w3
     return (h ^ (h >> 16)) & 0xFFFF
+
+
+def invalidate_next_hops(m: M.BpfMap) -> int:
+    """Bump kpr_np_nh's generation (never to 0, which turns caching off): every next hop the
+    programs cached is looked up again. Returns the new generation."""
+    key = M.U32.pack(NH_GEN)
+    raw = m.lookup(key)
+    gen = NP_NH.unpack(raw)[0] if raw is not None else 0
+    gen = gen % 0xFFFFFFFF + 1
+    m.update(key, NP_NH.pack(gen, 0, bytes(6), bytes(6), 0, 0, _ZERO16))
+    return gen
 
 
 def _vip_words(addresses: Iterable[bytes]) -> dict[int, int]:
@@ -261,7 +275,7 @@ class Datapath:
                 builds.record(self.pin, digest, [self.prog_id(n) for n in self.ENTRIES])
             for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc"):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
-            for name in (self.STATS_MAP, self.FWD_MAP):
+            for name in (self.STATS_MAP, self.FWD_MAP, NH_MAP):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
         except BaseException:
             self.close()
@@ -347,6 +361,10 @@ class Datapath:
         want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
         want[M.U32.pack(0)] = val(default)
         self._sync(self.maps[DEV_MAP], want)
+
+    def invalidate_next_hops(self) -> int:
+        """As the agent does when routes or neighbours change (and once at start, which arms the cache)."""
+        return invalidate_next_hops(self.maps[NH_MAP])
 
     def set_device_kinds(self, kinds: Mapping[int, int]) -> tuple[int, int]:
         """kpr_np_devkind: ifindex -> KPR_DEV_* (kpr.netdevs.DevKind) of every link of the node's

@@ -40,6 +40,7 @@ from .config import NodePortSection
 from .gc import BackendSet, Collector
 from .healthcheck import HealthChecks
 from .netns import AgentNetns, device_facts
+from .nexthops import NextHopWatcher
 from .services import MODE_ANNOTATION, FeKey, ServiceBook, SvcState, service_state
 from .tables import NodePortTables
 
@@ -148,6 +149,7 @@ class NodePortFacility:
         self.collector: Collector | None = None
         self.health: HealthChecks | None = None
         self.netdevs: DeviceWatcher | None = None
+        self.nexthops: NextHopWatcher | None = None
         self.netns: AgentNetns | None = None
         self.netns_path = ""
         self.book = ServiceBook()
@@ -200,6 +202,8 @@ class NodePortFacility:
             self.health = HealthChecks(self.netns, self.settings.health_check_address)
             # before any program runs: they must know the pods' devices from their first packet
             self.netdevs = self.netns(DeviceWatcher(self._on_devices).start)
+            # arms the programs' next-hop cache (generation bumped once) and keeps it honest
+            self.nexthops = self.netns(NextHopWatcher(self._invalidate_next_hops).start)
             self._sync_node(context.node)
             self.tables.arm()  # ports pinned by an earlier run stay until the initial sync is complete
             self.collector = Collector(
@@ -223,6 +227,9 @@ class NodePortFacility:
         if self.netdevs is not None:
             self.netdevs.stop()
             self.netdevs = None
+        if self.nexthops is not None:
+            self.nexthops.stop()
+            self.nexthops = None
         if self.collector is not None:
             self.collector.stop()
             self.collector = None
@@ -272,6 +279,12 @@ class NodePortFacility:
     def kpr_node_changed(self, node: NodeInfo) -> None:
         if self.tables is not None:
             self._sync_node(node)
+
+    def _invalidate_next_hops(self) -> None:
+        """A route or neighbour changed (watcher thread): the programs' cached next hops go stale."""
+        with self._lock:
+            if self.tables is not None:
+                self.tables.invalidate_next_hops()
 
     def _on_devices(self, devices: dict[int, NetDev]) -> None:
         """The watcher's view of the namespace's links, into kpr_np_devkind (watcher thread)."""
@@ -465,6 +478,8 @@ class NodePortFacility:
             )
         hc = self.health.ports() if self.health is not None else {}
         counters["health_check_listeners"] = float(len(hc))
+        if self.nexthops is not None:
+            counters["next_hop_invalidations"] = float(self.nexthops.invalidations)
         not_honoured = self._not_honoured() if started else []
         counters["config_not_honoured"] = float(len(not_honoured))
         watching = self.netdevs is not None and self.netdevs.running

@@ -8,6 +8,8 @@ they exist before any plugin loads its programs, and written here only.
   kpr_np_dev       SNAT addresses per external device (key 0: the node's defaults)
   kpr_np_devkind   what every link of the namespace is (kpr.netdevs)
   kpr_np_ports     the fast exit's bitmaps: frontend ports, announced-address bits
+  kpr_np_nh        next hops the programs cache per backend; written here: the generation
+                   (kpr.nodeport.nexthops bumps it when routes or neighbours change)
 
 Per-service changes are written as differences (`apply`): a word of kpr_np_ports, a key of
 kpr_np_vip or kpr_np_fe at a time, from a mirror of the words, never by dumping a map.
@@ -43,6 +45,7 @@ def specs(rev_size: int) -> list[M.MapSpec]:
         M.MapSpec(D.DEV_MAP, M.BPF_MAP_TYPE_HASH, 4, D.NP_DEV.size, abi.value("KPR_NP_DEV_MAX")),
         M.MapSpec(D.DEVKIND_MAP, M.BPF_MAP_TYPE_HASH, 4, 4, abi.value("KPR_NP_DEVKIND_MAX")),
         M.MapSpec(D.PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.VIP_BITS + 1024),
+        M.MapSpec(D.NH_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.NP_NH.size, abi.value("KPR_NP_NH_MAX")),
     ]
 
 
@@ -152,6 +155,9 @@ class NodePortTables:
                 words[pw[0]] |= pw[1]
         self._write_words(words)
         self.arm()
+
+    def invalidate_next_hops(self) -> int:
+        return D.invalidate_next_hops(self.maps[D.NH_MAP])
 
     def arm(self) -> None:
         """Until armed, the programs' fast exit lets every packet through to the lookups."""

@@ -228,6 +228,7 @@ class ProgLab:
         # announced: as many as kpr_np_vip holds (KPR_NP_VIP_MAX); the other frontends work unannounced
         dp.set_vips([VIP] + [ip4(FILLER_BASE + i) for i in range(min(self.fillers, 16000))])
         dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])  # as the agent does (arms the fast exit)
+        dp.invalidate_next_hops()  # as the agent's watcher does at start (arms the next-hop cache)
         self.wrapper(hook)  # compiled with the build, not inside a timed block
         return dp
 
@@ -427,7 +428,7 @@ STOPS = (
     (2, "conntrack / service lookup, backend pick"),
     (3, "conntrack entry written (new local/DSR flows; SNAT: at 6)"),
     (4, "tail call, stage re-parse, backend lookup"),
-    (5, "FIB lookup"),
+    (5, "FIB lookup (established: the cached next hop)"),
     (6, "SNAT port + conntrack entry, DNAT + SNAT rewrite"),
     (0, "forward (full program)"),
 )
@@ -441,11 +442,13 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "SNAT address looked up every packet (KPR_NP_LAZY_SNAT_ADDR=0)": ("-DKPR_NP_LAZY_SNAT_ADDR=0",),
     "fine clock (bpf_ktime_get_ns; default coarse, KPR_CLOCK_FINE=1)": ("-DKPR_CLOCK_FINE=1",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
+    "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
-        "-DKPR_CLOCK_FINE=1", "-DKPR_NP_SNAT_IN_CT=0"),
-    "before issue 14 (KPR_NP_PREFILTER, KPR_NP_CARRY, KPR_NP_LAZY_SNAT_ADDR, KPR_NP_SNAT_IN_CT off)": (
-        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0"),
+        "-DKPR_CLOCK_FINE=1", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0"),
+    "before issue 14 (PREFILTER, CARRY, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off)": (
+        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
+        "-DKPR_NP_NH_CACHE=0"),
 }
 
 

@@ -151,6 +151,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
             dp.set_node_addresses([NODE4, NODE6])
             dp.set_vips([VIP_REMOTE, VIP_DSR, VIP_LOCALPOL, VIP_RANGES, VIP_EMPTY, VIP6_REMOTE, VIP6_DSR, VIP6_EMPTY])
             dp.set_modes({(VIP_DSR, 80, 6): "dsr", (VIP6_DSR, 80, 6): "dsr"})
+            dp.invalidate_next_hops()  # arms the next-hop cache, as the agent's watcher does at start
             yield Lab(topo, pin, writer, dp, ifindex, topo.mac("lb", "eth0"), topo.mac("lb", lxc))
         finally:
             if dp is not None:
@@ -367,7 +368,7 @@ def test_a_flow_of_the_four_entry_layout_keeps_its_port_and_replies(lab: Lab) ->
     with M.BpfMap.open_pinned(lab.pin / "kpr_svc") as s:
         rev_nat = next(M.SVC_VAL.unpack(v)[3] for k, v in s.items()
                        if M.SVC_KEY.unpack(k)[:3] == (fe, M.htons(80), 17) and M.SVC_KEY.unpack(k)[4] == 0)
-    now = time.monotonic_ns()
+    now = time.monotonic_ns() - 10**9  # a second ago: the programs' coarse clock may lag monotonic_ns
     with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
         ct.update(D.CT_KEY.pack(c, fe, M.htons(5078), M.htons(80), 17, D.CT_DIR_ORIGINAL, 0),
                   D.CT_ENTRY.pack(now, bid, rev_nat, D.CT_F_NODE_PORT | D.CT_F_SNAT, 0, 0, 0, 0, bytes(16)))
@@ -389,6 +390,35 @@ def test_a_flow_of_the_four_entry_layout_keeps_its_port_and_replies(lab: Lab) ->
         TC_ACT_REDIRECT,
         routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=5078) / Raw(b"ok"),
     )])
+
+
+def test_the_next_hop_is_cached_per_backend_until_the_generation_changes(lab: Lab) -> None:
+    """KPR_NP_NH_CACHE: the SNAT stage's packets after the first reuse the backend's next hop
+    (the node2 neighbour's MAC) without a FIB lookup: a neighbour changed behind the cache's
+    back is not seen; once the generation is bumped (the agent's watcher does on every route
+    or neighbour change) the next packet looks the route up again."""
+    other_mac = "02:00:00:00:00:99"
+    first = tcp4(lab, CLIENT4, VIP_REMOTE, 40300, 80)
+    verdict, out = lab.one(D.INGRESS, first)
+    assert verdict == TC_ACT_REDIRECT and out[Ether].dst == MAC_NODE2
+    with M.BpfMap.open_pinned(lab.pin / D.NH_MAP) as nh:
+        gen = D.NP_NH.unpack(nh.lookup(M.U32.pack(D.NH_GEN)))[0]
+        cached = [D.NP_NH.unpack(v) for k, v in nh.items() if M.U32.unpack(k)[0] != D.NH_GEN and D.NP_NH.unpack(v)[0]]
+    rem4 = [(c[0], c[1], c[3]) for c in cached if c[6] == M.addr_to_bytes(REM4)]
+    assert gen and set(rem4) == {(gen, lab.ifindex, bytes.fromhex(MAC_NODE2.replace(":", "")))}  # its TCP and UDP ids
+    lb = lab.topo["lb"]
+    try:
+        lb.run(f"ip neigh replace {NODE2_4} lladdr {other_mac} dev eth0 nud permanent")
+        again = tcp4(lab, CLIENT4, VIP_REMOTE, 40300, 80, flags="A")
+        cached_before = lab.stats()["fwd_nh_cached"]
+        assert lab.one(D.INGRESS, again)[1][Ether].dst == MAC_NODE2, "the cached next hop"
+        assert lab.stats()["fwd_nh_cached"] == cached_before + 1
+        lab.dp.invalidate_next_hops()
+        assert lab.one(D.INGRESS, again)[1][Ether].dst == other_mac, "looked up again after the bump"
+    finally:
+        lb.run(f"ip neigh replace {NODE2_4} lladdr {MAC_NODE2} dev eth0 nud permanent")
+        lab.dp.invalidate_next_hops()
+    assert lab.one(D.INGRESS, again)[1][Ether].dst == MAC_NODE2
 
 
 def test_dsr_adds_the_frontend_and_the_backend_node_strips_it(lab: Lab) -> None:

@@ -134,6 +134,17 @@
  * before (conntrack, SNAT forward and reverse, kpr_np_rev). Both builds read either kind. */
 #define KPR_NP_SNAT_IN_CT 1
 #endif
+#ifndef KPR_NP_NH_CACHE
+/* 1: the SNAT stage caches each remote backend's next hop (kpr_np_nh: egress device, MACs)
+ * and skips the FIB lookup while the agent's generation is unchanged; 0: a FIB lookup per packet */
+#define KPR_NP_NH_CACHE 1
+#endif
+#ifndef KPR_NP_NH_MAX
+#define KPR_NP_NH_MAX 65536 // cached next hops, by backend id (ids above: a FIB lookup per packet)
+#endif
+#ifndef KPR_NP_NH_TTL_NS
+#define KPR_NP_NH_TTL_NS 2000000000ULL // a cached next hop is looked up again after 2 s even without a change signalled
+#endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
 #endif
@@ -194,6 +205,7 @@
 #define KPR_NP_FWD_STACK_XDP_UNREACHABLE 4 // given up (XDP), to the stack: XDP_REDIRECT cannot reach that device
 #define KPR_NP_FWD_STACK_NO_NEIGH 5       // given up (XDP), to the stack: the next hop's MAC is not known yet
 #define KPR_NP_FWD_DROP_SHORT 6           // dropped: frame shorter than an Ethernet header
+#define KPR_NP_FWD_NH_CACHED 7            // of the redirects: to a next hop cached per backend (no FIB lookup)
 #define KPR_NP_FWD_BY_KIND 8              // + KPR_DEV_*: packets routed out of a device of that kind
 #define KPR_NP_FWD_MAX (KPR_NP_FWD_BY_KIND + KPR_DEV_COUNT)
 
@@ -245,7 +257,25 @@ struct kpr_np_dev {
 	__u32 pad;            // zero
 };
 
+#define KPR_NP_NH_GEN 0 // kpr_np_nh key holding the generation (backend ids start at 1)
+#define KPR_NP_NH_EXTERNAL (1U << 8) // kpr_np_nh kind: ifindex is an external device (kpr_np_dev)
+
+/* kpr_np_nh value: the route to a remote backend as a FIB lookup answered it, for the SNAT
+ * stage's next packets. Key KPR_NP_NH_GEN's gen is the current generation: the agent
+ * (kpr.nodeport.nexthops) bumps it when a route or a neighbour changes, which makes every
+ * cached entry stale at once; 0 there: nothing is cached (not armed yet). */
+struct kpr_np_nh {
+	__u32 gen;           // the generation it was cached in
+	__u32 ifindex;       // egress device (bpf_redirect / XDP_REDIRECT with these MACs)
+	__u8 smac[6];        // the route's source MAC
+	__u8 dmac[6];        // the next hop's MAC
+	__u32 kind;          // KPR_DEV_* of ifindex (the forwarding counters) | KPR_NP_NH_EXTERNAL
+	__u64 stamp;         // kpr_now() when cached
+	union kpr_addr addr; // the backend's address (an id reused for another backend misses)
+};
+
 _Static_assert(sizeof(struct kpr_np_rev) == 32, "kpr_np_rev layout");
+_Static_assert(sizeof(struct kpr_np_nh) == 48, "kpr_np_nh layout");
 _Static_assert(sizeof(struct kpr_np_fe_key) == 20, "kpr_np_fe_key layout");
 _Static_assert(sizeof(struct kpr_np_fe) == 4, "kpr_np_fe layout");
 _Static_assert(sizeof(struct kpr_np_dev) == 40, "kpr_np_dev layout");
@@ -278,6 +308,8 @@ struct kpr_np_rl {
 
 // (backend, client) of a reply -> the frontend it must come from. LRU: active flows stay.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_np_rev, kpr_np_rev, KPR_NP_REV_MAX, KPR_PIN(kpr_np_rev));
+// Next hops of remote backends by backend id (KPR_NP_NH_CACHE), key 0 the generation.
+BPF_TABLE_PINNED("array", __u32, struct kpr_np_nh, kpr_np_nh, KPR_NP_NH_MAX, KPR_PIN(kpr_np_nh));
 // Frontends whose service overrides the default mode.
 BPF_TABLE_PINNED("hash", struct kpr_np_fe_key, struct kpr_np_fe, kpr_np_fe, KPR_NP_FE_MAX, KPR_PIN(kpr_np_fe));
 // Announced addresses: traffic to them that no frontend takes is dropped.
@@ -664,6 +696,74 @@ static __always_inline const union kpr_addr *kpr_np_snat_addr(__u32 ifindex, __u
 	return a;
 }
 
+/* --- next hops cached per backend --------------------------------------------------------- */
+
+// The backend's cached next hop when it is current, else NULL.
+static __always_inline struct kpr_np_nh *kpr_np_nh_get(__u32 bid, const union kpr_addr *addr)
+{
+#if KPR_NP_NH_CACHE
+	__u32 k = KPR_NP_NH_GEN;
+	struct kpr_np_nh *g = kpr_np_nh.lookup(&k), *e;
+
+	if (!g || !g->gen || !bid)
+		return (void *)0;
+	e = kpr_np_nh.lookup(&bid);
+	if (!e || e->gen != g->gen || !kpr_addr_eq(&e->addr, addr) || kpr_now() - e->stamp > KPR_NP_NH_TTL_NS)
+		return (void *)0;
+#ifdef KPR_CTX_XDP
+	{
+		// tc caches next hops XDP_REDIRECT cannot reach (kpr_np_xdp_sendable): not for XDP
+		__u32 kind = e->kind & 0xff;
+
+		if (!(e->kind & KPR_NP_NH_EXTERNAL) ||
+		    (kind != KPR_DEV_PHYSICAL && kind != KPR_DEV_VETH_PEER && kind != KPR_DEV_VETH_LOCAL))
+			return (void *)0;
+	}
+#endif
+	return e;
+#else
+	return (void *)0;
+#endif
+}
+
+// Cache a successful FIB lookup `p` for the backend (a device of kind `kind`, reached with its MACs).
+static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr, const struct bpf_fib_lookup *p,
+					  __u32 kind)
+{
+#if KPR_NP_NH_CACHE
+	__u32 k = KPR_NP_NH_GEN;
+	struct kpr_np_nh *g = kpr_np_nh.lookup(&k), *e;
+
+	if (!g || !g->gen || !bid)
+		return;
+	e = kpr_np_nh.lookup(&bid);
+	if (!e)
+		return;
+	e->gen = 0; // no reader takes it while half written (the same values, were two CPUs to write it)
+	e->ifindex = p->ifindex;
+	__builtin_memcpy(e->smac, p->smac, 6);
+	__builtin_memcpy(e->dmac, p->dmac, 6);
+	e->kind = kind;
+	e->addr = *addr;
+	e->stamp = kpr_now();
+	e->gen = g->gen;
+#endif
+}
+
+// Send a packet to a cached next hop, counted as kpr_np_forward counts a redirect with the route's MACs.
+static __always_inline int kpr_np_nh_send(kpr_ctx_t *ctx, const struct kpr_np_nh *nh)
+{
+	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (nh->kind & 0xff));
+	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
+	kpr_np_fwd_count(KPR_NP_FWD_NH_CACHED);
+	if (kpr_fib_set_macs(ctx, nh->dmac, nh->smac)) {
+		kpr_np_fwd_count(KPR_NP_FWD_DROP_SHORT);
+		kpr_mon_bare(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_SHORT_FRAME);
+		return CTX_DROP;
+	}
+	return ctx_redirect(ctx, nh->ifindex, 0);
+}
+
 /* --- forwarding stages ---------------------------------------------------------------- */
 
 // The packet and its flow's state, for a forwarding stage. Returns 0, or -1 with nothing to do.
@@ -717,6 +817,8 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	int err;
 #if KPR_NP_SNAT_IN_CT
 	struct kpr_tuple orig; // the client's tuple (the conntrack key), before DNAT
+	struct kpr_np_nh *nh;
+	__u32 kind;
 	__be16 nport;
 #else
 	struct kpr_nat_entry *m;
@@ -725,6 +827,21 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
 		return CTX_DROP;
 	KPR_NP_STOP(4);
+#if KPR_NP_SNAT_IN_CT
+	// An established flow whose backend's next hop is cached: a path of its own to the end
+	// (sharing the rest with the lookup's path would have the verifier walk every rewrite
+	// once with the cache's pointer and once without: past its limit in the XDP build).
+	nh = st->nat_port ? kpr_np_nh_get(st->backend_id, &be->addr) : (void *)0;
+	if (nh) {
+		KPR_NP_STOP(5);
+		if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port) || kpr_nat_snat(ctx, &pkt, &st->nat_addr, st->nat_port)) {
+			kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
+			return CTX_DROP;
+		}
+		KPR_NP_STOP(6);
+		return kpr_np_nh_send(ctx, nh);
+	}
+#endif
 	rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
 	KPR_NP_STOP(5);
 #if KPR_NP_SNAT_IN_CT
@@ -778,6 +895,19 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
+	KPR_NP_STOP(6);
+#if KPR_NP_NH_CACHE
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		// what kpr_np_forward will do with it: a redirect with the route's MACs, when the
+		// device is one it knows (XDP: kpr_np_xdp_sendable said so above)
+		__u32 ifindex = p.ifindex;
+		int external = kpr_np_dev.lookup(&ifindex) != (void *)0;
+
+		kind = kpr_np_devkind_of(ifindex, external);
+		if (kind != KPR_DEV_UNKNOWN)
+			kpr_np_nh_put(st->backend_id, &be->addr, &p, kind | (external ? KPR_NP_NH_EXTERNAL : 0));
+	}
+#endif
 #else
 #if !KPR_NP_LAZY_SNAT_ADDR
 	nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
@@ -822,8 +952,8 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
-#endif
 	KPR_NP_STOP(6);
+#endif
 #ifdef KPR_CTX_XDP
 	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT); // kpr_np_xdp_sendable said yes above
 	if (kpr_np_set_macs(ctx, &p))

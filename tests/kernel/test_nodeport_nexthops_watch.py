@@ -1,0 +1,55 @@
+"""The next-hop watcher (kpr.nodeport.nexthops) in a namespace of its own: it invalidates once
+at start, on a route added or removed and on a neighbour whose address changes; a neighbour
+merely confirmed (the same address) leaves the cache alone."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kpr.nodeport.nexthops import NextHopWatcher
+from kpr.testing.netns import Namespace, Topology
+from kpr.testing.waiting import wait_for
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def ns() -> Iterator[Namespace]:
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    with Topology() as topo:
+        topo.add_namespace("a")
+        topo.add_namespace("b")
+        topo.link("a", "b", "10.9.0.1/24", "10.9.0.2/24")
+        yield topo["a"]
+
+
+def test_route_and_neighbour_changes_invalidate(ns: Namespace) -> None:
+    seen: list[float] = []
+    with ns.enter():
+        w = NextHopWatcher(lambda: seen.append(time.monotonic())).start()
+    try:
+        assert len(seen) == 1, "once at start (arms the cache)"
+        ns.run("ip neigh replace 10.9.0.7 lladdr 02:00:00:00:00:07 dev eth0 nud permanent")
+        time.sleep(0.3)  # a neighbour seen for the first time: nothing cached can point elsewhere
+        n = len(seen)
+        ns.run("ip neigh replace 10.9.0.7 lladdr 02:00:00:00:00:08 dev eth0 nud permanent")
+        wait_for(lambda: len(seen) > n, 5, "an invalidation for the neighbour's new address")
+        n = len(seen)
+        ns.run("ip neigh replace 10.9.0.7 lladdr 02:00:00:00:00:08 dev eth0 nud permanent")
+        time.sleep(0.3)
+        assert len(seen) == n, "the same address again: no invalidation"
+        ns.run("ip route add 10.77.0.0/16 via 10.9.0.2")
+        wait_for(lambda: len(seen) > n, 5, "an invalidation for the route")
+        n = len(seen)
+        ns.run("ip route del 10.77.0.0/16")
+        wait_for(lambda: len(seen) > n, 5, "an invalidation for the route's removal")
+        assert w.running and w.errors == 0 and w.invalidations == len(seen)
+    finally:
+        w.stop()
+    assert not w.running

@@ -1,8 +1,9 @@
 """The next hops the NodePort programs cache per backend (kpr_np_nh, lib/nodeport.h), and what
 tells them a cached one may be wrong: every route change, and every neighbour whose link-layer
 address changes or that fails or goes away, bumps the cache's generation (key 0), so the next
-packet of each backend looks its route up again. The programs also look up again a next hop
-older than KPR_NP_NH_TTL_NS, should an event be lost (a full socket buffer).
+packet of each backend looks its route up again. So does every REFRESH_SECONDS without a
+bump, should an event be lost (a full socket buffer): that bounds a stale next hop's life
+without a clock read per packet in the programs.
 
 A plain NETLINK_ROUTE socket bound to the route and neighbour groups, waited on together with a
 stop pipe (as kpr.netdevs does for links), in the agent's namespace.
@@ -27,6 +28,7 @@ RTM_NEWLINK = 16
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
 NUD_INCOMPLETE, NUD_FAILED = 0x01, 0x20
 STOP_SECONDS = 2.0
+REFRESH_SECONDS = 2.0
 
 
 class NeighbourBook:
@@ -69,8 +71,9 @@ class NextHopWatcher:
     """Calls `invalidate()` once at start and after every event `NeighbourBook` says matters
     (or events were lost). Opens its socket in the caller's namespace (start() from there)."""
 
-    def __init__(self, invalidate: Callable[[], None]) -> None:
+    def __init__(self, invalidate: Callable[[], None], refresh: float | None = REFRESH_SECONDS) -> None:
         self.invalidate = invalidate
+        self.refresh = refresh  # bump after this long without one (None: only on events)
         self.book = NeighbourBook()
         self.invalidations = 0
         self.errors = 0
@@ -130,12 +133,15 @@ class NextHopWatcher:
         fds = [self._sock.fileno(), self._wake_r]
         while not self._stopping.is_set():
             try:
-                ready, _, _ = select.select(fds, [], [])
+                ready, _, _ = select.select(fds, [], [], self.refresh)
             except OSError as exc:
                 log.warning("event=nexthops_select_failed error=%s", exc)
                 return
             if self._stopping.is_set() or self._wake_r in ready:
                 return
+            if not ready:
+                self._bump("refresh")
+                continue
             why = None
             while True:
                 try:

@@ -1,6 +1,7 @@
 """The next-hop watcher (kpr.nodeport.nexthops) in a namespace of its own: it invalidates once
 at start, on a route added or removed and on a neighbour whose address changes; a neighbour
-merely confirmed (the same address) leaves the cache alone."""
+merely confirmed (the same address) leaves the cache alone; and every refresh period without
+an event (a lost event's bound)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def ns() -> Iterator[Namespace]:
 def test_route_and_neighbour_changes_invalidate(ns: Namespace) -> None:
     seen: list[float] = []
     with ns.enter():
-        w = NextHopWatcher(lambda: seen.append(time.monotonic())).start()
+        w = NextHopWatcher(lambda: seen.append(time.monotonic()), refresh=None).start()
     try:
         assert len(seen) == 1, "once at start (arms the cache)"
         ns.run("ip neigh replace 10.9.0.7 lladdr 02:00:00:00:00:07 dev eth0 nud permanent")
@@ -53,3 +54,13 @@ def test_route_and_neighbour_changes_invalidate(ns: Namespace) -> None:
     finally:
         w.stop()
     assert not w.running
+
+
+def test_without_events_it_still_invalidates_every_refresh(ns: Namespace) -> None:
+    seen: list[float] = []
+    with ns.enter():
+        w = NextHopWatcher(lambda: seen.append(time.monotonic()), refresh=0.2).start()
+    try:
+        wait_for(lambda: len(seen) >= 3, 5, "two refreshes after the start")
+    finally:
+        w.stop()

@@ -142,9 +142,6 @@
 #ifndef KPR_NP_NH_MAX
 #define KPR_NP_NH_MAX 65536 // cached next hops, by backend id (ids above: a FIB lookup per packet)
 #endif
-#ifndef KPR_NP_NH_TTL_NS
-#define KPR_NP_NH_TTL_NS 2000000000ULL // a cached next hop is looked up again after 2 s even without a change signalled
-#endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
 #endif
@@ -270,7 +267,7 @@ struct kpr_np_nh {
 	__u8 smac[6];        // the route's source MAC
 	__u8 dmac[6];        // the next hop's MAC
 	__u32 kind;          // KPR_DEV_* of ifindex (the forwarding counters) | KPR_NP_NH_EXTERNAL
-	__u64 stamp;         // kpr_now() when cached
+	__u64 stamp;         // kpr_now() when cached (for the curious: validity is the generation's)
 	union kpr_addr addr; // the backend's address (an id reused for another backend misses)
 };
 
@@ -708,7 +705,8 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(__u32 bid, const union kp
 	if (!g || !g->gen || !bid)
 		return (void *)0;
 	e = kpr_np_nh.lookup(&bid);
-	if (!e || e->gen != g->gen || !kpr_addr_eq(&e->addr, addr) || kpr_now() - e->stamp > KPR_NP_NH_TTL_NS)
+	// no clock read here: the agent also bumps the generation every few seconds (a lost event)
+	if (!e || e->gen != g->gen || !kpr_addr_eq(&e->addr, addr))
 		return (void *)0;
 #ifdef KPR_CTX_XDP
 	{

@@ -22,24 +22,19 @@ Kinds (the same values as KPR_DEV_* in core/bpf/lib/devkind.h; a root-free test 
 from __future__ import annotations
 
 import enum
-import errno
 import logging
-import os
-import select
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .netlinkwatch import RTMGRP_LINK, Closed, EventSocket, netns_path
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DevKind", "NetDev", "classify", "DeviceWatcher"]
 
 ARPHRD_ETHER = 1
-# RTMGRP_LINK: the legacy bitmask of RTNLGRP_LINK (group 1), what bind() takes.
-RTMGRP_LINK = 1
-NETLINK_ROUTE = 0
 # Quiet time that ends a burst of link events before the watcher looks again (creating a veth
 # pair, a pod's setup, a CNI's bridge port: several messages within a few milliseconds).
 COALESCE_SECONDS = 0.02
@@ -123,15 +118,7 @@ def _iproute(netns: str | None) -> Any:
     from pyroute2 import IPRoute
 
     # flags=0: pyroute2 would otherwise create a namespace that does not exist
-    return IPRoute(netns=_netns_path(netns), flags=0) if netns else IPRoute()
-
-
-def _netns_path(netns: str) -> str:
-    """The namespace's path (a name under /run/netns, or a path); a clear error when it is missing."""
-    path = netns if "/" in netns else f"/run/netns/{netns}"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"network namespace {netns!r} does not exist ({path})")
-    return path
+    return IPRoute(netns=netns_path(netns), flags=0) if netns else IPRoute()
 
 
 def classify(netns: str | None = None) -> dict[int, NetDev]:
@@ -139,30 +126,6 @@ def classify(netns: str | None = None) -> dict[int, NetDev]:
     thread's own), by ifindex."""
     with _iproute(netns) as ipr:
         return _dump(ipr)
-
-
-def _event_socket(netns: str | None) -> socket.socket:
-    """A NETLINK_ROUTE socket in `netns`, bound to the link group.
-
-    A plain socket rather than pyroute2's IPRoute.bind(): the watcher only needs "something
-    changed" (it dumps afterwards, so a lost or overflowed event costs nothing) and must wait on
-    it together with a stop pipe, which pyroute2's asyncio-backed sync socket does not offer
-    across threads. pyroute2 creates it inside a named namespace.
-    """
-    if netns:
-        from pyroute2 import netns as pnetns
-
-        sock = pnetns.create_socket(_netns_path(netns), socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE, flags=0)
-    else:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, RTMGRP_LINK))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class DeviceWatcher:
@@ -181,9 +144,8 @@ class DeviceWatcher:
         self.devices: dict[int, NetDev] = {}
         self.errors = 0  # dumps or callbacks that failed
         self.changes = 0  # on_change calls
-        self._events: socket.socket | None = None
+        self._events: EventSocket | None = None
         self._ipr: Any = None
-        self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -191,8 +153,7 @@ class DeviceWatcher:
         if self._thread is not None:
             raise RuntimeError("DeviceWatcher already started")
         # Subscribe before the first dump: a link that appears in between is seen by both.
-        self._events = _event_socket(self.netns)
-        self._wake_r, self._wake_w = os.pipe()
+        self._events = EventSocket(RTMGRP_LINK, self.netns, name="netdevs")
         self._stopping.clear()
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -212,11 +173,8 @@ class DeviceWatcher:
     def stop(self) -> None:
         t = self._thread
         self._stopping.set()
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+        if self._events is not None:
+            self._events.stop()
         if t is not None:
             t.join(STOP_SECONDS)
             if t.is_alive():
@@ -229,26 +187,6 @@ class DeviceWatcher:
         if self._events is not None:
             self._events.close()
             self._events = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
-
-    def _drain(self) -> bool:
-        """Read what the event socket holds; False once it is closed under us."""
-        assert self._events is not None
-        while True:
-            try:
-                if not self._events.recv(1 << 16):
-                    return True
-            except BlockingIOError:
-                return True
-            except OSError as exc:
-                # ENOBUFS: events were lost; the dump that follows catches up anyway
-                if exc.errno == errno.ENOBUFS:
-                    continue
-                log.warning("event=netdevs_socket_error error=%s", exc)
-                return False
 
     @property
     def running(self) -> bool:
@@ -297,25 +235,18 @@ class DeviceWatcher:
                 self._ipr = None
 
     def _watch(self) -> None:
-        assert self._events is not None
-        fds = [self._events.fileno(), self._wake_r]
+        ev = self._events
+        assert ev is not None
         retry = False  # the last dump failed: look again after RETRY_SECONDS
         while not self._stopping.is_set():
             try:
-                ready, _, _ = select.select(fds, [], [], RETRY_SECONDS if retry else None)
-            except OSError as exc:
-                log.warning("event=netdevs_select_failed error=%s", exc)
-                return
-            if self._stopping.is_set() or self._wake_r in ready:
-                return
-            if ready and not self._drain():
-                return
-            # coalesce: wait for the burst to end (bounded by quiet time, not by its length)
-            while not self._stopping.is_set():
-                more, _, _ = select.select(fds, [], [], COALESCE_SECONDS)
-                if not more or self._wake_r in more:
-                    break
-                if not self._drain():
+                got = ev.wait(RETRY_SECONDS if retry else None)
+                if got == "stop":
                     return
+                if got == "events":
+                    # coalesce: the burst ends by quiet time, not by its length
+                    ev.settle(COALESCE_SECONDS)
+            except Closed:
+                return
             if not self._stopping.is_set():
                 retry = not self._refresh()

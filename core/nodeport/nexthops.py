@@ -5,25 +5,21 @@ packet of each backend looks its route up again. So does every REFRESH_SECONDS w
 bump, should an event be lost (a full socket buffer): that bounds a stale next hop's life
 without a clock read per packet in the programs.
 
-A plain NETLINK_ROUTE socket bound to the route and neighbour groups, waited on together with a
-stop pipe (as kpr.netdevs does for links), in the agent's namespace.
+A kpr.netlinkwatch event socket bound to the route and neighbour groups, in the agent's
+namespace.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import select
-import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from kpr.netlinkwatch import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_NEIGH, Closed, EventSocket
+
 log = logging.getLogger(__name__)
 
-NETLINK_ROUTE = 0
-RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x4, 0x40, 0x400
 RTM_NEWLINK = 16
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
 NUD_INCOMPLETE, NUD_FAILED = 0x01, 0x20
@@ -55,18 +51,6 @@ class NeighbourBook:
         return old is not None and old != mac
 
 
-def _socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class NextHopWatcher:
     """Calls `invalidate()` once at start and after every event `NeighbourBook` says matters
     (or events were lost). Opens its socket in the caller's namespace (start() from there)."""
@@ -77,44 +61,34 @@ class NextHopWatcher:
         self.book = NeighbourBook()
         self.invalidations = 0
         self.errors = 0
-        self._sock: socket.socket | None = None
-        self._wake_r = self._wake_w = -1
+        self._events: EventSocket | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> NextHopWatcher:
-        self._sock = _socket()  # subscribed first: a change during the first invalidation is seen
-        self._wake_r, self._wake_w = os.pipe()
+        # subscribed first: a change during the first invalidation is seen
+        self._events = EventSocket(RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE, name="nexthops")
         self._bump("start")
         self._thread = threading.Thread(target=self._run, name="kpr-nodeport-nexthops", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-        t = self._thread
+        ev, t = self._events, self._thread
+        if ev is not None:
+            ev.stop()
         if t is not None:
             t.join(STOP_SECONDS)
             if t.is_alive():
                 log.warning("event=nexthops_stop_timeout seconds=%.1f", STOP_SECONDS)
                 return
         self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        if ev is not None:
+            ev.close()
+            self._events = None
 
     def _bump(self, why: str) -> None:
         try:
@@ -129,33 +103,22 @@ class NextHopWatcher:
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
         marshal = MarshalRtnl()
-        assert self._sock is not None
-        fds = [self._sock.fileno(), self._wake_r]
-        while not self._stopping.is_set():
+        ev = self._events
+        assert ev is not None
+        while True:
             try:
-                ready, _, _ = select.select(fds, [], [], self.refresh)
-            except OSError as exc:
-                log.warning("event=nexthops_select_failed error=%s", exc)
-                return
-            if self._stopping.is_set() or self._wake_r in ready:
-                return
-            if not ready:
-                self._bump("refresh")
-                continue
-            why = None
-            while True:
-                try:
-                    data = self._sock.recv(1 << 16)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
-                        why = "events_lost"
-                        continue
-                    log.warning("event=nexthops_recv_failed error=%s", exc)
+                got = ev.wait(self.refresh)
+                if got == "stop":
                     return
-                if not data:
-                    return
+                if got == "timeout":
+                    self._bump("refresh")
+                    continue
+                datagrams, lost = ev.read()
+            except Closed as exc:
+                log.warning("event=nexthops_watch_ended error=%s", exc)
+                return
+            why = "events_lost" if lost else None
+            for data in datagrams:
                 try:
                     # every message goes through the book (it keeps the neighbours' addresses)
                     if [m for m in marshal.parse(data) if self.book.changes(m)]:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .netlinkwatch import RTMGRP_LINK, Closed, EventSocket, netns_path
+from .netlinkwatch import RTMGRP_LINK, Closed, EventSocket, netns_path, stop_watch
 
 log = logging.getLogger(__name__)
 
@@ -171,22 +171,9 @@ class DeviceWatcher:
         return self
 
     def stop(self) -> None:
-        t = self._thread
         self._stopping.set()
-        if self._events is not None:
-            self._events.stop()
-        if t is not None:
-            t.join(STOP_SECONDS)
-            if t.is_alive():
-                log.warning("event=netdevs_stop_timeout seconds=%.1f", STOP_SECONDS)
-                return  # leave its sockets to it rather than close them under its feet
-        self._thread = None
-        self._close()
-
-    def _close(self) -> None:
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        if stop_watch(self._events, self._thread, STOP_SECONDS, "netdevs"):
+            self._events, self._thread = None, None
 
     @property
     def running(self) -> bool:

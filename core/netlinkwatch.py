@@ -153,3 +153,18 @@ def _open(groups: int, netns: str | None) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def stop_watch(events: EventSocket | None, thread: threading.Thread | None, seconds: float, name: str) -> bool:
+    """Stop a watcher's thread (bounded by `seconds`) and close its socket. False when the thread
+    is still running at the deadline: its socket is then left to it rather than closed under it."""
+    if events is not None:
+        events.stop()
+    if thread is not None:
+        thread.join(seconds)
+        if thread.is_alive():
+            log.warning("event=netlink_watch_stop_timeout watcher=%s seconds=%.1f", name, seconds)
+            return False
+    if events is not None:
+        events.close()
+    return True

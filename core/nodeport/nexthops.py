@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from kpr.netlinkwatch import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_NEIGH, Closed, EventSocket
+from kpr.netlinkwatch import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_NEIGH, Closed, EventSocket, stop_watch
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,8 @@ class NextHopWatcher:
         return self
 
     def stop(self) -> None:
-        ev, t = self._events, self._thread
-        if ev is not None:
-            ev.stop()
-        if t is not None:
-            t.join(STOP_SECONDS)
-            if t.is_alive():
-                log.warning("event=nexthops_stop_timeout seconds=%.1f", STOP_SECONDS)
-                return
-        self._thread = None
-        if ev is not None:
-            ev.close()
-            self._events = None
+        if stop_watch(self._events, self._thread, STOP_SECONDS, "nexthops"):
+            self._events, self._thread = None, None
 
     def _bump(self, why: str) -> None:
         try:

@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from kpr.netlinkwatch import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, Closed, EventSocket
+from kpr.netlinkwatch import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, Closed, EventSocket, stop_watch
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,8 @@ class Watcher:
             self._events.kick()
 
     def stop(self) -> None:
-        ev, t = self._events, self._thread
-        if ev is not None:
-            ev.stop()
-        if t is not None:
-            t.join(STOP_SECONDS)
-            if t.is_alive():
-                log.warning("event=host_routing_watcher_stop_timeout seconds=%.1f", STOP_SECONDS)
-                return
-        self._thread = None
-        if ev is not None:
-            ev.close()
-            self._events = None
+        if stop_watch(self._events, self._thread, STOP_SECONDS, "host_routing"):
+            self._events, self._thread = None, None
 
     def _run(self) -> None:
         ev = self._events

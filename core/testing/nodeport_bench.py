@@ -173,6 +173,7 @@ class ProgLab:
             self.pin = self._stack.enter_context(scratch_pin_dir("kpr-npbench"))
             self.topo = topo = self._stack.enter_context(Topology())
             build_lab(topo, remote4=("10.244.2.0/24", "10.245.0.0/16"))
+            self._hold(topo)
             lb = topo["lb"]
             self.ifindex = topo.ifindex("lb", "eth0")
             self.mac = topo.mac("lb", "eth0")
@@ -186,6 +187,17 @@ class ProgLab:
             self._stack.close()
             raise
         return self
+
+    def _hold(self, topo: Any) -> None:
+        """Keep the lab's namespaces alive by open descriptors for as long as the lab runs, and
+        enter "lb" through its own: while other sessions' test runs were going on, the lab's
+        namespaces lost their veths mid-run (eth0 gone, ENODEV) when their /run/netns names
+        went, which a name alone does not survive."""
+        for ns in topo.namespaces.values():
+            fd = os.open(ns.path, os.O_RDONLY)
+            self._stack.callback(os.close, fd)
+            if ns.name == "lb":
+                self.lb_path = f"/proc/{os.getpid()}/fd/{fd}"
 
     def __exit__(self, *exc: object) -> None:
         for dp in self.builds.values():
@@ -359,7 +371,7 @@ def measure(lab: ProgLab, hook: str, build: str, case: Case, runs: int, rounds: 
     m = Measured(runs=runs)
     per_round = max(1, runs // rounds)
     before = dp.stats()
-    with in_netns(lab.topo["lb"].path):
+    with in_netns(lab.lb_path):
         for r in range(rounds):
             lab.flush_flows()
             base = lab.packet(case.dst, case.dport, sport=40000 + r, flags="S" if case.kind == "new" else "A")
@@ -391,7 +403,7 @@ def bare(lab: ProgLab, hook: str, runs: int, rounds: int) -> Measured:
     _bpf, _main, bare_fn = lab.wrapper(hook)
     m = Measured(runs=runs)
     pkt = lab.packet(VIP, 80)
-    with in_netns(lab.topo["lb"].path):
+    with in_netns(lab.lb_path):
         for _ in range(rounds):
             ns, _v = lab.run_wrapped(hook, bare_fn.fd, pkt, max(1, runs // rounds))
             m.wrapper_ns.append(ns)

@@ -139,9 +139,10 @@ static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple
 	return e;
 }
 
-// Record a new flow. Returns 0 or the map update's negative error.
-static __always_inline int kpr_ct_create(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,
-					 __u16 flags)
+// Record a flow, with its SNAT mapping when `nat_addr` (see struct kpr_ct_entry). Returns 0 or
+// the map update's negative error.
+static __always_inline int kpr_ct_write(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,
+					__u16 flags, const union kpr_addr *nat_addr, __be16 nat_port)
 {
 	struct kpr_ct_key k;
 	struct kpr_ct_entry e = {};
@@ -152,25 +153,25 @@ static __always_inline int kpr_ct_create(const struct kpr_tuple *t, __u8 dir, __
 	e.rev_nat = rev_nat;
 	e.flags = flags;
 	e.tcp_flags = t->tcp_flags;
+	if (nat_addr) {
+		e.nat_port = nat_port;
+		e.nat_addr = *nat_addr;
+	}
 	return kpr_ct.update(&k, &e);
 }
 
-// Record a new source-NATed flow with its SNAT address and port (see struct kpr_ct_entry).
+// Record a new flow. Returns 0 or the map update's negative error.
+static __always_inline int kpr_ct_create(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,
+					 __u16 flags)
+{
+	return kpr_ct_write(t, dir, backend_id, rev_nat, flags, (void *)0, 0);
+}
+
+// Record a new source-NATed flow (original direction) with its SNAT address and port.
 static __always_inline int kpr_ct_create_snat(const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat, __u16 flags,
 					      const union kpr_addr *nat_addr, __be16 nat_port)
 {
-	struct kpr_ct_key k;
-	struct kpr_ct_entry e = {};
-
-	kpr_ct_key_from_tuple(&k, t, KPR_CT_DIR_ORIGINAL);
-	e.last_seen = kpr_now();
-	e.backend_id = backend_id;
-	e.rev_nat = rev_nat;
-	e.flags = flags;
-	e.tcp_flags = t->tcp_flags;
-	e.nat_port = nat_port;
-	e.nat_addr = *nat_addr;
-	return kpr_ct.update(&k, &e);
+	return kpr_ct_write(t, KPR_CT_DIR_ORIGINAL, backend_id, rev_nat, flags, nat_addr, nat_port);
 }
 
 // Mark the original direction's entry as answered, from a reply seen elsewhere.

@@ -82,55 +82,6 @@ static __always_inline int kpr_nat_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt, c
 	return kpr_nat_snat(ctx, pkt, &rn->addr, rn->port);
 }
 
-/* The SNAT mapping of an outgoing flow (tuple before SNAT), creating one when `create`: the
- * reverse entry is inserted first with BPF_NOEXIST, so a port is owned by one flow per remote
- * endpoint. Returns the forward entry (addr/port to rewrite the source to) or NULL. */
-static __always_inline struct kpr_nat_entry *kpr_snat_mapping(const struct kpr_tuple *t, const union kpr_addr *nat_addr,
-							       int create, int *err)
-{
-	struct kpr_ct_key fk, rk;
-	struct kpr_nat_entry fwd = {}, rev = {};
-	struct kpr_nat_entry *e;
-	__u64 now;
-	int i;
-
-	*err = 0;
-	kpr_ct_key_from_tuple(&fk, t, KPR_CT_DIR_ORIGINAL);
-	e = kpr_snat.lookup(&fk);
-	if (e || !create)
-		return e;
-
-	now = kpr_now();
-	rev.addr = t->saddr;
-	rev.port = t->sport;
-	rev.created = now;
-	// the reply arrives from the remote endpoint to nat_addr:port
-	rk.saddr = t->daddr;
-	rk.daddr = *nat_addr;
-	rk.sport = t->dport;
-	rk.proto = t->proto;
-	rk.dir = KPR_CT_DIR_REPLY;
-	rk.pad = 0;
-	for (i = 0; i < KPR_SNAT_RETRIES; i++) {
-		__u16 port = KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1);
-
-		rk.dport = kpr_htons(port);
-		if (kpr_snat.insert(&rk, &rev) == 0) {
-			fwd.addr = *nat_addr;
-			fwd.port = rk.dport;
-			fwd.created = now;
-			if (kpr_snat.update(&fk, &fwd)) {
-				kpr_snat.delete(&rk);
-				*err = KPR_E_NAT_NOPORT;
-				return (void *)0;
-			}
-			return kpr_snat.lookup(&fk);
-		}
-	}
-	*err = KPR_E_NAT_NOPORT;
-	return (void *)0;
-}
-
 /* The reply side of a new NodePort SNAT flow (tuple after DNAT: client -> backend), in one LRU
  * insert: the reverse entry, inserted with BPF_NOEXIST so a port is owned by one flow per
  * remote endpoint, holds the client and the frontend. The forward side (SNAT address and
@@ -164,6 +115,43 @@ static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union
 		}
 	}
 	return KPR_E_NAT_NOPORT;
+}
+
+/* The SNAT mapping of an outgoing flow (tuple before SNAT), creating one when `create`: the
+ * reverse entry first (kpr_snat_alloc, no frontend in it), then the forward entry. Returns the
+ * forward entry (addr/port to rewrite the source to) or NULL. */
+static __always_inline struct kpr_nat_entry *kpr_snat_mapping(const struct kpr_tuple *t, const union kpr_addr *nat_addr,
+							       int create, int *err)
+{
+	struct kpr_ct_key fk, rk;
+	struct kpr_nat_entry fwd = {};
+	struct kpr_nat_entry *e;
+	union kpr_addr none = {};
+
+	*err = 0;
+	kpr_ct_key_from_tuple(&fk, t, KPR_CT_DIR_ORIGINAL);
+	e = kpr_snat.lookup(&fk);
+	if (e || !create)
+		return e;
+	if (kpr_snat_alloc(t, nat_addr, &none, 0, &fwd.port)) {
+		*err = KPR_E_NAT_NOPORT;
+		return (void *)0;
+	}
+	fwd.addr = *nat_addr;
+	fwd.created = kpr_now();
+	if (kpr_snat.update(&fk, &fwd)) {
+		rk.saddr = t->daddr;
+		rk.daddr = *nat_addr;
+		rk.sport = t->dport;
+		rk.dport = fwd.port;
+		rk.proto = t->proto;
+		rk.dir = KPR_CT_DIR_REPLY;
+		rk.pad = 0;
+		kpr_snat.delete(&rk);
+		*err = KPR_E_NAT_NOPORT;
+		return (void *)0;
+	}
+	return kpr_snat.lookup(&fk);
 }
 
 // The original client of a reply to a source-NATed flow (tuple as received), or NULL.

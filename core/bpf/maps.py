@@ -206,7 +206,7 @@ _sz = ctypes.sizeof  # key and value sizes: the structs' (lib/*.h)
 # the fill (memlock, kernel 6.18): kpr_svc 112 B (28 MiB), kpr_backend 96 B (12 MiB),
 # kpr_revnat 96 B (6 MiB), kpr_affinity 104 B (6.5 MiB), kpr_maglev 80 B (2.5 MiB) plus 128 KiB
 # per Maglev table in use (M = 16381); kpr_srcrange is not preallocated (per range in use);
-# kpr_ct 128 B (16 MiB), kpr_snat 136 B (17 MiB).
+# kpr_ct 144 B (18 MiB), kpr_snat 152 B (19 MiB) since the two-insert SNAT layout (issue 14).
 SPECS: dict[str, MapSpec] = {
     s.name: s
     for s in (

@@ -36,6 +36,7 @@ __all__ = [
     "GROWN_VALUES",
     "grow_pinned",
     "grows",
+    "inner_max_entries",
     "MapSpec",
     "SPECS",
     "cflags",
@@ -661,6 +662,18 @@ class BpfMap:
             if v is not None:
                 out.append((k, v))
         return out
+
+
+def inner_max_entries(outer: BpfMap) -> int | None:
+    """The size of the maps a map-of-maps holds (its first inner map; they are all made alike),
+    None while it holds none: kpr_maglev's Maglev table size."""
+    for key in outer.keys():
+        raw = outer.lookup(key)
+        if raw is None:  # removed since the key was listed
+            continue
+        with BpfMap.from_id(U32.unpack(raw)[0]) as inner:
+            return inner.info().max_entries
+    return None
 
 
 # Flow-state maps whose values grew at their end in a later kpr, the new bytes zero meaning

@@ -159,13 +159,7 @@ def writer_settings(pin: Path) -> WriterSettings:
     path = pin / "kpr_maglev"
     if path.exists():
         with M.BpfMap.open_pinned(path) as outer:
-            for key in outer.keys():
-                raw = outer.lookup(key)
-                if raw is None:
-                    continue
-                with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
-                    maglev = inner.info().max_entries
-                break
+            maglev = M.inner_max_entries(outer)
     return WriterSettings(ct_size, snat_size, maglev)
 
 

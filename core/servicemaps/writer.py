@@ -215,16 +215,9 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
             template.close()
 
     def _check_maglev_inner(self) -> None:
-        outer = self.maps["kpr_maglev"]
-        for key in outer.keys():
-            raw = outer.lookup(key)
-            if raw is None:
-                continue
-            with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
-                size = inner.info().max_entries
-            if size != self.maglev_size:
-                raise MapIncompatible(
-                    f"pinned map {self.pin_path / 'kpr_maglev'} holds Maglev tables of {size} slots, this kpr "
-                    f"builds {self.maglev_size}: run `kpr cleanup` or restore the previous maglev size"
-                )
-            return
+        size = M.inner_max_entries(self.maps["kpr_maglev"])
+        if size is not None and size != self.maglev_size:
+            raise MapIncompatible(
+                f"pinned map {self.pin_path / 'kpr_maglev'} holds Maglev tables of {size} slots, this kpr "
+                f"builds {self.maglev_size}: run `kpr cleanup` or restore the previous maglev size"
+            )

@@ -324,6 +324,26 @@ def test_maglev_tables_match_the_python_builder(pin_path: Path) -> None:
         assert w.read_back()["maglev_tables"] == []
 
 
+def test_pinned_maglev_tables_of_another_size_are_refused_by_name(pin_path: Path) -> None:
+    from kpr.nodeport.datapath import writer_settings
+
+    svc = Service(
+        ServiceKey("default", "mg"),
+        (Frontend(CIP, "10.96.0.41", 80, TCP_, (be("10.3.0.1"),)),),
+        annotations=((ALGORITHM_ANNOTATION, "maglev"),),
+    )
+    with ServiceMapWriter(pin_path, maglev_size=251) as w:
+        assert M.inner_max_entries(w.maps["kpr_maglev"]) is None  # no table yet
+        w.upsert(svc)
+        assert M.inner_max_entries(w.maps["kpr_maglev"]) == 251
+    # what the NodePort programs are built with follows the pinned tables
+    assert writer_settings(pin_path).maglev_size == 251
+    with pytest.raises(M.MapIncompatible, match=r"kpr_maglev holds Maglev tables of 251 slots, this kpr builds 509"):
+        ServiceMapWriter(pin_path, maglev_size=509).open()
+    with ServiceMapWriter(pin_path, maglev_size=251) as w:  # the size it was made with still opens
+        assert "10.96.0.41:80/TCP external" in w.read_back()["frontends"]
+
+
 def test_initial_state_through_the_bus_is_one_full_sync(pin_path: Path) -> None:
     with ServiceMapWriter(pin_path) as w:
         for s in (web(), DNS, EMPTY):

@@ -11,7 +11,7 @@ to the desired state:
 - Restart-safe. `open()` adopts maps already pinned (never recreates compatible ones) and
   rebuilds the shadow from them: backend ids, rev-NAT indexes and slot order are kept, so
   established flows (conntrack holds backend ids and rev-NAT indexes) survive a restart.
-  Entries nobody re-delivers are removed on `kpr_sync_complete`.
+  Entries nobody re-delivers are removed at sync complete (the bus's "sync" change).
 - Safe ordering for concurrent readers: backends, rev-NAT entries, source ranges and Maglev
   tables are written before the service entries that lead to them; slot 0 (the count) is
   written after its slots and deleted before them; orphans are deleted last.
@@ -26,8 +26,8 @@ to the desired state:
   repaired to the state before the change (no partial batch stays behind). `check()`, run
   periodically (agent.resyncInterval), reads the maps back and repairs any difference from the
   desired state, one made by hand with bpftool included; status counts come from the kernel.
-- Ready only when written. Through the bus, the initial state is one full sync at
-  `kpr_sync_complete`; if it cannot be written, the writer retries with backoff and reports
+- Ready only when written. Through the bus's writer stage (kpr.pipeline), the initial state is
+  one full sync at sync complete (`apply_batch` with a "sync" change); if it cannot be written, the writer retries with backoff and reports
   itself not synced (status details `synced: false`, what is missing), which holds the
   agent's readiness.
 

@@ -30,7 +30,9 @@ MapIncompatible = M.MapIncompatible
 class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
     """Writes services into the maps pinned under `pin_path` (kpr's bpf.pinPath).
 
-    Also a kpr plugin object: register it with the plugin manager and it follows the bus.
+    In an agent it is the core's `servicemaps` facility: the bus's writer stage (kpr.pipeline)
+    feeds it with `apply_batch` before any plugin sees a change; it keeps kpr_start, kpr_stop
+    and kpr_status as a plugin does.
     """
 
     def __init__(
@@ -70,7 +72,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         self.rollbacks = 0  # failed writes rolled back
         self.repairs = 0  # entries written or deleted to repair a difference found by check()
         self.checks = 0
-        # Seconds between check()s when run as a plugin (None: agent.resyncInterval; 0: never).
+        # Seconds between check()s once started (kpr_start; None: agent.resyncInterval; 0: never).
         self.check_interval = check_interval
         self._backoff = retry_backoff or Backoff(0.5, 30.0)
         self._checker: threading.Thread | None = None
@@ -83,7 +85,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         self._retry_at: float | None = None
         self._maglev_cache: OrderedDict[tuple, array] = OrderedDict()
         self._maglev_keys = array("I", range(maglev_size)).tobytes()
-        # Services delivered through the bus before kpr_sync_complete; None afterwards.
+        # Services delivered through the writer stage before sync complete; None afterwards.
         self._initial: dict[ServiceKey, Service] | None = {}
 
     def _reset_shadow(self) -> None:

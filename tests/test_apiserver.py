@@ -401,6 +401,16 @@ def test_watch_from_now_and_timeout(srv, core):
     assert srv.open_watches == 0
 
 
+def test_watch_is_closed_once_its_stream_has_ended(srv):
+    """A client that has read a watch's last chunk finds it closed: the server unregisters the
+    watch before ending the stream (it used to after, and open_watches raced the client)."""
+    srv.create(svc("a"))
+    for _ in range(40):
+        with urlopen(srv, "/api/v1/namespaces/default/services?watch=1&timeoutSeconds=0.01") as r:
+            r.read()
+        assert srv.open_watches == 0
+
+
 def test_watch_selector_leaving_is_deleted(srv, core):
     srv.create(svc("a", labels={"proxy": "kpr"}))
     w = watch.Watch()

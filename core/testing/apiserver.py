@@ -1541,6 +1541,10 @@ class KubeApiServer:
                     break
             if not w.dropped and not h.conn.closed:
                 self._wait_stall(h.conn)
+                # Unregister before the last chunk: a client that has read the end of the
+                # stream must find the watch closed (open_watches), not race this thread.
+                with self._lock:
+                    self._watches[res].discard(w)
                 h.wfile.write(b"0\r\n\r\n")
                 h.wfile.flush()
         except (OSError, ssl.SSLError, _Closed):

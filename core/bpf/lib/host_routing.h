@@ -488,7 +488,7 @@ static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	ct = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_ORIGINAL);
 	if (ct && !(ct->flags & KPR_CT_F_NODE_PORT)) {
 		bid = ct->backend_id;
-		be = kpr_backend.lookup(&bid);
+		be = kpr_lb_backend(bid);
 		if (be) {
 			kpr_hr_count(KPR_HR_ST_SVC_ESTABLISHED);
 			goto dnat;

@@ -180,6 +180,13 @@ static __always_inline __u32 kpr_lb_affinity_backend(struct kpr_svc_key *key, co
 	return 0;
 }
 
+/* The backend with this id, or NULL. Programs read kpr_backend only through here (a flow's
+ * backend from conntrack, a pick's result), so its layout stays lb.h's business. */
+static __always_inline struct kpr_backend *kpr_lb_backend(__u32 id)
+{
+	return kpr_backend.lookup(&id);
+}
+
 /* Pick the backend for a new flow to the service entry `key`/`svc` found by kpr_lb_lookup():
  * affinity (when the service has it and `aff` is given), then Maglev or random. Returns the
  * backend and its id in *id, or NULL when the service has no selectable backend. */
@@ -202,7 +209,7 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 		 * may disagree on the pod's state). */
 		bid = kpr_lb_affinity_backend(key, svc, aff, now, &slot);
 		if (bid)
-			be = kpr_backend.lookup(&bid);
+			be = kpr_lb_backend(bid);
 	}
 	if (!be) {
 		bid = 0;
@@ -218,7 +225,7 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 		}
 		if (!bid)
 			return (void *)0;
-		be = kpr_backend.lookup(&bid);
+		be = kpr_lb_backend(bid);
 		if (!be)
 			return (void *)0;
 	}

@@ -780,7 +780,7 @@ static __always_inline int kpr_np_stage_begin(kpr_ctx_t *ctx, struct kpr_pkt *pk
 	return 0;
 #else
 	bid = (*st)->backend_id;
-	*be = kpr_backend.lookup(&bid);
+	*be = kpr_lb_backend(bid);
 	return *be ? 0 : -1;
 #endif
 }
@@ -1083,7 +1083,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	ct = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_ORIGINAL);
 	if (ct && (ct->flags & KPR_CT_F_NODE_PORT)) {
 		bid = ct->backend_id;
-		be = kpr_backend.lookup(&bid);
+		be = kpr_lb_backend(bid);
 		if (be) {
 			__u8 tf = pkt->t.tcp_flags & (KPR_TCP_ACK | KPR_TCP_SYN);
 			__u8 restart = 0;

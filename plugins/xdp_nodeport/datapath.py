@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kpr.nodeport.datapath import CALLS as _BASE_CALLS
 from kpr.nodeport.datapath import Datapath as _Base
 
 SOURCE = Path(__file__).resolve().parent / "bpf" / "xdp_nodeport.c"
@@ -14,17 +15,12 @@ SOURCE = Path(__file__).resolve().parent / "bpf" / "xdp_nodeport.c"
 INGRESS = "kpr_xnp_ingress"
 # Built and verified, not attached (XDP has no egress hook; a devmap egress program could use it).
 EGRESS = "kpr_xnp_egress"
-# Stages in KPR_NP_CALL_* order; "" for the DSR slots this build leaves empty.
-CALLS = (
-    "kpr_xnp_local",
-    "kpr_xnp_snat",
-    "",
-    "kpr_xnp_nobackend",
-    "kpr_xnp_snat_reply",
-    "",
-    "kpr_xnp_icmp_in",
-    "kpr_xnp_icmp_out",
-)
+# Stages this build leaves out (DSR needs skb operations XDP lacks: bpf/xdp_nodeport.c
+# defines them only under KPR_NP_DSR, which ctx/xdp.h refuses).
+TC_ONLY = ("dsr", "dsr_recv")
+# Stages in KPR_NP_CALL_* slot order (the tc build's CALLS, from lib/nodeport.h through
+# kpr.bpf.abi): kpr_xnp_<call>, "" for a slot this build leaves empty.
+CALLS = tuple("" if (n := c.removeprefix("kpr_np_")) in TC_ONLY else f"kpr_xnp_{n}" for c in _BASE_CALLS)
 CALLS_MAP = "kpr_np_xcalls"
 # This build's counters (lib/nodeport.h KPR_NP_PIN_STATS, KPR_NP_PIN_FWD in an XDP build).
 STATS_MAP, FWD_MAP = "kpr_np_xstats", "kpr_np_xfwd"

@@ -38,12 +38,15 @@ STATS = abi.counters(
         "CT_FAILED": "conntrack_write_failed",
         "SVC_HAIRPIN": "service_hairpin",
         "NEIGH_OVERLAY": "redirect_neigh_overlay",
+        "OUT_CACHED": "out_route_cached",
     },
 )
 PASS_STATS = tuple(s for s in STATS if s.startswith("pass_"))
 
 PODS_MAP, DEVS_MAP, STATS_MAP = "kpr_hr_pods", "kpr_hr_devs", "kpr_hr_stats"
 NH_MAP = "kpr_hr_nh"  # next hops of pods behind peers, learned by the programs (bpf_redirect_peer builds only)
+# routes of pods' packets leaving the node and their generation (KPR_HR_OUT_CACHE builds with bpf_redirect_neigh)
+OUT_MAP, GEN_MAP = "kpr_hr_out", "kpr_hr_gen"
 OWN_MAPS = (PODS_MAP, DEVS_MAP)
 
 # lib/host_routing.h's structs and flags: fields positionally in header order (tests/test_abi.py).
@@ -169,6 +172,48 @@ class Datapath:
         try:
             return self.bpf.get_table(NH_MAP.encode())
         except KeyError:  # built without it (-DKPR_HR_NH_CACHE=0)
+            return None
+
+    def bump_out_generation(self) -> int:
+        """Every route kpr_hr_out remembers is looked up again (kpr.nexthops calls this on route and
+        neighbour changes and every few seconds, the sync after link changes); the first call arms
+        the cache. Returns the new generation (0: built without the cache)."""
+        table = self._table(GEN_MAP)
+        if table is None:
+            return 0
+        key = table.Key(0)
+        gen = int(table[key].value) % 0xFFFFFFFF + 1  # never 0, which means "not armed"
+        table[key] = table.Leaf(gen)
+        return gen
+
+    def out_generation_armable(self) -> bool:
+        """Whether this build remembers routes out of the node (kpr_hr_out)."""
+        return self._table(GEN_MAP) is not None
+
+    def disarm_out(self) -> None:
+        """Generation 0: the programs neither use nor keep routes (programs left attached while no
+        agent watches the routes ask the FIB for every packet)."""
+        table = self._table(GEN_MAP)
+        if table is not None:
+            table[table.Key(0)] = table.Leaf(0)
+
+    def out_routes(self) -> dict[tuple[str, str], int]:
+        """kpr_hr_out entries of the current generation: (pod, destination) -> egress ifindex."""
+        gens, table = self._table(GEN_MAP), self._table(OUT_MAP)
+        if gens is None or table is None:
+            return {}
+        gen = int(gens[gens.Key(0)].value)
+        if not gen:
+            return {}
+        return {(M.bytes_to_addr(bytes(k.saddr)), M.bytes_to_addr(bytes(k.daddr))): int(v.ifindex)
+                for k, v in table.items() if int(v.gen) == gen}
+
+    def _table(self, name: str) -> Any:
+        if self.bpf is None:
+            return None
+        try:
+            return self.bpf.get_table(name.encode())
+        except KeyError:  # not in this build (-DKPR_HR_OUT_CACHE=0, or without bpf_redirect_neigh)
             return None
 
     # The NodePort data path's map sync: write what differs, delete what is not wanted.

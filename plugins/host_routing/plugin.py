@@ -85,6 +85,7 @@ class HostRouting:
         self.helpers: D.Helpers | None = None
         self.probed: dict[str, bool] = {}
         self.watcher: Watcher | None = None
+        self.nexthops: Any = None  # kpr.nexthops.NextHopWatcher: invalidates kpr_hr_out
         self.plan = Plan()
         self.attached: dict[tuple[str, str], str] = {}  # (ifname, direction) -> program
         self.errors: dict[str, str] = {}
@@ -146,6 +147,7 @@ class HostRouting:
         try:
             self._sync("start")  # in the agent's namespace: the caller's
             self.watcher = Watcher(self._sync, cfg.resync_interval).start()
+            self._watch_next_hops()
         except BaseException:
             self._teardown(detach=True)
             raise
@@ -165,12 +167,17 @@ class HostRouting:
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
+        if self.nexthops is not None:
+            self.nexthops.stop()
+            self.nexthops = None
         with self._lock:
             if detach and self.pin is not None:
                 for line in links.sweep(self._link_dir(), lambda _p, _li: False):
                     log.info("event=host_routing_detached what=%r", line)
                 self.attached.clear()
             if self.datapath is not None:
+                # programs that stay attached without an agent must not trust remembered routes
+                self.datapath.disarm_out()
                 self.datapath.close()
                 self.datapath = None
 
@@ -220,6 +227,7 @@ class HostRouting:
             up, gone = dp.set_pods(p.pods)
             # whatever changed (an MTU, a device, a route), the programs ask the FIB afresh
             dp.flush_next_hops()
+            dp.bump_out_generation()
             if p.missing and p.missing != self.plan.missing:
                 log.error("event=host_routing_devices_missing devices=%s", ",".join(p.missing))
             if up or gone or why == "start":
@@ -227,6 +235,21 @@ class HostRouting:
                          why, len(p.pods), up, gone, len(p.pod_devices))
             self.plan = p
             self.syncs += 1
+
+    def _watch_next_hops(self) -> None:
+        """Routes of pods' packets leaving the node are remembered (kpr_hr_out) until a route or
+        a neighbour changes: kpr.nexthops tells (in the agent's namespace: the caller's)."""
+        from kpr.nexthops import NextHopWatcher
+
+        dp = self.datapath
+        assert dp is not None
+        if dp.out_generation_armable():
+            self.nexthops = NextHopWatcher(self._bump_out, name="host-routing-nexthops").start()
+
+    def _bump_out(self) -> None:
+        dp = self.datapath
+        if dp is not None:
+            dp.bump_out_generation()
 
     def _attach(self, p: Plan) -> None:
         from kpr.bpf import links
@@ -282,6 +305,8 @@ class HostRouting:
         counters["attach_errors"] = float(len(self.errors))
         w = self.watcher
         counters["sync_errors"] = float(w.errors if w else 0)
+        nh = self.nexthops
+        counters["out_route_invalidations"] = float(nh.invalidations if nh else 0)
         healthy = dp is not None and not self.errors and not p.missing
         if dp is None or h is None:
             msg = "not started"

@@ -207,3 +207,40 @@ def test_remembered_next_hop_is_used_only_while_it_holds(lab: Lab) -> None:
                                               into_pod(lab, l3)), "redirect_peer")
     finally:
         lab.dp.flush_next_hops()
+
+
+def out_of_node(out: Ether) -> None:
+    """A pod's packet to FAR4 as bpf_redirect_neigh takes it: one hop less, MACs still the pod's."""
+    assert out[IP].dst == FAR4 and out[IP].ttl == 63 and out.src == MAC_POD, out.summary()
+
+
+def test_route_out_of_the_node_is_remembered_until_the_generation_moves(lab: Lab) -> None:
+    """KPR_HR_OUT_CACHE: a pod's packets to the outside reuse the FIB's route for their (pod,
+    destination) pair (kpr_hr_out) while its generation holds. Proof: a route changed under a
+    remembered one is not seen until the generation moves (the agent's kpr.nexthops watcher
+    moves it on every route and neighbour change); not armed (generation 0), nothing is used."""
+    pkt = from_pod(lab) / tcp4(POD4, FAR4)
+    send = Case("pod to the outside", pkt, TC_ACT_REDIRECT, out_of_node)
+    lab.dp.disarm_out()
+    try:
+        for _ in range(2):  # not armed: the FIB every time
+            lab.run(D.FROM_POD, lab.lxc, send, "redirect_neigh")
+        assert lab.dp.out_routes() == {}
+        lab.dp.bump_out_generation()
+        lab.run(D.FROM_POD, lab.lxc, send, "redirect_neigh")  # the FIB's answer, remembered
+        assert lab.dp.out_routes() == {(POD4, FAR4): lab.eth0}
+        lab.run(D.FROM_POD, lab.lxc, send, "out_route_cached")
+        lab.topo["hr"].run(f"ip route replace blackhole {FAR4}/32")
+        lab.run(D.FROM_POD, lab.lxc, send, "out_route_cached")  # still the remembered route: nobody said
+        lab.dp.bump_out_generation()
+        lab.run(D.FROM_POD, lab.lxc, Case("after the bump: the FIB's blackhole", pkt, TC_ACT_UNSPEC, same(pkt)),
+                "pass_fib")
+        assert lab.dp.out_routes() == {}
+        # longer than the route's MTU allowed: the FIB decides (and a packet for another pair misses)
+        lab.topo["hr"].run(f"ip route del blackhole {FAR4}/32")
+        lab.run(D.FROM_POD, lab.lxc, send, "redirect_neigh")
+        big = from_pod(lab) / tcp4(POD4, FAR4) / Raw(b"x" * 1500)
+        lab.run(D.FROM_POD, lab.lxc, Case("too big for the route", big, TC_ACT_UNSPEC, same(big)), "pass_fib")
+    finally:
+        lab.topo["hr"].run(f"ip route del blackhole {FAR4}/32", check=False)
+        lab.dp.disarm_out()

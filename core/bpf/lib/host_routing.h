@@ -77,6 +77,19 @@
 #ifndef KPR_HR_NH_CACHE
 #define KPR_HR_NH_CACHE 1 // 1: remember the FIB's answer for pods behind veth/netkit peers (no FIB lookup per packet)
 #endif
+/* pod -> outside (KPR_HR_NEIGH): 0: a FIB lookup per packet; 1: the route's device and next hop
+ * remembered per (source, destination) in kpr_hr_out until the generation moves (kpr.nexthops:
+ * a route or neighbour change, a sync, every few seconds), the packet still sent by
+ * bpf_redirect_neigh, so the kernel's neighbour lookup and state machine stay in charge; 2: the
+ * neighbour's MAC remembered too and bpf_redirect with it out of an external device (an overlay
+ * still takes 1's way): also skips the kernel's neighbour lookup, but only a miss (a new pair,
+ * or the first packet after each generation) goes through the neighbour state machine. */
+#ifndef KPR_HR_OUT_CACHE
+#define KPR_HR_OUT_CACHE 1
+#endif
+#ifndef KPR_HR_OUT_MAX
+#define KPR_HR_OUT_MAX 65536 // (pod, destination) pairs whose route is remembered; LRU
+#endif
 #ifndef KPR_HR_PODS_MAX
 #define KPR_HR_PODS_MAX 16384 // local pod addresses (both families)
 #endif
@@ -120,7 +133,8 @@
 #define KPR_HR_ST_STALE_BACKEND 21   // tracked flow whose backend is gone: balanced again
 #define KPR_HR_ST_SVC_HAIRPIN 22     // per-packet ClusterIP: packets of a pod reaching itself through a service
 #define KPR_HR_ST_NEIGH_OVERLAY 23   // sent into an overlay device by bpf_redirect_neigh (not counted as NEIGH)
-#define KPR_HR_ST_MAX 24
+#define KPR_HR_ST_OUT_CACHED 24     // leaving the node by a route from kpr_hr_out (no FIB lookup); also counted by helper
+#define KPR_HR_ST_MAX 25
 
 // kpr_ct flag of per-packet flows whose backend is their own client (hairpin): the source
 // becomes the service address, so the pod's reply comes back through its device. A high bit,
@@ -155,6 +169,30 @@ struct kpr_hr_nh {
 	__u8 smac[6];   // the host-side device's MAC
 };
 
+/* kpr_hr_out: the route of a pod's packets to a destination outside the node, as a FIB lookup
+ * from the pod's device answered it (KPR_HR_OUT_CACHE). Keyed by source and destination: the
+ * FIB's inputs that decide with the kernel's default multipath hash (addresses only); with an
+ * L4 multipath hash policy or ip rules on ports, a pair keeps its first flow's path until the
+ * generation moves. Valid while `gen` is kpr_hr_gen's (0 there: nothing is used or kept). */
+struct kpr_hr_out_key {
+	union kpr_addr saddr;
+	union kpr_addr daddr;
+};
+
+struct kpr_hr_out {
+	__u32 gen;                  // kpr_hr_gen's value when the route was looked up
+	__u32 ifindex;              // egress device (external or overlay)
+	__u32 iif;                  // the device the lookup was made from (a pod's); another misses
+	__u32 max_len;              // the longest packet used with it (MTU + Ethernet + VLAN); longer ones ask the FIB
+	struct bpf_redir_neigh nh;  // the next hop, handed to bpf_redirect_neigh as it is
+	__u8 dmac[6];               // KPR_HR_OUT_CACHE 2: the next hop's MAC
+	__u8 smac[6];               // and the egress device's
+	__u8 overlay;               // 1: ifindex is an Ethernet overlay (counted as redirect_neigh_overlay)
+	__u8 pad[3];                // zero
+};
+
+_Static_assert(sizeof(struct kpr_hr_out_key) == 32, "kpr_hr_out_key layout");
+_Static_assert(sizeof(struct kpr_hr_out) == 52, "kpr_hr_out layout");
 _Static_assert(sizeof(struct kpr_hr_pod) == 8, "kpr_hr_pod layout");
 _Static_assert(sizeof(struct kpr_hr_dev) == 12, "kpr_hr_dev layout");
 
@@ -167,6 +205,11 @@ BPF_TABLE_PINNED("hash", __u32, struct kpr_hr_dev, kpr_hr_devs, KPR_HR_DEVS_MAX,
 #if KPR_HR_PEER && KPR_HR_NH_CACHE
 // Next hops of pods behind peer devices, learned from FIB lookups (per load, not pinned).
 BPF_TABLE("lru_hash", union kpr_addr, struct kpr_hr_nh, kpr_hr_nh, KPR_HR_PODS_MAX);
+#endif
+#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
+// Routes of pods' packets leaving the node, and their generation (slot 0; per load, not pinned).
+BPF_TABLE("lru_hash", struct kpr_hr_out_key, struct kpr_hr_out, kpr_hr_out, KPR_HR_OUT_MAX);
+BPF_TABLE("array", __u32, __u32, kpr_hr_gen, 1);
 #endif
 // Counters, per CPU (KPR_HR_ST_*).
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_hr_stats, KPR_HR_ST_MAX, KPR_PIN(kpr_hr_stats));
@@ -328,6 +371,80 @@ static __always_inline int kpr_hr_redirect_neigh(kpr_ctx_t *ctx, const struct bp
 	return ctx_redirect_neigh_nh(ctx, p->ifindex, &nh);
 }
 
+#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
+// The current generation of kpr_hr_out (0: not armed: nothing is used or kept).
+static __always_inline __u32 kpr_hr_out_gen(void)
+{
+	__u32 zero = 0, *g = kpr_hr_gen.lookup(&zero);
+
+	return g ? *g : 0;
+}
+
+// The remembered route of this packet (pod -> outside), or NULL when the FIB must decide.
+static __always_inline struct kpr_hr_out *kpr_hr_out_get(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, __u32 gen)
+{
+	struct kpr_hr_out_key k;
+	struct kpr_hr_out *o;
+
+	// GSO packets: the segments' fit is bpf_check_mtu's (kpr_hr_gso_fits), on the FIB's path
+	if (!gen || ctx->gso_size)
+		return (void *)0;
+	k.saddr = pkt->t.saddr;
+	k.daddr = pkt->t.daddr;
+	o = kpr_hr_out.lookup(&k);
+	if (!o || o->gen != gen || o->iif != ctx_ifindex(ctx) || ctx_len(ctx) > o->max_len)
+		return (void *)0;
+	return o;
+}
+
+// Remember a successful lookup `p` of this packet; `gen`: read before the lookup, so a route
+// changed meanwhile leaves an entry that is already stale.
+static __always_inline void kpr_hr_out_put(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, const struct bpf_fib_lookup *p,
+					   __u32 gen, __u8 overlay)
+{
+	struct kpr_hr_out_key k;
+	struct kpr_hr_out o = {};
+
+	if (!gen)
+		return;
+	k.saddr = pkt->t.saddr;
+	k.daddr = pkt->t.daddr;
+	o.gen = gen;
+	o.ifindex = p->ifindex;
+	o.iif = ctx_ifindex(ctx);
+	o.max_len = (__u32)p->mtu_result + KPR_HR_ETH_HLEN + KPR_HR_VLAN_HLEN;
+	if (p->family == KPR_FIB_AF_INET) {
+		o.nh.nh_family = KPR_FIB_AF_INET;
+		o.nh.ipv4_nh = p->ipv4_dst; // the lookup leaves the next hop here
+	} else {
+		o.nh.nh_family = KPR_FIB_AF_INET6;
+		__builtin_memcpy(o.nh.ipv6_nh, p->ipv6_dst, 16);
+	}
+	__builtin_memcpy(o.dmac, p->dmac, 6);
+	__builtin_memcpy(o.smac, p->smac, 6);
+	o.overlay = overlay;
+	kpr_hr_out.update(&k, &o);
+}
+
+// Send a packet out by its remembered route (after the same TTL step as the FIB's path).
+static __always_inline int kpr_hr_out_send(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, struct kpr_hr_out *o)
+{
+	if (kpr_hr_dec_ttl(ctx, pkt))
+		return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
+	kpr_hr_count(KPR_HR_ST_OUT_CACHED);
+#if KPR_HR_OUT_CACHE >= 2
+	if (!o->overlay) {
+		if (kpr_fib_set_macs(ctx, o->dmac, o->smac))
+			return CTX_DROP;
+		kpr_hr_count(KPR_HR_ST_REDIRECT);
+		return ctx_redirect(ctx, o->ifindex, 0);
+	}
+#endif
+	kpr_hr_count(o->overlay ? KPR_HR_ST_NEIGH_OVERLAY : KPR_HR_ST_NEIGH);
+	return ctx_redirect_neigh_nh(ctx, o->ifindex, &o->nh);
+}
+#endif
+
 /* Route the packet (tuple final) with the fastest helper the route's device allows:
  *   into a pod behind a PEER device: bpf_redirect_peer (KPR_HR_PEER) or bpf_redirect;
  *   to a bridge with pods: bpf_redirect with the route's MACs;
@@ -342,6 +459,18 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 	struct kpr_hr_dev *dev;
 	__u32 oif;
 	int rc;
+#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
+	__u32 gen = 0;
+
+	if (!to_pod) {
+		struct kpr_hr_out *o;
+
+		gen = kpr_hr_out_gen();
+		o = kpr_hr_out_get(ctx, pkt, gen);
+		if (o)
+			return kpr_hr_out_send(ctx, pkt, o);
+	}
+#endif
 
 #if KPR_HR_PEER && KPR_HR_NH_CACHE
 	if (pod) {
@@ -416,6 +545,10 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 	// the next hop's MAC is the kernel's to find (out of the node, or a pod not resolved yet);
 	// the lookup's next hop goes along, so the kernel does not route the packet a second time;
 	// never bpf_redirect_peer: an overlay has no peer (the route to a remote pod names it)
+#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
+	if (!to_pod && rc == BPF_FIB_LKUP_RET_SUCCESS)
+		kpr_hr_out_put(ctx, pkt, &p, gen, dev && (dev->flags & KPR_HR_DEV_F_OVERLAY) ? 1 : 0);
+#endif
 	kpr_hr_count(dev && (dev->flags & KPR_HR_DEV_F_OVERLAY) ? KPR_HR_ST_NEIGH_OVERLAY : KPR_HR_ST_NEIGH);
 	return kpr_hr_redirect_neigh(ctx, &p);
 }

@@ -10,6 +10,14 @@ fed by the files source. Measured:
   Ready is heard as systemd would (READY=1 on $NOTIFY_SOCKET), not by polling the API: a
   status request reads the kernel maps back (kpr.readback), which would be measured too;
   the API is asked once, after the measurements, that every service is there;
+- the critical path to ready, from the agent's own log (info level, millisecond stamps, from
+  starting the process): configuration read (`agent.node`), socklb's BPF compile (from
+  `build_compile_needed` to `socklb_started`), the files source started, the store synced
+  (read, check, allocate, translate: the source's one thread), the service map writer's
+  initial sync written, the last plugin given the initial state (`memory.settled` follows
+  it), ready; and each thread's CPU time at ready (the main thread, then the others by CPU:
+  the source's, the writer stage's, socklb's worker). Wall time to ready is what a user sees;
+  on this VM two busy threads do not run faster than one (see the README), so it follows CPU;
 - VmRSS at ready, VmRSS 2 s later (steady) and VmHWM (the peak) of the agent process;
 - the same as ratios and differences against the 0-service agent: the goal of issue 11 is
   steady RSS at 20k services at most 100 MB above the empty agent's, ready in under 3 s.
@@ -67,6 +75,48 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# Log events on the way to ready, in order: (label, event in the agent's log line).
+PHASES = (
+    ("config", "agent.node "),
+    ("compile", "event=build_compile_needed"),
+    ("attached", "event=socklb_started"),
+    ("source", "files.start "),
+    ("store", "store.synced "),
+    ("writer", "event=servicemaps_initial_sync"),
+    ("plugins", "memory.settled "),
+    ("ready", "agent.ready "),
+)
+
+
+def phases(log_text: str, started: float) -> dict[str, float]:
+    """Seconds from `started` (time.time()) to the first log line of each PHASES event."""
+    import datetime
+
+    out: dict[str, float] = {}
+    for line in log_text.splitlines():
+        for label, event in PHASES:
+            if label not in out and event in line:
+                with contextlib.suppress(ValueError):
+                    at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    out[label] = at - started
+    return {label: out[label] for label, _ in PHASES if label in out}
+
+
+def thread_cpu(pid: int) -> list[float]:
+    """CPU seconds of each thread of a process: the main thread first, the rest by CPU."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main, rest = 0.0, []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            if int(task.name) == pid:
+                main = cpu
+            else:
+                rest.append(cpu)
+    return [main] + sorted(rest, reverse=True)
+
+
 def write_yaml_files(d: Path, objs: list[list[dict]]) -> None:
     """The same objects as write_files, as multi-document YAML files."""
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -88,6 +138,7 @@ service: {{clusterCIDR: [10.96.0.0/12]}}
 bpf: {{pinPath: {pin}, mapSizes: {{kprSvc: 262144, kprBackend: 262144}}}}
 api: {{socket: {tmp}/kpr-{n}.sock}}
 metrics: {{address: ""}}
+log: {{level: info}}
 agent: {{stateDir: {tmp}/state-{n}, shutdownTimeout: 10}}
 plugins:
   socklb: {{enabled: true, cgroupPath: {cg}}}
@@ -145,12 +196,14 @@ def run(n: int, tmp: Path, trace: bool, fmt: str = "json") -> dict:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(tmp / f"notify-{n}.sock"))
         env = dict(os.environ, NOTIFY_SOCKET=str(tmp / f"notify-{n}.sock"))
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         proc = subprocess.Popen(cmd, stderr=log, env=env)
         try:
             wait_notified(proc, notify, t0 + 600, log.name)
             ready = time.perf_counter() - t0
             cpu = cpu_seconds(proc.pid)
+            threads = thread_cpu(proc.pid)
+            load = Path("/proc/loadavg").read_text().split()[0]
             at_ready = proc_status(proc.pid)
             time.sleep(SETTLE)
             steady = proc_status(proc.pid)
@@ -163,7 +216,8 @@ def run(n: int, tmp: Path, trace: bool, fmt: str = "json") -> dict:
             stop(proc, cfg)
             log.close()
             notify.close()
-    out = {"ready": ready, "cpu": cpu, "rss_ready": at_ready["VmRSS"], "rss": steady["VmRSS"], "hwm": steady["VmHWM"]}
+    out = {"ready": ready, "cpu": cpu, "rss_ready": at_ready["VmRSS"], "rss": steady["VmRSS"], "hwm": steady["VmHWM"],
+           "threads": threads, "load": load, "phases": phases((tmp / f"agent-{n}.log").read_text(), started)}
     if trace:
         out["trace"] = json.loads(report.read_text())
     return out
@@ -258,7 +312,7 @@ def main() -> int:
     print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; agent = `kpr run` with socklb + the service map writer, "
           f"files source, {args.format.upper()} manifests; {'traced' if args.trace else 'untraced'}")
     print(f"{'services':>8} {'ready s':>8} {'cpu s':>6} {'RSS@ready MB':>12} {'RSS MB':>7} {'HWM MB':>7} "
-          f"{'RSS-empty MB':>12} {'HWM-empty MB':>12} {'RSS/empty':>9}")
+          f"{'RSS-empty MB':>12} {'HWM-empty MB':>12} {'RSS/empty':>9} {'load':>5}")
     base = None
     with tempfile.TemporaryDirectory(prefix="kpr-bench-mem-") as tmpd:
         tmp = Path(tmpd)
@@ -267,7 +321,12 @@ def main() -> int:
             if base is None:
                 base = r
             print(f"{n:>8} {r['ready']:>8.2f} {r['cpu']:>6.2f} {r['rss_ready']:>12.0f} {r['rss']:>7.0f} {r['hwm']:>7.0f} "
-                  f"{r['rss'] - base['rss']:>12.0f} {r['hwm'] - base['hwm']:>12.0f} {r['rss'] / base['rss']:>9.2f}", flush=True)
+                  f"{r['rss'] - base['rss']:>12.0f} {r['hwm'] - base['hwm']:>12.0f} {r['rss'] / base['rss']:>9.2f} "
+                  f"{r['load']:>5}", flush=True)
+            print("         path to ready (s from start): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
+                  + "; thread CPU s: main " + " ".join(f"{c:.2f}" for c in r["threads"][:1])
+                  + ", others " + " ".join(f"{c:.2f}" for c in r["threads"][1:] if c >= 0.01), flush=True)
             if args.trace:
                 t = r["trace"]
                 print("         RSS by step: " + ", ".join(f"{k} {v:.0f} MB" for k, v in t["steps"].items()))
@@ -276,8 +335,10 @@ def main() -> int:
                     print(f"           {size / 2**20:8.1f} MB  {name}")
                 for name, size in t["lines"]:
                     print(f"           {size / 2**20:8.1f} MB  {name}")
-    print(f"ready: process start to every plugin synced (cpu: the agent's CPU time until then); RSS: VmRSS {SETTLE:.0f} s after ready (steady); "
-          "HWM: VmHWM, the peak; baseline: the first size")
+    print(f"ready: wall time from process start to READY=1 (cpu: the agent's CPU time until then); RSS: VmRSS {SETTLE:.0f} s after ready (steady); "
+          "HWM: VmHWM, the peak; baseline: the first size; load: 1-min load average at ready; path to ready: "
+          "config read, socklb compile started, attached, files source started, store synced, writer's initial sync, "
+          "last plugin synced, ready")
     return 0
 
 

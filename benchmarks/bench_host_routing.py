@@ -29,6 +29,7 @@ cases interleaved within each round, medians over --rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -190,10 +191,19 @@ def iperf(r: Rig, host: str, seconds: float) -> float:
     return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-VARIANTS = {
-    "legacy": None,  # no plugin: the host's stack with the iptables rule set
-    "neigh": {"redirectPeer": False, "redirectNeigh": True},
-    "neigh+peer": {"redirectPeer": True, "redirectNeigh": True},
+# name -> (plugin config, more compiler flags); None: no plugin, the host's stack with the iptables
+# rule set. The first three are the issue's; the rest switch one build-time cut off (or on) in the
+# same run. clusterIP is off unless a variant says otherwise (the bench's traffic has no service).
+VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]] | None] = {
+    "legacy": None,
+    "neigh": ({"redirectPeer": False, "redirectNeigh": True}, ()),
+    "neigh+peer": ({"redirectPeer": True, "redirectNeigh": True}, ()),
+}
+MORE_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]] | None] = {
+    "n+p FIB/pkt": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=0",)),
+    "n+p MACs": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=2",)),
+    "n+p clusterIP": ({"redirectPeer": True, "redirectNeigh": True, "clusterIP": True}, ()),
+    "n+p cIP CT/pkt": ({"redirectPeer": True, "redirectNeigh": True, "clusterIP": True}, ("-DKPR_HR_CT_GATE=0",)),
 }
 
 
@@ -202,65 +212,100 @@ BARE = "int kpr_t_bare(struct __sk_buff *skb) { return -1; }"  # TC_ACT_UNSPEC, 
 
 def prog_cost(args: argparse.Namespace) -> int:
     """ns per packet of each decision above a bare tc program (BPF_PROG_TEST_RUN)."""
+    from host_routing_env import prog_lab
+    from kpr.bpf.loader import compile_and_load
+    from kpr.testing.netns import in_netns
+    from kpr.testing.prog_run import test_run
+
+    load_before = os.getloadavg()
+    builds = dict(PROG_BUILDS) if not args.cflags else {"as built with " + " ".join(args.cflags): tuple(args.cflags)}
+    bare = compile_and_load(BARE, name="hr-bare")
+    ns: dict[str, dict[str, list[float]]] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            labs = {b: stack.enter_context(prog_lab(f"kpr-bench-hr-prog{i}", extra_cflags=cf))
+                    for i, (b, cf) in enumerate(builds.items())}
+            runs = {b: lab_cases(lab, bare) for b, lab in labs.items()}
+            ns = {b: {k: [] for k in cases} for b, cases in runs.items()}
+            for b, lab in labs.items():
+                lab.dp.bump_out_generation()  # armed, as the agent's watcher does at start
+                with in_netns(lab.topo["hr"].path):
+                    for name, (counter, fd, dev, frame) in runs[b].items():  # warm up; flows and routes get remembered
+                        test_run(fd, frame, ctx=lab.ctx(dev))
+                        before = lab.dp.stats()
+                        test_run(fd, frame, ctx=lab.ctx(dev))
+                        moved = delta(before, lab.dp.stats())
+                        if counter and not all(moved.get(c) == 1 for c in counter.split("+")):
+                            print(f"(a switch decides otherwise, or not measuring what it says: {b}: {name}: "
+                                  f"{counter} expected, moved: {moved})", file=sys.stderr)
+            for _ in range(args.rounds):  # builds and cases interleaved within each round
+                for b, lab in labs.items():
+                    with in_netns(lab.topo["hr"].path):
+                        for name, (_counter, fd, dev, frame) in runs[b].items():
+                            ctx = lab.ctx(dev)
+                            ns[b][name].append(sum(test_run(fd, frame, ctx=ctx).duration_ns
+                                                   for _ in range(args.calls)) / args.calls)
+    finally:
+        bare.cleanup()
+    load_after = os.getloadavg()
+    med = {b: {k: statistics.median(v) for k, v in cases.items()} for b, cases in ns.items()}
+    print(f"\n== host_routing programs, BPF_PROG_TEST_RUN ({platform.release()}, {os.cpu_count()} CPUs; "
+          f"{args.rounds} rounds x {args.calls} calls per case, builds and cases interleaved, medians; "
+          f"ns per packet above a bare tc program)")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    names = list(builds)
+    for i, b in enumerate(names):
+        print(f"  [{i}] {b}: {' '.join(builds[b]) or 'default flags'}")
+    print(f"  {'case':<36} " + " ".join(f"{f'[{i}]':>6}" for i in range(len(names))))
+    for case in next(iter(med.values())):
+        if case == "bare tc program":
+            continue
+        print(f"  {case:<36} " + " ".join(f"{med[b][case] - med[b]['bare tc program']:>6.0f}" for b in names))
+    print("  bare tc program itself: " + ", ".join(f"[{i}] {med[b]['bare tc program']:.0f} ns" for i, b in enumerate(names)))
+    return 0
+
+
+# Builds --prog-cost compares in one run (a switch off at a time against the default build).
+PROG_BUILDS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "FIB lookup per packet out of the node (KPR_HR_OUT_CACHE=0)": ("-DKPR_HR_OUT_CACHE=0",),
+    "MACs remembered too, bpf_redirect (KPR_HR_OUT_CACHE=2)": ("-DKPR_HR_OUT_CACHE=2",),
+    "conntrack looked up for every TCP/UDP packet (KPR_HR_CT_GATE=0)": ("-DKPR_HR_CT_GATE=0",),
+    "no per-packet ClusterIP (KPR_HR_CLUSTER_IP=0)": ("-DKPR_HR_CLUSTER_IP=0",),
+}
+
+
+def lab_cases(lab: Any, bare: Any) -> dict[str, tuple[str, int, int, bytes]]:
+    """--prog-cost's cases on one lab: name -> (the counters that prove the default build's
+    decision, joined by +; program fd; device; frame)."""
     from scapy.layers.inet import IP, TCP
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
 
-    from host_routing_env import CIP, FAR4, MAC_OUT, MAC_POD, NODE4, OUT4, OUT6, POD4, POD6, REMOTE4, prog_lab
-    from kpr.bpf.loader import compile_and_load, load_prog
+    from host_routing_env import CIP, FAR4, MAC_OUT, MAC_POD, NODE4, OUT4, OUT6, POD4, POD6, REMOTE4
+    from kpr.bpf.loader import load_prog
     from kpr.plugins.host_routing import datapath as D
-    from kpr.testing.netns import in_netns
-    from kpr.testing.prog_run import test_run
 
-    load_before = os.getloadavg()
-    bare = compile_and_load(BARE, name="hr-bare")
-    try:
-        with prog_lab("kpr-bench-hr-prog", extra_cflags=tuple(args.cflags)) as lab:
-            out, pod = Ether(src=MAC_OUT, dst=lab.mac), Ether(src=MAC_POD, dst=lab.lxc_mac)
+    out, pod = Ether(src=MAC_OUT, dst=lab.mac), Ether(src=MAC_POD, dst=lab.lxc_mac)
 
-            def tcp(src: str, dst: str, sport: int = 40000, dport: int = 8080, v6: bool = False) -> Any:
-                l3 = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
-                return l3 / TCP(sport=sport, dport=dport, flags="A") / Raw(b"x" * 32)
+    def tcp(src: str, dst: str, sport: int = 40000, dport: int = 8080, v6: bool = False) -> Any:
+        l3 = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
+        return l3 / TCP(sport=sport, dport=dport, flags="A") / Raw(b"x" * 32)
 
-            ext, frm = lab.dp.fd(D.FROM_NETDEV), lab.dp.fd(D.FROM_POD)
-            cases = {  # name -> (counter that proves the decision, program fd, device, frame)
-                "bare tc program": ("", int(load_prog(bare, "kpr_t_bare", "SCHED_CLS").fd), lab.eth0, out / IP()),
-                "outside -> node (not a pod)": ("pass_not_pod", ext, lab.eth0, out / tcp(OUT4, NODE4)),
-                "outside -> pod, v4 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT4, POD4)),
-                "outside -> pod, v6 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT6, POD6, v6=True)),
-                "pod -> outside (neigh)": ("redirect_neigh", frm, lab.lxc, pod / tcp(POD4, FAR4)),
-                "pod -> other node's pod (overlay)": ("redirect_neigh_overlay", frm, lab.lxc, pod / tcp(POD4, REMOTE4)),
-                "pod -> ClusterIP, tracked": ("service_established", frm, lab.lxc, pod / tcp(POD4, CIP, 41000, 80)),
-                "ClusterIP reply -> pod": ("service_revnat", ext, lab.eth0, out / tcp(FAR4, POD4, 8080, 41000)),
-            }
-            cases = {k: (c, fd, dev, bytes(f)) for k, (c, fd, dev, f) in cases.items()}
-            ns: dict[str, list[float]] = {k: [] for k in cases}
-            with in_netns(lab.topo["hr"].path):
-                for name, (counter, fd, dev, frame) in cases.items():  # warm up; the ClusterIP flow gets tracked
-                    test_run(fd, frame, ctx=lab.ctx(dev))
-                    before = lab.dp.stats()
-                    test_run(fd, frame, ctx=lab.ctx(dev))
-                    if counter and lab.dp.stats()[counter] - before[counter] != 1:  # a variant that decides otherwise
-                        print(f"(not measuring what it says: {name}: {counter} did not move: "
-                              f"{delta(before, lab.dp.stats())})", file=sys.stderr)
-                for _ in range(args.rounds):
-                    for name, (_counter, fd, dev, frame) in cases.items():
-                        ctx = lab.ctx(dev)
-                        ns[name].append(sum(test_run(fd, frame, ctx=ctx).duration_ns for _ in range(args.calls))
-                                        / args.calls)
-    finally:
-        bare.cleanup()
-    load_after = os.getloadavg()
-    med = {k: statistics.median(v) for k, v in ns.items()}
-    base = med["bare tc program"]
-    print(f"\n== host_routing programs, BPF_PROG_TEST_RUN ({platform.release()}, {os.cpu_count()} CPUs; "
-          f"{args.rounds} rounds x {args.calls} calls per case, medians)")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    print(f"  {'case':<36} {'ns/packet':>10} {'above bare':>11}")
-    for name, v in med.items():
-        print(f"  {name:<36} {v:>10.0f} {v - base:>11.0f}")
-    return 0
+    ext, frm = lab.dp.fd(D.FROM_NETDEV), lab.dp.fd(D.FROM_POD)
+    cases = {
+        "bare tc program": ("", int(load_prog(bare, "kpr_t_bare", "SCHED_CLS").fd), lab.eth0, out / IP()),
+        "outside -> node (not a pod)": ("pass_not_pod", ext, lab.eth0, out / tcp(OUT4, NODE4)),
+        "outside -> pod, v4 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT4, POD4)),
+        "outside -> pod, v6 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT6, POD6, v6=True)),
+        "pod -> outside (neigh)": ("redirect_neigh+out_route_cached", frm, lab.lxc, pod / tcp(POD4, FAR4)),
+        "pod -> other node's pod (overlay)": ("redirect_neigh_overlay+out_route_cached", frm, lab.lxc,
+                                              pod / tcp(POD4, REMOTE4)),
+        "pod -> ClusterIP, tracked": ("service_established", frm, lab.lxc, pod / tcp(POD4, CIP, 41000, 80)),
+        "ClusterIP reply -> pod": ("service_revnat", ext, lab.eth0, out / tcp(FAR4, POD4, 8080, 41000)),
+    }
+    return {k: (c, fd, dev, bytes(f)) for k, (c, fd, dev, f) in cases.items()}
 
 
 def main() -> int:
@@ -269,6 +314,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="per TCP_RR and per iperf3 run")
     ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    ap.add_argument("--issue-only", action="store_true",
+                    help="only the issue's three variants (legacy, neigh, neigh+peer), not the build switches")
     ap.add_argument("--no-rt", dest="rt", action="store_false", help="no SCHED_FIFO for the RR and iperf3 processes")
     ap.add_argument("--server-cpu", default="0",
                     help="CPU of the RR and iperf3 servers (the client runs on CPU 0); the same CPU by default, "
@@ -281,7 +328,8 @@ def main() -> int:
         return prog_cost(args)
 
     load_before = os.getloadavg()
-    results: dict[str, dict[str, list[float]]] = {v: {"tps": [], "gbps": []} for v in VARIANTS}
+    variants = {**VARIANTS, **({} if args.issue_only else MORE_VARIANTS)}
+    results: dict[str, dict[str, list[float]]] = {v: {"tps": [], "gbps": []} for v in variants}
     proof: dict[str, dict[str, int]] = {}
     host = PODS[POD][0]
     with tempfile.TemporaryDirectory(prefix="kpr-bench-hr-") as work, rig(pods=(POD,), prefix="kpr-bench-hr") as r:
@@ -295,17 +343,18 @@ def main() -> int:
             print(f"(iptables rule set not installed: {ipt.stderr.strip()[:200]})", file=sys.stderr)
         time.sleep(0.5)
         for rnd in range(args.rounds):
-            for name, cfg in VARIANTS.items():
-                if cfg is not None:
-                    r.start(keepAttachedOnStop=False, clusterIP=False, **cfg)
-                before = r.stats() if cfg is not None else {}
+            for name, v in variants.items():
+                if v is not None:
+                    r.extra_cflags = list(v[1])
+                    r.start(**{"keepAttachedOnStop": False, "clusterIP": False, **v[0]})
+                before = r.stats() if v is not None else {}
                 results[name]["tps"].append(rr(r, cmd, host, args.seconds, args.rt))
                 results[name]["gbps"].append(iperf(r, host, args.seconds))
-                if cfg is not None:
+                if v is not None:
                     proof[name] = delta(before, r.stats())
                     r.stop()
             print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
-                f"{n} {results[n]['tps'][-1]:.0f} tps {results[n]['gbps'][-1]:.2f} Gbit/s" for n in VARIANTS),
+                f"{n} {results[n]['tps'][-1]:.0f} tps {results[n]['gbps'][-1]:.2f} Gbit/s" for n in variants),
                 file=sys.stderr)
     load_after = os.getloadavg()
 
@@ -317,14 +366,19 @@ def main() -> int:
           f"iptables: {args.rules} decoy services)")
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
-    print(f"  {'variant':<12} {'TCP_RR tps':>11} {'vs legacy':>10} {'iperf3 Gbit/s':>14} {'vs legacy':>10}")
+    for n, v in variants.items():
+        if v is not None and (v[1] or len(v[0]) > 2):
+            print(f"  {n}: {v[0]} {' '.join(v[1])}")
+    print(f"  {'variant':<14} {'TCP_RR tps':>11} {'vs legacy':>10} {'iperf3 Gbit/s':>14} {'vs legacy':>10}")
     for n, m in med.items():
-        print(f"  {n:<12} {m['tps']:>11.0f} {m['tps'] / base['tps']:>9.2f}x {m['gbps']:>14.2f} "
+        print(f"  {n:<14} {m['tps']:>11.0f} {m['tps'] / base['tps']:>9.2f}x {m['gbps']:>14.2f} "
               f"{m['gbps'] / base['gbps']:>9.2f}x")
-    paired = statistics.median(a / b for a, b in zip(results["neigh+peer"]["tps"], results["legacy"]["tps"]))
-    print(f"  TCP_RR neigh+peer / legacy within each round, median: {paired:.2f}x")
+    paired = {n: statistics.median(a / b for a, b in zip(results[n]["tps"], results["legacy"]["tps"]))
+              for n in variants if n != "legacy"}
+    print("  TCP_RR / legacy within each round, median: " + ", ".join(f"{n} {x:.3f}x" for n, x in paired.items()))
     for n, d in proof.items():
-        shown = {k: v for k, v in d.items() if k in ("redirect_peer", "redirect", "redirect_neigh", "pass_neigh_off")}
+        shown = {k: v for k, v in d.items()
+                 if k in ("redirect_peer", "redirect", "redirect_neigh", "pass_neigh_off", "out_route_cached")}
         print(f"  counters, last {n} round: {shown}")
     if args.json:
         print(json.dumps({"results": results, "medians": med, "proof": proof}))

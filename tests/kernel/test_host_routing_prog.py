@@ -155,6 +155,26 @@ def test_reply_of_a_service_flow_is_translated_back(lab: Lab) -> None:
     lab.run(D.FROM_NETDEV, lab.eth0, Case("reply", reply, TC_ACT_REDIRECT, check), "service_revnat")
 
 
+def test_replies_are_looked_up_only_once_a_flow_was_made(lab: Lab) -> None:
+    """KPR_HR_CT_GATE: until a program made a per-packet flow (kpr_hr_flows), replies skip the
+    conntrack lookup: a tracked flow's reply then passes untranslated; the first new flow sets it."""
+    flows = lab.dp.bpf.get_table(b"kpr_hr_flows")
+    req = from_pod(lab) / IP(src=POD4, dst=CIP) / TCP(sport=41001, dport=80, flags="S") / Raw(b"kpr")
+    reply = from_out(lab) / IP(src=FAR4, dst=POD4) / TCP(sport=8080, dport=41001, flags="SA") / Raw(b"kpr")
+    lab.run(D.FROM_POD, lab.lxc, Case("request", req, TC_ACT_REDIRECT), "service_new")
+    assert flows[flows.Key(0)].value == 1
+    flows[flows.Key(0)] = flows.Leaf(0)  # as on a pin path where no flow was made yet
+    try:
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("not looked up", reply, TC_ACT_REDIRECT, into_pod(lab, reply[IP])),
+                "redirect_peer")
+        lab.run(D.FROM_POD, lab.lxc, Case("tracked: no new flow, the gate stays", req, TC_ACT_REDIRECT),
+                "service_established")
+        assert flows[flows.Key(0)].value == 0
+    finally:
+        flows[flows.Key(0)] = flows.Leaf(1)
+    lab.run(D.FROM_NETDEV, lab.eth0, Case("looked up", reply, TC_ACT_REDIRECT), "service_revnat")
+
+
 def nh_table(lab: Lab) -> Any:
     return lab.dp.bpf.get_table(D.NH_MAP.encode())
 

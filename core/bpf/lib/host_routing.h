@@ -84,6 +84,14 @@
  * neighbour's MAC remembered too and bpf_redirect with it out of an external device (an overlay
  * still takes 1's way): also skips the kernel's neighbour lookup, but only a miss (a new pair,
  * or the first packet after each generation) goes through the neighbour state machine. */
+/* Conntrack work only where a per-packet service flow can be (KPR_HR_CLUSTER_IP): 1: a packet
+ * from a pod looks its destination up as a service first and only a service's packets consult
+ * kpr_ct; replies are looked up in kpr_ct only once the programs have ever made a per-packet flow
+ * on this pin path (kpr_hr_flows; where socklb's socket hooks cover every pod, never); 0: kpr_ct
+ * looked up for every TCP/UDP packet (reply, then flow, then service). */
+#ifndef KPR_HR_CT_GATE
+#define KPR_HR_CT_GATE 1
+#endif
 #ifndef KPR_HR_OUT_CACHE
 #define KPR_HR_OUT_CACHE 1
 #endif
@@ -184,7 +192,8 @@ struct kpr_hr_out {
 	__u32 ifindex;              // egress device (external or overlay)
 	__u32 iif;                  // the device the lookup was made from (a pod's); another misses
 	__u32 max_len;              // the longest packet used with it (MTU + Ethernet + VLAN); longer ones ask the FIB
-	struct bpf_redir_neigh nh;  // the next hop, handed to bpf_redirect_neigh as it is
+	__u32 nh_family;            // the next hop, laid out as struct bpf_redir_neigh (handed to
+	__u32 nh_addr[4];           // bpf_redirect_neigh as it is): AF_INET (nh_addr[0]) or AF_INET6
 	__u8 dmac[6];               // KPR_HR_OUT_CACHE 2: the next hop's MAC
 	__u8 smac[6];               // and the egress device's
 	__u8 overlay;               // 1: ifindex is an Ethernet overlay (counted as redirect_neigh_overlay)
@@ -193,6 +202,8 @@ struct kpr_hr_out {
 
 _Static_assert(sizeof(struct kpr_hr_out_key) == 32, "kpr_hr_out_key layout");
 _Static_assert(sizeof(struct kpr_hr_out) == 52, "kpr_hr_out layout");
+_Static_assert(offsetof(struct kpr_hr_out, nh_addr) - offsetof(struct kpr_hr_out, nh_family) ==
+		       offsetof(struct bpf_redir_neigh, ipv4_nh), "kpr_hr_out's next hop is a struct bpf_redir_neigh");
 _Static_assert(sizeof(struct kpr_hr_pod) == 8, "kpr_hr_pod layout");
 _Static_assert(sizeof(struct kpr_hr_dev) == 12, "kpr_hr_dev layout");
 
@@ -210,6 +221,12 @@ BPF_TABLE("lru_hash", union kpr_addr, struct kpr_hr_nh, kpr_hr_nh, KPR_HR_PODS_M
 // Routes of pods' packets leaving the node, and their generation (slot 0; per load, not pinned).
 BPF_TABLE("lru_hash", struct kpr_hr_out_key, struct kpr_hr_out, kpr_hr_out, KPR_HR_OUT_MAX);
 BPF_TABLE("array", __u32, __u32, kpr_hr_gen, 1);
+#endif
+#if KPR_HR_CLUSTER_IP && KPR_HR_CT_GATE
+/* Slot 0 non-zero once a program made a per-packet service flow (set before its conntrack
+ * entries are written, so its replies see it); pinned, so a new agent's programs still reverse
+ * flows of the old one's. Never cleared: the conntrack entries outlive any bookkeeping here. */
+BPF_TABLE_PINNED("array", __u32, __u32, kpr_hr_flows, 1, KPR_PIN(kpr_hr_flows));
 #endif
 // Counters, per CPU (KPR_HR_ST_*).
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, kpr_hr_stats, KPR_HR_ST_MAX, KPR_PIN(kpr_hr_stats));
@@ -414,11 +431,11 @@ static __always_inline void kpr_hr_out_put(kpr_ctx_t *ctx, const struct kpr_pkt 
 	o.iif = ctx_ifindex(ctx);
 	o.max_len = (__u32)p->mtu_result + KPR_HR_ETH_HLEN + KPR_HR_VLAN_HLEN;
 	if (p->family == KPR_FIB_AF_INET) {
-		o.nh.nh_family = KPR_FIB_AF_INET;
-		o.nh.ipv4_nh = p->ipv4_dst; // the lookup leaves the next hop here
+		o.nh_family = KPR_FIB_AF_INET;
+		o.nh_addr[0] = p->ipv4_dst; // the lookup leaves the next hop here
 	} else {
-		o.nh.nh_family = KPR_FIB_AF_INET6;
-		__builtin_memcpy(o.nh.ipv6_nh, p->ipv6_dst, 16);
+		o.nh_family = KPR_FIB_AF_INET6;
+		__builtin_memcpy(o.nh_addr, p->ipv6_dst, 16);
 	}
 	__builtin_memcpy(o.dmac, p->dmac, 6);
 	__builtin_memcpy(o.smac, p->smac, 6);
@@ -441,7 +458,7 @@ static __always_inline int kpr_hr_out_send(kpr_ctx_t *ctx, const struct kpr_pkt 
 	}
 #endif
 	kpr_hr_count(o->overlay ? KPR_HR_ST_NEIGH_OVERLAY : KPR_HR_ST_NEIGH);
-	return ctx_redirect_neigh_nh(ctx, o->ifindex, &o->nh);
+	return ctx_redirect_neigh_nh(ctx, o->ifindex, (struct bpf_redir_neigh *)&o->nh_family);
 }
 #endif
 
@@ -451,26 +468,15 @@ static __always_inline int kpr_hr_out_send(kpr_ctx_t *ctx, const struct kpr_pkt 
  *   anywhere else (the route leaves the node): bpf_redirect_neigh (KPR_HR_NEIGH) or the stack.
  * `pod`: the destination's kpr_hr_pods entry when it is a known local pod (then also `to_pod`);
  * `hairpin`: a service flow back into the pod it came from (the one case where the route may
- * name the device the packet came in on; to_pod without a `pod`). */
+ * name the device the packet came in on; to_pod without a `pod`); `gen`: kpr_hr_out's generation
+ * as read before the lookup (0: remember nothing). */
 static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, const struct kpr_hr_pod *pod,
-					int to_pod, int hairpin)
+					int to_pod, int hairpin, __u32 gen)
 {
 	struct bpf_fib_lookup p;
 	struct kpr_hr_dev *dev;
 	__u32 oif;
 	int rc;
-#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
-	__u32 gen = 0;
-
-	if (!to_pod) {
-		struct kpr_hr_out *o;
-
-		gen = kpr_hr_out_gen();
-		o = kpr_hr_out_get(ctx, pkt, gen);
-		if (o)
-			return kpr_hr_out_send(ctx, pkt, o);
-	}
-#endif
 
 #if KPR_HR_PEER && KPR_HR_NH_CACHE
 	if (pod) {
@@ -569,6 +575,14 @@ static __always_inline int kpr_hr_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 
 	if (!pkt->l4_off || (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP))
 		return 0; // per-packet flows are TCP and UDP only: no conntrack lookup for the rest
+#if KPR_HR_CT_GATE
+	{
+		__u32 zero = 0, *made = kpr_hr_flows.lookup(&zero);
+
+		if (!made || !*made)
+			return 0; // no per-packet flow was ever made: nothing to reverse
+	}
+#endif
 	e = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_REPLY);
 	if (!e || (e->flags & KPR_CT_F_NODE_PORT))
 		return 0;
@@ -618,6 +632,13 @@ static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	if (!pkt->l4_off || (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP))
 		return 0;
 	fe = pkt->t.daddr;
+#if KPR_HR_CT_GATE
+	// not a service (nearly every packet): no conntrack lookup. A tracked flow whose service has
+	// gone is not translated any more, as the service address no longer leads anywhere
+	svc = kpr_lb_lookup(&key, &pkt->t, KPR_LB_FROM_CLUSTER);
+	if (!svc || !(svc->flags & KPR_HR_SVC_TYPES))
+		return 0;
+#endif
 	ct = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_ORIGINAL);
 	if (ct && !(ct->flags & KPR_CT_F_NODE_PORT)) {
 		bid = ct->backend_id;
@@ -628,9 +649,11 @@ static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		}
 		kpr_hr_count(KPR_HR_ST_STALE_BACKEND);
 	}
+#if !KPR_HR_CT_GATE
 	svc = kpr_lb_lookup(&key, &pkt->t, KPR_LB_FROM_CLUSTER);
 	if (!svc || !(svc->flags & KPR_HR_SVC_TYPES))
 		return 0;
+#endif
 	kpr_lb_affinity_key_addr(&aff, svc, &pkt->t.saddr);
 	be = kpr_lb_pick(&key, svc, &pkt->t, &aff, &bid);
 	if (!be) {
@@ -638,6 +661,14 @@ static __always_inline int kpr_hr_service(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		return 1;
 	}
 	kpr_hr_count(KPR_HR_ST_SVC_NEW);
+#if KPR_HR_CT_GATE
+	{
+		__u32 zero = 0, *made = kpr_hr_flows.lookup(&zero);
+
+		if (made && !*made)
+			*made = 1; // before the entries: the flow's replies must look for them
+	}
+#endif
 	hairpin = kpr_addr_eq(&be->addr, &pkt->t.saddr);
 	if (kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, hairpin ? KPR_HR_CT_F_HAIRPIN : 0))
 		kpr_hr_count(KPR_HR_ST_CT_FAILED);
@@ -677,7 +708,7 @@ static __always_inline int kpr_hr_from_netdev_main(kpr_ctx_t *ctx)
 	if (kpr_hr_revnat(ctx, &pkt) < 0)
 		return CTX_DROP;
 #endif
-	return kpr_hr_route(ctx, &pkt, pod, 1, 0);
+	return kpr_hr_route(ctx, &pkt, pod, 1, 0, 0);
 }
 
 // Ingress of a pod's host-side device: what the pod sends.
@@ -686,7 +717,7 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 	struct kpr_pkt pkt;
 	struct kpr_hr_dev *dev;
 	struct kpr_hr_pod *pod;
-	__u32 reason, ifindex = ctx_ifindex(ctx);
+	__u32 reason, ifindex = ctx_ifindex(ctx), gen = 0;
 	int ret = 0, hairpin = 0;
 
 	if (kpr_hr_parse(ctx, &pkt, &reason))
@@ -719,8 +750,19 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 		hairpin = ret == 2;
 	}
 #endif
+#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
+	// a remembered route first: it only ever names a way out of the node, and a destination
+	// that became a local pod since came with a sync or a route event, which moved the generation
+	gen = kpr_hr_out_gen();
+	if (!hairpin) {
+		struct kpr_hr_out *o = kpr_hr_out_get(ctx, &pkt, gen);
+
+		if (o)
+			return kpr_hr_out_send(ctx, &pkt, o);
+	}
+#endif
 	pod = hairpin ? (void *)0 : kpr_hr_pod_of(&pkt.t.daddr);
-	return kpr_hr_route(ctx, &pkt, pod, hairpin || pod != (void *)0, hairpin);
+	return kpr_hr_route(ctx, &pkt, pod, hairpin || pod != (void *)0, hairpin, gen);
 }
 
 // Egress of a pod's host-side device: what the pod is about to receive through the stack.

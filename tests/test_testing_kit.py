@@ -7,6 +7,7 @@ import json
 
 import yaml
 
+from kpr import hookimpl
 from kpr.model import NodeInfo
 from kpr.testing.agent import AgentConfig
 from kpr.testing.harness import PluginHarness
@@ -25,9 +26,11 @@ class Recorder:
     def kpr_start(self, context) -> None:
         self.seen.append(("start",))
 
+    @hookimpl
     def kpr_service_upsert(self, service) -> None:
         self.seen.append(("upsert", service))
 
+    @hookimpl
     def kpr_service_delete(self, key, generation) -> None:
         self.seen.append(("delete", str(key), generation))
 
@@ -63,3 +66,103 @@ def test_manifests_reach_a_plugin_through_the_agents_store():
         h.delete(svc.key)
     assert rec.seen[0][0] == "configure" and rec.seen[0][2] == "rec"
     assert rec.seen[-2:] == [("delete", "default/web", 0), ("stop",)], "generation 0 without a writer"
+
+
+class Shared:
+    """A core facility as kpr.pluginmanager.FACILITIES makes them (one per agent)."""
+
+    def __init__(self, config, log: list) -> None:
+        self.sections = dict(config.plugin_sections)
+        self.log = log
+
+    @hookimpl
+    def kpr_start(self, context) -> None:
+        self.log.append(("fac start", context.name))
+
+    @hookimpl
+    def kpr_service_upsert(self, service) -> None:
+        self.log.append(("fac upsert", str(service.key)))
+
+    @hookimpl
+    def kpr_node_changed(self, node) -> None:
+        self.log.append(("fac node", node.addresses))
+
+    @hookimpl
+    def kpr_stop(self, context) -> None:
+        self.log.append(("fac stop",))
+
+
+class Needy:
+    """A plugin that asks for the facility, as the NodePort plugins ask for "nodeport"."""
+
+    def __init__(self, log: list, tag: str) -> None:
+        self.log, self.tag = log, tag
+
+    @hookimpl
+    def kpr_requires(self) -> list[str]:
+        return ["shared"]
+
+    def kpr_configure(self, config, context) -> None:
+        pass
+
+    def kpr_start(self, context) -> None:
+        self.log.append((f"{self.tag} start",))
+
+    @hookimpl
+    def kpr_service_upsert(self, service) -> None:
+        self.log.append((f"{self.tag} upsert", str(service.key)))
+
+    def kpr_service_delete(self, key) -> None:  # not a hook implementation: the agent never calls it
+        self.log.append((f"{self.tag} delete", str(key)))
+
+    @hookimpl
+    def kpr_node_changed(self, node) -> None:
+        self.log.append((f"{self.tag} node", node.addresses))
+
+    def kpr_stop(self, context) -> None:
+        self.log.append((f"{self.tag} stop",))
+
+
+def test_the_harness_runs_the_facilities_a_plugin_requires_as_the_agent_does(monkeypatch):
+    """Facilities come from kpr.pluginmanager.FACILITIES, start before the plugin (with what was
+    applied before them), get every change first, and stop after the last plugin needing them;
+    only @hookimpl methods are called, through the agent's synchronous bus."""
+    from kpr import pluginmanager
+    from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
+
+    log: list = []
+    made: list[Shared] = []
+    monkeypatch.setitem(pluginmanager.FACILITIES, "shared", lambda config: made.append(Shared(config, log)) or made[-1])
+    svc = Service(ServiceKey("default", "web"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.1", 80, Protocol.TCP),))
+    with PluginHarness(NodeInfo("node1", addresses=("10.0.0.1",))) as h:
+        h.apply(svc)  # before any plugin: the facility gets it when it starts
+        a = h.start(Needy(log, "a"), name="a")
+        assert log == [("fac start", "shared"), ("fac upsert", "default/web"), ("a start",)]
+        assert list(made[0].sections) == ["a"], "the requiring plugin's section, as the plugin manager gives it"
+        b = h.start(Needy(log, "b"), name="b")
+        assert len(made) == 1, "one facility for both"
+        del log[:]
+        h.node_changed(NodeInfo("node1", addresses=("10.0.0.2",)))
+        h.apply(svc)
+        h.delete(svc.key)
+        assert log == [("fac node", ("10.0.0.2",)), ("a node", ("10.0.0.2",)), ("b node", ("10.0.0.2",)),
+                       ("fac upsert", "default/web"), ("a upsert", "default/web"), ("b upsert", "default/web")]
+        assert h.context(a).node.addresses == ("10.0.0.2",)
+        del log[:]
+        h.stop(a)
+        assert log == [("a stop",)], "b still needs it"
+        h.stop(b)
+        assert log == [("a stop",), ("b stop",), ("fac stop",)]
+        assert h.facilities == {}
+
+
+def test_a_plugin_requiring_the_maps_needs_a_writer():
+    import pytest
+
+    class Maps:
+        @hookimpl
+        def kpr_requires(self) -> list[str]:
+            return ["servicemaps"]
+
+    with PluginHarness(NodeInfo("node1")) as h, pytest.raises(ValueError, match="requires 'servicemaps'"):
+        h.start(Maps(), name="maps")

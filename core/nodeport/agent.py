@@ -15,11 +15,9 @@ the kernel has them, and otherwise the old way; a starting agent adopts what is 
 in node.devices, whether this process attached them or an earlier run (the registry of
 kpr.bpf.cleanup names them). Stop leaves everything attached unless keepAttachedOnStop is false.
 
-Driven without the agent (tests, harnesses running one plugin against a writer), the plugin
-starts a facility of its own on its bpf.pinPath (facility.acquire, shared by every plugin on
-that pin path) and hands it the services and node changes it is given (`kpr_service_upsert`,
-`kpr_service_delete`, `kpr_sync_complete`: plain methods, not hook implementations: in the
-agent the facility gets them from the bus itself).
+The plugin works with the facility running on its bpf.pinPath in this process, which the
+plugin manager starts ahead of it (kpr_requires); so does kpr.testing.harness, which runs a
+plugin outside an agent the same way: the plugin has no other mode.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from kpr import hookimpl
 from kpr.bpf import maps as M
 from kpr.bpf.links import device_pin_name
 from kpr.context import PluginContext
-from kpr.model import NodeInfo, PluginStatus, Service, ServiceKey
+from kpr.model import NodeInfo, PluginStatus
 
 from . import datapath as D
 from . import facility as F
@@ -78,10 +76,8 @@ class NodePortAgent:
         self.context: PluginContext | None = None
         self.pin: Path | None = None
         self.datapath: D.Datapath | None = None
-        # The NodePort facility this plugin's programs work with; standalone: started by this
-        # plugin (or another on the same pin path) because no agent runs one.
+        # The NodePort facility this plugin's programs work with (the agent's, started first).
         self.nodeport: F.NodePortFacility | None = None
-        self._standalone = False
         self._netns: AgentNetns | None = None
         self._netns_path = ""
         self._lock = threading.RLock()
@@ -113,7 +109,12 @@ class NodePortAgent:
         cfg, pin = self.cfg, self.pin
         assert cfg is not None and pin is not None, "kpr_configure first"
         try:
-            self.nodeport, self._standalone = F.acquire(self, cfg, context)
+            self.nodeport = F.running(pin)
+            if self.nodeport is None:
+                raise RuntimeError(
+                    f"no NodePort facility runs on bpf.pinPath {pin} in this process: {self.NAME} requires "
+                    f"{F.NAME!r} (kpr_requires), which the agent's plugin manager (or kpr.testing.harness) starts first"
+                )
             self._netns = AgentNetns()
             self._netns_path = self._netns.path()
             # the tables' real size decides where the program looks, whatever was asked for
@@ -165,9 +166,7 @@ class NodePortAgent:
             if self._netns is not None:
                 self._netns.close()
                 self._netns = None
-        if self.nodeport is not None:
-            F.release(self, self.nodeport)
-            self.nodeport = None
+        self.nodeport = None  # the agent's: it stops it after every plugin
         if errors:
             raise OSError(f"{self.NAME} teardown: " + "; ".join(errors))
 
@@ -251,27 +250,8 @@ class NodePortAgent:
 
     @hookimpl
     def kpr_node_changed(self, node: NodeInfo) -> None:
-        if self._standalone and self.nodeport is not None:
-            self.nodeport.kpr_node_changed(node)
         if self.datapath is not None:
             self._sync_node(node)
-
-    # ------------------------------------------------------------------ driven without the agent
-
-    def kpr_service_upsert(self, service: Service) -> None:
-        """Standalone only (not a hook implementation): the service, to this plugin's facility."""
-        if self._standalone and self.nodeport is not None:
-            self.nodeport.kpr_service_upsert(service)
-
-    def kpr_service_delete(self, key: ServiceKey) -> None:
-        """Standalone only (not a hook implementation)."""
-        if self._standalone and self.nodeport is not None:
-            self.nodeport.kpr_service_delete(key)
-
-    def kpr_sync_complete(self) -> None:
-        """Standalone only (not a hook implementation)."""
-        if self._standalone and self.nodeport is not None:
-            self.nodeport.kpr_sync_complete()
 
     # ------------------------------------------------------------------ status
 
@@ -320,7 +300,7 @@ class NodePortAgent:
             "foreignFiltersFirst": dict(self._foreign_ahead),
             "netns": self._netns_path or "host",
             "statsMaps": [dp.STATS_MAP, dp.FWD_MAP] if dp is not None else [],
-            "facility": ("standalone" if self._standalone else F.NAME) if fac is not None else None,
+            "facility": F.NAME if fac is not None else None,
             "errors": list(self._c.errors),
         }
         return PluginStatus(healthy=healthy, message=msg, counters=counters, details=details)

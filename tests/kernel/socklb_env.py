@@ -153,7 +153,7 @@ class Env(PluginHarness):
     `delete`, `feed`, `clear` dispatch as the bus does), clients in the topology's pods
     inside the hooks' child cgroup."""
 
-    def __init__(self, topo: Topology, pin: Path, writer: ServiceMapWriter, cgroup: Path) -> None:
+    def __init__(self, topo: Topology, pin: Path, writer: ServiceMapWriter | None, cgroup: Path) -> None:
         super().__init__(NODE, pin, writer=writer, netns=topo["node"])
         self.topo, self.cgroup = topo, cgroup
         self.abandoned: list[SockLB] = []
@@ -175,8 +175,7 @@ class Env(PluginHarness):
         """What SIGKILL leaves: the plugin gets no stop; its hooks stay as they are. (Its
         file descriptors are closed at the end of the test, as the kernel closes a killed
         process's.)"""
-        self.plugins.remove(plugin)
-        self.contexts.pop(id(plugin))
+        self.forget(plugin)
         self.abandoned.append(plugin)
 
 
@@ -205,8 +204,9 @@ def running(name: str = "kpr-socklb", **cfg: Any) -> Iterator[Env]:
         # Stop leaves the hooks attached (pinned links): `kpr cleanup` takes them off before
         # the cgroups go.
         stack.callback(cleanup, pin)
-        env = Env(topo, pin, ServiceMapWriter(pin).open(), cg)
+        env = Env(topo, pin, None, cg)
         stack.callback(env.close)  # running plugins stopped, the writer closed
+        env.open_writer()
         stack.callback(lambda: [p._teardown(detach=False) for p in env.abandoned])
         env.start_plugin(cg, **cfg)
         yield env

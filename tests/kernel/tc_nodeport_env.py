@@ -32,9 +32,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from kpr.bpf.cleanup import scratch_pin_dir
@@ -46,6 +44,7 @@ from kpr.sources import ObjectRef
 from kpr.store import ObjectStore
 from kpr.testing import echo, harness
 from kpr.testing.echo import PY, name_and_peer
+from kpr.testing.harness import PluginHarness
 from kpr.testing.netns import Topology
 
 __all__ = ["PY", "name_and_peer"]  # the kit's, imported from here by the tests
@@ -201,13 +200,26 @@ def plugin_context(pin: Path, node: str, devices: tuple[str, ...], state_dir: Pa
     return harness.plugin_context(name, node_info(node, devices), pin, state_dir=state_dir)
 
 
-def start_plugin(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), *,
+def node_harness(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",)) -> PluginHarness:
+    """`node`'s agent without a source: its writer on `pin` and the bus (kpr.testing.harness),
+    plugins started in the node's namespace with the NodePort facility they require."""
+    h = PluginHarness(node_info(node, devices), pin, netns=topo[node])
+    h.open_writer()
+    return h
+
+
+def _node(h: PluginHarness, devices: tuple[str, ...] | None) -> NodeInfo | None:
+    return node_info(h.node.name, devices) if devices is not None else None
+
+
+def start_plugin(h: PluginHarness, devices: tuple[str, ...] | None = None, *,
                  extra_cflags: Iterable[str] = (), **cfg: Any) -> TcNodePort:
-    """configure + start a TcNodePort in the node's namespace, as the agent runs there
-    (extra_cflags: a changed program, as an upgrade brings)."""
+    """configure + start a TcNodePort on the harness's node, in its namespace, as the agent runs
+    there (devices: other node.devices than the harness's, as an agent restarted with another
+    config has; extra_cflags: a changed program, as an upgrade brings)."""
     plugin = TcNodePort()
     plugin.extra_cflags = list(extra_cflags)
-    return harness.start_plugin(plugin, cfg, plugin_context(pin, node, devices), netns=topo[node])
+    return h.start(plugin, cfg, name="tc_nodeport", node=_node(h, devices))
 
 
 def nodeport(name: str, port: int, *pods: str, proto: Protocol = TCP, local_policy: bool = False, hc: int = 0,
@@ -247,62 +259,50 @@ ServiceFactory = Callable[[str], Service]
 class Cluster:
     topo: Topology
     pins: dict[str, Path]
-    writers: dict[str, ServiceMapWriter]
+    # each node's agent without a source: its writer, the bus, the NodePort facility
+    harnesses: dict[str, PluginHarness]
     plugins: dict[str, TcNodePort] = field(default_factory=dict)
     applied: dict[ServiceKey, ServiceFactory] = field(default_factory=dict)
-    stores: dict[str, ObjectStore] = field(default_factory=dict)
     # more plugins on a node, given every service as well (xdp_nodeport in front of tc_nodeport)
     extra: list[tuple[str, Any]] = field(default_factory=list)
 
+    @property
+    def writers(self) -> dict[str, ServiceMapWriter]:
+        return {n: h.writer for n, h in self.harnesses.items()}
+
+    @property
+    def stores(self) -> dict[str, ObjectStore]:
+        """Each node's object store (the objects `feed` gave it)."""
+        return {n: h.store for n, h in self.harnesses.items() if h.store is not None}
+
     def apply(self, factory: ServiceFactory) -> None:
-        """One bus dispatch on every node: the writer first, then the plugin (as the agent's
-        facility ordering has it)."""
-        for node in self.writers:
+        """One bus dispatch on every node: the writer first, then the facility and the plugins."""
+        for node, h in self.harnesses.items():
             svc = factory(node)
-            self._upsert(node, svc)
+            h.apply(svc)
             self.applied[svc.key] = factory
 
     def delete(self, key: ServiceKey) -> None:
-        for node in self.writers:
-            self._delete(node, key)
+        for h in self.harnesses.values():
+            h.delete(key)
         self.applied.pop(key, None)
 
     def feed(self, *objs: dict, gone: Iterable[ObjectRef] = ()) -> None:
         """Kubernetes objects (Pods, Services, ...) in and `gone` refs out of each node's own
         object store, as each node's agent has one: a model change a store publishes is one
         dispatch on its node only."""
-        for node in self.writers:
-            if node not in self.stores:
-                info = self.plugins[node].context.node if node in self.plugins else node_info(node)
-                publisher = SimpleNamespace(
-                    upsert=partial(self._upsert, node), delete=partial(self._delete, node), sync_complete=lambda: None
-                )
-                self.stores[node] = ObjectStore(info, publisher)
-            self.stores[node].apply(list(objs), list(gone))
+        for h in self.harnesses.values():
+            h.feed(*objs, gone=gone)
 
-    def _on(self, node: str) -> list[Any]:
-        """The plugins running on `node`, in dispatch order."""
-        own = [self.plugins[node]] if node in self.plugins else []
-        return own + [p for n, p in self.extra if n == node]
-
-    def _upsert(self, node: str, svc: Service) -> None:
-        self.writers[node].upsert(svc)
-        for p in self._on(node):
-            p.kpr_service_upsert(svc)
-
-    def _delete(self, node: str, key: ServiceKey) -> None:
-        self.writers[node].delete(key)
-        for p in self._on(node):
-            p.kpr_service_delete(key)
+    def stop(self, node: str) -> None:
+        """Stop the node's plugin, as its agent does (the facility too when nothing else needs it)."""
+        self.harnesses[node].stop(self.plugins.pop(node))
 
     def clear(self) -> None:
         """Delete every service applied or published by a store, and forget the objects fed."""
-        for key in list(self.applied):
-            self.delete(key)
-        for node, store in self.stores.items():
-            for key in list(store.services):
-                self._delete(node, key)
-        self.stores.clear()
+        for h in self.harnesses.values():
+            h.clear()
+        self.applied.clear()
 
     def stats(self, node: str) -> dict[str, int]:
         dp = self.plugins[node].datapath
@@ -315,25 +315,21 @@ def cluster(*, start: bool = True, second_device: bool = True, **cfg: Any) -> It
     with scratch_pin_dir("kpr-np-n1") as pin1, scratch_pin_dir("kpr-np-n2") as pin2, Topology() as topo:
         build_topology(topo, second_device=second_device)
         pins = {"node1": pin1, "node2": pin2}
-        writers = {n: ServiceMapWriter(p).open() for n, p in pins.items()}
-        with _stopping(Cluster(topo, pins, writers)) as c:
+        devices = {"node1": ("eth0", "eth1") if second_device else ("eth0",), "node2": ("eth0",)}
+        with _stopping(topo, pins, devices) as c:
             if start:
-                c.plugins["node1"] = start_plugin(topo, "node1", pin1, ("eth0", "eth1") if second_device else ("eth0",), **cfg)
-                c.plugins["node2"] = start_plugin(topo, "node2", pin2, ("eth0",), **cfg)
+                for node, h in c.harnesses.items():
+                    c.plugins[node] = start_plugin(h, **cfg)
             yield c
 
 
 @contextlib.contextmanager
-def _stopping(c: Cluster) -> Iterator[Cluster]:
-    """On exit every plugin of the cluster is stopped (the extra ones first), the writers closed."""
-    try:
-        yield c
-    finally:
-        for p in [p for _node, p in reversed(c.extra)] + list(c.plugins.values()):
-            with contextlib.suppress(Exception):
-                p.kpr_stop(p.context)
-        for w in c.writers.values():
-            w.close()
+def _stopping(topo: Topology, pins: dict[str, Path], devices: dict[str, tuple[str, ...]]) -> Iterator[Cluster]:
+    """A Cluster with a harness per node; on exit every plugin is stopped (the extra ones, started
+    last, first), then the facilities, and the writers closed."""
+    with contextlib.ExitStack() as stack:
+        harnesses = {n: stack.enter_context(node_harness(topo, n, p, devices[n])) for n, p in pins.items()}
+        yield Cluster(topo, pins, harnesses)
 
 
 TCX = 0  # tc_filters() lists tcx programs at "pref" 0: they run before every clsact filter
@@ -419,11 +415,11 @@ def full_checksums(topo: Topology, *namespaces: str) -> None:
         topo.run(ns, [sys.executable, "-c", NO_TX_CSUM, "eth0"])
 
 
-def start_xdp(topo: Topology, node: str, pin: Path, devices: tuple[str, ...] = ("eth0",), **cfg: Any) -> Any:
+def start_xdp(h: PluginHarness, devices: tuple[str, ...] | None = None, **cfg: Any) -> Any:
     from kpr.plugins.xdp_nodeport.plugin import XdpNodePort
 
     # The context's name stays tc_nodeport's, as these tests always had it.
-    return harness.start_plugin(XdpNodePort(), cfg, plugin_context(pin, node, devices), netns=topo[node])
+    return h.start(XdpNodePort(), cfg, name="tc_nodeport", node=_node(h, devices))
 
 
 # ---------------------------------------------------------------------- the three pod layouts
@@ -444,17 +440,16 @@ def layout_cluster(layout: str, plugin: str = "tc_nodeport", **cfg: Any) -> Iter
         topo = stack.enter_context(Topology())
         build_topology(topo, second_device=False, layout=layout)
         pins = {"node1": pin1, "node2": pin2}
-        writers = {n: ServiceMapWriter(p).open() for n, p in pins.items()}
-        with _stopping(Cluster(topo, pins, writers)) as c:
-            for node in NODES:
-                c.plugins[node] = start_plugin(topo, node, pins[node], layout_devices(layout, node), **cfg)
-            if plugin == "xdp_nodeport":
-                full_checksums(topo, "cl", *PODS)
-                stack.enter_context(peer_pass(topo, "rt", dev_with(topo, "rt", NODES["node1"]["rt"])))
-                xcfg = {k: v for k, v in cfg.items() if k != "mode"}
-                c.extra.append(("node1", start_xdp(topo, "node1", pins["node1"], layout_devices(layout, "node1"),
-                                                   xdp_mode="auto", health_check=False, **xcfg)))
-            yield c
+        c = stack.enter_context(_stopping(topo, pins, {n: layout_devices(layout, n) for n in NODES}))
+        for node, h in c.harnesses.items():
+            c.plugins[node] = start_plugin(h, **cfg)
+        if plugin == "xdp_nodeport":
+            full_checksums(topo, "cl", *PODS)
+            h1 = c.harnesses["node1"]
+            stack.enter_context(peer_pass(topo, "rt", dev_with(topo, "rt", NODES["node1"]["rt"])))
+            xcfg = {k: v for k, v in cfg.items() if k != "mode"}
+            c.extra.append(("node1", start_xdp(h1, xdp_mode="auto", health_check=False, **xcfg)))
+        yield c
 
 
 # ---------------------------------------------------------------------- restarts under load

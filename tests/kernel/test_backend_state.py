@@ -187,13 +187,11 @@ def xdp() -> Iterator[tcenv.Cluster]:
     with tcenv.cluster(start=False, second_device=False) as c:
         tcenv.full_checksums(c.topo, "cl", "p2a", "p2b")
         with tcenv.peer_pass(c.topo, "rt", tcenv.dev_with(c.topo, "rt", tcenv.NODES["node1"]["rt"])):
-            plugin = tcenv.start_xdp(c.topo, "node1", c.pins["node1"], xdp_mode="native", keep_attached_on_stop=False)
-            c.plugins["node1"] = plugin
+            c.plugins["node1"] = tcenv.start_xdp(c.harnesses["node1"], xdp_mode="native", keep_attached_on_stop=False)
             try:
                 yield c
             finally:
-                c.plugins.pop("node1")
-                plugin.kpr_stop(plugin.context)
+                c.stop("node1")
 
 
 def test_xdp_nodeport_one_pod_ready_in_one_service_terminating_in_another(xdp: tcenv.Cluster) -> None:

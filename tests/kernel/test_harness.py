@@ -417,3 +417,41 @@ def test_sweep_removes_what_a_killed_run_left() -> None:
         kt_cgroup.sweep_stale()
     assert not netns_exists(netns_name)
     assert not Path(cg).exists()
+
+
+# ---------------------------------------------------------------- the plugin harness
+
+
+def test_harness_runs_a_nodeport_plugin_with_the_facility_it_requires(kernel_headers: Path) -> None:
+    """A NodePort plugin has no mode of its own outside an agent: it refuses to start without
+    the NodePort facility; the harness starts that facility as the plugin manager does
+    (kpr_requires), hands it the services through the bus (after the writer), and stops it
+    after the last plugin needing it."""
+    from kpr.bpf.cleanup import scratch_pin_dir
+    from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
+    from kpr.nodeport import facility as F
+    from kpr.plugins.tc_nodeport.plugin import TcNodePort
+    from kpr.testing.harness import PluginHarness, plugin_context, start_plugin
+
+    node = NodeInfo("node1", addresses=("10.99.0.1",), devices=("eth0",))
+    svc = Service(ServiceKey("default", "np"), (Frontend(FrontendType.NODE_PORT, "10.99.0.1", 30080, Protocol.TCP,
+                                                          (Backend("10.244.1.5", 8080, node_name="node2"),)),))
+    with scratch_pin_dir(f"kpr-hn{os.getpid()}") as pin, Topology() as topo:
+        topo.add_node("node1")
+        topo.add_external("c")
+        topo.link("node1", "c", "10.99.0.1/24", "10.99.0.2/24")
+        with PluginHarness(node, pin, netns=topo["node1"]) as h:
+            h.open_writer()
+            with pytest.raises(RuntimeError, match="no NodePort facility runs on"):
+                start_plugin(TcNodePort(), {}, plugin_context("tc_nodeport", node, pin), netns=topo["node1"])
+            assert F.running(pin) is None
+            h.apply(svc)  # before any plugin: the facility gets it when it starts, as in an agent
+            p = h.start(TcNodePort(), {"keepAttachedOnStop": False}, name="tc_nodeport")
+            fac = h.facilities["nodeport"]
+            assert p.nodeport is fac and F.running(pin) is fac
+            assert p.kpr_status().details["facility"] == "nodeport"
+            assert svc.key in fac.book.services
+            h.delete(svc.key)
+            assert svc.key not in fac.book.services, "the facility's hook, through the bus"
+            h.stop(p)
+            assert h.facilities == {} and F.running(pin) is None and fac.tables is None

@@ -216,25 +216,26 @@ def test_next_to_tc_nodeport_on_the_same_device(hr: Rig) -> None:
     traffic to local pods on a veth and on a bridge is tc_nodeport's, and the replies, which
     host_routing sends out of eth0 by bpf_redirect_neigh, still get the frontend back at eth0's
     egress (tc_nodeport's reverse NAT)."""
-    from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+    from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
     from kpr.plugins.tc_nodeport.plugin import TcNodePort
+    from kpr.testing.harness import PluginHarness
 
     hr.start()
     hr.source_pods("b1", "b2")
     wait_for(lambda: PODS["b1"][0] in hr.plugin.plan.pods, what="bridge pods learned")
     np_port = 30090
     key = ServiceKey("default", "hr-np")
-    np = hr.start_other(TcNodePort(), {"keepAttachedOnStop": False}, "tc_nodeport")
-    try:
-        for pod in ("p1", "b1"):
-            svc = Service(key, (Frontend(FrontendType.NODE_PORT, NODE, np_port, Protocol.TCP,
-                                         (Backend(PODS[pod][0], PORT, node_name="node", local=True),)),))
-            hr.writer.upsert(svc)
-            np.kpr_service_upsert(svc)
-            before = hr.stats()
-            assert answers(client(hr.topo, "tcp", NODE, np_port, 10, ns="cl")) == [f"{pod} {CLIENT}"] * 10
-            assert delta(before, hr.stats()).get("redirect_neigh", 0) >= 20  # the replies went by host_routing
-        assert tcx_names(hr, "eth0", "ingress") == ["kpr_hr_from_net", "kpr_np_ingress"]
-    finally:
-        hr.writer.delete(key)
-        np.kpr_stop(context=np.context)
+    # tc_nodeport as the agent runs it: after the NodePort facility, behind the writer (hr's)
+    node = NodeInfo(hr.node, addresses=hr.addresses, devices=("eth0",))
+    with PluginHarness(node, hr.pin, writer=hr.writer, netns=hr.topo[hr.node]) as h:
+        h.start(TcNodePort(), {"keepAttachedOnStop": False}, name="tc_nodeport")
+        try:
+            for pod in ("p1", "b1"):
+                h.apply(Service(key, (Frontend(FrontendType.NODE_PORT, NODE, np_port, Protocol.TCP,
+                                               (Backend(PODS[pod][0], PORT, node_name="node", local=True),)),)))
+                before = hr.stats()
+                assert answers(client(hr.topo, "tcp", NODE, np_port, 10, ns="cl")) == [f"{pod} {CLIENT}"] * 10
+                assert delta(before, hr.stats()).get("redirect_neigh", 0) >= 20  # the replies went by host_routing
+            assert tcx_names(hr, "eth0", "ingress") == ["kpr_hr_from_net", "kpr_np_ingress"]
+        finally:
+            h.delete(key)

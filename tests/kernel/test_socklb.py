@@ -311,12 +311,8 @@ def test_sync_complete_drops_entries_of_backends_that_left_while_down(env: Env) 
 @contextlib.contextmanager
 def only(env: Env, plugin: SockLB) -> Iterator[None]:
     """Deliver service events to one plugin instance only (they share the reverse-NAT map)."""
-    saved = list(env.plugins)
-    env.plugins[:] = [plugin]
-    try:
+    with env.only(plugin):
         yield
-    finally:
-        env.plugins[:] = saved
 
 
 def test_terminate_connections_destroys_sockets_of_removed_backends(env: Env) -> None:

@@ -23,7 +23,6 @@ from kpr.bpf import maps as M
 from kpr.bpf.cleanup import attachments, cleanup, scratch_pin_dir
 from kpr.bpf.loader import compile_and_load, load_prog
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
-from kpr.servicemaps import ServiceMapWriter
 from kpr.testing.netns import Topology
 
 from tc_nodeport_env import (
@@ -41,6 +40,7 @@ from tc_nodeport_env import (
     client,
     cluster,
     loadbalancer,
+    node_harness,
     nodeport,
     start_plugin,
     tc_filters,
@@ -278,11 +278,9 @@ def test_foreign_filters_are_never_touched_and_reattach_is_idempotent(kernel_hea
                 ipr.tc("add", "clsact", idx)
                 ipr.tc("add-filter", "bpf", idx, ":1", fd=fn.fd, name="foreign_ingress", parent="ffff:fff2", classid=1,
                        direct_action=True, prio=1)
-            with ServiceMapWriter(pin) as w:
-                svc = nodeport("att", 30090, "p1a")("node1")
-                w.upsert(svc)
-                p1 = start_plugin(topo, "node1", pin)
-                p1.kpr_service_upsert(svc)
+            with node_harness(topo, "node1", pin) as h:
+                h.apply(nodeport("att", 30090, "p1a")("node1"))
+                p1 = start_plugin(h)
                 # pref 1 is the foreign filter's: kpr takes the next one and leaves it alone (no
                 # tcx link at that hook: it would run ahead of the foreign filter); egress has
                 # no foreign filter: a tcx link
@@ -290,15 +288,15 @@ def test_foreign_filters_are_never_touched_and_reattach_is_idempotent(kernel_hea
                 assert p1.kpr_status().details["foreignFiltersFirst"] == {"eth0": ["foreign_ingress"]}
                 assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
                 # a second agent (restart) replaces kpr's filter in place: no duplicate, no gap
-                p2 = start_plugin(topo, "node1", pin, keep_attached_on_stop=False)
+                p2 = start_plugin(h, keep_attached_on_stop=False)
                 assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
                 assert tc_filters(topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
                 assert len([a for a in attachments(pin) if a["target"]["ifname"] == "eth0"]) == 2
-                p2.kpr_service_upsert(svc)
                 assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
+                h.forget(p1)
                 p1.datapath.close()  # the first agent is gone (its programs were replaced)
                 p1.datapath = None
-                p2.kpr_stop(p2.context)
+                h.stop(p2)
                 assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
                 assert tc_filters(topo, "node1", "eth0", "egress") == []
                 assert attachments(pin) == []
@@ -309,23 +307,17 @@ def test_foreign_filters_are_never_touched_and_reattach_is_idempotent(kernel_hea
 def test_node_changes_reattach(kernel_headers: Path) -> None:
     with scratch_pin_dir("kpr-np-nc") as pin, Topology() as topo:
         build_topology(topo, pods=())
-        with ServiceMapWriter(pin):
-            p = start_plugin(topo, "node1", pin, ("eth0",))
-            try:
-                assert tc_filters(topo, "node1", "eth1", "ingress") == []
-                from kpr.model import NodeInfo
+        with node_harness(topo, "node1", pin) as h:
+            start_plugin(h)
+            assert tc_filters(topo, "node1", "eth1", "ingress") == []
+            from kpr.model import NodeInfo
 
-                node = NodeInfo("node1", (N1, NODE1_ETH1), ("eth0", "eth1"))
-                p.context.node = node
-                p.kpr_node_changed(node)  # from a thread outside the node's namespace, as the bus worker may be
-                assert tc_filters(topo, "node1", "eth1", "ingress") == [(TCX, "kpr_np_ingress")]
-                node = NodeInfo("node1", (NODE1_ETH1,), ("eth1",))
-                p.context.node = node
-                p.kpr_node_changed(node)
-                assert tc_filters(topo, "node1", "eth0", "ingress") == []
-                assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
-            finally:
-                p.kpr_stop(p.context)
+            # from a thread outside the node's namespace, as the bus worker may be
+            h.node_changed(NodeInfo("node1", (N1, NODE1_ETH1), ("eth0", "eth1")))
+            assert tc_filters(topo, "node1", "eth1", "ingress") == [(TCX, "kpr_np_ingress")]
+            h.node_changed(NodeInfo("node1", (NODE1_ETH1,), ("eth1",)))
+            assert tc_filters(topo, "node1", "eth0", "ingress") == []
+            assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
 
 
 def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp_path: Path) -> None:
@@ -336,35 +328,33 @@ def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp
     with scratch_pin_dir("kpr-np-clean") as pin, Topology() as topo:
         build_topology(topo, pods=())
         b = compile_and_load(FOREIGN)
-        with ServiceMapWriter(pin):
-            p = start_plugin(topo, "node1", pin, ("eth0", "eth1"))
-        try:
-            assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
-            fn = load_prog(b, "foreign_ingress", "SCHED_CLS")
-            with topo["node1"].enter(), IPRoute() as ipr:
-                idx = ipr.link_lookup(ifname="eth0")[0]
-                ipr.tc("add", "clsact", idx)
-                for prio, fd, name in ((1, fn.fd, "foreign_ingress"), (2, p.datapath.fd("kpr_np_ingress"), "kpr_np_ingress")):
-                    ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent="ffff:fff2", classid=1,
-                           direct_action=True, prio=prio)
-            assert tc_filters(topo, "node1", "eth0", "ingress") == [
-                (TCX, "kpr_np_ingress"), (1, "foreign_ingress"), (2, "kpr_np_ingress")]
-            cfg = tmp_path / "kpr.yaml"
-            cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
-            kpr = Path(sys.executable).with_name("kpr")
-            res = subprocess.run([str(kpr), "cleanup", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-            assert res.returncode == 0, res.stderr
-            assert res.stdout.count("detached tcx link") == 4, res.stdout
-            assert res.stdout.count("detached tc ingress filter kpr_np_ingress") == 1, res.stdout
-            assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
-            assert tc_filters(topo, "node1", "eth0", "egress") == []
-            for d in ("ingress", "egress"):
-                assert tc_filters(topo, "node1", "eth1", d) == []
-            assert not pin.exists()
-        finally:
-            with contextlib.suppress(Exception):
-                p.kpr_stop(p.context)
-            b.cleanup()
+        with node_harness(topo, "node1", pin, ("eth0", "eth1")) as h:  # stopping p leaves its links
+            p = start_plugin(h)
+            try:
+                assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
+                fn = load_prog(b, "foreign_ingress", "SCHED_CLS")
+                with topo["node1"].enter(), IPRoute() as ipr:
+                    idx = ipr.link_lookup(ifname="eth0")[0]
+                    ipr.tc("add", "clsact", idx)
+                    for prio, fd, name in ((1, fn.fd, "foreign_ingress"), (2, p.datapath.fd("kpr_np_ingress"), "kpr_np_ingress")):
+                        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent="ffff:fff2", classid=1,
+                               direct_action=True, prio=prio)
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [
+                    (TCX, "kpr_np_ingress"), (1, "foreign_ingress"), (2, "kpr_np_ingress")]
+                cfg = tmp_path / "kpr.yaml"
+                cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
+                kpr = Path(sys.executable).with_name("kpr")
+                res = subprocess.run([str(kpr), "cleanup", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+                assert res.returncode == 0, res.stderr
+                assert res.stdout.count("detached tcx link") == 4, res.stdout
+                assert res.stdout.count("detached tc ingress filter kpr_np_ingress") == 1, res.stdout
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
+                assert tc_filters(topo, "node1", "eth0", "egress") == []
+                for d in ("ingress", "egress"):
+                    assert tc_filters(topo, "node1", "eth1", d) == []
+                assert not pin.exists()
+            finally:
+                b.cleanup()
 
 
 def _tags(ids: list[int]) -> set[bytes | None]:
@@ -395,13 +385,11 @@ def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -
         build_topology(topo, pods=("p1a",))
         started: list = []
         try:
-            with ServiceMapWriter(pin) as w:
-                svc = nodeport("adopt", 30091, "p1a")("node1")
-                w.upsert(svc)
+            with node_harness(topo, "node1", pin, ("eth0", "eth1")) as h:
+                h.apply(nodeport("adopt", 30091, "p1a")("node1"))
 
-                def start(devices: tuple[str, ...] = ("eth0", "eth1"), **kw: Any) -> Any:
-                    p = start_plugin(topo, "node1", pin, devices, **kw)
-                    p.kpr_service_upsert(svc)
+                def start(devices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+                    p = start_plugin(h, devices, **kw)
                     started.append(p)
                     return p
 
@@ -417,7 +405,7 @@ def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -
                 ids1 = {k: links.link_info(a.link_fd).id for k, a in p1._attached.items()}
                 maps1 = {n: m.id for n, m in p1.datapath.maps.items()}
                 assert serve()
-                p1.kpr_stop(p1.context)  # SIGTERM: the links stay, the NodePort is served
+                h.stop(p1)  # SIGTERM: the links stay, the NodePort is served
                 one_each()
                 assert serve()
                 p2 = start()  # the same build: the links' programs kept, no compile
@@ -440,9 +428,7 @@ def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -
                 assert _tcx_ids(topo, "eth0", "ingress") == [p3.datapath.prog_id("kpr_np_ingress")]
                 assert _tags(_tcx_ids(topo, "eth0", "ingress")) == before
                 assert serve()
-                svc_empty = nodeport("adopt-empty", 30093)("node1")
-                w.upsert(svc_empty)
-                p3.kpr_service_upsert(svc_empty)
+                h.apply(nodeport("adopt-empty", 30093)("node1"))
                 assert answers(client(topo, "tcp", N1, 30093, 1, "timeout=1")) == ["TimeoutError"], "dropped, no ICMP"
                 assert len(attachments(pin)) == 4
                 # an older version's clsact filter at a hook (as kpr attached before links)
@@ -473,24 +459,21 @@ def test_without_tcx_links_clsact_filters_keep_one_copy(kernel_headers: Path, mo
         build_topology(topo, second_device=False, pods=("p1a",))
         started: list = []
         try:
-            with ServiceMapWriter(pin) as w:
-                svc = nodeport("fb", 30092, "p1a")("node1")
-                w.upsert(svc)
+            with node_harness(topo, "node1", pin) as h:
+                h.apply(nodeport("fb", 30092, "p1a")("node1"))
                 serve = lambda: _name_and_peer(client(topo, "tcp", N1, 30092, 2)) == [("p1a", CLIENT)] * 2  # noqa: E731
                 monkeypatch.setenv("KPR_BPF_LINKS", "tcx")
                 for _ in range(2):
-                    p = start_plugin(topo, "node1", pin)
-                    p.kpr_service_upsert(svc)
+                    p = start_plugin(h)
                     started.append(p)
                     assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")]
                     assert tc_filters(topo, "node1", "eth0", "egress") == [(1, "kpr_np_egress")]
                     assert p.kpr_status().details["linksFallback"]
                     assert serve()
-                    p.kpr_stop(p.context)
+                    h.stop(p)
                     assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")], "stays"
                 monkeypatch.delenv("KPR_BPF_LINKS")
-                p = start_plugin(topo, "node1", pin)
-                p.kpr_service_upsert(svc)
+                p = start_plugin(h)
                 started.append(p)
                 assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
                 assert tc_filters(topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
@@ -621,12 +604,10 @@ def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: 
 def test_keep_attached_on_stop_leaves_nodeports_working(kernel_headers: Path) -> None:
     with scratch_pin_dir("kpr-np-keep") as pin, Topology() as topo:
         build_topology(topo, second_device=False, pods=("p1a",))
-        with ServiceMapWriter(pin) as w:
-            svc = nodeport("keep", 30095, "p1a")("node1")
-            w.upsert(svc)
-            p = start_plugin(topo, "node1", pin, keep_attached_on_stop=True)
-            p.kpr_service_upsert(svc)
-            p.kpr_stop(p.context)  # the agent stops (a restart): the programs and their maps stay
+        with node_harness(topo, "node1", pin) as h:
+            h.apply(nodeport("keep", 30095, "p1a")("node1"))
+            p = start_plugin(h, keep_attached_on_stop=True)
+            h.stop(p)  # the agent stops (a restart): the programs and their maps stay
             assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
             assert _name_and_peer(client(topo, "tcp", N1, 30095, 2)) == [("p1a", CLIENT)] * 2
             assert len(attachments(pin)) == 2, "still recorded for `kpr cleanup`"

@@ -23,7 +23,6 @@ from kpr.bpf.cleanup import attachments, cleanup, scratch_pin_dir
 from kpr.model import Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.plugins.xdp_nodeport.config import XdpNodePortConfig
 from kpr.plugins.xdp_nodeport.plugin import XdpNodePort
-from kpr.servicemaps import ServiceMapWriter
 from kpr.testing.netns import Topology
 
 from tc_nodeport_env import (
@@ -39,6 +38,7 @@ from tc_nodeport_env import (
     dev_with,
     full_checksums,
     name_and_peer,
+    node_harness,
     on_node_address,
     peer_pass,
     start_xdp,
@@ -72,14 +72,13 @@ def env() -> Iterator[Cluster]:
         full_checksums(c.topo, "cl", *(p for p, (node, _a, _b) in PODS.items() if node == "node2"))
         with peer_pass(c.topo, "rt", dev_with(c.topo, "rt", NODES["node1"]["rt"])):
             c.plugins["node1"] = start_xdp(  # type: ignore[assignment]
-                c.topo, "node1", c.pins["node1"], gc_interval=1.0, conntrack_size=65536, xdp_mode="native",
+                c.harnesses["node1"], gc_interval=1.0, conntrack_size=65536, xdp_mode="native",
                 keep_attached_on_stop=False,
             )
             try:
                 yield c
             finally:
-                p = c.plugins.pop("node1")
-                p.kpr_stop(p.context)
+                c.stop("node1")
                 assert xdp_on(c.topo, "node1", "eth0") == [], "kpr_stop detaches"
 
 
@@ -169,12 +168,11 @@ def test_frontend_without_backends_answers_port_unreachable(env: Cluster) -> Non
 
 
 def test_reattach_is_idempotent_and_recorded_once(env: Cluster) -> None:
-    p = env.plugins["node1"]
-    assert p.context is not None
+    h = env.harnesses["node1"]
     before = attachments(env.pins["node1"])
     assert [(r["kind"], r["target"]["ifname"], r["prog_name"]) for r in before] == [("xdp", "eth0", "kpr_xnp_ingress")]
-    p.kpr_node_changed(p.context.node)
-    p.kpr_node_changed(p.context.node)
+    h.node_changed(h.node)
+    h.node_changed(h.node)
     assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
     assert len(attachments(env.pins["node1"])) == 1
     env.apply(service("web2", NP, None, 30082, "p2b"))
@@ -189,9 +187,8 @@ def test_dsr_is_refused_by_the_config_not_the_kernel() -> None:
 def test_generic_mode_and_kpr_cleanup_detaches(kernel_headers: Path, tmp_path: Path) -> None:
     with scratch_pin_dir("kpr-xnp-clean") as pin, Topology() as topo:
         build_topology(topo, pods=())
-        with ServiceMapWriter(pin):
-            p = start_xdp(topo, "node1", pin, ("eth0", "eth1"), xdp_mode="generic")
-        try:
+        with node_harness(topo, "node1", pin, ("eth0", "eth1")) as h:  # stopping p leaves its links
+            p = start_xdp(h, xdp_mode="generic")
             for dev in ("eth0", "eth1"):
                 assert xdp_on(topo, "node1", dev) == [(2, "kpr_xnp_ingress")]
             assert "generic XDP on eth0, eth1" in p.kpr_status().message
@@ -204,9 +201,6 @@ def test_generic_mode_and_kpr_cleanup_detaches(kernel_headers: Path, tmp_path: P
             for dev in ("eth0", "eth1"):
                 assert xdp_on(topo, "node1", dev) == []
             assert not pin.exists()
-        finally:
-            with contextlib.suppress(Exception):
-                p.kpr_stop(p.context)
 
 
 def test_a_new_instance_adopts_the_pinned_link(env: Cluster) -> None:
@@ -222,8 +216,8 @@ def test_a_new_instance_adopts_the_pinned_link(env: Cluster) -> None:
     assert first.how == "xdp-link" and first.link_pin is not None
     link_id = links.link_info(first.link_fd).id
     # the next agent, while the first one still holds its programs (killed, not stopped)
-    p2 = start_xdp(env.topo, "node1", env.pins["node1"], gc_interval=1.0, conntrack_size=65536, xdp_mode="native",
-                   keep_attached_on_stop=False)
+    h = env.harnesses["node1"]
+    p2 = start_xdp(h, gc_interval=1.0, conntrack_size=65536, xdp_mode="native", keep_attached_on_stop=False)
     try:
         a = p2._attached[("eth0", "xdp")]
         assert a.action == "adopted" and links.link_info(a.link_fd).id == link_id
@@ -231,12 +225,12 @@ def test_a_new_instance_adopts_the_pinned_link(env: Cluster) -> None:
         assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
         assert p2.kpr_status().details["links"]["eth0"]["action"] == "adopted"
         assert [(r["kind"], r["target"]["ifname"]) for r in attachments(env.pins["node1"])] == [("xdp", "eth0")]
-        p2.kpr_service_upsert(service("adopt", NP, None, 30083, "p2a")("node1"))
         assert peers(client(env.topo, "tcp", N1, 30083, 2)) == [("p2a", N1)] * 2
     finally:
         # hand the device back to the module's plugin (which then stops with detach)
+        h.forget(p2)
         p2._teardown(detach=False)
-        p1.kpr_node_changed(p1.context.node)
+        h.node_changed(h.node)
     assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
     assert links.link_info(p1._attached[("eth0", "xdp")].link_fd).id == link_id
 
@@ -247,16 +241,16 @@ def test_without_xdp_links_the_fallback_attaches_and_moves_to_a_link_later(
     with scratch_pin_dir("kpr-xnp-fb") as pin, Topology() as topo:
         build_topology(topo, pods=())
         monkeypatch.setenv("KPR_BPF_LINKS", "xdp")
-        with ServiceMapWriter(pin):
-            p1 = start_xdp(topo, "node1", pin, ("eth0",), xdp_mode="generic")
+        with node_harness(topo, "node1", pin) as h:
+            p1 = start_xdp(h, xdp_mode="generic")
             p2 = None
             try:
                 assert p1._attached[("eth0", "xdp")].how == "xdp"
                 assert xdp_on(topo, "node1", "eth0") == [(2, "kpr_xnp_ingress")]
-                p1.kpr_stop(p1.context)
+                h.stop(p1)
                 assert xdp_on(topo, "node1", "eth0") == [(2, "kpr_xnp_ingress")], "stays after stop"
                 monkeypatch.delenv("KPR_BPF_LINKS")
-                p2 = start_xdp(topo, "node1", pin, ("eth0",), xdp_mode="generic")
+                p2 = start_xdp(h, xdp_mode="generic")
                 assert p2._attached[("eth0", "xdp")].how == "xdp-link"
                 assert xdp_on(topo, "node1", "eth0") == [(2, "kpr_xnp_ingress")]
             finally:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kpr.bpf import abi
+from kpr.bpf import abi, ctclock
 from kpr.bpf import maps as M
 
 from . import datapath as D
@@ -53,8 +53,9 @@ BackendSet = frozenset[tuple[bytes, int]]
 
 
 def now_ns() -> int:
-    # bpf_ktime_get_coarse_ns() is CLOCK_MONOTONIC_COARSE: the same time base as monotonic_ns.
-    return time.monotonic_ns()
+    # The clock the programs stamp conntrack entries with (lib/conntrack.h kpr_ct_now(): jiffies
+    # in ns on CLOCK_MONOTONIC's base, or the coarse clock), as the datapath's build flags chose.
+    return ctclock.now_ns()
 
 
 def ct_timeout(flags: int, proto: int) -> int:

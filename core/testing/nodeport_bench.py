@@ -453,14 +453,15 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "conntrack written every packet (KPR_CT_LOOKUP_BEFORE_WRITE=0)": ("-DKPR_CT_LOOKUP_BEFORE_WRITE=0",),
     "SNAT address looked up every packet (KPR_NP_LAZY_SNAT_ADDR=0)": ("-DKPR_NP_LAZY_SNAT_ADDR=0",),
     "fine clock (bpf_ktime_get_ns; default coarse, KPR_CLOCK_FINE=1)": ("-DKPR_CLOCK_FINE=1",),
+    "conntrack ages on the coarse clock, not jiffies (KPR_CT_CLOCK_JIFFIES=0)": ("-DKPR_CT_CLOCK_JIFFIES=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
-        "-DKPR_CLOCK_FINE=1", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0"),
+        "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0"),
     "before issue 14 (PREFILTER, CARRY, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
-        "-DKPR_NP_NH_CACHE=0"),
+        "-DKPR_NP_NH_CACHE=0", "-DKPR_CT_CLOCK_JIFFIES=0"),
 }
 
 
@@ -476,7 +477,7 @@ def interleaved(lab: ProgLab, hook: str, jobs: Sequence[tuple[str, Case]], runs:
 
 
 def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stages: bool = True,
-              switches: bool = True, out: Any = None) -> dict[str, str]:
+              switches: bool = True, only: str = "", out: Any = None) -> dict[str, str]:
     """Measure one hook's program; print the tables; return the summary lines by label."""
     out = out or sys.stdout
     pr = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
@@ -529,7 +530,7 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
                 "established, remote backend (SNAT)", "new flow, remote backend (SNAT)",
                 "not a service (node address, port 22)")]
             pr(f"  {'build':72s} " + " ".join(f"{c.kind:>18s}" for c in sel))
-            builds = [("default", ()), *SWITCHES.items()]
+            builds = [("default", ()), *((k, v) for k, v in SWITCHES.items() if only.lower() in k.lower())]
             for label, flags in builds[1:]:
                 lab.load(hook, label, flags)
             got = iter(interleaved(lab, hook, [(label, c) for label, _f in builds for c in sel], runs, rounds))
@@ -569,6 +570,7 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--services", default="10,10000,50000", help="service counts; the first is the main table's")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage builds")
     ap.add_argument("--no-switches", action="store_true", help="skip the optimisation switches")
+    ap.add_argument("--switches", default="", help="only the switches whose label contains this text")
 
 
 def run_from_args(hook: str, args: Any) -> dict[str, str]:
@@ -578,7 +580,7 @@ def run_from_args(hook: str, args: Any) -> dict[str, str]:
     signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))
     print(f"== {hook} nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {os.uname().release}); {uptime()}")
     return run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
-                     stages=not args.no_stages, switches=not args.no_switches)
+                     stages=not args.no_stages, switches=not args.no_switches, only=args.switches)
 
 
 def print_summary(summary: dict[str, str]) -> None:

@@ -357,6 +357,26 @@ def test_a_new_snat_flow_writes_two_entries(lab: Lab) -> None:
     assert {k: len(v) for k, v in _flow_entries(lab, CLIENT4, 5077, 17).items()} == {"kpr_ct": 1, "kpr_snat": 1, D.REV_MAP: 0}
 
 
+def test_conntrack_stamps_are_on_the_collectors_clock(lab: Lab) -> None:
+    """lib/conntrack.h's kpr_ct_now() (jiffies by default, the kernel's HZ passed at build) and
+    the collector's now_ns() agree within a few ticks: the jiffies base sits a few hundred ms
+    from CLOCK_MONOTONIC's (as read here), so an unconverted clock on either side fails this."""
+    from kpr.bpf import ctclock
+    from kpr.nodeport import gc as G
+
+    assert ctclock.JIFFIES and any(f.startswith("-DKPR_HZ=") for f in lab.dp.cflags()), "the default build ages on jiffies"
+    before = G.now_ns()
+    verdict, _out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5079, 80))
+    after = G.now_ns()
+    assert verdict == TC_ACT_REDIRECT
+    e = _flow_entries(lab, CLIENT4, 5079, 17)
+    (_ck, cv), = e["kpr_ct"]
+    (_sk, sv), = e["kpr_snat"]
+    tick = ctclock.tick_nsec(ctclock.kernel_hz())
+    for stamp in (cv[0], sv[4]):
+        assert before - 3 * tick <= stamp <= after + 3 * tick, (before, stamp, after)
+
+
 def test_a_flow_of_the_four_entry_layout_keeps_its_port_and_replies(lab: Lab) -> None:
     """A flow a KPR_NP_SNAT_IN_CT=0 build began (conntrack entry without a mapping, SNAT forward
     and reverse entries, a kpr_np_rev entry; written here as that build writes them) goes on

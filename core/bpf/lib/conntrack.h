@@ -30,6 +30,36 @@
 #define KPR_CT_TOUCH_INTERVAL_NS 1000000000ULL // refresh last_seen at most once a second: fewer writes to a shared line
 #endif
 
+/* The conntrack clock: what kpr_ct's last_seen (and the NodePort maps' kpr_np_rev last_seen and
+ * kpr_snat created) hold. A jiffies read is one load of jiffies_64 where the coarse clock reads
+ * the timekeeper under its seqcount; converted here to ns on the CLOCK_MONOTONIC time base
+ * (jiffies since INITIAL_JIFFIES times the tick, so the timeouts and stamps stay in ns and an
+ * upgrade from a build on kpr_now() reads the same stamps), within a tick and the boot's offset
+ * (jiffies start a few hundred ms after CLOCK_MONOTONIC's zero). Python's side, with that
+ * offset measured: kpr.bpf.ctclock. */
+#ifndef KPR_CT_CLOCK_JIFFIES
+#define KPR_CT_CLOCK_JIFFIES 1 // 1: bpf_jiffies64() (when KPR_HZ is known); 0: kpr_now() (common.h: the coarse clock)
+#endif
+#ifndef KPR_HZ
+#define KPR_HZ 0 // the running kernel's CONFIG_HZ, passed by the loader (kpr.bpf.ctclock.cflags()); 0: unknown, kpr_now()
+#endif
+#define KPR_CT_INITIAL_JIFFIES_S 300 // the kernel's INITIAL_JIFFIES: -300 s of jiffies as a 32-bit value (jiffies.h)
+
+#if KPR_CT_CLOCK_JIFFIES && KPR_HZ
+#define KPR_CT_TICK_NSEC ((1000000000ULL + KPR_HZ / 2) / KPR_HZ) // the kernel's TICK_NSEC
+#define KPR_CT_INITIAL_JIFFIES ((__u64)(__u32)(-KPR_CT_INITIAL_JIFFIES_S * KPR_HZ))
+#endif
+
+// Now, on the conntrack clock, ns.
+static __always_inline __u64 kpr_ct_now(void)
+{
+#if KPR_CT_CLOCK_JIFFIES && KPR_HZ
+	return (bpf_jiffies64() - KPR_CT_INITIAL_JIFFIES) * KPR_CT_TICK_NSEC;
+#else
+	return kpr_now();
+#endif
+}
+
 #ifndef KPR_CT_LOOKUP_BEFORE_WRITE
 #define KPR_CT_LOOKUP_BEFORE_WRITE 1 // 1: an established packet writes an entry only when a field changes; 0: every packet (benchmarks' comparison)
 #endif
@@ -64,7 +94,7 @@ struct kpr_ct_key {
  * forward entry of its own: one LRU insert less per new flow); its reply side is one kpr_snat
  * entry keyed by the reply tuple (lib/nat.h, kpr_snat_alloc). */
 struct kpr_ct_entry {
-	__u64 last_seen;         // kpr_now() at the last refresh, ns
+	__u64 last_seen;         // kpr_ct_now() at the last refresh, ns
 	__u32 backend_id;        // the flow's backend (kpr_backend key)
 	__u32 rev_nat;           // the frontend's rev-NAT index (kpr_revnat key)
 	__u16 flags;             // KPR_CT_F_*
@@ -115,7 +145,7 @@ static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple
 	e = kpr_ct.lookup(&k);
 	if (!e)
 		return (void *)0;
-	now = kpr_now();
+	now = kpr_ct_now();
 	if (now - e->last_seen > kpr_ct_timeout(e, t->proto))
 		return (void *)0;
 #if !KPR_CT_LOOKUP_BEFORE_WRITE
@@ -148,7 +178,7 @@ static __always_inline int kpr_ct_write(const struct kpr_tuple *t, __u8 dir, __u
 	struct kpr_ct_entry e = {};
 
 	kpr_ct_key_from_tuple(&k, t, dir);
-	e.last_seen = kpr_now();
+	e.last_seen = kpr_ct_now();
 	e.backend_id = backend_id;
 	e.rev_nat = rev_nat;
 	e.flags = flags;

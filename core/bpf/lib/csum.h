@@ -54,7 +54,58 @@ static __always_inline int kpr_csum_patch(kpr_ctx_t *ctx, __u32 off, __u32 from_
 	*sum = res;
 	return 0;
 }
+
+// Patch the 16-bit checksum at `off` by a summed difference (~from + to over every changed field).
+static __always_inline int kpr_csum_patch_diff(kpr_ctx_t *ctx, __u32 off, __u32 diff, __u64 flags)
+{
+	__u16 *sum = ctx_ptr(ctx, off, sizeof(*sum));
+	__u16 res;
+
+	if (!sum)
+		return KPR_E_CSUM;
+	if ((flags & KPR_CSUM_UDP) && *sum == 0)
+		return 0;
+	res = kpr_csum_fold(kpr_csum_add(~(__u32)*sum, diff));
+	if ((flags & KPR_CSUM_UDP) && res == 0)
+		res = 0xffff;
+	*sum = res;
+	return 0;
+}
 #endif
+
+// The IPv4 header checksum at `off`, for changed fields summing to `diff` (kpr_csum_diff4()s added).
+static __always_inline int kpr_csum_l3_diff(kpr_ctx_t *ctx, __u32 off, __u32 diff)
+{
+#ifdef KPR_CTX_SKB
+	return bpf_l3_csum_replace(ctx, off, 0, diff, 0);
+#else
+	return kpr_csum_patch_diff(ctx, off, diff, 0);
+#endif
+}
+
+// The L4 checksum at `off`, for changed fields summing to `diff`. tc: the pseudo-header fields
+// (addresses, KPR_CSUM_PSEUDO) and the others (ports) need a call each, for CHECKSUM_PARTIAL
+// packets whose field holds the pseudo header's sum only.
+static __always_inline int kpr_csum_l4_diff(kpr_ctx_t *ctx, __u32 off, __u32 diff, __u64 flags)
+{
+#ifdef KPR_CTX_SKB
+	return bpf_l4_csum_replace(ctx, off, 0, diff, flags);
+#else
+	return kpr_csum_patch_diff(ctx, off, diff, flags);
+#endif
+}
+
+// The difference a 4-byte field's change from `from` to `to` makes to a checksum (summable).
+static __always_inline __u32 kpr_csum_diff4(__u32 from, __u32 to)
+{
+	return kpr_csum_add(~from, to);
+}
+
+// The same for a 2-byte field.
+static __always_inline __u32 kpr_csum_diff2(__u16 from, __u16 to)
+{
+	return kpr_csum_add((__u16)~from, to);
+}
 
 // The IPv4 header checksum at `off`, for a changed 4-byte field (an address).
 static __always_inline int kpr_csum_l3_replace4(kpr_ctx_t *ctx, __u32 off, __be32 from, __be32 to)

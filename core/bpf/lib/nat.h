@@ -41,7 +41,7 @@ struct kpr_nat_entry {
 	__be16 port;            // forward: the SNAT port; reverse: the original client port
 	__be16 fe_port;         // reverse, NodePort flows: the frontend port; 0: none
 	__u32 pad2;             // zero
-	__u64 created;          // kpr_now() at allocation, ns
+	__u64 created;          // kpr_ct_now() at allocation, ns
 	union kpr_addr fe_addr; // reverse, NodePort flows: the frontend address (the one the client dialled)
 };
 
@@ -76,6 +76,19 @@ static __always_inline int kpr_nat_snat(kpr_ctx_t *ctx, struct kpr_pkt *pkt, con
 	return port ? kpr_nat_rewrite_port(ctx, pkt, port, 0) : 0;
 }
 
+// DNAT to `daddr`:`dport` and SNAT to `saddr`:`sport` (a port of 0 kept): IPv4 TCP/UDP in one
+// pass (lib/rewrite.h, KPR_REWRITE_ONE_CSUM), anything else a field at a time.
+static __always_inline int kpr_nat_dnat_snat(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *daddr,
+					     __be16 dport, const union kpr_addr *saddr, __be16 sport)
+{
+#if KPR_REWRITE_ONE_CSUM && !KPR_REWRITE_HELPERS
+	if (pkt->t.family == KPR_FAMILY_V4 && pkt->csum_off &&
+	    (pkt->t.proto == IPPROTO_TCP || pkt->t.proto == IPPROTO_UDP))
+		return kpr_nat_rewrite4_both(ctx, pkt, saddr->w[3], sport, daddr->w[3], dport);
+#endif
+	return kpr_nat_dnat(ctx, pkt, daddr, dport) || kpr_nat_snat(ctx, pkt, saddr, sport) ? KPR_E_NAT_PKT : 0;
+}
+
 // Reverse NAT of a reply from a backend: restore the frontend (kpr_revnat) as its source.
 static __always_inline int kpr_nat_revnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const struct kpr_revnat *rn)
 {
@@ -98,7 +111,7 @@ static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union
 	rev.port = t->sport;
 	rev.fe_addr = *fe;
 	rev.fe_port = fport;
-	rev.created = kpr_now();
+	rev.created = kpr_ct_now();
 	rk.saddr = t->daddr;
 	rk.daddr = *nat_addr;
 	rk.sport = t->dport;
@@ -138,7 +151,7 @@ static __always_inline struct kpr_nat_entry *kpr_snat_mapping(const struct kpr_t
 		return (void *)0;
 	}
 	fwd.addr = *nat_addr;
-	fwd.created = kpr_now();
+	fwd.created = kpr_ct_now();
 	if (kpr_snat.update(&fk, &fwd)) {
 		rk.saddr = t->daddr;
 		rk.daddr = *nat_addr;

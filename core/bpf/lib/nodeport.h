@@ -122,6 +122,9 @@
 #ifndef KPR_NP_PREFILTER
 #define KPR_NP_PREFILTER 1 // 1: a TCP/UDP packet to a port no frontend uses leaves after one bitmap test (kpr_np_ports)
 #endif
+#ifndef KPR_NP_EARLY_EXIT
+#define KPR_NP_EARLY_EXIT 1 // 1: the prefilter's test on the raw headers before the full parse (kpr_np_early_pass)
+#endif
 #ifndef KPR_NP_CARRY
 #define KPR_NP_CARRY 1 // 1: the service stage hands the backend it found to the forwarding stage (no second lookup)
 #endif
@@ -229,7 +232,7 @@ struct kpr_np_rev {
 	__be16 port;         // frontend port
 	__u16 flags;         // KPR_NP_REV_F_*
 	__u32 pad;           // zero
-	__u64 last_seen;     // kpr_now() at creation or the last refresh (at most once a second), ns
+	__u64 last_seen;     // kpr_ct_now() at creation or the last refresh (at most once a second), ns
 };
 
 // kpr_np_fe key: a frontend as the service map keys it (wildcard address for NodePort).
@@ -267,7 +270,7 @@ struct kpr_np_nh {
 	__u8 smac[6];        // the route's source MAC
 	__u8 dmac[6];        // the next hop's MAC
 	__u32 kind;          // KPR_DEV_* of ifindex (the forwarding counters) | KPR_NP_NH_EXTERNAL
-	__u64 stamp;         // kpr_now() when cached (for the curious: validity is the generation's)
+	__u64 stamp;         // kpr_ct_now() when cached (for the curious: validity is the generation's)
 	union kpr_addr addr; // the backend's address (an id reused for another backend misses)
 };
 
@@ -492,7 +495,7 @@ static __always_inline void kpr_np_rev_create(const union kpr_addr *b, __be16 bp
 	v.addr = *fe;
 	v.port = fport;
 	v.flags = flags;
-	v.last_seen = kpr_now();
+	v.last_seen = kpr_ct_now();
 	if (kpr_np_rev.update(&k, &v))
 		kpr_np_count(KPR_NP_ST_CT_FAILED);
 }
@@ -500,7 +503,7 @@ static __always_inline void kpr_np_rev_create(const union kpr_addr *b, __be16 bp
 // Refresh a reverse entry from a packet of its flow (at most once a second: fewer writes to a shared line).
 static __always_inline void kpr_np_rev_touch(struct kpr_np_rev *rev, __u8 tcp_flags)
 {
-	__u64 now = kpr_now();
+	__u64 now = kpr_ct_now();
 
 	if (tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)) {
 		if (!(rev->flags & KPR_NP_REV_F_CLOSING))
@@ -743,7 +746,7 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 	__builtin_memcpy(e->dmac, p->dmac, 6);
 	e->kind = kind;
 	e->addr = *addr;
-	e->stamp = kpr_now();
+	e->stamp = kpr_ct_now();
 	e->gen = g->gen;
 #endif
 }
@@ -832,7 +835,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	nh = st->nat_port ? kpr_np_nh_get(st->backend_id, &be->addr) : (void *)0;
 	if (nh) {
 		KPR_NP_STOP(5);
-		if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port) || kpr_nat_snat(ctx, &pkt, &st->nat_addr, st->nat_port)) {
+		if (kpr_nat_dnat_snat(ctx, &pkt, &be->addr, be->port, &st->nat_addr, st->nat_port)) {
 			kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 			return CTX_DROP;
 		}
@@ -1204,7 +1207,7 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 
 		if (!kpr_np_xdp_sendable(&p, rc))
 			return CTX_PASS;
-		if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &fe, fport)) {
+		if (kpr_nat_dnat_snat(ctx, &pkt, &n->addr, n->port, &fe, fport)) {
 			kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 			return CTX_DROP;
 		}
@@ -1215,7 +1218,7 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 		return ctx_redirect(ctx, p.ifindex, 0);
 	}
 #else
-	if (kpr_nat_dnat(ctx, &pkt, &n->addr, n->port) || kpr_nat_snat(ctx, &pkt, &fe, fport)) {
+	if (kpr_nat_dnat_snat(ctx, &pkt, &n->addr, n->port, &fe, fport)) {
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
@@ -1382,18 +1385,73 @@ static __always_inline int kpr_np_rev_live(const struct kpr_np_rev *rev, const s
 	return e && !(e->flags & KPR_CT_F_CLOSING);
 }
 
+#if KPR_NP_PREFILTER && KPR_NP_EARLY_EXIT
+/* The fast exit, before the full parse (no tuple built, no other test first): an untagged IPv4
+ * (without options or fragmentation) or IPv6 (without extension headers) TCP/UDP packet to a
+ * port no frontend has, outside the SNAT port range, to an address that cannot be an announced
+ * one. Exactly the packets the prefilter below would pass after parsing (DSR needs IP options
+ * or an extension header, SNAT replies a port in the range, ICMP errors another protocol):
+ * every other packet takes the full path. 1: pass it. */
+static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
+{
+	struct ethhdr *eth = ctx_ptr(ctx, 0, sizeof(struct ethhdr) + sizeof(struct iphdr) + 4);
+	struct kpr_tuple t;
+	__u32 h;
+
+	if (!eth)
+		return 0;
+	if (eth->h_proto == kpr_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		// version 4, header length 5 words; no MF flag or offset
+		if (((__u8 *)ip)[0] != 0x45 || (ip->frag_off & kpr_htons(0x3fff)))
+			return 0;
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+			return 0;
+		t.dport = ((__be16 *)(ip + 1))[1];
+		t.proto = ip->protocol;
+		h = kpr_htonl(0x0000ffff) ^ ip->daddr; // kpr_np_vip_hash of the v4-mapped address
+	} else if (eth->h_proto == kpr_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(struct ipv6hdr) + 4);
+
+		if (!ip6 || (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP))
+			return 0;
+		t.dport = ((__be16 *)(ip6 + 1))[1];
+		t.proto = ip6->nexthdr;
+		h = ip6->daddr.in6_u.u6_addr32[0] ^ ip6->daddr.in6_u.u6_addr32[1] ^ ip6->daddr.in6_u.u6_addr32[2] ^
+		    ip6->daddr.in6_u.u6_addr32[3];
+	} else {
+		return 0;
+	}
+	if (kpr_np_snat_port(&t) || kpr_np_port_served(&t))
+		return 0;
+	h = (h ^ (h >> 16)) & 0xffff;
+	{
+		__u32 k = KPR_NP_VIP_BITS + (h >> 6);
+		__u64 *w = kpr_np_ports.lookup(&k);
+
+		return w && !((*w >> (h & 63)) & 1);
+	}
+}
+#endif
+
 /* --- entry points ------------------------------------------------------------------------ */
 
 // A packet arriving on an external device.
 static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 {
 	struct kpr_pkt pkt;
-	int ret = kpr_parse(ctx, &pkt);
+	int ret;
 #if KPR_NP_DSR
 	union kpr_addr fe;
 	__be16 fport;
 #endif
 
+#if KPR_NP_PREFILTER && KPR_NP_EARLY_EXIT
+	if (kpr_np_early_pass(ctx))
+		return KPR_NP_PASS;
+#endif
+	ret = kpr_parse(ctx, &pkt);
 	KPR_NP_STOP(1);
 	if (ret == KPR_PARSE_NOT_IP)
 		return KPR_NP_PASS;

@@ -25,6 +25,10 @@
 #define KPR_REWRITE_HELPERS 0 // 1: rewrite through ctx_store_bytes (see above); 0: through packet pointers
 #endif
 
+#ifndef KPR_REWRITE_ONE_CSUM
+#define KPR_REWRITE_ONE_CSUM 1 // 1: DNAT+SNAT of IPv4 TCP/UDP patches each checksum once (kpr_nat_rewrite4_both); 0: once per field
+#endif
+
 #define KPR_E_NAT_PKT -2    // header not in the packet
 #define KPR_E_NAT_UNSUPP -3 // SCTP port change: its CRC32c cannot be patched incrementally
 
@@ -99,6 +103,54 @@ static __always_inline int kpr_nat_rewrite_port(kpr_ctx_t *ctx, struct kpr_pkt *
 	    kpr_csum_l4_replace2(ctx, pkt->csum_off, from, to, pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0))
 		return KPR_E_NAT_PKT;
 	*cur = to;
+	return 0;
+}
+
+/* Both addresses and both ports of an IPv4 TCP/UDP packet at once (a port of 0 is kept): the
+ * four fields written through one pointer each, then each checksum patched once with the
+ * summed differences (tc: the IP header's, the L4 one for the addresses, the L4 one for the
+ * ports: three helper calls where a field at a time takes six). The caller checks family and
+ * protocol (kpr_nat_dnat_snat). */
+static __always_inline int kpr_nat_rewrite4_both(kpr_ctx_t *ctx, struct kpr_pkt *pkt, __be32 saddr, __be16 sport,
+						 __be32 daddr, __be16 dport)
+{
+	__be32 os = pkt->t.saddr.w[3], od = pkt->t.daddr.w[3];
+	__be16 osp = pkt->t.sport, odp = pkt->t.dport;
+	__u64 udp = pkt->t.proto == IPPROTO_UDP ? KPR_CSUM_UDP : 0;
+	struct iphdr *ip;
+	__be16 *ports;
+	__u32 adiff, pdiff;
+
+	if (!sport)
+		sport = osp;
+	if (!dport)
+		dport = odp;
+	ip = ctx_ptr(ctx, pkt->l3_off, sizeof(*ip));
+	if (!ip)
+		return KPR_E_NAT_PKT;
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	ports = ctx_ptr(ctx, pkt->l4_off, 4);
+	if (!ports)
+		return KPR_E_NAT_PKT;
+	ports[0] = sport;
+	ports[1] = dport;
+	adiff = kpr_csum_add(kpr_csum_diff4(os, saddr), kpr_csum_diff4(od, daddr));
+	pdiff = kpr_csum_add(kpr_csum_diff2(osp, sport), kpr_csum_diff2(odp, dport));
+	if (kpr_csum_l3_diff(ctx, pkt->l3_off + offsetof(struct iphdr, check), adiff))
+		return KPR_E_NAT_PKT;
+#ifdef KPR_CTX_SKB
+	if (kpr_csum_l4_diff(ctx, pkt->csum_off, adiff, KPR_CSUM_PSEUDO | udp) ||
+	    kpr_csum_l4_diff(ctx, pkt->csum_off, pdiff, udp))
+		return KPR_E_NAT_PKT;
+#else
+	if (kpr_csum_l4_diff(ctx, pkt->csum_off, kpr_csum_add(adiff, pdiff), udp))
+		return KPR_E_NAT_PKT;
+#endif
+	pkt->t.saddr.w[3] = saddr;
+	pkt->t.daddr.w[3] = daddr;
+	pkt->t.sport = sport;
+	pkt->t.dport = dport;
 	return 0;
 }
 

@@ -30,7 +30,7 @@ def test_both_plugins_get_one_facility() -> None:
     names = [h.name for h in kpm.handles]
     assert names.count("nodeport") == 1 and names.index("nodeport") < names.index("tc_nodeport")
     fac = kpm.handle("nodeport").plugin
-    assert isinstance(fac, NodePortFacility) and not fac.standalone
+    assert isinstance(fac, NodePortFacility)
     assert kpm.pm.hook.kpr_service_upsert.get_hookimpls()[0].plugin is fac, "only the facility takes services"
     assert [i.plugin for i in kpm.pm.hook.kpr_service_upsert.get_hookimpls()] == [fac]
 

@@ -15,8 +15,8 @@ The plugins only load their build of the programs, attach it, and report its own
 Settings come from the enabled NodePort plugins' sections (`settings_from`): healthCheck is
 on when any asks for it; keys both set (healthCheckAddress, gcInterval) must agree.
 
-Used without the agent (tests, harnesses driving one plugin), a plugin starts a facility of
-its own (`acquire`): every plugin started on the same bpf.pinPath in this process shares it.
+Outside an agent (tests, harnesses) kpr.testing.harness starts it the same way, ahead of the
+plugins that require it.
 """
 
 from __future__ import annotations
@@ -94,54 +94,21 @@ def settings_from(sections: dict[str, NodePortSection]) -> Settings:
     )
 
 
-# bpf.pinPath -> (facility, standalone users) of the facilities running in this process
-_RUNNING: dict[Path, tuple["NodePortFacility", set[int]]] = {}
-_RUNNING_LOCK = threading.RLock()  # acquire() starts a facility, which registers itself
+# bpf.pinPath -> the facility running on it in this process (the plugins find theirs here)
+_RUNNING: dict[Path, "NodePortFacility"] = {}
+_RUNNING_LOCK = threading.Lock()
 
 
 def running(pin: Path) -> "NodePortFacility | None":
     with _RUNNING_LOCK:
-        got = _RUNNING.get(Path(pin).resolve())
-    return got[0] if got else None
-
-
-def acquire(user: object, section: NodePortSection, context: PluginContext) -> tuple["NodePortFacility", bool]:
-    """The facility for context's bpf.pinPath: the running one (the agent's, or another plugin's
-    standalone one), else a standalone one started here in the caller's namespace. Returns
-    (facility, standalone); a standalone facility stops when its last user releases it."""
-    pin = Path(context.config.bpf.pin_path).resolve()
-    with _RUNNING_LOCK:
-        got = _RUNNING.get(pin)
-        if got is not None:
-            fac, users = got
-            if fac.standalone:
-                users.add(id(user))
-            return fac, fac.standalone
-        fac = NodePortFacility(settings_from({context.name: section}), standalone=True)
-        fac.kpr_configure(None, context)
-        fac.kpr_start(context)  # registers it
-        _RUNNING[pin][1].add(id(user))
-        return fac, True
-
-
-def release(user: object, fac: "NodePortFacility") -> None:
-    """A standalone user is done with `fac`; the last one stops it."""
-    with _RUNNING_LOCK:
-        got = _RUNNING.get(fac.pin.resolve()) if fac.pin is not None else None
-        if got is None or got[0] is not fac or not fac.standalone:
-            return
-        got[1].discard(id(user))
-        if got[1]:
-            return
-    fac.kpr_stop(fac.context)
+        return _RUNNING.get(Path(pin).resolve())
 
 
 class NodePortFacility:
     """One per agent (FACILITIES["nodeport"] in kpr.pluginmanager); see the module's docstring."""
 
-    def __init__(self, settings: Settings | None = None, *, standalone: bool = False) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self.standalone = standalone
         self.context: PluginContext | None = None
         self.pin: Path | None = None
         self.tables: NodePortTables | None = None
@@ -190,7 +157,7 @@ class NodePortFacility:
         with _RUNNING_LOCK:
             if real in _RUNNING:
                 raise RuntimeError(f"a NodePort facility runs on {pin} in this process already")
-            _RUNNING[real] = (self, set())
+            _RUNNING[real] = self
         try:
             self.netns = AgentNetns()
             self.netns_path = self.netns.path()
@@ -216,7 +183,7 @@ class NodePortFacility:
             raise
         for what in self._not_honoured():
             log.warning("event=nodeport_config_not_honoured %s", what)
-        log.info("event=nodeport_facility_started netns=%s standalone=%s", self.netns_path or "host", self.standalone)
+        log.info("event=nodeport_facility_started netns=%s", self.netns_path or "host")
 
     @hookimpl
     def kpr_stop(self, context: PluginContext) -> None:
@@ -248,8 +215,7 @@ class NodePortFacility:
                 self.netns = None
         if self.pin is not None:
             with _RUNNING_LOCK:
-                got = _RUNNING.get(self.pin.resolve())
-                if got is not None and got[0] is self:
+                if _RUNNING.get(self.pin.resolve()) is self:
                     del _RUNNING[self.pin.resolve()]
 
     # ------------------------------------------------------------------ node facts
@@ -495,7 +461,6 @@ class NodePortFacility:
             msg += f"; {len(self.health.errors)} health check port(s) not listening"
         details: dict[str, object] = {
             "netns": self.netns_path or "host",
-            "standalone": self.standalone,
             "settings": {"healthCheck": self.settings.health_check, "gcInterval": self.settings.gc_interval,
                          "healthCheckAddress": self.settings.health_check_address},
             "writer": self.writer_check() if started else {},

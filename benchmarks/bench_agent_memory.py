@@ -165,7 +165,9 @@ def wait_ready(proc: subprocess.Popen, sock: Path, deadline: float, log_name: st
         if proc.poll() is not None:
             raise RuntimeError(f"the agent exited; see {log_name}")
         with contextlib.suppress(kapi.ApiError):
-            status = kapi.get(sock, "/v1/status")
+            # A status request reads the kernel maps back: seconds at 20k services under
+            # tracemalloc (--trace), past the client's default 5 s.
+            status = kapi.get(sock, "/v1/status", timeout=120)
             if status.get("ready"):
                 return status
         time.sleep(0.01)
@@ -323,9 +325,10 @@ def main() -> int:
             print(f"{n:>8} {r['ready']:>8.2f} {r['cpu']:>6.2f} {r['rss_ready']:>12.0f} {r['rss']:>7.0f} {r['hwm']:>7.0f} "
                   f"{r['rss'] - base['rss']:>12.0f} {r['hwm'] - base['hwm']:>12.0f} {r['rss'] / base['rss']:>9.2f} "
                   f"{r['load']:>5}", flush=True)
-            print("         path to ready (s from start): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
-                  + "; thread CPU s: main " + " ".join(f"{c:.2f}" for c in r["threads"][:1])
+            if r["phases"]:  # not from a traced run (its log is warnings only)
+                print("         path to ready (s from start): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()), flush=True)
+            print("         thread CPU at ready (s): main " + " ".join(f"{c:.2f}" for c in r["threads"][:1])
                   + ", others " + " ".join(f"{c:.2f}" for c in r["threads"][1:] if c >= 0.01), flush=True)
             if args.trace:
                 t = r["trace"]

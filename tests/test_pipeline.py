@@ -19,9 +19,15 @@ def svc(name: str, port: int = 80) -> Service:
     return Service(ServiceKey("default", name), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.10", port, Protocol.TCP),))
 
 
-class Writer:
-    """Stands in for the service map writer's stage API (apply_batch, initial_written,
-    on_written): keeps what it was given as `maps`, records each batch, can block or fail."""
+class ScriptedWriter:
+    """A stand-in for the service map writer, on purpose: these are ordering tests of the
+    stage (kpr.pipeline.WriterStage), which hold a batch inside the writer, fail a given key
+    so many times, or fail the initial sync, on cue; the real writer does none of that on
+    demand without kernel maps. It implements kpr.pipeline.MapWriter, the stage's whole view
+    of the writer (test_the_stand_in_has_the_real_writers_stage_api keeps the two alike): keeps
+    what it was given as `maps`, records each batch. The real writer behind the stage:
+    test_the_real_writer_holds_everything_back_until_its_initial_state_is_written below
+    (root-free, before its maps exist) and tests/kernel/test_pipeline_maps.py."""
 
     on_written = None
 
@@ -63,7 +69,7 @@ class Writer:
 class Plugin:
     """A plugin's hook invoker that notes what the writer's maps held when each hook ran."""
 
-    def __init__(self, writer: Writer):
+    def __init__(self, writer: ScriptedWriter):
         self.writer = writer
         self.calls: list[tuple[str, object, object]] = []  # (hook, argument, generation)
         self.maps_at_call: list[object] = []
@@ -80,7 +86,7 @@ class Plugin:
         return [c[0] for c in self.calls]
 
 
-def make(writer: Writer, *names: str) -> tuple[EventBus, dict[str, Plugin]]:
+def make(writer: ScriptedWriter, *names: str) -> tuple[EventBus, dict[str, Plugin]]:
     bus = EventBus(backoff=Backoff(initial=0.01, maximum=0.05))
     bus.set_writer("servicemaps", writer)
     plugins = {n: Plugin(writer) for n in names}
@@ -89,7 +95,7 @@ def make(writer: Writer, *names: str) -> tuple[EventBus, dict[str, Plugin]]:
     return bus, plugins
 
 
-def block_in_writer(bus: EventBus, writer: Writer) -> None:
+def block_in_writer(bus: EventBus, writer: ScriptedWriter) -> None:
     """Leave the stage inside the writer with a first batch ("first"), so what follows queues
     up behind it; open writer.gate to go on."""
     writer.gate.clear()
@@ -98,7 +104,7 @@ def block_in_writer(bus: EventBus, writer: Writer) -> None:
 
 
 def test_plugins_get_a_change_only_once_the_writer_applied_it_with_its_generation():
-    writer = Writer()
+    writer = ScriptedWriter()
     bus, plugins = make(writer, "a", "b")
     bus.start()
     try:
@@ -120,7 +126,7 @@ def test_plugins_get_a_change_only_once_the_writer_applied_it_with_its_generatio
 
 
 def test_a_burst_is_one_batch_and_its_changes_share_a_generation():
-    writer = Writer()
+    writer = ScriptedWriter()
     bus, plugins = make(writer, "a")
     bus.start()
     try:
@@ -143,7 +149,7 @@ def test_a_burst_is_one_batch_and_its_changes_share_a_generation():
 def test_the_initial_state_reaches_plugins_only_once_it_is_written():
     """The writer collects the initial state and writes it at sync complete; when that fails
     (it retries on its own), plugins get nothing, and everything once it is written."""
-    writer = Writer(written=False, sync_writes=False)
+    writer = ScriptedWriter(written=False, sync_writes=False)
     bus, plugins = make(writer, "a")
     bus.start()
     try:
@@ -167,7 +173,7 @@ def test_the_initial_state_reaches_plugins_only_once_it_is_written():
 
 
 def test_a_change_the_writer_failed_is_retried_before_any_plugin_sees_it():
-    writer = Writer()
+    writer = ScriptedWriter()
     writer.fail_times["default/web"] = 2
     bus, plugins = make(writer, "a")
     bus.start()
@@ -186,7 +192,7 @@ def test_a_change_the_writer_failed_is_retried_before_any_plugin_sees_it():
 
 
 def test_a_newer_state_replaces_a_failed_write_waiting_for_its_retry():
-    writer = Writer()
+    writer = ScriptedWriter()
     writer.fail_times["default/web"] = 1
     bus = EventBus(backoff=Backoff(initial=0.5, maximum=0.5))
     bus.set_writer("servicemaps", writer)
@@ -204,7 +210,7 @@ def test_a_newer_state_replaces_a_failed_write_waiting_for_its_retry():
 
 
 def test_a_node_change_stays_a_barrier_through_the_stage():
-    writer = Writer()
+    writer = ScriptedWriter()
     bus, plugins = make(writer, "a")
     bus.start()
     try:
@@ -226,7 +232,7 @@ def test_a_node_change_stays_a_barrier_through_the_stage():
 
 
 def test_stopping_waits_for_the_stage_to_leave_the_writer():
-    writer = Writer()
+    writer = ScriptedWriter()
     bus, _ = make(writer, "a")
     bus.start()
     block_in_writer(bus, writer)
@@ -273,7 +279,7 @@ class WantsGeneration:
 def test_synchronous_bus_runs_the_stage_and_the_plugins_before_returning():
     """Tests and harnesses: no threads, the same order and generations; plugins written with or
     without the generation argument both work (pluggy hands each what it names)."""
-    writer = Writer(written=False)
+    writer = ScriptedWriter(written=False)
     bus = EventBus(synchronous=True)
     bus.set_writer("servicemaps", writer)
     old, new = OldStyle(), WantsGeneration(writer)
@@ -294,3 +300,40 @@ def test_synchronous_bus_runs_the_stage_and_the_plugins_before_returning():
     with pytest.raises(OSError, match="map write failed"):
         bus.upsert(svc("broken"))
     assert old.calls[-1] == ("delete", "web"), "a failed write reaches no plugin"
+
+
+def test_the_stand_in_has_the_real_writers_stage_api():
+    """What the stage calls (kpr.pipeline.MapWriter) is the real writer's, by name and signature."""
+    import inspect
+
+    from kpr.pipeline import MapWriter
+    from kpr.servicemaps import ServiceMapWriter
+
+    for name in ("apply_batch", "initial_written", "on_written"):
+        assert hasattr(MapWriter, name) or name in MapWriter.__annotations__, name
+        assert hasattr(ServiceMapWriter, name), f"the real writer has no {name}"
+    real, stand_in = ServiceMapWriter.apply_batch, ScriptedWriter.apply_batch
+    assert list(inspect.signature(real).parameters) == list(inspect.signature(stand_in).parameters)
+    assert isinstance(inspect.getattr_static(ServiceMapWriter, "initial_written"), property)
+    assert isinstance(inspect.getattr_static(ScriptedWriter, "initial_written"), property)
+
+
+def test_the_real_writer_holds_everything_back_until_its_initial_state_is_written(tmp_path):
+    """The real ServiceMapWriter behind the stage, root-free: before sync complete it only
+    collects the initial state; its initial sync fails here (no maps: never opened), as one
+    the kernel refuses would, so the stage hands nothing on, node change and sync included.
+    Its retry writing the state: tests/kernel/test_pipeline_maps.py."""
+    from kpr.servicemaps import ServiceMapWriter
+
+    writer = ServiceMapWriter(tmp_path / "never-opened", check_interval=0)
+    bus = EventBus(synchronous=True)
+    bus.set_writer("servicemaps", writer)
+    rec = WantsGeneration(writer)
+    bus.add_plugin("rec", hook_caller(rec, "rec"))
+    bus.start()
+    bus.upsert(svc("web"))
+    bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
+    bus.sync_complete()
+    assert rec.calls == [] and not bus.synced() and not writer.initial_written
+    assert "not open" in writer.sync_error, "the initial sync was tried, and failed"
+    assert bus.stage.pending_count() == 3, "held: upsert, node, sync"

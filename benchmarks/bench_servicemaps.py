@@ -37,6 +37,7 @@ from kpr.bpf.maglev import DEFAULT_SIZE, build_table
 from kpr.bpf.maps import addr_to_bytes
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.servicemaps import ServiceMapWriter
+from kpr.servicemaps.slots import size_class
 
 CILIUM_50K_MS = 708.0  # Cilium's load-balancer control plane: 50,000 services in 708 ms
 GOAL_10K_MS = 150.0
@@ -58,8 +59,12 @@ def services(n: int, backends: int = BACKENDS, start: int = 0) -> list[Service]:
 
 
 def sizes_for(n: int, backends: int = BACKENDS) -> dict[str, int]:
-    entries = n * (1 + backends)
-    return {"kpr_svc": entries + 1024, "kpr_backend": n * backends + 1024, "kpr_revnat": n + 1024}
+    # one kpr_svc entry per service; its backend slots in a kpr_slots range of a size class
+    # (12 for 10), and room for the ranges the benchmark's changes take beside them
+    return {
+        "kpr_svc": n + 1024, "kpr_slots": (n + 2048) * size_class(backends + 1), "kpr_backend": n * backends + 1024,
+        "kpr_revnat": n + 1024,
+    }
 
 
 @contextmanager

@@ -165,11 +165,12 @@ class BpfSection(Section):
     pin_path: Path = Path("/sys/fs/bpf/kpr")
     # max_entries of the service maps, for clusters beyond the defaults (kpr.bpf.maps.SPECS:
     # kprSvc 262144, kprBackend 131072, kprRevnat 65536, kprAffinity 65536, kprMaglev 32768,
-    # kprSrcrange 16384; README "Sizing the service maps"). A map pinned with another size
+    # kprSrcrange 16384, kprSlots 524288: backend slots, each frontend scope's range rounded up
+    # to 1, 2, 3, 4, 6, 8, 12, 16, ...; README "Sizing the service maps"). A map pinned with another size
     # is kept when its key is not set here and refused at start when it is (kpr cleanup
     # removes the pins).
     map_sizes: dict[
-        Literal["kprSvc", "kprBackend", "kprRevnat", "kprAffinity", "kprMaglev", "kprSrcrange"],
+        Literal["kprSvc", "kprSlots", "kprBackend", "kprRevnat", "kprAffinity", "kprMaglev", "kprSrcrange"],
         Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)],
     ] = {}
 

@@ -3,13 +3,15 @@ desired state.
 
 `DatapathMaps` opens the maps under a pin path (bpf.pinPath) read-only and answers the same
 lookups the programs make (lib/lb.h): the service entry of a frontend and scope, a slot's
-backend, a scope's Maglev table, the source ranges LPM, an affinity entry, a conntrack entry.
+backend (kpr_slots at the entry's slot_base), a scope's Maglev table, the source ranges LPM, an affinity entry, a conntrack entry.
 `kpr explain` decides with these; `frontends()` decodes everything for
 `kpr service list --datapath`.
 
 A backend's state (active, terminating) is per service: it is read from the service's slot
 (after `count` always terminating; within, the slot's flags), never from kpr_backend, which
-every service listing the pod port shares.
+every service listing the pod port shares. Slots are kpr_slots[slot_base + i - 1]; kpr_svc
+entries with a slot other than 0 are an older kpr's per-slot layout, shown as stray slots
+until the writer sweeps them.
 
 `differences(writer)` compares the kernel maps with the service map writer's accepted state
 entry by entry (not only by count) and repairs nothing: `kpr status` shows the result as
@@ -78,6 +80,7 @@ class SvcEntry:
     rev_nat: int
     flags: int
     affinity_timeout: int
+    slot_base: int = 0  # kpr_slots index of slot 1 (0: no slots)
 
     @property
     def address(self) -> str:
@@ -106,10 +109,13 @@ class Decoded:
     revnat: dict[int, str]
     # rev-NAT index -> source ranges as "addr/len"
     ranges: dict[int, list[str]]
-    # (frontend key: addr16 + port + proto, scope) -> slot -> kpr_svc value tuple
+    # (frontend key: addr16 + port + proto, scope) -> slot -> value tuple: slot 0 the kpr_svc
+    # value, slot i (1..count+terminating) (backend id, 0, 0, rev_nat, state flags, 0) from kpr_slots
     slots: dict[tuple[bytes, int], dict[int, tuple]]
     # (rev-NAT index, scope) -> the Maglev table's backend ids
     maglev: dict[tuple[int, int], list[int]]
+    # (frontend key, scope) -> slots of an older kpr's per-slot kpr_svc entries (until swept)
+    legacy: dict[tuple[bytes, int], list[int]]
 
 
 def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
@@ -123,8 +129,22 @@ def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
         plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(k)
         ranges.setdefault(rev_nat, []).append(_range_text(plen, addr))
     slots: dict[tuple[bytes, int], dict[int, tuple]] = {}
-    for k, v in maps["kpr_svc"].items():
-        slots.setdefault((k[:19], k[19]), {})[_PORT.unpack_from(k, 20)[0]] = M.SVC_VAL.unpack(v)
+    legacy: dict[tuple[bytes, int], list[int]] = {}
+    arr = b""
+    for k, v in sorted(maps["kpr_svc"].items()):
+        entry = slots.setdefault((k[:19], k[19]), {})
+        slot = _PORT.unpack_from(k, 20)[0]
+        if slot:
+            legacy.setdefault((k[:19], k[19]), []).append(slot)
+            continue
+        head = entry[0] = M.SVC_VAL.unpack(v)
+        base, count, term, rev_nat = head[:4]
+        if base and count + term:
+            arr = arr or maps["kpr_slots"].array_values()
+            for i in range(count + term):
+                if (base + i + 1) * 8 <= len(arr):
+                    bid, flags = M.SLOT.unpack_from(arr, (base + i) * 8)
+                    entry[i + 1] = (bid, 0, 0, rev_nat, flags, 0)
     maglev: dict[tuple[int, int], list[int]] = {}
     outer = maps["kpr_maglev"]
     for k in list(outer.keys()):
@@ -134,7 +154,7 @@ def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
         with M.BpfMap.from_id(M.U32.unpack(raw)[0]) as inner:
             items = sorted(inner.items(), key=lambda kv: M.U32.unpack(kv[0])[0])
         maglev[M.MAGLEV_KEY.unpack(k)] = list(array("I", b"".join(v for _, v in items)))
-    return Decoded(backends, revnat, ranges, slots, maglev)
+    return Decoded(backends, revnat, ranges, slots, maglev, legacy)
 
 
 class DatapathMaps:
@@ -177,12 +197,19 @@ class DatapathMaps:
         raw = self.maps["kpr_svc"].lookup(M.SVC_KEY.pack(addr, M.htons(port), proto, scope, 0, 0))
         if raw is None:
             return None
-        _bid, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(raw)
-        return SvcEntry(addr, port, proto, scope, count, term, rev_nat, flags, aff)
+        base, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(raw)
+        return SvcEntry(addr, port, proto, scope, count, term, rev_nat, flags, aff, base)
+
+    def _slot(self, e: SvcEntry, slot: int) -> tuple[int, int] | None:
+        """(backend id, state flags) of slot `slot` (1-based), as kpr_lb_slot_backend reads it."""
+        if not e.slot_base:
+            return None
+        raw = self.maps["kpr_slots"].lookup(M.U32.pack(e.slot_base + slot - 1))
+        return M.SLOT.unpack(raw) if raw is not None else None
 
     def slot_backend(self, e: SvcEntry, slot: int) -> int:
-        raw = self.maps["kpr_svc"].lookup(M.SVC_KEY.pack(e.addr, M.htons(e.port), e.proto, e.scope, slot, 0))
-        return M.SVC_VAL.unpack(raw)[0] if raw is not None else 0
+        got = self._slot(e, slot)
+        return got[0] if got is not None else 0
 
     def slots(self, e: SvcEntry) -> list[int]:
         """Backend ids of slots 1..count+terminating (0 where a slot is missing)."""
@@ -193,10 +220,10 @@ class DatapathMaps:
         service (slot_state); slots whose backend entry is missing are left out."""
         out = []
         for i in range(1, e.count + e.terminating + 1):
-            raw = self.maps["kpr_svc"].lookup(M.SVC_KEY.pack(e.addr, M.htons(e.port), e.proto, e.scope, i, 0))
-            if raw is None:
+            got = self._slot(e, i)
+            if got is None:
                 continue
-            bid, _c, _t, _r, flags, _a = M.SVC_VAL.unpack(raw)
+            bid, flags = got
             b = self.backend(bid)
             if b is not None:
                 out.append(dict(b, slot=i, state=slot_state(i, e.count, flags)))
@@ -288,8 +315,9 @@ class DatapathMaps:
             )
             head = slots.get(0)
             sname = SCOPE_NAMES.get(scope, str(scope))
+            stray = d.legacy.get((fk, scope), [])
             if head is None:
-                row["scopes"][sname] = {"error": "backend slots without a service entry (slot 0)", "slots": sorted(slots)}
+                row["scopes"][sname] = {"error": "backend slots without a service entry (slot 0)", "slots": stray}
                 continue
             _, count, term, rev_nat, flags, aff = head
             def show(i: int) -> dict[str, Any]:
@@ -308,7 +336,7 @@ class DatapathMaps:
                 "affinityTimeout": aff,
                 "sourceRanges": sorted(ranges.get(rev_nat, [])) if flags & M.SVC_F_SOURCE_RANGES else [],
                 "backends": listed,
-                "straySlots": sorted(s for s in slots if s > count + term),
+                "straySlots": stray,
             }
             table = shares.get((rev_nat, scope))
             if table is not None:
@@ -325,8 +353,14 @@ class DatapathMaps:
         return [rows[fk] for fk in sorted(rows, key=lambda fk: (rows[fk]["address"], rows[fk]["port"], rows[fk]["protocol"]))]
 
     def occupancy(self) -> dict[str, tuple[int, int]]:
-        """(entries, max_entries) of every map opened: conntrack and NAT fill included."""
-        return {name: (m.count(), m.info().max_entries) for name, m in self.maps.items()}
+        """(entries, max_entries) of every map opened: conntrack and NAT fill included
+        (kpr_slots, an array: the slots the service entries use, in their ranges' size classes)."""
+        from .servicemaps.reconcile import slots_in_use
+
+        return {
+            name: (slots_in_use(self.maps["kpr_svc"]) if name == "kpr_slots" else m.count(), m.info().max_entries)
+            for name, m in self.maps.items()
+        }
 
 
 def slot_state(slot: int, count: int, flags: int) -> str:
@@ -387,8 +421,10 @@ def _fk_text(key: bytes) -> str:
 def _describe(name: str, key: bytes) -> str:
     if name == "kpr_svc":
         slot = _PORT.unpack_from(key, 20)[0]
-        return f"{_fk_text(key)} {SCOPE_NAMES.get(key[19], key[19])} slot {slot}"
-    if name in ("kpr_backend", "kpr_revnat"):
+        return f"{_fk_text(key)} {SCOPE_NAMES.get(key[19], key[19])}" + (f" slot {slot}" if slot else "")
+    if name in ("kpr_backend", "kpr_revnat", "kpr_slots"):
+        if name == "kpr_slots":
+            return f"index {M.U32.unpack(key)[0]}"
         return f"id {M.U32.unpack(key)[0]}"
     if name == "kpr_maglev":
         rev_nat, scope = M.MAGLEV_KEY.unpack(key)
@@ -404,8 +440,14 @@ def _desired_entries(writer: Any) -> dict[str, dict[bytes, bytes | None]]:
     writer's shadow, under its lock: the frontend groups and the backends they use."""
     want: dict[str, dict[bytes, bytes | None]] = {n: {} for n in M.SERVICE_MAPS}
     used: set[int] = set()
+    for k in writer._legacy:
+        want["kpr_svc"][k] = None  # an older kpr's slot entries, expected until swept
     for g in writer._groups.values():
         want["kpr_svc"].update(g.svc)
+        if g.base:
+            want["kpr_slots"].update(
+                zip(map(M.U32.pack, range(g.base, g.base + (len(g.slot_vals) >> 3))), map(bytes, _chunks(g.slot_vals, 8)))
+            )
         if g.revnat:
             want["kpr_revnat"][M.U32.pack(g.rev_nat)] = g.revnat
         for k in g.srcrange:
@@ -430,6 +472,11 @@ def differences(writer: Any, limit: int = 5) -> dict[str, Any]:
         have: dict[str, dict[bytes, bytes]] = {}
         for name in M.SERVICE_MAPS:
             m = writer.maps[name]
+            if name == "kpr_slots":
+                # an array holds every index: compare the ones the service entries use
+                arr = m.array_values()
+                have[name] = {k: arr[i * 8 : i * 8 + 8] for k, i in zip(want[name], map(_index, want[name]))}
+                continue
             have[name] = dict(m.items()) if name != "kpr_maglev" else {k: b"" for k in m.keys()}
     first: list[str] = []
     per_map: dict[str, int] = {}
@@ -449,10 +496,21 @@ def differences(writer: Any, limit: int = 5) -> dict[str, Any]:
     return {"count": sum(per_map.values()), "first": first, "maps": per_map}
 
 
+def _index(key: bytes) -> int:
+    return M.U32.unpack(key)[0]
+
+
+def _chunks(raw: bytes, size: int) -> list[bytes]:
+    return [raw[i : i + size] for i in range(0, len(raw), size)]
+
+
 def _value_text(name: str, raw: bytes) -> str:
     if name == "kpr_svc":
-        bid, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(raw)
-        return f"(backend {bid}, count {count}, terminating {term}, rev-NAT {rev_nat}, flags {flags:#x})"
+        base, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(raw)
+        return f"(slots at {base}, count {count}, terminating {term}, rev-NAT {rev_nat}, flags {flags:#x})"
+    if name == "kpr_slots":
+        bid, flags = M.SLOT.unpack(raw)
+        return f"(backend {bid}, state {STATE_NAMES.get(flags, flags)})"
     if name == "kpr_backend":
         b = _backend_dict(raw)
         return f"({_label(b)}{' local' if b['local'] else ''}{'' if raw[19] == 0 else f', reserved {raw[19]}'})"

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # test_packers_take_the_fields_their_callers_pass naming it: update the callers, then this.
 PACKERS: dict[str, tuple[struct.Struct, str, tuple[str, ...], tuple[str, ...]]] = {
     "M.SVC_KEY": (M.SVC_KEY, "kpr_svc_key", (), ("addr", "port", "proto", "scope", "slot", "pad")),
-    "M.SVC_VAL": (M.SVC_VAL, "kpr_svc_val", (), ("backend_id", "count", "terminating", "rev_nat", "flags", "affinity_timeout")),
+    "M.SVC_VAL": (M.SVC_VAL, "kpr_svc_val", (), ("slot_base", "count", "terminating", "rev_nat", "flags", "affinity_timeout")),
+    "M.SLOT": (M.SLOT, "kpr_slot", (), ("backend_id", "flags")),
     "M.BACKEND": (M.BACKEND, "kpr_backend", ("pad",), ("addr", "port", "proto", "reserved", "flags")),
     "M.REVNAT": (M.REVNAT, "kpr_revnat", ("pad",), ("addr", "port", "proto")),
     "M.MAGLEV_KEY": (M.MAGLEV_KEY, "kpr_maglev_key", (), ("rev_nat", "scope")),
@@ -131,7 +132,7 @@ def test_every_packer_is_built_from_its_header(label: str) -> None:
 
 def test_ctypes_mirrors_are_the_headers_structs() -> None:
     for mirror, name in [
-        (M.SvcKey, "kpr_svc_key"), (M.SvcVal, "kpr_svc_val"), (M.Backend, "kpr_backend"), (M.RevNat, "kpr_revnat"),
+        (M.SvcKey, "kpr_svc_key"), (M.SvcVal, "kpr_svc_val"), (M.Slot, "kpr_slot"), (M.Backend, "kpr_backend"), (M.RevNat, "kpr_revnat"),
         (M.AffinityKey, "kpr_affinity_key"), (M.AffinityVal, "kpr_affinity_val"), (M.MaglevKey, "kpr_maglev_key"),
         (M.SrcRangeKey, "kpr_srcrange_key"), (M.CtKey, "kpr_ct_key"), (M.CtEntry, "kpr_ct_entry"),
         (M.NatEntry, "kpr_nat_entry"), (MonEvent, "kpr_mon_event"), (MonCfg, "kpr_mon_cfg"),
@@ -142,6 +143,7 @@ def test_ctypes_mirrors_are_the_headers_structs() -> None:
         assert ctypes.sizeof(mirror) == t.size, name
     # the map specs' key and value sizes are the structs'
     assert (M.SPECS["kpr_svc"].key_size, M.SPECS["kpr_svc"].value_size) == (24, 20)
+    assert (M.SPECS["kpr_slots"].key_size, M.SPECS["kpr_slots"].value_size) == (4, 8)
     assert (M.SPECS["kpr_snat"].key_size, M.SPECS["kpr_snat"].value_size) == (40, 48)
 
 

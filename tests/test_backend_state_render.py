@@ -23,13 +23,9 @@ def slots(w: ServiceMapWriter, s: Service) -> dict[int, tuple[int, int]]:
     """Slot -> (backend id, flags) of the service's one frontend, external scope; slot 0 ->
     (count, terminating)."""
     (g,) = w._render(s).values()
-    out = {}
-    for k, v in g.svc.items():
-        _a, _p, _pr, scope, slot, _pad = M.SVC_KEY.unpack(k)
-        bid, count, term, _rn, flags, _aff = M.SVC_VAL.unpack(v)
-        assert scope == M.SCOPE_EXTERNAL
-        out[slot] = (count, term) if slot == 0 else (bid, flags)
-    return out
+    table = g.slot_table()
+    assert {scope for scope, _slot in table} == {M.SCOPE_EXTERNAL}
+    return {slot: v for (_scope, slot), v in table.items()}
 
 
 def test_one_pod_port_ready_in_one_service_terminating_in_another() -> None:

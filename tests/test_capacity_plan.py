@@ -9,12 +9,15 @@ from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, Servic
 from kpr.servicemaps import Refusal, ServiceMapWriter, _Group, first_overflow, group_entries
 
 CIP, NP, LB = FrontendType.CLUSTER_IP, FrontendType.NODE_PORT, FrontendType.LOAD_BALANCER
-LIMITS = {"kpr_svc": 10, "kpr_backend": 4, "kpr_revnat": 3, "kpr_srcrange": 2, "kpr_maglev": 1}
+LIMITS = {"kpr_svc": 10, "kpr_slots": 20, "kpr_backend": 4, "kpr_revnat": 3, "kpr_srcrange": 2, "kpr_maglev": 1}
 
 
-def group(svc: int, *, revnat: bool = True, srcrange: int = 0, maglev: int = 0, backends: tuple[int, ...] = ()) -> _Group:
+def group(
+    svc: int, *, revnat: bool = True, srcrange: int = 0, maglev: int = 0, backends: tuple[int, ...] = (), span: int = 0
+) -> _Group:
     g = _Group(1, None, revnat=b"x" if revnat else b"")
     g.svc = {bytes([i]): b"" for i in range(svc)}
+    g.span = span
     g.srcrange = frozenset(bytes([i]) for i in range(srcrange))
     g.maglev = {i: () for i in range(maglev)}
     g.backends = frozenset(backends)
@@ -22,8 +25,8 @@ def group(svc: int, *, revnat: bool = True, srcrange: int = 0, maglev: int = 0, 
 
 
 def test_group_entries_count_each_map():
-    got = group_entries([group(3, srcrange=2, maglev=1), group(1, revnat=False)])
-    assert got == {"kpr_svc": 4, "kpr_backend": 0, "kpr_revnat": 1, "kpr_srcrange": 2, "kpr_maglev": 1}
+    got = group_entries([group(3, srcrange=2, maglev=1, span=12), group(1, revnat=False, span=3)])
+    assert got == {"kpr_svc": 4, "kpr_slots": 15, "kpr_backend": 0, "kpr_revnat": 1, "kpr_srcrange": 2, "kpr_maglev": 1}
     assert group_entries([]) == dict.fromkeys(got, 0)
 
 
@@ -37,6 +40,7 @@ def test_group_entries_count_each_map():
         ({"kpr_backend": 4}, {"kpr_svc": 1, "kpr_backend": 1}, ("kpr_backend", 1, 0)),
         # the first map in SERVICE_MAPS order is named
         ({}, {"kpr_revnat": 9, "kpr_svc": 11}, ("kpr_svc", 11, 10)),
+        ({"kpr_slots": 18}, {"kpr_backend": 5, "kpr_slots": 3}, ("kpr_slots", 3, 2)),
     ],
 )
 def test_first_overflow(current, delta, want):
@@ -50,17 +54,34 @@ def svc(name: str, vip: str, backends: int, frontends: int = 1) -> Service:
 
 
 def test_plan_takes_services_in_key_order_and_refuses_the_one_that_does_not_fit():
-    w = ServiceMapWriter("/nonexistent", sizes={"kpr_svc": 10, "kpr_backend": 100})
-    a = svc("a", "10.96.0.1", 2)  # 3 entries
-    b = svc("b", "10.96.1.", 2, frontends=3)  # 9 entries: does not fit after a
-    c = svc("c", "10.96.0.3", 3)  # 4 entries
+    # kpr_svc: one entry per frontend
+    w = ServiceMapWriter("/nonexistent", sizes={"kpr_svc": 3, "kpr_backend": 100})
+    a = svc("a", "10.96.0.1", 2)  # 1 entry
+    b = svc("b", "10.96.1.", 2, frontends=3)  # 3 entries: does not fit after a
+    c = svc("c", "10.96.0.3", 3)  # 1 entry
     desired = w._plan([a, b, c], old={})
     assert sorted(g.owner.name for g in desired.values()) == ["a", "c"]
-    assert sum(len(g.svc) for g in desired.values()) == 7
+    assert sum(len(g.svc) for g in desired.values()) == 2
     r = w.refused[b.key]
-    assert (r.map, r.need, r.free, r.max_entries) == ("kpr_svc", 9, 7, 10)
+    assert (r.map, r.need, r.free, r.max_entries) == ("kpr_svc", 3, 2, 3)
     assert "bpf.mapSizes.kprSvc" in r.text() and "last good state" in r.text()
     assert w.refusals == 1
+
+
+def test_plan_refuses_what_kpr_slots_cannot_hold():
+    # kpr_slots: 10 entries, index 0 unused; ranges of 2 (a), 3 x 3 (b), 3 (c)
+    w = ServiceMapWriter("/nonexistent", sizes={"kpr_slots": 10, "kpr_backend": 100})
+    a = svc("a", "10.96.0.1", 2)
+    b = svc("b", "10.96.1.", 3, frontends=3)
+    c = svc("c", "10.96.0.3", 3)
+    desired = w._plan([a, b, c], old={})
+    assert sorted(g.owner.name for g in desired.values()) == ["a", "c"]
+    r = w.refused[b.key]
+    assert (r.map, r.need, r.free, r.max_entries) == ("kpr_slots", 9, 7, 9)
+    assert "bpf.mapSizes.kprSlots" in r.text()
+    # the accepted ranges were taken, one after the other, and nothing else
+    assert sorted((g.base, g.span) for g in desired.values()) == [(1, 2), (3, 3)]
+    assert w._slots.used == 5
 
 
 def test_backends_shared_between_services_count_once():
@@ -75,14 +96,14 @@ def test_backends_shared_between_services_count_once():
 
 
 def test_a_service_delta_counts_what_it_gives_back():
-    w = ServiceMapWriter("/nonexistent", sizes={"kpr_svc": 6})
-    old = w._render(svc("a", "10.96.0.1", 4))  # 5 entries
+    w = ServiceMapWriter("/nonexistent", sizes={"kpr_slots": 7})
+    old = w._render(svc("a", "10.96.0.1", 4))  # a range of 4
     w._forget_render()
-    # Growing by one entry beside nothing else fits 6; by two does not.
+    # Growing to a range of 6 fits 6 free slots; to 8 does not.
     assert w._refusal({fk: None for fk in old}, w._render(svc("a", "10.96.0.1", 5))) is None
     w._forget_render()
-    r = w._refusal({}, w._render(svc("a", "10.96.0.1", 6)))
-    assert isinstance(r, Refusal) and (r.map, r.need, r.free) == ("kpr_svc", 7, 6)
+    r = w._refusal({}, w._render(svc("a", "10.96.0.1", 7)))
+    assert isinstance(r, Refusal) and (r.map, r.need, r.free) == ("kpr_slots", 8, 6)
 
 
 def test_a_service_that_cannot_be_rendered_is_skipped_alone():
@@ -95,11 +116,11 @@ def test_a_service_that_cannot_be_rendered_is_skipped_alone():
 
 
 def test_a_refused_service_keeps_its_old_groups_and_waits_only_for_its_growth():
-    w = ServiceMapWriter("/nonexistent", sizes={"kpr_svc": 8})
-    old = w._render(svc("a", "10.96.5.", 2))  # 10.96.5.0: 3 entries, as the maps hold them
+    w = ServiceMapWriter("/nonexistent", sizes={"kpr_svc": 2})
+    old = w._render(svc("a", "10.96.5.", 2))  # 10.96.5.0: 1 entry, as the maps hold it
     w._forget_render()
-    big = svc("a", "10.96.5.", 2, frontends=3)  # 10.96.5.0-2: 9 entries
+    big = svc("a", "10.96.5.", 2, frontends=3)  # 10.96.5.0-2: 3 entries
     desired = w._plan([big], old=old)
     assert desired == old and all(desired[fk] is old[fk] for fk in old), "the last good state stays as it is"
     assert all(g.owner == big.key for g in desired.values())
-    assert dict(w.refused[big.key].delta)["kpr_svc"] == 6, "tried again once 6 more entries fit"
+    assert dict(w.refused[big.key].delta)["kpr_svc"] == 2, "tried again once 2 more entries fit"

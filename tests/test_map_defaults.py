@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kpr.bpf import maps as M
 from kpr.config import BpfSection, parse_config
+from kpr.servicemaps.slots import size_class
 
 LIB = Path(M.__file__).parent / "lib"
 
@@ -38,7 +39,7 @@ def test_cflags_pass_every_size():
 
 
 def test_every_map_sizes_key_names_a_spec():
-    keys = ("kprSvc", "kprBackend", "kprRevnat", "kprAffinity", "kprMaglev", "kprSrcrange")
+    keys = ("kprSvc", "kprBackend", "kprRevnat", "kprAffinity", "kprMaglev", "kprSrcrange", "kprSlots")
     cfg = parse_config("bpf: {mapSizes: {%s}}" % ", ".join(f"{k}: {2048 + i}" for i, k in enumerate(keys)))
     sizes = cfg.bpf.map_size_overrides()
     assert set(sizes) <= set(M.SPECS)
@@ -47,10 +48,12 @@ def test_every_map_sizes_key_names_a_spec():
 
 
 def test_defaults_hold_10k_services_x_10_endpoints_on_paper():
-    # every service a ClusterIP (1 + 10 entries), a third also a NodePort on two node
-    # addresses plus the wildcard entry (3 x 11); one backend per endpoint.
-    svc = 10_000 * 11 + 3334 * 3 * 11
-    assert svc <= M.SPECS["kpr_svc"].max_entries
+    # every service a ClusterIP, a third also a NodePort on two node addresses plus the
+    # wildcard entry: a kpr_svc entry and a range of 10 slots (size class 12) per frontend;
+    # one backend per endpoint.
+    frontends = 10_000 + 3334 * 3
+    assert frontends <= M.SPECS["kpr_svc"].max_entries
+    assert frontends * size_class(10) <= M.SPECS["kpr_slots"].max_entries - 1
     assert 100_000 <= M.SPECS["kpr_backend"].max_entries
     assert 10_000 + 3334 * 3 <= M.SPECS["kpr_revnat"].max_entries
 
@@ -60,6 +63,8 @@ def test_the_readmes_50k_example_is_a_valid_config():
     example = readme.split("**A worked example: 50k services.**", 1)[1]
     block = example.split("```yaml\n", 1)[1].split("```", 1)[0]
     sizes = parse_config(block).bpf.map_size_overrides()
-    assert sizes == {"kpr_svc": 1048576, "kpr_backend": 655360, "kpr_revnat": 131072}
-    # 898,000 service entries and 500,000 backends fit with room for rollouts
-    assert sizes["kpr_svc"] >= 898_000 * 1.15 and sizes["kpr_backend"] >= 500_000 * 1.25
+    assert sizes == {"kpr_slots": 1310720, "kpr_backend": 655360, "kpr_revnat": 131072}
+    # 86,000 service entries fit the default; 960,000 slots (80,000 ranges of 12) and 500,000
+    # backends fit with room for rollouts
+    assert M.SPECS["kpr_svc"].max_entries >= 86_000 * 1.25
+    assert sizes["kpr_slots"] >= 80_000 * size_class(10) * 1.25 and sizes["kpr_backend"] >= 500_000 * 1.25

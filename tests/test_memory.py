@@ -395,6 +395,8 @@ def test_service_map_writer_groups_bytes_per_service_are_bounded():
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert len(desired) == n and sum(g.n_svc for g in desired.values()) == 11 * n
+    # one kpr_svc entry per service, its 10 backend slots packed for kpr_slots
+    assert len(desired) == n and sum(g.n_svc for g in desired.values()) == n
+    assert sum(len(g.slot_vals) for g in desired.values()) == 10 * n * 8
     per_service = held / n
     assert per_service < 2600, f"{per_service:.0f} bytes per service"

@@ -41,7 +41,7 @@ def _service(rnd: random.Random, i: int, n_backends: int | None = None, **fe_kw:
 def _picture(groups: dict) -> dict:
     return {
         fk: (g.rev_nat, g.revnat, g.packed_svc(), g.n_svc, g.n_heads, g.order_of(0), g.order_of(1),
-             tuple(g.backends), dict(g.maglev), g.srcrange, g.owner)
+             tuple(g.backends), dict(g.maglev), g.srcrange, g.owner, g.base, g.span, g.slot_vals)
         for fk, g in groups.items()
     }
 
@@ -83,16 +83,19 @@ def test_entries_decode_to_the_service():
     (fk, g), = w._render(svc).items()
     assert fk == M.addr_to_bytes("10.96.0.1") + (80).to_bytes(2, "big") + bytes((6,))
     heads_k, heads_v, keys, vals = g.packed_svc()
+    assert keys == vals == b""  # one kpr_svc entry per frontend scope: the slots are in kpr_slots
     key = struct.Struct("=19sBHH")
     assert [key.unpack(heads_k)] == [(fk, M.SCOPE_EXTERNAL, 0, 0)]
-    bid0, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(heads_v)
-    assert (bid0, count, term, aff) == (0, 3, 0, 7)
+    base, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(heads_v)
+    # new slot values: a range of 3 is wanted, taken once the service is accepted
+    assert (base, count, term, aff) == (0, 3, 0, 7) and (g.base, g.span) == (0, 3)
+    assert w._place({fk: g}) is None
+    # the first range of an empty kpr_slots: index 0 stays unused
+    assert (g.base, M.SVC_VAL.unpack(g.packed_svc()[1])[0]) == (1, 1)
     assert flags == M.SVC_F_CLUSTER_IP | M.SVC_F_AFFINITY
     assert rev_nat == g.rev_nat and g.revnat == fk + b"\0"
-    slots = [key.unpack(keys[i : i + 24]) for i in range(0, len(keys), 24)]
-    assert [(s[0], s[1], s[2]) for s in slots] == [(fk, M.SCOPE_EXTERNAL, i) for i in (1, 2, 3)]
-    vals_u = [M.SVC_VAL.unpack(vals[i : i + 20]) for i in range(0, len(vals), 20)]
-    assert all(v[1:] == (0, 0, rev_nat, M.BACKEND_ACTIVE, 0) for v in vals_u)
+    vals_u = [M.SLOT.unpack(g.slot_vals[i : i + 8]) for i in range(0, len(g.slot_vals), 8)]
+    assert len(vals_u) == 3 and all(v[1] == M.BACKEND_ACTIVE for v in vals_u)
     ids = [v[0] for v in vals_u]
     assert ids == sorted(ids) and tuple(ids) == g.backends
     by_id = {bid: M.bytes_to_addr(w._pending_vals[bid][:16]) for bid in ids}
@@ -104,9 +107,9 @@ def test_terminating_and_local_take_the_general_path_and_say_so():
     bes = (Backend("10.1.0.1", 80), Backend("10.1.0.2", 80, state=BackendState.TERMINATING))
     svc = Service(ServiceKey("t", "b"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.2", 80, Protocol.TCP, bes),))
     (g,) = w._render(svc).values()
-    _hk, hv, _k, vals = g.packed_svc()
+    _hk, hv, _k, _v = g.packed_svc()
     assert M.SVC_VAL.unpack(hv)[1:3] == (1, 1)  # one selectable, one terminating
-    states = [M.SVC_VAL.unpack(vals[i : i + 20])[4] for i in range(0, len(vals), 20)]
+    states = [M.SLOT.unpack(g.slot_vals[i : i + 8])[1] for i in range(0, len(g.slot_vals), 8)]
     assert states == [M.BACKEND_ACTIVE, M.BACKEND_TERMINATING]
 
 

@@ -17,6 +17,7 @@ import errno as errno_mod
 import functools
 import ipaddress
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -56,6 +57,7 @@ BPF_MAP_TYPE_HASH_OF_MAPS = 13
 MAP_TYPE_NAMES = {1: "hash", 2: "array", 9: "lru_hash", 11: "lpm_trie", 13: "hash_of_maps"}
 
 BPF_F_NO_PREALLOC = 1 << 0
+BPF_F_MMAPABLE = 1 << 10  # an ARRAY whose values user space maps into memory (BpfMap.mmap)
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -104,7 +106,8 @@ BACKEND_F_LOCAL = abi.value("KPR_BACKEND_F_LOCAL")
 
 KprAddr = abi.ctype("kpr_addr")  # union kpr_addr: IPv6, or IPv4 mapped into ::ffff:0:0/96
 SvcKey = abi.ctype("kpr_svc_key")  # frontend, scope and backend slot
-SvcVal = abi.ctype("kpr_svc_val")  # slot 0 the service, other slots a backend id
+SvcVal = abi.ctype("kpr_svc_val")  # the service entry of a frontend scope, slot_base into kpr_slots
+Slot = abi.ctype("kpr_slot")  # kpr_slots value: a backend id and its state in that service
 Backend = abi.ctype("kpr_backend")
 RevNat = abi.ctype("kpr_revnat")
 AffinityKey = abi.ctype("kpr_affinity_key")
@@ -119,7 +122,8 @@ NatEntry = abi.ctype("kpr_nat_entry")  # lib/nat.h
 # in network order, as `htons(port)`). Callers pass the fields positionally, in header order,
 # without the ones skipped (pad bytes); tests/test_abi.py pins the field lists they rely on.
 SVC_KEY = abi.packer("kpr_svc_key")  # addr, port, proto, scope, slot, pad
-SVC_VAL = abi.packer("kpr_svc_val")  # backend_id, count, terminating, rev_nat, flags, affinity_timeout
+SVC_VAL = abi.packer("kpr_svc_val")  # slot_base, count, terminating, rev_nat, flags, affinity_timeout
+SLOT = abi.packer("kpr_slot")  # backend_id, flags
 BACKEND = abi.packer("kpr_backend", skip=("pad",))  # addr, port, proto, reserved (0: state is per service), flags
 REVNAT = abi.packer("kpr_revnat", skip=("pad",))  # addr, port, proto
 MAGLEV_KEY = abi.packer("kpr_maglev_key")  # rev_nat, scope
@@ -130,6 +134,7 @@ U32 = struct.Struct("=I")
 PACKERS: dict[type[ctypes.Structure], struct.Struct] = {
     SvcKey: SVC_KEY,
     SvcVal: SVC_VAL,
+    Slot: SLOT,
     Backend: BACKEND,
     RevNat: REVNAT,
     MaglevKey: MAGLEV_KEY,
@@ -202,17 +207,22 @@ _sz = ctypes.sizeof  # key and value sizes: the structs' (lib/*.h)
 # (tests/test_map_defaults.py checks that they agree). bpf.mapSizes overrides them.
 #
 # Sized for at least 10k services x 10 endpoints: every service a ClusterIP, a third of them
-# also a NodePort on two node addresses (~220k kpr_svc entries, 100k backends, 23k frontends).
+# also a NodePort on two node addresses (23k frontends: 23k kpr_svc entries and ranges of 12
+# slots, 280k of kpr_slots; 100k backends). kpr_svc keeps the size it had when it also held the
+# backend slots (a pinned map of an older kpr stays compatible).
 # Hash maps are preallocated: the kernel takes the memory at creation, per max entry, whatever
-# the fill (memlock, kernel 6.18): kpr_svc 112 B (28 MiB), kpr_backend 96 B (12 MiB),
+# the fill (memlock, kernel 6.18): kpr_svc 112 B (28 MiB), kpr_slots 8 B (4 MiB), kpr_backend 96 B (12 MiB),
 # kpr_revnat 96 B (6 MiB), kpr_affinity 104 B (6.5 MiB), kpr_maglev 80 B (2.5 MiB) plus 128 KiB
 # per Maglev table in use (M = 16381); kpr_srcrange is not preallocated (per range in use);
 # kpr_ct 144 B (18 MiB), kpr_snat 152 B (19 MiB) since the two-insert SNAT layout (issue 14).
 SPECS: dict[str, MapSpec] = {
     s.name: s
     for s in (
-        # frontend + scope + slot -> service entry (slot 0) or backend id
+        # frontend + scope (+ slot 0) -> service entry
         MapSpec("kpr_svc", BPF_MAP_TYPE_HASH, _sz(SvcKey), _sz(SvcVal), 262144, "KPR_SVC_MAX"),
+        # index -> backend id and its state in the service: every frontend scope's backend slots
+        # (mmapable: the writer stores ranges into it as memory, no syscall, no per-entry copy)
+        MapSpec("kpr_slots", BPF_MAP_TYPE_ARRAY, 4, _sz(Slot), 524288, "KPR_SLOTS_MAX", BPF_F_MMAPABLE),
         # backend id -> address, port, protocol (its state is per service, in kpr_svc)
         MapSpec("kpr_backend", BPF_MAP_TYPE_HASH, 4, _sz(Backend), 131072, "KPR_BACKEND_MAX"),
         # rev-NAT index -> frontend address, port, protocol
@@ -239,7 +249,7 @@ SPECS: dict[str, MapSpec] = {
 }
 
 # The maps the service writer fills; the others are written by programs.
-SERVICE_MAPS = ("kpr_svc", "kpr_backend", "kpr_revnat", "kpr_maglev", "kpr_srcrange")
+SERVICE_MAPS = ("kpr_svc", "kpr_slots", "kpr_backend", "kpr_revnat", "kpr_maglev", "kpr_srcrange")
 
 
 def specs_with(sizes: Mapping[str, int] | None = None, maglev_size: int = MAGLEV_DEFAULT_SIZE) -> dict[str, MapSpec]:
@@ -420,6 +430,7 @@ class BpfMap:
         # elements written/deleted, syscalls made and ns spent in them (for tests and benchmarks)
         self.ops = {"update": 0, "delete": 0, "syscalls": 0, "syscall_ns": 0}
         self._batch_ok = {"update": True, "delete": True, "lookup": True}
+        self._mmap: mmap.mmap | None = None
 
     def _sys(self, fn: Any, *args: Any) -> int:
         t = time.perf_counter_ns()
@@ -465,7 +476,25 @@ class BpfMap:
     def id(self) -> int:
         return self.info().id
 
+    def mmap(self) -> memoryview:
+        """A BPF_F_MMAPABLE array's values as writable memory (value i at i * value_size
+        rounded up to 8), shared with the programs: a store is seen by the next lookup.
+        Unmapped by close()."""
+        if self._mmap is None:
+            info = self.info()
+            if info.type != BPF_MAP_TYPE_ARRAY or not info.map_flags & BPF_F_MMAPABLE:
+                raise ValueError(f"map {self.name} is not an mmapable array")
+            size = -(-info.max_entries * ((info.value_size + 7) & ~7) // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return memoryview(self._mmap)
+
     def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a memoryview still exported: unmapped when it is collected
+                pass
+            self._mmap = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -623,6 +652,36 @@ class BpfMap:
             if rc < 0:  # ENOENT: that was the last batch
                 return out
             ctypes.memmove(in_tok, out_tok, token_size)
+            first = False
+
+    def array_values(self, *, chunk: int = 65536) -> bytes:
+        """An ARRAY map's values, index order, concatenated (from memory for an mmapable one,
+        else lookup_batch; no object per entry)."""
+        info = self.info()
+        if info.map_flags & BPF_F_MMAPABLE:
+            with self.mmap() as mem:
+                return bytes(mem[: info.max_entries * ((info.value_size + 7) & ~7)])
+        n = info.max_entries
+        if not self._batch_ok["lookup"]:
+            return b"".join(self.lookup(U32.pack(i)) or bytes(self.value_size) for i in range(n))
+        lib = libbpf()
+        in_tok, out_tok = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        parts = []
+        first = True
+        while True:
+            kbuf = ctypes.create_string_buffer(4 * chunk)
+            vbuf = ctypes.create_string_buffer(self.value_size * chunk)
+            count = ctypes.c_uint32(chunk)
+            rc = self._sys(
+                lib.bpf_map_lookup_batch, self.fd, None if first else ctypes.byref(in_tok), ctypes.byref(out_tok),
+                kbuf, vbuf, ctypes.byref(count), ctypes.byref(_BATCH_OPTS),
+            )
+            if rc < 0 and -rc not in (errno_mod.ENOENT,):
+                _check(rc, f"lookup_batch in {self.name}")
+            parts.append(vbuf.raw[: self.value_size * count.value])
+            if rc < 0 or count.value == 0:
+                return b"".join(parts)
+            in_tok.value = out_tok.value
             first = False
 
     def count(self, *, chunk: int = 8192) -> int:

@@ -7,15 +7,17 @@ import gc
 import logging
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import chain
 from typing import Any
 
 from ..bpf import maps as M
 from ..bpf.maglev import build_table
 from ..model import Service, ServiceKey
-from .groups import _BYTE, _ONE, _SLOT, _Group, _add_counts, _disown, _fk_label, _own, group_entries
+from .groups import _ONE, _Group, _add_counts, _disown, _fk_label, _own, group_entries
 from .params import Refusal, first_overflow
+from .slots import SlotsFull
 
 log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
 
@@ -25,9 +27,22 @@ class ApplyMixin:
 
     # ------------------------------------------------------------------ public API
 
+    @contextmanager
+    def _op(self) -> Iterator[None]:
+        """One public operation under the lock. The outermost one (an apply_batch is one) first
+        makes the kpr_slots ranges freed by earlier operations reusable (kpr.servicemaps.slots)."""
+        with self._lock:
+            if self._depth == 0:
+                self._slots.release()
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+
     def upsert(self, service: Service) -> None:
         """Make the maps hold exactly this service's desired state (touching only what changed)."""
-        with self._lock:
+        with self._op():
             self._require_open()
             key = service.key
             if key in self.refused and self._services.get(key) == service:
@@ -49,6 +64,9 @@ class ApplyMixin:
             old_fks = set(self._by_service.get(key, ())) | {fk for fk in desired if fk in self._groups}
             old = {fk: self._groups.get(fk) for fk in old_fks}
             refusal = self._refusal(old, desired)
+            if refusal is None:
+                full = self._place(desired)
+                refusal = _slots_refusal(full) if full is not None else None
             if refusal is not None:
                 self._refuse(key, refusal)
                 self._forget_render()
@@ -61,7 +79,7 @@ class ApplyMixin:
 
     def delete(self, key: ServiceKey) -> None:
         """Remove everything the service wrote; a service never seen is not an error."""
-        with self._lock:
+        with self._op():
             self._require_open()
             self._services.pop(key, None)
             self.refused.pop(key, None)
@@ -85,7 +103,7 @@ class ApplyMixin:
                 gc.enable()
 
     def _full_sync(self, services: Iterable[Service]) -> None:
-        with self._lock:
+        with self._op():
             self._require_open()
             services = sorted(services, key=lambda s: (s.key.namespace, s.key.name))
             self._reload()  # diff against what the maps really hold
@@ -135,20 +153,27 @@ class ApplyMixin:
                 nb = len(bids) - len(used_bids.intersection(bids)) if used_bids else len(bids)
                 if (
                     used["kpr_svc"] + g.n_svc <= limits["kpr_svc"]
+                    and used["kpr_slots"] + g.span <= limits["kpr_slots"]
                     and used["kpr_backend"] + nb <= limits["kpr_backend"]
                     and used["kpr_revnat"] + 1 <= limits["kpr_revnat"]
                     and not g.srcrange
                     and not g.maglev
                     and g.revnat
+                    and (g.base or not g.span or self._place(mine) is None)
                 ):
                     desired.update(mine)
                     used["kpr_svc"] += g.n_svc
+                    used["kpr_slots"] += g.span
                     used["kpr_backend"] += nb
                     used["kpr_revnat"] += 1
                     used_bids.update(bids)
                     continue
             need = self._needs(mine.values(), used_bids)
             hit = first_overflow(used, need, limits)
+            if hit is None:
+                full = self._place(mine)
+                if full is not None:  # the count fits, no free range does (fragmented)
+                    hit = ("kpr_slots", full.need, full.free)
             if hit is not None:
                 wanted = need
                 mine = {fk: old[fk] for fk in mine if fk in old}
@@ -168,6 +193,25 @@ class ApplyMixin:
         return desired
     # ------------------------------------------------------------------ capacity
 
+    def _place(self, groups: dict[bytes, _Group]) -> SlotsFull | None:
+        """Allocate a kpr_slots range for every group that needs one (rendered with new slot
+        values); all or none: on SlotsFull the ranges taken here are given back and returned."""
+        taken: list[tuple[bytes, _Group]] = []
+        alloc = self._slots.alloc
+        try:
+            for fk, g in groups.items():
+                if g.span and not g.base:
+                    base, _span = alloc(len(g.slot_vals) >> 3)
+                    g.place(base)
+                    taken.append((fk, g))
+        except SlotsFull as e:
+            for _fk, g in taken:
+                self._slots.free(g.base, g.span, hold=False)
+                g.base = 0
+            return e
+        self._fresh_slots += [(fk, g.base, g.span) for fk, g in taken]
+        return None
+
     @staticmethod
     def _needs(groups: Iterable[_Group], known_backends: set[int]) -> dict[str, int]:
         """Entries `groups` add to a state that already holds `known_backends`."""
@@ -183,6 +227,8 @@ class ApplyMixin:
         """Entries per map the shadow accounts for, strays included (cheap: no syscalls)."""
         c = dict(self._count)
         c["kpr_backend"] = len(self._backend_vals)
+        c["kpr_svc"] += len(self._legacy)  # an older kpr's slot entries, until swept
+        c["kpr_slots"] = self._slots.used  # ranges freed but held count until released
         for name, keys in self._stray.items():
             c[name] += len(keys)
         return c
@@ -223,6 +269,11 @@ class ApplyMixin:
         for fk in self._fresh_revnat:
             if fk not in self._groups:
                 self._forget_revnat(fk)
+        groups = self._groups
+        for fk, base, span in self._fresh_slots:
+            g = groups.get(fk)
+            if g is None or g.base != base:
+                self._slots.free(base, span, hold=False)  # never written: no reader knows it
         self._begin()
 
     def _refuse(self, key: ServiceKey, refusal: Refusal) -> None:
@@ -251,6 +302,7 @@ class ApplyMixin:
     def _begin(self) -> None:
         self._pending_vals = {}
         self._fresh_revnat = []
+        self._fresh_slots = []
 
     def _require_open(self) -> None:
         if not self.maps:
@@ -269,15 +321,17 @@ class ApplyMixin:
                 log.warning("event=servicemaps_rolled_back entries=%d", n)
             except Exception:  # noqa: BLE001 - the first error is the one to report; check() repairs later
                 log.exception("event=servicemaps_rollback_failed")
+            self._forget_render()  # ids and kpr_slots ranges of the change that did not happen
             raise
 
     def _apply_diff(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], strays: bool) -> None:
         # Diff group by group: a service-map key belongs to exactly one group (its prefix is
         # the frontend key), so unchanged groups cost one dict comparison.
-        svc_up: dict[bytes, bytes] = {}  # backend slots
-        head_up: dict[bytes, bytes] = {}  # slot 0 entries, written last
-        svc_del: list[bytes] = []  # stale slots of frontends that stay
+        head_up: dict[bytes, bytes] = {}  # service entries, written after what they point at
+        svc_del: list[bytes] = []  # service entries of scopes that go from frontends that stay
         gone_del: list[bytes] = []  # every entry of frontends that go
+        slot_up: list[_Group] = []  # groups whose kpr_slots range is to be written
+        slot_free: list[tuple[int, int]] = []  # ranges nothing points at once this change is written
         rn_up: dict[int, bytes] = {}
         rn_del: list[int] = []
         sr_up: set[bytes] = set()
@@ -306,20 +360,23 @@ class ApplyMixin:
                 if g.maglev:
                     mg_up.update((pack_mg(g.rev_nat, sc), i) for sc, i in g.maglev.items() if i is not None)
                 added.append(g.backends)
+                if g.base:
+                    slot_up.append(g)
                 if b:
                     fresh.append(g)
                     continue
-                svc_up.update(g.svc)
-            elif not og.same_svc(g):
-                osvc, gsvc = og.svc, g.svc
-                svc_up.update((k, v) for k, v in gsvc.items() if osvc.get(k) != v)
-                svc_del.extend(k for k in osvc if k not in gsvc)
-                svc_new += sum(1 for k in gsvc if k not in osvc)
-            for scope in (M.SCOPE_INTERNAL, M.SCOPE_EXTERNAL):
-                k0 = fk + _BYTE[scope] + _SLOT[0]
-                v0 = svc_up.pop(k0, None)
-                if v0 is not None:
-                    head_up[k0] = v0
+                head_up.update(g.svc)
+            else:
+                if g.base and (og.base != g.base or og.slot_vals != g.slot_vals):
+                    slot_up.append(g)  # a new range (or, repairing, the kernel's differs)
+                if og.base and og.base != g.base:
+                    slot_free.append((og.base, og.span))
+                if not og.same_svc(g):
+                    osvc, gsvc = og.svc, g.svc
+                    # internal scope first (dicts keep order; rendering packs it first)
+                    head_up.update((k, v) for k, v in gsvc.items() if osvc.get(k) != v)
+                    svc_del.extend(k for k in osvc if k not in gsvc)
+                    svc_new += sum(1 for k in gsvc if k not in osvc)
             if og is None or og.revnat != g.revnat or og.rev_nat != g.rev_nat:
                 rn_up[g.rev_nat] = g.revnat
             if og is not None and og.rev_nat != g.rev_nat and og.revnat:
@@ -345,7 +402,7 @@ class ApplyMixin:
         for fk, og in old.items():
             if og is None or fk in new:
                 continue
-            # external slot 0 first, so lookups stop before the rest goes
+            # external scope first, so lookups stop before the rest goes
             head_k, _hv, rest_k, _rv = og.packed_svc()
             if head_k:
                 ks = len(head_k) // og.n_heads
@@ -353,9 +410,8 @@ class ApplyMixin:
                 if len(hs) > 1:
                     hs.sort(key=_svc_delete_order)
                 gone_del += hs
-                gone_del += [rest_k[i : i + ks] for i in range(0, len(rest_k), ks)]
-            elif rest_k:
-                gone_del += og.svc
+            if og.base:
+                slot_free.append((og.base, og.span))
             if og.revnat:
                 rn_del.append(og.rev_nat)
             if og.srcrange:
@@ -436,7 +492,9 @@ class ApplyMixin:
             log.info("event=servicemaps_tight peak=%s", ",".join(f"{k}:{v}" for k, v in peak.items()))
             self._delete_phase(svc_del, mg_del, sr_del, rn_del, strays, be_del)
             svc_del, mg_del, sr_del, rn_del, be_del = [], [], set(), [], []
-        # 1. what service entries will point at
+        # 1. what service entries will point at: backends, their slots, rev-NAT entries, ...
+        if slot_up:
+            self._write_slots(slot_up)
         if be_up and b:
             # ids as one array of u32 (M.U32's layout), no bytes object per key
             mp["kpr_backend"].update_blob(array("I", be_up).tobytes(), b"".join(be_up.values()), len(be_up))
@@ -449,27 +507,26 @@ class ApplyMixin:
             mp["kpr_srcrange"].update_many(keys, [_ONE] * len(keys), batch=b)
         for k, inp in mg_up.items():
             self._write_maglev(k, inp)
-        # 2. service entries: backend slots, then slot 0 (internal scope before external)
+        # 2. service entries (internal scope before external): one hash update each, so a
+        # program sees the old range or the new one, never half of either
         if fresh:
             packed = [g.packed_svc() for g in fresh]
             heads = sum(g.n_heads for g in fresh)
-            slots = sum(g.n_svc for g in fresh) - heads
-            svc_map = mp["kpr_svc"]
-            if svc_up:
-                svc_map.update_many(list(svc_up), list(svc_up.values()), batch=b)
-            if slots:
-                svc_map.update_blob(b"".join([p[2] for p in packed]), b"".join([p[3] for p in packed]), slots)
             if heads or head_up:
-                svc_map.update_blob(
+                mp["kpr_svc"].update_blob(
                     b"".join([p[0] for p in packed] + list(head_up)),
                     b"".join([p[1] for p in packed] + list(head_up.values())),
                     heads + len(head_up),
                 )
-        elif svc_up or head_up:
-            svc_up.update(head_up)  # dicts keep insertion order: heads land last
-            mp["kpr_svc"].update_many(list(svc_up), list(svc_up.values()), batch=b)
-        # 3. deletions, slot 0 first so lookups stop before slots disappear
+        elif head_up:
+            mp["kpr_svc"].update_many(list(head_up), list(head_up.values()), batch=b)
+        # 3. deletions, the external scope first so lookups stop first
         self._delete_phase(svc_del, mg_del, sr_del, rn_del, strays, be_del)
+        # 4. ranges nothing points at any more: reusable from the next operation on
+        live = {g.base for g in slot_up}
+        for base, span in slot_free:
+            if base not in live:
+                self._slots.free(base, span)
 
         # Shadow follows the maps.
         count = self._count
@@ -503,9 +560,9 @@ class ApplyMixin:
         # ids allocated while rendering but never written (conflicting frontends) are forgotten
         self._forget_render(be_up)
         log.debug(
-            "event=servicemaps_applied svc_up=%d svc_del=%d backend_up=%d backend_del=%d revnat_up=%d "
+            "event=servicemaps_applied svc_up=%d slots_up=%d svc_del=%d backend_up=%d backend_del=%d revnat_up=%d "
             "revnat_del=%d srcrange_up=%d srcrange_del=%d maglev_up=%d maglev_del=%d",
-            len(svc_up), len(svc_del) + len(gone_del), len(be_up), len(be_del), len(rn_up), len(rn_del),
+            len(head_up), len(slot_up), len(svc_del) + len(gone_del), len(be_up), len(be_del), len(rn_up), len(rn_del),
             len(sr_up), len(sr_del), len(mg_up), len(mg_del),
         )
 
@@ -531,6 +588,23 @@ class ApplyMixin:
         if be_del:
             mp["kpr_backend"].delete_many([M.U32.pack(i) for i in be_del], batch=b)
 
+    def _write_slots(self, groups: list[_Group]) -> None:
+        """Store the groups' kpr_slots ranges straight into the mmapped array: no syscall and no
+        per-entry copy in the kernel. The kpr_svc updates that follow are syscalls, so a
+        program that finds an entry pointing at a range finds the range written."""
+        m = self.maps["kpr_slots"]
+        mem = m.mmap()
+        try:
+            n = 0
+            for g in groups:
+                at = g.base << 3
+                size = len(g.slot_vals)
+                mem[at : at + size] = g.slot_vals
+                n += size
+        finally:
+            mem.release()
+        m.ops["update"] += n >> 3
+
     def _write_maglev(self, key: bytes, inp: tuple[tuple[str, int], ...]) -> None:
         """Build the table and swap it in with one outer-map update (readers never see half a table)."""
         table = self._maglev_cache.get(inp)
@@ -553,6 +627,10 @@ class ApplyMixin:
             if svc is not None:
                 log.info("event=frontend_conflict_retry service=%s", key)
                 self.upsert(svc)
+
+
+def _slots_refusal(e: SlotsFull) -> Refusal:
+    return Refusal("kpr_slots", e.need, e.free, e.limit, (("kpr_slots", e.need),))
 
 
 def _svc_delete_order(k: bytes) -> tuple[bool, bool]:

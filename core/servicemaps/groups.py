@@ -1,7 +1,8 @@
 """How the service maps' entries are encoded, and the writer's picture of one frontend.
 
 `_Group` is everything one frontend (address, port, protocol) holds in the maps: its kpr_svc
-entries in both scopes (packed), rev-NAT entry, source ranges and Maglev tables. The constants
+entries in both scopes (packed), its range of kpr_slots (both scopes' backend slots, packed),
+rev-NAT entry, source ranges and Maglev tables. The constants
 are the byte pieces rendering and applying build keys and values from (layout:
 core/bpf/lib/maps.h).
 """
@@ -28,8 +29,9 @@ _SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
 _STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
 
 _PORT = struct.Struct("=H")  # a port already in network order, as stored
-_SLOT = [struct.pack("=HH", i, 0) for i in range(1024)]  # key tail: slot, pad
+_SLOT = [struct.pack("=HH", i, 0) for i in range(1024)]  # kpr_svc key tail: slot, pad (0: see lib/maps.h)
 _ONE = M.U32.pack(1)  # kpr_srcrange value
+_COUNTS = struct.Struct("=HH")  # kpr_svc_val's count, terminating (at offset 4)
 _V4_MAPPED = M.addr_to_bytes("0.0.0.0")[:12]  # ::ffff:0:0/96
 _BYTE = [bytes((i,)) for i in range(256)]
 # Backend value tails after (addr, port, proto): reserved, flags, pad; indexed by Backend.local.
@@ -37,11 +39,6 @@ _BYTE = [bytes((i,)) for i in range(256)]
 # (ready in one, terminating in another); a backend slot's flags hold its state per service.
 _BACKEND_TAIL = (bytes(5), bytes((0, M.BACKEND_F_LOCAL, 0, 0, 0)))
 _WILD4, _WILD6 = M.wildcard_bytes(4), M.wildcard_bytes(6)
-
-
-def _slot_tails(n: int) -> list[bytes]:
-    """Key tails of slots 1..n."""
-    return _SLOT[1 : n + 1] if n < 1024 else _SLOT[1:] + [struct.pack("=HH", i, 0) for i in range(1024, n + 1)]
 
 
 def _fk_label(fk: bytes) -> str:
@@ -73,7 +70,10 @@ class _Group:
     # the writer keeps them for its lifetime. Its kpr_svc entries are kept packed (all keys
     # in one bytes, all values in another: fixed sizes) rather than as a dict of bytes, a
     # fifth of the memory; `svc` unpacks them for the rare diff of a changed group.
-    __slots__ = ("rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "n_heads", "revnat", "_order", "backends", "maglev", "srcrange")
+    __slots__ = (
+        "rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "n_heads", "revnat", "_order", "backends", "maglev",
+        "srcrange", "base", "span", "slot_vals",
+    )
 
     def __init__(self, rev_nat: int, owner: ServiceKey | None, revnat: bytes = b"") -> None:
         self.rev_nat = rev_nat
@@ -94,6 +94,10 @@ class _Group:
         self.maglev: dict[int, tuple[tuple[str, int], ...] | None] = _NO_MAGLEV
         # kpr_srcrange keys (most groups have none: one empty set shared by all of them).
         self.srcrange: frozenset[bytes] = _NO_RANGES
+        # Its kpr_slots range (base 0: none) and the slots' values (kpr_slot, external scope's
+        # first), which fill the range from its start; span is the range's size class.
+        self.base = self.span = 0
+        self.slot_vals = b""
 
     def order_of(self, scope: int) -> tuple[int, ...] | None:
         """The scope's selectable backend ids in slot order (None: the scope has no entries)."""
@@ -153,6 +157,48 @@ class _Group:
     def svc(self, entries: dict[bytes, bytes]) -> None:
         self.set_svc(list(entries), list(entries.values()))
 
+    def place(self, base: int) -> None:
+        """Put the group's slots at kpr_slots index `base`: its service entries' slot_base
+        become base (external scope, whose slots come first) or base + the external scope's
+        slot count (internal scope); an entry without slots keeps 0."""
+        self.base = base
+        n = self.n_heads
+        vals = self._svc_vals
+        size = len(vals) // n if n else 0
+        if n == 1:
+            count, term = _COUNTS.unpack_from(vals, 4)
+            if count + term:
+                self._svc_vals = M.U32.pack(base) + vals[4:]
+            return
+        buf = bytearray(vals)
+        keys = self._svc_keys
+        ks = len(keys) // n if n else 0
+        ext = 0
+        for i in range(n):
+            if keys[i * ks + 19] == M.SCOPE_EXTERNAL:
+                count, term = _COUNTS.unpack_from(buf, i * size + 4)
+                ext = count + term
+        for i in range(n):
+            count, term = _COUNTS.unpack_from(buf, i * size + 4)
+            if count + term:
+                M.U32.pack_into(buf, i * size, base + (0 if keys[i * ks + 19] == M.SCOPE_EXTERNAL else ext))
+        self._svc_vals = bytes(buf)
+
+    def slot_table(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """What programs read, decoded: (scope, 0) -> (count, terminating); (scope, i) ->
+        (backend id, state flags) of slot i (the external scope's slots first in slot_vals,
+        placed or not)."""
+        heads = {k[19]: M.SVC_VAL.unpack(v)[1:3] for k, v in self.svc.items()}
+        out: dict[tuple[int, int], tuple[int, int]] = {}
+        off = 0
+        for scope in sorted(heads):  # external (0) first
+            count, term = heads[scope]
+            out[(scope, 0)] = (count, term)
+            for i in range(1, count + term + 1):
+                out[(scope, i)] = M.SLOT.unpack_from(self.slot_vals, (off + i - 1) * 8)
+            off += count + term
+        return out
+
     def same_svc(self, other: "_Group") -> bool:
         """Whether both hold the same kpr_svc entries (packed in the same order, or not)."""
         if self._svc_keys == other._svc_keys and self._svc_vals == other._svc_vals:
@@ -162,15 +208,20 @@ class _Group:
 
 
 def group_entries(groups: Iterable[_Group]) -> dict[str, int]:
-    """Entries the groups take in each service map; kpr_backend is left at 0 (backends are
-    shared between groups: count distinct ids, see ServiceMapWriter._needs)."""
-    svc = revnat = srcrange = maglev = 0
+    """Entries the groups take in each service map (kpr_slots: their ranges' spans);
+    kpr_backend is left at 0 (backends are shared between groups: count distinct ids, see
+    ServiceMapWriter._needs)."""
+    svc = slots = revnat = srcrange = maglev = 0
     for g in groups:
         svc += g.n_svc
+        slots += g.span
         revnat += 1 if g.revnat else 0
         srcrange += len(g.srcrange)
         maglev += len(g.maglev)
-    return {"kpr_svc": svc, "kpr_backend": 0, "kpr_revnat": revnat, "kpr_srcrange": srcrange, "kpr_maglev": maglev}
+    return {
+        "kpr_svc": svc, "kpr_slots": slots, "kpr_backend": 0, "kpr_revnat": revnat, "kpr_srcrange": srcrange,
+        "kpr_maglev": maglev,
+    }
 
 
 def _own(by: dict[Any, Any], owner: ServiceKey | None, fk: bytes) -> None:
@@ -198,6 +249,7 @@ def _disown(by: dict[Any, Any], owner: ServiceKey | None, fk: bytes, drop_empty:
 
 def _add_counts(count: dict[str, int], g: _Group, sign: int) -> None:
     count["kpr_svc"] += sign * g.n_svc
+    count["kpr_slots"] += sign * g.span
     count["kpr_revnat"] += sign * (1 if g.revnat else 0)
     count["kpr_srcrange"] += sign * len(g.srcrange)
     count["kpr_maglev"] += sign * len(g.maglev)

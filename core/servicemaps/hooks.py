@@ -84,7 +84,9 @@ class HooksMixin:
         changes that failed, by index (each left the maps as they were; the stage retries
         it). A failed initial sync is not one of them: the writer retries it itself."""
         failed: dict[int, Exception] = {}
-        with self._lock:
+        # one batch is one operation: a kpr_slots range freed by one change is not reused by
+        # the next change of the same batch (kpr.servicemaps.slots)
+        with self._op():
             for i, (event, payload) in enumerate(changes):
                 try:
                     if event == "upsert":

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..config import KprConfig
 
 # The config key (bpf.mapSizes) that sizes each map the writer fills, and every map it sizes.
-SIZE_KEYS = {"kpr_svc": "kprSvc", "kpr_backend": "kprBackend", "kpr_revnat": "kprRevnat",
+SIZE_KEYS = {"kpr_svc": "kprSvc", "kpr_slots": "kprSlots", "kpr_backend": "kprBackend", "kpr_revnat": "kprRevnat",
              "kpr_maglev": "kprMaglev", "kpr_srcrange": "kprSrcrange"}
 SIZE_KEYS_ALL = {**SIZE_KEYS, "kpr_affinity": "kprAffinity"}
 

@@ -5,13 +5,15 @@ the maps for tests and status."""
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import Counter
 from collections.abc import Iterable
-from itertools import chain, groupby
+from itertools import chain
 from typing import Any
 
 from ..bpf import maps as M
 from .groups import _SCOPE_NAMES, _Group, _backend_name, _fk_label, _own, group_entries
+from .slots import SlotAllocator, size_class
 
 log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
 
@@ -25,6 +27,7 @@ class ReconcileMixin:
         """Rebuild the shadow from the maps' contents, keeping known owners."""
         owners = {fk: g.owner for fk, g in self._groups.items() if g.owner is not None}
         services, delivered = self._services, self._delivered
+        held = self._slots.held  # freed by an earlier operation: still not reusable
         self._reset_shadow()
         self._services, self._delivered = services, delivered
 
@@ -41,47 +44,8 @@ class ReconcileMixin:
             self._next_backend = max(self._next_backend, max(bids) + 1)
 
         by_revnat: dict[int, _Group] = {}
-        svc_items = self.maps["kpr_svc"].items()
-        # Sorted by key, a frontend's entries are one run: scope by scope, slot 0 first
-        # (slots above 255 sort out of order: their runs take the general path).
-        svc_items.sort()
-        keys = [k for k, _ in svc_items]
-        values = [v for _, v in svc_items]
-        del svc_items
-        scopes, slots, bids, counts, revnats = _svc_columns(keys, values)
         groups = self._groups
-        referenced: list[tuple[bytes, set[int]]] = []
-        fks = [k[:19] for k in keys]
-        for fk, run in groupby(range(len(keys)), fks.__getitem__):
-            at = list(run)
-            a, b = at[0], at[-1] + 1
-            rev_nat = revnats[a]
-            g = groups[fk] = _Group(rev_nat, owners.get(fk))
-            by_revnat[rev_nat] = g
-            g.set_svc(keys[a:b], values[a:b])
-            m = b - a - 1
-            if slots[a] == 0 and scopes.count(scopes[a], a, b) == b - a and slots[a + 1 : b] == list(range(1, m + 1)):
-                # one scope, slot 0 and slots 1..m (the common run)
-                count = counts[a]
-                g.set_order(scopes[a], bids[a + 1 : a + 1 + min(count, m)])
-                if m:
-                    referenced.append((fk, set(bids[a + 1 : b])))
-                continue
-            heads: dict[int, int] = {}
-            by_scope: dict[int, dict[int, int]] = {}
-            for i in at:
-                if slots[i] == 0:
-                    heads[scopes[i]] = counts[i]
-                else:
-                    by_scope.setdefault(scopes[i], {})[slots[i]] = bids[i]
-            for scope, count in heads.items():
-                got = by_scope.get(scope, {})
-                g.set_order(scope, [got[j] for j in range(1, count + 1) if j in got])
-            if by_scope:
-                ids: set[int] = set()
-                for got in by_scope.values():
-                    ids.update(got.values())
-                referenced.append((fk, ids))
+        referenced = self._reload_svc(owners, by_revnat, held)
         if referenced:
             gone = set(vals.missing({i for _, ids in referenced for i in ids}))
             for fk, ids in referenced:
@@ -125,11 +89,93 @@ class ReconcileMixin:
                 _own(self._by_service, g.owner, fk)
         self._count = group_entries(self._groups.values())
 
+    def _reload_svc(
+        self, owners: dict[bytes, Any], by_revnat: dict[int, _Group], held: list[tuple[int, int]]
+    ) -> list[tuple[bytes, set[int]]]:
+        """Groups from kpr_svc's service entries and the kpr_slots ranges they point at; the
+        allocator from those ranges; an older kpr's per-slot entries kept aside (_legacy).
+        Returns (frontend key, backend ids its slots name) for the reference counts."""
+        heads: list[tuple[bytes, bytes]] = []
+        legacy: dict[tuple[bytes, int], dict[int, int]] = {}
+        legacy_keys: list[bytes] = []
+        for k, v in self.maps["kpr_svc"].items():
+            if k[20] or k[21]:
+                legacy_keys.append(k)
+                legacy.setdefault((k[:19], k[19]), {})[k[20] | k[21] << 8] = M.U32.unpack_from(v)[0]
+            else:
+                heads.append((k, v))
+        self._legacy = legacy_keys
+        # internal scope's entry first within a frontend, as rendering packs them
+        heads.sort(key=lambda kv: (kv[0][:19], -kv[0][19]))
+        unpack = M.SVC_VAL.unpack
+        decoded = [unpack(v) for _, v in heads]
+        arr = memoryview(b"")
+        if any(d[0] for d in decoded):
+            arr = memoryview(self.maps["kpr_slots"].array_values())
+        limit = len(arr) >> 3
+        groups = self._groups
+        referenced: list[tuple[bytes, set[int]]] = []
+        i, n = 0, len(heads)
+        while i < n:
+            fk = heads[i][0][:19]
+            j = i + 1
+            while j < n and heads[j][0][:19] == fk:
+                j += 1
+            run = range(i, j)
+            rev_nat = decoded[i][3]
+            g = groups[fk] = _Group(rev_nat, owners.get(fk))
+            by_revnat[rev_nat] = g
+            g.set_svc([heads[x][0] for x in run], [heads[x][1] for x in run], j - i)
+            spans = [(decoded[x][0], decoded[x][1] + decoded[x][2]) for x in run if decoded[x][1] + decoded[x][2]]
+            lo = min((b for b, _ in spans), default=0)
+            hi = max((b + c for b, c in spans), default=0)
+            ids: set[int] = set()
+            if spans and lo and all(b for b, _ in spans) and hi <= limit:
+                g.base, g.span = lo, size_class(hi - lo)
+                g.slot_vals = bytes(arr[lo * 8 : hi * 8])
+                words = array("I", g.slot_vals)
+                for x in run:
+                    base, count, term = decoded[x][:3]
+                    off = base - lo
+                    g.set_order(heads[x][0][19], words[2 * off : 2 * (off + count) : 2].tolist())
+                ids.update(words[0::2])
+            else:
+                # no range (an older kpr's entry: its slots are in kpr_svc) or a broken one
+                for x in run:
+                    scope, count = heads[x][0][19], decoded[x][1]
+                    got = legacy.get((fk, scope), {})
+                    g.set_order(scope, [got[s] for s in range(1, count + 1) if s in got])
+                    ids.update(got.values())
+            if ids:
+                referenced.append((fk, ids))
+            i = j
+        self._slots, bad = SlotAllocator.adopt(
+            self.specs["kpr_slots"].max_entries, [(g.base, g.span) for g in groups.values() if g.base], held
+        )
+        if bad:
+            bad_set = set(bad)
+            for g in groups.values():
+                if g.base in bad_set:
+                    g.base = g.span = 0
+                    g.slot_vals = b""
+            log.warning("event=servicemaps_slots_overlap frontends=%d: given new ranges when next written", len(bad))
+        return referenced
+
+    def sweep_legacy(self) -> int:
+        """Delete the per-slot kpr_svc entries an older kpr wrote (slot > 0). Call once every
+        program reads kpr_slots (check() does, after the initial sync); returns entries deleted."""
+        with self._lock:
+            keys, self._legacy = self._legacy, []
+            if keys:
+                self.maps["kpr_svc"].delete_many(keys, batch=self.batch)
+                log.info("event=servicemaps_legacy_swept entries=%d", len(keys))
+            return len(keys)
+
     def _maglev_input(self, ids: Iterable[int]) -> tuple[tuple[str, int], ...]:
         return tuple(sorted((_backend_name(self._backend_vals[i]), i) for i in ids if i in self._backend_vals))
     def gc(self) -> int:
         """Remove adopted entries no service re-delivered since open; returns frontends removed."""
-        with self._lock:
+        with self._op():
             self._require_open()
             orphans = {fk: g for fk, g in self._groups.items() if g.owner is None}
             self._begin()
@@ -151,7 +197,7 @@ class ReconcileMixin:
                 head = slots.get(0)
                 label = f"{_fk_label(fk)} {_SCOPE_NAMES.get(scope, scope)}"
                 if head is None:
-                    frontends[label] = {"error": "slots without a service entry", "slots": sorted(slots)}
+                    frontends[label] = {"error": "slots without a service entry", "slots": d.legacy.get((fk, scope), [])}
                     continue
                 _, count, term, rev_nat, flags, aff = head
                 ids = [slots.get(i, (0,))[0] for i in range(1, count + term + 1)]
@@ -166,7 +212,7 @@ class ReconcileMixin:
                     "backend_ids": ids[:count],
                     "source_ranges": sorted(d.ranges.get(rev_nat, [])) if flags & M.SVC_F_SOURCE_RANGES else [],
                     "maglev": _table_shares(table, d.backends) if table is not None else None,
-                    "stray_slots": sorted(s for s in slots if s > count + term),
+                    "stray_slots": d.legacy.get((fk, scope), []),
                 }
             return {
                 "frontends": frontends,
@@ -180,13 +226,17 @@ class ReconcileMixin:
         (cheap: no syscalls)."""
         with self._lock:
             c = self._counts()
+            c["kpr_slots"] = self._count["kpr_slots"]  # the groups' ranges (held ones are free in the kernel's eyes)
             return {name: c[name] for name in M.SERVICE_MAPS}
 
     def kernel_counts(self) -> dict[str, int]:
-        """Entries per map as the kernel holds them (read back)."""
+        """Entries per map as the kernel holds them (read back). kpr_slots, an array, always
+        holds max_entries: its figure is the slots the kernel's service entries point at."""
         with self._lock:
             self._require_open()
-            return {name: self.maps[name].count() for name in M.SERVICE_MAPS}
+            out = {name: self.maps[name].count() for name in M.SERVICE_MAPS if name != "kpr_slots"}
+            out["kpr_slots"] = slots_in_use(self.maps["kpr_svc"])
+            return {name: out[name] for name in M.SERVICE_MAPS}
 
     def ops(self) -> dict[str, dict[str, int]]:
         """Elements written/deleted and syscalls made, per map, since open."""
@@ -221,6 +271,8 @@ class ReconcileMixin:
                 setattr(self, a, v)
             self._begin()
             raise
+        # the desired state's ranges (the kernel's, adopted by _reload, were only for the diff)
+        self._slots = saved["_slots"]
         for fk, g in groups.items():
             self._revnat_ids[fk] = g.rev_nat
             self._revnat_used.add(g.rev_nat)
@@ -237,10 +289,14 @@ class ReconcileMixin:
         """Compare the maps with the desired state and repair any difference (one made by hand
         included); returns the entries repaired. Before the initial sync the desired state is
         the adopted one: only entries nothing accounts for go."""
-        with self._lock:
+        with self._op():
             self._require_open()
             self.checks += 1
             n = self._repair()
+            if self._legacy and self._initial is None:
+                # the initial state has been written and a check period passed since: every
+                # plugin runs programs that read kpr_slots (README: upgrading)
+                n += self.sweep_legacy()
             if n:
                 self.repairs += n
                 log.warning("event=servicemaps_repaired entries=%d", n)
@@ -251,8 +307,20 @@ class ReconcileMixin:
 # What _reset_shadow sets: the writer's picture of the maps.
 _SHADOW = (
     "_groups", "_by_service", "_backend_ids", "_backend_vals", "_backend_refs", "_revnat_ids", "_revnat_used",
-    "_next_backend", "_ids_wrapped", "_next_revnat", "_stray", "_count",
+    "_next_backend", "_ids_wrapped", "_next_revnat", "_stray", "_count", "_slots", "_legacy",
 )
+
+
+def slots_in_use(svc_map: M.BpfMap) -> int:
+    """kpr_slots entries the service entries in kpr_svc point at: per frontend, its scopes'
+    slots rounded up to the size class of its range (what the writer's shadow counts)."""
+    per_fk: dict[bytes, int] = {}
+    for k, v in svc_map.items():
+        if not (k[20] or k[21]):
+            base, count, term = M.SVC_VAL.unpack_from(v)[:3]
+            if base:
+                per_fk[k[:19]] = per_fk.get(k[:19], 0) + count + term
+    return sum(map(size_class, per_fk.values()))
 
 
 def _backend_label(b: dict | None) -> str:
@@ -271,19 +339,3 @@ def _table_shares(table: list[int], backends: dict[int, dict]) -> dict[str, int]
     for bid in table:
         counts[bid] = counts.get(bid, 0) + 1
     return {_backend_label(backends.get(bid)): n for bid, n in sorted(counts.items())}
-
-
-# kpr_svc's layout as the fast column split below reads it (lib/maps.h: key addr16, port,
-# proto, scope, slot, pad; value backend_id, count, terminating, rev_nat, flags, affinity).
-_COLUMNS_OK = (M.SVC_KEY.format, M.SVC_VAL.format) == ("=16sHBBHH", "=IHHIII")
-
-
-def _svc_columns(keys: list[bytes], values: list[bytes]) -> tuple[bytes, list[int], list[int], list[int], list[int]]:
-    """(scope, slot) of every kpr_svc key and (backend id, count, rev_nat) of every value, as
-    columns cut from the joined entries by memoryview casts (no object per entry)."""
-    kb, vb = b"".join(keys), b"".join(values)
-    if _COLUMNS_OK and len(kb) == 24 * len(keys) and len(vb) == 20 * len(values):
-        k16, v16, v32 = memoryview(kb).cast("H"), memoryview(vb).cast("H"), memoryview(vb).cast("I")
-        return kb[19::24], k16[10::12].tolist(), v32[0::5].tolist(), v16[2::10].tolist(), v32[2::5].tolist()
-    kt, vt = list(M.SVC_KEY.iter_unpack(kb)), list(M.SVC_VAL.iter_unpack(vb))
-    return (bytes(t[3] for t in kt), [t[4] for t in kt], [t[0] for t in vt], [t[1] for t in vt], [t[3] for t in vt])

@@ -1,7 +1,8 @@
 """Rendering: a `Service` in, the frontend groups (map entries) it wants out.
 
-Pure apart from the id tables it allocates from (backend ids, rev-NAT indexes) and the
-previous groups it keeps slot order from; no syscalls, so it is unit-tested without root.
+Pure apart from the id tables it allocates from (backend ids, rev-NAT indexes, kpr_slots
+ranges) and the previous groups it keeps slot order from; no syscalls, so it is unit-tested
+without root.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from ..bpf import maps as M
 from ..model import Backend, BackendState, Frontend, FrontendType, Service, ServiceKey
 from .groups import (
     _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SLOT, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
-    _Group, _backend_name, _slot_tails,
+    _Group, _backend_name,
 )
+from .slots import SlotAllocator, size_class
 
 if TYPE_CHECKING:
     from ..idtables import IdBytes, IdCounts
@@ -51,6 +53,8 @@ class RenderMixin:
     _next_revnat: int
     _pending_vals: dict[int, bytes]
     _fresh_revnat: list[bytes]
+    _slots: SlotAllocator
+    _fresh_slots: list[tuple[bytes, int, int]]
     algorithm: str
 
     # ------------------------------------------------------------------ allocation
@@ -82,6 +86,19 @@ class RenderMixin:
             self._revnat_used.add(idx)
             self._fresh_revnat.append(fk)
         return idx
+
+    @staticmethod
+    def _slot_range(g: _Group, prev: _Group | None, vals: bytes) -> int:
+        """Set g's kpr_slots values (packed kpr_slot, `vals`) and range: the previous group's
+        when it holds the same values (nothing to write), else none yet (span set, base 0:
+        ApplyMixin._place allocates it once the service is accepted, and the new range is
+        written before the kpr_svc entry that points at it). Returns the base (0: not placed)."""
+        g.slot_vals = vals
+        if prev is not None and prev.base and prev.slot_vals == vals:
+            g.base, g.span = prev.base, prev.span
+        else:
+            g.base, g.span = 0, size_class(len(vals) >> 3)
+        return g.base
 
     def _forget_revnat(self, fk: bytes) -> None:
         idx = self._revnat_ids.pop(fk, None)
@@ -229,14 +246,12 @@ class RenderMixin:
         prev_order = prev.order_of(M.SCOPE_EXTERNAL) if prev is not None else None
         order = sorted(sel) if not prev_order else _stable_order(prev_order, sel)
         n = len(order)
-        head = fk + _BYTE[M.SCOPE_EXTERNAL]
-        keys = head + _SLOT[0] + b"".join(map(head.__add__, _SLOT[1 : n + 1] if n < 1024 else _slot_tails(n)))
-        # slot values as u32 words (kpr_svc_val: id, count|terminating, rev_nat, flags = the
-        # backend's state, affinity): the ids dropped into a repeated template
-        words = array("I", (0, 0, rev_nat, M.BACKEND_ACTIVE, 0)) * n
-        words[0::5] = array("I", order)
-        vals = M.SVC_VAL.pack(0, n, 0, rev_nat, f, fe.affinity_timeout) + words.tobytes()
-        g.set_packed(keys, vals, n + 1, 1)
+        # slot values as u32 words (kpr_slot: id, flags = the backend's state): the ids dropped
+        # into a repeated template
+        words = array("I", (0, M.BACKEND_ACTIVE)) * n
+        words[0::2] = array("I", order)
+        base = self._slot_range(g, prev, words.tobytes())
+        g.set_packed(fk + _BYTE[M.SCOPE_EXTERNAL] + _SLOT[0], M.SVC_VAL.pack(base, n, 0, rev_nat, f, fe.affinity_timeout), 1, 1)
         order_t = tuple(order)
         g.set_order(M.SCOPE_EXTERNAL, order_t)
         if maglev and order:
@@ -283,19 +298,16 @@ class RenderMixin:
         if two:
             scopes.append((M.SCOPE_INTERNAL, fe.internal_scope_local))
 
-        # backend slot values: id, count 0, terminating 0, rev_nat, flags (the backend's state
-        # in this service: terminating ones fill slots after count, or all of 1..count in the
-        # KEP-1669 fallback), affinity 0
-        pack_u32 = M.U32.pack
-        active_tail = bytes(4) + pack_u32(rev_nat) + pack_u32(M.BACKEND_ACTIVE) + bytes(4)
-        term_tail = bytes(4) + pack_u32(rev_nat) + pack_u32(M.BACKEND_TERMINATING) + bytes(4)
+        # kpr_slot values: id, flags (the backend's state in this service: terminating ones fill
+        # slots after count, or all of 1..count in the KEP-1669 fallback); the external scope's
+        # slots first, the internal scope's after them, in one range (see _Group.place)
+        pack_slot = M.SLOT.pack
         active_ids = None if all_active else {ids[id(b)] for b in fe.backends if b.state is not terminating}
         referenced: set[int] = set()
         # slot 0 entries first, the internal scope's before the external one's (as written)
         head_keys: list[bytes] = []
-        head_vals: list[bytes] = []
-        svc_keys: list[bytes] = []
-        svc_vals: list[bytes] = []
+        heads: list[tuple[int, int, int, int]] = []  # offset in the range, count, terminating, flags
+        slot_vals: list[bytes] = []
         for scope, local in scopes:
             sel, term = ext if scope == M.SCOPE_EXTERNAL else intl
             prev_order = prev.order_of(scope) if prev is not None else None
@@ -306,20 +318,25 @@ class RenderMixin:
                 f |= M.SVC_F_LOCAL_SCOPE
             if two and scope == M.SCOPE_EXTERNAL:
                 f |= M.SVC_F_TWO_SCOPES
-            head = fk + _BYTE[scope]
-            head_keys.insert(0, head + _SLOT[0])
-            head_vals.insert(0, M.SVC_VAL.pack(0, len(order), len(term), rev_nat, f, fe.affinity_timeout))
+            head_keys.insert(0, fk + _BYTE[scope] + _SLOT[0])
+            heads.insert(0, (len(slot_vals), len(order), len(term), f))
             slotted = order + term if term else order
-            svc_keys += [head + t for t in _slot_tails(len(slotted))]
             if active_ids is None:
-                svc_vals += [pack_u32(bid) + active_tail for bid in slotted]
+                slot_vals += [pack_slot(bid, M.BACKEND_ACTIVE) for bid in slotted]
             else:
-                svc_vals += [pack_u32(bid) + (active_tail if bid in active_ids else term_tail) for bid in slotted]
+                slot_vals += [
+                    pack_slot(bid, M.BACKEND_ACTIVE if bid in active_ids else M.BACKEND_TERMINATING) for bid in slotted
+                ]
             referenced.update(slotted)
             if maglev and order:
                 # names from the packed address, as adoption derives them: same table after a restart
                 g.set_maglev(scope, tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order)))
-        g.set_svc(head_keys + svc_keys, head_vals + svc_vals, len(head_keys))
+        base = self._slot_range(g, prev, b"".join(slot_vals))
+        aff = fe.affinity_timeout
+        head_vals = [
+            M.SVC_VAL.pack(base + off if base and (n or t) else 0, n, t, rev_nat, f, aff) for off, n, t, f in heads
+        ]
+        g.set_svc(head_keys, head_vals, len(head_keys))
         backends = tuple(sorted(referenced))
         # Usually the one scope's slot order itself (every backend active, sorted): kept once.
         first = g.order_of(M.SCOPE_EXTERNAL)

@@ -21,6 +21,7 @@ from .hooks import HooksMixin
 from .params import SIZE_KEYS_ALL, Refusal
 from .reconcile import ReconcileMixin
 from .rendering import RenderMixin
+from .slots import SlotAllocator
 
 log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
 
@@ -61,8 +62,13 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
             [n for n in self.specs if n not in M.SERVICE_MAPS] if create_datapath_maps else []
         )
         self.maps: dict[str, M.BpfMap] = {}
-        self.limits = {name: self.specs[name].max_entries for name in M.SERVICE_MAPS}
+        # (kpr_slots: index 0 is never used, see kpr.servicemaps.slots)
+        self.limits = {name: self.specs[name].max_entries - (name == "kpr_slots") for name in M.SERVICE_MAPS}
         self._lock = threading.RLock()
+        # Depth of public operations (apply_batch, and upserts inside it or retried from
+        # another): held kpr_slots ranges are released only when an outermost one begins
+        # (see kpr.servicemaps.slots).
+        self._depth = 0
         self._reset_shadow()
         self.errors = 0
         self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it
@@ -109,10 +115,16 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         self._stray: dict[str, set[bytes]] = {"kpr_srcrange": set(), "kpr_maglev": set(), "kpr_revnat": set()}
         # Entries the groups take per map (group_entries of every group), kept up to date.
         self._count = group_entries(())
+        # kpr_slots ranges (the groups' and the freed ones held until the next operation).
+        self._slots = SlotAllocator(self.specs["kpr_slots"].max_entries)
+        # kpr_svc entries of backend slots an older kpr wrote (slot > 0): left for the programs
+        # that still read them until sweep_legacy() (README: upgrading from per-slot entries).
+        self._legacy: list[bytes] = []
         self._delivered: set[ServiceKey] = set()
         # Per operation: backends rendered (id -> (identity, value)) and rev-NAT indexes allocated.
         self._pending_vals: dict[int, bytes] = {}  # id -> value (its first 19 bytes: the identity)
         self._fresh_revnat: list[bytes] = []
+        self._fresh_slots: list[tuple[bytes, int, int]] = []  # (frontend key, base, span) allocated
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,7 +178,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         spec = replace(spec, max_entries=have)
         self.specs[spec.name] = spec
         if spec.name in self.limits:
-            self.limits[spec.name] = have
+            self.limits[spec.name] = have - (spec.name == "kpr_slots")
         return spec
 
     def close(self) -> None:

@@ -39,10 +39,13 @@ def test_datapath_list_and_maps_in_sync(require_kernel, tmp_path, capsys, monkey
             cli.main(["status", "--config", str(cfg)])
             assert "maps:     in sync" in capsys.readouterr().out
 
-            # A slot deleted by hand: status names it.
-            key = M.SVC_KEY.pack(M.addr_to_bytes("10.96.0.10"), M.htons(80), 6, 0, 1, 0)
-            done = subprocess.run(["bpftool", "map", "delete", "pinned", str(pin / "kpr_svc"), "key", "hex",
-                                   *key.hex(" ").split()], capture_output=True, text=True)
+            # A backend slot changed by hand (kpr_slots, at the service entry's slot_base): status names it.
+            with M.BpfMap.open_pinned(pin / "kpr_svc") as m:
+                head = m.lookup(M.SVC_KEY.pack(M.addr_to_bytes("10.96.0.10"), M.htons(80), 6, 0, 0, 0))
+            base = M.SVC_VAL.unpack(head)[0]
+            key, val = M.U32.pack(base), M.SLOT.pack(4242, M.BACKEND_ACTIVE)
+            done = subprocess.run(["bpftool", "map", "update", "pinned", str(pin / "kpr_slots"), "key", "hex",
+                                   *key.hex(" ").split(), "value", "hex", *val.hex(" ").split()], capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
             # Within MAPS_SYNC_MAX_AGE the last comparison is shown, with its age.
             cli.main(["status", "--json", "--config", str(cfg)])
@@ -51,8 +54,8 @@ def test_datapath_list_and_maps_in_sync(require_kernel, tmp_path, capsys, monkey
             monkeypatch.setattr(api, "MAPS_SYNC_MAX_AGE", 0.0)
             cli.main(["status", "--config", str(cfg)])
             out = capsys.readouterr().out
-            assert "maps:     1 difference from the desired state (kpr_svc 1)" in out, out
-            assert "kpr_svc 10.96.0.10:80/TCP external slot 1: missing from the kernel" in out
+            assert "maps:     1 difference from the desired state (kpr_slots 1)" in out, out
+            assert f"kpr_slots index {base}: kernel value (backend 4242, state active), desired (backend " in out
             cli.main(["status", "--json", "--config", str(cfg)])
             assert json.loads(capsys.readouterr().out)["maps"]["count"] == 1
         finally:

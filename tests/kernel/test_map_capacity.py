@@ -58,7 +58,10 @@ def frontends(w: ServiceMapWriter) -> set[str]:
 def kernel_equals_status(w: ServiceMapWriter) -> None:
     """The kernel holds exactly what the writer believes and what status reports."""
     kernel = w.kernel_counts()
-    assert kernel == {name: len(w.maps[name].items()) for name in M.SERVICE_MAPS}
+    # (kpr_slots, an array, holds every index: its count is what the service entries point at)
+    assert {n: c for n, c in kernel.items() if n != "kpr_slots"} == {
+        name: len(w.maps[name].items()) for name in M.SERVICE_MAPS if name != "kpr_slots"
+    }
     assert kernel == w.entry_counts()
     counters = w.kpr_status().counters
     assert {name: int(counters[f"entries_{name}"]) for name in M.SERVICE_MAPS} == kernel
@@ -91,10 +94,11 @@ def test_a_service_with_100k_external_ips_is_refused_alone(pin_path: Path, caplo
         with caplog.at_level(logging.ERROR, logger="kpr.servicemaps"):
             w.upsert(huge)  # refused: no exception, nothing written
         assert w.read_back() == before
-        assert "event=service_refused service=default/huge map=kpr_svc" in caplog.text
+        # (100001 frontends fit kpr_svc and their slots kpr_slots; not 100001 rev-NAT indexes)
+        assert "event=service_refused service=default/huge map=kpr_revnat" in caplog.text
         st = w.kpr_status()
-        assert "kpr_svc full" in st.details["refused"]["default/huge"]
-        assert "bpf.mapSizes.kprSvc" in st.details["refused"]["default/huge"]
+        assert "kpr_revnat full" in st.details["refused"]["default/huge"]
+        assert "bpf.mapSizes.kprRevnat" in st.details["refused"]["default/huge"]
         assert (st.counters["refused"], st.counters["refusals"], st.counters["errors"]) == (1, 1, 0)
         assert not st.healthy and "default/huge" in st.message
         assert metric_counters(w)["refusals"] == 1, "counted in the agent's metrics"
@@ -141,18 +145,18 @@ def test_a_refused_service_keeps_its_last_good_state(pin_path: Path) -> None:
 
 
 def test_a_refused_service_is_programmed_once_entries_are_freed(pin_path: Path) -> None:
-    # kpr_svc holds 8 entries: WEB (3) and DNS (2) fit, BIG (3 frontends x 3) does not.
+    # kpr_svc holds 3 entries (one per frontend): WEB and DNS fit, BIG (2 frontends) does not.
     big = Service(
         ServiceKey("default", "big"),
         tuple(Frontend(CIP, f"10.96.1.{i}", 80, TCP, BACKENDS) for i in range(1, 3)),
     )
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 8}, create_datapath_maps=False) as w:
+    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 3}, create_datapath_maps=False) as w:
         w.upsert(WEB)
         w.upsert(DNS)
         w.upsert(big)
         assert list(w.refused) == [big.key]
         assert w.refused[big.key].map == "kpr_svc"
-        w.delete(WEB.key)  # frees 3 entries: big (6) now fits beside DNS (2)
+        w.delete(WEB.key)  # frees 1 entry: big (2) now fits beside DNS (1)
         assert w.refused == {}
         assert frontends(w) == {"10.96.0.53:80/TCP", "10.96.1.1:80/TCP", "10.96.1.2:80/TCP"}
         kernel_equals_status(w)
@@ -165,10 +169,10 @@ def stray_svc_entry(i: int) -> tuple[bytes, bytes]:
 
 def test_a_failed_write_is_rolled_back_and_the_kernel_equals_status(pin_path: Path) -> None:
     with ServiceMapWriter(pin_path, sizes={"kpr_svc": 16}, create_datapath_maps=False) as w:
-        w.upsert(DNS)  # 2 entries
-        # Someone fills the map behind the writer's back: the plan says WEB (3) fits, the
-        # kernel has room for 2 of its 3 entries.
-        for i in range(12):
+        w.upsert(DNS)  # 1 entry
+        # Someone fills the map behind the writer's back: the plan says WEB (1 entry, its
+        # slots in kpr_slots) fits, the kernel has no room for it.
+        for i in range(15):
             w.maps["kpr_svc"].update(*stray_svc_entry(i))
         with pytest.raises(OSError, match="kpr_svc"):
             w.upsert(WEB)
@@ -185,10 +189,10 @@ def test_a_failed_write_is_rolled_back_and_the_kernel_equals_status(pin_path: Pa
 
 
 def test_a_full_sync_beyond_the_map_at_its_peak_deletes_first(pin_path: Path) -> None:
-    # 8 entries: the old state (WEB, DNS: 5) and the new one (three 2-entry services: 6) do
-    # not fit side by side, the new one alone does.
+    # 4 entries: the old state (WEB, DNS: 2) and the new one (three services: 3) do not fit
+    # side by side, the new one alone does.
     new = [cluster_ip(f"n{i}", f"10.96.2.{i}", (Backend(f"10.2.0.{i}", 80),)) for i in range(3)]
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 8}, create_datapath_maps=False) as w:
+    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 4}, create_datapath_maps=False) as w:
         w.full_sync([WEB, DNS])
         w.full_sync(new)
         assert frontends(w) == {f"10.96.2.{i}:80/TCP" for i in range(3)}
@@ -211,11 +215,13 @@ def test_check_repairs_entries_added_changed_and_deleted_with_bpftool(pin_path: 
         before = w.read_back()
         assert w.check() == 0, "nothing to repair"
         svc = str(pin_path / "kpr_svc")
-        # a stray frontend, a deleted backend slot, a changed backend, a deleted rev-NAT entry
+        # a stray frontend, a changed backend slot, a changed backend, a deleted rev-NAT entry
         key, val = stray_svc_entry(1)
         bpftool("map", "update", "pinned", svc, "key", "hex", *[h[2:] for h in hexbytes(key)], "value", "hex", *[h[2:] for h in hexbytes(val)])
-        slot1 = next(k for k, _ in w.maps["kpr_svc"].items() if k[:16] == M.addr_to_bytes("10.96.0.10") and k[20] == 1)
-        bpftool("map", "delete", "pinned", svc, "key", "hex", *[h[2:] for h in hexbytes(slot1)])
+        web_head = next(v for k, v in w.maps["kpr_svc"].items() if k[:16] == M.addr_to_bytes("10.96.0.10"))
+        slot1 = M.U32.pack(M.SVC_VAL.unpack(web_head)[0])  # WEB's slot 1 in kpr_slots
+        bpftool("map", "update", "pinned", str(pin_path / "kpr_slots"), "key", "hex", *[h[2:] for h in hexbytes(slot1)],
+                "value", "hex", *[h[2:] for h in hexbytes(M.SLOT.pack(777, 0))])
         bid = w.backend_ids()["10.1.0.53:53/TCP"]
         bad = M.BACKEND.pack(M.addr_to_bytes("10.66.6.6"), M.htons(53), 6, 0, 0)
         bpftool("map", "update", "pinned", str(pin_path / "kpr_backend"), "key", "hex", *[h[2:] for h in hexbytes(M.U32.pack(bid))],
@@ -224,12 +230,14 @@ def test_check_repairs_entries_added_changed_and_deleted_with_bpftool(pin_path: 
         bpftool("map", "delete", "pinned", str(pin_path / "kpr_revnat"), "key", "hex", *[h[2:] for h in hexbytes(rn)])
 
         st = w.kpr_status()
-        assert st.details["drift"] == {"kpr_revnat": {"kernel": 1, "desired": 2}}, "status counts what the kernel holds"
-        assert "maps differ from the desired state in kpr_revnat" in st.message
+        assert st.details["drift"] == {
+            "kpr_svc": {"kernel": 3, "desired": 2}, "kpr_revnat": {"kernel": 1, "desired": 2}
+        }, "status counts what the kernel holds"
+        assert "maps differ from the desired state in kpr_revnat, kpr_svc" in st.message
         n = w.check()
-        assert n == 4, n  # one delete, three writes
+        assert n == 5, n  # one delete; WEB's range (2 slots), the backend, the rev-NAT entry written
         assert w.read_back() == before
-        assert w.kpr_status().counters["repairs"] == 4
+        assert w.kpr_status().counters["repairs"] == 5
         assert w.check() == 0
         kernel_equals_status(w)
 
@@ -290,7 +298,8 @@ def test_the_default_sizes_hold_10k_services_x_10_endpoints(pin_path: Path) -> N
         w.full_sync(ten_k_services())
         assert w.refused == {} and w.errors == 0
         counts = w.kernel_counts()
-        assert counts["kpr_svc"] == 10_000 * 11 + 3334 * 3 * 11
+        assert counts["kpr_svc"] == 10_000 + 3334 * 3
+        assert counts["kpr_slots"] == (10_000 + 3334 * 3) * 12  # ranges of 10 slots take the class of 12
         assert counts["kpr_backend"] == 100_000
         assert counts["kpr_revnat"] == 10_000 + 3334 * 3
         assert counts == w.entry_counts()
@@ -300,11 +309,11 @@ def test_the_default_sizes_hold_10k_services_x_10_endpoints(pin_path: Path) -> N
 
 def test_a_service_that_shrinks_makes_room_for_a_refused_one(pin_path: Path) -> None:
     wide = Service(ServiceKey("default", "wide"), tuple(Frontend(CIP, f"10.96.3.{i}", 80, TCP, BACKENDS) for i in range(1, 3)))
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 8}, create_datapath_maps=False) as w:
-        w.upsert(wide)  # 6 entries
-        w.upsert(WEB)  # 3 more do not fit
+    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 2}, create_datapath_maps=False) as w:
+        w.upsert(wide)  # 2 entries
+        w.upsert(WEB)  # 1 more does not fit
         assert list(w.refused) == [WEB.key]
-        w.upsert(Service(wide.key, wide.frontends[:1]))  # gives 3 back
+        w.upsert(Service(wide.key, wide.frontends[:1]))  # gives 1 back
         assert w.refused == {}
         assert frontends(w) == {"10.96.3.1:80/TCP", "10.96.0.10:80/TCP"}
         kernel_equals_status(w)

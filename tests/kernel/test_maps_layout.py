@@ -43,6 +43,7 @@ int noop(kpr_ctx_t *ctx) { return CTX_PASS; }
 # map name -> (key mirror, value mirror); None where the map's side is a plain integer.
 MIRRORS = {
     "kpr_svc": (M.SvcKey, M.SvcVal),
+    "kpr_slots": (None, M.Slot),
     "kpr_backend": (None, M.Backend),
     "kpr_revnat": (None, M.RevNat),
     "kpr_affinity": (M.AffinityKey, M.AffinityVal),
@@ -76,7 +77,7 @@ def test_packers_write_the_same_bytes_as_the_mirrors() -> None:
     k = M.SvcKey(port=M.htons(80), proto=6, scope=1, slot=7)
     k.addr.b[:] = addr
     assert bytes(k) == M.SVC_KEY.pack(addr, M.htons(80), 6, 1, 7, 0)
-    v = M.SvcVal(backend_id=9, count=3, terminating=1, rev_nat=12, flags=0x305, affinity_timeout=600)
+    v = M.SvcVal(slot_base=9, count=3, terminating=1, rev_nat=12, flags=0x305, affinity_timeout=600)
     assert bytes(v) == M.SVC_VAL.pack(9, 3, 1, 12, 0x305, 600)
     be = M.Backend(port=M.htons(8080), proto=17, reserved=0, flags=1)
     be.addr.b[:] = addr

@@ -24,6 +24,7 @@ from kpr.bpf.loader import compile_and_load, load_prog
 from kpr.bpf.maglev import build_table
 from kpr.model import Backend, BackendState, Frontend, FrontendType, PluginStatus, Protocol, Service, ServiceKey
 from kpr.servicemaps import ALGORITHM_ANNOTATION, ServiceMapWriter
+from kpr.servicemaps.slots import size_class
 from kpr.testing.prog_run import XDP_DROP, XDP_PASS, XDP_TX, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 from kpr.testing.prog_run import checksum_problems, test_run
 
@@ -174,9 +175,15 @@ def test_round_trip_ipv4_and_ipv6(writer: ServiceMapWriter) -> None:
         ("fd00:1::2", 5353, False),
     ]
     assert all("state" not in b for b in read["backends"].values())
-    assert writer.entry_counts()["kpr_svc"] == sum(
-        1 + len(e["backends"]) + len(e["terminating"]) for e in read["frontends"].values()
-    )
+    # one kpr_svc entry per frontend scope; its slots in kpr_slots, one range per frontend
+    # (both scopes) rounded up to a size class
+    counts = writer.entry_counts()
+    assert counts["kpr_svc"] == len(read["frontends"]) == len(writer.maps["kpr_svc"].items())
+    per_frontend: dict[str, int] = {}
+    for label, e in read["frontends"].items():
+        fe_label = label.split()[0]
+        per_frontend[fe_label] = per_frontend.get(fe_label, 0) + len(e["backends"]) + len(e["terminating"])
+    assert counts["kpr_slots"] == sum(map(size_class, per_frontend.values())) == writer.kernel_counts()["kpr_slots"]
 
 
 def test_incremental_upsert_touches_only_changed_entries(writer: ServiceMapWriter) -> None:
@@ -187,21 +194,23 @@ def test_incremental_upsert_touches_only_changed_entries(writer: ServiceMapWrite
     writer.upsert(DNS)
     assert diff_ops(before, total_ops(writer)) == {}
 
-    # One more active, non-local backend. Four scopes list it (ClusterIP, LB, and the internal
-    # scopes of the NodePort and its wildcard); each writes slot 0 (count), the new slot 3, and
-    # slot 4 for the terminating B3 that slot 3 held. The external eTP=Local scopes: nothing.
+    # One more active, non-local backend. Four frontends list it (ClusterIP, LB, the NodePort
+    # and its wildcard, in their internal scopes): each gets a new kpr_slots range, written
+    # whole (ClusterIP and LB: B1, B2, B4 and the terminating B3; NodePort and wildcard: B1
+    # for the external eTP=Local scope and the same four for the internal one), then its
+    # service entries pointing at it (NodePort and wildcard: both scopes' entries).
     before = total_ops(writer)
     writer.upsert(web(WEB_BACKENDS + (be("10.1.0.4"),)))
-    assert diff_ops(before, total_ops(writer)) == {"kpr_svc": 4 * 3, "kpr_backend": 1}
+    assert diff_ops(before, total_ops(writer)) == {"kpr_svc": 1 + 1 + 2 + 2, "kpr_slots": 4 + 4 + 5 + 5, "kpr_backend": 1}
     assert "10.1.0.4:8080" in writer.read_back()["frontends"]["10.96.0.10:80/TCP external"]["backends"]
 
     # Removing B2 from the middle moves the last selectable backend (10.1.0.4) into its slot
-    # rather than shifting every slot after it: per scope slot 0, slot 2 (now 10.1.0.4),
-    # slot 3 (now B3) and the deletion of slot 4; and B2's backend entry.
+    # rather than shifting every slot after it (affinity entries remember slots); new ranges
+    # of one slot fewer, the entries pointing at them, and B2's backend entry deleted.
     before = total_ops(writer)
     writer.upsert(web((B1, be("10.1.0.4"), B3)))
     changed = diff_ops(before, total_ops(writer))
-    assert changed == {"kpr_svc": 4 * 4, "kpr_backend": 1}
+    assert changed == {"kpr_svc": 6, "kpr_slots": 3 + 3 + 4 + 4, "kpr_backend": 1}
     read = writer.read_back()
     check_consistent(read)
     assert read["frontends"]["10.96.0.10:80/TCP external"]["backends"] == ["10.1.0.1:8080", "10.1.0.4:8080"]
@@ -276,9 +285,9 @@ def test_full_sync_removes_everything_not_desired(pin_path: Path) -> None:
 
 
 def test_a_service_that_does_not_fit_is_refused_and_nothing_of_it_is_written(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 8}) as w:
+    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 6}) as w:
         w.upsert(EMPTY)
-        w.upsert(web())  # 16 entries do not fit in 8: refused before anything is written
+        w.upsert(web())  # 6 service entries do not fit beside EMPTY's: refused before anything is written
         st = w.kpr_status()
         assert (st.counters["errors"], st.counters["refused"]) == (0, 1)
         assert "kpr_svc full" in st.details["refused"]["default/web"]
@@ -866,3 +875,54 @@ def test_nat_header_allocates_snat_ports_and_reverses_replies(lb_setup: tuple[Lb
     assert (back[IP].dst, back[TCP].dport, back[IP].src, back[TCP].sport) == ("10.0.1.5", 40000, "198.51.100.1", 443)
     # Unknown replies are left alone.
     assert p.run(v4("198.51.100.1", SNAT_ADDR, 443, 1), fn="snat_in")[0] == p.passed
+
+
+def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore_them(pin_path: Path) -> None:
+    """Upgrade from the per-slot layout (README "Service map writer: the slot layout"): an
+    older kpr kept backend slots 1..count as kpr_svc entries, read by its programs still
+    attached. The new writer adopts their backend ids, leaves those entries in place through
+    the initial sync and deletes them at the first check() after it; new programs read only
+    kpr_slots."""
+    pin_path.mkdir(parents=True, exist_ok=True)
+    specs = M.specs_with(None, MAGLEV_M)
+    vip, port = M.addr_to_bytes("10.96.0.10"), M.htons(80)
+    for name in ("kpr_svc", "kpr_backend", "kpr_revnat"):
+        with M.BpfMap.create(specs[name]) as m:
+            m.pin(pin_path / name)
+            if name == "kpr_svc":  # slot 0 (backend_id 0), slots 1..2 naming backends 11 and 12
+                m.update(M.SVC_KEY.pack(vip, port, 6, 0, 0, 0), M.SVC_VAL.pack(0, 2, 0, 7, M.SVC_F_CLUSTER_IP, 0))
+                for slot, bid in ((1, 11), (2, 12)):
+                    m.update(M.SVC_KEY.pack(vip, port, 6, 0, slot, 0), M.SVC_VAL.pack(bid, 0, 0, 7, M.BACKEND_ACTIVE, 0))
+            elif name == "kpr_backend":
+                for bid, addr in ((11, "10.1.0.1"), (12, "10.1.0.2")):
+                    m.update(M.U32.pack(bid), M.BACKEND.pack(M.addr_to_bytes(addr), M.htons(8080), 6, 0, 0))
+            else:
+                m.update(M.U32.pack(7), M.REVNAT.pack(vip, port, 6))
+    svc = Service(ServiceKey("default", "web"), (Frontend(CIP, "10.96.0.10", 80, TCP_, (be("10.1.0.1"), be("10.1.0.2"))),))
+    label = "10.96.0.10:80/TCP external"
+    with ServiceMapWriter(pin_path, maglev_size=MAGLEV_M) as w:
+        assert w.read_back()["frontends"][label]["stray_slots"] == [1, 2]
+        assert w.backend_ids() == {"10.1.0.1:8080/TCP": 11, "10.1.0.2:8080/TCP": 12}
+        # the initial state, as the writer stage hands it over
+        assert w.apply_batch([("upsert", svc), ("sync", None)]) == {}
+        read = w.read_back()["frontends"][label]
+        assert read["backends"] == ["10.1.0.1:8080", "10.1.0.2:8080"] and read["rev_nat"] == 7
+        assert read["backend_ids"] == [11, 12], "established flows keep their backend ids"
+        assert read["stray_slots"] == [1, 2], "the older programs still find their slots"
+        assert w.kernel_counts()["kpr_svc"] == 3 == w.entry_counts()["kpr_svc"]
+        # New programs ignore the old entries: point both at backend 12, new flows still
+        # reach both backends through kpr_slots.
+        for slot in (1, 2):
+            w.maps["kpr_svc"].update(M.SVC_KEY.pack(vip, port, 6, 0, slot, 0), M.SVC_VAL.pack(12, 0, 0, 7, 0, 0))
+        prog = LbProgram("skb", pin_path)
+        try:
+            prog.cfg(FROM_CLUSTER)
+            picks = {dest(prog.run(v4("10.0.1.5", "10.96.0.10", 41000 + i, 80))[1]) for i in range(30)}
+            assert picks == {"10.1.0.1:8080", "10.1.0.2:8080"}
+            # the first check after the initial sync sweeps them
+            assert w.check() == 2
+            assert w.read_back()["frontends"][label]["stray_slots"] == []
+            assert len(w.maps["kpr_svc"].items()) == 1 and w.check() == 0
+            assert dest(prog.run(v4("10.0.1.5", "10.96.0.10", 42000, 80))[1]) in picks
+        finally:
+            prog.b.cleanup()

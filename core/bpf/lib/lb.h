@@ -74,15 +74,19 @@ static __always_inline int kpr_lb_src_allowed(const struct kpr_svc_val *svc, con
 	return kpr_srcrange.lookup(&k) != (void *)0;
 }
 
-// Backend id in slot `slot` of the service `key` points at (slot 0 left in key afterwards).
-static __always_inline __u32 kpr_lb_slot_backend(struct kpr_svc_key *key, __u16 slot)
+/* Backend id in slot `slot` (1-based) of the service entry `svc`: kpr_slots[slot_base + slot - 1].
+ * 0 when the entry has no slots (slot_base 0: an older kpr's entry, whose slots lived in
+ * kpr_svc, until the writer rewrites it). */
+static __always_inline __u32 kpr_lb_slot_backend(const struct kpr_svc_val *svc, __u16 slot)
 {
-	struct kpr_svc_val *v;
+	struct kpr_slot *s;
+	__u32 idx, base = svc->slot_base;
 
-	key->slot = slot;
-	v = kpr_svc.lookup(key);
-	key->slot = 0;
-	return v ? v->backend_id : 0;
+	if (!base)
+		return 0;
+	idx = base + slot - 1;
+	s = kpr_slots.lookup(&idx);
+	return s ? s->backend_id : 0;
 }
 
 // Maglev pick: the flow hash indexes the frontend scope's table. 0 when there is no table yet.
@@ -119,12 +123,11 @@ static __always_inline __u16 kpr_lb_random_slot(const struct kpr_svc_val *svc, c
 }
 
 // Random pick among the selectable slots 1..count.
-static __always_inline __u32 kpr_lb_random_backend(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
-						    const struct kpr_tuple *t)
+static __always_inline __u32 kpr_lb_random_backend(const struct kpr_svc_val *svc, const struct kpr_tuple *t)
 {
 	__u16 slot = kpr_lb_random_slot(svc, t);
 
-	return slot ? kpr_lb_slot_backend(key, slot) : 0;
+	return slot ? kpr_lb_slot_backend(svc, slot) : 0;
 }
 
 // Fill an affinity key for a client address (tc/XDP) ...
@@ -153,8 +156,8 @@ static __always_inline void kpr_lb_affinity_key_netns(struct kpr_affinity_key *k
  * the backends map. The slot remembered with it
  * is checked first; when a removal moved it, the first KPR_LB_AFFINITY_SCAN slots are
  * searched (and the next new connection searches again). *slot is set when the hint held. */
-static __always_inline __u32 kpr_lb_affinity_backend(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
-						      struct kpr_affinity_key *aff, __u64 now, __u16 *slot)
+static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *svc, struct kpr_affinity_key *aff,
+						      __u64 now, __u16 *slot)
 {
 	struct kpr_affinity_val *v = kpr_affinity.lookup(aff);
 	__u32 bid;
@@ -165,7 +168,7 @@ static __always_inline __u32 kpr_lb_affinity_backend(struct kpr_svc_key *key, co
 	if (now - v->last_used > (__u64)svc->affinity_timeout * 1000000000ULL)
 		return 0;
 	bid = v->backend_id;
-	if (v->slot >= 1 && v->slot <= svc->count && kpr_lb_slot_backend(key, (__u16)v->slot) == bid) {
+	if (v->slot >= 1 && v->slot <= svc->count && kpr_lb_slot_backend(svc, (__u16)v->slot) == bid) {
 		*slot = (__u16)v->slot;
 		return bid;
 	}
@@ -174,7 +177,7 @@ static __always_inline __u32 kpr_lb_affinity_backend(struct kpr_svc_key *key, co
 		if (i > svc->count)
 			break;
 		// *slot stays 0: distinct constants here would defeat the verifier's state pruning
-		if (kpr_lb_slot_backend(key, i) == bid)
+		if (kpr_lb_slot_backend(svc, i) == bid)
 			return bid;
 	}
 	return 0;
@@ -207,7 +210,7 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 		/* Only a backend in this service's selectable slots comes back: whether it may take
 		 * new connections is the slot's business (kpr_backend is shared by services that
 		 * may disagree on the pod's state). */
-		bid = kpr_lb_affinity_backend(key, svc, aff, now, &slot);
+		bid = kpr_lb_affinity_backend(svc, aff, now, &slot);
 		if (bid)
 			be = kpr_lb_backend(bid);
 	}
@@ -221,7 +224,7 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 			bid = kpr_lb_maglev_backend(key, svc, t);
 		if (!bid) { // no Maglev table (yet): fall back to random rather than drop
 			slot = kpr_lb_random_slot(svc, t);
-			bid = slot ? kpr_lb_slot_backend(key, slot) : 0;
+			bid = slot ? kpr_lb_slot_backend(svc, slot) : 0;
 		}
 		if (!bid)
 			return (void *)0;

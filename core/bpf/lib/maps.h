@@ -7,8 +7,12 @@
  * is kpr.bpf.maps; tests/kernel/test_maps_layout.py checks that the two agree.
  *
  * Layout (after Cilium's lb maps, one map per kind for both families, addresses v4-mapped):
- *   kpr_svc       (addr, port, proto, scope, slot) -> slot 0: service; slots 1..: backend ids
- *                 and each backend's state in that service
+ *   kpr_svc       (addr, port, proto, scope, slot 0) -> the service entry: counts, flags and
+ *                 slot_base, where its backend slots start in kpr_slots (one entry per frontend
+ *                 and scope; the key keeps its slot field: an older kpr kept backend slots 1..
+ *                 here, swept once every program reads kpr_slots)
+ *   kpr_slots     index -> backend id and its state in that service (ARRAY; a frontend scope's
+ *                 selectable backends at slot_base.., its terminating ones right after)
  *   kpr_backend   backend id -> address, port (shared by every service listing it: no state)
  *   kpr_revnat    rev-NAT index -> frontend address/port (what replies are rewritten to)
  *   kpr_affinity  (client, rev_nat) -> backend id, last use      (LRU, written by programs)
@@ -27,7 +31,10 @@
 #define KPR_PIN_PATH "/sys/fs/bpf/kpr" // bpffs directory the maps are pinned in (config bpf.pinPath)
 #endif
 #ifndef KPR_SVC_MAX
-#define KPR_SVC_MAX 262144 // service map entries: per frontend and scope, 1 + its backend slots
+#define KPR_SVC_MAX 262144 // service map entries: one per frontend and scope
+#endif
+#ifndef KPR_SLOTS_MAX
+#define KPR_SLOTS_MAX 524288 // backend slots (kpr_slots), frontends' ranges rounded up to a size class; index 0 unused
 #endif
 #ifndef KPR_BACKEND_MAX
 #define KPR_BACKEND_MAX 131072 // distinct backends (address, port, protocol) across all services
@@ -68,7 +75,7 @@
 #define KPR_SVC_F_MAGLEV (1U << 9)        // select with the Maglev table, not at random
 #define KPR_SVC_F_WILDCARD (1U << 10)     // the address-0 NodePort entry, matched for any node address
 
-/* Backend states, per service: kpr_svc_val.flags of a backend slot. One pod port can be ready
+/* Backend states, per service: kpr_slot.flags. One pod port can be ready
  * in one Service and terminating in another, so the state lives in each service's slots, never
  * in the shared kpr_backend entry. Programs decide by the slot's position (1..count selectable,
  * affinity included; after count only existing flows); the state says why, for read-back: a
@@ -80,24 +87,30 @@
 
 /* --- structs ------------------------------------------------------------------------- */
 
-// kpr_svc key: one frontend in one scope, and a slot (0 = the service, 1.. = its backends).
+// kpr_svc key: one frontend in one scope; slot is always 0 (1.. were backend slots before kpr_slots).
 struct kpr_svc_key {
 	union kpr_addr addr; // frontend address; ::ffff:0.0.0.0 / :: for the wildcard NodePort entry
 	__be16 port;         // frontend port, network order
 	__u8 proto;          // IPPROTO_TCP / UDP / SCTP
 	__u8 scope;          // KPR_SCOPE_EXTERNAL / KPR_SCOPE_INTERNAL
-	__u16 slot;          // 0: service entry; 1..count: selectable backends; then terminating ones
+	__u16 slot;          // 0 (an older kpr's backend slots 1.. are ignored, then swept)
 	__u16 pad;           // zero: no compiler padding may hide in a hash key
 };
 
-// kpr_svc value: slot 0 describes the service, other slots name one backend.
+// kpr_svc value: the service entry of one frontend scope.
 struct kpr_svc_val {
-	__u32 backend_id;       // slots > 0: the backend's id in kpr_backend; slot 0: 0
-	__u16 count;            // slot 0: selectable backends (slots 1..count); 0 = no backend, reject
-	__u16 terminating;      // slot 0: terminating backends in slots count+1..count+terminating
-	__u32 rev_nat;          // the frontend's rev-NAT index (every slot, so any entry leads back)
-	__u32 flags;            // slot 0: KPR_SVC_F_*; slots > 0: the backend's state here, KPR_BACKEND_*
-	__u32 affinity_timeout; // slot 0: sessionAffinity timeout in seconds; 0 = no affinity
+	__u32 slot_base;        // kpr_slots index of slot 1 (slot i at slot_base + i - 1); 0: no slots
+	__u16 count;            // selectable backends (slots 1..count); 0 = no backend, reject
+	__u16 terminating;      // terminating backends in slots count+1..count+terminating
+	__u32 rev_nat;          // the frontend's rev-NAT index
+	__u32 flags;            // KPR_SVC_F_*
+	__u32 affinity_timeout; // sessionAffinity timeout in seconds; 0 = no affinity
+};
+
+// kpr_slots value: one backend slot of a frontend scope.
+struct kpr_slot {
+	__u32 backend_id; // the backend's id in kpr_backend
+	__u32 flags;      // the backend's state in this service, KPR_BACKEND_*
 };
 
 // kpr_backend value (key: __u32 backend id; ids start at 1 and are never reused while referenced).
@@ -105,7 +118,7 @@ struct kpr_backend {
 	union kpr_addr addr; // backend address
 	__be16 port;         // backend port, network order
 	__u8 proto;          // IPPROTO_*
-	__u8 reserved;       // zero; was a state shared by all services (now per service, in kpr_svc)
+	__u8 reserved;       // zero; was a state shared by all services (now per service, in kpr_slots)
 	__u8 flags;          // KPR_BACKEND_F_*
 	__u8 pad[3];         // zero
 };
@@ -149,6 +162,7 @@ struct kpr_srcrange_key {
 _Static_assert(sizeof(union kpr_addr) == 16, "kpr_addr layout");
 _Static_assert(sizeof(struct kpr_svc_key) == 24, "kpr_svc_key layout");
 _Static_assert(sizeof(struct kpr_svc_val) == 20, "kpr_svc_val layout");
+_Static_assert(sizeof(struct kpr_slot) == 8, "kpr_slot layout");
 _Static_assert(sizeof(struct kpr_backend) == 24, "kpr_backend layout");
 _Static_assert(sizeof(struct kpr_revnat) == 20, "kpr_revnat layout");
 _Static_assert(sizeof(struct kpr_affinity_key) == 24, "kpr_affinity_key layout");
@@ -158,8 +172,12 @@ _Static_assert(sizeof(struct kpr_srcrange_key) == 24, "kpr_srcrange_key layout")
 
 /* --- maps ---------------------------------------------------------------------------- */
 
-// Frontends and their backend slots.
+// Frontends (service entries).
 BPF_TABLE_PINNED("hash", struct kpr_svc_key, struct kpr_svc_val, kpr_svc, KPR_SVC_MAX, KPR_PIN(kpr_svc));
+// Backend slots of every frontend scope, in ranges kpr_svc_val.slot_base points at; an array:
+// a slot is an index, no hash to insert into or look up. Mmapable: the writer stores into it
+// as memory.
+BPF_TABLE_PINNED("array", __u32, struct kpr_slot, kpr_slots, KPR_SLOTS_MAX, KPR_PIN(kpr_slots), BPF_F_MMAPABLE);
 // Backend id -> backend.
 BPF_TABLE_PINNED("hash", __u32, struct kpr_backend, kpr_backend, KPR_BACKEND_MAX, KPR_PIN(kpr_backend));
 // Rev-NAT index -> frontend.

@@ -8,8 +8,38 @@ compare old and new states and hand the same object to every plugin without copi
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+
+def _quick_init(cls: type[_T]) -> type[_T]:
+    """Give a frozen, slotted dataclass made with init=False the __init__ dataclass would
+    make, setting each slot through its descriptor directly: the generated one goes through
+    object.__setattr__ per field (a frozen class must), which made Backend() cost 1.9 us
+    instead of 1.0 us, for each of the 200k backends of a 20k-service sync. Same signature,
+    defaults and frozenness (assignment after construction still raises)."""
+    params, body, env = [], [], {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.default_factory is not MISSING:  # type: ignore[misc]
+            raise TypeError(f"{cls.__name__}.{f.name}: _quick_init takes no default_factory")
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            env[f"_d_{f.name}"] = f.default
+            params.append(f"{f.name}=_d_{f.name}")
+        env[f"_s_{f.name}"] = cls.__dict__[f.name].__set__
+        body.append(f"    _s_{f.name}(self, {f.name})")
+    source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body) + "\n"
+    namespace: dict[str, Any] = {}
+    exec(source, env, namespace)  # noqa: S102 - built from the class's own field names
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__annotations__ = {**{f.name: f.type for f in fields(cls)}, "return": None}  # type: ignore[arg-type]
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
 
 
 class InvalidObject(ValueError):
@@ -65,7 +95,8 @@ class ServiceKey:
         return cls(namespace, name)
 
 
-@dataclass(frozen=True, slots=True)
+@_quick_init
+@dataclass(frozen=True, slots=True, init=False)
 class Backend:
     address: str
     port: int
@@ -81,7 +112,8 @@ class Backend:
         return ipaddress.ip_address(self.address).version
 
 
-@dataclass(frozen=True, slots=True)
+@_quick_init
+@dataclass(frozen=True, slots=True, init=False)
 class Frontend:
     type: FrontendType
     address: str
@@ -130,7 +162,8 @@ class Frontend:
         return self.internal_local if self.type is FrontendType.CLUSTER_IP else False
 
 
-@dataclass(frozen=True, slots=True)
+@_quick_init
+@dataclass(frozen=True, slots=True, init=False)
 class Service:
     key: ServiceKey
     frontends: tuple[Frontend, ...]

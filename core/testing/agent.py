@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AgentConfig", "kpr_cli", "kpr_cleanup", "running_agent", "scratch_agent", "start_agent"]
+__all__ = ["AgentConfig", "kpr_argv", "kpr_cli", "kpr_cleanup", "running_agent", "scratch_agent", "start_agent"]
 
 
 @dataclass
@@ -111,10 +111,16 @@ class AgentConfig:
         return parse_config(self.text(), str(self.path))
 
 
+def kpr_argv(*args: str) -> list[str]:
+    """The argv of the `kpr` command (this interpreter's kpr.cli) with `args`, for a process a
+    test starts itself (`kpr run` in the background)."""
+    return [sys.executable, "-m", "kpr.cli", *args]
+
+
 def kpr_cli(*args: str, netns: Any = None, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """The `kpr` command (this interpreter's kpr.cli) with `args`, in `netns` (a Namespace)
-    when given; its output captured as text."""
-    argv = [sys.executable, "-m", "kpr.cli", *args]
+    """The `kpr` command (kpr_argv) with `args`, in `netns` (a Namespace) when given; its
+    output captured as text."""
+    argv = kpr_argv(*args)
     if netns is not None:
         return netns.run(argv, check=check, timeout=timeout)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check)

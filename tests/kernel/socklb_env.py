@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kpr import api
 from kpr.bpf.cleanup import cleanup
@@ -34,8 +34,10 @@ from kpr.testing import echo
 from kpr.testing.bpffs import private_bpffs
 from kpr.testing.cgroup import child_cgroup, popen_in_cgroup
 from kpr.testing.echo import PY, answers
+from kpr.testing.agent import AgentConfig, kpr_argv, kpr_cleanup
 from kpr.testing.harness import PluginHarness, plugin_context, start_plugin
 from kpr.testing.netns import Topology
+from kpr.testing.waiting import wait_for
 
 __all__ = ["PY", "answers", "private_bpffs"]  # the kit's, imported from here by older tests
 
@@ -225,7 +227,6 @@ def socklb(kernel_headers: Path) -> Iterator[Env]:
 
 # ---------------------------------------------------------------------- restarts under load
 
-KPR = Path(sys.executable).with_name("kpr")
 RESTART_IP = "10.96.7.20"  # the restart rig's ClusterIP (port 80 -> be1, be2 on PORT)
 
 RESTART_MANIFESTS = f"""
@@ -262,85 +263,107 @@ class Load:
 
 @dataclass
 class AgentRig:
-    """`kpr run` as a real process in one namespace of a topology (`agent_ns`), with the config
-    `config_text` (files source under work/manifests), restarted the ways an operator or
-    systemd would; `load()` starts a LOAD client in `load_ns` (and `load_cgroup`, if any)."""
+    """`kpr run` as a real process in one namespace of a topology (`agent_ns`), restarted the
+    ways an operator or systemd would; `load()` starts a LOAD client in `load_ns` (and
+    `load_cgroup`, if any). Its config is `agent` (kpr.testing.agent.AgentConfig: every path
+    under `work`, the files source with `manifests`), or, for callers stating it as YAML,
+    built from `config_text` (node, plugins and other sections) by `rig_config`."""
 
     topo: Topology
     pin: Path
     work: Path
-    config_text: str
+    config_text: str  # "" when `agent` is given
     manifests: str
     agent_ns: str = "node"
     load_ns: str = "cli"
     load_cgroup: Path | None = None
-    # Another config whose programs differ (a key that changes a compile flag): `upgrade()`
-    # switches between the two, as a new version or a config change brings new BPF code.
-    alt_config_text: str = ""
+    agent: AgentConfig | None = None
     proc: subprocess.Popen | None = None
     starts: int = 0
+    # The upgrade (`upgrade_with`): the plugin whose section changes, the keys, whether applied.
+    _upgrade: tuple[str, dict[str, Any], dict[str, Any]] | None = None
+    _upgraded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.agent is None:
+            self.agent = rig_config(self.work, self.pin, self.config_text)
+        assert self.agent.work == self.work and self.agent.pin == self.pin
 
     @property
     def config(self) -> Path:
-        return self.work / "kpr.yaml"
+        return self.agent.path
 
     def write_config(self) -> None:
-        (self.work / "manifests").mkdir(exist_ok=True)
-        (self.work / "manifests" / "services.yaml").write_text(self.manifests)
-        self.config.write_text(
-            f"source: {{kind: files, path: {self.work}/manifests, statePath: {self.work}/alloc.json, pollInterval: 0.05}}\n"
-            f"bpf: {{pinPath: {self.pin}}}\n"
-            f"api: {{socket: {self.work}/kpr.sock}}\n"
-            f"metrics: {{address: \"\"}}\n"
-            f"agent: {{stateDir: {self.work}/state}}\n" + self.config_text
-        )
+        self.agent.manifest("services", self.manifests)
+        self.agent.write()
 
-    def upgrade_with(self, keys: str) -> "AgentRig":
-        """Make the second config the first with `keys` ("icmpUnreachable: false") added to the
-        plugin's section (the one that sets keepAttachedOnStop)."""
-        at = self.config_text.index("keepAttachedOnStop: ")
-        end = self.config_text.index("}", at)
-        self.alt_config_text = f"{self.config_text[:end]}, {keys}{self.config_text[end:]}"
+    def upgrade_with(self, keys: dict[str, Any] | str) -> "AgentRig":
+        """The config `upgrade()` switches to: the plugin's section (the one that sets
+        keepAttachedOnStop) with `keys` ({"icmpUnreachable": False}, or as YAML) added."""
+        extra = yaml.safe_load(keys) if isinstance(keys, str) else dict(keys)
+        name = next(n for n, sec in self.agent.plugins.items() if "keepAttachedOnStop" in sec)
+        section = self.agent.plugins[name]
+        self._upgrade = (name, extra, {k: section[k] for k in extra if k in section})
         return self
 
     def upgrade(self) -> None:
         """The next start builds other programs: the config switches to the other variant."""
-        assert self.alt_config_text, "this rig has no second config (upgrade_with)"
-        self.config_text, self.alt_config_text = self.alt_config_text, self.config_text
+        assert self._upgrade is not None, "this rig has no second config (upgrade_with)"
+        name, extra, before = self._upgrade
+        section = self.agent.plugins[name]
+        if self._upgraded:
+            for k in extra:
+                section.pop(k, None)
+            section.update(before)
+        else:
+            section.update(extra)
+        self._upgraded = not self._upgraded
         self.write_config()
 
     def status(self) -> dict:
         """The running agent's status (`kpr status --json`)."""
-        return api.get(self.work / "kpr.sock", "/v1/status", timeout=10)
+        return api.get(self.agent.socket, "/v1/status", timeout=10)
 
-    def start(self, timeout: float = 60) -> float:
-        """Start an agent and wait until it reports ready; returns the seconds that took."""
+    def start(self, cpu_budget: float = 90.0, timeout: float = 240.0) -> float:
+        """Start an agent and wait until it reports ready; returns the seconds that took.
+
+        What bounds the wait is the agent's own progress, not the clock: it fails when the
+        agent exits, or has used `cpu_budget` seconds of CPU (its compiles and imports take a
+        few) without being ready. Readiness is not what the restart tests check, and on two
+        CPUs shared with other compiles the same start takes many times longer in wall time;
+        `timeout` (wall) only keeps a hung agent from outliving the test's own timeout."""
         import time
 
         assert self.proc is None or self.proc.poll() is not None, "an agent is running"
         self.starts += 1
-        log = open(self.work / f"agent-{self.starts}.log", "w")
+        log_path = self.work / f"agent-{self.starts}.log"
+        log = open(log_path, "w")
         t0 = time.monotonic()
         # nsenter, not `ip netns exec`: that remounts /sys, and the cgroup2 mount with it
         self.proc = subprocess.Popen(
-            ["nsenter", f"--net={self.topo[self.agent_ns].path}", str(KPR), "run", "--config", str(self.config)],
+            ["nsenter", f"--net={self.topo[self.agent_ns].path}", *kpr_argv("run", "--config", str(self.config))],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )
         log.close()
-        while time.monotonic() - t0 < timeout:
+
+        def ready() -> bool:
+            assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the agent exited ({self.proc.returncode}): "
-                                   f"{(self.work / f'agent-{self.starts}.log').read_text()[-3000:]}")
+                raise RuntimeError(f"the agent exited ({self.proc.returncode}): {log_path.read_text()[-3000:]}")
+            used = cpu_seconds(self.proc.pid)
+            if used > cpu_budget:
+                raise TimeoutError(f"the agent used {used:.1f} s of CPU in {time.monotonic() - t0:.0f} s without "
+                                   f"becoming ready: {log_path.read_text()[-3000:]}")
             # The status route asked in-process (what `kpr status` asks): a `kpr status` process
             # every 50 ms would cost the CPUs as much as the agent's own start does, and the
             # load measured meanwhile would show it.
             try:
-                if self.status().get("ready"):
-                    return time.monotonic() - t0
+                return bool(self.status().get("ready"))
             except api.ApiError:
-                pass  # not listening yet
-            time.sleep(0.05)
-        raise TimeoutError(f"the agent was not ready within {timeout} s")
+                return False  # not listening yet
+
+        wait_for(ready, timeout, "the agent to be ready", lambda: log_path.read_text()[-3000:], interval=0.05)
+        return time.monotonic() - t0
 
     def stop(self, sig: int) -> None:
         assert self.proc is not None
@@ -367,6 +390,23 @@ class AgentRig:
         return Load(proc)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its waited-for children (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])  # stat fields 14-17
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def rig_config(work: Path, pin: Path, text: str) -> AgentConfig:
+    """An AgentConfig (kpr.testing.agent: the test's own paths under `work`, pins under `pin`)
+    with the node, plugins and other top-level sections `text` states in YAML."""
+    doc = yaml.safe_load(text) or {}
+    node = doc.pop("node", {})
+    plugins = {n: dict(sec or {}) for n, sec in (doc.pop("plugins", None) or {}).items()}
+    return AgentConfig(work, pin, node=node.get("name", "node1"), addresses=tuple(node.get("addresses", ())),
+                       devices=tuple(node.get("devices", ())), plugins=plugins, extra=doc, shutdown_timeout=None)
+
+
 def longest_gap(ok: list[list[float]], start: float, end: float) -> float:
     """The longest time (s) without a successful connect starting, around [start, end]: from
     the last success before `start` (or start) to the next, and so on until `end`. A connect
@@ -377,6 +417,13 @@ def longest_gap(ok: list[list[float]], start: float, end: float) -> float:
     after = [t for t in times if t > end]
     points = ([before[-1]] if before else [start]) + inside + ([after[0]] if after else [end])
     return max((b - a for a, b in zip(points, points[1:])), default=end - start)
+
+
+def _kpr_cleanup(pin: Path, work: Path) -> None:
+    """`kpr cleanup` as an operator runs it; its failure is the test's."""
+    res = kpr_cleanup(pin, work)
+    if res.returncode != 0:
+        raise RuntimeError(f"kpr cleanup failed ({res.returncode}): {res.stderr[-2000:]}")
 
 
 @contextlib.contextmanager
@@ -391,12 +438,10 @@ def restart_rig(name: str = "kpr-restart", *, keep_attached: bool = True) -> Ite
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{name}-")))
         build_topology(topo)
         pin = mnt / "kpr"
-        stack.callback(cleanup, pin)
-        config = (
-            f"node: {{name: node1, addresses: [{NODE4}, \"{NODE6}\"], devices: [lo]}}\n"
-            f"plugins: {{socklb: {{enabled: true, cgroupPath: {cg}, keepAttachedOnStop: {str(keep_attached).lower()}}}}}\n"
-        )
-        rig = AgentRig(topo, pin, work, config, RESTART_MANIFESTS, load_cgroup=cg)
+        stack.callback(_kpr_cleanup, pin, work)  # the agent is killed first (below)
+        agent = AgentConfig(work, pin, addresses=(NODE4, NODE6), devices=("lo",), shutdown_timeout=None).plugin(
+            "socklb", cgroupPath=str(cg), keepAttachedOnStop=keep_attached)
+        rig = AgentRig(topo, pin, work, "", RESTART_MANIFESTS, load_cgroup=cg, agent=agent)
         # The upgrade: another reverse-NAT map size is another -D flag, so other programs (the
         # pinned map keeps its size until `kpr cleanup`: the programs are built against it).
         rig.upgrade_with(UPGRADE_KEYS["socklb"])
@@ -420,8 +465,9 @@ SETTLE = 0.3  # seconds after a restarted agent is ready that still count to its
 
 
 # Config keys whose change rebuilds a plugin's programs (another -D flag): the upgrades.
-UPGRADE_KEYS = {"socklb": "reverseNatMapSize: 131072", "tc_nodeport": "icmpUnreachable: false",
-                "xdp_nodeport": "icmpUnreachable: false"}
+UPGRADE_KEYS: dict[str, dict[str, Any]] = {"socklb": {"reverseNatMapSize": 131072},
+                                           "tc_nodeport": {"icmpUnreachable": False},
+                                           "xdp_nodeport": {"icmpUnreachable": False}}
 RESTART_KINDS = ("SIGTERM", "SIGKILL")  # "upgrade": SIGTERM, then a start with other BPF code
 IDLE_WINDOW = 1.5  # seconds of a "none" window: no restart, the load's own gaps (a baseline)
 

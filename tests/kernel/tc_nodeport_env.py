@@ -43,6 +43,7 @@ from kpr.servicemaps import ServiceMapWriter
 from kpr.sources import ObjectRef
 from kpr.store import ObjectStore
 from kpr.testing import echo, harness
+from kpr.testing.agent import AgentConfig
 from kpr.testing.echo import PY, name_and_peer
 from kpr.testing.harness import PluginHarness
 from kpr.testing.netns import Topology
@@ -471,8 +472,8 @@ def nodeport_manifests(pods: tuple[str, ...] = ("p1a", "p2a")) -> str:
 
 @contextlib.contextmanager
 def nodeport_restart_rig(name: str = "kpr-np-restart", *, keep_attached: bool = True, plugin: str = "tc_nodeport",
-                         pods: tuple[str, ...] = ("p1a", "p2a"), section: str = "") -> Iterator[Any]:
-    """A NodePort plugin (tc_nodeport, or xdp_nodeport with `section` "xdpMode: native" and
+                         pods: tuple[str, ...] = ("p1a", "p2a"), section: dict[str, Any] | None = None) -> Iterator[Any]:
+    """A NodePort plugin (tc_nodeport, or xdp_nodeport with `section` {"xdpMode": "native"} and
     remote pods only) under restarts: `kpr run` in node1's namespace on eth0
     (socklb_env.AgentRig), the NodePort NP_RESTART_PORT to `pods`, the load from the external
     client; the agent is killed and everything it attached removed (`kpr cleanup`) afterwards."""
@@ -483,12 +484,9 @@ def nodeport_restart_rig(name: str = "kpr-np-restart", *, keep_attached: bool = 
     n = NODES["node1"]
     with scratch_pin_dir(name) as pin, Topology() as topo, tempfile.TemporaryDirectory(prefix=f"{name}-") as work:
         build_topology(topo, second_device=False, pods=pods)
-        config = (
-            f"node: {{name: node1, addresses: [{n['addr']}, \"{n['addr6']}\"], devices: [eth0]}}\n"
-            f"plugins: {{{plugin}: {{enabled: true, keepAttachedOnStop: {str(keep_attached).lower()}"
-            f"{', ' + section if section else ''}}}}}\n"
-        )
-        rig = AgentRig(topo, pin, Path(work), config, nodeport_manifests(pods), agent_ns="node1", load_ns="cl")
+        agent = AgentConfig(Path(work), pin, addresses=(n["addr"], n["addr6"]), devices=("eth0",), shutdown_timeout=None)
+        agent.plugin(plugin, keepAttachedOnStop=keep_attached, **(section or {}))
+        rig = AgentRig(topo, pin, Path(work), "", nodeport_manifests(pods), agent_ns="node1", load_ns="cl", agent=agent)
         rig.write_config()
         try:
             yield rig

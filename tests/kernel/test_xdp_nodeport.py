@@ -272,7 +272,7 @@ def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -
 
     from kpr.bpf import links
 
-    with nodeport_restart_rig("kpr-xnp-rs", plugin="xdp_nodeport", pods=("p2a",), section="xdpMode: native") as rig:
+    with nodeport_restart_rig("kpr-xnp-rs", plugin="xdp_nodeport", pods=("p2a",), section={"xdpMode": "native"}) as rig:
         full_checksums(rig.topo, "cl", "p2a")
         with peer_pass(rig.topo, "rt", dev_with(rig.topo, "rt", NODES["node1"]["rt"])):
             rig.start()

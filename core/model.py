@@ -79,7 +79,8 @@ class BackendState(str, Enum):
     TERMINATING = "terminating"
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@_quick_init
+@dataclass(frozen=True, slots=True, order=True, init=False)
 class ServiceKey:
     namespace: str
     name: str

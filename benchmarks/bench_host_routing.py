@@ -13,7 +13,12 @@ client netns -- node netns -- pod netns over veths, the pod on a /32 route).
   TCP_STREAM: iperf3, client -> pod, --seconds; Gbit/s received.
 
 The three variants are measured in turn within each round (so drift hits them alike); figures
-are medians over --rounds. The load average is printed before and after. The plugin's counters
+are medians over --rounds. Unless --issue-only, more variants in the same rounds switch one
+build-time cut of lib/host_routing.h off or on against neigh+peer: the route out of the node
+looked up per packet (KPR_HR_OUT_CACHE=0) or only its next hop remembered (=1, still
+bpf_redirect_neigh; the default 2 sends with the remembered MACs by bpf_redirect), and per-packet
+ClusterIP on (the plugin's default; the bench's traffic has no service) with and without the
+conntrack gate (KPR_HR_CT_GATE=0). The load average is printed before and after. The plugin's counters
 are read after each BPF run to prove which helper carried the packets.
 
     .venv/bin/python benchmarks/bench_host_routing.py [--rounds 5] [--seconds 3] [--rules 1000]
@@ -21,9 +26,10 @@ are read after each BPF run to prove which helper carried the packets.
 Ends with one line: `TCP_RR neigh+peer vs legacy: R x`.
 
 `--prog-cost` measures the programs alone instead: BPF_PROG_TEST_RUN on the prog tests' lab
-(host_routing_env.prog_lab), one packet per call (a redirect or NAT would otherwise see its own
-output), the kernel-measured time per packet of each decision minus a bare tc program's,
-cases interleaved within each round, medians over --rounds.
+(host_routing_env.prog_lab, one per build of PROG_BUILDS: the default and each switch), one
+packet per call (a redirect or NAT would otherwise see its own output), the kernel-measured
+time per packet of each decision minus a bare tc program's, builds and cases interleaved
+within each round, medians over --rounds. The kernel's own redirect work is not in it.
 """
 
 from __future__ import annotations
@@ -201,7 +207,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]] | None] = {
 }
 MORE_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]] | None] = {
     "n+p FIB/pkt": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=0",)),
-    "n+p MACs": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=2",)),
+    "n+p nh only": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=1",)),
     "n+p clusterIP": ({"redirectPeer": True, "redirectNeigh": True, "clusterIP": True}, ()),
     "n+p cIP CT/pkt": ({"redirectPeer": True, "redirectNeigh": True, "clusterIP": True}, ("-DKPR_HR_CT_GATE=0",)),
 }
@@ -269,7 +275,7 @@ def prog_cost(args: argparse.Namespace) -> int:
 PROG_BUILDS: dict[str, tuple[str, ...]] = {
     "default": (),
     "FIB lookup per packet out of the node (KPR_HR_OUT_CACHE=0)": ("-DKPR_HR_OUT_CACHE=0",),
-    "MACs remembered too, bpf_redirect (KPR_HR_OUT_CACHE=2)": ("-DKPR_HR_OUT_CACHE=2",),
+    "next hop remembered, still bpf_redirect_neigh (KPR_HR_OUT_CACHE=1)": ("-DKPR_HR_OUT_CACHE=1",),
     "conntrack looked up for every TCP/UDP packet (KPR_HR_CT_GATE=0)": ("-DKPR_HR_CT_GATE=0",),
     "no per-packet ClusterIP (KPR_HR_CLUSTER_IP=0)": ("-DKPR_HR_CLUSTER_IP=0",),
 }
@@ -299,7 +305,7 @@ def lab_cases(lab: Any, bare: Any) -> dict[str, tuple[str, int, int, bytes]]:
         "outside -> node (not a pod)": ("pass_not_pod", ext, lab.eth0, out / tcp(OUT4, NODE4)),
         "outside -> pod, v4 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT4, POD4)),
         "outside -> pod, v6 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT6, POD6, v6=True)),
-        "pod -> outside (neigh)": ("redirect_neigh+out_route_cached", frm, lab.lxc, pod / tcp(POD4, FAR4)),
+        "pod -> outside (neigh)": ("redirect_out+out_route_cached", frm, lab.lxc, pod / tcp(POD4, FAR4)),
         "pod -> other node's pod (overlay)": ("redirect_neigh_overlay+out_route_cached", frm, lab.lxc,
                                               pod / tcp(POD4, REMOTE4)),
         "pod -> ClusterIP, tracked": ("service_established", frm, lab.lxc, pod / tcp(POD4, CIP, 41000, 80)),
@@ -378,7 +384,8 @@ def main() -> int:
     print("  TCP_RR / legacy within each round, median: " + ", ".join(f"{n} {x:.3f}x" for n, x in paired.items()))
     for n, d in proof.items():
         shown = {k: v for k, v in d.items()
-                 if k in ("redirect_peer", "redirect", "redirect_neigh", "pass_neigh_off", "out_route_cached")}
+                 if k in ("redirect_peer", "redirect", "redirect_neigh", "pass_neigh_off", "out_route_cached",
+                           "redirect_out")}
         print(f"  counters, last {n} round: {shown}")
     if args.json:
         print(json.dumps({"results": results, "medians": med, "proof": proof}))

@@ -169,6 +169,13 @@ def rig_fixtures(make: Callable[..., Any] | None = None, *, prefix: str, delete:
     return env, hr
 
 
+def sent_out(d: dict[str, int]) -> int:
+    """Packets host_routing sent out of the node through an external device: by bpf_redirect_neigh
+    (a pair's first packets, and one at least every few seconds) or by bpf_redirect with the
+    remembered next hop's MACs (KPR_HR_OUT_CACHE 2, the rest)."""
+    return d.get("redirect_neigh", 0) + d.get("redirect_out", 0)
+
+
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
 

@@ -63,19 +63,23 @@ def test_agent_learns_bridge_pods_from_the_source_and_serves_clusterips_per_pack
             assert st["details"]["pods"][PODS["p1"][0]]["learnedFrom"] == "route"
             before = st["counters"]["redirect"]
             assert answers(client(topo, "tcp", PODS["b1"][0], PORT, 5, ns="cl")) == [f"b1 {CLIENT}"] * 5
-            assert hr()["counters"]["redirect"] - before >= 10  # to the bridge with the route's MACs
+            # counters are read through another process's API: wait for the state, do not time it
+            wait_for(lambda: hr()["counters"]["redirect"] - before >= 10, timeout=20,
+                     what="b1's packets to the bridge with the route's MACs", show=lambda: hr()["counters"])
 
             # b1 is outside any socket hook (no socklb here): its ClusterIP works per packet
             before = hr()["counters"]["service_new"]
             assert answers(client(topo, "tcp", CIP, 80, 3, ns="b1")) == [f"p2 {PODS['b1'][0]}"] * 3
-            assert hr()["counters"]["service_new"] - before >= 3
+            wait_for(lambda: hr()["counters"]["service_new"] - before >= 3, timeout=20,
+                     what="3 per-packet ClusterIP flows counted", show=lambda: hr()["counters"])
 
             # the Pod leaves the manifests: forgotten; its traffic is the stack's again
             (Path(work) / "manifests" / "services.yaml").write_text(manifests(("p1",)))
             wait_for(lambda: PODS["b1"][0] not in hr()["details"]["pods"], timeout=20, what="b1 forgotten")
             before = hr()["counters"]["pass_not_pod"]
             assert answers(client(topo, "tcp", PODS["b1"][0], PORT, 2, ns="cl")) == [f"b1 {CLIENT}"] * 2
-            assert hr()["counters"]["pass_not_pod"] - before >= 2
+            wait_for(lambda: hr()["counters"]["pass_not_pod"] - before >= 2, timeout=20,
+                     what="b1's packets left to the stack", show=lambda: hr()["counters"])
         finally:
             rig.kill()
             with topo["node"].enter():

@@ -234,13 +234,24 @@ def out_of_node(out: Ether) -> None:
     assert out[IP].dst == FAR4 and out[IP].ttl == 63 and out.src == MAC_POD, out.summary()
 
 
+def out_with_macs(lab: Lab) -> Any:
+    """A pod's packet to FAR4 by a remembered route (KPR_HR_OUT_CACHE 2): one hop less, the MACs
+    of eth0 and of the next hop (OUT4) as the FIB gave them when the route was remembered."""
+    def check(out: Ether) -> None:
+        assert out[IP].dst == FAR4 and out[IP].ttl == 63, out.summary()
+        assert (out.src, out.dst) == (lab.mac, MAC_OUT), out.summary()
+    return check
+
+
 def test_route_out_of_the_node_is_remembered_until_the_generation_moves(lab: Lab) -> None:
     """KPR_HR_OUT_CACHE: a pod's packets to the outside reuse the FIB's route for their (pod,
-    destination) pair (kpr_hr_out) while its generation holds. Proof: a route changed under a
-    remembered one is not seen until the generation moves (the agent's kpr.nexthops watcher
-    moves it on every route and neighbour change); not armed (generation 0), nothing is used."""
+    destination) pair (kpr_hr_out) while its generation holds, sent by bpf_redirect with its
+    MACs. Proof: a route changed under a remembered one is not seen until the generation moves
+    (the agent's kpr.nexthops watcher moves it on every route and neighbour change); not armed
+    (generation 0), nothing is used."""
     pkt = from_pod(lab) / tcp4(POD4, FAR4)
     send = Case("pod to the outside", pkt, TC_ACT_REDIRECT, out_of_node)
+    remembered = Case("by the remembered route", pkt, TC_ACT_REDIRECT, out_with_macs(lab))
     lab.dp.disarm_out()
     try:
         for _ in range(2):  # not armed: the FIB every time
@@ -249,9 +260,9 @@ def test_route_out_of_the_node_is_remembered_until_the_generation_moves(lab: Lab
         lab.dp.bump_out_generation()
         lab.run(D.FROM_POD, lab.lxc, send, "redirect_neigh")  # the FIB's answer, remembered
         assert lab.dp.out_routes() == {(POD4, FAR4): lab.eth0}
-        lab.run(D.FROM_POD, lab.lxc, send, "out_route_cached")
+        lab.run(D.FROM_POD, lab.lxc, remembered, "out_route_cached")
         lab.topo["hr"].run(f"ip route replace blackhole {FAR4}/32")
-        lab.run(D.FROM_POD, lab.lxc, send, "out_route_cached")  # still the remembered route: nobody said
+        lab.run(D.FROM_POD, lab.lxc, remembered, "redirect_out")  # still the remembered route: nobody said
         lab.dp.bump_out_generation()
         lab.run(D.FROM_POD, lab.lxc, Case("after the bump: the FIB's blackhole", pkt, TC_ACT_UNSPEC, same(pkt)),
                 "pass_fib")

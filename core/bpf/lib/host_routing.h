@@ -77,13 +77,6 @@
 #ifndef KPR_HR_NH_CACHE
 #define KPR_HR_NH_CACHE 1 // 1: remember the FIB's answer for pods behind veth/netkit peers (no FIB lookup per packet)
 #endif
-/* pod -> outside (KPR_HR_NEIGH): 0: a FIB lookup per packet; 1: the route's device and next hop
- * remembered per (source, destination) in kpr_hr_out until the generation moves (kpr.nexthops:
- * a route or neighbour change, a sync, every few seconds), the packet still sent by
- * bpf_redirect_neigh, so the kernel's neighbour lookup and state machine stay in charge; 2: the
- * neighbour's MAC remembered too and bpf_redirect with it out of an external device (an overlay
- * still takes 1's way): also skips the kernel's neighbour lookup, but only a miss (a new pair,
- * or the first packet after each generation) goes through the neighbour state machine. */
 /* Conntrack work only where a per-packet service flow can be (KPR_HR_CLUSTER_IP): 1: a packet
  * from a pod looks its destination up as a service first and only a service's packets consult
  * kpr_ct; replies are looked up in kpr_ct only once the programs have ever made a per-packet flow
@@ -92,8 +85,18 @@
 #ifndef KPR_HR_CT_GATE
 #define KPR_HR_CT_GATE 1
 #endif
+/* pod -> outside (KPR_HR_NEIGH): 0: a FIB lookup per packet; 1: the route's device and next hop
+ * remembered per (source, destination) in kpr_hr_out until the generation moves (kpr.nexthops:
+ * a route or neighbour change, a sync, and every 2 s), the packet still sent by
+ * bpf_redirect_neigh; 2: the neighbour's MAC remembered too and the packet sent by bpf_redirect
+ * with it out of an external device (an overlay still takes 1's way), as Cilium sends with the
+ * FIB's MACs: skips the kernel's neighbour output as well (measured: the FIB lookup alone is
+ * within the noise of TCP_RR, the neighbour output is not). The kernel's neighbour state machine
+ * still runs: every miss (a new pair, and each pair's first packet after every generation, so
+ * at least every 2 s) goes out by bpf_redirect_neigh, which keeps the entry in use and probed;
+ * a changed MAC moves the generation at once. */
 #ifndef KPR_HR_OUT_CACHE
-#define KPR_HR_OUT_CACHE 1
+#define KPR_HR_OUT_CACHE 2
 #endif
 #ifndef KPR_HR_OUT_MAX
 #define KPR_HR_OUT_MAX 65536 // (pod, destination) pairs whose route is remembered; LRU
@@ -142,7 +145,8 @@
 #define KPR_HR_ST_SVC_HAIRPIN 22     // per-packet ClusterIP: packets of a pod reaching itself through a service
 #define KPR_HR_ST_NEIGH_OVERLAY 23   // sent into an overlay device by bpf_redirect_neigh (not counted as NEIGH)
 #define KPR_HR_ST_OUT_CACHED 24     // leaving the node by a route from kpr_hr_out (no FIB lookup); also counted by helper
-#define KPR_HR_ST_MAX 25
+#define KPR_HR_ST_REDIRECT_OUT 25   // sent out of the node by bpf_redirect with a remembered next hop's MACs (KPR_HR_OUT_CACHE 2)
+#define KPR_HR_ST_MAX 26
 
 // kpr_ct flag of per-packet flows whose backend is their own client (hairpin): the source
 // becomes the service address, so the pod's reply comes back through its device. A high bit,
@@ -453,7 +457,7 @@ static __always_inline int kpr_hr_out_send(kpr_ctx_t *ctx, const struct kpr_pkt 
 	if (!o->overlay) {
 		if (kpr_fib_set_macs(ctx, o->dmac, o->smac))
 			return CTX_DROP;
-		kpr_hr_count(KPR_HR_ST_REDIRECT);
+		kpr_hr_count(KPR_HR_ST_REDIRECT_OUT);
 		return ctx_redirect(ctx, o->ifindex, 0);
 	}
 #endif

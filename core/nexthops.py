@@ -74,10 +74,24 @@ class NextHopWatcher:
     def start(self) -> NextHopWatcher:
         # subscribed first: a change during the first invalidation is seen
         self._events = EventSocket(RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE, name=self.name)
+        self._prime()
         self._bump("start")
         self._thread = threading.Thread(target=self._run, name=f"kpr-{self.name}", daemon=True)
         self._thread.start()
         return self
+
+    def _prime(self) -> None:
+        """The neighbours' addresses as they are now: a neighbour that already existed and whose
+        first event after the start carries another address is then seen as the change it is
+        (without this, the book would take that address as the first it ever had)."""
+        from pyroute2 import IPRoute
+
+        try:
+            with IPRoute() as ipr:
+                for msg in ipr.get_neighbours():
+                    self.book.changes(msg)
+        except Exception as exc:  # the refresh bounds what is missed
+            log.warning("event=nexthops_prime_failed watcher=%s error=%r", self.name, exc)
 
     def stop(self) -> None:
         if stop_watch(self._events, self._thread, STOP_SECONDS, self.name):

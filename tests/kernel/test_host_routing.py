@@ -173,6 +173,37 @@ def test_a_changed_mtu_is_honoured(hr: Rig) -> None:
     assert answers(client(hr.topo, "tcp", pod, PORT, 2, ns="cl")) == [f"p1 {CLIENT}"] * 2
 
 
+def test_remembered_route_out_follows_a_changed_neighbour(hr: Rig) -> None:
+    """Replies out of the node go by the remembered route with its MACs (kpr_hr_out); when the
+    next hop's MAC changes (the client's NIC replaced, its neighbour entry updated), the plugin's
+    next-hop watcher forgets every remembered route and the traffic follows the new MAC."""
+    p = hr.start()
+    pod, new_mac = PODS["p1"][0], "02:00:00:00:7e:57"
+    old_mac = hr.topo.mac("cl", "eth0")
+    assert answers(client(hr.topo, "tcp", pod, PORT, 2, ns="cl")) == [f"p1 {CLIENT}"] * 2
+
+    def remembered() -> bool:
+        # a sync or refresh just after the traffic may have forgotten it: traffic again until one stays
+        if (pod, CLIENT) in p.datapath.out_routes():
+            return True
+        client(hr.topo, "tcp", pod, PORT, 1, ns="cl")
+        return (pod, CLIENT) in p.datapath.out_routes()
+
+    wait_for(remembered, what="p1's route to the client remembered", show=p.datapath.out_routes)
+    invalidations = p.kpr_status().counters["out_route_invalidations"]
+    try:
+        hr.topo.run("cl", ["ip", "link", "set", "eth0", "address", new_mac])
+        hr.topo.run("node", ["ip", "neigh", "replace", CLIENT, "lladdr", new_mac, "dev", "eth0"])
+        wait_for(lambda: (pod, CLIENT) not in p.datapath.out_routes(), what="remembered routes forgotten")
+        assert p.kpr_status().counters["out_route_invalidations"] > invalidations
+        before = hr.stats()
+        assert answers(client(hr.topo, "tcp", pod, PORT, 3, ns="cl")) == [f"p1 {CLIENT}"] * 3
+        assert sent_out(delta(before, hr.stats())) >= 6
+    finally:
+        hr.topo.run("cl", ["ip", "link", "set", "eth0", "address", old_mac])
+        hr.topo.run("node", ["ip", "neigh", "replace", CLIENT, "lladdr", old_mac, "dev", "eth0"])
+
+
 def test_leaves_what_it_does_not_understand_to_the_stack(hr: Rig) -> None:
     hr.start()
     before = hr.stats()

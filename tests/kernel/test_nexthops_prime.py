@@ -1,0 +1,47 @@
+"""kpr.nexthops: a neighbour that existed before the watcher started and whose address then
+changes invalidates the cached next hops on its first event (the watcher reads every
+neighbour's address at start; otherwise that first event would look like a new neighbour)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kpr.nexthops import NextHopWatcher
+from kpr.testing.netns import Namespace, Topology
+from kpr.testing.waiting import wait_for
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def ns() -> Iterator[Namespace]:
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    with Topology() as topo:
+        topo.add_namespace("a")
+        topo.add_namespace("b")
+        topo.link("a", "b", "10.9.1.1/24", "10.9.1.2/24")
+        yield topo["a"]
+
+
+def test_a_neighbour_known_before_the_start_that_changes_invalidates(ns: Namespace) -> None:
+    ns.run("ip neigh replace 10.9.1.7 lladdr 02:00:00:00:01:07 dev eth0 nud permanent")
+    seen: list[float] = []
+    with ns.enter():
+        w = NextHopWatcher(lambda: seen.append(time.monotonic()), refresh=None, name="test-prime").start()
+    try:
+        assert len(seen) == 1, "once at start (arms the cache)"
+        ns.run("ip neigh replace 10.9.1.7 lladdr 02:00:00:00:01:08 dev eth0 nud permanent")
+        wait_for(lambda: len(seen) > 1, 5, "an invalidation for the address the neighbour had before the start")
+        n = len(seen)
+        ns.run("ip neigh replace 10.9.1.7 lladdr 02:00:00:00:01:08 dev eth0 nud permanent")
+        time.sleep(0.3)
+        assert len(seen) == n, "the same address again: no invalidation"
+        assert w.errors == 0
+    finally:
+        w.stop()

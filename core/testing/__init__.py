@@ -1,7 +1,8 @@
 """The testing kit shared by kpr's and its plugins' tests (README: "Testing a plugin").
 
-- kpr.testing.harness: one plugin (or a few) run as the agent would, against a real service
-  map writer: apply/delete/feed a service, the writer first, then the plugins.
+- kpr.testing.harness: one plugin (or a few) run as the agent would, with the core facilities
+  it requires, against a real service map writer: apply/delete/feed a service through the
+  agent's synchronous bus, the writer first, then the facilities and plugins.
 - kpr.testing.agent: agent configs with every path the test's own (AgentConfig), agents run
   from them in this process (start_agent, running_agent).
 - kpr.testing.echo: echo servers and a client (TCP and UDP, IPv4 and IPv6) in namespaces.

@@ -191,54 +191,76 @@ def wait_ready(proc: subprocess.Popen, sock: Path, deadline: float, log_name: st
     raise RuntimeError(f"the agent was not ready in time; see {log_name}")
 
 
-def stop(proc: subprocess.Popen, cfg: Path) -> None:
-    """SIGTERM (SIGKILL after a minute), then `kpr cleanup` for whatever stayed pinned."""
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM and wait (SIGKILL after a minute); what the agent pinned stays for a restart."""
     proc.terminate()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(60)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-    subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg)], capture_output=True)
 
 
-def run(n: int, tmp: Path, trace: bool, fmt: str = "json", shared: bool = False) -> dict:
+def measure(cmd: list[str], n: int, tmp: Path, tag: str, trace: bool, report: Path) -> tuple[subprocess.Popen, dict]:
+    """Start one agent and measure it up to SETTLE s after ready; returns it still running."""
+    sock = tmp / f"kpr-{n}.sock"
+    log_path = tmp / f"agent-{tag}.log"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / f"notify-{tag}.sock"))
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp / f"notify-{tag}.sock"))
+    t0, started = time.perf_counter(), time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stderr=log, env=env)
+    try:
+        wait_notified(proc, notify, t0 + 600, str(log_path))
+        ready = time.perf_counter() - t0
+        cpu = cpu_seconds(proc.pid)
+        threads = thread_cpu(proc.pid)
+        load = Path("/proc/loadavg").read_text().split()[0]
+        at_ready = proc_status(proc.pid)
+        time.sleep(SETTLE)
+        steady = proc_status(proc.pid)
+        status = wait_ready(proc, sock, time.perf_counter() + 60, str(log_path))
+        assert status["services"] == n, status["services"]
+        if trace:
+            while not report.exists() and proc.poll() is None:
+                time.sleep(0.1)
+    except BaseException:
+        terminate(proc)
+        raise
+    finally:
+        notify.close()
+    out = {"ready": ready, "cpu": cpu, "rss_ready": at_ready["VmRSS"], "rss": steady["VmRSS"], "hwm": steady["VmHWM"],
+           "threads": threads, "load": load, "phases": phases(log_path.read_text(), started)}
+    if trace:
+        out["trace"] = json.loads(report.read_text())
+    return proc, out
+
+
+def run(n: int, tmp: Path, trace: bool, fmt: str = "json", shared: bool = False, restart: bool = False) -> list[dict]:
+    """The measurements of a start (and with `restart`, of a second agent started on what the
+    first one left pinned after SIGTERM: socklb adopts its links without compiling)."""
+    out = []
     with scratch_pin_dir("kpr-bench-mem") as pin, child_cgroup("kpr-bench-mem") as cg:
         cfg = write_config(tmp, n, pin, cg, fmt, shared)
-        sock = tmp / f"kpr-{n}.sock"
-        log = open(tmp / f"agent-{n}.log", "w")
         report = tmp / f"trace-{n}.json"
         if trace:
             cmd = [sys.executable, __file__, "--child", str(cfg), "--report", str(report)]
         else:
             cmd = [sys.executable, "-m", "kpr.cli", "run", "--config", str(cfg)]
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(tmp / f"notify-{n}.sock"))
-        env = dict(os.environ, NOTIFY_SOCKET=str(tmp / f"notify-{n}.sock"))
-        t0, started = time.perf_counter(), time.time()
-        proc = subprocess.Popen(cmd, stderr=log, env=env)
+        proc = None
         try:
-            wait_notified(proc, notify, t0 + 600, log.name)
-            ready = time.perf_counter() - t0
-            cpu = cpu_seconds(proc.pid)
-            threads = thread_cpu(proc.pid)
-            load = Path("/proc/loadavg").read_text().split()[0]
-            at_ready = proc_status(proc.pid)
-            time.sleep(SETTLE)
-            steady = proc_status(proc.pid)
-            status = wait_ready(proc, sock, time.perf_counter() + 60, log.name)
-            assert status["services"] == n, status["services"]
-            if trace:
-                while not report.exists() and proc.poll() is None:
-                    time.sleep(0.1)
+            proc, first = measure(cmd, n, tmp, f"{n}", trace, report)
+            out.append(first)
+            if restart:
+                terminate(proc)
+                report.unlink(missing_ok=True)
+                proc, again = measure(cmd, n, tmp, f"{n}-restart", trace, report)
+                out.append(again)
         finally:
-            stop(proc, cfg)
-            log.close()
-            notify.close()
-    out = {"ready": ready, "cpu": cpu, "rss_ready": at_ready["VmRSS"], "rss": steady["VmRSS"], "hwm": steady["VmHWM"],
-           "threads": threads, "load": load, "phases": phases((tmp / f"agent-{n}.log").read_text(), started)}
-    if trace:
-        out["trace"] = json.loads(report.read_text())
+            if proc is not None:
+                terminate(proc)
+            subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg)], capture_output=True)
     return out
 
 
@@ -321,6 +343,9 @@ def main() -> int:
     ap.add_argument("--shared-addresses", action="store_true",
                     help="endpoint addresses as the shared generator makes them (64k distinct, each in about "
                          "three services; the figures before 2026-12-05's third round), not one per endpoint")
+    ap.add_argument("--restart", action="store_true",
+                    help="also measure a second agent started after SIGTERM on what the first left pinned "
+                         "(socklb adopts its links: no compile)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--report", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -336,34 +361,39 @@ def main() -> int:
           f"{'shared (64k distinct)' if args.shared_addresses else 'one per endpoint'}; {'traced' if args.trace else 'untraced'}")
     print(f"{'services':>8} {'ready s':>8} {'cpu s':>6} {'RSS@ready MB':>12} {'RSS MB':>7} {'HWM MB':>7} "
           f"{'RSS-empty MB':>12} {'HWM-empty MB':>12} {'RSS/empty':>9} {'load':>5}")
-    base = None
+    base: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="kpr-bench-mem-") as tmpd:
         tmp = Path(tmpd)
         for n in sizes:
-            r = run(n, tmp, args.trace, args.format, args.shared_addresses)
-            if base is None:
-                base = r
-            print(f"{n:>8} {r['ready']:>8.2f} {r['cpu']:>6.2f} {r['rss_ready']:>12.0f} {r['rss']:>7.0f} {r['hwm']:>7.0f} "
-                  f"{r['rss'] - base['rss']:>12.0f} {r['hwm'] - base['hwm']:>12.0f} {r['rss'] / base['rss']:>9.2f} "
-                  f"{r['load']:>5}", flush=True)
-            if r["phases"]:  # not from a traced run (its log is warnings only)
-                print("         path to ready (s from start): "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()), flush=True)
-            print("         thread CPU at ready (s): main " + " ".join(f"{c:.2f}" for c in r["threads"][:1])
-                  + ", others " + " ".join(f"{c:.2f}" for c in r["threads"][1:] if c >= 0.01), flush=True)
-            if args.trace:
-                t = r["trace"]
-                print("         RSS by step: " + ", ".join(f"{k} {v:.0f} MB" for k, v in t["steps"].items()))
-                print(f"         Python heap at ready (tracemalloc): {t['traced_mb']:.1f} MB")
-                for name, size in t["files"]:
-                    print(f"           {size / 2**20:8.1f} MB  {name}")
-                for name, size in t["lines"]:
-                    print(f"           {size / 2**20:8.1f} MB  {name}")
+            for kind, r in zip(("", " (restart)"), run(n, tmp, args.trace, args.format, args.shared_addresses, args.restart)):
+                # A restart's baseline is the empty agent's restart (it loads no bcc/LLVM).
+                base.setdefault(kind, r)
+                report_row(n, kind, r, base[kind], args.trace)
     print(f"ready: wall time from process start to READY=1 (cpu: the agent's CPU time until then); RSS: VmRSS {SETTLE:.0f} s after ready (steady); "
           "HWM: VmHWM, the peak; baseline: the first size; load: 1-min load average at ready; path to ready: "
           "config read, socklb compile started, attached, files source started, store synced, writer's initial sync, "
-          "last plugin synced, ready")
+          "last plugin synced, ready; (restart): a second agent started after SIGTERM on what the first left pinned, "
+          "against the empty agent's restart")
     return 0
+
+
+def report_row(n: int, kind: str, r: dict, base: dict, trace: bool) -> None:
+    print(f"{n:>8} {r['ready']:>8.2f} {r['cpu']:>6.2f} {r['rss_ready']:>12.0f} {r['rss']:>7.0f} {r['hwm']:>7.0f} "
+          f"{r['rss'] - base['rss']:>12.0f} {r['hwm'] - base['hwm']:>12.0f} {r['rss'] / base['rss']:>9.2f} "
+          f"{r['load']:>5}{kind}", flush=True)
+    if r["phases"]:  # not from a traced run (its log is warnings only)
+        print("         path to ready (s from start): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()), flush=True)
+    print("         thread CPU at ready (s): main " + " ".join(f"{c:.2f}" for c in r["threads"][:1])
+          + ", others " + " ".join(f"{c:.2f}" for c in r["threads"][1:] if c >= 0.01), flush=True)
+    if trace:
+        t = r["trace"]
+        print("         RSS by step: " + ", ".join(f"{k} {v:.0f} MB" for k, v in t["steps"].items()))
+        print(f"         Python heap at ready (tracemalloc): {t['traced_mb']:.1f} MB")
+        for name, size in t["files"]:
+            print(f"           {size / 2**20:8.1f} MB  {name}")
+        for name, size in t["lines"]:
+            print(f"           {size / 2**20:8.1f} MB  {name}")
 
 
 if __name__ == "__main__":

@@ -121,8 +121,8 @@ class Decoded:
 def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
     """Read and decode every service map (batch lookups; Maglev tables through their ids)."""
     backends: dict[int, dict[str, Any]] = {}
-    for k, v in maps["kpr_backend"].items():
-        backends[M.U32.unpack(k)[0]] = _backend_dict(v)
+    for bid, v in M.backend_items(maps["kpr_backend"]):
+        backends[bid] = _backend_dict(v)
     revnat = {M.U32.unpack(k)[0]: _fk_text(v[:19]) for k, v in maps["kpr_revnat"].items()}
     ranges: dict[int, list[str]] = {}
     for k, _v in maps["kpr_srcrange"].items():
@@ -232,7 +232,8 @@ class DatapathMaps:
     def backend(self, bid: int) -> dict[str, Any] | None:
         """The shared backend entry (no state: see members())."""
         raw = self.maps["kpr_backend"].lookup(M.U32.pack(bid))
-        return None if raw is None else dict(id=bid, **_backend_dict(raw))
+        # an array: a zero entry (protocol 0) is no backend
+        return None if raw is None or not raw[18] else dict(id=bid, **_backend_dict(raw))
 
     def maglev_table(self, rev_nat: int, scope: int) -> M.BpfMap | None:
         """The scope's inner Maglev array (caller closes it), or None when there is none."""
@@ -357,10 +358,12 @@ class DatapathMaps:
         (kpr_slots, an array: the slots the service entries use, in their ranges' size classes)."""
         from .servicemaps.reconcile import slots_in_use
 
-        return {
-            name: (slots_in_use(self.maps["kpr_svc"]) if name == "kpr_slots" else m.count(), m.info().max_entries)
-            for name, m in self.maps.items()
-        }
+        def used(name: str, m: M.BpfMap) -> int:
+            if name == "kpr_slots":
+                return slots_in_use(self.maps["kpr_svc"])
+            return len(M.backend_items(m)) if name == "kpr_backend" else m.count()
+
+        return {name: (used(name, m), m.info().max_entries) for name, m in self.maps.items()}
 
 
 def slot_state(slot: int, count: int, flags: int) -> str:
@@ -476,6 +479,9 @@ def differences(writer: Any, limit: int = 5) -> dict[str, Any]:
                 # an array holds every index: compare the ones the service entries use
                 arr = m.array_values()
                 have[name] = {k: arr[i * 8 : i * 8 + 8] for k, i in zip(want[name], map(_index, want[name]))}
+                continue
+            if name == "kpr_backend":  # an array: its non-zero entries
+                have[name] = {M.U32.pack(i): v for i, v in M.backend_items(m)}
                 continue
             have[name] = dict(m.items()) if name != "kpr_maglev" else {k: b"" for k in m.keys()}
     first: list[str] = []

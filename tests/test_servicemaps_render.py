@@ -121,12 +121,14 @@ def test_bad_backend_address_is_a_clear_error():
         w._render(svc)
 
 
-def test_new_ids_skip_ids_in_use_after_the_last_u32():
-    """Adopted maps may hold id 0xffffffff: new ids start again from 1 and skip any in use."""
+def test_new_ids_stay_below_the_array_and_skip_ids_in_use():
+    """kpr_backend is an array: once the counter reaches its end, new ids start again from 1
+    and skip any in use."""
     w = _writer()
+    top = w.limits["kpr_backend"]
     w._backend_vals[2] = bytes(24)
-    w._backend_vals[0xFFFFFFFF] = bytes(24)
-    w._next_backend = 0x100000000
+    w._backend_vals[top] = bytes(24)
+    w._next_backend = top + 1
     svc = Service(ServiceKey("t", "w"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.4", 80, Protocol.TCP,
                                                   tuple(Backend(f"10.1.0.{j}", 80) for j in (1, 2, 3))),))
     (g,) = w._render(svc).values()

@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import mmap
 import os
+import re
 import socket
 import struct
 import time
@@ -211,7 +212,7 @@ _sz = ctypes.sizeof  # key and value sizes: the structs' (lib/*.h)
 # slots, 280k of kpr_slots; 100k backends). kpr_svc keeps the size it had when it also held the
 # backend slots (a pinned map of an older kpr stays compatible).
 # Hash maps are preallocated: the kernel takes the memory at creation, per max entry, whatever
-# the fill (memlock, kernel 6.18): kpr_svc 112 B (28 MiB), kpr_slots 8 B (4 MiB), kpr_backend 96 B (12 MiB),
+# the fill (memlock, kernel 6.18): kpr_svc 112 B (28 MiB), kpr_slots 8 B (4 MiB), kpr_backend 24 B (3 MiB),
 # kpr_revnat 96 B (6 MiB), kpr_affinity 104 B (6.5 MiB), kpr_maglev 80 B (2.5 MiB) plus 128 KiB
 # per Maglev table in use (M = 16381); kpr_srcrange is not preallocated (per range in use);
 # kpr_ct 144 B (18 MiB), kpr_snat 152 B (19 MiB) since the two-insert SNAT layout (issue 14).
@@ -223,8 +224,9 @@ SPECS: dict[str, MapSpec] = {
         # index -> backend id and its state in the service: every frontend scope's backend slots
         # (mmapable: the writer stores ranges into it as memory, no syscall, no per-entry copy)
         MapSpec("kpr_slots", BPF_MAP_TYPE_ARRAY, 4, _sz(Slot), 524288, "KPR_SLOTS_MAX", BPF_F_MMAPABLE),
-        # backend id -> address, port, protocol (its state is per service, in kpr_svc)
-        MapSpec("kpr_backend", BPF_MAP_TYPE_HASH, 4, _sz(Backend), 131072, "KPR_BACKEND_MAX"),
+        # backend id -> address, port, protocol (its state is per service, in kpr_slots); an
+        # mmapable array: ids stay below max_entries, a zero entry (proto 0) is no backend
+        MapSpec("kpr_backend", BPF_MAP_TYPE_ARRAY, 4, _sz(Backend), 131072, "KPR_BACKEND_MAX", BPF_F_MMAPABLE),
         # rev-NAT index -> frontend address, port, protocol
         MapSpec("kpr_revnat", BPF_MAP_TYPE_HASH, 4, _sz(RevNat), 65536, "KPR_REVNAT_MAX"),
         # (client, rev-NAT index) -> backend id, last use: sessionAffinity, written by programs
@@ -488,6 +490,33 @@ class BpfMap:
             self._mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         return memoryview(self._mmap)
 
+    def store(self, vals: Mapping[int, bytes]) -> None:
+        """Write index -> value into an mmapable array's memory (runs of consecutive indexes
+        as one copy); counted as updates."""
+        if not vals:
+            return
+        vs = (self.value_size + 7) & ~7
+        mem = self.mmap()
+        try:
+            first, n = next(iter(vals)), len(vals)
+            if vs == self.value_size and len(range(first, first + n)) == n and list(vals) == list(range(first, first + n)):
+                # one run (a full sync's new ids): one copy
+                mem[first * vs : (first + n) * vs] = b"".join(vals.values())
+                return
+            run: list[bytes] = []
+            start = prev = -2
+            for i, v in vals.items():
+                if i != prev + 1:
+                    if run:
+                        mem[start * vs : (prev + 1) * vs] = b"".join(run)
+                    run, start = [], i
+                run.append(v)
+                prev = i
+            mem[start * vs : (prev + 1) * vs] = b"".join(run)
+        finally:
+            mem.release()
+            self.ops["update"] += len(vals)
+
     def close(self) -> None:
         if self._mmap is not None:
             try:
@@ -721,6 +750,63 @@ class BpfMap:
             if v is not None:
                 out.append((k, v))
         return out
+
+
+_NONZERO = re.compile(b"[^\x00]")
+
+
+def backend_items(m: BpfMap) -> list[tuple[int, bytes]]:
+    """(id, value) of every backend in kpr_backend: the array's entries whose protocol byte is
+    set (a zero entry is no backend), found by one scan of that column. (A hash, as an older
+    kpr pinned it, or a stand-in with items(): its entries.)"""
+    if getattr(m, "type", None) != BPF_MAP_TYPE_ARRAY:
+        return [(U32.unpack(k)[0], v) for k, v in m.items()]
+    raw = m.array_values()
+    vs = m.value_size
+    col = raw[18::vs]  # kpr_backend.proto
+    return [(i, raw[i * vs : (i + 1) * vs]) for i in (mt.start() for mt in _NONZERO.finditer(col))]
+
+
+# Maps an older kpr pinned as another type, converted by retype_pinned: name -> that type.
+RETYPED: dict[str, int] = {"kpr_backend": BPF_MAP_TYPE_HASH}
+_RETYPE_MAX = 1 << 24  # ids beyond this cannot become array indexes (refused: kpr cleanup)
+
+
+def retyped(m: BpfMap, spec: MapSpec) -> bool:
+    """Whether pinned map `m` is an older kpr's hash of what is an array now (retype_pinned)."""
+    info = m.info()
+    return info.type == RETYPED.get(spec.name) != spec.type and (info.key_size, info.value_size) == (
+        spec.key_size, spec.value_size,
+    )
+
+
+def retype_pinned(m: BpfMap, spec: MapSpec, path: Path) -> BpfMap:
+    """Copy an older kpr's hash kpr_backend into an array of `spec` (every id its index: flows in
+    conntrack keep their backends; sized to hold the largest id) and pin it in its place.
+    Programs still holding the hash keep it until they are replaced. Closes `m`."""
+    items = m.items()
+    ids = [U32.unpack(k)[0] for k, _ in items]
+    top = max(ids, default=0)
+    if top >= _RETYPE_MAX:
+        raise MapIncompatible(
+            f"pinned map {path} (a hash of an older kpr) holds backend id {top}, too large for an array index: "
+            f"run `kpr cleanup` (drops all kpr state)"
+        )
+    spec = replace(spec, max_entries=max(spec.max_entries, top + 1))
+    new = BpfMap.create(spec)
+    try:
+        new.store(dict(sorted(zip(ids, (v for _, v in items)))))
+        tmp = path.with_name(path.name + "_retyped")
+        if tmp.exists():
+            tmp.unlink()
+        new.pin(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        new.close()
+        raise
+    m.close()
+    log.warning("event=map_type_upgraded map=%s path=%s entries=%d max_entries=%d", spec.name, path, len(items), spec.max_entries)
+    return new
 
 
 def inner_max_entries(outer: BpfMap) -> int | None:

@@ -159,9 +159,9 @@ class Collector:
 
     def _backends(self) -> dict[int, tuple[bytes, int]]:
         current = {}
-        for k, v in self.maps["kpr_backend"].items():
+        for bid, v in M.backend_items(self.maps["kpr_backend"]):  # an array: its non-zero entries
             addr, port, _proto, _state, _flags = M.BACKEND.unpack(v)
-            current[M.U32.unpack(k)[0]] = (addr, port)
+            current[bid] = (addr, port)
         # names of backends gone since the last pass are kept one more pass
         merged = dict(self._backend_names)
         merged.update(current)

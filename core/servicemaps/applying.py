@@ -65,8 +65,8 @@ class ApplyMixin:
             old = {fk: self._groups.get(fk) for fk in old_fks}
             refusal = self._refusal(old, desired)
             if refusal is None:
-                full = self._place(desired)
-                refusal = _slots_refusal(full) if full is not None else None
+                hit = self._place(desired)
+                refusal = Refusal(*hit, self.limits[hit[0]], (hit[:2],)) if hit is not None else None
             if refusal is not None:
                 self._refuse(key, refusal)
                 self._forget_render()
@@ -159,7 +159,7 @@ class ApplyMixin:
                     and not g.srcrange
                     and not g.maglev
                     and g.revnat
-                    and (g.base or not g.span or self._place(mine) is None)
+                    and (g.base or not g.span or self._place_one(g))
                 ):
                     desired.update(mine)
                     used["kpr_svc"] += g.n_svc
@@ -171,9 +171,8 @@ class ApplyMixin:
             need = self._needs(mine.values(), used_bids)
             hit = first_overflow(used, need, limits)
             if hit is None:
-                full = self._place(mine)
-                if full is not None:  # the count fits, no free range does (fragmented)
-                    hit = ("kpr_slots", full.need, full.free)
+                # the counts fit; no free range (fragmented kpr_slots) or id may
+                hit = self._place(mine)
             if hit is not None:
                 wanted = need
                 mine = {fk: old[fk] for fk in mine if fk in old}
@@ -193,9 +192,28 @@ class ApplyMixin:
         return desired
     # ------------------------------------------------------------------ capacity
 
-    def _place(self, groups: dict[bytes, _Group]) -> SlotsFull | None:
+    def _place_one(self, g: _Group) -> bool:
+        """_place for a full sync's common frontend (one group, a range to take): False when
+        it does not fit (the general path then says why)."""
+        if self._ids_over:
+            return False
+        try:
+            base = self._slots.alloc(len(g.slot_vals) >> 3)[0]
+        except SlotsFull:
+            return False
+        g.place(base)
+        self._fresh_slots.append((g.revnat[:19], base, g.span))
+        return True
+
+    def _place(self, groups: dict[bytes, _Group]) -> tuple[str, int, int] | None:
         """Allocate a kpr_slots range for every group that needs one (rendered with new slot
-        values); all or none: on SlotsFull the ranges taken here are given back and returned."""
+        values); all or none. Returns (map, needed, free) when they do not fit: no free range
+        (kpr_slots), or a backend id past the kpr_backend array (every id was taken)."""
+        top = self.limits["kpr_backend"]
+        if self._ids_over:
+            over = {bid for g in groups.values() for bid in g.backends if bid > top}
+            if over:
+                return "kpr_backend", len(over), max(0, top - len(self._backend_vals))
         taken: list[tuple[bytes, _Group]] = []
         alloc = self._slots.alloc
         try:
@@ -208,7 +226,7 @@ class ApplyMixin:
             for _fk, g in taken:
                 self._slots.free(g.base, g.span, hold=False)
                 g.base = 0
-            return e
+            return "kpr_slots", e.need, e.free
         self._fresh_slots += [(fk, g.base, g.span) for fk, g in taken]
         return None
 
@@ -300,6 +318,7 @@ class ApplyMixin:
     # ------------------------------------------------------------------ applying a diff
 
     def _begin(self) -> None:
+        self._ids_over = False  # an id past the kpr_backend array was handed out (see _place)
         self._pending_vals = {}
         self._fresh_revnat = []
         self._fresh_slots = []
@@ -495,11 +514,9 @@ class ApplyMixin:
         # 1. what service entries will point at: backends, their slots, rev-NAT entries, ...
         if slot_up:
             self._write_slots(slot_up)
-        if be_up and b:
-            # ids as one array of u32 (M.U32's layout), no bytes object per key
-            mp["kpr_backend"].update_blob(array("I", be_up).tobytes(), b"".join(be_up.values()), len(be_up))
-        elif be_up:
-            mp["kpr_backend"].update_many([M.U32.pack(i) for i in be_up], list(be_up.values()), batch=b)
+        if be_up:
+            # an array: stored into its memory, runs of consecutive ids (a full sync's) at once
+            mp["kpr_backend"].store(be_up)
         if rn_up:
             mp["kpr_revnat"].update_many([M.U32.pack(i) for i in rn_up], list(rn_up.values()), batch=b)
         if sr_up:
@@ -586,7 +603,10 @@ class ApplyMixin:
                     mp[name].delete_many(sorted(keys), batch=b and name != "kpr_maglev")
                     keys.clear()
         if be_del:
-            mp["kpr_backend"].delete_many([M.U32.pack(i) for i in be_del], batch=b)
+            # an array: a zero entry is no backend (kpr_lb_backend)
+            mp["kpr_backend"].store(dict.fromkeys(sorted(be_del), _NO_BACKEND))
+            mp["kpr_backend"].ops["delete"] += len(be_del)
+            mp["kpr_backend"].ops["update"] -= len(be_del)
 
     def _write_slots(self, groups: list[_Group]) -> None:
         """Store the groups' kpr_slots ranges straight into the mmapped array: no syscall and no
@@ -629,8 +649,7 @@ class ApplyMixin:
                 self.upsert(svc)
 
 
-def _slots_refusal(e: SlotsFull) -> Refusal:
-    return Refusal("kpr_slots", e.need, e.free, e.limit, (("kpr_slots", e.need),))
+_NO_BACKEND = bytes(M.BACKEND.size)
 
 
 def _svc_delete_order(k: bytes) -> tuple[bool, bool]:

@@ -166,8 +166,7 @@ class _Group:
         vals = self._svc_vals
         size = len(vals) // n if n else 0
         if n == 1:
-            count, term = _COUNTS.unpack_from(vals, 4)
-            if count + term:
+            if self.slot_vals:  # (its one scope's count + terminating > 0)
                 self._svc_vals = M.U32.pack(base) + vals[4:]
             return
         buf = bytearray(vals)

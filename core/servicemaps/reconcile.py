@@ -33,10 +33,10 @@ class ReconcileMixin:
 
         # Whole maps at a time (a restart adopts, and every full sync re-reads, 1M entries at
         # 50k services): values unpacked by struct over the joined entries, not one by one.
-        be_items = self.maps["kpr_backend"].items()
+        be_items = M.backend_items(self.maps["kpr_backend"])
         vals = self._backend_vals
         if be_items:
-            bids = [t[0] for t in M.U32.iter_unpack(b"".join([k for k, _ in be_items]))]
+            bids = [i for i, _ in be_items]
             bvals = [v for _, v in be_items]
             vals.update(zip(bids, bvals))
             self._backend_ids = dict(zip([v[:19] for v in bvals], bids))
@@ -230,12 +230,14 @@ class ReconcileMixin:
             return {name: c[name] for name in M.SERVICE_MAPS}
 
     def kernel_counts(self) -> dict[str, int]:
-        """Entries per map as the kernel holds them (read back). kpr_slots, an array, always
-        holds max_entries: its figure is the slots the kernel's service entries point at."""
+        """Entries per map as the kernel holds them (read back). The arrays always hold
+        max_entries: kpr_slots counts the slots the service entries point at, kpr_backend
+        its non-zero entries."""
         with self._lock:
             self._require_open()
-            out = {name: self.maps[name].count() for name in M.SERVICE_MAPS if name != "kpr_slots"}
+            out = {name: self.maps[name].count() for name in M.SERVICE_MAPS if name not in ("kpr_slots", "kpr_backend")}
             out["kpr_slots"] = slots_in_use(self.maps["kpr_svc"])
+            out["kpr_backend"] = len(M.backend_items(self.maps["kpr_backend"]))
             return {name: out[name] for name in M.SERVICE_MAPS}
 
     def ops(self) -> dict[str, dict[str, int]]:

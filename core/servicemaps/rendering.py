@@ -60,18 +60,28 @@ class RenderMixin:
     # ------------------------------------------------------------------ allocation
 
     def _backend_id(self, bkey: bytes) -> int:
+        """The backend's id, a new one when it has none: kpr_backend is an array, so ids stay
+        below its size (1..max_entries-1). From a counter; once it has reached the end, the
+        next id not in use after the last one given (not the lowest: an id freed a moment ago,
+        which established flows in conntrack may still name, is taken again last)."""
         bid = self._backend_ids.get(bkey)
         if bid is None:
+            top = self.limits["kpr_backend"] + 1
             bid = self._next_backend
-            if self._ids_wrapped or not 0 < bid < 0xFFFFFFFF:
-                if bid > 0xFFFFFFFF:  # past the last u32 (adopted maps held id 0xffffffff): from 0 again
-                    bid &= 0xFFFFFFFF
+            if self._ids_wrapped or not 0 < bid < top:
+                if not 0 < bid < top:
+                    bid = 1
                     self._ids_wrapped = True
-                while bid in self._backend_vals or bid == 0:
-                    bid = (bid + 1) & 0xFFFFFFFF
-            self._next_backend = (bid + 1) & 0xFFFFFFFF or 1
-            if self._next_backend <= bid:
-                self._ids_wrapped = True
+                vals, pending = self._backend_vals, self._pending_vals
+                for _ in range(top):
+                    if bid not in vals and bid not in pending:
+                        break
+                    bid = bid + 1 if bid + 1 < top else 1
+                else:
+                    # none free: an id past the array, which ApplyMixin._place refuses (never written)
+                    bid = max(top, max(pending, default=0) + 1)
+                    self._ids_over = True
+            self._next_backend = bid + 1
             self._backend_ids[bkey] = bid
         return bid
 
@@ -207,7 +217,7 @@ class RenderMixin:
         bids = list(map(backend_ids.get, bkeys))
         if None in bids:
             nxt = self._next_backend
-            if not self._ids_wrapped and 0 < nxt and nxt + n < 0xFFFFFFFF:
+            if not self._ids_wrapped and 0 < nxt and nxt + n <= self.limits["kpr_backend"]:
                 # straight from the counter: below it every id is taken, above it none
                 if bids.count(None) == n and len(set(bkeys)) == n:
                     # all new (as in a full sync into empty maps): at once

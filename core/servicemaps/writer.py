@@ -26,6 +26,7 @@ from .slots import SlotAllocator
 log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
 
 MapIncompatible = M.MapIncompatible
+_ARRAYS = ("kpr_slots", "kpr_backend")  # service maps that are arrays: index 0 unused
 
 
 class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
@@ -62,8 +63,8 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
             [n for n in self.specs if n not in M.SERVICE_MAPS] if create_datapath_maps else []
         )
         self.maps: dict[str, M.BpfMap] = {}
-        # (kpr_slots: index 0 is never used, see kpr.servicemaps.slots)
-        self.limits = {name: self.specs[name].max_entries - (name == "kpr_slots") for name in M.SERVICE_MAPS}
+        # (the arrays kpr_slots and kpr_backend never use index 0: slot_base 0 and id 0 mean none)
+        self.limits = {name: self.specs[name].max_entries - (name in _ARRAYS) for name in M.SERVICE_MAPS}
         self._lock = threading.RLock()
         # Depth of public operations (apply_batch, and upserts inside it or retried from
         # another): held kpr_slots ranges are released only when an outermost one begins
@@ -125,6 +126,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         self._pending_vals: dict[int, bytes] = {}  # id -> value (its first 19 bytes: the identity)
         self._fresh_revnat: list[bytes] = []
         self._fresh_slots: list[tuple[bytes, int, int]] = []  # (frontend key, base, span) allocated
+        self._ids_over = False  # a backend id past the kpr_backend array was handed out (ApplyMixin._place)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -140,6 +142,9 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
                     if path.exists():
                         m = M.BpfMap.open_pinned(path)
                         self.maps[name] = m
+                        if M.retyped(m, spec):
+                            # an older kpr's hash kpr_backend: copied into an array, ids kept
+                            m = self.maps[name] = M.retype_pinned(m, spec, path)
                         spec = self._pinned_size(m, spec)
                         if M.grows(m, spec):
                             # flow state of an older layout: carried over, not refused
@@ -178,7 +183,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         spec = replace(spec, max_entries=have)
         self.specs[spec.name] = spec
         if spec.name in self.limits:
-            self.limits[spec.name] = have - (spec.name == "kpr_slots")
+            self.limits[spec.name] = have - (spec.name in _ARRAYS)
         return spec
 
     def close(self) -> None:

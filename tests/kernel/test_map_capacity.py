@@ -58,10 +58,13 @@ def frontends(w: ServiceMapWriter) -> set[str]:
 def kernel_equals_status(w: ServiceMapWriter) -> None:
     """The kernel holds exactly what the writer believes and what status reports."""
     kernel = w.kernel_counts()
-    # (kpr_slots, an array, holds every index: its count is what the service entries point at)
-    assert {n: c for n, c in kernel.items() if n != "kpr_slots"} == {
-        name: len(w.maps[name].items()) for name in M.SERVICE_MAPS if name != "kpr_slots"
+    # (the arrays hold every index: kpr_slots counts what the service entries point at,
+    # kpr_backend its non-zero entries)
+    arrays = ("kpr_slots", "kpr_backend")
+    assert {n: c for n, c in kernel.items() if n not in arrays} == {
+        name: len(w.maps[name].items()) for name in M.SERVICE_MAPS if name not in arrays
     }
+    assert kernel["kpr_backend"] == len(M.backend_items(w.maps["kpr_backend"]))
     assert kernel == w.entry_counts()
     counters = w.kpr_status().counters
     assert {name: int(counters[f"entries_{name}"]) for name in M.SERVICE_MAPS} == kernel
@@ -249,7 +252,7 @@ def test_a_backend_the_repair_writes_back_keeps_its_id_to_itself(pin_path: Path)
         w.upsert(cluster_ip("a", "10.96.1.1"))
         ids_a = w.backend_ids()
         top = max(ids_a.values())
-        w.maps["kpr_backend"].delete(M.U32.pack(top))  # the newest backend, gone by hand
+        w.maps["kpr_backend"].update(M.U32.pack(top), bytes(M.BACKEND.size))  # the newest backend, gone by hand
         assert w.check() == 1
         w.upsert(cluster_ip("b", "10.96.1.2", (Backend("10.2.0.1", 8080),)))
         ids = w.backend_ids()

@@ -880,11 +880,14 @@ def test_nat_header_allocates_snat_ports_and_reverses_replies(lb_setup: tuple[Lb
 def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore_them(pin_path: Path) -> None:
     """Upgrade from the per-slot layout (README "Service map writer: the slot layout"): an
     older kpr kept backend slots 1..count as kpr_svc entries, read by its programs still
-    attached. The new writer adopts their backend ids, leaves those entries in place through
-    the initial sync and deletes them at the first check() after it; new programs read only
-    kpr_slots."""
+    attached, and kpr_backend was a hash. The new writer copies the hash into an array (every
+    id its index), adopts the backend ids, leaves the slot entries in place through the initial
+    sync and deletes them at the first check() after it; new programs read only kpr_slots."""
+    from dataclasses import replace
+
     pin_path.mkdir(parents=True, exist_ok=True)
     specs = M.specs_with(None, MAGLEV_M)
+    specs["kpr_backend"] = replace(specs["kpr_backend"], type=M.BPF_MAP_TYPE_HASH, flags=0)
     vip, port = M.addr_to_bytes("10.96.0.10"), M.htons(80)
     for name in ("kpr_svc", "kpr_backend", "kpr_revnat"):
         with M.BpfMap.create(specs[name]) as m:
@@ -903,6 +906,10 @@ def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore
     with ServiceMapWriter(pin_path, maglev_size=MAGLEV_M) as w:
         assert w.read_back()["frontends"][label]["stray_slots"] == [1, 2]
         assert w.backend_ids() == {"10.1.0.1:8080/TCP": 11, "10.1.0.2:8080/TCP": 12}
+        info = w.maps["kpr_backend"].info()
+        assert (info.type, info.max_entries) == (M.BPF_MAP_TYPE_ARRAY, M.SPECS["kpr_backend"].max_entries)
+        with M.BpfMap.open_pinned(pin_path / "kpr_backend") as pinned:
+            assert pinned.id == w.ids()["kpr_backend"], "the array is pinned in the hash's place"
         # the initial state, as the writer stage hands it over
         assert w.apply_batch([("upsert", svc), ("sync", None)]) == {}
         read = w.read_back()["frontends"][label]

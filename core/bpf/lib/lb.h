@@ -187,7 +187,9 @@ static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *s
  * backend from conntrack, a pick's result), so its layout stays lb.h's business. */
 static __always_inline struct kpr_backend *kpr_lb_backend(__u32 id)
 {
-	return kpr_backend.lookup(&id);
+	struct kpr_backend *be = kpr_backend.lookup(&id);
+
+	return be && be->proto ? be : (void *)0; // an array: a zero entry is no backend
 }
 
 /* Pick the backend for a new flow to the service entry `key`/`svc` found by kpr_lb_lookup():

@@ -13,7 +13,8 @@
  *                 here, swept once every program reads kpr_slots)
  *   kpr_slots     index -> backend id and its state in that service (ARRAY; a frontend scope's
  *                 selectable backends at slot_base.., its terminating ones right after)
- *   kpr_backend   backend id -> address, port (shared by every service listing it: no state)
+ *   kpr_backend   backend id -> address, port (shared by every service listing it: no state);
+ *                 an array indexed by id, a zero entry (proto 0) = no backend
  *   kpr_revnat    rev-NAT index -> frontend address/port (what replies are rewritten to)
  *   kpr_affinity  (client, rev_nat) -> backend id, last use      (LRU, written by programs)
  *   kpr_maglev    (rev_nat, scope) -> inner array of KPR_MAGLEV_M backend ids (hash of maps)
@@ -113,11 +114,11 @@ struct kpr_slot {
 	__u32 flags;      // the backend's state in this service, KPR_BACKEND_*
 };
 
-// kpr_backend value (key: __u32 backend id; ids start at 1 and are never reused while referenced).
+// kpr_backend value (index: __u32 backend id, 1..KPR_BACKEND_MAX-1; never reused while referenced).
 struct kpr_backend {
 	union kpr_addr addr; // backend address
 	__be16 port;         // backend port, network order
-	__u8 proto;          // IPPROTO_*
+	__u8 proto;          // IPPROTO_*; never 0 in a backend (a zero entry of the array is no backend)
 	__u8 reserved;       // zero; was a state shared by all services (now per service, in kpr_slots)
 	__u8 flags;          // KPR_BACKEND_F_*
 	__u8 pad[3];         // zero
@@ -178,8 +179,10 @@ BPF_TABLE_PINNED("hash", struct kpr_svc_key, struct kpr_svc_val, kpr_svc, KPR_SV
 // a slot is an index, no hash to insert into or look up. Mmapable: the writer stores into it
 // as memory.
 BPF_TABLE_PINNED("array", __u32, struct kpr_slot, kpr_slots, KPR_SLOTS_MAX, KPR_PIN(kpr_slots), BPF_F_MMAPABLE);
-// Backend id -> backend.
-BPF_TABLE_PINNED("hash", __u32, struct kpr_backend, kpr_backend, KPR_BACKEND_MAX, KPR_PIN(kpr_backend));
+// Backend id -> backend: an array (a lookup is an index, an insert a store; mmapable: the
+// writer stores into it as memory). Read only through kpr_lb_backend() (lib/lb.h).
+BPF_TABLE_PINNED("array", __u32, struct kpr_backend, kpr_backend, KPR_BACKEND_MAX, KPR_PIN(kpr_backend),
+		 BPF_F_MMAPABLE);
 // Rev-NAT index -> frontend.
 BPF_TABLE_PINNED("hash", __u32, struct kpr_revnat, kpr_revnat, KPR_REVNAT_MAX, KPR_PIN(kpr_revnat));
 // sessionAffinity memory; LRU so forgotten clients age out without a sweeper.

@@ -793,18 +793,7 @@ def retype_pinned(m: BpfMap, spec: MapSpec, path: Path) -> BpfMap:
             f"run `kpr cleanup` (drops all kpr state)"
         )
     spec = replace(spec, max_entries=max(spec.max_entries, top + 1))
-    new = BpfMap.create(spec)
-    try:
-        new.store(dict(sorted(zip(ids, (v for _, v in items)))))
-        tmp = path.with_name(path.name + "_retyped")
-        if tmp.exists():
-            tmp.unlink()
-        new.pin(tmp)
-        os.rename(tmp, path)
-    except BaseException:
-        new.close()
-        raise
-    m.close()
+    new = _copy_in_place(m, spec, path, "_retyped", lambda n: n.store(dict(sorted(zip(ids, (v for _, v in items))))))
     log.warning("event=map_type_upgraded map=%s path=%s entries=%d max_entries=%d", spec.name, path, len(items), spec.max_entries)
     return new
 
@@ -839,20 +828,12 @@ def grows(m: BpfMap, spec: MapSpec) -> bool:
     )
 
 
-def grow_pinned(m: BpfMap, spec: MapSpec, path: Path) -> BpfMap:
-    """Copy the pinned map `m` (an older layout, see grows()) into a new map of `spec` (its
-    size kept), every value zero-extended, and pin the new map in its place. Programs still
-    holding the old map keep it until they are replaced; flows they begin after the copy are
-    not carried over. Closes `m`; returns the new map."""
-    info = m.info()
-    spec = replace(spec, max_entries=info.max_entries)
+def _copy_in_place(m: BpfMap, spec: MapSpec, path: Path, suffix: str, fill: Any) -> BpfMap:
+    """A new map of `spec`, filled by fill(new), pinned in the place of `m` (closed)."""
     new = BpfMap.create(spec)
     try:
-        items = m.items()
-        pad = bytes(spec.value_size - info.value_size)
-        if items:
-            new.update_many([k for k, _ in items], [v + pad for _, v in items])
-        tmp = path.with_name(path.name + "_grown")  # bpffs refuses dots in names
+        fill(new)
+        tmp = path.with_name(path.name + suffix)  # bpffs refuses dots in names
         if tmp.exists():  # a copy a crashed agent left behind
             tmp.unlink()
         new.pin(tmp)
@@ -862,6 +843,24 @@ def grow_pinned(m: BpfMap, spec: MapSpec, path: Path) -> BpfMap:
         new.close()
         raise
     m.close()
+    return new
+
+
+def grow_pinned(m: BpfMap, spec: MapSpec, path: Path) -> BpfMap:
+    """Copy the pinned map `m` (an older layout, see grows()) into a new map of `spec` (its
+    size kept), every value zero-extended, and pin the new map in its place. Programs still
+    holding the old map keep it until they are replaced; flows they begin after the copy are
+    not carried over. Closes `m`; returns the new map."""
+    info = m.info()
+    spec = replace(spec, max_entries=info.max_entries)
+    items = m.items()
+    pad = bytes(spec.value_size - info.value_size)
+
+    def fill(n: BpfMap) -> None:
+        if items:
+            n.update_many([k for k, _ in items], [v + pad for _, v in items])
+
+    new = _copy_in_place(m, spec, path, "_grown", fill)
     log.warning(
         "event=map_layout_upgraded map=%s path=%s entries=%d value_size_old=%d value_size=%d",
         spec.name, path, len(items), info.value_size, spec.value_size,

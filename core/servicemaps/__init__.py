@@ -12,9 +12,11 @@ to the desired state:
   rebuilds the shadow from them: backend ids, rev-NAT indexes and slot order are kept, so
   established flows (conntrack holds backend ids and rev-NAT indexes) survive a restart.
   Entries nobody re-delivers are removed at sync complete (the bus's "sync" change).
-- Safe ordering for concurrent readers: backends, rev-NAT entries, source ranges and Maglev
-  tables are written before the service entries that lead to them; slot 0 (the count) is
-  written after its slots and deleted before them; orphans are deleted last.
+- Safe ordering for concurrent readers: backends, backend slots (a new kpr_slots range per
+  change, see kpr.servicemaps.slots), rev-NAT entries, source ranges and Maglev tables are
+  written before the service entries that lead to them; a frontend's old range is freed only
+  after the entry points at the new one, and reused from the next operation on; orphans are
+  deleted last.
 
 - Planned capacity. Before writing, the writer checks that the desired state fits each map
   (max_entries); a service that would not fit is refused on its own (logged and reported in
@@ -32,7 +34,7 @@ to the desired state:
   agent's readiness.
 
 A frontend group is everything one (address, port, protocol) owns: its service entries in
-both scopes, rev-NAT entry, source ranges and Maglev tables. Groups are owned by one service;
+both scopes, its kpr_slots range, rev-NAT entry, source ranges and Maglev tables. Groups are owned by one service;
 a second service claiming the same frontend is reported as a conflict and retried when the
 owner lets go.
 """
@@ -42,7 +44,8 @@ from .params import SIZE_KEYS, SIZE_KEYS_ALL, Refusal, WriterParams, first_overf
 from .rendering import ALGORITHM_ANNOTATION
 from .writer import MapIncompatible, ServiceMapWriter
 
-# Modules: params (sizes, WriterParams, writer_params), groups (entry encoding, _Group),
+# Modules: params (sizes, WriterParams, writer_params), groups (entry encoding, _Group), slots
+# (kpr_slots ranges),
 # rendering (Service -> groups, no syscalls), applying (upsert/delete/full_sync, diff and
 # batches), reconcile (adoption, check/repair, gc, read_back), hooks (the plugin side),
 # writer (the class, composed from them, and the maps' lifecycle).

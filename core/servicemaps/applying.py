@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import logging
-from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager

@@ -82,23 +82,6 @@ class SlotAllocator:
         self.used += span
         return base, span
 
-    def alloc_run(self, spans: list[int]) -> int:
-        """Fresh contiguous ranges of these spans (class sizes) from the bump pointer, one
-        after the other; returns the first base (a full sync into empty maps). Raises SlotsFull
-        when they do not fit there (the caller then allocates one by one)."""
-        total = sum(spans)
-        if self.top + total > self.limit:
-            raise SlotsFull(total, self.free_slots, self.limit - 1)
-        base = self.top
-        live = self.live
-        b = base
-        for s in spans:
-            live[b] = s
-            b += s
-        self.top = b
-        self.used += total
-        return base
-
     def _split(self, span: int) -> int:
         """A range of `span` cut from a larger free one (the rest goes back in class pieces)."""
         for cls in _CLASSES:

@@ -933,3 +933,30 @@ def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore
             assert dest(prog.run(v4("10.0.1.5", "10.96.0.10", 42000, 80))[1]) in picks
         finally:
             prog.b.cleanup()
+
+
+def test_a_range_freed_in_a_batch_is_reused_only_by_a_later_one(pin_path: Path) -> None:
+    """A change writes the frontend's new kpr_slots range before the entry pointing at it and
+    frees the old one after; a program that read the old entry just before may still read the
+    old range, so no change of the same bus batch may take it."""
+
+    def svc(name: str, vip: str, backend: Backend) -> Service:
+        return Service(ServiceKey("default", name), (Frontend(CIP, vip, 80, TCP_, (backend,)),))
+
+    def base(vip: str) -> int:
+        raw = w.maps["kpr_svc"].lookup(M.SVC_KEY.pack(M.addr_to_bytes(vip), M.htons(80), 6, 0, 0, 0))
+        return M.SVC_VAL.unpack(raw)[0]
+
+    with ServiceMapWriter(pin_path) as w:
+        assert w.apply_batch([("upsert", svc("a", "10.96.5.1", B2)), ("sync", None)]) == {}
+        old = base("10.96.5.1")
+        # a's backend changes (a new range of the same size class) and b arrives, in one batch
+        assert w.apply_batch([("upsert", svc("a", "10.96.5.1", be("10.1.0.4"))), ("upsert", svc("b", "10.96.5.2", B3))]) == {}
+        assert old not in (base("10.96.5.1"), base("10.96.5.2"))
+        # the next batch may take it
+        assert w.apply_batch([("upsert", svc("c", "10.96.5.3", be("10.1.0.5")))]) == {}
+        assert base("10.96.5.3") == old
+        read = w.read_back()["frontends"]
+        assert [read[f"10.96.5.{i}:80/TCP external"]["backends"] for i in (1, 2, 3)] == [
+            ["10.1.0.4:8080"], ["10.1.0.3:8080"], ["10.1.0.5:8080"]
+        ]

@@ -442,7 +442,7 @@ STOPS = (
     (4, "tail call, stage re-parse, backend lookup"),
     (5, "FIB lookup (established: the cached next hop)"),
     (6, "SNAT port + conntrack entry, DNAT + SNAT rewrite"),
-    (0, "forward (full program)"),
+    (0, "forward (full program, stages by tail call)"),
 )
 
 # Optimisation switches, each measured against the default build in the same run: name -> -D flags
@@ -454,14 +454,19 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "SNAT address looked up every packet (KPR_NP_LAZY_SNAT_ADDR=0)": ("-DKPR_NP_LAZY_SNAT_ADDR=0",),
     "fine clock (bpf_ktime_get_ns; default coarse, KPR_CLOCK_FINE=1)": ("-DKPR_CLOCK_FINE=1",),
     "conntrack ages on the coarse clock, not jiffies (KPR_CT_CLOCK_JIFFIES=0)": ("-DKPR_CT_CLOCK_JIFFIES=0",),
+    "fast exit after the full parse, not before (KPR_NP_EARLY_EXIT=0)": ("-DKPR_NP_EARLY_EXIT=0",),
+    "checksums patched once per field, not once (KPR_REWRITE_ONE_CSUM=0)": ("-DKPR_REWRITE_ONE_CSUM=0",),
+    "established SNAT flows through the tail call, not inline (KPR_NP_EST_INLINE=0)": ("-DKPR_NP_EST_INLINE=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
-        "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0"),
+        "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",
+        "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0", "-DKPR_NP_EST_INLINE=0"),
     "before issue 14 (PREFILTER, CARRY, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
-        "-DKPR_NP_NH_CACHE=0", "-DKPR_CT_CLOCK_JIFFIES=0"),
+        "-DKPR_NP_NH_CACHE=0", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0",
+        "-DKPR_NP_EST_INLINE=0"),
 }
 
 
@@ -508,10 +513,12 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
             pr(f"  {'stage (cumulative)':50s} {'established':>12s} {'+':>6s} {'new flow':>10s} {'+':>6s}")
             est_c, new_c = cases(lab, hook)[0], cases(lab, hook)[1]
             prev = (0.0, 0.0)
-            names = {stop: "default" if stop == 0 else f"stop{stop}" for stop, _l in STOPS}
+            # the stages as separate programs (KPR_NP_EST_INLINE=0): established packets reach the
+            # SNAT stage's stop points instead of being sent by the entry program
+            names = {stop: f"stop{stop}" for stop, _l in STOPS}
             for stop, name in names.items():
                 if name not in lab.builds:
-                    lab.load(hook, name, [f"-DKPR_NP_BENCH_STOP={stop}"])
+                    lab.load(hook, name, [f"-DKPR_NP_BENCH_STOP={stop}", "-DKPR_NP_EST_INLINE=0"])
             jobs = [(names[stop], c) for stop, _l in STOPS for c in (est_c, new_c)]
             got = iter(interleaved(lab, hook, jobs, runs, rounds, single=False))
             for stop, label in STOPS:
@@ -530,7 +537,8 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
                 "established, remote backend (SNAT)", "new flow, remote backend (SNAT)",
                 "not a service (node address, port 22)")]
             pr(f"  {'build':72s} " + " ".join(f"{c.kind:>18s}" for c in sel))
-            builds = [("default", ()), *((k, v) for k, v in SWITCHES.items() if only.lower() in k.lower())]
+            wanted = [w.strip().lower() for w in only.split(",")]
+            builds = [("default", ()), *((k, v) for k, v in SWITCHES.items() if any(w in k.lower() for w in wanted))]
             for label, flags in builds[1:]:
                 lab.load(hook, label, flags)
             got = iter(interleaved(lab, hook, [(label, c) for label, _f in builds for c in sel], runs, rounds))
@@ -570,7 +578,7 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--services", default="10,10000,50000", help="service counts; the first is the main table's")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage builds")
     ap.add_argument("--no-switches", action="store_true", help="skip the optimisation switches")
-    ap.add_argument("--switches", default="", help="only the switches whose label contains this text")
+    ap.add_argument("--switches", default="", help="only the switches whose label contains one of these comma-separated texts")
 
 
 def run_from_args(hook: str, args: Any) -> dict[str, str]:

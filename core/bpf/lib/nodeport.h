@@ -125,6 +125,9 @@
 #ifndef KPR_NP_EARLY_EXIT
 #define KPR_NP_EARLY_EXIT 1 // 1: the prefilter's test on the raw headers before the full parse (kpr_np_early_pass)
 #endif
+#ifndef KPR_NP_EST_INLINE
+#define KPR_NP_EST_INLINE 1 // 1: an established SNAT flow with a cached next hop is rewritten and sent by the entry program (no state write, tail call, re-parse)
+#endif
 #ifndef KPR_NP_CARRY
 #define KPR_NP_CARRY 1 // 1: the service stage hands the backend it found to the forwarding stage (no second lookup)
 #endif
@@ -1102,6 +1105,22 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 			}
 			kpr_np_count(KPR_NP_ST_ESTABLISHED);
 			KPR_NP_STOP(2);
+#if KPR_NP_EST_INLINE && KPR_NP_SNAT_IN_CT
+			// what the SNAT stage's cached-next-hop path does, without getting there
+			if (!(ct->flags & (KPR_CT_F_LOCAL | KPR_CT_F_DSR)) && ct->nat_port) {
+				struct kpr_np_nh *nh = kpr_np_nh_get(bid, &be->addr);
+
+				if (nh) {
+					union kpr_addr nat_addr = ct->nat_addr;
+
+					if (kpr_nat_dnat_snat(ctx, pkt, &be->addr, be->port, &nat_addr, ct->nat_port)) {
+						kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt->t);
+						return CTX_DROP;
+					}
+					return kpr_np_nh_send(ctx, nh);
+				}
+			}
+#endif
 			return kpr_np_dispatch(ctx, be, bid, ct->flags, restart, ct->rev_nat, ct);
 		}
 		kpr_np_count(KPR_NP_ST_STALE_BACKEND);

@@ -344,9 +344,11 @@ def test_store_keeps_objects_packed_and_leaves_the_collector_on():
 def test_store_bytes_per_service_are_bounded():
     """2k services x 10 endpoints: what the store holds (objects and model) per service.
 
-    Measured at about 6.3 KB (6.9 KB when first packed; 12.9 KB when the store kept the
-    objects compacted, 15.3 KB before that); the bound leaves room for the model or the
-    store's indexes to grow a little, not for keeping the objects' dicts."""
+    Measured at about 6.3 KB alone and 7.2 KB after tests/test_agent.py in the same process
+    (a resize of the interned-string table can fall in the window); 6.9 KB when first packed,
+    12.9 KB when the store kept the objects compacted, 15.3 KB before that. The bound leaves
+    room for that and for the model or the store's indexes to grow a little, not for keeping
+    the objects' dicts."""
     n = 2000
     texts = [json.dumps(o) for i in range(n) for o in (service(i, i % 10 == 0), endpoint_slice(i))]
     publisher = NullPublisher()
@@ -365,7 +367,7 @@ def test_store_bytes_per_service_are_bounded():
         tracemalloc.stop()
     assert publisher.upserts == n + 1 and len(store.services) == n + 1
     per_service = held / n
-    assert per_service < 7000, f"{per_service:.0f} bytes per service"
+    assert per_service < 8000, f"{per_service:.0f} bytes per service"
 
 
 def test_service_map_writer_groups_bytes_per_service_are_bounded():

@@ -12,11 +12,12 @@ client netns -- node netns -- pod netns over veths, the pod on a /32 route).
           does not decide the figures (the kernel's RT throttling still leaves that CPU 5%).
   TCP_STREAM: iperf3, client -> pod, --seconds; Gbit/s received.
 
-The three variants are measured in turn within each round (so drift hits them alike); figures
-are medians over --rounds. Unless --issue-only, more variants in the same rounds switch one
+The variants are measured in turn within each round (so drift hits them alike), each round
+starting one variant later than the last (so none always runs right after the same other);
+figures are medians over --rounds, and the within-round ratios to legacy are given too. Unless --issue-only, more variants in the same rounds switch one
 build-time cut of lib/host_routing.h off or on against neigh+peer: the route out of the node
-looked up per packet (KPR_HR_OUT_CACHE=0) or only its next hop remembered (=1, still
-bpf_redirect_neigh; the default 2 sends with the remembered MACs by bpf_redirect), and per-packet
+looked up per packet (KPR_HR_OUT_CACHE=0) or its MACs remembered too and sent by bpf_redirect
+(=2; the default 1 remembers the next hop and still sends by bpf_redirect_neigh), and per-packet
 ClusterIP on (the plugin's default; the bench's traffic has no service) with and without the
 conntrack gate (KPR_HR_CT_GATE=0). The load average is printed before and after. The plugin's counters
 are read after each BPF run to prove which helper carried the packets.
@@ -207,7 +208,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]] | None] = {
 }
 MORE_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]] | None] = {
     "n+p FIB/pkt": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=0",)),
-    "n+p nh only": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=1",)),
+    "n+p MACs": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=2",)),
     "n+p clusterIP": ({"redirectPeer": True, "redirectNeigh": True, "clusterIP": True}, ()),
     "n+p cIP CT/pkt": ({"redirectPeer": True, "redirectNeigh": True, "clusterIP": True}, ("-DKPR_HR_CT_GATE=0",)),
 }
@@ -275,7 +276,7 @@ def prog_cost(args: argparse.Namespace) -> int:
 PROG_BUILDS: dict[str, tuple[str, ...]] = {
     "default": (),
     "FIB lookup per packet out of the node (KPR_HR_OUT_CACHE=0)": ("-DKPR_HR_OUT_CACHE=0",),
-    "next hop remembered, still bpf_redirect_neigh (KPR_HR_OUT_CACHE=1)": ("-DKPR_HR_OUT_CACHE=1",),
+    "MACs remembered too, bpf_redirect (KPR_HR_OUT_CACHE=2)": ("-DKPR_HR_OUT_CACHE=2",),
     "conntrack looked up for every TCP/UDP packet (KPR_HR_CT_GATE=0)": ("-DKPR_HR_CT_GATE=0",),
     "no per-packet ClusterIP (KPR_HR_CLUSTER_IP=0)": ("-DKPR_HR_CLUSTER_IP=0",),
 }
@@ -305,7 +306,7 @@ def lab_cases(lab: Any, bare: Any) -> dict[str, tuple[str, int, int, bytes]]:
         "outside -> node (not a pod)": ("pass_not_pod", ext, lab.eth0, out / tcp(OUT4, NODE4)),
         "outside -> pod, v4 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT4, POD4)),
         "outside -> pod, v6 (peer)": ("redirect_peer", ext, lab.eth0, out / tcp(OUT6, POD6, v6=True)),
-        "pod -> outside (neigh)": ("redirect_out+out_route_cached", frm, lab.lxc, pod / tcp(POD4, FAR4)),
+        "pod -> outside (neigh)": ("redirect_neigh+out_route_cached", frm, lab.lxc, pod / tcp(POD4, FAR4)),
         "pod -> other node's pod (overlay)": ("redirect_neigh_overlay+out_route_cached", frm, lab.lxc,
                                               pod / tcp(POD4, REMOTE4)),
         "pod -> ClusterIP, tracked": ("service_established", frm, lab.lxc, pod / tcp(POD4, CIP, 41000, 80)),
@@ -349,7 +350,10 @@ def main() -> int:
             print(f"(iptables rule set not installed: {ipt.stderr.strip()[:200]})", file=sys.stderr)
         time.sleep(0.5)
         for rnd in range(args.rounds):
-            for name, v in variants.items():
+            names = list(variants)
+            # each round starts one variant later: no variant always follows the same one
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                v = variants[name]
                 if v is not None:
                     r.extra_cflags = list(v[1])
                     r.start(**{"keepAttachedOnStop": False, "clusterIP": False, **v[0]})

@@ -243,15 +243,30 @@ def out_with_macs(lab: Lab) -> Any:
     return check
 
 
-def test_route_out_of_the_node_is_remembered_until_the_generation_moves(lab: Lab) -> None:
+@pytest.fixture(scope="module")
+def macs_lab() -> Iterator[Lab]:
+    """The lab with KPR_HR_OUT_CACHE=2: remembered routes out of the node keep their MACs."""
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    with prog_lab("kpr-hr-prog-macs", extra_cflags=("-DKPR_HR_OUT_CACHE=2",)) as lab:
+        yield lab
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_route_out_of_the_node_is_remembered_until_the_generation_moves(request: Any, mode: int) -> None:
     """KPR_HR_OUT_CACHE: a pod's packets to the outside reuse the FIB's route for their (pod,
-    destination) pair (kpr_hr_out) while its generation holds, sent by bpf_redirect with its
-    MACs. Proof: a route changed under a remembered one is not seen until the generation moves
-    (the agent's kpr.nexthops watcher moves it on every route and neighbour change); not armed
-    (generation 0), nothing is used."""
+    destination) pair (kpr_hr_out) while its generation holds: by bpf_redirect_neigh to the
+    remembered next hop (1, the default), or by bpf_redirect with its MACs (2). Proof: a route
+    changed under a remembered one is not seen until the generation moves (the agent's
+    kpr.nexthops watcher moves it on every route and neighbour change); not armed (generation
+    0), nothing is used."""
+    lab: Lab = request.getfixturevalue("lab" if mode == 1 else "macs_lab")
     pkt = from_pod(lab) / tcp4(POD4, FAR4)
     send = Case("pod to the outside", pkt, TC_ACT_REDIRECT, out_of_node)
-    remembered = Case("by the remembered route", pkt, TC_ACT_REDIRECT, out_with_macs(lab))
+    remembered = Case("by the remembered route", pkt, TC_ACT_REDIRECT, out_of_node if mode == 1 else out_with_macs(lab))
+    helper = "redirect_neigh" if mode == 1 else "redirect_out"
     lab.dp.disarm_out()
     try:
         for _ in range(2):  # not armed: the FIB every time
@@ -262,7 +277,7 @@ def test_route_out_of_the_node_is_remembered_until_the_generation_moves(lab: Lab
         assert lab.dp.out_routes() == {(POD4, FAR4): lab.eth0}
         lab.run(D.FROM_POD, lab.lxc, remembered, "out_route_cached")
         lab.topo["hr"].run(f"ip route replace blackhole {FAR4}/32")
-        lab.run(D.FROM_POD, lab.lxc, remembered, "redirect_out")  # still the remembered route: nobody said
+        lab.run(D.FROM_POD, lab.lxc, remembered, helper)  # still the remembered route: nobody said
         lab.dp.bump_out_generation()
         lab.run(D.FROM_POD, lab.lxc, Case("after the bump: the FIB's blackhole", pkt, TC_ACT_UNSPEC, same(pkt)),
                 "pass_fib")

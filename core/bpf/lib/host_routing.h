@@ -88,15 +88,16 @@
 /* pod -> outside (KPR_HR_NEIGH): 0: a FIB lookup per packet; 1: the route's device and next hop
  * remembered per (source, destination) in kpr_hr_out until the generation moves (kpr.nexthops:
  * a route or neighbour change, a sync, and every 2 s), the packet still sent by
- * bpf_redirect_neigh; 2: the neighbour's MAC remembered too and the packet sent by bpf_redirect
- * with it out of an external device (an overlay still takes 1's way), as Cilium sends with the
- * FIB's MACs: skips the kernel's neighbour output as well (measured: the FIB lookup alone is
- * within the noise of TCP_RR, the neighbour output is not). The kernel's neighbour state machine
- * still runs: every miss (a new pair, and each pair's first packet after every generation, so
- * at least every 2 s) goes out by bpf_redirect_neigh, which keeps the entry in use and probed;
- * a changed MAC moves the generation at once. */
+ * bpf_redirect_neigh, so the kernel's neighbour output (its state machine, probes) sees every
+ * packet; 2: the neighbour's MAC remembered too and the packet sent by bpf_redirect with it out
+ * of an external device (an overlay still takes 1's way), as Cilium sends with the FIB's MACs:
+ * skips the kernel's neighbour output too; every miss (a new pair, and each pair's first packet
+ * after every generation, so at least every 2 s) still goes by bpf_redirect_neigh, which keeps
+ * the entry in use and probed, and a changed MAC moves the generation at once. 1 is the default:
+ * TCP_RR over veth showed no difference between 1 and 2 beyond this machine's noise
+ * (bench_host_routing, README). */
 #ifndef KPR_HR_OUT_CACHE
-#define KPR_HR_OUT_CACHE 2
+#define KPR_HR_OUT_CACHE 1
 #endif
 #ifndef KPR_HR_OUT_MAX
 #define KPR_HR_OUT_MAX 65536 // (pod, destination) pairs whose route is remembered; LRU

@@ -278,11 +278,14 @@ class ApplyMixin:
         pending = self._pending_vals
         if written:
             pending = {bid: val for bid, val in pending.items() if bid not in written}
+        free = self._free_ids
         for bid in self._backend_vals.missing(pending):
             bkey = pending[bid][:19]
             self._backend_refs.pop(bid, None)
             if self._backend_ids.get(bkey) == bid:
                 del self._backend_ids[bkey]
+            if free is not None and bid < self._next_backend:
+                free.appendleft(bid)  # taken from the queue and never written: first again
         for fk in self._fresh_revnat:
             if fk not in self._groups:
                 self._forget_revnat(fk)
@@ -572,6 +575,8 @@ class ApplyMixin:
             for bid, val in zip(be_del, self._backend_vals.pop_many(be_del)):
                 if val is not None and ids.get(val[:19]) == bid:
                     del ids[val[:19]]
+            if self._free_ids is not None:
+                self._free_ids.extend(be_del)
             refs.pop_many(be_del)
         # ids allocated while rendering but never written (conflicting frontends) are forgotten
         self._forget_render(be_up)

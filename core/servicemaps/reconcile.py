@@ -284,7 +284,6 @@ class ReconcileMixin:
         # The desired state's ids were written back too: the counter stays above them (new
         # ids are taken from it without a look-up, see RenderMixin._backend_id).
         self._next_backend = max(self._next_backend, saved["_next_backend"])
-        self._ids_wrapped = self._ids_wrapped or saved["_ids_wrapped"]
         return self._op_total() - before
 
     def check(self) -> int:
@@ -309,7 +308,7 @@ class ReconcileMixin:
 # What _reset_shadow sets: the writer's picture of the maps.
 _SHADOW = (
     "_groups", "_by_service", "_backend_ids", "_backend_vals", "_backend_refs", "_revnat_ids", "_revnat_used",
-    "_next_backend", "_ids_wrapped", "_next_revnat", "_stray", "_count", "_slots", "_legacy",
+    "_next_backend", "_free_ids", "_next_revnat", "_stray", "_count", "_slots", "_legacy",
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from array import array
+from collections import deque
 from functools import lru_cache
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -50,6 +51,8 @@ class RenderMixin:
     _revnat_ids: dict[bytes, int]
     _revnat_used: set[int]
     _next_backend: int
+    _free_ids: "deque[int] | None"
+    _ids_over: bool
     _next_revnat: int
     _pending_vals: dict[int, bytes]
     _fresh_revnat: list[bytes]
@@ -61,29 +64,33 @@ class RenderMixin:
 
     def _backend_id(self, bkey: bytes) -> int:
         """The backend's id, a new one when it has none: kpr_backend is an array, so ids stay
-        below its size (1..max_entries-1). From a counter; once it has reached the end, the
-        next id not in use after the last one given (not the lowest: an id freed a moment ago,
-        which established flows in conntrack may still name, is taken again last)."""
+        below its size (1..max_entries-1). From a counter until it reaches the end; then the
+        id freed longest ago (not the lowest: an id freed a moment ago, which established flows
+        in conntrack may still name, is taken again last). O(1) either way."""
         bid = self._backend_ids.get(bkey)
         if bid is None:
             top = self.limits["kpr_backend"] + 1
             bid = self._next_backend
-            if self._ids_wrapped or not 0 < bid < top:
-                if not 0 < bid < top:
-                    bid = 1
-                    self._ids_wrapped = True
-                vals, pending = self._backend_vals, self._pending_vals
-                for _ in range(top):
-                    if bid not in vals and bid not in pending:
-                        break
-                    bid = bid + 1 if bid + 1 < top else 1
-                else:
-                    # none free: an id past the array, which ApplyMixin._place refuses (never written)
-                    bid = max(top, max(pending, default=0) + 1)
-                    self._ids_over = True
-            self._next_backend = bid + 1
+            if 0 < bid < top:
+                self._next_backend = bid + 1
+            else:
+                bid = self._freed_id(top)
             self._backend_ids[bkey] = bid
         return bid
+
+    def _freed_id(self, top: int) -> int:
+        """An id from the queue of freed ones (built from the table when first needed); when
+        none is free, an id past the array, which ApplyMixin._place refuses (never written)."""
+        vals, pending = self._backend_vals, self._pending_vals
+        free = self._free_ids
+        if free is None:
+            free = self._free_ids = deque(i for i in range(1, top) if i not in vals)
+        while free:
+            bid = free.popleft()
+            if bid not in vals and bid not in pending:
+                return bid
+        self._ids_over = True
+        return max(top, max(pending, default=0) + 1, self._next_backend)
 
     def _revnat_id(self, fk: bytes) -> int:
         idx = self._revnat_ids.get(fk)
@@ -217,7 +224,7 @@ class RenderMixin:
         bids = list(map(backend_ids.get, bkeys))
         if None in bids:
             nxt = self._next_backend
-            if not self._ids_wrapped and 0 < nxt and nxt + n <= self.limits["kpr_backend"]:
+            if 0 < nxt and nxt + n <= self.limits["kpr_backend"]:
                 # straight from the counter: below it every id is taken, above it none
                 if bids.count(None) == n and len(set(bkeys)) == n:
                     # all new (as in a full sync into empty maps): at once

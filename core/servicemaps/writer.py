@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -108,9 +108,10 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         self._revnat_ids: dict[bytes, int] = {}
         self._revnat_used: set[int] = set()
         self._next_backend = 1
-        # Whether _next_backend wrapped around: until it does, every id in use is below it and
-        # a new id needs no look-up (see RenderMixin._backend_id).
-        self._ids_wrapped = False
+        # Every id in use is below _next_backend; once it reaches kpr_backend's end, new ids
+        # come from this queue of freed ones, oldest first (None: not built yet; see
+        # RenderMixin._backend_id).
+        self._free_ids: deque[int] | None = None
         self._next_revnat = 1
         # Entries found in the maps that no group accounts for; removed by GC.
         self._stray: dict[str, set[bytes]] = {"kpr_srcrange": set(), "kpr_maglev": set(), "kpr_revnat": set()}

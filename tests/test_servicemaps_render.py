@@ -136,3 +136,21 @@ def test_new_ids_stay_below_the_array_and_skip_ids_in_use():
     (g,) = w._render(Service(ServiceKey("t", "x"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.5", 80, Protocol.TCP,
                                                              (Backend("10.1.0.9", 80),)),))).values()
     assert g.backends == (5,)
+
+
+def test_freed_ids_are_taken_oldest_first_once_the_counter_is_at_the_end():
+    from collections import deque
+
+    w = _writer()
+    w._next_backend = w.limits["kpr_backend"] + 1
+    w._free_ids = deque([7, 3, 9])  # freed in this order
+    w._backend_vals[3] = bytes(24)  # taken again meanwhile (adopted): skipped
+    got = []
+    for j in range(3):
+        svc = Service(ServiceKey("t", f"f{j}"), (Frontend(FrontendType.CLUSTER_IP, f"10.96.1.{j}", 80, Protocol.TCP,
+                                                           (Backend(f"10.1.1.{j}", 80),)),))
+        (g,) = w._render(svc).values()
+        got.append(g.backends)
+    assert got[:2] == [(7,), (9,)]
+    # none left: an id past the array, which the writer refuses (never written)
+    assert got[2][0] > w.limits["kpr_backend"] and w._place(w._render(svc)) == ("kpr_backend", 1, w.limits["kpr_backend"] - 1)

@@ -76,3 +76,27 @@ def test_a_port_taken_out_of_the_bitmap_is_not_balanced(lab: ProgLab, hook: str)
         assert moved.get("new_local") == 1, moved
     finally:
         dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_an_address_whose_filter_bit_another_set_still_leaves_early(lab: ProgLab, hook: str) -> None:
+    """The announced-address filter is a hash: with many announced addresses a node address's
+    bit may be set by another's. The early exit then looks the address up exactly: port 22 on
+    it passes untouched, the announced address with an unserved port still drops."""
+    import struct
+
+    from kpr.bpf import maps as M
+    from kpr.nodeport import datapath as ND
+
+    h = ND.vip_hash(M.addr_to_bytes(NODE4))
+    key = M.U32.pack(ND.VIP_BITS + (h >> 6))
+    with M.BpfMap.open_pinned(lab.pin / ND.PORTS_MAP) as ports:
+        old = ports.lookup(key)
+        ports.update(key, struct.pack("=Q", struct.unpack("=Q", old)[0] | 1 << (h & 63)))
+        try:
+            verdict, _out, moved = run(lab, hook, lab.packet(NODE4, 22, sport=45005, flags="S"))
+            assert verdict == PASS[hook] and moved == {}
+            verdict, _out, moved = run(lab, hook, lab.packet(VIP, 443, sport=45006, flags="S"))
+            assert verdict == DROP[hook] and moved == {"drop_vip_unserved": 1}, moved
+        finally:
+            ports.update(key, old)

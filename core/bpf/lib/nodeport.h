@@ -1416,6 +1416,7 @@ static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
 	struct ethhdr *eth = ctx_ptr(ctx, 0, sizeof(struct ethhdr) + sizeof(struct iphdr) + 4);
 	struct kpr_tuple t;
 	__u32 h;
+	__u64 *w;
 
 	if (!eth)
 		return 0;
@@ -1429,7 +1430,7 @@ static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
 			return 0;
 		t.dport = ((__be16 *)(ip + 1))[1];
 		t.proto = ip->protocol;
-		h = kpr_htonl(0x0000ffff) ^ ip->daddr; // kpr_np_vip_hash of the v4-mapped address
+		kpr_addr_set_v4(&t.daddr, ip->daddr);
 	} else if (eth->h_proto == kpr_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(struct ipv6hdr) + 4);
 
@@ -1437,20 +1438,23 @@ static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
 			return 0;
 		t.dport = ((__be16 *)(ip6 + 1))[1];
 		t.proto = ip6->nexthdr;
-		h = ip6->daddr.in6_u.u6_addr32[0] ^ ip6->daddr.in6_u.u6_addr32[1] ^ ip6->daddr.in6_u.u6_addr32[2] ^
-		    ip6->daddr.in6_u.u6_addr32[3];
+		kpr_addr_set_v6(&t.daddr, ip6->daddr.in6_u.u6_addr32);
 	} else {
 		return 0;
 	}
 	if (kpr_np_snat_port(&t) || kpr_np_port_served(&t))
 		return 0;
-	h = (h ^ (h >> 16)) & 0xffff;
+	h = kpr_np_vip_hash(&t.daddr);
 	{
 		__u32 k = KPR_NP_VIP_BITS + (h >> 6);
-		__u64 *w = kpr_np_ports.lookup(&k);
 
-		return w && !((*w >> (h & 63)) & 1);
+		w = kpr_np_ports.lookup(&k);
 	}
+	if (!w)
+		return 0;
+	// a set bit is an announced address, or another address's hash (one in five of them with
+	// 16000 announced): the exact lookup then, which the full path would do too
+	return !((*w >> (h & 63)) & 1) || !kpr_np_vip.lookup(&t.daddr);
 }
 #endif
 

@@ -65,3 +65,15 @@ def test_an_unreadable_timer_list_leaves_monotonic(monkeypatch: pytest.MonkeyPat
         assert before <= ctclock.now_ns(jiffies=True) <= time.monotonic_ns()
     finally:
         ctclock._offset_ns.cache_clear()
+
+
+def test_every_build_writing_conntrack_gets_the_collectors_clock() -> None:
+    """host_routing writes kpr_ct too (per-packet ClusterIP): its build once lacked the kernel's
+    HZ, so its flows were stamped on the coarse clock while NodePort's were on jiffies. The
+    flag now comes with the maps' own flags, which every such build uses."""
+    from kpr.bpf import maps as M
+    from kpr.plugins.host_routing.datapath import Datapath as HostRoutingDatapath, Helpers
+
+    want = ctclock.cflags()
+    assert want and set(want) <= set(M.cflags("/sys/fs/bpf/kpr-x"))
+    assert set(want) <= set(HostRoutingDatapath("/sys/fs/bpf/kpr-x", Helpers(peer=True, neigh=True)).cflags())

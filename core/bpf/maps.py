@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kpr.bpf import abi
+from kpr.bpf import abi, ctclock
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,9 @@ def cflags(
     for spec in specs_with(sizes, maglev_size).values():
         if spec.macro:
             flags.append(f"-D{spec.macro}={spec.max_entries}")
-    return flags
+    # Every program that writes kpr_ct stamps it on one clock, the one the collector reads
+    # (kpr.bpf.ctclock): a build without the kernel's HZ would stamp on another.
+    return flags + ctclock.cflags()
 
 
 # --- libbpf through ctypes ---------------------------------------------------------------

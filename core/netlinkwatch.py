@@ -1,5 +1,5 @@
 """Waiting for rtnetlink events together with a stop signal: the one loop under kpr's watchers
-(links: kpr.netdevs; routes and neighbours: kpr.nodeport.nexthops; host_routing's sync).
+(links: kpr.netdevs; routes and neighbours: kpr.nexthops; host_routing's sync).
 
 A plain NETLINK_ROUTE socket bound to the multicast groups asked for, rather than pyroute2's
 IPRoute.bind(): a watcher has to wait on it together with a pipe another thread writes to stop

@@ -1,10 +1,10 @@
-"""Which netlink events invalidate the NodePort programs' cached next hops (kpr.nodeport.nexthops)."""
+"""Which netlink events invalidate the NodePort programs' cached next hops (kpr.nexthops)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from kpr.nodeport.nexthops import (
+from kpr.nexthops import (
     NUD_FAILED,
     RTM_DELNEIGH,
     RTM_DELROUTE,

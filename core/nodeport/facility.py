@@ -40,7 +40,7 @@ from .config import NodePortSection
 from .gc import BackendSet, Collector
 from .healthcheck import HealthChecks
 from .netns import AgentNetns, device_facts
-from .nexthops import NextHopWatcher
+from kpr.nexthops import NextHopWatcher
 from .services import MODE_ANNOTATION, FeKey, ServiceBook, SvcState, service_state
 from .tables import NodePortTables
 

@@ -9,7 +9,7 @@ they exist before any plugin loads its programs, and written here only.
   kpr_np_devkind   what every link of the namespace is (kpr.netdevs)
   kpr_np_ports     the fast exit's bitmaps: frontend ports, announced-address bits
   kpr_np_nh        next hops the programs cache per backend; written here: the generation
-                   (kpr.nodeport.nexthops bumps it when routes or neighbours change)
+                   (kpr.nexthops bumps it when routes or neighbours change)
 
 Per-service changes are written as differences (`apply`): a word of kpr_np_ports, a key of
 kpr_np_vip or kpr_np_fe at a time, from a mirror of the words, never by dumping a map.

@@ -1,4 +1,4 @@
-"""The next-hop watcher (kpr.nodeport.nexthops) in a namespace of its own: it invalidates once
+"""The next-hop watcher (kpr.nexthops) in a namespace of its own: it invalidates once
 at start, on a route added or removed and on a neighbour whose address changes; a neighbour
 merely confirmed (the same address) leaves the cache alone; and every refresh period without
 an event (a lost event's bound)."""
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kpr.nodeport.nexthops import NextHopWatcher
+from kpr.nexthops import NextHopWatcher
 from kpr.testing.netns import Namespace, Topology
 from kpr.testing.waiting import wait_for
 

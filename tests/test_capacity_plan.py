@@ -85,7 +85,7 @@ def test_plan_refuses_what_kpr_slots_cannot_hold():
 
 
 def test_backends_shared_between_services_count_once():
-    w = ServiceMapWriter("/nonexistent", sizes={"kpr_backend": 2})
+    w = ServiceMapWriter("/nonexistent", sizes={"kpr_backend": 3})  # an array: ids 1 and 2
     bes = (Backend("10.1.0.1", 80), Backend("10.1.0.2", 80))
     one = Service(ServiceKey("x", "one"), (Frontend(CIP, "10.96.0.1", 80, Protocol.TCP, bes),))
     two = Service(ServiceKey("x", "two"), (Frontend(CIP, "10.96.0.2", 80, Protocol.TCP, bes),))

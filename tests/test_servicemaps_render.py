@@ -154,3 +154,21 @@ def test_freed_ids_are_taken_oldest_first_once_the_counter_is_at_the_end():
     assert got[:2] == [(7,), (9,)]
     # none left: an id past the array, which the writer refuses (never written)
     assert got[2][0] > w.limits["kpr_backend"] and w._place(w._render(svc)) == ("kpr_backend", 1, w.limits["kpr_backend"] - 1)
+
+
+def test_two_new_backends_never_share_the_counters_last_id():
+    """The counter hands out kpr_backend's last id to one new backend and runs out: the next
+    new backend of the same frontend must not get that id again from the queue of free ids
+    (it is not in the table yet, only pending): it gets an id past the array, refused."""
+    w = ServiceMapWriter("/nonexistent/kpr-render-test", sizes={"kpr_backend": 8})
+    top = w.limits["kpr_backend"]  # 7: ids 1..7
+    for bid in range(1, top):
+        w._backend_vals[bid] = bytes(24)
+    w._next_backend = top
+    svc = Service(ServiceKey("t", "last"), (Frontend(FrontendType.CLUSTER_IP, "10.96.2.1", 80, Protocol.TCP,
+                                                     (Backend("10.1.2.1", 80), Backend("10.1.2.2", 80))),))
+    groups = w._render(svc)
+    (g,) = groups.values()
+    assert len(set(g.backends)) == 2, g.backends
+    assert top in g.backends and max(g.backends) > top
+    assert w._place(groups)[:2] == ("kpr_backend", 1)

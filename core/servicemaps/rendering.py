@@ -220,6 +220,11 @@ class RenderMixin:
                 bkeys = [a + tail for a in map(M.addr_to_bytes, addrs)]
         else:
             bkeys = [M.addr_to_bytes(a) + _port_bytes(p) + proto_b for a, p in zip(addrs, ports)]
+        if any(map(_LOCAL_OF, backends)):
+            vals = [bk + _BACKEND_TAIL[loc] for bk, loc in zip(bkeys, map(_LOCAL_OF, backends))]
+        else:
+            t0 = _BACKEND_TAIL[0]
+            vals = [bk + t0 for bk in bkeys]
         backend_ids = self._backend_ids
         bids = list(map(backend_ids.get, bkeys))
         if None in bids:
@@ -242,12 +247,14 @@ class RenderMixin:
                             bids[i] = bid
                 self._next_backend = nxt
             else:
-                bids = [bid if bid is not None else self._backend_id(bk) for bid, bk in zip(bids, bkeys)]
-        if any(map(_LOCAL_OF, backends)):
-            vals = [bk + _BACKEND_TAIL[loc] for bk, loc in zip(bkeys, map(_LOCAL_OF, backends))]
-        else:
-            t0 = _BACKEND_TAIL[0]
-            vals = [bk + t0 for bk in bkeys]
+                # One id at a time, each pending before the next is taken: _freed_id skips
+                # pending ids, and the counter's last ids are not in the table yet (two new
+                # backends got one id when the counter ran out between them).
+                pending = self._pending_vals
+                for i, bid in enumerate(bids):
+                    if bid is None:
+                        bid = bids[i] = self._backend_id(bkeys[i])
+                        pending[bid] = vals[i]
         self._pending_vals.update(zip(bids, vals))
         return bids, BackendState.TERMINATING not in map(_STATE_OF, backends)
 

@@ -204,7 +204,8 @@ class DatapathMaps:
         """(backend id, state flags) of slot `slot` (1-based), as kpr_lb_slot_backend reads it."""
         if not e.slot_base:
             return None
-        raw = self.maps["kpr_slots"].lookup(M.U32.pack(e.slot_base + slot - 1))
+        # u32 arithmetic, as the programs do it (a hand-edited slot_base near 2^32 wraps)
+        raw = self.maps["kpr_slots"].lookup(M.U32.pack((e.slot_base + slot - 1) & 0xFFFFFFFF))
         return M.SLOT.unpack(raw) if raw is not None else None
 
     def slot_backend(self, e: SvcEntry, slot: int) -> int:

@@ -577,6 +577,10 @@ class ApplyMixin:
                     del ids[val[:19]]
             if self._free_ids is not None:
                 self._free_ids.extend(be_del)
+            freed = self._freed
+            for bid in be_del:
+                freed.pop(bid, None)  # (an id a reload found in use again: freed now)
+                freed[bid] = None
             refs.pop_many(be_del)
         # ids allocated while rendering but never written (conflicting frontends) are forgotten
         self._forget_render(be_up)

@@ -12,6 +12,7 @@ import socket
 from array import array
 from collections import deque
 from functools import lru_cache
+from itertools import chain
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ class RenderMixin:
     _revnat_used: set[int]
     _next_backend: int
     _free_ids: "deque[int] | None"
+    _freed: dict[int, None]
     _ids_over: bool
     _next_revnat: int
     _pending_vals: dict[int, bytes]
@@ -81,13 +83,19 @@ class RenderMixin:
     def _freed_id(self, top: int) -> int:
         """An id from the queue of freed ones (built from the table when first needed); when
         none is free, an id past the array, which ApplyMixin._place refuses (never written)."""
-        vals, pending = self._backend_vals, self._pending_vals
+        vals, pending, freed = self._backend_vals, self._pending_vals, self._freed
         free = self._free_ids
         if free is None:
-            free = self._free_ids = deque(i for i in range(1, top) if i not in vals)
+            # ids free since before this process first (their age unknown: the oldest), then
+            # the ones it freed, in the order it freed them (not ascending: the lowest id may
+            # have been freed a moment ago)
+            free = self._free_ids = deque(
+                chain((i for i in range(1, top) if i not in vals and i not in freed), (i for i in freed if i < top))
+            )
         while free:
             bid = free.popleft()
             if bid not in vals and bid not in pending:
+                freed.pop(bid, None)
                 return bid
         self._ids_over = True
         return max(top, max(pending, default=0) + 1, self._next_backend)

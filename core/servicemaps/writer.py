@@ -70,6 +70,10 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         # another): held kpr_slots ranges are released only when an outermost one begins
         # (see kpr.servicemaps.slots).
         self._depth = 0
+        # Backend ids this process freed, in the order it freed them, while still free: kept
+        # through the reloads that rebuild the shadow (check(), a full sync), which lose the
+        # queue below, so the id freed longest ago is still taken first (RenderMixin._freed_id).
+        self._freed: dict[int, None] = {}
         self._reset_shadow()
         self.errors = 0
         self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it

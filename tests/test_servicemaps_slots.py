@@ -51,6 +51,21 @@ def test_full_maps_refuse_and_a_larger_free_range_is_split():
         a.alloc(2)
 
 
+def test_small_ranges_freed_side_by_side_make_room_for_a_large_one():
+    """Free ranges are kept per size class; without merging neighbours an array emptied of
+    one-slot ranges refused a range of 12 with every index free."""
+    a = SlotAllocator(101)  # indexes 1..100
+    ones = [a.alloc(1) for _ in range(100)]
+    for r in ones:
+        a.free(*r)
+    a.release()
+    assert a.used == 0
+    assert a.alloc(10) == (1, 12)
+    with pytest.raises(SlotsFull, match="a range of 96 slots wanted, 88 of 100 free"):
+        a.alloc(70)
+    assert a.alloc(60) == (13, 64)
+
+
 def test_adopt_rebuilds_free_space_and_refuses_overlaps():
     a, bad = SlotAllocator.adopt(100, [(1, 6), (20, 12), (25, 3), (95, 12)], held=[(7, 6)])
     assert bad == [25, 95]
@@ -81,6 +96,15 @@ def test_random_sequences_never_overlap_or_exceed_the_map(limit, ops):
             try:
                 base, span = a.alloc(arg)
             except SlotsFull:
+                # refused only when no run of free indexes is long enough
+                taken = [False] * limit
+                for b, s in list(live.items()) + list(held.items()):
+                    taken[b : b + s] = [True] * s
+                run = longest = 0
+                for i in range(1, limit):
+                    run = 0 if taken[i] else run + 1
+                    longest = max(longest, run)
+                assert longest < size_class(arg), ("refused with room", arg, longest)
                 continue
             assert span == size_class(arg) and 1 <= base and base + span <= limit
             for b, s in list(live.items()) + list(held.items()):

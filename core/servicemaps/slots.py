@@ -65,7 +65,7 @@ class SlotAllocator:
     def free_slots(self) -> int:
         return self.limit - 1 - self.used
 
-    def alloc(self, n: int) -> tuple[int, int]:
+    def alloc(self, n: int, *, _merged: bool = False) -> tuple[int, int]:
         """A range for n slots: (base, span). (0, 0) for n == 0. Raises SlotsFull."""
         if n <= 0:
             return 0, 0
@@ -77,7 +77,15 @@ class SlotAllocator:
             base = self.top
             self.top += span
         else:
-            base = self._split(span)
+            try:
+                base = self._split(span)
+            except SlotsFull:
+                # Free ranges are never merged as they come back: small ones freed side by
+                # side (a frontend that grew to another size class) would stay small, and a
+                # nearly empty array refuse a large range. Merge neighbours, then try again.
+                if _merged or not self._coalesce():
+                    raise
+                return self.alloc(n, _merged=True)
         self.live[base] = span
         self.used += span
         return base, span
@@ -92,6 +100,25 @@ class SlotAllocator:
             if cls > self.limit:
                 break
         raise SlotsFull(span, self.free_slots, self.limit - 1)
+
+    def _coalesce(self) -> bool:
+        """Merge adjacent free ranges (a run that ends at the bump pointer lowers it) and put
+        them back as class-sized pieces, largest first. False when nothing merged."""
+        pieces = sorted((base, cls) for cls, bases in self._free.items() for base in bases)
+        runs: list[list[int]] = []
+        for base, size in pieces:
+            if runs and runs[-1][0] + runs[-1][1] == base:
+                runs[-1][1] += size
+            else:
+                runs.append([base, size])
+        if runs and runs[-1][0] + runs[-1][1] == self.top:
+            self.top = runs.pop()[0]
+        elif len(runs) == len(pieces):
+            return False  # no two free ranges side by side
+        self._free = {}
+        for base, size in runs:
+            self._put_free(base, size)
+        return True
 
     def _put_free(self, base: int, size: int) -> None:
         """Free the indexes base..base+size-1 as class-sized ranges, largest first."""

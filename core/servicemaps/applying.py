@@ -49,7 +49,11 @@ class ApplyMixin:
             self._services[key] = service
             self._delivered.add(key)
             self._begin()
-            desired = self._render(service)
+            try:
+                desired = self._render(service)
+            except Exception:
+                self._forget_render()  # the ids and rev-NAT index it took are nobody's
+                raise
             for fk in list(desired):
                 g = self._groups.get(fk)
                 if g is not None and g.owner is not None and g.owner != key:

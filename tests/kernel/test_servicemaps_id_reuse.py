@@ -49,3 +49,30 @@ def test_the_id_freed_longest_ago_is_taken_first(pin_path: Path, check_between: 
         assert w.apply_batch([("upsert", _svc(14))]) == {}
         assert w.refused[ServiceKey("reuse", "s14")].map == "kpr_backend"
         assert "10.1.6.14:8080/TCP" not in w.backend_ids()
+
+
+def test_a_service_that_fails_to_render_leaves_no_id_behind(pin_path: Path) -> None:
+    """A render that fails part way (a bad backend address in the second frontend) has taken
+    ids for the backends before it; they must be forgotten, or the backend keeps an id that
+    is later handed to another backend: both would then share one kpr_backend entry."""
+    def one(name: str, addr: str, vip: str) -> Service:
+        return Service(ServiceKey("reuse", name), (Frontend(FrontendType.CLUSTER_IP, vip, 80, Protocol.TCP,
+                                                            (Backend(addr, 8080),)),))
+
+    bad = Service(ServiceKey("reuse", "bad"), (
+        Frontend(FrontendType.CLUSTER_IP, "10.96.6.100", 80, Protocol.TCP, (Backend("10.1.5.1", 8080),)),
+        Frontend(FrontendType.CLUSTER_IP, "10.96.6.101", 80, Protocol.TCP,
+                 (Backend("10.1.5.2", 8080), Backend("10.1.5.300", 8080))),
+    ))
+    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:  # an array: ids 1..3
+        assert w.apply_batch([("sync", None)]) == {}
+        with pytest.raises(ValueError, match="10.1.5.300"):
+            w.upsert(bad)
+        for name, addr, vip in (("a", "10.1.5.3", "10.96.6.102"), ("b", "10.1.5.4", "10.96.6.103"),
+                                ("c", "10.1.5.1", "10.96.6.104")):
+            w.upsert(one(name, addr, vip))
+        read = w.read_back()["frontends"]
+        assert [read[f"10.96.6.{i}:80/TCP external"]["backends"] for i in (102, 103, 104)] == [
+            ["10.1.5.3:8080"], ["10.1.5.4:8080"], ["10.1.5.1:8080"]
+        ]
+        assert sorted(w.backend_ids().values()) == [1, 2, 3]

@@ -172,3 +172,13 @@ def test_two_new_backends_never_share_the_counters_last_id():
     assert len(set(g.backends)) == 2, g.backends
     assert top in g.backends and max(g.backends) > top
     assert w._place(groups)[:2] == ("kpr_backend", 1)
+
+
+def test_more_backends_than_a_service_entry_counts_is_a_clear_error():
+    """kpr_svc_val's count is a u16: a scope of 65536 backends is refused by name, not with
+    struct's 'ushort format requires ...'."""
+    bes = tuple(Backend(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 80) for i in range(65536))
+    svc = Service(ServiceKey("t", "huge"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.9", 80, Protocol.TCP, bes),))
+    for general in (False, True):
+        with pytest.raises(ValueError, match=r"10.96.0.9:80/TCP: 65536 backends in one scope, more than the 65535"):
+            _writer(general)._render(svc)

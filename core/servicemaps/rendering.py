@@ -20,7 +20,7 @@ from ..bpf import maps as M
 from ..model import Backend, BackendState, Frontend, FrontendType, Service, ServiceKey
 from .groups import (
     _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SLOT, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
-    _Group, _backend_name,
+    _Group, _backend_name, _fk_label,
 )
 from .slots import SlotAllocator, size_class
 
@@ -278,6 +278,8 @@ class RenderMixin:
         prev_order = prev.order_of(M.SCOPE_EXTERNAL) if prev is not None else None
         order = sorted(sel) if not prev_order else _stable_order(prev_order, sel)
         n = len(order)
+        if n > _MAX_COUNT:
+            _too_many(fk, n)
         # slot values as u32 words (kpr_slot: id, flags = the backend's state): the ids dropped
         # into a repeated template
         words = array("I", (0, M.BACKEND_ACTIVE)) * n
@@ -344,6 +346,8 @@ class RenderMixin:
             sel, term = ext if scope == M.SCOPE_EXTERNAL else intl
             prev_order = prev.order_of(scope) if prev is not None else None
             order = _stable_order(prev_order, sel)
+            if len(order) > _MAX_COUNT or len(term) > _MAX_COUNT:
+                _too_many(fk, max(len(order), len(term)))
             g.set_order(scope, order)
             f = common
             if local:
@@ -400,6 +404,16 @@ class RenderMixin:
             plen = net.prefixlen + (96 if net.version == 4 else 0)
             keys.append(M.SRCRANGE_KEY.pack(32 + plen, rev_nat, M.addr_to_bytes(str(net.network_address))))
         return keys
+
+
+_MAX_COUNT = 0xFFFF  # kpr_svc_val's count and terminating are u16
+
+
+def _too_many(fk: bytes, n: int) -> None:
+    raise ValueError(
+        f"frontend {_fk_label(fk)}: {n} backends in one scope, more than the {_MAX_COUNT} a service entry "
+        "counts (lib/maps.h kpr_svc_val)"
+    )
 
 
 def _stable_order(prev: tuple[int, ...] | list[int] | None, want: list[int]) -> list[int]:

@@ -581,10 +581,7 @@ class ApplyMixin:
                     del ids[val[:19]]
             if self._free_ids is not None:
                 self._free_ids.extend(be_del)
-            freed = self._freed
-            for bid in be_del:
-                freed.pop(bid, None)  # (an id a reload found in use again: freed now)
-                freed[bid] = None
+            self._freed.update(dict.fromkeys(be_del))  # (at C speed: a shrink frees 500k)
             refs.pop_many(be_del)
         # ids allocated while rendering but never written (conflicting frontends) are forgotten
         self._forget_render(be_up)

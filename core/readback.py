@@ -103,7 +103,8 @@ class Decoded:
     """The service maps' contents, decoded once (decode_maps); the writer's read_back() and
     DatapathMaps.frontends() shape it for their callers."""
 
-    # backend id -> address, port, protocol, local (no state: that is per service, in the slots)
+    # backend id (as slots, Maglev tables and conntrack name it: with its generation, see
+    # M.backend_id) -> address, port, protocol, local (no state: that is per service, in the slots)
     backends: dict[int, dict[str, Any]]
     # rev-NAT index -> "addr:port/PROTO" of the frontend replies come from
     revnat: dict[int, str]
@@ -121,7 +122,7 @@ class Decoded:
 def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
     """Read and decode every service map (batch lookups; Maglev tables through their ids)."""
     backends: dict[int, dict[str, Any]] = {}
-    for bid, v in M.backend_items(maps["kpr_backend"]):
+    for bid, v in M.backend_ids(maps["kpr_backend"]):
         backends[bid] = _backend_dict(v)
     revnat = {M.U32.unpack(k)[0]: _fk_text(v[:19]) for k, v in maps["kpr_revnat"].items()}
     ranges: dict[int, list[str]] = {}
@@ -232,7 +233,15 @@ class DatapathMaps:
 
     def backend(self, bid: int) -> dict[str, Any] | None:
         """The shared backend entry (no state: see members())."""
-        raw = self.maps["kpr_backend"].lookup(M.U32.pack(bid))
+        m = self.maps["kpr_backend"]
+        if getattr(m, "type", None) == M.BPF_MAP_TYPE_ARRAY:
+            # kpr_lb_backend(): the entry at the id's index, if it holds the id's generation
+            index, gen = M.backend_index(bid)
+            raw = m.lookup(M.U32.pack(index))
+            if raw is not None and M.backend_gen(raw) != gen:
+                raw = None
+        else:
+            raw = m.lookup(M.U32.pack(bid))
         # an array: a zero entry (protocol 0) is no backend
         return None if raw is None or not raw[18] else dict(id=bid, **_backend_dict(raw))
 

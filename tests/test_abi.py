@@ -34,7 +34,7 @@ PACKERS: dict[str, tuple[struct.Struct, str, tuple[str, ...], tuple[str, ...]]] 
     "M.SVC_KEY": (M.SVC_KEY, "kpr_svc_key", (), ("addr", "port", "proto", "scope", "slot", "pad")),
     "M.SVC_VAL": (M.SVC_VAL, "kpr_svc_val", (), ("slot_base", "count", "terminating", "rev_nat", "flags", "affinity_timeout")),
     "M.SLOT": (M.SLOT, "kpr_slot", (), ("backend_id", "flags")),
-    "M.BACKEND": (M.BACKEND, "kpr_backend", ("pad",), ("addr", "port", "proto", "reserved", "flags")),
+    "M.BACKEND": (M.BACKEND, "kpr_backend", ("gen",), ("addr", "port", "proto", "reserved", "flags")),
     "M.REVNAT": (M.REVNAT, "kpr_revnat", ("pad",), ("addr", "port", "proto")),
     "M.MAGLEV_KEY": (M.MAGLEV_KEY, "kpr_maglev_key", (), ("rev_nat", "scope")),
     "M.SRCRANGE_KEY": (M.SRCRANGE_KEY, "kpr_srcrange_key", (), ("prefixlen", "rev_nat", "addr")),

@@ -182,3 +182,34 @@ def test_more_backends_than_a_service_entry_counts_is_a_clear_error():
     for general in (False, True):
         with pytest.raises(ValueError, match=r"10.96.0.9:80/TCP: 65536 backends in one scope, more than the 65535"):
             _writer(general)._render(svc)
+
+
+def test_backend_ids_carry_the_generation_of_their_index():
+    """id = gen << 24 | index (lib/maps.h): round trip, the last generation's ids still a u32,
+    and the generation after the last is 0."""
+    for index, gen in ((1, 0), (5, 3), (M.BACKEND_INDEX_MASK, M.BACKEND_GENS - 1)):
+        assert M.backend_index(M.backend_id(index, gen)) == (index, gen)
+    assert M.backend_id(7, 0) == 7  # generation 0: the id is the index (ids written before generations)
+    assert M.backend_id(M.BACKEND_INDEX_MASK, M.BACKEND_GENS - 1) == 0xFFFFFFFF
+    value = M.with_backend_gen(bytes(M.BACKEND.size), 0x123456)
+    assert len(value) == M.BACKEND.size and M.backend_gen(value) == 0x123456 and value[20] == 0  # flags untouched
+    w = _writer()
+    w._set_gens({3: M.BACKEND_GENS - 1, 4: 2})
+    assert [w._next_gen(i) for i in (3, 4, 5)] == [0, 3, 1]
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["fast", "general"])
+def test_rendered_slots_maglev_and_values_carry_the_generation(general):
+    """An index in its third generation: kpr_slots and the Maglev input name it by its id with
+    the generation; the kpr_backend value stores the generation (kpr_lb_backend compares)."""
+    w = _writer(general)
+    w._set_gens({1: 2})
+    svc = Service(ServiceKey("t", "gen"), (Frontend(FrontendType.CLUSTER_IP, "10.96.9.1", 80, Protocol.TCP,
+                                                    (Backend("10.1.9.1", 80), Backend("10.1.9.2", 80))),),
+                  annotations=((ALGORITHM_ANNOTATION, "maglev"),))
+    g, = w._render(svc).values()
+    assert list(g.order_of(0)) == [1, 2]  # the writer's own ids: indexes
+    words = struct.unpack(f"={len(g.slot_vals) // 4}I", g.slot_vals)
+    assert sorted(words[0::2]) == [2, 2 << 24 | 1]
+    assert sorted(bid for _, bid in g.maglev[0]) == [2, 2 << 24 | 1]
+    assert M.backend_gen(w._pending_vals[1]) == 2 and M.backend_gen(w._pending_vals[2]) == 0

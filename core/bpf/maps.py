@@ -125,7 +125,7 @@ NatEntry = abi.ctype("kpr_nat_entry")  # lib/nat.h
 SVC_KEY = abi.packer("kpr_svc_key")  # addr, port, proto, scope, slot, pad
 SVC_VAL = abi.packer("kpr_svc_val")  # slot_base, count, terminating, rev_nat, flags, affinity_timeout
 SLOT = abi.packer("kpr_slot")  # backend_id, flags
-BACKEND = abi.packer("kpr_backend", skip=("pad",))  # addr, port, proto, reserved (0: state is per service), flags
+BACKEND = abi.packer("kpr_backend", skip=("gen",))  # addr, port, proto, reserved (0: state is per service), flags
 REVNAT = abi.packer("kpr_revnat", skip=("pad",))  # addr, port, proto
 MAGLEV_KEY = abi.packer("kpr_maglev_key")  # rev_nat, scope
 SRCRANGE_KEY = abi.packer("kpr_srcrange_key")  # prefixlen, rev_nat, addr
@@ -769,9 +769,62 @@ def backend_items(m: BpfMap) -> list[tuple[int, bytes]]:
     return [(i, raw[i * vs : (i + 1) * vs]) for i in (mt.start() for mt in _NONZERO.finditer(col))]
 
 
+# A backend id is gen << BACKEND_INDEX_BITS | index (lib/maps.h struct kpr_backend): the index
+# of its kpr_backend entry and the generation stored there. A freed index is given to another
+# backend with the next generation, so ids that conntrack, affinity or sockets still hold for
+# the freed one no longer match (kpr_lb_backend) and fail as a deleted backend's did. A fixed
+# split: programs are built with the configured size, an adopted pin may have another.
+BACKEND_INDEX_BITS = 24  # lib/maps.h KPR_BACKEND_INDEX_BITS: kpr_backend holds at most 2^24
+BACKEND_INDEX_MASK = (1 << BACKEND_INDEX_BITS) - 1
+BACKEND_GENS = 1 << (32 - BACKEND_INDEX_BITS)  # generations; the next after the last is 0
+BACKEND_GEN_AT = 21  # offset of kpr_backend.gen (3 bytes, little endian)
+
+
+def backend_id(index: int, gen: int) -> int:
+    """The id programs and maps carry for kpr_backend's entry `index` in generation `gen`."""
+    return gen << BACKEND_INDEX_BITS | index
+
+
+def backend_index(bid: int) -> tuple[int, int]:
+    """(index, generation) of backend id `bid`: backend_id's inverse."""
+    return bid & BACKEND_INDEX_MASK, bid >> BACKEND_INDEX_BITS
+
+
+def backend_gen(value: bytes) -> int:
+    """The generation stored in a kpr_backend value (kept in a freed zero entry as well)."""
+    return int.from_bytes(value[BACKEND_GEN_AT : BACKEND_GEN_AT + 3], "little")
+
+
+def with_backend_gen(value: bytes, gen: int) -> bytes:
+    """`value` with its generation bytes set to `gen`."""
+    return value[:BACKEND_GEN_AT] + gen.to_bytes(3, "little") + value[BACKEND_GEN_AT + 3 :]
+
+
+def backend_entry_gens(m: BpfMap) -> dict[int, int]:
+    """index -> stored generation of every kpr_backend entry whose generation is not 0, the
+    freed (zero) entries' included: an adopting writer must not hand an (index, generation)
+    pair out again (an array only; a hash of an older kpr stores none)."""
+    if getattr(m, "type", None) != BPF_MAP_TYPE_ARRAY:
+        return {}
+    raw = m.array_values()
+    vs = m.value_size
+    at: set[int] = set()
+    for off in range(BACKEND_GEN_AT, BACKEND_GEN_AT + 3):
+        at.update(mt.start() for mt in _NONZERO.finditer(raw[off::vs]))
+    return {i: backend_gen(raw[i * vs : (i + 1) * vs]) for i in sorted(at)}
+
+
+def backend_ids(m: BpfMap) -> list[tuple[int, bytes]]:
+    """(id, value) of every backend in kpr_backend, the id as programs carry it (backend_id of
+    its index and stored generation): what conntrack entries and slots name."""
+    if getattr(m, "type", None) != BPF_MAP_TYPE_ARRAY:
+        return backend_items(m)
+    return [(backend_gen(v) << BACKEND_INDEX_BITS | i, v) for i, v in backend_items(m)]
+
+
 # Maps an older kpr pinned as another type, converted by retype_pinned: name -> that type.
 RETYPED: dict[str, int] = {"kpr_backend": BPF_MAP_TYPE_HASH}
-_RETYPE_MAX = 1 << 24  # ids beyond this cannot become array indexes (refused: kpr cleanup)
+_RETYPE_MAX = 1 << BACKEND_INDEX_BITS  # ids beyond this cannot become array indexes (refused: kpr cleanup)
 
 
 def retyped(m: BpfMap, spec: MapSpec) -> bool:

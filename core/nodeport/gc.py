@@ -159,7 +159,7 @@ class Collector:
 
     def _backends(self) -> dict[int, tuple[bytes, int]]:
         current = {}
-        for bid, v in M.backend_items(self.maps["kpr_backend"]):  # an array: its non-zero entries
+        for bid, v in M.backend_ids(self.maps["kpr_backend"]):  # its backends, by the ids flows hold (with generation)
             addr, port, _proto, _state, _flags = M.BACKEND.unpack(v)
             current[bid] = (addr, port)
         # names of backends gone since the last pass are kept one more pass

@@ -579,6 +579,8 @@ class ApplyMixin:
             for bid, val in zip(be_del, self._backend_vals.pop_many(be_del)):
                 if val is not None and ids.get(val[:19]) == bid:
                     del ids[val[:19]]
+            # the next backend at a freed index takes the next generation (written in _delete_phase)
+            self._set_gens({bid: self._next_gen(bid) for bid in be_del})
             if self._free_ids is not None:
                 self._free_ids.extend(be_del)
             self._freed.update(dict.fromkeys(be_del))  # (at C speed: a shrink frees 500k)
@@ -612,8 +614,17 @@ class ApplyMixin:
                     mp[name].delete_many(sorted(keys), batch=b and name != "kpr_maglev")
                     keys.clear()
         if be_del:
-            # an array: a zero entry is no backend (kpr_lb_backend)
-            mp["kpr_backend"].store(dict.fromkeys(sorted(be_del), _NO_BACKEND))
+            # an array: a zero entry is no backend (kpr_lb_backend); it keeps the generation
+            # the index's next backend takes, for a writer that adopts the maps after a restart
+            zero: dict[int, bytes] = {}
+            vals = {}
+            for bid in sorted(be_del):
+                gen = self._next_gen(bid)
+                v = zero.get(gen)
+                if v is None:
+                    v = zero[gen] = M.with_backend_gen(_NO_BACKEND, gen)
+                vals[bid] = v
+            mp["kpr_backend"].store(vals)
             mp["kpr_backend"].ops["delete"] += len(be_del)
             mp["kpr_backend"].ops["update"] -= len(be_del)
 

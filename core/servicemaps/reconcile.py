@@ -42,6 +42,8 @@ class ReconcileMixin:
             self._backend_ids = dict(zip([v[:19] for v in bvals], bids))
             self._backend_refs.add_many(dict.fromkeys(bids, 0))
             self._next_backend = max(self._next_backend, max(bids) + 1)
+        # generations, the freed (zero) entries' too: never hand out an id flows may still hold
+        self._set_gens(M.backend_entry_gens(self.maps["kpr_backend"]))
 
         by_revnat: dict[int, _Group] = {}
         groups = self._groups
@@ -137,15 +139,15 @@ class ReconcileMixin:
                 for x in run:
                     base, count, term = decoded[x][:3]
                     off = base - lo
-                    g.set_order(heads[x][0][19], words[2 * off : 2 * (off + count) : 2].tolist())
-                ids.update(words[0::2])
+                    g.set_order(heads[x][0][19], self._indexes(words[2 * off : 2 * (off + count) : 2].tolist()))
+                ids.update(self._indexes(words[0::2].tolist()))
             else:
                 # no range (an older kpr's entry: its slots are in kpr_svc) or a broken one
                 for x in run:
                     scope, count = heads[x][0][19], decoded[x][1]
                     got = legacy.get((fk, scope), {})
-                    g.set_order(scope, [got[s] for s in range(1, count + 1) if s in got])
-                    ids.update(got.values())
+                    g.set_order(scope, self._indexes([got[s] for s in range(1, count + 1) if s in got]))
+                    ids.update(self._indexes(list(got.values())))
             if ids:
                 referenced.append((fk, ids))
             i = j
@@ -172,7 +174,8 @@ class ReconcileMixin:
             return len(keys)
 
     def _maglev_input(self, ids: Iterable[int]) -> tuple[tuple[str, int], ...]:
-        return tuple(sorted((_backend_name(self._backend_vals[i]), i) for i in ids if i in self._backend_vals))
+        vals = self._backend_vals
+        return tuple(sorted((_backend_name(vals[i]), self._kernel_id(i)) for i in ids if i in vals))
     def gc(self) -> int:
         """Remove adopted entries no service re-delivered since open; returns frontends removed."""
         with self._op():
@@ -251,7 +254,7 @@ class ReconcileMixin:
     def backend_ids(self) -> dict[str, int]:
         """Backend "addr:port/proto" -> id, from the shadow."""
         with self._lock:
-            return {_backend_label_raw(v): bid for bid, v in self._backend_vals.items()}
+            return {_backend_label_raw(v): self._kernel_id(bid) for bid, v in self._backend_vals.items()}
 
     def _op_total(self) -> int:
         return sum(m.ops["update"] + m.ops["delete"] for m in self.maps.values())
@@ -275,6 +278,8 @@ class ReconcileMixin:
             raise
         # the desired state's ranges (the kernel's, adopted by _reload, were only for the diff)
         self._slots = saved["_slots"]
+        # the desired state's generations: its slots and values were written with them
+        self._backend_gen = saved["_backend_gen"]
         for fk, g in groups.items():
             self._revnat_ids[fk] = g.rev_nat
             self._revnat_used.add(g.rev_nat)
@@ -308,7 +313,7 @@ class ReconcileMixin:
 # What _reset_shadow sets: the writer's picture of the maps.
 _SHADOW = (
     "_groups", "_by_service", "_backend_ids", "_backend_vals", "_backend_refs", "_revnat_ids", "_revnat_used",
-    "_next_backend", "_free_ids", "_next_revnat", "_stray", "_count", "_slots", "_legacy",
+    "_next_backend", "_free_ids", "_backend_gen", "_next_revnat", "_stray", "_count", "_slots", "_legacy",
 )
 
 

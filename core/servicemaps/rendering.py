@@ -53,6 +53,7 @@ class RenderMixin:
     _revnat_used: set[int]
     _next_backend: int
     _free_ids: "deque[int] | None"
+    _backend_gen: "array | None"
     _freed: dict[int, None]
     _ids_over: bool
     _next_revnat: int
@@ -79,6 +80,54 @@ class RenderMixin:
                 bid = self._freed_id(top)
             self._backend_ids[bkey] = bid
         return bid
+
+    # ------------------------------------------------------------------ generations
+    # Internal ids are kpr_backend indexes; programs and maps carry M.backend_id(index, gen):
+    # an index given to another backend takes the next generation, so ids conntrack and
+    # affinity still hold for the backend freed before no longer match (lib/lb.h).
+
+    def _gen(self, bid: int) -> int:
+        gens = self._backend_gen
+        return gens[bid] if gens is not None and bid < len(gens) else 0
+
+    def _kernel_id(self, bid: int) -> int:
+        """The id programs see for index `bid`."""
+        return self._gen(bid) << M.BACKEND_INDEX_BITS | bid
+
+    def _kernel_ids(self, bids: list[int]) -> list[int]:
+        gens = self._backend_gen
+        if gens is None:
+            return bids
+        n, bits = len(gens), M.BACKEND_INDEX_BITS
+        return [gens[b] << bits | b if b < n else b for b in bids]
+
+    def _indexes(self, ids: list[int]) -> list[int]:
+        """Indexes of ids read from the maps (M.backend_index without the generation)."""
+        mask = M.BACKEND_INDEX_MASK
+        return ids if not ids or max(ids) <= mask else [i & mask for i in ids]
+
+    def _next_gen(self, bid: int) -> int:
+        """The generation index `bid` takes after its backend is freed (wraps to 0)."""
+        return (self._gen(bid) + 1) % M.BACKEND_GENS
+
+    def _set_gens(self, gens: dict[int, int]) -> None:
+        size = self.limits["kpr_backend"] + 1
+        arr = self._backend_gen
+        if arr is None:
+            if not any(gens.values()):
+                return
+            arr = self._backend_gen = array("I", bytes(4 * size))
+        for bid, gen in gens.items():
+            if bid < size:
+                arr[bid] = gen % M.BACKEND_GENS  # (a hand-edited entry's may be larger)
+
+    def _with_gens(self, bids: list[int], vals: list[bytes]) -> list[bytes]:
+        """Backend values with their index's generation stored (kpr_backend.gen)."""
+        gens = self._backend_gen
+        if gens is None:
+            return vals
+        n = len(gens)
+        return [M.with_backend_gen(v, gens[b]) if b < n and gens[b] else v for b, v in zip(bids, vals)]
 
     def _freed_id(self, top: int) -> int:
         """An id from the queue of freed ones (built from the table when first needed); when
@@ -204,6 +253,8 @@ class RenderMixin:
             bkey = to_bytes(b.address) + b.port.to_bytes(2, "big") + proto_b
             bid = backend_ids.get(bkey) or self._backend_id(bkey)
             val = bkey + _BACKEND_TAIL[b.local]
+            if self._backend_gen is not None:
+                val = self._with_gens([bid], [val])[0]
             pending_vals[bid] = val
             if seen is not None:
                 seen[ident] = (bid, val)
@@ -263,7 +314,7 @@ class RenderMixin:
                     if bid is None:
                         bid = bids[i] = self._backend_id(bkeys[i])
                         pending[bid] = vals[i]
-        self._pending_vals.update(zip(bids, vals))
+        self._pending_vals.update(zip(bids, self._with_gens(bids, vals)))
         return bids, BackendState.TERMINATING not in map(_STATE_OF, backends)
 
     def _render_simple(
@@ -283,7 +334,8 @@ class RenderMixin:
         # slot values as u32 words (kpr_slot: id, flags = the backend's state): the ids dropped
         # into a repeated template
         words = array("I", (0, M.BACKEND_ACTIVE)) * n
-        words[0::2] = array("I", order)
+        kids = self._kernel_ids(order)
+        words[0::2] = array("I", kids)
         base = self._slot_range(g, prev, words.tobytes())
         g.set_packed(fk + _BYTE[M.SCOPE_EXTERNAL] + _SLOT[0], M.SVC_VAL.pack(base, n, 0, rev_nat, f, fe.affinity_timeout), 1, 1)
         order_t = tuple(order)
@@ -291,7 +343,7 @@ class RenderMixin:
         if maglev and order:
             # names from the packed address, as adoption derives them: same table after a restart
             pending_vals = self._pending_vals
-            g.set_maglev(M.SCOPE_EXTERNAL, tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order)))
+            g.set_maglev(M.SCOPE_EXTERNAL, tuple(sorted((_backend_name(pending_vals[b]), k) for b, k in zip(order, kids))))
         # Usually the slot order itself (sorted when new): kept once.
         g.backends = order_t if not prev_order else tuple(sorted(order_t))
         out[fk] = g
@@ -357,16 +409,18 @@ class RenderMixin:
             head_keys.insert(0, fk + _BYTE[scope] + _SLOT[0])
             heads.insert(0, (len(slot_vals), len(order), len(term), f))
             slotted = order + term if term else order
+            kids = self._kernel_ids(slotted)
             if active_ids is None:
-                slot_vals += [pack_slot(bid, M.BACKEND_ACTIVE) for bid in slotted]
+                slot_vals += [pack_slot(k, M.BACKEND_ACTIVE) for k in kids]
             else:
                 slot_vals += [
-                    pack_slot(bid, M.BACKEND_ACTIVE if bid in active_ids else M.BACKEND_TERMINATING) for bid in slotted
+                    pack_slot(k, M.BACKEND_ACTIVE if bid in active_ids else M.BACKEND_TERMINATING)
+                    for bid, k in zip(slotted, kids)
                 ]
             referenced.update(slotted)
             if maglev and order:
                 # names from the packed address, as adoption derives them: same table after a restart
-                g.set_maglev(scope, tuple(sorted((_backend_name(pending_vals[bid]), bid) for bid in order)))
+                g.set_maglev(scope, tuple(sorted((_backend_name(pending_vals[b]), k) for b, k in zip(order, kids))))
         base = self._slot_range(g, prev, b"".join(slot_vals))
         aff = fe.affinity_timeout
         head_vals = [

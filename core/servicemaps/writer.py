@@ -58,6 +58,11 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         self.algorithm = algorithm
         self.batch = batch
         self.specs = M.specs_with(sizes, maglev_size)
+        if self.specs["kpr_backend"].max_entries > 1 << M.BACKEND_INDEX_BITS:
+            raise ValueError(
+                f"bpf.mapSizes.kprBackend {self.specs['kpr_backend'].max_entries} is larger than "
+                f"{1 << M.BACKEND_INDEX_BITS}: a backend id keeps its top {32 - M.BACKEND_INDEX_BITS} bits for a generation"
+            )
         self._explicit_sizes = set(sizes or ())
         self._names = list(M.SERVICE_MAPS) + (
             [n for n in self.specs if n not in M.SERVICE_MAPS] if create_datapath_maps else []
@@ -116,6 +121,10 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         # come from this queue of freed ones, oldest first (None: not built yet; see
         # RenderMixin._backend_id).
         self._free_ids: deque[int] | None = None
+        # Generation per kpr_backend index (None: all 0): an index's current backend's, or for
+        # a free index the one its next backend takes (bumped when freed, kept in the zero
+        # entry written then). Ids the kernel sees are M.backend_id(index, generation).
+        self._backend_gen: array | None = None
         self._next_revnat = 1
         # Entries found in the maps that no group accounts for; removed by GC.
         self._stray: dict[str, set[bytes]] = {"kpr_srcrange": set(), "kpr_maglev": set(), "kpr_revnat": set()}

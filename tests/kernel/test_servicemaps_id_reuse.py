@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kpr.bpf import maps as M
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.servicemaps import ServiceMapWriter
@@ -44,7 +45,9 @@ def test_the_id_freed_longest_ago_is_taken_first(pin_path: Path, check_between: 
         for i in (11, 12, 13):
             assert w.apply_batch([("upsert", _svc(i))]) == {}
             got.append(w.backend_ids()[f"10.1.6.{i}:8080/TCP"])
-        assert got == [5, 2, 6]
+        # the same indexes, each in its next generation (ids that flows of the freed backends
+        # hold no longer name them: lib/lb.h kpr_lb_backend)
+        assert [M.backend_index(b) for b in got] == [(5, 1), (2, 1), (6, 1)]
         # none left: refused by name, nothing written
         assert w.apply_batch([("upsert", _svc(14))]) == {}
         assert w.refused[ServiceKey("reuse", "s14")].map == "kpr_backend"
@@ -76,3 +79,44 @@ def test_a_service_that_fails_to_render_leaves_no_id_behind(pin_path: Path) -> N
             ["10.1.5.3:8080"], ["10.1.5.4:8080"], ["10.1.5.1:8080"]
         ]
         assert sorted(w.backend_ids().values()) == [1, 2, 3]
+
+
+def _entry(pin_path: Path, index: int) -> bytes:
+    with M.BpfMap.open_pinned(pin_path / "kpr_backend") as m:
+        raw = m.lookup(M.U32.pack(index))
+    assert raw is not None
+    return raw
+
+
+def _kernel_ids(w: ServiceMapWriter, vip: str) -> list[int]:
+    return w.read_back()["frontends"][f"{vip}:80/TCP external"]["backend_ids"]
+
+
+def test_an_index_given_again_takes_the_next_generation_also_after_a_restart(pin_path: Path) -> None:
+    """Freed, an index's zero entry keeps the generation its next backend takes; a writer that
+    adopts the maps (a restart) continues from the stored generations, so it never hands out
+    again an id that conntrack may still hold for a deleted backend."""
+    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:  # an array: indexes 1..3
+        assert w.apply_batch([("sync", None)] + [("upsert", _svc(i)) for i in range(1, 4)]) == {}
+        assert w.backend_ids()["10.1.6.2:8080/TCP"] == 2  # generation 0: the id is the index
+        assert w.apply_batch([("delete", ServiceKey("reuse", "s2"))]) == {}
+        freed = _entry(pin_path, 2)
+        assert freed[18] == 0 and M.backend_gen(freed) == 1  # no backend; the next generation kept
+    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:  # adopts the pinned maps
+        # (re-delivered, then sync complete: what the agent's initial state does)
+        assert w.apply_batch([("upsert", _svc(i)) for i in (1, 3, 4)] + [("sync", None)]) == {}
+        bid = w.backend_ids()["10.1.6.4:8080/TCP"]
+        assert M.backend_index(bid) == (2, 1) and bid == 1 << 24 | 2
+        assert _kernel_ids(w, "10.96.6.4") == [bid]  # what the programs read in kpr_slots
+        assert M.backend_gen(_entry(pin_path, 2)) == 1 and _entry(pin_path, 2)[18] == 6
+        assert w.check() == 0  # the generation is part of the desired state: nothing to repair
+        assert w.apply_batch([("delete", ServiceKey("reuse", "s4"))]) == {}
+    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:
+        assert w.apply_batch([("upsert", _svc(i)) for i in (1, 3, 5)] + [("sync", None)]) == {}
+        assert w.backend_ids()["10.1.6.5:8080/TCP"] == 2 << 24 | 2
+        assert _kernel_ids(w, "10.96.6.5") == [2 << 24 | 2]
+        # a restart that adopts a live entry keeps its id (the slots and flows name it)
+    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:
+        assert w.backend_ids()["10.1.6.5:8080/TCP"] == 2 << 24 | 2
+        assert w.apply_batch([("upsert", _svc(i)) for i in (1, 3, 5)] + [("sync", None)]) == {}
+        assert _kernel_ids(w, "10.96.6.5") == [2 << 24 | 2]

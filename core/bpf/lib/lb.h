@@ -187,9 +187,12 @@ static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *s
  * backend from conntrack, a pick's result), so its layout stays lb.h's business. */
 static __always_inline struct kpr_backend *kpr_lb_backend(__u32 id)
 {
-	struct kpr_backend *be = kpr_backend.lookup(&id);
+	__u32 idx = id & KPR_BACKEND_INDEX_MASK;
+	struct kpr_backend *be = kpr_backend.lookup(&idx);
 
-	return be && be->proto ? be : (void *)0; // an array: a zero entry is no backend
+	/* An array: a zero entry is no backend. The id's generation must be the entry's (flags and
+	 * gen[3] read as one little-endian word): a stale id of a reused index is no backend. */
+	return be && be->proto && *(const __u32 *)&be->flags >> 8 == id >> KPR_BACKEND_INDEX_BITS ? be : (void *)0;
 }
 
 /* Pick the backend for a new flow to the service entry `key`/`svc` found by kpr_lb_lookup():

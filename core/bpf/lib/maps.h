@@ -114,14 +114,22 @@ struct kpr_slot {
 	__u32 flags;      // the backend's state in this service, KPR_BACKEND_*
 };
 
-// kpr_backend value (index: __u32 backend id, 1..KPR_BACKEND_MAX-1; never reused while referenced).
+/* kpr_backend value, at index id & KPR_BACKEND_INDEX_MASK (1..KPR_BACKEND_MAX-1). A backend id
+ * is gen << KPR_BACKEND_INDEX_BITS | index: an index is given to another backend once freed, with
+ * the next generation, so an id that conntrack, affinity or a socket still holds for the freed
+ * backend no longer matches the entry (kpr_lb_backend) and fails as a deleted backend's does.
+ * A fixed split, not one by KPR_BACKEND_MAX: an adopted pinned kpr_backend may be larger or
+ * smaller than the size programs are built with (kpr.servicemaps: pinned sizes are kept). */
+#define KPR_BACKEND_INDEX_BITS 24 // kpr_backend holds at most 2^24 entries; 256 generations
+#define KPR_BACKEND_INDEX_MASK ((1U << KPR_BACKEND_INDEX_BITS) - 1)
 struct kpr_backend {
 	union kpr_addr addr; // backend address
 	__be16 port;         // backend port, network order
 	__u8 proto;          // IPPROTO_*; never 0 in a backend (a zero entry of the array is no backend)
 	__u8 reserved;       // zero; was a state shared by all services (now per service, in kpr_slots)
 	__u8 flags;          // KPR_BACKEND_F_*
-	__u8 pad[3];         // zero
+	__u8 gen[3];         // the generation of the id (24 bits, little endian; kept in a freed zero
+	                     // entry: the one its next backend takes)
 };
 
 // kpr_revnat value (key: __u32 rev-NAT index): the frontend replies must appear to come from.

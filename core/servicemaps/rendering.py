@@ -94,12 +94,23 @@ class RenderMixin:
         """The id programs see for index `bid`."""
         return self._gen(bid) << M.BACKEND_INDEX_BITS | bid
 
-    def _kernel_ids(self, bids: list[int]) -> list[int]:
+    def _gens_of(self, bids: list[int]) -> list[int] | None:
+        """The indexes' generations, None when all are 0 (the common case: at C speed)."""
         gens = self._backend_gen
         if gens is None:
+            return None
+        try:
+            got = list(map(gens.__getitem__, bids))
+        except IndexError:  # an id past the array (refused by ApplyMixin._place, never written)
+            got = [gens[b] if b < len(gens) else 0 for b in bids]
+        return got if any(got) else None
+
+    def _kernel_ids(self, bids: list[int]) -> list[int]:
+        got = self._gens_of(bids)
+        if got is None:
             return bids
-        n, bits = len(gens), M.BACKEND_INDEX_BITS
-        return [gens[b] << bits | b if b < n else b for b in bids]
+        bits = M.BACKEND_INDEX_BITS
+        return [g << bits | b for g, b in zip(got, bids)]
 
     def _indexes(self, ids: list[int]) -> list[int]:
         """Indexes of ids read from the maps (M.backend_index without the generation)."""
@@ -123,11 +134,10 @@ class RenderMixin:
 
     def _with_gens(self, bids: list[int], vals: list[bytes]) -> list[bytes]:
         """Backend values with their index's generation stored (kpr_backend.gen)."""
-        gens = self._backend_gen
-        if gens is None:
+        got = self._gens_of(bids)
+        if got is None:
             return vals
-        n = len(gens)
-        return [M.with_backend_gen(v, gens[b]) if b < n and gens[b] else v for b, v in zip(bids, vals)]
+        return [M.with_backend_gen(v, g) if g else v for g, v in zip(got, vals)]
 
     def _freed_id(self, top: int) -> int:
         """An id from the queue of freed ones (built from the table when first needed); when

@@ -126,3 +126,22 @@ def test_a_flow_of_a_deleted_backend_never_reaches_the_backend_its_index_was_giv
     with DatapathMaps(w.pin_path) as dm:
         assert dm.backend(old_id) is None
         assert dm.backend(new_id)["address"] == NEW
+
+
+def test_a_backend_whose_id_carries_a_generation_keeps_its_cached_next_hop(lab: Lab) -> None:
+    """kpr_np_nh caches next hops by backend index, not by the whole id: a backend given a
+    reused index (an id with generation 1, above kpr_np_nh's size as a whole) is still sent
+    without a FIB lookup once its next hop is cached."""
+    w = lab.writer
+    for s in (_svc("a", VIP, OLD), _svc("b", VIP2, OTHER2), _svc("c", VIP3, OTHER3)):
+        w.upsert(s)
+    w.upsert(_svc("a", VIP, CURRENT))  # OLD's index freed
+    w.upsert(_svc("d", VIP4, NEW))  # and given to NEW, in generation 1
+    new_id = w.backend_ids()[f"{NEW}:5353/UDP"]
+    assert M.backend_index(new_id)[1] == 1
+    verdict, out = lab.send(6101, VIP4)  # new flow: the route looked up and cached
+    assert verdict == TC_ACT_REDIRECT and out[IP].dst == NEW and out[Ether].dst == MAC_NODE2
+    before = lab.dp.stats()["fwd_nh_cached"]
+    verdict, out = lab.send(6101, VIP4)  # established: the cached next hop
+    assert verdict == TC_ACT_REDIRECT and out[IP].dst == NEW and out[Ether].dst == MAC_NODE2
+    assert lab.dp.stats()["fwd_nh_cached"] == before + 1

@@ -146,7 +146,7 @@
 #define KPR_NP_NH_CACHE 1
 #endif
 #ifndef KPR_NP_NH_MAX
-#define KPR_NP_NH_MAX 65536 // cached next hops, by backend id (ids above: a FIB lookup per packet)
+#define KPR_NP_NH_MAX 65536 // cached next hops, by backend index (indexes above: a FIB lookup per packet)
 #endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
@@ -710,6 +710,7 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(__u32 bid, const union kp
 
 	if (!g || !g->gen || !bid)
 		return (void *)0;
+	bid &= KPR_BACKEND_INDEX_MASK; // by index: a backend keeps its entry whatever its id's generation
 	e = kpr_np_nh.lookup(&bid);
 	// no clock read here: the agent also bumps the generation every few seconds (a lost event)
 	if (!e || e->gen != g->gen || !kpr_addr_eq(&e->addr, addr))
@@ -740,6 +741,7 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 
 	if (!g || !g->gen || !bid)
 		return;
+	bid &= KPR_BACKEND_INDEX_MASK; // (the address check in kpr_np_nh_get tells an index's backends apart)
 	e = kpr_np_nh.lookup(&bid);
 	if (!e)
 		return;

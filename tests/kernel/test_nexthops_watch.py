@@ -1,7 +1,9 @@
 """The next-hop watcher (kpr.nexthops) in a namespace of its own: it invalidates once
 at start, on a route added or removed and on a neighbour whose address changes; a neighbour
 merely confirmed (the same address) leaves the cache alone; and every refresh period without
-an event (a lost event's bound)."""
+an event (a lost event's bound). A neighbour that existed before the watcher started and
+whose address then changes invalidates on its first event (the watcher reads every
+neighbour's address at start; otherwise that first event would look like a new neighbour)."""
 
 from __future__ import annotations
 
@@ -62,5 +64,23 @@ def test_without_events_it_still_invalidates_every_refresh(ns: Namespace) -> Non
         w = NextHopWatcher(lambda: seen.append(time.monotonic()), refresh=0.2).start()
     try:
         wait_for(lambda: len(seen) >= 3, 5, "two refreshes after the start")
+    finally:
+        w.stop()
+
+
+def test_a_neighbour_known_before_the_start_that_changes_invalidates(ns: Namespace) -> None:
+    ns.run("ip neigh replace 10.9.0.9 lladdr 02:00:00:00:01:07 dev eth0 nud permanent")
+    seen: list[float] = []
+    with ns.enter():
+        w = NextHopWatcher(lambda: seen.append(time.monotonic()), refresh=None, name="test-prime").start()
+    try:
+        assert len(seen) == 1, "once at start (arms the cache)"
+        ns.run("ip neigh replace 10.9.0.9 lladdr 02:00:00:00:01:08 dev eth0 nud permanent")
+        wait_for(lambda: len(seen) > 1, 5, "an invalidation for the address the neighbour had before the start")
+        n = len(seen)
+        ns.run("ip neigh replace 10.9.0.9 lladdr 02:00:00:00:01:08 dev eth0 nud permanent")
+        time.sleep(0.3)
+        assert len(seen) == n, "the same address again: no invalidation"
+        assert w.errors == 0
     finally:
         w.stop()

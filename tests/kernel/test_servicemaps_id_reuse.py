@@ -7,24 +7,15 @@ Writer only (no program is compiled); each test in its own scratch pin dir.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kpr.bpf import maps as M
-from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.servicemaps import ServiceMapWriter
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def pin_path() -> Iterator[Path]:
-    with scratch_pin_dir() as pin:
-        yield pin
-    assert not pin.exists()
 
 
 def _svc(i: int) -> Service:
@@ -33,8 +24,8 @@ def _svc(i: int) -> Service:
 
 
 @pytest.mark.parametrize("check_between", [False, True], ids=["no-check", "check"])
-def test_the_id_freed_longest_ago_is_taken_first(pin_path: Path, check_between: bool) -> None:
-    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 8}) as w:  # an array: ids 1..7
+def test_the_id_freed_longest_ago_is_taken_first(pin_dir: Path, check_between: bool) -> None:
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 8}) as w:  # an array: ids 1..7
         assert w.apply_batch([("sync", None)] + [("upsert", _svc(i)) for i in range(1, 8)]) == {}
         assert sorted(w.backend_ids().values()) == list(range(1, 8))  # the counter is at the end
         for i in (5, 2, 6):  # freed in this order
@@ -54,7 +45,7 @@ def test_the_id_freed_longest_ago_is_taken_first(pin_path: Path, check_between: 
         assert "10.1.6.14:8080/TCP" not in w.backend_ids()
 
 
-def test_a_service_that_fails_to_render_leaves_no_id_behind(pin_path: Path) -> None:
+def test_a_service_that_fails_to_render_leaves_no_id_behind(pin_dir: Path) -> None:
     """A render that fails part way (a bad backend address in the second frontend) has taken
     ids for the backends before it; they must be forgotten, or the backend keeps an id that
     is later handed to another backend: both would then share one kpr_backend entry."""
@@ -67,7 +58,7 @@ def test_a_service_that_fails_to_render_leaves_no_id_behind(pin_path: Path) -> N
         Frontend(FrontendType.CLUSTER_IP, "10.96.6.101", 80, Protocol.TCP,
                  (Backend("10.1.5.2", 8080), Backend("10.1.5.300", 8080))),
     ))
-    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:  # an array: ids 1..3
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 4}) as w:  # an array: ids 1..3
         assert w.apply_batch([("sync", None)]) == {}
         with pytest.raises(ValueError, match="10.1.5.300"):
             w.upsert(bad)
@@ -81,8 +72,8 @@ def test_a_service_that_fails_to_render_leaves_no_id_behind(pin_path: Path) -> N
         assert sorted(w.backend_ids().values()) == [1, 2, 3]
 
 
-def _entry(pin_path: Path, index: int) -> bytes:
-    with M.BpfMap.open_pinned(pin_path / "kpr_backend") as m:
+def _entry(pin_dir: Path, index: int) -> bytes:
+    with M.BpfMap.open_pinned(pin_dir / "kpr_backend") as m:
         raw = m.lookup(M.U32.pack(index))
     assert raw is not None
     return raw
@@ -92,31 +83,31 @@ def _kernel_ids(w: ServiceMapWriter, vip: str) -> list[int]:
     return w.read_back()["frontends"][f"{vip}:80/TCP external"]["backend_ids"]
 
 
-def test_an_index_given_again_takes_the_next_generation_also_after_a_restart(pin_path: Path) -> None:
+def test_an_index_given_again_takes_the_next_generation_also_after_a_restart(pin_dir: Path) -> None:
     """Freed, an index's zero entry keeps the generation its next backend takes; a writer that
     adopts the maps (a restart) continues from the stored generations, so it never hands out
     again an id that conntrack may still hold for a deleted backend."""
-    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:  # an array: indexes 1..3
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 4}) as w:  # an array: indexes 1..3
         assert w.apply_batch([("sync", None)] + [("upsert", _svc(i)) for i in range(1, 4)]) == {}
         assert w.backend_ids()["10.1.6.2:8080/TCP"] == 2  # generation 0: the id is the index
         assert w.apply_batch([("delete", ServiceKey("reuse", "s2"))]) == {}
-        freed = _entry(pin_path, 2)
+        freed = _entry(pin_dir, 2)
         assert freed[18] == 0 and M.backend_gen(freed) == 1  # no backend; the next generation kept
-    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:  # adopts the pinned maps
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 4}) as w:  # adopts the pinned maps
         # (re-delivered, then sync complete: what the agent's initial state does)
         assert w.apply_batch([("upsert", _svc(i)) for i in (1, 3, 4)] + [("sync", None)]) == {}
         bid = w.backend_ids()["10.1.6.4:8080/TCP"]
         assert M.backend_index(bid) == (2, 1) and bid == 1 << 24 | 2
         assert _kernel_ids(w, "10.96.6.4") == [bid]  # what the programs read in kpr_slots
-        assert M.backend_gen(_entry(pin_path, 2)) == 1 and _entry(pin_path, 2)[18] == 6
+        assert M.backend_gen(_entry(pin_dir, 2)) == 1 and _entry(pin_dir, 2)[18] == 6
         assert w.check() == 0  # the generation is part of the desired state: nothing to repair
         assert w.apply_batch([("delete", ServiceKey("reuse", "s4"))]) == {}
-    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 4}) as w:
         assert w.apply_batch([("upsert", _svc(i)) for i in (1, 3, 5)] + [("sync", None)]) == {}
         assert w.backend_ids()["10.1.6.5:8080/TCP"] == 2 << 24 | 2
         assert _kernel_ids(w, "10.96.6.5") == [2 << 24 | 2]
         # a restart that adopts a live entry keeps its id (the slots and flows name it)
-    with ServiceMapWriter(pin_path, sizes={"kpr_backend": 4}) as w:
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 4}) as w:
         assert w.backend_ids()["10.1.6.5:8080/TCP"] == 2 << 24 | 2
         assert w.apply_batch([("upsert", _svc(i)) for i in (1, 3, 5)] + [("sync", None)]) == {}
         assert _kernel_ids(w, "10.96.6.5") == [2 << 24 | 2]

@@ -510,6 +510,7 @@ class ApplyMixin:
             "kpr_maglev": have["kpr_maglev"] + len(mg_up),
         }
         tight = any(peak[name] > self.limits[name] for name in peak)
+        freed = be_del  # the shadow forgets these, whichever phase deletes them
         # 0. frontends that go: first, so a nearly full map has room for what comes
         if gone_del:
             mp["kpr_svc"].delete_many(gone_del, batch=b)
@@ -574,7 +575,8 @@ class ApplyMixin:
             count[name] += n
         refs.add_many(ref_delta)
         self._backend_vals.update(be_up)
-        if be_del:
+        if freed:
+            be_del = freed
             ids = self._backend_ids
             for bid, val in zip(be_del, self._backend_vals.pop_many(be_del)):
                 if val is not None and ids.get(val[:19]) == bid:

@@ -111,3 +111,24 @@ def test_an_index_given_again_takes_the_next_generation_also_after_a_restart(pin
         assert w.backend_ids()["10.1.6.5:8080/TCP"] == 2 << 24 | 2
         assert w.apply_batch([("upsert", _svc(i)) for i in (1, 3, 5)] + [("sync", None)]) == {}
         assert _kernel_ids(w, "10.96.6.5") == [2 << 24 | 2]
+
+
+def test_a_backend_deleted_while_a_map_is_tight_is_freed_in_the_shadow_too(pin_dir: Path) -> None:
+    """A change that would not fit beside what it replaces deletes first (ApplyMixin's tight
+    path: kpr_revnat full here). The backends it deletes must leave the writer's shadow as
+    well: kept there, the backend's id stayed taken with its old generation while the kernel's
+    entry was zeroed, so the backend, re-added, was never written (its service pointed at an
+    empty entry) and its index never took the next generation."""
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 8, "kpr_revnat": 3}) as w:
+        assert w.apply_batch([("sync", None)] + [("upsert", _svc(i)) for i in range(1, 4)]) == {}
+        # s2 moves to another address and backend: one upsert (its old frontend goes)
+        moved = Service(ServiceKey("reuse", "s2"), (Frontend(FrontendType.CLUSTER_IP, "10.96.6.4", 80, Protocol.TCP,
+                                                             (Backend("10.1.6.4", 8080),)),))
+        assert w.apply_batch([("upsert", moved)]) == {}
+        assert "10.1.6.2:8080/TCP" not in w.backend_ids()
+        assert M.backend_gen(_entry(pin_dir, 2)) == 1 and _entry(pin_dir, 2)[18] == 0
+        assert w.check() == 0
+        assert w.apply_batch([("upsert", _svc(2))]) == {}
+        read = w.read_back()["frontends"]
+        assert read["10.96.6.2:80/TCP external"]["backends"] == ["10.1.6.2:8080"]
+        assert w.check() == 0

@@ -377,6 +377,68 @@ def test_conntrack_stamps_are_on_the_collectors_clock(lab: Lab) -> None:
         assert before - 3 * tick <= stamp <= after + 3 * tick, (before, stamp, after)
 
 
+def test_a_conntrack_stamp_ahead_of_the_programs_clock_is_fresh(lab: Lab) -> None:
+    """A build on the coarse clock stamps CLOCK_MONOTONIC, which runs the boot's offset (a few
+    hundred ms) ahead of the jiffies clock: right after an upgrade to a jiffies build, a flow
+    refreshed just before it holds a stamp ahead of the program's now. That flow is live (its
+    port kept, counted established), not 2^64 ns old and picked afresh with a new SNAT port."""
+    from kpr.nodeport import gc as G
+
+    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5081, 80))
+    assert verdict == TC_ACT_REDIRECT
+    port = out[UDP].sport
+    (ck, cv), = _flow_entries(lab, CLIENT4, 5081, 17)["kpr_ct"]
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
+        # 200 ms ahead of the programs' clock: what the coarse clock read just now here
+        ct.update(D.CT_KEY.pack(*ck), D.CT_ENTRY.pack(G.now_ns() + 200 * 10**6, *cv[1:]))
+    before = lab.stats()
+    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5081, 80))
+    after = lab.stats()
+    assert verdict == TC_ACT_REDIRECT and out[UDP].sport == port
+    assert (after["established"] - before["established"], after["new_snat"] - before["new_snat"]) == (1, 0)
+
+
+def test_one_pass_rewrites_keep_checksums_and_a_zero_udp_checksum(lab: Lab) -> None:
+    """KPR_REWRITE_ONE_CSUM: the DNAT+SNAT of an established flow with a cached next hop (the
+    entry program's KPR_NP_EST_INLINE path) and of a reply patch each checksum once: the output's
+    checksums are right (run_cases recomputes them), and an IPv4 UDP checksum of 0 ("none")
+    stays 0 both ways instead of becoming a checksum of the zero field."""
+    seen: dict[str, int] = {}
+    cached = lab.stats()["fwd_nh_cached"]
+
+    def zero_udp(pkt: Ether) -> Ether:
+        pkt[UDP].chksum = 0
+        return pkt
+
+    def kept_zero(expect_dst: str, expect_dport: int, key: str) -> Any:
+        check = _snat_check(expect_dst, expect_dport, seen, key)
+
+        def run(out: Ether) -> None:
+            check(out)
+            assert out[UDP].chksum == 0, out[UDP].chksum
+        return run
+
+    lab.run(D.INGRESS, [
+        Case("TCP SYN of a new SNAT flow", tcp4(lab, CLIENT4, VIP_REMOTE, 40701, 80), TC_ACT_REDIRECT,
+             _snat_check(REM4, 8080, seen, "tcp")),
+        Case("its ACK: established, next hop cached, rewritten in one pass", tcp4(lab, CLIENT4, VIP_REMOTE, 40701, 80, flags="A"),
+             TC_ACT_REDIRECT, _snat_check(REM4, 8080, seen, "tcp")),
+        Case("UDP with checksum 0, new flow", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, 5701, 80)), TC_ACT_REDIRECT,
+             kept_zero(REM4, 8080, "udp")),
+        Case("UDP with checksum 0, established (one pass)", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, 5701, 80)),
+             TC_ACT_REDIRECT, kept_zero(REM4, 8080, "udp")),
+    ])
+    assert lab.stats()["fwd_nh_cached"] >= cached + 2, "the established packets took the cached next hop"
+    reply = Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / UDP(sport=8080, dport=seen["udp"]) / Raw(b"ok")
+    lab.run(D.INGRESS, [
+        Case("the UDP reply with checksum 0: still 0", zero_udp(reply), TC_ACT_REDIRECT,
+             zero_udp(routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=5701) / Raw(b"ok"))),
+        Case("the TCP reply", Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4)
+             / TCP(sport=8080, dport=seen["tcp"], flags="A") / Raw(b"ok"), TC_ACT_REDIRECT,
+             routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / TCP(sport=80, dport=40701, flags="A") / Raw(b"ok")),
+    ])
+
+
 def test_a_flow_of_the_four_entry_layout_keeps_its_port_and_replies(lab: Lab) -> None:
     """A flow a KPR_NP_SNAT_IN_CT=0 build began (conntrack entry without a mapping, SNAT forward
     and reverse entries, a kpr_np_rev entry; written here as that build writes them) goes on

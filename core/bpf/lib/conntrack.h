@@ -146,7 +146,9 @@ static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple
 	if (!e)
 		return (void *)0;
 	now = kpr_ct_now();
-	if (now - e->last_seen > kpr_ct_timeout(e, t->proto))
+	// signed: a stamp ahead of now is fresh, not 2^64 ns old (an upgrade from a build on the
+	// coarse clock leaves stamps up to the boot's offset, a few hundred ms, ahead of jiffies)
+	if ((__s64)(now - e->last_seen) > (__s64)kpr_ct_timeout(e, t->proto))
 		return (void *)0;
 #if !KPR_CT_LOOKUP_BEFORE_WRITE
 	// every packet dirties the entry's cache line (shared by every CPU the flow's packets reach)

@@ -398,6 +398,21 @@ def test_a_conntrack_stamp_ahead_of_the_programs_clock_is_fresh(lab: Lab) -> Non
     assert (after["established"] - before["established"], after["new_snat"] - before["new_snat"]) == (1, 0)
 
 
+def zero_udp(pkt: Ether) -> Ether:
+    """The packet with its UDP checksum 0 (IPv4: none)."""
+    pkt[UDP].chksum = 0
+    return pkt
+
+
+def _zero_udp_snat_check(expect_dst: str, expect_dport: int, seen: dict[str, int], key: str) -> Any:
+    check = _snat_check(expect_dst, expect_dport, seen, key)
+
+    def run(out: Ether) -> None:
+        check(out)
+        assert out[UDP].chksum == 0, f"UDP checksum 0 became 0x{out[UDP].chksum:04x}"
+    return run
+
+
 def test_one_pass_rewrites_keep_checksums_and_a_zero_udp_checksum(lab: Lab) -> None:
     """KPR_REWRITE_ONE_CSUM: the DNAT+SNAT of an established flow with a cached next hop (the
     entry program's KPR_NP_EST_INLINE path) and of a reply patch each checksum once: the output's
@@ -406,17 +421,8 @@ def test_one_pass_rewrites_keep_checksums_and_a_zero_udp_checksum(lab: Lab) -> N
     seen: dict[str, int] = {}
     cached = lab.stats()["fwd_nh_cached"]
 
-    def zero_udp(pkt: Ether) -> Ether:
-        pkt[UDP].chksum = 0
-        return pkt
-
     def kept_zero(expect_dst: str, expect_dport: int, key: str) -> Any:
-        check = _snat_check(expect_dst, expect_dport, seen, key)
-
-        def run(out: Ether) -> None:
-            check(out)
-            assert out[UDP].chksum == 0, out[UDP].chksum
-        return run
+        return _zero_udp_snat_check(expect_dst, expect_dport, seen, key)
 
     lab.run(D.INGRESS, [
         Case("TCP SYN of a new SNAT flow", tcp4(lab, CLIENT4, VIP_REMOTE, 40701, 80), TC_ACT_REDIRECT,
@@ -782,7 +788,33 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
             for c in cases:
                 c.ctx = xdp_ctx(lab, bytes(c.packet))
             run_cases(progs[XD.INGRESS].fd, cases, kind="xdp")
-        assert xstats()["icmp_translated"] == before + len(cases)
+            icmp_after = xstats()["icmp_translated"]
+
+            # the one-pass rewrite (KPR_REWRITE_ONE_CSUM) patches XDP checksums by hand: an
+            # IPv4 UDP checksum of 0 stays 0 on a new flow, an established one (the entry
+            # program's cached-next-hop path) and its reply
+            seen: dict[str, int] = {}
+            nh_before = xstats()["fwd_nh_cached"]
+            zcases = [
+                Case("XDP: UDP with checksum 0, new flow", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, 5103, 80)), XDP_REDIRECT,
+                     _zero_udp_snat_check(REM4, 8080, seen, "udp")),
+                Case("XDP: UDP with checksum 0, established", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, 5103, 80)),
+                     XDP_REDIRECT, _zero_udp_snat_check(REM4, 8080, seen, "udp")),
+                Case("XDP: TCP established, checksums patched once", tcp4(lab, CLIENT4, VIP_REMOTE, 41003, 80, flags="A"),
+                     XDP_REDIRECT, _snat_check(REM4, 8080, seen, "tcp")),
+                Case("XDP: TCP established again", tcp4(lab, CLIENT4, VIP_REMOTE, 41003, 80, flags="PA"),
+                     XDP_REDIRECT, _snat_check(REM4, 8080, seen, "tcp")),
+            ]
+            for c in zcases:
+                c.ctx = xdp_ctx(lab, bytes(c.packet))
+            run_cases(progs[XD.INGRESS].fd, zcases, kind="xdp")
+            assert xstats()["fwd_nh_cached"] >= nh_before + 2, "established packets took the cached next hop"
+            reply = zero_udp(Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / UDP(sport=8080, dport=seen["udp"]) / Raw(b"ok"))
+            rcase = Case("XDP: the UDP reply with checksum 0: still 0", reply, XDP_REDIRECT,
+                         zero_udp(routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=5103) / Raw(b"ok")))
+            rcase.ctx = xdp_ctx(lab, bytes(reply))
+            run_cases(progs[XD.INGRESS].fd, [rcase], kind="xdp")
+        assert icmp_after == before + len(cases)
         assert lab.stats() == tc_before, "nothing counted in the tc build's maps"
     finally:
         xdp_counters.close()

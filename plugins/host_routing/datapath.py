@@ -8,6 +8,7 @@ tests/kernel/test_host_routing_prog.py checks them against bcc's view of the C.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from kpr.bpf import abi
 from kpr.bpf import maps as M
+from kpr.nodeport.datapath import CT_F_NODE_PORT
 from kpr.nodeport.datapath import Datapath as NodePortDatapath
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ NH_MAP = "kpr_hr_nh"  # next hops of pods behind peers, learned by the programs 
 # routes of pods' packets leaving the node and their generation (KPR_HR_OUT_CACHE builds with bpf_redirect_neigh)
 OUT_MAP, GEN_MAP = "kpr_hr_out", "kpr_hr_gen"
 OWN_MAPS = (PODS_MAP, DEVS_MAP)
+_CT_FLAGS = struct.Struct("=H")
+FLOWS_MAP = "kpr_hr_flows"  # pinned: set once a per-packet service flow was made (KPR_HR_CT_GATE)
 
 # lib/host_routing.h's structs and flags: fields positionally in header order (tests/test_abi.py).
 POD = abi.packer("kpr_hr_pod")  # ifindex, flags
@@ -113,18 +117,36 @@ class Datapath:
     def load(self) -> "Datapath":
         from kpr.bpf.loader import compile_and_load, load_prog
 
+        fresh_gate = not (self.pin / FLOWS_MAP).exists()
         self.bpf = compile_and_load(SOURCE, cflags=self.cflags())
         try:
             for name in ENTRIES:
                 self.progs[name] = load_prog(self.bpf, name, "SCHED_CLS")
             for name in OWN_MAPS:
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
+            if fresh_gate:
+                self._open_gate_for_adopted_flows()
         except BaseException:
             self.close()
             raise
         log.info("event=host_routing_loaded to_pod=%s to_netdev=%s cluster_ip=%s", self.helpers.to_pod,
                  self.helpers.to_netdev, self.cluster_ip)
         return self
+
+    def _open_gate_for_adopted_flows(self) -> None:
+        """A kpr_hr_flows made by this load (KPR_HR_CT_GATE) beside an adopted kpr_ct holding
+        per-packet flows (programs of a kpr without the gate made them): their replies must
+        still be reversed, so the gate starts open (else they reach the pod from the backend's
+        address until some new flow opens it)."""
+        if not (self.pin / FLOWS_MAP).exists() or not (self.pin / "kpr_ct").exists():
+            return  # built without the gate or without per-packet services
+        with M.BpfMap.open_pinned(self.pin / "kpr_ct") as ct:
+            # kpr_ct_entry.flags at 16 (lib/conntrack.h; an older kpr's shorter values too)
+            if all(_CT_FLAGS.unpack_from(v, 16)[0] & CT_F_NODE_PORT for _, v in ct.items()):
+                return
+        with M.BpfMap.open_pinned(self.pin / FLOWS_MAP) as flows:
+            flows.update(M.U32.pack(0), M.U32.pack(1))
+        log.info("event=host_routing_gate_opened reason=adopted_flows")
 
     def close(self) -> None:
         for m in self.maps.values():

@@ -582,7 +582,9 @@ class ApplyMixin:
                 if val is not None and ids.get(val[:19]) == bid:
                     del ids[val[:19]]
             # the next backend at a freed index takes the next generation (written in _delete_phase)
-            self._set_gens({bid: self._next_gen(bid) for bid in be_del})
+            self._set_gens(bumped := {bid: self._next_gen(bid) for bid in be_del})
+            if self._gens_bumped is not None:  # a _repair: it restores the desired generations after
+                self._gens_bumped.update(bumped)
             if self._free_ids is not None:
                 self._free_ids.extend(be_del)
             self._freed.update(dict.fromkeys(be_del))  # (at C speed: a shrink frees 500k)

@@ -265,12 +265,14 @@ class ReconcileMixin:
         groups, vals = self._groups, self._backend_vals
         saved = {a: getattr(self, a) for a in _SHADOW}
         before = self._op_total()
+        self._gens_bumped = {}
         try:
             self._reload()  # the shadow now describes the kernel
             self._begin()
             self._pending_vals = {bid: vals[bid] for g in groups.values() for bid in g.backends if bid in vals}
             self._apply_diff(dict(self._groups), groups, True)
         except BaseException:
+            self._gens_bumped = None
             # The shadow stays the desired state (the kernel differs until a later repair).
             for a, v in saved.items():
                 setattr(self, a, v)
@@ -278,8 +280,12 @@ class ReconcileMixin:
             raise
         # the desired state's ranges (the kernel's, adopted by _reload, were only for the diff)
         self._slots = saved["_slots"]
-        # the desired state's generations: its slots and values were written with them
+        # the desired state's generations: its slots and values were written with them; but an
+        # entry the repair deleted (nothing wanted it) keeps the next generation written into
+        # it, as any delete's: programs may still hold its id
         self._backend_gen = saved["_backend_gen"]
+        bumped, self._gens_bumped = self._gens_bumped or {}, None
+        self._set_gens({i: g for i, g in bumped.items() if i not in vals})
         for fk, g in groups.items():
             self._revnat_ids[fk] = g.rev_nat
             self._revnat_used.add(g.rev_nat)

@@ -79,6 +79,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
         # through the reloads that rebuild the shadow (check(), a full sync), which lose the
         # queue below, so the id freed longest ago is still taken first (RenderMixin._freed_id).
         self._freed: dict[int, None] = {}
+        self._gens_bumped: dict[int, int] | None = None  # during _repair: generations its deletes bumped
         self._reset_shadow()
         self.errors = 0
         self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it

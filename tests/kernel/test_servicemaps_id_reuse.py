@@ -132,3 +132,22 @@ def test_a_backend_deleted_while_a_map_is_tight_is_freed_in_the_shadow_too(pin_d
         read = w.read_back()["frontends"]
         assert read["10.96.6.2:80/TCP external"]["backends"] == ["10.1.6.2:8080"]
         assert w.check() == 0
+
+
+def test_an_entry_a_repair_frees_keeps_its_next_generation(pin_dir: Path) -> None:
+    """check() deletes a backend entry nothing wants (one written by hand, or by another
+    writer): programs may hold its id, so its index's next backend must take the next
+    generation, as after any other delete. The repair restored the desired state's
+    generations afterwards and lost that bump: the next backend at the index got the freed
+    entry's id again."""
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 4}) as w:  # an array: indexes 1..3
+        assert w.apply_batch([("sync", None)] + [("upsert", _svc(i)) for i in (1, 2)]) == {}
+        stray = M.addr_to_bytes("10.1.6.9") + (8080).to_bytes(2, "big") + bytes((6, 0, 0, 0, 0, 0))
+        with M.BpfMap.open_pinned(pin_dir / "kpr_backend") as m:
+            m.update(M.U32.pack(3), stray)  # id 3 (generation 0) in the kernel's eyes
+        assert w.check() == 1
+        assert M.backend_gen(_entry(pin_dir, 3)) == 1 and _entry(pin_dir, 3)[18] == 0
+        assert w.apply_batch([("upsert", _svc(3))]) == {}
+        assert w.backend_ids()["10.1.6.3:8080/TCP"] == 1 << 24 | 3
+        assert _kernel_ids(w, "10.96.6.3") == [1 << 24 | 3]
+        assert w.check() == 0

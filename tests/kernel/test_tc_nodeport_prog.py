@@ -445,6 +445,30 @@ def test_one_pass_rewrites_keep_checksums_and_a_zero_udp_checksum(lab: Lab) -> N
     ])
 
 
+def test_the_entry_programs_established_path_refreshes_and_closes_the_flow(lab: Lab) -> None:
+    """KPR_NP_EST_INLINE sends an established SNAT packet with a cached next hop from the entry
+    program, without the stages: its conntrack entry is still refreshed (last_seen, at most once
+    a second, so an active flow outlives its timeout) and a FIN marks it closing (the short
+    timeout), as on the staged path."""
+    from kpr.nodeport import gc as G
+
+    sport = 40811
+    cached = lab.stats()["fwd_nh_cached"]
+    assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport, 80))[0] == TC_ACT_REDIRECT
+    (ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["kpr_ct"]
+    old = G.now_ns() - 5 * 10**9
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
+        ct.update(D.CT_KEY.pack(*ck), D.CT_ENTRY.pack(old, *cv[1:]))
+    assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport, 80, flags="A"))[0] == TC_ACT_REDIRECT
+    (_ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["kpr_ct"]
+    assert cv[0] > old + 4 * 10**9, "last_seen refreshed"
+    assert not cv[3] & D.CT_F_CLOSING
+    assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport, 80, flags="FA"))[0] == TC_ACT_REDIRECT
+    (_ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["kpr_ct"]
+    assert cv[3] & D.CT_F_CLOSING and cv[4] & 0x01, "FIN seen: closing"
+    assert lab.stats()["fwd_nh_cached"] == cached + 2, "both went by the cached next hop"
+
+
 def test_a_flow_of_the_four_entry_layout_keeps_its_port_and_replies(lab: Lab) -> None:
     """A flow a KPR_NP_SNAT_IN_CT=0 build began (conntrack entry without a mapping, SNAT forward
     and reverse entries, a kpr_np_rev entry; written here as that build writes them) goes on

@@ -43,7 +43,13 @@ class ReconcileMixin:
             self._backend_refs.add_many(dict.fromkeys(bids, 0))
             self._next_backend = max(self._next_backend, max(bids) + 1)
         # generations, the freed (zero) entries' too: never hand out an id flows may still hold
-        self._set_gens(M.backend_entry_gens(self.maps["kpr_backend"]))
+        gens = M.backend_entry_gens(self.maps["kpr_backend"])
+        if not gens and be_items and len(bids) < max(bids):
+            # none stored (a kpr without generations pinned it, or nothing was freed yet) and
+            # holes below the highest id: a counter handed them out and they were freed, their
+            # ids perhaps still in conntrack with generation 0; their next backends take 1
+            gens = dict.fromkeys(vals.missing(range(1, max(bids))), 1)
+        self._set_gens(gens)
 
         by_revnat: dict[int, _Group] = {}
         groups = self._groups

@@ -151,3 +151,21 @@ def test_an_entry_a_repair_frees_keeps_its_next_generation(pin_dir: Path) -> Non
         assert w.backend_ids()["10.1.6.3:8080/TCP"] == 1 << 24 | 3
         assert _kernel_ids(w, "10.96.6.3") == [1 << 24 | 3]
         assert w.check() == 0
+
+
+def test_entries_an_older_kpr_freed_take_generation_1_once_adopted(pin_dir: Path) -> None:
+    """A kpr_backend pinned by a kpr without generations: an entry it freed is all zero, so
+    generation 0, the id flows in conntrack may still hold for the backend it deleted. Once
+    adopted, such an entry (below the highest id in use: the counter handed it out before)
+    gives its next backend generation 1."""
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 4}) as w:  # an array: indexes 1..3
+        assert w.apply_batch([("sync", None)] + [("upsert", _svc(i)) for i in range(1, 4)]) == {}
+    with M.BpfMap.open_pinned(pin_dir / "kpr_backend") as m:
+        m.update(M.U32.pack(2), bytes(m.value_size))  # as the older kpr deleted backend 2
+    with M.BpfMap.open_pinned(pin_dir / "kpr_svc") as m:
+        m.delete_many([k for k in m.keys() if k[:16] == M.addr_to_bytes("10.96.6.2")], batch=False)
+    with ServiceMapWriter(pin_dir, sizes={"kpr_backend": 4}) as w:  # adopts
+        assert w.apply_batch([("upsert", _svc(i)) for i in (1, 3, 4)] + [("sync", None)]) == {}
+        assert w.backend_ids()["10.1.6.4:8080/TCP"] == 1 << 24 | 2
+        assert _kernel_ids(w, "10.96.6.4") == [1 << 24 | 2]
+        assert w.check() == 0

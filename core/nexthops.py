@@ -1,5 +1,5 @@
-"""What tells a program's cached next hops they may be wrong: every route change, and every
-neighbour whose link-layer address changes or that fails or goes away. A NextHopWatcher calls
+"""What tells a program's cached next hops they may be wrong: every route and ip rule change, and
+every neighbour whose link-layer address changes or that fails or goes away. A NextHopWatcher calls
 its `invalidate` (which bumps a generation the programs compare their entries with, so each
 cached next hop is looked up again on its next packet) on such an event, once at start, and
 every REFRESH_SECONDS without a bump, should an event be lost (a full socket buffer): that
@@ -7,7 +7,7 @@ bounds a stale next hop's life without a clock read per packet in the programs.
 
 Shared by the NodePort programs' per-backend next hops (kpr.nodeport, kpr_np_nh) and
 host_routing's per-destination ones (kpr_hr_out). A kpr.netlinkwatch event socket bound to
-the route and neighbour groups, in the namespace of the thread that starts it.
+the route, rule and neighbour groups, in the namespace of the thread that starts it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 RTM_NEWLINK = 16
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
+RTM_NEWRULE, RTM_DELRULE = 32, 33
+# ip rules decide which table a FIB lookup (bpf_fib_lookup too) reads: RTNLGRP_IPV4_RULE (8)
+# and RTNLGRP_IPV6_RULE (19) as bind() group bits
+RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 1 << 7, 1 << 18
 NUD_INCOMPLETE, NUD_FAILED = 0x01, 0x20
 STOP_SECONDS = 2.0
 REFRESH_SECONDS = 2.0
@@ -37,7 +41,7 @@ class NeighbourBook:
 
     def changes(self, msg: Any) -> bool:
         kind = msg["header"]["type"]
-        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE):
             return True
         if kind not in (RTM_NEWNEIGH, RTM_DELNEIGH):
             return False
@@ -73,7 +77,8 @@ class NextHopWatcher:
 
     def start(self) -> NextHopWatcher:
         # subscribed first: a change during the first invalidation is seen
-        self._events = EventSocket(RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE, name=self.name)
+        groups = RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
+        self._events = EventSocket(groups, name=self.name)
         self._prime()
         self._bump("start")
         self._thread = threading.Thread(target=self._run, name=f"kpr-{self.name}", daemon=True)

@@ -84,3 +84,19 @@ def test_a_neighbour_known_before_the_start_that_changes_invalidates(ns: Namespa
         assert w.errors == 0
     finally:
         w.stop()
+
+
+def test_policy_rule_changes_invalidate(ns: Namespace) -> None:
+    """An ip rule changes which table a FIB lookup reads (bpf_fib_lookup follows the rules), so
+    remembered routes (a pod's by its source address, say) may be wrong: IPv4 and IPv6 rules."""
+    seen: list[float] = []
+    with ns.enter():
+        w = NextHopWatcher(lambda: seen.append(time.monotonic()), refresh=None).start()
+    try:
+        for cmd in ("ip rule add from 10.244.1.5 table 100", "ip rule del from 10.244.1.5 table 100",
+                    "ip -6 rule add from fd00:10::5 table 100", "ip -6 rule del from fd00:10::5 table 100"):
+            n = len(seen)
+            ns.run(cmd)
+            wait_for(lambda: len(seen) > n, 5, f"an invalidation for `{cmd}`")
+    finally:
+        w.stop()

@@ -433,8 +433,11 @@ def test_one_pass_rewrites_keep_checksums_and_a_zero_udp_checksum(lab: Lab) -> N
              kept_zero(REM4, 8080, "udp")),
         Case("UDP with checksum 0, established (one pass)", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, 5701, 80)),
              TC_ACT_REDIRECT, kept_zero(REM4, 8080, "udp")),
+        Case("established TCP with IP options (the L4 header further in)",
+             tcp4(lab, CLIENT4, VIP_REMOTE, 40701, 80, flags="PA", options=[IPOption(b"\x94\x04\x00\x00")]),
+             TC_ACT_REDIRECT, _snat_check(REM4, 8080, seen, "tcp")),
     ])
-    assert lab.stats()["fwd_nh_cached"] >= cached + 2, "the established packets took the cached next hop"
+    assert lab.stats()["fwd_nh_cached"] >= cached + 3, "the established packets took the cached next hop"
     reply = Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / UDP(sport=8080, dport=seen["udp"]) / Raw(b"ok")
     lab.run(D.INGRESS, [
         Case("the UDP reply with checksum 0: still 0", zero_udp(reply), TC_ACT_REDIRECT,

@@ -507,6 +507,23 @@ def test_a_flow_of_the_four_entry_layout_keeps_its_port_and_replies(lab: Lab) ->
     )])
 
 
+def test_a_packet_too_big_for_the_cached_route_is_looked_up(lab: Lab) -> None:
+    """The cached next hop keeps the route's MTU (tc): an established packet larger than it is
+    not sent from the cache but takes the FIB lookup, whose FRAG_NEEDED passes it to the stack
+    (which sends the ICMP error path MTU discovery needs), as before the cache."""
+    verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40310, 80))
+    assert verdict == TC_ACT_REDIRECT and out[Ether].dst == MAC_NODE2
+    before = lab.stats()
+    assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40310, 80, flags="A"))[0] == TC_ACT_REDIRECT
+    assert lab.stats()["fwd_nh_cached"] == before["fwd_nh_cached"] + 1, "a packet that fits: from the cache"
+    big = eth_in(lab) / IP(src=CLIENT4, dst=VIP_REMOTE, flags="DF") / TCP(sport=40310, dport=80, flags="A") / Raw(
+        b"x" * 1600)
+    verdict, _ = lab.one(D.INGRESS, big)
+    after = lab.stats()
+    assert after["fwd_nh_cached"] == before["fwd_nh_cached"] + 1, "too big: not sent from the cache"
+    assert verdict != TC_ACT_REDIRECT and after["fib_to_kernel"] == before["fib_to_kernel"] + 1
+
+
 def test_the_next_hop_is_cached_per_backend_until_the_generation_changes(lab: Lab) -> None:
     """KPR_NP_NH_CACHE: the SNAT stage's packets after the first reuse the backend's next hop
     (the node2 neighbour's MAC) without a FIB lookup: a neighbour changed behind the cache's

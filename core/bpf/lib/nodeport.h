@@ -272,7 +272,7 @@ struct kpr_np_nh {
 	__u32 ifindex;       // egress device (bpf_redirect / XDP_REDIRECT with these MACs)
 	__u8 smac[6];        // the route's source MAC
 	__u8 dmac[6];        // the next hop's MAC
-	__u32 kind;          // KPR_DEV_* of ifindex (the forwarding counters) | KPR_NP_NH_EXTERNAL
+	__u32 kind;          // KPR_DEV_* of ifindex (the forwarding counters) | KPR_NP_NH_EXTERNAL | mtu << 16
 	__u64 stamp;         // kpr_ct_now() when cached (for the curious: validity is the generation's)
 	union kpr_addr addr; // the backend's address (an id reused for another backend misses)
 };
@@ -701,8 +701,11 @@ static __always_inline const union kpr_addr *kpr_np_snat_addr(__u32 ifindex, __u
 
 /* --- next hops cached per backend --------------------------------------------------------- */
 
-// The backend's cached next hop when it is current, else NULL.
-static __always_inline struct kpr_np_nh *kpr_np_nh_get(__u32 bid, const union kpr_addr *addr)
+/* The backend's cached next hop when it is current and the packet (its L3 header at l3_off)
+ * fits the route's MTU, else NULL: a packet too big takes the FIB lookup, whose FRAG_NEEDED
+ * hands it to the stack for the ICMP error path MTU discovery needs. */
+static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_off, __u32 bid,
+						       const union kpr_addr *addr)
 {
 #if KPR_NP_NH_CACHE
 	__u32 k = KPR_NP_NH_GEN;
@@ -715,6 +718,12 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(__u32 bid, const union kp
 	// no clock read here: the agent also bumps the generation every few seconds (a lost event)
 	if (!e || e->gen != g->gen || !kpr_addr_eq(&e->addr, addr))
 		return (void *)0;
+#ifdef KPR_CTX_SKB
+	// a GSO packet's segments are the kernel's to fit; mtu 0: not known when cached
+	// (the slack a VLAN tag gets in the FIB lookup's own check, is_skb_forwardable)
+	if ((e->kind >> 16) && !ctx->gso_size && ctx_len(ctx) - l3_off > (e->kind >> 16) + 4)
+		return (void *)0;
+#endif
 #ifdef KPR_CTX_XDP
 	{
 		// tc caches next hops XDP_REDIRECT cannot reach (kpr_np_xdp_sendable): not for XDP
@@ -749,7 +758,12 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 	e->ifindex = p->ifindex;
 	__builtin_memcpy(e->smac, p->smac, 6);
 	__builtin_memcpy(e->dmac, p->dmac, 6);
-	e->kind = kind;
+#ifdef KPR_CTX_SKB
+	// a lookup without tot_len reports the egress device's MTU (bpf_skb_fib_lookup)
+	e->kind = kind | ((__u32)(p->mtu_result & 0xffff) << 16);
+#else
+	e->kind = kind; // XDP's lookup reports none: the MTU is not checked from the cache
+#endif
 	e->addr = *addr;
 	e->stamp = kpr_ct_now();
 	e->gen = g->gen;
@@ -837,7 +851,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	// An established flow whose backend's next hop is cached: a path of its own to the end
 	// (sharing the rest with the lookup's path would have the verifier walk every rewrite
 	// once with the cache's pointer and once without: past its limit in the XDP build).
-	nh = st->nat_port ? kpr_np_nh_get(st->backend_id, &be->addr) : (void *)0;
+	nh = st->nat_port ? kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr) : (void *)0;
 	if (nh) {
 		KPR_NP_STOP(5);
 		if (kpr_nat_dnat_snat(ctx, &pkt, &be->addr, be->port, &st->nat_addr, st->nat_port)) {
@@ -1110,7 +1124,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 #if KPR_NP_EST_INLINE && KPR_NP_SNAT_IN_CT
 			// what the SNAT stage's cached-next-hop path does, without getting there
 			if (!(ct->flags & (KPR_CT_F_LOCAL | KPR_CT_F_DSR)) && ct->nat_port) {
-				struct kpr_np_nh *nh = kpr_np_nh_get(bid, &be->addr);
+				struct kpr_np_nh *nh = kpr_np_nh_get(ctx, pkt->l3_off, bid, &be->addr);
 
 				if (nh) {
 					union kpr_addr nat_addr = ct->nat_addr;

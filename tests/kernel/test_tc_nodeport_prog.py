@@ -524,6 +524,30 @@ def test_a_packet_too_big_for_the_cached_route_is_looked_up(lab: Lab) -> None:
     assert verdict != TC_ACT_REDIRECT and after["fib_to_kernel"] == before["fib_to_kernel"] + 1
 
 
+def test_a_next_hop_cached_without_an_mtu_is_looked_up_on_tc(lab: Lab) -> None:
+    """An entry whose MTU is 0 (XDP caches next hops without one: its lookup reports none) is
+    a miss for tc, which looks the route up (FRAG_NEEDED for a packet too big) and caches it
+    again with the MTU; otherwise an entry XDP wrote let tc skip the MTU check."""
+    verdict, _ = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40320, 80))
+    assert verdict == TC_ACT_REDIRECT
+    with M.BpfMap.open_pinned(lab.pin / D.NH_MAP) as nh:
+        for k, v in nh.items():
+            e = list(D.NP_NH.unpack(v))
+            if M.U32.unpack(k)[0] != D.NH_GEN and e[0] and e[6] == M.addr_to_bytes(REM4):
+                e[4] &= 0xFFFF  # as XDP writes it: no MTU
+                nh.update(k, D.NP_NH.pack(*e))
+    before = lab.stats()
+    big = eth_in(lab) / IP(src=CLIENT4, dst=VIP_REMOTE, flags="DF") / TCP(sport=40320, dport=80, flags="A") / Raw(
+        b"x" * 1600)
+    verdict, _ = lab.one(D.INGRESS, big)
+    after = lab.stats()
+    assert after["fwd_nh_cached"] == before["fwd_nh_cached"], "no MTU: not sent from the cache"
+    assert verdict != TC_ACT_REDIRECT and after["fib_to_kernel"] == before["fib_to_kernel"] + 1
+    assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40320, 80, flags="A"))[0] == TC_ACT_REDIRECT
+    assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40320, 80, flags="A"))[0] == TC_ACT_REDIRECT
+    assert lab.stats()["fwd_nh_cached"] == after["fwd_nh_cached"] + 1, "cached again, with the MTU"
+
+
 def test_the_next_hop_is_cached_per_backend_until_the_generation_changes(lab: Lab) -> None:
     """KPR_NP_NH_CACHE: the SNAT stage's packets after the first reuse the backend's next hop
     (the node2 neighbour's MAC) without a FIB lookup: a neighbour changed behind the cache's

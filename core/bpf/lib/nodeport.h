@@ -260,7 +260,7 @@ struct kpr_np_dev {
 	__u32 pad;            // zero
 };
 
-#define KPR_NP_NH_GEN 0 // kpr_np_nh key holding the generation (backend ids start at 1)
+#define KPR_NP_NH_GEN 0 // kpr_np_nh key holding the generation (backend index 0 is never used)
 #define KPR_NP_NH_EXTERNAL (1U << 8) // kpr_np_nh kind: ifindex is an external device (kpr_np_dev)
 
 /* kpr_np_nh value: the route to a remote backend as a FIB lookup answered it, for the SNAT
@@ -274,7 +274,7 @@ struct kpr_np_nh {
 	__u8 dmac[6];        // the next hop's MAC
 	__u32 kind;          // KPR_DEV_* of ifindex (the forwarding counters) | KPR_NP_NH_EXTERNAL | mtu << 16
 	__u64 stamp;         // kpr_ct_now() when cached (for the curious: validity is the generation's)
-	union kpr_addr addr; // the backend's address (an id reused for another backend misses)
+	union kpr_addr addr; // the backend's address (an index reused for another backend misses)
 };
 
 _Static_assert(sizeof(struct kpr_np_rev) == 32, "kpr_np_rev layout");
@@ -285,7 +285,7 @@ _Static_assert(sizeof(struct kpr_np_dev) == 40, "kpr_np_dev layout");
 
 // What the service stage decided, for the stage it tail-calls.
 struct kpr_np_state {
-	__u32 backend_id;        // the flow's backend (kpr_backend key)
+	__u32 backend_id;        // the flow's backend id (generation << 24 | index: kpr_lb_backend())
 	__u16 flags;             // the flow's KPR_CT_F_*
 	__u8 created;            // 1: the flow's first packet (reverse entries are written then)
 	__u8 pad;                // zero
@@ -311,7 +311,7 @@ struct kpr_np_rl {
 
 // (backend, client) of a reply -> the frontend it must come from. LRU: active flows stay.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_np_rev, kpr_np_rev, KPR_NP_REV_MAX, KPR_PIN(kpr_np_rev));
-// Next hops of remote backends by backend id (KPR_NP_NH_CACHE), key 0 the generation.
+// Next hops of remote backends by backend index (KPR_NP_NH_CACHE), key 0 the generation.
 BPF_TABLE_PINNED("array", __u32, struct kpr_np_nh, kpr_np_nh, KPR_NP_NH_MAX, KPR_PIN(kpr_np_nh));
 // Frontends whose service overrides the default mode.
 BPF_TABLE_PINNED("hash", struct kpr_np_fe_key, struct kpr_np_fe, kpr_np_fe, KPR_NP_FE_MAX, KPR_PIN(kpr_np_fe));
@@ -719,9 +719,10 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 	if (!e || e->gen != g->gen || !kpr_addr_eq(&e->addr, addr))
 		return (void *)0;
 #ifdef KPR_CTX_SKB
-	// a GSO packet's segments are the kernel's to fit; mtu 0: not known when cached
-	// (the slack a VLAN tag gets in the FIB lookup's own check, is_skb_forwardable)
-	if ((e->kind >> 16) && !ctx->gso_size && ctx_len(ctx) - l3_off > (e->kind >> 16) + 4)
+	// mtu 0: cached by XDP, whose lookup reports none: looked up here and cached with it.
+	// A GSO packet's segments are the kernel's to fit; the slack is the one a VLAN tag gets
+	// in the FIB lookup's own check (is_skb_forwardable).
+	if (!(e->kind >> 16) || (!ctx->gso_size && ctx_len(ctx) - l3_off > (e->kind >> 16) + 4))
 		return (void *)0;
 #endif
 #ifdef KPR_CTX_XDP
@@ -1431,8 +1432,6 @@ static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
 {
 	struct ethhdr *eth = ctx_ptr(ctx, 0, sizeof(struct ethhdr) + sizeof(struct iphdr) + 4);
 	struct kpr_tuple t;
-	__u32 h;
-	__u64 *w;
 
 	if (!eth)
 		return 0;
@@ -1460,17 +1459,9 @@ static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
 	}
 	if (kpr_np_snat_port(&t) || kpr_np_port_served(&t))
 		return 0;
-	h = kpr_np_vip_hash(&t.daddr);
-	{
-		__u32 k = KPR_NP_VIP_BITS + (h >> 6);
-
-		w = kpr_np_ports.lookup(&k);
-	}
-	if (!w)
-		return 0;
 	// a set bit is an announced address, or another address's hash (one in five of them with
 	// 16000 announced): the exact lookup then, which the full path would do too
-	return !((*w >> (h & 63)) & 1) || !kpr_np_vip.lookup(&t.daddr);
+	return !kpr_np_maybe_vip(&t.daddr) || !kpr_np_vip.lookup(&t.daddr);
 }
 #endif
 

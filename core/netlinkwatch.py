@@ -37,7 +37,7 @@ class Closed(Exception):
 
 class EventSocket:
     """An rtnetlink event socket and a wake pipe. Open it in the namespace to watch (`netns`:
-    a name under /var/run/netns, made there by pyroute2; None: the caller's)."""
+    a name under /run/netns, made there by pyroute2; None: the caller's)."""
 
     def __init__(self, groups: int, netns: str | None = None, *, name: str = "netlink") -> None:
         self.name = name  # for log events

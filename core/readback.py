@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bpf import abi
 from .bpf import maps as M
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ __all__ = ["DatapathMaps", "Decoded", "SvcEntry", "decode_maps", "differences", 
 _PORT = struct.Struct("=H")
 _CT_DIR_ORIGINAL = 0  # KPR_CT_DIR_ORIGINAL (lib/conntrack.h)
 _CT_KEY = struct.Struct("=16s16sHHBBH")  # kpr_ct_key: saddr, daddr, sport, dport, proto, dir, pad
-_CT_ENTRY = struct.Struct("=QIIHBBHH16s")  # kpr_ct_entry: last_seen, backend_id, rev_nat, flags, tcp_flags, pad, nat_port, pad2, nat_addr
+_CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, tcp_flags, pad, nat_port, pad2, nat_addr
 _AFF_KEY = struct.Struct("=16sIB3x")  # kpr_affinity_key: client, rev_nat, netns
 _AFF_VAL = struct.Struct("=QII")  # kpr_affinity_val: last_used, backend_id, slot
 _TYPE_BITS = (
@@ -243,7 +244,7 @@ class DatapathMaps:
         else:
             raw = m.lookup(M.U32.pack(bid))
         # an array: a zero entry (protocol 0) is no backend
-        return None if raw is None or not raw[18] else dict(id=bid, **_backend_dict(raw))
+        return None if raw is None or not raw[M.Backend.proto.offset] else dict(id=bid, **_backend_dict(raw))
 
     def maglev_table(self, rev_nat: int, scope: int) -> M.BpfMap | None:
         """The scope's inner Maglev array (caller closes it), or None when there is none."""

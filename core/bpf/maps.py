@@ -501,7 +501,7 @@ class BpfMap:
         mem = self.mmap()
         try:
             first, n = next(iter(vals)), len(vals)
-            if vs == self.value_size and len(range(first, first + n)) == n and list(vals) == list(range(first, first + n)):
+            if vs == self.value_size and list(vals) == list(range(first, first + n)):
                 # one run (a full sync's new ids): one copy
                 mem[first * vs : (first + n) * vs] = b"".join(vals.values())
                 return
@@ -765,7 +765,7 @@ def backend_items(m: BpfMap) -> list[tuple[int, bytes]]:
         return [(U32.unpack(k)[0], v) for k, v in m.items()]
     raw = m.array_values()
     vs = m.value_size
-    col = raw[18::vs]  # kpr_backend.proto
+    col = raw[Backend.proto.offset :: vs]
     return [(i, raw[i * vs : (i + 1) * vs]) for i in (mt.start() for mt in _NONZERO.finditer(col))]
 
 
@@ -777,7 +777,7 @@ def backend_items(m: BpfMap) -> list[tuple[int, bytes]]:
 BACKEND_INDEX_BITS = 24  # lib/maps.h KPR_BACKEND_INDEX_BITS: kpr_backend holds at most 2^24
 BACKEND_INDEX_MASK = (1 << BACKEND_INDEX_BITS) - 1
 BACKEND_GENS = 1 << (32 - BACKEND_INDEX_BITS)  # generations; the next after the last is 0
-BACKEND_GEN_AT = 21  # offset of kpr_backend.gen (3 bytes, little endian)
+BACKEND_GEN_AT = Backend.gen.offset  # kpr_backend.gen (3 bytes, little endian)
 
 
 def backend_id(index: int, gen: int) -> int:

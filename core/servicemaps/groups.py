@@ -29,7 +29,7 @@ _SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
 _STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
 
 _PORT = struct.Struct("=H")  # a port already in network order, as stored
-_SLOT = [struct.pack("=HH", i, 0) for i in range(1024)]  # kpr_svc key tail: slot, pad (0: see lib/maps.h)
+_SVC_TAIL = bytes(4)  # kpr_svc key tail: slot 0 (the only slot since kpr_slots), pad
 _ONE = M.U32.pack(1)  # kpr_srcrange value
 _COUNTS = struct.Struct("=HH")  # kpr_svc_val's count, terminating (at offset 4)
 _V4_MAPPED = M.addr_to_bytes("0.0.0.0")[:12]  # ::ffff:0:0/96

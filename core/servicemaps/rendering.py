@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ..bpf import maps as M
 from ..model import Backend, BackendState, Frontend, FrontendType, Service, ServiceKey
 from .groups import (
-    _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SLOT, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
+    _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SVC_TAIL, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
     _Group, _backend_name, _fk_label,
 )
 from .slots import SlotAllocator, size_class
@@ -347,7 +347,7 @@ class RenderMixin:
         kids = self._kernel_ids(order)
         words[0::2] = array("I", kids)
         base = self._slot_range(g, prev, words.tobytes())
-        g.set_packed(fk + _BYTE[M.SCOPE_EXTERNAL] + _SLOT[0], M.SVC_VAL.pack(base, n, 0, rev_nat, f, fe.affinity_timeout), 1, 1)
+        g.set_packed(fk + _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL, M.SVC_VAL.pack(base, n, 0, rev_nat, f, fe.affinity_timeout), 1, 1)
         order_t = tuple(order)
         g.set_order(M.SCOPE_EXTERNAL, order_t)
         if maglev and order:
@@ -416,7 +416,7 @@ class RenderMixin:
                 f |= M.SVC_F_LOCAL_SCOPE
             if two and scope == M.SCOPE_EXTERNAL:
                 f |= M.SVC_F_TWO_SCOPES
-            head_keys.insert(0, fk + _BYTE[scope] + _SLOT[0])
+            head_keys.insert(0, fk + _BYTE[scope] + _SVC_TAIL)
             heads.insert(0, (len(slot_vals), len(order), len(term), f))
             slotted = order + term if term else order
             kids = self._kernel_ids(slotted)

@@ -142,7 +142,7 @@ class Datapath:
             return  # built without the gate or without per-packet services
         with M.BpfMap.open_pinned(self.pin / "kpr_ct") as ct:
             # kpr_ct_entry.flags at 16 (lib/conntrack.h; an older kpr's shorter values too)
-            if all(_CT_FLAGS.unpack_from(v, 16)[0] & CT_F_NODE_PORT for _, v in ct.items()):
+            if all(_CT_FLAGS.unpack_from(v, M.CtEntry.flags.offset)[0] & CT_F_NODE_PORT for _, v in ct.items()):
                 return
         with M.BpfMap.open_pinned(self.pin / FLOWS_MAP) as flows:
             flows.update(M.U32.pack(0), M.U32.pack(1))

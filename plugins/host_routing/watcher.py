@@ -55,7 +55,7 @@ class Watcher:
                     return
                 why = "interval" if got == "timeout" else ("kick" if ev.kicked.is_set() else "netlink")
                 if got == "events":
-                    ev.settle(COALESCE_SECONDS)  # let the burst end
+                    ev.settle()  # let the burst end
             except Closed:
                 return
             if ev.stopping:

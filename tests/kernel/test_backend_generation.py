@@ -22,7 +22,6 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from kpr.bpf import maps as M
-from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.netdevs import classify
 from kpr.readback import DatapathMaps
@@ -64,37 +63,33 @@ class Lab:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
-    with scratch_pin_dir("kpr-gen") as pin, Topology() as topo:
-        topo.add_node("lb")
-        topo.add_namespace("out")
-        topo.link("lb", "out", [f"{NODE4}/24"], [f"{OUT4}/24"])
-        topo["lb"].run(
-            f"ip neigh replace {OUT4} lladdr {MAC_OUT} dev eth0 nud permanent && "
-            f"ip neigh replace {NODE2_4} lladdr {MAC_NODE2} dev eth0 nud permanent && "
-            f"ip route replace default via {OUT4} && ip route replace 10.244.2.0/24 via {NODE2_4}"
-        )
-        ifindex = topo.ifindex("lb", "eth0")
-        writer = ServiceMapWriter(pin, sizes=SIZES).open()
-        dp = None
-        try:
-            dp = D.Datapath(pin, mode="snat")
-            dp.sizes = dict(SIZES)
-            dp.load()
-            dp.set_devices({ifindex: (NODE4, None)}, (NODE4, None))
-            dp.set_device_kinds({i: d.kind for i, d in classify(topo["lb"].netns).items()})
-            dp.set_node_addresses([NODE4])
-            dp.set_vips([VIP, VIP2, VIP3, VIP4])
-            dp.invalidate_next_hops()
-            yield Lab(topo, writer, dp, ifindex, topo.mac("lb", "eth0"))
-        finally:
-            if dp is not None:
-                dp.close()
-            writer.close()
+def lab(pin_dir: Path, topology: Topology) -> Iterator[Lab]:
+    pin, topo = pin_dir, topology
+    topo.add_node("lb")
+    topo.add_namespace("out")
+    topo.link("lb", "out", [f"{NODE4}/24"], [f"{OUT4}/24"])
+    topo["lb"].run(
+        f"ip neigh replace {OUT4} lladdr {MAC_OUT} dev eth0 nud permanent && "
+        f"ip neigh replace {NODE2_4} lladdr {MAC_NODE2} dev eth0 nud permanent && "
+        f"ip route replace default via {OUT4} && ip route replace 10.244.2.0/24 via {NODE2_4}"
+    )
+    ifindex = topo.ifindex("lb", "eth0")
+    writer = ServiceMapWriter(pin, sizes=SIZES).open()
+    dp = None
+    try:
+        dp = D.Datapath(pin, mode="snat")
+        dp.sizes = dict(SIZES)
+        dp.load()
+        dp.set_devices({ifindex: (NODE4, None)}, (NODE4, None))
+        dp.set_device_kinds({i: d.kind for i, d in classify(topo["lb"].netns).items()})
+        dp.set_node_addresses([NODE4])
+        dp.set_vips([VIP, VIP2, VIP3, VIP4])
+        dp.invalidate_next_hops()
+        yield Lab(topo, writer, dp, ifindex, topo.mac("lb", "eth0"))
+    finally:
+        if dp is not None:
+            dp.close()
+        writer.close()
 
 
 def test_a_flow_of_a_deleted_backend_never_reaches_the_backend_its_index_was_given_to(lab: Lab) -> None:

@@ -8,7 +8,6 @@ neighbour's address at start; otherwise that first event would look like a new n
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,16 +19,11 @@ pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture
-def ns() -> Iterator[Namespace]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
-    with Topology() as topo:
-        topo.add_namespace("a")
-        topo.add_namespace("b")
-        topo.link("a", "b", "10.9.0.1/24", "10.9.0.2/24")
-        yield topo["a"]
+def ns(topology: Topology) -> Namespace:
+    topology.add_namespace("a")
+    topology.add_namespace("b")
+    topology.link("a", "b", "10.9.0.1/24", "10.9.0.2/24")
+    return topology["a"]
 
 
 def test_route_and_neighbour_changes_invalidate(ns: Namespace) -> None:

@@ -95,7 +95,7 @@ struct kpr_ct_key {
  * entry keyed by the reply tuple (lib/nat.h, kpr_snat_alloc). */
 struct kpr_ct_entry {
 	__u64 last_seen;         // kpr_ct_now() at the last refresh, ns
-	__u32 backend_id;        // the flow's backend (kpr_backend key)
+	__u32 backend_id;        // the flow's backend id (generation << 24 | index: kpr_lb_backend())
 	__u32 rev_nat;           // the frontend's rev-NAT index (kpr_revnat key)
 	__u16 flags;             // KPR_CT_F_*
 	__u8 tcp_flags;          // union of TCP flags seen

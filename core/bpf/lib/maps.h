@@ -13,7 +13,7 @@
  *                 here, swept once every program reads kpr_slots)
  *   kpr_slots     index -> backend id and its state in that service (ARRAY; a frontend scope's
  *                 selectable backends at slot_base.., its terminating ones right after)
- *   kpr_backend   backend id -> address, port (shared by every service listing it: no state);
+ *   kpr_backend   backend index (id & KPR_BACKEND_INDEX_MASK) -> address, port (shared by every service listing it: no state);
  *                 an array indexed by id, a zero entry (proto 0) = no backend
  *   kpr_revnat    rev-NAT index -> frontend address/port (what replies are rewritten to)
  *   kpr_affinity  (client, rev_nat) -> backend id, last use      (LRU, written by programs)
@@ -187,7 +187,7 @@ BPF_TABLE_PINNED("hash", struct kpr_svc_key, struct kpr_svc_val, kpr_svc, KPR_SV
 // a slot is an index, no hash to insert into or look up. Mmapable: the writer stores into it
 // as memory.
 BPF_TABLE_PINNED("array", __u32, struct kpr_slot, kpr_slots, KPR_SLOTS_MAX, KPR_PIN(kpr_slots), BPF_F_MMAPABLE);
-// Backend id -> backend: an array (a lookup is an index, an insert a store; mmapable: the
+// Backend index (id & KPR_BACKEND_INDEX_MASK) -> backend: an array (a lookup is an index, an insert a store; mmapable: the
 // writer stores into it as memory). Read only through kpr_lb_backend() (lib/lb.h).
 BPF_TABLE_PINNED("array", __u32, struct kpr_backend, kpr_backend, KPR_BACKEND_MAX, KPR_PIN(kpr_backend),
 		 BPF_F_MMAPABLE);

@@ -85,7 +85,7 @@ struct kpr_mon_event {
 	__u8 reason;          // KPR_MON_NEW_* or KPR_MON_R_*
 	__u16 pad;            // zero
 	__u32 rev_nat;        // the frontend's rev-NAT index (0 when no frontend matched)
-	__u32 backend_id;     // kpr_backend key of the backend (new flows)
+	__u32 backend_id;     // the backend's id (new flows; kpr_lb_backend())
 	__u32 pad2;           // zero
 };
 

@@ -80,7 +80,7 @@ struct kpr_sock_res {
 	union kpr_addr addr; // backend address (v4-mapped for IPv4)
 	__be16 port;         // backend port, network order
 	__u16 pad;           // zero
-	__u32 backend_id;    // kpr_backend key
+	__u32 backend_id;    // backend id (kpr_lb_backend())
 	__u32 rev_nat;       // the frontend's rev-NAT index
 	__u32 svc_flags;     // KPR_SVC_F_* of the service entry used
 };

@@ -581,11 +581,27 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--switches", default="", help="only the switches whose label contains one of these comma-separated texts")
 
 
-def run_from_args(hook: str, args: Any) -> dict[str, str]:
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, the lab's namespaces and pins removed on the way out: in
+    this process only. pyroute2 does its namespace work (IPRoute(netns=...), as classify()
+    in the lab's setup) in forked children and stops each with SIGTERM; a child that
+    inherited a raising handler unwound the copy of the lab's stack it was forked with and
+    tore down the live lab (its namespaces, so their veths, and its pins): the veths lost
+    mid-run. A forked child exits at once instead."""
     import signal
 
-    # SIGTERM unwinds like Ctrl-C: the lab's namespaces and pins are removed on the way out
-    signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))
+    owner = os.getpid()
+
+    def on_term(*_a: object) -> None:
+        if os.getpid() != owner:
+            os._exit(143)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def run_from_args(hook: str, args: Any) -> dict[str, str]:
+    exit_on_sigterm()
     print(f"== {hook} nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {os.uname().release}); {uptime()}")
     return run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
                      stages=not args.no_stages, switches=not args.no_switches, only=args.switches)

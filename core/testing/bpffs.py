@@ -5,6 +5,8 @@
   the system's bpffs; unmounted (lazily, so nothing stays mounted) and removed on exit.
 - `scratch_pin_dir(prefix)`: a unique pin directory (kpr.bpf.cleanup's), whatever kpr pinned
   under it detached and removed on exit.
+- `pin_map(pin, name, spec, entries)`: a map as an older kpr (or another writer) left it
+  pinned, for tests of what kpr adopts, carries over or refuses.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import ctypes
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from kpr.bpf.cleanup import scratch_pin_dir
 
-__all__ = ["private_bpffs", "scratch_pin_dir"]
+__all__ = ["pin_map", "private_bpffs", "scratch_pin_dir"]
 
 log = logging.getLogger(__name__)
 MNT_DETACH = 2
@@ -36,11 +39,26 @@ def private_bpffs(prefix: str = "kpr-test") -> Iterator[Path]:
     except OSError:
         mnt.rmdir()
         raise
+    creator = os.getpid()
     try:
         yield mnt
     finally:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.umount2(str(mnt).encode(), MNT_DETACH) != 0:  # never leave it mounted
-            log.error("event=bpffs_umount_failed path=%s errno=%d", mnt, ctypes.get_errno())
-        else:
-            os.rmdir(mnt)
+        if os.getpid() == creator:  # not a forked child unwinding: the mount would be its parent's
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.umount2(str(mnt).encode(), MNT_DETACH) != 0:  # never leave it mounted
+                log.error("event=bpffs_umount_failed path=%s errno=%d", mnt, ctypes.get_errno())
+            else:
+                os.rmdir(mnt)
+
+
+def pin_map(pin: Path, name: str, spec: Any, entries: Mapping[bytes, bytes] | None = None) -> int:
+    """A map of `spec` (a kpr.bpf.maps.MapSpec) holding `entries`, pinned as `pin`/`name`
+    (the directory made if missing) and closed: only the pin keeps it. Returns its id."""
+    from kpr.bpf import maps as M
+
+    pin.mkdir(parents=True, exist_ok=True)
+    with M.BpfMap.create(spec) as m:
+        if entries:
+            m.update_many(list(entries), list(entries.values()))
+        m.pin(pin / name)
+        return int(m.id)

@@ -62,6 +62,19 @@ def _procs(path: Path) -> list[int]:
         return []
 
 
+def _kill_all(path: Path) -> None:
+    if not _procs(path):
+        return
+    kill_file = path / "cgroup.kill"
+    if kill_file.exists():  # kernel >= 5.14: one write kills the whole cgroup
+        with contextlib.suppress(OSError):
+            kill_file.write_text("1")
+    else:
+        for pid in _procs(path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def remove_cgroup(path: Path, *, timeout: float = 5.0) -> None:
     """Kill what runs in the cgroup (and its children), then remove it. Missing is fine."""
     path = Path(path)
@@ -70,19 +83,10 @@ def remove_cgroup(path: Path, *, timeout: float = 5.0) -> None:
     for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
         remove_cgroup(child, timeout=timeout)
     deadline = time.monotonic() + timeout
-    while _procs(path):
-        kill_file = path / "cgroup.kill"
-        if kill_file.exists():  # kernel >= 5.14: one write kills the whole cgroup
-            with contextlib.suppress(OSError):
-                kill_file.write_text("1")
-        else:
-            for pid in _procs(path):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"processes {_procs(path)} still in {path} after {timeout}s")
-        time.sleep(0.05)
     while True:
+        # Killed again on every round: a command started just before (popen_in_cgroup's shell
+        # joins a moment after it starts) may join after the first kill.
+        _kill_all(path)
         try:
             path.rmdir()
             break
@@ -90,8 +94,10 @@ def remove_cgroup(path: Path, *, timeout: float = 5.0) -> None:
             break
         except OSError as exc:
             # Killed tasks leave the cgroup a moment after cgroup.procs looks empty.
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+            if exc.errno != errno.EBUSY:
                 raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{path} still busy after {timeout}s (processes: {_procs(path)})") from exc
             time.sleep(0.05)
     log.info("event=cgroup_removed path=%s", path)
 
@@ -106,15 +112,19 @@ def child_cgroup(prefix: str = "kpr-test", *, parent: Path | None = None) -> Ite
     path.mkdir()
     log.info("event=cgroup_created path=%s", path)
     owner = OWNERS_DIR / path.name
+    creator = os.getpid()
     try:
         with contextlib.suppress(OSError):  # bookkeeping only
             OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-            owner.write_text(f"{os.getpid()} {path}\n")
+            tmp = OWNERS_DIR / f".{path.name}"  # written whole, then renamed: never read half written
+            tmp.write_text(f"{creator} {path}\n")
+            tmp.rename(owner)
         yield path
     finally:
-        remove_cgroup(path)
-        owner.unlink(missing_ok=True)
-        _tidy_owners_dir(OWNERS_DIR)
+        if os.getpid() == creator:  # not a forked child unwinding: the cgroup would be its parent's
+            remove_cgroup(path)
+            owner.unlink(missing_ok=True)
+            _tidy_owners_dir(OWNERS_DIR)
 
 
 def sweep_stale() -> list[Path]:
@@ -123,6 +133,8 @@ def sweep_stale() -> list[Path]:
     if not OWNERS_DIR.is_dir():
         return removed
     for rec in OWNERS_DIR.iterdir():
+        if rec.name.startswith("."):  # a record being written
+            continue
         try:
             pid_s, path_s = rec.read_text().split(maxsplit=1)
             pid, path = int(pid_s), Path(path_s.strip())

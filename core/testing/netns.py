@@ -151,11 +151,19 @@ def _kill_ns_pids(netns: str) -> None:
 
 
 def _record_owner(netns: str) -> None:
-    try:
-        OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-        (OWNERS_DIR / netns).write_text(f"{os.getpid()}\n")
-    except OSError as exc:  # bookkeeping only; the test itself still cleans up
-        log.warning("event=netns_owner_not_recorded netns=%s error=%s", netns, exc)
+    # Written whole under a temporary name and renamed: a sweep reading it half written
+    # would take an empty record for a dead owner. Retried once: another run's tidy-up may
+    # remove the (then empty) directory between our mkdir and our write.
+    tmp = OWNERS_DIR / f".{netns}.{os.getpid()}"
+    for attempt in (1, 2):
+        try:
+            OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(f"{os.getpid()}\n")
+            tmp.rename(OWNERS_DIR / netns)
+            return
+        except OSError as exc:  # bookkeeping only; the test itself still cleans up
+            if attempt == 2:
+                log.warning("event=netns_owner_not_recorded netns=%s error=%s", netns, exc)
 
 
 def _tidy_owners_dir(owners: Path) -> None:
@@ -185,11 +193,13 @@ def sweep_stale() -> list[str]:
     if not OWNERS_DIR.is_dir():
         return removed
     for rec in OWNERS_DIR.iterdir():
-        try:
-            pid = int(rec.read_text().strip() or "0")
-        except (OSError, ValueError):
+        if rec.name.startswith("."):  # a record being written
             continue
-        if pid and _pid_alive(pid):
+        try:
+            pid = int(rec.read_text().strip())
+        except (OSError, ValueError):
+            continue  # unreadable: an owner not known to be dead, so not ours to remove
+        if pid <= 0 or _pid_alive(pid):
             continue
         if netns_exists(rec.name):
             _kill_ns_pids(rec.name)
@@ -260,6 +270,9 @@ class Topology:
         self.links: list[Link] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._closed = False
+        # Only the process that made the namespaces tears them down: a forked child (pyroute2
+        # runs netns work in one) that unwinds or exits must leave its parent's topology alone.
+        self._owner_pid = os.getpid()
         with _live_lock:
             _live[id(self)] = self
 
@@ -484,6 +497,10 @@ class Topology:
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._owner_pid:
+            log.warning("event=topology_close_skipped prefix=%s reason=forked_child owner=%d", self.prefix,
+                        self._owner_pid)
+            return
         errors: list[str] = []
         try:
             self._stop_procs()

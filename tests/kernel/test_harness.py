@@ -27,6 +27,7 @@ from kpr.testing.prog_run import (
     run_cases,
     test_run,
 )
+from kpr.testing.waiting import wait_for
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import ARP, Ether
@@ -318,27 +319,46 @@ def test_teardown_happens_when_the_test_fails() -> None:
     assert not netns_exists(name)
 
 
-def test_in_netns_switches_and_returns() -> None:
+def test_in_netns_switches_and_returns(topology: Topology) -> None:
     import socket
 
     host = {n for _, n in socket.if_nameindex()}
-    with Topology() as topo:
-        topo.add_node("n1")
-        topo.add_external("c")
-        topo.link("n1", "c", ifname_a="kpr-probe0")
-        with topo["n1"].enter():
-            inside = {n for _, n in socket.if_nameindex()}
-        assert inside == {"lo", "kpr-probe0"}
+    topology.add_node("n1")
+    topology.add_external("c")
+    topology.link("n1", "c", ifname_a="kpr-probe0")
+    with topology["n1"].enter():
+        inside = {n for _, n in socket.if_nameindex()}
+    assert inside == {"lo", "kpr-probe0"}
     assert {n for _, n in socket.if_nameindex()} == host
 
 
-def test_command_failure_shows_output() -> None:
-    with Topology() as topo:
-        topo.add_external("c")
-        with pytest.raises(Exception) as err:
-            topo.run("c", "echo to-stderr >&2; exit 3")
+def test_command_failure_shows_output(topology: Topology) -> None:
+    topology.add_external("c")
+    with pytest.raises(Exception) as err:
+        topology.run("c", "echo to-stderr >&2; exit 3")
     assert "to-stderr" in str(err.value)
     assert "exit status 3" in str(err.value)
+
+
+def test_a_forked_child_leaves_its_parents_topology_alone(topology: Topology) -> None:
+    """pyroute2 does netns work in forked children; one that unwinds its copy of the test's
+    stack (a raising signal handler) or exits through atexit closes its copy of the topology:
+    the parent's namespaces and veths must survive that."""
+    from kpr.testing import netns as kt_netns
+
+    topology.add_node("n1")
+    topology.add_external("c")
+    topology.link("n1", "c", "10.99.0.1/24", "10.99.0.2/24")
+    pid = os.fork()
+    if pid == 0:  # the child: close as an unwinding would, then as atexit would; never return into pytest
+        try:
+            topology.close()
+            kt_netns._close_all_at_exit()
+        finally:
+            os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert all(netns_exists(ns.netns) for ns in topology.namespaces.values())
+    topology.run("c", "ping -c1 -W2 10.99.0.1")
 
 
 # ---------------------------------------------------------------- cgroups
@@ -354,7 +374,26 @@ def test_child_cgroup_runs_a_command_and_is_removed() -> None:
     assert sleeper.wait(timeout=5) is not None, "processes left in the cgroup are killed"
 
 
-def test_cgroup_and_netns_together_with_a_connect_hook(kernel_headers: Path) -> None:
+def test_a_forked_child_unwinding_leaves_its_parents_cgroup_and_bpffs_alone() -> None:
+    from kpr.testing.bpffs import private_bpffs
+
+    parent = os.getpid()
+    try:
+        with child_cgroup("kpr-harness") as cg, private_bpffs("kpr-harness") as mnt:
+            sleeper = popen_in_cgroup(cg, ["sleep", "300"])
+            wait_for(lambda: str(sleeper.pid) in (cg / "cgroup.procs").read_text().split(), what="the sleeper in the cgroup")
+            pid = os.fork()
+            if pid == 0:
+                raise SystemExit(143)  # the child unwinds the test's stack, as a raising signal handler did
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            assert cg.is_dir() and sleeper.poll() is None and os.path.ismount(mnt)
+    finally:
+        if os.getpid() != parent:  # the child, whatever its unwinding raised: never back into pytest
+            os._exit(0)
+    assert not cg.exists() and not mnt.exists(), "the parent still removes them"
+
+
+def test_cgroup_and_netns_together_with_a_connect_hook(kernel_headers: Path, topology: Topology, cgroup: Path) -> None:
     # A connect hook on the child cgroup refuses every connect: a process in the cgroup
     # is refused, the same command outside it is not. This proves the command really ran
     # in the cgroup, and in the namespace (its interfaces are the namespace's).
@@ -366,7 +405,8 @@ def test_cgroup_and_netns_together_with_a_connect_hook(kernel_headers: Path) -> 
         's.connect(("127.0.0.1", 9)); print("connected")'
     )
     connect = [sys.executable, "-c", script]
-    with Topology() as topo, child_cgroup("kpr-harness") as cg, compile_and_load(prog, name="deny.c") as bpf:
+    topo, cg = topology, cgroup
+    with compile_and_load(prog, name="deny.c") as bpf:
         topo.add_external("c")
         fn = load_prog(bpf, "deny", "CGROUP_SOCK_ADDR", attach_type="CGROUP_INET4_CONNECT")
         cg_fd = os.open(cg, os.O_RDONLY)
@@ -383,7 +423,6 @@ def test_cgroup_and_netns_together_with_a_connect_hook(kernel_headers: Path) -> 
     assert inside.returncode != 0 and "Operation not permitted" in inside.stderr
     assert outside.returncode == 0 and "connected" in outside.stdout
     assert [ln.split(":")[1].strip() for ln in links.splitlines()] == ["lo"]
-    assert not cg.exists()
 
 
 _KILLED_RUN = textwrap.dedent(
@@ -422,12 +461,13 @@ def test_sweep_removes_what_a_killed_run_left() -> None:
 # ---------------------------------------------------------------- the plugin harness
 
 
-def test_harness_runs_a_nodeport_plugin_with_the_facility_it_requires(kernel_headers: Path) -> None:
+def test_harness_runs_a_nodeport_plugin_with_the_facility_it_requires(
+    kernel_headers: Path, pin_dir: Path, topology: Topology
+) -> None:
     """A NodePort plugin has no mode of its own outside an agent: it refuses to start without
     the NodePort facility; the harness starts that facility as the plugin manager does
     (kpr_requires), hands it the services through the bus (after the writer), and stops it
     after the last plugin needing it."""
-    from kpr.bpf.cleanup import scratch_pin_dir
     from kpr.model import Backend, Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
     from kpr.nodeport import facility as F
     from kpr.plugins.tc_nodeport.plugin import TcNodePort
@@ -436,22 +476,22 @@ def test_harness_runs_a_nodeport_plugin_with_the_facility_it_requires(kernel_hea
     node = NodeInfo("node1", addresses=("10.99.0.1",), devices=("eth0",))
     svc = Service(ServiceKey("default", "np"), (Frontend(FrontendType.NODE_PORT, "10.99.0.1", 30080, Protocol.TCP,
                                                           (Backend("10.244.1.5", 8080, node_name="node2"),)),))
-    with scratch_pin_dir(f"kpr-hn{os.getpid()}") as pin, Topology() as topo:
-        topo.add_node("node1")
-        topo.add_external("c")
-        topo.link("node1", "c", "10.99.0.1/24", "10.99.0.2/24")
-        with PluginHarness(node, pin, netns=topo["node1"]) as h:
-            h.open_writer()
-            with pytest.raises(RuntimeError, match="no NodePort facility runs on"):
-                start_plugin(TcNodePort(), {}, plugin_context("tc_nodeport", node, pin), netns=topo["node1"])
-            assert F.running(pin) is None
-            h.apply(svc)  # before any plugin: the facility gets it when it starts, as in an agent
-            p = h.start(TcNodePort(), {"keepAttachedOnStop": False}, name="tc_nodeport")
-            fac = h.facilities["nodeport"]
-            assert p.nodeport is fac and F.running(pin) is fac
-            assert p.kpr_status().details["facility"] == "nodeport"
-            assert svc.key in fac.book.services
-            h.delete(svc.key)
-            assert svc.key not in fac.book.services, "the facility's hook, through the bus"
-            h.stop(p)
-            assert h.facilities == {} and F.running(pin) is None and fac.tables is None
+    pin, topo = pin_dir, topology
+    topo.add_node("node1")
+    topo.add_external("c")
+    topo.link("node1", "c", "10.99.0.1/24", "10.99.0.2/24")
+    with PluginHarness(node, pin, netns=topo["node1"]) as h:
+        h.open_writer()
+        with pytest.raises(RuntimeError, match="no NodePort facility runs on"):
+            start_plugin(TcNodePort(), {}, plugin_context("tc_nodeport", node, pin), netns=topo["node1"])
+        assert F.running(pin) is None
+        h.apply(svc)  # before any plugin: the facility gets it when it starts, as in an agent
+        p = h.start(TcNodePort(), {"keepAttachedOnStop": False}, name="tc_nodeport")
+        fac = h.facilities["nodeport"]
+        assert p.nodeport is fac and F.running(pin) is fac
+        assert p.kpr_status().details["facility"] == "nodeport"
+        assert svc.key in fac.book.services
+        h.delete(svc.key)
+        assert svc.key not in fac.book.services, "the facility's hook, through the bus"
+        h.stop(p)
+        assert h.facilities == {} and F.running(pin) is None and fac.tables is None

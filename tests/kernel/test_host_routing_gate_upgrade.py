@@ -9,13 +9,14 @@ Programs compiled and loaded into a scratch pin dir (never attached); the flag r
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
 from kpr.bpf import maps as M
 from kpr.nodeport.datapath import CT_F_NODE_PORT
 from kpr.plugins.host_routing import datapath as D
-from kpr.testing.bpffs import scratch_pin_dir
+from kpr.testing.bpffs import pin_map
 
 pytestmark = pytest.mark.kernel
 
@@ -29,17 +30,14 @@ def _flag(pin) -> int:
 
 @pytest.mark.parametrize("flags, opened", [(0, 1), (CT_F_NODE_PORT, 0), (None, 0)],
                          ids=["per-packet-flow", "nodeport-only", "no-conntrack"])
-def test_the_gate_opens_for_the_flows_of_an_adopted_kpr_ct(require_kernel: None, flags: int | None,
-                                                            opened: int) -> None:
-    with scratch_pin_dir("kpr-hrgate") as pin:
-        if flags is not None:
-            pin.mkdir(parents=True, exist_ok=True)
-            # an older agent's kpr_ct with one entry (a per-packet flow's, or a NodePort one's)
-            with M.BpfMap.create(M.SPECS["kpr_ct"]) as ct:
-                ct.update(bytes(ct.key_size), struct.pack("=QIIH", 1, 1, 1, flags).ljust(ct.value_size, b"\0"))
-                ct.pin(pin / "kpr_ct")
-        dp = D.Datapath(pin, D.Helpers(peer=True, neigh=True)).load()
-        try:
-            assert _flag(pin) == opened
-        finally:
-            dp.close()
+def test_the_gate_opens_for_the_flows_of_an_adopted_kpr_ct(kernel_headers: Path, pin_dir: Path,
+                                                            flags: int | None, opened: int) -> None:
+    if flags is not None:
+        # an older agent's kpr_ct with one entry (a per-packet flow's, or a NodePort one's)
+        ct = M.SPECS["kpr_ct"]
+        pin_map(pin_dir, "kpr_ct", ct, {bytes(ct.key_size): struct.pack("=QIIH", 1, 1, 1, flags).ljust(ct.value_size, b"\0")})
+    dp = D.Datapath(pin_dir, D.Helpers(peer=True, neigh=True)).load()
+    try:
+        assert _flag(pin_dir) == opened
+    finally:
+        dp.close()

@@ -9,12 +9,13 @@ import pytest
 from kpr import hookimpl
 from kpr.daemon import Agent
 from kpr.testing.agent import scratch_agent
+from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.waiting import wait_for
-from test_agent_maps import WEB  # web: 10.96.0.10:80 -> 10.244.1.5:8080
 
 pytestmark = pytest.mark.kernel
 
 FRONTEND = "10.96.0.10:80/TCP external"
+WEB = yaml_docs(service("web", cluster_ip="10.96.0.10"), endpoint_slice("web", ["10.244.1.5"]))  # -> 10.244.1.5:8080
 
 
 class ReadsMaps:
@@ -82,39 +83,35 @@ def test_plugins_see_each_change_already_in_the_kernel_maps(require_kernel):
             assert agent.shutdown() == 0
 
 
-def test_the_writers_retry_of_a_failed_initial_sync_hands_everything_on(require_kernel):
+def test_the_writers_retry_of_a_failed_initial_sync_hands_everything_on(pin_dir):
     """The real writer's initial sync fails (its maps are not open yet) and the stage holds the
     plugins' events; once the writer is started (it opens the maps) its own retry writes the
     initial state, and only then does the plugin get everything, in order, the maps holding it."""
-    import os
-
     from kpr.bus import Backoff, EventBus
     from kpr.model import Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
     from kpr.pluginmanager import hook_caller
     from kpr.servicemaps import ServiceMapWriter
-    from kpr.testing.bpffs import scratch_pin_dir
 
     web = Service(ServiceKey("default", "web"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.10", 80, Protocol.TCP),))
-    with scratch_pin_dir(f"kpr-h1-retry{os.getpid()}") as pin:
-        writer = ServiceMapWriter(pin, check_interval=0, retry_backoff=Backoff(0.05, 0.1))
-        plugin = ReadsMaps()
-        plugin.writer = writer
-        plugin.writer_known.set()
-        bus = EventBus()
-        bus.set_writer("servicemaps", writer)
-        bus.add_plugin("reads", hook_caller(plugin, "reads"))
-        bus.start()
-        try:
-            bus.upsert(web)
-            bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
-            bus.sync_complete()
-            wait_for(lambda: writer.sync_error, 10, "the failed initial sync")
-            assert not bus.wait_idle(0.3) and plugin.seen == [], "held while the maps lack the initial state"
-            writer.kpr_start(None)  # opens the maps; its retry loop writes the initial state
-            wait_for(bus.synced, 10, "the plugin to get the initial state", lambda: plugin.seen)
-            assert [s[0] for s in plugin.seen] == ["upsert", "sync"]
-            assert plugin.seen[0][1] == [], "web (no backends) in the kernel maps when its hook ran"
-            assert {s[2] for s in plugin.seen} == {1} and writer.initial_written and not writer.sync_error
-        finally:
-            bus.stop()
-            writer.kpr_stop(None)
+    writer = ServiceMapWriter(pin_dir, check_interval=0, retry_backoff=Backoff(0.05, 0.1))
+    plugin = ReadsMaps()
+    plugin.writer = writer
+    plugin.writer_known.set()
+    bus = EventBus()
+    bus.set_writer("servicemaps", writer)
+    bus.add_plugin("reads", hook_caller(plugin, "reads"))
+    bus.start()
+    try:
+        bus.upsert(web)
+        bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
+        bus.sync_complete()
+        wait_for(lambda: writer.sync_error, 10, "the failed initial sync")
+        assert not bus.wait_idle(0.3) and plugin.seen == [], "held while the maps lack the initial state"
+        writer.kpr_start(None)  # opens the maps; its retry loop writes the initial state
+        wait_for(bus.synced, 10, "the plugin to get the initial state", lambda: plugin.seen)
+        assert [s[0] for s in plugin.seen] == ["upsert", "sync"]
+        assert plugin.seen[0][1] == [], "web (no backends) in the kernel maps when its hook ran"
+        assert {s[2] for s in plugin.seen} == {1} and writer.initial_written and not writer.sync_error
+    finally:
+        bus.stop()
+        writer.kpr_stop(None)

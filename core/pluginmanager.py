@@ -216,7 +216,14 @@ def _nodeport_facility(config: KprConfig) -> Any:
     return NodePortFacility.from_config(config)
 
 
-FACILITIES: dict[str, Callable[[KprConfig], Any]] = {"servicemaps": _service_map_writer, "nodeport": _nodeport_facility}
+def _nexthops_facility(config: KprConfig) -> Any:
+    from .nexthops import NextHopsFacility
+
+    return NextHopsFacility()
+
+
+FACILITIES: dict[str, Callable[[KprConfig], Any]] = {"servicemaps": _service_map_writer, "nodeport": _nodeport_facility,
+                                                     "nexthops": _nexthops_facility}
 
 
 def _add_facilities(handles: list[PluginHandle], config: KprConfig, facilities: dict[str, Callable[[KprConfig], Any]]) -> list[PluginHandle]:

@@ -40,7 +40,7 @@ from .config import NodePortSection
 from .gc import BackendSet, Collector
 from .healthcheck import HealthChecks
 from .netns import AgentNetns, device_facts
-from kpr.nexthops import NextHopWatcher
+from kpr import nexthops
 from .services import MODE_ANNOTATION, FeKey, ServiceBook, SvcState, service_state
 from .tables import NodePortTables
 
@@ -116,7 +116,7 @@ class NodePortFacility:
         self.collector: Collector | None = None
         self.health: HealthChecks | None = None
         self.netdevs: DeviceWatcher | None = None
-        self.nexthops: NextHopWatcher | None = None
+        self.nexthops: nexthops.Subscription | None = None  # to the namespace's shared watcher
         self.netns: AgentNetns | None = None
         self.netns_path = ""
         self.book = ServiceBook()
@@ -169,8 +169,9 @@ class NodePortFacility:
             self.health = HealthChecks(self.netns, self.settings.health_check_address)
             # before any program runs: they must know the pods' devices from their first packet
             self.netdevs = self.netns(DeviceWatcher(self._on_devices).start)
-            # arms the programs' next-hop cache (generation bumped once) and keeps it honest
-            self.nexthops = self.netns(NextHopWatcher(self._invalidate_next_hops).start)
+            # arms the programs' next-hop cache (generation bumped once) and keeps it honest; the
+            # namespace's one watcher, shared with host_routing's kpr_hr_out
+            self.nexthops = self.netns(lambda: nexthops.subscribe(self._invalidate_next_hops, NAME))
             self._sync_node(context.node)
             self.tables.arm()  # ports pinned by an earlier run stay until the initial sync is complete
             self.collector = Collector(
@@ -195,7 +196,7 @@ class NodePortFacility:
             self.netdevs.stop()
             self.netdevs = None
         if self.nexthops is not None:
-            self.nexthops.stop()
+            self.nexthops.close()
             self.nexthops = None
         if self.collector is not None:
             self.collector.stop()

@@ -85,7 +85,7 @@ class HostRouting:
         self.helpers: D.Helpers | None = None
         self.probed: dict[str, bool] = {}
         self.watcher: Watcher | None = None
-        self.nexthops: Any = None  # kpr.nexthops.NextHopWatcher: invalidates kpr_hr_out
+        self.nexthops: Any = None  # kpr.nexthops.Subscription: invalidates kpr_hr_out
         self.plan = Plan()
         self.attached: dict[tuple[str, str], str] = {}  # (ifname, direction) -> program
         self.errors: dict[str, str] = {}
@@ -103,8 +103,9 @@ class HostRouting:
 
     @hookimpl
     def kpr_requires(self) -> list[str]:
-        # the per-packet service path reads the shared service maps and conntrack
-        return ["servicemaps"]
+        # the per-packet service path reads the shared service maps and conntrack; kpr_hr_out is
+        # told of route and neighbour changes by the namespace's shared next-hop watcher
+        return ["servicemaps", "nexthops"]
 
     @hookimpl
     def kpr_configure(self, config: HostRoutingConfig, context: PluginContext) -> None:
@@ -168,7 +169,7 @@ class HostRouting:
             self.watcher.stop()
             self.watcher = None
         if self.nexthops is not None:
-            self.nexthops.stop()
+            self.nexthops.close()
             self.nexthops = None
         with self._lock:
             if detach and self.pin is not None:
@@ -238,13 +239,14 @@ class HostRouting:
 
     def _watch_next_hops(self) -> None:
         """Routes of pods' packets leaving the node are remembered (kpr_hr_out) until a route or
-        a neighbour changes: kpr.nexthops tells (in the agent's namespace: the caller's)."""
-        from kpr.nexthops import NextHopWatcher
+        a neighbour changes: the namespace's shared kpr.nexthops watcher tells (the agent's
+        namespace: the caller's), the one the NodePort facility subscribes to as well."""
+        from kpr import nexthops
 
         dp = self.datapath
         assert dp is not None
         if dp.out_generation_armable():
-            self.nexthops = NextHopWatcher(self._bump_out, name="host-routing-nexthops").start()
+            self.nexthops = nexthops.subscribe(self._bump_out, NAME)
 
     def _bump_out(self) -> None:
         dp = self.datapath

@@ -254,6 +254,48 @@ def macs_lab() -> Iterator[Lab]:
         yield lab
 
 
+def test_a_changed_neighbour_mac_is_followed_from_the_next_packet(macs_lab: Lab) -> None:
+    """KPR_HR_OUT_CACHE 2 sends with the next hop's MAC it remembered: the agent's kpr.nexthops
+    watcher (here one without the 2 s refresh, so only the event moves it) moves the generation when the neighbour's
+    MAC changes, so once it has, no packet goes to the old MAC: the next one asks the FIB
+    (bpf_redirect_neigh: the kernel's neighbour output, which has the new MAC) and remembers
+    the new MAC for the ones after it. Fails with the neighbour's MAC change not invalidating
+    (kpr.nexthops.NeighbourBook) or the generation not compared (a stale entry sends to the old MAC)."""
+    from kpr.nexthops import NextHopWatcher
+    from kpr.testing.netns import in_netns
+    from kpr.testing.waiting import wait_for
+
+    lab = macs_lab
+    new_mac = "02:00:00:00:00:22"
+    pkt = from_pod(lab) / tcp4(POD4, FAR4)
+    hr = lab.topo["hr"]
+
+    def with_mac(mac: str) -> Any:
+        def check(out: Ether) -> None:
+            assert out[IP].dst == FAR4 and (out.src, out.dst) == (lab.mac, mac), out.summary()
+        return check
+
+    lab.dp.disarm_out()
+    with in_netns(hr.path):
+        w = NextHopWatcher(refresh=None, name="test-hr-macs")
+        sub = w.subscribe(lab.dp.bump_out_generation, "host_routing")
+        w.start()
+    try:
+        lab.run(D.FROM_POD, lab.lxc, Case("first: the FIB", pkt, TC_ACT_REDIRECT, out_of_node), "redirect_neigh")
+        lab.run(D.FROM_POD, lab.lxc, Case("remembered", pkt, TC_ACT_REDIRECT, with_mac(MAC_OUT)), "redirect_out")
+        n = sub.invalidations
+        hr.run(f"ip neigh replace {OUT4} lladdr {new_mac} dev eth0 nud permanent")
+        wait_for(lambda: sub.invalidations > n, 5, "the watcher's invalidation for the new MAC")
+        lab.run(D.FROM_POD, lab.lxc, Case("after the change: the FIB again", pkt, TC_ACT_REDIRECT, out_of_node),
+                "redirect_neigh")
+        lab.run(D.FROM_POD, lab.lxc, Case("remembered with the new MAC", pkt, TC_ACT_REDIRECT, with_mac(new_mac)),
+                "redirect_out")
+    finally:
+        w.stop()
+        hr.run(f"ip neigh replace {OUT4} lladdr {MAC_OUT} dev eth0 nud permanent")
+        lab.dp.disarm_out()
+
+
 @pytest.mark.parametrize("mode", [1, 2])
 def test_route_out_of_the_node_is_remembered_until_the_generation_moves(request: Any, mode: int) -> None:
     """KPR_HR_OUT_CACHE: a pod's packets to the outside reuse the FIB's route for their (pod,

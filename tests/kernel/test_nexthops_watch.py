@@ -7,6 +7,7 @@ neighbour's address at start; otherwise that first event would look like a new n
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -94,3 +95,75 @@ def test_policy_rule_changes_invalidate(ns: Namespace) -> None:
             wait_for(lambda: len(seen) > n, 5, f"an invalidation for `{cmd}`")
     finally:
         w.stop()
+
+
+def test_one_shared_watcher_serves_every_subscriber_of_a_namespace(topology: Topology, ns: Namespace) -> None:
+    """kpr.nexthops.subscribe: the NodePort facility's and host_routing's caches in one namespace
+    are told by one watcher (one socket, one thread); each subscriber is called once as it
+    subscribes (arming its cache) and on every event; the last one's close() stops the watcher;
+    another namespace has its own."""
+    from kpr import nexthops
+
+    a: list[float] = []
+    b: list[float] = []
+    threads_before = {t.name for t in threading.enumerate()}
+    with ns.enter():
+        assert nexthops.shared_watcher() is None
+        sa = nexthops.subscribe(lambda: a.append(time.monotonic()), "nodeport")
+        sb = nexthops.subscribe(lambda: b.append(time.monotonic()), "host_routing")
+        w = nexthops.shared_watcher()
+    other = topology["b"]
+    try:
+        assert w is not None and sa.watcher is w and sb.watcher is w and w.running
+        assert w.subscribers == ["nodeport", "host_routing"]
+        assert len(a) == 1 and len(b) == 1, "each called once as it subscribed"
+        new = [t for t in threading.enumerate() if t.name not in threads_before and t.name.startswith("kpr-nexthops")]
+        assert len(new) == 1, f"one watcher thread for both: {new}"
+        with other.enter():
+            sc = nexthops.subscribe(lambda: None, "elsewhere")
+        assert sc.watcher is not w, "another namespace: its own watcher"
+        sc.close()
+        assert not sc.watcher.running
+
+        ns.run("ip route add 10.77.0.0/16 via 10.9.0.2")
+        wait_for(lambda: len(a) > 1 and len(b) > 1, 5, "both subscribers told of the route")
+        assert sa.invalidations == len(a) and sb.invalidations == len(b)
+        sa.close()
+        n = len(a)
+        m = len(b)
+        ns.run("ip route del 10.77.0.0/16")
+        wait_for(lambda: len(b) > m, 5, "the remaining subscriber told of the removal")
+        time.sleep(0.2)
+        assert len(a) == n, "a closed subscription is not called"
+        assert w.running, "still serving the other subscriber"
+    finally:
+        sa.close()
+        sb.close()
+    assert not w.running, "the last subscriber's close() stops the watcher"
+    with ns.enter():
+        assert nexthops.shared_watcher() is None
+
+
+def test_the_nexthops_facility_holds_the_shared_watcher(ns: Namespace) -> None:
+    """The core facility "nexthops" (what host_routing asks for with kpr_requires) keeps the
+    namespace's watcher running between its start and stop, whoever subscribes meanwhile."""
+    from kpr import nexthops
+    from kpr.pluginmanager import FACILITIES
+    from kpr.plugins.host_routing.plugin import HostRouting
+
+    assert "nexthops" in HostRouting().kpr_requires()
+    fac = FACILITIES["nexthops"](None)
+    with ns.enter():
+        fac.kpr_start(context=None)
+        w = nexthops.shared_watcher()
+        try:
+            assert w is not None and w.running
+            sub = nexthops.subscribe(lambda: None, "host_routing")
+            assert sub.watcher is w
+            sub.close()
+            assert w.running, "the facility still holds it"
+            st = fac.kpr_status()
+            assert st.healthy and "no cache yet" in st.message
+        finally:
+            fac.kpr_stop(context=None)
+        assert not w.running and nexthops.shared_watcher() is None

@@ -379,17 +379,24 @@ static __always_inline int kpr_hr_gso_fits(kpr_ctx_t *ctx, __u32 ifindex)
 	return ((long (*)(void *, __u32, __u32 *, __s32, __u64))BPF_FUNC_check_mtu)(ctx, ifindex, &mtu, 0, 1) == 0;
 }
 
+// The next hop a successful FIB lookup `p` found, as bpf_redirect_neigh takes it (also the
+// layout kpr_hr_out keeps it in).
+static __always_inline void kpr_hr_fib_nh(struct bpf_redir_neigh *nh, const struct bpf_fib_lookup *p)
+{
+	if (p->family == KPR_FIB_AF_INET) {
+		nh->nh_family = KPR_FIB_AF_INET;
+		nh->ipv4_nh = p->ipv4_dst; // the FIB lookup leaves the next hop here
+	} else {
+		nh->nh_family = KPR_FIB_AF_INET6;
+		__builtin_memcpy(nh->ipv6_nh, p->ipv6_dst, 16);
+	}
+}
+
 static __always_inline int kpr_hr_redirect_neigh(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
 {
 	struct bpf_redir_neigh nh = {};
 
-	if (p->family == KPR_FIB_AF_INET) {
-		nh.nh_family = KPR_FIB_AF_INET;
-		nh.ipv4_nh = p->ipv4_dst; // the FIB lookup leaves the next hop here
-	} else {
-		nh.nh_family = KPR_FIB_AF_INET6;
-		__builtin_memcpy(nh.ipv6_nh, p->ipv6_dst, 16);
-	}
+	kpr_hr_fib_nh(&nh, p);
 	return ctx_redirect_neigh_nh(ctx, p->ifindex, &nh);
 }
 
@@ -435,13 +442,7 @@ static __always_inline void kpr_hr_out_put(kpr_ctx_t *ctx, const struct kpr_pkt 
 	o.ifindex = p->ifindex;
 	o.iif = ctx_ifindex(ctx);
 	o.max_len = (__u32)p->mtu_result + KPR_HR_ETH_HLEN + KPR_HR_VLAN_HLEN;
-	if (p->family == KPR_FIB_AF_INET) {
-		o.nh_family = KPR_FIB_AF_INET;
-		o.nh_addr[0] = p->ipv4_dst; // the lookup leaves the next hop here
-	} else {
-		o.nh_family = KPR_FIB_AF_INET6;
-		__builtin_memcpy(o.nh_addr, p->ipv6_dst, 16);
-	}
+	kpr_hr_fib_nh((struct bpf_redir_neigh *)&o.nh_family, p);
 	__builtin_memcpy(o.dmac, p->dmac, 6);
 	__builtin_memcpy(o.smac, p->smac, 6);
 	o.overlay = overlay;

@@ -193,22 +193,27 @@ class IdBytes(_Dense):
         n = len(other)
         if n < 64:
             return False
-        ids = iter(other)
-        lo = next(ids)
-        s = self.size
+        lo = next(iter(other))
         values = list(other.values())
+        if type(lo) is not int or list(other) != list(range(lo, lo + n)) or set(map(type, values)) != {bytes}:
+            return False
+        if set(map(len, values)) != {self.size}:
+            return False
+        return self.store_run(lo, b"".join(values))
+
+    def store_run(self, lo: int, blob: bytes) -> bool:
+        """Store the values for ids lo, lo+1, ... given concatenated (`size` bytes each) when
+        none of those ids is present (new ids, as a full sync allocates them): two slice
+        copies. False, nothing stored: not that case."""
+        s = self.size
+        n = len(blob) // s
         if (
-            type(lo) is not int
+            n * s != len(blob)
             or lo < 0
             or not self._run_slots(lo, n)
-            or list(other) != list(range(lo, lo + n))
             or any(self._has[lo : lo + n])
-            or (self._far and not self._far.keys().isdisjoint(other))
-            or set(map(type, values)) != {bytes}
+            or (self._far and not self._far.keys().isdisjoint(range(lo, lo + n)))
         ):
-            return False
-        blob = b"".join(values)
-        if len(blob) != n * s or set(map(len, values)) != {s}:
             return False
         self._has[lo : lo + n] = b"\x01" * n
         self._buf[lo * s : (lo + n) * s] = blob
@@ -264,7 +269,7 @@ class IdCounts(_Dense):
 
     def _grow(self, n: int) -> None:
         super()._grow(n)
-        self._counts.extend([0] * (n - len(self._counts)))
+        self._counts.frombytes(bytes(8 * (n - len(self._counts))))
 
     def _fits(self, value: Any) -> bool:
         return type(value) is int and -(1 << 63) <= value < (1 << 63)
@@ -314,9 +319,7 @@ class IdCounts(_Dense):
                 except (OverflowError, TypeError):
                     pass
                 else:
-                    self._has[lo : lo + n] = b"\x01" * n
-                    self._counts[lo : lo + n] = run
-                    self._n += n
+                    self._store_run(lo, run)
                     return
         has, counts, far = self._has, self._counts, self._far
         added = 0
@@ -336,6 +339,26 @@ class IdCounts(_Dense):
             added = 0
             self[i] = self.get(i, 0) + d
         self._n += added
+
+    def add_run(self, lo: int, counts: array) -> bool:
+        """Add ids lo, lo+1, ... with these counts (an array("q")) when none of them is
+        present: slice copies. False, nothing added: not that case."""
+        n = len(counts)
+        if (
+            lo < 0
+            or not self._run_slots(lo, n)
+            or any(self._has[lo : lo + n])
+            or (self._far and not self._far.keys().isdisjoint(range(lo, lo + n)))
+        ):
+            return False
+        self._store_run(lo, counts)
+        return True
+
+    def _store_run(self, lo: int, counts: array) -> None:
+        n = len(counts)
+        self._has[lo : lo + n] = b"\x01" * n
+        self._counts[lo : lo + n] = counts
+        self._n += n
 
     def _empty(self) -> int:
         return 0

@@ -369,9 +369,13 @@ class DatapathMaps:
         (kpr_slots, an array: the slots the service entries use, in their ranges' size classes)."""
         from .servicemaps.reconcile import slots_in_use
 
+        svc: list[tuple[bytes, bytes]] = []  # kpr_svc's entries, dumped once for both counts
+
         def used(name: str, m: M.BpfMap) -> int:
-            if name == "kpr_slots":
-                return slots_in_use(self.maps["kpr_svc"])
+            if name in ("kpr_svc", "kpr_slots"):
+                if not svc:
+                    svc.extend(self.maps["kpr_svc"].items())
+                return len(svc) if name == "kpr_svc" else slots_in_use(svc)
             return len(M.backend_items(m)) if name == "kpr_backend" else m.count()
 
         return {name: (used(name, m), m.info().max_entries) for name, m in self.maps.items()}

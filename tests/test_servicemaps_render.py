@@ -40,7 +40,7 @@ def _service(rnd: random.Random, i: int, n_backends: int | None = None, **fe_kw:
 
 def _picture(groups: dict) -> dict:
     return {
-        fk: (g.rev_nat, g.revnat, g.packed_svc(), g.n_svc, g.n_heads, g.order_of(0), g.order_of(1),
+        fk: (g.rev_nat, g.revnat, g.packed_svc(), g.n_svc, g.order_of(0), g.order_of(1),
              tuple(g.backends), dict(g.maglev), g.srcrange, g.owner, g.base, g.span, g.slot_vals)
         for fk, g in groups.items()
     }
@@ -82,8 +82,8 @@ def test_entries_decode_to_the_service():
     svc = Service(ServiceKey("t", "a"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.1", 80, Protocol.TCP, bes, affinity_timeout=7),))
     (fk, g), = w._render(svc).items()
     assert fk == M.addr_to_bytes("10.96.0.1") + (80).to_bytes(2, "big") + bytes((6,))
-    heads_k, heads_v, keys, vals = g.packed_svc()
-    assert keys == vals == b""  # one kpr_svc entry per frontend scope: the slots are in kpr_slots
+    heads_k, heads_v = g.packed_svc()
+    assert g.n_svc == 1  # one kpr_svc entry per frontend scope: the slots are in kpr_slots
     key = struct.Struct("=19sBHH")
     assert [key.unpack(heads_k)] == [(fk, M.SCOPE_EXTERNAL, 0, 0)]
     base, count, term, rev_nat, flags, aff = M.SVC_VAL.unpack(heads_v)
@@ -107,7 +107,7 @@ def test_terminating_and_local_take_the_general_path_and_say_so():
     bes = (Backend("10.1.0.1", 80), Backend("10.1.0.2", 80, state=BackendState.TERMINATING))
     svc = Service(ServiceKey("t", "b"), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.2", 80, Protocol.TCP, bes),))
     (g,) = w._render(svc).values()
-    _hk, hv, _k, _v = g.packed_svc()
+    _hk, hv = g.packed_svc()
     assert M.SVC_VAL.unpack(hv)[1:3] == (1, 1)  # one selectable, one terminating
     states = [M.SLOT.unpack(g.slot_vals[i : i + 8])[1] for i in range(0, len(g.slot_vals), 8)]
     assert states == [M.BACKEND_ACTIVE, M.BACKEND_TERMINATING]

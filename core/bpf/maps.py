@@ -23,7 +23,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -497,27 +497,46 @@ class BpfMap:
         as one copy); counted as updates."""
         if not vals:
             return
+        first, n = next(iter(vals)), len(vals)
+        if list(vals) == list(range(first, first + n)):
+            # one run (a full sync's new ids): one copy
+            self.store_ranges(((first, b"".join(vals.values())),))
+            return
+        runs: list[tuple[int, bytes]] = []
+        run: list[bytes] = []
+        start = prev = -2
+        for i, v in vals.items():
+            if i != prev + 1:
+                if run:
+                    runs.append((start, b"".join(run)))
+                run, start = [], i
+            run.append(v)
+            prev = i
+        runs.append((start, b"".join(run)))
+        self.store_ranges(runs)
+
+    def store_ranges(self, ranges: Iterable[tuple[int, bytes]]) -> None:
+        """Write runs of consecutive values into an mmapable array's memory: (first index,
+        the values concatenated, each value_size bytes); counted as updates."""
         vs = (self.value_size + 7) & ~7
         mem = self.mmap()
+        n = 0
         try:
-            first, n = next(iter(vals)), len(vals)
-            if vs == self.value_size and list(vals) == list(range(first, first + n)):
-                # one run (a full sync's new ids): one copy
-                mem[first * vs : (first + n) * vs] = b"".join(vals.values())
-                return
-            run: list[bytes] = []
-            start = prev = -2
-            for i, v in vals.items():
-                if i != prev + 1:
-                    if run:
-                        mem[start * vs : (prev + 1) * vs] = b"".join(run)
-                    run, start = [], i
-                run.append(v)
-                prev = i
-            mem[start * vs : (prev + 1) * vs] = b"".join(run)
+            if vs == self.value_size:
+                for first, blob in ranges:
+                    at = first * vs
+                    mem[at : at + len(blob)] = blob
+                    n += len(blob)
+            else:  # values padded to 8 bytes in the array's memory
+                size = self.value_size
+                for first, blob in ranges:
+                    for j in range(0, len(blob), size):
+                        at = (first + j // size) * vs
+                        mem[at : at + size] = blob[j : j + size]
+                    n += len(blob) // size * vs
         finally:
             mem.release()
-            self.ops["update"] += len(vals)
+            self.ops["update"] += n // vs
 
     def close(self) -> None:
         if self._mmap is not None:
@@ -757,13 +776,15 @@ class BpfMap:
 _NONZERO = re.compile(b"[^\x00]")
 
 
-def backend_items(m: BpfMap) -> list[tuple[int, bytes]]:
+def backend_items(m: BpfMap, raw: bytes | None = None) -> list[tuple[int, bytes]]:
     """(id, value) of every backend in kpr_backend: the array's entries whose protocol byte is
     set (a zero entry is no backend), found by one scan of that column. (A hash, as an older
-    kpr pinned it, or a stand-in with items(): its entries.)"""
+    kpr pinned it, or a stand-in with items(): its entries.) `raw`: the array's values
+    already read (array_values), for a caller that reads them once for several decodings."""
     if getattr(m, "type", None) != BPF_MAP_TYPE_ARRAY:
         return [(U32.unpack(k)[0], v) for k, v in m.items()]
-    raw = m.array_values()
+    if raw is None:
+        raw = m.array_values()
     vs = m.value_size
     col = raw[Backend.proto.offset :: vs]
     return [(i, raw[i * vs : (i + 1) * vs]) for i in (mt.start() for mt in _NONZERO.finditer(col))]
@@ -800,13 +821,15 @@ def with_backend_gen(value: bytes, gen: int) -> bytes:
     return value[:BACKEND_GEN_AT] + gen.to_bytes(3, "little") + value[BACKEND_GEN_AT + 3 :]
 
 
-def backend_entry_gens(m: BpfMap) -> dict[int, int]:
+def backend_entry_gens(m: BpfMap, raw: bytes | None = None) -> dict[int, int]:
     """index -> stored generation of every kpr_backend entry whose generation is not 0, the
     freed (zero) entries' included: an adopting writer must not hand an (index, generation)
-    pair out again (an array only; a hash of an older kpr stores none)."""
+    pair out again (an array only; a hash of an older kpr stores none). `raw`: as for
+    backend_items."""
     if getattr(m, "type", None) != BPF_MAP_TYPE_ARRAY:
         return {}
-    raw = m.array_values()
+    if raw is None:
+        raw = m.array_values()
     vs = m.value_size
     at: set[int] = set()
     for off in range(BACKEND_GEN_AT, BACKEND_GEN_AT + 3):

@@ -45,10 +45,10 @@ from .rendering import ALGORITHM_ANNOTATION
 from .writer import MapIncompatible, ServiceMapWriter
 
 # Modules: params (sizes, WriterParams, writer_params), groups (entry encoding, _Group), slots
-# (kpr_slots ranges),
-# rendering (Service -> groups, no syscalls), applying (upsert/delete/full_sync, diff and
-# batches), reconcile (adoption, check/repair, gc, read_back), hooks (the plugin side),
-# writer (the class, composed from them, and the maps' lifecycle).
+# (kpr_slots ranges), rendering (Service -> groups, no syscalls), applying
+# (upsert/delete/full_sync, diff and batches), bulk (a full sync into empty maps, a list at a
+# time), reconcile (adoption, check/repair, gc, read_back), hooks (the plugin side), writer
+# (the class, composed from them, and the maps' lifecycle).
 
 __all__ = [
     "ServiceMapWriter", "ALGORITHM_ANNOTATION", "MapIncompatible", "Refusal", "group_entries", "first_overflow",

@@ -118,6 +118,8 @@ class ApplyMixin:
             self.conflicts = {}
             self.refused = {}
             self._begin()
+            if self._bulk_sync(services):
+                return  # empty maps, every service the common kind (kpr.servicemaps.bulk)
             old = dict(self._groups)
             desired = self._plan(services, old)
             self._apply(old, desired, strays=True)
@@ -337,17 +339,21 @@ class ApplyMixin:
         try:
             self._apply_diff(old, new, strays)
         except Exception:
-            self.errors += 1
-            log.exception("event=servicemaps_apply_failed frontends=%d", len(new))
-            # The maps may hold part of the change: roll them back to the state before it.
-            try:
-                n = self._repair()
-                self.rollbacks += 1
-                log.warning("event=servicemaps_rolled_back entries=%d", n)
-            except Exception:  # noqa: BLE001 - the first error is the one to report; check() repairs later
-                log.exception("event=servicemaps_rollback_failed")
-            self._forget_render()  # ids and kpr_slots ranges of the change that did not happen
+            self._roll_back(len(new))
             raise
+
+    def _roll_back(self, frontends: int) -> None:
+        """After a write failed: the maps may hold part of the change, roll them back to the
+        state before it (the shadow's)."""
+        self.errors += 1
+        log.exception("event=servicemaps_apply_failed frontends=%d", frontends)
+        try:
+            n = self._repair()
+            self.rollbacks += 1
+            log.warning("event=servicemaps_rolled_back entries=%d", n)
+        except Exception:  # noqa: BLE001 - the first error is the one to report; check() repairs later
+            log.exception("event=servicemaps_rollback_failed")
+        self._forget_render()  # ids and kpr_slots ranges of the change that did not happen
 
     def _apply_diff(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], strays: bool) -> None:
         # Diff group by group: a service-map key belongs to exactly one group (its prefix is
@@ -428,9 +434,9 @@ class ApplyMixin:
             if og is None or fk in new:
                 continue
             # external scope first, so lookups stop before the rest goes
-            head_k, _hv, rest_k, _rv = og.packed_svc()
+            head_k, _hv = og.packed_svc()
             if head_k:
-                ks = len(head_k) // og.n_heads
+                ks = len(head_k) // og.n_svc
                 hs = [head_k[i : i + ks] for i in range(0, len(head_k), ks)]
                 if len(hs) > 1:
                     hs.sort(key=_svc_delete_order)
@@ -535,7 +541,7 @@ class ApplyMixin:
         # program sees the old range or the new one, never half of either
         if fresh:
             packed = [g.packed_svc() for g in fresh]
-            heads = sum(g.n_heads for g in fresh)
+            heads = sum(g.n_svc for g in fresh)
             if heads or head_up:
                 mp["kpr_svc"].update_blob(
                     b"".join([p[0] for p in packed] + list(head_up)),
@@ -636,18 +642,7 @@ class ApplyMixin:
         """Store the groups' kpr_slots ranges straight into the mmapped array: no syscall and no
         per-entry copy in the kernel. The kpr_svc updates that follow are syscalls, so a
         program that finds an entry pointing at a range finds the range written."""
-        m = self.maps["kpr_slots"]
-        mem = m.mmap()
-        try:
-            n = 0
-            for g in groups:
-                at = g.base << 3
-                size = len(g.slot_vals)
-                mem[at : at + size] = g.slot_vals
-                n += size
-        finally:
-            mem.release()
-        m.ops["update"] += n >> 3
+        self.maps["kpr_slots"].store_ranges([(g.base, g.slot_vals) for g in groups])
 
     def _write_maglev(self, key: bytes, inp: tuple[tuple[str, int], ...]) -> None:
         """Build the table and swap it in with one outer-map update (readers never see half a table)."""

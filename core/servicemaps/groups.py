@@ -69,9 +69,10 @@ class _Group:
     # A plain class with __slots__: full syncs make one per frontend, tens of thousands, and
     # the writer keeps them for its lifetime. Its kpr_svc entries are kept packed (all keys
     # in one bytes, all values in another: fixed sizes) rather than as a dict of bytes, a
-    # fifth of the memory; `svc` unpacks them for the rare diff of a changed group.
+    # fifth of the memory; `svc` unpacks them for the rare diff of a changed group. All of
+    # them are slot 0 entries (one per scope): the backend slots are in kpr_slots.
     __slots__ = (
-        "rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "n_heads", "revnat", "_order", "backends", "maglev",
+        "rev_nat", "owner", "_svc_keys", "_svc_vals", "n_svc", "revnat", "_order", "backends", "maglev",
         "srcrange", "base", "span", "slot_vals",
     )
 
@@ -79,9 +80,9 @@ class _Group:
         self.rev_nat = rev_nat
         # The service that wrote it; None for entries adopted from pinned maps, not yet re-delivered.
         self.owner = owner
-        # kpr_svc keys and values, both scopes, all slots (see svc).
+        # kpr_svc keys and values, both scopes (see svc).
         self._svc_keys = self._svc_vals = b""
-        self.n_svc = self.n_heads = 0  # entries, of which slot 0 entries (packed first)
+        self.n_svc = 0
         # kpr_revnat value (b"" for a group adopted without one).
         self.revnat = revnat
         # Selectable backend ids in slot order, by scope (external, internal; None where it has
@@ -99,6 +100,22 @@ class _Group:
         self.base = self.span = 0
         self.slot_vals = b""
 
+    @classmethod
+    def fresh(
+        cls, rev_nat: int, owner: ServiceKey, revnat: bytes, svc_key: bytes, svc_val: bytes, order: tuple[int, ...],
+        base: int, span: int, slot_vals: bytes,
+    ) -> "_Group":
+        """The common frontend's group as rendering makes it (one scope, its kpr_svc entry,
+        every backend active in `order`, sorted): each field set once (a full sync into
+        empty maps makes tens of thousands, see kpr.servicemaps.bulk)."""
+        g = cls.__new__(cls)
+        g.rev_nat, g.owner, g.revnat = rev_nat, owner, revnat
+        g._svc_keys, g._svc_vals, g.n_svc = svc_key, svc_val, 1
+        g._order, g.backends = (order, None), order
+        g.maglev, g.srcrange = _NO_MAGLEV, _NO_RANGES
+        g.base, g.span, g.slot_vals = base, span, slot_vals
+        return g
+
     def order_of(self, scope: int) -> tuple[int, ...] | None:
         """The scope's selectable backend ids in slot order (None: the scope has no entries)."""
         return self._order[scope]
@@ -113,39 +130,25 @@ class _Group:
             self.maglev = {}
         self.maglev[scope] = built_from
 
-    def set_svc(self, keys: list[bytes], values: list[bytes], heads: int | None = None) -> None:
-        """Its kpr_svc entries, keys and values in the same order (each of one size); the
-        first `heads` are its slot 0 entries (None: found and moved first here)."""
-        if heads is None:
-            first = [i for i, k in enumerate(keys) if k[20:22] == b"\0\0"]
-            if first:
-                rest = [i for i, k in enumerate(keys) if k[20:22] != b"\0\0"]
-                keys, values = [keys[i] for i in first + rest], [values[i] for i in first + rest]
-            heads = len(first)
+    def set_svc(self, keys: list[bytes], values: list[bytes]) -> None:
+        """Its kpr_svc entries, keys and values in the same order (each of one size)."""
         self._svc_keys = b"".join(keys)
         self._svc_vals = b"".join(values)
         self.n_svc = len(keys)
-        self.n_heads = heads
 
-    def set_packed(self, keys: bytes, values: bytes, n: int, heads: int) -> None:
-        """Its kpr_svc entries already packed: `n` keys and values, the first `heads` of them
-        slot 0 entries (as set_svc keeps them)."""
+    def set_packed(self, keys: bytes, values: bytes, n: int) -> None:
+        """Its kpr_svc entries already packed: `n` keys and values."""
         self._svc_keys = keys
         self._svc_vals = values
         self.n_svc = n
-        self.n_heads = heads
 
-    def packed_svc(self) -> tuple[bytes, bytes, bytes, bytes]:
-        """(slot 0 keys, their values, the other keys, their values), each concatenated."""
-        n, h = self.n_svc, self.n_heads
-        if not n:
-            return b"", b"", b"", b""
-        k, v = len(self._svc_keys) // n * h, len(self._svc_vals) // n * h
-        return self._svc_keys[:k], self._svc_vals[:v], self._svc_keys[k:], self._svc_vals[v:]
+    def packed_svc(self) -> tuple[bytes, bytes]:
+        """(its kpr_svc keys, their values), each concatenated."""
+        return self._svc_keys, self._svc_vals
 
     @property
     def svc(self) -> dict[bytes, bytes]:
-        """kpr_svc key -> value, both scopes, all slots (a new dict, unpacked)."""
+        """kpr_svc key -> value, both scopes (a new dict, unpacked)."""
         n = self.n_svc
         if not n:
             return {}
@@ -162,7 +165,7 @@ class _Group:
         become base (external scope, whose slots come first) or base + the external scope's
         slot count (internal scope); an entry without slots keeps 0."""
         self.base = base
-        n = self.n_heads
+        n = self.n_svc
         vals = self._svc_vals
         size = len(vals) // n if n else 0
         if n == 1:

@@ -33,7 +33,10 @@ class ReconcileMixin:
 
         # Whole maps at a time (a restart adopts, and every full sync re-reads, 1M entries at
         # 50k services): values unpacked by struct over the joined entries, not one by one.
-        be_items = M.backend_items(self.maps["kpr_backend"])
+        be_map = self.maps["kpr_backend"]
+        # read once for both decodings below (an array's copy is 12 MB at 500k backends)
+        be_raw = be_map.array_values() if getattr(be_map, "type", None) == M.BPF_MAP_TYPE_ARRAY else None
+        be_items = M.backend_items(be_map, be_raw)
         vals = self._backend_vals
         if be_items:
             bids = [i for i, _ in be_items]
@@ -43,7 +46,7 @@ class ReconcileMixin:
             self._backend_refs.add_many(dict.fromkeys(bids, 0))
             self._next_backend = max(self._next_backend, max(bids) + 1)
         # generations, the freed (zero) entries' too: never hand out an id flows may still hold
-        gens = M.backend_entry_gens(self.maps["kpr_backend"])
+        gens = M.backend_entry_gens(be_map, be_raw)
         if not gens and be_items and len(bids) < max(bids):
             # none stored (a kpr without generations pinned it, or nothing was freed yet) and
             # holes below the highest id: a counter handed them out and they were freed, their
@@ -133,7 +136,7 @@ class ReconcileMixin:
             rev_nat = decoded[i][3]
             g = groups[fk] = _Group(rev_nat, owners.get(fk))
             by_revnat[rev_nat] = g
-            g.set_svc([heads[x][0] for x in run], [heads[x][1] for x in run], j - i)
+            g.set_svc([heads[x][0] for x in run], [heads[x][1] for x in run])
             spans = [(decoded[x][0], decoded[x][1] + decoded[x][2]) for x in run if decoded[x][1] + decoded[x][2]]
             lo = min((b for b, _ in spans), default=0)
             hi = max((b + c for b, c in spans), default=0)
@@ -244,8 +247,11 @@ class ReconcileMixin:
         its non-zero entries."""
         with self._lock:
             self._require_open()
-            out = {name: self.maps[name].count() for name in M.SERVICE_MAPS if name not in ("kpr_slots", "kpr_backend")}
-            out["kpr_slots"] = slots_in_use(self.maps["kpr_svc"])
+            skip = ("kpr_svc", "kpr_slots", "kpr_backend")
+            out = {name: self.maps[name].count() for name in M.SERVICE_MAPS if name not in skip}
+            svc = self.maps["kpr_svc"].items()  # one dump for both counts
+            out["kpr_svc"] = len(svc)
+            out["kpr_slots"] = slots_in_use(svc)
             out["kpr_backend"] = len(M.backend_items(self.maps["kpr_backend"]))
             return {name: out[name] for name in M.SERVICE_MAPS}
 
@@ -329,11 +335,12 @@ _SHADOW = (
 )
 
 
-def slots_in_use(svc_map: M.BpfMap) -> int:
-    """kpr_slots entries the service entries in kpr_svc point at: per frontend, its scopes'
-    slots rounded up to the size class of its range (what the writer's shadow counts)."""
+def slots_in_use(svc: M.BpfMap | list[tuple[bytes, bytes]]) -> int:
+    """kpr_slots entries the service entries in kpr_svc (the map, or its items already
+    read) point at: per frontend, its scopes' slots rounded up to the size class of its
+    range (what the writer's shadow counts)."""
     per_fk: dict[bytes, int] = {}
-    for k, v in svc_map.items():
+    for k, v in svc if isinstance(svc, list) else svc.items():
         if not (k[20] or k[21]):
             base, count, term = M.SVC_VAL.unpack_from(v)[:3]
             if base:

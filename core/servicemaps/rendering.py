@@ -347,7 +347,7 @@ class RenderMixin:
         kids = self._kernel_ids(order)
         words[0::2] = array("I", kids)
         base = self._slot_range(g, prev, words.tobytes())
-        g.set_packed(fk + _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL, M.SVC_VAL.pack(base, n, 0, rev_nat, f, fe.affinity_timeout), 1, 1)
+        g.set_packed(fk + _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL, M.SVC_VAL.pack(base, n, 0, rev_nat, f, fe.affinity_timeout), 1)
         order_t = tuple(order)
         g.set_order(M.SCOPE_EXTERNAL, order_t)
         if maglev and order:
@@ -436,7 +436,7 @@ class RenderMixin:
         head_vals = [
             M.SVC_VAL.pack(base + off if base and (n or t) else 0, n, t, rev_nat, f, aff) for off, n, t, f in heads
         ]
-        g.set_svc(head_keys, head_vals, len(head_keys))
+        g.set_svc(head_keys, head_vals)
         backends = tuple(sorted(referenced))
         # Usually the one scope's slot order itself (every backend active, sorted): kept once.
         first = g.order_of(M.SCOPE_EXTERNAL)

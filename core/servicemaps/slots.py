@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from itertools import accumulate
 
 log = logging.getLogger("kpr.servicemaps")
 
@@ -89,6 +90,27 @@ class SlotAllocator:
         self.live[base] = span
         self.used += span
         return base, span
+
+    def alloc_run(self, spans: list[int]) -> list[int] | None:
+        """Bases for ranges of these spans (size classes; 0: no range, base 0), one after the
+        other from the bump pointer: what alloc() would hand out in turn when no free range
+        waits (a full sync into empty maps). None, nothing taken, when one does or they do
+        not fit."""
+        if any(self._free.values()):
+            return None
+        total = sum(spans)
+        if self.top + total > self.limit:
+            return None
+        starts = list(accumulate(spans, initial=self.top))
+        starts.pop()
+        if 0 in spans:
+            starts = [b if s else 0 for b, s in zip(starts, spans)]
+            self.live.update((b, s) for b, s in zip(starts, spans) if s)
+        else:
+            self.live.update(zip(starts, spans))
+        self.top += total
+        self.used += total
+        return starts
 
     def _split(self, span: int) -> int:
         """A range of `span` cut from a larger free one (the rest goes back in class pieces)."""

@@ -16,6 +16,7 @@ from ..bus import Backoff
 from ..idtables import IdBytes, IdCounts
 from ..model import Service, ServiceKey
 from .applying import ApplyMixin
+from .bulk import BulkMixin
 from .groups import _Group, group_entries
 from .hooks import HooksMixin
 from .params import SIZE_KEYS_ALL, Refusal
@@ -29,7 +30,7 @@ MapIncompatible = M.MapIncompatible
 _ARRAYS = ("kpr_slots", "kpr_backend")  # service maps that are arrays: index 0 unused
 
 
-class ServiceMapWriter(HooksMixin, ApplyMixin, ReconcileMixin, RenderMixin):
+class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, RenderMixin):
     """Writes services into the maps pinned under `pin_path` (kpr's bpf.pinPath).
 
     In an agent it is the core's `servicemaps` facility: the bus's writer stage (kpr.pipeline)

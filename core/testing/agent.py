@@ -144,18 +144,25 @@ def scratch_agent(prefix: str = "kpr-test", **kw: Any) -> Iterator[AgentConfig]:
         yield AgentConfig(Path(work), pin, **kw)
 
 
-def start_agent(config: Any, *, internal_plugins: Mapping[str, Any] | None = None, timeout: float = 15.0) -> Any:
+def start_agent(
+    config: Any, *, internal_plugins: Mapping[str, Any] | None = None, timeout: float = 15.0, netns: Any = None
+) -> Any:
     """A kpr Agent in this process, set up and synced (its bus has delivered the source's
     first state to every plugin). `config`: an AgentConfig or a parsed KprConfig;
-    `internal_plugins`: plugin objects to load beside the installed ones, by name."""
+    `internal_plugins`: plugin objects to load beside the installed ones, by name; `netns`
+    (a kpr.testing.netns Namespace, a name or a path): the node's namespace the agent runs in
+    (set up there: its threads start, and stay, in it)."""
     from kpr.daemon import Agent
+    from kpr.testing.netns import in_netns
     from kpr.testing.waiting import wait_for
 
     if isinstance(config, AgentConfig):
         config.write()
         config = config.parse()
     agent = Agent(config, internal_plugins=dict(internal_plugins or {}))
-    agent.setup()
+    ns = getattr(netns, "path", netns)
+    with in_netns(ns) if ns is not None else contextlib.nullcontext():
+        agent.setup()
     try:
         wait_for(agent.bus.synced, timeout, "the agent to sync")
     except BaseException:

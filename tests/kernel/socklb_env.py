@@ -39,7 +39,7 @@ from kpr.testing.harness import PluginHarness, plugin_context, start_plugin
 from kpr.testing.netns import Topology
 from kpr.testing.waiting import wait_for
 
-__all__ = ["PY", "answers", "private_bpffs"]  # the kit's, imported from here by older tests
+__all__ = ["PY", "answers"]
 
 NODE4, NODE6 = "10.77.0.1", "fd77::1"
 NODE = NodeInfo("node1", addresses=(NODE4, NODE6))  # the node facts the plugin and the store get

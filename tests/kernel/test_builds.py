@@ -15,7 +15,6 @@ import pytest
 from kpr.bpf import builds, links
 from kpr.bpf import maps as M
 from kpr.bpf.loader import attach_type_value, compile_and_load, load_prog
-from kpr.testing.cgroup import child_cgroup
 
 PROG = "kprt_connect"
 SOURCE = """
@@ -33,19 +32,16 @@ def flags(pin: Path, key: int = 1) -> list[str]:
 
 
 @pytest.fixture
-def rig(kernel_headers: Path) -> Iterator[tuple[Path, int]]:
+def rig(kernel_headers: Path, bpffs: Path, cgroup: Path) -> Iterator[tuple[Path, int]]:
     """A private bpffs directory and a child cgroup's fd; links released afterwards."""
-    from socklb_env import private_bpffs
-
-    with private_bpffs("kpr-builds") as mnt, child_cgroup("kpr-builds") as cg:
-        pin = mnt / "kpr"
-        pin.mkdir()
-        fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            yield pin, fd
-        finally:
-            links.sweep(pin / links.LINKS_DIR, lambda _p, _li: False)
-            os.close(fd)
+    pin = bpffs / "kpr"
+    pin.mkdir()
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield pin, fd
+    finally:
+        links.sweep(pin / links.LINKS_DIR, lambda _p, _li: False)
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -20,9 +20,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
-import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +33,12 @@ from kpr.bpf.loader import attach_type_value, compile_and_load, load_prog
 from kpr.model import BackendState, FrontendType, Protocol, ServiceKey
 from kpr.plugins.socklb.plugin import HOOKS, SockLB
 from kpr.servicemaps import ALGORITHM_ANNOTATION, ServiceMapWriter
-from kpr.testing.cgroup import child_cgroup, popen_in_cgroup
+from kpr.testing.agent import AgentConfig, kpr_cleanup, running_agent
+from kpr.testing.bpffs import private_bpffs
+from kpr.testing.cgroup import popen_in_cgroup
 from kpr.testing.netns import Topology
 from kpr.testing.prog_run import Case, run_cases, test_run
+from kpr.testing.waiting import wait_for
 
 from socklb_env import (
     CLIENT,
@@ -50,7 +50,6 @@ from socklb_env import (
     answers,
     be,
     build_topology,
-    private_bpffs,
     service,
     socklb,  # noqa: F401 - the module fixture
     start_socklb,
@@ -286,24 +285,24 @@ def test_stale_reverse_nat_is_dropped_when_the_backend_leaves(env: Env) -> None:
         held.close()
 
 
-def test_sync_complete_drops_entries_of_backends_that_left_while_down(env: Env) -> None:
+def test_sync_complete_drops_entries_of_backends_that_left_while_down(env: Env, cgroup: Path) -> None:
     svc = lambda backend: service("sync", [(CIP, "10.96.0.23", 80)], [be(backend)], protocols=(TCP,))  # noqa: E731
     env.apply(svc("be1"))
     held = Held(env, env.cgroup, "10.96.0.23", 80, "tcp")
     try:
         assert held.first == {"peer": ["10.96.0.23", 80], "answer": "be1"}
         # A restarted agent: a fresh plugin sees be1 gone without ever having seen it.
-        with child_cgroup("kpr-socklb-sync") as cg:
-            plugin = env.start_plugin(cg, bindProtection=False)
-            try:
-                with only(env, plugin):
-                    env.apply(svc("be2"))
-                    assert held.ask("peer") == {"peer": ["10.96.0.23", 80]}, "one delivery alone drops nothing"
-                    plugin.kpr_sync_complete()
-                assert held.ask("peer") == {"peer": [IP["be1"], 8080]}
-                assert plugin.kpr_status().counters["revnat_dropped"] >= 1
-            finally:
-                env.stop_plugin(plugin)
+        cg = cgroup
+        plugin = env.start_plugin(cg, bindProtection=False)
+        try:
+            with only(env, plugin):
+                env.apply(svc("be2"))
+                assert held.ask("peer") == {"peer": ["10.96.0.23", 80]}, "one delivery alone drops nothing"
+                plugin.kpr_sync_complete()
+            assert held.ask("peer") == {"peer": [IP["be1"], 8080]}
+            assert plugin.kpr_status().counters["revnat_dropped"] >= 1
+        finally:
+            env.stop_plugin(plugin)
     finally:
         held.close()
 
@@ -315,33 +314,33 @@ def only(env: Env, plugin: SockLB) -> Iterator[None]:
         yield
 
 
-def test_terminate_connections_destroys_sockets_of_removed_backends(env: Env) -> None:
-    with child_cgroup("kpr-socklb-term") as cg:
-        plugin = env.start_plugin(cg, terminateConnections=True, bindProtection=False)
-        try:
-            with only(env, plugin):
-                env.apply(service("kill", [(CIP, "10.96.0.21", 80)], [be("be1")]))
-                tcp = Held(env, cg, "10.96.0.21", 80, "tcp")
-                udp = Held(env, cg, "10.96.0.21", 80, "udp")
-                other = Held(env, cg, "10.96.0.21", 80, "tcp")
-                try:
-                    assert tcp.first["answer"] == udp.first["answer"] == "be1"
-                    env.apply(service("kill", [(CIP, "10.96.0.21", 80)], [be("be2")]))
-                    t = tcp.ask("wait")
-                    u = udp.ask("wait")
-                    assert t["event"] == "error" and t["error"] == "ECONNABORTED", t
-                    assert u["event"] == "error" and u["error"] == "ECONNABORTED", u
-                    assert t["after"] < 2 and u["after"] < 2
-                    assert plugin.kpr_status().counters["sockets_destroyed"] >= 3
-                    # a fresh connection lands on the backend that is left
-                    assert answers(env.client("tcp", "10.96.0.21", 80, 3, cgroup=cg)) == ["be2"] * 3
-                finally:
-                    for h in (tcp, udp, other):
-                        h.close()
-            status = plugin.kpr_status()
-            assert status.details["terminateConnections"] == {"enabled": True, "supported": True, "reason": ""}
-        finally:
-            env.stop_plugin(plugin)
+def test_terminate_connections_destroys_sockets_of_removed_backends(env: Env, cgroup: Path) -> None:
+    cg = cgroup
+    plugin = env.start_plugin(cg, terminateConnections=True, bindProtection=False)
+    try:
+        with only(env, plugin):
+            env.apply(service("kill", [(CIP, "10.96.0.21", 80)], [be("be1")]))
+            tcp = Held(env, cg, "10.96.0.21", 80, "tcp")
+            udp = Held(env, cg, "10.96.0.21", 80, "udp")
+            other = Held(env, cg, "10.96.0.21", 80, "tcp")
+            try:
+                assert tcp.first["answer"] == udp.first["answer"] == "be1"
+                env.apply(service("kill", [(CIP, "10.96.0.21", 80)], [be("be2")]))
+                t = tcp.ask("wait")
+                u = udp.ask("wait")
+                assert t["event"] == "error" and t["error"] == "ECONNABORTED", t
+                assert u["event"] == "error" and u["error"] == "ECONNABORTED", u
+                assert t["after"] < 2 and u["after"] < 2
+                assert plugin.kpr_status().counters["sockets_destroyed"] >= 3
+                # a fresh connection lands on the backend that is left
+                assert answers(env.client("tcp", "10.96.0.21", 80, 3, cgroup=cg)) == ["be2"] * 3
+            finally:
+                for h in (tcp, udp, other):
+                    h.close()
+        status = plugin.kpr_status()
+        assert status.details["terminateConnections"] == {"enabled": True, "supported": True, "reason": ""}
+    finally:
+        env.stop_plugin(plugin)
 
 
 # ---------------------------------------------------------------- bind protection, host-only
@@ -360,20 +359,20 @@ def test_bind_protection_refuses_nodeport_and_frontends_on_the_host(env: Env) ->
     assert env.plugin.stats()["bind_refused"] >= 6
 
 
-def test_host_namespace_only_and_bind_protection_off(env: Env) -> None:
+def test_host_namespace_only_and_bind_protection_off(env: Env, cgroup: Path) -> None:
     env.apply(service("hostonly", [(CIP, "10.96.0.22", 80), (NP, NODE4, 30092)], [be("be3")], protocols=(TCP,)))
-    with child_cgroup("kpr-socklb-host") as cg:
-        plugin = env.start_plugin(cg, hostNamespaceOnly=True, bindProtection=False)
-        try:
-            assert "CGROUP_INET4_POST_BIND" not in attached_hooks(cg)
-            before = plugin.stats()["skip_not_host"]
-            rows = env.client("tcp", "10.96.0.22", 80, 1, cgroup=cg)
-            assert "error" in rows[0], f"a pod's socket must be left to the per-packet path: {rows}"
-            assert plugin.stats()["skip_not_host"] > before
-            assert answers(env.client("tcp", "10.96.0.22", 80, 2, ns="node", cgroup=cg)) == ["be3"] * 2
-            assert env.client("bind", "0.0.0.0", 30092, "tcp", ns="node", cgroup=cg)[0].get("ok")
-        finally:
-            env.stop_plugin(plugin)
+    cg = cgroup
+    plugin = env.start_plugin(cg, hostNamespaceOnly=True, bindProtection=False)
+    try:
+        assert "CGROUP_INET4_POST_BIND" not in attached_hooks(cg)
+        before = plugin.stats()["skip_not_host"]
+        rows = env.client("tcp", "10.96.0.22", 80, 1, cgroup=cg)
+        assert "error" in rows[0], f"a pod's socket must be left to the per-packet path: {rows}"
+        assert plugin.stats()["skip_not_host"] > before
+        assert answers(env.client("tcp", "10.96.0.22", 80, 2, ns="node", cgroup=cg)) == ["be3"] * 2
+        assert env.client("bind", "0.0.0.0", 30092, "tcp", ns="node", cgroup=cg)[0].get("ok")
+    finally:
+        env.stop_plugin(plugin)
     # and the default plugin refuses the same bind
     assert env.client("bind", "0.0.0.0", 30092, "tcp", ns="node")[0].get("error") == "EADDRINUSE"
 
@@ -412,258 +411,209 @@ def prog_tags(ids: list[int]) -> set[bytes | None]:
     return {prog_tag(pid) for pid in ids}
 
 
-def test_stop_leaves_the_hooks_and_new_instances_adopt_them(env: Env) -> None:
+def test_stop_leaves_the_hooks_and_new_instances_adopt_them(env: Env, cgroup: Path) -> None:
     """Stop, a killed agent (no stop) and an upgrade (changed program text): one program per
     hook throughout, the same links and maps, the ClusterIP served all along."""
     env.apply(service("adopt", [(CIP, "10.96.0.40", 80)], [be("be1")], protocols=(TCP,)))
-    with child_cgroup("kpr-socklb-att") as cg:
-        serve = lambda: answers(env.client("tcp", "10.96.0.40", 80, 2, cgroup=cg)) == ["be1"] * 2  # noqa: E731
-        p1 = env.start_plugin(cg)
-        progs = hook_progs(cg)
-        assert {a: len(ids) for a, ids in progs.items()} == {a: 1 for a in ALL_HOOKS}
-        status = p1.kpr_status()
-        assert status.healthy and status.counters["hooks_attached"] == 10
-        assert {v["action"] for v in status.details["links"].values()} == {"created"}
-        assert status.details["build"] == "compiled"
-        assert not status.details["linksFallback"]
-        recorded = [r for r in attachments(env.pin) if r["target"]["cgroup"] == str(cg)]
-        assert len(recorded) == 10
-        links1, maps1 = link_ids(p1), map_ids(p1)
-        assert len(set(links1.values())) == 10
-        assert len(bpftool_cgroup(cg)) == 10
-        assert serve()
+    cg = cgroup
+    serve = lambda: answers(env.client("tcp", "10.96.0.40", 80, 2, cgroup=cg)) == ["be1"] * 2  # noqa: E731
+    p1 = env.start_plugin(cg)
+    progs = hook_progs(cg)
+    assert {a: len(ids) for a, ids in progs.items()} == {a: 1 for a in ALL_HOOKS}
+    status = p1.kpr_status()
+    assert status.healthy and status.counters["hooks_attached"] == 10
+    assert {v["action"] for v in status.details["links"].values()} == {"created"}
+    assert status.details["build"] == "compiled"
+    assert not status.details["linksFallback"]
+    recorded = [r for r in attachments(env.pin) if r["target"]["cgroup"] == str(cg)]
+    assert len(recorded) == 10
+    links1, maps1 = link_ids(p1), map_ids(p1)
+    assert len(set(links1.values())) == 10
+    assert len(bpftool_cgroup(cg)) == 10
+    assert serve()
 
-        env.stop_plugin(p1)  # SIGTERM
-        assert hook_progs(cg) == progs, "stop leaves the programs attached"
-        assert serve(), "served while no agent runs"
+    env.stop_plugin(p1)  # SIGTERM
+    assert hook_progs(cg) == progs, "stop leaves the programs attached"
+    assert serve(), "served while no agent runs"
 
-        p2 = env.start_plugin(cg)  # the next agent, the same build: the links' programs kept, no compile
-        assert hook_progs(cg) == progs
-        assert p2.kpr_status().details["build"] == "adopted"
-        assert {v["action"] for v in p2.kpr_status().details["links"].values()} == {"adopted"}
-        assert link_ids(p2) == links1 and map_ids(p2) == maps1
-        assert serve()
+    p2 = env.start_plugin(cg)  # the next agent, the same build: the links' programs kept, no compile
+    assert hook_progs(cg) == progs
+    assert p2.kpr_status().details["build"] == "adopted"
+    assert {v["action"] for v in p2.kpr_status().details["links"].values()} == {"adopted"}
+    assert link_ids(p2) == links1 and map_ids(p2) == maps1
+    assert serve()
 
-        env.abandon(p2)  # SIGKILL: no stop
-        p3 = env.start_plugin(cg)
-        now = hook_progs(cg)
-        assert {a: len(ids) for a, ids in now.items()} == {a: 1 for a in ALL_HOOKS}, "never a second copy"
-        assert link_ids(p3) == links1 and map_ids(p3) == maps1
-        assert len(bpftool_cgroup(cg)) == 10
-        assert serve()
+    env.abandon(p2)  # SIGKILL: no stop
+    p3 = env.start_plugin(cg)
+    now = hook_progs(cg)
+    assert {a: len(ids) for a, ids in now.items()} == {a: 1 for a in ALL_HOOKS}, "never a second copy"
+    assert link_ids(p3) == links1 and map_ids(p3) == maps1
+    assert len(bpftool_cgroup(cg)) == 10
+    assert serve()
 
-        before = prog_tags([i for ids in now.values() for i in ids])
-        env.abandon(p3)  # an upgrade: changed program text
-        # (refusals without bpf_set_retval: a different program, the same maps)
-        p4 = env.start_plugin(cg, extra_cflags=["-UKPR_SOCK_HAVE_SET_RETVAL", "-DKPR_SOCK_HAVE_SET_RETVAL=0"])
-        upgraded = hook_progs(cg)
-        assert {a: len(ids) for a, ids in upgraded.items()} == {a: 1 for a in ALL_HOOKS}
-        assert link_ids(p4) == links1 and map_ids(p4) == maps1
-        assert {v["action"] for v in p4.kpr_status().details["links"].values()} == {"updated"}
-        assert p4.kpr_status().details["build"] == "compiled"
-        assert serve()
-        assert prog_tags(upgraded["CGROUP_INET4_CONNECT"]) - before, "the upgrade runs the changed program"
+    before = prog_tags([i for ids in now.values() for i in ids])
+    env.abandon(p3)  # an upgrade: changed program text
+    # (refusals without bpf_set_retval: a different program, the same maps)
+    p4 = env.start_plugin(cg, extra_cflags=["-UKPR_SOCK_HAVE_SET_RETVAL", "-DKPR_SOCK_HAVE_SET_RETVAL=0"])
+    upgraded = hook_progs(cg)
+    assert {a: len(ids) for a, ids in upgraded.items()} == {a: 1 for a in ALL_HOOKS}
+    assert link_ids(p4) == links1 and map_ids(p4) == maps1
+    assert {v["action"] for v in p4.kpr_status().details["links"].values()} == {"updated"}
+    assert p4.kpr_status().details["build"] == "compiled"
+    assert serve()
+    assert prog_tags(upgraded["CGROUP_INET4_CONNECT"]) - before, "the upgrade runs the changed program"
 
-        # bindProtection off: the post_bind links go, the rest stay
-        env.abandon(p4)
-        p5 = env.start_plugin(cg, bindProtection=False)
-        assert set(hook_progs(cg)) == {h for _, _, h in HOOKS}
-        mine = env.pin / "links" / "socklb" / f"cgroup-{os.stat(cg).st_ino}"
-        assert sorted(p.name for p in mine.iterdir()) == sorted(h.lower() for _, _, h in HOOKS)
+    # bindProtection off: the post_bind links go, the rest stay
+    env.abandon(p4)
+    p5 = env.start_plugin(cg, bindProtection=False)
+    assert set(hook_progs(cg)) == {h for _, _, h in HOOKS}
+    mine = env.pin / "links" / "socklb" / f"cgroup-{os.stat(cg).st_ino}"
+    assert sorted(p.name for p in mine.iterdir()) == sorted(h.lower() for _, _, h in HOOKS)
 
-        # keepAttachedOnStop: false detaches, as before links
-        p5.cfg = p5.cfg.model_copy(update={"keep_attached_on_stop": False})
-        env.stop_plugin(p5)
-        assert hook_progs(cg) == {}, "keepAttachedOnStop false detaches"
-        assert not [r for r in attachments(env.pin) if r["target"]["cgroup"] == str(cg)], "records forgotten"
-        assert (env.pin / "kpr_sock_revnat").exists(), "pinned maps outlive the agent"
+    # keepAttachedOnStop: false detaches, as before links
+    p5.cfg = p5.cfg.model_copy(update={"keep_attached_on_stop": False})
+    env.stop_plugin(p5)
+    assert hook_progs(cg) == {}, "keepAttachedOnStop false detaches"
+    assert not [r for r in attachments(env.pin) if r["target"]["cgroup"] == str(cg)], "records forgotten"
+    assert (env.pin / "kpr_sock_revnat").exists(), "pinned maps outlive the agent"
 
 
-def test_without_links_the_fallback_keeps_one_copy(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_links_the_fallback_keeps_one_copy(env: Env, cgroup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """KPR_BPF_LINKS=off: the old attach (BPF_F_ALLOW_MULTI), still one copy per hook across a
     stop and a kill, and the ClusterIP served while no agent runs."""
     monkeypatch.setenv("KPR_BPF_LINKS", "cgroup")
     env.apply(service("fallback", [(CIP, "10.96.0.41", 80)], [be("be2")], protocols=(TCP,)))
-    with child_cgroup("kpr-socklb-fb") as cg:
-        serve = lambda: answers(env.client("tcp", "10.96.0.41", 80, 2, cgroup=cg)) == ["be2"] * 2  # noqa: E731
-        p1 = env.start_plugin(cg)
-        st = p1.kpr_status()
-        assert st.details["linksFallback"] and "without BPF links" in st.message
-        assert {v["action"] for v in st.details["links"].values()} == {"attached"}
-        assert not (env.pin / "links" / "socklb" / f"cgroup-{os.stat(cg).st_ino}").exists()
-        first = hook_progs(cg)
-        assert {a: len(ids) for a, ids in first.items()} == {a: 1 for a in ALL_HOOKS}
-        env.stop_plugin(p1)
-        assert hook_progs(cg) == first and serve()
-        p2 = env.start_plugin(cg)
-        env.abandon(p2)
-        p3 = env.start_plugin(cg)
-        now = hook_progs(cg)
-        assert {a: len(ids) for a, ids in now.items()} == {a: 1 for a in ALL_HOOKS}, "never a second copy"
-        assert all(now[a] != first[a] for a in ALL_HOOKS), "the new programs replaced the old"
-        assert serve()
-        # the fallback's programs move to links as soon as links are allowed again
-        monkeypatch.delenv("KPR_BPF_LINKS")
-        env.abandon(p3)
-        p4 = env.start_plugin(cg)
-        assert {v["action"] for v in p4.kpr_status().details["links"].values()} == {"created"}
-        assert {a: len(ids) for a, ids in hook_progs(cg).items()} == {a: 1 for a in ALL_HOOKS}
-        assert serve()
-        p4.cfg = p4.cfg.model_copy(update={"keep_attached_on_stop": False})
-        env.stop_plugin(p4)
-        assert hook_progs(cg) == {}
+    cg = cgroup
+    serve = lambda: answers(env.client("tcp", "10.96.0.41", 80, 2, cgroup=cg)) == ["be2"] * 2  # noqa: E731
+    p1 = env.start_plugin(cg)
+    st = p1.kpr_status()
+    assert st.details["linksFallback"] and "without BPF links" in st.message
+    assert {v["action"] for v in st.details["links"].values()} == {"attached"}
+    assert not (env.pin / "links" / "socklb" / f"cgroup-{os.stat(cg).st_ino}").exists()
+    first = hook_progs(cg)
+    assert {a: len(ids) for a, ids in first.items()} == {a: 1 for a in ALL_HOOKS}
+    env.stop_plugin(p1)
+    assert hook_progs(cg) == first and serve()
+    p2 = env.start_plugin(cg)
+    env.abandon(p2)
+    p3 = env.start_plugin(cg)
+    now = hook_progs(cg)
+    assert {a: len(ids) for a, ids in now.items()} == {a: 1 for a in ALL_HOOKS}, "never a second copy"
+    assert all(now[a] != first[a] for a in ALL_HOOKS), "the new programs replaced the old"
+    assert serve()
+    # the fallback's programs move to links as soon as links are allowed again
+    monkeypatch.delenv("KPR_BPF_LINKS")
+    env.abandon(p3)
+    p4 = env.start_plugin(cg)
+    assert {v["action"] for v in p4.kpr_status().details["links"].values()} == {"created"}
+    assert {a: len(ids) for a, ids in hook_progs(cg).items()} == {a: 1 for a in ALL_HOOKS}
+    assert serve()
+    p4.cfg = p4.cfg.model_copy(update={"keep_attached_on_stop": False})
+    env.stop_plugin(p4)
+    assert hook_progs(cg) == {}
 
 
-def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp_path: Path) -> None:
+def test_kpr_cleanup_detaches_what_a_killed_agent_left(
+    kernel_headers: Path, tmp_path: Path, bpffs: Path, topology: Topology, cgroup: Path
+) -> None:
     # A plugin that never stopped (the agent was killed), plus an orphan of an older run
     # (a second copy attached the old way) and another owner's program at the same hook:
     # `kpr cleanup` removes kpr's, leaves the other owner's, and exits 0.
     from bcc import BPF
 
-    with private_bpffs() as mnt, Topology() as topo, child_cgroup("kpr-socklb-clean") as cg:
-        topo.add_node("node")
-        pin = mnt / "kpr"
-        extra = compile_and_load("int sklb4_connect(struct bpf_sock_addr *c) { return 1; }\n"
-                                 "int foreign(struct bpf_sock_addr *c) { return 1; }\n")
-        plugin = None
+    mnt, topo, cg = bpffs, topology, cgroup
+    topo.add_node("node")
+    pin = mnt / "kpr"
+    extra = compile_and_load("int sklb4_connect(struct bpf_sock_addr *c) { return 1; }\n"
+                             "int foreign(struct bpf_sock_addr *c) { return 1; }\n")
+    plugin = None
+    try:
+        with ServiceMapWriter(pin):
+            plugin = start_socklb(topo, pin, cg)
+        at = attach_type_value("CGROUP_INET4_CONNECT")
+        cg_fd = os.open(cg, os.O_RDONLY)
         try:
-            with ServiceMapWriter(pin):
-                plugin = start_socklb(topo, pin, cg)
-            at = attach_type_value("CGROUP_INET4_CONNECT")
-            cg_fd = os.open(cg, os.O_RDONLY)
-            try:
-                for name in ("sklb4_connect", "foreign"):
-                    fn = load_prog(extra, name, "CGROUP_SOCK_ADDR", attach_type="CGROUP_INET4_CONNECT")
-                    BPF.attach_func(fn, cg_fd, at, 1 << 1)
-            finally:
-                os.close(cg_fd)
-            assert len(prog_ids(cg, "CGROUP_INET4_CONNECT")) == 3
-            assert sum(len(v) for v in hook_progs(cg).values()) == 12
-            cfg = tmp_path / "kpr.yaml"
-            cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
-            kpr = Path(sys.executable).with_name("kpr")
-            res = subprocess.run([str(kpr), "cleanup", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-            assert res.returncode == 0, res.stderr
-            assert res.stdout.count("detached cgroup link") == 10, res.stdout
-            assert res.stdout.count("detached cgroup") == 11, res.stdout
-            left = hook_progs(cg)
-            assert list(left) == ["CGROUP_INET4_CONNECT"] and len(left["CGROUP_INET4_CONNECT"]) == 1
-            fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(left["CGROUP_INET4_CONNECT"][0]), "prog")
-            try:
-                assert M.prog_info(fd).name == b"foreign", "another owner's program stays"
-            finally:
-                os.close(fd)
-            assert not pin.exists()
+            for name in ("sklb4_connect", "foreign"):
+                fn = load_prog(extra, name, "CGROUP_SOCK_ADDR", attach_type="CGROUP_INET4_CONNECT")
+                BPF.attach_func(fn, cg_fd, at, 1 << 1)
         finally:
-            if plugin is not None:
-                with contextlib.suppress(OSError):
-                    plugin._teardown()
-            extra.cleanup()
+            os.close(cg_fd)
+        assert len(prog_ids(cg, "CGROUP_INET4_CONNECT")) == 3
+        assert sum(len(v) for v in hook_progs(cg).values()) == 12
+        res = kpr_cleanup(pin, tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.count("detached cgroup link") == 10, res.stdout
+        assert res.stdout.count("detached cgroup") == 11, res.stdout
+        left = hook_progs(cg)
+        assert list(left) == ["CGROUP_INET4_CONNECT"] and len(left["CGROUP_INET4_CONNECT"]) == 1
+        fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(left["CGROUP_INET4_CONNECT"][0]), "prog")
+        try:
+            assert M.prog_info(fd).name == b"foreign", "another owner's program stays"
+        finally:
+            os.close(fd)
+        assert not pin.exists()
+    finally:
+        if plugin is not None:
+            with contextlib.suppress(OSError):
+                plugin._teardown()
+        extra.cleanup()
 
 
-def test_cleanup_fails_when_a_program_stays_attached(kernel_headers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cleanup_fails_when_a_program_stays_attached(
+    kernel_headers: Path, monkeypatch: pytest.MonkeyPatch, bpffs: Path, topology: Topology, cgroup: Path
+) -> None:
     from kpr.bpf import cleanup as C
     from kpr.bpf import links
 
-    with private_bpffs() as mnt, Topology() as topo, child_cgroup("kpr-socklb-stuck") as cg:
-        topo.add_node("node")
-        pin = mnt / "kpr"
-        with ServiceMapWriter(pin):
-            plugin = start_socklb(topo, pin, cg)
-        plugin._teardown(detach=False)
-        # links that refuse to go, as a detach the kernel refused would
-        monkeypatch.setattr(links, "sweep", lambda d, keep: [])
-        monkeypatch.setattr(links, "detach_link_id", lambda i: False)
-        with pytest.raises(C.CleanupError) as err:
-            C.cleanup(pin)
-        assert "still attached" in str(err.value) and "sklb4_connect" in str(err.value)
-        assert pin.exists(), "the registry stays for a second run"
-        monkeypatch.undo()
+    mnt, topo, cg = bpffs, topology, cgroup
+    topo.add_node("node")
+    pin = mnt / "kpr"
+    with ServiceMapWriter(pin):
+        plugin = start_socklb(topo, pin, cg)
+    plugin._teardown(detach=False)
+    # links that refuse to go, as a detach the kernel refused would
+    monkeypatch.setattr(links, "sweep", lambda d, keep: [])
+    monkeypatch.setattr(links, "detach_link_id", lambda i: False)
+    with pytest.raises(C.CleanupError) as err:
         C.cleanup(pin)
-        assert hook_progs(cg) == {} and not pin.exists()
+    assert "still attached" in str(err.value) and "sklb4_connect" in str(err.value)
+    assert pin.exists(), "the registry stays for a second run"
+    monkeypatch.undo()
+    C.cleanup(pin)
+    assert hook_progs(cg) == {} and not pin.exists()
 
 
-def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: Path) -> None:
+def test_agent_end_to_end_with_the_files_source(
+    kernel_headers: Path, tmp_path: Path, bpffs: Path, topology: Topology, cgroup: Path
+) -> None:
     """A real in-process agent (files source, bus, writer facility, socklb) serving a pod."""
-    from kpr.config import parse_config
-    from kpr.daemon import Agent
+    from kpr.testing import manifests as k8s
 
-    if not hasattr(ServiceMapWriter, "kpr_start"):
-        pytest.skip("the service map writer facility has no kpr_start yet: the agent cannot open the maps")
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
+    build_topology(topology)
+    cfg = AgentConfig(tmp_path, bpffs / "kpr", addresses=(NODE4, NODE6), devices=("lo",),
+                      extra={"service": {"clusterCIDR": ["10.96.0.0/16"]}})
 
     def publish(ip: str) -> None:
-        (manifests / "web.yaml").write_text(textwrap.dedent(f"""
-            apiVersion: v1
-            kind: Service
-            metadata: {{name: web, namespace: default}}
-            spec:
-              clusterIP: 10.96.7.10
-              ports: [{{name: http, port: 80, targetPort: 8080}}]
-            ---
-            apiVersion: discovery.k8s.io/v1
-            kind: EndpointSlice
-            metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
-            addressType: IPv4
-            ports: [{{name: http, port: 8080, protocol: TCP}}]
-            endpoints:
-              - addresses: [{ip}]
-                nodeName: node1
-            """))
+        cfg.manifest("web", k8s.yaml_docs(k8s.service("web", cluster_ip="10.96.7.10", port_name="http"),
+                                          k8s.endpoint_slice("web", [ip], port_name="http")))
 
-    with private_bpffs() as mnt, Topology() as topo, child_cgroup("kpr-socklb-agent") as cg:
-        build_topology(topo)
-        pin = mnt / "kpr"
-        publish(IP["be1"])
+    publish(IP["be1"])
+    env = Env(topology, cfg.pin, None, cgroup)  # type: ignore[arg-type]
+    # Disabled: nothing is attached.
+    with running_agent(cfg.plugin("socklb", enabled=False, cgroupPath=str(cgroup)), netns=topology["node"]):
+        assert attached_hooks(cgroup) == {}
 
-        def config(enabled: bool) -> Any:
-            return parse_config(textwrap.dedent(f"""
-                node: {{name: node1, addresses: [{NODE4}, "{NODE6}"], devices: [lo]}}
-                source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
-                service: {{clusterCIDR: [10.96.0.0/16]}}
-                bpf: {{pinPath: {pin}}}
-                api: {{socket: {tmp_path}/kpr.sock}}
-                metrics: {{address: ""}}
-                agent: {{stateDir: {tmp_path}/state}}
-                plugins: {{socklb: {{enabled: {str(enabled).lower()}, cgroupPath: {cg}}}}}
-                """))
-
-        env = Env(topo, pin, None, cg)  # type: ignore[arg-type]
-        # Disabled: nothing is attached.
-        agent = Agent(config(False))
-        with topo["node"].enter():
-            agent.setup()
-        try:
-            assert attached_hooks(cg) == {}
-        finally:
-            agent.shutdown()
-
-        agent = Agent(config(True))
-        with topo["node"].enter():  # the agent's namespace is the host
-            agent.setup()
-        try:
-            deadline = time.monotonic() + 10
-            while not (agent.store.is_synced and agent.bus.synced()) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert len(attached_hooks(cg)) == 10
-            assert answers(env.client("tcp", "10.96.7.10", 80, 3)) == ["be1"] * 3
-            publish(IP["be2"])
-            deadline = time.monotonic() + 10
-            seen: list[str] = []
-            while time.monotonic() < deadline:
-                seen = answers(env.client("tcp", "10.96.7.10", 80, 1))
-                if seen == ["be2"]:
-                    break
-                time.sleep(0.05)
-            assert seen == ["be2"], "the endpoint change never reached the socket hooks"
-            status = agent.plugin_statuses()["socklb"]
-            assert status["healthy"], status
-        finally:
-            assert agent.shutdown() == 0
-        assert len(attached_hooks(cg)) == 10, "shutdown leaves the hooks (keepAttachedOnStop)"
-        cleanup(pin)
-        assert attached_hooks(cg) == {}, "`kpr cleanup` removes them"
+    with running_agent(cfg.plugin("socklb", enabled=True), netns=topology["node"]) as agent:  # the node is its host
+        assert len(attached_hooks(cgroup)) == 10
+        assert answers(env.client("tcp", "10.96.7.10", 80, 3)) == ["be1"] * 3
+        publish(IP["be2"])
+        wait_for(lambda: answers(env.client("tcp", "10.96.7.10", 80, 1)) == ["be2"], 10,
+                 "the endpoint change to reach the socket hooks")
+        status = agent.plugin_statuses()["socklb"]
+        assert status["healthy"], status
+    assert len(attached_hooks(cgroup)) == 10, "shutdown leaves the hooks (keepAttachedOnStop)"
+    cleanup(cfg.pin)
+    assert attached_hooks(cgroup) == {}, "`kpr cleanup` removes them"
 
 
 # ---------------------------------------------------------------- decision logic, packet-free

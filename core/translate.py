@@ -7,8 +7,7 @@ where kube-proxy has no opinion, e.g. HostPort): see `translate_service` and
 
 Parsing and validation are one pass: each `_parse_*` function checks the fields it reads
 and returns what translation needs, so `validate_object` costs no more than the reading
-translation has to do anyway. IP text is parsed through a bounded cache because the same
-addresses come back on every update of a service.
+translation has to do anyway.
 """
 
 from __future__ import annotations
@@ -79,15 +78,15 @@ _TYPE_RANK = {t: i for i, t in enumerate(FrontendType)}
 # (canonical text, family 4|6, integer value): the integer gives a numeric sort order.
 _IP = tuple[str, int, int]
 _NO_IP: _IP = ("", 0, 0)  # the "address" of an FQDN endpoint, which is never used
-# Big enough for every endpoint of a 10k-service cluster; bounded so churn cannot leak.
-_IP_CACHE_SIZE = 1 << 18
 
 
 # --- addresses -------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=_IP_CACHE_SIZE)
 def _parse_ip_text(text: str) -> _IP | None:
+    # Not cached: an address is parsed once per object read (parsing canonical IPv4 costs
+    # about what a cache lookup did), and a cache of every endpoint address held 200k
+    # entries, about 20 MB, through a 20k-service initial sync.
     # Most addresses are canonical IPv4, which libc parses 2x faster than ipaddress does;
     # the round trip through inet_ntop admits only text that is already canonical.
     try:
@@ -287,8 +286,7 @@ def address_rules(cluster_cidrs: tuple[str, ...]) -> AddressRules:
 
 
 def clear_caches() -> None:
-    """Forget parsed addresses (benchmarks use this to measure a cold start)."""
-    _parse_ip_text.cache_clear()
+    """Forget parsed CIDRs and node addresses (benchmarks use this to measure a cold start)."""
     _parse_cidr_text.cache_clear()
     _node_addresses.cache_clear()
 
@@ -390,9 +388,9 @@ def endpoint_addresses_of(obj: KubeObject, rules: AddressRules = NO_RULES) -> se
     if found is not None:
         # Checked: every endpoint has one address, of the slice's family.
         if rules.cluster_cidrs:
-            may_claim = rules.may_claim
-            return {e[0][0] for e in found.endpoints if may_claim(e[0])}
-        return {e[0][0] for e in found.endpoints}
+            may_claim, family = rules.may_claim, found.family
+            return {e[0] for e in found.endpoints if may_claim((e[0], family, e[1] >> 2))}
+        return {e[0] for e in found.endpoints}
     obj = unpack(obj)
     texts: list[Any] = []
     if not isinstance(obj, Mapping):
@@ -785,10 +783,12 @@ def _parse_affinity(obj: KubeObject, spec: KubeObject) -> int:
 # (port name, protocol, port number or 0 when the slice does not restrict ports)
 _EndpointPort = tuple[str, Protocol, int]
 # Endpoint conditions before the service's publishNotReadyAddresses is applied:
-# (address, _READY | _DRAINING | _UNUSABLE, node name, zone, hints.forZones names).
-# Five items: the size of a Backend (80 bytes), so the memory of parsed slices, freed while
-# translation makes Backends (translate.checked keeps them for a whole pass), is reused.
-_SliceEndpoint = tuple[_IP, int, str, str, tuple[str, ...]]
+# (canonical address, the address as int << 2 | _READY | _DRAINING | _UNUSABLE, node name,
+# zone, hints.forZones names); the family is the slice's. Five items: the size of a Backend
+# (80 bytes), so the memory of parsed slices, freed while translation makes Backends
+# (translate.checked keeps them for a whole pass), is reused; the address and its state in
+# one int, not a parsed-address tuple per endpoint (64 bytes, 13 MB at 200k endpoints).
+_SliceEndpoint = tuple[str, int, str, str, tuple[str, ...]]
 _READY = 2  # ready: active
 _DRAINING = 1  # not ready, serving and terminating: picked only when no ready one remains
 _UNUSABLE = 0
@@ -887,7 +887,7 @@ def _parse_slice_endpoints(obj: KubeObject, family: int) -> tuple[tuple[_SliceEn
         node_name, zone = intern(node_name), intern(zone)
         hints = endpoint.get("hints")
         zone_hints = () if hints is None else _zone_hints(obj, hints, i)
-        append((first, usable, node_name, zone, zone_hints))
+        append((first[0], first[2] << 2 | usable, node_name, zone, zone_hints))
     return tuple(out), multi
 
 
@@ -1200,7 +1200,8 @@ def _slice_backends(
         if not number:
             continue  # a port-less slice port means "all ports": unusable for a service port
         group = groups.setdefault((name, protocol, parsed.family), {})
-        for ip, usable, ep_node, zone, hints in parsed.endpoints:
+        for address, code, ep_node, zone, hints in parsed.endpoints:
+            usable = code & 3
             if usable == _READY or publish:
                 state = BackendState.ACTIVE
             elif usable == _DRAINING:
@@ -1208,9 +1209,9 @@ def _slice_backends(
             else:
                 continue
             local = ep_node == node_name and ep_node != ""
-            candidate = (Backend(ip[0], number, state, ep_node, local, zone), hints)
+            candidate = (Backend(address, number, state, ep_node, local, zone), hints)
             # _offer inlined: this runs for every endpoint of a full sync.
-            key = (ip[2], number)
+            key = (code >> 2, number)
             current = group.get(key)
             if current is None or _better(candidate, current):
                 group[key] = candidate

@@ -12,6 +12,8 @@ metrics listener off. Two tests, or two agents of one test, never share a path.
         ...
 
 The config is written as JSON (YAML reads it), so a test may also edit `cfg.document()`.
+`NeedsMaps` is a plugin that only asks for the shared service maps, for agents whose test
+reads the maps without enabling a datapath plugin.
 """
 
 from __future__ import annotations
@@ -27,7 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AgentConfig", "kpr_argv", "kpr_cli", "kpr_cleanup", "running_agent", "scratch_agent", "start_agent"]
+from kpr import hookimpl
+
+__all__ = ["AgentConfig", "NeedsMaps", "kpr_argv", "kpr_cli", "kpr_cleanup", "running_agent", "scratch_agent",
+           "start_agent"]
+
+
+class NeedsMaps:
+    """A plugin that only asks for the shared service maps, as the datapath plugins do: an
+    agent given it (`internal_plugins={"needs": NeedsMaps()}`) runs the service map writer."""
+
+    @hookimpl
+    def kpr_requires(self) -> list[str]:
+        return ["servicemaps"]
 
 
 @dataclass

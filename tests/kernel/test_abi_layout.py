@@ -6,14 +6,12 @@ this is what makes it trustworthy."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kpr.bpf import abi
 from kpr.bpf import maps as M
-from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.bpf.inline import inline_includes
 from kpr.bpf.loader import compile_and_load
 
@@ -34,12 +32,6 @@ CONSTANTS = (
 )
 
 
-@pytest.fixture
-def pin_path(kernel_headers: Path) -> Iterator[Path]:
-    with scratch_pin_dir("kpr-abi") as pin:
-        yield pin
-
-
 def parseable() -> list[str]:
     a = abi.default()
     out = []
@@ -52,7 +44,7 @@ def parseable() -> list[str]:
     return out
 
 
-def test_every_parsed_struct_is_laid_out_as_the_compiler_does(pin_path: Path) -> None:
+def test_every_parsed_struct_is_laid_out_as_the_compiler_does(kernel_headers: Path, pin_dir: Path) -> None:
     a = abi.default()
     names = parseable()
     assert len(names) >= 30, names
@@ -64,7 +56,7 @@ def test_every_parsed_struct_is_laid_out_as_the_compiler_does(pin_path: Path) ->
         consts = CONSTANTS if u == 0 else ()
         src += "".join(f"BPF_ARRAY(abi_c{i}, __u8, {c});\n" for i, c in enumerate(consts))
         src += "int noop(struct __sk_buff *skb) { return 0; }\n"
-        b = compile_and_load(src, cflags=M.cflags(pin_path))
+        b = compile_and_load(src, cflags=M.cflags(pin_dir))
         try:
             for i, name in enumerate(mine):
                 c_type = b[f"abi_t{i}".encode()].Leaf

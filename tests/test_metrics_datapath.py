@@ -61,11 +61,11 @@ def test_drops_by_hook_and_reason_and_per_service_gauges(tmp_path: Path) -> None
     assert "kpr_map_entries{" not in text
 
 
-def test_map_occupancy_counts_the_kernel_maps(require_kernel) -> None:
-    from kpr.bpf.cleanup import scratch_pin_dir
+def test_map_occupancy_counts_the_kernel_maps(pin_dir) -> None:
     from kpr.servicemaps import ServiceMapWriter
 
-    with scratch_pin_dir("kpr-h8-metrics") as pin, ServiceMapWriter(pin).open() as w:
+    pin = pin_dir
+    with ServiceMapWriter(pin).open() as w:
         w.upsert(SERVICES[0])
         text = _scrape(_agent(pin, SERVICES, {}))
         counts = w.kernel_counts()

@@ -505,24 +505,24 @@ def test_drop_table_stops_forwarding_loops(tmp_path, drop):
         assert topo.run("n1", "nft list table inet someone_else", check=False).returncode == 0
 
 
-def test_drop_rules_touch_only_their_own_table(tmp_path):
-    with Topology() as topo:
-        topo.add_node("n")
-        topo.run("n", "nft add table inet someone_else && nft add chain inet someone_else c '{ type filter hook forward priority 0; }'")
-        before = topo.run("n", "nft list table inet someone_else").stdout
-        d = DropRules(["eth0", "eth1.100"], argv_prefix=["ip", "netns", "exec", topo.netns_name("n")])
-        d.install()
-        d.update({VIP4, VIP6, "10.0.100.11"})
-        t = nft_table(topo, "n")
-        assert set_elements(t, "vips4") == sorted([VIP4, "10.0.100.11"]) and set_elements(t, "vips6") == [VIP6]
-        d.update({VIP6})
-        t = nft_table(topo, "n")
-        assert set_elements(t, "vips4") == [] and set_elements(t, "vips6") == [VIP6]
-        assert d.dropped() == 0
-        # a table left by a crashed agent is replaced, not duplicated
-        DropRules(["eth0"], argv_prefix=d.argv_prefix).install()
-        assert set_elements(nft_table(topo, "n"), "vips6") == []
-        d.remove()
-        d.remove()  # idempotent
-        assert nft_table(topo, "n") is None
-        assert topo.run("n", "nft list table inet someone_else").stdout == before
+def test_drop_rules_touch_only_their_own_table(topology: Topology) -> None:
+    topo = topology
+    topo.add_node("n")
+    topo.run("n", "nft add table inet someone_else && nft add chain inet someone_else c '{ type filter hook forward priority 0; }'")
+    before = topo.run("n", "nft list table inet someone_else").stdout
+    d = DropRules(["eth0", "eth1.100"], argv_prefix=["ip", "netns", "exec", topo.netns_name("n")])
+    d.install()
+    d.update({VIP4, VIP6, "10.0.100.11"})
+    t = nft_table(topo, "n")
+    assert set_elements(t, "vips4") == sorted([VIP4, "10.0.100.11"]) and set_elements(t, "vips6") == [VIP6]
+    d.update({VIP6})
+    t = nft_table(topo, "n")
+    assert set_elements(t, "vips4") == [] and set_elements(t, "vips6") == [VIP6]
+    assert d.dropped() == 0
+    # a table left by a crashed agent is replaced, not duplicated
+    DropRules(["eth0"], argv_prefix=d.argv_prefix).install()
+    assert set_elements(nft_table(topo, "n"), "vips6") == []
+    d.remove()
+    d.remove()  # idempotent
+    assert nft_table(topo, "n") is None
+    assert topo.run("n", "nft list table inet someone_else").stdout == before

@@ -78,11 +78,7 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def lab(require_kernel: None) -> Iterator[Lab]:
     with Topology() as topo:
         topo.add_node("n")
         topo.add_namespace("peer")

@@ -204,31 +204,30 @@ def test_xdp_nodeport_one_pod_ready_in_one_service_terminating_in_another(xdp: t
 # ---------------------------------------------------------------- upgrade
 
 
-def test_maps_of_an_older_run_lose_the_shared_state_on_adoption(kernel_headers: Path) -> None:
+def test_maps_of_an_older_run_lose_the_shared_state_on_adoption(kernel_headers: Path, pin_dir: Path) -> None:
     """An older kpr kept the state in kpr_backend's (now reserved) byte: a new writer adopts
     such maps as they are (same sizes) and zeroes the byte at its sync."""
     from kpr.bpf import maps as M
-    from kpr.bpf.cleanup import scratch_pin_dir
     from kpr.servicemaps import ServiceMapWriter
 
     pod = socklb_env.be("be1", state=TERM)
     svc = socklb_env.service("old", [(FrontendType.CLUSTER_IP, "10.96.13.9", 80)], [socklb_env.be("be2"), pod],
                              protocols=(TCP,))
-    with scratch_pin_dir("kpr-bstate-up") as pin:
-        w = ServiceMapWriter(pin).open()
-        try:
-            w.upsert(svc)
-            (bid,) = [M.U32.unpack(k)[0] for k, v in w.maps["kpr_backend"].items() if M.bytes_to_addr(v[:16]) == pod.address]
-            old = bytearray(w.maps["kpr_backend"].lookup(M.U32.pack(bid)))
-            old[19] = M.BACKEND_TERMINATING  # where the old layout kept the state
-            w.maps["kpr_backend"].update(M.U32.pack(bid), bytes(old))
-        finally:
-            w.close()
-        w = ServiceMapWriter(pin).open()
-        try:
-            w.upsert(svc)
-            assert w.maps["kpr_backend"].lookup(M.U32.pack(bid))[19] == 0, "the reserved byte is zero again"
-            assert states(pin, ("10.96.13.9", 80)) == {pod.address: "terminating", socklb_env.PODS["be2"][0]: "active"}
-            assert w.check() == 0, "nothing left to repair"
-        finally:
-            w.close()
+    pin = pin_dir
+    w = ServiceMapWriter(pin).open()
+    try:
+        w.upsert(svc)
+        (bid,) = [M.U32.unpack(k)[0] for k, v in w.maps["kpr_backend"].items() if M.bytes_to_addr(v[:16]) == pod.address]
+        old = bytearray(w.maps["kpr_backend"].lookup(M.U32.pack(bid)))
+        old[19] = M.BACKEND_TERMINATING  # where the old layout kept the state
+        w.maps["kpr_backend"].update(M.U32.pack(bid), bytes(old))
+    finally:
+        w.close()
+    w = ServiceMapWriter(pin).open()
+    try:
+        w.upsert(svc)
+        assert w.maps["kpr_backend"].lookup(M.U32.pack(bid))[19] == 0, "the reserved byte is zero again"
+        assert states(pin, ("10.96.13.9", 80)) == {pod.address: "terminating", socklb_env.PODS["be2"][0]: "active"}
+        assert w.check() == 0, "nothing left to repair"
+    finally:
+        w.close()

@@ -207,10 +207,19 @@ class IdBytes(_Dense):
         copies. False, nothing stored: not that case."""
         s = self.size
         n = len(blob) // s
+        if n * s != len(blob) or lo < 0:
+            return False
+        has = self._has
+        if lo >= len(has) and not self._far and lo < 2 * len(has) + _SLACK:
+            # past the end (a full sync into an empty table): appended, nothing zeroed first
+            has.extend(bytes(lo - len(has)))
+            has.extend(b"\x01" * n)
+            self._buf.extend(bytes(lo * s - len(self._buf)))
+            self._buf += blob
+            self._n += n
+            return True
         if (
-            n * s != len(blob)
-            or lo < 0
-            or not self._run_slots(lo, n)
+            not self._run_slots(lo, n)
             or any(self._has[lo : lo + n])
             or (self._far and not self._far.keys().isdisjoint(range(lo, lo + n)))
         ):

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 from ..bpf import maps as M
@@ -108,12 +109,12 @@ class ApplyMixin:
     def _full_sync(self, services: Iterable[Service]) -> None:
         with self._op():
             self._require_open()
-            services = sorted(services, key=lambda s: (s.key.namespace, s.key.name))
+            services = sorted(services, key=_KEY_ORDER)
             self._reload()  # diff against what the maps really hold
             for g in self._groups.values():
                 g.owner = None  # ownership is decided afresh, in key order
             self._by_service = {}
-            self._services = {s.key: s for s in services}
+            self._services = dict(zip(map(_KEY, services), services))
             self._delivered = set(self._services)
             self.conflicts = {}
             self.refused = {}
@@ -347,13 +348,18 @@ class ApplyMixin:
         state before it (the shadow's)."""
         self.errors += 1
         log.exception("event=servicemaps_apply_failed frontends=%d", frontends)
+        # what the change took (the repair starts an operation of its own, which clears them)
+        taken = self._pending_vals, self._fresh_revnat, self._fresh_slots
         try:
             n = self._repair()
             self.rollbacks += 1
             log.warning("event=servicemaps_rolled_back entries=%d", n)
         except Exception:  # noqa: BLE001 - the first error is the one to report; check() repairs later
             log.exception("event=servicemaps_rollback_failed")
-        self._forget_render()  # ids and kpr_slots ranges of the change that did not happen
+        # ids, rev-NAT indexes and kpr_slots ranges of the change that did not happen (its
+        # ranges stayed taken in the allocator the repair keeps)
+        self._pending_vals, self._fresh_revnat, self._fresh_slots = taken
+        self._forget_render()
 
     def _apply_diff(self, old: dict[bytes, _Group | None], new: dict[bytes, _Group], strays: bool) -> None:
         # Diff group by group: a service-map key belongs to exactly one group (its prefix is
@@ -669,6 +675,8 @@ class ApplyMixin:
 
 
 _NO_BACKEND = bytes(M.BACKEND.size)
+_KEY_ORDER = attrgetter("key.namespace", "key.name")  # a full sync's order (at C speed)
+_KEY = attrgetter("key")
 
 
 def _svc_delete_order(k: bytes) -> tuple[bool, bool]:

@@ -128,28 +128,29 @@ class BulkMixin:
             bkeys = list(map(add, b16, btails))
         except (OverflowError, TypeError, KeyError):
             return False
+        # kpr_backend values (None: each its key and the same zero tail, joined at once below)
         locals_ = list(map(_LOCAL, flat))
+        vals: list[bytes] | None = None
         if any(locals_):
             vals = list(map(add, bkeys, map(_BACKEND_TAIL.__getitem__, map(bool, locals_))))
-        else:
-            vals = list(map(add, bkeys, repeat(_BACKEND_TAIL[0])))
 
         # ids: new ones from the counter in order of first appearance, as rendering service
         # by service in key order hands them out
         total = len(bkeys)
         nxt = self._next_backend
-        ids = dict(zip(bkeys, range(nxt, nxt + total)))
+        run = list(range(nxt, nxt + total))  # (one int object per id, shared by what follows)
+        ids = dict(zip(bkeys, run))
         u = len(ids)
         if nxt < 1 or nxt + u - 1 > self.limits["kpr_backend"]:
             return False  # (ids from the queue of freed ones: the general path)
         if u == total:
             # every backend listed once: ids ascending in list order, each frontend's sorted
-            orders = list(range(nxt, nxt + total))
+            orders = run
             ns = counts
         else:
             ids = dict(zip(dict.fromkeys(bkeys), range(nxt, nxt + u)))
             # (a value listed twice: the last one, as rendering keeps)
-            vals = list(dict(zip(bkeys, vals)).values())
+            vals = list(dict(zip(bkeys, vals or map(add, bkeys, repeat(_BACKEND_TAIL[0])))).values())
             bids = list(map(ids.__getitem__, bkeys))
             per = [sorted(set(bids[o : o + c])) for o, c in zip(accumulate(counts, initial=0), counts)]
             ns = list(map(len, per))
@@ -189,21 +190,30 @@ class BulkMixin:
         blob = words.tobytes()
         offs = list(accumulate(ns, initial=0))
         slot_vals = list(map(blob.__getitem__, map(slice, map((8).__mul__, offs), map((8).__mul__, offs[1:]))))
-        vals = self._with_gens(list(range(nxt, nxt + u)), vals)
-        be_blob = b"".join(vals)
+        if self._backend_gen is not None:
+            vals = vals or list(map(add, bkeys, repeat(_BACKEND_TAIL[0])))
+            vals = self._with_gens(run[:u] if u == total else list(range(nxt, nxt + u)), vals)
+        # (without vals: the keys joined by the zero tail, which the last one takes too)
+        be_blob = b"".join(vals) if vals is not None else _BACKEND_TAIL[0].join(bkeys) + _BACKEND_TAIL[0]
         owners = list(map(_KEY, services))
-        groups = list(map(_Group.fresh, revnats, owners, revnat_vals, svc_keys, svc_vals, map(tuple, _split(orders, ns)), bases, spans, slot_vals))
+        groups = list(map(
+            _Group.fresh, revnats, owners, revnat_vals, svc_keys, svc_vals, _split(tuple(orders), ns), bases, spans,
+            slot_vals,
+        ))
 
         mp = self.maps
         try:
             # what service entries point at first: backends, slots, rev-NAT entries
             mp["kpr_backend"].store_ranges(((nxt, be_blob),))
-            mp["kpr_slots"].store_ranges([(b, v) for b, v in zip(bases, slot_vals) if b])
+            ranges = _slot_ranges(bases, spans, ns, slot_vals, blob)
+            mp["kpr_slots"].store_ranges(ranges)
+            # (counted as the slots written: a run's gaps between ranges are not)
+            mp["kpr_slots"].ops["update"] -= sum(len(v) for _b, v in ranges) // 8 - len(orders)
             mp["kpr_revnat"].update_blob(array("I", revnats).tobytes(), b"".join(revnat_vals), n)
             mp["kpr_svc"].update_blob(b"".join(svc_keys), b"".join(svc_vals), n)
         except Exception:
             # what the general path would have pending, for the rollback to forget
-            self._pending_vals = dict(zip(range(nxt, nxt + u), vals))
+            self._pending_vals = dict(zip(range(nxt, nxt + u), _pieces(be_blob, M.BACKEND.size)))
             self._fresh_revnat = fks
             self._fresh_slots = [(fk, b, s) for fk, b, s in zip(fks, bases, spans) if s]
             self._roll_back(n)
@@ -226,13 +236,34 @@ class BulkMixin:
         if not added:
             refs.add_many(Counter(orders))
         if not self._backend_vals.store_run(nxt, be_blob):
-            self._backend_vals.update(zip(range(nxt, nxt + u), vals))
+            self._backend_vals.update(zip(range(nxt, nxt + u), _pieces(be_blob, M.BACKEND.size)))
         self._begin()
         log.debug("event=servicemaps_bulk_sync frontends=%d backends=%d", n, u)
         return True
 
 
-def _split(flat: list[int], sizes: list[int]) -> list[list[int]]:
+def _slot_ranges(
+    bases: list[int], spans: list[int], ns: list[int], slot_vals: list[bytes], blob: bytes
+) -> list[tuple[int, bytes]]:
+    """The groups' kpr_slots ranges to store, (base, values): one run from the first base
+    when every group takes the same span for the same count (laid out one after the other:
+    `blob`'s slots spread over rows of the span, strided copies), else one per group."""
+    if len(set(spans)) == 1 and len(set(ns)) == 1 and bases and bases[0]:
+        span, n, rows = spans[0], ns[0], len(spans)
+        region = array("Q", bytes(8 * span * rows))
+        slots = array("Q", blob)
+        for j in range(n):
+            region[j::span] = slots[j::n]
+        return [(bases[0], region.tobytes())]
+    return [(b, v) for b, v in zip(bases, slot_vals) if b]
+
+
+def _pieces(blob: bytes, size: int) -> list[bytes]:
+    """`blob` cut into pieces of `size` bytes."""
+    return list(map(blob.__getitem__, map(slice, range(0, len(blob), size), range(size, len(blob) + 1, size))))
+
+
+def _split(flat: tuple[int, ...], sizes: list[int]) -> list[tuple[int, ...]]:
     """`flat` cut into consecutive pieces of these sizes."""
     ends = list(accumulate(sizes))
     return list(map(flat.__getitem__, map(slice, chain((0,), ends), ends)))

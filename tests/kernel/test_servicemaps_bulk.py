@@ -167,3 +167,34 @@ def test_bulk_full_sync_keeps_generations_of_freed_entries(pin_dir: Path) -> Non
     finally:
         a.close()
         b.close()
+
+
+def test_a_failed_bulk_write_is_rolled_back(pin_dir: Path) -> None:
+    """kpr_svc's batch fails half way: the maps go back to empty, the ids, rev-NAT indexes and
+    kpr_slots ranges taken are forgotten (the general path's rollback too: its ranges stayed
+    taken before), and the retried full sync leaves what the general path leaves after the
+    same failure (the backends written and deleted again keep their next generation)."""
+    services = _services(5, 40)
+    with ServiceMapWriter(pin_dir / "bulk", create_datapath_maps=False) as a, \
+            _general(ServiceMapWriter(pin_dir / "general", create_datapath_maps=False)) as b:
+        for w in (a, b):
+            svc_map = w.maps["kpr_svc"]
+            real = svc_map.update_blob
+
+            def half_then_fail(keys: bytes, values: bytes, count: int, m=svc_map, real=real) -> None:
+                half = count // 2
+                real(keys[: half * m.key_size], values[: half * m.value_size], half)
+                raise OSError("update_batch in kpr_svc: injected failure")
+
+            svc_map.update_blob = half_then_fail  # type: ignore[method-assign]
+            with pytest.raises(OSError, match="injected"):
+                w.full_sync(services)
+            del svc_map.update_blob
+            assert (w.errors, w.rollbacks) == (1, 1)
+            assert w.read_back()["frontends"] == {} and set(w.kernel_counts().values()) == {0}
+            assert w._groups == {} and not w._backend_ids and not len(w._backend_vals)
+            assert (w._slots.used, w._slots.live) == (0, {}) and not w._revnat_ids
+        assert _picture(a) == _picture(b)
+        for w in (a, b):
+            w.full_sync(services)
+        assert _picture(a) == _picture(b)

@@ -32,7 +32,7 @@ _FRONTENDS, _BACKENDS, _ANNOTATIONS = attrgetter("frontends"), attrgetter("backe
 _TYPE, _ADDRESS, _PORT, _PROTOCOL = attrgetter("type"), attrgetter("address"), attrgetter("port"), attrgetter("protocol")
 _STATE, _LOCAL, _AFFINITY = attrgetter("state"), attrgetter("local"), attrgetter("affinity_timeout")
 _SOURCE_RANGES, _EXT_LOCAL, _INT_LOCAL = attrgetter("source_ranges"), attrgetter("external_local"), attrgetter("internal_local")
-_KEY, _FIRST = attrgetter("key"), itemgetter(0)
+_KEY, _FIRST, _ADDR16 = attrgetter("key"), itemgetter(0), itemgetter(slice(0, 16))
 _pton4 = partial(inet_pton, AF_INET)
 _SVC_KEY_TAIL = _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL  # kpr_svc key after the frontend key
 _REVNAT_TAIL = b"\x00"  # kpr_revnat value after the frontend key
@@ -46,15 +46,16 @@ def _tail(port: int, proto: Any) -> bytes:
     return port.to_bytes(2, "big") + (_PROTO_BYTE[proto] if type(proto) is not bytes else proto)
 
 
-def _addr16(addresses: list[str]) -> list[bytes] | None:
-    """The addresses as stored (IPv4 behind ::ffff:0:0/96); None when one is not an address
-    (the general path names it)."""
+def _keys(addresses: list[str], tails: Any) -> list[bytes] | None:
+    """Each address as stored (IPv4 behind ::ffff:0:0/96) followed by its tail (a list, one
+    per address, or a repeat); None when one is not an address (the general path names it)."""
     try:
-        return list(map(_V4_MAPPED.__add__, map(_pton4, addresses)))
+        # (no list of the 16-byte addresses: each is freed as soon as its key is made)
+        return list(map(add, map(_V4_MAPPED.__add__, map(_pton4, addresses)), tails))
     except (OSError, TypeError):
         pass
     try:
-        return list(map(M.addr_to_bytes, addresses))
+        return list(map(add, map(M.addr_to_bytes, addresses), tails))
     except (ValueError, TypeError):
         return None
 
@@ -102,10 +103,9 @@ class BulkMixin:
             tails = list(map(_tail, map(_PORT, fes), map(_PROTOCOL, fes)))
         except (KeyError, OverflowError, TypeError, AttributeError):
             return False
-        a16 = _addr16(list(map(_ADDRESS, fes)))
-        if a16 is None or _WILD4 in a16 or _WILD6 in a16:
+        fks = _keys(list(map(_ADDRESS, fes)), tails)
+        if fks is None or any(map((_WILD4, _WILD6).__contains__, map(_ADDR16, fks))):
             return False
-        fks = list(map(add, a16, tails))
         if len(set(fks)) != n:
             return False  # a frontend claimed twice: the general path's conflicts
 
@@ -121,11 +121,11 @@ class BulkMixin:
             if len(set(ports)) == 1 and len(set(protos)) == 1:
                 btails: Any = repeat(_tail(ports[0], protos[0]))
             else:
-                btails = map(_tail, ports, chain.from_iterable(map(repeat, protos, counts)))
-            b16 = _addr16(list(map(_ADDRESS, flat)))
-            if b16 is None:
+                btails = list(map(_tail, ports, chain.from_iterable(map(repeat, protos, counts))))
+            keys = _keys(list(map(_ADDRESS, flat)), btails)
+            if keys is None:
                 return False
-            bkeys = list(map(add, b16, btails))
+            bkeys = keys
         except (OverflowError, TypeError, KeyError):
             return False
         # kpr_backend values (None: each its key and the same zero tail, joined at once below)

@@ -166,3 +166,15 @@ def test_a_plugin_requiring_the_maps_needs_a_writer():
 
     with PluginHarness(NodeInfo("node1")) as h, pytest.raises(ValueError, match="requires 'servicemaps'"):
         h.start(Maps(), name="maps")
+
+
+def test_stays_checks_to_the_end_and_names_what_stopped_holding():
+    import pytest
+
+    from kpr.testing.waiting import stays
+
+    calls = []
+    assert stays(lambda: calls.append(1) or True, 0.05, interval=0.01) == len(calls) >= 2, "checked until the end"
+    values = iter([True, True, 0, True])
+    with pytest.raises(AssertionError, match=r"^the thing stopped holding after 2 checks \(value: 0\); state: seen$"):
+        stays(lambda: next(values), 10, "the thing", lambda: "seen", interval=0.001)

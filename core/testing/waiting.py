@@ -1,4 +1,5 @@
-"""Small waits the tests share: poll a condition with a deadline, pick a free loopback port."""
+"""Small waits the tests share: poll a condition with a deadline (wait_for), check that one holds
+for a while (stays), pick a free loopback port."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["free_port", "wait_for", "wait_until"]
+__all__ = ["free_port", "stays", "wait_for", "wait_until"]
 
 
 def wait_for(
@@ -30,6 +31,31 @@ def wait_for(
             state = f"; state: {show()}" if show is not None else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r}){state}")
         time.sleep(interval)
+
+
+def stays(
+    cond: Callable[[], Any],
+    seconds: float,
+    what: str = "condition",
+    show: Callable[[], Any] | None = None,
+    *,
+    interval: float = 0.1,
+) -> int:
+    """Check `cond()` every `interval` s for `seconds` s (at least once, and once more at the
+    end); AssertionError naming `what` as soon as it is falsy (or raises one itself), with
+    the value and what `show()` says of the state then. Returns how many checks passed."""
+    deadline = time.monotonic() + seconds
+    checks = 0
+    while True:
+        value = cond()
+        if not value:
+            state = f"; state: {show()}" if show is not None else ""
+            raise AssertionError(f"{what} stopped holding after {checks} checks (value: {value!r}){state}")
+        checks += 1
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return checks
+        time.sleep(min(interval, left))
 
 
 # The name some tests grew up with.

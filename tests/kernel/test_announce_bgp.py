@@ -17,8 +17,9 @@ from kpr.testing.agent import AgentConfig, kpr_cli
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.model import BackendState, FrontendType, NodeInfo
 from kpr.plugins.announce_bgp.exabgp import Backoff, ExaBGPMissing, find_exabgp
+from kpr.testing.waiting import free_port, wait_until
 
-from bgp_env import LOCAL_ASN, ROUTER_ASN, Bird, BirdNeighbor, GoBGP, free_port, lb_service, make_plugin, wait_until
+from bgp_env import LOCAL_ASN, ROUTER_ASN, Bird, BirdNeighbor, GoBGP, lb_service, make_plugin
 
 pytestmark = pytest.mark.kernel
 
@@ -189,16 +190,12 @@ def test_exabgp_killed_is_restarted_and_graceful_restart_keeps_and_then_refreshe
     p.supervisor.kill()  # SIGKILL: no NOTIFICATION, the TCP session just dies
     # While ExaBGP is down, a service goes away: the next ExaBGP must not bring it back.
     p.kpr_service_delete(lb_service("gone", "10.0.100.11").key)
-    seen_gap = False
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def restarted() -> bool:
         assert LB_PREFIX in bird.routes(), "graceful restart: the router keeps the route while exabgp restarts"
-        seen_gap |= p.supervisor.pid != old_pid
-        if p.supervisor.pid not in (None, old_pid) and eor_done(p):
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("exabgp was not restarted and re-synced")
+        return p.supervisor.pid not in (None, old_pid) and eor_done(p)
+
+    wait_until(restarted, 20, "exabgp restarted and re-synced", interval=0.05)
     counters = p.kpr_status().counters
     assert counters["exabgp_restarts"] >= 1 and counters["exabgp_crashes"] == 1
     # Stale routes the new ExaBGP did not re-announce are flushed at its End-of-RIB.

@@ -92,14 +92,18 @@ def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def full_sync(n: int, reps: int, batch: bool = True) -> tuple[float, dict]:
+def full_sync(n: int, reps: int, batch: bool = True, general: bool = False) -> tuple[float, dict]:
     """Median seconds of a full sync of n services into empty maps; its median CPU seconds and
-    the syscall figures of the last run in the dict."""
+    the syscall figures of the last run in the dict. general: service by service, as a full
+    sync over maps already holding services is written (the list-at-a-time path for empty
+    maps, kpr.servicemaps.bulk, turned off)."""
     svcs = services(n)
     times, cpu, info = [], [], {}
     for _ in range(reps):
         addr_to_bytes.cache_clear()  # every run converts its addresses from scratch
         with writer(n, batch=batch) as w:
+            if general:
+                w._bulk_sync = lambda _services: False  # type: ignore[method-assign]
             wall, c = timed_cpu(lambda: w.full_sync(svcs))
             times.append(wall)
             cpu.append(c)
@@ -222,15 +226,25 @@ def main() -> int:
     print(f"start: {load()}, {os.cpu_count()} CPUs; medians of {reps} runs")
 
     full_sync(100, 1)  # warm-up: imports, first map creation
-    print(f"1. full sync of N services x {BACKENDS} backends into empty maps")
+    print(f"1. full sync of N services x {BACKENDS} backends into empty maps (beside it, interleaved: the same "
+          "written service by service, as over maps already holding services)")
     sync = {}
     for n in (big, huge):
-        t, info = full_sync(n, reps)
-        sync[n] = t
-        print(
-            f"   {n:6d} services: {t * 1e3:8.1f} ms, CPU {info['cpu_s'] * 1e3:7.1f} ms  ({info['entries']} entries, "
-            f"{info['syscalls']} syscalls, {info['syscall_s'] * 1e3:.1f} ms in them)"
-        )
+        runs: dict[bool, list[tuple[float, dict]]] = {False: [], True: []}
+        for _ in range(reps):  # one of each in turn: both see the same load
+            for general in (False, True):
+                runs[general].append(full_sync(n, 1, general=general))
+        med = {
+            general: (statistics.median(r[0] for r in rs), statistics.median(r[1]["cpu_s"] for r in rs), rs[-1][1])
+            for general, rs in runs.items()
+        }
+        sync[n] = med[False][0]
+        for general, (t, c, info) in med.items():
+            vs = f"; {t / med[False][0]:.1f}x, CPU {c / med[False][1]:.1f}x" if general else ""
+            print(
+                f"   {n:6d} services{' (service by service)' if general else ''}: {t * 1e3:8.1f} ms, CPU {c * 1e3:7.1f} ms"
+                f"  ({info['entries']} entries, {info['syscalls']} syscalls, {info['syscall_s'] * 1e3:.1f} ms in them){vs}"
+            )
     if not args.no_iptables:
         ipt = iptables_restore(big)
         if isinstance(ipt, str):

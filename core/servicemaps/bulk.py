@@ -13,6 +13,7 @@ the shadow both paths leave.
 from __future__ import annotations
 
 import logging
+import struct
 from array import array
 from collections import Counter
 from functools import lru_cache, partial
@@ -34,6 +35,7 @@ _STATE, _LOCAL, _AFFINITY = attrgetter("state"), attrgetter("local"), attrgetter
 _SOURCE_RANGES, _EXT_LOCAL, _INT_LOCAL = attrgetter("source_ranges"), attrgetter("external_local"), attrgetter("internal_local")
 _KEY, _FIRST, _ADDR16 = attrgetter("key"), itemgetter(0), itemgetter(slice(0, 16))
 _pton4 = partial(inet_pton, AF_INET)
+_KEY4 = struct.Struct("=12s4s3s")  # an IPv4 key: ::ffff:0:0/96, the address, port and protocol
 _SVC_KEY_TAIL = _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL  # kpr_svc key after the frontend key
 _REVNAT_TAIL = b"\x00"  # kpr_revnat value after the frontend key
 _MAX_COUNT = 0xFFFF  # kpr_svc_val's count is a u16 (rendering._MAX_COUNT)
@@ -50,9 +52,9 @@ def _keys(addresses: list[str], tails: Any) -> list[bytes] | None:
     """Each address as stored (IPv4 behind ::ffff:0:0/96) followed by its tail (a list, one
     per address, or a repeat); None when one is not an address (the general path names it)."""
     try:
-        # (no list of the 16-byte addresses: each is freed as soon as its key is made)
-        return list(map(add, map(_V4_MAPPED.__add__, map(_pton4, addresses)), tails))
-    except (OSError, TypeError):
+        # one pack per key (no intermediate 16-byte address made and freed)
+        return list(map(_KEY4.pack, repeat(_V4_MAPPED), map(_pton4, addresses), tails))
+    except (OSError, TypeError, struct.error):
         pass
     try:
         return list(map(add, map(M.addr_to_bytes, addresses), tails))

@@ -355,21 +355,21 @@ class ObjectStore:
         # EndpointSlices go to translation as kept (packed): a slice the source validated
         # moments ago is not read again (translate.take_checked).
         objs = [(r, self._objects[r] if r[0] == "EndpointSlice" else unpack(self._objects[r])) for r in members]
-        origin = f"service {key}"
         svc = next((o for r, o in objs if r[0] == "Service"), None)
         try:
             service = self._translate(key, objs)
         except InvalidObject as e:
             # The last good state stays published; the problem shows in status.
-            self.report_error(origin, f"{e}{self._service_where(svc)}")
+            self.report_error(f"service {key}", f"{e}{self._service_where(svc)}")
             return
         conflicts = self._conflicts(svc, service) if service is not None and svc is not None else []
         if conflicts:
             where = self._service_where(svc)
-            self.report_error(origin, f"Service {key}{where}: {'; '.join(conflicts)}; not served")
+            self.report_error(f"service {key}", f"Service {key}{where}: {'; '.join(conflicts)}; not served")
             self._withdraw_conflicting(key)
             return
-        self.clear_error(origin)
+        if self.errors:  # the origin's text only when some error could be cleared
+            self.clear_error(f"service {key}")
         self.translations += 1
         if not members:
             self._members.pop(key, None)

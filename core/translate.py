@@ -249,6 +249,11 @@ class AddressRules:
         limits = self._ranges.get(ip[1]) if ip is not None else None
         return limits is not None and limits[0] <= ip[2] <= limits[1]
 
+    def limits(self, family: int) -> tuple[int, int] | None:
+        """(first, last) address of the family's network as ints; None without one."""
+        limits = self._ranges.get(family)
+        return None if limits is None else (limits[0], limits[1])
+
     def may_claim(self, ip: _IP) -> bool:
         """Whether a ClusterIP could be `ip`: within the family's network, or no network."""
         limits = self._ranges.get(ip[1])
@@ -387,9 +392,11 @@ def endpoint_addresses_of(obj: KubeObject, rules: AddressRules = NO_RULES) -> se
     found = checked(obj)
     if found is not None:
         # Checked: every endpoint has one address, of the slice's family.
-        if rules.cluster_cidrs:
-            may_claim, family = rules.may_claim, found.family
-            return {e[0] for e in found.endpoints if may_claim((e[0], family, e[1] >> 2))}
+        limits = rules.limits(found.family)
+        if limits is not None:
+            # e[1] is the address << 2 | its state: compared as it is, no tuple per endpoint.
+            low, high = limits[0] << 2, limits[1] << 2 | 3
+            return {e[0] for e in found.endpoints if low <= e[1] <= high}
         return {e[0] for e in found.endpoints}
     obj = unpack(obj)
     texts: list[Any] = []

@@ -2,9 +2,7 @@
 are matched, End-of-RIB after the routes, stale bridges turned away, resync on reconnect."""
 
 import json
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,13 +54,11 @@ class FakeBridge:
 
 
 @pytest.fixture
-def speaker():
-    d = Path(tempfile.mkdtemp(prefix="kpr-bgp-t-"))
-    sp = Speaker(d / "b.sock", [(P, ("ipv4",))])
+def speaker(tmp_path):
+    sp = Speaker(tmp_path / "b.sock", [(P, ("ipv4",))])
     sp.start()
     yield sp
     sp.close()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_nothing_before_sync_then_routes_then_eor(speaker):

@@ -12,6 +12,7 @@ import random
 import struct
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -70,11 +71,7 @@ for sp in range(first, first + n):
 """
 
 
-def test_flow_hash_equals_the_programs() -> None:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def test_flow_hash_equals_the_programs(kernel_headers: Path) -> None:
     rnd = random.Random(16)
     with compile_and_load(HASH_PROG, name="flowhash_t.c") as b:
         fd = load_prog(b, "kpr_t_hash", "SCHED_CLS").fd

@@ -448,6 +448,78 @@ def test_one_pass_rewrites_keep_checksums_and_a_zero_udp_checksum(lab: Lab) -> N
     ])
 
 
+BPF_FUNC_L3_CSUM_REPLACE = 10  # include/uapi/linux/bpf.h
+
+
+def _helper_calls(bpf: Any, prog: str, helper: int) -> int:
+    """Calls of BPF helper `helper` in a program's instructions as loaded (bcc's copy)."""
+    code = bpf.dump_func(prog.encode())
+    calls = 0
+    for i in range(0, len(code), 8):
+        op, regs, _off, imm = struct.unpack_from("<BBhi", code, i)
+        calls += op == 0x85 and regs >> 4 == 0 and imm == helper  # BPF_JMP | BPF_CALL, src 0: a helper
+    return calls
+
+
+def _scapy_checksums(out: Ether) -> None:
+    """The output's IPv4 and L4 checksums as scapy computes them for its headers."""
+    again = out.copy()
+    del again[IP].chksum
+    l4 = again[TCP] if TCP in again else again[UDP]
+    if not (UDP in out and out[UDP].chksum == 0):  # IPv4 UDP checksum 0: none, kept
+        del l4.chksum
+    again = Ether(bytes(again))
+    assert (out[IP].chksum, (out[TCP] if TCP in out else out[UDP]).chksum) == (
+        again[IP].chksum, (again[TCP] if TCP in again else again[UDP]).chksum), out.summary()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["KPR_CSUM_IP_DIRECT=1", "KPR_CSUM_IP_DIRECT=0"])
+def test_the_one_pass_rewrite_patches_the_ip_checksum_in_place(lab: Lab, direct: bool) -> None:
+    """KPR_CSUM_IP_DIRECT: tc's one-pass DNAT+SNAT (the entry program's established path)
+    patches the IPv4 header checksum through the packet pointer, one bpf_l3_csum_replace call
+    fewer than the build without it; both builds' outputs carry the checksums scapy computes
+    (TCP, UDP, UDP with checksum 0 kept, IP options), established packets from the cache."""
+    off = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_CSUM_IP_DIRECT=0"]).load()
+    dp = lab.dp if direct else off
+    try:
+        fewer = _helper_calls(off.bpf, D.INGRESS, BPF_FUNC_L3_CSUM_REPLACE) - _helper_calls(
+            dp.bpf, D.INGRESS, BPF_FUNC_L3_CSUM_REPLACE)
+        assert fewer == (1 if direct else 0), f"{fewer} bpf_l3_csum_replace calls fewer than without the switch"
+        seen: dict[str, int] = {}
+        port = 40801 if direct else 40802  # a flow per build
+
+        def snat(key: str, zero: bool = False) -> Any:
+            check = _snat_check(REM4, 8080, seen, key)
+
+            def run(out: Ether) -> None:
+                check(out)
+                _scapy_checksums(out)
+                if zero:
+                    assert out[UDP].chksum == 0, f"UDP checksum 0 became 0x{out[UDP].chksum:04x}"
+            return run
+
+        cached = lab.stats()["fwd_nh_cached"]
+        cases = [
+            Case("TCP SYN, new SNAT flow", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("tcp")),
+            Case("its ACK: one pass", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80, flags="A"), TC_ACT_REDIRECT, snat("tcp")),
+            Case("established TCP with IP options", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80, flags="PA",
+                 options=[IPOption(b"\x94\x04\x00\x00")]), TC_ACT_REDIRECT, snat("tcp")),
+            Case("UDP, new flow", udp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("udp")),
+            Case("UDP, one pass", udp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("udp")),
+            Case("UDP with checksum 0, new flow", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, port + 10, 80)),
+                 TC_ACT_REDIRECT, snat("udp0", zero=True)),
+            Case("UDP with checksum 0, one pass", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, port + 10, 80)),
+                 TC_ACT_REDIRECT, snat("udp0", zero=True)),
+        ]
+        for c in cases:
+            c.ctx = lab.ctx
+        with in_netns(lab.topo["lb"].path):
+            run_cases(dp.fd(D.INGRESS), cases, kind="tc")
+        assert lab.stats()["fwd_nh_cached"] >= cached + 4, "the established packets took the cached next hop"
+    finally:
+        off.close()
+
+
 def test_the_entry_programs_established_path_refreshes_and_closes_the_flow(lab: Lab) -> None:
     """KPR_NP_EST_INLINE sends an established SNAT packet with a cached next hop from the entry
     program, without the stages: its conntrack entry is still refreshed (last_seen, at most once

@@ -22,11 +22,16 @@
 
 #define KPR_E_CSUM -1 // checksum field outside the packet
 
-// Ones-complement 32-bit add with end-around carry.
+/* Ones-complement 32-bit add with end-around carry. In 64 bits, without a comparison: BPF has
+ * no set-on-condition instruction, so `a + (a < b)` becomes a branch, and the verifier walks
+ * both sides of every such branch of a program that patches many checksums (the XDP build's
+ * ICMP-in stage went past its limit). The carry added back cannot carry again: the sum's low
+ * half is at most 2^32 - 2 when its high half is 1. */
 static __always_inline __u32 kpr_csum_add(__u32 a, __u32 b)
 {
-	a += b;
-	return a + (a < b);
+	__u64 s = (__u64)a + b;
+
+	return (__u32)s + (__u32)(s >> 32);
 }
 
 // Fold a 32-bit partial sum into the 16-bit complemented checksum stored in headers.
@@ -37,25 +42,9 @@ static __always_inline __u16 kpr_csum_fold(__u32 c)
 	return (__u16)~c;
 }
 
-#ifdef KPR_CTX_XDP
-// Patch the 16-bit checksum at `off` for a change of `from` to `to` (32-bit sums of the changed bytes).
-static __always_inline int kpr_csum_patch(kpr_ctx_t *ctx, __u32 off, __u32 from_sum, __u32 to_sum, __u64 flags)
-{
-	__u16 *sum = ctx_ptr(ctx, off, sizeof(*sum));
-	__u16 res;
-
-	if (!sum)
-		return KPR_E_CSUM;
-	if ((flags & KPR_CSUM_UDP) && *sum == 0)
-		return 0;
-	res = kpr_csum_fold(kpr_csum_add(kpr_csum_add(~(__u32)*sum, ~from_sum), to_sum));
-	if ((flags & KPR_CSUM_UDP) && res == 0)
-		res = 0xffff;
-	*sum = res;
-	return 0;
-}
-
-// Patch the 16-bit checksum at `off` by a summed difference (~from + to over every changed field).
+// Patch the 16-bit checksum at `off` by a summed difference (~from + to over every changed field),
+// through a packet pointer: XDP's every patch; on tc only a field the kernel never folds into
+// skb->csum (the IPv4 header checksum: bpf_l3_csum_replace does no more).
 static __always_inline int kpr_csum_patch_diff(kpr_ctx_t *ctx, __u32 off, __u32 diff, __u64 flags)
 {
 	__u16 *sum = ctx_ptr(ctx, off, sizeof(*sum));
@@ -71,12 +60,28 @@ static __always_inline int kpr_csum_patch_diff(kpr_ctx_t *ctx, __u32 off, __u32 
 	*sum = res;
 	return 0;
 }
+
+#ifdef KPR_CTX_XDP
+// The same for a change of `from` to `to` (32-bit sums of the changed bytes).
+static __always_inline int kpr_csum_patch(kpr_ctx_t *ctx, __u32 off, __u32 from_sum, __u32 to_sum, __u64 flags)
+{
+	return kpr_csum_patch_diff(ctx, off, kpr_csum_add(~from_sum, to_sum), flags);
+}
+#endif
+
+#ifndef KPR_CSUM_IP_DIRECT
+/* 1: tc patches the IPv4 header checksum of kpr_csum_l3_diff through a packet pointer, as XDP
+ * does; 0: with bpf_l3_csum_replace. The same result: that helper only patches the field (no
+ * skb->csum change: the header's sum with its checksum stays 0 for CHECKSUM_COMPLETE, and
+ * CHECKSUM_PARTIAL leaves only the L4 checksum to the device), and a helper call costs a
+ * call into the kernel and the re-derived packet pointers after it. */
+#define KPR_CSUM_IP_DIRECT 1
 #endif
 
 // The IPv4 header checksum at `off`, for changed fields summing to `diff` (kpr_csum_diff4()s added).
 static __always_inline int kpr_csum_l3_diff(kpr_ctx_t *ctx, __u32 off, __u32 diff)
 {
-#ifdef KPR_CTX_SKB
+#if defined(KPR_CTX_SKB) && !KPR_CSUM_IP_DIRECT
 	return bpf_l3_csum_replace(ctx, off, 0, diff, 0);
 #else
 	return kpr_csum_patch_diff(ctx, off, diff, 0);

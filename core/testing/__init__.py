@@ -6,8 +6,10 @@
 - kpr.testing.agent: agent configs with every path the test's own (AgentConfig), agents run
   from them in this process (start_agent, running_agent).
 - kpr.testing.echo: echo servers and a client (TCP and UDP, IPv4 and IPv6) in namespaces.
-- kpr.testing.bpffs: scratch pin directories and private bpffs mounts.
-- kpr.testing.waiting: wait_for (a condition with a deadline), free_port.
+- kpr.testing.bpffs: scratch pin directories, private bpffs mounts, maps pinned as an older kpr
+  left them (pin_map).
+- kpr.testing.waiting: wait_for (a condition with a deadline), stays (one that must hold for a
+  while), free_port.
 - kpr.testing.fixtures: pytest fixtures and hooks (`from kpr.testing.fixtures import *` in a
   conftest.py): kernel skips, topology, cgroup, pin_dir, bpffs, harness.
 - kpr.testing.prog_run: BPF_PROG_TEST_RUN through libbpf, table-driven packet cases,

@@ -190,9 +190,9 @@ class ProgLab:
 
     def _hold(self, topo: Any) -> None:
         """Keep the lab's namespaces alive by open descriptors for as long as the lab runs, and
-        enter "lb" through its own: while other sessions' test runs were going on, the lab's
-        namespaces lost their veths mid-run (eth0 gone, ENODEV) when their /run/netns names
-        went, which a name alone does not survive."""
+        enter "lb" through its own: a name alone does not survive its /run/netns entry being
+        deleted. That once happened mid-run (eth0 gone, ENODEV): a pyroute2 child forked by the
+        lab unwound the lab's stack on the SIGTERM that stops it (see exit_on_sigterm)."""
         for ns in topo.namespaces.values():
             fd = os.open(ns.path, os.O_RDONLY)
             self._stack.callback(os.close, fd)

@@ -149,7 +149,7 @@
 #define KPR_NP_NH_MAX 65536 // cached next hops, by backend index (indexes above: a FIB lookup per packet)
 #endif
 #ifndef KPR_NP_BENCH_STOP
-#define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it
+#define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it (7, 8: the entry program's established path)
 #endif
 // Per-stage timing (benchmarks/bench_xdp_nodeport.py): a build with -DKPR_NP_BENCH_STOP=N leaves here.
 #define KPR_NP_STOP(n)                      \
@@ -1130,10 +1130,12 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 				if (nh) {
 					union kpr_addr nat_addr = ct->nat_addr;
 
+					KPR_NP_STOP(7);
 					if (kpr_nat_dnat_snat(ctx, pkt, &be->addr, be->port, &nat_addr, ct->nat_port)) {
 						kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt->t);
 						return CTX_DROP;
 					}
+					KPR_NP_STOP(8);
 					return kpr_np_nh_send(ctx, nh);
 				}
 			}

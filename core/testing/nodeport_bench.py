@@ -129,15 +129,21 @@ class Measured:
 
     wrapper_ns: list[float] = field(default_factory=list)
     single_ns: list[float] = field(default_factory=list)
+    # repeat=1: each round's median over the bare program's median, its calls taken in turn
+    # with this case's (so the load's drift between measurements cancels out of the ratio)
+    ratios: list[float] = field(default_factory=list)
     counted: dict[str, int] = field(default_factory=dict)
-    runs: int = 0
+    runs: int = 0  # wrapped runs
+    single_runs: int = 0  # repeat=1 calls
     verdicts: set[int] = field(default_factory=set)
 
     def add(self, other: "Measured") -> "Measured":
         """Fold another round of the same case in."""
         self.wrapper_ns += other.wrapper_ns
         self.single_ns += other.single_ns
+        self.ratios += other.ratios
         self.runs += other.runs
+        self.single_runs += other.single_runs
         self.verdicts |= other.verdicts
         for k, v in other.counted.items():
             self.counted[k] = self.counted.get(k, 0) + v
@@ -150,6 +156,11 @@ class Measured:
     @property
     def single(self) -> float:
         return statistics.median(self.single_ns) if self.single_ns else float("nan")
+
+    def x_bare(self, b: "Measured") -> float:
+        """repeat=1 cost as a multiple of the bare program's: the median of the paired rounds'
+        ratios, or (a case measured without pairing) the ratio of the two medians."""
+        return statistics.median(self.ratios) if self.ratios else self.single / b.single
 
 
 class ProgLab:
@@ -329,6 +340,22 @@ class ProgLab:
             verdicts.add(r.retval)
         return float(statistics.median(ds)), verdicts
 
+    def run_paired(self, hook: str, fd: int, packets: Sequence[bytes]) -> tuple[float, float, set[int]]:
+        """run_single with a call of the bare program before each call of `fd`: the medians of
+        both (ns) and the verdicts of `fd`. A ratio of two medians taken minutes apart moved
+        with the machine's load (tc non-service 1.27x to 1.91x bare in one session); taken in
+        turn, both see the same load. The bare call touches no map: what `fd` finds in the
+        caches is what the Python between two calls left, as without it."""
+        _bpf, _main, bare_fn = self.wrapper(hook)
+        bare_pkt = self.packet(VIP, 80)
+        ds, bs, verdicts = [], [], set()
+        for p in packets:
+            bs.append(self._test_run(hook, bare_fn.fd, bare_pkt).duration_ns)
+            r = self._test_run(hook, fd, p)
+            ds.append(r.duration_ns)
+            verdicts.add(r.retval)
+        return float(statistics.median(ds)), float(statistics.median(bs)), verdicts
+
 
 # ---------------------------------------------------------------------- cases and suites
 
@@ -360,19 +387,22 @@ def cases(lab: ProgLab, hook: str) -> list[Case]:
 
 
 def measure(lab: ProgLab, hook: str, build: str, case: Case, runs: int, rounds: int, *,
-            single: bool = True) -> Measured:
-    """Wrapper method (rounds x runs/rounds repeats) and repeat=1 (runs calls) for one case of one build."""
+            single: bool = True, wrapper: bool = True, single_runs: int | None = None, offset: int = 0) -> Measured:
+    """Wrapper method (rounds x runs/rounds repeats) and repeat=1 (single_runs calls, default
+    runs) for one case of one build. `offset`: where in the stream of new flows the repeat=1
+    calls start (a later block of a spread case goes on to further frontends)."""
     from kpr.testing.netns import in_netns
 
     dp = lab.builds[build]
     fd = lab.entry(hook, build)
     # flows are set up by the full program: a build that stops early would not write them
     warm = lab.entry(hook, "default")
-    m = Measured(runs=runs)
+    single_runs = runs if single_runs is None else single_runs
+    m = Measured(runs=runs if wrapper else 0, single_runs=single_runs if single else 0)
     per_round = max(1, runs // rounds)
     before = dp.stats()
     with in_netns(lab.lb_path):
-        for r in range(rounds):
+        for r in range(rounds if wrapper else 0):
             lab.flush_flows()
             base = lab.packet(case.dst, case.dport, sport=40000 + r, flags="S" if case.kind == "new" else "A")
             if case.kind == "established":
@@ -386,12 +416,15 @@ def measure(lab: ProgLab, hook: str, build: str, case: Case, runs: int, rounds: 
             if case.kind == "new":
                 n0 = 1_000_000
                 pkts = [lab.packet(ip4(FILLER_BASE + i % lab.fillers) if case.spread else case.dst, case.dport,
-                                   src=ip4(CLIENT_BASE + n0 + i), flags="S") for i in range(runs)]
+                                   src=ip4(CLIENT_BASE + n0 + i), flags="S")
+                        for i in range(offset, offset + single_runs)]
             else:
                 if case.kind == "established":
                     test_run(warm, lab.packet(case.dst, case.dport, sport=41000, flags="S"), ctx=lab.ctx(hook))
-                pkts = [lab.packet(case.dst, case.dport, sport=41000, flags="A")] * runs
-            m.single_ns.append(lab.run_single(hook, fd, pkts)[0])
+                pkts = [lab.packet(case.dst, case.dport, sport=41000, flags="A")] * single_runs
+            d, bd, _v = lab.run_paired(hook, fd, pkts)
+            m.single_ns.append(d)
+            m.ratios.append(d / bd)
     after = dp.stats()
     m.counted = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     return m
@@ -415,7 +448,7 @@ def proof(m: Measured, case: Case, hook: str) -> str:
     """The counters that show the path, and whether they grew by one per run."""
     from kpr.testing.prog_run import verdict_name
 
-    runs = m.runs + (m.runs if m.single_ns else 0)
+    runs = m.runs + m.single_runs
     keep = {k: v for k, v in m.counted.items() if not k.startswith("egress_")}
     text = " ".join(f"{k}+{v}" for k, v in sorted(keep.items())) or "no counter moved"
     ok = True
@@ -429,7 +462,7 @@ def proof(m: Measured, case: Case, hook: str) -> str:
 
 
 def summary_line(label: str, m: Measured, b: Measured) -> str:
-    return f"{label}: {m.wrapper - b.wrapper:.0f} ns above bare (wrapper), {m.single / b.single:.2f} x bare (repeat=1)"
+    return f"{label}: {m.wrapper - b.wrapper:.0f} ns above bare (wrapper), {m.x_bare(b):.2f} x bare (repeat=1)"
 
 
 # ---------------------------------------------------------------------- the suite both benchmarks run
@@ -445,6 +478,14 @@ STOPS = (
     (0, "forward (full program, stages by tail call)"),
 )
 
+# The same for the entry program's established path (the default build: KPR_NP_EST_INLINE).
+INLINE_STOPS = (
+    (2, "conntrack / backend lookup"),
+    (7, "next hop from the cache"),
+    (8, "DNAT + SNAT rewrite with checksums"),
+    (0, "MACs, counters, redirect (full program)"),
+)
+
 # Optimisation switches, each measured against the default build in the same run: name -> -D flags
 # that turn the default's choice around.
 SWITCHES: dict[str, tuple[str, ...]] = {
@@ -457,32 +498,44 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "fast exit after the full parse, not before (KPR_NP_EARLY_EXIT=0)": ("-DKPR_NP_EARLY_EXIT=0",),
     "checksums patched once per field, not once (KPR_REWRITE_ONE_CSUM=0)": ("-DKPR_REWRITE_ONE_CSUM=0",),
     "established SNAT flows through the tail call, not inline (KPR_NP_EST_INLINE=0)": ("-DKPR_NP_EST_INLINE=0",),
+    "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",
-        "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0", "-DKPR_NP_EST_INLINE=0"),
+        "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0", "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0"),
     "before issue 14 (PREFILTER, CARRY, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
         "-DKPR_NP_NH_CACHE=0", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0",
-        "-DKPR_NP_EST_INLINE=0"),
+        "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0"),
 }
 
 
+# repeat=1 blocks per case (runs/SINGLE_ROUNDS calls each, every job in turn, each block's ratio
+# to the bare program's calls taken in turn with it; the median block reported): cold-cache
+# effects vary with what else runs on the machine, which a few long blocks caught unevenly.
+SINGLE_ROUNDS = 20
+
+
 def interleaved(lab: ProgLab, hook: str, jobs: Sequence[tuple[str, Case]], runs: int, rounds: int, *,
-                single: bool = True) -> list[Measured]:
-    """Each (build, case) measured in `rounds` rounds of runs/rounds, the rounds going over every
-    job in turn: drift in the machine's load spreads over all of them alike."""
+                single: bool = True, single_rounds: int = SINGLE_ROUNDS) -> list[Measured]:
+    """Each (build, case) measured in `rounds` rounds of runs/rounds (wrapper) and, when `single`,
+    `single_rounds` blocks of runs/single_rounds calls (repeat=1), the rounds going over every job
+    in turn: drift in the machine's load spreads over all of them alike."""
     out = [Measured() for _ in jobs]
-    for _ in range(rounds):
+    single_rounds = max(single_rounds, 1) if single else 0
+    per_block = max(1, runs // single_rounds) if single else 0
+    for r in range(max(rounds, single_rounds)):
         for m, (build, case) in zip(out, jobs):
-            m.add(measure(lab, hook, build, case, max(1, runs // rounds), 1, single=single))
+            m.add(measure(lab, hook, build, case, max(1, runs // rounds), 1, single=r < single_rounds,
+                          wrapper=r < rounds, single_runs=per_block, offset=r * per_block))
     return out
 
 
 def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stages: bool = True,
-              switches: bool = True, only: str = "", out: Any = None) -> dict[str, str]:
+              switches: bool = True, only: str = "", out: Any = None,
+              single_rounds: int = SINGLE_ROUNDS) -> dict[str, str]:
     """Measure one hook's program; print the tables; return the summary lines by label."""
     out = out or sys.stdout
     pr = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
@@ -498,38 +551,57 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
         pr(f"  {'bare (' + HOOKS[hook][3] + ')':58s} {b.wrapper:8.1f} {'':>10s} {b.single:9.1f}")
         res: dict[str, Measured] = {}
         main_cases = cases(lab, hook)
-        for c, m in zip(main_cases, interleaved(lab, hook, [("default", c) for c in main_cases], runs, rounds)):
+        got_main = interleaved(lab, hook, [("default", c) for c in main_cases], runs, rounds,
+                               single_rounds=single_rounds)
+        for c, m in zip(main_cases, got_main):
             res[c.name] = m
             pr(f"  {c.name:58s} {m.wrapper:8.1f} {m.wrapper - b.wrapper:10.1f} {m.single:9.1f} "
-               f"{m.single / b.single:7.2f}  {proof(m, c, hook)}")
+               f"{m.x_bare(b):7.2f}  {proof(m, c, hook)}")
         summary["established"] = summary_line(f"{hook} established", res["established, remote backend (SNAT)"], b)
         summary["new flow"] = summary_line(f"{hook} new flow", res["new flow, remote backend (SNAT)"], b)
         summary["non-service"] = summary_line(f"{hook} non-service", res["not a service (node address, port 22)"], b)
         spread = [k for k in res if k.startswith("new flows over")]
         scale_rows = {lab.services: res[spread[0]]} if spread else {}
+        scale_x = {lab.services: res[spread[0]].x_bare(b)} if spread else {}
 
         if stages:
-            pr(f"\n  per stage (wrapper method, ns above bare; builds stopping after each stage; {lab.services} services)")
-            pr(f"  {'stage (cumulative)':50s} {'established':>12s} {'+':>6s} {'new flow':>10s} {'+':>6s}")
+            pr(f"\n  per stage (builds stopping after each stage; wrapper: ns above bare; established also "
+               f"repeat=1 x bare; {lab.services} services)")
+            pr(f"  {'stage (cumulative)':50s} {'established':>12s} {'+':>6s} {'repeat=1':>8s} {'new flow':>10s} {'+':>6s}")
             est_c, new_c = cases(lab, hook)[0], cases(lab, hook)[1]
-            prev = (0.0, 0.0)
             # the stages as separate programs (KPR_NP_EST_INLINE=0): established packets reach the
             # SNAT stage's stop points instead of being sent by the entry program
             names = {stop: f"stop{stop}" for stop, _l in STOPS}
             for stop, name in names.items():
                 if name not in lab.builds:
                     lab.load(hook, name, [f"-DKPR_NP_BENCH_STOP={stop}", "-DKPR_NP_EST_INLINE=0"])
-            jobs = [(names[stop], c) for stop, _l in STOPS for c in (est_c, new_c)]
-            got = iter(interleaved(lab, hook, jobs, runs, rounds, single=False))
+            # the default build's own established path (KPR_NP_EST_INLINE): stops 7 and 8 are on it
+            inline = {stop: f"istop{stop}" for stop, _l in INLINE_STOPS}
+            for stop, name in inline.items():
+                if name not in lab.builds:
+                    lab.load(hook, name, [f"-DKPR_NP_BENCH_STOP={stop}"] if stop else [])
+            est = iter(interleaved(lab, hook, [(names[stop], est_c) for stop, _l in STOPS if stop != 3]
+                                   + [(inline[stop], est_c) for stop, _l in INLINE_STOPS], runs, rounds,
+                                   single_rounds=single_rounds))
+            new = iter(interleaved(lab, hook, [(names[stop], new_c) for stop, _l in STOPS], runs, rounds, single=False))
+            prev = (0.0, 0.0)
             for stop, label in STOPS:
-                e = next(got).wrapper - b.wrapper
-                n = next(got).wrapper - b.wrapper
+                n = next(new).wrapper - b.wrapper
                 if stop == 3:  # an established packet never reaches stop 3: that build runs it in full
-                    pr(f"  {label:50s} {'-':>12s} {'':>6s} {n:10.1f} {n - prev[1]:+6.0f}")
+                    pr(f"  {label:50s} {'-':>12s} {'':>6s} {'':>8s} {n:10.1f} {n - prev[1]:+6.0f}")
                     prev = (prev[0], n)
                     continue
-                pr(f"  {label:50s} {e:12.1f} {e - prev[0]:+6.0f} {n:10.1f} {n - prev[1]:+6.0f}")
+                m = next(est)
+                e = m.wrapper - b.wrapper
+                pr(f"  {label:50s} {e:12.1f} {e - prev[0]:+6.0f} {m.x_bare(b):7.2f}x {n:10.1f} {n - prev[1]:+6.0f}")
                 prev = (e, n)
+            pr("  the entry program's established path (default build, KPR_NP_EST_INLINE):")
+            prev_e = 0.0
+            for stop, label in INLINE_STOPS:
+                m = next(est)
+                e = m.wrapper - b.wrapper
+                pr(f"  {label:50s} {e:12.1f} {e - prev_e:+6.0f} {m.x_bare(b):7.2f}x")
+                prev_e = e
 
         if switches and SWITCHES:
             pr(f"\n  switches (one build each against the default, same run; wrapper ns above bare / repeat=1 x bare)")
@@ -541,12 +613,13 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
             builds = [("default", ()), *((k, v) for k, v in SWITCHES.items() if any(w in k.lower() for w in wanted))]
             for label, flags in builds[1:]:
                 lab.load(hook, label, flags)
-            got = iter(interleaved(lab, hook, [(label, c) for label, _f in builds for c in sel], runs, rounds))
+            got = iter(interleaved(lab, hook, [(label, c) for label, _f in builds for c in sel], runs, rounds,
+                                  single_rounds=single_rounds))
             for label, _f in builds:
                 cells = []
                 for c in sel:
                     m = next(got)
-                    cells.append(f"{m.wrapper - b.wrapper:8.1f} / {m.single / b.single:5.2f}x")
+                    cells.append(f"{m.wrapper - b.wrapper:8.1f} / {m.x_bare(b):5.2f}x")
                 pr(f"  {label:72s} " + " ".join(f"{x:>18s}" for x in cells))
 
     for n in scales[1:]:
@@ -556,16 +629,18 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
             big.load(hook, "default")
             bb = bare(big, hook, runs, rounds)
             c = [x for x in cases(big, hook) if x.spread][0]
-            m = measure(big, hook, "default", c, runs, rounds)
+            m = interleaved(big, hook, [("default", c)], runs, rounds, single_rounds=single_rounds)[0]
             scale_rows[n] = m
-            pr(f"  {c.name:58s} {m.wrapper - bb.wrapper:8.1f} ns above bare, {m.single / bb.single:5.2f} x bare  "
+            scale_x[n] = m.x_bare(bb)
+            pr(f"  {c.name:58s} {m.wrapper - bb.wrapper:8.1f} ns above bare, {m.x_bare(bb):5.2f} x bare  "
                f"{proof(m, c, hook)}")
     if len(scale_rows) > 1:
         base_n = min(scale_rows)
         for n, m in sorted(scale_rows.items()):
             if n != base_n:
                 r_w = m.wrapper / scale_rows[base_n].wrapper
-                r_s = m.single / scale_rows[base_n].single
+                # each a paired ratio to its own lab's bare program: the labs run minutes apart
+                r_s = scale_x[n] / scale_x[base_n]
                 summary[f"scale {n}"] = (f"{hook} new flows over {n} vs {base_n} frontends: {r_w:.2f} x (wrapper, "
                                          f"incl. the wrapper), {r_s:.2f} x (repeat=1)")
     return summary
@@ -575,6 +650,8 @@ def add_arguments(ap: Any) -> None:
     """The BPF_PROG_TEST_RUN part's options, the same in both benchmarks."""
     ap.add_argument("--runs", type=int, default=20000, help="BPF_PROG_TEST_RUN runs per case and method")
     ap.add_argument("--prog-rounds", type=int, default=5, help="wrapper rounds per case, interleaved (median)")
+    ap.add_argument("--single-rounds", type=int, default=SINGLE_ROUNDS,
+                    help="repeat=1 blocks per case, interleaved, each paired with bare calls (median ratio)")
     ap.add_argument("--services", default="10,10000,50000", help="service counts; the first is the main table's")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage builds")
     ap.add_argument("--no-switches", action="store_true", help="skip the optimisation switches")
@@ -604,7 +681,8 @@ def run_from_args(hook: str, args: Any) -> dict[str, str]:
     exit_on_sigterm()
     print(f"== {hook} nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {os.uname().release}); {uptime()}")
     return run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
-                     stages=not args.no_stages, switches=not args.no_switches, only=args.switches)
+                     stages=not args.no_stages, switches=not args.no_switches, only=args.switches,
+                     single_rounds=args.single_rounds)
 
 
 def print_summary(summary: dict[str, str]) -> None:

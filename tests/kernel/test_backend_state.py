@@ -178,12 +178,8 @@ def test_tc_nodeport_one_pod_ready_in_one_service_terminating_in_another() -> No
 
 
 @pytest.fixture
-def xdp() -> Iterator[tcenv.Cluster]:
+def xdp(require_kernel: None) -> Iterator[tcenv.Cluster]:
     """xdp_nodeport alone on node1's eth0 (native), serving node2's pods."""
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
     with tcenv.cluster(start=False, second_device=False) as c:
         tcenv.full_checksums(c.topo, "cl", "p2a", "p2b")
         with tcenv.peer_pass(c.topo, "rt", tcenv.dev_with(c.topo, "rt", tcenv.NODES["node1"]["rt"])):

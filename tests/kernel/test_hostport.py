@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from kpr.model import ServiceKey
+from kpr.testing.fixtures import clear_after
 from kpr.translate import object_ref
 
 import socklb_env
@@ -32,13 +33,9 @@ pytestmark = pytest.mark.kernel
 N1, N1_6, N2 = NODES["node1"]["addr"], NODES["node1"]["addr6"], NODES["node2"]["addr"]
 
 
-@pytest.fixture(autouse=True)
-def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Each module-wide set-up forgets the Pods and services of the test that used it."""
-    yield
-    for name in ("socklb", "np"):
-        if name in request.fixturenames:
-            request.getfixturevalue(name).clear()
+# Each module-wide set-up forgets the Pods and services of the test that used it.
+_clean_socklb = clear_after("socklb")
+_clean_np = clear_after("np")
 
 
 def hostport(host_port: int, protocol: str = "TCP", host_ip: str = "") -> dict:
@@ -157,11 +154,7 @@ def test_socklb_stops_translating_when_the_pod_goes_or_finishes(socklb: Env) -> 
 
 
 @pytest.fixture(scope="module")
-def np() -> Iterator[Cluster]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def np(require_kernel: None) -> Iterator[Cluster]:
     with tc_nodeport_env.cluster(conntrack_size=65536) as c:
         yield c
 

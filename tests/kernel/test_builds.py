@@ -15,6 +15,7 @@ import pytest
 from kpr.bpf import builds, links
 from kpr.bpf import maps as M
 from kpr.bpf.loader import attach_type_value, compile_and_load, load_prog
+from kpr.testing.bpffs import pin_map
 
 PROG = "kprt_connect"
 SOURCE = """
@@ -103,9 +104,7 @@ def test_a_map_pinned_anew_is_not_the_programs_any_more(rig: tuple[Path, int]) -
         builds.record(pin, digest, [prog_id])
         assert adopted_id(pin, [digest]) == prog_id
         (pin / "kprt_map").unlink()
-        spec = M.MapSpec("kprt_map", M.BPF_MAP_TYPE_HASH, 4, 4, 16)
-        with M.BpfMap.create(spec) as m:
-            m.pin(pin / "kprt_map")
+        pin_map(pin, "kprt_map", M.MapSpec("kprt_map", M.BPF_MAP_TYPE_HASH, 4, 4, 16))
         assert adopted_id(pin, [digest]) is None, "its map is no longer the pinned one: compile"
 
 

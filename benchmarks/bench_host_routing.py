@@ -12,19 +12,25 @@ client netns -- node netns -- pod netns over veths, the pod on a /32 route).
           does not decide the figures (the kernel's RT throttling still leaves that CPU 5%).
   TCP_STREAM: iperf3, client -> pod, --seconds; Gbit/s received.
 
-The variants are measured in turn within each round (so drift hits them alike), each round
-starting one variant later than the last (so none always runs right after the same other);
-figures are medians over --rounds, and the within-round ratios to legacy are given too. Unless --issue-only, more variants in the same rounds switch one
+The variants are measured in turn within each round, with a legacy run before the first and
+after each plugin variant, each round starting one variant later than the last (so none always
+runs right after the same other). Figures are medians over --rounds (legacy's over all its runs:
+the pooled ratio), and beside them each variant's ratio to the mean of the legacy runs right
+before and after it, median over the rounds (the paired ratio: the load of other work on the
+machine drifts over a round and hits a variant and its neighbouring legacy runs alike, so this
+one is the robust figure under load). Unless --issue-only, more variants in the same rounds switch one
 build-time cut of lib/host_routing.h off or on against neigh+peer: the route out of the node
 looked up per packet (KPR_HR_OUT_CACHE=0) or its MACs remembered too and sent by bpf_redirect
-(=2; the default 1 remembers the next hop and still sends by bpf_redirect_neigh), and per-packet
+(=2; the default 1 remembers the next hop and still sends by bpf_redirect_neigh), the pod's
+address looked up in kpr_hr_pods before its remembered route (KPR_HR_CACHE_FIRST=0), and per-packet
 ClusterIP on (the plugin's default; the bench's traffic has no service) with and without the
 conntrack gate (KPR_HR_CT_GATE=0). The load average is printed before and after. The plugin's counters
 are read after each BPF run to prove which helper carried the packets.
 
     .venv/bin/python benchmarks/bench_host_routing.py [--rounds 5] [--seconds 3] [--rules 1000]
+        [--variants "n+p MACs" ...]
 
-Ends with one line: `TCP_RR neigh+peer vs legacy: R x`.
+Ends with one line: `TCP_RR neigh+peer vs legacy: R x (paired: P x)`.
 
 `--prog-cost` measures the programs alone instead: BPF_PROG_TEST_RUN on the prog tests' lab
 (host_routing_env.prog_lab, one per build of PROG_BUILDS: the default and each switch), one
@@ -209,6 +215,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]] | None] = {
 MORE_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]] | None] = {
     "n+p FIB/pkt": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=0",)),
     "n+p MACs": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_OUT_CACHE=2",)),
+    "n+p pods/pkt": ({"redirectPeer": True, "redirectNeigh": True}, ("-DKPR_HR_CACHE_FIRST=0",)),
     "n+p clusterIP": ({"redirectPeer": True, "redirectNeigh": True, "clusterIP": True}, ()),
     "n+p cIP CT/pkt": ({"redirectPeer": True, "redirectNeigh": True, "clusterIP": True}, ("-DKPR_HR_CT_GATE=0",)),
 }
@@ -279,6 +286,8 @@ PROG_BUILDS: dict[str, tuple[str, ...]] = {
     "MACs remembered too, bpf_redirect (KPR_HR_OUT_CACHE=2)": ("-DKPR_HR_OUT_CACHE=2",),
     "conntrack looked up for every TCP/UDP packet (KPR_HR_CT_GATE=0)": ("-DKPR_HR_CT_GATE=0",),
     "no per-packet ClusterIP (KPR_HR_CLUSTER_IP=0)": ("-DKPR_HR_CLUSTER_IP=0",),
+    "no per-packet ClusterIP, kpr_hr_pods before kpr_hr_out (KPR_HR_CACHE_FIRST=0)": (
+        "-DKPR_HR_CLUSTER_IP=0", "-DKPR_HR_CACHE_FIRST=0"),
 }
 
 
@@ -323,6 +332,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     ap.add_argument("--issue-only", action="store_true",
                     help="only the issue's three variants (legacy, neigh, neigh+peer), not the build switches")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="only these variants (legacy and neigh+peer are always measured)")
     ap.add_argument("--no-rt", dest="rt", action="store_false", help="no SCHED_FIFO for the RR and iperf3 processes")
     ap.add_argument("--server-cpu", default="0",
                     help="CPU of the RR and iperf3 servers (the client runs on CPU 0); the same CPU by default, "
@@ -336,7 +347,15 @@ def main() -> int:
 
     load_before = os.getloadavg()
     variants = {**VARIANTS, **({} if args.issue_only else MORE_VARIANTS)}
+    if args.variants:
+        known = {**VARIANTS, **MORE_VARIANTS}
+        unknown = [n for n in args.variants if n not in known]
+        if unknown:
+            ap.error(f"--variants: unknown {unknown} (known: {', '.join(known)})")
+        variants = {n: known[n] for n in ["legacy", "neigh+peer", *args.variants] if n in known}
     results: dict[str, dict[str, list[float]]] = {v: {"tps": [], "gbps": []} for v in variants}
+    # each plugin variant's figure over the mean of the legacy runs right before and after it
+    paired: dict[str, dict[str, list[float]]] = {v: {"tps": [], "gbps": []} for v in variants if v != "legacy"}
     proof: dict[str, dict[str, int]] = {}
     host = PODS[POD][0]
     with tempfile.TemporaryDirectory(prefix="kpr-bench-hr-") as work, rig(pods=(POD,), prefix="kpr-bench-hr") as r:
@@ -349,23 +368,34 @@ def main() -> int:
         if ipt.returncode != 0:
             print(f"(iptables rule set not installed: {ipt.stderr.strip()[:200]})", file=sys.stderr)
         time.sleep(0.5)
+        def measure(name: str) -> tuple[float, float]:
+            tps, gbps = rr(r, cmd, host, args.seconds, args.rt), iperf(r, host, args.seconds)
+            results[name]["tps"].append(tps)
+            results[name]["gbps"].append(gbps)
+            return tps, gbps
+
         for rnd in range(args.rounds):
-            names = list(variants)
+            names = [n for n in variants if n != "legacy"]
+            # legacy between every two plugin variants, so each is compared with the legacy runs
+            # right before and after it (drift and other work on the machine hit both alike);
             # each round starts one variant later: no variant always follows the same one
+            prev = measure("legacy")
             for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                 v = variants[name]
-                if v is not None:
-                    r.extra_cflags = list(v[1])
-                    r.start(**{"keepAttachedOnStop": False, "clusterIP": False, **v[0]})
-                before = r.stats() if v is not None else {}
-                results[name]["tps"].append(rr(r, cmd, host, args.seconds, args.rt))
-                results[name]["gbps"].append(iperf(r, host, args.seconds))
-                if v is not None:
-                    proof[name] = delta(before, r.stats())
-                    r.stop()
-            print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
-                f"{n} {results[n]['tps'][-1]:.0f} tps {results[n]['gbps'][-1]:.2f} Gbit/s" for n in variants),
-                file=sys.stderr)
+                assert v is not None
+                r.extra_cflags = list(v[1])
+                r.start(**{"keepAttachedOnStop": False, "clusterIP": False, **v[0]})
+                before = r.stats()
+                tps, gbps = measure(name)
+                proof[name] = delta(before, r.stats())
+                r.stop()
+                after = measure("legacy")
+                paired[name]["tps"].append(tps / statistics.mean((prev[0], after[0])))
+                paired[name]["gbps"].append(gbps / statistics.mean((prev[1], after[1])))
+                prev = after
+            print(f"round {rnd + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f}): " + ", ".join(
+                f"{n} {results[n]['tps'][-1]:.0f} tps {results[n]['gbps'][-1]:.2f} Gbit/s"
+                + (f" ({paired[n]['tps'][-1]:.3f}x)" if n in paired else "") for n in variants), file=sys.stderr)
     load_after = os.getloadavg()
 
     med = {n: {k: statistics.median(v) for k, v in res.items()} for n, res in results.items()}
@@ -383,17 +413,18 @@ def main() -> int:
     for n, m in med.items():
         print(f"  {n:<14} {m['tps']:>11.0f} {m['tps'] / base['tps']:>9.2f}x {m['gbps']:>14.2f} "
               f"{m['gbps'] / base['gbps']:>9.2f}x")
-    paired = {n: statistics.median(a / b for a, b in zip(results[n]["tps"], results["legacy"]["tps"]))
-              for n in variants if n != "legacy"}
-    print("  TCP_RR / legacy within each round, median: " + ", ".join(f"{n} {x:.3f}x" for n, x in paired.items()))
+    print("  over the legacy runs right before and after, median of rounds: TCP_RR " + ", ".join(
+        f"{n} {statistics.median(x['tps']):.3f}x" for n, x in paired.items()) + "; iperf3 " + ", ".join(
+        f"{n} {statistics.median(x['gbps']):.3f}x" for n, x in paired.items()))
     for n, d in proof.items():
         shown = {k: v for k, v in d.items()
                  if k in ("redirect_peer", "redirect", "redirect_neigh", "pass_neigh_off", "out_route_cached",
                            "redirect_out")}
         print(f"  counters, last {n} round: {shown}")
     if args.json:
-        print(json.dumps({"results": results, "medians": med, "proof": proof}))
-    print(f"TCP_RR neigh+peer vs legacy: {med['neigh+peer']['tps'] / base['tps']:.2f} x")
+        print(json.dumps({"results": results, "paired": paired, "medians": med, "proof": proof}))
+    print(f"TCP_RR neigh+peer vs legacy: {med['neigh+peer']['tps'] / base['tps']:.2f} x "
+          f"(paired: {statistics.median(paired['neigh+peer']['tps']):.2f} x)")
     return 0
 
 

@@ -197,9 +197,11 @@ class Datapath:
             return None
 
     def bump_out_generation(self) -> int:
-        """Every route kpr_hr_out remembers is looked up again (kpr.nexthops calls this on route and
-        neighbour changes and every few seconds, the sync after link changes); the first call arms
-        the cache. Returns the new generation (0: built without the cache)."""
+        """Every route kpr_hr_out remembers, and every pod next hop kpr_hr_nh does (KPR_HR_CACHE_FIRST
+        builds, where they stand in for the kpr_hr_pods lookup), is looked up again (kpr.nexthops
+        calls this on route and neighbour changes and every few seconds, the sync after link
+        changes and right after every kpr_hr_pods change); the first call arms the caches. Returns
+        the new generation (0: built without them)."""
         table = self._table(GEN_MAP)
         if table is None:
             return 0

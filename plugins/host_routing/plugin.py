@@ -226,9 +226,11 @@ class HostRouting:
             dp.set_devices(p.devices)
             self._attach(p)
             up, gone = dp.set_pods(p.pods)
-            # whatever changed (an MTU, a device, a route), the programs ask the FIB afresh
-            dp.flush_next_hops()
+            # whatever changed (an MTU, a device, a route), the programs ask the FIB afresh; the
+            # generation first, right after kpr_hr_pods: a remembered route out of the node is
+            # used without a kpr_hr_pods lookup (builds without per-packet services)
             dp.bump_out_generation()
+            dp.flush_next_hops()
             if p.missing and p.missing != self.plan.missing:
                 log.error("event=host_routing_devices_missing devices=%s", ",".join(p.missing))
             if up or gone or why == "start":

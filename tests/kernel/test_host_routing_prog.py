@@ -179,10 +179,14 @@ def nh_table(lab: Lab) -> Any:
     return lab.dp.bpf.get_table(D.NH_MAP.encode())
 
 
-def set_next_hop(lab: Lab, addr: str, ifindex: int, dmac: str, smac: str, max_len: int = 1518) -> None:
+def set_next_hop(lab: Lab, addr: str, ifindex: int, dmac: str, smac: str, max_len: int = 1518,
+                 gen: int | None = None) -> None:
+    """A kpr_hr_nh entry as the programs write it; `gen`: the current generation unless given."""
     table = nh_table(lab)
     leaf = table.Leaf()
+    gens = lab.dp.bpf.get_table(D.GEN_MAP.encode())
     leaf.ifindex, leaf.max_len = ifindex, max_len
+    leaf.gen = int(gens[gens.Key(0)].value) if gen is None else gen
     ctypes.memmove(leaf.dmac, bytes.fromhex(dmac.replace(":", "")), 6)
     ctypes.memmove(leaf.smac, bytes.fromhex(smac.replace(":", "")), 6)
     table[table.Key.from_buffer_copy(M.addr_to_bytes(addr))] = leaf
@@ -190,15 +194,23 @@ def set_next_hop(lab: Lab, addr: str, ifindex: int, dmac: str, smac: str, max_le
 
 def test_next_hop_of_a_pod_is_remembered_and_forgotten(lab: Lab) -> None:
     """The FIB's answer for a pod behind a peer is kept (kpr_hr_nh): the next packet gets the same
-    frame without a lookup; flush_next_hops() (every sync) forgets it."""
+    frame without a lookup; flush_next_hops() (every sync) forgets it. Not armed (generation 0,
+    KPR_HR_CACHE_FIRST), nothing is kept."""
     lab.dp.flush_next_hops()
     assert lab.dp.next_hops() == {}
     pkt = from_out(lab) / tcp4(OUT4, POD4)
-    for _ in range(2):
-        lab.run(D.FROM_NETDEV, lab.eth0, Case("to the pod", pkt, TC_ACT_REDIRECT, into_pod(lab, tcp4(OUT4, POD4))),
-                "redirect_peer")
-        assert lab.dp.next_hops() == {POD4: lab.lxc}
-    assert lab.dp.flush_next_hops() == 1 and lab.dp.next_hops() == {}
+    to_pod = Case("to the pod", pkt, TC_ACT_REDIRECT, into_pod(lab, tcp4(OUT4, POD4)))
+    lab.dp.disarm_out()
+    lab.run(D.FROM_NETDEV, lab.eth0, to_pod, "redirect_peer")
+    assert lab.dp.next_hops() == {}
+    lab.dp.bump_out_generation()
+    try:
+        for _ in range(2):
+            lab.run(D.FROM_NETDEV, lab.eth0, to_pod, "redirect_peer")
+            assert lab.dp.next_hops() == {POD4: lab.lxc}
+        assert lab.dp.flush_next_hops() == 1 and lab.dp.next_hops() == {}
+    finally:
+        lab.dp.disarm_out()
 
 
 def test_remembered_next_hop_is_used_only_while_it_holds(lab: Lab) -> None:
@@ -211,6 +223,7 @@ def test_remembered_next_hop_is_used_only_while_it_holds(lab: Lab) -> None:
         out.dst, out.src = dst, src
         return bytes(out)
 
+    lab.dp.bump_out_generation()
     try:
         # an entry that holds is used as it is: its MACs, not the FIB's, prove it
         set_next_hop(lab, POD4, lab.lxc, bogus_d, bogus_s)
@@ -225,8 +238,14 @@ def test_remembered_next_hop_is_used_only_while_it_holds(lab: Lab) -> None:
         set_next_hop(lab, POD4, lab.lxc, bogus_d, bogus_s, max_len=len(pkt) - 1)
         lab.run(D.FROM_NETDEV, lab.eth0, Case("longer than the entry allows", pkt, TC_ACT_REDIRECT,
                                               into_pod(lab, l3)), "redirect_peer")
+        # of an older generation (a sync or a route or neighbour change since): the FIB decides
+        set_next_hop(lab, POD4, lab.lxc, bogus_d, bogus_s)
+        lab.dp.bump_out_generation()
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("of an older generation", pkt, TC_ACT_REDIRECT,
+                                              into_pod(lab, l3)), "redirect_peer")
     finally:
         lab.dp.flush_next_hops()
+        lab.dp.disarm_out()
 
 
 def out_of_node(out: Ether) -> None:
@@ -252,6 +271,58 @@ def macs_lab() -> Iterator[Lab]:
         pytest.skip(reason)
     with prog_lab("kpr-hr-prog-macs", extra_cflags=("-DKPR_HR_OUT_CACHE=2",)) as lab:
         yield lab
+
+
+@pytest.fixture(scope="module", params=[1, 0], ids=["cache-first", "pods-first"])
+def nocip_lab(request: Any) -> Iterator[tuple[Lab, int]]:
+    """The lab built without per-packet services (clusterIP: false), with KPR_HR_CACHE_FIRST on and off."""
+    from kpr.testing import kernel_skip_reason
+
+    if reason := kernel_skip_reason():
+        pytest.skip(reason)
+    flags = ("-DKPR_HR_CLUSTER_IP=0", f"-DKPR_HR_CACHE_FIRST={request.param}")
+    with prog_lab(f"kpr-hr-prog-nocip{request.param}", extra_cflags=flags) as lab:
+        yield lab, request.param
+
+
+def test_without_cluster_ip_a_remembered_route_holds_until_the_pods_sync(nocip_lab: tuple[Lab, int]) -> None:
+    """KPR_HR_CACHE_FIRST: a packet into a pod looks its remembered next hop (kpr_hr_nh) up
+    before kpr_hr_pods, and without per-packet services a pod's packet its remembered route
+    (kpr_hr_out): one hash lookup less per packet each way; proof: a pod taken out of
+    kpr_hr_pods without a generation move still has both used, where the build without the
+    switch passes its packets as not a pod's. They hold no longer than that: the entries were
+    made for a known pod (on this device), and the plugin's sync moves the generation right
+    after every kpr_hr_pods change, so a pod gone misses from its next packet each way, and a
+    route is not used from another device."""
+    lab, first = nocip_lab
+    pkt = from_pod(lab) / tcp4(POD4, FAR4)
+    send = Case("pod to the outside", pkt, TC_ACT_REDIRECT, out_of_node)
+    lab.dp.bump_out_generation()
+    try:
+        lab.run(D.FROM_POD, lab.lxc, send, "redirect_neigh")  # the FIB's, remembered
+        lab.run(D.FROM_POD, lab.lxc, send, "out_route_cached")
+        into = from_out(lab) / tcp4(OUT4, POD4)
+        to_pod = Case("outside to the pod", into, TC_ACT_REDIRECT, into_pod(lab, tcp4(OUT4, POD4)))
+        lab.run(D.FROM_NETDEV, lab.eth0, to_pod, "redirect_peer")  # the FIB's, remembered (kpr_hr_nh)
+        lab.dp.set_pods({})  # no generation move yet: only the switch tells the builds apart
+        if first:
+            lab.run(D.FROM_POD, lab.lxc, send, "out_route_cached")
+            lab.run(D.FROM_NETDEV, lab.eth0, to_pod, "redirect_peer")
+        else:
+            lab.run(D.FROM_POD, lab.lxc, Case("pods first", pkt, TC_ACT_UNSPEC, same(pkt)), "pass_not_pod")
+            lab.run(D.FROM_NETDEV, lab.eth0, Case("pods first", into, TC_ACT_UNSPEC, same(into)), "pass_not_pod")
+        lab.dp.bump_out_generation()  # as the sync does right after kpr_hr_pods
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("the pod gone", into, TC_ACT_UNSPEC, same(into)), "pass_not_pod")
+        lab.dp.set_pods({POD4: lab.lxc, POD6: lab.lxc})
+        # from eth0 the FIB's route leaves by the device the packet came in on: the stack's
+        lab.run(D.FROM_POD, lab.eth0, Case("the pair from another device", pkt, TC_ACT_UNSPEC, same(pkt)),
+                "pass_fib")
+        lab.dp.set_pods({})
+        lab.dp.bump_out_generation()  # as the sync does right after kpr_hr_pods
+        lab.run(D.FROM_POD, lab.lxc, Case("the pod gone", pkt, TC_ACT_UNSPEC, same(pkt)), "pass_not_pod")
+    finally:
+        lab.dp.set_pods({POD4: lab.lxc, POD6: lab.lxc})
+        lab.dp.disarm_out()
 
 
 def test_a_changed_neighbour_mac_is_followed_from_the_next_packet(macs_lab: Lab) -> None:

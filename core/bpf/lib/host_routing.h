@@ -99,6 +99,16 @@
 #ifndef KPR_HR_OUT_CACHE
 #define KPR_HR_OUT_CACHE 1
 #endif
+/* 1: what the programs remember stands in for the kpr_hr_pods lookup while its generation
+ * (kpr_hr_gen) holds: its entry was made for a known pod, and the plugin's sync moves the
+ * generation right after every kpr_hr_pods change. Packets into a pod look kpr_hr_nh up first
+ * (its entries carry the generation); without per-packet services (KPR_HR_CLUSTER_IP 0), where
+ * nothing a pod sends needs more than its route, a pod's packets look kpr_hr_out up first (an
+ * entry names the pod's device it was made on). One hash lookup less per packet each way.
+ * 0: kpr_hr_pods first for every packet, kpr_hr_nh checked against its answer. */
+#ifndef KPR_HR_CACHE_FIRST
+#define KPR_HR_CACHE_FIRST 1
+#endif
 #ifndef KPR_HR_OUT_MAX
 #define KPR_HR_OUT_MAX 65536 // (pod, destination) pairs whose route is remembered; LRU
 #endif
@@ -171,15 +181,18 @@ struct kpr_hr_dev {
 };
 
 /* kpr_hr_nh value (key: union kpr_addr, a pod's address): the FIB's answer for a pod behind a
- * veth/netkit peer, so packets into it skip the FIB lookup. Only used while `ifindex` is still
- * the pod's (kpr_hr_pods) and the packet fits the device's MTU (else the FIB decides as before); the plugin empties the map on every sync, which follows every link and route
- * change (a new MTU, a device gone). With bpf_redirect_peer the MACs are the pod's to see, not
- * the kernel's to switch by; so the cache is for the peer helper only. */
+ * veth/netkit peer, so packets into it skip the FIB lookup. Only used while it still holds (else
+ * the FIB decides as before): KPR_HR_CACHE_FIRST 1: while `gen` is kpr_hr_gen's (not 0); 0: while
+ * `ifindex` is still the pod's (kpr_hr_pods); either way only for packets that fit the device's
+ * MTU. The plugin also empties the map on every sync, which follows every link and route change
+ * (a new MTU, a device gone). With bpf_redirect_peer the MACs are the pod's to see, not the
+ * kernel's to switch by; so the cache is for the peer helper only. */
 struct kpr_hr_nh {
 	__u32 ifindex;  // the pod's host-side device
 	__u32 max_len;  // the longest packet used with it (MTU + Ethernet + VLAN); longer ones (GSO) ask the FIB
 	__u8 dmac[6];   // the pod's MAC (the neighbour's)
 	__u8 smac[6];   // the host-side device's MAC
+	__u32 gen;      // kpr_hr_gen's value when learned (KPR_HR_CACHE_FIRST)
 };
 
 /* kpr_hr_out: the route of a pod's packets to a destination outside the node, as a FIB lookup
@@ -202,7 +215,8 @@ struct kpr_hr_out {
 	__u8 dmac[6];               // KPR_HR_OUT_CACHE 2: the next hop's MAC
 	__u8 smac[6];               // and the egress device's
 	__u8 overlay;               // 1: ifindex is an Ethernet overlay (counted as redirect_neigh_overlay)
-	__u8 pad[3];                // zero
+	__u8 l2;                    // 1: iif is a bridge port (its frames to other MACs are switched, not routed)
+	__u8 pad[2];                // zero
 };
 
 _Static_assert(sizeof(struct kpr_hr_out_key) == 32, "kpr_hr_out_key layout");
@@ -222,9 +236,15 @@ BPF_TABLE_PINNED("hash", __u32, struct kpr_hr_dev, kpr_hr_devs, KPR_HR_DEVS_MAX,
 // Next hops of pods behind peer devices, learned from FIB lookups (per load, not pinned).
 BPF_TABLE("lru_hash", union kpr_addr, struct kpr_hr_nh, kpr_hr_nh, KPR_HR_PODS_MAX);
 #endif
+// pod next hops used without a kpr_hr_pods lookup, while their generation holds
+#define KPR_HR_NH_FIRST (KPR_HR_PEER && KPR_HR_NH_CACHE && KPR_HR_CACHE_FIRST)
+#define KPR_HR_GEN ((KPR_HR_NEIGH && KPR_HR_OUT_CACHE) || KPR_HR_NH_FIRST)
 #if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
-// Routes of pods' packets leaving the node, and their generation (slot 0; per load, not pinned).
+// Routes of pods' packets leaving the node (per load, not pinned).
 BPF_TABLE("lru_hash", struct kpr_hr_out_key, struct kpr_hr_out, kpr_hr_out, KPR_HR_OUT_MAX);
+#endif
+#if KPR_HR_GEN
+// The generation of what kpr_hr_out and (KPR_HR_CACHE_FIRST) kpr_hr_nh remember (slot 0).
 BPF_TABLE("array", __u32, __u32, kpr_hr_gen, 1);
 #endif
 #if KPR_HR_CLUSTER_IP && KPR_HR_CT_GATE
@@ -400,14 +420,30 @@ static __always_inline int kpr_hr_redirect_neigh(kpr_ctx_t *ctx, const struct bp
 	return ctx_redirect_neigh_nh(ctx, p->ifindex, &nh);
 }
 
-#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
-// The current generation of kpr_hr_out (0: not armed: nothing is used or kept).
+#if KPR_HR_GEN
+// The current generation of kpr_hr_gen (0: not armed: nothing is used or kept).
 static __always_inline __u32 kpr_hr_out_gen(void)
 {
 	__u32 zero = 0, *g = kpr_hr_gen.lookup(&zero);
 
 	return g ? *g : 0;
 }
+#endif
+
+#if KPR_HR_PEER && KPR_HR_NH_CACHE
+// Into a pod by its remembered next hop (after the same TTL step as the FIB's path).
+static __always_inline int kpr_hr_nh_send(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, const struct kpr_hr_nh *nh)
+{
+	if (kpr_hr_dec_ttl(ctx, pkt))
+		return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
+	if (kpr_fib_set_macs(ctx, nh->dmac, nh->smac))
+		return CTX_DROP; // no Ethernet header after all, as on the FIB's path
+	kpr_hr_count(KPR_HR_ST_PEER);
+	return ctx_redirect_peer(ctx, nh->ifindex, 0);
+}
+#endif
+
+#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
 
 // The remembered route of this packet (pod -> outside), or NULL when the FIB must decide.
 static __always_inline struct kpr_hr_out *kpr_hr_out_get(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, __u32 gen)
@@ -429,7 +465,7 @@ static __always_inline struct kpr_hr_out *kpr_hr_out_get(kpr_ctx_t *ctx, const s
 // Remember a successful lookup `p` of this packet; `gen`: read before the lookup, so a route
 // changed meanwhile leaves an entry that is already stale.
 static __always_inline void kpr_hr_out_put(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, const struct bpf_fib_lookup *p,
-					   __u32 gen, __u8 overlay)
+					   __u32 gen, __u8 overlay, __u8 l2)
 {
 	struct kpr_hr_out_key k;
 	struct kpr_hr_out o = {};
@@ -446,6 +482,7 @@ static __always_inline void kpr_hr_out_put(kpr_ctx_t *ctx, const struct kpr_pkt 
 	__builtin_memcpy(o.dmac, p->dmac, 6);
 	__builtin_memcpy(o.smac, p->smac, 6);
 	o.overlay = overlay;
+	o.l2 = l2;
 	kpr_hr_out.update(&k, &o);
 }
 
@@ -474,10 +511,11 @@ static __always_inline int kpr_hr_out_send(kpr_ctx_t *ctx, const struct kpr_pkt 
  *   anywhere else (the route leaves the node): bpf_redirect_neigh (KPR_HR_NEIGH) or the stack.
  * `pod`: the destination's kpr_hr_pods entry when it is a known local pod (then also `to_pod`);
  * `hairpin`: a service flow back into the pod it came from (the one case where the route may
- * name the device the packet came in on; to_pod without a `pod`); `gen`: kpr_hr_out's generation
- * as read before the lookup (0: remember nothing). */
+ * name the device the packet came in on; to_pod without a `pod`); `gen`: kpr_hr_gen's value as
+ * read before the lookup (0: kpr_hr_out remembers nothing, nor kpr_hr_nh with
+ * KPR_HR_CACHE_FIRST); `l2`: the packet came from a bridge port. */
 static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, const struct kpr_hr_pod *pod,
-					int to_pod, int hairpin, __u32 gen)
+					int to_pod, int hairpin, __u32 gen, __u8 l2)
 {
 	struct bpf_fib_lookup p;
 	struct kpr_hr_dev *dev;
@@ -489,15 +527,11 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 		union kpr_addr k = pkt->t.daddr;
 		struct kpr_hr_nh *nh = kpr_hr_nh.lookup(&k);
 
-		// what the FIB said last time, while it still holds (see struct kpr_hr_nh)
-		if (nh && nh->ifindex == pod->ifindex && nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len) {
-			if (kpr_hr_dec_ttl(ctx, pkt))
-				return kpr_hr_pass(KPR_HR_ST_PASS_TTL);
-			if (kpr_fib_set_macs(ctx, nh->dmac, nh->smac))
-				return CTX_DROP; // no Ethernet header after all, as below
-			kpr_hr_count(KPR_HR_ST_PEER);
-			return ctx_redirect_peer(ctx, nh->ifindex, 0);
-		}
+		// what the FIB said last time, while it still holds (see struct kpr_hr_nh); from an external
+		// device (KPR_HR_NH_FIRST) this is a second look only after a miss
+		if (nh && nh->ifindex == pod->ifindex && (!KPR_HR_NH_FIRST || (gen && nh->gen == gen)) &&
+		    nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len)
+			return kpr_hr_nh_send(ctx, pkt, nh);
 	}
 #endif
 	rc = kpr_fib_lookup(ctx, &p, &pkt->t, &pkt->t.saddr, &pkt->t.daddr, 0);
@@ -538,8 +572,9 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 #if KPR_HR_PEER
 		if ((dev->flags & KPR_HR_DEV_F_POD) && kpr_dev_has_peer(dev->kind)) {
 #if KPR_HR_NH_CACHE
-			if (pod && pod->ifindex == oif) {
-				struct kpr_hr_nh nh = {.ifindex = oif, .max_len = (__u32)p.mtu_result + KPR_HR_ETH_HLEN + KPR_HR_VLAN_HLEN};
+			if (pod && pod->ifindex == oif && (gen || !KPR_HR_NH_FIRST)) {
+				struct kpr_hr_nh nh = {.ifindex = oif, .max_len = (__u32)p.mtu_result + KPR_HR_ETH_HLEN + KPR_HR_VLAN_HLEN,
+						       .gen = gen};
 				union kpr_addr k = pkt->t.daddr;
 
 				__builtin_memcpy(nh.dmac, p.dmac, 6);
@@ -559,7 +594,7 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 	// never bpf_redirect_peer: an overlay has no peer (the route to a remote pod names it)
 #if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
 	if (!to_pod && rc == BPF_FIB_LKUP_RET_SUCCESS)
-		kpr_hr_out_put(ctx, pkt, &p, gen, dev && (dev->flags & KPR_HR_DEV_F_OVERLAY) ? 1 : 0);
+		kpr_hr_out_put(ctx, pkt, &p, gen, dev && (dev->flags & KPR_HR_DEV_F_OVERLAY) ? 1 : 0, l2);
 #endif
 	kpr_hr_count(dev && (dev->flags & KPR_HR_DEV_F_OVERLAY) ? KPR_HR_ST_NEIGH_OVERLAY : KPR_HR_ST_NEIGH);
 	return kpr_hr_redirect_neigh(ctx, &p);
@@ -703,10 +738,26 @@ static __always_inline int kpr_hr_from_netdev_main(kpr_ctx_t *ctx)
 {
 	struct kpr_pkt pkt;
 	struct kpr_hr_pod *pod;
-	__u32 reason;
+	__u32 reason, gen = 0;
 
 	if (kpr_hr_parse(ctx, &pkt, &reason))
 		return kpr_hr_pass(reason);
+#if KPR_HR_NH_FIRST
+	// the pod's remembered next hop first: while its generation holds it stands in for kpr_hr_pods
+	gen = kpr_hr_out_gen();
+	if (gen) {
+		union kpr_addr k = pkt.t.daddr;
+		struct kpr_hr_nh *nh = kpr_hr_nh.lookup(&k);
+
+		if (nh && nh->gen == gen && nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len) {
+#if KPR_HR_CLUSTER_IP
+			if (kpr_hr_revnat(ctx, &pkt) < 0)
+				return CTX_DROP;
+#endif
+			return kpr_hr_nh_send(ctx, &pkt, nh);
+		}
+	}
+#endif
 	pod = kpr_hr_pod_of(&pkt.t.daddr);
 	if (!pod)
 		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
@@ -714,7 +765,7 @@ static __always_inline int kpr_hr_from_netdev_main(kpr_ctx_t *ctx)
 	if (kpr_hr_revnat(ctx, &pkt) < 0)
 		return CTX_DROP;
 #endif
-	return kpr_hr_route(ctx, &pkt, pod, 1, 0, 0);
+	return kpr_hr_route(ctx, &pkt, pod, 1, 0, gen, 0);
 }
 
 // Ingress of a pod's host-side device: what the pod sends.
@@ -725,9 +776,24 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 	struct kpr_hr_pod *pod;
 	__u32 reason, ifindex = ctx_ifindex(ctx), gen = 0;
 	int ret = 0, hairpin = 0;
+#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
+	struct kpr_hr_out *o = (void *)0;
+#endif
 
 	if (kpr_hr_parse(ctx, &pkt, &reason))
 		return kpr_hr_pass(reason);
+#if KPR_HR_NEIGH && KPR_HR_OUT_CACHE && !KPR_HR_CLUSTER_IP && KPR_HR_CACHE_FIRST
+	/* Without per-packet services nothing comes before the route: a remembered one first, and
+	 * no kpr_hr_pods lookup for its packets. An entry is only made for a known pod's packet on
+	 * this device (iif) and holds while its generation does, and the sync moves the generation
+	 * right after every change of kpr_hr_pods, so a pod gone or moved misses as before. A
+	 * bridge port's entry (l2) still waits for the check below: only frames to the bridge are
+	 * routed. */
+	gen = kpr_hr_out_gen();
+	o = kpr_hr_out_get(ctx, &pkt, gen);
+	if (o && !o->l2)
+		return kpr_hr_out_send(ctx, &pkt, o);
+#endif
 	pod = kpr_hr_pod_of(&pkt.t.saddr);
 	if (!pod)
 		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
@@ -757,18 +823,22 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 	}
 #endif
 #if KPR_HR_NEIGH && KPR_HR_OUT_CACHE
+#if KPR_HR_CLUSTER_IP || !KPR_HR_CACHE_FIRST
 	// a remembered route first: it only ever names a way out of the node, and a destination
 	// that became a local pod since came with a sync or a route event, which moved the generation
 	gen = kpr_hr_out_gen();
-	if (!hairpin) {
-		struct kpr_hr_out *o = kpr_hr_out_get(ctx, &pkt, gen);
-
-		if (o)
-			return kpr_hr_out_send(ctx, &pkt, o);
-	}
+	if (!hairpin)
+		o = kpr_hr_out_get(ctx, &pkt, gen);
+#endif
+	if (o)
+		return kpr_hr_out_send(ctx, &pkt, o);
+#endif
+#if KPR_HR_GEN && !(KPR_HR_NEIGH && KPR_HR_OUT_CACHE)
+	gen = kpr_hr_out_gen(); // pod to pod: kpr_hr_nh's generation (KPR_HR_CACHE_FIRST)
 #endif
 	pod = hairpin ? (void *)0 : kpr_hr_pod_of(&pkt.t.daddr);
-	return kpr_hr_route(ctx, &pkt, pod, hairpin || pod != (void *)0, hairpin, gen);
+	return kpr_hr_route(ctx, &pkt, pod, hairpin || pod != (void *)0, hairpin, gen,
+			    dev && (dev->flags & KPR_HR_DEV_F_L2) ? 1 : 0);
 }
 
 // Egress of a pod's host-side device: what the pod is about to receive through the stack.

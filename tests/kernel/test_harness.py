@@ -458,6 +458,22 @@ def test_sweep_removes_what_a_killed_run_left() -> None:
     assert not Path(cg).exists()
 
 
+def test_sweep_leaves_a_namespace_whose_owner_record_reads_empty(topology: Topology) -> None:
+    """A record read while being written is empty: its owner is not known to be dead, so its
+    namespace stays (it was taken for pid 0, dead, and a live run's namespace deleted)."""
+    from kpr.testing import netns as kt_netns
+
+    topology.add_external("c")
+    name = topology.netns_name("c")
+    rec = kt_netns.OWNERS_DIR / name
+    rec.write_text("")
+    try:
+        assert name not in kt_netns.sweep_stale()
+        assert netns_exists(name)
+    finally:
+        rec.write_text(f"{os.getpid()}\n")
+
+
 # ---------------------------------------------------------------- the plugin harness
 
 

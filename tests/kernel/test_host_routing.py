@@ -96,8 +96,12 @@ def test_bridge_pods_every_connection(hr: Rig) -> None:
         assert d.get("redirect_peer", 0) == 0 and d.get("redirect", 0) >= 30, d
 
 
-def test_pod_to_pod_and_pod_to_outside(hr: Rig) -> None:
-    hr.start()
+@pytest.mark.parametrize("cluster_ip", [True, False], ids=["clusterIP", "no-clusterIP"])
+def test_pod_to_pod_and_pod_to_outside(hr: Rig, cluster_ip: bool) -> None:
+    """Without per-packet services a pod's remembered route out of the node is looked up first
+    (KPR_HR_CACHE_FIRST): a bridge pod's frames to the other bridge pod stay switched all the
+    same, and its own way out is remembered too."""
+    hr.start(clusterIP=cluster_ip)
     hr.source_pods("b1", "b2")
     wait_for(lambda: "10.245.9.11" in hr.plugin.plan.pods, what="bridge pods learned")
     before = hr.stats()
@@ -114,6 +118,16 @@ def test_pod_to_pod_and_pod_to_outside(hr: Rig) -> None:
     assert answers(client(hr.topo, "tcp", CLIENT, PORT, 3, ns="p1")) == [f"cl {PODS['p1'][0]}"] * 3
     d = delta(before, hr.stats())
     assert sent_out(d) >= 6 and d.get("redirect_peer", 0) >= 6, d
+
+    before = hr.stats()
+    assert answers(client(hr.topo, "tcp", CLIENT, PORT, 3, ns="b1")) == [f"cl {PODS['b1'][0]}"] * 3
+    d = delta(before, hr.stats())
+    assert sent_out(d) >= 6 and d.get("out_route_cached", 0) >= 1 and d.get("redirect", 0) >= 6, d
+
+    before = hr.stats()  # the bridge pods between themselves again, their ways out remembered
+    assert traffic(hr, "b2", src="b1") == expected("b2", "b1")
+    d = delta(before, hr.stats())
+    assert d.get("pass_switched", 0) >= 24 and d.get("redirect", 0) == 0 and sent_out(d) == 0, d
 
 
 def test_learns_pods_live(hr: Rig) -> None:

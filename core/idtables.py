@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import compress
+from operator import not_
 from typing import Any
 
 # An id is kept in the arrays when it is below this many slots beyond their current end.
@@ -348,6 +350,16 @@ class IdCounts(_Dense):
             added = 0
             self[i] = self.get(i, 0) + d
         self._n += added
+
+    def zero_ids(self) -> list[int]:
+        """The ids present whose count is 0, ascending (at C speed: a full sync asks about
+        every id)."""
+        has, counts = self._has, self._counts
+        zero = list(compress(range(len(counts)), map(not_, counts)))
+        out = list(compress(zero, map(has.__getitem__, zero)))
+        if self._far:
+            out += sorted(i for i, n in self._far.items() if n == 0)
+        return out
 
     def add_run(self, lo: int, counts: array) -> bool:
         """Add ids lo, lo+1, ... with these counts (an array("q")) when none of them is

@@ -40,3 +40,18 @@ def test_id_counts_keep_present_zeros_apart_from_absent_ids():
     assert 7 in counts and counts.pop(7) == 0 and 7 not in counts and len(counts) == 2
     counts[5] = 1 << 70  # beyond 64 bits: kept all the same
     assert counts[5] == 1 << 70
+
+
+def test_zero_ids_are_the_present_ids_counting_zero_and_runs_store_at_once():
+    c = IdCounts({1: 0, 2: 3, 5: 0, 7: -1, 1 << 40: 0, (1 << 40) + 1: 2})
+    c.pop(5)
+    c[9] = 0
+    assert c.zero_ids() == [1, 9, 1 << 40]  # 5 is gone; absent ids are not zeros
+    from array import array
+    assert c.add_run(20, array("q", [4, 0, 6])) and c.zero_ids() == [1, 9, 21, 1 << 40]
+    assert not c.add_run(21, array("q", [1]))  # present: not a run of new ids
+    assert [c.get(i) for i in (20, 21, 22)] == [4, 0, 6]
+    b = IdBytes(2)
+    assert b.store_run(3, b"aabbcc") and dict(b.items()) == {3: b"aa", 4: b"bb", 5: b"cc"}
+    assert not b.store_run(5, b"dd") and not b.store_run(8, b"odd")  # present; not whole values
+    assert b.store_run(6, b"dd") and b[6] == b"dd" and len(b) == 4

@@ -487,7 +487,7 @@ class ApplyMixin:
                 absent_set = set(absent)
                 be_del = [bid for bid in be_del if bid not in absent_set]
         if strays and len(refs):
-            be_del.extend(bid for bid, n in refs.items() if n == 0 and bid in vals and bid not in ref_delta)
+            be_del.extend(bid for bid in refs.zero_ids() if bid in vals and bid not in ref_delta)
         # An entry a new group still wants is never deleted (rev-NAT indexes read back from
         # hand-edited maps may collide).
         if rn_del:
@@ -594,7 +594,7 @@ class ApplyMixin:
                 if val is not None and ids.get(val[:19]) == bid:
                     del ids[val[:19]]
             # the next backend at a freed index takes the next generation (written in _delete_phase)
-            self._set_gens(bumped := {bid: self._next_gen(bid) for bid in be_del})
+            self._set_gens(bumped := dict(zip(be_del, self._next_gens(be_del))))
             if self._gens_bumped is not None:  # a _repair: it restores the desired generations after
                 self._gens_bumped.update(bumped)
             if self._free_ids is not None:
@@ -632,15 +632,10 @@ class ApplyMixin:
         if be_del:
             # an array: a zero entry is no backend (kpr_lb_backend); it keeps the generation
             # the index's next backend takes, for a writer that adopts the maps after a restart
-            zero: dict[int, bytes] = {}
-            vals = {}
-            for bid in sorted(be_del):
-                gen = self._next_gen(bid)
-                v = zero.get(gen)
-                if v is None:
-                    v = zero[gen] = M.with_backend_gen(_NO_BACKEND, gen)
-                vals[bid] = v
-            mp["kpr_backend"].store(vals)
+            ids = sorted(be_del)
+            gens = self._next_gens(ids)
+            zero = {gen: M.with_backend_gen(_NO_BACKEND, gen) for gen in set(gens)}
+            mp["kpr_backend"].store(dict(zip(ids, map(zero.__getitem__, gens))))
             mp["kpr_backend"].ops["delete"] += len(be_del)
             mp["kpr_backend"].ops["update"] -= len(be_del)
 

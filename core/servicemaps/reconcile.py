@@ -8,7 +8,7 @@ import logging
 from array import array
 from collections import Counter
 from collections.abc import Iterable
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 from ..bpf import maps as M
@@ -41,9 +41,11 @@ class ReconcileMixin:
         if be_items:
             bids = [i for i, _ in be_items]
             bvals = [v for _, v in be_items]
-            vals.update(zip(bids, bvals))
+            lo = bids[0]
+            run = bids == list(range(lo, lo + len(bids)))  # (ids 1..n: one copy, no loop)
+            if not (run and vals.store_run(lo, b"".join(bvals))):
+                vals.update(zip(bids, bvals))
             self._backend_ids = dict(zip([v[:19] for v in bvals], bids))
-            self._backend_refs.add_many(dict.fromkeys(bids, 0))
             self._next_backend = max(self._next_backend, max(bids) + 1)
         # generations, the freed (zero) entries' too: never hand out an id flows may still hold
         gens = M.backend_entry_gens(be_map, be_raw)
@@ -57,12 +59,18 @@ class ReconcileMixin:
         by_revnat: dict[int, _Group] = {}
         groups = self._groups
         referenced = self._reload_svc(owners, by_revnat, held)
+        per_id: Counter[int] = Counter()
         if referenced:
             gone = set(vals.missing({i for _, ids in referenced for i in ids}))
             for fk, ids in referenced:
                 g = groups[fk]
                 g.backends = tuple(sorted(ids - gone if gone else ids))
-            self._backend_refs.add_many(Counter(chain.from_iterable(groups[fk].backends for fk, _ in referenced)))
+            per_id.update(chain.from_iterable(groups[fk].backends for fk, _ in referenced))
+        if be_items:
+            # every backend's count of referring frontends (0: nobody's), set at once
+            counts = array("q", map(per_id.get, bids, repeat(0)))
+            if not (run and self._backend_refs.add_run(lo, counts)):
+                self._backend_refs.add_many(dict(zip(bids, counts)))
 
         for k, v in self.maps["kpr_revnat"].items():
             idx = M.U32.unpack(k)[0]

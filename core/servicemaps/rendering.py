@@ -121,6 +121,14 @@ class RenderMixin:
         """The generation index `bid` takes after its backend is freed (wraps to 0)."""
         return (self._gen(bid) + 1) % M.BACKEND_GENS
 
+    def _next_gens(self, bids: list[int]) -> list[int]:
+        """_next_gen of each index, list at a time (a shrink frees hundreds of thousands)."""
+        got = self._gens_of(bids)
+        if got is None:
+            return [1 % M.BACKEND_GENS] * len(bids)
+        gens = M.BACKEND_GENS
+        return [(g + 1) % gens for g in got]
+
     def _set_gens(self, gens: dict[int, int]) -> None:
         size = self.limits["kpr_backend"] + 1
         arr = self._backend_gen

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import secrets
 import struct
 from collections.abc import Iterable, Mapping
@@ -98,11 +99,15 @@ _PORT_PROTO_BASE = {6: 0, 17: 1024}
 CT_KEY = abi.packer("kpr_ct_key")  # saddr, daddr, sport, dport, proto, dir, pad
 CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, tcp_flags, pad, nat_port, pad2, nat_addr
 NAT_ENTRY = abi.packer("kpr_nat_entry")  # addr, port, fe_port, pad2, created, fe_addr
+# stamp, addr, port, fe_port, be_port, proto, pad, fe_addr, be_addr, nat_addr
+SNAT_PORT = abi.packer("kpr_snat_port")
+SNAT_PORTS_MAP = "kpr_snat_ports"  # lib/nat.h KPR_SNAT_PORT_TABLE: reply sides of SNAT flows by port
+SNAT_PORT_BUCKETS, SNAT_PORT_SPAN = abi.value("KPR_SNAT_PORT_BUCKETS"), abi.value("KPR_SNAT_PORT_SPAN")
 NP_REV = abi.packer("kpr_np_rev")  # addr, port, flags, pad, last_seen
 NP_FE_KEY = abi.packer("kpr_np_fe_key", skip=("pad",))  # addr, port, proto
 NP_FE = abi.packer("kpr_np_fe", skip=("pad",))  # mode
 NP_DEV = abi.packer("kpr_np_dev")  # addr4, addr6, flags, pad
-NP_NH = abi.packer("kpr_np_nh")  # gen, ifindex, smac, dmac, kind, stamp, addr
+NP_NH = abi.packer("kpr_np_nh")  # gen, ifindex, smac, dmac, kind, pad, addr
 NH_GEN = abi.value("KPR_NP_NH_GEN")
 
 CT_DIR_ORIGINAL, CT_DIR_REPLY = abi.value("KPR_CT_DIR_ORIGINAL"), abi.value("KPR_CT_DIR_REPLY")
@@ -113,6 +118,27 @@ REV_F_DSR, REV_F_CLOSING = abi.value("KPR_NP_REV_F_DSR"), abi.value("KPR_NP_REV_
 SNAT_PORT_MIN, SNAT_PORT_MAX = abi.value("KPR_SNAT_PORT_MIN"), abi.value("KPR_SNAT_PORT_MAX")  # lib/nat.h defaults
 
 _ZERO16 = bytes(16)
+
+
+def possible_cpus() -> int:
+    """How many CPUs the kernel may run programs on (/sys/devices/system/cpu/possible, "0-3"):
+    lib/nat.h KPR_SNAT_CPUS, each CPU allocating SNAT ports from its own share of the range."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
+def snat_port_slot(proto: int, backend16: bytes, port: int, first: int = SNAT_PORT_MIN) -> int:
+    """lib/nat.h kpr_snat_port_base() + the port's offset: the kpr_snat_ports slot of the flow
+    whose replies come from `backend16` (an address as the maps store it) to SNAT port `port`
+    (`first`: the range's first port)."""
+    w0, w1, w2, w3 = struct.unpack("=4I", backend16)
+    h = w0 ^ w1 ^ w2 ^ w3
+    h ^= h >> 16
+    h ^= h >> 8
+    return ((SNAT_PORT_BUCKETS if proto == 17 else 0) + (h & (SNAT_PORT_BUCKETS - 1))) * SNAT_PORT_SPAN + port - first
 
 
 def vip_hash(addr16: bytes) -> int:
@@ -224,6 +250,7 @@ class Datapath:
             f"-DKPR_NP_PEER={int(self.redirect_peer)}",
             f"-DKPR_SNAT_PORT_MIN={self.snat_ports[0]}",
             f"-DKPR_SNAT_PORT_MAX={self.snat_ports[1]}",
+            f"-DKPR_SNAT_CPUS={possible_cpus()}",
             f'-DKPR_NP_CALLS_PIN="{self.calls_pin}"',
             *self.extra_cflags,
         ]
@@ -271,6 +298,8 @@ class Datapath:
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
             for name in (self.STATS_MAP, self.FWD_MAP, NH_MAP):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
+            if (self.pin / SNAT_PORTS_MAP).exists():  # a build without KPR_SNAT_PORT_TABLE has none
+                self.maps[SNAT_PORTS_MAP] = M.BpfMap.open_pinned(self.pin / SNAT_PORTS_MAP)
         except BaseException:
             self.close()
             raise

@@ -16,6 +16,10 @@ What belongs to whom:
               SNAT flow has one entry here, keyed by its reply tuple (client and frontend in
               it; its SNAT address and port are in its conntrack entry); flows a
               KPR_NP_SNAT_IN_CT=0 build made also have a forward entry (and a kpr_np_rev one).
+  kpr_snat_ports  slots by SNAT port (lib/nat.h KPR_SNAT_PORT_TABLE), each the reply side of
+              one SNAT flow (in place of its kpr_snat entry): live while their flow is, then
+              zeroed (the programs reuse a slot once its flow's conntrack entry is gone or
+              expired anyway; zeroing stops its replies being translated).
 
 A flow born between the dumps of two maps could look orphaned: entries younger than GRACE_NS
 are never collected for want of a partner.
@@ -225,6 +229,7 @@ class Collector:
             ct.delete_many(dead_ct)
         self._rev_pass(res, now, stale_only, gone)
         self._snat_pass(res, now, stale_only, gone)
+        self._ports_pass(res, now, stale_only, gone)
         if not stale_only:
             self.totals.ct_entries = n_ct
         return res
@@ -302,3 +307,28 @@ class Collector:
             self.totals.snat_entries = n
         if dead:
             snat.delete_many(sorted(set(dead)))
+
+    def _ports_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
+        ports = self.maps.get(D.SNAT_PORTS_MAP)
+        if ports is None:
+            return
+        ours = self.snat_addrs()
+        dead: dict[bytes, bytes] = {}
+        n = 0
+        for k, v in ports.items():
+            stamp, client, cport, _fport, bport, proto, _pad, _fe, be, nat = D.SNAT_PORT.unpack(v)
+            if not stamp or nat not in ours:
+                continue
+            flow = (client, cport, proto, be, bport)
+            if flow in gone or (not stale_only and flow not in res.live and now - stamp >= GRACE_NS):
+                dead[k] = v
+            else:
+                n += 1
+        zero = bytes(D.SNAT_PORT.size)
+        for k, v in dead.items():
+            # only if unchanged since the dump: the program may have given the port to a new flow
+            if ports.lookup(k) == v:
+                ports.update(k, zero)
+                res.snat_freed += 1
+        if not stale_only:
+            self.totals.snat_entries += n

@@ -10,6 +10,8 @@ they exist before any plugin loads its programs, and written here only.
   kpr_np_ports     the fast exit's bitmaps: frontend ports, announced-address bits
   kpr_np_nh        next hops the programs cache per backend; written here: the generation
                    (kpr.nexthops bumps it when routes or neighbours change)
+  kpr_snat_ports   reply sides of SNAT flows by SNAT port (lib/nat.h KPR_SNAT_PORT_TABLE;
+                   written by the programs, cleared by gc.py); a fixed size, whatever the range
 
 Per-service changes are written as differences (`apply`): a word of kpr_np_ports, a key of
 kpr_np_vip or kpr_np_fe at a time, from a mirror of the words, never by dumping a map.
@@ -46,6 +48,7 @@ def specs(rev_size: int) -> list[M.MapSpec]:
         M.MapSpec(D.DEVKIND_MAP, M.BPF_MAP_TYPE_HASH, 4, 4, abi.value("KPR_NP_DEVKIND_MAX")),
         M.MapSpec(D.PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.VIP_BITS + 1024),
         M.MapSpec(D.NH_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.NP_NH.size, abi.value("KPR_NP_NH_MAX")),
+        M.MapSpec(D.SNAT_PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.SNAT_PORT.size, 2 * D.SNAT_PORT_BUCKETS * D.SNAT_PORT_SPAN),
     ]
 
 

@@ -92,7 +92,8 @@ struct kpr_ct_key {
 
 /* kpr_ct value. A source-NATed NodePort flow keeps its SNAT address and port here (no SNAT
  * forward entry of its own: one LRU insert less per new flow); its reply side is one kpr_snat
- * entry keyed by the reply tuple (lib/nat.h, kpr_snat_alloc). */
+ * entry keyed by the reply tuple (lib/nat.h, kpr_snat_alloc), or with KPR_SNAT_PORT_TABLE a
+ * slot of kpr_snat_ports indexed by the SNAT port (kpr_snat_port_alloc). */
 struct kpr_ct_entry {
 	__u64 last_seen;         // kpr_ct_now() at the last refresh, ns
 	__u32 backend_id;        // the flow's backend id (generation << 24 | index: kpr_lb_backend())
@@ -119,6 +120,19 @@ static __always_inline void kpr_ct_key_from_tuple(struct kpr_ct_key *k, const st
 	k->dport = t->dport;
 	k->proto = t->proto;
 	k->dir = dir;
+	k->pad = 0;
+}
+
+// Reply-direction key: from `b`:`bport` (the backend) to `c`:`cport` (the client, or the SNAT address).
+static __always_inline void kpr_ct_reply_key(struct kpr_ct_key *k, const union kpr_addr *b, __be16 bport,
+					     const union kpr_addr *c, __be16 cport, __u8 proto)
+{
+	k->saddr = *b;
+	k->daddr = *c;
+	k->sport = bport;
+	k->dport = cport;
+	k->proto = proto;
+	k->dir = KPR_CT_DIR_REPLY;
 	k->pad = 0;
 }
 

@@ -31,6 +31,29 @@
 #define KPR_SNAT_RETRIES 16 // random ports tried before giving up on a new SNAT flow
 #endif
 
+#ifndef KPR_SNAT_PORT_TABLE
+/* 1: a new NodePort SNAT flow's reply side is a slot of an array indexed by its SNAT port
+ * (kpr_snat_ports, written in place: no LRU insert), the port found by walking the CPU's own
+ * share of the range from a per-CPU cursor; 0: a kpr_snat LRU entry keyed by the reply tuple
+ * (random ports tried). Either build reads both. Needs KPR_NP_SNAT_IN_CT (a slot is free once
+ * its flow's conntrack entry, which holds the port, is gone or expired). */
+#define KPR_SNAT_PORT_TABLE 1
+#endif
+#ifndef KPR_SNAT_PORT_BUCKETS
+#define KPR_SNAT_PORT_BUCKETS 8 // port spaces per protocol: a backend's address hashes to one, so backends reuse ports
+#endif
+#ifndef KPR_SNAT_PORT_SPAN
+// slots per port space, whatever the configured range (the map's size stays fixed, so the
+// facility creates it before any program): a range of more ports uses its first this many
+#define KPR_SNAT_PORT_SPAN 8192
+#endif
+#ifndef KPR_SNAT_PORT_PROBES
+#define KPR_SNAT_PORT_PROBES 4 // slots of the CPU's share tried, in order, before a new flow is refused (more: past the verifier's limit in the stages)
+#endif
+#ifndef KPR_SNAT_CPUS
+#define KPR_SNAT_CPUS 1 // possible CPUs (the loader passes them): CPU c allocates the ports c, c + this, ... of the range
+#endif
+
 #define KPR_E_NAT_NOPORT -4   // no free SNAT port after KPR_SNAT_RETRIES tries
 
 /* kpr_snat value: where one direction of a source-NATed flow is translated to. A NodePort
@@ -49,6 +72,156 @@ _Static_assert(sizeof(struct kpr_nat_entry) == 48, "kpr_nat_entry layout");
 
 // SNAT mappings keyed like conntrack: DIR_ORIGINAL = the client's tuple, DIR_REPLY = the reply's tuple.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_nat_entry, kpr_snat, KPR_SNAT_MAX, KPR_PIN(kpr_snat));
+
+#if KPR_SNAT_PORT_TABLE
+#define KPR_SNAT_RANGE (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1)
+#define KPR_SNAT_NPORTS (KPR_SNAT_RANGE < KPR_SNAT_PORT_SPAN ? KPR_SNAT_RANGE : KPR_SNAT_PORT_SPAN)
+// CPUs sharing the range (more CPUs than ports: some share a share, and may race for a slot)
+#define KPR_SNAT_SHARES (KPR_SNAT_CPUS < KPR_SNAT_NPORTS ? KPR_SNAT_CPUS : KPR_SNAT_NPORTS)
+_Static_assert((KPR_SNAT_PORT_BUCKETS & (KPR_SNAT_PORT_BUCKETS - 1)) == 0, "KPR_SNAT_PORT_BUCKETS: a power of two");
+
+/* kpr_snat_ports value: the reply side of one source-NATed NodePort flow, at index
+ * ((proto is UDP) * KPR_SNAT_PORT_BUCKETS + bucket of the backend's address) * KPR_SNAT_PORT_SPAN
+ * + (port - KPR_SNAT_PORT_MIN). A reply (backend -> SNAT address:port) is this flow's when backend,
+ * backend port, SNAT address and protocol match; anything else at that port is not ours. */
+struct kpr_snat_port {
+	__u64 stamp;             // kpr_ct_now() at allocation; 0: never used (or cleared by the collector)
+	union kpr_addr addr;     // the client (a reply's new destination)
+	__be16 port;             // the client's port
+	__be16 fe_port;          // the frontend port (a reply's new source port)
+	__be16 be_port;          // the backend's port (a reply's source port)
+	__u8 proto;              // IPPROTO_*
+	__u8 pad;                // zero
+	union kpr_addr fe_addr;  // the frontend address the client dialled
+	union kpr_addr be_addr;  // the backend (a reply's source)
+	union kpr_addr nat_addr; // the SNAT address (a reply's destination)
+};
+
+_Static_assert(sizeof(struct kpr_snat_port) == 80, "kpr_snat_port layout");
+
+BPF_TABLE_PINNED("array", __u32, struct kpr_snat_port, kpr_snat_ports, 2 * KPR_SNAT_PORT_BUCKETS * KPR_SNAT_PORT_SPAN,
+		 KPR_PIN(kpr_snat_ports));
+// Each CPU's walk over its share of the range.
+struct kpr_snat_cursor {
+	__u32 next;  // the next port of the CPU's share to try (modulo the share's size)
+	__u32 slot;  // the slot the last allocation took, + 1 (0: none)
+};
+
+// Each CPU's cursor. Pinned: the tc and XDP builds (and a build replacing them) walk a CPU's
+// share from one position, not each from its own over the other's live slots.
+BPF_TABLE_PINNED("percpu_array", __u32, struct kpr_snat_cursor, kpr_snat_cursor, 1, KPR_PIN(kpr_snat_cursor));
+
+// First slot of the port space replies from `be` use (kpr.nodeport.gc.snat_port_slot mirrors it).
+static __always_inline __u32 kpr_snat_port_base(__u8 proto, const union kpr_addr *be)
+{
+	__u32 h = be->w[0] ^ be->w[1] ^ be->w[2] ^ be->w[3];
+
+	h ^= h >> 16;
+	h ^= h >> 8;
+	return ((proto == IPPROTO_UDP ? KPR_SNAT_PORT_BUCKETS : 0) + (h & (KPR_SNAT_PORT_BUCKETS - 1))) * KPR_SNAT_PORT_SPAN;
+}
+
+/* Whether a slot's flow still holds its port: its conntrack entry (key from the slot) is there,
+ * live on the conntrack clock, and holds this very mapping. Few branches (bitwise tests): the
+ * verifier walks this once per slot tried. */
+static __always_inline int kpr_snat_port_live(const struct kpr_snat_port *s, __be16 port, __u64 now)
+{
+	struct kpr_ct_key k;
+	struct kpr_ct_entry *e;
+	__u32 diff;
+
+	if (!s->stamp)
+		return 0;
+	k.saddr = s->addr;
+	k.daddr = s->fe_addr;
+	k.sport = s->port;
+	k.dport = s->fe_port;
+	k.proto = s->proto;
+	k.dir = KPR_CT_DIR_ORIGINAL;
+	k.pad = 0;
+	e = kpr_ct.lookup(&k);
+	if (!e)
+		return 0;
+	diff = (e->nat_port ^ port) | (e->nat_addr.w[0] ^ s->nat_addr.w[0]) | (e->nat_addr.w[1] ^ s->nat_addr.w[1]) |
+	       (e->nat_addr.w[2] ^ s->nat_addr.w[2]) | (e->nat_addr.w[3] ^ s->nat_addr.w[3]);
+	return !diff && (__s64)(now - e->last_seen) <= (__s64)kpr_ct_timeout(e, s->proto);
+}
+
+/* The reply side of a new NodePort SNAT flow (tuple after DNAT: client -> backend) as a slot
+ * of kpr_snat_ports: the CPU's cursor walks its own share of the port range (ports c, c +
+ * KPR_SNAT_CPUS, ... for CPU c: no other CPU writes those slots, so no two flows race for
+ * one) and takes the first slot whose flow is gone. KPR_SNAT_PORT_PROBES slots all live: the
+ * range is full for this backend's port space, the flow is refused (KPR_E_NAT_NOPORT), as a
+ * full kpr_snat is. The caller writes the flow's conntrack entry with the port next. */
+static __always_inline int kpr_snat_port_alloc(const struct kpr_tuple *t, const union kpr_addr *nat_addr,
+					       const union kpr_addr *fe, __be16 fport, __be16 *port)
+{
+	__u32 zero = 0, cpu = bpf_get_smp_processor_id() % KPR_SNAT_SHARES, base, off, idx, next, len;
+	struct kpr_snat_cursor *cur = kpr_snat_cursor.lookup(&zero);
+	struct kpr_snat_port *s;
+	__u64 now = kpr_ct_now();
+	int i;
+
+	if (!cur)
+		return KPR_E_NAT_NOPORT;
+	base = kpr_snat_port_base(t->proto, &t->daddr);
+	len = (KPR_SNAT_NPORTS - 1 - cpu) / KPR_SNAT_SHARES + 1; // ports in the share
+	next = cur->next;
+	cur->slot = 0;
+	/* The search only, a loop the verifier walks (bounded) rather than copies of its body:
+	 * what it found goes through the cursor's map value, read back after the loop, so every
+	 * try that found a slot leaves the loop in one state (the verifier walks the rest of the
+	 * stage once, not once per try). The offset is arithmetic, no branch, for the same reason. */
+#pragma clang loop unroll(disable)
+	for (i = 0; i < KPR_SNAT_PORT_PROBES; i++) {
+		off = cpu + (next % len) * KPR_SNAT_SHARES;
+		next++;
+		idx = base + off;
+		s = kpr_snat_ports.lookup(&idx);
+		if (s && !kpr_snat_port_live(s, kpr_htons(KPR_SNAT_PORT_MIN + off), now)) {
+			cur->slot = idx + 1;
+			break;
+		}
+	}
+	cur->next = next % len;
+	idx = cur->slot;
+	if (!idx)
+		return KPR_E_NAT_NOPORT;
+	idx--;
+	s = kpr_snat_ports.lookup(&idx);
+	if (!s)
+		return KPR_E_NAT_NOPORT;
+	s->addr = t->saddr;
+	s->port = t->sport;
+	s->fe_port = fport;
+	s->be_port = t->dport;
+	s->proto = t->proto;
+	s->pad = 0;
+	s->fe_addr = *fe;
+	s->be_addr = t->daddr;
+	s->nat_addr = *nat_addr;
+	s->stamp = now;
+	*port = kpr_htons(KPR_SNAT_PORT_MIN + (idx - base));
+	return 0;
+}
+
+// The kpr_snat_ports slot a reply (tuple as received: backend -> SNAT address:port) belongs to, or NULL.
+static __always_inline struct kpr_snat_port *kpr_snat_port_reverse(const struct kpr_tuple *t)
+{
+	__u16 p = kpr_ntohs(t->dport);
+	__u32 idx;
+	struct kpr_snat_port *s;
+
+	if (p < KPR_SNAT_PORT_MIN || p - KPR_SNAT_PORT_MIN >= KPR_SNAT_NPORTS)
+		return (void *)0;
+	idx = kpr_snat_port_base(t->proto, &t->saddr) + (p - KPR_SNAT_PORT_MIN);
+	s = kpr_snat_ports.lookup(&idx);
+	if (!s || !s->stamp || s->be_port != t->sport || s->proto != t->proto || !kpr_addr_eq(&s->be_addr, &t->saddr) ||
+	    !kpr_addr_eq(&s->nat_addr, &t->daddr))
+		return (void *)0;
+	return s;
+}
+#endif
 
 // DNAT: send the packet to `addr`:`port` (a backend). port 0 keeps the port.
 static __always_inline int kpr_nat_dnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *addr, __be16 port)
@@ -112,16 +285,10 @@ static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union
 	rev.fe_addr = *fe;
 	rev.fe_port = fport;
 	rev.created = kpr_ct_now();
-	rk.saddr = t->daddr;
-	rk.daddr = *nat_addr;
-	rk.sport = t->dport;
-	rk.proto = t->proto;
-	rk.dir = KPR_CT_DIR_REPLY;
-	rk.pad = 0;
 	for (i = 0; i < KPR_SNAT_RETRIES; i++) {
 		__u16 p = KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1);
 
-		rk.dport = kpr_htons(p);
+		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr, kpr_htons(p), t->proto);
 		if (kpr_snat.insert(&rk, &rev) == 0) {
 			*port = rk.dport;
 			return 0;
@@ -153,13 +320,7 @@ static __always_inline struct kpr_nat_entry *kpr_snat_mapping(const struct kpr_t
 	fwd.addr = *nat_addr;
 	fwd.created = kpr_ct_now();
 	if (kpr_snat.update(&fk, &fwd)) {
-		rk.saddr = t->daddr;
-		rk.daddr = *nat_addr;
-		rk.sport = t->dport;
-		rk.dport = fwd.port;
-		rk.proto = t->proto;
-		rk.dir = KPR_CT_DIR_REPLY;
-		rk.pad = 0;
+		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr, fwd.port, t->proto);
 		kpr_snat.delete(&rk);
 		*err = KPR_E_NAT_NOPORT;
 		return (void *)0;

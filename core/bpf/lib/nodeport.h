@@ -140,6 +140,9 @@
  * before (conntrack, SNAT forward and reverse, kpr_np_rev). Both builds read either kind. */
 #define KPR_NP_SNAT_IN_CT 1
 #endif
+// The reply side of new SNAT flows in kpr_snat_ports (lib/nat.h KPR_SNAT_PORT_TABLE): a slot
+// written in place instead of the kpr_snat insert; its liveness is the conntrack entry's.
+#define KPR_NP_SNAT_PORTS (KPR_SNAT_PORT_TABLE && KPR_NP_SNAT_IN_CT)
 #ifndef KPR_NP_NH_CACHE
 /* 1: the SNAT stage caches each remote backend's next hop (kpr_np_nh: egress device, MACs)
  * and skips the FIB lookup while the agent's generation is unchanged; 0: a FIB lookup per packet */
@@ -273,7 +276,7 @@ struct kpr_np_nh {
 	__u8 smac[6];        // the route's source MAC
 	__u8 dmac[6];        // the next hop's MAC
 	__u32 kind;          // KPR_DEV_* of ifindex (the forwarding counters) | KPR_NP_NH_EXTERNAL | mtu << 16
-	__u64 stamp;         // kpr_ct_now() when cached (for the curious: validity is the generation's)
+	__u64 pad;           // zero (validity is the generation's: no time kept)
 	union kpr_addr addr; // the backend's address (an index reused for another backend misses)
 };
 
@@ -473,19 +476,6 @@ static __always_inline int kpr_np_icmp_allowed(void)
 	return 1;
 }
 
-// Reply-direction conntrack key: from the backend `b`:`bport` to the client `c`:`cport`.
-static __always_inline void kpr_np_rev_key(struct kpr_ct_key *k, const union kpr_addr *b, __be16 bport,
-					   const union kpr_addr *c, __be16 cport, __u8 proto)
-{
-	k->saddr = *b;
-	k->daddr = *c;
-	k->sport = bport;
-	k->dport = cport;
-	k->proto = proto;
-	k->dir = KPR_CT_DIR_REPLY;
-	k->pad = 0;
-}
-
 // Remember that replies from backend to client must come from the frontend.
 static __always_inline void kpr_np_rev_create(const union kpr_addr *b, __be16 bport, const union kpr_addr *c,
 					      __be16 cport, __u8 proto, const union kpr_addr *fe, __be16 fport,
@@ -494,7 +484,7 @@ static __always_inline void kpr_np_rev_create(const union kpr_addr *b, __be16 bp
 	struct kpr_ct_key k;
 	struct kpr_np_rev v = {};
 
-	kpr_np_rev_key(&k, b, bport, c, cport, proto);
+	kpr_ct_reply_key(&k, b, bport, c, cport, proto);
 	v.addr = *fe;
 	v.port = fport;
 	v.flags = flags;
@@ -524,6 +514,11 @@ static __always_inline __u8 kpr_np_mode_of(const struct kpr_svc_key *key, __u8 p
 	struct kpr_np_fe *o;
 	__u8 mode = KPR_NP_MODE;
 
+#if !KPR_NP_DSR
+	// every remote backend is source-NATed: no per-frontend mode to look up (a frontend's
+	// kpr_np_fe bucket is a cache miss of its own when new flows spread over many frontends)
+	return KPR_NP_MODE_SNAT;
+#endif
 	fk.addr = key->addr;
 	fk.port = key->port;
 	fk.proto = key->proto;
@@ -532,9 +527,6 @@ static __always_inline __u8 kpr_np_mode_of(const struct kpr_svc_key *key, __u8 p
 		mode = o->mode;
 	if (mode == KPR_NP_MODE_HYBRID)
 		mode = proto == IPPROTO_TCP ? KPR_NP_MODE_DSR : KPR_NP_MODE_SNAT;
-#if !KPR_NP_DSR
-	mode = KPR_NP_MODE_SNAT;
-#endif
 	return mode;
 }
 
@@ -551,10 +543,10 @@ static __always_inline __u32 kpr_np_devkind_of(__u32 ifindex, int external)
 	return external ? KPR_DEV_PHYSICAL : KPR_DEV_UNKNOWN;
 }
 
-// The route's MACs on the frame; -1 when it is too short to hold them.
-static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p)
+// A route's MACs (the FIB's or a cached next hop's) on the frame; -1 when it is too short to hold them.
+static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const __u8 *dmac, const __u8 *smac)
 {
-	if (kpr_fib_set_macs(ctx, p->dmac, p->smac)) {
+	if (kpr_fib_set_macs(ctx, dmac, smac)) {
 		kpr_np_fwd_count(KPR_NP_FWD_DROP_SHORT);
 		kpr_mon_bare(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_SHORT_FRAME);
 		return -1;
@@ -563,6 +555,12 @@ static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const struct bpf_fib_
 }
 
 #ifdef KPR_CTX_XDP
+// Whether XDP_REDIRECT reaches a device of kind `kind` (KPR_DEV_*), external or not (see below).
+static __always_inline int kpr_np_xdp_reachable(__u32 kind, int external)
+{
+	return external && (kind == KPR_DEV_PHYSICAL || kind == KPR_DEV_VETH_PEER || kind == KPR_DEV_VETH_LOCAL);
+}
+
 /* Whether XDP can send a frame where the FIB lookup `p` (result `rc`) says; otherwise counts
  * why not, and the frame goes to the stack. XDP_REDIRECT needs the target's XDP transmit path:
  * the external devices kpr's XDP program runs on have one (an overlay or a bridge named as one
@@ -582,7 +580,7 @@ static __always_inline int kpr_np_xdp_sendable(const struct bpf_fib_lookup *p, i
 	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
 	kind = kpr_np_devkind_of(ifindex, external);
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
-	if (!external || (kind != KPR_DEV_PHYSICAL && kind != KPR_DEV_VETH_PEER && kind != KPR_DEV_VETH_LOCAL)) {
+	if (!kpr_np_xdp_reachable(kind, external)) {
 		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
 		return 0;
 	}
@@ -610,7 +608,7 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 #endif
 	if (!kpr_np_xdp_sendable(p, rc))
 		return CTX_PASS;
-	if (kpr_np_set_macs(ctx, p))
+	if (kpr_np_set_macs(ctx, p->dmac, p->smac))
 		return CTX_DROP;
 	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
 	return ctx_redirect(ctx, ifindex, 0);
@@ -641,7 +639,7 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 		kpr_np_fwd_count(KPR_NP_FWD_NEIGH);
 		return ctx_redirect_neigh(ctx, ifindex);
 	}
-	if (kpr_np_set_macs(ctx, p))
+	if (kpr_np_set_macs(ctx, p->dmac, p->smac))
 		return CTX_DROP;
 #if KPR_NP_PEER
 	if (peer && !external && kpr_dev_has_peer(kind)) {
@@ -726,14 +724,9 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 		return (void *)0;
 #endif
 #ifdef KPR_CTX_XDP
-	{
-		// tc caches next hops XDP_REDIRECT cannot reach (kpr_np_xdp_sendable): not for XDP
-		__u32 kind = e->kind & 0xff;
-
-		if (!(e->kind & KPR_NP_NH_EXTERNAL) ||
-		    (kind != KPR_DEV_PHYSICAL && kind != KPR_DEV_VETH_PEER && kind != KPR_DEV_VETH_LOCAL))
-			return (void *)0;
-	}
+	// tc caches next hops XDP_REDIRECT cannot reach (kpr_np_xdp_sendable): not for XDP
+	if (!kpr_np_xdp_reachable(e->kind & 0xff, e->kind & KPR_NP_NH_EXTERNAL))
+		return (void *)0;
 #endif
 	return e;
 #else
@@ -741,16 +734,23 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 #endif
 }
 
-// Cache a successful FIB lookup `p` for the backend (a device of kind `kind`, reached with its MACs).
-static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr, const struct bpf_fib_lookup *p,
-					  __u32 kind)
+/* Cache a successful FIB lookup `p` for the backend: what kpr_np_forward does with it, a
+ * redirect with the route's MACs, when the device is one it knows (XDP: kpr_np_xdp_sendable
+ * said so before). The device is looked up only when caching is armed. */
+static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr, const struct bpf_fib_lookup *p)
 {
 #if KPR_NP_NH_CACHE
-	__u32 k = KPR_NP_NH_GEN;
+	__u32 k = KPR_NP_NH_GEN, ifindex = p->ifindex, kind;
 	struct kpr_np_nh *g = kpr_np_nh.lookup(&k), *e;
+	int external;
 
 	if (!g || !g->gen || !bid)
 		return;
+	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
+	kind = kpr_np_devkind_of(ifindex, external);
+	if (kind == KPR_DEV_UNKNOWN)
+		return;
+	kind |= external ? KPR_NP_NH_EXTERNAL : 0;
 	bid &= KPR_BACKEND_INDEX_MASK; // (the address check in kpr_np_nh_get tells an index's backends apart)
 	e = kpr_np_nh.lookup(&bid);
 	if (!e)
@@ -766,7 +766,6 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 	e->kind = kind; // XDP's lookup reports none: the MTU is not checked from the cache
 #endif
 	e->addr = *addr;
-	e->stamp = kpr_ct_now();
 	e->gen = g->gen;
 #endif
 }
@@ -777,11 +776,8 @@ static __always_inline int kpr_np_nh_send(kpr_ctx_t *ctx, const struct kpr_np_nh
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (nh->kind & 0xff));
 	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
 	kpr_np_fwd_count(KPR_NP_FWD_NH_CACHED);
-	if (kpr_fib_set_macs(ctx, nh->dmac, nh->smac)) {
-		kpr_np_fwd_count(KPR_NP_FWD_DROP_SHORT);
-		kpr_mon_bare(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_SHORT_FRAME);
+	if (kpr_np_set_macs(ctx, nh->dmac, nh->smac))
 		return CTX_DROP;
-	}
 	return ctx_redirect(ctx, nh->ifindex, 0);
 }
 
@@ -839,7 +835,6 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 #if KPR_NP_SNAT_IN_CT
 	struct kpr_tuple orig; // the client's tuple (the conntrack key), before DNAT
 	struct kpr_np_nh *nh;
-	__u32 kind;
 	__be16 nport;
 #else
 	struct kpr_nat_entry *m;
@@ -891,15 +886,19 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		}
 	}
 	if (!st->nat_port) {
-		// a new flow (or one XDP passed on without a mapping): one kpr_snat insert for the
-		// replies, one conntrack insert holding the mapping
+		// a new flow (or one XDP passed on without a mapping): the reply side (a
+		// kpr_snat_ports slot, or a kpr_snat insert), one conntrack insert holding the mapping
 		nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
 				       pkt.t.family);
 		if (!nat) {
 			kpr_np_drop(KPR_NP_ST_DROP_NO_SNAT_ADDR, KPR_MON_R_NO_SNAT_ADDRESS, &pkt.t);
 			return CTX_DROP;
 		}
+#if KPR_NP_SNAT_PORTS
+		if (kpr_snat_port_alloc(&pkt.t, nat, &orig.daddr, orig.dport, &nport)) {
+#else
 		if (kpr_snat_alloc(&pkt.t, nat, &orig.daddr, orig.dport, &nport)) {
+#endif
 			kpr_np_count(KPR_NP_ST_DROP_SNAT_PORT);
 			kpr_mon_flow(KPR_MON_T_NAT_FULL, KPR_NP_MON_HOOK, KPR_MON_R_SNAT_NO_PORT, &pkt.t, 0, st->backend_id,
 				     be);
@@ -917,18 +916,8 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		return CTX_DROP;
 	}
 	KPR_NP_STOP(6);
-#if KPR_NP_NH_CACHE
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		// what kpr_np_forward will do with it: a redirect with the route's MACs, when the
-		// device is one it knows (XDP: kpr_np_xdp_sendable said so above)
-		__u32 ifindex = p.ifindex;
-		int external = kpr_np_dev.lookup(&ifindex) != (void *)0;
-
-		kind = kpr_np_devkind_of(ifindex, external);
-		if (kind != KPR_DEV_UNKNOWN)
-			kpr_np_nh_put(st->backend_id, &be->addr, &p, kind | (external ? KPR_NP_NH_EXTERNAL : 0));
-	}
-#endif
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		kpr_np_nh_put(st->backend_id, &be->addr, &p);
 #else
 #if !KPR_NP_LAZY_SNAT_ADDR
 	nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
@@ -977,7 +966,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 #endif
 #ifdef KPR_CTX_XDP
 	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT); // kpr_np_xdp_sendable said yes above
-	if (kpr_np_set_macs(ctx, &p))
+	if (kpr_np_set_macs(ctx, p.dmac, p.smac))
 		return CTX_DROP;
 	return ctx_redirect(ctx, p.ifindex, 0);
 #else
@@ -1206,57 +1195,97 @@ static __always_inline int kpr_np_snat_port(const struct kpr_tuple *t)
 	return kpr_ntohs(t->dport) >= KPR_SNAT_PORT_MIN && kpr_ntohs(t->dport) <= KPR_SNAT_PORT_MAX;
 }
 
+/* The client and frontend a reply to a source-NATed flow (tuple as received: backend -> SNAT
+ * address:port) is translated back to, from whichever entry the flow has: its kpr_snat_ports
+ * slot, its kpr_snat reverse entry with the frontend in it, or (flows of the four-entry layout)
+ * a kpr_snat reverse entry and a kpr_np_rev entry, refreshed when `touch`. Returns 0; 1: not a
+ * reply of ours; -1: that kpr_np_rev entry is gone (the caller drops and counts it). */
+static __always_inline int kpr_np_snat_rev(const struct kpr_tuple *t, int touch, union kpr_addr *client,
+					   __be16 *cport, union kpr_addr *fe, __be16 *fport)
+{
+	struct kpr_nat_entry *n;
+	struct kpr_np_rev *rev;
+	struct kpr_ct_key rk;
+#if KPR_NP_SNAT_PORTS
+	struct kpr_snat_port *s = kpr_snat_port_reverse(t);
+
+	if (s) {
+		*client = s->addr;
+		*cport = s->port;
+		*fe = s->fe_addr;
+		*fport = s->fe_port;
+		return 0;
+	}
+#endif
+	n = kpr_snat_reverse(t);
+	if (!n)
+		return 1;
+	*client = n->addr;
+	*cport = n->port;
+	if (n->fe_port) {
+		// the frontend is in the SNAT entry itself (KPR_NP_SNAT_IN_CT builds)
+		*fe = n->fe_addr;
+		*fport = n->fe_port;
+		return 0;
+	}
+	kpr_ct_reply_key(&rk, &t->saddr, t->sport, &n->addr, n->port, t->proto);
+	rev = kpr_np_rev.lookup(&rk);
+	if (!rev)
+		return -1;
+	if (touch)
+		kpr_np_rev_touch(rev, t->tcp_flags);
+	*fe = rev->addr;
+	*fport = rev->port;
+	return 0;
+}
+
+// Whether a tuple (as received) is a reply to a source-NATed flow.
+static __always_inline int kpr_np_is_snat_reply(const struct kpr_tuple *t)
+{
+#if KPR_NP_SNAT_PORTS
+	if (kpr_snat_port_reverse(t))
+		return 1;
+#endif
+	return kpr_snat_reverse(t) != (void *)0;
+}
+
 // KPR_NP_CALL_SNAT_REPLY: backend -> node:port becomes frontend -> client.
 static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 {
 	struct kpr_pkt pkt;
-	struct kpr_nat_entry *n;
-	struct kpr_np_rev *rev;
-	struct kpr_ct_key rk;
-	union kpr_addr fe;
-	__be16 fport;
+	union kpr_addr fe, cl;
+	__be16 fport, cport;
+	int ret;
 
 	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || !pkt.l4_off)
 		return KPR_NP_PASS;
-	n = kpr_snat_reverse(&pkt.t);
-	if (!n)
+	ret = kpr_np_snat_rev(&pkt.t, 1, &cl, &cport, &fe, &fport);
+	if (ret > 0)
 		return KPR_NP_PASS;
-	if (n->fe_port) {
-		// the frontend is in the SNAT entry itself (KPR_NP_SNAT_IN_CT builds)
-		fe = n->fe_addr;
-		fport = n->fe_port;
-	} else {
-		kpr_np_rev_key(&rk, &pkt.t.saddr, pkt.t.sport, &n->addr, n->port, pkt.t.proto);
-		rev = kpr_np_rev.lookup(&rk);
-		if (!rev) {
-			kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
-			return CTX_DROP;
-		}
-		kpr_np_rev_touch(rev, pkt.t.tcp_flags);
-		fe = rev->addr;
-		fport = rev->port;
+	if (ret < 0) {
+		kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
+		return CTX_DROP;
 	}
 #ifdef KPR_CTX_XDP
 	{
 		// the route to the client first: a reply XDP cannot send is passed untranslated
 		struct bpf_fib_lookup p;
-		union kpr_addr cl = n->addr;
 		int rc = kpr_fib_lookup(ctx, &p, &pkt.t, &fe, &cl, 0);
 
 		if (!kpr_np_xdp_sendable(&p, rc))
 			return CTX_PASS;
-		if (kpr_nat_dnat_snat(ctx, &pkt, &n->addr, n->port, &fe, fport)) {
+		if (kpr_nat_dnat_snat(ctx, &pkt, &cl, cport, &fe, fport)) {
 			kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 			return CTX_DROP;
 		}
 		kpr_np_count(KPR_NP_ST_REPLY_SNAT);
-		if (kpr_np_set_macs(ctx, &p))
+		if (kpr_np_set_macs(ctx, p.dmac, p.smac))
 			return CTX_DROP;
 		kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
 		return ctx_redirect(ctx, p.ifindex, 0);
 	}
 #else
-	if (kpr_nat_dnat_snat(ctx, &pkt, &n->addr, n->port, &fe, fport)) {
+	if (kpr_nat_dnat_snat(ctx, &pkt, &cl, cport, &fe, fport)) {
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
@@ -1293,7 +1322,7 @@ static __always_inline int kpr_np_stage_dsr_recv(kpr_ctx_t *ctx)
 		kpr_np_drop(KPR_NP_ST_DROP_DSR_BAD, KPR_MON_R_DSR_UNKNOWN_FRONTEND, &pkt.t);
 		return CTX_DROP;
 	}
-	kpr_np_rev_key(&rk, &pkt.t.daddr, pkt.t.dport, &pkt.t.saddr, pkt.t.sport, pkt.t.proto);
+	kpr_ct_reply_key(&rk, &pkt.t.daddr, pkt.t.dport, &pkt.t.saddr, pkt.t.sport, pkt.t.proto);
 	rev = kpr_np_rev.lookup(&rk);
 	// a SYN starts a connection: its entry is written afresh (no closing mark from an ended one)
 	if (rev && kpr_addr_eq(&rev->addr, &fe) && rev->port == fport &&
@@ -1320,11 +1349,9 @@ static __always_inline int kpr_np_stage_icmp_in(kpr_ctx_t *ctx)
 	struct kpr_pkt pkt;
 	struct kpr_icmp_inner in;
 	struct kpr_tuple rt = {};
-	struct kpr_nat_entry *n;
-	struct kpr_np_rev *rev;
-	struct kpr_ct_key rk;
 	union kpr_addr client, fe, be;
 	__be16 cport, fport;
+	int ret;
 
 	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || kpr_icmp_parse_inner(ctx, &pkt, &in))
 		return KPR_NP_PASS;
@@ -1335,25 +1362,14 @@ static __always_inline int kpr_np_stage_icmp_in(kpr_ctx_t *ctx)
 	rt.dport = in.t.sport;
 	rt.proto = in.t.proto;
 	rt.family = in.t.family;
-	n = kpr_snat_reverse(&rt);
-	if (!n)
+	ret = kpr_np_snat_rev(&rt, 0, &client, &cport, &fe, &fport);
+	if (ret > 0)
 		return kpr_np_vip_guard(&pkt);
-	client = n->addr;
-	cport = n->port;
-	be = in.t.daddr;
-	if (n->fe_port) {
-		fe = n->fe_addr;
-		fport = n->fe_port;
-	} else {
-		kpr_np_rev_key(&rk, &be, in.t.dport, &client, cport, in.t.proto);
-		rev = kpr_np_rev.lookup(&rk);
-		if (!rev) {
-			kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
-			return CTX_DROP;
-		}
-		fe = rev->addr;
-		fport = rev->port;
+	if (ret < 0) {
+		kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
+		return CTX_DROP;
 	}
+	be = in.t.daddr;
 	// Outer header first: no condition then spans the packet rewrites (the verifier, unlike the
 	// compiler, cannot tell which branch combinations are impossible).
 	// An error the backend itself sent must come from the frontend; a router's keeps its address.
@@ -1386,7 +1402,7 @@ static __always_inline int kpr_np_stage_icmp_out(kpr_ctx_t *ctx)
 		return KPR_NP_PASS;
 	// the quote is client -> backend; the flow's replies are backend -> client
 	be = in.t.daddr;
-	kpr_np_rev_key(&rk, &be, in.t.dport, &in.t.saddr, in.t.sport, in.t.proto);
+	kpr_ct_reply_key(&rk, &be, in.t.dport, &in.t.saddr, in.t.sport, in.t.proto);
 	rev = kpr_np_rev.lookup(&rk);
 	if (!rev)
 		return KPR_NP_PASS;
@@ -1424,6 +1440,14 @@ static __always_inline int kpr_np_rev_live(const struct kpr_np_rev *rev, const s
 }
 
 #if KPR_NP_PREFILTER && KPR_NP_EARLY_EXIT
+// Whether the frame holds the whole TCP (or UDP) header at `off`, as kpr_parse_l4 wants it.
+static __always_inline int kpr_np_l4_whole(kpr_ctx_t *ctx, __u32 off, __u8 proto)
+{
+	if (proto == IPPROTO_TCP)
+		return ctx_ptr(ctx, off, sizeof(struct tcphdr)) != (void *)0;
+	return ctx_ptr(ctx, off, sizeof(struct udphdr)) != (void *)0;
+}
+
 /* The fast exit, before the full parse (no tuple built, no other test first): an untagged IPv4
  * (without options or fragmentation) or IPv6 (without extension headers) TCP/UDP packet to a
  * port no frontend has, outside the SNAT port range, to an address that cannot be an announced
@@ -1445,6 +1469,9 @@ static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
 			return 0;
 		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 			return 0;
+		// a cut L4 header is the full parse's (counted malformed there)
+		if (!kpr_np_l4_whole(ctx, sizeof(struct ethhdr) + sizeof(struct iphdr), ip->protocol))
+			return 0;
 		t.dport = ((__be16 *)(ip + 1))[1];
 		t.proto = ip->protocol;
 		kpr_addr_set_v4(&t.daddr, ip->daddr);
@@ -1452,6 +1479,8 @@ static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
 		struct ipv6hdr *ip6 = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(struct ipv6hdr) + 4);
 
 		if (!ip6 || (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP))
+			return 0;
+		if (!kpr_np_l4_whole(ctx, sizeof(struct ethhdr) + sizeof(struct ipv6hdr), ip6->nexthdr))
 			return 0;
 		t.dport = ((__be16 *)(ip6 + 1))[1];
 		t.proto = ip6->nexthdr;
@@ -1506,7 +1535,7 @@ static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 	if (kpr_dsr_parse(ctx, &pkt, &fe, &fport))
 		return kpr_np_tail(ctx, KPR_NP_CALL_DSR_RECV);
 #endif
-	if (kpr_np_snat_port(&pkt.t) && kpr_snat_reverse(&pkt.t))
+	if (kpr_np_snat_port(&pkt.t) && kpr_np_is_snat_reply(&pkt.t))
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT_REPLY);
 #if KPR_NP_PREFILTER
 	// the fast exit: no conntrack or service lookups for a port no frontend has (replies to

@@ -9,6 +9,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable
 from itertools import chain, repeat
+from operator import attrgetter
 from typing import Any
 
 from ..bpf import maps as M
@@ -72,20 +73,19 @@ class ReconcileMixin:
             if not (run and self._backend_refs.add_run(lo, counts)):
                 self._backend_refs.add_many(dict(zip(bids, counts)))
 
-        for k, v in self.maps["kpr_revnat"].items():
-            idx = M.U32.unpack(k)[0]
-            fk = v[:19]
+        rn_items = self.maps["kpr_revnat"].items()
+        rn_idx = [M.U32.unpack(k)[0] for k, _v in rn_items]
+        for (k, v), idx in zip(rn_items, rn_idx):
             g = by_revnat.get(idx)
             if g is None:
                 self._stray["kpr_revnat"].add(k)
             else:
                 g.revnat = v
-            self._revnat_used.add(idx)
-            self._next_revnat = max(self._next_revnat, idx + 1)
-        for fk, g in self._groups.items():
-            self._revnat_ids[fk] = g.rev_nat
-            self._revnat_used.add(g.rev_nat)
-            self._next_revnat = max(self._next_revnat, g.rev_nat + 1)
+        # (list at a time: 50k frontends at every full sync and check)
+        group_rn = list(map(_REV_NAT, groups.values()))
+        self._revnat_ids.update(zip(groups, group_rn))
+        self._revnat_used.update(rn_idx, group_rn)
+        self._next_revnat = max(self._next_revnat, max(rn_idx, default=0) + 1, max(group_rn, default=0) + 1)
 
         for k, _v in self.maps["kpr_srcrange"].items():
             g = by_revnat.get(M.SRCRANGE_KEY.unpack(k)[1])
@@ -136,7 +136,24 @@ class ReconcileMixin:
         referenced: list[tuple[bytes, set[int]]] = []
         i, n = 0, len(heads)
         while i < n:
-            fk = heads[i][0][:19]
+            k, v = heads[i]
+            fk = k[:19]
+            if i + 1 == n or heads[i + 1][0][:19] != fk:
+                base, count, term, rev_nat = decoded[i][:4]
+                c = count + term
+                if c and base and base + c <= limit:
+                    # the common frontend, one scope and its range: the general case below,
+                    # unrolled (a full sync or check at 50k services reads 50k of them)
+                    g = groups[fk] = _Group(rev_nat, owners.get(fk))
+                    by_revnat[rev_nat] = g
+                    g.set_packed(k, v, 1)
+                    g.base, g.span = base, size_class(c)
+                    sv = g.slot_vals = bytes(arr[base * 8 : (base + c) * 8])
+                    slot_ids = self._indexes(array("I", sv)[0::2].tolist())
+                    g.set_order(k[19], slot_ids[:count])
+                    referenced.append((fk, set(slot_ids)))
+                    i += 1
+                    continue
             j = i + 1
             while j < n and heads[j][0][:19] == fk:
                 j += 1
@@ -335,6 +352,8 @@ class ReconcileMixin:
             self._retry_refused()
             return n
 
+
+_REV_NAT = attrgetter("rev_nat")
 
 # What _reset_shadow sets: the writer's picture of the maps.
 _SHADOW = (

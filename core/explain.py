@@ -267,6 +267,13 @@ def _decide(dm: DatapathMaps, e: SvcEntry, t: Target, hook: str, source: str | N
             out["backend"] = _member(dm, out, ct["backend_id"])
             out["by"] = "conntrack"
             steps.append("a tracked flow (kpr_ct): it keeps its backend")
+            b = out["backend"]
+            if ct["nat_port"] and b is not None:
+                nat = ct["nat_addr"]
+                reply = dm.snat_reply(M.addr_to_bytes(b["address"]), b["port"], nat, ct["nat_port"], t.proto)
+                out["snat"] = {"address": M.bytes_to_addr(nat), "port": ct["nat_port"], "replies": reply}
+                steps.append(f"source-NATed to {M.bytes_to_addr(nat)}:{ct['nat_port']}; replies found in "
+                             f"{reply or 'no map (not translated back)'}")
             return
     if e.count == 0:
         if hook == "device" and e.has(M.SVC_F_LOCAL_SCOPE):

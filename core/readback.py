@@ -52,7 +52,7 @@ _TYPE_BITS = (
 SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
 STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
 # Maps programs other than the writer own; read when present (the plugin that pins them is on).
-OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_np_nodeaddr", "kpr_np_vip", "kpr_sock_hostaddr")
+OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_snat_ports", "kpr_np_nodeaddr", "kpr_np_vip", "kpr_sock_hostaddr")
 
 
 # bpf_ktime_get_coarse_ns() reads CLOCK_MONOTONIC_COARSE (6 on Linux; Python names it only sometimes).
@@ -286,8 +286,27 @@ class DatapathMaps:
         raw = m.lookup(_CT_KEY.pack(saddr, daddr, M.htons(sport), M.htons(dport), proto, _CT_DIR_ORIGINAL, 0))
         if raw is None:
             return None
-        last, bid, rev_nat, flags = _CT_ENTRY.unpack(raw)[:4]
-        return {"last_seen": last, "backend_id": bid, "rev_nat": rev_nat, "flags": flags}
+        last, bid, rev_nat, flags, _tf, _pad, nat_port, _pad2, nat_addr = _CT_ENTRY.unpack(raw)
+        return {"last_seen": last, "backend_id": bid, "rev_nat": rev_nat, "flags": flags,
+                "nat_port": M.ntohs(nat_port), "nat_addr": nat_addr}
+
+    def snat_reply(self, backend: bytes, bport: int, nat: bytes, nat_port: int, proto: int) -> str | None:
+        """Where the programs find the replies (backend -> SNAT address:port) of a source-NATed
+        flow: "kpr_snat_ports" (its slot, lib/nat.h KPR_SNAT_PORT_TABLE), "kpr_snat" (a reverse
+        entry), or None (neither: its replies are not translated)."""
+        from kpr.nodeport import datapath as ND
+
+        ports = self.maps.get("kpr_snat_ports")
+        if ports is not None:
+            raw = ports.lookup(M.U32.pack(ND.snat_port_slot(proto, backend, nat_port)))
+            if raw is not None:
+                stamp, _c, _cp, _fp, be_port, sproto, _pad, _fe, be, snat = ND.SNAT_PORT.unpack(raw)
+                if stamp and (be, M.ntohs(be_port), snat, sproto) == (backend, bport, nat, proto):
+                    return "kpr_snat_ports"
+        rev = self.maps.get("kpr_snat")
+        if rev is not None and rev.lookup(_CT_KEY.pack(backend, nat, M.htons(bport), M.htons(nat_port), proto, 1, 0)):
+            return "kpr_snat"
+        return None
 
     def is_node_address(self, addr: bytes, hook: str) -> bool:
         """Whether the hook's program takes `addr` for one of this node's addresses (the

@@ -130,15 +130,14 @@ def possible_cpus() -> int:
     return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
 
 
-def snat_port_slot(proto: int, backend16: bytes, port: int, first: int = SNAT_PORT_MIN) -> int:
-    """lib/nat.h kpr_snat_port_base() + the port's offset: the kpr_snat_ports slot of the flow
-    whose replies come from `backend16` (an address as the maps store it) to SNAT port `port`
-    (`first`: the range's first port)."""
+def snat_port_slot(proto: int, backend16: bytes, port: int) -> int:
+    """lib/nat.h KPR_SNAT_PORT_SLOT(kpr_snat_port_base(), port): the kpr_snat_ports slot of the
+    flow whose replies come from `backend16` (an address as the maps store it) to SNAT port `port`."""
     w0, w1, w2, w3 = struct.unpack("=4I", backend16)
     h = w0 ^ w1 ^ w2 ^ w3
     h ^= h >> 16
     h ^= h >> 8
-    return ((SNAT_PORT_BUCKETS if proto == 17 else 0) + (h & (SNAT_PORT_BUCKETS - 1))) * SNAT_PORT_SPAN + port - first
+    return ((SNAT_PORT_BUCKETS if proto == 17 else 0) + (h & (SNAT_PORT_BUCKETS - 1))) * SNAT_PORT_SPAN + (port & (SNAT_PORT_SPAN - 1))
 
 
 def vip_hash(addr16: bytes) -> int:

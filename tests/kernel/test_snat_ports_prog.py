@@ -90,7 +90,7 @@ def _reset(lab: ProgLab) -> None:
             dp.bpf[b"kpr_snat_cursor"].clear()
     with M.BpfMap.open_pinned(lab.pin / ND.SNAT_PORTS_MAP) as m:
         for port in range(FIRST, LAST + 1):
-            m.update(M.U32.pack(ND.snat_port_slot(6, M.addr_to_bytes(BACKEND), port, FIRST)), bytes(ND.SNAT_PORT.size))
+            m.update(M.U32.pack(ND.snat_port_slot(6, M.addr_to_bytes(BACKEND), port)), bytes(ND.SNAT_PORT.size))
 
 
 def syn(lab: ProgLab, client: str, sport: int) -> Ether:
@@ -164,7 +164,7 @@ def test_ports_come_from_the_cpus_share_and_free_only_when_their_flow_is_gone(la
         assert list(sn.keys()) == []
     a = _share()[0]
     with M.BpfMap.open_pinned(lab.pin / ND.SNAT_PORTS_MAP) as m:
-        slot = ND.SNAT_PORT.unpack(m.lookup(M.U32.pack(ND.snat_port_slot(6, M.addr_to_bytes(BACKEND), a, FIRST))))
+        slot = ND.SNAT_PORT.unpack(m.lookup(M.U32.pack(ND.snat_port_slot(6, M.addr_to_bytes(BACKEND), a))))
     stamp, client, cport, fport, bport, proto, _pad, fe, be, nat = slot
     assert stamp and (client, cport, fport, bport, proto) == (M.addr_to_bytes("192.0.2.4"), M.htons(1004), M.htons(80),
                                                               M.htons(8080), 6)
@@ -205,3 +205,28 @@ def test_the_collector_frees_the_slots_of_flows_that_ended(lab: ProgLab) -> None
     ])
     assert moved.get("reply_snat") == 1, moved
     assert dp is lab.builds["xdp"]
+
+
+def test_explain_names_the_flows_snat_port_and_its_reply_slot(lab: ProgLab) -> None:
+    """`kpr explain` on a tracked SNAT flow: the SNAT address and port from its conntrack entry,
+    and where its replies are found (its kpr_snat_ports slot; none once the slot went to
+    another flow)."""
+    from kpr.explain import explain, parse_target
+
+    _reset(lab)
+    a = _share()[0]
+    run(lab, "xdp", "xdp", [Case("flow A", syn(lab, "192.0.2.1", 1001), XDP_REDIRECT, snat_to(a))])
+
+    def snat() -> Any:
+        out = explain(lab.pin, parse_target(f"{FE}:80/tcp"), source="192.0.2.1", sport=1001, via="device", device="eth0")
+        assert out["by"] == "conntrack", out
+        return out["snat"], out["steps"][-1]
+
+    got, step = snat()
+    assert got == {"address": NODE4, "port": a, "replies": "kpr_snat_ports"} and "kpr_snat_ports" in step
+    with M.BpfMap.open_pinned(lab.pin / ND.SNAT_PORTS_MAP) as m:  # the slot taken by another backend port's flow
+        key = M.U32.pack(ND.snat_port_slot(6, M.addr_to_bytes(BACKEND), a))
+        v = list(ND.SNAT_PORT.unpack(m.lookup(key)))
+        v[4] = M.htons(8081)
+        m.update(key, ND.SNAT_PORT.pack(*v))
+    assert snat()[0]["replies"] is None

@@ -79,10 +79,14 @@ BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_nat_entry, kpr_snat, 
 // CPUs sharing the range (more CPUs than ports: some share a share, and may race for a slot)
 #define KPR_SNAT_SHARES (KPR_SNAT_CPUS < KPR_SNAT_NPORTS ? KPR_SNAT_CPUS : KPR_SNAT_NPORTS)
 _Static_assert((KPR_SNAT_PORT_BUCKETS & (KPR_SNAT_PORT_BUCKETS - 1)) == 0, "KPR_SNAT_PORT_BUCKETS: a power of two");
+_Static_assert((KPR_SNAT_PORT_SPAN & (KPR_SNAT_PORT_SPAN - 1)) == 0, "KPR_SNAT_PORT_SPAN: a power of two");
+// A port's slot in its space: the port modulo the span (distinct for the range's first span
+// ports, and the same whatever the range: the collector and `kpr explain` need no range).
+#define KPR_SNAT_PORT_SLOT(base, port) ((base) + ((port) & (KPR_SNAT_PORT_SPAN - 1)))
 
 /* kpr_snat_ports value: the reply side of one source-NATed NodePort flow, at index
  * ((proto is UDP) * KPR_SNAT_PORT_BUCKETS + bucket of the backend's address) * KPR_SNAT_PORT_SPAN
- * + (port - KPR_SNAT_PORT_MIN). A reply (backend -> SNAT address:port) is this flow's when backend,
+ * + port % KPR_SNAT_PORT_SPAN. A reply (backend -> SNAT address:port) is this flow's when backend,
  * backend port, SNAT address and protocol match; anything else at that port is not ours. */
 struct kpr_snat_port {
 	__u64 stamp;             // kpr_ct_now() at allocation; 0: never used (or cleared by the collector)
@@ -104,7 +108,7 @@ BPF_TABLE_PINNED("array", __u32, struct kpr_snat_port, kpr_snat_ports, 2 * KPR_S
 // Each CPU's walk over its share of the range.
 struct kpr_snat_cursor {
 	__u32 next;  // the next port of the CPU's share to try (modulo the share's size)
-	__u32 slot;  // the slot the last allocation took, + 1 (0: none)
+	__u32 found; // the port offset the last allocation took, + 1 (0: none)
 };
 
 // Each CPU's cursor. Pinned: the tc and XDP builds (and a build replacing them) walk a CPU's
@@ -167,7 +171,7 @@ static __always_inline int kpr_snat_port_alloc(const struct kpr_tuple *t, const 
 	base = kpr_snat_port_base(t->proto, &t->daddr);
 	len = (KPR_SNAT_NPORTS - 1 - cpu) / KPR_SNAT_SHARES + 1; // ports in the share
 	next = cur->next;
-	cur->slot = 0;
+	cur->found = 0;
 	/* The search only, a loop the verifier walks (bounded) rather than copies of its body:
 	 * what it found goes through the cursor's map value, read back after the loop, so every
 	 * try that found a slot leaves the loop in one state (the verifier walks the rest of the
@@ -176,18 +180,19 @@ static __always_inline int kpr_snat_port_alloc(const struct kpr_tuple *t, const 
 	for (i = 0; i < KPR_SNAT_PORT_PROBES; i++) {
 		off = cpu + (next % len) * KPR_SNAT_SHARES;
 		next++;
-		idx = base + off;
+		idx = KPR_SNAT_PORT_SLOT(base, KPR_SNAT_PORT_MIN + off);
 		s = kpr_snat_ports.lookup(&idx);
 		if (s && !kpr_snat_port_live(s, kpr_htons(KPR_SNAT_PORT_MIN + off), now)) {
-			cur->slot = idx + 1;
+			cur->found = off + 1;
 			break;
 		}
 	}
 	cur->next = next % len;
-	idx = cur->slot;
-	if (!idx)
+	off = cur->found;
+	if (!off)
 		return KPR_E_NAT_NOPORT;
-	idx--;
+	off--;
+	idx = KPR_SNAT_PORT_SLOT(base, KPR_SNAT_PORT_MIN + off);
 	s = kpr_snat_ports.lookup(&idx);
 	if (!s)
 		return KPR_E_NAT_NOPORT;
@@ -201,7 +206,7 @@ static __always_inline int kpr_snat_port_alloc(const struct kpr_tuple *t, const 
 	s->be_addr = t->daddr;
 	s->nat_addr = *nat_addr;
 	s->stamp = now;
-	*port = kpr_htons(KPR_SNAT_PORT_MIN + (idx - base));
+	*port = kpr_htons(KPR_SNAT_PORT_MIN + off);
 	return 0;
 }
 
@@ -214,7 +219,7 @@ static __always_inline struct kpr_snat_port *kpr_snat_port_reverse(const struct 
 
 	if (p < KPR_SNAT_PORT_MIN || p - KPR_SNAT_PORT_MIN >= KPR_SNAT_NPORTS)
 		return (void *)0;
-	idx = kpr_snat_port_base(t->proto, &t->saddr) + (p - KPR_SNAT_PORT_MIN);
+	idx = KPR_SNAT_PORT_SLOT(kpr_snat_port_base(t->proto, &t->saddr), p);
 	s = kpr_snat_ports.lookup(&idx);
 	if (!s || !s->stamp || s->be_port != t->sport || s->proto != t->proto || !kpr_addr_eq(&s->be_addr, &t->saddr) ||
 	    !kpr_addr_eq(&s->nat_addr, &t->daddr))

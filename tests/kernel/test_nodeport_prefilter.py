@@ -131,6 +131,11 @@ def _odd_packets(lab: ProgLab) -> list[tuple[str, bytes]]:
          bytes(eth / IP(src=client, dst=NODE4) / UDP(sport=45105, dport=53, chksum=0) / b"kpr")),
         ("TCP header cut after the ports, to the announced address",
          bytes(eth / IP(src=client, dst=VIP, proto=6) / b"\xb0\x00\x01\xbb")),
+        # (the full parse counts these malformed: the raw-header exit passed them uncounted)
+        ("TCP header cut after the ports, to a node address's unserved port",
+         bytes(eth / IP(src=client, dst=NODE4, proto=6) / b"\xb0\x0a\x00\x16\x00\x00")),
+        ("UDP header cut after the ports, to a node address's unserved port",
+         bytes(eth / IP(src=client, dst=NODE4, proto=17) / b"\xb0\x0b\x00\x35")),
         ("TCP to the wildcard NodePort on a node address", lab.packet(NODE4, NODEPORT, sport=45106, flags="S")),
         ("IPv6 with a destination-options header, unserved port",
          bytes(eth / IPv6(src="2001:db8:c::50", dst="fd00::1") / IPv6ExtHdrDestOpt() / TCP(sport=45107, dport=22))),

@@ -79,6 +79,37 @@ def test_a_port_taken_out_of_the_bitmap_is_not_balanced(lab: ProgLab, hook: str)
 
 
 @pytest.mark.parametrize("hook", ["tc", "xdp"])
+@pytest.mark.parametrize("armed, balanced", [(0, True), (1, False)], ids=["not armed", "armed"])
+def test_a_clear_port_bit_counts_only_once_the_bitmap_is_armed(lab: ProgLab, hook: str, armed: int,
+                                                               balanced: bool) -> None:
+    """Frontend port 80's bit cleared: before the agent armed the bitmap (the armed word 0)
+    the frontend is still balanced, by the early exit's test and the full path's; armed, its
+    packet is taken for unserved (dropped: an announced address). The programs read the port's
+    bit first and the armed word only for a clear bit."""
+    import struct
+
+    from kpr.bpf import maps as M
+    from kpr.nodeport import datapath as ND
+
+    lab.flush_flows()
+    dp = lab.builds[hook]
+    with M.BpfMap.open_pinned(lab.pin / ND.PORTS_MAP) as ports:
+        try:
+            dp.set_frontend_ports([(NODEPORT, 6)])  # port 80's bit clear
+            ports.update(M.U32.pack(ND.PORTS_ARMED), struct.pack("=Q", armed))
+            verdict, _out, moved = run(lab, hook, lab.packet(VIP, 80, sport=45007 + armed, flags="S"))
+            if balanced:
+                assert moved.get("new_snat") == 1, moved
+            else:
+                assert verdict == DROP[hook] and moved == {"drop_vip_unserved": 1}, moved
+            # a port whose bit is set is served either way
+            verdict, _out, moved = run(lab, hook, lab.packet(NODE4, NODEPORT, sport=45009 + armed, flags="S"))
+            assert moved.get("new_local") == 1, moved
+        finally:
+            dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
 def test_an_address_whose_filter_bit_another_set_still_leaves_early(lab: ProgLab, hook: str) -> None:
     """The announced-address filter is a hash: with many announced addresses a node address's
     bit may be set by another's. The early exit then looks the address up exactly: port 22 on

@@ -425,15 +425,17 @@ static __always_inline int kpr_np_vip_guard(const struct kpr_pkt *pkt)
 // Whether a TCP/UDP tuple's destination port is a frontend's (or the bitmap is not armed yet).
 static __always_inline int kpr_np_port_served(const struct kpr_tuple *t)
 {
-	__u32 k = KPR_NP_PORTS_ARMED;
 	__u16 port = kpr_ntohs(t->dport);
+	__u32 k = (t->proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
 	__u64 *w = kpr_np_ports.lookup(&k);
 
-	if (!w || !*w)
+	// the port's bit first: a service's packet is served without reading the armed word (a
+	// cache line of its own); a clear bit counts only once the agent armed the bitmap
+	if (!w || ((*w >> (port & 63)) & 1))
 		return 1;
-	k = (t->proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
+	k = KPR_NP_PORTS_ARMED;
 	w = kpr_np_ports.lookup(&k);
-	return !w || ((*w >> (port & 63)) & 1);
+	return !w || !*w;
 }
 
 // 16-bit hash of an address for the announced-address bits (kpr.nodeport.datapath.vip_hash mirrors it).
@@ -746,15 +748,27 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 
 	if (!g || !g->gen || !bid)
 		return;
+	bid &= KPR_BACKEND_INDEX_MASK; // (the address check in kpr_np_nh_get tells an index's backends apart)
+	e = kpr_np_nh.lookup(&bid);
+	/* Current already (every new flow to the backend after the first, each with its FIB
+	 * lookup): no device lookups, and no write to a line every CPU's packets to it read (a
+	 * route or MAC change bumps the generation, which makes the entry stale). */
+	if (!e)
+		return;
+#ifdef KPR_CTX_SKB
+	// (an entry without the route's MTU, as XDP caches them, is written again with it)
+	if (e->gen == g->gen && e->ifindex == ifindex && kpr_addr_eq(&e->addr, addr) &&
+	    (e->kind >> 16) == (p->mtu_result & 0xffff))
+		return;
+#else
+	if (e->gen == g->gen && e->ifindex == ifindex && kpr_addr_eq(&e->addr, addr))
+		return;
+#endif
 	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
 	kind = kpr_np_devkind_of(ifindex, external);
 	if (kind == KPR_DEV_UNKNOWN)
 		return;
 	kind |= external ? KPR_NP_NH_EXTERNAL : 0;
-	bid &= KPR_BACKEND_INDEX_MASK; // (the address check in kpr_np_nh_get tells an index's backends apart)
-	e = kpr_np_nh.lookup(&bid);
-	if (!e)
-		return;
 	e->gen = 0; // no reader takes it while half written (the same values, were two CPUs to write it)
 	e->ifindex = p->ifindex;
 	__builtin_memcpy(e->smac, p->smac, 6);

@@ -6,7 +6,7 @@ In one run, every service a ClusterIP with 10 backends of its own (the shape of 
 figures), medians of --reps runs:
 
 1. Full sync of 10k and 50k services into empty maps, against Cilium's published 50k
-   services in 708 ms; beside it kube-proxy's shape of the same 10k services loaded with
+   services in 708 ms (also with 1% of the services NodePorts or with a terminating backend); beside it kube-proxy's shape of the same 10k services loaded with
    `iptables-restore` into a scratch network namespace (never the host's tables).
 2. Full sync of 10k batched vs one element at a time (what the batch syscalls buy).
 3. 1000 new services applied (one upsert each, as the bus delivers them) on top of 0, 10k
@@ -31,11 +31,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.bpf.maglev import DEFAULT_SIZE, build_table
 from kpr.bpf.maps import addr_to_bytes
-from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.model import Backend, BackendState, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.servicemaps import ServiceMapWriter
 from kpr.servicemaps.slots import size_class
 
@@ -56,6 +57,22 @@ def _svc(i: int, backends: int = BACKENDS, extra: int = 0) -> Service:
 
 def services(n: int, backends: int = BACKENDS, start: int = 0) -> list[Service]:
     return [_svc(i, backends) for i in range(start, start + n)]
+
+
+def mixed_services(n: int) -> list[Service]:
+    """services(n) with 1% of another kind, as real clusters hold: every 200th a NodePort
+    (its own port on a node address, and its wildcard entry), every 200th (offset 100) a
+    ClusterIP with one backend terminating."""
+    out = services(n)
+    for i in range(0, n, 100):
+        fe = out[i].frontends[0]
+        if i % 200 == 0:
+            fe = Frontend(FrontendType.NODE_PORT, "192.0.2.1", 30000 + i // 200 % 2768, Protocol.TCP, fe.backends)
+        else:
+            fe = Frontend(fe.type, fe.address, fe.port, fe.protocol,
+                          (*fe.backends[1:], replace(fe.backends[0], state=BackendState.TERMINATING)))
+        out[i] = Service(out[i].key, (fe,))
+    return out
 
 
 def sizes_for(n: int, backends: int = BACKENDS) -> dict[str, int]:
@@ -92,18 +109,19 @@ def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def full_sync(n: int, reps: int, batch: bool = True, general: bool = False) -> tuple[float, dict]:
+def full_sync(n: int, reps: int, batch: bool = True, general: bool = False, mixed: bool = False) -> tuple[float, dict]:
     """Median seconds of a full sync of n services into empty maps; its median CPU seconds and
     the syscall figures of the last run in the dict. general: service by service, as a full
     sync over maps already holding services is written (the list-at-a-time path for empty
-    maps, kpr.servicemaps.bulk, turned off)."""
-    svcs = services(n)
+    maps, kpr.servicemaps.bulk, turned off). mixed: 1% of the services of another kind
+    (mixed_services)."""
+    svcs = mixed_services(n) if mixed else services(n)
     times, cpu, info = [], [], {}
     for _ in range(reps):
         addr_to_bytes.cache_clear()  # every run converts its addresses from scratch
         with writer(n, batch=batch) as w:
             if general:
-                w._bulk_sync = lambda _services: False  # type: ignore[method-assign]
+                w._bulk_sync = lambda _services: None  # type: ignore[method-assign]
             wall, c = timed_cpu(lambda: w.full_sync(svcs))
             times.append(wall)
             cpu.append(c)
@@ -229,22 +247,26 @@ def main() -> int:
     print(f"1. full sync of N services x {BACKENDS} backends into empty maps (beside it, interleaved: the same "
           "written service by service, as over maps already holding services)")
     sync = {}
+    kinds = {"": {}, " (1% other kinds)": {"mixed": True}, " (service by service)": {"general": True},
+             " (1% other kinds, service by service)": {"mixed": True, "general": True}}
     for n in (big, huge):
-        runs: dict[bool, list[tuple[float, dict]]] = {False: [], True: []}
-        for _ in range(reps):  # one of each in turn: both see the same load
-            for general in (False, True):
-                runs[general].append(full_sync(n, 1, general=general))
+        runs: dict[str, list[tuple[float, dict]]] = {k: [] for k in kinds}
+        for _ in range(reps):  # one of each in turn: all see the same load
+            for kind, kw in kinds.items():
+                runs[kind].append(full_sync(n, 1, **kw))
         med = {
-            general: (statistics.median(r[0] for r in rs), statistics.median(r[1]["cpu_s"] for r in rs), rs[-1][1])
-            for general, rs in runs.items()
+            kind: (statistics.median(r[0] for r in rs), statistics.median(r[1]["cpu_s"] for r in rs), rs[-1][1])
+            for kind, rs in runs.items()
         }
-        sync[n] = med[False][0]
-        for general, (t, c, info) in med.items():
-            vs = f"; {t / med[False][0]:.1f}x, CPU {c / med[False][1]:.1f}x" if general else ""
+        sync[n] = med[""][0]
+        mixed[n] = med[" (1% other kinds)"]
+        for kind, (t, c, info) in med.items():
+            vs = f"; {t / med[''][0]:.2f}x, CPU {c / med[''][1]:.2f}x" if kind else ""
             print(
-                f"   {n:6d} services{' (service by service)' if general else ''}: {t * 1e3:8.1f} ms, CPU {c * 1e3:7.1f} ms"
+                f"   {n:6d} services{kind}: {t * 1e3:8.1f} ms, CPU {c * 1e3:7.1f} ms"
                 f"  ({info['entries']} entries, {info['syscalls']} syscalls, {info['syscall_s'] * 1e3:.1f} ms in them){vs}"
             )
+        print(f"   ({load()})")
     if not args.no_iptables:
         ipt = iptables_restore(big)
         if isinstance(ipt, str):
@@ -289,6 +311,8 @@ def main() -> int:
           f"one change at {huge} {chg_ratio:.2f}x of at 100 (goal 1.2x)")
     print(f"full sync {big}: {sync[big] * 1e3:.0f} ms")
     print(f"full sync {huge}: {sync[huge] * 1e3:.0f} ms")
+    for n in (big, huge):
+        print(f"full sync {n} with 1% other kinds: {mixed[n][0] * 1e3:.0f} ms, CPU {mixed[n][1] * 1e3:.0f} ms")
     return 0
 
 

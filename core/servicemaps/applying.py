@@ -119,21 +119,44 @@ class ApplyMixin:
             self.conflicts = {}
             self.refused = {}
             self._begin()
-            if self._bulk_sync(services):
-                return  # empty maps, every service the common kind (kpr.servicemaps.bulk)
+            rest = self._bulk_sync(services)  # empty maps: the common services (kpr.servicemaps.bulk)
+            if rest:
+                self._sync_rest(rest)
+            if rest is not None:
+                return
             old = dict(self._groups)
             desired = self._plan(services, old)
             self._apply(old, desired, strays=True)
 
-    def _plan(self, services: list[Service], old: dict[bytes, _Group]) -> dict[bytes, _Group]:
-        """The groups a full sync writes: services in key order, each whole or refused.
+    def _sync_rest(self, rest: list[Service]) -> None:
+        """The services the bulk path left, planned and written service by service beside the
+        common ones it wrote (their frontends are none of these'). The sync is one change: a
+        failed write takes the common ones out again too."""
+        bulk = dict(self._groups)
+        used = group_entries(bulk.values())
+        used["kpr_backend"] = len(self._backend_vals)
+        try:
+            self._apply({}, self._plan(rest, {}, used), strays=True)
+        except Exception:
+            try:
+                self._begin()
+                self._apply(bulk, {}, strays=True)
+            except Exception:  # noqa: BLE001 - the first error is the one to report; check() repairs later
+                log.exception("event=servicemaps_rollback_failed")
+            raise
+
+    def _plan(
+        self, services: list[Service], old: dict[bytes, _Group], used: dict[str, int] | None = None
+    ) -> dict[bytes, _Group]:
+        """The groups a full sync writes: services in key order, each whole or refused
+        (`used`: entries taken before them, by the bulk path's groups).
 
         A service claims its frontends (a frontend already claimed is a conflict) if all of
         them fit beside what earlier services took; otherwise it is refused and keeps the
         groups the maps hold for frontends it claims (its last good state), if those fit.
         """
         desired: dict[bytes, _Group] = {}
-        used = group_entries(())
+        used = dict(used) if used else group_entries(())
         used_bids: set[int] = set()
         limits = self.limits
         for s in services:

@@ -1,13 +1,17 @@
-"""A full sync into empty maps at list speed: every service's entries rendered, checked
+"""A full sync into empty maps at list speed: the common services' entries rendered, checked
 against the maps' capacity and written a whole list at a time, not service by service.
 
 It covers the common service (one frontend, not a NodePort, not a wildcard address, every
 backend active, no local traffic policy, no source ranges, the random algorithm) when the
 maps hold no service yet (a node's first start, after `kpr cleanup`, the benchmark's full
-sync of 50k services) and everything fits. In any other case it declines before changing
-anything and the general path (ApplyMixin._plan / _apply, service by service) runs; the
-result is the same either way: tests/kernel/test_servicemaps_bulk.py compares the maps and
-the shadow both paths leave.
+sync of 50k services). The others in the same sync (a NodePort, a terminating backend, a
+frontend two services claim, ...) are left to the general path (ApplyMixin._plan / _apply,
+service by service, in key order), which plans and writes them right after, beside the
+common ones: a few of them no longer send 50k services the slow way. When the common ones
+and at most what the others take do not all fit, or the writer's state rules it out, it
+declines before changing anything and the general path takes every service. The ids differ
+(the common services are numbered first); what the maps serve and the shadow mean are the
+same: tests/kernel/test_servicemaps_bulk.py compares both paths.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ from __future__ import annotations
 import logging
 import struct
 from array import array
+from bisect import bisect_right
 from collections import Counter
 from functools import lru_cache, partial
-from itertools import accumulate, chain, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import add, attrgetter, itemgetter
 from socket import AF_INET, inet_pton
 from typing import Any
 
 from ..bpf import maps as M
 from ..model import BackendState, FrontendType, Service
+from .applying import _in_key_order
 from .groups import _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SVC_TAIL, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6, _Group
 from .slots import size_class
 
@@ -38,6 +44,7 @@ _pton4 = partial(inet_pton, AF_INET)
 _KEY4 = struct.Struct("=12s4s3s")  # an IPv4 key: ::ffff:0:0/96, the address, port and protocol
 _SVC_KEY_TAIL = _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL  # kpr_svc key after the frontend key
 _REVNAT_TAIL = b"\x00"  # kpr_revnat value after the frontend key
+_NODE_PORT = FrontendType.NODE_PORT
 _MAX_COUNT = 0xFFFF  # kpr_svc_val's count is a u16 (rendering._MAX_COUNT)
 _ACTIVE_SLOT = array("I", (0, M.BACKEND_ACTIVE))  # kpr_slot words: id, state
 
@@ -65,10 +72,13 @@ def _keys(addresses: list[str], tails: Any) -> list[bytes] | None:
 class BulkMixin:
     """ServiceMapWriter's full sync into empty maps (state: see ServiceMapWriter._reset_shadow)."""
 
-    def _bulk_sync(self, services: list[Service]) -> bool:
-        """Write `services` (in key order) into maps that hold no service, a list at a time;
-        False, with nothing changed, when they are not all the common kind or do not all fit
-        (ApplyMixin._full_sync then runs the general path)."""
+    def _bulk_sync(self, services: list[Service]) -> list[Service] | None:
+        """Write the common services among `services` (in key order) into maps that hold no
+        service, a list at a time; returns the others, in key order, for the general path
+        (ApplyMixin._full_sync plans and writes them next, in the same sync). None, with
+        nothing changed, when the writer's state rules the bulk path out, no service is the
+        common kind, or the common ones and an upper bound of the others' entries do not all
+        fit (the general path then plans every service in key order, refusing by name)."""
         if (
             not self.batch
             or self._groups
@@ -79,57 +89,80 @@ class BulkMixin:
             or not services
             or len(self._services) != len(services)  # a key twice: the general path's conflicts
         ):
-            return False
-        n = len(services)
+            return None
+        rest: list[Service] = []  # the others, whole, for the general path
         fel = list(map(_FRONTENDS, services))
-        if set(map(len, fel)) != {1}:
-            return False
-        if any(map(_ANNOTATIONS, services)) and any(
-            self._algorithm_for(s) != "random" for s in services if s.annotations
-        ):
-            return False
+        bad = [i for i, k in enumerate(map(len, fel)) if k != 1]
+        if any(map(_ANNOTATIONS, services)):
+            bad += [i for i, s in enumerate(services) if s.annotations and self._algorithm_for(s) != "random"]
+        services, fel = _drop(bad, rest, services, fel)
         fes = list(map(_FIRST, fel))
         types = list(map(_TYPE, fes))
-        if (
-            FrontendType.NODE_PORT in types  # (its wildcard entry: a second group)
-            or any(map(_SOURCE_RANGES, fes))
-            or any(map(_EXT_LOCAL, fes))
-            or any(map(_INT_LOCAL, fes))
-        ):
-            return False
+        bad = [i for i, t in enumerate(types) if t is _NODE_PORT] if _NODE_PORT in types else []  # (its wildcard: a second group)
+        for get in (_SOURCE_RANGES, _EXT_LOCAL, _INT_LOCAL):
+            got = list(map(get, fes))
+            if any(got):
+                bad += [i for i, v in enumerate(got) if v]
         affs = list(map(_AFFINITY, fes))
-        if min(affs) < 0 or max(affs) > 0xFFFFFFFF:
-            return False
+        if affs and not (type(min(affs)) is int and min(affs) >= 0 and max(affs) <= 0xFFFFFFFF):
+            bad += [i for i, a in enumerate(affs) if not (type(a) is int and 0 <= a <= 0xFFFFFFFF)]
+        services, fes, types, affs = _drop(bad, rest, services, fes, types, affs)
         try:
             flags = list(map(_TYPE_FLAGS.__getitem__, types))
             tails = list(map(_tail, map(_PORT, fes), map(_PROTOCOL, fes)))
         except (KeyError, OverflowError, TypeError, AttributeError):
-            return False
-        fks = _keys(list(map(_ADDRESS, fes)), tails)
-        if fks is None or any(map((_WILD4, _WILD6).__contains__, map(_ADDR16, fks))):
-            return False
-        if len(set(fks)) != n:
-            return False  # a frontend claimed twice: the general path's conflicts
+            services, fes, types, affs = _drop(
+                [i for i, fe in enumerate(fes) if _frontend_tail(fe) is None], rest, services, fes, types, affs
+            )
+            flags = list(map(_TYPE_FLAGS.__getitem__, types))
+            tails = list(map(_tail, map(_PORT, fes), map(_PROTOCOL, fes)))
+        addrs = list(map(_ADDRESS, fes))
+        fks = _keys(addrs, tails)
+        if fks is None:  # not an address: the general path names it
+            keep = [_keys([a], [t]) for a, t in zip(addrs, tails)]
+            services, fes, flags, affs, keep = _drop(
+                [i for i, k in enumerate(keep) if k is None], rest, services, fes, flags, affs, keep
+            )
+            fks = [k[0] for k in keep]  # type: ignore[index]
+        bad = [i for i, k in enumerate(map(_ADDR16, fks)) if k in (_WILD4, _WILD6)]
+        # a frontend claimed twice, or also by one of the others: the general path's conflicts,
+        # decided in key order
+        taken = {k for k, c in Counter(fks).items() if c > 1} if len(set(fks)) != len(fks) else set()
+        taken |= _frontend_keys(rest)
+        if taken:
+            bad += [i for i, k in enumerate(fks) if k in taken]
+        services, fes, flags, affs, fks = _drop(bad, rest, services, fes, flags, affs, fks)
 
         # backends, all services' in one list
         bel = list(map(_BACKENDS, fes))
         counts = list(map(len, bel))
         flat = list(chain.from_iterable(bel))
-        if BackendState.TERMINATING in map(_STATE, flat):
-            return False
+        states = list(map(_STATE, flat))
+        bad = [i for i, c in enumerate(counts) if c > _MAX_COUNT] if counts and max(counts) > _MAX_COUNT else []
+        if BackendState.TERMINATING in states:
+            ends = list(accumulate(counts))
+            bad += sorted({bisect_right(ends, j) for j, st in enumerate(states) if st is BackendState.TERMINATING})
+        if bad:
+            services, fes, flags, affs, fks, bel = _drop(bad, rest, services, fes, flags, affs, fks, bel)
+            counts = list(map(len, bel))
+            flat = list(chain.from_iterable(bel))
         protos = list(map(_PROTOCOL, fes))
         ports = list(map(_PORT, flat))
         try:
-            if len(set(ports)) == 1 and len(set(protos)) == 1:
-                btails: Any = repeat(_tail(ports[0], protos[0]))
-            else:
-                btails = list(map(_tail, ports, chain.from_iterable(map(repeat, protos, counts))))
-            keys = _keys(list(map(_ADDRESS, flat)), btails)
-            if keys is None:
-                return False
-            bkeys = keys
+            bkeys = _backend_keys(flat, ports, protos, counts)
+            if bkeys is None:  # not an address: the general path names it
+                bad = [i for i, fe in enumerate(fes) if _backend_keys(fe.backends, list(map(_PORT, fe.backends)),
+                                                                     [fe.protocol], [len(fe.backends)]) is None]
+                services, fes, flags, affs, fks, bel = _drop(bad, rest, services, fes, flags, affs, fks, bel)
+                counts = list(map(len, bel))
+                flat = list(chain.from_iterable(bel))
+                protos = list(map(_PROTOCOL, fes))
+                bkeys = _backend_keys(flat, list(map(_PORT, flat)), protos, counts)
         except (OverflowError, TypeError, KeyError):
-            return False
+            return None
+        n = len(services)
+        if not n or bkeys is None:
+            return None
         # kpr_backend values (None: each its key and the same zero tail, joined at once below)
         locals_ = list(map(_LOCAL, flat))
         vals: list[bytes] | None = None
@@ -143,8 +176,11 @@ class BulkMixin:
         run = list(range(nxt, nxt + total))  # (one int object per id, shared by what follows)
         ids = dict(zip(bkeys, run))
         u = len(ids)
-        if nxt < 1 or nxt + u - 1 > self.limits["kpr_backend"]:
-            return False  # (ids from the queue of freed ones: the general path)
+        # what the others may take at most: the common ones and they all fit, so planning
+        # the others after them refuses none of them for these maps (key order's refusals)
+        most = _most_entries(rest)
+        if nxt < 1 or nxt + u - 1 + most["kpr_backend"] > self.limits["kpr_backend"]:
+            return None  # (ids from the queue of freed ones: the general path)
         if u == total:
             # every backend listed once: ids ascending in list order, each frontend's sorted
             orders = run
@@ -157,20 +193,18 @@ class BulkMixin:
             per = [sorted(set(bids[o : o + c])) for o, c in zip(accumulate(counts, initial=0), counts)]
             ns = list(map(len, per))
             orders = list(chain.from_iterable(per))
-        if ns and max(ns) > _MAX_COUNT:
-            return False
         spans = list(map(size_class, ns))
         have = self._counts()
         need = {"kpr_svc": n, "kpr_slots": sum(spans), "kpr_backend": u, "kpr_revnat": n}
-        if any(have[name] + k > self.limits[name] for name, k in need.items()):
-            return False
+        if any(have[name] + k + most[name] > self.limits[name] for name, k in need.items()):
+            return None
         nr = self._next_revnat
         revnats = range(nr, nr + n)
-        if nr < 1 or nr + n > 0xFFFFFFFF or not self._revnat_used.isdisjoint(revnats):
-            return False
+        if nr < 1 or nr + n + most["kpr_revnat"] > 0xFFFFFFFF or not self._revnat_used.isdisjoint(revnats):
+            return None
         bases = self._slots.alloc_run(spans)
         if bases is None:
-            return False
+            return None
 
         # accepted: the ids, rev-NAT indexes and ranges are taken (as rendering takes them)
         if self._backend_ids:
@@ -240,8 +274,68 @@ class BulkMixin:
         if not self._backend_vals.store_run(nxt, be_blob):
             self._backend_vals.update(zip(range(nxt, nxt + u), _pieces(be_blob, M.BACKEND.size)))
         self._begin()
-        log.debug("event=servicemaps_bulk_sync frontends=%d backends=%d", n, u)
-        return True
+        log.debug("event=servicemaps_bulk_sync frontends=%d backends=%d others=%d", n, u, len(rest))
+        return _in_key_order(rest) if rest else rest
+
+
+def _drop(bad: list[int], rest: list[Service], services: list[Service], *lists: list) -> tuple[list, ...]:
+    """`services` and the lists beside them without the entries at the indexes `bad`; those
+    services appended to `rest`."""
+    if not bad:
+        return (services, *lists)
+    gone = set(bad)
+    keep = [i not in gone for i in range(len(services))]
+    rest.extend(services[i] for i in sorted(gone))
+    return tuple(list(compress(x, keep)) for x in (services, *lists))
+
+
+def _frontend_tail(fe: Any) -> bytes | None:
+    try:
+        _TYPE_FLAGS[fe.type]
+        return _tail(fe.port, fe.protocol)
+    except (KeyError, OverflowError, TypeError, AttributeError):
+        return None
+
+
+def _backend_keys(flat: list[Any], ports: list[int], protos: list[Any], counts: list[int]) -> list[bytes] | None:
+    """The kpr_backend keys of the backends `flat` (the frontends' in turn, `counts` each,
+    of the frontends' protocols `protos`); None when one is not an address."""
+    if len(set(ports)) == 1 and len(set(protos)) == 1:
+        btails: Any = repeat(_tail(ports[0], protos[0]))
+    else:
+        btails = list(map(_tail, ports, chain.from_iterable(map(repeat, protos, counts))))
+    return _keys(list(map(_ADDRESS, flat)), btails) if flat else []
+
+
+def _frontend_keys(services: list[Service]) -> set[bytes]:
+    """The frontend keys (address, port, protocol) these services' frontends name (a
+    NodePort's wildcard one aside: never a common service's); what is no address is none."""
+    out = set()
+    for s in services:
+        for fe in s.frontends:
+            tail = _frontend_tail(fe)
+            if tail is not None:
+                try:
+                    out.add(M.addr_to_bytes(fe.address) + tail)
+                except (ValueError, TypeError):
+                    pass
+    return out
+
+
+def _most_entries(services: list[Service]) -> dict[str, int]:
+    """At most the entries these services' groups take in each map a common service uses:
+    a NodePort frontend renders two groups (its wildcard one), a group two scopes, each
+    scope's slots as many as the frontend lists."""
+    most = dict.fromkeys(("kpr_svc", "kpr_slots", "kpr_backend", "kpr_revnat"), 0)
+    for s in services:
+        for fe in s.frontends:
+            g = 2 if fe.type is _NODE_PORT else 1
+            nb = len(fe.backends)
+            most["kpr_svc"] += 2 * g
+            most["kpr_revnat"] += g
+            most["kpr_slots"] += g * size_class(2 * nb)
+            most["kpr_backend"] += nb
+    return most
 
 
 def _slot_ranges(

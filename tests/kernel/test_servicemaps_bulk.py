@@ -64,8 +64,41 @@ def _picture(w: ServiceMapWriter) -> dict:
     }
 
 
+def _served(w: ServiceMapWriter) -> dict:
+    """What the maps serve and the shadow's meaning, without the ids a sync hands out (a mixed
+    sync numbers the common services before the others, the general path in key order): per
+    frontend its flags, backends by name, rev-NAT entry naming the frontend itself, Maglev
+    shares, source ranges; the backend values; per service its frontends; per backend its
+    references; the counts; refusals and conflicts. Ids must still agree between the maps
+    and the shadow: check() finds nothing to repair."""
+    maps = w.read_back()
+    frontends = {}
+    for label, f in maps["frontends"].items():
+        f = dict(f)
+        f["revnat_names"] = maps["revnat"].get(f.pop("rev_nat", None))
+        f["backend_ids"] = sorted(maps["backends"][i]["address"] for i in f["backend_ids"])
+        frontends[label] = f
+    vals = w._backend_vals
+    return {
+        "frontends": frontends,
+        "backends": sorted(sorted(b.items()) for b in maps["backends"].values()),
+        "revnat": sorted(maps["revnat"].values()),
+        "kernel_counts": w.kernel_counts(),
+        "entry_counts": w.entry_counts(),
+        "by_service": {k: tuple(sorted(v)) for k, v in w._by_service.items()},
+        "owners": {fk: g.owner for fk, g in w._groups.items()},
+        "refs": {vals[i][:19]: n for i, n in w._backend_refs.items()},
+        "backend_keys": sorted(w._backend_ids),
+        "shadow_vals": sorted(v[:19] + v[19:] for v in dict(vals.items()).values()),
+        "count": dict(w._count),
+        "slots_used": w._slots.used,
+        "refused": dict(w.refused), "conflicts": dict(w.conflicts), "errors": w.errors,
+        "repairs": w.check(),
+    }
+
+
 def _general(w: ServiceMapWriter) -> ServiceMapWriter:
-    w._bulk_sync = lambda services: False  # type: ignore[method-assign]
+    w._bulk_sync = lambda services: None  # type: ignore[method-assign]
     return w
 
 
@@ -76,13 +109,14 @@ def _sync_both(
     asserts whether a's took the bulk path."""
     a = ServiceMapWriter(pin_dir / "bulk", create_datapath_maps=False, **kw).open()  # type: ignore[arg-type]
     b = _general(ServiceMapWriter(pin_dir / "general", create_datapath_maps=False, **kw).open())  # type: ignore[arg-type]
-    took: list[bool] = []
+    took: list[list[Service] | None] = []
     real = a._bulk_sync
     a._bulk_sync = lambda svcs: took.append(real(svcs)) or took[-1]  # type: ignore[method-assign]
     a.full_sync(services)
     del a._bulk_sync
     b.full_sync(services)
-    assert took == [bulk]
+    assert [t is not None for t in took] == [bulk]
+    a.others = took[0]  # type: ignore[attr-defined]  (the services left to the general path)
     return a, b
 
 
@@ -114,87 +148,137 @@ def test_bulk_full_sync_leaves_what_the_general_path_leaves(pin_dir: Path, seed:
         b.close()
 
 
-@pytest.mark.parametrize(
-    "odd",
-    [
-        Frontend(FrontendType.NODE_PORT, "192.0.2.1", 30080, Protocol.TCP, (Backend("10.1.0.1", 8080),)),
-        Frontend(FrontendType.CLUSTER_IP, "10.96.8.1", 80, Protocol.TCP,
-                 (Backend("10.1.0.1", 8080, state=BackendState.TERMINATING),)),
-        Frontend(FrontendType.LOAD_BALANCER, "192.0.2.2", 80, Protocol.TCP, (Backend("10.1.0.2", 8080),),
-                 source_ranges=("198.51.100.0/24",)),
-        Frontend(FrontendType.LOAD_BALANCER, "192.0.2.3", 80, Protocol.TCP, (Backend("10.1.0.3", 8080),),
-                 external_local=True),
-        Frontend(FrontendType.CLUSTER_IP, "10.96.8.300", 80, Protocol.TCP, (Backend("10.1.0.4", 8080),)),  # bad
-        None,  # the first service's frontend again: a conflict
-    ],
-    ids=["nodeport", "terminating", "source-ranges", "local-policy", "bad-address", "conflict"],
-)
-def test_any_other_service_takes_the_general_path_with_the_same_result(pin_dir: Path, odd: Frontend | None) -> None:
+_ODD = [
+    Frontend(FrontendType.NODE_PORT, "192.0.2.1", 30080, Protocol.TCP, (Backend("10.1.0.1", 8080),)),
+    Frontend(FrontendType.CLUSTER_IP, "10.96.8.1", 80, Protocol.TCP,
+             (Backend("10.1.0.1", 8080, state=BackendState.TERMINATING), Backend("10.1.0.5", 8080))),
+    Frontend(FrontendType.LOAD_BALANCER, "192.0.2.2", 80, Protocol.TCP, (Backend("10.1.0.2", 8080),),
+             source_ranges=("198.51.100.0/24",)),
+    Frontend(FrontendType.LOAD_BALANCER, "192.0.2.3", 80, Protocol.TCP, (Backend("10.1.0.3", 8080),),
+             external_local=True),
+    Frontend(FrontendType.CLUSTER_IP, "10.96.8.300", 80, Protocol.TCP, (Backend("10.1.0.4", 8080),)),  # bad
+    None,  # the first service's frontend again: a conflict
+    "nodeport",  # a NodePort on the first service's address and port: a conflict with another kind
+]
+_ODD_IDS = ["nodeport", "terminating", "source-ranges", "local-policy", "bad-address", "conflict", "nodeport-conflict"]
+
+
+@pytest.mark.parametrize("odd", _ODD, ids=_ODD_IDS)
+def test_any_other_service_takes_the_general_path_with_the_same_result(
+    pin_dir: Path, odd: Frontend | str | None
+) -> None:
+    """One service of another kind among common ones: the common ones still go a list at a
+    time, the other (and, in a conflict, both claimants) service by service in the same sync;
+    what the maps serve and the shadow mean is the general path's."""
     services = _services(7, 20)
-    services.append(Service(ServiceKey("ns0", "odd"), (odd or services[0].frontends[0],)))
-    a, b = _sync_both(pin_dir, services, bulk=False)
-    try:
-        assert _picture(a) == _picture(b)
-        assert a.errors + len(a.conflicts) + len(a._groups) > 0
-    finally:
-        a.close()
-        b.close()
-
-
-def test_bulk_full_sync_that_does_not_fit_is_planned_service_by_service(pin_dir: Path) -> None:
-    """kpr_backend too small for every service: the general path refuses the last ones by name."""
-    services = _services(3, 30)
-    a, b = _sync_both(pin_dir, services, bulk=False, sizes={"kpr_backend": 40})
-    try:
-        assert a.refused and set(a.refused) == set(b.refused)
-        assert _picture(a) == _picture(b)
-    finally:
-        a.close()
-        b.close()
-
-
-def test_bulk_full_sync_keeps_generations_of_freed_entries(pin_dir: Path) -> None:
-    """Maps emptied by a full sync of nothing keep the freed entries' generations: the bulk
-    path's ids carry them, as the general path's do."""
-    services = _services(4, 30)
+    first = services[0].frontends[0]
+    conflict = not isinstance(odd, Frontend)
+    if odd == "nodeport":
+        odd = Frontend(FrontendType.NODE_PORT, first.address, first.port, first.protocol, (Backend("10.1.0.1", 8080),))
+    services.append(Service(ServiceKey("ns0", "odd"), (odd or first,)))  # type: ignore[arg-type]
     a, b = _sync_both(pin_dir, services, bulk=True)
     try:
+        others = {s.key for s in a.others}
+        assert others == ({ServiceKey("ns0", "odd"), services[0].key} if conflict else {ServiceKey("ns0", "odd")})
+        assert _served(a) == _served(b)
+        assert a.errors + len(a.conflicts) + len(a._groups) > 0
+        if conflict:
+            assert a.conflicts  # (which one wins is key order's, as on the general path: in _served)
+    finally:
+        a.close()
+        b.close()
+
+
+def _mixed(seed: int, n: int = 60) -> list[Service]:
+    """Common services with a few of every other kind among them (all of _ODD but the bad
+    address, under other keys and addresses)."""
+    rnd = random.Random(seed)
+    out = _services(seed, n)
+    for j, fe in enumerate(f for f in _ODD if isinstance(f, Frontend) and f.address != "10.96.8.300"):
+        addr = fe.address.rsplit(".", 1)[0] + f".{200 + j}"
+        out.insert(rnd.randrange(len(out)), Service(ServiceKey(f"ns{j % 3}", f"o{j}"), (
+            Frontend(fe.type, addr, fe.port, fe.protocol, fe.backends, source_ranges=fe.source_ranges,
+                     external_local=fe.external_local),
+        )))
+    # a service of two frontends sharing backends with common ones
+    two = (Frontend(FrontendType.CLUSTER_IP, "10.96.9.1", 80, Protocol.TCP, (Backend("10.1.0.7", 8080),)),
+           Frontend(FrontendType.CLUSTER_IP, "10.96.9.1", 443, Protocol.TCP, (Backend("10.1.0.7", 8443),)))
+    out.append(Service(ServiceKey("ns1", "two"), two))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_mixed_full_sync_serves_what_the_general_path_serves(pin_dir: Path, seed: int) -> None:
+    services = _mixed(seed)
+    a, b = _sync_both(pin_dir, services, bulk=True)
+    try:
+        assert len(a.others) == 5
+        assert a.kernel_counts()["kpr_srcrange"] == 1 and not a.refused and not a.errors
+        assert _served(a) == _served(b)
+        # later changes behave the same: an upsert, a delete, a full sync over full maps
+        changed = services[3]
+        fe = changed.frontends[0]
+        changed = Service(changed.key, (Frontend(fe.type, fe.address, fe.port, fe.protocol,
+                                                 (*fe.backends, Backend("10.1.9.9", 8080))),))
         for w in (a, b):
-            w.full_sync([])
-            w.full_sync(services)
-        assert a.backend_ids() and all(M.backend_index(i)[1] == 1 for i in a.backend_ids().values())
+            w.upsert(changed)
+            w.delete(services[1].key)
+        assert _served(a) == _served(b)
+        again = random.Random(seed).sample(services, len(services) // 2)
+        a.full_sync(again)
+        b.full_sync(again)
+        assert _served(a) == _served(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_mixed_full_sync_that_does_not_fit_refuses_one_service(pin_dir: Path) -> None:
+    """kpr_svc one entry short: the bulk path declines (the others' entries might not fit
+    after it) and the general path refuses the one service key order leaves last, by name."""
+    services = _mixed(3, 30)
+    with ServiceMapWriter(pin_dir / "probe", create_datapath_maps=False) as w:
+        w.full_sync(services)
+        total = w.entry_counts()["kpr_svc"]
+    a, b = _sync_both(pin_dir, services, bulk=False, sizes={"kpr_svc": total - 1})
+    try:
+        assert len(a.refused) == 1 and a.refused == b.refused
         assert _picture(a) == _picture(b)
     finally:
         a.close()
         b.close()
 
 
-def test_a_failed_bulk_write_is_rolled_back(pin_dir: Path) -> None:
-    """kpr_svc's batch fails half way: the maps go back to empty, the ids, rev-NAT indexes and
-    kpr_slots ranges taken are forgotten (the general path's rollback too: its ranges stayed
-    taken before), and the retried full sync leaves what the general path leaves after the
-    same failure (the backends written and deleted again keep their next generation)."""
-    services = _services(5, 40)
+def test_a_failed_write_of_the_others_rolls_back_the_whole_sync(pin_dir: Path) -> None:
+    """The others' kpr_svc batch (after the bulk path's) fails half way: the maps go back to
+    empty, the common services the bulk path wrote included (the sync is one change), and the
+    retried sync serves what the general path serves after the same failure (its one batch
+    failing half way; the backends written and taken out again keep their next generation)."""
+    services = _mixed(5, 40)
     with ServiceMapWriter(pin_dir / "bulk", create_datapath_maps=False) as a, \
             _general(ServiceMapWriter(pin_dir / "general", create_datapath_maps=False)) as b:
-        for w in (a, b):
+        for w, fail_at in ((a, 2), (b, 1)):
             svc_map = w.maps["kpr_svc"]
-            real = svc_map.update_blob
+            calls: list[int] = []
 
-            def half_then_fail(keys: bytes, values: bytes, count: int, m=svc_map, real=real) -> None:
-                half = count // 2
-                real(keys[: half * m.key_size], values[: half * m.value_size], half)
-                raise OSError("update_batch in kpr_svc: injected failure")
+            def failing(keys: bytes, values: bytes, count: int, m=svc_map, real=svc_map.update_blob,
+                        calls=calls, fail_at=fail_at) -> None:
+                calls.append(count)
+                if len(calls) == fail_at:
+                    half = count // 2
+                    real(keys[: half * m.key_size], values[: half * m.value_size], half)
+                    raise OSError("update_batch in kpr_svc: injected failure")
+                real(keys, values, count)
 
-            svc_map.update_blob = half_then_fail  # type: ignore[method-assign]
+            svc_map.update_blob = failing  # type: ignore[method-assign]
             with pytest.raises(OSError, match="injected"):
                 w.full_sync(services)
             del svc_map.update_blob
+            assert len(calls) == fail_at and calls[0] > 30  # (a: the bulk path's batch, then the others')
             assert (w.errors, w.rollbacks) == (1, 1)
             assert w.read_back()["frontends"] == {} and set(w.kernel_counts().values()) == {0}
-            assert w._groups == {} and not w._backend_ids and not len(w._backend_vals)
-            assert (w._slots.used, w._slots.live) == (0, {}) and not w._revnat_ids
-        assert _picture(a) == _picture(b)
+            assert w._groups == {} and not w._backend_ids and not len(w._backend_vals) and not w._revnat_ids
+            assert w._slots.live == {}
         for w in (a, b):
             w.full_sync(services)
-        assert _picture(a) == _picture(b)
+        assert _served(a) == _served(b)

@@ -61,7 +61,10 @@ def kpr_requires() -> "list[str]":
     Returns: names of core facilities, from: ``"servicemaps"`` (the shared BPF service maps,
     pinned under ``bpf.pinPath`` and written by the core's service map writer, which is then
     started before every plugin, stopped after them, and applies every service change before
-    any plugin's worker gets it). An unknown name stops start-up with the plugin's name.
+    any plugin's worker gets it); ``"nodeport"`` (the NodePort maps, their conntrack collector
+    and the health-check server, shared by tc_nodeport and xdp_nodeport); ``"nexthops"`` (the
+    one next-hop watcher of the agent's namespace, ``kpr.nexthops``, to which NodePort and
+    host_routing subscribe). An unknown name stops start-up with the plugin's name.
     """
 
 

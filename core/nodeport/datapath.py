@@ -299,6 +299,12 @@ class Datapath:
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
             if (self.pin / SNAT_PORTS_MAP).exists():  # a build without KPR_SNAT_PORT_TABLE has none
                 self.maps[SNAT_PORTS_MAP] = M.BpfMap.open_pinned(self.pin / SNAT_PORTS_MAP)
+                if self.build == "compiled":  # flows an earlier build began keep their ports
+                    from .gc import adopt_reverse_entries
+
+                    adopted = adopt_reverse_entries(self.maps["kpr_snat"], self.maps[SNAT_PORTS_MAP])
+                    if adopted:
+                        log.info("event=nodeport_snat_slots_adopted slots=%d", adopted)
         except BaseException:
             self.close()
             raise

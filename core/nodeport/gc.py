@@ -102,6 +102,27 @@ class PassResult:
     live: set[Flow] = field(default_factory=set)
 
 
+def adopt_reverse_entries(snat: M.BpfMap, ports: M.BpfMap) -> int:
+    """Give the kpr_snat reverse entries of SNAT flows a build without the port table began
+    (KPR_NP_SNAT_IN_CT layout: client and frontend in the entry) their kpr_snat_ports slots,
+    where a slot is free: the programs then see the port held (its flow's conntrack entry has
+    it) and give it to no new flow to the same backend bucket while the flow lives; unadopted,
+    a new flow could take it and get the old flow's replies. Returns the slots written."""
+    n = 0
+    for k, v in snat.items():
+        be, nat, bport, port, proto, direction, _ = D.CT_KEY.unpack(k)
+        client, cport, fport, _p2, created, fe = D.NAT_ENTRY.unpack(v)
+        if direction != D.CT_DIR_REPLY or not fport:
+            continue
+        key = M.U32.pack(D.snat_port_slot(proto, be, M.ntohs(port)))
+        raw = ports.lookup(key)
+        if raw is None or D.SNAT_PORT.unpack(raw)[0]:
+            continue  # out of the table, or taken
+        ports.update(key, D.SNAT_PORT.pack(created or 1, client, cport, fport, bport, proto, 0, fe, be, nat))
+        n += 1
+    return n
+
+
 class Collector:
     """One collector per plugin; `run()` is one pass, `start()` runs passes on a thread.
 
@@ -312,6 +333,8 @@ class Collector:
         ports = self.maps.get(D.SNAT_PORTS_MAP)
         if ports is None:
             return
+        if not stale_only:  # what an earlier build began since the datapath's load adopted them
+            adopt_reverse_entries(self.maps["kpr_snat"], ports)
         ours = self.snat_addrs()
         dead: dict[bytes, bytes] = {}
         n = 0

@@ -230,3 +230,32 @@ def test_explain_names_the_flows_snat_port_and_its_reply_slot(lab: ProgLab) -> N
         v[4] = M.htons(8081)
         m.update(key, ND.SNAT_PORT.pack(*v))
     assert snat()[0]["replies"] is None
+
+
+def test_a_flow_an_earlier_build_began_keeps_its_port(lab: ProgLab) -> None:
+    """A flow a build without the port table began (conntrack entry with the SNAT port, a
+    kpr_snat reverse entry with client and frontend; written here as that build writes them)
+    is adopted into its slot (gc.adopt_reverse_entries, run by the datapath's load and each
+    collector pass): a new flow to the same backend skips its port, and its replies still
+    reach its client. Without the adoption the new flow took that port."""
+    _reset(lab)
+    a, b = _share()[:2]
+    old_client, fe, be, node = (M.addr_to_bytes(x) for x in ("192.0.2.9", FE, BACKEND, NODE4))
+    with M.BpfMap.open_pinned(lab.pin / "kpr_backend") as bm:
+        bid = next(i for i, v in M.backend_ids(bm) if M.BACKEND.unpack(v)[:2] == (be, M.htons(8080)))
+    with M.BpfMap.open_pinned(lab.pin / "kpr_svc") as sm:
+        rev_nat = next(M.SVC_VAL.unpack(v)[3] for k, v in sm.items()
+                       if M.SVC_KEY.unpack(k)[:3] == (fe, M.htons(80), 6) and M.SVC_KEY.unpack(k)[4] == 0)
+    now = G.now_ns()
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
+        ct.update(ND.CT_KEY.pack(old_client, fe, M.htons(1009), M.htons(80), 6, ND.CT_DIR_ORIGINAL, 0),
+                  ND.CT_ENTRY.pack(now, bid, rev_nat, ND.CT_F_NODE_PORT | ND.CT_F_SNAT, 0, 0, M.htons(a), 0, node))
+    with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as sn, M.BpfMap.open_pinned(lab.pin / ND.SNAT_PORTS_MAP) as ports:
+        sn.update(ND.CT_KEY.pack(be, node, M.htons(8080), M.htons(a), 6, ND.CT_DIR_REPLY, 0),
+                  ND.NAT_ENTRY.pack(old_client, M.htons(1009), M.htons(80), 0, now, fe))
+        assert G.adopt_reverse_entries(sn, ports) == 1
+    run(lab, "xdp", "xdp", [
+        Case("a new flow to the same backend: not the old flow's port", syn(lab, "192.0.2.1", 1001), XDP_REDIRECT,
+             snat_to(b)),
+        Case("the old flow's reply: still to its client", reply(lab, a), XDP_REDIRECT, back_to("192.0.2.9", 1009)),
+    ])

@@ -35,6 +35,7 @@ RTM_NEWRULE, RTM_DELRULE = 32, 33
 # and RTNLGRP_IPV6_RULE (19) as bind() group bits
 RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 1 << 7, 1 << 18
 NUD_INCOMPLETE, NUD_FAILED = 0x01, 0x20
+GROUPS = RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
 STOP_SECONDS = 2.0
 REFRESH_SECONDS = 2.0
 
@@ -103,6 +104,7 @@ class NextHopWatcher:
         self._subs: list[Subscription] = []
         self._lock = threading.Lock()
         self._started = False
+        self._halt = threading.Event()  # stop() was called: no new socket after a failed one
         self._events: EventSocket | None = None
         self._thread: threading.Thread | None = None
         if invalidate is not None:
@@ -138,8 +140,8 @@ class NextHopWatcher:
 
     def start(self) -> NextHopWatcher:
         # subscribed first: a change during the first invalidation is seen
-        groups = RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
-        self._events = EventSocket(groups, name=self.name)
+        self._halt.clear()
+        self._events = EventSocket(GROUPS, name=self.name)
         self._prime()
         with self._lock:
             self._started = True
@@ -162,8 +164,36 @@ class NextHopWatcher:
             log.warning("event=nexthops_prime_failed watcher=%s error=%r", self.name, exc)
 
     def stop(self) -> None:
-        if stop_watch(self._events, self._thread, STOP_SECONDS, self.name):
+        with self._lock:  # the thread swaps in a new socket under the lock (_reopen)
+            self._halt.set()
+            events = self._events
+        if stop_watch(events, self._thread, STOP_SECONDS, self.name):
             self._events, self._thread = None, None
+
+    def _reopen(self) -> EventSocket | None:
+        """A new socket after the old one failed (None: stopping). The watcher serves every cache
+        of the namespace for the agent's life: a thread that ended here would leave them all
+        trusted for good, and later subscribers with a watcher that never tells them."""
+        while True:
+            try:
+                new = EventSocket(GROUPS, name=self.name)
+            except OSError as exc:
+                log.error("event=nexthops_reopen_failed watcher=%s error=%s", self.name, exc)
+                self._bump("reopen_failed")  # nothing watched meanwhile: the refresh's bound stands
+                if self._halt.wait(self.refresh or STOP_SECONDS):
+                    return None
+                continue
+            with self._lock:
+                if self._halt.is_set():
+                    new.close()
+                    return None
+                old, self._events = self._events, new
+            if old is not None:
+                old.close()
+            self._prime()  # the neighbours as they are now: events of the gap are lost
+            self._bump("reopened")
+            log.warning("event=nexthops_watch_reopened watcher=%s", self.name)
+            return new
 
     def _call(self, sub: Subscription, why: str) -> None:
         try:
@@ -181,6 +211,7 @@ class NextHopWatcher:
         self.invalidations += 1
         for sub in subs:
             self._call(sub, why)
+
     def _run(self) -> None:
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
@@ -197,8 +228,12 @@ class NextHopWatcher:
                     continue
                 datagrams, lost = ev.read()
             except Closed as exc:
-                log.warning("event=nexthops_watch_ended watcher=%s error=%s", self.name, exc)
-                return
+                log.warning("event=nexthops_socket_failed watcher=%s error=%s", self.name, exc)
+                new = self._reopen()
+                if new is None:
+                    return
+                ev = new
+                continue
             why = "events_lost" if lost else None
             for data in datagrams:
                 try:

@@ -167,3 +167,27 @@ def test_the_nexthops_facility_holds_the_shared_watcher(ns: Namespace) -> None:
         finally:
             fac.kpr_stop(context=None)
         assert not w.running and nexthops.shared_watcher() is None
+
+
+def test_a_watcher_whose_socket_fails_opens_another_and_keeps_telling(ns: Namespace) -> None:
+    """The namespace's one watcher serves every cache there for the agent's life: a socket that
+    fails under it (here: closed, then the thread woken) is replaced, the subscribers are told at
+    once (the gap's events are lost) and of every change after, and stop() still ends it."""
+    seen: list[float] = []
+    with ns.enter():
+        w = NextHopWatcher(lambda: seen.append(time.monotonic()), refresh=None, name="test-reopen").start()
+    try:
+        old = w._events
+        assert old is not None
+        n = len(seen)
+        old._sock.close()  # the socket fails: the next read raises
+        old.kick()
+        wait_for(lambda: w._events is not old and len(seen) > n, 5, "a new socket, and the subscriber told")
+        assert w.running
+        n = len(seen)
+        ns.run("ip route add 10.78.0.0/16 via 10.9.0.2")
+        wait_for(lambda: len(seen) > n, 5, "an invalidation for a route added after the new socket")
+        assert w.errors == 0
+    finally:
+        w.stop()
+    assert not w.running and w._events is None

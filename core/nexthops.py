@@ -74,12 +74,19 @@ class Subscription:
         self.invalidations = 0
         self.errors = 0
         self._closed = False
+        # held while `invalidate` runs: close() waits for a call under way (re-entrant: a close
+        # from inside the callback does not wait for itself)
+        self._calling = threading.RLock()
 
     def close(self) -> None:
-        """No more calls; the watcher stops with its last subscription (shared ones: see `subscribe`)."""
-        if not self._closed:
+        """No more calls once this returns (a call under way is waited for: its owner may undo
+        what it writes, e.g. disarm a cache, right after); the watcher stops with its last
+        subscription (shared ones: see `subscribe`)."""
+        with self._calling:
+            if self._closed:
+                return
             self._closed = True
-            self.watcher.unsubscribe(self)
+        self.watcher.unsubscribe(self)
 
     def __enter__(self) -> "Subscription":
         return self
@@ -196,14 +203,18 @@ class NextHopWatcher:
             return new
 
     def _call(self, sub: Subscription, why: str) -> None:
-        try:
-            sub.invalidate()
-            sub.invalidations += 1
-            log.debug("event=nexthops_invalidated watcher=%s subscriber=%s why=%s", self.name, sub.name, why)
-        except Exception:  # the refresh bounds the staleness meanwhile
-            sub.errors += 1
-            self.errors += 1
-            log.exception("event=nexthops_invalidate_failed watcher=%s subscriber=%s why=%s", self.name, sub.name, why)
+        with sub._calling:
+            if sub._closed:  # closed since _bump took its list
+                return
+            try:
+                sub.invalidate()
+                sub.invalidations += 1
+                log.debug("event=nexthops_invalidated watcher=%s subscriber=%s why=%s", self.name, sub.name, why)
+            except Exception:  # the refresh bounds the staleness meanwhile
+                sub.errors += 1
+                self.errors += 1
+                log.exception("event=nexthops_invalidate_failed watcher=%s subscriber=%s why=%s", self.name, sub.name,
+                              why)
 
     def _bump(self, why: str) -> None:
         with self._lock:

@@ -191,3 +191,41 @@ def test_a_watcher_whose_socket_fails_opens_another_and_keeps_telling(ns: Namesp
     finally:
         w.stop()
     assert not w.running and w._events is None
+
+
+def test_close_waits_for_a_call_under_way_and_none_starts_after(ns: Namespace) -> None:
+    """A subscriber undoes what its callback writes right after close() (host_routing disarms
+    kpr_hr_gen, then programs may stay attached without an agent): a call under way when close()
+    is called finishes before close() returns, and none starts after it."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def invalidate() -> None:
+        calls.append("start")
+        if len(calls) > 1:  # not the call at subscription: the one an event makes
+            entered.set()
+            release.wait(5)
+        calls.append("end")
+
+    with ns.enter():
+        w = NextHopWatcher(refresh=None, name="test-close-wait")
+        sub = w.subscribe(invalidate, "slow")
+        w.start()
+    closed = threading.Event()
+    try:
+        ns.run("ip route add 10.79.0.0/16 via 10.9.0.2")
+        assert entered.wait(5), "the route's invalidation under way"
+        closer = threading.Thread(target=lambda: (sub.close(), closed.set()))
+        closer.start()
+        time.sleep(0.3)
+        assert not closed.is_set(), "close() returned while the callback still ran"
+        release.set()
+        closer.join(5)
+        assert closed.is_set() and calls[-1] == "end"
+        n = len(calls)
+        ns.run("ip route del 10.79.0.0/16")
+        time.sleep(0.3)
+        assert len(calls) == n, "called after close()"
+    finally:
+        release.set()
+        w.stop()

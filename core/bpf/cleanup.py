@@ -489,15 +489,19 @@ def scratch_pin_dir(prefix: str = "kpr-test") -> Iterator[Path]:
             raise OSError(err, f"mount -t bpf bpf {mounted}: {os.strerror(err)}")
         base = mounted
     pin = base / f"{prefix}-{secrets.token_hex(4)}"
+    creator = os.getpid()
     try:
         yield pin
     finally:
-        try:
-            cleanup(pin)
-        finally:
-            if mounted is not None:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.umount2(str(mounted).encode(), 0) != 0:
-                    log.error("event=scratch_bpffs_umount_failed path=%s errno=%d", mounted, ctypes.get_errno())
-                else:
-                    mounted.rmdir()
+        # Only the creating process cleans up: a forked child (pyroute2 does netns work in
+        # one) unwinding its copy of the stack would detach and unpin its parent's live pins.
+        if os.getpid() == creator:
+            try:
+                cleanup(pin)
+            finally:
+                if mounted is not None:
+                    libc = ctypes.CDLL(None, use_errno=True)
+                    if libc.umount2(str(mounted).encode(), 0) != 0:
+                        log.error("event=scratch_bpffs_umount_failed path=%s errno=%d", mounted, ctypes.get_errno())
+                    else:
+                        mounted.rmdir()

@@ -393,6 +393,28 @@ def test_a_forked_child_unwinding_leaves_its_parents_cgroup_and_bpffs_alone() ->
     assert not cg.exists() and not mnt.exists(), "the parent still removes them"
 
 
+def test_a_forked_child_unwinding_leaves_its_parents_scratch_pins_alone(require_kernel: None) -> None:
+    """scratch_pin_dir (the pin_dir fixture's, the labs'): a forked child unwinding its copy of
+    the stack must not detach and unpin what its parent pinned there."""
+    from kpr.bpf import maps as M
+    from kpr.testing.bpffs import pin_map, scratch_pin_dir
+
+    parent = os.getpid()
+    spec = M.MapSpec("kpr_harness_fork", M.BPF_MAP_TYPE_ARRAY, 4, 4, 1)
+    try:
+        with scratch_pin_dir("kpr-harness") as pin:
+            pin_map(pin, spec.name, spec)
+            pid = os.fork()
+            if pid == 0:
+                raise SystemExit(143)  # the child unwinds the test's stack, as a raising signal handler did
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            assert (pin / spec.name).exists(), "the parent's pin survives the child"
+    finally:
+        if os.getpid() != parent:  # the child, whatever its unwinding raised: never back into pytest
+            os._exit(0)
+    assert not pin.exists(), "the parent still removes it"
+
+
 def test_cgroup_and_netns_together_with_a_connect_hook(kernel_headers: Path, topology: Topology, cgroup: Path) -> None:
     # A connect hook on the child cgroup refuses every connect: a process in the cgroup
     # is refused, the same command outside it is not. This proves the command really ran

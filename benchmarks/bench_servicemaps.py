@@ -6,7 +6,8 @@ In one run, every service a ClusterIP with 10 backends of its own (the shape of 
 figures), medians of --reps runs:
 
 1. Full sync of 10k and 50k services into empty maps, against Cilium's published 50k
-   services in 708 ms (also with 1% of the services NodePorts or with a terminating backend); beside it kube-proxy's shape of the same 10k services loaded with
+   services in 708 ms (also with 1% of the services NodePorts or with a terminating backend);
+   then a restart over them: open (adopting the maps) and the full sync of the same services; beside it kube-proxy's shape of the same 10k services loaded with
    `iptables-restore` into a scratch network namespace (never the host's tables).
 2. Full sync of 10k batched vs one element at a time (what the batch syscalls buy).
 3. 1000 new services applied (one upsert each, as the bus delivers them) on top of 0, 10k
@@ -133,6 +134,29 @@ def full_sync(n: int, reps: int, batch: bool = True, general: bool = False, mixe
             }
     info["cpu_s"] = statistics.median(cpu)
     return statistics.median(times), info
+
+
+def restart(n: int, general: bool = False, mixed: bool = False) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds of a restart over maps holding n services: open() adopting them,
+    then the full sync of the same services (nothing to write). general: as before the
+    adopted groups were compared list at a time (every service rendered and diffed, the
+    maps read again by the full sync)."""
+    svcs = mixed_services(n) if mixed else services(n)
+    with scratch_pin_dir("kpr-bench") as pin:
+        with ServiceMapWriter(pin, sizes=sizes_for(n), create_datapath_maps=False) as w:
+            w.full_sync(svcs)
+        gc.collect()
+        w = ServiceMapWriter(pin, sizes=sizes_for(n), create_datapath_maps=False)
+        out = {"open": timed_cpu(w.open)}
+        try:
+            if general:
+                w._sync_adopted = lambda _services: False  # type: ignore[method-assign]
+                w._as_read = False
+            out["sync"] = timed_cpu(lambda: w.full_sync(svcs))
+            assert sum(o["update"] + o["delete"] for o in w.ops().values()) == 0
+        finally:
+            w.close()
+    return out
 
 
 def add_1000(base: int, reps: int) -> tuple[float, float]:
@@ -278,6 +302,25 @@ def main() -> int:
     if goal:
         print(f"   50k vs Cilium's {CILIUM_50K_MS:.0f} ms: {sync[huge] * 1e3 / CILIUM_50K_MS:.2f}x; "
               f"10k vs the goal {GOAL_10K_MS:.0f} ms: {sync[big] * 1e3 / GOAL_10K_MS:.2f}x")
+
+    print(f"1b. restart over maps holding N services: open (adopt) + full sync of the same (nothing to write); "
+          "beside it, interleaved, the same before the list-at-a-time comparison")
+    for n in (big, huge):
+        for mixed_kind in (False, True):
+            rr: dict[bool, list[dict]] = {False: [], True: []}
+            for _ in range(reps):
+                for general in (False, True):
+                    rr[general].append(restart(n, general=general, mixed=mixed_kind))
+            med = {g: {k: tuple(statistics.median(r[k][x] for r in rs) for x in (0, 1)) for k in ("open", "sync")}
+                   for g, rs in rr.items()}
+            for general, m in med.items():
+                tot = m["open"][1] + m["sync"][1]
+                base = med[False]["open"][1] + med[False]["sync"][1]
+                print(f"   {n:6d}{' (1% other kinds)' if mixed_kind else ''}{' before' if general else ''}: open "
+                      f"{m['open'][0] * 1e3:7.1f} ms (CPU {m['open'][1] * 1e3:7.1f}), full sync {m['sync'][0] * 1e3:7.1f} ms "
+                      f"(CPU {m['sync'][1] * 1e3:7.1f}); CPU in all {tot * 1e3:7.1f} ms"
+                      + (f" ({tot / base:.2f}x)" if general else ""))
+    print(f"   ({load()})")
 
     print(f"2. full sync of {big}: batched vs one element at a time")
     to, info_o = full_sync(big, 1, batch=False)

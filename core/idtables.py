@@ -15,7 +15,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import compress
-from operator import not_
+from operator import not_, sub
 from typing import Any
 
 # An id is kept in the arrays when it is below this many slots beyond their current end.
@@ -247,6 +247,30 @@ class IdBytes(_Dense):
                 out.append(far.pop(i, None))
         self._n -= gone
         return out
+
+    def holds(self, ids: list[int], blob: bytes) -> bool:
+        """Whether the table holds exactly these values (`blob`: concatenated, `size` bytes
+        each, in the order of `ids`): a slice comparison per run of consecutive ids when they
+        come mostly in runs (a full sync's after a restart), else id by id (an id listed
+        twice: both values)."""
+        s = self.size
+        n = len(ids)
+        if len(blob) != n * s:
+            return False
+        if not n:
+            return True
+        has, buf = self._has, self._buf
+        if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < len(has):
+            # where a run ends: the next id is not one more
+            breaks = [j for j, d in enumerate(map(sub, ids[1:], ids), 1) if d != 1]
+            if len(breaks) < n // 4:
+                for a, b in zip((0, *breaks), (*breaks, n)):
+                    lo, k = ids[a], b - a
+                    if has.count(1, lo, lo + k) != k or buf[lo * s : (lo + k) * s] != blob[a * s : b * s]:
+                        return False
+                return True
+        get = self.get
+        return all(get(i) == blob[k * s : k * s + s] for k, i in enumerate(ids))
 
     def changed(self, values: Mapping[int, bytes]) -> list[int]:
         """The ids of `values` the table lacks or holds another value for."""

@@ -55,3 +55,30 @@ def test_zero_ids_are_the_present_ids_counting_zero_and_runs_store_at_once():
     assert b.store_run(3, b"aabbcc") and dict(b.items()) == {3: b"aa", 4: b"bb", 5: b"cc"}
     assert not b.store_run(5, b"dd") and not b.store_run(8, b"odd")  # present; not whole values
     assert b.store_run(6, b"dd") and b[6] == b"dd" and len(b) == 4
+
+
+def test_holds_compares_runs_and_scattered_ids_as_the_dict_would():
+    """IdBytes.holds: True exactly when every id is present with its value (runs compared as
+    slices, scattered ids one by one; an id listed twice: both values)."""
+    rnd = random.Random(3)
+    t = IdBytes(4)
+    t.store_run(1, b"".join(i.to_bytes(4, "big") for i in range(1, 301)))
+    t[1000] = (1000).to_bytes(4, "big")
+    t.pop(150)
+    ref = dict(t.items())
+    for _ in range(300):
+        lo = rnd.randrange(1, 300)
+        ids = list(range(lo, min(lo + rnd.randrange(1, 120), 301)))
+        if rnd.random() < 0.3:
+            ids += [1000]
+        if rnd.random() < 0.3:
+            rnd.shuffle(ids)
+        if rnd.random() < 0.2:
+            ids += ids[:3]
+        vals = [i.to_bytes(4, "big") for i in ids]
+        if rnd.random() < 0.3:
+            k = rnd.randrange(len(vals))
+            vals[k] = b"\xff" * 4
+        want = all(ref.get(i) == v for i, v in zip(ids, vals))
+        assert t.holds(ids, b"".join(vals)) is want
+    assert t.holds([], b"") and not t.holds([1], b"")

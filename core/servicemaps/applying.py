@@ -39,6 +39,7 @@ class ApplyMixin:
                 yield
             finally:
                 self._depth -= 1
+                self._as_read = False
 
     def upsert(self, service: Service) -> None:
         """Make the maps hold exactly this service's desired state (touching only what changed)."""
@@ -110,7 +111,10 @@ class ApplyMixin:
         with self._op():
             self._require_open()
             services = _in_key_order(list(services))
-            self._reload()  # diff against what the maps really hold
+            if not self._as_read:
+                # diff against what the maps really hold (right after open() the shadow is
+                # what it read: a hand edit since is check()'s, as any other time)
+                self._reload()
             for g in self._groups.values():
                 g.owner = None  # ownership is decided afresh, in key order
             self._by_service = {}
@@ -122,7 +126,7 @@ class ApplyMixin:
             rest = self._bulk_sync(services)  # empty maps: the common services (kpr.servicemaps.bulk)
             if rest:
                 self._sync_rest(rest)
-            if rest is not None:
+            if rest is not None or self._sync_adopted(services):
                 return
             old = dict(self._groups)
             desired = self._plan(services, old)

@@ -30,7 +30,9 @@ from typing import Any
 from ..bpf import maps as M
 from ..model import BackendState, FrontendType, Service
 from .applying import _in_key_order
-from .groups import _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SVC_TAIL, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6, _Group
+from .groups import (
+    _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SVC_TAIL, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6, _Group, group_entries,
+)
 from .slots import size_class
 
 log = logging.getLogger("kpr.servicemaps")
@@ -72,24 +74,12 @@ def _keys(addresses: list[str], tails: Any) -> list[bytes] | None:
 class BulkMixin:
     """ServiceMapWriter's full sync into empty maps (state: see ServiceMapWriter._reset_shadow)."""
 
-    def _bulk_sync(self, services: list[Service]) -> list[Service] | None:
-        """Write the common services among `services` (in key order) into maps that hold no
-        service, a list at a time; returns the others, in key order, for the general path
-        (ApplyMixin._full_sync plans and writes them next, in the same sync). None, with
-        nothing changed, when the writer's state rules the bulk path out, no service is the
-        common kind, or the common ones and an upper bound of the others' entries do not all
-        fit (the general path then plans every service in key order, refusing by name)."""
-        if (
-            not self.batch
-            or self._groups
-            or len(self._backend_vals)
-            or self._legacy
-            or any(self._stray.values())
-            or self.algorithm != "random"
-            or not services
-            or len(self._services) != len(services)  # a key twice: the general path's conflicts
-        ):
-            return None
+    def _common(self, services: list[Service]) -> tuple | None:
+        """The common services among `services` (key order) and their parts: (services, their
+        frontends, type flags, affinity timeouts, frontend keys, backend counts, backends
+        in one list, their keys, the others in key order); a frontend claimed twice, or also
+        by one of the others, leaves its claimants to the others (key order decides it). None:
+        no common one, or bad input that stops the list at a time (the general path)."""
         rest: list[Service] = []  # the others, whole, for the general path
         fel = list(map(_FRONTENDS, services))
         bad = [i for i, k in enumerate(map(len, fel)) if k != 1]
@@ -160,9 +150,130 @@ class BulkMixin:
                 bkeys = _backend_keys(flat, list(map(_PORT, flat)), protos, counts)
         except (OverflowError, TypeError, KeyError):
             return None
-        n = len(services)
-        if not n or bkeys is None:
+        if not services or bkeys is None:
             return None
+        return services, fes, flags, affs, fks, counts, flat, bkeys, _in_key_order(rest) if rest else rest
+
+    def _sync_adopted(self, services: list[Service]) -> bool:
+        """A full sync over maps that hold services (the shadow just read from them): every
+        common service whose adopted group already is what rendering it would make (same
+        backends, slot order, service entry, rev-NAT entry, backend values) is claimed as it
+        is, compared a list at a time; only the others are planned and written service by
+        service (ApplyMixin._plan / _apply), beside them, and what nobody claims goes. A
+        restart of 50k unchanged services renders none of them. False, nothing changed: not
+        that case (the general path plans every service)."""
+        if not self._groups or len(self._services) != len(services) or self.algorithm != "random":
+            return False
+        common = self._common(services)
+        if common is None:
+            return False
+        services, fes, flags, affs, fks, counts, flat, bkeys, rest = common
+        groups = self._groups
+        # The backends' values as rendering makes them (node-local flag; generations below).
+        locals_ = list(map(_LOCAL, flat))
+        tails: Any = map(_BACKEND_TAIL.__getitem__, map(bool, locals_)) if any(locals_) else repeat(_BACKEND_TAIL[0])
+        vals = list(map(add, bkeys, tails))
+        # Their ids: after a restart usually one run in list order (each backend once, as a
+        # full sync numbered them), which the table's values at that run confirm at once
+        # (its keys are distinct: as many as the key -> id dict holds); else looked up, and
+        # a service with a backend that is new or whose value changed is not kept.
+        vbids, by_key = self._backend_vals, self._backend_ids
+        gens = self._with_gens if self._backend_gen is not None else None
+        lo = by_key.get(bkeys[0]) if bkeys else None
+        ids: list[Any] = list(range(lo, lo + len(bkeys))) if lo else []
+        once = bool(ids) and len(by_key) == len(vbids) and vbids.holds(ids, b"".join(gens(ids, vals) if gens else vals))
+        stale: set[Any] = set()
+        if not once:
+            ids = list(map(by_key.get, bkeys))
+            if None in ids or not vbids.holds(ids, b"".join(gens(ids, vals) if gens else vals)):
+                known = [j for j, i in enumerate(ids) if i is not None]
+                kids_, kvals = [ids[j] for j in known], [vals[j] for j in known]
+                want = dict(zip(kids_, gens(kids_, kvals) if gens else kvals))  # (the last: as rendering)
+                stale = {None, *vbids.changed(want)}
+        ext = M.SCOPE_EXTERNAL
+        same: list[int] = []  # indexes of common services whose group stays as it is
+        orders: list[tuple[int, ...]] = []
+        offs = list(accumulate(counts, initial=0))
+        for i, (fk, g, o, c) in enumerate(zip(fks, map(groups.get, fks), offs, counts)):
+            if g is None or g.srcrange or g.maglev or g.n_svc != 1 or g.revnat != fk + _REVNAT_TAIL:
+                continue
+            prev = g.order_of(ext) or ()
+            mine = set(ids[o : o + c])
+            # rendering keeps the previous slot order when the ids are the same set
+            if len(prev) != len(mine) or not mine.issuperset(prev) or (stale and not stale.isdisjoint(mine)):
+                continue
+            same.append(i)
+            orders.append(prev)
+        if not same:
+            return False
+        # the slots as rendering would write them (kernel ids, generations included), at once
+        order_ids = list(chain.from_iterable(orders))
+        words = _ACTIVE_SLOT * len(order_ids)
+        words[0::2] = array("I", self._kernel_ids(order_ids))
+        blob = words.tobytes()
+        pack, key_tail = M.SVC_VAL.pack, _SVC_KEY_TAIL
+        keep: list[int] = []
+        at = 0
+        for i, prev in zip(same, orders):
+            g = groups[fks[i]]
+            k = len(prev)
+            sv = blob[at : at + 8 * k]
+            at += 8 * k
+            a = affs[i]
+            f = flags[i] | M.SVC_F_AFFINITY if a > 0 else flags[i]
+            if g.slot_vals == sv and (g.base or not k) and g.packed_svc() == (
+                fks[i] + key_tail, pack(g.base, k, 0, g.rev_nat, f, a)
+            ):
+                keep.append(i)
+        # whatever the others take fits beside the kept ones: planning them refuses none of
+        # them for these maps (key order's refusals otherwise: the general path)
+        kept = {fks[i]: groups[fks[i]] for i in keep}
+        others = rest + [services[i] for i in sorted(set(range(len(services))) - set(keep))] if len(keep) < len(services) else rest
+        used: dict[str, int] = {}
+        if others:
+            used = group_entries(kept.values())
+            # the backends the kept groups use (each listed once: their counts' sum)
+            used["kpr_backend"] = (
+                sum(map(counts.__getitem__, keep)) if once
+                else len(set(chain.from_iterable(map(_BACKENDS, kept.values()))))
+            )
+            most = _most_entries(others)
+            if any(used[name] + most[name] > self.limits[name] for name in most):
+                return False
+        owners = list(map(_KEY, map(services.__getitem__, keep)))
+        for g, key in zip(kept.values(), owners):
+            g.owner = key
+        self._by_service.update(zip(owners, map(_one, kept)))
+        old = {fk: g for fk, g in groups.items() if fk not in kept}
+        others = _in_key_order(others) if others else others
+        desired = self._plan(others, old, used) if others else {}
+        self._apply(old, desired, strays=True)
+        log.debug("event=servicemaps_adopted_sync kept=%d others=%d", len(kept), len(others))
+        return True
+
+    def _bulk_sync(self, services: list[Service]) -> list[Service] | None:
+        """Write the common services among `services` (in key order) into maps that hold no
+        service, a list at a time; returns the others, in key order, for the general path
+        (ApplyMixin._full_sync plans and writes them next, in the same sync). None, with
+        nothing changed, when the writer's state rules the bulk path out, no service is the
+        common kind, or the common ones and an upper bound of the others' entries do not all
+        fit (the general path then plans every service in key order, refusing by name)."""
+        if (
+            not self.batch
+            or self._groups
+            or len(self._backend_vals)
+            or self._legacy
+            or any(self._stray.values())
+            or self.algorithm != "random"
+            or not services
+            or len(self._services) != len(services)  # a key twice: the general path's conflicts
+        ):
+            return None
+        common = self._common(services)
+        if common is None:
+            return None
+        services, fes, flags, affs, fks, counts, flat, bkeys, rest = common
+        n = len(services)
         # kpr_backend values (None: each its key and the same zero tail, joined at once below)
         locals_ = list(map(_LOCAL, flat))
         vals: list[bytes] | None = None
@@ -275,7 +386,11 @@ class BulkMixin:
             self._backend_vals.update(zip(range(nxt, nxt + u), _pieces(be_blob, M.BACKEND.size)))
         self._begin()
         log.debug("event=servicemaps_bulk_sync frontends=%d backends=%d others=%d", n, u, len(rest))
-        return _in_key_order(rest) if rest else rest
+        return rest
+
+
+def _one(x: Any) -> tuple:
+    return (x,)
 
 
 def _drop(bad: list[int], rest: list[Service], services: list[Service], *lists: list) -> tuple[list, ...]:

@@ -81,6 +81,9 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
         # queue below, so the id freed longest ago is still taken first (RenderMixin._freed_id).
         self._freed: dict[int, None] = {}
         self._gens_bumped: dict[int, int] | None = None  # during _repair: generations its deletes bumped
+        # The shadow is the maps as open() read them, no operation since: the first full sync
+        # (a restart's, at sync complete) diffs against it without reading 1M entries again.
+        self._as_read = False
         self._reset_shadow()
         self.errors = 0
         self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it
@@ -174,6 +177,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
                         created.append(name)
                 self._check_maglev_inner()
                 self._reload()
+                self._as_read = True
             except Exception:
                 self.close()
                 raise

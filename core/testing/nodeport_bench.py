@@ -534,9 +534,43 @@ def interleaved(lab: ProgLab, hook: str, jobs: Sequence[tuple[str, Case]], runs:
     return out
 
 
+# Loads of the default build whose repeat=1 figures the main table and the scale rows pool (each
+# run runs/LOADS times): five loads of one build in one run gave 2.64-3.40x bare (tc,
+# established) and 1.27-1.63x (non-service) with repeat=1, each steady over its own blocks, by
+# the wrapper all within 2 ns: where a load's code lands costs a cold call more or less.
+LOADS = 3
+
+
+def load_default(lab: ProgLab, hook: str, loads: int) -> list[str]:
+    """The default build and `loads` - 1 more loads of it (an unused define apart: the same
+    instructions); their names."""
+    names = ["default"] + [f"default, load {i}" for i in range(2, loads + 1)]
+    for i, name in enumerate(names, 1):
+        if name not in lab.builds:
+            lab.load(hook, name, [f"-DKPR_BENCH_LOAD={i}"] if i > 1 else [])
+    return names
+
+
+def pooled(lab: ProgLab, hook: str, names: Sequence[str], case_list: Sequence[Case], runs: int, rounds: int,
+           single_rounds: int, b: Measured) -> tuple[list[Measured], list[list[float]]]:
+    """Every case over every load of the default build (runs split between them), interleaved;
+    per case the pooled measurement and each load's repeat=1 ratio."""
+    per = max(1, runs // len(names))
+    got = iter(interleaved(lab, hook, [(n, c) for n in names for c in case_list], per, rounds,
+                           single_rounds=single_rounds))
+    merged = [Measured() for _ in case_list]
+    each: list[list[float]] = [[] for _ in case_list]
+    for _n in names:
+        for i in range(len(case_list)):
+            m = next(got)
+            each[i].append(m.x_bare(b))
+            merged[i].add(m)
+    return merged, each
+
+
 def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stages: bool = True,
               switches: bool = True, only: str = "", out: Any = None,
-              single_rounds: int = SINGLE_ROUNDS) -> dict[str, str]:
+              single_rounds: int = SINGLE_ROUNDS, loads: int = LOADS) -> dict[str, str]:
     """Measure one hook's program; print the tables; return the summary lines by label."""
     out = out or sys.stdout
     pr = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
@@ -545,19 +579,20 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     with ProgLab(scales[0]) as lab:
         t0 = time.perf_counter()
-        lab.load(hook, "default")
-        pr(f"  (default build compiled in {time.perf_counter() - t0:.1f} s; {lab.services} services)")
+        names = load_default(lab, hook, loads)
+        pr(f"  (default build compiled and loaded {len(names)} times in {time.perf_counter() - t0:.1f} s; "
+           f"{lab.services} services; repeat=1: all loads' blocks pooled, each load's ratio in brackets)")
         b = bare(lab, hook, runs, rounds)
         pr(f"  {'case':58s} {'wrapper':>8s} {'above bare':>10s} {'repeat=1':>9s} {'x bare':>7s}")
         pr(f"  {'bare (' + HOOKS[hook][3] + ')':58s} {b.wrapper:8.1f} {'':>10s} {b.single:9.1f}")
         res: dict[str, Measured] = {}
         main_cases = cases(lab, hook)
-        got_main = interleaved(lab, hook, [("default", c) for c in main_cases], runs, rounds,
-                               single_rounds=single_rounds)
-        for c, m in zip(main_cases, got_main):
+        got_main, each_main = pooled(lab, hook, names, main_cases, runs, rounds, single_rounds, b)
+        for c, m, each in zip(main_cases, got_main, each_main):
             res[c.name] = m
+            loads_x = "/".join(f"{x:.2f}" for x in each)
             pr(f"  {c.name:58s} {m.wrapper:8.1f} {m.wrapper - b.wrapper:10.1f} {m.single:9.1f} "
-               f"{m.x_bare(b):7.2f}  {proof(m, c, hook)}")
+               f"{m.x_bare(b):7.2f}  ({loads_x}) {proof(m, c, hook)}")
         summary["established"] = summary_line(f"{hook} established", res["established, remote backend (SNAT)"], b)
         summary["new flow"] = summary_line(f"{hook} new flow", res["new flow, remote backend (SNAT)"], b)
         summary["non-service"] = summary_line(f"{hook} non-service", res["not a service (node address, port 22)"], b)
@@ -627,10 +662,10 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
         t0 = time.perf_counter()
         with ProgLab(n) as big:
             pr(f"\n  {n} services (written in {big.sync_s:.1f} s)")
-            big.load(hook, "default")
+            big_names = load_default(big, hook, loads)
             bb = bare(big, hook, runs, rounds)
             c = [x for x in cases(big, hook) if x.spread][0]
-            m = interleaved(big, hook, [("default", c)], runs, rounds, single_rounds=single_rounds)[0]
+            m = pooled(big, hook, big_names, [c], runs, rounds, single_rounds, bb)[0][0]
             scale_rows[n] = m
             scale_x[n] = m.x_bare(bb)
             pr(f"  {c.name:58s} {m.wrapper - bb.wrapper:8.1f} ns above bare, {m.x_bare(bb):5.2f} x bare  "
@@ -653,6 +688,8 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--prog-rounds", type=int, default=5, help="wrapper rounds per case, interleaved (median)")
     ap.add_argument("--single-rounds", type=int, default=SINGLE_ROUNDS,
                     help="repeat=1 blocks per case, interleaved, each paired with bare calls (median ratio)")
+    ap.add_argument("--loads", type=int, default=LOADS,
+                    help="loads of the default build the main table and scale rows pool (repeat=1 varies by load)")
     ap.add_argument("--services", default="10,10000,50000", help="service counts; the first is the main table's")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage builds")
     ap.add_argument("--no-switches", action="store_true", help="skip the optimisation switches")
@@ -683,7 +720,7 @@ def run_from_args(hook: str, args: Any) -> dict[str, str]:
     print(f"== {hook} nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {os.uname().release}); {uptime()}")
     return run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
                      stages=not args.no_stages, switches=not args.no_switches, only=args.switches,
-                     single_rounds=args.single_rounds)
+                     single_rounds=args.single_rounds, loads=args.loads)
 
 
 def print_summary(summary: dict[str, str]) -> None:

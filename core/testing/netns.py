@@ -193,7 +193,10 @@ def sweep_stale() -> list[str]:
     if not OWNERS_DIR.is_dir():
         return removed
     for rec in OWNERS_DIR.iterdir():
-        if rec.name.startswith("."):  # a record being written
+        if rec.name.startswith("."):  # a record being written (.<netns>.<writer's pid>)
+            writer = rec.name.rpartition(".")[2]
+            if writer.isdigit() and not _pid_alive(int(writer)):
+                rec.unlink(missing_ok=True)  # its writer died before the rename: no namespace yet
             continue
         try:
             pid = int(rec.read_text().strip())
@@ -305,10 +308,16 @@ class Topology:
         if name in self.namespaces:
             raise ValueError(f"namespace {name!r} already in this topology")
         full = f"{self.prefix}-{name}"
-        _run(["ip", "netns", "add", full])  # fails if the name is taken: never adopt a foreign namespace
+        # Recorded before it exists: a run killed from here on (in the middle of `ip netns add`
+        # too, which goes on without us) leaves a namespace a later sweep knows to be ours.
+        _record_owner(full)
+        try:
+            _run(["ip", "netns", "add", full])  # fails if the name is taken: never adopt a foreign namespace
+        except BaseException:
+            (OWNERS_DIR / full).unlink(missing_ok=True)
+            raise
         ns = Namespace(self, name, full, kind)
         self.namespaces[name] = ns
-        _record_owner(full)
         log.info("event=netns_added netns=%s kind=%s", full, kind)
         _run(["ip", "-n", full, "link", "set", "lo", "up"])
         # No DAD: IPv6 addresses must be usable at once, tests do not wait for them.

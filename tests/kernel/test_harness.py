@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -478,6 +479,49 @@ def test_sweep_removes_what_a_killed_run_left() -> None:
         kt_cgroup.sweep_stale()
     assert not netns_exists(netns_name)
     assert not Path(cg).exists()
+
+
+_KILLED_IN_ADD = textwrap.dedent(
+    """
+    from kpr.testing.netns import Topology
+    Topology().add_node("n1")  # killed inside `ip netns add` (the slow ip below)
+    """
+)
+# an `ip` that makes the namespace, says so, then takes its time: the run is killed meanwhile
+_SLOW_IP = '#!/bin/sh\n{ip} "$@"; rc=$?\nif [ "$1 $2" = "netns add" ]; then echo "$3" > {mark}; sleep 60; fi\nexit $rc\n'
+
+
+def test_sweep_removes_a_namespace_whose_run_was_killed_while_adding_it(tmp_path: Path) -> None:
+    """A run killed while `ip netns add` runs (the command goes on and makes the namespace): its
+    owner was recorded first, so a later sweep removes it."""
+    import shutil
+    import signal
+
+    from kpr.testing import netns as kt_netns
+
+    mark = tmp_path / "added"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ip").write_text(_SLOW_IP.format(ip=shutil.which("ip"), mark=mark))
+    (bindir / "ip").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    run = subprocess.Popen([sys.executable, "-c", _KILLED_IN_ADD], env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    name = ""
+    try:
+        wait_for(lambda: mark.exists() and mark.read_text().strip(), 30, "the namespace made")
+        name = mark.read_text().strip()
+        os.killpg(run.pid, signal.SIGKILL)  # the run and its `ip`, as a killed test run's group
+        run.wait(10)
+        assert netns_exists(name)
+        assert name in kt_netns.sweep_stale()
+        assert not netns_exists(name)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait(10)
+        if name and netns_exists(name):
+            subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_sweep_leaves_a_namespace_whose_owner_record_reads_empty(topology: Topology) -> None:

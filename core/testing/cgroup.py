@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kpr.testing.netns import CommandFailed, _tidy_owners_dir, netns_path
+from kpr.testing.netns import CommandFailed, _partial_record, _tidy_owners_dir, _write_record, netns_path
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,7 @@ def child_cgroup(prefix: str = "kpr-test", *, parent: Path | None = None) -> Ite
     owner = OWNERS_DIR / path.name
     creator = os.getpid()
     try:
-        with contextlib.suppress(OSError):  # bookkeeping only
-            OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-            tmp = OWNERS_DIR / f".{path.name}"  # written whole, then renamed: never read half written
-            tmp.write_text(f"{creator} {path}\n")
-            tmp.rename(owner)
+        _write_record(OWNERS_DIR, path.name, f"{creator} {path}\n")
         yield path
     finally:
         if os.getpid() == creator:  # not a forked child unwinding: the cgroup would be its parent's
@@ -133,7 +129,7 @@ def sweep_stale() -> list[Path]:
     if not OWNERS_DIR.is_dir():
         return removed
     for rec in OWNERS_DIR.iterdir():
-        if rec.name.startswith("."):  # a record being written
+        if _partial_record(rec):
             continue
         try:
             pid_s, path_s = rec.read_text().split(maxsplit=1)

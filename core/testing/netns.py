@@ -151,19 +151,35 @@ def _kill_ns_pids(netns: str) -> None:
 
 
 def _record_owner(netns: str) -> None:
-    # Written whole under a temporary name and renamed: a sweep reading it half written
-    # would take an empty record for a dead owner. Retried once: another run's tidy-up may
-    # remove the (then empty) directory between our mkdir and our write.
-    tmp = OWNERS_DIR / f".{netns}.{os.getpid()}"
+    _write_record(OWNERS_DIR, netns, f"{os.getpid()}\n")
+
+
+def _write_record(owners: Path, name: str, text: str) -> None:
+    """An owner record (this module's namespaces, kpr.testing.cgroup's cgroups): written whole
+    under a temporary name (.<name>.<pid>) and renamed, as a sweep reading it half written would
+    take an empty record for a dead owner. Retried once: another run's tidy-up may remove the
+    (then empty) directory between our mkdir and our write."""
+    tmp = owners / f".{name}.{os.getpid()}"
     for attempt in (1, 2):
         try:
-            OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(f"{os.getpid()}\n")
-            tmp.rename(OWNERS_DIR / netns)
+            owners.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            tmp.rename(owners / name)
             return
         except OSError as exc:  # bookkeeping only; the test itself still cleans up
             if attempt == 2:
-                log.warning("event=netns_owner_not_recorded netns=%s error=%s", netns, exc)
+                log.warning("event=owner_not_recorded dir=%s name=%s error=%s", owners, name, exc)
+
+
+def _partial_record(rec: Path) -> bool:
+    """Whether `rec` is a record being written (_write_record's temporary name); one whose
+    writer died before the rename is removed (nothing was made under it yet)."""
+    if not rec.name.startswith("."):
+        return False
+    writer = rec.name.rpartition(".")[2]
+    if writer.isdigit() and not _pid_alive(int(writer)):
+        rec.unlink(missing_ok=True)
+    return True
 
 
 def _tidy_owners_dir(owners: Path) -> None:
@@ -193,10 +209,7 @@ def sweep_stale() -> list[str]:
     if not OWNERS_DIR.is_dir():
         return removed
     for rec in OWNERS_DIR.iterdir():
-        if rec.name.startswith("."):  # a record being written (.<netns>.<writer's pid>)
-            writer = rec.name.rpartition(".")[2]
-            if writer.isdigit() and not _pid_alive(int(writer)):
-                rec.unlink(missing_ok=True)  # its writer died before the rename: no namespace yet
+        if _partial_record(rec):
             continue
         try:
             pid = int(rec.read_text().strip())

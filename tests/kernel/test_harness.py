@@ -524,6 +524,31 @@ def test_sweep_removes_a_namespace_whose_run_was_killed_while_adding_it(tmp_path
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def test_sweep_drops_records_whose_writer_died_before_renaming_them() -> None:
+    """A record is written under .<name>.<writer's pid> and renamed; a writer killed in between
+    made nothing under it yet: the sweep drops the file (it kept the owners' directory for
+    good), and leaves one whose writer lives."""
+    from kpr.testing import cgroup as kt_cgroup
+    from kpr.testing import netns as kt_netns
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    made: list[Path] = []
+    try:
+        for kit in (kt_netns, kt_cgroup):
+            kit.OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+            dead = kit.OWNERS_DIR / f".kpr-harness-{os.getpid()}.x.{gone.pid}"
+            live = kit.OWNERS_DIR / f".kpr-harness-{os.getpid()}.y.{os.getpid()}"
+            dead.write_text("")
+            live.write_text("")
+            made += [dead, live]
+            kit.sweep_stale()
+            assert not dead.exists() and live.exists()
+    finally:
+        for rec in made:
+            rec.unlink(missing_ok=True)
+
+
 def test_sweep_leaves_a_namespace_whose_owner_record_reads_empty(topology: Topology) -> None:
     """A record read while being written is empty: its owner is not known to be dead, so its
     namespace stays (it was taken for pid 0, dead, and a live run's namespace deleted)."""

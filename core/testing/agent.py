@@ -31,8 +31,8 @@ from typing import Any
 
 from kpr import hookimpl
 
-__all__ = ["AgentConfig", "NeedsMaps", "kpr_argv", "kpr_cli", "kpr_cleanup", "running_agent", "scratch_agent",
-           "start_agent"]
+__all__ = ["AgentConfig", "NeedsMaps", "in_agent_netns", "kpr_argv", "kpr_cli", "kpr_cleanup", "running_agent",
+           "scratch_agent", "start_agent"]
 
 
 class NeedsMaps:
@@ -165,33 +165,44 @@ def start_agent(
     first state to every plugin). `config`: an AgentConfig or a parsed KprConfig;
     `internal_plugins`: plugin objects to load beside the installed ones, by name; `netns`
     (a kpr.testing.netns Namespace, a name or a path): the node's namespace the agent runs in
-    (set up there: its threads start, and stay, in it)."""
+    (set up there: the threads it starts then stay in it). Shut it down there too
+    (`in_agent_netns(netns)`, as running_agent does): shutdown() stops the plugins in threads
+    of its own, which start in the caller's namespace."""
     from kpr.daemon import Agent
-    from kpr.testing.netns import in_netns
     from kpr.testing.waiting import wait_for
 
     if isinstance(config, AgentConfig):
         config.write()
         config = config.parse()
     agent = Agent(config, internal_plugins=dict(internal_plugins or {}))
-    ns = getattr(netns, "path", netns)
-    with in_netns(ns) if ns is not None else contextlib.nullcontext():
+    with in_agent_netns(netns):
         agent.setup()
     try:
         wait_for(agent.bus.synced, timeout, "the agent to sync")
     except BaseException:
-        agent.shutdown()
+        with in_agent_netns(netns):
+            agent.shutdown()
         raise
     return agent
 
 
+def in_agent_netns(netns: Any) -> contextlib.AbstractContextManager[None]:
+    """The calling thread in `netns` (start_agent's) for a block; None: where it is."""
+    from kpr.testing.netns import in_netns
+
+    ns = getattr(netns, "path", netns)
+    return in_netns(ns) if ns is not None else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def running_agent(config: Any, **kw: Any) -> Iterator[Any]:
-    """start_agent for a block; the agent shuts down at its end, and a failing shutdown
-    (exit code not 0) fails the test."""
+    """start_agent for a block; the agent shuts down at its end (in its namespace: its plugins'
+    kpr_stop run there as their kpr_start did), and a failing shutdown (exit code not 0) fails
+    the test."""
     agent = start_agent(config, **kw)
     try:
         yield agent
     finally:
-        rc = agent.shutdown()
+        with in_agent_netns(kw.get("netns")):
+            rc = agent.shutdown()
     assert rc == 0, f"the agent's shutdown returned {rc}"

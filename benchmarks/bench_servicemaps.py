@@ -270,7 +270,8 @@ def main() -> int:
     full_sync(100, 1)  # warm-up: imports, first map creation
     print(f"1. full sync of N services x {BACKENDS} backends into empty maps (beside it, interleaved: the same "
           "written service by service, as over maps already holding services)")
-    sync = {}
+    sync: dict[int, float] = {}
+    mixed: dict[int, tuple] = {}
     kinds = {"": {}, " (1% other kinds)": {"mixed": True}, " (service by service)": {"general": True},
              " (1% other kinds, service by service)": {"mixed": True, "general": True}}
     for n in (big, huge):

@@ -93,15 +93,18 @@ FrontendMatch = tuple[bytes | None, int, int]
 BackendMatch = tuple[bytes, int]
 
 
-def _frontends(service: Service) -> dict[FrontendMatch, frozenset[BackendMatch]]:
+def _frontends(service: Service, only: set[FrontendMatch] | None = None) -> dict[FrontendMatch, frozenset[BackendMatch]]:
+    """A service's frontends and their backends as the reverse-NAT map sees them; with `only`,
+    just the frontends in it (the rest's backends are not worked out)."""
     out: dict[FrontendMatch, set[BackendMatch]] = {}
     for fe in service.frontends:
         if fe.protocol.number not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
             continue
         addr = None if fe.type is FrontendType.NODE_PORT else M.addr_to_bytes(fe.address)
-        out.setdefault((addr, M.htons(fe.port), fe.protocol.number), set()).update(
-            (M.addr_to_bytes(b.address), M.htons(b.port)) for b in fe.backends
-        )
+        match = (addr, M.htons(fe.port), fe.protocol.number)
+        if only is not None and match not in only:
+            continue
+        out.setdefault(match, set()).update((M.addr_to_bytes(b.address), M.htons(b.port)) for b in fe.backends)
     return {k: frozenset(v) for k, v in out.items()}
 
 
@@ -471,12 +474,23 @@ class SockLB:
     @hookimpl
     def kpr_sync_complete(self) -> None:
         # Backends that left while no agent ran: whatever the delivered state does not offer.
+        # Only the frontends some socket in the map dialled are worked out: every service's
+        # backend set was 200k tuples and addresses at 20k services, made and freed at once
+        # just before ready, and the heap they spread over stayed (about 30 MB of RSS).
         with self._lock:
+            m = self._maps.get(REVNAT_MAP)
+            items = m.items() if m is not None else []
+            if not items:
+                return
+            dialled: set[FrontendMatch] = set()
+            for _k, v in items:
+                faddr, fport, proto, _rev_nat, _netns = REVNAT_VAL.unpack(v)
+                dialled.update(((faddr, fport, proto), (None, fport, proto)))
             valid: dict[FrontendMatch, set[BackendMatch]] = {}
             for svc in self._services.values():
-                for fe, bes in _frontends(svc).items():
+                for fe, bes in _frontends(svc, dialled).items():
                     valid.setdefault(fe, set()).update(bes)
-            self._purge(None, None, keep=valid)
+            self._purge(None, None, keep=valid, items=items)
 
     def _purge(
         self,
@@ -484,15 +498,17 @@ class SockLB:
         key: ServiceKey | None,
         *,
         keep: dict[FrontendMatch, set[BackendMatch]] | None = None,
+        items: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         """Drop reverse-NAT entries of sockets sent to removed backends (or, with `keep`, to any
-        backend not kept); with terminateConnections, destroy those sockets too."""
+        backend not kept); with terminateConnections, destroy those sockets too. `items`: the
+        map's entries when the caller read them already."""
         m = self._maps.get(REVNAT_MAP)
         if m is None:
             return
         stale: list[bytes] = []
         doomed: dict[int, dict[tuple[int, bytes, int], set[int]]] = {}  # netns -> (proto, addr, port) -> cookies
-        for k, v in m.items():
+        for k, v in m.items() if items is None else items:
             cookie, baddr, bport, _, _ = REVNAT_KEY.unpack(k)
             faddr, fport, proto, _rev_nat, netns = REVNAT_VAL.unpack(v)
             be = (baddr, bport)

@@ -37,6 +37,7 @@ RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 1 << 7, 1 << 18
 NUD_INCOMPLETE, NUD_FAILED = 0x01, 0x20
 GROUPS = RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
 STOP_SECONDS = 2.0
+REOPEN_PAUSE = 0.2  # before a new socket after one failed
 REFRESH_SECONDS = 2.0
 
 
@@ -182,6 +183,9 @@ class NextHopWatcher:
         of the namespace for the agent's life: a thread that ended here would leave them all
         trusted for good, and later subscribers with a watcher that never tells them."""
         while True:
+            # a pause first: a socket that fails again at once must not spin the thread
+            if self._halt.wait(REOPEN_PAUSE):
+                return None
             try:
                 new = EventSocket(GROUPS, name=self.name)
             except OSError as exc:

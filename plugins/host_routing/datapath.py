@@ -98,6 +98,8 @@ class Datapath:
         self.helpers = helpers
         self.cluster_ip = cluster_ip
         self.max_pods = max_pods
+        # kpr_hr_pods' real size: an earlier run's pin is adopted as it is (another maxPods then)
+        self.pods_capacity = max_pods
         self.extra_cflags = list(extra_cflags)
         self.sizes: dict[str, int] = {}
         self.maglev_size = M.MAGLEV_DEFAULT_SIZE
@@ -124,6 +126,10 @@ class Datapath:
                 self.progs[name] = load_prog(self.bpf, name, "SCHED_CLS")
             for name in OWN_MAPS:
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
+            self.pods_capacity = self.maps[PODS_MAP].info().max_entries
+            if self.pods_capacity != self.max_pods:
+                log.warning("event=host_routing_pinned_size map=%s pinned=%d max_pods=%d: kept; `kpr cleanup` and a "
+                            "restart resize it", PODS_MAP, self.pods_capacity, self.max_pods)
             if fresh_gate:
                 self._open_gate_for_adopted_flows()
         except BaseException:

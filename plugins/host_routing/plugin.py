@@ -219,9 +219,11 @@ class HostRouting:
                 routes = read_routes(ipr)
                 src = {a: route_oif(ipr, a) for a in self.source_pods}
             p = plan(devs, routes, src, self._external())
-            if len(p.pods) > cfg.max_pods:
-                log.error("event=host_routing_too_many_pods pods=%d max=%d effect=rest_to_stack", len(p.pods), cfg.max_pods)
-                p.pods = dict(sorted(p.pods.items())[: cfg.max_pods])
+            # the pinned kpr_hr_pods' size: an earlier run's map, adopted, may hold fewer than maxPods
+            most = min(cfg.max_pods, dp.pods_capacity)
+            if len(p.pods) > most:
+                log.error("event=host_routing_too_many_pods pods=%d max=%d effect=rest_to_stack", len(p.pods), most)
+                p.pods = dict(sorted(p.pods.items())[:most])
             # devices first: a pod entry must never point at a device the program does not know
             dp.set_devices(p.devices)
             self._attach(p)

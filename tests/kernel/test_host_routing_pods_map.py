@@ -27,3 +27,20 @@ def test_a_full_pods_map_takes_a_new_pod_in_place_of_a_gone_one(require_kernel: 
         held = {M.bytes_to_addr(k): D.POD.unpack(v)[0] for k, v in m.items()}
         assert held == second
         assert dp.set_pods(second) == (0, 0), "nothing to write the second time"
+
+
+def test_an_adopted_smaller_pods_map_is_planned_against_its_own_size(pin_dir, caplog: pytest.LogCaptureFixture) -> None:
+    """kpr_hr_pods pinned by an earlier run with a smaller maxPods is adopted as it is (the
+    programs keep their map): the plugin caps its pods at that size (pods_capacity), not at the
+    configured maxPods, else every sync would fail writing more than the map holds."""
+    from kpr.testing.bpffs import pin_map
+
+    pin_map(pin_dir, D.PODS_MAP, M.MapSpec(D.PODS_MAP, M.BPF_MAP_TYPE_HASH, 16, D.POD.size, 16))
+    dp = D.Datapath(pin_dir, D.Helpers(peer=True, neigh=True), max_pods=32).load()
+    try:
+        assert dp.maps[D.PODS_MAP].info().max_entries == 16, "the pinned map adopted"
+        assert dp.pods_capacity == 16
+        assert "host_routing_pinned_size" in caplog.text
+        assert dp.set_pods({f"10.244.2.{i}": 100 + i for i in range(dp.pods_capacity)}) == (16, 0)
+    finally:
+        dp.close()

@@ -259,3 +259,42 @@ def test_a_flow_an_earlier_build_began_keeps_its_port(lab: ProgLab) -> None:
              snat_to(b)),
         Case("the old flow's reply: still to its client", reply(lab, a), XDP_REDIRECT, back_to("192.0.2.9", 1009)),
     ])
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_a_build_without_the_table_keeps_the_tables_flows(lab: ProgLab, hook: str) -> None:
+    """A build without the table (KPR_SNAT_PORT_TABLE=0, e.g. the switch turned off on a running
+    node) still translates the replies of flows a build with it began, and gives none of their
+    ports to a new flow to the same backend (a random kpr_snat port whose slot would take the
+    new flow's replies refuses the flow: its client's next try draws again). Before: their
+    replies were passed untranslated, and a new flow took their port half the time here."""
+    _reset(lab)
+    a, b = _share()[:2]
+    r = REDIRECT[hook]
+    run(lab, hook, hook, [
+        Case("flow A on the build with the table", syn(lab, "192.0.2.1", 1001), r, snat_to(a)),
+        Case("flow B on the build with the table", syn(lab, "192.0.2.2", 1002), r, snat_to(b)),
+    ])
+    off = f"{hook}-off"
+    run(lab, hook, off, [
+        Case("A's reply on the build without the table: to A's client", reply(lab, a), r, back_to("192.0.2.1", 1001)),
+        Case("B's reply likewise", reply(lab, b), r, back_to("192.0.2.2", 1002)),
+    ])
+    free = set(range(FIRST, LAST + 1)) - {a, b}
+    got: list[int] = []
+
+    def port_of(out: Ether) -> None:
+        if out[TCP].sport >= FIRST:  # (a refused flow: DNAT done, its source untouched)
+            got.append(out[TCP].sport)
+
+    dp, refused = lab.builds[off], 0
+    for i in range(8):  # each new flow a random pick of the four ports
+        before = dp.stats()["drop_snat_no_port"]
+        try:
+            run(lab, hook, off, [Case(f"new flow {i}", syn(lab, f"192.0.2.{10 + i}", 2000 + i), r, port_of)])
+        except AssertionError:
+            pass
+        refused += dp.stats()["drop_snat_no_port"] - before
+        with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as sn:  # its port free again for the next try
+            sn.delete_many(list(sn.keys()))
+    assert len(got) + refused == 8 and set(got) <= free, (got, refused, free)

@@ -73,7 +73,10 @@ _Static_assert(sizeof(struct kpr_nat_entry) == 48, "kpr_nat_entry layout");
 // SNAT mappings keyed like conntrack: DIR_ORIGINAL = the client's tuple, DIR_REPLY = the reply's tuple.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_nat_entry, kpr_snat, KPR_SNAT_MAX, KPR_PIN(kpr_snat));
 
-#if KPR_SNAT_PORT_TABLE
+/* The port table's map and its reply-side lookup are in every build, with the table or without:
+ * a build without it (KPR_SNAT_PORT_TABLE=0, or one replacing a build with it) still
+ * translates the replies of the flows a build with it began, and gives none of their ports to
+ * a new flow (kpr_snat_alloc). Only the allocation from the table is the switch's. */
 #define KPR_SNAT_RANGE (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1)
 #define KPR_SNAT_NPORTS (KPR_SNAT_RANGE < KPR_SNAT_PORT_SPAN ? KPR_SNAT_RANGE : KPR_SNAT_PORT_SPAN)
 // CPUs sharing the range (more CPUs than ports: some share a share, and may race for a slot)
@@ -105,15 +108,6 @@ _Static_assert(sizeof(struct kpr_snat_port) == 80, "kpr_snat_port layout");
 
 BPF_TABLE_PINNED("array", __u32, struct kpr_snat_port, kpr_snat_ports, 2 * KPR_SNAT_PORT_BUCKETS * KPR_SNAT_PORT_SPAN,
 		 KPR_PIN(kpr_snat_ports));
-// Each CPU's walk over its share of the range.
-struct kpr_snat_cursor {
-	__u32 next;  // the next port of the CPU's share to try (modulo the share's size)
-	__u32 found; // the port offset the last allocation took, + 1 (0: none)
-};
-
-// Each CPU's cursor. Pinned: the tc and XDP builds (and a build replacing them) walk a CPU's
-// share from one position, not each from its own over the other's live slots.
-BPF_TABLE_PINNED("percpu_array", __u32, struct kpr_snat_cursor, kpr_snat_cursor, 1, KPR_PIN(kpr_snat_cursor));
 
 // First slot of the port space replies from `be` use (kpr.nodeport.gc.snat_port_slot mirrors it).
 static __always_inline __u32 kpr_snat_port_base(__u8 proto, const union kpr_addr *be)
@@ -124,6 +118,47 @@ static __always_inline __u32 kpr_snat_port_base(__u8 proto, const union kpr_addr
 	h ^= h >> 8;
 	return ((proto == IPPROTO_UDP ? KPR_SNAT_PORT_BUCKETS : 0) + (h & (KPR_SNAT_PORT_BUCKETS - 1))) * KPR_SNAT_PORT_SPAN;
 }
+
+/* The slot a reply from `be`:`bport` to `nat`:`port` (network order) belongs to, or NULL: its
+ * backend, backend port, SNAT address and protocol match (the slot is indexed by protocol,
+ * backend bucket and port). One test of the fields' differences (few branches: kpr_snat_alloc
+ * runs this once per port it tries); a cleared slot (all zero) matches nothing, its protocol
+ * being 0. */
+static __always_inline struct kpr_snat_port *kpr_snat_port_find(__u8 proto, const union kpr_addr *be, __be16 bport,
+								 const union kpr_addr *nat, __be16 port)
+{
+	__u16 p = kpr_ntohs(port);
+	__u32 idx, diff;
+	struct kpr_snat_port *s;
+
+	if (p < KPR_SNAT_PORT_MIN || p - KPR_SNAT_PORT_MIN >= KPR_SNAT_NPORTS)
+		return (void *)0;
+	idx = KPR_SNAT_PORT_SLOT(kpr_snat_port_base(proto, be), p);
+	s = kpr_snat_ports.lookup(&idx);
+	if (!s)
+		return (void *)0;
+	diff = (s->be_port ^ bport) | (s->proto ^ proto) | (s->be_addr.w[0] ^ be->w[0]) | (s->be_addr.w[1] ^ be->w[1]) |
+	       (s->be_addr.w[2] ^ be->w[2]) | (s->be_addr.w[3] ^ be->w[3]) | (s->nat_addr.w[0] ^ nat->w[0]) |
+	       (s->nat_addr.w[1] ^ nat->w[1]) | (s->nat_addr.w[2] ^ nat->w[2]) | (s->nat_addr.w[3] ^ nat->w[3]);
+	return diff || !proto ? (void *)0 : s;
+}
+
+// The kpr_snat_ports slot a reply (tuple as received: backend -> SNAT address:port) belongs to, or NULL.
+static __always_inline struct kpr_snat_port *kpr_snat_port_reverse(const struct kpr_tuple *t)
+{
+	return kpr_snat_port_find(t->proto, &t->saddr, t->sport, &t->daddr, t->dport);
+}
+
+#if KPR_SNAT_PORT_TABLE
+// Each CPU's walk over its share of the range.
+struct kpr_snat_cursor {
+	__u32 next;  // the next port of the CPU's share to try (modulo the share's size)
+	__u32 found; // the port offset the last allocation took, + 1 (0: none)
+};
+
+// Each CPU's cursor. Pinned: the tc and XDP builds (and a build replacing them) walk a CPU's
+// share from one position, not each from its own over the other's live slots.
+BPF_TABLE_PINNED("percpu_array", __u32, struct kpr_snat_cursor, kpr_snat_cursor, 1, KPR_PIN(kpr_snat_cursor));
 
 /* Whether a slot's flow still holds its port: its conntrack entry (key from the slot) is there,
  * live on the conntrack clock, and holds this very mapping. Few branches (bitwise tests): the
@@ -209,23 +244,6 @@ static __always_inline int kpr_snat_port_alloc(const struct kpr_tuple *t, const 
 	*port = kpr_htons(KPR_SNAT_PORT_MIN + off);
 	return 0;
 }
-
-// The kpr_snat_ports slot a reply (tuple as received: backend -> SNAT address:port) belongs to, or NULL.
-static __always_inline struct kpr_snat_port *kpr_snat_port_reverse(const struct kpr_tuple *t)
-{
-	__u16 p = kpr_ntohs(t->dport);
-	__u32 idx;
-	struct kpr_snat_port *s;
-
-	if (p < KPR_SNAT_PORT_MIN || p - KPR_SNAT_PORT_MIN >= KPR_SNAT_NPORTS)
-		return (void *)0;
-	idx = KPR_SNAT_PORT_SLOT(kpr_snat_port_base(t->proto, &t->saddr), p);
-	s = kpr_snat_ports.lookup(&idx);
-	if (!s || !s->stamp || s->be_port != t->sport || s->proto != t->proto || !kpr_addr_eq(&s->be_addr, &t->saddr) ||
-	    !kpr_addr_eq(&s->nat_addr, &t->daddr))
-		return (void *)0;
-	return s;
-}
 #endif
 
 // DNAT: send the packet to `addr`:`port` (a backend). port 0 keeps the port.
@@ -294,12 +312,21 @@ static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union
 		__u16 p = KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1);
 
 		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr, kpr_htons(p), t->proto);
-		if (kpr_snat.insert(&rk, &rev) == 0) {
-			*port = rk.dport;
-			return 0;
-		}
+		if (kpr_snat.insert(&rk, &rev) == 0)
+			goto found;
 	}
 	return KPR_E_NAT_NOPORT;
+found:
+	/* A port whose kpr_snat_ports slot would take this flow's replies (a flow a build with the
+	 * table began, live or not yet cleared by the collector) is not free: the flow is refused
+	 * (its client's next try draws another port). Checked once, after the tries, not in each:
+	 * the verifier's walk of the XDP build's SNAT stage stays within its limit. */
+	if (kpr_snat_port_find(t->proto, &t->daddr, t->dport, nat_addr, rk.dport)) {
+		kpr_snat.delete(&rk);
+		return KPR_E_NAT_NOPORT;
+	}
+	*port = rk.dport;
+	return 0;
 }
 
 /* The SNAT mapping of an outgoing flow (tuple before SNAT), creating one when `create`: the

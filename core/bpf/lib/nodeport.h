@@ -142,6 +142,7 @@
 #endif
 // The reply side of new SNAT flows in kpr_snat_ports (lib/nat.h KPR_SNAT_PORT_TABLE): a slot
 // written in place instead of the kpr_snat insert; its liveness is the conntrack entry's.
+// (Every build reads the slots: flows a build with the table began keep their replies.)
 #define KPR_NP_SNAT_PORTS (KPR_SNAT_PORT_TABLE && KPR_NP_SNAT_IN_CT)
 #ifndef KPR_NP_NH_CACHE
 /* 1: the SNAT stage caches each remote backend's next hop (kpr_np_nh: egress device, MACs)
@@ -1220,7 +1221,6 @@ static __always_inline int kpr_np_snat_rev(const struct kpr_tuple *t, int touch,
 	struct kpr_nat_entry *n;
 	struct kpr_np_rev *rev;
 	struct kpr_ct_key rk;
-#if KPR_NP_SNAT_PORTS
 	struct kpr_snat_port *s = kpr_snat_port_reverse(t);
 
 	if (s) {
@@ -1230,7 +1230,6 @@ static __always_inline int kpr_np_snat_rev(const struct kpr_tuple *t, int touch,
 		*fport = s->fe_port;
 		return 0;
 	}
-#endif
 	n = kpr_snat_reverse(t);
 	if (!n)
 		return 1;
@@ -1256,10 +1255,8 @@ static __always_inline int kpr_np_snat_rev(const struct kpr_tuple *t, int touch,
 // Whether a tuple (as received) is a reply to a source-NATed flow.
 static __always_inline int kpr_np_is_snat_reply(const struct kpr_tuple *t)
 {
-#if KPR_NP_SNAT_PORTS
 	if (kpr_snat_port_reverse(t))
 		return 1;
-#endif
 	return kpr_snat_reverse(t) != (void *)0;
 }
 

@@ -113,6 +113,7 @@ class NextHopWatcher:
         self._lock = threading.Lock()
         self._started = False
         self._halt = threading.Event()  # stop() was called: no new socket after a failed one
+        self._stopped_itself = False  # stop() came from the thread (a callback): it closes the socket
         self._events: EventSocket | None = None
         self._thread: threading.Thread | None = None
         if invalidate is not None:
@@ -175,6 +176,13 @@ class NextHopWatcher:
         with self._lock:  # the thread swaps in a new socket under the lock (_reopen)
             self._halt.set()
             events = self._events
+        if self._thread is not None and self._thread is threading.current_thread():
+            # from a subscriber's callback (its close() of the last subscription): the thread
+            # cannot join itself; it closes the socket as it leaves, at its next wait
+            self._stopped_itself = True
+            if events is not None:
+                events.stop()
+            return
         if stop_watch(events, self._thread, STOP_SECONDS, self.name):
             self._events, self._thread = None, None
 
@@ -237,6 +245,9 @@ class NextHopWatcher:
             try:
                 got = ev.wait(self.refresh)
                 if got == "stop":
+                    if self._stopped_itself:  # nobody joins this thread to close the socket
+                        ev.close()
+                        self._events = None
                     return
                 if got == "timeout":
                     self._bump("refresh")

@@ -229,3 +229,35 @@ def test_close_waits_for_a_call_under_way_and_none_starts_after(ns: Namespace) -
     finally:
         release.set()
         w.stop()
+
+
+def test_a_callback_closing_the_last_subscription_stops_the_shared_watcher(ns: Namespace) -> None:
+    """A subscriber may close its subscription from its own callback (the watcher's thread): when
+    it was the last, the watcher stops without the thread joining itself (that raised, counted as
+    the callback's error, and left the socket open)."""
+    from kpr import nexthops
+
+    subs: list[nexthops.Subscription] = []
+    calls: list[float] = []
+
+    def invalidate() -> None:
+        calls.append(time.monotonic())
+        if len(calls) > 1:  # an event's call, on the watcher's thread
+            subs[0].close()
+
+    with ns.enter():
+        subs.append(nexthops.subscribe(invalidate, "closes-itself"))
+        w = nexthops.shared_watcher()
+    assert w is not None and w.running
+    events = w._events
+    assert events is not None
+    try:
+        ns.run("ip route add 10.80.0.0/16 via 10.9.0.2")
+        wait_for(lambda: not w.running, 5, "the watcher stopped")
+        assert w.errors == 0 and subs[0].errors == 0
+        assert w._events is None and events._wake_r == -1, "its socket closed"
+        with ns.enter():
+            assert nexthops.shared_watcher() is None
+    finally:
+        subs[0].close()
+        w.stop()

@@ -39,7 +39,6 @@ class ApplyMixin:
                 yield
             finally:
                 self._depth -= 1
-                self._as_read = False
 
     def upsert(self, service: Service) -> None:
         """Make the maps hold exactly this service's desired state (touching only what changed)."""
@@ -112,8 +111,8 @@ class ApplyMixin:
             self._require_open()
             services = _in_key_order(list(services))
             if not self._as_read:
-                # diff against what the maps really hold (right after open() the shadow is
-                # what it read: a hand edit since is check()'s, as any other time)
+                # diff against what the maps really hold (right after open(), no change since,
+                # the shadow is what it read: a hand edit since is check()'s, as any other time)
                 self._reload()
             for g in self._groups.values():
                 g.owner = None  # ownership is decided afresh, in key order
@@ -354,6 +353,8 @@ class ApplyMixin:
     # ------------------------------------------------------------------ applying a diff
 
     def _begin(self) -> None:
+        # (every change starts here: from now on the shadow is no longer only what open() read)
+        self._as_read = False
         self._ids_over = False  # an id past the kpr_backend array was handed out (see _place)
         self._pending_vals = {}
         self._fresh_revnat = []

@@ -361,3 +361,23 @@ def test_restart_full_sync_with_changes_leaves_what_the_general_path_leaves(pin_
     finally:
         a.close()
         b.close()
+
+
+def test_initial_sync_through_the_writer_stage_reads_the_adopted_maps_once(pin_dir: Path) -> None:
+    """A restart through the bus's writer stage: upserts collected until sync complete, then
+    one full sync of the same services: nothing written and the maps not read again after
+    open(); an upsert written in between (maps changed since open) makes the next full sync
+    read them again."""
+    services = _mixed(13, 30)
+    with ServiceMapWriter(pin_dir, create_datapath_maps=False) as w:
+        w.full_sync(services)
+    with ServiceMapWriter(pin_dir, create_datapath_maps=False) as w:
+        before = {n: dict(o) for n, o in w.ops().items()}
+        assert w.apply_batch([("upsert", s) for s in services]) == {}
+        assert w.apply_batch([("sync", None)]) == {} and w.initial_written
+        assert w.ops() == before
+        assert not w.refused and not w.errors and w.check() == 0
+        w.upsert(services[0])
+        reads = w.ops()["kpr_svc"]["syscalls"]
+        w.full_sync(services)
+        assert w.ops()["kpr_svc"]["syscalls"] > reads  # read again: a change was made since open()

@@ -46,8 +46,8 @@ from .writer import MapIncompatible, ServiceMapWriter
 
 # Modules: params (sizes, WriterParams, writer_params), groups (entry encoding, _Group), slots
 # (kpr_slots ranges), rendering (Service -> groups, no syscalls), applying
-# (upsert/delete/full_sync, diff and batches), bulk (a full sync into empty maps, a list at a
-# time), reconcile (adoption, check/repair, gc, read_back), hooks (the plugin side), writer
+# (upsert/delete/full_sync, diff and batches), bulk (a full sync's common services a list at a
+# time: into empty maps, or claimed unchanged from adopted ones), reconcile (adoption, check/repair, gc, read_back), hooks (the plugin side), writer
 # (the class, composed from them, and the maps' lifecycle).
 
 __all__ = [

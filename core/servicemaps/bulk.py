@@ -94,8 +94,7 @@ class BulkMixin:
             if any(got):
                 bad += [i for i, v in enumerate(got) if v]
         affs = list(map(_AFFINITY, fes))
-        if affs and not (type(min(affs)) is int and min(affs) >= 0 and max(affs) <= 0xFFFFFFFF):
-            bad += [i for i, a in enumerate(affs) if not (type(a) is int and 0 <= a <= 0xFFFFFFFF)]
+        bad += [i for i, a in enumerate(affs) if type(a) is not int or not 0 <= a <= 0xFFFFFFFF]
         services, fes, types, affs = _drop(bad, rest, services, fes, types, affs)
         try:
             flags = list(map(_TYPE_FLAGS.__getitem__, types))

@@ -100,6 +100,7 @@ class Datapath:
         self.max_pods = max_pods
         # kpr_hr_pods' real size: an earlier run's pin is adopted as it is (another maxPods then)
         self.pods_capacity = max_pods
+        self._last_gen = 0  # the last generation bump_out_generation wrote
         self.extra_cflags = list(extra_cflags)
         self.sizes: dict[str, int] = {}
         self.maglev_size = M.MAGLEV_DEFAULT_SIZE
@@ -212,8 +213,12 @@ class Datapath:
         if table is None:
             return 0
         key = table.Key(0)
-        gen = int(table[key].value) % 0xFFFFFFFF + 1  # never 0, which means "not armed"
+        # never 0 ("not armed"), and never a number this load used before: after disarm_out the
+        # count goes on from the last one, else entries of that earlier generation, still in the
+        # maps, would be trusted again
+        gen = max(int(table[key].value), self._last_gen) % 0xFFFFFFFF + 1
         table[key] = table.Leaf(gen)
+        self._last_gen = gen
         return gen
 
     def out_generation_armable(self) -> bool:

@@ -325,6 +325,54 @@ def test_without_cluster_ip_a_remembered_route_holds_until_the_pods_sync(nocip_l
         lab.dp.disarm_out()
 
 
+def test_a_generation_after_a_disarm_trusts_nothing_remembered_before(nocip_lab: tuple[Lab, int]) -> None:
+    """disarm_out (generation 0) and a later bump: the new generation is one the load never used,
+    so routes and next hops remembered before the disarm are looked up again (a bump from 0 to
+    1 revived every entry of an earlier generation 1)."""
+    lab, _first = nocip_lab
+    pkt = from_pod(lab) / tcp4(POD4, FAR4)
+    send = Case("pod to the outside", pkt, TC_ACT_REDIRECT, out_of_node)
+    lab.dp.disarm_out()
+    try:
+        lab.dp.bump_out_generation()
+        lab.run(D.FROM_POD, lab.lxc, send, "redirect_neigh")  # remembered in this generation
+        assert lab.dp.out_routes() == {(POD4, FAR4): lab.eth0}
+        lab.dp.disarm_out()
+        lab.dp.bump_out_generation()
+        assert lab.dp.out_routes() == {}, "an entry of a generation before the disarm is trusted again"
+    finally:
+        lab.dp.disarm_out()
+
+
+def test_a_bridge_ports_remembered_route_waits_for_the_switched_frame_check(nocip_lab: tuple[Lab, int]) -> None:
+    """A bridge port's pods route through the bridge: only their frames to the bridge's MAC are
+    routed, the rest is switched. Their remembered route out (kpr_hr_out, marked l2) is
+    therefore not used ahead of that check (KPR_HR_CACHE_FIRST's first lookup): a frame of the
+    same pair to another MAC is left to the bridge, in both builds."""
+    lab, _first = nocip_lab
+    devs = lab.dp.maps[D.DEVS_MAP]
+    key = M.U32.pack(lab.lxc)
+    saved = devs.lookup(key)
+    kind = D.DEV.unpack(saved)[1]
+    gw = lab.lxc_mac  # the frames from_pod() makes are to the bridge
+    devs.update(key, D.DEV.pack(D.DEV_F_POD | D.DEV_F_L2, kind, bytes.fromhex(gw.replace(":", "")), 0))
+    lab.dp.set_pods({POD4: 4242, POD6: 4242})  # their route names the bridge (another device)
+    lab.dp.bump_out_generation()
+    routed = from_pod(lab) / tcp4(POD4, FAR4)
+    switched = Ether(src=MAC_POD, dst="02:00:00:00:09:09") / tcp4(POD4, FAR4)
+    try:
+        lab.run(D.FROM_POD, lab.lxc, Case("to the bridge: routed", routed, TC_ACT_REDIRECT, out_of_node),
+                "redirect_neigh")
+        lab.run(D.FROM_POD, lab.lxc, Case("to the bridge again: remembered", routed, TC_ACT_REDIRECT, out_of_node),
+                "out_route_cached")
+        lab.run(D.FROM_POD, lab.lxc, Case("to another MAC: switched", switched, TC_ACT_UNSPEC, same(switched)),
+                "pass_switched")
+    finally:
+        devs.update(key, saved)
+        lab.dp.set_pods({POD4: lab.lxc, POD6: lab.lxc})
+        lab.dp.disarm_out()
+
+
 def test_a_changed_neighbour_mac_is_followed_from_the_next_packet(macs_lab: Lab) -> None:
     """KPR_HR_OUT_CACHE 2 sends with the next hop's MAC it remembered: the agent's kpr.nexthops
     watcher (here one without the 2 s refresh, so only the event moves it) moves the generation when the neighbour's

@@ -69,6 +69,9 @@ class _TokenFile:
         self._sig: tuple[int, int, int] | None = None
         self.token = ""
         self.rotations = 0
+        # Every informer's thread calls refresh() before its requests: without the lock two of
+        # them saw the same new file and counted one rotation twice.
+        self._lock = threading.Lock()
         self.refresh()
 
     def refresh(self) -> str:
@@ -77,15 +80,24 @@ class _TokenFile:
         except OSError as e:
             raise KubeConfigError(f"cannot read the token file {self.path}: {e.strerror}") from None
         sig = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if sig != self._sig:
-            token = self.path.read_text().strip()
-            if not token:
-                raise KubeConfigError(f"the token file {self.path} is empty")
-            if self.token and token != self.token:
-                self.rotations += 1
-                log.info("kube.token_rotated path=%s", self.path)
-            self._sig, self.token = sig, token
-        return self.token
+        if sig == self._sig:
+            return self.token
+        with self._lock:
+            if sig != self._sig:
+                self._reload(sig)
+            return self.token
+
+    def _reload(self, sig: tuple[int, int, int]) -> None:
+        token = self.path.read_text().strip()
+        if not token:
+            raise KubeConfigError(f"the token file {self.path} is empty")
+        if self.token and token != self.token:
+            self.rotations += 1
+            log.info("kube.token_rotated path=%s", self.path)
+        # The token before the signature: a thread that finds the new signature without the
+        # lock must find the new token with it.
+        self.token = token
+        self._sig = sig
 
     def hook(self, configuration) -> None:
         # Called by the kubernetes client before every request: a stat, and a read only

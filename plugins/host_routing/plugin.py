@@ -227,11 +227,15 @@ class HostRouting:
             # devices first: a pod entry must never point at a device the program does not know
             dp.set_devices(p.devices)
             self._attach(p)
-            up, gone = dp.set_pods(p.pods)
-            # whatever changed (an MTU, a device, a route), the programs ask the FIB afresh; the
-            # generation first, right after kpr_hr_pods: a remembered route out of the node is
-            # used without a kpr_hr_pods lookup (builds without per-packet services)
-            dp.bump_out_generation()
+            try:
+                up, gone = dp.set_pods(p.pods)
+            finally:
+                # whatever changed (an MTU, a device, a route), the programs ask the FIB afresh;
+                # the generation first, right after kpr_hr_pods (a remembered route out of the
+                # node is used without a kpr_hr_pods lookup in builds without per-packet
+                # services), and also when the write failed half way: what it did change must
+                # not be served from entries remembered before it
+                dp.bump_out_generation()
             dp.flush_next_hops()
             if p.missing and p.missing != self.plan.missing:
                 log.error("event=host_routing_devices_missing devices=%s", ",".join(p.missing))

@@ -285,3 +285,22 @@ def test_next_to_tc_nodeport_on_the_same_device(hr: Rig) -> None:
             assert tcx_names(hr, "eth0", "ingress") == ["kpr_hr_from_net", "kpr_np_ingress"]
         finally:
             h.delete(key)
+
+
+def test_a_failed_pods_write_still_moves_the_generation(hr: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kpr_hr_pods write that fails half way has changed part of the map: the next hops and
+    routes remembered before it must not be trusted after it (the sync moves the generation
+    whatever set_pods did)."""
+    p = hr.start()
+    dp = p.datapath
+    real = dp.set_pods
+
+    def half_then_fail(pods):
+        real(pods)
+        raise OSError(7, "E2BIG (injected after the write)")
+
+    monkeypatch.setattr(dp, "set_pods", half_then_fail)
+    before = dp._last_gen
+    with pytest.raises(OSError):
+        p._sync("test")
+    assert dp._last_gen > before

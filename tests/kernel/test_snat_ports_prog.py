@@ -66,13 +66,13 @@ def lab() -> Iterator[ProgLab]:
         os.sched_setaffinity(0, old)
 
 
-def _load(pl: ProgLab, hook: str, name: str, flags: list[str]) -> None:
-    """ProgLab.load with the lab's four-port SNAT range."""
+def _load(pl: ProgLab, hook: str, name: str, flags: list[str], ports: tuple[int, int] = (FIRST, LAST)) -> None:
+    """ProgLab.load with the lab's SNAT range (four ports unless told)."""
     from kpr.plugins.tc_nodeport import datapath as TD
     from kpr.plugins.xdp_nodeport import datapath as XD
 
     cls = XD.Datapath if hook == "xdp" else TD.Datapath
-    dp = cls(pl.pin, mode="snat", snat_ports=(FIRST, LAST), extra_cflags=flags).load()
+    dp = cls(pl.pin, mode="snat", snat_ports=ports, extra_cflags=flags).load()
     pl.builds[name] = dp
     dp.set_devices({pl.ifindex: (NODE4, None)}, (NODE4, None))
     dp.set_device_kinds(pl.kinds)
@@ -298,3 +298,34 @@ def test_a_build_without_the_table_keeps_the_tables_flows(lab: ProgLab, hook: st
         with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as sn:  # its port free again for the next try
             sn.delete_many(list(sn.keys()))
     assert len(got) + refused == 8 and set(got) <= free, (got, refused, free)
+
+
+WIDE = (62000, 62063)  # a range of 64 ports: 32 a CPU with two CPUs
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_a_run_of_long_lived_flows_is_passed_not_refused(lab: ProgLab, hook: str) -> None:
+    """Flows opened together hold consecutive slots of the share; when the cursor comes round to
+    them, a new flow's last try (half the share ahead) takes a free slot there. Before, the four
+    tries were the next four slots: every new flow was refused until the cursor had crept past
+    the run (a run of 8: two refused each round)."""
+    name = f"{hook}-wide"
+    if name not in lab.builds:
+        _load(lab, hook, name, [], WIDE)
+    _reset(lab)
+    with M.BpfMap.open_pinned(lab.pin / ND.SNAT_PORTS_MAP) as m:
+        for port in range(WIDE[0], WIDE[1] + 1):
+            m.update(M.U32.pack(ND.snat_port_slot(6, M.addr_to_bytes(BACKEND), port)), bytes(ND.SNAT_PORT.size))
+    cpu = min(os.sched_getaffinity(0))
+    share = [p for p in range(WIDE[0], WIDE[1] + 1) if (p - WIDE[0]) % ND.possible_cpus() == cpu % ND.possible_cpus()]
+    r = REDIRECT[hook]
+    run(lab, hook, name, [Case(f"long-lived flow {i}", syn(lab, f"192.0.2.{1 + i}", 1000 + i), r, snat_to(share[i]))
+                          for i in range(8)])
+    lab.builds[name].bpf[b"kpr_snat_cursor"].clear()  # the cursor come round to the run
+    run(lab, hook, name, [
+        Case("a new flow at the run: half the share ahead, not refused", syn(lab, "192.0.2.50", 1050), r,
+             snat_to(share[16])),
+        Case("the next one: the cursor moved past the 3 near tries only", syn(lab, "192.0.2.51", 1051), r,
+             snat_to(share[19])),
+        Case("and the next: the first free slot after the run", syn(lab, "192.0.2.52", 1052), r, snat_to(share[8])),
+    ])

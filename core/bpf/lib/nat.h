@@ -48,7 +48,7 @@
 #define KPR_SNAT_PORT_SPAN 8192
 #endif
 #ifndef KPR_SNAT_PORT_PROBES
-#define KPR_SNAT_PORT_PROBES 4 // slots of the CPU's share tried, in order, before a new flow is refused (more: past the verifier's limit in the stages)
+#define KPR_SNAT_PORT_PROBES 4 // slots of the CPU's share tried (the next ones, the last half a share away) before a new flow is refused (more: past the verifier's limit in the stages)
 #endif
 #ifndef KPR_SNAT_CPUS
 #define KPR_SNAT_CPUS 1 // possible CPUs (the loader passes them): CPU c allocates the ports c, c + this, ... of the range
@@ -213,8 +213,15 @@ static __always_inline int kpr_snat_port_alloc(const struct kpr_tuple *t, const 
 	 * stage once, not once per try). The offset is arithmetic, no branch, for the same reason. */
 #pragma clang loop unroll(disable)
 	for (i = 0; i < KPR_SNAT_PORT_PROBES; i++) {
-		off = cpu + (next % len) * KPR_SNAT_SHARES;
-		next++;
+		/* The tries are the slots at the cursor but the last, which is half the share
+		 * ahead; the cursor moves past the near ones only (no free slot is jumped over).
+		 * Flows opened together hold consecutive slots: when the cursor comes round to
+		 * such a run (under half the share), a new flow takes a slot half a share away,
+		 * where before one new flow for every 4 slots of the run was refused each round. */
+		__u32 far = i == KPR_SNAT_PORT_PROBES - 1;
+
+		off = cpu + ((next + (far ? len / 2 : i)) % len) * KPR_SNAT_SHARES;
+		cur->next = (next + (far ? i : i + 1)) % len;
 		idx = KPR_SNAT_PORT_SLOT(base, KPR_SNAT_PORT_MIN + off);
 		s = kpr_snat_ports.lookup(&idx);
 		if (s && !kpr_snat_port_live(s, kpr_htons(KPR_SNAT_PORT_MIN + off), now)) {
@@ -222,7 +229,6 @@ static __always_inline int kpr_snat_port_alloc(const struct kpr_tuple *t, const 
 			break;
 		}
 	}
-	cur->next = next % len;
 	off = cur->found;
 	if (!off)
 		return KPR_E_NAT_NOPORT;

@@ -151,6 +151,15 @@ class BulkMixin:
             return None
         if not services or bkeys is None:
             return None
+        bad = _local_disagreements(bkeys, flat, counts, services, rest) if rest else []
+        if bad:
+            # (a backend listed node-local and not, by one of the others too: see there)
+            services, fes, flags, affs, fks, bel = _drop(bad, rest, services, fes, flags, affs, fks, bel)
+            counts = list(map(len, bel))
+            flat = list(chain.from_iterable(bel))
+            bkeys = _backend_keys(flat, list(map(_PORT, flat)), list(map(_PROTOCOL, fes)), counts)
+            if not services or bkeys is None:
+                return None
         return services, fes, flags, affs, fks, counts, flat, bkeys, _in_key_order(rest) if rest else rest
 
     def _sync_adopted(self, services: list[Service]) -> bool:
@@ -419,6 +428,51 @@ def _backend_keys(flat: list[Any], ports: list[int], protos: list[Any], counts: 
     else:
         btails = list(map(_tail, ports, chain.from_iterable(map(repeat, protos, counts))))
     return _keys(list(map(_ADDRESS, flat)), btails) if flat else []
+
+
+def _local_disagreements(
+    bkeys: list[bytes], flat: list[Any], counts: list[int], services: list[Service], rest: list[Service]
+) -> list[int]:
+    """The common services (indexes into `services`; `bkeys`, `flat`: their backends' keys and
+    backends, `counts` each) that list a backend the others (`rest`) list too, node-local by
+    one lister and not by another: EndpointSlices that disagree about a pod's node (a
+    hand-made slice without nodeName beside the controller's, or one not yet updated after
+    the address moved node). kpr_backend holds one value, the last lister's in key order,
+    which only the general path decides once it renders every lister: they go there too
+    (and whoever then disagrees with them). Among the common ones alone the bulk path keeps
+    the last one's itself. Cheap when the others list none of these backends (one look-up
+    per backend at C speed)."""
+    theirs: dict[bytes, set[bool]] = {}
+    _add_local_flags(theirs, rest)
+    if not theirs:
+        return []
+    locals_ = list(map(bool, map(_LOCAL, flat)))
+    ends = list(accumulate(counts))
+    moved: set[int] = set()
+    while True:
+        mine: dict[bytes, set[bool]] = {}
+        at = [j for j in compress(range(len(bkeys)), map(theirs.__contains__, bkeys)) if bisect_right(ends, j) not in moved]
+        for j in at:
+            mine.setdefault(bkeys[j], set()).add(locals_[j])
+        mixed = {k for k, f in mine.items() if len(f | theirs[k]) > 1}
+        new = {bisect_right(ends, j) for j in at if bkeys[j] in mixed}
+        if not new:
+            return sorted(moved)
+        moved |= new
+        _add_local_flags(theirs, [services[i] for i in new])
+
+
+def _add_local_flags(flags: dict[bytes, set[bool]], services: list[Service]) -> None:
+    """Each backend key these services list: whether a lister names it node-local (True),
+    not (False), or both."""
+    for s in services:
+        for fe in s.frontends:
+            for b in getattr(fe, "backends", ()):
+                try:
+                    k = M.addr_to_bytes(b.address) + _tail(b.port, fe.protocol)
+                except (ValueError, TypeError, KeyError, OverflowError, AttributeError):
+                    continue  # (not an address: the general path names it)
+                flags.setdefault(k, set()).add(bool(b.local))
 
 
 def _frontend_keys(services: list[Service]) -> set[bytes]:

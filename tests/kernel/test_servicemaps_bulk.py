@@ -381,3 +381,37 @@ def test_initial_sync_through_the_writer_stage_reads_the_adopted_maps_once(pin_d
         reads = w.ops()["kpr_svc"]["syscalls"]
         w.full_sync(services)
         assert w.ops()["kpr_svc"]["syscalls"] > reads  # read again: a change was made since open()
+
+
+def test_a_backend_listed_local_and_not_takes_the_last_listers_value_and_stays(pin_dir: Path) -> None:
+    """One pod address listed node-local by one service and not by another (EndpointSlices
+    that disagree about its nodeName: a selector-less service's hand-made slice without one,
+    or a slice not yet updated after the address moved node): kpr_backend holds one value,
+    the last lister's in key order (the general path's). The bulk path wrote the common
+    service's and then the other's over it whatever their order, and every later full sync
+    flipped it (the adopted path decides the common one against the maps first)."""
+    x_local, x_remote = Backend("10.1.3.1", 8080, local=True), Backend("10.1.3.1", 8080)
+    other = Service(ServiceKey("ns0", "a"), (  # a NodePort: never the common kind
+        Frontend(FrontendType.NODE_PORT, "192.0.2.50", 30050, Protocol.TCP, (x_local,)),))
+    common = Service(ServiceKey("ns0", "b"), (
+        Frontend(FrontendType.CLUSTER_IP, "10.96.3.1", 80, Protocol.TCP, (x_remote, Backend("10.1.3.2", 8080))),))
+    also = Service(ServiceKey("ns0", "c"), (  # a second common lister, agreeing with the last one
+        Frontend(FrontendType.CLUSTER_IP, "10.96.3.2", 80, Protocol.TCP, (Backend("10.1.3.2", 8080, local=True),)),))
+    services = [common, other, also, *_services(4, 10)]
+    a, b = _sync_both(pin_dir, services, bulk=True)
+    try:
+        def local_of(w: ServiceMapWriter, addr: str) -> bool:
+            (val,) = [v for v in w.read_back()["backends"].values() if v["address"] == addr]
+            return val["local"]
+
+        assert (local_of(b, "10.1.3.1"), local_of(b, "10.1.3.2")) == (False, True)  # the last lister's
+        assert _served(a) == _served(b)
+        for _ in range(2):  # later full syncs of the same services: nothing moves
+            before = a.ops()
+            a.full_sync(services)
+            assert (local_of(a, "10.1.3.1"), local_of(a, "10.1.3.2")) == (False, True)
+            assert a.ops()["kpr_backend"]["update"] == before["kpr_backend"]["update"]
+        assert _served(a) == _served(b)
+    finally:
+        a.close()
+        b.close()

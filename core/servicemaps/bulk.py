@@ -53,8 +53,9 @@ _ACTIVE_SLOT = array("I", (0, M.BACKEND_ACTIVE))  # kpr_slot words: id, state
 
 @lru_cache(maxsize=4096)
 def _tail(port: int, proto: Any) -> bytes:
-    """A frontend or backend key's port (network order) and protocol bytes."""
-    return port.to_bytes(2, "big") + (_PROTO_BYTE[proto] if type(proto) is not bytes else proto)
+    """A frontend or backend key's port (network order) and protocol bytes (KeyError: no
+    Protocol, as rendering's)."""
+    return port.to_bytes(2, "big") + _PROTO_BYTE[proto]
 
 
 def _keys(addresses: list[str], tails: Any) -> list[bytes] | None:
@@ -63,7 +64,7 @@ def _keys(addresses: list[str], tails: Any) -> list[bytes] | None:
     try:
         # one pack per key (no intermediate 16-byte address made and freed)
         return list(map(_KEY4.pack, repeat(_V4_MAPPED), map(_pton4, addresses), tails))
-    except (OSError, TypeError, struct.error):
+    except (OSError, ValueError, TypeError, struct.error):  # (ValueError: a NUL or surrogate in it)
         pass
     try:
         return list(map(add, map(M.addr_to_bytes, addresses), tails))

@@ -415,3 +415,31 @@ def test_a_backend_listed_local_and_not_takes_the_last_listers_value_and_stays(p
     finally:
         a.close()
         b.close()
+
+
+_BAD = [
+    Frontend(FrontendType.CLUSTER_IP, "10.96.3.9\x00", 80, Protocol.TCP, (Backend("10.1.3.9", 8080),)),
+    Frontend(FrontendType.CLUSTER_IP, "fd01::9\udc80", 80, Protocol.TCP, (Backend("fd00::9", 8080),)),
+    Frontend(FrontendType.CLUSTER_IP, "10.96.3.9", 80, Protocol.TCP, (Backend("10.1.3.9\x00", 8080),)),
+    Frontend(FrontendType.CLUSTER_IP, "10.96.3.9", 80, b"\x06", (Backend("10.1.3.9", 8080),)),  # type: ignore[arg-type]
+    Frontend(FrontendType.CLUSTER_IP, "10.96.3.9", 80, b"", (Backend("10.1.3.9", 8080),)),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize("bad", _BAD, ids=["nul-in-frontend", "surrogate-in-frontend", "nul-in-backend",
+                                           "protocol-bytes", "protocol-empty-bytes"])
+def test_input_the_general_path_refuses_is_refused_beside_the_bulk_path_too(pin_dir: Path, bad: Frontend) -> None:
+    """A service whose input the general path cannot render (an address inet_pton rejects
+    with ValueError, not OSError; a protocol that is no Protocol) is that service's error,
+    counted, as there: the bulk path raised out of the whole sync (ValueError, nothing
+    synced) or wrote the service with a protocol byte the frontend never named."""
+    services = [*_services(5, 10), Service(ServiceKey("ns0", "bad"), (bad,))]
+    a, b = _sync_both(pin_dir, services, bulk=True)
+    try:
+        assert [s.key for s in a.others] == [ServiceKey("ns0", "bad")]
+        assert (a.errors, b.errors) == (1, 1)
+        assert _served(a) == _served(b)
+        assert len(a.read_back()["frontends"]) == 10
+    finally:
+        a.close()
+        b.close()

@@ -5,7 +5,9 @@ expired. Table-driven (Katran-style fixtures) with BPF_PROG_TEST_RUN on the XDP 
 in a lab whose range is four ports, so the CPU running the test owns two of them: a new flow
 and its reply translated back, the share filling up (refused, drop_snat_no_port), a port taken
 again only after its flow expired, and replies to a port whose slot belongs to another flow.
-The same table on a build without the table fails (a random free port, no refusal)."""
+The same table on a build without the table fails (a random free port, no refusal). A build
+without the table keeps the table's flows (their replies, their ports), and a run of
+long-lived flows is passed by a new flow's far try (a wider lab range)."""
 
 from __future__ import annotations
 

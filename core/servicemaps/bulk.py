@@ -445,16 +445,15 @@ def _local_disagreements(
     per backend at C speed)."""
     theirs: dict[bytes, set[bool]] = {}
     _add_local_flags(theirs, rest)
-    if not theirs:
-        return []
-    locals_ = list(map(bool, map(_LOCAL, flat)))
+    if theirs.keys().isdisjoint(bkeys):
+        return []  # (the usual case, at C speed)
     ends = list(accumulate(counts))
     moved: set[int] = set()
     while True:
         mine: dict[bytes, set[bool]] = {}
         at = [j for j in compress(range(len(bkeys)), map(theirs.__contains__, bkeys)) if bisect_right(ends, j) not in moved]
         for j in at:
-            mine.setdefault(bkeys[j], set()).add(locals_[j])
+            mine.setdefault(bkeys[j], set()).add(bool(flat[j].local))
         mixed = {k for k, f in mine.items() if len(f | theirs[k]) > 1}
         new = {bisect_right(ends, j) for j in at if bkeys[j] in mixed}
         if not new:

@@ -297,7 +297,7 @@ class Datapath:
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
             for name in (self.STATS_MAP, self.FWD_MAP, NH_MAP):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
-            if (self.pin / SNAT_PORTS_MAP).exists():  # a build without KPR_SNAT_PORT_TABLE has none
+            if (self.pin / SNAT_PORTS_MAP).exists():  # every build reads the slots; an old pin set may lack them
                 self.maps[SNAT_PORTS_MAP] = M.BpfMap.open_pinned(self.pin / SNAT_PORTS_MAP)
                 if self.build == "compiled":  # flows an earlier build began keep their ports
                     from .gc import adopt_reverse_entries

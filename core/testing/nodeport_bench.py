@@ -500,7 +500,7 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "established SNAT flows through the tail call, not inline (KPR_NP_EST_INLINE=0)": ("-DKPR_NP_EST_INLINE=0",),
     "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
-    "SNAT reply side an LRU kpr_snat insert, not a port-table slot (KPR_SNAT_PORT_TABLE=0)": ("-DKPR_SNAT_PORT_TABLE=0",),
+    "SNAT reply side a port-table slot, not an LRU kpr_snat insert (KPR_SNAT_PORT_TABLE=1, off by default)": ("-DKPR_SNAT_PORT_TABLE=1",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",

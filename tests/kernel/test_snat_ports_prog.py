@@ -50,6 +50,9 @@ def _share() -> list[int]:
     return [FIRST + off for off in range(LAST - FIRST + 1) if off % min(cpus, LAST - FIRST + 1) == cpu % cpus]
 
 
+# the table is a build switch, off by default (lib/nat.h says why): these builds turn it on
+ON = ["-DKPR_SNAT_PORT_TABLE=1"]
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[ProgLab]:
     from kpr.testing import kernel_skip_reason
@@ -61,7 +64,7 @@ def lab() -> Iterator[ProgLab]:
     try:
         with ProgLab(4) as pl:
             for hook in ("xdp", "tc"):
-                for name, flags in ((hook, []), (f"{hook}-off", ["-DKPR_SNAT_PORT_TABLE=0"])):
+                for name, flags in ((hook, ON), (f"{hook}-off", ["-DKPR_SNAT_PORT_TABLE=0"])):
                     _load(pl, hook, name, flags)
             yield pl
     finally:
@@ -313,7 +316,7 @@ def test_a_run_of_long_lived_flows_is_passed_not_refused(lab: ProgLab, hook: str
     the run (a run of 8: two refused each round)."""
     name = f"{hook}-wide"
     if name not in lab.builds:
-        _load(lab, hook, name, [], WIDE)
+        _load(lab, hook, name, ON, WIDE)
     _reset(lab)
     with M.BpfMap.open_pinned(lab.pin / ND.SNAT_PORTS_MAP) as m:
         for port in range(WIDE[0], WIDE[1] + 1):

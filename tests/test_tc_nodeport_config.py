@@ -250,3 +250,37 @@ def test_collector_thread_leaves_quietly_once_its_maps_are_closed(caplog: pytest
     assert c.totals.errors == 0
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     c.stop()
+
+
+class SlotMap(FakeMap):
+    """kpr_snat_ports as the collector uses it: an array (every slot there, zero when free)."""
+
+    def lookup(self, k: bytes) -> bytes | None:
+        return self.d.get(k)
+
+    def update(self, k: bytes, v: bytes) -> None:
+        self.d[k] = v
+
+
+def test_old_reverse_entries_are_adopted_only_while_a_build_hands_out_slots() -> None:
+    """The collector copies kpr_snat reverse entries into free kpr_snat_ports slots so a build
+    with KPR_SNAT_PORT_TABLE gives no new flow an old flow's port; while no build hands out slots
+    (the table is off by default) it copies nothing (a dump and a lookup per flow each pass)."""
+    import time
+
+    from kpr.nodeport import datapath as ND
+
+    now = time.monotonic_ns()
+    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now)
+    mine = M.U32.pack(ND.snat_port_slot(17, BE, 62000))
+    other = M.U32.pack(ND.snat_port_slot(17, BE, 62001))
+    zero = bytes(ND.SNAT_PORT.size)
+    ports = SlotMap({mine: zero, other: zero})
+    maps[ND.SNAT_PORTS_MAP] = ports  # type: ignore[assignment]
+    col = _collector(maps, None)
+    col.run()
+    assert ports.d[mine] == zero, "adopted while no build hands out slots"
+    # a build with the table gave a slot to another flow (live: just stamped)
+    ports.d[other] = ND.SNAT_PORT.pack(now, A("192.0.2.9"), P(6000), P(80), P(8080), 17, 0, FE, BE, NODE)
+    col.run()
+    assert ND.SNAT_PORT.unpack(ports.d[mine])[1:4] == (CLIENT, P(5000), P(80))

@@ -299,7 +299,8 @@ class Datapath:
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
             if (self.pin / SNAT_PORTS_MAP).exists():  # every build reads the slots; an old pin set may lack them
                 self.maps[SNAT_PORTS_MAP] = M.BpfMap.open_pinned(self.pin / SNAT_PORTS_MAP)
-                if self.build == "compiled":  # flows an earlier build began keep their ports
+                # flows an earlier build began keep their ports, when this build hands out slots
+                if self.build == "compiled" and "-DKPR_SNAT_PORT_TABLE=1" in self.cflags():
                     from .gc import adopt_reverse_entries
 
                     adopted = adopt_reverse_entries(self.maps["kpr_snat"], self.maps[SNAT_PORTS_MAP])

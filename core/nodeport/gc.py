@@ -333,8 +333,6 @@ class Collector:
         ports = self.maps.get(D.SNAT_PORTS_MAP)
         if ports is None:
             return
-        if not stale_only:  # what an earlier build began since the datapath's load adopted them
-            adopt_reverse_entries(self.maps["kpr_snat"], ports)
         ours = self.snat_addrs()
         dead: dict[bytes, bytes] = {}
         n = 0
@@ -355,3 +353,9 @@ class Collector:
                 res.snat_freed += 1
         if not stale_only:
             self.totals.snat_entries += n
+            # what an earlier build began since the datapath's load adopted them; only while some
+            # build hands out slots (KPR_SNAT_PORT_TABLE, off by default): otherwise no new flow
+            # can take an old flow's port through the table, and the copy would be a dump of
+            # kpr_snat and a lookup per flow every pass for nothing
+            if n or dead:
+                adopt_reverse_entries(self.maps["kpr_snat"], ports)

@@ -528,6 +528,49 @@ def test_the_one_pass_rewrite_patches_the_ip_checksum_in_place(lab: Lab, direct:
         off.close()
 
 
+def test_checksum_edges_of_the_one_pass_rewrite(lab: Lab) -> None:
+    """The established path's one-pass DNAT+SNAT where the outputs' checksums come out at the
+    ones-complement edge (the header summing to 0xffff): the IPv4 header checksum patched in
+    place (KPR_CSUM_IP_DIRECT) gives 0x0000 as scapy does, a TCP checksum 0x0000, a UDP result
+    of 0 goes out as 0xffff (never 0: "none"), and the build that patches the IPv4 header with
+    bpf_l3_csum_replace makes the same bytes. A probe with IP id 0 and payload word 0 gives each
+    checksum c; the same packet with id c and word c sums to 0xffff after the rewrite."""
+    off = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_CSUM_IP_DIRECT=0"]).load()
+    try:
+        def both(pkt: Ether) -> Ether:
+            outs = []
+            with in_netns(lab.topo["lb"].path):
+                for dp in (lab.dp, off):
+                    res = test_run(dp.fd(D.INGRESS), bytes(pkt), ctx=lab.ctx)
+                    assert res.signed == TC_ACT_REDIRECT, res.signed
+                    outs.append(res.data_out)
+            assert outs[0] == outs[1], "KPR_CSUM_IP_DIRECT=1 and =0 differ"
+            return Ether(outs[0])
+
+        cached = lab.stats()["fwd_nh_cached"]
+        for proto, port in ((TCP, 40901), (UDP, 40902)):
+            def pkt(ip_id: int, word: int, flags: str = "A") -> Ether:
+                l4 = TCP(sport=port, dport=80, flags=flags) if proto is TCP else UDP(sport=port, dport=80)
+                return eth_in(lab) / IP(src=CLIENT4, dst=VIP_REMOTE, id=ip_id) / l4 / Raw(b"kp" + word.to_bytes(2, "big"))
+
+            seen: dict[str, int] = {}
+            verdict, out = lab.one(D.INGRESS, pkt(0, 0, "S"))  # the new flow: SNAT port, next hop cached
+            assert verdict == TC_ACT_REDIRECT
+            _snat_check(REM4, 8080, seen, "new")(out)
+            probe = both(pkt(0, 0))
+            _snat_check(REM4, 8080, seen, "probe")(probe)
+            _scapy_checksums(probe)
+            edge = both(pkt(probe[IP].chksum, probe[proto].chksum))
+            _snat_check(REM4, 8080, seen, "edge")(edge)
+            assert seen["new"] == seen["probe"] == seen["edge"]
+            _scapy_checksums(edge)
+            assert (edge[IP].chksum, edge[proto].chksum) == (0, 0 if proto is TCP else 0xFFFF), edge.summary()
+        assert lab.stats()["fwd_nh_cached"] >= cached + 4, "the probes and edges took the one-pass path"
+    finally:
+        off.close()
+
+
+
 def test_the_entry_programs_established_path_refreshes_and_closes_the_flow(lab: Lab) -> None:
     """KPR_NP_EST_INLINE sends an established SNAT packet with a cached next hop from the entry
     program, without the stages: its conntrack entry is still refreshed (last_seen, at most once

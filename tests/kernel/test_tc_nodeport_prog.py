@@ -528,15 +528,42 @@ def test_the_one_pass_rewrite_patches_the_ip_checksum_in_place(lab: Lab, direct:
         off.close()
 
 
+def _at_the_checksum_edge(lab: Lab, first: Any, run: Any, proto: Any, port: int) -> Ether:
+    """An established flow's packet whose rewritten IPv4 header and L4 checksums sum to 0xffff
+    (the ones-complement edge), as `run` (a packet -> the redirected output) sends it on, after
+    `first` made the flow. A probe with IP id 0 and payload word 0 comes out with checksums c;
+    the same packet with id c and word c comes out at the edge: IP 0x0000 and TCP 0x0000 as
+    scapy computes them, UDP 0xffff (a result of 0 is never sent: it means "none")."""
+
+    def pkt(ip_id: int, word: int, flags: str = "A") -> Ether:
+        l4 = TCP(sport=port, dport=80, flags=flags) if proto is TCP else UDP(sport=port, dport=80)
+        return eth_in(lab) / IP(src=CLIENT4, dst=VIP_REMOTE, id=ip_id) / l4 / Raw(b"kp" + word.to_bytes(2, "big"))
+
+    seen: dict[str, int] = {}
+    _snat_check(REM4, 8080, seen, "new")(first(pkt(0, 0, "S")))
+    probe = run(pkt(0, 0))
+    _snat_check(REM4, 8080, seen, "probe")(probe)
+    _scapy_checksums(probe)
+    edge = run(pkt(probe[IP].chksum, probe[proto].chksum))
+    _snat_check(REM4, 8080, seen, "edge")(edge)
+    assert seen["new"] == seen["probe"] == seen["edge"]
+    _scapy_checksums(edge)
+    assert (edge[IP].chksum, edge[proto].chksum) == (0, 0 if proto is TCP else 0xFFFF), edge.summary()
+    return edge
+
+
 def test_checksum_edges_of_the_one_pass_rewrite(lab: Lab) -> None:
-    """The established path's one-pass DNAT+SNAT where the outputs' checksums come out at the
-    ones-complement edge (the header summing to 0xffff): the IPv4 header checksum patched in
-    place (KPR_CSUM_IP_DIRECT) gives 0x0000 as scapy does, a TCP checksum 0x0000, a UDP result
-    of 0 goes out as 0xffff (never 0: "none"), and the build that patches the IPv4 header with
-    bpf_l3_csum_replace makes the same bytes. A probe with IP id 0 and payload word 0 gives each
-    checksum c; the same packet with id c and word c sums to 0xffff after the rewrite."""
+    """tc's one-pass DNAT+SNAT at the checksum edge (_at_the_checksum_edge): the IPv4 header
+    checksum patched in place (KPR_CSUM_IP_DIRECT) comes out 0x0000 as scapy computes it, byte
+    for byte what the build patching it with bpf_l3_csum_replace makes. (The XDP build, which
+    patches every checksum by hand, meets the same edges in the XDP test below.)"""
     off = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_CSUM_IP_DIRECT=0"]).load()
     try:
+        def first(pkt: Ether) -> Ether:
+            verdict, out = lab.one(D.INGRESS, pkt)
+            assert verdict == TC_ACT_REDIRECT, verdict
+            return out
+
         def both(pkt: Ether) -> Ether:
             outs = []
             with in_netns(lab.topo["lb"].path):
@@ -548,28 +575,11 @@ def test_checksum_edges_of_the_one_pass_rewrite(lab: Lab) -> None:
             return Ether(outs[0])
 
         cached = lab.stats()["fwd_nh_cached"]
-        for proto, port in ((TCP, 40901), (UDP, 40902)):
-            def pkt(ip_id: int, word: int, flags: str = "A") -> Ether:
-                l4 = TCP(sport=port, dport=80, flags=flags) if proto is TCP else UDP(sport=port, dport=80)
-                return eth_in(lab) / IP(src=CLIENT4, dst=VIP_REMOTE, id=ip_id) / l4 / Raw(b"kp" + word.to_bytes(2, "big"))
-
-            seen: dict[str, int] = {}
-            verdict, out = lab.one(D.INGRESS, pkt(0, 0, "S"))  # the new flow: SNAT port, next hop cached
-            assert verdict == TC_ACT_REDIRECT
-            _snat_check(REM4, 8080, seen, "new")(out)
-            probe = both(pkt(0, 0))
-            _snat_check(REM4, 8080, seen, "probe")(probe)
-            _scapy_checksums(probe)
-            edge = both(pkt(probe[IP].chksum, probe[proto].chksum))
-            _snat_check(REM4, 8080, seen, "edge")(edge)
-            assert seen["new"] == seen["probe"] == seen["edge"]
-            _scapy_checksums(edge)
-            assert (edge[IP].chksum, edge[proto].chksum) == (0, 0 if proto is TCP else 0xFFFF), edge.summary()
+        _at_the_checksum_edge(lab, first, both, TCP, 40901)
+        _at_the_checksum_edge(lab, first, both, UDP, 40902)
         assert lab.stats()["fwd_nh_cached"] >= cached + 4, "the probes and edges took the one-pass path"
     finally:
         off.close()
-
-
 
 def test_the_entry_programs_established_path_refreshes_and_closes_the_flow(lab: Lab) -> None:
     """KPR_NP_EST_INLINE sends an established SNAT packet with a cached next hop from the entry
@@ -1005,6 +1015,17 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
                          zero_udp(routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=5103) / Raw(b"ok")))
             rcase.ctx = xdp_ctx(lab, bytes(reply))
             run_cases(progs[XD.INGRESS].fd, [rcase], kind="xdp")
+
+            # the same at the checksum edge (every XDP checksum patched by hand, kpr_csum_patch_diff)
+            def xout(pkt: Ether) -> Ether:
+                res = xrun(pkt)
+                assert res.retval == XDP_REDIRECT, res.retval
+                return Ether(res.data_out)
+
+            nh_before = xstats()["fwd_nh_cached"]
+            _at_the_checksum_edge(lab, xout, xout, TCP, 41010)
+            _at_the_checksum_edge(lab, xout, xout, UDP, 41011)
+            assert xstats()["fwd_nh_cached"] >= nh_before + 4, "the probes and edges took the cached next hop"
         assert icmp_after == before + len(cases)
         assert lab.stats() == tc_before, "nothing counted in the tc build's maps"
     finally:

@@ -154,13 +154,14 @@ static __always_inline struct kpr_snat_port *kpr_snat_port_reverse(const struct 
 	return kpr_snat_port_find(t->proto, &t->saddr, t->sport, &t->daddr, t->dport);
 }
 
-#if KPR_SNAT_PORT_TABLE
-// Each CPU's walk over its share of the range.
+// Each CPU's walk over its share of the range (defined in every build: the ABI is one, whatever
+// the switches; only KPR_SNAT_PORT_TABLE builds have the map).
 struct kpr_snat_cursor {
 	__u32 next;  // the next port of the CPU's share to try (modulo the share's size)
 	__u32 found; // the port offset the last allocation took, + 1 (0: none)
 };
 
+#if KPR_SNAT_PORT_TABLE
 // Each CPU's cursor. Pinned: the tc and XDP builds (and a build replacing them) walk a CPU's
 // share from one position, not each from its own over the other's live slots.
 BPF_TABLE_PINNED("percpu_array", __u32, struct kpr_snat_cursor, kpr_snat_cursor, 1, KPR_PIN(kpr_snat_cursor));

@@ -370,13 +370,17 @@ class Datapath:
 
     @staticmethod
     def _sync(m: M.BpfMap, want: Mapping[bytes, bytes]) -> tuple[int, int]:
+        """Make the map hold `want`; (written, removed). Keys no longer wanted leave first: a map
+        kept full (every device of a busy node in kpr_np_devkind, pods in host_routing's
+        kpr_hr_pods) would otherwise refuse each new key (E2BIG) for good. No wanted key is ever
+        deleted, so the order opens no gap for the programs."""
         have = dict(m.items())
         up = {k: v for k, v in want.items() if have.get(k) != v}
         gone = [k for k in have if k not in want]
-        if up:
-            m.update_many(list(up), list(up.values()))
         if gone:
             m.delete_many(gone)
+        if up:
+            m.update_many(list(up), list(up.values()))
         return len(up), len(gone)
 
     def set_devices(self, devices: Mapping[int, tuple[str | None, str | None]], default: tuple[str | None, str | None]) -> None:

@@ -258,13 +258,9 @@ class Datapath:
         """kpr_hr_pods: pod address -> ifindex of the device its route names; (written, removed)."""
         m = self.maps[PODS_MAP]
         want = {M.addr_to_bytes(a): POD.pack(idx, 0) for a, idx in pods.items()}
-        # Gone pods out first: the plan fills the map up to its size (max_pods), and the shared
-        # sync writes before it deletes, so a full map would refuse every new pod (E2BIG) for good.
-        gone = [k for k in m.keys() if k not in want]
-        if gone:
-            m.delete_many(gone)
-        up, _ = self._sync(m, want)
-        return up, len(gone)
+        # the plan fills the map up to its size (max_pods): the shared sync takes gone pods out
+        # before it writes new ones
+        return self._sync(m, want)
 
     def set_devices(self, devices: Mapping[int, DevEntry]) -> tuple[int, int]:
         """kpr_hr_devs: ifindex -> flags, kind, gateway MAC."""

@@ -149,13 +149,25 @@ def vip_hash(addr16: bytes) -> int:
 
 def invalidate_next_hops(m: M.BpfMap) -> int:
     """Bump kpr_np_nh's generation (never to 0, which turns caching off): every next hop the
-    programs cached is looked up again. Returns the new generation."""
+    programs cached is looked up again. Returns the new generation. After a disarm it goes on
+    from the last one (kept in the generation entry's ifindex, which the programs do not read):
+    starting again from 1 would make entries cached in an earlier generation 1 current again."""
     key = M.U32.pack(NH_GEN)
     raw = m.lookup(key)
-    gen = NP_NH.unpack(raw)[0] if raw is not None else 0
-    gen = gen % 0xFFFFFFFF + 1
+    gen, last = NP_NH.unpack(raw)[:2] if raw is not None else (0, 0)
+    gen = max(gen, last) % 0xFFFFFFFF + 1
     m.update(key, NP_NH.pack(gen, 0, bytes(6), bytes(6), 0, 0, _ZERO16))
     return gen
+
+
+def disarm_next_hops(m: M.BpfMap) -> None:
+    """Turn the programs' next-hop cache off (generation 0: a FIB lookup per packet), as the
+    agent stops: programs left attached without an agent have no watcher to tell them of route
+    or neighbour changes. The last generation is kept for the next bump."""
+    key = M.U32.pack(NH_GEN)
+    raw = m.lookup(key)
+    gen, last = NP_NH.unpack(raw)[:2] if raw is not None else (0, 0)
+    m.update(key, NP_NH.pack(0, max(gen, last), bytes(6), bytes(6), 0, 0, _ZERO16))
 
 
 def _vip_words(addresses: Iterable[bytes]) -> dict[int, int]:

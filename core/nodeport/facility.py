@@ -206,6 +206,12 @@ class NodePortFacility:
             self.health = None
         with self._lock:
             if self.tables is not None:
+                # the watcher is closed (no bump after this): programs left attached without an
+                # agent look every packet's route up rather than trust next hops nobody watches
+                try:
+                    self.tables.disarm_next_hops()
+                except OSError as e:
+                    log.warning("event=nodeport_next_hops_not_disarmed error=%s", e)
                 self.tables.close()
                 self.tables = None
             for m in self.shared.values():

@@ -162,6 +162,9 @@ class NodePortTables:
     def invalidate_next_hops(self) -> int:
         return D.invalidate_next_hops(self.maps[D.NH_MAP])
 
+    def disarm_next_hops(self) -> None:
+        D.disarm_next_hops(self.maps[D.NH_MAP])
+
     def arm(self) -> None:
         """Until armed, the programs' fast exit lets every packet through to the lookups."""
         self._write_words({D.PORTS_ARMED: 1})

@@ -600,5 +600,17 @@ def test_harness_runs_a_nodeport_plugin_with_the_facility_it_requires(
         assert svc.key in fac.book.services
         h.delete(svc.key)
         assert svc.key not in fac.book.services, "the facility's hook, through the bus"
+        from kpr.bpf import maps as M
+        from kpr.nodeport import datapath as ND
+
+        with M.BpfMap.open_pinned(pin / ND.NH_MAP) as nh:
+            armed = ND.NP_NH.unpack(nh.lookup(M.U32.pack(ND.NH_GEN)))[0]
+        assert armed, "the facility's watcher arms the next-hop cache at start"
         h.stop(p)
         assert h.facilities == {} and F.running(pin) is None and fac.tables is None
+        # programs left attached without an agent trust no cached next hop (nobody watches the
+        # routes); the generation goes on from the last one at the next start
+        with M.BpfMap.open_pinned(pin / ND.NH_MAP) as nh:
+            gen, last = ND.NP_NH.unpack(nh.lookup(M.U32.pack(ND.NH_GEN)))[:2]
+            assert gen == 0 and last >= armed
+            assert ND.invalidate_next_hops(nh) == last + 1

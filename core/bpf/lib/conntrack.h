@@ -123,17 +123,24 @@ static __always_inline void kpr_ct_key_from_tuple(struct kpr_ct_key *k, const st
 	k->pad = 0;
 }
 
+// A key from `s`:`sport` to `d`:`dport` in direction `dir`.
+static __always_inline void kpr_ct_key_of(struct kpr_ct_key *k, const union kpr_addr *s, __be16 sport,
+					  const union kpr_addr *d, __be16 dport, __u8 proto, __u8 dir)
+{
+	k->saddr = *s;
+	k->daddr = *d;
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->dir = dir;
+	k->pad = 0;
+}
+
 // Reply-direction key: from `b`:`bport` (the backend) to `c`:`cport` (the client, or the SNAT address).
 static __always_inline void kpr_ct_reply_key(struct kpr_ct_key *k, const union kpr_addr *b, __be16 bport,
 					     const union kpr_addr *c, __be16 cport, __u8 proto)
 {
-	k->saddr = *b;
-	k->daddr = *c;
-	k->sport = bport;
-	k->dport = cport;
-	k->proto = proto;
-	k->dir = KPR_CT_DIR_REPLY;
-	k->pad = 0;
+	kpr_ct_key_of(k, b, bport, c, cport, proto, KPR_CT_DIR_REPLY);
 }
 
 static __always_inline __u64 kpr_ct_timeout(const struct kpr_ct_entry *e, __u8 proto)
@@ -145,6 +152,14 @@ static __always_inline __u64 kpr_ct_timeout(const struct kpr_ct_entry *e, __u8 p
 	if (!(e->flags & KPR_CT_F_SEEN_REPLY))
 		return KPR_CT_TCP_SYN_TIMEOUT_NS;
 	return KPR_CT_TCP_TIMEOUT_NS;
+}
+
+/* Whether the entry has been idle longer than its timeout at `now` (the conntrack clock).
+ * Signed: a stamp ahead of now is fresh, not 2^64 ns old (an upgrade from a build on the
+ * coarse clock leaves stamps up to the boot's offset, a few hundred ms, ahead of jiffies). */
+static __always_inline int kpr_ct_expired(const struct kpr_ct_entry *e, __u8 proto, __u64 now)
+{
+	return (__s64)(now - e->last_seen) > (__s64)kpr_ct_timeout(e, proto);
 }
 
 /* The live entry for the tuple in direction `dir`, refreshed with this packet's TCP flags; NULL
@@ -160,9 +175,7 @@ static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple
 	if (!e)
 		return (void *)0;
 	now = kpr_ct_now();
-	// signed: a stamp ahead of now is fresh, not 2^64 ns old (an upgrade from a build on the
-	// coarse clock leaves stamps up to the boot's offset, a few hundred ms, ahead of jiffies)
-	if ((__s64)(now - e->last_seen) > (__s64)kpr_ct_timeout(e, t->proto))
+	if (kpr_ct_expired(e, t->proto, now))
 		return (void *)0;
 #if !KPR_CT_LOOKUP_BEFORE_WRITE
 	// every packet dirties the entry's cache line (shared by every CPU the flow's packets reach)

@@ -177,19 +177,13 @@ static __always_inline int kpr_snat_port_live(const struct kpr_snat_port *s, __b
 
 	if (!s->stamp)
 		return 0;
-	k.saddr = s->addr;
-	k.daddr = s->fe_addr;
-	k.sport = s->port;
-	k.dport = s->fe_port;
-	k.proto = s->proto;
-	k.dir = KPR_CT_DIR_ORIGINAL;
-	k.pad = 0;
+	kpr_ct_key_of(&k, &s->addr, s->port, &s->fe_addr, s->fe_port, s->proto, KPR_CT_DIR_ORIGINAL);
 	e = kpr_ct.lookup(&k);
 	if (!e)
 		return 0;
 	diff = (e->nat_port ^ port) | (e->nat_addr.w[0] ^ s->nat_addr.w[0]) | (e->nat_addr.w[1] ^ s->nat_addr.w[1]) |
 	       (e->nat_addr.w[2] ^ s->nat_addr.w[2]) | (e->nat_addr.w[3] ^ s->nat_addr.w[3]);
-	return !diff && (__s64)(now - e->last_seen) <= (__s64)kpr_ct_timeout(e, s->proto);
+	return !diff && !kpr_ct_expired(e, s->proto, now);
 }
 
 /* The reply side of a new NodePort SNAT flow (tuple after DNAT: client -> backend) as a slot

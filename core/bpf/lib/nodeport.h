@@ -1439,13 +1439,7 @@ static __always_inline int kpr_np_rev_live(const struct kpr_np_rev *rev, const s
 
 	if (rev->flags & KPR_NP_REV_F_DSR)
 		return !(rev->flags & KPR_NP_REV_F_CLOSING);
-	k.saddr = reply->daddr;
-	k.daddr = rev->addr;
-	k.sport = reply->dport;
-	k.dport = rev->port;
-	k.proto = reply->proto;
-	k.dir = KPR_CT_DIR_ORIGINAL;
-	k.pad = 0;
+	kpr_ct_key_of(&k, &reply->daddr, reply->dport, &rev->addr, rev->port, reply->proto, KPR_CT_DIR_ORIGINAL);
 	e = kpr_ct.lookup(&k);
 	return e && !(e->flags & KPR_CT_F_CLOSING);
 }

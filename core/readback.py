@@ -304,7 +304,7 @@ class DatapathMaps:
                 if stamp and (be, M.ntohs(be_port), snat, sproto) == (backend, bport, nat, proto):
                     return "kpr_snat_ports"
         rev = self.maps.get("kpr_snat")
-        if rev is not None and rev.lookup(_CT_KEY.pack(backend, nat, M.htons(bport), M.htons(nat_port), proto, 1, 0)):
+        if rev is not None and rev.lookup(_CT_KEY.pack(backend, nat, M.htons(bport), M.htons(nat_port), proto, ND.CT_DIR_REPLY, 0)):
             return "kpr_snat"
         return None
 

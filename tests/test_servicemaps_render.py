@@ -195,7 +195,7 @@ def test_backend_ids_carry_the_generation_of_their_index():
     assert len(value) == M.BACKEND.size and M.backend_gen(value) == 0x123456 and value[20] == 0  # flags untouched
     w = _writer()
     w._set_gens({3: M.BACKEND_GENS - 1, 4: 2})
-    assert [w._next_gen(i) for i in (3, 4, 5)] == [0, 3, 1]
+    assert w._next_gens([3, 4, 5]) == [0, 3, 1]
 
 
 @pytest.mark.parametrize("general", [False, True], ids=["fast", "general"])

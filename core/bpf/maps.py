@@ -842,7 +842,7 @@ def backend_ids(m: BpfMap) -> list[tuple[int, bytes]]:
     its index and stored generation): what conntrack entries and slots name."""
     if getattr(m, "type", None) != BPF_MAP_TYPE_ARRAY:
         return backend_items(m)
-    return [(backend_gen(v) << BACKEND_INDEX_BITS | i, v) for i, v in backend_items(m)]
+    return [(backend_id(i, backend_gen(v)), v) for i, v in backend_items(m)]
 
 
 # Maps an older kpr pinned as another type, converted by retype_pinned: name -> that type.

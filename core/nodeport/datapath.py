@@ -152,11 +152,8 @@ def invalidate_next_hops(m: M.BpfMap) -> int:
     programs cached is looked up again. Returns the new generation. After a disarm it goes on
     from the last one (kept in the generation entry's ifindex, which the programs do not read):
     starting again from 1 would make entries cached in an earlier generation 1 current again."""
-    key = M.U32.pack(NH_GEN)
-    raw = m.lookup(key)
-    gen, last = NP_NH.unpack(raw)[:2] if raw is not None else (0, 0)
-    gen = max(gen, last) % 0xFFFFFFFF + 1
-    m.update(key, NP_NH.pack(gen, 0, bytes(6), bytes(6), 0, 0, _ZERO16))
+    gen = _last_next_hop_gen(m) % 0xFFFFFFFF + 1
+    _set_next_hop_gen(m, gen, 0)
     return gen
 
 
@@ -164,10 +161,18 @@ def disarm_next_hops(m: M.BpfMap) -> None:
     """Turn the programs' next-hop cache off (generation 0: a FIB lookup per packet), as the
     agent stops: programs left attached without an agent have no watcher to tell them of route
     or neighbour changes. The last generation is kept for the next bump."""
-    key = M.U32.pack(NH_GEN)
-    raw = m.lookup(key)
+    _set_next_hop_gen(m, 0, _last_next_hop_gen(m))
+
+
+def _last_next_hop_gen(m: M.BpfMap) -> int:
+    """The generation in force, or the one in force when the cache was disarmed."""
+    raw = m.lookup(M.U32.pack(NH_GEN))
     gen, last = NP_NH.unpack(raw)[:2] if raw is not None else (0, 0)
-    m.update(key, NP_NH.pack(0, max(gen, last), bytes(6), bytes(6), 0, 0, _ZERO16))
+    return max(gen, last)
+
+
+def _set_next_hop_gen(m: M.BpfMap, gen: int, last: int) -> None:
+    m.update(M.U32.pack(NH_GEN), NP_NH.pack(gen, last, bytes(6), bytes(6), 0, 0, _ZERO16))
 
 
 def _vip_words(addresses: Iterable[bytes]) -> dict[int, int]:

@@ -33,6 +33,7 @@ from .applying import _in_key_order
 from .groups import (
     _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SVC_TAIL, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6, _Group, group_entries,
 )
+from .rendering import _ACTIVE_SLOT, _MAX_COUNT
 from .slots import size_class
 
 log = logging.getLogger("kpr.servicemaps")
@@ -47,8 +48,6 @@ _KEY4 = struct.Struct("=12s4s3s")  # an IPv4 key: ::ffff:0:0/96, the address, po
 _SVC_KEY_TAIL = _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL  # kpr_svc key after the frontend key
 _REVNAT_TAIL = b"\x00"  # kpr_revnat value after the frontend key
 _NODE_PORT = FrontendType.NODE_PORT
-_MAX_COUNT = 0xFFFF  # kpr_svc_val's count is a u16 (rendering._MAX_COUNT)
-_ACTIVE_SLOT = array("I", (0, M.BACKEND_ACTIVE))  # kpr_slot words: id, state
 
 
 @lru_cache(maxsize=4096)

@@ -92,7 +92,7 @@ class RenderMixin:
 
     def _kernel_id(self, bid: int) -> int:
         """The id programs see for index `bid`."""
-        return self._gen(bid) << M.BACKEND_INDEX_BITS | bid
+        return M.backend_id(bid, self._gen(bid))
 
     def _gens_of(self, bids: list[int]) -> list[int] | None:
         """The indexes' generations, None when all are 0 (the common case: at C speed)."""
@@ -117,12 +117,9 @@ class RenderMixin:
         mask = M.BACKEND_INDEX_MASK
         return ids if not ids or max(ids) <= mask else [i & mask for i in ids]
 
-    def _next_gen(self, bid: int) -> int:
-        """The generation index `bid` takes after its backend is freed (wraps to 0)."""
-        return (self._gen(bid) + 1) % M.BACKEND_GENS
-
     def _next_gens(self, bids: list[int]) -> list[int]:
-        """_next_gen of each index, list at a time (a shrink frees hundreds of thousands)."""
+        """The generation each index takes after its backend is freed (wraps to 0), list at a
+        time (a shrink frees hundreds of thousands)."""
         got = self._gens_of(bids)
         if got is None:
             return [1 % M.BACKEND_GENS] * len(bids)
@@ -351,7 +348,7 @@ class RenderMixin:
             _too_many(fk, n)
         # slot values as u32 words (kpr_slot: id, flags = the backend's state): the ids dropped
         # into a repeated template
-        words = array("I", (0, M.BACKEND_ACTIVE)) * n
+        words = _ACTIVE_SLOT * n
         kids = self._kernel_ids(order)
         words[0::2] = array("I", kids)
         base = self._slot_range(g, prev, words.tobytes())
@@ -479,6 +476,7 @@ class RenderMixin:
 
 
 _MAX_COUNT = 0xFFFF  # kpr_svc_val's count and terminating are u16
+_ACTIVE_SLOT = array("I", (0, M.BACKEND_ACTIVE))  # kpr_slot words of an active backend: id (filled in), state
 
 
 def _too_many(fk: bytes, n: int) -> None:

@@ -16,8 +16,6 @@ from kpr.netlinkwatch import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, 
 
 log = logging.getLogger(__name__)
 
-# Quiet time that ends a burst (a pod's setup: link, addresses, routes within milliseconds).
-COALESCE_SECONDS = 0.05
 STOP_SECONDS = 5.0
 
 

@@ -19,6 +19,11 @@ fed by the files source. Measured:
   it), ready; and each thread's CPU time at ready (the main thread, then the others by CPU:
   the source's, the writer stage's, socklb's worker). Wall time to ready is what a user sees;
   on this VM two busy threads do not run faster than one (see the README), so it follows CPU;
+- steps the agent times itself (from its log): the files source's read-ahead, wall and CPU (it
+  reads, checks and packs the manifests on a thread of its own while the plugins start, and
+  its log lines wait for the first pass, as a BPF compile captures fd 2; that thread has
+  ended by ready, so its CPU is in the process's, not in the per-thread list), the first
+  pass, the writer's initial sync;
 - VmRSS at ready, VmRSS 2 s later (steady) and VmHWM (the peak) of the agent process;
 - the same as ratios and differences against the 0-service agent: the goal of issue 11 is
   steady RSS at 20k services at most 100 MB above the empty agent's, ready in under 3 s.
@@ -101,6 +106,29 @@ def phases(log_text: str, started: float) -> dict[str, float]:
                     at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
                     out[label] = at - started
     return {label: out[label] for label, _ in PHASES if label in out}
+
+
+# Durations the agent logs itself: (label, event, the key=value field to read, its unit's seconds).
+STEP_FIELDS = (
+    ("read-ahead", "files.preloaded ", "ms", 0.001),
+    ("read-ahead CPU", "files.preloaded ", "cpu_ms", 0.001),
+    ("first pass", "files.scan ", "ms", 0.001),
+    ("writer's initial sync", "event=servicemaps_initial_sync ", "seconds", 1.0),
+)
+
+
+def steps(log_text: str) -> dict[str, float]:
+    """Seconds of each STEP_FIELDS step, from the first log line of its event."""
+    out: dict[str, float] = {}
+    for line in log_text.splitlines():
+        for label, event, key, unit in STEP_FIELDS:
+            if label in out or event not in line:
+                continue
+            for part in line.split():
+                if part.startswith(key + "="):
+                    with contextlib.suppress(ValueError):
+                        out[label] = float(part.split("=", 1)[1]) * unit
+    return out
 
 
 def thread_cpu(pid: int) -> list[float]:
@@ -231,7 +259,8 @@ def measure(cmd: list[str], n: int, tmp: Path, tag: str, trace: bool, report: Pa
     finally:
         notify.close()
     out = {"ready": ready, "cpu": cpu, "rss_ready": at_ready["VmRSS"], "rss": steady["VmRSS"], "hwm": steady["VmHWM"],
-           "threads": threads, "load": load, "phases": phases(log_path.read_text(), started)}
+           "threads": threads, "load": load, "phases": phases(log_path.read_text(), started),
+           "steps": steps(log_path.read_text())}
     if trace:
         out["trace"] = json.loads(report.read_text())
     return proc, out
@@ -387,6 +416,9 @@ def report_row(n: int, kind: str, r: dict, base: dict, trace: bool) -> None:
     if r["phases"]:  # not from a traced run (its log is warnings only)
         print("         path to ready (s from start): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()), flush=True)
+    if r.get("steps"):
+        print("         steps (s, from the agent's log): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items()), flush=True)
     print("         thread CPU at ready (s): main " + " ".join(f"{c:.2f}" for c in r["threads"][:1])
           + ", others " + " ".join(f"{c:.2f}" for c in r["threads"][1:] if c >= 0.01), flush=True)
     if trace:

@@ -12,6 +12,40 @@ client netns -- node netns -- pod netns over veths, the pod on a /32 route).
           does not decide the figures (the kernel's RT throttling still leaves that CPU 5%).
   TCP_STREAM: iperf3, client -> pod, --seconds; Gbit/s received.
 
+The legacy path is the node's stack as a kube-proxy node has it (--legacy kube-proxy, the
+default since 2026-12-05): the chains kube-proxy in iptables mode (1.28-1.31) and the kubelet
+install, rule for rule (iptables_rules): nat PREROUTING/OUTPUT -> KUBE-SERVICES (--rules
+ClusterIP services of one endpoint each, with their KUBE-MARK-MASQ rules, then the NodePort
+jump), POSTROUTING -> KUBE-POSTROUTING (MASQUERADE --random-fully); filter INPUT, OUTPUT and
+FORWARD with their jumps (FORWARD: KUBE-PROXY-FIREWALL, KUBE-FORWARD, KUBE-SERVICES,
+KUBE-EXTERNAL-SERVICES, three of them on `--ctstate NEW`), KUBE-FORWARD (INVALID drop,
+masquerade mark accept, RELATED,ESTABLISHED accept), KUBE-FIREWALL; the empty canary chains.
+Its conntrack matches make the node's namespace track every flow (nf_conntrack at PREROUTING,
+confirmed at POSTROUTING), as on a kube-proxy node. The first method's set (--legacy v1,
+iptables_rules_v1) had FORWARD jump to KUBE-FORWARD and KUBE-SERVICES only, no INPUT/OUTPUT
+chains and no masquerade marks in the service chains: lighter than a kube-proxy node by two
+conntrack-state matches and some comment matches per forwarded packet, about 3% of legacy's
+TCP_RR here (2026-12-05, back to back: 121k tps with v1, 117k with kube-proxy; neigh+peer
+paired 1.27x against 1.31-1.32x). --legacy none: the bare stack. After each run
+the bench reads the FORWARD hook's packet count (the KUBE-FORWARD jump's counter): the proof
+that the legacy runs went through netfilter and the plugin's did not, in either direction.
+
+Placement (--placement): one-cpu (the default, and the first method): the RR client, the pod's
+servers and every RR packet's processing on CPU 0, so a transaction costs the CPU work of the
+whole path once (two TCP stacks, two context switches, the node's forwarding) and nothing
+else; iperf3's client and server on CPU 0 too (the first method left the client to the
+scheduler: under other work its CPU, not the path, decided the figure, which scattered from
+0.84x to 1.14x of legacy between runs; pinned, neigh+peer was 1.13x of legacy, 6 pairs in
+a row each above, 2026-12-05, load 5.4-6.5). Two machines would instead run the client and its receive on one CPU and the node, the
+pod and its receive on another; two-machines does that: the client on CPU 0, the servers on
+--server-cpu (1), the node's eth0 receive steered there by RPS and the client's eth0 receive
+to CPU 0 (a veth's receive otherwise runs on the sending CPU), so each transaction crosses CPUs
+twice, as a request and a reply cross the wire. On a VM (this machine: 2 vCPUs) a cross-CPU
+wakeup of a halted vCPU costs tens of microseconds of hypervisor work, several times the whole
+path, and neither path changes it: two-machines then measures mostly that (2026-12-05: about
+20k tps against 120-170k on one CPU, neigh+peer 1.05x pooled, 1.08x paired), so one-cpu stays the default;
+on bare metal two-machines is the closer picture.
+
 The variants are measured in turn within each round, with a legacy run before the first and
 after each plugin variant, each round starting one variant later than the last (so none always
 runs right after the same other). Figures are medians over --rounds (legacy's over all its runs:
@@ -28,7 +62,7 @@ conntrack gate (KPR_HR_CT_GATE=0). The load average is printed before and after.
 are read after each BPF run to prove which helper carried the packets.
 
     .venv/bin/python benchmarks/bench_host_routing.py [--rounds 5] [--seconds 3] [--rules 1000]
-        [--variants "n+p MACs" ...]
+        [--variants "n+p MACs" ...] [--legacy kube-proxy|v1|none] [--placement one-cpu|two-machines]
 
 Ends with one line: `TCP_RR neigh+peer vs legacy: R x (paired: P x)`.
 
@@ -158,9 +192,10 @@ def rr_command(work: Path) -> tuple[list[str], str]:
     return [PY, "-c", RR_PY], "Python"
 
 
-def iptables_rules(rules: int) -> str:
-    """What kube-proxy (iptables mode) leaves on a node: nat KUBE-SERVICES walked for every new
-    flow, masquerade marking, filter KUBE-FORWARD with conntrack; `rules` decoy services."""
+def iptables_rules_v1(rules: int) -> str:
+    """The rule set of the benchmark's first method (--legacy v1): kube-proxy's nat chains and
+    its filter KUBE-FORWARD, but FORWARD jumping only to KUBE-FORWARD and KUBE-SERVICES, no
+    INPUT/OUTPUT chains, no masquerade marks in the service chains."""
     out = ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-NODEPORTS - [0:0]", ":KUBE-POSTROUTING - [0:0]",
            ":KUBE-MARK-MASQ - [0:0]", "-A PREROUTING -m comment --comment kubernetes -j KUBE-SERVICES",
            "-A OUTPUT -j KUBE-SERVICES", "-A POSTROUTING -j KUBE-POSTROUTING",
@@ -182,6 +217,95 @@ def iptables_rules(rules: int) -> str:
     return "\n".join(out) + "\n"
 
 
+POD_CIDR = "10.244.0.0/16"  # the cluster CIDR kube-proxy is given (--cluster-cidr): the pods' /32s are in it
+
+
+def iptables_rules(rules: int) -> str:
+    """What kube-proxy in iptables mode (1.28-1.31) and the kubelet leave in a node's namespace,
+    chain for chain, with `rules` ClusterIP services of one endpoint each (decoys: the bench's
+    traffic is pod traffic, no service). What a forwarded packet of an established flow meets:
+    conntrack (nf_conntrack_in at PREROUTING, confirm at POSTROUTING), nat's hooks (a new flow
+    walks PREROUTING -> KUBE-SERVICES, 1000 rules, and POSTROUTING -> KUBE-POSTROUTING; later
+    packets take the flow's NAT from conntrack), filter FORWARD: KUBE-PROXY-FIREWALL (ctstate NEW),
+    KUBE-FORWARD (INVALID drop, masquerade mark, RELATED,ESTABLISHED accept)."""
+    svc_comment = "-m comment --comment \"bench/decoy-{i}:http cluster IP\""
+    nat = ["*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+           ":POSTROUTING ACCEPT [0:0]", ":KUBE-SERVICES - [0:0]", ":KUBE-NODEPORTS - [0:0]",
+           ":KUBE-POSTROUTING - [0:0]", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-KUBELET-CANARY - [0:0]",
+           ":KUBE-PROXY-CANARY - [0:0]",
+           "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+           "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+           "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+           "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+           "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+           "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
+           "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" "
+           "-j MASQUERADE --random-fully"]
+    for i in range(rules):
+        svc, sep = f"KUBE-SVC-D{i:05d}", f"KUBE-SEP-D{i:05d}"
+        cip, ep = f"10.97.{i // 250}.{i % 250 + 1}", f"10.244.{200 + i // 250}.{i % 250 + 1}"
+        c = svc_comment.format(i=i)
+        nat += [f":{svc} - [0:0]", f":{sep} - [0:0]",
+                f"-A KUBE-SERVICES -d {cip}/32 -p tcp {c} -m tcp --dport 80 -j {svc}",
+                f"-A {svc} ! -s {POD_CIDR} -d {cip}/32 -p tcp {c} -m tcp --dport 80 -j KUBE-MARK-MASQ",
+                f"-A {svc} {c} -j {sep}",
+                f"-A {sep} -s {ep}/32 {c} -j KUBE-MARK-MASQ",
+                f"-A {sep} -p tcp {c} -m tcp -j DNAT --to-destination {ep}:8080"]
+    nat += ["-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last "
+            "rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS", "COMMIT"]
+    new = "-m conntrack --ctstate NEW"
+    filt = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+            ":KUBE-EXTERNAL-SERVICES - [0:0]", ":KUBE-FIREWALL - [0:0]", ":KUBE-FORWARD - [0:0]",
+            ":KUBE-KUBELET-CANARY - [0:0]", ":KUBE-NODEPORTS - [0:0]", ":KUBE-PROXY-CANARY - [0:0]",
+            ":KUBE-PROXY-FIREWALL - [0:0]", ":KUBE-SERVICES - [0:0]",
+            f"-A INPUT {new} -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+            "-A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS",
+            f"-A INPUT {new} -m comment --comment \"kubernetes externally-visible service portals\" "
+            "-j KUBE-EXTERNAL-SERVICES",
+            "-A INPUT -j KUBE-FIREWALL",
+            f"-A FORWARD {new} -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+            "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
+            f"-A FORWARD {new} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+            f"-A FORWARD {new} -m comment --comment \"kubernetes externally-visible service portals\" "
+            "-j KUBE-EXTERNAL-SERVICES",
+            f"-A OUTPUT {new} -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+            f"-A OUTPUT {new} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+            "-A OUTPUT -j KUBE-FIREWALL",
+            "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet "
+            "connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+            "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 "
+            "-j ACCEPT",
+            "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack "
+            "--ctstate RELATED,ESTABLISHED -j ACCEPT", "COMMIT"]
+    mangle = ["*mangle", ":KUBE-KUBELET-CANARY - [0:0]", ":KUBE-PROXY-CANARY - [0:0]", "COMMIT"]
+    return "\n".join(mangle + nat + filt) + "\n"
+
+
+RULE_SETS = {"kube-proxy": iptables_rules, "v1": iptables_rules_v1}
+
+
+def forwarded(r: Rig) -> int:
+    """Packets the node's netfilter FORWARD hook has seen (the counter of its unconditional jump
+    to KUBE-FORWARD, which every packet the stack forwards meets): proof of which path carried a
+    run; -1 without that rule (--legacy none)."""
+    res = r.topo.run("node", ["iptables", "-w", "-t", "filter", "-L", "FORWARD", "-v", "-x", "-n"], check=False)
+    for line in res.stdout.splitlines():
+        f = line.split()
+        if len(f) > 2 and f[2] == "KUBE-FORWARD" and f[0].isdigit():
+            return int(f[0])
+    return -1
+
+
+CLIENT_CPU = "0"
+
+
+def steer_rx(r: Rig, ns: str, dev: str, cpu: int) -> None:
+    """RPS: the packets `dev` receives are processed on `cpu`, as a NIC's interrupt would hand
+    them to the receiving machine's CPU (a veth's receive otherwise runs on the sender's CPU)."""
+    r.topo.run(ns, ["sh", "-c", f"echo {1 << cpu:x} > /sys/class/net/{dev}/queues/rx-0/rps_cpus"])
+
+
 def pinned(cpu: str, rt: bool) -> list[str]:
     """taskset (and chrt, when asked and present) in front of a command."""
     out = ["taskset", "-c", cpu]
@@ -191,16 +315,17 @@ def pinned(cpu: str, rt: bool) -> list[str]:
 
 
 def rr(r: Rig, cmd: list[str], host: str, seconds: float, rt: bool) -> float:
-    res = r.topo.run("cl", [*pinned("0", rt), *cmd, "client", host, str(RR_PORT), str(seconds)],
+    res = r.topo.run("cl", [*pinned(CLIENT_CPU, rt), *cmd, "client", host, str(RR_PORT), str(seconds)],
                      timeout=seconds + 30)
     return float(json.loads(res.stdout.strip().splitlines()[-1])["tps"])
 
 
 def iperf(r: Rig, host: str, seconds: float) -> float:
     secs = str(max(1, round(seconds)))  # iperf3 reads -t as whole seconds; 0 is "forever"
-    # the client is not SCHED_FIFO: next to its server at the same priority on one CPU it
-    # could spin while the server waits for the CPU
-    res = r.topo.run("cl", ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", secs, "-J"], timeout=seconds + 60)
+    # pinned to the client's CPU, not SCHED_FIFO: next to its server at the same priority on
+    # one CPU it could spin while the server waits for the CPU
+    res = r.topo.run("cl", [*pinned(CLIENT_CPU, False), "iperf3", "-c", host, "-p", str(IPERF_PORT),
+                            "-t", secs, "-J"], timeout=seconds + 60)
     return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
@@ -335,15 +460,27 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*", default=[],
                     help="only these variants (legacy and neigh+peer are always measured)")
     ap.add_argument("--no-rt", dest="rt", action="store_false", help="no SCHED_FIFO for the RR and iperf3 processes")
-    ap.add_argument("--server-cpu", default="0",
-                    help="CPU of the RR and iperf3 servers (the client runs on CPU 0); the same CPU by default, "
-                         "so cross-CPU wakeups (IPIs) do not hide the path's own cost")
+    ap.add_argument("--placement", choices=("one-cpu", "two-machines"), default="one-cpu",
+                    help="one-cpu (default): client, pod's servers and every receive on CPU 0 (the path's CPU "
+                         "work per transaction); two-machines: the client and its receive on CPU 0, the node's "
+                         "receive and the pod's servers on --server-cpu, as on two machines (see the docstring)")
+    ap.add_argument("--server-cpu", default=None,
+                    help="CPU of the pod's servers (and, two-machines, of the node's receive); default 0 for "
+                         "one-cpu, 1 for two-machines")
+    ap.add_argument("--legacy", choices=tuple(RULE_SETS) + ("none",), default="kube-proxy",
+                    help="the iptables rule set in the node's namespace: kube-proxy (default: kube-proxy's and "
+                         "the kubelet's chains), v1 (the first method's lighter set), none")
     ap.add_argument("--prog-cost", action="store_true", help="only the programs' cost per packet (BPF_PROG_TEST_RUN)")
     ap.add_argument("--calls", type=int, default=5000, help="--prog-cost: packets per case and round")
     ap.add_argument("--cflags", nargs="*", default=[], help="--prog-cost: more compiler flags (a variant to compare)")
     args = ap.parse_args()
     if args.prog_cost:
         return prog_cost(args)
+    two_machines = args.placement == "two-machines"
+    if args.server_cpu is None:
+        args.server_cpu = "1" if two_machines and (os.cpu_count() or 1) > 1 else "0"
+    if two_machines and args.server_cpu == CLIENT_CPU:
+        ap.error("--placement two-machines needs --server-cpu other than the client's CPU 0")
 
     load_before = os.getloadavg()
     variants = {**VARIANTS, **({} if args.issue_only else MORE_VARIANTS)}
@@ -357,6 +494,7 @@ def main() -> int:
     # each plugin variant's figure over the mean of the legacy runs right before and after it
     paired: dict[str, dict[str, list[float]]] = {v: {"tps": [], "gbps": []} for v in variants if v != "legacy"}
     proof: dict[str, dict[str, int]] = {}
+    fwd_by: dict[str, int] = {}  # packets through the node's FORWARD hook in each variant's last run
     host = PODS[POD][0]
     with tempfile.TemporaryDirectory(prefix="kpr-bench-hr-") as work, rig(pods=(POD,), prefix="kpr-bench-hr") as r:
         cmd, impl = rr_command(Path(work))
@@ -364,14 +502,20 @@ def main() -> int:
         if srv.stdout.readline().strip() != "ready":
             raise RuntimeError("RR server did not start")
         r.topo.popen(POD, [*pinned(args.server_cpu, False), "iperf3", "-s", "-p", str(IPERF_PORT)])
-        ipt = r.topo.run("node", ["iptables-restore"], input=iptables_rules(args.rules), check=False)
-        if ipt.returncode != 0:
-            print(f"(iptables rule set not installed: {ipt.stderr.strip()[:200]})", file=sys.stderr)
+        if two_machines:  # each "machine" receives on its own CPU: the node (and its pod) on the server's
+            steer_rx(r, "node", "eth0", int(args.server_cpu))
+            steer_rx(r, "cl", "eth0", int(CLIENT_CPU))
+        if args.legacy != "none":
+            ipt = r.topo.run("node", ["iptables-restore"], input=RULE_SETS[args.legacy](args.rules), check=False)
+            if ipt.returncode != 0:
+                print(f"(iptables rule set not installed: {ipt.stderr.strip()[:200]})", file=sys.stderr)
         time.sleep(0.5)
         def measure(name: str) -> tuple[float, float]:
+            fwd = forwarded(r)
             tps, gbps = rr(r, cmd, host, args.seconds, args.rt), iperf(r, host, args.seconds)
             results[name]["tps"].append(tps)
             results[name]["gbps"].append(gbps)
+            fwd_by[name] = forwarded(r) - fwd if fwd >= 0 else -1
             return tps, gbps
 
         for rnd in range(args.rounds):
@@ -403,7 +547,8 @@ def main() -> int:
     print(f"\n== host_routing: external client -> pod {host} over veths ({platform.release()}, "
           f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.seconds:g} s, medians; RR loop in {impl}"
           f"{', SCHED_FIFO' if args.rt and shutil.which('chrt') else ''}; "
-          f"iptables: {args.rules} decoy services)")
+          f"placement {args.placement}: client CPU {CLIENT_CPU}, pod's servers CPU {args.server_cpu}; "
+          f"iptables: {args.legacy}" + (f", {args.rules} decoy services)" if args.legacy != "none" else ")"))
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     for n, v in variants.items():
@@ -421,6 +566,8 @@ def main() -> int:
                  if k in ("redirect_peer", "redirect", "redirect_neigh", "pass_neigh_off", "out_route_cached",
                            "redirect_out")}
         print(f"  counters, last {n} round: {shown}")
+    print("  packets through the node's netfilter FORWARD hook, last run of each (TCP_RR + iperf3): " + ", ".join(
+        f"{n} {c}" for n, c in fwd_by.items()))
     if args.json:
         print(json.dumps({"results": results, "paired": paired, "medians": med, "proof": proof}))
     print(f"TCP_RR neigh+peer vs legacy: {med['neigh+peer']['tps'] / base['tps']:.2f} x "

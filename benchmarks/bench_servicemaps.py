@@ -159,14 +159,18 @@ def restart(n: int, general: bool = False, mixed: bool = False) -> dict[str, tup
     return out
 
 
-def add_1000(base: int, reps: int) -> tuple[float, float]:
+def add_1000(base: int, reps: int, compact: bool = False) -> tuple[float, float]:
     """Median (wall, CPU) seconds to upsert 1000 new services, one at a time, on top of `base`
     services; after one round not counted (its first touches of freshly filled maps and
-    tables cost more than any later round's)."""
+    tables cost more than any later round's). `compact`: the backend identities moved into the
+    compact table after the sync and between rounds, as an agent's checker thread does
+    (bench_servicemaps_ids.py)."""
     new = services(1000, start=base)
     times, cpu = [], []
     with writer(base + 1000) as w:
         w.full_sync(services(base))
+        if compact:
+            w.compact_ids()
         for i in range(reps + 1):
             wall, c = timed_cpu(lambda: [w.upsert(s) for s in new])
             if i:
@@ -174,16 +178,21 @@ def add_1000(base: int, reps: int) -> tuple[float, float]:
                 cpu.append(c)
             for s in new:
                 w.delete(s.key)
+            if compact:
+                w.compact_ids()  # (what the checker thread does between rounds: nothing waits)
     return statistics.median(times), statistics.median(cpu)
 
 
-def one_change(n: int, reps: int) -> float:
-    """Median seconds of one upsert changing a service (a backend more, then back) among n."""
+def one_change(n: int, reps: int, compact: bool = False) -> float:
+    """Median seconds of one upsert changing a service (a backend more, then back) among n;
+    `compact` as for add_1000."""
     svcs = services(n)
     a, b = svcs[0], _svc(0, extra=1)
     times = []
     with writer(n + 1) as w:
         w.full_sync(svcs)
+        if compact:
+            w.compact_ids()
         gc.collect()
         for i in range(reps):
             t = time.perf_counter()

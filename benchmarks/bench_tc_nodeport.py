@@ -7,8 +7,9 @@ Everything runs in namespaces this script makes (tests/kernel/tc_nodeport_env.py
    `return TC_ACT_OK`, by the restoring wrapper (repeat=N, ns above bare) and by repeat=1 calls
    (ratio to bare); established and new flows to a remote backend (SNAT) and a local one,
    traffic for no service, new flows over every frontend at 10 / 10k / 50k services, a
-   per-stage table and the optimisation switches on and off; the program's counters prove the
-   path of every case.
+   per-stage table and the optimisation switches on and off (the shared table,
+   kpr.testing.nodeport_bench.SWITCHES, KPR_NP_EARLY_PARSE=0 among them); the
+   program's counters prove the path of every case.
 2. End to end from the external client: TCP connection rate (connect, read a line, close),
    1-byte request/response over one connection, and iperf3 throughput, to
      - the pod directly (through the same nodes; kpr's programs see the packets and pass them)
@@ -25,7 +26,7 @@ Everything runs in namespaces this script makes (tests/kernel/tc_nodeport_env.py
    every block of a climb from 0 to 9000 (it used to grow block by block: 0.18 s to 1.98 s).
 
     .venv/bin/python benchmarks/bench_tc_nodeport.py [--runs 20000] [--services 10,10000,50000] [--no-e2e]
-        [--connects 1000] [--rr 5000] [--rounds 3] [--upserts-only] [--upsert-rounds 5]
+        [--connects 1000] [--rr 5000] [--rounds 3] [--upserts-only | --no-upserts] [--upsert-rounds 5]
 """
 
 from __future__ import annotations
@@ -280,9 +281,11 @@ def main() -> int:
     ap.add_argument("--rules", type=int, default=1000, help="decoy services in the iptables rule set")
     ap.add_argument("--upserts-only", action="store_true", help="only part 3, the per-service upsert cost")
     ap.add_argument("--upsert-rounds", type=int, default=5, help="rounds of part 3 (medians over them)")
+    ap.add_argument("--no-upserts", action="store_true", help="skip part 3 (the per-packet figures alone)")
     args = ap.parse_args()
 
-    upserts(args)
+    if not args.no_upserts:
+        upserts(args)
     if args.upserts_only:
         return 0
     summary = run_from_args("tc", args)

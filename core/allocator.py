@@ -33,7 +33,8 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
 
 from .config import PortRange
 
@@ -54,20 +55,62 @@ class AllocationError(Exception):
     """The service asks for something that cannot be given; the message says what and why."""
 
 
+# Shared empties a record holds until it has values of that kind (most services have no
+# nodePort and no LoadBalancer address: an empty dict and list per record took 2.4 MB at 20k).
+# Read-only, so no record can fill in another's.
+_NO_PORTS: Mapping[str, int] = MappingProxyType({})
+
+
 @dataclass(slots=True)
 class _Record:
-    """One service's allocations (slots: one per service, 20k and more)."""
+    """One service's allocations (slots: one per service, 20k and more). Kept records hold
+    tuples and the shared empties (`_compact`); ``allocate`` fills a fresh one's
+    ``node_ports`` dict."""
 
-    cluster_ips: list[str] = field(default_factory=list)
+    # The ClusterIPs (see cluster_ips): one is kept as its string, not in a tuple of one (48
+    # bytes per service, 1 MB at 20k).
+    ips: str | tuple[str, ...] = ()
     # "portName/protocol/port" -> nodePort
-    node_ports: dict[str, int] = field(default_factory=dict)
+    node_ports: Mapping[str, int] = field(default_factory=lambda: _NO_PORTS)
     health_check_node_port: int = 0
-    # Claims written in the service's manifest; the others are automatic and may be taken
-    # over by another service's explicit value. A tuple: a set of one claim takes 216 bytes,
-    # 4 MB over 20k services.
-    explicit: tuple[Claim, ...] = ()
+    # Which of claims() were written in the service's manifest (bit i: the i-th claim); the
+    # others are automatic and may be taken over by another service's explicit value. A mask
+    # (a small int, shared): a tuple of claim tuples took 112 bytes per service with an
+    # explicit ClusterIP (2.2 MB at 20k), a set of one claim 216. Set through `explicit`
+    # once the record's values are final (the bits are positions among them).
+    explicit_mask: int = 0
     # status.loadBalancer.ingress addresses written back (lb_ipam); not claims of a range.
-    load_balancer_ips: list[str] = field(default_factory=list)
+    load_balancer_ips: tuple[str, ...] = ()
+
+    @property
+    def cluster_ips(self) -> tuple[str, ...]:
+        ips = self.ips
+        return (ips,) if type(ips) is str else ips
+
+    @cluster_ips.setter
+    def cluster_ips(self, ips: Iterable[str]) -> None:
+        t = tuple(ips)
+        self.ips = t[0] if len(t) == 1 else t
+
+    @property
+    def explicit(self) -> tuple[Claim, ...]:
+        """The claims written in the service's manifest."""
+        mask = self.explicit_mask
+        if not mask:
+            return ()
+        return tuple(c for i, c in enumerate(self.claims()) if mask >> i & 1)
+
+    @explicit.setter
+    def explicit(self, claims: Iterable[Claim]) -> None:
+        """Mark these of the record's claims explicit (claims it does not hold are ignored)."""
+        self.explicit_mask = _mask(self.claims(), set(claims))
+
+    def compact(self) -> "_Record":
+        """This record as kept: tuples, and the shared empty mapping for no nodePorts."""
+        self.cluster_ips = self.cluster_ips  # (the setter keeps one as its string)
+        self.node_ports = self.node_ports or _NO_PORTS
+        self.load_balancer_ips = tuple(self.load_balancer_ips)
+        return self
 
     def claims(self) -> list[Claim]:
         out: list[Claim] = [("ip", ip) for ip in self.cluster_ips]
@@ -90,6 +133,11 @@ class _Record:
         if self.load_balancer_ips:
             out["loadBalancerIPs"] = list(self.load_balancer_ips)
         return out
+
+
+def _mask(claims: list[Claim], marked: set[Claim]) -> int:
+    """The bits of `claims` that are in `marked` (a record's explicit_mask)."""
+    return sum(1 << i for i, c in enumerate(claims) if c in marked) if marked else 0
 
 
 @dataclass
@@ -209,7 +257,7 @@ class Allocator:
             self.release(key)
             return Allocation(svc)
 
-        new = _Record()
+        new = _Record(node_ports={})
         if old is not None and stype == "LoadBalancer":
             new.load_balancer_ips = old.load_balancer_ips
         # Values taken in this call, so two ports of one service never get the same one.
@@ -239,8 +287,10 @@ class Allocator:
         self._cluster_ips(key, spec, old, new, staged, claim_explicit, free_for_me, new_spec)
         new_ports = self._node_ports(key, spec, stype, old, new, staged, claim_explicit, free_for_me, new_spec)
 
-        # Commit: everything below succeeds.
-        new.explicit = tuple(marked)
+        # Commit: everything below succeeds. The record's claims made once (a list each
+        # time: four times per service in an initial sync).
+        claims = new.claims()
+        new.explicit_mask = _mask(claims, marked)
         if old is not None:
             for c in old.claims():
                 if self._owner(c) == key:
@@ -255,12 +305,14 @@ class Allocator:
                     self._forget(victim, c)
                     self._dirty = True
                     log.warning("allocator.takeover service=%s value=%s from=%s", key, _show(c), owner)
-        for c in new.claims():
+        for c in claims:
             self._take(c, key)
-        if (old.to_json() if old is not None else {}) != new.to_json():
+        # A first allocation changes the state whenever it keeps anything (to_json is not
+        # made for it: a sixth of allocate's time in an initial sync).
+        if (claims or new.load_balancer_ips) if old is None else old.to_json() != new.to_json():
             self._dirty = True
-        if new.claims() or new.load_balancer_ips:
-            self._records[key] = new
+        if claims or new.load_balancer_ips:
+            self._records[key] = new.compact()
         else:
             self._records.pop(key, None)  # headless, or no clusterCIDR: nothing to keep
         return Allocation(self._inject(svc, new_spec, new_ports), displaced - {key})
@@ -287,11 +339,11 @@ class Allocator:
     def set_load_balancer(self, key: str, ips: list[str]) -> bool:
         """Keep `ips` as the service's LoadBalancer addresses; returns whether they changed."""
         rec = self._records.get(key)
-        if (rec.load_balancer_ips if rec is not None else []) == list(ips):
+        if (rec.load_balancer_ips if rec is not None else ()) == tuple(ips):
             return False
         if rec is None:
             rec = self._records[key] = _Record()
-        rec.load_balancer_ips = list(ips)
+        rec.load_balancer_ips = tuple(ips)
         if not rec.claims() and not rec.load_balancer_ips:
             del self._records[key]
         self._dirty = True
@@ -300,7 +352,7 @@ class Allocator:
 
     def load_balancer(self, key: str) -> list[str]:
         rec = self._records.get(key)
-        return rec.load_balancer_ips if rec is not None else []
+        return list(rec.load_balancer_ips) if rec is not None else []
 
     def get(self, key: str) -> dict[str, Any] | None:
         """A service's allocations as persisted (for status and tests)."""
@@ -606,14 +658,16 @@ class Allocator:
 
     @staticmethod
     def _forget(rec: _Record, c: Claim) -> None:
-        rec.explicit = tuple(x for x in rec.explicit if x != c)
+        # (the mask's bits are positions among the claims: read before they change)
+        explicit = [x for x in rec.explicit if x != c]
         if c[0] == "ip":
-            rec.cluster_ips = [ip for ip in rec.cluster_ips if ip != c[1]]
-            return
-        proto, n = c[1]
-        rec.node_ports = {k: v for k, v in rec.node_ports.items() if not (v == n and k.split("/")[1] == proto)}
-        if proto == "TCP" and rec.health_check_node_port == n:
-            rec.health_check_node_port = 0
+            rec.cluster_ips = tuple(ip for ip in rec.cluster_ips if ip != c[1])
+        else:
+            proto, n = c[1]
+            rec.node_ports = {k: v for k, v in rec.node_ports.items() if not (v == n and k.split("/")[1] == proto)} or _NO_PORTS
+            if proto == "TCP" and rec.health_check_node_port == n:
+                rec.health_check_node_port = 0
+        rec.explicit = explicit
 
     def _load(self) -> None:
         try:
@@ -656,6 +710,7 @@ class Allocator:
             claims = kept.claims()
             kept.explicit = tuple(c for c in rec.explicit if c in claims)
             kept.load_balancer_ips = rec.load_balancer_ips
+            kept.compact()
             if kept.claims() or kept.load_balancer_ips:
                 self._records[key] = kept
         log.info("allocator.load path=%s services=%d", self.state_path, len(self._records))
@@ -683,7 +738,9 @@ class Allocator:
             else:
                 explicit.add(("ip", _address(text)[0]))
         lb = [_address(i)[0] for i in entry.get("loadBalancerIPs") or []]
-        return _Record(cluster_ips=ips, node_ports=nps, health_check_node_port=hc, explicit=tuple(explicit), load_balancer_ips=lb)
+        rec = _Record(ips=tuple(ips), node_ports=nps, health_check_node_port=hc, load_balancer_ips=tuple(lb))
+        rec.explicit = explicit
+        return rec
 
 
 def _show(c: Claim) -> str:

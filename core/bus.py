@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 _SYNC = ("__sync__",)
 _NODE = ("__node__",)
 _PODS = ("__pods__",)
+# Backend identities the writer moves per hold of its lock before the settle (a change that
+# comes meanwhile waits for one chunk, not all of them).
+_COMPACT_CHUNK = 16384
 
 # The hook each event is delivered through.
 HOOKS = {
@@ -128,6 +131,8 @@ class Backoff:
 
 # A hook invoker: (hook name, kwargs) -> None, raising what the plugin raised.
 Invoker = Callable[..., Any]
+# Counts handled events: (plugin or stage, event, ok) for one, (..., n) for n of one kind.
+EventCounter = Callable[..., None]
 
 
 class QueueThread:
@@ -138,7 +143,7 @@ class QueueThread:
         self,
         name: str,
         backoff: Backoff,
-        on_event: Callable[[str, str, bool], None] | None,
+        on_event: EventCounter | None,
         synchronous: bool,
         thread_name: str,
     ):
@@ -221,7 +226,7 @@ class PluginWorker(QueueThread):
         name: str,
         invoke: Invoker,
         backoff: Backoff,
-        on_event: Callable[[str, str, bool], None] | None = None,
+        on_event: EventCounter | None = None,
         on_synced: Callable[[], None] | None = None,
         synchronous: bool = False,
     ):
@@ -305,7 +310,8 @@ class PluginWorker(QueueThread):
                 return True
             return False
         self.stats.delivered += 1
-        self.stats.failing.pop(_show(key), None)
+        if self.stats.failing:  # the key's text is made only to clear a failure (20k events at start)
+            self.stats.failing.pop(_show(key), None)
         if self._on_event:
             self._on_event(self.name, event, True)
         return True
@@ -334,7 +340,7 @@ class EventBus:
     def __init__(
         self,
         backoff: Backoff | None = None,
-        on_event: Callable[[str, str, bool], None] | None = None,
+        on_event: EventCounter | None = None,
         settle_memory: bool = False,
         synchronous: bool = False,
     ):
@@ -392,6 +398,15 @@ class EventBus:
             if not self._settle_memory or self._settled or not self.synced():
                 return
             self._settled = True
+        # The writer's new backend identities (the whole initial sync's) go into its compact
+        # table first: what they leave behind is then given back by the settle below, not
+        # left scattered in the heap by the checker thread's move after it.
+        compact = getattr(self.stage.writer, "compact_ids", None) if self.stage is not None else None
+        if compact is not None:
+            try:
+                compact(_COMPACT_CHUNK)
+            except Exception:  # noqa: BLE001 - the checker thread's move tries again
+                log.exception("event=bus_compact_ids_failed")
         memory.settle()
 
     def _put(self, ev: Event) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,13 +26,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_stream() -> Any:
+    """stderr for the agent's log, through a descriptor of its own: a BPF compile points fd 2
+    at a capture file while it runs (kpr.bpf.loader), and the lines other threads log
+    meanwhile (the source's first pass runs beside the compile) must not land there."""
+    try:
+        fd = os.dup(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # no real descriptor (an embedding, a test)
+        return sys.stderr
+    return os.fdopen(fd, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     level = "debug" if args.debug else config.log.level
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
+        stream=_log_stream(),
     )
     from . import memory
     from .daemon import Agent

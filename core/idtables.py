@@ -43,6 +43,14 @@ class _Dense:
     def _grow(self, n: int) -> None:
         self._has.extend(bytes(n - len(self._has)))
 
+    def reserve(self, top: int) -> None:
+        """Keep ids below `top` in the arrays (grown now). The arrays take ids only within
+        _SLACK of their end: a table about to take many ids far above it (a restart adopting
+        backends whose low ids were freed long ago) would hold them all in the dict, about a
+        hundred bytes each more than the arrays' few per id up to the highest."""
+        if top > len(self._has):
+            self._grow(top)
+
     def _run_slots(self, lo: int, n: int) -> bool:
         """Whether ids lo..lo+n-1 belong in the arrays (growing them): a run starting within
         reach of the dense ids stays dense however long it is."""
@@ -203,6 +211,23 @@ class IdBytes(_Dense):
             return False
         return self.store_run(lo, b"".join(values))
 
+    def same(self, other: "IdBytes") -> bool:
+        """Whether both hold the same ids with the same values, compared at C speed (False
+        may also mean: not known to be, as with values of another size)."""
+        if self.size != other.size or self._n != other._n or self._far != other._far:
+            return False
+        a, b = self._has, other._has
+        n = min(len(a), len(b))
+        end = n * self.size
+        if len(self._buf) < end or len(other._buf) < end or a[:n] != b[:n] or any(a[n:]) or any(b[n:]):
+            return False
+        # (only present ids' values count: an absent id's bytes may be left from before)
+        mine, theirs = memoryview(self._buf)[:end], memoryview(other._buf)[:end]
+        if mine == theirs:
+            return True
+        s = self.size
+        return all(mine[i * s : i * s + s] == theirs[i * s : i * s + s] for i in range(n) if a[i])
+
     def store_run(self, lo: int, blob: bytes) -> bool:
         """Store the values for ids lo, lo+1, ... given concatenated (`size` bytes each) when
         none of those ids is present (new ids, as a full sync allocates them): two slice
@@ -291,23 +316,29 @@ class IdBytes(_Dense):
         return bytes(self.size)
 
 
+# IdCounts's arrays hold signed 32-bit counts (the writer's are references to a backend: a
+# few per backend); any other int is kept in the dict, as ids far above the dense ones.
+_CMIN, _CMAX = -(1 << 31), (1 << 31) - 1
+
+
 class IdCounts(_Dense):
-    """id -> a count (a signed 64-bit integer)."""
+    """id -> a count (any int: 4 bytes per id up to the highest where it fits in 32 bits,
+    half of a 64-bit array's, 0.85 MB at the 200k backends of 20k services)."""
 
     __slots__ = ("_counts",)
 
     def __init__(self, items: Mapping[int, int] | None = None) -> None:
         super().__init__()
-        self._counts = array("q")
+        self._counts = array("i")
         if items:
             self.update(items)
 
     def _grow(self, n: int) -> None:
         super()._grow(n)
-        self._counts.frombytes(bytes(8 * (n - len(self._counts))))
+        self._counts.frombytes(bytes(4 * (n - len(self._counts))))
 
     def _fits(self, value: Any) -> bool:
-        return type(value) is int and -(1 << 63) <= value < (1 << 63)
+        return type(value) is int and _CMIN <= value <= _CMAX
 
     def _read(self, i: int) -> int:
         return self._counts[i]
@@ -350,7 +381,7 @@ class IdCounts(_Dense):
                 and (not self._far or self._far.keys().isdisjoint(deltas))
             ):
                 try:
-                    run = array("q", deltas.values())
+                    run = array("i", deltas.values())
                 except (OverflowError, TypeError):
                     pass
                 else:
@@ -362,17 +393,23 @@ class IdCounts(_Dense):
             # _slot grows _has and _counts in place: the local names stay valid
             if type(i) is int and (0 <= i < len(has) or self._slot(i)):
                 if has[i]:
-                    counts[i] += d
-                    continue
-                v = d + (far.pop(i, 0) if far else 0)
-                if -(1 << 63) <= v < (1 << 63):
-                    has[i] = 1
-                    added += 1
-                    counts[i] = v
-                    continue
+                    v = counts[i] + d
+                    if _CMIN <= v <= _CMAX:
+                        counts[i] = v
+                        continue
+                else:
+                    v = d + (far.pop(i, 0) if far else 0)
+                    if _CMIN <= v <= _CMAX:
+                        has[i] = 1
+                        added += 1
+                        counts[i] = v
+                        continue
+                # (out of the array's range: to the dict, below)
+            else:
+                v = self.get(i, 0) + d
             self._n += added
             added = 0
-            self[i] = self.get(i, 0) + d
+            self[i] = v
         self._n += added
 
     def zero_ids(self) -> list[int]:
@@ -386,9 +423,14 @@ class IdCounts(_Dense):
         return out
 
     def add_run(self, lo: int, counts: array) -> bool:
-        """Add ids lo, lo+1, ... with these counts (an array("q")) when none of them is
+        """Add ids lo, lo+1, ... with these counts (an array of ints) when none of them is
         present: slice copies. False, nothing added: not that case."""
         n = len(counts)
+        if counts.typecode != "i":
+            try:
+                counts = array("i", counts)
+            except OverflowError:
+                return False
         if (
             lo < 0
             or not self._run_slots(lo, n)
@@ -407,3 +449,345 @@ class IdCounts(_Dense):
 
     def _empty(self) -> int:
         return 0
+
+
+class IdSet(_Dense):
+    """A set of small integer ids (rev-NAT indexes): one byte per id up to the highest, where
+    a set of ints takes about a hundred (its slot and the int). Ids far beyond the dense range
+    go to the dict (value True), so any int works. The part of the set API the writer uses:
+    add, discard, update, in, isdisjoint, len, iteration (ascending, the dense ones first)."""
+
+    __slots__ = ()
+
+    def __init__(self, ids: Iterable[int] = ()) -> None:
+        super().__init__()
+        self.update(ids)
+
+    def _fits(self, value: Any) -> bool:
+        return True
+
+    def _read(self, i: int) -> bool:
+        return True
+
+    def _write(self, i: int, value: Any) -> None:
+        pass
+
+    def _empty(self) -> bool:
+        return True
+
+    def add(self, i: int) -> None:
+        has = self._has
+        if type(i) is int and 0 <= i < len(has):
+            if not has[i]:
+                has[i] = 1
+                self._n += 1
+        else:
+            self[i] = True
+
+    def discard(self, i: int) -> None:
+        self.pop(i, None)
+
+    def update(self, *others: Any) -> None:  # type: ignore[override]
+        for ids in others:
+            if isinstance(ids, range) and ids.step == 1 and len(ids) and self._run_slots(ids.start, len(ids)):
+                # a run of new indexes (a full sync's): counted and set with one slice each
+                lo, hi = ids.start, ids.stop
+                self._n += (hi - lo) - self._has.count(1, lo, hi)
+                self._has[lo:hi] = b"\x01" * (hi - lo)
+                if self._far:
+                    for i in ids:
+                        self._far.pop(i, None)
+                continue
+            add = self.add
+            for i in ids:
+                add(i)
+
+    def isdisjoint(self, ids: Iterable[int]) -> bool:
+        has, far = self._has, self._far
+        if isinstance(ids, range) and ids.step == 1:
+            lo, hi = max(ids.start, 0), min(ids.stop, len(has))
+            if lo < hi and 1 in has[lo:hi]:
+                return False
+            return not far or far.keys().isdisjoint(ids)
+        return not any(i in self for i in ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (set, frozenset, IdSet)):
+            return len(self) == len(other) and all(i in other for i in self)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"IdSet({sorted(self)!r})"
+
+
+# KeyIds's table entries: 0 an empty slot, _DEAD a deleted one (probes go on past it), else
+# the key's hash's low 32 bits (which also place it) << 32 | the id.
+_DEAD = 0xFFFFFFFF
+_LOW = 0xFFFFFFFF
+
+
+class KeyIds:
+    """key -> id for the keys `vals` (an IdBytes) holds at the front of each id's value: the
+    writer's backend identity (address, port, protocol: 19 bytes) -> backend id.
+
+    A dict of 19-byte keys takes about a hundred bytes per entry (its slot, the key object,
+    the int); here most entries take one or two 8-byte slots of an open-addressing table
+    (the key's hash's low half and the id), probed by the key's hash and checked against the
+    key at the front of the id's value in `vals` (so the keys are not stored twice). Entries
+    go into a dict first (`_over`: new ones, and any whose value is not in `vals` yet) and
+    move into the table at `compact()`, which the writer runs off its operations' path
+    (values `vals` keeps in its dict, ids far above the dense ones, are checked there).
+    Look-ups in the dict are at C speed; in the table, a few array reads and one slice
+    comparison.
+
+    The mapping API the writer uses: get, [], []=, del, pop, in, len, iteration (keys), items,
+    update; get_many, add_new, take and discard_many for many keys at once. A table entry is
+    valid only while `vals` holds its id with the same key: the writer removes the entry
+    before it frees or reuses the id, as it did with the dict.
+    """
+
+    __slots__ = ("_over", "_table", "_live", "_used", "_vals", "_klen")
+
+    def __init__(self, vals: IdBytes, klen: int, items: Mapping[bytes, int] | Iterable[tuple[bytes, int]] = ()) -> None:
+        self._vals = vals
+        self._klen = klen
+        self._over: dict[bytes, int] = dict(items)
+        self._table = array("Q")  # size a power of two (or 0), at most half full (live + dead)
+        self._live = 0  # ids in the table
+        self._used = 0  # slots not empty (live and dead)
+
+    # ------------------------------------------------------------------ the table
+
+    def _find(self, key: bytes) -> int:
+        """The table slot holding `key`, -1 when it has none."""
+        if not self._live:
+            return -1
+        table, vals = self._table, self._vals
+        has, buf, s, k = vals._has, vals._buf, vals.size, self._klen
+        top = len(has)
+        mask = len(table) - 1
+        tag = hash(key) & _LOW
+        i = tag & mask
+        while True:
+            e = table[i]
+            if not e:
+                return -1
+            if e >> 32 == tag and e != _DEAD:
+                bid = e & _LOW
+                if buf[bid * s : bid * s + k] == key if bid < top and has[bid] else self._far_holds(bid, key):
+                    return i
+            i = (i + 1) & mask
+
+    def _far_holds(self, bid: int, key: bytes) -> bool:
+        """Whether `vals` keeps id `bid` in its dict with `key` at the front of its value: ids
+        far above the dense ones (a restart adopting backends whose low ids were freed before)
+        are checked there, so their identities move into the table too."""
+        val = self._vals._far.get(bid)
+        return val is not None and val[: self._klen] == key
+
+    def _resize(self, n: int) -> None:
+        """A new table for `n` entries (at most half full then), the live ones moved (each
+        placed by the hash bits it keeps: no key is read)."""
+        size = 8
+        while size < 2 * n:
+            size <<= 1
+        old = self._table
+        self._table = table = array("Q", bytes(8 * size))
+        mask = size - 1
+        for e in old:
+            if e and e != _DEAD:
+                i = (e >> 32) & mask
+                while table[i]:
+                    i = (i + 1) & mask
+                table[i] = e
+        self._used = self._live
+
+    def compact(self, limit: int | None = None) -> int:
+        """Move up to `limit` (None: all) of the dict's entries into the table (those whose id
+        `vals` holds with the same key); returns how many moved. The writer calls
+        it in chunks, under its lock, off its operations' path."""
+        over = self._over
+        if not over:
+            return 0
+        if 2 * (self._used + len(over)) > len(self._table):
+            self._resize(self._live + len(over))
+        vals = self._vals
+        has, buf, s, k = vals._has, vals._buf, vals.size, self._klen
+        top = len(has)
+        table = self._table
+        mask = len(table) - 1
+        held: list[tuple[bytes, int]] = []
+        moved = 0
+        popitem = over.popitem
+        for _ in range(len(over) if limit is None else min(limit, len(over))):
+            key, bid = popitem()
+            if (
+                type(bid) is int
+                and 0 < bid < _DEAD
+                and (buf[bid * s : bid * s + k] == key if bid < top and has[bid] else self._far_holds(bid, key))
+            ):
+                # (the key is in no slot: __setitem__ keeps the dict's keys out of the table)
+                tag = hash(key) & _LOW
+                i = tag & mask
+                while True:
+                    got = table[i]
+                    if not got:
+                        self._used += 1
+                        break
+                    if got == _DEAD:
+                        break
+                    i = (i + 1) & mask
+                table[i] = tag << 32 | bid
+                moved += 1
+            else:
+                held.append((key, bid))
+        over.update(held)
+        self._live += moved
+        if len(over) < 1024:
+            # a dict never gives back its table as it empties: a fresh one of the rest
+            self._over = dict(over)
+        return moved
+
+    def rebind(self, vals: IdBytes) -> None:
+        """Check the keys against `vals` from now on: the same ids and values as the ones it
+        had (IdBytes.same), held by another object (the writer's check re-reads them)."""
+        self._vals = vals
+
+    def pending(self) -> int:
+        """Entries in the dict, not yet moved into the table by compact()."""
+        return len(self._over)
+
+    # ------------------------------------------------------------------ mapping API
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        bid = self._over.get(key)
+        if bid is not None:
+            return bid
+        i = self._find(key) if self._live else -1
+        return default if i < 0 else self._table[i] & _LOW
+
+    def get_many(self, keys: Iterable[bytes]) -> list[Any]:
+        """The ids of the keys in order (None where absent): the dict at C speed, the table
+        only for the keys the dict lacks."""
+        keys = keys if isinstance(keys, list) else list(keys)
+        got = list(map(self._over.get, keys))
+        if not self._live or None not in got:
+            return got
+        # _find inlined (new backends miss the dict and probe the table: a change's every one)
+        table, vals = self._table, self._vals
+        has, buf, s, k = vals._has, vals._buf, vals.size, self._klen
+        top = len(has)
+        mask = len(table) - 1
+        for j in [j for j, bid in enumerate(got) if bid is None]:
+            key = keys[j]
+            tag = hash(key) & _LOW
+            i = tag & mask
+            while e := table[i]:
+                if e >> 32 == tag and e != _DEAD:
+                    bid = e & _LOW
+                    if buf[bid * s : bid * s + k] == key if bid < top and has[bid] else self._far_holds(bid, key):
+                        got[j] = bid
+                        break
+                i = (i + 1) & mask
+        return got
+
+    def __getitem__(self, key: bytes) -> int:
+        bid = self.get(key)
+        if bid is None:
+            raise KeyError(key)
+        return bid
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None  # type: ignore[arg-type]
+
+    def __setitem__(self, key: bytes, bid: int) -> None:
+        if self._live:
+            i = self._find(key)
+            if i >= 0:
+                self._table[i] = _DEAD
+                self._live -= 1
+        self._over[key] = bid
+
+    def pop(self, key: bytes, *default: Any) -> Any:
+        bid = self._over.pop(key, None)
+        if bid is not None:
+            return bid
+        i = self._find(key) if self._live else -1
+        if i >= 0:
+            bid = self._table[i] & _LOW
+            self._table[i] = _DEAD
+            self._live -= 1
+            return bid
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def __delitem__(self, key: bytes) -> None:
+        self.pop(key)
+
+    def update(self, other: Mapping[bytes, int] | Iterable[tuple[bytes, int]]) -> None:
+        if not self._live:
+            self._over.update(other)  # (at C speed: a full sync's 500k new backends)
+            return
+        for key, bid in other.items() if isinstance(other, Mapping) else other:
+            self[key] = bid
+
+    def add_new(self, pairs: Mapping[bytes, int] | Iterable[tuple[bytes, int]]) -> None:
+        """Add keys the caller just found absent (get/get_many said None): no look-up in the
+        table first, at C speed."""
+        self._over.update(pairs)
+
+    def take(self, new: dict[bytes, int]) -> None:
+        """Add the entries of `new`, a dict of keys absent here that the caller hands over and
+        no longer touches: kept as it is when this holds nothing (no copy of 500k entries)."""
+        if not self._over and not self._live:
+            self._over = new
+        else:
+            self.add_new(new)
+
+    def discard_many(self, pairs: Iterable[tuple[bytes, int]]) -> None:
+        """Remove each key that maps to the id given with it (the backends a change freed)."""
+        over = self._over
+        get = over.get
+        for key, bid in pairs:
+            if get(key) == bid:
+                del over[key]
+            elif self._live:
+                i = self._find(key)
+                if i >= 0 and self._table[i] & _LOW == bid:
+                    self._table[i] = _DEAD
+                    self._live -= 1
+
+    def __len__(self) -> int:
+        return len(self._over) + self._live
+
+    def __bool__(self) -> bool:
+        return bool(self._over) or self._live > 0
+
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        yield from list(self._over.items())
+        vals = self._vals
+        has, buf, s, k = vals._has, vals._buf, vals.size, self._klen
+        top = len(has)
+        for e in self._table:
+            if e and e != _DEAD:
+                bid = e & _LOW
+                key = bytes(buf[bid * s : bid * s + k]) if bid < top and has[bid] else vals._far.get(bid, b"")[:k]
+                yield key, bid
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (key for key, _ in self.items())
+
+    def keys(self) -> Iterator[bytes]:
+        return iter(self)
+
+    def values(self) -> Iterator[int]:
+        return (bid for _, bid in self.items())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (KeyIds, dict)):
+            return len(self) == len(other) and all(other.get(key) == bid for key, bid in self.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"KeyIds({dict(self.items())!r})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,15 +22,22 @@ class Metrics:
         self.frontends = Gauge("kpr_frontends", "Frontends (address, port, protocol) served", registry=r)
         self.backends = Gauge("kpr_backends", "Backends across all frontends", registry=r)
         self.events = Counter("kpr_events_handled_total", "Bus events delivered to plugins", ["plugin", "event", "result"], registry=r)
+        self._event_children: dict[tuple[str, str, bool], Any] = {}
         self.plugin_errors = Counter("kpr_plugin_errors_total", "Plugin hook calls that raised", ["plugin"], registry=r)
         self.sync_duration = Gauge("kpr_sync_duration_seconds", "Seconds from start to the initial state delivered", registry=r)
         self.source_errors = Gauge("kpr_source_errors", "Files or objects the source could not use", registry=r)
         self._server = None
 
-    def on_event(self, plugin: str, event: str, ok: bool) -> None:
-        self.events.labels(plugin, event, "ok" if ok else "error").inc()
+    def on_event(self, plugin: str, event: str, ok: bool, n: int = 1) -> None:
+        """`n` events of one kind handled (the writer stage counts a batch it hands on at once)."""
+        # Called for every event every plugin handles (40k in an initial sync of 20k
+        # services): the labelled child is looked up once (labels() costs about 3 us).
+        child = self._event_children.get((plugin, event, ok))
+        if child is None:
+            child = self._event_children[(plugin, event, ok)] = self.events.labels(plugin, event, "ok" if ok else "error")
+        child.inc(n)
         if not ok:
-            self.plugin_errors.labels(plugin).inc()
+            self.plugin_errors.labels(plugin).inc(n)
 
     def attach_agent(self, agent: "Agent") -> None:
         self.registry.register(_PluginCollector(agent))

@@ -70,10 +70,11 @@ def detect(section: NodeSection) -> NodeInfo:
 
 def missing_devices(devices: tuple[str, ...]) -> list[str]:
     """Configured devices this host does not have."""
-    try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            return [d for d in devices if not ipr.link_lookup(ifname=d)]
-    except Exception:
-        return []
+    # By name, as pyroute2's link_lookup, without importing pyroute2 (0.1 s of CPU at start).
+    missing = []
+    for d in devices:
+        try:
+            socket.if_nametoindex(d)
+        except (OSError, ValueError):  # no such device; a name no device can have
+            missing.append(d)
+    return missing

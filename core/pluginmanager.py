@@ -53,9 +53,18 @@ class Discovered:
 
 def discover() -> dict[str, Discovered]:
     found: dict[str, Discovered] = {}
+    # A distribution's name and version parse its METADATA file at every read: once per
+    # distribution, not twice per entry point (kpr's own seven: 15 ms at every start).
+    facts: dict[int, tuple[str, str]] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist else "?"
-        version = ep.dist.version if ep.dist else "?"
+        if ep.dist is None:
+            dist = version = "?"
+        else:
+            known = facts.get(id(ep.dist))
+            if known is None:
+                meta = ep.dist.metadata
+                known = facts[id(ep.dist)] = (meta["Name"], meta["Version"])
+            dist, version = known
         if ep.name in found and found[ep.name].value != ep.value:
             raise PluginError(
                 f"plugin name {ep.name!r} is claimed by two packages: "
@@ -83,10 +92,36 @@ class PluginHandle:
         """Call one hook of this plugin only; its exceptions reach the caller."""
         caller = self._callers.get(hook)
         if caller is None:
-            others = [p for p in self._pm.get_plugins() if p is not self.plugin]
-            caller = self._pm.subset_hook_caller(hook, remove_plugins=others)
-            self._callers[hook] = caller
+            caller = self._callers[hook] = self._caller(hook)
         return caller(**kwargs)
+
+    def _caller(self, hook: str) -> Callable[..., list]:
+        hc = getattr(self._pm.hook, hook)
+        impls = [i for i in hc.get_hookimpls() if i.plugin is self.plugin]
+        if len(impls) == 1 and not impls[0].hookwrapper and not impls[0].wrapper:
+            # The plugin's one plain implementation, called as pluggy's _multicall calls it
+            # (the spec's defaults, the arguments it names, a list of its non-None result; no
+            # hook here is firstresult), without the subset caller: pluggy's costs about 5 us a
+            # call, and an initial sync of 20k services is 20k calls per plugin before ready.
+            fn, names, kwnames = impls[0].function, impls[0].argnames, impls[0].kwargnames
+            defaults = dict(getattr(hc.spec, "kwargdefaults", None) or {})
+
+            def direct(**kwargs: Any) -> list:
+                if defaults:
+                    kwargs = {**defaults, **kwargs}
+                try:
+                    args = [kwargs[a] for a in names]
+                except KeyError as e:
+                    raise pluggy.HookCallError(f"hook call must provide argument {e.args[0]!r}") from None
+                if kwnames:
+                    result = fn(*args, **{a: kwargs[a] for a in kwnames if a in kwargs})
+                else:
+                    result = fn(*args)
+                return [] if result is None else [result]
+
+            return direct
+        others = [p for p in self._pm.get_plugins() if p is not self.plugin]
+        return self._pm.subset_hook_caller(hook, remove_plugins=others)
 
     def implements(self, hook: str) -> bool:
         return any(impl.plugin is self.plugin for impl in getattr(self._pm.hook, hook).get_hookimpls())

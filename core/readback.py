@@ -31,17 +31,36 @@ from typing import Any
 
 from .bpf import abi
 from .bpf import maps as M
+from .nodeport import datapath as ND
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DatapathMaps", "Decoded", "SvcEntry", "decode_maps", "differences", "frontend_type", "now_ns", "slot_state"]
 
 _PORT = struct.Struct("=H")
-_CT_DIR_ORIGINAL = 0  # KPR_CT_DIR_ORIGINAL (lib/conntrack.h)
-_CT_KEY = struct.Struct("=16s16sHHBBH")  # kpr_ct_key: saddr, daddr, sport, dport, proto, dir, pad
-_CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, tcp_flags, pad, nat_port, pad2, nat_addr
-_AFF_KEY = struct.Struct("=16sIB3x")  # kpr_affinity_key: client, rev_nat, netns
-_AFF_VAL = struct.Struct("=QII")  # kpr_affinity_val: last_used, backend_id, slot
+# Offsets into kpr_svc_key (lib/maps.h via kpr.bpf.abi). A frontend is the key up to its scope
+# (address, port, protocol): the bytes kpr_revnat's values and kpr_backend's entries begin with
+# too (checked below), so one text form serves all three.
+_SVC_OFF = {f.name: f.offset for f in abi.struct_of("kpr_svc_key").fields}
+_FE_LEN, _SCOPE, _SLOT = _SVC_OFF["scope"], _SVC_OFF["scope"], _SVC_OFF["slot"]
+_FE_PORT, _FE_PROTO = _SVC_OFF["port"], _SVC_OFF["proto"]
+_BACKEND_RESERVED = next(f.offset for f in abi.struct_of("kpr_backend").fields if f.name == "reserved")
+
+
+def _check_frontend_heads() -> None:
+    want = {k: _SVC_OFF[k] for k in ("addr", "port", "proto")}
+    for name in ("kpr_revnat", "kpr_backend"):
+        head = {f.name: f.offset for f in abi.struct_of(name).fields if f.name in want}
+        if head != want:
+            raise abi.AbiError(f"{name} no longer begins with kpr_svc_key's address, port and protocol: {head}")
+
+
+_check_frontend_heads()
+# Keys and values as lib/conntrack.h and lib/maps.h define them (kpr.bpf.abi): the conntrack
+# key, entry and directions the NodePort data path's (made once, there), the affinity key/value here.
+_CT_KEY, _CT_ENTRY, _CT_DIR_ORIGINAL, _CT_DIR_REPLY = ND.CT_KEY, ND.CT_ENTRY, ND.CT_DIR_ORIGINAL, ND.CT_DIR_REPLY
+_AFF_KEY = abi.packer("kpr_affinity_key", skip=("pad",))  # client, rev_nat, netns
+_AFF_VAL = abi.packer("kpr_affinity_val")  # last_used, backend_id, slot
 _TYPE_BITS = (
     (M.SVC_F_CLUSTER_IP, "ClusterIP"),
     (M.SVC_F_NODE_PORT, "NodePort"),
@@ -52,7 +71,7 @@ _TYPE_BITS = (
 SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
 STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
 # Maps programs other than the writer own; read when present (the plugin that pins them is on).
-OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_snat_ports", "kpr_np_nodeaddr", "kpr_np_vip", "kpr_sock_hostaddr")
+OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_np_nodeaddr", "kpr_np_vip", "kpr_sock_hostaddr")
 
 
 # bpf_ktime_get_coarse_ns() reads CLOCK_MONOTONIC_COARSE (6 on Linux; Python names it only sometimes).
@@ -125,7 +144,7 @@ def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
     backends: dict[int, dict[str, Any]] = {}
     for bid, v in M.backend_ids(maps["kpr_backend"]):
         backends[bid] = _backend_dict(v)
-    revnat = {M.U32.unpack(k)[0]: _fk_text(v[:19]) for k, v in maps["kpr_revnat"].items()}
+    revnat = {M.U32.unpack(k)[0]: _fk_text(v[:_FE_LEN]) for k, v in maps["kpr_revnat"].items()}
     ranges: dict[int, list[str]] = {}
     for k, _v in maps["kpr_srcrange"].items():
         plen, rev_nat, addr = M.SRCRANGE_KEY.unpack(k)
@@ -134,10 +153,10 @@ def decode_maps(maps: dict[str, M.BpfMap]) -> Decoded:
     legacy: dict[tuple[bytes, int], list[int]] = {}
     arr = b""
     for k, v in sorted(maps["kpr_svc"].items()):
-        entry = slots.setdefault((k[:19], k[19]), {})
-        slot = _PORT.unpack_from(k, 20)[0]
+        entry = slots.setdefault((k[:_FE_LEN], k[_SCOPE]), {})
+        slot = _PORT.unpack_from(k, _SLOT)[0]
         if slot:
-            legacy.setdefault((k[:19], k[19]), []).append(slot)
+            legacy.setdefault((k[:_FE_LEN], k[_SCOPE]), []).append(slot)
             continue
         head = entry[0] = M.SVC_VAL.unpack(v)
         base, count, term, rev_nat = head[:4]
@@ -292,19 +311,9 @@ class DatapathMaps:
 
     def snat_reply(self, backend: bytes, bport: int, nat: bytes, nat_port: int, proto: int) -> str | None:
         """Where the programs find the replies (backend -> SNAT address:port) of a source-NATed
-        flow: "kpr_snat_ports" (its slot, lib/nat.h KPR_SNAT_PORT_TABLE), "kpr_snat" (a reverse
-        entry), or None (neither: its replies are not translated)."""
-        from kpr.nodeport import datapath as ND
-
-        ports = self.maps.get("kpr_snat_ports")
-        if ports is not None:
-            raw = ports.lookup(M.U32.pack(ND.snat_port_slot(proto, backend, nat_port)))
-            if raw is not None:
-                stamp, _c, _cp, _fp, be_port, sproto, _pad, _fe, be, snat = ND.SNAT_PORT.unpack(raw)
-                if stamp and (be, M.ntohs(be_port), snat, sproto) == (backend, bport, nat, proto):
-                    return "kpr_snat_ports"
+        flow: "kpr_snat" (a reverse entry), or None (none: its replies are not translated)."""
         rev = self.maps.get("kpr_snat")
-        if rev is not None and rev.lookup(_CT_KEY.pack(backend, nat, M.htons(bport), M.htons(nat_port), proto, ND.CT_DIR_REPLY, 0)):
+        if rev is not None and rev.lookup(_CT_KEY.pack(backend, nat, M.htons(bport), M.htons(nat_port), proto, _CT_DIR_REPLY, 0)):
             return "kpr_snat"
         return None
 
@@ -338,9 +347,9 @@ class DatapathMaps:
             shares[key] = counts
         rows: dict[bytes, dict[str, Any]] = {}
         for (fk, scope), slots in sorted(entries.items()):
-            addr = M.bytes_to_addr(fk[:16])
-            port = M.ntohs(_PORT.unpack_from(fk, 16)[0])
-            proto = M.PROTO_NAMES.get(fk[18], str(fk[18]))
+            addr = M.bytes_to_addr(fk[:_FE_PORT])
+            port = M.ntohs(_PORT.unpack_from(fk, _FE_PORT)[0])
+            proto = M.PROTO_NAMES.get(fk[_FE_PROTO], str(fk[_FE_PROTO]))
             row = rows.setdefault(
                 fk, {"service": "", "type": "?", "address": addr, "port": port, "protocol": proto, "backends": [], "scopes": {}}
             )
@@ -450,15 +459,16 @@ def join_services(datapath: list[dict[str, Any]], desired: list[dict[str, Any]])
 
 
 def _fk_text(key: bytes) -> str:
-    addr = M.bytes_to_addr(key[:16])
+    addr = M.bytes_to_addr(key[:_FE_PORT])
     host = f"[{addr}]" if ":" in addr else addr
-    return f"{host}:{M.ntohs(_PORT.unpack_from(key, 16)[0])}/{M.PROTO_NAMES.get(key[18], str(key[18]))}"
+    proto = key[_FE_PROTO]
+    return f"{host}:{M.ntohs(_PORT.unpack_from(key, _FE_PORT)[0])}/{M.PROTO_NAMES.get(proto, str(proto))}"
 
 
 def _describe(name: str, key: bytes) -> str:
     if name == "kpr_svc":
-        slot = _PORT.unpack_from(key, 20)[0]
-        return f"{_fk_text(key)} {SCOPE_NAMES.get(key[19], key[19])}" + (f" slot {slot}" if slot else "")
+        slot, scope = _PORT.unpack_from(key, _SLOT)[0], key[_SCOPE]
+        return f"{_fk_text(key)} {SCOPE_NAMES.get(scope, scope)}" + (f" slot {slot}" if slot else "")
     if name in ("kpr_backend", "kpr_revnat", "kpr_slots"):
         if name == "kpr_slots":
             return f"index {M.U32.unpack(key)[0]}"
@@ -553,7 +563,8 @@ def _value_text(name: str, raw: bytes) -> str:
         return f"(backend {bid}, state {STATE_NAMES.get(flags, flags)})"
     if name == "kpr_backend":
         b = _backend_dict(raw)
-        return f"({_label(b)}{' local' if b['local'] else ''}{'' if raw[19] == 0 else f', reserved {raw[19]}'})"
+        reserved = raw[_BACKEND_RESERVED]
+        return f"({_label(b)}{' local' if b['local'] else ''}{'' if reserved == 0 else f', reserved {reserved}'})"
     if name == "kpr_revnat":
-        return _fk_text(raw[:19])
+        return _fk_text(raw[:_FE_LEN])
     return raw.hex()

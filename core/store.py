@@ -114,14 +114,14 @@ class ObjectStore:
                     ref = translate.object_ref(obj)
                     key = translate.service_key_of(obj, ref)
                 old = memory.unpack(self._objects.get(ref))
-                self._index(ref, old, obj, touched)
+                self._index(ref, old, obj, touched, key)
                 if old is not None:
                     old_key = translate.service_key_of(old)
                     if old_key is not None:
                         self._drop_member(old_key, ref)
                         touched.add(old_key)
                 # Kept packed, read again when its service is translated.
-                self._objects[ref] = item if type(item) is bytes else memory.pack(obj)
+                self._objects[ref] = item if memory.is_packed(item) else memory.pack(obj)
                 if key is not None:
                     members = self._members.get(key, ())
                     if type(members) is set:
@@ -193,10 +193,19 @@ class ObjectStore:
 
     # --- addresses claimed across objects ------------------------------------------------
 
-    def _index(self, ref: ObjectRef, old: dict | None, new: dict | bytes | None, touched: set[ServiceKey]) -> None:
+    def _index(
+        self,
+        ref: ObjectRef,
+        old: dict | None,
+        new: dict | bytes | None,
+        touched: set[ServiceKey],
+        key: ServiceKey | None = None,
+    ) -> None:
         """Follow the ClusterIPs and endpoint addresses an object change adds and removes;
         services whose ClusterIP became or stopped being an endpoint address are touched.
-        `new` is packed only for a slice validation read (translate.checked)."""
+        `new` is packed only for a slice validation read (translate.checked). `key` is the
+        object's service key when the caller has it: claims keep that object (the one the
+        store's members and the model hold), not one of their own (20k more at 20k services)."""
         kind = ref[0]
         if kind == "Service":
             claimed = translate.claimed_cluster_ips
@@ -204,7 +213,8 @@ class ObjectStore:
             after = claimed(new) if new is not None else ()
             if before == after:
                 return
-            key = translate.service_key_of(new or old or {}, ref)
+            if key is None:
+                key = translate.service_key_of(new or old or {}, ref)
             if key is None:
                 return
             claims = self._claims
@@ -275,7 +285,7 @@ class ObjectStore:
     def _canonical_node_ips(node: NodeInfo) -> frozenset[str]:
         return frozenset(ip for ip in (translate.canonical_ip(a) for a in node.addresses) if ip)
 
-    def _conflicts(self, svc: dict, service: Service) -> list[str]:
+    def _conflicts(self, svc: dict | bytes, service: Service) -> list[str]:
         """Why a Service's ClusterIPs would take traffic meant for the node or a pod.
 
         An endpoint address counts against a ClusterIP only outside service.clusterCIDR:
@@ -293,7 +303,7 @@ class ObjectStore:
         ):
             return []
         problems = []
-        for field, ip in translate.cluster_ips_of(svc):
+        for field, ip in translate.cluster_ips_of(memory.unpack(svc)):
             if ip in node_ips:
                 problems.append(f"{field}: {ip} is an address of this node ({self.node.name or 'node'})")
                 continue
@@ -304,8 +314,8 @@ class ObjectStore:
                 problems.append(f"{field}: {ip} is an endpoint address of {holder[0]} {holder[1]}/{holder[2]}{where}")
         return problems
 
-    def _service_where(self, svc: dict | None) -> str:
-        return self._where(translate.object_ref(svc)) if svc is not None else ""
+    def _service_where(self, svc: dict | bytes | None) -> str:
+        return self._where(translate.object_ref(memory.unpack(svc))) if svc is not None else ""
 
     def _where(self, ref: ObjectRef) -> str:
         """" (in <file>)" when the source can say where an object came from."""
@@ -351,10 +361,13 @@ class ObjectStore:
 
     def _refresh(self, key: ServiceKey) -> None:
         members = self._members.get(key) or ()
-        unpack = memory.unpack
-        # EndpointSlices go to translation as kept (packed): a slice the source validated
-        # moments ago is not read again (translate.take_checked).
-        objs = [(r, self._objects[r] if r[0] == "EndpointSlice" else unpack(self._objects[r])) for r in members]
+        unpack, checked = memory.unpack, translate.checked
+        # EndpointSlices, and Services the source validated moments ago, go to translation as
+        # kept (packed): they are not read again (translate.take_checked).
+        objs = []
+        for r in members:
+            o = self._objects[r]
+            objs.append((r, o if r[0] == "EndpointSlice" or checked(o) is not None else unpack(o)))
         svc = next((o for r, o in objs if r[0] == "Service"), None)
         try:
             service = self._translate(key, objs)
@@ -423,7 +436,7 @@ class ObjectStore:
             return None
         slices.sort(key=lambda s: s[0])  # by name
         return translate.translate_service(
-            svc, [o for _, o in slices], endpoints, self.node, self._proxy_name, self._rules
+            svc, [o for _, o in slices], endpoints, self.node, self._proxy_name, self._rules, key
         )
 
     def counts(self) -> tuple[int, int, int]:

@@ -16,13 +16,16 @@ import functools
 import ipaddress
 import logging
 import socket
+from array import array
 from sys import intern
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from kpr.memory import unpack
+from kpr.memory import is_packed, unpack
 from kpr.model import (
+    BACKEND_LOCAL,
+    BACKEND_TERMINATING,
     Backend,
     BackendState,
     Frontend,
@@ -32,9 +35,15 @@ from kpr.model import (
     Protocol,
     Service,
     ServiceKey,
+    backend_v4,
+    backends_v4,
+    place_id,
+    place_ids,
+    places,
 )
 
 log = logging.getLogger(__name__)
+_ntoa = socket.inet_ntoa
 
 # A Kubernetes object as the API serves it (JSON decoded); only checked fields are trusted.
 KubeObject = dict[str, Any]
@@ -375,7 +384,12 @@ def cluster_ips_of(obj: KubeObject) -> list[tuple[str, str]]:
 
 def claimed_cluster_ips(obj: KubeObject) -> tuple[str, ...]:
     """The canonical addresses of cluster_ips_of without their fields: the store's index
-    of claims, kept for every Service of a full sync."""
+    of claims, kept for every Service of a full sync. `obj` may be packed (kpr.memory.pack)
+    when validation's reading of it is kept (`checked`); else it is a dict."""
+    found = checked(obj)
+    if found is not None and found.__class__ is _CheckedService:
+        return found.claimed  # type: ignore[union-attr]
+    obj = unpack(obj)
     return tuple(ip[0] for ip in map(_ip, _cluster_ip_texts(obj)[1]) if ip is not None)
 
 
@@ -390,14 +404,14 @@ def endpoint_addresses_of(obj: KubeObject, rules: AddressRules = NO_RULES) -> se
     Empty for other kinds. Never raises; what is not an address is left out. `obj` may be
     packed (kpr.memory.pack): a slice validation read is not read again."""
     found = checked(obj)
-    if found is not None:
+    if found is not None and found.__class__ is _Slice:  # a Service's reading is kept too
         # Checked: every endpoint has one address, of the slice's family.
         limits = rules.limits(found.family)
         if limits is not None:
             # e[1] is the address << 2 | its state: compared as it is, no tuple per endpoint.
-            low, high = limits[0] << 2, limits[1] << 2 | 3
-            return {e[0] for e in found.endpoints if low <= e[1] <= high}
-        return {e[0] for e in found.endpoints}
+            low, high = limits[0] << _ADDRESS_SHIFT, (limits[1] + 1) << _ADDRESS_SHIFT
+            return {found.address(i) for i, code in enumerate(found.codes) if low <= code < high}
+        return {found.address(i) for i in range(len(found.codes))}
     obj = unpack(obj)
     texts: list[Any] = []
     if not isinstance(obj, Mapping):
@@ -665,8 +679,9 @@ def _parse_service(obj: KubeObject, rules: AddressRules = NO_RULES) -> _ServiceS
 
 def _parse_cluster_ips(obj: KubeObject, spec: KubeObject, rules: AddressRules) -> tuple[_IP, ...]:
     cluster_ip = _str(obj, spec.get("clusterIP"), "spec.clusterIP")
+    first = None
     if cluster_ip not in ("", "None"):
-        _address(obj, cluster_ip, "spec.clusterIP")
+        first = _address(obj, cluster_ip, "spec.clusterIP")
     texts = _list(obj, spec.get("clusterIPs"), "spec.clusterIPs")
     # Errors name the field the manifest wrote: clusterIP when it left clusterIPs out.
     field = "spec.clusterIPs"
@@ -681,10 +696,14 @@ def _parse_cluster_ips(obj: KubeObject, spec: KubeObject, rules: AddressRules) -
     for i, text in enumerate(texts):
         if text == "None":
             _fail(obj, f"spec.clusterIPs[{i}]: 'None' must be the only entry")
-        path = f"spec.clusterIPs[{i}]" if field == "spec.clusterIPs" else field
-        ip = _address(obj, text, path)
-        problem = rules.cluster_ip_problem(ip)
-        if problem:
+        # clusterIPs[0] is clusterIP when both are set (checked above): parsed once.
+        ip = first if i == 0 and first is not None and text == cluster_ip else _ip(text)
+        problem = rules.cluster_ip_problem(ip) if ip is not None else ""
+        if ip is None or problem:
+            # The field path is made only for the message.
+            path = f"spec.clusterIPs[{i}]" if field == "spec.clusterIPs" else field
+            if ip is None:
+                _fail(obj, f"{path}: {text!r} is not an IP address")
             _fail(obj, f"{path}: {text} {problem}")
         ips.append(ip)
     if len(ips) > 2 or (len(ips) == 2 and ips[0][1] == ips[1][1]):
@@ -712,6 +731,28 @@ def _parse_families(
 
 
 def _parse_service_port(obj: KubeObject, port: object, i: int) -> _ServicePort:
+    # Every port of every service of a full sync: a well-formed one is checked inline,
+    # without a field path made per check; any doubt goes the checking way, which names it.
+    if port.__class__ is dict:
+        get = port.get  # type: ignore[attr-defined]
+        name, protocol, number, node_port, target = get("name"), get("protocol"), get("port"), get("nodePort"), get("targetPort")
+        if (
+            (name is None or name.__class__ is str)
+            and (protocol is None or protocol == "" or (protocol.__class__ is str and protocol in _PROTOCOLS))
+            and number.__class__ is int and 0 < number <= 65535
+            and (node_port is None or (node_port.__class__ is int and 0 <= node_port <= 65535))
+            and (target is None or (target.__class__ is str and target != "") or (target.__class__ is int and 0 < target <= 65535))
+        ):
+            return _ServicePort(
+                name=_interned(name) if name else "",
+                protocol=_PROTOCOLS[protocol] if protocol else Protocol.TCP,
+                port=number,
+                node_port=node_port or 0,
+            )
+    return _checked_service_port(obj, port, i)
+
+
+def _checked_service_port(obj: KubeObject, port: object, i: int) -> _ServicePort:
     path = f"spec.ports[{i}]"
     port = _dict(obj, port, path)
     target = port.get("targetPort")
@@ -791,11 +832,11 @@ def _parse_affinity(obj: KubeObject, spec: KubeObject) -> int:
 _EndpointPort = tuple[str, Protocol, int]
 # Endpoint conditions before the service's publishNotReadyAddresses is applied:
 # (canonical address, the address as int << 2 | _READY | _DRAINING | _UNUSABLE, node name,
-# zone, hints.forZones names); the family is the slice's. Five items: the size of a Backend
-# (80 bytes), so the memory of parsed slices, freed while translation makes Backends
-# (translate.checked keeps them for a whole pass), is reused; the address and its state in
-# one int, not a parsed-address tuple per endpoint (64 bytes, 13 MB at 200k endpoints).
+# zone, hints.forZones names); the family is the slice's. What _Slice.endpoints makes
+# from the parse's columns.
 _SliceEndpoint = tuple[str, int, str, str, tuple[str, ...]]
+# A slice endpoint's code (see _Slice): the address above its place (16 bits) and state.
+_ADDRESS_SHIFT = 18
 _READY = 2  # ready: active
 _DRAINING = 1  # not ready, serving and terminating: picked only when no ready one remains
 _UNUSABLE = 0
@@ -803,17 +844,54 @@ _UNUSABLE = 0
 
 @dataclass(slots=True)
 class _Slice:
+    """A slice's parse, its endpoints in columns: parsed slices are kept for a whole pass
+    (translate.checked), 20k of them at once in a full sync of 20k services. An endpoint
+    as a tuple, its address as json's string and its code as an int took 176 bytes, 35 MB
+    at 200k endpoints, freed only after translation, in holes the model's objects (of
+    other sizes) did not fill; in columns it takes 8 bytes (IPv4), and the address string
+    dies with the file's dicts."""
+
     family: int  # 0 for FQDN
-    # Tuples: parsed slices may be kept for a pass (translate.checked); a tuple of ten
-    # endpoints is the size of a frontend's tuple of ten backends, which reuses its memory.
     ports: tuple[_EndpointPort, ...]
-    endpoints: tuple[_SliceEndpoint, ...]
-    # Some endpoint lists more than one address (only the first is in `endpoints`).
+    # Per endpoint: the address << _ADDRESS_SHIFT | the index of its (node name, zone) in
+    # the model's table of places << 2 | its state (an array of u64 for IPv4): by address
+    # when sorted.
+    codes: Sequence[int]
+    # Per endpoint (node name, zone), only when some pair is not in the model's table (full,
+    # or names longer than Kubernetes allows: model.place_id); their place in codes is 0.
+    pairs: tuple[tuple[str, str], ...] | None
+    # Per endpoint: the canonical address; None for IPv4, printed from the code when asked.
+    texts: tuple[str, ...] | None
+    # Per endpoint: hints.forZones names; None when no endpoint has any.
+    hints: tuple[tuple[str, ...], ...] | None
+    # Some endpoint lists more than one address (only the first is kept).
     multi: bool = False
     # Set when validation keeps the parse (translate.checked): the slice's ref and the key
-    # of its service (six fields: the size of a Backend, see _SliceEndpoint).
+    # of its service.
     ref: tuple[str, str, str] | None = None
     key: ServiceKey | None = None
+
+    def address(self, i: int) -> str:
+        """The canonical address of endpoint i."""
+        texts = self.texts
+        if texts is not None:
+            return texts[i]
+        return _ntoa((self.codes[i] >> _ADDRESS_SHIFT).to_bytes(4, "big"))
+
+    def place(self, i: int) -> tuple[str, str]:
+        """(node name, zone) of endpoint i."""
+        pairs = self.pairs
+        return pairs[i] if pairs is not None else places[self.codes[i] >> 2 & 0xFFFF]
+
+    @property
+    def endpoints(self) -> tuple[_SliceEndpoint, ...]:
+        """The endpoints as (address, address << 2 | state, node name, zone, hints) tuples."""
+        codes, hints = self.codes, self.hints
+        return tuple(
+            (self.address(i), codes[i] >> _ADDRESS_SHIFT << 2 | codes[i] & 3, *self.place(i),
+             hints[i] if hints is not None else ())
+            for i in range(len(codes))
+        )
 
 
 def _parse_slice(obj: KubeObject) -> _Slice:
@@ -831,38 +909,68 @@ def _parse_slice(obj: KubeObject) -> _Slice:
                 _port(obj, port.get("port"), f"ports[{i}].port", optional=True),
             )
         )
-    endpoints, multi = _parse_slice_endpoints(obj, family)
-    return _Slice(family, tuple(ports), endpoints, multi)
+    return _Slice(family, tuple(ports), *_parse_slice_endpoints(obj, family))
 
 
-def _parse_slice_endpoints(obj: KubeObject, family: int) -> tuple[tuple[_SliceEndpoint, ...], bool]:
-    """The endpoints, and whether any lists more than one address."""
+def _parse_slice_endpoints(
+    obj: KubeObject, family: int
+) -> tuple[Sequence[int], tuple[str, ...], tuple[str, ...], tuple[str, ...] | None, tuple[tuple[str, ...], ...] | None, bool]:
+    """The endpoints' columns (see _Slice: codes, pairs, texts, hints), and whether any
+    endpoint lists more than one address."""
     # The hot loop of a full sync (every endpoint of every slice): checks are inline and
     # cheap; on any doubt _endpoint_error re-examines the endpoint and names the field.
     raw = _list(obj, obj.get("endpoints"), "endpoints")
-    out: list[_SliceEndpoint] = []
+    codes: list[int] = []
+    # Endpoints whose (node name, zone) is not in the table yet, with that pair: added once
+    # the whole slice is read (below).
+    new_places: list[tuple[int, tuple[str, str]]] = []
+    known_place = place_ids.get
+    texts: list[str] | None = None if family == 4 else []
+    all_hints: list[tuple[str, ...]] | None = None  # made at the first endpoint with hints
     multi = False
-    append = out.append
     parse_ip = _parse_ip_text
     suspect = _SUSPECT_V4
+    pton, ntop, from_bytes, af_inet = socket.inet_pton, socket.inet_ntop, int.from_bytes, socket.AF_INET
+    shift = _ADDRESS_SHIFT
     for i, endpoint in enumerate(raw):
         if not isinstance(endpoint, dict):
             _endpoint_error(obj, endpoint, i, family)
         addresses = endpoint.get("addresses")
         if not isinstance(addresses, list) or not addresses:
             _endpoint_error(obj, endpoint, i, family)
-        if family:
-            text = addresses[0]
-            first = parse_ip(text) if isinstance(text, str) else None
-            if first is None or first[1] != family:
-                _endpoint_error(obj, endpoint, i, family)
-            if (family == 6 or suspect[first[2] >> 24]) and _special(first):
+        text = addresses[0]
+        if family == 4:
+            # Canonical IPv4 inline (nearly every endpoint): libc's parse, and its print
+            # equal to the text; anything else goes through _parse_ip_text.
+            try:
+                packed = pton(af_inet, text)
+                value = from_bytes(packed, "big") if ntop(af_inet, packed) == text else -1
+            except (OSError, ValueError, TypeError):
+                value = -1
+            if value < 0:
+                first = parse_ip(text) if isinstance(text, str) else None
+                if first is None or first[1] != 4:
+                    _endpoint_error(obj, endpoint, i, family)
+                value = first[2]
+            if suspect[value >> 24] and _special((text, 4, value)):
                 _endpoint_error(obj, endpoint, i, family)
             if len(addresses) > 1:
                 _check_addresses(obj, addresses, i, family)
                 multi = True
+        elif family:
+            first = parse_ip(text) if isinstance(text, str) else None
+            if first is None or first[1] != family:
+                _endpoint_error(obj, endpoint, i, family)
+            if _special(first):
+                _endpoint_error(obj, endpoint, i, family)
+            if len(addresses) > 1:
+                _check_addresses(obj, addresses, i, family)
+                multi = True
+            value = first[2]
+            texts.append(first[0])  # type: ignore[union-attr]
         else:
-            first = _NO_IP
+            value = 0
+            texts.append("")  # type: ignore[union-attr]
         conditions = endpoint.get("conditions")
         if conditions:
             if not isinstance(conditions, dict):
@@ -889,13 +997,48 @@ def _parse_slice_endpoints(obj: KubeObject, family: int) -> tuple[tuple[_SliceEn
         zone = endpoint.get("zone") or ""
         if node_name.__class__ is not str or zone.__class__ is not str:
             _endpoint_error(obj, endpoint, i, family)
-        # Kept by the model's backends: one string per node and zone, not one per endpoint
-        # (objects are parsed from packed bytes, each with strings of its own).
-        node_name, zone = intern(node_name), intern(zone)
         hints = endpoint.get("hints")
-        zone_hints = () if hints is None else _zone_hints(obj, hints, i)
-        append((first[0], first[2] << 2 | usable, node_name, zone, zone_hints))
-    return tuple(out), multi
+        if hints is not None:
+            zone_hints = _zone_hints(obj, hints, i)
+            if zone_hints:
+                if all_hints is None:
+                    all_hints = [()] * i
+                all_hints.append(zone_hints)
+            elif all_hints is not None:
+                all_hints.append(())
+        elif all_hints is not None:
+            all_hints.append(())
+        place = known_place((node_name, zone))
+        if place is None:
+            # Kept by the model's backends: one string per node and zone, not one per
+            # endpoint (objects are parsed from packed bytes, each with strings of its own).
+            new_places.append((i, (intern(node_name), intern(zone))))
+            place = 0
+        codes.append(value << shift | place << 2 | usable)
+    # New places only for a slice read to its end: the model's table never gives an entry
+    # back, so a slice refused at a later endpoint (read again every pass) must add none.
+    unplaced: list[tuple[int, tuple[str, str]]] = []
+    for i, pair in new_places:
+        place = place_id(*pair)
+        if place is None:
+            unplaced.append((i, pair))
+        else:
+            codes[i] |= place << 2
+    pairs: tuple[tuple[str, str], ...] | None = None
+    if unplaced:
+        # Every endpoint's pair, as some are not in the table.
+        table = places
+        listed = [table[c >> 2 & 0xFFFF] for c in codes]
+        for i, pair in unplaced:
+            listed[i] = pair
+        pairs = tuple(listed)
+    return (
+        array("Q", codes) if family == 4 else tuple(codes),
+        pairs,
+        None if texts is None else tuple(texts),
+        tuple(all_hints) if all_hints is not None else None,
+        multi,
+    )
 
 
 def _zone_hints(obj: KubeObject, hints: object, i: int) -> tuple[str, ...]:
@@ -1093,23 +1236,29 @@ _PARSERS = {
 }
 
 
-def validate_object(obj: KubeObject, rules: AddressRules = NO_RULES) -> Checked | None:
+def validate_object(
+    obj: KubeObject, rules: AddressRules = NO_RULES, ref: tuple[str, str, str] | None = None
+) -> Checked | None:
     """Raise InvalidObject("<kind> <ns>/<name>: <field>: <reason>") for an unusable object.
 
     `rules` adds the checks that depend on configuration (ClusterIPs in service.clusterCIDR).
-    Returns what was read of an EndpointSlice (None for other kinds), for `remember_checked`.
+    Returns what was read of a Service or an EndpointSlice (None for other kinds), for
+    `remember_checked`; `ref`, the object's object_ref when the caller made it already, is
+    kept in it.
     """
     kind = _check_common(obj)
     if kind == "Service":
-        _parse_service(obj, rules)
-        return None
+        spec = _parse_service(obj, rules)
+        ref = ref if ref is not None else object_ref(obj)
+        meta = obj["metadata"]
+        return _CheckedService(spec, ref, service_key_of(obj, ref), rules, meta.get("labels"), meta.get("annotations"))
     if kind == "EndpointSlice":
         parsed = _parse_slice(obj)
         # Every FQDN slice and any endpoint with more than one address take the long way:
         # the store's index reads every address, the parse keeps the first only.
         if not parsed.family or parsed.multi:
             return None
-        parsed.ref = ref = object_ref(obj)
+        parsed.ref = ref = ref if ref is not None else object_ref(obj)
         parsed.key = service_key_of(obj, ref)
         return parsed
     _PARSERS[kind](obj)
@@ -1118,22 +1267,103 @@ def validate_object(obj: KubeObject, rules: AddressRules = NO_RULES) -> Checked 
 
 # --- parse once ------------------------------------------------------------------------
 
-# EndpointSlices as validation read them, by the packed bytes (kpr.memory.pack) a source
+
+@dataclass(slots=True)
+class _CheckedService:
+    """A Service as validation read it: what translation and the store's index need."""
+
+    spec: _ServiceSpec
+    ref: tuple[str, str, str] | None
+    key: ServiceKey | None
+    # The rules it was checked under: translation under other rules reads it again.
+    rules: AddressRules
+    labels: Mapping[str, str] | None
+    annotations: Mapping[str, str] | None
+
+    @property
+    def claimed(self) -> tuple[str, ...]:
+        """claimed_cluster_ips of the object (valid: each text is the address it parses to)."""
+        return tuple(ip[0] for ip in self.spec.cluster_ips)
+
+
+# The spec fields an allocation fills in (kpr.allocator): the rest of an allocated Service is
+# the manifest's, object for object.
+_ALLOCATED_FIELDS = frozenset({"clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "healthCheckNodePort"})
+
+
+def checked_after_allocation(before: object, read: KubeObject, allocated: KubeObject) -> Checked | None:
+    """What validation read of a Service packed as `before` (`read`, unpacked), when it
+    holds for `allocated`, the same Service with the values allocation filled in; None when
+    those change what a reading would give (a ClusterIP or nodePort picked, a family added):
+    translation then reads the allocated object itself.
+
+    A Service reads the same when everything but the allocated spec fields is the same object
+    as in `read` (allocation copies what it changes and nothing else), its ClusterIPs are the
+    canonical texts of the addresses read, its ipFamilies name the families read, its
+    ipFamilyPolicy is valid and healthCheckNodePort unchanged."""
+    found = checked(before)
+    if found is None or found.__class__ is not _CheckedService:
+        return None
+    if len(allocated) != len(read):
+        return None
+    get = read.get
+    for k, v in allocated.items():
+        if v is not get(k) and k != "spec":
+            return None
+    after, spec = allocated.get("spec"), get("spec")
+    if after.__class__ is not dict or spec.__class__ is not dict or not spec.keys() <= after.keys():
+        return None
+    get = spec.get
+    for k, v in after.items():
+        if v is not get(k) and k not in _ALLOCATED_FIELDS:
+            return None
+    parsed: _ServiceSpec = found.spec  # type: ignore[union-attr]
+    ips = parsed.cluster_ips
+    texts = after.get("clusterIPs")
+    if not (texts.__class__ is list and texts):
+        cluster_ip = after.get("clusterIP")
+        texts = [cluster_ip] if cluster_ip else []
+    elif after.get("clusterIP") not in (None, "", texts[0]):
+        return None
+    if len(texts) != len(ips):
+        return None
+    for text, ip in zip(texts, ips):
+        if text != ip[0]:
+            return None
+    families = after.get("ipFamilies")
+    if families is None:
+        if parsed.families != tuple(ip[1] for ip in ips):
+            return None
+    else:
+        if families.__class__ is not list or len(families) != len(parsed.families):
+            return None
+        for name, family in zip(families, parsed.families):
+            if name.__class__ is not str or _IP_FAMILIES.get(name) != family:
+                return None
+    policy = after.get("ipFamilyPolicy")
+    if policy not in (None, "") and not (policy.__class__ is str and policy in _FAMILY_POLICIES):
+        return None
+    if after.get("healthCheckNodePort") != spec.get("healthCheckNodePort"):
+        return None
+    return found
+
+
+# Services and EndpointSlices as validation read them, by the packed bytes (kpr.memory.pack) a source
 # keeps and hands to the store: the store translates the same bytes moments later (a full
 # sync), and reading every slice twice (and unpacking it twice more) was about a quarter of
 # a full sync. Filled by a source's pass and emptied at its end (`forget_checked`), so the
 # entries live no longer than one pass; the store takes each one when it translates it.
-_checked: dict[bytes, _Slice] = {}
-# What validate_object returns for remember_checked: an EndpointSlice as read, with its ref
-# and its service's key.
-Checked = _Slice
+_checked: dict[object, _Slice | _CheckedService] = {}
+# What validate_object returns for remember_checked: a Service or an EndpointSlice as read,
+# with its ref and its service's key.
+Checked = _Slice | _CheckedService
 
 
 def remember_checked(packed: object, checked: Checked | None, ref: tuple[str, str, str] | None = None) -> None:
     """Keep what validate_object read of the object packed as `packed`, until the store
     translates those bytes or the source's pass ends. `ref`, the object's object_ref as the
     source keeps it, is then the store's too (one tuple, not one per holder)."""
-    if checked is not None and type(packed) is bytes:
+    if checked is not None and is_packed(packed):
         if ref is not None and ref == checked.ref:
             checked.ref = ref
         _checked[packed] = checked
@@ -1141,12 +1371,12 @@ def remember_checked(packed: object, checked: Checked | None, ref: tuple[str, st
 
 def checked(item: object) -> Checked | None:
     """What validation read of a packed object (not taken: see `take_checked`), or None."""
-    return _checked.get(item) if type(item) is bytes else None  # type: ignore[call-overload]
+    return _checked.get(item) if is_packed(item) else None  # type: ignore[call-overload]
 
 
 def take_checked(item: object) -> Checked | None:
     """Like `checked`, and forgotten: translated once, an object's parse is not needed again."""
-    return _checked.pop(item, None) if type(item) is bytes else None  # type: ignore[call-overload]
+    return _checked.pop(item, None) if is_packed(item) else None  # type: ignore[call-overload]
 
 
 def forget_checked() -> None:
@@ -1207,6 +1437,8 @@ def _slice_backends(
         if not number:
             continue  # a port-less slice port means "all ports": unusable for a service port
         group = groups.setdefault((name, protocol, parsed.family), {})
+        # IPv4 backends from the parsed int (the address text is its canonical form)
+        v4 = parsed.family == 4
         for address, code, ep_node, zone, hints in parsed.endpoints:
             usable = code & 3
             if usable == _READY or publish:
@@ -1216,12 +1448,113 @@ def _slice_backends(
             else:
                 continue
             local = ep_node == node_name and ep_node != ""
-            candidate = (Backend(address, number, state, ep_node, local, zone), hints)
+            if v4:
+                backend = backend_v4(code >> 2, number, state, ep_node, local, zone)
+            else:
+                backend = Backend(address, number, state, ep_node, local, zone)
+            candidate = (backend, hints)
             # _offer inlined: this runs for every endpoint of a full sync.
             key = (code >> 2, number)
             current = group.get(key)
             if current is None or _better(candidate, current):
                 group[key] = candidate
+
+
+def _single_slice_backends(parsed: _Slice, publish: bool, node_name: str) -> dict[_GroupKey, _Choice] | None:
+    """What _collect_backends makes of one slice without zone hints to honour, the common
+    case, without its per-endpoint bookkeeping (a candidate, a key and a dict entry per
+    endpoint, then a sort of them per port): the same backends in the same order. None
+    when the general path must decide: an address listed twice (the better endpoint wins)
+    or a port name and protocol listed with two numbers (one group of both)."""
+    codes, texts, pairs = parsed.codes, parsed.texts, parsed.pairs
+    if pairs is not None:  # (some pair not in the model's table of places: seldom)
+        return None
+    if texts is None:
+        return _single_slice_backends_v4(parsed, publish, node_name)
+    order = sorted(range(len(codes)), key=codes.__getitem__)
+    previous = -1
+    for i in order:
+        address = codes[i] >> _ADDRESS_SHIFT
+        if address == previous:
+            return None
+        previous = address
+    groups = _single_port_groups(parsed)
+    if groups is None:
+        return None
+    out: dict[_GroupKey, _Choice] = {}
+    active, terminating = BackendState.ACTIVE, BackendState.TERMINATING
+    table = places
+    for group_key, number in groups:
+        backends = []
+        append = backends.append
+        for i in order:
+            code = codes[i]
+            usable = code & 3
+            if usable == _READY or publish:
+                state = active
+            elif usable == _DRAINING:
+                state = terminating
+            else:
+                continue
+            ep_node, zone = table[code >> 2 & 0xFFFF]
+            local = ep_node == node_name and ep_node != ""
+            append(Backend(texts[i], number, state, ep_node, local, zone))
+        everything = tuple(backends)
+        out[group_key] = (everything, everything)
+    return out
+
+
+def _single_slice_backends_v4(parsed: _Slice, publish: bool, node_name: str) -> dict[_GroupKey, _Choice] | None:
+    """_single_slice_backends of an IPv4 slice whose places are all in the table: each
+    Backend made in the compact form backend_v4 makes, straight from the endpoint's code
+    (a call of backend_v4 per backend was about a third of this; 200k at 20k services)."""
+    # Sorted codes are the endpoints by address (a code is address << 18 | place << 2 |
+    # state); equal addresses are next to each other.
+    # Each endpoint's (flags, place, address) once for the slice's ports (the hot loop of a
+    # full sync); model.backends_v4 makes them Backends.
+    endpoints = []
+    append = endpoints.append
+    table = places
+    previous = -1
+    for code in sorted(parsed.codes):
+        address = code >> _ADDRESS_SHIFT
+        if address == previous:
+            return None
+        previous = address
+        usable = code & 3
+        if usable == _READY or publish:
+            flags = 0
+        elif usable == _DRAINING:
+            flags = BACKEND_TERMINATING
+        else:
+            continue
+        place = code >> 2 & 0xFFFF
+        ep_node = table[place][0]
+        if ep_node == node_name and ep_node != "":
+            flags |= BACKEND_LOCAL
+        append((flags, place, address))
+    groups = _single_port_groups(parsed)
+    if groups is None:
+        return None
+    out: dict[_GroupKey, _Choice] = {}
+    for group_key, number in groups:
+        everything = backends_v4(number, endpoints)
+        out[group_key] = (everything, everything)
+    return out
+
+
+def _single_port_groups(parsed: _Slice) -> list[tuple[_GroupKey, int]] | None:
+    """A slice's usable ports by group, for the single-slice paths; None when a port name
+    and protocol come with two numbers (the general path makes one group of both)."""
+    groups: dict[_GroupKey, int] = {}
+    for name, protocol, number in parsed.ports:
+        if not number:
+            continue  # as _slice_backends: no usable port
+        group_key = (name, protocol, parsed.family)
+        if group_key in groups:
+            return None
+        groups[group_key] = number
+    return list(groups.items())
 
 
 def _endpoints_backends(
@@ -1256,9 +1589,10 @@ def _collect_backends(
 ) -> dict[_GroupKey, _Choice]:
     groups: dict[_GroupKey, _BackendGroup] = {}
     have_slices = False
+    with_addresses: list[_Slice] = []
     for obj in slices:
         found = take_checked(obj)
-        if found is not None:
+        if found is not None and found.__class__ is _Slice:  # a Service's reading is kept too
             # Validated by the source moments ago: read once.
             parsed = found
             if found.key != key:
@@ -1274,7 +1608,15 @@ def _collect_backends(
                 continue
         have_slices = True
         if parsed.family:
-            _slice_backends(groups, parsed, spec.publish_not_ready, node.name)
+            with_addresses.append(parsed)
+    # Legacy Endpoints have no hints: a service served from them never filters by zone.
+    zone = node.zone if spec.topology else ""
+    if len(with_addresses) == 1 and not zone:
+        single = _single_slice_backends(with_addresses[0], spec.publish_not_ready, node.name)
+        if single is not None:
+            return single
+    for parsed in with_addresses:
+        _slice_backends(groups, parsed, spec.publish_not_ready, node.name)
     # Legacy Endpoints only for clusters (or mirrors) without EndpointSlices for this service.
     if not have_slices and endpoints is not None:
         if _check_common(endpoints) != "Endpoints":
@@ -1282,8 +1624,6 @@ def _collect_backends(
         subsets = _parse_endpoints(endpoints)
         if _belongs(endpoints, key):
             _endpoints_backends(groups, subsets, spec.publish_not_ready, node.name)
-    # Legacy Endpoints have no hints: a service served from them never filters by zone.
-    zone = node.zone if spec.topology else ""
     out: dict[_GroupKey, _Choice] = {}
     for gk, group in groups.items():
         choice = _prefer_zone([c for _, c in sorted(group.items())], zone) if zone else None
@@ -1444,27 +1784,41 @@ def translate_service(
     node: NodeInfo,
     proxy_name: str = "",
     rules: AddressRules = NO_RULES,
+    key: ServiceKey | None = None,
 ) -> Service | None:
     """The model of one Service on `node`, or None when it gets no data path here.
 
     None for: a service-proxy-name label that is not ours, ExternalName, headless
     (clusterIP None) or not yet allocated (clusterIP "") services - kube-proxy skips those
     entirely, external addresses included - and services that end up with no frontend.
-    `slices` are the service's EndpointSlices (others are ignored), dicts or packed
-    (kpr.memory.pack: a slice validate_object read is then not read again, see `checked`);
+    `svc` and `slices` (the service's EndpointSlices; others are ignored) are dicts or packed
+    (kpr.memory.pack: an object validate_object read is then not read again, see `checked`);
     `endpoints` its legacy Endpoints, used only when no slice is given. Raises InvalidObject for invalid input,
-    a ClusterIP outside `rules` included.
+    a ClusterIP outside `rules` included. `key`, the service's key as the caller keeps it
+    (the store), becomes the model's: not one more ServiceKey per service.
     """
-    if _check_common(svc) != "Service":
-        _fail(svc, "expected a Service")
-    spec = _parse_service(svc, rules)
-    meta = svc["metadata"]
-    labels = meta.get("labels") or {}
+    found = take_checked(svc)
+    if found is not None and found.__class__ is _CheckedService and found.rules is rules:
+        # Validated by the source moments ago, under the same rules: read once.
+        spec = found.spec
+        labels = found.labels or {}
+        annotations = found.annotations
+        _kind, namespace, name = found.ref
+    else:
+        svc = unpack(svc)
+        if _check_common(svc) != "Service":
+            _fail(svc, "expected a Service")
+        spec = _parse_service(svc, rules)
+        meta = svc["metadata"]
+        labels = meta.get("labels") or {}
+        annotations = meta.get("annotations")
+        namespace, name = meta.get("namespace") or "default", meta["name"]
     if not _served_by(labels, proxy_name):
         return None
     if spec.type == "ExternalName" or not spec.cluster_ips:
         return None
-    key = ServiceKey(_interned(meta.get("namespace") or "default"), _interned(meta["name"]))
+    if key is None or key.name != name or key.namespace != namespace:
+        key = ServiceKey(_interned(namespace), _interned(name))
     backends = _collect_backends(key, spec, slices, endpoints, node)
     frontends = _service_frontends(spec, backends, node)
     if not frontends:
@@ -1473,7 +1827,7 @@ def translate_service(
         key=key,
         frontends=frontends,
         labels=_sorted_items(labels),
-        annotations=_sorted_items(meta.get("annotations")),
+        annotations=_sorted_items(annotations),
         source_kind="Service",
     )
 

@@ -178,6 +178,9 @@ def test_the_fwd_counters_leave_no_slot_named_twice() -> None:
     assert len(set(D.FWD_STATS.values())) == len(D.FWD_STATS)
     assert max(D.FWD_STATS) < abi.value("KPR_NP_FWD_MAX")
     assert D.FWD_STATS[abi.value("KPR_NP_FWD_DROP_SHORT")] == "fwd_drop_short"
+    # the cached-send slots (one per kind, added into FWD_STATS names by stats()) overlap none
+    assert not set(D.FWD_CACHED) & set(D.FWD_STATS) and max(D.FWD_CACHED) < D.FWD_SLOTS
+    assert set(D.FWD_CACHED.values()) <= set(D.FWD_STATS.values())
 
 
 def test_a_reordered_counter_keeps_its_name(lib_copy: Path) -> None:

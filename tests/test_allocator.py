@@ -360,3 +360,27 @@ def test_explicit_holder_survives_restart(tmp_path):
     c = alloc(tmp_path)
     res = c.allocate(svc("pinned", type="NodePort", ports=[{"port": 80, "nodePort": node_ports(auto)[0]}]))
     assert res.displaced == {"default/auto"}
+
+
+def test_explicit_marks_stay_on_their_values_when_another_value_is_taken_over(tmp_path):
+    """A record keeps which of its values were written (a bit per value, by position): losing
+    an automatic value to a takeover moves the positions of the ones after it, and the marks
+    must follow their values, in memory and through the state file."""
+    a = alloc(tmp_path)
+    first = a.allocate(svc("a", type="NodePort", clusterIP="10.96.5.5", ports=[
+        {"name": "x", "port": 80}, {"name": "y", "port": 81, "nodePort": 30333},
+        {"name": "z", "port": 82, "nodePort": 30444}])).obj
+    auto = node_ports(first)[0]
+    assert a.get("default/a")["explicit"] == ["10.96.5.5", "30333/TCP", "30444/TCP"]
+    res = a.allocate(svc("b", type="NodePort", ports=[{"port": 80, "nodePort": auto}]))
+    assert res.displaced == {"default/a"}
+    # a's automatic nodePort is gone (the first of its ports); the written ones stay marked
+    assert a.get("default/a") == {"clusterIPs": ["10.96.5.5"], "nodePorts": {"y/TCP/81": 30333, "z/TCP/82": 30444},
+                                  "explicit": ["10.96.5.5", "30333/TCP", "30444/TCP"]}
+    assert a.get("default/b")["explicit"] == [f"{auto}/TCP"]
+    a.save()
+    again = alloc(tmp_path)
+    assert again.get("default/a") == a.get("default/a") and again.get("default/b") == a.get("default/b")
+    # still written, so a third service asking for one of them is refused, not given it
+    with pytest.raises(AllocationError, match="already allocated to service default/a"):
+        again.allocate(svc("c", type="NodePort", ports=[{"port": 80, "nodePort": 30444}]))

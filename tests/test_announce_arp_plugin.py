@@ -17,6 +17,7 @@ from kpr.plugins.announce_arp.config import AnnounceARPConfig
 from kpr.plugins.announce_arp.membership import Health
 from kpr.plugins.announce_arp.plugin import AnnounceARP
 from kpr.plugins.announce_arp.responder import Answerer, garp_frames
+from kpr.testing.waiting import wait_for
 
 ME = "node1"
 MAC = "02:00:00:00:00:01"
@@ -30,6 +31,9 @@ class FakeMembership:
         self.peer_eligible = dict(eligible or {})
         self.published = None
         self.callbacks = []
+        # held(): this node's eligibility as peers know it stays what it was (a write that has
+        # not landed) until landed()
+        self.holding, self.written = False, None
 
     def start(self):
         pass
@@ -41,6 +45,8 @@ class FakeMembership:
         return self.live
 
     def eligible(self, node):
+        if node == self.self_name:
+            return self.written if self.holding else self.published
         # None: a peer that has not published yet (still loading its services)
         e = self.peer_eligible.get(node)
         return None if e is None else frozenset(e)
@@ -53,6 +59,14 @@ class FakeMembership:
 
     def health(self):
         return Health(True, "fake", {})
+
+    def held(self):
+        self.holding, self.written = True, self.published
+
+    def landed(self):
+        self.holding = False
+        for cb in self.callbacks:
+            cb()
 
     def change(self, live=None, eligible=None):
         if live is not None:
@@ -114,14 +128,6 @@ def lb(name, address, *, local=False, backends=(("10.244.0.5", "node1", True),),
     fe = Frontend(ftype, address, 443, Protocol.TCP, bes, external_local=local)
     return Service(ServiceKey("default", name), (fe,), labels=tuple(labels))
 
-
-def wait_for(cond, timeout=5.0, what="condition"):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return time.monotonic() - t0
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -194,6 +200,31 @@ def test_losing_an_address_stops_answering_at_once(make):
     wait_for(lambda: r.owned == {addr}, what="back")
 
 
+def test_an_address_coming_back_is_taken_once_peers_can_know(make):
+    """This node ranks first for addr but was not eligible (eTP=Local, no local endpoint): the
+    rival holds it. When a local endpoint comes, the node takes addr only once its eligibility
+    has reached its peers (the Lease membership: written to the API server), so the two never
+    both answer while the rival cannot know; it gives addr up at once when no longer eligible."""
+    addr = "10.0.100.10"
+    rival = next(n for n in (f"n{i}" for i in range(100)) if ownership.rank(addr, [ME, n])[0] == ME)
+    elsewhere = (("10.244.1.5", rival, True),)
+    here = (("10.244.0.5", ME, True),)
+    p, m, r, _ = make(membership=FakeMembership(live=(ME, rival), eligible={rival: {addr}}))
+    p.kpr_service_upsert(service=lb("a", addr, local=True, backends=elsewhere))
+    p.kpr_sync_complete()
+    wait_for(lambda: p._plan.owners.get(addr) == rival, what="the rival owns it")
+    m.held()  # the write that would tell the rival does not land
+    p.kpr_service_upsert(service=lb("a", addr, local=True, backends=here))
+    wait_for(lambda: addr in p._plan.eligible_here, what="the plan with the local endpoint applied")
+    assert r.owned == frozenset() and p._plan.owners[addr] == rival
+    m.landed()
+    wait_for(lambda: r.owned == {addr}, what="taken once the rival can know")
+    m.held()
+    p.kpr_service_upsert(service=lb("a", addr, local=True, backends=elsewhere))
+    wait_for(lambda: addr not in p._plan.eligible_here, what="the plan without the local endpoint applied")
+    assert r.owned == frozenset(), "given up at once, before its peers know"
+
+
 def test_a_starting_node_waits_for_peers_still_loading(make):
     addr = "10.0.100.10"
     p, m, r, _ = make(extra=", peerSyncTimeout: 0.6", membership=FakeMembership(live=(ME, "node2")))
@@ -212,8 +243,10 @@ def test_the_wait_for_peers_is_bounded(make):
     p, m, r, _ = make(extra=", peerSyncTimeout: 0.3", membership=FakeMembership(live=(ME, "node2")))
     p.kpr_service_upsert(service=lb("a", "10.0.100.10"))
     p.kpr_sync_complete()
-    t = wait_for(lambda: r.owned == {"10.0.100.10"}, what="claimed after the hold")
-    assert p._plan.waiting_for == ()
+    # The responder takes the address a moment before the plan it acted on is kept: wait for
+    # the plan, which holds the claim and the (empty) wait list together.
+    wait_for(lambda: p._plan.owned == {"10.0.100.10"}, what="claimed after the hold")
+    assert p._plan.waiting_for == () and r.owned == {"10.0.100.10"}
 
 
 def test_local_policy_needs_a_ready_local_endpoint(make):
@@ -427,6 +460,8 @@ def test_taking_an_address_announces_it_garp_repeat_times():
         assert len(na) == 3 and all(f[ICMPv6ND_NA].O == 1 for f in na)
         times = sorted(ts for ts, f in sock.sent if ARP in Ether(f) and Ether(f)[ARP].op == 1)
         assert times[2] - times[0] >= 0.09  # spaced garpSpacing apart
+        # the counter moves after each send returns: wait for it, then none beyond the nine
+        wait_for(lambda: r.counters["garp_sent"] >= 9, what="nine counted")
         assert r.counters["garp_sent"] == 9
     finally:
         _stop_announcer(r, t)
@@ -443,10 +478,11 @@ def test_a_dropped_address_is_no_longer_announced_and_periodic_announcements():
         assert len(sock.sent) <= n + 2  # at most one send already under way
         r.set_owned({"10.0.100.11"})
         wait_for(lambda: any(ARP in Ether(f) and Ether(f)[ARP].psrc == "10.0.100.11" for _, f in sock.sent), what="new")
-        # after the repeats are done, garpInterval keeps announcing it
-        time.sleep(1.0)
-        late = [ts for ts, f in sock.sent if Ether(f)[ARP].psrc == "10.0.100.11"]
-        assert len(late) >= 2 * 5 + 2, len(late)
+        # after the repeats are done, garpInterval keeps announcing it (waited for: a loaded
+        # machine may take longer than the 0.8 s the repeats and one interval need)
+        def late():
+            return [ts for ts, f in sock.sent if Ether(f)[ARP].psrc == "10.0.100.11"]
+        wait_for(lambda: len(late()) >= 2 * 5 + 2, 10, "the repeats and a periodic announcement", show=lambda: len(late()))
         assert all(Ether(f)[ARP].psrc != "10.0.100.10" for ts, f in sock.sent if ts > time.monotonic() - 0.9)
     finally:
         _stop_announcer(r, t)

@@ -20,6 +20,7 @@ import pytest
 import urllib3
 
 from kpr.testing.apiserver import KubeApiServer, parse_label_selector, strategic_merge_patch
+from kpr.testing.waiting import wait_for
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client, config, watch  # noqa: E402
@@ -396,7 +397,9 @@ def test_watch_from_now_and_timeout(srv, core):
     srv.create(svc("b", ns="other"))
     t0 = time.monotonic()
     events = list(watch.Watch().stream(core.list_namespaced_service, "default", timeout_seconds=1))
-    assert 0.9 < time.monotonic() - t0 < 3
+    # ended by the server at timeoutSeconds (without it the stream never ends); the upper bound
+    # is only a net for that hang, 10x the normal second
+    assert 0.9 < time.monotonic() - t0 < 10
     assert [(e["type"], e["object"].metadata.name) for e in events] == [("ADDED", "a")]
     assert srv.open_watches == 0
 
@@ -674,12 +677,21 @@ def test_fail_and_heal(srv, core):
     assert e.value.status == 503 and json.loads(e.value.body)["reason"] == "ServiceUnavailable"
     srv.heal()
     core.list_namespaced_service("default")
-    srv.fail(500, seconds=0.3)
+    # A fault for a time: long enough that the request surely meets it on a loaded machine,
+    # then it ends by itself (no heal).
+    srv.fail(500, seconds=2.0)
     with pytest.raises(client.ApiException) as e:
         core.list_namespaced_service("default")
     assert e.value.status == 500
-    time.sleep(0.4)
-    core.list_namespaced_service("default")
+
+    def answered() -> bool:
+        try:
+            core.list_namespaced_service("default")
+        except client.ApiException:
+            return False
+        return True
+
+    wait_for(answered, 20, "the timed fault over")
 
 
 def test_stall_holds_requests_and_streams_not_writers(srv, core):
@@ -691,11 +703,12 @@ def test_stall_holds_requests_and_streams_not_writers(srv, core):
     with pytest.raises(urllib3.exceptions.MaxRetryError) as e:
         core.list_namespaced_service("default", _request_timeout=0.5)
     assert isinstance(e.value.reason, urllib3.exceptions.ReadTimeoutError)
-    # Writers never wait for a stalled watcher.
-    t0 = time.monotonic()
-    for i in range(200):
-        srv.create(svc(f"s{i}"))
-    assert time.monotonic() - t0 < 2
+    # Writers never wait for a stalled watcher: the 200 writes finish while it is still
+    # stalled (one that waited would hang until the heal below, which comes only after).
+    writer = threading.Thread(target=lambda: [srv.create(svc(f"s{i}")) for i in range(200)], daemon=True)
+    writer.start()
+    writer.join(30)
+    assert not writer.is_alive(), "a write waited for the stalled watcher"
     got = []
     reader = threading.Thread(target=lambda: got.append(next(stream)), daemon=True)
     reader.start()
@@ -706,8 +719,8 @@ def test_stall_holds_requests_and_streams_not_writers(srv, core):
     assert got and got[0]["type"] == "ADDED"
     w.stop()
     core.list_namespaced_service("default")
+    t0 = time.monotonic()  # before the stall begins: the stall's 0.3 s all lie after it
     srv.stall(seconds=0.3)
-    t0 = time.monotonic()
     core.list_namespaced_service("default")
     assert time.monotonic() - t0 >= 0.25
 
@@ -753,7 +766,9 @@ def test_fan_out_to_many_watchers(srv):
     for t in threads:
         t.join(15)
     assert counts == [events] * watchers
-    assert write_s < 1.0, f"{events} writes took {write_s:.2f}s with {watchers} watchers"
+    # For reading only (0.13 s at load 12 here): a bound would be a timed assertion; that
+    # writers never wait for a watcher is test_stall_holds_requests_and_streams_not_writers'.
+    print(f"{events} writes took {write_s:.2f}s with {watchers} watchers")
 
 
 def test_down_and_up(srv, core):
@@ -797,13 +812,14 @@ def test_ten_thousand_services_and_slices(srv, kubeconfig):
     lists = {"services": client.CoreV1Api(api).list_service_for_all_namespaces,
              "endpointslices": client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces}
     t0 = time.monotonic()
-    counts = {}
+    counts, pages = {}, {}
     for what, fn in lists.items():
-        token, total = None, 0
+        token, total, pages[what] = None, 0, 0
         while True:
             # Raw JSON: the client's model classes would measure the client, not the server.
             body = json.loads(fn(limit=500, _continue=token, _preload_content=False).data)
             total += len(body["items"])
+            pages[what] += 1
             token = body["metadata"].get("continue")
             if not token:
                 break
@@ -811,5 +827,7 @@ def test_ten_thousand_services_and_slices(srv, kubeconfig):
     list_s = time.monotonic() - t0
     api.close()
     assert counts == {"services": n, "endpointslices": n}
+    assert pages == {"services": n // 500, "endpointslices": n // 500}, "full pages of the limit, no empty last one"
+    # The figures are for reading only: speed belongs in benchmarks (a bound here failed at
+    # 2.9 s with busy loops running, well under a second on a quiet machine).
     print(f"apply_many {2 * n} objects: {apply_s:.2f}s; paged list of both: {list_s:.2f}s")
-    assert list_s < 2.0  # well under a second here; slack for a loaded CI machine

@@ -7,6 +7,7 @@ import time
 from kpr.bus import Backoff, EventBus
 from kpr.model import Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
 from kpr.store import ObjectStore
+from kpr.testing.waiting import wait_for
 
 
 def svc(name: str, port: int = 80) -> Service:
@@ -20,10 +21,13 @@ class Recorder:
         self.calls = []
         self.gate = threading.Event()
         self.gate.set()
+        # set once a delivery has begun: a test that holds the gate waits for this, not a sleep
+        self.entered = threading.Event()
         self.fail_times = {}
         self.generations = []
 
     def __call__(self, hook, **kw):
+        self.entered.set()
         self.gate.wait(5)
         arg = kw.get("service") or kw.get("key") or kw.get("node")
         label = str(arg.key) if isinstance(arg, Service) else str(arg) if arg is not None else ""
@@ -59,7 +63,7 @@ def test_burst_of_one_service_collapses_to_latest_state():
     recs["a"].gate.clear()  # hold the worker so the burst queues up
     bus.start()
     bus.upsert(svc("first"))
-    time.sleep(0.05)  # the worker is now blocked inside the first delivery
+    assert recs["a"].entered.wait(10)  # the worker is now blocked inside the first delivery
     for port in range(1, 51):
         bus.upsert(svc("web", port))
     recs["a"].gate.set()
@@ -86,15 +90,16 @@ def test_a_failing_plugin_does_not_block_others_and_is_retried():
 
 
 def test_a_newer_state_replaces_a_pending_retry():
-    bus = EventBus(backoff=Backoff(initial=0.5, maximum=0.5))
+    bus = EventBus(backoff=Backoff(initial=30, maximum=30))
     rec = Recorder()
     rec.fail_times["default/web"] = 1
     bus.add_plugin("p", rec)
     bus.start()
     bus.upsert(svc("web", 1))
-    time.sleep(0.1)  # first attempt failed, retry is 0.5 s away
+    wait_for(lambda: bus.workers["p"].stats.retries == 1, what="the first attempt failed")  # retry 30 s away
     bus.upsert(svc("web", 2))
-    assert bus.wait_idle(2)
+    # idle long before the retry was due: the newer state replaced it rather than queueing behind
+    assert bus.wait_idle(10)
     ports = [c[1].frontends[0].port for c in rec.calls]
     assert ports == [2], "the stale state must not be retried once a newer one arrived"
     bus.stop()
@@ -147,10 +152,10 @@ def test_stop_is_bounded_when_a_plugin_hangs():
     recs["hang"].gate.clear()
     bus.start()
     bus.upsert(svc("web"))
-    time.sleep(0.05)
-    t0 = time.monotonic()
+    assert recs["hang"].entered.wait(10)  # inside its hook, held at the gate for 5 s
+    # An unbounded stop would have joined the worker once its 5 s at the gate were over and
+    # named no one: naming it shows the stop gave up at its own timeout (no clock needed).
     stuck = bus.stop(timeout=0.3)
-    assert time.monotonic() - t0 < 1.0
     assert stuck == ["hang"]
     recs["hang"].gate.set()
 
@@ -180,7 +185,7 @@ def test_a_node_change_overtakes_no_service_queued_after_it():
     recs["a"].gate.clear()
     bus.start()
     bus.upsert(svc("first"))
-    time.sleep(0.05)  # the worker is blocked inside the first delivery
+    assert recs["a"].entered.wait(10)  # the worker is blocked inside the first delivery
     bus.upsert(svc("web", 1))
     bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
     bus.upsert(svc("web", 2))
@@ -220,7 +225,7 @@ def test_the_store_re_delivers_services_after_the_node_change_whatever_was_queue
     store = ObjectStore(node, bus, cluster_cidrs=["10.96.0.0/16"])
     bus.start()
     bus.upsert(svc("first"))
-    time.sleep(0.05)  # plugin a is blocked inside its first delivery; b is not
+    assert recs["a"].entered.wait(10)  # plugin a is blocked inside its first delivery; b is not
     store.apply(NODEPORT, [])
     new = NodeInfo("node1", ("192.168.50.11",))
     bus.node_changed(new)

@@ -15,6 +15,7 @@ from kpr import memory
 from kpr.allocator import Allocator
 from kpr.config import PortRange
 from kpr.sources.files import FilesSource, parse_manifest
+from kpr.testing.waiting import wait_for
 
 RANGE = PortRange(first=30000, last=32767)
 
@@ -99,14 +100,6 @@ def make(tmp_path: Path, cidrs=("10.96.0.0/16",), rng: PortRange = RANGE, poll: 
     return FilesSource(d, alloc, poll_interval=poll, **kw)
 
 
-def wait_for(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
-
 
 # --- initial state and sync ------------------------------------------------------------------
 
@@ -173,6 +166,37 @@ def test_parse_manifest_reports_line():
         parse_manifest("x.yaml", b"- a\n- b\n")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # 19+ digits: orjson (the fast reader) makes a float of these, json an int.
+        '{"kind": "Service", "spec": {"ports": [{"port": 18446744073709551616}], "x": 1.5}}',
+        '{"kind": "Service", "spec": {"port": -9223372036854775809, "y": [0.25]}}',
+        '{"kind": "List", "items": [{"kind": "Service", "big": 123456789012345678901234567890}]}',
+        # What orjson refuses and json reads: json's reading.
+        '{"kind": "Service", "a": NaN, "b": Infinity, "c": 1e400}',
+        '{"kind": "Service", "name": "\\ud800"}',
+        '{"kind": "Service", "a": 1, "a": 2, "b": 0.1, "c": -0, "d": 18446744073709551615}',
+    ],
+)
+def test_parse_manifest_json_reads_as_json_does(text):
+    # The files source reads JSON with orjson when it can; every object must be exactly
+    # what json.loads makes (types included: a port of 2**64 is an int, refused as such).
+    expected = json.loads(text)
+    expected = expected["items"] if expected["kind"] == "List" else [expected]
+    got = parse_manifest("x.json", text.encode())
+    assert repr(got) == repr(expected)
+    assert [type(v) for d in got for v in d.values()] == [type(v) for d in expected for v in d.values()]
+    big = got[0].get("spec", got[0]).get("ports", [{}])[0].get("port") if "ports" in text else None
+    if big is not None:
+        assert type(big) is int
+
+
+def test_parse_manifest_yaml_with_floats(tmp_path):
+    # A YAML file with a float goes through the same depth walk (its reader is not orjson).
+    assert parse_manifest("x.yaml", b"kind: Service\nspec:\n  x: 1.5\n") == [{"kind": "Service", "spec": {"x": 1.5}}]
+
+
 # --- live reload -------------------------------------------------------------------------------
 
 
@@ -233,10 +257,12 @@ def test_stop_is_quick(tmp_path):
     sink = RecordingSink()
     src.start(sink)
     wait_for(lambda: sink.synced_calls == 1)
-    t0 = time.monotonic()
+    thread = src._thread
     src.stop()
-    assert time.monotonic() - t0 < 1.0
-    assert not any(t.name == "kpr-files" and t.is_alive() for t in threading.enumerate())
+    # The thread sleeps 30 s between polls: its end well before that shows stop cut the sleep
+    # short (no clock bound on stop itself: its join is what a loaded machine stretches). This
+    # source's thread, not every "kpr-files" one (another test's may still be running).
+    wait_for(lambda: not thread.is_alive(), 10)
 
 
 # --- bad files -----------------------------------------------------------------------------------
@@ -347,6 +373,35 @@ def test_duplicate_object_first_file_wins(tmp_path):
     assert sink.get("Service", "web")["spec"]["ports"][0]["port"] == 2
     assert sink.errors == {}
     assert ("Service", "default", "web") not in sum((d for _, d in sink.batches), [])
+
+
+def test_objects_go_in_file_order_each_under_the_file_that_wins_it(tmp_path):
+    """A pass handles (allocates, sends) objects file by file, in sorted file names, each in
+    its file's order, an object two files define at its place in the winning (first) file:
+    automatic values so follow the files. A first pass (everything new) orders them without
+    sorting (`_in_order`); a pass with little changed sorts: both the same."""
+    src = make(tmp_path)
+    write(src.path / "b.yaml", service("x"), service("y", ports=[{"port": 2}]), service("w"))
+    write(src.path / "a.yaml", service("z"), service("y", ports=[{"port": 1}]), slice_("z", "10.244.0.5"))
+    for i in range(40):
+        write(src.path / f"c{i:02d}.yaml", service(f"other{i:02d}"))
+    sink = RecordingSink()
+    src.scan_once(sink)
+    names = [(o["kind"], o["metadata"]["name"]) for o in sink.batches[0][0]]
+    expected = [("Service", "z"), ("Service", "y"), ("EndpointSlice", "z-abc"), ("Service", "x"), ("Service", "w")]
+    assert names == expected + [("Service", f"other{i:02d}") for i in range(40)]
+    # Each object once (a ref two files hold is handled at the winner's place only), and refs
+    # no file holds (deletes) first.
+    gone = ("Service", "default", "gone")
+    refs = src._in_order({gone, *((k, "default", n) for k, n in names)})
+    assert refs == [gone] + [(k, "default", n) for k, n in names]
+    # A later pass where a few objects changed sorts them: the same order.
+    write(src.path / "b.yaml", service("x", ports=[{"port": 5}]), service("y", ports=[{"port": 6}]),
+          service("w", ports=[{"port": 7}]))
+    write(src.path / "a.yaml", service("z", ports=[{"port": 3}]), service("y", ports=[{"port": 4}]),
+          slice_("z", "10.244.0.6"))
+    src.scan_once(sink)
+    assert [(o["kind"], o["metadata"]["name"]) for o in sink.batches[1][0]] == expected
 
 
 def test_same_name_in_other_namespace_or_kind_is_no_duplicate(tmp_path):

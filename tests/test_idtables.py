@@ -82,3 +82,34 @@ def test_holds_compares_runs_and_scattered_ids_as_the_dict_would():
         want = all(ref.get(i) == v for i, v in zip(ids, vals))
         assert t.holds(ids, b"".join(vals)) is want
     assert t.holds([], b"") and not t.holds([1], b"")
+
+
+def test_reserve_keeps_ids_far_above_the_end_in_the_arrays():
+    vals, refs = IdBytes(4), IdCounts()
+    for t in (vals, refs):
+        t.reserve(100_001)
+    vals.update((i, i.to_bytes(4, "big")) for i in range(70_000, 100_001, 3))
+    assert vals.store_run(90_002, b"abcd" * 2)  # (90_002, 90_003: not among them)
+    refs.update({i: 1 for i in range(70_000, 100_001, 3)})
+    assert not vals._far and not refs._far
+    assert vals[70_003] == (70_003).to_bytes(4, "big") and vals[90_002] == b"abcd" and len(vals) == 10_003
+    assert refs[70_003] == 1 and 70_001 not in refs and len(refs) == 10_001
+    vals[500_000] = b"wxyz"  # (beyond the reserve and the slack: the dict, as before)
+    assert vals._far == {500_000: b"wxyz"}
+
+
+def test_id_counts_beyond_32_bits_go_to_the_dict_and_back() -> None:
+    from array import array
+
+    c = IdCounts({1: (1 << 31) - 1, 2: -(1 << 31), 3: 5})
+    assert c._far == {}
+    c.add_many({1: 1, 2: -1, 3: 1 << 40, 4: 1 << 33})  # each out of the array's range
+    assert dict(c.items()) == {1: 1 << 31, 2: -(1 << 31) - 1, 3: 5 + (1 << 40), 4: 1 << 33}
+    assert set(c._far) == {1, 2, 3, 4} and len(c) == 4
+    c.add_many({1: -1, 3: -(1 << 40)})  # back in range: back in the array
+    assert c[1] == (1 << 31) - 1 and c[3] == 5 and set(c._far) == {2, 4} and len(c) == 4
+    c.add_many({i: 1 << 32 if i == 150 else 1 for i in range(100, 200)})  # a run that does not fit
+    assert c[150] == 1 << 32 and c[199] == 1 and len(c) == 104
+    assert not c.add_run(300, array("q", [1, 1 << 40])) and 300 not in c
+    assert c.add_run(300, array("q", [1, 2])) and c[301] == 2
+    assert c.zero_ids() == []

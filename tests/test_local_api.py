@@ -69,11 +69,13 @@ def test_status_is_served(serve):
 
 
 def test_a_client_that_sends_nothing_is_dropped(serve):
-    srv = serve(io_timeout=0.3)
+    srv = serve(io_timeout=0.3, deadline=60)
     s = connect(srv.path)
     t0 = time.monotonic()
-    assert s.recv(100) == b""  # closed by the agent, no answer
-    assert 0.25 <= time.monotonic() - t0 < 3
+    # Closed by the agent, no answer: before the client's 10 s timeout (recv would raise) and
+    # the 60 s deadline, so by the io timeout (no upper clock bound a loaded machine trips).
+    assert s.recv(100) == b""
+    assert time.monotonic() - t0 >= 0.25
     s.close()
     wait_for(lambda: srv.stats()["active"] == 0, what="slot freed")
     assert api.get(srv.path, "/v1/status")["ready"] is True
@@ -83,7 +85,6 @@ def test_a_client_that_drips_is_cut_at_the_deadline(serve):
     srv = serve(io_timeout=1.0, deadline=1.0)
     s = connect(srv.path)
     s.sendall(b"GET /v1/status HTTP/1.0\r\n")
-    t0 = time.monotonic()
     # A header line every 0.2 s never trips the per-read timeout; the deadline cuts it.
     closed = False
     for i in range(40):
@@ -96,7 +97,9 @@ def test_a_client_that_drips_is_cut_at_the_deadline(serve):
         if srv.stats()["dropped"]:
             closed = True
             break
-    assert closed and time.monotonic() - t0 < 4
+    # 40 lines 0.2 s apart never trip the per-read timeout: only the 1 s deadline closes it
+    # within the loop (no clock bound here: a loaded machine stretches the loop, not the cut)
+    assert closed
     s.close()
     wait_for(lambda: srv.stats()["active"] == 0, what="slot freed")
 
@@ -107,9 +110,8 @@ def test_a_client_that_reads_nothing_frees_its_slot(serve):
     s = connect(srv.path)
     s.sendall(b"GET /v1/status HTTP/1.0\r\n\r\n")
     wait_for(lambda: srv.stats()["active"] == 1, what="connection served")
-    t0 = time.monotonic()
-    wait_for(lambda: srv.stats()["active"] == 0, timeout=5, what="writer given up")
-    assert time.monotonic() - t0 < 3
+    # The client never reads: only the io timeout or the deadline frees the slot.
+    wait_for(lambda: srv.stats()["active"] == 0, timeout=20, what="writer given up")
     s.close()
 
 
@@ -140,9 +142,11 @@ def test_no_more_threads_than_the_bound(serve):
     before = threading.active_count()
     socks = [connect(srv.path) for _ in range(50)]
     wait_for(lambda: srv.stats()["active"] == 4, what="four served")
-    time.sleep(0.2)
+    # connect() returns once a client is queued (the listen backlog): the accept loop may
+    # still be refusing the last ones. Wait for all of them, then count the threads.
+    wait_for(lambda: srv.stats()["refused"] == 46, what="the other 46 refused", show=srv.stats)
     assert threading.active_count() - before <= 4
-    assert srv.stats()["refused"] == 46
+    assert srv.stats()["active"] == 4
     for s in socks:
         s.close()
 

@@ -1,8 +1,8 @@
-"""Maglev table construction: the paper's algorithm, balance, minimal disruption, speed."""
+"""Maglev table construction: the paper's algorithm, balance, minimal disruption (its speed is
+benchmarks/bench_servicemaps.py's step 6, not a test: a timed assertion)."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
@@ -119,17 +119,3 @@ def test_edge_cases() -> None:
     with pytest.raises(ValueError, match="fit"):
         build_table(named(20), 13)
     assert maglev.is_prime(16381) and maglev.is_prime(65537) and not maglev.is_prime(16383)
-
-
-def test_build_is_fast_for_ten_backends() -> None:
-    backends = named(10)
-    build_table(backends)  # warm up
-    best = min(_timed(lambda: build_table(backends)) for _ in range(5))
-    # A few ms on a slow VM; generous bound so a busy CI machine does not flake.
-    assert best < 0.05, f"{best * 1e3:.1f} ms"
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t

@@ -189,6 +189,107 @@ def test_the_files_source_and_the_store_keep_one_packed_copy_of_each_object(tmp_
     assert src.scan_once(store) is False
 
 
+def test_an_allocated_service_is_kept_as_changes_over_the_files_version(tmp_path):
+    """The files source keeps each Service as its file says (packed) and hands the store the
+    allocated one: packed whole, the two copies took 10.5 MB at 20k services. The allocated
+    one is kept as its spec's changes over the file's bytes (memory.pack_over), which the
+    source holds anyway: the same bytes object, and an Over of about 130 bytes."""
+    from kpr.allocator import Allocator
+    from kpr.config import PortRange
+    from kpr.sources.files import FilesSource
+
+    d = tmp_path / "services.d"
+    d.mkdir()
+    plain = service(1)
+    del plain["spec"]["clusterIP"]  # allocated: ClusterIP, clusterIPs, families, policy
+    (d / "a.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [plain, service(2, node_port=True), endpoint_slice(1)]}))
+    store = ObjectStore(NODE, NullPublisher(), cluster_cidrs=["10.96.0.0/12"])
+    src = FilesSource(d, Allocator(tmp_path / "alloc.json", ["10.96.0.0/12"], PortRange(first=30000, last=32767)))
+    src.scan_once(store)
+    assert len(store.services) == 2 and not store.errors
+    for name in ("svc1", "svc2"):
+        ref = ("Service", f"ns{name[-1]}", name)
+        kept = store._objects[ref]
+        assert type(kept) is memory.Over and src._sent[ref] is kept
+        assert kept.base is src._files["a.json"].objects[ref], "the file's bytes, not a copy"
+        allocated = store.object(ref)
+        assert allocated["spec"]["clusterIPs"] == [allocated["spec"]["clusterIP"]] and allocated["spec"]["ipFamilies"] == ["IPv4"]
+        assert sys.getsizeof(kept) + sys.getsizeof(kept.values) < len(memory.pack(allocated)) / 2
+    # read again unchanged: nothing is sent (the Overs compare equal), and the file's objects
+    # stay the bytes the store's Overs and slices hold (else two copies after any edit)
+    (d / "a.json").touch()
+    src._files["a.json"].sig = (0, 0, 0)
+    assert src.scan_once(store) is False
+    for ref in [("Service", "ns1", "svc1"), ("Service", "ns2", "svc2"), ("EndpointSlice", "ns1", "svc1-abcde")]:
+        kept = store._objects[ref]
+        assert getattr(kept, "base", kept) is src._files["a.json"].objects[ref], ref
+
+
+def test_the_pass_keeps_no_service_reading_once_the_store_has_translated(tmp_path):
+    """What validation read of each object (translate.remember_checked) lives until the store
+    translates it, not until the pass ends: a Service's reading left under the file's bytes
+    once allocation made its Over (650 bytes each, 13 MB at 20k services) was freed only after
+    the store had made the model, as holes nothing filled (about 4 MB of RSS in-process)."""
+    from kpr.allocator import Allocator
+    from kpr.config import PortRange
+    from kpr.sources.files import FilesSource
+
+    d = tmp_path / "services.d"
+    d.mkdir()
+    plain = service(3)
+    del plain["spec"]["clusterIP"]  # allocated: its reading does not hold for the allocated one
+    items = [service(1), service(2, node_port=True), plain] + [endpoint_slice(i) for i in (1, 2, 3)]
+    (d / "a.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    store = ObjectStore(NODE, NullPublisher(), cluster_cidrs=["10.96.0.0/12"])
+    left: list[int] = []
+
+    class Sink:
+        def apply(self, upserts, deletes):
+            # The two explicit ClusterIPs' readings hold for the allocated Services; the
+            # allocated one's does not (the store reads it again); the slices' do.
+            sent = {id(o) for o in upserts}
+            assert len(translate._checked) == 5 and all(id(k) in sent for k in translate._checked), \
+                "a reading is kept only under what the store is handed"
+            store.apply(upserts, deletes)
+            left.append(len(translate._checked))  # still inside the pass
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+    src = FilesSource(d, Allocator(tmp_path / "alloc.json", ["10.96.0.0/12"], PortRange(first=30000, last=32767)))
+    src.scan_once(Sink())
+    assert len(store.services) == 3 and not store.errors
+    assert left == [0], f"{left[0]} readings held past translation"
+
+
+def test_pack_over_gives_back_the_object_in_order_or_packs_it_whole():
+    before = service(3)
+    base = memory.pack(before)
+    after = {**before, "spec": {**before["spec"], "clusterIP": "10.96.9.9", "clusterIPs": ["10.96.9.9"], "ipFamilies": ["IPv4"]}}
+    over = memory.pack_over(base, before, after)
+    assert type(over) is memory.Over and over.keys == ("clusterIP", "clusterIPs", "ipFamilies")
+    back = memory.unpack(over)
+    assert back == after and json.dumps(back) == json.dumps(after), "the same keys in the same order"
+    assert memory.unpack(over) is not back and memory.pack(over) is over
+    again = memory.pack_over(memory.pack(before), before, after)
+    assert again is not over and memory.same(over, again) and memory.same(over, memory.pack(after))
+    assert not memory.same(over, memory.pack_over(base, before, {**after, "spec": {**after["spec"], "ipFamilies": ["IPv6"]}}))
+    assert memory.is_packed(over) and memory.is_packed(base) and not memory.is_packed(after)
+    # anything but new or changed spec fields in place is packed whole
+    spec = dict(before["spec"])
+    del spec["selector"]
+    reordered = {"ports": before["spec"]["ports"], **before["spec"]}
+    for whole in (
+        {**before, "spec": spec},  # a field removed
+        {**before, "spec": reordered},  # another order
+        {**before, "metadata": {**before["metadata"]}, "spec": after["spec"]},  # another top-level object
+        {**before, "status": {}, "spec": after["spec"]},  # a top-level field added
+        before,  # nothing changed: what the source sends is then the file's bytes themselves
+    ):
+        kept = memory.pack_over(base, before, whole)
+        assert type(kept) is bytes and memory.unpack(kept) == whole
+
+
 def test_pack_keeps_what_marshal_cannot_hold_as_it_is_and_same_compares_by_value():
     import datetime
 
@@ -274,6 +375,34 @@ def test_a_paused_batch_that_leaves_many_objects_freezes_them():
         assert gc.get_freeze_count() == 0 and gc.isenabled()
         batch(memory.FREEZE_AFTER + 1000)
         assert gc.get_freeze_count() > memory.FREEZE_AFTER and gc.isenabled()
+    finally:
+        gc.unfreeze()
+
+
+def test_a_paused_batch_that_also_frees_older_objects_freezes_what_it_leaves():
+    """The collector's count is allocations less deallocations of any generation: a batch
+    that frees as many frozen objects (an agent's first pass after the read-ahead) as it
+    leaves new ones counts about zero, yet leaves them all to the next collections."""
+    n = memory.FREEZE_AFTER + 1000
+    older = [[i] for i in range(n)]
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()  # as the read-ahead's batch ended
+    kept = []
+
+    @memory.gc_paused
+    def batch() -> None:
+        kept.extend([i] for i in range(n))
+        older.clear()  # freed: each one counts down the youngest generation
+
+    try:
+        frozen = gc.get_freeze_count()
+        batch()
+        assert len(gc.get_objects(0)) < memory.FREEZE_AFTER
+        # What the batch left is frozen: in no generation the collector walks. (Not by the
+        # freeze count: threads an earlier test left, finishing now, free frozen objects too.)
+        walked = set(map(id, gc.get_objects()))
+        assert frozen and not any(id(k) in walked for k in kept)
     finally:
         gc.unfreeze()
 
@@ -394,11 +523,13 @@ def test_store_bytes_per_service_are_bounded():
     Measured in a fresh interpreter: in the suite's process the tests before it left
     process-wide tables (interned strings, caches) at sizes whose next resize could fall in
     the window (6.3 KB alone, 7.2 KB after tests/test_agent.py, 8.2 KB in a full CI run).
-    4.6 KB now, the same in every run (5.3 KB with slices packed but not compressed, 6.8 KB
-    while translation cached every endpoint address it parsed); 6.9 KB when first packed,
-    12.9 KB when the store kept the objects compacted, 15.3 KB before that. The bound leaves
-    room for the model or the store's indexes to grow a little, not for keeping the objects'
-    dicts, nor an address cache, nor slices uncompressed."""
+    3.7 KB now, the same in every run, with each backend one packed bytes object (4.6 KB with
+    backends as dataclasses holding json's address strings, 5.3 KB with slices packed but not
+    compressed, 6.8 KB while translation cached every endpoint address it parsed); 6.9 KB
+    when first packed, 12.9 KB when the store kept the objects compacted, 15.3 KB before
+    that. The bound leaves room for the model or the store's indexes to grow a little, not
+    for backends as dataclasses, nor keeping the objects' dicts, an address cache, or slices
+    uncompressed."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_memory; "
         "print(test_memory._store_bytes_per_service())"
@@ -407,7 +538,35 @@ def test_store_bytes_per_service_are_bounded():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     per_service = float(out.stdout.strip().splitlines()[-1])
-    assert per_service < 5100, f"{per_service:.0f} bytes per service"
+    assert per_service < 4000, f"{per_service:.0f} bytes per service"
+
+
+def test_a_checked_slice_keeps_its_endpoints_in_columns():
+    """What validation keeps of an EndpointSlice lives until the store translates it, in a
+    full sync every slice's at once. With ten endpoints a slice 69 bytes per endpoint, of
+    which 8 are the endpoint's (address, place and state in one u64 of an array) and the
+    rest the slice's (its ref, key, ports, the array); 94 bytes with node name and zone
+    references in two tuples, 236 bytes when an endpoint was a tuple, an int and json's
+    address string (35 MB more at 200k endpoints, freed in holes only after the pass)."""
+    texts = [json.dumps(endpoint_slice(i)) for i in range(500)]
+    translate.validate_object(json.loads(texts[0]))  # anything made once
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = []
+        for text in texts:
+            obj = json.loads(text)
+            kept.append(translate.validate_object(obj))
+            del obj
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert all(k is not None and k.texts is None for k in kept)
+    assert kept[1].endpoints[0][0] == "10.244.0.11"  # the address, printed when asked
+    per_endpoint = held / (500 * 10)
+    assert per_endpoint < 90, f"{per_endpoint:.0f} bytes per endpoint"
 
 
 def test_service_map_writer_groups_bytes_per_service_are_bounded():
@@ -442,3 +601,63 @@ def test_service_map_writer_groups_bytes_per_service_are_bounded():
     assert sum(len(g.slot_vals) for g in desired.values()) == 10 * n * 8
     per_service = held / n
     assert per_service < 2600, f"{per_service:.0f} bytes per service"
+
+
+def test_allocator_bytes_per_service_are_bounded(tmp_path):
+    """2k ClusterIP services, half with the ClusterIP written in the manifest: what the
+    allocator keeps per service (its record, the key and ClusterIP strings, its two
+    indexes). About 216 bytes with a record's one ClusterIP kept as its string, a shared empty
+    mapping for no nodePorts and the explicit claims as a bit mask over the record's claims;
+    264 with the ClusterIPs in a tuple of one; 316 with the
+    explicit claims as a tuple of claim tuples (112 bytes per explicit ClusterIP); 468 when
+    every record also kept its own list of ClusterIPs, dict of nodePorts and list of
+    LoadBalancer addresses (empty for most). The bound fails either of those."""
+    from kpr.allocator import Allocator
+    from kpr.config import PortRange
+
+    n = 2000
+    allocator = Allocator(tmp_path / "alloc.json", ["10.96.0.0/12"], PortRange(first=30000, last=32767))
+    # half of them with the ClusterIP written in the manifest (an explicit claim to mark)
+    services = [{"metadata": {"namespace": "ns", "name": f"svc-{i:05d}"},
+                 "spec": {"ports": [{"port": 80, "protocol": "TCP"}],
+                          **({"clusterIP": f"10.100.{i // 250}.{i % 250 + 1}"} if i % 2 else {})}} for i in range(n)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for s in services:
+            allocator.allocate(s)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(allocator.keys()) == n
+    per_service = held / n
+    assert per_service < 240, f"{per_service:.0f} bytes per service"
+
+
+def test_the_writers_full_sync_reads_backend_addresses_from_their_bytes():
+    """The kpr_backend keys of a full sync are made from each Backend's packed address (no
+    address text printed and parsed back: 200k strings alive at once at 20k services), the
+    same keys as from the text, for IPv4, IPv6 and the general form alike."""
+    from kpr.model import Backend, Protocol
+    from kpr.servicemaps import bulk
+
+    def from_text(flat, port):
+        return bulk._keys([b.address for b in flat], [bulk._tail(port, Protocol.TCP)] * len(flat))
+
+    n = 20000
+    flat = [Backend(f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}", 8080, node_name="node1") for i in range(n)]
+    mixed = flat[:3] + [Backend("fd00::1", 8080), Backend("10.0.0.1", 8080, node_name="n" * 300)]
+    for backends in (flat, mixed):
+        assert bulk._backend_keys(backends, [8080] * len(backends), [Protocol.TCP], [len(backends)]) == from_text(backends, 8080)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        keys = bulk._backend_keys(flat, [8080] * n, [Protocol.TCP], [n])
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(keys) == n
+    # The keys and their list are what is kept; the address strings were as much again.
+    assert peak < 1.3 * held, f"peak {peak} for {held} kept"

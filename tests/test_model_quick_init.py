@@ -1,4 +1,5 @@
-"""The model's dataclasses built by model._quick_init behave as dataclass's own __init__ would."""
+"""The model's dataclasses built by model._quick_init behave as dataclass's own __init__ would.
+(Backend is packed bytes, not a dataclass: tests/test_model_backend.py.)"""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import pickle
 
 import pytest
 
-from kpr.model import Backend, BackendState, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 
 # Arguments for every field, none of them equal to its default.
 FULL = {
-    Backend: dict(address="10.0.0.1", port=80, state=BackendState.TERMINATING, node_name="n1", local=True, zone="z1"),
     ServiceKey: dict(namespace="ns", name="svc"),
     Frontend: dict(
         type=FrontendType.NODE_PORT, address="10.96.0.1", port=30080, protocol=Protocol.UDP,

@@ -79,3 +79,56 @@ def test_two_services_claiming_one_frontend_mode() -> None:
     assert ch is not None and ch.modes_set == {("203.0.113.1", 80, 6): "snat"}
     ch = book.put(ServiceKey("default", "b"), None)
     assert ch is not None and ch.modes_set == {("203.0.113.1", 80, 6): "dsr"} and not ch.modes_removed
+
+
+def _state(frontends: dict, nodeports: dict | None = None) -> "SvcState":
+    from kpr.nodeport.services import SvcState
+
+    return SvcState(frontends, nodeports or {}, frozenset(), {}, 0, 0, False)
+
+
+def test_allowed_never_sees_a_service_half_updated() -> None:
+    """The collector's thread asks allowed() while the facility's thread updates services (the
+    initial burst overlaps the collector's first pass, which runs at once). A frontend whose
+    owner is being updated must read as before or after, never as its owner's entries half
+    removed: then a ClusterIP frontend on a port some NodePort also uses fell back to that
+    NodePort's backends, and its live flows were judged stale and cleared."""
+    import sys
+    import threading
+
+    port, tcp = M.htons(30080), 6
+    fe = (bytes(10) + b"\xff\xff" + bytes([10, 96, 0, 1]), port, tcp)
+    a, b, other = (b"\x0a" * 16, 8080), (b"\x0b" * 16, 8080), (b"\x0c" * 16, 8080)
+    book = ServiceBook()
+    book.put(ServiceKey("default", "np"), _state({}, {(port, tcp): frozenset({other})}))
+    states = [_state({fe: frozenset({a})}), _state({fe: frozenset({a, b})})]
+    key = ServiceKey("default", "vip")
+    book.put(key, states[0])
+    wrong: list = []
+    stop = threading.Event()
+
+    def collector() -> None:
+        while not stop.is_set():
+            try:
+                got = book.allowed(*fe)
+            except RuntimeError as e:  # "dictionary changed size during iteration"
+                wrong.append(e)
+                continue
+            if got is not None and a not in got:
+                wrong.append(got)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    t = threading.Thread(target=collector)
+    t.start()
+    try:
+        for i in range(20000):
+            book.put(key, states[(i + 1) % 2])
+            if len(wrong) >= 5:
+                break
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    assert not wrong, f"allowed() saw {len(wrong)} half-updated answers, e.g. {wrong[0]!r}"
+

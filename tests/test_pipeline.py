@@ -337,3 +337,31 @@ def test_the_real_writer_holds_everything_back_until_its_initial_state_is_writte
     assert rec.calls == [] and not bus.synced() and not writer.initial_written
     assert "not open" in writer.sync_error, "the initial sync was tried, and failed"
     assert bus.stage.pending_count() == 3, "held: upsert, node, sync"
+
+
+def test_the_stage_counts_what_it_hands_on_per_kind():
+    from kpr.metrics import Metrics
+
+    m = Metrics()
+    writer = ScriptedWriter(written=False)  # the initial state held back, then handed on at once
+    bus = EventBus(backoff=Backoff(initial=0.01, maximum=0.05), on_event=m.on_event)
+    bus.set_writer("servicemaps", writer)
+    plugin = Plugin(writer)
+    bus.add_plugin("a", plugin)
+    bus.start()
+    try:
+        for i in range(50):
+            bus.upsert(svc(f"s{i}"))
+        bus.delete(ServiceKey("default", "gone"))
+        bus.sync_complete()
+        wait_for(lambda: bus.synced() and bus.stage.stats.synced, 10, "the initial state handed on")
+        wait_for(lambda: bus.wait_idle(0), 10, "the plugin's worker idle")
+    finally:
+        bus.stop()
+
+    def count(name, event):
+        return m.registry.get_sample_value("kpr_events_handled_total", {"plugin": name, "event": event, "result": "ok"})
+
+    assert bus.stage.stats.delivered == 52
+    assert (count("servicemaps", "upsert"), count("servicemaps", "delete"), count("servicemaps", "sync")) == (50, 1, 1)
+    assert (count("a", "upsert"), count("a", "delete"), count("a", "sync")) == (50, 1, 1)

@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import pluggy
 import pydantic
 import pytest
 
@@ -177,3 +179,59 @@ def test_no_facility_without_a_plugin_that_needs_it():
     cfg = parse_config("plugins: {a: {enabled: false}}")
     kpm = build_plugin_manager(cfg, discovered=found(a=NeedsMaps), facilities={"servicemaps": lambda c: 1 / 0})
     assert kpm.handles == []
+
+
+class Hooks:
+    """Implementations pluggy calls in different ways: a subset of the spec's arguments, a
+    spec default, a keyword default of its own, a value or None, a wrapper."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def kpr_service_upsert(self, service):  # no generation: the spec's other argument
+        self.seen.append(("upsert", service))
+
+    @hookimpl
+    def kpr_sync_complete(self, generation):  # the spec's default when the call omits it
+        self.seen.append(("sync", generation))
+
+    @hookimpl
+    def kpr_service_delete(self, key, generation=7):
+        self.seen.append(("delete", key, generation))
+
+    @hookimpl
+    def kpr_status(self):
+        return "st"
+
+    @hookimpl(wrapper=True)
+    def kpr_node_changed(self, node):
+        self.seen.append(("node", node))
+        return (yield)
+
+
+def test_a_handle_calls_its_plugin_as_pluggy_does():
+    cfg = parse_config("plugins: {a: {enabled: true}}")
+    answers = []
+    for direct in (True, False):
+        kpm = build_plugin_manager(cfg, discovered=found(a=Hooks))
+        h = kpm.handle("a")
+        if not direct:  # pluggy's own subset caller, as the handle used before
+            others = [p for p in kpm.pm.get_plugins() if p is not h.plugin]
+            h._callers = {n: kpm.pm.subset_hook_caller(n, remove_plugins=others) for n in (
+                "kpr_service_upsert", "kpr_sync_complete", "kpr_service_delete", "kpr_status", "kpr_node_changed")}
+        got = [
+            h.call("kpr_service_upsert", service="s", generation=3),
+            h.call("kpr_sync_complete"),
+            h.call("kpr_service_delete", key="k", generation=2),
+            h.call("kpr_service_delete", key="k"),
+            h.call("kpr_status"),
+            h.call("kpr_node_changed", node="n"),
+        ]
+        with pytest.raises(pluggy.HookCallError, match="must provide argument 'service'"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pluggy's own caller warns first
+            h.call("kpr_service_upsert", generation=1)
+        answers.append((got, h.plugin.seen))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == [[], [], [], [], ["st"], []]
+    assert answers[0][1] == [("upsert", "s"), ("sync", 0), ("delete", "k", 2), ("delete", "k", 0), ("node", "n")]

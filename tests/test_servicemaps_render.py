@@ -213,3 +213,20 @@ def test_rendered_slots_maglev_and_values_carry_the_generation(general):
     assert sorted(words[0::2]) == [2, 2 << 24 | 1]
     assert sorted(bid for _, bid in g.maglev[0]) == [2, 2 << 24 | 1]
     assert M.backend_gen(w._pending_vals[1]) == 2 and M.backend_gen(w._pending_vals[2]) == 0
+
+
+def test_usual_slot_values_are_not_kept_but_made_again_equal():
+    """A group whose slots are its order's ids, every one active, of generation 0 keeps no
+    slot values (_Group.slot_vals makes them again: the same bytes); one whose ids carry a
+    generation keeps them (made again from its order, they would lose it)."""
+    svc = Service(ServiceKey("t", "usual"), (Frontend(FrontendType.CLUSTER_IP, "10.96.9.2", 80, Protocol.TCP,
+                                                      (Backend("10.1.9.4", 80), Backend("10.1.9.3", 80))),))
+    w = _writer()
+    g, = w._render(svc).values()
+    assert g._sv is None and g.n_slots == 2
+    assert g.slot_vals == M.SLOT.pack(1, M.BACKEND_ACTIVE) + M.SLOT.pack(2, M.BACKEND_ACTIVE)
+    assert g.same_slots(g) and g.backends == (1, 2)
+    w = _writer()
+    w._set_gens({2: 1})
+    g, = w._render(svc).values()
+    assert g._sv is not None and g.slot_vals == M.SLOT.pack(1, M.BACKEND_ACTIVE) + M.SLOT.pack(1 << 24 | 2, M.BACKEND_ACTIVE)

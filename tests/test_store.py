@@ -488,3 +488,15 @@ def test_two_services_claiming_one_address_both_follow_its_listing() -> None:
     store.apply([], [ref(service("b"))])
     store.apply([], [ref(endpoint_slice("db"))])
     assert store._claims == {"10.96.0.9": a}
+
+
+def test_a_published_service_has_the_stores_own_key() -> None:
+    """One ServiceKey per service: the model's is the one the store keys it by, not a copy
+    made by translation (20k services held 20k more)."""
+    store, pub = make(cluster_cidrs=["10.96.0.0/16"])
+    store.apply([service("web", "10.96.0.10"), endpoint_slice("web", "10.244.1.5")], [])
+    (key,) = store.services
+    assert pub.services[WEB].key is key
+    assert store.services[key].key is key
+    # the ClusterIP's claim holds the same object, not one made for the index
+    assert store._claims["10.96.0.10"] is key

@@ -12,6 +12,7 @@ from kpr.nodeport import gc as G
 from kpr.pluginmanager import build_plugin_manager
 from kpr.plugins.tc_nodeport import datapath as D
 from kpr.plugins.tc_nodeport.config import TcNodePortConfig
+from kpr.testing.standin_maps import DictMap
 from kpr.nodeport.services import MODE_ANNOTATION, service_state
 
 
@@ -104,16 +105,7 @@ def test_mode_annotation() -> None:
 # ---------------------------------------------------------------------- collector on fake maps
 
 
-class FakeMap:
-    def __init__(self, items: dict[bytes, bytes] | None = None) -> None:
-        self.d = dict(items or {})
-
-    def items(self) -> list[tuple[bytes, bytes]]:
-        return list(self.d.items())
-
-    def delete_many(self, keys: list[bytes]) -> None:
-        for k in keys:
-            self.d.pop(k, None)
+FakeMap = DictMap
 
 
 A = M.addr_to_bytes
@@ -206,6 +198,23 @@ def test_established_tcp_lives_six_hours_a_syn_only_one_a_minute(monkeypatch: py
     assert _collector(maps, None).run().ct_expired == 1
 
 
+def test_passes_judge_no_flow_stale_before_the_services_are_all_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first pass runs at once, in the initial burst of services: against a book still
+    filling, a frontend two services share had only the first one's backends (the other's UDP
+    flows judged stale and cleared). Until `ready()` (the facility: the initial sync complete)
+    a periodic pass judges no flow stale; a pass asked for (a change's purge, the sync's end)
+    does, and so does every pass once ready."""
+    now = 10**15
+    monkeypatch.setattr(G, "now_ns", lambda: now)
+    other = frozenset({(A("10.244.2.12"), P(8080))})
+    synced = False
+    for stale_only, ready, want in ((False, False, 0), (True, False, 1), (False, True, 1)):
+        synced = ready
+        maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now)
+        c = G.Collector(maps, lambda a, p, pr: other, lambda: {NODE}, 1.0, ready=lambda: synced)  # type: ignore[arg-type]
+        assert c.run(stale_only=stale_only).stale == want, (stale_only, ready)
+
+
 def test_stale_udp_flow_is_cleared_even_when_young(monkeypatch: pytest.MonkeyPatch) -> None:
     now = 10**15
     monkeypatch.setattr(G, "now_ns", lambda: now)
@@ -252,35 +261,24 @@ def test_collector_thread_leaves_quietly_once_its_maps_are_closed(caplog: pytest
     c.stop()
 
 
-class SlotMap(FakeMap):
-    """kpr_snat_ports as the collector uses it: an array (every slot there, zero when free)."""
-
-    def lookup(self, k: bytes) -> bytes | None:
-        return self.d.get(k)
-
-    def update(self, k: bytes, v: bytes) -> None:
-        self.d[k] = v
-
-
-def test_old_reverse_entries_are_adopted_only_while_a_build_hands_out_slots() -> None:
-    """The collector copies kpr_snat reverse entries into free kpr_snat_ports slots so a build
-    with KPR_SNAT_PORT_TABLE gives no new flow an old flow's port; while no build hands out slots
-    (the table is off by default) it copies nothing (a dump and a lookup per flow each pass)."""
+def test_collector_thread_passes_at_once_then_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A started collector's first pass is at once, not an interval later: nothing frees SNAT
+    ports while no agent runs, and agents restarted within an interval of each other (a crash
+    loop, a burst of restarts) would otherwise never pass at all; in bench_restart.py such a
+    run refused NodePort flows for want of ports (SNAT range full of closed flows)."""
     import time
 
-    from kpr.nodeport import datapath as ND
-
-    now = time.monotonic_ns()
-    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now)
-    mine = M.U32.pack(ND.snat_port_slot(17, BE, 62000))
-    other = M.U32.pack(ND.snat_port_slot(17, BE, 62001))
-    zero = bytes(ND.SNAT_PORT.size)
-    ports = SlotMap({mine: zero, other: zero})
-    maps[ND.SNAT_PORTS_MAP] = ports  # type: ignore[assignment]
-    col = _collector(maps, None)
-    col.run()
-    assert ports.d[mine] == zero, "adopted while no build hands out slots"
-    # a build with the table gave a slot to another flow (live: just stamped)
-    ports.d[other] = ND.SNAT_PORT.pack(now, A("192.0.2.9"), P(6000), P(80), P(8080), 17, 0, FE, BE, NODE)
-    col.run()
-    assert ND.SNAT_PORT.unpack(ports.d[mine])[1:4] == (CLIENT, P(5000), P(80))
+    now = 10**15
+    monkeypatch.setattr(G, "now_ns", lambda: now)
+    maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now - 61 * 10**9)
+    c = G.Collector(maps, lambda a, p, pr: None, lambda: {NODE}, 3600.0)  # type: ignore[arg-type]
+    c.start()
+    try:
+        deadline = time.monotonic() + 10
+        while c.totals.runs == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.totals.runs == 1 and maps["kpr_snat"].d == {}, "the expired flow's port freed by the first pass"
+        time.sleep(0.2)
+        assert c.totals.runs == 1, "the next pass an interval later"
+    finally:
+        c.stop()

@@ -308,6 +308,28 @@ class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
+class ProgTestRunOpts(ctypes.Structure):
+    # struct bpf_test_run_opts (libbpf 1.x bpf.h); `sz` tells libbpf which fields we know.
+    # Filled by kpr.testing.prog_run for BPF_PROG_TEST_RUN.
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
 class MapInfo(ctypes.Structure):
     # struct bpf_map_info (uapi), the fields up to map_extra.
     _fields_ = [
@@ -348,6 +370,33 @@ class ProgInfo(ctypes.Structure):
     ]
 
 
+class ProgLoadOpts(ctypes.Structure):
+    # struct bpf_prog_load_opts (libbpf 1.1 bpf.h, up to log_buf); `sz` tells libbpf which
+    # fields we know. Filled by kpr.bpf.probes' raw helper probe.
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_uint32),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+        ("fd_array", ctypes.c_void_p),
+        ("func_info", ctypes.c_void_p),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_void_p),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_void_p),
+    ]
+
+
 _c_int, _c_u32, _vp, _cp = ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_char_p
 _pu32 = ctypes.POINTER(ctypes.c_uint32)
 
@@ -367,6 +416,9 @@ _SIGNATURES = {
     "bpf_prog_get_fd_by_id": [_c_u32],
     "bpf_prog_detach2": [_c_int, _c_int, _c_int],
     "bpf_prog_query": [_c_int, _c_int, _c_u32, _pu32, _pu32, _pu32],
+    "bpf_prog_test_run_opts": [_c_int, ctypes.POINTER(ProgTestRunOpts)],
+    # the program's fd, or -errno
+    "bpf_prog_load": [_c_int, _cp, _cp, _vp, ctypes.c_size_t, ctypes.POINTER(ProgLoadOpts)],
 }
 
 
@@ -674,6 +726,10 @@ class BpfMap:
             return self._items_one_by_one()
         lib = libbpf()
         ks, vs = self.key_size, self.value_size
+        # At most about 1 MB of values a batch: buffers are zeroed when made, and a registry
+        # of 1 KB records read 8192 at a time made and copied 16 MB per call (socklb's start
+        # reads kpr_attach once per hook it records).
+        chunk = max(16, min(chunk, (1 << 20) // max(vs, 1)))
         # The batch cursor is opaque; hash maps use a bucket index, others may use a key.
         token_size = max(ks, 8)
         in_tok = ctypes.create_string_buffer(token_size)
@@ -697,7 +753,8 @@ class BpfMap:
             if rc < 0 and -rc != errno_mod.ENOENT:
                 _check(rc, f"lookup_batch in {self.name}")
             n = count.value
-            kraw, vraw = kbuf.raw, vbuf.raw
+            # only the entries returned (.raw copies the whole buffer)
+            kraw, vraw = ctypes.string_at(kbuf, n * ks), ctypes.string_at(vbuf, n * vs)
             out.extend((kraw[i * ks : (i + 1) * ks], vraw[i * vs : (i + 1) * vs]) for i in range(n))
             if rc < 0:  # ENOENT: that was the last batch
                 return out

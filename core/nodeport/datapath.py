@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import secrets
 import struct
 from collections.abc import Iterable, Mapping
@@ -60,15 +59,26 @@ def _fwd_names() -> dict[int, str]:
     """kpr_np_fwd slot -> counter name, from the KPR_NP_FWD_* defines (one definition):
     fwd_<reason> for how packets left or why they were given up on, egress_<kind> per
     KPR_DEV_* kind of egress device."""
-    names = {slot: f"fwd_{reason.lower()}" for reason, slot in abi.group("KPR_NP_FWD_", exclude=("BY_KIND", "MAX")).items()}
+    skip = ("BY_KIND", "CACHED_BY_KIND", "MAX")
+    names = {slot: f"fwd_{reason.lower()}" for reason, slot in abi.group("KPR_NP_FWD_", exclude=skip).items()}
     base = abi.value("KPR_NP_FWD_BY_KIND")
     names.update({base + k.value: f"egress_{k.name.lower()}" for k in DevKind})
     return names
 
 
+def _fwd_cached_slots() -> dict[int, str]:
+    """kpr_np_fwd slot -> the egress_<kind> it adds to: KPR_NP_FWD_CACHED_BY_KIND + kind counts
+    a redirect to a cached next hop out of a device of that kind, the programs' one increment
+    for what the reader reports as fwd_redirect, egress_<kind> and fwd_nh_cached (issue 14)."""
+    base = abi.value("KPR_NP_FWD_CACHED_BY_KIND")
+    return {base + k.value: f"egress_{k.name.lower()}" for k in DevKind}
+
+
 NODEPORT_H = BPF_DIR / "lib" / "nodeport.h"
 # kpr_np_fwd slots: how packets left, by reason and by egress device kind.
 FWD_STATS = _fwd_names()
+FWD_CACHED = _fwd_cached_slots()  # not reported themselves: stats() adds them into FWD_STATS names
+FWD_SLOTS = abi.value("KPR_NP_FWD_MAX")  # kpr_np_fwd's max_entries (a smaller pin is replaced)
 DROP_STATS = tuple(s for s in STATS if s.startswith("drop_")) + tuple(
     n for n in FWD_STATS.values() if n.startswith("fwd_drop_")
 )
@@ -99,10 +109,6 @@ _PORT_PROTO_BASE = {6: 0, 17: 1024}
 CT_KEY = abi.packer("kpr_ct_key")  # saddr, daddr, sport, dport, proto, dir, pad
 CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, tcp_flags, pad, nat_port, pad2, nat_addr
 NAT_ENTRY = abi.packer("kpr_nat_entry")  # addr, port, fe_port, pad2, created, fe_addr
-# stamp, addr, port, fe_port, be_port, proto, pad, fe_addr, be_addr, nat_addr
-SNAT_PORT = abi.packer("kpr_snat_port")
-SNAT_PORTS_MAP = "kpr_snat_ports"  # lib/nat.h KPR_SNAT_PORT_TABLE: reply sides of SNAT flows by port
-SNAT_PORT_BUCKETS, SNAT_PORT_SPAN = abi.value("KPR_SNAT_PORT_BUCKETS"), abi.value("KPR_SNAT_PORT_SPAN")
 NP_REV = abi.packer("kpr_np_rev")  # addr, port, flags, pad, last_seen
 NP_FE_KEY = abi.packer("kpr_np_fe_key", skip=("pad",))  # addr, port, proto
 NP_FE = abi.packer("kpr_np_fe", skip=("pad",))  # mode
@@ -118,26 +124,6 @@ REV_F_DSR, REV_F_CLOSING = abi.value("KPR_NP_REV_F_DSR"), abi.value("KPR_NP_REV_
 SNAT_PORT_MIN, SNAT_PORT_MAX = abi.value("KPR_SNAT_PORT_MIN"), abi.value("KPR_SNAT_PORT_MAX")  # lib/nat.h defaults
 
 _ZERO16 = bytes(16)
-
-
-def possible_cpus() -> int:
-    """How many CPUs the kernel may run programs on (/sys/devices/system/cpu/possible, "0-3"):
-    lib/nat.h KPR_SNAT_CPUS, each CPU allocating SNAT ports from its own share of the range."""
-    try:
-        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
-
-
-def snat_port_slot(proto: int, backend16: bytes, port: int) -> int:
-    """lib/nat.h KPR_SNAT_PORT_SLOT(kpr_snat_port_base(), port): the kpr_snat_ports slot of the
-    flow whose replies come from `backend16` (an address as the maps store it) to SNAT port `port`."""
-    w0, w1, w2, w3 = struct.unpack("=4I", backend16)
-    h = w0 ^ w1 ^ w2 ^ w3
-    h ^= h >> 16
-    h ^= h >> 8
-    return ((SNAT_PORT_BUCKETS if proto == 17 else 0) + (h & (SNAT_PORT_BUCKETS - 1))) * SNAT_PORT_SPAN + (port & (SNAT_PORT_SPAN - 1))
 
 
 def vip_hash(addr16: bytes) -> int:
@@ -266,7 +252,6 @@ class Datapath:
             f"-DKPR_NP_PEER={int(self.redirect_peer)}",
             f"-DKPR_SNAT_PORT_MIN={self.snat_ports[0]}",
             f"-DKPR_SNAT_PORT_MAX={self.snat_ports[1]}",
-            f"-DKPR_SNAT_CPUS={possible_cpus()}",
             f'-DKPR_NP_CALLS_PIN="{self.calls_pin}"',
             *self.extra_cflags,
         ]
@@ -301,6 +286,7 @@ class Datapath:
                         if m.id in used:
                             self.calls_pin = p.name
             else:
+                self.unpin_old_counters()
                 self.bpf = compile_and_load(text, cflags=self.cflags(), name=str(source))
                 self.build = "compiled"
                 for name in (*self.ENTRIES, *(c for c in self.CALLS if c)):
@@ -314,15 +300,6 @@ class Datapath:
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
             for name in (self.STATS_MAP, self.FWD_MAP, NH_MAP):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
-            if (self.pin / SNAT_PORTS_MAP).exists():  # every build reads the slots; an old pin set may lack them
-                self.maps[SNAT_PORTS_MAP] = M.BpfMap.open_pinned(self.pin / SNAT_PORTS_MAP)
-                # flows an earlier build began keep their ports, when this build hands out slots
-                if self.build == "compiled" and "-DKPR_SNAT_PORT_TABLE=1" in self.cflags():
-                    from .gc import adopt_reverse_entries
-
-                    adopted = adopt_reverse_entries(self.maps["kpr_snat"], self.maps[SNAT_PORTS_MAP])
-                    if adopted:
-                        log.info("event=nodeport_snat_slots_adopted slots=%d", adopted)
         except BaseException:
             self.close()
             raise
@@ -331,6 +308,24 @@ class Datapath:
             self.mode, self.conntrack_size, self.maglev_size, len(self.progs), self.build,
         )
         return self
+
+    def unpin_old_counters(self) -> bool:
+        """Unpin this build's kpr_np_fwd when an older kpr pinned it with fewer slots, so the
+        compile pins one of KPR_NP_FWD_MAX. bcc would adopt the old pin as it is, and every
+        increment past its end (the per-kind cached-send slots) would be lost without a word.
+        The counters restart from zero; programs still running keep the old map until they are
+        replaced."""
+        path = self.pin / self.FWD_MAP
+        try:
+            with M.BpfMap.open_pinned(path) as m:
+                slots = m.info().max_entries
+        except FileNotFoundError:
+            return False
+        if slots >= FWD_SLOTS:
+            return False
+        path.unlink()
+        log.warning("event=nodeport_counters_restarted map=%s max_entries_old=%d max_entries=%d", path, slots, FWD_SLOTS)
+        return True
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -375,8 +370,15 @@ class Datapath:
         if stats is None or fwd is None:
             return {}
         out = dict(zip(STATS, percpu.u64_sums(stats, len(STATS))))
-        sums = percpu.u64_sums(fwd, max(FWD_STATS) + 1)
+        sums = percpu.u64_sums(fwd, FWD_SLOTS)
         out.update({name: sums[i] for i, name in FWD_STATS.items()})
+        # the cached-next-hop sends, one slot per kind in the map: each was a redirect out of a
+        # device of that kind, from the cache (fwd_nh_cached is never written by the programs)
+        out["fwd_nh_cached"] = 0
+        for i, egress in FWD_CACHED.items():
+            out["fwd_nh_cached"] += sums[i]
+            out["fwd_redirect"] += sums[i]
+            out[egress] += sums[i]
         return out
 
     def own_sizes(self) -> dict[str, int]:

@@ -16,11 +16,6 @@ What belongs to whom:
               SNAT flow has one entry here, keyed by its reply tuple (client and frontend in
               it; its SNAT address and port are in its conntrack entry); flows a
               KPR_NP_SNAT_IN_CT=0 build made also have a forward entry (and a kpr_np_rev one).
-  kpr_snat_ports  slots by SNAT port (lib/nat.h KPR_SNAT_PORT_TABLE), each the reply side of
-              one SNAT flow (in place of its kpr_snat entry): live while their flow is, then
-              zeroed (the programs reuse a slot once its flow's conntrack entry is gone or
-              expired anyway; zeroing stops its replies being translated).
-
 A flow born between the dumps of two maps could look orphaned: entries younger than GRACE_NS
 are never collected for want of a partner.
 """
@@ -102,33 +97,16 @@ class PassResult:
     live: set[Flow] = field(default_factory=set)
 
 
-def adopt_reverse_entries(snat: M.BpfMap, ports: M.BpfMap) -> int:
-    """Give the kpr_snat reverse entries of SNAT flows a build without the port table began
-    (KPR_NP_SNAT_IN_CT layout: client and frontend in the entry) their kpr_snat_ports slots,
-    where a slot is free: the programs then see the port held (its flow's conntrack entry has
-    it) and give it to no new flow to the same backend bucket while the flow lives; unadopted,
-    a new flow could take it and get the old flow's replies. Returns the slots written."""
-    n = 0
-    for k, v in snat.items():
-        be, nat, bport, port, proto, direction, _ = D.CT_KEY.unpack(k)
-        client, cport, fport, _p2, created, fe = D.NAT_ENTRY.unpack(v)
-        if direction != D.CT_DIR_REPLY or not fport:
-            continue
-        key = M.U32.pack(D.snat_port_slot(proto, be, M.ntohs(port)))
-        raw = ports.lookup(key)
-        if raw is None or D.SNAT_PORT.unpack(raw)[0]:
-            continue  # out of the table, or taken
-        ports.update(key, D.SNAT_PORT.pack(created or 1, client, cport, fport, bport, proto, 0, fe, be, nat))
-        n += 1
-    return n
-
-
 class Collector:
     """One collector per plugin; `run()` is one pass, `start()` runs passes on a thread.
 
     `allowed(daddr16, dport_n, proto)` returns the backends the frontend may use now, or None
     when the frontend is unknown (then its flows are never judged stale).
     `snat_addrs()` returns this node's SNAT addresses (16-byte form).
+    `ready()`: whether `allowed` answers from every service; until then only passes asked for
+    (`stale_only`: a change's purge, the initial sync's end) judge flows stale. The first pass
+    runs at once, in the initial burst of services: a frontend two services share answered
+    with the one delivered so far, one not delivered yet with a NodePort on its port number.
     """
 
     def __init__(
@@ -138,8 +116,10 @@ class Collector:
         snat_addrs: Callable[[], set[bytes]],
         interval: float,
         after_pass: Callable[[], None] | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.maps = maps
+        self.ready = ready
         self.after_pass = after_pass
         self.allowed = allowed
         self.snat_addrs = snat_addrs
@@ -165,7 +145,13 @@ class Collector:
             self._thread = None
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        # The first pass at once, not an interval after start: nothing frees SNAT ports while no
+        # agent runs (their entries wait for a pass), so an agent that waited would leave a restart's
+        # downtime, its own start and one more interval uncollected, and agents restarted within an
+        # interval of each other (a crash loop, a burst of restarts) would never collect at all.
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = self.interval
             if not self.maps:
                 # The datapath closed its maps under us (a teardown whose stop() timed out
                 # waiting for a long pass, or an owner that never called stop()): there is
@@ -196,6 +182,9 @@ class Collector:
     def run(self, *, stale_only: bool = False, only: Callable[[bytes, int, int], bool] | None = None) -> PassResult:
         """One pass. `stale_only`: clear flows of removed backends only (no expiry), of the
         frontends `only(addr16, port_n, proto)` accepts (None: all)."""
+        return self._pass(stale_only, only)
+
+    def _pass(self, stale_only: bool, only: Callable[[bytes, int, int], bool] | None) -> PassResult:
         with self._lock:
             t0 = time.perf_counter()
             res = self._run(stale_only, only)
@@ -222,6 +211,7 @@ class Collector:
         dead_ct: list[bytes] = []
         gone: set[Flow] = set()  # flows cleared now whose partners go with them
         n_ct = 0
+        judge = stale_only or self.ready()  # staleness against every service, or asked for
         for k, v in ct.items():
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
             last_seen, bid, _rev_nat, flags = D.CT_ENTRY.unpack(v)[:4]
@@ -233,7 +223,7 @@ class Collector:
                     res.live.add((saddr, sport, proto, be[0], be[1]))
                 continue
             expired = not stale_only and now - last_seen > ct_timeout(flags, proto)
-            stale = proto != TCP and self._stale(daddr, dport, proto, be)
+            stale = proto != TCP and judge and self._stale(daddr, dport, proto, be)
             if expired or stale:
                 dead_ct.append(k)
                 if stale and not expired:
@@ -250,7 +240,6 @@ class Collector:
             ct.delete_many(dead_ct)
         self._rev_pass(res, now, stale_only, gone)
         self._snat_pass(res, now, stale_only, gone)
-        self._ports_pass(res, now, stale_only, gone)
         if not stale_only:
             self.totals.ct_entries = n_ct
         return res
@@ -328,34 +317,3 @@ class Collector:
             self.totals.snat_entries = n
         if dead:
             snat.delete_many(sorted(set(dead)))
-
-    def _ports_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
-        ports = self.maps.get(D.SNAT_PORTS_MAP)
-        if ports is None:
-            return
-        ours = self.snat_addrs()
-        dead: dict[bytes, bytes] = {}
-        n = 0
-        for k, v in ports.items():
-            stamp, client, cport, _fport, bport, proto, _pad, _fe, be, nat = D.SNAT_PORT.unpack(v)
-            if not stamp or nat not in ours:
-                continue
-            flow = (client, cport, proto, be, bport)
-            if flow in gone or (not stale_only and flow not in res.live and now - stamp >= GRACE_NS):
-                dead[k] = v
-            else:
-                n += 1
-        zero = bytes(D.SNAT_PORT.size)
-        for k, v in dead.items():
-            # only if unchanged since the dump: the program may have given the port to a new flow
-            if ports.lookup(k) == v:
-                ports.update(k, zero)
-                res.snat_freed += 1
-        if not stale_only:
-            self.totals.snat_entries += n
-            # what an earlier build began since the datapath's load adopted them; only while some
-            # build hands out slots (KPR_SNAT_PORT_TABLE, off by default): otherwise no new flow
-            # can take an old flow's port through the table, and the copy would be a dump of
-            # kpr_snat and a lookup per flow every pass for nothing
-            if n or dead:
-                adopt_reverse_entries(self.maps["kpr_snat"], ports)

@@ -8,6 +8,7 @@ only its own differences (`Change`): its cost does not grow with the number of s
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -125,6 +126,11 @@ class ServiceBook:
         self._vips: Counter[str] = Counter()
         # frontend -> the services naming its mode (the latest claim wins)
         self._modes: dict[ModeKey, dict[ServiceKey, str]] = {}
+        # The two frontend indexes are read by the collector's thread (allowed) while the
+        # facility's thread updates them: an update removes a service's entries before it adds
+        # its new ones, and a frontend read in between had no owner left (its backends read as
+        # none: every flow of it judged stale and cleared) or fell back to a NodePort on its port.
+        self._index_lock = threading.Lock()
 
     def ports(self) -> set[PortKey]:
         return set(self._ports)
@@ -171,6 +177,10 @@ class ServiceBook:
         return ch
 
     def _index(self, key: ServiceKey, old: SvcState | None, new: SvcState | None) -> None:
+        with self._index_lock:
+            self._index_locked(key, old, new)
+
+    def _index_locked(self, key: ServiceKey, old: SvcState | None, new: SvcState | None) -> None:
         for index, attr in ((self._fe_index, "frontends"), (self._np_index, "nodeports")):
             for k in getattr(old, attr) if old else {}:
                 owners = index.get(k)
@@ -182,13 +192,15 @@ class ServiceBook:
                 index.setdefault(k, {})[key] = bes
 
     def allowed(self, daddr: bytes, dport: int, proto: int) -> BackendSet | None:
-        """Backends flows to this frontend may use now (None: not a frontend known here)."""
-        owners = self._fe_index.get((daddr, dport, proto))
-        if owners is None:
-            owners = self._np_index.get((dport, proto))  # a NodePort dialled at any node address
-        if owners is None:
-            return None
-        return frozenset().union(*owners.values())
+        """Backends flows to this frontend may use now (None: not a frontend known here). Called
+        from the collector's thread: reads the indexes as one update left them, never halfway."""
+        with self._index_lock:
+            owners = self._fe_index.get((daddr, dport, proto))
+            if owners is None:
+                owners = self._np_index.get((dport, proto))  # a NodePort dialled at any node address
+            if owners is None:
+                return None
+            return frozenset().union(*owners.values())
 
 
 def _count(counter: Counter, gone: frozenset, came: frozenset, removed: set, added: set) -> None:

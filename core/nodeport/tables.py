@@ -10,8 +10,9 @@ they exist before any plugin loads its programs, and written here only.
   kpr_np_ports     the fast exit's bitmaps: frontend ports, announced-address bits
   kpr_np_nh        next hops the programs cache per backend; written here: the generation
                    (kpr.nexthops bumps it when routes or neighbours change)
-  kpr_snat_ports   reply sides of SNAT flows by SNAT port (lib/nat.h KPR_SNAT_PORT_TABLE;
-                   written by the programs, cleared by gc.py); a fixed size, whatever the range
+
+Pins of maps no kpr build uses any more (OBSOLETE_PINS) are removed as the tables open: the
+SNAT port table of issue 14 (kpr_snat_ports, 10 MiB) was dropped, never on by default.
 
 Per-service changes are written as differences (`apply`): a word of kpr_np_ports, a key of
 kpr_np_vip or kpr_np_fe at a time, from a mirror of the words, never by dumping a map.
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 _WORD = struct.Struct("=Q")
 _PORT_PROTO_BASE = {6: 0, 17: 1024}
+# maps an older kpr pinned that no build declares now (issue 14's SNAT port table)
+OBSOLETE_PINS = ("kpr_snat_ports", "kpr_snat_ports_used", "kpr_snat_cursor")
 
 
 def specs(rev_size: int) -> list[M.MapSpec]:
@@ -48,7 +51,6 @@ def specs(rev_size: int) -> list[M.MapSpec]:
         M.MapSpec(D.DEVKIND_MAP, M.BPF_MAP_TYPE_HASH, 4, 4, abi.value("KPR_NP_DEVKIND_MAX")),
         M.MapSpec(D.PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.VIP_BITS + 1024),
         M.MapSpec(D.NH_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.NP_NH.size, abi.value("KPR_NP_NH_MAX")),
-        M.MapSpec(D.SNAT_PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.SNAT_PORT.size, 2 * D.SNAT_PORT_BUCKETS * D.SNAT_PORT_SPAN),
     ]
 
 
@@ -89,6 +91,8 @@ class NodePortTables:
                 else:
                     created.append(spec.name)
                 self.maps[spec.name] = m
+            for name in OBSOLETE_PINS:  # an older kpr's; a program still attached keeps its own reference
+                (self.pin / name).unlink(missing_ok=True)
             ports = self.maps[D.PORTS_MAP]
             self._nwords = ports.info().max_entries
             # the words as the map holds them: later writes compare against this mirror

@@ -39,6 +39,8 @@ class ApplyMixin:
                 yield
             finally:
                 self._depth -= 1
+                if not self._depth:
+                    self._ids_added()
 
     def upsert(self, service: Service) -> None:
         """Make the maps hold exactly this service's desired state (touching only what changed)."""
@@ -48,7 +50,6 @@ class ApplyMixin:
             if key in self.refused and self._services.get(key) == service:
                 return  # still refused; tried again when entries are freed
             self._services[key] = service
-            self._delivered.add(key)
             self._begin()
             try:
                 desired = self._render(service)
@@ -87,7 +88,6 @@ class ApplyMixin:
             self._require_open()
             self._services.pop(key, None)
             self.refused.pop(key, None)
-            self._delivered.add(key)
             self._begin()
             fks = set(self._by_service.get(key, ()))
             self._apply({fk: self._groups.get(fk) for fk in fks}, {})
@@ -118,7 +118,6 @@ class ApplyMixin:
                 g.owner = None  # ownership is decided afresh, in key order
             self._by_service = {}
             self._services = dict(zip(map(_KEY, services), services))
-            self._delivered = set(self._services)
             self.conflicts = {}
             self.refused = {}
             self._begin()
@@ -230,7 +229,7 @@ class ApplyMixin:
         if self._ids_over:
             return False
         try:
-            base = self._slots.alloc(len(g.slot_vals) >> 3)[0]
+            base = self._slots.alloc(g.n_slots)[0]
         except SlotsFull:
             return False
         g.place(base)
@@ -251,7 +250,7 @@ class ApplyMixin:
         try:
             for fk, g in groups.items():
                 if g.span and not g.base:
-                    base, _span = alloc(len(g.slot_vals) >> 3)
+                    base, _span = alloc(g.n_slots)
                     g.place(base)
                     taken.append((fk, g))
         except SlotsFull as e:
@@ -315,8 +314,7 @@ class ApplyMixin:
         for bid in self._backend_vals.missing(pending):
             bkey = pending[bid][:19]
             self._backend_refs.pop(bid, None)
-            if self._backend_ids.get(bkey) == bid:
-                del self._backend_ids[bkey]
+            self._backend_ids.discard_many(((bkey, bid),))
             if free is not None and bid < self._next_backend:
                 free.appendleft(bid)  # taken from the queue and never written: first again
         for fk in self._fresh_revnat:
@@ -432,7 +430,7 @@ class ApplyMixin:
                     continue
                 head_up.update(g.svc)
             else:
-                if g.base and (og.base != g.base or og.slot_vals != g.slot_vals):
+                if g.base and (og.base != g.base or not og.same_slots(g)):
                     slot_up.append(g)  # a new range (or, repairing, the kernel's differs)
                 if og.base and og.base != g.base:
                     slot_free.append((og.base, og.span))
@@ -617,10 +615,10 @@ class ApplyMixin:
         self._backend_vals.update(be_up)
         if freed:
             be_del = freed
-            ids = self._backend_ids
-            for bid, val in zip(be_del, self._backend_vals.pop_many(be_del)):
-                if val is not None and ids.get(val[:19]) == bid:
-                    del ids[val[:19]]
+            # (identities first: the table checks its entries against the values)
+            gone = [(v[:19], bid) for bid, v in zip(be_del, map(self._backend_vals.get, be_del)) if v is not None]
+            self._backend_ids.discard_many(gone)
+            self._backend_vals.pop_many(be_del)
             # the next backend at a freed index takes the next generation (written in _delete_phase)
             self._set_gens(bumped := dict(zip(be_del, self._next_gens(be_del))))
             if self._gens_bumped is not None:  # a _repair: it restores the desired generations after

@@ -28,10 +28,10 @@ from socket import AF_INET, inet_pton
 from typing import Any
 
 from ..bpf import maps as M
-from ..model import BackendState, FrontendType, Service
+from ..model import Backend, BackendState, FrontendType, Service
 from .applying import _in_key_order
 from .groups import (
-    _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SVC_TAIL, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6, _Group, group_entries,
+    _BACKEND_TAIL, _EXT_KEY_TAIL, _PROTO_BYTE, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6, _Group, group_entries,
 )
 from .rendering import _ACTIVE_SLOT, _MAX_COUNT
 from .slots import size_class
@@ -45,7 +45,10 @@ _SOURCE_RANGES, _EXT_LOCAL, _INT_LOCAL = attrgetter("source_ranges"), attrgetter
 _KEY, _FIRST, _ADDR16 = attrgetter("key"), itemgetter(0), itemgetter(slice(0, 16))
 _pton4 = partial(inet_pton, AF_INET)
 _KEY4 = struct.Struct("=12s4s3s")  # an IPv4 key: ::ffff:0:0/96, the address, port and protocol
-_SVC_KEY_TAIL = _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL  # kpr_svc key after the frontend key
+# A Backend in its compact IPv4 form (kpr.model: flags, port and place, then the address's 4
+# bytes) is 9 bytes long; IPv6 is 21 and the general form (marshal's tuple) at least 11.
+_COMPACT4_LEN = 9
+_RAW4 = itemgetter(slice(5, 9))
 _REVNAT_TAIL = b"\x00"  # kpr_revnat value after the frontend key
 _NODE_PORT = FrontendType.NODE_PORT
 
@@ -192,7 +195,7 @@ class BulkMixin:
         once = bool(ids) and len(by_key) == len(vbids) and vbids.holds(ids, b"".join(gens(ids, vals) if gens else vals))
         stale: set[Any] = set()
         if not once:
-            ids = list(map(by_key.get, bkeys))
+            ids = by_key.get_many(bkeys)
             if None in ids or not vbids.holds(ids, b"".join(gens(ids, vals) if gens else vals)):
                 known = [j for j, i in enumerate(ids) if i is not None]
                 kids_, kvals = [ids[j] for j in known], [vals[j] for j in known]
@@ -219,7 +222,7 @@ class BulkMixin:
         words = _ACTIVE_SLOT * len(order_ids)
         words[0::2] = array("I", self._kernel_ids(order_ids))
         blob = words.tobytes()
-        pack, key_tail = M.SVC_VAL.pack, _SVC_KEY_TAIL
+        pack, key_tail = M.SVC_VAL.pack, _EXT_KEY_TAIL
         keep: list[int] = []
         at = 0
         for i, prev in zip(same, orders):
@@ -326,17 +329,14 @@ class BulkMixin:
             return None
 
         # accepted: the ids, rev-NAT indexes and ranges are taken (as rendering takes them)
-        if self._backend_ids:
-            self._backend_ids.update(ids)
-        else:
-            self._backend_ids = ids  # (a copy of 500k entries saved)
+        self._backend_ids.take(ids)  # (kept as it is in an empty table: a copy of 500k entries saved)
         self._next_backend = nxt + u
         self._revnat_ids.update(zip(fks, revnats))
         self._revnat_used.update(revnats)
         self._next_revnat = nr + n
         if any(affs):
             flags = [f | M.SVC_F_AFFINITY if a > 0 else f for f, a in zip(flags, affs)]
-        svc_keys = list(map(add, fks, repeat(_SVC_KEY_TAIL)))
+        svc_keys = list(map(add, fks, repeat(_EXT_KEY_TAIL)))
         svc_vals = list(map(M.SVC_VAL.pack, bases, ns, repeat(0), revnats, flags, affs))
         revnat_vals = list(map(add, fks, repeat(_REVNAT_TAIL)))
         kids = self._kernel_ids(orders)
@@ -344,7 +344,12 @@ class BulkMixin:
         words[0::2] = array("I", kids)
         blob = words.tobytes()
         offs = list(accumulate(ns, initial=0))
-        slot_vals = list(map(blob.__getitem__, map(slice, map((8).__mul__, offs), map((8).__mul__, offs[1:]))))
+        # each group's slot values: not kept where they are the usual ones (generation 0: the
+        # kernel ids are the ids; see _Group.slot_vals), else cut from the blob
+        slot_vals: Any = (
+            repeat(None) if kids is orders
+            else list(map(blob.__getitem__, map(slice, map((8).__mul__, offs), map((8).__mul__, offs[1:]))))
+        )
         if self._backend_gen is not None:
             vals = vals or list(map(add, bkeys, repeat(_BACKEND_TAIL[0])))
             vals = self._with_gens(run[:u] if u == total else list(range(nxt, nxt + u)), vals)
@@ -352,7 +357,7 @@ class BulkMixin:
         be_blob = b"".join(vals) if vals is not None else _BACKEND_TAIL[0].join(bkeys) + _BACKEND_TAIL[0]
         owners = list(map(_KEY, services))
         groups = list(map(
-            _Group.fresh, revnats, owners, revnat_vals, svc_keys, svc_vals, _split(tuple(orders), ns), bases, spans,
+            _Group.fresh, revnats, owners, revnat_vals, fks, svc_vals, _split(array("I", orders), ns), bases, spans,
             slot_vals,
         ))
 
@@ -360,7 +365,7 @@ class BulkMixin:
         try:
             # what service entries point at first: backends, slots, rev-NAT entries
             mp["kpr_backend"].store_ranges(((nxt, be_blob),))
-            ranges = _slot_ranges(bases, spans, ns, slot_vals, blob)
+            ranges = _slot_ranges(bases, spans, ns, offs, blob)
             mp["kpr_slots"].store_ranges(ranges)
             # (counted as the slots written: a run's gaps between ranges are not)
             mp["kpr_slots"].ops["update"] -= sum(len(v) for _b, v in ranges) // 8 - len(orders)
@@ -383,11 +388,11 @@ class BulkMixin:
         count["kpr_revnat"] += n
         refs = self._backend_refs
         if u == total:
-            added = refs.add_run(nxt, array("q", (1,)) * u)  # one frontend each
+            added = refs.add_run(nxt, array("i", (1,)) * u)  # one frontend each
         else:
             # frontends per id (ids come first in the frontends' slot order in ascending order)
             per_id = Counter(orders)
-            added = list(per_id) == list(range(nxt, nxt + u)) and refs.add_run(nxt, array("q", per_id.values()))
+            added = list(per_id) == list(range(nxt, nxt + u)) and refs.add_run(nxt, array("i", per_id.values()))
         if not added:
             refs.add_many(Counter(orders))
         if not self._backend_vals.store_run(nxt, be_blob):
@@ -427,7 +432,13 @@ def _backend_keys(flat: list[Any], ports: list[int], protos: list[Any], counts: 
         btails: Any = repeat(_tail(ports[0], protos[0]))
     else:
         btails = list(map(_tail, ports, chain.from_iterable(map(repeat, protos, counts))))
-    return _keys(list(map(_ADDRESS, flat)), btails) if flat else []
+    if not flat:
+        return []
+    if set(map(type, flat)) == {Backend} and set(map(len, flat)) == {_COMPACT4_LEN}:
+        # Every address read from its Backend's bytes: printing each as text for _keys to
+        # parse back made 200k strings at 20k services, alive at once until the keys were made.
+        return list(map(_KEY4.pack, repeat(_V4_MAPPED), map(_RAW4, flat), btails))
+    return _keys(list(map(_ADDRESS, flat)), btails)
 
 
 def _local_disagreements(
@@ -506,7 +517,7 @@ def _most_entries(services: list[Service]) -> dict[str, int]:
 
 
 def _slot_ranges(
-    bases: list[int], spans: list[int], ns: list[int], slot_vals: list[bytes], blob: bytes
+    bases: list[int], spans: list[int], ns: list[int], offs: list[int], blob: bytes
 ) -> list[tuple[int, bytes]]:
     """The groups' kpr_slots ranges to store, (base, values): one run from the first base
     when every group takes the same span for the same count (laid out one after the other:
@@ -518,7 +529,7 @@ def _slot_ranges(
         for j in range(n):
             region[j::span] = slots[j::n]
         return [(bases[0], region.tobytes())]
-    return [(b, v) for b, v in zip(bases, slot_vals) if b]
+    return [(b, blob[8 * o : 8 * (o + n)]) for b, o, n in zip(bases, offs, ns) if b]
 
 
 def _pieces(blob: bytes, size: int) -> list[bytes]:
@@ -526,7 +537,7 @@ def _pieces(blob: bytes, size: int) -> list[bytes]:
     return list(map(blob.__getitem__, map(slice, range(0, len(blob), size), range(size, len(blob) + 1, size))))
 
 
-def _split(flat: tuple[int, ...], sizes: list[int]) -> list[tuple[int, ...]]:
+def _split(flat: Any, sizes: list[int]) -> list[Any]:
     """`flat` cut into consecutive pieces of these sizes."""
     ends = list(accumulate(sizes))
     return list(map(flat.__getitem__, map(slice, chain((0,), ends), ends)))

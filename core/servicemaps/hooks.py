@@ -18,6 +18,13 @@ log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, a
 
 # Seconds from a change of the desired state to the next try of a failed initial sync.
 _RETRY_ON_CHANGE = 2.0
+# New backend identities waiting in KeyIds's dict before they are moved into its table
+# (compact_ids), seconds the checker thread waits first (what follows the initial sync, the
+# plugins' initial state and ready, is not held up by it), and entries moved per hold of the
+# lock (a change that comes meanwhile waits for one chunk, not all of them).
+_COMPACT_MIN = 1024
+_COMPACT_DELAY = 0.5
+_COMPACT_CHUNK = 16384
 
 
 class HooksMixin:
@@ -54,7 +61,7 @@ class HooksMixin:
         interval = self.check_interval or 0.0
         next_check = time.monotonic() + interval
         while True:
-            due = [t for t in (self._retry_at, next_check if interval else None) if t is not None]
+            due = [t for t in (self._retry_at, next_check if interval else None, self._compact_at) if t is not None]
             self._kick.wait(max(0.0, min(due) - time.monotonic()) if due else None)
             self._kick.clear()
             if self._stopping:
@@ -66,8 +73,37 @@ class HooksMixin:
                 elif interval and now >= next_check:
                     next_check = now + interval
                     self.check()
+                if self._compact_at is not None and now >= self._compact_at:
+                    self.compact_ids(_COMPACT_CHUNK)
             except Exception:  # noqa: BLE001 - logged; the next round tries again
                 log.exception("event=servicemaps_check_failed")
+
+    def _ids_added(self) -> None:
+        """After an outermost operation: backend identities it added wait in KeyIds's dict
+        (fast to fill, about a hundred bytes each); many of them are moved into its table soon,
+        off the operations' path, by the checker thread (or at once with _compact_in_op)."""
+        waiting = self._backend_ids.pending()
+        if self._compact_in_op:
+            if waiting:
+                self.compact_ids()
+        elif waiting >= _COMPACT_MIN and self._compact_at is None and self._checker is not None:
+            self._compact_at = time.monotonic() + _COMPACT_DELAY
+            self._kick.set()
+
+    def compact_ids(self, chunk: int | None = None) -> int:
+        """Move the new backend identities into the compact table (kpr.idtables.KeyIds), `chunk`
+        at a time per hold of the lock (None: all at once); returns how many moved."""
+        moved = 0
+        while True:
+            with self._lock:
+                self._compact_at = None
+                ids = self._backend_ids
+                n = ids.compact(chunk)
+                moved += n
+                if not n or chunk is None or not ids.pending():
+                    if moved >= _COMPACT_MIN:
+                        log.debug("event=servicemaps_ids_compacted moved=%d waiting=%d", moved, ids.pending())
+                    return moved
 
     # Through the writer stage, the initial state is collected and written in one batched
     # full sync at sync complete (adopted maps keep serving the old state until then); later

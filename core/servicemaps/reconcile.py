@@ -13,7 +13,8 @@ from operator import attrgetter
 from typing import Any
 
 from ..bpf import maps as M
-from .groups import _SCOPE_NAMES, _Group, _backend_name, _fk_label, _own, group_entries
+from ..idtables import KeyIds
+from .groups import _EXT_KEY_TAIL, _SCOPE_NAMES, _Group, _backend_name, _fk_label, _own, group_entries
 from .slots import SlotAllocator, size_class
 
 log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
@@ -27,10 +28,10 @@ class ReconcileMixin:
     def _reload(self) -> None:
         """Rebuild the shadow from the maps' contents, keeping known owners."""
         owners = {fk: g.owner for fk, g in self._groups.items() if g.owner is not None}
-        services, delivered = self._services, self._delivered
+        services = self._services
         held = self._slots.held  # freed by an earlier operation: still not reusable
         self._reset_shadow()
-        self._services, self._delivered = services, delivered
+        self._services = services
 
         # Whole maps at a time (a restart adopts, and every full sync re-reads, 1M entries at
         # 50k services): values unpacked by struct over the joined entries, not one by one.
@@ -44,9 +45,16 @@ class ReconcileMixin:
             bvals = [v for _, v in be_items]
             lo = bids[0]
             run = bids == list(range(lo, lo + len(bids)))  # (ids 1..n: one copy, no loop)
+            top = max(bids) + 1
+            if 4 * len(bids) >= top:
+                # ids far above 0 (the low ones freed before) but dense enough: in the id
+                # tables' arrays (about 36 bytes per id up to the highest), not their dicts
+                # (about 225 per id)
+                vals.reserve(top)
+                self._backend_refs.reserve(top)
             if not (run and vals.store_run(lo, b"".join(bvals))):
                 vals.update(zip(bids, bvals))
-            self._backend_ids = dict(zip([v[:19] for v in bvals], bids))
+            self._backend_ids.take(dict(zip([v[:19] for v in bvals], bids)))
             self._next_backend = max(self._next_backend, max(bids) + 1)
         # generations, the freed (zero) entries' too: never hand out an id flows may still hold
         gens = M.backend_entry_gens(be_map, be_raw)
@@ -146,11 +154,15 @@ class ReconcileMixin:
                     # unrolled (a full sync or check at 50k services reads 50k of them)
                     g = groups[fk] = _Group(rev_nat, owners.get(fk))
                     by_revnat[rev_nat] = g
-                    g.set_packed(k, v, 1)
+                    if k[19:] == _EXT_KEY_TAIL:
+                        g.set_head(fk, v)  # (fk: the key groups holds it by)
+                    else:
+                        g.set_packed(k, v, 1)
                     g.base, g.span = base, size_class(c)
-                    sv = g.slot_vals = bytes(arr[base * 8 : (base + c) * 8])
+                    sv = bytes(arr[base * 8 : (base + c) * 8])
                     slot_ids = self._indexes(array("I", sv)[0::2].tolist())
                     g.set_order(k[19], slot_ids[:count])
+                    g.keep_slots(sv)  # (the usual ones not kept, as a fresh group's)
                     referenced.append((fk, set(slot_ids)))
                     i += 1
                     continue
@@ -327,8 +339,16 @@ class ReconcileMixin:
             self._revnat_ids[fk] = g.rev_nat
             self._revnat_used.add(g.rev_nat)
             self._next_revnat = max(self._next_revnat, g.rev_nat + 1)
-        # identities as the maps now hold them (a hand-edited value must not keep its id)
-        self._backend_ids = {val[:19]: bid for bid, val in self._backend_vals.items()}
+        # identities as the maps now hold them (a hand-edited value must not keep its id):
+        # when they hold what the shadow held (every check that repairs no backend) they are
+        # the ones the writer kept, its compact table kept too (at 20k services, a dict of
+        # 200k identities made and moved into the table again at every check, 20 MB a while)
+        old_ids, vals = saved["_backend_ids"], self._backend_vals
+        if len(old_ids) == len(vals) and saved["_backend_vals"].same(vals):
+            old_ids.rebind(vals)
+            self._backend_ids = old_ids
+        else:
+            self._backend_ids = KeyIds(vals, 19, {val[:19]: bid for bid, val in vals.items()})
         # The desired state's ids were written back too: the counter stays above them (new
         # ids are taken from it without a look-up, see RenderMixin._backend_id).
         self._next_backend = max(self._next_backend, saved["_next_backend"])

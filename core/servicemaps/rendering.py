@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 from ..bpf import maps as M
 from ..model import Backend, BackendState, Frontend, FrontendType, Service, ServiceKey
 from .groups import (
-    _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SVC_TAIL, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
+    _ACTIVE_SLOT, _BACKEND_TAIL, _BYTE, _PROTO_BYTE, _SVC_TAIL, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6,
     _Group, _backend_name, _fk_label,
 )
 from .slots import SlotAllocator, size_class
 
 if TYPE_CHECKING:
-    from ..idtables import IdBytes, IdCounts
+    from ..idtables import IdBytes, IdCounts, IdSet, KeyIds
 
 # Per-service override of the writer's selection algorithm: "random" or "maglev".
 ALGORITHM_ANNOTATION = "service.kpr.io/lb-algorithm"
@@ -46,11 +46,11 @@ class RenderMixin:
     """ServiceMapWriter's id allocation and rendering (state: see ServiceMapWriter._reset_shadow)."""
 
     _groups: dict[bytes, _Group]
-    _backend_ids: dict[bytes, int]
+    _backend_ids: "KeyIds"
     _backend_vals: "IdBytes"
     _backend_refs: "IdCounts"
     _revnat_ids: dict[bytes, int]
-    _revnat_used: set[int]
+    _revnat_used: "IdSet"
     _next_backend: int
     _free_ids: "deque[int] | None"
     _backend_gen: "array | None"
@@ -78,7 +78,7 @@ class RenderMixin:
                 self._next_backend = bid + 1
             else:
                 bid = self._freed_id(top)
-            self._backend_ids[bkey] = bid
+            self._backend_ids.add_new(((bkey, bid),))
         return bid
 
     # ------------------------------------------------------------------ generations
@@ -300,7 +300,7 @@ class RenderMixin:
             t0 = _BACKEND_TAIL[0]
             vals = [bk + t0 for bk in bkeys]
         backend_ids = self._backend_ids
-        bids = list(map(backend_ids.get, bkeys))
+        bids = backend_ids.get_many(bkeys)
         if None in bids:
             nxt = self._next_backend
             if 0 < nxt and nxt + n <= self.limits["kpr_backend"]:
@@ -308,7 +308,7 @@ class RenderMixin:
                 if bids.count(None) == n and len(set(bkeys)) == n:
                     # all new (as in a full sync into empty maps): at once
                     bids = list(range(nxt, nxt + n))
-                    backend_ids.update(zip(bkeys, bids))
+                    backend_ids.add_new(zip(bkeys, bids))
                     nxt += n
                 else:
                     for i, bid in enumerate(bids):
@@ -316,7 +316,8 @@ class RenderMixin:
                             bkey = bkeys[i]
                             bid = backend_ids.get(bkey)  # listed twice in this frontend
                             if bid is None:
-                                bid = backend_ids[bkey] = nxt
+                                bid = nxt
+                                backend_ids.add_new(((bkey, bid),))
                                 nxt += 1
                             bids[i] = bid
                 self._next_backend = nxt
@@ -352,9 +353,11 @@ class RenderMixin:
         kids = self._kernel_ids(order)
         words[0::2] = array("I", kids)
         base = self._slot_range(g, prev, words.tobytes())
-        g.set_packed(fk + _BYTE[M.SCOPE_EXTERNAL] + _SVC_TAIL, M.SVC_VAL.pack(base, n, 0, rev_nat, f, fe.affinity_timeout), 1)
+        g.set_head(fk, M.SVC_VAL.pack(base, n, 0, rev_nat, f, fe.affinity_timeout))
         order_t = tuple(order)
         g.set_order(M.SCOPE_EXTERNAL, order_t)
+        if kids is order:
+            g.derive_slots()  # (generation 0 everywhere: the slots are the order's ids, active)
         if maglev and order:
             # names from the packed address, as adoption derives them: same table after a restart
             pending_vals = self._pending_vals
@@ -476,7 +479,6 @@ class RenderMixin:
 
 
 _MAX_COUNT = 0xFFFF  # kpr_svc_val's count and terminating are u16
-_ACTIVE_SLOT = array("I", (0, M.BACKEND_ACTIVE))  # kpr_slot words of an active backend: id (filled in), state
 
 
 def _too_many(fk: bytes, n: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..bpf import maps as M
 from ..bpf.maglev import is_prime
 from ..bus import Backoff
-from ..idtables import IdBytes, IdCounts
+from ..idtables import IdBytes, IdCounts, IdSet, KeyIds
 from ..model import Service, ServiceKey
 from .applying import ApplyMixin
 from .bulk import BulkMixin
@@ -28,6 +28,7 @@ log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, a
 
 MapIncompatible = M.MapIncompatible
 _ARRAYS = ("kpr_slots", "kpr_backend")  # service maps that are arrays: index 0 unused
+_BACKEND_KEY = 19  # a backend's identity: the first bytes of its kpr_backend value (addr16 + port + proto)
 
 
 class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, RenderMixin):
@@ -37,6 +38,13 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
     feeds it with `apply_batch` before any plugin sees a change; it keeps kpr_start, kpr_stop
     and kpr_status as a plugin does.
     """
+
+    # True: every outermost operation moves the new backend identities into the compact table
+    # itself before it returns, not the checker thread later (tests: the table in every path).
+    _compact_in_op = False
+    # Its kpr_start only opens the maps: the agent may run the source's first pass meanwhile
+    # (kpr.daemon.STARTS_WITHOUT_SOURCE); what that pass sends waits in the bus's queue.
+    starts_without_source = True
 
     def __init__(
         self,
@@ -108,19 +116,25 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
         self._maglev_keys = array("I", range(maglev_size)).tobytes()
         # Services delivered through the writer stage before sync complete; None afterwards.
         self._initial: dict[ServiceKey, Service] | None = {}
+        # When the checker thread next moves new backend identities into the compact table
+        # (None: nothing waiting; see HooksMixin.compact_ids).
+        self._compact_at: float | None = None
 
     def _reset_shadow(self) -> None:
         self._groups: dict[bytes, _Group] = {}
         # service -> its frontend keys (a tuple: most services have one or two; see _own)
         self._by_service: dict[ServiceKey | None, tuple[bytes, ...] | set[bytes]] = {}
         self._services: dict[ServiceKey, Service] = {}
-        # Backends: identity (addr16 + port + proto) -> id; id -> value in the map; id -> refs.
-        self._backend_ids: dict[bytes, int] = {}
-        # (flat tables: a few bytes per backend where dicts took about a hundred)
+        # Backends: id -> value in the map; identity (addr16 + port + proto: the value's
+        # first 19 bytes) -> id; id -> refs. (Flat tables: a few bytes per backend where dicts
+        # took about a hundred. The identity table checks its entries against the values, and
+        # takes new ones into a dict first: compact_ids() moves them into its table.)
         self._backend_vals = IdBytes(M.BACKEND.size)
+        self._backend_ids = KeyIds(self._backend_vals, _BACKEND_KEY)
         self._backend_refs = IdCounts()
         self._revnat_ids: dict[bytes, int] = {}
-        self._revnat_used: set[int] = set()
+        # rev-NAT indexes in use (the groups' and stray entries'): a flag per index, not a set of ints
+        self._revnat_used = IdSet()
         self._next_backend = 1
         # Every id in use is below _next_backend; once it reaches kpr_backend's end, new ids
         # come from this queue of freed ones, oldest first (None: not built yet; see
@@ -140,7 +154,6 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
         # kpr_svc entries of backend slots an older kpr wrote (slot > 0): left for the programs
         # that still read them until sweep_legacy() (README: upgrading from per-slot entries).
         self._legacy: list[bytes] = []
-        self._delivered: set[ServiceKey] = set()
         # Per operation: backends rendered (id -> (identity, value)) and rev-NAT indexes allocated.
         self._pending_vals: dict[int, bytes] = {}  # id -> value (its first 19 bytes: the identity)
         self._fresh_revnat: list[bytes] = []

@@ -16,10 +16,14 @@
   checksum verification.
 - kpr.testing.netns: throw-away namespace topologies (nodes, pods, clients, routers).
 - kpr.testing.cgroup: child cgroups for cgroup BPF hooks.
+- kpr.testing.restart_probe: a real-time client that measures gaps in a service (not in its
+  own scheduling) while an agent restarts (benchmarks/bench_restart.py).
 - kpr.testing.relay: a TCP relay that brings a loopback test server into a namespace, and
   cuts one client off it.
 - kpr.testing.apiserver: an in-memory Kubernetes API server (TLS, token auth, faults) for
   tests of the Kubernetes source; kubectl and the kubernetes client accept it.
+- kpr.testing.standin_maps: DictMap, a dict standing in for a map the code under test only
+  dumps and deletes from (the NodePort collector's passes).
 
 Submodules are imported on use so `import kpr.testing` stays cheap and needs no root.
 """

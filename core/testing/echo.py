@@ -35,11 +35,13 @@ import json
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "CLIENT",
+    "CLIENT_PRELUDE",
     "PY",
     "SERVER",
     "answers",
@@ -91,16 +93,32 @@ print("ready", flush=True)
 threading.Event().wait()
 """
 
-CLIENT = r"""
-import errno, json, socket, sys, time, urllib.request, urllib.error
+# What the `python -c` clients share (CLIENT here, kpr.testing.restart_probe's PROBE, the
+# socklb tests' LOAD), prepended to their scripts: an error's name, and a server's greeting
+# line read to its end ("eof" as ECONNRESET when the server closes before it: a loop that added
+# recv()'s b"" would spin forever).
+CLIENT_PRELUDE = r"""
+import errno
+def err(e):
+    return errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+def greeting(s):
+    d = b""
+    while not d.endswith(b"\n"):
+        c = s.recv(512)
+        if not c:
+            raise ConnectionResetError(errno.ECONNRESET, "eof")
+        d += c
+    return d.decode().strip()
+"""
+
+CLIENT = CLIENT_PRELUDE + r"""
+import json, socket, sys, time, urllib.request, urllib.error
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rest = sys.argv[4:]
 opts = dict(a.split("=", 1) for a in rest if "=" in a)
 words = [a for a in rest if "=" not in a and a != "-6"]
 fam = socket.AF_INET6 if (":" in host or "-6" in rest) else socket.AF_INET
 timeout, gap = float(opts.get("timeout", 3)), float(opts.get("gap", 0))
-def err(e):
-    return errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
 def out(**kw):
     print(json.dumps(kw), flush=True)
 def peer(a):
@@ -236,3 +254,40 @@ def name_and_peer(rows: Sequence[dict]) -> list[tuple[str, str]]:
         name, _, seen = a.partition(" ")
         out.append((name, seen))
     return out
+
+
+@dataclass
+class Running:
+    """A long-running client (started by `start_running`) whose last line of output is its JSON
+    summary: `finish()` closes its stdin, which tells it to stop, and returns the summary."""
+
+    proc: subprocess.Popen
+    timeout: float = 30.0
+
+    def finish(self) -> dict:
+        out, _ = self.proc.communicate(timeout=self.timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def start_running(topo: Any, ns: str, argv: Sequence[str], *, cgroup: Path | None = None, what: str = "client",
+                  timeout: float = 30.0) -> Running:
+    """`argv` in namespace `ns` of `topo` (and in `cgroup`, where socket hooks must see it), once
+    it has printed "started" (its set-up, a held connection for instance, is done)."""
+    kw: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if cgroup is not None:
+        from kpr.testing.cgroup import popen_in_cgroup
+
+        proc = popen_in_cgroup(cgroup, list(argv), topo[ns], **kw)
+    else:
+        proc = topo.popen(ns, list(argv), **kw)
+    return await_started(proc, what=what, timeout=timeout)
+
+
+def await_started(proc: subprocess.Popen, *, what: str = "client", timeout: float = 30.0) -> Running:
+    """The Running of `proc` once it has printed "started"; killed, and an error, otherwise."""
+    line = proc.stdout.readline()
+    if line.strip() != "started":
+        proc.kill()
+        proc.wait(timeout=30)
+        raise RuntimeError(f"the {what} did not start: {line!r}")
+    return Running(proc, timeout)

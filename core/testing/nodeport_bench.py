@@ -11,7 +11,19 @@ Two methods, both against a bare program of the same hook measured the same way:
     bare program's (the per-call overhead is in both).
 Builds differ by -D flags (stop points of lib/nodeport.h KPR_NP_BENCH_STOP for the per-stage
 table, and the optimisation switches); the program's own counters are read around every
-measurement and show which path ran.
+measurement and show which path ran. With repeat=1 the same source loaded twice can differ by
+0.3x bare (where the load's code lands); so the main table pools several loads of the default
+(--loads), and a switch row can pool several loads of its build, against as many of the
+default's (--switch-loads; 1, one build per row, is the older method, faster and noisier). Every round starts with the flows gone as the agent's
+collector leaves them (ProgLab.flush_flows: conntrack, SNAT and reverse entries deleted).
+
+The summary ends with the machine's cost of one cold cache line (kpr.testing.coldline), taken
+before and after the run. A new SNAT flow is about five cold lines (hash buckets and elements
+of kpr_ct and kpr_snat, the LRU lists, the service maps), an established packet almost none,
+and that cost moves with what the VM's host runs: the same tree measured 756-834 ns above bare
+one session, 1690-1954 ns (quiet VM) the next, 918-1074 ns at a 210 ns cold line the one after,
+established packets 48-59 ns throughout. Compare new-flow figures of different runs only beside
+their cold-line figures; within a run the builds are interleaved and see the same machine.
 
 The lab: a namespace "lb" (the node: eth0 10.0.0.1/24 to "out", next hop 10.0.0.2; node2 at
 10.0.0.3 routes the remote backends 10.244.2.0/24 and 10.245.0.0/16; a local pod 10.244.1.10)
@@ -30,6 +42,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kpr.testing.prog_run import test_run
@@ -237,12 +250,15 @@ class ProgLab:
     def fillers(self) -> int:
         return max(0, self.services - 2)
 
-    def load(self, hook: str, name: str, cflags: Sequence[str] = ()) -> Any:
-        """Compile and load one build of the hook's program, its device maps filled as the agent does."""
+    def load(self, hook: str, name: str, cflags: Sequence[str] = (), source: Path | None = None) -> Any:
+        """Compile and load one build of the hook's program, its device maps filled as the agent does
+        (`source`: an entry file of the benchmark's own in place of the plugin's, kpr.testing.fe_table)."""
         from kpr.plugins.tc_nodeport import datapath as TD
         from kpr.plugins.xdp_nodeport import datapath as XD
 
         cls = XD.Datapath if hook == "xdp" else TD.Datapath
+        if source is not None:
+            cls = type(f"{cls.__name__}Of{source.stem}", (cls,), {"SOURCE": source})
         dp = cls(self.pin, mode="snat", extra_cflags=list(cflags)).load()
         self.builds[name] = dp
         dp.set_devices({self.ifindex: (NODE4, None)}, (NODE4, None))
@@ -486,11 +502,19 @@ INLINE_STOPS = (
     (0, "MACs, counters, redirect (full program)"),
 )
 
+# The cases of the switch table, with their column labels: the goals' three, and the local
+# backend's established packets (a DNAT-only rewrite, the one-field rewrites' path).
+SWITCH_CASES = {
+    "established, remote backend (SNAT)": "established",
+    "new flow, remote backend (SNAT)": "new",
+    "not a service (node address, port 22)": "pass",
+    "established, local backend": "est. local",
+}
+
 # Optimisation switches, each measured against the default build in the same run: name -> -D flags
 # that turn the default's choice around.
 SWITCHES: dict[str, tuple[str, ...]] = {
     "no fast exit for non-service ports (KPR_NP_PREFILTER=0)": ("-DKPR_NP_PREFILTER=0",),
-    "no carried state: stage re-parses, looks up backend (KPR_NP_CARRY=0)": ("-DKPR_NP_CARRY=0",),
     "conntrack written every packet (KPR_CT_LOOKUP_BEFORE_WRITE=0)": ("-DKPR_CT_LOOKUP_BEFORE_WRITE=0",),
     "SNAT address looked up every packet (KPR_NP_LAZY_SNAT_ADDR=0)": ("-DKPR_NP_LAZY_SNAT_ADDR=0",),
     "fine clock (bpf_ktime_get_ns; default coarse, KPR_CLOCK_FINE=1)": ("-DKPR_CLOCK_FINE=1",),
@@ -500,14 +524,17 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "established SNAT flows through the tail call, not inline (KPR_NP_EST_INLINE=0)": ("-DKPR_NP_EST_INLINE=0",),
     "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
-    "SNAT reply side a port-table slot, not an LRU kpr_snat insert (KPR_SNAT_PORT_TABLE=1, off by default)": ("-DKPR_SNAT_PORT_TABLE=1",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
+    "new SNAT flows look the route up though their backend's next hop is cached (KPR_NP_NEW_NH=0)": (
+        "-DKPR_NP_NEW_NH=0",),
+    "service packets parsed twice: the fast exit's raw read, then the full parse (KPR_NP_EARLY_PARSE=0)": (
+        "-DKPR_NP_EARLY_PARSE=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
-        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
+        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",
         "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0", "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0"),
-    "before issue 14 (PREFILTER, CARRY, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off)": (
-        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_CARRY=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
+    "before issue 14 (PREFILTER, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off; the backend carried)": (
+        "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
         "-DKPR_NP_NH_CACHE=0", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0",
         "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0"),
 }
@@ -570,7 +597,7 @@ def pooled(lab: ProgLab, hook: str, names: Sequence[str], case_list: Sequence[Ca
 
 def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stages: bool = True,
               switches: bool = True, only: str = "", out: Any = None,
-              single_rounds: int = SINGLE_ROUNDS, loads: int = LOADS) -> dict[str, str]:
+              single_rounds: int = SINGLE_ROUNDS, loads: int = LOADS, switch_loads: int = 1) -> dict[str, str]:
     """Measure one hook's program; print the tables; return the summary lines by label."""
     out = out or sys.stdout
     pr = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
@@ -640,23 +667,33 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
                 prev_e = e
 
         if switches and SWITCHES:
-            pr(f"\n  switches (one build each against the default, same run; wrapper ns above bare / repeat=1 x bare)")
-            sel = [c for c in cases(lab, hook) if c.name in (
-                "established, remote backend (SNAT)", "new flow, remote backend (SNAT)",
-                "not a service (node address, port 22)")]
-            pr(f"  {'build':72s} " + " ".join(f"{c.kind:>18s}" for c in sel))
+            per = "one build each" if switch_loads == 1 else f"{switch_loads} loads of each build, pooled"
+            pr(f"\n  switches ({per} against the default, same run; wrapper ns above bare / repeat=1 x bare)")
+            sel = [c for c in cases(lab, hook) if c.name in SWITCH_CASES]
+            pr(f"  {'build':72s} " + " ".join(f"{SWITCH_CASES[c.name]:>18s}" for c in sel))
             wanted = [w.strip().lower() for w in only.split(",")]
             builds = [("default", ()), *((k, v) for k, v in SWITCHES.items() if any(w in k.lower() for w in wanted))]
+            # each row's loads: the default's own (load_default), each switch build loaded as often
+            rows = {"default": load_default(lab, hook, switch_loads)[:switch_loads]}
             for label, flags in builds[1:]:
-                lab.load(hook, label, flags)
-            got = iter(interleaved(lab, hook, [(label, c) for label, _f in builds for c in sel], runs, rounds,
-                                  single_rounds=single_rounds))
+                rows[label] = [label] + [f"{label}, load {i}" for i in range(2, switch_loads + 1)]
+                for i, name in enumerate(rows[label], 1):
+                    lab.load(hook, name, [*flags, f"-DKPR_BENCH_LOAD={i}"] if i > 1 else flags)
+            got = iter(interleaved(lab, hook, [(name, c) for label, _f in builds for name in rows[label] for c in sel],
+                                   max(1, runs // switch_loads), rounds, single_rounds=single_rounds))
             for label, _f in builds:
-                cells = []
-                for c in sel:
-                    m = next(got)
-                    cells.append(f"{m.wrapper - b.wrapper:8.1f} / {m.x_bare(b):5.2f}x")
+                merged = [Measured() for _c in sel]
+                each: list[list[float]] = [[] for _c in sel]
+                for _name in rows[label]:
+                    for i in range(len(sel)):
+                        m = next(got)
+                        each[i].append(m.x_bare(b))
+                        merged[i].add(m)
+                cells = [f"{m.wrapper - b.wrapper:8.1f} / {m.x_bare(b):5.2f}x" for m in merged]
                 pr(f"  {label:72s} " + " ".join(f"{x:>18s}" for x in cells))
+                if switch_loads > 1:
+                    pr(f"  {'  each load, x bare':72s} " + " ".join(
+                        f"{'/'.join(f'{x:.2f}' for x in e):>18s}" for e in each))
 
     for n in scales[1:]:
         t0 = time.perf_counter()
@@ -694,6 +731,8 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage builds")
     ap.add_argument("--no-switches", action="store_true", help="skip the optimisation switches")
     ap.add_argument("--switches", default="", help="only the switches whose label contains one of these comma-separated texts")
+    ap.add_argument("--switch-loads", type=int, default=1,
+                    help="loads of each switch build (and of the default) its row pools; repeat=1 varies by load")
 
 
 def exit_on_sigterm() -> None:
@@ -717,10 +756,18 @@ def exit_on_sigterm() -> None:
 
 def run_from_args(hook: str, args: Any) -> dict[str, str]:
     exit_on_sigterm()
+    from kpr.testing.coldline import cold_line_ns
+
     print(f"== {hook} nodeport: BPF_PROG_TEST_RUN, {args.runs} runs per case (kernel {os.uname().release}); {uptime()}")
-    return run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
-                     stages=not args.no_stages, switches=not args.no_switches, only=args.switches,
-                     single_rounds=args.single_rounds, loads=args.loads)
+    # A new flow is mostly cold lines (about five of them here), an established packet mostly
+    # cached ones: the machine's cost of a cold line, taken before and after, is what makes a
+    # new-flow figure comparable with another run's (kpr.testing.coldline).
+    before = cold_line_ns()
+    summary = run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
+                        stages=not args.no_stages, switches=not args.no_switches, only=args.switches,
+                        single_rounds=args.single_rounds, loads=args.loads, switch_loads=max(1, args.switch_loads))
+    summary["cold line"] = f"cold line: {before:.0f} / {cold_line_ns():.0f} ns before / after (dependent read, 16 MiB array map)"
+    return summary
 
 
 def print_summary(summary: dict[str, str]) -> None:

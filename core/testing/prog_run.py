@@ -1,7 +1,8 @@
 """Run BPF programs on packets with BPF_PROG_TEST_RUN, and table-driven packet tests.
 
 bcc does not wrap BPF_PROG_TEST_RUN; libbpf.so.1's bpf_prog_test_run_opts does, so we
-call it through ctypes with a program fd from bcc.
+call it through kpr.bpf.maps' ctypes binding (libbpf(), ProgTestRunOpts) with a program fd
+from bcc.
 
 Note for benchmarks: with repeat > 1 the kernel does not restore the packet between
 runs, so a program that rewrites its packet sees its own output from the second run on.
@@ -10,15 +11,15 @@ runs, so a program that rewrites its packet sees its own output from the second 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import difflib
-import functools
 import logging
 import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from kpr.bpf.maps import ProgTestRunOpts, libbpf
 
 log = logging.getLogger(__name__)
 
@@ -74,42 +75,6 @@ __all__ = [
 ]
 
 
-class _TestRunOpts(ctypes.Structure):
-    # struct bpf_test_run_opts from libbpf 1.x bpf.h; `sz` tells libbpf which fields we know.
-    _fields_ = [
-        ("sz", ctypes.c_size_t),
-        ("data_in", ctypes.c_void_p),
-        ("data_out", ctypes.c_void_p),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_void_p),
-        ("ctx_out", ctypes.c_void_p),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("repeat", ctypes.c_int),
-        ("duration", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-    ]
-
-
-@functools.cache
-def _libbpf() -> ctypes.CDLL:
-    name = "libbpf.so.1"
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
-    except OSError:
-        found = ctypes.util.find_library("bpf")
-        if not found:
-            raise OSError("libbpf.so.1 not found; install libbpf1 (a dependency of python3-bpfcc)") from None
-        lib = ctypes.CDLL(found, use_errno=True)
-    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
-    lib.bpf_prog_test_run_opts.restype = ctypes.c_int
-    return lib
-
-
 @dataclass(frozen=True)
 class RunResult:
     retval: int  # as the kernel returns it (u32); see .signed for tc's TC_ACT_UNSPEC
@@ -137,8 +102,8 @@ def test_run(
     in_buf = ctypes.create_string_buffer(data, len(data))
     out_size = len(data) + out_room
     out_buf = ctypes.create_string_buffer(out_size)
-    opts = _TestRunOpts()
-    opts.sz = ctypes.sizeof(_TestRunOpts)
+    opts = ProgTestRunOpts()
+    opts.sz = ctypes.sizeof(ProgTestRunOpts)
     opts.data_in = ctypes.cast(in_buf, ctypes.c_void_p)
     opts.data_size_in = len(data)
     opts.data_out = ctypes.cast(out_buf, ctypes.c_void_p)
@@ -157,7 +122,7 @@ def test_run(
         opts.ctx_size_in = len(ctx)
         opts.ctx_out = ctypes.cast(ctx_out_buf, ctypes.c_void_p)
         opts.ctx_size_out = ctx_out_size
-    rc = _libbpf().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    rc = libbpf().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
     if rc != 0:
         err = -rc if rc < 0 else ctypes.get_errno()
         raise OSError(err, f"BPF_PROG_TEST_RUN prog_fd={prog_fd}: {os.strerror(err)}")

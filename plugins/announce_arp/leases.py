@@ -30,6 +30,13 @@ liveness to the API server (the heartbeat membership does not depend on it).
 
 A graceful stop releases the Lease (holderIdentity cleared, leaseDurationSeconds 1) so peers
 take over at once; a killed node's Lease expires after leaseDuration.
+
+This node's own eligibility, as `eligible(self_name)` gives it, is the one its Lease carries
+on the server (written by a renewal that succeeded), not the one just published: the plugin
+claims only addresses its peers can know it may announce. An address coming back to this node
+(it ranks first again) is taken once the write that tells the holder has landed, so the two do
+not both answer while the holder cannot know (up to a renewal when the write fails); giving an
+address up does not wait (the plugin drops what it no longer finds eligible itself).
 """
 
 from __future__ import annotations
@@ -140,6 +147,7 @@ class KubernetesMembership(PublishingMembership):
         self._valid_until = float("-inf")  # monotonic: our Lease counts until then
         self._eligible: frozenset[str] | None = None
         self._written: str | None = None  # eligibility as last written
+        self._written_eligible: frozenset[str] | None = None  # the same, decoded
         self._peers: dict[str, _Peer] = {}
         self._listed = False
         # While the watch is broken (and THAW after), peers are judged as at _frozen_at.
@@ -208,6 +216,12 @@ class KubernetesMembership(PublishingMembership):
         peer = self._peers.get(node)
         return peer.eligible if peer is not None else None
 
+    def eligible(self, node: str) -> frozenset[str] | None:
+        with self._lock:
+            if node == self.self_name:
+                return self._written_eligible  # as the server has it (module docstring)
+            return self._peer_eligible(node)
+
     def health(self) -> Health:
         now = time.monotonic()
         with self._lock:
@@ -230,7 +244,11 @@ class KubernetesMembership(PublishingMembership):
                     for n, p in sorted(self._peers.items())
                 },
             }
-            problems = [m for m in (self._error, self._watch_error) if m]
+            own = ""
+            if self._error:
+                serving = self.self_name in live
+                own = self._error + (f"; still serving for {self._valid_until - now:.1f}s" if serving else "; not announcing")
+            problems = [m for m in (own, self._watch_error) if m]
             listed = self._listed
         if problems:
             return Health(False, "lease: " + "; ".join(problems), counters, details)
@@ -470,12 +488,16 @@ class KubernetesMembership(PublishingMembership):
         with self._lock:
             self._lease = lease
             self._valid_until = sent + self.duration
+            landed = eligible != self._written
             self._written = eligible
+            self._written_eligible = decode_eligible(eligible)
             recovered = bool(self._error)
             self._error = ""
             self.counters["renewals"] += 1
         if recovered:
             log.info("event=lease_renew_recovered lease=%s/%s", self.namespace, self.lease_name)
+        if landed:
+            self._fire()  # what this node may claim grew or shrank with it
         return True
 
     def _renew_failed(self, exc: BaseException) -> None:
@@ -484,11 +506,10 @@ class KubernetesMembership(PublishingMembership):
         with self._lock:
             self.counters["renew_failures"] += 1
             left = self._valid_until - now
-            message = f"cannot renew {self.namespace}/{self.lease_name}: {reason}" + (
-                f"; still serving for {left:.1f}s" if left > 0 else "; not announcing"
-            )
             first = not self._error
-            self._error = message
+            # whether it still serves is added when health() is asked: the Lease may run out
+            # before the next renewal fails, and the message must not say "still serving" then
+            self._error = f"cannot renew {self.namespace}/{self.lease_name}: {reason}"
             if isinstance(exc, _HeldByOther):
                 self._lease = None
         if first:

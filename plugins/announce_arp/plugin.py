@@ -345,9 +345,14 @@ class AnnounceARP:
             self._wake_at = min(self._wake_at, now + hold)
             return _Plan(known, here, {}, frozenset(), live, waiting_for=tuple(unready))
         self._decided = True
+        # This node claims what its peers can know it may announce (the membership's word for
+        # it: the Lease membership's is what its Lease carries on the server), and gives up at
+        # once what it no longer may: an address coming back is not answered by both while
+        # its holder cannot know.
+        mine = here & (self.membership.eligible(me) or frozenset())
         eligible: dict[str, set[str]] = {a: set() for a in known}
         for node in live:
-            addrs = here if node == me else (peers[node] or frozenset())
+            addrs = mine if node == me else (peers[node] or frozenset())
             for a in addrs:
                 if a in eligible:
                     eligible[a].add(node)

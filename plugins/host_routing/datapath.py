@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,10 @@ class Datapath:
         # kpr_hr_pods' real size: an earlier run's pin is adopted as it is (another maxPods then)
         self.pods_capacity = max_pods
         self._last_gen = 0  # the last generation bump_out_generation wrote
+        # bump_out_generation's read and write as one step: the sync's thread and kpr.nexthops'
+        # both bump, and a bump whose write lands after another's (read before it) would move the
+        # generation back and make entries remembered since trusted again
+        self._gen_lock = threading.Lock()
         self.extra_cflags = list(extra_cflags)
         self.sizes: dict[str, int] = {}
         self.maglev_size = M.MAGLEV_DEFAULT_SIZE
@@ -213,12 +218,13 @@ class Datapath:
         if table is None:
             return 0
         key = table.Key(0)
-        # never 0 ("not armed"), and never a number this load used before: after disarm_out the
-        # count goes on from the last one, else entries of that earlier generation, still in the
-        # maps, would be trusted again
-        gen = max(int(table[key].value), self._last_gen) % 0xFFFFFFFF + 1
-        table[key] = table.Leaf(gen)
-        self._last_gen = gen
+        with self._gen_lock:
+            # never 0 ("not armed"), and never a number this load used before: after disarm_out the
+            # count goes on from the last one, else entries of that earlier generation, still in the
+            # maps, would be trusted again
+            gen = max(int(table[key].value), self._last_gen) % 0xFFFFFFFF + 1
+            table[key] = table.Leaf(gen)
+            self._last_gen = gen
         return gen
 
     def out_generation_armable(self) -> bool:
@@ -230,7 +236,8 @@ class Datapath:
         agent watches the routes ask the FIB for every packet)."""
         table = self._table(GEN_MAP)
         if table is not None:
-            table[table.Key(0)] = table.Leaf(0)
+            with self._gen_lock:
+                table[table.Key(0)] = table.Leaf(0)
 
     def out_routes(self) -> dict[tuple[str, str], int]:
         """kpr_hr_out entries of the current generation: (pod, destination) -> egress ifindex."""

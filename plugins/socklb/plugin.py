@@ -134,6 +134,10 @@ class _Counters:
 class SockLB:
     """Instantiated once per agent by the plugin manager."""
 
+    # kpr_start compiles and attaches without the source: the agent runs the source's first
+    # pass meanwhile (kpr.daemon.STARTS_WITHOUT_SOURCE), while LLVM leaves the GIL free.
+    starts_without_source = True
+
     def __init__(self) -> None:
         self.cfg: SockLBConfig | None = None
         self.context: PluginContext | None = None
@@ -418,14 +422,11 @@ class SockLB:
         """Global addresses of every interface in the host namespace (read in that namespace)."""
 
         def read() -> set[str]:
-            from pyroute2 import IPRoute
-
             out = set()
-            with IPRoute() as ipr:
-                for msg in ipr.get_addr():
-                    ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-                    if not (ip.is_loopback or ip.is_link_local):
-                        out.add(str(ip))
+            for text in sockdiag.interface_addresses():
+                ip = ipaddress.ip_address(text)
+                if not (ip.is_loopback or ip.is_link_local):
+                    out.add(str(ip))
             return out
 
         return sockdiag.run_in_netns(f"/proc/self/fd/{self._host_ns_fd}", read)

@@ -13,7 +13,6 @@ attached to.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import tempfile
@@ -32,8 +31,8 @@ from kpr.plugins.socklb.plugin import SockLB
 from kpr.servicemaps import ServiceMapWriter
 from kpr.testing import echo
 from kpr.testing.bpffs import private_bpffs
-from kpr.testing.cgroup import child_cgroup, popen_in_cgroup
-from kpr.testing.echo import PY, answers
+from kpr.testing.cgroup import child_cgroup
+from kpr.testing.echo import CLIENT_PRELUDE, PY, Running, answers, start_running
 from kpr.testing.agent import AgentConfig, kpr_argv, kpr_cleanup
 from kpr.testing.harness import PluginHarness, plugin_context, start_plugin
 from kpr.testing.netns import Topology
@@ -59,27 +58,20 @@ SERVER, CLIENT = echo.SERVER, echo.CLIENT
 # byte every GAP. On stdin EOF it prints one JSON summary: attempts, failures (time, errno),
 # the successful connects (start time, CLOCK_MONOTONIC as the caller's, and duration) and how
 # the long-lived connection fared.
-LOAD = r"""
+LOAD = CLIENT_PRELUDE + r"""
 import errno, json, socket, sys, threading, time
 host, port, gap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 stop = threading.Event()
 ok, failed = [], []
 held = {"echoes": 0, "error": ""}
-def err(e):
-    return errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
 def one():
     t0 = time.monotonic()
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(1.0)
     try:
         s.connect((host, port))
-        d = b""
-        while not d.endswith(b"\n"):
-            c = s.recv(512)
-            if not c:
-                raise ConnectionResetError(errno.ECONNRESET, "eof")
-            d += c
+        greeting(s)
         ok.append([t0, time.monotonic() - t0])
     except OSError as e:
         failed.append([t0, err(e)])
@@ -96,9 +88,7 @@ def hold():
     try:
         s = socket.create_connection((host, port), timeout=2)
         s.settimeout(2)
-        d = b""
-        while not d.endswith(b"\n"):
-            d += s.recv(512)
+        greeting(s)
         while not stop.is_set():
             s.sendall(b"x")
             if s.recv(1) != b"x":
@@ -251,17 +241,6 @@ endpoints:
 
 
 @dataclass
-class Load:
-    """A running LOAD client; `finish()` returns its summary."""
-
-    proc: subprocess.Popen
-
-    def finish(self) -> dict:
-        out, _ = self.proc.communicate(timeout=30)
-        return json.loads(out.strip().splitlines()[-1])
-
-
-@dataclass
 class AgentRig:
     """`kpr run` as a real process in one namespace of a topology (`agent_ns`), restarted the
     ways an operator or systemd would; `load()` starts a LOAD client in `load_ns` (and
@@ -377,17 +356,10 @@ class AgentRig:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
 
-    def load(self, host: str, port: int, gap: float = 0.01) -> Load:
-        argv = [PY, "-c", LOAD, host, str(port), str(gap)]
-        kw: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if self.load_cgroup is not None:
-            proc = popen_in_cgroup(self.load_cgroup, argv, self.topo[self.load_ns], **kw)
-        else:
-            proc = self.topo.popen(self.load_ns, argv, **kw)
-        line = proc.stdout.readline()
-        if line.strip() != "started":
-            raise RuntimeError(f"load client did not start: {line!r}")
-        return Load(proc)
+    def load(self, host: str, port: int, gap: float = 0.01) -> Running:
+        """The LOAD client dialling host:port every `gap` s; `finish()` returns its summary."""
+        return start_running(self.topo, self.load_ns, [PY, "-c", LOAD, host, str(port), str(gap)],
+                             cgroup=self.load_cgroup, what="load client")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -60,10 +60,13 @@ MAGLEV_WEB = yaml_docs(service("web", cluster_ip="10.96.0.10", annotations={"ser
                        endpoint_slice("web", ["10.244.1.5"]))
 
 
-def test_agent_is_not_ready_until_its_initial_state_is_in_the_maps(tmp_path, pin_dir, monkeypatch):
+@pytest.mark.parametrize("source_first", [True, False], ids=["first pass during the start", "after it"])
+def test_agent_is_not_ready_until_its_initial_state_is_in_the_maps(tmp_path, pin_dir, monkeypatch, caplog, source_first):
     """The initial sync cannot be written (a pinned kpr_maglev whose inner-map template has
     another size refuses every Maglev table): no READY, status says what is missing, the maps
-    keep nothing of the failed batch; once the state can be written the retry makes it ready."""
+    keep nothing of the failed batch; once the state can be written the retry makes it ready.
+    Both start orders (kpr.daemon: the source's first pass while the plugins start, taken only
+    on an idle node, and after them), not whichever the machine's load picks."""
     import socket
 
     from kpr.bpf import maps as M
@@ -80,9 +83,12 @@ def test_agent_is_not_ready_until_its_initial_state_is_in_the_maps(tmp_path, pin
         with M.BpfMap.create(M.SPECS["kpr_maglev"], inner_fd=small.fd) as outer:
             pin.mkdir(parents=True, exist_ok=True)
             outer.pin(pin / "kpr_maglev")
-    agent = Agent(cfg.parse(), internal_plugins={"needs": NeedsMaps()})
-    agent.setup()
+    agent = Agent(cfg.parse(), internal_plugins={"needs": NeedsMaps()}, source_first=source_first)
+    with caplog.at_level("INFO", logger="kpr.daemon"):
+        agent.setup()
     try:
+        early = f"source.first_pass_early on={'yes' if source_first else 'no'}"
+        assert any(r.getMessage().startswith(early) for r in caplog.records), "the start order asked for"
         writer = agent.kpm.handle("servicemaps").plugin
 
         def tick_until(cond, what, timeout=15.0):

@@ -117,6 +117,12 @@ def test_owner_answers_moves_on_sigkill_and_comes_back_without_flapping(seg):
     seg.wait_ready(NODES)
     for vip in moved:
         wait_for(lambda: seg.neigh_owner(vip) == owner[vip], 5, f"router entry for {vip} back to {victim}", lambda: seg.neigh(vip))
+    # The returning owner announces as soon as it ranks itself first; the interim owner lets go
+    # once it sees the returner's heartbeat or renewed Lease, a renewal or so later. Within that
+    # handover both claim the address (CI saw it: the check came before the interim let go).
+    for vip in moved:
+        wait_for(lambda: seg.owners(vip) == {owner[vip]}, seg.expiry() + 1.5, f"{vip} handed back to {victim} alone",
+                 lambda: {v: (seg.owners(v), seg.neigh(v)) for v in (VIP4, VIP6)})
     # ...and stays: no agent changes ownership again and all agree, for a while.
     changes = {n: seg.plugin(n)["counters"]["ownership_changes"] for n in NODES}
     stays(lambda: all(seg.owners(vip) == {owner[vip]} and seg.neigh_owner(vip) in (owner[vip], None) for vip in (VIP4, VIP6)),
@@ -133,8 +139,9 @@ def test_owner_answers_moves_on_sigkill_and_comes_back_without_flapping(seg):
 def test_sigterm_hands_over_before_the_dead_interval(seg):
     (seg.manifests / "lb4.yaml").write_text(lb_manifest("lb4", VIP4, NODES))
     for n in NODES:
-        # a long expiry: only the leaving heartbeat (the released Lease) can make the move this quick
-        seg.start(n, **seg.long_expiry(3.0))
+        # a long expiry: only the leaving heartbeat (the released Lease) can move the address
+        # within the wait below, a third of it (no clock bound: a loaded CI is slower)
+        seg.start(n, **seg.long_expiry(30.0))
     seg.wait_ready(NODES)
     owner, nxt = ownership.rank(VIP4, NODES)[:2]
     wait_for(lambda: seg.owners(VIP4) == {owner}, 5, "owner")
@@ -142,10 +149,8 @@ def test_sigterm_hands_over_before_the_dead_interval(seg):
     assert seg.neigh_owner(VIP4) == owner
     t0 = time.monotonic()
     seg.send_signal(owner, signal.SIGTERM)
-    wait_for(lambda: seg.neigh_owner(VIP4) == nxt, 3, "handover", lambda: seg.neigh(VIP4))
-    took = time.monotonic() - t0
-    print(f"handover membership={seg.membership} took={took:.2f}s")
-    assert took < 1.0, f"handover took {took:.2f}s (expiry 3s)"
+    wait_for(lambda: seg.neigh_owner(VIP4) == nxt, 10, "handover before the 30 s expiry", lambda: seg.neigh(VIP4))
+    print(f"handover membership={seg.membership} took={time.monotonic() - t0:.2f}s")
     assert seg.reap(owner) == 0
     assert_only_owner_answers(seg, VIP4, nxt)
     # it cleaned up after itself: no drop table left in its namespace
@@ -182,7 +187,7 @@ def test_forged_replayed_and_unsigned_heartbeats_are_ignored(seg, tmp_path):
     cap.wait(timeout=10)
     seg.stop(first, signal.SIGKILL)
     rest = [n for n in NODES if n != first]
-    wait_for(lambda: seg.owners(VIP4) == {second}, 3, "takeover")
+    wait_for(lambda: seg.owners(VIP4) == {second}, 10, "takeover")
 
     from scapy.layers.inet import UDP
     from scapy.layers.l2 import Ether
@@ -226,8 +231,17 @@ def test_forged_replayed_and_unsigned_heartbeats_are_ignored(seg, tmp_path):
 
     # Control: the same path accepts a correctly signed fresh heartbeat (a node that has not
     # synced yet, so ownership stays): the rejections above were the checks, not deafness.
+    def heard(n: str) -> float:
+        peer = seg.plugin(n)["details"]["membership"]["peers"].get(first) or {}
+        ago = peer.get("lastHeardSecondsAgo")
+        return float("inf") if ago is None else ago
+
+    # Heard again (the time since shrinks, for good): not "live" for a moment, which lasts
+    # only deadInterval and a loaded machine's polls could miss.
+    heard_before = {n: heard(n) for n in rest}
     _send_heartbeat(seg, first, fresh(None, KEY))
-    wait_for(lambda: all(first in seg.plugin(n)["details"]["membership"]["livePeers"] for n in rest), 1, "signed heartbeat accepted")
+    wait_for(lambda: all(heard(n) < heard_before[n] for n in rest), 10, "signed heartbeat accepted",
+             lambda: {n: heard(n) for n in rest})
     assert seg.owners(VIP4) == {second}
 
 
@@ -246,13 +260,15 @@ def test_local_traffic_policy_follows_ready_local_endpoints(seg):
     # The endpoint moves: the old node stops answering, the new one announces.
     other = ownership.rank(VIP4, NODES)[0]
     (seg.manifests / "lb4.yaml").write_text(lb_manifest("lb4", VIP4, [other], local=True))
-    wait_for(lambda: seg.neigh_owner(VIP4) == other, 3, f"router entry -> {other}", lambda: seg.neigh(VIP4))
-    assert seg.owners(VIP4) == {other}
+    wait_for(lambda: seg.neigh_owner(VIP4) == other, 10, f"router entry -> {other}", lambda: seg.neigh(VIP4))
+    # Each agent reads the manifest change on its own pass: the old owner may let go a moment
+    # after the new one announced. Wait for that rather than read the owners once.
+    wait_for(lambda: seg.owners(VIP4) == {other}, 10, f"{other} the only owner", lambda: seg.owners(VIP4))
     assert_only_owner_answers(seg, VIP4, other)
 
     # No ready local endpoint anywhere: nobody answers.
     (seg.manifests / "lb4.yaml").write_text(lb_manifest("lb4", VIP4, [], local=True))
-    wait_for(lambda: seg.owners(VIP4) == set(), 3, "nobody owns")
+    wait_for(lambda: seg.owners(VIP4) == set(), 10, "nobody owns")
     assert seg.arping(VIP4, 2) == []
 
 
@@ -402,7 +418,7 @@ def test_ipv6_solicitations_are_answered_with_the_interface_mac(tmp_path, respon
             assert s.plugin("node1")["counters"]["na_replies"] >= 1
             # the service goes: the address is dropped and no longer answered
             (s.manifests / "lb6.yaml").unlink()
-            wait_for(lambda: s.plugin("node1")["details"]["owned"] == [], 3, "dropped")
+            wait_for(lambda: s.plugin("node1")["details"]["owned"] == [], 10, "dropped")
             s.flush_neigh(VIP6)
             s.resolve(VIP6)
             assert s.neigh_owner(VIP6) is None
@@ -418,7 +434,7 @@ def test_socket_failures_show_in_status_and_recover(tmp_path):
         try:
             s.wait_ready(["node1"])
             topo.run("n1", "ip link set eth1 down")
-            wait_for(lambda: not s.plugin("node1")["healthy"], 3, "unhealthy")
+            wait_for(lambda: not s.plugin("node1")["healthy"], 10, "unhealthy")
             p = s.plugin("node1")
             assert "interface eth1" in p["message"] and "retrying" in p["message"], p["message"]
             # the other interface keeps answering meanwhile
@@ -427,7 +443,7 @@ def test_socket_failures_show_in_status_and_recover(tmp_path):
             wait_for(lambda: s.plugin("node1")["healthy"], 15, "healthy again", lambda: s.plugin("node1")["message"])
             # deleted outright, then a new eth1 appears
             topo.run("n1", "ip link del eth1")
-            wait_for(lambda: "eth1" in s.plugin("node1")["message"], 3, "unhealthy after delete")
+            wait_for(lambda: "eth1" in s.plugin("node1")["message"], 10, "unhealthy after delete")
             topo.run("n1", "ip link add eth1 type veth peer name eth1p && ip link set eth1 up && ip link set eth1p up")
             wait_for(lambda: s.plugin("node1")["healthy"], 15, "healthy with the new eth1", lambda: s.plugin("node1")["message"])
             assert s.plugin("node1")["counters"]["socket_errors"] >= 2

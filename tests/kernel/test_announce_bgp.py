@@ -358,11 +358,13 @@ def test_a_source_address_that_appears_later_is_picked_up(lab):
     assert p.local_addresses == {RTR_IP: None}
     time.sleep(0.5)
     topo.run("node", ["ip", "addr", "add", f"{NODE_IP}/24", "dev", "eth0"])
+    # ExaBGP, still without a local-address, may connect from the new address before the
+    # plugin's recheck (every RECHECK_UNRESOLVED) restarts it with one: wait for the recheck
+    wait_until(lambda: p.local_addresses == {RTR_IP: NODE_IP}, 20, "the source address picked up")
     routes = wait_until(lambda: (r := bird.routes()) and LB_PREFIX in r and r, 20, "route once the node has an address")
     # ExaBGP was restarted with the address as its local-address, so it is the next hop
     # (not the router id, which is what ExaBGP's "next-hop self" gives without one).
     assert routes[LB_PREFIX][0]["via"] == NODE_IP
-    assert p.local_addresses == {RTR_IP: NODE_IP}
 
 
 def manifest(lb: str, node: str) -> str:

@@ -234,6 +234,23 @@ def test_repeat_reports_kernel_duration(xdp_reflect: int) -> None:
     assert 0 < res.duration_ns < 1_000_000
 
 
+def test_test_run_shares_kpr_bpf_maps_libbpf_binding(xdp_reflect: int) -> None:
+    # One definition of the opts struct and of the library's signatures: a second one
+    # (prog_run's own, as before) would not take the other's struct, and could drift from it.
+    import ctypes
+
+    from kpr.bpf import maps as M
+
+    fn = M.libbpf().bpf_prog_test_run_opts
+    assert fn.argtypes == [ctypes.c_int, ctypes.POINTER(M.ProgTestRunOpts)]
+    pkt = bytes(Ether(src=MAC_A, dst=MAC_B) / IP() / TCP())
+    buf = ctypes.create_string_buffer(pkt, len(pkt))
+    opts = M.ProgTestRunOpts(sz=ctypes.sizeof(M.ProgTestRunOpts), data_in=ctypes.cast(buf, ctypes.c_void_p),
+                             data_size_in=len(pkt), repeat=1)
+    assert fn(xdp_reflect, ctypes.byref(opts)) == 0
+    assert opts.retval == XDP_TX == test_run(xdp_reflect, pkt).retval
+
+
 def test_test_run_rejects_a_bad_fd() -> None:
     with pytest.raises(OSError):
         test_run(-1, bytes(64))

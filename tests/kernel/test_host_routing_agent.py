@@ -13,7 +13,7 @@ import pytest
 
 from kpr import api
 from kpr.bpf import links
-from kpr.bpf.cleanup import cleanup, scratch_pin_dir
+from kpr.bpf.cleanup import cleanup
 from kpr.testing.netns import Topology
 from kpr.testing.waiting import wait_for
 
@@ -42,9 +42,11 @@ def manifests(pods: tuple[str, ...]) -> str:
     return "---\n".join([svc, *(pod_manifest(p) for p in pods)])
 
 
-def test_agent_learns_bridge_pods_from_the_source_and_serves_clusterips_per_packet() -> None:
-    with scratch_pin_dir("kpr-hr-agent") as pin, Topology() as topo, \
-            tempfile.TemporaryDirectory(prefix="kpr-hr-agent-") as work:
+def test_agent_learns_bridge_pods_from_the_source_and_serves_clusterips_per_packet(
+    pin_dir: Path, topology: Topology
+) -> None:
+    pin, topo = pin_dir, topology
+    with tempfile.TemporaryDirectory(prefix="kpr-hr-agent-") as work:
         build_topology(topo, pods=("p1", "p2", "b1"))
         config = (f"node: {{name: node, addresses: [{NODE}, \"{NODE6}\"], devices: [eth0]}}\n"
                   "plugins: {host_routing: {enabled: true, keepAttachedOnStop: true}}\n")

@@ -11,6 +11,7 @@ what is checked; end to end delivery is test_host_routing.py's.
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -246,6 +247,69 @@ def test_remembered_next_hop_is_used_only_while_it_holds(lab: Lab) -> None:
     finally:
         lab.dp.flush_next_hops()
         lab.dp.disarm_out()
+
+
+def test_an_address_not_a_pods_is_not_remembered(lab: Lab) -> None:
+    """A packet from outside to an address that is no local pod's (the node's own, mostly) leaves
+    nothing in kpr_hr_nh (an earlier build remembered "not a pod" there for the generation: no
+    measured gain, and such entries could push pods' next hops out of the LRU). So an address
+    made a pod's in kpr_hr_pods is delivered from its next packet, before the generation moves
+    (that build passed it as not a pod's until then)."""
+    l3 = tcp4(OUT4, POD4)
+    pkt = from_out(lab) / l3
+    lab.dp.flush_next_hops()
+    lab.dp.set_pods({POD6: lab.lxc})
+    try:
+        lab.dp.bump_out_generation()  # armed, as the agent's watcher does at start
+        node = from_out(lab) / tcp4(OUT4, NODE4)
+        for _ in range(2):
+            lab.run(D.FROM_NETDEV, lab.eth0, Case("the node's address", node, TC_ACT_UNSPEC, same(node)),
+                    "pass_not_pod")
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("not a pod's", pkt, TC_ACT_UNSPEC, same(pkt)), "pass_not_pod")
+        assert lab.dp.next_hops() == {}
+        lab.dp.set_pods({POD4: lab.lxc, POD6: lab.lxc})  # no generation move
+        lab.run(D.FROM_NETDEV, lab.eth0, Case("a pod's now", pkt, TC_ACT_REDIRECT, into_pod(lab, l3)),
+                "redirect_peer")
+        assert lab.dp.next_hops() == {POD4: lab.lxc}
+    finally:
+        lab.dp.set_pods({POD4: lab.lxc, POD6: lab.lxc})
+        lab.dp.flush_next_hops()
+        lab.dp.disarm_out()
+
+
+def test_concurrent_bumps_never_move_the_generation_back(lab: Lab) -> None:
+    """The sync's thread and kpr.nexthops' thread both bump kpr_hr_gen: every bump must give a
+    generation no other bump gave, and the map must end at the last one. A bump that read the
+    value before another's write and wrote after it would hand out a number twice, or (after two
+    of the other's) move the generation back, so entries remembered under the older number are
+    trusted again (a pod added meanwhile then passed to the stack, a remembered route out used
+    for what became a local pod)."""
+    import sys
+
+    per_thread, got = 5000, [[], []]
+    lab.dp.disarm_out()
+    first = lab.dp.bump_out_generation()
+    go = threading.Barrier(2)
+
+    def bumps(out: list[int]) -> None:
+        go.wait()
+        out.extend(lab.dp.bump_out_generation() for _ in range(per_thread))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over between the read and the write as often as it can
+    try:
+        threads = [threading.Thread(target=bumps, args=(out,)) for out in got]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(old)
+        now = int(lab.dp.bpf[b"kpr_hr_gen"][ctypes.c_uint32(0)].value)
+        lab.dp.disarm_out()
+    handed = got[0] + got[1]
+    assert len(handed) == 2 * per_thread and len(set(handed)) == len(handed), "a generation handed out twice"
+    assert now == max(handed) == first + 2 * per_thread
 
 
 def out_of_node(out: Ether) -> None:

@@ -43,6 +43,10 @@ class Cluster:
         (self.manifests / "20-slice.yaml").write_text(yaml_docs(
             endpoint_slice("echo", [PODS[backend][0]], port=PORT, port_name="tcp", ready=True)))
 
+    def relists(self) -> tuple[int, int]:
+        kinds = self.source.status()["kinds"]
+        return kinds["Service"]["relists"], kinds["EndpointSlice"]["relists"]
+
     def cluster_ip(self) -> str:
         return json.loads(self.kubectl("get", "service", "echo", "-o", "json"))["spec"]["clusterIP"]
 
@@ -76,10 +80,13 @@ def cluster(tmp_path):
 def test_kubectl_apply_reaches_a_pods_connection_and_delete_removes_it(cluster):
     c = cluster
     c.write("be1")
+    relists = c.relists()
     c.kubectl("apply", "-f", str(c.manifests))
     applied = time.monotonic()
     ip = c.cluster_ip()
-    wait_for(lambda: c.in_maps(ip, "be1"), 1.0, "the ClusterIP in the maps within 1 s of kubectl apply")
+    # No clock bound (270 ms here at load 7.5, a loaded CI is slower): that the changes came
+    # by the watches, not by listing again, is checked at the end.
+    wait_for(lambda: c.in_maps(ip, "be1"), 10, "the ClusterIP in the maps after kubectl apply")
     in_maps = time.monotonic() - applied
     assert c.answer(ip) == "be1"
     print(f"kubectl apply -> maps {in_maps * 1000:.0f} ms")
@@ -87,12 +94,13 @@ def test_kubectl_apply_reaches_a_pods_connection_and_delete_removes_it(cluster):
     # A second apply patches the slice (strategic merge, as kubectl sends it).
     c.write("be2")
     c.kubectl("apply", "-f", str(c.manifests))
-    wait_for(lambda: c.in_maps(ip, "be2"), 1.0, "the new backend within 1 s")
+    wait_for(lambda: c.in_maps(ip, "be2"), 10, "the new backend")
     assert c.answer(ip) == "be2"
 
     c.kubectl("delete", "-f", str(c.manifests))
-    wait_for(lambda: not c.env.writer.read_back()["frontends"], 1.0, "the service gone from the maps")
+    wait_for(lambda: not c.env.writer.read_back()["frontends"], 10, "the service gone from the maps")
     assert c.answer(ip) != "be2", "nothing translates the ClusterIP any more"
+    assert c.relists() == relists, "brought by the watches"
 
 
 @pytest.mark.slow
@@ -101,7 +109,7 @@ def test_api_server_down_for_a_minute_leaves_the_data_path_serving(cluster):
     c.write("be1")
     c.kubectl("apply", "-f", str(c.manifests))
     ip = c.cluster_ip()
-    wait_for(lambda: c.in_maps(ip, "be1"), 1.0, "the service")
+    wait_for(lambda: c.in_maps(ip, "be1"), 10, "the service")
     before = c.env.writer.read_back()
 
     c.api.down()
@@ -112,11 +120,9 @@ def test_api_server_down_for_a_minute_leaves_the_data_path_serving(cluster):
     assert {"Service", "EndpointSlice"} <= set(c.env.store.errors)
 
     c.api.up()
-    t0 = time.monotonic()
     c.write("be3")
     c.kubectl("apply", "-f", str(c.manifests))
-    wait_for(lambda: c.in_maps(ip, "be3"), 5.0, "a change after the outage")
-    assert time.monotonic() - t0 < 5.0
+    wait_for(lambda: c.in_maps(ip, "be3"), 10, "a change after the outage")
     assert c.answer(ip) == "be3"
     wait_for(lambda: c.source.status()["state"] == "watching", 5, "the source healthy again")
     assert not ({"Service", "EndpointSlice"} & set(c.env.store.errors))

@@ -10,29 +10,21 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kpr.bpf import maps as M
-from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.servicemaps import ServiceMapWriter
+from kpr.testing.bpffs import pin_map
 
 pytestmark = pytest.mark.kernel
 
 CIP, NP, EIP = FrontendType.CLUSTER_IP, FrontendType.NODE_PORT, FrontendType.EXTERNAL_IP
 TCP = Protocol.TCP
 BACKENDS = (Backend("10.1.0.1", 8080), Backend("10.1.0.2", 8080))
-
-
-@pytest.fixture
-def pin_path(kernel_headers: Path) -> Iterator[Path]:
-    with scratch_pin_dir("kpr-capacity") as pin:
-        yield pin
-    assert not pin.exists()
 
 
 def cluster_ip(name: str, vip: str, backends: tuple[Backend, ...] = BACKENDS) -> Service:
@@ -88,9 +80,9 @@ def metric_counters(w: ServiceMapWriter) -> dict[str, float]:
     }
 
 
-def test_a_service_with_100k_external_ips_is_refused_alone(pin_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_service_with_100k_external_ips_is_refused_alone(pin_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     huge = with_external_ips("huge", 100_000)
-    with ServiceMapWriter(pin_path, create_datapath_maps=False) as w:
+    with ServiceMapWriter(pin_dir, create_datapath_maps=False) as w:
         w.upsert(WEB)
         w.upsert(DNS)
         before = w.read_back()
@@ -124,9 +116,9 @@ def test_a_service_with_100k_external_ips_is_refused_alone(pin_path: Path, caplo
         assert w.refused == {} and w.kpr_status().healthy
 
 
-def test_a_refused_service_keeps_its_last_good_state(pin_path: Path) -> None:
+def test_a_refused_service_keeps_its_last_good_state(pin_dir: Path) -> None:
     small, huge = with_external_ips("huge", 10), with_external_ips("huge", 100_000)
-    with ServiceMapWriter(pin_path, create_datapath_maps=False) as w:
+    with ServiceMapWriter(pin_dir, create_datapath_maps=False) as w:
         w.upsert(WEB)
         w.upsert(small)
         good = w.read_back()
@@ -139,7 +131,7 @@ def test_a_refused_service_keeps_its_last_good_state(pin_path: Path) -> None:
         w.upsert(huge)
         before_ids = w.backend_ids()
     # After a restart, the initial full sync keeps what the maps hold for it, too.
-    with ServiceMapWriter(pin_path, create_datapath_maps=False) as w2:
+    with ServiceMapWriter(pin_dir, create_datapath_maps=False) as w2:
         w2.full_sync([WEB, huge])
         assert w2.read_back() == good
         assert list(w2.refused) == [huge.key]
@@ -147,13 +139,13 @@ def test_a_refused_service_keeps_its_last_good_state(pin_path: Path) -> None:
         kernel_equals_status(w2)
 
 
-def test_a_refused_service_is_programmed_once_entries_are_freed(pin_path: Path) -> None:
+def test_a_refused_service_is_programmed_once_entries_are_freed(pin_dir: Path) -> None:
     # kpr_svc holds 3 entries (one per frontend): WEB and DNS fit, BIG (2 frontends) does not.
     big = Service(
         ServiceKey("default", "big"),
         tuple(Frontend(CIP, f"10.96.1.{i}", 80, TCP, BACKENDS) for i in range(1, 3)),
     )
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 3}, create_datapath_maps=False) as w:
+    with ServiceMapWriter(pin_dir, sizes={"kpr_svc": 3}, create_datapath_maps=False) as w:
         w.upsert(WEB)
         w.upsert(DNS)
         w.upsert(big)
@@ -170,8 +162,8 @@ def stray_svc_entry(i: int) -> tuple[bytes, bytes]:
     return key, M.SVC_VAL.pack(0, 0, 0, 9000 + i, M.SVC_F_CLUSTER_IP, 0)
 
 
-def test_a_failed_write_is_rolled_back_and_the_kernel_equals_status(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 16}, create_datapath_maps=False) as w:
+def test_a_failed_write_is_rolled_back_and_the_kernel_equals_status(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir, sizes={"kpr_svc": 16}, create_datapath_maps=False) as w:
         w.upsert(DNS)  # 1 entry
         # Someone fills the map behind the writer's back: the plan says WEB (1 entry, its
         # slots in kpr_slots) fits, the kernel has no room for it.
@@ -191,11 +183,11 @@ def test_a_failed_write_is_rolled_back_and_the_kernel_equals_status(pin_path: Pa
         kernel_equals_status(w)
 
 
-def test_a_full_sync_beyond_the_map_at_its_peak_deletes_first(pin_path: Path) -> None:
+def test_a_full_sync_beyond_the_map_at_its_peak_deletes_first(pin_dir: Path) -> None:
     # 4 entries: the old state (WEB, DNS: 2) and the new one (three services: 3) do not fit
     # side by side, the new one alone does.
     new = [cluster_ip(f"n{i}", f"10.96.2.{i}", (Backend(f"10.2.0.{i}", 80),)) for i in range(3)]
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 4}, create_datapath_maps=False) as w:
+    with ServiceMapWriter(pin_dir, sizes={"kpr_svc": 4}, create_datapath_maps=False) as w:
         w.full_sync([WEB, DNS])
         w.full_sync(new)
         assert frontends(w) == {f"10.96.2.{i}:80/TCP" for i in range(3)}
@@ -211,26 +203,26 @@ def hexbytes(raw: bytes) -> list[str]:
     return [f"0x{b:02x}" for b in raw]
 
 
-def test_check_repairs_entries_added_changed_and_deleted_with_bpftool(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path, create_datapath_maps=False) as w:
+def test_check_repairs_entries_added_changed_and_deleted_with_bpftool(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir, create_datapath_maps=False) as w:
         w.upsert(WEB)
         w.upsert(DNS)
         before = w.read_back()
         assert w.check() == 0, "nothing to repair"
-        svc = str(pin_path / "kpr_svc")
+        svc = str(pin_dir / "kpr_svc")
         # a stray frontend, a changed backend slot, a changed backend, a deleted rev-NAT entry
         key, val = stray_svc_entry(1)
         bpftool("map", "update", "pinned", svc, "key", "hex", *[h[2:] for h in hexbytes(key)], "value", "hex", *[h[2:] for h in hexbytes(val)])
         web_head = next(v for k, v in w.maps["kpr_svc"].items() if k[:16] == M.addr_to_bytes("10.96.0.10"))
         slot1 = M.U32.pack(M.SVC_VAL.unpack(web_head)[0])  # WEB's slot 1 in kpr_slots
-        bpftool("map", "update", "pinned", str(pin_path / "kpr_slots"), "key", "hex", *[h[2:] for h in hexbytes(slot1)],
+        bpftool("map", "update", "pinned", str(pin_dir / "kpr_slots"), "key", "hex", *[h[2:] for h in hexbytes(slot1)],
                 "value", "hex", *[h[2:] for h in hexbytes(M.SLOT.pack(777, 0))])
         bid = w.backend_ids()["10.1.0.53:53/TCP"]
         bad = M.BACKEND.pack(M.addr_to_bytes("10.66.6.6"), M.htons(53), 6, 0, 0)
-        bpftool("map", "update", "pinned", str(pin_path / "kpr_backend"), "key", "hex", *[h[2:] for h in hexbytes(M.U32.pack(bid))],
+        bpftool("map", "update", "pinned", str(pin_dir / "kpr_backend"), "key", "hex", *[h[2:] for h in hexbytes(M.U32.pack(bid))],
                 "value", "hex", *[h[2:] for h in hexbytes(bad)])
         rn = next(iter(w.maps["kpr_revnat"].items()))[0]
-        bpftool("map", "delete", "pinned", str(pin_path / "kpr_revnat"), "key", "hex", *[h[2:] for h in hexbytes(rn)])
+        bpftool("map", "delete", "pinned", str(pin_dir / "kpr_revnat"), "key", "hex", *[h[2:] for h in hexbytes(rn)])
 
         st = w.kpr_status()
         assert st.details["drift"] == {
@@ -245,10 +237,10 @@ def test_check_repairs_entries_added_changed_and_deleted_with_bpftool(pin_path: 
         kernel_equals_status(w)
 
 
-def test_a_backend_the_repair_writes_back_keeps_its_id_to_itself(pin_path: Path) -> None:
+def test_a_backend_the_repair_writes_back_keeps_its_id_to_itself(pin_dir: Path) -> None:
     """check() writes back a backend deleted by hand: a service added afterwards gets a new id,
     not the written-back one (new ids come from a counter that must stay above every id in use)."""
-    with ServiceMapWriter(pin_path, create_datapath_maps=False) as w:
+    with ServiceMapWriter(pin_dir, create_datapath_maps=False) as w:
         w.upsert(cluster_ip("a", "10.96.1.1"))
         ids_a = w.backend_ids()
         top = max(ids_a.values())
@@ -265,10 +257,10 @@ def test_a_backend_the_repair_writes_back_keeps_its_id_to_itself(pin_path: Path)
         kernel_equals_status(w)
 
 
-def test_the_check_runs_periodically_once_started(pin_path: Path) -> None:
+def test_the_check_runs_periodically_once_started(pin_dir: Path) -> None:
     import time
 
-    w = ServiceMapWriter(pin_path, create_datapath_maps=False, check_interval=0.2)
+    w = ServiceMapWriter(pin_dir, create_datapath_maps=False, check_interval=0.2)
     w.kpr_start(context=None)
     try:
         assert w.apply_batch([("upsert", WEB), ("sync", None)]) == {}  # as the writer stage hands them
@@ -296,8 +288,8 @@ def ten_k_services() -> list[Service]:
     return out
 
 
-def test_the_default_sizes_hold_10k_services_x_10_endpoints(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path) as w:  # every map, default sizes, as the agent makes them
+def test_the_default_sizes_hold_10k_services_x_10_endpoints(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir) as w:  # every map, default sizes, as the agent makes them
         w.full_sync(ten_k_services())
         assert w.refused == {} and w.errors == 0
         counts = w.kernel_counts()
@@ -310,9 +302,9 @@ def test_the_default_sizes_hold_10k_services_x_10_endpoints(pin_path: Path) -> N
             assert n <= M.SPECS[name].max_entries
 
 
-def test_a_service_that_shrinks_makes_room_for_a_refused_one(pin_path: Path) -> None:
+def test_a_service_that_shrinks_makes_room_for_a_refused_one(pin_dir: Path) -> None:
     wide = Service(ServiceKey("default", "wide"), tuple(Frontend(CIP, f"10.96.3.{i}", 80, TCP, BACKENDS) for i in range(1, 3)))
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 2}, create_datapath_maps=False) as w:
+    with ServiceMapWriter(pin_dir, sizes={"kpr_svc": 2}, create_datapath_maps=False) as w:
         w.upsert(wide)  # 2 entries
         w.upsert(WEB)  # 1 more does not fit
         assert list(w.refused) == [WEB.key]
@@ -322,23 +314,21 @@ def test_a_service_that_shrinks_makes_room_for_a_refused_one(pin_path: Path) -> 
         kernel_equals_status(w)
 
 
-def test_a_map_pinned_with_an_earlier_default_size_is_kept(pin_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_map_pinned_with_an_earlier_default_size_is_kept(
+    kernel_headers: Path, pin_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from kpr.bpf.inline import inline_includes
     from kpr.bpf.loader import compile_and_load
 
-    pin_path.mkdir(parents=True, exist_ok=True)
-    old = replace(M.SPECS["kpr_svc"], max_entries=65536)
-    with M.BpfMap.create(old) as m:
-        m.pin(pin_path / "kpr_svc")
-        map_id = m.id
+    map_id = pin_map(pin_dir, "kpr_svc", replace(M.SPECS["kpr_svc"], max_entries=65536))
     with caplog.at_level(logging.WARNING, logger="kpr.servicemaps"):
-        w = ServiceMapWriter(pin_path, create_datapath_maps=False).open()
+        w = ServiceMapWriter(pin_dir, create_datapath_maps=False).open()
     try:
         assert "event=servicemaps_pinned_size map=kpr_svc pinned=65536 default=262144" in caplog.text
         assert w.ids()["kpr_svc"] == map_id and w.limits["kpr_svc"] == 65536
         assert w.kpr_status().counters["max_entries_kpr_svc"] == 65536
         # Programs compiled with the default sizes use the pinned map as it is.
-        b = compile_and_load(inline_includes('#include "lib/maps.h"\nint noop(void *ctx) { return 0; }\n'), cflags=M.cflags(pin_path))
+        b = compile_and_load(inline_includes('#include "lib/maps.h"\nint noop(void *ctx) { return 0; }\n'), cflags=M.cflags(pin_dir))
         try:
             assert M.obj_info(b[b"kpr_svc"].map_fd).id == map_id
         finally:
@@ -347,4 +337,4 @@ def test_a_map_pinned_with_an_earlier_default_size_is_kept(pin_path: Path, caplo
         w.close()
     # A size set in bpf.mapSizes must match the pin.
     with pytest.raises(M.MapIncompatible, match="max_entries 65536 \\(want 262144\\)"):
-        ServiceMapWriter(pin_path, sizes={"kpr_svc": 262144}, create_datapath_maps=False).open()
+        ServiceMapWriter(pin_dir, sizes={"kpr_svc": 262144}, create_datapath_maps=False).open()

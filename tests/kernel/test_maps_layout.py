@@ -4,26 +4,18 @@ compiles for both hooks and refuses operations a hook lacks."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kpr.bpf import maps as M
 from kpr.bpf.abi import leaves as layout
-from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.bpf.inline import inline_includes
 from kpr.bpf.loader import CompileError, compile_and_load, load_prog
 from kpr.servicemaps import ServiceMapWriter
+from kpr.testing.bpffs import pin_map
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def pin_path(kernel_headers: Path) -> Iterator[Path]:
-    with scratch_pin_dir() as pin:
-        yield pin
-    assert not pin.exists()
 
 
 def compile_lib(src: str, pin: Path, **kw: object) -> object:
@@ -54,8 +46,8 @@ MIRRORS = {
 }
 
 
-def test_every_struct_matches_its_python_mirror(pin_path: Path) -> None:
-    b = compile_lib(ALL_HEADERS, pin_path)
+def test_every_struct_matches_its_python_mirror(kernel_headers: Path, pin_dir: Path) -> None:
+    b = compile_lib(ALL_HEADERS, pin_dir)
     try:
         for name, (key_mirror, val_mirror) in MIRRORS.items():
             table = b[name.encode()]
@@ -100,12 +92,12 @@ def test_addresses_are_v4_mapped() -> None:
     assert M.wildcard_bytes(4) == M.addr_to_bytes("0.0.0.0") != M.wildcard_bytes(6) == bytes(16)
 
 
-def test_program_loaded_first_creates_maps_the_writer_adopts(pin_path: Path) -> None:
+def test_program_loaded_first_creates_maps_the_writer_adopts(kernel_headers: Path, pin_dir: Path) -> None:
     sizes = {"kpr_svc": 1024, "kpr_backend": 512, "kpr_ct": 2048}
-    b = compile_lib(ALL_HEADERS, pin_path, sizes=sizes, maglev_size=251)
+    b = compile_lib(ALL_HEADERS, pin_dir, sizes=sizes, maglev_size=251)
     try:
         ids = {name: M.obj_info(b[name.encode()].map_fd).id for name in MIRRORS}
-        with ServiceMapWriter(pin_path, sizes=sizes, maglev_size=251) as w:
+        with ServiceMapWriter(pin_dir, sizes=sizes, maglev_size=251) as w:
             # Nothing recreated: the writer uses the very maps bcc created and pinned.
             assert {n: i for n, i in w.ids().items() if n in ids} == ids
             for name, m in w.maps.items():
@@ -114,9 +106,9 @@ def test_program_loaded_first_creates_maps_the_writer_adopts(pin_path: Path) -> 
         b.cleanup()
 
 
-def test_program_loaded_after_the_writer_uses_its_maps(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path) as w:
-        b = compile_lib(ALL_HEADERS, pin_path)
+def test_program_loaded_after_the_writer_uses_its_maps(kernel_headers: Path, pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir) as w:
+        b = compile_lib(ALL_HEADERS, pin_dir)
         try:
             for name in MIRRORS:
                 assert M.obj_info(b[name.encode()].map_fd).id == w.ids()[name], name
@@ -124,15 +116,12 @@ def test_program_loaded_after_the_writer_uses_its_maps(pin_path: Path) -> None:
             b.cleanup()
 
 
-def test_writer_refuses_an_incompatible_pinned_map(pin_path: Path) -> None:
-    pin_path.mkdir(parents=True)
-    wrong = M.MapSpec("kpr_svc", M.BPF_MAP_TYPE_HASH, 24, 16, 65536)
-    with M.BpfMap.create(wrong) as m:
-        m.pin(pin_path / "kpr_svc")
+def test_writer_refuses_an_incompatible_pinned_map(pin_dir: Path) -> None:
+    pin_map(pin_dir, "kpr_svc", M.MapSpec("kpr_svc", M.BPF_MAP_TYPE_HASH, 24, 16, 65536))
     with pytest.raises(M.MapIncompatible, match=r"kpr_svc does not match.*value_size 16 \(want 20\).*kpr cleanup"):
-        ServiceMapWriter(pin_path).open()
+        ServiceMapWriter(pin_dir).open()
     # Nothing was replaced.
-    with M.BpfMap.open_pinned(pin_path / "kpr_svc") as m:
+    with M.BpfMap.open_pinned(pin_dir / "kpr_svc") as m:
         assert m.info().value_size == 16
 
 
@@ -209,7 +198,7 @@ def test_ctx_headers_guard_their_use(kernel_headers: Path) -> None:
         compile_and_load(inline_includes('#include "lib/parse.h"\n'))
 
 
-def test_lb_header_is_context_free_for_socket_hooks(pin_path: Path) -> None:
+def test_lb_header_is_context_free_for_socket_hooks(kernel_headers: Path, pin_dir: Path) -> None:
     # cgroup connect hooks have no packet: lb.h and conntrack.h must compile without a ctx header.
     src = """
 #include "lib/lb.h"
@@ -235,7 +224,7 @@ int sock_connect(struct bpf_sock_addr *ctx)
 	return 1;
 }
 """
-    b = compile_lib(src, pin_path)
+    b = compile_lib(src, pin_dir)
     try:
         load_prog(b, "sock_connect", "CGROUP_SOCK_ADDR", attach_type="CGROUP_INET4_CONNECT")
     finally:

@@ -16,6 +16,7 @@ returned, without a counter.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -67,6 +68,19 @@ class Env:
                 for k, v in p.datapath.stats().items():
                     out[k] = out.get(k, 0) + v
         return out
+
+    def settled_stats(self, quiet: float = 0.5, timeout: float = 10.0) -> dict[str, int]:
+        """node1's counters once they stay still for `quiet` s: an earlier test's flows may
+        still send their last packets (a late FIN or reply counts as reply_snat), which must not
+        count as this test's."""
+        last, deadline = self.stats(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.stats()
+            if now == last:
+                break
+            last = now
+        return last
 
     def snat_source(self, v6: bool = False) -> str:
         """The address a remote backend sees for source-NATed flows: the egress device's."""
@@ -174,7 +188,7 @@ def test_remote_backends_with_dsr(env: Env) -> None:
     if env.xdp:
         pytest.skip("DSR needs bpf_skb_adjust_room: xdp_nodeport refuses mode dsr")
     c = env.c
-    before, before2 = env.stats(), c.stats("node2")
+    before, before2 = env.settled_stats(), c.stats("node2")
     c.apply(loadbalancer("dsr", "203.0.113.12", "p2a", mode="dsr"))
     c.apply(loadbalancer("dsr6", "2001:db8:f::12", "p2a", mode="dsr"))
     _expect(env, before, [("p2a", CLIENT)] * 3, "tcp", "203.0.113.12", 80, 3)

@@ -11,8 +11,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from kpr.testing.nodeport_bench import MAC_NODE2, NODE4, NODEPORT, VIP, ProgLab
-from kpr.testing.netns import in_netns
-from kpr.testing.prog_run import TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, test_run
+from kpr.testing.nodeport_runs import run_counted
+from kpr.testing.prog_run import TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS
 
 pytestmark = pytest.mark.kernel
 
@@ -21,11 +21,7 @@ DROP = {"tc": TC_ACT_SHOT, "xdp": XDP_DROP}
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[ProgLab]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def lab(require_kernel: None) -> Iterator[ProgLab]:
     with ProgLab(2) as pl:
         for hook in ("tc", "xdp"):
             pl.load(hook, hook)
@@ -33,12 +29,7 @@ def lab() -> Iterator[ProgLab]:
 
 
 def run(lab: ProgLab, hook: str, pkt: bytes) -> tuple[int, bytes, dict[str, int]]:
-    dp = lab.builds[hook]
-    before = dp.stats()
-    with in_netns(lab.topo["lb"].path):
-        res = test_run(lab.entry(hook, hook), pkt, ctx=lab.ctx(hook))
-    after = dp.stats()
-    return res.retval, res.data_out, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    return run_counted(lab, hook, hook, pkt)
 
 
 @pytest.mark.parametrize("hook", ["tc", "xdp"])
@@ -187,17 +178,9 @@ def test_the_raw_header_exit_decides_as_the_full_parse(lab: ProgLab, hook: str, 
     """Fragments, IPv4 options, VLAN tags, ICMP, zero UDP checksums, cut headers, IPv6
     extension headers: the build with the raw-header exit gives each the verdict, output and
     counters the build without it gives."""
-    import struct
-
     def once(name: str, pkt: bytes) -> tuple[int, bytes, dict[str, int]]:
         lab.flush_flows()
-        dp = lab.builds[name]
-        ctx = struct.pack("=6I", 0, len(pkt), 0, lab.ifindex, 0, 0) if hook == "xdp" else lab.ctx(hook)
-        before = dp.stats()
-        with in_netns(lab.topo["lb"].path):
-            res = test_run(lab.entry(hook, name), pkt, ctx=ctx)
-        after = dp.stats()
-        return res.retval, res.data_out, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        return run_counted(lab, hook, name, pkt)
 
     differ = []
     for what, pkt in _odd_packets(lab):

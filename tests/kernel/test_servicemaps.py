@@ -1,6 +1,6 @@
 """ServiceMapWriter against real pinned maps, and lib/lb.h reading what it wrote.
 
-Every test works in its own pin dir (scratch_pin_dir) that is cleaned up afterwards.
+Every test works in its own pin dir (kpr.testing's pin_dir fixture) that is cleaned up afterwards.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from scapy.packet import Raw
 
 from kpr import PROJECT, hookspecs
 from kpr.bpf import maps as M
-from kpr.bpf.cleanup import attachments, cleanup, record_attachment, scratch_pin_dir
+from kpr.bpf.cleanup import attachments, cleanup, record_attachment
 from kpr.bpf.inline import inline_includes
 from kpr.bpf.loader import compile_and_load, load_prog
 from kpr.bpf.maglev import build_table
 from kpr.model import Backend, BackendState, Frontend, FrontendType, PluginStatus, Protocol, Service, ServiceKey
 from kpr.servicemaps import ALGORITHM_ANNOTATION, ServiceMapWriter
 from kpr.servicemaps.slots import size_class
+from kpr.testing.bpffs import pin_map
 from kpr.testing.prog_run import XDP_DROP, XDP_PASS, XDP_TX, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 from kpr.testing.prog_run import checksum_problems, test_run
 
@@ -36,15 +37,8 @@ TERM = BackendState.TERMINATING
 
 
 @pytest.fixture
-def pin_path(kernel_headers: Path) -> Iterator[Path]:
-    with scratch_pin_dir() as pin:
-        yield pin
-    assert not pin.exists()
-
-
-@pytest.fixture
-def writer(pin_path: Path) -> Iterator[ServiceMapWriter]:
-    w = ServiceMapWriter(pin_path).open()
+def writer(pin_dir: Path) -> Iterator[ServiceMapWriter]:
+    w = ServiceMapWriter(pin_dir).open()
     yield w
     w.close()
 
@@ -238,12 +232,12 @@ def test_delete_keeps_shared_backends_and_removes_the_rest(writer: ServiceMapWri
     assert writer.read_back() == {"frontends": {}, "backends": {}, "revnat": {}, "maglev_tables": []}
 
 
-def test_restart_adopts_pinned_maps_and_keeps_ids(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path) as w:
+def test_restart_adopts_pinned_maps_and_keeps_ids(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir) as w:
         for s in (web(), DNS, EMPTY):
             w.upsert(s)
         ids, backend_ids, before = w.ids(), w.backend_ids(), w.read_back()
-    with ServiceMapWriter(pin_path) as w2:
+    with ServiceMapWriter(pin_dir) as w2:
         assert w2.ids() == ids  # the same kernel maps: programs using them never notice
         assert w2.backend_ids() == backend_ids
         assert w2.read_back() == before
@@ -261,8 +255,8 @@ def test_restart_adopts_pinned_maps_and_keeps_ids(pin_path: Path) -> None:
         assert w2.backend_ids()["10.1.0.9:8080/TCP"] not in backend_ids.values()
 
 
-def test_full_sync_removes_everything_not_desired(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path) as w:
+def test_full_sync_removes_everything_not_desired(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir) as w:
         for s in (web(), DNS, EMPTY, FALLBACK):
             w.upsert(s)
         # Garbage no service accounts for: a stray backend, rev-NAT entry and source range.
@@ -270,7 +264,7 @@ def test_full_sync_removes_everything_not_desired(pin_path: Path) -> None:
         w.maps["kpr_revnat"].update(M.U32.pack(998), M.REVNAT.pack(M.addr_to_bytes("10.9.9.8"), 1, 6))
         w.maps["kpr_srcrange"].update(M.SRCRANGE_KEY.pack(160, 997, bytes(16)), M.U32.pack(1))
     for batch in (True, False):
-        with ServiceMapWriter(pin_path, batch=batch) as w:
+        with ServiceMapWriter(pin_dir, batch=batch) as w:
             w.full_sync([web(), DNS])
             read = w.read_back()
             assert summary(read) == {k: v for k, v in EXPECTED.items() if "10.96.0.20" not in k and "10.96.0.30" not in k}
@@ -284,8 +278,8 @@ def test_full_sync_removes_everything_not_desired(pin_path: Path) -> None:
             assert summary(w.read_back()) == EXPECTED
 
 
-def test_a_service_that_does_not_fit_is_refused_and_nothing_of_it_is_written(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path, sizes={"kpr_svc": 6}) as w:
+def test_a_service_that_does_not_fit_is_refused_and_nothing_of_it_is_written(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir, sizes={"kpr_svc": 6}) as w:
         w.upsert(EMPTY)
         w.upsert(web())  # 6 service entries do not fit beside EMPTY's: refused before anything is written
         st = w.kpr_status()
@@ -310,8 +304,8 @@ def test_conflicting_frontend_goes_to_the_first_service(writer: ServiceMapWriter
     assert writer.kpr_status().counters["conflicts"] == 0
 
 
-def test_maglev_tables_match_the_python_builder(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path, maglev_size=251) as w:
+def test_maglev_tables_match_the_python_builder(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir, maglev_size=251) as w:
         svc = Service(
             ServiceKey("default", "mg"),
             (Frontend(CIP, "10.96.0.40", 80, TCP_, (be("10.3.0.1"), be("10.3.0.2"), be("10.3.0.3"))),),
@@ -333,7 +327,7 @@ def test_maglev_tables_match_the_python_builder(pin_path: Path) -> None:
         assert w.read_back()["maglev_tables"] == []
 
 
-def test_pinned_maglev_tables_of_another_size_are_refused_by_name(pin_path: Path) -> None:
+def test_pinned_maglev_tables_of_another_size_are_refused_by_name(pin_dir: Path) -> None:
     from kpr.nodeport.datapath import writer_settings
 
     svc = Service(
@@ -341,24 +335,24 @@ def test_pinned_maglev_tables_of_another_size_are_refused_by_name(pin_path: Path
         (Frontend(CIP, "10.96.0.41", 80, TCP_, (be("10.3.0.1"),)),),
         annotations=((ALGORITHM_ANNOTATION, "maglev"),),
     )
-    with ServiceMapWriter(pin_path, maglev_size=251) as w:
+    with ServiceMapWriter(pin_dir, maglev_size=251) as w:
         assert M.inner_max_entries(w.maps["kpr_maglev"]) is None  # no table yet
         w.upsert(svc)
         assert M.inner_max_entries(w.maps["kpr_maglev"]) == 251
     # what the NodePort programs are built with follows the pinned tables
-    assert writer_settings(pin_path).maglev_size == 251
+    assert writer_settings(pin_dir).maglev_size == 251
     with pytest.raises(M.MapIncompatible, match=r"kpr_maglev holds Maglev tables of 251 slots, this kpr builds 509"):
-        ServiceMapWriter(pin_path, maglev_size=509).open()
-    with ServiceMapWriter(pin_path, maglev_size=251) as w:  # the size it was made with still opens
+        ServiceMapWriter(pin_dir, maglev_size=509).open()
+    with ServiceMapWriter(pin_dir, maglev_size=251) as w:  # the size it was made with still opens
         assert "10.96.0.41:80/TCP external" in w.read_back()["frontends"]
 
 
-def test_initial_state_through_the_bus_is_one_full_sync(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path) as w:
+def test_initial_state_through_the_bus_is_one_full_sync(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir) as w:
         for s in (web(), DNS, EMPTY):
             w.upsert(s)
         ids, backend_ids, before = w.ids(), w.backend_ids(), w.read_back()
-    with ServiceMapWriter(pin_path) as w2:
+    with ServiceMapWriter(pin_dir) as w2:
         ops0 = total_ops(w2)
         # What the writer stage (kpr.pipeline) hands it, in two batches.
         assert w2.apply_batch([("upsert", web()), ("upsert", DNS)]) == {}
@@ -376,13 +370,13 @@ def test_initial_state_through_the_bus_is_one_full_sync(pin_path: Path) -> None:
         assert not any(k.startswith("[fd00:96::10]:53/UDP") for k in w2.read_back()["frontends"])
 
 
-def test_writer_is_a_facility_fed_by_the_stage(pin_path: Path) -> None:
-    writer = ServiceMapWriter(pin_path)
+def test_writer_is_a_facility_fed_by_the_stage(pin_dir: Path) -> None:
+    writer = ServiceMapWriter(pin_dir)
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(writer, name="servicemaps")
     pm.hook.kpr_start(context=None)  # opens (creates and pins) the maps
-    assert (pin_path / "kpr_svc").exists()
+    assert (pin_dir / "kpr_svc").exists()
     # Service events come from the writer stage, never from a plugin hook call.
     pm.hook.kpr_service_upsert(service=web())
     assert writer.initial_written is False and not writer._initial
@@ -393,22 +387,22 @@ def test_writer_is_a_facility_fed_by_the_stage(pin_path: Path) -> None:
     assert (c["services"], c["frontends"], c["backends"], c["errors"]) == (1, 4, 3, 0)
     assert c["map_entries"] == sum(v for k, v in c.items() if k.startswith("entries_"))
     pm.hook.kpr_stop(context=None)  # closes; the pins stay for the next agent
-    assert not writer.maps and (pin_path / "kpr_svc").exists()
+    assert not writer.maps and (pin_dir / "kpr_svc").exists()
     (status,) = pm.hook.kpr_status()
     assert not status.healthy
 
 
-def test_cleanup_removes_pins_and_registry(pin_path: Path) -> None:
-    with ServiceMapWriter(pin_path) as w:
+def test_cleanup_removes_pins_and_registry(pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir) as w:
         w.upsert(web())
-    record_attachment(pin_path, "cgroup", {"cgroup": "/nonexistent/kpr-test", "attach_type": 0}, "sock_connect")
-    assert [a["prog_name"] for a in attachments(pin_path)] == ["sock_connect"]
-    removed = cleanup(pin_path)
-    assert not pin_path.exists()
-    assert f"removed pin {pin_path / 'kpr_svc'}" in removed
-    assert f"removed pin {pin_path / 'kpr_attach'}" in removed
+    record_attachment(pin_dir, "cgroup", {"cgroup": "/nonexistent/kpr-test", "attach_type": 0}, "sock_connect")
+    assert [a["prog_name"] for a in attachments(pin_dir)] == ["sock_connect"]
+    removed = cleanup(pin_dir)
+    assert not pin_dir.exists()
+    assert f"removed pin {pin_dir / 'kpr_svc'}" in removed
+    assert f"removed pin {pin_dir / 'kpr_attach'}" in removed
     assert any("cgroup is gone" in line for line in removed)
-    assert cleanup(pin_path) == []
+    assert cleanup(pin_dir) == []
 
 
 # ---------------------------------------------------------------------- lib/lb.h on packets
@@ -481,7 +475,8 @@ int revnat_test(kpr_ctx_t *ctx)
 	rn = kpr_lb_revnat(*idx);
 	if (!rn)
 		return CTX_DROP;
-	if (kpr_nat_revnat(ctx, &pkt, rn))
+	// The reply's source becomes the frontend (kpr_revnat), as host_routing.h's reply path rewrites it.
+	if (kpr_nat_snat(ctx, &pkt, &rn->addr, rn->port))
 		return CTX_DROP;
 	return ctx_tx(ctx);
 }
@@ -616,11 +611,13 @@ MAGLEV_SVC = Service(
 
 
 @pytest.fixture(params=["xdp", "skb"])
-def lb_setup(request: pytest.FixtureRequest, pin_path: Path) -> Iterator[tuple[LbProgram, ServiceMapWriter]]:
-    w = ServiceMapWriter(pin_path, maglev_size=MAGLEV_M).open()
+def lb_setup(
+    request: pytest.FixtureRequest, kernel_headers: Path, pin_dir: Path
+) -> Iterator[tuple[LbProgram, ServiceMapWriter]]:
+    w = ServiceMapWriter(pin_dir, maglev_size=MAGLEV_M).open()
     for s in (web(), DNS, EMPTY, MAGLEV_SVC):
         w.upsert(s)
-    prog = LbProgram(request.param, pin_path)
+    prog = LbProgram(request.param, pin_dir)
     try:
         yield prog, w
     finally:
@@ -781,7 +778,9 @@ def _cgroup_progs(cg: Path, attach_type: int) -> list[int]:
         os.close(fd)
 
 
-def test_cleanup_detaches_exactly_what_kpr_recorded(pin_path: Path, topology: object, cgroup: Path) -> None:
+def test_cleanup_detaches_exactly_what_kpr_recorded(
+    kernel_headers: Path, pin_dir: Path, topology: object, cgroup: Path
+) -> None:
     import os
 
     from bcc import BPFAttachType
@@ -827,18 +826,18 @@ def test_cleanup_detaches_exactly_what_kpr_recorded(pin_path: Path, topology: ob
 
             ns_path = str(node.path)
             for direction in ("ingress", "egress"):
-                record_attachment(pin_path, "tc", {"ifname": "eth0", "direction": direction, "netns": ns_path}, "kpr_tc",
+                record_attachment(pin_dir, "tc", {"ifname": "eth0", "direction": direction, "netns": ns_path}, "kpr_tc",
                                   prog_id=prog_id("kpr_tc"))
-            record_attachment(pin_path, "xdp", {"ifname": "eth0", "netns": ns_path}, "kpr_xdp", prog_id=prog_id("kpr_xdp"))
-            record_attachment(pin_path, "cgroup", {"cgroup": str(cgroup), "attach_type": "CGROUP_INET4_CONNECT"},
+            record_attachment(pin_dir, "xdp", {"ifname": "eth0", "netns": ns_path}, "kpr_xdp", prog_id=prog_id("kpr_xdp"))
+            record_attachment(pin_dir, "cgroup", {"cgroup": str(cgroup), "attach_type": "CGROUP_INET4_CONNECT"},
                               "kpr_connect", prog_id=prog_id("kpr_connect"))
             # Recording the same hook again replaces the record rather than adding one.
-            record_attachment(pin_path, "xdp", {"ifname": "eth0", "netns": ns_path}, "kpr_xdp", prog_id=prog_id("kpr_xdp"))
-            assert len(attachments(pin_path)) == 4
-            with ServiceMapWriter(pin_path) as w:
+            record_attachment(pin_dir, "xdp", {"ifname": "eth0", "netns": ns_path}, "kpr_xdp", prog_id=prog_id("kpr_xdp"))
+            assert len(attachments(pin_dir)) == 4
+            with ServiceMapWriter(pin_dir) as w:
                 w.upsert(web())
 
-            removed = cleanup(pin_path)
+            removed = cleanup(pin_dir)
 
             assert _tc_names(node, "ingress") == ["other_tc"]
             assert _tc_names(node, "egress") == []
@@ -851,7 +850,7 @@ def test_cleanup_detaches_exactly_what_kpr_recorded(pin_path: Path, topology: ob
             assert sum(line.startswith("detached tc") for line in removed) == 2
             assert sum(line.startswith("detached xdp") for line in removed) == 1
             assert sum(line.startswith("detached cgroup") for line in removed) == 1
-            assert not pin_path.exists()
+            assert not pin_dir.exists()
             b.detach_func(progs["other_connect"], cg_fd, BPFAttachType.CGROUP_INET6_CONNECT)
         finally:
             os.close(cg_fd)
@@ -877,7 +876,9 @@ def test_nat_header_allocates_snat_ports_and_reverses_replies(lb_setup: tuple[Lb
     assert p.run(v4("198.51.100.1", SNAT_ADDR, 443, 1), fn="snat_in")[0] == p.passed
 
 
-def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore_them(pin_path: Path) -> None:
+def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore_them(
+    kernel_headers: Path, pin_dir: Path
+) -> None:
     """Upgrade from the per-slot layout (README "Service map writer: the slot layout"): an
     older kpr kept backend slots 1..count as kpr_svc entries, read by its programs still
     attached, and kpr_backend was a hash. The new writer copies the hash into an array (every
@@ -885,30 +886,26 @@ def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore
     sync and deletes them at the first check() after it; new programs read only kpr_slots."""
     from dataclasses import replace
 
-    pin_path.mkdir(parents=True, exist_ok=True)
     specs = M.specs_with(None, MAGLEV_M)
-    specs["kpr_backend"] = replace(specs["kpr_backend"], type=M.BPF_MAP_TYPE_HASH, flags=0)
     vip, port = M.addr_to_bytes("10.96.0.10"), M.htons(80)
-    for name in ("kpr_svc", "kpr_backend", "kpr_revnat"):
-        with M.BpfMap.create(specs[name]) as m:
-            m.pin(pin_path / name)
-            if name == "kpr_svc":  # slot 0 (backend_id 0), slots 1..2 naming backends 11 and 12
-                m.update(M.SVC_KEY.pack(vip, port, 6, 0, 0, 0), M.SVC_VAL.pack(0, 2, 0, 7, M.SVC_F_CLUSTER_IP, 0))
-                for slot, bid in ((1, 11), (2, 12)):
-                    m.update(M.SVC_KEY.pack(vip, port, 6, 0, slot, 0), M.SVC_VAL.pack(bid, 0, 0, 7, M.BACKEND_ACTIVE, 0))
-            elif name == "kpr_backend":
-                for bid, addr in ((11, "10.1.0.1"), (12, "10.1.0.2")):
-                    m.update(M.U32.pack(bid), M.BACKEND.pack(M.addr_to_bytes(addr), M.htons(8080), 6, 0, 0))
-            else:
-                m.update(M.U32.pack(7), M.REVNAT.pack(vip, port, 6))
+    # kpr_svc: slot 0 (backend_id 0), slots 1..2 naming backends 11 and 12
+    svc_entries = {M.SVC_KEY.pack(vip, port, 6, 0, 0, 0): M.SVC_VAL.pack(0, 2, 0, 7, M.SVC_F_CLUSTER_IP, 0)}
+    for slot, bid in ((1, 11), (2, 12)):
+        svc_entries[M.SVC_KEY.pack(vip, port, 6, 0, slot, 0)] = M.SVC_VAL.pack(bid, 0, 0, 7, M.BACKEND_ACTIVE, 0)
+    pin_map(pin_dir, "kpr_svc", specs["kpr_svc"], svc_entries)
+    pin_map(pin_dir, "kpr_backend", replace(specs["kpr_backend"], type=M.BPF_MAP_TYPE_HASH, flags=0), {
+        M.U32.pack(bid): M.BACKEND.pack(M.addr_to_bytes(addr), M.htons(8080), 6, 0, 0)
+        for bid, addr in ((11, "10.1.0.1"), (12, "10.1.0.2"))
+    })
+    pin_map(pin_dir, "kpr_revnat", specs["kpr_revnat"], {M.U32.pack(7): M.REVNAT.pack(vip, port, 6)})
     svc = Service(ServiceKey("default", "web"), (Frontend(CIP, "10.96.0.10", 80, TCP_, (be("10.1.0.1"), be("10.1.0.2"))),))
     label = "10.96.0.10:80/TCP external"
-    with ServiceMapWriter(pin_path, maglev_size=MAGLEV_M) as w:
+    with ServiceMapWriter(pin_dir, maglev_size=MAGLEV_M) as w:
         assert w.read_back()["frontends"][label]["stray_slots"] == [1, 2]
         assert w.backend_ids() == {"10.1.0.1:8080/TCP": 11, "10.1.0.2:8080/TCP": 12}
         info = w.maps["kpr_backend"].info()
         assert (info.type, info.max_entries) == (M.BPF_MAP_TYPE_ARRAY, M.SPECS["kpr_backend"].max_entries)
-        with M.BpfMap.open_pinned(pin_path / "kpr_backend") as pinned:
+        with M.BpfMap.open_pinned(pin_dir / "kpr_backend") as pinned:
             assert pinned.id == w.ids()["kpr_backend"], "the array is pinned in the hash's place"
         # the initial state, as the writer stage hands it over
         assert w.apply_batch([("upsert", svc), ("sync", None)]) == {}
@@ -921,7 +918,7 @@ def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore
         # reach both backends through kpr_slots.
         for slot in (1, 2):
             w.maps["kpr_svc"].update(M.SVC_KEY.pack(vip, port, 6, 0, slot, 0), M.SVC_VAL.pack(12, 0, 0, 7, 0, 0))
-        prog = LbProgram("skb", pin_path)
+        prog = LbProgram("skb", pin_dir)
         try:
             prog.cfg(FROM_CLUSTER)
             picks = {dest(prog.run(v4("10.0.1.5", "10.96.0.10", 41000 + i, 80))[1]) for i in range(30)}
@@ -935,7 +932,7 @@ def test_an_older_kprs_slot_entries_stay_until_the_sweep_and_new_programs_ignore
             prog.b.cleanup()
 
 
-def test_a_range_freed_in_a_batch_is_reused_only_by_a_later_one(pin_path: Path) -> None:
+def test_a_range_freed_in_a_batch_is_reused_only_by_a_later_one(pin_dir: Path) -> None:
     """A change writes the frontend's new kpr_slots range before the entry pointing at it and
     frees the old one after; a program that read the old entry just before may still read the
     old range, so no change of the same bus batch may take it."""
@@ -947,7 +944,7 @@ def test_a_range_freed_in_a_batch_is_reused_only_by_a_later_one(pin_path: Path) 
         raw = w.maps["kpr_svc"].lookup(M.SVC_KEY.pack(M.addr_to_bytes(vip), M.htons(80), 6, 0, 0, 0))
         return M.SVC_VAL.unpack(raw)[0]
 
-    with ServiceMapWriter(pin_path) as w:
+    with ServiceMapWriter(pin_dir) as w:
         assert w.apply_batch([("upsert", svc("a", "10.96.5.1", B2)), ("sync", None)]) == {}
         old = base("10.96.5.1")
         # a's backend changes (a new range of the same size class) and b arrives, in one batch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -20,10 +19,12 @@ from typing import Any
 import pytest
 
 from kpr.bpf import maps as M
-from kpr.bpf.cleanup import attachments, cleanup, scratch_pin_dir
+from kpr.bpf.cleanup import attachments, cleanup
 from kpr.bpf.loader import compile_and_load, load_prog
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.testing.agent import AgentConfig, kpr_cleanup, running_agent
 from kpr.testing.netns import Topology
+from kpr.testing.waiting import wait_for
 
 from tc_nodeport_env import (
     CLIENT,
@@ -87,7 +88,6 @@ def test_a_pod_created_after_start_is_reached_through_its_peer(env: Cluster) -> 
     """The agent follows links as they come (kpr.netdevs): a pod's veth made after the programs
     were attached is known to them at once, so its first packets go by bpf_redirect_peer, not
     to the stack as a device of unknown kind; when the pod goes, its device's entry goes."""
-    from kpr.testing.waiting import wait_for
 
     from tc_nodeport_env import PORT, PY, SERVER
 
@@ -172,10 +172,10 @@ def test_health_check_node_port_answers_200_or_503(env: Cluster) -> None:
 def test_frontend_without_backends_refuses_at_once(env: Cluster) -> None:
     env.apply(loadbalancer("empty", "203.0.113.13"))
     env.apply(loadbalancer("empty-udp", "203.0.113.13", proto=UDP, port=53))
-    t0 = time.monotonic()
+    # ECONNREFUSED, not TimeoutError: a TCP reset and an ICMP port unreachable came back (the
+    # answer tells a refusal from a timeout; no clock needed)
     assert answers(client(env.topo, "tcp", "203.0.113.13", 80, 1)) == ["ECONNREFUSED"]
     assert answers(client(env.topo, "udp", "203.0.113.13", 53, 1)) == ["ECONNREFUSED"]
-    assert time.monotonic() - t0 < 1.5, "ICMP port unreachable, not a timeout"
 
 
 def test_unserved_port_on_an_announced_address_is_dropped_not_looped(env: Cluster) -> None:
@@ -229,13 +229,18 @@ def test_stale_udp_flows_are_cleared_when_the_backend_goes(env: Cluster) -> None
 
 
 def test_conntrack_gc_counts_and_expires(env: Cluster) -> None:
+    # a remote backend (SNAT: its mapping in the conntrack entry and kpr_snat) and a local one
+    # (DNAT only: a kpr_np_rev entry), so every kind of entry is this test's own, whatever ran before
     env.apply(loadbalancer("gc", "203.0.113.18", "p2a", proto=UDP, port=53))
+    env.apply(loadbalancer("gc-local", "203.0.113.20", "p1a", proto=UDP, port=53))
     client(env.topo, "udp", "203.0.113.18", 53, 3)
+    got = answers(client(env.topo, "udp", "203.0.113.20", 53, 3))
+    assert len(got) == 3 and all(a.startswith("p1a") for a in got), got
     p = env.plugins["node1"].nodeport
     assert p is not None and p.collector is not None
     p.collector.run()
     st = p.kpr_status().counters
-    assert st["conntrack_entries"] >= 3 and st["snat_entries"] >= 3 and st["reverse_entries"] >= 3, st
+    assert st["conntrack_entries"] >= 6 and st["snat_entries"] >= 3 and st["reverse_entries"] >= 3, st
     # pretend 2 minutes passed: UDP flows (60 s) expire, their SNAT ports come back
     import kpr.nodeport.gc as G
 
@@ -245,7 +250,7 @@ def test_conntrack_gc_counts_and_expires(env: Cluster) -> None:
         res = p.collector.run()
     finally:
         G.now_ns = real  # type: ignore[assignment]
-    assert res.ct_expired >= 3 and res.snat_freed >= 3 and res.rev_expired >= 3, res
+    assert res.ct_expired >= 6 and res.snat_freed >= 3 and res.rev_expired >= 3, res
 
 
 def test_status_reports_what_the_writer_does_not_honour(env: Cluster) -> None:
@@ -265,96 +270,97 @@ def test_status_reports_what_the_writer_does_not_honour(env: Cluster) -> None:
 FOREIGN = "int foreign_ingress(struct __sk_buff *skb) { return -1; }\n"  # TC_ACT_UNSPEC: let the next filter run
 
 
-def test_foreign_filters_are_never_touched_and_reattach_is_idempotent(kernel_headers: Path) -> None:
+def test_foreign_filters_are_never_touched_and_reattach_is_idempotent(
+    kernel_headers: Path, pin_dir: Path, topology: Topology
+) -> None:
     from pyroute2 import IPRoute
 
-    with scratch_pin_dir("kpr-np-att") as pin, Topology() as topo:
-        build_topology(topo, second_device=False, pods=("p1a",))
-        b = compile_and_load(FOREIGN)
-        try:
-            fn = load_prog(b, "foreign_ingress", "SCHED_CLS")
-            with topo["node1"].enter(), IPRoute() as ipr:
-                idx = ipr.link_lookup(ifname="eth0")[0]
-                ipr.tc("add", "clsact", idx)
-                ipr.tc("add-filter", "bpf", idx, ":1", fd=fn.fd, name="foreign_ingress", parent="ffff:fff2", classid=1,
-                       direct_action=True, prio=1)
-            with node_harness(topo, "node1", pin) as h:
-                h.apply(nodeport("att", 30090, "p1a")("node1"))
-                p1 = start_plugin(h)
-                # pref 1 is the foreign filter's: kpr takes the next one and leaves it alone (no
-                # tcx link at that hook: it would run ahead of the foreign filter); egress has
-                # no foreign filter: a tcx link
-                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
-                assert p1.kpr_status().details["foreignFiltersFirst"] == {"eth0": ["foreign_ingress"]}
-                assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
-                # a second agent (restart) replaces kpr's filter in place: no duplicate, no gap
-                p2 = start_plugin(h, keep_attached_on_stop=False)
-                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
-                assert tc_filters(topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
-                assert len([a for a in attachments(pin) if a["target"]["ifname"] == "eth0"]) == 2
-                assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
-                h.forget(p1)
-                p1.datapath.close()  # the first agent is gone (its programs were replaced)
-                p1.datapath = None
-                h.stop(p2)
-                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
-                assert tc_filters(topo, "node1", "eth0", "egress") == []
-                assert attachments(pin) == []
-        finally:
-            b.cleanup()
-
-
-def test_node_changes_reattach(kernel_headers: Path) -> None:
-    with scratch_pin_dir("kpr-np-nc") as pin, Topology() as topo:
-        build_topology(topo, pods=())
+    pin, topo = pin_dir, topology
+    build_topology(topo, second_device=False, pods=("p1a",))
+    b = compile_and_load(FOREIGN)
+    try:
+        fn = load_prog(b, "foreign_ingress", "SCHED_CLS")
+        with topo["node1"].enter(), IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname="eth0")[0]
+            ipr.tc("add", "clsact", idx)
+            ipr.tc("add-filter", "bpf", idx, ":1", fd=fn.fd, name="foreign_ingress", parent="ffff:fff2", classid=1,
+                   direct_action=True, prio=1)
         with node_harness(topo, "node1", pin) as h:
-            start_plugin(h)
-            assert tc_filters(topo, "node1", "eth1", "ingress") == []
-            from kpr.model import NodeInfo
+            h.apply(nodeport("att", 30090, "p1a")("node1"))
+            p1 = start_plugin(h)
+            # pref 1 is the foreign filter's: kpr takes the next one and leaves it alone (no
+            # tcx link at that hook: it would run ahead of the foreign filter); egress has
+            # no foreign filter: a tcx link
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
+            assert p1.kpr_status().details["foreignFiltersFirst"] == {"eth0": ["foreign_ingress"]}
+            assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
+            # a second agent (restart) replaces kpr's filter in place: no duplicate, no gap
+            p2 = start_plugin(h, keep_attached_on_stop=False)
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress"), (2, "kpr_np_ingress")]
+            assert tc_filters(topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
+            assert len([a for a in attachments(pin) if a["target"]["ifname"] == "eth0"]) == 2
+            assert _name_and_peer(client(topo, "tcp", N1, 30090, 1)) == [("p1a", CLIENT)]
+            h.forget(p1)
+            p1.datapath.close()  # the first agent is gone (its programs were replaced)
+            p1.datapath = None
+            h.stop(p2)
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
+            assert tc_filters(topo, "node1", "eth0", "egress") == []
+            assert attachments(pin) == []
+    finally:
+        b.cleanup()
 
-            # from a thread outside the node's namespace, as the bus worker may be
-            h.node_changed(NodeInfo("node1", (N1, NODE1_ETH1), ("eth0", "eth1")))
-            assert tc_filters(topo, "node1", "eth1", "ingress") == [(TCX, "kpr_np_ingress")]
-            h.node_changed(NodeInfo("node1", (NODE1_ETH1,), ("eth1",)))
-            assert tc_filters(topo, "node1", "eth0", "ingress") == []
-            assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
+
+def test_node_changes_reattach(kernel_headers: Path, pin_dir: Path, topology: Topology) -> None:
+    pin, topo = pin_dir, topology
+    build_topology(topo, pods=())
+    with node_harness(topo, "node1", pin) as h:
+        start_plugin(h)
+        assert tc_filters(topo, "node1", "eth1", "ingress") == []
+        from kpr.model import NodeInfo
+
+        # from a thread outside the node's namespace, as the bus worker may be
+        h.node_changed(NodeInfo("node1", (N1, NODE1_ETH1), ("eth0", "eth1")))
+        assert tc_filters(topo, "node1", "eth1", "ingress") == [(TCX, "kpr_np_ingress")]
+        h.node_changed(NodeInfo("node1", (NODE1_ETH1,), ("eth1",)))
+        assert tc_filters(topo, "node1", "eth0", "ingress") == []
+        assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
 
 
-def test_kpr_cleanup_detaches_what_a_killed_agent_left(kernel_headers: Path, tmp_path: Path) -> None:
+def test_kpr_cleanup_detaches_what_a_killed_agent_left(
+    kernel_headers: Path, tmp_path: Path, pin_dir: Path, topology: Topology
+) -> None:
     # The killed agent's tcx links, plus an orphan of an older version (a kpr clsact filter)
     # and another owner's filter at the same hook: kpr's go, the other owner's stays.
     from pyroute2 import IPRoute
 
-    with scratch_pin_dir("kpr-np-clean") as pin, Topology() as topo:
-        build_topology(topo, pods=())
-        b = compile_and_load(FOREIGN)
-        with node_harness(topo, "node1", pin, ("eth0", "eth1")) as h:  # stopping p leaves its links
-            p = start_plugin(h)
-            try:
-                assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
-                fn = load_prog(b, "foreign_ingress", "SCHED_CLS")
-                with topo["node1"].enter(), IPRoute() as ipr:
-                    idx = ipr.link_lookup(ifname="eth0")[0]
-                    ipr.tc("add", "clsact", idx)
-                    for prio, fd, name in ((1, fn.fd, "foreign_ingress"), (2, p.datapath.fd("kpr_np_ingress"), "kpr_np_ingress")):
-                        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent="ffff:fff2", classid=1,
-                               direct_action=True, prio=prio)
-                assert tc_filters(topo, "node1", "eth0", "ingress") == [
-                    (TCX, "kpr_np_ingress"), (1, "foreign_ingress"), (2, "kpr_np_ingress")]
-                cfg = tmp_path / "kpr.yaml"
-                cfg.write_text(f"bpf: {{pinPath: {pin}}}\n")
-                kpr = Path(sys.executable).with_name("kpr")
-                res = subprocess.run([str(kpr), "cleanup", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-                assert res.returncode == 0, res.stderr
-                assert res.stdout.count("detached tcx link") == 4, res.stdout
-                assert res.stdout.count("detached tc ingress filter kpr_np_ingress") == 1, res.stdout
-                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
-                assert tc_filters(topo, "node1", "eth0", "egress") == []
-                for d in ("ingress", "egress"):
-                    assert tc_filters(topo, "node1", "eth1", d) == []
-                assert not pin.exists()
-            finally:
-                b.cleanup()
+    pin, topo = pin_dir, topology
+    build_topology(topo, pods=())
+    b = compile_and_load(FOREIGN)
+    with node_harness(topo, "node1", pin, ("eth0", "eth1")) as h:  # stopping p leaves its links
+        p = start_plugin(h)
+        try:
+            assert tc_filters(topo, "node1", "eth1", "egress") == [(TCX, "kpr_np_egress")]
+            fn = load_prog(b, "foreign_ingress", "SCHED_CLS")
+            with topo["node1"].enter(), IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname="eth0")[0]
+                ipr.tc("add", "clsact", idx)
+                for prio, fd, name in ((1, fn.fd, "foreign_ingress"), (2, p.datapath.fd("kpr_np_ingress"), "kpr_np_ingress")):
+                    ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent="ffff:fff2", classid=1,
+                           direct_action=True, prio=prio)
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [
+                (TCX, "kpr_np_ingress"), (1, "foreign_ingress"), (2, "kpr_np_ingress")]
+            res = kpr_cleanup(pin, tmp_path)  # `kpr cleanup`, as an operator runs it
+            assert res.returncode == 0, res.stderr
+            assert res.stdout.count("detached tcx link") == 4, res.stdout
+            assert res.stdout.count("detached tc ingress filter kpr_np_ingress") == 1, res.stdout
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "foreign_ingress")]
+            assert tc_filters(topo, "node1", "eth0", "egress") == []
+            for d in ("ingress", "egress"):
+                assert tc_filters(topo, "node1", "eth1", d) == []
+            assert not pin.exists()
+        finally:
+            b.cleanup()
 
 
 def _tags(ids: list[int]) -> set[bytes | None]:
@@ -372,7 +378,9 @@ def _tcx_ids(topo: Topology, dev: str, direction: str) -> list[int]:
         return [pid for pid, _n in tcx_programs(socket.if_nametoindex(dev), direction)]
 
 
-def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -> None:
+def test_stop_kill_and_upgrade_keep_one_program_per_hook(
+    kernel_headers: Path, pin_dir: Path, topology: Topology
+) -> None:
     """Stop leaves the tcx links; the next instance adopts them (after a stop: the same build,
     no compile) or updates them (after a kill, an upgrade): one program per hook, the same links and maps, the NodePort served throughout; a
     device dropped from node.devices loses kpr's programs even when an earlier run put them
@@ -381,108 +389,110 @@ def test_stop_kill_and_upgrade_keep_one_program_per_hook(kernel_headers: Path) -
 
     from kpr.bpf import links
 
-    with scratch_pin_dir("kpr-np-adopt") as pin, Topology() as topo:
-        build_topology(topo, pods=("p1a",))
-        started: list = []
-        try:
-            with node_harness(topo, "node1", pin, ("eth0", "eth1")) as h:
-                h.apply(nodeport("adopt", 30091, "p1a")("node1"))
+    pin, topo = pin_dir, topology
+    build_topology(topo, pods=("p1a",))
+    started: list = []
+    try:
+        with node_harness(topo, "node1", pin, ("eth0", "eth1")) as h:
+            h.apply(nodeport("adopt", 30091, "p1a")("node1"))
 
-                def start(devices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-                    p = start_plugin(h, devices, **kw)
-                    started.append(p)
-                    return p
+            def start(devices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+                p = start_plugin(h, devices, **kw)
+                started.append(p)
+                return p
 
-                def one_each(devices: tuple[str, ...] = ("eth0", "eth1")) -> None:
-                    for dev in devices:
-                        assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")]
-                        assert tc_filters(topo, "node1", dev, "egress") == [(TCX, "kpr_np_egress")]
+            def one_each(devices: tuple[str, ...] = ("eth0", "eth1")) -> None:
+                for dev in devices:
+                    assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")]
+                    assert tc_filters(topo, "node1", dev, "egress") == [(TCX, "kpr_np_egress")]
 
-                serve = lambda: _name_and_peer(client(topo, "tcp", N1, 30091, 2)) == [("p1a", CLIENT)] * 2  # noqa: E731
-                p1 = start()
-                one_each()
-                assert {a.action for a in p1._attached.values()} == {"created"}
-                ids1 = {k: links.link_info(a.link_fd).id for k, a in p1._attached.items()}
-                maps1 = {n: m.id for n, m in p1.datapath.maps.items()}
-                assert serve()
-                h.stop(p1)  # SIGTERM: the links stay, the NodePort is served
-                one_each()
-                assert serve()
-                p2 = start()  # the same build: the links' programs kept, no compile
-                one_each()
-                assert p2.datapath.build == "adopted"
-                assert {a.action for a in p2._attached.values()} == {"adopted"}
-                assert {k: links.link_info(a.link_fd).id for k, a in p2._attached.items()} == ids1
-                assert {n: m.id for n, m in p2.datapath.maps.items()} == maps1
-                before = _tags(_tcx_ids(topo, "eth0", "ingress"))
-                # SIGKILL and an upgrade (ICMP unreachable compiled out): p2 never stops; the new
-                # build replaces it through the links
-                p3 = start(extra_cflags=["-UKPR_NP_ICMP_UNREACH", "-DKPR_NP_ICMP_UNREACH=0"])
-                one_each()
-                assert p3.datapath.build == "compiled"
-                assert {a.action for a in p3._attached.values()} == {"updated"}
-                assert {k: links.link_info(a.link_fd).id for k, a in p3._attached.items()} == ids1
-                assert {n: m.id for n, m in p3.datapath.maps.items()} == maps1
-                # the entries run the new build (the changed code is in a stage: the pinned
-                # kpr_np_calls array holds the new stages)
-                assert _tcx_ids(topo, "eth0", "ingress") == [p3.datapath.prog_id("kpr_np_ingress")]
-                assert _tags(_tcx_ids(topo, "eth0", "ingress")) == before
-                assert serve()
-                h.apply(nodeport("adopt-empty", 30093)("node1"))
-                assert answers(client(topo, "tcp", N1, 30093, 1, "timeout=1")) == ["TimeoutError"], "dropped, no ICMP"
-                assert len(attachments(pin)) == 4
-                # an older version's clsact filter at a hook (as kpr attached before links)
-                with topo["node1"].enter(), IPRoute() as ipr:
-                    idx = ipr.link_lookup(ifname="eth0")[0]
-                    ipr.tc("add", "clsact", idx)  # tcx needs none
-                    ipr.tc("add-filter", "bpf", idx, ":1", fd=p3.datapath.fd("kpr_np_ingress"), name="kpr_np_ingress",
-                           parent="ffff:fff2", classid=1, direct_action=True, prio=1)
-                assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress"), (1, "kpr_np_ingress")]
-                # a new instance for eth0 only: eth1 was an earlier run's, and goes
-                p4 = start(("eth0",))
-                one_each(("eth0",))
-                for d in ("ingress", "egress"):
-                    assert tc_filters(topo, "node1", "eth1", d) == []
-                assert [r["target"]["ifname"] for r in attachments(pin)] == ["eth0", "eth0"]
-                assert sorted(p.name for p in (pin / "links" / "tc_nodeport").iterdir()) == ["eth0"]
-                assert serve()
-        finally:
-            for p in started:
-                with contextlib.suppress(Exception):
-                    p._teardown(detach=False)
+            serve = lambda: _name_and_peer(client(topo, "tcp", N1, 30091, 2)) == [("p1a", CLIENT)] * 2  # noqa: E731
+            p1 = start()
+            one_each()
+            assert {a.action for a in p1._attached.values()} == {"created"}
+            ids1 = {k: links.link_info(a.link_fd).id for k, a in p1._attached.items()}
+            maps1 = {n: m.id for n, m in p1.datapath.maps.items()}
+            assert serve()
+            h.stop(p1)  # SIGTERM: the links stay, the NodePort is served
+            one_each()
+            assert serve()
+            p2 = start()  # the same build: the links' programs kept, no compile
+            one_each()
+            assert p2.datapath.build == "adopted"
+            assert {a.action for a in p2._attached.values()} == {"adopted"}
+            assert {k: links.link_info(a.link_fd).id for k, a in p2._attached.items()} == ids1
+            assert {n: m.id for n, m in p2.datapath.maps.items()} == maps1
+            before = _tags(_tcx_ids(topo, "eth0", "ingress"))
+            # SIGKILL and an upgrade (ICMP unreachable compiled out): p2 never stops; the new
+            # build replaces it through the links
+            p3 = start(extra_cflags=["-UKPR_NP_ICMP_UNREACH", "-DKPR_NP_ICMP_UNREACH=0"])
+            one_each()
+            assert p3.datapath.build == "compiled"
+            assert {a.action for a in p3._attached.values()} == {"updated"}
+            assert {k: links.link_info(a.link_fd).id for k, a in p3._attached.items()} == ids1
+            assert {n: m.id for n, m in p3.datapath.maps.items()} == maps1
+            # the entries run the new build (the changed code is in a stage: the pinned
+            # kpr_np_calls array holds the new stages)
+            assert _tcx_ids(topo, "eth0", "ingress") == [p3.datapath.prog_id("kpr_np_ingress")]
+            assert _tags(_tcx_ids(topo, "eth0", "ingress")) == before
+            assert serve()
+            h.apply(nodeport("adopt-empty", 30093)("node1"))
+            assert answers(client(topo, "tcp", N1, 30093, 1, "timeout=1")) == ["TimeoutError"], "dropped, no ICMP"
+            assert len(attachments(pin)) == 4
+            # an older version's clsact filter at a hook (as kpr attached before links)
+            with topo["node1"].enter(), IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname="eth0")[0]
+                ipr.tc("add", "clsact", idx)  # tcx needs none
+                ipr.tc("add-filter", "bpf", idx, ":1", fd=p3.datapath.fd("kpr_np_ingress"), name="kpr_np_ingress",
+                       parent="ffff:fff2", classid=1, direct_action=True, prio=1)
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress"), (1, "kpr_np_ingress")]
+            # a new instance for eth0 only: eth1 was an earlier run's, and goes
+            p4 = start(("eth0",))
+            one_each(("eth0",))
+            for d in ("ingress", "egress"):
+                assert tc_filters(topo, "node1", "eth1", d) == []
+            assert [r["target"]["ifname"] for r in attachments(pin)] == ["eth0", "eth0"]
+            assert sorted(p.name for p in (pin / "links" / "tc_nodeport").iterdir()) == ["eth0"]
+            assert serve()
+    finally:
+        for p in started:
+            with contextlib.suppress(Exception):
+                p._teardown(detach=False)
 
 
-def test_without_tcx_links_clsact_filters_keep_one_copy(kernel_headers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_tcx_links_clsact_filters_keep_one_copy(
+    kernel_headers: Path, monkeypatch: pytest.MonkeyPatch, pin_dir: Path, topology: Topology
+) -> None:
     """KPR_BPF_LINKS=tcx: clsact filters as before links, replaced in place by the next
     instance; allowed again, the next instance moves to a tcx link and drops the filter."""
-    with scratch_pin_dir("kpr-np-fb") as pin, Topology() as topo:
-        build_topology(topo, second_device=False, pods=("p1a",))
-        started: list = []
-        try:
-            with node_harness(topo, "node1", pin) as h:
-                h.apply(nodeport("fb", 30092, "p1a")("node1"))
-                serve = lambda: _name_and_peer(client(topo, "tcp", N1, 30092, 2)) == [("p1a", CLIENT)] * 2  # noqa: E731
-                monkeypatch.setenv("KPR_BPF_LINKS", "tcx")
-                for _ in range(2):
-                    p = start_plugin(h)
-                    started.append(p)
-                    assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")]
-                    assert tc_filters(topo, "node1", "eth0", "egress") == [(1, "kpr_np_egress")]
-                    assert p.kpr_status().details["linksFallback"]
-                    assert serve()
-                    h.stop(p)
-                    assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")], "stays"
-                monkeypatch.delenv("KPR_BPF_LINKS")
+    pin, topo = pin_dir, topology
+    build_topology(topo, second_device=False, pods=("p1a",))
+    started: list = []
+    try:
+        with node_harness(topo, "node1", pin) as h:
+            h.apply(nodeport("fb", 30092, "p1a")("node1"))
+            serve = lambda: _name_and_peer(client(topo, "tcp", N1, 30092, 2)) == [("p1a", CLIENT)] * 2  # noqa: E731
+            monkeypatch.setenv("KPR_BPF_LINKS", "tcx")
+            for _ in range(2):
                 p = start_plugin(h)
                 started.append(p)
-                assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
-                assert tc_filters(topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
-                assert not p.kpr_status().details["linksFallback"]
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")]
+                assert tc_filters(topo, "node1", "eth0", "egress") == [(1, "kpr_np_egress")]
+                assert p.kpr_status().details["linksFallback"]
                 assert serve()
-        finally:
-            for p in started:
-                with contextlib.suppress(Exception):
-                    p._teardown(detach=False)
+                h.stop(p)
+                assert tc_filters(topo, "node1", "eth0", "ingress") == [(1, "kpr_np_ingress")], "stays"
+            monkeypatch.delenv("KPR_BPF_LINKS")
+            p = start_plugin(h)
+            started.append(p)
+            assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
+            assert tc_filters(topo, "node1", "eth0", "egress") == [(TCX, "kpr_np_egress")]
+            assert not p.kpr_status().details["linksFallback"]
+            assert serve()
+    finally:
+        for p in started:
+            with contextlib.suppress(Exception):
+                p._teardown(detach=False)
 
 
 def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -> None:
@@ -516,15 +526,15 @@ def test_agent_restarts_under_traffic_lose_no_connection(kernel_headers: Path) -
         rig.stop(signal.SIGTERM)
 
 
-def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: Path) -> None:
+def test_agent_end_to_end_with_the_files_source(
+    kernel_headers: Path, tmp_path: Path, pin_dir: Path, topology: Topology
+) -> None:
     """A real agent (files source, bus, writer facility, tc_nodeport) in node1's namespace; and
     with the plugin disabled, nothing attached at all."""
-    from kpr.config import parse_config
-    from kpr.daemon import Agent
-
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    (manifests / "web.yaml").write_text(textwrap.dedent(f"""
+    pin, topo = pin_dir, topology
+    cfg = AgentConfig(tmp_path, pin, addresses=(N1, NODE1_ETH1), devices=("eth0", "eth1"), shutdown_timeout=None,
+                      extra={"service": {"clusterCIDR": ["10.96.0.0/16"]}})
+    cfg.manifest("web", textwrap.dedent(f"""
         apiVersion: v1
         kind: Service
         metadata: {{name: web, namespace: default}}
@@ -544,71 +554,49 @@ def test_agent_end_to_end_with_the_files_source(kernel_headers: Path, tmp_path: 
           - addresses: [{PODS['p2a'][1]}]
             nodeName: node2
         """))
+    build_topology(topo, pods=("p1a", "p2a"))
 
-    with scratch_pin_dir("kpr-np-agent") as pin, Topology() as topo:
-        build_topology(topo, pods=("p1a", "p2a"))
-
-        def config(enabled: bool) -> Any:
-            return parse_config(textwrap.dedent(f"""
-                node: {{name: node1, addresses: [{N1}, {NODE1_ETH1}], devices: [eth0, eth1]}}
-                source: {{kind: files, path: {manifests}, statePath: {tmp_path}/alloc.json, pollInterval: 0.05}}
-                service: {{clusterCIDR: [10.96.0.0/16]}}
-                bpf: {{pinPath: {pin}}}
-                api: {{socket: {tmp_path}/kpr.sock}}
-                metrics: {{address: ""}}
-                agent: {{stateDir: {tmp_path}/state}}
-                plugins: {{tc_nodeport: {{enabled: {str(enabled).lower()}, mode: snat, conntrackSize: 65536}}}}
-                """))
-
-        agent = Agent(config(False))
-        with topo["node1"].enter():
-            agent.setup()
-        try:
-            for dev in ("eth0", "eth1"):
-                assert tc_filters(topo, "node1", dev, "ingress") == [], "a disabled plugin attaches nothing"
-        finally:
-            agent.shutdown()
-
-        agent = Agent(config(True))
-        with topo["node1"].enter():
-            agent.setup()
-        try:
-            deadline = time.monotonic() + 15
-            while not (agent.store.is_synced and agent.bus.synced()) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for dev in ("eth0", "eth1"):
-                assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")]
-            seen: set[tuple[str, str]] = set()
-            deadline = time.monotonic() + 10
-            while len(seen) < 2 and time.monotonic() < deadline:
-                seen.update(_name_and_peer(client(topo, "tcp", N1, 30099, 4)))
-            # the local pod keeps the client's address, the remote one sees node1's (SNAT)
-            assert seen == {("p1a", CLIENT), ("p2a", N1)}, seen
-            status = agent.plugin_statuses()["tc_nodeport"]
-            assert status["healthy"], status
-            assert status["counters"]["new_local"] >= 1 and status["counters"]["new_snat"] >= 1
-            # the core's writer took conntrackSize from this plugin's section (the facility checks)
-            shared = agent.plugin_statuses()["nodeport"]
-            assert shared["healthy"], shared
-            assert shared["details"]["writer"]["conntrackSize"]["honoured"] is True, shared["details"]["writer"]
-            assert shared["counters"]["config_not_honoured"] == 0
-        finally:
-            assert agent.shutdown() == 0
+    section = {"mode": "snat", "conntrackSize": 65536}
+    with running_agent(cfg.plugin("tc_nodeport", enabled=False, **section), netns=topo["node1"]):
         for dev in ("eth0", "eth1"):
-            assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")], "stop leaves them"
-        cleanup(pin)
+            assert tc_filters(topo, "node1", dev, "ingress") == [], "a disabled plugin attaches nothing"
+
+    with running_agent(cfg.plugin("tc_nodeport", enabled=True, **section), netns=topo["node1"]) as agent:
+        # running_agent waited for the bus to deliver the first state; the store's sync too
+        wait_for(lambda: agent.store.is_synced, 15, "the store to sync")
         for dev in ("eth0", "eth1"):
-            assert tc_filters(topo, "node1", dev, "ingress") == [], "`kpr cleanup` removes them"
+            assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")]
+        seen: set[tuple[str, str]] = set()
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen.update(_name_and_peer(client(topo, "tcp", N1, 30099, 4)))
+        # the local pod keeps the client's address, the remote one sees node1's (SNAT)
+        assert seen == {("p1a", CLIENT), ("p2a", N1)}, seen
+        status = agent.plugin_statuses()["tc_nodeport"]
+        assert status["healthy"], status
+        assert status["counters"]["new_local"] >= 1 and status["counters"]["new_snat"] >= 1
+        # the core's writer took conntrackSize from this plugin's section (the facility checks)
+        shared = agent.plugin_statuses()["nodeport"]
+        assert shared["healthy"], shared
+        assert shared["details"]["writer"]["conntrackSize"]["honoured"] is True, shared["details"]["writer"]
+        assert shared["counters"]["config_not_honoured"] == 0
+    for dev in ("eth0", "eth1"):
+        assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")], "stop leaves them"
+    cleanup(pin)
+    for dev in ("eth0", "eth1"):
+        assert tc_filters(topo, "node1", dev, "ingress") == [], "`kpr cleanup` removes them"
 
 
-def test_keep_attached_on_stop_leaves_nodeports_working(kernel_headers: Path) -> None:
-    with scratch_pin_dir("kpr-np-keep") as pin, Topology() as topo:
-        build_topology(topo, second_device=False, pods=("p1a",))
-        with node_harness(topo, "node1", pin) as h:
-            h.apply(nodeport("keep", 30095, "p1a")("node1"))
-            p = start_plugin(h, keep_attached_on_stop=True)
-            h.stop(p)  # the agent stops (a restart): the programs and their maps stay
-            assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
-            assert _name_and_peer(client(topo, "tcp", N1, 30095, 2)) == [("p1a", CLIENT)] * 2
-            assert len(attachments(pin)) == 2, "still recorded for `kpr cleanup`"
-        # scratch_pin_dir's cleanup is `kpr cleanup`: it detaches them
+def test_keep_attached_on_stop_leaves_nodeports_working(
+    kernel_headers: Path, pin_dir: Path, topology: Topology
+) -> None:
+    pin, topo = pin_dir, topology
+    build_topology(topo, second_device=False, pods=("p1a",))
+    with node_harness(topo, "node1", pin) as h:
+        h.apply(nodeport("keep", 30095, "p1a")("node1"))
+        p = start_plugin(h, keep_attached_on_stop=True)
+        h.stop(p)  # the agent stops (a restart): the programs and their maps stay
+        assert tc_filters(topo, "node1", "eth0", "ingress") == [(TCX, "kpr_np_ingress")]
+        assert _name_and_peer(client(topo, "tcp", N1, 30095, 2)) == [("p1a", CLIENT)] * 2
+        assert len(attachments(pin)) == 2, "still recorded for `kpr cleanup`"
+    # the pin_dir fixture's teardown (scratch_pin_dir) is `kpr cleanup`: it detaches them

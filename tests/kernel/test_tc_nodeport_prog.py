@@ -332,19 +332,13 @@ def _flow_entries(lab: Lab, client: str, cport: int, proto: int) -> dict[str, li
         out[name] = [(k, v) for k, v in rows if k[4] == proto and (
             (k[0] == c and k[2] == M.htons(cport)) or (k[1] == c and k[3] == M.htons(cport))
             or (name == "kpr_snat" and v[0] == c and v[1] == M.htons(cport)))]
-    # the reply sides in kpr_snat_ports (lib/nat.h KPR_SNAT_PORT_TABLE): (slot index,), value
-    with M.BpfMap.open_pinned(lab.pin / ND.SNAT_PORTS_MAP) as m:
-        out[ND.SNAT_PORTS_MAP] = [((M.U32.unpack(k)[0],), v) for k, v in (
-            (k, ND.SNAT_PORT.unpack(raw)) for k, raw in m.items()) if v[0] and v[1] == c and v[2] == M.htons(cport) and v[5] == proto]
     return out
 
 
 def test_a_new_snat_flow_writes_two_entries(lab: Lab) -> None:
     """KPR_NP_SNAT_IN_CT: the conntrack entry holds the SNAT address and port, one kpr_snat
     entry keyed by the reply tuple holds client and frontend; no SNAT forward entry, no
-    kpr_np_rev entry, no kpr_snat_ports slot (KPR_SNAT_PORT_TABLE is off by default; its
-    builds are tested in test_snat_ports_prog). The reply finds the flow through that one
-    entry (checked above)."""
+    kpr_np_rev entry. The reply finds the flow through that one entry (checked above)."""
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5077, 80))
     assert verdict == TC_ACT_REDIRECT
     port = out[UDP].sport
@@ -357,12 +351,12 @@ def test_a_new_snat_flow_writes_two_entries(lab: Lab) -> None:
     assert sk == (M.addr_to_bytes(REM4), M.addr_to_bytes(NODE4), M.htons(8080), M.htons(port), 17, D.CT_DIR_REPLY, 0)
     addr, cport, fe_port, _p2, _created, fe_addr = sv
     assert (addr, cport, fe_addr, fe_port) == (M.addr_to_bytes(CLIENT4), M.htons(5077), M.addr_to_bytes(VIP_REMOTE), M.htons(80))
-    assert e[D.REV_MAP] == [] and e[ND.SNAT_PORTS_MAP] == []
+    assert e[D.REV_MAP] == []
     # the next packet of the flow keeps its port and writes nothing new
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5077, 80))
     assert verdict == TC_ACT_REDIRECT and out[UDP].sport == port
     assert {k: len(v) for k, v in _flow_entries(lab, CLIENT4, 5077, 17).items()} == {
-        "kpr_ct": 1, "kpr_snat": 1, D.REV_MAP: 0, ND.SNAT_PORTS_MAP: 0}
+        "kpr_ct": 1, "kpr_snat": 1, D.REV_MAP: 0}
 
 
 def test_conntrack_stamps_are_on_the_collectors_clock(lab: Lab) -> None:
@@ -483,16 +477,20 @@ def _scapy_checksums(out: Ether) -> None:
 
 @pytest.mark.parametrize("direct", [True, False], ids=["KPR_CSUM_IP_DIRECT=1", "KPR_CSUM_IP_DIRECT=0"])
 def test_the_one_pass_rewrite_patches_the_ip_checksum_in_place(lab: Lab, direct: bool) -> None:
-    """KPR_CSUM_IP_DIRECT: tc's one-pass DNAT+SNAT (the entry program's established path)
-    patches the IPv4 header checksum through the packet pointer, one bpf_l3_csum_replace call
-    fewer than the build without it; both builds' outputs carry the checksums scapy computes
-    (TCP, UDP, UDP with checksum 0 kept, IP options), established packets from the cache."""
+    """KPR_CSUM_IP_DIRECT: tc patches every IPv4 header checksum through the packet pointer
+    (the one-pass DNAT+SNAT of the entry program's established path, and every one-field
+    rewrite, DSR option and ICMP inner header): no program of the build calls
+    bpf_l3_csum_replace, where the build without it does; both builds' outputs carry the
+    checksums scapy computes (TCP, UDP, UDP with checksum 0 kept, IP options), established
+    packets from the cache."""
     off = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_CSUM_IP_DIRECT=0"]).load()
     dp = lab.dp if direct else off
     try:
-        fewer = _helper_calls(off.bpf, D.INGRESS, BPF_FUNC_L3_CSUM_REPLACE) - _helper_calls(
-            dp.bpf, D.INGRESS, BPF_FUNC_L3_CSUM_REPLACE)
-        assert fewer == (1 if direct else 0), f"{fewer} bpf_l3_csum_replace calls fewer than without the switch"
+        calls = {name: _helper_calls(dp.bpf, name, BPF_FUNC_L3_CSUM_REPLACE) for name in dp.progs}
+        if direct:
+            assert not any(calls.values()), f"bpf_l3_csum_replace calls left: {calls}"
+        else:
+            assert calls[D.INGRESS] and calls[D.EGRESS], calls
         seen: dict[str, int] = {}
         port = 40801 if direct else 40802  # a flow per build
 
@@ -524,6 +522,34 @@ def test_the_one_pass_rewrite_patches_the_ip_checksum_in_place(lab: Lab, direct:
         with in_netns(lab.topo["lb"].path):
             run_cases(dp.fd(D.INGRESS), cases, kind="tc")
         assert lab.stats()["fwd_nh_cached"] >= cached + 4, "the established packets took the cached next hop"
+    finally:
+        off.close()
+
+
+def test_one_field_rewrites_patch_the_ip_checksum_in_place_as_the_helper_does(lab: Lab) -> None:
+    """KPR_CSUM_IP_DIRECT on the one-field rewrites (kpr_nat_rewrite_addr: DNAT to a local
+    pod, the reverse NAT of its reply leaving): byte for byte what the build patching the
+    IPv4 header checksum with bpf_l3_csum_replace makes, with the checksums scapy computes."""
+    off = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_CSUM_IP_DIRECT=0"]).load()
+    try:
+        sport = 40950
+        for prog, pkt, verdict in (
+            (D.INGRESS, tcp4(lab, CLIENT4, NODE4, sport, NODEPORT), TC_ACT_REDIRECT),
+            (D.INGRESS, tcp4(lab, CLIENT4, NODE4, sport, NODEPORT, flags="A"), TC_ACT_REDIRECT),
+            (D.INGRESS, udp4(lab, CLIENT4, NODE4, sport, NODEPORT), TC_ACT_REDIRECT),
+            (D.EGRESS, Ether(src=lab.mac, dst=MAC_OUT) / IP(src=POD4, dst=CLIENT4) / TCP(
+                sport=8080, dport=sport, flags="SA") / Raw(b"kpr"), TC_ACT_OK),
+        ):
+            outs = []
+            with in_netns(lab.topo["lb"].path):
+                for dp in (lab.dp, off):  # the second finds the flow the first made
+                    res = test_run(dp.fd(prog), bytes(pkt), ctx=lab.ctx)
+                    assert res.signed == verdict, (prog, pkt.summary(), res.signed)
+                    outs.append(res.data_out)
+            assert outs[0] == outs[1], f"KPR_CSUM_IP_DIRECT=1 and =0 differ: {pkt.summary()}"
+            out = Ether(outs[0])
+            assert out[IP].src != pkt[IP].src or out[IP].dst != pkt[IP].dst, out.summary()  # rewritten
+            _scapy_checksums(out)
     finally:
         off.close()
 
@@ -602,7 +628,40 @@ def test_the_entry_programs_established_path_refreshes_and_closes_the_flow(lab: 
     assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport, 80, flags="FA"))[0] == TC_ACT_REDIRECT
     (_ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["kpr_ct"]
     assert cv[3] & D.CT_F_CLOSING and cv[4] & 0x01, "FIN seen: closing"
-    assert lab.stats()["fwd_nh_cached"] == cached + 2, "both went by the cached next hop"
+    # the new flow's first packet too (KPR_NP_NEW_NH: its backend's next hop was cached by
+    # earlier tests' flows, so no FIB lookup for it either)
+    assert lab.stats()["fwd_nh_cached"] == cached + 3, "the first packet and both established ones went by the cached next hop"
+
+
+def test_a_cached_redirect_counts_the_helper_the_kind_and_the_cache(lab: Lab) -> None:
+    """A packet sent to a cached next hop counts what a redirect by the FIB counts (fwd_redirect,
+    egress_<kind>) and fwd_nh_cached besides: the program counts one per-kind cached slot and
+    the reader derives the three (README issue 14, "One forwarding counter instead of three"),
+    so fwd_redirect and the egress kinds tell how many packets left whichever path found their
+    next hop."""
+
+    def fwd_moved(pkt: Ether) -> dict[str, int]:
+        before = lab.stats()
+        assert lab.one(D.INGRESS, pkt)[0] == TC_ACT_REDIRECT
+        after = lab.stats()
+        return {k: after[k] - before[k] for k in D.FWD_STATS.values() if after[k] != before[k]}
+
+    # the first packet by the FIB (a new flow takes a cached next hop: KPR_NP_NEW_NH): the
+    # backend's entries stale (generation 0), the other backends' left as they are
+    with M.BpfMap.open_pinned(lab.pin / D.NH_MAP) as nh:
+        for k, v in nh.items():
+            e = list(D.NP_NH.unpack(v))
+            if M.U32.unpack(k)[0] != D.NH_GEN and e[6] == M.addr_to_bytes(REM4):
+                e[0] = 0
+                nh.update(k, D.NP_NH.pack(*e))
+    first = fwd_moved(tcp4(lab, CLIENT4, VIP_REMOTE, 40971, 80))
+    kinds = [k for k in first if k.startswith("egress_")]
+    assert len(kinds) == 1 and first == {"fwd_redirect": 1, kinds[0]: 1}, first
+    cached = fwd_moved(tcp4(lab, CLIENT4, VIP_REMOTE, 40971, 80, flags="A"))
+    assert cached == {"fwd_redirect": 1, kinds[0]: 1, "fwd_nh_cached": 1}, cached
+    # a new flow to the same backend: its next hop is cached now, no FIB lookup (KPR_NP_NEW_NH)
+    new = fwd_moved(tcp4(lab, CLIENT4, VIP_REMOTE, 40972, 80))
+    assert new == {"fwd_redirect": 1, kinds[0]: 1, "fwd_nh_cached": 1}, new
 
 
 def test_a_flow_of_the_four_entry_layout_keeps_its_port_and_replies(lab: Lab) -> None:
@@ -897,7 +956,7 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
 
     built = {n for n in re.findall(r"^int (kpr_xnp_\w+)\(", XDP_ENTRY, re.M)} - XDP_DSR_ONLY
     assert built == set(XDP_PROGS), "XDP_PROGS lists every program the XDP build defines"
-    flags = M.cflags(lab.pin) + [f"-DKPR_SNAT_CPUS={ND.possible_cpus()}"]  # the tc build's SNAT port shares
+    flags = M.cflags(lab.pin)
     b = compile_and_load(inline_includes(XDP_ENTRY, [XD.SOURCE.parent], label=str(XD.SOURCE)), cflags=flags, name="xdp-nodeport")
     xdp_counters = XD.Datapath(lab.pin)
     try:
@@ -1128,6 +1187,9 @@ def test_the_egress_device_kind_picks_the_helper(lab: Lab) -> None:
         eth0 = M.U32.pack(lab.ifindex)
         saved_eth0 = kinds.lookup(eth0)
         kinds.update(eth0, M.U32.pack(DevKind.UNKNOWN))
+        # next hops cached while eth0 was a known kind are dropped, as the agent's next bump (at
+        # most 2 s away) drops them: a new flow takes a current cached one (KPR_NP_NEW_NH)
+        lab.dp.invalidate_next_hops()
         try:
             before = lab.stats()
             verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40503, 80))

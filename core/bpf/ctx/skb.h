@@ -36,11 +36,29 @@ extern int __kpr_skb_has_no_adjust_head(void);
 // tc has no XDP_TX; ctx_tx() below bounces the packet out of its device instead.
 #define CTX_TX (__kpr_skb_has_no_tx_verdict())
 
-static __always_inline void *ctx_data(kpr_ctx_t *ctx) { return (void *)(long)ctx->data; }
-static __always_inline void *ctx_data_end(kpr_ctx_t *ctx) { return (void *)(long)ctx->data_end; }
+/* data and data_end loaded with one opaque instruction each, from the context register itself
+ * (as ctx/xdp.h does, see there): written as ctx->data_end, clang may keep the field's address
+ * (ctx + 80) in a register and load through it later, which the verifier refuses ("dereference
+ * of modified ctx ptr"). */
+static __always_inline void *ctx_data(kpr_ctx_t *ctx)
+{
+	void *p;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(p) : "r"(ctx), "i"(__builtin_offsetof(struct __sk_buff, data)));
+	return p;
+}
+static __always_inline void *ctx_data_end(kpr_ctx_t *ctx)
+{
+	void *p;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(p) : "r"(ctx), "i"(__builtin_offsetof(struct __sk_buff, data_end)));
+	return p;
+}
 static __always_inline __u32 ctx_len(kpr_ctx_t *ctx) { return ctx->len; }
 // The device the program runs on (ingress or egress side).
 static __always_inline __u32 ctx_ifindex(kpr_ctx_t *ctx) { return ctx->ifindex; }
+// The segment size of a GSO packet (the kernel splits it after the program), 0 for one packet.
+static __always_inline __u32 ctx_gso_size(kpr_ctx_t *ctx) { return ctx->gso_size; }
 
 // Pointer to `size` bytes at `off` from the start of the packet, or NULL when they are not in
 // the linear data. Re-derive pointers with it after any helper that may move packet data.
@@ -50,6 +68,10 @@ static __always_inline void *ctx_ptr(kpr_ctx_t *ctx, __u32 off, __u32 size)
 
 	if (off > KPR_CTX_MAX_OFF)
 		return (void *)0;
+	/* The bound first, on the register the pointer is made from: clang may otherwise fold
+	 * both tests into one exit and compare the pointer before the offset is bounded, and
+	 * the verifier gives an unbounded pointer no range ("invalid access to packet"). */
+	asm volatile("" : "+r"(off));
 	if (data + off + size > end)
 		return (void *)0;
 	return data + off;

@@ -52,6 +52,8 @@ static __always_inline void *ctx_data_end(kpr_ctx_t *ctx)
 static __always_inline __u32 ctx_len(kpr_ctx_t *ctx) { return ctx->data_end - ctx->data; }
 // The device the frame arrived on.
 static __always_inline __u32 ctx_ifindex(kpr_ctx_t *ctx) { return ctx->ingress_ifindex; }
+// XDP frames are single packets (ctx/skb.h: a GSO packet's segment size).
+static __always_inline __u32 ctx_gso_size(kpr_ctx_t *ctx) { return 0; }
 
 // Pointer to `size` bytes at `off` from the start of the frame, or NULL when beyond its end.
 // Re-derive pointers with it after any helper that may move frame data.
@@ -61,6 +63,10 @@ static __always_inline void *ctx_ptr(kpr_ctx_t *ctx, __u32 off, __u32 size)
 
 	if (off > KPR_CTX_MAX_OFF)
 		return (void *)0;
+	/* The bound first, on the register the pointer is made from: clang may otherwise fold
+	 * both tests into one exit and compare the pointer before the offset is bounded, and
+	 * the verifier gives an unbounded pointer no range ("invalid access to packet"). */
+	asm volatile("" : "+r"(off));
 	if (data + off + size > end)
 		return (void *)0;
 	return data + off;

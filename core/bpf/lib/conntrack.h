@@ -92,8 +92,7 @@ struct kpr_ct_key {
 
 /* kpr_ct value. A source-NATed NodePort flow keeps its SNAT address and port here (no SNAT
  * forward entry of its own: one LRU insert less per new flow); its reply side is one kpr_snat
- * entry keyed by the reply tuple (lib/nat.h, kpr_snat_alloc), or with KPR_SNAT_PORT_TABLE a
- * slot of kpr_snat_ports indexed by the SNAT port (kpr_snat_port_alloc). */
+ * entry keyed by the reply tuple (lib/nat.h, kpr_snat_alloc). */
 struct kpr_ct_entry {
 	__u64 last_seen;         // kpr_ct_now() at the last refresh, ns
 	__u32 backend_id;        // the flow's backend id (generation << 24 | index: kpr_lb_backend())

@@ -70,8 +70,9 @@ static __always_inline int kpr_csum_patch(kpr_ctx_t *ctx, __u32 off, __u32 from_
 #endif
 
 #ifndef KPR_CSUM_IP_DIRECT
-/* 1: tc patches the IPv4 header checksum of kpr_csum_l3_diff through a packet pointer, as XDP
- * does; 0: with bpf_l3_csum_replace. The same result: that helper only patches the field (no
+/* 1: tc patches the IPv4 header checksum (kpr_csum_l3_diff, kpr_csum_l3_replace4: every NAT,
+ * DSR option and ICMP inner-header rewrite) through a packet pointer, as XDP does; 0: with
+ * bpf_l3_csum_replace. The same result: that helper only patches the field (no
  * skb->csum change: the header's sum with its checksum stays 0 for CHECKSUM_COMPLETE, and
  * CHECKSUM_PARTIAL leaves only the L4 checksum to the device), and a helper call costs a
  * call into the kernel and the re-derived packet pointers after it. */
@@ -112,13 +113,14 @@ static __always_inline __u32 kpr_csum_diff2(__u16 from, __u16 to)
 	return kpr_csum_add((__u16)~from, to);
 }
 
-// The IPv4 header checksum at `off`, for a changed 4-byte field (an address).
+// The IPv4 header checksum at `off`, for a changed 4-byte field (an address). An inner
+// header's too (ICMP errors): bpf_l3_csum_replace leaves skb->csum alone there as well.
 static __always_inline int kpr_csum_l3_replace4(kpr_ctx_t *ctx, __u32 off, __be32 from, __be32 to)
 {
-#ifdef KPR_CTX_SKB
+#if defined(KPR_CTX_SKB) && !KPR_CSUM_IP_DIRECT
 	return bpf_l3_csum_replace(ctx, off, from, to, 4);
 #else
-	return kpr_csum_patch(ctx, off, from, to, 0);
+	return kpr_csum_patch_diff(ctx, off, kpr_csum_diff4(from, to), 0);
 #endif
 }
 

@@ -393,7 +393,7 @@ static __always_inline int kpr_hr_gso_fits(kpr_ctx_t *ctx, __u32 ifindex)
 {
 	__u32 mtu = 0;
 
-	if (!ctx->gso_size)
+	if (!ctx_gso_size(ctx))
 		return 1;
 	// bpf_check_mtu(ctx, ifindex, &mtu_len, len_diff, BPF_MTU_CHK_SEGS): 0 when it fits
 	return ((long (*)(void *, __u32, __u32 *, __s32, __u64))BPF_FUNC_check_mtu)(ctx, ifindex, &mtu, 0, 1) == 0;
@@ -452,7 +452,7 @@ static __always_inline struct kpr_hr_out *kpr_hr_out_get(kpr_ctx_t *ctx, const s
 	struct kpr_hr_out *o;
 
 	// GSO packets: the segments' fit is bpf_check_mtu's (kpr_hr_gso_fits), on the FIB's path
-	if (!gen || ctx->gso_size)
+	if (!gen || ctx_gso_size(ctx))
 		return (void *)0;
 	k.saddr = pkt->t.saddr;
 	k.daddr = pkt->t.daddr;
@@ -513,9 +513,11 @@ static __always_inline int kpr_hr_out_send(kpr_ctx_t *ctx, const struct kpr_pkt 
  * `hairpin`: a service flow back into the pod it came from (the one case where the route may
  * name the device the packet came in on; to_pod without a `pod`); `gen`: kpr_hr_gen's value as
  * read before the lookup (0: kpr_hr_out remembers nothing, nor kpr_hr_nh with
- * KPR_HR_CACHE_FIRST); `l2`: the packet came from a bridge port. */
+ * KPR_HR_CACHE_FIRST); `l2`: the packet came from a bridge port; `nh_asked`: the caller already
+ * looked kpr_hr_nh up for this destination under KPR_HR_NH_FIRST's conditions and missed (the
+ * external device's program), so asking again here could only miss again. */
 static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, const struct kpr_hr_pod *pod,
-					int to_pod, int hairpin, __u32 gen, __u8 l2)
+					int to_pod, int hairpin, __u32 gen, __u8 l2, int nh_asked)
 {
 	struct bpf_fib_lookup p;
 	struct kpr_hr_dev *dev;
@@ -523,12 +525,11 @@ static __always_inline int kpr_hr_route(kpr_ctx_t *ctx, const struct kpr_pkt *pk
 	int rc;
 
 #if KPR_HR_PEER && KPR_HR_NH_CACHE
-	if (pod) {
+	if (pod && !nh_asked) {
 		union kpr_addr k = pkt->t.daddr;
 		struct kpr_hr_nh *nh = kpr_hr_nh.lookup(&k);
 
-		// what the FIB said last time, while it still holds (see struct kpr_hr_nh); from an external
-		// device (KPR_HR_NH_FIRST) this is a second look only after a miss
+		// what the FIB said last time, while it still holds (see struct kpr_hr_nh)
 		if (nh && nh->ifindex == pod->ifindex && (!KPR_HR_NH_FIRST || (gen && nh->gen == gen)) &&
 		    nh->ifindex != ctx_ifindex(ctx) && ctx_len(ctx) <= nh->max_len)
 			return kpr_hr_nh_send(ctx, pkt, nh);
@@ -758,6 +759,11 @@ static __always_inline int kpr_hr_from_netdev_main(kpr_ctx_t *ctx)
 		}
 	}
 #endif
+	/* An address no pod's (the node's own, mostly) costs kpr_hr_nh's miss and kpr_hr_pods'.
+	 * Remembering it in kpr_hr_nh for the generation (ifindex 0) saved nothing measurable
+	 * (bench_host_routing --prog-cost, two runs: 107 and 137 ns with it, 115 and 80 without,
+	 * inside the noise; such packets then cross the whole stack) and let a flood to many such
+	 * addresses push pods' next hops out of the LRU, so it is not done. */
 	pod = kpr_hr_pod_of(&pkt.t.daddr);
 	if (!pod)
 		return kpr_hr_pass(KPR_HR_ST_PASS_NOT_POD);
@@ -765,7 +771,8 @@ static __always_inline int kpr_hr_from_netdev_main(kpr_ctx_t *ctx)
 	if (kpr_hr_revnat(ctx, &pkt) < 0)
 		return CTX_DROP;
 #endif
-	return kpr_hr_route(ctx, &pkt, pod, 1, 0, gen, 0);
+	// with KPR_HR_NH_FIRST kpr_hr_nh was asked above (gen 0: no entry of it is used either)
+	return kpr_hr_route(ctx, &pkt, pod, 1, 0, gen, 0, KPR_HR_NH_FIRST);
 }
 
 // Ingress of a pod's host-side device: what the pod sends.
@@ -838,7 +845,7 @@ static __always_inline int kpr_hr_from_pod_main(kpr_ctx_t *ctx)
 #endif
 	pod = hairpin ? (void *)0 : kpr_hr_pod_of(&pkt.t.daddr);
 	return kpr_hr_route(ctx, &pkt, pod, hairpin || pod != (void *)0, hairpin, gen,
-			    dev && (dev->flags & KPR_HR_DEV_F_L2) ? 1 : 0);
+			    dev && (dev->flags & KPR_HR_DEV_F_L2) ? 1 : 0, 0);
 }
 
 // Egress of a pod's host-side device: what the pod is about to receive through the stack.

@@ -24,6 +24,16 @@
 #define KPR_LB_RANDOM_BY_HASH 0 // 1: "random" selection hashes the 5-tuple (stable per flow without conntrack)
 #endif
 
+/* The service entry of a key (bcc rewrites map calls only outside macros: a function). A build
+ * may bring its own (a header pasted before this one defines it and KPR_LB_SVC_GET_OWN):
+ * kpr.testing.fe_table measures another layout of the frontends that way. */
+#ifndef KPR_LB_SVC_GET_OWN
+static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *key)
+{
+	return kpr_svc.lookup(key);
+}
+#endif
+
 // kpr_lb_lookup() flags.
 #define KPR_LB_FROM_CLUSTER (1U << 0) // the caller is inside the cluster: prefer the internal scope
 #define KPR_LB_NODE_ADDR (1U << 1)    // daddr is one of this node's addresses: wildcard NodePort applies
@@ -42,18 +52,18 @@ static __always_inline struct kpr_svc_val *kpr_lb_lookup(struct kpr_svc_key *key
 	key->scope = KPR_SCOPE_EXTERNAL;
 	key->slot = 0;
 	key->pad = 0;
-	svc = kpr_svc.lookup(key);
+	svc = kpr_lb_svc_get(key);
 #if KPR_LB_WILDCARD
 	if (!svc && (lflags & KPR_LB_NODE_ADDR)) {
 		kpr_addr_set_any(&key->addr, t->family);
-		svc = kpr_svc.lookup(key);
+		svc = kpr_lb_svc_get(key);
 	}
 #endif
 	if (!svc)
 		return (void *)0;
 	if ((lflags & KPR_LB_FROM_CLUSTER) && (svc->flags & KPR_SVC_F_TWO_SCOPES)) {
 		key->scope = KPR_SCOPE_INTERNAL;
-		isvc = kpr_svc.lookup(key);
+		isvc = kpr_lb_svc_get(key);
 		if (isvc)
 			return isvc;
 		key->scope = KPR_SCOPE_EXTERNAL; // the writer adds internal entries first; tolerate a race
@@ -120,14 +130,6 @@ static __always_inline __u16 kpr_lb_random_slot(const struct kpr_svc_val *svc, c
 	r = bpf_get_prandom_u32();
 #endif
 	return (__u16)(r % svc->count) + 1;
-}
-
-// Random pick among the selectable slots 1..count.
-static __always_inline __u32 kpr_lb_random_backend(const struct kpr_svc_val *svc, const struct kpr_tuple *t)
-{
-	__u16 slot = kpr_lb_random_slot(svc, t);
-
-	return slot ? kpr_lb_slot_backend(svc, slot) : 0;
 }
 
 // Fill an affinity key for a client address (tc/XDP) ...

@@ -123,13 +123,13 @@
 #define KPR_NP_PREFILTER 1 // 1: a TCP/UDP packet to a port no frontend uses leaves after one bitmap test (kpr_np_ports)
 #endif
 #ifndef KPR_NP_EARLY_EXIT
-#define KPR_NP_EARLY_EXIT 1 // 1: the prefilter's test on the raw headers before the full parse (kpr_np_early_pass)
+#define KPR_NP_EARLY_EXIT 1 // 1: the prefilter's test on the raw headers before the full parse (kpr_np_early)
+#endif
+#ifndef KPR_NP_EARLY_PARSE
+#define KPR_NP_EARLY_PARSE 1 // 1: a plain TCP/UDP frame to a frontend's port goes from the fast exit's raw-header read to the service path (no second parse)
 #endif
 #ifndef KPR_NP_EST_INLINE
 #define KPR_NP_EST_INLINE 1 // 1: an established SNAT flow with a cached next hop is rewritten and sent by the entry program (no state write, tail call, re-parse)
-#endif
-#ifndef KPR_NP_CARRY
-#define KPR_NP_CARRY 1 // 1: the service stage hands the backend it found to the forwarding stage (no second lookup)
 #endif
 #ifndef KPR_NP_LAZY_SNAT_ADDR
 #define KPR_NP_LAZY_SNAT_ADDR 1 // 1: the node address to SNAT to is looked up only when a flow's SNAT mapping is made
@@ -140,10 +140,11 @@
  * before (conntrack, SNAT forward and reverse, kpr_np_rev). Both builds read either kind. */
 #define KPR_NP_SNAT_IN_CT 1
 #endif
-// The reply side of new SNAT flows in kpr_snat_ports (lib/nat.h KPR_SNAT_PORT_TABLE): a slot
-// written in place instead of the kpr_snat insert; its liveness is the conntrack entry's.
-// (Every build reads the slots: flows a build with the table began keep their replies.)
-#define KPR_NP_SNAT_PORTS (KPR_SNAT_PORT_TABLE && KPR_NP_SNAT_IN_CT)
+#ifndef KPR_NP_NEW_NH
+/* 1: a new SNAT flow to a backend whose next hop is cached takes its SNAT address from the
+ * cached device and is sent there, without a FIB lookup; 0: new flows always look the route up */
+#define KPR_NP_NEW_NH 1
+#endif
 #ifndef KPR_NP_NH_CACHE
 /* 1: the SNAT stage caches each remote backend's next hop (kpr_np_nh: egress device, MACs)
  * and skips the FIB lookup while the agent's generation is unchanged; 0: a FIB lookup per packet */
@@ -153,7 +154,7 @@
 #define KPR_NP_NH_MAX 65536 // cached next hops, by backend index (indexes above: a FIB lookup per packet)
 #endif
 #ifndef KPR_NP_BENCH_STOP
-#define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it (7, 8: the entry program's established path)
+#define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it (7, 8: the entry program's established path; 9-11: a new flow's lookups)
 #endif
 // Per-stage timing (benchmarks/bench_xdp_nodeport.py): a build with -DKPR_NP_BENCH_STOP=N leaves here.
 #define KPR_NP_STOP(n)                      \
@@ -212,9 +213,15 @@
 #define KPR_NP_FWD_STACK_XDP_UNREACHABLE 4 // given up (XDP), to the stack: XDP_REDIRECT cannot reach that device
 #define KPR_NP_FWD_STACK_NO_NEIGH 5       // given up (XDP), to the stack: the next hop's MAC is not known yet
 #define KPR_NP_FWD_DROP_SHORT 6           // dropped: frame shorter than an Ethernet header
-#define KPR_NP_FWD_NH_CACHED 7            // of the redirects: to a next hop cached per backend (no FIB lookup)
+// Never written by the programs: the reader reports the sum of the KPR_NP_FWD_CACHED_BY_KIND
+// slots here (redirects to a next hop cached per backend, no FIB lookup).
+#define KPR_NP_FWD_NH_CACHED 7
 #define KPR_NP_FWD_BY_KIND 8              // + KPR_DEV_*: packets routed out of a device of that kind
-#define KPR_NP_FWD_MAX (KPR_NP_FWD_BY_KIND + KPR_DEV_COUNT)
+// + KPR_DEV_*: redirects to a cached next hop out of a device of that kind. One increment per
+// such packet (issue 14: three cost 0.4x of the tc established ratio); the reader adds each
+// slot into fwd_redirect, egress_<kind> and fwd_nh_cached, so those keep their meaning.
+#define KPR_NP_FWD_CACHED_BY_KIND (KPR_NP_FWD_BY_KIND + KPR_DEV_COUNT)
+#define KPR_NP_FWD_MAX (KPR_NP_FWD_CACHED_BY_KIND + KPR_DEV_COUNT)
 
 /* --- stages (kpr.nodeport.datapath.CALLS mirrors the order) ------------------- */
 
@@ -297,12 +304,10 @@ struct kpr_np_state {
 	__be16 nat_port;         // SNAT flows: the mapping from the conntrack entry; 0: none yet
 	__u16 pad2;              // zero
 	union kpr_addr nat_addr; // with nat_port
-#if KPR_NP_CARRY
 	// The backend as looked up there (same packet, same CPU: a tail call is immediate). The
 	// parse is not carried: offsets read back from a map are unbounded for the verifier, and
 	// re-parsing costs less than bounding every use.
 	struct kpr_backend be;
-#endif
 };
 
 // One CPU's ICMP rate-limit bucket.
@@ -723,7 +728,8 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 	// mtu 0: cached by XDP, whose lookup reports none: looked up here and cached with it.
 	// A GSO packet's segments are the kernel's to fit; the slack is the one a VLAN tag gets
 	// in the FIB lookup's own check (is_skb_forwardable).
-	if (!(e->kind >> 16) || (!ctx->gso_size && ctx_len(ctx) - l3_off > (e->kind >> 16) + 4))
+	// (the GSO size, in the skb's shared info, a line of its own, only for a packet too long)
+	if (!(e->kind >> 16) || (ctx_len(ctx) - l3_off > (e->kind >> 16) + 4 && !ctx_gso_size(ctx)))
 		return (void *)0;
 #endif
 #ifdef KPR_CTX_XDP
@@ -737,6 +743,16 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 #endif
 }
 
+/* Whether a cached next hop keeps the route's MTU. tc: a lookup without tot_len reports the
+ * egress device's (bpf_skb_fib_lookup); it is checked from the cache, and an entry without it
+ * (XDP's) is written again with it. XDP: its lookup reports none, and it takes an entry whatever
+ * MTU it holds (no rewrite of tc's entries). */
+#ifdef KPR_CTX_SKB
+#define KPR_NP_NH_MTU 1
+#else
+#define KPR_NP_NH_MTU 0
+#endif
+
 /* Cache a successful FIB lookup `p` for the backend: what kpr_np_forward does with it, a
  * redirect with the route's MACs, when the device is one it knows (XDP: kpr_np_xdp_sendable
  * said so before). The device is looked up only when caching is armed. */
@@ -745,6 +761,7 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 #if KPR_NP_NH_CACHE
 	__u32 k = KPR_NP_NH_GEN, ifindex = p->ifindex, kind;
 	struct kpr_np_nh *g = kpr_np_nh.lookup(&k), *e;
+	__u32 mtu = KPR_NP_NH_MTU ? p->mtu_result & 0xffff : 0;
 	int external;
 
 	if (!g || !g->gen || !bid)
@@ -754,17 +771,9 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 	/* Current already (every new flow to the backend after the first, each with its FIB
 	 * lookup): no device lookups, and no write to a line every CPU's packets to it read (a
 	 * route or MAC change bumps the generation, which makes the entry stale). */
-	if (!e)
+	if (!e || (e->gen == g->gen && e->ifindex == ifindex && kpr_addr_eq(&e->addr, addr) &&
+		   (!KPR_NP_NH_MTU || (e->kind >> 16) == mtu)))
 		return;
-#ifdef KPR_CTX_SKB
-	// (an entry without the route's MTU, as XDP caches them, is written again with it)
-	if (e->gen == g->gen && e->ifindex == ifindex && kpr_addr_eq(&e->addr, addr) &&
-	    (e->kind >> 16) == (p->mtu_result & 0xffff))
-		return;
-#else
-	if (e->gen == g->gen && e->ifindex == ifindex && kpr_addr_eq(&e->addr, addr))
-		return;
-#endif
 	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
 	kind = kpr_np_devkind_of(ifindex, external);
 	if (kind == KPR_DEV_UNKNOWN)
@@ -774,23 +783,16 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 	e->ifindex = p->ifindex;
 	__builtin_memcpy(e->smac, p->smac, 6);
 	__builtin_memcpy(e->dmac, p->dmac, 6);
-#ifdef KPR_CTX_SKB
-	// a lookup without tot_len reports the egress device's MTU (bpf_skb_fib_lookup)
-	e->kind = kind | ((__u32)(p->mtu_result & 0xffff) << 16);
-#else
-	e->kind = kind; // XDP's lookup reports none: the MTU is not checked from the cache
-#endif
+	e->kind = kind | (mtu << 16);
 	e->addr = *addr;
 	e->gen = g->gen;
 #endif
 }
 
-// Send a packet to a cached next hop, counted as kpr_np_forward counts a redirect with the route's MACs.
+// Send a packet to a cached next hop; the reader counts it as kpr_np_forward's redirect with the route's MACs.
 static __always_inline int kpr_np_nh_send(kpr_ctx_t *ctx, const struct kpr_np_nh *nh)
 {
-	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (nh->kind & 0xff));
-	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
-	kpr_np_fwd_count(KPR_NP_FWD_NH_CACHED);
+	kpr_np_fwd_count(KPR_NP_FWD_CACHED_BY_KIND + (nh->kind & 0xff)); // fwd_redirect, egress_<kind>, fwd_nh_cached
 	if (kpr_np_set_macs(ctx, nh->dmac, nh->smac))
 		return CTX_DROP;
 	return ctx_redirect(ctx, nh->ifindex, 0);
@@ -802,21 +804,15 @@ static __always_inline int kpr_np_nh_send(kpr_ctx_t *ctx, const struct kpr_np_nh
 static __always_inline int kpr_np_stage_begin(kpr_ctx_t *ctx, struct kpr_pkt *pkt, struct kpr_np_state **st,
 					      struct kpr_backend **be)
 {
-	__u32 zero = 0, bid;
+	__u32 zero = 0;
 
 	*st = kpr_np_state.lookup(&zero);
 	if (!*st)
 		return -1;
 	if (kpr_parse(ctx, pkt) != KPR_PARSE_OK || !pkt->l4_off)
 		return -1;
-#if KPR_NP_CARRY
 	*be = &(*st)->be;
 	return 0;
-#else
-	bid = (*st)->backend_id;
-	*be = kpr_lb_backend(bid);
-	return *be ? 0 : -1;
-#endif
 }
 
 // KPR_NP_CALL_LOCAL: DNAT, then straight into the pod (the client's address is kept).
@@ -862,8 +858,40 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	// An established flow whose backend's next hop is cached: a path of its own to the end
 	// (sharing the rest with the lookup's path would have the verifier walk every rewrite
 	// once with the cache's pointer and once without: past its limit in the XDP build).
-	nh = st->nat_port ? kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr) : (void *)0;
+	nh = st->nat_port || st->created ? kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr) : (void *)0;
 	if (nh) {
+#if KPR_NP_NEW_NH
+		if (!st->nat_port) {
+			/* A new flow to a backend whose next hop is cached (KPR_NP_NEW_NH): the cached
+			 * egress device names the SNAT address, as the FIB lookup's would, so no lookup.
+			 * The reply side is allocated for the tuple after DNAT, then the conntrack
+			 * entry for the client's tuple, as on the lookup's path. */
+			orig = pkt.t;
+			orig.daddr = be->addr;
+			if (be->port)
+				orig.dport = be->port;
+			nat = kpr_np_snat_addr(nh->ifindex, pkt.t.family);
+			if (!nat) {
+				kpr_np_drop(KPR_NP_ST_DROP_NO_SNAT_ADDR, KPR_MON_R_NO_SNAT_ADDRESS, &pkt.t);
+				return CTX_DROP;
+			}
+			if (kpr_snat_alloc(&orig, nat, &pkt.t.daddr, pkt.t.dport, &nport)) {
+				kpr_np_count(KPR_NP_ST_DROP_SNAT_PORT);
+				kpr_mon_flow(KPR_MON_T_NAT_FULL, KPR_NP_MON_HOOK, KPR_MON_R_SNAT_NO_PORT, &orig, 0,
+					     st->backend_id, be);
+				return CTX_DROP;
+			}
+			st->nat_addr = *nat;
+			st->nat_port = nport;
+			if (kpr_ct_create_snat(&pkt.t, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
+				kpr_np_count(KPR_NP_ST_CT_FAILED);
+				kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt.t, st->rev_nat, st->backend_id, be);
+			}
+		}
+#else
+		if (!st->nat_port)
+			goto lookup;
+#endif
 		KPR_NP_STOP(5);
 		if (kpr_nat_dnat_snat(ctx, &pkt, &be->addr, be->port, &st->nat_addr, st->nat_port)) {
 			kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
@@ -872,6 +900,9 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		KPR_NP_STOP(6);
 		return kpr_np_nh_send(ctx, nh);
 	}
+#if !KPR_NP_NEW_NH
+lookup:
+#endif
 #endif
 	rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
 	KPR_NP_STOP(5);
@@ -901,19 +932,15 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		}
 	}
 	if (!st->nat_port) {
-		// a new flow (or one XDP passed on without a mapping): the reply side (a
-		// kpr_snat_ports slot, or a kpr_snat insert), one conntrack insert holding the mapping
+		// a new flow (or one XDP passed on without a mapping): the reply side (a kpr_snat
+		// insert), one conntrack insert holding the mapping
 		nat = kpr_np_snat_addr(rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? p.ifindex : 0,
 				       pkt.t.family);
 		if (!nat) {
 			kpr_np_drop(KPR_NP_ST_DROP_NO_SNAT_ADDR, KPR_MON_R_NO_SNAT_ADDRESS, &pkt.t);
 			return CTX_DROP;
 		}
-#if KPR_NP_SNAT_PORTS
-		if (kpr_snat_port_alloc(&pkt.t, nat, &orig.daddr, orig.dport, &nport)) {
-#else
 		if (kpr_snat_alloc(&pkt.t, nat, &orig.daddr, orig.dport, &nport)) {
-#endif
 			kpr_np_count(KPR_NP_ST_DROP_SNAT_PORT);
 			kpr_mon_flow(KPR_MON_T_NAT_FULL, KPR_NP_MON_HOOK, KPR_MON_R_SNAT_NO_PORT, &pkt.t, 0, st->backend_id,
 				     be);
@@ -1011,7 +1038,7 @@ static __always_inline int kpr_np_stage_dsr(kpr_ctx_t *ctx)
 #ifdef KPR_CTX_SKB
 	// A GSO packet is checked per segment by the kernel (and adjust_room shrinks its segments
 	// by the header it adds): only a single packet is held against the route's MTU here.
-	if (ctx->gso_size)
+	if (ctx_gso_size(ctx))
 		l3len = 0;
 #endif
 	rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, (__u16)l3len);
@@ -1086,9 +1113,7 @@ static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_back
 	} else {
 		st->nat_port = 0;
 	}
-#if KPR_NP_CARRY
 	st->be = *be;
-#endif
 	if (flags & KPR_CT_F_LOCAL)
 		return kpr_np_tail(ctx, KPR_NP_CALL_LOCAL);
 	if (flags & KPR_CT_F_DSR)
@@ -1148,6 +1173,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		}
 		kpr_np_count(KPR_NP_ST_STALE_BACKEND);
 	}
+	KPR_NP_STOP(9); // (stops 9-11 split stop 2 of a new flow: conntrack miss, service entry, pick)
 
 	svc = kpr_lb_lookup(&key, &pkt->t, 0);
 	if (!svc) {
@@ -1158,6 +1184,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	}
 	if (!svc || !(svc->flags & KPR_NP_SVC_TYPES))
 		return kpr_np_vip_guard(pkt);
+	KPR_NP_STOP(10);
 	if (!kpr_lb_src_allowed(svc, &pkt->t.saddr)) {
 		kpr_np_count(KPR_NP_ST_DROP_SRC_RANGE);
 		kpr_mon_flow(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_SOURCE_RANGE, &pkt->t, svc->rev_nat, 0, (void *)0);
@@ -1174,6 +1201,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		kpr_mon_flow(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_NO_BACKEND, &pkt->t, svc->rev_nat, 0, (void *)0);
 		return kpr_np_tail(ctx, KPR_NP_CALL_NO_BACKEND);
 	}
+	KPR_NP_STOP(11);
 
 	flags = KPR_CT_F_NODE_PORT;
 	if (be->flags & KPR_BACKEND_F_LOCAL) {
@@ -1211,8 +1239,8 @@ static __always_inline int kpr_np_snat_port(const struct kpr_tuple *t)
 }
 
 /* The client and frontend a reply to a source-NATed flow (tuple as received: backend -> SNAT
- * address:port) is translated back to, from whichever entry the flow has: its kpr_snat_ports
- * slot, its kpr_snat reverse entry with the frontend in it, or (flows of the four-entry layout)
+ * address:port) is translated back to, from whichever entry the flow has: its kpr_snat
+ * reverse entry with the frontend in it, or (flows of the four-entry layout)
  * a kpr_snat reverse entry and a kpr_np_rev entry, refreshed when `touch`. Returns 0; 1: not a
  * reply of ours; -1: that kpr_np_rev entry is gone (the caller drops and counts it). */
 static __always_inline int kpr_np_snat_rev(const struct kpr_tuple *t, int touch, union kpr_addr *client,
@@ -1221,15 +1249,7 @@ static __always_inline int kpr_np_snat_rev(const struct kpr_tuple *t, int touch,
 	struct kpr_nat_entry *n;
 	struct kpr_np_rev *rev;
 	struct kpr_ct_key rk;
-	struct kpr_snat_port *s = kpr_snat_port_reverse(t);
 
-	if (s) {
-		*client = s->addr;
-		*cport = s->port;
-		*fe = s->fe_addr;
-		*fport = s->fe_port;
-		return 0;
-	}
 	n = kpr_snat_reverse(t);
 	if (!n)
 		return 1;
@@ -1255,8 +1275,6 @@ static __always_inline int kpr_np_snat_rev(const struct kpr_tuple *t, int touch,
 // Whether a tuple (as received) is a reply to a source-NATed flow.
 static __always_inline int kpr_np_is_snat_reply(const struct kpr_tuple *t)
 {
-	if (kpr_snat_port_reverse(t))
-		return 1;
 	return kpr_snat_reverse(t) != (void *)0;
 }
 
@@ -1445,6 +1463,10 @@ static __always_inline int kpr_np_rev_live(const struct kpr_np_rev *rev, const s
 }
 
 #if KPR_NP_PREFILTER && KPR_NP_EARLY_EXIT
+#define KPR_NP_EARLY_FULL 0 // kpr_np_early: the full parse decides
+#define KPR_NP_EARLY_PASS 1 // kpr_np_early: no frontend's port, not announced: pass it
+#define KPR_NP_EARLY_LB 2   // kpr_np_early: *pkt filled, a frontend's port: the service path
+
 // Whether the frame holds the whole TCP (or UDP) header at `off`, as kpr_parse_l4 wants it.
 static __always_inline int kpr_np_l4_whole(kpr_ctx_t *ctx, __u32 off, __u8 proto)
 {
@@ -1453,101 +1475,170 @@ static __always_inline int kpr_np_l4_whole(kpr_ctx_t *ctx, __u32 off, __u8 proto
 	return ctx_ptr(ctx, off, sizeof(struct udphdr)) != (void *)0;
 }
 
+/* *pkt as kpr_parse fills it, for a frame kpr_np_early found plain (no VLAN tag, IPv4 without
+ * options or fragmentation or IPv6 without extension headers, the whole TCP/UDP header there),
+ * from what it read (`t`: destination, its port, protocol, family) and the rest of the headers
+ * (the ports by kpr_parse's own kpr_parse_tcp/udp). Only a service's packet gets here: the fast
+ * exit writes nothing. 0, or -1 (never, the frame being as checked). */
+static __always_inline int kpr_np_early_fill(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const struct kpr_tuple *t)
+{
+	__u32 l4_off;
+
+	pkt->t.daddr = t->daddr;
+	if (t->family == KPR_FAMILY_V4) {
+		struct iphdr *ip = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(*ip));
+
+		if (!ip)
+			return -1;
+		kpr_addr_set_v4(&pkt->t.saddr, ip->saddr);
+		l4_off = sizeof(struct ethhdr) + sizeof(struct iphdr);
+	} else {
+		struct ipv6hdr *ip6 = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(*ip6));
+
+		if (!ip6)
+			return -1;
+		kpr_addr_set_v6(&pkt->t.saddr, ip6->saddr.in6_u.u6_addr32);
+		l4_off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+	}
+	pkt->t.proto = t->proto;
+	pkt->t.family = t->family;
+	pkt->t.tcp_flags = 0;
+	pkt->t.pad = 0;
+	pkt->l3_off = sizeof(struct ethhdr);
+	pkt->l4_off = l4_off;
+	pkt->frag = 0;
+	pkt->pad = 0;
+	if (t->proto == IPPROTO_TCP)
+		return kpr_parse_tcp(ctx, pkt) == KPR_PARSE_OK ? 0 : -1;
+	return kpr_parse_udp(ctx, pkt) == KPR_PARSE_OK ? 0 : -1;
+}
+
 /* The fast exit, before the full parse (no tuple built, no other test first): an untagged IPv4
  * (without options or fragmentation) or IPv6 (without extension headers) TCP/UDP packet to a
  * port no frontend has, outside the SNAT port range, to an address that cannot be an announced
- * one. Exactly the packets the prefilter below would pass after parsing (DSR needs IP options
- * or an extension header, SNAT replies a port in the range, ICMP errors another protocol):
- * every other packet takes the full path. 1: pass it. */
-static __always_inline int kpr_np_early_pass(kpr_ctx_t *ctx)
+ * one: KPR_NP_EARLY_PASS. Exactly the packets the prefilter in kpr_np_from_parse would pass
+ * after parsing (DSR needs IP options or an extension header, SNAT replies a port in the range,
+ * ICMP errors another protocol). Such a packet to a frontend's port outside the SNAT range
+ * (KPR_NP_EARLY_PARSE): *pkt filled from the raw headers, KPR_NP_EARLY_LB, every step between
+ * the parse and the service path known to let it through (no DSR header, not a SNAT reply, a
+ * port served), which spares a service packet the second parse and the second bitmap test.
+ * Every other packet: KPR_NP_EARLY_FULL. */
+static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
 	struct ethhdr *eth = ctx_ptr(ctx, 0, sizeof(struct ethhdr) + sizeof(struct iphdr) + 4);
 	struct kpr_tuple t;
 
 	if (!eth)
-		return 0;
+		return KPR_NP_EARLY_FULL;
 	if (eth->h_proto == kpr_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
 		// version 4, header length 5 words; no MF flag or offset
 		if (((__u8 *)ip)[0] != 0x45 || (ip->frag_off & kpr_htons(0x3fff)))
-			return 0;
+			return KPR_NP_EARLY_FULL;
 		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-			return 0;
+			return KPR_NP_EARLY_FULL;
 		// a cut L4 header is the full parse's (counted malformed there)
 		if (!kpr_np_l4_whole(ctx, sizeof(struct ethhdr) + sizeof(struct iphdr), ip->protocol))
-			return 0;
+			return KPR_NP_EARLY_FULL;
 		t.dport = ((__be16 *)(ip + 1))[1];
 		t.proto = ip->protocol;
+		t.family = KPR_FAMILY_V4;
 		kpr_addr_set_v4(&t.daddr, ip->daddr);
 	} else if (eth->h_proto == kpr_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(struct ipv6hdr) + 4);
 
-		if (!ip6 || (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP))
-			return 0;
+		// version 6 (the full parse's first test: another one is malformed there, counted)
+		if (!ip6 || (((__u8 *)ip6)[0] >> 4) != 6 || (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP))
+			return KPR_NP_EARLY_FULL;
 		if (!kpr_np_l4_whole(ctx, sizeof(struct ethhdr) + sizeof(struct ipv6hdr), ip6->nexthdr))
-			return 0;
+			return KPR_NP_EARLY_FULL;
 		t.dport = ((__be16 *)(ip6 + 1))[1];
 		t.proto = ip6->nexthdr;
+		t.family = KPR_FAMILY_V6;
 		kpr_addr_set_v6(&t.daddr, ip6->daddr.in6_u.u6_addr32);
 	} else {
-		return 0;
+		return KPR_NP_EARLY_FULL;
 	}
-	if (kpr_np_snat_port(&t) || kpr_np_port_served(&t))
-		return 0;
+	if (kpr_np_snat_port(&t))
+		return KPR_NP_EARLY_FULL;
+	if (kpr_np_port_served(&t))
+		return KPR_NP_EARLY_PARSE && !kpr_np_early_fill(ctx, pkt, &t) ? KPR_NP_EARLY_LB : KPR_NP_EARLY_FULL;
 	// a set bit is an announced address, or another address's hash (one in five of them with
 	// 16000 announced): the exact lookup then, which the full path would do too
-	return !kpr_np_maybe_vip(&t.daddr) || !kpr_np_vip.lookup(&t.daddr);
+	if (!kpr_np_maybe_vip(&t.daddr) || !kpr_np_vip.lookup(&t.daddr))
+		return KPR_NP_EARLY_PASS;
+	return KPR_NP_EARLY_FULL;
 }
 #endif
 
-/* --- entry points ------------------------------------------------------------------------ */
+#define KPR_NP_TO_LB 0x10000 // kpr_np_from_parse: no verdict, the service path's (no TC_ACT_* or XDP_* value)
 
-// A packet arriving on an external device.
-static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
+// What the full parse of a packet from outside says: a verdict, or KPR_NP_TO_LB.
+static __always_inline int kpr_np_from_parse(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
-	struct kpr_pkt pkt;
 	int ret;
 #if KPR_NP_DSR
 	union kpr_addr fe;
 	__be16 fport;
 #endif
 
-#if KPR_NP_PREFILTER && KPR_NP_EARLY_EXIT
-	if (kpr_np_early_pass(ctx))
-		return KPR_NP_PASS;
-#endif
-	ret = kpr_parse(ctx, &pkt);
+	ret = kpr_parse(ctx, pkt);
 	KPR_NP_STOP(1);
 	if (ret == KPR_PARSE_NOT_IP)
 		return KPR_NP_PASS;
 	if (ret == KPR_PARSE_MALFORMED) {
 		kpr_np_count(KPR_NP_ST_MALFORMED);
-		kpr_mon_flow(KPR_MON_T_PASS, KPR_NP_MON_HOOK, KPR_MON_R_MALFORMED, &pkt.t, 0, 0, (void *)0);
+		kpr_mon_flow(KPR_MON_T_PASS, KPR_NP_MON_HOOK, KPR_MON_R_MALFORMED, &pkt->t, 0, 0, (void *)0);
 		return KPR_NP_PASS;
 	}
-	if (!pkt.l4_off) { // non-first fragment, or an L4 without ports
-		if (pkt.frag)
+	if (!pkt->l4_off) { // non-first fragment, or an L4 without ports
+		if (pkt->frag)
 			kpr_np_count(KPR_NP_ST_FRAGMENT);
-		return kpr_np_vip_guard(&pkt);
+		return kpr_np_vip_guard(pkt);
 	}
-	if (pkt.t.proto != IPPROTO_TCP && pkt.t.proto != IPPROTO_UDP) {
-		if (kpr_icmp_is_error(ctx, &pkt))
+	if (pkt->t.proto != IPPROTO_TCP && pkt->t.proto != IPPROTO_UDP) {
+		if (kpr_icmp_is_error(ctx, pkt))
 			return kpr_np_tail(ctx, KPR_NP_CALL_ICMP_IN);
-		return kpr_np_vip_guard(&pkt);
+		return kpr_np_vip_guard(pkt);
 	}
 #if KPR_NP_DSR
-	if (kpr_dsr_parse(ctx, &pkt, &fe, &fport))
+	if (kpr_dsr_parse(ctx, pkt, &fe, &fport))
 		return kpr_np_tail(ctx, KPR_NP_CALL_DSR_RECV);
 #endif
-	if (kpr_np_snat_port(&pkt.t) && kpr_np_is_snat_reply(&pkt.t))
+	if (kpr_np_snat_port(&pkt->t) && kpr_np_is_snat_reply(&pkt->t))
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT_REPLY);
 #if KPR_NP_PREFILTER
 	// the fast exit: no conntrack or service lookups for a port no frontend has (replies to
 	// source-NATed flows, DSR headers and ICMP errors took their paths above)
-	if (!kpr_np_port_served(&pkt.t))
-		return kpr_np_maybe_vip(&pkt.t.daddr) ? kpr_np_vip_guard(&pkt) : KPR_NP_PASS;
+	if (!kpr_np_port_served(&pkt->t))
+		return kpr_np_maybe_vip(&pkt->t.daddr) ? kpr_np_vip_guard(pkt) : KPR_NP_PASS;
 #endif
+	return KPR_NP_TO_LB;
+}
+
+// A packet arriving on an external device.
+static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	int ret = KPR_NP_TO_LB;
+
+#if KPR_NP_PREFILTER && KPR_NP_EARLY_EXIT
+	ret = kpr_np_early(ctx, &pkt);
+	if (ret == KPR_NP_EARLY_PASS)
+		return KPR_NP_PASS;
+	// (one call of the service path below: inlined twice, it doubles the program)
+	if (KPR_NP_EARLY_PARSE && ret == KPR_NP_EARLY_LB) {
+		KPR_NP_STOP(1);
+		ret = KPR_NP_TO_LB;
+	} else {
+		ret = kpr_np_from_parse(ctx, &pkt);
+	}
+#else
+	ret = kpr_np_from_parse(ctx, &pkt);
+#endif
+	if (ret != KPR_NP_TO_LB)
+		return ret;
 	return kpr_np_lb(ctx, &pkt);
 }
 

@@ -49,31 +49,49 @@ struct kpr_vlan_hdr {
 	__be16 proto;       // the encapsulated ethertype
 };
 
+/* Ports and flags of the whole TCP header at pkt->l4_off; sets csum_off. kpr_parse_l4's TCP
+ * case and UDP case (below), also how the NodePort fast exit fills a plain frame's packet
+ * (lib/nodeport.h kpr_np_early_fill). Two functions, not one with a test of the protocol:
+ * clang merges two such ctx_ptr() calls into one of a variable size, which the verifier gives
+ * no range ("invalid access to packet"). */
+static __always_inline int kpr_parse_tcp(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
+{
+	__u32 off = pkt->l4_off;
+	struct tcphdr *th = ctx_ptr(ctx, off, sizeof(*th));
+
+	if (!th)
+		return KPR_PARSE_MALFORMED;
+	pkt->t.sport = th->source;
+	pkt->t.dport = th->dest;
+	pkt->t.tcp_flags = ((__u8 *)th)[13];
+	pkt->csum_off = off + offsetof(struct tcphdr, check);
+	return KPR_PARSE_OK;
+}
+
+// Ports of the UDP header at pkt->l4_off; sets csum_off.
+static __always_inline int kpr_parse_udp(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
+{
+	__u32 off = pkt->l4_off;
+	struct udphdr *uh = ctx_ptr(ctx, off, sizeof(*uh));
+
+	if (!uh)
+		return KPR_PARSE_MALFORMED;
+	pkt->t.sport = uh->source;
+	pkt->t.dport = uh->dest;
+	pkt->csum_off = off + offsetof(struct udphdr, check);
+	return KPR_PARSE_OK;
+}
+
 // Ports (or ICMP echo id) of the L4 header at pkt->l4_off; sets csum_off.
 static __always_inline int kpr_parse_l4(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
 	__u32 off = pkt->l4_off;
 
 	switch (pkt->t.proto) {
-	case IPPROTO_TCP: {
-		struct tcphdr *th = ctx_ptr(ctx, off, sizeof(*th));
-		if (!th)
-			return KPR_PARSE_MALFORMED;
-		pkt->t.sport = th->source;
-		pkt->t.dport = th->dest;
-		pkt->t.tcp_flags = ((__u8 *)th)[13];
-		pkt->csum_off = off + offsetof(struct tcphdr, check);
-		return KPR_PARSE_OK;
-	}
-	case IPPROTO_UDP: {
-		struct udphdr *uh = ctx_ptr(ctx, off, sizeof(*uh));
-		if (!uh)
-			return KPR_PARSE_MALFORMED;
-		pkt->t.sport = uh->source;
-		pkt->t.dport = uh->dest;
-		pkt->csum_off = off + offsetof(struct udphdr, check);
-		return KPR_PARSE_OK;
-	}
+	case IPPROTO_TCP:
+		return kpr_parse_tcp(ctx, pkt);
+	case IPPROTO_UDP:
+		return kpr_parse_udp(ctx, pkt);
 	case IPPROTO_SCTP: {
 		// SCTP common header starts with the two ports, like UDP; its CRC32c cannot be patched incrementally.
 		__be16 *ports = ctx_ptr(ctx, off, 4);

@@ -1,0 +1,126 @@
+"""Where a new flow spread over many frontends pays more than one spread over a few (issue 14,
+item 6: "flat with scale"): the spread-flow case of bench_xdp_nodeport.py / bench_tc_nodeport.py
+(new SNAT flows, each to the next filler frontend) measured by builds that stop after each
+lookup of the new-flow path (lib/nodeport.h KPR_NP_BENCH_STOP: 9 conntrack miss, 10 service
+entry, 11 backend pick, 2 counters, 4 tail call and stage, 5 FIB lookup, 6 SNAT port and
+conntrack entry and rewrite, 0 the full program), in two labs open at once (few and many
+services: each its own namespace and pinned service maps written by the core's writer), every
+(lab, build) pair measured in turn, round by round, so both scales see the same load.
+
+Reported per stop: cumulative ns above the lab's bare program by the wrapper method (repeat=N,
+kpr.testing.nodeport_bench), the step from the stop before, and the step's growth from the few
+to the many frontends: which lookups go cold at scale. The last line is the issue's ratio (the
+full program's wrapper figure, incl. the wrapper, many / few), the same quantity
+bench_xdp_nodeport.py's "new flows over N vs M frontends" line reports, measured side by side.
+
+    .venv/bin/python benchmarks/bench_nodeport_scale.py [--hook xdp] [--services 10,50000]
+        [--runs 4000] [--rounds 7] [--stops 9,10,11,2,4,5,6,0] [--cflags=-DX=1,...]
+
+--cflags adds one more full build (label "cflags") to compare a switch side by side.
+--fe-table adds the full build with the prototype frontend table (kpr/testing/fe_table.h, pasted
+before the plugin's entry file: kpr_svc's entries copied into an array of one-line entries the
+program indexes by its own hash of the key; label "fe-table"), to measure what that layout
+would buy before the writer has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+from kpr.testing.fe_table import fill_fe_table, load_fe_build
+from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
+
+STOP_LABELS = {
+    9: "conntrack miss",
+    10: "service entry (kpr_svc)",
+    11: "backend pick (kpr_slots, kpr_backend)",
+    2: "path counters",
+    3: "(conntrack entry: local/DSR only)",
+    4: "tail call, stage re-parse",
+    5: "FIB lookup",
+    6: "SNAT port, conntrack entry, rewrite",
+    0: "full program (next-hop cache, redirect)",
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hook", default="xdp", choices=("xdp", "tc"))
+    ap.add_argument("--services", default="10,50000", help="two service counts: few,many")
+    ap.add_argument("--runs", type=int, default=4000, help="wrapper runs per round")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds, every (lab, build) in turn; median")
+    ap.add_argument("--stops", default="9,10,11,2,4,5,6,0", help="KPR_NP_BENCH_STOP builds (0: the full program)")
+    ap.add_argument("--cflags", default="", help="comma-separated -D flags of one more full build")
+    ap.add_argument("--fe-table", action="store_true", help="one more full build with the prototype frontend table")
+    a = ap.parse_args()
+    few, many = (int(x) for x in a.services.split(","))
+    stops = [int(x) for x in a.stops.split(",")]
+    # stop 0 is the default build itself (measure() sets flows up with "default")
+    builds = {f"stop{s}" if s else "default": [f"-DKPR_NP_BENCH_STOP={s}", "-DKPR_NP_EST_INLINE=0"] if s else []
+              for s in stops}
+    if a.cflags:
+        builds["cflags"] = a.cflags.split(",")
+    if a.fe_table:
+        builds["fe-table"] = []  # its own entry file (load_fe_build), no flag
+    key = lambda s: f"stop{s}" if s else "default"  # noqa: E731
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    pr = lambda *x: print(*x, flush=True)  # noqa: E731
+    pr(f"== {a.hook} new flows spread over {few - 2} vs {many - 2} frontends; {time.strftime('%H:%M:%S')} UTC; "
+       f"load {open('/proc/loadavg').read().split()[:3]}")
+    with ProgLab(few) as lf, ProgLab(many) as lm:
+        labs = {few: lf, many: lm}
+        t0 = time.perf_counter()
+        for lab in labs.values():
+            if a.fe_table:
+                longest = fill_fe_table(lab.pin, lab.writer.maps["kpr_svc"])
+                pr(f"  kpr_fe_bench filled for {lab.services} services: probe runs up to {longest}")
+            lab.load(a.hook, "default")
+            for name, flags in builds.items():
+                if name == "fe-table":
+                    load_fe_build(lab, a.hook, name)
+                elif name != "default":
+                    lab.load(a.hook, name, flags)
+        pr(f"  {len(builds)} builds x 2 labs loaded in {time.perf_counter() - t0:.0f} s "
+           f"(service maps written: {lf.sync_s:.1f} s, {lm.sync_s:.1f} s)")
+        got: dict[tuple[int, str], list[float]] = {}
+        moved: dict[tuple[int, str], int] = {}
+        bares: dict[int, list[float]] = {n: [] for n in labs}
+        for _r in range(a.rounds):
+            for n, lab in labs.items():
+                bares[n].append(bare(lab, a.hook, a.runs, 1).wrapper)
+                spread = [c for c in cases(lab, a.hook) if c.spread][0]
+                for name in builds:
+                    m = measure(lab, a.hook, name, spread, a.runs, 1, single=False)
+                    got.setdefault((n, name), []).append(m.wrapper)
+                    moved[(n, name)] = moved.get((n, name), 0) + m.counted.get("new_snat", 0)
+        b = {n: statistics.median(v) for n, v in bares.items()}
+        w = {k: statistics.median(v) for k, v in got.items()}
+        pr(f"  bare (wrapper ns): {few}: {b[few]:.1f}, {many}: {b[many]:.1f}")
+        pr(f"  {'up to and including':44s} {'few':>7s} {'step':>6s} {'many':>7s} {'step':>6s} {'step grows':>10s}")
+        prev = {few: 0.0, many: 0.0}
+        for s in stops:
+            cells = []
+            for n in (few, many):
+                x = w[(n, key(s))] - b[n]
+                cells += [f"{x:7.0f}", f"{x - prev[n]:+6.0f}"]
+            grow = (w[(many, key(s))] - b[many] - prev[many]) - (w[(few, key(s))] - b[few] - prev[few])
+            pr(f"  {STOP_LABELS.get(s, str(s)):44s} {' '.join(cells)} {grow:+10.0f}")
+            prev = {n: w[(n, key(s))] - b[n] for n in labs}
+        for name in [x for x in ("default", "cflags", "fe-table") if x in builds]:
+            # the path: every run of the full builds counted as a new SNAT flow
+            proof = ", ".join(f"{n}: new_snat+{moved[(n, name)]}" for n in (few, many))
+            flags = " ".join(builds[name]) or ("kpr/testing/fe_table.h" if name == "fe-table" else "default")
+            pr(f"  {name} ({flags}; {proof} of {a.rounds * a.runs} runs each)")
+            pr(f"  {name}: new flows over {many - 2} vs {few - 2} frontends: "
+               f"{w[(many, name)] / w[(few, name)]:.2f} x (wrapper, incl. the wrapper; "
+               f"{w[(few, name)] - b[few]:.0f} / {w[(many, name)] - b[many]:.0f} ns above bare)")
+    pr(f"  load at the end {open('/proc/loadavg').read().split()[:3]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

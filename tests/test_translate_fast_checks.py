@@ -1,0 +1,90 @@
+"""Checks that a full sync runs for every object take a short way for well-formed input
+(translate._parse_service_port, the ClusterIPs' field paths made only for a message): for
+any input, the outcome must be the checking way's, the same value or the same error."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kpr import translate
+from kpr.model import InvalidObject
+
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"}}
+
+odd = st.one_of(st.none(), st.booleans(), st.just(""), st.just([]), st.just({}), st.floats(allow_nan=False))
+port_number = st.one_of(st.integers(-1, 65537), st.sampled_from([0, 1, 80, 65535, 65536]), odd)
+port = st.one_of(
+    odd,
+    st.fixed_dictionaries({}, optional={
+        "name": st.one_of(st.sampled_from(["", "http", "dns"]), odd),
+        "protocol": st.one_of(st.sampled_from(["", "TCP", "UDP", "SCTP", "tcp", "ICMP"]), odd),
+        "port": port_number,
+        "nodePort": port_number,
+        "targetPort": st.one_of(port_number, st.sampled_from(["", "http"])),
+    }),
+)
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except InvalidObject as e:
+        return ("error", str(e))
+
+
+@settings(max_examples=600, deadline=None)
+@given(port, st.integers(0, 3))
+def test_service_port_short_way_is_the_checking_way(value, i):
+    assert _outcome(translate._parse_service_port, SERVICE, value, i) == _outcome(
+        translate._checked_service_port, SERVICE, value, i
+    )
+
+
+texts = st.one_of(st.sampled_from(["10.96.0.10", "10.96.0.11", "010.96.0.10", "10.97.0.1", "127.0.0.1", "None", "", "fd00::1", "x"]), odd)
+
+
+@settings(max_examples=400, deadline=None)
+@given(texts, st.one_of(st.none(), st.lists(texts, max_size=3)))
+def test_cluster_ip_errors_name_the_field(cluster_ip, cluster_ips):
+    spec = {"clusterIP": cluster_ip, **({"clusterIPs": cluster_ips} if cluster_ips is not None else {})}
+    rules = translate.AddressRules(("10.96.0.0/16",))
+    got = _outcome(translate._parse_cluster_ips, SERVICE, spec, rules)
+    if got[0] == "ok":
+        # Each address as parsing it alone gives, in order.
+        given_texts = cluster_ips or ([cluster_ip] if cluster_ip and cluster_ip != "None" else [])
+        assert got[1] == tuple(translate._ip(t) for t in given_texts if t != "None")
+    else:
+        field = got[1].split(": ")[1]
+        assert field.startswith(("spec.clusterIP", "spec.clusterIPs["))
+
+
+def test_cluster_ip_error_messages():
+    rules = translate.AddressRules(("10.96.0.0/16",))
+    cases = [
+        ("x", None, "spec.clusterIP: 'x' is not an IP address"),
+        ("10.96.0.10", ["10.96.0.10", "y"], "spec.clusterIPs[1]: 'y' is not an IP address"),
+        ("10.97.0.1", None, "spec.clusterIP: 10.97.0.1 is not in service.clusterCIDR 10.96.0.0/16"),
+        ("10.97.0.1", ["10.97.0.1"], "spec.clusterIPs[0]: 10.97.0.1 is not in service.clusterCIDR 10.96.0.0/16"),
+        ("", ["127.0.0.1"], "spec.clusterIPs[0]: 127.0.0.1 is a loopback address"),
+    ]
+    for ip, ips, message in cases:
+        spec = {"clusterIP": ip, **({"clusterIPs": ips} if ips is not None else {})}
+        assert _outcome(translate._parse_cluster_ips, SERVICE, spec, rules) == ("error", f"Service shop/web: {message}")
+
+
+ODD_VALUES = [None, True, False, "", [], {}, 1.5, -1, 0, 1, 80, 65535, 65536, "http", "TCP", "UDP", "SCTP", "tcp", "ICMP"]
+
+
+def test_service_port_one_field_off_at_a_time():
+    """A well-formed port with one field set to each value in turn (or left out): the
+    edges of every check, which random dicts seldom reach all at once."""
+    valid = {"name": "http", "protocol": "TCP", "port": 80, "nodePort": 30080, "targetPort": 8080}
+    for field in valid:
+        for value in [*ODD_VALUES, "absent"]:
+            port = {k: v for k, v in valid.items() if k != field}
+            if value != "absent":
+                port[field] = value
+            assert _outcome(translate._parse_service_port, SERVICE, port, 0) == _outcome(
+                translate._checked_service_port, SERVICE, port, 0
+            ), (field, value)

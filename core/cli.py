@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -37,14 +38,30 @@ def _log_stream() -> Any:
     return os.fdopen(fd, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
 
 
+def _stacks_on_sigusr1(stream: Any) -> None:
+    """`kill -USR1 <agent>` writes every thread's stack to the log: how an operator (or a
+    test whose agent will not stop) sees where a stuck agent is. faulthandler writes from the
+    signal handler itself, so it works while the main thread is blocked."""
+    import faulthandler
+    import signal
+
+    try:
+        stream.flush()
+        faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True, chain=False)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation) as e:  # no descriptor
+        logging.getLogger(__name__).warning("agent.stack_dump_unavailable error=%s", e)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     level = "debug" if args.debug else config.log.level
+    stream = _log_stream()
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=_log_stream(),
+        stream=stream,
     )
+    _stacks_on_sigusr1(stream)
     from . import memory
     from .daemon import Agent
 

@@ -404,3 +404,28 @@ def test_stopping_after_a_failed_start_is_bounded(tmp_path):
         assert "plugin.stop_timeout plugin=hangs" in logs.lines
     finally:
         hangs.release.set()
+
+
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(tmp_path):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(WEB)
+    cfg = write_config(tmp_path, manifests)
+    log = tmp_path / "agent.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kpr.cli", "run", "--config", str(cfg)],
+                                stdout=out, stderr=out)
+    try:
+        wait_for(lambda: "agent.ready" in log.read_text(), 20, "agent ready")
+        proc.send_signal(signal.SIGUSR1)
+        # faulthandler's dump: a header per thread and the main thread inside Agent.run's wait.
+        wait_for(lambda: "Current thread" in log.read_text() or "Thread 0x" in log.read_text(), 10, "the dump")
+        text = log.read_text()
+        assert "in run" in text and "daemon.py" in text, text[-3000:]
+        assert proc.poll() is None, "SIGUSR1 does not stop the agent"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -32,7 +32,7 @@ from typing import Any
 from kpr import hookimpl
 
 __all__ = ["AgentConfig", "NeedsMaps", "in_agent_netns", "kpr_argv", "kpr_cli", "kpr_cleanup", "running_agent",
-           "scratch_agent", "start_agent"]
+           "scratch_agent", "start_agent", "stop_agent_process"]
 
 
 class NeedsMaps:
@@ -146,6 +146,25 @@ def kpr_cleanup(pin: Path, work: Path, **kw: Any) -> subprocess.CompletedProcess
     cfg = Path(work) / "kpr-cleanup.yaml"
     cfg.write_text(json.dumps({"bpf": {"pinPath": str(pin)}}))
     return kpr_cli("cleanup", "--config", str(cfg), **kw)
+
+
+def stop_agent_process(proc: subprocess.Popen, sig: int, log: Path, timeout: float = 30.0) -> int:
+    """Send `sig` to a `kpr run` process and wait for it to exit; its exit code. One that has
+    not exited after `timeout` seconds fails with every thread's stack (the agent writes them
+    to its log on SIGUSR1, kpr.cli) and the log's tail: what it was stuck in."""
+    import signal
+    import time
+
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        tail = Path(log).read_text(errors="replace")[-12000:] if Path(log).exists() else "(no log)"
+        raise AssertionError(
+            f"the agent (pid {proc.pid}) had not exited {timeout:.0f} s after signal {sig}; its log ends:\n{tail}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from kpr.testing import echo
 from kpr.testing.bpffs import private_bpffs
 from kpr.testing.cgroup import child_cgroup
 from kpr.testing.echo import CLIENT_PRELUDE, PY, Running, answers, start_running
-from kpr.testing.agent import AgentConfig, kpr_argv, kpr_cleanup
+from kpr.testing.agent import AgentConfig, kpr_argv, kpr_cleanup, stop_agent_process
 from kpr.testing.harness import PluginHarness, plugin_context, start_plugin
 from kpr.testing.netns import Topology
 from kpr.testing.waiting import wait_for
@@ -346,8 +346,7 @@ class AgentRig:
 
     def stop(self, sig: int) -> None:
         assert self.proc is not None
-        self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
+        stop_agent_process(self.proc, sig, self.work / f"agent-{self.starts}.log")
 
     def kill(self) -> None:
         import signal

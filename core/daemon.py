@@ -122,6 +122,7 @@ class Agent:
         self._internal = internal_plugins or {}
         self._backoff = backoff
         self._stop = threading.Event()
+        self._signalled = 0  # the signal that asked the agent to stop (_on_signal)
         self.kpm: KprPluginManager | None = None
         self.handles: list[PluginHandle] = []
         self._started: list[PluginHandle] = []
@@ -140,9 +141,17 @@ class Agent:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def request_stop(self, *_: Any) -> None:
-        # Runs in a signal handler: only set the flag.
+    def request_stop(self) -> None:
+        """Ask the running agent to stop (from another thread; signals go to _on_signal)."""
         self._stop.set()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # The SIGTERM/SIGINT handler: only a plain assignment. Python runs a handler in the
+        # main thread between two bytecodes, which can be inside the main loop's
+        # self._stop.wait() while it holds the Event's own lock; Event.set() there waits
+        # for that lock forever (an agent that never exited on SIGTERM, seen in CI). The
+        # main loop reads the flag after each wait (at most its period later).
+        self._signalled = signum
 
     def setup(self) -> None:
         """Everything up to serving: plugins configured and started, bus, store, API, metrics, source."""
@@ -252,7 +261,7 @@ class Agent:
 
     def run(self) -> int:
         """Run in the foreground until SIGTERM/SIGINT; returns the exit code."""
-        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             try:
                 self.setup()
@@ -262,13 +271,13 @@ class Agent:
             log.info("agent.running version=%s", __version__)
             next_resync = time.monotonic() + self.config.agent.resync_interval
             # Until ready, looked at more often: the wait is part of the time to ready.
-            while not self._stop.wait(0.2 if self._ready_sent else READY_POLL):
+            while not self._signalled and not self._stop.wait(0.2 if self._ready_sent else READY_POLL):
                 self._tick()
                 if self.config.agent.resync_interval and time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + self.config.agent.resync_interval
                     if self.store.is_synced:
                         self.bus.resync(self.store.snapshot())
-            log.info("agent.stopping")
+            log.info("agent.stopping signal=%s", signal.Signals(self._signalled).name if self._signalled else "-")
             return self.shutdown()
         finally:
             for sig, handler in previous.items():

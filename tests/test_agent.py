@@ -241,6 +241,56 @@ def test_shutdown_is_bounded_when_a_plugin_hangs(tmp_path):
     assert "plugin.stop_timeout plugin=hang" in proc.stderr.read()
 
 
+# The agent's SIGTERM handler run at the worst moment: while the main thread is inside the
+# stop Event's wait() and holds that Event's own lock (Condition.wait holds it before and
+# after the timed wait; Python runs a handler between any two bytecodes). A handler that takes
+# the lock (Event.set) never returns and the agent never stops: seen in CI as an agent still
+# running 30 s after SIGTERM. The test calls the installed handler with the lock held, as
+# that moment would; a handler that only sets a flag returns, and the agent then stops.
+UNLUCKY_SIGNAL = """
+import logging, signal, sys, threading, time
+from kpr.config import load_config
+from kpr.daemon import Agent
+
+logging.basicConfig(level=logging.INFO)
+agent = Agent(load_config(sys.argv[1]))
+
+def unlucky():
+    while not agent._ready_sent:
+        time.sleep(0.02)
+    handler = signal.getsignal(signal.SIGTERM)
+    with agent._stop._cond:  # what Event.wait holds around its timed wait
+        handler(signal.SIGTERM, None)
+    print("handler-returned", flush=True)
+
+threading.Thread(target=unlucky, daemon=True).start()
+sys.exit(agent.run())
+"""
+
+
+def test_sigterm_handler_returns_even_when_it_lands_inside_the_main_loops_wait(tmp_path):
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(WEB)
+    cfg = write_config(tmp_path, manifests)
+    script = tmp_path / "unlucky.py"
+    script.write_text(UNLUCKY_SIGNAL)
+    proc = subprocess.Popen([sys.executable, str(script), str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # No clock bound on a healthy stop: 60 s only ends a hung agent (the defect) sooner
+        # than the suite's own timeout.
+        code = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("the agent never stopped: its signal handler waited for the lock its own thread holds")
+    out, err = proc.communicate()
+    assert "handler-returned" in out, err[-3000:]
+    assert code == 0, err[-3000:]
+    assert "agent.stopping signal=SIGTERM" in err
+
+
 def test_check_config_exit_codes(tmp_path):
     good = write_config(tmp_path, tmp_path)
     ok = subprocess.run([sys.executable, "-m", "kpr.cli", "check-config", "--config", str(good)], capture_output=True, text=True)

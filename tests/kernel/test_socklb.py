@@ -228,7 +228,10 @@ def test_a_service_without_backends_refuses_at_once(env: Env) -> None:
     env.apply(service("empty", [(CIP, "10.96.0.18", 80)], []))
     rows = env.client("tcp", "10.96.0.18", 80, 2)
     assert [r.get("error") for r in rows] == ["ECONNREFUSED"] * 2
-    assert all(r["ms"] < 500 for r in rows), f"the refusal must not wait for a timeout: {rows}"
+    # Refused by the hook, not after a lost SYN: TCP's first retransmission waits 1 s, so a
+    # refusal that came from the network (or none, then a timeout) takes at least that long.
+    # (No tighter bound: a loaded CI machine deschedules the client for hundreds of ms.)
+    assert all(r["ms"] < 1000 for r in rows), f"the refusal must not wait for a retransmission: {rows}"
     rows = env.client("udp", "10.96.0.18", 80, 1)
     assert rows[0].get("error") == "ECONNREFUSED"
     rows = env.client("tcp", "::ffff:10.96.0.18", 80, 1, "-6")

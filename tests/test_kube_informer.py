@@ -4,10 +4,11 @@ backoff and rate limit: pure logic, no server."""
 from __future__ import annotations
 
 import threading
-import time
+from types import SimpleNamespace
 
 import pytest
 
+from kpr.kube import client as kube_client
 from kpr.kube.client import RateLimiter
 from kpr.kube.informer import Informer, JitterBackoff, Watched, _Expired, _StreamError
 
@@ -74,21 +75,29 @@ def test_backoff_grows_with_jitter_and_stays_under_the_cap():
         assert len(set(delays)) > 1, "jittered"
 
 
-def test_rate_limiter_allows_the_burst_then_qps():
+def test_rate_limiter_allows_the_burst_then_qps(monkeypatch):
     # The burst needs no wait: with `stop` already set, a wait that had to sleep answers False.
     # (A refill of one token per 1000 s keeps a slow machine from earning a sixth meanwhile.)
     rl = RateLimiter(qps=0.001, burst=5)
     stop = threading.Event()
     stop.set()
     assert [rl.wait(stop) for _ in range(6)] == [True] * 5 + [False], "5 at once, the sixth waits"
-    rl = RateLimiter(qps=50, burst=5)
-    t0 = time.monotonic()
+    # The pace on a clock of the test's own, which each sleep moves by what it asked for: a
+    # loaded machine that wakes late changes nothing (no wall-clock bound). 64/s: a token's
+    # 1/64 s adds up exactly in binary (0.02 s left the bucket a rounding short of a token,
+    # and the limiter then asks for sleeps too small to move a clock of 1000 s).
+    now = [1000.0]
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(kube_client, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=sleep))
+    rl = RateLimiter(qps=64, burst=5)
     for _ in range(15):
         assert rl.wait()
-    # 10 beyond the burst at 50/s need 0.2 s of refill however loaded the machine; the upper
-    # bound only catches a pace far off 50/s (10x the normal time).
-    took = time.monotonic() - t0
-    assert 0.15 <= took < 2.0, f"10 more at 50/s take about 0.2 s, took {took:.3f}"
+    assert slept == [1 / 64] * 10, "the burst at once, then 10 more at 64/s"
 
 
 def test_rate_limiter_wait_ends_when_stopping():

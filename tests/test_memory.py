@@ -225,6 +225,29 @@ def test_an_allocated_service_is_kept_as_changes_over_the_files_version(tmp_path
         assert getattr(kept, "base", kept) is src._files["a.json"].objects[ref], ref
 
 
+def test_a_written_cluster_ip_is_one_string_for_the_model_and_the_allocator(tmp_path):
+    """A Service's written ClusterIP reaches the model (validation's reading) and the
+    allocator's records (the Service unpacked for allocation): one string object for both,
+    not two equal ones (1.1 MB at 20k services)."""
+    from kpr.allocator import Allocator
+    from kpr.config import PortRange
+    from kpr.sources.files import FilesSource
+
+    d = tmp_path / "services.d"
+    d.mkdir()
+    two = service(2)
+    two["spec"]["clusterIPs"] = [two["spec"]["clusterIP"]]
+    (d / "a.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [service(1), two, endpoint_slice(1)]}))
+    allocator = Allocator(tmp_path / "alloc.json", ["10.96.0.0/12"], PortRange(first=30000, last=32767))
+    store = ObjectStore(NODE, NullPublisher(), cluster_cidrs=["10.96.0.0/12"])
+    FilesSource(d, allocator).scan_once(store)
+    assert len(store.services) == 2 and not store.errors
+    for i in (1, 2):
+        address = store.services[ServiceKey(f"ns{i}", f"svc{i}")].frontends[0].address
+        kept = allocator._records[f"ns{i}/svc{i}"].cluster_ips[0]
+        assert kept == address and kept is address, (i, kept)
+
+
 def test_the_pass_keeps_no_service_reading_once_the_store_has_translated(tmp_path):
     """What validation read of each object (translate.remember_checked) lives until the store
     translates it, not until the pass ends: a Service's reading left under the file's bytes

@@ -908,6 +908,7 @@ class FilesSource:
             # Only a Service is read here (allocation); the rest goes to the sink packed.
             obj = read = memory.unpack(packed) if ref[0] == "Service" else packed
             if ref[0] == "Service":
+                tr.share_cluster_ip_texts(packed, obj)
                 try:
                     alloc = self.allocator.allocate(obj)
                 except AllocationError as e:

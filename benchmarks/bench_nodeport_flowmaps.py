@@ -1,0 +1,91 @@
+"""What the kind of the flow maps costs a new NodePort flow (issue 14, item 4: new flows cheaper):
+the product's LRU kpr_ct and kpr_snat against a preallocated hash (either or both) and LRU lists
+per CPU (BPF_F_NO_COMMON_LRU), each in a lab of its own (10 services, kpr.testing.flow_maps
+re-pins the two maps before any program loads), every (lab, build) pair measured in turn,
+round by round, so every kind sees the same load. The same builds in every lab; only the maps
+differ.
+
+Reported per kind: the new SNAT flow (kpr.testing.nodeport_bench's case, a fresh client per
+run) by builds stopping after the conntrack miss (9), after the SNAT port, conntrack entry and
+rewrite (6), and the full program (0), cumulative ns above the lab's bare program by the
+wrapper method; the established flow's full program; and the new flow's difference to the LRU
+lab. The program's counters prove the path (new_snat per run).
+
+    .venv/bin/python benchmarks/bench_nodeport_flowmaps.py [--hook xdp] [--kinds lru,hash,hash-ct,hash-snat,percpu-lru]
+        [--runs 4000] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+from kpr.testing.coldline import cold_line_ns
+from kpr.testing.flow_maps import KINDS, repin_flow_maps
+from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
+
+# stop -> column: after the conntrack miss (9); the SNAT port, conntrack entry and rewrite (6); all (0)
+STOPS = {9: "ct miss", 6: "+SNAT/ct/rewrite", 0: "full"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hook", default="xdp", choices=("xdp", "tc"))
+    ap.add_argument("--kinds", default="lru,hash,hash-ct,hash-snat,percpu-lru", help=f"of {', '.join(KINDS)}")
+    ap.add_argument("--runs", type=int, default=4000, help="wrapper runs per round and case")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds, every (lab, build) in turn; median")
+    a = ap.parse_args()
+    kinds = a.kinds.split(",")
+    unknown = set(kinds) - set(KINDS)
+    if unknown or "lru" not in kinds:
+        ap.error(f"kinds: of {', '.join(KINDS)}, lru among them (unknown: {', '.join(sorted(unknown)) or '-'})")
+    builds = {f"stop{s}" if s else "default": [f"-DKPR_NP_BENCH_STOP={s}", "-DKPR_NP_EST_INLINE=0"] if s else []
+              for s in STOPS}
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    pr = lambda *x: print(*x, flush=True)  # noqa: E731
+    pr(f"== {a.hook} new SNAT flows by flow-map kind; {time.strftime('%H:%M:%S')} UTC; "
+       f"load {open('/proc/loadavg').read().split()[:3]}; cold line {cold_line_ns():.0f} ns")
+    with contextlib.ExitStack() as stack:
+        labs = {}
+        for k in kinds:
+            lab = labs[k] = stack.enter_context(ProgLab(10))
+            repin_flow_maps(lab, k)
+            for name, flags in builds.items():
+                lab.load(a.hook, name, flags)
+        new: dict[tuple[str, str], list[float]] = {}
+        est: dict[str, list[float]] = {k: [] for k in kinds}
+        bares: dict[str, list[float]] = {k: [] for k in kinds}
+        moved: dict[str, int] = {k: 0 for k in kinds}
+        for _r in range(a.rounds):
+            for k, lab in labs.items():
+                bares[k].append(bare(lab, a.hook, a.runs, 1).wrapper)
+                by_name = {c.name: c for c in cases(lab, a.hook)}
+                for name in builds:
+                    m = measure(lab, a.hook, name, by_name["new flow, remote backend (SNAT)"], a.runs, 1, single=False)
+                    new.setdefault((k, name), []).append(m.wrapper)
+                    if name == "default":
+                        moved[k] += m.counted.get("new_snat", 0)
+                m = measure(lab, a.hook, "default", by_name["established, remote backend (SNAT)"], a.runs, 1,
+                            single=False)
+                est[k].append(m.wrapper)
+        b = {k: statistics.median(v) for k, v in bares.items()}
+        w = {key: statistics.median(v) - b[key[0]] for key, v in new.items()}
+        pr(f"  new SNAT flow, ns above bare (wrapper, median of {a.rounds} rounds of {a.runs} runs)")
+        pr(f"  {'kind':12s} " + " ".join(f"{label:>16s}" for label in STOPS.values())
+           + f" {'vs lru':>8s} {'established':>12s}")
+        for k in kinds:
+            cells = [f"{w[(k, 'stop%d' % s if s else 'default')]:16.0f}" for s in STOPS]
+            d = w[(k, "default")] - w[("lru", "default")]
+            pr(f"  {k:12s} " + " ".join(cells) + f" {d:+8.0f} {statistics.median(est[k]) - b[k]:12.0f}")
+        pr("  bare (wrapper ns): " + ", ".join(f"{k} {b[k]:.0f}" for k in kinds))
+        pr("  path: " + ", ".join(f"{k} new_snat+{moved[k]}" for k in kinds) + f" of {a.rounds * a.runs} runs each")
+    pr(f"  load at the end {open('/proc/loadavg').read().split()[:3]}; cold line {cold_line_ns():.0f} ns")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Benchmark labs whose flow maps (kpr_ct, kpr_snat) are of another kind than the product's LRU
+(benchmarks/bench_nodeport_flowmaps.py): what a preallocated hash or per-CPU LRU lists would
+cost a new NodePort flow, measured beside the LRU in one run before anything in the product
+changes. Not a product feature: the writer pins both maps as kpr.bpf.maps.SPECS says (LRU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+from kpr.bpf import maps as M
+
+log = logging.getLogger(__name__)
+
+BPF_F_NO_COMMON_LRU = 1 << 1  # uapi/linux/bpf.h: an LRU list per CPU instead of one shared
+
+# kind -> {map name: (map type, map flags)} in place of the writer's LRU maps; "lru": none.
+KINDS: dict[str, dict[str, tuple[int, int]]] = {
+    "lru": {},
+    "hash": {"kpr_ct": (M.BPF_MAP_TYPE_HASH, 0), "kpr_snat": (M.BPF_MAP_TYPE_HASH, 0)},
+    "hash-ct": {"kpr_ct": (M.BPF_MAP_TYPE_HASH, 0)},
+    "hash-snat": {"kpr_snat": (M.BPF_MAP_TYPE_HASH, 0)},
+    "percpu-lru": {
+        "kpr_ct": (M.BPF_MAP_TYPE_LRU_HASH, BPF_F_NO_COMMON_LRU),
+        "kpr_snat": (M.BPF_MAP_TYPE_LRU_HASH, BPF_F_NO_COMMON_LRU),
+    },
+}
+
+
+def repin_flow_maps(lab: Any, kind: str) -> None:
+    """Pin maps of `kind` in place of the lab's kpr_ct and kpr_snat (same sizes), before any
+    program of the lab is loaded: programs open their maps by pin path (bcc), so every build
+    loaded afterwards uses these. The writer keeps its descriptors of the LRU maps (it writes
+    no flows)."""
+    if lab.builds:
+        raise RuntimeError("repin_flow_maps: builds already loaded hold the writer's maps")
+    for name, (mtype, flags) in KINDS[kind].items():
+        spec = dataclasses.replace(M.SPECS[name], type=mtype, flags=flags)
+        new = M.BpfMap.create(spec)
+        lab._stack.callback(new.close)
+        tmp = lab.pin / f"{name}_{kind.replace('-', '_')}"
+        new.pin(tmp)
+        os.rename(tmp, lab.pin / name)  # bpffs renames atomically over the writer's pin
+        log.info("event=flow_map_repinned map=%s kind=%s type=%d flags=%d", name, kind, mtype, flags)
+
+
+def pinned_kind(lab: Any, name: str) -> tuple[int, int]:
+    """(type, flags) of the map pinned as `name` in the lab."""
+    with M.BpfMap.open_pinned(lab.pin / name) as m:
+        info = m.info()
+        return info.type, info.map_flags

@@ -234,7 +234,9 @@ def test_an_address_coming_back_is_taken_once_peers_can_know(make):
 
 def test_a_starting_node_waits_for_peers_still_loading(make):
     addr = "10.0.100.10"
-    p, m, r, _ = make(extra=", peerSyncTimeout: 0.6", membership=FakeMembership(live=(ME, "node2")))
+    # A hold far longer than the test: only node2's publication can end it (with a short one a
+    # loaded machine let it run out first, and the node decided without node2)
+    p, m, r, _ = make(extra=", peerSyncTimeout: 600", membership=FakeMembership(live=(ME, "node2")))
     p.kpr_service_upsert(service=lb("a", addr))
     p.kpr_sync_complete()
     wait_for(lambda: p.kpr_status().message == "waiting for peers to sync: node2", what="waiting")

@@ -311,7 +311,9 @@ def test_drop_rules_fail_closed_and_recover(make):
     assert "drop rules: nft: boom" in st.message and "retrying" in st.message
     assert r.owned == frozenset()
     drops.fail = False
-    wait_for(lambda: r.owned == {"10.0.100.10"}, timeout=5, what="recovered")
+    # The next try is the backoff's delay away, which grows with each failure while this test
+    # waits its turn on a loaded machine (up to 30 s, plus the control loop's 1 s tick)
+    wait_for(lambda: r.owned == {"10.0.100.10"}, timeout=40, what="recovered")
     assert d.addresses == {"10.0.100.10"}
     wait_for(lambda: p.kpr_status().healthy, what="healthy")
 

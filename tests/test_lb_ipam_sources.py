@@ -501,8 +501,17 @@ def test_kubernetes_two_agents_one_writer_and_a_graceful_hand_over(api, tmp_path
 
 
 def test_kubernetes_a_failed_write_is_retried(api):
-    with KubeNode(api, "node-a") as a:
+    # The write must be tried while the server fails, so the node has to stay elected and
+    # hear of the service meanwhile: a Lease of 30 s (renewals fail too: with 2 s a loaded
+    # machine let it lapse before the write was tried), and the source synced, its watches
+    # open, before the fault (before its initial sync it hands on no service, and a list or a
+    # watch request the fault refuses, as the Pods' list was on a loaded machine, waits for the
+    # heal).
+    long = CONFIG | {"lease": {"duration": 30.0, "retryPeriod": 0.2}}
+    with KubeNode(api, "node-a", long) as a:
         wait_for(lambda: a.elected, 10, "elected")
+        wait_for(lambda: a.store.is_synced and api.open_watches == len(a.source.informers), 10,
+                 "the initial sync and every watch open")
         api.fail(500)
         api.create(service("x"))  # directly: the watch that is open still tells the node
         try:

@@ -98,7 +98,13 @@ def test_a_pod_created_after_start_is_reached_through_its_peer(env: Cluster) -> 
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     lxc = next(i for i in topo["node1"].ifaces if i.startswith("lxcp1n"))
     idx = topo.ifindex("node1", lxc)
-    wait_for(lambda: idx in plugin.nodeport.devices, 5, "the new pod's veth classified")
+    wait_for(lambda: idx in plugin.nodeport.devices, 10, "the new pod's veth classified")
+    dp = plugin.datapath
+    assert dp is not None
+    # What the programs read: the facility keeps the watcher's links before it writes
+    # kpr_np_devkind, so a packet sent once the veth is in the dict may still find no kind.
+    kind = M.U32.pack(int(plugin.nodeport.devices[idx].kind))
+    wait_for(lambda: dp.maps["kpr_np_devkind"].lookup(M.U32.pack(idx)) == kind, 10, "its kind in kpr_np_devkind")
     before = env.stats("node1")
 
     def fresh(node: str) -> Service:
@@ -114,10 +120,8 @@ def test_a_pod_created_after_start_is_reached_through_its_peer(env: Cluster) -> 
     kinds = plugin.nodeport.kpr_status().details["deviceKinds"]["links"]
     assert kinds["veth_peer"] >= 5, kinds  # eth0 and the pods' host-side devices
     topo.run("node1", ["ip", "link", "del", lxc])
-    wait_for(lambda: idx not in plugin.nodeport.devices, 5, "the pod's veth gone")
-    dp = plugin.datapath
-    assert dp is not None
-    wait_for(lambda: dp.maps["kpr_np_devkind"].lookup(M.U32.pack(idx)) is None, 5, "its kind unset")
+    wait_for(lambda: idx not in plugin.nodeport.devices, 10, "the pod's veth gone")
+    wait_for(lambda: dp.maps["kpr_np_devkind"].lookup(M.U32.pack(idx)) is None, 10, "its kind unset")
 
 
 def test_remote_backend_with_snat_sees_the_node_address(env: Cluster) -> None:

@@ -169,6 +169,9 @@ _primed_lock = threading.Lock()
 _ZSTD = b"\x01"
 # Level -1: zstd's fast mode; level 1 was as slow as deflate here and only 3% smaller.
 _ZSTD_LEVEL = -1
+# With zstd, packed objects of at least this many bytes are compressed (a Service too: 201
+# -> 110 bytes in 1.6 us, read back in 0.3 us more; at 20k Services 1.6 MB for 0.04 s).
+ZSTD_FROM = 128
 try:
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - a dependency; deflate gives the same objects back
@@ -244,11 +247,15 @@ def pack(obj: Any) -> Any:
         data = marshal.dumps(obj)
     except ValueError:
         return obj
+    if _zstd is not None:
+        if len(data) < ZSTD_FROM:
+            return data
+        with _zstd_pair_lock:
+            small = _zstd_pair()[0].compress(data)
+        # Kept only when smaller: a deterministic choice, so equal data still packs equal.
+        return _ZSTD + small if len(small) < len(data) - 1 else data
     if len(data) < COMPRESS_FROM:
         return data
-    if _zstd is not None:
-        with _zstd_pair_lock:
-            return _ZSTD + _zstd_pair()[0].compress(data)
     with _primed_lock:
         z = _primed.copy()
     return _ZIPPED + z.compress(data) + z.flush()

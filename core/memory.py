@@ -16,9 +16,10 @@ follows changes what any object means:
   collector's reach (`gc.freeze`);
 - `pack` keeps an object the agent must hold but seldom reads (the store's and the files
   source's copy of each manifest, the same bytes in both) as one bytes object (marshal,
-  and deflate for a large one such as an EndpointSlice), a fifth of its dicts, lists and
-  strings (a thirtieth for a compressed EndpointSlice); `unpack` gives back an equal object when it is
-  read (translation). Packed early, a full sync never holds every object's dicts at once:
+  compressed against a dictionary of typical objects: zstd from a Service's size up, or
+  deflate for a large one such as an EndpointSlice without the zstandard package), a fifth
+  of its dicts, lists and strings (a thirtieth for a compressed EndpointSlice); `unpack`
+  gives back an equal object when it is read (translation). Packed early, a full sync never holds every object's dicts at once:
   memory freed between long-lived objects is what keeps RSS up after a sync;
 - `one_heap`, for the agent's process, has every thread allocate from glibc's main heap: a
   thread of its own (the files source, the bus's workers) otherwise gets an arena of its own,
@@ -119,8 +120,8 @@ def _compact_list(items: list) -> None:
             _compact_list(v)
 
 
-# Packed objects of at least this many bytes (an EndpointSlice of a few endpoints) are
-# compressed too: marshal writes every key and address in full, deflate against a preset
+# Without zstd (see ZSTD_FROM), packed objects of at least this many bytes (an EndpointSlice
+# of a few endpoints) are compressed too: marshal writes every key and address in full, deflate against a preset
 # dictionary of typical objects takes an EndpointSlice of 10 endpoints from 770 to about 130
 # bytes, in 7 us (its marshal.dumps takes 3.5 us). Smaller objects (most Services, 200 bytes)
 # would gain less per microsecond. A compressed object starts with a NUL byte, which no

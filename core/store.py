@@ -62,9 +62,12 @@ class ObjectStore:
         self._on_synced = on_synced
         # ref -> the object, packed (memory.pack): unpacked when its service is translated.
         self._objects: dict[ObjectRef, bytes | dict] = {}
-        # service key -> refs of the objects that feed it (the Service, slices, Endpoints, Pod)
-        # (a tuple while few: most services have two members, and a set takes four times the memory)
-        self._members: dict[ServiceKey, tuple[ObjectRef, ...] | set[ObjectRef]] = {}
+        # service key -> refs of the objects that feed it other than its own Service, whose ref
+        # follows from the key ("Service", namespace, name) and which feeds it while the store
+        # holds it (see _member_refs): the one other ref itself (most services have one slice:
+        # a tuple of two refs took 64 bytes a service, 1.3 MB at 20k), a tuple of a few, or a
+        # set beyond (a set takes four times a tuple's memory); () for a Service alone.
+        self._members: dict[ServiceKey, ObjectRef | tuple[ObjectRef, ...] | set[ObjectRef]] = {}
         self.services: dict[ServiceKey, Service] = {}
         # (frontends, backends) of `services`, kept up to date: the agent reads them for its
         # metrics every 0.2 s, and counting 20k services each time took 5 ms and the lock.
@@ -123,11 +126,7 @@ class ObjectStore:
                 # Kept packed, read again when its service is translated.
                 self._objects[ref] = item if memory.is_packed(item) else memory.pack(obj)
                 if key is not None:
-                    members = self._members.get(key, ())
-                    if type(members) is set:
-                        members.add(ref)
-                    elif ref not in members:  # a set beyond a few (a service of many slices)
-                        self._members[key] = members + (ref,) if len(members) < 8 else {*members, ref}
+                    self._add_member(key, ref)
                     touched.add(key)
             # ServiceKey's order, by a tuple: its generated __lt__ costs 10x more at 20k keys.
             for key in sorted(touched, key=_fields):
@@ -159,12 +158,45 @@ class ObjectStore:
         with self._lock:
             return memory.unpack(self._objects.get(ref))
 
+    def _add_member(self, key: ServiceKey, ref: ObjectRef) -> None:
+        members = self._members.get(key)
+        if ref[0] == "Service" and ref[1] == key.namespace and ref[2] == key.name:
+            if members is None:
+                self._members[key] = ()  # implied by the key (see _members)
+            return
+        if not members:
+            self._members[key] = ref
+        elif type(members) is set:
+            members.add(ref)
+        elif type(members[0]) is str:  # one ref
+            if members != ref:
+                self._members[key] = (members, ref)
+        elif ref not in members:  # a set beyond a few (a service of many slices)
+            self._members[key] = members + (ref,) if len(members) < 8 else {*members, ref}  # type: ignore[operator]
+
     def _drop_member(self, key: ServiceKey, ref: ObjectRef) -> None:
         members = self._members.get(key)
+        if not members:
+            return  # its Service's ref, implied by the key, goes with the object
         if type(members) is set:
             members.discard(ref)
-        elif members and ref in members:
-            self._members[key] = tuple(r for r in members if r != ref)
+        elif type(members[0]) is str:  # one ref
+            if members == ref:
+                self._members[key] = ()
+        elif ref in members:
+            rest = tuple(r for r in members if r != ref)  # type: ignore[union-attr]
+            self._members[key] = rest[0] if len(rest) == 1 else rest
+
+    def _member_refs(self, key: ServiceKey) -> list[ObjectRef]:
+        """The refs of every object that feeds `key`'s service, its Service first."""
+        members = self._members.get(key) or ()
+        own: ObjectRef = ("Service", key.namespace, key.name)
+        refs = [own] if own in self._objects else []
+        if type(members) is tuple and members and type(members[0]) is str:
+            refs.append(members)  # type: ignore[arg-type]
+        else:
+            refs.extend(members)  # type: ignore[arg-type]
+        return refs
 
     def synced(self) -> None:
         with self._lock:
@@ -360,7 +392,7 @@ class ObjectStore:
             return list(self.services.values())
 
     def _refresh(self, key: ServiceKey) -> None:
-        members = self._members.get(key) or ()
+        members = self._member_refs(key)
         unpack, checked = memory.unpack, translate.checked
         # EndpointSlices, and Services the source validated moments ago, go to translation as
         # kept (packed): they are not read again (translate.take_checked).

@@ -500,3 +500,56 @@ def test_a_published_service_has_the_stores_own_key() -> None:
     assert store.services[key].key is key
     # the ClusterIP's claim holds the same object, not one made for the index
     assert store._claims["10.96.0.10"] is key
+
+
+def test_a_services_members_follow_its_objects_through_every_shape() -> None:
+    """What feeds a service (its Service, slices, legacy Endpoints) is followed through
+    adds, removals and re-adds in any order; the model is the same as a fresh store's at
+    each step. The Service's own ref is implied by the key and a service of one slice keeps
+    that slice's ref alone, no tuple of two (64 bytes a service, 1.3 MB at 20k)."""
+    store, pub = make()
+    backends = lambda: sorted(b.address for f in pub.services[WEB].frontends for b in f.backends)  # noqa: E731
+    held: dict[tuple[str, str, str], dict] = {}
+
+    def step(upserts: list[dict], deletes: list[dict]) -> None:
+        for o in upserts:
+            held[ref(o)] = o
+        for o in deletes:
+            held.pop(ref(o))
+        store.apply(upserts, [ref(o) for o in deletes])
+        fresh, fresh_pub = make()
+        fresh.apply(list(held.values()), [])
+        assert pub.services == fresh_pub.services and store.counts() == fresh.counts()
+
+    web, s1, s2, s3 = (service("web", "10.96.0.10"), endpoint_slice("web", "10.244.1.1", name="web-1"),
+                       endpoint_slice("web", "10.244.1.2", name="web-2"), endpoint_slice("web", "10.244.1.3", name="web-3"))
+    step([s1], [])  # a slice before its Service: nothing served yet
+    assert WEB not in pub.services and store._members[WEB] == ref(s1)
+    step([web], [])
+    assert backends() == ["10.244.1.1"] and store._members[WEB] == ref(s1)
+    step([s2, s3], [])
+    assert backends() == ["10.244.1.1", "10.244.1.2", "10.244.1.3"]
+    step([], [s1, s3])
+    assert backends() == ["10.244.1.2"] and store._members[WEB] == ref(s2)
+    step([], [s2])
+    assert backends() == [] and store._members[WEB] == ()  # the Service alone
+    step([legacy_endpoints("web", "10.244.1.9")], [])
+    assert backends() == ["10.244.1.9"]
+    step([], [web])
+    assert WEB not in pub.services and store._members[WEB] == ref(legacy_endpoints("web"))
+    step([], [legacy_endpoints("web")])
+    assert WEB not in store._members and WEB not in pub.services
+    step([web, s1], [])
+    assert backends() == ["10.244.1.1"]
+    step([], [web, s1])
+    assert WEB not in store._members
+    # A service's refs beyond eight are a set: followed as well.
+    many = [endpoint_slice("web", f"10.244.2.{i}", name=f"web-{i}") for i in range(1, 11)]
+    step([web, *many], [])
+    assert len(backends()) == 10 and type(store._members[WEB]) is set
+    step([], many[:9])
+    assert backends() == ["10.244.2.10"]
+    # set_node translates every service again, one of a Service alone included.
+    step([service("db", "10.96.0.11")], [])
+    store.set_node(NodeInfo("node1", ("192.168.50.11",)))
+    assert DB in pub.services and backends() == ["10.244.2.10"]

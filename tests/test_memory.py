@@ -353,6 +353,54 @@ def test_a_large_packed_object_is_compressed_and_unpacks_equal():
         t.join()
     assert out == [packed] * 8
 
+
+# Run in a process of its own: a (de)compressor used by two threads at once can crash the
+# process, which would take the test run with it instead of failing this test.
+PACK_AT_ONCE = """
+import json, sys, threading
+sys.path.insert(0, sys.argv[1])
+from test_memory import endpoint_slice, service
+from kpr import memory
+
+objs = [json.loads(json.dumps(endpoint_slice(i, endpoints=1 + i % 30))) for i in range(24)]
+objs += [json.loads(json.dumps(service(i))) for i in range(8)]
+want = [memory.pack(o) for o in objs]
+wrong = []
+start = threading.Barrier(6)
+
+def work():
+    start.wait()
+    for _ in range(150):
+        for o, w in zip(objs, want):
+            try:
+                if memory.pack(o) != w:
+                    wrong.append("packed differently")
+                if memory.unpack(w) != o:
+                    wrong.append("unpacked differently")
+            except Exception as e:
+                wrong.append(repr(e))
+
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(wrong), wrong[:5])
+"""
+
+
+def test_threads_pack_and_unpack_at_once():
+    """The files source's thread packs while the bus's workers and API threads unpack: one
+    zstd compressor and decompressor serve them all, and neither is thread-safe (used at
+    once they raised, wrote corrupt frames or crashed the process), so each call holds them
+    alone. Objects of many sizes, packed and unpacked by six threads at once, all come back
+    as packed alone."""
+    proc = subprocess.run([sys.executable, "-c", PACK_AT_ONCE, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("0 []"), proc.stdout
+
+
 def test_deflate_packs_without_zstandard_and_both_forms_unpack(monkeypatch):
     """Without the zstandard package objects are deflated as before; bytes of either form
     unpack equal (one process makes one form, but unpack takes both)."""

@@ -3,7 +3,10 @@ the product's LRU kpr_ct and kpr_snat against a preallocated hash (either or bot
 per CPU (BPF_F_NO_COMMON_LRU), each in a lab of its own (10 services, kpr.testing.flow_maps
 re-pins the two maps before any program loads), every (lab, build) pair measured in turn,
 round by round, so every kind sees the same load. The same builds in every lab; only the maps
-differ.
+differ. Kind "array" is a layout, not a map kind: builds whose conntrack and SNAT reply sides
+are slots of arrays the program indexes by its own hash (the prototype kpr/testing/ct_array.h,
+kpr.testing.ct_array; one slot tried per key, so about one new flow in 60 finds its slot taken
+and counts conntrack_write_failed), in a lab of its own.
 
 Reported per kind: the new SNAT flow (kpr.testing.nodeport_bench's case, a fresh client per
 run) by builds stopping after the conntrack miss (9), after the SNAT port, conntrack entry and
@@ -11,7 +14,7 @@ rewrite (6), and the full program (0), cumulative ns above the lab's bare progra
 wrapper method; the established flow's full program; and the new flow's difference to the LRU
 lab. The program's counters prove the path (new_snat per run).
 
-    .venv/bin/python benchmarks/bench_nodeport_flowmaps.py [--hook xdp] [--kinds lru,hash,hash-ct,hash-snat,percpu-lru]
+    .venv/bin/python benchmarks/bench_nodeport_flowmaps.py [--hook xdp] [--kinds lru,hash,hash-ct,hash-snat,percpu-lru,array]
         [--runs 4000] [--rounds 7]
 """
 
@@ -25,6 +28,7 @@ import sys
 import time
 
 from kpr.testing.coldline import cold_line_ns
+from kpr.testing.ct_array import load_array_build
 from kpr.testing.flow_maps import KINDS, repin_flow_maps
 from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
 
@@ -35,12 +39,13 @@ STOPS = {9: "ct miss", 6: "+SNAT/ct/rewrite", 0: "full"}
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hook", default="xdp", choices=("xdp", "tc"))
-    ap.add_argument("--kinds", default="lru,hash,hash-ct,hash-snat,percpu-lru", help=f"of {', '.join(KINDS)}")
+    ap.add_argument("--kinds", default="lru,hash,hash-ct,hash-snat,percpu-lru,array",
+                    help=f"of {', '.join(KINDS)}, array")
     ap.add_argument("--runs", type=int, default=4000, help="wrapper runs per round and case")
     ap.add_argument("--rounds", type=int, default=7, help="rounds, every (lab, build) in turn; median")
     a = ap.parse_args()
     kinds = a.kinds.split(",")
-    unknown = set(kinds) - set(KINDS)
+    unknown = set(kinds) - set(KINDS) - {"array"}
     if unknown or "lru" not in kinds:
         ap.error(f"kinds: of {', '.join(KINDS)}, lru among them (unknown: {', '.join(sorted(unknown)) or '-'})")
     builds = {f"stop{s}" if s else "default": [f"-DKPR_NP_BENCH_STOP={s}", "-DKPR_NP_EST_INLINE=0"] if s else []
@@ -53,13 +58,18 @@ def main() -> int:
         labs = {}
         for k in kinds:
             lab = labs[k] = stack.enter_context(ProgLab(10))
-            repin_flow_maps(lab, k)
             for name, flags in builds.items():
-                lab.load(a.hook, name, flags)
+                if k == "array":
+                    load_array_build(lab, a.hook, name, flags)
+                else:
+                    if not lab.builds:
+                        repin_flow_maps(lab, k)
+                    lab.load(a.hook, name, flags)
         new: dict[tuple[str, str], list[float]] = {}
         est: dict[str, list[float]] = {k: [] for k in kinds}
         bares: dict[str, list[float]] = {k: [] for k in kinds}
         moved: dict[str, int] = {k: 0 for k in kinds}
+        failed: dict[str, int] = {k: 0 for k in kinds}
         for _r in range(a.rounds):
             for k, lab in labs.items():
                 bares[k].append(bare(lab, a.hook, a.runs, 1).wrapper)
@@ -69,6 +79,7 @@ def main() -> int:
                     new.setdefault((k, name), []).append(m.wrapper)
                     if name == "default":
                         moved[k] += m.counted.get("new_snat", 0)
+                        failed[k] += m.counted.get("conntrack_write_failed", 0)
                 m = measure(lab, a.hook, "default", by_name["established, remote backend (SNAT)"], a.runs, 1,
                             single=False)
                 est[k].append(m.wrapper)
@@ -82,7 +93,8 @@ def main() -> int:
             d = w[(k, "default")] - w[("lru", "default")]
             pr(f"  {k:12s} " + " ".join(cells) + f" {d:+8.0f} {statistics.median(est[k]) - b[k]:12.0f}")
         pr("  bare (wrapper ns): " + ", ".join(f"{k} {b[k]:.0f}" for k in kinds))
-        pr("  path: " + ", ".join(f"{k} new_snat+{moved[k]}" for k in kinds) + f" of {a.rounds * a.runs} runs each")
+        pr("  path: " + ", ".join(f"{k} new_snat+{moved[k]}" + (f" conntrack_write_failed+{failed[k]}" if failed[k] else "")
+                                  for k in kinds) + f" of {a.rounds * a.runs} runs each")
     pr(f"  load at the end {open('/proc/loadavg').read().split()[:3]}; cold line {cold_line_ns():.0f} ns")
     return 0
 

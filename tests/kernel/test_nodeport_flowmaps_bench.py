@@ -1,6 +1,7 @@
 """The flow-map labs of benchmarks/bench_nodeport_flowmaps.py (kpr.testing.flow_maps): the
 programs of a re-pinned lab write their flows into the maps of that kind and only there, so the
-benchmark's figure for a kind is that kind's."""
+benchmark's figure for a kind is that kind's; the prototype array layout's builds
+(kpr.testing.ct_array) keep their flows in its arrays and find them there."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from kpr.bpf import maps as M
+from kpr.testing.ct_array import ARRAY_MAPS, load_array_build, used_slots
 from kpr.testing.flow_maps import KINDS, pinned_kind, repin_flow_maps
 from kpr.testing.nodeport_bench import VIP, ProgLab
 from kpr.testing.nodeport_runs import run_counted
@@ -48,3 +50,31 @@ def test_repinning_after_a_load_is_refused(lab: tuple[str, ProgLab]) -> None:
     # loaded programs hold the maps they opened: a kind pinned after them would not be measured
     with pytest.raises(RuntimeError, match="already loaded"):
         repin_flow_maps(lab[1], "hash")
+
+
+@pytest.fixture(scope="module")
+def array_lab(require_kernel: None) -> Iterator[ProgLab]:
+    with ProgLab(10) as pl:
+        load_array_build(pl, "xdp", "default")
+        yield pl
+
+
+def test_the_array_builds_flows_live_in_the_arrays_and_only_there(array_lab: ProgLab) -> None:
+    pl = array_lab
+    pl.flush_flows()
+    _v, _out, moved = run_counted(pl, "xdp", "default", _syn(pl, 47200))
+    assert moved.get("new_snat") == 1, moved
+    assert [used_slots(pl.pin, n) for n in ARRAY_MAPS] == [1, 1]
+    for name in ("kpr_ct", "kpr_snat"):  # the product's maps: untouched
+        with M.BpfMap.open_pinned(pl.pin / name) as m:
+            assert not list(m.keys()), name
+    # the flow's next packet is found there: established, the same verdict
+    ack = bytes(Ether(src="02:00:00:00:00:02", dst=pl.mac) / IP(src="192.0.2.50", dst=VIP)
+                / TCP(sport=47200, dport=80, flags="A"))
+    verdict, _out, moved = run_counted(pl, "xdp", "default", ack)
+    assert moved.get("established") == 1 and "new_snat" not in moved, moved
+    # the lab's flush empties the arrays: the same packet is a new flow again
+    pl.flush_flows()
+    assert [used_slots(pl.pin, n) for n in ARRAY_MAPS] == [0, 0]
+    _v, _out, moved = run_counted(pl, "xdp", "default", ack)
+    assert "established" not in moved, moved

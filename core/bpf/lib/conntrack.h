@@ -161,21 +161,10 @@ static __always_inline int kpr_ct_expired(const struct kpr_ct_entry *e, __u8 pro
 	return (__s64)(now - e->last_seen) > (__s64)kpr_ct_timeout(e, proto);
 }
 
-/* The live entry for the tuple in direction `dir`, refreshed with this packet's TCP flags; NULL
- * when there is none or it expired (a new SYN then starts a new flow with a fresh pick). */
-static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple *t, __u8 dir)
+/* Refresh a live entry `e` with this packet's TCP flags at `now`; returns it. */
+static __always_inline struct kpr_ct_entry *kpr_ct_refresh(struct kpr_ct_entry *e, const struct kpr_tuple *t, __u8 dir,
+							   __u64 now)
 {
-	struct kpr_ct_key k;
-	struct kpr_ct_entry *e;
-	__u64 now;
-
-	kpr_ct_key_from_tuple(&k, t, dir);
-	e = kpr_ct.lookup(&k);
-	if (!e)
-		return (void *)0;
-	now = kpr_ct_now();
-	if (kpr_ct_expired(e, t->proto, now))
-		return (void *)0;
 #if !KPR_CT_LOOKUP_BEFORE_WRITE
 	// every packet dirties the entry's cache line (shared by every CPU the flow's packets reach)
 	e->last_seen = now;
@@ -197,6 +186,46 @@ static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple
 	return e;
 }
 
+// A new entry `e` for the tuple in direction `dir` (its key `k`), with its SNAT mapping when
+// `nat_addr` (see struct kpr_ct_entry).
+static __always_inline void kpr_ct_new(struct kpr_ct_key *k, struct kpr_ct_entry *e, const struct kpr_tuple *t,
+				       __u8 dir, __u32 backend_id, __u32 rev_nat, __u16 flags,
+				       const union kpr_addr *nat_addr, __be16 nat_port)
+{
+	kpr_ct_key_from_tuple(k, t, dir);
+	e->last_seen = kpr_ct_now();
+	e->backend_id = backend_id;
+	e->rev_nat = rev_nat;
+	e->flags = flags;
+	e->tcp_flags = t->tcp_flags;
+	if (nat_addr) {
+		e->nat_port = nat_port;
+		e->nat_addr = *nat_addr;
+	}
+}
+
+/* A build may bring its own kpr_ct_lookup and kpr_ct_write (bcc rewrites map calls only in the
+ * main text: a header pasted before the entry file defines KPR_CT_OWN, includes this one and
+ * then defines them): kpr.testing.ct_array measures another layout of conntrack so. */
+#ifndef KPR_CT_OWN
+/* The live entry for the tuple in direction `dir`, refreshed with this packet's TCP flags; NULL
+ * when there is none or it expired (a new SYN then starts a new flow with a fresh pick). */
+static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple *t, __u8 dir)
+{
+	struct kpr_ct_key k;
+	struct kpr_ct_entry *e;
+	__u64 now;
+
+	kpr_ct_key_from_tuple(&k, t, dir);
+	e = kpr_ct.lookup(&k);
+	if (!e)
+		return (void *)0;
+	now = kpr_ct_now();
+	if (kpr_ct_expired(e, t->proto, now))
+		return (void *)0;
+	return kpr_ct_refresh(e, t, dir, now);
+}
+
 // Record a flow, with its SNAT mapping when `nat_addr` (see struct kpr_ct_entry). Returns 0 or
 // the map update's negative error.
 static __always_inline int kpr_ct_write(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,
@@ -205,18 +234,10 @@ static __always_inline int kpr_ct_write(const struct kpr_tuple *t, __u8 dir, __u
 	struct kpr_ct_key k;
 	struct kpr_ct_entry e = {};
 
-	kpr_ct_key_from_tuple(&k, t, dir);
-	e.last_seen = kpr_ct_now();
-	e.backend_id = backend_id;
-	e.rev_nat = rev_nat;
-	e.flags = flags;
-	e.tcp_flags = t->tcp_flags;
-	if (nat_addr) {
-		e.nat_port = nat_port;
-		e.nat_addr = *nat_addr;
-	}
+	kpr_ct_new(&k, &e, t, dir, backend_id, rev_nat, flags, nat_addr, nat_port);
 	return kpr_ct.update(&k, &e);
 }
+#endif /* KPR_CT_OWN */
 
 // Record a new flow. Returns 0 or the map update's negative error.
 static __always_inline int kpr_ct_create(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,

@@ -89,6 +89,25 @@ static __always_inline int kpr_nat_dnat_snat(kpr_ctx_t *ctx, struct kpr_pkt *pkt
 	return kpr_nat_dnat(ctx, pkt, daddr, dport) || kpr_nat_snat(ctx, pkt, saddr, sport) ? KPR_E_NAT_PKT : 0;
 }
 
+// The reverse entry of a new NodePort SNAT flow (tuple after DNAT): its client and frontend.
+static __always_inline void kpr_snat_rev_fill(struct kpr_nat_entry *rev, const struct kpr_tuple *t,
+					      const union kpr_addr *fe, __be16 fport)
+{
+	rev->addr = t->saddr;
+	rev->port = t->sport;
+	rev->fe_addr = *fe;
+	rev->fe_port = fport;
+	rev->created = kpr_ct_now();
+}
+
+// A random SNAT port, host order.
+static __always_inline __u16 kpr_snat_random_port(void)
+{
+	return KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1);
+}
+
+// A build may bring its own kpr_snat_alloc (KPR_SNAT_ALLOC_OWN, as KPR_CT_OWN in lib/conntrack.h).
+#ifndef KPR_SNAT_ALLOC_OWN
 /* The reply side of a new NodePort SNAT flow (tuple after DNAT: client -> backend), in one LRU
  * insert: the reverse entry, inserted with BPF_NOEXIST so a port is owned by one flow per
  * remote endpoint, holds the client and the frontend. The forward side (SNAT address and
@@ -101,15 +120,9 @@ static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union
 	struct kpr_nat_entry rev = {};
 	int i;
 
-	rev.addr = t->saddr;
-	rev.port = t->sport;
-	rev.fe_addr = *fe;
-	rev.fe_port = fport;
-	rev.created = kpr_ct_now();
+	kpr_snat_rev_fill(&rev, t, fe, fport);
 	for (i = 0; i < KPR_SNAT_RETRIES; i++) {
-		__u16 p = KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1);
-
-		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr, kpr_htons(p), t->proto);
+		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr, kpr_htons(kpr_snat_random_port()), t->proto);
 		if (kpr_snat.insert(&rk, &rev) == 0)
 			goto found;
 	}
@@ -118,6 +131,7 @@ found:
 	*port = rk.dport;
 	return 0;
 }
+#endif /* KPR_SNAT_ALLOC_OWN */
 
 /* The SNAT mapping of an outgoing flow (tuple before SNAT), creating one when `create`: the
  * reverse entry first (kpr_snat_alloc, no frontend in it), then the forward entry. Returns the

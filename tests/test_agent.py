@@ -68,6 +68,15 @@ def write_config(tmp: Path, manifests: Path, extra: str = "") -> Path:
     return cfg
 
 
+def agent_files(tmp: Path, *manifests: tuple[str, str]) -> Path:
+    """write_config over a fresh manifests directory holding `manifests` ((file name, text))."""
+    directory = tmp / "m"
+    directory.mkdir()
+    for name, text in manifests:
+        (directory / name).write_text(text)
+    return write_config(tmp, directory)
+
+
 class Recorder:
     """An internal plugin that records every hook call, in order."""
 
@@ -153,11 +162,7 @@ def test_hooks_arrive_in_lifecycle_order_and_follow_file_changes(tmp_path):
 
 
 def test_cli_against_a_running_agent(tmp_path):
-    manifests = tmp_path / "m"
-    manifests.mkdir()
-    (manifests / "web.yaml").write_text(WEB)
-    (manifests / "broken.yaml").write_text("kind: Service\nmetadata: {name: [\n")
-    cfg = write_config(tmp_path, manifests)
+    cfg = agent_files(tmp_path, ("web.yaml", WEB), ("broken.yaml", "kind: Service\nmetadata: {name: [\n"))
     kpr = [sys.executable, "-m", "kpr.cli"]
     proc = subprocess.Popen(kpr + ["run", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
     try:
@@ -222,9 +227,7 @@ sys.exit(Agent(load_config(sys.argv[1]), internal_plugins={"hang": Hang()}).run(
 
 
 def test_shutdown_is_bounded_when_a_plugin_hangs(tmp_path):
-    manifests = tmp_path / "m"
-    manifests.mkdir()
-    cfg = write_config(tmp_path, manifests)
+    cfg = agent_files(tmp_path)
     script = tmp_path / "hang.py"
     script.write_text(HANGING)
     proc = subprocess.Popen([sys.executable, str(script), str(cfg)], stderr=subprocess.PIPE, text=True)
@@ -269,10 +272,7 @@ sys.exit(agent.run())
 
 
 def test_sigterm_handler_returns_even_when_it_lands_inside_the_main_loops_wait(tmp_path):
-    manifests = tmp_path / "m"
-    manifests.mkdir()
-    (manifests / "web.yaml").write_text(WEB)
-    cfg = write_config(tmp_path, manifests)
+    cfg = agent_files(tmp_path, ("web.yaml", WEB))
     script = tmp_path / "unlucky.py"
     script.write_text(UNLUCKY_SIGNAL)
     proc = subprocess.Popen([sys.executable, str(script), str(cfg)], stdout=subprocess.PIPE,
@@ -310,10 +310,7 @@ def test_version():
 
 
 def test_systemd_readiness_after_sync_and_stopping_on_sigterm(tmp_path):
-    manifests = tmp_path / "m"
-    manifests.mkdir()
-    (manifests / "web.yaml").write_text(WEB)
-    cfg = write_config(tmp_path, manifests)
+    cfg = agent_files(tmp_path, ("web.yaml", WEB))
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
@@ -375,10 +372,7 @@ class LogLines(logging.Handler):
 
 
 def slow_agent(tmp_path, timeout):
-    manifests = tmp_path / "m"
-    manifests.mkdir()
-    (manifests / "web.yaml").write_text(WEB)
-    text = write_config(tmp_path, manifests).read_text().replace("shutdownTimeout: 3", f"shutdownTimeout: {timeout}")
+    text = agent_files(tmp_path, ("web.yaml", WEB)).read_text().replace("shutdownTimeout: 3", f"shutdownTimeout: {timeout}")
     slow = Slow()
     agent = Agent(parse_config(text), internal_plugins={"slow": slow})
     agent.setup()
@@ -431,9 +425,7 @@ class StartFails:
 
 
 def test_stopping_after_a_failed_start_is_bounded(tmp_path):
-    manifests = tmp_path / "m"
-    manifests.mkdir()
-    text = write_config(tmp_path, manifests).read_text().replace("shutdownTimeout: 3", "shutdownTimeout: 1")
+    text = agent_files(tmp_path).read_text().replace("shutdownTimeout: 3", "shutdownTimeout: 1")
     hangs = StopHangs()
     agent = Agent(parse_config(text), internal_plugins={"hangs": hangs, "fails": StartFails()})
     errors: list[BaseException] = []
@@ -457,10 +449,7 @@ def test_stopping_after_a_failed_start_is_bounded(tmp_path):
 
 
 def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(tmp_path):
-    manifests = tmp_path / "m"
-    manifests.mkdir()
-    (manifests / "web.yaml").write_text(WEB)
-    cfg = write_config(tmp_path, manifests)
+    cfg = agent_files(tmp_path, ("web.yaml", WEB))
     log = tmp_path / "agent.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "kpr.cli", "run", "--config", str(cfg)],

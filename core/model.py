@@ -295,15 +295,11 @@ def backends_v4(port: int, endpoints: Iterable[tuple[int, int, int]]) -> tuple[B
     return tuple([new(Backend, pack(flags, port, place, address)) for flags, place, address in endpoints])
 
 
-def backend_v4(
-    address: int, port: int, state: BackendState, node_name: str, local: bool, zone: str, place: int | None = None
-) -> Backend:
+def backend_v4(address: int, port: int, state: BackendState, node_name: str, local: bool, zone: str) -> Backend:
     """Backend(the IPv4 address `address` as text, ...), from the address as an int, for
     callers that have it parsed and checked (translation: a port of 1..65535, a state, a
-    node name and zone that are strings): no text made and parsed again. `place`: the
-    index of (node_name, zone) in the table of places, when the caller has it."""
-    if place is None:
-        place = place_id(node_name, zone)
+    node name and zone that are strings): no text made and parsed again."""
+    place = place_id(node_name, zone)
     flags = (_TERMINATING if state is BackendState.TERMINATING else 0) | (_LOCAL if local else 0)
     if place is None:
         return Backend(_ntoa(address.to_bytes(4, "big")), port, state, node_name, local, zone)

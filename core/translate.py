@@ -914,7 +914,7 @@ def _parse_slice(obj: KubeObject) -> _Slice:
 
 def _parse_slice_endpoints(
     obj: KubeObject, family: int
-) -> tuple[Sequence[int], tuple[str, ...], tuple[str, ...], tuple[str, ...] | None, tuple[tuple[str, ...], ...] | None, bool]:
+) -> tuple[Sequence[int], tuple[tuple[str, str], ...] | None, tuple[str, ...] | None, tuple[tuple[str, ...], ...] | None, bool]:
     """The endpoints' columns (see _Slice: codes, pairs, texts, hints), and whether any
     endpoint lists more than one address."""
     # The hot loop of a full sync (every endpoint of every slice): checks are inline and
@@ -1453,13 +1453,15 @@ def _better(new_candidate: _Candidate, old_candidate: _Candidate) -> bool:
 def _slice_backends(
     groups: dict[_GroupKey, _BackendGroup], parsed: _Slice, publish: bool, node_name: str
 ) -> None:
+    # (endpoints is a property that builds the tuples: once per slice, not once per port)
+    endpoints = parsed.endpoints
+    # IPv4 backends from the parsed int (the address text is its canonical form)
+    v4 = parsed.family == 4
     for name, protocol, number in parsed.ports:
         if not number:
             continue  # a port-less slice port means "all ports": unusable for a service port
         group = groups.setdefault((name, protocol, parsed.family), {})
-        # IPv4 backends from the parsed int (the address text is its canonical form)
-        v4 = parsed.family == 4
-        for address, code, ep_node, zone, hints in parsed.endpoints:
+        for address, code, ep_node, zone, hints in endpoints:
             usable = code & 3
             if usable == _READY or publish:
                 state = BackendState.ACTIVE

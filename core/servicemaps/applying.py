@@ -311,12 +311,12 @@ class ApplyMixin:
         if written:
             pending = {bid: val for bid, val in pending.items() if bid not in written}
         free = self._free_ids
-        for bid in self._backend_vals.missing(pending):
-            bkey = pending[bid][:19]
+        unwritten = self._backend_vals.missing(pending)
+        for bid in unwritten:
             self._backend_refs.pop(bid, None)
-            self._backend_ids.discard_many(((bkey, bid),))
             if free is not None and bid < self._next_backend:
                 free.appendleft(bid)  # taken from the queue and never written: first again
+        self._backend_ids.discard_many([(pending[bid][:19], bid) for bid in unwritten])
         for fk in self._fresh_revnat:
             if fk not in self._groups:
                 self._forget_revnat(fk)

@@ -30,7 +30,8 @@ def _tree(tmp_path):
 def _read_ahead(src) -> None:
     """src's read-ahead, run to its end."""
     src.preload()
-    src._preload_thread.join(5)
+    src._preload_thread.join(30)
+    assert not src._preload_thread.is_alive(), "the read-ahead did not end"
 
 
 def test_first_pass_takes_what_preload_read(tmp_path, monkeypatch):

@@ -540,10 +540,12 @@ class KeyIds:
     Look-ups in the dict are at C speed; in the table, a few array reads and one slice
     comparison.
 
-    The mapping API the writer uses: get, [], []=, del, pop, in, len, iteration (keys), items,
-    update; get_many, add_new, take and discard_many for many keys at once. A table entry is
-    valid only while `vals` holds its id with the same key: the writer removes the entry
-    before it frees or reuses the id, as it did with the dict.
+    What the writer uses: get and len; get_many, add_new, take and discard_many for many keys
+    at once; pending, compact and rebind (an adopted restart's shadow). The rest of the
+    mapping API ([], []=, del, pop, in, iteration (keys), items, update) is the dict's it
+    replaced, for tests and read-outs. A table entry is valid only while `vals` holds its id
+    with the same key: the writer removes the entry before it frees or reuses the id, as it
+    did with the dict.
     """
 
     __slots__ = ("_over", "_table", "_live", "_used", "_vals", "_klen")

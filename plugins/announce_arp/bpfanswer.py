@@ -32,6 +32,7 @@ from typing import Any
 from kpr.bpf import abi, links
 from kpr.bpf import maps as M
 from kpr.bpf.loader import BPF_DIR
+from kpr.bpf.percpu import possible_cpus
 
 from .responder import interface_mac
 
@@ -62,16 +63,6 @@ COUNTERS = counter_names()
 
 def mac_bytes(mac: str) -> bytes:
     return bytes(int(x, 16) for x in mac.split(":"))
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs: what a per-CPU map value holds one slot for."""
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    n = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
 
 
 @dataclass

@@ -6,6 +6,7 @@ import pytest
 
 from kpr.plugins.announce_arp.config import Member
 from kpr.plugins.announce_arp.heartbeat import MAGIC, MAC_LEN, Codec, Heartbeat, PeerTable, Rejected, cluster_id
+from kpr.plugins.announce_arp.membership import HeartbeatMembership
 
 KEY = b"k" * 32
 MEMBERS = [Member("node1", "10.0.0.1"), Member("node2", "10.0.0.2"), Member("node3", "10.0.0.3")]
@@ -159,3 +160,12 @@ def test_heard_all_since():
     t.accept(hb(node="node3", seq=1), "10.0.0.3", mono=5.1, wall=WALL)
     assert t.heard_all_since(4.0)
     assert not t.heard_all_since(5.05)
+
+
+def test_membership_eligible_is_the_published_one_for_itself_and_the_heard_one_for_peers():
+    m = HeartbeatMembership("node1", MEMBERS, 7946, Codec(KEY, CLUSTER), heartbeat_interval=1.0,
+                            dead_interval=3.0, max_skew=30.0)  # never started: no socket
+    assert m.eligible("node1") is None and m.eligible("node2") is None
+    m.publish(frozenset({"10.0.100.10"}))
+    m.table.accept(hb(node="node2", eligible=("10.0.100.11",)), "10.0.0.2", mono=0.0, wall=WALL)
+    assert m.eligible("node1") == {"10.0.100.10"} and m.eligible("node2") == {"10.0.100.11"}

@@ -216,11 +216,8 @@ class KubernetesMembership(PublishingMembership):
         peer = self._peers.get(node)
         return peer.eligible if peer is not None else None
 
-    def eligible(self, node: str) -> frozenset[str] | None:
-        with self._lock:
-            if node == self.self_name:
-                return self._written_eligible  # as the server has it (module docstring)
-            return self._peer_eligible(node)
+    def _own_eligible(self) -> frozenset[str] | None:
+        return self._written_eligible  # as the server has it (module docstring)
 
     def health(self) -> Health:
         now = time.monotonic()

@@ -66,10 +66,15 @@ class PublishingMembership:
     def _peer_eligible(self, node: str) -> frozenset[str] | None:
         raise NotImplementedError
 
+    def _own_eligible(self) -> frozenset[str] | None:
+        """This node's eligibility as `eligible(self_name)` gives it (under the lock): the
+        one published."""
+        return self._eligible
+
     def eligible(self, node: str) -> frozenset[str] | None:
         with self._lock:
             if node == self.self_name:
-                return self._eligible
+                return self._own_eligible()
             return self._peer_eligible(node)
 
     def publish(self, eligible: frozenset[str] | None) -> None:

@@ -28,7 +28,6 @@ import logging
 import os
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,7 @@ from kpr import api, hookimpl
 from kpr.config import parse_config
 from kpr.daemon import Agent
 from kpr.model import PluginStatus
+from kpr.testing.waiting import wait_for
 
 BATCH = 12
 BATCHES = int(os.environ.get("KPR_FUZZ_BATCHES", "45"))
@@ -314,17 +314,6 @@ class CrashLog(logging.Handler):
             self.records.append(record)
 
 
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _category(reason: str) -> str:
     for words, category in (
         ("which wins; ignored here", "duplicate of a good object"),
@@ -372,11 +361,11 @@ def test_malformed_manifests_never_hurt_the_agent_or_the_good_services(tmp_path)
     reasons: dict[str, int] = {}
     try:
         # In process, nothing ticks the agent's ready flag: synced and delivered is the same.
-        _wait(lambda: api.get(sock, "/v1/status")["source"]["synced"], 20, "source synced")
+        wait_for(lambda: api.get(sock, "/v1/status")["source"]["synced"], 20, "source synced")
         good_rows = api.get(sock, "/v1/services")
         good_keys = {r["service"] for r in good_rows}
         assert {"default/web", "default/shop", "default/lb"} <= good_keys and len(good_keys) == 4, good_keys
-        _wait(lambda: good_keys <= set(rec.services), 10, "good services delivered to the plugin")
+        wait_for(lambda: good_keys <= set(rec.services), 10, "good services delivered to the plugin")
         with rec.lock:
             good_models = {k: rec.services[k] for k in good_keys}
         assert api.get(sock, "/v1/status")["source"]["errors"] == {}
@@ -428,12 +417,12 @@ def test_malformed_manifests_never_hurt_the_agent_or_the_good_services(tmp_path)
                 errors = st_["source"]["errors"]
                 return st_ if all(str(p) in errors for p in colliding) else None
 
-            try:
-                status = _wait(reported, 10, f"batch {n}: every colliding file reported")
-            except AssertionError:
+            def unreported() -> str:
                 errors = api.get(sock, "/v1/status")["source"]["errors"]
                 missing = {p.name: p.read_bytes()[:3000] for p in colliding if str(p) not in errors}
-                raise AssertionError(f"batch {n}: not reported: {missing}\nerrors: {errors}") from None
+                return f"not reported: {missing}\nerrors: {errors}"
+
+            status = wait_for(reported, 10, f"batch {n}: every colliding file reported", show=unreported)
             errors = status["source"]["errors"]
             for p in colliding:
                 reason = errors[str(p)]

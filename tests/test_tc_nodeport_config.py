@@ -13,6 +13,7 @@ from kpr.pluginmanager import build_plugin_manager
 from kpr.plugins.tc_nodeport import datapath as D
 from kpr.plugins.tc_nodeport.config import TcNodePortConfig
 from kpr.testing.standin_maps import DictMap
+from kpr.testing.waiting import stays, wait_for
 from kpr.nodeport.services import MODE_ANNOTATION, service_state
 
 
@@ -266,19 +267,14 @@ def test_collector_thread_passes_at_once_then_every_interval(monkeypatch: pytest
     ports while no agent runs, and agents restarted within an interval of each other (a crash
     loop, a burst of restarts) would otherwise never pass at all; in bench_restart.py such a
     run refused NodePort flows for want of ports (SNAT range full of closed flows)."""
-    import time
-
     now = 10**15
     monkeypatch.setattr(G, "now_ns", lambda: now)
     maps = _maps(now, flags=D.CT_F_SNAT, proto=17, last_seen=now - 61 * 10**9)
     c = G.Collector(maps, lambda a, p, pr: None, lambda: {NODE}, 3600.0)  # type: ignore[arg-type]
     c.start()
     try:
-        deadline = time.monotonic() + 10
-        while c.totals.runs == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: c.totals.runs, 10, "the first pass")
         assert c.totals.runs == 1 and maps["kpr_snat"].d == {}, "the expired flow's port freed by the first pass"
-        time.sleep(0.2)
-        assert c.totals.runs == 1, "the next pass an interval later"
+        stays(lambda: c.totals.runs == 1, 0.2, "one pass: the next an interval later")
     finally:
         c.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -571,9 +570,12 @@ def test_agent_end_to_end_with_the_files_source(
         for dev in ("eth0", "eth1"):
             assert tc_filters(topo, "node1", dev, "ingress") == [(TCX, "kpr_np_ingress")]
         seen: set[tuple[str, str]] = set()
-        deadline = time.monotonic() + 10
-        while len(seen) < 2 and time.monotonic() < deadline:
+
+        def two_seen() -> bool:
             seen.update(_name_and_peer(client(topo, "tcp", N1, 30099, 4)))
+            return len(seen) >= 2
+
+        wait_for(two_seen, 10, "answers from two pods", show=lambda: seen)
         # the local pod keeps the client's address, the remote one sees node1's (SNAT)
         assert seen == {("p1a", CLIENT), ("p2a", N1)}, seen
         status = agent.plugin_statuses()["tc_nodeport"]

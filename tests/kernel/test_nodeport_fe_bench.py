@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
 
 from kpr.testing.fe_table import FE_LINE, FE_MAP, FE_MAX, fe_hash, fill_fe_table, load_fe_build
 from kpr.testing.nodeport_bench import VIP, ProgLab
@@ -25,11 +23,6 @@ def lab(require_kernel: None) -> Iterator[ProgLab]:
         yield pl
 
 
-def _syn(lab: ProgLab, dst: str, sport: int) -> bytes:
-    return bytes(Ether(src="02:00:00:00:00:02", dst=lab.mac) / IP(src="192.0.2.50", dst=dst)
-                 / TCP(sport=sport, dport=80, flags="S"))
-
-
 def test_the_hash_spreads_frontends() -> None:
     # the benchmark's filler frontends differ in one address byte: they must not pile up
     from kpr.bpf import maps as M
@@ -42,10 +35,10 @@ def test_the_hash_spreads_frontends() -> None:
 def test_frontends_are_found_in_the_table_and_only_there(lab: ProgLab) -> None:
     from kpr.bpf import maps as M
 
-    verdict, _out, moved = run_counted(lab, "xdp", "fe", _syn(lab, VIP, 47000))
+    verdict, _out, moved = run_counted(lab, "xdp", "fe", lab.packet(VIP, 80, sport=47000, flags="S"))
     assert moved.get("new_snat") == 1, moved
     # the table's lines cleared, kpr_svc unchanged: the build no longer sees the service
     with M.BpfMap.open_pinned(lab.pin / FE_MAP) as fe:
         fe.store({i: bytes(FE_LINE) for i in range(FE_MAX)})
-    verdict2, _out, moved2 = run_counted(lab, "xdp", "fe", _syn(lab, VIP, 47001))
+    verdict2, _out, moved2 = run_counted(lab, "xdp", "fe", lab.packet(VIP, 80, sport=47001, flags="S"))
     assert "new_snat" not in moved2 and verdict2 != verdict, (verdict2, moved2)

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
 
 from kpr.bpf import maps as M
 from kpr.testing.ct_array import ARRAY_MAPS, load_array_build, used_slots
@@ -28,17 +26,12 @@ def lab(request: pytest.FixtureRequest, require_kernel: None) -> Iterator[tuple[
         yield request.param, pl
 
 
-def _syn(lab: ProgLab, sport: int) -> bytes:
-    return bytes(Ether(src="02:00:00:00:00:02", dst=lab.mac) / IP(src="192.0.2.50", dst=VIP)
-                 / TCP(sport=sport, dport=80, flags="S"))
-
-
 def test_a_new_flow_lands_in_the_maps_of_the_labs_kind(lab: tuple[str, ProgLab]) -> None:
     kind, pl = lab
     for name, want in KINDS[kind].items():
         assert pinned_kind(pl, name) == want, name
     pl.flush_flows()
-    _verdict, _out, moved = run_counted(pl, "xdp", "default", _syn(pl, 47100))
+    _verdict, _out, moved = run_counted(pl, "xdp", "default", pl.packet(VIP, 80, sport=47100, flags="S"))
     assert moved.get("new_snat") == 1, moved
     # the pinned maps (of the lab's kind) hold the flow: the conntrack entry and its reply side
     for name in ("kpr_ct", "kpr_snat"):
@@ -62,15 +55,14 @@ def array_lab(require_kernel: None) -> Iterator[ProgLab]:
 def test_the_array_builds_flows_live_in_the_arrays_and_only_there(array_lab: ProgLab) -> None:
     pl = array_lab
     pl.flush_flows()
-    _v, _out, moved = run_counted(pl, "xdp", "default", _syn(pl, 47200))
+    _v, _out, moved = run_counted(pl, "xdp", "default", pl.packet(VIP, 80, sport=47200, flags="S"))
     assert moved.get("new_snat") == 1, moved
     assert [used_slots(pl.pin, n) for n in ARRAY_MAPS] == [1, 1]
     for name in ("kpr_ct", "kpr_snat"):  # the product's maps: untouched
         with M.BpfMap.open_pinned(pl.pin / name) as m:
             assert not list(m.keys()), name
     # the flow's next packet is found there: established, the same verdict
-    ack = bytes(Ether(src="02:00:00:00:00:02", dst=pl.mac) / IP(src="192.0.2.50", dst=VIP)
-                / TCP(sport=47200, dport=80, flags="A"))
+    ack = pl.packet(VIP, 80, sport=47200)
     verdict, _out, moved = run_counted(pl, "xdp", "default", ack)
     assert moved.get("established") == 1 and "new_snat" not in moved, moved
     # the lab's flush empties the arrays: the same packet is a new flow again

@@ -508,12 +508,6 @@ def on_node_address(name: str, port: int, *pods: str, proto: Protocol = UDP, typ
 
 @contextlib.contextmanager
 def one_device_cluster() -> Iterator[Cluster]:
-    """cluster() with node1 on eth0 only, skipped (with the reason) where kernel tests cannot run."""
-    import pytest
-
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+    """cluster() with node1 on eth0 only (for tests that take `require_kernel`)."""
     with cluster(second_device=False) as c:
         yield c

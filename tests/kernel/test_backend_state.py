@@ -172,7 +172,7 @@ def np_scenario(c: tcenv.Cluster, pods: tuple[str, ...], ports: tuple[int, int])
                          {"via": "device", "device": "eth0", "source": tcenv.CLIENT})
 
 
-def test_tc_nodeport_one_pod_ready_in_one_service_terminating_in_another() -> None:
+def test_tc_nodeport_one_pod_ready_in_one_service_terminating_in_another(require_kernel: None) -> None:
     with tcenv.one_device_cluster() as c:
         np_scenario(c, ("p1a", "p1b", "p2a"), (30131, 30132))
 

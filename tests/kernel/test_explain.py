@@ -89,7 +89,7 @@ def test_flow_hash_equals_the_programs(kernel_headers: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Cluster]:
+def env(require_kernel: None) -> Iterator[Cluster]:
     with one_device_cluster() as c:
         yield c
 

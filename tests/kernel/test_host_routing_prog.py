@@ -31,11 +31,7 @@ from host_routing_env import (CIP, CIP_EMPTY, FAR4, MAC_OUT, MAC_POD, NODE4, OUT
 pytestmark = pytest.mark.kernel
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def lab(require_kernel: None) -> Iterator[Lab]:
     with prog_lab("kpr-hr-prog") as lab:
         yield lab
 
@@ -327,23 +323,15 @@ def out_with_macs(lab: Lab) -> Any:
 
 
 @pytest.fixture(scope="module")
-def macs_lab() -> Iterator[Lab]:
+def macs_lab(require_kernel: None) -> Iterator[Lab]:
     """The lab with KPR_HR_OUT_CACHE=2: remembered routes out of the node keep their MACs."""
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
     with prog_lab("kpr-hr-prog-macs", extra_cflags=("-DKPR_HR_OUT_CACHE=2",)) as lab:
         yield lab
 
 
 @pytest.fixture(scope="module", params=[1, 0], ids=["cache-first", "pods-first"])
-def nocip_lab(request: Any) -> Iterator[tuple[Lab, int]]:
+def nocip_lab(request: Any, require_kernel: None) -> Iterator[tuple[Lab, int]]:
     """The lab built without per-packet services (clusterIP: false), with KPR_HR_CACHE_FIRST on and off."""
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
     flags = ("-DKPR_HR_CLUSTER_IP=0", f"-DKPR_HR_CACHE_FIRST={request.param}")
     with prog_lab(f"kpr-hr-prog-nocip{request.param}", extra_cflags=flags) as lab:
         yield lab, request.param

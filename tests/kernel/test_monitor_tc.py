@@ -42,7 +42,7 @@ s.sendto(b"x" * 1468, (sys.argv[1], int(sys.argv[2])))
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Cluster]:
+def env(require_kernel: None) -> Iterator[Cluster]:
     with one_device_cluster() as c:
         yield c
 

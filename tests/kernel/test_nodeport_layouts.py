@@ -94,11 +94,7 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module", params=SETUPS, ids=[f"{la}-{p.split('_')[0]}" for la, p in SETUPS])
-def env(request: pytest.FixtureRequest) -> Iterator[Env]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def env(request: pytest.FixtureRequest, require_kernel: None) -> Iterator[Env]:
     layout, plugin = request.param
     with layout_cluster(layout, plugin, gc_interval=1.0, conntrack_size=65536) as c:
         if plugin == "xdp_nodeport":

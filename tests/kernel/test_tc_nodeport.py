@@ -56,11 +56,7 @@ N1_6 = NODES["node1"]["addr6"]
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Cluster]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def env(require_kernel: None) -> Iterator[Cluster]:
     with cluster(gc_interval=1.0, conntrack_size=65536) as c:
         yield c
 

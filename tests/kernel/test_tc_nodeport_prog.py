@@ -118,11 +118,7 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def lab(request: pytest.FixtureRequest, require_kernel: None) -> Iterator[Lab]:
     with scratch_pin_dir("kpr-np-prog") as pin, Topology() as topo:
         topo.add_node("lb")
         topo.add_namespace("out")

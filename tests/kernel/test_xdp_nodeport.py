@@ -60,11 +60,7 @@ def peers(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Cluster]:
-    from kpr.testing import kernel_skip_reason
-
-    if reason := kernel_skip_reason():
-        pytest.skip(reason)
+def env(require_kernel: None) -> Iterator[Cluster]:
     with cluster(start=False, second_device=False) as c:
         full_checksums(c.topo, "cl", *(p for p, (node, _a, _b) in PODS.items() if node == "node2"))
         with peer_pass(c.topo, "rt", dev_with(c.topo, "rt", NODES["node1"]["rt"])):

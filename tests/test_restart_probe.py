@@ -8,12 +8,12 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from kpr.testing.restart_probe import probe_argv, started, window
-from kpr.testing.waiting import free_port
+from kpr.testing.restart_probe import probe_argv, progress, started, window
+from kpr.testing.waiting import free_port, wait_for
 
 
 @contextlib.contextmanager
@@ -53,19 +53,32 @@ def server(greet: bool, echo: bool = True) -> Iterator[int]:
         srv.close()
 
 
-def probe(port: int, seconds: float, timeout: float = 1.0) -> tuple[dict, float, float]:
+def probe(port: int, enough: Callable[[dict], bool], what: str, timeout: float = 1.0) -> tuple[dict, float, float]:
+    """The probe's records and a window [t0, t1] that ends once `enough` holds of the counts
+    since t0 (kpr.testing.restart_probe.progress; attempts and echoes counted from t0, so
+    every one counted started in the window), however slowly a loaded machine runs it."""
     proc = subprocess.Popen(probe_argv("127.0.0.1", port, timeout=timeout, prio=0), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     p = started(proc)
     t0 = time.monotonic()
-    time.sleep(seconds)
+    base = progress(p)
+
+    def since_t0() -> dict:
+        now = progress(p)
+        return {**now, "attempts": now["attempts"] - base["attempts"], "echoes": now["echoes"] - base["echoes"]}
+
+    try:
+        wait_for(lambda: enough(since_t0()), 60, what, show=since_t0, interval=0.05)
+    except AssertionError:
+        p.finish()
+        raise
     t1 = time.monotonic()
     return p.finish(), t0, t1
 
 
 def test_a_served_port_every_tick_answered_and_echoed() -> None:
     with server(greet=True) as port:
-        rec, t0, t1 = probe(port, 0.6)
+        rec, t0, t1 = probe(port, lambda n: n["attempts"] >= 40 and n["echoes"] >= 30, "40 attempts, 30 echoes")
     assert rec["held"] == "" and rec["prio"] == "SCHED_OTHER"
     att = rec["attempts"]
     assert len(att) >= 40 and all(a[4] == "" for a in att)
@@ -83,7 +96,7 @@ def test_a_served_port_every_tick_answered_and_echoed() -> None:
 
 def test_a_closed_port_fails_every_attempt_and_the_held_connection() -> None:
     port = free_port()
-    rec, t0, t1 = probe(port, 0.3)
+    rec, t0, t1 = probe(port, lambda n: n["attempts"] > 10, "more than 10 attempts")
     assert rec["held"] == "at start: ECONNREFUSED"
     assert rec["attempts"] and {a[4] for a in rec["attempts"]} == {"ECONNREFUSED"}
     f = window(rec, t0, t1, 0.01)
@@ -93,7 +106,7 @@ def test_a_closed_port_fails_every_attempt_and_the_held_connection() -> None:
 
 def test_a_port_that_never_answers_times_out_after_its_handshake() -> None:
     with server(greet=False) as port:
-        rec, _t0, _t1 = probe(port, 0.3, timeout=0.2)
+        rec, _t0, _t1 = probe(port, lambda n: n["attempts"] >= 10, "10 attempts", timeout=0.2)
     att = rec["attempts"]
     assert att and all(a[2] is not None and a[3] is None and a[4] == "timeout" for a in att)
     assert rec["held"].startswith("at start: ")  # its greeting never came either
@@ -103,7 +116,7 @@ def test_a_held_connection_that_stops_echoing_is_reported_stalled() -> None:
     """No error on the held connection, but its echo never comes back (the path dropped it):
     the probe says so, and the window counts the unanswered echo to its end."""
     with server(greet=True, echo=False) as port:
-        rec, t0, t1 = probe(port, 0.6, timeout=0.2)
+        rec, t0, t1 = probe(port, lambda n: n["unanswered_s"] >= 0.6, "an echo unanswered for 0.6 s", timeout=0.2)
     assert rec["held"].startswith("stalled: no echo for "), rec["held"]
     assert rec["echoes"] and rec["echoes"][-1][1] is None
     assert all(a[4] == "" for a in rec["attempts"])  # new connections were served all along

@@ -36,13 +36,15 @@ stops: `held` says the connection stalled).
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from kpr.testing.echo import CLIENT_PRELUDE, PY, Running, await_started, start_running
 
-# argv: host port gap timeout prio. stdout: "started", then (on stdin EOF) one JSON line:
+# argv: host port gap timeout prio. stdout: "started"; for each line on stdin one JSON line of
+# counts so far (`progress`); on stdin EOF one JSON line:
 # {"attempts": [[due, start, connected|null, answered|null, error], ...],
 #  "echoes": [[sent, back|null (unanswered at the end)], ...], "held": error or "", "prio": the policy it got}
 PROBE = CLIENT_PRELUDE + r"""
@@ -158,7 +160,14 @@ try:
 except OSError as e:
     held["error"] = "at start: " + err(e)
 print("started", flush=True)
-threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+def control():
+    # a line on stdin asks for the counts so far (a test waits for them); EOF stops the probe
+    for _ in sys.stdin:
+        sent = held["sent"]
+        print(json.dumps({"attempts": len(attempts), "echoes": len(echoes),
+                          "unanswered_s": 0.0 if sent is None else now() - sent}), flush=True)
+    stop.set()
+threading.Thread(target=control, daemon=True).start()
 run()
 if held["sock"] is not None and held["sent"] is not None:
     # an echo still unanswered at the end: the held connection stalled without an error (its
@@ -188,6 +197,14 @@ def probe_argv(host: str, port: int, *, gap: float = 0.01, timeout: float = 1.0,
 def started(proc: subprocess.Popen) -> Running:
     """A PROBE process started by hand, once it has its held connection (or failed to get one)."""
     return await_started(proc, what="probe", timeout=60)
+
+
+def progress(run: Running) -> dict[str, float]:
+    """A running PROBE's counts so far: attempts started, echoes answered, and how long the
+    held connection's echo on its way has been unanswered (s; 0 when none is)."""
+    run.proc.stdin.write("\n")
+    run.proc.stdin.flush()
+    return json.loads(run.proc.stdout.readline())
 
 
 def window(rec: dict, start: float, end: float, gap: float) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from bisect import bisect_right
 from collections import Counter
 from functools import lru_cache, partial
 from itertools import accumulate, chain, compress, repeat
-from operator import add, attrgetter, itemgetter
+from operator import add, attrgetter, itemgetter, mul
 from socket import AF_INET, inet_pton
 from typing import Any
 
 from ..bpf import maps as M
-from ..model import Backend, BackendState, FrontendType, Service
+from ..model import BACKEND_LOCAL, BACKEND_TERMINATING, Backend, BackendState, FrontendType, Service
 from .applying import _in_key_order
 from .groups import (
     _BACKEND_TAIL, _EXT_KEY_TAIL, _PROTO_BYTE, _TYPE_FLAGS, _V4_MAPPED, _WILD4, _WILD6, _Group, group_entries,
@@ -129,19 +129,27 @@ class BulkMixin:
         bel = list(map(_BACKENDS, fes))
         counts = list(map(len, bel))
         flat = list(chain.from_iterable(bel))
-        states = list(map(_STATE, flat))
+        # Compact IPv4 Backends (nearly always): their flags, ports and addresses read from
+        # their bytes joined, not through three properties of 200k backends each.
+        blob = _compact4(flat)
         bad = [i for i, c in enumerate(counts) if c > _MAX_COUNT] if counts and max(counts) > _MAX_COUNT else []
-        if BackendState.TERMINATING in states:
+        if blob is not None:
+            terminating = _flag_bits(blob, _TERMINATING_BITS)
+            at = [j for j, t in enumerate(terminating) if t] if 1 in terminating else []
+        else:
+            states = list(map(_STATE, flat))
+            at = [j for j, st in enumerate(states) if st is BackendState.TERMINATING] if BackendState.TERMINATING in states else []
+        if at:
             ends = list(accumulate(counts))
-            bad += sorted({bisect_right(ends, j) for j, st in enumerate(states) if st is BackendState.TERMINATING})
+            bad += sorted({bisect_right(ends, j) for j in at})
         if bad:
             services, fes, flags, affs, fks, bel = _drop(bad, rest, services, fes, flags, affs, fks, bel)
             counts = list(map(len, bel))
             flat = list(chain.from_iterable(bel))
+            blob = _compact4(flat)
         protos = list(map(_PROTOCOL, fes))
-        ports = list(map(_PORT, flat))
         try:
-            bkeys = _backend_keys(flat, ports, protos, counts)
+            bkeys = _keys4(blob, protos, counts) if blob is not None else _backend_keys(flat, list(map(_PORT, flat)), protos, counts)
             if bkeys is None:  # not an address: the general path names it
                 bad = [i for i, fe in enumerate(fes) if _backend_keys(fe.backends, list(map(_PORT, fe.backends)),
                                                                      [fe.protocol], [len(fe.backends)]) is None]
@@ -150,6 +158,7 @@ class BulkMixin:
                 flat = list(chain.from_iterable(bel))
                 protos = list(map(_PROTOCOL, fes))
                 bkeys = _backend_keys(flat, list(map(_PORT, flat)), protos, counts)
+                blob = _compact4(flat)
         except (OverflowError, TypeError, KeyError):
             return None
         if not services or bkeys is None:
@@ -163,7 +172,8 @@ class BulkMixin:
             bkeys = _backend_keys(flat, list(map(_PORT, flat)), list(map(_PROTOCOL, fes)), counts)
             if not services or bkeys is None:
                 return None
-        return services, fes, flags, affs, fks, counts, flat, bkeys, _in_key_order(rest) if rest else rest
+            blob = _compact4(flat)
+        return services, fes, flags, affs, fks, counts, flat, bkeys, _in_key_order(rest) if rest else rest, blob
 
     def _sync_adopted(self, services: list[Service]) -> bool:
         """A full sync over maps that hold services (the shadow just read from them): every
@@ -178,11 +188,11 @@ class BulkMixin:
         common = self._common(services)
         if common is None:
             return False
-        services, fes, flags, affs, fks, counts, flat, bkeys, rest = common
+        services, fes, flags, affs, fks, counts, flat, bkeys, rest, joined = common
         groups = self._groups
         # The backends' values as rendering makes them (node-local flag; generations below).
-        locals_ = list(map(_LOCAL, flat))
-        tails: Any = map(_BACKEND_TAIL.__getitem__, map(bool, locals_)) if any(locals_) else repeat(_BACKEND_TAIL[0])
+        locals_ = _locals(flat, joined)
+        tails: Any = map(_BACKEND_TAIL.__getitem__, locals_) if locals_ is not None else repeat(_BACKEND_TAIL[0])
         vals = list(map(add, bkeys, tails))
         # Their ids: after a restart usually one run in list order (each backend once, as a
         # full sync numbered them), which the table's values at that run confirm at once
@@ -283,13 +293,13 @@ class BulkMixin:
         common = self._common(services)
         if common is None:
             return None
-        services, fes, flags, affs, fks, counts, flat, bkeys, rest = common
+        services, fes, flags, affs, fks, counts, flat, bkeys, rest, joined = common
         n = len(services)
         # kpr_backend values (None: each its key and the same zero tail, joined at once below)
-        locals_ = list(map(_LOCAL, flat))
+        locals_ = _locals(flat, joined)
         vals: list[bytes] | None = None
-        if any(locals_):
-            vals = list(map(add, bkeys, map(_BACKEND_TAIL.__getitem__, map(bool, locals_))))
+        if locals_ is not None:
+            vals = list(map(add, bkeys, map(_BACKEND_TAIL.__getitem__, locals_)))
 
         # ids: new ones from the counter in order of first appearance, as rendering service
         # by service in key order hands them out
@@ -439,6 +449,55 @@ def _backend_keys(flat: list[Any], ports: list[int], protos: list[Any], counts: 
         # parse back made 200k strings at 20k services, alive at once until the keys were made.
         return list(map(_KEY4.pack, repeat(_V4_MAPPED), map(_RAW4, flat), btails))
     return _keys(list(map(_ADDRESS, flat)), btails)
+
+
+def _compact4(flat: list[Any]) -> bytes | None:
+    """The backends `flat` joined, when every one is a Backend in the compact IPv4 form
+    (kpr.model: flags, port and place, the address; 9 bytes each), else None. Their columns
+    are then read at C speed (_flag_bits, _keys4): three properties read per backend took
+    about 0.1 s of a 20k-service initial sync (200k backends)."""
+    if flat and set(map(type, flat)) == {Backend} and set(map(len, flat)) == {_COMPACT4_LEN}:
+        return b"".join(flat)
+    return None
+
+
+# A compact Backend's flags byte -> 1 where the flag is set, else 0.
+_TERMINATING_BITS = bytes(int(bool(b & BACKEND_TERMINATING)) for b in range(256))
+_LOCAL_BITS = bytes(int(bool(b & BACKEND_LOCAL)) for b in range(256))
+
+
+def _flag_bits(blob: bytes, table: bytes) -> bytes:
+    """One byte per backend of a _compact4 blob: 1 where the flag `table` picks is set."""
+    return blob[0::_COMPACT4_LEN].translate(table)
+
+
+def _locals(flat: list[Any], blob: bytes | None) -> Any:
+    """Whether each backend is node-local (0/1 or bools), or None when none is."""
+    if blob is not None:
+        bits = _flag_bits(blob, _LOCAL_BITS)
+        return bits if 1 in bits else None
+    locals_ = list(map(bool, map(_LOCAL, flat)))
+    return locals_ if any(locals_) else None
+
+
+def _keys4(blob: bytes, protos: list[Any], counts: list[int]) -> list[bytes]:
+    """The kpr_backend keys (as _KEY4 packs them: ::ffff:0:0/96, the address, the port in
+    network order, the protocol) of a _compact4 blob's backends, the frontends' in turn
+    (`counts` each, of the frontends' protocols `protos`), made column by column. KeyError:
+    a protocol with no map value (as _tail raises)."""
+    n = len(blob) // _COMPACT4_LEN
+    size = _KEY4.size
+    out = bytearray(size * n)  # the prefix's zero bytes are there already
+    for c, byte in enumerate(_V4_MAPPED):
+        if byte:
+            out[c::size] = bytes((byte,)) * n
+    for c in range(4):
+        out[12 + c :: size] = blob[5 + c :: _COMPACT4_LEN]
+    out[16::size] = blob[1::_COMPACT4_LEN]
+    out[17::size] = blob[2::_COMPACT4_LEN]
+    pbytes = [_PROTO_BYTE[p] for p in protos]
+    out[18::size] = pbytes[0] * n if len(set(pbytes)) == 1 else b"".join(map(mul, pbytes, counts))
+    return _pieces(bytes(out), size)
 
 
 def _local_disagreements(

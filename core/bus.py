@@ -27,6 +27,8 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 from typing import Any, Callable, Iterable
 
 from . import memory
@@ -67,6 +69,9 @@ class Event:
         return self.event == "node"
 
 
+_KEY_OF, _EVENT_OF = attrgetter("key"), attrgetter("event")
+
+
 class KeyedQueue:
     """Pending events in arrival order, one per key: a newer event for a key that is still
     waiting takes its place (coalescing), unless a barrier (a node change) was queued since;
@@ -84,6 +89,18 @@ class KeyedQueue:
         self._newest[ev.key] = self._epoch
         if ev.barrier:
             self._epoch += 1
+
+    def put_many(self, events: list[Event]) -> None:
+        """put() each event in turn; without a barrier among them, at C speed (an initial
+        sync's 20k services reach the writer stage and then every plugin's worker at once)."""
+        if "node" in map(_EVENT_OF, events):
+            for ev in events:
+                self.put(ev)
+            return
+        epoch, keys = self._epoch, list(map(_KEY_OF, events))
+        # (as put(): a key already waiting keeps its place and takes the newer event)
+        self._items.update(zip(zip(repeat(epoch), keys), events))
+        self._newest.update(zip(keys, repeat(epoch)))
 
     def pop(self) -> Event:
         (epoch, key), ev = self._items.popitem(last=False)
@@ -167,11 +184,24 @@ class QueueThread:
         raise NotImplementedError
 
     def _enqueue(self, events: Iterable[Event]) -> None:
+        events = list(events)
         with self._cond:
-            for ev in events:
-                self._retry.pop(ev.key, None)  # a newer state replaces a pending retry
-                self._pending.put(ev)
+            if self._retry:
+                for ev in events:
+                    self._retry.pop(ev.key, None)  # a newer state replaces a pending retry
+            self._pending.put_many(events)
             self._cond.notify()
+
+    def put(self, ev: Event) -> None:
+        raise NotImplementedError
+
+    def put_many(self, events: Iterable[Event]) -> None:
+        """Queue these events in order (synchronous: handle each in turn, as put() does)."""
+        if self._synchronous:
+            for ev in events:
+                self.put(ev)
+            return
+        self._enqueue(events)
 
     def start(self) -> None:
         self._thread.start()
@@ -237,14 +267,10 @@ class PluginWorker(QueueThread):
     # --- producer side -------------------------------------------------------------------
 
     def put(self, ev: Event) -> None:
-        self.put_many((ev,))
-
-    def put_many(self, events: Iterable[Event]) -> None:
         if self._synchronous:
-            for ev in events:
-                self._deliver(ev, 0, raise_errors=True)
+            self._deliver(ev, 0, raise_errors=True)
             return
-        self._enqueue(events)
+        self._enqueue((ev,))
 
     # --- worker side ---------------------------------------------------------------------
 
@@ -343,6 +369,7 @@ class EventBus:
         on_event: EventCounter | None = None,
         settle_memory: bool = False,
         synchronous: bool = False,
+        on_synced: Callable[[], None] | None = None,
     ):
         """`settle_memory`: settle the process's memory once every plugin has the initial
         state (an agent's bus; tests sharing a process with many buses leave it off).
@@ -350,8 +377,12 @@ class EventBus:
         `synchronous` (tests and test harnesses): no threads; each change goes through the
         writer stage and every plugin in the caller's thread before the call returns, in the
         same order and with the same generations as the threaded bus; a failed write or a
-        plugin's exception is raised to the caller instead of retried."""
+        plugin's exception is raised to the caller instead of retried.
+
+        `on_synced`: called once every plugin's worker has delivered the initial state (the
+        agent looks whether it is ready then, not at its next poll)."""
         self._synchronous = synchronous
+        self._on_synced = on_synced
         self._backoff = backoff or Backoff()
         self._on_event = on_event
         self._settle_memory = settle_memory
@@ -393,7 +424,9 @@ class EventBus:
 
     def _worker_synced(self) -> None:
         # On the worker that delivered the last initial sync, after it counts as synced:
-        # readiness does not wait for this.
+        # readiness does not wait for what follows.
+        if self._on_synced is not None and self.synced():
+            self._on_synced()
         with self._settle_lock:
             if not self._settle_memory or self._settled or not self.synced():
                 return
@@ -415,6 +448,17 @@ class EventBus:
         else:
             for w in self.workers.values():
                 w.put(ev)
+
+    def changes(self, changes: Iterable[tuple[str, Any]]) -> None:
+        """Upserts and deletes in order, ``("upsert", Service)`` or ``("delete", ServiceKey)``,
+        queued at once: as many upsert() and delete() calls, with one hold of each queue's
+        lock (the store's initial sync: 20k services)."""
+        events = [Event(p.key, "upsert", p) if e == "upsert" else Event(p, "delete", p) for e, p in changes]
+        if self.stage is not None:
+            self.stage.put_many(events)
+        else:
+            for w in self.workers.values():
+                w.put_many(events)
 
     def _fan_out(self, events: list[Event]) -> None:
         """The writer stage's output: events the maps now hold, to every plugin's worker."""

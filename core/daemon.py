@@ -127,7 +127,9 @@ class Agent:
         self.handles: list[PluginHandle] = []
         self._started: list[PluginHandle] = []
         self.metrics = Metrics()
-        self.bus = EventBus(backoff=backoff, on_event=self.metrics.on_event, settle_memory=True)
+        # Set to look at readiness now (every plugin has the initial state), not at the next poll.
+        self._wake = threading.Event()
+        self.bus = EventBus(backoff=backoff, on_event=self.metrics.on_event, settle_memory=True, on_synced=self._wake.set)
         self.node: NodeInfo = NodeInfo(name=config.node.name)
         self.store: ObjectStore | None = None
         self.source = None
@@ -144,11 +146,12 @@ class Agent:
     def request_stop(self) -> None:
         """Ask the running agent to stop (from another thread; signals go to _on_signal)."""
         self._stop.set()
+        self._wake.set()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         # The SIGTERM/SIGINT handler: only a plain assignment. Python runs a handler in the
         # main thread between two bytecodes, which can be inside the main loop's
-        # self._stop.wait() while it holds the Event's own lock; Event.set() there waits
+        # self._wake.wait() while it holds the Event's own lock; Event.set() there waits
         # for that lock forever (an agent that never exited on SIGTERM, seen in CI). The
         # main loop reads the flag after each wait (at most its period later).
         self._signalled = signum
@@ -271,7 +274,11 @@ class Agent:
             log.info("agent.running version=%s", __version__)
             next_resync = time.monotonic() + self.config.agent.resync_interval
             # Until ready, looked at more often: the wait is part of the time to ready.
-            while not self._signalled and not self._stop.wait(0.2 if self._ready_sent else READY_POLL):
+            while not self._signalled:
+                self._wake.wait(0.2 if self._ready_sent else READY_POLL)
+                self._wake.clear()  # (before the look: a wake-up during it is not lost)
+                if self._stop.is_set():
+                    break
                 self._tick()
                 if self.config.agent.resync_interval and time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + self.config.agent.resync_interval

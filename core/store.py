@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from . import memory, translate
 from .model import FrontendType, InvalidObject, NodeInfo, Service, ServiceKey
@@ -34,6 +34,22 @@ class Publisher(Protocol):
     def sync_complete(self) -> None: ...
     # Optional: the pods on this node changed ("namespace/name" -> pod IPs, the whole set).
     # def pods_changed(self, pods: dict[str, tuple[str, ...]]) -> None: ...
+    # Optional: upserts and deletes in order, ("upsert", Service) or ("delete", ServiceKey),
+    # taken at once (kpr.bus.EventBus.changes); without it each goes to upsert() or delete().
+    # def changes(self, changes: list[tuple[str, Any]]) -> None: ...
+
+
+class _Collected:
+    """A publisher's upsert and delete calls, kept in order (handed on by `changes`)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+
+    def upsert(self, service: Service) -> None:
+        self.items.append(("upsert", service))
+
+    def delete(self, key: ServiceKey) -> None:
+        self.items.append(("delete", key))
 
 
 class ObjectStore:
@@ -129,8 +145,19 @@ class ObjectStore:
                     self._add_member(key, ref)
                     touched.add(key)
             # ServiceKey's order, by a tuple: its generated __lt__ costs 10x more at 20k keys.
-            for key in sorted(touched, key=_fields):
-                self._refresh(key)
+            # What the refreshes publish goes out at once where the publisher takes a batch
+            # (the bus: one hold of its queue's lock for an initial sync's 20k services).
+            publisher, batch = self._publisher, getattr(self._publisher, "changes", None)
+            if batch is not None:
+                self._publisher = collected = _Collected()
+            try:
+                for key in sorted(touched, key=_fields):
+                    self._refresh(key)
+            finally:
+                if batch is not None:
+                    self._publisher = publisher
+                    if collected.items:
+                        batch(collected.items)
             self._pods(pods, deletes)
 
     def _pods(self, upserts: list[dict], deletes: list[ObjectRef]) -> None:

@@ -1,0 +1,152 @@
+"""An initial sync's changes travel as one batch: the store hands the bus its refreshes' upserts
+and deletes at once (EventBus.changes), each queue takes a batch without a barrier at C speed
+(KeyedQueue.put_many) with put()'s meaning, and the agent looks at readiness as soon as every
+plugin has the initial state (EventBus's on_synced), not at its next poll."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from kpr import daemon, hookimpl
+from kpr.bus import Event, EventBus, KeyedQueue
+from kpr.daemon import Agent
+from kpr.model import NodeInfo
+from kpr.store import ObjectStore
+from kpr.testing.agent import AgentConfig
+from kpr.testing.manifests import endpoint_slice, service, yaml_docs
+from kpr.testing.waiting import wait_for
+from test_bus import Recorder, svc
+
+
+def test_put_many_queues_as_put_does() -> None:
+    rnd = random.Random(3)
+    for _ in range(300):
+        one, many = KeyedQueue(), KeyedQueue()
+        for _ in range(rnd.randrange(1, 5)):
+            batch = []
+            for _ in range(rnd.randrange(0, 12)):
+                kind = rnd.choice(("upsert", "upsert", "delete", "node"))
+                key = ("__node__",) if kind == "node" else rnd.choice("abcdef")
+                batch.append(Event(key, kind, rnd.random()))
+            for ev in batch:
+                one.put(ev)
+            many.put_many(batch)
+            assert [(k, many.waiting(k)) for k in "abcdef"] == [(k, one.waiting(k)) for k in "abcdef"]
+            assert len(many) == len(one)
+        assert many.drain() == one.drain()
+
+
+class Publisher:
+    """Records what the store publishes, and how: one call per change, or batches."""
+
+    def __init__(self, batches: bool):
+        self.calls: list[tuple[str, object]] = []
+        self.batches: list[int] = []
+        if batches:
+            self.changes = self._changes
+
+    def upsert(self, service) -> None:
+        self.calls.append(("upsert", service))
+
+    def delete(self, key) -> None:
+        self.calls.append(("delete", key))
+
+    def sync_complete(self) -> None:
+        pass
+
+    def _changes(self, changes) -> None:
+        self.batches.append(len(changes))
+        self.calls.extend(changes)
+
+
+def _store_run(publisher: Publisher) -> list:
+    from kpr.testing.manifests import endpoint_slice as es, service as sv
+
+    store = ObjectStore(NodeInfo(name="node1"), publisher)
+    objs = [o for i in range(30) for o in (sv(f"s{i}", cluster_ip=f"10.96.0.{i + 1}"), es(f"s{i}", [f"10.244.0.{i + 1}"]))]
+    store.apply(objs, [])
+    store.apply(objs[:10], [("Service", "default", "s20"), ("EndpointSlice", "default", "s21-abc")])
+    store.apply([sv("s3", cluster_ip="10.96.0.4", port=81)], [("Service", "default", "s5")])
+    return publisher.calls
+
+
+def test_the_store_hands_a_batch_taker_its_changes_at_once_in_the_same_order() -> None:
+    one, batched = Publisher(False), Publisher(True)
+    assert _store_run(batched) == _store_run(one)
+    # one batch per apply that changed anything: 30 services, then a delete, then a change and a delete
+    assert batched.batches == [30, 1, 2]
+    assert [c for c, _ in one.calls].count("delete") == 2
+
+
+def test_the_bus_takes_a_batch_as_it_takes_each_change() -> None:
+    rec_one, rec_batch = Recorder(), Recorder()
+    for bus, rec, batched in ((EventBus(synchronous=True), rec_one, False), (EventBus(synchronous=True), rec_batch, True)):
+        bus.add_plugin("p", rec)
+        bus.start()
+        changes = [("upsert", svc("a")), ("upsert", svc("b")), ("delete", svc("a").key), ("upsert", svc("c", 81))]
+        if batched:
+            bus.changes(changes)
+        else:
+            for kind, payload in changes:
+                (bus.upsert if kind == "upsert" else bus.delete)(payload)
+        bus.sync_complete()
+    assert rec_batch.calls == rec_one.calls
+    assert [h for h, _ in rec_one.calls] == ["kpr_service_upsert"] * 2 + ["kpr_service_delete", "kpr_service_upsert", "kpr_sync_complete"]
+
+
+def test_on_synced_is_called_once_every_worker_has_the_initial_state() -> None:
+    calls: list[bool] = []
+    bus = EventBus(on_synced=lambda: calls.append(bus.synced()))
+    slow = Recorder()
+    bus.add_plugin("fast", Recorder())
+    bus.add_plugin("slow", slow)
+    slow.gate.clear()
+    bus.start()
+    try:
+        bus.upsert(svc("a"))
+        bus.sync_complete()
+        wait_for(lambda: bus.workers["fast"].stats.synced, what="the fast worker synced")
+        assert calls == []  # the slow one has not delivered it yet
+        slow.gate.set()
+        wait_for(lambda: calls, what="on_synced")
+        bus.sync_complete()  # a later sync is no initial state
+        wait_for(lambda: bus.wait_idle(), what="the bus idle")
+        assert calls == [True]
+    finally:
+        slow.gate.set()
+        bus.stop()
+
+
+class Plugin:
+    @hookimpl
+    def kpr_sync_complete(self):
+        pass
+
+
+def test_the_agent_is_ready_without_waiting_for_its_poll(tmp_path, monkeypatch) -> None:
+    """READY=1 as soon as every plugin has the initial state: with the agent's poll an hour
+    apart, only the bus's on_synced can make it look."""
+    monkeypatch.setattr(daemon, "READY_POLL", 3600.0)
+    sent: list[str] = []
+    monkeypatch.setattr(daemon.sdnotify, "notify", sent.append)
+    cfg = AgentConfig(tmp_path, None)
+    cfg.manifest("web", yaml_docs(service("web", cluster_ip="10.96.0.10"), endpoint_slice("web", ["10.244.1.5"])))
+    agent = Agent(cfg.parse(), internal_plugins={"p": Plugin()}, source_first=False)
+    seen: list[bool] = []
+
+    def watch() -> None:
+        try:
+            wait_for(lambda: agent._ready_sent, timeout=30, what="ready")
+            seen.append(True)
+        finally:
+            agent.request_stop()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        agent.run()  # (signal handlers: the main thread's)
+    finally:
+        watcher.join()
+    assert seen == [True]
+    assert any(m.startswith("READY=1") for m in sent)

@@ -26,14 +26,16 @@ def _backends(rnd: random.Random, n: int) -> list[Backend]:
     ]
 
 
+@pytest.mark.parametrize("chunk", [7, 4096], ids=["small-pieces", "one-piece"])
 @pytest.mark.parametrize("seed", range(5))
-def test_columns_read_from_the_bytes_equal_the_properties(seed: int) -> None:
+def test_columns_read_from_the_bytes_equal_the_properties(seed: int, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk, "_CHUNK", chunk)
     rnd = random.Random(seed)
     counts = [rnd.randrange(0, 12) for _ in range(200)]
     protos = [rnd.choice(list(Protocol)) for _ in counts]
     flat = _backends(rnd, sum(counts))
     joined = bulk._compact4(flat)
-    assert joined is not None
+    assert joined is not None and len(joined) == -(-len(flat) // chunk)
     ports = [b.port for b in flat]
     assert bulk._keys4(joined, protos, counts) == bulk._backend_keys(flat, ports, protos, counts)
     one = [Protocol.UDP] * len(counts)

@@ -150,3 +150,58 @@ def test_the_agent_is_ready_without_waiting_for_its_poll(tmp_path, monkeypatch) 
         watcher.join()
     assert seen == [True]
     assert any(m.startswith("READY=1") for m in sent)
+
+
+def test_a_worker_delivers_what_waits_as_one_batch_in_order_counted_per_kind() -> None:
+    """What waits in a worker's queue is taken at once (one hold of the lock, not one per
+    event), delivered in order and counted in the metrics once per kind."""
+    from test_bus import make_bus
+
+    counted: list[tuple] = []
+    bus, recs = make_bus("a")
+    bus._on_event = None
+    worker = bus.workers["a"]
+    worker._on_event = lambda *a: counted.append(a)
+    recs["a"].gate.clear()
+    bus.start()
+    bus.upsert(svc("first"))
+    assert recs["a"].entered.wait(10)  # the worker is inside the first delivery
+    holds = []
+    real_next = worker._next
+    worker._next = lambda: holds.append(1) or real_next()  # type: ignore[method-assign]
+    for i in range(50):
+        bus.upsert(svc(f"s{i}"))
+    bus.delete(svc("s3").key)
+    wait_for(lambda: len(worker._pending) == 50, what="the burst queued")
+    assert worker.pending_count() == 50
+    recs["a"].gate.set()
+    assert bus.wait_idle(5)
+    assert recs["a"].order() == ["kpr_service_upsert:first@80"] + [
+        "kpr_service_delete:default/s3" if i == 3 else f"kpr_service_upsert:s{i}@80" for i in range(50)
+    ]  # (the delete took the waiting upsert's place)
+    assert len(holds) <= 2  # the burst in one batch (and the wait that follows it)
+    assert ("a", "upsert", True, 49) in counted and ("a", "delete", True, 1) in counted
+    bus.stop()
+
+
+def test_a_key_failed_before_a_node_change_is_not_retried_once_its_newer_state_is_delivered() -> None:
+    """Behind a node change a key waits twice in one batch; its older state failing must not be
+    retried after the newer one was delivered."""
+    from kpr.bus import Backoff
+
+    bus = EventBus(backoff=Backoff(initial=0.05, maximum=0.05))
+    rec = Recorder()
+    bus.add_plugin("p", rec)
+    rec.gate.clear()
+    bus.start()
+    bus.upsert(svc("first"))
+    assert rec.entered.wait(10)
+    bus.upsert(svc("web", 1))
+    bus.node_changed(NodeInfo("n1", ("10.0.0.2",)))
+    bus.upsert(svc("web", 2))
+    rec.fail_times["default/web"] = 1  # web@1 fails once
+    rec.gate.set()
+    assert bus.wait_idle(5)
+    assert bus.workers["p"].stats.errors == 1
+    assert rec.order() == ["kpr_service_upsert:first@80", "kpr_node_changed:10.0.0.2", "kpr_service_upsert:web@2"]
+    bus.stop()

@@ -14,13 +14,14 @@ full program's wrapper figure, incl. the wrapper, many / few), the same quantity
 bench_xdp_nodeport.py's "new flows over N vs M frontends" line reports, measured side by side.
 
     .venv/bin/python benchmarks/bench_nodeport_scale.py [--hook xdp] [--services 10,50000]
-        [--runs 4000] [--rounds 7] [--stops 9,10,11,2,4,5,6,0] [--cflags=-DX=1,...]
+        [--runs 4000] [--rounds 7] [--stops 9,10,11,2,4,5,6,0] [--cflags=-DX=1,...] [--stride 40009]
 
---cflags adds one more full build (label "cflags") to compare a switch side by side.
---fe-table adds the full build with the prototype frontend table (kpr/testing/fe_table.h, pasted
-before the plugin's entry file: kpr_svc's entries copied into an array of one-line entries the
-program indexes by its own hash of the key; label "fe-table"), to measure what that layout
-would buy before the writer has it.
+--cflags adds a twin of every build with these flags too (labels "cflags" for the full one,
+"stopN+cflags"), and their own table: a switch compared stage by stage, side by side
+(`--cflags=-DKPR_LB_FE=0`: frontends from kpr_svc only, not from their kpr_fe lines).
+--stride N visits the frontends in a scattered order (frontend n * N % fillers; default 1: the
+order the writer wrote them, whose kpr_svc elements, slot ranges and backends lie one after the
+other in memory, so the CPU's prefetchers hide misses a real node's traffic would take).
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ import statistics
 import sys
 import time
 
-from kpr.testing.fe_table import fill_fe_table, load_fe_build
 from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
 
 STOP_LABELS = {
     9: "conntrack miss",
-    10: "service entry (kpr_svc)",
+    10: "service entry (kpr_fe, kpr_svc)",
     11: "backend pick (kpr_slots, kpr_backend)",
     2: "path counters",
     3: "(conntrack entry: local/DSR only)",
@@ -54,8 +54,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=4000, help="wrapper runs per round")
     ap.add_argument("--rounds", type=int, default=7, help="rounds, every (lab, build) in turn; median")
     ap.add_argument("--stops", default="9,10,11,2,4,5,6,0", help="KPR_NP_BENCH_STOP builds (0: the full program)")
-    ap.add_argument("--cflags", default="", help="comma-separated -D flags of one more full build")
-    ap.add_argument("--fe-table", action="store_true", help="one more full build with the prototype frontend table")
+    ap.add_argument("--cflags", default="", help="comma-separated -D flags of a twin of every build")
+    ap.add_argument("--stride", type=int, default=1,
+                    help="spread flows visit frontend n * stride %% fillers (1: in the order written; "
+                         "a large prime such as 40009: scattered, as a real node's traffic is)")
     a = ap.parse_args()
     few, many = (int(x) for x in a.services.split(","))
     stops = [int(x) for x in a.stops.split(",")]
@@ -63,26 +65,19 @@ def main() -> int:
     builds = {f"stop{s}" if s else "default": [f"-DKPR_NP_BENCH_STOP={s}", "-DKPR_NP_EST_INLINE=0"] if s else []
               for s in stops}
     if a.cflags:
-        builds["cflags"] = a.cflags.split(",")
-    if a.fe_table:
-        builds["fe-table"] = []  # its own entry file (load_fe_build), no flag
-    key = lambda s: f"stop{s}" if s else "default"  # noqa: E731
+        builds.update({("cflags" if n == "default" else f"{n}+cflags"): f + a.cflags.split(",")
+                       for n, f in list(builds.items())})
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     pr = lambda *x: print(*x, flush=True)  # noqa: E731
-    pr(f"== {a.hook} new flows spread over {few - 2} vs {many - 2} frontends; {time.strftime('%H:%M:%S')} UTC; "
+    pr(f"== {a.hook} new flows spread over {few - 2} vs {many - 2} frontends (stride {a.stride}); {time.strftime('%H:%M:%S')} UTC; "
        f"load {open('/proc/loadavg').read().split()[:3]}")
-    with ProgLab(few) as lf, ProgLab(many) as lm:
+    with ProgLab(few, a.stride) as lf, ProgLab(many, a.stride) as lm:
         labs = {few: lf, many: lm}
         t0 = time.perf_counter()
         for lab in labs.values():
-            if a.fe_table:
-                longest = fill_fe_table(lab.pin, lab.writer.maps["kpr_svc"])
-                pr(f"  kpr_fe_bench filled for {lab.services} services: probe runs up to {longest}")
             lab.load(a.hook, "default")
             for name, flags in builds.items():
-                if name == "fe-table":
-                    load_fe_build(lab, a.hook, name)
-                elif name != "default":
+                if name != "default":
                     lab.load(a.hook, name, flags)
         pr(f"  {len(builds)} builds x 2 labs loaded in {time.perf_counter() - t0:.0f} s "
            f"(service maps written: {lf.sync_s:.1f} s, {lm.sync_s:.1f} s)")
@@ -100,20 +95,24 @@ def main() -> int:
         b = {n: statistics.median(v) for n, v in bares.items()}
         w = {k: statistics.median(v) for k, v in got.items()}
         pr(f"  bare (wrapper ns): {few}: {b[few]:.1f}, {many}: {b[many]:.1f}")
-        pr(f"  {'up to and including':44s} {'few':>7s} {'step':>6s} {'many':>7s} {'step':>6s} {'step grows':>10s}")
-        prev = {few: 0.0, many: 0.0}
-        for s in stops:
-            cells = []
-            for n in (few, many):
-                x = w[(n, key(s))] - b[n]
-                cells += [f"{x:7.0f}", f"{x - prev[n]:+6.0f}"]
-            grow = (w[(many, key(s))] - b[many] - prev[many]) - (w[(few, key(s))] - b[few] - prev[few])
-            pr(f"  {STOP_LABELS.get(s, str(s)):44s} {' '.join(cells)} {grow:+10.0f}")
-            prev = {n: w[(n, key(s))] - b[n] for n in labs}
-        for name in [x for x in ("default", "cflags", "fe-table") if x in builds]:
+        for variant in ("", "+cflags") if a.cflags else ("",):
+            key = lambda s, v=variant: (f"stop{s}" + v) if s else ("cflags" if v else "default")  # noqa: E731
+            if variant:
+                pr(f"  with {a.cflags}:")
+            pr(f"  {'up to and including':44s} {'few':>7s} {'step':>6s} {'many':>7s} {'step':>6s} {'step grows':>10s}")
+            prev = {few: 0.0, many: 0.0}
+            for s in stops:
+                cells = []
+                for n in (few, many):
+                    x = w[(n, key(s))] - b[n]
+                    cells += [f"{x:7.0f}", f"{x - prev[n]:+6.0f}"]
+                grow = (w[(many, key(s))] - b[many] - prev[many]) - (w[(few, key(s))] - b[few] - prev[few])
+                pr(f"  {STOP_LABELS.get(s, str(s)):44s} {' '.join(cells)} {grow:+10.0f}")
+                prev = {n: w[(n, key(s))] - b[n] for n in labs}
+        for name in [x for x in ("default", "cflags") if x in builds]:
             # the path: every run of the full builds counted as a new SNAT flow
             proof = ", ".join(f"{n}: new_snat+{moved[(n, name)]}" for n in (few, many))
-            flags = " ".join(builds[name]) or ("kpr/testing/fe_table.h" if name == "fe-table" else "default")
+            flags = " ".join(builds[name]) or "default"
             pr(f"  {name} ({flags}; {proof} of {a.rounds * a.runs} runs each)")
             pr(f"  {name}: new flows over {many - 2} vs {few - 2} frontends: "
                f"{w[(many, name)] / w[(few, name)]:.2f} x (wrapper, incl. the wrapper; "

@@ -17,6 +17,7 @@ from ..idtables import IdBytes, IdCounts, IdSet, KeyIds
 from ..model import Service, ServiceKey
 from .applying import ApplyMixin
 from .bulk import BulkMixin
+from .fetable import mirrored
 from .groups import _Group, group_entries
 from .hooks import HooksMixin
 from .params import SIZE_KEYS_ALL, Refusal
@@ -188,6 +189,8 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
                         self.maps[name] = m
                         m.pin(path)
                         created.append(name)
+                # kpr_svc's one-line copy the programs read first (kpr.servicemaps.fetable)
+                self.maps["kpr_svc"] = mirrored(self.maps["kpr_svc"], self.pin_path)  # type: ignore[assignment]
                 self._check_maglev_inner()
                 self._reload()
                 self._as_read = True

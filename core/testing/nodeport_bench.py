@@ -61,7 +61,8 @@ WRAPPER_C = r"""
 #define PKT_LEN %(len)d
 struct wr_cfg {
 	__u32 vary;   // 1: a new client address (CLIENT_BASE + counter) per run
-	__u32 spread; // > 0: destination FILLER_BASE + counter %% spread (new flows over many frontends)
+	__u32 spread; // > 0: destination FILLER_BASE + counter * stride %% spread (new flows over many frontends)
+	__u32 stride; // 1: the frontends in the order they were written; a large prime: scattered
 	__u8 data[PKT_LEN];
 };
 BPF_ARRAY(wr_cfg, struct wr_cfg, 1);
@@ -84,7 +85,7 @@ static __always_inline int wr_restore(CTX *ctx)
 		*n += 1;
 		*(__be32 *)(d + 26) = bpf_htonl(%(client)d + *n);
 		if (c->spread)
-			*(__be32 *)(d + 30) = bpf_htonl(%(filler)d + *n %% c->spread);
+			*(__be32 *)(d + 30) = bpf_htonl(%(filler)d + (__u32)((__u64)*n * c->stride %% c->spread));
 	}
 	return 0;
 }
@@ -179,8 +180,12 @@ class Measured:
 class ProgLab:
     """The lab namespace, the service maps, and loaded builds of one hook's program."""
 
-    def __init__(self, services: int) -> None:
+    def __init__(self, services: int, stride: int = 1) -> None:
         self.services = services
+        # Spread flows visit frontend n * stride % fillers: 1 walks them in the order the writer
+        # wrote them (their kpr_svc elements, slot ranges and backends adjacent in memory, which
+        # the CPU's prefetchers follow); a large prime scatters them as a real node's traffic is.
+        self.stride = stride
         self._stack = contextlib.ExitStack()
         self.builds: dict[str, Any] = {}  # build name -> Datapath
         self.wrappers: dict[str, tuple[Any, Any, Any]] = {}  # hook -> (bpf, main fn, bare fn)
@@ -252,7 +257,7 @@ class ProgLab:
 
     def load(self, hook: str, name: str, cflags: Sequence[str] = (), source: Path | None = None) -> Any:
         """Compile and load one build of the hook's program, its device maps filled as the agent does
-        (`source`: an entry file of the benchmark's own in place of the plugin's, kpr.testing.fe_table)."""
+        (`source`: an entry file of the benchmark's own in place of the plugin's)."""
         from kpr.plugins.tc_nodeport import datapath as TD
         from kpr.plugins.xdp_nodeport import datapath as XD
 
@@ -324,7 +329,7 @@ class ProgLab:
         bpf, main, _bare = self.wrapper(hook)
         cfg = bpf[b"wr_cfg"]
         v = cfg.Leaf()
-        v.vary, v.spread = int(vary), spread
+        v.vary, v.spread, v.stride = int(vary), spread, self.stride
         for i, b in enumerate(pkt):
             v.data[i] = b
         cfg[cfg.Key(0)] = v
@@ -431,7 +436,7 @@ def measure(lab: ProgLab, hook: str, build: str, case: Case, runs: int, rounds: 
             lab.flush_flows()
             if case.kind == "new":
                 n0 = 1_000_000
-                pkts = [lab.packet(ip4(FILLER_BASE + i % lab.fillers) if case.spread else case.dst, case.dport,
+                pkts = [lab.packet(ip4(FILLER_BASE + i * lab.stride % lab.fillers) if case.spread else case.dst, case.dport,
                                    src=ip4(CLIENT_BASE + n0 + i), flags="S")
                         for i in range(offset, offset + single_runs)]
             else:

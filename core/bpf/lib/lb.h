@@ -24,13 +24,82 @@
 #define KPR_LB_RANDOM_BY_HASH 0 // 1: "random" selection hashes the 5-tuple (stable per flow without conntrack)
 #endif
 
-/* The service entry of a key (bcc rewrites map calls only outside macros: a function). A build
- * may bring its own (a header pasted before this one defines it and KPR_LB_SVC_GET_OWN):
- * kpr.testing.fe_table measures another layout of the frontends that way. */
-#ifndef KPR_LB_SVC_GET_OWN
-static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *key)
+#ifndef KPR_LB_FE
+#define KPR_LB_FE 1 // 1: callers that pass a buffer find frontends in kpr_fe first (one line), kpr_svc on a miss
+#endif
+
+/* The kpr_fe hash of a service key: its six words mixed (murmur3's finaliser at the end);
+ * kpr.servicemaps.fetable.fe_hash is the same function. */
+static __always_inline __u32 kpr_fe_hash(const struct kpr_svc_key *k)
 {
-	return kpr_svc.lookup(key);
+	const __u32 *w = (const __u32 *)k;
+	__u32 h = 0;
+
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		h = (h ^ w[i]) * 0x9E3779B1U;
+	h ^= h >> 16;
+	h *= 0x85EBCA6BU;
+	h ^= h >> 13;
+	h *= 0xC2B2AE35U;
+	h ^= h >> 16;
+	return h;
+}
+
+/* The key's kpr_svc value from its kpr_fe line, copied into *out: 1 when found whole, 0 when
+ * not there (an empty line ends the probe run) or being written (odd or changed sequence
+ * word: the caller asks kpr_svc, the truth). *out is written only on success. */
+static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr_svc_val *out)
+{
+	const __u64 *a = (const __u64 *)k, *b;
+	__u32 h = kpr_fe_hash(k), i, idx, seq;
+	struct kpr_fe_line *l;
+	struct kpr_svc_val v;
+
+#pragma unroll
+	for (i = 0; i < KPR_FE_PROBES; i++) {
+		idx = (h + i) & (KPR_FE_LINES - 1);
+		l = kpr_fe.lookup(&idx);
+		if (!l)
+			return 0;
+		seq = *(volatile __u32 *)&l->seq;
+		b = (const __u64 *)&l->key;
+		if (a[0] == b[0] && a[1] == b[1] && a[2] == b[2]) {
+			if (seq & 1)
+				return 0;
+			__builtin_memcpy(&v, &l->val, sizeof(v));
+			asm volatile("" ::: "memory"); // the copy before the second read of the word
+			if (*(volatile __u32 *)&l->seq != seq)
+				return 0;
+			*out = v;
+			return 1;
+		}
+		if (!l->key.port && !l->key.slot)
+			return 0; // empty: the key was never placed beyond it
+	}
+	return 0;
+}
+
+/* The service entry of a key (bcc rewrites map calls only outside macros: a function): from
+ * kpr_fe into *buf when the caller gives a buffer, else (or on a miss there) kpr_svc's own
+ * element. A build may bring its own (a header pasted before this one defines it and
+ * KPR_LB_SVC_GET_OWN): kpr.testing.fe_table measures another layout of the frontends that way. */
+#ifndef KPR_LB_SVC_GET_OWN
+static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *key, struct kpr_svc_val *buf)
+{
+	struct kpr_svc_val *svc;
+
+#if KPR_LB_FE
+	if (buf && kpr_lb_fe_get(key, buf))
+		return buf;
+#endif
+	svc = kpr_svc.lookup(key);
+	if (!svc)
+		return (void *)0;
+	/* (checked here, and opaque after: clang would otherwise merge the element with buf and
+	 * offset the merged pointer before its caller's NULL check, which the verifier refuses) */
+	asm volatile("" : "+r"(svc));
+	return svc;
 }
 #endif
 
@@ -40,9 +109,11 @@ static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *ke
 
 /* Find the service entry (slot 0) for the tuple's destination. `key` is filled in and left
  * pointing at the entry found (wildcard address and scope included), ready for
- * kpr_lb_pick(). Returns NULL when the destination is not a service. */
-static __always_inline struct kpr_svc_val *kpr_lb_lookup(struct kpr_svc_key *key, const struct kpr_tuple *t,
-							  __u32 lflags)
+ * kpr_lb_pick(). Returns NULL when the destination is not a service. With a buffer `buf` (the
+ * caller's, living as long as the entry is used) the entry may be a copy from kpr_fe held
+ * there: one cache line per frontend instead of kpr_svc's bucket and element. */
+static __always_inline struct kpr_svc_val *kpr_lb_lookup_into(struct kpr_svc_key *key, const struct kpr_tuple *t,
+							       __u32 lflags, struct kpr_svc_val *buf)
 {
 	struct kpr_svc_val *svc, *isvc;
 
@@ -52,23 +123,31 @@ static __always_inline struct kpr_svc_val *kpr_lb_lookup(struct kpr_svc_key *key
 	key->scope = KPR_SCOPE_EXTERNAL;
 	key->slot = 0;
 	key->pad = 0;
-	svc = kpr_lb_svc_get(key);
+	svc = kpr_lb_svc_get(key, buf);
 #if KPR_LB_WILDCARD
 	if (!svc && (lflags & KPR_LB_NODE_ADDR)) {
 		kpr_addr_set_any(&key->addr, t->family);
-		svc = kpr_lb_svc_get(key);
+		svc = kpr_lb_svc_get(key, buf);
 	}
 #endif
 	if (!svc)
 		return (void *)0;
 	if ((lflags & KPR_LB_FROM_CLUSTER) && (svc->flags & KPR_SVC_F_TWO_SCOPES)) {
 		key->scope = KPR_SCOPE_INTERNAL;
-		isvc = kpr_lb_svc_get(key);
+		// (a kpr_fe hit overwrites *buf only when found whole: svc stays the external entry otherwise)
+		isvc = kpr_lb_svc_get(key, buf);
 		if (isvc)
 			return isvc;
 		key->scope = KPR_SCOPE_EXTERNAL; // the writer adds internal entries first; tolerate a race
 	}
 	return svc;
+}
+
+// kpr_lb_lookup_into() with kpr_svc's own elements (callers with no buffer to spare).
+static __always_inline struct kpr_svc_val *kpr_lb_lookup(struct kpr_svc_key *key, const struct kpr_tuple *t,
+							  __u32 lflags)
+{
+	return kpr_lb_lookup_into(key, t, lflags, (void *)0);
 }
 
 // Whether the client may use the service (loadBalancerSourceRanges); true when it has none.

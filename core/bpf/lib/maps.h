@@ -19,6 +19,10 @@
  *   kpr_affinity  (client, rev_nat) -> backend id, last use      (LRU, written by programs)
  *   kpr_maglev    (rev_nat, scope) -> inner array of KPR_MAGLEV_M backend ids (hash of maps)
  *   kpr_srcrange  LPM (rev_nat, prefix) -> allowed (loadBalancerSourceRanges)
+ *   kpr_fe        a copy of kpr_svc's entries in one-line slots the programs index by their own
+ *                 hash of the key (lib/lb.h kpr_lb_svc_get): a frontend out of cache costs one
+ *                 miss there, where kpr_svc's bucket and element cost two or three (issue 14).
+ *                 kpr_svc stays the truth: a key not found here is looked up there.
  */
 #ifndef KPR_LIB_MAPS_H
 #define KPR_LIB_MAPS_H
@@ -168,6 +172,19 @@ struct kpr_srcrange_key {
 	union kpr_addr addr; // range address, v4-mapped for IPv4
 };
 
+/* kpr_fe line: a kpr_svc entry, written under a sequence word (odd while the writer changes
+ * the line: kpr.servicemaps.fetable). Empty: key.port 0 and key.slot 0 (a lookup stops there);
+ * a deleted entry's line keeps key.slot KPR_FE_TOMB (never a lookup's slot 0: probing goes on). */
+#define KPR_FE_LINES 131072 // lines (a power of two; fixed: the programs' index mask and the writer's agree on it)
+#define KPR_FE_PROBES 8     // lines tried from a key's hash on
+#define KPR_FE_TOMB 0xffff  // key.slot of a deleted entry's line
+struct kpr_fe_line {
+	__u32 seq;               // even: the line is whole; odd: being written
+	struct kpr_svc_key key;  // the kpr_svc key (slot 0)
+	struct kpr_svc_val val;  // its kpr_svc value
+	__u8 pad[16];            // zero: a line of its own (array values 64 apart from a page boundary)
+};
+
 _Static_assert(sizeof(union kpr_addr) == 16, "kpr_addr layout");
 _Static_assert(sizeof(struct kpr_svc_key) == 24, "kpr_svc_key layout");
 _Static_assert(sizeof(struct kpr_svc_val) == 20, "kpr_svc_val layout");
@@ -178,6 +195,7 @@ _Static_assert(sizeof(struct kpr_affinity_key) == 24, "kpr_affinity_key layout")
 _Static_assert(sizeof(struct kpr_affinity_val) == 16, "kpr_affinity_val layout");
 _Static_assert(sizeof(struct kpr_maglev_key) == 8, "kpr_maglev_key layout");
 _Static_assert(sizeof(struct kpr_srcrange_key) == 24, "kpr_srcrange_key layout");
+_Static_assert(sizeof(struct kpr_fe_line) == 64, "kpr_fe_line layout");
 
 /* --- maps ---------------------------------------------------------------------------- */
 
@@ -204,5 +222,9 @@ BPF_TABLE_PINNED("hash_of_maps$kpr_maglev_in", struct kpr_maglev_key, int, kpr_m
 // loadBalancerSourceRanges per frontend.
 BPF_TABLE_PINNED("lpm_trie", struct kpr_srcrange_key, __u32, kpr_srcrange, KPR_SRCRANGE_MAX, KPR_PIN(kpr_srcrange),
 		 BPF_F_NO_PREALLOC);
+
+// The frontends' one-line copy of kpr_svc (lib/lb.h kpr_lb_svc_get); mmapable: the writer
+// stores lines as memory under their sequence word.
+BPF_TABLE_PINNED("array", __u32, struct kpr_fe_line, kpr_fe, KPR_FE_LINES, KPR_PIN(kpr_fe), BPF_F_MMAPABLE);
 
 #endif /* KPR_LIB_MAPS_H */

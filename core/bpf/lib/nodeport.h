@@ -1126,7 +1126,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
 	struct kpr_ct_entry *ct;
 	struct kpr_svc_key key;
-	struct kpr_svc_val *svc;
+	struct kpr_svc_val *svc, svcbuf; // svcbuf: the entry's copy from kpr_fe (lib/lb.h)
 	struct kpr_affinity_key aff;
 	struct kpr_backend *be;
 	__u32 bid;
@@ -1175,12 +1175,12 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	}
 	KPR_NP_STOP(9); // (stops 9-11 split stop 2 of a new flow: conntrack miss, service entry, pick)
 
-	svc = kpr_lb_lookup(&key, &pkt->t, 0);
+	svc = kpr_lb_lookup_into(&key, &pkt->t, 0, &svcbuf);
 	if (!svc) {
 		union kpr_addr d = pkt->t.daddr;
 
 		if (kpr_np_nodeaddr.lookup(&d))
-			svc = kpr_lb_lookup(&key, &pkt->t, KPR_LB_NODE_ADDR);
+			svc = kpr_lb_lookup_into(&key, &pkt->t, KPR_LB_NODE_ADDR, &svcbuf);
 	}
 	if (!svc || !(svc->flags & KPR_NP_SVC_TYPES))
 		return kpr_np_vip_guard(pkt);

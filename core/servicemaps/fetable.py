@@ -1,0 +1,237 @@
+"""kpr_fe: the frontends' one-line copy of kpr_svc (lib/maps.h, issue 14 item 6).
+
+A program finds a frontend's service entry in kpr_fe first (lib/lb.h kpr_lb_fe_get: one cache
+line, indexed by its own hash of the key, probed linearly), and in kpr_svc, the truth, when the
+key is not there or its line is being written. So every kpr_fe line either holds what kpr_svc
+holds for its key or is being changed to it, which this module keeps by mirroring every kpr_svc
+write of the writer (`Mirrored` wraps the map object: the bulk path, the general path,
+`check()` repairs and rollbacks all go through it):
+
+- a write of kpr_svc, then of the key's line; a write that failed drops the keys' lines;
+- a deletion drops the line first (a tombstone: probe runs stay whole), then the kpr_svc entry;
+- a line is written under its sequence word (odd while written; the word only grows, so a
+  reader never takes a rewritten line for the one it started reading);
+- `open_fe` rebuilds the table from kpr_svc (a restart, an upgrade from a kpr without it).
+
+A key with no free line within KPR_FE_PROBES lines is left out: the programs find it in kpr_svc.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from kpr.bpf import abi
+from kpr.bpf import maps as M
+
+log = logging.getLogger(__name__)
+
+FE_MAP = "kpr_fe"
+LINES = abi.value("KPR_FE_LINES")
+PROBES = abi.value("KPR_FE_PROBES")
+TOMB = abi.value("KPR_FE_TOMB")
+_LINE = abi.struct_of("kpr_fe_line")
+LINE = _LINE.size
+_F = {f.name: f for f in _LINE.fields}
+_SEQ, _KEY, _VAL = _F["seq"].offset, _F["key"].offset, _F["val"].offset
+KEY_SIZE, VAL_SIZE = _VAL - _KEY, M.SVC_VAL.size
+SPEC = M.MapSpec(FE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, LINE, LINES, "", M.BPF_F_MMAPABLE)
+_U32 = struct.Struct("=I")
+_WORDS = struct.Struct("=6I")
+_SLOT_AT = M.SvcKey.slot.offset  # key.slot: 0 for a service entry, TOMB in a deleted entry's line
+_PORT_AT = M.SvcKey.port.offset
+_EMPTY_KEY = bytes(KEY_SIZE)
+
+
+def fe_hash(key: bytes) -> int:
+    """lib/lb.h kpr_fe_hash: the key's six 32-bit words (as the CPU reads them) mixed."""
+    m = 0xFFFFFFFF
+    h = 0
+    for w in _WORDS.unpack(key):
+        h = ((h ^ w) * 0x9E3779B1) & m
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & m
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & m
+    return h ^ (h >> 16)
+
+
+def _empty(key: bytes) -> bool:
+    return key[_PORT_AT : _PORT_AT + 2] == b"\0\0" and key[_SLOT_AT : _SLOT_AT + 2] == b"\0\0"
+
+
+def _tomb(key: bytes) -> bytes:
+    return key[:_SLOT_AT] + struct.pack("=H", TOMB) + key[_SLOT_AT + 2 :]
+
+
+class FeTable:
+    """The pinned kpr_fe array, written as memory."""
+
+    def __init__(self, m: M.BpfMap) -> None:
+        self.map = m
+        self.mem = m.mmap()
+        self.unplaced = 0  # keys written that found no line (served from kpr_svc)
+
+    def close(self) -> None:
+        self.mem.release()
+        self.map.close()
+
+    def _key_at(self, idx: int) -> bytes:
+        at = idx * LINE + _KEY
+        return bytes(self.mem[at : at + KEY_SIZE])
+
+    def _find(self, key: bytes) -> tuple[int | None, int | None]:
+        """(the line holding key, the first line free for it), each None when there is none."""
+        h = fe_hash(key)
+        free = None
+        for i in range(PROBES):
+            idx = (h + i) & (LINES - 1)
+            k = self._key_at(idx)
+            if k == key:
+                return idx, free
+            if _empty(k):
+                return None, idx if free is None else free
+            if free is None and k[_SLOT_AT : _SLOT_AT + 2] == b"\xff\xff":
+                free = idx
+        return None, free
+
+    def _write(self, idx: int, key: bytes, val: bytes) -> None:
+        """One line under its sequence word: odd while the key and value change."""
+        at = idx * LINE
+        odd = (_U32.unpack_from(self.mem, at + _SEQ)[0] + 1) | 1  # (odd already: a writer died mid-line)
+        _U32.pack_into(self.mem, at + _SEQ, odd & 0xFFFFFFFF)
+        self.mem[at + _KEY : at + _KEY + KEY_SIZE] = key
+        self.mem[at + _VAL : at + _VAL + VAL_SIZE] = val
+        _U32.pack_into(self.mem, at + _SEQ, (odd + 1) & 0xFFFFFFFF)
+
+    def put(self, key: bytes, val: bytes) -> None:
+        if key[_SLOT_AT : _SLOT_AT + 2] != b"\0\0":
+            return  # an older kpr's per-slot entry: programs never look it up
+        idx, free = self._find(key)
+        if idx is None:
+            idx = free
+        if idx is None:
+            self.unplaced += 1
+            log.debug("event=fe_unplaced probes=%d", PROBES)
+            return
+        self._write(idx, key, val)
+
+    def drop(self, key: bytes) -> None:
+        idx, _ = self._find(key)
+        if idx is not None:
+            self._write(idx, _tomb(key), bytes(VAL_SIZE))
+
+    def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """Make the table kpr_svc's `items`, laid out afresh (no tombstones), rewriting only
+        the lines that change (meanwhile a key may be found at its old line, with its value,
+        or not at all: the programs then ask kpr_svc)."""
+        want: dict[int, bytes] = {}
+        self.unplaced = 0
+        for k, v in items:
+            if k[_SLOT_AT : _SLOT_AT + 2] != b"\0\0":
+                continue
+            h = fe_hash(k)
+            for i in range(PROBES):
+                idx = (h + i) & (LINES - 1)
+                if idx not in want:
+                    want[idx] = k + v
+                    break
+            else:
+                self.unplaced += 1
+        have = bytes(self.mem[: LINES * LINE])
+        empty = _EMPTY_KEY + bytes(VAL_SIZE)
+        changed = 0
+        for idx in range(LINES):
+            at = idx * LINE
+            cur = have[at + _KEY : at + _VAL + VAL_SIZE]
+            new = want.get(idx, empty)
+            if cur != new:
+                self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:])
+                changed += 1
+        log.info("event=fe_rebuilt entries=%d lines_written=%d unplaced=%d", len(want), changed, self.unplaced)
+
+
+def open_fe(pin_path: Path) -> FeTable:
+    """Adopt the pinned kpr_fe (a program may have created it empty) or create and pin it; a
+    pin of another shape is replaced (its programs are replaced with the agent's)."""
+    path = Path(pin_path) / FE_MAP
+    if path.exists():
+        m = M.BpfMap.open_pinned(path)
+        info = m.info()
+        if (info.type, info.value_size, info.max_entries, info.map_flags & M.BPF_F_MMAPABLE) == (
+            SPEC.type, SPEC.value_size, SPEC.max_entries, M.BPF_F_MMAPABLE
+        ):
+            return FeTable(m)
+        m.close()
+        path.unlink()
+    m = M.BpfMap.create(SPEC)
+    m.pin(path)
+    return FeTable(m)
+
+
+class Mirrored:
+    """kpr_svc's map object, every write mirrored into kpr_fe (reads go to kpr_svc)."""
+
+    def __init__(self, svc: M.BpfMap, fe: FeTable) -> None:
+        self._svc = svc
+        self.fe = fe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._svc, name)
+
+    def _drop_all(self, keys: Iterable[bytes]) -> None:
+        for k in keys:
+            self.fe.drop(k)
+
+    def update(self, key: bytes, value: bytes, flags: int = M.BPF_ANY) -> None:
+        try:
+            self._svc.update(key, value, flags)
+        except BaseException:
+            self.fe.drop(key)
+            raise
+        self.fe.put(key, value)
+
+    def update_many(self, keys: Sequence[bytes], values: Sequence[bytes], *, batch: bool = True) -> None:
+        try:
+            self._svc.update_many(keys, values, batch=batch)
+        except BaseException:
+            self._drop_all(keys)
+            raise
+        for k, v in zip(keys, values):
+            self.fe.put(k, v)
+
+    def update_blob(self, keys: bytes, values: bytes, count: int) -> None:
+        ks, vs = self._svc.key_size, self._svc.value_size
+        pairs = [(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]) for i in range(count)]
+        try:
+            self._svc.update_blob(keys, values, count)
+        except BaseException:
+            self._drop_all(k for k, _ in pairs)
+            raise
+        for k, v in pairs:
+            self.fe.put(k, v)
+
+    def delete(self, key: bytes) -> bool:
+        self.fe.drop(key)
+        return self._svc.delete(key)
+
+    def delete_many(self, keys: Sequence[bytes], *, batch: bool = True) -> None:
+        self._drop_all(keys)
+        self._svc.delete_many(keys, batch=batch)
+
+    def close(self) -> None:
+        self.fe.close()
+        self._svc.close()
+
+
+def mirrored(svc: M.BpfMap, pin_path: Path) -> Mirrored:
+    """kpr_svc's map object with its kpr_fe copy opened and rebuilt from it."""
+    fe = open_fe(pin_path)
+    try:
+        fe.rebuild(svc.items())
+    except BaseException:
+        fe.close()
+        raise
+    return Mirrored(svc, fe)

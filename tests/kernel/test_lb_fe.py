@@ -1,0 +1,196 @@
+"""kpr_fe, kpr_svc's one-line copy (issue 14 item 6): lib/lb.h finds frontends there first and in
+kpr_svc otherwise; kpr.servicemaps.fetable keeps every line what kpr_svc holds for its key."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from kpr.bpf import maps as M
+from kpr.bpf.inline import inline_includes
+from kpr.bpf.loader import compile_and_load, load_prog
+from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+from kpr.servicemaps import ServiceMapWriter
+from kpr.servicemaps import fetable as F
+from kpr.testing.prog_run import test_run
+
+PROGRAM = r"""
+#include "ctx/xdp.h"
+#include "lib/parse.h"
+#include "lib/lb.h"
+
+BPF_ARRAY(test_out, __u32, 2); // [0] where the entry came from: 0 none, 1 kpr_fe, 2 kpr_svc; [1] its rev-NAT index
+
+int fe_test(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_svc_key key;
+	struct kpr_svc_val *svc, buf;
+	__u32 zero = 0, one = 1, from = 0, rev_nat = 0;
+
+	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || !pkt.l4_off)
+		return XDP_PASS;
+	svc = kpr_lb_lookup_into(&key, &pkt.t, 0, &buf);
+	if (svc) {
+		from = svc == &buf ? 1 : 2;
+		rev_nat = svc->rev_nat;
+	}
+	test_out.update(&zero, &from);
+	test_out.update(&one, &rev_nat);
+	return XDP_PASS;
+}
+"""
+
+FROM_NONE, FROM_FE, FROM_SVC = 0, 1, 2
+
+
+class FeProgram:
+    def __init__(self, pin: Path) -> None:
+        self.b = compile_and_load(inline_includes(PROGRAM), cflags=M.cflags(pin))
+        self.fn = load_prog(self.b, "fe_test", "XDP")
+
+    def lookup(self, vip: str, port: int) -> tuple[int, int]:
+        pkt = Ether() / IP(src="198.51.100.1", dst=vip) / UDP(sport=40000, dport=port)
+        test_run(self.fn.fd, bytes(pkt))
+        t = self.b[b"test_out"]
+        return t[t.Key(0)].value, t[t.Key(1)].value
+
+
+def svc(name: str, vip: str, port: int, backend: str = "10.1.0.1") -> Service:
+    fe = Frontend(FrontendType.CLUSTER_IP, vip, port, Protocol.UDP, (Backend(backend, 53),))
+    return Service(ServiceKey("default", name), (fe,))
+
+
+def svc_key(vip: str, port: int) -> bytes:
+    return M.SVC_KEY.pack(M.addr_to_bytes(vip), M.htons(port), 17, M.SCOPE_EXTERNAL, 0, 0)
+
+
+def fe_line(pin: Path, key: bytes) -> tuple[int, bytes] | None:
+    """(the line's index, its value) of `key` in the pinned kpr_fe, read as the programs probe."""
+    m = M.BpfMap.open_pinned(pin / F.FE_MAP)
+    try:
+        h = F.fe_hash(key)
+        for i in range(F.PROBES):
+            idx = (h + i) & (F.LINES - 1)
+            line = m.lookup(struct.pack("=I", idx))
+            assert line is not None
+            if line[F._KEY : F._VAL] == key:
+                return idx, line[F._VAL : F._VAL + F.VAL_SIZE]
+            if F._empty(line[F._KEY : F._VAL]):
+                return None
+        return None
+    finally:
+        m.close()
+
+
+@pytest.fixture
+def setup(kernel_headers: Path, pin_dir: Path) -> Iterator[tuple[FeProgram, ServiceMapWriter, Path]]:
+    w = ServiceMapWriter(pin_dir).open()
+    prog = FeProgram(pin_dir)
+    try:
+        yield prog, w, pin_dir
+    finally:
+        prog.b.cleanup()
+        w.close()
+
+
+def kpr_svc_items(pin: Path) -> dict[bytes, bytes]:
+    m = M.BpfMap.open_pinned(pin / "kpr_svc")
+    try:
+        return dict(m.items())
+    finally:
+        m.close()
+
+
+def test_the_program_reads_the_writers_line_first(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> None:
+    p, w, pin = setup
+    w.upsert(svc("a", "10.96.0.10", 53))
+    key = svc_key("10.96.0.10", 53)
+    rev_nat = M.SVC_VAL.unpack(kpr_svc_items(pin)[key])[3]
+    assert p.lookup("10.96.0.10", 53) == (FROM_FE, rev_nat)
+    # Gone from kpr_svc behind the writer's back: the line still answers (it is read first) ...
+    raw = M.BpfMap.open_pinned(pin / "kpr_svc")
+    try:
+        raw.delete(key)
+        assert p.lookup("10.96.0.10", 53) == (FROM_FE, rev_nat)
+        # ... and a line being written (odd sequence word) is left for kpr_svc.
+        idx, _ = fe_line(pin, key) or (None, b"")
+        assert idx is not None
+        fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
+        seq = struct.unpack_from("=I", fe.mem, idx * F.LINE)[0]
+        struct.pack_into("=I", fe.mem, idx * F.LINE, seq + 1)
+        assert p.lookup("10.96.0.10", 53) == (FROM_NONE, 0)
+        struct.pack_into("=I", fe.mem, idx * F.LINE, seq + 2)
+        assert p.lookup("10.96.0.10", 53) == (FROM_FE, rev_nat)
+    finally:
+        raw.close()
+    # The writer's deletion takes the line away first.
+    w.delete(ServiceKey("default", "a"))
+    assert fe_line(pin, key) is None
+    assert p.lookup("10.96.0.10", 53) == (FROM_NONE, 0)
+
+
+def test_every_line_holds_what_kpr_svc_holds_through_updates(
+    setup: tuple[FeProgram, ServiceMapWriter, Path],
+) -> None:
+    p, w, pin = setup
+    for i in range(40):
+        w.upsert(svc(f"s{i}", f"10.96.1.{i}", 53))
+    for i in range(0, 40, 3):
+        w.upsert(svc(f"s{i}", f"10.96.1.{i}", 53, backend="10.1.0.9"))  # a new backend: a new slot range
+    for i in range(1, 40, 4):
+        w.delete(ServiceKey("default", f"s{i}"))
+    items = kpr_svc_items(pin)
+    assert len(items) == 30
+    for k, v in items.items():
+        got = fe_line(pin, k)
+        assert got is not None and got[1] == v
+    for i in range(40):
+        want = items.get(svc_key(f"10.96.1.{i}", 53))
+        assert p.lookup(f"10.96.1.{i}", 53) == ((FROM_FE, M.SVC_VAL.unpack(want)[3]) if want else (FROM_NONE, 0))
+
+
+def test_a_deleted_line_keeps_the_probe_run_whole(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> None:
+    p, w, pin = setup
+    # two frontends whose keys hash to the same line: the second takes the next one
+    first = svc_key("10.96.2.1", 53)
+    h = F.fe_hash(first) & (F.LINES - 1)
+    port = next(x for x in range(1, 65536) if F.fe_hash(svc_key("10.96.2.2", x)) & (F.LINES - 1) == h)
+    w.upsert(svc("first", "10.96.2.1", 53))
+    w.upsert(svc("second", "10.96.2.2", port))
+    second = svc_key("10.96.2.2", port)
+    assert (fe_line(pin, first) or (None,))[0] == h
+    assert (fe_line(pin, second) or (None,))[0] == (h + 1) & (F.LINES - 1)
+    w.delete(ServiceKey("default", "first"))
+    assert p.lookup("10.96.2.1", 53) == (FROM_NONE, 0)
+    assert p.lookup("10.96.2.2", port)[0] == FROM_FE  # found past the deleted line, not in kpr_svc
+
+
+def test_a_restart_rebuilds_the_table_from_kpr_svc(kernel_headers: Path, pin_dir: Path) -> None:
+    with ServiceMapWriter(pin_dir) as w:
+        w.upsert(svc("a", "10.96.3.1", 53))
+        w.upsert(svc("b", "10.96.3.2", 53))
+    # kpr_svc changed while no writer ran (the lines are stale now)
+    raw = M.BpfMap.open_pinned(pin_dir / "kpr_svc")
+    try:
+        raw.delete(svc_key("10.96.3.1", 53))
+        k2 = svc_key("10.96.3.2", 53)
+        v2 = bytearray(raw.lookup(k2) or b"")
+        struct.pack_into("=I", v2, 8, 4242)  # rev_nat
+        raw.update(k2, bytes(v2))
+    finally:
+        raw.close()
+    prog = FeProgram(pin_dir)
+    try:
+        assert prog.lookup("10.96.3.1", 53)[0] == FROM_FE  # stale, before the writer runs again
+        with ServiceMapWriter(pin_dir):
+            assert fe_line(pin_dir, svc_key("10.96.3.1", 53)) is None
+            assert prog.lookup("10.96.3.1", 53) == (FROM_NONE, 0)
+            assert prog.lookup("10.96.3.2", 53) == (FROM_FE, 4242)
+    finally:
+        prog.b.cleanup()

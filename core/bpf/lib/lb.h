@@ -82,9 +82,7 @@ static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr
 
 /* The service entry of a key (bcc rewrites map calls only outside macros: a function): from
  * kpr_fe into *buf when the caller gives a buffer, else (or on a miss there) kpr_svc's own
- * element. A build may bring its own (a header pasted before this one defines it and
- * KPR_LB_SVC_GET_OWN): kpr.testing.fe_table measures another layout of the frontends that way. */
-#ifndef KPR_LB_SVC_GET_OWN
+ * element. */
 static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *key, struct kpr_svc_val *buf)
 {
 	struct kpr_svc_val *svc;
@@ -101,7 +99,6 @@ static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *ke
 	asm volatile("" : "+r"(svc));
 	return svc;
 }
-#endif
 
 // kpr_lb_lookup() flags.
 #define KPR_LB_FROM_CLUSTER (1U << 0) // the caller is inside the cluster: prefer the internal scope

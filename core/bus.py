@@ -54,7 +54,7 @@ HOOKS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """One queued change: `event` names the hook (HOOKS), `generation` the service maps'
     generation once the writer stage applied it (0 without a writer stage)."""
@@ -481,11 +481,11 @@ class EventBus:
             for w in self.workers.values():
                 w.put(ev)
 
-    def changes(self, changes: Iterable[tuple[str, Any]]) -> None:
-        """Upserts and deletes in order, ``("upsert", Service)`` or ``("delete", ServiceKey)``,
-        queued at once: as many upsert() and delete() calls, with one hold of each queue's
-        lock (the store's initial sync: 20k services)."""
-        events = [Event(p.key, "upsert", p) if e == "upsert" else Event(p, "delete", p) for e, p in changes]
+    def changes(self, changes: Iterable[Service | ServiceKey]) -> None:
+        """Upserts (a Service) and deletes (its ServiceKey) in order, queued at once: as many
+        upsert() and delete() calls, with one hold of each queue's lock (the store's initial
+        sync: 20k services)."""
+        events = [Event(p, "delete", p) if type(p) is ServiceKey else Event(p.key, "upsert", p) for p in changes]
         if self.stage is not None:
             self.stage.put_many(events)
         else:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 from . import memory, translate
 from .model import FrontendType, InvalidObject, NodeInfo, Service, ServiceKey
@@ -34,22 +34,24 @@ class Publisher(Protocol):
     def sync_complete(self) -> None: ...
     # Optional: the pods on this node changed ("namespace/name" -> pod IPs, the whole set).
     # def pods_changed(self, pods: dict[str, tuple[str, ...]]) -> None: ...
-    # Optional: upserts and deletes in order, ("upsert", Service) or ("delete", ServiceKey),
-    # taken at once (kpr.bus.EventBus.changes); without it each goes to upsert() or delete().
-    # def changes(self, changes: list[tuple[str, Any]]) -> None: ...
+    # Optional: upserts (a Service) and deletes (its ServiceKey) in order, taken at once
+    # (kpr.bus.EventBus.changes); without it each goes to upsert() or delete().
+    # def changes(self, changes: list[Service | ServiceKey]) -> None: ...
 
 
 class _Collected:
-    """A publisher's upsert and delete calls, kept in order (handed on by `changes`)."""
+    """A publisher's upsert and delete calls, kept in order (handed on by `changes`): the
+    Service upserted or the ServiceKey deleted (no pair per change: 20k of them were made
+    between the model's objects in an initial sync)."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, Any]] = []
+        self.items: list[Service | ServiceKey] = []
 
     def upsert(self, service: Service) -> None:
-        self.items.append(("upsert", service))
+        self.items.append(service)
 
     def delete(self, key: ServiceKey) -> None:
-        self.items.append(("delete", key))
+        self.items.append(key)
 
 
 class ObjectStore:

@@ -11,7 +11,7 @@ import threading
 from kpr import daemon, hookimpl
 from kpr.bus import Event, EventBus, KeyedQueue
 from kpr.daemon import Agent
-from kpr.model import NodeInfo
+from kpr.model import NodeInfo, ServiceKey
 from kpr.store import ObjectStore
 from kpr.testing.agent import AgentConfig
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
@@ -57,7 +57,7 @@ class Publisher:
 
     def _changes(self, changes) -> None:
         self.batches.append(len(changes))
-        self.calls.extend(changes)
+        self.calls.extend(("delete", c) if isinstance(c, ServiceKey) else ("upsert", c) for c in changes)
 
 
 def _store_run(publisher: Publisher) -> list:
@@ -84,12 +84,12 @@ def test_the_bus_takes_a_batch_as_it_takes_each_change() -> None:
     for bus, rec, batched in ((EventBus(synchronous=True), rec_one, False), (EventBus(synchronous=True), rec_batch, True)):
         bus.add_plugin("p", rec)
         bus.start()
-        changes = [("upsert", svc("a")), ("upsert", svc("b")), ("delete", svc("a").key), ("upsert", svc("c", 81))]
+        changes = [svc("a"), svc("b"), svc("a").key, svc("c", 81)]
         if batched:
             bus.changes(changes)
         else:
-            for kind, payload in changes:
-                (bus.upsert if kind == "upsert" else bus.delete)(payload)
+            for c in changes:
+                bus.delete(c) if isinstance(c, ServiceKey) else bus.upsert(c)
         bus.sync_complete()
     assert rec_batch.calls == rec_one.calls
     assert [h for h, _ in rec_one.calls] == ["kpr_service_upsert"] * 2 + ["kpr_service_delete", "kpr_service_upsert", "kpr_sync_complete"]

@@ -278,6 +278,9 @@ def _add_facilities(handles: list[PluginHandle], config: KprConfig, facilities: 
         if any(h.name == name for h in handles):
             continue
         obj = facilities[name](config)
+        if name == "servicemaps" and "nodeport" not in wanted:
+            # only the NodePort programs read kpr_fe: with none, no copy to keep on every write
+            obj.frontend_table = False
         extra.append(
             PluginHandle(name, obj, Discovered(name, f"<core {type(obj).__name__}>", PROJECT, "", obj=obj), None, facility=True)
         )

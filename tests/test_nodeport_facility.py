@@ -132,3 +132,14 @@ def test_allowed_never_sees_a_service_half_updated() -> None:
         sys.setswitchinterval(old)
     assert not wrong, f"allowed() saw {len(wrong)} half-updated answers, e.g. {wrong[0]!r}"
 
+
+
+@pytest.mark.parametrize(("plugins", "copy"), [("socklb: {enabled: true}", False),
+                                               ("socklb: {enabled: true}\n  tc_nodeport: {enabled: true}", True),
+                                               ("xdp_nodeport: {enabled: true}", True)])
+def test_the_writer_keeps_kpr_fe_only_for_the_nodeport_programs(plugins: str, copy: bool) -> None:
+    # kpr_fe (kpr.servicemaps.fetable) is read only by lib/nodeport.h: without a NodePort plugin
+    # the writer would pay for a copy on every kpr_svc write that no program reads
+    kpm = build_plugin_manager(parse_config(f"plugins:\n  {plugins}\n"))
+    writer = kpm.handle("servicemaps").plugin
+    assert writer.frontend_table is copy

@@ -14,11 +14,19 @@ write of the writer (`Mirrored` wraps the map object: the bulk path, the general
 - `open_fe` rebuilds the table from kpr_svc (a restart, an upgrade from a kpr without it).
 
 A key with no free line within KPR_FE_PROBES lines is left out: the programs find it in kpr_svc.
+
+Only the NodePort programs (lib/nodeport.h's new-flow lookup) read kpr_fe, so the agent keeps
+the copy only when a plugin requires the NodePort facility (kpr.pluginmanager): otherwise every
+kpr_svc write would pay for a copy nobody reads. The sequence word relies on x86's store and
+load order (no barrier instruction is available to the programs on this toolchain), so other
+CPUs keep no copy either. Without a copy a pinned table left by an earlier run is emptied
+(`clear_pinned`): a program still attached from that run then asks kpr_svc.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import struct
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -45,6 +53,15 @@ _PORT_AT = M.SvcKey.port.offset
 _EMPTY_KEY = bytes(KEY_SIZE)
 
 
+# CPUs whose memory order the sequence word relies on (see above).
+ORDERED_CPUS = frozenset({"x86_64", "AMD64", "i686", "i386"})
+
+
+def supported() -> bool:
+    """Whether this CPU may keep the copy (its stores and loads stay in program order)."""
+    return platform.machine() in ORDERED_CPUS
+
+
 def fe_hash(key: bytes) -> int:
     """lib/lb.h kpr_fe_hash: the key's six 32-bit words (as the CPU reads them) mixed."""
     m = 0xFFFFFFFF
@@ -69,10 +86,12 @@ def _tomb(key: bytes) -> bytes:
 class FeTable:
     """The pinned kpr_fe array, written as memory."""
 
-    def __init__(self, m: M.BpfMap) -> None:
+    def __init__(self, m: M.BpfMap, *, fresh: bool = False) -> None:
         self.map = m
         self.mem = m.mmap()
         self.unplaced = 0  # keys written that found no line (served from kpr_svc)
+        # Created by us just now, so all zero: rebuild() need not read (and so map in) every line.
+        self.fresh = fresh
 
     def close(self) -> None:
         self.mem.release()
@@ -140,17 +159,31 @@ class FeTable:
                     break
             else:
                 self.unplaced += 1
-        have = bytes(self.mem[: LINES * LINE])
         empty = _EMPTY_KEY + bytes(VAL_SIZE)
         changed = 0
-        for idx in range(LINES):
-            at = idx * LINE
-            cur = have[at + _KEY : at + _VAL + VAL_SIZE]
-            new = want.get(idx, empty)
-            if cur != new:
-                self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:])
-                changed += 1
+        if self.fresh:
+            # every line is empty: write the wanted ones only (in line order, as below)
+            for idx in sorted(want):
+                self._write(idx, want[idx][:KEY_SIZE], want[idx][KEY_SIZE:])
+            changed, self.fresh = len(want), False
+        else:
+            have = bytes(self.mem[: LINES * LINE])
+            for idx in range(LINES):
+                at = idx * LINE
+                cur = have[at + _KEY : at + _VAL + VAL_SIZE]
+                new = want.get(idx, empty)
+                if cur != new:
+                    self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:])
+                    changed += 1
         log.info("event=fe_rebuilt entries=%d lines_written=%d unplaced=%d", len(want), changed, self.unplaced)
+
+
+def _ours(m: M.BpfMap) -> bool:
+    """Whether a pinned map has kpr_fe's shape (else it is another layout's)."""
+    info = m.info()
+    return (info.type, info.value_size, info.max_entries, info.map_flags & M.BPF_F_MMAPABLE) == (
+        SPEC.type, SPEC.value_size, SPEC.max_entries, M.BPF_F_MMAPABLE
+    )
 
 
 def open_fe(pin_path: Path) -> FeTable:
@@ -159,16 +192,30 @@ def open_fe(pin_path: Path) -> FeTable:
     path = Path(pin_path) / FE_MAP
     if path.exists():
         m = M.BpfMap.open_pinned(path)
-        info = m.info()
-        if (info.type, info.value_size, info.max_entries, info.map_flags & M.BPF_F_MMAPABLE) == (
-            SPEC.type, SPEC.value_size, SPEC.max_entries, M.BPF_F_MMAPABLE
-        ):
+        if _ours(m):
             return FeTable(m)
         m.close()
         path.unlink()
     m = M.BpfMap.create(SPEC)
     m.pin(path)
-    return FeTable(m)
+    return FeTable(m, fresh=True)
+
+
+def clear_pinned(pin_path: Path) -> None:
+    """Empty a pinned kpr_fe an earlier run kept (line by line under the sequence words), for
+    an agent that keeps no copy: the programs then find every frontend in kpr_svc."""
+    path = Path(pin_path) / FE_MAP
+    if not path.exists():
+        return
+    m = M.BpfMap.open_pinned(path)
+    if not _ours(m):
+        m.close()
+        return  # not our layout: no program of this kpr reads it
+    fe = FeTable(m)
+    try:
+        fe.rebuild(())
+    finally:
+        fe.close()
 
 
 class Mirrored:

@@ -17,7 +17,7 @@ from ..idtables import IdBytes, IdCounts, IdSet, KeyIds
 from ..model import Service, ServiceKey
 from .applying import ApplyMixin
 from .bulk import BulkMixin
-from .fetable import mirrored
+from . import fetable
 from .groups import _Group, group_entries
 from .hooks import HooksMixin
 from .params import SIZE_KEYS_ALL, Refusal
@@ -58,12 +58,16 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
         create_datapath_maps: bool = True,
         check_interval: float | None = None,
         retry_backoff: Backoff | None = None,
+        frontend_table: bool = True,
     ) -> None:
         if not is_prime(maglev_size):
             raise ValueError(f"maglev_size must be prime, got {maglev_size}")
         if algorithm not in ("random", "maglev"):
             raise ValueError(f"algorithm must be random or maglev, got {algorithm!r}")
         self.pin_path = Path(pin_path)
+        # kpr_fe, kpr_svc's one-line copy for the NodePort programs (kpr.servicemaps.fetable):
+        # kept only where a program reads it and the CPU's memory order allows it
+        self.frontend_table = frontend_table
         self.maglev_size = maglev_size
         self.algorithm = algorithm
         self.batch = batch
@@ -189,8 +193,10 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
                         self.maps[name] = m
                         m.pin(path)
                         created.append(name)
-                # kpr_svc's one-line copy the programs read first (kpr.servicemaps.fetable)
-                self.maps["kpr_svc"] = mirrored(self.maps["kpr_svc"], self.pin_path)  # type: ignore[assignment]
+                if self.frontend_table and fetable.supported():
+                    self.maps["kpr_svc"] = fetable.mirrored(self.maps["kpr_svc"], self.pin_path)  # type: ignore[assignment]
+                else:
+                    fetable.clear_pinned(self.pin_path)
                 self._check_maglev_inner()
                 self._reload()
                 self._as_read = True

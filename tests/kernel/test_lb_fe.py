@@ -194,3 +194,51 @@ def test_a_restart_rebuilds_the_table_from_kpr_svc(kernel_headers: Path, pin_dir
             assert prog.lookup("10.96.3.2", 53) == (FROM_FE, 4242)
     finally:
         prog.b.cleanup()
+
+
+def test_a_writer_that_keeps_no_copy_empties_the_one_left_pinned(kernel_headers: Path, pin_dir: Path) -> None:
+    # an agent that ran with a NodePort plugin, then one without (kpr.pluginmanager): a program
+    # still attached from the first run must not read the first run's lines
+    with ServiceMapWriter(pin_dir) as w:
+        w.upsert(svc("a", "10.96.4.1", 53))
+    prog = FeProgram(pin_dir)
+    try:
+        assert prog.lookup("10.96.4.1", 53)[0] == FROM_FE
+        with ServiceMapWriter(pin_dir, frontend_table=False) as w:
+            assert "fe" not in vars(w.maps["kpr_svc"])  # the map itself, unwrapped
+            assert fe_line(pin_dir, svc_key("10.96.4.1", 53)) is None
+            assert prog.lookup("10.96.4.1", 53)[0] == FROM_SVC
+            w.upsert(svc("b", "10.96.4.2", 53))
+            assert prog.lookup("10.96.4.2", 53)[0] == FROM_SVC
+    finally:
+        prog.b.cleanup()
+
+
+def test_a_table_created_beside_a_full_kpr_svc_gets_every_line(kernel_headers: Path, pin_dir: Path) -> None:
+    # kpr_svc written with no copy (an older kpr, or no NodePort plugin), then a writer that
+    # keeps one: the new table is written from kpr_svc without reading its empty lines
+    with ServiceMapWriter(pin_dir, frontend_table=False) as w:
+        for i in range(40):
+            w.upsert(svc(f"s{i}", f"10.96.5.{i}", 53))
+    assert not (pin_dir / F.FE_MAP).exists()
+    with ServiceMapWriter(pin_dir) as w:
+        fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
+        assert not fe.fresh  # (rebuilt)
+        first = bytes(fe.mem[: F.LINES * F.LINE])
+        items = kpr_svc_items(pin_dir)
+        assert len(items) == 40
+        for k, v in items.items():
+            got = fe_line(pin_dir, k)
+            assert got is not None and got[1] == v
+    with ServiceMapWriter(pin_dir) as w:  # adopted: a full comparison changes nothing
+        assert bytes(w.maps["kpr_svc"].fe.mem[: F.LINES * F.LINE]) == first  # type: ignore[attr-defined]
+
+
+def test_a_cpu_without_x86s_memory_order_keeps_no_copy(kernel_headers: Path, pin_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # the sequence word relies on stores and loads staying in program order (fetable's docstring)
+    monkeypatch.setattr(F.platform, "machine", lambda: "aarch64")
+    with ServiceMapWriter(pin_dir) as w:
+        w.upsert(svc("a", "10.96.6.1", 53))
+        assert "fe" not in vars(w.maps["kpr_svc"])
+    assert not (pin_dir / F.FE_MAP).exists()

@@ -317,33 +317,42 @@ class PluginWorker(QueueThread):
                 return
             batch, attempt = item
             done: Counter[str] = Counter()
-            for i, ev in enumerate(batch):
-                if i and self._stopping:
-                    break  # (left undelivered, as a stop leaves the queue)
-                self.busy_hook = HOOKS[ev.event]
-                ok = self._deliver(ev, attempt, count=False)
-                if ok:
-                    done[ev.event] += 1
+            last: dict[Any, int] | None = None  # each key's last place in the batch, made at a first failure
+            try:
+                for i, ev in enumerate(batch):
+                    if i and self._stopping:
+                        break  # (left undelivered, as a stop leaves the queue)
+                    self.busy_hook = HOOKS[ev.event]
+                    ok = self._deliver(ev, attempt, count=False)
+                    if ok:
+                        done[ev.event] += 1
+                    elif ok is False and last is None:
+                        last = {e.key: j for j, e in enumerate(batch)}
+                    with self._cond:
+                        self._inflight -= 1
+                        if ok and self._retry:
+                            # A newer state of a key an earlier batch had failed: the retry
+                            # would bring back the old one.
+                            self._retry.pop(ev.key, None)
+                        # (behind a node change a key is queued twice: its newer state later
+                        # in this batch takes the failed one's place, as a queued one would)
+                        delay = None if ok is not False or last[ev.key] != i else self._schedule_retry(ev, attempt)  # type: ignore[index]
+                    if delay is not None:
+                        log.info("bus.retry plugin=%s key=%s attempt=%d delay=%.2f", self.name, _show(ev.key), attempt + 1, delay)
+            finally:
+                # (also when something escapes the loop: what was delivered is counted, the worker not left busy)
+                if self._on_event:
+                    for event, n in done.items():
+                        self._on_event(self.name, event, True, n)
                 with self._cond:
-                    self._inflight -= 1
-                    if ok and self._retry:
-                        # A newer state of a key this batch had failed earlier (behind a node
-                        # change, a key is queued twice): the retry would bring back the old one.
-                        self._retry.pop(ev.key, None)
-                    delay = None if ok else self._schedule_retry(ev, attempt)
-                if delay is not None:
-                    log.info("bus.retry plugin=%s key=%s attempt=%d delay=%.2f", self.name, _show(ev.key), attempt + 1, delay)
-            if self._on_event:
-                for event, n in done.items():
-                    self._on_event(self.name, event, True, n)
-            with self._cond:
-                self._busy = False
-                self._inflight = 0
-                self.busy_hook = None
+                    self._busy = False
+                    self._inflight = 0
+                    self.busy_hook = None
 
-    def _deliver(self, ev: Event, attempt: int, raise_errors: bool = False, count: bool = True) -> bool:
-        """Hand one event to the plugin; False when it failed (`count`: count it delivered in
-        the metrics now; the worker's loop counts a batch at once)."""
+    def _deliver(self, ev: Event, attempt: int, raise_errors: bool = False, count: bool = True) -> bool | None:
+        """Hand one event to the plugin: True when delivered, False when it failed (to be
+        retried), None when a sync failed (handed over all the same; counted as an error only).
+        `count`: count it delivered in the metrics now; the worker's loop counts a batch at once."""
         key, event, payload = ev.key, ev.event, ev.payload
         try:
             if event == "upsert":
@@ -365,7 +374,7 @@ class PluginWorker(QueueThread):
             if event == "sync":
                 # The initial state was handed over; the plugin's failure is its own.
                 self._synced()
-                return True
+                return None
             return False
         self.stats.delivered += 1
         if self.stats.failing:  # the key's text is made only to clear a failure (20k events at start)

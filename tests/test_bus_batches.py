@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
+
 from kpr import daemon, hookimpl
 from kpr.bus import Event, EventBus, KeyedQueue
 from kpr.daemon import Agent
@@ -152,20 +154,27 @@ def test_the_agent_is_ready_without_waiting_for_its_poll(tmp_path, monkeypatch) 
     assert any(m.startswith("READY=1") for m in sent)
 
 
-def test_a_worker_delivers_what_waits_as_one_batch_in_order_counted_per_kind() -> None:
-    """What waits in a worker's queue is taken at once (one hold of the lock, not one per
-    event), delivered in order and counted in the metrics once per kind."""
+def held_worker(on_event=None):
+    """A started one-plugin bus whose worker is held inside its first delivery (so what comes
+    next waits as one batch), its metrics counted into the list returned (or by on_event)."""
     from test_bus import make_bus
 
     counted: list[tuple] = []
     bus, recs = make_bus("a")
     bus._on_event = None
     worker = bus.workers["a"]
-    worker._on_event = lambda *a: counted.append(a)
+    worker._on_event = on_event or (lambda *a: counted.append(a))
     recs["a"].gate.clear()
     bus.start()
     bus.upsert(svc("first"))
-    assert recs["a"].entered.wait(10)  # the worker is inside the first delivery
+    assert recs["a"].entered.wait(10)
+    return bus, recs["a"], worker, counted
+
+
+def test_a_worker_delivers_what_waits_as_one_batch_in_order_counted_per_kind() -> None:
+    """What waits in a worker's queue is taken at once (one hold of the lock, not one per
+    event), delivered in order and counted in the metrics once per kind."""
+    bus, rec, worker, counted = held_worker()
     holds = []
     real_next = worker._next
     worker._next = lambda: holds.append(1) or real_next()  # type: ignore[method-assign]
@@ -174,9 +183,9 @@ def test_a_worker_delivers_what_waits_as_one_batch_in_order_counted_per_kind() -
     bus.delete(svc("s3").key)
     wait_for(lambda: len(worker._pending) == 50, what="the burst queued")
     assert worker.pending_count() == 50
-    recs["a"].gate.set()
+    rec.gate.set()
     assert bus.wait_idle(5)
-    assert recs["a"].order() == ["kpr_service_upsert:first@80"] + [
+    assert rec.order() == ["kpr_service_upsert:first@80"] + [
         "kpr_service_delete:default/s3" if i == 3 else f"kpr_service_upsert:s{i}@80" for i in range(50)
     ]  # (the delete took the waiting upsert's place)
     assert len(holds) <= 2  # the burst in one batch (and the wait that follows it)
@@ -203,5 +212,43 @@ def test_a_key_failed_before_a_node_change_is_not_retried_once_its_newer_state_i
     rec.gate.set()
     assert bus.wait_idle(5)
     assert bus.workers["p"].stats.errors == 1
+    # (its newer state followed in the batch: no retry was even scheduled, nor logged)
+    assert bus.workers["p"].stats.retries == 0
     assert rec.order() == ["kpr_service_upsert:first@80", "kpr_node_changed:10.0.0.2", "kpr_service_upsert:web@2"]
+    bus.stop()
+
+
+def test_a_failed_sync_in_a_batch_is_counted_as_an_error_only() -> None:
+    """A plugin whose kpr_sync_complete raises has the initial state all the same (no retry),
+    and the metrics count that delivery once, as failed."""
+    bus, rec, worker, counted = held_worker()
+    bus.upsert(svc("second"))
+    bus.sync_complete()
+    rec.fail_times[""] = 1  # the sync (it names no object)
+    rec.gate.set()
+    assert bus.wait_idle(5)
+    assert worker.stats.synced and worker.stats.errors == 1 and worker.stats.retries == 0
+    assert [c for c in counted if c[1] == "sync"] == [("a", "sync", False)]
+    bus.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # (the escape, on purpose)
+def test_what_escapes_a_batch_leaves_the_worker_not_busy_and_its_deliveries_counted() -> None:
+    """Should anything escape the batch loop (here the metrics' counter of a failure), the
+    deliveries before it are counted and the worker is not left busy for ever."""
+    counted: list[tuple] = []
+
+    def on_event(*a: object) -> None:
+        if a[2] is False:
+            raise RuntimeError("counter broke")
+        counted.append(a)
+
+    bus, rec, worker, _ = held_worker(on_event)
+    for name in ("a1", "a2", "bad", "a3"):
+        bus.upsert(svc(name))
+    rec.fail_times["default/bad"] = 1
+    rec.gate.set()
+    wait_for(lambda: not worker._thread.is_alive(), what="the worker's loop ended by the escape")
+    assert not worker._busy and worker._inflight == 0
+    assert ("a", "upsert", True, 2) in counted
     bus.stop()

@@ -172,10 +172,35 @@ class FeTable:
                 at = idx * LINE
                 cur = have[at + _KEY : at + _VAL + VAL_SIZE]
                 new = want.get(idx, empty)
-                if cur != new:
+                if cur != new or _U32.unpack_from(have, at + _SEQ)[0] & 1:  # (odd: a writer died mid-line)
                     self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:])
                     changed += 1
         log.info("event=fe_rebuilt entries=%d lines_written=%d unplaced=%d", len(want), changed, self.unplaced)
+
+    def verify(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """Compare the table with kpr_svc's `items` (the writer's periodic check): a line whose
+        value is not kpr_svc's, a line of a key kpr_svc lacks, a line left odd (a writer that
+        died mid-line), or a placed key with no line make the table rebuilt, as do tombstones
+        past an eighth of the lines (churn lengthens probe runs). Returns the lines that
+        disagreed."""
+        want = {k: v for k, v in items if k[_SLOT_AT : _SLOT_AT + 2] == b"\0\0"}
+        have = bytes(self.mem[: LINES * LINE])
+        wrong = tombs = lined = 0  # lined: lines of keys kpr_svc has, right or wrong
+        for at in range(0, LINES * LINE, LINE):
+            k = have[at + _KEY : at + _VAL]
+            if _empty(k):
+                continue
+            if k[_SLOT_AT : _SLOT_AT + 2] == b"\xff\xff":
+                tombs += 1
+                continue
+            v = want.get(k)
+            lined += v is not None
+            if _U32.unpack_from(have, at + _SEQ)[0] & 1 or v != have[at + _VAL : at + _VAL + VAL_SIZE]:
+                wrong += 1
+        wrong += max(0, len(want) - self.unplaced - lined)
+        if wrong or tombs > LINES // 8:
+            self.rebuild(want.items())
+        return wrong
 
 
 def _ours(m: M.BpfMap) -> bool:

@@ -362,6 +362,9 @@ class ReconcileMixin:
             self._require_open()
             self.checks += 1
             n = self._repair()
+            fe = getattr(self.maps["kpr_svc"], "fe", None)  # kpr_fe, when the writer keeps it (kpr.servicemaps.fetable)
+            if fe is not None:
+                n += fe.verify(self.maps["kpr_svc"].items())
             if self._legacy and self._initial is None:
                 # the initial state has been written and a check period passed since: every
                 # plugin runs programs that read kpr_slots (README: upgrading)

@@ -242,3 +242,34 @@ def test_a_cpu_without_x86s_memory_order_keeps_no_copy(kernel_headers: Path, pin
         w.upsert(svc("a", "10.96.6.1", 53))
         assert "fe" not in vars(w.maps["kpr_svc"])
     assert not (pin_dir / F.FE_MAP).exists()
+
+
+def test_the_periodic_check_repairs_a_line_that_disagrees_with_kpr_svc(
+    setup: tuple[FeProgram, ServiceMapWriter, Path],
+) -> None:
+    p, w, pin = setup
+    w.upsert(svc("a", "10.96.7.1", 53))
+    w.upsert(svc("b", "10.96.7.2", 53))
+    ka, kb = svc_key("10.96.7.1", 53), svc_key("10.96.7.2", 53)
+    items = kpr_svc_items(pin)
+    rev_a = M.SVC_VAL.unpack(items[ka])[3]
+    assert w.check() == 0
+    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
+    ia, _ = fe_line(pin, ka) or (None, b"")
+    ib, _ = fe_line(pin, kb) or (None, b"")
+    assert ia is not None and ib is not None
+    # by hand: a's line gets another value (a whole, even line), b's line is left odd
+    stale = bytearray(items[ka])
+    struct.pack_into("=I", stale, 8, 4343)  # rev_nat
+    fe._write(ia, ka, bytes(stale))
+    seq = struct.unpack_from("=I", fe.mem, ib * F.LINE)[0]
+    struct.pack_into("=I", fe.mem, ib * F.LINE, seq + 1)
+    assert p.lookup("10.96.7.1", 53) == (FROM_FE, 4343)
+    assert w.check() == 2
+    assert p.lookup("10.96.7.1", 53) == (FROM_FE, rev_a)
+    assert p.lookup("10.96.7.2", 53)[0] == FROM_FE
+    assert w.check() == 0
+    fe.drop(ka)  # a's line gone by hand: found in kpr_svc until the check puts it back
+    assert p.lookup("10.96.7.1", 53) == (FROM_SVC, rev_a)
+    assert w.check() == 1
+    assert p.lookup("10.96.7.1", 53) == (FROM_FE, rev_a)

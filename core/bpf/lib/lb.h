@@ -63,6 +63,7 @@ static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr
 		if (!l)
 			return 0;
 		seq = *(volatile __u32 *)&l->seq;
+		asm volatile("" ::: "memory"); // the word before the key and value (clang may move plain loads above a volatile one)
 		b = (const __u64 *)&l->key;
 		if (a[0] == b[0] && a[1] == b[1] && a[2] == b[2]) {
 			if (seq & 1)

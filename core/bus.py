@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 _SYNC = ("__sync__",)
 _NODE = ("__node__",)
 _PODS = ("__pods__",)
-# Backend identities the writer moves per hold of its lock before the settle (a change that
-# comes meanwhile waits for one chunk, not all of them).
-_COMPACT_CHUNK = 16384
 
 # The hook each event is delivered through.
 HOOKS = {
@@ -475,10 +472,12 @@ class EventBus:
         # The writer's new backend identities (the whole initial sync's) go into its compact
         # table first: what they leave behind is then given back by the settle below, not
         # left scattered in the heap by the checker thread's move after it.
-        compact = getattr(self.stage.writer, "compact_ids", None) if self.stage is not None else None
+        # (in the writer's chunks: a change that comes meanwhile waits for one chunk, not all)
+        writer = self.stage.writer if self.stage is not None else None
+        compact = getattr(writer, "compact_ids", None)
         if compact is not None:
             try:
-                compact(_COMPACT_CHUNK)
+                compact(getattr(writer, "COMPACT_CHUNK", None))
             except Exception:  # noqa: BLE001 - the checker thread's move tries again
                 log.exception("event=bus_compact_ids_failed")
         memory.settle()

@@ -19,16 +19,18 @@ log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, a
 # Seconds from a change of the desired state to the next try of a failed initial sync.
 _RETRY_ON_CHANGE = 2.0
 # New backend identities waiting in KeyIds's dict before they are moved into its table
-# (compact_ids), seconds the checker thread waits first (what follows the initial sync, the
-# plugins' initial state and ready, is not held up by it), and entries moved per hold of the
-# lock (a change that comes meanwhile waits for one chunk, not all of them).
+# (compact_ids), and seconds the checker thread waits first (what follows the initial sync, the
+# plugins' initial state and ready, is not held up by it).
 _COMPACT_MIN = 1024
 _COMPACT_DELAY = 0.5
-_COMPACT_CHUNK = 16384
 
 
 class HooksMixin:
     """ServiceMapWriter as the writer stage and a facility (state: see ServiceMapWriter.__init__)."""
+
+    # Entries compact_ids moves per hold of the lock when asked in chunks (the checker thread;
+    # the bus before its memory settle): a change that comes meanwhile waits for one chunk.
+    COMPACT_CHUNK = 16384
 
     # Called (from whichever thread wrote it) once the initial state is in the maps; the
     # writer stage sets it to learn that a retried initial sync succeeded.
@@ -74,7 +76,7 @@ class HooksMixin:
                     next_check = now + interval
                     self.check()
                 if self._compact_at is not None and now >= self._compact_at:
-                    self.compact_ids(_COMPACT_CHUNK)
+                    self.compact_ids(self.COMPACT_CHUNK)
             except Exception:  # noqa: BLE001 - logged; the next round tries again
                 log.exception("event=servicemaps_check_failed")
 

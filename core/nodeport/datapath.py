@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kpr.bpf import abi
+from kpr.bpf import abi, kernctx
 from kpr.bpf import maps as M
 from kpr.bpf.inline import BPF_DIR
 from kpr.netdevs import DevKind
@@ -253,6 +253,7 @@ class Datapath:
             f"-DKPR_SNAT_PORT_MIN={self.snat_ports[0]}",
             f"-DKPR_SNAT_PORT_MAX={self.snat_ports[1]}",
             f'-DKPR_NP_CALLS_PIN="{self.calls_pin}"',
+            *kernctx.cflags(),  # tc: the skb's checksum state (XDP builds ignore them)
             *self.extra_cflags,
         ]
 

@@ -31,6 +31,7 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from kpr.bpf import kernctx
 from kpr.bpf import maps as M
 from kpr.bpf.cleanup import scratch_pin_dir
 from kpr.bpf.inline import inline_includes
@@ -471,6 +472,42 @@ def _scapy_checksums(out: Ether) -> None:
         again[IP].chksum, (again[TCP] if TCP in again else again[UDP]).chksum), out.summary()
 
 
+def _one_pass_cases(lab: Lab, dp: Any, port: int) -> None:
+    """A new SNAT flow's first packets and their one-pass successors from the cache (TCP, TCP
+    with IP options, UDP, UDP with checksum 0 kept), through `dp`'s entry program: the outputs
+    carry the checksums scapy computes."""
+    seen: dict[str, int] = {}
+
+    def snat(key: str, zero: bool = False) -> Any:
+        check = _snat_check(REM4, 8080, seen, key)
+
+        def run(out: Ether) -> None:
+            check(out)
+            _scapy_checksums(out)
+            if zero:
+                assert out[UDP].chksum == 0, f"UDP checksum 0 became 0x{out[UDP].chksum:04x}"
+        return run
+
+    cached = lab.stats()["fwd_nh_cached"]
+    cases = [
+        Case("TCP SYN, new SNAT flow", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("tcp")),
+        Case("its ACK: one pass", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80, flags="A"), TC_ACT_REDIRECT, snat("tcp")),
+        Case("established TCP with IP options", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80, flags="PA",
+             options=[IPOption(b"\x94\x04\x00\x00")]), TC_ACT_REDIRECT, snat("tcp")),
+        Case("UDP, new flow", udp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("udp")),
+        Case("UDP, one pass", udp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("udp")),
+        Case("UDP with checksum 0, new flow", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, port + 10, 80)),
+             TC_ACT_REDIRECT, snat("udp0", zero=True)),
+        Case("UDP with checksum 0, one pass", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, port + 10, 80)),
+             TC_ACT_REDIRECT, snat("udp0", zero=True)),
+    ]
+    for c in cases:
+        c.ctx = lab.ctx
+    with in_netns(lab.topo["lb"].path):
+        run_cases(dp.fd(D.INGRESS), cases, kind="tc")
+    assert lab.stats()["fwd_nh_cached"] >= cached + 4, "the established packets took the cached next hop"
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["KPR_CSUM_IP_DIRECT=1", "KPR_CSUM_IP_DIRECT=0"])
 def test_the_one_pass_rewrite_patches_the_ip_checksum_in_place(lab: Lab, direct: bool) -> None:
     """KPR_CSUM_IP_DIRECT: tc patches every IPv4 header checksum through the packet pointer
@@ -487,39 +524,34 @@ def test_the_one_pass_rewrite_patches_the_ip_checksum_in_place(lab: Lab, direct:
             assert not any(calls.values()), f"bpf_l3_csum_replace calls left: {calls}"
         else:
             assert calls[D.INGRESS] and calls[D.EGRESS], calls
-        seen: dict[str, int] = {}
-        port = 40801 if direct else 40802  # a flow per build
-
-        def snat(key: str, zero: bool = False) -> Any:
-            check = _snat_check(REM4, 8080, seen, key)
-
-            def run(out: Ether) -> None:
-                check(out)
-                _scapy_checksums(out)
-                if zero:
-                    assert out[UDP].chksum == 0, f"UDP checksum 0 became 0x{out[UDP].chksum:04x}"
-            return run
-
-        cached = lab.stats()["fwd_nh_cached"]
-        cases = [
-            Case("TCP SYN, new SNAT flow", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("tcp")),
-            Case("its ACK: one pass", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80, flags="A"), TC_ACT_REDIRECT, snat("tcp")),
-            Case("established TCP with IP options", tcp4(lab, CLIENT4, VIP_REMOTE, port, 80, flags="PA",
-                 options=[IPOption(b"\x94\x04\x00\x00")]), TC_ACT_REDIRECT, snat("tcp")),
-            Case("UDP, new flow", udp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("udp")),
-            Case("UDP, one pass", udp4(lab, CLIENT4, VIP_REMOTE, port, 80), TC_ACT_REDIRECT, snat("udp")),
-            Case("UDP with checksum 0, new flow", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, port + 10, 80)),
-                 TC_ACT_REDIRECT, snat("udp0", zero=True)),
-            Case("UDP with checksum 0, one pass", zero_udp(udp4(lab, CLIENT4, VIP_REMOTE, port + 10, 80)),
-                 TC_ACT_REDIRECT, snat("udp0", zero=True)),
-        ]
-        for c in cases:
-            c.ctx = lab.ctx
-        with in_netns(lab.topo["lb"].path):
-            run_cases(dp.fd(D.INGRESS), cases, kind="tc")
-        assert lab.stats()["fwd_nh_cached"] >= cached + 4, "the established packets took the cached next hop"
+        _one_pass_cases(lab, dp, 40801 if direct else 40802)  # a flow per build
     finally:
         off.close()
+
+
+def _kfunc_calls(bpf: Any, prog: str) -> int:
+    """Kernel function calls (BPF_PSEUDO_KFUNC_CALL) in a program's instructions as loaded."""
+    code = bpf.dump_func(prog.encode())
+    return sum(code[i] == 0x85 and code[i + 1] >> 4 == 2 for i in range(0, len(code), 8))
+
+
+@pytest.mark.parametrize("build", ["state read", "state inferred", "two calls"])
+def test_the_one_pass_rewrite_patches_the_l4_checksum_as_the_helper_does(lab: Lab, build: str) -> None:
+    """The L4 checksum of the one-pass DNAT+SNAT (lib/csum.h kpr_csum_l4_diff2): patched in
+    place when the entry program read the skb's state as not offloaded (ctx_csum_state, the
+    default build on a kernel with BTF: test_run's skbs are CHECKSUM_NONE), the ports' part in
+    place after one helper call when inferred from that call's result (a build without the
+    kernel's offsets), two helper calls without either (KPR_CSUM_L4_INFER=0). Every build's
+    outputs carry scapy's checksums (_one_pass_cases)."""
+    flags = {"state read": [], "state inferred": ["-UKPR_SKB_KERN_CTX_FN"],
+             "two calls": ["-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0"]}[build]
+    dp = D.Datapath(lab.pin, mode="snat", extra_cflags=flags).load() if flags else lab.dp
+    try:
+        assert bool(_kfunc_calls(dp.bpf, D.INGRESS)) == (build == "state read" and bool(kernctx.cflags()))
+        _one_pass_cases(lab, dp, {"state read": 40811, "state inferred": 40812, "two calls": 40813}[build])
+    finally:
+        if flags:
+            dp.close()
 
 
 def test_one_field_rewrites_patch_the_ip_checksum_in_place_as_the_helper_does(lab: Lab) -> None:

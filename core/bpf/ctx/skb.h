@@ -60,6 +60,39 @@ static __always_inline __u32 ctx_ifindex(kpr_ctx_t *ctx) { return ctx->ifindex; 
 // The segment size of a GSO packet (the kernel splits it after the program), 0 for one packet.
 static __always_inline __u32 ctx_gso_size(kpr_ctx_t *ctx) { return ctx->gso_size; }
 
+/* The skb's checksum state as CTX_CSUM_* (ip_summed + 1), 0 when the build does not know where
+ * ip_summed is (the loader passes KPR_SKB_KERN_CTX_FN and KPR_SKB_IP_SUMMED_* from the kernel's
+ * BTF: kpr.bpf.kernctx). struct __sk_buff has no such field: the kfunc bpf_cast_to_kern_ctx
+ * (which the verifier turns into a register move) gives the struct sk_buff to read it from.
+ * The call is written as its instruction (bcc cannot call kfuncs), without the clobbers a call
+ * has (bcc's front end parses asm for the host, which has no registers r0..r5), and the
+ * verifier takes r1-r5 away after it: so the context goes through the stack around it (*ctx
+ * is the caller's variable, reloaded), and it belongs first in a program, where nothing else is
+ * live (a value the compiler kept in r1-r5 fails the load, "!read_ok", never silently). */
+#define CTX_CSUM_UNKNOWN 0
+#define CTX_CSUM_NONE 1        // CHECKSUM_NONE + 1
+#define CTX_CSUM_UNNECESSARY 2 // CHECKSUM_UNNECESSARY + 1
+#define CTX_CSUM_COMPLETE 3    // CHECKSUM_COMPLETE + 1
+#define CTX_CSUM_PARTIAL 4     // CHECKSUM_PARTIAL + 1
+static __always_inline __u8 ctx_csum_state(kpr_ctx_t **ctx)
+{
+#if defined(KPR_SKB_KERN_CTX_FN) && defined(KPR_SKB_IP_SUMMED_OFF) && defined(KPR_SKB_IP_SUMMED_SHIFT)
+	volatile __u64 keep = (__u64)*ctx;
+	__u64 v = keep;
+
+	asm volatile("r1 = %[v]\n\t"
+		     ".byte 0x85, 0x20, 0x00, 0x00\n\t" // call, src_reg BPF_PSEUDO_KFUNC_CALL, off 0 (vmlinux)
+		     ".long %[fn]\n\t"                  // imm: the kfunc's BTF id
+		     "%[v] = *(u8 *)(r0 + %[off])"
+		     : [v] "+r"(v)
+		     : [fn] "i"(KPR_SKB_KERN_CTX_FN), [off] "i"(KPR_SKB_IP_SUMMED_OFF));
+	*ctx = (kpr_ctx_t *)keep;
+	return ((v >> KPR_SKB_IP_SUMMED_SHIFT) & 3) + 1;
+#else
+	return CTX_CSUM_UNKNOWN;
+#endif
+}
+
 // Pointer to `size` bytes at `off` from the start of the packet, or NULL when they are not in
 // the linear data. Re-derive pointers with it after any helper that may move packet data.
 static __always_inline void *ctx_ptr(kpr_ctx_t *ctx, __u32 off, __u32 size)

@@ -55,6 +55,10 @@ static __always_inline __u32 ctx_ifindex(kpr_ctx_t *ctx) { return ctx->ingress_i
 // XDP frames are single packets (ctx/skb.h: a GSO packet's segment size).
 static __always_inline __u32 ctx_gso_size(kpr_ctx_t *ctx) { return 0; }
 
+// Frames carry complete checksums, patched in place (ctx/skb.h: the skb's checksum state).
+#define CTX_CSUM_UNKNOWN 0
+static __always_inline __u8 ctx_csum_state(kpr_ctx_t **ctx) { return CTX_CSUM_UNKNOWN; }
+
 // Pointer to `size` bytes at `off` from the start of the frame, or NULL when beyond its end.
 // Re-derive pointers with it after any helper that may move frame data.
 static __always_inline void *ctx_ptr(kpr_ctx_t *ctx, __u32 off, __u32 size)

@@ -89,15 +89,65 @@ static __always_inline int kpr_csum_l3_diff(kpr_ctx_t *ctx, __u32 off, __u32 dif
 #endif
 }
 
-// The L4 checksum at `off`, for changed fields summing to `diff`. tc: the pseudo-header fields
-// (addresses, KPR_CSUM_PSEUDO) and the others (ports) need a call each, for CHECKSUM_PARTIAL
-// packets whose field holds the pseudo header's sum only.
-static __always_inline int kpr_csum_l4_diff(kpr_ctx_t *ctx, __u32 off, __u32 diff, __u64 flags)
+#ifndef KPR_CSUM_L4_INFER
+/* 1: tc patches an L4 checksum for changed pseudo-header fields and changed L4 fields
+ * (kpr_csum_l4_diff2: NAT of addresses and ports) with one bpf_l4_csum_replace call, the
+ * pseudo-header one, and the ports' part in place when that call's result shows the packet
+ * is not CHECKSUM_PARTIAL; 0: two calls. */
+#define KPR_CSUM_L4_INFER 1
+#endif
+
+/* The L4 checksum at `off` for changed pseudo-header fields summing to `pdiff` (addresses) and
+ * changed L4 header fields summing to `diff` (ports); `flags` without KPR_CSUM_PSEUDO.
+ * tc: the helper must patch the addresses' part (a CHECKSUM_COMPLETE packet's skb->csum changes
+ * with it), and the ports' part only applies to a packet that is not CHECKSUM_PARTIAL (whose
+ * field holds the pseudo header's sum, the device adding the rest), which struct __sk_buff
+ * does not tell. The first call's result does: it leaves ~fold(~old + pdiff) in the field of a
+ * packet that is not CHECKSUM_PARTIAL and fold(old + pdiff) in that of one that is
+ * (inet_proto_csum_replace_by_diff), two values that differ unless pdiff sums to zero. So the
+ * ports' part is patched in place, as the helper would, when the field shows the first; is left
+ * out on the second; and goes through the helper when the field cannot tell (or is neither). */
+static __always_inline int kpr_csum_l4_diff2(kpr_ctx_t *ctx, __u32 off, __u32 pdiff, __u32 diff, __u64 flags,
+					     __u8 state)
 {
 #ifdef KPR_CTX_SKB
+	// known not offloaded (ctx_csum_state): the field is the whole checksum and skb->csum unused
+	if (state == CTX_CSUM_NONE || state == CTX_CSUM_UNNECESSARY)
+		return kpr_csum_patch_diff(ctx, off, kpr_csum_add(pdiff, diff), flags);
+#endif
+#if defined(KPR_CTX_SKB) && KPR_CSUM_L4_INFER
+	__u16 *sum = ctx_ptr(ctx, off, sizeof(*sum));
+	__u16 old, whole, partial;
+
+	if (!sum)
+		return KPR_E_CSUM;
+	old = *sum;
+	if (bpf_l4_csum_replace(ctx, off, 0, pdiff, flags | KPR_CSUM_PSEUDO))
+		return KPR_E_CSUM;
+	if ((flags & KPR_CSUM_UDP) && old == 0)
+		return 0; // UDP without a checksum: the helper kept the 0, and so do the ports
+	whole = kpr_csum_fold(kpr_csum_add(~(__u32)old, pdiff));
+	partial = ~kpr_csum_fold(kpr_csum_add(old, pdiff));
+	if (flags & KPR_CSUM_UDP) { // the helper's mangled zero
+		whole = whole ? whole : 0xffff;
+		partial = partial ? partial : 0xffff;
+	}
+	sum = ctx_ptr(ctx, off, sizeof(*sum));
+	if (!sum)
+		return KPR_E_CSUM;
+	if (whole != partial) {
+		if (*sum == whole)
+			return kpr_csum_patch_diff(ctx, off, diff, flags);
+		if (*sum == partial)
+			return 0;
+	}
+	return bpf_l4_csum_replace(ctx, off, 0, diff, flags);
+#elif defined(KPR_CTX_SKB)
+	if (bpf_l4_csum_replace(ctx, off, 0, pdiff, flags | KPR_CSUM_PSEUDO))
+		return KPR_E_CSUM;
 	return bpf_l4_csum_replace(ctx, off, 0, diff, flags);
 #else
-	return kpr_csum_patch_diff(ctx, off, diff, flags);
+	return kpr_csum_patch_diff(ctx, off, kpr_csum_add(pdiff, diff), flags);
 #endif
 }
 
@@ -117,11 +167,7 @@ static __always_inline __u32 kpr_csum_diff2(__u16 from, __u16 to)
 // header's too (ICMP errors): bpf_l3_csum_replace leaves skb->csum alone there as well.
 static __always_inline int kpr_csum_l3_replace4(kpr_ctx_t *ctx, __u32 off, __be32 from, __be32 to)
 {
-#if defined(KPR_CTX_SKB) && !KPR_CSUM_IP_DIRECT
-	return bpf_l3_csum_replace(ctx, off, from, to, 4);
-#else
-	return kpr_csum_patch_diff(ctx, off, kpr_csum_diff4(from, to), 0);
-#endif
+	return kpr_csum_l3_diff(ctx, off, kpr_csum_diff4(from, to));
 }
 
 // The L4 checksum at `off`, for a changed 4-byte field (an IPv4 address: pass KPR_CSUM_PSEUDO).

@@ -707,6 +707,16 @@ static __always_inline const union kpr_addr *kpr_np_snat_addr(__u32 ifindex, __u
 
 /* --- next hops cached per backend --------------------------------------------------------- */
 
+/* Whether a cached next hop keeps the route's MTU. tc: a lookup without tot_len reports the
+ * egress device's (bpf_skb_fib_lookup); it is checked from the cache, and an entry without it
+ * (XDP's) is written again with it. XDP: its lookup reports none, and it takes an entry whatever
+ * MTU it holds (no rewrite of tc's entries). */
+#ifdef KPR_CTX_SKB
+#define KPR_NP_NH_MTU 1
+#else
+#define KPR_NP_NH_MTU 0
+#endif
+
 /* The backend's cached next hop when it is current and the packet (its L3 header at l3_off)
  * fits the route's MTU, else NULL: a packet too big takes the FIB lookup, whose FRAG_NEEDED
  * hands it to the stack for the ICMP error path MTU discovery needs. */
@@ -724,7 +734,7 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 	// no clock read here: the agent also bumps the generation every few seconds (a lost event)
 	if (!e || e->gen != g->gen || !kpr_addr_eq(&e->addr, addr))
 		return (void *)0;
-#ifdef KPR_CTX_SKB
+#if KPR_NP_NH_MTU
 	// mtu 0: cached by XDP, whose lookup reports none: looked up here and cached with it.
 	// A GSO packet's segments are the kernel's to fit; the slack is the one a VLAN tag gets
 	// in the FIB lookup's own check (is_skb_forwardable).
@@ -742,16 +752,6 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 	return (void *)0;
 #endif
 }
-
-/* Whether a cached next hop keeps the route's MTU. tc: a lookup without tot_len reports the
- * egress device's (bpf_skb_fib_lookup); it is checked from the cache, and an entry without it
- * (XDP's) is written again with it. XDP: its lookup reports none, and it takes an entry whatever
- * MTU it holds (no rewrite of tc's entries). */
-#ifdef KPR_CTX_SKB
-#define KPR_NP_NH_MTU 1
-#else
-#define KPR_NP_NH_MTU 0
-#endif
 
 /* Cache a successful FIB lookup `p` for the backend: what kpr_np_forward does with it, a
  * redirect with the route's MACs, when the device is one it knows (XDP: kpr_np_xdp_sendable
@@ -858,7 +858,9 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	// An established flow whose backend's next hop is cached: a path of its own to the end
 	// (sharing the rest with the lookup's path would have the verifier walk every rewrite
 	// once with the cache's pointer and once without: past its limit in the XDP build).
-	nh = st->nat_port || st->created ? kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr) : (void *)0;
+	// (a new flow's only with KPR_NP_NEW_NH: without it, it always takes the lookup below)
+	nh = st->nat_port || (KPR_NP_NEW_NH && st->created) ? kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr)
+							     : (void *)0;
 	if (nh) {
 #if KPR_NP_NEW_NH
 		if (!st->nat_port) {
@@ -888,9 +890,6 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 				kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt.t, st->rev_nat, st->backend_id, be);
 			}
 		}
-#else
-		if (!st->nat_port)
-			goto lookup;
 #endif
 		KPR_NP_STOP(5);
 		if (kpr_nat_dnat_snat(ctx, &pkt, &be->addr, be->port, &st->nat_addr, st->nat_port)) {
@@ -900,9 +899,6 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		KPR_NP_STOP(6);
 		return kpr_np_nh_send(ctx, nh);
 	}
-#if !KPR_NP_NEW_NH
-lookup:
-#endif
 #endif
 	rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, 0);
 	KPR_NP_STOP(5);
@@ -1035,12 +1031,10 @@ static __always_inline int kpr_np_stage_dsr(kpr_ctx_t *ctx)
 	fport = pkt.t.dport;
 	extra = pkt.t.family == KPR_FAMILY_V4 ? KPR_DSR_OPT4_LEN : KPR_DSR_OPT6_LEN;
 	l3len = ctx_len(ctx) - pkt.l3_off + extra;
-#ifdef KPR_CTX_SKB
 	// A GSO packet is checked per segment by the kernel (and adjust_room shrinks its segments
 	// by the header it adds): only a single packet is held against the route's MTU here.
 	if (ctx_gso_size(ctx))
 		l3len = 0;
-#endif
 	rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &be->addr, (__u16)l3len);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		// tell the client the path MTU less the DSR header: it then sends packets that fit
@@ -1478,36 +1472,25 @@ static __always_inline int kpr_np_l4_whole(kpr_ctx_t *ctx, __u32 off, __u8 proto
 /* *pkt as kpr_parse fills it, for a frame kpr_np_early found plain (no VLAN tag, IPv4 without
  * options or fragmentation or IPv6 without extension headers, the whole TCP/UDP header there),
  * from what it read (`t`: destination, its port, protocol, family) and the rest of the headers
- * (the ports by kpr_parse's own kpr_parse_tcp/udp). Only a service's packet gets here: the fast
- * exit writes nothing. 0, or -1 (never, the frame being as checked). */
-static __always_inline int kpr_np_early_fill(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const struct kpr_tuple *t)
+ * (the ports by kpr_parse's own kpr_parse_tcp/udp; the source from its IP header at `l3`, still
+ * valid: no helper ran since). Only a service's packet gets here: the fast exit writes nothing.
+ * 0, or -1 (never, the frame being as checked). */
+static __always_inline int kpr_np_early_fill(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const struct kpr_tuple *t,
+					     const void *l3)
 {
-	__u32 l4_off;
-
 	pkt->t.daddr = t->daddr;
-	if (t->family == KPR_FAMILY_V4) {
-		struct iphdr *ip = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(*ip));
-
-		if (!ip)
-			return -1;
-		kpr_addr_set_v4(&pkt->t.saddr, ip->saddr);
-		l4_off = sizeof(struct ethhdr) + sizeof(struct iphdr);
-	} else {
-		struct ipv6hdr *ip6 = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(*ip6));
-
-		if (!ip6)
-			return -1;
-		kpr_addr_set_v6(&pkt->t.saddr, ip6->saddr.in6_u.u6_addr32);
-		l4_off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
-	}
+	if (t->family == KPR_FAMILY_V4)
+		kpr_addr_set_v4(&pkt->t.saddr, ((const struct iphdr *)l3)->saddr);
+	else
+		kpr_addr_set_v6(&pkt->t.saddr, ((const struct ipv6hdr *)l3)->saddr.in6_u.u6_addr32);
 	pkt->t.proto = t->proto;
 	pkt->t.family = t->family;
 	pkt->t.tcp_flags = 0;
 	pkt->t.pad = 0;
 	pkt->l3_off = sizeof(struct ethhdr);
-	pkt->l4_off = l4_off;
+	pkt->l4_off = sizeof(struct ethhdr) + (t->family == KPR_FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr));
 	pkt->frag = 0;
-	pkt->pad = 0;
+	pkt->csum_state = CTX_CSUM_UNKNOWN;
 	if (t->proto == IPPROTO_TCP)
 		return kpr_parse_tcp(ctx, pkt) == KPR_PARSE_OK ? 0 : -1;
 	return kpr_parse_udp(ctx, pkt) == KPR_PARSE_OK ? 0 : -1;
@@ -1526,6 +1509,7 @@ static __always_inline int kpr_np_early_fill(kpr_ctx_t *ctx, struct kpr_pkt *pkt
 static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
 	struct ethhdr *eth = ctx_ptr(ctx, 0, sizeof(struct ethhdr) + sizeof(struct iphdr) + 4);
+	const void *l3;
 	struct kpr_tuple t;
 
 	if (!eth)
@@ -1545,6 +1529,7 @@ static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		t.proto = ip->protocol;
 		t.family = KPR_FAMILY_V4;
 		kpr_addr_set_v4(&t.daddr, ip->daddr);
+		l3 = ip;
 	} else if (eth->h_proto == kpr_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(struct ipv6hdr) + 4);
 
@@ -1557,13 +1542,14 @@ static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		t.proto = ip6->nexthdr;
 		t.family = KPR_FAMILY_V6;
 		kpr_addr_set_v6(&t.daddr, ip6->daddr.in6_u.u6_addr32);
+		l3 = ip6;
 	} else {
 		return KPR_NP_EARLY_FULL;
 	}
 	if (kpr_np_snat_port(&t))
 		return KPR_NP_EARLY_FULL;
 	if (kpr_np_port_served(&t))
-		return KPR_NP_EARLY_PARSE && !kpr_np_early_fill(ctx, pkt, &t) ? KPR_NP_EARLY_LB : KPR_NP_EARLY_FULL;
+		return KPR_NP_EARLY_PARSE && !kpr_np_early_fill(ctx, pkt, &t, l3) ? KPR_NP_EARLY_LB : KPR_NP_EARLY_FULL;
 	// a set bit is an announced address, or another address's hash (one in five of them with
 	// 16000 announced): the exact lookup then, which the full path would do too
 	if (!kpr_np_maybe_vip(&t.daddr) || !kpr_np_vip.lookup(&t.daddr))
@@ -1620,6 +1606,7 @@ static __always_inline int kpr_np_from_parse(kpr_ctx_t *ctx, struct kpr_pkt *pkt
 // A packet arriving on an external device.
 static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 {
+	__u8 csum_state = ctx_csum_state(&ctx); // first: see there
 	struct kpr_pkt pkt;
 	int ret = KPR_NP_TO_LB;
 
@@ -1639,6 +1626,7 @@ static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 #endif
 	if (ret != KPR_NP_TO_LB)
 		return ret;
+	pkt.csum_state = csum_state;
 	return kpr_np_lb(ctx, &pkt);
 }
 

@@ -40,7 +40,7 @@ struct kpr_pkt {
 	__u16 l4_off;       // offset of the L4 header; 0 when absent (non-first fragment, unknown L4)
 	__u16 csum_off;     // offset of the L4 checksum field; 0 when none (SCTP uses CRC32c, fragments)
 	__u8 frag;          // 1: a fragment; non-first ones carry no ports
-	__u8 pad;           // zero
+	__u8 csum_state;    // CTX_CSUM_* when the entry program read it (ctx_csum_state), else 0: unknown
 };
 
 // 802.1Q/802.1ad tag as it sits in the frame.

@@ -108,9 +108,9 @@ static __always_inline int kpr_nat_rewrite_port(kpr_ctx_t *ctx, struct kpr_pkt *
 
 /* Both addresses and both ports of an IPv4 TCP/UDP packet at once (a port of 0 is kept): the
  * four fields written through one pointer each, then each checksum patched once with the
- * summed differences (tc: the IP header's, the L4 one for the addresses, the L4 one for the
- * ports: three helper calls where a field at a time takes six). The caller checks family and
- * protocol (kpr_nat_dnat_snat). */
+ * summed differences (tc: the IP header's in place; the L4 one in place for a packet whose
+ * state the entry program read as not offloaded, else with one or two helper calls:
+ * kpr_csum_l4_diff2). The caller checks family and protocol (kpr_nat_dnat_snat). */
 static __always_inline int kpr_nat_rewrite4_both(kpr_ctx_t *ctx, struct kpr_pkt *pkt, __be32 saddr, __be16 sport,
 						 __be32 daddr, __be16 dport)
 {
@@ -139,14 +139,8 @@ static __always_inline int kpr_nat_rewrite4_both(kpr_ctx_t *ctx, struct kpr_pkt 
 	pdiff = kpr_csum_add(kpr_csum_diff2(osp, sport), kpr_csum_diff2(odp, dport));
 	if (kpr_csum_l3_diff(ctx, pkt->l3_off + offsetof(struct iphdr, check), adiff))
 		return KPR_E_NAT_PKT;
-#ifdef KPR_CTX_SKB
-	if (kpr_csum_l4_diff(ctx, pkt->csum_off, adiff, KPR_CSUM_PSEUDO | udp) ||
-	    kpr_csum_l4_diff(ctx, pkt->csum_off, pdiff, udp))
+	if (kpr_csum_l4_diff2(ctx, pkt->csum_off, adiff, pdiff, udp, pkt->csum_state))
 		return KPR_E_NAT_PKT;
-#else
-	if (kpr_csum_l4_diff(ctx, pkt->csum_off, kpr_csum_add(adiff, pdiff), udp))
-		return KPR_E_NAT_PKT;
-#endif
 	pkt->t.saddr.w[3] = saddr;
 	pkt->t.daddr.w[3] = daddr;
 	pkt->t.sport = sport;

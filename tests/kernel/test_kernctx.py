@@ -1,0 +1,64 @@
+"""ctx/skb.h ctx_csum_state: a tc program reads the skb's ip_summed through the kfunc
+bpf_cast_to_kern_ctx, where kpr.bpf.kernctx found it in the running kernel's BTF.
+
+BPF_PROG_TEST_RUN builds CHECKSUM_NONE skbs: the state read must say so, and a build without
+the flags must say it does not know (the NodePort rewrite then infers it, lib/csum.h).
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+
+import pytest
+
+from kpr.bpf import kernctx
+from kpr.bpf.loader import compile_and_load, load_prog
+from kpr.testing.prog_run import test_run
+
+pytestmark = pytest.mark.skipif(not kernctx.cflags(), reason="no BTF, kfunc or ip_summed on this kernel")
+
+PROG = r"""
+#include "ctx/skb.h"
+
+int state(struct __sk_buff *ctx)
+{
+	__u8 s = ctx_csum_state(&ctx);
+
+	// the context still works after it (reloaded from the stack: see ctx_csum_state)
+	if (ctx_len(ctx) < 14 || !ctx_ptr(ctx, 0, 14))
+		return 100;
+	return s;
+}
+"""
+
+
+@pytest.mark.parametrize(("flags", "expect"), [
+    ((), 1),  # CTX_CSUM_NONE: what test_run's skb is
+    (("-UKPR_SKB_KERN_CTX_FN",), 0),  # CTX_CSUM_UNKNOWN: no kfunc id given
+], ids=["kernctx", "without"])
+def test_a_test_run_skb_reads_as_checksum_none(flags: tuple[str, ...], expect: int) -> None:
+    bpf = compile_and_load(PROG, cflags=[*kernctx.cflags(), *flags], name="<kernctx>")
+    try:
+        fn = load_prog(bpf, "state", "SCHED_CLS")
+        assert test_run(fn.fd, bytes(64)).retval == expect
+    finally:
+        bpf.cleanup()
+
+
+def test_the_offset_is_the_byte_the_verifier_reads_pkt_type_from() -> None:
+    """ip_summed shares its byte with pkt_type (struct sk_buff): the verifier's rewrite of
+    __sk_buff->pkt_type loads that byte, so the offset kernctx found must be the one it uses."""
+    bpf = compile_and_load('#include "ctx/skb.h"\nint pt(struct __sk_buff *ctx) { return ctx->pkt_type; }',
+                           name="<pkt_type>")
+    try:
+        fn = load_prog(bpf, "pt", "SCHED_CLS")
+        info = open(f"/proc/self/fdinfo/{fn.fd}").read()
+        prog_id = next(ln.split()[1] for ln in info.splitlines() if ln.startswith("prog_id"))
+        raw = subprocess.run(["bpftool", "prog", "dump", "xlated", "id", prog_id, "file", "/dev/stdout"],
+                             capture_output=True, check=True).stdout
+    finally:
+        bpf.cleanup()
+    op, regs, off, _imm = struct.unpack_from("<BBhi", raw, 0)
+    assert op == 0x71 and regs >> 4 == 1, "the first instruction loads a byte of the context"  # BPF_LDX|BPF_MEM|BPF_B
+    assert f"-DKPR_SKB_IP_SUMMED_OFF={off}" in kernctx.cflags()

@@ -364,11 +364,11 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 # binary needed). A veth hands the peer CHECKSUM_PARTIAL packets; an XDP program that redirects
 # one loses that state, so the receiver would see the bare pseudo-header sum. Senders on real
 # wires always send full checksums: the test's senders do too.
-NO_TX_CSUM = r"""
+TX_CSUM = r"""
 import ctypes, fcntl, socket, struct, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for dev in sys.argv[1:]:
-    buf = ctypes.create_string_buffer(struct.pack("II", 0x17, 0), 8)  # ETHTOOL_STXCSUM, off
+for dev in sys.argv[2:]:
+    buf = ctypes.create_string_buffer(struct.pack("II", 0x17, int(sys.argv[1])), 8)  # ETHTOOL_STXCSUM, 0 off / 1 on
     fcntl.ioctl(s, 0x8946, struct.pack("16sP", dev.encode(), ctypes.addressof(buf)))  # SIOCETHTOOL
 """
 
@@ -411,9 +411,11 @@ def peer_pass(topo: Topology, ns: str, dev: str) -> Iterator[None]:
         b.cleanup()
 
 
-def full_checksums(topo: Topology, *namespaces: str) -> None:
+def full_checksums(topo: Topology, *namespaces: str, on: bool = True) -> None:
+    """Each namespace's eth0 sends full checksums (transmit offload off), or with `on=False`
+    offloads them again (the default of a veth)."""
     for ns in namespaces:
-        topo.run(ns, [sys.executable, "-c", NO_TX_CSUM, "eth0"])
+        topo.run(ns, [sys.executable, "-c", TX_CSUM, "0" if on else "1", "eth0"])
 
 
 def start_xdp(h: PluginHarness, devices: tuple[str, ...] | None = None, **cfg: Any) -> Any:

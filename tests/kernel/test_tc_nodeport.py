@@ -39,6 +39,7 @@ from tc_nodeport_env import (
     build_topology,
     client,
     cluster,
+    full_checksums,
     loadbalancer,
     node_harness,
     nodeport,
@@ -126,6 +127,26 @@ def test_remote_backend_with_snat_sees_the_node_address(env: Cluster) -> None:
     assert _name_and_peer(client(env.topo, "udp", "203.0.113.10", 80, 2)) == [("p2a", N1)] * 2
     st = env.stats("node1")
     assert st["new_snat"] >= 5 and st["reply_snat"] >= 5, st
+
+
+def test_snat_leaves_offloaded_checksums_right_where_the_node_completes_them(env: Cluster) -> None:
+    # The client's packets reach node1 CHECKSUM_PARTIAL (veths offload): their L4 field holds the
+    # pseudo header's sum only, which the programs must patch for the addresses and not for the
+    # ports (lib/csum.h kpr_csum_l4_diff2). Veth deliveries trust such a field, so here node1
+    # sends with transmit offload off: the kernel completes each checksum from the field as the
+    # programs left it, and node2's pod and the client verify it (a wrong one is dropped).
+    env.apply(loadbalancer("lb-csum", "203.0.113.12", "p2a"))
+    env.apply(loadbalancer("lb-csum-udp", "203.0.113.12", "p2a", proto=UDP))
+    before = env.stats("node1")
+    full_checksums(env.topo, "node1")
+    try:
+        assert _name_and_peer(client(env.topo, "tcp", "203.0.113.12", 80, 3)) == [("p2a", N1)] * 3
+        assert _name_and_peer(client(env.topo, "udp", "203.0.113.12", 80, 2)) == [("p2a", N1)] * 2
+    finally:
+        full_checksums(env.topo, "node1", on=False)
+    st = env.stats("node1")
+    # new flows (the SNAT stage) and established packets (the entry program's rewrite) both ran
+    assert st["new_snat"] - before.get("new_snat", 0) >= 5 and st["established"] > before.get("established", 0), st
 
 
 def test_remote_backend_with_dsr_sees_the_client_and_answers_directly(env: Cluster) -> None:

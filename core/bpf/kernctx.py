@@ -2,7 +2,7 @@
 BTF pointer (the kfunc bpf_cast_to_kern_ctx, which the verifier turns into a register move) and
 where `ip_summed` sits in it. `struct __sk_buff` has no such field; with it a NAT rewrite of a
 packet whose checksum is not offloaded (CHECKSUM_NONE, CHECKSUM_UNNECESSARY) patches its L4
-checksum in place instead of calling bpf_l4_csum_replace (ctx/skb.h ctx_ip_summed, lib/csum.h).
+checksum in place instead of calling bpf_l4_csum_replace (ctx/skb.h ctx_csum_state, lib/csum.h).
 
 Both come from the running kernel's BTF (/sys/kernel/btf/vmlinux: type ids and offsets differ
 between kernel builds), read once per process. `cflags()` is empty when the kernel has no BTF,

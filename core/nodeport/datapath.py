@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kpr.bpf import abi, kernctx
+from kpr.servicemaps import fetable
 from kpr.bpf import maps as M
 from kpr.bpf.inline import BPF_DIR
 from kpr.netdevs import DevKind
@@ -243,6 +244,9 @@ class Datapath:
         self.bpf: Any = None
         self.progs: dict[str, Any] = {}
         self.maps: dict[str, M.BpfMap] = {}
+        # The tc entry reads the skb's checksum state through a kfunc (kpr.bpf.kernctx); off
+        # after a kernel refused that build (load(): the state is then inferred, lib/csum.h).
+        self.kernctx = True
 
     def cflags(self) -> list[str]:
         return M.cflags(self.pin, self.sizes, maglev_size=self.maglev_size) + [
@@ -253,7 +257,9 @@ class Datapath:
             f"-DKPR_SNAT_PORT_MIN={self.snat_ports[0]}",
             f"-DKPR_SNAT_PORT_MAX={self.snat_ports[1]}",
             f'-DKPR_NP_CALLS_PIN="{self.calls_pin}"',
-            *kernctx.cflags(),  # tc: the skb's checksum state (XDP builds ignore them)
+            *(kernctx.cflags() if self.kernctx else ()),  # tc: the skb's checksum state (XDP builds ignore them)
+            # no kpr_fe copy where the writer keeps none (kpr.servicemaps.fetable): no probe of an empty table
+            *(() if fetable.supported() else ("-DKPR_LB_FE=0",)),
             *self.extra_cflags,
         ]
 
@@ -272,9 +278,7 @@ class Datapath:
         # fresh array (__init__'s name), even for a build that runs already: stages of a new
         # compile read its own per-CPU state map, which the running entries never fill, so
         # they must never reach them (SYNs were lost that way until the entries switched).
-        fresh, self.calls_pin = self.calls_pin, self.CALLS_MAP
-        digest = builds.digest(text, self.cflags())
-        self.calls_pin = fresh
+        digest = self._digest(text)
         found = builds.adopt(self.pin, [digest], links_of) if links_of else None
         try:
             if found is not None:
@@ -288,10 +292,19 @@ class Datapath:
                             self.calls_pin = p.name
             else:
                 self.unpin_old_counters()
-                self.bpf = compile_and_load(text, cflags=self.cflags(), name=str(source))
-                self.build = "compiled"
-                for name in (*self.ENTRIES, *(c for c in self.CALLS if c)):
-                    self.progs[name] = load_prog(self.bpf, name, self.PROG_TYPE)
+                try:
+                    self._compile(text, source, compile_and_load, load_prog)
+                except Exception as e:
+                    if not (self.kernctx and kernctx.cflags()):
+                        raise
+                    # A kernel whose JIT cannot call kfuncs, or a compiler that kept a value
+                    # in r1-r5 across the call (ctx/skb.h ctx_csum_state): the same programs
+                    # without the read serve as well (each rewrite infers the state).
+                    log.warning("event=kernctx_fallback error=%r; the checksum state is inferred", str(e)[:300])
+                    self.kernctx = False
+                    self._drop_compiled()
+                    digest = self._digest(text)
+                    self._compile(text, source, compile_and_load, load_prog)
                 table = self.bpf[self.CALLS_MAP.encode()]
                 for i, name in enumerate(self.CALLS):
                     if name:
@@ -309,6 +322,28 @@ class Datapath:
             self.mode, self.conntrack_size, self.maglev_size, len(self.progs), self.build,
         )
         return self
+
+    def _digest(self, text: str) -> str:
+        """The build's digest: every flag but the stage array's own name (see load())."""
+        from kpr.bpf import builds
+
+        fresh, self.calls_pin = self.calls_pin, self.CALLS_MAP
+        try:
+            return builds.digest(text, self.cflags())
+        finally:
+            self.calls_pin = fresh
+
+    def _compile(self, text: str, source: Path, compile_and_load: Any, load_prog: Any) -> None:
+        self.bpf = compile_and_load(text, cflags=self.cflags(), name=str(source))
+        self.build = "compiled"
+        for name in (*self.ENTRIES, *(c for c in self.CALLS if c)):
+            self.progs[name] = load_prog(self.bpf, name, self.PROG_TYPE)
+
+    def _drop_compiled(self) -> None:
+        self.progs.clear()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
 
     def unpin_old_counters(self) -> bool:
         """Unpin this build's kpr_np_fwd when an older kpr pinned it with fewer slots, so the

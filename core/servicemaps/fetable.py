@@ -185,7 +185,8 @@ class FeTable:
         disagreed."""
         want = {k: v for k, v in items if k[_SLOT_AT : _SLOT_AT + 2] == b"\0\0"}
         have = bytes(self.mem[: LINES * LINE])
-        wrong = tombs = lined = 0  # lined: lines of keys kpr_svc has, right or wrong
+        wrong = tombs = 0
+        lined: set[bytes] = set()  # keys kpr_svc has that have a line, right or wrong
         for at in range(0, LINES * LINE, LINE):
             k = have[at + _KEY : at + _VAL]
             if _empty(k):
@@ -194,10 +195,12 @@ class FeTable:
                 tombs += 1
                 continue
             v = want.get(k)
-            lined += v is not None
+            if v is not None:
+                lined.add(k)
             if _U32.unpack_from(have, at + _SEQ)[0] & 1 or v != have[at + _VAL : at + _VAL + VAL_SIZE]:
                 wrong += 1
-        wrong += max(0, len(want) - self.unplaced - lined)
+        # a key with no line is missing when put() would have placed it (a free line in reach)
+        wrong += sum(1 for k in want.keys() - lined if self._find(k)[1] is not None)
         if wrong or tombs > LINES // 8:
             self.rebuild(want.items())
         return wrong
@@ -241,6 +244,9 @@ def clear_pinned(pin_path: Path) -> None:
         fe.rebuild(())
     finally:
         fe.close()
+    # unpinned once empty: the next start without a copy reads nothing (a program still
+    # attached keeps the empty map, and asks kpr_svc)
+    path.unlink()
 
 
 class Mirrored:

@@ -743,8 +743,8 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
                 # each a paired ratio to its own lab's bare program: the labs run minutes apart
                 r_s = scale_x[n] / scale_x[base_n]
                 summary[f"scale {n}"] = (f"{hook} new flows over {n} vs {base_n} frontends: {r_w:.2f} x (wrapper, "
-                                         f"incl. the wrapper), {r_s:.2f} x (repeat=1); first contacts "
-                                         f"{cold[n] / scale_x[base_n]:.2f} x (repeat=1)")
+                                         f"incl. the wrapper), {r_s:.2f} x (repeat=1)"
+                                         + (f"; first contacts {cold[n] / scale_x[base_n]:.2f} x (repeat=1)" if n in cold else ""))
     return summary
 
 

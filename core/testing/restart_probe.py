@@ -37,6 +37,7 @@ stops: `held` says the connection stalled).
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -202,9 +203,17 @@ def started(proc: subprocess.Popen) -> Running:
 def progress(run: Running) -> dict[str, float]:
     """A running PROBE's counts so far: attempts started, echoes answered, and how long the
     held connection's echo on its way has been unanswered (s; 0 when none is)."""
+    if run.proc.poll() is not None:
+        raise RuntimeError(f"the probe exited ({run.proc.returncode}) before its counts were asked")
     run.proc.stdin.write("\n")
     run.proc.stdin.flush()
-    return json.loads(run.proc.stdout.readline())
+    # (a probe that hangs must not hold the caller's wait past its own deadline)
+    if not select.select([run.proc.stdout], [], [], 10)[0]:
+        raise TimeoutError("the probe did not answer with its counts within 10 s")
+    line = run.proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the probe exited ({run.proc.wait()}) without its counts")
+    return json.loads(line)
 
 
 def window(rec: dict, start: float, end: float, gap: float) -> dict[str, Any]:

@@ -62,3 +62,27 @@ def test_the_offset_is_the_byte_the_verifier_reads_pkt_type_from() -> None:
     op, regs, off, _imm = struct.unpack_from("<BBhi", raw, 0)
     assert op == 0x71 and regs >> 4 == 1, "the first instruction loads a byte of the context"  # BPF_LDX|BPF_MEM|BPF_B
     assert f"-DKPR_SKB_IP_SUMMED_OFF={off}" in kernctx.cflags()
+
+
+def test_a_kernel_that_refuses_the_kfunc_call_gets_the_build_without_it(
+    pin_dir, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # (a JIT without kfunc calls, or a compiler that kept a value in r1-r5 across the call:
+    # here a BTF id that is no kfunc, which the verifier refuses as they would be)
+    from kpr.plugins.tc_nodeport import datapath as TD
+    from kpr.servicemaps import ServiceMapWriter
+
+    real = kernctx.cflags()
+    bogus = tuple("-DKPR_SKB_KERN_CTX_FN=1" if f.startswith("-DKPR_SKB_KERN_CTX_FN=") else f for f in real)
+    monkeypatch.setattr(kernctx, "cflags", lambda: bogus)
+    with ServiceMapWriter(pin_dir):
+        dp = TD.Datapath(pin_dir, mode="snat")
+        with caplog.at_level("WARNING", logger="kpr.nodeport.datapath"):
+            dp.load()
+        try:
+            assert dp.build == "compiled" and not dp.kernctx
+            assert all(not f.startswith("-DKPR_SKB_") for f in dp.cflags())
+            assert any("event=kernctx_fallback" in r.getMessage() for r in caplog.records)
+            assert dp.fd(TD.INGRESS) > 0
+        finally:
+            dp.close()

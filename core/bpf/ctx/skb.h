@@ -68,7 +68,10 @@ static __always_inline __u32 ctx_gso_size(kpr_ctx_t *ctx) { return ctx->gso_size
  * has (bcc's front end parses asm for the host, which has no registers r0..r5), and the
  * verifier takes r1-r5 away after it: so the context goes through the stack around it (*ctx
  * is the caller's variable, reloaded), and it belongs first in a program, where nothing else is
- * live (a value the compiler kept in r1-r5 fails the load, "!read_ok", never silently). */
+ * live (a value the compiler kept in r1-r5 fails the load, "!read_ok"; the loader then builds
+ * without the read, kpr.nodeport.datapath). r0 the asm cannot name either: a value kept there
+ * would be overwritten without a word, which the first place keeps from happening (nothing is
+ * computed before it). */
 #define CTX_CSUM_UNKNOWN 0
 #define CTX_CSUM_NONE 1        // CHECKSUM_NONE + 1
 #define CTX_CSUM_UNNECESSARY 2 // CHECKSUM_UNNECESSARY + 1

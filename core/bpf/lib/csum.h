@@ -1,8 +1,10 @@
 /* Incremental checksum updates (RFC 1624) for both contexts.
  *
- * tc (skb): through bpf_l3/l4_csum_replace, which also keep skb->csum right for
- * CHECKSUM_COMPLETE and leave CHECKSUM_PARTIAL headers (only the pseudo header summed)
- * correct; doing the arithmetic by hand would break offloaded packets.
+ * tc (skb): an L4 checksum goes through bpf_l4_csum_replace, which keeps skb->csum right for
+ * CHECKSUM_COMPLETE and leaves CHECKSUM_PARTIAL fields (only the pseudo header summed) correct,
+ * except where the packet's state is known not to be offloaded (ctx_csum_state: NONE,
+ * UNNECESSARY) or shows in the helper's result (kpr_csum_l4_diff2): those parts are patched
+ * in place, as the helper would patch them.
  * XDP: frames carry complete checksums, so the field is patched in place.
  *
  * skb helpers invalidate packet pointers: callers re-derive them with ctx_ptr() afterwards.
@@ -43,8 +45,9 @@ static __always_inline __u16 kpr_csum_fold(__u32 c)
 }
 
 // Patch the 16-bit checksum at `off` by a summed difference (~from + to over every changed field),
-// through a packet pointer: XDP's every patch; on tc only a field the kernel never folds into
-// skb->csum (the IPv4 header checksum: bpf_l3_csum_replace does no more).
+// through a packet pointer: XDP's every patch; on tc a field the kernel never folds into
+// skb->csum (the IPv4 header checksum: bpf_l3_csum_replace does no more) and the L4 parts
+// kpr_csum_l4_diff2 may patch in place.
 static __always_inline int kpr_csum_patch_diff(kpr_ctx_t *ctx, __u32 off, __u32 diff, __u64 flags)
 {
 	__u16 *sum = ctx_ptr(ctx, off, sizeof(*sum));

@@ -482,6 +482,15 @@ class Topology:
         """Run a command in the namespace (a string goes through sh -c) and wait for it."""
         return _run(self._argv(ns, cmd), check=check, timeout=timeout, input=input)
 
+    def end_closing(self, *namespaces: str) -> None:
+        """Destroy the TCP sockets still closing or opening in these namespaces (ss -K): their
+        retransmissions (a FIN after its service went, a SYN) would otherwise reach the data path
+        seconds later and count in a later step's counters. Established and listening sockets
+        stay. Every namespace when none is named."""
+        for ns in namespaces or tuple(self.namespaces):
+            self.run(ns, ["ss", "-K", "-t", "state", "fin-wait-1", "state", "closing", "state", "last-ack",
+                          "state", "syn-sent", "state", "syn-recv"], check=False)
+
     def popen(self, ns: str, cmd: str | Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start a background command in the namespace; it is stopped at teardown."""
         kw.setdefault("stdout", subprocess.DEVNULL)

@@ -85,6 +85,7 @@ def test_overlay_layout(hr: Rig, devices: tuple[str, ...], neigh: bool) -> None:
     assert tcx_names(hr, OVERLAY_DEV) == (["kpr_hr_from_net"] if listed else [])
 
     # the external client to a local pod: into the bridge with the route's MACs
+    hr.topo.end_closing()
     before = hr.stats()
     assert traffic(hr, PODS[LOCAL], PORT, "cl") == seen_by(LOCAL, "cl")
     d = delta(before, hr.stats())
@@ -96,6 +97,7 @@ def test_overlay_layout(hr: Rig, devices: tuple[str, ...], neigh: bool) -> None:
     for what, dst, port, backend in (("pod", PODS[REMOTE], PORT, REMOTE), ("ClusterIP", (CIP, CIP6), 80, REMOTE)):
         if what == "ClusterIP":
             hr.writer.upsert(service(REMOTE))
+        hr.topo.end_closing()  # (an earlier step's last FIN, late, must not count in this one)
         before = hr.stats()
         assert traffic(hr, dst, port, LOCAL) == seen_by(backend, LOCAL), what
         d = delta(before, hr.stats())
@@ -113,6 +115,7 @@ def test_overlay_layout(hr: Rig, devices: tuple[str, ...], neigh: bool) -> None:
 
     # a remote pod to a local pod: decapsulated on flannel.1, then into the bridge by bpf_redirect
     # where the program is on flannel.1 (else by the stack); the replies into the overlay as above
+    hr.topo.end_closing()
     before = hr.stats()
     assert traffic(hr, PODS[LOCAL], PORT, REMOTE) == seen_by(LOCAL, REMOTE)
     d = delta(before, hr.stats())
@@ -151,6 +154,7 @@ def test_bulk_over_the_overlay_learns_the_path_mtu(hr: Rig) -> None:
     wait_for(lambda: PODS[LOCAL][1] in p.plan.pods, what="node1's bridge pods learned from the source")
     for addr in PODS[REMOTE]:
         hr.topo.run(LOCAL, "ip route flush cache && ip -6 route flush cache")
+        hr.topo.end_closing()
         before = hr.stats()
         out = hr.topo.run(LOCAL, [PY, "-c", BULK, addr, str(PORT)], timeout=90)
         assert out.stdout.split() == ["True", "2000000"], out.stdout

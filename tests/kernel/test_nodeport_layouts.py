@@ -72,7 +72,9 @@ class Env:
     def settled_stats(self, quiet: float = 0.5, timeout: float = 10.0) -> dict[str, int]:
         """node1's counters once they stay still for `quiet` s: an earlier test's flows may
         still send their last packets (a late FIN or reply counts as reply_snat), which must not
-        count as this test's."""
+        count as this test's; those still closing are ended first (their FIN retransmissions
+        go on for minutes, with growing gaps)."""
+        self.c.topo.end_closing()
         last, deadline = self.stats(), time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(quiet)

@@ -56,7 +56,8 @@ def server(greet: bool, echo: bool = True) -> Iterator[int]:
 def probe(port: int, enough: Callable[[dict], bool], what: str, timeout: float = 1.0) -> tuple[dict, float, float]:
     """The probe's records and a window [t0, t1] that ends once `enough` holds of the counts
     since t0 (kpr.testing.restart_probe.progress; attempts and echoes counted from t0, so
-    every one counted started in the window), however slowly a loaded machine runs it."""
+    every one counted started in the window), however slowly a loaded machine runs it. The
+    records hold at least every attempt the probe had counted at t1 (`counted_at_t1`)."""
     proc = subprocess.Popen(probe_argv("127.0.0.1", port, timeout=timeout, prio=0), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     p = started(proc)
@@ -73,7 +74,10 @@ def probe(port: int, enough: Callable[[dict], bool], what: str, timeout: float =
         p.finish()
         raise
     t1 = time.monotonic()
-    return p.finish(), t0, t1
+    counted = progress(p)["attempts"]
+    rec = p.finish()
+    rec["counted_at_t1"] = counted
+    return rec, t0, t1
 
 
 def test_a_served_port_every_tick_answered_and_echoed() -> None:
@@ -84,7 +88,9 @@ def test_a_served_port_every_tick_answered_and_echoed() -> None:
     assert len(att) >= 40 and all(a[4] == "" for a in att)
     # each: due <= started <= handshake <= greeting, on the caller's clock
     assert all(a[0] <= a[1] <= a[2] <= a[3] for a in att)
-    assert t0 - 1 < att[0][1] < t1 and att[-1][1] > t1 - 0.5
+    # attempts go on to the window's end and the records lose none the probe counted (a count,
+    # not a time: a loaded machine may stall the probe for any while)
+    assert t0 - 1 < att[0][1] < t1 and len(att) >= rec["counted_at_t1"]
     # The last echo may still be on its way when the probe stops (recorded unanswered, null):
     # on a loaded machine that is no failure; every earlier one came back, in order.
     echoes = rec["echoes"]

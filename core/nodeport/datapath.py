@@ -370,10 +370,7 @@ class Datapath:
         for p in self.progs.values():
             if hasattr(p, "close"):  # adopted (kpr.bpf.builds); bcc closes its own
                 p.close()
-        self.progs.clear()
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        self._drop_compiled()
 
     def drop_other_generations(self) -> list[str]:
         """Unpin the stage arrays of earlier builds (call once this build's entries are attached

@@ -1288,19 +1288,20 @@ class _CheckedService:
 
 # The spec fields an allocation fills in (kpr.allocator): the rest of an allocated Service is
 # the manifest's, object for object.
-_ALLOCATED_FIELDS = frozenset({"clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "healthCheckNodePort"})
+_ALLOCATED_FIELDS = frozenset({"clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "healthCheckNodePort", "ports"})
 
 
 def checked_after_allocation(before: object, read: KubeObject, allocated: KubeObject) -> Checked | None:
-    """What validation read of a Service packed as `before` (`read`, unpacked), when it
-    holds for `allocated`, the same Service with the values allocation filled in; None when
-    those change what a reading would give (a ClusterIP or nodePort picked, a family added):
-    translation then reads the allocated object itself.
+    """What validation read of a Service packed as `before` (`read`, unpacked), brought up to
+    date for `allocated`, the same Service with the values allocation filled in; None when
+    allocation changed anything else, or when the values it filled in do not read cleanly:
+    translation then reads the allocated object itself (and names what is wrong).
 
-    A Service reads the same when everything but the allocated spec fields is the same object
-    as in `read` (allocation copies what it changes and nothing else), its ClusterIPs are the
-    canonical texts of the addresses read, its ipFamilies name the families read, its
-    ipFamilyPolicy is valid and healthCheckNodePort unchanged."""
+    Allocation copies what it changes and nothing else: everything but the allocated spec
+    fields (ClusterIPs, families, policy, health check port, the ports' nodePorts) must be the
+    same object as in `read`. Those fields are read again as _parse_service reads them (the
+    ClusterIPs against the rules validation used), the rest of the reading is kept: reading a
+    whole Service again was a tenth of an initial sync whose ClusterIPs are picked."""
     found = checked(before)
     if found is None or found.__class__ is not _CheckedService:
         return None
@@ -1314,38 +1315,50 @@ def checked_after_allocation(before: object, read: KubeObject, allocated: KubeOb
     if after.__class__ is not dict or spec.__class__ is not dict or not spec.keys() <= after.keys():
         return None
     get = spec.get
+    changed = False
     for k, v in after.items():
-        if v is not get(k) and k not in _ALLOCATED_FIELDS:
-            return None
-    parsed: _ServiceSpec = found.spec  # type: ignore[union-attr]
-    ips = parsed.cluster_ips
-    texts = after.get("clusterIPs")
-    if not (texts.__class__ is list and texts):
-        cluster_ip = after.get("clusterIP")
-        texts = [cluster_ip] if cluster_ip else []
-    elif after.get("clusterIP") not in (None, "", texts[0]):
-        return None
-    if len(texts) != len(ips):
-        return None
-    for text, ip in zip(texts, ips):
-        if text != ip[0]:
-            return None
-    families = after.get("ipFamilies")
-    if families is None:
-        if parsed.families != tuple(ip[1] for ip in ips):
-            return None
-    else:
-        if families.__class__ is not list or len(families) != len(parsed.families):
-            return None
-        for name, family in zip(families, parsed.families):
-            if name.__class__ is not str or _IP_FAMILIES.get(name) != family:
+        if v is not get(k):
+            if k not in _ALLOCATED_FIELDS:
                 return None
-    policy = after.get("ipFamilyPolicy")
-    if policy not in (None, "") and not (policy.__class__ is str and policy in _FAMILY_POLICIES):
+            changed = True
+    if not changed:
+        return found
+    try:
+        parsed = _allocated_spec(allocated, after, spec, found.spec, found.rules)  # type: ignore[union-attr]
+    except InvalidObject:
         return None
-    if after.get("healthCheckNodePort") != spec.get("healthCheckNodePort"):
+    if parsed is None:
         return None
-    return found
+    return _CheckedService(parsed, found.ref, found.key, found.rules, found.labels, found.annotations)  # type: ignore[union-attr]
+
+
+def _allocated_spec(
+    obj: KubeObject, after: KubeObject, before: KubeObject, parsed: _ServiceSpec, rules: AddressRules
+) -> _ServiceSpec | None:
+    """`parsed`, the reading of a Service's spec `before`, for `after`, the same spec with
+    allocation's fields (_ALLOCATED_FIELDS) changed: those read as _parse_service reads them
+    (raising InvalidObject as it would), the rest kept. None when the ports changed other
+    than one by one in place."""
+    get = after.get
+    cluster_ips = _parse_cluster_ips(obj, after, rules)
+    families = _parse_families(obj, after, cluster_ips)
+    if get("ipFamilyPolicy") is not None:
+        _enum(obj, get("ipFamilyPolicy"), _FAMILY_POLICIES, "spec.ipFamilyPolicy")
+    health_check = parsed.health_check_node_port
+    if get("healthCheckNodePort") is not before.get("healthCheckNodePort"):
+        health_check = _port(obj, get("healthCheckNodePort"), "spec.healthCheckNodePort", optional=True)
+    ports = parsed.ports
+    new_ports, old_ports = get("ports"), before.get("ports")
+    if new_ports is not old_ports:
+        if new_ports.__class__ is not list or old_ports.__class__ is not list or len(new_ports) != len(old_ports):
+            return None
+        ports = tuple(
+            ports[i] if port is old_ports[i] else _parse_service_port(obj, port, i) for i, port in enumerate(new_ports)
+        )
+    p = parsed
+    # (positional: _ServiceSpec's field order)
+    return _ServiceSpec(p.type, cluster_ips, families, ports, p.external_ips, p.lb_ips, p.source_ranges, p.external_local,
+                        p.internal_local, p.affinity_timeout, health_check, p.publish_not_ready, p.topology)
 
 
 def share_cluster_ip_texts(packed: object, obj: KubeObject) -> None:

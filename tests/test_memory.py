@@ -262,7 +262,7 @@ def test_the_pass_keeps_no_service_reading_once_the_store_has_translated(tmp_pat
     d = tmp_path / "services.d"
     d.mkdir()
     plain = service(3)
-    del plain["spec"]["clusterIP"]  # allocated: its reading does not hold for the allocated one
+    del plain["spec"]["clusterIP"]  # allocated: its reading is brought up to date (_allocated_spec)
     items = [service(1), service(2, node_port=True), plain] + [endpoint_slice(i) for i in (1, 2, 3)]
     (d / "a.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
     store = ObjectStore(NODE, NullPublisher(), cluster_cidrs=["10.96.0.0/12"])
@@ -270,10 +270,10 @@ def test_the_pass_keeps_no_service_reading_once_the_store_has_translated(tmp_pat
 
     class Sink:
         def apply(self, upserts, deletes):
-            # The two explicit ClusterIPs' readings hold for the allocated Services; the
-            # allocated one's does not (the store reads it again); the slices' do.
+            # Every Service's reading (the allocated one's brought up to date) and every
+            # slice's, each under the bytes the store is handed.
             sent = {id(o) for o in upserts}
-            assert len(translate._checked) == 5 and all(id(k) in sent for k in translate._checked), \
+            assert len(translate._checked) == 6 and all(id(k) in sent for k in translate._checked), \
                 "a reading is kept only under what the store is handed"
             store.apply(upserts, deletes)
             left.append(len(translate._checked))  # still inside the pass

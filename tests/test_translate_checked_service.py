@@ -90,8 +90,9 @@ def test_an_explicit_cluster_ip_is_read_once(tmp_path, monkeypatch):
     monkeypatch.setattr(translate, "_parse_service", counted)
     store = ObjectStore(NODE, _Publisher(), cluster_cidrs=CIDRS[:1])
     src.scan_once(store)
-    # web: validation only; auto: validation, and the store (its ClusterIP was picked).
-    assert sorted(calls) == ["auto", "auto", "web"]
+    # Validation only, also for auto, whose ClusterIP was picked (the picked fields are read
+    # on their own, translate._allocated_spec).
+    assert sorted(calls) == ["auto", "web"]
     monkeypatch.setattr(translate, "_parse_service", original)
     for key, service_ in store.services.items():
         kept = store.object(("Service", key.namespace, key.name))
@@ -99,23 +100,38 @@ def test_an_explicit_cluster_ip_is_read_once(tmp_path, monkeypatch):
         assert service_ == translate.translate_service(kept, slices, None, NODE, "", translate.address_rules(CIDRS[:1]), key)
 
 
-def test_allocation_that_changes_the_reading_is_not_reused():
+def test_allocation_that_fills_in_values_updates_the_reading():
     svc = _service({"type": "NodePort", "clusterIP": "10.96.0.10"}, [{"name": "http", "port": 80}], None)
     found = translate.validate_object(svc, RULES)
     packed = memory.pack(svc)
     translate.remember_checked(packed, found)
     try:
         read = memory.unpack(packed)
-        picked_port = {**read, "spec": {**read["spec"], "ports": [{"name": "http", "port": 80, "nodePort": 30001}]}}
-        assert translate.checked_after_allocation(packed, read, picked_port) is None
-        other_ip = {**read, "spec": {**read["spec"], "clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"]}}
-        assert translate.checked_after_allocation(packed, read, other_ip) is None
-        two_families = {**read, "spec": {**read["spec"], "clusterIPs": ["10.96.0.10"], "ipFamilies": ["IPv4", "IPv6"]}}
-        assert translate.checked_after_allocation(packed, read, two_families) is None
+
+        def reading(**spec):
+            allocated = {**read, "spec": {**read["spec"], **spec}}
+            reused = translate.checked_after_allocation(packed, read, allocated)
+            if reused is not None:
+                assert reused.spec == translate.validate_object(allocated, RULES).spec
+            return reused
+
+        picked_port = reading(ports=[{"name": "http", "port": 80, "nodePort": 30001}])
+        assert picked_port.spec.ports[0].node_port == 30001 and picked_port.spec.cluster_ips == found.spec.cluster_ips
+        other_ip = reading(clusterIP="10.96.0.11", clusterIPs=["10.96.0.11"])
+        assert [ip[0] for ip in other_ip.spec.cluster_ips] == ["10.96.0.11"]
+        assert reading(clusterIPs=["10.96.0.10", "fd00:96::7"], ipFamilies=["IPv4", "IPv6"]).spec.families == (4, 6)
+        same = reading(clusterIPs=["10.96.0.10"], ipFamilies=["IPv4"], ipFamilyPolicy="SingleStack")
+        assert same.spec == found.spec and same.ref is found.ref
+        # Values that do not read cleanly, and changes allocation never makes: read afresh
+        # by translation, which names the problem.
+        assert reading(clusterIP="10.97.0.1", clusterIPs=["10.97.0.1"]) is None  # outside the CIDR
+        assert reading(clusterIP="10.96.0.11", clusterIPs=["10.96.0.12"]) is None
+        assert reading(ipFamilyPolicy="Sometimes") is None
+        assert reading(ports=[{"name": "http", "port": 80, "nodePort": 70000}]) is None
+        assert reading(ports=[]) is None
+        assert reading(selector={"app": "web"}) is None
         with_status = {**read, "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}
         assert translate.checked_after_allocation(packed, read, with_status) is None
-        same = {**read, "spec": {**read["spec"], "clusterIPs": ["10.96.0.10"], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}}
-        assert translate.checked_after_allocation(packed, read, same) is found
     finally:
         translate.forget_checked()
 

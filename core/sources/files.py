@@ -933,8 +933,8 @@ class FilesSource:
             if obj is not read:
                 # as changes over the file's version, which the source keeps anyway (memory.pack_over)
                 allocated, obj = obj, memory.pack_over(packed, read, obj)
-                # Validation's reading of the manifest's version holds for the allocated one
-                # when allocation filled in only what it had read: not read again by the store.
+                # Validation's reading of the manifest's version, brought up to date with what
+                # allocation filled in (translate.checked_after_allocation): not read again by the store.
                 # Moved, not copied: the store takes it by the allocated object's key, and one
                 # left under the file's bytes lived until the pass ended (650 bytes a Service,
                 # 13 MB at 20k, freed after the model was made: holes nothing filled).

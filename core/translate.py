@@ -1726,7 +1726,8 @@ class _FrontendSet:
         backends: tuple[Backend, ...],
         **options: Any,
     ) -> None:
-        key = (_TYPE_RANK[ftype], ip[1], ip[2], port, protocol.value)
+        # (_value_: the member's value as an attribute; .value is a property, 0.14 us)
+        key = (_TYPE_RANK[ftype], ip[1], ip[2], port, protocol._value_)
         if key in self.items:
             return
         self.items[key] = Frontend(
@@ -1741,7 +1742,10 @@ class _FrontendSet:
         )
 
     def sorted(self) -> tuple[Frontend, ...]:
-        return tuple(f for _, f in sorted(self.items.items()))
+        items = self.items
+        if len(items) == 1:  # most services: one port, one ClusterIP
+            return tuple(items.values())
+        return tuple([f for _, f in sorted(items.items())])
 
 
 def _service_frontends(
@@ -1766,11 +1770,10 @@ def _service_frontends(
     # Which of a group's backend lists (_Choice) a frontend takes, by its traffic policy.
     internal_pick = 1 if spec.internal_local else 0
     external_pick = 1 if spec.external_local else 0
+    get = backends.get
     for sp in spec.ports:
         name, protocol, port = sp.name, sp.protocol, sp.port
-        by_family = {
-            family: backends.get((name, protocol, family), _NO_CHOICE) for family in (4, 6)
-        }
+        by_family = {4: get((name, protocol, 4), _NO_CHOICE), 6: get((name, protocol, 6), _NO_CHOICE)}
         for ip in spec.cluster_ips:
             out.add(
                 FrontendType.CLUSTER_IP,

@@ -686,7 +686,10 @@ class Allocator:
         except ValueError as e:
             log.warning("allocator.state_corrupt path=%s error=%s; starting empty", self.state_path, e)
             return
+        plain = self._load_plain
         for key, entry in sorted(data["services"].items()):
+            if plain(key, entry):
+                continue
             try:
                 rec = self._parse_record(entry)
             except (ValueError, TypeError, AttributeError) as e:
@@ -714,6 +717,34 @@ class Allocator:
             if kept.claims() or kept.load_balancer_ips:
                 self._records[key] = kept
         log.info("allocator.load path=%s services=%d", self.state_path, len(self._records))
+
+    def _load_plain(self, key: str, entry: Any) -> bool:
+        """Keep a state entry of the usual shape, one canonical IPv4 ClusterIP (marked explicit
+        or not) that is free and in range, as the general path would; False, having done
+        nothing, for any other entry. (That path took 15 us an entry: a third of a second at
+        20k services, on the way to a restarted agent's first pass.)"""
+        if type(entry) is not dict or not 1 <= len(entry) <= 2:
+            return False
+        ips = entry.get("clusterIPs")
+        if type(ips) is not list or len(ips) != 1:
+            return False
+        explicit = entry.get("explicit")
+        if len(entry) == 2 and explicit != ips:
+            return False  # (another field, or explicit values that are not the ClusterIP)
+        ip = ips[0]
+        if type(ip) is not str or ip in self._ips:
+            return False
+        rng = self._ip_ranges.get(4)
+        try:
+            packed = socket.inet_pton(socket.AF_INET, ip)
+        except (OSError, ValueError):
+            return False
+        if rng is None or socket.inet_ntop(socket.AF_INET, packed) != ip or int.from_bytes(packed, "big") not in rng:
+            return False
+        self._ips[ip] = key
+        self._used_in_range["4"] += 1
+        self._records[key] = _Record(ips=ip, explicit_mask=1 if explicit else 0)
+        return True
 
     @staticmethod
     def _parse_record(entry: Any) -> _Record:

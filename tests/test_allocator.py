@@ -24,6 +24,13 @@ def alloc(tmp_path: Path, cidrs=("10.96.0.0/16",), rng: PortRange = RANGE, name:
     return Allocator(tmp_path / "state" / name, list(cidrs), rng)
 
 
+def write_state(tmp_path: Path, services: dict) -> None:
+    """A state file as alloc() reads it."""
+    path = tmp_path / "state" / "alloc.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"version": 1, "services": services}))
+
+
 def node_ports(obj: dict) -> list[int | None]:
     return [p.get("nodePort") for p in obj["spec"]["ports"]]
 
@@ -314,17 +321,12 @@ def test_corrupt_state_file_starts_empty(tmp_path, caplog, content):
 
 
 def test_bad_entries_and_out_of_range_values_are_dropped(tmp_path, caplog):
-    path = tmp_path / "state" / "alloc.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps({
-        "version": 1,
-        "services": {
+    write_state(tmp_path, {
             "default/bad": {"clusterIPs": ["not-an-ip"]},
             "default/old": {"clusterIPs": ["192.168.0.9"], "nodePorts": {"/TCP/80": 20000}},
             "default/ok": {"clusterIPs": ["10.96.0.50"], "nodePorts": {"/TCP/80": 30050}},
             "default/zdup": {"clusterIPs": ["10.96.0.50"]},
-        },
-    }))
+    })
     with caplog.at_level(logging.INFO, logger="kpr.allocator"):
         a = alloc(tmp_path)
     assert a.get("default/bad") is None
@@ -384,3 +386,37 @@ def test_explicit_marks_stay_on_their_values_when_another_value_is_taken_over(tm
     # still written, so a third service asking for one of them is refused, not given it
     with pytest.raises(AllocationError, match="already allocated to service default/a"):
         again.allocate(svc("c", type="NodePort", ports=[{"port": 80, "nodePort": 30444}]))
+
+
+def test_state_entries_of_the_usual_shape_load_as_any_other(tmp_path, monkeypatch):
+    # Allocator._load_plain takes entries of one IPv4 ClusterIP without the general path;
+    # what it keeps must be what that path keeps, for every shape it may meet.
+    write_state(tmp_path, {
+            "a/plain": {"clusterIPs": ["10.96.0.10"]},
+            "a/explicit": {"clusterIPs": ["10.96.0.11"], "explicit": ["10.96.0.11"]},
+            "a/explicit-other": {"clusterIPs": ["10.96.0.12"], "explicit": ["10.96.0.99"]},
+            "a/dup": {"clusterIPs": ["10.96.0.10"]},
+            "a/out-of-range": {"clusterIPs": ["192.168.1.1"]},
+            "a/not-canonical": {"clusterIPs": ["10.96.000.13"]},
+            "a/network-address": {"clusterIPs": ["10.96.0.0"]},
+            "a/v6": {"clusterIPs": ["fd00:10:96::5"]},
+            "a/dual": {"clusterIPs": ["10.96.0.14", "fd00:10:96::6"]},
+            "a/ports": {"clusterIPs": ["10.96.0.15"], "nodePorts": {"/TCP/80": 30050}},
+            "a/lb": {"clusterIPs": ["10.96.0.16"], "loadBalancerIPs": ["192.0.2.1"]},
+            "a/number": {"clusterIPs": [17]},
+            "a/empty": {"clusterIPs": []},
+            "a/not-a-dict": ["10.96.0.18"],
+            "b/takes-explicit": {"clusterIPs": ["10.96.0.19"], "explicit": ["10.96.0.19"]},
+    })
+    cidrs = ("10.96.0.0/16", "fd00:10:96::/112")
+    fast = alloc(tmp_path, cidrs=cidrs)
+    monkeypatch.setattr(Allocator, "_load_plain", lambda self, key, entry: False)
+    general = alloc(tmp_path, cidrs=cidrs)
+    assert fast._records == general._records
+    assert fast._ips == general._ips and fast._ports == general._ports
+    assert fast._used_in_range == general._used_in_range
+    assert {k: fast.get(k) for k in fast.keys()} == {k: general.get(k) for k in general.keys()}
+    assert fast.get("a/explicit") == {"clusterIPs": ["10.96.0.11"], "explicit": ["10.96.0.11"]}
+    # an explicit value loaded by either path still wins against a newcomer's
+    with pytest.raises(AllocationError, match="already allocated to service b/takes-explicit"):
+        fast.allocate(svc("c", ns="x", clusterIP="10.96.0.19"))

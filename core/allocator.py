@@ -308,8 +308,11 @@ class Allocator:
         for c in claims:
             self._take(c, key)
         # A first allocation changes the state whenever it keeps anything (to_json is not
-        # made for it: a sixth of allocate's time in an initial sync).
-        if (claims or new.load_balancer_ips) if old is None else old.to_json() != new.to_json():
+        # made for it: a sixth of allocate's time in an initial sync); another one when its
+        # record differs (records equal field by field persist alike; to_json decides only
+        # for the rest, e.g. the same nodePorts in another order: a restart's first pass
+        # re-allocates every service, and two to_json each took a third of that).
+        if (claims or new.load_balancer_ips) if old is None else old != new and old.to_json() != new.to_json():
             self._dirty = True
         if claims or new.load_balancer_ips:
             self._records[key] = new.compact()

@@ -26,9 +26,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
+import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +51,39 @@ SPEC = M.MapSpec(BUILDS_MAP, M.BPF_MAP_TYPE_HASH, 4, DIGEST_SIZE, 4096)
 _SCHEME = b"kpr-build-1"
 
 
-def digest(text: str, cflags: Sequence[str]) -> bytes:
-    """The build's identity: program text, compile flags, kernel release and bcc version."""
+def bcc_version() -> str:
+    """bcc's version, without importing bcc where it is not imported yet: its import loads
+    libbcc (LLVM and clang, 0.1-0.2 s of a restart that adopts and compiles nothing) just to
+    read one string, which bcc/version.py holds as its only assignment."""
+    bcc = sys.modules.get("bcc")
+    if bcc is not None:
+        return str(getattr(bcc, "__version__", ""))
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return ""
+    for where in spec.submodule_search_locations or ():
+        try:
+            text = (Path(where) / "version.py").read_text()
+        except OSError:
+            continue
+        m = re.fullmatch(r"""\s*__version__\s*=\s*(['"])([^'"]*)\1\s*""", text)
+        if m:
+            return m.group(2)
+    # another layout: ask bcc itself
     try:
         import bcc
-
-        bcc_version = str(getattr(bcc, "__version__", ""))
     except ImportError:
-        bcc_version = ""
+        return ""
+    return str(getattr(bcc, "__version__", ""))
+
+
+def digest(text: str, cflags: Sequence[str]) -> bytes:
+    """The build's identity: program text, compile flags, kernel release and bcc version."""
     h = hashlib.sha256(_SCHEME)
-    for part in (text, "\0".join(cflags), platform.release(), bcc_version):
+    for part in (text, "\0".join(cflags), platform.release(), bcc_version()):
         h.update(b"\0" + part.encode())
     return h.digest()
 

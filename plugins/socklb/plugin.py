@@ -290,8 +290,6 @@ class SockLB:
     def _attach(self, a: _Attachment, link_dir: Path) -> None:
         """Put a's program at its hook: through the pinned link (adopted, updated or created),
         or, where the kernel has no cgroup links, attached the old way (BPF_F_ALLOW_MULTI)."""
-        from bcc import BPF
-
         from kpr.bpf.loader import attach_type_value
 
         value = attach_type_value(a.attach_type)
@@ -306,6 +304,9 @@ class SockLB:
             self._fallback = str(exc)
         except OSError as exc:
             raise OSError(f"attaching {a.prog} to {self.cgroup} ({a.attach_type}): {exc}") from None
+        # (bcc only here: a restart that adopts its links loads no libbcc)
+        from bcc import BPF
+
         try:
             BPF.attach_func(a.fn, self._cg_fd, value, BPF_F_ALLOW_MULTI)
         except Exception as exc:  # bcc raises a bare Exception with the errno text

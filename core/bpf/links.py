@@ -82,6 +82,18 @@ KPR_PROG_PREFIXES = ("kpr_", "sklb")
 # stops at 6.1's list): bcc's numbers are the kernel's for the cgroup hooks.
 ATTACH_XDP = 37
 ATTACH_TCX_INGRESS, ATTACH_TCX_EGRESS = 46, 47
+# The cgroup hooks' values by bcc's names (kernel ABI, equal to bcc's BPFAttachType: a test
+# compares them), so an agent that adopts its pinned links names its hooks without importing
+# bcc (kpr.bpf.loader.attach_type_value): that import maps libbcc, 63 MB of RSS.
+CGROUP_ATTACH_TYPES = {
+    "CGROUP_INET_INGRESS": 0, "CGROUP_INET_EGRESS": 1, "CGROUP_INET_SOCK_CREATE": 2, "CGROUP_SOCK_OPS": 3,
+    "CGROUP_DEVICE": 6, "CGROUP_INET4_BIND": 8, "CGROUP_INET6_BIND": 9, "CGROUP_INET4_CONNECT": 10,
+    "CGROUP_INET6_CONNECT": 11, "CGROUP_INET4_POST_BIND": 12, "CGROUP_INET6_POST_BIND": 13,
+    "CGROUP_UDP4_SENDMSG": 14, "CGROUP_UDP6_SENDMSG": 15, "CGROUP_SYSCTL": 18, "CGROUP_UDP4_RECVMSG": 19,
+    "CGROUP_UDP6_RECVMSG": 20, "CGROUP_GETSOCKOPT": 21, "CGROUP_SETSOCKOPT": 22, "CGROUP_INET4_GETPEERNAME": 29,
+    "CGROUP_INET6_GETPEERNAME": 30, "CGROUP_INET4_GETSOCKNAME": 31, "CGROUP_INET6_GETSOCKNAME": 32,
+    "CGROUP_INET_SOCK_RELEASE": 34,
+}
 # enum bpf_link_type.
 LINK_TYPE = {"cgroup": 3, "xdp": 6, "tcx": 11}
 # Errors meaning "this kernel has no link for this hook".

@@ -239,6 +239,10 @@ def attach_type_value(attach_type: int | str | None) -> int:
         return -1
     if isinstance(attach_type, int):
         return attach_type
+    from kpr.bpf.links import CGROUP_ATTACH_TYPES  # (the cgroup hooks without importing bcc)
+
+    if attach_type.upper() in CGROUP_ATTACH_TYPES:
+        return CGROUP_ATTACH_TYPES[attach_type.upper()]
     bcc = import_bcc()
     try:
         return int(getattr(bcc.BPFAttachType, attach_type.upper()))

@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
 from .config import PortRange
+from .memory import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -672,6 +673,7 @@ class Allocator:
                 rec.health_check_node_port = 0
         rec.explicit = explicit
 
+    @gc_paused  # (20k records made at once, kept for the agent's life)
     def _load(self) -> None:
         try:
             text = self.state_path.read_text()

@@ -168,7 +168,10 @@ class FeTable:
             changed, self.fresh = len(want), False
         else:
             have = bytes(self.mem[: LINES * LINE])
-            for idx in range(LINES):
+            # (a table nothing ever wrote, which a program's load created, emptied on a restart:
+            # nothing to compare line by line)
+            lines = range(LINES) if want or have.strip(b"\0") else ()
+            for idx in lines:
                 at = idx * LINE
                 cur = have[at + _KEY : at + _VAL + VAL_SIZE]
                 new = want.get(idx, empty)

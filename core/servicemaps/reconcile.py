@@ -38,13 +38,20 @@ class ReconcileMixin:
         be_map = self.maps["kpr_backend"]
         # read once for both decodings below (an array's copy is 12 MB at 500k backends)
         be_raw = be_map.array_values() if getattr(be_map, "type", None) == M.BPF_MAP_TYPE_ARRAY else None
-        be_items = M.backend_items(be_map, be_raw)
+        # ids 1..n, all backends (a full sync's): values as one slice, no (id, value) per entry
+        dense = M.backend_run(be_map, be_raw)
+        be_items = M.backend_items(be_map, be_raw) if dense is None else dense
         vals = self._backend_vals
         if be_items:
-            bids = [i for i, _ in be_items]
-            bvals = [v for _, v in be_items]
+            if dense is not None:
+                vs = be_map.value_size
+                bids, blob = dense, be_raw[dense.start * vs : dense.stop * vs]
+            else:
+                vs = len(be_items[0][1])
+                bids, blob = [i for i, _ in be_items], b"".join(v for _, v in be_items)
+            offsets = range(0, len(blob), vs)
             lo = bids[0]
-            run = bids == list(range(lo, lo + len(bids)))  # (ids 1..n: one copy, no loop)
+            run = dense is not None or bids == list(range(lo, lo + len(bids)))  # (ids 1..n: one copy, no loop)
             top = max(bids) + 1
             if 4 * len(bids) >= top:
                 # ids far above 0 (the low ones freed before) but dense enough: in the id
@@ -52,9 +59,9 @@ class ReconcileMixin:
                 # (about 225 per id)
                 vals.reserve(top)
                 self._backend_refs.reserve(top)
-            if not (run and vals.store_run(lo, b"".join(bvals))):
-                vals.update(zip(bids, bvals))
-            self._backend_ids.take(dict(zip([v[:19] for v in bvals], bids)))
+            if not (run and vals.store_run(lo, blob)):
+                vals.update(zip(bids, (blob[o : o + vs] for o in offsets)))
+            self._backend_ids.take(dict(zip([blob[o : o + 19] for o in offsets], bids)))
             self._next_backend = max(self._next_backend, max(bids) + 1)
         # generations, the freed (zero) entries' too: never hand out an id flows may still hold
         gens = M.backend_entry_gens(be_map, be_raw)

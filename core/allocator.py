@@ -701,11 +701,16 @@ class Allocator:
                 log.warning("allocator.state_entry_ignored service=%s error=%s", key, e)
                 continue
             kept = _Record()
+            marked = rec.explicit
 
             def keep(c: Claim) -> bool:
                 # A value that no longer fits the config, or that two entries share, is
-                # dropped; its service gets a fresh one.
-                if self._range_slot(c) is None or self._owner(c) is not None:
+                # dropped; its service gets a fresh one. A ClusterIP its manifest wrote is
+                # kept outside the automatic range too, as allocate() accepted it (say the
+                # network's first host): dropped, its service took it again at every start
+                # and the whole state file was written again.
+                fits = self._range_slot(c) is not None or (c[0] == "ip" and c in marked)
+                if not fits or self._owner(c) is not None:
                     log.info("allocator.state_value_dropped service=%s value=%s", key, _show(c))
                     return False
                 self._take(c, key)

@@ -443,3 +443,19 @@ def test_reallocating_after_a_restart_changes_the_state_only_when_a_value_moves(
     assert not b.dirty
     b.allocate(svc("explicit", clusterIP="10.96.3.4"))
     assert b.dirty
+
+
+def test_an_explicit_cluster_ip_outside_the_automatic_range_survives_a_restart(tmp_path):
+    # the network's first host (kube gives it to the `kubernetes` service) is outside the
+    # range automatic values come from; written in a manifest it is accepted, and kept
+    a = alloc(tmp_path)
+    first = a.allocate(svc("kubernetes", clusterIP="10.96.0.1")).obj
+    a.allocate(svc("web"))
+    a.save()
+    b = alloc(tmp_path)
+    assert b.get("default/kubernetes") == {"clusterIPs": ["10.96.0.1"], "explicit": ["10.96.0.1"]}
+    with pytest.raises(AllocationError, match="already allocated to service default/kubernetes"):
+        b.allocate(svc("newcomer", clusterIP="10.96.0.1"))
+    assert b.allocate(svc("kubernetes", clusterIP="10.96.0.1")).obj == first
+    b.allocate(svc("web"))
+    assert not b.dirty  # nothing to write again

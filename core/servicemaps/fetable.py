@@ -170,7 +170,7 @@ class FeTable:
             have = bytes(self.mem[: LINES * LINE])
             # (a table nothing ever wrote, which a program's load created, emptied on a restart:
             # nothing to compare line by line)
-            lines = range(LINES) if want or have.strip(b"\0") else ()
+            lines = range(LINES) if want or have != bytes(len(have)) else ()
             for idx in lines:
                 at = idx * LINE
                 cur = have[at + _KEY : at + _VAL + VAL_SIZE]

@@ -77,7 +77,11 @@ class ReconcileMixin:
         referenced = self._reload_svc(owners, by_revnat, held)
         per_id: Counter[int] = Counter()
         if referenced:
-            gone = set(vals.missing({i for _, ids in referenced for i in ids}))
+            wanted = {i for _, ids in referenced for i in ids}
+            if dense is not None and wanted and dense.start <= min(wanted) and max(wanted) < dense.stop:
+                gone: set[int] = set()  # (every id of the run is a backend: none to look up)
+            else:
+                gone = set(vals.missing(wanted))
             for fk, ids in referenced:
                 g = groups[fk]
                 g.backends = tuple(sorted(ids - gone if gone else ids))

@@ -312,8 +312,12 @@ class Allocator:
         # made for it: a sixth of allocate's time in an initial sync); another one when its
         # record differs (records equal field by field persist alike; to_json decides only
         # for the rest, e.g. the same nodePorts in another order: a restart's first pass
-        # re-allocates every service, and two to_json each took a third of that).
-        if (claims or new.load_balancer_ips) if old is None else old != new and old.to_json() != new.to_json():
+        # re-allocates every service, and two to_json each took a third of that). The mask's
+        # bits follow node_ports' order, which dict equality ignores: with marks, an order
+        # that differs goes to to_json too (a mark moved to another port keeps the mask).
+        if (claims or new.load_balancer_ips) if old is None else (
+            old != new or (old.explicit_mask and list(old.node_ports) != list(new.node_ports))
+        ) and old.to_json() != new.to_json():
             self._dirty = True
         if claims or new.load_balancer_ips:
             self._records[key] = new.compact()

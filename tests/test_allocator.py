@@ -445,6 +445,23 @@ def test_reallocating_after_a_restart_changes_the_state_only_when_a_value_moves(
     assert b.dirty
 
 
+def test_an_explicit_mark_moved_to_another_port_is_written(tmp_path):
+    # a: nodePort written, b: allocated; then a's written value goes and b's is written: the
+    # explicit ports come first, so the mask is the same bit while the mark moved from a to b
+    a = alloc(tmp_path)
+    first = a.allocate(svc("s", type="NodePort", ports=[{"name": "a", "port": 80, "nodePort": 30001}, {"name": "b", "port": 81}]))
+    b_port = next(p["nodePort"] for p in first.obj["spec"]["ports"] if p["name"] == "b")
+    a.save()
+    a.allocate(svc("s", type="NodePort", ports=[{"name": "a", "port": 80}, {"name": "b", "port": 81, "nodePort": b_port}]))
+    assert a.dirty
+    a.save()
+    b = alloc(tmp_path)
+    assert b.get("default/s")["explicit"] == [f"{b_port}/TCP"]
+    # so after a restart b's written value is still the service's own, not taken over
+    with pytest.raises(AllocationError, match="already allocated to service default/s"):
+        b.allocate(svc("newcomer", type="NodePort", ports=[{"port": 90, "nodePort": b_port}]))
+
+
 def test_an_explicit_cluster_ip_outside_the_automatic_range_survives_a_restart(tmp_path):
     # the network's first host (kube gives it to the `kubernetes` service) is outside the
     # range automatic values come from; written in a manifest it is accepted, and kept

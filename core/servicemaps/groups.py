@@ -115,9 +115,10 @@ class _Group:
     ) -> "_Group":
         """The common frontend's group as rendering makes it (one scope, its kpr_svc entry
         (fk: its key's frontend key, the one `_groups` holds it by; see set_head),
-        every backend active in `order`, an array("I"), sorted): each field set once (a full
-        sync into empty maps makes tens of thousands, see kpr.servicemaps.bulk). slot_vals
-        None: the usual ones (see slot_vals)."""
+        its backends' ids in slot order in `order`, an array("I"): sorted when rendering
+        makes it, as the slots were when adoption does): each field set once (a full sync
+        into empty maps makes tens of thousands, see kpr.servicemaps.bulk). slot_vals None:
+        every slot the usual value, all active (see slot_vals); given otherwise."""
         g = cls.__new__(cls)
         g.rev_nat, g.owner, g.revnat = rev_nat, owner, revnat
         g._svc_keys, g._svc_vals, g.n_svc = fk, svc_val, 1

@@ -38,7 +38,8 @@ class ReconcileMixin:
         be_map = self.maps["kpr_backend"]
         # read once for both decodings below (an array's copy is 12 MB at 500k backends)
         be_raw = be_map.array_values() if getattr(be_map, "type", None) == M.BPF_MAP_TYPE_ARRAY else None
-        # ids 1..n, all backends (a full sync's): values as one slice, no (id, value) per entry
+        # one run of ids lo..hi-1, all backends (as a full sync leaves them): values as one
+        # slice, no (id, value) per entry
         dense = M.backend_run(be_map, be_raw)
         be_items = M.backend_items(be_map, be_raw) if dense is None else dense
         vals = self._backend_vals

@@ -15,10 +15,15 @@ bench_xdp_nodeport.py's "new flows over N vs M frontends" line reports, measured
 
     .venv/bin/python benchmarks/bench_nodeport_scale.py [--hook xdp] [--services 10,50000]
         [--runs 4000] [--rounds 7] [--stops 9,10,11,2,4,5,6,0] [--cflags=-DX=1,...] [--stride 40009]
+        [--no-warm]
 
 --cflags adds a twin of every build with these flags too (labels "cflags" for the full one,
 "stopN+cflags"), and their own table: a switch compared stage by stage, side by side
-(`--cflags=-DKPR_LB_FE=0`: frontends from kpr_svc only, not from their kpr_fe lines).
+(`--cflags=-DKPR_LB_FE=0`: frontends from kpr_svc only, not from their kpr_fe lines;
+`--cflags=-DKPR_LB_FE_IDS=0`: backend ids from kpr_slots, not from the frontend's line).
+--no-warm skips caching every filler backend's next hop before measuring (ProgLab.warm_next_hops;
+otherwise a frontend first reached by a stop build, which returns before caching, takes the FIB
+lookup in every build that follows: stops 5 and 6 then time another path in the big lab).
 --stride N visits the frontends in a scattered order (frontend n * N % fillers; default 1: the
 order the writer wrote them, whose kpr_svc elements, slot ranges and backends lie one after the
 other in memory, so the CPU's prefetchers hide misses a real node's traffic would take).
@@ -58,6 +63,8 @@ def main() -> int:
     ap.add_argument("--stride", type=int, default=1,
                     help="spread flows visit frontend n * stride %% fillers (1: in the order written; "
                          "a large prime such as 40009: scattered, as a real node's traffic is)")
+    ap.add_argument("--no-warm", dest="warm", action="store_false",
+                    help="do not cache every filler backend's next hop first")
     a = ap.parse_args()
     few, many = (int(x) for x in a.services.split(","))
     stops = [int(x) for x in a.stops.split(",")]
@@ -81,6 +88,9 @@ def main() -> int:
                     lab.load(a.hook, name, flags)
         pr(f"  {len(builds)} builds x 2 labs loaded in {time.perf_counter() - t0:.0f} s "
            f"(service maps written: {lf.sync_s:.1f} s, {lm.sync_s:.1f} s)")
+        if a.warm:
+            for lab in labs.values():
+                lab.warm_next_hops(a.hook)  # (after every load: a load starts a new next-hop generation)
         got: dict[tuple[int, str], list[float]] = {}
         moved: dict[tuple[int, str], int] = {}
         bares: dict[int, list[float]] = {n: [] for n in labs}

@@ -15,6 +15,7 @@ from typing import Any
 from ..bpf import maps as M
 from ..bpf.maglev import build_table
 from ..model import Service, ServiceKey
+from . import fetable
 from .groups import _ONE, _Group, _add_counts, _disown, _fk_label, _own, group_entries
 from .params import Refusal, first_overflow
 from .slots import SlotsFull
@@ -394,6 +395,7 @@ class ApplyMixin:
         svc_del: list[bytes] = []  # service entries of scopes that go from frontends that stay
         gone_del: list[bytes] = []  # every entry of frontends that go
         slot_up: list[_Group] = []  # groups whose kpr_slots range is to be written
+        slot_inplace: list[bytes] = []  # kpr_svc keys whose range is rewritten where it is (a repair)
         slot_free: list[tuple[int, int]] = []  # ranges nothing points at once this change is written
         rn_up: dict[int, bytes] = {}
         rn_del: list[int] = []
@@ -432,6 +434,8 @@ class ApplyMixin:
             else:
                 if g.base and (og.base != g.base or not og.same_slots(g)):
                     slot_up.append(g)  # a new range (or, repairing, the kernel's differs)
+                    if og.base == g.base:
+                        slot_inplace.extend(chain(og.svc, g.svc))  # kpr_fe lines holding its ids
                 if og.base and og.base != g.base:
                     slot_free.append((og.base, og.span))
                 if not og.same_svc(g):
@@ -559,6 +563,8 @@ class ApplyMixin:
         # 1. what service entries will point at: backends, their slots, rev-NAT entries, ...
         if slot_up:
             self._write_slots(slot_up)
+            if slot_inplace:
+                fetable.slots_rewritten(mp["kpr_svc"], slot_inplace)
         if be_up:
             # an array: stored into its memory, runs of consecutive ids (a full sync's) at once
             mp["kpr_backend"].store(be_up)

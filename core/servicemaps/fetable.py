@@ -8,6 +8,11 @@ write of the writer (`Mirrored` wraps the map object: the bulk path, the general
 `check()` repairs and rollbacks all go through it):
 
 - a write of kpr_svc, then of the key's line; a write that failed drops the keys' lines;
+- a line also holds the backend ids of its entry's first slots (`ids`: lib/lb.h picks those
+  without reading kpr_slots), read from kpr_slots as the line is written: the writer stores a
+  new slot range before the kpr_svc write that points at it, and a range rewritten in place
+  (a repair) is followed by `slots_rewritten`, which rewrites its keys' lines with what the
+  range holds now; the periodic check compares the ids too;
 - a deletion drops the line first (a tombstone: probe runs stay whole), then the kpr_svc entry;
 - a line is written under its sequence word (odd while written; the word only grows, so a
   reader never takes a rewritten line for the one it started reading);
@@ -43,8 +48,13 @@ TOMB = abi.value("KPR_FE_TOMB")
 _LINE = abi.struct_of("kpr_fe_line")
 LINE = _LINE.size
 _F = {f.name: f for f in _LINE.fields}
-_SEQ, _KEY, _VAL = _F["seq"].offset, _F["key"].offset, _F["val"].offset
+_SEQ, _KEY, _VAL, _IDS = _F["seq"].offset, _F["key"].offset, _F["val"].offset, _F["ids"].offset
 KEY_SIZE, VAL_SIZE = _VAL - _KEY, M.SVC_VAL.size
+IDS = abi.value("KPR_FE_IDS")
+IDS_SIZE = 4 * IDS
+NO_IDS = bytes(IDS_SIZE)
+_SLOT = abi.struct_of("kpr_slot").size  # kpr_slots value (backend id first), 8 bytes apart in its memory
+_BASE_COUNT = struct.Struct("=IH")  # kpr_svc_val's slot_base and count
 SPEC = M.MapSpec(FE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, LINE, LINES, "", M.BPF_F_MMAPABLE)
 _U32 = struct.Struct("=I")
 _WORDS = struct.Struct("=6I")
@@ -86,16 +96,33 @@ def _tomb(key: bytes) -> bytes:
 class FeTable:
     """The pinned kpr_fe array, written as memory."""
 
-    def __init__(self, m: M.BpfMap, *, fresh: bool = False) -> None:
+    def __init__(self, m: M.BpfMap, *, fresh: bool = False, slots: M.BpfMap | None = None) -> None:
         self.map = m
         self.mem = m.mmap()
+        # kpr_slots' memory, where a line's backend ids come from (None: lines hold none)
+        self.slots = slots.mmap() if slots is not None else None
+        self._nslots = len(self.slots) // _SLOT if self.slots is not None else 0
         self.unplaced = 0  # keys written that found no line (served from kpr_svc)
         # Created by us just now, so all zero: rebuild() need not read (and so map in) every line.
         self.fresh = fresh
 
     def close(self) -> None:
         self.mem.release()
+        if self.slots is not None:
+            self.slots.release()
         self.map.close()
+
+    def ids(self, val: bytes) -> bytes:
+        """The backend ids of the entry `val`'s slots 1..min(count, IDS) as kpr_slots holds them
+        now, zero-padded (lib/maps.h kpr_fe_line.ids)."""
+        if self.slots is None or len(val) < VAL_SIZE:
+            return NO_IDS
+        base, count = _BASE_COUNT.unpack_from(val)
+        n = min(count, IDS)
+        if not base or not n or base + n > self._nslots:
+            return NO_IDS
+        mem = self.slots
+        return b"".join(mem[(base + i) * _SLOT : (base + i) * _SLOT + 4] for i in range(n)) + bytes(4 * (IDS - n))
 
     def _key_at(self, idx: int) -> bytes:
         at = idx * LINE + _KEY
@@ -116,13 +143,17 @@ class FeTable:
                 free = idx
         return None, free
 
-    def _write(self, idx: int, key: bytes, val: bytes) -> None:
-        """One line under its sequence word: odd while the key and value change."""
+    def _write(self, idx: int, key: bytes, val: bytes, ids: bytes | None = None) -> None:
+        """One line under its sequence word: odd while the key, value and ids change (ids:
+        read from kpr_slots for `val` when not given)."""
+        if ids is None:
+            ids = self.ids(val)
         at = idx * LINE
         odd = (_U32.unpack_from(self.mem, at + _SEQ)[0] + 1) | 1  # (odd already: a writer died mid-line)
         _U32.pack_into(self.mem, at + _SEQ, odd & 0xFFFFFFFF)
         self.mem[at + _KEY : at + _KEY + KEY_SIZE] = key
         self.mem[at + _VAL : at + _VAL + VAL_SIZE] = val
+        self.mem[at + _IDS : at + _IDS + IDS_SIZE] = ids
         _U32.pack_into(self.mem, at + _SEQ, (odd + 1) & 0xFFFFFFFF)
 
     def put(self, key: bytes, val: bytes) -> None:
@@ -140,7 +171,22 @@ class FeTable:
     def drop(self, key: bytes) -> None:
         idx, _ = self._find(key)
         if idx is not None:
-            self._write(idx, _tomb(key), bytes(VAL_SIZE))
+            self._write(idx, _tomb(key), bytes(VAL_SIZE), NO_IDS)
+
+    def refresh(self, keys: Iterable[bytes]) -> int:
+        """Rewrite the lines of `keys` with their value and the ids their slots hold now (after
+        a kpr_slots range was rewritten in place); returns the lines rewritten."""
+        n = 0
+        for key in keys:
+            idx, _ = self._find(key)
+            if idx is None:
+                continue
+            at = idx * LINE
+            val = bytes(self.mem[at + _VAL : at + _VAL + VAL_SIZE])
+            if bytes(self.mem[at + _IDS : at + _IDS + IDS_SIZE]) != self.ids(val):
+                self._write(idx, key, val)
+                n += 1
+        return n
 
     def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         """Make the table kpr_svc's `items`, laid out afresh (no tombstones), rewriting only
@@ -159,12 +205,16 @@ class FeTable:
                     break
             else:
                 self.unplaced += 1
-        empty = _EMPTY_KEY + bytes(VAL_SIZE)
+        empty = _EMPTY_KEY + bytes(VAL_SIZE) + NO_IDS
+        ids = self.ids
+        want = {idx: kv + ids(kv[KEY_SIZE:]) for idx, kv in want.items()}
+        _V = KEY_SIZE + VAL_SIZE
         changed = 0
         if self.fresh:
             # every line is empty: write the wanted ones only (in line order, as below)
             for idx in sorted(want):
-                self._write(idx, want[idx][:KEY_SIZE], want[idx][KEY_SIZE:])
+                new = want[idx]
+                self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:_V], new[_V:])
             changed, self.fresh = len(want), False
         else:
             have = bytes(self.mem[: LINES * LINE])
@@ -173,16 +223,17 @@ class FeTable:
             lines = range(LINES) if want or have != bytes(len(have)) else ()
             for idx in lines:
                 at = idx * LINE
-                cur = have[at + _KEY : at + _VAL + VAL_SIZE]
+                cur = have[at + _KEY : at + _IDS + IDS_SIZE]
                 new = want.get(idx, empty)
                 if cur != new or _U32.unpack_from(have, at + _SEQ)[0] & 1:  # (odd: a writer died mid-line)
-                    self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:])
+                    self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:_V], new[_V:])
                     changed += 1
         log.info("event=fe_rebuilt entries=%d lines_written=%d unplaced=%d", len(want), changed, self.unplaced)
 
     def verify(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Compare the table with kpr_svc's `items` (the writer's periodic check): a line whose
-        value is not kpr_svc's, a line of a key kpr_svc lacks, a line left odd (a writer that
+        value is not kpr_svc's or whose ids are not what kpr_slots holds for it, a line of a
+        key kpr_svc lacks, a line left odd (a writer that
         died mid-line), or a placed key with no line make the table rebuilt, as do tombstones
         past an eighth of the lines (churn lengthens probe runs). Returns the lines that
         disagreed."""
@@ -200,7 +251,11 @@ class FeTable:
             v = want.get(k)
             if v is not None:
                 lined.add(k)
-            if _U32.unpack_from(have, at + _SEQ)[0] & 1 or v != have[at + _VAL : at + _VAL + VAL_SIZE]:
+            if (
+                _U32.unpack_from(have, at + _SEQ)[0] & 1
+                or v != have[at + _VAL : at + _VAL + VAL_SIZE]
+                or self.ids(v) != have[at + _IDS : at + _IDS + IDS_SIZE]
+            ):
                 wrong += 1
         # a key with no line is missing when put() would have placed it (a free line in reach)
         wrong += sum(1 for k in want.keys() - lined if self._find(k)[1] is not None)
@@ -217,19 +272,20 @@ def _ours(m: M.BpfMap) -> bool:
     )
 
 
-def open_fe(pin_path: Path) -> FeTable:
+def open_fe(pin_path: Path, slots: M.BpfMap | None = None) -> FeTable:
     """Adopt the pinned kpr_fe (a program may have created it empty) or create and pin it; a
-    pin of another shape is replaced (its programs are replaced with the agent's)."""
+    pin of another shape is replaced (its programs are replaced with the agent's). `slots`:
+    kpr_slots, where the lines' backend ids come from."""
     path = Path(pin_path) / FE_MAP
     if path.exists():
         m = M.BpfMap.open_pinned(path)
         if _ours(m):
-            return FeTable(m)
+            return FeTable(m, slots=slots)
         m.close()
         path.unlink()
     m = M.BpfMap.create(SPEC)
     m.pin(path)
-    return FeTable(m, fresh=True)
+    return FeTable(m, fresh=True, slots=slots)
 
 
 def clear_pinned(pin_path: Path) -> None:
@@ -307,9 +363,21 @@ class Mirrored:
         self._svc.close()
 
 
-def mirrored(svc: M.BpfMap, pin_path: Path) -> Mirrored:
-    """kpr_svc's map object with its kpr_fe copy opened and rebuilt from it."""
-    fe = open_fe(pin_path)
+def slots_rewritten(svc: Any, keys: Iterable[bytes]) -> None:
+    """kpr_slots ranges the service entries `keys` point at were rewritten in place (a repair;
+    a change takes a new range, and its kpr_svc write rewrites the line): their lines take the
+    ids the ranges hold now. `svc`: the writer's kpr_svc map object (no copy: nothing to do)."""
+    fe = getattr(svc, "fe", None)
+    if fe is not None:
+        n = fe.refresh(keys)
+        if n:
+            log.info("event=fe_ids_refreshed lines=%d", n)
+
+
+def mirrored(svc: M.BpfMap, pin_path: Path, slots: M.BpfMap | None = None) -> Mirrored:
+    """kpr_svc's map object with its kpr_fe copy opened and rebuilt from it (and from kpr_slots,
+    `slots`, the lines' backend ids)."""
+    fe = open_fe(pin_path, slots)
     try:
         fe.rebuild(svc.items())
     except BaseException:

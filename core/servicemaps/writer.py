@@ -196,7 +196,8 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
                         m.pin(path)
                         created.append(name)
                 if self.frontend_table and fetable.supported():
-                    self.maps["kpr_svc"] = fetable.mirrored(self.maps["kpr_svc"], self.pin_path)  # type: ignore[assignment]
+                    self.maps["kpr_svc"] = fetable.mirrored(  # type: ignore[assignment]
+                        self.maps["kpr_svc"], self.pin_path, self.maps["kpr_slots"])
                 else:
                     fetable.clear_pinned(self.pin_path)
                 self._check_maglev_inner()

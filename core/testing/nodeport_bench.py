@@ -551,6 +551,7 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "tc: two checksum helper calls per L4 rewrite, nothing read or inferred (KPR_CSUM_L4_INFER=0)": (
         "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0"),
     "frontends in kpr_svc only, no one-line copy read first (KPR_LB_FE=0)": ("-DKPR_LB_FE=0",),
+    "backend ids from kpr_slots, not from the frontend's kpr_fe line (KPR_LB_FE_IDS=0)": ("-DKPR_LB_FE_IDS=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",

@@ -24,24 +24,29 @@ PROGRAM = r"""
 #include "lib/parse.h"
 #include "lib/lb.h"
 
-BPF_ARRAY(test_out, __u32, 2); // [0] where the entry came from: 0 none, 1 kpr_fe, 2 kpr_svc; [1] its rev-NAT index
+// [0] where the entry came from: 0 none, 1 kpr_fe, 2 kpr_svc; [1] its rev-NAT index; [2] the
+// backend kpr_lb_pick_ids() picked (0: none)
+BPF_ARRAY(test_out, __u32, 3);
 
 int fe_test(kpr_ctx_t *ctx)
 {
 	struct kpr_pkt pkt;
 	struct kpr_svc_key key;
-	struct kpr_svc_val *svc, buf;
-	__u32 zero = 0, one = 1, from = 0, rev_nat = 0;
+	struct kpr_svc_val *svc;
+	struct kpr_fe_buf buf;
+	__u32 zero = 0, one = 1, two = 2, from = 0, rev_nat = 0, bid = 0;
 
 	if (kpr_parse(ctx, &pkt) != KPR_PARSE_OK || !pkt.l4_off)
 		return XDP_PASS;
 	svc = kpr_lb_lookup_into(&key, &pkt.t, 0, &buf);
 	if (svc) {
-		from = svc == &buf ? 1 : 2;
+		from = svc == &buf.val ? 1 : 2;
 		rev_nat = svc->rev_nat;
+		kpr_lb_pick_ids(&key, svc, &pkt.t, (void *)0, &bid, buf.ids);
 	}
 	test_out.update(&zero, &from);
 	test_out.update(&one, &rev_nat);
+	test_out.update(&two, &bid);
 	return XDP_PASS;
 }
 """
@@ -50,8 +55,8 @@ FROM_NONE, FROM_FE, FROM_SVC = 0, 1, 2
 
 
 class FeProgram:
-    def __init__(self, pin: Path) -> None:
-        self.b = compile_and_load(inline_includes(PROGRAM), cflags=M.cflags(pin))
+    def __init__(self, pin: Path, cflags: tuple[str, ...] = ()) -> None:
+        self.b = compile_and_load(inline_includes(PROGRAM), cflags=M.cflags(pin) + list(cflags))
         self.fn = load_prog(self.b, "fe_test", "XDP")
 
     def lookup(self, vip: str, port: int) -> tuple[int, int]:
@@ -59,6 +64,11 @@ class FeProgram:
         test_run(self.fn.fd, bytes(pkt))
         t = self.b[b"test_out"]
         return t[t.Key(0)].value, t[t.Key(1)].value
+
+    def picked(self) -> int:
+        """The backend id the last lookup's pick took (0: none)."""
+        t = self.b[b"test_out"]
+        return t[t.Key(2)].value
 
 
 def svc(name: str, vip: str, port: int, backend: str = "10.1.0.1") -> Service:
@@ -273,3 +283,127 @@ def test_the_periodic_check_repairs_a_line_that_disagrees_with_kpr_svc(
     assert p.lookup("10.96.7.1", 53) == (FROM_SVC, rev_a)
     assert w.check() == 1
     assert p.lookup("10.96.7.1", 53) == (FROM_FE, rev_a)
+
+
+# ---------------------------------------------------------------------- the slots' backend ids
+
+
+def line_ids(pin: Path, key: bytes) -> tuple[int, ...]:
+    """The backend ids `key`'s kpr_fe line holds (lib/maps.h kpr_fe_line.ids)."""
+    got = fe_line(pin, key)
+    assert got is not None
+    m = M.BpfMap.open_pinned(pin / F.FE_MAP)
+    try:
+        line = m.lookup(struct.pack("=I", got[0])) or b""
+    finally:
+        m.close()
+    return struct.unpack_from(f"={F.IDS}I", line, F._IDS)
+
+
+def slot_ids(pin: Path, key: bytes, n: int) -> tuple[int, ...]:
+    """kpr_slots' backend ids of `key`'s first n slots."""
+    base = M.SVC_VAL.unpack(kpr_svc_items(pin)[key])[0]
+    m = M.BpfMap.open_pinned(pin / "kpr_slots")
+    try:
+        return tuple(struct.unpack("=I", (m.lookup(struct.pack("=I", base + i)) or b"")[:4])[0] for i in range(n))
+    finally:
+        m.close()
+
+
+def set_slot(pin: Path, key: bytes, bid: int) -> None:
+    """kpr_slots' slot 1 of `key` names backend `bid`, written behind the writer's back."""
+    base = M.SVC_VAL.unpack(kpr_svc_items(pin)[key])[0]
+    m = M.BpfMap.open_pinned(pin / "kpr_slots")
+    try:
+        m.update(struct.pack("=I", base), struct.pack("=II", bid, 0))
+    finally:
+        m.close()
+
+
+def many(name: str, vip: str, n: int) -> Service:
+    bes = tuple(Backend(f"10.1.1.{i}", 53) for i in range(1, n + 1))
+    return Service(ServiceKey("default", name), (Frontend(FrontendType.CLUSTER_IP, vip, 53, Protocol.UDP, bes),))
+
+
+def two_services(w: ServiceMapWriter, pin: Path, net: str) -> tuple[bytes, int, int]:
+    """Services a (backend 10.1.0.1) and b (10.1.0.2) at net.1 and net.2: a's key and both
+    backend ids."""
+    w.upsert(svc("a", f"{net}.1", 53, backend="10.1.0.1"))
+    w.upsert(svc("b", f"{net}.2", 53, backend="10.1.0.2"))
+    ka = svc_key(f"{net}.1", 53)
+    return ka, slot_ids(pin, ka, 1)[0], slot_ids(pin, svc_key(f"{net}.2", 53), 1)[0]
+
+
+def test_a_line_holds_its_first_slots_backend_ids(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> None:
+    _p, w, pin = setup
+    w.upsert(svc("one", "10.96.8.1", 53))
+    w.upsert(many("six", "10.96.8.6", 6))
+    one, six = svc_key("10.96.8.1", 53), svc_key("10.96.8.6", 53)
+    assert line_ids(pin, one) == slot_ids(pin, one, 1) + (0,) * (F.IDS - 1)
+    assert 0 not in slot_ids(pin, six, 6)
+    assert line_ids(pin, six) == slot_ids(pin, six, F.IDS)  # slots 5.. from kpr_slots
+
+
+def test_the_pick_takes_the_lines_backend_id_and_kpr_slots_without_a_line(
+    setup: tuple[FeProgram, ServiceMapWriter, Path],
+) -> None:
+    p, w, pin = setup
+    ka, id_a, id_b = two_services(w, pin, "10.96.9")
+    p.lookup("10.96.9.1", 53)
+    assert p.picked() == id_a
+    # kpr_slots changed by hand: the line's id is what the pick takes (no kpr_slots read) ...
+    set_slot(pin, ka, id_b)
+    assert p.lookup("10.96.9.1", 53)[0] == FROM_FE
+    assert p.picked() == id_a
+    # ... and an entry found in kpr_svc (its line being written) reads kpr_slots
+    idx, _ = fe_line(pin, ka) or (None, b"")
+    assert idx is not None
+    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
+    seq = struct.unpack_from("=I", fe.mem, idx * F.LINE)[0]
+    struct.pack_into("=I", fe.mem, idx * F.LINE, seq + 1)
+    assert p.lookup("10.96.9.1", 53)[0] == FROM_SVC
+    assert p.picked() == id_b
+    struct.pack_into("=I", fe.mem, idx * F.LINE, seq + 2)
+    # the check repairs the range in place, and the line keeps (or gets) the repaired id
+    assert w.check() >= 1
+    assert slot_ids(pin, ka, 1) == (id_a,)
+    p.lookup("10.96.9.1", 53)
+    assert p.picked() == id_a
+
+
+def test_a_range_repaired_in_place_rewrites_the_ids_of_its_lines(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> None:
+    p, w, pin = setup
+    ka, id_a, id_b = two_services(w, pin, "10.96.10")
+    # a's range changed by hand, and its line with it (as a restart's rebuild takes what the
+    # maps hold): the line agrees with kpr_slots, both wrong
+    set_slot(pin, ka, id_b)
+    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
+    fe.refresh([ka])
+    assert line_ids(pin, ka)[0] == id_b
+    base = M.SVC_VAL.unpack(kpr_svc_items(pin)[ka])[0]
+    # the repair (a rollback's, or the first half of check()) rewrites the range where it lies,
+    # kpr_svc unchanged: the line follows it at once, not only at the next line comparison
+    assert w._repair() >= 1
+    assert M.SVC_VAL.unpack(kpr_svc_items(pin)[ka])[0] == base
+    assert slot_ids(pin, ka, 1) == (id_a,)
+    assert line_ids(pin, ka)[0] == id_a
+    assert p.lookup("10.96.10.1", 53)[0] == FROM_FE
+    assert p.picked() == id_a
+
+
+def test_the_periodic_check_repairs_a_line_whose_ids_disagree_with_kpr_slots(
+    setup: tuple[FeProgram, ServiceMapWriter, Path],
+) -> None:
+    p, w, pin = setup
+    ka, id_a, id_b = two_services(w, pin, "10.96.11")
+    assert w.check() == 0
+    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
+    idx, val = fe_line(pin, ka) or (None, b"")
+    assert idx is not None
+    fe._write(idx, ka, val, struct.pack(f"={F.IDS}I", id_b, *[0] * (F.IDS - 1)))  # by hand
+    p.lookup("10.96.11.1", 53)
+    assert p.picked() == id_b
+    assert w.check() == 1
+    assert line_ids(pin, ka)[0] == id_a
+    p.lookup("10.96.11.1", 53)
+    assert p.picked() == id_a

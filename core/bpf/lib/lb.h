@@ -27,6 +27,9 @@
 #ifndef KPR_LB_FE
 #define KPR_LB_FE 1 // 1: callers that pass a buffer find frontends in kpr_fe first (one line), kpr_svc on a miss
 #endif
+#ifndef KPR_LB_FE_IDS
+#define KPR_LB_FE_IDS 1 // 1: a frontend found in kpr_fe picks slots 1..KPR_FE_IDS from its line's backend ids, not kpr_slots
+#endif
 
 /* The kpr_fe hash of a service key: its six words mixed (murmur3's finaliser at the end);
  * kpr.servicemaps.fetable.fe_hash is the same function. */
@@ -46,15 +49,16 @@ static __always_inline __u32 kpr_fe_hash(const struct kpr_svc_key *k)
 	return h;
 }
 
-/* The key's kpr_svc value from its kpr_fe line, copied into *out: 1 when found whole, 0 when
- * not there (an empty line ends the probe run) or being written (odd or changed sequence
- * word: the caller asks kpr_svc, the truth). *out is written only on success. */
-static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr_svc_val *out)
+/* The key's kpr_svc value and its first slots' backend ids from its kpr_fe line, copied into
+ * *out: 1 when found whole, 0 when not there (an empty line ends the probe run) or being
+ * written (odd or changed sequence word: the caller asks kpr_svc, the truth). *out is written
+ * only on success. */
+static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr_fe_buf *out)
 {
 	const __u64 *a = (const __u64 *)k, *b;
 	__u32 h = kpr_fe_hash(k), i, idx, seq;
 	struct kpr_fe_line *l;
-	struct kpr_svc_val v;
+	struct kpr_fe_buf v;
 
 #pragma unroll
 	for (i = 0; i < KPR_FE_PROBES; i++) {
@@ -68,7 +72,12 @@ static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr
 		if (a[0] == b[0] && a[1] == b[1] && a[2] == b[2]) {
 			if (seq & 1)
 				return 0;
-			__builtin_memcpy(&v, &l->val, sizeof(v));
+			__builtin_memcpy(&v.val, &l->val, sizeof(v.val));
+#if KPR_LB_FE_IDS
+			__builtin_memcpy(v.ids, l->ids, sizeof(v.ids));
+#else
+			__builtin_memset(v.ids, 0, sizeof(v.ids));
+#endif
 			asm volatile("" ::: "memory"); // the copy before the second read of the word
 			if (*(volatile __u32 *)&l->seq != seq)
 				return 0;
@@ -83,15 +92,19 @@ static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr
 
 /* The service entry of a key (bcc rewrites map calls only outside macros: a function): from
  * kpr_fe into *buf when the caller gives a buffer, else (or on a miss there) kpr_svc's own
- * element. */
-static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *key, struct kpr_svc_val *buf)
+ * element, buf's ids then cleared (they never outlive the copy they came with: an entry
+ * handed back from kpr_svc, or an earlier copy kept when this key is not found, reads its
+ * slots from kpr_slots). */
+static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *key, struct kpr_fe_buf *buf)
 {
 	struct kpr_svc_val *svc;
 
 #if KPR_LB_FE
 	if (buf && kpr_lb_fe_get(key, buf))
-		return buf;
+		return &buf->val;
 #endif
+	if (buf)
+		__builtin_memset(buf->ids, 0, sizeof(buf->ids));
 	svc = kpr_svc.lookup(key);
 	if (!svc)
 		return (void *)0;
@@ -109,9 +122,11 @@ static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *ke
  * pointing at the entry found (wildcard address and scope included), ready for
  * kpr_lb_pick(). Returns NULL when the destination is not a service. With a buffer `buf` (the
  * caller's, living as long as the entry is used) the entry may be a copy from kpr_fe held
- * there: one cache line per frontend instead of kpr_svc's bucket and element. */
+ * there: one cache line per frontend instead of kpr_svc's bucket and element, and with it the
+ * backend ids of its first slots for kpr_lb_pick_ids() (buf->ids: all 0 unless the entry
+ * returned is that copy). */
 static __always_inline struct kpr_svc_val *kpr_lb_lookup_into(struct kpr_svc_key *key, const struct kpr_tuple *t,
-							       __u32 lflags, struct kpr_svc_val *buf)
+							       __u32 lflags, struct kpr_fe_buf *buf)
 {
 	struct kpr_svc_val *svc, *isvc;
 
@@ -161,19 +176,37 @@ static __always_inline int kpr_lb_src_allowed(const struct kpr_svc_val *svc, con
 	return kpr_srcrange.lookup(&k) != (void *)0;
 }
 
-/* Backend id in slot `slot` (1-based) of the service entry `svc`: kpr_slots[slot_base + slot - 1].
- * 0 when the entry has no slots (slot_base 0: an older kpr's entry, whose slots lived in
- * kpr_svc, until the writer rewrites it). */
-static __always_inline __u32 kpr_lb_slot_backend(const struct kpr_svc_val *svc, __u16 slot)
+/* Backend id in slot `slot` (1-based) of the service entry `svc`: kpr_slots[slot_base + slot - 1],
+ * or its copy in `ids` (the entry's kpr_fe line's, kpr_lb_lookup_into(); NULL or 0: none) for
+ * the first KPR_FE_IDS slots. 0 when the entry has no slots (slot_base 0: an older kpr's
+ * entry, whose slots lived in kpr_svc, until the writer rewrites it). */
+static __always_inline __u32 kpr_lb_slot_backend_ids(const struct kpr_svc_val *svc, const __u32 *ids, __u16 slot)
 {
 	struct kpr_slot *s;
 	__u32 idx, base = svc->slot_base;
 
 	if (!base)
 		return 0;
+#if KPR_LB_FE_IDS
+	if (ids) {
+		idx = (__u32)slot - 1;
+		if (idx < KPR_FE_IDS) {
+			__u32 bid = ids[idx & (KPR_FE_IDS - 1)];
+
+			if (bid)
+				return bid;
+		}
+	}
+#endif
 	idx = base + slot - 1;
 	s = kpr_slots.lookup(&idx);
 	return s ? s->backend_id : 0;
+}
+
+// kpr_lb_slot_backend_ids() from kpr_slots only.
+static __always_inline __u32 kpr_lb_slot_backend(const struct kpr_svc_val *svc, __u16 slot)
+{
+	return kpr_lb_slot_backend_ids(svc, (void *)0, slot);
 }
 
 // Maglev pick: the flow hash indexes the frontend scope's table. 0 when there is no table yet.
@@ -235,8 +268,8 @@ static __always_inline void kpr_lb_affinity_key_netns(struct kpr_affinity_key *k
  * the backends map. The slot remembered with it
  * is checked first; when a removal moved it, the first KPR_LB_AFFINITY_SCAN slots are
  * searched (and the next new connection searches again). *slot is set when the hint held. */
-static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *svc, struct kpr_affinity_key *aff,
-						      __u64 now, __u16 *slot)
+static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *svc, const __u32 *ids,
+						      struct kpr_affinity_key *aff, __u64 now, __u16 *slot)
 {
 	struct kpr_affinity_val *v = kpr_affinity.lookup(aff);
 	__u32 bid;
@@ -247,7 +280,7 @@ static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *s
 	if (now - v->last_used > (__u64)svc->affinity_timeout * 1000000000ULL)
 		return 0;
 	bid = v->backend_id;
-	if (v->slot >= 1 && v->slot <= svc->count && kpr_lb_slot_backend(svc, (__u16)v->slot) == bid) {
+	if (v->slot >= 1 && v->slot <= svc->count && kpr_lb_slot_backend_ids(svc, ids, (__u16)v->slot) == bid) {
 		*slot = (__u16)v->slot;
 		return bid;
 	}
@@ -256,7 +289,7 @@ static __always_inline __u32 kpr_lb_affinity_backend(const struct kpr_svc_val *s
 		if (i > svc->count)
 			break;
 		// *slot stays 0: distinct constants here would defeat the verifier's state pruning
-		if (kpr_lb_slot_backend(svc, i) == bid)
+		if (kpr_lb_slot_backend_ids(svc, ids, i) == bid)
 			return bid;
 	}
 	return 0;
@@ -276,10 +309,11 @@ static __always_inline struct kpr_backend *kpr_lb_backend(__u32 id)
 
 /* Pick the backend for a new flow to the service entry `key`/`svc` found by kpr_lb_lookup():
  * affinity (when the service has it and `aff` is given), then Maglev or random. Returns the
- * backend and its id in *id, or NULL when the service has no selectable backend. */
-static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
-							const struct kpr_tuple *t, struct kpr_affinity_key *aff,
-							__u32 *id)
+ * backend and its id in *id, or NULL when the service has no selectable backend. `ids`: the
+ * first slots' backend ids kpr_lb_lookup_into() copied with the entry (NULL: kpr_slots). */
+static __always_inline struct kpr_backend *kpr_lb_pick_ids(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
+							    const struct kpr_tuple *t, struct kpr_affinity_key *aff,
+							    __u32 *id, const __u32 *ids)
 {
 	struct kpr_backend *be = (void *)0;
 	__u32 bid = 0;
@@ -294,7 +328,7 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 		/* Only a backend in this service's selectable slots comes back: whether it may take
 		 * new connections is the slot's business (kpr_backend is shared by services that
 		 * may disagree on the pod's state). */
-		bid = kpr_lb_affinity_backend(svc, aff, now, &slot);
+		bid = kpr_lb_affinity_backend(svc, ids, aff, now, &slot);
 		if (bid)
 			be = kpr_lb_backend(bid);
 	}
@@ -308,7 +342,7 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 			bid = kpr_lb_maglev_backend(key, svc, t);
 		if (!bid) { // no Maglev table (yet): fall back to random rather than drop
 			slot = kpr_lb_random_slot(svc, t);
-			bid = slot ? kpr_lb_slot_backend(svc, slot) : 0;
+			bid = slot ? kpr_lb_slot_backend_ids(svc, ids, slot) : 0;
 		}
 		if (!bid)
 			return (void *)0;
@@ -326,6 +360,14 @@ static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, 
 	}
 	*id = bid;
 	return be;
+}
+
+// kpr_lb_pick_ids() reading the slots from kpr_slots.
+static __always_inline struct kpr_backend *kpr_lb_pick(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
+							const struct kpr_tuple *t, struct kpr_affinity_key *aff,
+							__u32 *id)
+{
+	return kpr_lb_pick_ids(key, svc, t, aff, id, (void *)0);
 }
 
 // Reverse-NAT entry (the frontend) of a flow, from the rev-NAT index kept in conntrack.

@@ -21,7 +21,8 @@
  *   kpr_srcrange  LPM (rev_nat, prefix) -> allowed (loadBalancerSourceRanges)
  *   kpr_fe        a copy of kpr_svc's entries in one-line slots the programs index by their own
  *                 hash of the key (lib/lb.h kpr_lb_svc_get): a frontend out of cache costs one
- *                 miss there, where kpr_svc's bucket and element cost two or three (issue 14).
+ *                 miss there, where kpr_svc's bucket and element cost two or three (issue 14);
+ *                 the line also holds its first slots' backend ids (no kpr_slots miss for them).
  *                 kpr_svc stays the truth: a key not found here is looked up there.
  */
 #ifndef KPR_LIB_MAPS_H
@@ -172,17 +173,30 @@ struct kpr_srcrange_key {
 	union kpr_addr addr; // range address, v4-mapped for IPv4
 };
 
-/* kpr_fe line: a kpr_svc entry, written under a sequence word (odd while the writer changes
- * the line: kpr.servicemaps.fetable). Empty: key.port 0 and key.slot 0 (a lookup stops there);
- * a deleted entry's line keeps key.slot KPR_FE_TOMB (never a lookup's slot 0: probing goes on). */
+/* kpr_fe line: a kpr_svc entry and the backend ids of its first slots, written under a
+ * sequence word (odd while the writer changes the line: kpr.servicemaps.fetable). Empty:
+ * key.port 0 and key.slot 0 (a lookup stops there); a deleted entry's line keeps key.slot
+ * KPR_FE_TOMB (never a lookup's slot 0: probing goes on). ids[i] is what kpr_slots holds at
+ * val.slot_base + i (slot i + 1) for i < val.count: the writer rewrites the line whenever either
+ * changes (a new range comes with a kpr_svc write; a range rewritten in place, a repair, with a
+ * refresh of its lines). 0: not known (past count, more than KPR_FE_IDS slots, a line an older
+ * kpr wrote): the program reads kpr_slots. A line 64 bytes, a cache line of its own. */
 #define KPR_FE_LINES 131072 // lines (a power of two; fixed: the programs' index mask and the writer's agree on it)
 #define KPR_FE_PROBES 8     // lines tried from a key's hash on
 #define KPR_FE_TOMB 0xffff  // key.slot of a deleted entry's line
+#define KPR_FE_IDS 4        // slots whose backend ids a line holds (the line's room after key and value)
 struct kpr_fe_line {
 	__u32 seq;               // even: the line is whole; odd: being written
 	struct kpr_svc_key key;  // the kpr_svc key (slot 0)
 	struct kpr_svc_val val;  // its kpr_svc value
-	__u8 pad[16];            // zero: a line of its own (array values 64 apart from a page boundary)
+	__u32 ids[4];            // backend ids of slots 1..KPR_FE_IDS (kpr_slots[val.slot_base + i]); 0: read kpr_slots
+};
+
+/* What kpr_lb_lookup_into() copies out of a line: the value and its slots' backend ids (ids
+ * all 0 whenever the value handed back is not this copy's). */
+struct kpr_fe_buf {
+	struct kpr_svc_val val;
+	__u32 ids[4];            // as kpr_fe_line.ids
 };
 
 _Static_assert(sizeof(union kpr_addr) == 16, "kpr_addr layout");
@@ -196,6 +210,8 @@ _Static_assert(sizeof(struct kpr_affinity_val) == 16, "kpr_affinity_val layout")
 _Static_assert(sizeof(struct kpr_maglev_key) == 8, "kpr_maglev_key layout");
 _Static_assert(sizeof(struct kpr_srcrange_key) == 24, "kpr_srcrange_key layout");
 _Static_assert(sizeof(struct kpr_fe_line) == 64, "kpr_fe_line layout");
+_Static_assert(sizeof(((struct kpr_fe_line *)0)->ids) == KPR_FE_IDS * 4, "kpr_fe_line ids");
+_Static_assert(sizeof(struct kpr_fe_buf) == 36, "kpr_fe_buf layout");
 
 /* --- maps ---------------------------------------------------------------------------- */
 

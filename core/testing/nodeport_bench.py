@@ -552,6 +552,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0"),
     "frontends in kpr_svc only, no one-line copy read first (KPR_LB_FE=0)": ("-DKPR_LB_FE=0",),
     "backend ids from kpr_slots, not from the frontend's kpr_fe line (KPR_LB_FE_IDS=0)": ("-DKPR_LB_FE_IDS=0",),
+    "a new flow's next-hop entry read in its stage only, not touched at the pick (KPR_NP_NH_TOUCH=0)": (
+        "-DKPR_NP_NH_TOUCH=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",

@@ -1115,6 +1115,25 @@ static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_back
 	return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
 }
 
+#ifndef KPR_NP_NH_TOUCH
+#define KPR_NP_NH_TOUCH 1 // 1: a new flow reads its backend's next-hop entry as it picks (the miss beside kpr_backend's)
+#endif
+
+/* Bring a new flow's next-hop entry (kpr_np_nh, read by its stage after the tail call) into the
+ * cache now: a load issued beside the pick's kpr_backend load overlaps the two misses, where the
+ * stage's read, hundreds of instructions later, would take its own. Both ends of the entry (48
+ * bytes: half of them span two lines). Nothing is decided on what it reads. */
+static __always_inline void kpr_np_nh_touch(__u32 bid)
+{
+#if KPR_NP_NH_CACHE && KPR_NP_NH_TOUCH
+	__u32 idx = bid & KPR_BACKEND_INDEX_MASK;
+	struct kpr_np_nh *e = kpr_np_nh.lookup(&idx);
+
+	if (e)
+		asm volatile("" ::"r"(*(volatile __u32 *)&e->gen), "r"(*(volatile __u32 *)&e->addr.w[3]));
+#endif
+}
+
 // Tracked flow or new flow to a frontend; anything else goes to the announced-address guard.
 static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
@@ -1192,6 +1211,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	}
 	kpr_lb_affinity_key_addr(&aff, svc, &pkt->t.saddr);
 	be = kpr_lb_pick_ids(&key, svc, &pkt->t, &aff, &bid, svcbuf.ids);
+	kpr_np_nh_touch(bid);
 	if (!be) {
 		kpr_mon_flow(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_NO_BACKEND, &pkt->t, svc->rev_nat, 0, (void *)0);
 		return kpr_np_tail(ctx, KPR_NP_CALL_NO_BACKEND);

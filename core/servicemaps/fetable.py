@@ -55,6 +55,9 @@ IDS_SIZE = 4 * IDS
 NO_IDS = bytes(IDS_SIZE)
 _SLOT = abi.struct_of("kpr_slot").size  # kpr_slots value (backend id first), 8 bytes apart in its memory
 _BASE_COUNT = struct.Struct("=IH")  # kpr_svc_val's slot_base and count
+# n slots' backend ids read from kpr_slots' memory / written as a line's ids, zero-padded
+_SLOTS_IN = [struct.Struct("=" + "I4x" * n) for n in range(IDS + 1)]
+_IDS_OUT = [struct.Struct(f"={n}I{4 * (IDS - n)}x") for n in range(IDS + 1)]
 SPEC = M.MapSpec(FE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, LINE, LINES, "", M.BPF_F_MMAPABLE)
 _U32 = struct.Struct("=I")
 _WORDS = struct.Struct("=6I")
@@ -121,8 +124,7 @@ class FeTable:
         n = min(count, IDS)
         if not base or not n or base + n > self._nslots:
             return NO_IDS
-        mem = self.slots
-        return b"".join(mem[(base + i) * _SLOT : (base + i) * _SLOT + 4] for i in range(n)) + bytes(4 * (IDS - n))
+        return _IDS_OUT[n].pack(*_SLOTS_IN[n].unpack_from(self.slots, base * _SLOT))
 
     def _key_at(self, idx: int) -> bytes:
         at = idx * LINE + _KEY

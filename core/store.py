@@ -122,19 +122,23 @@ class ObjectStore:
                     if key is not None:
                         self._drop_member(key, ref)
                         touched.add(key)
+            # (names held for the loop: it runs once per object of a full sync)
+            objects, checked, unpack, is_packed = self._objects, translate.checked, memory.unpack, memory.is_packed
             for item in upserts:
-                found = translate.checked(item)
+                found = checked(item)
                 if found is not None:
                     # A slice the source validated: what the store needs of it was read then.
                     obj, ref, key = item, found.ref, found.key
                 else:
                     # Sources may hand objects packed (memory.pack); the dict lives for this step only.
-                    obj = memory.unpack(item)
+                    obj = unpack(item)
                     if obj.get("kind") == "Pod":
                         pods.append(obj)
                     ref = translate.object_ref(obj)
                     key = translate.service_key_of(obj, ref)
-                old = memory.unpack(self._objects.get(ref))
+                old = objects.get(ref)
+                if old is not None:
+                    old = unpack(old)
                 self._index(ref, old, obj, touched, key)
                 if old is not None:
                     old_key = translate.service_key_of(old)
@@ -142,7 +146,7 @@ class ObjectStore:
                         self._drop_member(old_key, ref)
                         touched.add(old_key)
                 # Kept packed, read again when its service is translated.
-                self._objects[ref] = item if memory.is_packed(item) else memory.pack(obj)
+                objects[ref] = item if is_packed(item) else memory.pack(obj)
                 if key is not None:
                     self._add_member(key, ref)
                     touched.add(key)
@@ -357,11 +361,11 @@ class ObjectStore:
         and the address a pod is known by wins."""
         node_ips, listed = self._node_ips, self._endpoint_ips
         # The common case, no conflict, costs a look at the translated frontends only.
-        if not any(
-            f.address in node_ips or f.address in listed
-            for f in service.frontends
-            if f.type is FrontendType.CLUSTER_IP
-        ):
+        cluster_ip = FrontendType.CLUSTER_IP
+        for f in service.frontends:  # (a loop, not any() of a generator: once per service)
+            if f.type is cluster_ip and (f.address in node_ips or f.address in listed):
+                break
+        else:
             return []
         problems = []
         for field, ip in translate.cluster_ips_of(memory.unpack(svc)):
@@ -426,10 +430,15 @@ class ObjectStore:
         # EndpointSlices, and Services the source validated moments ago, go to translation as
         # kept (packed): they are not read again (translate.take_checked).
         objs = []
+        objects = self._objects
+        svc = None
         for r in members:
-            o = self._objects[r]
-            objs.append((r, o if r[0] == "EndpointSlice" or checked(o) is not None else unpack(o)))
-        svc = next((o for r, o in objs if r[0] == "Service"), None)
+            o = objects[r]
+            if r[0] != "EndpointSlice" and checked(o) is None:
+                o = unpack(o)
+            objs.append((r, o))
+            if svc is None and r[0] == "Service":
+                svc = o
         try:
             service = self._translate(key, objs)
         except InvalidObject as e:
@@ -455,8 +464,9 @@ class ObjectStore:
                 log.info("service.delete service=%s", key)
                 self._publisher.delete(key)
             return
-        if service != old:
-            self._warn_unchecked(service)
+        if old is None or service != old:
+            if self._unwarned:
+                self._warn_unchecked(service)
             self._recount(old, service)
             self.services[key] = service
             log.debug("service.upsert service=%s frontends=%d", key, len(service.frontends))
@@ -495,7 +505,8 @@ class ObjectStore:
             return translate.translate_pod(pod, self.node)
         if svc is None:
             return None
-        slices.sort(key=lambda s: s[0])  # by name
+        if len(slices) > 1:
+            slices.sort(key=lambda s: s[0])  # by name
         return translate.translate_service(
             svc, [o for _, o in slices], endpoints, self.node, self._proxy_name, self._rules, key
         )
@@ -509,5 +520,9 @@ class ObjectStore:
     def _recount(self, old: Service | None, new: Service | None) -> None:
         for service, sign in ((old, -1), (new, 1)):
             if service is not None:
-                self._frontends += sign * len(service.frontends)
-                self._backends += sign * sum(len(f.backends) for f in service.frontends)
+                frontends = service.frontends
+                self._frontends += sign * len(frontends)
+                if len(frontends) == 1:  # most services (no generator for them)
+                    self._backends += sign * len(frontends[0].backends)
+                else:
+                    self._backends += sign * sum([len(f.backends) for f in frontends])

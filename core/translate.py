@@ -1283,7 +1283,7 @@ class _CheckedService:
     @property
     def claimed(self) -> tuple[str, ...]:
         """claimed_cluster_ips of the object (valid: each text is the address it parses to)."""
-        return tuple(ip[0] for ip in self.spec.cluster_ips)
+        return tuple([ip[0] for ip in self.spec.cluster_ips])
 
 
 # The spec fields an allocation fills in (kpr.allocator): the rest of an allocated Service is

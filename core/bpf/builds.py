@@ -32,9 +32,10 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import links as L
 from . import maps as M
@@ -161,15 +162,28 @@ def map_ids(prog_fd: int) -> list[int]:
 
 
 def _pinned_map_id(pin: Path) -> int | None:
+    return _map_attr(M.BpfMap.open_pinned, pin, "id")
+
+
+def _map_name(mid: int) -> str | None:
+    return _map_attr(M.BpfMap.from_id, mid, "name")
+
+
+def _map_attr(open_map: Callable[[Any], M.BpfMap], where: Any, attr: str) -> Any:
+    """An attribute of the map `open_map(where)` opens, None when it cannot be opened."""
     try:
-        with M.BpfMap.open_pinned(pin) as m:
-            return m.id
+        with open_map(where) as m:
+            return getattr(m, attr)
     except OSError:
         return None
 
 
-def _why_not(pin_path: Path, name: str, prog: AdoptedProg | None) -> tuple[str, bytes | None]:
-    """Why the program behind a link cannot be adopted ("" when it can), and its build."""
+def _why_not(
+    pin_path: Path, name: str, prog: AdoptedProg | None, seen: dict[tuple[str, object], object] | None = None
+) -> tuple[str, bytes | None]:
+    """Why the program behind a link cannot be adopted ("" when it can), and its build.
+    `seen`: map names by id and pinned ids by name already looked up (one adopt() asks for
+    the same few maps of every program: 60 opens and closes of 7 maps for socklb's 10)."""
     if prog is None:
         return "no usable link", None
     if (L.prog_name(prog.id) or "") != name[:15]:
@@ -177,13 +191,16 @@ def _why_not(pin_path: Path, name: str, prog: AdoptedProg | None) -> tuple[str, 
     have = recorded(pin_path, prog.id)
     if have is None:
         return "no build recorded", None
+    seen = {} if seen is None else seen
     for mid in map_ids(prog.fd):
-        try:
-            with M.BpfMap.from_id(mid) as m:
-                mname = m.name
-        except OSError:
+        if ("id", mid) not in seen:
+            seen[("id", mid)] = _map_name(mid)
+        mname = seen[("id", mid)]
+        if not mname:
             continue
-        pinned = _pinned_map_id(pin_path / mname) if mname else None
+        if ("pin", mname) not in seen:
+            seen[("pin", mname)] = _pinned_map_id(pin_path / mname)
+        pinned = seen[("pin", mname)]
         if pinned is not None and pinned != mid:
             return f"its map {mname} is no longer the pinned one", have
     return "", have
@@ -219,12 +236,13 @@ def adopt(
     out: dict[str, AdoptedProg] = {}
     reason = "" if pins else "no hooks"
     build: bytes | None = None
+    seen: dict[tuple[str, object], object] = {}
     for name, link_pin in pins.items():
         prog = _prog_of_link(link_pin, name)
         if prog is not None:
             out[name] = prog
         try:
-            reason, have = _why_not(pin_path, name, prog)
+            reason, have = _why_not(pin_path, name, prog, seen)
         except OSError as exc:
             reason, have = str(exc), None
         if not reason and have not in candidates:

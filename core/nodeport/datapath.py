@@ -93,14 +93,28 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP = "kpr_np_rev", "kpr_np_fe", "kpr_np_vip", "kpr_np_nodeaddr", "kpr_np_dev"
 DEVKIND_MAP = "kpr_np_devkind"
 PORTS_MAP = "kpr_np_ports"
+UNSERVED_MAP = "kpr_np_unserved"  # kpr_np_ports' port words inverted once armed: what the prefilter reads
 NH_MAP = "kpr_np_nh"  # next hops cached per backend (KPR_NP_NH_CACHE); key NH_GEN: the generation
 # Counters: each build has its own pair (lib/nodeport.h KPR_NP_PIN_STATS, KPR_NP_PIN_FWD), so
 # with tc and XDP on one node each plugin's status counts its own program's packets only.
 STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"  # the tc build's; XDP: kpr_np_xstats, kpr_np_xfwd
-OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP)
+OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP, UNSERVED_MAP)
 # kpr_np_ports (lib/nodeport.h): 64 ports per word, TCP words then UDP words, then the armed word.
 PORTS_ARMED = abi.value("KPR_NP_PORTS_ARMED")
 VIP_BITS = abi.value("KPR_NP_VIP_BITS")  # then 1024 words: a bit per announced address at vip_hash()
+UNSERVED_WORDS = abi.value("KPR_NP_UNSERVED_WORDS")  # kpr_np_unserved: one per port word of kpr_np_ports
+_WORD_MASK = (1 << 64) - 1
+
+
+def unserved_word(port_word: int, armed: bool) -> int:
+    """A kpr_np_unserved word from its kpr_np_ports port word: inverted once armed, zero before
+    (nothing leaves early)."""
+    return ~port_word & _WORD_MASK if armed else 0
+
+
+def unserved_words(port_words: Mapping[int, int], armed: bool) -> dict[int, int]:
+    """All of kpr_np_unserved from kpr_np_ports' port words (absent: zero)."""
+    return {i: unserved_word(port_words.get(i, 0), armed) for i in range(UNSERVED_WORDS)}
 _PORT_PROTO_BASE = {6: 0, 17: 1024}
 
 # --- struct packers, read from lib/nodeport.h, lib/conntrack.h and lib/nat.h -----------------
@@ -160,6 +174,19 @@ def _last_next_hop_gen(m: M.BpfMap) -> int:
 
 def _set_next_hop_gen(m: M.BpfMap, gen: int, last: int) -> None:
     m.update(M.U32.pack(NH_GEN), NP_NH.pack(gen, last, bytes(6), bytes(6), 0, 0, _ZERO16))
+
+
+def _set_array_words(m: M.BpfMap, words: Mapping[int, int]) -> None:
+    """Words of a u64 array map as given, where they differ (indexes past the map's end skipped)."""
+    have = dict(m.items())
+    n = m.info().max_entries
+    up = {}
+    for i, w in words.items():
+        k, v = M.U32.pack(i), struct.pack("=Q", w)
+        if i < n and have.get(k) != v:
+            up[k] = v
+    if up:
+        m.update_many(list(up), list(up.values()))
 
 
 def _vip_words(addresses: Iterable[bytes]) -> dict[int, int]:
@@ -485,19 +512,12 @@ class Datapath:
                 words[i] = words.get(i, 0) | 1 << (port & 63)
         self._set_words(0, PORTS_ARMED, words)
         self._set_words(PORTS_ARMED, 1, {PORTS_ARMED: 1})
+        _set_array_words(self.maps[UNSERVED_MAP], unserved_words(words, True))
 
     def _set_words(self, first: int, count: int, words: Mapping[int, int]) -> None:
         """kpr_np_ports words first..first+count as given (absent: zero), where they differ. A map
         pinned by a build with fewer words keeps them absent (its programs then look up)."""
-        m = self.maps[PORTS_MAP]
-        have = dict(m.items())
-        up = {}
-        for i in range(first, min(first + count, m.info().max_entries)):
-            k, v = M.U32.pack(i), struct.pack("=Q", words.get(i, 0))
-            if have.get(k) != v:
-                up[k] = v
-        if up:
-            m.update_many(list(up), list(up.values()))
+        _set_array_words(self.maps[PORTS_MAP], {i: words.get(i, 0) for i in range(first, first + count)})
 
     def set_modes(self, modes: Mapping[tuple[str, int, int], str]) -> None:
         """kpr_np_fe: (address, port, protocol number) -> mode, for frontends overriding the default."""

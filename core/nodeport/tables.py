@@ -8,6 +8,7 @@ they exist before any plugin loads its programs, and written here only.
   kpr_np_dev       SNAT addresses per external device (key 0: the node's defaults)
   kpr_np_devkind   what every link of the namespace is (kpr.netdevs)
   kpr_np_ports     the fast exit's bitmaps: frontend ports, announced-address bits
+  kpr_np_unserved  the port words inverted once armed (zero before): what the programs test
   kpr_np_nh        next hops the programs cache per backend; written here: the generation
                    (kpr.nexthops bumps it when routes or neighbours change)
 
@@ -50,6 +51,7 @@ def specs(rev_size: int) -> list[M.MapSpec]:
         M.MapSpec(D.DEV_MAP, M.BPF_MAP_TYPE_HASH, 4, D.NP_DEV.size, abi.value("KPR_NP_DEV_MAX")),
         M.MapSpec(D.DEVKIND_MAP, M.BPF_MAP_TYPE_HASH, 4, 4, abi.value("KPR_NP_DEVKIND_MAX")),
         M.MapSpec(D.PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.VIP_BITS + 1024),
+        M.MapSpec(D.UNSERVED_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.UNSERVED_WORDS),
         M.MapSpec(D.NH_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.NP_NH.size, abi.value("KPR_NP_NH_MAX")),
     ]
 
@@ -97,6 +99,7 @@ class NodePortTables:
             self._nwords = ports.info().max_entries
             # the words as the map holds them: later writes compare against this mirror
             self._words = {M.U32.unpack(k)[0]: _WORD.unpack(v)[0] for k, v in ports.items()}
+            self._unserved = {M.U32.unpack(k)[0]: _WORD.unpack(v)[0] for k, v in self.maps[D.UNSERVED_MAP].items()}
         except BaseException:
             self.close()
             raise
@@ -132,10 +135,19 @@ class NodePortTables:
     # ------------------------------------------------------------------ by difference
 
     def _write_words(self, words: Mapping[int, int]) -> None:
+        """kpr_np_ports words, and kpr_np_unserved's for the port words among them (all of them
+        when the armed word is written: arming fills it, disarming clears it)."""
         up = {i: w for i, w in words.items() if i < self._nwords and self._words.get(i, 0) != w}
         if up:
             self.maps[D.PORTS_MAP].update_many([M.U32.pack(i) for i in up], [_WORD.pack(w) for w in up.values()])
             self._words.update(up)
+        armed = bool(self._words.get(D.PORTS_ARMED))
+        idx = range(D.UNSERVED_WORDS) if D.PORTS_ARMED in words else [i for i in words if i < D.UNSERVED_WORDS]
+        want = {i: D.unserved_word(self._words.get(i, 0), armed) for i in idx}
+        up = {i: w for i, w in want.items() if self._unserved.get(i, 0) != w}
+        if up:
+            self.maps[D.UNSERVED_MAP].update_many([M.U32.pack(i) for i in up], [_WORD.pack(w) for w in up.values()])
+            self._unserved.update(up)
 
     def add_ports(self, ports: Iterable[PortKey]) -> None:
         words: dict[int, int] = {}

@@ -538,6 +538,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "fine clock (bpf_ktime_get_ns; default coarse, KPR_CLOCK_FINE=1)": ("-DKPR_CLOCK_FINE=1",),
     "conntrack ages on the coarse clock, not jiffies (KPR_CT_CLOCK_JIFFIES=0)": ("-DKPR_CT_CLOCK_JIFFIES=0",),
     "fast exit after the full parse, not before (KPR_NP_EARLY_EXIT=0)": ("-DKPR_NP_EARLY_EXIT=0",),
+    "fast exit reads kpr_np_ports' word and armed word, not kpr_np_unserved's (KPR_NP_UNSERVED=0)": (
+        "-DKPR_NP_UNSERVED=0",),
     "checksums patched once per field, not once (KPR_REWRITE_ONE_CSUM=0)": ("-DKPR_REWRITE_ONE_CSUM=0",),
     "established SNAT flows through the tail call, not inline (KPR_NP_EST_INLINE=0)": ("-DKPR_NP_EST_INLINE=0",),
     "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),

@@ -73,10 +73,11 @@ def test_a_port_taken_out_of_the_bitmap_is_not_balanced(lab: ProgLab, hook: str)
 @pytest.mark.parametrize("armed, balanced", [(0, True), (1, False)], ids=["not armed", "armed"])
 def test_a_clear_port_bit_counts_only_once_the_bitmap_is_armed(lab: ProgLab, hook: str, armed: int,
                                                                balanced: bool) -> None:
-    """Frontend port 80's bit cleared: before the agent armed the bitmap (the armed word 0)
-    the frontend is still balanced, by the early exit's test and the full path's; armed, its
-    packet is taken for unserved (dropped: an announced address). The programs read the port's
-    bit first and the armed word only for a clear bit."""
+    """Frontend port 80's bit cleared: before the agent armed the bitmap (kpr_np_unserved all
+    zero, as created) the frontend is still balanced, by the early exit's test and the full
+    path's; armed (the port words inverted there), its packet is taken for unserved (dropped:
+    an announced address). The programs read kpr_np_unserved alone, not kpr_np_ports' port
+    words and armed word (its own line): here that word says the opposite each time."""
     import struct
 
     from kpr.bpf import maps as M
@@ -84,10 +85,14 @@ def test_a_clear_port_bit_counts_only_once_the_bitmap_is_armed(lab: ProgLab, hoo
 
     lab.flush_flows()
     dp = lab.builds[hook]
-    with M.BpfMap.open_pinned(lab.pin / ND.PORTS_MAP) as ports:
+    with M.BpfMap.open_pinned(lab.pin / ND.PORTS_MAP) as ports, \
+            M.BpfMap.open_pinned(lab.pin / ND.UNSERVED_MAP) as unserved:
         try:
             dp.set_frontend_ports([(NODEPORT, 6)])  # port 80's bit clear
-            ports.update(M.U32.pack(ND.PORTS_ARMED), struct.pack("=Q", armed))
+            if not armed:
+                unserved.update_many([M.U32.pack(i) for i in range(ND.UNSERVED_WORDS)],
+                                     [bytes(8)] * ND.UNSERVED_WORDS)
+            ports.update(M.U32.pack(ND.PORTS_ARMED), struct.pack("=Q", 1 - armed))
             verdict, _out, moved = run(lab, hook, lab.packet(VIP, 80, sport=45007 + armed, flags="S"))
             if balanced:
                 assert moved.get("new_snat") == 1, moved
@@ -98,6 +103,38 @@ def test_a_clear_port_bit_counts_only_once_the_bitmap_is_armed(lab: ProgLab, hoo
             assert moved.get("new_local") == 1, moved
         finally:
             dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])
+
+
+def test_the_tables_write_the_unserved_words_once_armed(require_kernel: None) -> None:
+    """kpr.nodeport.tables keeps kpr_np_unserved the inverse of kpr_np_ports' port words once
+    armed, all zero before: ports added and removed before arming leave it zero, arming fills
+    it, later changes follow."""
+    from kpr.bpf import maps as M
+    from kpr.bpf.cleanup import scratch_pin_dir
+    from kpr.nodeport import datapath as ND
+    from kpr.nodeport.tables import NodePortTables
+
+    def word(m: M.BpfMap, i: int) -> int:
+        return int.from_bytes(m.lookup(M.U32.pack(i)), "little")
+
+    full = (1 << 64) - 1
+    with scratch_pin_dir("kpr-unserved") as pin:
+        pin.mkdir()
+        t = NodePortTables(pin, 1024)
+        try:
+            un = t.maps[ND.UNSERVED_MAP]
+            t.add_ports([(80, 6), (53, 17)])
+            assert word(un, 1) == 0 and word(un, 1024) == 0  # not armed: nothing leaves early
+            t.set_ports([(80, 6), (53, 17)])
+            assert word(un, 1) == full & ~(1 << 16)  # port 80: word 1, bit 16
+            assert word(un, 1024) == full & ~(1 << 53)
+            assert word(un, 5) == full and word(un, 2047) == full
+            t.add_ports([(30080, 6)])
+            assert word(un, 30080 >> 6) == full & ~(1 << (30080 & 63))
+            t.remove_ports([(80, 6)])
+            assert word(un, 1) == full
+        finally:
+            t.close()
 
 
 @pytest.mark.parametrize("hook", ["tc", "xdp"])

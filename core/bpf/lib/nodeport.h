@@ -125,6 +125,9 @@
 #ifndef KPR_NP_EARLY_EXIT
 #define KPR_NP_EARLY_EXIT 1 // 1: the prefilter's test on the raw headers before the full parse (kpr_np_early)
 #endif
+#ifndef KPR_NP_UNSERVED
+#define KPR_NP_UNSERVED 1 // 1: the prefilter tests a port's bit in kpr_np_unserved (one line), 0: kpr_np_ports and its armed word
+#endif
 #ifndef KPR_NP_EARLY_PARSE
 #define KPR_NP_EARLY_PARSE 1 // 1: a plain TCP/UDP frame to a frontend's port goes from the fast exit's raw-header read to the service path (no second parse)
 #endif
@@ -338,6 +341,12 @@ BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, K
 #define KPR_NP_PORTS_ARMED 2048
 #define KPR_NP_VIP_BITS (KPR_NP_PORTS_ARMED + 1)
 BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_VIP_BITS + 1024, KPR_PIN(kpr_np_ports));
+/* The same port words inverted, armed in each bit (kpr_np_unserved, written with kpr_np_ports): a
+ * set bit is a port no frontend has, once the agent armed kpr_np_ports; all clear (as created)
+ * before. The prefilter reads this word alone: no armed word's line of its own, so a packet
+ * that leaves early reads two lines (this word, the announced-address bit), not three. */
+#define KPR_NP_UNSERVED_WORDS 2048
+BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_unserved, KPR_NP_UNSERVED_WORDS, KPR_PIN(kpr_np_unserved));
 // What each device is (ifindex -> KPR_DEV_*), for the forwarding helper it allows.
 BPF_TABLE_PINNED("hash", __u32, __u32, kpr_np_devkind, KPR_NP_DEVKIND_MAX, KPR_PIN(kpr_np_devkind));
 /* Counters, per CPU, per hook: tc and XDP on one node (XDP in front, tc behind it for local
@@ -433,6 +442,11 @@ static __always_inline int kpr_np_port_served(const struct kpr_tuple *t)
 {
 	__u16 port = kpr_ntohs(t->dport);
 	__u32 k = (t->proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
+#if KPR_NP_UNSERVED
+	__u64 *w = kpr_np_unserved.lookup(&k);
+
+	return !w || !((*w >> (port & 63)) & 1);
+#else
 	__u64 *w = kpr_np_ports.lookup(&k);
 
 	// the port's bit first: a service's packet is served without reading the armed word (a
@@ -442,6 +456,7 @@ static __always_inline int kpr_np_port_served(const struct kpr_tuple *t)
 	k = KPR_NP_PORTS_ARMED;
 	w = kpr_np_ports.lookup(&k);
 	return !w || !*w;
+#endif
 }
 
 // 16-bit hash of an address for the announced-address bits (kpr.nodeport.datapath.vip_hash mirrors it).

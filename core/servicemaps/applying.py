@@ -434,8 +434,11 @@ class ApplyMixin:
             else:
                 if g.base and (og.base != g.base or not og.same_slots(g)):
                     slot_up.append(g)  # a new range (or, repairing, the kernel's differs)
-                    if og.base == g.base:
-                        slot_inplace.extend(chain(og.svc, g.svc))  # kpr_fe lines holding its ids
+                    # kpr_fe lines holding its ids, where no kpr_svc write rewrites them: a
+                    # range rewritten where it lies, also one a repair found overlapping
+                    # another (_reload then says base 0 while the entry keeps pointing there)
+                    if og.base == g.base or og.same_svc(g):
+                        slot_inplace.extend(chain(og.svc, g.svc))
                 if og.base and og.base != g.base:
                     slot_free.append((og.base, og.span))
                 if not og.same_svc(g):

@@ -407,3 +407,51 @@ def test_the_periodic_check_repairs_a_line_whose_ids_disagree_with_kpr_slots(
     assert line_ids(pin, ka)[0] == id_a
     p.lookup("10.96.11.1", 53)
     assert p.picked() == id_a
+
+
+def test_a_repair_of_overlapping_ranges_rewrites_the_lines_of_a_range_rewritten_where_it_lies(
+    setup: tuple[FeProgram, ServiceMapWriter, Path],
+) -> None:
+    p, w, pin = setup
+    ka, id_a, id_b = two_services(w, pin, "10.96.12")
+    kb = svc_key("10.96.12.2", 53)
+    # by hand: b's entry points at a's range, which names b's backend; then a restart's
+    # rebuild takes what the maps hold (both lines: b's id)
+    a_base = M.SVC_VAL.unpack(kpr_svc_items(pin)[ka])[0]
+    m = M.BpfMap.open_pinned(pin / "kpr_svc")
+    try:
+        m.update(kb, M.SVC_VAL.pack(a_base, *M.SVC_VAL.unpack(kpr_svc_items(pin)[kb])[1:]))
+    finally:
+        m.close()
+    set_slot(pin, ka, id_b)
+    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
+    fe.rebuild(kpr_svc_items(pin).items())
+    assert line_ids(pin, ka)[0] == id_b
+    # the repair finds the ranges overlapping and rewrites a's where it lies (a's kpr_svc
+    # entry unchanged): its line follows at once, not only at the next line comparison
+    assert w._repair() >= 1
+    assert slot_ids(pin, ka, 1) == (id_a,)
+    assert line_ids(pin, ka)[0] == id_a
+    assert p.lookup("10.96.12.1", 53)[0] == FROM_FE
+    assert p.picked() == id_a
+    p.lookup("10.96.12.2", 53)
+    assert p.picked() == id_b
+
+
+def test_the_pick_follows_a_frontends_backends_through_its_line(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> None:
+    # ordinary changes (another backend, more of them, none left): the line's ids follow
+    # every one, as the programs read them
+    p, w, pin = setup
+    key = svc_key("10.96.13.1", 53)
+    for backend in ("10.1.0.1", "10.1.0.2"):
+        w.upsert(svc("a", "10.96.13.1", 53, backend=backend))
+        assert p.lookup("10.96.13.1", 53)[0] == FROM_FE
+        assert p.picked() == slot_ids(pin, key, 1)[0]
+        assert line_ids(pin, key)[0] == slot_ids(pin, key, 1)[0]
+    w.upsert(many("a", "10.96.13.1", 3))
+    assert line_ids(pin, key)[:3] == slot_ids(pin, key, 3)
+    picks = set()
+    for _ in range(64):
+        assert p.lookup("10.96.13.1", 53)[0] == FROM_FE
+        picks.add(p.picked())
+    assert picks <= set(slot_ids(pin, key, 3)) and len(picks) > 1

@@ -110,8 +110,8 @@ def test_the_bracket_bound_never_passes_what_the_walk_refuses() -> None:
 
 
 def test_long_integers_in_shallow_json_are_json_s() -> None:
-    """The shallow path still gives json's reading of an integer orjson makes a float of,
-    and leaves a 19-digit string alone."""
+    """The shallow path still gives json's reading of an integer orjson makes a float of
+    (a 19-digit string beside it reads as the same string)."""
     text = json.dumps({"kind": "Service", "n": 12345678901234567890123, "s": "1234567890123456789012"}).encode()
     docs = parse_manifest("a.json", text)
     assert docs == [json.loads(text)] and type(docs[0]["n"]) is int

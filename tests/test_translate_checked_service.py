@@ -1,6 +1,7 @@
 """A Service is read once: validation's reading of the manifest's version (kept by the files
-source, translate.remember_checked) is reused for the allocated version when allocation only
-filled in what was read (translate.checked_after_allocation), and the store translates it
+source, translate.remember_checked) is reused for the allocated version, brought up to date
+with what allocation filled in (translate.checked_after_allocation; None when anything else
+changed or a filled-in value does not read cleanly), and the store translates it
 without reading it again. Whatever the Service and whatever allocation did, the reading
 reused must be the one a fresh reading of the allocated Service gives."""
 

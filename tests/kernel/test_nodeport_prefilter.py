@@ -123,8 +123,9 @@ def test_the_tables_write_the_unserved_words_once_armed(require_kernel: None) ->
         t = NodePortTables(pin, 1024)
         try:
             un = t.maps[ND.UNSERVED_MAP]
-            t.add_ports([(80, 6), (53, 17)])
-            assert word(un, 1) == 0 and word(un, 1024) == 0  # not armed: nothing leaves early
+            t.add_ports([(80, 6), (53, 17), (8080, 6)])
+            t.remove_ports([(8080, 6)])
+            assert word(un, 1) == 0 and word(un, 1024) == 0 and word(un, 8080 >> 6) == 0  # not armed: nothing leaves early
             t.set_ports([(80, 6), (53, 17)])
             assert word(un, 1) == full & ~(1 << 16)  # port 80: word 1, bit 16
             assert word(un, 1024) == full & ~(1 << 53)
@@ -133,6 +134,40 @@ def test_the_tables_write_the_unserved_words_once_armed(require_kernel: None) ->
             assert word(un, 30080 >> 6) == full & ~(1 << (30080 & 63))
             t.remove_ports([(80, 6)])
             assert word(un, 1) == full
+        finally:
+            t.close()
+
+
+def test_an_upgrade_from_pins_without_the_unserved_words_fills_them_when_armed(require_kernel: None) -> None:
+    """Pins an older kpr left (kpr_np_ports armed, no kpr_np_unserved): the new map starts all
+    zero, so nothing leaves early (every port reads as served) until the agent's start arms
+    the tables, which writes every word."""
+    from kpr.bpf import maps as M
+    from kpr.bpf.cleanup import scratch_pin_dir
+    from kpr.nodeport import datapath as ND
+    from kpr.nodeport.tables import NodePortTables
+
+    def word(m: M.BpfMap, i: int) -> int:
+        return int.from_bytes(m.lookup(M.U32.pack(i)), "little")
+
+    full = (1 << 64) - 1
+    with scratch_pin_dir("kpr-unserved-up") as pin:
+        pin.mkdir()
+        old = NodePortTables(pin, 1024)
+        try:
+            old.set_ports([(80, 6)])
+            old.arm()
+        finally:
+            old.close()
+        (pin / ND.UNSERVED_MAP).unlink()  # as an older kpr left them
+        t = NodePortTables(pin, 1024)
+        try:
+            un = t.maps[ND.UNSERVED_MAP]
+            assert word(t.maps[ND.PORTS_MAP], ND.PORTS_ARMED) != 0
+            assert word(un, 1) == 0 and word(un, 5) == 0
+            t.set_ports([(80, 6)])
+            t.arm()
+            assert word(un, 1) == full & ~(1 << 16) and word(un, 5) == full
         finally:
             t.close()
 

@@ -335,7 +335,9 @@ BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_nodeaddr, KPR_NP_NODEADDR
 BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, KPR_PIN(kpr_np_dev));
 /* Frontend ports (kpr_np_ports, written by the agent from every external frontend): bit
  * (port & 63) of word (proto index << 10 | port >> 6), TCP index 0, UDP 1; word
- * KPR_NP_PORTS_ARMED is non-zero once the agent wrote them all (until then nothing exits early).
+ * KPR_NP_PORTS_ARMED is non-zero once the agent wrote them all (until then nothing exits early;
+ * read only by KPR_NP_UNSERVED=0 builds and older programs still attached: the others read
+ * kpr_np_unserved, whose words stay zero until then).
  * The 1024 words from KPR_NP_VIP_BITS hold a bit per announced address (kpr_np_vip), at
  * kpr_np_vip_hash(): a clear bit spares the early exit the announced-address lookup. */
 #define KPR_NP_PORTS_ARMED 2048

@@ -18,7 +18,7 @@ import logging
 import socket
 from array import array
 from sys import intern
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -596,7 +596,18 @@ class _ServiceSpec:
     topology: bool
 
 
+def _check_family_policy(obj: KubeObject, get: Callable[[str], Any]) -> None:
+    if get("ipFamilyPolicy") is not None:
+        _enum(obj, get("ipFamilyPolicy"), _FAMILY_POLICIES, "spec.ipFamilyPolicy")
+
+
+def _health_check_port(obj: KubeObject, get: Callable[[str], Any]) -> int:
+    return _port(obj, get("healthCheckNodePort"), "spec.healthCheckNodePort", optional=True)
+
+
 def _parse_service(obj: KubeObject, rules: AddressRules = NO_RULES) -> _ServiceSpec:
+    # The fields allocation fills in (_ALLOCATED_FIELDS) are read again by _allocated_spec
+    # for a reading brought up to date: a rule for them belongs in the helpers both call.
     spec = _dict(obj, obj.get("spec"), "spec")
     get = spec.get
     stype = _enum(obj, get("type"), _SERVICE_TYPES, "spec.type") or "ClusterIP"
@@ -633,13 +644,10 @@ def _parse_service(obj: KubeObject, rules: AddressRules = NO_RULES) -> _ServiceS
         internal_policy = _enum(
             obj, get("internalTrafficPolicy"), _INTERNAL_POLICIES, "spec.internalTrafficPolicy"
         )
-    if get("ipFamilyPolicy") is not None:
-        _enum(obj, get("ipFamilyPolicy"), _FAMILY_POLICIES, "spec.ipFamilyPolicy")
+    _check_family_policy(obj, get)
     health_check = 0
     if get("healthCheckNodePort") is not None:
-        health_check = _port(
-            obj, get("healthCheckNodePort"), "spec.healthCheckNodePort", optional=True
-        )
+        health_check = _health_check_port(obj, get)
     if get("allocateLoadBalancerNodePorts") is not None:
         _bool(obj, get("allocateLoadBalancerNodePorts"), "spec.allocateLoadBalancerNodePorts")
     publish = get("publishNotReadyAddresses")
@@ -1342,11 +1350,10 @@ def _allocated_spec(
     get = after.get
     cluster_ips = _parse_cluster_ips(obj, after, rules)
     families = _parse_families(obj, after, cluster_ips)
-    if get("ipFamilyPolicy") is not None:
-        _enum(obj, get("ipFamilyPolicy"), _FAMILY_POLICIES, "spec.ipFamilyPolicy")
+    _check_family_policy(obj, get)
     health_check = parsed.health_check_node_port
     if get("healthCheckNodePort") is not before.get("healthCheckNodePort"):
-        health_check = _port(obj, get("healthCheckNodePort"), "spec.healthCheckNodePort", optional=True)
+        health_check = _health_check_port(obj, get)
     ports = parsed.ports
     new_ports, old_ports = get("ports"), before.get("ports")
     if new_ports is not old_ports:

@@ -28,6 +28,16 @@ def lab(require_kernel: None) -> Iterator[ProgLab]:
         yield pl
 
 
+FULL = (1 << 64) - 1  # a kpr_np_unserved word with no port of its 64 served
+
+
+def word(m, i: int) -> int:
+    """Word i of an array map of u64 words (kpr_np_ports, kpr_np_unserved)."""
+    from kpr.bpf import maps as M
+
+    return int.from_bytes(m.lookup(M.U32.pack(i)), "little")
+
+
 def run(lab: ProgLab, hook: str, pkt: bytes) -> tuple[int, bytes, dict[str, int]]:
     return run_counted(lab, hook, hook, pkt)
 
@@ -109,15 +119,10 @@ def test_the_tables_write_the_unserved_words_once_armed(require_kernel: None) ->
     """kpr.nodeport.tables keeps kpr_np_unserved the inverse of kpr_np_ports' port words once
     armed, all zero before: ports added and removed before arming leave it zero, arming fills
     it, later changes follow."""
-    from kpr.bpf import maps as M
     from kpr.bpf.cleanup import scratch_pin_dir
     from kpr.nodeport import datapath as ND
     from kpr.nodeport.tables import NodePortTables
 
-    def word(m: M.BpfMap, i: int) -> int:
-        return int.from_bytes(m.lookup(M.U32.pack(i)), "little")
-
-    full = (1 << 64) - 1
     with scratch_pin_dir("kpr-unserved") as pin:
         pin.mkdir()
         t = NodePortTables(pin, 1024)
@@ -127,13 +132,13 @@ def test_the_tables_write_the_unserved_words_once_armed(require_kernel: None) ->
             t.remove_ports([(8080, 6)])
             assert word(un, 1) == 0 and word(un, 1024) == 0 and word(un, 8080 >> 6) == 0  # not armed: nothing leaves early
             t.set_ports([(80, 6), (53, 17)])
-            assert word(un, 1) == full & ~(1 << 16)  # port 80: word 1, bit 16
-            assert word(un, 1024) == full & ~(1 << 53)
-            assert word(un, 5) == full and word(un, 2047) == full
+            assert word(un, 1) == FULL & ~(1 << 16)  # port 80: word 1, bit 16
+            assert word(un, 1024) == FULL & ~(1 << 53)
+            assert word(un, 5) == FULL and word(un, 2047) == FULL
             t.add_ports([(30080, 6)])
-            assert word(un, 30080 >> 6) == full & ~(1 << (30080 & 63))
+            assert word(un, 30080 >> 6) == FULL & ~(1 << (30080 & 63))
             t.remove_ports([(80, 6)])
-            assert word(un, 1) == full
+            assert word(un, 1) == FULL
         finally:
             t.close()
 
@@ -142,15 +147,10 @@ def test_an_upgrade_from_pins_without_the_unserved_words_fills_them_when_armed(r
     """Pins an older kpr left (kpr_np_ports armed, no kpr_np_unserved): the new map starts all
     zero, so nothing leaves early (every port reads as served) until the agent's start arms
     the tables, which writes every word."""
-    from kpr.bpf import maps as M
     from kpr.bpf.cleanup import scratch_pin_dir
     from kpr.nodeport import datapath as ND
     from kpr.nodeport.tables import NodePortTables
 
-    def word(m: M.BpfMap, i: int) -> int:
-        return int.from_bytes(m.lookup(M.U32.pack(i)), "little")
-
-    full = (1 << 64) - 1
     with scratch_pin_dir("kpr-unserved-up") as pin:
         pin.mkdir()
         old = NodePortTables(pin, 1024)
@@ -167,7 +167,7 @@ def test_an_upgrade_from_pins_without_the_unserved_words_fills_them_when_armed(r
             assert word(un, 1) == 0 and word(un, 5) == 0
             t.set_ports([(80, 6)])
             t.arm()
-            assert word(un, 1) == full & ~(1 << 16) and word(un, 5) == full
+            assert word(un, 1) == FULL & ~(1 << 16) and word(un, 5) == FULL
         finally:
             t.close()
 

@@ -748,12 +748,12 @@ class Allocator:
         ip = ips[0]
         if type(ip) is not str or ip in self._ips:
             return False
-        rng = self._ip_ranges.get(4)
         try:
-            packed = socket.inet_pton(socket.AF_INET, ip)
-        except (OSError, ValueError):
+            text, family, value = _address(ip)
+        except ValueError:
             return False
-        if rng is None or socket.inet_ntop(socket.AF_INET, packed) != ip or int.from_bytes(packed, "big") not in rng:
+        rng = self._ip_ranges.get(4)
+        if family != 4 or text != ip or rng is None or value not in rng:
             return False
         self._ips[ip] = key
         self._used_in_range["4"] += 1

@@ -137,17 +137,17 @@ class NodePortTables:
     def _write_words(self, words: Mapping[int, int]) -> None:
         """kpr_np_ports words, and kpr_np_unserved's for the port words among them (all of them
         when the armed word is written: arming fills it, disarming clears it)."""
-        up = {i: w for i, w in words.items() if i < self._nwords and self._words.get(i, 0) != w}
-        if up:
-            self.maps[D.PORTS_MAP].update_many([M.U32.pack(i) for i in up], [_WORD.pack(w) for w in up.values()])
-            self._words.update(up)
+        self._put(D.PORTS_MAP, self._words, {i: w for i, w in words.items() if i < self._nwords})
         armed = bool(self._words.get(D.PORTS_ARMED))
         idx = range(D.UNSERVED_WORDS) if D.PORTS_ARMED in words else [i for i in words if i < D.UNSERVED_WORDS]
-        want = {i: D.unserved_word(self._words.get(i, 0), armed) for i in idx}
-        up = {i: w for i, w in want.items() if self._unserved.get(i, 0) != w}
+        self._put(D.UNSERVED_MAP, self._unserved, {i: D.unserved_word(self._words.get(i, 0), armed) for i in idx})
+
+    def _put(self, name: str, mirror: dict[int, int], words: Mapping[int, int]) -> None:
+        """The words of u64 array `name` that differ from `mirror` (what it holds), written."""
+        up = {i: w for i, w in words.items() if mirror.get(i, 0) != w}
         if up:
-            self.maps[D.UNSERVED_MAP].update_many([M.U32.pack(i) for i in up], [_WORD.pack(w) for w in up.values()])
-            self._unserved.update(up)
+            self.maps[name].update_many([M.U32.pack(i) for i in up], [_WORD.pack(w) for w in up.values()])
+            mirror.update(up)
 
     def add_ports(self, ports: Iterable[PortKey]) -> None:
         words: dict[int, int] = {}

@@ -108,6 +108,7 @@ class FeTable:
         self.unplaced = 0  # keys written that found no line (served from kpr_svc)
         # Created by us just now, so all zero: rebuild() need not read (and so map in) every line.
         self.fresh = fresh
+        self.scans = 0  # reads of the whole table (a repair's check and rebuild share one)
 
     def close(self) -> None:
         self.mem.release()
@@ -125,6 +126,11 @@ class FeTable:
         if not base or not n or base + n > self._nslots:
             return NO_IDS
         return _IDS_OUT[n].pack(*_SLOTS_IN[n].unpack_from(self.slots, base * _SLOT))
+
+    def _scan(self) -> bytes:
+        """Every line as the table holds it now."""
+        self.scans += 1
+        return bytes(self.mem[: LINES * LINE])
 
     def _key_at(self, idx: int) -> bytes:
         at = idx * LINE + _KEY
@@ -190,10 +196,11 @@ class FeTable:
                 n += 1
         return n
 
-    def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+    def rebuild(self, items: Iterable[tuple[bytes, bytes]], have: bytes | None = None) -> None:
         """Make the table kpr_svc's `items`, laid out afresh (no tombstones), rewriting only
         the lines that change (meanwhile a key may be found at its old line, with its value,
-        or not at all: the programs then ask kpr_svc)."""
+        or not at all: the programs then ask kpr_svc). `have`: the table as `verify` just read
+        it (only this writer writes it, under the writer's lock: it still holds that)."""
         want: dict[int, bytes] = {}
         self.unplaced = 0
         for k, v in items:
@@ -219,7 +226,8 @@ class FeTable:
                 self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:_V], new[_V:])
             changed, self.fresh = len(want), False
         else:
-            have = bytes(self.mem[: LINES * LINE])
+            if have is None:
+                have = self._scan()
             # (a table nothing ever wrote, which a program's load created, emptied on a restart:
             # nothing to compare line by line)
             lines = range(LINES) if want or have != bytes(len(have)) else ()
@@ -240,7 +248,7 @@ class FeTable:
         past an eighth of the lines (churn lengthens probe runs). Returns the lines that
         disagreed."""
         want = {k: v for k, v in items if k[_SLOT_AT : _SLOT_AT + 2] == b"\0\0"}
-        have = bytes(self.mem[: LINES * LINE])
+        have = self._scan()
         wrong = tombs = 0
         lined: set[bytes] = set()  # keys kpr_svc has that have a line, right or wrong
         for at in range(0, LINES * LINE, LINE):
@@ -262,7 +270,7 @@ class FeTable:
         # a key with no line is missing when put() would have placed it (a free line in reach)
         wrong += sum(1 for k in want.keys() - lined if self._find(k)[1] is not None)
         if wrong or tombs > LINES // 8:
-            self.rebuild(want.items())
+            self.rebuild(want.items(), have)
         return wrong
 
 

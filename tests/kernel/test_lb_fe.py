@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -335,13 +336,46 @@ def many(name: str, vip: str, n: int) -> Service:
     return Service(ServiceKey("default", name), (Frontend(FrontendType.CLUSTER_IP, vip, 53, Protocol.UDP, bes),))
 
 
-def two_services(w: ServiceMapWriter, pin: Path, net: str) -> tuple[bytes, int, int]:
-    """Services a (backend 10.1.0.1) and b (10.1.0.2) at net.1 and net.2: a's key and both
-    backend ids."""
-    w.upsert(svc("a", f"{net}.1", 53, backend="10.1.0.1"))
-    w.upsert(svc("b", f"{net}.2", 53, backend="10.1.0.2"))
-    ka = svc_key(f"{net}.1", 53)
-    return ka, slot_ids(pin, ka, 1)[0], slot_ids(pin, svc_key(f"{net}.2", 53), 1)[0]
+@dataclass
+class Two:
+    """Services a (backend 10.1.0.1) at A_VIP and b (10.1.0.2) at B_VIP, written, with the
+    program: their keys and backend ids."""
+
+    p: FeProgram
+    w: ServiceMapWriter
+    pin: Path
+    ka: bytes
+    kb: bytes
+    id_a: int
+    id_b: int
+
+    @property
+    def fe(self) -> F.FeTable:
+        return self.w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
+
+    def a_repaired_in_place(self) -> None:
+        """The repair (a rollback's, or the first half of check()) rewrites a's range where it
+        lies, a's kpr_svc entry unchanged: its line follows at once, not only at the next line
+        comparison, and the program picks a's backend through it."""
+        base = M.SVC_VAL.unpack(kpr_svc_items(self.pin)[self.ka])[0]
+        assert self.w._repair() >= 1
+        assert M.SVC_VAL.unpack(kpr_svc_items(self.pin)[self.ka])[0] == base
+        assert slot_ids(self.pin, self.ka, 1) == (self.id_a,)
+        assert line_ids(self.pin, self.ka)[0] == self.id_a
+        assert self.p.lookup(A_VIP, 53)[0] == FROM_FE
+        assert self.p.picked() == self.id_a
+
+
+A_VIP, B_VIP = "10.96.9.1", "10.96.9.2"
+
+
+@pytest.fixture
+def two(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> Two:
+    p, w, pin = setup
+    w.upsert(svc("a", A_VIP, 53, backend="10.1.0.1"))
+    w.upsert(svc("b", B_VIP, 53, backend="10.1.0.2"))
+    ka, kb = svc_key(A_VIP, 53), svc_key(B_VIP, 53)
+    return Two(p, w, pin, ka, kb, slot_ids(pin, ka, 1)[0], slot_ids(pin, kb, 1)[0])
 
 
 def test_a_line_holds_its_first_slots_backend_ids(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> None:
@@ -354,77 +388,54 @@ def test_a_line_holds_its_first_slots_backend_ids(setup: tuple[FeProgram, Servic
     assert line_ids(pin, six) == slot_ids(pin, six, F.IDS)  # slots 5.. from kpr_slots
 
 
-def test_the_pick_takes_the_lines_backend_id_and_kpr_slots_without_a_line(
-    setup: tuple[FeProgram, ServiceMapWriter, Path],
-) -> None:
-    p, w, pin = setup
-    ka, id_a, id_b = two_services(w, pin, "10.96.9")
-    p.lookup("10.96.9.1", 53)
+def test_the_pick_takes_the_lines_backend_id_and_kpr_slots_without_a_line(two: Two) -> None:
+    p, pin, ka, id_a, id_b = two.p, two.pin, two.ka, two.id_a, two.id_b
+    p.lookup(A_VIP, 53)
     assert p.picked() == id_a
     # kpr_slots changed by hand: the line's id is what the pick takes (no kpr_slots read) ...
     set_slot(pin, ka, id_b)
-    assert p.lookup("10.96.9.1", 53)[0] == FROM_FE
+    assert p.lookup(A_VIP, 53)[0] == FROM_FE
     assert p.picked() == id_a
     # ... and an entry found in kpr_svc (its line being written) reads kpr_slots
     idx, _ = fe_line(pin, ka) or (None, b"")
     assert idx is not None
-    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
-    seq = struct.unpack_from("=I", fe.mem, idx * F.LINE)[0]
-    struct.pack_into("=I", fe.mem, idx * F.LINE, seq + 1)
-    assert p.lookup("10.96.9.1", 53)[0] == FROM_SVC
+    seq = struct.unpack_from("=I", two.fe.mem, idx * F.LINE)[0]
+    struct.pack_into("=I", two.fe.mem, idx * F.LINE, seq + 1)
+    assert p.lookup(A_VIP, 53)[0] == FROM_SVC
     assert p.picked() == id_b
-    struct.pack_into("=I", fe.mem, idx * F.LINE, seq + 2)
+    struct.pack_into("=I", two.fe.mem, idx * F.LINE, seq + 2)
     # the check repairs the range in place, and the line keeps (or gets) the repaired id
-    assert w.check() >= 1
+    assert two.w.check() >= 1
     assert slot_ids(pin, ka, 1) == (id_a,)
-    p.lookup("10.96.9.1", 53)
+    p.lookup(A_VIP, 53)
     assert p.picked() == id_a
 
 
-def test_a_range_repaired_in_place_rewrites_the_ids_of_its_lines(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> None:
-    p, w, pin = setup
-    ka, id_a, id_b = two_services(w, pin, "10.96.10")
+def test_a_range_repaired_in_place_rewrites_the_ids_of_its_lines(two: Two) -> None:
     # a's range changed by hand, and its line with it (as a restart's rebuild takes what the
     # maps hold): the line agrees with kpr_slots, both wrong
-    set_slot(pin, ka, id_b)
-    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
-    fe.refresh([ka])
-    assert line_ids(pin, ka)[0] == id_b
-    base = M.SVC_VAL.unpack(kpr_svc_items(pin)[ka])[0]
-    # the repair (a rollback's, or the first half of check()) rewrites the range where it lies,
-    # kpr_svc unchanged: the line follows it at once, not only at the next line comparison
-    assert w._repair() >= 1
-    assert M.SVC_VAL.unpack(kpr_svc_items(pin)[ka])[0] == base
-    assert slot_ids(pin, ka, 1) == (id_a,)
-    assert line_ids(pin, ka)[0] == id_a
-    assert p.lookup("10.96.10.1", 53)[0] == FROM_FE
-    assert p.picked() == id_a
+    set_slot(two.pin, two.ka, two.id_b)
+    two.fe.refresh([two.ka])
+    assert line_ids(two.pin, two.ka)[0] == two.id_b
+    two.a_repaired_in_place()
 
 
-def test_the_periodic_check_repairs_a_line_whose_ids_disagree_with_kpr_slots(
-    setup: tuple[FeProgram, ServiceMapWriter, Path],
-) -> None:
-    p, w, pin = setup
-    ka, id_a, id_b = two_services(w, pin, "10.96.11")
+def test_the_periodic_check_repairs_a_line_whose_ids_disagree_with_kpr_slots(two: Two) -> None:
+    p, w, pin, ka = two.p, two.w, two.pin, two.ka
     assert w.check() == 0
-    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
     idx, val = fe_line(pin, ka) or (None, b"")
     assert idx is not None
-    fe._write(idx, ka, val, struct.pack(f"={F.IDS}I", id_b, *[0] * (F.IDS - 1)))  # by hand
-    p.lookup("10.96.11.1", 53)
-    assert p.picked() == id_b
+    two.fe._write(idx, ka, val, struct.pack(f"={F.IDS}I", two.id_b, *[0] * (F.IDS - 1)))  # by hand
+    p.lookup(A_VIP, 53)
+    assert p.picked() == two.id_b
     assert check_scanned(w) == 1
-    assert line_ids(pin, ka)[0] == id_a
-    p.lookup("10.96.11.1", 53)
-    assert p.picked() == id_a
+    assert line_ids(pin, ka)[0] == two.id_a
+    p.lookup(A_VIP, 53)
+    assert p.picked() == two.id_a
 
 
-def test_a_repair_of_overlapping_ranges_rewrites_the_lines_of_a_range_rewritten_where_it_lies(
-    setup: tuple[FeProgram, ServiceMapWriter, Path],
-) -> None:
-    p, w, pin = setup
-    ka, id_a, id_b = two_services(w, pin, "10.96.12")
-    kb = svc_key("10.96.12.2", 53)
+def test_a_repair_of_overlapping_ranges_rewrites_the_lines_of_a_range_rewritten_where_it_lies(two: Two) -> None:
+    pin, ka, kb = two.pin, two.ka, two.kb
     # by hand: b's entry points at a's range, which names b's backend; then a restart's
     # rebuild takes what the maps hold (both lines: b's id)
     a_base = M.SVC_VAL.unpack(kpr_svc_items(pin)[ka])[0]
@@ -433,19 +444,13 @@ def test_a_repair_of_overlapping_ranges_rewrites_the_lines_of_a_range_rewritten_
         m.update(kb, M.SVC_VAL.pack(a_base, *M.SVC_VAL.unpack(kpr_svc_items(pin)[kb])[1:]))
     finally:
         m.close()
-    set_slot(pin, ka, id_b)
-    fe = w.maps["kpr_svc"].fe  # type: ignore[attr-defined]
-    fe.rebuild(kpr_svc_items(pin).items())
-    assert line_ids(pin, ka)[0] == id_b
-    # the repair finds the ranges overlapping and rewrites a's where it lies (a's kpr_svc
-    # entry unchanged): its line follows at once, not only at the next line comparison
-    assert w._repair() >= 1
-    assert slot_ids(pin, ka, 1) == (id_a,)
-    assert line_ids(pin, ka)[0] == id_a
-    assert p.lookup("10.96.12.1", 53)[0] == FROM_FE
-    assert p.picked() == id_a
-    p.lookup("10.96.12.2", 53)
-    assert p.picked() == id_b
+    set_slot(pin, ka, two.id_b)
+    two.fe.rebuild(kpr_svc_items(pin).items())
+    assert line_ids(pin, ka)[0] == two.id_b
+    # the repair finds the ranges overlapping and rewrites a's where it lies
+    two.a_repaired_in_place()
+    two.p.lookup(B_VIP, 53)
+    assert two.p.picked() == two.id_b
 
 
 def test_the_pick_follows_a_frontends_backends_through_its_line(setup: tuple[FeProgram, ServiceMapWriter, Path]) -> None:

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from kpr import daemon, hookimpl
-from kpr.bus import Event, EventBus, KeyedQueue
+from kpr.bus import Backoff, Event, EventBus, KeyedQueue
 from kpr.daemon import Agent
 from kpr.model import NodeInfo, ServiceKey
 from kpr.store import ObjectStore
@@ -139,7 +139,7 @@ def test_the_agent_is_ready_without_waiting_for_its_poll(tmp_path, monkeypatch) 
 
     def watch() -> None:
         try:
-            wait_for(lambda: agent._ready_sent, timeout=30, what="ready")
+            wait_for(lambda: any(m.startswith("READY=1") for m in sent), timeout=30, what="ready")
             seen.append(True)
         finally:
             agent.request_stop()
@@ -151,53 +151,44 @@ def test_the_agent_is_ready_without_waiting_for_its_poll(tmp_path, monkeypatch) 
     finally:
         watcher.join()
     assert seen == [True]
-    assert any(m.startswith("READY=1") for m in sent)
 
 
 def held_worker(on_event=None):
-    """A started one-plugin bus whose worker is held inside its first delivery (so what comes
-    next waits as one batch), its metrics counted into the list returned (or by on_event)."""
-    from test_bus import make_bus
-
+    """A started bus with one plugin, "a", held inside its first delivery (so what comes next
+    waits as one batch), its metrics counted into the list returned (or by on_event)."""
     counted: list[tuple] = []
-    bus, recs = make_bus("a")
-    bus._on_event = None
-    worker = bus.workers["a"]
-    worker._on_event = on_event or (lambda *a: counted.append(a))
-    recs["a"].gate.clear()
+    bus = EventBus(backoff=Backoff(initial=0.01, maximum=0.05), on_event=on_event or (lambda *a: counted.append(a)))
+    rec = Recorder()
+    bus.add_plugin("a", rec)
+    rec.gate.clear()
     bus.start()
     bus.upsert(svc("first"))
-    assert recs["a"].entered.wait(10)
-    return bus, recs["a"], worker, counted
+    assert rec.entered.wait(10)
+    return bus, rec, counted
 
 
 def test_a_worker_delivers_what_waits_as_one_batch_in_order_counted_per_kind() -> None:
     """What waits in a worker's queue is taken at once (one hold of the lock, not one per
-    event), delivered in order and counted in the metrics once per kind."""
-    bus, rec, worker, counted = held_worker()
-    holds = []
-    real_next = worker._next
-    worker._next = lambda: holds.append(1) or real_next()  # type: ignore[method-assign]
+    event: the metrics count each batch once per kind, so 49 upserts in one count), delivered
+    in order."""
+    bus, rec, counted = held_worker()
     for i in range(50):
         bus.upsert(svc(f"s{i}"))
     bus.delete(svc("s3").key)
-    wait_for(lambda: len(worker._pending) == 50, what="the burst queued")
-    assert worker.pending_count() == 50
+    # (the delete takes the waiting upsert's place: 50 keys wait)
+    wait_for(lambda: bus.stats_of("a")[1] == 50, what="the burst queued")  # type: ignore[index]
     rec.gate.set()
     assert bus.wait_idle(5)
     assert rec.order() == ["kpr_service_upsert:first@80"] + [
         "kpr_service_delete:default/s3" if i == 3 else f"kpr_service_upsert:s{i}@80" for i in range(50)
-    ]  # (the delete took the waiting upsert's place)
-    assert len(holds) <= 2  # the burst in one batch (and the wait that follows it)
-    assert ("a", "upsert", True, 49) in counted and ("a", "delete", True, 1) in counted
+    ]
+    assert ("a", "upsert", True, 49) in counted and ("a", "delete", True, 1) in counted  # the burst in one batch
     bus.stop()
 
 
 def test_a_key_failed_before_a_node_change_is_not_retried_once_its_newer_state_is_delivered() -> None:
     """Behind a node change a key waits twice in one batch; its older state failing must not be
     retried after the newer one was delivered."""
-    from kpr.bus import Backoff
-
     bus = EventBus(backoff=Backoff(initial=0.05, maximum=0.05))
     rec = Recorder()
     bus.add_plugin("p", rec)
@@ -221,13 +212,14 @@ def test_a_key_failed_before_a_node_change_is_not_retried_once_its_newer_state_i
 def test_a_failed_sync_in_a_batch_is_counted_as_an_error_only() -> None:
     """A plugin whose kpr_sync_complete raises has the initial state all the same (no retry),
     and the metrics count that delivery once, as failed."""
-    bus, rec, worker, counted = held_worker()
+    bus, rec, counted = held_worker()
     bus.upsert(svc("second"))
     bus.sync_complete()
     rec.fail_times[""] = 1  # the sync (it names no object)
     rec.gate.set()
     assert bus.wait_idle(5)
-    assert worker.stats.synced and worker.stats.errors == 1 and worker.stats.retries == 0
+    stats, waiting = bus.stats_of("a")  # type: ignore[misc]
+    assert bus.synced() and stats.errors == 1 and stats.retries == 0 and waiting == 0
     assert [c for c in counted if c[1] == "sync"] == [("a", "sync", False)]
     bus.stop()
 
@@ -243,12 +235,13 @@ def test_what_escapes_a_batch_leaves_the_worker_not_busy_and_its_deliveries_coun
             raise RuntimeError("counter broke")
         counted.append(a)
 
-    bus, rec, worker, _ = held_worker(on_event)
+    bus, rec, _ = held_worker(on_event)
     for name in ("a1", "a2", "bad", "a3"):
         bus.upsert(svc(name))
     rec.fail_times["default/bad"] = 1
     rec.gate.set()
-    wait_for(lambda: not worker._thread.is_alive(), what="the worker's loop ended by the escape")
-    assert not worker._busy and worker._inflight == 0
+    wait_for(lambda: bus.join("a", 0), what="the worker's loop ended by the escape")
+    # not busy, nothing counted as waiting (the rest of the batch is dropped with the loop)
+    assert bus.busy_hook("a") is None and bus.stats_of("a")[1] == 0 and bus.wait_idle(0)  # type: ignore[index]
     assert ("a", "upsert", True, 2) in counted
     bus.stop()

@@ -8,6 +8,9 @@ Both come from the running kernel's BTF (/sys/kernel/btf/vmlinux: type ids and o
 between kernel builds), read once per process. `cflags()` is empty when the kernel has no BTF,
 no such kfunc (before 6.2) or no such field, or runs BPF without the JIT (kfunc calls need it):
 the programs then infer the state from the helper (lib/csum.h KPR_CSUM_L4_INFER).
+
+The call is a raw instruction that cannot name r0, where its result lands: `r0_kept_across_call`
+finds a build whose compiler kept a value of its own there (kpr.bpf.loader refuses it).
 """
 
 from __future__ import annotations
@@ -89,3 +92,80 @@ def cflags() -> tuple[str, ...]:
         return ()
     return (f"-DKPR_SKB_KERN_CTX_FN={fn}", f"-DKPR_SKB_IP_SUMMED_OFF={bits[0] // 8}",
             f"-DKPR_SKB_IP_SUMMED_SHIFT={bits[0] % 8}")
+
+
+# ctx/skb.h ctx_csum_state's raw kfunc call (BPF_JMP|BPF_CALL, src_reg BPF_PSEUDO_KFUNC_CALL)
+_KFUNC_CALL = 0x85, 2
+_INSN = struct.Struct("<BBhi")
+
+
+def _reads_writes_r0(code: int, dst: int, src: int, imm: int) -> tuple[bool, bool]:
+    """(reads r0, writes r0) of one instruction."""
+    cls, op, x = code & 7, code & 0xF0, code & 8
+    if cls == 0:  # LD: imm64 (a write of dst), or LD_ABS/LD_IND (r0 written; IND reads src)
+        return code & 0xE0 == 0x40 and src == 0, code != 0x18 or dst == 0
+    if cls == 1:  # LDX: dst = *(src + off)
+        return src == 0, dst == 0
+    if cls == 2:  # ST: *(dst + off) = imm
+        return dst == 0, False
+    if cls == 3:  # STX (atomics: cmpxchg reads and writes r0, a fetch writes src, load-acquire dst)
+        if code & 0xE0 == 0xC0 and imm == 0xF1:
+            return True, True
+        if code & 0xE0 == 0xC0 and imm == 0x100:
+            return src == 0, dst == 0
+        return dst == 0 or src == 0, src == 0 and code & 0xE0 == 0xC0 and bool(imm & 1)
+    if cls in (4, 7):  # ALU: mov writes dst only; neg and bswap read it; the rest read dst and src
+        if op == 0xB0:
+            return bool(x) and src == 0, dst == 0
+        return dst == 0 or (bool(x) and op not in (0x80, 0xD0) and src == 0), dst == 0
+    # JMP, JMP32: a call writes r0 (its arguments are r1-r5), exit returns it
+    if op == 0x80:
+        return False, True
+    if op == 0x90:
+        return True, False
+    if op == 0x00:
+        return False, False
+    return dst == 0 or (bool(x) and src == 0), False
+
+
+def r0_kept_across_call(insns: bytes) -> int | None:
+    """The instruction index of a read of r0 that the compiler meant for a value of its own
+    but that gets the kfunc's result (ctx/skb.h ctx_csum_state: the asm cannot name r0 as
+    clobbered, so the compiler may keep a value there across the call), or None. After the
+    call the asm's own load reads r0; from then on, on every path, r0 must be written before
+    it is read. Such a build loads (the verifier takes the pointer for whatever the compiler
+    kept there: a number stored, compared) and computes with a kernel address."""
+    if b"\x85\x20" not in insns:  # (no kfunc call: most programs)
+        return None
+    n = len(insns) // 8
+    for i in range(n):
+        code, regs, _off, _imm = _INSN.unpack_from(insns, 8 * i)
+        if (code, regs >> 4) != _KFUNC_CALL:
+            continue
+        code, regs, _off, _imm = _INSN.unpack_from(insns, 8 * (i + 1)) if i + 1 < n else (0, 0, 0, 0)
+        if code & 7 != 1 or regs >> 4 != 0:
+            return i + 1  # not the asm's load from r0 (another use of the raw call)
+        if regs & 15 == 0:
+            continue  # the load's result went to r0: a value of the compiler's from here on
+        todo, seen = [i + 2], set()
+        while todo:
+            pc = todo.pop()
+            if pc in seen or pc >= n:
+                continue
+            seen.add(pc)
+            code, regs, off, imm = _INSN.unpack_from(insns, 8 * pc)
+            reads, writes = _reads_writes_r0(code, regs & 15, regs >> 4, imm)
+            if reads:
+                return pc
+            if writes:
+                continue  # (calls included; exit reads r0)
+            cls, op = code & 7, code & 0xF0
+            if code == 0x18:
+                todo.append(pc + 2)  # (a 64-bit immediate takes two)
+            elif cls in (5, 6) and op == 0x00:  # ja (JMP32's takes its offset from imm)
+                todo.append(pc + 1 + (imm if cls == 6 else off))
+            elif cls in (5, 6):
+                todo += [pc + 1, pc + 1 + off]
+            else:
+                todo.append(pc + 1)
+    return None

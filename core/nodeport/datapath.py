@@ -325,7 +325,7 @@ class Datapath:
                     if not (self.kernctx and kernctx.cflags()):
                         raise
                     # A kernel whose JIT cannot call kfuncs, or a compiler that kept a value
-                    # in r1-r5 across the call (ctx/skb.h ctx_csum_state): the same programs
+                    # in r0-r5 across the call (ctx/skb.h ctx_csum_state): the same programs
                     # without the read serve as well (each rewrite infers the state).
                     log.warning("event=kernctx_fallback error=%r; the checksum state is inferred", str(e)[:300])
                     self.kernctx = False

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from kpr.bpf import kernctx
-from kpr.bpf.loader import compile_and_load, load_prog
+from kpr.bpf.loader import BPFError, compile_and_load, load_prog
 from kpr.testing.prog_run import test_run
 
 pytestmark = pytest.mark.skipif(not kernctx.cflags(), reason="no BTF, kfunc or ip_summed on this kernel")
@@ -46,6 +46,45 @@ def test_a_test_run_skb_reads_as_checksum_none(flags: tuple[str, ...], expect: i
         bpf.cleanup()
 
 
+# A helper's result the compiler keeps in r0 across ctx_csum_state (no call in between, for all
+# it knows): the kfunc overwrites it with the sk_buff's address, and the verifier takes the
+# pointer for the number stored (root may store pointers): the map would hold a kernel address.
+KEPT_IN_R0 = r"""
+#include "ctx/skb.h"
+
+BPF_ARRAY(out, __u64, 2);
+
+int kept(struct __sk_buff *ctx)
+{
+	__u64 t = bpf_ktime_get_ns();
+	__u8 s = ctx_csum_state(&ctx);
+	__u32 zero = 0, one = 1;
+	__u64 time = t, state = s; // (copies: t itself, its address not taken, may stay in r0)
+
+	out.update(&zero, &time);
+	out.update(&one, &state);
+	return 0;
+}
+"""
+
+
+def test_a_build_that_keeps_a_value_in_r0_across_the_kfunc_call_is_refused() -> None:
+    bpf = compile_and_load(KEPT_IN_R0, cflags=list(kernctx.cflags()), name="<kept>")
+    try:
+        at = kernctx.r0_kept_across_call(bpf.dump_func(b"kept"))
+        assert at is not None, "this compiler did not keep the value in r0: the test shows nothing"
+        with pytest.raises(BPFError, match=f"r0 .* instruction {at}"):
+            load_prog(bpf, "kept", "SCHED_CLS")
+    finally:
+        bpf.cleanup()
+    # the build the programs use (the read first) passes the check
+    bpf = compile_and_load(PROG, cflags=list(kernctx.cflags()), name="<kernctx>")
+    try:
+        assert kernctx.r0_kept_across_call(bpf.dump_func(b"state")) is None
+    finally:
+        bpf.cleanup()
+
+
 def test_the_offset_is_the_byte_the_verifier_reads_pkt_type_from() -> None:
     """ip_summed shares its byte with pkt_type (struct sk_buff): the verifier's rewrite of
     __sk_buff->pkt_type loads that byte, so the offset kernctx found must be the one it uses."""
@@ -67,7 +106,7 @@ def test_the_offset_is_the_byte_the_verifier_reads_pkt_type_from() -> None:
 def test_a_kernel_that_refuses_the_kfunc_call_gets_the_build_without_it(
     pin_dir, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # (a JIT without kfunc calls, or a compiler that kept a value in r1-r5 across the call:
+    # (a JIT without kfunc calls, or a compiler that kept a value in r0-r5 across the call:
     # here a BTF id that is no kfunc, which the verifier refuses as they would be)
     from kpr.plugins.tc_nodeport import datapath as TD
     from kpr.servicemaps import ServiceMapWriter

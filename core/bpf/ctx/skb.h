@@ -70,8 +70,10 @@ static __always_inline __u32 ctx_gso_size(kpr_ctx_t *ctx) { return ctx->gso_size
  * is the caller's variable, reloaded), and it belongs first in a program, where nothing else is
  * live (a value the compiler kept in r1-r5 fails the load, "!read_ok"; the loader then builds
  * without the read, kpr.nodeport.datapath). r0 the asm cannot name either: a value kept there
- * would be overwritten without a word, which the first place keeps from happening (nothing is
- * computed before it). */
+ * would be overwritten without a word (the verifier takes the pointer for it), which the first
+ * place keeps from happening (nothing is computed before it), and kpr.bpf.loader refuses a
+ * build that reads r0 after the call all the same (kernctx.r0_kept_across_call; the same
+ * fallback then). */
 #define CTX_CSUM_UNKNOWN 0
 #define CTX_CSUM_NONE 1        // CHECKSUM_NONE + 1
 #define CTX_CSUM_UNNECESSARY 2 // CHECKSUM_UNNECESSARY + 1

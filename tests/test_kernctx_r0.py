@@ -1,0 +1,39 @@
+"""kpr.bpf.kernctx.r0_kept_across_call on hand-written instructions: after ctx/skb.h's raw
+kfunc call and its load from r0, any path that reads r0 before writing it is found (the kernel
+test compiles a program that does: tests/kernel/test_kernctx.py)."""
+
+from __future__ import annotations
+
+import struct
+
+from kpr.bpf.kernctx import r0_kept_across_call
+
+
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, dst | src << 4, off, imm)
+
+
+KFUNC = insn(0x85, src=2, imm=62980)  # call bpf_cast_to_kern_ctx
+LOAD = insn(0x71, dst=1, src=0, off=128)  # r1 = *(u8 *)(r0 + 128): the asm's own read
+EXIT = insn(0x95)
+R0_ZERO = insn(0xB7, dst=0)  # r0 = 0
+
+
+def test_r0_written_before_it_is_read_passes() -> None:
+    assert r0_kept_across_call(KFUNC + LOAD + R0_ZERO + EXIT) is None
+    assert r0_kept_across_call(KFUNC + insn(0x71, dst=0, src=0, off=128) + EXIT) is None  # the load into r0
+    assert r0_kept_across_call(insn(0x85, imm=5) + EXIT) is None  # a helper call, no kfunc
+
+
+def test_a_read_of_r0_after_the_call_is_found() -> None:
+    assert r0_kept_across_call(KFUNC + LOAD + EXIT) == 2  # exit returns r0
+    assert r0_kept_across_call(KFUNC + LOAD + insn(0x7B, dst=10, src=0, off=-8) + R0_ZERO + EXIT) == 2  # a store of r0
+
+
+def test_a_read_on_one_branch_only_is_found() -> None:
+    # if r1 == 0 goto +1 (past r0 = 0): the jump reaches exit with the kfunc's r0
+    prog = KFUNC + LOAD + insn(0x15, dst=1, off=1) + R0_ZERO + EXIT
+    assert r0_kept_across_call(prog) == 4
+    # a 64-bit immediate into r0 on the way (two slots) writes it
+    prog = KFUNC + LOAD + insn(0x18, dst=0, imm=1) + insn(0) + EXIT
+    assert r0_kept_across_call(prog) is None

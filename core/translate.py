@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from kpr.memory import Over, is_packed, unpack
+from kpr.memory import PACKED, is_packed, unpack
 from kpr.model import (
     BACKEND_LOCAL,
     BACKEND_TERMINATING,
@@ -1404,7 +1404,7 @@ def remember_checked(packed: object, checked: Checked | None, ref: tuple[str, st
     translates those bytes or the source's pass ends. `ref`, the object's object_ref as the
     source keeps it, is then the store's too (one tuple, not one per holder)."""
     cls = packed.__class__
-    if checked is not None and (cls is bytes or cls is Over):  # is_packed, inline: 60k calls a sync
+    if checked is not None and cls in PACKED:  # is_packed, inline: 60k calls a sync
         if ref is not None and ref == checked.ref:
             checked.ref = ref
         _checked[packed] = checked
@@ -1414,13 +1414,13 @@ def checked(item: object) -> Checked | None:
     """What validation read of a packed object (not taken: see `take_checked`), or None."""
     # is_packed inline: 120k calls in a full sync of 20k services
     cls = item.__class__
-    return _checked.get(item) if cls is bytes or cls is Over else None  # type: ignore[call-overload]
+    return _checked.get(item) if cls in PACKED else None  # type: ignore[call-overload]
 
 
 def take_checked(item: object) -> Checked | None:
     """Like `checked`, and forgotten: translated once, an object's parse is not needed again."""
     cls = item.__class__
-    return _checked.pop(item, None) if cls is bytes or cls is Over else None  # type: ignore[call-overload]
+    return _checked.pop(item, None) if cls in PACKED else None  # type: ignore[call-overload]
 
 
 def forget_checked() -> None:

@@ -755,3 +755,25 @@ def test_the_writers_full_sync_reads_backend_addresses_from_their_bytes():
     assert len(keys) == n
     # The keys and their list are what is kept; the address strings were as much again.
     assert peak < 1.3 * held, f"peak {peak} for {held} kept"
+
+
+def test_translates_inline_packed_tests_take_what_is_packed_takes():
+    """kpr.translate keeps validation's readings by packed object, testing `x.__class__ in
+    memory.PACKED` inline (a call costs as much again): it must take exactly what is_packed takes."""
+    from types import SimpleNamespace
+
+    before = service(4)
+    base = memory.pack(before)
+    after = {**before, "spec": {**before["spec"], "clusterIP": "10.96.9.4"}}
+    kept = [base, memory.pack_over(base, before, after), before, memory.pack({"t": object()})]
+    assert [type(k) for k in kept] == [bytes, memory.Over, dict, dict]
+    try:
+        for k in kept:
+            reading = SimpleNamespace(ref=None)
+            translate.remember_checked(k, reading)  # type: ignore[arg-type]
+            packed = memory.is_packed(k)
+            assert (translate.checked(k) is reading) == packed
+            assert (translate.take_checked(k) is reading) == packed
+            assert translate.checked(k) is None
+    finally:
+        translate.forget_checked()

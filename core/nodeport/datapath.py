@@ -498,7 +498,13 @@ class Datapath:
     def set_frontend_ports(self, ports: Iterable[tuple[int, int]], *, keep: bool = False) -> None:
         """kpr_np_ports: every (port, protocol number) of a frontend reached from outside, as the
         bitmap the programs' fast exit tests; then armed (before, nothing exits early). `keep`
-        adds to the ports already there instead of replacing them."""
+        adds to the ports already there instead of replacing them.
+
+        Tests and benchmarks only; written here, not through kpr.nodeport.tables, and that is
+        harmless: the same order as the agent's set_ports (port words, the armed word, then
+        kpr_np_unserved's words), each word written once and only where it differs, so a
+        program (which reads one of the two: kpr_np_unserved, or the port word and the armed
+        word) sees each word go from its old value to its new one, as with the agent's."""
         words: dict[int, int] = {}
         if keep:
             for k, v in self.maps[PORTS_MAP].items():

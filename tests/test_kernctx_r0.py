@@ -37,3 +37,27 @@ def test_a_read_on_one_branch_only_is_found() -> None:
     # a 64-bit immediate into r0 on the way (two slots) writes it
     prog = KFUNC + LOAD + insn(0x18, dst=0, imm=1) + insn(0) + EXIT
     assert r0_kept_across_call(prog) is None
+
+
+def test_a_64_bit_immediate_is_stepped_over_as_two_slots() -> None:
+    # r1 = 1 (ld_imm64): its second slot is no instruction (code 0 would decode as a write of
+    # r0); the exit after it reads the kfunc's r0
+    assert r0_kept_across_call(KFUNC + LOAD + insn(0x18, dst=1, imm=1) + insn(0) + EXIT) == 4
+
+
+def test_a_loop_is_walked_once_and_its_back_edge_followed() -> None:
+    # 2: r1 += 1; 3: if r1 != 10 goto 2; then r0 = 0 and exit: every path writes r0 first
+    loop = insn(0x07, dst=1, imm=1) + insn(0x55, dst=1, imm=10, off=-2)
+    assert r0_kept_across_call(KFUNC + LOAD + loop + R0_ZERO + EXIT) is None
+    # 2: if r1 == 0 goto 5; 3: r1 -= 1; 4: goto 2; 5: exit: the loop's way out reads r0
+    loop = insn(0x15, dst=1, off=2) + insn(0x17, dst=1, imm=1) + insn(0x05, off=-3)
+    assert r0_kept_across_call(KFUNC + LOAD + loop + EXIT) == 5
+    # the back edge leads to the read: 2: goto 5; 3: exit; 4: r0 = 0; 5: if r1 > 3 goto 3; 6: goto 4
+    prog = insn(0x05, off=2) + EXIT + R0_ZERO + insn(0x25, dst=1, imm=3, off=-3) + insn(0x05, off=-3)
+    assert r0_kept_across_call(KFUNC + LOAD + prog) == 3
+
+
+def test_gotol_takes_its_offset_from_imm() -> None:
+    gotol = lambda imm: insn(0x06, imm=imm)  # noqa: E731 - BPF_JMP32|BPF_JA: off unused
+    assert r0_kept_across_call(KFUNC + LOAD + gotol(1) + R0_ZERO + EXIT) == 4  # jumps over the write
+    assert r0_kept_across_call(KFUNC + LOAD + gotol(1) + EXIT + R0_ZERO + EXIT) is None  # over the read

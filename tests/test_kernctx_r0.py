@@ -61,3 +61,10 @@ def test_gotol_takes_its_offset_from_imm() -> None:
     gotol = lambda imm: insn(0x06, imm=imm)  # noqa: E731 - BPF_JMP32|BPF_JA: off unused
     assert r0_kept_across_call(KFUNC + LOAD + gotol(1) + R0_ZERO + EXIT) == 4  # jumps over the write
     assert r0_kept_across_call(KFUNC + LOAD + gotol(1) + EXIT + R0_ZERO + EXIT) is None  # over the read
+
+
+def test_may_goto_reads_no_register_and_both_ways_are_followed() -> None:
+    may_goto = lambda off: insn(0xE5, off=off)  # noqa: E731 - BPF_JMP|0xE0: dst is 0, yet no r0
+    assert r0_kept_across_call(KFUNC + LOAD + may_goto(1) + R0_ZERO + R0_ZERO + EXIT) is None
+    assert r0_kept_across_call(KFUNC + LOAD + may_goto(1) + R0_ZERO + EXIT) == 4  # the jump's way reads it
+    assert r0_kept_across_call(KFUNC + LOAD + may_goto(1) + EXIT + R0_ZERO + EXIT) == 3  # and the fall-through's

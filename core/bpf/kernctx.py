@@ -118,12 +118,13 @@ def _reads_writes_r0(code: int, dst: int, src: int, imm: int) -> tuple[bool, boo
         if op == 0xB0:
             return bool(x) and src == 0, dst == 0
         return dst == 0 or (bool(x) and op not in (0x80, 0xD0) and src == 0), dst == 0
-    # JMP, JMP32: a call writes r0 (its arguments are r1-r5), exit returns it
+    # JMP, JMP32: a call writes r0 (its arguments are r1-r5), exit returns it; ja and
+    # may_goto (0xE0: a jump the verifier bounds, its dst field 0) read no register
     if op == 0x80:
         return False, True
     if op == 0x90:
         return True, False
-    if op == 0x00:
+    if op in (0x00, 0xE0):
         return False, False
     return dst == 0 or (bool(x) and src == 0), False
 

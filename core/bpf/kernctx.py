@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,32 @@ def _reads_writes_r0(code: int, dst: int, src: int, imm: int) -> tuple[bool, boo
     return dst == 0 or (bool(x) and src == 0), False
 
 
-def r0_kept_across_call(insns: bytes) -> int | None:
-    """The instruction index of a read of r0 that the compiler meant for a value of its own
-    but that gets the kfunc's result (ctx/skb.h ctx_csum_state: the asm cannot name r0 as
-    clobbered, so the compiler may keep a value there across the call), or None. After the
-    call the asm's own load reads r0; from then on, on every path, r0 must be written before
-    it is read. Such a build loads (the verifier takes the pointer for whatever the compiler
-    kept there: a number stored, compared) and computes with a kernel address."""
+@dataclass(frozen=True)
+class R0Kept:
+    """Why a build's use of the raw kfunc call is refused: `at` is the instruction found, `call`
+    the call's; `why` "read": r0 is read there before written (the kfunc's result, where the
+    compiler kept a value of its own); "not_load": the instruction after the call is not the
+    asm's load from r0, so this is no ctx_csum_state and the walk cannot tell what r0 holds."""
+
+    at: int
+    call: int
+    why: str
+
+    def __str__(self) -> str:
+        if self.why == "not_load":
+            return (f"instruction {self.at} after the bpf_cast_to_kern_ctx call at {self.call} is not "
+                    "ctx_csum_state's load from r0 (another use of the raw call: r0 cannot be followed)")
+        return (f"r0 read at instruction {self.at} holds the result of the bpf_cast_to_kern_ctx call at "
+                f"{self.call}, not the compiler's value kept there (ctx/skb.h ctx_csum_state)")
+
+
+def r0_kept_across_call(insns: bytes) -> R0Kept | None:
+    """Where a read of r0 that the compiler meant for a value of its own gets the kfunc's
+    result instead (ctx/skb.h ctx_csum_state: the asm cannot name r0 as clobbered, so the
+    compiler may keep a value there across the call), or None. After the call the asm's own
+    load reads r0; from then on, on every path, r0 must be written before it is read. Such a
+    build loads (the verifier takes the pointer for whatever the compiler kept there: a
+    number stored, compared) and computes with a kernel address."""
     if b"\x85\x20" not in insns:  # (no kfunc call: most programs)
         return None
     n = len(insns) // 8
@@ -145,7 +165,7 @@ def r0_kept_across_call(insns: bytes) -> int | None:
             continue
         code, regs, _off, _imm = _INSN.unpack_from(insns, 8 * (i + 1)) if i + 1 < n else (0, 0, 0, 0)
         if code & 7 != 1 or regs >> 4 != 0:
-            return i + 1  # not the asm's load from r0 (another use of the raw call)
+            return R0Kept(i + 1, i, "not_load")
         if regs & 15 == 0:
             continue  # the load's result went to r0: a value of the compiler's from here on
         todo, seen = [i + 2], set()
@@ -157,7 +177,7 @@ def r0_kept_across_call(insns: bytes) -> int | None:
             code, regs, off, imm = _INSN.unpack_from(insns, 8 * pc)
             reads, writes = _reads_writes_r0(code, regs & 15, regs >> 4, imm)
             if reads:
-                return pc
+                return R0Kept(pc, i, "read")
             if writes:
                 continue  # (calls included; exit reads r0)
             cls, op = code & 7, code & 0xF0

@@ -263,15 +263,15 @@ def load_prog(
     label = getattr(bpf, "_kpr_label", "<text>")
     ptype = prog_type_value(prog_type)
     atype = attach_type_value(attach_type)
-    # a value the compiler kept in r0 across ctx/skb.h's raw kfunc call: the verifier passes it
+    # a value the compiler kept in r0 across ctx/skb.h's raw kfunc call (the verifier passes it),
+    # or a use of the raw call the check cannot follow
     try:
         insns = bpf.dump_func(fn_name.encode())
     except Exception:  # noqa: BLE001 - an unknown function: load_func says so below
         insns = b""
-    at = kernctx.r0_kept_across_call(insns)
-    if at is not None:
-        raise BPFError(f"{fn_name} ({label}): r0 read at instruction {at} holds bpf_cast_to_kern_ctx's "
-                       "result, not the compiler's value kept there (ctx/skb.h ctx_csum_state)")
+    kept = kernctx.r0_kept_across_call(insns)
+    if kept is not None:
+        raise BPFError(f"{fn_name} ({label}): {kept}")
     with _capture_fd2() as captured:
         try:
             fn = bpf.load_func(fn_name.encode(), ptype, device=device.encode() if device else None, attach_type=atype)

@@ -71,9 +71,10 @@ int kept(struct __sk_buff *ctx)
 def test_a_build_that_keeps_a_value_in_r0_across_the_kfunc_call_is_refused() -> None:
     bpf = compile_and_load(KEPT_IN_R0, cflags=list(kernctx.cflags()), name="<kept>")
     try:
-        at = kernctx.r0_kept_across_call(bpf.dump_func(b"kept"))
-        assert at is not None, "this compiler did not keep the value in r0: the test shows nothing"
-        with pytest.raises(BPFError, match=f"r0 .* instruction {at}"):
+        kept = kernctx.r0_kept_across_call(bpf.dump_func(b"kept"))
+        assert kept is not None, "this compiler did not keep the value in r0: the test shows nothing"
+        assert kept.why == "read", kept
+        with pytest.raises(BPFError, match=f"r0 read at instruction {kept.at} "):
             load_prog(bpf, "kept", "SCHED_CLS")
     finally:
         bpf.cleanup()

@@ -79,7 +79,12 @@ class ApplyMixin:
                 return
             if self.refused.pop(key, None) is not None:
                 log.info("event=service_accepted service=%s", key)
+            # Frontends this service holds and lets go (it moves to another ClusterIP or
+            # nodePort): a claim waiting on one is retried once they are free, as after a deletion.
+            released = [fk for fk in old if fk not in desired] if self.conflicts else ()
             self._apply(old, desired)
+            if released:
+                self._retry_conflicts(released)
             if self.refused:
                 self._retry_refused()  # the change may have freed entries
 

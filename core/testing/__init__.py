@@ -22,6 +22,8 @@
   cuts one client off it.
 - kpr.testing.apiserver: an in-memory Kubernetes API server (TLS, token auth, faults) for
   tests of the Kubernetes source; kubectl and the kubernetes client accept it.
+- kpr.testing.operator_lab: one `kpr run` with socklb and tc_nodeport, a pod holding 12
+  backend addresses, an external client; fe_disagreements reads the kpr_fe lines back.
 - kpr.testing.standin_maps: DictMap, a dict standing in for a map the code under test only
   dumps and deletes from (the NodePort collector's passes).
 

@@ -75,6 +75,14 @@ static __always_inline int wr_restore(CTX *ctx)
 	struct wr_cfg *c = wr_cfg.lookup(&zero);
 	__u8 *d = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
 
+#ifdef WR_XDP
+	if (d + PKT_LEN < end) { // the target grew the frame last run (an encapsulating one): its head moved back
+		if (bpf_xdp_adjust_head(ctx, (int)(end - d) - PKT_LEN))
+			return -1;
+		d = (void *)(long)ctx->data;
+		end = (void *)(long)ctx->data_end;
+	}
+#endif
 	if (!c || d + PKT_LEN > end)
 		return -1;
 	__builtin_memcpy(d, c->data, PKT_LEN);
@@ -287,7 +295,7 @@ class ProgLab:
 
         if hook not in self.wrappers:
             ctype, ptype, verdict, _ = HOOKS[hook]
-            src = "#include <uapi/linux/pkt_cls.h>\n#define CTX " + ctype + "\n" + WRAPPER_C % {
+            src = "#include <uapi/linux/pkt_cls.h>\n#define CTX " + ctype + "\n" + ("#define WR_XDP 1\n" if hook == "xdp" else "") + WRAPPER_C % {
                 "len": PKT_LEN, "client": CLIENT_BASE, "filler": FILLER_BASE,
                 "abort": "XDP_ABORTED" if hook == "xdp" else "TC_ACT_SHOT", "bare": verdict,
             }
@@ -320,6 +328,9 @@ class ProgLab:
                 keys = list(m.keys())
                 if keys:
                     m.delete_many(keys)
+        for dp in self.builds.values():  # builds with flow maps of their own (kpr.testing.reference_lb)
+            if hasattr(dp, "flush_own_flows"):
+                dp.flush_own_flows()
 
     def warm_next_hops(self, hook: str) -> None:
         """One flow to every filler frontend through the default build, then the flow maps
@@ -430,7 +441,8 @@ def measure(lab: ProgLab, hook: str, build: str, case: Case, runs: int, rounds: 
     dp = lab.builds[build]
     fd = lab.entry(hook, build)
     # flows are set up by the full program: a build that stops early would not write them
-    warm = lab.entry(hook, "default")
+    # (a build of another program, kpr.testing.reference_lb, sets its flows up itself)
+    warm = fd if getattr(dp, "warms_itself", False) else lab.entry(hook, "default")
     single_runs = runs if single_runs is None else single_runs
     m = Measured(runs=runs if wrapper else 0, single_runs=single_runs if single else 0)
     per_round = max(1, runs // rounds)
@@ -626,8 +638,13 @@ def pooled(lab: ProgLab, hook: str, names: Sequence[str], case_list: Sequence[Ca
 
 def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stages: bool = True,
               switches: bool = True, only: str = "", out: Any = None,
-              single_rounds: int = SINGLE_ROUNDS, loads: int = LOADS, switch_loads: int = 1) -> dict[str, str]:
-    """Measure one hook's program; print the tables; return the summary lines by label."""
+              single_rounds: int = SINGLE_ROUNDS, loads: int = LOADS, switch_loads: int = 1,
+              reference: bool = False) -> dict[str, str]:
+    """Measure one hook's program; print the tables; return the summary lines by label. `reference`
+    (XDP): the Katran-shaped reference load balancer's rows too (kpr.testing.reference_lb)."""
+    reference = reference and hook == "xdp"
+    ref_summary: dict[str, str] = {}
+    ref_scale: dict[int, tuple[Measured, float]] = {}  # VIPs -> the reference's spread row, its x bare
     out = out or sys.stdout
     pr = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     summary: dict[str, str] = {}
@@ -655,6 +672,14 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
         spread = [k for k in res if k.startswith("new flows over")]
         scale_rows = {lab.services: res[spread[0]]} if spread else {}
         scale_x = {lab.services: res[spread[0]].x_bare(b)} if spread else {}
+        if reference:
+            from kpr.testing import reference_lb
+
+            ref_summary, base = reference_lb.main_rows(
+                lab, hook, "default", {"established": main_cases[0], "new flow": main_cases[1]}, b, runs=runs,
+                rounds=rounds, single_rounds=single_rounds, pr=pr)
+            if base is not None:
+                ref_scale[lab.fillers] = (base, base.x_bare(b))
 
         if stages:
             pr(f"\n  per stage (builds stopping after each stage; wrapper: ns above bare; established also "
@@ -746,6 +771,11 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
             scale_x[n] = m.x_bare(bb)
             pr(f"  {c.name + ', next hops cached':58s} {m.wrapper - bb.wrapper:8.1f} ns above bare, "
                f"{m.x_bare(bb):5.2f} x bare  {proof(m, c, hook)}")
+            if reference:
+                from kpr.testing import reference_lb
+
+                rm = reference_lb.scale_row(big, hook, bb, runs=runs, rounds=rounds, single_rounds=single_rounds, pr=pr)
+                ref_scale[big.fillers] = (rm, rm.x_bare(bb))
     if len(scale_rows) > 1:
         base_n = min(scale_rows)
         for n, m in sorted(scale_rows.items()):
@@ -756,6 +786,15 @@ def run_suite(hook: str, *, runs: int, rounds: int, scales: Sequence[int], stage
                 summary[f"scale {n}"] = (f"{hook} new flows over {n} vs {base_n} frontends: {r_w:.2f} x (wrapper, "
                                          f"incl. the wrapper), {r_s:.2f} x (repeat=1)"
                                          + (f"; first contacts {cold[n] / scale_x[base_n]:.2f} x (repeat=1)" if n in cold else ""))
+    summary.update(ref_summary)
+    if len(ref_scale) > 1:
+        base_v = min(ref_scale)
+        for v, (m, x) in sorted(ref_scale.items()):
+            if v != base_v:
+                summary[f"reference scale {v}"] = (
+                    f"{hook} reference (Katran-shaped) new flows over {v} vs {base_v} VIPs: "
+                    f"{m.wrapper / ref_scale[base_v][0].wrapper:.2f} x (wrapper, incl. the wrapper), "
+                    f"{x / ref_scale[base_v][1]:.2f} x (repeat=1)")
     return summary
 
 
@@ -805,7 +844,8 @@ def run_from_args(hook: str, args: Any) -> dict[str, str]:
     before = cold_line_ns()
     summary = run_suite(hook, runs=args.runs, rounds=args.prog_rounds, scales=[int(x) for x in args.services.split(",")],
                         stages=not args.no_stages, switches=not args.no_switches, only=args.switches,
-                        single_rounds=args.single_rounds, loads=args.loads, switch_loads=max(1, args.switch_loads))
+                        single_rounds=args.single_rounds, loads=args.loads, switch_loads=max(1, args.switch_loads),
+                        reference=not getattr(args, "no_reference", True))
     summary["cold line"] = f"cold line: {before:.0f} / {cold_line_ns():.0f} ns before / after (dependent read, 16 MiB array map)"
     return summary
 

@@ -306,11 +306,20 @@ class Datapath:
         # compile read its own per-CPU state map, which the running entries never fill, so
         # they must never reach them (SYNs were lost that way until the entries switched).
         digest = self._digest(text)
-        found = builds.adopt(self.pin, [digest], links_of) if links_of else None
+        candidates = [digest]
+        if links_of and self.kernctx and kernctx.cflags():
+            # the build without the checksum-state read, which a kernel that refused the read
+            # runs (the fallback below): adopted too, or every restart there would compile
+            self.kernctx = False
+            candidates.append(self._digest(text))
+            self.kernctx = True
+        found = builds.adopt(self.pin, candidates, links_of) if links_of else None
         try:
             if found is not None:
                 self.progs.update(found[1])
                 self.build = "adopted"
+                if found[0] != digest:
+                    self.kernctx = False  # the build without the read runs
                 # keep the adopted entries' array when earlier builds' arrays are unpinned
                 used = set(builds.map_ids(self.fd(self.ENTRIES[0])))
                 for p in self.pin.glob(f"{self.CALLS_MAP}_*"):

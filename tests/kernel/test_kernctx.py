@@ -104,6 +104,14 @@ def test_the_offset_is_the_byte_the_verifier_reads_pkt_type_from() -> None:
     assert f"-DKPR_SKB_IP_SUMMED_OFF={off}" in kernctx.cflags()
 
 
+def refuse_the_kfunc_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flags naming a BTF id that is no kfunc: the verifier refuses the read's build, as a JIT
+    without kfunc calls would (or load_prog, for a compiler that kept a value in r0)."""
+    real = kernctx.cflags()
+    bogus = tuple("-DKPR_SKB_KERN_CTX_FN=1" if f.startswith("-DKPR_SKB_KERN_CTX_FN=") else f for f in real)
+    monkeypatch.setattr(kernctx, "cflags", lambda: bogus)
+
+
 def test_a_kernel_that_refuses_the_kfunc_call_gets_the_build_without_it(
     pin_dir, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -112,9 +120,7 @@ def test_a_kernel_that_refuses_the_kfunc_call_gets_the_build_without_it(
     from kpr.plugins.tc_nodeport import datapath as TD
     from kpr.servicemaps import ServiceMapWriter
 
-    real = kernctx.cflags()
-    bogus = tuple("-DKPR_SKB_KERN_CTX_FN=1" if f.startswith("-DKPR_SKB_KERN_CTX_FN=") else f for f in real)
-    monkeypatch.setattr(kernctx, "cflags", lambda: bogus)
+    refuse_the_kfunc_call(monkeypatch)
     with ServiceMapWriter(pin_dir):
         dp = TD.Datapath(pin_dir, mode="snat")
         with caplog.at_level("WARNING", logger="kpr.nodeport.datapath"):
@@ -126,3 +132,31 @@ def test_a_kernel_that_refuses_the_kfunc_call_gets_the_build_without_it(
             assert dp.fd(TD.INGRESS) > 0
         finally:
             dp.close()
+
+
+def test_a_restart_after_the_fallback_adopts_the_build_without_the_read(
+    kernel_headers, pin_dir, topology, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fallback's build is what the links run and what is recorded: the next start must
+    find it among its candidates (the read's build is refused there again), not compile and
+    replace the running programs on every restart."""
+    from tc_nodeport_env import build_topology, node_harness, start_plugin
+
+    from kpr.plugins.tc_nodeport import datapath as TD
+
+    refuse_the_kfunc_call(monkeypatch)
+    build_topology(topology, second_device=False, pods=("p1a",))
+    with node_harness(topology, "node1", pin_dir, ("eth0",)) as h:
+        p1 = start_plugin(h)
+        assert p1.datapath.build == "compiled" and not p1.datapath.kernctx
+        ids = {n: p1.datapath.prog_id(n) for n in TD.Datapath.ENTRIES}
+        h.stop(p1)  # the links stay, running the fallback's build
+        first = len(caplog.records)
+        with caplog.at_level("INFO", logger="kpr"):
+            p2 = start_plugin(h)
+        assert p2.datapath.build == "adopted" and not p2.datapath.kernctx
+        assert {n: p2.datapath.prog_id(n) for n in TD.Datapath.ENTRIES} == ids
+        assert all(not f.startswith("-DKPR_SKB_") for f in p2.datapath.cflags())
+        messages = [r.getMessage() for r in caplog.records[first:]]
+        assert any("event=build_adopted" in m for m in messages)
+        assert not any("event=kernctx_fallback" in m for m in messages), "no compile, so no refused build"

@@ -1,61 +1,13 @@
 """The event bus: coalescing, isolation between plugins, retries, sync ordering, node changes
 as barriers, and stopping. The writer stage in front of it: tests/test_pipeline.py."""
 
-import threading
 import time
 
 from kpr.bus import Backoff, EventBus
-from kpr.model import Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
+from kpr.model import FrontendType, NodeInfo, Service, ServiceKey
 from kpr.store import ObjectStore
+from kpr.testing.bus import Recorder, make_bus, svc
 from kpr.testing.waiting import wait_for
-
-
-def svc(name: str, port: int = 80) -> Service:
-    return Service(ServiceKey("default", name), (Frontend(FrontendType.CLUSTER_IP, "10.96.0.10", port, Protocol.TCP),))
-
-
-class Recorder:
-    """Stands in for a plugin's hook invoker: records calls, can block or fail on demand."""
-
-    def __init__(self):
-        self.calls = []
-        self.gate = threading.Event()
-        self.gate.set()
-        # set once a delivery has begun: a test that holds the gate waits for this, not a sleep
-        self.entered = threading.Event()
-        self.fail_times = {}
-        self.generations = []
-
-    def __call__(self, hook, **kw):
-        self.entered.set()
-        self.gate.wait(5)
-        arg = kw.get("service") or kw.get("key") or kw.get("node")
-        label = str(arg.key) if isinstance(arg, Service) else str(arg) if arg is not None else ""
-        if self.fail_times.get(label, 0) > 0:
-            self.fail_times[label] -= 1
-            raise RuntimeError(f"boom {label}")
-        self.calls.append((hook, arg))
-        self.generations.append(kw.get("generation"))
-
-    def order(self):
-        """Each call as "hook:label" (a service's label has its first port: web@80)."""
-        out = []
-        for hook, arg in self.calls:
-            if isinstance(arg, Service):
-                out.append(f"{hook}:{arg.key.name}@{arg.frontends[0].port}")
-            elif isinstance(arg, NodeInfo):
-                out.append(f"{hook}:{','.join(arg.addresses)}")
-            else:
-                out.append(f"{hook}:{arg}")
-        return out
-
-
-def make_bus(*names):
-    bus = EventBus(backoff=Backoff(initial=0.01, maximum=0.05))
-    recs = {n: Recorder() for n in names}
-    for n, r in recs.items():
-        bus.add_plugin(n, r)
-    return bus, recs
 
 
 def test_burst_of_one_service_collapses_to_latest_state():

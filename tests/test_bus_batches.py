@@ -16,9 +16,9 @@ from kpr.daemon import Agent
 from kpr.model import NodeInfo, ServiceKey
 from kpr.store import ObjectStore
 from kpr.testing.agent import AgentConfig
+from kpr.testing.bus import Recorder, make_bus, svc
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.waiting import wait_for
-from test_bus import Recorder, svc
 
 
 def test_put_many_queues_as_put_does() -> None:
@@ -157,9 +157,8 @@ def held_worker(on_event=None):
     """A started bus with one plugin, "a", held inside its first delivery (so what comes next
     waits as one batch), its metrics counted into the list returned (or by on_event)."""
     counted: list[tuple] = []
-    bus = EventBus(backoff=Backoff(initial=0.01, maximum=0.05), on_event=on_event or (lambda *a: counted.append(a)))
-    rec = Recorder()
-    bus.add_plugin("a", rec)
+    bus, recs = make_bus("a", on_event=on_event or (lambda *a: counted.append(a)))
+    rec = recs["a"]
     rec.gate.clear()
     bus.start()
     bus.upsert(svc("first"))

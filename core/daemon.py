@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, sdnotify
+from . import __version__, memory, sdnotify
 from .api import ApiServer
 from .bus import Backoff, EventBus
 from .config import KprConfig
@@ -173,7 +173,8 @@ class Agent:
                 prepare()
             except Exception as e:
                 raise PluginError(f"source: {e}") from e
-        self.kpm = build_plugin_manager(cfg, internal=self._internal)
+        with memory.paused(freeze=True):  # (the plugins' imports: see kpr.cli)
+            self.kpm = build_plugin_manager(cfg, internal=self._internal)
         self.handles = self.kpm.handles
         make_contexts(self.kpm, cfg, self.node)
         for h in self.handles:

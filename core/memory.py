@@ -55,6 +55,7 @@ _METADATA = sys.intern("metadata")
 _pause_lock = threading.Lock()
 _pauses = 0
 _was_enabled = False
+_freeze = False  # whether a pause under way asked to freeze at its end (paused(freeze=True))
 # New objects a paused batch may leave behind before they are frozen (see gc_paused).
 FREEZE_AFTER = 100_000
 
@@ -305,13 +306,19 @@ def same(kept: Any, obj: Any) -> bool:
 
 
 @contextmanager
-def _paused() -> Iterator[None]:
-    global _pauses, _was_enabled
+def paused(*, freeze: bool = False) -> Iterator[None]:
+    """The cyclic garbage collector off while the block runs (see gc_paused). With `freeze`,
+    what is tracked when the outermost pause ends is frozen however little the block made: for
+    imports (kpr.cli, the agent's setup), whose modules, classes and functions live as long as
+    the process (some 35k objects at the agent's start, walked twice each by the collections
+    that would run while they are made and again after them)."""
+    global _pauses, _was_enabled, _freeze
     with _pause_lock:
         if _pauses == 0:
             _was_enabled = gc.isenabled()
             gc.disable()
         _pauses += 1
+        _freeze = _freeze or freeze
     try:
         yield
     finally:
@@ -322,11 +329,12 @@ def _paused() -> Iterator[None]:
                 # generation: a batch that freed many older objects (the files source's
                 # read-ahead, frozen when it ended) counts low while it leaves as many new
                 # ones, so a low count is checked against the generation itself.
-                if gc.get_count()[0] > FREEZE_AFTER or len(gc.get_objects(0)) > FREEZE_AFTER:
+                if _freeze or gc.get_count()[0] > FREEZE_AFTER or len(gc.get_objects(0)) > FREEZE_AFTER:
                     # A batch that leaves this many new objects behind (an initial sync) made
                     # the agent's state: out of the collector's reach now, or its first
                     # collections would walk all of it.
                     gc.freeze()
+                _freeze = False
                 if _was_enabled:
                     gc.enable()
 
@@ -338,7 +346,7 @@ def gc_paused(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _paused():
+        with paused():
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -78,3 +78,29 @@ def test_run_imports_before_the_files_source(tmp_path: Path) -> None:
     # process: frozen, no collection walks them again.
     assert seen["config_frozen"], "kpr.cli's imports were not frozen"
     assert seen["agent_frozen"], "kpr.daemon's imports were not frozen"
+
+
+FREEZE_SCRIPT = """
+import gc
+from kpr import memory
+
+gc.collect()
+gc.freeze()
+base = gc.get_freeze_count()
+with memory.paused():
+    with memory.paused(freeze=True):  # asked inside: honoured when the outermost pause ends
+        made = [[i] for i in range(1000)]  # far fewer than memory.FREEZE_AFTER
+    assert gc.get_freeze_count() == base, "froze before the outermost pause ended"
+assert gc.get_freeze_count() >= base + 1000 and gc.isenabled(), (gc.get_freeze_count() - base, gc.isenabled())
+frozen = gc.get_freeze_count()
+with memory.paused():
+    more = [[i] for i in range(1000)]
+assert gc.get_freeze_count() == frozen, "a later pause without freeze froze too"
+print("ok")
+"""
+
+
+def test_a_pause_asked_to_freeze_freezes_what_its_block_made_once() -> None:
+    # a fresh interpreter: no other thread's pause (an earlier test's) is under way
+    out = subprocess.run([sys.executable, "-c", FREEZE_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -63,10 +63,10 @@ class ApplyMixin:
                     log.warning(
                         "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), key, g.owner
                     )
-                    self.conflicts[fk] = key
+                    self.conflicts.setdefault(fk, set()).add(key)
                     del desired[fk]
-                elif self.conflicts.get(fk) == key:
-                    del self.conflicts[fk]
+                elif key in self.conflicts.get(fk, ()):
+                    self._unwait(fk, key)
             old_fks = set(self._by_service.get(key, ())) | {fk for fk in desired if fk in self._groups}
             old = {fk: self._groups.get(fk) for fk in old_fks}
             refusal = self._refusal(old, desired)
@@ -180,7 +180,7 @@ class ApplyMixin:
                     log.warning(
                         "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), s.key, desired[fk].owner
                     )
-                    self.conflicts[fk] = s.key
+                    self.conflicts.setdefault(fk, set()).add(s.key)
                     continue
                 mine[fk] = g
             if len(mine) == 1:
@@ -700,8 +700,16 @@ class ApplyMixin:
             inner.update_blob(self._maglev_keys, table.tobytes(), n)
             self.maps["kpr_maglev"].update(key, M.U32.pack(inner.fd))
 
+    def _unwait(self, fk: bytes, key: ServiceKey) -> None:
+        waiters = self.conflicts[fk]
+        waiters.discard(key)
+        if not waiters:
+            del self.conflicts[fk]
+
     def _retry_conflicts(self, freed: Iterable[bytes]) -> None:
-        waiting = {self.conflicts.pop(fk) for fk in list(freed) if fk in self.conflicts}
+        # Every service waiting on a freed frontend, in key order: the first takes it, the
+        # others wait again (each claim is remembered, so none is lost when the next holder goes).
+        waiting = set().union(*[self.conflicts.pop(fk) for fk in list(freed) if fk in self.conflicts])
         for key in sorted(waiting):
             svc = self._services.get(key)
             if svc is not None:

@@ -100,7 +100,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
         self._as_read = False
         self._reset_shadow()
         self.errors = 0
-        self.conflicts: dict[bytes, ServiceKey] = {}  # frontend key -> service refused it
+        self.conflicts: dict[bytes, set[ServiceKey]] = {}  # frontend key -> services refused it (waiting)
         # Services refused for capacity (they keep their last good state), and counters.
         self.refused: dict[ServiceKey, Refusal] = {}
         self.refusals = 0  # refusal decisions since start

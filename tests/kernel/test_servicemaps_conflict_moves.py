@@ -4,7 +4,8 @@
 moves the holder elsewhere: a manifest giving service A the ClusterIP and nodePort that B had
 from the allocator moves B to new ones in the same pass, and A must then be served there
 (found by an operator check with real traffic: A's ClusterIP timed out and its nodePort was
-refused until the next restart, while `kpr status` said the maps were in sync)."""
+refused until the next restart, while `kpr status` said the maps were in sync). Every waiting
+claim is kept: with two waiting, the one the next holder did not take was forgotten."""
 
 from __future__ import annotations
 
@@ -76,3 +77,21 @@ def test_a_holder_that_keeps_the_frontend_keeps_the_claim_waiting(writer: Servic
     writer.upsert(svc("b", "10.96.0.20", 31000, Backend("10.1.0.3", 8080)))  # B changes, stays
     assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.3:8080"]
     assert writer.kpr_status().counters["conflicts"] == 3
+
+
+def test_every_claim_waiting_on_a_frontend_is_kept_until_one_gets_it(writer: ServiceMapWriter) -> None:
+    """Three services on one address (externalIPs or LoadBalancer IPs two manifests share:
+    nothing allocates those): each holder that goes hands the frontend to a waiting one, the
+    second waiter too after the first has had it and gone."""
+    writer.upsert(svc("a", "10.96.0.20", 31000, A_BACKEND))
+    writer.upsert(svc("b", "10.96.0.20", 31000, B_BACKEND))
+    writer.upsert(svc("c", "10.96.0.20", 31000, Backend("10.1.0.3", 8080)))
+    writer.delete(ServiceKey("default", "a"))
+    by_backend = {"10.1.0.2:8080": "b", "10.1.0.3:8080": "c"}
+    (first,) = served(writer)["10.96.0.20:80/TCP external"]
+    assert writer.kpr_status().counters["conflicts"] == 3  # the other waits on all three
+    writer.delete(ServiceKey("default", by_backend[first]))
+    (other,) = set(by_backend) - {first}
+    assert served(writer)["10.96.0.20:80/TCP external"] == [other]
+    assert served(writer)["10.0.1.10:31000/TCP external"] == [other]
+    assert writer.kpr_status().counters["conflicts"] == 0

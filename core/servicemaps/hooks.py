@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 from .. import hookimpl
 from ..context import PluginContext
 from ..model import PluginStatus, Service, ServiceKey
+from .groups import _fk_label
 
 log = logging.getLogger("kpr.servicemaps")  # one logger for the whole writer, as before the split
 
@@ -228,6 +229,13 @@ class HooksMixin:
                 "synced": synced,
                 "refused": {str(k): r.text() for k, r in sorted(self.refused.items())},
             }
+            if conflicts:
+                # which frontend, who holds it and who waits: the services not served there
+                details["conflicts"] = {
+                    _fk_label(fk): {"owner": str(getattr(self._groups.get(fk), "owner", None) or ""),
+                                    "waiting": sorted(map(str, keys))}
+                    for fk, keys in sorted(self.conflicts.items())[:50]
+                }
             drift = {name: {"kernel": n, "desired": expected[name]} for name, n in counts.items() if n != expected[name]}
             if drift:
                 details["drift"] = drift
@@ -236,7 +244,8 @@ class HooksMixin:
             if not healthy:
                 msg = "maps not open"
             if conflicts:
-                msg += f", {conflicts} conflicting frontends"
+                label, first = next(iter(details["conflicts"].items()))
+                msg += f", {conflicts} conflicting frontends (first {label}: {', '.join(first['waiting'])} not served there)"
             if self.refused:
                 healthy = False
                 first = min(self.refused)

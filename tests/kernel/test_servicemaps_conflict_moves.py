@@ -95,3 +95,13 @@ def test_every_claim_waiting_on_a_frontend_is_kept_until_one_gets_it(writer: Ser
     assert served(writer)["10.96.0.20:80/TCP external"] == [other]
     assert served(writer)["10.0.1.10:31000/TCP external"] == [other]
     assert writer.kpr_status().counters["conflicts"] == 0
+
+
+def test_status_names_the_frontend_its_holder_and_the_service_not_served_there(writer: ServiceMapWriter) -> None:
+    writer.upsert(svc("a", "10.96.0.20", 31000, A_BACKEND))
+    writer.upsert(svc("b", "10.96.0.20", 31001, B_BACKEND))  # only the ClusterIP is shared
+    st = writer.kpr_status()
+    assert st.details["conflicts"] == {"10.96.0.20:80/TCP": {"owner": "default/a", "waiting": ["default/b"]}}
+    assert "1 conflicting frontends (first 10.96.0.20:80/TCP: default/b not served there)" in st.message
+    writer.delete(ServiceKey("default", "a"))
+    assert "conflicts" not in writer.kpr_status().details

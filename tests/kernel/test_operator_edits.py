@@ -35,6 +35,8 @@ from kpr.testing.operator_lab import (
 )
 from kpr.testing.waiting import wait_for
 
+pytestmark = pytest.mark.kernel
+
 CIP = "10.96.10.10"
 
 

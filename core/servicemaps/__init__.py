@@ -47,7 +47,8 @@ from .writer import MapIncompatible, ServiceMapWriter
 # Modules: params (sizes, WriterParams, writer_params), groups (entry encoding, _Group), slots
 # (kpr_slots ranges), rendering (Service -> groups, no syscalls), applying
 # (upsert/delete/full_sync, diff and batches), bulk (a full sync's common services a list at a
-# time: into empty maps, or claimed unchanged from adopted ones), reconcile (adoption, check/repair, gc, read_back), hooks (the plugin side), writer
+# time: into empty maps, or claimed unchanged from adopted ones), reconcile (adoption, check/repair, gc, read_back), hooks (the plugin side), claims
+# (services waiting for a frontend another holds, first come first served), writer
 # (the class, composed from them, and the maps' lifecycle).
 
 __all__ = [

@@ -16,6 +16,7 @@ from ..bpf import maps as M
 from ..bpf.maglev import build_table
 from ..model import Service, ServiceKey
 from . import fetable
+from .claims import Claims
 from .groups import _ONE, _Group, _add_counts, _disown, _fk_label, _own, group_entries
 from .params import Refusal, first_overflow
 from .slots import SlotsFull
@@ -57,16 +58,13 @@ class ApplyMixin:
             except Exception:
                 self._forget_render()  # the ids and rev-NAT index it took are nobody's
                 raise
+            waits: list[bytes] = []  # frontends another service holds: this one's claims
             for fk in list(desired):
-                g = self._groups.get(fk)
-                if g is not None and g.owner is not None and g.owner != key:
-                    log.warning(
-                        "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), key, g.owner
-                    )
-                    self.conflicts.setdefault(fk, set()).add(key)
+                owner = self._holder(fk)
+                if owner is not None and owner != key:
+                    log.warning("event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), key, owner)
+                    waits.append(fk)
                     del desired[fk]
-                elif key in self.conflicts.get(fk, ()):
-                    self._unwait(fk, key)
             old_fks = set(self._by_service.get(key, ())) | {fk for fk in desired if fk in self._groups}
             old = {fk: self._groups.get(fk) for fk in old_fks}
             refusal = self._refusal(old, desired)
@@ -76,13 +74,19 @@ class ApplyMixin:
             if refusal is not None:
                 self._refuse(key, refusal)
                 self._forget_render()
+                # (claims it made on frontends it still wants keep their place: it is refused
+                # for room, and tried again with the refused)
+                self.conflicts.set(key, waits + [fk for fk in desired if self.conflicts.waits(fk, key)])
                 return
             if self.refused.pop(key, None) is not None:
                 log.info("event=service_accepted service=%s", key)
-            # Frontends this service holds and lets go (it moves to another ClusterIP or
-            # nodePort): a claim waiting on one is retried once they are free, as after a deletion.
+            # Claims waiting on a frontend this service lets go (it moves to another ClusterIP
+            # or nodePort) are retried once the change is written, as after a deletion. Only
+            # while someone waits: the common update (nobody does) pays nothing for it.
             released = [fk for fk in old if fk not in desired] if self.conflicts else ()
             self._apply(old, desired)
+            # (after the write: a failed one leaves the claims as they were, the retried one's too)
+            self.conflicts.set(key, waits)
             if released:
                 self._retry_conflicts(released)
             if self.refused:
@@ -97,6 +101,7 @@ class ApplyMixin:
             self._begin()
             fks = set(self._by_service.get(key, ()))
             self._apply({fk: self._groups.get(fk) for fk in fks}, {})
+            self.conflicts.drop(key)
             self._retry_conflicts(fks)
             self._retry_refused()
 
@@ -124,7 +129,7 @@ class ApplyMixin:
                 g.owner = None  # ownership is decided afresh, in key order
             self._by_service = {}
             self._services = dict(zip(map(_KEY, services), services))
-            self.conflicts = {}
+            self.conflicts = Claims()
             self.refused = {}
             self._begin()
             rest = self._bulk_sync(services)  # empty maps: the common services (kpr.servicemaps.bulk)
@@ -180,7 +185,7 @@ class ApplyMixin:
                     log.warning(
                         "event=frontend_conflict frontend=%s service=%s owner=%s", _fk_label(fk), s.key, desired[fk].owner
                     )
-                    self.conflicts.setdefault(fk, set()).add(s.key)
+                    self.conflicts.wait(fk, s.key)
                     continue
                 mine[fk] = g
             if len(mine) == 1:
@@ -700,21 +705,35 @@ class ApplyMixin:
             inner.update_blob(self._maglev_keys, table.tobytes(), n)
             self.maps["kpr_maglev"].update(key, M.U32.pack(inner.fd))
 
-    def _unwait(self, fk: bytes, key: ServiceKey) -> None:
-        waiters = self.conflicts[fk]
-        waiters.discard(key)
-        if not waiters:
-            del self.conflicts[fk]
+    def _holder(self, fk: bytes) -> ServiceKey | None:
+        g = self._groups.get(fk)
+        return g.owner if g is not None else None
 
     def _retry_conflicts(self, freed: Iterable[bytes]) -> None:
-        # Every service waiting on a freed frontend, in key order: the first takes it, the
-        # others wait again (each claim is remembered, so none is lost when the next holder goes).
-        waiting = set().union(*[self.conflicts.pop(fk) for fk in list(freed) if fk in self.conflicts])
-        for key in sorted(waiting):
+        """Retry the claims waiting on frontends just freed, in the order they were made: the
+        first takes a frontend, those after it find it held and keep waiting. O(the claims on
+        `freed`). A retry that fails is logged and keeps its claim (the next release or check()
+        tries it again): it is not the error of the change that freed the frontend."""
+        tried: set[ServiceKey] = set()
+        for fk, key in self.conflicts.queue(freed):
+            if key in tried or not self.conflicts.waits(fk, key) or self._holder(fk) is not None:
+                continue
+            tried.add(key)
             svc = self._services.get(key)
-            if svc is not None:
-                log.info("event=frontend_conflict_retry service=%s", key)
+            if svc is None:
+                self.conflicts.drop(key)
+                continue
+            log.info("event=frontend_conflict_retry frontend=%s service=%s", _fk_label(fk), key)
+            try:
                 self.upsert(svc)
+            except Exception:  # noqa: BLE001 - rolled back and logged; the claim stays
+                log.exception("event=frontend_conflict_retry_failed frontend=%s service=%s", _fk_label(fk), key)
+
+    def _retry_unheld_claims(self) -> None:
+        """check()'s: claims on frontends nobody holds (a retry that failed), O(claims)."""
+        unheld = [fk for fk in self.conflicts if self._holder(fk) is None]
+        if unheld:
+            self._retry_conflicts(unheld)
 
 
 _NO_BACKEND = bytes(M.BACKEND.size)

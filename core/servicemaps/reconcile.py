@@ -399,6 +399,7 @@ class ReconcileMixin:
             if n:
                 self.repairs += n
                 log.warning("event=servicemaps_repaired entries=%d", n)
+            self._retry_unheld_claims()
             self._retry_refused()
             return n
 

@@ -18,6 +18,7 @@ from ..memory import gc_paused
 from ..model import Service, ServiceKey
 from .applying import ApplyMixin
 from .bulk import BulkMixin
+from .claims import Claims
 from . import fetable
 from .groups import _Group, group_entries
 from .hooks import HooksMixin
@@ -100,7 +101,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
         self._as_read = False
         self._reset_shadow()
         self.errors = 0
-        self.conflicts: dict[bytes, set[ServiceKey]] = {}  # frontend key -> services refused it (waiting)
+        self.conflicts = Claims()  # frontend key -> services waiting for it, first come first
         # Services refused for capacity (they keep their last good state), and counters.
         self.refused: dict[ServiceKey, Refusal] = {}
         self.refusals = 0  # refusal decisions since start

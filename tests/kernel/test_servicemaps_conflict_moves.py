@@ -5,24 +5,28 @@ moves the holder elsewhere: a manifest giving service A the ClusterIP and nodePo
 from the allocator moves B to new ones in the same pass, and A must then be served there
 (found by an operator check with real traffic: A's ClusterIP timed out and its nodePort was
 refused until the next restart, while `kpr status` said the maps were in sync). Every waiting
-claim is kept: with two waiting, the one the next holder did not take was forgotten."""
+claim is kept (with two waiting, the one the next holder did not take was forgotten) and served
+first come first served; a claim goes when its service no longer wants the frontend; a retry
+that fails keeps its claim (check() tries it again) without failing the holder's change."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kpr.bpf import maps as M
 from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 from kpr.readback import differences
-from kpr.servicemaps import ServiceMapWriter
+from kpr.servicemaps import ALGORITHM_ANNOTATION, ServiceMapWriter
 
 pytestmark = pytest.mark.kernel
 
 CIP, NP = FrontendType.CLUSTER_IP, FrontendType.NODE_PORT
 TCP = Protocol.TCP
-A_BACKEND, B_BACKEND = Backend("10.1.0.1", 8080), Backend("10.1.0.2", 8080)
+A_BACKEND, B_BACKEND, C_BACKEND = Backend("10.1.0.1", 8080), Backend("10.1.0.2", 8080), Backend("10.1.0.3", 8080)
 
 
 def svc(name: str, cluster_ip: str, node_port: int, backend: Backend) -> Service:
@@ -71,12 +75,102 @@ def test_the_same_in_one_batch_as_the_bus_delivers_one_pass_of_the_files_source(
     assert writer.kpr_status().counters["conflicts"] == 0
 
 
-def test_a_holder_that_keeps_the_frontend_keeps_the_claim_waiting(writer: ServiceMapWriter) -> None:
+def test_a_holder_that_keeps_the_frontend_keeps_the_claim_waiting(
+    writer: ServiceMapWriter, caplog: pytest.LogCaptureFixture
+) -> None:
     writer.upsert(svc("b", "10.96.0.20", 31000, B_BACKEND))
     writer.upsert(svc("a", "10.96.0.20", 31000, A_BACKEND))
+    caplog.set_level(logging.INFO, logger="kpr.servicemaps")
     writer.upsert(svc("b", "10.96.0.20", 31000, Backend("10.1.0.3", 8080)))  # B changes, stays
     assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.3:8080"]
     assert writer.kpr_status().counters["conflicts"] == 3
+    # nothing was freed: a retry here would be one upsert of A per update of B (too often)
+    assert "frontend_conflict_retry" not in caplog.text
+
+
+def test_claims_are_served_in_the_order_they_came(writer: ServiceMapWriter) -> None:
+    """First come, first served, whatever the names: B holds, C claims, then A. When B moves C
+    gets the frontends (not A, first in key order) and A keeps waiting; when C moves, A gets them."""
+    writer.upsert(svc("b", "10.96.0.20", 31000, B_BACKEND))
+    writer.upsert(svc("c", "10.96.0.20", 31000, C_BACKEND))
+    writer.upsert(svc("a", "10.96.0.20", 31000, A_BACKEND))
+    writer.upsert(svc("b", "10.96.0.21", 31001, B_BACKEND))
+    assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.3:8080"]
+    assert served(writer)["0.0.0.0:31000/TCP external"] == ["10.1.0.3:8080"]
+    assert writer.kpr_status().counters["conflicts"] == 3  # frontends waited for (A's three)
+    writer.upsert(svc("c", "10.96.0.22", 31002, C_BACKEND))
+    assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.1:8080"]
+    assert served(writer)["10.0.1.10:31000/TCP external"] == ["10.1.0.1:8080"]
+    assert writer.kpr_status().counters["conflicts"] == 0
+    assert differences(writer)["count"] == 0
+
+
+def test_a_full_sync_keeps_every_claim_in_key_order(writer: ServiceMapWriter) -> None:
+    """A full sync (a restart's) decides in key order: a holds, b then c wait."""
+    claimants = (("c", C_BACKEND), ("b", B_BACKEND), ("a", A_BACKEND))
+    writer.full_sync([svc(n, "10.96.0.20", 31000, be) for n, be in claimants])
+    assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.1:8080"]
+    writer.delete(ServiceKey("default", "a"))
+    assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.2:8080"]
+    writer.delete(ServiceKey("default", "b"))
+    assert served(writer)["10.0.1.10:31000/TCP external"] == ["10.1.0.3:8080"]
+    assert writer.kpr_status().counters["conflicts"] == 0
+
+
+@pytest.mark.parametrize("leaves", ["moves", "is_deleted"])
+def test_a_claim_goes_when_its_service_no_longer_wants_the_frontend(writer: ServiceMapWriter, leaves: str) -> None:
+    writer.upsert(svc("b", "10.96.0.20", 31000, B_BACKEND))
+    writer.upsert(svc("a", "10.96.0.20", 31000, A_BACKEND))
+    if leaves == "moves":
+        writer.upsert(svc("a", "10.96.0.30", 31010, A_BACKEND))
+        assert served(writer)["10.96.0.30:80/TCP external"] == ["10.1.0.1:8080"]
+    else:
+        writer.delete(ServiceKey("default", "a"))
+    status = writer.kpr_status()
+    assert status.counters["conflicts"] == 0
+    assert "conflicting" not in status.message
+
+
+def one_frontend(name: str, backend: Backend, address: str = "10.96.0.20", maglev: bool = False) -> Service:
+    return Service(ServiceKey("default", name), (Frontend(CIP, address, 80, TCP, (backend,)),),
+                   annotations=((ALGORITHM_ANNOTATION, "maglev"),) if maglev else ())
+
+
+@pytest.fixture
+def failing_claim(pin_dir: Path, caplog: pytest.LogCaptureFixture) -> Iterator[tuple[ServiceMapWriter, dict]]:
+    """B holds 10.96.0.20:80, A (Maglev) waits for it; kpr_maglev is filled behind the writer's
+    back, so when B moves away A's retry fails in the kernel (its table does not fit). Yields
+    the writer and what the bus stage was told about B's move."""
+    with ServiceMapWriter(pin_dir, sizes={"kpr_maglev": 2}, create_datapath_maps=False) as w:
+        w.apply_batch([("sync", None)])
+        w.upsert(one_frontend("b", B_BACKEND))
+        w.upsert(one_frontend("a", A_BACKEND, maglev=True))
+        t, k, v, n = w.specs["kpr_maglev"].inner
+        for i in range(2):
+            with M.BpfMap.create(M.MapSpec("kpr_stray_in", t, k, v, n)) as inner:
+                w.maps["kpr_maglev"].update(M.MAGLEV_KEY.pack(9000 + i, 0), M.U32.pack(inner.fd))
+        caplog.set_level(logging.INFO, logger="kpr.servicemaps")
+        failed = w.apply_batch([("upsert", one_frontend("b", B_BACKEND, address="10.96.0.21"))])
+        yield w, failed
+
+
+def test_a_waiting_claim_that_fails_is_not_the_holders_error_and_stays(
+    failing_claim: tuple[ServiceMapWriter, dict], caplog: pytest.LogCaptureFixture
+) -> None:
+    w, failed = failing_claim
+    assert failed == {}  # B's move was written: the stage must not retry it
+    assert served(w)["10.96.0.21:80/TCP external"] == ["10.1.0.2:8080"]
+    assert any("event=frontend_conflict_retry_failed" in r.getMessage() for r in caplog.get_records("setup"))
+    assert w.kpr_status().counters["conflicts"] == 1  # A still waits for it
+
+
+def test_check_retries_a_claim_on_a_frontend_nobody_holds(failing_claim: tuple[ServiceMapWriter, dict]) -> None:
+    w, _ = failing_claim
+    assert "10.96.0.20:80/TCP external" not in served(w)
+    w.check()  # (the failed write's rollback took the stray tables out: A's now fits)
+    assert served(w)["10.96.0.20:80/TCP external"] == ["10.1.0.1:8080"]
+    assert w.kpr_status().counters["conflicts"] == 0
+    assert differences(w)["count"] == 0
 
 
 def test_every_claim_waiting_on_a_frontend_is_kept_until_one_gets_it(writer: ServiceMapWriter) -> None:

@@ -18,10 +18,11 @@ What XDP does here, and what it does not:
     dsr/hybrid; services annotated service.kpr.io/lb-mode=dsr are source-NATed);
   - XDP has no egress hook: replies of backends on this node are not translated back, so a
     frontend whose backend is local works only with tc_nodeport also enabled (its egress
-    program translates them). XDP_REDIRECT goes only to the external devices the program runs
-    on; anything routed elsewhere (a pod's veth, whose peer runs no XDP; a bridge; an overlay)
-    goes to the kernel's stack, counted by reason (kpr_np_fwd): requests to local pods
-    translated, source-NATed flows untranslated, for tc_nodeport behind XDP to carry on.
+    program translates them; without it, status and the log say so). XDP_REDIRECT goes only to
+    the external devices the program runs on; anything routed elsewhere (a pod's veth, whose
+    peer runs no XDP; a bridge; an overlay) goes to the kernel's stack, counted by reason
+    (kpr_np_fwd): requests to local pods translated, source-NATed flows untranslated, for
+    tc_nodeport behind XDP to carry on.
   - XDP_TX / redirect out of a veth reaches the peer only if the peer has an XDP program, and
     a veth hands XDP packets whose checksum the sender left to offload (CHECKSUM_PARTIAL):
     redirected as frames, they arrive with a bad checksum. Packets from a real wire carry full
@@ -59,6 +60,7 @@ import pydantic
 from kpr import hookimpl
 from kpr.bpf import links
 from kpr.bpf import maps as M
+from kpr.context import PluginContext
 from kpr.model import PluginStatus
 from kpr.nodeport.agent import Attached, NodePortAgent
 from kpr.nodeport.netns import DeviceFacts
@@ -75,6 +77,9 @@ FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 IP_MODES = {1: "native", 2: "generic", 3: "offload"}
 IP_WORDS = {"native": "xdpdrv", "generic": "xdpgeneric", "offload": "xdpoffload"}
 KPR_PREFIX = "kpr_"
+# tc_nodeport's egress program: the only thing that gives a local backend's replies the
+# frontend's address (XDP has no egress hook). Its attachment records say where it runs.
+TC_EGRESS = "kpr_np_egress"
 
 
 class XdpAttachError(OSError):
@@ -215,6 +220,7 @@ class XdpNodePort(NodePortAgent):
     def __init__(self) -> None:
         super().__init__()
         self._modes: dict[str, str] = {}  # device -> the XDP mode it got (native, generic)
+        self._warned_unserved = False  # localBackendsUnserved logged (again once it clears and comes back)
 
     @hookimpl
     def kpr_config_schema(self) -> type[pydantic.BaseModel]:
@@ -287,6 +293,30 @@ class XdpNodePort(NodePortAgent):
             log.error("event=nodeport_attach_failed dev=%s error=%s", dev, why)
         self._device_errors = failed
 
+    @hookimpl
+    def kpr_start(self, context: PluginContext) -> None:
+        super().kpr_start(context)
+        # In an agent the config lists the plugins; a harness's lists none (nothing to say then).
+        if context.config.plugins and "tc_nodeport" not in context.config.enabled_plugins():
+            log.warning("event=xdp_nodeport_local_backends_unserved reason=tc_nodeport_disabled "
+                        "hint='frontends whose backend is on this node time out: XDP DNATs to the pod, "
+                        "but only tc_nodeport translates its replies back; enable tc_nodeport alongside'")
+
+    def _unserved_local(self) -> list[str]:
+        """Devices XDP runs on without tc_nodeport's egress program (per kpr's attachment
+        records on this pin), where replies of local backends leave untranslated."""
+        from kpr.bpf.cleanup import attachments
+
+        assert self.pin is not None
+        try:
+            records = attachments(self.pin)
+        except OSError as exc:  # the pins going under our feet; status must not fail for it
+            log.debug("event=attachment_records_unreadable error=%r", exc)
+            return []
+        served = {(r["target"].get("ifname"), r["target"].get("netns")) for r in records
+                  if r.get("kind") == "tc" and r.get("prog_name") == TC_EGRESS}
+        return sorted(d for d, _k in list(self._attached) if (d, self._netns_path) not in served)
+
     def _device_details(self, attached: list[Attached], devices: list[str]) -> dict[str, Any]:
         return {dev: {"xdp": self._modes.get(dev, "?")} for dev in devices}
 
@@ -305,4 +335,19 @@ class XdpNodePort(NodePortAgent):
             st = dataclasses.replace(st, message=st.message + note)
         details = dict(st.details)
         details["links"] = self._link_details()
+        # New flows to local backends with nothing to translate their replies: the client gets
+        # the pod's address back and resets; say so, the data path alone cannot.
+        unserved = self._unserved_local() if st.counters.get("new_local") and self.pin is not None else []
+        details["localBackendsUnserved"] = unserved
+        if unserved:
+            st = dataclasses.replace(st, message=st.message + (
+                f"; {int(st.counters['new_local'])} new flows to local backends, replies untranslated on "
+                f"{', '.join(unserved)}: enable tc_nodeport alongside"))
+            if not self._warned_unserved:
+                self._warned_unserved = True
+                log.warning("event=xdp_nodeport_local_backends_unserved devices=%s new_local=%d "
+                            "hint='no tc_nodeport egress program: replies of local backends keep the pod address; "
+                            "enable tc_nodeport alongside'", ",".join(unserved), int(st.counters["new_local"]))
+        else:
+            self._warned_unserved = False
         return dataclasses.replace(st, details=details)

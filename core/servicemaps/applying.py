@@ -58,7 +58,10 @@ class ApplyMixin:
             except Exception:
                 self._forget_render()  # the ids and rev-NAT index it took are nobody's
                 raise
-            waits: list[bytes] = []  # frontends another service holds: this one's claims
+            # A frontend another service holds: this one's claim waits. One nobody holds (its
+            # first waiter refused, or its retry failed) this one takes ahead of those waiting
+            # (first come, first served only while held; their claims stay, behind it).
+            waits: list[bytes] = []
             for fk in list(desired):
                 owner = self._holder(fk)
                 if owner is not None and owner != key:
@@ -132,14 +135,22 @@ class ApplyMixin:
             self.conflicts = Claims()
             self.refused = {}
             self._begin()
-            rest = self._bulk_sync(services)  # empty maps: the common services (kpr.servicemaps.bulk)
-            if rest:
-                self._sync_rest(rest)
-            if rest is not None or self._sync_adopted(services):
-                return
-            old = dict(self._groups)
-            desired = self._plan(services, old)
-            self._apply(old, desired, strays=True)
+            try:
+                rest = self._bulk_sync(services)  # empty maps: the common services (kpr.servicemaps.bulk)
+                if rest:
+                    self._sync_rest(rest)
+                if rest is not None or self._sync_adopted(services):
+                    return
+                old = dict(self._groups)
+                desired = self._plan(services, old)
+                self._apply(old, desired, strays=True)
+            except BaseException:
+                # The plan's claims and refusals were never written (the maps were rolled
+                # back: nobody holds its frontends): kept, check() would serve a waiter where
+                # the sync's retry puts the first in key order, traffic moved twice.
+                self.conflicts = Claims()
+                self.refused = {}
+                raise
 
     def _sync_rest(self, rest: list[Service]) -> None:
         """The services the bulk path left, planned and written service by service beside the
@@ -714,7 +725,7 @@ class ApplyMixin:
         first takes a frontend, those after it find it held and keep waiting. O(the claims on
         `freed`). A retry that fails is logged and keeps its claim (the next release or check()
         tries it again): it is not the error of the change that freed the frontend."""
-        tried: set[ServiceKey] = set()
+        tried = set(self.refused)  # (tried again by _retry_refused, once their growth fits)
         for fk, key in self.conflicts.queue(freed):
             if key in tried or not self.conflicts.waits(fk, key) or self._holder(fk) is not None:
                 continue

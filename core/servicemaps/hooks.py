@@ -230,10 +230,10 @@ class HooksMixin:
                 "refused": {str(k): r.text() for k, r in sorted(self.refused.items())},
             }
             if conflicts:
-                # which frontend, who holds it and who waits: the services not served there
+                # a count alone does not tell an operator which service a shared address left
+                # unserved: the frontend, its holder, and who waits, in the order they are served
                 details["conflicts"] = {
-                    _fk_label(fk): {"owner": str(getattr(self._groups.get(fk), "owner", None) or ""),
-                                    "waiting": sorted(map(str, keys))}
+                    _fk_label(fk): {"owner": str(self._holder(fk) or ""), "waiting": list(map(str, keys))}
                     for fk, keys in sorted(self.conflicts.items())[:50]
                 }
             drift = {name: {"kernel": n, "desired": expected[name]} for name, n in counts.items() if n != expected[name]}

@@ -399,8 +399,10 @@ class ReconcileMixin:
             if n:
                 self.repairs += n
                 log.warning("event=servicemaps_repaired entries=%d", n)
-            self._retry_unheld_claims()
-            self._retry_refused()
+            if self._initial is None:
+                # (before, claims and refusals are the initial sync's to decide, in key order)
+                self._retry_unheld_claims()
+                self._retry_refused()
             return n
 
 

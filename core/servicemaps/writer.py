@@ -101,7 +101,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
         self._as_read = False
         self._reset_shadow()
         self.errors = 0
-        self.conflicts = Claims()  # frontend key -> services waiting for it, first come first
+        self.conflicts = Claims()  # frontend key -> services waiting for it, first come, first served
         # Services refused for capacity (they keep their last good state), and counters.
         self.refused: dict[ServiceKey, Refusal] = {}
         self.refusals = 0  # refusal decisions since start

@@ -136,6 +136,15 @@ def one_frontend(name: str, backend: Backend, address: str = "10.96.0.20", magle
                    annotations=((ALGORITHM_ANNOTATION, "maglev"),) if maglev else ())
 
 
+def fill_maglev(w: ServiceMapWriter) -> None:
+    """Fill kpr_maglev (sized 2) behind the writer's back: its next table's write fails in the
+    kernel (E2BIG); the failed write's rollback takes these strays out again."""
+    t, k, v, n = w.specs["kpr_maglev"].inner
+    for i in range(2):
+        with M.BpfMap.create(M.MapSpec("kpr_stray_in", t, k, v, n)) as inner:
+            w.maps["kpr_maglev"].update(M.MAGLEV_KEY.pack(9000 + i, 0), M.U32.pack(inner.fd))
+
+
 @pytest.fixture
 def failing_claim(pin_dir: Path, caplog: pytest.LogCaptureFixture) -> Iterator[tuple[ServiceMapWriter, dict]]:
     """B holds 10.96.0.20:80, A (Maglev) waits for it; kpr_maglev is filled behind the writer's
@@ -145,10 +154,7 @@ def failing_claim(pin_dir: Path, caplog: pytest.LogCaptureFixture) -> Iterator[t
         w.apply_batch([("sync", None)])
         w.upsert(one_frontend("b", B_BACKEND))
         w.upsert(one_frontend("a", A_BACKEND, maglev=True))
-        t, k, v, n = w.specs["kpr_maglev"].inner
-        for i in range(2):
-            with M.BpfMap.create(M.MapSpec("kpr_stray_in", t, k, v, n)) as inner:
-                w.maps["kpr_maglev"].update(M.MAGLEV_KEY.pack(9000 + i, 0), M.U32.pack(inner.fd))
+        fill_maglev(w)
         caplog.set_level(logging.INFO, logger="kpr.servicemaps")
         failed = w.apply_batch([("upsert", one_frontend("b", B_BACKEND, address="10.96.0.21"))])
         yield w, failed
@@ -175,27 +181,82 @@ def test_check_retries_a_claim_on_a_frontend_nobody_holds(failing_claim: tuple[S
 
 def test_every_claim_waiting_on_a_frontend_is_kept_until_one_gets_it(writer: ServiceMapWriter) -> None:
     """Three services on one address (externalIPs or LoadBalancer IPs two manifests share:
-    nothing allocates those): each holder that goes hands the frontend to a waiting one, the
-    second waiter too after the first has had it and gone."""
+    nothing allocates those): each holder that goes hands the frontend to the next waiting,
+    the second waiter too after the first has had it and gone."""
     writer.upsert(svc("a", "10.96.0.20", 31000, A_BACKEND))
     writer.upsert(svc("b", "10.96.0.20", 31000, B_BACKEND))
-    writer.upsert(svc("c", "10.96.0.20", 31000, Backend("10.1.0.3", 8080)))
+    writer.upsert(svc("c", "10.96.0.20", 31000, C_BACKEND))
     writer.delete(ServiceKey("default", "a"))
-    by_backend = {"10.1.0.2:8080": "b", "10.1.0.3:8080": "c"}
-    (first,) = served(writer)["10.96.0.20:80/TCP external"]
-    assert writer.kpr_status().counters["conflicts"] == 3  # the other waits on all three
-    writer.delete(ServiceKey("default", by_backend[first]))
-    (other,) = set(by_backend) - {first}
-    assert served(writer)["10.96.0.20:80/TCP external"] == [other]
-    assert served(writer)["10.0.1.10:31000/TCP external"] == [other]
+    assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.2:8080"]
+    assert writer.kpr_status().counters["conflicts"] == 3  # c waits on all three
+    writer.delete(ServiceKey("default", "b"))
+    assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.3:8080"]
+    assert served(writer)["10.0.1.10:31000/TCP external"] == ["10.1.0.3:8080"]
     assert writer.kpr_status().counters["conflicts"] == 0
 
 
-def test_status_names_the_frontend_its_holder_and_the_service_not_served_there(writer: ServiceMapWriter) -> None:
+def test_status_names_the_frontend_its_holder_and_the_services_not_served_there(writer: ServiceMapWriter) -> None:
+    """The waiting services in the order they are served (they came: c, then b)."""
     writer.upsert(svc("a", "10.96.0.20", 31000, A_BACKEND))
-    writer.upsert(svc("b", "10.96.0.20", 31001, B_BACKEND))  # only the ClusterIP is shared
+    writer.upsert(svc("c", "10.96.0.20", 31002, C_BACKEND))  # only the ClusterIP is shared
+    writer.upsert(svc("b", "10.96.0.20", 31001, B_BACKEND))
     st = writer.kpr_status()
-    assert st.details["conflicts"] == {"10.96.0.20:80/TCP": {"owner": "default/a", "waiting": ["default/b"]}}
-    assert "1 conflicting frontends (first 10.96.0.20:80/TCP: default/b not served there)" in st.message
+    assert st.details["conflicts"] == {
+        "10.96.0.20:80/TCP": {"owner": "default/a", "waiting": ["default/c", "default/b"]}
+    }
+    assert "1 conflicting frontends (first 10.96.0.20:80/TCP: default/c, default/b not served there)" in st.message
     writer.delete(ServiceKey("default", "a"))
+    assert served(writer)["10.96.0.20:80/TCP external"] == ["10.1.0.3:8080"]
+    assert writer.kpr_status().details["conflicts"] == {
+        "10.96.0.20:80/TCP": {"owner": "default/c", "waiting": ["default/b"]}
+    }
+    writer.delete(ServiceKey("default", "b"))
     assert "conflicts" not in writer.kpr_status().details
+
+
+def test_a_claim_stays_while_its_service_is_refused_for_room(
+    pin_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """a claims X (b holds it) and Y, for which kpr_svc has no room (c holds its last entry):
+    a is refused and its claim on X stays, also once b lets X go (a, refused, cannot take it
+    then); when room comes back a gets X. check() meanwhile leaves a to the refused' retry."""
+    x, y, z = "10.96.0.20", "10.96.0.21", "10.96.0.22"
+    a = Service(ServiceKey("default", "a"), (Frontend(CIP, x, 80, TCP, (A_BACKEND,)),
+                                              Frontend(CIP, y, 80, TCP, (A_BACKEND,))))
+    with ServiceMapWriter(pin_dir, sizes={"kpr_svc": 2}, create_datapath_maps=False) as w:
+        w.apply_batch([("sync", None)])
+        w.upsert(one_frontend("b", B_BACKEND, address=x))
+        w.upsert(one_frontend("c", C_BACKEND, address=z))
+        w.upsert(a)
+        assert list(w.refused) == [a.key]
+        assert w.kpr_status().details["conflicts"] == {f"{x}:80/TCP": {"owner": "default/b", "waiting": ["default/a"]}}
+        w.delete(ServiceKey("default", "b"))
+        assert list(w.refused) == [a.key]  # X and Y do not fit beside c
+        assert w.kpr_status().details["conflicts"] == {f"{x}:80/TCP": {"owner": "", "waiting": ["default/a"]}}
+        caplog.set_level(logging.INFO, logger="kpr.servicemaps")
+        w.check()
+        w.check()
+        assert "frontend_conflict_retry" not in caplog.text  # (a refused waiter, retried every period)
+        w.delete(ServiceKey("default", "c"))
+        assert served(w) == {f"{x}:80/TCP external": ["10.1.0.1:8080"], f"{y}:80/TCP external": ["10.1.0.1:8080"]}
+        assert not w.refused
+        assert "conflicts" not in w.kpr_status().details
+
+
+def test_a_failed_initial_sync_leaves_no_claim_for_check_to_serve(pin_dir: Path) -> None:
+    """The initial sync fails (m's Maglev table does not fit: kpr_maglev filled behind the
+    writer's back) and is rolled back: nobody holds 10.96.0.20:80. A check() before its retry
+    must not serve b there (b waits: in key order a holds it), or the retry would give it
+    back to a: traffic moved twice."""
+    with ServiceMapWriter(pin_dir, sizes={"kpr_maglev": 2}, create_datapath_maps=False) as w:
+        fill_maglev(w)
+        initial = [one_frontend("a", A_BACKEND), one_frontend("b", B_BACKEND),
+                   one_frontend("m", C_BACKEND, address="10.96.0.30", maglev=True)]
+        assert w.apply_batch([("upsert", s) for s in initial] + [("sync", None)]) == {}
+        assert not w.initial_written
+        assert w.kpr_status().counters["conflicts"] == 0  # (the failed plan's: its retry decides again)
+        w.check()
+        assert "10.96.0.20:80/TCP external" not in served(w)
+        assert w.apply_batch([("sync", None)]) == {}  # the retry (the rollback took the strays out)
+        assert w.initial_written
+        assert served(w)["10.96.0.20:80/TCP external"] == ["10.1.0.1:8080"]

@@ -221,6 +221,9 @@ class XdpNodePort(NodePortAgent):
         super().__init__()
         self._modes: dict[str, str] = {}  # device -> the XDP mode it got (native, generic)
         self._warned_unserved = False  # localBackendsUnserved logged (again once it clears and comes back)
+        # new_local when the note was last clear: the stats map is pinned and outlives restarts, so
+        # its lifetime count is no reason for a note; the flows since are
+        self._local_base = 0
 
     @hookimpl
     def kpr_config_schema(self) -> type[pydantic.BaseModel]:
@@ -296,6 +299,9 @@ class XdpNodePort(NodePortAgent):
     @hookimpl
     def kpr_start(self, context: PluginContext) -> None:
         super().kpr_start(context)
+        assert self.datapath is not None
+        self._local_base = int(self.datapath.stats().get("new_local", 0))
+        self._warned_unserved = False
         # In an agent the config lists the plugins; a harness's lists none (nothing to say then).
         if context.config.plugins and "tc_nodeport" not in context.config.enabled_plugins():
             log.warning("event=xdp_nodeport_local_backends_unserved reason=tc_nodeport_disabled "
@@ -337,17 +343,24 @@ class XdpNodePort(NodePortAgent):
         details["links"] = self._link_details()
         # New flows to local backends with nothing to translate their replies: the client gets
         # the pod's address back and resets; say so, the data path alone cannot.
-        unserved = self._unserved_local() if st.counters.get("new_local") and self.pin is not None else []
+        counted = "new_local" in st.counters  # not when stopped or the stats unreadable
+        new_local = int(st.counters.get("new_local", 0))
+        if counted and new_local < self._local_base:  # the stats map was recreated under us
+            self._local_base = new_local
+        fresh = new_local - self._local_base if counted else 0
+        unserved = self._unserved_local() if fresh > 0 and self.pin is not None else []
         details["localBackendsUnserved"] = unserved
         if unserved:
             st = dataclasses.replace(st, message=st.message + (
-                f"; {int(st.counters['new_local'])} new flows to local backends, replies untranslated on "
+                f"; {fresh} new flows to local backends, replies untranslated on "
                 f"{', '.join(unserved)}: enable tc_nodeport alongside"))
             if not self._warned_unserved:
                 self._warned_unserved = True
                 log.warning("event=xdp_nodeport_local_backends_unserved devices=%s new_local=%d "
                             "hint='no tc_nodeport egress program: replies of local backends keep the pod address; "
-                            "enable tc_nodeport alongside'", ",".join(unserved), int(st.counters["new_local"]))
+                            "enable tc_nodeport alongside'", ",".join(unserved), fresh)
         else:
+            if counted:  # every device served (or nothing new): the flows so far had their replies translated
+                self._local_base = new_local
             self._warned_unserved = False
         return dataclasses.replace(st, details=details)

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.kernel
 
 N1 = NODES["node1"]["addr"]
 PORT = 30081
+XDP_CFG = dict(xdp_mode="native", health_check=False, keep_attached_on_stop=False)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,7 @@ def env(require_kernel: None) -> Iterator[Cluster]:
     with cluster(start=False, second_device=False) as c:
         full_checksums(c.topo, "cl", "p1a")
         with peer_pass(c.topo, "rt", dev_with(c.topo, "rt", NODES["node1"]["rt"])):
-            c.plugins["node1"] = start_xdp(  # type: ignore[assignment]
-                c.harnesses["node1"], xdp_mode="native", health_check=False, keep_attached_on_stop=False,
-            )
+            c.plugins["node1"] = start_xdp(c.harnesses["node1"], **XDP_CFG)
             try:
                 c.apply(nodeport("web", PORT, "p1a"))
                 yield c
@@ -71,8 +70,34 @@ def test_alone_a_local_backend_times_out_and_status_says_why(env: Cluster, caplo
         x.kpr_status()
     assert status.details["localBackendsUnserved"] == ["eth0"], status.details
     assert "new flows to local backends, replies untranslated on eth0: enable tc_nodeport alongside" in status.message
-    warned = [r for r in caplog.records if "xdp_nodeport_local_backends_unserved" in r.getMessage()]
-    assert len(warned) == 1 and "devices=eth0" in warned[0].getMessage(), "logged once, not per status"
+    warned = unserved_warnings(caplog)
+    assert len(warned) == 1 and "devices=eth0" in warned[0], "logged once, not per status"
+
+
+def unserved_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "xdp_nodeport_local_backends_unserved" in r.getMessage()]
+
+
+def test_a_restart_notes_only_the_flows_after_it(env: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """The stats map is pinned and outlives a restart, its new_local counter too: the flows of
+    an earlier run are no reason for a note (nor a warning) after the restart."""
+    assert answers(client(env.topo, "tcp", N1, PORT, 1)) == ["TimeoutError"]
+    assert env.plugins["node1"].kpr_status().details["localBackendsUnserved"] == ["eth0"]
+    env.stop("node1")
+    env.plugins["node1"] = start_xdp(env.harnesses["node1"], **XDP_CFG)
+    x = env.plugins["node1"]
+    before = env.stats("node1")["new_local"]
+    assert before >= 1, "the pinned counter kept the earlier run's flows"
+    with caplog.at_level(logging.WARNING, logger="kpr.plugins.xdp_nodeport.plugin"):
+        status = x.kpr_status()
+    assert status.details["localBackendsUnserved"] == [] and "new flows" not in status.message, status
+    assert unserved_warnings(caplog) == []
+    # a flow of this run: the note again, counting this run's flows only
+    assert answers(client(env.topo, "tcp", N1, PORT, 1)) == ["TimeoutError"]
+    fresh = env.stats("node1")["new_local"] - before
+    status = x.kpr_status()
+    assert fresh >= 1 and status.details["localBackendsUnserved"] == ["eth0"], status
+    assert f"; {fresh} new flows to local backends, replies untranslated on eth0" in status.message, status.message
 
 
 def test_with_tc_nodeport_alongside_the_local_backend_answers(env: Cluster) -> None:
@@ -85,7 +110,10 @@ def test_with_tc_nodeport_alongside_the_local_backend_answers(env: Cluster) -> N
         assert "enable tc_nodeport" not in status.message, status.message
     finally:
         env.harnesses["node1"].stop(tc)
-    # tc_nodeport gone (its programs detached): the note is back
+    # tc_nodeport gone (its programs detached): the flows it served are no reason for the note,
+    # a new flow is
+    assert x.kpr_status().details["localBackendsUnserved"] == []
+    assert answers(client(env.topo, "tcp", N1, PORT, 1)) == ["TimeoutError"]
     assert x.kpr_status().details["localBackendsUnserved"] == ["eth0"]
 
 

@@ -303,8 +303,10 @@ class XdpNodePort(NodePortAgent):
         self._local_base = int(self.datapath.stats().get("new_local", 0))
         self._warned_unserved = False
         # In an agent the config lists the plugins; a harness's lists none (nothing to say then).
+        # INFO: an XDP-only node without local pods is right; the status note (and its warning)
+        # says so when a flow to a local backend meets it.
         if context.config.plugins and "tc_nodeport" not in context.config.enabled_plugins():
-            log.warning("event=xdp_nodeport_local_backends_unserved reason=tc_nodeport_disabled "
+            log.info("event=xdp_nodeport_local_backends_unserved reason=tc_nodeport_disabled "
                         "hint='frontends whose backend is on this node time out: XDP DNATs to the pod, "
                         "but only tc_nodeport translates its replies back; enable tc_nodeport alongside'")
 

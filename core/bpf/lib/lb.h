@@ -189,13 +189,16 @@ static __always_inline __u32 kpr_lb_slot_backend_ids(const struct kpr_svc_val *s
 		return 0;
 #if KPR_LB_FE_IDS
 	if (ids) {
-		idx = (__u32)slot - 1;
-		if (idx < KPR_FE_IDS) {
-			__u32 bid = ids[idx & (KPR_FE_IDS - 1)];
+		/* Each id read at its constant offset, then chosen (the barrier keeps clang from
+		 * merging the four loads into one at ids + slot): `ids` is the caller's stack buffer,
+		 * and kernels before about 5.12 refuse a variable-offset stack read. */
+		_Static_assert(KPR_FE_IDS == 4, "four ids read here");
+		__u32 i0 = ids[0], i1 = ids[1], i2 = ids[2], i3 = ids[3], bid;
 
-			if (bid)
-				return bid;
-		}
+		asm volatile("" : "+r"(i0), "+r"(i1), "+r"(i2), "+r"(i3));
+		bid = slot == 1 ? i0 : slot == 2 ? i1 : slot == 3 ? i2 : slot == 4 ? i3 : 0;
+		if (bid)
+			return bid;
 	}
 #endif
 	idx = base + slot - 1;

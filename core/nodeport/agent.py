@@ -189,12 +189,21 @@ class NodePortAgent:
         assert self.pin is not None
         return self.pin / links.LINKS_DIR / self.NAME
 
+    def _recorded(self, kind: str, names: tuple[str, ...]) -> list[dict[str, Any]]:
+        """kpr's attachment records on this pin (kpr.bpf.cleanup) of programs `names` at hooks
+        of `kind`, in this agent's namespace, whichever plugin or run made them."""
+        from kpr.bpf.cleanup import attachments
+
+        assert self.pin is not None
+        return [r for r in attachments(self.pin) if r["kind"] == kind and r["prog_name"] in names
+                and r["target"].get("netns", "") == self._netns_path]
+
     def _detach_unlisted(self, devices: tuple[str, ...]) -> None:
         """Take kpr's programs off devices no longer in node.devices, and forget their records:
         this process's attachments, an earlier run's (recorded in the registry, in this
         agent's namespace) and links pinned for such devices."""
         from kpr.bpf import links
-        from kpr.bpf.cleanup import attachments, forget_attachment
+        from kpr.bpf.cleanup import forget_attachment
 
         for (ifname, direction), a in list(self._attached.items()):
             if ifname in devices:
@@ -208,11 +217,9 @@ class NodePortAgent:
             if a.link_fd >= 0:
                 os.close(a.link_fd)
             del self._attached[(ifname, direction)]
-        names = self._record_names()
-        for rec in attachments(self.pin):
+        for rec in self._recorded(self.RECORD_KIND, self._record_names()):
             t = rec["target"]
-            if (rec["kind"] != self.RECORD_KIND or rec["prog_name"] not in names or t["ifname"] in devices
-                    or t.get("netns", "") != self._netns_path):
+            if t["ifname"] in devices:
                 continue
             try:
                 self._detach_one(t["ifname"], t.get("direction", "xdp"))

@@ -95,6 +95,9 @@ DEVKIND_MAP = "kpr_np_devkind"
 PORTS_MAP = "kpr_np_ports"
 UNSERVED_MAP = "kpr_np_unserved"  # kpr_np_ports' port words inverted once armed: what the prefilter reads
 NH_MAP = "kpr_np_nh"  # next hops cached per backend (KPR_NP_NH_CACHE); key NH_GEN: the generation
+# The tc build's entry programs (tc shows these names): xdp_nodeport reads tc_nodeport's attachment
+# records of TC_EGRESS, the only program that translates a local backend's replies.
+TC_INGRESS, TC_EGRESS = "kpr_np_ingress", "kpr_np_egress"
 # Counters: each build has its own pair (lib/nodeport.h KPR_NP_PIN_STATS, KPR_NP_PIN_FWD), so
 # with tc and XDP on one node each plugin's status counts its own program's packets only.
 STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"  # the tc build's; XDP: kpr_np_xstats, kpr_np_xfwd

@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from kpr.nodeport.datapath import *  # noqa: F403 (this module is the tc build's view of it)
-from kpr.nodeport.datapath import CALLS
+from kpr.nodeport.datapath import CALLS, TC_EGRESS, TC_INGRESS
 from kpr.nodeport.datapath import Datapath as _Base
 
 SOURCE = Path(__file__).resolve().parent / "bpf" / "tc_nodeport.c"
 
 # Entry programs and the names tc shows for them (kpr_* marks kpr's filters).
-INGRESS, EGRESS = "kpr_np_ingress", "kpr_np_egress"
+INGRESS, EGRESS = TC_INGRESS, TC_EGRESS
 CALLS_MAP = "kpr_np_calls"
 
 

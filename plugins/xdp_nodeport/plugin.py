@@ -63,6 +63,7 @@ from kpr.bpf import maps as M
 from kpr.context import PluginContext
 from kpr.model import PluginStatus
 from kpr.nodeport.agent import Attached, NodePortAgent
+from kpr.nodeport.datapath import TC_EGRESS
 from kpr.nodeport.netns import DeviceFacts
 
 from . import datapath as D
@@ -77,9 +78,6 @@ FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 IP_MODES = {1: "native", 2: "generic", 3: "offload"}
 IP_WORDS = {"native": "xdpdrv", "generic": "xdpgeneric", "offload": "xdpoffload"}
 KPR_PREFIX = "kpr_"
-# tc_nodeport's egress program: the only thing that gives a local backend's replies the
-# frontend's address (XDP has no egress hook). Its attachment records say where it runs.
-TC_EGRESS = "kpr_np_egress"
 
 
 class XdpAttachError(OSError):
@@ -313,17 +311,15 @@ class XdpNodePort(NodePortAgent):
     def _unserved_local(self) -> list[str]:
         """Devices XDP runs on without tc_nodeport's egress program (per kpr's attachment
         records on this pin), where replies of local backends leave untranslated."""
-        from kpr.bpf.cleanup import attachments
-
-        assert self.pin is not None
+        # tc_nodeport's egress program is the only thing that gives a local backend's replies the
+        # frontend's address (XDP has no egress hook); its attachment records say where it runs
         try:
-            records = attachments(self.pin)
+            records = self._recorded("tc", (TC_EGRESS,))
         except OSError as exc:  # the pins going under our feet; status must not fail for it
             log.debug("event=attachment_records_unreadable error=%r", exc)
             return []
-        served = {(r["target"].get("ifname"), r["target"].get("netns")) for r in records
-                  if r.get("kind") == "tc" and r.get("prog_name") == TC_EGRESS}
-        return sorted(d for d, _k in list(self._attached) if (d, self._netns_path) not in served)
+        served = {r["target"].get("ifname") for r in records}
+        return sorted(d for d, _k in list(self._attached) if d not in served)
 
     def _device_details(self, attached: list[Attached], devices: list[str]) -> dict[str, Any]:
         return {dev: {"xdp": self._modes.get(dev, "?")} for dev in devices}

@@ -323,6 +323,10 @@ class Datapath:
                 self.build = "adopted"
                 if found[0] != digest:
                     self.kernctx = False  # the build without the read runs
+                    # an earlier start's fallback, perhaps a transient failure, kept until the build changes
+                    log.warning("event=kernctx_fallback_adopted prog=%s hint='the running build infers the "
+                                "checksum state (an earlier start could not load the read); kept until kpr "
+                                "cleanup, a kernel, bcc, kpr or config change'", self.ENTRIES[0])
                 # keep the adopted entries' array when earlier builds' arrays are unpinned
                 used = set(builds.map_ids(self.fd(self.ENTRIES[0])))
                 for p in self.pin.glob(f"{self.CALLS_MAP}_*"):

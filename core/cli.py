@@ -15,9 +15,11 @@ from . import memory
 
 # These imports (pydantic and the config's models, yaml, http) make objects that live as long
 # as the process: the cyclic collector would walk them while they are made and after, and free
-# nothing. Off meanwhile and frozen after, as the agent's own imports below and in Agent.setup:
-# before the files source starts, 73 collections and 14-17 ms of CPU otherwise, 16 and 2 ms.
-with memory.paused(freeze=True):
+# nothing. Off meanwhile; `kpr run` freezes them with the agent's imports (cmd_run, and the
+# plugins' in Agent.setup): before the files source starts, 73 collections and 14-17 ms of CPU
+# otherwise, 16 and 2 ms. Not frozen here: every command and every process importing kpr.cli
+# would freeze its whole heap (whatever it had made before, garbage cycles too).
+with memory.paused():
     from . import __version__, api
     from .config import DEFAULT_CONFIG_PATH, ConfigError, KprConfig, load_config
     from .pluginmanager import PluginError, build_plugin_manager, discover
@@ -69,7 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         stream=stream,
     )
     _stacks_on_sigusr1(stream)
-    with memory.paused(freeze=True):  # (its imports, as this module's own above)
+    # the agent's imports, and freezes what this module's imports left (see above)
+    with memory.paused(freeze=True):
         from .daemon import Agent
 
     memory.one_heap()  # before the agent starts threads

@@ -311,7 +311,9 @@ def paused(*, freeze: bool = False) -> Iterator[None]:
     what is tracked when the outermost pause ends is frozen however little the block made: for
     imports (kpr.cli, the agent's setup), whose modules, classes and functions live as long as
     the process (some 35k objects at the agent's start, walked twice each by the collections
-    that would run while they are made and again after them)."""
+    that would run while they are made and again after them). Freezing keeps the garbage
+    cycles the block (and anything before it) made as well, for good: about 170 KB, once, at
+    the agent's start."""
     global _pauses, _was_enabled, _freeze
     with _pause_lock:
         if _pauses == 0:

@@ -4,17 +4,22 @@
  * on this machine in the same run as kpr's XDP program, so "at or below Katran's cost" can be judged
  * without Katran's figures from another machine and day.
  *
- * Per IPv4 TCP/UDP packet, as Katran: parse Ethernet, IPv4 (options or a fragment: dropped), the
- * ports; the VIP by (address, port, protocol), else by (address, port 0), else XDP_PASS; the LRU
- * connection table by the 5-tuple, except for a TCP SYN (Katran does not look a SYN up); on a miss the
- * new-connection rate (a clock read), the Maglev ring of the VIP (jhash of source and ports mod the
- * ring size), the real, one LRU insert; the counters (LRU totals and misses, SYN / non-SYN misses, per
- * VIP and per real packets and bytes, per-CPU); IPIP encapsulation (bpf_xdp_adjust_head, an outer IPv4
- * header with its checksum, the gateway's MAC from a control array) and XDP_TX.
+ * Per packet, as Katran: the total counter (packets, bytes) at entry; for IPv4 TCP/UDP: parse
+ * Ethernet, IPv4 (options or a fragment: dropped), the ports; the VIP by (address, port, protocol),
+ * else by (address, port 0), else XDP_PASS; the frame's size (over 1514 bytes: dropped); this CPU's
+ * connection table (bpf_get_smp_processor_id, its LRU hash from an array of maps; a shared fallback
+ * LRU when the CPU has none) by the 5-tuple, except for a TCP SYN (Katran does not look a SYN up); on a
+ * miss the new-connection rate (a clock read), the Maglev ring of the VIP (jhash of source and ports
+ * mod the ring size), the real (index 0: no real, dropped), one LRU insert, the VIP-miss statistics
+ * entry's lookup and compare; the counters (LRU totals and misses, SYN / non-SYN misses, per VIP and
+ * per real packets and bytes, per-CPU); IPIP encapsulation (bpf_xdp_adjust_head, an outer IPv4 header
+ * with its checksum, the gateway's MAC from a control array) and XDP_TX; at exit the verdict's counter
+ * (XDP_TX, XDP_DROP, XDP_PASS).
  *
  * Not here (so a little cheaper than Katran where it matters): IPv6, ICMP handling, QUIC and TCP
- * server-id routing, LPM source routing, decapsulation, healthcheck encapsulation, the per-CPU LRU
- * maps (one shared LRU hash, as kpr_ct: Katran looks its CPU's map up in an array of maps first). */
+ * server-id routing, LPM source routing, decapsulation, healthcheck encapsulation, the global LRU,
+ * UDP flow migration, the encapsulation-failure counters; VIP flags are not read (Katran tests a few
+ * bits of the VIP's entry it has already loaded). */
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/in.h>
@@ -32,8 +37,9 @@
 #define REF_REALS 4096 // reals (Katran's default MAX_REALS)
 #endif
 #ifndef REF_LRU
-#define REF_LRU 131072 // connection table entries: kpr_ct's default size
+#define REF_LRU 131072 // connection table entries, each CPU's and the fallback's: kpr_ct's default size
 #endif
+#define REF_MAX_CPUS 128 // the array of per-CPU LRU maps (Katran's MAX_SUPPORTED_CPUS)
 #ifndef REF_MAX_CONN_RATE
 /* new connections per second before LRU inserts stop (Katran's flood guard): out of reach here, so every
  * benchmarked new flow pays its insert as a real node's flows do below the guard */
@@ -48,7 +54,12 @@
 #define REF_LRU_CNTRS 0     // v1: packets to a VIP, v2: LRU misses
 #define REF_MISS_CNTRS 1    // v1: TCP SYN misses (new flows), v2: non-SYN TCP misses
 #define REF_CONN_RATE 2     // v1: new connections in the current second, v2: when it started
-#define REF_CNTRS 3
+#define REF_FALLBACK_LRU 3  // v1: packets that found no LRU map for their CPU
+#define REF_XDP_TOTAL 4     // every packet at entry: v1 packets, v2 bytes
+#define REF_XDP_TX 5        // at exit, by verdict: v1 packets, v2 bytes
+#define REF_XDP_DROP 6
+#define REF_XDP_PASS 7
+#define REF_CNTRS 8
 
 #define REF_F_SYN 1
 
@@ -95,7 +106,13 @@ struct ref_stat {
 };
 
 BPF_HASH(ref_vips, struct ref_vip_key, struct ref_vip_meta, REF_VIPS);
+// Katran's connection tables: one LRU hash per CPU (created and put in by kpr.testing.reference_lb,
+// plain LRU hashes as Katran's, flags 0), found through an array of maps; the fallback one is the
+// inner maps' template too
 BPF_TABLE("lru_hash", struct ref_flow, struct ref_lru_val, ref_lru, REF_LRU);
+BPF_ARRAY_OF_MAPS(ref_lru_mapping, "ref_lru", REF_MAX_CPUS);
+BPF_ARRAY(ref_vip_miss_stats, struct ref_vip_key, 1); // the one VIP whose misses are counted per real
+BPF_ARRAY(ref_lru_miss_stats, u32, REF_REALS);
 BPF_F_TABLE("array", u32, u32, ref_ring, REF_VIPS * REF_RING, BPF_F_MMAPABLE);
 BPF_F_TABLE("array", u32, struct ref_real, ref_reals, REF_REALS, BPF_F_MMAPABLE);
 BPF_ARRAY(ref_ctl, struct ref_ctl, 16);
@@ -122,6 +139,22 @@ static __always_inline struct ref_stat *ref_stat(__u32 key)
 	return ref_stats.lookup(&key);
 }
 
+// this CPU's connection table (lru: from ref_lru_mapping), or the fallback one
+static __always_inline struct ref_lru_val *ref_lru_get(void *lru, struct ref_flow *f)
+{
+	if (lru)
+		return bpf_map_lookup_elem(lru, f);
+	return ref_lru.lookup(f);
+}
+
+static __always_inline void ref_lru_put(void *lru, struct ref_flow *f, struct ref_lru_val *v)
+{
+	if (lru)
+		bpf_map_update_elem(lru, f, v, BPF_ANY);
+	else
+		ref_lru.update(f, v);
+}
+
 // Katran's flood guard: a clock read and a counter per new connection
 static __always_inline int ref_under_flood(__u64 *now)
 {
@@ -140,7 +173,7 @@ static __always_inline int ref_under_flood(__u64 *now)
 }
 
 // a new connection's real: the VIP's Maglev ring slot, the real, the LRU entry
-static __always_inline struct ref_real *ref_pick(struct ref_pkt *p, const struct ref_vip_meta *vip)
+static __always_inline struct ref_real *ref_pick(struct ref_pkt *p, const struct ref_vip_meta *vip, void *lru)
 {
 	struct ref_lru_val val = {};
 	__u64 now = 0;
@@ -152,6 +185,8 @@ static __always_inline struct ref_real *ref_pick(struct ref_pkt *p, const struct
 	if (!pos)
 		return 0;
 	key = *pos;
+	if (!key)
+		return 0; // reals are numbered from 1, as Katran's: 0 is an unfilled ring
 	p->real_index = key;
 	real = ref_reals.lookup(&key);
 	if (!real)
@@ -160,15 +195,15 @@ static __always_inline struct ref_real *ref_pick(struct ref_pkt *p, const struct
 		if (p->flow.proto == IPPROTO_UDP)
 			val.atime = now;
 		val.pos = key;
-		ref_lru.update(&p->flow, &val);
+		ref_lru_put(lru, &p->flow, &val);
 	}
 	return real;
 }
 
 // an established connection's real, from its LRU entry
-static __always_inline struct ref_real *ref_known(struct ref_pkt *p)
+static __always_inline struct ref_real *ref_known(struct ref_pkt *p, void *lru)
 {
-	struct ref_lru_val *v = ref_lru.lookup(&p->flow);
+	struct ref_lru_val *v = ref_lru_get(lru, &p->flow);
 	__u32 key;
 
 	if (!v)
@@ -235,7 +270,24 @@ static __always_inline int ref_encap(struct xdp_md *ctx, const struct ref_ctl *g
 	return 1;
 }
 
-int ref_balancer(struct xdp_md *ctx)
+// Katran's per-VIP miss statistics: the watched VIP's entry read and compared on every miss
+static __always_inline int ref_vip_miss(const struct ref_vip_key *vk, const struct ref_pkt *p)
+{
+	__u32 zero = 0, key = p->real_index, *n;
+	struct ref_vip_key *watched = ref_vip_miss_stats.lookup(&zero);
+
+	if (!watched)
+		return -1;
+	if (watched->vip == vk->vip && watched->port == vk->port && watched->proto == vk->proto) {
+		n = ref_lru_miss_stats.lookup(&key);
+		if (!n)
+			return -1;
+		*n += 1;
+	}
+	return 0;
+}
+
+static __always_inline int ref_process(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
@@ -246,8 +298,9 @@ int ref_balancer(struct xdp_md *ctx)
 	struct ref_real *real = 0;
 	struct ref_stat *st;
 	struct ref_ctl *gw;
-	__u32 key = 0;
+	__u32 key = 0, cpu;
 	__u16 pkt_bytes;
+	void *lru;
 
 	if ((void *)(eth + 1) > end)
 		return XDP_DROP;
@@ -302,8 +355,17 @@ int ref_balancer(struct xdp_md *ctx)
 	if (!st)
 		return XDP_DROP;
 	st->v1 += 1;
+	cpu = bpf_get_smp_processor_id();
+	lru = ref_lru_mapping.lookup(&cpu);
+	if (!lru) {
+		struct ref_stat *fb = ref_stat(REF_VIPS + REF_FALLBACK_LRU);
+
+		if (!fb)
+			return XDP_DROP;
+		fb->v1 += 1;
+	}
 	if (!(p.flags & REF_F_SYN))
-		real = ref_known(&p);
+		real = ref_known(&p, lru);
 	if (!real) {
 		if (p.flow.proto == IPPROTO_TCP) {
 			struct ref_stat *miss = ref_stat(REF_VIPS + REF_MISS_CNTRS);
@@ -315,8 +377,10 @@ int ref_balancer(struct xdp_md *ctx)
 			else
 				miss->v2 += 1;
 		}
-		real = ref_pick(&p, vip);
+		real = ref_pick(&p, vip, lru);
 		if (!real)
+			return XDP_DROP;
+		if (ref_vip_miss(&vk, &p))
 			return XDP_DROP;
 		st->v2 += 1;
 	}
@@ -337,4 +401,29 @@ int ref_balancer(struct xdp_md *ctx)
 	if (!ref_encap(ctx, gw, &p, real, pkt_bytes))
 		return XDP_DROP;
 	return XDP_TX;
+}
+
+int ref_balancer(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	__u64 bytes = end - data;
+	struct ref_stat *st;
+	__u32 key = REF_VIPS + REF_XDP_TOTAL;
+	int action;
+
+	if (data + sizeof(struct ethhdr) > end)
+		return XDP_DROP;
+	st = ref_stat(key);
+	if (!st)
+		return XDP_DROP;
+	st->v1 += 1;
+	st->v2 += bytes;
+	action = ref_process(ctx);
+	key = REF_VIPS + (action == XDP_TX ? REF_XDP_TX : action == XDP_PASS ? REF_XDP_PASS : REF_XDP_DROP);
+	st = ref_stat(key);
+	if (!st)
+		return XDP_DROP;
+	st->v1 += 1;
+	st->v2 += bytes;
+	return action;
 }

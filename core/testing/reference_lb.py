@@ -9,9 +9,16 @@ machine: Katran's fast path (VIP hash, LRU connection table, Maglev ring, IPIP, 
 counters) and its bookkeeping, without its features the benchmark never reaches.
 
 Two builds: `main` (Katran's defaults: 512 VIPs, 65537-slot rings; the measured VIP, the lab's
-VIP:80, with 100 reals) and `scale` (65536 VIPs of 257-slot rings, every lab filler frontend a
+VIP:80, with 100 reals; in a lab with fillers a second main build serves them, the scale rows'
+base at Katran's ring size) and `scale` (65536 VIPs of 257-slot rings, every lab filler frontend a
 VIP with its one real; the same map sizes in every lab, so only the VIP count differs between
-the rows at 10 and 50000 services: 65537-slot rings for 50000 VIPs would take 13 GB).
+the rows at 10 and 50000 services: 65537-slot rings for 50000 VIPs would take 26 GB, 8-byte
+array values).
+
+The connection tables are Katran's: one LRU hash of LRU entries per CPU (created here, put in
+the program's array of maps), the program's own LRU the fallback. Katran's default is 8,000,000
+entries split over the forwarding cores, so a table here is smaller than Katran's and a new flow's
+insert probably no dearer than Katran's at its defaults.
 """
 
 from __future__ import annotations
@@ -28,13 +35,18 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("reference_lb.c")
 HASH_SEED = 0x2A1B3C4D  # REF_HASH_SEED
-CNTRS = {"lru_total": (0, 0), "lru_miss": (0, 1), "tcp_syn_miss": (1, 0), "tcp_nonsyn_miss": (1, 1)}
+# ref_stats entries after the per-VIP ones (REF_LRU_CNTRS ... in the program): name -> (entry, v1 or v2)
+CNTRS = {"lru_total": (0, 0), "lru_miss": (0, 1), "tcp_syn_miss": (1, 0), "tcp_nonsyn_miss": (1, 1),
+         "fallback_lru": (3, 0), "xdp_total": (4, 0), "xdp_tx": (5, 0), "xdp_drop": (6, 0), "xdp_pass": (7, 0)}
+CNTR_ENTRIES = 8  # REF_CNTRS
+MAX_CPUS = 128  # REF_MAX_CPUS
 BUILDS = {
     # name: (VIPs, ring slots per VIP, reals)
     "main": (512, 65537, 4096),
     "scale": (65536, 257, 65536 + 128),
 }
-LRU = 131072  # connection table entries, as kpr_ct's default (KPR_CT_MAX); one map shared by the CPUs
+LRU = 131072  # each CPU's connection table entries, as kpr_ct's default (KPR_CT_MAX)
+FLOW_KEY, LRU_VAL = 40, 16  # struct ref_flow, struct ref_lru_val
 GATEWAY_MAC = "02:00:00:00:00:02"  # the lab's next hop (nodeport_bench.MAC_OUT)
 
 
@@ -86,21 +98,34 @@ class ReferenceLB:
 
     warms_itself = True  # its established flows are set up by itself, not by kpr's default build
 
-    def __init__(self, build: str = "main") -> None:
+    def __init__(self, build: str = "main", *, max_conn_rate: int | None = None) -> None:
+        """`max_conn_rate`: new connections per second per CPU before LRU inserts stop (the flood
+        guard; default out of reach)."""
+        from kpr.bpf import maps as M
         from kpr.bpf.loader import compile_and_load, load_prog
 
         self.vips, self.ring, self.reals = BUILDS[build]
         flags = [f"-DREF_LRU={LRU}", f"-DREF_VIPS={self.vips}", f"-DREF_RING={self.ring}", f"-DREF_REALS={self.reals}"]
+        if max_conn_rate is not None:
+            flags.append(f"-DREF_MAX_CONN_RATE={max_conn_rate}ULL")
         self.bpf = compile_and_load(SOURCE, cflags=flags, name=f"reference_lb_{build}")
+        self.cpu_lrus: list[Any] = []
         try:
             self.prog = load_prog(self.bpf, "ref_balancer", "XDP")
+            # one plain LRU hash per CPU (flags 0, as Katran's), found by the CPU's id
+            with self._array("ref_lru_mapping") as outer:
+                for cpu in range(min(os.cpu_count() or 1, MAX_CPUS)):
+                    inner = M.BpfMap.create(M.MapSpec(f"ref_lru_cpu{cpu}", M.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY,
+                                                      LRU_VAL, LRU))
+                    self.cpu_lrus.append(inner)
+                    outer.update(struct.pack("<I", cpu), struct.pack("<I", inner.fd))
             gw = self.bpf[b"ref_ctl"]
             v = gw.Leaf()
             for i, b in enumerate(bytes.fromhex(GATEWAY_MAC.replace(":", ""))):
                 v.mac[i] = b
             gw[gw.Key(0)] = v
         except BaseException:
-            self.bpf.cleanup()
+            self.close()
             raise
 
     def fd(self, _prog: object = None) -> int:
@@ -113,25 +138,26 @@ class ReferenceLB:
         info = M.obj_info(t.get_fd())
         return M.BpfMap(os.dup(t.get_fd()), name, info.key_size, info.value_size, info.type)
 
-    def set_vips(self, vips: list[tuple[str, int, list[str]]], *, proto: int = socket.IPPROTO_TCP) -> None:
-        """VIP i = (address, port, its reals' addresses): its ring i filled by Maglev (every slot
-        the one real when there is one), the reals numbered in order from 0."""
+    def set_vips(self, vips: list[tuple[Any, ...]], *, proto: int = socket.IPPROTO_TCP) -> None:
+        """VIP i = (address, port, its reals' addresses[, its protocol: `proto`]): its ring i filled by Maglev (every slot
+        the one real when there is one), the reals numbered in order from 1 (0 is no real, as
+        Katran's)."""
         keys, vals, reals, rings = [], [], [], []
         by_count: dict[int, list[int]] = {}
-        for i, (addr, port, rs) in enumerate(vips):
-            keys.append(socket.inet_aton(addr) + bytes(12) + struct.pack("!HBx", port, proto))
+        for i, (addr, port, rs, *p) in enumerate(vips):
+            keys.append(socket.inet_aton(addr) + bytes(12) + struct.pack("!HBx", port, p[0] if p else proto))
             vals.append(struct.pack("<II", 0, i))
-            first = len(reals)
+            first = len(reals) + 1
             reals += rs
             if len(rs) not in by_count:
                 by_count[len(rs)] = maglev(len(rs), self.ring) if len(rs) > 1 else [0] * self.ring
             # an array's values lie 8 bytes apart in its memory (u32 slots too)
             rings.append(struct.pack(f"<{self.ring}Q", *(first + r for r in by_count[len(rs)]))
                          if len(rs) > 1 else struct.pack("<Q", first) * self.ring)
-        assert len(vips) <= self.vips and len(reals) <= self.reals, (len(vips), len(reals))
+        assert len(vips) <= self.vips and len(reals) < self.reals, (len(vips), len(reals))
         with self._array("ref_ring") as ring, self._array("ref_reals") as rm:
             ring.mmap()[: sum(map(len, rings))] = b"".join(rings)
-            rm.mmap()[: 24 * len(reals)] = b"".join(socket.inet_aton(a) + bytes(20) for a in reals)
+            rm.mmap()[24: 24 * (1 + len(reals))] = b"".join(socket.inet_aton(a) + bytes(20) for a in reals)
         self.bpf[b"ref_vips"].clear()
         with self._array("ref_vips") as vm:
             vm.update_blob(b"".join(keys), b"".join(vals), len(keys))
@@ -158,33 +184,40 @@ class ReferenceLB:
 
     def stats(self) -> dict[str, int]:
         """The program's global counters, and the LRU hits they imply (packets to a VIP less misses)."""
-        got = {i: self.stat(self.vips + i) for i in (0, 1)}
+        got = {i: self.stat(self.vips + i) for i in range(CNTR_ENTRIES)}
         out = {name: got[i][j] for name, (i, j) in CNTRS.items()}
         out["lru_hit"] = out["lru_total"] - out["lru_miss"]
         return {k: v for k, v in out.items() if v}
 
     def flow_count(self) -> int:
-        return sum(1 for _k in self.bpf[b"ref_lru"].keys())
+        """Entries in every CPU's connection table and the fallback's."""
+        with self._array("ref_lru") as fallback:
+            return sum(sum(1 for _k in m.keys()) for m in [fallback, *self.cpu_lrus])
 
     def flush_own_flows(self) -> None:
-        """The connection table emptied (the benchmark's flush between rounds)."""
-        with self._array("ref_lru") as m:
-            keys = list(m.keys())
-            if keys:
-                m.delete_many(keys)
+        """The connection tables emptied (the benchmark's flush between rounds)."""
+        with self._array("ref_lru") as fallback:
+            for m in [fallback, *self.cpu_lrus]:
+                keys = list(m.keys())
+                if keys:
+                    m.delete_many(keys)
 
     def close(self) -> None:
+        for m in self.cpu_lrus:
+            m.close()
+        self.cpu_lrus = []
         self.bpf.cleanup()
 
 
-def load_reference(lab: Any, name: str, build: str = "main") -> ReferenceLB:
+def load_reference(lab: Any, name: str, build: str = "main", *, fillers: bool = False) -> ReferenceLB:
     """A build loaded into `lab` (kpr.testing.nodeport_bench.ProgLab) as build `name`: main serves the
-    lab's VIP:80 with its 100 remote backends as reals, scale every filler frontend with its one."""
+    lab's VIP:80 with its 100 remote backends as reals, scale (or main with `fillers`) every filler
+    frontend with its one."""
     from kpr.testing import nodeport_bench as NB
 
     ref = ReferenceLB(build)
     try:
-        if build == "main":
+        if build == "main" and not fillers:
             ref.set_vips([(NB.VIP, 80, [f"10.244.2.{i}" for i in range(1, 101)])])
         else:
             ref.set_vips([(NB.ip4(NB.FILLER_BASE + i), 80, [NB.ip4(0x0AF50000 + i + 1)]) for i in range(lab.fillers)])
@@ -198,21 +231,25 @@ def load_reference(lab: Any, name: str, build: str = "main") -> ReferenceLB:
 # ---------------------------------------------------------------------- the benchmark's rows
 
 MAIN, SCALE = "reference (Katran-shaped)", "reference (Katran-shaped), 257-slot rings"
+SPREAD_MAIN = "reference (Katran-shaped), fillers, 65537-slot rings"
 LABEL = "xdp reference (Katran-shaped)"
 
 
 def cases(lab: Any) -> dict[str, Any]:
     """The reference's cases in `lab`: established and new flows to its VIP (main build), new flows
-    spread over every filler frontend as VIPs (scale build; none without fillers)."""
+    spread over every filler frontend as VIPs (scale build, and the main build's 65537-slot rings;
+    none without fillers). Each must end in XDP_TX (its counter is bumped after the encapsulation)
+    on its path (an LRU hit, a SYN's miss)."""
     from kpr.testing.nodeport_bench import VIP, Case, FILLER_BASE, ip4
 
     out = {
-        "established": Case("reference (Katran-shaped): established", "established", VIP, 80, "lru_hit"),
-        "new flow": Case("reference (Katran-shaped): new flow", "new", VIP, 80, "tcp_syn_miss"),
+        "established": Case("reference (Katran-shaped): established", "established", VIP, 80, ("xdp_tx", "lru_hit")),
+        "new flow": Case("reference (Katran-shaped): new flow", "new", VIP, 80, ("xdp_tx", "tcp_syn_miss")),
     }
     if lab.fillers:
-        out["spread"] = Case(f"reference: new flows over {lab.fillers} VIPs, 257-slot rings", "new",
-                             ip4(FILLER_BASE), 80, "tcp_syn_miss", spread=True)
+        for key, ring in (("spread", BUILDS["scale"][1]), ("spread main", BUILDS["main"][1])):
+            out[key] = Case(f"reference: new flows over {lab.fillers} VIPs, {ring}-slot rings", "new",
+                            ip4(FILLER_BASE), 80, ("xdp_tx", "tcp_syn_miss"), spread=True)
     return out
 
 
@@ -220,17 +257,19 @@ def main_rows(lab: Any, hook: str, kpr_build: str, kpr_cases: dict[str, Any], b:
               single_rounds: int, pr: Any) -> tuple[dict[str, str], Any]:
     """The reference's rows in the main lab, measured interleaved with kpr's established and new
     SNAT flows (`kpr_cases`, build `kpr_build`) so the ratios between them see one machine; prints
-    the rows and returns the summary lines and the spread row (the scale ratio's base, or None)."""
+    the rows and returns the summary lines and the spread rows (the scale ratios' bases: 257-slot and
+    65537-slot rings; empty without fillers)."""
     from kpr.testing.nodeport_bench import interleaved, proof, summary_line
 
     load_reference(lab, MAIN, "main")
     own = cases(lab)
     if "spread" in own:
         load_reference(lab, SCALE, "scale")
+        load_reference(lab, SPREAD_MAIN, "main", fillers=True)
     jobs = [(kpr_build, kpr_cases["established"]), (kpr_build, kpr_cases["new flow"]),
             (MAIN, own["established"]), (MAIN, own["new flow"])]
     if "spread" in own:
-        jobs.append((SCALE, own["spread"]))
+        jobs += [(SCALE, own["spread"]), (SPREAD_MAIN, own["spread main"])]
     got = interleaved(lab, hook, jobs, runs, rounds, single_rounds=single_rounds)
     pr(f"\n  reference load balancer of Katran's shape (kpr.testing.reference_lb: 1 VIP, 100 reals, Maglev ring "
        f"{BUILDS['main'][1]}, LRU hash of {LRU}), interleaved with kpr's build beside it")
@@ -248,7 +287,7 @@ def main_rows(lab: Any, hook: str, kpr_build: str, kpr_cases: dict[str, Any], b:
                                           f"(wrapper), {k.x_bare(b) / r.x_bare(b):.2f} x (repeat=1)")
     for line in summary.values():
         pr(f"  {line}")
-    return summary, (got[4] if "spread" in own else None)
+    return summary, ({"257": got[4], "65537": got[5]} if "spread" in own else {})
 
 
 def scale_row(lab: Any, hook: str, bb: Any, *, runs: int, rounds: int, single_rounds: int, pr: Any) -> Any:

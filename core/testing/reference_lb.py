@@ -272,7 +272,7 @@ def main_rows(lab: Any, hook: str, kpr_build: str, kpr_cases: dict[str, Any], b:
         jobs += [(SCALE, own["spread"]), (SPREAD_MAIN, own["spread main"])]
     got = interleaved(lab, hook, jobs, runs, rounds, single_rounds=single_rounds)
     pr(f"\n  reference load balancer of Katran's shape (kpr.testing.reference_lb: 1 VIP, 100 reals, Maglev ring "
-       f"{BUILDS['main'][1]}, LRU hash of {LRU}), interleaved with kpr's build beside it")
+       f"{BUILDS['main'][1]}, per-CPU LRU hashes of {LRU}), interleaved with kpr's build beside it")
     for (build, c), m in zip(jobs, got):
         label = c.name if build != kpr_build else f"kpr beside it: {c.name}"
         pr(f"  {label:58s} {m.wrapper:8.1f} {m.wrapper - b.wrapper:10.1f} {m.single:9.1f} {m.x_bare(b):7.2f}  "

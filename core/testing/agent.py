@@ -31,8 +31,8 @@ from typing import Any
 
 from kpr import hookimpl
 
-__all__ = ["AgentConfig", "NeedsMaps", "in_agent_netns", "kpr_argv", "kpr_cli", "kpr_cleanup", "running_agent",
-           "scratch_agent", "start_agent", "stop_agent_process"]
+__all__ = ["AgentConfig", "NeedsMaps", "in_agent_netns", "kpr_argv", "kpr_cli", "kpr_cleanup", "lab_scratch",
+           "running_agent", "scratch_agent", "start_agent", "stop_agent_process"]
 
 
 class NeedsMaps:
@@ -138,6 +138,22 @@ def kpr_cli(*args: str, netns: Any = None, timeout: float = 60, check: bool = Fa
     if netns is not None:
         return netns.run(argv, check=check, timeout=timeout)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def lab_scratch(stack: contextlib.ExitStack, name: str, *, work: bool = True) -> tuple[Path, Any, Path, Path | None]:
+    """What a real agent's lab needs, each entered on `stack` so it goes even on failure: a
+    private bpffs (the agent runs in a namespace, where /sys/fs/bpf is not the test's), the
+    namespaces' Topology, a child cgroup for the hooks and, with `work`, a work directory;
+    returned as (bpffs mount, topology, cgroup, work directory or None)."""
+    from kpr.testing.bpffs import private_bpffs
+    from kpr.testing.cgroup import child_cgroup
+    from kpr.testing.netns import Topology
+
+    mnt = stack.enter_context(private_bpffs(name))
+    topo = stack.enter_context(Topology())
+    cg = stack.enter_context(child_cgroup(name))
+    wd = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{name}-"))) if work else None
+    return mnt, topo, cg, wd
 
 
 def kpr_cleanup(pin: Path, work: Path, **kw: Any) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,16 +224,11 @@ def operator_lab(prefix: str, *, cluster_cidr: Sequence[str] = ("10.96.0.0/16",)
     """The lab (module docstring) with its agent configured, not started (the caller runs it and
     kills it before the block ends); at the end `kpr cleanup` removes what the agent attached,
     and every namespace, the cgroup, the bpffs and the work directory go, even on failure."""
-    from kpr.testing.agent import AgentConfig, kpr_cleanup
-    from kpr.testing.bpffs import private_bpffs
-    from kpr.testing.cgroup import child_cgroup
-    from kpr.testing.netns import Topology
+    from kpr.testing.agent import AgentConfig, kpr_cleanup, lab_scratch
 
     with contextlib.ExitStack() as stack:
-        mnt = stack.enter_context(private_bpffs(prefix))
-        topo = stack.enter_context(Topology())
-        cg = stack.enter_context(child_cgroup(prefix))
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{prefix}-")))
+        mnt, topo, cg, work = lab_scratch(stack, prefix)
+        assert work is not None
         _build(topo)
         pin = mnt / "kpr"
         stack.callback(kpr_cleanup, pin, work, check=True)  # its failure is the test's

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,8 @@ from kpr.model import Backend, BackendState, Frontend, FrontendType, NodeInfo, P
 from kpr.plugins.socklb.plugin import SockLB
 from kpr.servicemaps import ServiceMapWriter
 from kpr.testing import echo
-from kpr.testing.bpffs import private_bpffs
-from kpr.testing.cgroup import child_cgroup
 from kpr.testing.echo import CLIENT_PRELUDE, PY, Running, answers, start_running
-from kpr.testing.agent import AgentConfig, kpr_argv, kpr_cleanup, stop_agent_process
+from kpr.testing.agent import AgentConfig, kpr_argv, kpr_cleanup, lab_scratch, stop_agent_process
 from kpr.testing.harness import PluginHarness, plugin_context, start_plugin
 from kpr.testing.netns import Topology
 from kpr.testing.waiting import wait_for
@@ -188,9 +185,7 @@ def running(name: str = "kpr-socklb", **cfg: Any) -> Iterator[Env]:
     """The whole set-up: a private bpffs, the topology with its servers, a child cgroup, the
     writer and one plugin on that cgroup; all stopped and removed afterwards, even on failure."""
     with contextlib.ExitStack() as stack:
-        mnt = stack.enter_context(private_bpffs(name))
-        topo = stack.enter_context(Topology())
-        cg = stack.enter_context(child_cgroup(name))
+        mnt, topo, cg, _ = lab_scratch(stack, name, work=False)
         build_topology(topo)
         pin = mnt / "kpr"
         # Stop leaves the hooks attached (pinned links): `kpr cleanup` takes them off before
@@ -403,10 +398,8 @@ def restart_rig(name: str = "kpr-restart", *, keep_attached: bool = True) -> Ite
     private bpffs and a work directory; the ClusterIP RESTART_IP:80 goes to be1 and be2. The
     agent is killed and everything it attached removed (`kpr cleanup`) afterwards."""
     with contextlib.ExitStack() as stack:
-        mnt = stack.enter_context(private_bpffs(name))
-        topo = stack.enter_context(Topology())
-        cg = stack.enter_context(child_cgroup(name))
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{name}-")))
+        mnt, topo, cg, work = lab_scratch(stack, name)
+        assert work is not None
         build_topology(topo)
         pin = mnt / "kpr"
         stack.callback(_kpr_cleanup, pin, work)  # the agent is killed first (below)

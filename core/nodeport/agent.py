@@ -307,8 +307,9 @@ class NodePortAgent:
             "foreignFiltersFirst": dict(self._foreign_ahead),
             "netns": self._netns_path or "host",
             "statsMaps": [dp.STATS_MAP, dp.FWD_MAP] if dp is not None else [],
-            # false: the build without the checksum-state read (a fallback, kept by restarts)
-            "kernctx": dp.kernctx if dp is not None else None,
+            # false: the tc build infers the checksum state (a fallback kept by restarts, or no
+            # kfunc); null for XDP, which has no skb
+            "kernctx": dp.reads_csum_state if dp is not None else None,
             "facility": F.NAME if fac is not None else None,
             "errors": list(self._c.errors),
         }

@@ -278,6 +278,12 @@ class Datapath:
         # after a kernel refused that build (load(): the state is then inferred, lib/csum.h).
         self.kernctx = True
 
+    @property
+    def reads_csum_state(self) -> bool | None:
+        """Whether the loaded tc build reads the skb's checksum state (False: it infers it, a
+        fallback or a kernel without the kfunc; None for an XDP build, which has no skb)."""
+        return self.kernctx and bool(kernctx.cflags())
+
     def cflags(self) -> list[str]:
         return M.cflags(self.pin, self.sizes, maglev_size=self.maglev_size) + [
             f"-DKPR_NP_MODE={MODES[self.mode]}",
@@ -323,10 +329,11 @@ class Datapath:
                 self.build = "adopted"
                 if found[0] != digest:
                     self.kernctx = False  # the build without the read runs
-                    # an earlier start's fallback, perhaps a transient failure, kept until the build changes
-                    log.warning("event=kernctx_fallback_adopted prog=%s hint='the running build infers the "
-                                "checksum state (an earlier start could not load the read); kept until kpr "
-                                "cleanup, a kernel, bcc, kpr or config change'", self.ENTRIES[0])
+                    if self.reads_csum_state is not None:  # (XDP builds ignore the read's flags: nothing missed)
+                        # an earlier start's fallback, perhaps a transient failure, kept until the build changes
+                        log.warning("event=kernctx_fallback_adopted prog=%s hint='the running build infers the "
+                                    "checksum state (an earlier start could not load the read); kept until kpr "
+                                    "cleanup, a kernel, bcc, kpr or config change'", self.ENTRIES[0])
                 # keep the adopted entries' array when earlier builds' arrays are unpinned
                 used = set(builds.map_ids(self.fd(self.ENTRIES[0])))
                 for p in self.pin.glob(f"{self.CALLS_MAP}_*"):

@@ -40,3 +40,7 @@ class Datapath(_Base):
     def __init__(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]
         kw["redirect_peer"] = False  # XDP cannot deliver into a pod's namespace
         super().__init__(*args, **kw)
+
+    @property
+    def reads_csum_state(self) -> None:
+        return None  # XDP has no skb: its builds ignore the kernctx flags

@@ -164,3 +164,15 @@ def test_a_restart_after_the_fallback_adopts_the_build_without_the_read(
         adopted = [r for r in caplog.records[first:] if "event=kernctx_fallback_adopted" in r.getMessage()]
         assert [r.levelname for r in adopted] == ["WARNING"], messages
         assert p2.kpr_status().details["kernctx"] is False
+
+
+def test_a_normal_start_reports_the_read(kernel_headers, pin_dir, topology) -> None:
+    """Where the kernel has the kfunc (this module's condition), the tc build reads the
+    checksum state and status says so (the restart test above shows the fallback's false)."""
+    from tc_nodeport_env import build_topology, node_harness, start_plugin
+
+    build_topology(topology, second_device=False, pods=("p1a",))
+    with node_harness(topology, "node1", pin_dir, ("eth0",)) as h:
+        p = start_plugin(h)
+        assert p.datapath.build == "compiled" and p.datapath.kernctx
+        assert p.kpr_status().details["kernctx"] is True

@@ -52,6 +52,8 @@ import logging
 import os
 import socket
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,23 @@ def detach(ifname: str, link_dir: Path | None = None) -> int:
     return n
 
 
+def local_note(new_local: int | None, base: int,
+               unserved: Callable[[], list[str] | None]) -> tuple[int, list[str] | None, int]:
+    """(fresh flows to local backends, devices leaving their replies untranslated or None when
+    unknown, the new baseline) from one reading of new_local (None: not counted) and the baseline
+    before it. `unserved` reads the attachment registry (None: unreadable), asked only for fresh flows."""
+    if new_local is None:
+        return 0, [], base
+    if new_local < base:  # the stats map was recreated under us
+        base = new_local
+    fresh = new_local - base
+    devs = unserved() if fresh > 0 else []
+    if devs is None:  # the registry unreadable for now: the flows stay counted, nothing said of them yet
+        return fresh, None, base
+    # every device served (or nothing new): the flows so far had their replies translated
+    return fresh, devs, base if devs else new_local
+
+
 class XdpNodePort(NodePortAgent):
     """Instantiated once per agent by the plugin manager."""
 
@@ -222,6 +241,10 @@ class XdpNodePort(NodePortAgent):
         # new_local when the note was last clear: the stats map is pinned and outlives restarts, so
         # its lifetime count is no reason for a note; the flows since are
         self._local_base = 0
+        # status runs unlocked from API threads, scrapes and the ready loop: the reading and the
+        # baseline move together, or an older reading taken for a recreated map moves it back
+        # (not self._lock, which status must not wait for)
+        self._status_lock = threading.Lock()
 
     @hookimpl
     def kpr_config_schema(self) -> type[pydantic.BaseModel]:
@@ -298,26 +321,32 @@ class XdpNodePort(NodePortAgent):
     def kpr_start(self, context: PluginContext) -> None:
         super().kpr_start(context)
         assert self.datapath is not None
-        self._local_base = int(self.datapath.stats().get("new_local", 0))
-        self._warned_unserved = False
+        with self._status_lock:
+            try:
+                self._local_base = int(self.datapath.stats().get("new_local", 0))
+            except Exception as exc:  # as kpr_status: no reading is no reason to fail (and leave attachments)
+                log.debug("event=nodeport_stats_unreadable error=%r", exc)
+                self._local_base = 0
+            self._warned_unserved = False
         # In an agent the config lists the plugins; a harness's lists none (nothing to say then).
         # INFO: an XDP-only node without local pods is right; the status note (and its warning)
         # says so when a flow to a local backend meets it.
         if context.config.plugins and "tc_nodeport" not in context.config.enabled_plugins():
             log.info("event=xdp_nodeport_local_backends_unserved reason=tc_nodeport_disabled "
-                        "hint='frontends whose backend is on this node time out: XDP DNATs to the pod, "
-                        "but only tc_nodeport translates its replies back; enable tc_nodeport alongside'")
+                     "hint='frontends whose backend is on this node time out: XDP DNATs to the pod, "
+                     "but only tc_nodeport translates its replies back; enable tc_nodeport alongside'")
 
-    def _unserved_local(self) -> list[str]:
+    def _unserved_local(self) -> list[str] | None:
         """Devices XDP runs on without tc_nodeport's egress program (per kpr's attachment
-        records on this pin), where replies of local backends leave untranslated."""
+        records on this pin), where replies of local backends leave untranslated; None when
+        the records cannot be read."""
         # tc_nodeport's egress program is the only thing that gives a local backend's replies the
         # frontend's address (XDP has no egress hook); its attachment records say where it runs
         try:
             records = self._recorded("tc", (TC_EGRESS,))
         except OSError as exc:  # the pins going under our feet; status must not fail for it
             log.debug("event=attachment_records_unreadable error=%r", exc)
-            return []
+            return None
         served = {r["target"].get("ifname") for r in records}
         return sorted(d for d, _k in list(self._attached) if d not in served)
 
@@ -330,6 +359,10 @@ class XdpNodePort(NodePortAgent):
 
     @hookimpl
     def kpr_status(self) -> PluginStatus:
+        with self._status_lock:
+            return self._status()
+
+    def _status(self) -> PluginStatus:
         st = super().kpr_status()
         generic = sorted(d for d, m in self._modes.items() if m == "generic" and (d, "xdp") in self._attached)
         if generic:
@@ -342,12 +375,10 @@ class XdpNodePort(NodePortAgent):
         # New flows to local backends with nothing to translate their replies: the client gets
         # the pod's address back and resets; say so, the data path alone cannot.
         counted = "new_local" in st.counters  # not when stopped or the stats unreadable
-        new_local = int(st.counters.get("new_local", 0))
-        if counted and new_local < self._local_base:  # the stats map was recreated under us
-            self._local_base = new_local
-        fresh = new_local - self._local_base if counted else 0
-        unserved = self._unserved_local() if fresh > 0 and self.pin is not None else []
-        details["localBackendsUnserved"] = unserved
+        fresh, unserved, self._local_base = local_note(
+            int(st.counters["new_local"]) if counted else None, self._local_base,
+            self._unserved_local if self.pin is not None else list)
+        details["localBackendsUnserved"] = unserved or []
         if unserved:
             st = dataclasses.replace(st, message=st.message + (
                 f"; {fresh} new flows to local backends, replies untranslated on "
@@ -357,8 +388,6 @@ class XdpNodePort(NodePortAgent):
                 log.warning("event=xdp_nodeport_local_backends_unserved devices=%s new_local=%d "
                             "hint='no tc_nodeport egress program: replies of local backends keep the pod address; "
                             "enable tc_nodeport alongside'", ",".join(unserved), fresh)
-        else:
-            if counted:  # every device served (or nothing new): the flows so far had their replies translated
-                self._local_base = new_local
+        elif unserved is not None:  # (unknown for now: no second warning when it turns out unserved still)
             self._warned_unserved = False
         return dataclasses.replace(st, details=details)

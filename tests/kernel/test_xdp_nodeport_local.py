@@ -70,6 +70,7 @@ def test_alone_a_local_backend_times_out_and_status_says_why(env: Cluster, caplo
         x.kpr_status()
     assert status.details["localBackendsUnserved"] == ["eth0"], status.details
     assert "new flows to local backends, replies untranslated on eth0: enable tc_nodeport alongside" in status.message
+    assert status.details["kernctx"] is None, "an XDP build has no skb checksum state to read"
     warned = unserved_warnings(caplog)
     assert len(warned) == 1 and "devices=eth0" in warned[0], "logged once, not per status"
 
@@ -115,6 +116,28 @@ def test_with_tc_nodeport_alongside_the_local_backend_answers(env: Cluster) -> N
     assert x.kpr_status().details["localBackendsUnserved"] == []
     assert answers(client(env.topo, "tcp", N1, PORT, 1)) == ["TimeoutError"]
     assert x.kpr_status().details["localBackendsUnserved"] == ["eth0"]
+
+
+def test_a_start_whose_stats_read_fails_still_starts(env: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline read at start fails (the stats map going under our feet): the start goes
+    on as status does with no reading, and its attachments stay the plugin's to stop."""
+    from kpr.plugins.xdp_nodeport import datapath as XD
+
+    env.stop("node1")
+    real = XD.Datapath.stats
+    failed = []
+
+    def fail_once(self: XD.Datapath) -> dict[str, int]:
+        if not failed:
+            failed.append(1)
+            raise OSError(9, "stats map closed")
+        return real(self)
+
+    monkeypatch.setattr(XD.Datapath, "stats", fail_once)
+    env.plugins["node1"] = start_xdp(env.harnesses["node1"], **XDP_CFG)
+    assert failed, "the start read the stats"
+    assert xdp_on(env.topo, "node1", "eth0") == [(1, "kpr_xnp_ingress")]
+    assert env.plugins["node1"].kpr_status().counters["devices_attached"] == 1
 
 
 @pytest.mark.parametrize("with_tc", [False, True], ids=["alone", "with_tc_nodeport"])

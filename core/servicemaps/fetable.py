@@ -240,6 +240,37 @@ class FeTable:
                     changed += 1
         log.info("event=fe_rebuilt entries=%d lines_written=%d unplaced=%d", len(want), changed, self.unplaced)
 
+    def disagreements(self, want: dict[bytes, bytes], have: bytes) -> tuple[list[str], int]:
+        """What verify() finds wrong in `have` (a reading of the table) against kpr_svc's placed
+        entries `want`: one line of text per wrong line or missing key, and the tombstones
+        counted. Reads nothing else and writes nothing (tests read the table through it too)."""
+        found: list[str] = []
+        tombs = 0
+        lined: set[bytes] = set()  # keys kpr_svc has that have a line, right or wrong
+        for idx in range(LINES):
+            at = idx * LINE
+            k = have[at + _KEY : at + _VAL]
+            if _empty(k):
+                continue
+            if k[_SLOT_AT : _SLOT_AT + 2] == b"\xff\xff":
+                tombs += 1
+                continue
+            v = want.get(k)
+            if v is None:
+                found.append(f"line {idx}: a key kpr_svc does not hold")
+                continue
+            lined.add(k)
+            ids = have[at + _IDS : at + _IDS + IDS_SIZE]
+            if _U32.unpack_from(have, at + _SEQ)[0] & 1:
+                found.append(f"line {idx}: left odd (a writer died mid-line)")
+            elif v != have[at + _VAL : at + _VAL + VAL_SIZE]:
+                found.append(f"line {idx}: value differs from kpr_svc's")
+            elif self.ids(v) != ids:
+                found.append(f"line {idx}: backend ids {ids.hex()}, kpr_slots holds {self.ids(v).hex()}")
+        # a key with no line is missing when put() would have placed it (a free line in reach)
+        found += [f"kpr_svc key {k.hex()} has no line" for k in want.keys() - lined if self._find(k)[1] is not None]
+        return found, tombs
+
     def verify(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Compare the table with kpr_svc's `items` (the writer's periodic check): a line whose
         value is not kpr_svc's or whose ids are not what kpr_slots holds for it, a line of a
@@ -249,26 +280,8 @@ class FeTable:
         disagreed."""
         want = {k: v for k, v in items if k[_SLOT_AT : _SLOT_AT + 2] == b"\0\0"}
         have = self._scan()
-        wrong = tombs = 0
-        lined: set[bytes] = set()  # keys kpr_svc has that have a line, right or wrong
-        for at in range(0, LINES * LINE, LINE):
-            k = have[at + _KEY : at + _VAL]
-            if _empty(k):
-                continue
-            if k[_SLOT_AT : _SLOT_AT + 2] == b"\xff\xff":
-                tombs += 1
-                continue
-            v = want.get(k)
-            if v is not None:
-                lined.add(k)
-            if (
-                _U32.unpack_from(have, at + _SEQ)[0] & 1
-                or v != have[at + _VAL : at + _VAL + VAL_SIZE]
-                or self.ids(v) != have[at + _IDS : at + _IDS + IDS_SIZE]
-            ):
-                wrong += 1
-        # a key with no line is missing when put() would have placed it (a free line in reach)
-        wrong += sum(1 for k in want.keys() - lined if self._find(k)[1] is not None)
+        found, tombs = self.disagreements(want, have)
+        wrong = len(found)
         if wrong or tombs > LINES // 8:
             self.rebuild(want.items(), have)
         return wrong

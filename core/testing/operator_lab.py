@@ -192,28 +192,8 @@ def fe_disagreements(pin: Path) -> list[str]:
     fe = F.FeTable(M.BpfMap.open_pinned(Path(pin) / F.FE_MAP), slots=slots)
     slots.close()  # (FeTable keeps its own mapping of kpr_slots' memory)
     try:
-        at_slot = slice(F._SLOT_AT, F._SLOT_AT + 2)
-        want = {k: v for k, v in svc.items() if k[at_slot] == b"\0\0"}
-        have = bytes(fe.mem[: F.LINES * F.LINE])
-        found: list[str] = []
-        lined = set()
-        for idx in range(F.LINES):
-            at = idx * F.LINE
-            k = have[at + F._KEY : at + F._VAL]
-            if F._empty(k) or k[at_slot] == b"\xff\xff":
-                continue
-            v = want.get(k)
-            if v is None:
-                found.append(f"line {idx}: a key kpr_svc does not hold")
-                continue
-            lined.add(k)
-            if v != have[at + F._VAL : at + F._VAL + F.VAL_SIZE]:
-                found.append(f"line {idx}: value differs from kpr_svc's")
-            ids = have[at + F._IDS : at + F._IDS + F.IDS_SIZE]
-            if fe.ids(v) != ids:
-                found.append(f"line {idx}: backend ids {ids.hex()}, kpr_slots holds {fe.ids(v).hex()}")
-        found += [f"kpr_svc key {k.hex()} has no line" for k in want.keys() - lined if fe._find(k)[1] is not None]
-        return found
+        want = {k: v for k, v in svc.items() if k[F._SLOT_AT : F._SLOT_AT + 2] == b"\0\0"}
+        return fe.disagreements(want, bytes(fe.mem[: F.LINES * F.LINE]))[0]
     finally:
         fe.close()
         svc.close()

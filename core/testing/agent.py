@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -78,10 +79,13 @@ class AgentConfig:
         return self
 
     def manifest(self, name: str, text: str) -> Path:
-        """Write one manifest file (name.yaml) for the files source."""
+        """Write one manifest file (name.yaml) for the files source, replaced by a rename: a
+        running agent never reads it half written."""
         self.manifests.mkdir(parents=True, exist_ok=True)
         path = self.manifests / f"{name}.yaml"
-        path.write_text(text)
+        tmp = path.with_name(f".{name}.tmp")  # a dot file: the source ignores it
+        tmp.write_text(text)
+        os.replace(tmp, path)
         return path
 
     def document(self) -> dict[str, Any]:
@@ -140,11 +144,11 @@ def kpr_cli(*args: str, netns: Any = None, timeout: float = 60, check: bool = Fa
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check)
 
 
-def lab_scratch(stack: contextlib.ExitStack, name: str, *, work: bool = True) -> tuple[Path, Any, Path, Path | None]:
+def lab_scratch(stack: contextlib.ExitStack, name: str) -> tuple[Path, Any, Path, Path]:
     """What a real agent's lab needs, each entered on `stack` so it goes even on failure: a
     private bpffs (the agent runs in a namespace, where /sys/fs/bpf is not the test's), the
-    namespaces' Topology, a child cgroup for the hooks and, with `work`, a work directory;
-    returned as (bpffs mount, topology, cgroup, work directory or None)."""
+    namespaces' Topology, a child cgroup for the hooks and a work directory; returned as
+    (bpffs mount, topology, cgroup, work directory)."""
     from kpr.testing.bpffs import private_bpffs
     from kpr.testing.cgroup import child_cgroup
     from kpr.testing.netns import Topology
@@ -152,7 +156,7 @@ def lab_scratch(stack: contextlib.ExitStack, name: str, *, work: bool = True) ->
     mnt = stack.enter_context(private_bpffs(name))
     topo = stack.enter_context(Topology())
     cg = stack.enter_context(child_cgroup(name))
-    wd = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{name}-"))) if work else None
+    wd = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{name}-")))
     return mnt, topo, cg, wd
 
 

@@ -59,14 +59,16 @@ PY = shutil.which("python3", path="/usr/bin:/bin") or "python3"
 SERVER = r"""
 import socket, sys, threading
 name, port = sys.argv[1], int(sys.argv[2])
-with_peer = (sys.argv[3] if len(sys.argv) > 3 else "peer") == "peer"
+answer = sys.argv[3] if len(sys.argv) > 3 else "peer"
+def bare(h):
+    return h[7:] if h.startswith("::ffff:") else h
 def who(a):
-    h = a[0]
-    h = h[7:] if h.startswith("::ffff:") else h
-    return f"{name} {h}" if with_peer else name
+    return f"{name} {bare(a[0])}" if answer == "peer" else name
 def conn(c, a):
     with c:
-        c.sendall((who(a) + "\n").encode())
+        # "reached": the address this connection reached (one server tells many backend
+        # addresses apart); otherwise the server's name, with the peer's address.
+        c.sendall(((bare(c.getsockname()[0]) if answer == "reached" else who(a)) + "\n").encode())
         while True:
             d = c.recv(65536)
             if not d:
@@ -203,11 +205,16 @@ else:
 """
 
 
-def start_echo(ns: Any, name: str | None = None, port: int = 8080, *, peer: bool = True) -> subprocess.Popen[str]:
+def start_echo(
+    ns: Any, name: str | None = None, port: int = 8080, *, peer: bool = True, reached: bool = False
+) -> subprocess.Popen[str]:
     """Start an echo server in `ns` (a kpr.testing.netns.Namespace: its topology stops it at
-    teardown) answering as `name` (default: the namespace's name); returns once it listens."""
+    teardown) answering as `name` (default: the namespace's name) and, with `peer`, the
+    client's address; with `reached`, a TCP connection is answered the address it reached
+    instead (UDP still the name); returns once it listens."""
     name = name or ns.name
-    proc = ns.popen([PY, "-c", SERVER, name, str(port), "peer" if peer else "name"], stdout=subprocess.PIPE, text=True)
+    answer = "reached" if reached else "peer" if peer else "name"
+    proc = ns.popen([PY, "-c", SERVER, name, str(port), answer], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if line.strip() != "ready":
         raise RuntimeError(f"echo server {name} in {ns.netns} did not start: {line!r}")

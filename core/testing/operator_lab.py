@@ -12,7 +12,8 @@ and read-only checks of what the agent wrote.
 Layout: the external client `cl` (10.100.0.2, fd10::2) behind router `rt` reaches node1
 (10.0.1.10, fd01::10, its device eth0); pod `pa` behind node1 holds BACKENDS4/BACKENDS6 (12 of
 each family) and one server answering, on TCP port PORT, the address the connection reached
-(ADDRESS_SERVER): a test tells backends apart by address, with one process. Clients of
+(kpr.testing.echo's server answering the reached address): a test tells backends apart by
+address, with one process. Clients of
 ClusterIPs run in node1's namespace inside the socklb hooks' child cgroup.
 
 `fe_disagreements(pin)` reads the pinned kpr_fe lines against kpr_svc and kpr_slots without
@@ -23,15 +24,14 @@ writer left).
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ADDRESS_SERVER", "BACKENDS4", "BACKENDS6", "CLIENT4", "CLIENT6", "NODE4", "NODE6", "PORT", "OperatorLab",
-           "endpoint_slice", "fe_disagreements", "operator_lab", "tc_programs"]
+__all__ = ["BACKENDS4", "BACKENDS6", "CLIENT4", "CLIENT6", "NODE4", "NODE6", "PORT", "OperatorLab", "endpoint_slice",
+           "fe_disagreements", "operator_lab", "tc_programs"]
 
 NODE4, NODE6 = "10.0.1.10", "fd01::10"
 CLIENT4, CLIENT6 = "10.100.0.2", "fd10::2"
@@ -39,51 +39,15 @@ BACKENDS4 = tuple(f"10.244.1.{11 + i}" for i in range(12))
 BACKENDS6 = tuple(f"fd44:1::{11 + i:x}" for i in range(12))
 PORT = 8080
 
-# argv: port. Prints "ready"; each TCP connection gets the address it reached and a newline,
-# then its bytes echoed until EOF.
-ADDRESS_SERVER = r"""
-import socket, sys, threading
-port = int(sys.argv[1])
-def conn(c):
-    with c:
-        h = c.getsockname()[0]
-        h = h[7:] if h.startswith("::ffff:") else h
-        c.sendall((h + "\n").encode())
-        while True:
-            d = c.recv(65536)
-            if not d:
-                return
-            c.sendall(d)
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind(("::", port)); s.listen(1024)
-print("ready", flush=True)
-while True:
-    c, a = s.accept()
-    threading.Thread(target=conn, args=(c,), daemon=True).start()
-"""
+def endpoint_slice(service: str, addrs: Sequence[str]) -> dict[str, Any]:
+    """A slice of `service` on node1: `addrs` on PORT, the port named "http"."""
+    from kpr.testing import manifests
 
-
-def endpoint_slice(service: str, addrs: Sequence[str], *, suffix: str = "1", port_names: Sequence[str] = ("http",),
-                   conditions: Sequence[dict | None] = ()) -> dict[str, Any]:
-    """A slice of `service` on node1: `addrs` (their family its address type), PORT under each
-    of `port_names`, `conditions[i]` for the i-th endpoint where given."""
-    eps = []
-    for i, a in enumerate(addrs):
-        row: dict[str, Any] = {"addresses": [a], "nodeName": "node1"}
-        if i < len(conditions) and conditions[i] is not None:
-            row["conditions"] = conditions[i]
-        eps.append(row)
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{service}-{suffix}", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": service}},
-            "addressType": "IPv6" if addrs and ":" in addrs[0] else "IPv4",
-            "ports": [{"name": n, "port": PORT, "protocol": "TCP"} for n in port_names], "endpoints": eps}
+    return manifests.endpoint_slice(service, addrs, port=PORT, port_name="http")
 
 
 def _build(topo: Any) -> None:
-    from kpr.testing.echo import PY
+    from kpr.testing.echo import start_echo
 
     topo.add_router("rt")
     topo.add_external("cl")
@@ -103,9 +67,7 @@ def _build(topo: Any) -> None:
     for a4, a6 in zip(BACKENDS4[1:], BACKENDS6[1:]):
         topo.run("pa", f"ip addr add {a4}/32 dev eth0 && ip -6 addr add {a6}/128 dev eth0 nodad")
         topo.run("node1", f"ip route replace {a4}/32 dev {host_if} && ip -6 route replace {a6}/128 dev {host_if}")
-    proc = topo.popen("pa", [PY, "-c", ADDRESS_SERVER, str(PORT)], stdout=subprocess.PIPE, text=True)
-    if proc.stdout.readline().strip() != "ready":
-        raise RuntimeError("the address server in pod pa did not start")
+    start_echo(topo["pa"], port=PORT, reached=True)
 
 
 @dataclass
@@ -117,13 +79,10 @@ class OperatorLab:
     agent: Any  # kpr.testing.agent.AgentConfig (the agent's socket, manifests, state)
 
     def write(self, name: str, docs: Sequence[dict]) -> None:
-        """manifests/<name>.yaml holding `docs`, replaced by a rename (never read half written)."""
-        import yaml
+        """manifests/<name>.yaml holding `docs` (AgentConfig.manifest: replaced by a rename)."""
+        from kpr.testing.manifests import yaml_docs
 
-        path = self.agent.manifests / f"{name}.yaml"
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(yaml.safe_dump_all(list(docs), sort_keys=False))
-        os.replace(tmp, path)
+        self.agent.manifest(name, yaml_docs(*docs))
 
     def remove(self, name: str) -> None:
         (self.agent.manifests / f"{name}.yaml").unlink()
@@ -208,7 +167,6 @@ def operator_lab(prefix: str, *, cluster_cidr: Sequence[str] = ("10.96.0.0/16",)
 
     with contextlib.ExitStack() as stack:
         mnt, topo, cg, work = lab_scratch(stack, prefix)
-        assert work is not None
         _build(topo)
         pin = mnt / "kpr"
         stack.callback(kpr_cleanup, pin, work, check=True)  # its failure is the test's

@@ -185,7 +185,7 @@ def running(name: str = "kpr-socklb", **cfg: Any) -> Iterator[Env]:
     """The whole set-up: a private bpffs, the topology with its servers, a child cgroup, the
     writer and one plugin on that cgroup; all stopped and removed afterwards, even on failure."""
     with contextlib.ExitStack() as stack:
-        mnt, topo, cg, _ = lab_scratch(stack, name, work=False)
+        mnt, topo, cg, _ = lab_scratch(stack, name)
         build_topology(topo)
         pin = mnt / "kpr"
         # Stop leaves the hooks attached (pinned links): `kpr cleanup` takes them off before
@@ -399,7 +399,6 @@ def restart_rig(name: str = "kpr-restart", *, keep_attached: bool = True) -> Ite
     agent is killed and everything it attached removed (`kpr cleanup`) afterwards."""
     with contextlib.ExitStack() as stack:
         mnt, topo, cg, work = lab_scratch(stack, name)
-        assert work is not None
         build_topology(topo)
         pin = mnt / "kpr"
         stack.callback(_kpr_cleanup, pin, work)  # the agent is killed first (below)

@@ -476,3 +476,68 @@ def test_an_explicit_cluster_ip_outside_the_automatic_range_survives_a_restart(t
     assert b.allocate(svc("kubernetes", clusterIP="10.96.0.1")).obj == first
     b.allocate(svc("web"))
     assert not b.dirty  # nothing to write again
+
+
+# --- the usual shape's short way (allocate's plain path) ----------------------------------
+
+
+@pytest.mark.parametrize("cidrs", [("10.96.0.0/29",), ("fd00:10:96::/125",), ("10.96.0.0/29", "fd00:10:96::/125")])
+def test_plain_services_allocate_as_the_general_way(tmp_path, cidrs):
+    """A ClusterIP service that leaves ClusterIP, families and policy to allocation takes a
+    short way; the same manifest with its policy written (SingleStack, what allocation gives
+    it) goes the general way. Both allocators must agree on every step: the values, the
+    objects, errors, what is displaced, when the state changes, the state file, a restart."""
+    plain, general = (alloc(tmp_path, cidrs, name=f"{side}.json") for side in ("plain", "general"))
+
+    def both(name: str, **spec) -> None:
+        outcomes = []
+        for a, extra in ((plain, {}), (general, {"ipFamilyPolicy": "SingleStack"})):
+            a._dirty = False
+            raw = svc(name, **{**spec, **({} if "clusterIP" in spec else extra)})
+            try:
+                got = a.allocate(raw)
+            except AllocationError as e:
+                outcomes.append(("error", str(e), a.get(f"default/{name}"), a.dirty))
+                continue
+            out = got.obj
+            assert out["spec"].pop("ipFamilyPolicy") == "SingleStack"
+            assert raw["spec"].pop("ipFamilyPolicy", None) in (None, "SingleStack")
+            outcomes.append((out, got.displaced, a.get(f"default/{name}"), a.dirty, sorted(a.keys())))
+        assert outcomes[0] == outcomes[1]
+
+    for i in range(5):  # /29: 5 automatic values, then the range is full
+        both(f"s{i}")
+    both("s5")  # no free ClusterIP left: the same error, nothing kept
+    both("s2")  # again, unchanged: its value kept, the state not dirty
+    taken = plain.get("default/s1")["clusterIPs"][0]
+    both("explicit", clusterIP=taken)  # an explicit value displaces s1 (general way in both)
+    both("s1")  # s1 again: no free value left
+    plain.release("default/s3")
+    general.release("default/s3")
+    both("s1")  # s3's value freed: s1 takes it
+    for a in (plain, general):
+        a.save()
+    files = [(tmp_path / "state" / f"{side}.json").read_text() for side in ("plain", "general")]
+    assert files[0] == files[1]
+    for side in ("plain", "general"):
+        restarted = alloc(tmp_path, cidrs, name=f"{side}.json")
+        assert {k: restarted.get(k) for k in restarted.keys()} == {k: plain.get(k) for k in plain.keys()}
+
+
+def test_state_file_lines_of_plain_records_as_json_writes_them(tmp_path):
+    """save() writes a record of one ClusterIP without json.dumps: each line must be what
+    json.dumps makes of the record, for the usual shape and the others beside it."""
+    a = alloc(tmp_path, cidrs=("10.96.0.0/16", "fd00:10:96::/112"))
+    a.allocate(svc("auto"))
+    a.allocate(svc("explicit", clusterIP="10.96.7.7"))
+    a.allocate(svc("v6", ipFamilies=["IPv6"]))
+    a.allocate(svc("dual", ipFamilyPolicy="RequireDualStack"))
+    a.allocate(svc("np", type="NodePort"))
+    a.allocate(svc("np-explicit", type="NodePort", clusterIP="10.96.8.8",
+                   ports=[{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30555}]))
+    a.allocate(svc("quoted\"name"))
+    a.save()
+    text = (tmp_path / "state" / "alloc.json").read_text()
+    lines = [line.rstrip(",") for line in text.splitlines() if line.startswith("  ")]
+    assert lines == [f"  {json.dumps(k)}: {json.dumps(a.get(k))}" for k in a.keys()]
+    assert json.loads(text)["services"] == {k: a.get(k) for k in a.keys()}

@@ -596,6 +596,15 @@ class _ServiceSpec:
     topology: bool
 
 
+# The spec fields _parse_service reads after the ClusterIPs, families and ports: a spec with
+# none of them (and no status or annotations) reads as their absence.
+_RARE_SPEC_FIELDS = frozenset({
+    "externalIPs", "loadBalancerIP", "loadBalancerSourceRanges", "sessionAffinity", "sessionAffinityConfig",
+    "externalTrafficPolicy", "internalTrafficPolicy", "healthCheckNodePort", "allocateLoadBalancerNodePorts",
+    "publishNotReadyAddresses", "externalName", "trafficDistribution",
+})
+
+
 def _check_family_policy(obj: KubeObject, get: Callable[[str], Any]) -> None:
     if get("ipFamilyPolicy") is not None:
         _enum(obj, get("ipFamilyPolicy"), _FAMILY_POLICIES, "spec.ipFamilyPolicy")
@@ -616,6 +625,12 @@ def _parse_service(obj: KubeObject, rules: AddressRules = NO_RULES) -> _ServiceS
     ports = tuple(
         _parse_service_port(obj, p, i) for i, p in enumerate(_list(obj, get("ports"), "spec.ports"))
     )
+    annotations = obj["metadata"].get("annotations")
+    if not annotations and _RARE_SPEC_FIELDS.isdisjoint(spec) and obj.get("status") is None:
+        # None of the fields below (most manifests): what each gives when absent, without a
+        # look-up of each (a sixth of this function's time).
+        _check_family_policy(obj, get)
+        return _ServiceSpec(stype, cluster_ips, families, ports, (), (), (), False, False, 0, 0, False, False)
     # Most services set few of the fields below; absent ones are skipped without calls,
     # which matters when a full sync parses every service of a large cluster.
     external_ips: tuple[_IP, ...] = ()
@@ -628,9 +643,7 @@ def _parse_service(obj: KubeObject, rules: AddressRules = NO_RULES) -> _ServiceS
     if get("loadBalancerIP") is not None or obj.get("status") is not None:
         lb_ips = _parse_lb_ips(obj, spec, stype)
     source_ranges: tuple[str, ...] = ()
-    if get("loadBalancerSourceRanges") is not None or SOURCE_RANGES_ANNOTATION in (
-        obj["metadata"].get("annotations") or ()
-    ):
+    if get("loadBalancerSourceRanges") is not None or SOURCE_RANGES_ANNOTATION in (annotations or ()):
         source_ranges = _parse_source_ranges(obj, spec)
     affinity_timeout = 0
     if get("sessionAffinity") is not None or get("sessionAffinityConfig") is not None:
@@ -661,7 +674,6 @@ def _parse_service(obj: KubeObject, rules: AddressRules = NO_RULES) -> _ServiceS
     topology = False
     if get("trafficDistribution") is not None:
         topology = bool(_str(obj, get("trafficDistribution"), "spec.trafficDistribution"))
-    annotations = obj["metadata"].get("annotations")
     if annotations and not topology:
         mode = annotations.get(TOPOLOGY_MODE_ANNOTATION)
         if mode is None:

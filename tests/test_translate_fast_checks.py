@@ -88,3 +88,27 @@ def test_service_port_one_field_off_at_a_time():
             assert _outcome(translate._parse_service_port, SERVICE, port, 0) == _outcome(
                 translate._checked_service_port, SERVICE, port, 0
             ), (field, value)
+
+
+common_spec = st.fixed_dictionaries({}, optional={
+    "type": st.one_of(st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer", "ExternalName", "Other"]), odd),
+    "clusterIP": texts,
+    "clusterIPs": st.lists(texts, max_size=2),
+    "ipFamilies": st.lists(st.sampled_from(["IPv4", "IPv6", "IPv5"]), max_size=2),
+    "ipFamilyPolicy": st.one_of(st.sampled_from(["SingleStack", "RequireDualStack", "Single"]), odd),
+    "ports": st.lists(port, max_size=2),
+    "selector": st.just({"app": "web"}),
+})
+
+
+@settings(max_examples=500, deadline=None)
+@given(common_spec, st.sampled_from([None, {}, {"a": "b"}]))
+def test_service_without_rare_fields_reads_as_with_them_absent(spec, annotations):
+    """A spec none of whose later fields (translate._RARE_SPEC_FIELDS) is there takes a short
+    way: it must read as the same spec with each of them written as null, which the checking
+    way reads as absent (the same value, or the same error)."""
+    rules = translate.AddressRules(("10.96.0.0/16",))
+    meta = {**SERVICE["metadata"], **({"annotations": annotations} if annotations is not None else {})}
+    short = {**SERVICE, "metadata": meta, "spec": spec}
+    checking = {**short, "spec": {**spec, **dict.fromkeys(translate._RARE_SPEC_FIELDS)}}
+    assert _outcome(translate._parse_service, short, rules) == _outcome(translate._parse_service, checking, rules)

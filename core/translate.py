@@ -1770,6 +1770,32 @@ class _FrontendSet:
 def _service_frontends(
     spec: _ServiceSpec, backends: dict[_GroupKey, _Choice], node: NodeInfo
 ) -> tuple[Frontend, ...]:
+    ports, cluster_ips = spec.ports, spec.cluster_ips
+    if (
+        len(ports) == 1 and len(cluster_ips) == 1 and not spec.lb_ips and not spec.external_ips
+        and (not ports[0].node_port or spec.type not in _NODE_PORT_TYPES)
+    ):
+        # One port on one ClusterIP, nothing else (most services): the one frontend the loop
+        # below would make, without its per-service sets and option dicts.
+        sp, ip = ports[0], cluster_ips[0]
+        choice = backends.get((sp.name, sp.protocol, ip[1]), _NO_CHOICE)
+        return (
+            Frontend(
+                type=FrontendType.CLUSTER_IP,
+                address=ip[0],
+                port=sp.port,
+                protocol=sp.protocol,
+                backends=choice[1 if spec.internal_local else 0],
+                port_name=sp.name,
+                affinity_timeout=spec.affinity_timeout,
+                internal_local=spec.internal_local,
+            ),
+        )
+    return _all_frontends(spec, backends, node)
+
+
+def _all_frontends(spec: _ServiceSpec, backends: dict[_GroupKey, _Choice], node: NodeInfo) -> tuple[Frontend, ...]:
+    """_service_frontends of any service: every port on every address, deduplicated, sorted."""
     out = _FrontendSet(spec.affinity_timeout)
     families = spec.families
     node_addresses = _node_addresses(tuple(node.addresses))

@@ -25,9 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
-from itertools import repeat
 from operator import attrgetter
 from typing import Any, Callable, Iterable
 
@@ -76,16 +75,18 @@ class KeyedQueue:
     owner holds its own lock."""
 
     def __init__(self) -> None:
-        self._items: OrderedDict[tuple[int, Any], Event] = OrderedDict()
-        self._epoch = 0
-        # key -> the epoch of its newest waiting event
-        self._newest: dict[Any, int] = {}
+        # One plain dict (ordered, by key) per stretch between barriers, a barrier the last
+        # event of its stretch; the last stretch takes what comes. Keyed by the key alone and
+        # drained by values(): ServiceKey's hash is a Python call, and an initial sync's 20k
+        # events went through three queues (the writer stage's, its held events, a plugin's
+        # worker's) hashed three times each in OrderedDicts keyed by (epoch, key), whose
+        # values() looks every key up again.
+        self._parts: list[dict[Any, Event]] = [{}]
 
     def put(self, ev: Event) -> None:
-        self._items[(self._epoch, ev.key)] = ev
-        self._newest[ev.key] = self._epoch
+        self._parts[-1][ev.key] = ev
         if ev.barrier:
-            self._epoch += 1
+            self._parts.append({})
 
     def put_many(self, events: list[Event]) -> None:
         """put() each event in turn; without a barrier among them, at C speed (an initial
@@ -94,31 +95,36 @@ class KeyedQueue:
             for ev in events:
                 self.put(ev)
             return
-        epoch, keys = self._epoch, list(map(_KEY_OF, events))
-        # (as put(): a key already waiting keeps its place and takes the newer event)
-        self._items.update(zip(zip(repeat(epoch), keys), events))
-        self._newest.update(zip(keys, repeat(epoch)))
+        # (as put(): a key already waiting in the last stretch keeps its place and takes the newer event)
+        self._parts[-1].update(zip(map(_KEY_OF, events), events))
 
     def pop(self) -> Event:
-        (epoch, key), ev = self._items.popitem(last=False)
-        if self._newest.get(key) == epoch:
-            del self._newest[key]
-        if not self._items:
-            # A dict never shrinks: after an initial sync's burst, a small one.
-            self._items = OrderedDict()
+        """The first event (meant for a queue of one or a few: drain() takes many)."""
+        parts = self._parts
+        while not parts[0] and len(parts) > 1:
+            del parts[0]
+        first = parts[0]
+        ev = first.pop(next(iter(first)))
+        if not first:
+            if len(parts) > 1:
+                del parts[0]
+            else:
+                # A dict never shrinks: after an initial sync's burst, a small one.
+                parts[0] = {}
         return ev
 
     def drain(self) -> list[Event]:
-        out = list(self._items.values())
-        self._items = OrderedDict()
-        self._newest = {}
-        return out
+        parts, self._parts = self._parts, [{}]
+        if len(parts) == 1:
+            return list(parts[0].values())
+        return [ev for part in parts for ev in part.values()]
 
     def waiting(self, key: Any) -> bool:
-        return key in self._newest
+        return any(key in part for part in self._parts)
 
     def __len__(self) -> int:
-        return len(self._items)
+        parts = self._parts
+        return len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
 
 
 @dataclass

@@ -126,7 +126,8 @@ class HooksMixin:
         # one batch is one operation: a kpr_slots range freed by one change is not reused by
         # the next change of the same batch (kpr.servicemaps.slots)
         with self._op():
-            for i, (event, payload) in enumerate(changes):
+            start = self._collect_initial(changes) if self._initial is not None else 0
+            for i, (event, payload) in enumerate(changes[start:] if start else changes, start):
                 try:
                     if event == "upsert":
                         self._take_upsert(payload)
@@ -139,6 +140,28 @@ class HooksMixin:
                 except Exception as e:  # noqa: BLE001 - reported to the stage, which retries
                     failed[i] = e
         return failed
+
+    def _collect_initial(self, changes: Sequence[tuple[str, Any]]) -> int:
+        """Before the initial state is written: its leading upserts and deletes only change
+        what it will be (an initial sync's 20k at once), taken in one loop; returns how many
+        (the rest, from a sync or a change that is not well formed on, go one by one)."""
+        initial = self._initial
+        assert initial is not None
+        n = 0
+        try:
+            for event, payload in changes:
+                if event == "upsert":
+                    initial[payload.key] = payload
+                elif event == "delete":
+                    initial.pop(payload, None)
+                else:
+                    break
+                n += 1
+        except Exception:  # noqa: BLE001 - that change fails on its own below, reported
+            pass
+        if n:
+            self._desired_changed()
+        return n
 
     def _take_upsert(self, service: Service) -> None:
         if self._initial is not None:
@@ -177,7 +200,7 @@ class HooksMixin:
                 return initial is None
             t0 = time.monotonic()
             try:
-                self.full_sync(initial.values())
+                self.full_sync(initial.values(), keyed=initial)
             except Exception as e:  # noqa: BLE001 - reported in status, retried
                 self._sync_attempts += 1
                 self.sync_error = f"{type(e).__name__}: {e}"

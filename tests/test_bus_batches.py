@@ -15,7 +15,7 @@ from kpr.bus import Backoff, Event, EventBus, KeyedQueue
 from kpr.daemon import Agent
 from kpr.model import NodeInfo, ServiceKey
 from kpr.store import ObjectStore
-from kpr.testing.agent import AgentConfig
+from kpr.testing.agent import AgentConfig, run_agent_until
 from kpr.testing.bus import Recorder, make_bus, svc
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.waiting import wait_for
@@ -135,22 +135,7 @@ def test_the_agent_is_ready_without_waiting_for_its_poll(tmp_path, monkeypatch) 
     cfg = AgentConfig(tmp_path, None)
     cfg.manifest("web", yaml_docs(service("web", cluster_ip="10.96.0.10"), endpoint_slice("web", ["10.244.1.5"])))
     agent = Agent(cfg.parse(), internal_plugins={"p": Plugin()}, source_first=False)
-    seen: list[bool] = []
-
-    def watch() -> None:
-        try:
-            wait_for(lambda: any(m.startswith("READY=1") for m in sent), timeout=30, what="ready")
-            seen.append(True)
-        finally:
-            agent.request_stop()
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        agent.run()  # (signal handlers: the main thread's)
-    finally:
-        watcher.join()
-    assert seen == [True]
+    run_agent_until(agent, lambda: any(m.startswith("READY=1") for m in sent), "ready")
 
 
 def held_worker(on_event=None):

@@ -33,7 +33,7 @@ from typing import Any
 from kpr import hookimpl
 
 __all__ = ["AgentConfig", "NeedsMaps", "in_agent_netns", "kpr_argv", "kpr_cli", "kpr_cleanup", "lab_scratch",
-           "running_agent", "scratch_agent", "start_agent", "stop_agent_process"]
+           "run_agent_until", "running_agent", "scratch_agent", "start_agent", "stop_agent_process"]
 
 
 class NeedsMaps:
@@ -245,3 +245,30 @@ def running_agent(config: Any, **kw: Any) -> Iterator[Any]:
         with in_agent_netns(kw.get("netns")):
             rc = agent.shutdown()
     assert rc == 0, f"the agent's shutdown returned {rc}"
+
+
+def run_agent_until(agent: Any, done: Any, what: str, timeout: float = 30.0) -> None:
+    """Agent.run in this thread (its signal handlers need the main thread) until `done()`
+    holds (waited for by another thread, which then asks the agent to stop)."""
+    import threading
+
+    from kpr.testing.waiting import wait_for
+
+    failed: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            wait_for(done, timeout=timeout, what=what)
+        except BaseException as e:  # noqa: BLE001 - raised in the test's thread below
+            failed.append(e)
+        finally:
+            agent.request_stop()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        agent.run()
+    finally:
+        watcher.join()
+    if failed:
+        raise failed[0]

@@ -233,11 +233,12 @@ def pack_over(base: Any, before: Any, obj: Any) -> Any:
     names = list(spec)
     if names[: len(old)] != list(old):
         return pack(obj)
-    keys = tuple(k for k in names if k not in old or old[k] != spec[k])
+    # (lists, not generators: once per allocated Service of a full sync)
+    keys = tuple([k for k in names if k not in old or old[k] != spec[k]])
     if not keys or len(_over_keys) >= 64 and keys not in _over_keys:
         return pack(obj)
     try:
-        values = marshal.dumps(tuple(spec[k] for k in keys))
+        values = marshal.dumps(tuple([spec[k] for k in keys]))
     except ValueError:
         return pack(obj)
     return Over(base, _over_keys.setdefault(keys, keys), values)

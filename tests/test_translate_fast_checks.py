@@ -112,3 +112,30 @@ def test_service_without_rare_fields_reads_as_with_them_absent(spec, annotations
     short = {**SERVICE, "metadata": meta, "spec": spec}
     checking = {**short, "spec": {**spec, **dict.fromkeys(translate._RARE_SPEC_FIELDS)}}
     assert _outcome(translate._parse_service, short, rules) == _outcome(translate._parse_service, checking, rules)
+
+
+SLICE = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "web-1", "namespace": "shop"},
+         "addressType": "IPv4", "endpoints": []}
+
+
+@settings(max_examples=600, deadline=None)
+@given(port, st.integers(0, 2))
+def test_slice_port_short_way_is_the_checking_way(value, i):
+    obj = {**SLICE, "ports": [{"port": 80}] * i + [value]}
+    got = _outcome(lambda: translate._parse_slice(obj).ports[i])
+    assert got == _outcome(translate._checked_slice_port, obj, value, i)
+    if got[0] == "ok":  # the same types too (a name kept by the model, the protocol's member)
+        assert [type(x) for x in got[1]] == [str, translate.Protocol, int]
+
+
+def test_slice_port_one_field_off_at_a_time():
+    """As for a Service's ports: each field of a well-formed slice port set to each edge value."""
+    valid = {"name": "http", "protocol": "TCP", "port": 8080}
+    for field in valid:
+        for value in [*ODD_VALUES, "absent"]:
+            port = {k: v for k, v in valid.items() if k != field}
+            if value != "absent":
+                port[field] = value
+            obj = {**SLICE, "ports": [port]}
+            got = _outcome(lambda: translate._parse_slice(obj).ports[0])
+            assert got == _outcome(translate._checked_slice_port, obj, port, 0), (field, value)

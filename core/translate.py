@@ -706,6 +706,20 @@ def _parse_service(obj: KubeObject, rules: AddressRules = NO_RULES) -> _ServiceS
 
 
 def _parse_cluster_ips(obj: KubeObject, spec: KubeObject, rules: AddressRules) -> tuple[_IP, ...]:
+    # Every Service of a full sync comes here twice (its manifest, then its allocated copy):
+    # the two usual shapes, none written and one ClusterIP in both fields, are read inline;
+    # anything else, or an address refused, goes the checking way, which names the field.
+    cluster_ip, texts = spec.get("clusterIP"), spec.get("clusterIPs")
+    if cluster_ip is None and texts is None:
+        return ()
+    if cluster_ip.__class__ is str and texts.__class__ is list and len(texts) == 1 and texts[0] == cluster_ip:
+        ip = _parse_ip_text(cluster_ip)  # (None for "None" too)
+        if ip is not None and not rules.cluster_ip_problem(ip):
+            return (ip,)
+    return _checked_cluster_ips(obj, spec, rules)
+
+
+def _checked_cluster_ips(obj: KubeObject, spec: KubeObject, rules: AddressRules) -> tuple[_IP, ...]:
     cluster_ip = _str(obj, spec.get("clusterIP"), "spec.clusterIP")
     first = None
     if cluster_ip not in ("", "None"):
@@ -742,6 +756,18 @@ def _parse_cluster_ips(obj: KubeObject, spec: KubeObject, rules: AddressRules) -
 def _parse_families(
     obj: KubeObject, spec: KubeObject, cluster_ips: tuple[_IP, ...]
 ) -> tuple[int, ...]:
+    # As for the ClusterIPs: none written, or one family that every ClusterIP is of, inline.
+    names = spec.get("ipFamilies")
+    if names is None:
+        return tuple([ip[1] for ip in cluster_ips])
+    if names.__class__ is list and len(names) == 1 and names[0].__class__ is str:
+        family = _IP_FAMILIES.get(names[0])
+        if family is not None and (not cluster_ips or len(cluster_ips) == 1 and cluster_ips[0][1] == family):
+            return (family,)
+    return _checked_families(obj, spec, cluster_ips)
+
+
+def _checked_families(obj: KubeObject, spec: KubeObject, cluster_ips: tuple[_IP, ...]) -> tuple[int, ...]:
     families: list[int] = []
     for i, name in enumerate(_list(obj, spec.get("ipFamilies"), "spec.ipFamilies")):
         family = _IP_FAMILIES.get(name) if isinstance(name, str) else None

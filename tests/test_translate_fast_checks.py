@@ -139,3 +139,45 @@ def test_slice_port_one_field_off_at_a_time():
             obj = {**SLICE, "ports": [port]}
             got = _outcome(lambda: translate._parse_slice(obj).ports[0])
             assert got == _outcome(translate._checked_slice_port, obj, port, 0), (field, value)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.one_of(texts, st.just("absent")), st.one_of(st.just("absent"), st.lists(texts, max_size=2), odd))
+def test_cluster_ips_short_way_is_the_checking_way(cluster_ip, cluster_ips):
+    spec = {k: v for k, v in (("clusterIP", cluster_ip), ("clusterIPs", cluster_ips)) if v != "absent"}
+    rules = translate.AddressRules(("10.96.0.0/16",))
+    assert _outcome(translate._parse_cluster_ips, SERVICE, spec, rules) == _outcome(
+        translate._checked_cluster_ips, SERVICE, spec, rules
+    )
+
+
+def test_cluster_ips_short_way_edges():
+    """The usual shapes and each way out of them, one at a time."""
+    rules = translate.AddressRules(("10.96.0.0/16",))
+    for spec in [{}, {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"]}, {"clusterIP": "10.96.0.10"},
+                 {"clusterIPs": ["10.96.0.10"]}, {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.11"]},
+                 {"clusterIP": "10.97.0.1", "clusterIPs": ["10.97.0.1"]}, {"clusterIP": "10.96.0.0", "clusterIPs": ["10.96.0.0"]},
+                 {"clusterIP": "None", "clusterIPs": ["None"]}, {"clusterIP": "", "clusterIPs": [""]},
+                 {"clusterIP": "x", "clusterIPs": ["x"]}, {"clusterIP": "127.0.0.1", "clusterIPs": ["127.0.0.1"]},
+                 {"clusterIP": None, "clusterIPs": None}, {"clusterIP": "10.96.0.10", "clusterIPs": ("10.96.0.10",)}]:
+        assert _outcome(translate._parse_cluster_ips, SERVICE, spec, rules) == _outcome(
+            translate._checked_cluster_ips, SERVICE, spec, rules
+        ), spec
+
+
+families = st.lists(st.one_of(st.sampled_from(["IPv4", "IPv6", "IPv5"]), odd), max_size=2)
+parsed_ips = st.lists(st.sampled_from([translate._ip("10.96.0.10"), translate._ip("fd00::10")]), max_size=2).map(tuple)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(st.just("absent"), families, odd), parsed_ips)
+def test_families_short_way_is_the_checking_way(names, cluster_ips):
+    spec = {} if names == "absent" else {"ipFamilies": names}
+    assert _outcome(translate._parse_families, SERVICE, spec, cluster_ips) == _outcome(
+        translate._checked_families, SERVICE, spec, cluster_ips
+    )
+    for names in (["IPv4"], ["IPv6"], ["IPv5"], [None], "IPv4", ["IPv4", "IPv6"]):
+        spec = {"ipFamilies": names}
+        assert _outcome(translate._parse_families, SERVICE, spec, cluster_ips) == _outcome(
+            translate._checked_families, SERVICE, spec, cluster_ips
+        ), names

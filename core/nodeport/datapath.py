@@ -94,6 +94,7 @@ REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP = "kpr_np_rev", "kpr_np_fe", "kp
 DEVKIND_MAP = "kpr_np_devkind"
 PORTS_MAP = "kpr_np_ports"
 UNSERVED_MAP = "kpr_np_unserved"  # kpr_np_ports' port words inverted once armed: what the prefilter reads
+NOMODE_MAP = "kpr_np_nomode"  # a bit per port no kpr_np_fe key has: the programs skip that lookup
 NH_MAP = "kpr_np_nh"  # next hops cached per backend (KPR_NP_NH_CACHE); key NH_GEN: the generation
 # The tc build's entry programs (tc shows these names): xdp_nodeport reads tc_nodeport's attachment
 # records of TC_EGRESS, the only program that translates a local backend's replies.
@@ -101,11 +102,12 @@ TC_INGRESS, TC_EGRESS = "kpr_np_ingress", "kpr_np_egress"
 # Counters: each build has its own pair (lib/nodeport.h KPR_NP_PIN_STATS, KPR_NP_PIN_FWD), so
 # with tc and XDP on one node each plugin's status counts its own program's packets only.
 STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"  # the tc build's; XDP: kpr_np_xstats, kpr_np_xfwd
-OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP, UNSERVED_MAP)
+OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP, UNSERVED_MAP, NOMODE_MAP)
 # kpr_np_ports (lib/nodeport.h): 64 ports per word, TCP words then UDP words, then the armed word.
 PORTS_ARMED = abi.value("KPR_NP_PORTS_ARMED")
 VIP_BITS = abi.value("KPR_NP_VIP_BITS")  # then 1024 words: a bit per announced address at vip_hash()
 UNSERVED_WORDS = abi.value("KPR_NP_UNSERVED_WORDS")  # kpr_np_unserved: one per port word of kpr_np_ports
+NOMODE_WORDS = abi.value("KPR_NP_NOMODE_WORDS")  # kpr_np_nomode: indexed as kpr_np_unserved
 _WORD_MASK = (1 << 64) - 1
 
 
@@ -119,6 +121,32 @@ def unserved_words(port_words: Mapping[int, int], armed: bool) -> dict[int, int]
     """All of kpr_np_unserved from kpr_np_ports' port words (absent: zero)."""
     return {i: unserved_word(port_words.get(i, 0), armed) for i in range(UNSERVED_WORDS)}
 _PORT_PROTO_BASE = {6: 0, 17: 1024}
+
+
+def port_bit(port: int, proto: int) -> tuple[int, int] | None:
+    """(word, bit) of a port (host order) in kpr_np_ports' port words, kpr_np_unserved and
+    kpr_np_nomode; None for protocols other than TCP and UDP (the programs never skip for them)."""
+    base = _PORT_PROTO_BASE.get(proto)
+    if base is None:
+        return None
+    return base | port >> 6, 1 << (port & 63)
+
+
+def mode_key_port(key: bytes) -> tuple[int, int]:
+    """(port in host order, protocol) of a packed kpr_np_fe key."""
+    _addr, port, proto = NP_FE_KEY.unpack(key)
+    return M.ntohs(port), proto
+
+
+def nomode_words(ports: Iterable[tuple[int, int]], words: Iterable[int] = range(NOMODE_WORDS)) -> dict[int, int]:
+    """kpr_np_nomode words `words`: every bit set but those of `ports` ((port, protocol) that
+    kpr_np_fe has a key of, or may have)."""
+    out = dict.fromkeys(words, _WORD_MASK)
+    for port, proto in ports:
+        pb = port_bit(port, proto)
+        if pb is not None and pb[0] in out:
+            out[pb[0]] &= ~pb[1]
+    return out
 
 # --- struct packers, read from lib/nodeport.h, lib/conntrack.h and lib/nat.h -----------------
 # ("=" native order, no padding; ports as stored, network order; fields positionally in header
@@ -535,10 +563,9 @@ class Datapath:
                 if i < PORTS_ARMED:
                     words[i] = struct.unpack("=Q", v)[0]
         for port, proto in ports:
-            base = _PORT_PROTO_BASE.get(proto)
-            if base is not None:
-                i = base | port >> 6
-                words[i] = words.get(i, 0) | 1 << (port & 63)
+            pb = port_bit(port, proto)
+            if pb is not None:
+                words[pb[0]] = words.get(pb[0], 0) | pb[1]
         self._set_words(0, PORTS_ARMED, words)
         self._set_words(PORTS_ARMED, 1, {PORTS_ARMED: 1})
         _set_array_words(self.maps[UNSERVED_MAP], unserved_words(words, True))
@@ -549,9 +576,14 @@ class Datapath:
         _set_array_words(self.maps[PORTS_MAP], {i: words.get(i, 0) for i in range(first, first + count)})
 
     def set_modes(self, modes: Mapping[tuple[str, int, int], str]) -> None:
-        """kpr_np_fe: (address, port, protocol number) -> mode, for frontends overriding the default."""
+        """kpr_np_fe: (address, port, protocol number) -> mode, for frontends overriding the default;
+        kpr_np_nomode's bits as the agent's tables write them: cleared for every port with a key
+        now or to come before the keys change, then set for every port left without one."""
         want = {
             NP_FE_KEY.pack(M.addr_to_bytes(addr), M.htons(port), proto): NP_FE.pack(MODES[mode])
             for (addr, port, proto), mode in modes.items()
         }
-        self._sync(self.maps[FE_MAP], want)
+        m, nomode = self.maps[FE_MAP], self.maps[NOMODE_MAP]
+        _set_array_words(nomode, nomode_words({mode_key_port(k) for k in [*want, *m.keys()]}))
+        self._sync(m, want)
+        _set_array_words(nomode, nomode_words({mode_key_port(k) for k in want}))

@@ -9,6 +9,8 @@ they exist before any plugin loads its programs, and written here only.
   kpr_np_devkind   what every link of the namespace is (kpr.netdevs)
   kpr_np_ports     the fast exit's bitmaps: frontend ports, announced-address bits
   kpr_np_unserved  the port words inverted once armed (zero before): what the programs test
+  kpr_np_nomode    a bit per port no kpr_np_fe key has (zero: unknown): the programs then take
+                   the default mode without the kpr_np_fe lookup
   kpr_np_nh        next hops the programs cache per backend; written here: the generation
                    (kpr.nexthops bumps it when routes or neighbours change)
 
@@ -36,7 +38,6 @@ from .services import Change, ModeKey, PortKey
 log = logging.getLogger(__name__)
 
 _WORD = struct.Struct("=Q")
-_PORT_PROTO_BASE = {6: 0, 17: 1024}
 # maps an older kpr pinned that no build declares now (issue 14's SNAT port table)
 OBSOLETE_PINS = ("kpr_snat_ports", "kpr_snat_ports_used", "kpr_snat_cursor")
 
@@ -52,16 +53,12 @@ def specs(rev_size: int) -> list[M.MapSpec]:
         M.MapSpec(D.DEVKIND_MAP, M.BPF_MAP_TYPE_HASH, 4, 4, abi.value("KPR_NP_DEVKIND_MAX")),
         M.MapSpec(D.PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.VIP_BITS + 1024),
         M.MapSpec(D.UNSERVED_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.UNSERVED_WORDS),
+        M.MapSpec(D.NOMODE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.NOMODE_WORDS),
         M.MapSpec(D.NH_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.NP_NH.size, abi.value("KPR_NP_NH_MAX")),
     ]
 
 
-def port_word(port: int, proto: int) -> tuple[int, int] | None:
-    """(kpr_np_ports word, bit) of a frontend port (host order), None for other protocols."""
-    base = _PORT_PROTO_BASE.get(proto)
-    if base is None:
-        return None
-    return base | port >> 6, 1 << (port & 63)
+port_word = D.port_bit  # (kpr_np_ports word, bit) of a frontend port (host order), None for other protocols
 
 
 def _mode_key(mk: ModeKey) -> bytes:
@@ -100,6 +97,15 @@ class NodePortTables:
             # the words as the map holds them: later writes compare against this mirror
             self._words = {M.U32.unpack(k)[0]: _WORD.unpack(v)[0] for k, v in ports.items()}
             self._unserved = {M.U32.unpack(k)[0]: _WORD.unpack(v)[0] for k, v in self.maps[D.UNSERVED_MAP].items()}
+            self._nomode = {M.U32.unpack(k)[0]: _WORD.unpack(v)[0] for k, v in self.maps[D.NOMODE_MAP].items()}
+            # kpr_np_fe's keys as the map holds them (an earlier run's too: a port's bit is set
+            # only once none of them is left), and how many of them each (port, protocol) has;
+            # kpr_np_nomode written from them at once (an older kpr's pins have none, a hand
+            # edit may disagree): only these tables write kpr_np_fe
+            self._mode_keys: set[bytes] = set()
+            self._mode_ports: Counter[tuple[int, int]] = Counter()
+            self._modes_present(bytes(k) for k in self.maps[D.FE_MAP].keys())
+            self._put(D.NOMODE_MAP, self._nomode, D.nomode_words(self._mode_ports))
         except BaseException:
             self.close()
             raise
@@ -238,9 +244,44 @@ class NodePortTables:
             words[D.VIP_BITS + (h >> 6)] |= 1 << (h & 63)
         self._write_words(words)
 
+    # ------------------------------------------------------------------ per-frontend modes
+
+    def _modes_present(self, keys: Iterable[bytes]) -> None:
+        """kpr_np_fe keys that are (or may be, a write under way) in the map: their ports' bits
+        in kpr_np_nomode cleared, before the keys are written."""
+        new = [k for k in keys if k not in self._mode_keys]
+        self._mode_keys.update(new)
+        ports = [D.mode_key_port(k) for k in new]
+        self._mode_ports.update(ports)
+        self._write_nomode(ports)
+
+    def _modes_gone(self, keys: Iterable[bytes]) -> None:
+        """kpr_np_fe keys deleted: the bits of ports left without a key set, after the delete."""
+        ports = []
+        for k in keys:
+            if k in self._mode_keys:
+                self._mode_keys.discard(k)
+                port = D.mode_key_port(k)
+                self._mode_ports[port] -= 1
+                if self._mode_ports[port] <= 0:
+                    del self._mode_ports[port]
+                ports.append(port)
+        self._write_nomode(ports)
+
+    def _write_nomode(self, ports: Iterable[tuple[int, int]]) -> None:
+        """kpr_np_nomode's words holding these ports, from the keys known (_mode_ports)."""
+        idx = {pb[0] for pb in (D.port_bit(port, proto) for port, proto in ports) if pb is not None}
+        if idx:
+            self._put(D.NOMODE_MAP, self._nomode, D.nomode_words(self._mode_ports, idx))
+
     def set_modes(self, modes: Mapping[ModeKey, str]) -> None:
-        """Exactly these per-frontend modes (start)."""
-        D.Datapath._sync(self.maps[D.FE_MAP], {_mode_key(k): D.NP_FE.pack(D.MODES[m]) for k, m in modes.items()})
+        """Exactly these per-frontend modes (the sync's end: an earlier run's others go);
+        kpr_np_nomode then has the bit of every port left without one set."""
+        want = {_mode_key(k): D.NP_FE.pack(D.MODES[m]) for k, m in modes.items()}
+        self._modes_present([*want, *(bytes(k) for k in self.maps[D.FE_MAP].keys())])
+        D.Datapath._sync(self.maps[D.FE_MAP], want)
+        self._modes_gone([k for k in self._mode_keys if k not in want])
+        self._put(D.NOMODE_MAP, self._nomode, D.nomode_words(self._mode_ports))
 
     def apply(self, ch: Change, *, vip_filter: set[str], keep_ports: bool) -> None:
         """One service's change. Announced addresses in `vip_filter` (the node's own) are not
@@ -248,10 +289,13 @@ class NodePortTables:
         self.add_ports(ch.ports_added)
         self.add_vips(ch.vips_added - vip_filter)
         if ch.modes_set:
-            self.maps[D.FE_MAP].update_many([_mode_key(k) for k in ch.modes_set],
-                                            [D.NP_FE.pack(D.MODES[m]) for m in ch.modes_set.values()])
+            keys = [_mode_key(k) for k in ch.modes_set]
+            self._modes_present(keys)
+            self.maps[D.FE_MAP].update_many(keys, [D.NP_FE.pack(D.MODES[m]) for m in ch.modes_set.values()])
         if ch.modes_removed:
-            self.maps[D.FE_MAP].delete_many([_mode_key(k) for k in ch.modes_removed])
+            keys = [_mode_key(k) for k in ch.modes_removed]
+            self.maps[D.FE_MAP].delete_many(keys)
+            self._modes_gone(keys)
         self.remove_vips(ch.vips_removed - vip_filter)
         if not keep_ports:
             self.remove_ports(ch.ports_removed)

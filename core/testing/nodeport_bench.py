@@ -281,6 +281,7 @@ class ProgLab:
         # announced: as many as kpr_np_vip holds (KPR_NP_VIP_MAX); the other frontends work unannounced
         dp.set_vips([VIP] + [ip4(FILLER_BASE + i) for i in range(min(self.fillers, 16000))])
         dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])  # as the agent does (arms the fast exit)
+        dp.set_modes({})  # as the agent's sync does: no frontend overrides the mode (kpr_np_nomode's bits set)
         dp.invalidate_next_hops()  # as the agent's watcher does at start (arms the next-hop cache)
         self.wrapper(hook)  # compiled with the build, not inside a timed block
         return dp
@@ -570,6 +571,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "backend ids from kpr_slots, not from the frontend's kpr_fe line (KPR_LB_FE_IDS=0)": ("-DKPR_LB_FE_IDS=0",),
     "a new flow's next-hop entry read in its stage only, not touched at the pick (KPR_NP_NH_TOUCH=0)": (
         "-DKPR_NP_NH_TOUCH=0",),
+    "tc: a new flow's mode looked up in kpr_np_fe though no frontend of its port has one (KPR_NP_NOMODE=0)": (
+        "-DKPR_NP_NOMODE=0",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",

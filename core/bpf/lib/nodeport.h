@@ -27,8 +27,8 @@
  * them into kpr_np_calls.
  *
  * Maps owned here (pinned next to the shared ones): kpr_np_rev, kpr_np_fe, kpr_np_vip,
- * kpr_np_nodeaddr, kpr_np_dev, kpr_np_devkind, kpr_np_ports, created and written by the NodePort
- * facility (kpr.nodeport.facility) whichever hooks run; per build: its counters (kpr_np_stats and
+ * kpr_np_nodeaddr, kpr_np_dev, kpr_np_devkind, kpr_np_ports, kpr_np_unserved, kpr_np_nomode,
+ * created and written by the NodePort facility (kpr.nodeport.facility) whichever hooks run; per build: its counters (kpr_np_stats and
  * kpr_np_fwd for tc, kpr_np_xstats and kpr_np_xfwd for XDP) and stages (kpr_np_calls, kpr_np_xcalls).
  *
  * Forwarding is decided by what the FIB's egress device is (kpr_np_devkind, which the agent
@@ -127,6 +127,9 @@
 #endif
 #ifndef KPR_NP_UNSERVED
 #define KPR_NP_UNSERVED 1 // 1: the prefilter tests a port's bit in kpr_np_unserved (one line), 0: kpr_np_ports and its armed word
+#endif
+#ifndef KPR_NP_NOMODE
+#define KPR_NP_NOMODE 1 // 1: a new flow to a frontend whose port's kpr_np_nomode bit is set takes the default mode, no kpr_np_fe lookup
 #endif
 #ifndef KPR_NP_EARLY_PARSE
 #define KPR_NP_EARLY_PARSE 1 // 1: a plain TCP/UDP frame to a frontend's port goes from the fast exit's raw-header read to the service path (no second parse)
@@ -349,6 +352,15 @@ BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_VIP_BITS + 1024, KP
  * that leaves early reads two lines (this word, the announced-address bit), not three. */
 #define KPR_NP_UNSERVED_WORDS 2048
 BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_unserved, KPR_NP_UNSERVED_WORDS, KPR_PIN(kpr_np_unserved));
+/* Ports no frontend overrides the mode on (kpr_np_nomode, written by the agent with kpr_np_fe),
+ * indexed as kpr_np_unserved (bit port & 63 of word proto index << 10 | port >> 6; TCP, UDP): a
+ * set bit says kpr_np_fe holds no key of that port and protocol, so a new flow to a frontend
+ * there takes the default mode without the kpr_np_fe lookup, a hash bucket of 1 MiB and a cold
+ * line of its own when new flows spread over many frontends. Clear (as created): look it up.
+ * The agent clears a bit before it writes a kpr_np_fe key of its port, and sets it only once
+ * the port's last key is gone. */
+#define KPR_NP_NOMODE_WORDS 2048
+BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_nomode, KPR_NP_NOMODE_WORDS, KPR_PIN(kpr_np_nomode));
 // What each device is (ifindex -> KPR_DEV_*), for the forwarding helper it allows.
 BPF_TABLE_PINNED("hash", __u32, __u32, kpr_np_devkind, KPR_NP_DEVKIND_MAX, KPR_PIN(kpr_np_devkind));
 /* Counters, per CPU, per hook: tc and XDP on one node (XDP in front, tc behind it for local
@@ -532,6 +544,23 @@ static __always_inline void kpr_np_rev_touch(struct kpr_np_rev *rev, __u8 tcp_fl
 	}
 }
 
+// Whether no frontend of `key`'s port and protocol has a kpr_np_fe entry (kpr_np_nomode's bit).
+static __always_inline int kpr_np_mode_plain(const struct kpr_svc_key *key)
+{
+#if KPR_NP_NOMODE
+	__u16 port = kpr_ntohs(key->port);
+	__u32 k = (key->proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
+	__u64 *w;
+
+	if (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP)
+		return 0;
+	w = kpr_np_nomode.lookup(&k);
+	return w && ((*w >> (port & 63)) & 1);
+#else
+	return 0;
+#endif
+}
+
 // The mode for a new flow to a remote backend of the frontend `key` found.
 static __always_inline __u8 kpr_np_mode_of(const struct kpr_svc_key *key, __u8 proto)
 {
@@ -544,12 +573,14 @@ static __always_inline __u8 kpr_np_mode_of(const struct kpr_svc_key *key, __u8 p
 	// kpr_np_fe bucket is a cache miss of its own when new flows spread over many frontends)
 	return KPR_NP_MODE_SNAT;
 #endif
-	fk.addr = key->addr;
-	fk.port = key->port;
-	fk.proto = key->proto;
-	o = kpr_np_fe.lookup(&fk);
-	if (o)
-		mode = o->mode;
+	if (!kpr_np_mode_plain(key)) {
+		fk.addr = key->addr;
+		fk.port = key->port;
+		fk.proto = key->proto;
+		o = kpr_np_fe.lookup(&fk);
+		if (o)
+			mode = o->mode;
+	}
 	if (mode == KPR_NP_MODE_HYBRID)
 		mode = proto == IPPROTO_TCP ? KPR_NP_MODE_DSR : KPR_NP_MODE_SNAT;
 	return mode;

@@ -463,7 +463,13 @@ class EventBus:
             return
         for w in self.workers.values():
             w.start()
-        if self.stage is not None:
+        self.start_stage()
+
+    def start_stage(self) -> None:
+        """Start the writer stage (once), ahead of the plugins' workers when called before
+        start(): the maps take what is queued while plugins still start, and what the stage
+        hands on waits in the workers' queues until start()."""
+        if self.stage is not None and not self._synchronous and self.stage._thread.ident is None:
             self.stage.start()
 
     def _worker_synced(self) -> None:

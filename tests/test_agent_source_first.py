@@ -14,11 +14,12 @@ import pytest
 from kpr import daemon, hookimpl
 from kpr.daemon import STARTS_WITHOUT_SOURCE, Agent
 from kpr.testing.agent import AgentConfig
+from kpr.testing.bus import HookCalls
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
 from kpr.testing.waiting import wait_for
 
 
-class SlowStart:
+class SlowStart(HookCalls):
     """Its kpr_start waits (as a BPF compile takes its time) until the agent's store holds the
     source's whole first pass or `released` is set; it records what it saw, and every hook."""
 
@@ -37,14 +38,6 @@ class SlowStart:
         wait_for(lambda: agent.store is None or agent.store.is_synced or self.released.is_set(), timeout=120, what="the first pass or the release")
         self.store_synced_in_start = agent.store is not None and agent.store.is_synced
         self.calls.append("kpr_start")
-
-    @hookimpl
-    def kpr_service_upsert(self, service):
-        self.calls.append("kpr_service_upsert")
-
-    @hookimpl
-    def kpr_sync_complete(self):
-        self.calls.append("kpr_sync_complete")
 
 
 class WithoutSource(SlowStart):

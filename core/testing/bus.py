@@ -7,10 +7,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from kpr import hookimpl
 from kpr.bus import Backoff, EventBus
 from kpr.model import Frontend, FrontendType, NodeInfo, Protocol, Service, ServiceKey
 
-__all__ = ["Recorder", "make_bus", "svc"]
+__all__ = ["HookCalls", "Recorder", "make_bus", "svc"]
 
 
 def svc(name: str, port: int = 80) -> Service:
@@ -60,3 +61,18 @@ def make_bus(*names: str, on_event: Callable[..., Any] | None = None) -> tuple[E
     for n, r in recs.items():
         bus.add_plugin(n, r)
     return bus, recs
+
+
+class HookCalls:
+    """A plugin mixin: the names of the service hooks called on it, in order, in `calls`
+    (which the plugin's own hooks may add to)."""
+
+    calls: list[str]
+
+    @hookimpl
+    def kpr_service_upsert(self, service: Any) -> None:
+        self.calls.append("kpr_service_upsert")
+
+    @hookimpl
+    def kpr_sync_complete(self) -> None:
+        self.calls.append("kpr_sync_complete")

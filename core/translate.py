@@ -1433,7 +1433,8 @@ def share_cluster_ip_texts(packed: object, obj: KubeObject) -> None:
     ones: what keeps obj's (the allocator's records) then shares them (20k strings, 1.1 MB, at
     20k services with written ClusterIPs). Only equal strings are swapped."""
     found = _checked.get(packed) if is_packed(packed) else None  # type: ignore[call-overload]
-    spec = obj.get("spec") if found.__class__ is _CheckedService else None
+    # (none read: a manifest that leaves its ClusterIP to allocation, the usual one)
+    spec = obj.get("spec") if found.__class__ is _CheckedService and found.spec.cluster_ips else None  # type: ignore[union-attr]
     if spec.__class__ is not dict:
         return
     texts = {ip[0]: ip[0] for ip in found.spec.cluster_ips}  # type: ignore[union-attr]

@@ -339,13 +339,18 @@ class Allocator:
         records, ips = self._records, self._ips
         ip = self._pick_ip(key, family, old, lambda c: ips.get(c[1]) in (None, key))
         new = _Record(ips=ip)
-        if old is not None:
-            for c in old.claims():
-                if self._owner(c) == key:
-                    self._drop(c)
-        # _take, knowing the address is in the family's range (_pick_ip's values are)
-        ips[ip] = key
-        self._used_in_range[_SLOTS[family]] += 1
+        if old is not None and old.ips == ip and not old.node_ports and not old.health_check_node_port and ips.get(ip) == key:
+            # Its one claim again, held already (a restart's first pass): dropped and taken
+            # again by the general way, which changes nothing.
+            pass
+        else:
+            if old is not None:
+                for c in old.claims():
+                    if self._owner(c) == key:
+                        self._drop(c)
+            # _take, knowing the address is in the family's range (_pick_ip's values are)
+            ips[ip] = key
+            self._used_in_range[_SLOTS[family]] += 1
         if old is None or old != new and old.to_json() != new.to_json():
             self._dirty = True
         records[key] = new

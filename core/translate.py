@@ -411,7 +411,10 @@ def endpoint_addresses_of(obj: KubeObject, rules: AddressRules = NO_RULES) -> se
         if limits is not None:
             # e[1] is the address << 2 | its state: compared as it is, no tuple per endpoint.
             low, high = limits[0] << _ADDRESS_SHIFT, (limits[1] + 1) << _ADDRESS_SHIFT
-            return {found.address(i) for i, code in enumerate(found.codes) if low <= code < high}
+            codes = found.codes
+            if not codes or max(codes) < low or min(codes) >= high:
+                return set()  # (the usual slice: its pods outside the service network)
+            return {found.address(i) for i, code in enumerate(codes) if low <= code < high}
         return {found.address(i) for i in range(len(found.codes))}
     obj = unpack(obj)
     texts: list[Any] = []

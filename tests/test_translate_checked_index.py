@@ -77,3 +77,17 @@ def test_a_checked_slices_addresses_in_the_cluster_cidr_are_the_general_paths(fa
         obj = _slice(family, edges, state)
         assert endpoint_addresses_of(obj, rules) == want, state  # the general path, from the text
         assert _checked_addresses(obj, rules) == want, state
+
+
+@pytest.mark.parametrize(("family", "inside"), [(4, V4), (6, V6), (4, "10.96.0.7/32")])
+def test_a_slice_of_one_edge_address_is_answered_as_the_general_path(family, inside) -> None:
+    """One endpoint a slice: the checked path answers a slice that lies wholly below or above
+    the network from its lowest and highest codes; an endpoint at an edge, in the lowest
+    state and without a place (its code the range's very end), must still count."""
+    rules = AddressRules((inside,))
+    for address in dict.fromkeys(_edges(inside)):
+        want = {address} if ipaddress.ip_address(address) in ipaddress.ip_network(inside) else set()
+        for state in STATES:
+            obj = _slice(family, [address], state)
+            assert endpoint_addresses_of(obj, rules) == want, (address, state)
+            assert _checked_addresses(obj, rules) == want, (address, state)

@@ -31,7 +31,7 @@ from operator import attrgetter
 from typing import Any, Callable, Iterable
 
 from . import memory
-from .model import NodeInfo, Service, ServiceKey
+from .model import NodeInfo, Service, ServiceKey, _quick_init
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ HOOKS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@_quick_init  # (40k made on the way to ready at 20k services: 0.48 -> 0.35 us each)
+@dataclass(frozen=True, slots=True, init=False)
 class Event:
     """One queued change: `event` names the hook (HOOKS), `generation` the service maps'
     generation once the writer stage applied it (0 without a writer stage)."""

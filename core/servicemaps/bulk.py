@@ -298,7 +298,10 @@ class BulkMixin:
         # kpr_backend values (None: each its key and the same zero tail, joined at once below)
         locals_ = _locals(flat, joined)
         vals: list[bytes] | None = None
-        if locals_ is not None:
+        # (compact IPv4 backends: their node-local bits, one byte each, set in the joined
+        # values' flags column below, not 200k values made and joined)
+        local_bits = locals_ if type(locals_) is bytes else None
+        if locals_ is not None and local_bits is None:
             vals = list(map(add, bkeys, map(_BACKEND_TAIL.__getitem__, locals_)))
 
         # ids: new ones from the counter in order of first appearance, as rendering service
@@ -320,7 +323,7 @@ class BulkMixin:
         else:
             ids = dict(zip(dict.fromkeys(bkeys), range(nxt, nxt + u)))
             # (a value listed twice: the last one, as rendering keeps)
-            vals = list(dict(zip(bkeys, vals or map(add, bkeys, repeat(_BACKEND_TAIL[0])))).values())
+            vals = list(dict(zip(bkeys, vals or _values(bkeys, local_bits))).values())
             bids = list(map(ids.__getitem__, bkeys))
             per = [sorted(set(bids[o : o + c])) for o, c in zip(accumulate(counts, initial=0), counts)]
             ns = list(map(len, per))
@@ -361,10 +364,18 @@ class BulkMixin:
             else list(map(blob.__getitem__, map(slice, map((8).__mul__, offs), map((8).__mul__, offs[1:]))))
         )
         if self._backend_gen is not None:
-            vals = vals or list(map(add, bkeys, repeat(_BACKEND_TAIL[0])))
+            vals = vals or _values(bkeys, local_bits)
             vals = self._with_gens(run[:u] if u == total else list(range(nxt, nxt + u)), vals)
-        # (without vals: the keys joined by the zero tail, which the last one takes too)
-        be_blob = b"".join(vals) if vals is not None else _BACKEND_TAIL[0].join(bkeys) + _BACKEND_TAIL[0]
+        if vals is not None:
+            be_blob = b"".join(vals)
+        else:
+            # the keys joined by the zero tail, which the last one takes too; the flags of
+            # node-local ones set in their column
+            be_blob = _BACKEND_TAIL[0].join(bkeys) + _BACKEND_TAIL[0]
+            if local_bits is not None:
+                col = bytearray(be_blob)
+                col[_FLAGS_AT :: M.BACKEND.size] = local_bits.translate(_LOCAL_FLAG)
+                be_blob = bytes(col)
         owners = list(map(_KEY, services))
         groups = list(map(
             _Group.fresh, revnats, owners, revnat_vals, fks, svc_vals, _split(array("I", orders), ns), bases, spans,
@@ -474,6 +485,20 @@ _LOCAL_BITS = bytes(int(bool(b & BACKEND_LOCAL)) for b in range(256))
 def _flag_bits(joined: list[bytes], table: bytes) -> bytes:
     """One byte per backend of a _compact4 join: 1 where the flag `table` picks is set."""
     return b"".join(blob[0::_COMPACT4_LEN].translate(table) for blob in joined)
+
+
+# A kpr_backend value's flags byte (after the 19-byte key: the tail's second byte), and a
+# node-local bit (0/1) -> that byte as _BACKEND_TAIL has it.
+_FLAGS_AT = _KEY4.size + 1
+_LOCAL_FLAG = bytes(_BACKEND_TAIL[min(b, 1)][1] for b in range(256))
+assert _BACKEND_TAIL[0] == bytes(5) and _BACKEND_TAIL[1] == bytes((0, _BACKEND_TAIL[1][1], 0, 0, 0))
+
+
+def _values(bkeys: list[bytes], local_bits: bytes | None) -> list[bytes]:
+    """The kpr_backend values of these keys: each its key and tail (node-local per `local_bits`)."""
+    if local_bits is None:
+        return list(map(add, bkeys, repeat(_BACKEND_TAIL[0])))
+    return list(map(add, bkeys, map(_BACKEND_TAIL.__getitem__, local_bits)))
 
 
 def _locals(flat: list[Any], joined: list[bytes] | None) -> Any:

@@ -149,6 +149,25 @@ def test_bulk_full_sync_leaves_what_the_general_path_leaves(pin_dir: Path, seed:
         b.close()
 
 
+def test_every_backend_once_some_node_local(pin_dir: Path) -> None:
+    """IPv4 backends each listed once, some node-local (their kpr_backend values' flags set in
+    the joined values, not value by value): the same maps and shadow as the general path."""
+    rnd = random.Random(7)
+    services = [
+        Service(ServiceKey("ns", f"u{i}"), (Frontend(FrontendType.CLUSTER_IP, f"10.96.9.{i + 1}", 80, Protocol.TCP, tuple(
+            Backend(f"10.2.{i}.{j + 1}", 8080, local=rnd.random() < 0.3) for j in range(rnd.randrange(1, 6)))),))
+        for i in range(40)
+    ]
+    assert any(b.local for s in services for b in s.frontends[0].backends)
+    a, b = _sync_both(pin_dir, services, bulk=True)
+    try:
+        assert _picture(a) == _picture(b)
+        assert a.check() == 0
+    finally:
+        a.close()
+        b.close()
+
+
 _ODD = [
     Frontend(FrontendType.NODE_PORT, "192.0.2.1", 30080, Protocol.TCP, (Backend("10.1.0.1", 8080),)),
     Frontend(FrontendType.CLUSTER_IP, "10.96.8.1", 80, Protocol.TCP,

@@ -477,7 +477,10 @@ class EventBus:
         # On the worker that delivered the last initial sync, after it counts as synced:
         # readiness does not wait for what follows.
         if self._on_synced is not None and self.synced():
-            self._on_synced()
+            try:
+                self._on_synced()
+            except Exception:  # noqa: BLE001 - the caller's failure: neither this plugin's sync nor a reason to skip the settle
+                log.exception("bus.on_synced_failed")
         with self._settle_lock:
             if not self._settle_memory or self._settled or not self.synced():
                 return

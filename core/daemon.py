@@ -136,6 +136,12 @@ class Agent:
         self.source = None
         self.api: ApiServer | None = None
         self._ready_sent = False
+        # Readiness waits for setup() to end (the local API listening) and is never sent once
+        # stopping has begun (STOPPING=1 is the last word); both under _ready_lock.
+        self._setup_done = False
+        self._stopping = False
+        # Why the agent stopped itself (run() then ends non-zero), e.g. READY=1 not sent.
+        self._failure = ""
         self._next_node_check = 0.0
         # Node facts from the API server's Node object (kubernetes source): addresses and zone.
         self._api_node: tuple[tuple[str, ...], str] = ((), "")
@@ -236,6 +242,10 @@ class Agent:
             self.metrics.serve(cfg.metrics.address)
         if not early:
             self._start_source()
+        with self._ready_lock:
+            self._setup_done = True
+        # A bus worker that handed over the initial state during setup left READY=1 to this.
+        self._check_ready()
 
     def _source_first(self) -> bool:
         """Whether every plugin's kpr_start may run beside the source's first pass: it has
@@ -295,8 +305,9 @@ class Agent:
                     next_resync = time.monotonic() + self.config.agent.resync_interval
                     if self.store.is_synced:
                         self.bus.resync(self.store.snapshot())
-            log.info("agent.stopping signal=%s", signal.Signals(self._signalled).name if self._signalled else "-")
-            return self.shutdown()
+            log.info("agent.stopping signal=%s failure=%s", signal.Signals(self._signalled).name if self._signalled else "-", self._failure or "-")
+            code = self.shutdown()
+            return 1 if self._failure else code
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -319,17 +330,38 @@ class Agent:
         self._wake.set()
 
     def _check_ready(self) -> None:
-        """Send READY=1 once: the store synced, every plugin's worker handed the initial state,
-        and every plugin says it is in place (_plugins_synced). From the main loop or from a
-        bus worker (_on_plugins_synced)."""
-        if self._ready_sent or self.store is None:
+        """Send READY=1 once: setup() done, the store synced, every plugin's worker handed the
+        initial state, and every plugin says it is in place (_plugins_synced); never once
+        stopping has begun. From the main loop, the end of setup() or a bus worker
+        (_on_plugins_synced)."""
+        if self._ready_sent or self.store is None or not self._setup_done or self._stopping:
+            return
+        # (the plugins' statuses looked at outside the lock: shutdown takes it)
+        if not (self.store.is_synced and self.bus.synced() and self._plugins_synced()):
             return
         with self._ready_lock:
-            if self._ready_sent or not (self.store.is_synced and self.bus.synced() and self._plugins_synced()):
+            if self._ready_sent or self._stopping:
                 return
             self._ready_sent = True
-        log.info("agent.ready services=%d", self.store.counts()[0])
-        sdnotify.notify("READY=1\nSTATUS=synced")
+            log.info("agent.ready services=%d", self.store.counts()[0])
+            # (under the lock: shutdown's STOPPING=1 waits for a READY=1 on its way)
+            if not self._notify("READY=1\nSTATUS=synced"):
+                # The agent's failure, not a plugin's (this can run on a bus worker). systemd
+                # never hears it is ready and would end the unit at its start timeout: the
+                # agent stops itself now, through shutdown, and run() ends non-zero (before,
+                # the exception left run() from its main loop, skipping the shutdown).
+                self._failure = "ready_notify"
+                self.request_stop()
+
+    @staticmethod
+    def _notify(message: str) -> bool:
+        """sdnotify.notify, False (logged) when $NOTIFY_SOCKET is set but cannot be reached."""
+        try:
+            sdnotify.notify(message)
+        except OSError as e:
+            log.error("agent.notify_failed message=%s error=%r", message.split("\n", 1)[0], e)
+            return False
+        return True
 
     def _plugins_synced(self) -> bool:
         """False while a plugin's status says its initial state is not in place yet
@@ -388,10 +420,12 @@ class Agent:
     def shutdown(self) -> int:
         """Bounded: a watchdog ends the process if stopping takes longer than shutdownTimeout."""
         timeout = self.config.agent.shutdown_timeout
-        sdnotify.notify("STOPPING=1")
         watchdog = threading.Timer(timeout + 1.0, self._overrun)
         watchdog.daemon = True
         watchdog.start()
+        with self._ready_lock:  # (a READY=1 on its way goes out first)
+            self._stopping = True
+        self._notify("STOPPING=1")
         start = time.monotonic()
         deadline = start + timeout
         clean = False

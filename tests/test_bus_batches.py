@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from kpr import daemon, hookimpl
+from kpr import daemon, hookimpl, memory
 from kpr.bus import Backoff, Event, EventBus, KeyedQueue
 from kpr.daemon import Agent
 from kpr.model import NodeInfo, ServiceKey
@@ -117,6 +117,25 @@ def test_on_synced_is_called_once_every_worker_has_the_initial_state() -> None:
         assert calls == [True]
     finally:
         slow.gate.set()
+        bus.stop()
+
+
+def test_on_synced_failing_is_not_the_plugins_and_the_heap_still_settles(monkeypatch) -> None:
+    settled: list[bool] = []
+    monkeypatch.setattr(memory, "settle", lambda: (settled.append(True), 0)[1])  # (the test's heap left unfrozen)
+
+    def on_synced() -> None:  # the agent's look at readiness, failing
+        raise ConnectionRefusedError("notify socket gone")
+
+    bus = EventBus(on_synced=on_synced, settle_memory=True)
+    bus.add_plugin("p", Recorder())
+    bus.start()
+    try:
+        bus.sync_complete()
+        wait_for(lambda: settled, what="the bus's settle")
+        stats, _ = bus.stats_of("p")
+        assert stats.errors == 0 and stats.synced, stats.last_error
+    finally:
         bus.stop()
 
 

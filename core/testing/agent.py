@@ -247,9 +247,9 @@ def running_agent(config: Any, **kw: Any) -> Iterator[Any]:
     assert rc == 0, f"the agent's shutdown returned {rc}"
 
 
-def run_agent_until(agent: Any, done: Any, what: str, timeout: float = 30.0) -> None:
+def run_agent_until(agent: Any, done: Any, what: str, timeout: float = 30.0) -> int:
     """Agent.run in this thread (its signal handlers need the main thread) until `done()`
-    holds (waited for by another thread, which then asks the agent to stop)."""
+    holds (waited for by another thread, which then asks the agent to stop); run()'s exit code."""
     import threading
 
     from kpr.testing.waiting import wait_for
@@ -267,8 +267,9 @@ def run_agent_until(agent: Any, done: Any, what: str, timeout: float = 30.0) -> 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        agent.run()
+        code = agent.run()
     finally:
         watcher.join()
     if failed:
         raise failed[0]
+    return code

@@ -115,9 +115,11 @@ class ApplyMixin:
         # the collector's passes over the growing heap cost ~25% of a 20k-service sync. Paused
         # through kpr.memory, not gc.disable(): another thread's pause (the files source's
         # pass) that ended meanwhile turned the collector back on in the middle of the agent's
-        # initial sync (0.05-0.1 s of collections at 20k services). What the sync leaves, the
-        # writer's shadow, lives until the next full sync: frozen, as the model is.
-        with memory.paused(freeze=True):
+        # initial sync (0.05-0.1 s of collections at 20k services). Nothing is frozen for the
+        # sync's sake: a freeze takes the whole process's heap, the garbage cycles of whoever
+        # calls (a failed attempt's, a test's) with it; the agent's settle once it is ready
+        # freezes what survives (kpr.memory.settle).
+        with memory.paused():
             self._full_sync(services, keyed)
 
     def _full_sync(self, services: Iterable[Service], keyed: dict[ServiceKey, Service] | None = None) -> None:

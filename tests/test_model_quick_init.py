@@ -1,5 +1,6 @@
 """The model's dataclasses built by model._quick_init behave as dataclass's own __init__ would.
-(Backend is packed bytes, not a dataclass: tests/test_model_backend.py.)"""
+(Backend is packed bytes, not a dataclass: tests/test_model_backend.py; ServiceKey a tuple:
+tests/test_model_service_key.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, Servic
 
 # Arguments for every field, none of them equal to its default.
 FULL = {
-    ServiceKey: dict(namespace="ns", name="svc"),
     Frontend: dict(
         type=FrontendType.NODE_PORT, address="10.96.0.1", port=30080, protocol=Protocol.UDP,
         backends=(Backend("10.0.0.1", 80),), port_name="dns", external_local=True, internal_local=True,

@@ -152,8 +152,27 @@ class NodePortTables:
         """The words of u64 array `name` that differ from `mirror` (what it holds), written."""
         up = {i: w for i, w in words.items() if mirror.get(i, 0) != w}
         if up:
-            self.maps[name].update_many([M.U32.pack(i) for i in up], [_WORD.pack(w) for w in up.values()])
+            m = self.maps[name]
+            try:
+                m.update_many([M.U32.pack(i) for i in up], [_WORD.pack(w) for w in up.values()])
+            except BaseException:
+                # a batch may stop part way: the words tried are read back, so the mirror says
+                # what the map holds and the next write of them is not skipped as unchanged
+                self._reread(m, mirror, up)
+                raise
             mirror.update(up)
+
+    @staticmethod
+    def _reread(m: M.BpfMap, mirror: dict[int, int], idx: Iterable[int]) -> None:
+        """The mirror's words `idx` read back from `m` (one that cannot be read keeps its entry:
+        kpr_np_ports' mirror is also the base its bits are added to)."""
+        for i in idx:
+            try:
+                v = m.lookup(M.U32.pack(i))
+            except OSError:
+                continue
+            if v is not None:
+                mirror[i] = _WORD.unpack(v)[0]
 
     def add_ports(self, ports: Iterable[PortKey]) -> None:
         words: dict[int, int] = {}
@@ -248,12 +267,14 @@ class NodePortTables:
 
     def _modes_present(self, keys: Iterable[bytes]) -> None:
         """kpr_np_fe keys that are (or may be, a write under way) in the map: their ports' bits
-        in kpr_np_nomode cleared, before the keys are written."""
+        in kpr_np_nomode cleared, before the keys are written. The words of every key's port
+        are written, not only a new key's: one whose clearing failed is known already, and a
+        later write of it (a mode change) clears its bit then (unchanged words cost nothing)."""
+        keys = list(keys)
         new = [k for k in keys if k not in self._mode_keys]
         self._mode_keys.update(new)
-        ports = [D.mode_key_port(k) for k in new]
-        self._mode_ports.update(ports)
-        self._write_nomode(ports)
+        self._mode_ports.update(D.mode_key_port(k) for k in new)
+        self._write_nomode({D.mode_key_port(k) for k in keys})
 
     def _modes_gone(self, keys: Iterable[bytes]) -> None:
         """kpr_np_fe keys deleted: the bits of ports left without a key set, after the delete."""

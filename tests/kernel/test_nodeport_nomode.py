@@ -3,7 +3,9 @@ the tc program takes the default mode for a new flow to a remote backend there w
 kpr_np_fe lookup (a cold hash bucket per frontend when new flows spread over many); a clear bit
 (as created) looks it up. The program follows the bit (BPF_PROG_TEST_RUN, scapy packets), and
 the writers (kpr.nodeport.tables for the agent, Datapath.set_modes for labs) keep it right on
-every add, change and delete of a mode, at start and on a restart over an earlier run's pins."""
+every add, change and delete of a mode, at start and on a restart over an earlier run's pins,
+in that order (a bit cleared before a key of its port is written, set after the last is deleted:
+seen write by write through watched handles), and after a write that failed (a real EBADF)."""
 
 from __future__ import annotations
 
@@ -194,3 +196,148 @@ def test_the_tables_keep_the_bits_through_adds_changes_deletes_and_restarts(requ
             assert (word(nm, TCP80[0]), word(nm, UDP80[0]), word(nm, 5)) == (FULL & ~TCP80[1], FULL, FULL)
         finally:
             t.close()
+
+
+def _apply(t, **kw) -> None:
+    t.apply(_change(**kw), vip_filter=set(), keep_ports=False)
+
+
+def _bit_set(nm, port: tuple[int, int]) -> bool:
+    from kpr.nodeport import datapath as ND
+
+    pb = ND.port_bit(*port)
+    return pb is not None and bool(word(nm, pb[0]) & pb[1])
+
+
+def test_a_failed_clear_is_made_by_the_next_write_of_the_key(require_kernel: None) -> None:
+    """(review R2 of 8011c14) kpr_np_nomode's write fails as a key is added (a real syscall
+    error: a handle with no fd), so kpr_np_fe is not written; the facility's book holds the key
+    all the same and writes it again only on a mode change: that write clears the port's bit
+    first, or the key lands with it set (new flows in the default mode, not the key's)."""
+    from kpr.bpf.cleanup import scratch_pin_dir
+    from kpr.nodeport import datapath as ND
+    from kpr.nodeport.tables import NodePortTables
+    from kpr.testing.map_handles import broken
+
+    a = ("203.0.113.1", 80, 6)
+    with scratch_pin_dir("kpr-nomode-fail") as pin:
+        pin.mkdir()
+        t = NodePortTables(pin, 1024)
+        try:
+            t.set_modes({})
+            nm = t.maps[ND.NOMODE_MAP]
+            assert _bit_set(nm, (80, 6))
+            t.maps[ND.NOMODE_MAP] = broken(nm)
+            try:
+                with pytest.raises(OSError):
+                    _apply(t, modes_set={a: "dsr"})
+            finally:
+                t.maps[ND.NOMODE_MAP] = nm
+            assert list(t.maps[ND.FE_MAP].keys()) == []  # stopped before kpr_np_fe
+            _apply(t, modes_set={a: "hybrid"})
+            assert len(list(t.maps[ND.FE_MAP].keys())) == 1
+            assert not _bit_set(nm, (80, 6)), "kpr_np_fe has a TCP/80 key and its kpr_np_nomode bit is set"
+        finally:
+            t.close()
+
+
+def test_a_batch_stopped_part_way_leaves_no_word_believed_written(require_kernel: None) -> None:
+    """A kpr_np_nomode batch writes one word and fails on the next (the rest through a handle
+    with no fd, a real EBADF): the word written is read back, so a later key of its port clears
+    the bit again rather than taking the tables' copy (still clear) for the map."""
+    from kpr.bpf.cleanup import scratch_pin_dir
+    from kpr.nodeport import datapath as ND
+    from kpr.nodeport.tables import NodePortTables
+    from kpr.testing.map_handles import StopsPartWay
+
+    a, u = ("203.0.113.1", 80, 6), ("203.0.113.1", 80, 17)
+    with scratch_pin_dir("kpr-nomode-part") as pin:
+        pin.mkdir()
+        t = NodePortTables(pin, 1024)
+        try:
+            t.set_modes({a: "dsr", u: "dsr"})
+            nm = t.maps[ND.NOMODE_MAP]
+            assert not _bit_set(nm, (80, 6)) and not _bit_set(nm, (80, 17))
+            t.maps[ND.NOMODE_MAP] = StopsPartWay(nm, 1)  # both go: two words set, one written
+            try:
+                with pytest.raises(OSError):
+                    _apply(t, modes_removed={a, u})
+            finally:
+                t.maps[ND.NOMODE_MAP] = nm
+            assert _bit_set(nm, (80, 6)) != _bit_set(nm, (80, 17))  # one word written, one not
+            _apply(t, modes_set={a: "dsr", u: "dsr"})
+            assert len(list(t.maps[ND.FE_MAP].keys())) == 2
+            assert (_bit_set(nm, (80, 6)), _bit_set(nm, (80, 17))) == (False, False)
+        finally:
+            t.close()
+
+
+class _Order:
+    """kpr_np_fe and kpr_np_nomode swapped for watched handles on the same maps: after each
+    write, every key in kpr_np_fe must have its port's bit clear (so a bit is cleared before a
+    key of its port is written, and set only after the last one is deleted)."""
+
+    def __init__(self, maps: dict) -> None:
+        from kpr.nodeport import datapath as ND
+        from kpr.testing.map_handles import Watched
+
+        self.maps, self.fe, self.nm = maps, maps[ND.FE_MAP], maps[ND.NOMODE_MAP]
+        self.log: list[tuple[str, str]] = []
+        self.wrong: list[str] = []
+        maps[ND.FE_MAP] = Watched(self.fe, self.log, self.check)
+        maps[ND.NOMODE_MAP] = Watched(self.nm, self.log, self.check)
+
+    def check(self, name: str, op: str) -> None:
+        from kpr.nodeport import datapath as ND
+
+        for k in self.fe.keys():
+            port = ND.mode_key_port(bytes(k))
+            if _bit_set(self.nm, port):
+                self.wrong.append(f"after {name} {op} (writes {self.log}): key of {port} with its bit set")
+
+    def restore(self) -> None:
+        from kpr.nodeport import datapath as ND
+
+        self.maps[ND.FE_MAP], self.maps[ND.NOMODE_MAP] = self.fe, self.nm
+
+
+def test_the_tables_clear_before_a_key_and_set_after_the_last(require_kernel: None) -> None:
+    """The order of the writes, not only the states after each call: apply (add, change, remove)
+    and set_modes (keys added and an earlier key dropped)."""
+    from kpr.bpf.cleanup import scratch_pin_dir
+    from kpr.nodeport.tables import NodePortTables
+
+    a, b, c = ("203.0.113.1", 80, 6), ("203.0.113.2", 81, 6), ("203.0.113.3", 82, 17)
+    with scratch_pin_dir("kpr-nomode-order") as pin:
+        pin.mkdir()
+        t = NodePortTables(pin, 1024)
+        try:
+            t.set_modes({})
+            o = _Order(t.maps)
+            try:
+                _apply(t, modes_set={a: "dsr"})
+                _apply(t, modes_set={a: "hybrid", b: "dsr"})
+                _apply(t, modes_removed={a})
+                t.set_modes({c: "dsr"})  # b goes, c comes
+                _apply(t, modes_removed={c})
+            finally:
+                o.restore()
+            assert not o.wrong, "\n".join(o.wrong)
+            assert ("kpr_np_fe", "delete") in o.log and ("kpr_np_nomode", "update") in o.log
+            assert list(t.maps["kpr_np_fe"].keys()) == [] and _bit_set(o.nm, (82, 17))
+        finally:
+            t.close()
+
+
+def test_the_lab_writer_clears_before_a_key_and_sets_after_the_last(lab: ProgLab) -> None:
+    dp = lab.builds["tc"]
+    o = _Order(dp.maps)
+    try:
+        dp.set_modes({(VIP, 80, 6): "dsr"})
+        dp.set_modes({("0.0.0.0", 81, 17): "snat"})  # TCP 80's key goes, UDP 81's comes
+        dp.set_modes({})
+    finally:
+        o.restore()
+        dp.set_modes({})
+    assert not o.wrong, "\n".join(o.wrong)
+    assert ("kpr_np_fe", "delete") in o.log

@@ -3,6 +3,7 @@ the bus settles an agent's memory once, and the store's bytes per service stay b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,23 @@ from kpr import memory, translate
 from kpr.bus import Backoff, EventBus
 from kpr.model import NodeInfo, Service, ServiceKey
 from kpr.store import ObjectStore
+
+
+@contextlib.contextmanager
+def held_here() -> Iterator[list[int]]:
+    """The bytes that the block's own calls (this file's frames on their stack) allocated and
+    still hold at its end, as counted[0]: what another thread allocates meanwhile (one an
+    earlier test left running in this process) is not counted, as the process's traced total
+    would count it."""
+    counted: list[int] = []
+    tracemalloc.start(64)  # deep enough to reach this file's frame from any allocation
+    try:
+        yield counted
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, __file__, all_frames=True)])
+        counted.append(sum(t.size for t in snap.traces))
+    finally:
+        tracemalloc.stop()
+
 
 NODE = NodeInfo("node1", ("192.168.50.10",))
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -597,16 +616,12 @@ def _store_bytes_per_service(n: int = 2000) -> float:
     store = ObjectStore(NODE, publisher)
     store.apply([parsed(service(n)), parsed(endpoint_slice(n))], [])  # anything made once
     gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    with held_here() as counted:
         objs = [json.loads(t) for t in texts]
         store.apply(objs, [])
         del objs
         gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    held = counted[0]
     assert publisher.upserts == n + 1 and len(store.services) == n + 1
     return held / n
 
@@ -645,18 +660,14 @@ def test_a_checked_slice_keeps_its_endpoints_in_columns():
     texts = [json.dumps(endpoint_slice(i)) for i in range(500)]
     translate.validate_object(json.loads(texts[0]))  # anything made once
     gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    with held_here() as counted:
         kept = []
         for text in texts:
             obj = json.loads(text)
             kept.append(translate.validate_object(obj))
             del obj
         gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    held = counted[0]
     assert all(k is not None and k.texts is None for k in kept)
     assert kept[1].endpoints[0][0] == "10.244.0.11"  # the address, printed when asked
     per_endpoint = held / (500 * 10)
@@ -682,14 +693,10 @@ def test_service_map_writer_groups_bytes_per_service_are_bounded():
     services = [svc(i) for i in range(n)]
     writer = ServiceMapWriter("/nonexistent", sizes={"kpr_svc": 262144, "kpr_backend": 262144})  # never opened
     gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    with held_here() as counted:
         desired = writer._plan(services, old={})
         gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    held = counted[0]
     # one kpr_svc entry per service, its 10 backend slots packed for kpr_slots
     assert len(desired) == n and sum(g.n_svc for g in desired.values()) == n
     assert sum(len(g.slot_vals) for g in desired.values()) == 10 * n * 8
@@ -716,15 +723,11 @@ def test_allocator_bytes_per_service_are_bounded(tmp_path):
                  "spec": {"ports": [{"port": 80, "protocol": "TCP"}],
                           **({"clusterIP": f"10.100.{i // 250}.{i % 250 + 1}"} if i % 2 else {})}} for i in range(n)]
     gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    with held_here() as counted:
         for s in services:
             allocator.allocate(s)
         gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    held = counted[0]
     assert len(allocator.keys()) == n
     per_service = held / n
     assert per_service < 240, f"{per_service:.0f} bytes per service"

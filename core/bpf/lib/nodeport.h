@@ -451,11 +451,18 @@ static __always_inline int kpr_np_vip_guard(const struct kpr_pkt *pkt)
 	return KPR_NP_PASS;
 }
 
+// The word of kpr_np_ports' port words, kpr_np_unserved and kpr_np_nomode holding `port`'s bit
+// (port & 63), host order: TCP words first, then UDP's (kpr.nodeport.datapath.port_bit).
+static __always_inline __u32 kpr_np_port_word(__u8 proto, __u16 port)
+{
+	return (proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
+}
+
 // Whether a TCP/UDP tuple's destination port is a frontend's (or the bitmap is not armed yet).
 static __always_inline int kpr_np_port_served(const struct kpr_tuple *t)
 {
 	__u16 port = kpr_ntohs(t->dport);
-	__u32 k = (t->proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
+	__u32 k = kpr_np_port_word(t->proto, port);
 #if KPR_NP_UNSERVED
 	__u64 *w = kpr_np_unserved.lookup(&k);
 
@@ -549,7 +556,7 @@ static __always_inline int kpr_np_mode_plain(const struct kpr_svc_key *key)
 {
 #if KPR_NP_NOMODE
 	__u16 port = kpr_ntohs(key->port);
-	__u32 k = (key->proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
+	__u32 k = kpr_np_port_word(key->proto, port);
 	__u64 *w;
 
 	if (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP)

@@ -266,9 +266,12 @@ def measure(cmd: list[str], n: int, tmp: Path, tag: str, trace: bool, report: Pa
     return proc, out
 
 
-def run(n: int, tmp: Path, trace: bool, fmt: str = "json", shared: bool = False, restart: bool = False) -> list[dict]:
+def run(n: int, tmp: Path, trace: bool, fmt: str = "json", shared: bool = False, restart: bool = False,
+        cold: bool = False) -> list[dict]:
     """The measurements of a start (and with `restart`, of a second agent started on what the
-    first one left pinned after SIGTERM: socklb adopts its links without compiling)."""
+    first one left pinned after SIGTERM: socklb adopts its links without compiling; with `cold`,
+    of one started after SIGTERM and `kpr cleanup`, as after a reboot: nothing pinned, the state
+    directory and its program cache kept)."""
     out = []
     with scratch_pin_dir("kpr-bench-mem") as pin, child_cgroup("kpr-bench-mem") as cg:
         cfg = write_config(tmp, n, pin, cg, fmt, shared)
@@ -285,6 +288,12 @@ def run(n: int, tmp: Path, trace: bool, fmt: str = "json", shared: bool = False,
                 terminate(proc)
                 report.unlink(missing_ok=True)
                 proc, again = measure(cmd, n, tmp, f"{n}-restart", trace, report)
+                out.append(again)
+            if cold:
+                terminate(proc)
+                subprocess.run([sys.executable, "-m", "kpr.cli", "cleanup", "--config", str(cfg)], capture_output=True)
+                report.unlink(missing_ok=True)
+                proc, again = measure(cmd, n, tmp, f"{n}-cold", trace, report)
                 out.append(again)
         finally:
             if proc is not None:
@@ -378,6 +387,9 @@ def main() -> int:
     ap.add_argument("--restart", action="store_true",
                     help="also measure a second agent started after SIGTERM on what the first left pinned "
                          "(socklb adopts its links: no compile)")
+    ap.add_argument("--cold", action="store_true",
+                    help="also measure an agent started after SIGTERM and `kpr cleanup` (a reboot: nothing pinned, "
+                         "agent.stateDir and its program cache kept)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--report", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -397,7 +409,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kpr-bench-mem-") as tmpd:
         tmp = Path(tmpd)
         for n in sizes:
-            for kind, r in zip(("", " (restart)"), run(n, tmp, args.trace, args.format, args.shared_addresses, args.restart)):
+            kinds = ("",) + (" (restart)",) * args.restart + (" (cold, cache warm)",) * args.cold
+            for kind, r in zip(kinds, run(n, tmp, args.trace, args.format, args.shared_addresses, args.restart, args.cold)):
                 # A restart's baseline is the empty agent's restart (it loads no bcc/LLVM).
                 base.setdefault(kind, r)
                 report_row(n, kind, r, base[kind], args.trace)
@@ -405,7 +418,7 @@ def main() -> int:
           "HWM: VmHWM, the peak; baseline: the first size; load: 1-min load average at ready; path to ready: "
           "config read, socklb compile started, attached, files source started, store synced, writer's initial sync, "
           "last plugin synced, ready; (restart): a second agent started after SIGTERM on what the first left pinned, "
-          "against the empty agent's restart")
+          "against the empty agent's restart; (cold, cache warm): one started after SIGTERM and kpr cleanup")
     return 0
 
 

@@ -174,6 +174,10 @@ class BpfSection(Section):
         Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)],
     ] = {}
 
+    # Keep compiled programs under agent.stateDir/bpf-cache, so that a start without pinned
+    # links to adopt (after a reboot) loads them instead of compiling (kpr.bpf.progcache).
+    program_cache: bool = True
+
     def map_size_overrides(self) -> dict[str, int]:
         """map_sizes keyed by map name (kprSvc -> kpr_svc)."""
         return {"kpr_" + k[3:].lower(): v for k, v in self.map_sizes.items()}

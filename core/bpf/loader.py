@@ -15,6 +15,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,10 +38,12 @@ __all__ = [
     "BccMissing",
     "CompileError",
     "HeadersMissing",
+    "Source",
     "VerifierError",
     "attach_type_value",
     "compile_and_load",
     "load_prog",
+    "prepare",
     "prog_type_value",
 ]
 
@@ -152,24 +155,25 @@ def _looks_like_path(src: str) -> bool:
     return "\n" not in src and src.endswith((".c", ".h", ".bpf.c")) and Path(src).is_file()
 
 
-def compile_and_load(
-    src: str | Path,
-    *,
-    cflags: Sequence[str] = (),
-    include_dirs: Sequence[Path] = (),
-    name: str = "",
-    debug: int = 0,
-) -> bcc.BPF:
-    """Compile BPF C (a file path or source text) with bcc and return the module.
+@dataclass(frozen=True)
+class Source:
+    """What bcc compiles: the text with kpr's headers pasted in, the full flags, and the label
+    errors name. Its `digest()` (kpr.bpf.builds) identifies the build."""
 
-    Programs in it are loaded separately with `load_prog`. `name` labels source text in
-    errors (a file's own path is used for files). Programs can include "lib/x.h" and
-    "ctx/skb.h" from kpr's bpf directory; a file's own directory is searched too.
-    """
-    bcc = import_bcc()
-    ensure_kernel_headers()
-    report_crashed_compiles()
+    text: str
+    flags: tuple[str, ...]
+    label: str
 
+    def digest(self) -> bytes:
+        from kpr.bpf.builds import digest
+
+        return digest(self.text, self.flags)
+
+
+def prepare(
+    src: str | Path, *, cflags: Sequence[str] = (), include_dirs: Sequence[Path] = (), name: str = ""
+) -> Source:
+    """The source compile_and_load would hand bcc (no bcc, no kernel headers needed)."""
     dirs: list[Path] = [BPF_DIR]
     if isinstance(src, Path) or _looks_like_path(src):
         path = Path(src).resolve()
@@ -183,8 +187,30 @@ def compile_and_load(
     dirs.extend(Path(d) for d in include_dirs)
     flags = [f"-I{d}" for d in dirs] + list(cflags)
     # bcc rewrites map calls only in the main text, so kpr's headers are pasted into it.
-    text = inline_includes(text, dirs, label=label)
+    return Source(inline_includes(text, dirs, label=label), tuple(flags), label)
 
+
+def compile_and_load(
+    src: str | Path | Source,
+    *,
+    cflags: Sequence[str] = (),
+    include_dirs: Sequence[Path] = (),
+    name: str = "",
+    debug: int = 0,
+) -> bcc.BPF:
+    """Compile BPF C (a file path, source text or a prepared Source) with bcc and return the module.
+
+    Programs in it are loaded separately with `load_prog`. `name` labels source text in
+    errors (a file's own path is used for files). Programs can include "lib/x.h" and
+    "ctx/skb.h" from kpr's bpf directory; a file's own directory is searched too.
+    (kpr.bpf.progcache.load_programs: the same, served from a cache of earlier compiles.)
+    """
+    bcc = import_bcc()
+    ensure_kernel_headers()
+    report_crashed_compiles()
+
+    source = src if isinstance(src, Source) else prepare(src, cflags=cflags, include_dirs=include_dirs, name=name)
+    text, flags, label = source.text, list(source.flags), source.label
     log.debug("event=bpf_compile file=%s cflags=%s", label, flags)
     with _capture_fd2() as captured:
         try:
@@ -224,10 +250,21 @@ def _load_failure(msg: str, prog: str, label: str, printed: str) -> BPFError:
     return VerifierError(prog, label, reason, printed)
 
 
+# enum bpf_prog_type (uapi: numbers never change), so that naming a program's type needs no
+# libbcc (a load from kpr.bpf.progcache imports no bcc at all).
+PROG_TYPES = {
+    "SOCKET_FILTER": 1, "KPROBE": 2, "SCHED_CLS": 3, "SCHED_ACT": 4, "TRACEPOINT": 5, "XDP": 6,
+    "PERF_EVENT": 7, "CGROUP_SKB": 8, "CGROUP_SOCK": 9, "LWT_IN": 10, "LWT_OUT": 11, "LWT_XMIT": 12,
+    "SOCK_OPS": 13, "SK_SKB": 14, "CGROUP_DEVICE": 15, "SK_MSG": 16, "RAW_TRACEPOINT": 17, "CGROUP_SOCK_ADDR": 18,
+}
+
+
 def prog_type_value(prog_type: int | str) -> int:
     """Accept bcc's numbers or names such as "XDP", "SCHED_CLS", "CGROUP_SOCK_ADDR"."""
     if isinstance(prog_type, int):
         return prog_type
+    if prog_type.upper() in PROG_TYPES:
+        return PROG_TYPES[prog_type.upper()]
     bcc = import_bcc()
     try:
         return int(getattr(bcc.BPFProgType, prog_type.upper()))

@@ -160,7 +160,7 @@ class SockLB:
         self._destroy_unsupported = ""
         self._set_retval = True
         self._fallback = ""  # why hooks are attached without links ("" : with links)
-        self._build = ""  # "compiled", or "adopted": the pinned links ran this build already
+        self._build = ""  # "compiled"; "cached": loaded from the program cache; "adopted": the pinned links ran this build already
         # More compiler flags (tests build a changed program, as an upgrade would bring).
         self.extra_cflags: list[str] = []
 
@@ -195,7 +195,8 @@ class SockLB:
         from kpr.bpf import fs, probes
         from kpr.bpf.cleanup import record_attachment
         from kpr.bpf.inline import inline_includes
-        from kpr.bpf.loader import attach_type_value, compile_and_load, load_prog
+        from kpr.bpf.loader import load_prog
+        from kpr.bpf.progcache import CachedModule, load_programs
 
         cfg, pin = self.cfg, self.pin_path
         assert cfg is not None and pin is not None, "kpr_configure first"
@@ -242,10 +243,15 @@ class SockLB:
             else:
                 self._set_retval = probes.have_helper("set_retval", "CGROUP_SOCK_ADDR")
                 build = builds.digest(text, cflags(self._set_retval))
-                self._bpf = compile_and_load(text, cflags=cflags(self._set_retval), name=str(SOURCE))
+                # no links to adopt (a reboot emptied bpffs): the programs an earlier start
+                # compiled, from agent.stateDir's cache when it has this build (kpr.bpf.progcache)
+                self._bpf = load_programs(text, [(p, t, a) for p, t, a in hooks], cflags=cflags(self._set_retval),
+                                          name=str(SOURCE), cache=self._program_cache(context))
             if not self._set_retval:
                 log.warning("event=socklb_no_set_retval effect=refusals_fail_with_EPERM")
-            self._build = "compiled" if adopted is None else "adopted"
+            self._build = (
+                "adopted" if adopted is not None else "cached" if isinstance(self._bpf, CachedModule) else "compiled"
+            )
             for name in (REVNAT_MAP, HOSTADDR_MAP, STATS_MAP):
                 self._maps[name] = M.BpfMap.open_pinned(pin / name)
             self._sync_hostaddrs(context.node)
@@ -277,6 +283,14 @@ class SockLB:
             cfg.bind_protection, cfg.terminate_connections, self._set_retval,
         )
 
+    def _program_cache(self, context: PluginContext) -> Any:
+        from kpr.bpf.progcache import CACHE_DIR, ProgramCache
+
+        config = context.config
+        if not config.bpf.program_cache:
+            return None
+        return ProgramCache(Path(config.agent.state_dir) / CACHE_DIR, self.pin_path)
+
     def _link_dir(self) -> Path:
         assert self.pin_path is not None
         return self.pin_path / links.LINKS_DIR / "socklb" / f"cgroup-{os.fstat(self._cg_fd).st_ino}"
@@ -304,13 +318,10 @@ class SockLB:
             self._fallback = str(exc)
         except OSError as exc:
             raise OSError(f"attaching {a.prog} to {self.cgroup} ({a.attach_type}): {exc}") from None
-        # (bcc only here: a restart that adopts its links loads no libbcc)
-        from bcc import BPF
-
-        try:
-            BPF.attach_func(a.fn, self._cg_fd, value, BPF_F_ALLOW_MULTI)
-        except Exception as exc:  # bcc raises a bare Exception with the errno text
-            raise OSError(f"attaching {a.prog} to {self.cgroup} ({a.attach_type}): {exc}") from None
+        # (libbpf, as bcc's attach_func does: a program loaded from the cache is no bcc Function)
+        rc = M.libbpf().bpf_prog_attach(a.fn.fd, self._cg_fd, value, BPF_F_ALLOW_MULTI)
+        if rc < 0:
+            raise OSError(-rc, f"attaching {a.prog} to {self.cgroup} ({a.attach_type}): {os.strerror(-rc)}")
         a.action = "attached"
 
     def _drop_other_copies(self, a: _Attachment) -> None:

@@ -1,0 +1,444 @@
+"""A persistent cache of compiled BPF programs: a cold start loads what bcc made last time.
+
+A start without pinned links to adopt (kpr.bpf.builds), after a node's reboot for instance,
+used to compile its programs with bcc (clang and LLVM in the agent: 0.3-1.5 s of CPU and
+60 MB of libraries mapped, on the way to ready). As Cilium keeps its compiled objects, kpr keeps,
+after a compile whose programs all loaded, what it takes to load them again without bcc: per
+program its instructions as bcc handed them to the kernel (`dump_func`), program type,
+expected attach type, license and name; and for every 64-bit immediate that holds a map's fd
+(BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE) which map that is: its name, whether it is pinned
+under bpf.pinPath, and its type, key and value size, flags and max_entries.
+
+An entry's key is the build's digest (kpr.bpf.builds.digest: the text as compiled with kpr's
+headers pasted in, the flags, the kernel release, bcc's version), the kernel's build string
+(uname -v: a rebuilt kernel of the same release may number its BTF differently), the
+programs asked for with their types, and FORMAT. Entries are files `<key>.prog` under the
+cache directory (`<agent.stateDir>/bpf-cache`), written to a temporary file and renamed;
+the KEEP most recently used stay, older ones are removed.
+
+A load from an entry opens each pinned map and checks it is the kind recorded (type, key and
+value size, flags; max_entries may differ, as bcc too uses a pinned map of any size); a pinned
+map that is missing (bpffs is empty after a reboot) or a map that is not pinned is created
+as bcc would, from the record (plain map types only; an entry whose unpinned map is of
+another type is not stored). The fds are patched into the instructions, which go through
+kpr.bpf.kernctx's check as a compile's do, and every program is loaded (libbpf's
+bpf_prog_load) before the caller gets any: anything wrong (no entry, a file truncated or
+corrupt, another format, a map of another kind, the verifier refusing, no libbpf) closes
+what was opened, logs one line `event=bpf_cache_miss reason=...` and compiles instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import platform
+import struct
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpr.bpf import kernctx
+from kpr.bpf.builds import AdoptedProg
+from kpr.bpf import maps as M
+from kpr.bpf.loader import BPFError, Source, attach_type_value, compile_and_load, load_prog, prepare, prog_type_value
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CACHE_DIR", "CachedModule", "CachedProg", "ProgramCache", "load_programs"]
+
+FORMAT = 1
+KEEP = 4  # entries kept: an agent's current build and a few it may switch back to
+CACHE_DIR = "bpf-cache"  # under agent.stateDir
+SUFFIX = ".prog"
+LOG_SIZE = 256 * 1024
+
+BPF_LD_IMM64 = 0x18
+PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2
+# Map types a load may create from the record: nothing to fill in but their size.
+CREATABLE = {
+    M.BPF_MAP_TYPE_HASH, M.BPF_MAP_TYPE_ARRAY, 5, 6, 9, 10, 11,  # percpu hash/array, lru (percpu) hash, lpm trie
+}
+
+# (program name, program type, attach type or None), as load_prog takes them
+Program = tuple[str, "int | str", "int | str | None"]
+
+
+class CacheMiss(Exception):
+    """Why an entry cannot be used; `quiet`: the ordinary first start (no entry yet)."""
+
+    def __init__(self, reason: str, *, quiet: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.quiet = reason, quiet
+
+
+# A program loaded from the cache stands in for bcc's Function (.fd, .name in bytes) as an
+# adopted one does.
+CachedProg = AdoptedProg
+
+
+@dataclass
+class CachedModule:
+    """What load_programs returns on a hit: used as the bcc module is for loaded programs
+    (load_prog on it returns them; `cleanup()` closes their fds). No tables, no attach."""
+
+    label: str
+    insns: dict[str, bytes]
+    progs: dict[str, tuple[int, int, CachedProg]]  # name -> (program type, attach type, program)
+    key: str = ""
+    _kpr_label: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._kpr_label = self.label
+
+    def dump_func(self, name: bytes) -> bytes:
+        try:
+            return self.insns[name.decode()]
+        except KeyError:
+            raise Exception(f"Unknown program {name.decode()}") from None
+
+    def load_func(self, name: bytes, prog_type: int, device: bytes | None = None, attach_type: int = -1) -> CachedProg:
+        """The program as loaded from the cache, when asked for with the types it was loaded with."""
+        got = self.progs.get(name.decode())
+        if got is None:
+            raise Exception(f"Unknown program {name.decode()}")
+        ptype, atype, prog = got
+        if device or (ptype, atype) != (prog_type, attach_type):
+            raise Exception(f"Failed to load BPF program {name.decode()}: loaded from the cache as type "
+                            f"{ptype}/{atype}, asked for {prog_type}/{attach_type}")
+        return prog
+
+    def cleanup(self) -> None:
+        for _p, _a, prog in self.progs.values():
+            prog.close()
+
+
+def _ld_imm64_maps(insns: bytes) -> list[tuple[int, int, int]]:
+    """(instruction index, pseudo kind, fd) of every map reference in `insns`."""
+    out = []
+    i, n = 0, len(insns) // 8
+    while i < n:
+        code, regs, _off, imm = struct.unpack_from("<BBhi", insns, i * 8)
+        if code == BPF_LD_IMM64:
+            if regs >> 4 in (PSEUDO_MAP_FD, PSEUDO_MAP_VALUE):
+                out.append((i, regs >> 4, imm))
+            i += 2
+            continue
+        i += 1
+    return out
+
+
+def _patch(insns: bytes, refs: Sequence[tuple[int, int]], fds: Sequence[int]) -> bytes:
+    """`insns` with the fd of map `m` in each reference (index, m)."""
+    buf = bytearray(insns)
+    for idx, m in refs:
+        if idx * 8 + 8 > len(buf):
+            raise CacheMiss(f"a map reference past the end ({idx})")
+        code, regs = buf[idx * 8], buf[idx * 8 + 1]
+        if code != BPF_LD_IMM64 or regs >> 4 not in (PSEUDO_MAP_FD, PSEUDO_MAP_VALUE):
+            raise CacheMiss(f"instruction {idx} is no map reference")
+        struct.pack_into("<i", buf, idx * 8 + 4, fds[m])
+    return bytes(buf)
+
+
+class ProgramCache:
+    """Entries under `directory` for programs whose pinned maps live under `pin_path`."""
+
+    def __init__(self, directory: Path | str, pin_path: Path | str) -> None:
+        self.directory = Path(directory)
+        self.pin_path = Path(pin_path)
+
+    def key(self, source: Source, programs: Sequence[Program]) -> str:
+        h = hashlib.sha256(f"kpr-progcache-{FORMAT}\0".encode())
+        h.update(source.digest())
+        h.update(platform.version().encode())
+        for name, ptype, atype in programs:
+            h.update(f"\0{name}:{prog_type_value(ptype)}:{attach_type_value(atype)}".encode())
+        return h.hexdigest()[:40]
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}{SUFFIX}"
+
+    # ---------------------------------------------------------------- store
+
+    def store(self, key: str, bpf: Any, programs: Sequence[Program]) -> Path:
+        """Write the entry for a compiled module whose `programs` are loaded; raises CacheMiss
+        when the build cannot be cached (the reason says why), OSError when it cannot be written."""
+        lib = _libbcc()
+        tables: dict[int, dict[str, Any]] = {}  # fd -> the map's record
+        for t in range(lib.bpf_num_tables(bpf.module)):
+            fd = lib.bpf_table_fd_id(bpf.module, t)
+            info = M.obj_info(fd)
+            name = lib.bpf_table_name(bpf.module, t).decode()
+            tables[fd] = {
+                "name": name, "pinned": self._pinned_id(name) == info.id, "type": info.type,
+                "key_size": info.key_size, "value_size": info.value_size, "flags": info.map_flags,
+                # what bcc declares (a pinned map may have been made with another size)
+                "max_entries": int(lib.bpf_table_max_entries_id(bpf.module, t)) or info.max_entries,
+            }
+        maps: list[dict[str, Any]] = []
+        index: dict[int, int] = {}
+        progs = []
+        for name, ptype, atype in programs:
+            insns = bpf.dump_func(name.encode())
+            refs = []
+            for idx, kind, fd in _ld_imm64_maps(insns):
+                rec = tables.get(fd)
+                if rec is None:
+                    raise CacheMiss(f"{name} uses map fd {fd}, which is no table of the module")
+                if not rec["pinned"] and (rec["type"] not in CREATABLE or kind == PSEUDO_MAP_VALUE):
+                    raise CacheMiss(f"{name} uses map {rec['name']}, neither pinned nor a plain map to create")
+                if fd not in index:
+                    index[fd] = len(maps)
+                    maps.append(rec)
+                refs.append([idx, index[fd]])
+            progs.append({
+                "name": name, "prog_type": prog_type_value(ptype), "attach_type": attach_type_value(atype),
+                "insns": base64.b64encode(insns).decode(), "maps": refs,
+            })
+        license = lib.bpf_module_license(bpf.module) or b"GPL"
+        body = json.dumps({
+            "format": FORMAT, "key": key, "label": getattr(bpf, "_kpr_label", ""),
+            "license": license.decode(), "kern_version": int(lib.bpf_module_kern_version(bpf.module)),
+            "maps": maps, "programs": progs,
+        }, sort_keys=True).encode()
+        return self._write(key, hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+    def _pinned_id(self, name: str) -> int | None:
+        try:
+            with M.BpfMap.open_pinned(self.pin_path / name) as m:
+                return m.id
+        except OSError:
+            return None
+
+    def _write(self, key: str, data: bytes) -> Path:
+        made = not self.directory.exists()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.path(key)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
+        except OSError:
+            if made:  # e.g. a state directory on bpffs, which holds no files: leave no directory
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()
+            raise
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._prune(keep=final)
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        entries = []
+        for p in self.directory.glob(f"*{SUFFIX}"):
+            try:
+                entries.append((p.stat().st_mtime_ns, p))
+            except OSError:
+                continue
+        entries.sort(reverse=True)
+        for _t, p in entries[KEEP:]:
+            if p != keep:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    # ---------------------------------------------------------------- load
+
+    def read(self, key: str) -> dict[str, Any]:
+        try:
+            data = self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise CacheMiss("no entry", quiet=True) from None
+        except OSError as exc:
+            raise CacheMiss(f"unreadable: {exc}") from None
+        head, sep, body = data.partition(b"\n")
+        if not sep or hashlib.sha256(body).hexdigest().encode() != head:
+            raise CacheMiss("corrupt or truncated (checksum)")
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise CacheMiss(f"corrupt: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise CacheMiss(f"format {doc.get('format') if isinstance(doc, dict) else '?'}, not {FORMAT}")
+        if doc.get("key") != key:
+            raise CacheMiss("the entry is another build's")
+        return doc
+
+    def load(self, key: str, label: str) -> CachedModule:
+        """Every program of the entry, loaded against this node's maps; CacheMiss when any cannot be."""
+        doc = self.read(key)
+        lib = _libbpf()
+        fds: list[int] = []
+        loaded: dict[str, tuple[int, int, CachedProg]] = {}
+        insns_of: dict[str, bytes] = {}
+        try:
+            try:
+                for rec in doc["maps"]:
+                    fds.append(self._map_fd(rec))
+                for p in doc["programs"]:
+                    name = p["name"]
+                    insns = _patch(base64.b64decode(p["insns"], validate=True), p["maps"], fds)
+                    kept = kernctx.r0_kept_across_call(insns)
+                    if kept is not None:
+                        raise CacheMiss(f"{name}: {kept}")
+                    prog = CachedProg(name.encode(), self._load_one(lib, name, p, insns, doc), 0)
+                    loaded[name] = (p["prog_type"], p["attach_type"], prog)
+                    prog.id = M.prog_info(prog.fd).id
+                    insns_of[name] = insns
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise CacheMiss(f"corrupt: {type(exc).__name__} {exc}") from None
+        except BaseException:
+            for _p, _a, prog in loaded.values():
+                prog.close()
+            raise
+        finally:
+            for fd in fds:  # the programs hold their maps now
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.utime(self.path(key))  # recently used: kept by the next prune
+        return CachedModule(label, insns_of, loaded, key)
+
+    def _map_fd(self, rec: dict[str, Any]) -> int:
+        """An fd of the map `rec` records: its pin (created as bcc would when missing), or a new map."""
+        name = str(rec["name"])
+        want = (rec["type"], rec["key_size"], rec["value_size"], rec["flags"])
+        if not rec["pinned"]:
+            return self._create(rec).fd
+        pin = self.pin_path / name
+        try:
+            m = M.BpfMap.open_pinned(pin)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise CacheMiss(f"map {name}: {exc}") from None
+            if rec["type"] not in CREATABLE:
+                raise CacheMiss(f"map {name} is not pinned and is of a type kpr does not create") from None
+            m = self._create(rec)
+            try:
+                m.pin(pin)
+                log.info("event=bpf_cache_map_created map=%s pin=%s", name, pin)
+            except OSError as exc:
+                m.close()
+                if exc.errno != errno.EEXIST:
+                    raise CacheMiss(f"map {name}: {exc}") from None
+                return self._map_fd(rec)  # another process pinned it meanwhile
+        info = m.info()
+        have = (info.type, info.key_size, info.value_size, info.map_flags)
+        if have != want:
+            m.close()
+            raise CacheMiss(f"map {name} is pinned as another kind (type, key, value, flags: {have}, recorded {want})")
+        return m.fd
+
+    @staticmethod
+    def _create(rec: dict[str, Any]) -> M.BpfMap:
+        if rec["type"] not in CREATABLE:
+            raise CacheMiss(f"map {rec['name']} is of a type kpr does not create ({rec['type']})")
+        spec = M.MapSpec(str(rec["name"])[:15], rec["type"], rec["key_size"], rec["value_size"],
+                         rec["max_entries"], flags=rec["flags"])
+        try:
+            return M.BpfMap.create(spec)
+        except OSError as exc:
+            raise CacheMiss(f"map {rec['name']}: {exc}") from None
+
+    @staticmethod
+    def _load_one(lib: Any, name: str, p: dict[str, Any], insns: bytes, doc: dict[str, Any]) -> int:
+        log_buf = ctypes.create_string_buffer(LOG_SIZE)
+        atype = p["attach_type"]
+        opts = M.ProgLoadOpts(sz=ctypes.sizeof(M.ProgLoadOpts), expected_attach_type=max(atype, 0),
+                              kern_version=doc["kern_version"], log_level=0)
+        fd = lib.bpf_prog_load(p["prog_type"], name[:15].encode(), doc["license"].encode(), insns,
+                               len(insns) // 8, ctypes.byref(opts))
+        if fd < 0:
+            # again with the verifier's log, for the line that says why
+            opts.log_level, opts.log_size, opts.log_buf = 1, LOG_SIZE, ctypes.cast(log_buf, ctypes.c_void_p)
+            fd = lib.bpf_prog_load(p["prog_type"], name[:15].encode(), doc["license"].encode(), insns,
+                                   len(insns) // 8, ctypes.byref(opts))
+            if fd >= 0:
+                return fd
+            tail = log_buf.value.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise CacheMiss(f"the kernel refused {name}: {os.strerror(-fd)} {tail[0]!r}")
+        return fd
+
+
+def _libbcc() -> Any:
+    """libbcc's table listing (bcc's Python declares only some of it), on a handle of our own so
+    that bcc's declarations stay as bcc made them."""
+    lib = ctypes.CDLL("libbcc.so.0")
+    size, vp = ctypes.c_size_t, ctypes.c_void_p
+    for fname, res, args in (
+        ("bpf_num_tables", size, [vp]),
+        ("bpf_table_name", ctypes.c_char_p, [vp, size]),
+        ("bpf_table_fd_id", ctypes.c_int, [vp, size]),
+        ("bpf_table_max_entries_id", size, [vp, size]),
+        ("bpf_module_license", ctypes.c_char_p, [vp]),
+        ("bpf_module_kern_version", ctypes.c_uint, [vp]),
+    ):
+        fn = getattr(lib, fname)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def _libbpf() -> Any:
+    try:
+        return M.libbpf()
+    except OSError as exc:
+        raise CacheMiss(str(exc)) from None
+
+
+def load_programs(
+    src: str | Path,
+    programs: Sequence[Program],
+    *,
+    cflags: Sequence[str] = (),
+    include_dirs: Sequence[Path] = (),
+    name: str = "",
+    cache: ProgramCache | None = None,
+) -> Any:
+    """compile_and_load, then load_prog for every one of `programs`; with a cache, the programs
+    are loaded from its entry when it has one for this build (no bcc imported), and a
+    compile's programs are stored for the next start. Returns the bcc module or a
+    CachedModule; either way `load_prog(module, name, ...)` gives the loaded program and
+    `module.cleanup()` closes what this process holds."""
+    source = prepare(src, cflags=cflags, include_dirs=include_dirs, name=name)
+    key = ""
+    if cache is not None:
+        try:
+            key = cache.key(source, programs)
+            module = cache.load(key, source.label)
+        except CacheMiss as miss:
+            (log.info if miss.quiet else log.warning)(
+                "event=bpf_cache_miss file=%s reason=%r", source.label, miss.reason)
+        except (OSError, BPFError) as exc:  # e.g. a map that cannot be opened for lack of privileges
+            log.warning("event=bpf_cache_miss file=%s reason=%r", source.label, str(exc))
+        else:
+            log.info("event=bpf_cache_hit file=%s programs=%d key=%s", source.label, len(module.progs), key[:12])
+            return module
+    bpf = compile_and_load(source)
+    try:
+        for prog, ptype, atype in programs:
+            load_prog(bpf, prog, ptype, attach_type=atype)
+    except BaseException:
+        bpf.cleanup()
+        raise
+    if cache is not None:
+        try:
+            path = cache.store(key, bpf, programs)
+        except CacheMiss as why:
+            log.warning("event=bpf_cache_not_stored file=%s reason=%r", source.label, why.reason)
+        except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs the next start a compile
+            log.warning("event=bpf_cache_not_stored file=%s reason=%r", source.label, str(exc))
+        else:
+            log.info("event=bpf_cache_stored file=%s path=%s", source.label, path)
+    return bpf

@@ -1,0 +1,242 @@
+"""kpr.bpf.progcache: programs a compile loaded are loaded again from the cache, without bcc's
+compile, and behave the same (BPF_PROG_TEST_RUN of a real XDP program with a pinned and an
+unpinned map, on a private bpffs); anything wrong with an entry falls back to the compile
+with one warning line."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from kpr.bpf import maps as M
+from kpr.bpf.loader import load_prog
+from kpr.bpf.progcache import CACHE_DIR, KEEP, CachedModule, ProgramCache, load_programs
+from kpr.testing.bpffs import pin_map
+from kpr.testing.progs import bcc_compiles, xlated_by_map_name
+from kpr.testing.prog_run import test_run
+
+PROG = "kprt_cache_xdp"
+PINNED = "kprt_cache_pinned"
+SOURCE = """
+BPF_TABLE_PINNED("array", __u32, __u64, kprt_cache_pinned, 4, KPRT_PIN "/kprt_cache_pinned");
+BPF_ARRAY(kprt_cache_local, __u64, 4); // not pinned: a load from the cache makes it anew
+int kprt_cache_xdp(struct xdp_md *ctx) {
+    __u32 k = 0;
+    __u64 *v = kprt_cache_pinned.lookup(&k);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+    __u64 *w = kprt_cache_local.lookup(&k);
+    if (w)
+        *w += 1;
+    return KPRT_VERDICT;
+}
+"""
+PROGRAMS = [(PROG, "XDP", None)]
+FRAME = bytes(64)
+
+
+class Rig:
+    def __init__(self, pin: Path, state: Path) -> None:
+        self.pin, self.state = pin, state
+        self.cache = ProgramCache(state / CACHE_DIR, pin)
+        self.held: list[Any] = []
+
+    def load(self, verdict: int = 2, source: str = SOURCE, programs: list = PROGRAMS, extra: int = 0) -> Any:
+        flags = [f'-DKPRT_PIN="{self.pin}"', f"-DKPRT_VERDICT={verdict}", f"-DKPRT_UNUSED={extra}"]
+        module = load_programs(source, programs, cflags=flags,
+                               name="<kprt cache>", cache=self.cache)
+        self.held.append(module)
+        return module
+
+    def entries(self) -> list[Path]:
+        return sorted((self.state / CACHE_DIR).glob("*.prog"))
+
+    def counter(self) -> int:
+        with M.BpfMap.open_pinned(self.pin / PINNED) as m:
+            return struct.unpack("<Q", m.lookup(struct.pack("<I", 0)))[0]
+
+    def run(self, module: Any, verdict: int = 2) -> None:
+        """The program answers `verdict` and counts the frame in the pinned map."""
+        before = self.counter()
+        fn = load_prog(module, PROG, "XDP")
+        assert test_run(fn.fd, FRAME).retval == verdict
+        assert self.counter() == before + 1
+
+
+@pytest.fixture
+def rig(kernel_headers: Path, bpffs: Path, tmp_path: Path) -> Iterator[Rig]:
+    pin = bpffs / "kpr"
+    pin.mkdir()
+    r = Rig(pin, tmp_path / "state")
+    try:
+        yield r
+    finally:
+        for m in r.held:
+            m.cleanup()
+
+
+def rewrite(path: Path, change: Callable[[dict], None]) -> None:
+    """Change an entry's record and sign it again (a valid file of another content)."""
+    body = path.read_bytes().partition(b"\n")[2]
+    doc = json.loads(body)
+    change(doc)
+    body = json.dumps(doc).encode()
+    path.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+def test_a_second_load_comes_from_the_cache_without_compiling(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    with bcc_compiles() as compiles:
+        first = rig.load()
+    assert compiles == [1] and not isinstance(first, CachedModule)
+    assert len(rig.entries()) == 1
+    rig.run(first)
+    compiled = xlated_by_map_name(load_prog(first, PROG, "XDP").fd)
+
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    with bcc_compiles() as compiles:
+        second = rig.load()
+    assert compiles == [0], "no bcc.BPF constructed"
+    assert isinstance(second, CachedModule) and "event=bpf_cache_hit" in caplog.text
+    rig.run(second)
+    # the same instructions as the kernel holds them, the same pinned map (by id), the
+    # unpinned map a new one of the same name
+    cached = xlated_by_map_name(load_prog(second, PROG, "XDP").fd)
+    assert cached == compiled
+    assert M.prog_info(load_prog(second, PROG, "XDP").fd).tag[:] == M.prog_info(load_prog(first, PROG, "XDP").fd).tag[:]
+
+
+def test_a_pinned_map_that_is_gone_is_made_as_bcc_would(rig: Rig) -> None:
+    rig.load()
+    (rig.pin / PINNED).unlink()  # a reboot: bpffs empty, the state directory kept
+    with bcc_compiles() as compiles:
+        module = rig.load()
+    assert compiles == [0] and isinstance(module, CachedModule)
+    with M.BpfMap.open_pinned(rig.pin / PINNED) as m:
+        info = m.info()
+        assert (info.type, info.key_size, info.value_size, info.max_entries) == (M.BPF_MAP_TYPE_ARRAY, 4, 8, 4)
+    rig.run(module)
+
+
+def _truncate(rig: Rig) -> None:
+    p = rig.entries()[0]
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip(rig: Rig) -> None:
+    p = rig.entries()[0]
+    data = bytearray(p.read_bytes())
+    data[-40] ^= 0x01
+    p.write_bytes(bytes(data))
+
+
+def _format(rig: Rig) -> None:
+    rewrite(rig.entries()[0], lambda d: d.update(format=0))
+
+
+def _map_kind(rig: Rig) -> None:
+    # the pin is now a hash of the same key and value (bcc's compile takes it as it is)
+    (rig.pin / PINNED).unlink()
+    pin_map(rig.pin, PINNED, M.MapSpec(PINNED, M.BPF_MAP_TYPE_HASH, 4, 8, 4), {struct.pack("<I", 0): bytes(8)})
+
+
+def _refused(rig: Rig) -> None:
+    exit_only = base64.b64encode(struct.pack("<BBhi", 0x95, 0, 0, 0)).decode()  # r0 never set
+
+    def change(d: dict) -> None:
+        d["programs"][0].update(insns=exit_only, maps=[])
+
+    rewrite(rig.entries()[0], change)
+
+
+def _gone(rig: Rig) -> None:
+    rig.entries()[0].unlink()
+
+
+@pytest.mark.parametrize(
+    "spoil, reason, warned",
+    [
+        (_truncate, "checksum", True),
+        (_flip, "checksum", True),
+        (_format, "format 0", True),
+        (_map_kind, "pinned as another kind", True),
+        (_refused, "the kernel refused", True),
+        (_gone, "no entry", False),
+    ],
+    ids=["truncated", "corrupt", "format", "map-kind", "verifier", "missing"],
+)
+def test_a_spoilt_entry_falls_back_to_the_compile(
+    rig: Rig, caplog: pytest.LogCaptureFixture, spoil: Callable[[Rig], None], reason: str, warned: bool
+) -> None:
+    first = rig.load()
+    first.cleanup()
+    rig.held.clear()
+    spoil(rig)
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    with bcc_compiles() as compiles:
+        module = rig.load()
+    assert compiles == [1] and not isinstance(module, CachedModule)
+    misses = [r for r in caplog.records if "event=bpf_cache_miss" in r.getMessage()]
+    assert len(misses) == 1 and reason in misses[0].getMessage(), caplog.text
+    assert misses[0].levelno == (logging.WARNING if warned else logging.INFO)
+    if spoil is not _map_kind:  # (the hash pinned instead is counted by the program just the same)
+        rig.run(module)
+    # the compile stored a good entry again
+    with bcc_compiles() as compiles:
+        again = rig.load()
+    assert compiles == [0] and isinstance(again, CachedModule)
+
+
+def test_a_changed_flag_or_text_is_another_build(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    rig.load(verdict=2)
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    with bcc_compiles() as compiles:
+        other = rig.load(verdict=1)
+        changed = rig.load(source=SOURCE.replace("*w += 1", "*w += 2"))
+    assert compiles == [2] and not isinstance(other, CachedModule) and not isinstance(changed, CachedModule)
+    assert caplog.text.count("event=bpf_cache_miss") == 2 and "no entry" in caplog.text
+    rig.run(other, verdict=1)
+    assert len(rig.entries()) == 3
+    with bcc_compiles() as compiles:
+        again = rig.load(verdict=2)
+    assert compiles == [0] and isinstance(again, CachedModule)
+
+
+def test_only_the_most_recent_entries_are_kept(rig: Rig) -> None:
+    for extra in range(KEEP + 2):
+        rig.load(extra=extra)
+    assert len(rig.entries()) == KEEP
+    with bcc_compiles() as compiles:
+        rig.load(extra=KEEP + 1)  # the newest kept
+        rig.load(extra=0)  # the oldest not
+    assert compiles == [1]
+
+
+def test_a_build_with_an_unpinned_map_it_cannot_make_is_not_stored(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    source = SOURCE.replace("BPF_ARRAY(kprt_cache_local, __u64, 4);", "BPF_PROG_ARRAY(kprt_cache_local, 4);").replace(
+        "__u64 *w = kprt_cache_local.lookup(&k);\n    if (w)\n        *w += 1;", "kprt_cache_local.call(ctx, 0);")
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    rig.load(source=source)
+    assert "event=bpf_cache_not_stored" in caplog.text and "kprt_cache_local" in caplog.text
+    assert rig.entries() == []
+    with bcc_compiles() as compiles:
+        rig.load(source=source)
+    assert compiles == [1]
+
+
+def test_state_directory_on_bpffs_leaves_nothing(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """A cache that cannot be written (the harness's default state directory is the pin
+    directory, a bpffs) costs the next start a compile and leaves no directory behind."""
+    rig.cache = ProgramCache(rig.pin / CACHE_DIR, rig.pin)
+    module = rig.load()
+    assert not isinstance(module, CachedModule) and "event=bpf_cache_not_stored" in caplog.text
+    assert not (rig.pin / CACHE_DIR).exists()
+    assert os.listdir(rig.pin) == [PINNED]

@@ -1,0 +1,88 @@
+"""socklb's cold start from the program cache (kpr.bpf.progcache): after its links and own
+pinned maps are gone (what a reboot leaves, the state directory kept), a new plugin loads
+the programs the first one compiled, without bcc's compile, and a pod's ClusterIP connect is
+translated as before."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+
+from kpr.bpf.cleanup import cleanup
+from kpr.bpf.progcache import CACHE_DIR
+from kpr.model import FrontendType, NodeInfo, Protocol
+from kpr.plugins.socklb.plugin import HOOKS, HOSTADDR_MAP, REVNAT_MAP, STATS_MAP, SockLB
+from kpr.testing.agent import lab_scratch
+from kpr.testing.harness import plugin_context
+from kpr.testing.progs import bcc_compiles, xlated_by_map_name
+
+from socklb_env import Env, answers, be, build_topology, service
+
+CIP = "10.96.0.60"
+
+
+def programs(plugin: SockLB) -> dict[str, tuple[bytes, list[str]]]:
+    return {a.prog: xlated_by_map_name(a.fn.fd) for a in plugin._attached}
+
+
+def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path) -> None:
+    from kpr.bpf.probes import cgroup2_mount
+
+    if cgroup2_mount() is None:
+        pytest.skip("no cgroup2 hierarchy mounted")
+    with contextlib.ExitStack() as stack:
+        mnt, topo, cg, work = lab_scratch(stack, f"kpr-h1-pc{os.getpid()}")
+        build_topology(topo)
+        pin, state = mnt / "kpr", work / "state"
+        stack.callback(cleanup, pin)
+        env = Env(topo, pin, None, cg)
+        stack.callback(env.close)
+        env.open_writer()
+        env.apply(service("cached", [(FrontendType.CLUSTER_IP, CIP, 80)], [be("be1")], protocols=(Protocol.TCP,)))
+        section = {"cgroupPath": str(cg), "keepAttachedOnStop": False}
+
+        def start() -> SockLB:
+            return env.start(SockLB(), section, name="socklb", state_dir=state)
+
+        def served() -> bool:
+            return answers(env.client("tcp", CIP, 80, 2)) == ["be1"] * 2
+
+        with bcc_compiles() as compiles:
+            first = start()
+        assert compiles == [1] and first.kpr_status().details["build"] == "compiled"
+        assert len(list((state / CACHE_DIR).glob("*.prog"))) == 1
+        assert served()
+        compiled = programs(first)
+        env.stop(first)  # links released (keepAttachedOnStop off): nothing to adopt
+        for name in (REVNAT_MAP, HOSTADDR_MAP, STATS_MAP):  # as after a reboot: made anew
+            (pin / name).unlink()
+        assert not answers_ok(env, CIP), "no hooks: the ClusterIP is not translated"
+
+        with bcc_compiles() as compiles:
+            second = start()
+        assert compiles == [0], "loaded without bcc's compile"
+        st = second.kpr_status()
+        assert st.details["build"] == "cached" and st.counters["hooks_attached"] == len(HOOKS) + 2
+        assert {v["action"] for v in st.details["links"].values()} == {"created"}
+        assert all((pin / name).exists() for name in (REVNAT_MAP, HOSTADDR_MAP, STATS_MAP))
+        assert programs(second) == compiled, "the kernel holds the same instructions, against maps of the same names"
+        assert served()
+        assert second.stats()["connect"] >= 2, "counted in the stats map made anew"
+
+
+def answers_ok(env: Env, ip: str) -> bool:
+    rows = env.client("tcp", ip, 80, 1)
+    return all("error" not in r for r in rows)
+
+
+def test_the_cache_can_be_turned_off(tmp_path: Path) -> None:
+    plugin = SockLB()
+    on = plugin_context("socklb", NodeInfo("n", addresses=("10.0.0.1",)), tmp_path / "pin", state_dir=tmp_path)
+    off = plugin_context("socklb", NodeInfo("n", addresses=("10.0.0.1",)), tmp_path / "pin", state_dir=tmp_path,
+                         config={"bpf": {"pinPath": str(tmp_path / "pin"), "programCache": False}})
+    plugin.pin_path = tmp_path / "pin"
+    assert plugin._program_cache(on).directory == tmp_path / CACHE_DIR
+    assert plugin._program_cache(off) is None

@@ -65,6 +65,7 @@ PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2
 # Map types a load may create from the record: nothing to fill in but their size.
 CREATABLE = {
     M.BPF_MAP_TYPE_HASH, M.BPF_MAP_TYPE_ARRAY, 5, 6, 9, 10, 11,  # percpu hash/array, lru (percpu) hash, lpm trie
+    27,  # ring buffer (kpr monitor's, pinned: gone with the rest after a reboot)
 }
 
 # (program name, program type, attach type or None), as load_prog takes them

@@ -2,6 +2,7 @@
 
 - `bcc_compiles()`: counts bcc.BPF constructions (compiles) inside the block, calling bcc as
   usual; proves that a start loaded its programs without compiling.
+- `loaded_named(name)`: ids of the programs of that name loaded on the machine.
 - `xlated_by_map_name(fd)`: a loaded program's instructions as the kernel translated them
   (`bpftool prog dump xlated`'s input), each map reference's id replaced by the map's name,
   so that two loads against maps made anew compare equal when their code is the same.
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 
 from kpr.bpf import maps as M
 
-__all__ = ["bcc_compiles", "xlated_by_map_name"]
+__all__ = ["bcc_compiles", "loaded_named", "xlated_by_map_name"]
 
 BPF_LD_IMM64 = 0x18
 PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2
@@ -65,3 +66,17 @@ def xlated_by_map_name(fd: int) -> tuple[bytes, list[str]]:
             struct.pack_into("<i", insns, i * 8 + 4, 0)
         i += 2 if code == BPF_LD_IMM64 else 1
     return bytes(insns), names
+
+
+def loaded_named(name: str) -> list[int]:
+    """Ids of the programs loaded on this machine under `name` (truncated to 15 characters as
+    the kernel keeps it): what a half-finished load would leave."""
+    from kpr.bpf import links
+
+    lib = links._lib()
+    out, cur, nxt = [], 0, ctypes.c_uint32(0)
+    while lib.bpf_prog_get_next_id(cur, ctypes.byref(nxt)) == 0:
+        cur = nxt.value
+        if links.prog_name(cur) == name[:15]:
+            out.append(cur)
+    return out

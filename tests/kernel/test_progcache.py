@@ -21,7 +21,7 @@ from kpr.bpf import maps as M
 from kpr.bpf.loader import load_prog
 from kpr.bpf.progcache import CACHE_DIR, KEEP, CachedModule, ProgramCache, load_programs
 from kpr.testing.bpffs import pin_map
-from kpr.testing.progs import bcc_compiles, xlated_by_map_name
+from kpr.testing.progs import bcc_compiles, loaded_named, xlated_by_map_name
 from kpr.testing.prog_run import test_run
 
 PROG = "kprt_cache_xdp"
@@ -220,6 +220,17 @@ def test_only_the_most_recent_entries_are_kept(rig: Rig) -> None:
     assert compiles == [1]
 
 
+def test_a_ring_buffer_is_made_anew(rig: Rig) -> None:
+    """kpr monitor's ring is pinned; after a reboot a start from the cache makes it, as bcc would."""
+    source = SOURCE.replace("int kprt_cache_xdp", "BPF_RINGBUF_OUTPUT(kprt_cache_ring, 1);\nint kprt_cache_xdp").replace(
+        "return KPRT_VERDICT;", "kprt_cache_ring.ringbuf_output(&k, sizeof(k), 0);\n    return KPRT_VERDICT;")
+    rig.load(source=source)
+    with bcc_compiles() as compiles:
+        module = rig.load(source=source)
+    assert compiles == [0] and isinstance(module, CachedModule)
+    rig.run(module)
+
+
 def test_a_build_with_an_unpinned_map_it_cannot_make_is_not_stored(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     source = SOURCE.replace("BPF_ARRAY(kprt_cache_local, __u64, 4);", "BPF_PROG_ARRAY(kprt_cache_local, 4);").replace(
         "__u64 *w = kprt_cache_local.lookup(&k);\n    if (w)\n        *w += 1;", "kprt_cache_local.call(ctx, 0);")
@@ -240,3 +251,19 @@ def test_state_directory_on_bpffs_leaves_nothing(rig: Rig, caplog: pytest.LogCap
     assert not isinstance(module, CachedModule) and "event=bpf_cache_not_stored" in caplog.text
     assert not (rig.pin / CACHE_DIR).exists()
     assert os.listdir(rig.pin) == [PINNED]
+
+
+def test_a_refused_program_leaves_none_of_the_entry_loaded(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """The entry's first program loads, its second is refused: the first is closed again before
+    the compile, so the only copy loaded afterwards is the compile's."""
+    source = SOURCE + "int kprt_cache_two(struct xdp_md *ctx) { return XDP_PASS; }\n"
+    programs = PROGRAMS + [("kprt_cache_two", "XDP", None)]
+    rig.load(source=source, programs=programs).cleanup()
+    rig.held.clear()
+    assert loaded_named(PROG) == []
+    exit_only = base64.b64encode(struct.pack("<BBhi", 0x95, 0, 0, 0)).decode()
+    rewrite(rig.entries()[0], lambda d: d["programs"][1].update(insns=exit_only, maps=[]))
+    with bcc_compiles() as compiles:
+        module = rig.load(source=source, programs=programs)
+    assert compiles == [1] and "the kernel refused kprt_cache_two" in caplog.text
+    assert loaded_named(PROG) == [M.prog_info(load_prog(module, PROG, "XDP").fd).id]

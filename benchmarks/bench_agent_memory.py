@@ -33,7 +33,10 @@ this script) and prints, at ready, VmRSS at each step (start, plugins started, r
 Python heap by the kpr module that allocated it; tracemalloc slows the agent, so ready time
 and RSS from a traced run are not comparable with the untraced ones. Root needed (BPF).
 
-    .venv/bin/python benchmarks/bench_agent_memory.py [--sizes 0,1000,10000,20000] [--trace] [--format yaml]
+With --cold, a second agent per size is started after SIGTERM and `kpr cleanup` (a reboot:
+nothing pinned, the state directory with its program cache kept), reported as its own row.
+
+    .venv/bin/python benchmarks/bench_agent_memory.py [--sizes 0,1000,10000,20000] [--trace] [--format yaml] [--cold]
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ class ProgramCache:
 
     def _write(self, key: str, data: bytes) -> Path:
         made = not self.directory.exists()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # root's alone, as agent.stateDir: what is in it is loaded into the kernel
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         final = self.path(key)
         try:
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)

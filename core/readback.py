@@ -515,6 +515,7 @@ def differences(writer: Any, limit: int = 5) -> dict[str, Any]:
     with writer._lock:
         if not writer.maps:
             return {"count": 0, "first": [], "maps": {}, "error": "maps not open"}
+        writer._ensure_read()  # (a restart's maps are read when first needed: servicemaps.adopt)
         want = _desired_entries(writer)
         have: dict[str, dict[bytes, bytes]] = {}
         for name in M.SERVICE_MAPS:

@@ -30,10 +30,14 @@ class ApplyMixin:
     # ------------------------------------------------------------------ public API
 
     @contextmanager
-    def _op(self) -> Iterator[None]:
+    def _op(self, *, read: bool = True) -> Iterator[None]:
         """One public operation under the lock. The outermost one (an apply_batch is one) first
-        makes the kpr_slots ranges freed by earlier operations reusable (kpr.servicemaps.slots)."""
+        makes the kpr_slots ranges freed by earlier operations reusable (kpr.servicemaps.slots).
+        Maps open() left unread are read first, unless `read` is false (a full sync, and a
+        batch whose changes are operations of their own, read when they need to)."""
         with self._lock:
+            if read and self._unread:
+                self._ensure_read()
             if self._depth == 0:
                 self._slots.release()
             self._depth += 1
@@ -123,10 +127,11 @@ class ApplyMixin:
             self._full_sync(services, keyed)
 
     def _full_sync(self, services: Iterable[Service], keyed: dict[ServiceKey, Service] | None = None) -> None:
-        with self._op():
+        with self._op(read=False):
             self._require_open()
             services = _in_key_order(list(services))
-            if not self._as_read:
+            unread = self._unread
+            if not unread and not self._as_read:
                 # diff against what the maps really hold (right after open(), no change since,
                 # the shadow is what it read: a hand edit since is check()'s, as any other time)
                 self._reload()
@@ -139,6 +144,15 @@ class ApplyMixin:
             self.refused = {}
             self._begin()
             try:
+                if unread:
+                    # a restart's maps, not read yet: holding exactly these services, they are
+                    # taken as they are (kpr.servicemaps.adopt); else read now, as open() would
+                    if self._adopt_unchanged(services):
+                        self._unread = False
+                        return
+                    self._unread = False
+                    self._reload()
+                    self._begin()
                 rest = self._bulk_sync(services)  # empty maps: the common services (kpr.servicemaps.bulk)
                 if rest:
                     self._sync_rest(rest)

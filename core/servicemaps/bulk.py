@@ -25,7 +25,7 @@ from functools import lru_cache, partial
 from itertools import accumulate, chain, compress, repeat
 from operator import add, attrgetter, itemgetter, mul
 from socket import AF_INET, inet_pton
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..bpf import maps as M
 from ..model import BACKEND_LOCAL, BACKEND_TERMINATING, Backend, BackendState, FrontendType, Service
@@ -279,6 +279,19 @@ class BulkMixin:
         nothing changed, when the writer's state rules the bulk path out, no service is the
         common kind, or the common ones and an upper bound of the others' entries do not all
         fit (the general path then plans every service in key order, refusing by name)."""
+        plan = self._bulk_plan(services)
+        if plan is None:
+            return None
+        self._bulk_write(plan)
+        self._bulk_take(plan)
+        log.debug("event=servicemaps_bulk_sync frontends=%d backends=%d others=%d", plan.n, plan.u, len(plan.rest))
+        return plan.rest
+
+    def _bulk_plan(self, services: list[Service]) -> "_Plan | None":
+        """What _bulk_sync writes for `services` into maps that hold no service (None: not
+        that case, see there). Takes the ids, rev-NAT indexes and kpr_slots ranges it plans
+        (as rendering takes them): a caller that then writes nothing forgets them by reading
+        the maps again (_reload resets the shadow)."""
         if (
             not self.batch
             or self._groups
@@ -381,31 +394,40 @@ class BulkMixin:
             _Group.fresh, revnats, owners, revnat_vals, fks, svc_vals, _split(array("I", orders), ns), bases, spans,
             slot_vals,
         ))
+        return _Plan(
+            n, u, total, nxt, rest, fks, owners, groups, orders, need["kpr_slots"], be_blob, revnats, revnat_vals,
+            svc_keys, svc_vals, _slot_ranges(bases, spans, ns, offs, blob), bases, spans,
+        )
 
+    def _bulk_write(self, p: "_Plan") -> None:
+        """Write a plan's entries into the maps (rolled back, and raised, when a write fails)."""
+        n, u, nxt, be_blob = p.n, p.u, p.nxt, p.be_blob
         mp = self.maps
         try:
             # what service entries point at first: backends, slots, rev-NAT entries
             mp["kpr_backend"].store_ranges(((nxt, be_blob),))
-            ranges = _slot_ranges(bases, spans, ns, offs, blob)
-            mp["kpr_slots"].store_ranges(ranges)
+            mp["kpr_slots"].store_ranges(p.slot_ranges)
             # (counted as the slots written: a run's gaps between ranges are not)
-            mp["kpr_slots"].ops["update"] -= sum(len(v) for _b, v in ranges) // 8 - len(orders)
-            mp["kpr_revnat"].update_blob(array("I", revnats).tobytes(), b"".join(revnat_vals), n)
-            mp["kpr_svc"].update_blob(b"".join(svc_keys), b"".join(svc_vals), n)
+            mp["kpr_slots"].ops["update"] -= sum(len(v) for _b, v in p.slot_ranges) // 8 - len(p.orders)
+            mp["kpr_revnat"].update_blob(array("I", p.revnats).tobytes(), b"".join(p.revnat_vals), n)
+            mp["kpr_svc"].update_blob(b"".join(p.svc_keys), b"".join(p.svc_vals), n)
         except Exception:
             # what the general path would have pending, for the rollback to forget
             self._pending_vals = dict(zip(range(nxt, nxt + u), _pieces(be_blob, M.BACKEND.size)))
-            self._fresh_revnat = fks
-            self._fresh_slots = [(fk, b, s) for fk, b, s in zip(fks, bases, spans) if s]
+            self._fresh_revnat = p.fks
+            self._fresh_slots = [(fk, b, s) for fk, b, s in zip(p.fks, p.bases, p.spans) if s]
             self._roll_back(n)
             raise
 
-        # the shadow follows the maps
-        self._groups.update(zip(fks, groups))
+    def _bulk_take(self, p: "_Plan") -> None:
+        """The shadow of a plan the maps hold (written, or found there by a restart)."""
+        n, u, total, nxt, orders, be_blob = p.n, p.u, p.total, p.nxt, p.orders, p.be_blob
+        fks, owners = p.fks, p.owners
+        self._groups.update(zip(fks, p.groups))
         self._by_service.update(zip(owners, zip(fks)))
         count = self._count
         count["kpr_svc"] += n
-        count["kpr_slots"] += need["kpr_slots"]
+        count["kpr_slots"] += p.slots_used
         count["kpr_revnat"] += n
         refs = self._backend_refs
         if u == total:
@@ -419,8 +441,29 @@ class BulkMixin:
         if not self._backend_vals.store_run(nxt, be_blob):
             self._backend_vals.update(zip(range(nxt, nxt + u), _pieces(be_blob, M.BACKEND.size)))
         self._begin()
-        log.debug("event=servicemaps_bulk_sync frontends=%d backends=%d others=%d", n, u, len(rest))
-        return rest
+
+
+class _Plan(NamedTuple):
+    """A bulk sync's entries and the shadow it leaves (BulkMixin._bulk_plan)."""
+
+    n: int  # frontends (one per service)
+    u: int  # distinct backends, ids nxt..nxt+u-1
+    total: int  # backends listed
+    nxt: int
+    rest: list[Service]  # the others, for the general path
+    fks: list[bytes]
+    owners: list[Any]
+    groups: list[_Group]
+    orders: list[int]  # every group's slot order, joined
+    slots_used: int
+    be_blob: bytes  # kpr_backend's values from nxt on
+    revnats: range
+    revnat_vals: list[bytes]
+    svc_keys: list[bytes]
+    svc_vals: list[bytes]
+    slot_ranges: list[tuple[int, bytes]]  # (base, kpr_slots values)
+    bases: list[int]
+    spans: list[int]
 
 
 def _one(x: Any) -> tuple:

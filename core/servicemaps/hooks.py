@@ -43,7 +43,7 @@ class HooksMixin:
     def kpr_start(self, context: PluginContext) -> None:
         if not self.maps:
             self._mount_bpffs_if_missing()
-            self.open()
+            self.open(read=False)  # (read by the initial sync, or the first operation before it)
         if self.check_interval is None:
             self.check_interval = float(context.config.agent.resync_interval) if context is not None else 0.0
         self._stopping = False
@@ -124,8 +124,9 @@ class HooksMixin:
         it). A failed initial sync is not one of them: the writer retries it itself."""
         failed: dict[int, Exception] = {}
         # one batch is one operation: a kpr_slots range freed by one change is not reused by
-        # the next change of the same batch (kpr.servicemaps.slots)
-        with self._op():
+        # the next change of the same batch (kpr.servicemaps.slots); maps a restart left unread
+        # are read by the first change that needs them (the initial sync may not: adopt.py)
+        with self._op(read=False):
             start = self._collect_initial(changes) if self._initial is not None else 0
             for i, (event, payload) in enumerate(changes[start:] if start else changes, start):
                 try:
@@ -228,6 +229,7 @@ class HooksMixin:
         """Counts read back from the kernel maps; `details.synced` is false until the initial
         state is in the maps (the agent is not ready before)."""
         with self._lock:
+            self._ensure_read()
             counts = self.kernel_counts() if self.maps else {}
             expected = self.entry_counts()
             conflicts = len(self.conflicts)

@@ -240,6 +240,7 @@ class ReconcileMixin:
         """Delete the per-slot kpr_svc entries an older kpr wrote (slot > 0). Call once every
         program reads kpr_slots (check() does, after the initial sync); returns entries deleted."""
         with self._lock:
+            self._ensure_read()
             keys, self._legacy = self._legacy, []
             if keys:
                 self.maps["kpr_svc"].delete_many(keys, batch=self.batch)
@@ -301,6 +302,7 @@ class ReconcileMixin:
         """Entries per map according to the shadow, strays found at the last read-back included
         (cheap: no syscalls)."""
         with self._lock:
+            self._ensure_read()
             c = self._counts()
             c["kpr_slots"] = self._count["kpr_slots"]  # the groups' ranges (held ones are free in the kernel's eyes)
             return {name: c[name] for name in M.SERVICE_MAPS}
@@ -330,6 +332,7 @@ class ReconcileMixin:
     def backend_ids(self) -> dict[str, int]:
         """Backend "addr:port/proto" -> id, from the shadow."""
         with self._lock:
+            self._ensure_read()
             return {_backend_label_raw(v): self._kernel_id(bid) for bid, v in self._backend_vals.items()}
 
     def _op_total(self) -> int:

@@ -14,8 +14,10 @@ from ..bpf import maps as M
 from ..bpf.maglev import is_prime
 from ..bus import Backoff
 from ..idtables import IdBytes, IdCounts, IdSet, KeyIds
+from .. import memory
 from ..memory import gc_paused
 from ..model import Service, ServiceKey
+from .adopt import AdoptMixin
 from .applying import ApplyMixin
 from .bulk import BulkMixin
 from .claims import Claims
@@ -34,7 +36,7 @@ _ARRAYS = ("kpr_slots", "kpr_backend")  # service maps that are arrays: index 0 
 _BACKEND_KEY = 19  # a backend's identity: the first bytes of its kpr_backend value (addr16 + port + proto)
 
 
-class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, RenderMixin):
+class ServiceMapWriter(HooksMixin, ApplyMixin, AdoptMixin, BulkMixin, ReconcileMixin, RenderMixin):
     """Writes services into the maps pinned under `pin_path` (kpr's bpf.pinPath).
 
     In an agent it is the core's `servicemaps` facility: the bus's writer stage (kpr.pipeline)
@@ -99,6 +101,10 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
         # The shadow is the maps as open() read them, no operation since: the first full sync
         # (a restart's, at sync complete) diffs against it without reading 1M entries again.
         self._as_read = False
+        # Pinned maps opened but not read into the shadow yet (open(read=False)): the first
+        # operation reads them (_ensure_read), unless it is a full sync that finds them holding
+        # exactly its services (AdoptMixin).
+        self._unread = False
         self._reset_shadow()
         self.errors = 0
         self.conflicts = Claims()  # frontend key -> services waiting for it, first come, first served
@@ -170,8 +176,10 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
     # ------------------------------------------------------------------ lifecycle
 
     @gc_paused  # (the shadow of 20k services: 0.1 s of collections while it is made, then frozen)
-    def open(self) -> "ServiceMapWriter":
-        """Create the maps, or adopt the pinned ones, and rebuild the shadow from them."""
+    def open(self, *, read: bool = True) -> "ServiceMapWriter":
+        """Create the maps, or adopt the pinned ones, and rebuild the shadow from them (with
+        `read` false, when first needed: a restart's initial sync may find the maps holding
+        exactly its services, kpr.servicemaps.adopt)."""
         with self._lock:
             self._check_bpffs()
             self.pin_path.mkdir(parents=True, exist_ok=True)
@@ -202,17 +210,29 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
                 else:
                     fetable.clear_pinned(self.pin_path)
                 self._check_maglev_inner()
-                self._reload()
-                self._as_read = True
+                if read or not set(M.SERVICE_MAPS).issubset(adopted):  # (created ones: nothing to read, at once)
+                    self._reload()
+                    self._as_read = True
+                else:
+                    self._unread = True
             except Exception:
                 self.close()
                 raise
             log.info(
-                "event=servicemaps_open pin_path=%s created=%s adopted=%s frontends=%d backends=%d",
+                "event=servicemaps_open pin_path=%s created=%s adopted=%s frontends=%s backends=%s",
                 self.pin_path, ",".join(created) or "-", ",".join(adopted) or "-",
-                len(self._groups), len(self._backend_vals),
+                "unread" if self._unread else len(self._groups), "unread" if self._unread else len(self._backend_vals),
             )
             return self
+
+    def _ensure_read(self) -> None:
+        """Read the maps into the shadow if open() left them unread (under the lock)."""
+        if self._unread:
+            with self._lock, memory.paused():
+                if self._unread:
+                    self._unread = False
+                    self._reload()
+                    self._as_read = True
 
     def _pinned_size(self, m: M.BpfMap, spec: M.MapSpec) -> M.MapSpec:
         """A service map pinned by an earlier kpr with another default size is adopted as it
@@ -238,6 +258,7 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, BulkMixin, ReconcileMixin, Render
             for m in self.maps.values():
                 m.close()
             self.maps.clear()
+            self._unread = False
 
     def __enter__(self) -> "ServiceMapWriter":
         return self.open()

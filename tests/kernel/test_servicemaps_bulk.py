@@ -462,3 +462,159 @@ def test_input_the_general_path_refuses_is_refused_beside_the_bulk_path_too(pin_
     finally:
         a.close()
         b.close()
+
+
+# --- a restart that leaves the maps unread until its initial sync (kpr.servicemaps.adopt) ---
+
+
+def _unread_restart(pin_dir: Path, first: list[Service], edit=None) -> tuple[ServiceMapWriter, ServiceMapWriter, list[bool]]:
+    """Maps holding `first` (a bulk sync into empty maps) in two pin dirs, `edit(writer)` run
+    on each before the restart; a adopts them unread (open(read=False), as the agent does),
+    b reads them at open (the path before). Returns whether a's first full sync took them
+    as they are (AdoptMixin._adopt_unchanged)."""
+    for name in ("unread", "read"):
+        with ServiceMapWriter(pin_dir / name, create_datapath_maps=False) as w:
+            w.full_sync(first)
+            if edit is not None:
+                edit(w)
+    a = ServiceMapWriter(pin_dir / "unread", create_datapath_maps=False).open(read=False)
+    b = ServiceMapWriter(pin_dir / "read", create_datapath_maps=False).open()
+    took: list[bool] = []
+    real = a._adopt_unchanged
+    a._adopt_unchanged = lambda svcs: took.append(real(svcs)) or took[-1]  # type: ignore[method-assign]
+    return a, b, took
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_unread_restart_of_the_same_services_takes_the_maps_as_they_are(pin_dir: Path, seed: int) -> None:
+    """The same common services again: nothing written, nothing read but one dump of each
+    map, and the shadow, the maps and every count exactly the read-and-diff path's."""
+    services = _services(seed + 50)
+    a, b, took = _unread_restart(pin_dir, services)
+    try:
+        a.ops_before = a.ops()  # type: ignore[attr-defined]
+        for w in (a, b):
+            w.full_sync(list(reversed(services)))
+        assert took == [True]
+        assert sum(o["update"] + o["delete"] for o in a.ops().values()) == 0
+        assert _picture(a) == _picture(b)
+        assert a.check() == 0 == b.check()
+        # later changes behave the same
+        for w in (a, b):
+            w.upsert(Service(services[1].key, (Frontend(
+                FrontendType.CLUSTER_IP, "10.96.9.9", 80, Protocol.TCP, (Backend("10.1.0.1", 8080), Backend("10.1.7.7", 8080))),)))
+            w.delete(services[3].key)
+        assert _picture(a) == _picture(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def _stray_revnat(w: ServiceMapWriter) -> None:
+    w.maps["kpr_revnat"].update(M.U32.pack(60000), bytes(20))
+
+
+def _stray_slot(w: ServiceMapWriter) -> None:
+    w.maps["kpr_slots"].update(M.U32.pack(w.specs["kpr_slots"].max_entries - 1), bytes(range(1, 9)))
+
+
+def _generation_kept(w: ServiceMapWriter) -> None:
+    # a backend freed (its zero entry keeps the generation its index's next backend takes)
+    w.upsert(Service(ServiceKey("ns0", "gone-soon"), (Frontend(
+        FrontendType.CLUSTER_IP, "10.96.9.8", 80, Protocol.TCP, (Backend("10.9.9.9", 8080),)),)))
+    w.delete(ServiceKey("ns0", "gone-soon"))
+
+
+def _hand_edited_backend(w: ServiceMapWriter) -> None:
+    raw = bytearray(w.maps["kpr_backend"].lookup(M.U32.pack(3)))
+    raw[16] ^= 1  # another port
+    w.maps["kpr_backend"].update(M.U32.pack(3), bytes(raw))
+
+
+def _hand_edited_slot(w: ServiceMapWriter) -> None:
+    g = next(g for g in w._groups.values() if g.span > 1 and len(g.backends) > 1)
+    a, b = w.maps["kpr_slots"].lookup(M.U32.pack(g.base)), w.maps["kpr_slots"].lookup(M.U32.pack(g.base + 1))
+    w.maps["kpr_slots"].update(M.U32.pack(g.base), b)
+    w.maps["kpr_slots"].update(M.U32.pack(g.base + 1), a)
+
+
+def _hand_edited_svc(w: ServiceMapWriter) -> None:
+    k, v = min(w.maps["kpr_svc"].items())
+    w.maps["kpr_svc"].update(k, v[:-4] + M.U32.pack(M.U32.unpack(v[-4:])[0] + 5))  # (its affinity timeout)
+
+
+def _stray_svc(w: ServiceMapWriter) -> None:
+    k = min(w.maps["kpr_svc"].keys())
+    w.maps["kpr_svc"].update(bytes(15) + b"\x63" + k[16:], M.SVC_VAL.pack(0, 0, 0, 0, 0, 0))  # (a frontend no service has)
+
+
+@pytest.mark.parametrize(
+    "edit", [_stray_revnat, _stray_slot, _generation_kept, _hand_edited_backend, _hand_edited_slot, _hand_edited_svc, _stray_svc],
+    ids=["stray-revnat", "stray-slot", "generation", "backend-edited", "slots-swapped", "svc-edited", "stray-svc"],
+)
+def test_unread_restart_over_maps_that_differ_reads_and_repairs_them(pin_dir: Path, edit) -> None:
+    """Maps that differ from what a bulk sync of the services writes, in any entry: not taken
+    as they are; read and diffed as before, with the same result (strays removed, edits
+    repaired, the freed backend's generation kept)."""
+    services = _services(61)
+    _read_and_diffed(pin_dir, services, services, edit)
+
+
+def _read_and_diffed(pin_dir: Path, first: list[Service], then: list[Service], edit=None) -> None:
+    """An unread restart over maps of `first` (edited) synced to `then` reads and diffs the
+    maps (not taken as they are), with the read-at-open path's result."""
+    a, b, took = _unread_restart(pin_dir, first, edit)
+    try:
+        for w in (a, b):
+            w.full_sync(then)
+        assert took == [False]
+        assert _picture(a) == _picture(b)
+        assert a.check() == 0 == b.check()
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("change", ["one-backend", "one-less", "one-more", "mixed"])
+def test_unread_restart_with_other_services_leaves_what_reading_first_leaves(pin_dir: Path, change: str) -> None:
+    services = _services(62)
+    then = list(services)
+    if change == "one-backend":
+        fe = then[5].frontends[0]
+        then[5] = Service(then[5].key, (Frontend(fe.type, fe.address, fe.port, fe.protocol, (*fe.backends, Backend("10.1.6.6", 8080))),))
+    elif change == "one-less":
+        del then[7]
+    elif change == "one-more":
+        then.append(Service(ServiceKey("ns1", "more"), (Frontend(FrontendType.CLUSTER_IP, "10.96.9.7", 80, Protocol.TCP, (Backend("10.1.0.3", 8080),)),)))
+    else:
+        then = _mixed(62)
+    _read_and_diffed(pin_dir, services, then)
+
+
+@pytest.mark.parametrize("first", ["upsert", "status", "differences", "check"])
+def test_an_operation_before_the_initial_sync_reads_the_unread_maps(pin_dir: Path, first: str) -> None:
+    """Anything that needs the shadow before the initial sync reads the maps first: it sees
+    (and the sync after it diffs against) what they hold, as if open() had read them."""
+    from kpr.readback import differences
+
+    services = _services(63)
+    a, b, took = _unread_restart(pin_dir, services)
+    try:
+        for w in (a, b):
+            if first == "upsert":
+                w.upsert(services[4])
+            elif first == "status":
+                st = w.kpr_status()
+                assert st.counters["frontends"] == len(services)
+            elif first == "differences":
+                assert differences(w)["count"] == 0
+            else:
+                assert w.check() == 0
+        assert _picture(a) == _picture(b)
+        for w in (a, b):
+            w.full_sync(services)
+        assert took == []  # (read already: the sync diffed against the shadow)
+        assert _picture(a) == _picture(b)
+    finally:
+        a.close()
+        b.close()

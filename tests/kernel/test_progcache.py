@@ -157,6 +157,12 @@ def _refused(rig: Rig) -> None:
     rewrite(rig.entries()[0], change)
 
 
+def _kernctx(rig: Rig) -> None:
+    # a raw kfunc call not followed by ctx/skb.h's load from r0: refused before the kernel sees it
+    insns = struct.pack("<BBhi", 0x85, 0x20, 0, 0) + struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+    rewrite(rig.entries()[0], lambda d: d["programs"][0].update(insns=base64.b64encode(insns).decode(), maps=[]))
+
+
 def _gone(rig: Rig) -> None:
     rig.entries()[0].unlink()
 
@@ -169,9 +175,10 @@ def _gone(rig: Rig) -> None:
         (_format, "format 0", True),
         (_map_kind, "pinned as another kind", True),
         (_refused, "the kernel refused", True),
+        (_kernctx, "bpf_cast_to_kern_ctx call at 0", True),
         (_gone, "no entry", False),
     ],
-    ids=["truncated", "corrupt", "format", "map-kind", "verifier", "missing"],
+    ids=["truncated", "corrupt", "format", "map-kind", "verifier", "kernctx", "missing"],
 )
 def test_a_spoilt_entry_falls_back_to_the_compile(
     rig: Rig, caplog: pytest.LogCaptureFixture, spoil: Callable[[Rig], None], reason: str, warned: bool

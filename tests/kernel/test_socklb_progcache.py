@@ -86,3 +86,37 @@ def test_the_cache_can_be_turned_off(tmp_path: Path) -> None:
     plugin.pin_path = tmp_path / "pin"
     assert plugin._program_cache(on).directory == tmp_path / CACHE_DIR
     assert plugin._program_cache(off) is None
+
+
+def test_kpr_run_after_kpr_cleanup_starts_from_the_cache(kernel_headers: Path) -> None:
+    """The real agent: started, stopped, its data path removed with `kpr cleanup` (what a
+    reboot leaves: nothing pinned, agent.stateDir kept); the next `kpr run` loads socklb from
+    the cache and serves the ClusterIP, and the one after adopts what that one attached."""
+    import signal
+
+    from kpr.testing import echo
+    from kpr.testing.agent import kpr_cleanup
+
+    from socklb_env import RESTART_IP, restart_rig
+
+    with restart_rig(f"kpr-h1-pcrun{os.getpid()}") as rig:
+        def build() -> str:
+            return rig.status()["plugins"]["socklb"]["details"]["build"]
+
+        def served() -> set[str]:
+            return set(answers(echo.client(rig.topo["cli"], "tcp", RESTART_IP, 80, 4, cgroup=rig.load_cgroup)))
+
+        rig.start()
+        assert build() == "compiled" and served() <= {"be1", "be2"}
+        rig.stop(signal.SIGTERM)
+        res = kpr_cleanup(rig.pin, rig.work)
+        assert res.returncode == 0, res.stderr
+        assert list((rig.agent.state / CACHE_DIR).glob("*.prog")), "kpr cleanup leaves the cache"
+        rig.start()
+        log_text = (rig.work / f"agent-{rig.starts}.log").read_text()
+        assert build() == "cached" and "event=bpf_cache_hit" in log_text, log_text[-3000:]
+        assert served() <= {"be1", "be2"}
+        rig.stop(signal.SIGTERM)
+        rig.start()
+        assert build() == "adopted"
+        rig.stop(signal.SIGTERM)

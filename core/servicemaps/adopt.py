@@ -34,38 +34,51 @@ class AdoptMixin:
         """With the maps unread: take the shadow a bulk sync of `services` leaves when the maps
         hold exactly what it writes (True, nothing written); False otherwise, the shadow then
         to be read from the maps (whatever the plan took is reset by that read)."""
+        maps = self.maps
+        be, size = maps["kpr_backend"], M.BACKEND.size
+        if getattr(be, "type", None) != M.BPF_MAP_TYPE_ARRAY or be.value_size != size or size % 8:
+            return False
+        # First what rules the plan out cheaply (a restart over maps its agent changed since
+        # its own start would pay for the plan too): a bulk sync leaves its backends one run
+        # from id 1 with nothing after it (changes leave holes and freed generations), and one
+        # kpr_svc entry per service.
+        be_raw = be.array_values()
+        run = M.backend_run(be, be_raw)
+        if run is None or run.start != 1 or be_raw.count(0, run.stop * size) != len(be_raw) - run.stop * size:
+            return False
+        svc = maps["kpr_svc"].items()
+        if len(svc) != len(services):
+            return False
         plan = self._bulk_plan(services)
         if plan is None or plan.rest or plan.nxt != 1 or self._backend_gen is not None:
             return False
-        if not _holds(self.maps, plan):
+        if not _holds(maps, plan, svc, be_raw):
             return False
         self._bulk_take(plan)
         log.info("event=servicemaps_adopted_unchanged frontends=%d backends=%d", plan.n, plan.u)
         return True
 
 
-def _holds(maps: dict[str, Any], p: _Plan) -> bool:
-    """Whether the maps hold exactly the plan's entries and nothing else of the writer's."""
+def _holds(maps: dict[str, Any], p: _Plan, svc: list[tuple[bytes, bytes]], be_raw: bytes) -> bool:
+    """Whether the maps hold exactly the plan's entries and nothing else of the writer's
+    (`svc`: kpr_svc's items, `be_raw`: kpr_backend's values, as read)."""
     if any(_any_key(maps[name]) for name in ("kpr_srcrange", "kpr_maglev")):
         return False
-    svc = maps["kpr_svc"].items()
     if len(svc) != p.n or dict(svc) != dict(zip(p.svc_keys, p.svc_vals)):
         return False
     rn = maps["kpr_revnat"].items()
     if len(rn) != p.n or dict(rn) != dict(zip(_pieces(array("I", p.revnats).tobytes(), 4), p.revnat_vals)):
         return False
-    return _array_is(maps["kpr_backend"], [(p.nxt, p.be_blob)], M.BACKEND.size) and _array_is(
-        maps["kpr_slots"], p.slot_ranges, 8
-    )
-
-
-def _array_is(m: Any, ranges: list[tuple[int, bytes]], size: int) -> bool:
-    """Whether an array map's values are these (index, values) ranges and zero elsewhere
-    (index 0 included: a zero entry is no backend and no slot, and a freed backend's keeps
-    its generation, which a fresh plan does not know)."""
-    if getattr(m, "type", None) != M.BPF_MAP_TYPE_ARRAY or m.value_size != size or size % 8:
+    slots = maps["kpr_slots"]
+    if getattr(slots, "type", None) != M.BPF_MAP_TYPE_ARRAY or slots.value_size != 8:
         return False
-    raw = m.array_values()
+    return _array_is(be_raw, [(p.nxt, p.be_blob)], M.BACKEND.size) and _array_is(slots.array_values(), p.slot_ranges, 8)
+
+
+def _array_is(raw: bytes, ranges: list[tuple[int, bytes]], size: int) -> bool:
+    """Whether an array map's values (`raw`, entries of `size` bytes) are these (index,
+    values) ranges and zero elsewhere (index 0 included: a zero entry is no backend and no
+    slot, and a freed backend's keeps its generation, which a fresh plan does not know)."""
     at = 0
     for index, vals in sorted(ranges):
         start = index * size

@@ -557,17 +557,22 @@ def test_unread_restart_over_maps_that_differ_reads_and_repairs_them(pin_dir: Pa
     as they are; read and diffed as before, with the same result (strays removed, edits
     repaired, the freed backend's generation kept)."""
     services = _services(61)
-    _read_and_diffed(pin_dir, services, services, edit)
+    _read_and_diffed(pin_dir, services, services, edit, planned=edit not in (_generation_kept, _stray_svc))
 
 
-def _read_and_diffed(pin_dir: Path, first: list[Service], then: list[Service], edit=None) -> None:
+def _read_and_diffed(pin_dir: Path, first: list[Service], then: list[Service], edit=None, planned: bool = True) -> None:
     """An unread restart over maps of `first` (edited) synced to `then` reads and diffs the
-    maps (not taken as they are), with the read-at-open path's result."""
+    maps (not taken as they are), with the read-at-open path's result; `planned` false: ruled
+    out before the bulk sync's plan is made (holes, generations, another count of services)."""
     a, b, took = _unread_restart(pin_dir, first, edit)
+    plans: list[object] = []
+    real = a._bulk_plan
+    a._bulk_plan = lambda svcs: plans.append(real(svcs)) or plans[-1]  # type: ignore[method-assign]
     try:
         for w in (a, b):
             w.full_sync(then)
         assert took == [False]
+        assert any(p is not None for p in plans) == planned  # (the read path asks too: declined, None)
         assert _picture(a) == _picture(b)
         assert a.check() == 0 == b.check()
     finally:
@@ -588,7 +593,7 @@ def test_unread_restart_with_other_services_leaves_what_reading_first_leaves(pin
         then.append(Service(ServiceKey("ns1", "more"), (Frontend(FrontendType.CLUSTER_IP, "10.96.9.7", 80, Protocol.TCP, (Backend("10.1.0.3", 8080),)),)))
     else:
         then = _mixed(62)
-    _read_and_diffed(pin_dir, services, then)
+    _read_and_diffed(pin_dir, services, then, planned=change == "one-backend")
 
 
 @pytest.mark.parametrize("first", ["upsert", "status", "differences", "check"])

@@ -214,6 +214,11 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, AdoptMixin, BulkMixin, ReconcileM
                     self._reload()
                     self._as_read = True
                 else:
+                    # The allocator __init__ made has the configured kpr_slots size; a pin of
+                    # another size kept as it is (_pinned_size) bounds the ranges as _reload's
+                    # does, or the maps taken as they are would hand out slots past the array.
+                    s = self._slots
+                    self._slots, _past = SlotAllocator.adopt(self.specs["kpr_slots"].max_entries, list(s.live.items()), s.held)
                     self._unread = True
             except Exception:
                 self.close()

@@ -59,7 +59,8 @@ def _picture(w: ServiceMapWriter) -> dict:
         "revnat": (dict(w._revnat_ids), set(w._revnat_used), w._next_revnat),
         "next_backend": w._next_backend,
         "count": dict(w._count),
-        "slots": (slots.top, slots.used, dict(slots.live), slots.held),
+        "slots": (slots.limit, slots.top, slots.used, dict(slots.live), slots.held),
+        "limits": dict(w.limits),
         "refused": dict(w.refused), "conflicts": dict(w.conflicts), "errors": w.errors,
     }
 
@@ -467,13 +468,15 @@ def test_input_the_general_path_refuses_is_refused_beside_the_bulk_path_too(pin_
 # --- a restart that leaves the maps unread until its initial sync (kpr.servicemaps.adopt) ---
 
 
-def _unread_restart(pin_dir: Path, first: list[Service], edit=None) -> tuple[ServiceMapWriter, ServiceMapWriter, list[bool]]:
-    """Maps holding `first` (a bulk sync into empty maps) in two pin dirs, `edit(writer)` run
-    on each before the restart; a adopts them unread (open(read=False), as the agent does),
-    b reads them at open (the path before). Returns whether a's first full sync took them
-    as they are (AdoptMixin._adopt_unchanged)."""
+def _unread_restart(
+    pin_dir: Path, first: list[Service], edit=None, sizes: dict[str, int] | None = None
+) -> tuple[ServiceMapWriter, ServiceMapWriter, list[bool]]:
+    """Maps holding `first` (a bulk sync into empty maps, of these map `sizes`) in two pin
+    dirs, `edit(writer)` run on each before the restart; a adopts them unread (open(read=False),
+    as the agent does), b reads them at open (the path before), both with the default sizes.
+    Returns whether a's first full sync took them as they are (AdoptMixin._adopt_unchanged)."""
     for name in ("unread", "read"):
-        with ServiceMapWriter(pin_dir / name, create_datapath_maps=False) as w:
+        with ServiceMapWriter(pin_dir / name, create_datapath_maps=False, sizes=sizes) as w:
             w.full_sync(first)
             if edit is not None:
                 edit(w)
@@ -505,6 +508,39 @@ def test_unread_restart_of_the_same_services_takes_the_maps_as_they_are(pin_dir:
                 FrontendType.CLUSTER_IP, "10.96.9.9", 80, Protocol.TCP, (Backend("10.1.0.1", 8080), Backend("10.1.7.7", 8080))),)))
             w.delete(services[3].key)
         assert _picture(a) == _picture(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_unread_restart_over_a_pin_of_another_size_plans_against_the_pin(pin_dir: Path) -> None:
+    """kpr_slots pinned by an earlier start with another size (no bpf.mapSizes.kprSlots now:
+    adopted as it is): the maps taken as they are leave the slot ranges planned against the
+    pin's size, as reading them does. A range past it is refused, not written past the array."""
+    services = [
+        Service(ServiceKey("ns0", f"s{i:02d}"), (Frontend(FrontendType.CLUSTER_IP, f"10.96.8.{i + 1}", 80, Protocol.TCP,
+                                                           tuple(Backend(f"10.2.{i}.{j + 1}", 8080) for j in range(3))),))
+        for i in range(40)
+    ]
+    a, b, took = _unread_restart(pin_dir, services, sizes={"kpr_slots": 128})
+    big = Service(ServiceKey("ns1", "big"), (Frontend(FrontendType.CLUSTER_IP, "10.96.9.1", 80, Protocol.TCP,
+                                                       tuple(Backend(f"10.3.0.{j + 1}", 8080) for j in range(8))),))
+    try:
+        for w in (a, b):
+            assert w.specs["kpr_slots"].max_entries == 128
+            w.full_sync(services)
+        assert took == [True]
+        assert a._slots.limit == 128 == b._slots.limit
+        assert _picture(a) == _picture(b)
+        for w in (a, b):
+            for s in services[0:30:10]:
+                w.delete(s.key)
+            w.upsert(big)  # (3 ranges of 3 free, none side by side, 8 past the last: refused)
+        for w in (a, b):
+            assert w.refused.get(big.key) is not None and w.refused[big.key].map == "kpr_slots"
+            assert w.errors == 0
+        assert _picture(a) == _picture(b)
+        assert a.check() == 0 == b.check()
     finally:
         a.close()
         b.close()
@@ -548,9 +584,23 @@ def _stray_svc(w: ServiceMapWriter) -> None:
     w.maps["kpr_svc"].update(bytes(15) + b"\x63" + k[16:], M.SVC_VAL.pack(0, 0, 0, 0, 0, 0))  # (a frontend no service has)
 
 
+def _stray_srcrange(w: ServiceMapWriter) -> None:
+    g = next(iter(w._groups.values()))  # (a range naming a service's rev-NAT index: no service has one)
+    w.maps["kpr_srcrange"].update(M.SRCRANGE_KEY.pack(32 + 96 + 8, g.rev_nat, M.addr_to_bytes("10.0.0.0")), M.U32.pack(1))
+
+
+def _stray_maglev(w: ServiceMapWriter) -> None:
+    t, k, v, n = w.specs["kpr_maglev"].inner
+    with M.BpfMap.create(M.MapSpec("kpr_stray_in", t, k, v, n)) as inner:
+        w.maps["kpr_maglev"].update(M.MAGLEV_KEY.pack(next(iter(w._groups.values())).rev_nat, 0), M.U32.pack(inner.fd))
+
+
 @pytest.mark.parametrize(
-    "edit", [_stray_revnat, _stray_slot, _generation_kept, _hand_edited_backend, _hand_edited_slot, _hand_edited_svc, _stray_svc],
-    ids=["stray-revnat", "stray-slot", "generation", "backend-edited", "slots-swapped", "svc-edited", "stray-svc"],
+    "edit",
+    [_stray_revnat, _stray_slot, _generation_kept, _hand_edited_backend, _hand_edited_slot, _hand_edited_svc, _stray_svc,
+     _stray_srcrange, _stray_maglev],
+    ids=["stray-revnat", "stray-slot", "generation", "backend-edited", "slots-swapped", "svc-edited", "stray-svc",
+         "stray-srcrange", "stray-maglev"],
 )
 def test_unread_restart_over_maps_that_differ_reads_and_repairs_them(pin_dir: Path, edit) -> None:
     """Maps that differ from what a bulk sync of the services writes, in any entry: not taken

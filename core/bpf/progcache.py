@@ -6,20 +6,24 @@ used to compile its programs with bcc (clang and LLVM in the agent: 0.3-1.5 s of
 after a compile whose programs all loaded, what it takes to load them again without bcc: per
 program its instructions as bcc handed them to the kernel (`dump_func`), program type,
 expected attach type, license and name; and for every 64-bit immediate that holds a map's fd
-(BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE) which map that is: its name, whether it is pinned
-under bpf.pinPath, and its type, key and value size, flags and max_entries.
+(BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE) which map that is: its name, the name it is pinned
+under in bpf.pinPath if it is (found by the map's id: a pin may be named otherwise than the
+map, as the XDP build's counters are), and its type, key and value size, flags and max_entries.
 
 An entry's key is the build's digest (kpr.bpf.builds.digest: the text as compiled with kpr's
 headers pasted in, the flags, the kernel release, bcc's version), the kernel's build string
 (uname -v: a rebuilt kernel of the same release may number its BTF differently), the
-programs asked for with their types, and FORMAT. Entries are files `<key>.prog` under the
+programs asked for with their types, and FORMAT. A pin named anew by every load (`fresh_pins`:
+the NodePort builds' stage program array, kpr_np_calls_<random>) counts in the key and the
+record under its stable name, and is made and pinned under this load's name on a hit. Entries are files `<key>.prog` under the
 cache directory (`<agent.stateDir>/bpf-cache`), written to a temporary file and renamed;
 the KEEP most recently used stay, older ones are removed.
 
 A load from an entry opens each pinned map and checks it is the kind recorded (type, key and
 value size, flags; max_entries may differ, as bcc too uses a pinned map of any size); a pinned
-map that is missing (bpffs is empty after a reboot) or a map that is not pinned is created
-as bcc would, from the record (plain map types only; an entry whose unpinned map is of
+map that is missing (bpffs is empty after a reboot; every pinned map bcc declared, used by
+the programs or not) or a map that is not pinned is created as bcc would, from the record (plain map types only; a program array only when pinned, for
+the caller fills it through its pin with plain map updates; an entry whose unpinned map is of
 another type is not stored). The fds are patched into the instructions, which go through
 kpr.bpf.kernctx's check as a compile's do, and every program is loaded (libbpf's
 bpf_prog_load) before the caller gets any: anything wrong (no entry, a file truncated or
@@ -40,7 +44,7 @@ import os
 import platform
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +56,9 @@ from kpr.bpf.loader import BPFError, Source, attach_type_value, compile_and_load
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CACHE_DIR", "CachedModule", "CachedProg", "ProgramCache", "load_programs"]
+__all__ = ["CACHE_DIR", "CachedModule", "CachedProg", "ProgramCache", "for_config", "has_entry", "load_programs"]
 
-FORMAT = 1
+FORMAT = 2  # 2: maps recorded with their pin's name
 KEEP = 4  # entries kept: an agent's current build and a few it may switch back to
 CACHE_DIR = "bpf-cache"  # under agent.stateDir
 SUFFIX = ".prog"
@@ -67,6 +71,9 @@ CREATABLE = {
     M.BPF_MAP_TYPE_HASH, M.BPF_MAP_TYPE_ARRAY, 5, 6, 9, 10, 11,  # percpu hash/array, lru (percpu) hash, lpm trie
     27,  # ring buffer (kpr monitor's, pinned: gone with the rest after a reboot)
 }
+# Made from the record only when pinned: empty, filled by the caller through the pin.
+PROG_ARRAY = 3
+CREATABLE_PINNED = CREATABLE | {PROG_ARRAY}
 
 # (program name, program type, attach type or None), as load_prog takes them
 Program = tuple[str, "int | str", "int | str | None"]
@@ -156,9 +163,9 @@ class ProgramCache:
         self.directory = Path(directory)
         self.pin_path = Path(pin_path)
 
-    def key(self, source: Source, programs: Sequence[Program]) -> str:
+    def key(self, source: Source, programs: Sequence[Program], fresh_pins: Mapping[str, str] = {}) -> str:
         h = hashlib.sha256(f"kpr-progcache-{FORMAT}\0".encode())
-        h.update(source.digest())
+        h.update(_stable(source, fresh_pins).digest())
         h.update(platform.version().encode())
         for name, ptype, atype in programs:
             h.update(f"\0{name}:{prog_type_value(ptype)}:{attach_type_value(atype)}".encode())
@@ -169,17 +176,20 @@ class ProgramCache:
 
     # ---------------------------------------------------------------- store
 
-    def store(self, key: str, bpf: Any, programs: Sequence[Program]) -> Path:
+    def store(self, key: str, bpf: Any, programs: Sequence[Program], fresh_pins: Mapping[str, str] = {}) -> Path:
         """Write the entry for a compiled module whose `programs` are loaded; raises CacheMiss
         when the build cannot be cached (the reason says why), OSError when it cannot be written."""
         lib = _libbcc()
+        pins = self._pins_by_id()
         tables: dict[int, dict[str, Any]] = {}  # fd -> the map's record
         for t in range(lib.bpf_num_tables(bpf.module)):
             fd = lib.bpf_table_fd_id(bpf.module, t)
             info = M.obj_info(fd)
             name = lib.bpf_table_name(bpf.module, t).decode()
+            names = pins.get(info.id, [])
+            pin = name if name in names else min(names, default=None)
             tables[fd] = {
-                "name": name, "pinned": self._pinned_id(name) == info.id, "type": info.type,
+                "name": name, "pin": fresh_pins.get(pin, pin) if pin else None, "type": info.type,
                 "key_size": info.key_size, "value_size": info.value_size, "flags": info.map_flags,
                 # what bcc declares (a pinned map may have been made with another size)
                 "max_entries": int(lib.bpf_table_max_entries_id(bpf.module, t)) or info.max_entries,
@@ -194,7 +204,7 @@ class ProgramCache:
                 rec = tables.get(fd)
                 if rec is None:
                     raise CacheMiss(f"{name} uses map fd {fd}, which is no table of the module")
-                if not rec["pinned"] and (rec["type"] not in CREATABLE or kind == PSEUDO_MAP_VALUE):
+                if not rec["pin"] and (rec["type"] not in CREATABLE or kind == PSEUDO_MAP_VALUE):
                     raise CacheMiss(f"{name} uses map {rec['name']}, neither pinned nor a plain map to create")
                 if fd not in index:
                     index[fd] = len(maps)
@@ -204,6 +214,9 @@ class ProgramCache:
                 "name": name, "prog_type": prog_type_value(ptype), "attach_type": attach_type_value(atype),
                 "insns": base64.b64encode(insns).decode(), "maps": refs,
             })
+        # bcc makes and pins every pinned map it declares, used or not (the XDP build's
+        # kpr_np_fe, which the plugin opens): so does a load from the entry
+        maps += [rec for fd, rec in tables.items() if rec["pin"] and fd not in index]
         license = lib.bpf_module_license(bpf.module) or b"GPL"
         body = json.dumps({
             "format": FORMAT, "key": key, "label": getattr(bpf, "_kpr_label", ""),
@@ -212,12 +225,31 @@ class ProgramCache:
         }, sort_keys=True).encode()
         return self._write(key, hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
 
-    def _pinned_id(self, name: str) -> int | None:
+    def _pins_by_id(self) -> dict[int, list[str]]:
+        """map id -> the names it is pinned under, directly in pin_path (programs', links' and
+        directories skipped)."""
+        out: dict[int, list[str]] = {}
+        lib = M.libbpf()
         try:
-            with M.BpfMap.open_pinned(self.pin_path / name) as m:
-                return m.id
+            entries = list(os.scandir(self.pin_path))
         except OSError:
-            return None
+            return out
+        for e in entries:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            fd = lib.bpf_obj_get(e.path.encode())
+            if fd < 0:
+                continue
+            try:
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("map_id:"):
+                            out.setdefault(int(line.split()[1]), []).append(e.name)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return out
 
     def _write(self, key: str, data: bytes) -> Path:
         made = not self.directory.exists()
@@ -279,9 +311,10 @@ class ProgramCache:
             raise CacheMiss("the entry is another build's")
         return doc
 
-    def load(self, key: str, label: str) -> CachedModule:
+    def load(self, key: str, label: str, fresh_pins: Mapping[str, str] = {}) -> CachedModule:
         """Every program of the entry, loaded against this node's maps; CacheMiss when any cannot be."""
         doc = self.read(key)
+        this_load = {stable: mine for mine, stable in fresh_pins.items()}
         lib = _libbpf()
         fds: list[int] = []
         loaded: dict[str, tuple[int, int, CachedProg]] = {}
@@ -289,7 +322,7 @@ class ProgramCache:
         try:
             try:
                 for rec in doc["maps"]:
-                    fds.append(self._map_fd(rec))
+                    fds.append(self._map_fd(rec, this_load))
                 for p in doc["programs"]:
                     name = p["name"]
                     insns = _patch(base64.b64decode(p["insns"], validate=True), p["maps"], fds)
@@ -313,21 +346,23 @@ class ProgramCache:
             os.utime(self.path(key))  # recently used: kept by the next prune
         return CachedModule(label, insns_of, loaded, key)
 
-    def _map_fd(self, rec: dict[str, Any]) -> int:
+    def _map_fd(self, rec: dict[str, Any], this_load: Mapping[str, str]) -> int:
         """An fd of the map `rec` records: its pin (created as bcc would when missing), or a new map."""
         name = str(rec["name"])
         want = (rec["type"], rec["key_size"], rec["value_size"], rec["flags"])
-        if not rec["pinned"]:
+        if not rec["pin"]:
             return self._create(rec).fd
-        pin = self.pin_path / name
+        pin = self.pin_path / this_load.get(rec["pin"], rec["pin"])
+        if pin.parent != self.pin_path:
+            raise CacheMiss(f"map {name}: pin {rec['pin']!r} is no name in {self.pin_path}")
         try:
             m = M.BpfMap.open_pinned(pin)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise CacheMiss(f"map {name}: {exc}") from None
-            if rec["type"] not in CREATABLE:
+            if rec["type"] not in CREATABLE_PINNED:
                 raise CacheMiss(f"map {name} is not pinned and is of a type kpr does not create") from None
-            m = self._create(rec)
+            m = self._create(rec, CREATABLE_PINNED)
             try:
                 m.pin(pin)
                 log.info("event=bpf_cache_map_created map=%s pin=%s", name, pin)
@@ -335,7 +370,7 @@ class ProgramCache:
                 m.close()
                 if exc.errno != errno.EEXIST:
                     raise CacheMiss(f"map {name}: {exc}") from None
-                return self._map_fd(rec)  # another process pinned it meanwhile
+                return self._map_fd(rec, this_load)  # another process pinned it meanwhile
         info = m.info()
         have = (info.type, info.key_size, info.value_size, info.map_flags)
         if have != want:
@@ -344,8 +379,8 @@ class ProgramCache:
         return m.fd
 
     @staticmethod
-    def _create(rec: dict[str, Any]) -> M.BpfMap:
-        if rec["type"] not in CREATABLE:
+    def _create(rec: dict[str, Any], creatable: set[int] = CREATABLE) -> M.BpfMap:
+        if rec["type"] not in creatable:
             raise CacheMiss(f"map {rec['name']} is of a type kpr does not create ({rec['type']})")
         spec = M.MapSpec(str(rec["name"])[:15], rec["type"], rec["key_size"], rec["value_size"],
                          rec["max_entries"], flags=rec["flags"])
@@ -372,6 +407,16 @@ class ProgramCache:
             tail = log_buf.value.decode(errors="replace").strip().splitlines()[-1:] or [""]
             raise CacheMiss(f"the kernel refused {name}: {os.strerror(-fd)} {tail[0]!r}")
         return fd
+
+
+def _stable(source: Source, fresh_pins: Mapping[str, str]) -> Source:
+    """`source` with each of this load's fresh pin names as its stable name (the key's view)."""
+    if not fresh_pins:
+        return source
+    flags = list(source.flags)
+    for mine, stable in fresh_pins.items():
+        flags = [f.replace(mine, stable) for f in flags]
+    return Source(source.text, tuple(flags), source.label)
 
 
 def _libbcc() -> Any:
@@ -407,18 +452,21 @@ def load_programs(
     include_dirs: Sequence[Path] = (),
     name: str = "",
     cache: ProgramCache | None = None,
+    fresh_pins: Mapping[str, str] = {},
 ) -> Any:
     """compile_and_load, then load_prog for every one of `programs`; with a cache, the programs
     are loaded from its entry when it has one for this build (no bcc imported), and a
     compile's programs are stored for the next start. Returns the bcc module or a
     CachedModule; either way `load_prog(module, name, ...)` gives the loaded program and
-    `module.cleanup()` closes what this process holds."""
+    `module.cleanup()` closes what this process holds. `fresh_pins` (this load's pin name ->
+    the stable name it stands for): pins that every load names anew, excluded from the key
+    (a program array, made empty under this load's name on a hit: the caller fills it)."""
     source = prepare(src, cflags=cflags, include_dirs=include_dirs, name=name)
     key = ""
     if cache is not None:
         try:
-            key = cache.key(source, programs)
-            module = cache.load(key, source.label)
+            key = cache.key(source, programs, fresh_pins)
+            module = cache.load(key, source.label, fresh_pins)
         except CacheMiss as miss:
             (log.info if miss.quiet else log.warning)(
                 "event=bpf_cache_miss file=%s reason=%r", source.label, miss.reason)
@@ -436,7 +484,7 @@ def load_programs(
         raise
     if cache is not None:
         try:
-            path = cache.store(key, bpf, programs)
+            path = cache.store(key, bpf, programs, fresh_pins)
         except CacheMiss as why:
             log.warning("event=bpf_cache_not_stored file=%s reason=%r", source.label, why.reason)
         except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs the next start a compile
@@ -444,3 +492,25 @@ def load_programs(
         else:
             log.info("event=bpf_cache_stored file=%s path=%s", source.label, path)
     return bpf
+
+
+def has_entry(
+    src: str | Path,
+    programs: Sequence[Program],
+    *,
+    cflags: Sequence[str] = (),
+    name: str = "",
+    cache: ProgramCache,
+    fresh_pins: Mapping[str, str] = {},
+) -> bool:
+    """Whether `cache` has an entry file for this build (not read: load_programs checks it)."""
+    source = prepare(src, cflags=cflags, name=name)
+    return cache.path(cache.key(source, programs, fresh_pins)).exists()
+
+
+def for_config(config: Any) -> ProgramCache | None:
+    """The cache a plugin loads through: `<agent.stateDir>/bpf-cache` for maps under bpf.pinPath;
+    None when bpf.programCache is off."""
+    if not config.bpf.program_cache:
+        return None
+    return ProgramCache(Path(config.agent.state_dir) / CACHE_DIR, config.bpf.pin_path)

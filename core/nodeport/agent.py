@@ -31,6 +31,7 @@ from typing import Any
 
 from kpr import hookimpl
 from kpr.bpf import maps as M
+from kpr.bpf import progcache
 from kpr.bpf.links import device_pin_name
 from kpr.context import PluginContext
 from kpr.model import NodeInfo, PluginStatus
@@ -121,6 +122,7 @@ class NodePortAgent:
             maglev = D.writer_settings(pin).maglev_size or M.MAGLEV_DEFAULT_SIZE
             datapath = self._new_datapath(cfg, maglev)
             datapath.sizes = context.config.bpf.map_size_overrides()
+            datapath.program_cache = progcache.for_config(context.config)  # a start with nothing to adopt
             # a restart with the same build keeps the programs the first device's links run
             first = context.node.devices[:1]
             self.datapath = datapath.load({
@@ -307,6 +309,7 @@ class NodePortAgent:
             "foreignFiltersFirst": dict(self._foreign_ahead),
             "netns": self._netns_path or "host",
             "statsMaps": [dp.STATS_MAP, dp.FWD_MAP] if dp is not None else [],
+            "build": dp.build if dp is not None else None,  # compiled, cached (kpr.bpf.progcache) or adopted
             # false: the tc build infers the checksum state (a fallback kept by restarts, or no
             # kfunc); null for XDP, which has no skb
             "kernctx": dp.reads_csum_state if dp is not None else None,

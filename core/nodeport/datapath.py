@@ -296,7 +296,9 @@ class Datapath:
         # replaces keep their own stages until the switch; drop_other_generations() then
         # unpins the arrays of earlier builds (load() names the adopted build's, if adopted).
         self.calls_pin = f"{self.CALLS_MAP}_{secrets.token_hex(4)}"  # bpffs refuses dots in names
-        self.build = ""  # "compiled", or "adopted": the pinned links ran this build already
+        self.build = ""  # "compiled"; "cached": from program_cache; "adopted": the pinned links ran this build already
+        # kpr.bpf.progcache.ProgramCache: a start with no links to adopt loads an earlier compile from it
+        self.program_cache: Any = None
         # bpf.mapSizes overrides: the programs must declare the pinned maps as the writer made them.
         self.sizes: dict[str, int] = {}
         self.bpf: Any = None
@@ -334,8 +336,6 @@ class Datapath:
         in this build's pinned stage array already)."""
         from kpr.bpf import builds
         from kpr.bpf.inline import inline_includes
-        from kpr.bpf.loader import compile_and_load, load_prog
-
         source = self.SOURCE
         text = inline_includes(source.read_text(), [source.parent], label=str(source))
         # The digest covers every flag but the stage array's own name. A compile always pins a
@@ -370,8 +370,9 @@ class Datapath:
                             self.calls_pin = p.name
             else:
                 self.unpin_old_counters()
+                self._cached_fallback(text)
                 try:
-                    self._compile(text, source, compile_and_load, load_prog)
+                    self._compile(text, source)
                 except Exception as e:
                     if not (self.kernctx and kernctx.cflags()):
                         raise
@@ -381,12 +382,12 @@ class Datapath:
                     log.warning("event=kernctx_fallback error=%r; the checksum state is inferred", str(e)[:300])
                     self.kernctx = False
                     self._drop_compiled()
-                    digest = self._digest(text)
-                    self._compile(text, source, compile_and_load, load_prog)
-                table = self.bpf[self.CALLS_MAP.encode()]
-                for i, name in enumerate(self.CALLS):
-                    if name:
-                        table[table.Key(i)] = table.Leaf(self.progs[name].fd)
+                    self._compile(text, source)
+                digest = self._digest(text)
+                with M.BpfMap.open_pinned(self.pin / self.calls_pin) as table:  # (no bcc: a cached load has none)
+                    slots = [i for i, name in enumerate(self.CALLS) if name]
+                    table.update_many([M.U32.pack(i) for i in slots], [M.U32.pack(self.fd(self.CALLS[i])) for i in slots],
+                                      batch=False)
                 builds.record(self.pin, digest, [self.prog_id(n) for n in self.ENTRIES])
             for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc"):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
@@ -411,11 +412,43 @@ class Datapath:
         finally:
             self.calls_pin = fresh
 
-    def _compile(self, text: str, source: Path, compile_and_load: Any, load_prog: Any) -> None:
-        self.bpf = compile_and_load(text, cflags=self.cflags(), name=str(source))
-        self.build = "compiled"
-        for name in (*self.ENTRIES, *(c for c in self.CALLS if c)):
-            self.progs[name] = load_prog(self.bpf, name, self.PROG_TYPE)
+    def _programs(self) -> list[tuple[str, str, None]]:
+        return [(name, self.PROG_TYPE, None) for name in (*self.ENTRIES, *(c for c in self.CALLS if c))]
+
+    def _compile(self, text: str, source: Path) -> None:
+        """Compile and load, or load an earlier compile from program_cache (kpr.bpf.progcache:
+        the stage array is made anew under this build's calls_pin, filled by load())."""
+        from kpr.bpf.loader import load_prog
+        from kpr.bpf.progcache import CachedModule, load_programs
+
+        self.bpf = load_programs(text, self._programs(), cflags=self.cflags(), name=str(source),
+                                 cache=self.program_cache, fresh_pins={self.calls_pin: self.CALLS_MAP})
+        self.build = "cached" if isinstance(self.bpf, CachedModule) else "compiled"
+        for name, ptype, _a in self._programs():
+            self.progs[name] = load_prog(self.bpf, name, ptype)
+
+    def _cached_fallback(self, text: str) -> None:
+        """Load the build without the checksum-state read when the cache holds it and not the
+        build with it: a kernel that refused the read did so at an earlier start (as with
+        adopted links: kept until a kernel, bcc, kpr or config change)."""
+        from kpr.bpf.progcache import has_entry
+
+        if self.program_cache is None or not (self.kernctx and kernctx.cflags()):
+            return
+        fresh = {self.calls_pin: self.CALLS_MAP}
+
+        def cached() -> bool:
+            return has_entry(text, self._programs(), cflags=self.cflags(), name=str(self.SOURCE),
+                             cache=self.program_cache, fresh_pins=fresh)
+
+        if cached():
+            return
+        self.kernctx = False
+        if not cached():
+            self.kernctx = True
+        elif self.reads_csum_state is not None:
+            log.warning("event=kernctx_fallback_cached prog=%s hint='the cached build infers the checksum state "
+                        "(an earlier start could not load the read)'", self.ENTRIES[0])
 
     def _drop_compiled(self) -> None:
         self.progs.clear()

@@ -264,16 +264,20 @@ class ProgLab:
     def fillers(self) -> int:
         return max(0, self.services - 2)
 
-    def load(self, hook: str, name: str, cflags: Sequence[str] = (), source: Path | None = None) -> Any:
+    def load(self, hook: str, name: str, cflags: Sequence[str] = (), source: Path | None = None,
+             program_cache: Any = None) -> Any:
         """Compile and load one build of the hook's program, its device maps filled as the agent does
-        (`source`: an entry file of the benchmark's own in place of the plugin's)."""
+        (`source`: an entry file of the benchmark's own in place of the plugin's; `program_cache`:
+        the Datapath's, kpr.bpf.progcache)."""
         from kpr.plugins.tc_nodeport import datapath as TD
         from kpr.plugins.xdp_nodeport import datapath as XD
 
         cls = XD.Datapath if hook == "xdp" else TD.Datapath
         if source is not None:
             cls = type(f"{cls.__name__}Of{source.stem}", (cls,), {"SOURCE": source})
-        dp = cls(self.pin, mode="snat", extra_cflags=list(cflags)).load()
+        dp = cls(self.pin, mode="snat", extra_cflags=list(cflags))
+        dp.program_cache = program_cache
+        dp.load()
         self.builds[name] = dp
         dp.set_devices({self.ifindex: (NODE4, None)}, (NODE4, None))
         dp.set_device_kinds(self.kinds)

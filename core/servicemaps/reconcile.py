@@ -311,15 +311,21 @@ class ReconcileMixin:
         """Entries per map as the kernel holds them (read back). The arrays always hold
         max_entries: kpr_slots counts the slots the service entries point at, kpr_backend
         its non-zero entries."""
+        return self._kernel_counts()[0]
+
+    def _kernel_counts(self, frontends: bool = False) -> tuple[dict[str, int], int]:
+        """kernel_counts(), and with `frontends` the frontends kpr_svc's entries name (what a
+        read makes groups of; else 0)."""
         with self._lock:
             self._require_open()
             skip = ("kpr_svc", "kpr_slots", "kpr_backend")
             out = {name: self.maps[name].count() for name in M.SERVICE_MAPS if name not in skip}
-            svc = self.maps["kpr_svc"].items()  # one dump for both counts
+            svc = self.maps["kpr_svc"].items()  # one dump for the counts and the frontends
             out["kpr_svc"] = len(svc)
             out["kpr_slots"] = slots_in_use(svc)
             out["kpr_backend"] = len(M.backend_items(self.maps["kpr_backend"]))
-            return {name: out[name] for name in M.SERVICE_MAPS}
+            n_fe = len({k[:19] for k, _v in svc if not (k[20] or k[21])}) if frontends else 0  # (an older kpr's slot entries: none)
+            return {name: out[name] for name in M.SERVICE_MAPS}, n_fe
 
     def ops(self) -> dict[str, dict[str, int]]:
         """Elements written/deleted and syscalls made, per map, since open."""

@@ -490,12 +490,11 @@ def _unread_restart(
 
 @pytest.mark.parametrize("seed", range(3))
 def test_unread_restart_of_the_same_services_takes_the_maps_as_they_are(pin_dir: Path, seed: int) -> None:
-    """The same common services again: nothing written, nothing read but one dump of each
-    map, and the shadow, the maps and every count exactly the read-and-diff path's."""
+    """The same common services again: nothing written, and the shadow, the maps and every
+    count exactly the read-and-diff path's."""
     services = _services(seed + 50)
     a, b, took = _unread_restart(pin_dir, services)
     try:
-        a.ops_before = a.ops()  # type: ignore[attr-defined]
         for w in (a, b):
             w.full_sync(list(reversed(services)))
         assert took == [True]
@@ -551,7 +550,8 @@ def _stray_revnat(w: ServiceMapWriter) -> None:
 
 
 def _stray_slot(w: ServiceMapWriter) -> None:
-    w.maps["kpr_slots"].update(M.U32.pack(w.specs["kpr_slots"].max_entries - 1), bytes(range(1, 9)))
+    # (state active: what tells is the slot itself, past every range)
+    w.maps["kpr_slots"].update(M.U32.pack(w.specs["kpr_slots"].max_entries - 1), bytes(range(1, 5)) + bytes(4))
 
 
 def _generation_kept(w: ServiceMapWriter) -> None:
@@ -607,7 +607,9 @@ def test_unread_restart_over_maps_that_differ_reads_and_repairs_them(pin_dir: Pa
     as they are; read and diffed as before, with the same result (strays removed, edits
     repaired, the freed backend's generation kept)."""
     services = _services(61)
-    _read_and_diffed(pin_dir, services, services, edit, planned=edit not in (_generation_kept, _stray_svc))
+    _read_and_diffed(
+        pin_dir, services, services, edit, planned=edit not in (_generation_kept, _stray_svc, _stray_srcrange, _stray_maglev)
+    )
 
 
 def _read_and_diffed(pin_dir: Path, first: list[Service], then: list[Service], edit=None, planned: bool = True) -> None:
@@ -646,7 +648,48 @@ def test_unread_restart_with_other_services_leaves_what_reading_first_leaves(pin
     _read_and_diffed(pin_dir, services, then, planned=change == "one-backend")
 
 
-@pytest.mark.parametrize("first", ["upsert", "status", "differences", "check"])
+@pytest.mark.parametrize("kind", ["source-ranges", "terminating", "all-terminating"])
+def test_unread_restart_over_services_a_bulk_sync_leaves_out_makes_no_plan(pin_dir: Path, kind: str) -> None:
+    """Services the bulk sync leaves to the general path that still take one kpr_svc entry
+    each (source ranges, terminating backends: the count of entries is the services'): the
+    maps tell at once (kpr_srcrange not empty, a slot's state not active) that they are not a
+    bulk sync's, so no plan is made; read and diffed as before."""
+    services = _services(64)
+    i = next(i for i, s in enumerate(services) if len(s.frontends[0].backends) > 1)
+    fe = services[i].frontends[0]
+    if kind == "source-ranges":
+        fe = Frontend(fe.type, fe.address, fe.port, fe.protocol, fe.backends, source_ranges=("198.51.100.0/24",))
+    else:
+        bes = fe.backends[:1] if kind == "terminating" else ()
+        bes += tuple(Backend(b.address, b.port, state=BackendState.TERMINATING) for b in fe.backends[len(bes):])
+        fe = Frontend(fe.type, fe.address, fe.port, fe.protocol, bes)
+    services[i] = Service(services[i].key, (fe,))
+    _read_and_diffed(pin_dir, services, services, planned=False)
+
+
+def test_status_before_the_initial_sync_leaves_the_maps_unread(pin_dir: Path) -> None:
+    """kpr_status (every metrics scrape, `kpr status`) before the initial sync counts the
+    unread maps in the kernel without reading them into the shadow: the same status as the
+    read path's, and the sync still takes the maps as they are."""
+    services = _services(65)
+    a, b, took = _unread_restart(pin_dir, services)
+    try:
+        sa, sb = a.kpr_status(), b.kpr_status()
+        assert a._unread and not a._groups
+        assert (sa.healthy, sa.message, sa.counters, sa.details) == (sb.healthy, sb.message, sb.counters, sb.details)
+        assert sa.counters["frontends"] == len(services) and not sa.details["synced"]
+        for w in (a, b):
+            w.full_sync(services)
+        assert took == [True]
+        assert _picture(a) == _picture(b)
+        sa, sb = a.kpr_status(), b.kpr_status()
+        assert (sa.healthy, sa.message, sa.counters, sa.details) == (sb.healthy, sb.message, sb.counters, sb.details)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("first", ["upsert", "differences", "check"])
 def test_an_operation_before_the_initial_sync_reads_the_unread_maps(pin_dir: Path, first: str) -> None:
     """Anything that needs the shadow before the initial sync reads the maps first: it sees
     (and the sync after it diffs against) what they hold, as if open() had read them."""
@@ -658,9 +701,6 @@ def test_an_operation_before_the_initial_sync_reads_the_unread_maps(pin_dir: Pat
         for w in (a, b):
             if first == "upsert":
                 w.upsert(services[4])
-            elif first == "status":
-                st = w.kpr_status()
-                assert st.counters["frontends"] == len(services)
             elif first == "differences":
                 assert differences(w)["count"] == 0
             else:

@@ -22,13 +22,19 @@ the KEEP most recently used stay, older ones are removed.
 A load from an entry opens each pinned map and checks it is the kind recorded (type, key and
 value size, flags; max_entries may differ, as bcc too uses a pinned map of any size); a pinned
 map that is missing (bpffs is empty after a reboot; every pinned map bcc declared, used by
-the programs or not) or a map that is not pinned is created as bcc would, from the record (plain map types only; a program array only when pinned, for
+the programs or not) or a map that is not pinned is created from the record, without BTF
+(plain map types only; a program array only when pinned, for
 the caller fills it through its pin with plain map updates; an entry whose unpinned map is of
 another type is not stored). The fds are patched into the instructions, which go through
 kpr.bpf.kernctx's check as a compile's do, and every program is loaded (libbpf's
 bpf_prog_load) before the caller gets any: anything wrong (no entry, a file truncated or
-corrupt, another format, a map of another kind, the verifier refusing, no libbpf) closes
-what was opened, logs one line `event=bpf_cache_miss reason=...` and compiles instead.
+corrupt, another format, a field of another type, a map of another kind, the verifier
+refusing, no libbpf) closes what was opened, unpins the maps this load pinned, logs one line
+`event=bpf_cache_miss reason=...` and compiles instead.
+
+What an entry holds is loaded into the kernel: it is read only from a cache directory and a
+file owned by this user that neither group nor others may write (anything else misses as
+"untrusted"); the directory is made 0700.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from typing import Any
 from kpr.bpf import kernctx
 from kpr.bpf.builds import AdoptedProg
 from kpr.bpf import maps as M
-from kpr.bpf.loader import BPFError, Source, attach_type_value, compile_and_load, load_prog, prepare, prog_type_value
+from kpr.bpf.loader import Source, attach_type_value, compile_and_load, load_prog, prepare, prog_type_value
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +299,7 @@ class ProgramCache:
 
     def read(self, key: str) -> dict[str, Any]:
         try:
-            data = self.path(key).read_bytes()
+            data = self._read_trusted(self.path(key).name)
         except FileNotFoundError:
             raise CacheMiss("no entry", quiet=True) from None
         except OSError as exc:
@@ -303,7 +309,7 @@ class ProgramCache:
             raise CacheMiss("corrupt or truncated (checksum)")
         try:
             doc = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise CacheMiss(f"corrupt: {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise CacheMiss(f"format {doc.get('format') if isinstance(doc, dict) else '?'}, not {FORMAT}")
@@ -311,18 +317,30 @@ class ProgramCache:
             raise CacheMiss("the entry is another build's")
         return doc
 
+    def _read_trusted(self, name: str) -> bytes:
+        """The file `name` of the cache directory, when both are this user's and writable by no one else."""
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _trusted(os.fstat(dfd), "directory")
+            with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd), "rb") as f:
+                _trusted(os.fstat(f.fileno()), "entry")
+                return f.read()
+        finally:
+            os.close(dfd)
+
     def load(self, key: str, label: str, fresh_pins: Mapping[str, str] = {}) -> CachedModule:
         """Every program of the entry, loaded against this node's maps; CacheMiss when any cannot be."""
         doc = self.read(key)
         this_load = {stable: mine for mine, stable in fresh_pins.items()}
         lib = _libbpf()
         fds: list[int] = []
+        made: list[Path] = []  # pins this load created, removed again on a miss
         loaded: dict[str, tuple[int, int, CachedProg]] = {}
         insns_of: dict[str, bytes] = {}
         try:
             try:
                 for rec in doc["maps"]:
-                    fds.append(self._map_fd(rec, this_load))
+                    fds.append(self._map_fd(rec, this_load, made))
                 for p in doc["programs"]:
                     name = p["name"]
                     insns = _patch(base64.b64decode(p["insns"], validate=True), p["maps"], fds)
@@ -338,6 +356,9 @@ class ProgramCache:
         except BaseException:
             for _p, _a, prog in loaded.values():
                 prog.close()
+            for pin in made:
+                with contextlib.suppress(OSError):
+                    pin.unlink()
             raise
         finally:
             for fd in fds:  # the programs hold their maps now
@@ -346,8 +367,9 @@ class ProgramCache:
             os.utime(self.path(key))  # recently used: kept by the next prune
         return CachedModule(label, insns_of, loaded, key)
 
-    def _map_fd(self, rec: dict[str, Any], this_load: Mapping[str, str]) -> int:
-        """An fd of the map `rec` records: its pin (created as bcc would when missing), or a new map."""
+    def _map_fd(self, rec: dict[str, Any], this_load: Mapping[str, str], made: list[Path]) -> int:
+        """An fd of the map `rec` records: its pin (created when missing, its path added to
+        `made`), or a new map."""
         name = str(rec["name"])
         want = (rec["type"], rec["key_size"], rec["value_size"], rec["flags"])
         if not rec["pin"]:
@@ -365,12 +387,13 @@ class ProgramCache:
             m = self._create(rec, CREATABLE_PINNED)
             try:
                 m.pin(pin)
+                made.append(pin)
                 log.info("event=bpf_cache_map_created map=%s pin=%s", name, pin)
             except OSError as exc:
                 m.close()
                 if exc.errno != errno.EEXIST:
                     raise CacheMiss(f"map {name}: {exc}") from None
-                return self._map_fd(rec, this_load)  # another process pinned it meanwhile
+                return self._map_fd(rec, this_load, made)  # another process pinned it meanwhile
         info = m.info()
         have = (info.type, info.key_size, info.value_size, info.map_flags)
         if have != want:
@@ -417,6 +440,11 @@ def _stable(source: Source, fresh_pins: Mapping[str, str]) -> Source:
     for mine, stable in fresh_pins.items():
         flags = [f.replace(mine, stable) for f in flags]
     return Source(source.text, tuple(flags), source.label)
+
+
+def _trusted(st: os.stat_result, what: str) -> None:
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise CacheMiss(f"untrusted {what} (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
 
 
 def _libbcc() -> Any:
@@ -470,8 +498,9 @@ def load_programs(
         except CacheMiss as miss:
             (log.info if miss.quiet else log.warning)(
                 "event=bpf_cache_miss file=%s reason=%r", source.label, miss.reason)
-        except (OSError, BPFError) as exc:  # e.g. a map that cannot be opened for lack of privileges
-            log.warning("event=bpf_cache_miss file=%s reason=%r", source.label, str(exc))
+        except Exception as exc:  # noqa: BLE001 - e.g. a map that cannot be opened for lack of privileges,
+            # or a field of another type under a valid checksum: a miss, never a failed start
+            log.warning("event=bpf_cache_miss file=%s reason=%r", source.label, f"{type(exc).__name__}: {exc}")
         else:
             log.info("event=bpf_cache_hit file=%s programs=%d key=%s", source.label, len(module.progs), key[:12])
             return module

@@ -16,11 +16,9 @@ import struct
 from collections.abc import Iterator
 
 from kpr.bpf import maps as M
+from kpr.bpf.progcache import _ld_imm64_maps
 
 __all__ = ["bcc_compiles", "loaded_named", "xlated_by_map_name"]
-
-BPF_LD_IMM64 = 0x18
-PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2
 
 
 @contextlib.contextmanager
@@ -56,15 +54,10 @@ def xlated_by_map_name(fd: int) -> tuple[bytes, list[str]]:
     """(instructions with map ids zeroed, the referenced maps' names in order)."""
     insns = bytearray(xlated(fd))
     names = []
-    i = 0
-    while i * 8 < len(insns):
-        code, regs = insns[i * 8], insns[i * 8 + 1]
-        if code == BPF_LD_IMM64 and regs >> 4 in (PSEUDO_MAP_FD, PSEUDO_MAP_VALUE):
-            (mid,) = struct.unpack_from("<i", insns, i * 8 + 4)
-            with M.BpfMap.from_id(mid) as m:
-                names.append(m.name)
-            struct.pack_into("<i", insns, i * 8 + 4, 0)
-        i += 2 if code == BPF_LD_IMM64 else 1
+    for i, _kind, mid in _ld_imm64_maps(bytes(insns)):  # (the kernel's translation holds map ids)
+        with M.BpfMap.from_id(mid) as m:
+            names.append(m.name)
+        struct.pack_into("<i", insns, i * 8 + 4, 0)
     return bytes(insns), names
 
 

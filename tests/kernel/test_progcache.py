@@ -19,7 +19,7 @@ import pytest
 
 from kpr.bpf import maps as M
 from kpr.bpf.loader import load_prog
-from kpr.bpf.progcache import CACHE_DIR, KEEP, CachedModule, ProgramCache, load_programs
+from kpr.bpf.progcache import CACHE_DIR, KEEP, CachedModule, CacheMiss, ProgramCache, load_programs
 from kpr.testing.bpffs import pin_map
 from kpr.testing.progs import bcc_compiles, loaded_named, xlated_by_map_name
 from kpr.testing.prog_run import test_run
@@ -49,6 +49,7 @@ class Rig:
         self.pin, self.state = pin, state
         self.cache = ProgramCache(state / CACHE_DIR, pin)
         self.held: list[Any] = []
+        self.pinned = PINNED  # the file name the counter is pinned under
 
     def load(self, verdict: int = 2, source: str = SOURCE, programs: list = PROGRAMS, extra: int = 0) -> Any:
         flags = [f'-DKPRT_PIN="{self.pin}"', f"-DKPRT_VERDICT={verdict}", f"-DKPRT_UNUSED={extra}"]
@@ -61,7 +62,7 @@ class Rig:
         return sorted((self.state / CACHE_DIR).glob("*.prog"))
 
     def counter(self) -> int:
-        with M.BpfMap.open_pinned(self.pin / PINNED) as m:
+        with M.BpfMap.open_pinned(self.pin / self.pinned) as m:
             return struct.unpack("<Q", m.lookup(struct.pack("<I", 0)))[0]
 
     def run(self, module: Any, verdict: int = 2) -> None:
@@ -112,6 +113,23 @@ def test_a_second_load_comes_from_the_cache_without_compiling(rig: Rig, caplog: 
     cached = xlated_by_map_name(load_prog(second, PROG, "XDP").fd)
     assert cached == compiled
     assert M.prog_info(load_prog(second, PROG, "XDP").fd).tag[:] == M.prog_info(load_prog(first, PROG, "XDP").fd).tag[:]
+
+
+def test_a_map_pinned_under_another_name_than_its_own(rig: Rig) -> None:
+    """A table pinned under another file name (as nodeport.h's XDP build pins kpr_np_stats as
+    kpr_np_xstats): a cached load counts in that pin, and makes it there after a reboot."""
+    rig.pinned = "kprt_other_pin"
+    source = SOURCE.replace('KPRT_PIN "/kprt_cache_pinned"', 'KPRT_PIN "/kprt_other_pin"')
+    rig.run(rig.load(source=source))
+    with bcc_compiles() as compiles:
+        module = rig.load(source=source)
+    assert compiles == [0] and isinstance(module, CachedModule)
+    rig.run(module)
+    assert rig.counter() == 2
+    (rig.pin / rig.pinned).unlink()
+    module = rig.load(source=source)
+    assert isinstance(module, CachedModule) and os.listdir(rig.pin) == [rig.pinned]
+    rig.run(module)
 
 
 def test_a_pinned_map_that_is_gone_is_made_as_bcc_would(rig: Rig) -> None:
@@ -167,6 +185,28 @@ def _gone(rig: Rig) -> None:
     rig.entries()[0].unlink()
 
 
+def _field_type(rig: Rig) -> None:
+    # a valid checksum over fields of another type (the unpinned map's size a string)
+    rewrite(rig.entries()[0], lambda d: d["maps"][[m["pin"] for m in d["maps"]].index(None)].update(max_entries="4"))
+
+
+def _prog_type(rig: Rig) -> None:
+    rewrite(rig.entries()[0], lambda d: d["programs"][0].update(prog_type="6"))
+
+
+def _deep(rig: Rig) -> None:
+    body = b"[" * 200_000 + b"]" * 200_000  # JSON nested past Python's recursion limit
+    rig.entries()[0].write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+def _shared_file(rig: Rig) -> None:
+    rig.entries()[0].chmod(0o666)
+
+
+def _foreign_file(rig: Rig) -> None:
+    os.chown(rig.entries()[0], 65534, -1)
+
+
 @pytest.mark.parametrize(
     "spoil, reason, warned",
     [
@@ -177,8 +217,14 @@ def _gone(rig: Rig) -> None:
         (_refused, "the kernel refused", True),
         (_kernctx, "bpf_cast_to_kern_ctx call at 0", True),
         (_gone, "no entry", False),
+        (_field_type, "ArgumentError", True),
+        (_prog_type, "ArgumentError", True),
+        (_deep, "corrupt", True),
+        (_shared_file, "untrusted entry (owner 0, mode 666)", True),
+        (_foreign_file, "untrusted entry (owner 65534", True),
     ],
-    ids=["truncated", "corrupt", "format", "map-kind", "verifier", "kernctx", "missing"],
+    ids=["truncated", "corrupt", "format", "map-kind", "verifier", "kernctx", "missing", "field-type", "prog-type",
+         "deep", "entry-writable", "entry-owner"],
 )
 def test_a_spoilt_entry_falls_back_to_the_compile(
     rig: Rig, caplog: pytest.LogCaptureFixture, spoil: Callable[[Rig], None], reason: str, warned: bool
@@ -200,6 +246,33 @@ def test_a_spoilt_entry_falls_back_to_the_compile(
     with bcc_compiles() as compiles:
         again = rig.load()
     assert compiles == [0] and isinstance(again, CachedModule)
+
+
+@pytest.mark.parametrize("mode, uid", [(0o777, 0), (0o720, 0), (0o700, 65534)], ids=["writable", "group", "owner"])
+def test_a_cache_directory_others_may_write_is_not_read(
+    rig: Rig, caplog: pytest.LogCaptureFixture, mode: int, uid: int
+) -> None:
+    """What an entry holds is loaded into the kernel: a directory someone else could put an
+    entry into is not read from (the entry itself is root's, 0600)."""
+    rig.load()
+    d = rig.state / CACHE_DIR
+    d.chmod(mode)
+    os.chown(d, uid, -1)
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    with bcc_compiles() as compiles:
+        rig.load()
+    assert compiles == [1] and "untrusted directory" in caplog.text
+
+
+def test_a_miss_unpins_the_maps_it_pinned(rig: Rig) -> None:
+    """A load that fails after pinning a map it made (the pin gone after a reboot, then the
+    verifier refusing the program) takes the pin away again: the compile makes its own."""
+    rig.load()
+    (rig.pin / PINNED).unlink()
+    _refused(rig)
+    with pytest.raises(CacheMiss, match="the kernel refused"):
+        rig.cache.load(rig.entries()[0].stem, "<kprt cache>")
+    assert not (rig.pin / PINNED).exists()
 
 
 def test_a_changed_flag_or_text_is_another_build(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
@@ -263,14 +336,15 @@ def test_state_directory_on_bpffs_leaves_nothing(rig: Rig, caplog: pytest.LogCap
 def test_a_refused_program_leaves_none_of_the_entry_loaded(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     """The entry's first program loads, its second is refused: the first is closed again before
     the compile, so the only copy loaded afterwards is the compile's."""
-    source = SOURCE + "int kprt_cache_two(struct xdp_md *ctx) { return XDP_PASS; }\n"
-    programs = PROGRAMS + [("kprt_cache_two", "XDP", None)]
+    one = f"kprt_c{os.getpid() % 10**9}"  # this run's: a parallel run loads programs of its own
+    source = SOURCE.replace(PROG, one) + "int kprt_cache_two(struct xdp_md *ctx) { return XDP_PASS; }\n"
+    programs = [(one, "XDP", None), ("kprt_cache_two", "XDP", None)]
     rig.load(source=source, programs=programs).cleanup()
     rig.held.clear()
-    assert loaded_named(PROG) == []
+    assert loaded_named(one) == []
     exit_only = base64.b64encode(struct.pack("<BBhi", 0x95, 0, 0, 0)).decode()
     rewrite(rig.entries()[0], lambda d: d["programs"][1].update(insns=exit_only, maps=[]))
     with bcc_compiles() as compiles:
         module = rig.load(source=source, programs=programs)
     assert compiles == [1] and "the kernel refused kprt_cache_two" in caplog.text
-    assert loaded_named(PROG) == [M.prog_info(load_prog(module, PROG, "XDP").fd).id]
+    assert loaded_named(one) == [M.prog_info(load_prog(module, one, "XDP").fd).id]

@@ -515,7 +515,11 @@ def differences(writer: Any, limit: int = 5) -> dict[str, Any]:
     with writer._lock:
         if not writer.maps:
             return {"count": 0, "first": [], "maps": {}, "error": "maps not open"}
-        writer._ensure_read()  # (a restart's maps are read when first needed: servicemaps.adopt)
+        if writer._unread:
+            # A restart's maps before its initial sync: no state accepted yet to compare them
+            # with, and reading them here (`kpr status`, a readiness probe) would make the sync
+            # read and diff them instead of taking them as they are (kpr.servicemaps.adopt).
+            return {"count": 0, "first": [], "maps": {}, "error": "not read yet (a restart's maps, until the initial sync)"}
         want = _desired_entries(writer)
         have: dict[str, dict[bytes, bytes]] = {}
         for name in M.SERVICE_MAPS:

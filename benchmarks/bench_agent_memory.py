@@ -22,8 +22,13 @@ fed by the files source. Measured:
 - steps the agent times itself (from its log): the files source's read-ahead, wall and CPU (it
   reads, checks and packs the manifests on a thread of its own while the plugins start, and
   its log lines wait for the first pass, as a BPF compile captures fd 2; that thread has
-  ended by ready, so its CPU is in the process's, not in the per-thread list), the first
-  pass, the writer's initial sync;
+  ended by ready, so its CPU is in the process's, not in the per-thread list); the CPU and
+  peak RSS (VmHWM) of its worker process (kpr.sources.files_worker), which reads files while
+  that thread takes what it sent; the first pass, and its worker's CPU and peak RSS when the
+  pass ran without read-ahead (the agent runs it while the plugins start when a core is idle);
+  the writer's initial sync. The agent reaps the worker before ready, so the worker's CPU is
+  in the agent's CPU to ready (the reaped children's cutime and cstime are added to the
+  agent's own from /proc/<pid>/stat);
 - VmRSS at ready, VmRSS 2 s later (steady) and VmHWM (the peak) of the agent process;
 - the same as ratios and differences against the 0-service agent: the goal of issue 11 is
   steady RSS at 20k services at most 100 MB above the empty agent's, ready in under 3 s.
@@ -79,9 +84,11 @@ def proc_status(pid: int | str) -> dict[str, float]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process: unlike wall time, not inflated by a busy machine."""
+    """User + system CPU time of a process and of the children it has reaped (the files
+    source's read-ahead worker, which the agent waits for before ready): unlike wall time,
+    not inflated by a busy machine."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 # Log events on the way to ready, in order: (label, event in the agent's log line).
@@ -115,6 +122,11 @@ def phases(log_text: str, started: float) -> dict[str, float]:
 STEP_FIELDS = (
     ("read-ahead", "files.preloaded ", "ms", 0.001),
     ("read-ahead CPU", "files.preloaded ", "cpu_ms", 0.001),
+    ("read-ahead worker CPU", "files.preloaded ", "worker_cpu_ms", 0.001),
+    ("read-ahead worker peak MB", "files.preloaded ", "worker_peak_mb", 1.0),
+    ("first pass's worker", "files.read_with_worker ", "ms", 0.001),
+    ("first pass's worker CPU", "files.read_with_worker ", "worker_cpu_ms", 0.001),
+    ("first pass's worker peak MB", "files.read_with_worker ", "worker_peak_mb", 1.0),
     ("first pass", "files.scan ", "ms", 0.001),
     ("writer's initial sync", "event=servicemaps_initial_sync ", "seconds", 1.0),
 )

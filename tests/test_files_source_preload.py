@@ -3,8 +3,17 @@ takes what was read, and sends exactly what a pass without read-ahead sends."""
 
 from __future__ import annotations
 
+import pytest
+
 from kpr.sources import files as files_mod
 from test_files_source import RecordingSink, make, service, slice_, write
+
+
+@pytest.fixture(autouse=True)
+def _read_ahead_on_a_thread(monkeypatch):
+    """These tests count the agent's own _load_file calls: the read-ahead on its thread
+    (the worker process's read-ahead: test_files_source_worker.py)."""
+    monkeypatch.setenv("KPR_FILES_WORKER", "0")
 
 
 def _counting_loads(monkeypatch) -> list[str]:

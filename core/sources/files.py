@@ -33,19 +33,21 @@ import stat
 import sys
 import threading
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 
 from .. import memory
-from ..allocator import AllocationError, Allocator
-from ..config import load_yaml, shape_problem
 from ..model import InvalidObject
 from . import SUPPORTED_KINDS, LeaseSpec, ObjectRef, ObjectSink, ServiceHandler
 from .dirwatch import DirWatcher, WatchUnavailable
 from .yamlload import FastSafeLoader
+
+if TYPE_CHECKING:
+    from ..allocator import Allocator
 
 try:
     # About half json's time on manifests (0.3 of the 20k-service initial sync's 3 s); used
@@ -103,6 +105,39 @@ class _FileState:
     service_keys: set[str] = field(default_factory=set)
 
 
+# A worker's start costs about 0.25 s of CPU (its imports), what reading 2 MB of manifests does.
+WORKER_MIN_BYTES = 2 * 1024 * 1024
+
+
+def _move_places(tr: Any, read: Any, moved: dict[int, int | None]) -> bool:
+    """Give a slice's reading from the worker this process's place ids; False when that
+    cannot be done exactly (an id this process has none for, or an address twice, whose
+    order the ids may decide)."""
+    codes = read.codes
+    shift = tr._ADDRESS_SHIFT
+    mask = (1 << shift) - 4  # the place id's bits (the state's are the lowest two)
+    if not any((c & mask) >> 2 in moved for c in codes):
+        return True
+    if len({c >> shift for c in codes}) != len(codes):
+        return False
+    out = []
+    for c in codes:
+        place = (c & mask) >> 2
+        if place in moved:
+            place = moved[place]
+            if place is None:
+                return False
+        out.append(c & ~mask | place << 2)
+    read.codes = tuple(out) if type(codes) is tuple else array(codes.typecode, out)
+    return True
+
+
+def _worker_wanted() -> bool:
+    """Whether the read-ahead runs in a worker process (kpr.sources.files_worker); the
+    environment's KPR_FILES_WORKER=0 keeps it on a thread of the agent."""
+    return os.environ.get("KPR_FILES_WORKER", "1") != "0"
+
+
 def _ignored(name: str) -> bool:
     # Hidden files include vim's .x.swp and emacs' .#x lock links; emacs autosaves are #x#.
     if name.startswith((".", "#")) or name.endswith(("~", ".swp", ".tmp")):
@@ -143,7 +178,7 @@ def parse_manifest(name: str, data: bytes) -> list[dict]:
             raise _ParseError(f"not valid JSON: nested deeper than {MAX_DEPTH} levels") from None
     else:
         try:
-            docs = load_yaml(text, _Loader, many=True, max_depth=MAX_DEPTH)
+            docs = _config().load_yaml(text, _Loader, many=True, max_depth=MAX_DEPTH)
         except ValueError as e:
             raise _ParseError(str(e)) from None
     # Bounded depth, and bounded size once aliases are expanded: without aliases a value
@@ -162,7 +197,7 @@ def parse_manifest(name: str, data: bytes) -> list[dict]:
         if floats and by_orjson and _LONG_DIGITS.search(text):
             docs = [json.loads(text)]  # an integer orjson read as a float: json's int
     else:
-        shape = shape_problem(docs, max_depth=MAX_DEPTH, max_nodes=100_000 + len(data), depth0=0)
+        shape = _config().shape_problem(docs, max_depth=MAX_DEPTH, max_nodes=100_000 + len(data), depth0=0)
         if shape:
             raise _ParseError(shape)
     out: list[dict] = []
@@ -328,6 +363,20 @@ def _kept(sig: Signature, old: _FileState | None, reason: str) -> _FileState:
     return _FileState(sig, old.objects, [reason], True, old.service_keys)
 
 
+def _config() -> Any:
+    # Imported when a YAML file is read: the read-ahead's worker process (files_worker)
+    # reading JSON then starts without pydantic (0.17 s of its 0.25 s of imports).
+    from .. import config
+
+    return config
+
+
+def _allocation_error() -> type[Exception]:
+    from ..allocator import AllocationError  # imported late: see _config
+
+    return AllocationError
+
+
 def _translate() -> Any:
     # Imported late: translate pulls in the whole model, and the source must be importable
     # (for `kpr check-config`) even while translate is being worked on.
@@ -360,6 +409,17 @@ class _HeldLog:
 
     def exception(self, msg: str, *args: Any) -> None:
         self._hold(logging.ERROR, msg, args, sys.exc_info())
+
+    def shipped(self, level: int, msg: str, args: tuple[Any, ...], exc_text: str | None, fn: str, lno: int,
+                func: str, created: float) -> None:
+        """A line the read-ahead's worker process wrote (kpr.sources.files_worker), held as
+        one written here: its place in the code and its time are the worker's."""
+        if not log.isEnabledFor(level):
+            return
+        record = log.makeRecord(log.name, level, fn, lno, msg, args, None, func)
+        record.exc_text = exc_text  # the worker's traceback, as text (a Formatter prints it)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        self.records.append(record)
 
     def flush(self) -> None:
         records, self.records = self.records, []
@@ -425,6 +485,13 @@ class FilesSource:
         # their signature still holds.
         self._preloaded: dict[str, _FileState] = {}
         self._preload_thread: threading.Thread | None = None
+        # The read-ahead's worker process (kpr.sources.files_worker): its command (None: the
+        # module's own) and the least the files must hold to be worth starting it.
+        self.worker_command: list[str] | None = None
+        self.worker_min_bytes = WORKER_MIN_BYTES
+        # While no result from the worker waits, the read-ahead's thread reads files itself
+        # (from the last one down); off, it only takes what the worker sends (tests).
+        self.read_while_waiting = True
         # Where _load_file logs: the module's logger, or the read-ahead's held lines.
         self._log: Any = log
         self._held_log = _HeldLog()
@@ -464,14 +531,20 @@ class FilesSource:
                 return
             started, cpu = time.perf_counter(), time.thread_time()
             self._log = held = self._held_log
+            worker: dict[str, Any] = {}
             try:
                 listing, _problems, dir_problem = self._list()
                 if dir_problem:
                     return
                 tr = _translate()
+                # What the worker answered for is not read here; anything else is, whatever
+                # became of the worker.
+                answered = self._read_ahead_in_worker(tr, held, listing, worker) if _worker_wanted() else set()
                 for name in sorted(listing):
                     if self._stop.is_set():
                         return
+                    if name in answered:
+                        continue
                     st = self._load_file(tr, name, listing[name], None)
                     if st is not None:
                         self._preloaded[name] = st
@@ -481,8 +554,9 @@ class FilesSource:
             finally:
                 self._log = log
             held.info(
-                "files.preloaded files=%d ms=%.1f cpu_ms=%.1f",
+                "files.preloaded files=%d ms=%.1f cpu_ms=%.1f%s",
                 len(self._preloaded), (time.perf_counter() - started) * 1000, (time.thread_time() - cpu) * 1000,
+                "".join(f" {k}={v}" for k, v in worker.items()),
             )
             if self._stop.is_set():
                 # Stopped before any pass (a plugin failed to start): no pass will log them.
@@ -648,6 +722,10 @@ class FilesSource:
         changed = sorted(n for n, sig in listing.items() if (n not in self._files or self._files[n].sig != sig) and n not in busy)
         removed = sorted(n for n in self._files if n not in listing and n not in problems)
         parsed: dict[str, _FileState] = {}
+        if self.passes == 1 and not self._preloaded and changed and _worker_wanted():
+            # A first pass without read-ahead (it runs while the plugins start, or the node
+            # was busy): a worker process reads with it, as a read-ahead would.
+            self._read_with_worker(tr, {n: listing[n] for n in changed})
         preloaded, self._preloaded = self._preloaded, {}
         for name in changed:
             if self._stop.is_set():
@@ -859,6 +937,135 @@ class FilesSource:
             tr.remember_checked(packed, read, ref)
         return st
 
+    def _read_with_worker(self, tr: Any, listing: dict[str, Signature]) -> None:
+        """The first pass's reading of `listing` with a worker process, into _preloaded; its
+        lines logged as the pass logs its own."""
+        held, stats = _HeldLog(), {}
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            self._read_ahead_in_worker(tr, held, listing, stats)
+        finally:
+            held.flush()
+        if stats:
+            log.info(
+                "files.read_with_worker files=%d ms=%.1f cpu_ms=%.1f%s",
+                len(self._preloaded), (time.perf_counter() - started) * 1000, (time.thread_time() - cpu) * 1000,
+                "".join(f" {k}={v}" for k, v in stats.items()),
+            )
+
+    def _read_ahead_in_worker(
+        self, tr: Any, held: _HeldLog, listing: dict[str, Signature], stats: dict[str, Any]
+    ) -> set[str]:
+        """Read the files with a worker process (kpr.sources.files_worker): it reads, checks
+        and packs them from the first on, and this thread takes each file's result as
+        _load_file would have made it here, reading files itself from the last one down
+        while none is waiting, until the two meet. The names read either way; whatever
+        became of the worker, the caller reads the rest (a failure is one warning line)."""
+        from .. import model
+        from . import files_worker
+
+        done: set[str] = set()
+        if sum(sig[1] for sig in listing.values()) < self.worker_min_bytes:
+            return done  # a worker's start (its imports: 0.25 s of CPU) would cost more
+        job = {
+            "path": str(self.path), "max_file_size": self.max_file_size,
+            "cluster_cidrs": tuple(self.allocator.cluster_cidrs), "places": list(model.places),
+            "files": sorted(listing.items()),
+        }
+        try:
+            worker = files_worker.Worker(job, self.worker_command)
+        except files_worker.WorkerFailed as e:
+            held.warning("files.worker_failed path=%s reason=%s; reading in the agent", self.path, e)
+            return done
+        # The worker's place id -> this process's, where they differ (this thread read a
+        # slice naming a new place first): its slices' readings are moved to these ids.
+        next_place, moved = len(job["places"]), {}
+        mine = sorted(listing)  # this thread reads from the last one down (the worker up)
+        by_worker = 0
+        grace = 0.0
+        try:
+            while True:
+                while mine and self.read_while_waiting and not worker.ready() and not self._stop.is_set():
+                    # Nothing from the worker to take: read the last file not read yet.
+                    name = mine.pop()
+                    if name in done:
+                        mine.clear()  # the worker got here: the rest is its
+                        break
+                    st = self._load_file(tr, name, listing[name], None)
+                    if st is not None:
+                        self._preloaded[name] = st
+                    done.add(name)
+                if not mine and self.read_while_waiting:
+                    worker.ask_to_stop()  # it sends the file it is at, then "done"
+                message = worker.next(self._stop.is_set)
+                if message[0] == "done":
+                    stats["worker_files"] = by_worker
+                    stats["worker_cpu_ms"] = f"{message[1] * 1000:.1f}"
+                    stats["worker_peak_mb"] = f"{message[2] / 1024:.1f}"
+                    grace = 2.0
+                    break
+                _, name, result, new_places, records = message
+                for pair in new_places:
+                    got = model.place_id(*pair)
+                    if got != next_place:
+                        moved[next_place] = got
+                    next_place += 1
+                if name in done:
+                    continue  # read here too (both got to it): this thread's result stands
+                st = self._from_worker(tr, result, moved)
+                for record in records:
+                    held.shipped(*record)
+                if st is not None:
+                    self._preloaded[name] = st
+                done.add(name)
+                by_worker += 1
+        except files_worker.WorkerFailed as e:
+            if not self._stop.is_set():
+                held.warning("files.worker_failed path=%s reason=%s files=%d; reading the rest in the agent",
+                             self.path, e, by_worker)
+        except Exception as e:
+            # A message that is not what the worker sends: that file (and the rest) read here.
+            held.warning("files.worker_failed path=%s reason=bad output (%s: %s) files=%d; reading the rest in the agent",
+                         self.path, type(e).__name__, e, by_worker)
+        finally:
+            worker.close(grace)
+        return done
+
+    @staticmethod
+    def _from_worker(tr: Any, result: Any, moved: dict[int, int | None]) -> _FileState | None:
+        """The _FileState a worker's result stands for (None: the file was being written),
+        its objects' validation readings remembered as _load_file remembers them; checked
+        whole before anything is remembered (a bad message raises, nothing half taken)."""
+        if result is None:
+            return None
+        from sys import intern
+
+        from ..model import ServiceKey
+
+        sig, errors, failed, service_keys, objects = result
+        st = _FileState(tuple(sig), {}, list(errors), bool(failed), set(service_keys))
+        if len(st.sig) != 3 or not all(type(e) is str for e in st.errors):
+            raise ValueError("not a file's result")
+        remembered = []
+        for ref, packed, read in objects:
+            # Interned, as object_ref makes them (the store and the source key by them).
+            kind, ns, name = ref
+            ref = (intern(kind), intern(ns), intern(name))
+            st.objects[ref] = packed
+            key = getattr(read, "key", None)
+            if key is not None:
+                # The namespace (and a Service's name) are the ref's strings, as they are here.
+                key_ns = ref[1] if key.namespace == ref[1] else key.namespace
+                key_name = ref[2] if key.name == ref[2] else key.name
+                if key_ns is not key.namespace or key_name is not key.name:
+                    read.key = ServiceKey(key_ns, key_name)
+            if moved and getattr(read, "codes", None) is not None and not _move_places(tr, read, moved):
+                read = None  # the store reads this slice again
+            remembered.append((packed, read, ref))
+        for packed, read, ref in remembered:
+            tr.remember_checked(packed, read, ref)
+        return st
+
     def _unhold(self, ref: ObjectRef, name: str) -> None:
         holders = self._holders.get(ref)
         if holders is None:
@@ -952,7 +1159,7 @@ class FilesSource:
                 tr.share_cluster_ip_texts(packed, obj)
                 try:
                     alloc = self.allocator.allocate(obj)
-                except AllocationError as e:
+                except _allocation_error() as e:
                     kept = "; keeping its last good version" if ref in self._sent else "; not applied"
                     errors[winner] = f"{_describe_ref(ref)}: {e}{kept}"
                     self._set_ref_errors(ref, errors, touched)

@@ -1,0 +1,254 @@
+"""The files source's read-ahead in a worker process (kpr.sources.files_worker): each file's
+result is what reading it in the agent gives (objects, errors, log lines, validation's
+reading of each object), and a worker that fails in any way costs one warning line and
+time, never a file; nothing is left running."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from kpr import memory, model
+from kpr import translate as tr
+from kpr.sources import files as files_mod
+from kpr.sources import files_worker
+from test_files_source import RecordingSink, make, service, slice_, write
+
+
+def _tree(tmp_path: Path, token: str = ""):
+    """Every kind of file a directory holds: good YAML and JSON, lists, endpoints on nodes
+    and zones, and files or objects that are refused, each for its own reason."""
+    src = make(tmp_path)
+    d = src.path
+    zoned = slice_("web", "10.244.0.5", "10.244.1.5")
+    for i, ep in enumerate(zoned["endpoints"]):
+        ep["zone"] = f"zone-{token}-{i}"  # places new to this process (see _both_ways)
+    write(d / "a.yaml", service("web"), zoned, {"kind": "Nope", "metadata": {"name": "x"}})
+    write(d / "b.yaml", service("db", ns="data", clusterIP="10.96.0.1"), service("db", ns="data"))
+    write(d / "c.yaml", service("bad", clusterIP="127.0.0.1"), service("lb", type="LoadBalancer"))
+    (d / "d.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        service("api", ns="x"), slice_("api", "10.244.2.7", name="api-1") | {"metadata": {
+            "name": "api-1", "namespace": "x", "labels": {"kubernetes.io/service-name": "api"}}},
+    ]}))
+    (d / "e.json").write_text("{not json")
+    (d / "f.yaml").write_bytes(b"kind: Service\x00\x01")
+    (d / "g.yaml").write_text("a: [unclosed")
+    (d / "h.json").write_text(json.dumps(service("huge", ns="y", clusterIP="10.96.0.9") | {"x": "y" * 5000}))
+    src.max_file_size = 4000  # h.json is too big
+    return src
+
+
+def _read_ahead(src) -> None:
+    src.preload()
+    src._preload_thread.join(60)
+    assert not src._preload_thread.is_alive(), "the read-ahead did not end"
+
+
+def _children() -> set[int]:
+    """This process's children, alive or not yet reaped."""
+    out: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            out |= {int(p) for p in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return out
+
+
+def _taken(src) -> dict[str, tuple]:
+    """What the read-ahead holds for the first pass: per file its state, each object
+    unpacked with validation's reading of it."""
+    out = {}
+    for name, st in src._preloaded.items():
+        objects = [(ref, memory.unpack(p), tr.checked(p)) for ref, p in st.objects.items()]
+        out[name] = (st.sig, st.errors, st.failed, sorted(st.service_keys), objects)
+    return out
+
+
+def _both_ways(tmp_path, monkeypatch, caplog, setup=None, read_ahead=True):
+    """(in the agent, with the worker): what each read-ahead held, the first pass's sink,
+    and the log lines from the first pass on."""
+    out = []
+    # The worker first: the places its slices name are then new to both processes.
+    for mode in ("1", "0"):
+        monkeypatch.setenv("KPR_FILES_WORKER", mode)
+        src = _tree(tmp_path / mode, f"{os.getpid()}-{tmp_path.name}")
+        src.worker_min_bytes = 0
+        src.read_while_waiting = False
+        if setup is not None and mode == "1":
+            setup(src)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+            taken = {}
+            if read_ahead:
+                _read_ahead(src)
+                taken = _taken(src)
+            sink = RecordingSink()
+            src.scan_once(sink)
+        # Timings aside, which differ from run to run.
+        lines = [(r.levelname, r.funcName, re.sub(r" ms=[0-9.]+", "", r.getMessage().replace(f"/{mode}/", "/")))
+                 for r in caplog.records]
+        errors = {k.replace(f"/{mode}/", "/"): v.replace(f"/{mode}/", "/") for k, v in sink.errors.items()}
+        out.append((taken, sink, errors, lines))
+        tr.forget_checked()
+    return out[::-1]
+
+
+def _same_but_paths(here, there) -> None:
+    assert json.dumps(here, default=repr).replace("/0/", "/") == json.dumps(there, default=repr).replace("/1/", "/")
+
+
+def test_the_worker_reads_what_the_agent_reads(tmp_path, monkeypatch, caplog):
+    (here, sink_here, errors_here, lines_here), (there, sink, errors, lines) = _both_ways(tmp_path, monkeypatch, caplog)
+    assert sorted(there) == sorted(here) == ["a.yaml", "b.yaml", "c.yaml", "d.json", "e.json", "f.yaml", "g.yaml", "h.json"]
+    for name in here:
+        sig, errs, failed, keys, objects = here[name]
+        w_sig, w_errs, w_failed, w_keys, w_objects = there[name]
+        assert (w_errs, w_failed, w_keys) == (errs, failed, keys), name
+        assert [(ref, obj) for ref, obj, _ in w_objects] == [(ref, obj) for ref, obj, _ in objects], name
+        # Validation's reading, field by field (the rules are this process's own instance).
+        assert [read for _, _, read in w_objects] == [read for _, _, read in objects], name
+        for (ref, _, read), (w_ref, _, w_read) in zip(objects, w_objects):
+            assert all(s is sys.intern(s) for s in w_ref)
+            if read is not None:
+                assert w_read.ref is w_ref
+                if hasattr(read, "rules"):
+                    assert w_read.rules is read.rules
+    assert any(read is not None and getattr(read, "codes", None) is not None
+               for _, _, read in there["a.yaml"][4]), "no slice reading came across"
+    assert sink.objects == sink_here.objects
+    assert [e[0] for e in sink.events] == [e[0] for e in sink_here.events]
+    assert errors == errors_here
+    assert {"e.json", "f.yaml", "g.yaml", "h.json", "a.yaml", "c.yaml"} <= {Path(k).name for k in errors}
+    # The same lines, from the same place in the code (the worker's summary aside).
+    strip = [(lvl, fn, m) for lvl, fn, m in lines if "files.preloaded" not in m]
+    assert strip == [(lvl, fn, m) for lvl, fn, m in lines_here if "files.preloaded" not in m]
+    assert any("worker_files=8 " in m for _, _, m in lines)
+    assert not any("worker_failed" in m for _, _, m in lines)
+    assert _children() == set()
+
+
+def test_a_first_pass_without_read_ahead_reads_with_the_worker(tmp_path, monkeypatch, caplog):
+    """The agent runs the first pass while its plugins start (no read-ahead then): that
+    pass reads with a worker, and sends and logs what reading in the agent does."""
+    (_, sink_here, errors_here, lines_here), (_, sink, errors, lines) = _both_ways(
+        tmp_path, monkeypatch, caplog, read_ahead=False)
+    assert sink.objects == sink_here.objects and sink.objects
+    assert [e[0] for e in sink.events] == [e[0] for e in sink_here.events]
+    assert errors == errors_here
+    strip = [(lvl, fn, m) for lvl, fn, m in lines if "files.read_with_worker" not in m]
+    assert strip == lines_here
+    assert any("files.read_with_worker files=8 " in m and "worker_files=8 " in m for _, _, m in lines)
+    assert _children() == set()
+
+
+def _script(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "worker.py"
+    path.write_text(text)
+    return [sys.executable, str(path)]
+
+
+# Each a real process that fails its own way: not there, dies at once, writes what is not
+# a message, says nothing, dies after its first file.
+FAILURES = {
+    "not started": lambda tmp: ["/nonexistent/kpr-python"],
+    "ended early (exit code 3": lambda tmp: _script(tmp, "import sys\nsys.exit(3)\n"),
+    "bad output": lambda tmp: _script(tmp, "import os, sys\nos.write(int(sys.argv[1]), b'\\0\\0\\0\\4junk')\n"),
+    "silent for": lambda tmp: _script(tmp, "import time\ntime.sleep(60)\n"),
+    "ended early (exit code 7": lambda tmp: _script(tmp, (
+        "import os, sys\n"
+        "from kpr.sources import files, files_worker\n"
+        "calls = []\n"
+        "load = files.FilesSource._load_file\n"
+        "def once(*a):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) > 1:\n"
+        "        os._exit(7)\n"
+        "    return load(*a)\n"
+        "files.FilesSource._load_file = once\n"
+        "sys.exit(files_worker.main(sys.argv))\n"
+    )),
+}
+
+
+@pytest.mark.parametrize("reason", list(FAILURES))
+def test_a_failed_worker_costs_one_line_and_no_file(tmp_path, monkeypatch, caplog, reason):
+    if reason == "silent for":
+        monkeypatch.setattr(files_worker, "MESSAGE_TIMEOUT", 1.0)  # the others' starts may well take longer
+    (here, sink_here, errors_here, lines_here), (there, sink, errors, lines) = _both_ways(
+        tmp_path, monkeypatch, caplog, lambda src: setattr(src, "worker_command", FAILURES[reason](tmp_path)))
+    warnings = [m for _, _, m in lines if "files.worker_failed" in m]
+    assert len(warnings) == 1 and f"reason={reason}" in warnings[0], warnings
+    assert sorted(there) == sorted(here)
+    assert [[(ref, obj, read) for ref, obj, read in there[n][4]] for n in sorted(there)] == [
+        [(ref, obj, read) for ref, obj, read in here[n][4]] for n in sorted(here)]
+    if reason.endswith("7"):
+        assert "worker_files=1 " not in warnings[0] and "files=1;" in warnings[0]  # the first file came across
+    assert sink.objects == sink_here.objects
+    assert errors == errors_here
+    assert _children() == set()
+
+
+def test_stop_during_the_worker_leaves_nothing_running(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KPR_FILES_WORKER", "1")
+    src = _tree(tmp_path)
+    src.worker_min_bytes = 0
+    src.worker_command = _script(tmp_path, "import time\ntime.sleep(60)\n")
+    with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+        src.preload()
+        thread = src._preload_thread
+        src.stop()
+    assert not thread.is_alive()
+    assert _children() == set()
+    assert not [r for r in caplog.records if "worker_failed" in r.getMessage()]  # stopped, not failed
+
+
+def test_reading_while_waiting_meets_the_worker(tmp_path, monkeypatch, caplog):
+    """The read-ahead's thread reads from the last file down while the worker reads up:
+    every file once, and the same as without the worker."""
+    monkeypatch.setenv("KPR_FILES_WORKER", "1")
+    src = make(tmp_path / "w")
+    plain = make(tmp_path / "p")
+    for s in (src, plain):
+        for i in range(60):
+            write(s.path / f"{i:03d}.yaml", service(f"s{i}"), slice_(f"s{i}", f"10.244.3.{i + 1}"))
+    src.worker_min_bytes = 0
+    with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+        _read_ahead(src)
+    assert sorted(src._preloaded) == [f"{i:03d}.yaml" for i in range(60)]
+    summary = [r.getMessage() for r in src._held_log.records if "files.preloaded" in r.getMessage()]
+    assert len(summary) == 1 and "worker_failed" not in " ".join(r.getMessage() for r in src._held_log.records)
+    sink, expected = RecordingSink(), RecordingSink()
+    src.scan_once(sink)
+    monkeypatch.setenv("KPR_FILES_WORKER", "0")
+    plain.scan_once(expected)
+    assert sink.objects == expected.objects
+    assert _children() == set()
+
+
+def test_a_slice_read_under_other_place_ids_is_moved_to_these(tmp_path):
+    """A slice the worker read names places by the worker's ids; where this process gave a
+    pair another id (its thread read that pair first), the reading is moved to this
+    process's ids, or dropped (the store reads the slice again) when that is not exact."""
+    obj = slice_("web", "10.244.9.1", "10.244.9.2")
+    for i, ep in enumerate(obj["endpoints"]):
+        ep["nodeName"], ep["zone"] = "node-moved", f"zone-moved-{os.getpid()}-{i}"
+    obj["metadata"]["namespace"] = "default"
+    read = pickle.loads(pickle.dumps(tr.validate_object(obj)))
+    ids = [read.codes[i] >> 2 & 0xFFFF for i in range(2)]
+    other = model.place_id("node-other", f"zone-other-{os.getpid()}")
+    assert files_mod._move_places(tr, read, {ids[0]: other})
+    assert read.place(0) == model.places[other] and read.place(1) == model.places[ids[1]]
+    assert [read.address(i) for i in range(2)] == ["10.244.9.1", "10.244.9.2"]
+    assert not files_mod._move_places(tr, read, {ids[1]: None})  # no id here for it
+    obj["endpoints"][1]["addresses"] = ["10.244.9.1"]
+    twice = tr.validate_object(obj)
+    if twice is not None:  # an address twice: the ids may decide the order
+        assert not files_mod._move_places(tr, twice, {ids[0]: other})

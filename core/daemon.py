@@ -57,9 +57,10 @@ def make_source(config: KprConfig, node_name: str = "", on_node: Callable[[dict 
     raise PluginError(f"source.kind: {kind!r} is not available in this build (use files or kubernetes)")
 
 
-def spare_core() -> tuple[bool, float, int]:
+def spare_core(busy: int = 0) -> tuple[bool, float, int]:
     """(whether a CPU this process may run on is idle, the 1-minute load average, those
-    CPUs): the load average leaves at least one of them free."""
+    CPUs): the load average leaves at least one of them free beside `busy` more that the
+    caller will keep busy (the files source's worker counts a BPF compile beside it)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -68,7 +69,15 @@ def spare_core() -> tuple[bool, float, int]:
         load = os.getloadavg()[0]
     except OSError:
         return False, float("nan"), cpus
-    return load < cpus - 1, load, cpus
+    return load < cpus - 1 - busy, load, cpus
+
+
+def compile_expected(pin_path: Path) -> bool:
+    """Whether the plugins' start is likely to compile BPF: not when an agent left its builds
+    pinned (a restart adopts them: kpr.bpf.builds)."""
+    from .bpf.builds import BUILDS_MAP
+
+    return not (Path(pin_path) / BUILDS_MAP).exists()
 
 
 # The attribute by which a plugin's object (or a core facility's) says that its kpr_start
@@ -213,6 +222,7 @@ class Agent:
         if early and wanted is None:
             early, load, _cpus = spare_core()
         log.info("source.first_pass_early on=%s load=%.2f", "yes" if early else "no", load)
+        self.source.compile_beside = compile_expected(cfg.bpf.pin_path)  # for its worker (kpr.sources.files)
         if early:
             self._start_source()
         else:

@@ -127,9 +127,13 @@ def test_the_worker_reads_what_the_agent_reads(tmp_path, monkeypatch, caplog):
     assert [e[0] for e in sink.events] == [e[0] for e in sink_here.events]
     assert errors == errors_here
     assert {"e.json", "f.yaml", "g.yaml", "h.json", "a.yaml", "c.yaml"} <= {Path(k).name for k in errors}
-    # The same lines, from the same place in the code (the worker's summary aside).
-    strip = [(lvl, fn, m) for lvl, fn, m in lines if "files.preloaded" not in m]
-    assert strip == [(lvl, fn, m) for lvl, fn, m in lines_here if "files.preloaded" not in m]
+    # The same lines, from the same place in the code (the worker's summary and the line
+    # choosing it aside).
+    strip = [(lvl, fn, m) for lvl, fn, m in lines if "files.preloaded" not in m and "files.worker on=" not in m]
+    assert strip == [(lvl, fn, m) for lvl, fn, m in lines_here if "files.preloaded" not in m and "files.worker on=" not in m]
+    chosen = [m for _, _, m in lines if "files.worker on=" in m]
+    assert len(chosen) == 1 and re.fullmatch(
+        r"files.worker on=yes reason=forced setting=on bytes=\d+ load=[\d.]+ cpus=\d+ compile_beside=no", chosen[0]), chosen
     assert any("worker_files=8 " in m for _, _, m in lines)
     assert not any("worker_failed" in m for _, _, m in lines)
     assert _children() == set()
@@ -143,8 +147,8 @@ def test_a_first_pass_without_read_ahead_reads_with_the_worker(tmp_path, monkeyp
     assert sink.objects == sink_here.objects and sink.objects
     assert [e[0] for e in sink.events] == [e[0] for e in sink_here.events]
     assert errors == errors_here
-    strip = [(lvl, fn, m) for lvl, fn, m in lines if "files.read_with_worker" not in m]
-    assert strip == lines_here
+    strip = [(lvl, fn, m) for lvl, fn, m in lines if "files.read_with_worker" not in m and "files.worker on=" not in m]
+    assert strip == [(lvl, fn, m) for lvl, fn, m in lines_here if "files.worker on=" not in m]
     assert any("files.read_with_worker files=8 " in m and "worker_files=8 " in m for _, _, m in lines)
     assert _children() == set()
 
@@ -252,3 +256,77 @@ def test_a_slice_read_under_other_place_ids_is_moved_to_these(tmp_path):
     twice = tr.validate_object(obj)
     if twice is not None:  # an address twice: the ids may decide the order
         assert not files_mod._move_places(tr, twice, {ids[0]: other})
+
+
+@pytest.mark.parametrize("setting, size, spare, expected", [
+    ("off", 10**8, True, (False, "off")),
+    ("on", 10**8, False, (True, "forced")),
+    ("on", 10, True, (False, "small")),
+    ("auto", 10, True, (False, "small")),
+    ("auto", 10**8, True, (True, "idle_core")),
+    ("auto", 10**8, False, (False, "no_idle_core")),
+])
+def test_the_worker_choice(setting, size, spare, expected):
+    assert files_mod.worker_choice(setting, size, 2 * 1024 * 1024, spare) == expected
+
+
+@pytest.mark.parametrize("value, setting", [
+    (None, "auto"), ("", "auto"), ("auto", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), (" OFF ", "off")])
+def test_the_worker_setting(monkeypatch, value, setting):
+    if value is None:
+        monkeypatch.delenv("KPR_FILES_WORKER", raising=False)
+    else:
+        monkeypatch.setenv("KPR_FILES_WORKER", value)
+    assert files_mod.worker_setting() == setting
+
+
+# (CPUs, 1-minute load, a BPF compile beside the reading) -> whether the worker starts: it
+# needs a core of its own beside the reading thread and the compile (kpr.daemon.spare_core).
+GATE = [
+    (2, 0.3, False, True),   # a quiet 2-core node, no compile (a restart adopts its builds)
+    (2, 0.3, True, False),   # a quiet 2-core node compiling: compile, reader and worker on 2
+    (2, 1.2, False, False),  # a busy one
+    (2, 2.5, False, False),
+    (1, 0.0, False, False),  # one CPU: nothing to overlap with
+    (4, 1.5, True, True),
+    (4, 2.2, True, False),
+    (4, 2.2, False, True),
+]
+
+
+@pytest.mark.parametrize("cpus, load, compiling, on", GATE)
+def test_the_worker_starts_only_on_an_idle_core(tmp_path, monkeypatch, caplog, cpus, load, compiling, on):
+    """In auto, the decision and its inputs are one line, and a worker runs only when the
+    load average leaves a core idle for it (the in-agent read otherwise: no child process)."""
+    monkeypatch.delenv("KPR_FILES_WORKER", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    src = _tree(tmp_path)
+    src.worker_min_bytes = 0
+    src.read_while_waiting = False  # what the worker read is then in the summary line
+    src.compile_beside = compiling
+    size = sum(p.stat().st_size for p in src.path.iterdir())
+    with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+        _read_ahead(src)
+        src.scan_once(RecordingSink())
+    lines = [r.getMessage() for r in caplog.records]
+    chosen = [m for m in lines if m.startswith("files.worker on=")]
+    reason = "idle_core" if on else "no_idle_core"
+    assert chosen == [
+        f"files.worker on={'yes' if on else 'no'} reason={reason} setting=auto bytes={size} "
+        f"load={load:.2f} cpus={cpus} compile_beside={'yes' if compiling else 'no'}"], chosen
+    summary = [m for m in lines if m.startswith("files.preloaded ")]
+    assert len(summary) == 1 and ("worker_files=8 " in summary[0]) is on, summary
+    assert sorted(src._files) == ["a.yaml", "b.yaml", "c.yaml", "d.json", "e.json", "f.yaml", "g.yaml", "h.json"]
+    assert _children() == set()
+
+
+def test_a_compile_is_expected_unless_builds_are_pinned(tmp_path):
+    """A restart adopts the programs the last agent left pinned (kpr.bpf.builds): no compile
+    beside the read then, and the worker may have the second core."""
+    from kpr import daemon
+    from kpr.bpf.builds import BUILDS_MAP
+
+    assert daemon.compile_expected(tmp_path) is True
+    (tmp_path / BUILDS_MAP).write_bytes(b"")
+    assert daemon.compile_expected(tmp_path) is False

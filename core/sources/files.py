@@ -132,10 +132,27 @@ def _move_places(tr: Any, read: Any, moved: dict[int, int | None]) -> bool:
     return True
 
 
-def _worker_wanted() -> bool:
-    """Whether the read-ahead runs in a worker process (kpr.sources.files_worker); the
-    environment's KPR_FILES_WORKER=0 keeps it on a thread of the agent."""
-    return os.environ.get("KPR_FILES_WORKER", "1") != "0"
+def worker_setting() -> str:
+    """KPR_FILES_WORKER: "1" (or on) always starts the worker, "0" (or off) never, anything
+    else (unset: auto) when a core is idle for it (worker_choice)."""
+    value = os.environ.get("KPR_FILES_WORKER", "auto").strip().lower()
+    return {"1": "on", "on": "on", "0": "off", "off": "off"}.get(value, "auto")
+
+
+def worker_choice(setting: str, size: int, min_bytes: int, spare: bool) -> tuple[bool, str]:
+    """(whether the files are read with a worker process, why): forced on or off, too few
+    bytes to pay for its start, or in auto whether the load average leaves a core idle for
+    it beside what the agent keeps busy itself (`spare`: kpr.daemon.spare_core counting the
+    reading thread, and a BPF compile when one runs beside it). Measured on a 2-core VM: with
+    a core free it took 0.3-0.8 s off ready at 20k services; on a busy machine it was slower in
+    6 of 6 pairs (its own 0.9 s of CPU, imports and pickling, is then paid in wall time)."""
+    if setting == "off":
+        return False, "off"
+    if size < min_bytes:
+        return False, "small"  # a worker's start (its imports: 0.25 s of CPU) would cost more
+    if setting == "on":
+        return True, "forced"
+    return (True, "idle_core") if spare else (False, "no_idle_core")
 
 
 def _ignored(name: str) -> bool:
@@ -492,6 +509,9 @@ class FilesSource:
         # While no result from the worker waits, the read-ahead's thread reads files itself
         # (from the last one down); off, it only takes what the worker sends (tests).
         self.read_while_waiting = True
+        # Whether the plugins' start, which the read-ahead and an early first pass run beside,
+        # compiles BPF (the agent sets it: kpr.daemon): the worker then needs one more idle core.
+        self.compile_beside = False
         # Where _load_file logs: the module's logger, or the read-ahead's held lines.
         self._log: Any = log
         self._held_log = _HeldLog()
@@ -539,7 +559,7 @@ class FilesSource:
                 tr = _translate()
                 # What the worker answered for is not read here; anything else is, whatever
                 # became of the worker.
-                answered = self._read_ahead_in_worker(tr, held, listing, worker) if _worker_wanted() else set()
+                answered = self._read_ahead_in_worker(tr, held, listing, worker)
                 for name in sorted(listing):
                     if self._stop.is_set():
                         return
@@ -722,7 +742,7 @@ class FilesSource:
         changed = sorted(n for n, sig in listing.items() if (n not in self._files or self._files[n].sig != sig) and n not in busy)
         removed = sorted(n for n in self._files if n not in listing and n not in problems)
         parsed: dict[str, _FileState] = {}
-        if self.passes == 1 and not self._preloaded and changed and _worker_wanted():
+        if self.passes == 1 and not self._preloaded and changed:
             # A first pass without read-ahead (it runs while the plugins start, or the node
             # was busy): a worker process reads with it, as a read-ahead would.
             self._read_with_worker(tr, {n: listing[n] for n in changed})
@@ -953,6 +973,22 @@ class FilesSource:
                 "".join(f" {k}={v}" for k, v in stats.items()),
             )
 
+    def _worker_chosen(self, held: _HeldLog, listing: dict[str, Signature]) -> bool:
+        """Whether to read `listing` with a worker process, logged with what decided it (one
+        line). The worker needs a core of its own beside the thread reading with it and, while
+        the plugins start, their BPF compile (compile_beside, set by the agent)."""
+        from ..daemon import spare_core  # imported late: the worker process never decides
+
+        setting, size = worker_setting(), sum(sig[1] for sig in listing.values())
+        busy = 1 if self.compile_beside else 0
+        spare, load, cpus = spare_core(busy)
+        on, reason = worker_choice(setting, size, self.worker_min_bytes, spare)
+        held.info(
+            "files.worker on=%s reason=%s setting=%s bytes=%d load=%.2f cpus=%d compile_beside=%s",
+            "yes" if on else "no", reason, setting, size, load, cpus, "yes" if busy else "no",
+        )
+        return on
+
     def _read_ahead_in_worker(
         self, tr: Any, held: _HeldLog, listing: dict[str, Signature], stats: dict[str, Any]
     ) -> set[str]:
@@ -965,8 +1001,8 @@ class FilesSource:
         from . import files_worker
 
         done: set[str] = set()
-        if sum(sig[1] for sig in listing.values()) < self.worker_min_bytes:
-            return done  # a worker's start (its imports: 0.25 s of CPU) would cost more
+        if not self._worker_chosen(held, listing):
+            return done
         job = {
             "path": str(self.path), "max_file_size": self.max_file_size,
             "cluster_cidrs": tuple(self.allocator.cluster_cidrs), "places": list(model.places),
@@ -995,6 +1031,11 @@ class FilesSource:
                     if st is not None:
                         self._preloaded[name] = st
                     done.add(name)
+                if not by_worker and len(done) == len(listing):
+                    # This thread read every file before the worker sent one (it was still
+                    # starting: a busy machine): nothing left to wait for, it is ended.
+                    stats["worker_files"] = 0
+                    break
                 if not mine and self.read_while_waiting:
                     worker.ask_to_stop()  # it sends the file it is at, then "done"
                 message = worker.next(self._stop.is_set)

@@ -129,6 +129,9 @@ STEP_FIELDS = (
     ("first pass's worker peak MB", "files.read_with_worker ", "worker_peak_mb", 1.0),
     ("first pass", "files.scan ", "ms", 0.001),
     ("writer's initial sync", "event=servicemaps_initial_sync ", "seconds", 1.0),
+    # The files source's gate for its worker (1 started, 0 not) and the load it saw.
+    ("worker chosen", "files.worker on=", "on", 1.0),
+    ("worker's gate load", "files.worker on=", "load", 1.0),
 )
 
 
@@ -141,8 +144,9 @@ def steps(log_text: str) -> dict[str, float]:
                 continue
             for part in line.split():
                 if part.startswith(key + "="):
+                    value = part.split("=", 1)[1]
                     with contextlib.suppress(ValueError):
-                        out[label] = float(part.split("=", 1)[1]) * unit
+                        out[label] = float({"yes": "1", "no": "0"}.get(value, value)) * unit
     return out
 
 

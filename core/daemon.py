@@ -72,12 +72,18 @@ def spare_core(busy: int = 0) -> tuple[bool, float, int]:
     return load < cpus - 1 - busy, load, cpus
 
 
-def compile_expected(pin_path: Path) -> bool:
-    """Whether the plugins' start is likely to compile BPF: not when an agent left its builds
-    pinned (a restart adopts them: kpr.bpf.builds)."""
+def compile_expected(config: KprConfig) -> bool:
+    """Whether the plugins' start will likely compile BPF: not when an agent left its builds
+    pinned (a restart adopts them: kpr.bpf.builds), nor when the program cache holds an entry
+    (a start after a reboot loads it: kpr.bpf.progcache). A guess, from what is on disk: an
+    entry of another build (an upgrade) still compiles."""
     from .bpf.builds import BUILDS_MAP
+    from .bpf.progcache import CACHE_DIR, SUFFIX
 
-    return not (Path(pin_path) / BUILDS_MAP).exists()
+    if (Path(config.bpf.pin_path) / BUILDS_MAP).exists():
+        return False
+    cache = Path(config.agent.state_dir) / CACHE_DIR
+    return not (config.bpf.program_cache and any(cache.glob("*" + SUFFIX)))
 
 
 # The attribute by which a plugin's object (or a core facility's) says that its kpr_start
@@ -222,7 +228,7 @@ class Agent:
         if early and wanted is None:
             early, load, _cpus = spare_core()
         log.info("source.first_pass_early on=%s load=%.2f", "yes" if early else "no", load)
-        self.source.compile_beside = compile_expected(cfg.bpf.pin_path)  # for its worker (kpr.sources.files)
+        self.source.compile_beside = compile_expected(cfg)  # for its worker (kpr.sources.files)
         if early:
             self._start_source()
         else:

@@ -133,7 +133,7 @@ def test_the_worker_reads_what_the_agent_reads(tmp_path, monkeypatch, caplog):
     assert strip == [(lvl, fn, m) for lvl, fn, m in lines_here if "files.preloaded" not in m and "files.worker on=" not in m]
     chosen = [m for _, _, m in lines if "files.worker on=" in m]
     assert len(chosen) == 1 and re.fullmatch(
-        r"files.worker on=yes reason=forced setting=on bytes=\d+ load=[\d.]+ cpus=\d+ compile_beside=no", chosen[0]), chosen
+        r"files.worker on=yes reason=forced setting=on bytes=\d+ load=[\d.]+ cpus=[1-9]\d* compile_beside=no", chosen[0]), chosen
     assert any("worker_files=8 " in m for _, _, m in lines)
     assert not any("worker_failed" in m for _, _, m in lines)
     assert _children() == set()
@@ -321,12 +321,22 @@ def test_the_worker_starts_only_on_an_idle_core(tmp_path, monkeypatch, caplog, c
     assert _children() == set()
 
 
-def test_a_compile_is_expected_unless_builds_are_pinned(tmp_path):
-    """A restart adopts the programs the last agent left pinned (kpr.bpf.builds): no compile
-    beside the read then, and the worker may have the second core."""
+def test_a_compile_is_expected_unless_builds_are_pinned_or_cached(tmp_path):
+    """A restart adopts the programs the last agent left pinned (kpr.bpf.builds), a start
+    after a reboot loads the program cache's (kpr.bpf.progcache): no compile beside the read
+    then, and the worker may have the second core."""
     from kpr import daemon
     from kpr.bpf.builds import BUILDS_MAP
+    from kpr.bpf.progcache import CACHE_DIR
+    from kpr.config import KprConfig
 
-    assert daemon.compile_expected(tmp_path) is True
-    (tmp_path / BUILDS_MAP).write_bytes(b"")
-    assert daemon.compile_expected(tmp_path) is False
+    cfg = KprConfig.model_validate({"bpf": {"pinPath": str(tmp_path / "pins")}, "agent": {"stateDir": str(tmp_path / "state")}})
+    assert daemon.compile_expected(cfg) is True
+    (tmp_path / "state" / CACHE_DIR).mkdir(parents=True)
+    assert daemon.compile_expected(cfg) is True  # an empty cache
+    (tmp_path / "state" / CACHE_DIR / "0123.prog").write_bytes(b"")
+    assert daemon.compile_expected(cfg) is False
+    assert daemon.compile_expected(cfg.model_copy(update={"bpf": cfg.bpf.model_copy(update={"program_cache": False})})) is True
+    (tmp_path / "pins").mkdir()
+    (tmp_path / "pins" / BUILDS_MAP).write_bytes(b"")
+    assert daemon.compile_expected(cfg) is False

@@ -977,11 +977,13 @@ class FilesSource:
         """Whether to read `listing` with a worker process, logged with what decided it (one
         line). The worker needs a core of its own beside the thread reading with it and, while
         the plugins start, their BPF compile (compile_beside, set by the agent)."""
-        from ..daemon import spare_core  # imported late: the worker process never decides
-
         setting, size = worker_setting(), sum(sig[1] for sig in listing.values())
         busy = 1 if self.compile_beside else 0
-        spare, load, cpus = spare_core(busy)
+        spare, load, cpus = False, float("nan"), 0
+        if setting != "off" and size >= self.worker_min_bytes:
+            from ..daemon import spare_core  # imported late: the worker process never decides
+
+            spare, load, cpus = spare_core(busy)
         on, reason = worker_choice(setting, size, self.worker_min_bytes, spare)
         held.info(
             "files.worker on=%s reason=%s setting=%s bytes=%d load=%.2f cpus=%d compile_beside=%s",

@@ -228,7 +228,8 @@ class Agent:
         if early and wanted is None:
             early, load, _cpus = spare_core()
         log.info("source.first_pass_early on=%s load=%.2f", "yes" if early else "no", load)
-        self.source.compile_beside = compile_expected(cfg)  # for its worker (kpr.sources.files)
+        # Asked only when the files source weighs a worker (the check imports kpr.bpf.progcache).
+        self.source.compile_beside = lambda: compile_expected(cfg)
         if early:
             self._start_source()
         else:

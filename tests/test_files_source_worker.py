@@ -304,7 +304,7 @@ def test_the_worker_starts_only_on_an_idle_core(tmp_path, monkeypatch, caplog, c
     src = _tree(tmp_path)
     src.worker_min_bytes = 0
     src.read_while_waiting = False  # what the worker read is then in the summary line
-    src.compile_beside = compiling
+    src.compile_beside = lambda: compiling
     size = sum(p.stat().st_size for p in src.path.iterdir())
     with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
         _read_ahead(src)

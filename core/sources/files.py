@@ -510,8 +510,9 @@ class FilesSource:
         # (from the last one down); off, it only takes what the worker sends (tests).
         self.read_while_waiting = True
         # Whether the plugins' start, which the read-ahead and an early first pass run beside,
-        # compiles BPF (the agent sets it: kpr.daemon): the worker then needs one more idle core.
-        self.compile_beside = False
+        # compiles BPF (the agent sets it: kpr.daemon.compile_expected): the worker then needs
+        # one more idle core.
+        self.compile_beside: Callable[[], bool] = lambda: False
         # Where _load_file logs: the module's logger, or the read-ahead's held lines.
         self._log: Any = log
         self._held_log = _HeldLog()
@@ -978,11 +979,11 @@ class FilesSource:
         line). The worker needs a core of its own beside the thread reading with it and, while
         the plugins start, their BPF compile (compile_beside, set by the agent)."""
         setting, size = worker_setting(), sum(sig[1] for sig in listing.values())
-        busy = 1 if self.compile_beside else 0
-        spare, load, cpus = False, float("nan"), 0
+        busy, spare, load, cpus = 0, False, float("nan"), 0
         if setting != "off" and size >= self.worker_min_bytes:
             from ..daemon import spare_core  # imported late: the worker process never decides
 
+            busy = 1 if self.compile_beside() else 0
             spare, load, cpus = spare_core(busy)
         on, reason = worker_choice(setting, size, self.worker_min_bytes, spare)
         held.info(

@@ -160,3 +160,44 @@ def test_the_kernctx_fallback_build_is_cached_and_preferred(
         assert flow(lab, "tc", "second") == path
     finally:
         drop(lab, "second")
+
+
+def test_kpr_run_after_kpr_cleanup_starts_tc_nodeport_from_the_cache(kernel_headers: Path) -> None:
+    """The real agent with tc_nodeport in node1's namespace: started, stopped, its data path
+    removed with `kpr cleanup` (a reboot's leftovers: nothing pinned, agent.stateDir kept); the
+    next `kpr run` loads the build from the cache and an external client reaches the NodePort;
+    the one after adopts what that one attached."""
+    import os
+    import signal
+
+    from kpr.testing.agent import kpr_cleanup
+    from kpr.testing.echo import name_and_peer
+
+    from tc_nodeport_env import NODES, NP_RESTART_PORT, client, nodeport_restart_rig
+
+    node1 = NODES["node1"]["addr"]
+    with nodeport_restart_rig(f"kpr-h5-npc{os.getpid()}") as rig:
+        def build() -> str:
+            return rig.status()["plugins"]["tc_nodeport"]["details"]["build"]
+
+        def served() -> set[str]:
+            return {name for name, _seen in name_and_peer(client(rig.topo, "tcp", node1, NP_RESTART_PORT, 4))}
+
+        rig.start()
+        first = served()
+        assert build() == "compiled" and first and first <= {"p1a", "p2a"}
+        rig.stop(signal.SIGTERM)
+        res = kpr_cleanup(rig.pin, rig.work)
+        assert res.returncode == 0, res.stderr
+        assert not list(rig.pin.glob("kpr_np_*")), "nothing of the NodePort build left pinned"
+        assert list((rig.agent.state / CACHE_DIR).glob("*.prog")), "kpr cleanup leaves the cache"
+        rig.start()
+        log_text = (rig.work / f"agent-{rig.starts}.log").read_text()
+        assert build() == "cached", log_text[-3000:]
+        assert "event=bpf_cache_hit file=" in log_text and "tc_nodeport.c" in log_text
+        again = served()
+        assert again and again <= {"p1a", "p2a"}
+        rig.stop(signal.SIGTERM)
+        rig.start()
+        assert build() == "adopted"
+        rig.stop(signal.SIGTERM)

@@ -77,7 +77,7 @@ def svc(name: str, frontends: list[Frontend], **kw: Any) -> Service:
 
 SERVICES = [
     svc("local", [Frontend(NP, NODE4, NODEPORT, p, (be(POD4, local=True),)) for p in (TCP_, UDP_)]
-        + [Frontend(NP, NODE6, NODEPORT, TCP_, (be(POD6, local=True),))]),
+        + [Frontend(NP, NODE6, NODEPORT, p, (be(POD6, local=True),)) for p in (TCP_, UDP_)]),
     svc("remote", [Frontend(LB, VIP_REMOTE, 80, p, (be(REM4),)) for p in (TCP_, UDP_)]
         + [Frontend(LB, VIP6_REMOTE, 80, p, (be(REM6),)) for p in (TCP_, UDP_)]),
     svc("dsr", [Frontend(LB, VIP_DSR, 80, TCP_, (be(REM4_DSR),)), Frontend(LB, VIP6_DSR, 80, TCP_, (be(REM6),))],
@@ -1128,6 +1128,191 @@ def test_the_same_nodeport_logic_builds_for_xdp(lab: Lab) -> None:
     # so does delivering into a pod's namespace (bpf_redirect_peer)
     with pytest.raises(CompileError, match="__kpr_xdp_has_no_redirect_peer"):
         compile_and_load(inline_includes(XDP_ENTRY, [XD.SOURCE.parent], label=str(XD.SOURCE)), cflags=flags + ["-DKPR_NP_PEER=1"], name="xdp-nodeport-peer")
+
+
+class XdpBuild:
+    """One XDP build of the NodePort programs on the lab's pinned maps (its stages put in the
+    shared kpr_np_xcalls by `own_stages`), and the XDP counters."""
+
+    def __init__(self, lab: Lab, extra: list[str]) -> None:
+        self.lab = lab
+        self.b = compile_and_load(inline_includes(XDP_ENTRY, [XD.SOURCE.parent], label=str(XD.SOURCE)),
+                                  cflags=M.cflags(lab.pin) + extra, name="xdp-nodeport")
+        self.progs = {name: load_prog(self.b, name, "XDP") for name in XDP_PROGS}
+        self.counters = XD.Datapath(lab.pin)
+        for pin_name in (self.counters.STATS_MAP, self.counters.FWD_MAP):
+            self.counters.maps[pin_name] = M.BpfMap.open_pinned(lab.pin / pin_name)
+        self.calls = self.b[b"kpr_np_xcalls"]
+
+    def own_stages(self, without: str | None = None) -> None:
+        for name, idx in XDP_PROGS.items():
+            if idx is not None:
+                key = self.calls.Key(idx)
+                if name == without:
+                    del self.calls[key]
+                else:
+                    self.calls[key] = self.calls.Leaf(self.progs[name].fd)
+
+    def run(self, pkt: Ether) -> tuple[int, bytes, dict[str, int]]:
+        """Verdict, output bytes and the counters it moved (XDP's maps)."""
+        data = bytes(pkt)
+        before = self.counters.stats()
+        with in_netns(self.lab.topo["lb"].path):
+            res = test_run(self.progs[XD.INGRESS].fd, data, ctx=xdp_ctx(self.lab, data))
+        after = self.counters.stats()
+        return res.retval, res.data_out, {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+    def close(self) -> None:
+        self.counters.close()
+        self.b.cleanup()
+
+
+def _dnat_to_pod(pkt: Ether) -> bytes:
+    """The established local flow's expected output: the frame as it came (the stack takes it),
+    DNAT to the pod's port 8080, checksums made anew."""
+    out = Ether(bytes(pkt))
+    ip = out[IP] if IP in out else out[IPv6]
+    ip.dst = POD4 if IP in out else POD6
+    l4 = out[TCP] if TCP in out else out[UDP]
+    l4.dport = 8080
+    del l4.chksum
+    if IP in out:
+        del out[IP].chksum
+    return bytes(Ether(bytes(out)))
+
+
+def _udp6(lab: Lab, src: str, dst: str, sport: int, dport: int) -> Ether:
+    return eth_in(lab) / IPv6(src=src, dst=dst) / UDP(sport=sport, dport=dport) / Raw(b"kpr-udp6")
+
+
+# Established flows to the local backend in the XDP build (KPR_NP_EST_LOCAL): description, the
+# flow's first packet, an established packet and its expected output (the stack takes it).
+EST_LOCAL_CASES = [
+    ("IPv4 TCP", lambda lab: tcp4(lab, CLIENT4, NODE4, 43100, NODEPORT), lambda lab: tcp4(lab, CLIENT4, NODE4, 43100, NODEPORT, flags="A")),
+    ("IPv4 UDP", lambda lab: udp4(lab, CLIENT4, NODE4, 43101, NODEPORT), lambda lab: udp4(lab, CLIENT4, NODE4, 43101, NODEPORT)),
+    ("IPv6 TCP", lambda lab: tcp6(lab, CLIENT6, NODE6, 43102, NODEPORT), lambda lab: tcp6(lab, CLIENT6, NODE6, 43102, NODEPORT, flags="A")),
+    ("IPv6 UDP", lambda lab: _udp6(lab, CLIENT6, NODE6, 43103, NODEPORT), lambda lab: _udp6(lab, CLIENT6, NODE6, 43103, NODEPORT)),
+]
+
+
+@pytest.fixture(scope="module")
+def xdp_builds(lab: Lab) -> Iterator[tuple[XdpBuild, XdpBuild]]:
+    """The default XDP build and its KPR_NP_EST_LOCAL=0 build (the local stage for every packet)."""
+    on = off = None
+    try:
+        on = XdpBuild(lab, [])
+        off = XdpBuild(lab, ["-DKPR_NP_EST_LOCAL=0"])
+        yield on, off
+    finally:
+        for b in (on, off):
+            if b is not None:
+                b.close()
+
+
+@pytest.mark.parametrize("desc,first,est", EST_LOCAL_CASES, ids=[c[0] for c in EST_LOCAL_CASES])
+def test_xdp_established_local_flows_from_the_cached_next_hop_match_the_stage(
+        lab: Lab, xdp_builds: tuple[XdpBuild, XdpBuild], desc: str, first: Any, est: Any) -> None:
+    """An established packet to the local backend: the stage's output (KPR_NP_EST_LOCAL=0),
+    the default build's first (its stage, which caches the route's outcome) and its next (the
+    entry program, from the cache: it passes with the stage gone from kpr_np_xcalls) are the
+    same frame, verdict and counters."""
+    from kpr.testing.prog_run import XDP_PASS
+
+    on, off = xdp_builds
+    off.own_stages()
+    lab.dp.invalidate_next_hops()  # nothing cached for the pod by an earlier test
+    assert off.run(first(lab))[0] == XDP_PASS, "the flow's first packet"
+    pkt = est(lab)
+    want = (XDP_PASS, _dnat_to_pod(pkt))
+    v, out, c_off = off.run(pkt)
+    assert (v, out) == want, f"{desc}, the stage: {Ether(out).summary()}"
+    assert c_off.get("established") == 1 and c_off.get("fwd_stack_xdp_unreachable") == 1, c_off
+    on.own_stages()
+    v, out, c1 = on.run(pkt)
+    assert (v, out, c1) == (*want, c_off), f"{desc}, the default build's stage: {Ether(out).summary()} {c1}"
+    on.own_stages(without="kpr_xnp_local")
+    try:
+        v, out, c2 = on.run(pkt)
+    finally:
+        on.own_stages()
+    assert (v, out, c2) == (*want, c_off), f"{desc}, from the cache: {Ether(out).summary()} {c2}"
+
+
+# Established SNAT flows to the remote backend: the flow's first packet and an established one.
+EST_SNAT_CASES = [
+    ("IPv4 TCP", lambda lab: tcp4(lab, CLIENT4, VIP_REMOTE, 43120, 80), lambda lab: tcp4(lab, CLIENT4, VIP_REMOTE, 43120, 80, flags="A")),
+    ("IPv4 UDP", lambda lab: udp4(lab, CLIENT4, VIP_REMOTE, 43121, 80), lambda lab: udp4(lab, CLIENT4, VIP_REMOTE, 43121, 80)),
+    ("IPv6 TCP", lambda lab: tcp6(lab, CLIENT6, VIP6_REMOTE, 43122, 80), lambda lab: tcp6(lab, CLIENT6, VIP6_REMOTE, 43122, 80, flags="A")),
+    ("IPv6 UDP", lambda lab: _udp6(lab, CLIENT6, VIP6_REMOTE, 43123, 80), lambda lab: _udp6(lab, CLIENT6, VIP6_REMOTE, 43123, 80)),
+]
+
+
+@pytest.mark.parametrize("desc,first,est", EST_SNAT_CASES, ids=[c[0] for c in EST_SNAT_CASES])
+def test_xdp_established_snat_flows_from_the_entry_program_match_the_other_build(
+        lab: Lab, xdp_builds: tuple[XdpBuild, XdpBuild], desc: str, first: Any, est: Any) -> None:
+    """An established SNAT packet sent from the cached next hop by the entry program, in both
+    builds (KPR_NP_EST_LOCAL leaves that path alone): the same frame (DNAT + SNAT, node2's MAC),
+    verdict and counters (established, the cached send: fwd_redirect, egress_<kind>,
+    fwd_nh_cached), the SNAT stage not reached."""
+    from kpr.testing.prog_run import XDP_REDIRECT
+
+    on, off = xdp_builds
+    off.own_stages()
+    assert off.run(first(lab))[0] == XDP_REDIRECT, "the flow's first packet"
+    pkt = est(lab)
+    v, want, c_off = off.run(pkt)
+    o = Ether(want)
+    ip = o[IP] if IP in o else o[IPv6]
+    assert v == XDP_REDIRECT and (o.dst, ip.src, ip.dst) == (MAC_NODE2, NODE4 if IP in o else NODE6,
+                                                             REM4 if IP in o else REM6), o.summary()
+    assert {k: c_off.get(k) for k in ("established", "fwd_redirect", "fwd_nh_cached")} == dict.fromkeys(
+        ("established", "fwd_redirect", "fwd_nh_cached"), 1), c_off
+    on.own_stages(without="kpr_xnp_snat")
+    try:
+        got = on.run(pkt)
+    finally:
+        on.own_stages()
+    assert got == (v, want, c_off), f"{desc}: {Ether(got[1]).summary()} {got[2]} against {c_off}"
+
+
+def test_xdp_a_route_change_sends_the_established_local_flow_its_new_way(
+        lab: Lab, xdp_builds: tuple[XdpBuild, XdpBuild]) -> None:
+    """The local flow's cached outcome lasts until the generation changes (the agent's watcher
+    bumps it on every route change): then the next packet takes the new route (out of eth0, to
+    node2's MAC: XDP_REDIRECT), which is cached in turn."""
+    from kpr.testing.prog_run import XDP_DROP, XDP_PASS, XDP_REDIRECT
+
+    on, _off = xdp_builds
+    on.own_stages()
+    lab.dp.invalidate_next_hops()
+    lxc = next(i for i in lab.topo["lb"].ifaces if i.startswith("lxc"))
+    assert on.run(tcp4(lab, CLIENT4, NODE4, 43110, NODEPORT))[0] == XDP_PASS
+    pkt = tcp4(lab, CLIENT4, NODE4, 43110, NODEPORT, flags="A")
+    assert on.run(pkt)[0] == XDP_PASS  # cached: the pod's veth, which XDP_REDIRECT cannot reach
+    lab.topo["lb"].run(f"ip route replace {POD4}/32 via {NODE2_4} dev eth0")
+    try:
+        on.own_stages(without="kpr_xnp_local")
+        try:
+            v, out, c = on.run(pkt)
+            assert (v, c.get("fwd_stack_xdp_unreachable")) == (XDP_PASS, 1), "the cached outcome until the generation changes"
+            lab.dp.invalidate_next_hops()
+            v, out, c = on.run(pkt)
+            assert (v, c.get("tail_call_missing")) == (XDP_DROP, 1), "a changed generation: the stage's path again"
+        finally:
+            on.own_stages()
+        v, out, c = on.run(pkt)
+        o = Ether(out)
+        assert v == XDP_REDIRECT and (o.src, o.dst, o[IP].dst, o[TCP].dport) == (lab.mac, MAC_NODE2, POD4, 8080), o.summary()
+        assert c.get("fwd_redirect") == 1 and "fwd_stack_xdp_unreachable" not in c, c
+        on.own_stages(without="kpr_xnp_local")
+        try:
+            v, out2, c = on.run(pkt)
+        finally:
+            on.own_stages()
+        assert (v, out2) == (XDP_REDIRECT, out) and c.get("fwd_nh_cached") == 1, f"the new route cached: {c}"
+    finally:
+        lab.topo["lb"].run(f"ip route replace {POD4}/32 dev {lxc}")
+        lab.dp.invalidate_next_hops()
 
 
 def test_a_reused_client_port_never_meets_a_stale_reverse_entry(lab: Lab) -> None:

@@ -137,6 +137,9 @@
 #ifndef KPR_NP_EST_INLINE
 #define KPR_NP_EST_INLINE 1 // 1: an established SNAT flow with a cached next hop is rewritten and sent by the entry program (no state write, tail call, re-parse)
 #endif
+#ifndef KPR_NP_EST_LOCAL
+#define KPR_NP_EST_LOCAL 1 // 1 (XDP): an established flow to a local backend whose next hop is cached is translated and passed (or sent) by the entry program (no tail call, re-parse, FIB or device lookups)
+#endif
 #ifndef KPR_NP_LAZY_SNAT_ADDR
 #define KPR_NP_LAZY_SNAT_ADDR 1 // 1: the node address to SNAT to is looked up only when a flow's SNAT mapping is made
 #endif
@@ -772,11 +775,8 @@ static __always_inline const union kpr_addr *kpr_np_snat_addr(__u32 ifindex, __u
 #define KPR_NP_NH_MTU 0
 #endif
 
-/* The backend's cached next hop when it is current and the packet (its L3 header at l3_off)
- * fits the route's MTU, else NULL: a packet too big takes the FIB lookup, whose FRAG_NEEDED
- * hands it to the stack for the ICMP error path MTU discovery needs. */
-static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_off, __u32 bid,
-						       const union kpr_addr *addr)
+// The backend's cached next hop when it is current (this generation, this address), else NULL.
+static __always_inline struct kpr_np_nh *kpr_np_nh_current(__u32 bid, const union kpr_addr *addr)
 {
 #if KPR_NP_NH_CACHE
 	__u32 k = KPR_NP_NH_GEN;
@@ -788,6 +788,23 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 	e = kpr_np_nh.lookup(&bid);
 	// no clock read here: the agent also bumps the generation every few seconds (a lost event)
 	if (!e || e->gen != g->gen || !kpr_addr_eq(&e->addr, addr))
+		return (void *)0;
+	return e;
+#else
+	return (void *)0;
+#endif
+}
+
+/* The backend's cached next hop when it is current and the packet (its L3 header at l3_off)
+ * fits the route's MTU, else NULL: a packet too big takes the FIB lookup, whose FRAG_NEEDED
+ * hands it to the stack for the ICMP error path MTU discovery needs. */
+static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_off, __u32 bid,
+						       const union kpr_addr *addr)
+{
+#if KPR_NP_NH_CACHE
+	struct kpr_np_nh *e = kpr_np_nh_current(bid, addr);
+
+	if (!e)
 		return (void *)0;
 #if KPR_NP_NH_MTU
 	// mtu 0: cached by XDP, whose lookup reports none: looked up here and cached with it.
@@ -885,7 +902,21 @@ static __always_inline int kpr_np_stage_local(kpr_ctx_t *ctx)
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
+#if KPR_NP_EST_LOCAL && defined(KPR_CTX_XDP)
+	{
+		// the route's outcome kept for the flow's later packets (kpr_np_est_local), as the
+		// SNAT stage keeps a remote backend's: a redirect, or the stack for a device
+		// XDP_REDIRECT cannot reach (a pod's veth)
+		struct bpf_fib_lookup p;
+		int rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &pkt.t.daddr, 0);
+
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+			kpr_np_nh_put(st->backend_id, &be->addr, &p);
+		return kpr_np_forward(ctx, &p, rc, 1);
+	}
+#else
 	return kpr_np_route(ctx, &pkt, 1);
+#endif
 }
 
 // KPR_NP_CALL_SNAT: DNAT to the backend and SNAT to the egress device's node address.
@@ -1189,6 +1220,35 @@ static __always_inline void kpr_np_nh_touch(__u32 bid)
 #endif
 }
 
+#if KPR_NP_EST_LOCAL && defined(KPR_CTX_XDP)
+#define KPR_NP_EST_MISS (-1) // kpr_np_est_local: no current next hop, the stage's path
+
+/* An established flow to a local backend, in the entry program (XDP): what the local stage
+ * does after its FIB lookup, from the next hop it cached (kpr_np_nh, invalidated by the same
+ * generation as a remote backend's), with the same counters: DNAT, then XDP_REDIRECT with the
+ * route's MACs, or the stack for a device XDP_REDIRECT cannot reach. KPR_NP_EST_MISS when
+ * nothing is cached (the packet untouched). */
+static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const struct kpr_backend *be,
+					    __u32 bid)
+{
+	struct kpr_np_nh *nh = kpr_np_nh_current(bid, &be->addr);
+	__u32 kind;
+
+	if (!nh)
+		return KPR_NP_EST_MISS;
+	kind = nh->kind;
+	if (kpr_nat_dnat(ctx, pkt, &be->addr, be->port)) {
+		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt->t);
+		return CTX_DROP;
+	}
+	if (kpr_np_xdp_reachable(kind & 0xff, kind & KPR_NP_NH_EXTERNAL))
+		return kpr_np_nh_send(ctx, nh);
+	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (kind & 0xff)); // as kpr_np_xdp_sendable counts it
+	kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
+	return CTX_PASS;
+}
+#endif
+
 // Tracked flow or new flow to a frontend; anything else goes to the announced-address guard.
 static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
@@ -1236,6 +1296,15 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 					KPR_NP_STOP(8);
 					return kpr_np_nh_send(ctx, nh);
 				}
+			}
+#endif
+#if KPR_NP_EST_LOCAL && defined(KPR_CTX_XDP)
+			// (a restarted flow takes the stage: its reverse entry is written afresh there)
+			if ((ct->flags & KPR_CT_F_LOCAL) && !restart) {
+				int v = kpr_np_est_local(ctx, pkt, be, bid);
+
+				if (v != KPR_NP_EST_MISS)
+					return v;
 			}
 #endif
 			return kpr_np_dispatch(ctx, be, bid, ct->flags, restart, ct->rev_nat, ct);

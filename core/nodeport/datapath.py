@@ -189,6 +189,20 @@ def invalidate_next_hops(m: M.BpfMap) -> int:
     return gen
 
 
+def devices_changed(m: M.BpfMap, written: int, removed: int) -> None:
+    """kpr_np_dev or kpr_np_devkind changed (`written` or `removed` entries): a cached next hop
+    keeps the kind and external-ness its device had when it was cached (the established local
+    and inline SNAT paths read them from kpr_np_nh, not the device maps), so the generation is
+    bumped. A disarmed cache (generation 0) is left off: bumping would turn it on."""
+    if (written or removed) and _gen_in_force(m):
+        invalidate_next_hops(m)
+
+
+def _gen_in_force(m: M.BpfMap) -> int:
+    raw = m.lookup(M.U32.pack(NH_GEN))
+    return NP_NH.unpack(raw)[0] if raw is not None else 0
+
+
 def disarm_next_hops(m: M.BpfMap) -> None:
     """Turn the programs' next-hop cache off (generation 0: a FIB lookup per packet), as the
     agent stops: programs left attached without an agent have no watcher to tell them of route
@@ -556,7 +570,7 @@ class Datapath:
 
         want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
         want[M.U32.pack(0)] = val(default)
-        self._sync(self.maps[DEV_MAP], want)
+        devices_changed(self.maps[NH_MAP], *self._sync(self.maps[DEV_MAP], want))
 
     def invalidate_next_hops(self) -> int:
         """As the agent does when routes or neighbours change (and once at start, which arms the cache)."""
@@ -564,8 +578,10 @@ class Datapath:
 
     def set_device_kinds(self, kinds: Mapping[int, int]) -> tuple[int, int]:
         """kpr_np_devkind: ifindex -> KPR_DEV_* (kpr.netdevs.DevKind) of every link of the node's
-        namespace; (written, removed)."""
-        return self._sync(self.maps[DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
+        namespace; (written, removed). A change bumps the next-hop generation (devices_changed)."""
+        done = self._sync(self.maps[DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
+        devices_changed(self.maps[NH_MAP], *done)
+        return done
 
     def set_node_addresses(self, addresses: Iterable[str]) -> None:
         self._sync(self.maps[NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})

@@ -129,11 +129,14 @@ class NodePortTables:
 
         want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
         want[M.U32.pack(0)] = val(default)
-        D.Datapath._sync(self.maps[D.DEV_MAP], want)
+        D.devices_changed(self.maps[D.NH_MAP], *D.Datapath._sync(self.maps[D.DEV_MAP], want))
 
     def set_device_kinds(self, kinds: Mapping[int, int]) -> tuple[int, int]:
-        """kpr_np_devkind: ifindex -> KPR_DEV_*; (written, removed)."""
-        return D.Datapath._sync(self.maps[D.DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
+        """kpr_np_devkind: ifindex -> KPR_DEV_*; (written, removed). A change bumps the next-hop
+        generation (D.devices_changed)."""
+        done = D.Datapath._sync(self.maps[D.DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
+        D.devices_changed(self.maps[D.NH_MAP], *done)
+        return done
 
     def set_node_addresses(self, addresses: Iterable[str]) -> None:
         D.Datapath._sync(self.maps[D.NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})

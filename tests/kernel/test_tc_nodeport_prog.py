@@ -800,6 +800,29 @@ def test_the_next_hop_is_cached_per_backend_until_the_generation_changes(lab: La
     assert lab.one(D.INGRESS, again)[1][Ether].dst == MAC_NODE2
 
 
+def test_a_device_change_bumps_the_next_hop_generation(lab: Lab) -> None:
+    """A cached next hop carries its device's kind and external-ness from when it was cached (the
+    established local and inline SNAT paths read them from kpr_np_nh): a change of kpr_np_devkind
+    or kpr_np_dev bumps the generation, as a route change does; writing what is there does not."""
+    from kpr.netdevs import DevKind
+
+    def gen() -> int:
+        return D.NP_NH.unpack(lab.dp.maps[D.NH_MAP].lookup(M.U32.pack(D.NH_GEN)))[0]
+
+    kinds = {M.U32.unpack(k)[0]: M.U32.unpack(v)[0] for k, v in lab.dp.maps[D.DEVKIND_MAP].items()}
+    start = gen()
+    assert start and lab.dp.set_device_kinds(kinds) == (0, 0) and gen() == start, "nothing changed, nothing bumped"
+    try:
+        lab.dp.set_device_kinds({**kinds, lab.ifindex: DevKind.UNKNOWN})
+        assert gen() not in (0, start), "a device's kind changed"
+        bumped = gen()
+        lab.dp.set_devices({lab.ifindex: ("10.0.0.9", NODE6)}, (NODE4, NODE6))
+        assert gen() not in (0, bumped), "a device's SNAT address changed"
+    finally:
+        lab.dp.set_device_kinds(kinds)
+        lab.dp.set_devices({lab.ifindex: (NODE4, NODE6)}, (NODE4, NODE6))
+
+
 def test_dsr_adds_the_frontend_and_the_backend_node_strips_it(lab: Lab) -> None:
     opt4 = IPOption(b"\x9a\x08" + (80).to_bytes(2, "big") + bytes(map(int, VIP_DSR.split("."))))
     lab.run(D.INGRESS, [

@@ -283,10 +283,14 @@ struct kpr_np_dev {
 #define KPR_NP_NH_GEN 0 // kpr_np_nh key holding the generation (backend index 0 is never used)
 #define KPR_NP_NH_EXTERNAL (1U << 8) // kpr_np_nh kind: ifindex is an external device (kpr_np_dev)
 
-/* kpr_np_nh value: the route to a remote backend as a FIB lookup answered it, for the SNAT
- * stage's next packets. Key KPR_NP_NH_GEN's gen is the current generation: the agent
- * (kpr.nodeport.nexthops) bumps it when a route or a neighbour changes, which makes every
- * cached entry stale at once; 0 there: nothing is cached (not armed yet). */
+/* kpr_np_nh value: the route to a backend as a FIB lookup answered it, for the next packets of
+ * the SNAT stage (remote backends) and, on XDP, of kpr_np_est_local (local ones). Key
+ * KPR_NP_NH_GEN's gen is the current generation: the agent (kpr.nodeport.nexthops) bumps it
+ * when a route, a neighbour or a device's kind or addresses (kpr_np_devkind, kpr_np_dev: kind
+ * and KPR_NP_NH_EXTERNAL are copies) change, which makes every cached entry stale at once; 0
+ * there: nothing is cached (not armed yet). Keyed per backend while the lookup depends on the
+ * flow (ingress device, client source, ports): with source- or ingress-based `ip rule`s or
+ * L4-hash multipath routes the first flow's answer is reused for every flow to the backend. */
 struct kpr_np_nh {
 	__u32 gen;           // the generation it was cached in
 	__u32 ifindex;       // egress device (bpf_redirect / XDP_REDIRECT with these MACs)
@@ -329,7 +333,7 @@ struct kpr_np_rl {
 
 // (backend, client) of a reply -> the frontend it must come from. LRU: active flows stay.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_np_rev, kpr_np_rev, KPR_NP_REV_MAX, KPR_PIN(kpr_np_rev));
-// Next hops of remote backends by backend index (KPR_NP_NH_CACHE), key 0 the generation.
+// Next hops of backends (remote; local too on XDP) by backend index (KPR_NP_NH_CACHE), key 0 the generation.
 BPF_TABLE_PINNED("array", __u32, struct kpr_np_nh, kpr_np_nh, KPR_NP_NH_MAX, KPR_PIN(kpr_np_nh));
 // Frontends whose service overrides the default mode.
 BPF_TABLE_PINNED("hash", struct kpr_np_fe_key, struct kpr_np_fe, kpr_np_fe, KPR_NP_FE_MAX, KPR_PIN(kpr_np_fe));
@@ -815,7 +819,7 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 		return (void *)0;
 #endif
 #ifdef KPR_CTX_XDP
-	// tc caches next hops XDP_REDIRECT cannot reach (kpr_np_xdp_sendable): not for XDP
+	// tc, and the XDP local stage, cache next hops XDP_REDIRECT cannot reach (kpr_np_xdp_sendable): not for XDP
 	if (!kpr_np_xdp_reachable(e->kind & 0xff, e->kind & KPR_NP_NH_EXTERNAL))
 		return (void *)0;
 #endif
@@ -826,8 +830,11 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 }
 
 /* Cache a successful FIB lookup `p` for the backend: what kpr_np_forward does with it, a
- * redirect with the route's MACs, when the device is one it knows (XDP: kpr_np_xdp_sendable
- * said so before). The device is looked up only when caching is armed. */
+ * redirect with the route's MACs, when the device is one it knows. On XDP the SNAT stage caches
+ * after kpr_np_xdp_sendable, the local stage before it (devices XDP_REDIRECT cannot reach
+ * included: kpr_np_est_local sends those to the stack); SNAT readers stay safe because
+ * kpr_np_nh_get filters by reachability on XDP. The device is looked up only when caching is
+ * armed. */
 static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr, const struct bpf_fib_lookup *p)
 {
 #if KPR_NP_NH_CACHE

@@ -76,7 +76,10 @@ def compile_expected(config: KprConfig) -> bool:
     """Whether the plugins' start will likely compile BPF: not when an agent left its builds
     pinned (a restart adopts them: kpr.bpf.builds), nor when the program cache holds an entry
     (a start after a reboot loads it: kpr.bpf.progcache). A guess, from what is on disk: an
-    entry of another build (an upgrade) still compiles."""
+    entry of another build (an upgrade) still compiles. No plugin enabled: nothing to compile
+    (which enabled plugin builds BPF its code alone knows)."""
+    if not config.enabled_plugins():
+        return False
     from .bpf.builds import BUILDS_MAP
     from .bpf.progcache import CACHE_DIR, SUFFIX
 

@@ -19,7 +19,9 @@ from kpr import memory, model
 from kpr import translate as tr
 from kpr.sources import files as files_mod
 from kpr.sources import files_worker
+from kpr.testing.waiting import wait_for
 from test_files_source import RecordingSink, make, service, slice_, write
+from test_files_source_preload import _counting_loads
 
 
 def _tree(tmp_path: Path, token: str = ""):
@@ -189,7 +191,7 @@ def test_a_failed_worker_costs_one_line_and_no_file(tmp_path, monkeypatch, caplo
     (here, sink_here, errors_here, lines_here), (there, sink, errors, lines) = _both_ways(
         tmp_path, monkeypatch, caplog, lambda src: setattr(src, "worker_command", FAILURES[reason](tmp_path)))
     warnings = [m for _, _, m in lines if "files.worker_failed" in m]
-    assert len(warnings) == 1 and f"reason={reason}" in warnings[0], warnings
+    assert len(warnings) == 1 and re.search(f"reason=[\"']{re.escape(reason)}", warnings[0]), warnings
     assert sorted(there) == sorted(here)
     assert [[(ref, obj, read) for ref, obj, read in there[n][4]] for n in sorted(there)] == [
         [(ref, obj, read) for ref, obj, read in here[n][4]] for n in sorted(here)]
@@ -224,11 +226,28 @@ def test_reading_while_waiting_meets_the_worker(tmp_path, monkeypatch, caplog):
         for i in range(60):
             write(s.path / f"{i:03d}.yaml", service(f"s{i}"), slice_(f"s{i}", f"10.244.3.{i + 1}"))
     src.worker_min_bytes = 0
+    loads = _counting_loads(monkeypatch)  # this process's reads (the worker's are its own)
+    # This thread's first file waits for the worker's first message: on a quick machine the
+    # thread reads all 60 before the worker starts, and the two never meet.
+    workers, count = [], files_mod.FilesSource._load_file
+    monkeypatch.setattr(files_worker.Worker, "__init__", lambda self, *a, _init=files_worker.Worker.__init__: (
+        workers.append(self), _init(self, *a))[1])
+
+    def first_after_the_worker(self, tr_, name, sig, old):
+        if len(loads) == 0:
+            wait_for(lambda: workers[0].ready(), 60, "the worker's first message")
+        return count(self, tr_, name, sig, old)
+
+    monkeypatch.setattr(files_mod.FilesSource, "_load_file", first_after_the_worker)
     with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
         _read_ahead(src)
     assert sorted(src._preloaded) == [f"{i:03d}.yaml" for i in range(60)]
     summary = [r.getMessage() for r in src._held_log.records if "files.preloaded" in r.getMessage()]
     assert len(summary) == 1 and "worker_failed" not in " ".join(r.getMessage() for r in src._held_log.records)
+    # Every file read once, by one of the two: the worker's files are not read here again.
+    by_worker = int(re.search(r" worker_files=(\d+)", summary[0]).group(1))
+    assert len(loads) == len(set(loads)) and len(loads) + by_worker == 60, (len(loads), by_worker)
+    assert by_worker >= 1, summary  # (the worker came too late to meet: the meeting untested)
     sink, expected = RecordingSink(), RecordingSink()
     src.scan_once(sink)
     monkeypatch.setenv("KPR_FILES_WORKER", "0")
@@ -331,6 +350,9 @@ def test_a_compile_is_expected_unless_builds_are_pinned_or_cached(tmp_path):
     from kpr.config import KprConfig
 
     cfg = KprConfig.model_validate({"bpf": {"pinPath": str(tmp_path / "pins")}, "agent": {"stateDir": str(tmp_path / "state")}})
+    assert daemon.compile_expected(cfg) is False  # no plugin enabled: nothing to compile
+    cfg = KprConfig.model_validate({"bpf": {"pinPath": str(tmp_path / "pins")}, "agent": {"stateDir": str(tmp_path / "state")},
+                                    "plugins": {"socklb": {"enabled": True}}})
     assert daemon.compile_expected(cfg) is True
     (tmp_path / "state" / CACHE_DIR).mkdir(parents=True)
     assert daemon.compile_expected(cfg) is True  # an empty cache
@@ -340,3 +362,89 @@ def test_a_compile_is_expected_unless_builds_are_pinned_or_cached(tmp_path):
     (tmp_path / "pins").mkdir()
     (tmp_path / "pins" / BUILDS_MAP).write_bytes(b"")
     assert daemon.compile_expected(cfg) is False
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_a_worker_that_cannot_be_set_up_costs_one_line_and_no_pass(tmp_path, monkeypatch, caplog):
+    """No temp dir for the worker's stderr: the first pass reads in the agent and syncs, one
+    warning line, no fd left open."""
+    import tempfile
+
+    monkeypatch.setenv("KPR_FILES_WORKER", "1")
+    src = _tree(tmp_path)
+    src.worker_min_bytes = 0
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "nonexistent"))
+    before = _open_fds()
+    sink = RecordingSink()
+    with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+        src.scan_once(sink)
+    assert sink.synced_calls == 1
+    assert sorted(src._files) == ["a.yaml", "b.yaml", "c.yaml", "d.json", "e.json", "f.yaml", "g.yaml", "h.json"]
+    warnings = [r.getMessage() for r in caplog.records if "files.worker_failed" in r.getMessage()]
+    assert len(warnings) == 1 and re.search("reason=[\"']not started: ", warnings[0]), warnings
+    assert _open_fds() <= before
+    assert _children() == set()
+
+
+def test_the_worker_delivers_past_fd_1024(tmp_path, monkeypatch, caplog):
+    """The agent's pipe from the worker numbered past select's limit (the plugins' BPF fds
+    while the first pass runs): its files still come across."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    monkeypatch.setenv("KPR_FILES_WORKER", "1")
+    src = _tree(tmp_path)
+    src.worker_min_bytes = 0
+    src.read_while_waiting = False
+    held = []
+    try:
+        while len(held) < 1100 and (not held or held[-1] < 1030):
+            held.append(os.dup(0))
+        with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+            _read_ahead(src)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    lines = [r.getMessage() for r in src._held_log.records]
+    assert not [m for m in lines if "worker_failed" in m], lines
+    assert [m for m in lines if "files.preloaded" in m and " worker_files=8 " in m], lines
+    assert _children() == set()
+
+
+def test_the_worker_does_not_import_from_the_agents_directory(tmp_path, monkeypatch, caplog):
+    """A module in the agent's working directory is not what the worker (root, trusted
+    pickles) imports: -P keeps the directory off its sys.path."""
+    assert "-P" in files_worker.command()
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "yaml.py").write_text("raise SystemExit('the yaml in the working directory')\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("KPR_FILES_WORKER", "1")
+    src = _tree(tmp_path / "tree")
+    src.worker_min_bytes = 0
+    src.read_while_waiting = False
+    with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+        _read_ahead(src)
+    lines = [r.getMessage() for r in src._held_log.records]
+    assert not [m for m in lines if "worker_failed" in m], lines
+    assert [m for m in lines if "files.preloaded" in m and " worker_files=8 " in m], lines
+
+
+def test_a_forced_worker_does_not_guess_the_compile(tmp_path, monkeypatch, caplog):
+    """KPR_FILES_WORKER=1 starts the worker whatever the cores do: the compile's guess (it
+    imports kpr.bpf.progcache) is not asked."""
+    monkeypatch.setenv("KPR_FILES_WORKER", "1")
+    src = _tree(tmp_path)
+    src.worker_min_bytes = 0
+    asked = []
+    src.compile_beside = lambda: asked.append(1) or True
+    with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+        _read_ahead(src)
+    assert asked == []
+    assert [r for r in src._held_log.records if "files.worker on=yes reason=forced" in r.getMessage()]

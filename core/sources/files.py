@@ -983,7 +983,9 @@ class FilesSource:
         if setting != "off" and size >= self.worker_min_bytes:
             from ..daemon import spare_core  # imported late: the worker process never decides
 
-            busy = 1 if self.compile_beside() else 0
+            # Only auto weighs a compile (on starts the worker whatever the cores do): the
+            # guess imports kpr.bpf.progcache, a quarter second.
+            busy = 1 if setting == "auto" and self.compile_beside() else 0
             spare, load, cpus = spare_core(busy)
         on, reason = worker_choice(setting, size, self.worker_min_bytes, spare)
         held.info(
@@ -1004,17 +1006,20 @@ class FilesSource:
         from . import files_worker
 
         done: set[str] = set()
-        if not self._worker_chosen(held, listing):
-            return done
         job = {
             "path": str(self.path), "max_file_size": self.max_file_size,
             "cluster_cidrs": tuple(self.allocator.cluster_cidrs), "places": list(model.places),
             "files": sorted(listing.items()),
         }
         try:
+            if not self._worker_chosen(held, listing):
+                return done
             worker = files_worker.Worker(job, self.worker_command)
-        except files_worker.WorkerFailed as e:
-            held.warning("files.worker_failed path=%s reason=%s; reading in the agent", self.path, e)
+        except Exception as e:
+            # Whatever keeps the worker from starting (no temp dir, no fd left, the choice
+            # failing) costs this line, never the pass: the caller reads every file here.
+            reason = str(e) if isinstance(e, files_worker.WorkerFailed) else f"not started ({type(e).__name__}: {e})"
+            held.warning("files.worker_failed path=%s reason=%r; reading in the agent", self.path, reason)
             return done
         # The worker's place id -> this process's, where they differ (this thread read a
         # slice naming a new place first): its slices' readings are moved to these ids.
@@ -1065,12 +1070,12 @@ class FilesSource:
                 by_worker += 1
         except files_worker.WorkerFailed as e:
             if not self._stop.is_set():
-                held.warning("files.worker_failed path=%s reason=%s files=%d; reading the rest in the agent",
-                             self.path, e, by_worker)
+                held.warning("files.worker_failed path=%s reason=%r files=%d; reading the rest in the agent",
+                             self.path, str(e), by_worker)
         except Exception as e:
             # A message that is not what the worker sends: that file (and the rest) read here.
-            held.warning("files.worker_failed path=%s reason=bad output (%s: %s) files=%d; reading the rest in the agent",
-                         self.path, type(e).__name__, e, by_worker)
+            held.warning("files.worker_failed path=%s reason=%r files=%d; reading the rest in the agent",
+                         self.path, f"bad output ({type(e).__name__}: {e})", by_worker)
         finally:
             worker.close(grace)
         return done

@@ -184,7 +184,9 @@ PIPE_SIZE = 1024 * 1024
 
 
 def command() -> list[str]:
-    return [sys.executable, "-m", "kpr.sources.files_worker"]
+    # -P: the agent's working directory is not on the worker's sys.path (it runs as root and
+    # the agent trusts its pickles).
+    return [sys.executable, "-P", "-m", "kpr.sources.files_worker"]
 
 
 class Worker:
@@ -195,7 +197,19 @@ class Worker:
         import subprocess
         import tempfile
 
-        r, w = os.pipe()
+        # Its stderr (a traceback, should it crash) to a file: in the agent's log it could land
+        # while a BPF compile captures fd 2, and a pipe nobody reads could block it. Made
+        # before the pipe, so that no temp dir (or no fd left) leaks nothing and fails as the
+        # worker failing: the caller reads in the agent.
+        try:
+            self.stderr = tempfile.TemporaryFile()
+        except OSError as e:
+            raise WorkerFailed(f"not started: {e}") from None
+        try:
+            r, w = os.pipe()
+        except OSError as e:
+            self.stderr.close()
+            raise WorkerFailed(f"not started: {e}") from None
         try:
             # A file's message is about 70 KB at 100 services: in a 64 KB pipe the worker waits
             # for this side (busy reading files itself) to drain each; 1 MB holds a dozen.
@@ -204,9 +218,6 @@ class Worker:
             fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except (ImportError, AttributeError, OSError):
             pass  # a smaller pipe: slower, the same messages
-        # Its stderr (a traceback, should it crash) to a file: in the agent's log it could land
-        # while a BPF compile captures fd 2, and a pipe nobody reads could block it.
-        self.stderr = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen(
                 [*(cmd or command()), str(w)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -219,6 +230,10 @@ class Worker:
         finally:
             os.close(w)
         self.fd = r
+        import select
+
+        self._poll = select.poll()
+        self._poll.register(r, select.POLLIN)
         self._buf = bytearray()
         self._eof = False
         try:
@@ -240,9 +255,9 @@ class Worker:
                 pass  # it ended already: next() says how
 
     def _read(self, timeout: float) -> None:
-        import select
-
-        if select.select([self.fd], [], [], timeout)[0]:
+        # poll, not select: the agent's fds may number past select's 1024 (LimitNOFILE is
+        # high and the plugins hold BPF fds while the first pass runs).
+        if self._poll.poll(timeout * 1000):
             chunk = os.read(self.fd, 1 << 20)
             if not chunk:
                 self._eof = True

@@ -50,6 +50,7 @@ class Readings:
     STATS_MAP, FWD_MAP = XD.STATS_MAP, XD.FWD_MAP
     reads_csum_state = None
     kernctx = True
+    build = "compiled"  # as a Datapath says after loading (status reports it)
 
     def __init__(self, values: list[int]) -> None:
         self.values = iter(values)

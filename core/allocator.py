@@ -258,10 +258,15 @@ class Allocator:
         if stype == "ExternalName":
             self.release(key)
             return Allocation(svc)
-        if stype == "ClusterIP" and self.families and not (
-            spec.get("clusterIP") or spec.get("clusterIPs") or spec.get("ipFamilies") or spec.get("ipFamilyPolicy")
-        ):
-            return self._allocate_plain(svc, key, old)
+        if stype == "ClusterIP" and not (spec.get("ipFamilies") or spec.get("ipFamilyPolicy")):
+            written = spec.get("clusterIP")
+            if not written:
+                if self.families and not spec.get("clusterIPs"):
+                    return self._allocate_plain(svc, key, old)
+            else:
+                done = self._allocate_written(svc, key, old, spec, written)
+                if done is not None:
+                    return done
 
         new = _Record(node_ports={})
         if old is not None and stype == "LoadBalancer":
@@ -356,6 +361,42 @@ class Allocator:
         records[key] = new
         spec = {"clusterIP": ip, "clusterIPs": [ip], "ipFamilies": [_FAMILY_NAMES[family]], "ipFamilyPolicy": "SingleStack"}
         return Allocation(self._inject(svc, spec, {}), set())
+
+    def _allocate_written(self, svc: dict, key: str, old: _Record | None, spec: dict, ip: Any) -> Allocation | None:
+        """allocate() of a ClusterIP service whose manifest writes one canonical IPv4 ClusterIP
+        (clusterIPs left out or the same one) nobody else holds, and no families or policy
+        (what manifests exported from a cluster without those fields have), with the same
+        outcome; None for anything else, which takes the general way (its staged claims,
+        closures and checks took about 7 us a service: 0.15 s of a 20k-service first pass)."""
+        if ip.__class__ is not str:
+            return None
+        given = spec.get("clusterIPs")
+        if given and (given.__class__ is not list or len(given) != 1 or given[0] != ip):
+            return None
+        try:
+            packed = socket.inet_pton(socket.AF_INET, ip)
+        except (OSError, ValueError):
+            return None
+        if socket.inet_ntop(socket.AF_INET, packed) != ip:
+            return None
+        ips = self._ips
+        holder = ips.get(ip)
+        if holder is not None and holder != key:
+            return None  # taken: the general way refuses or displaces
+        new = _Record(ips=ip, explicit_mask=1)
+        if not (old is not None and holder == key and old.ips == ip and old.explicit_mask == 1 and not old.node_ports
+                and not old.health_check_node_port):
+            # (else its one written claim again, held already: a restart's first pass)
+            if old is not None:
+                for c in old.claims():
+                    if self._owner(c) == key:
+                        self._drop(c)
+            self._take(("ip", ip), key)
+        if old is None or old != new and old.to_json() != new.to_json():
+            self._dirty = True
+        self._records[key] = new
+        new_spec = {"clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
+        return Allocation(self._inject(svc, new_spec, {}), set())
 
     def release(self, key: str) -> None:
         """Forget a service's allocations (it was deleted)."""

@@ -541,3 +541,64 @@ def test_state_file_lines_of_plain_records_as_json_writes_them(tmp_path):
     lines = [line.rstrip(",") for line in text.splitlines() if line.startswith("  ")]
     assert lines == [f"  {json.dumps(k)}: {json.dumps(a.get(k))}" for k in a.keys()]
     assert json.loads(text)["services"] == {k: a.get(k) for k in a.keys()}
+
+
+# --- a written ClusterIP's short way (allocate's _allocate_written) -------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_WRITTEN = ["10.96.0.2", "10.96.0.3", "10.96.0.9", "10.96.0.010", "10.97.0.1", "fd00:10:96::5", "None", "", "nonsense"]
+_STEP = st.tuples(
+    st.sampled_from(["release", "allocate", "allocate", "allocate", "allocate"]),
+    st.sampled_from(["a", "b", "c", "d"]),
+    st.sampled_from(_WRITTEN + [None]),  # clusterIP (None: left out)
+    st.sampled_from(["same", "none", "other", "bad"]),  # clusterIPs
+    st.sampled_from(["ClusterIP", None, "NodePort"]),
+    st.sampled_from([None, ["IPv4"], "SingleStack"]),  # ipFamilies or the policy written
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(_STEP, max_size=14), cidrs=st.sampled_from([("10.96.0.0/28",), ("10.96.0.0/28", "fd00:10:96::/124")]))
+def test_written_cluster_ips_allocate_as_the_general_way(tmp_path_factory, steps, cidrs):
+    """A ClusterIP service whose manifest writes one canonical IPv4 ClusterIP nobody else holds
+    takes a short way; an allocator with that way turned off takes the general one. Both must
+    agree on every step: the object, what is displaced, errors, the records, the claims and the
+    range counts, when the state changes, the state file, and what a restart reads back."""
+    tmp = tmp_path_factory.mktemp("written")
+    fast, general = (Allocator(tmp / f"{side}.json", list(cidrs), RANGE) for side in ("fast", "general"))
+    general._allocate_written = lambda *args: None  # type: ignore[method-assign]
+    for op, name, ip, listed, stype, extra in steps:
+        outcomes = []
+        for a in (fast, general):
+            a._dirty = False
+            if op == "release":
+                a.release(f"default/{name}")
+                outcomes.append(("released", a.dirty))
+                continue
+            spec: dict = {}
+            if stype:
+                spec["type"] = stype
+            if ip is not None:
+                spec["clusterIP"] = ip
+            if listed != "none" and ip is not None:
+                spec["clusterIPs"] = {"same": [ip], "other": [ip, "fd00:10:96::7"], "bad": "10.96.0.2"}[listed]
+            if extra == "SingleStack":
+                spec["ipFamilyPolicy"] = extra
+            elif extra:
+                spec["ipFamilies"] = extra
+            try:
+                got = a.allocate(svc(name, **spec))
+                outcomes.append((got.obj, got.displaced, a.dirty))
+            except AllocationError as e:
+                outcomes.append(("error", str(e), a.dirty))
+        assert outcomes[0] == outcomes[1]
+        assert fast._records == general._records
+        assert fast._ips == general._ips and fast._ports == general._ports
+        assert fast._used_in_range == general._used_in_range
+        assert {k: fast.get(k) for k in fast.keys()} == {k: general.get(k) for k in general.keys()}
+    fast.save(force=True)
+    general.save(force=True)
+    assert (tmp / "fast.json").read_text() == (tmp / "general.json").read_text()
+    restarted = Allocator(tmp / "fast.json", list(cidrs), RANGE)
+    assert {k: restarted.get(k) for k in restarted.keys()} == {k: fast.get(k) for k in fast.keys()}

@@ -713,8 +713,14 @@ def _parse_cluster_ips(obj: KubeObject, spec: KubeObject, rules: AddressRules) -
     # the two usual shapes, none written and one ClusterIP in both fields, are read inline;
     # anything else, or an address refused, goes the checking way, which names the field.
     cluster_ip, texts = spec.get("clusterIP"), spec.get("clusterIPs")
-    if cluster_ip is None and texts is None:
-        return ()
+    if texts is None:
+        if cluster_ip is None:
+            return ()
+        if cluster_ip.__class__ is str:
+            # One written in clusterIP alone (manifests from a cluster's older exports)
+            ip = _parse_ip_text(cluster_ip)  # (None for "None" and "" too)
+            if ip is not None and not rules.cluster_ip_problem(ip):
+                return (ip,)
     if cluster_ip.__class__ is str and texts.__class__ is list and len(texts) == 1 and texts[0] == cluster_ip:
         ip = _parse_ip_text(cluster_ip)  # (None for "None" too)
         if ip is not None and not rules.cluster_ip_problem(ip):

@@ -59,6 +59,18 @@ def test_cluster_ip_errors_name_the_field(cluster_ip, cluster_ips):
         assert field.startswith(("spec.clusterIP", "spec.clusterIPs["))
 
 
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(st.none(), texts), st.one_of(st.none(), st.lists(texts, max_size=3)))
+def test_cluster_ips_short_ways_are_the_checking_way(cluster_ip, cluster_ips):
+    """Both fields, one of them or none: the inline shapes read what the checking way reads
+    (the same addresses, or the same error)."""
+    spec = {k: v for k, v in (("clusterIP", cluster_ip), ("clusterIPs", cluster_ips)) if v is not None}
+    rules = translate.AddressRules(("10.96.0.0/16",))
+    assert _outcome(translate._parse_cluster_ips, SERVICE, spec, rules) == _outcome(
+        translate._checked_cluster_ips, SERVICE, spec, rules
+    )
+
+
 def test_cluster_ip_error_messages():
     rules = translate.AddressRules(("10.96.0.0/16",))
     cases = [

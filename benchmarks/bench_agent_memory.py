@@ -41,6 +41,10 @@ and RSS from a traced run are not comparable with the untraced ones. Root needed
 With --cold, a second agent per size is started after SIGTERM and `kpr cleanup` (a reboot:
 nothing pinned, the state directory with its program cache kept), reported as its own row.
 
+KPR_BENCH_LOGS=<dir> keeps each agent's log there (agent-<size>[-restart|-cold].log);
+KPR_BENCH_PYSPY=<dir> attaches py-spy (the venv's) to each agent at once, 6 s of samples of
+every thread (idle ones too) as <size>[-restart|-cold].txt (it misses the first 0.3 s or so).
+
     .venv/bin/python benchmarks/bench_agent_memory.py [--sizes 0,1000,10000,20000] [--trace] [--format yaml] [--cold]
 """
 
@@ -258,6 +262,12 @@ def measure(cmd: list[str], n: int, tmp: Path, tag: str, trace: bool, report: Pa
     t0, started = time.perf_counter(), time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stderr=log, env=env)
+    spy = None
+    if os.environ.get("KPR_BENCH_PYSPY"):  # a profile of the way to ready (py-spy attached at once)
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid), "--duration",
+                                "6", "--threads", "--idle", "--nonblocking", "--format", "raw", "--rate", "200", "--output",
+                                str(Path(os.environ["KPR_BENCH_PYSPY"]) / f"{tag}.txt")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
         wait_notified(proc, notify, t0 + 600, str(log_path))
         ready = time.perf_counter() - t0
@@ -277,6 +287,11 @@ def measure(cmd: list[str], n: int, tmp: Path, tag: str, trace: bool, report: Pa
         raise
     finally:
         notify.close()
+        if spy is not None:
+            spy.wait()
+    if os.environ.get("KPR_BENCH_LOGS"):  # keep each agent's log for a closer look
+        Path(os.environ["KPR_BENCH_LOGS"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["KPR_BENCH_LOGS"]) / log_path.name).write_text(log_path.read_text())
     out = {"ready": ready, "cpu": cpu, "rss_ready": at_ready["VmRSS"], "rss": steady["VmRSS"], "hwm": steady["VmHWM"],
            "threads": threads, "load": load, "phases": phases(log_path.read_text(), started),
            "steps": steps(log_path.read_text())}

@@ -1405,6 +1405,8 @@ def checked_after_allocation(before: object, read: KubeObject, allocated: KubeOb
         return None
     if parsed is None:
         return None
+    if parsed is found.spec:  # type: ignore[union-attr]
+        return found
     return _CheckedService(parsed, found.ref, found.key, found.rules, found.labels, found.annotations)  # type: ignore[union-attr]
 
 
@@ -1431,6 +1433,10 @@ def _allocated_spec(
             ports[i] if port is old_ports[i] else _parse_service_port(obj, port, i) for i, port in enumerate(new_ports)
         )
     p = parsed
+    if ports is p.ports and health_check == p.health_check_node_port and cluster_ips == p.cluster_ips and families == p.families:
+        # What allocation filled in reads as the manifest did (a written ClusterIP, its
+        # clusterIPs, families and policy added): the reading stands, its strings the model's.
+        return p
     # (positional: _ServiceSpec's field order)
     return _ServiceSpec(p.type, cluster_ips, families, ports, p.external_ips, p.lb_ips, p.source_ranges, p.external_local,
                         p.internal_local, p.affinity_timeout, health_check, p.publish_not_ready, p.topology)

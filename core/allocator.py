@@ -391,7 +391,11 @@ class Allocator:
                 for c in old.claims():
                     if self._owner(c) == key:
                         self._drop(c)
-            self._take(("ip", ip), key)
+            # _take, with the address's value at hand
+            ips[ip] = key
+            rng = self._ip_ranges.get(4)
+            if rng is not None and rng.first <= int.from_bytes(packed, "big") < rng.first + rng.size:
+                self._used_in_range["4"] += 1
         if old is None or old != new and old.to_json() != new.to_json():
             self._dirty = True
         self._records[key] = new

@@ -1418,7 +1418,14 @@ def _allocated_spec(
     (raising InvalidObject as it would), the rest kept. None when the ports changed other
     than one by one in place."""
     get = after.get
-    cluster_ips = _parse_cluster_ips(obj, after, rules)
+    cluster_ips, read_ips = parsed.cluster_ips, None
+    if len(cluster_ips) == 1:
+        # A ClusterIP written in the manifest, filled into the other field: read already
+        # (under these rules), not parsed again.
+        text, listed = get("clusterIP"), get("clusterIPs")
+        if text == cluster_ips[0][0] and listed.__class__ is list and len(listed) == 1 and listed[0] == text:
+            read_ips = cluster_ips
+    cluster_ips = read_ips or _parse_cluster_ips(obj, after, rules)
     families = _parse_families(obj, after, cluster_ips)
     _check_family_policy(obj, get)
     health_check = parsed.health_check_node_port

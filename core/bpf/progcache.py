@@ -32,6 +32,10 @@ corrupt, another format, a field of another type, a map of another kind, the ver
 refusing, no libbpf) closes what was opened, unpins the maps this load pinned, logs one line
 `event=bpf_cache_miss reason=...` and compiles instead.
 
+A caller may ask (`in_child`, socklb does) for a miss to be compiled by kpr.bpf.compile_child,
+a process of its own that writes the entry, which this process then loads: bcc's clang and
+LLVM never enter the agent (they kept about 90 MB of its RSS after a first start's compile).
+
 What an entry holds is loaded into the kernel: it is read only from a cache directory and a
 file owned by this user that neither group nor others may write (anything else misses as
 "untrusted"); the directory is made 0700.
@@ -49,7 +53,10 @@ import logging
 import os
 import platform
 import struct
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +114,8 @@ class CachedModule:
     insns: dict[str, bytes]
     progs: dict[str, tuple[int, int, CachedProg]]  # name -> (program type, attach type, program)
     key: str = ""
+    # Compiled for this load, in a process of its own (load_programs' in_child), not found cached.
+    compiled: bool = False
     _kpr_label: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -481,6 +490,7 @@ def load_programs(
     name: str = "",
     cache: ProgramCache | None = None,
     fresh_pins: Mapping[str, str] = {},
+    in_child: bool = False,
 ) -> Any:
     """compile_and_load, then load_prog for every one of `programs`; with a cache, the programs
     are loaded from its entry when it has one for this build (no bcc imported), and a
@@ -488,7 +498,10 @@ def load_programs(
     CachedModule; either way `load_prog(module, name, ...)` gives the loaded program and
     `module.cleanup()` closes what this process holds. `fresh_pins` (this load's pin name ->
     the stable name it stands for): pins that every load names anew, excluded from the key
-    (a program array, made empty under this load's name on a hit: the caller fills it)."""
+    (a program array, made empty under this load's name on a hit: the caller fills it).
+    `in_child`: on a miss, compile in a process of its own into the cache and load from the
+    entry (a CachedModule whose `compiled` is true; see kpr.bpf.compile_child), compiling
+    here only when that fails (no fresh pins: those are named by this load)."""
     source = prepare(src, cflags=cflags, include_dirs=include_dirs, name=name)
     key = ""
     if cache is not None:
@@ -504,6 +517,10 @@ def load_programs(
         else:
             log.info("event=bpf_cache_hit file=%s programs=%d key=%s", source.label, len(module.progs), key[:12])
             return module
+        if in_child and key and not fresh_pins:
+            module = _compile_in_child(source, programs, key, cache)
+            if module is not None:
+                return module
     bpf = compile_and_load(source)
     try:
         for prog, ptype, atype in programs:
@@ -521,6 +538,45 @@ def load_programs(
         else:
             log.info("event=bpf_cache_stored file=%s path=%s", source.label, path)
     return bpf
+
+
+# A compile takes 0.3-1.5 s of CPU; a child still at it after this is given up (and compiled here).
+CHILD_TIMEOUT = 300.0
+
+
+def _compile_in_child(source: Source, programs: Sequence[Program], key: str, cache: ProgramCache) -> CachedModule | None:
+    """The programs compiled by kpr.bpf.compile_child into `cache`'s entry `key` and loaded
+    from it; None (logged) when the child or the load fails: the caller compiles itself."""
+    request = json.dumps({
+        "text": source.text, "flags": list(source.flags), "label": source.label,
+        "programs": [list(p) for p in programs], "directory": str(cache.directory),
+        "pin_path": str(cache.pin_path), "key": key,
+    }).encode()
+    started = time.perf_counter()
+    try:
+        # -P: the working directory is not on the child's sys.path (it runs as root)
+        done = subprocess.run([sys.executable, "-P", "-m", "kpr.bpf.compile_child"], input=request,
+                              capture_output=True, timeout=CHILD_TIMEOUT, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("event=bpf_child_compile_failed file=%s reason=%r", source.label, f"{type(exc).__name__}: {exc}")
+        return None
+    if done.returncode != 0:
+        last = (done.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+        # (the compile here says what is wrong, as it always did)
+        log.info("event=bpf_child_compile_failed file=%s status=%d reason=%r", source.label, done.returncode, last)
+        return None
+    try:
+        module = cache.load(key, source.label)
+    except Exception as exc:  # noqa: BLE001 - a miss: compiled here, which reports a verifier's refusal
+        log.warning("event=bpf_child_compile_unusable file=%s reason=%r", source.label,
+                    exc.reason if isinstance(exc, CacheMiss) else f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(OSError):
+            cache.path(key).unlink()  # (stored unverified: not served to the next start)
+        return None
+    module.compiled = True
+    log.info("event=bpf_compiled_in_child file=%s programs=%d ms=%.0f key=%s", source.label, len(module.progs),
+             (time.perf_counter() - started) * 1000, key[:12])
+    return module
 
 
 def has_entry(

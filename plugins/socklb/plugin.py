@@ -246,11 +246,12 @@ class SockLB:
                 # no links to adopt (a reboot emptied bpffs): the programs an earlier start
                 # compiled, from agent.stateDir's cache when it has this build (kpr.bpf.progcache)
                 self._bpf = load_programs(text, [(p, t, a) for p, t, a in hooks], cflags=cflags(self._set_retval),
-                                          name=str(SOURCE), cache=self._program_cache(context))
+                                          name=str(SOURCE), cache=self._program_cache(context), in_child=True)
             if not self._set_retval:
                 log.warning("event=socklb_no_set_retval effect=refusals_fail_with_EPERM")
             self._build = (
-                "adopted" if adopted is not None else "cached" if isinstance(self._bpf, CachedModule) else "compiled"
+                "adopted" if adopted is not None
+                else "cached" if isinstance(self._bpf, CachedModule) and not self._bpf.compiled else "compiled"
             )
             for name in (REVNAT_MAP, HOSTADDR_MAP, STATS_MAP):
                 self._maps[name] = M.BpfMap.open_pinned(pin / name)

@@ -51,10 +51,11 @@ class Rig:
         self.held: list[Any] = []
         self.pinned = PINNED  # the file name the counter is pinned under
 
-    def load(self, verdict: int = 2, source: str = SOURCE, programs: list = PROGRAMS, extra: int = 0) -> Any:
+    def load(self, verdict: int = 2, source: str = SOURCE, programs: list = PROGRAMS, extra: int = 0,
+             in_child: bool = False) -> Any:
         flags = [f'-DKPRT_PIN="{self.pin}"', f"-DKPRT_VERDICT={verdict}", f"-DKPRT_UNUSED={extra}"]
         module = load_programs(source, programs, cflags=flags,
-                               name="<kprt cache>", cache=self.cache)
+                               name="<kprt cache>", cache=self.cache, in_child=in_child)
         self.held.append(module)
         return module
 
@@ -348,3 +349,46 @@ def test_a_refused_program_leaves_none_of_the_entry_loaded(rig: Rig, caplog: pyt
         module = rig.load(source=source, programs=programs)
     assert compiles == [1] and "the kernel refused kprt_cache_two" in caplog.text
     assert loaded_named(one) == [M.prog_info(load_prog(module, one, "XDP").fd).id]
+
+
+def test_in_child_the_compile_runs_in_a_process_of_its_own(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """in_child: bcc compiles in kpr.bpf.compile_child, which writes the entry; this process
+    loads it (no bcc.BPF here, so no clang or LLVM in the agent), marked compiled, and the
+    program is the one an in-process compile loads."""
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    with bcc_compiles() as compiles:
+        module = rig.load(in_child=True)
+    assert compiles == [0], "no bcc.BPF constructed in this process"
+    assert isinstance(module, CachedModule) and module.compiled and "event=bpf_compiled_in_child" in caplog.text
+    assert len(rig.entries()) == 1
+    rig.run(module)
+    child = xlated_by_map_name(load_prog(module, PROG, "XDP").fd)
+    module.cleanup()
+    rig.held.clear()
+    for entry in rig.entries():
+        entry.unlink()
+    with bcc_compiles() as compiles:
+        here = rig.load()
+    assert compiles == [1] and not isinstance(here, CachedModule)
+    assert xlated_by_map_name(load_prog(here, PROG, "XDP").fd) == child
+    with bcc_compiles() as compiles:
+        again = rig.load(in_child=True)
+    assert compiles == [0] and isinstance(again, CachedModule) and not again.compiled, "an entry: a plain hit"
+
+
+def test_in_child_errors_are_the_compile_s_own(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """A source that does not compile: the child fails, the compile here raises CompileError
+    as it always did. A program the verifier refuses: the child's entry loads nothing, is
+    removed, and the compile here raises the verifier's error."""
+    from kpr.bpf.loader import CompileError, VerifierError
+
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    with pytest.raises(CompileError), bcc_compiles() as compiles:
+        rig.load(source=SOURCE + "int broken(void) { return nope; }\n", in_child=True)
+    assert compiles == [1] and "event=bpf_child_compile_failed" in caplog.text
+    assert rig.entries() == []
+    refused = SOURCE.replace("return KPRT_VERDICT;", "return *(int *)(long)ctx->data;")  # unchecked packet read
+    with pytest.raises(VerifierError), bcc_compiles() as compiles:
+        rig.load(source=refused, in_child=True)
+    assert compiles == [1] and "event=bpf_child_compile_unusable" in caplog.text
+    assert rig.entries() == [], "the entry the verifier refused is not left for the next start"

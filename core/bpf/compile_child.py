@@ -21,9 +21,16 @@ import sys
 
 
 def main() -> int:
-    req = json.loads(sys.stdin.buffer.read())
-    from kpr.bpf.loader import Source, compile_and_load
+    # Imported before the request is read: a child started ahead of the compile
+    # (kpr.bpf.progcache.CompileChild) has its interpreter, kpr and libbcc loaded by then.
+    from kpr.bpf.loader import Source, compile_and_load, import_bcc
     from kpr.bpf.progcache import ProgramCache
+
+    import_bcc()
+    raw = sys.stdin.buffer.read()
+    if not raw:
+        return 0  # started ahead and not needed (the agent closed its end)
+    req = json.loads(raw)
 
     source = Source(req["text"], tuple(req["flags"]), req["label"])
     programs = [tuple(p) for p in req["programs"]]

@@ -69,7 +69,7 @@ from kpr.bpf.loader import Source, attach_type_value, compile_and_load, load_pro
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CACHE_DIR", "CachedModule", "CachedProg", "ProgramCache", "for_config", "has_entry", "load_programs"]
+__all__ = ["CACHE_DIR", "CachedModule", "CachedProg", "CompileChild", "ProgramCache", "for_config", "has_entry", "load_programs"]
 
 FORMAT = 2  # 2: maps recorded with their pin's name
 KEEP = 4  # entries kept: an agent's current build and a few it may switch back to
@@ -490,7 +490,7 @@ def load_programs(
     name: str = "",
     cache: ProgramCache | None = None,
     fresh_pins: Mapping[str, str] = {},
-    in_child: bool = False,
+    in_child: "bool | CompileChild" = False,
 ) -> Any:
     """compile_and_load, then load_prog for every one of `programs`; with a cache, the programs
     are loaded from its entry when it has one for this build (no bcc imported), and a
@@ -501,7 +501,8 @@ def load_programs(
     (a program array, made empty under this load's name on a hit: the caller fills it).
     `in_child`: on a miss, compile in a process of its own into the cache and load from the
     entry (a CachedModule whose `compiled` is true; see kpr.bpf.compile_child), compiling
-    here only when that fails (no fresh pins: those are named by this load)."""
+    here only when that fails (no fresh pins: those are named by this load); a CompileChild
+    started ahead is used for it (and left for the caller to close when not needed)."""
     source = prepare(src, cflags=cflags, include_dirs=include_dirs, name=name)
     key = ""
     if cache is not None:
@@ -518,7 +519,7 @@ def load_programs(
             log.info("event=bpf_cache_hit file=%s programs=%d key=%s", source.label, len(module.progs), key[:12])
             return module
         if in_child and key and not fresh_pins:
-            module = _compile_in_child(source, programs, key, cache)
+            module = _compile_in_child(source, programs, key, cache, in_child if isinstance(in_child, CompileChild) else None)
             if module is not None:
                 return module
     bpf = compile_and_load(source)
@@ -544,26 +545,67 @@ def load_programs(
 CHILD_TIMEOUT = 300.0
 
 
-def _compile_in_child(source: Source, programs: Sequence[Program], key: str, cache: ProgramCache) -> CachedModule | None:
-    """The programs compiled by kpr.bpf.compile_child into `cache`'s entry `key` and loaded
-    from it; None (logged) when the child or the load fails: the caller compiles itself."""
+class CompileChild:
+    """kpr.bpf.compile_child started ahead of a compile that is likely (its interpreter, kpr's
+    modules and libbcc take about 0.1 s of CPU and 0.25 s of wall to load, meanwhile the agent
+    goes on starting); load_programs(in_child=<it>) hands it the request. `close()` ends a
+    child that was not needed (a restart adopts, a start after a reboot finds the entry)."""
+
+    def __init__(self) -> None:
+        # -P: the working directory is not on the child's sys.path (it runs as root)
+        self.proc: subprocess.Popen | None = subprocess.Popen(
+            [sys.executable, "-P", "-m", "kpr.bpf.compile_child"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.used = False
+
+    def run(self, request: bytes) -> tuple[int, bytes]:
+        """(exit status, stderr) of the child given `request`; it has ended by then."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            raise OSError("the compile child was closed")
+        self.used = True
+        try:
+            _out, err = proc.communicate(request, timeout=CHILD_TIMEOUT)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        return proc.returncode, err
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()  # (it did nothing but import: nothing to finish)
+            proc.communicate()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _compile_in_child(
+    source: Source, programs: Sequence[Program], key: str, cache: ProgramCache, child: CompileChild | None = None
+) -> CachedModule | None:
+    """The programs compiled by kpr.bpf.compile_child (`child`, or one started now) into
+    `cache`'s entry `key` and loaded from it; None (logged) when the child or the load fails:
+    the caller compiles itself."""
     request = json.dumps({
         "text": source.text, "flags": list(source.flags), "label": source.label,
         "programs": [list(p) for p in programs], "directory": str(cache.directory),
         "pin_path": str(cache.pin_path), "key": key,
     }).encode()
     started = time.perf_counter()
+    warm = child is not None and child.proc is not None
     try:
-        # -P: the working directory is not on the child's sys.path (it runs as root)
-        done = subprocess.run([sys.executable, "-P", "-m", "kpr.bpf.compile_child"], input=request,
-                              capture_output=True, timeout=CHILD_TIMEOUT, check=False)
+        status, err = (child if warm else CompileChild()).run(request)  # type: ignore[union-attr]
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("event=bpf_child_compile_failed file=%s reason=%r", source.label, f"{type(exc).__name__}: {exc}")
         return None
-    if done.returncode != 0:
-        last = (done.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+    if status != 0:
+        last = (err.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
         # (the compile here says what is wrong, as it always did)
-        log.info("event=bpf_child_compile_failed file=%s status=%d reason=%r", source.label, done.returncode, last)
+        log.info("event=bpf_child_compile_failed file=%s status=%d reason=%r", source.label, status, last)
         return None
     try:
         module = cache.load(key, source.label)
@@ -574,8 +616,8 @@ def _compile_in_child(source: Source, programs: Sequence[Program], key: str, cac
             cache.path(key).unlink()  # (stored unverified: not served to the next start)
         return None
     module.compiled = True
-    log.info("event=bpf_compiled_in_child file=%s programs=%d ms=%.0f key=%s", source.label, len(module.progs),
-             (time.perf_counter() - started) * 1000, key[:12])
+    log.info("event=bpf_compiled_in_child file=%s programs=%d ms=%.0f started_ahead=%s key=%s", source.label,
+             len(module.progs), (time.perf_counter() - started) * 1000, "yes" if warm else "no", key[:12])
     return module
 
 

@@ -147,6 +147,7 @@ class SockLB:
         self.host_netns_cookie = 0
         self._host_ns_fd = -1
         self._bpf: Any = None
+        self._compiler: Any = None  # kpr.bpf.progcache.CompileChild started at configure, until the start
         self._cg_fd = -1
         self._attached: list[_Attachment] = []
         self._maps: dict[str, M.BpfMap] = {}
@@ -182,6 +183,31 @@ class SockLB:
         # The shared maps' settings (algorithm, Maglev size) come from every enabled plugin's
         # section; the programs are compiled with the same values the writer uses.
         self.params = writer_params(context.config)
+        # A first start compiles (kpr.bpf.progcache's child): started now, its interpreter and
+        # libbcc load while the agent starts its source and the writer.
+        self._close_compiler()
+        if self._compile_likely(context):
+            from kpr.bpf.progcache import CompileChild
+
+            try:
+                self._compiler = CompileChild()
+            except OSError as exc:  # started at the compile instead
+                log.info("event=socklb_compile_child_not_started error=%r", exc)
+
+    def _compile_likely(self, context: PluginContext) -> bool:
+        """No build pinned to adopt and no program cache entry to load (what is on disk; the
+        entry is this build's or another's, which load_programs finds out)."""
+        from kpr.bpf.progcache import SUFFIX
+
+        cache = self._program_cache(context)
+        if cache is None or (self.pin_path / builds.BUILDS_MAP).exists():
+            return False
+        return not any(cache.directory.glob("*" + SUFFIX))
+
+    def _close_compiler(self) -> None:
+        compiler, self._compiler = self._compiler, None
+        if compiler is not None:
+            compiler.close()
 
     def _algorithm_note(self) -> str:
         # The writer marks each service entry random or Maglev (default from this key, per
@@ -246,7 +272,9 @@ class SockLB:
                 # no links to adopt (a reboot emptied bpffs): the programs an earlier start
                 # compiled, from agent.stateDir's cache when it has this build (kpr.bpf.progcache)
                 self._bpf = load_programs(text, [(p, t, a) for p, t, a in hooks], cflags=cflags(self._set_retval),
-                                          name=str(SOURCE), cache=self._program_cache(context), in_child=True)
+                                          name=str(SOURCE), cache=self._program_cache(context),
+                                          in_child=self._compiler or True)
+            self._close_compiler()  # (used, or not needed: adopted or cached)
             if not self._set_retval:
                 log.warning("event=socklb_no_set_retval effect=refusals_fail_with_EPERM")
             self._build = (
@@ -417,6 +445,7 @@ class SockLB:
             if self._bpf is not None:
                 self._bpf.cleanup()
                 self._bpf = None
+            self._close_compiler()
             for attr in ("_cg_fd", "_host_ns_fd"):
                 fd = getattr(self, attr)
                 if fd >= 0:

@@ -19,7 +19,7 @@ import pytest
 
 from kpr.bpf import maps as M
 from kpr.bpf.loader import load_prog
-from kpr.bpf.progcache import CACHE_DIR, KEEP, CachedModule, CacheMiss, ProgramCache, load_programs
+from kpr.bpf.progcache import CACHE_DIR, KEEP, CachedModule, CacheMiss, CompileChild, ProgramCache, load_programs
 from kpr.testing.bpffs import pin_map
 from kpr.testing.progs import bcc_compiles, loaded_named, xlated_by_map_name
 from kpr.testing.prog_run import test_run
@@ -392,3 +392,23 @@ def test_in_child_errors_are_the_compile_s_own(rig: Rig, caplog: pytest.LogCaptu
         rig.load(source=refused, in_child=True)
     assert compiles == [1] and "event=bpf_child_compile_unusable" in caplog.text
     assert rig.entries() == [], "the entry the verifier refused is not left for the next start"
+
+
+def test_a_compile_child_started_ahead_is_used_or_ended(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """A CompileChild started before the compile serves it (its process has ended after);
+    one that is not needed (the entry is there) is ended by close()."""
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    child = CompileChild()
+    proc = child.proc
+    assert proc is not None and proc.poll() is None, "waiting for its request"
+    with bcc_compiles() as compiles:
+        module = rig.load(in_child=child)
+    assert compiles == [0] and isinstance(module, CachedModule) and module.compiled
+    assert "started_ahead=yes" in caplog.text and child.used and proc.poll() == 0
+    rig.run(module)
+    unused = CompileChild()
+    proc = unused.proc
+    assert rig.load(in_child=unused).compiled is False, "a plain hit: the child not asked"
+    assert proc is not None and proc.poll() is None
+    unused.close()
+    assert proc.poll() is not None and unused.proc is None

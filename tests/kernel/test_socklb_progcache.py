@@ -6,6 +6,7 @@ translated as before."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,7 @@ def lab(tag: str, backend: str) -> Iterator[tuple[Env, Path, Path, Path]]:
         yield env, pin, cg, work / "state"
 
 
-def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path) -> None:
+def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path, caplog: pytest.LogCaptureFixture) -> None:
     with lab("kpr-h1-pc", "be1") as (env, pin, cg, state):
         section = {"cgroupPath": str(cg), "keepAttachedOnStop": False}
 
@@ -58,10 +59,13 @@ def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path) -> None:
         def served() -> bool:
             return answers(env.client("tcp", CIP, 80, 2)) == ["be1"] * 2
 
+        caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
         with bcc_compiles() as compiles:
             first = start()
-        # compiled in a process of its own (kpr.bpf.compile_child): no bcc.BPF in this one
+        # compiled in a process of its own (kpr.bpf.compile_child), started at configure: no
+        # bcc.BPF in this one
         assert compiles == [0] and first.kpr_status().details["build"] == "compiled"
+        assert "started_ahead=yes" in caplog.text and first._compiler is None
         assert len(list((state / CACHE_DIR).glob("*.prog"))) == 1
         assert served()
         compiled = programs(first)
@@ -73,6 +77,7 @@ def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path) -> None:
         with bcc_compiles() as compiles:
             second = start()
         assert compiles == [0], "loaded without bcc's compile"
+        assert second._compiler is None, "an entry on disk: no compile child started"
         st = second.kpr_status()
         assert st.details["build"] == "cached" and st.counters["hooks_attached"] == len(HOOKS) + 2
         assert {v["action"] for v in st.details["links"].values()} == {"created"}
@@ -83,7 +88,7 @@ def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path) -> None:
 
 
 def test_without_links_a_cold_start_attaches_the_cached_programs(
-    kernel_headers: Path, monkeypatch: pytest.MonkeyPatch
+    kernel_headers: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """KPR_BPF_LINKS=cgroup (a kernel without cgroup links): no link to adopt, so every start
     loads; with agent.stateDir off bpffs the second one loads from the cache, attaches those
@@ -103,10 +108,13 @@ def test_without_links_a_cold_start_attaches_the_cached_programs(
         def start() -> SockLB:
             return env.start(SockLB(), section, name="socklb", state_dir=state)
 
+        caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
         with bcc_compiles() as compiles:
             first = start()
-        # compiled in a process of its own (kpr.bpf.compile_child): no bcc.BPF in this one
+        # compiled in a process of its own (kpr.bpf.compile_child), started at configure: no
+        # bcc.BPF in this one
         assert compiles == [0] and first.kpr_status().details["build"] == "compiled"
+        assert "started_ahead=yes" in caplog.text and first._compiler is None
         assert first.kpr_status().details["linksFallback"]
         compiled = programs(first)
         before = hooks()
@@ -116,6 +124,7 @@ def test_without_links_a_cold_start_attaches_the_cached_programs(
         with bcc_compiles() as compiles:
             second = start()
         assert compiles == [0], "loaded without bcc's compile"
+        assert second._compiler is None, "an entry on disk: no compile child started"
         st = second.kpr_status()
         assert st.details["build"] == "cached" and st.details["linksFallback"]
         assert {v["action"] for v in st.details["links"].values()} == {"attached"}

@@ -561,7 +561,7 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_UNSERVED=0",),
     "checksums patched once per field, not once (KPR_REWRITE_ONE_CSUM=0)": ("-DKPR_REWRITE_ONE_CSUM=0",),
     "established SNAT flows through the tail call, not inline (KPR_NP_EST_INLINE=0)": ("-DKPR_NP_EST_INLINE=0",),
-    "XDP: established local flows through the local stage, not from the cached next hop (KPR_NP_EST_LOCAL=0)": (
+    "established local flows through the local stage, not from the cached next hop (KPR_NP_EST_LOCAL=0)": (
         "-DKPR_NP_EST_LOCAL=0",),
     "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),

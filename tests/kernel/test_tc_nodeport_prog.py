@@ -1190,10 +1190,12 @@ class XdpBuild:
         self.b.cleanup()
 
 
-def _dnat_to_pod(pkt: Ether) -> bytes:
-    """The established local flow's expected output: the frame as it came (the stack takes it),
-    DNAT to the pod's port 8080, checksums made anew."""
+def _dnat_to_pod(pkt: Ether, *, src: str | None = None, dst: str | None = None) -> bytes:
+    """The established local flow's expected output: the frame as it came (XDP: the stack takes
+    it; tc: with the route's MACs `src`, `dst`), DNAT to the pod's port 8080, checksums made anew."""
     out = Ether(bytes(pkt))
+    if src is not None:
+        out.src, out.dst = src, dst
     ip = out[IP] if IP in out else out[IPv6]
     ip.dst = POD4 if IP in out else POD6
     l4 = out[TCP] if TCP in out else out[UDP]
@@ -1335,6 +1337,98 @@ def test_xdp_a_route_change_sends_the_established_local_flow_its_new_way(
         assert (v, out2) == (XDP_REDIRECT, out) and c.get("fwd_nh_cached") == 1, f"the new route cached: {c}"
     finally:
         lab.topo["lb"].run(f"ip route replace {POD4}/32 dev {lxc}")
+        lab.dp.invalidate_next_hops()
+
+
+@pytest.fixture(scope="module")
+def tc_est_local_off(lab: Lab) -> Iterator[D.Datapath]:
+    """The tc build with KPR_NP_EST_LOCAL=0 on the lab's maps (its own stage array): every
+    established local packet through the local stage and its FIB lookup."""
+    dp = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_NP_EST_LOCAL=0"])
+    try:
+        yield dp.load()
+    finally:
+        dp.close()
+
+
+def _tc_run(lab: Lab, dp: D.Datapath, pkt: Ether) -> tuple[int, bytes, dict[str, int]]:
+    """Verdict, output bytes and the counters it moved (the maps every build shares)."""
+    before = lab.stats()
+    with in_netns(lab.topo["lb"].path):
+        res = test_run(dp.fd(D.INGRESS), bytes(pkt), ctx=lab.ctx)
+    after = lab.stats()
+    return res.signed, res.data_out, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+class _StageOut:
+    """lab.dp's local stage out of its stage array for the block: what still leaves by the
+    entry program's own path, the rest counts tail_call_missing."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.calls = lab.dp.bpf[lab.dp.CALLS_MAP.encode()]
+        self.key = self.calls.Key(D.CALLS.index("kpr_np_local"))
+        self.fd = lab.dp.fd("kpr_np_local")
+
+    def __enter__(self) -> None:
+        del self.calls[self.key]
+
+    def __exit__(self, *exc: object) -> None:
+        self.calls[self.key] = self.calls.Leaf(self.fd)
+
+
+@pytest.mark.parametrize("desc,first,est", EST_LOCAL_CASES, ids=[c[0] for c in EST_LOCAL_CASES])
+def test_tc_established_local_flows_from_the_cached_next_hop_match_the_stage(
+        lab: Lab, tc_est_local_off: D.Datapath, desc: str, first: Any, est: Any) -> None:
+    """tc, KPR_NP_EST_LOCAL: an established packet to the local backend comes out of the stage
+    (the off build), of the default build's stage (which caches the route) and of its entry
+    program alone (the stage out of its array) as the same frame (DNAT, the veth's MACs),
+    verdict (redirect_peer) and counters (established, fwd_peer, egress_veth_peer); a packet
+    too big for the cached route's MTU, or any packet after the generation changed, is the
+    stage's again."""
+    off = tc_est_local_off
+    lab.dp.invalidate_next_hops()  # nothing cached for the pod by an earlier test
+    assert _tc_run(lab, off, first(lab))[0] == TC_ACT_REDIRECT, "the flow's first packet"
+    pkt = est(lab)
+    want = _dnat_to_pod(pkt, src=lab.lxc_mac, dst=MAC_POD)
+    v, out, c_off = _tc_run(lab, off, pkt)
+    assert (v, out) == (TC_ACT_REDIRECT, want), f"{desc}, the stage: {Ether(out).summary()}"
+    assert c_off == {"established": 1, "fwd_peer": 1, "egress_veth_peer": 1}, c_off
+    got = _tc_run(lab, lab.dp, pkt)
+    assert got == (v, out, c_off), f"{desc}, the default build's stage: {Ether(got[1]).summary()} {got[2]}"
+    big = est(lab)
+    big[Raw].load = b"x" * 1500  # over the pod veth's 1500-byte MTU, not GSO
+    with _StageOut(lab):
+        got = _tc_run(lab, lab.dp, pkt)
+        assert got == (v, out, c_off), f"{desc}, from the cache: {Ether(got[1]).summary()} {got[2]}"
+        assert _tc_run(lab, lab.dp, big)[2].get("tail_call_missing") == 1, "too big for the cached MTU: the stage"
+        lab.dp.invalidate_next_hops()
+        assert _tc_run(lab, lab.dp, pkt)[2].get("tail_call_missing") == 1, "a new generation: the stage"
+
+
+def test_tc_established_local_flows_to_a_bridge_are_cached_redirects(lab: Lab, tc_est_local_off: D.Datapath) -> None:
+    """A pod device without a peer (a bridge): the stage's bpf_redirect with the route's MACs
+    (the off build; the default build's stage, caching), and from the cache the same frame
+    counted as a cached redirect (fwd_nh_cached besides), as a remote backend's cached next hop
+    counts."""
+    from kpr.netdevs import DevKind
+
+    lxc_idx = lab.topo.ifindex("lb", next(i for i in lab.topo["lb"].ifaces if i.startswith("lxc")))
+    kinds = lab.dp.maps[D.DEVKIND_MAP]
+    saved = kinds.lookup(M.U32.pack(lxc_idx))
+    kinds.update(M.U32.pack(lxc_idx), M.U32.pack(DevKind.BRIDGE))
+    try:
+        lab.dp.invalidate_next_hops()
+        assert _tc_run(lab, tc_est_local_off, tcp4(lab, CLIENT4, NODE4, 43130, NODEPORT))[0] == TC_ACT_REDIRECT
+        pkt = tcp4(lab, CLIENT4, NODE4, 43130, NODEPORT, flags="A")
+        want = (TC_ACT_REDIRECT, _dnat_to_pod(pkt, src=lab.lxc_mac, dst=MAC_POD),
+                {"established": 1, "fwd_redirect": 1, "egress_bridge": 1})
+        assert _tc_run(lab, tc_est_local_off, pkt) == want, "the stage"
+        assert _tc_run(lab, lab.dp, pkt) == want, "the default build's stage"
+        with _StageOut(lab):
+            got = _tc_run(lab, lab.dp, pkt)
+        assert got == (*want[:2], {**want[2], "fwd_nh_cached": 1}), f"from the cache: {Ether(got[1]).summary()} {got[2]}"
+    finally:
+        kinds.update(M.U32.pack(lxc_idx), saved)
         lab.dp.invalidate_next_hops()
 
 

@@ -138,7 +138,7 @@
 #define KPR_NP_EST_INLINE 1 // 1: an established SNAT flow with a cached next hop is rewritten and sent by the entry program (no state write, tail call, re-parse)
 #endif
 #ifndef KPR_NP_EST_LOCAL
-#define KPR_NP_EST_LOCAL 1 // 1 (XDP): an established flow to a local backend whose next hop is cached is translated and passed (or sent) by the entry program (no tail call, re-parse, FIB or device lookups)
+#define KPR_NP_EST_LOCAL 1 // 1: an established flow to a local backend whose next hop is cached is translated and sent (XDP: or passed) by the entry program (no tail call, re-parse, FIB or device lookups)
 #endif
 #ifndef KPR_NP_LAZY_SNAT_ADDR
 #define KPR_NP_LAZY_SNAT_ADDR 1 // 1: the node address to SNAT to is looked up only when a flow's SNAT mapping is made
@@ -909,11 +909,11 @@ static __always_inline int kpr_np_stage_local(kpr_ctx_t *ctx)
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
-#if KPR_NP_EST_LOCAL && defined(KPR_CTX_XDP)
+#if KPR_NP_EST_LOCAL
 	{
 		// the route's outcome kept for the flow's later packets (kpr_np_est_local), as the
-		// SNAT stage keeps a remote backend's: a redirect, or the stack for a device
-		// XDP_REDIRECT cannot reach (a pod's veth)
+		// SNAT stage keeps a remote backend's: on tc redirect_peer into the pod or a redirect;
+		// on XDP a redirect, or the stack for a device XDP_REDIRECT cannot reach (a pod's veth)
 		struct bpf_fib_lookup p;
 		int rc = kpr_fib_lookup(ctx, &p, &pkt.t, &pkt.t.saddr, &pkt.t.daddr, 0);
 
@@ -1227,18 +1227,27 @@ static __always_inline void kpr_np_nh_touch(__u32 bid)
 #endif
 }
 
-#if KPR_NP_EST_LOCAL && defined(KPR_CTX_XDP)
+#if KPR_NP_EST_LOCAL
 #define KPR_NP_EST_MISS (-1) // kpr_np_est_local: no current next hop, the stage's path
 
-/* An established flow to a local backend, in the entry program (XDP): what the local stage
- * does after its FIB lookup, from the next hop it cached (kpr_np_nh, invalidated by the same
- * generation as a remote backend's), with the same counters: DNAT, then XDP_REDIRECT with the
- * route's MACs, or the stack for a device XDP_REDIRECT cannot reach. KPR_NP_EST_MISS when
- * nothing is cached (the packet untouched). */
+/* An established flow to a local backend, in the entry program: what the local stage does
+ * after its FIB lookup (kpr_np_forward with peer), from the next hop it cached (kpr_np_nh,
+ * invalidated by the same generation as a remote backend's), with the same counters: DNAT,
+ * then on tc redirect_peer into the pod (a veth or netkit with a peer, not external) or a
+ * redirect with the route's MACs; on XDP XDP_REDIRECT, or the stack for a device XDP_REDIRECT
+ * cannot reach. KPR_NP_EST_MISS when nothing is cached, or (tc) the packet is too big for the
+ * cached route's MTU: the packet untouched. */
 static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const struct kpr_backend *be,
 					    __u32 bid)
 {
+#ifdef KPR_CTX_XDP
+	// (no reachability filter: an unreachable device is the stack's, below)
 	struct kpr_np_nh *nh = kpr_np_nh_current(bid, &be->addr);
+#else
+	// (tc: the MTU test; only known kinds are cached, so kpr_np_forward's stack and
+	// neighbour-helper branches cannot apply)
+	struct kpr_np_nh *nh = kpr_np_nh_get(ctx, pkt->l3_off, bid, &be->addr);
+#endif
 	__u32 kind;
 
 	if (!nh)
@@ -1248,11 +1257,24 @@ static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt,
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt->t);
 		return CTX_DROP;
 	}
+#ifdef KPR_CTX_XDP
 	if (kpr_np_xdp_reachable(kind & 0xff, kind & KPR_NP_NH_EXTERNAL))
 		return kpr_np_nh_send(ctx, nh);
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (kind & 0xff)); // as kpr_np_xdp_sendable counts it
 	kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
 	return CTX_PASS;
+#else
+#if KPR_NP_PEER
+	if (!(kind & KPR_NP_NH_EXTERNAL) && kpr_dev_has_peer(kind & 0xff)) {
+		kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (kind & 0xff)); // as kpr_np_forward counts it
+		if (kpr_np_set_macs(ctx, nh->dmac, nh->smac))
+			return CTX_DROP;
+		kpr_np_fwd_count(KPR_NP_FWD_PEER);
+		return ctx_redirect_peer(ctx, nh->ifindex, 0);
+	}
+#endif
+	return kpr_np_nh_send(ctx, nh);
+#endif
 }
 #endif
 
@@ -1306,7 +1328,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 				}
 			}
 #endif
-#if KPR_NP_EST_LOCAL && defined(KPR_CTX_XDP)
+#if KPR_NP_EST_LOCAL
 			// (a restarted flow takes the stage: its reverse entry is written afresh there)
 			if ((ct->flags & KPR_CT_F_LOCAL) && !restart) {
 				int v = kpr_np_est_local(ctx, pkt, be, bid);

@@ -563,6 +563,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "established SNAT flows through the tail call, not inline (KPR_NP_EST_INLINE=0)": ("-DKPR_NP_EST_INLINE=0",),
     "established local flows through the local stage, not from the cached next hop (KPR_NP_EST_LOCAL=0)": (
         "-DKPR_NP_EST_LOCAL=0",),
+    "DNAT to a local backend patches the L4 checksum per field, not once (KPR_NP_DNAT_ONE_PASS=0)": (
+        "-DKPR_NP_DNAT_ONE_PASS=0",),
     "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
@@ -583,12 +585,13 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",
         "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0", "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0",
-        "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0", "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0"),
+        "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0", "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0",
+        "-DKPR_NP_DNAT_ONE_PASS=0"),
     "before issue 14 (PREFILTER, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off; the backend carried)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
         "-DKPR_NP_NH_CACHE=0", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0",
         "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0", "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0",
-        "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0"),
+        "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0", "-DKPR_NP_DNAT_ONE_PASS=0"),
 }
 
 

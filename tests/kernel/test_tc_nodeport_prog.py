@@ -1432,6 +1432,58 @@ def test_tc_established_local_flows_to_a_bridge_are_cached_redirects(lab: Lab, t
         lab.dp.invalidate_next_hops()
 
 
+# Builds of the local DNAT (KPR_NP_DNAT_ONE_PASS): -D flags.
+DNAT_BUILDS = {
+    "one pass, state read": [],
+    "one pass, state inferred": ["-UKPR_SKB_KERN_CTX_FN"],
+    "per field": ["-DKPR_NP_DNAT_ONE_PASS=0"],
+}
+
+
+def _local_out(pkt: Ether, lab: Lab) -> bytes:
+    """A local flow's packet as redirect_peer hands it to the pod: the veth's MACs, DNAT to
+    POD4:8080, checksums made anew (an IPv4 UDP checksum of 0 kept: none)."""
+    out = Ether(bytes(pkt))
+    out.src, out.dst = lab.lxc_mac, MAC_POD
+    out[IP].dst = POD4
+    l4 = out[TCP] if TCP in out else out[UDP]
+    l4.dport = 8080
+    if not (UDP in out and out[UDP].chksum == 0):
+        del l4.chksum
+    del out[IP].chksum
+    return bytes(Ether(bytes(out)))
+
+
+@pytest.mark.parametrize("build", list(DNAT_BUILDS), ids=list(DNAT_BUILDS))
+def test_dnat_to_a_local_backend_patches_the_checksums_as_the_per_field_rewrite(lab: Lab, build: str) -> None:
+    """KPR_NP_DNAT_ONE_PASS: DNAT to a local pod of IPv4 TCP/UDP (the local stage for a flow's
+    first packet, the entry program from the cached next hop after it) writes the address and
+    port and patches each checksum once; every build's output is the frame with scapy's
+    checksums (TCP, TCP with IP options, UDP, UDP with checksum 0 kept), with redirect_peer's
+    counters, the established packets counted as established."""
+    flags = DNAT_BUILDS[build]
+    dp = D.Datapath(lab.pin, mode="snat", extra_cflags=flags).load() if flags else lab.dp
+    port = 43200 + 10 * list(DNAT_BUILDS).index(build)
+    try:
+        lab.dp.invalidate_next_hops()
+        for desc, pkt, est in [
+            ("TCP", tcp4(lab, CLIENT4, NODE4, port, NODEPORT), tcp4(lab, CLIENT4, NODE4, port, NODEPORT, flags="A")),
+            ("TCP with IP options", tcp4(lab, CLIENT4, NODE4, port + 1, NODEPORT, options=[IPOption(b"\x94\x04\x00\x00")]),
+             tcp4(lab, CLIENT4, NODE4, port + 1, NODEPORT, flags="PA", options=[IPOption(b"\x94\x04\x00\x00")])),
+            ("UDP", udp4(lab, CLIENT4, NODE4, port + 2, NODEPORT), udp4(lab, CLIENT4, NODE4, port + 2, NODEPORT)),
+            ("UDP with checksum 0", zero_udp(udp4(lab, CLIENT4, NODE4, port + 3, NODEPORT)),
+             zero_udp(udp4(lab, CLIENT4, NODE4, port + 3, NODEPORT))),
+        ]:
+            for when, p, moved in (("first packet", pkt, {"new_local": 1}), ("established", est, {"established": 1}),
+                                   ("established again", est, {"established": 1})):
+                got = _tc_run(lab, dp, p)
+                want = (TC_ACT_REDIRECT, _local_out(p, lab), {**moved, "fwd_peer": 1, "egress_veth_peer": 1})
+                assert got == want, f"{build}, {desc}, {when}: {Ether(got[1]).summary()} {got[2]}"
+    finally:
+        if flags:
+            dp.close()
+
+
 def test_a_reused_client_port_never_meets_a_stale_reverse_entry(lab: Lab) -> None:
     pod_synack = Ether(src=lab.mac, dst=MAC_OUT) / IP(src=POD4, dst=CLIENT4) / TCP(sport=8080, dport=40100, flags="SA")
     via_np = Ether(src=lab.mac, dst=MAC_OUT) / IP(src=NODE4, dst=CLIENT4) / TCP(sport=NODEPORT, dport=40100, flags="SA")

@@ -137,6 +137,9 @@
 #ifndef KPR_NP_EST_INLINE
 #define KPR_NP_EST_INLINE 1 // 1: an established SNAT flow with a cached next hop is rewritten and sent by the entry program (no state write, tail call, re-parse)
 #endif
+#ifndef KPR_NP_DNAT_ONE_PASS
+#define KPR_NP_DNAT_ONE_PASS 1 // 1: DNAT to a local backend of an IPv4 TCP/UDP packet patches its L4 checksum once (tc: in place when the entry read the packet is not offloaded), not per field by helper
+#endif
 #ifndef KPR_NP_EST_LOCAL
 #define KPR_NP_EST_LOCAL 1 // 1: an established flow to a local backend whose next hop is cached is translated and sent (XDP: or passed) by the entry program (no tail call, re-parse, FIB or device lookups)
 #endif
@@ -894,6 +897,21 @@ static __always_inline int kpr_np_stage_begin(kpr_ctx_t *ctx, struct kpr_pkt *pk
 	return 0;
 }
 
+/* DNAT to a local backend. An IPv4 TCP/UDP packet's address and port are written and each
+ * checksum patched once with their summed difference (the one-pass rewrite of SNAT flows, the
+ * source kept): on tc no helper call for a packet the entry program read as not offloaded
+ * (established flows), one for any other (kpr_csum_l4_diff2), where the per-field rewrite
+ * (kpr_nat_dnat) makes two bpf_l4_csum_replace calls. Anything else as kpr_nat_dnat. */
+static __always_inline int kpr_np_dnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *addr, __be16 port)
+{
+#if KPR_NP_DNAT_ONE_PASS && KPR_REWRITE_ONE_CSUM && !KPR_REWRITE_HELPERS
+	if (pkt->t.family == KPR_FAMILY_V4 && pkt->csum_off &&
+	    (pkt->t.proto == IPPROTO_TCP || pkt->t.proto == IPPROTO_UDP))
+		return kpr_nat_rewrite4_both(ctx, pkt, pkt->t.saddr.w[3], pkt->t.sport, addr->w[3], port);
+#endif
+	return kpr_nat_dnat(ctx, pkt, addr, port);
+}
+
 // KPR_NP_CALL_LOCAL: DNAT, then straight into the pod (the client's address is kept).
 static __always_inline int kpr_np_stage_local(kpr_ctx_t *ctx)
 {
@@ -905,7 +923,7 @@ static __always_inline int kpr_np_stage_local(kpr_ctx_t *ctx)
 		return CTX_DROP;
 	if (st->created)
 		kpr_np_rev_create(&be->addr, be->port, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &pkt.t.daddr, pkt.t.dport, 0);
-	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
+	if (kpr_np_dnat(ctx, &pkt, &be->addr, be->port)) {
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
@@ -1253,7 +1271,7 @@ static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt,
 	if (!nh)
 		return KPR_NP_EST_MISS;
 	kind = nh->kind;
-	if (kpr_nat_dnat(ctx, pkt, &be->addr, be->port)) {
+	if (kpr_np_dnat(ctx, pkt, &be->addr, be->port)) {
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt->t);
 		return CTX_DROP;
 	}

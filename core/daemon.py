@@ -80,13 +80,9 @@ def compile_expected(config: KprConfig) -> bool:
     (which enabled plugin builds BPF its code alone knows)."""
     if not config.enabled_plugins():
         return False
-    from .bpf.builds import BUILDS_MAP
-    from .bpf.progcache import CACHE_DIR, SUFFIX
+    from .bpf.progcache import compile_likely
 
-    if (Path(config.bpf.pin_path) / BUILDS_MAP).exists():
-        return False
-    cache = Path(config.agent.state_dir) / CACHE_DIR
-    return not (config.bpf.program_cache and any(cache.glob("*" + SUFFIX)))
+    return compile_likely(config)
 
 
 # The attribute by which a plugin's object (or a core facility's) says that its kpr_start

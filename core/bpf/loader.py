@@ -100,8 +100,9 @@ CRASH_DIR = Path(tempfile.gettempdir())
 _CRASH_PREFIX = "kpr-bpf-compile-"
 
 
-def _capture_path() -> Path:
-    return CRASH_DIR / f"{_CRASH_PREFIX}{os.getpid()}.log"
+def capture_path(pid: int | None = None) -> Path:
+    """Where process `pid` (default this one) captures a compile's output."""
+    return CRASH_DIR / f"{_CRASH_PREFIX}{pid or os.getpid()}.log"
 
 
 def report_crashed_compiles() -> list[str]:
@@ -129,7 +130,7 @@ def _capture_fd2() -> Iterator[list[str]]:
     """Collect everything written to fd 2 inside the block; the text lands in the yielded list."""
     out: list[str] = []
     with _capture_lock:
-        path = _capture_path()
+        path = capture_path()
         with open(path, "w+b") as tmp:
             saved = os.dup(2)
             try:
@@ -197,6 +198,7 @@ def compile_and_load(
     include_dirs: Sequence[Path] = (),
     name: str = "",
     debug: int = 0,
+    report_crashes: bool = True,
 ) -> bcc.BPF:
     """Compile BPF C (a file path, source text or a prepared Source) with bcc and return the module.
 
@@ -204,10 +206,13 @@ def compile_and_load(
     errors (a file's own path is used for files). Programs can include "lib/x.h" and
     "ctx/skb.h" from kpr's bpf directory; a file's own directory is searched too.
     (kpr.bpf.progcache.load_programs: the same, served from a cache of earlier compiles.)
+    `report_crashes` false: earlier compiles' crashes are left for the caller to report (the
+    compile child's stderr is not the agent's log).
     """
     bcc = import_bcc()
     ensure_kernel_headers()
-    report_crashed_compiles()
+    if report_crashes:
+        report_crashed_compiles()
 
     source = src if isinstance(src, Source) else prepare(src, cflags=cflags, include_dirs=include_dirs, name=name)
     text, flags, label = source.text, list(source.flags), source.label

@@ -33,8 +33,14 @@ refusing, no libbpf) closes what was opened, unpins the maps this load pinned, l
 `event=bpf_cache_miss reason=...` and compiles instead.
 
 A caller may ask (`in_child`, socklb does) for a miss to be compiled by kpr.bpf.compile_child,
-a process of its own that writes the entry, which this process then loads: bcc's clang and
-LLVM never enter the agent (they kept about 90 MB of its RSS after a first start's compile).
+a process of its own that sends the entry back on its stdout; this process loads it from
+memory and stores it when it can (a store that fails is one log line, as for a compile here):
+bcc's clang and LLVM stay out of the agent (they kept about 90 MB of its RSS after a first
+start's compile). They do enter it when the compile is here: bpf.programCache false, a caller
+that does not ask (the NodePort builds), a build with fresh pins, a child that exits with an
+error (the compile here reports it) or whose entry does not load (the verifier's refusal is
+reported by the compile here). A child that crashed, was killed or overran CHILD_TIMEOUT ends
+the start instead (ChildCompileFailed): a compile here would do the same or worse.
 
 What an entry holds is loaded into the kernel: it is read only from a cache directory and a
 file owned by this user that neither group nor others may write (anything else misses as
@@ -65,11 +71,15 @@ from typing import Any
 from kpr.bpf import kernctx
 from kpr.bpf.builds import AdoptedProg
 from kpr.bpf import maps as M
+from kpr.bpf import loader
 from kpr.bpf.loader import Source, attach_type_value, compile_and_load, load_prog, prepare, prog_type_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CACHE_DIR", "CachedModule", "CachedProg", "CompileChild", "ProgramCache", "for_config", "has_entry", "load_programs"]
+__all__ = [
+    "CACHE_DIR", "CachedModule", "CachedProg", "ChildCompileFailed", "CompileChild", "ProgramCache", "compile_likely",
+    "entries", "for_config", "has_entry", "load_programs",
+]
 
 FORMAT = 2  # 2: maps recorded with their pin's name
 KEEP = 4  # entries kept: an agent's current build and a few it may switch back to
@@ -90,6 +100,28 @@ CREATABLE_PINNED = CREATABLE | {PROG_ARRAY}
 
 # (program name, program type, attach type or None), as load_prog takes them
 Program = tuple[str, "int | str", "int | str | None"]
+
+
+class ChildCompileFailed(RuntimeError):
+    """The compile child crashed, was killed or overran CHILD_TIMEOUT: the start ends (a
+    compile in the agent would crash it, or take as long again)."""
+
+
+def entries(directory: Path) -> list[Path]:
+    """The entry files in `directory` (a writer's `.tmp-*` file is none)."""
+    return [p for p in Path(directory).glob(f"*{SUFFIX}") if not p.name.startswith(".")]
+
+
+def compile_likely(config: Any) -> bool:
+    """Whether loading kpr's BPF builds will likely compile: not when an agent left its builds
+    pinned under bpf.pinPath (a restart adopts them: kpr.bpf.builds), nor when the program
+    cache is on and holds an entry (a start after a reboot loads it). A guess from what is on
+    disk: an entry of another build (an upgrade) still compiles."""
+    from kpr.bpf.builds import BUILDS_MAP
+
+    if (Path(config.bpf.pin_path) / BUILDS_MAP).exists():
+        return False
+    return not (config.bpf.program_cache and entries(Path(config.agent.state_dir) / CACHE_DIR))
 
 
 class CacheMiss(Exception):
@@ -194,6 +226,10 @@ class ProgramCache:
     def store(self, key: str, bpf: Any, programs: Sequence[Program], fresh_pins: Mapping[str, str] = {}) -> Path:
         """Write the entry for a compiled module whose `programs` are loaded; raises CacheMiss
         when the build cannot be cached (the reason says why), OSError when it cannot be written."""
+        return self.write(key, self.entry(key, bpf, programs, fresh_pins))
+
+    def entry(self, key: str, bpf: Any, programs: Sequence[Program], fresh_pins: Mapping[str, str] = {}) -> bytes:
+        """The entry's bytes for a compiled module (what store writes; CacheMiss as there)."""
         lib = _libbcc()
         pins = self._pins_by_id()
         tables: dict[int, dict[str, Any]] = {}  # fd -> the map's record
@@ -238,7 +274,7 @@ class ProgramCache:
             "license": license.decode(), "kern_version": int(lib.bpf_module_kern_version(bpf.module)),
             "maps": maps, "programs": progs,
         }, sort_keys=True).encode()
-        return self._write(key, hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+        return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
     def _pins_by_id(self) -> dict[int, list[str]]:
         """map id -> the names it is pinned under, directly in pin_path (programs', links' and
@@ -266,7 +302,8 @@ class ProgramCache:
                 os.close(fd)
         return out
 
-    def _write(self, key: str, data: bytes) -> Path:
+    def write(self, key: str, data: bytes) -> Path:
+        """Write entry `key` (bytes from entry()); OSError when it cannot be."""
         made = not self.directory.exists()
         # root's alone, as agent.stateDir: what is in it is loaded into the kernel
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -292,14 +329,14 @@ class ProgramCache:
         return final
 
     def _prune(self, keep: Path) -> None:
-        entries = []
-        for p in self.directory.glob(f"*{SUFFIX}"):
+        found = []
+        for p in entries(self.directory):
             try:
-                entries.append((p.stat().st_mtime_ns, p))
+                found.append((p.stat().st_mtime_ns, p))
             except OSError:
                 continue
-        entries.sort(reverse=True)
-        for _t, p in entries[KEEP:]:
+        found.sort(reverse=True)
+        for _t, p in found[KEEP:]:
             if p != keep:
                 with contextlib.suppress(OSError):
                     p.unlink()
@@ -313,6 +350,11 @@ class ProgramCache:
             raise CacheMiss("no entry", quiet=True) from None
         except OSError as exc:
             raise CacheMiss(f"unreadable: {exc}") from None
+        return self.parse(key, data)
+
+    @staticmethod
+    def parse(key: str, data: bytes) -> dict[str, Any]:
+        """The record in entry bytes `data` for `key`; CacheMiss when they are no such entry."""
         head, sep, body = data.partition(b"\n")
         if not sep or hashlib.sha256(body).hexdigest().encode() != head:
             raise CacheMiss("corrupt or truncated (checksum)")
@@ -337,9 +379,11 @@ class ProgramCache:
         finally:
             os.close(dfd)
 
-    def load(self, key: str, label: str, fresh_pins: Mapping[str, str] = {}) -> CachedModule:
-        """Every program of the entry, loaded against this node's maps; CacheMiss when any cannot be."""
-        doc = self.read(key)
+    def load(self, key: str, label: str, fresh_pins: Mapping[str, str] = {}, data: bytes | None = None) -> CachedModule:
+        """Every program of the entry, loaded against this node's maps; CacheMiss when any cannot
+        be. `data`: the entry's bytes as this process's own compile child sent them, not read
+        from the directory (nor marked used there)."""
+        doc = self.read(key) if data is None else self.parse(key, data)
         this_load = {stable: mine for mine, stable in fresh_pins.items()}
         lib = _libbpf()
         fds: list[int] = []
@@ -372,8 +416,9 @@ class ProgramCache:
         finally:
             for fd in fds:  # the programs hold their maps now
                 os.close(fd)
-        with contextlib.suppress(OSError):
-            os.utime(self.path(key))  # recently used: kept by the next prune
+        if data is None:
+            with contextlib.suppress(OSError):
+                os.utime(self.path(key))  # recently used: kept by the next prune
         return CachedModule(label, insns_of, loaded, key)
 
     def _map_fd(self, rec: dict[str, Any], this_load: Mapping[str, str], made: list[Path]) -> int:
@@ -499,10 +544,12 @@ def load_programs(
     `module.cleanup()` closes what this process holds. `fresh_pins` (this load's pin name ->
     the stable name it stands for): pins that every load names anew, excluded from the key
     (a program array, made empty under this load's name on a hit: the caller fills it).
-    `in_child`: on a miss, compile in a process of its own into the cache and load from the
-    entry (a CachedModule whose `compiled` is true; see kpr.bpf.compile_child), compiling
-    here only when that fails (no fresh pins: those are named by this load); a CompileChild
-    started ahead is used for it (and left for the caller to close when not needed)."""
+    `in_child`: on a miss, compile in a process of its own, load the entry it sends back (a
+    CachedModule whose `compiled` is true; see kpr.bpf.compile_child) and store it, compiling
+    here only when the child exits with an error or its entry does not load (no fresh pins:
+    those are named by this load), ChildCompileFailed when it crashed, was killed or overran
+    CHILD_TIMEOUT; a CompileChild started ahead is used for it (and left for the caller to
+    close when not needed)."""
     source = prepare(src, cflags=cflags, include_dirs=include_dirs, name=name)
     key = ""
     if cache is not None:
@@ -541,37 +588,51 @@ def load_programs(
     return bpf
 
 
-# A compile takes 0.3-1.5 s of CPU; a child still at it after this is given up (and compiled here).
-CHILD_TIMEOUT = 300.0
+# A compile takes 0.3-1.5 s of CPU; a child still at it after this is ended and so is the start
+# (below systemd's TimeoutStartSec=120s: the agent says why before systemd kills it).
+CHILD_TIMEOUT = 90.0
+
+
+def child_command(module: str) -> list[str]:
+    """The command that runs kpr's `module` as a child of the agent. -P: the agent's working
+    directory is not on its sys.path (the child runs as root and the agent trusts what it sends)."""
+    return [sys.executable, "-P", "-m", module]
 
 
 class CompileChild:
     """kpr.bpf.compile_child started ahead of a compile that is likely (its interpreter, kpr's
     modules and libbcc take about 0.1 s of CPU and 0.25 s of wall to load, meanwhile the agent
     goes on starting); load_programs(in_child=<it>) hands it the request. `close()` ends a
-    child that was not needed (a restart adopts, a start after a reboot finds the entry)."""
+    child that was not needed (a restart adopts, a start after a reboot finds the entry); one
+    never closed ends when the agent does (its stdin reaches end of file)."""
 
-    def __init__(self) -> None:
-        # -P: the working directory is not on the child's sys.path (it runs as root)
+    def __init__(self, cmd: Sequence[str] | None = None) -> None:
+        # a session of its own: a terminal's ^C reaches the agent, which ends the child
         self.proc: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, "-P", "-m", "kpr.bpf.compile_child"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            list(cmd or child_command("kpr.bpf.compile_child")),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         self.used = False
 
-    def run(self, request: bytes) -> tuple[int, bytes]:
-        """(exit status, stderr) of the child given `request`; it has ended by then."""
+    def run(self, request: bytes) -> tuple[int, bytes, bytes]:
+        """(exit status, stdout, stderr) of the child given `request`; it has ended by then.
+        ChildCompileFailed when it overran CHILD_TIMEOUT (ended by this process)."""
         proc, self.proc = self.proc, None
         if proc is None:
             raise OSError("the compile child was closed")
         self.used = True
         try:
-            _out, err = proc.communicate(request, timeout=CHILD_TIMEOUT)
-        except BaseException:
+            out, err = proc.communicate(request, timeout=CHILD_TIMEOUT)
+        except BaseException as exc:
             proc.kill()
             proc.wait()
+            # its compile's capture (kpr.bpf.loader): no crash to report, this process ended it
+            with contextlib.suppress(OSError):
+                loader.capture_path(proc.pid).unlink()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise ChildCompileFailed(f"no answer in {CHILD_TIMEOUT:.0f} s (ended)") from None
             raise
-        return proc.returncode, err
+        return proc.returncode, out, err
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -587,37 +648,51 @@ class CompileChild:
 def _compile_in_child(
     source: Source, programs: Sequence[Program], key: str, cache: ProgramCache, child: CompileChild | None = None
 ) -> CachedModule | None:
-    """The programs compiled by kpr.bpf.compile_child (`child`, or one started now) into
-    `cache`'s entry `key` and loaded from it; None (logged) when the child or the load fails:
-    the caller compiles itself."""
+    """The programs compiled by kpr.bpf.compile_child (`child`, or one started now), loaded
+    from the entry it sends back and stored in `cache` when it can be; None (logged) when the
+    child fails or its entry does not load: the caller compiles itself, which reports why.
+    ChildCompileFailed when the child crashed, was killed or overran CHILD_TIMEOUT."""
     request = json.dumps({
         "text": source.text, "flags": list(source.flags), "label": source.label,
-        "programs": [list(p) for p in programs], "directory": str(cache.directory),
-        "pin_path": str(cache.pin_path), "key": key,
+        "programs": [list(p) for p in programs], "pin_path": str(cache.pin_path), "key": key,
     }).encode()
+    # the child's compile does not report earlier compiles' crashes (its stderr is not logged)
+    loader.report_crashed_compiles()
     started = time.perf_counter()
     warm = child is not None and child.proc is not None
     try:
-        status, err = (child if warm else CompileChild()).run(request)  # type: ignore[union-attr]
+        status, out, err = (child if warm else CompileChild()).run(request)  # type: ignore[union-attr]
+    except ChildCompileFailed as exc:
+        log.error("event=bpf_child_compile_failed file=%s reason=%r", source.label, str(exc))
+        raise
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("event=bpf_child_compile_failed file=%s reason=%r", source.label, f"{type(exc).__name__}: {exc}")
         return None
+    last = (err.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+    if status < 0:
+        # a crash (LLVM aborts on a fatal error: its output is reported now) or a kill
+        loader.report_crashed_compiles()
+        log.error("event=bpf_child_compile_failed file=%s status=%d reason=%r", source.label, status, last)
+        raise ChildCompileFailed(f"the compile child ended by signal {-status}: {last}")
     if status != 0:
-        last = (err.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
         # (the compile here says what is wrong, as it always did)
         log.info("event=bpf_child_compile_failed file=%s status=%d reason=%r", source.label, status, last)
         return None
     try:
-        module = cache.load(key, source.label)
+        module = cache.load(key, source.label, data=out)
     except Exception as exc:  # noqa: BLE001 - a miss: compiled here, which reports a verifier's refusal
         log.warning("event=bpf_child_compile_unusable file=%s reason=%r", source.label,
                     exc.reason if isinstance(exc, CacheMiss) else f"{type(exc).__name__}: {exc}")
-        with contextlib.suppress(OSError):
-            cache.path(key).unlink()  # (stored unverified: not served to the next start)
         return None
     module.compiled = True
     log.info("event=bpf_compiled_in_child file=%s programs=%d ms=%.0f started_ahead=%s key=%s", source.label,
              len(module.progs), (time.perf_counter() - started) * 1000, "yes" if warm else "no", key[:12])
+    try:
+        path = cache.write(key, out)  # loaded: verified
+    except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs the next start a compile
+        log.warning("event=bpf_cache_not_stored file=%s reason=%r", source.label, str(exc))
+    else:
+        log.info("event=bpf_cache_stored file=%s path=%s", source.label, path)
     return module
 
 

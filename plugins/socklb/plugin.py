@@ -185,6 +185,8 @@ class SockLB:
         self.params = writer_params(context.config)
         # A first start compiles (kpr.bpf.progcache's child): started now, its interpreter and
         # libbcc load while the agent starts its source and the writer.
+        # (kpr_start closes it, used or not, however it ends; never started, the plugin leaves
+        # it to the agent's exit: the child ends when its stdin does)
         self._close_compiler()
         if self._compile_likely(context):
             from kpr.bpf.progcache import CompileChild
@@ -194,15 +196,13 @@ class SockLB:
             except OSError as exc:  # started at the compile instead
                 log.info("event=socklb_compile_child_not_started error=%r", exc)
 
-    def _compile_likely(self, context: PluginContext) -> bool:
-        """No build pinned to adopt and no program cache entry to load (what is on disk; the
-        entry is this build's or another's, which load_programs finds out)."""
-        from kpr.bpf.progcache import SUFFIX
+    @staticmethod
+    def _compile_likely(context: PluginContext) -> bool:
+        """A compile in the child (the program cache on) with no build pinned to adopt and no
+        cache entry to load (kpr.bpf.progcache.compile_likely)."""
+        from kpr.bpf.progcache import compile_likely
 
-        cache = self._program_cache(context)
-        if cache is None or (self.pin_path / builds.BUILDS_MAP).exists():
-            return False
-        return not any(cache.directory.glob("*" + SUFFIX))
+        return bool(context.config.bpf.program_cache) and compile_likely(context.config)
 
     def _close_compiler(self) -> None:
         compiler, self._compiler = self._compiler, None
@@ -218,6 +218,12 @@ class SockLB:
 
     @hookimpl
     def kpr_start(self, context: PluginContext) -> None:
+        try:
+            self._start(context)
+        finally:
+            self._close_compiler()  # (used, or not needed: adopted, cached, or the start failed)
+
+    def _start(self, context: PluginContext) -> None:
         from kpr.bpf import fs, probes
         from kpr.bpf.cleanup import record_attachment
         from kpr.bpf.inline import inline_includes
@@ -274,7 +280,7 @@ class SockLB:
                 self._bpf = load_programs(text, [(p, t, a) for p, t, a in hooks], cflags=cflags(self._set_retval),
                                           name=str(SOURCE), cache=self._program_cache(context),
                                           in_child=self._compiler or True)
-            self._close_compiler()  # (used, or not needed: adopted or cached)
+            self._close_compiler()  # (used, or not needed: adopted or cached; before the attach)
             if not self._set_retval:
                 log.warning("event=socklb_no_set_retval effect=refusals_fail_with_EPERM")
             self._build = (

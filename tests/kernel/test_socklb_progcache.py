@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kpr.bpf.cleanup import cleanup
-from kpr.bpf.progcache import CACHE_DIR
+from kpr.bpf.progcache import CACHE_DIR, entries
 from kpr.model import FrontendType, NodeInfo, Protocol
 from kpr.plugins.socklb.plugin import HOOKS, HOSTADDR_MAP, REVNAT_MAP, STATS_MAP, SockLB
 from kpr.testing.agent import lab_scratch
@@ -24,6 +24,22 @@ from kpr.testing.progs import bcc_compiles, xlated_by_map_name
 from socklb_env import Env, answers, be, build_topology, service
 
 CIP = "10.96.0.60"
+
+
+@pytest.fixture
+def children(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every kpr.bpf.progcache.CompileChild made (socklb's configure and load_programs look it up there)."""
+    from kpr.bpf import progcache
+
+    made: list[object] = []
+
+    class Counted(progcache.CompileChild):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            made.append(self)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(progcache, "CompileChild", Counted)
+    return made
 
 
 def programs(plugin: SockLB) -> dict[str, tuple[bytes, list[str]]]:
@@ -49,7 +65,9 @@ def lab(tag: str, backend: str) -> Iterator[tuple[Env, Path, Path, Path]]:
         yield env, pin, cg, work / "state"
 
 
-def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_cold_start_loads_socklb_from_the_cache(
+    kernel_headers: Path, caplog: pytest.LogCaptureFixture, children: list[object]
+) -> None:
     with lab("kpr-h1-pc", "be1") as (env, pin, cg, state):
         section = {"cgroupPath": str(cg), "keepAttachedOnStop": False}
 
@@ -65,8 +83,9 @@ def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path, caplog: 
         # compiled in a process of its own (kpr.bpf.compile_child), started at configure: no
         # bcc.BPF in this one
         assert compiles == [0] and first.kpr_status().details["build"] == "compiled"
-        assert "started_ahead=yes" in caplog.text and first._compiler is None
-        assert len(list((state / CACHE_DIR).glob("*.prog"))) == 1
+        assert "started_ahead=yes" in caplog.text and len(children) == 1
+        assert first._compiler is None and children[0].proc is None  # type: ignore[attr-defined]
+        assert len(entries(state / CACHE_DIR)) == 1
         assert served()
         compiled = programs(first)
         env.stop(first)  # links released (keepAttachedOnStop off): nothing to adopt
@@ -77,7 +96,7 @@ def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path, caplog: 
         with bcc_compiles() as compiles:
             second = start()
         assert compiles == [0], "loaded without bcc's compile"
-        assert second._compiler is None, "an entry on disk: no compile child started"
+        assert len(children) == 1, "an entry on disk: no compile child started"
         st = second.kpr_status()
         assert st.details["build"] == "cached" and st.counters["hooks_attached"] == len(HOOKS) + 2
         assert {v["action"] for v in st.details["links"].values()} == {"created"}
@@ -88,7 +107,7 @@ def test_a_cold_start_loads_socklb_from_the_cache(kernel_headers: Path, caplog: 
 
 
 def test_without_links_a_cold_start_attaches_the_cached_programs(
-    kernel_headers: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    kernel_headers: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, children: list[object]
 ) -> None:
     """KPR_BPF_LINKS=cgroup (a kernel without cgroup links): no link to adopt, so every start
     loads; with agent.stateDir off bpffs the second one loads from the cache, attaches those
@@ -114,7 +133,8 @@ def test_without_links_a_cold_start_attaches_the_cached_programs(
         # compiled in a process of its own (kpr.bpf.compile_child), started at configure: no
         # bcc.BPF in this one
         assert compiles == [0] and first.kpr_status().details["build"] == "compiled"
-        assert "started_ahead=yes" in caplog.text and first._compiler is None
+        assert "started_ahead=yes" in caplog.text and len(children) == 1
+        assert first._compiler is None and children[0].proc is None  # type: ignore[attr-defined]
         assert first.kpr_status().details["linksFallback"]
         compiled = programs(first)
         before = hooks()
@@ -124,7 +144,7 @@ def test_without_links_a_cold_start_attaches_the_cached_programs(
         with bcc_compiles() as compiles:
             second = start()
         assert compiles == [0], "loaded without bcc's compile"
-        assert second._compiler is None, "an entry on disk: no compile child started"
+        assert len(children) == 1, "an entry on disk: no compile child started"
         st = second.kpr_status()
         assert st.details["build"] == "cached" and st.details["linksFallback"]
         assert {v["action"] for v in st.details["links"].values()} == {"attached"}
@@ -153,6 +173,45 @@ def test_the_cache_can_be_turned_off(tmp_path: Path) -> None:
     assert plugin._program_cache(off) is None
 
 
+def test_a_start_that_fails_early_ends_the_compile_child(tmp_path: Path, children: list[object]) -> None:
+    """The child started at configure ends with a start that fails before any compile (here:
+    bpf.pinPath on no bpffs), not later."""
+    plugin = SockLB()
+    ctx = plugin_context("socklb", NodeInfo("n", addresses=("10.0.0.1",)), tmp_path / "pin", state_dir=tmp_path)
+    plugin.kpr_configure(plugin.kpr_config_schema().model_validate({}), ctx)
+    assert len(children) == 1
+    proc = children[0].proc  # type: ignore[attr-defined]
+    assert proc is not None and proc.poll() is None
+    with pytest.raises(OSError, match="not on a bpffs"):
+        plugin.kpr_start(ctx)
+    assert proc.poll() is not None and plugin._compiler is None
+
+
+def test_the_compile_guess_is_the_agents(tmp_path: Path) -> None:
+    """socklb starts a child when kpr.bpf.progcache.compile_likely (the agent's guess too)
+    says so and the cache is on; a writer's leftover temporary file is no entry."""
+    from kpr.bpf.builds import BUILDS_MAP
+    from kpr.daemon import compile_expected
+
+    pin = tmp_path / "pin"
+    pin.mkdir()
+    ctx = plugin_context("socklb", NodeInfo("n", addresses=("10.0.0.1",)), pin, state_dir=tmp_path,
+                         config={"plugins": {"socklb": {"enabled": True}}})
+    cache = tmp_path / CACHE_DIR
+    cache.mkdir()
+    (cache / ".tmp-abc.prog").write_bytes(b"")
+    assert SockLB._compile_likely(ctx) and compile_expected(ctx.config)
+    (cache / "0123.prog").write_bytes(b"")
+    assert not SockLB._compile_likely(ctx) and not compile_expected(ctx.config)
+    (cache / "0123.prog").unlink()
+    (pin / BUILDS_MAP).write_bytes(b"")
+    assert not SockLB._compile_likely(ctx) and not compile_expected(ctx.config)
+    (pin / BUILDS_MAP).unlink()
+    off = plugin_context("socklb", NodeInfo("n", addresses=("10.0.0.1",)), pin, state_dir=tmp_path,
+                         config={"bpf": {"pinPath": str(pin), "programCache": False}})
+    assert not SockLB._compile_likely(off)
+
+
 def test_kpr_run_after_kpr_cleanup_starts_from_the_cache(kernel_headers: Path) -> None:
     """The real agent: started, stopped, its data path removed with `kpr cleanup` (what a
     reboot leaves: nothing pinned, agent.stateDir kept); the next `kpr run` loads socklb from
@@ -177,7 +236,7 @@ def test_kpr_run_after_kpr_cleanup_starts_from_the_cache(kernel_headers: Path) -
         rig.stop(signal.SIGTERM)
         res = kpr_cleanup(rig.pin, rig.work)
         assert res.returncode == 0, res.stderr
-        assert list((rig.agent.state / CACHE_DIR).glob("*.prog")), "kpr cleanup leaves the cache"
+        assert entries(rig.agent.state / CACHE_DIR), "kpr cleanup leaves the cache"
         rig.start()
         log_text = (rig.work / f"agent-{rig.starts}.log").read_text()
         assert build() == "cached" and "event=bpf_cache_hit" in log_text, log_text[-3000:]

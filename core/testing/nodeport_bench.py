@@ -540,12 +540,13 @@ INLINE_STOPS = (
 )
 
 # The cases of the switch table, with their column labels: the goals' three, and the local
-# backend's established packets (a DNAT-only rewrite, the one-field rewrites' path).
+# backend's established packets and new flows (a DNAT-only rewrite: the local stage, KPR_NP_EST_LOCAL).
 SWITCH_CASES = {
     "established, remote backend (SNAT)": "established",
     "new flow, remote backend (SNAT)": "new",
     "not a service (node address, port 22)": "pass",
     "established, local backend": "est. local",
+    "new flow, local backend": "new local",
 }
 
 # Optimisation switches, each measured against the default build in the same run: name -> -D flags

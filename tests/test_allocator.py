@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import logging
@@ -258,6 +259,19 @@ def test_mismatched_cluster_ips(tmp_path):
     assert out["spec"]["clusterIPs"][0] == "10.96.0.7"
     assert ipaddress.ip_address(out["spec"]["clusterIPs"][1]).version == 6
 
+
+
+def test_an_address_that_does_not_read_is_named_by_the_field_written(tmp_path):
+    # validation reads a sloppy IPv4 address (leading zeros) as kube-proxy does; the allocator
+    # does not, and names the field the manifest wrote
+    a = alloc(tmp_path)
+    with pytest.raises(AllocationError, match=r"^spec\.clusterIP: not an IP address: '010\.96\.0\.11'$"):
+        a.allocate(svc("only", clusterIP="010.96.0.11"))
+    with pytest.raises(AllocationError, match=r"^spec\.clusterIPs: not an IP address: '010\.96\.0\.11'$"):
+        a.allocate(svc("both", clusterIP="010.96.0.11", clusterIPs=["010.96.0.11"]))
+    with pytest.raises(AllocationError, match=r"^spec\.clusterIPs: not an IP address: '010\.96\.0\.11'$"):
+        a.allocate(svc("listed", clusterIPs=["010.96.0.11"]))
+    assert a.keys() == []
 
 # --- persistence ---------------------------------------------------------------------------
 
@@ -545,60 +559,106 @@ def test_state_file_lines_of_plain_records_as_json_writes_them(tmp_path):
 
 # --- a written ClusterIP's short way (allocate's _allocate_written) -------------------------
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
-_WRITTEN = ["10.96.0.2", "10.96.0.3", "10.96.0.9", "10.96.0.010", "10.97.0.1", "fd00:10:96::5", "None", "", "nonsense"]
+# The /28's edges: .0 (network) and .1 outside the automatic range, .2-.14 in it, .15
+# (broadcast) outside, .16 outside the network.
+_WRITTEN = ["10.96.0.0", "10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.9", "10.96.0.15", "10.96.0.16", "10.96.0.010",
+            "10.97.0.1", "fd00:10:96::5", "None", "", "nonsense"]
+_LISTED = {"same": lambda ip: [ip], "other": lambda ip: [ip, "fd00:10:96::7"], "bad": lambda ip: "10.96.0.2",
+           "differs": lambda ip: ["10.96.0.3"]}
+# ipFamilies and ipFamilyPolicy as written; the last of the single-stack ones is what
+# `kubectl get -o yaml` exports.
+_FAMILIES = [{}, {"ipFamilies": ["IPv4"]}, {"ipFamilyPolicy": "SingleStack"},
+             {"ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}, {"ipFamilyPolicy": "PreferDualStack"},
+             {"ipFamilyPolicy": "RequireDualStack"}, {"ipFamilies": ["IPv6"]},
+             {"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"}]
 _STEP = st.tuples(
-    st.sampled_from(["release", "allocate", "allocate", "allocate", "allocate"]),
+    st.sampled_from(["release", "restart", "allocate", "allocate", "allocate", "allocate", "allocate"]),
     st.sampled_from(["a", "b", "c", "d"]),
     st.sampled_from(_WRITTEN + [None]),  # clusterIP (None: left out)
-    st.sampled_from(["same", "none", "other", "bad"]),  # clusterIPs
+    st.sampled_from(["none", *_LISTED]),  # clusterIPs
     st.sampled_from(["ClusterIP", None, "NodePort"]),
-    st.sampled_from([None, ["IPv4"], "SingleStack"]),  # ipFamilies or the policy written
+    st.sampled_from(range(len(_FAMILIES))),
 )
+_CIDRS = [("10.96.0.0/28",), ("10.96.0.0/28", "fd00:10:96::/124"), ("fd00:10:96::/124",)]
 
 
-@settings(max_examples=150, deadline=None)
-@given(steps=st.lists(_STEP, max_size=14), cidrs=st.sampled_from([("10.96.0.0/28",), ("10.96.0.0/28", "fd00:10:96::/124")]))
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(_STEP, max_size=20), cidrs=st.sampled_from(_CIDRS))
+# a written ClusterIP and an IPv6 one allocated beside it, then the same ClusterIP alone:
+# the IPv6 claim goes
+@example(steps=[("allocate", "a", "10.96.0.9", "none", None, 4),
+                ("allocate", "a", "10.96.0.9", "none", None, 0)], cidrs=_CIDRS[1])
 def test_written_cluster_ips_allocate_as_the_general_way(tmp_path_factory, steps, cidrs):
     """A ClusterIP service whose manifest writes one canonical IPv4 ClusterIP nobody else holds
     takes a short way; an allocator with that way turned off takes the general one. Both must
     agree on every step: the object, what is displaced, errors, the records, the claims and the
     range counts, when the state changes, the state file, and what a restart reads back."""
     tmp = tmp_path_factory.mktemp("written")
-    fast, general = (Allocator(tmp / f"{side}.json", list(cidrs), RANGE) for side in ("fast", "general"))
-    general._allocate_written = lambda *args: None  # type: ignore[method-assign]
+
+    def start() -> tuple[Allocator, Allocator]:
+        fast, general = (Allocator(tmp / f"{side}.json", list(cidrs), RANGE) for side in ("fast", "general"))
+        general._allocate_written = lambda *args: None  # type: ignore[method-assign]
+        return fast, general
+
+    def saved() -> None:
+        fast.save(force=True)
+        general.save(force=True)
+        assert (tmp / "fast.json").read_text() == (tmp / "general.json").read_text()
+
+    def persisted(a: Allocator) -> dict:
+        # A service whose every value was taken over keeps an empty record in memory until
+        # it is allocated again; the state file leaves it out.
+        return {k: a.get(k) for k in a.keys() if a.get(k)}
+
+    fast, general = start()
+    manifests: dict[str, dict] = {}  # name -> the spec its manifest writes now
     for op, name, ip, listed, stype, extra in steps:
-        outcomes = []
-        for a in (fast, general):
-            a._dirty = False
-            if op == "release":
+        if op == "restart":
+            saved()
+            restarted = start()
+            for old, new in zip((fast, general), restarted):
+                assert persisted(new) == persisted(old)
+            fast, general = restarted
+            continue
+        if op == "release":
+            manifests.pop(name, None)
+            for a in (fast, general):
+                a._dirty = False
                 a.release(f"default/{name}")
-                outcomes.append(("released", a.dirty))
-                continue
-            spec: dict = {}
-            if stype:
-                spec["type"] = stype
-            if ip is not None:
-                spec["clusterIP"] = ip
-            if listed != "none" and ip is not None:
-                spec["clusterIPs"] = {"same": [ip], "other": [ip, "fd00:10:96::7"], "bad": "10.96.0.2"}[listed]
-            if extra == "SingleStack":
-                spec["ipFamilyPolicy"] = extra
-            elif extra:
-                spec["ipFamilies"] = extra
-            try:
-                got = a.allocate(svc(name, **spec))
-                outcomes.append((got.obj, got.displaced, a.dirty))
-            except AllocationError as e:
-                outcomes.append(("error", str(e), a.dirty))
-        assert outcomes[0] == outcomes[1]
-        assert fast._records == general._records
-        assert fast._ips == general._ips and fast._ports == general._ports
-        assert fast._used_in_range == general._used_in_range
-        assert {k: fast.get(k) for k in fast.keys()} == {k: general.get(k) for k in general.keys()}
-    fast.save(force=True)
-    general.save(force=True)
-    assert (tmp / "fast.json").read_text() == (tmp / "general.json").read_text()
-    restarted = Allocator(tmp / "fast.json", list(cidrs), RANGE)
-    assert {k: restarted.get(k) for k in restarted.keys()} == {k: fast.get(k) for k in fast.keys()}
+            assert fast.dirty == general.dirty
+            continue
+        spec: dict = dict(_FAMILIES[extra])
+        if stype:
+            spec["type"] = stype
+        if ip is not None:
+            spec["clusterIP"] = ip
+            if listed != "none":
+                spec["clusterIPs"] = _LISTED[listed](ip)
+        manifests[name] = spec
+        # The service, then each one it takes a value from, allocated again with its manifest,
+        # as the files source does (FilesSource._resolve).
+        queue, visits = [name], {name: 1}
+        while queue:
+            moved = queue.pop(0)
+            outcomes = []
+            for a in (fast, general):
+                a._dirty = False
+                try:
+                    got = a.allocate(svc(moved, **copy.deepcopy(manifests[moved])))
+                    outcomes.append((got.obj, got.displaced, a.dirty))
+                except AllocationError as e:
+                    outcomes.append(("error", str(e), a.dirty))
+            assert outcomes[0] == outcomes[1]
+            for key in sorted(outcomes[0][1]) if outcomes[0][0] != "error" else ():
+                other = key.partition("/")[2]
+                visits[other] = visits.get(other, 0) + 1
+                if other in manifests and other not in queue and visits[other] <= 3:
+                    queue.append(other)
+            assert fast._records == general._records
+            assert fast._ips == general._ips and fast._ports == general._ports
+            assert fast._used_in_range == general._used_in_range
+            assert {k: fast.get(k) for k in fast.keys()} == {k: general.get(k) for k in general.keys()}
+    saved()
+    assert persisted(start()[0]) == persisted(fast)

@@ -137,6 +137,26 @@ def test_allocation_that_fills_in_values_updates_the_reading():
         translate.forget_checked()
 
 
+def test_families_allocation_drops_update_the_reading(tmp_path):
+    """PreferDualStack with both families written, and only an IPv4 clusterCIDR: allocation
+    keeps the written ClusterIP and fills in ipFamilies [IPv4]; the reading's families follow."""
+    svc = _service({"clusterIP": "10.96.0.10", "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"},
+                   [{"name": "http", "port": 80}], None)
+    rules = translate.address_rules(CIDRS[:1])
+    found = translate.validate_object(copy.deepcopy(svc), rules)
+    assert found.spec.families == (4, 6)
+    packed = memory.pack(svc)
+    translate.remember_checked(packed, found)
+    try:
+        read = memory.unpack(packed)
+        allocated = Allocator(tmp_path / "a.json", list(CIDRS[:1]), PortRange(first=30000, last=32767)).allocate(read).obj
+        assert allocated["spec"]["ipFamilies"] == ["IPv4"]
+        reused = translate.checked_after_allocation(packed, read, allocated)
+        assert reused.spec.families == (4,)
+        assert reused.spec == translate.validate_object(allocated, rules).spec
+    finally:
+        translate.forget_checked()
+
 class _Publisher:
     def upsert(self, service) -> None:
         pass

@@ -102,6 +102,47 @@ def test_the_source_follows_the_start(tmp_path, monkeypatch, case):
         agent.shutdown()
 
 
+class OffTheGil(WithoutSource):
+    starts_off_the_gil = True
+
+
+def test_a_start_off_the_gil_takes_the_first_pass_beside_it_on_a_busy_node(tmp_path, monkeypatch, caplog):
+    """No idle core, but every start leaves the GIL free (socklb compiling in a child): the
+    pass runs beside the start; the same busy node with one start that does not say so (a
+    compile in the agent) keeps the pass after the start (test_the_source_follows_the_start)."""
+    box: list = []
+    released = threading.Event()
+    slow = OffTheGil(box, released)
+    monkeypatch.setattr(daemon, "spare_core", lambda: (False, 9.0, 2))
+    agent = make_agent(tmp_path, {"slow": slow}, source_first=None)
+    box.append(agent)
+    try:
+        with caplog.at_level("INFO", logger="kpr.daemon"):
+            agent.setup()
+        assert slow.store_synced_in_start is True, "the store had the whole first pass while the plugin started"
+        assert any("first_pass_early on=yes" in r.getMessage() and "why=starts_off_the_gil" in r.getMessage() for r in caplog.records)
+        wait_for(lambda: "kpr_sync_complete" in slow.calls, what="the initial state delivered")
+        assert slow.calls[0] == "kpr_start"
+    finally:
+        released.set()
+        agent.shutdown()
+
+
+def test_a_start_off_the_gil_beside_one_that_is_not_follows(tmp_path, monkeypatch):
+    box: list = []
+    released = threading.Event()
+    released.set()
+    slow = WithoutSource(box, released)
+    monkeypatch.setattr(daemon, "spare_core", lambda: (False, 9.0, 2))
+    agent = make_agent(tmp_path, {"off": OffTheGil(box, released), "slow": slow}, source_first=None)
+    box.append(agent)
+    try:
+        agent.setup()
+        assert slow.store_in_start is None, "the source started before every plugin had started"
+    finally:
+        agent.shutdown()
+
+
 class FailsToStart:
     """Its kpr_start fails once the first pass is under way (as a compile error would), after
     another plugin started."""

@@ -123,3 +123,31 @@ def test_status_names_the_algorithm_the_shared_maps_use(tmp_path) -> None:
     ctx = PluginContext("socklb", NodeInfo("n1"), logging.getLogger("t"), cfg, tmp_path)
     plugin.kpr_configure(config=kpm.handle("socklb").section, context=ctx)
     assert plugin.kpr_status().details["algorithm"].startswith("maglev unless a service is annotated")
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_its_start_is_off_the_gil_when_a_compile_would_run_in_the_child(tmp_path, cache) -> None:
+    """kpr.daemon.STARTS_OFF_THE_GIL: the program cache on, a compile runs in
+    kpr.bpf.compile_child; off, in the agent, and the agent's first pass must not run beside it
+    on a busy node."""
+    from kpr.config import parse_config
+    from kpr.context import PluginContext
+    from kpr.daemon import STARTS_OFF_THE_GIL
+    from kpr.model import NodeInfo
+    from kpr.pluginmanager import build_plugin_manager
+
+    cfg = parse_config(
+        f"bpf: {{pinPath: {tmp_path / 'pins'}, programCache: {str(cache).lower()}}}\n"
+        f"agent: {{stateDir: {tmp_path / 'state'}}}\n"
+        "plugins: {socklb: {enabled: true}}"
+    )
+    kpm = build_plugin_manager(cfg)
+    plugin = kpm.handle("socklb").plugin
+    assert getattr(plugin, STARTS_OFF_THE_GIL) is False, "not configured: nothing known"
+    ctx = PluginContext("socklb", NodeInfo("n1"), logging.getLogger("t"), cfg, tmp_path)
+    plugin.kpr_configure(config=kpm.handle("socklb").section, context=ctx)
+    try:
+        assert getattr(plugin, STARTS_OFF_THE_GIL) is cache
+        assert getattr(kpm.handle("servicemaps").plugin, STARTS_OFF_THE_GIL) is True
+    finally:
+        plugin._close_compiler()

@@ -50,6 +50,8 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, AdoptMixin, BulkMixin, ReconcileM
     # Its kpr_start only opens the maps: the agent may run the source's first pass meanwhile
     # (kpr.daemon.STARTS_WITHOUT_SOURCE); what that pass sends waits in the bus's queue.
     starts_without_source = True
+    # ... and it is short (kpr.daemon.STARTS_OFF_THE_GIL).
+    starts_off_the_gil = True
 
     def __init__(
         self,

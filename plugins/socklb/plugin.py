@@ -138,6 +138,14 @@ class SockLB:
     # pass meanwhile (kpr.daemon.STARTS_WITHOUT_SOURCE), while LLVM leaves the GIL free.
     starts_without_source = True
 
+    @property
+    def starts_off_the_gil(self) -> bool:
+        """kpr.daemon.STARTS_OFF_THE_GIL: with the program cache on, a compile runs in
+        kpr.bpf.compile_child and the rest of the start is short (adopting links, loading a
+        cache entry: the verifier's time is in the kernel); with it off, LLVM's Python-side
+        steps in the agent would wait on the first pass for the GIL."""
+        return self.context is not None and bool(self.context.config.bpf.program_cache)
+
     def __init__(self) -> None:
         self.cfg: SockLBConfig | None = None
         self.context: PluginContext | None = None

@@ -235,6 +235,8 @@ class Agent:
         # services was ready in 3.7-5.2 s with it, 5.2-8.0 s after the start (3 pairs).
         wanted, load, why = self._source_first_wanted, float("nan"), "asked"
         early = wanted is not False and self._source_first()
+        if wanted is not False and not early:
+            why = "a_start_needs_the_source"
         if early and wanted is None:
             early, load, _cpus = spare_core()
             why = "idle_core" if early else "busy"

@@ -1454,12 +1454,26 @@ def _local_out(pkt: Ether, lab: Lab) -> bytes:
     return bytes(Ether(bytes(out)))
 
 
+def _udp_summing_to_zero_after_dnat(lab: Lab, sport: int) -> Ether:
+    """A UDP packet to the NodePort whose checksum, once DNAT'd to POD4:8080, computes to 0
+    (so is sent as 0xffff, 0 meaning none): its payload's last word is the checksum the DNAT'd
+    packet has with that word 0, which brings the one's-complement sum to 0xffff."""
+    pkt = eth_in(lab) / IP(src=CLIENT4, dst=NODE4) / UDP(sport=sport, dport=NODEPORT) / Raw(b"kpr-\0\0")
+    dnat = IP(bytes(pkt[IP]))
+    dnat.dst, dnat[UDP].dport = POD4, 8080
+    del dnat.chksum, dnat[UDP].chksum
+    word = IP(bytes(dnat))[UDP].chksum
+    pkt[Raw].load = b"kpr-" + word.to_bytes(2, "big")
+    return pkt
+
+
 @pytest.mark.parametrize("build", list(DNAT_BUILDS), ids=list(DNAT_BUILDS))
 def test_dnat_to_a_local_backend_patches_the_checksums_as_the_per_field_rewrite(lab: Lab, build: str) -> None:
     """KPR_NP_DNAT_ONE_PASS: DNAT to a local pod of IPv4 TCP/UDP (the local stage for a flow's
     first packet, the entry program from the cached next hop after it) writes the address and
     port and patches each checksum once; every build's output is the frame with scapy's
-    checksums (TCP, TCP with IP options, UDP, UDP with checksum 0 kept), with redirect_peer's
+    checksums (TCP, TCP with IP options, UDP, UDP with checksum 0 kept, UDP whose patched checksum
+    computes to 0: sent as 0xffff), with redirect_peer's
     counters, the established packets counted as established."""
     flags = DNAT_BUILDS[build]
     dp = D.Datapath(lab.pin, mode="snat", extra_cflags=flags).load() if flags else lab.dp
@@ -1473,12 +1487,16 @@ def test_dnat_to_a_local_backend_patches_the_checksums_as_the_per_field_rewrite(
             ("UDP", udp4(lab, CLIENT4, NODE4, port + 2, NODEPORT), udp4(lab, CLIENT4, NODE4, port + 2, NODEPORT)),
             ("UDP with checksum 0", zero_udp(udp4(lab, CLIENT4, NODE4, port + 3, NODEPORT)),
              zero_udp(udp4(lab, CLIENT4, NODE4, port + 3, NODEPORT))),
+            ("UDP whose checksum computes to 0", _udp_summing_to_zero_after_dnat(lab, port + 4),
+             _udp_summing_to_zero_after_dnat(lab, port + 4)),
         ]:
             for when, p, moved in (("first packet", pkt, {"new_local": 1}), ("established", est, {"established": 1}),
                                    ("established again", est, {"established": 1})):
                 got = _tc_run(lab, dp, p)
                 want = (TC_ACT_REDIRECT, _local_out(p, lab), {**moved, "fwd_peer": 1, "egress_veth_peer": 1})
                 assert got == want, f"{build}, {desc}, {when}: {Ether(got[1]).summary()} {got[2]}"
+                if desc == "UDP whose checksum computes to 0":
+                    assert Ether(got[1])[UDP].chksum == 0xffff, f"{build}, {when}: 0 is sent as 0xffff"
     finally:
         if flags:
             dp.close()

@@ -560,7 +560,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "fast exit after the full parse, not before (KPR_NP_EARLY_EXIT=0)": ("-DKPR_NP_EARLY_EXIT=0",),
     "fast exit reads kpr_np_ports' word and armed word, not kpr_np_unserved's (KPR_NP_UNSERVED=0)": (
         "-DKPR_NP_UNSERVED=0",),
-    "checksums patched once per field, not once (KPR_REWRITE_ONE_CSUM=0)": ("-DKPR_REWRITE_ONE_CSUM=0",),
+    "checksums patched once per field, not once, local DNAT too (KPR_REWRITE_ONE_CSUM=0, so KPR_NP_DNAT_ONE_PASS off)": (
+        "-DKPR_REWRITE_ONE_CSUM=0",),
     "established SNAT flows through the tail call, not inline (KPR_NP_EST_INLINE=0)": ("-DKPR_NP_EST_INLINE=0",),
     "established local flows through the local stage, not from the cached next hop (KPR_NP_EST_LOCAL=0)": (
         "-DKPR_NP_EST_LOCAL=0",),

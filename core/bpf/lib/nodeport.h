@@ -138,7 +138,7 @@
 #define KPR_NP_EST_INLINE 1 // 1: an established SNAT flow with a cached next hop is rewritten and sent by the entry program (no state write, tail call, re-parse)
 #endif
 #ifndef KPR_NP_DNAT_ONE_PASS
-#define KPR_NP_DNAT_ONE_PASS 1 // 1: DNAT to a local backend of an IPv4 TCP/UDP packet patches its L4 checksum once (tc: in place when the entry read the packet is not offloaded), not per field by helper
+#define KPR_NP_DNAT_ONE_PASS 1 // 1: DNAT to a local backend of an IPv4 TCP/UDP packet patches its L4 checksum once (tc: in place when the entry read the packet is not offloaded), not per field by helper; only with KPR_REWRITE_ONE_CSUM=1 and KPR_REWRITE_HELPERS=0 (it uses their kpr_nat_rewrite4_both): KPR_REWRITE_ONE_CSUM=0 turns it off too
 #endif
 #ifndef KPR_NP_EST_LOCAL
 #define KPR_NP_EST_LOCAL 1 // 1: an established flow to a local backend whose next hop is cached is translated and sent (XDP: or passed) by the entry program (no tail call, re-parse, FIB or device lookups)
@@ -901,7 +901,9 @@ static __always_inline int kpr_np_stage_begin(kpr_ctx_t *ctx, struct kpr_pkt *pk
  * checksum patched once with their summed difference (the one-pass rewrite of SNAT flows, the
  * source kept): on tc no helper call for a packet the entry program read as not offloaded
  * (established flows), one for any other (kpr_csum_l4_diff2), where the per-field rewrite
- * (kpr_nat_dnat) makes two bpf_l4_csum_replace calls. Anything else as kpr_nat_dnat. */
+ * (kpr_nat_dnat) makes two bpf_l4_csum_replace calls. Anything else as kpr_nat_dnat, and
+ * everything in a build without KPR_REWRITE_ONE_CSUM or with KPR_REWRITE_HELPERS (the one-pass
+ * rewrite is theirs). */
 static __always_inline int kpr_np_dnat(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const union kpr_addr *addr, __be16 port)
 {
 #if KPR_NP_DNAT_ONE_PASS && KPR_REWRITE_ONE_CSUM && !KPR_REWRITE_HELPERS

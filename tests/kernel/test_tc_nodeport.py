@@ -9,6 +9,8 @@ became the node's (SNAT).
 from __future__ import annotations
 
 import contextlib
+import socket
+import struct
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -78,6 +80,84 @@ def test_nodeport_to_a_local_pod_keeps_the_client_address(env: Cluster) -> None:
     assert _name_and_peer(client(env.topo, "tcp", N1_6, 30080, 2)) == [("p1a", CLIENT6)] * 2
     st = env.stats("node1")
     assert st["new_local"] >= 5 and st["reply_revnat"] >= 5, st
+
+
+SOL_PACKET, PACKET_AUXDATA, PACKET_OUTGOING = 263, 8, 4
+TP_STATUS_CSUMNOTREADY = 8  # struct tpacket_auxdata's tp_status: the skb is CHECKSUM_PARTIAL
+
+
+def _ones_sum(data: bytes) -> int:
+    """The folded one's-complement sum of `data`'s 16-bit words (not complemented)."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return total
+
+
+class _PodCapture:
+    """Every IPv4 TCP packet the pod's eth0 receives for `port`, each with whether the skb came
+    CHECKSUM_PARTIAL (an AF_PACKET socket in the pod's namespace, PACKET_AUXDATA)."""
+
+    def __init__(self, topo: Topology, pod: str, port: int) -> None:
+        self.port = port
+        self.seen: list[tuple[bool, bytes]] = []
+        with topo[pod].enter():
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))  # ETH_P_IP
+            self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+            self.sock.bind(("eth0", 0x0800))
+
+    def drain(self) -> list[tuple[bool, bytes]]:
+        while True:
+            try:
+                data, anc, _, addr = self.sock.recvmsg(65535, socket.CMSG_SPACE(20), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return self.seen
+            if addr[2] == PACKET_OUTGOING or len(data) < 20 or data[9] != 6:
+                continue
+            ihl = (data[0] & 0xf) * 4
+            if int.from_bytes(data[ihl + 2:ihl + 4], "big") != self.port:
+                continue
+            status = next(struct.unpack("I", d[:4])[0] for lvl, t, d in anc if (lvl, t) == (SOL_PACKET, PACKET_AUXDATA))
+            self.seen.append((bool(status & TP_STATUS_CSUMNOTREADY), data))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_local_dnat_leaves_a_partial_checksum_as_the_pseudo_header_sum(env: Cluster) -> None:
+    """Through the NodePort to the local pod, the client's TCP packets arrive CHECKSUM_PARTIAL
+    (veths offload) and redirect_peer hands them to the pod as such, whose stack never verifies
+    them: their L4 field must hold the pseudo header's sum for the DNAT'd addresses (not
+    complemented; the device would add the rest), which only the helper's patch keeps (lib/csum.h
+    kpr_csum_l4_diff2); any packet that is not PARTIAL carries a whole, valid checksum. Both the
+    flows' first packets (the local stage) and established ones (the entry program) are checked."""
+    pod_ip = PODS["p1a"][1]
+    env.apply(nodeport("csum-local", 30086, "p1a"))
+    cap = _PodCapture(env.topo, "p1a", 8080)
+    try:
+        assert _name_and_peer(client(env.topo, "tcp", N1, 30086, 3)) == [("p1a", CLIENT)] * 3
+
+        def partial_syns_and_rest() -> bool:
+            got = cap.drain()
+            syn = [d for p, d in got if p and d[(d[0] & 0xf) * 4 + 13] & 0x02]
+            return len(syn) >= 3 and sum(1 for p, d in got if p and d not in syn) >= 3
+
+        wait_for(partial_syns_and_rest, 10, "three PARTIAL SYNs and three PARTIAL later packets in the pod")
+        for partial, d in cap.drain():
+            ihl = (d[0] & 0xf) * 4
+            src, dst = d[12:16], d[16:20]
+            assert dst == bytes(map(int, pod_ip.split("."))), d.hex()
+            l4 = d[ihl:int.from_bytes(d[2:4], "big")]
+            pseudo = src + dst + bytes([0, 6]) + len(l4).to_bytes(2, "big")
+            field = int.from_bytes(l4[16:18], "big")
+            if partial:
+                assert field == _ones_sum(pseudo), f"PARTIAL: 0x{field:04x}, not 0x{_ones_sum(pseudo):04x}: {d.hex()}"
+            else:
+                assert _ones_sum(pseudo + l4) == 0xffff, f"an invalid checksum 0x{field:04x}: {d.hex()}"
+    finally:
+        cap.close()
 
 
 def test_a_pod_created_after_start_is_reached_through_its_peer(env: Cluster) -> None:

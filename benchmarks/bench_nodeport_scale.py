@@ -20,9 +20,7 @@ bench_xdp_nodeport.py's "new flows over N vs M frontends" line reports, measured
 --cflags adds a twin of every build with these flags too (labels "cflags" for the full one,
 "stopN+cflags"), and their own table: a switch compared stage by stage, side by side
 (`--cflags=-DKPR_LB_FE=0`: frontends from kpr_svc only, not from their kpr_fe lines;
-`--cflags=-DKPR_LB_FE_IDS=0`: backend ids from kpr_slots, not from the frontend's line;
-`--cflags=-DKPR_LB_FE_BE=1 --fe-records`: a new flow's backend from its line's kpr_fe_be record,
-the labs' writers keeping those records).
+`--cflags=-DKPR_LB_FE_IDS=0`: backend ids from kpr_slots, not from the frontend's line).
 --no-warm skips caching every filler backend's next hop before measuring (ProgLab.warm_next_hops;
 otherwise a frontend first reached by a stop build, which returns before caching, takes the FIB
 lookup in every build that follows: stops 5 and 6 then time another path in the big lab).
@@ -39,7 +37,6 @@ import statistics
 import sys
 import time
 
-from kpr.servicemaps import fetable
 from kpr.testing.nodeport_bench import ProgLab, bare, cases, exit_on_sigterm, measure
 
 STOP_LABELS = {
@@ -68,12 +65,8 @@ def main() -> int:
                          "a large prime such as 40009: scattered, as a real node's traffic is)")
     ap.add_argument("--no-warm", dest="warm", action="store_false",
                     help="do not cache every filler backend's next hop first")
-    ap.add_argument("--fe-records", action="store_true",
-                    help="the labs' writers keep kpr_fe_be (fetable.RECORDS), for -DKPR_LB_FE_BE=1 builds")
     a = ap.parse_args()
     exit_on_sigterm()  # (a killed run removes its labs)
-    if a.fe_records:
-        fetable.RECORDS = True
     few, many = (int(x) for x in a.services.split(","))
     stops = [int(x) for x in a.stops.split(",")]
     # stop 0 is the default build itself (measure() sets flows up with "default")
@@ -85,8 +78,7 @@ def main() -> int:
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     pr = lambda *x: print(*x, flush=True)  # noqa: E731
     pr(f"== {a.hook} new flows spread over {few - 2} vs {many - 2} frontends (stride {a.stride}); {time.strftime('%H:%M:%S')} UTC; "
-       f"load {open('/proc/loadavg').read().split()[:3]}"
-       + ("; kpr_fe_be records kept" if fetable.RECORDS else ""))
+       f"load {open('/proc/loadavg').read().split()[:3]}")
     with ProgLab(few, a.stride) as lf, ProgLab(many, a.stride) as lm:
         labs = {few: lf, many: lm}
         t0 = time.perf_counter()

@@ -609,7 +609,6 @@ class ApplyMixin:
         if be_up:
             # an array: stored into its memory, runs of consecutive ids (a full sync's) at once
             mp["kpr_backend"].store(be_up)
-            fetable.backends_rewritten(mp["kpr_svc"], be_up)  # (kpr_fe_be's copies of a changed one)
         if rn_up:
             mp["kpr_revnat"].update_many([M.U32.pack(i) for i in rn_up], list(rn_up.values()), batch=b)
         if sr_up:

@@ -13,13 +13,6 @@ write of the writer (`Mirrored` wraps the map object: the bulk path, the general
   new slot range before the kpr_svc write that points at it, and a range rewritten in place
   (a repair) is followed by `slots_rewritten`, which rewrites its keys' lines with what the
   range holds now; the periodic check compares the ids too;
-- beside each line, in kpr_fe_be at the line's index (when the programs read it: RECORDS,
-  lib/maps.h KPR_LB_FE_BE, off by default), the backends of its ids (lib/lb.h
-  takes a new flow's backend there, not from kpr_backend): written with the line, and again when
-  a backend's kpr_backend value changes in place (`backends_rewritten`, called after the
-  writer stores them); a record names its id, which the program compares with the id it
-  picked, and is written id last (zeroed first), so a record being rewritten is not taken; the
-  periodic check compares the records with kpr_backend too;
 - a deletion drops the line first (a tombstone: probe runs stay whole), then the kpr_svc entry;
 - a line is written under its sequence word (odd while written; the word only grows, so a
   reader never takes a rewritten line for the one it started reading);
@@ -40,7 +33,6 @@ from __future__ import annotations
 import logging
 import platform
 import struct
-from array import array
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -67,17 +59,6 @@ _BASE_COUNT = struct.Struct("=IH")  # kpr_svc_val's slot_base and count
 _SLOTS_IN = [struct.Struct("=" + "I4x" * n) for n in range(IDS + 1)]
 _IDS_OUT = [struct.Struct(f"={n}I{4 * (IDS - n)}x") for n in range(IDS + 1)]
 SPEC = M.MapSpec(FE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, LINE, LINES, "", M.BPF_F_MMAPABLE)
-BE_MAP = "kpr_fe_be"
-# Whether the agent keeps kpr_fe_be: when the programs it builds read it (lib/maps.h KPR_LB_FE_BE)
-RECORDS = bool(abi.value("KPR_LB_FE_BE"))
-REC = abi.struct_of("kpr_fe_rec").size  # one backend's record; IDS of them per line
-RECS = REC * IDS  # a line's records (one cache line)
-NO_RECS = bytes(RECS)
-BE_SPEC = M.MapSpec(BE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, REC, LINES * IDS, "", M.BPF_F_MMAPABLE)
-_BACKEND = abi.struct_of("kpr_backend").size
-_V4MAPPED = bytes(10) + b"\xff\xff"
-_INDEX_BITS = abi.value("KPR_BACKEND_INDEX_BITS")
-_INDEX_MASK = (1 << _INDEX_BITS) - 1
 _U32 = struct.Struct("=I")
 _WORDS = struct.Struct("=6I")
 _SLOT_AT = M.SvcKey.slot.offset  # key.slot: 0 for a service entry, TOMB in a deleted entry's line
@@ -118,17 +99,9 @@ def _tomb(key: bytes) -> bytes:
 class FeTable:
     """The pinned kpr_fe array, written as memory."""
 
-    def __init__(self, m: M.BpfMap, *, fresh: bool = False, slots: M.BpfMap | None = None,
-                 recs: M.BpfMap | None = None, backends: M.BpfMap | None = None) -> None:
+    def __init__(self, m: M.BpfMap, *, fresh: bool = False, slots: M.BpfMap | None = None) -> None:
         self.map = m
         self.mem = m.mmap()
-        # kpr_fe_be's memory (the lines' backend records) and kpr_backend's, where they come from
-        self.recs_map = recs
-        self.rmem = recs.mmap() if recs is not None else None
-        self.backends = backends
-        self.bmem = backends.mmap() if backends is not None else None
-        self._nbackends = len(self.bmem) // _BACKEND if self.bmem is not None else 0
-        self._where: dict[int, set[int]] = {}  # backend index -> lines with a record of it
         # kpr_slots' memory, where a line's backend ids come from (None: lines hold none)
         self.slots = slots.mmap() if slots is not None else None
         self._nslots = len(self.slots) // _SLOT if self.slots is not None else 0
@@ -139,10 +112,6 @@ class FeTable:
 
     def close(self) -> None:
         self.mem.release()
-        for mem, m in ((self.rmem, self.recs_map), (self.bmem, self.backends)):
-            if mem is not None and m is not None:
-                mem.release()
-                m.close()
         if self.slots is not None:
             self.slots.release()
         self.map.close()
@@ -157,57 +126,6 @@ class FeTable:
         if not base or not n or base + n > self._nslots:
             return NO_IDS
         return _IDS_OUT[n].pack(*_SLOTS_IN[n].unpack_from(self.slots, base * _SLOT))
-
-    def records(self, ids: bytes) -> bytes:
-        """The kpr_fe_be records of a line's `ids` as kpr_backend holds those backends now (a
-        zero record for 0, an id whose entry is not that backend's, or an IPv6 backend)."""
-        if self.bmem is None or ids == NO_IDS:
-            return NO_RECS
-        out = []
-        for (bid,) in _U32.iter_unpack(ids):
-            i = bid & _INDEX_MASK
-            v = bytes(self.bmem[i * _BACKEND : (i + 1) * _BACKEND]) if bid and i < self._nbackends else b""
-            # (proto set, the id's generation, v4-mapped: else the program reads kpr_backend)
-            if v and v[18] and v[21:24] == bytes((bid >> _INDEX_BITS, 0, 0)) and v[:12] == _V4MAPPED:
-                out.append(_U32.pack(bid) + v[12:19] + v[20:21] + bytes(4))
-            else:
-                out.append(bytes(REC))
-        return b"".join(out)
-
-    def _recs_at(self, idx: int, have: bytes | None = None) -> bytes:
-        if have is not None:
-            return have[idx * RECS : (idx + 1) * RECS]
-        if self.rmem is None:
-            return NO_RECS
-        return bytes(self.rmem[idx * RECS : (idx + 1) * RECS])
-
-    def _put_recs(self, idx: int, recs: bytes) -> None:
-        """A line's records, each id last (zeroed first: a program never takes a record whose
-        fields belong to another id), and the backend index -> line map kept."""
-        if self.rmem is None:
-            return
-        old = self._recs_at(idx)
-        for r in range(IDS):
-            (bid,) = _U32.unpack_from(old, r * REC)
-            if bid:
-                self._where.get(bid & _INDEX_MASK, set()).discard(idx)
-        for r in range(IDS):
-            at = idx * RECS + r * REC
-            new = recs[r * REC : (r + 1) * REC]
-            if old[r * REC : (r + 1) * REC] != new:
-                self.rmem[at : at + 4] = bytes(4)
-                self.rmem[at + 4 : at + REC] = new[4:]
-                self.rmem[at : at + 4] = new[:4]
-        self._note(idx, recs)
-
-    def _note(self, idx: int, recs: bytes) -> None:
-        for r in range(IDS):
-            (bid,) = _U32.unpack_from(recs, r * REC)
-            if bid:
-                self._where.setdefault(bid & _INDEX_MASK, set()).add(idx)
-
-    def _scan_recs(self) -> bytes | None:
-        return bytes(self.rmem[: LINES * RECS]) if self.rmem is not None else None
 
     def _scan(self) -> bytes:
         """Every line as the table holds it now."""
@@ -244,7 +162,6 @@ class FeTable:
         self.mem[at + _KEY : at + _KEY + KEY_SIZE] = key
         self.mem[at + _VAL : at + _VAL + VAL_SIZE] = val
         self.mem[at + _IDS : at + _IDS + IDS_SIZE] = ids
-        self._put_recs(idx, self.records(ids))
         _U32.pack_into(self.mem, at + _SEQ, (odd + 1) & 0xFFFFFFFF)
 
     def put(self, key: bytes, val: bytes) -> None:
@@ -274,33 +191,12 @@ class FeTable:
                 continue
             at = idx * LINE
             val = bytes(self.mem[at + _VAL : at + _VAL + VAL_SIZE])
-            ids = bytes(self.mem[at + _IDS : at + _IDS + IDS_SIZE])
-            want = self.ids(val)
-            if ids != want or (self.rmem is not None and self._recs_at(idx) != self.records(want)):
+            if bytes(self.mem[at + _IDS : at + _IDS + IDS_SIZE]) != self.ids(val):
                 self._write(idx, key, val)
                 n += 1
         return n
 
-    def refresh_backends(self, indexes: Iterable[int]) -> int:
-        """Rewrite the records of lines naming these backend indexes (their kpr_backend values
-        were stored anew: a flag may have changed); returns the lines whose records changed."""
-        lines = set()
-        for i in indexes:
-            lines |= self._where.get(i & _INDEX_MASK, set())
-        n = 0
-        for idx in sorted(lines):
-            ids = bytes(self.mem[idx * LINE + _IDS : idx * LINE + _IDS + IDS_SIZE])
-            recs = self.records(ids)
-            if self._recs_at(idx) != recs:
-                # (under the line's sequence word, as every record write)
-                at = idx * LINE
-                k = bytes(self.mem[at + _KEY : at + _VAL])
-                self._write(idx, k, bytes(self.mem[at + _VAL : at + _VAL + VAL_SIZE]), ids)
-                n += 1
-        return n
-
-    def rebuild(self, items: Iterable[tuple[bytes, bytes]], have: bytes | None = None,
-                have_recs: bytes | None = None) -> None:
+    def rebuild(self, items: Iterable[tuple[bytes, bytes]], have: bytes | None = None) -> None:
         """Make the table kpr_svc's `items`, laid out afresh (no tombstones), rewriting only
         the lines that change (meanwhile a key may be found at its old line, with its value,
         or not at all: the programs then ask kpr_svc). `have`: the table as `verify` just read
@@ -332,29 +228,19 @@ class FeTable:
         else:
             if have is None:
                 have = self._scan()
-            if have_recs is None:
-                have_recs = self._scan_recs()
-            self._where = {}
             # (a table nothing ever wrote, which a program's load created, emptied on a restart:
             # nothing to compare line by line)
-            lines = (range(LINES) if want or have != bytes(len(have))
-                     or (have_recs is not None and have_recs != bytes(len(have_recs))) else ())
-            records = self.records
+            lines = range(LINES) if want or have != bytes(len(have)) else ()
             for idx in lines:
                 at = idx * LINE
                 cur = have[at + _KEY : at + _IDS + IDS_SIZE]
                 new = want.get(idx, empty)
-                recs = have_recs[idx * RECS : (idx + 1) * RECS] if have_recs is not None else None
-                if (cur != new or _U32.unpack_from(have, at + _SEQ)[0] & 1  # (odd: a writer died mid-line)
-                        or (recs is not None and recs != records(new[_V:]))):
+                if cur != new or _U32.unpack_from(have, at + _SEQ)[0] & 1:  # (odd: a writer died mid-line)
                     self._write(idx, new[:KEY_SIZE], new[KEY_SIZE:_V], new[_V:])
                     changed += 1
-                elif recs is not None:
-                    self._note(idx, recs)
         log.info("event=fe_rebuilt entries=%d lines_written=%d unplaced=%d", len(want), changed, self.unplaced)
 
-    def disagreements(self, want: dict[bytes, bytes], have: bytes,
-                      have_recs: bytes | None = None) -> tuple[list[str], int]:
+    def disagreements(self, want: dict[bytes, bytes], have: bytes) -> tuple[list[str], int]:
         """What verify() finds wrong in `have` (a reading of the table) against kpr_svc's placed
         entries `want`: one line of text per wrong line or missing key, and the tombstones
         counted. Reads nothing else and writes nothing (tests read the table through it too)."""
@@ -381,8 +267,6 @@ class FeTable:
                 found.append(f"line {idx}: value differs from kpr_svc's")
             elif self.ids(v) != ids:
                 found.append(f"line {idx}: backend ids {ids.hex()}, kpr_slots holds {self.ids(v).hex()}")
-            elif have_recs is not None and have_recs[idx * RECS : (idx + 1) * RECS] != self.records(ids):
-                found.append(f"line {idx}: backend records differ from kpr_backend's")
         # a key with no line is missing when put() would have placed it (a free line in reach)
         found += [f"kpr_svc key {k.hex()} has no line" for k in want.keys() - lined if self._find(k)[1] is not None]
         return found, tombs
@@ -395,92 +279,41 @@ class FeTable:
         past an eighth of the lines (churn lengthens probe runs). Returns the lines that
         disagreed."""
         want = {k: v for k, v in items if k[_SLOT_AT : _SLOT_AT + 2] == b"\0\0"}
-        have, have_recs = self._scan(), self._scan_recs()
-        found, tombs = self.disagreements(want, have, have_recs)
+        have = self._scan()
+        found, tombs = self.disagreements(want, have)
         wrong = len(found)
         if wrong or tombs > LINES // 8:
-            self.rebuild(want.items(), have, have_recs)
+            self.rebuild(want.items(), have)
         return wrong
 
 
-def _ours(m: M.BpfMap, spec: M.MapSpec = SPEC) -> bool:
-    """Whether a pinned map has kpr_fe's (or `spec`'s) shape (else it is another layout's)."""
+def _ours(m: M.BpfMap) -> bool:
+    """Whether a pinned map has kpr_fe's shape (else it is another layout's)."""
     info = m.info()
     return (info.type, info.value_size, info.max_entries, info.map_flags & M.BPF_F_MMAPABLE) == (
-        spec.type, spec.value_size, spec.max_entries, M.BPF_F_MMAPABLE
+        SPEC.type, SPEC.value_size, SPEC.max_entries, M.BPF_F_MMAPABLE
     )
-
-
-def _open_or_create(path: Path, spec: M.MapSpec) -> tuple[M.BpfMap, bool]:
-    """The pinned map of this shape (a pin of another shape replaced), and whether it is new."""
-    if path.exists():
-        m = M.BpfMap.open_pinned(path)
-        if _ours(m, spec):
-            return m, False
-        m.close()
-        path.unlink()
-    m = M.BpfMap.create(spec)
-    m.pin(path)
-    return m, True
-
-
-def _backends(pin_path: Path) -> M.BpfMap | None:
-    """kpr_backend, where the records come from (mmapable; else none are written)."""
-    path = Path(pin_path) / "kpr_backend"
-    if not path.exists():
-        return None
-    m = M.BpfMap.open_pinned(path)
-    if not m.info().map_flags & M.BPF_F_MMAPABLE or m.info().value_size != _BACKEND:
-        m.close()
-        return None
-    return m
 
 
 def open_fe(pin_path: Path, slots: M.BpfMap | None = None) -> FeTable:
     """Adopt the pinned kpr_fe (a program may have created it empty) or create and pin it; a
     pin of another shape is replaced (its programs are replaced with the agent's). `slots`:
-    kpr_slots, where the lines' backend ids come from. kpr_fe_be the same way when RECORDS
-    (its records from the pinned kpr_backend), else emptied and unpinned if an earlier run
-    left one."""
-    m, fresh = _open_or_create(Path(pin_path) / FE_MAP, SPEC)
-    if not RECORDS:
-        _drop_records(pin_path)
-        return FeTable(m, fresh=fresh, slots=slots)
-    try:
-        r, rfresh = _open_or_create(Path(pin_path) / BE_MAP, BE_SPEC)
-    except BaseException:
+    kpr_slots, where the lines' backend ids come from."""
+    path = Path(pin_path) / FE_MAP
+    if path.exists():
+        m = M.BpfMap.open_pinned(path)
+        if _ours(m):
+            return FeTable(m, slots=slots)
         m.close()
-        raise
-    return FeTable(m, fresh=fresh and rfresh, slots=slots, recs=r, backends=_backends(pin_path))
-
-
-def _drop_records(pin_path: Path) -> None:
-    """Empty and unpin a kpr_fe_be an earlier run kept: its programs (still attached until
-    replaced) then read kpr_backend, never a record this run does not keep current."""
-    path = Path(pin_path) / BE_MAP
-    if not path.exists():
-        return
-    r = M.BpfMap.open_pinned(path)
-    try:
-        if _ours(r, BE_SPEC):
-            mem = r.mmap()
-            words = mem.cast("I")
-            try:
-                # each record's id first (what readers compare), then the rest
-                words[:: REC // 4] = array("I", bytes(4 * LINES * IDS))
-                mem[:] = bytes(len(mem))
-            finally:
-                words.release()
-                mem.release()
-    finally:
-        r.close()
-    path.unlink()
+        path.unlink()
+    m = M.BpfMap.create(SPEC)
+    m.pin(path)
+    return FeTable(m, fresh=True, slots=slots)
 
 
 def clear_pinned(pin_path: Path) -> None:
     """Empty a pinned kpr_fe an earlier run kept (line by line under the sequence words), for
     an agent that keeps no copy: the programs then find every frontend in kpr_svc."""
-    _drop_records(pin_path)
     path = Path(pin_path) / FE_MAP
     if not path.exists():
         return
@@ -562,17 +395,6 @@ def slots_rewritten(svc: Any, keys: Iterable[bytes]) -> None:
         n = fe.refresh(keys)
         if n:
             log.info("event=fe_ids_refreshed lines=%d", n)
-
-
-def backends_rewritten(svc: Any, indexes: Iterable[int]) -> None:
-    """kpr_backend values at these indexes were stored (new backends, or a value changed in
-    place: a node-local flag): lines holding a record of one take what kpr_backend holds now.
-    `svc`: the writer's kpr_svc map object (no copy: nothing to do)."""
-    fe = getattr(svc, "fe", None)
-    if fe is not None:
-        n = fe.refresh_backends(indexes)
-        if n:
-            log.info("event=fe_records_refreshed lines=%d", n)
 
 
 def mirrored(svc: M.BpfMap, pin_path: Path, slots: M.BpfMap | None = None) -> Mirrored:

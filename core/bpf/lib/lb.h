@@ -60,17 +60,6 @@ static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr
 	struct kpr_fe_line *l;
 	struct kpr_fe_buf v;
 
-#if KPR_LB_FE_BE && KPR_LB_FE_IDS // (the records are those of the line's ids)
-	/* The first probe's records, touched before its line is compared: their miss overlaps the
-	 * line's (the pick reads one of them once the line names the backend id). */
-	idx = (h & (KPR_FE_LINES - 1)) * KPR_FE_IDS;
-	{
-		struct kpr_fe_rec *r = kpr_fe_be.lookup(&idx);
-
-		if (r)
-			asm volatile("" ::"r"(*(volatile __u32 *)&r->id));
-	}
-#endif
 #pragma unroll
 	for (i = 0; i < KPR_FE_PROBES; i++) {
 		idx = (h + i) & (KPR_FE_LINES - 1);
@@ -89,7 +78,6 @@ static __always_inline int kpr_lb_fe_get(const struct kpr_svc_key *k, struct kpr
 #else
 			__builtin_memset(v.ids, 0, sizeof(v.ids));
 #endif
-			v.line = idx;
 			asm volatile("" ::: "memory"); // the copy before the second read of the word
 			if (*(volatile __u32 *)&l->seq != seq)
 				return 0;
@@ -115,10 +103,8 @@ static __always_inline struct kpr_svc_val *kpr_lb_svc_get(struct kpr_svc_key *ke
 	if (buf && kpr_lb_fe_get(key, buf))
 		return &buf->val;
 #endif
-	if (buf) {
+	if (buf)
 		__builtin_memset(buf->ids, 0, sizeof(buf->ids));
-		buf->line = 0;
-	}
 	svc = kpr_svc.lookup(key);
 	if (!svc)
 		return (void *)0;
@@ -324,50 +310,13 @@ static __always_inline struct kpr_backend *kpr_lb_backend(__u32 id)
 	return be && be->proto && *(const __u32 *)&be->flags >> 8 == id >> KPR_BACKEND_INDEX_BITS ? be : (void *)0;
 }
 
-/* The backend `bid`, picked in slot `slot` from the kpr_fe line `buf` (its ids), from the line's
- * kpr_fe_be record into *out when the record copies that id (NULL otherwise: the caller reads
- * kpr_backend). The id, read before and after the fields, is the record's sequence word: a
- * record being rewritten for another id (or a cleared one) is not taken. */
-static __always_inline struct kpr_backend *kpr_lb_fe_backend(const struct kpr_fe_buf *buf, __u16 slot, __u32 bid,
-							      struct kpr_backend *out)
-{
-#if KPR_LB_FE_BE && KPR_LB_FE_IDS // (the records are those of the line's ids)
-	struct kpr_fe_rec *r;
-	__u32 idx, w;
-
-	if (!buf || !out || !bid || slot < 1 || slot > KPR_FE_IDS)
-		return (void *)0;
-	idx = (buf->line & (KPR_FE_LINES - 1)) * KPR_FE_IDS + slot - 1;
-	r = kpr_fe_be.lookup(&idx);
-	if (!r || *(volatile __u32 *)&r->id != bid)
-		return (void *)0;
-	asm volatile("" ::: "memory"); // the id before the fields
-	kpr_addr_set_v4(&out->addr, *(volatile __be32 *)&r->addr4);
-	out->port = *(volatile __be16 *)&r->port;
-	out->proto = *(volatile __u8 *)&r->proto;
-	w = *(volatile __u8 *)&r->flags;
-	asm volatile("" ::: "memory"); // the fields before the id's second read
-	if (*(volatile __u32 *)&r->id != bid || !out->proto)
-		return (void *)0;
-	out->reserved = 0;
-	out->flags = (__u8)w;
-	out->gen[0] = (__u8)(bid >> KPR_BACKEND_INDEX_BITS);
-	out->gen[1] = 0;
-	out->gen[2] = 0;
-	return out;
-#else
-	return (void *)0;
-#endif
-}
-
 /* Pick the backend for a new flow to the service entry `key`/`svc` found by kpr_lb_lookup():
  * affinity (when the service has it and `aff` is given), then Maglev or random. Returns the
  * backend and its id in *id, or NULL when the service has no selectable backend. `ids`: the
  * first slots' backend ids kpr_lb_lookup_into() copied with the entry (NULL: kpr_slots). */
-static __always_inline struct kpr_backend *kpr_lb_pick_in(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
-							   const struct kpr_tuple *t, struct kpr_affinity_key *aff,
-							   __u32 *id, const __u32 *ids, const struct kpr_fe_buf *buf,
-							   struct kpr_backend *out)
+static __always_inline struct kpr_backend *kpr_lb_pick_ids(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
+							    const struct kpr_tuple *t, struct kpr_affinity_key *aff,
+							    __u32 *id, const __u32 *ids)
 {
 	struct kpr_backend *be = (void *)0;
 	__u32 bid = 0;
@@ -400,9 +349,7 @@ static __always_inline struct kpr_backend *kpr_lb_pick_in(struct kpr_svc_key *ke
 		}
 		if (!bid)
 			return (void *)0;
-		be = kpr_lb_fe_backend(buf, slot, bid, out); // (a random slot's: the line's records)
-		if (!be)
-			be = kpr_lb_backend(bid);
+		be = kpr_lb_backend(bid);
 		if (!be)
 			return (void *)0;
 	}
@@ -416,23 +363,6 @@ static __always_inline struct kpr_backend *kpr_lb_pick_in(struct kpr_svc_key *ke
 	}
 	*id = bid;
 	return be;
-}
-
-static __always_inline struct kpr_backend *kpr_lb_pick_ids(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
-							    const struct kpr_tuple *t, struct kpr_affinity_key *aff,
-							    __u32 *id, const __u32 *ids)
-{
-	return kpr_lb_pick_in(key, svc, t, aff, id, ids, (void *)0, (void *)0);
-}
-
-/* kpr_lb_pick_ids() for an entry kpr_lb_lookup_into() found with `buf`: a random slot's backend
- * is taken from the line's kpr_fe_be record when it copies the id picked (into *out, which
- * then holds the backend returned), else from kpr_backend. */
-static __always_inline struct kpr_backend *kpr_lb_pick_fe(struct kpr_svc_key *key, const struct kpr_svc_val *svc,
-							   const struct kpr_tuple *t, struct kpr_affinity_key *aff,
-							   __u32 *id, const struct kpr_fe_buf *buf, struct kpr_backend *out)
-{
-	return kpr_lb_pick_in(key, svc, t, aff, id, buf->ids, buf, out);
 }
 
 // kpr_lb_pick_ids() reading the slots from kpr_slots.

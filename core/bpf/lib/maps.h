@@ -23,8 +23,6 @@
  *                 hash of the key (lib/lb.h kpr_lb_svc_get): a frontend out of cache costs one
  *                 miss there, where kpr_svc's bucket and element cost two or three (issue 14);
  *                 the line also holds its first slots' backend ids (no kpr_slots miss for them).
- *   kpr_fe_be     the backends of those ids, four 16-byte records per line at the line's index
- *                 (no kpr_backend miss waiting for the line: issue 14)
  *                 kpr_svc stays the truth: a key not found here is looked up there.
  */
 #ifndef KPR_LIB_MAPS_H
@@ -64,13 +62,6 @@
 #endif
 
 #define KPR_PIN(name) KPR_PIN_PATH "/" #name // pin path of a map named `name`
-
-#ifndef KPR_LB_FE_BE
-/* 1: kpr_fe_be, the backends of kpr_fe's lines, declared, read by lib/lb.h (with KPR_LB_FE_IDS)
- * and written by kpr.servicemaps.fetable (which follows this default). Off: it takes kpr_backend's
- * miss off a new flow, but kpr_np_nh's, issued beside it, stays (README, issue 14). */
-#define KPR_LB_FE_BE 0
-#endif
 
 /* --- constants ----------------------------------------------------------------------- */
 
@@ -201,31 +192,11 @@ struct kpr_fe_line {
 	__u32 ids[4];            // backend ids of slots 1..KPR_FE_IDS (kpr_slots[val.slot_base + i]); 0: read kpr_slots
 };
 
-/* kpr_fe_be value: the backend of a kpr_fe line's id, beside the line. Line idx's ids[i] has
- * its record at index idx * KPR_FE_IDS + i (a line's four records fill one cache line), so a new
- * flow's pick reads its backend there, a line whose miss overlaps the kpr_fe line's (both are
- * at the frontend's index), not at kpr_backend[id] (a miss that waits for the line's ids).
- * Written by kpr.servicemaps.fetable with the line and again whenever the backend's kpr_backend
- * value changes in place (a node-local flag). An IPv4 backend only; id 0: no copy (an IPv6
- * backend, an unknown id, a table an older kpr left): the program reads kpr_backend. A reader
- * takes the record only when its id is the id it picked, read before and after the fields (the
- * writer zeroes the id, writes the fields, then the id: x86's store order). */
-struct kpr_fe_rec {
-	__u32 id;     // the backend id (generation << 24 | index) this record copies; 0: none
-	__be32 addr4; // its IPv4 address (kpr_backend.addr.w[3]; the rest v4-mapped)
-	__be16 port;  // as kpr_backend.port
-	__u8 proto;   // as kpr_backend.proto
-	__u8 flags;   // as kpr_backend.flags (KPR_BACKEND_F_LOCAL)
-	__u32 pad;    // zero
-};
-
 /* What kpr_lb_lookup_into() copies out of a line: the value and its slots' backend ids (ids
- * all 0 whenever the value handed back is not this copy's), and the line's index (the
- * kpr_fe_be records of those ids). */
+ * all 0 whenever the value handed back is not this copy's). */
 struct kpr_fe_buf {
 	struct kpr_svc_val val;
 	__u32 ids[4];            // as kpr_fe_line.ids
-	__u32 line;              // the line's index in kpr_fe (meaningful while ids are not all 0)
 };
 
 _Static_assert(sizeof(union kpr_addr) == 16, "kpr_addr layout");
@@ -240,8 +211,7 @@ _Static_assert(sizeof(struct kpr_maglev_key) == 8, "kpr_maglev_key layout");
 _Static_assert(sizeof(struct kpr_srcrange_key) == 24, "kpr_srcrange_key layout");
 _Static_assert(sizeof(struct kpr_fe_line) == 64, "kpr_fe_line layout");
 _Static_assert(sizeof(((struct kpr_fe_line *)0)->ids) == KPR_FE_IDS * 4, "kpr_fe_line ids");
-_Static_assert(sizeof(struct kpr_fe_buf) == 40, "kpr_fe_buf layout");
-_Static_assert(sizeof(struct kpr_fe_rec) == 16, "kpr_fe_rec layout");
+_Static_assert(sizeof(struct kpr_fe_buf) == 36, "kpr_fe_buf layout");
 
 /* --- maps ---------------------------------------------------------------------------- */
 
@@ -272,10 +242,5 @@ BPF_TABLE_PINNED("lpm_trie", struct kpr_srcrange_key, __u32, kpr_srcrange, KPR_S
 // The frontends' one-line copy of kpr_svc (lib/lb.h kpr_lb_svc_get); mmapable: the writer
 // stores lines as memory under their sequence word.
 BPF_TABLE_PINNED("array", __u32, struct kpr_fe_line, kpr_fe, KPR_FE_LINES, KPR_PIN(kpr_fe), BPF_F_MMAPABLE);
-#if KPR_LB_FE_BE
-// The backends of kpr_fe's lines' ids, KPR_FE_IDS records per line (lib/lb.h kpr_lb_fe_backend).
-BPF_TABLE_PINNED("array", __u32, struct kpr_fe_rec, kpr_fe_be, KPR_FE_LINES * KPR_FE_IDS, KPR_PIN(kpr_fe_be),
-		 BPF_F_MMAPABLE);
-#endif
 
 #endif /* KPR_LIB_MAPS_H */

@@ -1305,7 +1305,6 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	struct kpr_svc_key key;
 	struct kpr_svc_val *svc;
 	struct kpr_fe_buf svcbuf; // the entry's copy from kpr_fe and its first slots' backend ids (lib/lb.h)
-	struct kpr_backend bebuf; // a new flow's backend when copied from its line's kpr_fe_be record (lib/lb.h)
 	struct kpr_affinity_key aff;
 	struct kpr_backend *be;
 	__u32 bid;
@@ -1384,7 +1383,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		return CTX_DROP;
 	}
 	kpr_lb_affinity_key_addr(&aff, svc, &pkt->t.saddr);
-	be = kpr_lb_pick_fe(&key, svc, &pkt->t, &aff, &bid, &svcbuf, &bebuf);
+	be = kpr_lb_pick_ids(&key, svc, &pkt->t, &aff, &bid, svcbuf.ids);
 	kpr_np_nh_touch(bid);
 	if (!be) {
 		kpr_mon_flow(KPR_MON_T_DROP, KPR_NP_MON_HOOK, KPR_MON_R_NO_BACKEND, &pkt->t, svc->rev_nat, 0, (void *)0);

@@ -131,25 +131,30 @@ def _capture_fd2() -> Iterator[list[str]]:
     out: list[str] = []
     with _capture_lock:
         path = capture_path()
-        with open(path, "w+b") as tmp:
-            saved = os.dup(2)
-            try:
-                os.dup2(tmp.fileno(), 2)
+        # Removed however the block ends in Python (an exception, KeyboardInterrupt, a SIGTERM
+        # handler's SystemExit): only a process that died inside the compile leaves the file,
+        # for the next process's report_crashed_compiles.
+        try:
+            with open(path, "w+b") as tmp:
+                saved = os.dup(2)
                 try:
-                    yield out
-                finally:
-                    # C++ stderr is unbuffered, but Python's sys.stderr may hold text.
-                    with contextlib.suppress(Exception):
-                        import sys
+                    os.dup2(tmp.fileno(), 2)
+                    try:
+                        yield out
+                    finally:
+                        # C++ stderr is unbuffered, but Python's sys.stderr may hold text.
+                        with contextlib.suppress(Exception):
+                            import sys
 
-                        sys.stderr.flush()
-                    os.dup2(saved, 2)
-            finally:
-                os.close(saved)
-                tmp.seek(0)
-                out.append(tmp.read().decode(errors="replace"))
-        with contextlib.suppress(OSError):
-            path.unlink()
+                            sys.stderr.flush()
+                        os.dup2(saved, 2)
+                finally:
+                    os.close(saved)
+                    tmp.seek(0)
+                    out.append(tmp.read().decode(errors="replace"))
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _looks_like_path(src: str) -> bool:

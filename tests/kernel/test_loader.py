@@ -354,3 +354,44 @@ def test_a_compile_that_ends_the_process_is_reported_by_the_next(require_kernel,
         loader.CRASH_DIR = old
     assert len(reports) == 1 and "stack" in reports[0].lower(), reports
     assert not list(tmp_path.glob("kpr-bpf-compile-*.log")), "a report is given once"
+
+
+# How a compile can end by a Python exception (not a crash): the raise inside bcc's call.
+_RAISES = {
+    "KeyboardInterrupt": "raise KeyboardInterrupt",
+    "SystemExit": "raise SystemExit(3)",
+    # a SIGTERM handler that unwinds (as kpr.testing.nodeport_bench.exit_on_sigterm's)
+    "SIGTERM": "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)",
+    "RuntimeError": "raise RuntimeError('bcc broke')",
+}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("how", sorted(_RAISES))
+def test_a_compile_ended_by_an_exception_is_no_crash(require_kernel, kernel_headers, tmp_path, how):
+    """The capture file goes with the exception; only a process that died keeps it (above)."""
+    from kpr.bpf import loader
+
+    script = tmp_path / "raise.py"
+    script.write_text(
+        "import os, signal, sys, time\nimport bcc\nfrom kpr.bpf import loader\n"
+        f"loader.CRASH_DIR = __import__('pathlib').Path({str(tmp_path)!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+        "def compile_raises(*a, **k):\n"
+        "    os.write(2, b'clang said something\\n')\n"
+        f"    {_RAISES[how]}\n"
+        "bcc.BPF = compile_raises\n"
+        "try:\n"
+        "    loader.compile_and_load('int x;', name='x.c')\n"
+        "finally:\n"
+        "    print('left', sorted(p.name for p in loader.CRASH_DIR.glob('kpr-bpf-compile-*.log')))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "left []" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert not list(tmp_path.glob("kpr-bpf-compile-*.log"))
+    old = loader.CRASH_DIR
+    loader.CRASH_DIR = tmp_path
+    try:
+        assert loader.report_crashed_compiles() == []
+    finally:
+        loader.CRASH_DIR = old

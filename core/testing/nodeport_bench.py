@@ -238,11 +238,16 @@ class ProgLab:
                 self.lb_path = f"/proc/{os.getpid()}/fd/{fd}"
 
     def __exit__(self, *exc: object) -> None:
-        for dp in self.builds.values():
-            dp.close()
-        for bpf, _m, _b in self.wrappers.values():
-            bpf.cleanup()
-        self._stack.close()
+        # Every close runs and the stack (namespaces, pins) last, even when one raises: a second
+        # TERM during a build's close must not leave the lab behind.
+        try:
+            with contextlib.ExitStack() as closing:
+                for bpf, _m, _b in reversed(list(self.wrappers.values())):
+                    closing.callback(bpf.cleanup)
+                for dp in reversed(list(self.builds.values())):
+                    closing.callback(dp.close)  # (LIFO: the builds first, in order, as before)
+        finally:
+            self._stack.close()
 
     def _services(self) -> list[Any]:
         from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey

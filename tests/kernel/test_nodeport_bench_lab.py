@@ -28,3 +28,27 @@ def test_warming_caches_every_filler_backends_next_hop(require_kernel: None, hoo
         after = dp.stats()
         grew = {k: after.get(k, 0) - before.get(k, 0) for k in ("new_snat", "fwd_nh_cached")}
         assert grew == {"new_snat": lab.fillers, "fwd_nh_cached": lab.fillers}, grew
+
+
+def test_a_term_during_a_builds_close_still_removes_the_lab(require_kernel: None) -> None:
+    # a second TERM while the first unwinds (exit_on_sigterm raises SystemExit) can land in a
+    # build's close: the lab's namespaces and pins must go all the same
+    lab = ProgLab(4)
+    with pytest.raises(SystemExit):
+        with lab:
+            load_default(lab, "tc", 2)
+            first = lab.builds["default"]
+            close = first.close
+
+            def term_during_close() -> None:
+                first.close = close
+                raise SystemExit(143)
+
+            first.close = term_during_close
+            paths = [ns.path for ns in lab.topo.namespaces.values()]
+            pin = lab.pin
+    try:
+        assert not [p for p in paths if p.exists()], "the lab's namespaces are removed"
+        assert not pin.exists(), "the lab's pins are removed"
+    finally:
+        close()

@@ -577,15 +577,21 @@ def load_programs(
         bpf.cleanup()
         raise
     if cache is not None:
-        try:
-            path = cache.store(key, bpf, programs, fresh_pins)
-        except CacheMiss as why:
-            log.warning("event=bpf_cache_not_stored file=%s reason=%r", source.label, why.reason)
-        except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs the next start a compile
-            log.warning("event=bpf_cache_not_stored file=%s reason=%r", source.label, str(exc))
-        else:
-            log.info("event=bpf_cache_stored file=%s path=%s", source.label, path)
+        _store_logged(source.label, lambda: cache.store(key, bpf, programs, fresh_pins))
     return bpf
+
+
+def _store_logged(label: str, store: Any) -> None:
+    """Run `store` (a cache write returning the entry's path) and log what came of it: a
+    cache that cannot be written costs the next start a compile, never this one."""
+    try:
+        path = store()
+    except CacheMiss as why:
+        log.warning("event=bpf_cache_not_stored file=%s reason=%r", label, why.reason)
+    except Exception as exc:  # noqa: BLE001 - (see above)
+        log.warning("event=bpf_cache_not_stored file=%s reason=%r", label, str(exc))
+    else:
+        log.info("event=bpf_cache_stored file=%s path=%s", label, path)
 
 
 # A compile takes 0.3-1.5 s of CPU; a child still at it after this is ended and so is the start
@@ -687,12 +693,7 @@ def _compile_in_child(
     module.compiled = True
     log.info("event=bpf_compiled_in_child file=%s programs=%d ms=%.0f started_ahead=%s key=%s", source.label,
              len(module.progs), (time.perf_counter() - started) * 1000, "yes" if warm else "no", key[:12])
-    try:
-        path = cache.write(key, out)  # loaded: verified
-    except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs the next start a compile
-        log.warning("event=bpf_cache_not_stored file=%s reason=%r", source.label, str(exc))
-    else:
-        log.info("event=bpf_cache_stored file=%s path=%s", source.label, path)
+    _store_logged(source.label, lambda: cache.write(key, out))  # (loaded: verified)
     return module
 
 

@@ -60,7 +60,6 @@ import os
 import platform
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -69,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from kpr.bpf import kernctx
+from kpr.childcmd import python_module
 from kpr.bpf.builds import AdoptedProg
 from kpr.bpf import maps as M
 from kpr.bpf import loader
@@ -599,12 +599,6 @@ def _store_logged(label: str, store: Any) -> None:
 CHILD_TIMEOUT = 90.0
 
 
-def child_command(module: str) -> list[str]:
-    """The command that runs kpr's `module` as a child of the agent. -P: the agent's working
-    directory is not on its sys.path (the child runs as root and the agent trusts what it sends)."""
-    return [sys.executable, "-P", "-m", module]
-
-
 class CompileChild:
     """kpr.bpf.compile_child started ahead of a compile that is likely (its interpreter, kpr's
     modules and libbcc take about 0.1 s of CPU and 0.25 s of wall to load, meanwhile the agent
@@ -615,7 +609,7 @@ class CompileChild:
     def __init__(self, cmd: Sequence[str] | None = None) -> None:
         # a session of its own: a terminal's ^C reaches the agent, which ends the child
         self.proc: subprocess.Popen | None = subprocess.Popen(
-            list(cmd or child_command("kpr.bpf.compile_child")),
+            list(cmd or python_module("kpr.bpf.compile_child")),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         self.used = False

@@ -37,6 +37,8 @@ import time
 import traceback
 from typing import Any
 
+from kpr.childcmd import python_module
+
 HEADER = struct.Struct(">I")
 
 
@@ -184,9 +186,7 @@ PIPE_SIZE = 1024 * 1024
 
 
 def command() -> list[str]:
-    # -P: the agent's working directory is not on the worker's sys.path (it runs as root and
-    # the agent trusts its pickles).
-    return [sys.executable, "-P", "-m", "kpr.sources.files_worker"]
+    return python_module("kpr.sources.files_worker")
 
 
 class Worker:

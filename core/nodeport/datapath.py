@@ -268,7 +268,54 @@ def family_of(addr: str) -> int:
     return ipaddress.ip_address(addr).version
 
 
-class Datapath:
+def sync_map(m: M.BpfMap, want: Mapping[bytes, bytes]) -> tuple[int, int]:
+    """Make the map hold `want`; (written, removed). Keys no longer wanted leave first: a map
+    kept full (every device of a busy node in kpr_np_devkind, pods in host_routing's
+    kpr_hr_pods) would otherwise refuse each new key (E2BIG) for good. No wanted key is ever
+    deleted, so the order opens no gap for the programs."""
+    have = dict(m.items())
+    up = {k: v for k, v in want.items() if have.get(k) != v}
+    gone = [k for k in have if k not in want]
+    if gone:
+        m.delete_many(gone)
+    if up:
+        m.update_many(list(up), list(up.values()))
+    return len(up), len(gone)
+
+
+class DeviceMaps:
+    """The writers of the node's device maps (kpr_np_dev, kpr_np_devkind, kpr_np_nodeaddr) on
+    `self.maps` (pin name -> map): one definition for the agent's tables
+    (kpr.nodeport.tables.NodePortTables) and the lab's Datapath, so a rule added to them (the
+    next-hop generation bumped on a change) is added once."""
+
+    maps: dict[str, M.BpfMap]
+
+    def set_devices(self, devices: Mapping[int, tuple[str | None, str | None]], default: tuple[str | None, str | None]) -> None:
+        """kpr_np_dev: ifindex -> (IPv4, IPv6) SNAT addresses; key 0 holds the node's defaults.
+        A change bumps the next-hop generation (devices_changed)."""
+
+        def val(pair: tuple[str | None, str | None]) -> bytes:
+            a4 = M.addr_to_bytes(pair[0]) if pair[0] else _ZERO16
+            a6 = M.addr_to_bytes(pair[1]) if pair[1] else _ZERO16
+            return NP_DEV.pack(a4, a6, 0, 0)
+
+        want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
+        want[M.U32.pack(0)] = val(default)
+        devices_changed(self.maps[NH_MAP], *sync_map(self.maps[DEV_MAP], want))
+
+    def set_device_kinds(self, kinds: Mapping[int, int]) -> tuple[int, int]:
+        """kpr_np_devkind: ifindex -> KPR_DEV_* (kpr.netdevs.DevKind) of every link of the node's
+        namespace; (written, removed). A change bumps the next-hop generation (devices_changed)."""
+        done = sync_map(self.maps[DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
+        devices_changed(self.maps[NH_MAP], *done)
+        return done
+
+    def set_node_addresses(self, addresses: Iterable[str]) -> None:
+        sync_map(self.maps[NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
+
+
+class Datapath(DeviceMaps):
     """The loaded programs of one agent, and handles on the maps they use.
 
     Subclasses name the entry file (SOURCE), the entry programs (ENTRIES), the stage programs
@@ -545,46 +592,9 @@ class Datapath:
 
     # ------------------------------------------------------------------ plugin-owned maps
 
-    @staticmethod
-    def _sync(m: M.BpfMap, want: Mapping[bytes, bytes]) -> tuple[int, int]:
-        """Make the map hold `want`; (written, removed). Keys no longer wanted leave first: a map
-        kept full (every device of a busy node in kpr_np_devkind, pods in host_routing's
-        kpr_hr_pods) would otherwise refuse each new key (E2BIG) for good. No wanted key is ever
-        deleted, so the order opens no gap for the programs."""
-        have = dict(m.items())
-        up = {k: v for k, v in want.items() if have.get(k) != v}
-        gone = [k for k in have if k not in want]
-        if gone:
-            m.delete_many(gone)
-        if up:
-            m.update_many(list(up), list(up.values()))
-        return len(up), len(gone)
-
-    def set_devices(self, devices: Mapping[int, tuple[str | None, str | None]], default: tuple[str | None, str | None]) -> None:
-        """kpr_np_dev: ifindex -> (IPv4, IPv6) SNAT addresses; key 0 holds the node's defaults."""
-
-        def val(pair: tuple[str | None, str | None]) -> bytes:
-            a4 = M.addr_to_bytes(pair[0]) if pair[0] else _ZERO16
-            a6 = M.addr_to_bytes(pair[1]) if pair[1] else _ZERO16
-            return NP_DEV.pack(a4, a6, 0, 0)
-
-        want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
-        want[M.U32.pack(0)] = val(default)
-        devices_changed(self.maps[NH_MAP], *self._sync(self.maps[DEV_MAP], want))
-
     def invalidate_next_hops(self) -> int:
         """As the agent does when routes or neighbours change (and once at start, which arms the cache)."""
         return invalidate_next_hops(self.maps[NH_MAP])
-
-    def set_device_kinds(self, kinds: Mapping[int, int]) -> tuple[int, int]:
-        """kpr_np_devkind: ifindex -> KPR_DEV_* (kpr.netdevs.DevKind) of every link of the node's
-        namespace; (written, removed). A change bumps the next-hop generation (devices_changed)."""
-        done = self._sync(self.maps[DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
-        devices_changed(self.maps[NH_MAP], *done)
-        return done
-
-    def set_node_addresses(self, addresses: Iterable[str]) -> None:
-        self._sync(self.maps[NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
 
     def set_vips(self, addresses: Iterable[str]) -> None:
         """kpr_np_vip, and the announced-address bits of kpr_np_ports the early exit tests first:
@@ -592,7 +602,7 @@ class Datapath:
         want = {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses}
         m = self.maps[VIP_MAP]
         self._set_words(VIP_BITS, 1024, _vip_words(set(want) | set(m.keys())))
-        self._sync(m, want)
+        sync_map(m, want)
         self._set_words(VIP_BITS, 1024, _vip_words(want))
 
     def set_frontend_ports(self, ports: Iterable[tuple[int, int]], *, keep: bool = False) -> None:
@@ -634,5 +644,5 @@ class Datapath:
         }
         m, nomode = self.maps[FE_MAP], self.maps[NOMODE_MAP]
         _set_array_words(nomode, nomode_words({mode_key_port(k) for k in [*want, *m.keys()]}))
-        self._sync(m, want)
+        sync_map(m, want)
         _set_array_words(nomode, nomode_words({mode_key_port(k) for k in want}))

@@ -66,7 +66,7 @@ def _mode_key(mk: ModeKey) -> bytes:
     return D.NP_FE_KEY.pack(M.addr_to_bytes(addr), M.htons(port), proto)
 
 
-class NodePortTables:
+class NodePortTables(D.DeviceMaps):
     """Handles on the facility's maps, and the writes to them."""
 
     def __init__(self, pin: Path, rev_size: int) -> None:
@@ -119,27 +119,7 @@ class NodePortTables:
 
     # ------------------------------------------------------------------ small maps, whole
 
-    def set_devices(self, devices: Mapping[int, tuple[str | None, str | None]], default: tuple[str | None, str | None]) -> None:
-        """kpr_np_dev: ifindex -> (IPv4, IPv6) SNAT addresses; key 0 holds the node's defaults."""
-
-        def val(pair: tuple[str | None, str | None]) -> bytes:
-            zero = bytes(16)
-            return D.NP_DEV.pack(M.addr_to_bytes(pair[0]) if pair[0] else zero,
-                                 M.addr_to_bytes(pair[1]) if pair[1] else zero, 0, 0)
-
-        want = {M.U32.pack(idx): val(pair) for idx, pair in devices.items()}
-        want[M.U32.pack(0)] = val(default)
-        D.devices_changed(self.maps[D.NH_MAP], *D.Datapath._sync(self.maps[D.DEV_MAP], want))
-
-    def set_device_kinds(self, kinds: Mapping[int, int]) -> tuple[int, int]:
-        """kpr_np_devkind: ifindex -> KPR_DEV_*; (written, removed). A change bumps the next-hop
-        generation (D.devices_changed)."""
-        done = D.Datapath._sync(self.maps[D.DEVKIND_MAP], {M.U32.pack(i): M.U32.pack(int(k)) for i, k in kinds.items()})
-        D.devices_changed(self.maps[D.NH_MAP], *done)
-        return done
-
-    def set_node_addresses(self, addresses: Iterable[str]) -> None:
-        D.Datapath._sync(self.maps[D.NODEADDR_MAP], {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses})
+    # set_devices, set_device_kinds, set_node_addresses: D.DeviceMaps's, the lab's Datapath's too
 
     # ------------------------------------------------------------------ by difference
 
@@ -303,7 +283,7 @@ class NodePortTables:
         kpr_np_nomode then has the bit of every port left without one set."""
         want = {_mode_key(k): D.NP_FE.pack(D.MODES[m]) for k, m in modes.items()}
         self._modes_present([*want, *(bytes(k) for k in self.maps[D.FE_MAP].keys())])
-        D.Datapath._sync(self.maps[D.FE_MAP], want)
+        D.sync_map(self.maps[D.FE_MAP], want)
         self._modes_gone([k for k in self._mode_keys if k not in want])
         self._put(D.NOMODE_MAP, self._nomode, D.nomode_words(self._mode_ports))
 

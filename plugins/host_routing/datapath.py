@@ -18,7 +18,7 @@ from typing import Any
 from kpr.bpf import abi
 from kpr.bpf import maps as M
 from kpr.nodeport.datapath import CT_F_NODE_PORT
-from kpr.nodeport.datapath import Datapath as NodePortDatapath
+from kpr.nodeport.datapath import sync_map
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class Datapath:
             return None
 
     # The NodePort data path's map sync: write what differs, delete what is not wanted.
-    _sync = staticmethod(NodePortDatapath._sync)
+    _sync = staticmethod(sync_map)
 
     def set_pods(self, pods: Mapping[str, int]) -> tuple[int, int]:
         """kpr_hr_pods: pod address -> ifindex of the device its route names; (written, removed)."""

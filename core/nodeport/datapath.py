@@ -105,7 +105,8 @@ STATS_MAP, FWD_MAP = "kpr_np_stats", "kpr_np_fwd"  # the tc build's; XDP: kpr_np
 OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_MAP, UNSERVED_MAP, NOMODE_MAP)
 # kpr_np_ports (lib/nodeport.h): 64 ports per word, TCP words then UDP words, then the armed word.
 PORTS_ARMED = abi.value("KPR_NP_PORTS_ARMED")
-VIP_BITS = abi.value("KPR_NP_VIP_BITS")  # then 1024 words: a bit per announced address at vip_hash()
+VIP_BITS = abi.value("KPR_NP_VIP_BITS")  # then VIP_WORDS words: a bit per announced address at vip_hash()
+VIP_WORDS = abi.value("KPR_NP_VIP_WORDS")
 UNSERVED_WORDS = abi.value("KPR_NP_UNSERVED_WORDS")  # kpr_np_unserved: one per port word of kpr_np_ports
 NOMODE_WORDS = abi.value("KPR_NP_NOMODE_WORDS")  # kpr_np_nomode: indexed as kpr_np_unserved
 _WORD_MASK = (1 << 64) - 1
@@ -120,7 +121,7 @@ def unserved_word(port_word: int, armed: bool) -> int:
 def unserved_words(port_words: Mapping[int, int], armed: bool) -> dict[int, int]:
     """All of kpr_np_unserved from kpr_np_ports' port words (absent: zero)."""
     return {i: unserved_word(port_words.get(i, 0), armed) for i in range(UNSERVED_WORDS)}
-_PORT_PROTO_BASE = {6: 0, 17: 1024}
+_PORT_PROTO_BASE = {6: 0, 17: abi.value("KPR_NP_PORT_WORDS_UDP")}  # (TCP's words first)
 
 
 def port_bit(port: int, proto: int) -> tuple[int, int] | None:
@@ -601,9 +602,9 @@ class Datapath(DeviceMaps):
         a bit is set before its address is added and cleared after it is removed."""
         want = {M.addr_to_bytes(a): M.U32.pack(1) for a in addresses}
         m = self.maps[VIP_MAP]
-        self._set_words(VIP_BITS, 1024, _vip_words(set(want) | set(m.keys())))
+        self._set_words(VIP_BITS, VIP_WORDS, _vip_words(set(want) | set(m.keys())))
         sync_map(m, want)
-        self._set_words(VIP_BITS, 1024, _vip_words(want))
+        self._set_words(VIP_BITS, VIP_WORDS, _vip_words(want))
 
     def set_frontend_ports(self, ports: Iterable[tuple[int, int]], *, keep: bool = False) -> None:
         """kpr_np_ports: every (port, protocol number) of a frontend reached from outside, as the

@@ -51,7 +51,7 @@ def specs(rev_size: int) -> list[M.MapSpec]:
         M.MapSpec(D.NODEADDR_MAP, M.BPF_MAP_TYPE_HASH, 16, 4, abi.value("KPR_NP_NODEADDR_MAX")),
         M.MapSpec(D.DEV_MAP, M.BPF_MAP_TYPE_HASH, 4, D.NP_DEV.size, abi.value("KPR_NP_DEV_MAX")),
         M.MapSpec(D.DEVKIND_MAP, M.BPF_MAP_TYPE_HASH, 4, 4, abi.value("KPR_NP_DEVKIND_MAX")),
-        M.MapSpec(D.PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.VIP_BITS + 1024),
+        M.MapSpec(D.PORTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.VIP_BITS + D.VIP_WORDS),
         M.MapSpec(D.UNSERVED_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.UNSERVED_WORDS),
         M.MapSpec(D.NOMODE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.NOMODE_WORDS),
         M.MapSpec(D.NH_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.NP_NH.size, abi.value("KPR_NP_NH_MAX")),
@@ -229,7 +229,7 @@ class NodePortTables(D.DeviceMaps):
         want = {M.addr_to_bytes(a): a for a in addresses}
         have = {bytes(k) for k in self.maps[D.VIP_MAP].keys()}
         self._vip_bits.clear()
-        words = {D.VIP_BITS + i: 0 for i in range(1024)}
+        words = {D.VIP_BITS + i: 0 for i in range(D.VIP_WORDS)}
         for k in set(want) | have:  # bits of every address present or coming, first
             h = D.vip_hash(k)
             words[D.VIP_BITS + (h >> 6)] |= 1 << (h & 63)
@@ -239,7 +239,7 @@ class NodePortTables(D.DeviceMaps):
             self.maps[D.VIP_MAP].delete_many(gone)
         if want:
             self.maps[D.VIP_MAP].update_many(list(want), [M.U32.pack(1)] * len(want))
-        words = {D.VIP_BITS + i: 0 for i in range(1024)}
+        words = {D.VIP_BITS + i: 0 for i in range(D.VIP_WORDS)}
         for k in want:
             h = D.vip_hash(k)
             self._vip_bits[h] += 1

@@ -351,11 +351,13 @@ BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, K
  * KPR_NP_PORTS_ARMED is non-zero once the agent wrote them all (until then nothing exits early;
  * read only by KPR_NP_UNSERVED=0 builds and older programs still attached: the others read
  * kpr_np_unserved, whose words stay zero until then).
- * The 1024 words from KPR_NP_VIP_BITS hold a bit per announced address (kpr_np_vip), at
+ * The KPR_NP_VIP_WORDS words from KPR_NP_VIP_BITS hold a bit per announced address (kpr_np_vip), at
  * kpr_np_vip_hash(): a clear bit spares the early exit the announced-address lookup. */
+#define KPR_NP_PORT_WORDS_UDP 1024 // the first UDP port word (TCP's from 0): 65536 ports / 64 bits
 #define KPR_NP_PORTS_ARMED 2048
 #define KPR_NP_VIP_BITS (KPR_NP_PORTS_ARMED + 1)
-BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_VIP_BITS + 1024, KPR_PIN(kpr_np_ports));
+#define KPR_NP_VIP_WORDS 1024 // kpr_np_ports' words from KPR_NP_VIP_BITS: a bit per kpr_np_vip_hash() value
+BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_VIP_BITS + KPR_NP_VIP_WORDS, KPR_PIN(kpr_np_ports));
 /* The same port words inverted, armed in each bit (kpr_np_unserved, written with kpr_np_ports): a
  * set bit is a port no frontend has, once the agent armed kpr_np_ports; all clear (as created)
  * before. The prefilter reads this word alone: no armed word's line of its own, so a packet
@@ -465,7 +467,7 @@ static __always_inline int kpr_np_vip_guard(const struct kpr_pkt *pkt)
 // (port & 63), host order: TCP words first, then UDP's (kpr.nodeport.datapath.port_bit).
 static __always_inline __u32 kpr_np_port_word(__u8 proto, __u16 port)
 {
-	return (proto == IPPROTO_UDP ? 1024 : 0) | (port >> 6);
+	return (proto == IPPROTO_UDP ? KPR_NP_PORT_WORDS_UDP : 0) | (port >> 6);
 }
 
 // Whether a TCP/UDP tuple's destination port is a frontend's (or the bitmap is not armed yet).

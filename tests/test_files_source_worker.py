@@ -448,3 +448,24 @@ def test_a_forced_worker_does_not_guess_the_compile(tmp_path, monkeypatch, caplo
         _read_ahead(src)
     assert asked == []
     assert [r for r in src._held_log.records if "files.worker on=yes reason=forced" in r.getMessage()]
+
+
+def test_a_worker_that_does_not_take_its_job_costs_one_line_not_the_start(tmp_path, monkeypatch, caplog):
+    """A job past the pipe's 64 KB (a name and signature per file) to a worker that never
+    reads it: the write gives up after JOB_TIMEOUT, the worker is ended, and every file is
+    read in the agent (the write used to block for as long as the worker lived)."""
+    monkeypatch.setenv("KPR_FILES_WORKER", "1")
+    monkeypatch.setattr(files_worker, "JOB_TIMEOUT", 1.0)
+    src = _tree(tmp_path)
+    for i in range(400):
+        (src.path / f"{'n' * 200}-{i:04d}.yaml").write_text("")
+    src.worker_min_bytes = 0
+    src.read_while_waiting = False
+    src.worker_command = _script(tmp_path, "import time\ntime.sleep(20)\n")
+    with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
+        _read_ahead(src)
+    lines = [r.getMessage() for r in src._held_log.records]
+    warnings = [m for m in lines if "files.worker_failed" in m]
+    assert len(warnings) == 1 and "did not take its job in 1s" in warnings[0], lines
+    assert len(src._preloaded) == 408 and [m for m in lines if "files.preloaded" in m], lines
+    assert _children() == set()

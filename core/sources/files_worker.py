@@ -181,6 +181,11 @@ class WorkerFailed(Exception):
 MESSAGE_TIMEOUT = 30.0
 
 
+# The longest the agent waits for the worker to take its job: it reads it right after its
+# imports (a fraction of a second; seconds on a busy VM).
+JOB_TIMEOUT = 10.0
+
+
 # /proc/sys/fs/pipe-max-size's default: what an unprivileged process may ask for.
 PIPE_SIZE = 1024 * 1024
 
@@ -237,13 +242,39 @@ class Worker:
         self._buf = bytearray()
         self._eof = False
         try:
-            assert self.proc.stdin is not None
             body = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
-            self.proc.stdin.write(HEADER.pack(len(body)) + body)
-            self.proc.stdin.flush()  # kept open: closing it asks the worker to stop
+            self._send_job(HEADER.pack(len(body)) + body)  # stdin kept open: closing it asks the worker to stop
         except OSError as e:
             self.close()
             raise WorkerFailed(f"not started: {e}") from None
+        except WorkerFailed:
+            self.close()
+            raise
+
+    def _send_job(self, data: bytes) -> None:
+        """`data` on the worker's stdin within JOB_TIMEOUT: the pipe holds 64 KB and a job (a
+        name and signature per file) is larger at a few thousand files, so a worker that
+        never reads (stuck before its job) would hold a blocking write, and the agent, for good."""
+        import select
+        import time
+
+        assert self.proc.stdin is not None
+        fd = self.proc.stdin.fileno()
+        os.set_blocking(fd, False)
+        writable = select.poll()
+        writable.register(fd, select.POLLOUT)
+        view = memoryview(data)
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFailed(f"did not take its job in {JOB_TIMEOUT:g}s ({len(data) - len(view)} of {len(data)} bytes)")
+            if writable.poll(left * 1000):
+                try:
+                    view = view[os.write(fd, view):]  # (a worker gone: EPIPE, an OSError)
+                except BlockingIOError:
+                    pass
+        os.set_blocking(fd, True)
 
     def ask_to_stop(self) -> None:
         """The worker sends what it is reading, then "done"."""

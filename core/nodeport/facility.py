@@ -260,16 +260,19 @@ class NodePortFacility:
                 self.tables.invalidate_next_hops()
 
     def _on_devices(self, devices: dict[int, NetDev]) -> None:
-        """The watcher's view of the namespace's links, into kpr_np_devkind (watcher thread)."""
-        self.devices = devices
-        tables = self.tables
-        if tables is None:
-            return
-        try:
-            written, removed = tables.set_device_kinds({i: d.kind for i, d in devices.items()})
-        except (OSError, KeyError) as exc:  # stopping under our feet: the next start writes it all
-            log.debug("event=nodeport_devkinds_unwritten error=%r", exc)
-            return
+        """The watcher's view of the namespace's links, into kpr_np_devkind (watcher thread).
+        Under the lock, as every other write of the next-hop generation: a change bumps it (a
+        read, then a write), which must not interleave with another bump nor follow stop's
+        disarm (the cache armed again with no watcher left to bump it)."""
+        with self._lock:
+            self.devices = devices
+            if self.tables is None:
+                return
+            try:
+                written, removed = self.tables.set_device_kinds({i: d.kind for i, d in devices.items()})
+            except OSError as exc:
+                log.debug("event=nodeport_devkinds_unwritten error=%r", exc)
+                return
         if written or removed:
             log.debug("event=nodeport_devkinds devices=%d written=%d removed=%d", len(devices), written, removed)
 

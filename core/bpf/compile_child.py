@@ -4,7 +4,9 @@
 text, flags and label; the programs; the pin path and the entry's key), compiles the source
 with bcc, as the agent would (the pinned maps bcc declares are opened or made and pinned
 under bpf.pinPath), and writes the cache entry's bytes to stdout. It loads no program and
-writes no file: the agent loads the entry from memory (the verifier runs there, and anything
+writes no file but, for a build the cache cannot record, the pins of the maps an entry cannot
+record, handed to the agent (kpr.bpf.progcache.HANDED_PREFIX: it loads them once, removes the
+pins and stores nothing). The agent loads the entry from memory (the verifier runs there, and anything
 wrong is a miss the agent answers with a compile of its own, whose errors it reports as
 before), then stores it in the cache when it can.
 
@@ -40,7 +42,7 @@ def main() -> int:
     bpf = compile_and_load(source, report_crashes=False)
     try:
         # (the directory is the agent's to write: only the pin path is used here)
-        data = ProgramCache(".", req["pin_path"]).entry(req["key"], bpf, programs)
+        data = ProgramCache(".", req["pin_path"]).entry(req["key"], bpf, programs, hand_over=True)
     finally:
         bpf.cleanup()
     sys.stdout.buffer.write(data)

@@ -34,7 +34,10 @@ refusing, no libbpf) closes what was opened, unpins the maps this load pinned, l
 
 A caller may ask (`in_child`, socklb does) for a miss to be compiled by kpr.bpf.compile_child,
 a process of its own that sends the entry back on its stdout; this process loads it from
-memory and stores it when it can (a store that fails is one log line, as for a compile here):
+memory and stores it when it can (a store that fails is one log line, as for a compile here;
+a build it cannot record is loaded from the child's compile all the same, never compiled
+twice: the child pins the maps an entry cannot record for the agent, HANDED_PREFIX, which the
+agent removes once loaded, and nothing is stored):
 bcc's clang and LLVM stay out of the agent (they kept about 90 MB of its RSS after a first
 start's compile). They do enter it when the compile is here: bpf.programCache false, a caller
 that does not ask (the NodePort builds), a build with fresh pins, a child that exits with an
@@ -89,6 +92,10 @@ LOG_SIZE = 256 * 1024
 
 BPF_LD_IMM64 = 0x18
 PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2
+# A map the cache cannot record (unpinned, of a type kpr does not make), pinned by the compile
+# child for the agent under pin_path/<prefix><child pid>-<map name> and removed by the agent once
+# loaded: the child's compile serves the load; no entry is stored.
+HANDED_PREFIX = "kpr-child-"
 # Map types a load may create from the record: nothing to fill in but their size.
 CREATABLE = {
     M.BPF_MAP_TYPE_HASH, M.BPF_MAP_TYPE_ARRAY, 5, 6, 9, 10, 11,  # percpu hash/array, lru (percpu) hash, lpm trie
@@ -228,8 +235,23 @@ class ProgramCache:
         when the build cannot be cached (the reason says why), OSError when it cannot be written."""
         return self.write(key, self.entry(key, bpf, programs, fresh_pins))
 
-    def entry(self, key: str, bpf: Any, programs: Sequence[Program], fresh_pins: Mapping[str, str] = {}) -> bytes:
-        """The entry's bytes for a compiled module (what store writes; CacheMiss as there)."""
+    def entry(self, key: str, bpf: Any, programs: Sequence[Program], fresh_pins: Mapping[str, str] = {},
+              *, hand_over: bool = False) -> bytes:
+        """The entry's bytes for a compiled module (what store writes; CacheMiss as there).
+        `hand_over` (the compile child's): a map the cache cannot record is pinned for the
+        agent (HANDED_PREFIX) and recorded as handed over, with why in "unrecorded": bytes the
+        agent loads once and never stores. The pins are removed when this raises."""
+        handed: list[Path] = []
+        try:
+            return self._entry(key, bpf, programs, fresh_pins, handed if hand_over else None)
+        except BaseException:
+            for pin in handed:
+                with contextlib.suppress(OSError):
+                    pin.unlink()
+            raise
+
+    def _entry(self, key: str, bpf: Any, programs: Sequence[Program], fresh_pins: Mapping[str, str],
+               handed: list[Path] | None) -> bytes:
         lib = _libbcc()
         pins = self._pins_by_id()
         tables: dict[int, dict[str, Any]] = {}  # fd -> the map's record
@@ -248,6 +270,7 @@ class ProgramCache:
         maps: list[dict[str, Any]] = []
         index: dict[int, int] = {}
         progs = []
+        unrecorded: list[str] = []
         for name, ptype, atype in programs:
             insns = bpf.dump_func(name.encode())
             refs = []
@@ -256,7 +279,14 @@ class ProgramCache:
                 if rec is None:
                     raise CacheMiss(f"{name} uses map fd {fd}, which is no table of the module")
                 if not rec["pin"] and (rec["type"] not in CREATABLE or kind == PSEUDO_MAP_VALUE):
-                    raise CacheMiss(f"{name} uses map {rec['name']}, neither pinned nor a plain map to create")
+                    why = f"{name} uses map {rec['name']}, neither pinned nor a plain map to create"
+                    if handed is None:
+                        raise CacheMiss(why)
+                    pin = self.pin_path / f"{HANDED_PREFIX}{os.getpid()}-{rec['name']}"
+                    M._check(M.libbpf().bpf_obj_pin(fd, str(pin).encode()), f"bpf_obj_pin {rec['name']} {pin}")
+                    handed.append(pin)
+                    rec.update(pin=pin.name, handed=True)
+                    unrecorded.append(why)
                 if fd not in index:
                     index[fd] = len(maps)
                     maps.append(rec)
@@ -269,11 +299,14 @@ class ProgramCache:
         # kpr_np_fe, which the plugin opens): so does a load from the entry
         maps += [rec for fd, rec in tables.items() if rec["pin"] and fd not in index]
         license = lib.bpf_module_license(bpf.module) or b"GPL"
-        body = json.dumps({
+        doc = {
             "format": FORMAT, "key": key, "label": getattr(bpf, "_kpr_label", ""),
             "license": license.decode(), "kern_version": int(lib.bpf_module_kern_version(bpf.module)),
             "maps": maps, "programs": progs,
-        }, sort_keys=True).encode()
+        }
+        if unrecorded:
+            doc["unrecorded"] = unrecorded
+        body = json.dumps(doc, sort_keys=True).encode()
         return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
     def _pins_by_id(self) -> dict[int, list[str]]:
@@ -384,6 +417,8 @@ class ProgramCache:
         be. `data`: the entry's bytes as this process's own compile child sent them, not read
         from the directory (nor marked used there)."""
         doc = self.read(key) if data is None else self.parse(key, data)
+        if data is None and doc.get("unrecorded"):
+            raise CacheMiss("an entry with maps handed over by a compile child (never stored)")
         this_load = {stable: mine for mine, stable in fresh_pins.items()}
         lib = _libbpf()
         fds: list[int] = []
@@ -434,7 +469,7 @@ class ProgramCache:
         try:
             m = M.BpfMap.open_pinned(pin)
         except OSError as exc:
-            if exc.errno != errno.ENOENT:
+            if exc.errno != errno.ENOENT or rec.get("handed"):  # (the child's map: never made here)
                 raise CacheMiss(f"map {name}: {exc}") from None
             if rec["type"] not in CREATABLE_PINNED:
                 raise CacheMiss(f"map {name} is not pinned and is of a type kpr does not create") from None
@@ -678,17 +713,41 @@ def _compile_in_child(
         # (the compile here says what is wrong, as it always did)
         log.info("event=bpf_child_compile_failed file=%s status=%d reason=%r", source.label, status, last)
         return None
+    unrecorded: list[str] = []
     try:
+        unrecorded = _handed_over(cache, out)
         module = cache.load(key, source.label, data=out)
     except Exception as exc:  # noqa: BLE001 - a miss: compiled here, which reports a verifier's refusal
         log.warning("event=bpf_child_compile_unusable file=%s reason=%r", source.label,
                     exc.reason if isinstance(exc, CacheMiss) else f"{type(exc).__name__}: {exc}")
         return None
+    finally:
+        _handed_over(cache, out, unlink=True)
     module.compiled = True
     log.info("event=bpf_compiled_in_child file=%s programs=%d ms=%.0f started_ahead=%s key=%s", source.label,
              len(module.progs), (time.perf_counter() - started) * 1000, "yes" if warm else "no", key[:12])
-    _store_logged(source.label, lambda: cache.write(key, out))  # (loaded: verified)
+    if unrecorded:  # (loaded from the maps the child handed over: there is no entry to store)
+        log.warning("event=bpf_cache_not_stored file=%s reason=%r", source.label, "; ".join(unrecorded))
+    else:
+        _store_logged(source.label, lambda: cache.write(key, out))  # (loaded: verified)
     return module
+
+
+def _handed_over(cache: ProgramCache, data: bytes, unlink: bool = False) -> list[str]:
+    """What the child's entry `data` could not record ("unrecorded"); `unlink`: the pins it
+    handed over removed (loaded, or not to be: the programs hold their maps)."""
+    try:
+        doc = json.loads(data.partition(b"\n")[2])
+        maps, unrecorded = doc.get("maps", []), doc.get("unrecorded", [])
+    except (ValueError, AttributeError):
+        return []  # (load says what is wrong with it)
+    if unlink:
+        for rec in maps:
+            name = rec.get("pin") if isinstance(rec, dict) and rec.get("handed") else None
+            if isinstance(name, str) and name.startswith(HANDED_PREFIX) and "/" not in name:
+                with contextlib.suppress(OSError):
+                    (cache.pin_path / name).unlink()
+    return [str(u) for u in unrecorded] if isinstance(unrecorded, list) else []
 
 
 def has_entry(

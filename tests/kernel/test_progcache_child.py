@@ -165,3 +165,23 @@ def test_a_child_started_ahead_ends_with_the_agent(tmp_path: Path) -> None:
             return True
 
     wait_for(ended, 60, "the orphaned compile child to end")
+
+
+def test_a_build_the_cache_cannot_record_compiles_once(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """An unpinned program array (a map kpr does not make from a record): the child's compile
+    is what the agent loads (the child pins that map for it, under a name the agent removes
+    once loaded), not a second compile here; nothing is stored, and the line says why."""
+    from test_progcache import SOURCE
+
+    source = SOURCE.replace("BPF_ARRAY(kprt_cache_local, __u64, 4);", "BPF_PROG_ARRAY(kprt_cache_local, 4);").replace(
+        "__u64 *w = kprt_cache_local.lookup(&k);\n    if (w)\n        *w += 1;", "kprt_cache_local.call(ctx, 0);")
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    with bcc_compiles() as here:
+        module = rig.load(source=source, in_child=True)
+    in_child = events(caplog, "bpf_compiled_in_child") + events(caplog, "bpf_child_compile_failed")
+    assert here[0] + len(in_child) == 1, f"compiled {here[0]} time(s) here and {len(in_child)} in the child"
+    assert isinstance(module, CachedModule) and module.compiled
+    not_stored = events(caplog, "bpf_cache_not_stored")
+    assert len(not_stored) == 1 and "kprt_cache_local" in not_stored[0], caplog.text
+    assert rig.entries() == [] and os.listdir(rig.pin) == [PINNED], "no entry, no pin left for the agent"
+    rig.run(module)  # the empty program array's tail call falls through

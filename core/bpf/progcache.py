@@ -648,6 +648,7 @@ class CompileChild:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         self.used = False
+        self.pid = self.proc.pid
 
     def run(self, request: bytes) -> tuple[int, bytes, bytes]:
         """(exit status, stdout, stderr) of the child given `request`; it has ended by then.
@@ -687,6 +688,21 @@ def _compile_in_child(
     from the entry it sends back and stored in `cache` when it can be; None (logged) when the
     child fails or its entry does not load: the caller compiles itself, which reports why.
     ChildCompileFailed when the child crashed, was killed or overran CHILD_TIMEOUT."""
+    ran: list[CompileChild] = []
+    try:
+        return _child_compile(source, programs, key, cache, child, ran)
+    finally:
+        # whatever became of the child (loaded, unusable, crashed, ended): the pins it handed over go
+        for c in ran:
+            for pin in cache.pin_path.glob(f"{HANDED_PREFIX}{c.pid}-*"):
+                with contextlib.suppress(OSError):
+                    pin.unlink()
+
+
+def _child_compile(
+    source: Source, programs: Sequence[Program], key: str, cache: ProgramCache, child: CompileChild | None,
+    ran: list[CompileChild],
+) -> CachedModule | None:
     request = json.dumps({
         "text": source.text, "flags": list(source.flags), "label": source.label,
         "programs": [list(p) for p in programs], "pin_path": str(cache.pin_path), "key": key,
@@ -696,7 +712,9 @@ def _compile_in_child(
     started = time.perf_counter()
     warm = child is not None and child.proc is not None
     try:
-        status, out, err = (child if warm else CompileChild()).run(request)  # type: ignore[union-attr]
+        runner = child if warm else CompileChild()
+        ran.append(runner)  # type: ignore[arg-type]
+        status, out, err = runner.run(request)  # type: ignore[union-attr]
     except ChildCompileFailed as exc:
         log.error("event=bpf_child_compile_failed file=%s reason=%r", source.label, str(exc))
         raise
@@ -713,16 +731,13 @@ def _compile_in_child(
         # (the compile here says what is wrong, as it always did)
         log.info("event=bpf_child_compile_failed file=%s status=%d reason=%r", source.label, status, last)
         return None
-    unrecorded: list[str] = []
     try:
-        unrecorded = _handed_over(cache, out)
         module = cache.load(key, source.label, data=out)
     except Exception as exc:  # noqa: BLE001 - a miss: compiled here, which reports a verifier's refusal
         log.warning("event=bpf_child_compile_unusable file=%s reason=%r", source.label,
                     exc.reason if isinstance(exc, CacheMiss) else f"{type(exc).__name__}: {exc}")
         return None
-    finally:
-        _handed_over(cache, out, unlink=True)
+    unrecorded = _unrecorded(out)
     module.compiled = True
     log.info("event=bpf_compiled_in_child file=%s programs=%d ms=%.0f started_ahead=%s key=%s", source.label,
              len(module.progs), (time.perf_counter() - started) * 1000, "yes" if warm else "no", key[:12])
@@ -733,20 +748,9 @@ def _compile_in_child(
     return module
 
 
-def _handed_over(cache: ProgramCache, data: bytes, unlink: bool = False) -> list[str]:
-    """What the child's entry `data` could not record ("unrecorded"); `unlink`: the pins it
-    handed over removed (loaded, or not to be: the programs hold their maps)."""
-    try:
-        doc = json.loads(data.partition(b"\n")[2])
-        maps, unrecorded = doc.get("maps", []), doc.get("unrecorded", [])
-    except (ValueError, AttributeError):
-        return []  # (load says what is wrong with it)
-    if unlink:
-        for rec in maps:
-            name = rec.get("pin") if isinstance(rec, dict) and rec.get("handed") else None
-            if isinstance(name, str) and name.startswith(HANDED_PREFIX) and "/" not in name:
-                with contextlib.suppress(OSError):
-                    (cache.pin_path / name).unlink()
+def _unrecorded(data: bytes) -> list[str]:
+    """Why the child's entry `data` (loaded) cannot be stored: its "unrecorded", when it has one."""
+    unrecorded = json.loads(data.partition(b"\n")[2]).get("unrecorded", [])
     return [str(u) for u in unrecorded] if isinstance(unrecorded, list) else []
 
 

@@ -185,3 +185,23 @@ def test_a_build_the_cache_cannot_record_compiles_once(rig: Rig, caplog: pytest.
     assert len(not_stored) == 1 and "kprt_cache_local" in not_stored[0], caplog.text
     assert rig.entries() == [] and os.listdir(rig.pin) == [PINNED], "no entry, no pin left for the agent"
     rig.run(module)  # the empty program array's tail call falls through
+
+
+PINS_AND_DIES = """
+import json, os, signal, sys
+from kpr.bpf import maps as M
+from kpr.bpf.progcache import HANDED_PREFIX
+req = json.loads(sys.stdin.buffer.read())
+m = M.BpfMap.create(M.MapSpec("kprt_handed", M.BPF_MAP_TYPE_ARRAY, 4, 8, 1))
+m.pin(os.path.join(req["pin_path"], f"{HANDED_PREFIX}{os.getpid()}-kprt_handed"))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_child_that_dies_after_handing_a_map_over_leaves_no_pin(rig: Rig, crash_dir: Path) -> None:
+    """The pins a child handed over go however it ended (here killed after pinning one)."""
+    from kpr.bpf.progcache import HANDED_PREFIX
+
+    with pytest.raises(ChildCompileFailed, match="signal 9"):
+        rig.load(in_child=CompileChild([sys.executable, "-c", PINS_AND_DIES]))
+    assert [n for n in os.listdir(rig.pin) if n.startswith(HANDED_PREFIX)] == []

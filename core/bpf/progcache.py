@@ -47,7 +47,9 @@ the start instead (ChildCompileFailed): a compile here would do the same or wors
 
 What an entry holds is loaded into the kernel: it is read only from a cache directory and a
 file owned by this user that neither group nor others may write (anything else misses as
-"untrusted"); the directory is made 0700.
+"untrusted"), under directories no other user may change (none writable by others without
+the sticky bit, none owned by a user but root and this one: "untrusted ancestor"); the
+directory is made 0700.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import json
 import logging
 import os
 import platform
+import stat
 import struct
 import subprocess
 import tempfile
@@ -406,6 +409,7 @@ class ProgramCache:
         dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             _trusted(os.fstat(dfd), "directory")
+            _trusted_ancestors(self.directory)
             with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd), "rb") as f:
                 _trusted(os.fstat(f.fileno()), "entry")
                 return f.read()
@@ -534,6 +538,17 @@ def _stable(source: Source, fresh_pins: Mapping[str, str]) -> Source:
 def _trusted(st: os.stat_result, what: str) -> None:
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise CacheMiss(f"untrusted {what} (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
+
+
+def _trusted_ancestors(directory: Path) -> None:
+    """CacheMiss when a directory above `directory` (symlinks resolved) is one another user
+    may change: writable by others without the sticky bit, or owned by a user other than root
+    and this one. The cache is only as safe as the path to it (as sshd's StrictModes checks):
+    such a user could put another directory in its place (a link to one of root's they chose)."""
+    for d in Path(os.path.realpath(directory)).parents:
+        st = os.stat(d)
+        if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX):
+            raise CacheMiss(f"untrusted ancestor {d} (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
 
 
 def _libbcc() -> Any:

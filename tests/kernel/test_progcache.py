@@ -412,3 +412,25 @@ def test_a_compile_child_started_ahead_is_used_or_ended(rig: Rig, caplog: pytest
     assert proc is not None and proc.poll() is None
     unused.close()
     assert proc.poll() is not None and unused.proc is None
+
+
+@pytest.mark.parametrize("mode, uid, trusted", [
+    (0o777, 0, False), (0o1777, 0, True), (0o755, 65534, False), (0o755, os.geteuid(), True),
+], ids=["writable", "sticky", "owner", "mine"])
+def test_a_cache_under_a_directory_others_may_change_is_not_read(
+    rig: Rig, caplog: pytest.LogCaptureFixture, mode: int, uid: int, trusted: bool
+) -> None:
+    """Someone who may write a directory above the cache's (no sticky bit), or owns it, may
+    move the cache directory aside and put one of their own in its place: not read from then
+    (the cache's own directory and file being root's, 0700 and 0600, is not enough)."""
+    rig.load()
+    above = rig.state  # the cache's parent, agent.stateDir
+    above.chmod(mode)
+    os.chown(above, uid, -1)
+    caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+    with bcc_compiles() as compiles:
+        rig.load()
+    if trusted:
+        assert compiles == [0] and "untrusted" not in caplog.text
+    else:
+        assert compiles == [1] and f"untrusted ancestor {above} (owner {uid}" in caplog.text, caplog.text

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import secrets
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +282,17 @@ def sync_map(m: M.BpfMap, want: Mapping[bytes, bytes]) -> tuple[int, int]:
     if up:
         m.update_many(list(up), list(up.values()))
     return len(up), len(gone)
+
+
+def sync_modes(fe: M.BpfMap, want: Mapping[bytes, bytes], nomode_for: Callable[[list[bytes]], None]) -> None:
+    """kpr_np_fe made to hold exactly `want`, in kpr_np_nomode's order (one definition for the
+    agent's tables and the lab's Datapath, which keep its words each their own way):
+    `nomode_for(keys)` writes its words as they are with exactly these keys in kpr_np_fe, first
+    with every key there or to come (a port's bit cleared before a key of it is written), then,
+    after the write, with `want`'s (set once the last key of its port is gone)."""
+    nomode_for([*want, *(bytes(k) for k in fe.keys())])
+    sync_map(fe, want)
+    nomode_for(list(want))
 
 
 class DeviceMaps:
@@ -643,7 +654,6 @@ class Datapath(DeviceMaps):
             NP_FE_KEY.pack(M.addr_to_bytes(addr), M.htons(port), proto): NP_FE.pack(MODES[mode])
             for (addr, port, proto), mode in modes.items()
         }
-        m, nomode = self.maps[FE_MAP], self.maps[NOMODE_MAP]
-        _set_array_words(nomode, nomode_words({mode_key_port(k) for k in [*want, *m.keys()]}))
-        sync_map(m, want)
-        _set_array_words(nomode, nomode_words({mode_key_port(k) for k in want}))
+        nomode = self.maps[NOMODE_MAP]
+        sync_modes(self.maps[FE_MAP], want,
+                   lambda keys: _set_array_words(nomode, nomode_words({mode_key_port(k) for k in keys})))

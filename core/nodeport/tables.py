@@ -282,9 +282,14 @@ class NodePortTables(D.DeviceMaps):
         """Exactly these per-frontend modes (the sync's end: an earlier run's others go);
         kpr_np_nomode then has the bit of every port left without one set."""
         want = {_mode_key(k): D.NP_FE.pack(D.MODES[m]) for k, m in modes.items()}
-        self._modes_present([*want, *(bytes(k) for k in self.maps[D.FE_MAP].keys())])
-        D.sync_map(self.maps[D.FE_MAP], want)
-        self._modes_gone([k for k in self._mode_keys if k not in want])
+        D.sync_modes(self.maps[D.FE_MAP], want, self._modes_exactly)
+
+    def _modes_exactly(self, keys: list[bytes]) -> None:
+        """kpr_np_nomode for exactly these kpr_np_fe keys (D.sync_modes): their ports' bits
+        cleared, then those of the known keys not among them set (none is in kpr_np_fe)."""
+        kept = set(keys)
+        self._modes_present(keys)
+        self._modes_gone([k for k in self._mode_keys if k not in kept])
         self._put(D.NOMODE_MAP, self._nomode, D.nomode_words(self._mode_ports))
 
     def apply(self, ch: Change, *, vip_filter: set[str], keep_ports: bool) -> None:

@@ -341,3 +341,21 @@ def test_the_lab_writer_clears_before_a_key_and_sets_after_the_last(lab: ProgLab
         dp.set_modes({})
     assert not o.wrong, "\n".join(o.wrong)
     assert ("kpr_np_fe", "delete") in o.log
+
+
+def test_the_lab_writer_clears_before_a_key_and_sets_after_the_last(lab: ProgLab) -> None:
+    """Datapath.set_modes writes in the tables' order (kpr.nodeport.datapath.sync_modes, one
+    definition for both), write by write."""
+    dp = lab.builds["tc"]
+    a, b, c = ("203.0.113.1", 80, 6), ("203.0.113.2", 81, 6), ("203.0.113.3", 82, 17)
+    o = _Order(dp.maps)
+    try:
+        dp.set_modes({a: "dsr"})
+        dp.set_modes({a: "hybrid", b: "dsr"})
+        dp.set_modes({c: "dsr"})  # a and b go, c comes
+        dp.set_modes({})
+    finally:
+        o.restore()
+        dp.set_modes({})
+    assert not o.wrong, "\n".join(o.wrong)
+    assert ("kpr_np_fe", "delete") in o.log and ("kpr_np_nomode", "update") in o.log

@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -101,6 +102,16 @@ STARTS_OFF_THE_GIL = "starts_off_the_gil"
 # How often the agent looks whether it is ready, until it is (then every 0.2 s for metrics).
 READY_POLL = 0.05
 
+# The GIL's switch interval while the source's first pass runs beside the plugins' start,
+# until ready (Python's default: 5 ms). The pass holds the GIL for seconds; a plugin's start
+# beside it (socklb attaching its 10 links once the compile child is done) gives the GIL up at
+# every syscall and waited up to the interval to take it back, each time: on a quiet 2-core VM
+# at 20k services the attach took 0.5 s of wall beside the pass (50-100 ms a link) and 1 ms a
+# link after it, and ended with the pass, on the path to ready. At 0.5 ms it ends 20-40 ms
+# after the compile (bench_agent_memory.py: README, issue 11). The pass loses nothing: a
+# switch happens only when another thread waits for the GIL.
+START_SWITCH_INTERVAL = 0.0005
+
 ZONE_LABEL = "topology.kubernetes.io/zone"
 # The label before Kubernetes 1.17; still set by some installers.
 OLD_ZONE_LABEL = "failure-domain.beta.kubernetes.io/zone"
@@ -158,6 +169,8 @@ class Agent:
         self.source = None
         self.api: ApiServer | None = None
         self._ready_sent = False
+        # The switch interval before the start shortened it (_short_switches), until ready.
+        self._switch_before: float | None = None
         # Readiness waits for setup() to end (the local API listening) and is never sent once
         # stopping has begun (STOPPING=1 is the last word); both under _ready_lock.
         self._setup_done = False
@@ -246,6 +259,7 @@ class Agent:
         # Asked only when the files source weighs a worker (the check imports kpr.bpf.progcache).
         self.source.compile_beside = lambda: compile_expected(cfg)
         if early:
+            self._short_switches()
             self._start_source()
         else:
             self._read_ahead()
@@ -278,6 +292,18 @@ class Agent:
             self._setup_done = True
         # A bus worker that handed over the initial state during setup left READY=1 to this.
         self._check_ready()
+
+    def _short_switches(self) -> None:
+        """START_SWITCH_INTERVAL until ready (or the shutdown), unless someone set a shorter one."""
+        before = sys.getswitchinterval()
+        if before > START_SWITCH_INTERVAL and self._switch_before is None:
+            self._switch_before = before
+            sys.setswitchinterval(START_SWITCH_INTERVAL)
+
+    def _restore_switches(self) -> None:
+        before, self._switch_before = self._switch_before, None
+        if before is not None:
+            sys.setswitchinterval(before)
 
     def _source_first(self) -> bool:
         """Whether every plugin's kpr_start may run beside the source's first pass: it has
@@ -383,6 +409,7 @@ class Agent:
             if self._ready_sent or self._stopping:
                 return
             self._ready_sent = True
+            self._restore_switches()
             log.info("agent.ready services=%d", self.store.counts()[0])
             # (under the lock: shutdown's STOPPING=1 waits for a READY=1 on its way)
             if not self._notify("READY=1\nSTATUS=synced"):
@@ -465,6 +492,7 @@ class Agent:
         watchdog.start()
         with self._ready_lock:  # (a READY=1 on its way goes out first)
             self._stopping = True
+            self._restore_switches()  # (never ready: a start that failed)
         self._notify("STOPPING=1")
         start = time.monotonic()
         deadline = start + timeout

@@ -80,6 +80,52 @@ def test_first_pass_runs_while_plugins_start_and_reaches_them_after(tmp_path, mo
         agent.shutdown()
 
 
+class SeesSwitches(WithoutSource):
+    """Records the GIL's switch interval while its start runs beside the first pass."""
+
+    switch_in_start: float | None = None
+    fails = False
+
+    @hookimpl
+    def kpr_start(self, context):
+        self.switch_in_start = sys.getswitchinterval()
+        super().kpr_start(context)
+        if self.fails:
+            raise RuntimeError("cannot attach")
+
+
+@pytest.mark.parametrize("ends", ["ready", "a start that fails"])
+def test_short_gil_switches_while_the_first_pass_runs_beside_the_start(tmp_path, monkeypatch, ends):
+    """A plugin's start beside the pass (socklb attaching after its compile child) takes the
+    GIL back within daemon.START_SWITCH_INTERVAL, not Python's 5 ms a syscall; the interval is
+    the one from before once the agent is ready, or once it stops without being ready."""
+    before = sys.getswitchinterval()
+    assert before > daemon.START_SWITCH_INTERVAL
+    box: list = []
+    released = threading.Event()
+    plugin = SeesSwitches(box, released)
+    plugin.fails = ends == "a start that fails"
+    monkeypatch.setattr(daemon, "spare_core", lambda: (True, 0.1, 2))
+    agent = make_agent(tmp_path, {"sees": plugin}, source_first=None)
+    box.append(agent)
+    try:
+        if plugin.fails:
+            with pytest.raises(daemon.PluginError, match="cannot attach"):
+                agent.setup()
+            assert not agent._ready_sent
+        else:
+            agent.setup()
+        assert plugin.switch_in_start == daemon.START_SWITCH_INTERVAL
+        if ends == "ready":
+            wait_for(lambda: (agent._tick(), agent._ready_sent)[1], what="ready")
+            assert sys.getswitchinterval() == before
+    finally:
+        released.set()
+        agent.shutdown()
+        assert sys.getswitchinterval() == before
+        sys.setswitchinterval(before)  # (for the next test, had this one failed)
+
+
 @pytest.mark.parametrize("case", ["a plugin that does not say so", "no idle core"])
 def test_the_source_follows_the_start(tmp_path, monkeypatch, case):
     box: list = []

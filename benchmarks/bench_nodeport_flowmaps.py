@@ -14,7 +14,14 @@ rewrite (6), and the full program (0), cumulative ns above the lab's bare progra
 wrapper method; the established flow's full program; and the new flow's difference to the LRU
 lab. The program's counters prove the path (new_snat per run).
 
-    .venv/bin/python benchmarks/bench_nodeport_flowmaps.py [--hook xdp] [--kinds lru,hash,hash-ct,hash-snat,percpu-lru,array]
+Every round starts with the flow maps emptied (kpr.testing.nodeport_bench's flush), so by
+default a new flow meets empty buckets and an LRU with free elements. A kind written kind:F
+(lru:1, hash:0.96) is a lab whose kpr_ct and kpr_snat are then filled to F of their capacity
+with other flows' entries (kpr.testing.flow_maps.fill_flow_maps): the conntrack miss walks
+bucket chains and a full LRU evicts on every insert, as on a node at capacity. A hash filled
+so far that a round's flows do not fit refuses them (new_snat falls short: the path line says).
+
+    .venv/bin/python benchmarks/bench_nodeport_flowmaps.py [--hook xdp] [--kinds lru,hash,hash-ct,hash-snat,percpu-lru,array,lru:1]
         [--runs 4000] [--rounds 7]
 """
 
@@ -40,13 +47,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hook", default="xdp", choices=("xdp", "tc"))
     ap.add_argument("--kinds", default="lru,hash,hash-ct,hash-snat,percpu-lru,array",
-                    help=f"of {', '.join(KINDS)}, array")
+                    help=f"of {', '.join(KINDS)}, array; kind:F fills kpr_ct and kpr_snat to F of their "
+                         "capacity before every round (lru:1, an LRU evicting on every insert)")
     ap.add_argument("--runs", type=int, default=4000, help="wrapper runs per round and case")
     ap.add_argument("--rounds", type=int, default=7, help="rounds, every (lab, build) in turn; median")
     a = ap.parse_args()
     kinds = a.kinds.split(",")
-    unknown = set(kinds) - set(KINDS) - {"array"}
-    if unknown or "lru" not in kinds:
+    try:
+        fills = {k: float(k.partition(":")[2] or 0) for k in kinds}  # "lru:1": the LRU lab, its maps full
+    except ValueError as e:
+        ap.error(f"kinds: a fill is a fraction (kind:0.96): {e}")
+    base_of = {k: k.partition(":")[0] for k in kinds}
+    unknown = set(base_of.values()) - set(KINDS) - {"array"}
+    if fills.get("array") or any(base_of[k] == "array" and f for k, f in fills.items()):
+        ap.error("kinds: the array layout keeps its flows in maps of its own: no fill")
+    if unknown or "lru" not in base_of.values() or any(not 0 <= f <= 1 for f in fills.values()):
         ap.error(f"kinds: of {', '.join(KINDS)}, lru among them (unknown: {', '.join(sorted(unknown)) or '-'})")
     builds = {f"stop{s}" if s else "default": [f"-DKPR_NP_BENCH_STOP={s}", "-DKPR_NP_EST_INLINE=0"] if s else []
               for s in STOPS}
@@ -58,12 +73,13 @@ def main() -> int:
         labs = {}
         for k in kinds:
             lab = labs[k] = stack.enter_context(ProgLab(10))
+            lab.fill = fills[k]
             for name, flags in builds.items():
-                if k == "array":
+                if base_of[k] == "array":
                     load_array_build(lab, a.hook, name, flags)
                 else:
                     if not lab.builds:
-                        repin_flow_maps(lab, k)
+                        repin_flow_maps(lab, base_of[k])
                     lab.load(a.hook, name, flags)
         new: dict[tuple[str, str], list[float]] = {}
         est: dict[str, list[float]] = {k: [] for k in kinds}
@@ -84,13 +100,14 @@ def main() -> int:
                             single=False)
                 est[k].append(m.wrapper)
         b = {k: statistics.median(v) for k, v in bares.items()}
+        ref = next(k for k in kinds if base_of[k] == "lru")  # the first LRU lab: the "vs lru" column's base
         w = {key: statistics.median(v) - b[key[0]] for key, v in new.items()}
         pr(f"  new SNAT flow, ns above bare (wrapper, median of {a.rounds} rounds of {a.runs} runs)")
         pr(f"  {'kind':12s} " + " ".join(f"{label:>16s}" for label in STOPS.values())
            + f" {'vs lru':>8s} {'established':>12s}")
         for k in kinds:
             cells = [f"{w[(k, 'stop%d' % s if s else 'default')]:16.0f}" for s in STOPS]
-            d = w[(k, "default")] - w[("lru", "default")]
+            d = w[(k, "default")] - w[(ref, "default")]
             pr(f"  {k:12s} " + " ".join(cells) + f" {d:+8.0f} {statistics.median(est[k]) - b[k]:12.0f}")
         pr("  bare (wrapper ns): " + ", ".join(f"{k} {b[k]:.0f}" for k in kinds))
         pr("  path: " + ", ".join(f"{k} new_snat+{moved[k]}" + (f" conntrack_write_failed+{failed[k]}" if failed[k] else "")

@@ -51,3 +51,27 @@ def pinned_kind(lab: Any, name: str) -> tuple[int, int]:
     with M.BpfMap.open_pinned(lab.pin / name) as m:
         info = m.info()
         return info.type, info.map_flags
+
+
+FILL_NET = bytes([198, 18, 0, 0])  # 198.18.0.0/15 (RFC 2544 benchmarking, 131072 addresses): no lab address is in it
+
+
+def fill_flow_maps(pin: Any, fraction: float) -> dict[str, int]:
+    """Fill kpr_ct and kpr_snat (pinned under `pin`) to `fraction` of their capacity with entries
+    of flows no packet of the benchmark names (source 198.18.x.y, every field but the last-seen
+    stamp zero), so a new flow's conntrack miss walks bucket chains and its inserts meet a map
+    as full as a busy node's: an LRU at 1.0 evicts on every insert; a preallocated hash at 1.0
+    refuses them. Returns the entries written per map."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fill fraction {fraction}: not within 0..1")
+    out = {}
+    for name in ("kpr_ct", "kpr_snat"):
+        with M.BpfMap.open_pinned(pin / name) as m:
+            info = m.info()
+            n = int(info.max_entries * fraction)
+            base = int.from_bytes(FILL_NET, "big")
+            keys = [(bytes(10) + b"\xff\xff" + (base + i).to_bytes(4, "big")).ljust(info.key_size, b"\0") for i in range(n)]
+            m.update_many(keys, [bytes(info.value_size)] * n)
+            out[name] = n
+    log.info("event=flow_maps_filled fraction=%s kpr_ct=%d kpr_snat=%d", fraction, out["kpr_ct"], out["kpr_snat"])
+    return out

@@ -197,6 +197,10 @@ class ProgLab:
         self.stride = stride
         self._stack = contextlib.ExitStack()
         self.builds: dict[str, Any] = {}  # build name -> Datapath
+        # Share of kpr_ct's and kpr_snat's capacity flush_flows fills with other flows' entries
+        # (0: the maps start empty; 1: full, an LRU then evicts on every insert, as on a node at
+        # capacity): kpr.testing.flow_maps.fill_flow_maps.
+        self.fill = 0.0
         self.wrappers: dict[str, tuple[Any, Any, Any]] = {}  # hook -> (bpf, main fn, bare fn)
 
     # ------------------------------------------------------------------ setup
@@ -331,7 +335,8 @@ class ProgLab:
         return p
 
     def flush_flows(self) -> None:
-        """Empty conntrack, SNAT and reverse entries: every case starts with the same table fill."""
+        """Empty conntrack, SNAT and reverse entries (then fill kpr_ct and kpr_snat to `fill`): every
+        case starts with the same table fill."""
         from kpr.bpf import maps as M
 
         for name in ("kpr_ct", "kpr_snat", "kpr_np_rev"):
@@ -342,6 +347,10 @@ class ProgLab:
         for dp in self.builds.values():  # builds with flow maps of their own (kpr.testing.reference_lb)
             if hasattr(dp, "flush_own_flows"):
                 dp.flush_own_flows()
+        if self.fill:
+            from kpr.testing.flow_maps import fill_flow_maps
+
+            fill_flow_maps(self.pin, self.fill)
 
     def warm_next_hops(self, hook: str) -> None:
         """One flow to every filler frontend through the default build, then the flow maps

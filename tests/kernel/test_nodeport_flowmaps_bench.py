@@ -70,3 +70,56 @@ def test_the_array_builds_flows_live_in_the_arrays_and_only_there(array_lab: Pro
     assert [used_slots(pl.pin, n) for n in ARRAY_MAPS] == [0, 0]
     _v, _out, moved = run_counted(pl, "xdp", "default", ack)
     assert "established" not in moved, moved
+
+
+# The benchmark's filled labs (kind:F, kpr.testing.flow_maps.fill_flow_maps): after the flush the
+# maps hold F of their capacity of other flows' entries, and a new flow then meets what a node
+# at that fill does. (description, lab kind, fill, counter the new flow must move, whether its
+# kpr_ct and kpr_snat entries are made, whether fill entries were evicted to make room)
+FILLED = [
+    ("an LRU filled to capacity evicts older entries to make the new flow", "lru", 1.0, "new_snat", True, True),
+    ("a hash with room takes the new flow beside the fill", "hash", 0.5, "new_snat", True, False),
+    ("a preallocated hash filled to capacity refuses the flow's SNAT reply entry", "hash", 1.0,
+     "drop_snat_no_port", False, False),
+]
+
+
+def _split(pin, name: str) -> tuple[int, int]:
+    """(fill entries, other entries) in the lab's map `name`."""
+    from kpr.testing.flow_maps import FILL_NET
+
+    with M.BpfMap.open_pinned(pin / name) as m:
+        keys = list(m.keys())
+    fill = sum(1 for k in keys if k[12:14] in (FILL_NET[:2], bytes([FILL_NET[0], FILL_NET[1] + 1])))
+    return fill, len(keys) - fill
+
+
+@pytest.mark.parametrize("desc,kind,fill,counter,made,evicted", FILLED, ids=[c[0] for c in FILLED])
+def test_a_filled_lab_meets_new_flows_as_a_node_at_that_fill(require_kernel: None, desc: str, kind: str, fill: float,
+                                                             counter: str, made: bool, evicted: bool) -> None:
+    with ProgLab(10) as pl:
+        if kind != "lru":
+            repin_flow_maps(pl, kind)
+        pl.load("xdp", "default")
+        pl.fill = fill
+        pl.flush_flows()
+        want = {}
+        for name in ("kpr_ct", "kpr_snat"):
+            with M.BpfMap.open_pinned(pl.pin / name) as m:
+                want[name] = int(m.info().max_entries * fill)
+            assert _split(pl.pin, name) == (want[name], 0), name
+        _v, _out, moved = run_counted(pl, "xdp", "default", pl.packet(VIP, 80, sport=47300, flags="S"))
+        assert moved.get(counter) == 1, (desc, moved)
+        filled, other = _split(pl.pin, "kpr_snat")
+        assert other == int(made), desc
+        assert (filled < want["kpr_snat"]) == evicted, (desc, filled)
+        # the flush empties the fill and the flow, and fills again: every round starts alike
+        pl.flush_flows()
+        assert _split(pl.pin, "kpr_ct") == (want["kpr_ct"], 0)
+
+
+def test_a_fill_outside_0_to_1_is_refused_naming_it(tmp_path) -> None:
+    from kpr.testing.flow_maps import fill_flow_maps
+
+    with pytest.raises(ValueError, match="fill fraction 1.5"):
+        fill_flow_maps(tmp_path, 1.5)

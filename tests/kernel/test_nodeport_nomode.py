@@ -329,7 +329,8 @@ def test_the_tables_clear_before_a_key_and_set_after_the_last(require_kernel: No
             t.close()
 
 
-def test_the_lab_writer_clears_before_a_key_and_sets_after_the_last(lab: ProgLab) -> None:
+def test_the_lab_writer_clears_before_a_wildcard_key(lab: ProgLab) -> None:
+    """The lab writer's order with a wildcard (0.0.0.0) key among the keys changed."""
     dp = lab.builds["tc"]
     o = _Order(dp.maps)
     try:

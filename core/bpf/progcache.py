@@ -47,8 +47,8 @@ the start instead (ChildCompileFailed): a compile here would do the same or wors
 
 What an entry holds is loaded into the kernel: it is read only from a cache directory and a
 file owned by this user that neither group nor others may write (anything else misses as
-"untrusted"), under directories no other user may change (none writable by others without
-the sticky bit, none owned by a user but root and this one: "untrusted ancestor"); the
+"untrusted"), under directories no other user may change (none writable by its group or others
+without the sticky bit, none owned by a user but root and this one: "untrusted ancestor"); the
 directory is made 0700.
 """
 
@@ -542,12 +542,14 @@ def _trusted(st: os.stat_result, what: str) -> None:
 
 def _trusted_ancestors(directory: Path) -> None:
     """CacheMiss when a directory above `directory` (symlinks resolved) is one another user
-    may change: writable by others without the sticky bit, or owned by a user other than root
-    and this one. The cache is only as safe as the path to it (as sshd's StrictModes checks):
-    such a user could put another directory in its place (a link to one of root's they chose)."""
+    may change: writable by its group or others without the sticky bit, or owned by a user other
+    than root and this one. The cache is only as safe as the path to it (as sshd's StrictModes
+    checks): such a user could put another directory in its place (a link to one of root's they
+    chose). Group write is refused whatever the group, root's (gid 0) too: gid 0 is not root's
+    alone (OpenShift runs its containers' arbitrary users in it)."""
     for d in Path(os.path.realpath(directory)).parents:
         st = os.stat(d)
-        if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX):
+        if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
             raise CacheMiss(f"untrusted ancestor {d} (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
 
 

@@ -415,18 +415,19 @@ def test_a_compile_child_started_ahead_is_used_or_ended(rig: Rig, caplog: pytest
 
 
 @pytest.mark.parametrize("mode, uid, trusted", [
-    (0o777, 0, False), (0o1777, 0, True), (0o755, 65534, False), (0o755, os.geteuid(), True),
-], ids=["writable", "sticky", "owner", "mine"])
+    (0o777, 0, False), (0o1777, 0, True), (0o775, 0, False), (0o755, 65534, False), (0o755, os.geteuid(), True),
+], ids=["writable", "sticky", "group-writable", "owner", "mine"])
 def test_a_cache_under_a_directory_others_may_change_is_not_read(
     rig: Rig, caplog: pytest.LogCaptureFixture, mode: int, uid: int, trusted: bool
 ) -> None:
-    """Someone who may write a directory above the cache's (no sticky bit), or owns it, may
-    move the cache directory aside and put one of their own in its place: not read from then
-    (the cache's own directory and file being root's, 0700 and 0600, is not enough)."""
+    """Someone who may write a directory above the cache's (no sticky bit; by its group too, even
+    root's group, as here), or owns it, may move the cache directory aside and put one of their
+    own in its place: not read from then (the cache's own directory and file being root's, 0700
+    and 0600, is not enough)."""
     rig.load()
     above = rig.state  # the cache's parent, agent.stateDir
     above.chmod(mode)
-    os.chown(above, uid, -1)
+    os.chown(above, uid, 0)
     caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
     with bcc_compiles() as compiles:
         rig.load()

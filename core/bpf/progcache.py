@@ -37,7 +37,7 @@ a process of its own that sends the entry back on its stdout; this process loads
 memory and stores it when it can (a store that fails is one log line, as for a compile here;
 a build it cannot record is loaded from the child's compile all the same, never compiled
 twice: the child pins the maps an entry cannot record for the agent, HANDED_PREFIX, which the
-agent removes once loaded, and nothing is stored):
+agent removes once loaded, an earlier agent's at its next load, and nothing is stored):
 bcc's clang and LLVM stay out of the agent (they kept about 90 MB of its RSS after a first
 start's compile). They do enter it when the compile is here: bpf.programCache false, a caller
 that does not ask (the NodePort builds), a build with fresh pins, a child that exits with an
@@ -67,6 +67,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CACHE_DIR", "CachedModule", "CachedProg", "ChildCompileFailed", "CompileChild", "ProgramCache", "compile_likely",
-    "entries", "for_config", "has_entry", "load_programs",
+    "entries", "for_config", "has_entry", "load_programs", "sweep_handed",
 ]
 
 FORMAT = 2  # 2: maps recorded with their pin's name
@@ -99,6 +100,12 @@ PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2
 # child for the agent under pin_path/<prefix><child pid>-<map name> and removed by the agent once
 # loaded: the child's compile serves the load; no entry is stored.
 HANDED_PREFIX = "kpr-child-"
+# This process's compile children whose handed-over pins are not swept yet (started, not closed
+# nor swept after their load): every other HANDED_PREFIX pin under a pin path is stale (one
+# agent per pin path: an earlier agent's, killed while its child compiled) and goes at the next
+# load (sweep_handed).
+_children: set[int] = set()
+_children_lock = threading.Lock()
 # Map types a load may create from the record: nothing to fill in but their size.
 CREATABLE = {
     M.BPF_MAP_TYPE_HASH, M.BPF_MAP_TYPE_ARRAY, 5, 6, 9, 10, 11,  # percpu hash/array, lru (percpu) hash, lpm trie
@@ -605,6 +612,7 @@ def load_programs(
     source = prepare(src, cflags=cflags, include_dirs=include_dirs, name=name)
     key = ""
     if cache is not None:
+        sweep_handed(cache.pin_path)
         try:
             key = cache.key(source, programs, fresh_pins)
             module = cache.load(key, source.label, fresh_pins)
@@ -666,6 +674,8 @@ class CompileChild:
         )
         self.used = False
         self.pid = self.proc.pid
+        with _children_lock:  # (before it is given a request: it pins nothing before)
+            _children.add(self.pid)
 
     def run(self, request: bytes) -> tuple[int, bytes, bytes]:
         """(exit status, stdout, stderr) of the child given `request`; it has ended by then.
@@ -692,6 +702,8 @@ class CompileChild:
         if proc is not None:
             proc.kill()  # (it did nothing but import: nothing to finish)
             proc.communicate()
+            with _children_lock:
+                _children.discard(self.pid)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -714,6 +726,36 @@ def _compile_in_child(
             for pin in cache.pin_path.glob(f"{HANDED_PREFIX}{c.pid}-*"):
                 with contextlib.suppress(OSError):
                     pin.unlink()
+            with _children_lock:
+                _children.discard(c.pid)
+
+
+def sweep_handed(pin_path: Path | str) -> list[Path]:
+    """Remove the HANDED_PREFIX pins directly under `pin_path` that no compile child of this
+    process may still hand over (see _children): an earlier agent's, killed while its child
+    compiled, would hold their maps until `kpr cleanup` or a reboot. The pins removed."""
+    removed: list[Path] = []
+    # held throughout: a child registered after the listing was given no request yet (nothing pinned)
+    with _children_lock:
+        try:
+            names = os.listdir(pin_path)
+        except OSError:
+            return removed
+        for name in names:
+            if not name.startswith(HANDED_PREFIX):
+                continue
+            pid = name[len(HANDED_PREFIX):].partition("-")[0]
+            if pid.isdigit() and int(pid) in _children:
+                continue
+            pin = Path(pin_path) / name
+            try:
+                pin.unlink()
+            except OSError as exc:
+                log.warning("event=bpf_handed_pin_not_removed pin=%s reason=%r", pin, exc.strerror)
+            else:
+                removed.append(pin)
+                log.info("event=bpf_handed_pin_removed pin=%s reason=stale", pin)
+    return removed
 
 
 def _child_compile(

@@ -205,3 +205,33 @@ def test_a_child_that_dies_after_handing_a_map_over_leaves_no_pin(rig: Rig, cras
     with pytest.raises(ChildCompileFailed, match="signal 9"):
         rig.load(in_child=CompileChild([sys.executable, "-c", PINS_AND_DIES]))
     assert [n for n in os.listdir(rig.pin) if n.startswith(HANDED_PREFIX)] == []
+
+
+def test_an_earlier_agent_s_handed_pins_go_at_the_next_load(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """An agent killed while its child compiled never swept the pins the child handed over:
+    the next agent's first cached load removes them (one agent per pin path), not the pins of
+    a child this process has running, nor other pins; `kpr cleanup` removes them too."""
+    from kpr.bpf import maps as M
+    from kpr.bpf.cleanup import cleanup
+    from kpr.bpf.progcache import HANDED_PREFIX
+    from kpr.testing.bpffs import pin_map
+
+    spec = M.MapSpec("kprt_handed", M.BPF_MAP_TYPE_ARRAY, 4, 8, 1)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = f"{HANDED_PREFIX}{int(gone.stdout)}-kprt_handed"
+    pin_map(rig.pin, stale, spec)
+    running = CompileChild()
+    try:
+        mine = f"{HANDED_PREFIX}{running.pid}-kprt_handed"
+        pin_map(rig.pin, mine, spec)
+        caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+        rig.load()
+        left = os.listdir(rig.pin)
+        assert stale not in left and f"event=bpf_handed_pin_removed pin={rig.pin / stale}" in caplog.text
+        assert mine in left and PINNED in left, "a running child's pin and the build's own are kept"
+    finally:
+        running.close()
+    pin_map(rig.pin, stale, spec)
+    cleanup(rig.pin)  # what `kpr cleanup` runs
+    assert not rig.pin.exists(), "every pin removed, the handed ones too"

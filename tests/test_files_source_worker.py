@@ -453,7 +453,8 @@ def test_a_forced_worker_does_not_guess_the_compile(tmp_path, monkeypatch, caplo
 def test_a_worker_that_does_not_take_its_job_costs_one_line_not_the_start(tmp_path, monkeypatch, caplog):
     """A job past the pipe's 64 KB (a name and signature per file) to a worker that never
     reads it: the write gives up after JOB_TIMEOUT, the worker is ended, and every file is
-    read in the agent (the write used to block for as long as the worker lived)."""
+    read in the agent (the write used to block for as long as the worker lived: the worker's
+    marker, made after its sleep, would be there when the agent moved on)."""
     monkeypatch.setenv("KPR_FILES_WORKER", "1")
     monkeypatch.setattr(files_worker, "JOB_TIMEOUT", 1.0)
     src = _tree(tmp_path)
@@ -461,9 +462,11 @@ def test_a_worker_that_does_not_take_its_job_costs_one_line_not_the_start(tmp_pa
         (src.path / f"{'n' * 200}-{i:04d}.yaml").write_text("")
     src.worker_min_bytes = 0
     src.read_while_waiting = False
-    src.worker_command = _script(tmp_path, "import time\ntime.sleep(20)\n")
+    marker = tmp_path / "worker-slept"
+    src.worker_command = _script(tmp_path, f"import time\ntime.sleep(20)\nopen({str(marker)!r}, 'w').close()\n")
     with caplog.at_level(logging.INFO, logger="kpr.sources.files"):
         _read_ahead(src)
+    assert not marker.exists(), "the agent waited for the worker to end its sleep"
     lines = [r.getMessage() for r in src._held_log.records]
     warnings = [m for m in lines if "files.worker_failed" in m]
     assert len(warnings) == 1 and "did not take its job in 1s" in warnings[0], lines

@@ -69,10 +69,10 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kpr.bpf import kernctx
 from kpr.childcmd import python_module
@@ -132,13 +132,14 @@ def entries(directory: Path) -> list[Path]:
 def compile_likely(config: Any) -> bool:
     """Whether loading kpr's BPF builds will likely compile: not when an agent left its builds
     pinned under bpf.pinPath (a restart adopts them: kpr.bpf.builds), nor when the program
-    cache is on and holds an entry (a start after a reboot loads it). A guess from what is on
+    cache is on and holds an entry it would read (trusted; a start after a reboot loads it). A guess from what is on
     disk: an entry of another build (an upgrade) still compiles."""
     from kpr.bpf.builds import BUILDS_MAP
 
     if (Path(config.bpf.pin_path) / BUILDS_MAP).exists():
         return False
-    return not (config.bpf.program_cache and entries(Path(config.agent.state_dir) / CACHE_DIR))
+    cache = for_config(config)
+    return not (cache is not None and cache.has_entries())  # (an untrusted cache is not read: a compile)
 
 
 class CacheMiss(Exception):
@@ -413,15 +414,48 @@ class ProgramCache:
 
     def _read_trusted(self, name: str) -> bytes:
         """The file `name` of the cache directory, when both are this user's and writable by no one else."""
+        with self._trusted_dir() as dfd, self._open_trusted(dfd, name) as f:
+            return f.read()
+
+    def has(self, key: str) -> bool:
+        """Whether the entry for `key` is there and trusted as read() checks it (not read)."""
+        try:
+            with self._trusted_dir() as dfd, self._open_trusted(dfd, self.path(key).name):
+                return True
+        except (CacheMiss, OSError):
+            return False
+
+    def has_entries(self) -> bool:
+        """Whether the cache directory, trusted as read() checks it, holds an entry (of any build)."""
+        try:
+            with self._trusted_dir():
+                return bool(entries(self.directory))
+        except (CacheMiss, OSError):
+            return False
+
+    @contextlib.contextmanager
+    def _trusted_dir(self) -> Iterator[int]:
+        """An fd of the cache directory; CacheMiss unless it is this user's and writable by no
+        one else, under directories no other user may change (the checks of every read)."""
         dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             _trusted(os.fstat(dfd), "directory")
             _trusted_ancestors(self.directory)
-            with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd), "rb") as f:
-                _trusted(os.fstat(f.fileno()), "entry")
-                return f.read()
+            yield dfd
         finally:
             os.close(dfd)
+
+    @staticmethod
+    def _open_trusted(dfd: int, name: str) -> BinaryIO:
+        """The file `name` of the directory `dfd`, open; CacheMiss unless it is this user's and
+        writable by no one else."""
+        f = open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd), "rb")
+        try:
+            _trusted(os.fstat(f.fileno()), "entry")
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def load(self, key: str, label: str, fresh_pins: Mapping[str, str] = {}, data: bytes | None = None) -> CachedModule:
         """Every program of the entry, loaded against this node's maps; CacheMiss when any cannot
@@ -822,9 +856,10 @@ def has_entry(
     cache: ProgramCache,
     fresh_pins: Mapping[str, str] = {},
 ) -> bool:
-    """Whether `cache` has an entry file for this build (not read: load_programs checks it)."""
+    """Whether `cache` has an entry file for this build that load_programs would read (trusted:
+    ProgramCache.has; not read, load_programs checks the rest)."""
     source = prepare(src, cflags=cflags, name=name)
-    return cache.path(cache.key(source, programs, fresh_pins)).exists()
+    return cache.has(cache.key(source, programs, fresh_pins))
 
 
 def for_config(config: Any) -> ProgramCache | None:

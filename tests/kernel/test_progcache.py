@@ -19,7 +19,9 @@ import pytest
 
 from kpr.bpf import maps as M
 from kpr.bpf.loader import load_prog
-from kpr.bpf.progcache import CACHE_DIR, KEEP, CachedModule, CacheMiss, CompileChild, ProgramCache, load_programs
+from kpr.bpf.progcache import (
+    CACHE_DIR, KEEP, CachedModule, CacheMiss, CompileChild, ProgramCache, has_entry, load_programs,
+)
 from kpr.testing.bpffs import pin_map
 from kpr.testing.progs import bcc_compiles, loaded_named, xlated_by_map_name
 from kpr.testing.prog_run import test_run
@@ -53,11 +55,17 @@ class Rig:
 
     def load(self, verdict: int = 2, source: str = SOURCE, programs: list = PROGRAMS, extra: int = 0,
              in_child: bool = False) -> Any:
-        flags = [f'-DKPRT_PIN="{self.pin}"', f"-DKPRT_VERDICT={verdict}", f"-DKPRT_UNUSED={extra}"]
-        module = load_programs(source, programs, cflags=flags,
+        module = load_programs(source, programs, cflags=self.flags(verdict, extra),
                                name="<kprt cache>", cache=self.cache, in_child=in_child)
         self.held.append(module)
         return module
+
+    def flags(self, verdict: int = 2, extra: int = 0) -> list[str]:
+        return [f'-DKPRT_PIN="{self.pin}"', f"-DKPRT_VERDICT={verdict}", f"-DKPRT_UNUSED={extra}"]
+
+    def has_entry(self) -> bool:
+        """progcache.has_entry for load()'s build (its defaults)."""
+        return has_entry(SOURCE, PROGRAMS, cflags=self.flags(), name="<kprt cache>", cache=self.cache)
 
     def entries(self) -> list[Path]:
         return sorted((self.state / CACHE_DIR).glob("*.prog"))
@@ -423,11 +431,13 @@ def test_a_cache_under_a_directory_others_may_change_is_not_read(
     """Someone who may write a directory above the cache's (no sticky bit; by its group too, even
     root's group, as here), or owns it, may move the cache directory aside and put one of their
     own in its place: not read from then (the cache's own directory and file being root's, 0700
-    and 0600, is not enough)."""
+    and 0600, is not enough), nor counted by has_entry (the NodePort build's choice)."""
     rig.load()
+    assert rig.has_entry()
     above = rig.state  # the cache's parent, agent.stateDir
     above.chmod(mode)
     os.chown(above, uid, 0)
+    assert rig.has_entry() is trusted
     caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
     with bcc_compiles() as compiles:
         rig.load()

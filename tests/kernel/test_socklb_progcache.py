@@ -189,7 +189,8 @@ def test_a_start_that_fails_early_ends_the_compile_child(tmp_path: Path, childre
 
 def test_the_compile_guess_is_the_agents(tmp_path: Path) -> None:
     """socklb starts a child when kpr.bpf.progcache.compile_likely (the agent's guess too)
-    says so and the cache is on; a writer's leftover temporary file is no entry."""
+    says so and the cache is on; a writer's leftover temporary file is no entry, nor is an
+    entry of a cache that would not be read (untrusted)."""
     from kpr.bpf.builds import BUILDS_MAP
     from kpr.daemon import compile_expected
 
@@ -203,6 +204,10 @@ def test_the_compile_guess_is_the_agents(tmp_path: Path) -> None:
     assert SockLB._compile_likely(ctx) and compile_expected(ctx.config)
     (cache / "0123.prog").write_bytes(b"")
     assert not SockLB._compile_likely(ctx) and not compile_expected(ctx.config)
+    mode = tmp_path.stat().st_mode
+    tmp_path.chmod(0o777)  # a cache under a directory others may change is not read: a compile
+    assert SockLB._compile_likely(ctx) and compile_expected(ctx.config)
+    tmp_path.chmod(mode)
     (cache / "0123.prog").unlink()
     (pin / BUILDS_MAP).write_bytes(b"")
     assert not SockLB._compile_likely(ctx) and not compile_expected(ctx.config)

@@ -103,13 +103,14 @@ STARTS_OFF_THE_GIL = "starts_off_the_gil"
 READY_POLL = 0.05
 
 # The GIL's switch interval while the source's first pass runs beside the plugins' start,
-# until ready (Python's default: 5 ms). The pass holds the GIL for seconds; a plugin's start
-# beside it (socklb attaching its 10 links once the compile child is done) gives the GIL up at
-# every syscall and waited up to the interval to take it back, each time: on a quiet 2-core VM
-# at 20k services the attach took 0.5 s of wall beside the pass (50-100 ms a link) and 1 ms a
-# link after it, and ended with the pass, on the path to ready. At 0.5 ms it ends 20-40 ms
-# after the compile (bench_agent_memory.py: README, issue 11). The pass loses nothing: a
-# switch happens only when another thread waits for the GIL.
+# until ready, or until both have ended when that comes first (Python's default: 5 ms). The
+# pass holds the GIL for seconds; a plugin's start beside it (socklb attaching its 10 links
+# once the compile child is done) gives the GIL up at every syscall and waited up to the
+# interval to take it back, each time: on a quiet 2-core VM at 20k services the attach took
+# 0.5 s of wall beside the pass (50-100 ms a link) and 1 ms a link after it, and ended with
+# the pass, on the path to ready. At 0.5 ms it ends 20-40 ms after the compile
+# (bench_agent_memory.py: README, issue 11). The pass loses nothing: a switch happens only
+# when another thread waits for the GIL.
 START_SWITCH_INTERVAL = 0.0005
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -169,8 +170,11 @@ class Agent:
         self.source = None
         self.api: ApiServer | None = None
         self._ready_sent = False
-        # The switch interval before the start shortened it (_short_switches), until ready.
+        # The switch interval before the start shortened it (_short_switches), until ready or
+        # until the plugins' start loop has ended and the first pass is done (_switches_back).
         self._switch_before: float | None = None
+        self._starts_done = False
+        self._pass_done = False
         # Readiness waits for setup() to end (the local API listening) and is never sent once
         # stopping has begun (STOPPING=1 is the last word); both under _ready_lock.
         self._setup_done = False
@@ -280,6 +284,8 @@ class Agent:
                 # initial sync then took 0.3-0.4 s). No plugin gets anything before every
                 # plugin has started (the workers start in bus.start()), nor does readiness.
                 self.bus.start_stage()
+        self._starts_done = True
+        self._switches_back()
         self.bus.start()
         self.metrics.attach_agent(self)
         self.api = ApiServer(cfg.api.socket, self)
@@ -304,6 +310,15 @@ class Agent:
         before, self._switch_before = self._switch_before, None
         if before is not None:
             sys.setswitchinterval(before)
+
+    def _switches_back(self) -> None:
+        """The interval from before the start once the plugins' start loop has ended and the
+        first pass is done, whichever is later, when ready did not come first: the short one is
+        for the two side by side, not for an agent that does not get ready (a plugin never in
+        place would have kept it for good)."""
+        with self._ready_lock:
+            if self._starts_done and self._pass_done:
+                self._restore_switches()
 
     def _source_first(self) -> bool:
         """Whether every plugin's kpr_start may run beside the source's first pass: it has
@@ -348,6 +363,8 @@ class Agent:
 
     def _on_synced(self, seconds: float) -> None:
         self.metrics.sync_duration.set(seconds)
+        self._pass_done = True
+        self._switches_back()
 
     def run(self) -> int:
         """Run in the foreground until SIGTERM/SIGINT; returns the exit code."""

@@ -13,6 +13,7 @@ import pytest
 
 from kpr import daemon, hookimpl
 from kpr.daemon import STARTS_WITHOUT_SOURCE, Agent
+from kpr.model import PluginStatus
 from kpr.testing.agent import AgentConfig
 from kpr.testing.bus import HookCalls
 from kpr.testing.manifests import endpoint_slice, service, yaml_docs
@@ -85,6 +86,7 @@ class SeesSwitches(WithoutSource):
 
     switch_in_start: float | None = None
     fails = False
+    never_in_place = False
 
     @hookimpl
     def kpr_start(self, context):
@@ -93,18 +95,25 @@ class SeesSwitches(WithoutSource):
         if self.fails:
             raise RuntimeError("cannot attach")
 
+    @hookimpl
+    def kpr_status(self):
+        # (never in place: the agent never gets ready)
+        return PluginStatus(details={"synced": False}) if self.never_in_place else None
 
-@pytest.mark.parametrize("ends", ["ready", "a start that fails"])
+
+@pytest.mark.parametrize("ends", ["ready", "a start that fails", "never ready"])
 def test_short_gil_switches_while_the_first_pass_runs_beside_the_start(tmp_path, monkeypatch, ends):
     """A plugin's start beside the pass (socklb attaching after its compile child) takes the
     GIL back within daemon.START_SWITCH_INTERVAL, not Python's 5 ms a syscall; the interval is
-    the one from before once the agent is ready, or once it stops without being ready."""
+    the one from before once the agent is ready, or once it stops without being ready, or,
+    when it does not get ready (a plugin never in place), once the start and the pass are done."""
     before = sys.getswitchinterval()
     assert before > daemon.START_SWITCH_INTERVAL
     box: list = []
     released = threading.Event()
     plugin = SeesSwitches(box, released)
     plugin.fails = ends == "a start that fails"
+    plugin.never_in_place = ends == "never ready"
     monkeypatch.setattr(daemon, "spare_core", lambda: (True, 0.1, 2))
     agent = make_agent(tmp_path, {"sees": plugin}, source_first=None)
     box.append(agent)
@@ -119,6 +128,10 @@ def test_short_gil_switches_while_the_first_pass_runs_beside_the_start(tmp_path,
         if ends == "ready":
             wait_for(lambda: (agent._tick(), agent._ready_sent)[1], what="ready")
             assert sys.getswitchinterval() == before
+        if ends == "never ready":
+            wait_for(lambda: sys.getswitchinterval() == before, what="the interval back, the start and the pass done")
+            agent._tick()
+            assert agent.store.is_synced and not agent._ready_sent
     finally:
         released.set()
         agent.shutdown()

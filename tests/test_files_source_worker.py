@@ -450,16 +450,28 @@ def test_a_forced_worker_does_not_guess_the_compile(tmp_path, monkeypatch, caplo
     assert [r for r in src._held_log.records if "files.worker on=yes reason=forced" in r.getMessage()]
 
 
+def test_a_job_past_64_kb_is_one_write(tmp_path, monkeypatch):
+    """The job's pipe is files_worker.PIPE_SIZE large, as the messages' is: a job of a few
+    thousand files goes in at once, the worker still importing (here: never reading)."""
+    monkeypatch.setattr(files_worker, "JOB_TIMEOUT", 1.0)
+    job = {"files": [(f"{'n' * 200}-{i:04d}.yaml", (0, 0, 0)) for i in range(2000)]}
+    assert len(pickle.dumps(job)) > 256 * 1024
+    worker = files_worker.Worker(job, _script(tmp_path, "import time\ntime.sleep(20)\n"))
+    worker.close()
+    assert _children() == set()
+
+
 def test_a_worker_that_does_not_take_its_job_costs_one_line_not_the_start(tmp_path, monkeypatch, caplog):
-    """A job past the pipe's 64 KB (a name and signature per file) to a worker that never
+    """A job past the pipe's PIPE_SIZE (a name and signature per file) to a worker that never
     reads it: the write gives up after JOB_TIMEOUT, the worker is ended, and every file is
     read in the agent (the write used to block for as long as the worker lived: the worker's
     marker, made after its sleep, would be there when the agent moved on)."""
     monkeypatch.setenv("KPR_FILES_WORKER", "1")
     monkeypatch.setattr(files_worker, "JOB_TIMEOUT", 1.0)
     src = _tree(tmp_path)
-    for i in range(400):
-        (src.path / f"{'n' * 200}-{i:04d}.yaml").write_text("")
+    many = files_worker.PIPE_SIZE // 200 + 400
+    for i in range(many):
+        (src.path / f"{'n' * 200}-{i:05d}.yaml").write_text("")
     src.worker_min_bytes = 0
     src.read_while_waiting = False
     marker = tmp_path / "worker-slept"
@@ -470,5 +482,5 @@ def test_a_worker_that_does_not_take_its_job_costs_one_line_not_the_start(tmp_pa
     lines = [r.getMessage() for r in src._held_log.records]
     warnings = [m for m in lines if "files.worker_failed" in m]
     assert len(warnings) == 1 and "did not take its job in 1s" in warnings[0], lines
-    assert len(src._preloaded) == 408 and [m for m in lines if "files.preloaded" in m], lines
+    assert len(src._preloaded) == many + 8 and [m for m in lines if "files.preloaded" in m], lines
     assert _children() == set()

@@ -194,6 +194,17 @@ def command() -> list[str]:
     return python_module("kpr.sources.files_worker")
 
 
+def _large_pipe(fd: int) -> None:
+    """The pipe of `fd` made PIPE_SIZE large, when the kernel lets this process (a smaller
+    pipe: more writes, the same bytes)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
 class Worker:
     """A running worker (spawned: a fork of the threaded agent could inherit a lock held by
     another thread) and its messages, read as they come."""
@@ -215,14 +226,9 @@ class Worker:
         except OSError as e:
             self.stderr.close()
             raise WorkerFailed(f"not started: {e}") from None
-        try:
-            # A file's message is about 70 KB at 100 services: in a 64 KB pipe the worker waits
-            # for this side (busy reading files itself) to drain each; 1 MB holds a dozen.
-            import fcntl
-
-            fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except (ImportError, AttributeError, OSError):
-            pass  # a smaller pipe: slower, the same messages
+        # A file's message is about 70 KB at 100 services: in a 64 KB pipe the worker waits
+        # for this side (busy reading files itself) to drain each; 1 MB holds a dozen.
+        _large_pipe(r)
         try:
             self.proc = subprocess.Popen(
                 [*(cmd or command()), str(w)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -235,6 +241,10 @@ class Worker:
         finally:
             os.close(w)
         self.fd = r
+        # The job (a name and signature per file: 64 KB at a few thousand files) in one write,
+        # the worker still importing, rather than a write per 64 KB it takes.
+        assert self.proc.stdin is not None
+        _large_pipe(self.proc.stdin.fileno())
         import select
 
         self._poll = select.poll()
@@ -252,9 +262,10 @@ class Worker:
             raise
 
     def _send_job(self, data: bytes) -> None:
-        """`data` on the worker's stdin within JOB_TIMEOUT: the pipe holds 64 KB and a job (a
-        name and signature per file) is larger at a few thousand files, so a worker that
-        never reads (stuck before its job) would hold a blocking write, and the agent, for good."""
+        """`data` on the worker's stdin within JOB_TIMEOUT: the pipe holds PIPE_SIZE (64 KB
+        when the kernel refuses more) and a job (a name and signature per file) can be larger,
+        so a worker that never reads (stuck before its job) would hold a blocking write, and
+        the agent, for good."""
         import select
         import time
 

@@ -378,16 +378,32 @@ class Allocator:
         given = spec.get("clusterIPs")
         if given and (given.__class__ is not list or len(given) != 1 or given[0] != ip):
             return None
+        if not self.take_written(key, ip, old):
+            return None
+        new_spec = {"clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
+        return Allocation(self._inject(svc, new_spec, {}), set())
+
+    def take_written(self, key: str, ip: str, old: _Record | None | bool = False) -> bool:
+        """Record `ip`, one canonical IPv4 ClusterIP a ClusterIP Service's manifest writes
+        (families and policy left out or single-stack IPv4, clusterIPs left out or the same
+        one), as service `key`'s only allocation, when nobody else holds it: what allocate()
+        does for such a Service, whose allocated version then has clusterIP, clusterIPs
+        [ip], ipFamilies [IPv4] and ipFamilyPolicy SingleStack. False (nothing changed) for an
+        address not canonical IPv4 or held by another service: allocate() then decides (it
+        refuses or displaces). A source that knows the Service is of that shape calls this
+        instead of allocate(), without the Service's dict (kpr.sources.files)."""
+        if old is False:
+            old = self._records.get(key)
         try:
             packed = socket.inet_pton(socket.AF_INET, ip)
-        except (OSError, ValueError):
-            return None
+        except (OSError, ValueError, TypeError):
+            return False
         if socket.inet_ntop(socket.AF_INET, packed) != ip:
-            return None
+            return False
         ips = self._ips
         holder = ips.get(ip)
         if holder is not None and holder != key:
-            return None  # taken: the general way refuses or displaces
+            return False  # taken: the general way refuses or displaces
         new = _Record(ips=ip, explicit_mask=1)
         if not (old is not None and holder == key and old.ips == ip and old.explicit_mask == 1 and not old.node_ports
                 and not old.health_check_node_port):
@@ -404,8 +420,7 @@ class Allocator:
         if old is None or old != new and old.to_json() != new.to_json():
             self._dirty = True
         self._records[key] = new
-        new_spec = {"clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
-        return Allocation(self._inject(svc, new_spec, {}), set())
+        return True
 
     def release(self, key: str) -> None:
         """Forget a service's allocations (it was deleted)."""

@@ -235,13 +235,22 @@ def pack_over(base: Any, before: Any, obj: Any) -> Any:
         return pack(obj)
     # (lists, not generators: once per allocated Service of a full sync)
     keys = tuple([k for k in names if k not in old or old[k] != spec[k]])
-    if not keys or len(_over_keys) >= 64 and keys not in _over_keys:
-        return pack(obj)
+    made = over(base, keys, tuple([spec[k] for k in keys])) if keys else None
+    return pack(obj) if made is None else made
+
+
+def over(base: bytes, keys: tuple[str, ...], values: tuple[Any, ...]) -> Over | None:
+    """The Over of `base` (packed bytes of an object with a dict "spec") whose spec's `keys`
+    (new ones at the end, in this order) have `values`: what pack_over makes of such a change
+    (a source that knows the change makes it without the two dicts). None when it cannot
+    (too many sets of keys, a value marshal cannot hold): pack the whole object then."""
+    if len(_over_keys) >= 64 and keys not in _over_keys:
+        return None
     try:
-        values = marshal.dumps(tuple([spec[k] for k in keys]))
+        packed = marshal.dumps(values)
     except ValueError:
-        return pack(obj)
-    return Over(base, _over_keys.setdefault(keys, keys), values)
+        return None
+    return Over(base, _over_keys.setdefault(keys, keys), packed)
 
 
 def pack(obj: Any) -> Any:

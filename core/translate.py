@@ -903,6 +903,8 @@ _ADDRESS_SHIFT = 18
 _READY = 2  # ready: active
 _DRAINING = 1  # not ready, serving and terminating: picked only when no ready one remains
 _UNUSABLE = 0
+# An endpoint's conditions as most are written: ready, nothing else said.
+_READY_ONLY = {"ready": True}
 
 
 @dataclass(slots=True)
@@ -1048,8 +1050,10 @@ def _parse_slice_endpoints(
             value = 0
             texts.append("")  # type: ignore[union-attr]
         conditions = endpoint.get("conditions")
-        if conditions:
-            if not isinstance(conditions, dict):
+        if conditions == _READY_ONLY and conditions["ready"] is True:  # (1 == True: a bool only)
+            usable = _READY  # (most endpoints: the three reads below for one answer)
+        elif conditions:
+            if conditions.__class__ is not dict:
                 _endpoint_error(obj, endpoint, i, family)
             r = conditions.get("ready")
             s = conditions.get("serving")
@@ -1327,7 +1331,8 @@ def validate_object(
         spec = _parse_service(obj, rules)
         ref = ref if ref is not None else object_ref(obj)
         meta = obj["metadata"]
-        return _CheckedService(spec, ref, service_key_of(obj, ref), rules, meta.get("labels"), meta.get("annotations"))
+        return _CheckedService(spec, ref, service_key_of(obj, ref), rules, meta.get("labels"), meta.get("annotations"),
+                               _written_allocation(obj, spec))
     if kind == "EndpointSlice":
         parsed = _parse_slice(obj)
         # Every FQDN slice and any endpoint with more than one address take the long way:
@@ -1355,11 +1360,60 @@ class _CheckedService:
     rules: AddressRules
     labels: Mapping[str, str] | None
     annotations: Mapping[str, str] | None
+    # The spec keys allocation fills into a Service that writes its one IPv4 ClusterIP
+    # (_written_allocation); None for any other.
+    written: tuple[str, ...] | None = None
 
     @property
     def claimed(self) -> tuple[str, ...]:
         """claimed_cluster_ips of the object (valid: each text is the address it parses to)."""
         return tuple([ip[0] for ip in self.spec.cluster_ips])
+
+
+_WRITTEN_KEYS = ("clusterIPs", "ipFamilies", "ipFamilyPolicy")
+
+
+def _written_allocation(obj: KubeObject, parsed: _ServiceSpec) -> tuple[str, ...] | None:
+    """For a ClusterIP Service (validated, read as `parsed`) whose manifest writes one IPv4
+    ClusterIP, in clusterIP alone or in both fields, with families and policy left out or
+    single-stack IPv4 (manifests exported from a cluster): the spec keys allocation changes,
+    in spec order, as kpr.allocator's written way fills them in (clusterIPs, ipFamilies,
+    ipFamilyPolicy; clusterIP is the written one) and as kpr.memory.pack_over would find
+    them. The reading stands for the allocated Service (checked_after_allocation returns it):
+    a source allocates such a Service without unpacking it (`written_allocation`). None for
+    anything else. (Kept until the store translates the Service: nothing made per Service
+    for the usual manifest, which leaves all three out.)"""
+    cluster_ips = parsed.cluster_ips
+    if parsed.type != "ClusterIP" or len(cluster_ips) != 1 or cluster_ips[0][1] != 4:
+        return None
+    get = obj["spec"].get
+    ip = cluster_ips[0][0]
+    listed, names, policy = get("clusterIPs"), get("ipFamilies"), get("ipFamilyPolicy")
+    if listed is None and names is None and policy is None:
+        return _WRITTEN_KEYS if get("clusterIP") == ip else None
+    if (
+        get("clusterIP") != ip
+        or not (listed is None or listed == [ip])
+        or not (names is None or names == ["IPv4"])
+        or not (policy is None or policy == "SingleStack")
+    ):
+        return None
+    # (the keys written already keep their places: only those absent are appended)
+    keys = tuple([k for k, v in zip(_WRITTEN_KEYS, (listed, names, policy)) if v is None])
+    return _WRITTEN_KEYS if keys == _WRITTEN_KEYS else keys or None
+
+
+def written_allocation(packed: object) -> tuple[str, tuple[str, ...], tuple[Any, ...]] | None:
+    """For a Service validation read as `packed` and found of the shape _written_allocation
+    describes: (its ClusterIP, the spec keys allocation changes, their new values), what
+    kpr.memory.over takes; None for any other object."""
+    found = _checked.get(packed) if packed.__class__ in PACKED else None  # type: ignore[call-overload]
+    keys = found.written if found.__class__ is _CheckedService else None  # type: ignore[union-attr]
+    if keys is None:
+        return None
+    ip = found.spec.cluster_ips[0][0]  # type: ignore[union-attr]
+    filled = {"clusterIPs": [ip], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
+    return ip, keys, tuple([filled[k] for k in keys])
 
 
 # The spec fields an allocation fills in (kpr.allocator): the rest of an allocated Service is

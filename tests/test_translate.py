@@ -1582,6 +1582,12 @@ INVALID = [
         "endpoints[0].conditions.ready: must be true or false",
     ),
     (
+        # equal to {"ready": True} (1 == True): the usual conditions' short way takes a bool only
+        "slice-ready-number",
+        edit(SLICE, "endpoints.0.conditions", {"ready": 1}),
+        "endpoints[0].conditions.ready: must be true or false",
+    ),
+    (
         "slice-terminating",
         edit(SLICE, "endpoints.0.conditions", {"terminating": 1}),
         "endpoints[0].conditions.terminating: must be true or false",

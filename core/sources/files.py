@@ -1202,6 +1202,23 @@ class FilesSource:
                 continue
             winner = holders[0]
             packed = self._files[winner].objects[ref]
+            written = tr.written_allocation(packed) if ref[0] == "Service" and type(packed) is bytes else None
+            if written is not None and ref not in self._lb_seen:
+                # A manifest writing its one IPv4 ClusterIP (every Service of a cluster's export):
+                # allocated from validation's reading, without unpacking it, diffing the
+                # allocated copy (pack_over) or reading it again (checked_after_allocation):
+                # the same outcome, 0.1-0.15 s less of a 20k-service first pass.
+                ip, keys, values = written
+                made = memory.over(packed, keys, values)
+                if made is not None and self.allocator.take_written(f"{ref[1]}/{ref[2]}", ip):
+                    progress_after_failure = progress_after_failure or bool(failed)
+                    self._retry.discard(ref)
+                    if errors or ref in self._ref_errors:
+                        self._set_ref_errors(ref, errors, touched)
+                    # (not a LoadBalancer, nor one before: _lb_status would change nothing)
+                    tr.remember_checked(made, tr.take_checked(packed), ref)
+                    self._send(ref, made, upserts, deletes)
+                    continue
             # Only a Service is read here (allocation); the rest goes to the sink packed.
             obj = read = memory.unpack(packed) if ref[0] == "Service" else packed
             if ref[0] == "Service":
@@ -1239,13 +1256,17 @@ class FilesSource:
                 tr.take_checked(packed)
             else:
                 obj = packed
-            sent = self._sent.get(ref)
-            if sent is None or not memory.same(sent, obj):
-                self._sent[ref] = obj
-                upserts[ref] = obj
-                if ref in deletes:
-                    deletes.remove(ref)
+            self._send(ref, obj, upserts, deletes)
         return upserts, deletes
+
+    def _send(self, ref: ObjectRef, obj: Any, upserts: dict[ObjectRef, Any], deletes: list[ObjectRef]) -> None:
+        """`obj` (packed) is what `ref` now is: an upsert for the sink unless sent already."""
+        sent = self._sent.get(ref)
+        if sent is None or not memory.same(sent, obj):
+            self._sent[ref] = obj
+            upserts[ref] = obj
+            if ref in deletes:
+                deletes.remove(ref)
 
     # --- StatusWriter (kpr.sources) -------------------------------------------------------
 

@@ -83,6 +83,7 @@ def test_the_short_way_allocates_as_the_general_way(tmp_path_factory, spec, orde
 
 def _scan(tmp_path, docs, monkeypatch=None, short=True):
     from test_files_source import make, write
+    from test_translate_checked_service import _Publisher
 
     src = make(tmp_path, cidrs=CIDRS)
     write(src.path / "a.yaml", *docs)
@@ -131,13 +132,3 @@ def test_the_files_source_serves_the_same_with_and_without_the_short_way(tmp_pat
         assert fast_store.object(ref) == slow_store.object(ref)
         assert fast_store.object(ref)["spec"]["clusterIPs"] == [fast_store.object(ref)["spec"]["clusterIP"]]
 
-
-class _Publisher:
-    def upsert(self, service) -> None:
-        pass
-
-    def delete(self, key) -> None:
-        pass
-
-    def sync_complete(self) -> None:
-        pass

@@ -292,10 +292,14 @@ class Agent:
         self.api.start()
         if cfg.metrics.address:
             self.metrics.serve(cfg.metrics.address)
-        if not early:
-            self._start_source()
+        # setup() counts as done before the source starts: a first pass that ends, and a bus
+        # worker that hands its state over, while setup() is still on its way out then sends
+        # READY=1 itself, before the bus settles the heap (before, it found setup() unfinished
+        # and READY=1 waited for the settle and the main thread).
         with self._ready_lock:
             self._setup_done = True
+        if not early:
+            self._start_source()
         # A bus worker that handed over the initial state during setup left READY=1 to this.
         self._check_ready()
 

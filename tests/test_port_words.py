@@ -4,6 +4,8 @@ KPR_NP_PORT_WORDS_UDP, KPR_NP_VIP_WORDS, read by kpr.bpf.abi), no copy of them i
 
 from __future__ import annotations
 
+import struct
+
 from kpr.bpf import abi
 from kpr.nodeport import datapath as D
 from kpr.nodeport import tables
@@ -15,11 +17,20 @@ def test_udp_port_words_start_where_the_header_says():
         assert D.port_bit(port, 17) == (udp | port >> 6, 1 << (port & 63)), port
         assert D.port_bit(port, 6) == (port >> 6, 1 << (port & 63)), port
     assert D.port_bit(80, 132) is None
-    # every port of both protocols has a word of its own within the maps' words
-    assert udp == 65536 >> 6 and 2 * udp <= abi.value("KPR_NP_UNSERVED_WORDS") == abi.value("KPR_NP_NOMODE_WORDS")
+    # every port of both protocols has a word of its own within the maps' words, derived from it
+    assert udp == 65536 >> 6
+    assert 2 * udp == abi.value("KPR_NP_UNSERVED_WORDS") == abi.value("KPR_NP_NOMODE_WORDS") == D.PORTS_ARMED
 
 
 def test_announced_address_words_are_the_headers():
-    assert D.VIP_WORDS == abi.value("KPR_NP_VIP_WORDS") == (0xFFFF >> 6) + 1  # a bit per vip_hash value
+    mask = abi.value("KPR_NP_VIP_HASH_MASK")
+    assert D.VIP_WORDS == abi.value("KPR_NP_VIP_WORDS") == (mask >> 6) + 1  # a bit per vip_hash value
+    # vip_hash's values are the header's kpr_np_vip_hash()'s: under its mask, every bit of it used
+    seen = 0
+    for i in range(4096):
+        h = D.vip_hash(struct.pack("=4I", i * 2654435761 & 0xFFFFFFFF, i, i << 7, 0))
+        assert h & ~mask == 0, (i, hex(h))
+        seen |= h
+    assert seen == mask
     spec = {s.name: s for s in tables.specs(1024)}[D.PORTS_MAP]
     assert spec.max_entries == abi.value("KPR_NP_VIP_BITS") + abi.value("KPR_NP_VIP_WORDS")

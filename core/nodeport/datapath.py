@@ -107,6 +107,7 @@ OWN_MAPS = (REV_MAP, FE_MAP, VIP_MAP, NODEADDR_MAP, DEV_MAP, DEVKIND_MAP, PORTS_
 PORTS_ARMED = abi.value("KPR_NP_PORTS_ARMED")
 VIP_BITS = abi.value("KPR_NP_VIP_BITS")  # then VIP_WORDS words: a bit per announced address at vip_hash()
 VIP_WORDS = abi.value("KPR_NP_VIP_WORDS")
+VIP_HASH_MASK = abi.value("KPR_NP_VIP_HASH_MASK")  # vip_hash's values
 UNSERVED_WORDS = abi.value("KPR_NP_UNSERVED_WORDS")  # kpr_np_unserved: one per port word of kpr_np_ports
 NOMODE_WORDS = abi.value("KPR_NP_NOMODE_WORDS")  # kpr_np_nomode: indexed as kpr_np_unserved
 _WORD_MASK = (1 << 64) - 1
@@ -177,7 +178,7 @@ def vip_hash(addr16: bytes) -> int:
     """lib/nodeport.h kpr_np_vip_hash(): the 32-bit words as the program loads them (native order)."""
     w0, w1, w2, w3 = struct.unpack("=4I", addr16)
     h = w0 ^ w1 ^ w2 ^ w3
-    return (h ^ (h >> 16)) & 0xFFFF
+    return (h ^ (h >> 16)) & VIP_HASH_MASK
 
 
 def invalidate_next_hops(m: M.BpfMap) -> int:

@@ -347,31 +347,33 @@ BPF_TABLE_PINNED("hash", union kpr_addr, __u32, kpr_np_nodeaddr, KPR_NP_NODEADDR
 // External devices by ifindex (0: defaults): SNAT addresses; also tells pod devices from external ones.
 BPF_TABLE_PINNED("hash", __u32, struct kpr_np_dev, kpr_np_dev, KPR_NP_DEV_MAX, KPR_PIN(kpr_np_dev));
 /* Frontend ports (kpr_np_ports, written by the agent from every external frontend): bit
- * (port & 63) of word (proto index << 10 | port >> 6), TCP index 0, UDP 1; word
+ * (port & 63) of word (proto index * KPR_NP_PORT_WORDS_UDP | port >> 6), TCP index 0, UDP 1; word
  * KPR_NP_PORTS_ARMED is non-zero once the agent wrote them all (until then nothing exits early;
  * read only by KPR_NP_UNSERVED=0 builds and older programs still attached: the others read
  * kpr_np_unserved, whose words stay zero until then).
  * The KPR_NP_VIP_WORDS words from KPR_NP_VIP_BITS hold a bit per announced address (kpr_np_vip), at
  * kpr_np_vip_hash(): a clear bit spares the early exit the announced-address lookup. */
 #define KPR_NP_PORT_WORDS_UDP 1024 // the first UDP port word (TCP's from 0): 65536 ports / 64 bits
-#define KPR_NP_PORTS_ARMED 2048
+#define KPR_NP_PORTS_ARMED (2 * KPR_NP_PORT_WORDS_UDP)
 #define KPR_NP_VIP_BITS (KPR_NP_PORTS_ARMED + 1)
-#define KPR_NP_VIP_WORDS 1024 // kpr_np_ports' words from KPR_NP_VIP_BITS: a bit per kpr_np_vip_hash() value
+#define KPR_NP_VIP_HASH_MASK 0xffff // kpr_np_vip_hash()'s values (kpr.nodeport.datapath.vip_hash reads it)
+// kpr_np_ports' words from KPR_NP_VIP_BITS: a bit per kpr_np_vip_hash() value
+#define KPR_NP_VIP_WORDS ((KPR_NP_VIP_HASH_MASK >> 6) + 1)
 BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_ports, KPR_NP_VIP_BITS + KPR_NP_VIP_WORDS, KPR_PIN(kpr_np_ports));
 /* The same port words inverted, armed in each bit (kpr_np_unserved, written with kpr_np_ports): a
  * set bit is a port no frontend has, once the agent armed kpr_np_ports; all clear (as created)
  * before. The prefilter reads this word alone: no armed word's line of its own, so a packet
  * that leaves early reads two lines (this word, the announced-address bit), not three. */
-#define KPR_NP_UNSERVED_WORDS 2048
+#define KPR_NP_UNSERVED_WORDS (2 * KPR_NP_PORT_WORDS_UDP)
 BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_unserved, KPR_NP_UNSERVED_WORDS, KPR_PIN(kpr_np_unserved));
 /* Ports no frontend overrides the mode on (kpr_np_nomode, written by the agent with kpr_np_fe),
- * indexed as kpr_np_unserved (bit port & 63 of word proto index << 10 | port >> 6; TCP, UDP): a
+ * indexed as kpr_np_unserved (bit port & 63 of word proto index * KPR_NP_PORT_WORDS_UDP | port >> 6): a
  * set bit says kpr_np_fe holds no key of that port and protocol, so a new flow to a frontend
  * there takes the default mode without the kpr_np_fe lookup, a hash bucket of 1 MiB and a cold
  * line of its own when new flows spread over many frontends. Clear (as created): look it up.
  * The agent clears a bit before it writes a kpr_np_fe key of its port, and sets it only once
  * the port's last key is gone. */
-#define KPR_NP_NOMODE_WORDS 2048
+#define KPR_NP_NOMODE_WORDS (2 * KPR_NP_PORT_WORDS_UDP)
 BPF_TABLE_PINNED("array", __u32, __u64, kpr_np_nomode, KPR_NP_NOMODE_WORDS, KPR_PIN(kpr_np_nomode));
 // What each device is (ifindex -> KPR_DEV_*), for the forwarding helper it allows.
 BPF_TABLE_PINNED("hash", __u32, __u32, kpr_np_devkind, KPR_NP_DEVKIND_MAX, KPR_PIN(kpr_np_devkind));
@@ -492,12 +494,12 @@ static __always_inline int kpr_np_port_served(const struct kpr_tuple *t)
 #endif
 }
 
-// 16-bit hash of an address for the announced-address bits (kpr.nodeport.datapath.vip_hash mirrors it).
+// Hash of an address for the announced-address bits (kpr.nodeport.datapath.vip_hash mirrors it).
 static __always_inline __u32 kpr_np_vip_hash(const union kpr_addr *a)
 {
 	__u32 h = a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3];
 
-	return (h ^ (h >> 16)) & 0xffff;
+	return (h ^ (h >> 16)) & KPR_NP_VIP_HASH_MASK;
 }
 
 // Whether the address may be an announced one (its bit is set, or the bits are not there).

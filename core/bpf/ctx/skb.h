@@ -5,7 +5,12 @@
  * after the problem (__kpr_skb_has_no_...): using it fails the build (bcc: "cannot call
  * non-static helper function", pointing at the name) instead of silently doing nothing.
  * They are macros, not inline functions, because bcc rejects such a call even in an unused
- * function.
+ * function. So lib/ code may not name such an operation even in a branch the context never
+ * takes: a difference between the hooks is an operation both define, each with its own answer
+ * (ctx_redirect_reaches, CTX_REDIRECTS_EVERYWHERE, ctx_resolve_neigh, ctx_fits_mtu, CTX_FIB_MTU),
+ * and an operation one hook lacks is used
+ * only behind a build switch that defaults off on the other (lib/nodeport.h: KPR_NP_PEER,
+ * KPR_NP_DSR).
  *
  * Include exactly one ctx header, before any lib/ header that touches packets.
  */
@@ -19,6 +24,7 @@
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
+#include "lib/devkind.h" // (context-free) the device kinds ctx_redirect_reaches() is stated in
 
 #ifndef KPR_CTX_MAX_OFF
 #define KPR_CTX_MAX_OFF 512 // largest header offset ctx_ptr() accepts; bounds variable offsets for the verifier
@@ -59,6 +65,17 @@ static __always_inline __u32 ctx_len(kpr_ctx_t *ctx) { return ctx->len; }
 static __always_inline __u32 ctx_ifindex(kpr_ctx_t *ctx) { return ctx->ifindex; }
 // The segment size of a GSO packet (the kernel splits it after the program), 0 for one packet.
 static __always_inline __u32 ctx_gso_size(kpr_ctx_t *ctx) { return ctx->gso_size; }
+
+/* A FIB lookup without tot_len reports the egress device's MTU (bpf_skb_fib_lookup): a route's
+ * MTU is known (ctx/xdp.h: not). ctx_fits_mtu(): whether the packet, its L3 header at l3_off,
+ * fits a route of MTU `mtu` (0: not known, no). A GSO packet's segments are the kernel's to
+ * fit; the slack is the one a VLAN tag gets in the FIB lookup's own check (is_skb_forwardable).
+ * (the GSO size, in the skb's shared info, a line of its own, only for a packet too long) */
+#define CTX_FIB_MTU 1
+static __always_inline int ctx_fits_mtu(kpr_ctx_t *ctx, __u32 l3_off, __u32 mtu)
+{
+	return mtu && (ctx_len(ctx) - l3_off <= mtu + 4 || ctx_gso_size(ctx));
+}
 
 /* The skb's checksum state as CTX_CSUM_* (ip_summed + 1), 0 when the build does not know where
  * ip_summed is (the loader passes KPR_SKB_KERN_CTX_FN and KPR_SKB_IP_SUMMED_* from the kernel's
@@ -126,12 +143,21 @@ static __always_inline int ctx_redirect_peer(kpr_ctx_t *ctx, __u32 ifindex, __u3
 {
 	return bpf_redirect_peer(ifindex, flags);
 }
+// Whether ctx_redirect() delivers to a device of kind `kind` (KPR_DEV_*, lib/devkind.h),
+// `external` when kpr's programs run on it: from tc, every device (ctx/xdp.h: only some).
+static __always_inline int ctx_redirect_reaches(__u32 kind, int external) { return 1; }
+/* 1: the program sends a packet to every device a FIB lookup names, its next hop's MAC known
+ * (ctx_redirect) or not (ctx_resolve_neigh): it can decide after translating (ctx/xdp.h: 0). */
+#define CTX_REDIRECTS_EVERYWHERE 1
 // Out of a device with the kernel's neighbour resolution filling in the MACs.
 static __always_inline int ctx_redirect_neigh(kpr_ctx_t *ctx, __u32 ifindex)
 {
 	// bcc 0.26 declares this helper without its `plen` argument; call it with the kernel's four
 	return ((long (*)(__u32, void *, int, __u64))BPF_FUNC_redirect_neigh)(ifindex, (void *)0, 0, 0);
 }
+// Hand the packet to the kernel's neighbour resolution for `ifindex` (a next hop whose MAC is
+// not known, or a device no MAC rewrite suits): here the neighbour helper (ctx/xdp.h: the stack).
+static __always_inline int ctx_resolve_neigh(kpr_ctx_t *ctx, __u32 ifindex) { return ctx_redirect_neigh(ctx, ifindex); }
 // The same to a known next hop (a FIB lookup's result): the kernel skips its own route lookup.
 static __always_inline int ctx_redirect_neigh_nh(kpr_ctx_t *ctx, __u32 ifindex, struct bpf_redir_neigh *nh)
 {

@@ -64,13 +64,11 @@ static __always_inline int kpr_csum_patch_diff(kpr_ctx_t *ctx, __u32 off, __u32 
 	return 0;
 }
 
-#ifdef KPR_CTX_XDP
 // The same for a change of `from` to `to` (32-bit sums of the changed bytes).
 static __always_inline int kpr_csum_patch(kpr_ctx_t *ctx, __u32 off, __u32 from_sum, __u32 to_sum, __u64 flags)
 {
 	return kpr_csum_patch_diff(ctx, off, kpr_csum_add(~from_sum, to_sum), flags);
 }
-#endif
 
 #ifndef KPR_CSUM_IP_DIRECT
 /* 1: tc patches the IPv4 header checksum (kpr_csum_l3_diff, kpr_csum_l3_replace4: every NAT,

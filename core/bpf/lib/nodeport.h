@@ -4,7 +4,10 @@
  * Written against the ctx API only, so tc (ctx/skb.h) and XDP (ctx/xdp.h) compile the same
  * logic. What XDP cannot do is behind switches that default off there: DSR needs
  * bpf_skb_adjust_room (KPR_NP_DSR), delivery into a pod namespace needs bpf_redirect_peer
- * (KPR_NP_PEER); turning them on in an XDP build fails the build on purpose (ctx/xdp.h).
+ * (KPR_NP_PEER); turning them on in an XDP build fails the build on purpose (ctx/xdp.h). What
+ * the hooks do differently is a ctx operation both define (ctx_redirect_reaches,
+ * CTX_REDIRECTS_EVERYWHERE, ctx_resolve_neigh, ctx_fits_mtu, CTX_FIB_MTU), not an #ifdef on the
+ * context (the KPR_CTX_SKB ones left name each build's own maps and pick its defaults).
  *
  * Per packet arriving from outside (kpr_np_from_netdev):
  *   1. a DSR header from another node's kpr: remember (backend, client) -> frontend, strip it;
@@ -631,21 +634,14 @@ static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const __u8 *dmac, con
 	return 0;
 }
 
-#ifdef KPR_CTX_XDP
-// Whether XDP_REDIRECT reaches a device of kind `kind` (KPR_DEV_*), external or not (see below).
-static __always_inline int kpr_np_xdp_reachable(__u32 kind, int external)
-{
-	return external && (kind == KPR_DEV_PHYSICAL || kind == KPR_DEV_VETH_PEER || kind == KPR_DEV_VETH_LOCAL);
-}
-
-/* Whether XDP can send a frame where the FIB lookup `p` (result `rc`) says; otherwise counts
- * why not, and the frame goes to the stack. XDP_REDIRECT needs the target's XDP transmit path:
- * the external devices kpr's XDP program runs on have one (an overlay or a bridge named as one
- * runs generic XDP at best: no transmit path either); a pod's veth only if its peer runs XDP, a
- * bridge or an overlay device none. Stages that source-NAT ask before translating: a frame whose
- * source became the node's own address is a martian to the stack, so they pass it untranslated
- * and tc_nodeport behind XDP (or the stack) carries the flow on. */
-static __always_inline int kpr_np_xdp_sendable(const struct bpf_fib_lookup *p, int rc)
+/* Whether the program can send a frame where the FIB lookup `p` (result `rc`) says with
+ * ctx_redirect() (and the route's MACs); otherwise counts why not, and the frame goes to the
+ * stack. Only asked where the hook cannot send everywhere (!CTX_REDIRECTS_EVERYWHERE: XDP, whose
+ * XDP_REDIRECT needs the target's XDP transmit path, ctx_redirect_reaches, and a known
+ * neighbour). Stages that source-NAT ask before translating: a frame whose source became the
+ * node's own address is a martian to the stack, so they pass it untranslated and tc_nodeport
+ * behind XDP (or the stack) carries the flow on. */
+static __always_inline int kpr_np_sendable(const struct bpf_fib_lookup *p, int rc)
 {
 	__u32 ifindex = p->ifindex, kind;
 	int external;
@@ -657,7 +653,7 @@ static __always_inline int kpr_np_xdp_sendable(const struct bpf_fib_lookup *p, i
 	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
 	kind = kpr_np_devkind_of(ifindex, external);
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
-	if (!kpr_np_xdp_reachable(kind, external)) {
+	if (!ctx_redirect_reaches(kind, external)) {
 		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
 		return 0;
 	}
@@ -667,30 +663,19 @@ static __always_inline int kpr_np_xdp_sendable(const struct bpf_fib_lookup *p, i
 	}
 	return 1;
 }
-#endif
 
 /* Send a translated packet where the FIB lookup `p` (result `rc`) says, with the fastest helper
  * its egress device allows (see the top of this file): into the pod's namespace when `peer` and
  * the device has a peer, with the route's MACs out of the device, through the kernel's neighbour
  * resolution when the next hop's MAC is not known yet, or to the kernel's own routing when the
- * lookup found no forwarding route or the device is one no helper can be trusted with.
- * The frame is only rewritten when a helper takes it: the stack must see it as it came. */
+ * lookup found no forwarding route or the device is one no helper can be trusted with (on
+ * XDP: one ctx_redirect_reaches() says XDP_REDIRECT does not reach, or a next hop without a
+ * known MAC: ctx_resolve_neigh is the stack there; an XDP build with KPR_NP_PEER fails, naming
+ * ctx_redirect_peer). The frame is only rewritten when a helper takes it: the stack must see it
+ * as it came. */
 static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p, int rc, int peer)
 {
-	__u32 ifindex = p->ifindex;
-#ifdef KPR_CTX_XDP
-#if KPR_NP_PEER
-	if (peer) // asking XDP for bpf_redirect_peer fails the build (ctx/xdp.h), on purpose
-		return ctx_redirect_peer(ctx, ifindex, 0);
-#endif
-	if (!kpr_np_xdp_sendable(p, rc))
-		return CTX_PASS;
-	if (kpr_np_set_macs(ctx, p->dmac, p->smac))
-		return CTX_DROP;
-	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
-	return ctx_redirect(ctx, ifindex, 0);
-#else
-	__u32 kind;
+	__u32 ifindex = p->ifindex, kind;
 	int external;
 
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
@@ -700,6 +685,10 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
 	kind = kpr_np_devkind_of(ifindex, external);
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
+	if (!ctx_redirect_reaches(kind, external)) { // (XDP; an unknown device is one of these there)
+		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
+		return CTX_PASS;
+	}
 	if (kind == KPR_DEV_UNKNOWN) {
 		// A request for a local pod (only DNAT: the client's source) the stack delivers as
 		// well. Other stages may have made the node's own address the source, which the stack
@@ -710,11 +699,11 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 			return CTX_PASS;
 		}
 		kpr_np_fwd_count(KPR_NP_FWD_NEIGH);
-		return ctx_redirect_neigh(ctx, ifindex);
+		return ctx_resolve_neigh(ctx, ifindex);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		kpr_np_fwd_count(KPR_NP_FWD_NEIGH);
-		return ctx_redirect_neigh(ctx, ifindex);
+		kpr_np_fwd_count(CTX_REDIRECTS_EVERYWHERE ? KPR_NP_FWD_NEIGH : KPR_NP_FWD_STACK_NO_NEIGH);
+		return ctx_resolve_neigh(ctx, ifindex);
 	}
 	if (kpr_np_set_macs(ctx, p->dmac, p->smac))
 		return CTX_DROP;
@@ -726,7 +715,6 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 #endif
 	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
 	return ctx_redirect(ctx, ifindex, 0);
-#endif
 }
 
 // Forward a packet whose tuple is final (after every rewrite).
@@ -776,15 +764,11 @@ static __always_inline const union kpr_addr *kpr_np_snat_addr(__u32 ifindex, __u
 
 /* --- next hops cached per backend --------------------------------------------------------- */
 
-/* Whether a cached next hop keeps the route's MTU. tc: a lookup without tot_len reports the
- * egress device's (bpf_skb_fib_lookup); it is checked from the cache, and an entry without it
- * (XDP's) is written again with it. XDP: its lookup reports none, and it takes an entry whatever
- * MTU it holds (no rewrite of tc's entries). */
-#ifdef KPR_CTX_SKB
-#define KPR_NP_NH_MTU 1
-#else
-#define KPR_NP_NH_MTU 0
-#endif
+/* Whether a cached next hop keeps the route's MTU: where the FIB lookup reports it (CTX_FIB_MTU,
+ * tc) it is checked from the cache (ctx_fits_mtu), and an entry without it (XDP's) is written
+ * again with it; where not (XDP), an entry is taken whatever MTU it holds (no rewrite of tc's
+ * entries). */
+#define KPR_NP_NH_MTU CTX_FIB_MTU
 
 // The backend's cached next hop when it is current (this generation, this address), else NULL.
 static __always_inline struct kpr_np_nh *kpr_np_nh_current(__u32 bid, const union kpr_addr *addr)
@@ -806,39 +790,35 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_current(__u32 bid, const unio
 #endif
 }
 
-/* The backend's cached next hop when it is current and the packet (its L3 header at l3_off)
- * fits the route's MTU, else NULL: a packet too big takes the FIB lookup, whose FRAG_NEEDED
- * hands it to the stack for the ICMP error path MTU discovery needs. */
+/* The backend's cached next hop when it is current and the packet (its L3 header at l3_off) fits
+ * the route's MTU (ctx_fits_mtu; an entry XDP cached holds mtu 0: looked up again and cached
+ * with it), else NULL: a packet too big takes the FIB lookup, whose FRAG_NEEDED hands it to the
+ * stack for the ICMP error path MTU discovery needs. */
+static __always_inline struct kpr_np_nh *kpr_np_nh_fitting(kpr_ctx_t *ctx, __u32 l3_off, __u32 bid,
+							   const union kpr_addr *addr)
+{
+	struct kpr_np_nh *e = kpr_np_nh_current(bid, addr);
+
+	if (!e || !ctx_fits_mtu(ctx, l3_off, e->kind >> 16))
+		return (void *)0;
+	return e;
+}
+
+/* The same, only where ctx_redirect() reaches: tc, and the XDP local stage, cache next hops
+ * XDP_REDIRECT cannot reach (kpr_np_sendable). */
 static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_off, __u32 bid,
 						       const union kpr_addr *addr)
 {
-#if KPR_NP_NH_CACHE
-	struct kpr_np_nh *e = kpr_np_nh_current(bid, addr);
+	struct kpr_np_nh *e = kpr_np_nh_fitting(ctx, l3_off, bid, addr);
 
-	if (!e)
+	if (!e || !ctx_redirect_reaches(e->kind & 0xff, e->kind & KPR_NP_NH_EXTERNAL))
 		return (void *)0;
-#if KPR_NP_NH_MTU
-	// mtu 0: cached by XDP, whose lookup reports none: looked up here and cached with it.
-	// A GSO packet's segments are the kernel's to fit; the slack is the one a VLAN tag gets
-	// in the FIB lookup's own check (is_skb_forwardable).
-	// (the GSO size, in the skb's shared info, a line of its own, only for a packet too long)
-	if (!(e->kind >> 16) || (ctx_len(ctx) - l3_off > (e->kind >> 16) + 4 && !ctx_gso_size(ctx)))
-		return (void *)0;
-#endif
-#ifdef KPR_CTX_XDP
-	// tc, and the XDP local stage, cache next hops XDP_REDIRECT cannot reach (kpr_np_xdp_sendable): not for XDP
-	if (!kpr_np_xdp_reachable(e->kind & 0xff, e->kind & KPR_NP_NH_EXTERNAL))
-		return (void *)0;
-#endif
 	return e;
-#else
-	return (void *)0;
-#endif
 }
 
 /* Cache a successful FIB lookup `p` for the backend: what kpr_np_forward does with it, a
  * redirect with the route's MACs, when the device is one it knows. On XDP the SNAT stage caches
- * after kpr_np_xdp_sendable, the local stage before it (devices XDP_REDIRECT cannot reach
+ * after kpr_np_sendable, the local stage before it (devices XDP_REDIRECT cannot reach
  * included: kpr_np_est_local sends those to the stack); SNAT readers stay safe because
  * kpr_np_nh_get filters by reachability on XDP. The device is looked up only when caching is
  * armed. */
@@ -1021,16 +1001,14 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	KPR_NP_STOP(5);
 #if KPR_NP_SNAT_IN_CT
 	orig = pkt.t;
-#ifdef KPR_CTX_XDP
-	if (!kpr_np_xdp_sendable(&p, rc)) {
-		// tc_nodeport behind carries the flow on: the same backend from this entry, the
+	if (!CTX_REDIRECTS_EVERYWHERE && !kpr_np_sendable(&p, rc)) {
+		// (XDP) tc_nodeport behind carries the flow on: the same backend from this entry, the
 		// SNAT mapping made there
 		if (st->created && !st->nat_port &&
 		    kpr_ct_create(&orig, KPR_CT_DIR_ORIGINAL, st->backend_id, st->rev_nat, st->flags))
 			kpr_np_count(KPR_NP_ST_CT_FAILED);
 		return CTX_PASS;
 	}
-#endif
 	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
@@ -1084,11 +1062,9 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 #endif
 	if (st->created)
 		kpr_np_rev_create(&be->addr, be->port, &pkt.t.saddr, pkt.t.sport, pkt.t.proto, &pkt.t.daddr, pkt.t.dport, 0);
-#ifdef KPR_CTX_XDP
-	// the flow's conntrack and reverse entries are written: tc_nodeport behind carries it on
-	if (!kpr_np_xdp_sendable(&p, rc))
+	// (XDP) the flow's conntrack and reverse entries are written: tc_nodeport behind carries it on
+	if (!CTX_REDIRECTS_EVERYWHERE && !kpr_np_sendable(&p, rc))
 		return CTX_PASS;
-#endif
 	if (kpr_nat_dnat(ctx, &pkt, &be->addr, be->port)) {
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
@@ -1119,14 +1095,13 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	}
 	KPR_NP_STOP(6);
 #endif
-#ifdef KPR_CTX_XDP
-	kpr_np_fwd_count(KPR_NP_FWD_REDIRECT); // kpr_np_xdp_sendable said yes above
-	if (kpr_np_set_macs(ctx, p.dmac, p.smac))
-		return CTX_DROP;
-	return ctx_redirect(ctx, p.ifindex, 0);
-#else
+	if (!CTX_REDIRECTS_EVERYWHERE) {
+		kpr_np_fwd_count(KPR_NP_FWD_REDIRECT); // kpr_np_sendable said yes above
+		if (kpr_np_set_macs(ctx, p.dmac, p.smac))
+			return CTX_DROP;
+		return ctx_redirect(ctx, p.ifindex, 0);
+	}
 	return kpr_np_forward(ctx, &p, rc, 0);
-#endif
 }
 
 #if KPR_NP_DSR
@@ -1257,21 +1232,16 @@ static __always_inline void kpr_np_nh_touch(__u32 bid)
 /* An established flow to a local backend, in the entry program: what the local stage does
  * after its FIB lookup (kpr_np_forward with peer), from the next hop it cached (kpr_np_nh,
  * invalidated by the same generation as a remote backend's), with the same counters: DNAT,
- * then on tc redirect_peer into the pod (a veth or netkit with a peer, not external) or a
- * redirect with the route's MACs; on XDP XDP_REDIRECT, or the stack for a device XDP_REDIRECT
- * cannot reach. KPR_NP_EST_MISS when nothing is cached, or (tc) the packet is too big for the
- * cached route's MTU: the packet untouched. */
+ * then the stack for a device ctx_redirect() cannot reach (XDP: no transmit path),
+ * redirect_peer into the pod (a veth or netkit with a peer, not external; KPR_NP_PEER, tc), or
+ * a redirect with the route's MACs. KPR_NP_EST_MISS when nothing is cached, or the packet is too
+ * big for the cached route's MTU (ctx_fits_mtu): the packet untouched. */
 static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt, const struct kpr_backend *be,
 					    __u32 bid)
 {
-#ifdef KPR_CTX_XDP
-	// (no reachability filter: an unreachable device is the stack's, below)
-	struct kpr_np_nh *nh = kpr_np_nh_current(bid, &be->addr);
-#else
-	// (tc: the MTU test; only known kinds are cached, so kpr_np_forward's stack and
-	// neighbour-helper branches cannot apply)
-	struct kpr_np_nh *nh = kpr_np_nh_get(ctx, pkt->l3_off, bid, &be->addr);
-#endif
+	// (no reachability filter: an unreachable device is the stack's, below; only known kinds
+	// are cached, so kpr_np_forward's unknown-device and neighbour-helper branches cannot apply)
+	struct kpr_np_nh *nh = kpr_np_nh_fitting(ctx, pkt->l3_off, bid, &be->addr);
 	__u32 kind;
 
 	if (!nh)
@@ -1281,13 +1251,11 @@ static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt,
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt->t);
 		return CTX_DROP;
 	}
-#ifdef KPR_CTX_XDP
-	if (kpr_np_xdp_reachable(kind & 0xff, kind & KPR_NP_NH_EXTERNAL))
-		return kpr_np_nh_send(ctx, nh);
-	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (kind & 0xff)); // as kpr_np_xdp_sendable counts it
-	kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
-	return CTX_PASS;
-#else
+	if (!ctx_redirect_reaches(kind & 0xff, kind & KPR_NP_NH_EXTERNAL)) {
+		kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (kind & 0xff)); // as kpr_np_sendable counts it
+		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
+		return CTX_PASS;
+	}
 #if KPR_NP_PEER
 	if (!(kind & KPR_NP_NH_EXTERNAL) && kpr_dev_has_peer(kind & 0xff)) {
 		kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (kind & 0xff)); // as kpr_np_forward counts it
@@ -1298,7 +1266,6 @@ static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt,
 	}
 #endif
 	return kpr_np_nh_send(ctx, nh);
-#endif
 }
 #endif
 
@@ -1487,13 +1454,12 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 		kpr_np_drop(KPR_NP_ST_DROP_NO_REV, KPR_MON_R_NO_REVERSE_ENTRY, &pkt.t);
 		return CTX_DROP;
 	}
-#ifdef KPR_CTX_XDP
-	{
-		// the route to the client first: a reply XDP cannot send is passed untranslated
+	if (!CTX_REDIRECTS_EVERYWHERE) {
+		// the route to the client first: a reply the hook cannot send (XDP) is passed untranslated
 		struct bpf_fib_lookup p;
 		int rc = kpr_fib_lookup(ctx, &p, &pkt.t, &fe, &cl, 0);
 
-		if (!kpr_np_xdp_sendable(&p, rc))
+		if (!kpr_np_sendable(&p, rc))
 			return CTX_PASS;
 		if (kpr_nat_dnat_snat(ctx, &pkt, &cl, cport, &fe, fport)) {
 			kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
@@ -1505,14 +1471,12 @@ static __always_inline int kpr_np_stage_snat_reply(kpr_ctx_t *ctx)
 		kpr_np_fwd_count(KPR_NP_FWD_REDIRECT);
 		return ctx_redirect(ctx, p.ifindex, 0);
 	}
-#else
 	if (kpr_nat_dnat_snat(ctx, &pkt, &cl, cport, &fe, fport)) {
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt.t);
 		return CTX_DROP;
 	}
 	kpr_np_count(KPR_NP_ST_REPLY_SNAT);
 	return kpr_np_route(ctx, &pkt, 0);
-#endif
 }
 
 /* --- DSR on the backend's node --------------------------------------------------------- */

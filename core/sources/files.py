@@ -1211,10 +1211,7 @@ class FilesSource:
                 ip, keys, values = written
                 made = memory.over(packed, keys, values)
                 if made is not None and self.allocator.take_written(f"{ref[1]}/{ref[2]}", ip):
-                    progress_after_failure = progress_after_failure or bool(failed)
-                    self._retry.discard(ref)
-                    if errors or ref in self._ref_errors:
-                        self._set_ref_errors(ref, errors, touched)
+                    progress_after_failure = self._allocated_ok(ref, errors, touched, failed) or progress_after_failure
                     # (not a LoadBalancer, nor one before: _lb_status would change nothing)
                     tr.remember_checked(made, tr.take_checked(packed), ref)
                     self._send(ref, made, upserts, deletes)
@@ -1233,8 +1230,7 @@ class FilesSource:
                     if ref not in failed:
                         failed.append(ref)
                     continue
-                progress_after_failure = progress_after_failure or bool(failed)
-                self._retry.discard(ref)
+                progress_after_failure = self._allocated_ok(ref, errors, touched, failed) or progress_after_failure
                 obj = self._lb_status(ref, alloc.obj)
                 for key in sorted(alloc.displaced) if alloc.displaced else ():
                     ns, _, name = key.partition("/")
@@ -1242,7 +1238,7 @@ class FilesSource:
                     visits[moved] = visits.get(moved, 0) + 1
                     if moved in self._holders and moved not in queue and visits[moved] <= 3:
                         queue.append(moved)
-            if errors or ref in self._ref_errors:  # else nothing to set or clear
+            elif errors or ref in self._ref_errors:  # else nothing to set or clear
                 self._set_ref_errors(ref, errors, touched)
             if obj is not read:
                 # as changes over the file's version, which the source keeps anyway (memory.pack_over)
@@ -1258,6 +1254,15 @@ class FilesSource:
                 obj = packed
             self._send(ref, obj, upserts, deletes)
         return upserts, deletes
+
+    def _allocated_ok(self, ref: ObjectRef, errors: dict[str, str], touched: set[str], failed: list[ObjectRef]) -> bool:
+        """What a Service allocated (the short way or the general one) leaves: no retry
+        pending, its errors set or cleared (only when there are some, old or new); returns
+        whether a refusal came before it in this pass (something may have been freed for it)."""
+        self._retry.discard(ref)
+        if errors or ref in self._ref_errors:
+            self._set_ref_errors(ref, errors, touched)
+        return bool(failed)
 
     def _send(self, ref: ObjectRef, obj: Any, upserts: dict[ObjectRef, Any], deletes: list[ObjectRef]) -> None:
         """`obj` (packed) is what `ref` now is: an upsert for the sink unless sent already."""

@@ -10,12 +10,13 @@ runs, so a program that rewrites its packet sees its own output from the second 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import difflib
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,22 @@ class RunResult:
     @property
     def signed(self) -> int:
         return self.retval - (1 << 32) if self.retval & 0x80000000 else self.retval
+
+
+@contextlib.contextmanager
+def one_cpu() -> Iterator[None]:
+    """The calling process on one CPU (its highest allowed) until the block ends.
+
+    BPF_PROG_TEST_RUN runs on the caller's CPU, and the kernel keeps per-CPU state a test may
+    count on: an LRU hash's per-CPU free lists (a process that migrates mid-fill leaves up to
+    128 free elements in the other CPU's list, so the map evicts before it is full) and per-CPU
+    connection tables (a flow's packets must run where its first one did)."""
+    was = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(was)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, was)
 
 
 def test_run(

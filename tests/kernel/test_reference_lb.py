@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import socket
 import time
 import struct
@@ -18,7 +17,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from kpr.testing.prog_run import XDP_DROP, XDP_PASS, XDP_TX, Case, run_cases, test_run
+from kpr.testing.prog_run import XDP_DROP, XDP_PASS, XDP_TX, Case, one_cpu, run_cases, test_run
 from kpr.testing.reference_lb import GATEWAY_MAC, ReferenceLB, flow_hash
 
 pytestmark = pytest.mark.kernel
@@ -31,15 +30,11 @@ LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:09"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_cpu() -> Iterator[None]:
+def on_one_cpu() -> Iterator[None]:
     # the connection tables are per CPU, as Katran's (its NIC queues keep a flow on one CPU): a
     # flow's packets must run on the CPU its first one did
-    was = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {max(was)})
-    try:
+    with one_cpu():
         yield
-    finally:
-        os.sched_setaffinity(0, was)
 
 
 def vips(r: ReferenceLB) -> None:

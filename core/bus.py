@@ -422,6 +422,8 @@ class EventBus:
         settle_memory: bool = False,
         synchronous: bool = False,
         on_synced: Callable[[], None] | None = None,
+        settle_after: threading.Event | None = None,
+        settle_wait: float = 1.0,
     ):
         """`settle_memory`: settle the process's memory once every plugin has the initial
         state (an agent's bus; tests sharing a process with many buses leave it off).
@@ -432,9 +434,15 @@ class EventBus:
         plugin's exception is raised to the caller instead of retried.
 
         `on_synced`: called once every plugin's worker has delivered the initial state (the
-        agent looks whether it is ready then, not at its next poll)."""
+        agent looks whether it is ready then, not at its next poll).
+
+        `settle_after`: the settle waits for this event, up to `settle_wait` seconds (then
+        settles anyway: never lost, never a worker held for good); the agent sets it once
+        READY=1 is out, or once it stops, so the settle never delays READY=1."""
         self._synchronous = synchronous
         self._on_synced = on_synced
+        self._settle_after = settle_after
+        self._settle_wait = settle_wait
         self._backoff = backoff or Backoff()
         self._on_event = on_event
         self._settle_memory = settle_memory
@@ -492,6 +500,11 @@ class EventBus:
             if not self._settle_memory or self._settled or not self.synced():
                 return
             self._settled = True
+        if self._settle_after is not None and not self._synchronous:
+            # (READY=1 may still be on its way from another thread: the agent's setup() had not
+            # ended when the last of the initial state was handed over)
+            if not self._settle_after.wait(self._settle_wait):
+                log.info("bus.settle_not_waited_for seconds=%.1f", self._settle_wait)
         # The writer's new backend identities (the whole initial sync's) go into its compact
         # table first: what they leave behind is then given back by the settle below, not
         # left scattered in the heap by the checker thread's move after it.

@@ -101,19 +101,34 @@ class SeesSwitches(WithoutSource):
         return PluginStatus(details={"synced": False}) if self.never_in_place else None
 
 
-@pytest.mark.parametrize("ends", ["ready", "a start that fails", "never ready"])
+@pytest.mark.parametrize("ends", ["ready", "a start that fails", "never ready", "never ready, the pass last"])
 def test_short_gil_switches_while_the_first_pass_runs_beside_the_start(tmp_path, monkeypatch, ends):
     """A plugin's start beside the pass (socklb attaching after its compile child) takes the
     GIL back within daemon.START_SWITCH_INTERVAL, not Python's 5 ms a syscall; the interval is
     the one from before once the agent is ready, or once it stops without being ready, or,
-    when it does not get ready (a plugin never in place), once the start and the pass are done."""
+    when it does not get ready (a plugin never in place), once the start and the pass are done,
+    whichever ends last (the pass, when the plugins' start returns at once: _on_synced)."""
     before = sys.getswitchinterval()
     assert before > daemon.START_SWITCH_INTERVAL
     box: list = []
     released = threading.Event()
     plugin = SeesSwitches(box, released)
     plugin.fails = ends == "a start that fails"
-    plugin.never_in_place = ends == "never ready"
+    plugin.never_in_place = ends.startswith("never ready")
+    pass_held = threading.Event()
+    if ends == "never ready, the pass last":
+        released.set()  # (the plugin's start returns at once)
+        from kpr.sources.files import FilesSource
+
+        first_pass = FilesSource._pass
+
+        def held_pass(self, sink):
+            pass_held.wait(30)  # (until setup() has returned: the pass ends after the start loop)
+            return first_pass(self, sink)
+
+        monkeypatch.setattr(FilesSource, "_pass", held_pass)
+    else:
+        pass_held.set()
     monkeypatch.setattr(daemon, "spare_core", lambda: (True, 0.1, 2))
     agent = make_agent(tmp_path, {"sees": plugin}, source_first=None)
     box.append(agent)
@@ -128,12 +143,16 @@ def test_short_gil_switches_while_the_first_pass_runs_beside_the_start(tmp_path,
         if ends == "ready":
             wait_for(lambda: (agent._tick(), agent._ready_sent)[1], what="ready")
             assert sys.getswitchinterval() == before
-        if ends == "never ready":
+        if ends == "never ready, the pass last":
+            assert not agent._pass_done and sys.getswitchinterval() == daemon.START_SWITCH_INTERVAL
+            pass_held.set()
+        if ends.startswith("never ready"):
             wait_for(lambda: sys.getswitchinterval() == before, what="the interval back, the start and the pass done")
             agent._tick()
             assert agent.store.is_synced and not agent._ready_sent
     finally:
         released.set()
+        pass_held.set()
         agent.shutdown()
         assert sys.getswitchinterval() == before
         sys.setswitchinterval(before)  # (for the next test, had this one failed)

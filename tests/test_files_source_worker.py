@@ -5,6 +5,7 @@ time, never a file; nothing is left running."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -450,6 +451,38 @@ def test_a_forced_worker_does_not_guess_the_compile(tmp_path, monkeypatch, caplo
     assert [r for r in src._held_log.records if "files.worker on=yes reason=forced" in r.getMessage()]
 
 
+def _pipe_takes_pipe_size() -> bool:
+    """Whether this process may make a pipe files_worker.PIPE_SIZE large (past
+    /proc/sys/fs/pipe-max-size only with CAP_SYS_RESOURCE)."""
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, files_worker.PIPE_SIZE)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_pipe_refused_pipe_size_is_made_as_large_as_allowed(monkeypatch):
+    """Past /proc/sys/fs/pipe-max-size (without CAP_SYS_RESOURCE, as in most containers) the
+    kernel refuses the size: the pipe is then made pipe-max-size large, not left at 64 KB."""
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        most = int(f.read())
+    monkeypatch.setattr(files_worker, "PIPE_SIZE", most * 2)
+    if _pipe_takes_pipe_size():
+        pytest.skip("this process may make pipes past pipe-max-size (CAP_SYS_RESOURCE)")
+    r, w = os.pipe()
+    try:
+        files_worker._large_pipe(w)
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == most
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.skipif(not _pipe_takes_pipe_size(), reason="a pipe of PIPE_SIZE is refused here (pipe-max-size, no CAP_SYS_RESOURCE)")
 def test_a_job_past_64_kb_is_one_write(tmp_path, monkeypatch):
     """The job's pipe is files_worker.PIPE_SIZE large, as the messages' is: a job of a few
     thousand files goes in at once, the worker still importing (here: never reading)."""

@@ -195,13 +195,26 @@ def command() -> list[str]:
 
 
 def _large_pipe(fd: int) -> None:
-    """The pipe of `fd` made PIPE_SIZE large, when the kernel lets this process (a smaller
-    pipe: more writes, the same bytes)."""
+    """The pipe of `fd` made PIPE_SIZE large, when the kernel lets this process; else as large
+    as /proc/sys/fs/pipe-max-size lets an unprivileged process (EPERM past it: a smaller
+    pipe is more writes, the same bytes)."""
     try:
         import fcntl
 
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except (ImportError, AttributeError, OSError):
+        set_size = fcntl.F_SETPIPE_SZ
+    except (ImportError, AttributeError):
+        return
+    try:
+        fcntl.fcntl(fd, set_size, PIPE_SIZE)
+        return
+    except OSError:
+        pass
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            most = int(f.read())
+        if most < PIPE_SIZE:
+            fcntl.fcntl(fd, set_size, most)
+    except (OSError, ValueError):
         pass
 
 

@@ -4,6 +4,7 @@ compiles for both hooks and refuses operations a hook lacks."""
 from __future__ import annotations
 
 import ctypes
+import re
 from pathlib import Path
 
 import pytest
@@ -145,12 +146,14 @@ int uses_common_api(kpr_ctx_t *ctx)
 	// the operations whose answer differs by hook (ctx/skb.h: defined by both), on run-time
 	// inputs: a constant answer placed before the rest let XDP's build fold every later
 	// operation away, so the verifier never saw them
-	if (pkt.t.proto == 252 && !ctx_redirect_reaches(pkt.t.dport & 7, pkt.t.sport & 1))
+	if (pkt.t.proto == 252 && (pkt.t.dport & 1) == CTX_REDIRECT_NEEDS_XDP_XMIT)
 		return CTX_PASS;
 	if (pkt.t.proto == 253 && !ctx_fits_mtu(ctx, 14, CTX_FIB_MTU ? 1500 : 0))
 		return CTX_PASS;
-	if (pkt.t.proto == 254 && !CTX_REDIRECTS_EVERYWHERE)
+	if (pkt.t.proto == 254 && (pkt.t.dport & 1) == CTX_RESOLVE_NEIGH_IS_STACK)
 		return ctx_resolve_neigh(ctx, ctx_ifindex(ctx));
+	if (pkt.t.proto == 255 && (pkt.t.dport & 1) == CTX_REDIRECTS_EVERYWHERE)
+		return CTX_PASS;
 	if (pkt.t.proto == 250)
 		return ctx_redirect(ctx, ctx_ifindex(ctx), 0);
 	if (pkt.t.proto == 251)
@@ -206,6 +209,16 @@ def test_an_operation_the_hook_lacks_fails_the_build(kernel_headers: Path, ctx: 
     # by name: the undefined symbol says what is missing, the compiler's note the operation used
     assert symbol in str(info.value)
     assert f"expanded from macro '{op}'" in str(info.value)
+
+
+@pytest.mark.parametrize("ctx", ["xdp", "skb"])
+def test_ctx_header_includes_no_lib_header(ctx: str) -> None:
+    # ctx/ is the bottom tier: it states the hook's facts (CTX_REDIRECT_NEEDS_XDP_XMIT), lib/
+    # what they mean for its devices (lib/nodeport.h: kpr_np_redirect_reaches)
+    text = inline_includes(f'#include "ctx/{ctx}.h"\n')
+    # inlined (a #line marker) or left to the compiler (an include with a comment after it)
+    lib = re.findall(r'^#line 1 "(.*/lib/[^/"]*)"$|^\s*#\s*include\s+"([^"]*lib/[^"]*)"', text, re.M)
+    assert not lib
 
 
 def test_ctx_headers_guard_their_use(kernel_headers: Path) -> None:

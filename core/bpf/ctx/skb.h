@@ -7,10 +7,11 @@
  * They are macros, not inline functions, because bcc rejects such a call even in an unused
  * function. So lib/ code may not name such an operation even in a branch the context never
  * takes: a difference between the hooks is an operation both define, each with its own answer
- * (ctx_redirect_reaches, CTX_REDIRECTS_EVERYWHERE, ctx_resolve_neigh, ctx_fits_mtu, CTX_FIB_MTU),
- * and an operation one hook lacks is used
+ * (CTX_REDIRECT_NEEDS_XDP_XMIT, CTX_RESOLVE_NEIGH_IS_STACK, CTX_REDIRECTS_EVERYWHERE,
+ * ctx_resolve_neigh, ctx_fits_mtu, CTX_FIB_MTU), and an operation one hook lacks is used
  * only behind a build switch that defaults off on the other (lib/nodeport.h: KPR_NP_PEER,
- * KPR_NP_DSR).
+ * KPR_NP_DSR). The answers are the hook's facts only: what a lib/ user makes of them (which
+ * of its devices a redirect reaches) is stated in lib/, and no ctx header includes lib/.
  *
  * Include exactly one ctx header, before any lib/ header that touches packets.
  */
@@ -24,7 +25,6 @@
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
-#include "lib/devkind.h" // (context-free) the device kinds ctx_redirect_reaches() is stated in
 
 #ifndef KPR_CTX_MAX_OFF
 #define KPR_CTX_MAX_OFF 512 // largest header offset ctx_ptr() accepts; bounds variable offsets for the verifier
@@ -143,12 +143,8 @@ static __always_inline int ctx_redirect_peer(kpr_ctx_t *ctx, __u32 ifindex, __u3
 {
 	return bpf_redirect_peer(ifindex, flags);
 }
-// Whether ctx_redirect() delivers to a device of kind `kind` (KPR_DEV_*, lib/devkind.h),
-// `external` when kpr's programs run on it: from tc, every device (ctx/xdp.h: only some).
-static __always_inline int ctx_redirect_reaches(__u32 kind, int external) { return 1; }
-/* 1: the program sends a packet to every device a FIB lookup names, its next hop's MAC known
- * (ctx_redirect) or not (ctx_resolve_neigh): it can decide after translating (ctx/xdp.h: 0). */
-#define CTX_REDIRECTS_EVERYWHERE 1
+// 0: ctx_redirect() delivers to any device (ctx/xdp.h: 1, only to one with an XDP transmit path).
+#define CTX_REDIRECT_NEEDS_XDP_XMIT 0
 // Out of a device with the kernel's neighbour resolution filling in the MACs.
 static __always_inline int ctx_redirect_neigh(kpr_ctx_t *ctx, __u32 ifindex)
 {
@@ -158,6 +154,11 @@ static __always_inline int ctx_redirect_neigh(kpr_ctx_t *ctx, __u32 ifindex)
 // Hand the packet to the kernel's neighbour resolution for `ifindex` (a next hop whose MAC is
 // not known, or a device no MAC rewrite suits): here the neighbour helper (ctx/xdp.h: the stack).
 static __always_inline int ctx_resolve_neigh(kpr_ctx_t *ctx, __u32 ifindex) { return ctx_redirect_neigh(ctx, ifindex); }
+#define CTX_RESOLVE_NEIGH_IS_STACK 0 // ctx_resolve_neigh() sends the packet itself (ctx/xdp.h: 1)
+/* 1: the program sends a packet to every device a FIB lookup names, its next hop's MAC known
+ * (ctx_redirect) or not (ctx_resolve_neigh): it can decide after translating (ctx/xdp.h: 0).
+ * Derived, the same line in both ctx headers, so it cannot disagree with the two facts. */
+#define CTX_REDIRECTS_EVERYWHERE (!CTX_REDIRECT_NEEDS_XDP_XMIT && !CTX_RESOLVE_NEIGH_IS_STACK)
 // The same to a known next hop (a FIB lookup's result): the kernel skips its own route lookup.
 static __always_inline int ctx_redirect_neigh_nh(kpr_ctx_t *ctx, __u32 ifindex, struct bpf_redir_neigh *nh)
 {

@@ -3,9 +3,10 @@
  * Same API as ctx/skb.h (see there). Operations XDP lacks (ctx_redirect_peer,
  * ctx_redirect_neigh, ctx_adjust_room) are macros calling an undefined extern
  * (__kpr_xdp_has_no_...), so a program using one fails to build rather than silently
- * misbehaving. Where the hooks differ in what an operation can do (ctx_redirect_reaches,
- * CTX_REDIRECTS_EVERYWHERE, ctx_resolve_neigh, ctx_fits_mtu, CTX_FIB_MTU), both define it,
- * each with its own answer, so lib/ headers read the same for both.
+ * misbehaving. Where the hooks differ in what an operation can do (CTX_REDIRECT_NEEDS_XDP_XMIT,
+ * CTX_RESOLVE_NEIGH_IS_STACK, CTX_REDIRECTS_EVERYWHERE, ctx_resolve_neigh, ctx_fits_mtu,
+ * CTX_FIB_MTU), both define it, each with its own answer, so lib/ headers read the same for
+ * both. No lib/ header is included: the answers are the hook's facts, lib/ derives the rest.
  */
 #ifndef KPR_CTX_XDP_H
 #define KPR_CTX_XDP_H
@@ -16,7 +17,6 @@
 #define KPR_CTX_XDP 1 // this program runs on XDP frames
 
 #include <uapi/linux/bpf.h>
-#include "lib/devkind.h" // (context-free) the device kinds ctx_redirect_reaches() is stated in
 
 #ifndef KPR_CTX_MAX_OFF
 #define KPR_CTX_MAX_OFF 512 // largest header offset ctx_ptr() accepts; bounds variable offsets for the verifier
@@ -90,21 +90,18 @@ static __always_inline int ctx_redirect(kpr_ctx_t *ctx, __u32 ifindex, __u32 fla
 {
 	return bpf_redirect(ifindex, flags);
 }
-/* Whether ctx_redirect() delivers to a device of kind `kind` (KPR_DEV_*), `external` when kpr's
- * programs run on it: XDP_REDIRECT needs the target's XDP transmit path. The external devices
- * kpr's XDP program runs on have one (an overlay or a bridge named as one runs generic XDP at
- * best: no transmit path either); a pod's veth only if its peer runs XDP, a bridge or an overlay
- * device none. A frame for any other device is the stack's (CTX_PASS). */
-static __always_inline int ctx_redirect_reaches(__u32 kind, int external)
-{
-	return external && (kind == KPR_DEV_PHYSICAL || kind == KPR_DEV_VETH_PEER || kind == KPR_DEV_VETH_LOCAL);
-}
-/* 0: a frame leaves by ctx_redirect() only to devices ctx_redirect_reaches(), its next hop's MAC
- * known; anything else is the stack's, so a stage whose translation the stack cannot take (a
- * source-NATed frame is a martian there) asks before translating (ctx/skb.h: 1). */
-#define CTX_REDIRECTS_EVERYWHERE 0
+/* 1: XDP_REDIRECT delivers only to a device with an XDP transmit path (ndo_xdp_xmit), which
+ * not every device has (ctx/skb.h: 0, any device). Which devices those are is the user's
+ * knowledge of its devices (lib/nodeport.h: kpr_np_redirect_reaches). */
+#define CTX_REDIRECT_NEEDS_XDP_XMIT 1
 // No neighbour helper here: the stack routes the frame and resolves the next hop (ctx/skb.h).
 static __always_inline int ctx_resolve_neigh(kpr_ctx_t *ctx, __u32 ifindex) { return CTX_PASS; }
+#define CTX_RESOLVE_NEIGH_IS_STACK 1 // ctx_resolve_neigh() hands the frame to the stack (ctx/skb.h: 0)
+/* 0: a frame leaves by ctx_redirect() only to devices with an XDP transmit path, its next hop's
+ * MAC known; anything else is the stack's, so a stage whose translation the stack cannot take (a
+ * source-NATed frame is a martian there) asks before translating (ctx/skb.h: 1).
+ * Derived, the same line in both ctx headers, so it cannot disagree with the two facts. */
+#define CTX_REDIRECTS_EVERYWHERE (!CTX_REDIRECT_NEEDS_XDP_XMIT && !CTX_RESOLVE_NEIGH_IS_STACK)
 #define ctx_redirect_peer(ctx, ifindex, flags) \
 	((void)(ctx), (void)(ifindex), (void)(flags), __kpr_xdp_has_no_redirect_peer())
 #define ctx_redirect_neigh(ctx, ifindex) ((void)(ctx), (void)(ifindex), __kpr_xdp_has_no_redirect_neigh())

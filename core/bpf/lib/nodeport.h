@@ -5,9 +5,11 @@
  * logic. What XDP cannot do is behind switches that default off there: DSR needs
  * bpf_skb_adjust_room (KPR_NP_DSR), delivery into a pod namespace needs bpf_redirect_peer
  * (KPR_NP_PEER); turning them on in an XDP build fails the build on purpose (ctx/xdp.h). What
- * the hooks do differently is a ctx operation both define (ctx_redirect_reaches,
- * CTX_REDIRECTS_EVERYWHERE, ctx_resolve_neigh, ctx_fits_mtu, CTX_FIB_MTU), not an #ifdef on the
- * context (the KPR_CTX_SKB ones left name each build's own maps and pick its defaults).
+ * the hooks do differently is a ctx operation both define (CTX_REDIRECT_NEEDS_XDP_XMIT,
+ * CTX_RESOLVE_NEIGH_IS_STACK, CTX_REDIRECTS_EVERYWHERE, ctx_resolve_neigh, ctx_fits_mtu,
+ * CTX_FIB_MTU), not an #ifdef on the context (the KPR_CTX_SKB ones left name each build's own
+ * maps and pick its defaults); what they mean for NodePort's devices is stated here
+ * (kpr_np_redirect_reaches).
  *
  * Per packet arriving from outside (kpr_np_from_netdev):
  *   1. a DSR header from another node's kpr: remember (backend, client) -> frontend, strip it;
@@ -623,6 +625,18 @@ static __always_inline __u32 kpr_np_devkind_of(__u32 ifindex, int external)
 	return external ? KPR_DEV_PHYSICAL : KPR_DEV_UNKNOWN;
 }
 
+/* Whether ctx_redirect() delivers to a device of kind `kind` (KPR_DEV_*), `external` when kpr's
+ * programs run on it (kpr_np_dev). Any device where the hook needs no XDP transmit path (tc).
+ * Where it does (XDP): the external devices kpr's XDP program runs on have one (an overlay or a
+ * bridge named as one runs generic XDP at best: no transmit path either); a pod's veth only if
+ * its peer runs XDP, a bridge or an overlay device none. A frame for any other device is the
+ * stack's (CTX_PASS). */
+static __always_inline int kpr_np_redirect_reaches(__u32 kind, int external)
+{
+	return !CTX_REDIRECT_NEEDS_XDP_XMIT ||
+	       (external && (kind == KPR_DEV_PHYSICAL || kind == KPR_DEV_VETH_PEER || kind == KPR_DEV_VETH_LOCAL));
+}
+
 // A route's MACs (the FIB's or a cached next hop's) on the frame; -1 when it is too short to hold them.
 static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const __u8 *dmac, const __u8 *smac)
 {
@@ -637,7 +651,7 @@ static __always_inline int kpr_np_set_macs(kpr_ctx_t *ctx, const __u8 *dmac, con
 /* Whether the program can send a frame where the FIB lookup `p` (result `rc`) says with
  * ctx_redirect() (and the route's MACs); otherwise counts why not, and the frame goes to the
  * stack. Only asked where the hook cannot send everywhere (!CTX_REDIRECTS_EVERYWHERE: XDP, whose
- * XDP_REDIRECT needs the target's XDP transmit path, ctx_redirect_reaches, and a known
+ * XDP_REDIRECT needs the target's XDP transmit path, kpr_np_redirect_reaches, and a known
  * neighbour). Stages that source-NAT ask before translating: a frame whose source became the
  * node's own address is a martian to the stack, so they pass it untranslated and tc_nodeport
  * behind XDP (or the stack) carries the flow on. */
@@ -653,7 +667,7 @@ static __always_inline int kpr_np_sendable(const struct bpf_fib_lookup *p, int r
 	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
 	kind = kpr_np_devkind_of(ifindex, external);
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
-	if (!ctx_redirect_reaches(kind, external)) {
+	if (!kpr_np_redirect_reaches(kind, external)) {
 		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
 		return 0;
 	}
@@ -669,8 +683,9 @@ static __always_inline int kpr_np_sendable(const struct bpf_fib_lookup *p, int r
  * the device has a peer, with the route's MACs out of the device, through the kernel's neighbour
  * resolution when the next hop's MAC is not known yet, or to the kernel's own routing when the
  * lookup found no forwarding route or the device is one no helper can be trusted with (on
- * XDP: one ctx_redirect_reaches() says XDP_REDIRECT does not reach, or a next hop without a
- * known MAC: ctx_resolve_neigh is the stack there; an XDP build with KPR_NP_PEER fails, naming
+ * XDP: one kpr_np_redirect_reaches() says XDP_REDIRECT does not reach, or a next hop without a
+ * known MAC: ctx_resolve_neigh is the stack there, CTX_RESOLVE_NEIGH_IS_STACK picks the
+ * counter saying so; an XDP build with KPR_NP_PEER fails, naming
  * ctx_redirect_peer). The frame is only rewritten when a helper takes it: the stack must see it
  * as it came. */
 static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_lookup *p, int rc, int peer)
@@ -685,7 +700,7 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 	external = kpr_np_dev.lookup(&ifindex) != (void *)0;
 	kind = kpr_np_devkind_of(ifindex, external);
 	kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + kind);
-	if (!ctx_redirect_reaches(kind, external)) { // (XDP; an unknown device is one of these there)
+	if (!kpr_np_redirect_reaches(kind, external)) { // (XDP; an unknown device is one of these there)
 		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
 		return CTX_PASS;
 	}
@@ -702,7 +717,7 @@ static __always_inline int kpr_np_forward(kpr_ctx_t *ctx, const struct bpf_fib_l
 		return ctx_resolve_neigh(ctx, ifindex);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		kpr_np_fwd_count(CTX_REDIRECTS_EVERYWHERE ? KPR_NP_FWD_NEIGH : KPR_NP_FWD_STACK_NO_NEIGH);
+		kpr_np_fwd_count(CTX_RESOLVE_NEIGH_IS_STACK ? KPR_NP_FWD_STACK_NO_NEIGH : KPR_NP_FWD_NEIGH);
 		return ctx_resolve_neigh(ctx, ifindex);
 	}
 	if (kpr_np_set_macs(ctx, p->dmac, p->smac))
@@ -811,7 +826,7 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 {
 	struct kpr_np_nh *e = kpr_np_nh_fitting(ctx, l3_off, bid, addr);
 
-	if (!e || !ctx_redirect_reaches(e->kind & 0xff, e->kind & KPR_NP_NH_EXTERNAL))
+	if (!e || !kpr_np_redirect_reaches(e->kind & 0xff, e->kind & KPR_NP_NH_EXTERNAL))
 		return (void *)0;
 	return e;
 }
@@ -1251,7 +1266,7 @@ static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt,
 		kpr_np_drop(KPR_NP_ST_DROP_NAT, KPR_MON_R_NAT_FAILED, &pkt->t);
 		return CTX_DROP;
 	}
-	if (!ctx_redirect_reaches(kind & 0xff, kind & KPR_NP_NH_EXTERNAL)) {
+	if (!kpr_np_redirect_reaches(kind & 0xff, kind & KPR_NP_NH_EXTERNAL)) {
 		kpr_np_fwd_count(KPR_NP_FWD_BY_KIND + (kind & 0xff)); // as kpr_np_sendable counts it
 		kpr_np_fwd_count(KPR_NP_FWD_STACK_XDP_UNREACHABLE);
 		return CTX_PASS;

@@ -18,6 +18,7 @@
 
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/slots.h"
 
 // the three replaced, declared for the headers' own callers (defined below)
 struct kpr_ct_entry;
@@ -59,20 +60,10 @@ BPF_TABLE_PINNED("array", __u32, struct kpr_ct_slot, kpr_ct_arr, KPR_CT_ARRAY_MA
 BPF_TABLE_PINNED("array", __u32, struct kpr_ct_slot, kpr_snat_arr, KPR_CT_ARRAY_MAX, KPR_PIN(kpr_snat_arr),
 		 BPF_F_MMAPABLE);
 
-// The key's ten words mixed, then lowbias32's finaliser (a loop, for the same reason).
+// The key's ten words hashed as the product's slot tables hash theirs (lib/slots.h).
 static __always_inline __u32 kpr_ct_arr_hash(const struct kpr_ct_key *k)
 {
-	const __u32 *w = (const __u32 *)k;
-	__u32 h = 0x811C9DC5U;
-
-#pragma nounroll
-	for (int i = 0; i < 10; i++)
-		h = (h + w[i]) * 0x01000193U;
-	h ^= h >> 16;
-	h *= 0x7FEB352DU;
-	h ^= h >> 15;
-	h *= 0x846CA68BU;
-	return h ^ (h >> 16);
+	return kpr_slots_hash(k, 10);
 }
 
 static __always_inline int kpr_ct_arr_key_eq(const struct kpr_ct_key *a, const struct kpr_ct_key *b)

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
+from . import translate as _translate
 from .config import PortRange
 from .memory import gc_paused
 
@@ -380,15 +381,14 @@ class Allocator:
             return None
         if not self.take_written(key, ip, old):
             return None
-        new_spec = {"clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
-        return Allocation(self._inject(svc, new_spec, {}), set())
+        return Allocation(self._inject(svc, _translate.written_spec(ip), {}), set())
 
     def take_written(self, key: str, ip: str, old: _Record | None | bool = False) -> bool:
         """Record `ip`, one canonical IPv4 ClusterIP a ClusterIP Service's manifest writes
         (families and policy left out or single-stack IPv4, clusterIPs left out or the same
         one), as service `key`'s only allocation, when nobody else holds it: what allocate()
-        does for such a Service, whose allocated version then has clusterIP, clusterIPs
-        [ip], ipFamilies [IPv4] and ipFamilyPolicy SingleStack. False (nothing changed) for an
+        does for such a Service, whose allocated version then has kpr.translate.written_spec's
+        fields. False (nothing changed) for an
         address not canonical IPv4 or held by another service: allocate() then decides (it
         refuses or displaces). A source that knows the Service is of that shape calls this
         instead of allocate(), without the Service's dict (kpr.sources.files)."""

@@ -1370,7 +1370,17 @@ class _CheckedService:
         return tuple([ip[0] for ip in self.spec.cluster_ips])
 
 
-_WRITTEN_KEYS = ("clusterIPs", "ipFamilies", "ipFamilyPolicy")
+def written_spec(ip: str) -> dict[str, Any]:
+    """The spec fields allocation gives a ClusterIP Service whose manifest writes `ip`, one
+    canonical IPv4 ClusterIP, with families and policy left out or single-stack IPv4 (the
+    shape _written_allocation reads), in the allocated Service's order: the one definition of
+    what kpr.allocator's written way fills in and of what written_allocation hands to
+    kpr.memory.over (a source's short way), which must give the same object."""
+    return {"clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
+
+
+# The keys written_spec fills in besides clusterIP (the written one), in its order.
+_WRITTEN_KEYS = tuple([k for k in written_spec("") if k != "clusterIP"])
 
 
 def _written_allocation(obj: KubeObject, parsed: _ServiceSpec) -> tuple[str, ...] | None:
@@ -1404,15 +1414,17 @@ def _written_allocation(obj: KubeObject, parsed: _ServiceSpec) -> tuple[str, ...
 
 
 def written_allocation(packed: object) -> tuple[str, tuple[str, ...], tuple[Any, ...]] | None:
-    """For a Service validation read as `packed` and found of the shape _written_allocation
-    describes: (its ClusterIP, the spec keys allocation changes, their new values), what
-    kpr.memory.over takes; None for any other object."""
-    found = _checked.get(packed) if packed.__class__ in PACKED else None  # type: ignore[call-overload]
+    """For a Service validation read as `packed` (packed bytes) and found of the shape
+    _written_allocation describes: (its ClusterIP, the spec keys allocation changes, their new
+    values), what kpr.memory.over takes; None for any other object, an Over among them
+    (memory.over builds on packed bytes only). The one test of `packed`'s type: callers pass
+    what they hold (kpr.sources.files, once per Service of a pass)."""
+    found = _checked.get(packed) if packed.__class__ is bytes else None  # type: ignore[call-overload]
     keys = found.written if found.__class__ is _CheckedService else None  # type: ignore[union-attr]
     if keys is None:
         return None
     ip = found.spec.cluster_ips[0][0]  # type: ignore[union-attr]
-    filled = {"clusterIPs": [ip], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
+    filled = written_spec(ip)
     return ip, keys, tuple([filled[k] for k in keys])
 
 

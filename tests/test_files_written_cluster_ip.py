@@ -82,6 +82,47 @@ def test_the_short_way_allocates_as_the_general_way(tmp_path_factory, spec, orde
         translate.forget_checked()
 
 
+def _written_service(**spec):
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80}], "clusterIP": "10.96.0.10", **spec}}
+
+
+def test_one_definition_of_the_written_spec(tmp_path, monkeypatch):
+    """The allocated fields of a written IPv4 ClusterIP have one definition
+    (translate.written_spec): the allocator's written way and the short way's values
+    (written_allocation) both follow a change to it."""
+    real = translate.written_spec
+    monkeypatch.setattr(translate, "written_spec", lambda ip: {**real(ip), "ipFamilyPolicy": "Changed"})
+    svc = _written_service()
+    allocated = Allocator(tmp_path / "a.json", CIDRS, RANGE).allocate(copy.deepcopy(svc)).obj
+    assert allocated["spec"]["ipFamilyPolicy"] == "Changed"
+    packed = memory.pack(svc)
+    translate.remember_checked(packed, translate.validate_object(copy.deepcopy(svc), translate.address_rules(tuple(CIDRS))))
+    try:
+        ip, keys, values = translate.written_allocation(packed)
+    finally:
+        translate.forget_checked()
+    assert dict(zip(keys, values))["ipFamilyPolicy"] == "Changed"
+
+
+def test_written_allocation_takes_packed_bytes_only():
+    """written_allocation tests what it is given (the files source passes any object it holds):
+    packed bytes of a written Service get the short way; an Over (memory.over builds on bytes
+    only) and an object kept unpacked get None, no error."""
+    svc = _written_service()
+    found = translate.validate_object(copy.deepcopy(svc), translate.address_rules(tuple(CIDRS)))
+    packed = memory.pack(svc)
+    translate.remember_checked(packed, found)
+    try:
+        ip, keys, values = translate.written_allocation(packed)
+        made = memory.over(packed, keys, values)
+        translate.remember_checked(made, found)  # as the files source does for the allocated copy
+        assert translate.written_allocation(made) is None
+        assert translate.written_allocation(copy.deepcopy(svc)) is None
+    finally:
+        translate.forget_checked()
+
+
 def _scan(tmp_path, docs, monkeypatch=None, short=True):
     from test_files_source import make, write
     from test_translate_checked_service import _Publisher

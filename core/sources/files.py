@@ -1202,7 +1202,7 @@ class FilesSource:
                 continue
             winner = holders[0]
             packed = self._files[winner].objects[ref]
-            written = tr.written_allocation(packed) if ref[0] == "Service" and type(packed) is bytes else None
+            written = tr.written_allocation(packed) if ref[0] == "Service" else None
             if written is not None and ref not in self._lb_seen:
                 # A manifest writing its one IPv4 ClusterIP (every Service of a cluster's export):
                 # allocated from validation's reading, without unpacking it, diffing the

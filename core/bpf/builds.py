@@ -157,7 +157,7 @@ def map_ids(prog_fd: int) -> list[int]:
     ids = (ctypes.c_uint32 * n)()
     info = M.ProgInfo(nr_map_ids=n, map_ids=ctypes.addressof(ids))
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    M._check(M.libbpf().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    M.check_rc(M.libbpf().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
     return list(ids)[: min(n, info.nr_map_ids)]
 
 

@@ -353,7 +353,7 @@ def _detach_cgroup(rec: Mapping[str, Any]) -> list[str]:
     try:
         for pid in L.query(cg_fd, t["attach_type"]):
             try:
-                pfd = M._check(lib.bpf_prog_get_fd_by_id(pid), f"bpf_prog_get_fd_by_id {pid}")
+                pfd = M.check_rc(lib.bpf_prog_get_fd_by_id(pid), f"bpf_prog_get_fd_by_id {pid}")
             except OSError as exc:
                 if exc.errno == errno.ENOENT:
                     continue
@@ -374,7 +374,7 @@ def _detach_cgroup(rec: Mapping[str, Any]) -> list[str]:
                     rc = lib.bpf_prog_detach2(pfd, cg_fd, t["attach_type"])
                     if rc < 0 and -rc == errno.ENOENT:
                         continue  # detached meanwhile
-                    M._check(rc, f"bpf_prog_detach2 {name}")
+                    M.check_rc(rc, f"bpf_prog_detach2 {name}")
                     how = "attach"
                 done.append(f"detached cgroup {at} program {name} (prog id {pid}, {how}) from {t['cgroup']}")
             finally:

@@ -167,7 +167,7 @@ class LinkInfo:
 def link_info(fd: int) -> LinkInfo:
     info = _LinkInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    M._check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd (link)")
+    M.check_rc(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd (link)")
     u = list(info.u)
     if info.type == LINK_TYPE["cgroup"]:
         return LinkInfo(info.id, info.type, info.prog_id, cgroup_id=u[0] | (u[1] << 32), attach_type=u[2])
@@ -249,7 +249,7 @@ def detach_link_id(link_id: int) -> bool:
     if fd < 0:
         return False
     try:
-        M._check(lib.bpf_link_detach(fd), f"bpf_link_detach id {link_id}")
+        M.check_rc(lib.bpf_link_detach(fd), f"bpf_link_detach id {link_id}")
         return True
     finally:
         os.close(fd)
@@ -403,7 +403,7 @@ def ensure(pin: Path, prog_fd: int, hook: Hook) -> tuple[int, str, LinkInfo]:
         raise OSError(err, f"bpf_link_create {hook.kind} (attach type {hook.attach_type}): {os.strerror(err)}")
     try:
         pin.parent.mkdir(parents=True, exist_ok=True)
-        M._check(lib.bpf_obj_pin(fd, str(pin).encode()), f"bpf_obj_pin {pin}")
+        M.check_rc(lib.bpf_obj_pin(fd, str(pin).encode()), f"bpf_obj_pin {pin}")
         li = link_info(fd)
     except BaseException:
         lib.bpf_link_detach(fd)

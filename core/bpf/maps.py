@@ -439,7 +439,10 @@ def libbpf() -> ctypes.CDLL:
     return lib
 
 
-def _check(rc: int, what: str) -> int:
+def check_rc(rc: int, what: str) -> int:
+    """`rc`, a libbpf call's return, when it is not negative; else OSError of its errno (libbpf
+    returns -errno) naming `what`, the call and its object. The one check of libbpf returns:
+    every module that calls libbpf (kpr.bpf.progcache, links, cleanup, the plugins) uses it."""
     if rc < 0:
         err = -rc
         raise OSError(err, f"{what}: {os.strerror(err)}")
@@ -459,14 +462,14 @@ class MapIncompatible(RuntimeError):
 def obj_info(fd: int) -> MapInfo:
     info = MapInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    check_rc(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
     return info
 
 
 def prog_info(fd: int) -> ProgInfo:
     info = ProgInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    check_rc(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
     return info
 
 
@@ -502,7 +505,7 @@ class BpfMap:
         opts = _CreateOpts(sz=ctypes.sizeof(_CreateOpts), map_flags=spec.flags)
         if inner_fd is not None:
             opts.inner_map_fd = inner_fd
-        fd = _check(
+        fd = check_rc(
             libbpf().bpf_map_create(
                 spec.type, spec.name.encode(), spec.key_size, spec.value_size, spec.max_entries, ctypes.byref(opts)
             ),
@@ -512,18 +515,18 @@ class BpfMap:
 
     @classmethod
     def open_pinned(cls, path: Path) -> "BpfMap":
-        fd = _check(libbpf().bpf_obj_get(str(path).encode()), f"bpf_obj_get {path}")
+        fd = check_rc(libbpf().bpf_obj_get(str(path).encode()), f"bpf_obj_get {path}")
         info = obj_info(fd)
         return cls(fd, info.name.decode(), info.key_size, info.value_size, info.type)
 
     @classmethod
     def from_id(cls, map_id: int) -> "BpfMap":
-        fd = _check(libbpf().bpf_map_get_fd_by_id(map_id), f"bpf_map_get_fd_by_id {map_id}")
+        fd = check_rc(libbpf().bpf_map_get_fd_by_id(map_id), f"bpf_map_get_fd_by_id {map_id}")
         info = obj_info(fd)
         return cls(fd, info.name.decode(), info.key_size, info.value_size, info.type)
 
     def pin(self, path: Path) -> None:
-        _check(libbpf().bpf_obj_pin(self.fd, str(path).encode()), f"bpf_obj_pin {self.name} {path}")
+        check_rc(libbpf().bpf_obj_pin(self.fd, str(path).encode()), f"bpf_obj_pin {self.name} {path}")
 
     def info(self) -> MapInfo:
         return obj_info(self.fd)
@@ -614,19 +617,19 @@ class BpfMap:
         rc = self._sys(libbpf().bpf_map_lookup_elem, self.fd, key, val)
         if rc == -errno_mod.ENOENT:
             return None
-        _check(rc, f"lookup in {self.name}")
+        check_rc(rc, f"lookup in {self.name}")
         return val.raw
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         rc = self._sys(libbpf().bpf_map_update_elem, self.fd, key, value, flags)
-        _check(rc, f"update in {self.name}")
+        check_rc(rc, f"update in {self.name}")
         self.ops["update"] += 1
 
     def delete(self, key: bytes) -> bool:
         rc = self._sys(libbpf().bpf_map_delete_elem, self.fd, key)
         if rc == -errno_mod.ENOENT:
             return False
-        _check(rc, f"delete in {self.name}")
+        check_rc(rc, f"delete in {self.name}")
         self.ops["delete"] += 1
         return True
 
@@ -638,7 +641,7 @@ class BpfMap:
             rc = lib.bpf_map_get_next_key(self.fd, cur, nxt)
             if rc == -errno_mod.ENOENT:
                 return
-            _check(rc, f"get_next_key in {self.name}")
+            check_rc(rc, f"get_next_key in {self.name}")
             key = nxt.raw
             yield key
             cur = key
@@ -665,7 +668,7 @@ class BpfMap:
                 count.value = 0
             else:
                 self.ops["update"] += count.value
-                _check(rc, f"update_batch in {self.name} ({count.value} of {n} written)")
+                check_rc(rc, f"update_batch in {self.name} ({count.value} of {n} written)")
             # fall through: one at a time from where the batch stopped
             keys, values = keys[count.value :], values[count.value :]
         for k, v in zip(keys, values):
@@ -680,7 +683,7 @@ class BpfMap:
                 self.ops["update"] += count
                 return
             if -rc not in _UNSUPPORTED:
-                _check(rc, f"update_batch in {self.name} ({n.value} of {count} written)")
+                check_rc(rc, f"update_batch in {self.name} ({n.value} of {count} written)")
             self._batch_ok["update"] = False
         ks, vs = self.key_size, self.value_size
         self.update_many(
@@ -711,7 +714,7 @@ class BpfMap:
             if -rc in _UNSUPPORTED:
                 pass
             elif -rc != errno_mod.ENOENT:
-                _check(rc, f"delete_batch in {self.name} ({done} of {n} deleted)")
+                check_rc(rc, f"delete_batch in {self.name} ({done} of {n} deleted)")
             else:
                 done += 1  # the key that was missing
             if done < n:
@@ -751,7 +754,7 @@ class BpfMap:
                 self._batch_ok["lookup"] = False
                 return self._items_one_by_one()
             if rc < 0 and -rc != errno_mod.ENOENT:
-                _check(rc, f"lookup_batch in {self.name}")
+                check_rc(rc, f"lookup_batch in {self.name}")
             n = count.value
             # only the entries returned (.raw copies the whole buffer)
             kraw, vraw = ctypes.string_at(kbuf, n * ks), ctypes.string_at(vbuf, n * vs)
@@ -784,7 +787,7 @@ class BpfMap:
                 kbuf, vbuf, ctypes.byref(count), ctypes.byref(_BATCH_OPTS),
             )
             if rc < 0 and -rc not in (errno_mod.ENOENT,):
-                _check(rc, f"lookup_batch in {self.name}")
+                check_rc(rc, f"lookup_batch in {self.name}")
             parts.append(vbuf.raw[: self.value_size * count.value])
             if rc < 0 or count.value == 0:
                 return b"".join(parts)
@@ -814,7 +817,7 @@ class BpfMap:
                 self._batch_ok["lookup"] = False
                 return sum(1 for _ in self.keys())
             if rc < 0 and -rc != errno_mod.ENOENT:
-                _check(rc, f"lookup_batch in {self.name}")
+                check_rc(rc, f"lookup_batch in {self.name}")
             total += n.value
             if rc < 0:  # ENOENT: that was the last batch
                 return total

@@ -34,6 +34,6 @@ def u64_sums(m: M.BpfMap, count: int) -> list[int]:
         if rc == -errno.ENOENT:
             out.append(0)
             continue
-        M._check(rc, f"lookup in {m.name}")
+        M.check_rc(rc, f"lookup in {m.name}")
         out.append(sum(val))
     return out

@@ -294,7 +294,7 @@ class ProgramCache:
                     if handed is None:
                         raise CacheMiss(why)
                     pin = self.pin_path / f"{HANDED_PREFIX}{os.getpid()}-{rec['name']}"
-                    M._check(M.libbpf().bpf_obj_pin(fd, str(pin).encode()), f"bpf_obj_pin {rec['name']} {pin}")
+                    M.check_rc(M.libbpf().bpf_obj_pin(fd, str(pin).encode()), f"bpf_obj_pin {rec['name']} {pin}")
                     handed.append(pin)
                     rec.update(pin=pin.name, handed=True)
                     unrecorded.append(why)

@@ -46,7 +46,7 @@ def xlated(fd: int) -> bytes:
     buf = ctypes.create_string_buffer(n)
     info = M.ProgInfo(xlated_prog_len=n, xlated_prog_insns=ctypes.addressof(buf))
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    M._check(M.libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    M.check_rc(M.libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
     return buf.raw[: info.xlated_prog_len]
 
 

@@ -385,9 +385,9 @@ class SockLB:
                     for li in via:
                         links.detach_link_id(li.id)
                 else:
-                    fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(pid), f"bpf_prog_get_fd_by_id {pid}")
+                    fd = M.check_rc(M.libbpf().bpf_prog_get_fd_by_id(pid), f"bpf_prog_get_fd_by_id {pid}")
                     try:
-                        M._check(M.libbpf().bpf_prog_detach2(fd, self._cg_fd, value), f"bpf_prog_detach2 {a.prog}")
+                        M.check_rc(M.libbpf().bpf_prog_detach2(fd, self._cg_fd, value), f"bpf_prog_detach2 {a.prog}")
                     finally:
                         os.close(fd)
             except OSError as exc:

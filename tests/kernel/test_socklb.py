@@ -549,7 +549,7 @@ def test_kpr_cleanup_detaches_what_a_killed_agent_left(
         assert res.stdout.count("detached cgroup") == 11, res.stdout
         left = hook_progs(cg)
         assert list(left) == ["CGROUP_INET4_CONNECT"] and len(left["CGROUP_INET4_CONNECT"]) == 1
-        fd = M._check(M.libbpf().bpf_prog_get_fd_by_id(left["CGROUP_INET4_CONNECT"][0]), "prog")
+        fd = M.check_rc(M.libbpf().bpf_prog_get_fd_by_id(left["CGROUP_INET4_CONNECT"][0]), "prog")
         try:
             assert M.prog_info(fd).name == b"foreign", "another owner's program stays"
         finally:

@@ -428,19 +428,19 @@ class ProgramCache:
     def has_entries(self) -> bool:
         """Whether the cache directory, trusted as read() checks it, holds an entry (of any build)."""
         try:
-            with self._trusted_dir():
-                return bool(entries(self.directory))
+            with self._trusted_dir() as dfd:
+                # listed through the checked fd, not the path: the directory checked is the one listed
+                return any(n.endswith(SUFFIX) and not n.startswith(".") for n in os.listdir(dfd))
         except (CacheMiss, OSError):
             return False
 
     @contextlib.contextmanager
     def _trusted_dir(self) -> Iterator[int]:
         """An fd of the cache directory; CacheMiss unless it is this user's and writable by no
-        one else, under directories no other user may change (the checks of every read)."""
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        one else, under directories no other user may change (the checks of every read, made
+        on the fds the open went through: _open_trusted_dir)."""
+        dfd = _open_trusted_dir(self.directory)
         try:
-            _trusted(os.fstat(dfd), "directory")
-            _trusted_ancestors(self.directory)
             yield dfd
         finally:
             os.close(dfd)
@@ -581,17 +581,68 @@ def _trusted(st: os.stat_result, what: str) -> None:
         raise CacheMiss(f"untrusted {what} (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
 
 
-def _trusted_ancestors(directory: Path) -> None:
-    """CacheMiss when a directory above `directory` (symlinks resolved) is one another user
-    may change: writable by its group or others without the sticky bit, or owned by a user other
+def _trusted_ancestor(st: os.stat_result, d: Path) -> None:
+    """CacheMiss when the directory `d` (stat `st`), above the cache's, is one another user may
+    change: writable by its group or others without the sticky bit, or owned by a user other
     than root and this one. The cache is only as safe as the path to it (as sshd's StrictModes
     checks): such a user could put another directory in its place (a link to one of root's they
     chose). Group write is refused whatever the group, root's (gid 0) too: gid 0 is not root's
     alone (OpenShift runs its containers' arbitrary users in it)."""
-    for d in Path(os.path.realpath(directory)).parents:
-        st = os.stat(d)
-        if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
-            raise CacheMiss(f"untrusted ancestor {d} (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
+    if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+        raise CacheMiss(f"untrusted ancestor {d} (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
+
+
+# Symbolic links followed on the way to the cache directory at most (the kernel's own limit).
+_MAX_LINKS = 40
+
+
+def _open_trusted_dir(directory: Path) -> int:
+    """An fd (read-only) of `directory`, walked down to from / one directory at a time: each
+    opened O_PATH|O_NOFOLLOW in the one above and checked by fstat of that fd, every one above
+    the cache's by _trusted_ancestor, the cache's by _trusted. The checks see the very
+    directories the open goes through (checks by path, then an open by path, left a window in
+    which a directory could be swapped between the two). A symbolic link on the way is read in
+    its directory (checked: no other user may swap the link) and followed, its directories
+    checked in turn, so a link kept in a directory others may change is refused even when it
+    points into trusted ones. CacheMiss naming the directory refused; OSError when the path
+    does not lead to a directory (a missing one, too many links)."""
+    todo = list(reversed(Path(os.path.abspath(directory)).parts[1:]))  # the next name last
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    stack = [(root, Path("/"))]  # the directories walked through: ".." goes back one
+    links = 0
+    try:
+        while todo:
+            fd, where = stack[-1]
+            _trusted_ancestor(os.fstat(fd), where)
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop()[0])
+                continue
+            nfd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+            st = os.fstat(nfd)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((nfd, where / name))
+                continue
+            os.close(nfd)
+            if not stat.S_ISLNK(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(where / name))
+            links += 1
+            if links > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(directory))
+            target = os.readlink(name, dir_fd=fd)
+            if target.startswith("/"):
+                while len(stack) > 1:
+                    os.close(stack.pop()[0])
+            todo.extend(reversed(Path(target).parts[1:] if target.startswith("/") else Path(target).parts))
+        fd, where = stack[-1]
+        _trusted(os.fstat(fd), "directory")
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    finally:
+        for fd, _where in stack:
+            os.close(fd)
 
 
 def _libbcc() -> Any:

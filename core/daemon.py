@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, memory, sdnotify
+from .bpf import pinlock
 from .api import ApiServer
 from .bus import Backoff, EventBus
 from .config import KprConfig
@@ -217,6 +218,9 @@ class Agent:
     def setup(self) -> None:
         """Everything up to serving: plugins configured and started, bus, store, API, metrics, source."""
         cfg = self.config
+        # One agent per pin path (kpr.bpf.pinlock): refused before anything is made or
+        # attached, so a second agent leaves the first's maps, links and handed pins alone.
+        held = self._hold_pin_path()
         self.node = self._node_facts()
         missing = missing_devices(self.node.devices)
         if missing:
@@ -288,6 +292,8 @@ class Agent:
                 raise PluginError(f"plugin {h.name}: start failed: {type(e).__name__}: {e}") from e
             self._started.append(h)
             log.info("plugin.started plugin=%s dist=%s", h.name, h.info.dist)
+            if not held:  # (no pin directory at the start: the first plugin to pin made it)
+                held = self._hold_pin_path()
             if early and h is writer:
                 # With the pass beside the plugins' start, the writer stage starts with the
                 # writer (it starts first): a pass that ends before the last plugin has
@@ -314,6 +320,14 @@ class Agent:
             self._start_source()
         # A bus worker that handed over the initial state during setup left READY=1 to this.
         self._check_ready()
+
+    def _hold_pin_path(self) -> bool:
+        """Hold bpf.pinPath for this agent (kpr.bpf.pinlock); False while it does not exist.
+        PluginError naming the path and the other agent's pid when another agent holds it."""
+        try:
+            return pinlock.hold(self.config.bpf.pin_path)
+        except pinlock.PinPathBusy as e:
+            raise PluginError(str(e)) from e
 
     def _short_switches(self) -> None:
         """START_SWITCH_INTERVAL until ready (or the shutdown), unless someone set a shorter one."""
@@ -545,6 +559,7 @@ class Agent:
             if self.api is not None:
                 self.api.close()
             self.metrics.close()
+            pinlock.release(self.config.bpf.pin_path)  # (the plugins are stopped: another agent may start)
         finally:
             watchdog.cancel()
         log.info("agent.stopped clean=%s", clean)

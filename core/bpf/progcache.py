@@ -79,6 +79,7 @@ from kpr.childcmd import python_module
 from kpr.bpf.builds import AdoptedProg
 from kpr.bpf import maps as M
 from kpr.bpf import loader
+from kpr.bpf import pinlock
 from kpr.bpf.loader import Source, attach_type_value, compile_and_load, load_prog, prepare, prog_type_value
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,9 @@ PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2
 # loaded: the child's compile serves the load; no entry is stored.
 HANDED_PREFIX = "kpr-child-"
 # This process's compile children whose handed-over pins are not swept yet (started, not closed
-# nor swept after their load): every other HANDED_PREFIX pin under a pin path is stale (one
-# agent per pin path: an earlier agent's, killed while its child compiled) and goes at the next
-# load (sweep_handed).
+# nor swept after their load): every other HANDED_PREFIX pin under a pin path this process holds
+# is stale (one agent per pin path, kpr.bpf.pinlock: an earlier agent's, killed while its child
+# compiled) and goes at the next load (sweep_handed).
 _children: set[int] = set()
 _children_lock = threading.Lock()
 # Map types a load may create from the record: nothing to fill in but their size.
@@ -818,8 +819,13 @@ def _compile_in_child(
 def sweep_handed(pin_path: Path | str) -> list[Path]:
     """Remove the HANDED_PREFIX pins directly under `pin_path` that no compile child of this
     process may still hand over (see _children): an earlier agent's, killed while its child
-    compiled, would hold their maps until `kpr cleanup` or a reboot. The pins removed."""
+    compiled, would hold their maps until `kpr cleanup` or a reboot. The pins removed. Only
+    by the process that holds the pin path (kpr.bpf.pinlock, the agent): another agent's
+    running children's pins are not stale, and a process that does not own the path (a tool,
+    a test's load) leaves them alone."""
     removed: list[Path] = []
+    if not pinlock.held(pin_path):
+        return removed
     # held throughout: a child registered after the listing was given no request yet (nothing pinned)
     with _children_lock:
         try:

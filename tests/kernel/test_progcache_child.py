@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kpr.bpf import loader, progcache
+from kpr.bpf import loader, pinlock, progcache
 from kpr.bpf.progcache import CACHE_DIR, CachedModule, ChildCompileFailed, CompileChild, ProgramCache
 from kpr.testing.progs import bcc_compiles
 from kpr.testing.waiting import wait_for
@@ -209,8 +209,9 @@ def test_a_child_that_dies_after_handing_a_map_over_leaves_no_pin(rig: Rig, cras
 
 def test_an_earlier_agent_s_handed_pins_go_at_the_next_load(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     """An agent killed while its child compiled never swept the pins the child handed over:
-    the next agent's first cached load removes them (one agent per pin path), not the pins of
-    a child this process has running, nor other pins; `kpr cleanup` removes them too."""
+    the next agent's first cached load removes them (one agent per pin path, held:
+    kpr.bpf.pinlock), not the pins of a child this process has running, nor other pins, nor
+    anything when this process does not hold the pin path; `kpr cleanup` removes them too."""
     from kpr.bpf import maps as M
     from kpr.bpf.cleanup import cleanup
     from kpr.bpf.progcache import HANDED_PREFIX
@@ -226,12 +227,17 @@ def test_an_earlier_agent_s_handed_pins_go_at_the_next_load(rig: Rig, caplog: py
         mine = f"{HANDED_PREFIX}{running.pid}-kprt_handed"
         pin_map(rig.pin, mine, spec)
         caplog.set_level(logging.INFO, logger="kpr.bpf.progcache")
+        # A process that does not hold the pin path (a tool, another agent's test) sweeps nothing.
+        rig.load()
+        assert stale in os.listdir(rig.pin) and "bpf_handed_pin_removed" not in caplog.text
+        assert pinlock.hold(rig.pin)  # as the agent does at its start
         rig.load()
         left = os.listdir(rig.pin)
         assert stale not in left and f"event=bpf_handed_pin_removed pin={rig.pin / stale}" in caplog.text
         assert mine in left and PINNED in left, "a running child's pin and the build's own are kept"
     finally:
         running.close()
+        pinlock.release(rig.pin)
     pin_map(rig.pin, stale, spec)
     cleanup(rig.pin)  # what `kpr cleanup` runs
     assert not rig.pin.exists(), "every pin removed, the handed ones too"

@@ -1,0 +1,86 @@
+"""One agent per pin path (kpr.bpf.pinlock): the exclusive flock on the pin directory, tried
+by two processes. The second is refused with the path and the holder's pid; the holder's
+repeated holds are one; the lock goes with the holder's process however it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from kpr.bpf import pinlock
+
+HOLDER = """
+import sys
+from kpr.bpf import pinlock
+assert pinlock.hold(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _holder(path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "held\n"
+    return p
+
+
+def test_a_second_process_is_refused_with_the_path_and_the_holder_s_pid(tmp_path):
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    other = _holder(pins)
+    try:
+        with pytest.raises(pinlock.PinPathBusy) as e:
+            pinlock.hold(pins)
+        assert f"bpf.pinPath {pins} is in use by another kpr agent (pid {other.pid})" in str(e.value)
+        assert e.value.pids == [other.pid] and not pinlock.held(pins)
+        # through a link to it: the same directory, the same refusal
+        (tmp_path / "link").symlink_to(pins)
+        with pytest.raises(pinlock.PinPathBusy, match=f"pid {other.pid}"):
+            pinlock.hold(tmp_path / "link")
+    finally:
+        other.kill()  # however the holder ends, its lock goes with it
+        other.wait()
+    try:
+        assert pinlock.hold(pins) and pinlock.held(pins)
+        assert pinlock.hold(pins) and pinlock.hold(tmp_path / "link"), "this process's holds are one"
+        again = subprocess.run([sys.executable, "-c", HOLDER, str(pins)], input="", capture_output=True, text=True)
+        assert again.returncode != 0 and f"pid {os.getpid()}" in again.stderr, again.stderr
+    finally:
+        pinlock.release()
+    assert not pinlock.held(pins)
+    other = _holder(pins)  # released: another process may hold it
+    other.send_signal(signal.SIGTERM)
+    other.wait()
+
+
+def test_a_missing_directory_is_not_held_and_a_new_one_is_locked_again(tmp_path):
+    pins = tmp_path / "pins"
+    assert pinlock.hold(pins) is False and not pinlock.held(pins)
+    pins.mkdir()
+    try:
+        assert pinlock.hold(pins)
+        pins.rmdir()  # kpr cleanup removes it; the agent's next pin makes it again
+        pins.mkdir()
+        assert not pinlock.held(pins), "the lock was the removed directory's"
+        assert pinlock.hold(pins) and pinlock.held(pins)
+        other = subprocess.run([sys.executable, "-c", HOLDER, str(pins)], input="", capture_output=True, text=True)
+        assert other.returncode != 0 and "in use by another kpr agent" in other.stderr
+    finally:
+        pinlock.release()
+
+
+def test_holder_pids_reads_proc_locks(tmp_path):
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    st = os.stat(pins)
+    assert pinlock.holder_pids(st) == []
+    locks = tmp_path / "locks"
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    locks.write_text(f"1: FLOCK  ADVISORY  WRITE 4242 {dev} 0 EOF\n2: POSIX  ADVISORY  WRITE 7 {dev} 0 EOF\n"
+                     f"3: FLOCK  ADVISORY  WRITE 99 00:01:{st.st_ino} 0 EOF\n")
+    assert pinlock.holder_pids(st, str(locks)) == [4242]
+    assert pinlock.holder_pids(st, str(tmp_path / "none")) == []

@@ -437,8 +437,9 @@ class EventBus:
         agent looks whether it is ready then, not at its next poll).
 
         `settle_after`: the settle waits for this event, up to `settle_wait` seconds (then
-        settles anyway: never lost, never a worker held for good); the agent sets it once
-        READY=1 is out, or once it stops, so the settle never delays READY=1."""
+        settles anyway: never lost), in a thread of its own (no plugin's worker held: its
+        events go on); the agent sets it once READY=1 is out, or once it stops, so the settle
+        never delays READY=1."""
         self._synchronous = synchronous
         self._on_synced = on_synced
         self._settle_after = settle_after
@@ -448,6 +449,8 @@ class EventBus:
         self._settle_memory = settle_memory
         self._settled = False
         self._settle_lock = threading.Lock()
+        # The thread a settle waits for settle_after in (none while it need not wait).
+        self._settler: threading.Thread | None = None
         self.workers: dict[str, PluginWorker] = {}
         # The writer stage (kpr.pipeline.WriterStage), when a plugin needs the service maps.
         self.stage: Any = None
@@ -500,11 +503,29 @@ class EventBus:
             if not self._settle_memory or self._settled or not self.synced():
                 return
             self._settled = True
-        if self._settle_after is not None and not self._synchronous:
-            # (READY=1 may still be on its way from another thread: the agent's setup() had not
-            # ended when the last of the initial state was handed over)
-            if not self._settle_after.wait(self._settle_wait):
-                log.info("bus.settle_not_waited_for seconds=%.1f", self._settle_wait)
+        gate = self._settle_after
+        if gate is not None and not self._synchronous and not gate.is_set():
+            # READY=1 is still on its way from another thread (the agent's setup() had not
+            # ended when the last of the initial state was handed over): the settle waits for
+            # it in a thread of its own, not in this worker, whose plugin gets its events
+            # meanwhile (up to settle_wait: a second of a plugin's changes held back before).
+            t = self._settler = threading.Thread(target=self._settle_when_gate, name="kpr-bus-settle", daemon=True)
+            t.start()
+            return
+        self._settle()
+
+    def _settle_when_gate(self) -> None:
+        """The settle, once settle_after is set (READY=1 out, or the agent stopping), or after
+        settle_wait seconds anyway (never lost, never waited for for good)."""
+        assert self._settle_after is not None
+        if not self._settle_after.wait(self._settle_wait):
+            log.info("bus.settle_not_waited_for seconds=%.1f", self._settle_wait)
+        try:
+            self._settle()
+        except Exception:  # noqa: BLE001 - no worker to fail: the heap stays as it is
+            log.exception("event=bus_settle_failed")
+
+    def _settle(self) -> None:
         # The writer's new backend identities (the whole initial sync's) go into its compact
         # table first: what they leave behind is then given back by the settle below, not
         # left scattered in the heap by the checker thread's move after it.
@@ -600,6 +621,16 @@ class EventBus:
         w = self.workers.get(name)
         return w is None or w.join(timeout)
 
+    def join_settle(self, timeout: float) -> bool:
+        """Wait until a settle waiting for settle_after (set: the agent stops) has ended;
+        False when it is still running at the timeout. A stop lets it finish before the
+        plugins (the writer among them) stop, as the worker it once waited in did."""
+        t = self._settler
+        if t is None:
+            return True
+        t.join(max(0.0, timeout))
+        return not t.is_alive()
+
     def busy_hook(self, name: str) -> str | None:
         """The hook the plugin's worker (or the writer stage) is inside, if any."""
         if self.stage is not None and self.stage.name == name:
@@ -612,4 +643,6 @@ class EventBus:
         self.request_stop()
         deadline = time.monotonic() + timeout
         names = ([self.stage.name] if self.stage is not None else []) + list(self.workers)
-        return [n for n in names if not self.join(n, deadline - time.monotonic())]
+        busy = [n for n in names if not self.join(n, deadline - time.monotonic())]
+        self.join_settle(deadline - time.monotonic())
+        return busy

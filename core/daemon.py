@@ -104,7 +104,8 @@ STARTS_OFF_THE_GIL = "starts_off_the_gil"
 READY_POLL = 0.05
 # How long the bus's settle waits for READY=1 (kpr.bus settle_after): setup()'s end is a few
 # ms after the bus hands the initial state over; a plugin not in place longer than this does
-# not keep the heap unsettled, nor its bus worker waiting.
+# not keep the heap unsettled. (The wait is in a thread of the bus's own: no plugin's worker
+# waits with it.)
 SETTLE_WAIT = 1.0
 
 # The GIL's switch interval while the source's first pass runs beside the plugins' start,
@@ -550,6 +551,10 @@ class Agent:
             if self.source is not None:
                 self.source.stop()
             self.bus.request_stop()
+            # A settle that waited for READY=1 goes on now (the gate is set): it ends before
+            # the plugins, the writer among them, stop.
+            if not self.bus.join_settle(start + 0.75 * timeout - time.monotonic()):
+                log.error("agent.settle_overran: stopping the plugins anyway")
             # Workers finish the hook they are in; a plugin's kpr_stop waits for its own
             # worker up to three quarters of the timeout, and has the rest.
             clean = self._stop_plugins(deadline, workers_until=start + 0.75 * timeout)

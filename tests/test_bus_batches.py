@@ -248,3 +248,30 @@ def test_what_escapes_a_batch_leaves_the_worker_not_busy_and_its_deliveries_coun
     assert bus.busy_hook("a") is None and bus.stats_of("a")[1] == 0 and bus.wait_idle(0)  # type: ignore[index]
     assert ("a", "upsert", True, 2) in counted
     bus.stop()
+
+
+def test_a_settle_waiting_for_ready_holds_no_plugin_s_worker(monkeypatch) -> None:
+    """The settle waits for READY=1 (settle_after) off the plugins' workers: the plugin whose
+    worker handed over the last of the initial state gets its next events meanwhile (before,
+    that worker waited up to settle_wait, its plugin's changes held back). The settle still
+    comes after the gate, once; a stop lets it finish (EventBus.stop joins it)."""
+    settled: list[bool] = []
+    gate = threading.Event()
+    monkeypatch.setattr(memory, "settle", lambda: (settled.append(gate.is_set()), 0)[1])
+    bus = EventBus(settle_memory=True, settle_after=gate, settle_wait=600.0)
+    rec = Recorder()
+    bus.add_plugin("p", rec)
+    bus.start()
+    try:
+        bus.sync_complete()
+        wait_for(bus.synced, what="the initial state handed over")
+        bus.upsert(svc("web"))
+        wait_for(lambda: "kpr_service_upsert:web@80" in rec.order(), timeout=5, what="the upsert while the settle waits")
+        assert settled == []
+        gate.set()
+        wait_for(lambda: settled, what="the settle after the gate")
+        assert settled == [True]
+    finally:
+        gate.set()
+        bus.stop()
+    assert settled == [True] and bus.join_settle(0)

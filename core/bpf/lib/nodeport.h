@@ -136,6 +136,9 @@
 #ifndef KPR_NP_NOMODE
 #define KPR_NP_NOMODE 1 // 1: a new flow to a frontend whose port's kpr_np_nomode bit is set takes the default mode, no kpr_np_fe lookup
 #endif
+#ifndef KPR_NP_EARLY_RAW
+#define KPR_NP_EARLY_RAW 1 // 1: the fast exit hashes the destination from the packet's words and builds it on the stack only for a lookup that needs it (kpr_np_early)
+#endif
 #ifndef KPR_NP_EARLY_PARSE
 #define KPR_NP_EARLY_PARSE 1 // 1: a plain TCP/UDP frame to a frontend's port goes from the fast exit's raw-header read to the service path (no second parse)
 #endif
@@ -499,21 +502,31 @@ static __always_inline int kpr_np_port_served(const struct kpr_tuple *t)
 #endif
 }
 
+// kpr_np_vip_hash() of an address whose four words xor to `x` (the fast exit's from the packet).
+static __always_inline __u32 kpr_np_vip_fold(__u32 x)
+{
+	return (x ^ (x >> 16)) & KPR_NP_VIP_HASH_MASK;
+}
+
 // Hash of an address for the announced-address bits (kpr.nodeport.datapath.vip_hash mirrors it).
 static __always_inline __u32 kpr_np_vip_hash(const union kpr_addr *a)
 {
-	__u32 h = a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3];
-
-	return (h ^ (h >> 16)) & KPR_NP_VIP_HASH_MASK;
+	return kpr_np_vip_fold(a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3]);
 }
 
-// Whether the address may be an announced one (its bit is set, or the bits are not there).
-static __always_inline int kpr_np_maybe_vip(const union kpr_addr *a)
+// Whether an address of kpr_np_vip_hash() `h` may be an announced one (its bit is set, or the bits are not there).
+static __always_inline int kpr_np_maybe_vip_hash(__u32 h)
 {
-	__u32 h = kpr_np_vip_hash(a), k = KPR_NP_VIP_BITS + (h >> 6);
+	__u32 k = KPR_NP_VIP_BITS + (h >> 6);
 	__u64 *w = kpr_np_ports.lookup(&k);
 
 	return !w || ((*w >> (h & 63)) & 1);
+}
+
+// Whether the address may be an announced one.
+static __always_inline int kpr_np_maybe_vip(const union kpr_addr *a)
+{
+	return kpr_np_maybe_vip_hash(kpr_np_vip_hash(a));
 }
 
 static __always_inline int kpr_np_icmp_allowed(void)
@@ -1688,6 +1701,10 @@ static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	struct ethhdr *eth = ctx_ptr(ctx, 0, sizeof(struct ethhdr) + sizeof(struct iphdr) + 4);
 	const void *l3;
 	struct kpr_tuple t;
+#if KPR_NP_EARLY_RAW
+	__u32 vx; // the destination's four words xored (kpr_np_vip_fold), as the packet holds them
+	__be32 d4 = 0; // an IPv4 destination, into t.daddr only when needed
+#endif
 
 	if (!eth)
 		return KPR_NP_EARLY_FULL;
@@ -1705,7 +1722,12 @@ static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		t.dport = ((__be16 *)(ip + 1))[1];
 		t.proto = ip->protocol;
 		t.family = KPR_FAMILY_V4;
+#if KPR_NP_EARLY_RAW
+		d4 = ip->daddr;
+		vx = kpr_htonl(0x0000ffff) ^ d4; // as kpr_addr_set_v4 lays it out
+#else
 		kpr_addr_set_v4(&t.daddr, ip->daddr);
+#endif
 		l3 = ip;
 	} else if (eth->h_proto == kpr_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = ctx_ptr(ctx, sizeof(struct ethhdr), sizeof(struct ipv6hdr) + 4);
@@ -1719,17 +1741,36 @@ static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		t.proto = ip6->nexthdr;
 		t.family = KPR_FAMILY_V6;
 		kpr_addr_set_v6(&t.daddr, ip6->daddr.in6_u.u6_addr32);
+#if KPR_NP_EARLY_RAW
+		vx = t.daddr.w[0] ^ t.daddr.w[1] ^ t.daddr.w[2] ^ t.daddr.w[3];
+#endif
 		l3 = ip6;
 	} else {
 		return KPR_NP_EARLY_FULL;
 	}
 	if (kpr_np_snat_port(&t))
 		return KPR_NP_EARLY_FULL;
+#if KPR_NP_EARLY_RAW
+	// the address on the stack only where a lookup or *pkt needs it: a non-service packet's
+	// test is the hash of the words read above and one bit
+	if (kpr_np_port_served(&t)) {
+		if (t.family == KPR_FAMILY_V4)
+			kpr_addr_set_v4(&t.daddr, d4);
+		return KPR_NP_EARLY_PARSE && !kpr_np_early_fill(ctx, pkt, &t, l3) ? KPR_NP_EARLY_LB : KPR_NP_EARLY_FULL;
+	}
+	if (!kpr_np_maybe_vip_hash(kpr_np_vip_fold(vx)))
+		return KPR_NP_EARLY_PASS;
+	if (t.family == KPR_FAMILY_V4)
+		kpr_addr_set_v4(&t.daddr, d4);
+#else
 	if (kpr_np_port_served(&t))
 		return KPR_NP_EARLY_PARSE && !kpr_np_early_fill(ctx, pkt, &t, l3) ? KPR_NP_EARLY_LB : KPR_NP_EARLY_FULL;
+	if (!kpr_np_maybe_vip(&t.daddr))
+		return KPR_NP_EARLY_PASS;
+#endif
 	// a set bit is an announced address, or another address's hash (one in five of them with
 	// 16000 announced): the exact lookup then, which the full path would do too
-	if (!kpr_np_maybe_vip(&t.daddr) || !kpr_np_vip.lookup(&t.daddr))
+	if (!kpr_np_vip.lookup(&t.daddr))
 		return KPR_NP_EARLY_PASS;
 	return KPR_NP_EARLY_FULL;
 }

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, memory, sdnotify
-from .bpf import pinlock
+from .bpf import fs, pinlock
 from .api import ApiServer
 from .bus import Backoff, EventBus
 from .config import KprConfig
@@ -57,6 +57,13 @@ def make_source(config: KprConfig, node_name: str = "", on_node: Callable[[dict 
 
         return KubernetesSource(config.source, node_name or config.node.name, config.service.proxy_name, on_node=on_node)
     raise PluginError(f"source.kind: {kind!r} is not available in this build (use files or kubernetes)")
+
+
+def _os_reason(e: OSError, path: Path | str) -> str:
+    """An OSError's reason for a message that names `path` already (its strerror, and the file
+    it was about when that is another)."""
+    why = e.strerror or str(e)
+    return f"{why} ({e.filename})" if e.filename is not None and str(e.filename) != str(path) else why
 
 
 def spare_core(busy: int = 0) -> tuple[bool, float, int]:
@@ -221,7 +228,7 @@ class Agent:
         cfg = self.config
         # One agent per pin path (kpr.bpf.pinlock): refused before anything is made or
         # attached, so a second agent leaves the first's maps, links and handed pins alone.
-        held = self._hold_pin_path()
+        self._hold_pin_path()
         self.node = self._node_facts()
         missing = missing_devices(self.node.devices)
         if missing:
@@ -284,6 +291,8 @@ class Agent:
             self._start_source()
         else:
             self._read_ahead()
+        if writer is not None:
+            self._make_pin_path()
         for h in self.handles:
             try:
                 h.call("kpr_start", context=h.context)
@@ -293,8 +302,10 @@ class Agent:
                 raise PluginError(f"plugin {h.name}: start failed: {type(e).__name__}: {e}") from e
             self._started.append(h)
             log.info("plugin.started plugin=%s dist=%s", h.name, h.info.dist)
-            if not held:  # (no pin directory at the start: the first plugin to pin made it)
-                held = self._hold_pin_path()
+            # A plugin may have made the pin directory (with no service map writer, nothing
+            # made it before), or another in its place: held as it is now (pinlock.hold locks
+            # a directory that changed anew, and is a look only for the one it holds).
+            self._hold_pin_path()
             if early and h is writer:
                 # With the pass beside the plugins' start, the writer stage starts with the
                 # writer (it starts first): a pass that ends before the last plugin has
@@ -324,11 +335,32 @@ class Agent:
 
     def _hold_pin_path(self) -> bool:
         """Hold bpf.pinPath for this agent (kpr.bpf.pinlock); False while it does not exist.
-        PluginError naming the path and the other agent's pid when another agent holds it."""
+        PluginError naming the path and the other agent's pid when another agent holds it,
+        or the path and the reason when it cannot be held (a regular file, no permission, a
+        loop of links): a clean message from `kpr run`, not a traceback."""
+        pin = self.config.bpf.pin_path
         try:
-            return pinlock.hold(self.config.bpf.pin_path)
+            return pinlock.hold(pin)
         except pinlock.PinPathBusy as e:
             raise PluginError(str(e)) from e
+        except OSError as e:
+            raise PluginError(f"bpf.pinPath {pin}: {_os_reason(e, pin)} (it must be a directory on a bpffs, or not exist yet)") from e
+
+    def _make_pin_path(self) -> None:
+        """With the service map writer (plugins pin), before any plugin starts: bpffs mounted
+        when missing, by the writer's own rule (kpr.bpf.fs.mount_bpffs_for_pins), the pin
+        directory made, and held. A pin path that was a plain directory with no bpffs was
+        held at the start of setup(), then the mount on its parent hid it and the pins went
+        to a new directory in the bpffs that nobody held (a second agent was let in there);
+        and two agents starting at once on a missing pin directory both started. Held again
+        here, the lock is the new directory's, before anything is pinned in it."""
+        pin = Path(self.config.bpf.pin_path)
+        try:
+            fs.mount_bpffs_for_pins(pin)
+            pin.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PluginError(f"bpf.pinPath {pin}: {_os_reason(e, pin)}") from e
+        self._hold_pin_path()
 
     def _short_switches(self) -> None:
         """START_SWITCH_INTERVAL until ready (or the shutdown), unless someone set a shorter one."""
@@ -564,8 +596,10 @@ class Agent:
             if self.api is not None:
                 self.api.close()
             self.metrics.close()
-            pinlock.release(self.config.bpf.pin_path)  # (the plugins are stopped: another agent may start)
         finally:
+            # (the plugins are stopped, or the stop failed on the way: either way another agent
+            # may start; a hold kept by a stop that raised kept every later agent out)
+            pinlock.release(self.config.bpf.pin_path)
             watchdog.cancel()
         log.info("agent.stopped clean=%s", clean)
         return 0 if clean else 1

@@ -1,6 +1,8 @@
 """One agent per pin path (kpr.bpf.pinlock): the exclusive flock on the pin directory, tried
 by two processes. The second is refused with the path and the holder's pid; the holder's
-repeated holds are one; the lock goes with the holder's process however it ends."""
+repeated holds are one; the lock goes with the holder's process however it ends. An agent's
+pin path that cannot be a directory is a clean error; its stop releases the hold however it
+ends."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import pytest
 
 from kpr.bpf import pinlock
+from kpr.testing.agent import AgentConfig, kpr_cli, start_agent
 
 HOLDER = """
 import sys
@@ -81,6 +84,56 @@ def test_holder_pids_reads_proc_locks(tmp_path):
     locks = tmp_path / "locks"
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     locks.write_text(f"1: FLOCK  ADVISORY  WRITE 4242 {dev} 0 EOF\n2: POSIX  ADVISORY  WRITE 7 {dev} 0 EOF\n"
-                     f"3: FLOCK  ADVISORY  WRITE 99 00:01:{st.st_ino} 0 EOF\n")
+                     f"3: FLOCK  ADVISORY  WRITE 99 00:01:{st.st_ino} 0 EOF\n"
+                     f"4: FLOCK  ADVISORY  WRITE 0 {dev} 0 EOF\n")  # (a holder in another pid namespace)
     assert pinlock.holder_pids(st, str(locks)) == [4242]
+    locks.write_text(f"1: FLOCK  ADVISORY  WRITE 0 {dev} 0 EOF\n")
+    assert pinlock.holder_pids(st, str(locks)) == []
+    assert "(pid unknown)" in str(pinlock.PinPathBusy(tmp_path, []))
     assert pinlock.holder_pids(st, str(tmp_path / "none")) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "loop", "file_above"])
+def test_a_pin_path_that_cannot_be_a_directory_is_a_clean_error(tmp_path, kind):
+    """A bpf.pinPath that is a regular file, a loop of links or under a file ends `kpr run`
+    with a message naming the path and the reason, before anything starts (before, the
+    OSError of the lock's open escaped setup as a traceback)."""
+    if kind == "file":
+        pins = tmp_path / "pins"
+        pins.write_text("")
+        why = "Not a directory"
+    elif kind == "loop":
+        pins = tmp_path / "pins"
+        pins.symlink_to(tmp_path / "pins")
+        why = "Too many levels of symbolic links"
+    else:
+        (tmp_path / "f").write_text("")
+        pins = tmp_path / "f" / "pins"
+        why = "Not a directory"
+    res = kpr_cli("run", "--config", str(AgentConfig(tmp_path / "work", pins).write()), timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    said = f"kpr: bpf.pinPath {pins}: {why} (it must be a directory on a bpffs, or not exist yet)"
+    assert said in res.stderr, res.stderr[-3000:]
+
+
+def test_a_stop_that_fails_on_the_way_releases_the_pin_path(tmp_path):
+    """The hold goes at the end of the agent's stop whatever happened on the way (it was
+    released at the end of the stop's try: a stop that raised kept every later agent out
+    for the rest of the process)."""
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    agent = start_agent(AgentConfig(tmp_path / "work", pins))
+    source_stop = agent.source.stop
+
+    def broken_stop() -> None:
+        source_stop()
+        raise RuntimeError("the source's stop broke")
+
+    agent.source.stop = broken_stop
+    assert pinlock.held(pins)
+    with pytest.raises(RuntimeError, match="the source's stop broke"):
+        agent.shutdown()
+    assert not pinlock.held(pins)
+    other = _holder(pins)  # another agent may start there
+    other.kill()
+    other.wait()

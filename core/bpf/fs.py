@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ __all__ = [
     "ensure_bpffs",
     "ensure_cgroup2",
     "find_mounts",
+    "mount_bpffs_for_pins",
     "mounts",
+    "on_bpffs",
 ]
 
 
@@ -101,3 +104,39 @@ def ensure_cgroup2(
 ) -> Path:
     """Return a cgroup v2 mount point, mounting the unified hierarchy at `path` when none is mounted."""
     return _ensure("cgroup2", "none", Path(path), reuse_existing, mounts_file)
+
+
+def on_bpffs(path: str | Path, mounts_file: Path = MOUNTS_FILE) -> bool:
+    """Whether `path` (its links resolved as far as it exists) is a bpffs mount or under one."""
+    real = Path(os.path.realpath(path))
+    return any(m == real or m in real.parents for m in find_mounts("bpf", mounts_file))
+
+
+def mount_bpffs_for_pins(pin_path: str | Path) -> Path | None:
+    """As Cilium does: with no bpffs under the pin path, mount one where it belongs; the mount
+    point made, or None when the pin path is on a bpffs already.
+
+    Pins under the standard /sys/fs/bpf get bpffs mounted there; any other pin path gets one
+    mounted on its parent directory (which hides what that directory held: a pin directory
+    that was a plain directory there is made anew inside the bpffs). The one rule, for the
+    agent's setup (kpr.daemon: before any plugin, so the directory it locks is the one the
+    pins go to) and the service map writer's start. Two processes at it at once take turns
+    (an flock on the directory mounted on) and the second finds the first's mount: never a
+    second bpffs stacked over the first, each process pinning into its own.
+    """
+    pin_path = Path(pin_path)
+    target = Path(os.path.realpath(pin_path))
+    if on_bpffs(target):
+        return None
+    where = DEFAULT_BPFFS if DEFAULT_BPFFS in target.parents else target.parent
+    where.mkdir(parents=True, exist_ok=True)
+    fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (the lock goes with the fd: closed below)
+        if on_bpffs(target):
+            return None
+        ensure_bpffs(where, reuse_existing=False)
+    finally:
+        os.close(fd)
+    log.info("event=bpffs_mounted_for_pins mount=%s pin_path=%s", where, pin_path)
+    return where

@@ -8,7 +8,9 @@ compile child just handed over. So the agent takes an exclusive, non-blocking `f
 directory itself (bpffs holds no regular file to lock; a directory's fd locks as well), held
 for the life of the process (the lock goes with the process however it ends: no stale lock
 after a kill), and a second agent is refused with the path and the holder's pid (from
-/proc/locks). The lock is the process's: any number of holds by one process are one.
+/proc/locks; "pid unknown" when the holder is in another pid namespace, another container's
+agent: /proc/locks leaves out, or shows as pid 0, the locks of processes this one cannot see).
+The lock is the process's: any number of holds by one process are one.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def release(pin_path: Path | str | None = None) -> None:
 
 
 def holder_pids(st: os.stat_result, locks_file: str = LOCKS_FILE) -> list[int]:
-    """The pids /proc/locks gives for the flocks on the file of `st` (empty when unreadable)."""
+    """The pids /proc/locks gives for the flocks on the file of `st` (empty when unreadable;
+    a holder this pid namespace cannot see is left out, or shown as pid 0: not counted)."""
     want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     pids: list[int] = []
     try:
@@ -109,7 +112,8 @@ def holder_pids(st: os.stat_result, locks_file: str = LOCKS_FILE) -> list[int]:
                 # "1: FLOCK  ADVISORY  WRITE 2115 00:30:868768 0 EOF"; a waiter's line has "->"
                 parts = line.split()
                 if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == want and parts[4].isdigit():
-                    pids.append(int(parts[4]))
+                    if int(parts[4]):
+                        pids.append(int(parts[4]))
     except OSError:
         pass
     return pids

@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from .. import hookimpl
+from ..bpf.fs import mount_bpffs_for_pins
 from ..context import PluginContext
 from ..model import PluginStatus, Service, ServiceKey
 from .groups import _fk_label
@@ -42,7 +43,8 @@ class HooksMixin:
     @hookimpl
     def kpr_start(self, context: PluginContext) -> None:
         if not self.maps:
-            self._mount_bpffs_if_missing()
+            # (an agent mounted it before any plugin started, kpr.daemon; a writer on its own here)
+            mount_bpffs_for_pins(self.pin_path)
             self.open(read=False)  # (read by the initial sync, or the first operation before it)
         if self.check_interval is None:
             self.check_interval = float(context.config.agent.resync_interval) if context is not None else 0.0

@@ -273,28 +273,10 @@ class ServiceMapWriter(HooksMixin, ApplyMixin, AdoptMixin, BulkMixin, ReconcileM
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _mount_bpffs_if_missing(self) -> None:
-        """As Cilium does: with no bpffs under the pin path, mount one where it belongs.
-
-        Pins under the standard /sys/fs/bpf get bpffs mounted there; any other pin path gets
-        one mounted on its parent directory.
-        """
-        from ..bpf.fs import ensure_bpffs, find_mounts
-
-        target = self.pin_path if self.pin_path.is_absolute() else self.pin_path.resolve()
-        if any(target == m or m in target.parents for m in find_mounts("bpf")):
-            return
-        std = Path("/sys/fs/bpf")
-        where = std if std in target.parents else target.parent
-        where.mkdir(parents=True, exist_ok=True)
-        ensure_bpffs(where, reuse_existing=False)
-        log.info("servicemaps.bpffs_mounted path=%s", where)
-
     def _check_bpffs(self) -> None:
-        from ..bpf.fs import find_mounts
+        from ..bpf.fs import on_bpffs
 
-        p = self.pin_path.resolve() if self.pin_path.exists() else self.pin_path
-        if not any(p == m or m in p.parents for m in find_mounts("bpf")):
+        if not on_bpffs(self.pin_path):
             raise OSError(f"{self.pin_path} is not on a bpffs: mount one (mount -t bpf bpf /sys/fs/bpf) or set bpf.pinPath")
 
     def _create(self, spec: M.MapSpec) -> M.BpfMap:

@@ -503,15 +503,20 @@ class EventBus:
             if not self._settle_memory or self._settled or not self.synced():
                 return
             self._settled = True
-        gate = self._settle_after
-        if gate is not None and not self._synchronous and not gate.is_set():
-            # READY=1 is still on its way from another thread (the agent's setup() had not
-            # ended when the last of the initial state was handed over): the settle waits for
-            # it in a thread of its own, not in this worker, whose plugin gets its events
-            # meanwhile (up to settle_wait: a second of a plugin's changes held back before).
-            t = self._settler = threading.Thread(target=self._settle_when_gate, name="kpr-bus-settle", daemon=True)
-            t.start()
-            return
+            gate = self._settle_after
+            if gate is not None and not self._synchronous and not gate.is_set():
+                # READY=1 is still on its way from another thread (the agent's setup() had not
+                # ended when the last of the initial state was handed over): the settle waits
+                # for it in a thread of its own, not in this worker, whose plugin gets its
+                # events meanwhile (up to settle_wait: a second of a plugin's changes held back
+                # before). Looked at, made and started under the lock join_settle reads
+                # _settler under: a stop that sets the gate and then joins either finds this
+                # thread or makes this worker settle itself (which the stop's join of the
+                # workers waits for). Made outside it, a stop in between found no thread and
+                # the settle ran after the plugins had stopped.
+                self._settler = threading.Thread(target=self._settle_when_gate, name="kpr-bus-settle", daemon=True)
+                self._settler.start()
+                return
         self._settle()
 
     def _settle_when_gate(self) -> None:
@@ -625,7 +630,8 @@ class EventBus:
         """Wait until a settle waiting for settle_after (set: the agent stops) has ended;
         False when it is still running at the timeout. A stop lets it finish before the
         plugins (the writer among them) stop, as the worker it once waited in did."""
-        t = self._settler
+        with self._settle_lock:  # (made and started under it: _worker_synced)
+            t = self._settler
         if t is None:
             return True
         t.join(max(0.0, timeout))

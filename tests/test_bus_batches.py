@@ -254,7 +254,7 @@ def test_a_settle_waiting_for_ready_holds_no_plugin_s_worker(monkeypatch) -> Non
     """The settle waits for READY=1 (settle_after) off the plugins' workers: the plugin whose
     worker handed over the last of the initial state gets its next events meanwhile (before,
     that worker waited up to settle_wait, its plugin's changes held back). The settle still
-    comes after the gate, once; a stop lets it finish (EventBus.stop joins it)."""
+    comes after the gate, once. (That a stop lets it finish first: tests/test_bus_settle_join.py.)"""
     settled: list[bool] = []
     gate = threading.Event()
     monkeypatch.setattr(memory, "settle", lambda: (settled.append(gate.is_set()), 0)[1])
@@ -274,4 +274,4 @@ def test_a_settle_waiting_for_ready_holds_no_plugin_s_worker(monkeypatch) -> Non
     finally:
         gate.set()
         bus.stop()
-    assert settled == [True] and bus.join_settle(0)
+    assert settled == [True]

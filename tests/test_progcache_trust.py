@@ -82,3 +82,27 @@ def test_the_checks_see_the_directories_opened(tmp_path, monkeypatch):
     monkeypatch.setattr(progcache.os, "stat", lambda p, *a, **k: checked_by_path.append(p) or real_stat(p, *a, **k))
     assert ProgramCache(tmp_path / "state" / "progcache", "/sys/fs/bpf/unused").has(KEY)
     assert checked_by_path == []
+
+
+def test_a_link_another_user_made_in_a_sticky_directory_is_refused(tmp_path):
+    """A sticky directory anyone may write to (/tmp) keeps others from replacing a link, not
+    from making one: the kernel follows another user's link there only for that user or the
+    directory's owner (fs.protected_symlinks). The walk follows links itself, so it checks
+    the same: root's, this user's or the directory owner's link is followed, another's not."""
+    if os.geteuid() == 1000:
+        pytest.skip("the other user is uid 1000")
+    real = tmp_path / "real"
+    _cache(real / "progcache")
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    link = sticky / "state"
+    link.symlink_to(real)
+    c = ProgramCache(link / "progcache", "/sys/fs/bpf/unused")
+    assert c.has(KEY), "this user's link is followed"
+    os.lchown(link, 1000, 1000)
+    assert not c.has(KEY) and not c.has_entries()
+    with pytest.raises(CacheMiss, match=f"untrusted link {link} \\(owner 1000, in a sticky directory others may write to\\)"):
+        c._read_trusted(c.path(KEY).name)
+    sticky.chmod(0o1755)  # only its owner writes there: the link stays the owner's to change
+    assert c.has(KEY)

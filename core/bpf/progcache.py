@@ -593,6 +593,18 @@ def _trusted_ancestor(st: os.stat_result, d: Path) -> None:
         raise CacheMiss(f"untrusted ancestor {d} (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
 
 
+def _trusted_link(st: os.stat_result, dst: os.stat_result, link: Path) -> None:
+    """CacheMiss when the symbolic link `link` (lstat `st`) sits in a sticky directory others
+    may write to (stat `dst`: /tmp) and is owned by neither root, this user nor that
+    directory's owner. The sticky bit keeps others from replacing a link, not from making
+    one that is followed: the kernel refuses to follow such a link (fs.protected_symlinks),
+    but the walk below follows links itself, so it refuses it here (a link another user made
+    in /tmp, pointing to one of root's directories, was followed)."""
+    if (dst.st_mode & stat.S_ISVTX and dst.st_mode & 0o022
+            and st.st_uid not in (0, os.geteuid(), dst.st_uid)):
+        raise CacheMiss(f"untrusted link {link} (owner {st.st_uid}, in a sticky directory others may write to)")
+
+
 # Symbolic links followed on the way to the cache directory at most (the kernel's own limit).
 _MAX_LINKS = 40
 
@@ -605,8 +617,9 @@ def _open_trusted_dir(directory: Path) -> int:
     which a directory could be swapped between the two). A symbolic link on the way is read in
     its directory (checked: no other user may swap the link) and followed, its directories
     checked in turn, so a link kept in a directory others may change is refused even when it
-    points into trusted ones. CacheMiss naming the directory refused; OSError when the path
-    does not lead to a directory (a missing one, too many links)."""
+    points into trusted ones, as is one another user made in a sticky one (_trusted_link).
+    CacheMiss naming the directory (or link) refused; OSError when the path does not lead to
+    a directory (a missing one, too many links)."""
     todo = list(reversed(Path(os.path.abspath(directory)).parts[1:]))  # the next name last
     root = os.open("/", os.O_PATH | os.O_DIRECTORY)
     stack = [(root, Path("/"))]  # the directories walked through: ".." goes back one
@@ -614,7 +627,8 @@ def _open_trusted_dir(directory: Path) -> int:
     try:
         while todo:
             fd, where = stack[-1]
-            _trusted_ancestor(os.fstat(fd), where)
+            dst = os.fstat(fd)
+            _trusted_ancestor(dst, where)
             name = todo.pop()
             if name in ("", "."):
                 continue
@@ -630,6 +644,7 @@ def _open_trusted_dir(directory: Path) -> int:
             os.close(nfd)
             if not stat.S_ISLNK(st.st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(where / name))
+            _trusted_link(st, dst, where / name)
             links += 1
             if links > _MAX_LINKS:
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(directory))

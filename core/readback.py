@@ -71,7 +71,8 @@ _TYPE_BITS = (
 SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
 STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
 # Maps programs other than the writer own; read when present (the plugin that pins them is on).
-OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_np_nodeaddr", "kpr_np_vip", "kpr_sock_hostaddr")
+OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_snat_slots", "kpr_np_nodeaddr", "kpr_np_vip",
+                 "kpr_sock_hostaddr")
 
 
 # bpf_ktime_get_coarse_ns() reads CLOCK_MONOTONIC_COARSE (6 on Linux; Python names it only sometimes).
@@ -311,9 +312,18 @@ class DatapathMaps:
 
     def snat_reply(self, backend: bytes, bport: int, nat: bytes, nat_port: int, proto: int) -> str | None:
         """Where the programs find the replies (backend -> SNAT address:port) of a source-NATed
-        flow: "kpr_snat" (a reverse entry), or None (none: its replies are not translated)."""
+        flow: "kpr_snat_slots" (a slot, as the programs look first), "kpr_snat" (a reverse entry),
+        or None (none: its replies are not translated)."""
+        from kpr.bpf.slots import SlotTable
+
+        key = _CT_KEY.pack(backend, nat, M.htons(bport), M.htons(nat_port), proto, _CT_DIR_REPLY, 0)
+        slots = self.maps.get(ND.SNAT_SLOTS_MAP)
+        if slots is not None:
+            with SlotTable(slots, ND.SNAT_SLOT) as table:
+                if table.find(key, ND.SNAT_SLOT_PROBES) is not None:
+                    return ND.SNAT_SLOTS_MAP
         rev = self.maps.get("kpr_snat")
-        if rev is not None and rev.lookup(_CT_KEY.pack(backend, nat, M.htons(bport), M.htons(nat_port), proto, _CT_DIR_REPLY, 0)):
+        if rev is not None and rev.lookup(key):
             return "kpr_snat"
         return None
 

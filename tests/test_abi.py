@@ -194,7 +194,7 @@ def test_a_reordered_counter_keeps_its_name(lib_copy: Path) -> None:
 
 
 def test_a_new_counter_is_named_with_nothing_to_add(lib_copy: Path) -> None:
-    edit(lib_copy / "nodeport.h", "#define KPR_NP_ST_MAX 28", "#define KPR_NP_ST_DROP_NEW_THING 28 // test\n#define KPR_NP_ST_MAX 29")
+    edit(lib_copy / "nodeport.h", "#define KPR_NP_ST_MAX 29", "#define KPR_NP_ST_DROP_NEW_THING 29 // test\n#define KPR_NP_ST_MAX 30")
     names = abi.Abi(lib_copy).counters("KPR_NP_ST_", names=D.STATS_NAMES)
     assert names == (*D.STATS, "drop_new_thing")
 
@@ -203,8 +203,8 @@ def test_a_new_counter_is_named_with_nothing_to_add(lib_copy: Path) -> None:
     "old, new, message",
     [
         ("#define KPR_NP_ST_NEW_SNAT 1 ", "#define KPR_NP_ST_NEW_SNAT 0 ", r"KPR_NP_ST_(NEW_SNAT|NEW_LOCAL) and KPR_NP_ST_(NEW_LOCAL|NEW_SNAT) share slot 0"),
-        ("#define KPR_NP_ST_MAX 28", "#define KPR_NP_ST_MAX 29", r"not 0\.\.KPR_NP_ST_MAX-1 \(29\): missing \[28\]"),
-        ("#define KPR_NP_ST_REV_STALE 27 ", "#define KPR_NP_ST_REV_STALE 28 ", r"missing \[27\], out of range \['KPR_NP_ST_REV_STALE'\]"),
+        ("#define KPR_NP_ST_MAX 29", "#define KPR_NP_ST_MAX 30", r"not 0\.\.KPR_NP_ST_MAX-1 \(30\): missing \[29\]"),
+        ("#define KPR_NP_ST_SNAT_SLOT_FULL 28 ", "#define KPR_NP_ST_SNAT_SLOT_FULL 29 ", r"missing \[28\], out of range \['KPR_NP_ST_SNAT_SLOT_FULL'\]"),
         ("#define KPR_NP_ST_DROP_MTU ", "#define KPR_NP_ST_DROP_TOO_BIG ", None),
         ("#define KPR_NP_ST_DROP_VIP ", "#define KPR_NP_ST_DROP_UNSERVED ", r"counters the headers do not have: KPR_NP_ST_DROP_VIP"),
     ],

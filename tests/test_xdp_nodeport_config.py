@@ -80,6 +80,6 @@ def test_the_xdp_build_is_the_entry_file_over_the_shared_library() -> None:
     assert {XD.INGRESS, XD.EGRESS, *filter(None, XD.CALLS)} <= defined
     assert len(XD.INGRESS) <= 15, "the kernel keeps 15 characters of a program's name"
     # DSR slots (KPR_NP_CALL_DSR 2, KPR_NP_CALL_DSR_RECV 5) stay empty in XDP
-    assert len(XD.CALLS) == 8 and XD.CALLS[2] == XD.CALLS[5] == ""
+    assert len(XD.CALLS) == 9 and XD.CALLS[2] == XD.CALLS[5] == ""
     dp = XD.Datapath("/nonexistent", redirect_peer=True)
     assert "-DKPR_NP_PEER=0" in dp.cflags() and "-DKPR_NP_MODE=0" in dp.cflags()

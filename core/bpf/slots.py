@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 __all__ = ["SlotTable", "SlotTableError", "slot_hash"]
 
 _CLAIM = struct.Struct("=Q")
+SLOT_SIZE = abi.value("KPR_SLOT_SIZE")  # bytes of a slot (lib/slots.h)
 
 
 class SlotTableError(RuntimeError):
@@ -61,7 +62,7 @@ class SlotTable:
         names = [f.name for f in ct.fields]
         if names[:3] != ["claim", "key", "val"] or ct.fields[0].size != 8:
             raise SlotTableError(f"struct {slot} is not a slot struct (claim, key, val first; has {', '.join(names)})")
-        size = abi.value("KPR_SLOT_SIZE")
+        size = SLOT_SIZE
         if ct.size != size:
             raise SlotTableError(f"struct {slot} is {ct.size} bytes, not KPR_SLOT_SIZE ({size})")
         info = m.info()

@@ -95,6 +95,10 @@ DEVKIND_MAP = "kpr_np_devkind"
 PORTS_MAP = "kpr_np_ports"
 UNSERVED_MAP = "kpr_np_unserved"  # kpr_np_ports' port words inverted once armed: what the prefilter reads
 NOMODE_MAP = "kpr_np_nomode"  # a bit per port no kpr_np_fe key has: the programs skip that lookup
+SNAT_SLOTS_MAP = "kpr_snat_slots"  # new SNAT flows' reverse entries (lib/nat.h, kpr.bpf.slots; slot struct SNAT_SLOT)
+SNAT_SLOT = "kpr_snat_slot"
+SNAT_SLOT_PROBES = abi.value("KPR_SNAT_SLOT_PROBES")  # slots from a reply key's hash on, as the programs probe
+SNAT_GATE_MAP = "kpr_snat_gate"  # whether kpr_snat may hold reverse entries (snat_gate_* below)
 NH_MAP = "kpr_np_nh"  # next hops cached per backend (KPR_NP_NH_CACHE); key NH_GEN: the generation
 # The tc build's entry programs (tc shows these names): xdp_nodeport reads tc_nodeport's attachment
 # records of TC_EGRESS, the only program that translates a local backend's replies.
@@ -157,6 +161,7 @@ def nomode_words(ports: Iterable[tuple[int, int]], words: Iterable[int] = range(
 CT_KEY = abi.packer("kpr_ct_key")  # saddr, daddr, sport, dport, proto, dir, pad
 CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, tcp_flags, pad, nat_port, pad2, nat_addr
 NAT_ENTRY = abi.packer("kpr_nat_entry")  # addr, port, fe_port, pad2, created, fe_addr
+SNAT_GATE = abi.packer("kpr_snat_gate")  # overflows, clean
 NP_REV = abi.packer("kpr_np_rev")  # addr, port, flags, pad, last_seen
 NP_FE_KEY = abi.packer("kpr_np_fe_key", skip=("pad",))  # addr, port, proto
 NP_FE = abi.packer("kpr_np_fe", skip=("pad",))  # mode
@@ -172,6 +177,28 @@ REV_F_DSR, REV_F_CLOSING = abi.value("KPR_NP_REV_F_DSR"), abi.value("KPR_NP_REV_
 SNAT_PORT_MIN, SNAT_PORT_MAX = abi.value("KPR_SNAT_PORT_MIN"), abi.value("KPR_SNAT_PORT_MAX")  # lib/nat.h defaults
 
 _ZERO16 = bytes(16)
+
+
+def snat_gate_overflows(m: M.BpfMap) -> int:
+    """kpr_snat_gate's count of kpr_snat inserts, read before a collector's look at kpr_snat."""
+    mem = m.mmap()
+    try:
+        return SNAT_GATE.unpack_from(mem)[0]
+    finally:
+        mem.release()
+
+
+def snat_gate_clean(m: M.BpfMap, overflows: int) -> None:
+    """Tell the programs kpr_snat holds no reverse entry (a claim of a slot then skips its look
+    there): `overflows` is what snat_gate_overflows read before kpr_snat was found so; an insert
+    since has raised the count, and the gate stays shut. Only the clean word is written, in the
+    map's memory (the programs add to the other)."""
+    mem = m.mmap()
+    try:
+        off = abi.struct_of("kpr_snat_gate").fields[1].offset
+        mem[off : off + 8] = struct.pack("=Q", overflows + 1)
+    finally:
+        mem.release()
 
 
 def vip_hash(addr16: bytes) -> int:
@@ -465,7 +492,7 @@ class Datapath(DeviceMaps):
                 builds.record(self.pin, digest, [self.prog_id(n) for n in self.ENTRIES])
             for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc"):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
-            for name in (self.STATS_MAP, self.FWD_MAP, NH_MAP):
+            for name in (self.STATS_MAP, self.FWD_MAP, NH_MAP, SNAT_SLOTS_MAP, SNAT_GATE_MAP):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
         except BaseException:
             self.close()

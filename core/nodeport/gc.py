@@ -16,6 +16,11 @@ What belongs to whom:
               SNAT flow has one entry here, keyed by its reply tuple (client and frontend in
               it; its SNAT address and port are in its conntrack entry); flows a
               KPR_NP_SNAT_IN_CT=0 build made also have a forward entry (and a kpr_np_rev one).
+              When no reverse entry is left, kpr_snat_gate is marked clean (new flows' slot
+              claims then skip their look into kpr_snat).
+  kpr_snat_slots  new SNAT flows' reverse entries (lib/nat.h KPR_NP_SNAT_SLOTS), keyed by the reply
+              tuple: a slot is freed (kpr.bpf.slots) once its flow is gone: its conntrack entry
+              gone, expired or holding another SNAT port, and its claim older than GRACE_NS.
 A flow born between the dumps of two maps could look orphaned: entries younger than GRACE_NS
 are never collected for want of a partner.
 """
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 
 from kpr.bpf import abi, ctclock
 from kpr.bpf import maps as M
+from kpr.bpf.slots import SlotTable
 
 from . import datapath as D
 
@@ -86,6 +92,7 @@ class Totals:
     ct_entries: int = 0
     rev_entries: int = 0
     snat_entries: int = 0
+    snat_slots: int = 0  # held kpr_snat_slots slots
 
 
 @dataclass
@@ -93,8 +100,9 @@ class PassResult:
     ct_expired: int = 0
     stale: int = 0
     rev_expired: int = 0
-    snat_freed: int = 0
+    snat_freed: int = 0  # kpr_snat mappings and kpr_snat_slots slots freed
     live: set[Flow] = field(default_factory=set)
+    nat_ports: dict[Flow, int] = field(default_factory=dict)  # live flow -> its conntrack entry's SNAT port (network order)
 
 
 class Collector:
@@ -214,7 +222,7 @@ class Collector:
         judge = stale_only or self.ready()  # staleness against every service, or asked for
         for k, v in ct.items():
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
-            last_seen, bid, _rev_nat, flags = D.CT_ENTRY.unpack(v)[:4]
+            last_seen, bid, _rev_nat, flags, _tf, _pad, nat_port = D.CT_ENTRY.unpack(v)[:7]
             if direction != D.CT_DIR_ORIGINAL or not flags & D.CT_F_NODE_PORT:
                 continue
             be = names.get(bid)
@@ -236,10 +244,12 @@ class Collector:
             n_ct += 1
             if be is not None:
                 res.live.add((saddr, sport, proto, be[0], be[1]))
+                res.nat_ports[(saddr, sport, proto, be[0], be[1])] = nat_port
         if dead_ct:
             ct.delete_many(dead_ct)
         self._rev_pass(res, now, stale_only, gone)
         self._snat_pass(res, now, stale_only, gone)
+        self._slot_pass(res, now, stale_only, gone)
         if not stale_only:
             self.totals.ct_entries = n_ct
         return res
@@ -279,6 +289,10 @@ class Collector:
 
     def _snat_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
         snat = self.maps["kpr_snat"]
+        gate = self.maps.get(D.SNAT_GATE_MAP)
+        # read before the dump: an insert after it raises the count and keeps the gate shut
+        overflows = D.snat_gate_overflows(gate) if gate is not None else 0
+        replies = 0
         ours = self.snat_addrs()
         dead: list[bytes] = []
         paired: set[bytes] = set()  # reverse keys a forward entry decided
@@ -288,6 +302,7 @@ class Collector:
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
             addr, port, _fport, _p2, created, _fe = D.NAT_ENTRY.unpack(v)
             if direction == D.CT_DIR_REPLY:
+                replies += 1
                 if daddr in ours:  # backend -> node:port; the value names the client
                     reverse[k] = ((addr, port, proto, saddr, sport), created)
                 continue
@@ -315,5 +330,34 @@ class Collector:
                 n += 1
         if not stale_only:
             self.totals.snat_entries = n
-        if dead:
-            snat.delete_many(sorted(set(dead)))
+        dead_keys = sorted(set(dead))
+        if dead_keys:
+            snat.delete_many(dead_keys)
+        left = replies - sum(1 for k in dead_keys if D.CT_KEY.unpack(k)[5] == D.CT_DIR_REPLY)
+        if gate is not None and left == 0:
+            D.snat_gate_clean(gate, overflows)
+
+    def _slot_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
+        m = self.maps.get(D.SNAT_SLOTS_MAP)
+        if m is None:
+            return
+        table = SlotTable(m, D.SNAT_SLOT)  # (the map stays the owner's)
+        try:
+            dead, n = [], 0
+            for idx, stamp, key, val in table.held():
+                baddr, _nat, bport, nport, proto, _dir, _ = D.CT_KEY.unpack(key)
+                caddr, cport = D.NAT_ENTRY.unpack(val)[:2]
+                flow = (caddr, cport, proto, baddr, bport)
+                if flow in gone:
+                    dead.append(idx)
+                elif stale_only or now - stamp < GRACE_NS or res.nat_ports.get(flow) == nport:
+                    n += 1  # young (being filled, its conntrack entry being written) or its flow's
+                else:
+                    dead.append(idx)
+            for idx in dead:
+                table.free(idx)
+            res.snat_freed += len(dead)
+            if not stale_only:
+                self.totals.snat_slots = n
+        finally:
+            table.close()

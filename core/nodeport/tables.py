@@ -13,6 +13,8 @@ they exist before any plugin loads its programs, and written here only.
                    the default mode without the kpr_np_fe lookup
   kpr_np_nh        next hops the programs cache per backend; written here: the generation
                    (kpr.nexthops bumps it when routes or neighbours change)
+  kpr_snat_slots   new SNAT flows' reply sides (lib/nat.h; slots freed by gc.py)
+  kpr_snat_gate    whether kpr_snat may hold reverse entries (gc.py marks it clean)
 
 Pins of maps no kpr build uses any more (OBSOLETE_PINS) are removed as the tables open: the
 SNAT port table of issue 14 (kpr_snat_ports, 10 MiB) was dropped, never on by default.
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from kpr.bpf import abi
 from kpr.bpf import maps as M
+from kpr.bpf.slots import SLOT_SIZE
 
 from . import datapath as D
 from .services import Change, ModeKey, PortKey
@@ -55,6 +58,10 @@ def specs(rev_size: int) -> list[M.MapSpec]:
         M.MapSpec(D.UNSERVED_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.UNSERVED_WORDS),
         M.MapSpec(D.NOMODE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, 8, D.NOMODE_WORDS),
         M.MapSpec(D.NH_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.NP_NH.size, abi.value("KPR_NP_NH_MAX")),
+        # (lib/nat.h: the collector frees slots in its memory; the gate's clean word likewise)
+        M.MapSpec(D.SNAT_SLOTS_MAP, M.BPF_MAP_TYPE_ARRAY, 4, SLOT_SIZE, abi.value("KPR_SNAT_SLOTS_N"),
+                  flags=M.BPF_F_MMAPABLE),
+        M.MapSpec(D.SNAT_GATE_MAP, M.BPF_MAP_TYPE_ARRAY, 4, D.SNAT_GATE.size, 1, flags=M.BPF_F_MMAPABLE),
     ]
 
 

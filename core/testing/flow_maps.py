@@ -73,5 +73,36 @@ def fill_flow_maps(pin: Any, fraction: float) -> dict[str, int]:
             keys = [(bytes(10) + b"\xff\xff" + (base + i).to_bytes(4, "big")).ljust(info.key_size, b"\0") for i in range(n)]
             m.update_many(keys, [bytes(info.value_size)] * n)
             out[name] = n
-    log.info("event=flow_maps_filled fraction=%s kpr_ct=%d kpr_snat=%d", fraction, out["kpr_ct"], out["kpr_snat"])
+    out["kpr_snat_slots"] = fill_snat_slots(pin, out["kpr_snat"])
+    log.info("event=flow_maps_filled fraction=%s kpr_ct=%d kpr_snat=%d kpr_snat_slots=%d", fraction, out["kpr_ct"],
+             out["kpr_snat"], out["kpr_snat_slots"])
     return out
+
+
+def fill_snat_slots(pin: Any, n: int) -> int:
+    """Hold `n` slots of kpr_snat_slots (pinned under `pin`, when there) with reply keys of flows no
+    packet names (source 198.18.x.y), each at the first free probe of its hash as a program's claim
+    puts it, stamped now: a new flow's probes meet a table that full. Returns the slots held."""
+    from kpr.bpf import ctclock
+    from kpr.bpf.slots import SlotTable, slot_hash
+    from kpr.nodeport import datapath as D
+
+    path = pin / D.SNAT_SLOTS_MAP
+    if not n or not path.exists():
+        return 0
+    with SlotTable.open(path, D.SNAT_SLOT) as t:
+        mem, size, mask = t._mem, t.size, t.slots - 1
+        stamp = ctclock.now_ns() | 1
+        base = int.from_bytes(FILL_NET, "big")
+        held = 0
+        for i in range(min(n, t.slots)):
+            key = D.CT_KEY.pack(bytes(10) + b"\xff\xff" + (base + i % 131072).to_bytes(4, "big"), bytes(16),
+                                i // 131072, 0, 6, D.CT_DIR_REPLY, 0)
+            h = slot_hash(key)
+            for j in range(D.SNAT_SLOT_PROBES):
+                idx = (h + j) & mask
+                if mem[idx * size : idx * size + 8] == bytes(8):
+                    t.put(idx, stamp, key, bytes(t.val_size))
+                    held += 1
+                    break
+        return held

@@ -373,6 +373,7 @@ class ProgLab:
                 keys = list(m.keys())
                 if keys:
                     m.delete_many(keys)
+        clear_snat_slots(self.pin)
         for dp in self.builds.values():  # builds with flow maps of their own (kpr.testing.reference_lb)
             if hasattr(dp, "flush_own_flows"):
                 dp.flush_own_flows()
@@ -628,6 +629,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_DNAT_ONE_PASS=0",),
     "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
+    "a new SNAT flow's reply side an LRU insert into kpr_snat, not a kpr_snat_slots slot (KPR_NP_SNAT_SLOTS=0)": (
+        "-DKPR_NP_SNAT_SLOTS=0",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "new SNAT flows look the route up though their backend's next hop is cached (KPR_NP_NEW_NH=0)": (
         "-DKPR_NP_NEW_NH=0",),
@@ -938,3 +941,18 @@ def print_summary(summary: dict[str, str]) -> None:
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def clear_snat_slots(pin: Path) -> None:
+    """kpr_snat_slots freed and kpr_snat_gate marked clean, as the collector leaves them once kpr_snat
+    holds no reverse entry (call it after emptying kpr_snat): a flush between rounds."""
+    from kpr.bpf import maps as M
+    from kpr.bpf.slots import SlotTable
+    from kpr.nodeport import datapath as D
+
+    if (pin / D.SNAT_SLOTS_MAP).exists():
+        with SlotTable.open(pin / D.SNAT_SLOTS_MAP, D.SNAT_SLOT) as t:
+            t.clear()
+    if (pin / D.SNAT_GATE_MAP).exists():
+        with M.BpfMap.open_pinned(pin / D.SNAT_GATE_MAP) as g:
+            D.snat_gate_clean(g, D.snat_gate_overflows(g))

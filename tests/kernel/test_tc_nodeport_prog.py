@@ -320,22 +320,29 @@ def test_snat_to_a_remote_backend_and_the_reverse_nat_of_its_reply(lab: Lab) -> 
 
 
 def _flow_entries(lab: Lab, client: str, cport: int, proto: int) -> dict[str, list[tuple[tuple, tuple]]]:
-    """Every entry of kpr_ct, kpr_snat and kpr_np_rev naming the client address and port."""
+    """Every entry of kpr_ct, kpr_snat, kpr_snat_slots and kpr_np_rev naming the client address and port."""
     c = M.addr_to_bytes(client)
     out: dict[str, list[tuple[tuple, tuple]]] = {}
-    for name, leaf in (("kpr_ct", D.CT_ENTRY), ("kpr_snat", D.NAT_ENTRY), (D.REV_MAP, D.NP_REV)):
-        with M.BpfMap.open_pinned(lab.pin / name) as m:
-            rows = [(D.CT_KEY.unpack(k), leaf.unpack(v)) for k, v in m.items()]
+    for name, leaf in (("kpr_ct", D.CT_ENTRY), ("kpr_snat", D.NAT_ENTRY), (D.REV_MAP, D.NP_REV),
+                       (ND.SNAT_SLOTS_MAP, D.NAT_ENTRY)):
+        if name == ND.SNAT_SLOTS_MAP:
+            with _slots(lab) as t:
+                rows = [(D.CT_KEY.unpack(k), leaf.unpack(v)) for _i, _s, k, v in t.held()]
+        else:
+            with M.BpfMap.open_pinned(lab.pin / name) as m:
+                rows = [(D.CT_KEY.unpack(k), leaf.unpack(v)) for k, v in m.items()]
         out[name] = [(k, v) for k, v in rows if k[4] == proto and (
             (k[0] == c and k[2] == M.htons(cport)) or (k[1] == c and k[3] == M.htons(cport))
-            or (name == "kpr_snat" and v[0] == c and v[1] == M.htons(cport)))]
+            or (name in ("kpr_snat", ND.SNAT_SLOTS_MAP) and v[0] == c and v[1] == M.htons(cport)))]
     return out
 
 
 def test_a_new_snat_flow_writes_two_entries(lab: Lab) -> None:
-    """KPR_NP_SNAT_IN_CT: the conntrack entry holds the SNAT address and port, one kpr_snat
-    entry keyed by the reply tuple holds client and frontend; no SNAT forward entry, no
-    kpr_np_rev entry. The reply finds the flow through that one entry (checked above)."""
+    """KPR_NP_SNAT_IN_CT: the conntrack entry holds the SNAT address and port, one reverse entry
+    keyed by the reply tuple (a kpr_snat_slots slot: KPR_NP_SNAT_SLOTS, the backend's next hop
+    cached) holds client and frontend; no SNAT forward entry, no kpr_np_rev entry. The reply
+    finds the flow through that one entry (checked above)."""
+    _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, 5076, 80))
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5077, 80))
     assert verdict == TC_ACT_REDIRECT
     port = out[UDP].sport
@@ -344,7 +351,8 @@ def test_a_new_snat_flow_writes_two_entries(lab: Lab) -> None:
     assert ck[1] == M.addr_to_bytes(VIP_REMOTE) and ck[5] == D.CT_DIR_ORIGINAL
     last_seen, _bid, _rn, flags, _tf, _pad, nat_port, _pad2, nat_addr = cv
     assert flags & D.CT_F_SNAT and (nat_port, nat_addr) == (M.htons(port), M.addr_to_bytes(NODE4))
-    (sk, sv), = e["kpr_snat"]
+    assert e["kpr_snat"] == []
+    (sk, sv), = e[ND.SNAT_SLOTS_MAP]
     assert sk == (M.addr_to_bytes(REM4), M.addr_to_bytes(NODE4), M.htons(8080), M.htons(port), 17, D.CT_DIR_REPLY, 0)
     addr, cport, fe_port, _p2, _created, fe_addr = sv
     assert (addr, cport, fe_addr, fe_port) == (M.addr_to_bytes(CLIENT4), M.htons(5077), M.addr_to_bytes(VIP_REMOTE), M.htons(80))
@@ -353,7 +361,7 @@ def test_a_new_snat_flow_writes_two_entries(lab: Lab) -> None:
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5077, 80))
     assert verdict == TC_ACT_REDIRECT and out[UDP].sport == port
     assert {k: len(v) for k, v in _flow_entries(lab, CLIENT4, 5077, 17).items()} == {
-        "kpr_ct": 1, "kpr_snat": 1, D.REV_MAP: 0}
+        "kpr_ct": 1, "kpr_snat": 0, ND.SNAT_SLOTS_MAP: 1, D.REV_MAP: 0}
 
 
 def test_conntrack_stamps_are_on_the_collectors_clock(lab: Lab) -> None:
@@ -370,9 +378,9 @@ def test_conntrack_stamps_are_on_the_collectors_clock(lab: Lab) -> None:
     assert verdict == TC_ACT_REDIRECT
     e = _flow_entries(lab, CLIENT4, 5079, 17)
     (_ck, cv), = e["kpr_ct"]
-    (_sk, sv), = e["kpr_snat"]
+    (_sk, sv), = e["kpr_snat"] + e[ND.SNAT_SLOTS_MAP]
     tick = ctclock.tick_nsec(ctclock.kernel_hz())
-    for stamp in (cv[0], sv[4]):  # kpr_snat's created
+    for stamp in (cv[0], sv[4]):  # the reverse entry's created
         assert before - 3 * tick <= stamp <= after + 3 * tick, (before, stamp, after)
 
 
@@ -1633,3 +1641,209 @@ def test_a_stage_missing_from_the_tail_call_array_drops_and_tells_the_monitor(la
     ]
     # the stage back: the same flow is source-NATed again
     assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40071, 80))[0] == TC_ACT_REDIRECT
+
+
+# ---------------------------------------------------------------------- SNAT slots (issue 14 item 4)
+
+
+def _slots(lab: Lab) -> Any:
+    from kpr.bpf.slots import SlotTable
+
+    return SlotTable.open(lab.pin / ND.SNAT_SLOTS_MAP, ND.SNAT_SLOT)
+
+
+def _reply_key(backend: str, bport: int, nat_port: int, proto: int, nat: str = NODE4) -> bytes:
+    return D.CT_KEY.pack(M.addr_to_bytes(backend), M.addr_to_bytes(nat), M.htons(bport), M.htons(nat_port), proto,
+                         D.CT_DIR_REPLY, 0)
+
+
+def _hold_even_ports(lab: Lab, backend: str, proto: int, ports: range, nat: str = NODE4) -> int:
+    """Hold every probe of the reply keys of these (even) SNAT ports with keys no flow has: a claim
+    for them finds no free slot. Returns the slots written."""
+    from kpr.bpf.slots import slot_hash
+
+    n = 0
+    with _slots(lab) as t:
+        stamp = ND_now() | 1
+        for port in ports:
+            h = slot_hash(_reply_key(backend, 8080, port, proto, nat))
+            for j in range(ND.SNAT_SLOT_PROBES):
+                idx = (h + j) & (t.slots - 1)
+                if not t.claim(idx):
+                    t.put(idx, stamp, _reply_key("192.0.2.250", 1, n % 60000 + 1, 99), bytes(t.val_size))
+                    n += 1
+    return n
+
+
+def slot_hash_of(key: bytes) -> int:
+    from kpr.bpf.slots import slot_hash
+
+    return slot_hash(key)
+
+
+def ND_now() -> int:
+    from kpr.bpf import ctclock
+
+    return ctclock.now_ns()
+
+
+def _warm(lab: Lab, pkt: Ether) -> None:
+    """One flow to the backend first: its next hop is cached (a new flow claims a slot only then)."""
+    verdict, _ = lab.one(D.INGRESS, pkt)
+    assert verdict == TC_ACT_REDIRECT
+
+
+SLOT_CASES = [  # (name, first packet, reply builder(port), expected reply, proto, backend)
+    ("IPv4 TCP", lambda lab: tcp4(lab, CLIENT4, VIP_REMOTE, 41001, 80),
+     lambda lab, p: Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / TCP(sport=8080, dport=p, flags="SA") / Raw(b"ok"),
+     lambda lab: routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / TCP(sport=80, dport=41001, flags="SA") / Raw(b"ok"),
+     6, REM4, NODE4),
+    ("IPv4 UDP", lambda lab: udp4(lab, CLIENT4, VIP_REMOTE, 41002, 80),
+     lambda lab, p: Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / UDP(sport=8080, dport=p) / Raw(b"ok"),
+     lambda lab: routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=41002) / Raw(b"ok"),
+     17, REM4, NODE4),
+    ("IPv6 TCP", lambda lab: tcp6(lab, CLIENT6, VIP6_REMOTE, 41003, 80),
+     lambda lab, p: Ether(src=MAC_NODE2, dst=lab.mac) / IPv6(src=REM6, dst=NODE6) / TCP(sport=8080, dport=p, flags="SA") / Raw(b"ok"),
+     lambda lab: routed(lab, MAC_OUT) / IPv6(src=VIP6_REMOTE, dst=CLIENT6) / TCP(sport=80, dport=41003, flags="SA") / Raw(b"ok"),
+     6, REM6, NODE6),
+    ("IPv6 UDP", lambda lab: eth_in(lab) / IPv6(src=CLIENT6, dst=VIP6_REMOTE) / UDP(sport=41004, dport=80) / Raw(b"kpr-udp"),
+     lambda lab, p: Ether(src=MAC_NODE2, dst=lab.mac) / IPv6(src=REM6, dst=NODE6) / UDP(sport=8080, dport=p) / Raw(b"ok"),
+     lambda lab: routed(lab, MAC_OUT) / IPv6(src=VIP6_REMOTE, dst=CLIENT6) / UDP(sport=80, dport=41004) / Raw(b"ok"),
+     17, REM6, NODE6),
+]
+
+
+@pytest.mark.parametrize("name, first, reply, want, proto, backend, nat", SLOT_CASES, ids=[c[0] for c in SLOT_CASES])
+def test_a_new_snat_flow_claims_a_slot_and_its_reply_comes_from_it(lab: Lab, name: str, first: Any, reply: Any,
+                                                                    want: Any, proto: int, backend: str, nat: str) -> None:
+    pkt = first(lab)
+    _warm(lab, _other_client(pkt))
+    before = lab.stats()
+    verdict, out = lab.one(D.INGRESS, pkt)
+    assert verdict == TC_ACT_REDIRECT
+    port = (out[TCP] if TCP in out else out[UDP]).sport
+    assert port % 2 == 0, f"{name}: a slot's port is even ({port})"
+    with _slots(lab) as t:
+        idx = t.find(_reply_key(backend, 8080, port, proto, nat), ND.SNAT_SLOT_PROBES)
+        assert idx is not None, f"{name}: no slot holds the reply key"
+        _stamp, _k, val = t.read(idx)
+    with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+        assert m.lookup(_reply_key(backend, 8080, port, proto, nat)) is None, "a slot's flow has no kpr_snat entry"
+    addr, cport = D.NAT_ENTRY.unpack(val)[:2]
+    assert addr == M.addr_to_bytes(pkt[IPv6].src if IPv6 in pkt else pkt[IP].src)
+    lab.run(D.INGRESS, [Case(f"{name}: the reply, from the slot", reply(lab, port), TC_ACT_REDIRECT, want(lab))])
+    after = lab.stats()
+    assert after["snat_slot_full"] == before["snat_slot_full"]
+
+
+def _other_client(pkt: Ether) -> Ether:
+    """The same packet from another client port (a warm-up flow of its own)."""
+    p = Ether(bytes(pkt))
+    l4 = p[TCP] if TCP in p else p[UDP]
+    l4.sport += 500
+    del l4.chksum
+    return Ether(bytes(p))
+
+
+def test_held_slots_make_a_claim_take_other_ports_then_kpr_snat_counted(lab: Lab) -> None:
+    """Half the even ports' probes held: every slot claimed is of the other half; all of them
+    held: the flow's reply side goes into kpr_snat (an odd port), counted, and its reply works."""
+    _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, 42000, 80))
+    lo, hi = D.SNAT_PORT_MIN, D.SNAT_PORT_MAX
+    evens = range(lo + lo % 2, hi + 1, 2)
+    held = [p for i, p in enumerate(evens) if i % 2 == 0]
+    try:
+        _hold_even_ports(lab, REM4, 17, held)
+        got = []
+        for cport in range(42001, 42013):
+            verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
+            assert verdict == TC_ACT_REDIRECT
+            got.append(out[UDP].sport)
+        in_slots = [p for p in got if p % 2 == 0]
+        assert in_slots, f"no flow claimed a slot: {got}"
+        assert not set(in_slots) & set(held), f"a held slot was taken: {sorted(set(in_slots) & set(held))}"
+
+        _hold_even_ports(lab, REM4, 17, evens)
+        before = lab.stats()
+        verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 42100, 80))
+        assert verdict == TC_ACT_REDIRECT
+        port = out[UDP].sport
+        assert port % 2 == 1, f"every slot held: kpr_snat's odd port expected, got {port}"
+        assert lab.stats()["snat_slot_full"] == before["snat_slot_full"] + 1
+        with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+            assert m.lookup(_reply_key(REM4, 8080, port, 17)) is not None
+        lab.run(D.INGRESS, [Case(
+            "the overflowed flow's reply, from kpr_snat",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / UDP(sport=8080, dport=port) / Raw(b"ok"),
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=42100) / Raw(b"ok"))])
+    finally:
+        with _slots(lab) as t:
+            t.clear()
+
+
+def test_a_flow_an_older_build_began_in_kpr_snat_still_gets_its_replies(lab: Lab) -> None:
+    """Upgrade: a reverse entry pinned in kpr_snat by an older build (the LRU layout, no slot) and
+    its conntrack entry: the new build's reply path finds it after a slot miss."""
+    port = 61234  # even: the slots' half, as an older build took any port
+    client, cport = "192.0.2.77", 43000
+    key = _reply_key(REM4, 8080, port, 6)
+    from kpr.bpf import ctclock
+
+    now = ctclock.now_ns()
+    with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+        m.update(key, D.NAT_ENTRY.pack(M.addr_to_bytes(client), M.htons(cport), M.htons(80), 0, now,
+                                       M.addr_to_bytes(VIP_REMOTE)))
+    try:
+        lab.run(D.INGRESS, [Case(
+            "the old flow's reply: from kpr_snat",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / TCP(sport=8080, dport=port, flags="A") / Raw(b"ok"),
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=client) / TCP(sport=80, dport=cport, flags="A") / Raw(b"ok"))])
+    finally:
+        with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+            m.delete(key)
+
+
+def test_the_collector_frees_the_slot_of_an_ended_flow_not_of_a_live_one(lab: Lab) -> None:
+    from kpr.nodeport.gc import GRACE_NS, Collector
+
+    _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, 44000, 80))
+    ports = {}
+    for cport in (44001, 44002):
+        verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
+        assert verdict == TC_ACT_REDIRECT and out[UDP].sport % 2 == 0
+        ports[cport] = out[UDP].sport
+    # 44001's conntrack entry expired; both slots' claims past the grace period
+    ck = D.CT_KEY.pack(M.addr_to_bytes(CLIENT4), M.addr_to_bytes(VIP_REMOTE), M.htons(44001), M.htons(80), 17,
+                       D.CT_DIR_ORIGINAL, 0)
+    old = ND_now() - 10 * GRACE_NS
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
+        v = list(D.CT_ENTRY.unpack(ct.lookup(ck)))
+        v[0] = old
+        ct.update(ck, D.CT_ENTRY.pack(*v))
+    idx = {}
+    with _slots(lab) as t:
+        for cport, port in ports.items():
+            idx[cport] = t.find(_reply_key(REM4, 8080, port, 17), ND.SNAT_SLOT_PROBES)
+            _s, k, val = t.read(idx[cport])
+            t.put(idx[cport], old | 1, k, val)
+        # a slot just claimed whose conntrack entry is not written yet: young, kept
+        young = t.find(_reply_key(REM4, 8080, 61998, 17), 1) or (slot_hash_of(_reply_key(REM4, 8080, 61998, 17)) & (t.slots - 1))
+        t.put(young, ND_now() | 1, _reply_key(REM4, 8080, 61998, 17), D.NAT_ENTRY.pack(
+            M.addr_to_bytes(CLIENT4), M.htons(44003), M.htons(80), 0, 0, M.addr_to_bytes(VIP_REMOTE)))
+    maps = {n: M.BpfMap.open_pinned(lab.pin / n) for n in
+            ("kpr_ct", "kpr_snat", "kpr_backend", D.REV_MAP, ND.SNAT_SLOTS_MAP, ND.SNAT_GATE_MAP)}
+    try:
+        c = Collector(maps, lambda *a: None, lambda: {M.addr_to_bytes(NODE4), M.addr_to_bytes(NODE6)}, 60)
+        res = c.run()
+        assert res.ct_expired >= 1
+        with _slots(lab) as t:
+            assert t.claim(idx[44001]) == 0, "the ended flow's slot is freed"
+            assert t.claim(idx[44002]) != 0, "the live flow's slot is kept"
+            assert t.find(_reply_key(REM4, 8080, ports[44002], 17), ND.SNAT_SLOT_PROBES) == idx[44002]
+            assert t.claim(young) != 0, "a young slot without its conntrack entry (yet) is kept"
+            t.free(young)
+    finally:
+        for m in maps.values():
+            m.close()

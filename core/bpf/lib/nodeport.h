@@ -160,6 +160,9 @@
  * before (conntrack, SNAT forward and reverse, kpr_np_rev). Both builds read either kind. */
 #define KPR_NP_SNAT_IN_CT 1
 #endif
+/* KPR_NP_SNAT_SLOTS (lib/nat.h, where kpr_snat_claim reads it; needs KPR_NP_SNAT_IN_CT and
+ * KPR_NP_NEW_NH): 1: a new SNAT flow to a backend whose next hop is cached claims its reply side in
+ * a slot of kpr_snat_slots (KPR_NP_CALL_SNAT_CLAIM), kpr_snat only when every slot tried is held. */
 #ifndef KPR_NP_NEW_NH
 /* 1: a new SNAT flow to a backend whose next hop is cached takes its SNAT address from the
  * cached device and is sent there, without a FIB lookup; 0: new flows always look the route up */
@@ -222,7 +225,8 @@
 #define KPR_NP_ST_ICMP_LIMITED 25    // ICMP errors not sent: rate limit
 #define KPR_NP_ST_TAIL_MISSING 26    // dropped: a stage program is missing from kpr_np_calls
 #define KPR_NP_ST_REV_STALE 27       // passed: a new connection's SYN-ACK met the reverse entry of an ended flow (deleted)
-#define KPR_NP_ST_MAX 28
+#define KPR_NP_ST_SNAT_SLOT_FULL 28  // new SNAT flows whose reply side went into kpr_snat: every kpr_snat_slots slot tried held (KPR_NP_SNAT_SLOTS)
+#define KPR_NP_ST_MAX 29
 
 /* --- how packets left (kpr_np_fwd; kpr.nodeport.datapath reads the names from here) --- */
 
@@ -253,7 +257,8 @@
 #define KPR_NP_CALL_DSR_RECV 5    // a DSR header for a backend on this node
 #define KPR_NP_CALL_ICMP_IN 6     // an ICMP error from outside about a source-NATed flow
 #define KPR_NP_CALL_ICMP_OUT 7    // an ICMP error from a local/DSR backend, leaving
-#define KPR_NP_CALL_MAX 8
+#define KPR_NP_CALL_SNAT_CLAIM 8  // a new SNAT flow's reply side in a kpr_snat_slots slot, then KPR_NP_CALL_SNAT (KPR_NP_SNAT_SLOTS)
+#define KPR_NP_CALL_MAX 9
 
 /* --- structs ------------------------------------------------------------------------- */
 
@@ -1232,6 +1237,8 @@ static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_back
 		return kpr_np_tail(ctx, KPR_NP_CALL_LOCAL);
 	if (flags & KPR_CT_F_DSR)
 		return kpr_np_tail(ctx, KPR_NP_CALL_DSR);
+	if (KPR_NP_SNAT_SLOTS && KPR_NP_SNAT_IN_CT && KPR_NP_NEW_NH && created && !st->nat_port)
+		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT_CLAIM);
 	return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
 }
 
@@ -1415,6 +1422,48 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	}
 	KPR_NP_STOP(3);
 	return kpr_np_dispatch(ctx, be, bid, flags, 1, svc->rev_nat, (void *)0);
+}
+
+/* KPR_NP_CALL_SNAT_CLAIM (KPR_NP_SNAT_SLOTS): a new SNAT flow's reply side in a slot of
+ * kpr_snat_slots, when its backend's next hop is cached (the egress device names the SNAT
+ * address, as on KPR_NP_NEW_NH's path), and its conntrack entry holding the mapping; then
+ * KPR_NP_CALL_SNAT sends it as a flow with a mapping. A stage of its own: in KPR_NP_CALL_SNAT the
+ * slot probes, walked by the verifier on each of that stage's paths, passed its million
+ * instructions (XDP build); here there are few paths. Anything else (no cached next hop, every
+ * slot tried held: counted) goes on to KPR_NP_CALL_SNAT as before, which allocates in kpr_snat. */
+static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
+{
+	struct kpr_pkt pkt;
+	struct kpr_np_state *st;
+	struct kpr_backend *be;
+	struct kpr_tuple orig; // the tuple after DNAT (client -> backend)
+	const union kpr_addr *nat;
+	struct kpr_np_nh *nh;
+	__be16 nport;
+
+	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
+		return CTX_DROP;
+	nh = kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr);
+	if (!nh)
+		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
+	nat = kpr_np_snat_addr(nh->ifindex, pkt.t.family);
+	if (!nat)
+		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT); // (counted and dropped there)
+	orig = pkt.t;
+	orig.daddr = be->addr;
+	if (be->port)
+		orig.dport = be->port;
+	if (kpr_snat_claim(&orig, nat, &pkt.t.daddr, pkt.t.dport, &nport)) {
+		kpr_np_count(KPR_NP_ST_SNAT_SLOT_FULL);
+		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
+	}
+	st->nat_addr = *nat;
+	st->nat_port = nport;
+	if (kpr_ct_create_snat(&pkt.t, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
+		kpr_np_count(KPR_NP_ST_CT_FAILED);
+		kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt.t, st->rev_nat, st->backend_id, be);
+	}
+	return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
 }
 
 /* --- replies to source-NATed flows ----------------------------------------------------- */

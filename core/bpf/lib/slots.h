@@ -27,11 +27,15 @@
  *    being filled, or whose flow's other maps are still being written, is young). Programs claim only
  *    free slots, so the collector's clear of a slot it read as dead cannot race a claim.
  *
- * Probing and the key's words are bounded loops kept loops (#pragma nounroll): bcc cannot build
- * BPF-to-BPF calls, and a NodePort program over 4096 instructions does not load here. bcc rewrites
+ * The key's hash and compare are straight code (unrolled, no branch: each costs the verifier one
+ * walk per path). Probes and retries are the user's bounded loops, kept loops (#pragma nounroll:
+ * bcc cannot build BPF-to-BPF calls, and bpf_loop needs one); what a probe loop carries from one
+ * probe to the next must be plain numbers (a slot index, a flag), not a map value pointer that is
+ * NULL on one path and not on another: the verifier cannot prune paths that differ so, and a loop
+ * of loops then walks past its million instructions (E2BIG; bcc says "Program too large"). bcc rewrites
  * map calls in the program's text (not in macros pasted from elsewhere), so the probe loop itself
  * is the user's: for i < probes, idx = kpr_slots_index(h, i, N - 1), s = table.lookup(&idx), ...
- * (lib/nat.h kpr_snat_slot_claim/kpr_snat_slot_find are the example). Context-free.
+ * (lib/nat.h kpr_snat_slot_probe and kpr_snat_alloc are the example). Context-free.
  */
 #ifndef KPR_LIB_SLOTS_H
 #define KPR_LIB_SLOTS_H
@@ -51,7 +55,7 @@ static __always_inline __u32 kpr_slots_hash(const void *key, const int words)
 	const __u32 *w = (const __u32 *)key;
 	__u32 h = 0x811C9DC5U;
 
-#pragma nounroll
+#pragma unroll
 	for (int i = 0; i < words; i++)
 		h = (h + w[i]) * 0x01000193U;
 	h ^= h >> 16;
@@ -73,7 +77,7 @@ static __always_inline int kpr_slots_key_eq(const void *a, const void *b, const 
 	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
 	__u64 diff = 0;
 
-#pragma nounroll
+#pragma unroll
 	for (int i = 0; i < dwords; i++)
 		diff |= x[i] ^ y[i];
 	return diff == 0;
@@ -104,7 +108,7 @@ static __always_inline void kpr_slots_fill_key(void *dst, const void *key, const
 	const __u64 *k = (const __u64 *)key;
 
 	asm volatile("" ::: "memory");
-#pragma nounroll
+#pragma unroll
 	for (int i = 0; i < dwords; i++)
 		d[i] = k[i];
 }

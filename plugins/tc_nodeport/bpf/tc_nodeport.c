@@ -20,6 +20,7 @@ int kpr_np_egress(struct __sk_buff *ctx) { return kpr_np_to_netdev(ctx); }
 // Stages, one per KPR_NP_CALL_*.
 int kpr_np_local(struct __sk_buff *ctx) { return kpr_np_stage_local(ctx); }
 int kpr_np_snat(struct __sk_buff *ctx) { return kpr_np_stage_snat(ctx); }
+int kpr_np_snat_claim(struct __sk_buff *ctx) { return kpr_np_stage_snat_claim(ctx); }
 int kpr_np_dsr(struct __sk_buff *ctx) { return kpr_np_stage_dsr(ctx); }
 int kpr_np_nobackend(struct __sk_buff *ctx) { return kpr_np_stage_no_backend(ctx); }
 int kpr_np_snat_reply(struct __sk_buff *ctx) { return kpr_np_stage_snat_reply(ctx); }

@@ -18,6 +18,7 @@ int kpr_xnp_egress(struct xdp_md *ctx) { return kpr_np_to_netdev(ctx); }
 // Stages, one per KPR_NP_CALL_* this build has (DSR and DSR receive are tc only).
 int kpr_xnp_local(struct xdp_md *ctx) { return kpr_np_stage_local(ctx); }
 int kpr_xnp_snat(struct xdp_md *ctx) { return kpr_np_stage_snat(ctx); }
+int kpr_xnp_snat_claim(struct xdp_md *ctx) { return kpr_np_stage_snat_claim(ctx); }
 int kpr_xnp_nobackend(struct xdp_md *ctx) { return kpr_np_stage_no_backend(ctx); }
 int kpr_xnp_snat_reply(struct xdp_md *ctx) { return kpr_np_stage_snat_reply(ctx); }
 int kpr_xnp_icmp_in(struct xdp_md *ctx) { return kpr_np_stage_icmp_in(ctx); }

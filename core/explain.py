@@ -266,7 +266,7 @@ def _decide(dm: DatapathMaps, e: SvcEntry, t: Target, hook: str, source: str | N
             out["verdict"] = "forward"
             out["backend"] = _member(dm, out, ct["backend_id"])
             out["by"] = "conntrack"
-            steps.append("a tracked flow (kpr_ct): it keeps its backend")
+            steps.append(f"a tracked flow ({ct['map']}): it keeps its backend")
             b = out["backend"]
             if ct["nat_port"] and b is not None:
                 nat = ct["nat_addr"]

@@ -71,8 +71,8 @@ _TYPE_BITS = (
 SCOPE_NAMES = {M.SCOPE_EXTERNAL: "external", M.SCOPE_INTERNAL: "internal"}
 STATE_NAMES = {M.BACKEND_ACTIVE: "active", M.BACKEND_TERMINATING: "terminating"}
 # Maps programs other than the writer own; read when present (the plugin that pins them is on).
-OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_snat", "kpr_snat_slots", "kpr_np_nodeaddr", "kpr_np_vip",
-                 "kpr_sock_hostaddr")
+OPTIONAL_MAPS = ("kpr_affinity", "kpr_ct", "kpr_np_ct_slots", "kpr_snat", "kpr_snat_slots", "kpr_np_nodeaddr",
+                 "kpr_np_vip", "kpr_sock_hostaddr")
 
 
 # bpf_ktime_get_coarse_ns() reads CLOCK_MONOTONIC_COARSE (6 on Linux; Python names it only sometimes).
@@ -298,17 +298,31 @@ class DatapathMaps:
         raw = m.lookup(_AFF_KEY.pack(client, rev_nat, 1 if netns else 0))
         return _AFF_VAL.unpack(raw) if raw is not None else None
 
-    def conntrack(self, saddr: bytes, daddr: bytes, sport: int, dport: int, proto: int) -> dict[str, int] | None:
-        """The per-packet path's conntrack entry of a flow (original direction), or None."""
+    def conntrack(self, saddr: bytes, daddr: bytes, sport: int, dport: int, proto: int) -> dict[str, Any] | None:
+        """The per-packet path's conntrack entry of a flow (original direction), or None; "map"
+        says where: NodePort's slot table (KPR_NP_CT_SLOTS builds, looked in first, as the
+        programs do) or kpr_ct."""
+        from kpr.bpf.slots import SlotTable
+
+        key = _CT_KEY.pack(saddr, daddr, M.htons(sport), M.htons(dport), proto, _CT_DIR_ORIGINAL, 0)
+        raw, where = None, ""
+        slots = self.maps.get(ND.CT_SLOTS_MAP)
+        if slots is not None:
+            t = SlotTable(slots, ND.CT_SLOT)
+            try:
+                idx = t.find(key, ND.CT_PROBES)
+                if idx is not None:
+                    raw, where = t.read(idx)[2], ND.CT_SLOTS_MAP
+            finally:
+                t.close()
         m = self.maps.get("kpr_ct")
-        if m is None:
-            return None
-        raw = m.lookup(_CT_KEY.pack(saddr, daddr, M.htons(sport), M.htons(dport), proto, _CT_DIR_ORIGINAL, 0))
+        if raw is None and m is not None:
+            raw, where = m.lookup(key), "kpr_ct"
         if raw is None:
             return None
         last, bid, rev_nat, flags, _tf, _pad, nat_port, _pad2, nat_addr = _CT_ENTRY.unpack(raw)
         return {"last_seen": last, "backend_id": bid, "rev_nat": rev_nat, "flags": flags,
-                "nat_port": M.ntohs(nat_port), "nat_addr": nat_addr}
+                "nat_port": M.ntohs(nat_port), "nat_addr": nat_addr, "map": where}
 
     def snat_reply(self, backend: bytes, bport: int, nat: bytes, nat_port: int, proto: int) -> str | None:
         """Where the programs find the replies (backend -> SNAT address:port) of a source-NATed

@@ -100,6 +100,10 @@ SNAT_SLOT = "kpr_snat_slot"
 SNAT_SLOT_PROBES = abi.value("KPR_SNAT_SLOT_PROBES")  # slots from a reply key's hash on, as the programs probe
 SNAT_GATE_MAP = "kpr_snat_gate"  # whether kpr_snat may hold reverse entries (snat_gate_* below)
 NH_MAP = "kpr_np_nh"  # next hops cached per backend (KPR_NP_NH_CACHE); key NH_GEN: the generation
+# NodePort's conntrack entries in slots (KPR_NP_CT_SLOTS builds only: pinned by their compile),
+# read and freed by kpr.bpf.slots; the gate says whether kpr_ct may hold NodePort entries.
+CT_SLOTS_MAP, CT_SLOT, CT_GATE_MAP = "kpr_np_ct_slots", "kpr_np_ct_slot", "kpr_np_ct_gate"
+CT_PROBES = abi.value("KPR_NP_CT_PROBES")
 # The tc build's entry programs (tc shows these names): xdp_nodeport reads tc_nodeport's attachment
 # records of TC_EGRESS, the only program that translates a local backend's replies.
 TC_INGRESS, TC_EGRESS = "kpr_np_ingress", "kpr_np_egress"
@@ -163,6 +167,7 @@ CT_ENTRY = abi.packer("kpr_ct_entry")  # last_seen, backend_id, rev_nat, flags, 
 NAT_ENTRY = abi.packer("kpr_nat_entry")  # addr, port, fe_port, pad2, created, fe_addr
 SNAT_GATE = abi.packer("kpr_snat_gate")  # overflows, clean
 NP_REV = abi.packer("kpr_np_rev")  # addr, port, flags, pad, last_seen
+CT_GATE = abi.packer("kpr_np_ct_gate")  # overflows, clean
 NP_FE_KEY = abi.packer("kpr_np_fe_key", skip=("pad",))  # addr, port, proto
 NP_FE = abi.packer("kpr_np_fe", skip=("pad",))  # mode
 NP_DEV = abi.packer("kpr_np_dev")  # addr4, addr6, flags, pad
@@ -184,6 +189,13 @@ def snat_gate_overflows(m: M.BpfMap) -> int:
     mem = m.mmap()
     try:
         return SNAT_GATE.unpack_from(mem)[0]
+
+
+def ct_gate_overflows(m: M.BpfMap) -> int:
+    """kpr_np_ct_gate's count of NodePort writes to kpr_ct, read before a sweep of kpr_ct."""
+    mem = m.mmap()
+    try:
+        return CT_GATE.unpack_from(mem)[0]
     finally:
         mem.release()
 
@@ -196,9 +208,29 @@ def snat_gate_clean(m: M.BpfMap, overflows: int) -> None:
     mem = m.mmap()
     try:
         off = abi.struct_of("kpr_snat_gate").fields[1].offset
+
+
+def ct_gate_clean(m: M.BpfMap, overflows: int) -> None:
+    """Tell the programs kpr_ct holds no NodePort entry (a slot miss then skips kpr_ct):
+    `overflows` is what ct_gate_overflows read before the sweep that found none; a write since
+    has raised the count, and the gate stays open. Only the clean word is written, in the map's
+    memory (the programs add to the other)."""
+    mem = m.mmap()
+    try:
+        off = abi.struct_of("kpr_np_ct_gate").fields[1].offset
         mem[off : off + 8] = struct.pack("=Q", overflows + 1)
     finally:
         mem.release()
+
+
+def ct_gate_is_clean(m: M.BpfMap) -> bool:
+    """Whether the programs skip kpr_ct after a slot miss (lib/nodeport.h kpr_np_ct_lru_maybe)."""
+    mem = m.mmap()
+    try:
+        overflows, clean = CT_GATE.unpack_from(mem)
+    finally:
+        mem.release()
+    return clean == overflows + 1
 
 
 def vip_hash(addr16: bytes) -> int:
@@ -494,6 +526,9 @@ class Datapath(DeviceMaps):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
             for name in (self.STATS_MAP, self.FWD_MAP, NH_MAP, SNAT_SLOTS_MAP, SNAT_GATE_MAP):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
+            for name in (CT_SLOTS_MAP, CT_GATE_MAP):  # (a KPR_NP_CT_SLOTS build's, or one's before it)
+                if (self.pin / name).exists():
+                    self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
         except BaseException:
             self.close()
             raise
@@ -558,22 +593,25 @@ class Datapath(DeviceMaps):
             self.bpf = None
 
     def unpin_old_counters(self) -> bool:
-        """Unpin this build's kpr_np_fwd when an older kpr pinned it with fewer slots, so the
-        compile pins one of KPR_NP_FWD_MAX. bcc would adopt the old pin as it is, and every
-        increment past its end (the per-kind cached-send slots) would be lost without a word.
-        The counters restart from zero; programs still running keep the old map until they are
-        replaced."""
-        path = self.pin / self.FWD_MAP
-        try:
-            with M.BpfMap.open_pinned(path) as m:
-                slots = m.info().max_entries
-        except FileNotFoundError:
-            return False
-        if slots >= FWD_SLOTS:
-            return False
-        path.unlink()
-        log.warning("event=nodeport_counters_restarted map=%s max_entries_old=%d max_entries=%d", path, slots, FWD_SLOTS)
-        return True
+        """Unpin this build's kpr_np_fwd (kpr_np_stats) when an older kpr pinned it with fewer
+        slots, so the compile pins one of KPR_NP_FWD_MAX (KPR_NP_ST_MAX). bcc would adopt the
+        old pin as it is, and every increment past its end (the per-kind cached-send slots, a
+        new counter) would be lost without a word. The counters restart from zero; programs
+        still running keep the old map until they are replaced."""
+        unpinned = False
+        for name, want in ((self.FWD_MAP, FWD_SLOTS), (self.STATS_MAP, len(STATS))):
+            path = self.pin / name
+            try:
+                with M.BpfMap.open_pinned(path) as m:
+                    slots = m.info().max_entries
+            except FileNotFoundError:
+                continue
+            if slots >= want:
+                continue
+            path.unlink()
+            unpinned = True
+            log.warning("event=nodeport_counters_restarted map=%s max_entries_old=%d max_entries=%d", path, slots, want)
+        return unpinned
 
     def close(self) -> None:
         for m in self.maps.values():

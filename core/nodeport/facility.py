@@ -176,7 +176,7 @@ class NodePortFacility:
             self.tables.arm()  # ports pinned by an earlier run stay until the initial sync is complete
             self.collector = Collector(
                 {**self.shared, **self.tables.maps}, self.book.allowed, lambda: set(self._snat_addrs),
-                self.settings.gc_interval, after_pass=self._check_algorithm, ready=lambda: self._synced,
+                self.settings.gc_interval, after_pass=self._check_algorithm, ready=lambda: self._synced, pin=pin,
             )
             self.collector.start()
         except BaseException:

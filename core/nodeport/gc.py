@@ -9,6 +9,10 @@ What belongs to whom:
               lib/conntrack.h's timeouts (read from it below). Non-TCP flows whose backend left
               their frontend are "stale" and cleared at once: kube-proxy's long-standing
               stale-UDP problem (clients keep sending into the void) does not happen here.
+  kpr_np_ct_slots  the same entries of KPR_NP_CT_SLOTS builds (lib/nodeport.h), judged alike;
+              a dead one's slot is freed (kpr.bpf.slots), never one claimed less than GRACE_NS
+              ago (its key may still be being written). After a full pass that left no NodePort
+              entry in kpr_ct, kpr_np_ct_gate is marked clean with the count read before it.
   kpr_np_rev  reverse translations (backend -> client) of local and DSR flows. Those made
               from a DSR header (on the backend's node: no conntrack entry there) expire on
               their own timestamps; the others live exactly as long as their conntrack flow.
@@ -32,6 +36,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from pathlib import Path
 
 from kpr.bpf import abi, ctclock
 from kpr.bpf import maps as M
@@ -125,8 +131,14 @@ class Collector:
         interval: float,
         after_pass: Callable[[], None] | None = None,
         ready: Callable[[], bool] = lambda: True,
+        pin: Path | None = None,
     ) -> None:
         self.maps = maps
+        # where a KPR_NP_CT_SLOTS build pins kpr_np_ct_slots and kpr_np_ct_gate (made by its
+        # compile, after the collector may have started): opened once they are there
+        self.pin = pin
+        self._ct_slots: SlotTable | None = None
+        self._gate_owned = False  # kpr_np_ct_gate opened here (closed by stop())
         self.ready = ready
         self.after_pass = after_pass
         self.allowed = allowed
@@ -151,6 +163,29 @@ class Collector:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._lock:
+            if self._ct_slots is not None:
+                self._ct_slots.close()
+                self._ct_slots = None
+            if self._gate_owned:
+                m = self.maps.pop(D.CT_GATE_MAP, None)
+                if m is not None:
+                    m.close()
+                self._gate_owned = False
+
+    def _slot_maps(self) -> tuple[SlotTable | None, M.BpfMap | None]:
+        """kpr_np_ct_slots and kpr_np_ct_gate, when a KPR_NP_CT_SLOTS build made them."""
+        if self._ct_slots is None:
+            m = self.maps.get(D.CT_SLOTS_MAP)
+            if m is not None:
+                self._ct_slots = SlotTable(m, D.CT_SLOT)
+            elif self.pin is not None and (self.pin / D.CT_SLOTS_MAP).exists():
+                self._ct_slots = SlotTable.open(self.pin / D.CT_SLOTS_MAP, D.CT_SLOT)
+        gate = self.maps.get(D.CT_GATE_MAP)
+        if gate is None and self._ct_slots is not None and self.pin is not None and (self.pin / D.CT_GATE_MAP).exists():
+            gate = self.maps[D.CT_GATE_MAP] = M.BpfMap.open_pinned(self.pin / D.CT_GATE_MAP)
+            self._gate_owned = True
+        return self._ct_slots, gate
 
     def _loop(self) -> None:
         # The first pass at once, not an interval after start: nothing frees SNAT ports while no
@@ -216,37 +251,57 @@ class Collector:
         now = now_ns()
         names = self._backends()
         ct = self.maps["kpr_ct"]
+        slots, gate = self._slot_maps()
+        overflows = D.ct_gate_overflows(gate) if gate is not None else 0  # before the sweep (see ct_gate_clean)
         dead_ct: list[bytes] = []
         gone: set[Flow] = set()  # flows cleared now whose partners go with them
-        n_ct = 0
         judge = stale_only or self.ready()  # staleness against every service, or asked for
-        for k, v in ct.items():
+
+        def live(k: bytes, v: bytes) -> bool | None:
+            """Whether a NodePort entry lives on (None: not one); counts and notes the flow."""
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
             last_seen, bid, _rev_nat, flags, _tf, _pad, nat_port = D.CT_ENTRY.unpack(v)[:7]
             if direction != D.CT_DIR_ORIGINAL or not flags & D.CT_F_NODE_PORT:
-                continue
+                return None
             be = names.get(bid)
             if only is not None and not only(daddr, dport, proto):
                 if be is not None:
                     res.live.add((saddr, sport, proto, be[0], be[1]))
-                continue
+                return True
             expired = not stale_only and now - last_seen > ct_timeout(flags, proto)
             stale = proto != TCP and judge and self._stale(daddr, dport, proto, be)
             if expired or stale:
-                dead_ct.append(k)
                 if stale and not expired:
                     res.stale += 1
                 else:
                     res.ct_expired += 1
                 if be is not None:
                     gone.add((saddr, sport, proto, be[0], be[1]))
-                continue
-            n_ct += 1
+                return False
             if be is not None:
                 res.live.add((saddr, sport, proto, be[0], be[1]))
                 res.nat_ports[(saddr, sport, proto, be[0], be[1])] = nat_port
+            return True
+
+        n_ct = n_lru = 0
+        for k, v in ct.items():
+            ok = live(k, v)
+            if ok is False:
+                dead_ct.append(k)
+            elif ok:
+                n_lru += 1
         if dead_ct:
             ct.delete_many(dead_ct)
+        if slots is not None:
+            for idx, stamp, k, v in slots.held():
+                ok = live(k, v) if now - stamp >= GRACE_NS else True  # (young: may be being filled)
+                if ok is False:
+                    slots.free(idx)
+                elif ok:
+                    n_ct += 1
+        n_ct += n_lru
+        if gate is not None and not stale_only and only is None and n_lru == 0:
+            D.ct_gate_clean(gate, overflows)
         self._rev_pass(res, now, stale_only, gone)
         self._snat_pass(res, now, stale_only, gone)
         self._slot_pass(res, now, stale_only, gone)

@@ -74,6 +74,20 @@ def fill_flow_maps(pin: Any, fraction: float) -> dict[str, int]:
             m.update_many(keys, [bytes(info.value_size)] * n)
             out[name] = n
     out["kpr_snat_slots"] = fill_snat_slots(pin, out["kpr_snat"])
+    from kpr.bpf.slots import SlotTable
+    from kpr.nodeport import datapath as D
+
+    if (pin / D.CT_SLOTS_MAP).exists():
+        # NodePort's conntrack slots (KPR_NP_CT_SLOTS) held at the same share, spread evenly
+        # (their keys the fillers', never at their own hash: no packet looks them up), so a
+        # new flow's probes meet held slots as on a node that full
+        with SlotTable.open(pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+            n = int(t.slots * fraction)
+            base = int.from_bytes(FILL_NET, "big")
+            for i in range(n):
+                key = (bytes(10) + b"\xff\xff" + (base + i).to_bytes(4, "big")).ljust(t.key_size, b"\0")
+                t.put(i * t.slots // n, 1, key, bytes(t.val_size))
+            out[D.CT_SLOTS_MAP] = n
     log.info("event=flow_maps_filled fraction=%s kpr_ct=%d kpr_snat=%d kpr_snat_slots=%d", fraction, out["kpr_ct"],
              out["kpr_snat"], out["kpr_snat_slots"])
     return out

@@ -217,8 +217,11 @@ class Measured:
 class ProgLab:
     """The lab namespace, the service maps, and loaded builds of one hook's program."""
 
-    def __init__(self, services: int, stride: int = 1) -> None:
+    def __init__(self, services: int, stride: int = 1, *, v6: bool = False) -> None:
         self.services = services
+        # v6: the node has NODE6 too (eth0, kpr_np_dev, a node address), the pod POD6, and
+        # fd00:244:2::/64 is routed via node2 (tests' IPv6 frontends; the benchmarks' are IPv4)
+        self.v6 = v6
         # Spread flows visit frontend n * stride % fillers: 1 walks them in the order the writer
         # wrote them (their kpr_svc elements, slot ranges and backends adjacent in memory, which
         # the CPU's prefetchers follow); a large prime scatters them as a real node's traffic is.
@@ -243,7 +246,7 @@ class ProgLab:
         try:
             self.pin = self._stack.enter_context(scratch_pin_dir("kpr-npbench"))
             self.topo = topo = self._stack.enter_context(Topology())
-            build_lab(topo, remote4=("10.244.2.0/24", "10.245.0.0/16"))
+            build_lab(topo, v6=self.v6, remote4=("10.244.2.0/24", "10.245.0.0/16"))
             self._hold(topo)
             lb = topo["lb"]
             self.ifindex = topo.ifindex("lb", "eth0")
@@ -317,9 +320,10 @@ class ProgLab:
         dp.program_cache = program_cache
         dp.load()
         self.builds[name] = dp
-        dp.set_devices({self.ifindex: (NODE4, None)}, (NODE4, None))
+        node6 = NODE6 if self.v6 else None
+        dp.set_devices({self.ifindex: (NODE4, node6)}, (NODE4, node6))
         dp.set_device_kinds(self.kinds)
-        dp.set_node_addresses([NODE4])
+        dp.set_node_addresses([NODE4, *([NODE6] if self.v6 else [])])
         # announced: as many as kpr_np_vip holds (KPR_NP_VIP_MAX); the other frontends work unannounced
         dp.set_vips([VIP] + [ip4(FILLER_BASE + i) for i in range(min(self.fillers, 16000))])
         dp.set_frontend_ports([(80, 6), (NODEPORT, 6)])  # as the agent does (arms the fast exit)
@@ -374,6 +378,15 @@ class ProgLab:
                 if keys:
                     m.delete_many(keys)
         clear_snat_slots(self.pin)
+        from kpr.bpf.slots import SlotTable
+        from kpr.nodeport import datapath as D
+
+        if (self.pin / D.CT_SLOTS_MAP).exists():  # a KPR_NP_CT_SLOTS build's
+            with SlotTable.open(self.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+                t.clear()
+            with M.BpfMap.open_pinned(self.pin / D.CT_GATE_MAP) as g:
+                # kpr_ct holds no NodePort entry now: clean, as the collector's next pass leaves it
+                D.ct_gate_clean(g, D.ct_gate_overflows(g))
         for dp in self.builds.values():  # builds with flow maps of their own (kpr.testing.reference_lb)
             if hasattr(dp, "flush_own_flows"):
                 dp.flush_own_flows()
@@ -647,6 +660,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_NH_TOUCH=0",),
     "tc: a new flow's mode looked up in kpr_np_fe though no frontend of its port has one (KPR_NP_NOMODE=0)": (
         "-DKPR_NP_NOMODE=0",),
+    "NodePort conntrack in slots claimed by compare-and-swap, not kpr_ct's LRU (KPR_NP_CT_SLOTS=1)": (
+        "-DKPR_NP_CT_SLOTS=1",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",

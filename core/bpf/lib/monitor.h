@@ -60,6 +60,7 @@
 #define KPR_MON_R_BIND_REFUSED 13    // bind() to a frontend's address and port refused (bind protection)
 #define KPR_MON_R_SHORT_FRAME 14     // a frame too short for the route's MACs (counter fwd_drop_short; no tuple)
 #define KPR_MON_R_TAIL_CALL_MISSING 15 // a stage program missing from the tail-call array (no tuple)
+#define KPR_MON_R_CT_CLAIM 16        // a new flow's first packet while another CPU wrote the same flow's entry (KPR_NP_CT_SLOTS)
 
 // kpr_mon_cfg value (one entry, key 0): written by `kpr monitor`, read by the programs.
 struct kpr_mon_cfg {

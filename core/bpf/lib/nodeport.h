@@ -34,7 +34,9 @@
  * Maps owned here (pinned next to the shared ones): kpr_np_rev, kpr_np_fe, kpr_np_vip,
  * kpr_np_nodeaddr, kpr_np_dev, kpr_np_devkind, kpr_np_ports, kpr_np_unserved, kpr_np_nomode,
  * created and written by the NodePort facility (kpr.nodeport.facility) whichever hooks run; per build: its counters (kpr_np_stats and
- * kpr_np_fwd for tc, kpr_np_xstats and kpr_np_xfwd for XDP) and stages (kpr_np_calls, kpr_np_xcalls).
+ * kpr_np_fwd for tc, kpr_np_xstats and kpr_np_xfwd for XDP) and stages (kpr_np_calls, kpr_np_xcalls);
+ * KPR_NP_CT_SLOTS builds: kpr_np_ct_slots and kpr_np_ct_gate (made by their compile, shared by
+ * tc and XDP; read and freed by the collector, kpr.nodeport.gc).
  *
  * Forwarding is decided by what the FIB's egress device is (kpr_np_devkind, which the agent
  * keeps current from kpr.netdevs; values KPR_DEV_*): bpf_redirect_peer only into a veth or
@@ -63,6 +65,7 @@
 #include "lib/lb.h"
 #include "lib/conntrack.h"
 #include "lib/nat.h"
+#include "lib/slots.h"
 #include "lib/devkind.h"
 #include "lib/fib.h"
 #include "lib/monitor.h"
@@ -176,6 +179,19 @@
 #ifndef KPR_NP_NH_MAX
 #define KPR_NP_NH_MAX 65536 // cached next hops, by backend index (indexes above: a FIB lookup per packet)
 #endif
+#ifndef KPR_NP_CT_SLOTS
+/* 1: NodePort's conntrack entries in a table of slots of its own (kpr_np_ct_slots, claimed by
+ * compare-and-swap on a flow's first packet), kpr_ct (LRU, shared with host_routing) only for
+ * a flow whose slots are all held and for flows an older build began, consulted after a slot
+ * miss only while kpr_np_ct_lru says NodePort entries may be there; 0: kpr_ct only. */
+#define KPR_NP_CT_SLOTS 0
+#endif
+#ifndef KPR_NP_CT_SLOTS_MAX
+#define KPR_NP_CT_SLOTS_MAX 262144 // conntrack slots (a power of two), 128 bytes each: 32 MiB
+#endif
+#ifndef KPR_NP_CT_PROBES
+#define KPR_NP_CT_PROBES 4 // slots a flow may take, from its hash on (adjacent: two lines each)
+#endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it (7, 8: the entry program's established path; 9-11: a new flow's lookups)
 #endif
@@ -226,7 +242,9 @@
 #define KPR_NP_ST_TAIL_MISSING 26    // dropped: a stage program is missing from kpr_np_calls
 #define KPR_NP_ST_REV_STALE 27       // passed: a new connection's SYN-ACK met the reverse entry of an ended flow (deleted)
 #define KPR_NP_ST_SNAT_SLOT_FULL 28  // new SNAT flows whose reply side went into kpr_snat: every kpr_snat_slots slot tried held (KPR_NP_SNAT_SLOTS)
-#define KPR_NP_ST_MAX 29
+#define KPR_NP_ST_CT_SLOT_FULL 29    // new flows whose conntrack slots were all held: written to kpr_ct (KPR_NP_CT_SLOTS)
+#define KPR_NP_ST_DROP_CT_CLAIM 30   // dropped: another CPU was writing the entry of the same new flow (KPR_NP_CT_SLOTS)
+#define KPR_NP_ST_MAX 31
 
 /* --- how packets left (kpr_np_fwd; kpr.nodeport.datapath reads the names from here) --- */
 
@@ -337,6 +355,8 @@ struct kpr_np_state {
 	// parse is not carried: offsets read back from a map are unbounded for the verifier, and
 	// re-parsing costs less than bounding every use.
 	struct kpr_backend be;
+	__u32 ct_slot;           // KPR_NP_CT_SLOTS: the flow's conntrack slot, index + 1; 0: none (kpr_ct)
+	__u32 pad3;              // zero
 };
 
 // One CPU's ICMP rate-limit bucket.
@@ -629,6 +649,261 @@ static __always_inline __u8 kpr_np_mode_of(const struct kpr_svc_key *key, __u8 p
 		mode = proto == IPPROTO_TCP ? KPR_NP_MODE_DSR : KPR_NP_MODE_SNAT;
 	return mode;
 }
+
+/* --- NodePort's conntrack in slots (KPR_NP_CT_SLOTS) ----------------------------------- */
+
+/* A NodePort flow's ORIGINAL conntrack entry (struct kpr_ct_entry: the same expiry and refresh
+ * rules as kpr_ct's, lib/conntrack.h) in a slot of kpr_np_ct_slots (lib/slots.h), indexed by the
+ * key's hash (KPR_NP_CT_PROBES slots from it): a new flow's miss reads the lines its entry is then
+ * written to, where kpr_ct's insert takes an LRU element and links it into a bucket (issue 14).
+ * The flow's first packet claims the slot (compare-and-swap) whatever the flow's stage; a SNAT
+ * flow's stage adds the mapping. A flow whose probes are all held goes into kpr_ct as before
+ * (counted ct_slot_full), and kpr_ct is read after a slot miss only while kpr_np_ct_gate says
+ * NodePort entries may be there. The collector (kpr.nodeport.gc) frees the slots of expired
+ * and stale flows. */
+#define KPR_NP_CT_SLOTS_N 262144 // kpr_np_ct_slots' slots: twice kpr_ct's default; a power of two, fixed (the programs' index mask)
+#define KPR_NP_CT_KEY_DWORDS 5   // struct kpr_ct_key in 64-bit words
+
+struct kpr_np_ct_slot {
+	__u64 claim;              // KPR_SLOT_FREE, or the claim stamp (kpr_ct_now() | 1)
+	struct kpr_ct_key key;    // the flow's ORIGINAL key (written last)
+	struct kpr_ct_entry val;  // its entry
+	__u8 pad[40];             // zero
+};
+
+/* Whether kpr_ct may hold NodePort entries: unless clean == overflows + 1. A program adds 1 to
+ * overflows before and after it writes a NodePort entry to kpr_ct; the collector reads
+ * overflows, sweeps kpr_ct, and when the sweep found no NodePort entry writes clean = what it
+ * read + 1. An entry written before that read is swept (and then clean is not written); one
+ * whose write ends after it moved overflows past it. Zero (a new pin: an upgrade whose kpr_ct
+ * holds an older build's flows): not clean, until the collector's first sweep. */
+struct kpr_np_ct_gate {
+	__u64 overflows; // NodePort writes to kpr_ct so far (two adds each)
+	__u64 clean;     // overflows + 1 as read before the collector's last sweep that found none
+};
+
+_Static_assert(sizeof(struct kpr_np_ct_slot) == KPR_SLOT_SIZE, "kpr_np_ct_slot layout");
+_Static_assert(sizeof(struct kpr_np_ct_gate) == 16, "kpr_np_ct_gate layout");
+
+#define KPR_NP_CT_FOUND (1U << 31) // kpr_np_ct_probe: the index holds the key's live entry
+#define KPR_NP_CT_NONE (~0U)       // kpr_np_ct_probe: no live entry of the key, no free probe
+
+#define KPR_NP_CT_CLAIMED 0 // kpr_np_ct_claim: the flow's entry is in the slot this packet claimed
+#define KPR_NP_CT_FOLLOW 1  // another CPU's packet of the flow claimed first: *won is a copy of its entry
+#define KPR_NP_CT_BUSY 2    // two CPUs' first packets of the flow met: this one is dropped (the client resends)
+#define KPR_NP_CT_FULL 3    // every probe held: the entry belongs in kpr_ct
+
+#if KPR_NP_CT_SLOTS
+BPF_TABLE_PINNED("array", __u32, struct kpr_np_ct_slot, kpr_np_ct_slots, KPR_NP_CT_SLOTS_N, KPR_PIN(kpr_np_ct_slots),
+		 BPF_F_MMAPABLE);
+// Mmapable: the collector writes the clean word alone (a whole-value update could lose an add).
+BPF_TABLE_PINNED("array", __u32, struct kpr_np_ct_gate, kpr_np_ct_gate, 1, KPR_PIN(kpr_np_ct_gate), BPF_F_MMAPABLE);
+
+// Whether kpr_ct may hold NodePort entries (struct kpr_np_ct_gate).
+static __always_inline int kpr_np_ct_lru_maybe(void)
+{
+	__u32 zero = 0;
+	struct kpr_np_ct_gate *g = kpr_np_ct_gate.lookup(&zero);
+
+	return !g || *(volatile __u64 *)&g->clean != *(volatile __u64 *)&g->overflows + 1;
+}
+
+static __always_inline void kpr_np_ct_lru_mark(void)
+{
+	__u32 zero = 0;
+	struct kpr_np_ct_gate *g = kpr_np_ct_gate.lookup(&zero);
+
+	if (g)
+		__sync_fetch_and_add(&g->overflows, 1);
+}
+
+/* Where the key `k` (hash `h`) is: its live entry's slot index | KPR_NP_CT_FOUND (a slot other
+ * than `skip`), else the first free probe's index, else KPR_NP_CT_NONE. Every probe is read (a
+ * slot the collector freed may sit before the key's); an expired entry of the key is passed
+ * over (the collector frees it). Numbers carried between probes, not pointers (lib/slots.h). */
+static __always_inline __u32 kpr_np_ct_probe(const struct kpr_ct_key *k, __u32 h, __u64 now, __u32 skip)
+{
+	struct kpr_np_ct_slot *s;
+	__u32 i, idx, free = KPR_NP_CT_NONE;
+
+#pragma nounroll
+	for (i = 0; i < KPR_NP_CT_PROBES; i++) {
+		idx = kpr_slots_index(h, i, KPR_NP_CT_SLOTS_N - 1);
+		s = kpr_np_ct_slots.lookup(&idx);
+		if (!s)
+			break;
+		if (s->claim == KPR_SLOT_FREE) {
+			if (free == KPR_NP_CT_NONE)
+				free = idx;
+		} else if (idx != skip && kpr_slots_key_eq(&s->key, k, KPR_NP_CT_KEY_DWORDS) &&
+			   !kpr_ct_expired(&s->val, k->proto, now)) {
+			return idx | KPR_NP_CT_FOUND;
+		}
+	}
+	return free;
+}
+
+static __always_inline __u32 kpr_np_ct_hash(const struct kpr_ct_key *k)
+{
+	return kpr_slots_hash(k, 2 * KPR_NP_CT_KEY_DWORDS);
+}
+
+/* NodePort's live entry of the tuple (original direction), refreshed with this packet: its
+ * slot's (*slot: the index + 1, for the flow's stage), else kpr_ct's while NodePort entries
+ * may be there (*slot 0). */
+static __always_inline struct kpr_ct_entry *kpr_np_ct_lookup(const struct kpr_tuple *t, __u32 *slot)
+{
+	struct kpr_ct_key k;
+	struct kpr_np_ct_slot *s;
+	__u64 now = kpr_ct_now();
+	__u32 r;
+
+	*slot = 0;
+	kpr_ct_key_from_tuple(&k, t, KPR_CT_DIR_ORIGINAL);
+	r = kpr_np_ct_probe(&k, kpr_np_ct_hash(&k), now, KPR_NP_CT_NONE);
+	if (r != KPR_NP_CT_NONE && (r & KPR_NP_CT_FOUND)) {
+		r &= ~KPR_NP_CT_FOUND;
+		s = kpr_np_ct_slots.lookup(&r);
+		if (s) {
+			*slot = r + 1;
+			return kpr_ct_refresh(&s->val, t, KPR_CT_DIR_ORIGINAL, now);
+		}
+	}
+	if (!kpr_np_ct_lru_maybe())
+		return (void *)0;
+	return kpr_ct_lookup(t, KPR_CT_DIR_ORIGINAL);
+}
+
+// The entry of ORIGINAL key `k` (no refresh): its slot's, else kpr_ct's while NodePort entries may be there.
+static __always_inline struct kpr_ct_entry *kpr_np_ct_peek(struct kpr_ct_key *k)
+{
+	struct kpr_np_ct_slot *s;
+	__u32 r = kpr_np_ct_probe(k, kpr_np_ct_hash(k), kpr_ct_now(), KPR_NP_CT_NONE);
+
+	if (r != KPR_NP_CT_NONE && (r & KPR_NP_CT_FOUND)) {
+		r &= ~KPR_NP_CT_FOUND;
+		s = kpr_np_ct_slots.lookup(&r);
+		if (s)
+			return &s->val;
+	}
+	if (!kpr_np_ct_lru_maybe())
+		return (void *)0;
+	return kpr_ct.lookup(k);
+}
+
+// A NodePort entry written to kpr_ct, marked before and after (struct kpr_np_ct_gate).
+static __always_inline int kpr_np_ct_lru_write(const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat, __u16 flags,
+					       const union kpr_addr *nat_addr, __be16 nat_port)
+{
+	int err;
+
+	kpr_np_ct_lru_mark();
+	err = kpr_ct_write(t, KPR_CT_DIR_ORIGINAL, backend_id, rev_nat, flags, nat_addr, nat_port);
+	kpr_np_ct_lru_mark();
+	return err;
+}
+
+/* The claim of a new flow's slot by its first packet: the tuple's probes read (a live entry of
+ * the key there, another CPU's first packet of the flow: followed), the first free one claimed
+ * (lib/slots.h), entry and then key written; then the probes read again, past a locked add that
+ * orders this CPU's key before its reads: two CPUs claiming two slots for one flow at once each
+ * see the other's key, or one of them does, and whoever sees the other's gives its own slot
+ * back and follows that one (both seeing: both packets dropped, no entry left, the client's
+ * next packet claims anew). So no flow ever holds two entries naming two backends. A lost
+ * claim (another flow took the free probe in between) goes to kpr_ct. *slot: the index + 1 of
+ * the flow's slot (CLAIMED, FOLLOW), else 0. */
+static __always_inline int kpr_np_ct_claim(const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat, __u16 flags,
+					   struct kpr_ct_entry *won, __u32 *slot)
+{
+	struct kpr_ct_key k;
+	struct kpr_ct_entry e = {};
+	struct kpr_np_ct_slot *s;
+	__u32 h, r, idx;
+
+	*slot = 0;
+	kpr_ct_new(&k, &e, t, KPR_CT_DIR_ORIGINAL, backend_id, rev_nat, flags, (void *)0, 0);
+	h = kpr_np_ct_hash(&k);
+	r = kpr_np_ct_probe(&k, h, e.last_seen, KPR_NP_CT_NONE);
+	if (r == KPR_NP_CT_NONE)
+		return KPR_NP_CT_FULL;
+	if (!(r & KPR_NP_CT_FOUND)) {
+		idx = r;
+		s = kpr_np_ct_slots.lookup(&idx);
+		if (!s || !kpr_slots_claim(&s->claim, kpr_slots_stamp(e.last_seen)))
+			return KPR_NP_CT_FULL;
+		s->val = e;
+		kpr_slots_fill_key(&s->key, &k, KPR_NP_CT_KEY_DWORDS);
+		__sync_fetch_and_add(&s->claim, 0); // (a locked add: the key is visible before the reads below)
+		r = kpr_np_ct_probe(&k, h, e.last_seen, idx);
+		if (r == KPR_NP_CT_NONE || !(r & KPR_NP_CT_FOUND)) {
+			*slot = idx + 1;
+			return KPR_NP_CT_CLAIMED;
+		}
+		// another slot holds the flow: ours given back (key zeroed first), that one followed
+		__builtin_memset(&s->key, 0, sizeof(s->key));
+		kpr_slots_release(&s->claim);
+	}
+	r &= ~KPR_NP_CT_FOUND;
+	s = kpr_np_ct_slots.lookup(&r);
+	if (!s)
+		return KPR_NP_CT_BUSY;
+	*won = s->val;
+	asm volatile("" ::: "memory");
+	// still the flow's after the copy (not given back by its own claimer meanwhile)
+	if (!kpr_slots_key_eq(&s->key, &k, KPR_NP_CT_KEY_DWORDS))
+		return KPR_NP_CT_BUSY;
+	*slot = r + 1;
+	if (kpr_lb_backend(won->backend_id))
+		return KPR_NP_CT_FOLLOW;
+	/* The flow's own entry, its backend gone (kpr_np_lb balances such a flow again): the new
+	 * pick written in place, as kpr_ct's update replaces it (the mapping with it: its stage
+	 * makes a new one). */
+	s->val.backend_id = backend_id;
+	s->val.rev_nat = rev_nat;
+	s->val.flags = flags;
+	s->val.nat_port = 0;
+	return KPR_NP_CT_CLAIMED;
+}
+
+/* A source-NATed flow's mapping, made by its stage, into its entry: the slot `slot` (index + 1,
+ * from the service path: the one its first packet claimed, or a later packet found) while it
+ * still holds the flow's key, else kpr_ct (a flow whose probes were all held, or one an older
+ * build began). Returns 0 or the map update's negative error. */
+static __always_inline int kpr_np_ct_snat(__u32 slot, const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat,
+					  __u16 flags, const union kpr_addr *nat_addr, __be16 nat_port)
+{
+	struct kpr_np_ct_slot *s = (void *)0;
+	__u32 idx = slot - 1;
+
+	if (slot)
+		s = kpr_np_ct_slots.lookup(&idx);
+	if (!s || s->claim == KPR_SLOT_FREE || s->key.dir != KPR_CT_DIR_ORIGINAL || s->key.proto != t->proto ||
+	    s->key.sport != t->sport || s->key.dport != t->dport || !kpr_addr_eq(&s->key.saddr, &t->saddr) ||
+	    !kpr_addr_eq(&s->key.daddr, &t->daddr))
+		return kpr_np_ct_lru_write(t, backend_id, rev_nat, flags, nat_addr, nat_port);
+	s->val.nat_addr = *nat_addr;
+	asm volatile("" ::: "memory"); // the address before the port: a reader takes the mapping by its port
+	s->val.nat_port = nat_port;
+	return 0;
+}
+#else
+static __always_inline struct kpr_ct_entry *kpr_np_ct_lookup(const struct kpr_tuple *t, __u32 *slot)
+{
+	*slot = 0;
+	return kpr_ct_lookup(t, KPR_CT_DIR_ORIGINAL);
+}
+
+static __always_inline struct kpr_ct_entry *kpr_np_ct_peek(struct kpr_ct_key *k)
+{
+	return kpr_ct.lookup(k);
+}
+
+static __always_inline int kpr_np_ct_snat(__u32 slot, const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat,
+					  __u16 flags, const union kpr_addr *nat_addr, __be16 nat_port)
+{
+	return kpr_ct_create_snat(t, backend_id, rev_nat, flags, nat_addr, nat_port);
+}
+#endif
 
 /* --- routing ------------------------------------------------------------------------- */
 
@@ -1015,7 +1290,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 			}
 			st->nat_addr = *nat;
 			st->nat_port = nport;
-			if (kpr_ct_create_snat(&pkt.t, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
+			if (kpr_np_ct_snat(st->ct_slot, &pkt.t, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
 				kpr_np_count(KPR_NP_ST_CT_FAILED);
 				kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt.t, st->rev_nat, st->backend_id, be);
 			}
@@ -1036,8 +1311,8 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 	orig = pkt.t;
 	if (!CTX_REDIRECTS_EVERYWHERE && !kpr_np_sendable(&p, rc)) {
 		// (XDP) tc_nodeport behind carries the flow on: the same backend from this entry, the
-		// SNAT mapping made there
-		if (st->created && !st->nat_port &&
+		// SNAT mapping made there (KPR_NP_CT_SLOTS: the entry its first packet claimed)
+		if (!KPR_NP_CT_SLOTS && st->created && !st->nat_port &&
 		    kpr_ct_create(&orig, KPR_CT_DIR_ORIGINAL, st->backend_id, st->rev_nat, st->flags))
 			kpr_np_count(KPR_NP_ST_CT_FAILED);
 		return CTX_PASS;
@@ -1072,7 +1347,7 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 		}
 		st->nat_addr = *nat;
 		st->nat_port = nport;
-		if (kpr_ct_create_snat(&orig, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
+		if (kpr_np_ct_snat(st->ct_slot, &orig, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
 			kpr_np_count(KPR_NP_ST_CT_FAILED);
 			kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &orig, st->rev_nat, st->backend_id, be);
 		}
@@ -1215,7 +1490,7 @@ static __always_inline int kpr_np_stage_no_backend(kpr_ctx_t *ctx)
 // Hand a flow to its forwarding stage.
 // `ct`: the flow's conntrack entry (its SNAT mapping goes along), NULL for a new flow.
 static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_backend *be, __u32 bid, __u16 flags,
-					   __u8 created, __u32 rev_nat, const struct kpr_ct_entry *ct)
+					   __u8 created, __u32 rev_nat, const struct kpr_ct_entry *ct, __u32 ct_slot)
 {
 	__u32 zero = 0;
 	struct kpr_np_state *st = kpr_np_state.lookup(&zero);
@@ -1226,6 +1501,7 @@ static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_back
 	st->flags = flags;
 	st->created = created;
 	st->rev_nat = rev_nat;
+	st->ct_slot = ct_slot;
 	if (ct && ct->nat_port) {
 		st->nat_port = ct->nat_port;
 		st->nat_addr = ct->nat_addr;
@@ -1313,10 +1589,10 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	struct kpr_fe_buf svcbuf; // the entry's copy from kpr_fe and its first slots' backend ids (lib/lb.h)
 	struct kpr_affinity_key aff;
 	struct kpr_backend *be;
-	__u32 bid;
+	__u32 bid, counter, ct_slot;
 	__u16 flags;
 
-	ct = kpr_ct_lookup(&pkt->t, KPR_CT_DIR_ORIGINAL);
+	ct = kpr_np_ct_lookup(&pkt->t, &ct_slot);
 	if (ct && (ct->flags & KPR_CT_F_NODE_PORT)) {
 		bid = ct->backend_id;
 		be = kpr_lb_backend(bid);
@@ -1362,7 +1638,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 					return v;
 			}
 #endif
-			return kpr_np_dispatch(ctx, be, bid, ct->flags, restart, ct->rev_nat, ct);
+			return kpr_np_dispatch(ctx, be, bid, ct->flags, restart, ct->rev_nat, ct, ct_slot);
 		}
 		kpr_np_count(KPR_NP_ST_STALE_BACKEND);
 	}
@@ -1400,28 +1676,57 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	flags = KPR_CT_F_NODE_PORT;
 	if (be->flags & KPR_BACKEND_F_LOCAL) {
 		flags |= KPR_CT_F_LOCAL;
-		kpr_np_count(KPR_NP_ST_NEW_LOCAL);
+		counter = KPR_NP_ST_NEW_LOCAL;
 	} else if (kpr_np_mode_of(&key, pkt->t.proto) == KPR_NP_MODE_DSR &&
 		   (pkt->t.family == KPR_FAMILY_V6 || pkt->l4_off == pkt->l3_off + sizeof(struct iphdr))) {
 		// (an IPv4 client packet with options of its own goes SNAT: no room is assumed for ours)
 		flags |= KPR_CT_F_DSR;
-		kpr_np_count(KPR_NP_ST_NEW_DSR);
+		counter = KPR_NP_ST_NEW_DSR;
 	} else {
 		flags |= KPR_CT_F_SNAT;
-		kpr_np_count(KPR_NP_ST_NEW_SNAT);
+		counter = KPR_NP_ST_NEW_SNAT;
 	}
+#if KPR_NP_CT_SLOTS
+	{
+		/* The flow's entry claimed now, whatever its stage (a SNAT flow's mapping is added by
+		 * its stage): a packet of the same flow another CPU began first follows that one's
+		 * backend, and is not counted as a new flow. */
+		struct kpr_ct_entry won;
+		int claim = kpr_np_ct_claim(&pkt->t, bid, svc->rev_nat, flags, &won, &ct_slot);
+
+		if (claim == KPR_NP_CT_FOLLOW) {
+			struct kpr_backend *wbe = kpr_lb_backend(won.backend_id);
+
+			if (wbe)
+				return kpr_np_dispatch(ctx, wbe, won.backend_id, won.flags, 0, won.rev_nat, &won, ct_slot);
+			claim = KPR_NP_CT_BUSY; // (its backend gone since the claim's own test: the next packet balances it)
+		}
+		if (claim == KPR_NP_CT_BUSY) {
+			kpr_np_drop(KPR_NP_ST_DROP_CT_CLAIM, KPR_MON_R_CT_CLAIM, &pkt->t);
+			return CTX_DROP;
+		}
+		if (claim == KPR_NP_CT_FULL) {
+			kpr_np_count(KPR_NP_ST_CT_SLOT_FULL);
+			if (kpr_np_ct_lru_write(&pkt->t, bid, svc->rev_nat, flags, (void *)0, 0)) {
+				kpr_np_count(KPR_NP_ST_CT_FAILED);
+				kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt->t, svc->rev_nat, bid, be);
+			}
+		}
+	}
+#endif
+	kpr_np_count(counter);
 	KPR_NP_STOP(2);
 	kpr_mon_flow(KPR_MON_T_NEW, KPR_NP_MON_HOOK,
 		     (flags & KPR_CT_F_LOCAL) ? KPR_MON_NEW_LOCAL : (flags & KPR_CT_F_DSR) ? KPR_MON_NEW_DSR : KPR_MON_NEW_SNAT,
 		     &pkt->t, svc->rev_nat, bid, be);
 	// a SNAT flow's entry is written by its stage, with the SNAT mapping in it (one insert)
-	if ((!KPR_NP_SNAT_IN_CT || !(flags & KPR_CT_F_SNAT)) &&
+	if (!KPR_NP_CT_SLOTS && (!KPR_NP_SNAT_IN_CT || !(flags & KPR_CT_F_SNAT)) &&
 	    kpr_ct_create(&pkt->t, KPR_CT_DIR_ORIGINAL, bid, svc->rev_nat, flags)) {
 		kpr_np_count(KPR_NP_ST_CT_FAILED);
 		kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt->t, svc->rev_nat, bid, be);
 	}
 	KPR_NP_STOP(3);
-	return kpr_np_dispatch(ctx, be, bid, flags, 1, svc->rev_nat, (void *)0);
+	return kpr_np_dispatch(ctx, be, bid, flags, 1, svc->rev_nat, (void *)0, ct_slot);
 }
 
 /* KPR_NP_CALL_SNAT_CLAIM (KPR_NP_SNAT_SLOTS): a new SNAT flow's reply side in a slot of
@@ -1691,7 +1996,7 @@ static __always_inline int kpr_np_rev_live(const struct kpr_np_rev *rev, const s
 	if (rev->flags & KPR_NP_REV_F_DSR)
 		return !(rev->flags & KPR_NP_REV_F_CLOSING);
 	kpr_ct_key_of(&k, &reply->daddr, reply->dport, &rev->addr, rev->port, reply->proto, KPR_CT_DIR_ORIGINAL);
-	e = kpr_ct.lookup(&k);
+	e = kpr_np_ct_peek(&k);
 	return e && !(e->flags & KPR_CT_F_CLOSING);
 }
 

@@ -1,0 +1,286 @@
+"""NodePort's conntrack entries in slots (lib/nodeport.h KPR_NP_CT_SLOTS=1), on tc and XDP with
+BPF_PROG_TEST_RUN and real packets: a new flow's entry lands in its slot of kpr_np_ct_slots (not in
+kpr_ct), its later packets and its replies find it (IPv4 and IPv6, TCP and UDP, a local backend
+and a source-NATed one); a flow whose probes are all held goes into kpr_ct, opens the gate and is
+still found; the collector frees expired slots and marks the gate clean only when kpr_ct holds no
+NodePort entry; a NodePort entry an older build left in a pinned kpr_ct keeps its flow."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from kpr.bpf import maps as M
+from kpr.bpf.slots import SlotTable, slot_hash
+from kpr.nodeport import datapath as D
+from kpr.nodeport.gc import Collector, ct_timeout, now_ns
+from kpr.testing.netns import in_netns
+from kpr.testing.nodeport_bench import NODE4, NODE6, NODEPORT, POD4, POD6, VIP, ProgLab
+from kpr.testing.nodeport_runs import run_counted
+from kpr.testing.prog_run import test_run
+
+pytestmark = pytest.mark.kernel
+
+HOOKS = ("tc", "xdp")
+SLOTS = ("-DKPR_NP_CT_SLOTS=1",)
+UDP_LOCAL, TCP_REMOTE, UDP_REMOTE = 30081, 30082, 30083
+REMOTE4, REMOTE6 = "10.244.2.5", "fd00:244:2::5"
+CLIENT4, CLIENT6 = "192.0.2.70", "2001:db8:c::70"
+TCP_P, UDP_P = 6, 17
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    dst: str
+    dport: int
+    proto: int
+    backend: str  # address the flow is sent to (8080)
+
+    @property
+    def v6(self) -> bool:
+        return ":" in self.dst
+
+    @property
+    def local(self) -> bool:
+        return self.backend in (POD4, POD6)
+
+
+CASES = [
+    Case("tcp-local-4", NODE4, NODEPORT, TCP_P, POD4),
+    Case("udp-local-4", NODE4, UDP_LOCAL, UDP_P, POD4),
+    Case("tcp-snat-4", VIP, 80, TCP_P, "10.244.2.0/24"),  # (one of the LoadBalancer's 100 backends)
+    Case("udp-snat-4", NODE4, UDP_REMOTE, UDP_P, REMOTE4),
+    Case("tcp-local-6", NODE6, NODEPORT, TCP_P, POD6),
+    Case("tcp-snat-6", NODE6, TCP_REMOTE, TCP_P, REMOTE6),
+    Case("udp-snat-6", NODE6, UDP_REMOTE, UDP_P, REMOTE6),
+]
+
+
+def _services(lab: ProgLab) -> list:
+    from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
+
+    tcp, udp = Protocol.TCP, Protocol.UDP
+    np = FrontendType.NODE_PORT
+
+    def svc(name: str, addr: str, port: int, proto: Protocol, be: str, local: bool) -> Service:
+        return Service(ServiceKey("ctslots", name), (Frontend(np, addr, port, proto, (
+            Backend(be, 8080, node_name="lb" if local else "node2", local=local),)),))
+
+    return lab._services() + [
+        svc("udp-local-4", NODE4, UDP_LOCAL, udp, POD4, True),
+        svc("udp-remote-4", NODE4, UDP_REMOTE, udp, REMOTE4, False),
+        svc("tcp-local-6", NODE6, NODEPORT, tcp, POD6, True),
+        svc("tcp-remote-6", NODE6, TCP_REMOTE, tcp, REMOTE6, False),
+        svc("udp-remote-6", NODE6, UDP_REMOTE, udp, REMOTE6, False),
+    ]
+
+
+PORTS = [(80, TCP_P), (NODEPORT, TCP_P), (TCP_REMOTE, TCP_P), (UDP_LOCAL, UDP_P), (UDP_REMOTE, UDP_P)]
+
+
+@pytest.fixture(scope="module")
+def lab(require_kernel: None) -> Iterator[ProgLab]:
+    with ProgLab(2, v6=True) as pl:
+        pl.writer.full_sync(_services(pl))
+        for hook in HOOKS:
+            pl.load(hook, hook, SLOTS)
+            pl.builds[hook].set_frontend_ports(PORTS)
+        yield pl
+
+
+@pytest.fixture(autouse=True)
+def _flushed(lab: ProgLab) -> None:
+    lab.flush_flows()  # (gate clean: kpr_ct holds no NodePort entry)
+
+
+def frame(lab: ProgLab, src: str, dst: str, sport: int, dport: int, proto: int, flags: str = "S") -> bytes:
+    eth = Ether(src="02:00:00:00:00:02", dst=lab.mac)
+    ip = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
+    l4 = TCP(sport=sport, dport=dport, flags=flags) if proto == TCP_P else UDP(sport=sport, dport=dport)
+    return bytes(eth / ip / l4 / b"kpr")
+
+
+def ct_key(src: str, dst: str, sport: int, dport: int, proto: int) -> bytes:
+    return D.CT_KEY.pack(M.addr_to_bytes(src), M.addr_to_bytes(dst), M.htons(sport), M.htons(dport), proto,
+                         D.CT_DIR_ORIGINAL, 0)
+
+
+def slot_entry(lab: ProgLab, key: bytes) -> tuple | None:
+    """The slot's kpr_ct_entry fields of `key`, or None."""
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        idx = t.find(key, D.CT_PROBES)
+        return None if idx is None else D.CT_ENTRY.unpack(t.read(idx)[2])
+
+
+def lru_entry(lab: ProgLab, key: bytes) -> bytes | None:
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as m:
+        return m.lookup(key)
+
+
+def gate(lab: ProgLab) -> tuple[int, int]:
+    with M.BpfMap.open_pinned(lab.pin / D.CT_GATE_MAP) as g:
+        mem = g.mmap()
+        try:
+            return D.CT_GATE.unpack_from(mem)
+        finally:
+            mem.release()
+
+
+def egress(lab: ProgLab, pkt: bytes) -> dict[str, int]:
+    """The tc build's egress program on a packet leaving eth0: the counters it moved."""
+    from kpr.plugins.tc_nodeport import datapath as TD
+
+    dp = lab.builds["tc"]
+    before = dp.stats()
+    with in_netns(lab.topo["lb"].path):
+        test_run(dp.fd(TD.EGRESS), pkt, ctx=lab.ctx("tc"))
+    after = dp.stats()
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+NEW = {"new_local", "new_snat", "new_dsr"}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_new_flow_lands_in_its_slot_and_its_packets_and_replies_find_it(lab: ProgLab, hook: str, case: Case) -> None:
+    client = CLIENT6 if case.v6 else CLIENT4
+    sport = 41000 + CASES.index(case) * 2 + HOOKS.index(hook)
+    key = ct_key(client, case.dst, sport, case.dport, case.proto)
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, client, case.dst, sport, case.dport, case.proto))
+    assert d.get("new_local" if case.local else "new_snat") == 1, d
+    e = slot_entry(lab, key)
+    assert e is not None, ("no slot holds the new flow", d)
+    assert lru_entry(lab, key) is None, "a slot build's new flow wrote kpr_ct"
+    _last, bid, _rev_nat, flags, _tf, _p, nat_port, _p2, nat_addr = e
+    assert flags & D.CT_F_NODE_PORT and flags & (D.CT_F_LOCAL if case.local else D.CT_F_SNAT), flags
+    if not case.local:
+        assert nat_port, "the SNAT stage wrote its mapping into the flow's slot"
+    # its next packet: established, the same entry
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, client, case.dst, sport, case.dport, case.proto, "A"))
+    assert d.get("established") == 1 and not NEW & set(d), d
+    assert d.get("ct_slot_full", 0) == 0 and d.get("drop_ct_claim", 0) == 0, d
+    assert slot_entry(lab, key)[1] == bid
+    # its reply
+    if case.local:
+        if hook == "xdp":
+            return  # (a local backend's replies leave through tc's egress program)
+        reply = frame(lab, case.backend, client, 8080, sport, case.proto, "SA")
+        d = egress(lab, reply)
+        # a SYN-ACK is checked against the flow's conntrack entry (kpr_np_rev_live): found in its slot
+        assert d.get("reply_revnat") == 1 and d.get("reverse_entry_stale", 0) == 0, d
+    else:
+        with M.BpfMap.open_pinned(lab.pin / "kpr_backend") as m:
+            be_addr = M.bytes_to_addr(M.BACKEND.unpack(m.lookup(M.U32.pack(bid & 0xFFFFFF)))[0])
+        nat = M.bytes_to_addr(nat_addr)
+        reply = frame(lab, be_addr, nat, 8080, M.ntohs(nat_port), case.proto, "SA")
+        _v, _out, d = run_counted(lab, hook, hook, reply)
+        assert d.get("reply_snat") == 1, d
+
+
+def _hold_probes(lab: ProgLab, key: bytes) -> list[int]:
+    """Every probe of `key`'s hash held by another flow's entry (as a full neighbourhood)."""
+    held = []
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        h = slot_hash(key)
+        for i in range(D.CT_PROBES):
+            idx = (h + i) & (t.slots - 1)
+            other = key[:32] + struct.pack("=HHBBH", 1, 1, 17, 0, 0)  # another key: a UDP flow from port 1
+            e = D.CT_ENTRY.pack(now_ns(), 1, 1, D.CT_F_NODE_PORT, 0, 0, 0, 0, bytes(16))
+            t.put(idx, now_ns() | 1, other, e)
+            held.append(idx)
+    return held
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_held_neighbourhood_overflows_into_kpr_ct_and_the_flow_is_still_found(lab: ProgLab, hook: str) -> None:
+    sport = 42000 + HOOKS.index(hook)
+    key = ct_key(CLIENT4, NODE4, sport, NODEPORT, TCP_P)
+    _hold_probes(lab, key)
+    overflows, clean = gate(lab)
+    assert clean == overflows + 1, "flushed: clean"
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, NODE4, sport, NODEPORT, TCP_P))
+    assert d.get("new_local") == 1 and d.get("ct_slot_full") == 1, d
+    assert slot_entry(lab, key) is None and lru_entry(lab, key) is not None
+    o2, c2 = gate(lab)
+    assert o2 == overflows + 2 and c2 != o2 + 1, "marked before and after its kpr_ct write: open"
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, NODE4, sport, NODEPORT, TCP_P, "A"))
+    assert d.get("established") == 1 and not NEW & set(d), d
+
+
+def _collector(lab: ProgLab) -> Collector:
+    maps = dict(lab.builds["tc"].maps)
+    return Collector(maps, lambda a, p, pr: None, lambda: set(), 60.0, pin=lab.pin)
+
+
+def test_the_collector_frees_expired_slots_and_cleans_the_gate_only_without_nodeport_entries_in_kpr_ct(
+        lab: ProgLab) -> None:
+    live_key = ct_key(CLIENT4, NODE4, 43000, NODEPORT, TCP_P)
+    dead_key = ct_key(CLIENT4, NODE4, 43001, NODEPORT, TCP_P)
+    run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, 43000, NODEPORT, TCP_P))
+    run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, 43001, NODEPORT, TCP_P))
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        idx = t.find(dead_key, D.CT_PROBES)
+        _stamp, k, v = t.read(idx)
+        f = list(D.CT_ENTRY.unpack(v))
+        f[0] = now_ns() - ct_timeout(f[3], TCP_P) - 10**9  # idle past its timeout
+        t.put(idx, 1, k, D.CT_ENTRY.pack(*f))  # (claimed long ago)
+    # a NodePort entry in kpr_ct (an overflow, or a flow an older build began)
+    lru_key = ct_key(CLIENT4, NODE4, 43002, NODEPORT, TCP_P)
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as m:
+        m.update(lru_key, D.CT_ENTRY.pack(now_ns(), 1, 1, D.CT_F_NODE_PORT, 0, 0, 0, 0, bytes(16)))
+    with M.BpfMap.open_pinned(lab.pin / D.CT_GATE_MAP) as g:
+        mem = g.mmap()
+        mem[:16] = bytes(16)  # as a new pin: not clean
+        mem.release()
+    col = _collector(lab)
+    try:
+        res = col.run()
+        assert res.ct_expired == 1, res
+        assert slot_entry(lab, dead_key) is None and slot_entry(lab, live_key) is not None
+        assert col.totals.ct_entries == 2  # the live slot and kpr_ct's entry
+        o, c = gate(lab)
+        assert c != o + 1, "kpr_ct still holds a NodePort entry: the gate stays open"
+        with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as m:
+            m.delete(lru_key)
+        col.run()
+        o, c = gate(lab)
+        assert c == o + 1, "no NodePort entry left in kpr_ct: clean"
+    finally:
+        col.stop()
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_an_upgrade_keeps_the_flows_an_older_build_left_in_kpr_ct(lab: ProgLab, hook: str) -> None:
+    """A build without slots begins a flow (kpr_ct); the slot build, its gate as a new pin
+    leaves it, finds the flow there, and the collector keeps the gate open while it lives."""
+    old = f"{hook}-lru"
+    lab.load(hook, old)  # (the same pins: kpr_ct, kpr_np_ct_slots and kpr_np_ct_gate shared)
+    try:
+        lab.builds[old].set_frontend_ports(PORTS)
+        sport = 44000 + HOOKS.index(hook)
+        key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
+        _v, _out, d = run_counted(lab, hook, old, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+        assert d.get("new_snat") == 1 and lru_entry(lab, key) is not None, d
+        bid = D.CT_ENTRY.unpack(lru_entry(lab, key))[1]
+    finally:
+        lab.builds.pop(old).close()
+    with M.BpfMap.open_pinned(lab.pin / D.CT_GATE_MAP) as g:
+        mem = g.mmap()
+        mem[:16] = bytes(16)  # the gate as a new pin (an upgrade makes it with the first slot build)
+        mem.release()
+    col = _collector(lab)
+    try:
+        col.run()  # a pass while the old flow lives: the gate stays open
+    finally:
+        col.stop()
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, VIP, sport, 80, TCP_P, "A"))
+    assert d.get("established") == 1 and not NEW & set(d), d
+    assert slot_entry(lab, key) is None and D.CT_ENTRY.unpack(lru_entry(lab, key))[1] == bid

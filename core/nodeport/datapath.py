@@ -179,6 +179,7 @@ CT_F_SEEN_REPLY, CT_F_CLOSING, CT_F_NODE_PORT, CT_F_SNAT, CT_F_DSR, CT_F_LOCAL =
     abi.value(f"KPR_CT_F_{n}") for n in ("SEEN_REPLY", "CLOSING", "NODE_PORT", "SNAT", "DSR", "LOCAL")
 )
 REV_F_DSR, REV_F_CLOSING = abi.value("KPR_NP_REV_F_DSR"), abi.value("KPR_NP_REV_F_CLOSING")
+CT_DIR_OFF = next(f.offset for f in abi.struct_of("kpr_ct_key").fields if f.name == "dir")
 SNAT_PORT_MIN, SNAT_PORT_MAX = abi.value("KPR_SNAT_PORT_MIN"), abi.value("KPR_SNAT_PORT_MAX")  # lib/nat.h defaults
 
 _ZERO16 = bytes(16)
@@ -221,6 +222,27 @@ def ct_gate_clean(m: M.BpfMap, overflows: int) -> None:
         mem[off : off + 8] = struct.pack("=Q", overflows + 1)
     finally:
         mem.release()
+
+
+def ct_gate_open(m: M.BpfMap) -> None:
+    """Open the gate (the programs read kpr_ct after a slot miss again): overflows moved on by
+    two, as a program's write to kpr_ct moves it, so that a collector's sweep that began before
+    cannot mark it clean. (Not an atomic add: a program's add lost to it still leaves the count
+    past any value a collector read before.)"""
+    mem = m.mmap()
+    try:
+        overflows = CT_GATE.unpack_from(mem)[0]
+        mem[0:8] = struct.pack("=Q", overflows + 2)
+    finally:
+        mem.release()
+
+
+def nodeport_ct_entries(ct: M.BpfMap) -> bool:
+    """Whether kpr_ct holds a NodePort flow's entry (ORIGINAL, KPR_CT_F_NODE_PORT)."""
+    for k, v in ct.items():
+        if k[CT_DIR_OFF] == CT_DIR_ORIGINAL and CT_ENTRY.unpack(v)[3] & CT_F_NODE_PORT:
+            return True
+    return False
 
 
 def ct_gate_is_clean(m: M.BpfMap) -> bool:
@@ -462,6 +484,14 @@ class Datapath(DeviceMaps):
             *self.extra_cflags,
         ]
 
+    def ct_slots(self) -> bool:
+        """Whether this build keeps NodePort's conntrack in slots (lib/nodeport.h KPR_NP_CT_SLOTS)."""
+        on = abi.value("KPR_NP_CT_SLOTS")
+        for f in self.cflags():
+            if f.startswith("-DKPR_NP_CT_SLOTS="):
+                on = int(f.split("=", 1)[1])
+        return bool(on)
+
     def load(self, links_of: Mapping[str, Path] | None = None) -> "Datapath":
         """Compile, load every program, fill the stage array, open the plugin's maps. When the
         links pinned at `links_of` (entry program -> link pin) already run this build, their
@@ -529,6 +559,11 @@ class Datapath(DeviceMaps):
             for name in (CT_SLOTS_MAP, CT_GATE_MAP):  # (a KPR_NP_CT_SLOTS build's, or one's before it)
                 if (self.pin / name).exists():
                     self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
+            if self.ct_slots() and CT_GATE_MAP in self.maps and nodeport_ct_entries(self.maps["kpr_ct"]):
+                # before this build's programs run: flows a build without slots began (or one
+                # that ran while a collector marked the gate clean, writing kpr_ct unmarked)
+                ct_gate_open(self.maps[CT_GATE_MAP])
+                log.info("event=nodeport_ct_gate_opened reason=nodeport_entries_in_kpr_ct")
         except BaseException:
             self.close()
             raise

@@ -257,30 +257,45 @@ def test_the_collector_frees_expired_slots_and_cleans_the_gate_only_without_node
         col.stop()
 
 
+@pytest.mark.parametrize("how", ["new-gate", "loader"])
 @pytest.mark.parametrize("hook", HOOKS)
-def test_an_upgrade_keeps_the_flows_an_older_build_left_in_kpr_ct(lab: ProgLab, hook: str) -> None:
-    """A build without slots begins a flow (kpr_ct); the slot build, its gate as a new pin
-    leaves it, finds the flow there, and the collector keeps the gate open while it lives."""
+def test_an_upgrade_keeps_the_flows_an_older_build_left_in_kpr_ct(lab: ProgLab, hook: str, how: str) -> None:
+    """A build without slots begins a flow (kpr_ct); a slot build finds it there, its gate open
+    either as a new pin leaves it ("new-gate") or, the gate marked clean by a collector while
+    the older build wrote kpr_ct unmarked, by the slot build's loader, which found the NodePort
+    entry in kpr_ct ("loader"); a collector's pass while the flow lives keeps it open."""
     old = f"{hook}-lru"
     lab.load(hook, old)  # (the same pins: kpr_ct, kpr_np_ct_slots and kpr_np_ct_gate shared)
     try:
         lab.builds[old].set_frontend_ports(PORTS)
-        sport = 44000 + HOOKS.index(hook)
+        sport = 44000 + HOOKS.index(hook) * 2 + (how == "loader")
         key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
         _v, _out, d = run_counted(lab, hook, old, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
         assert d.get("new_snat") == 1 and lru_entry(lab, key) is not None, d
         bid = D.CT_ENTRY.unpack(lru_entry(lab, key))[1]
     finally:
         lab.builds.pop(old).close()
-    with M.BpfMap.open_pinned(lab.pin / D.CT_GATE_MAP) as g:
-        mem = g.mmap()
-        mem[:16] = bytes(16)  # the gate as a new pin (an upgrade makes it with the first slot build)
-        mem.release()
-    col = _collector(lab)
+    build = hook
+    if how == "new-gate":
+        with M.BpfMap.open_pinned(lab.pin / D.CT_GATE_MAP) as g:
+            mem = g.mmap()
+            mem[:16] = bytes(16)  # the gate as a new pin (an upgrade makes it with the first slot build)
+            mem.release()
+        col = _collector(lab)
+        try:
+            col.run()  # a pass while the old flow lives: the gate stays open
+        finally:
+            col.stop()
+    else:
+        o, c = gate(lab)
+        assert c == o + 1, "flushed: clean (as a collector leaves it on a node without NodePort entries in kpr_ct)"
+        build = f"{hook}-again"
+        lab.load(hook, build, SLOTS)  # the upgrade's load: finds the older build's entry in kpr_ct
+        lab.builds[build].set_frontend_ports(PORTS)
     try:
-        col.run()  # a pass while the old flow lives: the gate stays open
+        _v, _out, d = run_counted(lab, hook, build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P, "A"))
+        assert d.get("established") == 1 and not NEW & set(d), d
+        assert slot_entry(lab, key) is None and D.CT_ENTRY.unpack(lru_entry(lab, key))[1] == bid
     finally:
-        col.stop()
-    _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, VIP, sport, 80, TCP_P, "A"))
-    assert d.get("established") == 1 and not NEW & set(d), d
-    assert slot_entry(lab, key) is None and D.CT_ENTRY.unpack(lru_entry(lab, key))[1] == bid
+        if build != hook:
+            lab.builds.pop(build).close()

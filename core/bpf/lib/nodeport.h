@@ -190,7 +190,10 @@
 #define KPR_NP_CT_SLOTS_MAX 262144 // conntrack slots (a power of two), 128 bytes each: 32 MiB
 #endif
 #ifndef KPR_NP_CT_PROBES
-#define KPR_NP_CT_PROBES 4 // slots a flow may take, from its hash on (adjacent: two lines each)
+/* Slots a flow may take, from its hash on (adjacent: two lines each). 2: with 3 or 4 the
+ * verifier gives up on the ingress program since the early exit's raw address test (E2BIG: it
+ * walks the probe loops, with their expiry test, once per path into the service path). */
+#define KPR_NP_CT_PROBES 2
 #endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it (7, 8: the entry program's established path; 9-11: a new flow's lookups)

@@ -185,43 +185,46 @@ SNAT_PORT_MIN, SNAT_PORT_MAX = abi.value("KPR_SNAT_PORT_MIN"), abi.value("KPR_SN
 _ZERO16 = bytes(16)
 
 
-def snat_gate_overflows(m: M.BpfMap) -> int:
-    """kpr_snat_gate's count of kpr_snat inserts, read before a collector's look at kpr_snat."""
+def _gate_overflows(m: M.BpfMap, packer: struct.Struct) -> int:
     mem = m.mmap()
     try:
-        return SNAT_GATE.unpack_from(mem)[0]
-
-
-def ct_gate_overflows(m: M.BpfMap) -> int:
-    """kpr_np_ct_gate's count of NodePort writes to kpr_ct, read before a sweep of kpr_ct."""
-    mem = m.mmap()
-    try:
-        return CT_GATE.unpack_from(mem)[0]
+        return packer.unpack_from(mem)[0]
     finally:
         mem.release()
+
+
+def _gate_clean(m: M.BpfMap, name: str, overflows: int) -> None:
+    # only the clean word, in the map's memory (the programs add to the other)
+    mem = m.mmap()
+    try:
+        off = abi.struct_of(name).fields[1].offset
+        mem[off : off + 8] = struct.pack("=Q", overflows + 1)
+    finally:
+        mem.release()
+
+
+def snat_gate_overflows(m: M.BpfMap) -> int:
+    """kpr_snat_gate's count of kpr_snat inserts, read before a collector's look at kpr_snat."""
+    return _gate_overflows(m, SNAT_GATE)
 
 
 def snat_gate_clean(m: M.BpfMap, overflows: int) -> None:
     """Tell the programs kpr_snat holds no reverse entry (a claim of a slot then skips its look
     there): `overflows` is what snat_gate_overflows read before kpr_snat was found so; an insert
-    since has raised the count, and the gate stays shut. Only the clean word is written, in the
-    map's memory (the programs add to the other)."""
-    mem = m.mmap()
-    try:
-        off = abi.struct_of("kpr_snat_gate").fields[1].offset
+    since has raised the count, and the gate stays shut."""
+    _gate_clean(m, "kpr_snat_gate", overflows)
+
+
+def ct_gate_overflows(m: M.BpfMap) -> int:
+    """kpr_np_ct_gate's count of NodePort writes to kpr_ct, read before a sweep of kpr_ct."""
+    return _gate_overflows(m, CT_GATE)
 
 
 def ct_gate_clean(m: M.BpfMap, overflows: int) -> None:
     """Tell the programs kpr_ct holds no NodePort entry (a slot miss then skips kpr_ct):
     `overflows` is what ct_gate_overflows read before the sweep that found none; a write since
-    has raised the count, and the gate stays open. Only the clean word is written, in the map's
-    memory (the programs add to the other)."""
-    mem = m.mmap()
-    try:
-        off = abi.struct_of("kpr_np_ct_gate").fields[1].offset
-        mem[off : off + 8] = struct.pack("=Q", overflows + 1)
-    finally:
-        mem.release()
+    has raised the count, and the gate stays open."""
+    _gate_clean(m, "kpr_np_ct_gate", overflows)
 
 
 def ct_gate_open(m: M.BpfMap) -> None:
@@ -243,16 +246,6 @@ def nodeport_ct_entries(ct: M.BpfMap) -> bool:
         if k[CT_DIR_OFF] == CT_DIR_ORIGINAL and CT_ENTRY.unpack(v)[3] & CT_F_NODE_PORT:
             return True
     return False
-
-
-def ct_gate_is_clean(m: M.BpfMap) -> bool:
-    """Whether the programs skip kpr_ct after a slot miss (lib/nodeport.h kpr_np_ct_lru_maybe)."""
-    mem = m.mmap()
-    try:
-        overflows, clean = CT_GATE.unpack_from(mem)
-    finally:
-        mem.release()
-    return clean == overflows + 1
 
 
 def vip_hash(addr16: bytes) -> int:

@@ -378,15 +378,7 @@ class ProgLab:
                 if keys:
                     m.delete_many(keys)
         clear_snat_slots(self.pin)
-        from kpr.bpf.slots import SlotTable
-        from kpr.nodeport import datapath as D
-
-        if (self.pin / D.CT_SLOTS_MAP).exists():  # a KPR_NP_CT_SLOTS build's
-            with SlotTable.open(self.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
-                t.clear()
-            with M.BpfMap.open_pinned(self.pin / D.CT_GATE_MAP) as g:
-                # kpr_ct holds no NodePort entry now: clean, as the collector's next pass leaves it
-                D.ct_gate_clean(g, D.ct_gate_overflows(g))
+        clear_ct_slots(self.pin)
         for dp in self.builds.values():  # builds with flow maps of their own (kpr.testing.reference_lb)
             if hasattr(dp, "flush_own_flows"):
                 dp.flush_own_flows()
@@ -971,3 +963,18 @@ def clear_snat_slots(pin: Path) -> None:
     if (pin / D.SNAT_GATE_MAP).exists():
         with M.BpfMap.open_pinned(pin / D.SNAT_GATE_MAP) as g:
             D.snat_gate_clean(g, D.snat_gate_overflows(g))
+
+
+def clear_ct_slots(pin: Path) -> None:
+    """kpr_np_ct_slots freed and kpr_np_ct_gate marked clean (a KPR_NP_CT_SLOTS build's), as the
+    collector leaves them once kpr_ct holds no NodePort entry (call it after emptying kpr_ct)."""
+    from kpr.bpf import maps as M
+    from kpr.bpf.slots import SlotTable
+    from kpr.nodeport import datapath as D
+
+    if (pin / D.CT_SLOTS_MAP).exists():
+        with SlotTable.open(pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+            t.clear()
+    if (pin / D.CT_GATE_MAP).exists():
+        with M.BpfMap.open_pinned(pin / D.CT_GATE_MAP) as g:
+            D.ct_gate_clean(g, D.ct_gate_overflows(g))

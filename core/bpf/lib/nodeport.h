@@ -190,10 +190,11 @@
 #define KPR_NP_CT_SLOTS_MAX 262144 // conntrack slots (a power of two), 128 bytes each: 32 MiB
 #endif
 #ifndef KPR_NP_CT_PROBES
-/* Slots a flow may take, from its hash on (adjacent: two lines each). 2: with 3 or 4 the
- * verifier gives up on the ingress program since the early exit's raw address test (E2BIG: it
- * walks the probe loops, with their expiry test, once per path into the service path). */
-#define KPR_NP_CT_PROBES 2
+/* Slots a flow may take, from its hash on (adjacent: two lines each). 1 (direct-mapped: a held
+ * slot sends the flow to kpr_ct): with 2 or more, beside the SNAT reply side's slot probes, the
+ * verifier gives up on the ingress program (E2BIG: it walks the probe loops, with their expiry
+ * test, once per path into the service path); 4 loaded before those, 2 before them too. */
+#define KPR_NP_CT_PROBES 1
 #endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it (7, 8: the entry program's established path; 9-11: a new flow's lookups)
@@ -1767,7 +1768,7 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 	}
 	st->nat_addr = *nat;
 	st->nat_port = nport;
-	if (kpr_ct_create_snat(&pkt.t, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
+	if (kpr_np_ct_snat(st->ct_slot, &pkt.t, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
 		kpr_np_count(KPR_NP_ST_CT_FAILED);
 		kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt.t, st->rev_nat, st->backend_id, be);
 	}

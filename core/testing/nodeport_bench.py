@@ -953,28 +953,26 @@ def uptime() -> str:
 def clear_snat_slots(pin: Path) -> None:
     """kpr_snat_slots freed and kpr_snat_gate marked clean, as the collector leaves them once kpr_snat
     holds no reverse entry (call it after emptying kpr_snat): a flush between rounds."""
-    from kpr.bpf import maps as M
-    from kpr.bpf.slots import SlotTable
     from kpr.nodeport import datapath as D
 
-    if (pin / D.SNAT_SLOTS_MAP).exists():
-        with SlotTable.open(pin / D.SNAT_SLOTS_MAP, D.SNAT_SLOT) as t:
-            t.clear()
-    if (pin / D.SNAT_GATE_MAP).exists():
-        with M.BpfMap.open_pinned(pin / D.SNAT_GATE_MAP) as g:
-            D.snat_gate_clean(g, D.snat_gate_overflows(g))
+    _clear_slots(pin, D.SNAT_SLOTS_MAP, D.SNAT_SLOT, D.SNAT_GATE_MAP, D.snat_gate_overflows, D.snat_gate_clean)
 
 
 def clear_ct_slots(pin: Path) -> None:
     """kpr_np_ct_slots freed and kpr_np_ct_gate marked clean (a KPR_NP_CT_SLOTS build's), as the
     collector leaves them once kpr_ct holds no NodePort entry (call it after emptying kpr_ct)."""
-    from kpr.bpf import maps as M
-    from kpr.bpf.slots import SlotTable
     from kpr.nodeport import datapath as D
 
-    if (pin / D.CT_SLOTS_MAP).exists():
-        with SlotTable.open(pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+    _clear_slots(pin, D.CT_SLOTS_MAP, D.CT_SLOT, D.CT_GATE_MAP, D.ct_gate_overflows, D.ct_gate_clean)
+
+
+def _clear_slots(pin: Path, table: str, slot: str, gate: str, overflows: Any, clean: Any) -> None:
+    from kpr.bpf import maps as M
+    from kpr.bpf.slots import SlotTable
+
+    if (pin / table).exists():
+        with SlotTable.open(pin / table, slot) as t:
             t.clear()
-    if (pin / D.CT_GATE_MAP).exists():
-        with M.BpfMap.open_pinned(pin / D.CT_GATE_MAP) as g:
-            D.ct_gate_clean(g, D.ct_gate_overflows(g))
+    if (pin / gate).exists():
+        with M.BpfMap.open_pinned(pin / gate) as g:
+            clean(g, overflows(g))

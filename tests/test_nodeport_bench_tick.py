@@ -56,6 +56,11 @@ def test_a_ratio_resolves_within_a_step() -> None:
     ([random.Random(5).randint(80, 140) for _ in range(5000)], 1),
     # one value only (cannot tell a step from it): no step, the plain median
     ([90] * 100, 1),
+    # one step's readings (20, 21) and a few off its grid (45, fewer than the 0.5% forgiven): the
+    # off-grid readings are no second step of 20 or 10, nor three readings one of 5
+    ([20] * 700 + [21] * 300 + [45] * 3, 1),
+    # ... while as many on a second step as the grid forgives off it make one
+    ([20] * 700 + [21] * 300 + [40] * 6, 20),
 ])
 def test_clock_tick(ds: list[int], tick: int) -> None:
     assert clock_tick(ds) == tick

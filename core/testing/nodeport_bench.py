@@ -34,6 +34,7 @@ with the core's ServiceMapWriter filling a scratch pin dir.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -121,13 +122,17 @@ HOOKS = {
 
 def clock_tick(durations: Sequence[int]) -> int:
     """The step of the clock behind BPF_PROG_TEST_RUN's durations (ktime_get_ns), from a sample of
-    them: the largest T (3..64) that at least 99.5% of them are a multiple of, give or take the one
-    ns the clock's scaling rounds (T * k or T * k + 1), else 1 (a clock of ns or close to it).
+    them: the largest T (3..64) that at least 99.5% of them are a multiple of, plus the one ns the
+    clock's scaling adds now and then (T * k or T * k + 1), with readings on at least two of its
+    steps, each step more of them than the 0.5% forgiven off the grid (the off-grid readings, or
+    as few on a step, are no evidence of a second step); else 1 (a clock of ns or close to it).
     This VM's clock steps 10 ns (durations 80, 81, 90, 91, 100, ...; CLOCK_MONOTONIC in user
     space alike): a 90 ns call reads 9 steps and a median of such readings moves by 0.11x bare."""
     ds = [d for d in durations if d > 0]
     for t in range(64, 2, -1):
-        if ds and sum(d % t <= 1 for d in ds) >= 0.995 * len(ds) and len({d // t for d in ds}) >= 2:
+        steps = collections.Counter(d // t for d in ds if d % t <= 1)
+        if (ds and steps.total() >= 0.995 * len(ds)
+                and sum(n > 0.005 * len(ds) for n in steps.values()) >= 2):
             return t
     return 1
 

@@ -1,9 +1,12 @@
 """One BPF_PROG_TEST_RUN of a NodePort build loaded in a kpr.testing.nodeport_bench.ProgLab,
-with what it returned and the counters it moved: the shape of a table-driven NodePort test."""
+with what it returned and the counters it moved: the shape of a table-driven NodePort test; and
+an address's announced-address filter bit set for a while (filter_bit_set)."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from kpr.testing.netns import in_netns
@@ -42,3 +45,35 @@ def skb_ctx(ifindex: int, *, gso_size: int = 0) -> bytes:
     struct.pack_into("=2I", ctx, _SKB_IFINDEX_OFF - 4, ifindex, ifindex)
     struct.pack_into("=I", ctx, _SKB_GSO_SIZE_OFF, gso_size)
     return bytes(ctx)
+
+
+def filter_bit(address: str) -> tuple[int, int]:
+    """Where `address`'s announced-address filter bit lives in kpr_np_ports: (word index, bit)."""
+    from kpr.bpf import maps as M
+    from kpr.nodeport import datapath as ND
+
+    h = ND.vip_hash(M.addr_to_bytes(address))
+    return ND.VIP_BITS + (h >> 6), h & 63
+
+
+@contextlib.contextmanager
+def filter_bit_set(lab: Any, address: str) -> Iterator[None]:
+    """`address`'s announced-address filter bit set in the lab's pinned kpr_np_ports, as another
+    announced address of the same hash sets it (the fast exit must then look the address up
+    exactly), and its word put back after. The bit must be clear before: a test meaning to show
+    the exact lookup on an address whose bit was set anyway would show nothing."""
+    from kpr.bpf import maps as M
+    from kpr.nodeport import datapath as ND
+
+    word, bit = filter_bit(address)
+    key = M.U32.pack(word)
+    with M.BpfMap.open_pinned(lab.pin / ND.PORTS_MAP) as ports:
+        old = ports.lookup(key)
+        value = struct.unpack("=Q", old)[0]
+        if value >> bit & 1:
+            raise AssertionError(f"{address}'s filter bit is set already: pick another address")
+        ports.update(key, struct.pack("=Q", value | 1 << bit))
+        try:
+            yield
+        finally:
+            ports.update(key, old)

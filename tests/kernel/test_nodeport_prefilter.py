@@ -11,7 +11,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from kpr.testing.nodeport_bench import MAC_NODE2, NODE4, NODEPORT, VIP, ProgLab
-from kpr.testing.nodeport_runs import run_counted
+from kpr.testing.nodeport_runs import filter_bit_set, run_counted
 from kpr.testing.prog_run import TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS
 
 pytestmark = pytest.mark.kernel
@@ -177,23 +177,11 @@ def test_an_address_whose_filter_bit_another_set_still_leaves_early(lab: ProgLab
     """The announced-address filter is a hash: with many announced addresses a node address's
     bit may be set by another's. The early exit then looks the address up exactly: port 22 on
     it passes untouched, the announced address with an unserved port still drops."""
-    import struct
-
-    from kpr.bpf import maps as M
-    from kpr.nodeport import datapath as ND
-
-    h = ND.vip_hash(M.addr_to_bytes(NODE4))
-    key = M.U32.pack(ND.VIP_BITS + (h >> 6))
-    with M.BpfMap.open_pinned(lab.pin / ND.PORTS_MAP) as ports:
-        old = ports.lookup(key)
-        ports.update(key, struct.pack("=Q", struct.unpack("=Q", old)[0] | 1 << (h & 63)))
-        try:
-            verdict, _out, moved = run(lab, hook, lab.packet(NODE4, 22, sport=45005, flags="S"))
-            assert verdict == PASS[hook] and moved == {}
-            verdict, _out, moved = run(lab, hook, lab.packet(VIP, 443, sport=45006, flags="S"))
-            assert verdict == DROP[hook] and moved == {"drop_vip_unserved": 1}, moved
-        finally:
-            ports.update(key, old)
+    with filter_bit_set(lab, NODE4):
+        verdict, _out, moved = run(lab, hook, lab.packet(NODE4, 22, sport=45005, flags="S"))
+        assert verdict == PASS[hook] and moved == {}
+        verdict, _out, moved = run(lab, hook, lab.packet(VIP, 443, sport=45006, flags="S"))
+        assert verdict == DROP[hook] and moved == {"drop_vip_unserved": 1}, moved
 
 
 def _odd_packets(lab: ProgLab) -> list[tuple[str, bytes]]:

@@ -196,6 +196,9 @@
  * test, once per path into the service path); 4 loaded before those, 2 before them too. */
 #define KPR_NP_CT_PROBES 1
 #endif
+#ifndef KPR_NP_TEST_EARLY_FULL
+#define KPR_NP_TEST_EARLY_FULL 0 // tests only: non-zero, the verdict of a packet kpr_np_early leaves to the full path (KPR_NP_EARLY_FULL), returned in place of that path: which packets the fast exit decided
+#endif
 #ifndef KPR_NP_BENCH_STOP
 #define KPR_NP_BENCH_STOP 0 // benchmarks only: return at stop point N (KPR_NP_STOP) to time the stages before it (7, 8: the entry program's established path; 9-11: a new flow's lookups)
 #endif
@@ -2044,6 +2047,17 @@ static __always_inline int kpr_np_early_fill(kpr_ctx_t *ctx, struct kpr_pkt *pkt
 	return kpr_parse_udp(ctx, pkt) == KPR_PARSE_OK ? 0 : -1;
 }
 
+// kpr_np_early's destination into the tuple from the packet's words (d6: IPv6's, else the IPv4
+// d4), only where a lookup or *pkt needs it. On d6, not the tuple's family: the verifier follows
+// a NULL pointer, not a byte on the stack, so it never sees IPv6 words read from an IPv4 packet.
+static __always_inline void kpr_np_early_daddr(union kpr_addr *a, const __be32 *d6, __be32 d4)
+{
+	if (d6)
+		kpr_addr_set_v6(a, d6);
+	else
+		kpr_addr_set_v4(a, d4);
+}
+
 /* The fast exit, before the full parse (no tuple built, no other test first): an untagged IPv4
  * (without options or fragmentation) or IPv6 (without extension headers) TCP/UDP packet to a
  * port no frontend has, outside the SNAT port range, to an address that cannot be an announced
@@ -2062,6 +2076,8 @@ static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 #if KPR_NP_EARLY_RAW
 	__u32 vx; // the destination's four words xored (kpr_np_vip_fold), as the packet holds them
 	__be32 d4 = 0; // an IPv4 destination, into t.daddr only when needed
+	const __be32 *d6 = 0; // an IPv6 one's words in the packet, likewise
+	int served;
 #endif
 
 	if (!eth)
@@ -2098,9 +2114,11 @@ static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		t.dport = ((__be16 *)(ip6 + 1))[1];
 		t.proto = ip6->nexthdr;
 		t.family = KPR_FAMILY_V6;
-		kpr_addr_set_v6(&t.daddr, ip6->daddr.in6_u.u6_addr32);
 #if KPR_NP_EARLY_RAW
-		vx = t.daddr.w[0] ^ t.daddr.w[1] ^ t.daddr.w[2] ^ t.daddr.w[3];
+		d6 = ip6->daddr.in6_u.u6_addr32;
+		vx = d6[0] ^ d6[1] ^ d6[2] ^ d6[3];
+#else
+		kpr_addr_set_v6(&t.daddr, ip6->daddr.in6_u.u6_addr32);
 #endif
 		l3 = ip6;
 	} else {
@@ -2111,15 +2129,12 @@ static __always_inline int kpr_np_early(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 #if KPR_NP_EARLY_RAW
 	// the address on the stack only where a lookup or *pkt needs it: a non-service packet's
 	// test is the hash of the words read above and one bit
-	if (kpr_np_port_served(&t)) {
-		if (t.family == KPR_FAMILY_V4)
-			kpr_addr_set_v4(&t.daddr, d4);
-		return KPR_NP_EARLY_PARSE && !kpr_np_early_fill(ctx, pkt, &t, l3) ? KPR_NP_EARLY_LB : KPR_NP_EARLY_FULL;
-	}
-	if (!kpr_np_maybe_vip_hash(kpr_np_vip_fold(vx)))
+	served = kpr_np_port_served(&t);
+	if (!served && !kpr_np_maybe_vip_hash(kpr_np_vip_fold(vx)))
 		return KPR_NP_EARLY_PASS;
-	if (t.family == KPR_FAMILY_V4)
-		kpr_addr_set_v4(&t.daddr, d4);
+	kpr_np_early_daddr(&t.daddr, d6, d4); // once for both users: the program does not grow
+	if (served)
+		return KPR_NP_EARLY_PARSE && !kpr_np_early_fill(ctx, pkt, &t, l3) ? KPR_NP_EARLY_LB : KPR_NP_EARLY_FULL;
 #else
 	if (kpr_np_port_served(&t))
 		return KPR_NP_EARLY_PARSE && !kpr_np_early_fill(ctx, pkt, &t, l3) ? KPR_NP_EARLY_LB : KPR_NP_EARLY_FULL;
@@ -2190,6 +2205,8 @@ static __always_inline int kpr_np_from_netdev(kpr_ctx_t *ctx)
 	ret = kpr_np_early(ctx, &pkt);
 	if (ret == KPR_NP_EARLY_PASS)
 		return KPR_NP_PASS;
+	if (KPR_NP_TEST_EARLY_FULL && ret == KPR_NP_EARLY_FULL)
+		return KPR_NP_TEST_EARLY_FULL;
 	// (one call of the service path below: inlined twice, it doubles the program)
 	if (KPR_NP_EARLY_PARSE && ret == KPR_NP_EARLY_LB) {
 		KPR_NP_STOP(1);

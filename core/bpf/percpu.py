@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import maps as M
 
-__all__ = ["possible_cpus", "u64_sums"]
+__all__ = ["add_u64", "possible_cpus", "u64_sums"]
 
 
 @functools.cache
@@ -37,3 +37,19 @@ def u64_sums(m: M.BpfMap, count: int) -> list[int]:
         M.check_rc(rc, f"lookup in {m.name}")
         out.append(sum(val))
     return out
+
+
+def add_u64(src: M.BpfMap, dst: M.BpfMap, count: int) -> None:
+    """Add slots 0..count-1 of per-CPU u64 array `src` into `dst`, CPU by CPU (a counter map
+    replaced by a larger one keeps its sums: its slots keep their index in the new layout)."""
+    cpus = possible_cpus()
+    old, new = (ctypes.c_uint64 * cpus)(), (ctypes.c_uint64 * cpus)()
+    lib = M.libbpf()
+    for i in range(count):
+        key = M.U32.pack(i)
+        if lib.bpf_map_lookup_elem(src.fd, key, old) == -errno.ENOENT:
+            continue
+        M.check_rc(lib.bpf_map_lookup_elem(dst.fd, key, new), f"lookup in {dst.name}")
+        for c in range(cpus):
+            new[c] += old[c]
+        M.check_rc(lib.bpf_map_update_elem(dst.fd, key, new, 0), f"update in {dst.name}")

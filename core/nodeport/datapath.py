@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import secrets
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -525,26 +526,35 @@ class Datapath(DeviceMaps):
                         if m.id in used:
                             self.calls_pin = p.name
             else:
-                self.unpin_old_counters()
-                self._cached_fallback(text)
+                # a smaller counter pin moves aside for the compile (bcc would adopt it as it
+                # is) and comes back if the compile or load fails: the old programs keep
+                # running and counting into it, and pin readers keep finding it
+                aside = self.set_aside_old_counters()
                 try:
-                    self._compile(text, source)
-                except Exception as e:
-                    if not (self.kernctx and kernctx.cflags()):
-                        raise
-                    # A kernel whose JIT cannot call kfuncs, or a compiler that kept a value
-                    # in r0-r5 across the call (ctx/skb.h ctx_csum_state): the same programs
-                    # without the read serve as well (each rewrite infers the state).
-                    log.warning("event=kernctx_fallback error=%r; the checksum state is inferred", str(e)[:300])
-                    self.kernctx = False
-                    self._drop_compiled()
-                    self._compile(text, source)
-                digest = self._digest(text)
-                with M.BpfMap.open_pinned(self.pin / self.calls_pin) as table:  # (no bcc: a cached load has none)
-                    slots = [i for i, name in enumerate(self.CALLS) if name]
-                    table.update_many([M.U32.pack(i) for i in slots], [M.U32.pack(self.fd(self.CALLS[i])) for i in slots],
-                                      batch=False)
-                builds.record(self.pin, digest, [self.prog_id(n) for n in self.ENTRIES])
+                    self._cached_fallback(text)
+                    try:
+                        self._compile(text, source)
+                    except Exception as e:
+                        if not (self.kernctx and kernctx.cflags()):
+                            raise
+                        # A kernel whose JIT cannot call kfuncs, or a compiler that kept a value
+                        # in r0-r5 across the call (ctx/skb.h ctx_csum_state): the same programs
+                        # without the read serve as well (each rewrite infers the state).
+                        log.warning("event=kernctx_fallback error=%r; the checksum state is inferred", str(e)[:300])
+                        self.kernctx = False
+                        self._drop_compiled()
+                        self._compile(text, source)
+                    digest = self._digest(text)
+                    with M.BpfMap.open_pinned(self.pin / self.calls_pin) as table:  # (no bcc: a cached load has none)
+                        slots = [i for i, name in enumerate(self.CALLS) if name]
+                        table.update_many([M.U32.pack(i) for i in slots],
+                                          [M.U32.pack(self.fd(self.CALLS[i])) for i in slots], batch=False)
+                    builds.record(self.pin, digest, [self.prog_id(n) for n in self.ENTRIES])
+                except BaseException:
+                    self._drop_compiled()  # (bcc's maps go with it; the new pins are replaced below)
+                    self.restore_old_counters(aside)
+                    raise
+                self.carry_old_counters(aside)
             for name in OWN_MAPS + ("kpr_ct", "kpr_snat", "kpr_backend", "kpr_svc"):
                 self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
             for name in (self.STATS_MAP, self.FWD_MAP, NH_MAP, SNAT_SLOTS_MAP, SNAT_GATE_MAP):
@@ -620,15 +630,26 @@ class Datapath(DeviceMaps):
             self.bpf.cleanup()
             self.bpf = None
 
-    def unpin_old_counters(self) -> bool:
-        """Unpin this build's kpr_np_fwd (kpr_np_stats) when an older kpr pinned it with fewer
-        slots, so the compile pins one of KPR_NP_FWD_MAX (KPR_NP_ST_MAX). bcc would adopt the
-        old pin as it is, and every increment past its end (the per-kind cached-send slots, a
-        new counter) would be lost without a word. The counters restart from zero; programs
-        still running keep the old map until they are replaced."""
-        unpinned = False
-        for name, want in ((self.FWD_MAP, FWD_SLOTS), (self.STATS_MAP, len(STATS))):
-            path = self.pin / name
+    COUNTERS_ASIDE = "_before_upgrade"  # suffix of a counter pin set aside during a compile
+
+    def _counter_maps(self) -> tuple[tuple[str, int], ...]:
+        return ((self.FWD_MAP, FWD_SLOTS), (self.STATS_MAP, len(STATS)))
+
+    def set_aside_old_counters(self) -> list[tuple[str, int]]:
+        """Move this build's kpr_np_fwd (kpr_np_stats) aside when an older kpr pinned it with
+        fewer slots, so the compile pins one of KPR_NP_FWD_MAX (KPR_NP_ST_MAX): bcc would adopt
+        the old pin as it is, and every increment past its end (the per-kind cached-send
+        slots, a new counter) would be lost without a word. Returns (map, old slots) of each
+        moved; restore_old_counters() puts them back (a failed compile),
+        carry_old_counters() adds their sums into the new maps and unpins them."""
+        aside = []
+        for name, want in self._counter_maps():
+            path, kept = self.pin / name, self.pin / (name + self.COUNTERS_ASIDE)
+            if kept.exists():  # a start that died between the move and its end
+                if path.exists():
+                    kept.unlink()
+                else:
+                    os.replace(kept, path)
             try:
                 with M.BpfMap.open_pinned(path) as m:
                     slots = m.info().max_entries
@@ -636,10 +657,30 @@ class Datapath(DeviceMaps):
                 continue
             if slots >= want:
                 continue
-            path.unlink()
-            unpinned = True
-            log.warning("event=nodeport_counters_restarted map=%s max_entries_old=%d max_entries=%d", path, slots, want)
-        return unpinned
+            os.replace(path, kept)  # (bpffs renames pins; the map and its users stay)
+            aside.append((name, slots))
+        return aside
+
+    def restore_old_counters(self, aside: list[tuple[str, int]]) -> None:
+        """Put the pins set_aside_old_counters() moved back (over any pin the failed compile made)."""
+        for name, _slots in aside:
+            os.replace(self.pin / (name + self.COUNTERS_ASIDE), self.pin / name)
+            log.warning("event=nodeport_counters_kept map=%s reason=load_failed", self.pin / name)
+
+    def carry_old_counters(self, aside: list[tuple[str, int]]) -> None:
+        """Add the per-CPU sums of the moved pins into this build's new counter maps (the old
+        counters keep their slot index: new ones are appended) and unpin the old maps.
+        Increments the old programs make after this, until the new ones replace them, are lost."""
+        from kpr.bpf import percpu
+
+        for name, slots in aside:
+            kept = self.pin / (name + self.COUNTERS_ASIDE)
+            with M.BpfMap.open_pinned(kept) as old, M.BpfMap.open_pinned(self.pin / name) as new:
+                percpu.add_u64(old, new, slots)
+                want = new.info().max_entries
+            kept.unlink()
+            log.warning("event=nodeport_counters_grown map=%s max_entries_old=%d max_entries=%d carried=%d",
+                        self.pin / name, slots, want, slots)
 
     def close(self) -> None:
         for m in self.maps.values():

@@ -639,8 +639,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_DNAT_ONE_PASS=0",),
     "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
-    "a new SNAT flow's reply side an LRU insert into kpr_snat, not a kpr_snat_slots slot (KPR_NP_SNAT_SLOTS=0)": (
-        "-DKPR_NP_SNAT_SLOTS=0",),
+    "a new SNAT flow's reply side a kpr_snat_slots slot, not an LRU insert into kpr_snat (KPR_NP_SNAT_SLOTS=1)": (
+        "-DKPR_NP_SNAT_SLOTS=1",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "new SNAT flows look the route up though their backend's next hop is cached (KPR_NP_NEW_NH=0)": (
         "-DKPR_NP_NEW_NH=0",),

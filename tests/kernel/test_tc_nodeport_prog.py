@@ -21,6 +21,7 @@ import re
 import struct
 import time
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,23 @@ def lab(request: pytest.FixtureRequest, require_kernel: None) -> Iterator[Lab]:
             if dp is not None:
                 dp.close()
             writer.close()
+
+
+@pytest.fixture(scope="module")
+def slot_lab(lab: Lab) -> Iterator[Lab]:
+    """The lab with the KPR_NP_SNAT_SLOTS=1 tc build on its maps (its own stage array): the switch
+    is off by default (README issue 14, H1's round), the slot tests build it on explicitly."""
+    dp = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_NP_SNAT_SLOTS=1"])
+    try:
+        yield dataclasses.replace(lab, dp=dp.load())
+    finally:
+        dp.close()
+
+
+@pytest.fixture(params=["default", "slots"])
+def snat_lab(request: pytest.FixtureRequest, lab: Lab) -> Lab:
+    """The default build (reverse entries in kpr_snat), then the KPR_NP_SNAT_SLOTS=1 build."""
+    return lab if request.param == "default" else request.getfixturevalue("slot_lab")
 
 
 # ---------------------------------------------------------------------- packet builders
@@ -337,31 +355,34 @@ def _flow_entries(lab: Lab, client: str, cport: int, proto: int) -> dict[str, li
     return out
 
 
-def test_a_new_snat_flow_writes_two_entries(lab: Lab) -> None:
+def test_a_new_snat_flow_writes_two_entries(snat_lab: Lab) -> None:
     """KPR_NP_SNAT_IN_CT: the conntrack entry holds the SNAT address and port, one reverse entry
     keyed by the reply tuple (a kpr_snat_slots slot: KPR_NP_SNAT_SLOTS, the backend's next hop
-    cached) holds client and frontend; no SNAT forward entry, no kpr_np_rev entry. The reply
+    cached) holds client and frontend (kpr_snat in the default build); no SNAT forward entry, no kpr_np_rev entry. The reply
     finds the flow through that one entry (checked above)."""
-    _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, 5076, 80))
-    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5077, 80))
+    lab = snat_lab
+    slots = "-DKPR_NP_SNAT_SLOTS=1" in lab.dp.cflags()
+    cport = 5177 if slots else 5077  # each build's own flow (the lab's maps are shared)
+    _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, cport - 1, 80))
+    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
     assert verdict == TC_ACT_REDIRECT
     port = out[UDP].sport
-    e = _flow_entries(lab, CLIENT4, 5077, 17)
+    e = _flow_entries(lab, CLIENT4, cport, 17)
     (ck, cv), = e["kpr_ct"]
     assert ck[1] == M.addr_to_bytes(VIP_REMOTE) and ck[5] == D.CT_DIR_ORIGINAL
     last_seen, _bid, _rn, flags, _tf, _pad, nat_port, _pad2, nat_addr = cv
     assert flags & D.CT_F_SNAT and (nat_port, nat_addr) == (M.htons(port), M.addr_to_bytes(NODE4))
-    assert e["kpr_snat"] == []
-    (sk, sv), = e[ND.SNAT_SLOTS_MAP]
+    assert e["kpr_snat" if slots else ND.SNAT_SLOTS_MAP] == []
+    (sk, sv), = e[ND.SNAT_SLOTS_MAP if slots else "kpr_snat"]
     assert sk == (M.addr_to_bytes(REM4), M.addr_to_bytes(NODE4), M.htons(8080), M.htons(port), 17, D.CT_DIR_REPLY, 0)
-    addr, cport, fe_port, _p2, _created, fe_addr = sv
-    assert (addr, cport, fe_addr, fe_port) == (M.addr_to_bytes(CLIENT4), M.htons(5077), M.addr_to_bytes(VIP_REMOTE), M.htons(80))
+    addr, rport, fe_port, _p2, _created, fe_addr = sv
+    assert (addr, rport, fe_addr, fe_port) == (M.addr_to_bytes(CLIENT4), M.htons(cport), M.addr_to_bytes(VIP_REMOTE), M.htons(80))
     assert e[D.REV_MAP] == []
     # the next packet of the flow keeps its port and writes nothing new
-    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5077, 80))
+    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
     assert verdict == TC_ACT_REDIRECT and out[UDP].sport == port
-    assert {k: len(v) for k, v in _flow_entries(lab, CLIENT4, 5077, 17).items()} == {
-        "kpr_ct": 1, "kpr_snat": 0, ND.SNAT_SLOTS_MAP: 1, D.REV_MAP: 0}
+    assert {k: len(v) for k, v in _flow_entries(lab, CLIENT4, cport, 17).items()} == {
+        "kpr_ct": 1, "kpr_snat": 0 if slots else 1, ND.SNAT_SLOTS_MAP: 1 if slots else 0, D.REV_MAP: 0}
 
 
 def test_conntrack_stamps_are_on_the_collectors_clock(lab: Lab) -> None:
@@ -1714,8 +1735,9 @@ SLOT_CASES = [  # (name, first packet, reply builder(port), expected reply, prot
 
 
 @pytest.mark.parametrize("name, first, reply, want, proto, backend, nat", SLOT_CASES, ids=[c[0] for c in SLOT_CASES])
-def test_a_new_snat_flow_claims_a_slot_and_its_reply_comes_from_it(lab: Lab, name: str, first: Any, reply: Any,
+def test_a_new_snat_flow_claims_a_slot_and_its_reply_comes_from_it(slot_lab: Lab, name: str, first: Any, reply: Any,
                                                                     want: Any, proto: int, backend: str, nat: str) -> None:
+    lab = slot_lab
     pkt = first(lab)
     _warm(lab, _other_client(pkt))
     before = lab.stats()
@@ -1745,9 +1767,10 @@ def _other_client(pkt: Ether) -> Ether:
     return Ether(bytes(p))
 
 
-def test_held_slots_make_a_claim_take_other_ports_then_kpr_snat_counted(lab: Lab) -> None:
+def test_held_slots_make_a_claim_take_other_ports_then_kpr_snat_counted(slot_lab: Lab) -> None:
     """Half the even ports' probes held: every slot claimed is of the other half; all of them
     held: the flow's reply side goes into kpr_snat (an odd port), counted, and its reply works."""
+    lab = slot_lab
     _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, 42000, 80))
     lo, hi = D.SNAT_PORT_MIN, D.SNAT_PORT_MAX
     evens = range(lo + lo % 2, hi + 1, 2)
@@ -1782,9 +1805,10 @@ def test_held_slots_make_a_claim_take_other_ports_then_kpr_snat_counted(lab: Lab
             t.clear()
 
 
-def test_a_flow_an_older_build_began_in_kpr_snat_still_gets_its_replies(lab: Lab) -> None:
+def test_a_flow_an_older_build_began_in_kpr_snat_still_gets_its_replies(slot_lab: Lab) -> None:
     """Upgrade: a reverse entry pinned in kpr_snat by an older build (the LRU layout, no slot) and
     its conntrack entry: the new build's reply path finds it after a slot miss."""
+    lab = slot_lab
     port = 61234  # even: the slots' half, as an older build took any port
     client, cport = "192.0.2.77", 43000
     key = _reply_key(REM4, 8080, port, 6)
@@ -1805,7 +1829,8 @@ def test_a_flow_an_older_build_began_in_kpr_snat_still_gets_its_replies(lab: Lab
             m.delete(key)
 
 
-def test_the_collector_frees_the_slot_of_an_ended_flow_not_of_a_live_one(lab: Lab) -> None:
+def test_the_collector_frees_the_slot_of_an_ended_flow_not_of_a_live_one(slot_lab: Lab) -> None:
+    lab = slot_lab
     from kpr.nodeport.gc import GRACE_NS, Collector
 
     _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, 44000, 80))

@@ -36,8 +36,11 @@
 /* 1: a new NodePort SNAT flow's reply side is a slot of kpr_snat_slots claimed by compare-and-swap
  * (kpr_snat_claim: one line, no LRU insert), kpr_snat only when every slot tried is held (counted:
  * KPR_NP_ST_SNAT_SLOT_FULL); 0: kpr_snat only, as before. Both builds read both for replies.
- * (Listed with NodePort's switches, lib/nodeport.h, where the claim's stage is.) */
-#define KPR_NP_SNAT_SLOTS 1
+ * (Listed with NodePort's switches, lib/nodeport.h, where the claim's stage is.)
+ * Off by default (README issue 14, H1's round): two slots could hold one reply key (one client's
+ * replies to another), the collector freed a live flow's slot, its gate could say clean with
+ * kpr_snat holding even ports, and the XDP ICMP stage walked 982,872 of the verifier's 1,000,000. */
+#define KPR_NP_SNAT_SLOTS 0
 #endif
 #ifndef KPR_SNAT_SLOT_TRIES
 #define KPR_SNAT_SLOT_TRIES 4 // random ports whose slots are tried before kpr_snat (then KPR_SNAT_RETRIES there)

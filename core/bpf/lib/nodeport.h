@@ -165,7 +165,8 @@
 #endif
 /* KPR_NP_SNAT_SLOTS (lib/nat.h, where kpr_snat_claim reads it; needs KPR_NP_SNAT_IN_CT and
  * KPR_NP_NEW_NH): 1: a new SNAT flow to a backend whose next hop is cached claims its reply side in
- * a slot of kpr_snat_slots (KPR_NP_CALL_SNAT_CLAIM), kpr_snat only when every slot tried is held. */
+ * a slot of kpr_snat_slots (KPR_NP_CALL_SNAT_CLAIM), kpr_snat only when every slot tried is held.
+ * Off by default (README issue 14, H1's SNAT slots reviewed). */
 #ifndef KPR_NP_NEW_NH
 /* 1: a new SNAT flow to a backend whose next hop is cached takes its SNAT address from the
  * cached device and is sent there, without a FIB lookup; 0: new flows always look the route up */

@@ -49,6 +49,7 @@ __all__ = [
     "cleanup",
     "forget_attachment",
     "record_attachment",
+    "scratch_bpffs",
     "scratch_pin_dir",
 ]
 
@@ -465,43 +466,92 @@ def cleanup(pin_path: Path | str) -> list[str]:
     return removed
 
 
+# umount2 flag: detach the mount now; the kernel frees it when the last holder lets go.
+MNT_DETACH = 2
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT blocked inside the block, delivered at its end: a handler that raises
+    (the benchmarks' exit_on_sigterm, Ctrl-C) cannot land between a mount and the code that
+    undoes it, nor inside the undoing."""
+    import signal
+
+    held = {signal.SIGTERM, signal.SIGINT}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def scratch_bpffs(prefix: str = "kpr-test") -> Iterator[Path]:
+    """A bpffs mounted on a fresh temporary directory (/tmp/<prefix>-bpffs-*), unmounted and the
+    directory removed on exit however the block ends, by the creating process only.
+
+    The unmount is lazy (MNT_DETACH): a plain one fails (EBUSY) while anything holds the mount,
+    e.g. a process whose working directory or an open file is in it (a shell, a reader of the
+    pins at that moment), and left the mount and its directory behind for good. Detached, it
+    leaves the tree at once and the directory can go; the kernel frees the bpffs (and whatever
+    was still pinned there) when its last holder lets go.
+    """
+    from .fs import _mount
+
+    creator = os.getpid()
+    mnt: Path | None = None
+    try:
+        with _signals_held():  # (nothing raised by a signal between the mount and `finally`)
+            mnt = Path(tempfile.mkdtemp(prefix=f"{prefix}-bpffs-"))
+            _mount("bpf", mnt, "bpf")
+        yield mnt
+    finally:
+        # a forked child (pyroute2 does netns work in one) unwinding its copy of the stack
+        # must not unmount its parent's live bpffs
+        if mnt is not None and os.getpid() == creator:
+            with _signals_held():
+                _drop_scratch_bpffs(mnt)
+
+
+def _drop_scratch_bpffs(mnt: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(str(mnt).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:  # (EINVAL: not mounted, the mount itself failed)
+            log.error("event=scratch_bpffs_umount_failed path=%s errno=%d", mnt, err)
+            return
+    try:
+        mnt.rmdir()
+    except OSError as exc:
+        log.error("event=scratch_bpffs_rmdir_failed path=%s error=%r", mnt, exc.strerror)
+
+
 @contextlib.contextmanager
 def scratch_pin_dir(prefix: str = "kpr-test") -> Iterator[Path]:
     """A fresh, unique pin dir for tests and benchmarks, cleaned up (detached, unpinned) on exit.
 
     It is made in /sys/fs/bpf when that is a bpffs (e.g. /sys/fs/bpf/kpr-test-1a2b3c4d);
-    otherwise a private bpffs is mounted on a temporary directory and unmounted afterwards,
-    so nothing is left on the machine either way. Concurrent runs never share a private mount.
+    otherwise in a private bpffs (scratch_bpffs) unmounted afterwards, so nothing is left on
+    the machine either way, even when the block ends by an error or a TERM. Concurrent runs
+    never share a private mount.
     """
     from .fs import DEFAULT_BPFFS, find_mounts
 
-    # Only the system's bpffs is shared: any other mount (another run's scratch mount, a
-    # demo's) may be unmounted by its owner while we use it.
-    mounted: Path | None = None
-    if DEFAULT_BPFFS in find_mounts("bpf"):
-        base = DEFAULT_BPFFS
-    else:
-        mounted = Path(tempfile.mkdtemp(prefix=f"{prefix}-bpffs-"))
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mount(b"bpf", str(mounted).encode(), b"bpf", ctypes.c_ulong(0), None) != 0:
-            err = ctypes.get_errno()
-            mounted.rmdir()
-            raise OSError(err, f"mount -t bpf bpf {mounted}: {os.strerror(err)}")
-        base = mounted
-    pin = base / f"{prefix}-{secrets.token_hex(4)}"
-    creator = os.getpid()
-    try:
-        yield pin
-    finally:
-        # Only the creating process cleans up: a forked child (pyroute2 does netns work in
-        # one) unwinding its copy of the stack would detach and unpin its parent's live pins.
-        if os.getpid() == creator:
-            try:
-                cleanup(pin)
-            finally:
-                if mounted is not None:
-                    libc = ctypes.CDLL(None, use_errno=True)
-                    if libc.umount2(str(mounted).encode(), 0) != 0:
-                        log.error("event=scratch_bpffs_umount_failed path=%s errno=%d", mounted, ctypes.get_errno())
-                    else:
-                        mounted.rmdir()
+    with contextlib.ExitStack() as stack:
+        # Only the system's bpffs is shared: any other mount (another run's scratch mount, a
+        # demo's) may be unmounted by its owner while we use it.
+        if DEFAULT_BPFFS in find_mounts("bpf"):
+            base = DEFAULT_BPFFS
+        else:
+            base = stack.enter_context(scratch_bpffs(prefix))
+        pin = base / f"{prefix}-{secrets.token_hex(4)}"
+        creator = os.getpid()
+        try:
+            yield pin
+        finally:
+            # Only the creating process cleans up: a forked child (pyroute2 does netns work in
+            # one) unwinding its copy of the stack would detach and unpin its parent's live pins.
+            # A TERM is held until it is done (a raise inside left pins in the system's bpffs).
+            if os.getpid() == creator:
+                with _signals_held():
+                    cleanup(pin)

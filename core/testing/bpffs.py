@@ -11,44 +11,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import logging
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kpr.bpf.cleanup import scratch_pin_dir
+from kpr.bpf.cleanup import scratch_bpffs, scratch_pin_dir
 
 __all__ = ["pin_map", "private_bpffs", "scratch_pin_dir"]
 
-log = logging.getLogger(__name__)
-MNT_DETACH = 2
 
-
-@contextlib.contextmanager
-def private_bpffs(prefix: str = "kpr-test") -> Iterator[Path]:
-    """A bpffs mounted on a fresh temporary directory, unmounted and removed afterwards."""
-    from kpr.bpf.fs import _mount
-
-    mnt = Path(tempfile.mkdtemp(prefix=f"{prefix}-bpffs-"))
-    try:
-        _mount("bpf", mnt, "bpf")
-    except OSError:
-        mnt.rmdir()
-        raise
-    creator = os.getpid()
-    try:
-        yield mnt
-    finally:
-        if os.getpid() == creator:  # not a forked child unwinding: the mount would be its parent's
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.umount2(str(mnt).encode(), MNT_DETACH) != 0:  # never leave it mounted
-                log.error("event=bpffs_umount_failed path=%s errno=%d", mnt, ctypes.get_errno())
-            else:
-                os.rmdir(mnt)
+# A bpffs mounted on a fresh temporary directory, unmounted (lazily: nothing stays mounted,
+# whatever still holds it) and removed afterwards: kpr.bpf.cleanup's, one for the pin dirs too.
+private_bpffs = scratch_bpffs
 
 
 def pin_map(pin: Path, name: str, spec: Any, entries: Mapping[bytes, bytes] | None = None) -> int:

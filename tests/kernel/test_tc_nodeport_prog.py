@@ -1805,6 +1805,46 @@ def test_held_slots_make_a_claim_take_other_ports_then_kpr_snat_counted(slot_lab
             t.clear()
 
 
+def test_a_claim_beside_another_cpus_half_written_one_never_doubles_a_reply_key(slot_lab: Lab) -> None:
+    """R3's race (README issue 14, H1's round reviewed): another CPU has claimed each even port's
+    first probe for the same backend but not yet written its key (word 0 set, key zero). A new
+    flow must not claim another slot for one of those keys: when the other CPU's key lands, two
+    slots would hold it and replies (read in probe order) would go to the other flow's client.
+    With one slot per key (KPR_SNAT_SLOT_PROBES 1) the flow takes an odd port from kpr_snat.
+    Fails with KPR_SNAT_SLOT_PROBES=4 (H1's): the flow claimed the second probe of an even port."""
+    from kpr.bpf.slots import slot_hash
+
+    lab = slot_lab
+    _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, 45000, 80))
+    lo, hi = D.SNAT_PORT_MIN, D.SNAT_PORT_MAX
+    evens = range(lo + lo % 2, hi + 1, 2)
+    try:
+        with _slots(lab) as t:
+            stamp = ND_now() | 1
+            half = bytes(t.key_size)  # the other CPU's claim: word 0 written, key not yet
+            for port in evens:
+                idx = slot_hash(_reply_key(REM4, 8080, port, 17)) & (t.slots - 1)
+                if not t.claim(idx):
+                    t.put(idx, stamp, half, bytes(t.val_size))
+        for cport in range(45001, 45009):
+            verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
+            assert verdict == TC_ACT_REDIRECT
+            port = out[UDP].sport
+            key = _reply_key(REM4, 8080, port, 17)
+            with _slots(lab) as t:
+                first = slot_hash(key) & (t.slots - 1)
+                _s, _k, _v = t.read(first)
+                if t.claim(first) and _k == half:  # the other CPU's key lands
+                    t.put(first, stamp, key, _v)
+                # H1's four probes from the key's hash: where a second copy would be
+                near = [(first + j) & (t.slots - 1) for j in range(4)]
+                holding = [i for i in near if t.claim(i) and t.read(i)[1] == key]
+            assert len(holding) <= 1, f"client port {cport}: slots {holding} hold one reply key (port {port})"
+    finally:
+        with _slots(lab) as t:
+            t.clear()
+
+
 def test_a_flow_an_older_build_began_in_kpr_snat_still_gets_its_replies(slot_lab: Lab) -> None:
     """Upgrade: a reverse entry pinned in kpr_snat by an older build (the LRU layout, no slot) and
     its conntrack entry: the new build's reply path finds it after a slot miss."""

@@ -46,7 +46,12 @@
 #define KPR_SNAT_SLOT_TRIES 4 // random ports whose slots are tried before kpr_snat (then KPR_SNAT_RETRIES there)
 #endif
 #ifndef KPR_SNAT_SLOT_PROBES
-#define KPR_SNAT_SLOT_PROBES 4 // slots from a reply key's hash on (a find reads them all: a freed slot ends no probe run)
+/* Slots from a reply key's hash on (a find reads them all: a freed slot ends no probe run). One:
+ * the compare-and-swap on a key's only slot makes the key unique there; with more, a claim that met
+ * another CPU's slot claimed but its key not yet written took the next probe, and when that key
+ * landed two slots held it (replies to the other flow's client; README issue 14, H1's SNAT slots
+ * reviewed). A held slot makes the claim try another port (KPR_SNAT_SLOT_TRIES). */
+#define KPR_SNAT_SLOT_PROBES 1
 #endif
 #define KPR_SNAT_SLOTS_N 262144 // kpr_snat_slots' slots: twice KPR_SNAT_MAX's default; a power of two, fixed (the programs' index mask)
 #define KPR_SNAT_KEY_DWORDS 5   // struct kpr_ct_key in 64-bit words

@@ -254,7 +254,8 @@ class Collector:
         slots, gate = self._slot_maps()
         overflows = D.ct_gate_overflows(gate) if gate is not None else 0  # before the sweep (see ct_gate_clean)
         dead_ct: list[bytes] = []
-        gone: set[Flow] = set()  # flows cleared now whose partners go with them
+        # flows cleared now whose partners go with them -> the NAT ports their entries held
+        gone: dict[Flow, set[int]] = {}
         judge = stale_only or self.ready()  # staleness against every service, or asked for
 
         def live(k: bytes, v: bytes) -> bool | None:
@@ -276,7 +277,7 @@ class Collector:
                 else:
                     res.ct_expired += 1
                 if be is not None:
-                    gone.add((saddr, sport, proto, be[0], be[1]))
+                    gone.setdefault((saddr, sport, proto, be[0], be[1]), set()).add(nat_port)
                 return False
             if be is not None:
                 res.live.add((saddr, sport, proto, be[0], be[1]))
@@ -302,6 +303,11 @@ class Collector:
         n_ct += n_lru
         if gate is not None and not stale_only and only is None and n_lru == 0:
             D.ct_gate_clean(gate, overflows)
+        # A flow both cleared and live (its expired slot and the kpr_ct entry a reused source
+        # port made while that slot was held: the same key, no frontend or NAT port in it)
+        # keeps its partners but the cleared entry's own SNAT mapping (another NAT port).
+        for flow in gone.keys() & res.live:
+            gone[flow] = {p for p in gone[flow] if p and p != res.nat_ports.get(flow)}
         self._rev_pass(res, now, stale_only, gone)
         self._snat_pass(res, now, stale_only, gone)
         self._slot_pass(res, now, stale_only, gone)
@@ -309,13 +315,25 @@ class Collector:
             self.totals.ct_entries = n_ct
         return res
 
+    @staticmethod
+    def _partner_gone(res: PassResult, gone: dict[Flow, set[int]], flow: Flow, nat_port: int | None = None) -> bool:
+        """Whether a partner of `flow` (its reverse entry: nat_port None; a SNAT mapping of
+        nat_port) goes with a conntrack entry cleared now: the flow's, unless the flow still
+        lives in another entry, then only the cleared entry's own NAT port's."""
+        ports = gone.get(flow)
+        if ports is None:
+            return False
+        if flow not in res.live:
+            return True
+        return nat_port is not None and nat_port in ports
+
     def _stale(self, daddr: bytes, dport: int, proto: int, be: tuple[bytes, int] | None) -> bool:
         allowed = self.allowed(daddr, dport, proto)
         if allowed is None:
             return False  # a frontend this plugin does not know (yet): not its call
         return be is None or be not in allowed
 
-    def _rev_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
+    def _rev_pass(self, res: PassResult, now: int, stale_only: bool, gone: dict[Flow, set[int]]) -> None:
         rev = self.maps[D.REV_MAP]
         dead: list[bytes] = []
         n = 0
@@ -323,7 +341,7 @@ class Collector:
             baddr, caddr, bport, cport, proto, _dir, _ = D.CT_KEY.unpack(k)
             _fe, _fport, flags, _pad, last_seen = D.NP_REV.unpack(v)
             flow = (caddr, cport, proto, baddr, bport)
-            if flow in gone:
+            if self._partner_gone(res, gone, flow):
                 dead.append(k)
                 continue
             if stale_only:
@@ -342,7 +360,7 @@ class Collector:
         if not stale_only:
             self.totals.rev_entries = n
 
-    def _snat_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
+    def _snat_pass(self, res: PassResult, now: int, stale_only: bool, gone: dict[Flow, set[int]]) -> None:
         snat = self.maps["kpr_snat"]
         gate = self.maps.get(D.SNAT_GATE_MAP)
         # read before the dump: an insert after it raises the count and keeps the gate shut
@@ -365,7 +383,8 @@ class Collector:
                 continue  # another owner's mapping
             flow = (saddr, sport, proto, daddr, dport)
             rkey = D.CT_KEY.pack(daddr, addr, dport, port, proto, D.CT_DIR_REPLY, 0)
-            if flow in gone or (not stale_only and flow not in res.live and now - created >= GRACE_NS):
+            if self._partner_gone(res, gone, flow, port) or (
+                    not stale_only and flow not in res.live and now - created >= GRACE_NS):
                 dead.append(k)
                 dead.append(rkey)
                 res.snat_freed += 1
@@ -378,7 +397,7 @@ class Collector:
         for k, (flow, created) in reverse.items():
             if k in paired:
                 continue
-            if flow in gone or (not stale_only and flow not in res.live and now - created >= GRACE_NS):
+            if self._partner_gone(res, gone, flow, D.CT_KEY.unpack(k)[3]) or (not stale_only and flow not in res.live and now - created >= GRACE_NS):
                 dead.append(k)
                 res.snat_freed += 1
             else:
@@ -392,7 +411,7 @@ class Collector:
         if gate is not None and left == 0:
             D.snat_gate_clean(gate, overflows)
 
-    def _slot_pass(self, res: PassResult, now: int, stale_only: bool, gone: set[Flow]) -> None:
+    def _slot_pass(self, res: PassResult, now: int, stale_only: bool, gone: dict[Flow, set[int]]) -> None:
         m = self.maps.get(D.SNAT_SLOTS_MAP)
         if m is None:
             return
@@ -403,7 +422,7 @@ class Collector:
                 baddr, _nat, bport, nport, proto, _dir, _ = D.CT_KEY.unpack(key)
                 caddr, cport = D.NAT_ENTRY.unpack(val)[:2]
                 flow = (caddr, cport, proto, baddr, bport)
-                if flow in gone:
+                if self._partner_gone(res, gone, flow, nport):
                     dead.append(idx)
                 elif stale_only or now - stamp < GRACE_NS or res.nat_ports.get(flow) == nport:
                     n += 1  # young (being filled, its conntrack entry being written) or its flow's

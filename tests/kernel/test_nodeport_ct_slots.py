@@ -215,9 +215,9 @@ def test_a_held_neighbourhood_overflows_into_kpr_ct_and_the_flow_is_still_found(
     assert d.get("established") == 1 and not NEW & set(d), d
 
 
-def _collector(lab: ProgLab) -> Collector:
+def _collector(lab: ProgLab, snat_addrs: frozenset[bytes] = frozenset()) -> Collector:
     maps = dict(lab.builds["tc"].maps)
-    return Collector(maps, lambda a, p, pr: None, lambda: set(), 60.0, pin=lab.pin)
+    return Collector(maps, lambda a, p, pr: None, lambda: set(snat_addrs), 60.0, pin=lab.pin)
 
 
 def test_the_collector_frees_expired_slots_and_cleans_the_gate_only_without_nodeport_entries_in_kpr_ct(
@@ -299,3 +299,44 @@ def test_an_upgrade_keeps_the_flows_an_older_build_left_in_kpr_ct(lab: ProgLab, 
     finally:
         if build != hook:
             lab.builds.pop(build).close()
+
+
+def _age_slot(lab: ProgLab, key: bytes, proto: int) -> None:
+    """`key`'s slot idle past its timeout and claimed long ago (the collector's to free)."""
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        idx = t.find(key, D.CT_PROBES)
+        _stamp, k, v = t.read(idx)
+        f = list(D.CT_ENTRY.unpack(v))
+        f[0] = now_ns() - ct_timeout(f[3], proto) - 10**9
+        t.put(idx, 1, k, D.CT_ENTRY.pack(*f))
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_reused_source_port_keeps_its_snat_mapping_when_the_collector_frees_its_expired_slot(
+        lab: ProgLab, hook: str) -> None:
+    """Review R4 item 1: a client reusing a source port after its flow's slot expired finds the
+    slot still held by that expired entry (one probe) and its new flow goes into kpr_ct with
+    another NAT port. The collector's pass frees the expired slot and that entry's own SNAT
+    mapping only: the live flow's reply is still translated (it lost its mapping when partners
+    were freed by flow key)."""
+    sport = 45000 + HOOKS.index(hook)
+    pkt = frame(lab, CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P)
+    key = ct_key(CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P)
+    _v, _out, d = run_counted(lab, hook, hook, pkt)
+    assert d.get("new_snat") == 1, d
+    old_port = slot_entry(lab, key)[6]
+    _age_slot(lab, key, UDP_P)
+    _v, _out, d = run_counted(lab, hook, hook, pkt)
+    assert d.get("new_snat") == 1 and d.get("ct_slot_full") == 1, d
+    _l, bid, _r, _f, _t, _p, new_port, _p2, nat_addr = D.CT_ENTRY.unpack(lru_entry(lab, key))
+    assert new_port and new_port != old_port
+    col = _collector(lab, frozenset({nat_addr}))
+    try:
+        res = col.run()
+    finally:
+        col.stop()
+    assert res.ct_expired == 1 and res.snat_freed == 1, res  # the expired slot's mapping, not the live one's
+    assert lru_entry(lab, key) is not None
+    reply = frame(lab, REMOTE4, M.bytes_to_addr(nat_addr), 8080, M.ntohs(new_port), UDP_P)
+    _v, _out, d = run_counted(lab, hook, hook, reply)
+    assert d.get("reply_snat") == 1, d

@@ -108,7 +108,9 @@ class PassResult:
     rev_expired: int = 0
     snat_freed: int = 0  # kpr_snat mappings and kpr_snat_slots slots freed
     live: set[Flow] = field(default_factory=set)
-    nat_ports: dict[Flow, int] = field(default_factory=dict)  # live flow -> its conntrack entry's SNAT port (network order)
+    # (flow, its conntrack entry's SNAT port, network order) of every live entry: a set, as one
+    # client address and port to two frontends with one backend are one Flow with two ports
+    live_ports: set[tuple[Flow, int]] = field(default_factory=set)
 
 
 class Collector:
@@ -268,6 +270,7 @@ class Collector:
             if only is not None and not only(daddr, dport, proto):
                 if be is not None:
                     res.live.add((saddr, sport, proto, be[0], be[1]))
+                    res.live_ports.add(((saddr, sport, proto, be[0], be[1]), nat_port))
                 return True
             expired = not stale_only and now - last_seen > ct_timeout(flags, proto)
             stale = proto != TCP and judge and self._stale(daddr, dport, proto, be)
@@ -281,7 +284,7 @@ class Collector:
                 return False
             if be is not None:
                 res.live.add((saddr, sport, proto, be[0], be[1]))
-                res.nat_ports[(saddr, sport, proto, be[0], be[1])] = nat_port
+                res.live_ports.add(((saddr, sport, proto, be[0], be[1]), nat_port))
             return True
 
         n_ct = n_lru = 0
@@ -307,7 +310,7 @@ class Collector:
         # port made while that slot was held: the same key, no frontend or NAT port in it)
         # keeps its partners but the cleared entry's own SNAT mapping (another NAT port).
         for flow in gone.keys() & res.live:
-            gone[flow] = {p for p in gone[flow] if p and p != res.nat_ports.get(flow)}
+            gone[flow] = {p for p in gone[flow] if p and (flow, p) not in res.live_ports}
         self._rev_pass(res, now, stale_only, gone)
         self._snat_pass(res, now, stale_only, gone)
         self._slot_pass(res, now, stale_only, gone)
@@ -422,10 +425,12 @@ class Collector:
                 baddr, _nat, bport, nport, proto, _dir, _ = D.CT_KEY.unpack(key)
                 caddr, cport = D.NAT_ENTRY.unpack(val)[:2]
                 flow = (caddr, cport, proto, baddr, bport)
-                if self._partner_gone(res, gone, flow, nport):
+                if (flow, nport) in res.live_ports:
+                    n += 1  # a live conntrack entry's port (another frontend's entry, if one of the flow's went)
+                elif self._partner_gone(res, gone, flow, nport):
                     dead.append(idx)
-                elif stale_only or now - stamp < GRACE_NS or res.nat_ports.get(flow) == nport:
-                    n += 1  # young (being filled, its conntrack entry being written) or its flow's
+                elif stale_only or now - stamp < GRACE_NS:
+                    n += 1  # young: being filled, its conntrack entry being written
                 else:
                     dead.append(idx)
             for idx in dead:

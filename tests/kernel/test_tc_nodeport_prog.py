@@ -1912,3 +1912,79 @@ def test_the_collector_frees_the_slot_of_an_ended_flow_not_of_a_live_one(slot_la
     finally:
         for m in maps.values():
             m.close()
+
+
+def _reverse_entries(lab: Lab, keys: dict[int, bytes]) -> dict[int, bool]:
+    """port -> whether a reverse entry (a slot, else kpr_snat) still holds its reply key."""
+    with _slots(lab) as t, M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+        return {p: t.find(k, ND.SNAT_SLOT_PROBES) is not None or m.lookup(k) is not None for p, k in keys.items()}
+
+
+def test_the_collector_keeps_a_live_flows_reverse_entry_beside_another_frontends(snat_lab: Lab) -> None:
+    """R3 (README issue 14, H1's SNAT slots reviewed): one client address and port to two
+    frontends with the same backend are two conntrack entries, two SNAT ports, two reverse
+    entries. The collector keys live ports by (flow, port): with both flows live and both reverse
+    entries past the grace both are kept, and when the other frontend's entry expires only its
+    reverse entry goes, at once; the live flow's replies still come back. Failed before the mend
+    with the slot build (live ports one per flow: one slot freed after the grace; `gone` freed
+    both) and the default one (`gone` freed the live flow's kpr_snat entry)."""
+    from kpr.nodeport.gc import GRACE_NS, Collector
+
+    lab = snat_lab
+    slots = "-DKPR_NP_SNAT_SLOTS=1" in lab.dp.cflags()
+    cport = 46101 if slots else 46001
+    other_fe = "203.0.113.99"  # a frontend the collector does not know: never judged stale
+    _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, cport - 1, 80))
+    verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
+    assert verdict == TC_ACT_REDIRECT
+    port = out[UDP].sport
+    other = 61000 if port != 61000 else 61002  # even: a slot's port in the slot build
+    keys = {port: _reply_key(REM4, 8080, port, 17), other: _reply_key(REM4, 8080, other, 17)}
+    old = ND_now() - 10 * GRACE_NS
+    ck = D.CT_KEY.pack(M.addr_to_bytes(CLIENT4), M.addr_to_bytes(VIP_REMOTE), M.htons(cport), M.htons(80), 17,
+                       D.CT_DIR_ORIGINAL, 0)
+    ok = D.CT_KEY.pack(M.addr_to_bytes(CLIENT4), M.addr_to_bytes(other_fe), M.htons(cport), M.htons(80), 17,
+                       D.CT_DIR_ORIGINAL, 0)
+    rev = D.NAT_ENTRY.pack(M.addr_to_bytes(CLIENT4), M.htons(cport), M.htons(80), 0, old, M.addr_to_bytes(other_fe))
+    maps = {n: M.BpfMap.open_pinned(lab.pin / n) for n in
+            ("kpr_ct", "kpr_snat", "kpr_backend", D.REV_MAP, ND.SNAT_SLOTS_MAP, ND.SNAT_GATE_MAP)}
+    try:
+        ct = maps["kpr_ct"]
+        v = list(D.CT_ENTRY.unpack(ct.lookup(ck)))
+        v[6] = M.htons(other)
+        ct.update(ok, D.CT_ENTRY.pack(*v))  # the other frontend's flow: live, its own port
+        with _slots(lab) as t:
+            if slots:
+                i = slot_hash_of(keys[port]) & (t.slots - 1)
+                _s, k, val = t.read(i)
+                assert k == keys[port]
+                t.put(i, old | 1, k, val)  # past the grace
+                j = slot_hash_of(keys[other]) & (t.slots - 1)
+                assert not t.claim(j), "the other port's slot is free"
+                t.put(j, old | 1, keys[other], rev)
+            else:
+                r = list(D.NAT_ENTRY.unpack(maps["kpr_snat"].lookup(keys[port])))
+                r[4] = old
+                maps["kpr_snat"].update(keys[port], D.NAT_ENTRY.pack(*r))
+                maps["kpr_snat"].update(keys[other], rev)
+        c = Collector(maps, lambda *a: None, lambda: {M.addr_to_bytes(NODE4), M.addr_to_bytes(NODE6)}, 60)
+        c.run()
+        assert _reverse_entries(lab, keys) == {port: True, other: True}, "both flows live: both kept"
+        v[0] = old  # the other frontend's conntrack entry expires
+        ct.update(ok, D.CT_ENTRY.pack(*v))
+        c.run()
+        assert _reverse_entries(lab, keys) == {port: True, other: False}, "only the expired flow's entry goes"
+        lab.run(D.INGRESS, [Case(
+            "the live flow's reply",
+            Ether(src=MAC_NODE2, dst=lab.mac) / IP(src=REM4, dst=NODE4) / UDP(sport=8080, dport=port) / Raw(b"ok"),
+            TC_ACT_REDIRECT,
+            routed(lab, MAC_OUT) / IP(src=VIP_REMOTE, dst=CLIENT4) / UDP(sport=80, dport=cport) / Raw(b"ok"))])
+    finally:
+        ct.delete(ok)
+        with _slots(lab) as t:
+            j = t.find(keys[other], ND.SNAT_SLOT_PROBES)
+            if j is not None:
+                t.free(j)
+        maps["kpr_snat"].delete(keys[other])
+        for m in maps.values():
+            m.close()

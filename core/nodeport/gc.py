@@ -368,7 +368,7 @@ class Collector:
         gate = self.maps.get(D.SNAT_GATE_MAP)
         # read before the dump: an insert after it raises the count and keeps the gate shut
         overflows = D.snat_gate_overflows(gate) if gate is not None else 0
-        replies = 0
+        replies: set[bytes] = set()  # the REPLY keys the dump held
         ours = self.snat_addrs()
         dead: list[bytes] = []
         paired: set[bytes] = set()  # reverse keys a forward entry decided
@@ -378,7 +378,7 @@ class Collector:
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
             addr, port, _fport, _p2, created, _fe = D.NAT_ENTRY.unpack(v)
             if direction == D.CT_DIR_REPLY:
-                replies += 1
+                replies.add(k)
                 if daddr in ours:  # backend -> node:port; the value names the client
                     reverse[k] = ((addr, port, proto, saddr, sport), created)
                 continue
@@ -410,7 +410,9 @@ class Collector:
         dead_keys = sorted(set(dead))
         if dead_keys:
             snat.delete_many(dead_keys)
-        left = replies - sum(1 for k in dead_keys if D.CT_KEY.unpack(k)[5] == D.CT_DIR_REPLY)
+        # reverse entries left: those the dump held and this pass kept (a dead forward entry's
+        # reply key, deleted with it, may never have been there)
+        left = len(replies.difference(dead_keys))
         if gate is not None and left == 0:
             D.snat_gate_clean(gate, overflows)
 

@@ -254,6 +254,7 @@ class NodePortAgent:
             if missing:
                 log.error("event=nodeport_devices_missing plugin=%s devices=%s", self.NAME, ",".join(missing))
             self._attach_devices(tuple(node.devices), facts)
+            self.datapath.open_ct_gate("attached")  # (see Datapath.open_ct_gate)
             if not self._device_errors:  # every entry is this build's now: earlier builds' stages go
                 self.datapath.drop_other_generations()
 

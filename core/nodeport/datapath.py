@@ -104,6 +104,7 @@ NH_MAP = "kpr_np_nh"  # next hops cached per backend (KPR_NP_NH_CACHE); key NH_G
 # NodePort's conntrack entries in slots (KPR_NP_CT_SLOTS builds only: pinned by their compile),
 # read and freed by kpr.bpf.slots; the gate says whether kpr_ct may hold NodePort entries.
 CT_SLOTS_MAP, CT_SLOT, CT_GATE_MAP = "kpr_np_ct_slots", "kpr_np_ct_slot", "kpr_np_ct_gate"
+CT_SLOTS_ON = bool(abi.value("KPR_NP_CT_SLOTS"))  # the header's default (a -D flag overrides it per build)
 CT_PROBES = abi.value("KPR_NP_CT_PROBES")
 # The tc build's entry programs (tc shows these names): xdp_nodeport reads tc_nodeport's attachment
 # records of TC_EGRESS, the only program that translates a local backend's replies.
@@ -239,14 +240,6 @@ def ct_gate_open(m: M.BpfMap) -> None:
         mem[0:8] = struct.pack("=Q", overflows + 2)
     finally:
         mem.release()
-
-
-def nodeport_ct_entries(ct: M.BpfMap) -> bool:
-    """Whether kpr_ct holds a NodePort flow's entry (ORIGINAL, KPR_CT_F_NODE_PORT)."""
-    for k, v in ct.items():
-        if k[CT_DIR_OFF] == CT_DIR_ORIGINAL and CT_ENTRY.unpack(v)[3] & CT_F_NODE_PORT:
-            return True
-    return False
 
 
 def vip_hash(addr16: bytes) -> int:
@@ -480,7 +473,7 @@ class Datapath(DeviceMaps):
 
     def ct_slots(self) -> bool:
         """Whether this build keeps NodePort's conntrack in slots (lib/nodeport.h KPR_NP_CT_SLOTS)."""
-        on = abi.value("KPR_NP_CT_SLOTS")
+        on = CT_SLOTS_ON
         for f in self.cflags():
             if f.startswith("-DKPR_NP_CT_SLOTS="):
                 on = int(f.split("=", 1)[1])
@@ -562,11 +555,7 @@ class Datapath(DeviceMaps):
             for name in (CT_SLOTS_MAP, CT_GATE_MAP):  # (a KPR_NP_CT_SLOTS build's, or one's before it)
                 if (self.pin / name).exists():
                     self.maps[name] = M.BpfMap.open_pinned(self.pin / name)
-            if self.ct_slots() and CT_GATE_MAP in self.maps and nodeport_ct_entries(self.maps["kpr_ct"]):
-                # before this build's programs run: flows a build without slots began (or one
-                # that ran while a collector marked the gate clean, writing kpr_ct unmarked)
-                ct_gate_open(self.maps[CT_GATE_MAP])
-                log.info("event=nodeport_ct_gate_opened reason=nodeport_entries_in_kpr_ct")
+            self.open_ct_gate("load")
         except BaseException:
             self.close()
             raise
@@ -575,6 +564,18 @@ class Datapath(DeviceMaps):
             self.mode, self.conntrack_size, self.maglev_size, len(self.progs), self.build,
         )
         return self
+
+    def open_ct_gate(self, why: str) -> None:
+        """Open kpr_np_ct_gate, when pinned, whatever this build and whatever kpr_ct holds now:
+        at load (before this build's programs run) and again once they replaced the old ones
+        everywhere (the agent, after attaching). Between the two, either build may be a build
+        without slots writing kpr_ct unmarked (it never moves the gate), while the other reads
+        kpr_ct only through the gate; the second open makes the collector's next sweep, which
+        sees those entries, the first that may mark it clean again."""
+        gate = self.maps.get(CT_GATE_MAP)
+        if gate is not None:
+            ct_gate_open(gate)
+            log.info("event=nodeport_ct_gate_opened reason=%s", why)
 
     def _digest(self, text: str) -> str:
         """The build's digest: every flag but the stage array's own name (see load())."""

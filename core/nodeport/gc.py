@@ -134,8 +134,13 @@ class Collector:
         after_pass: Callable[[], None] | None = None,
         ready: Callable[[], bool] = lambda: True,
         pin: Path | None = None,
+        ct_slots: bool | None = None,
     ) -> None:
         self.maps = maps
+        # whether the builds this collector serves keep conntrack in slots (None: this kpr's
+        # header default, lib/nodeport.h KPR_NP_CT_SLOTS). A collector of builds without slots
+        # never marks kpr_np_ct_gate clean: its programs write kpr_ct unmarked.
+        self.ct_slots = D.CT_SLOTS_ON if ct_slots is None else ct_slots
         # where a KPR_NP_CT_SLOTS build pins kpr_np_ct_slots and kpr_np_ct_gate (made by its
         # compile, after the collector may have started): opened once they are there
         self.pin = pin
@@ -304,7 +309,7 @@ class Collector:
                 elif ok:
                     n_ct += 1
         n_ct += n_lru
-        if gate is not None and not stale_only and only is None and n_lru == 0:
+        if gate is not None and self.ct_slots and not stale_only and only is None and n_lru == 0:
             D.ct_gate_clean(gate, overflows)
         # A flow both cleared and live (its expired slot and the kpr_ct entry a reused source
         # port made while that slot was held: the same key, no frontend or NAT port in it)

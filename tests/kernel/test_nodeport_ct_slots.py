@@ -215,9 +215,17 @@ def test_a_held_neighbourhood_overflows_into_kpr_ct_and_the_flow_is_still_found(
     assert d.get("established") == 1 and not NEW & set(d), d
 
 
-def _collector(lab: ProgLab, snat_addrs: frozenset[bytes] = frozenset()) -> Collector:
+def _clean_gate(lab: ProgLab) -> None:
+    """kpr_np_ct_gate marked clean, as a collector's sweep that found no NodePort entry does."""
+    with M.BpfMap.open_pinned(lab.pin / D.CT_GATE_MAP) as g:
+        D.ct_gate_clean(g, D.ct_gate_overflows(g))
+    o, c = gate(lab)
+    assert c == o + 1
+
+
+def _collector(lab: ProgLab, snat_addrs: frozenset[bytes] = frozenset(), ct_slots: bool = True) -> Collector:
     maps = dict(lab.builds["tc"].maps)
-    return Collector(maps, lambda a, p, pr: None, lambda: set(snat_addrs), 60.0, pin=lab.pin)
+    return Collector(maps, lambda a, p, pr: None, lambda: set(snat_addrs), 60.0, pin=lab.pin, ct_slots=ct_slots)
 
 
 def test_the_collector_frees_expired_slots_and_cleans_the_gate_only_without_nodeport_entries_in_kpr_ct(
@@ -287,8 +295,7 @@ def test_an_upgrade_keeps_the_flows_an_older_build_left_in_kpr_ct(lab: ProgLab, 
         finally:
             col.stop()
     else:
-        o, c = gate(lab)
-        assert c == o + 1, "flushed: clean (as a collector leaves it on a node without NodePort entries in kpr_ct)"
+        _clean_gate(lab)  # (as a collector that swept before the older build's write left it)
         build = f"{hook}-again"
         lab.load(hook, build, SLOTS)  # the upgrade's load: finds the older build's entry in kpr_ct
         lab.builds[build].set_frontend_ports(PORTS)
@@ -340,3 +347,44 @@ def test_a_reused_source_port_keeps_its_snat_mapping_when_the_collector_frees_it
     reply = frame(lab, REMOTE4, M.bytes_to_addr(nat_addr), 8080, M.ntohs(new_port), UDP_P)
     _v, _out, d = run_counted(lab, hook, hook, reply)
     assert d.get("reply_snat") == 1, d
+
+
+def test_a_collector_of_builds_without_slots_never_marks_the_gate_clean(lab: ProgLab) -> None:
+    """Review R4 item 3: a build without slots writes kpr_ct unmarked, so its collector (the
+    header's KPR_NP_CT_SLOTS off) must never say kpr_ct holds no NodePort entry."""
+    with M.BpfMap.open_pinned(lab.pin / D.CT_GATE_MAP) as g:
+        D.ct_gate_open(g)
+    o, c = gate(lab)
+    assert c != o + 1
+    col = _collector(lab, ct_slots=False)
+    try:
+        col.run()  # kpr_ct holds no NodePort entry (flushed)
+    finally:
+        col.stop()
+    o, c = gate(lab)
+    assert c != o + 1, "a no-slots collector marked the gate clean"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_slot_build_loaded_before_an_older_build_writes_kpr_ct_finds_its_flow(lab: ProgLab, hook: str) -> None:
+    """Review R4 item 3: the gate clean, the slot build loaded (kpr_ct held no NodePort entry
+    then), the build it replaces still runs and begins a flow in kpr_ct, unmarked: the slot
+    build's loader opened the gate whatever kpr_ct held, so the flow's next packet is found."""
+    old = f"{hook}-lru-first"
+    lab.load(hook, old)
+    new = f"{hook}-slots-after"
+    try:
+        lab.builds[old].set_frontend_ports(PORTS)
+        _clean_gate(lab)  # (a collector's sweep found no NodePort entry in kpr_ct)
+        lab.load(hook, new, SLOTS)  # loaded before the older build's flow exists
+        lab.builds[new].set_frontend_ports(PORTS)
+        sport = 46000 + HOOKS.index(hook)
+        key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
+        _v, _out, d = run_counted(lab, hook, old, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+        assert d.get("new_snat") == 1 and lru_entry(lab, key) is not None, d
+        _v, _out, d = run_counted(lab, hook, new, frame(lab, CLIENT4, VIP, sport, 80, TCP_P, "A"))
+        assert d.get("established") == 1 and not NEW & set(d), d
+    finally:
+        for b in (old, new):
+            if b in lab.builds:
+                lab.builds.pop(b).close()

@@ -229,17 +229,27 @@ def ct_gate_clean(m: M.BpfMap, overflows: int) -> None:
     _gate_clean(m, "kpr_np_ct_gate", overflows)
 
 
-def ct_gate_open(m: M.BpfMap) -> None:
-    """Open the gate (the programs read kpr_ct after a slot miss again): overflows moved on by
-    two, as a program's write to kpr_ct moves it, so that a collector's sweep that began before
-    cannot mark it clean. (Not an atomic add: a program's add lost to it still leaves the count
-    past any value a collector read before.)"""
+def _gate_open(m: M.BpfMap, packer: struct.Struct) -> None:
+    # overflows moved on by two, as a program's counted write moves it, so that a collector's
+    # pass that began before cannot mark the gate clean. (Not an atomic add: a program's add
+    # lost to it still leaves the count past any value a collector read before.)
     mem = m.mmap()
     try:
-        overflows = CT_GATE.unpack_from(mem)[0]
+        overflows = packer.unpack_from(mem)[0]
         mem[0:8] = struct.pack("=Q", overflows + 2)
     finally:
         mem.release()
+
+
+def ct_gate_open(m: M.BpfMap) -> None:
+    """Open the gate (the programs read kpr_ct after a slot miss again); see _gate_open."""
+    _gate_open(m, CT_GATE)
+
+
+def snat_gate_open(m: M.BpfMap) -> None:
+    """Shut kpr_snat_gate (a slot claim looks in kpr_snat again until a collector's pass finds no
+    reverse entry there); see _gate_open."""
+    _gate_open(m, SNAT_GATE)
 
 
 def vip_hash(addr16: bytes) -> int:
@@ -566,8 +576,8 @@ class Datapath(DeviceMaps):
         return self
 
     def open_ct_gate(self, why: str) -> None:
-        """Open kpr_np_ct_gate, when pinned, whatever this build and whatever kpr_ct holds now:
-        at load (before this build's programs run) and again once they replaced the old ones
+        """Open kpr_np_ct_gate, when pinned, and shut kpr_snat_gate (below), whatever this build
+        and whatever kpr_ct holds now: at load (before this build's programs run) and again once they replaced the old ones
         everywhere (the agent, after attaching). Between the two, either build may be a build
         without slots writing kpr_ct unmarked (it never moves the gate), while the other reads
         kpr_ct only through the gate; the second open makes the collector's next sweep, which
@@ -576,6 +586,14 @@ class Datapath(DeviceMaps):
         if gate is not None:
             ct_gate_open(gate)
             log.info("event=nodeport_ct_gate_opened reason=%s", why)
+        # kpr_snat_gate likewise (README issue 14, H1's SNAT slots reviewed, item 5): an older
+        # kpr's programs (without the gate's count) may have put even ports into kpr_snat
+        # uncounted after a collector marked it clean. Always, not after a dump of kpr_snat: the
+        # next pass that finds no reverse entry there marks it clean again.
+        snat = self.maps.get(SNAT_GATE_MAP)
+        if snat is not None:
+            snat_gate_open(snat)
+            log.info("event=nodeport_snat_gate_shut reason=%s", why)
 
     def _digest(self, text: str) -> str:
         """The build's digest: every flag but the stage array's own name (see load())."""

@@ -84,3 +84,20 @@ def test_the_gate_stays_shut_while_a_reverse_entry_stays(maps: dict[str, M.BpfMa
     _collector(maps).run()
     assert maps["kpr_snat"].lookup(young) is not None, "the young reverse entry is kept"
     assert not _clean(maps[D.SNAT_GATE_MAP]), "the gate marked clean with a reverse entry in kpr_snat"
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_a_load_shuts_a_clean_gate(require_kernel: None, hook: str) -> None:
+    """Upgrade (R3 item 5): pins reused, the gate marked clean by a collector while an older
+    build's programs wrote even ports into kpr_snat uncounted: the new build's loader shuts it
+    before its programs run. Failed before the mend (nothing reset the gate: still clean)."""
+    from kpr.testing.nodeport_bench import ProgLab
+
+    with ProgLab(2) as pl:
+        pl.load(hook, f"{hook}: old")  # the pins, as a running kpr left them
+        pl.builds.pop(f"{hook}: old").close()
+        with M.BpfMap.open_pinned(pl.pin / D.SNAT_GATE_MAP) as g:
+            D.snat_gate_clean(g, D.snat_gate_overflows(g))
+            assert _clean(g)
+            pl.load(hook, f"{hook}: new")
+            assert not _clean(g), "the loader left the gate clean"

@@ -1845,6 +1845,42 @@ def test_a_claim_beside_another_cpus_half_written_one_never_doubles_a_reply_key(
             t.clear()
 
 
+def test_a_shut_gate_keeps_a_claim_off_a_port_kpr_snat_holds(slot_lab: Lab) -> None:
+    """The gate (R3 item 7: no test failed with the claim's kpr_snat look removed, `lru = 0`): a
+    build whose SNAT ports are 61000-61001 (one even port) and a reverse entry for 61000 in
+    kpr_snat (an older build's flow): with the gate shut the claim must not take 61000 (two
+    entries would hold its reply key, the old flow's replies at risk); it overflows to kpr_snat's
+    odd port 61001. Fails with `lru = 0` in kpr_snat_claim (the flow took 61000)."""
+    lab = slot_lab
+    dp = D.Datapath(lab.pin, mode="snat", snat_ports=(61000, 61001), extra_cflags=["-DKPR_NP_SNAT_SLOTS=1"])
+    key = _reply_key(REM4, 8080, 61000, 17)
+    old_client, old_cport = "192.0.2.78", 43001
+    try:
+        narrow = dataclasses.replace(lab, dp=dp.load())
+        _warm(narrow, udp4(narrow, CLIENT4, VIP_REMOTE, 47000, 80))
+        with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+            for k, _v in list(m.items()):  # the warm-up's own odd port: 61001 free again
+                if D.CT_KEY.unpack(k)[3] == M.htons(61001):
+                    m.delete(k)
+            m.update(key, D.NAT_ENTRY.pack(M.addr_to_bytes(old_client), M.htons(old_cport), M.htons(80), 0,
+                                           ND_now(), M.addr_to_bytes(VIP_REMOTE)))
+        with _slots(lab) as t:
+            t.clear()
+        with M.BpfMap.open_pinned(lab.pin / ND.SNAT_GATE_MAP) as g:
+            D.snat_gate_open(g)
+        verdict, out = narrow.one(D.INGRESS, udp4(narrow, CLIENT4, VIP_REMOTE, 47001, 80))
+        assert verdict == TC_ACT_REDIRECT
+        assert out[UDP].sport == 61001, f"the claim took {out[UDP].sport}, whose reply key kpr_snat holds"
+        with _slots(lab) as t:
+            assert t.find(key, ND.SNAT_SLOT_PROBES) is None, "a slot holds the reply key kpr_snat holds"
+    finally:
+        dp.close()
+        with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+            m.delete(key)
+        with _slots(lab) as t:
+            t.clear()
+
+
 def test_a_flow_an_older_build_began_in_kpr_snat_still_gets_its_replies(slot_lab: Lab) -> None:
     """Upgrade: a reverse entry pinned in kpr_snat by an older build (the LRU layout, no slot) and
     its conntrack entry: the new build's reply path finds it after a slot miss."""

@@ -388,3 +388,19 @@ def test_a_slot_build_loaded_before_an_older_build_writes_kpr_ct_finds_its_flow(
         for b in (old, new):
             if b in lab.builds:
                 lab.builds.pop(b).close()
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_slot_claimed_but_keyless_drops_the_first_packet_rather_than_writing_kpr_ct(
+        lab: ProgLab, hook: str) -> None:
+    """Review R4 item 2: another CPU has claimed the flow's slot and not written its key yet.
+    The packet is dropped (drop_ct_claim; the client resends), not written to kpr_ct with its
+    own backend pick and SNAT mapping beside the other CPU's entry."""
+    sport = 47000 + HOOKS.index(hook)
+    key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        idx = slot_hash(key) & (t.slots - 1)
+        t.put(idx, now_ns() | 1, bytes(len(key)), bytes(D.CT_ENTRY.size))
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+    assert d.get("drop_ct_claim") == 1 and not NEW & set(d) and d.get("ct_slot_full", 0) == 0, d
+    assert lru_entry(lab, key) is None

@@ -817,9 +817,34 @@ static __always_inline int kpr_np_ct_lru_write(const struct kpr_tuple *t, __u32 
  * orders this CPU's key before its reads: two CPUs claiming two slots for one flow at once each
  * see the other's key, or one of them does, and whoever sees the other's gives its own slot
  * back and follows that one (both seeing: both packets dropped, no entry left, the client's
- * next packet claims anew). So no flow ever holds two entries naming two backends. A lost
- * claim (another flow took the free probe in between) goes to kpr_ct. *slot: the index + 1 of
- * the flow's slot (CLAIMED, FOLLOW), else 0. */
+ * next packet claims anew). A claim that finds no free probe, or loses the compare-and-swap,
+ * reads the probes again (kpr_np_ct_recheck): the flow's key there (another CPU's first packet
+ * of the flow won the slot): followed; a claimed slot whose key is not written yet (perhaps
+ * this flow's, being claimed by another CPU): BUSY, dropped (the client resends), never a
+ * second entry in kpr_ct naming another backend; only probes held by other flows' keys (or
+ * the flow's own expired entry) send the flow to kpr_ct (FULL). So no flow ever holds two
+ * entries naming two backends. *slot: the index + 1 of the flow's slot (CLAIMED, FOLLOW), else 0. */
+#define KPR_NP_CT_UNKEYED (KPR_NP_CT_NONE - 1) // kpr_np_ct_recheck: a held probe without its key yet
+
+static __always_inline __u32 kpr_np_ct_recheck(const struct kpr_ct_key *k, __u32 h, __u64 now)
+{
+	struct kpr_np_ct_slot *s;
+	__u32 i, idx, r = KPR_NP_CT_NONE;
+
+#pragma nounroll
+	for (i = 0; i < KPR_NP_CT_PROBES; i++) {
+		idx = kpr_slots_index(h, i, KPR_NP_CT_SLOTS_N - 1);
+		s = kpr_np_ct_slots.lookup(&idx);
+		if (!s)
+			break;
+		if (kpr_slots_key_eq(&s->key, k, KPR_NP_CT_KEY_DWORDS) && !kpr_ct_expired(&s->val, k->proto, now))
+			return idx | KPR_NP_CT_FOUND;
+		if (s->claim != KPR_SLOT_FREE && kpr_slots_key_zero(&s->key, KPR_NP_CT_KEY_DWORDS))
+			r = KPR_NP_CT_UNKEYED;
+	}
+	return r;
+}
+
 static __always_inline int kpr_np_ct_claim(const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat, __u16 flags,
 					   struct kpr_ct_entry *won, __u32 *slot)
 {
@@ -832,13 +857,21 @@ static __always_inline int kpr_np_ct_claim(const struct kpr_tuple *t, __u32 back
 	kpr_ct_new(&k, &e, t, KPR_CT_DIR_ORIGINAL, backend_id, rev_nat, flags, (void *)0, 0);
 	h = kpr_np_ct_hash(&k);
 	r = kpr_np_ct_probe(&k, h, e.last_seen, KPR_NP_CT_NONE);
-	if (r == KPR_NP_CT_NONE)
-		return KPR_NP_CT_FULL;
-	if (!(r & KPR_NP_CT_FOUND)) {
+	if (r != KPR_NP_CT_NONE && !(r & KPR_NP_CT_FOUND)) {
 		idx = r;
 		s = kpr_np_ct_slots.lookup(&idx);
-		if (!s || !kpr_slots_claim(&s->claim, kpr_slots_stamp(e.last_seen)))
+		if (!s)
 			return KPR_NP_CT_FULL;
+		if (!kpr_slots_claim(&s->claim, kpr_slots_stamp(e.last_seen)))
+			r = KPR_NP_CT_NONE; // lost to another CPU: read again below
+	}
+	if (r == KPR_NP_CT_NONE) {
+		r = kpr_np_ct_recheck(&k, h, e.last_seen);
+		if (r == KPR_NP_CT_NONE)
+			return KPR_NP_CT_FULL;
+		if (r == KPR_NP_CT_UNKEYED)
+			return KPR_NP_CT_BUSY;
+	} else if (!(r & KPR_NP_CT_FOUND)) {
 		s->val = e;
 		kpr_slots_fill_key(&s->key, &k, KPR_NP_CT_KEY_DWORDS);
 		__sync_fetch_and_add(&s->claim, 0); // (a locked add: the key is visible before the reads below)

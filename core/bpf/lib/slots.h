@@ -83,6 +83,18 @@ static __always_inline int kpr_slots_key_eq(const void *a, const void *b, const 
 	return diff == 0;
 }
 
+// Whether a key of `dwords` 64-bit words is all zero (a claimed slot whose key is not written yet).
+static __always_inline int kpr_slots_key_zero(const void *a, const int dwords)
+{
+	const __u64 *x = (const __u64 *)a;
+	__u64 any = 0;
+
+#pragma unroll
+	for (int i = 0; i < dwords; i++)
+		any |= x[i];
+	return any == 0;
+}
+
 /* A non-zero claim stamp from `now` (ns): what the collector's grace period reads. (now is never
  * 0 after boot; the low bit keeps a stamp of 0 impossible.) */
 static __always_inline __u64 kpr_slots_stamp(__u64 now)

@@ -184,11 +184,8 @@
 /* 1: NodePort's conntrack entries in a table of slots of its own (kpr_np_ct_slots, claimed by
  * compare-and-swap on a flow's first packet), kpr_ct (LRU, shared with host_routing) only for
  * a flow whose slots are all held and for flows an older build began, consulted after a slot
- * miss only while kpr_np_ct_lru says NodePort entries may be there; 0: kpr_ct only. */
+ * miss only while kpr_np_ct_gate says NodePort entries may be there; 0: kpr_ct only. */
 #define KPR_NP_CT_SLOTS 0
-#endif
-#ifndef KPR_NP_CT_SLOTS_MAX
-#define KPR_NP_CT_SLOTS_MAX 262144 // conntrack slots (a power of two), 128 bytes each: 32 MiB
 #endif
 #ifndef KPR_NP_CT_PROBES
 /* Slots a flow may take, from its hash on (adjacent: two lines each). 1 (direct-mapped: a held

@@ -303,6 +303,7 @@ class DatapathMaps:
         says where: NodePort's slot table (KPR_NP_CT_SLOTS builds, looked in first, as the
         programs do) or kpr_ct."""
         from kpr.bpf.slots import SlotTable
+        from kpr.nodeport.gc import ct_timeout, now_ns
 
         key = _CT_KEY.pack(saddr, daddr, M.htons(sport), M.htons(dport), proto, _CT_DIR_ORIGINAL, 0)
         raw, where = None, ""
@@ -313,6 +314,9 @@ class DatapathMaps:
                 idx = t.find(key, ND.CT_PROBES)
                 if idx is not None:
                     raw, where = t.read(idx)[2], ND.CT_SLOTS_MAP
+                    f = _CT_ENTRY.unpack(raw)
+                    if now_ns() - f[0] > ct_timeout(f[3], proto):  # expired: the programs read past it
+                        raw, where = None, ""
             finally:
                 t.close()
         m = self.maps.get("kpr_ct")

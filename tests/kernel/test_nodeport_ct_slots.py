@@ -404,3 +404,20 @@ def test_a_slot_claimed_but_keyless_drops_the_first_packet_rather_than_writing_k
     _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
     assert d.get("drop_ct_claim") == 1 and not NEW & set(d) and d.get("ct_slot_full", 0) == 0, d
     assert lru_entry(lab, key) is None
+
+
+def test_readback_skips_an_expired_slot_for_the_live_kpr_ct_entry(lab: ProgLab) -> None:
+    """Review R4 item 6: readback (and kpr explain) showed an expired slot's entry (a dead NAT
+    port) rather than the flow's live kpr_ct entry the programs use."""
+    from kpr.readback import DatapathMaps
+
+    sport = 48000
+    key = ct_key(CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P)
+    run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P))
+    _age_slot(lab, key, UDP_P)
+    _v, _out, d = run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P))
+    assert d.get("ct_slot_full") == 1, d
+    live_port = D.CT_ENTRY.unpack(lru_entry(lab, key))[6]
+    with DatapathMaps(lab.pin) as dm:
+        got = dm.conntrack(M.addr_to_bytes(CLIENT4), M.addr_to_bytes(NODE4), sport, UDP_REMOTE, UDP_P)
+    assert got is not None and got["map"] == "kpr_ct" and got["nat_port"] == M.ntohs(live_port), got

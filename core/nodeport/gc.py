@@ -373,7 +373,7 @@ class Collector:
         gate = self.maps.get(D.SNAT_GATE_MAP)
         # read before the dump: an insert after it raises the count and keeps the gate shut
         overflows = D.snat_gate_overflows(gate) if gate is not None else 0
-        replies: set[bytes] = set()  # the REPLY keys the dump held
+        replies: set[bytes] = set()  # the even ports' REPLY keys the dump held (the gate's count)
         ours = self.snat_addrs()
         dead: list[bytes] = []
         paired: set[bytes] = set()  # reverse keys a forward entry decided
@@ -383,7 +383,8 @@ class Collector:
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
             addr, port, _fport, _p2, created, _fe = D.NAT_ENTRY.unpack(v)
             if direction == D.CT_DIR_REPLY:
-                replies.add(k)
+                if not M.htons(dport) & 1:  # an even SNAT port's: one a slot claim may meet
+                    replies.add(k)
                 if daddr in ours:  # backend -> node:port; the value names the client
                     reverse[k] = ((addr, port, proto, saddr, sport), created)
                 continue

@@ -101,3 +101,13 @@ def test_a_load_shuts_a_clean_gate(require_kernel: None, hook: str) -> None:
             assert _clean(g)
             pl.load(hook, f"{hook}: new")
             assert not _clean(g), "the loader left the gate clean"
+
+
+def test_an_odd_ports_reverse_entry_leaves_the_gate_clean(maps: dict[str, M.BpfMap]) -> None:
+    """R3 item 6: only even ports are slots', so only their reverse entries in kpr_snat can meet
+    a claim; a young odd port's (an overflow, an outgoing flow) lets the collector mark the gate
+    clean. Failed before the mend (every reverse entry kept the gate shut)."""
+    young = _reverse(maps, 40003, 61003, ctclock.now_ns())
+    _collector(maps).run()
+    assert maps["kpr_snat"].lookup(young) is not None
+    assert _clean(maps[D.SNAT_GATE_MAP])

@@ -1881,6 +1881,30 @@ def test_a_shut_gate_keeps_a_claim_off_a_port_kpr_snat_holds(slot_lab: Lab) -> N
             t.clear()
 
 
+def test_only_an_even_ports_kpr_snat_insert_counts_at_the_gate(lab: Lab) -> None:
+    """R3 item 6: the programs count kpr_snat inserts of even ports only (odd ones are never a
+    slot's): a default build whose only SNAT port is 61001 leaves the gate's count as it was, one
+    whose only port is 61000 adds 1. Failed before the mend (61001's insert counted too)."""
+    for port, added in ((61001, 0), (61000, 1)):
+        dp = D.Datapath(lab.pin, mode="snat", snat_ports=(port, port))
+        key = _reply_key(REM4, 8080, port, 17)
+        try:
+            one = dataclasses.replace(lab, dp=dp.load())
+            with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+                for k, _v in list(m.items()):  # the port free for this build's flow
+                    if D.CT_KEY.unpack(k)[3] == M.htons(port):
+                        m.delete(k)
+            with M.BpfMap.open_pinned(lab.pin / ND.SNAT_GATE_MAP) as g:
+                before = D.snat_gate_overflows(g)
+                verdict, out = one.one(D.INGRESS, udp4(one, CLIENT4, VIP_REMOTE, 48000 + port % 2, 80))
+                assert verdict == TC_ACT_REDIRECT and out[UDP].sport == port
+                assert D.snat_gate_overflows(g) - before == added, f"port {port}"
+        finally:
+            dp.close()
+            with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+                m.delete(key)
+
+
 def test_a_flow_an_older_build_began_in_kpr_snat_still_gets_its_replies(slot_lab: Lab) -> None:
     """Upgrade: a reverse entry pinned in kpr_snat by an older build (the LRU layout, no slot) and
     its conntrack entry: the new build's reply path finds it after a slot miss."""

@@ -85,10 +85,11 @@ struct kpr_snat_slot {
 
 /* Whether kpr_snat may hold reverse entries (a claim then checks its key there: a flow an older
  * build began, or an overflow, keeps its port). The programs add 1 to `overflows` after every
- * kpr_snat insert; the collector reads `overflows`, finds no reverse entry in kpr_snat, then
- * writes `clean` = what it read + 1. Zero (a new pin, an upgrade): not clean. */
+ * kpr_snat insert of an even port (odd ones are never a slot's); the collector reads `overflows`,
+ * finds no even port's reverse entry in kpr_snat, then writes `clean` = what it read + 1. Zero
+ * (a new pin, an upgrade): not clean. */
 struct kpr_snat_gate {
-	__u64 overflows; // kpr_snat inserts so far
+	__u64 overflows; // kpr_snat inserts of even ports so far
 	__u64 clean;     // overflows + 1 when the collector last found kpr_snat without reverse entries
 };
 
@@ -243,7 +244,7 @@ static __always_inline int kpr_snat_claim(const struct kpr_tuple *t, const union
  * the flow's conntrack entry (kpr_ct_create_snat). KPR_NP_SNAT_SLOTS builds take odd ports here
  * and even ones in kpr_snat_slots (kpr_snat_claim): a port one holds is never the other's, with no
  * look at the slots per try (the XDP SNAT stage has no room for it under the verifier's million
- * instructions). Every insert counts in kpr_snat_gate. Returns 0 with *port set, or
+ * instructions). Every even port's insert counts in kpr_snat_gate. Returns 0 with *port set, or
  * KPR_E_NAT_NOPORT. */
 static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union kpr_addr *nat_addr,
 					  const union kpr_addr *fe, __be16 fport, __be16 *port)
@@ -264,8 +265,8 @@ static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union
 	return KPR_E_NAT_NOPORT;
 found:
 	g = kpr_snat_gate.lookup(&zero);
-	if (g)
-		__sync_fetch_and_add(&g->overflows, 1); // kpr_snat holds a reverse entry (struct kpr_snat_gate)
+	if (g) // kpr_snat holds a reverse entry a claim may meet: an even port's (only those are slots')
+		__sync_fetch_and_add(&g->overflows, (__u64)(~kpr_ntohs(rk.dport) & 1)); // (no branch: the stage's verifier walk)
 	*port = rk.dport;
 	return 0;
 }

@@ -135,16 +135,24 @@ class SlotTable:
         step = self.size // 8
         return sum(1 for w in self._words[: self.slots * step : step] if w)
 
+    def probes(self, key: bytes, probes: int) -> list[int]:
+        """The slot indexes a program tries for `key`, in order (lib/slots.h kpr_slots_index)."""
+        h = slot_hash(key)
+        return [(h + i) & (self.slots - 1) for i in range(probes)]
+
     def find(self, key: bytes, probes: int) -> int | None:
         """The index of the held slot with `key` within `probes` of its hash (as the programs
         look), else None."""
-        h = slot_hash(key)
-        for i in range(probes):
-            idx = (h + i) & (self.slots - 1)
+        for idx in self.probes(key, probes):
             stamp, k, _ = self.read(idx)
             if stamp and k == key:
                 return idx
         return None
+
+    def first_free(self, key: bytes, probes: int) -> int | None:
+        """The first free slot within `probes` of `key`'s hash (where a program's claim puts
+        it), else None."""
+        return next((idx for idx in self.probes(key, probes) if not self.claim(idx)), None)
 
     # -- writing
 

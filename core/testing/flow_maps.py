@@ -56,6 +56,12 @@ def pinned_kind(lab: Any, name: str) -> tuple[int, int]:
 FILL_NET = bytes([198, 18, 0, 0])  # 198.18.0.0/15 (RFC 2544 benchmarking, 131072 addresses): no lab address is in it
 
 
+def _fill_addr(i: int) -> bytes:
+    """The `i`-th filler address (198.18.0.0 + i) as the maps hold an IPv4 address (IPv4-mapped
+    IPv6, 16 bytes): the source of every filler entry."""
+    return bytes(10) + b"\xff\xff" + (int.from_bytes(FILL_NET, "big") + i).to_bytes(4, "big")
+
+
 def fill_flow_maps(pin: Any, fraction: float) -> dict[str, int]:
     """Fill kpr_ct and kpr_snat (pinned under `pin`) to `fraction` of their capacity with entries
     of flows no packet of the benchmark names (source 198.18.x.y, every field but the last-seen
@@ -69,8 +75,7 @@ def fill_flow_maps(pin: Any, fraction: float) -> dict[str, int]:
         with M.BpfMap.open_pinned(pin / name) as m:
             info = m.info()
             n = int(info.max_entries * fraction)
-            base = int.from_bytes(FILL_NET, "big")
-            keys = [(bytes(10) + b"\xff\xff" + (base + i).to_bytes(4, "big")).ljust(info.key_size, b"\0") for i in range(n)]
+            keys = [_fill_addr(i).ljust(info.key_size, b"\0") for i in range(n)]
             m.update_many(keys, [bytes(info.value_size)] * n)
             out[name] = n
     out["kpr_snat_slots"] = fill_snat_slots(pin, out["kpr_snat"])
@@ -83,9 +88,8 @@ def fill_flow_maps(pin: Any, fraction: float) -> dict[str, int]:
         # new flow's probes meet held slots as on a node that full
         with SlotTable.open(pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
             n = int(t.slots * fraction)
-            base = int.from_bytes(FILL_NET, "big")
             for i in range(n):
-                key = (bytes(10) + b"\xff\xff" + (base + i).to_bytes(4, "big")).ljust(t.key_size, b"\0")
+                key = _fill_addr(i).ljust(t.key_size, b"\0")
                 t.put(i * t.slots // n, 1, key, bytes(t.val_size))
             out[D.CT_SLOTS_MAP] = n
     log.info("event=flow_maps_filled fraction=%s kpr_ct=%d kpr_snat=%d kpr_snat_slots=%d", fraction, out["kpr_ct"],
@@ -98,25 +102,19 @@ def fill_snat_slots(pin: Any, n: int) -> int:
     packet names (source 198.18.x.y), each at the first free probe of its hash as a program's claim
     puts it, stamped now: a new flow's probes meet a table that full. Returns the slots held."""
     from kpr.bpf import ctclock
-    from kpr.bpf.slots import SlotTable, slot_hash
+    from kpr.bpf.slots import SlotTable
     from kpr.nodeport import datapath as D
 
     path = pin / D.SNAT_SLOTS_MAP
     if not n or not path.exists():
         return 0
     with SlotTable.open(path, D.SNAT_SLOT) as t:
-        mem, size, mask = t._mem, t.size, t.slots - 1
         stamp = ctclock.now_ns() | 1
-        base = int.from_bytes(FILL_NET, "big")
         held = 0
         for i in range(min(n, t.slots)):
-            key = D.CT_KEY.pack(bytes(10) + b"\xff\xff" + (base + i % 131072).to_bytes(4, "big"), bytes(16),
-                                i // 131072, 0, 6, D.CT_DIR_REPLY, 0)
-            h = slot_hash(key)
-            for j in range(D.SNAT_SLOT_PROBES):
-                idx = (h + j) & mask
-                if mem[idx * size : idx * size + 8] == bytes(8):
-                    t.put(idx, stamp, key, bytes(t.val_size))
-                    held += 1
-                    break
+            key = D.CT_KEY.pack(_fill_addr(i % 131072), bytes(16), i // 131072, 0, 6, D.CT_DIR_REPLY, 0)
+            idx = t.first_free(key, D.SNAT_SLOT_PROBES)
+            if idx is not None:
+                t.put(idx, stamp, key, bytes(t.val_size))
+                held += 1
         return held

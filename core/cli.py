@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import logging
@@ -355,16 +356,50 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    from .bpf import pinlock
     from .bpf.cleanup import CleanupError, cleanup
 
     config = _load(args)
+    pin = Path(config.bpf.pin_path)
+    # The agent's own hold on the pin path (kpr.bpf.pinlock) for the whole run: a live agent's
+    # pin path is refused (its programs, maps and attachments would go from under it), and an
+    # agent starting meanwhile is refused instead of pinning into a directory being removed.
+    held = False
     try:
-        done = cleanup(Path(config.bpf.pin_path))
+        held = pinlock.hold(pin)  # (False: no directory there, nothing to lock)
+    except pinlock.PinPathBusy as e:
+        if not args.force:
+            print(
+                f"kpr cleanup: bpf.pinPath {pin} is in use ({e.holder} holds it: a running kpr agent, or another "
+                "kpr cleanup); cleaning up would remove a live agent's programs, maps and attachments from under "
+                "it: stop the agent first (e.g. systemctl stop kpr), or run kpr cleanup --force",
+                file=sys.stderr,
+            )
+            return 2
+        logging.basicConfig(format="%(levelname)s %(name)s %(message)s", stream=sys.stderr)
+        # (named: run as `python -m kpr.cli` this module is __main__)
+        logging.getLogger("kpr.cli").warning(
+            "event=cleanup_forced path=%s holder_pid=%s", pin, ",".join(map(str, e.pids)) or "unknown"
+        )
+    except OSError as e:
+        # Not a directory (a file, under a file, a loop of links): no agent can hold it, and
+        # cleanup says what it finds there; anything else is an error of its own.
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            print(f"kpr cleanup: bpf.pinPath {pin}: {e.strerror or e}", file=sys.stderr)
+            return 1
+    try:
+        done = cleanup(pin)
     except CleanupError as e:
         for item in e.removed:
             print(item)
         print(f"kpr: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # not kpr's to clean (a bpffs mount point, not in a bpffs)
+        print(f"kpr cleanup: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if held:
+            pinlock.release(pin)
     for item in done:
         print(item)
     if not done:
@@ -422,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("version", parents=[common], help="print the version")
     s.set_defaults(fn=cmd_version)
     s = sub.add_parser("cleanup", parents=[common], help="remove every program, filter, pin and attachment kpr made")
+    s.add_argument("--force", action="store_true", help="clean up even while a kpr agent holds the pin path (takes its data path from under it)")
     s.set_defaults(fn=cmd_cleanup)
     return p
 

@@ -14,27 +14,13 @@ import sys
 import pytest
 
 from kpr.bpf import pinlock
-from kpr.testing.agent import AgentConfig, kpr_cli, start_agent
-
-HOLDER = """
-import sys
-from kpr.bpf import pinlock
-assert pinlock.hold(sys.argv[1])
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
-def _holder(path) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline() == "held\n"
-    return p
+from kpr.testing.agent import PIN_HOLDER, AgentConfig, kpr_cleanup, kpr_cli, pin_holder, start_agent
 
 
 def test_a_second_process_is_refused_with_the_path_and_the_holder_s_pid(tmp_path):
     pins = tmp_path / "pins"
     pins.mkdir()
-    other = _holder(pins)
+    other = pin_holder(pins)
     try:
         with pytest.raises(pinlock.PinPathBusy) as e:
             pinlock.hold(pins)
@@ -50,12 +36,12 @@ def test_a_second_process_is_refused_with_the_path_and_the_holder_s_pid(tmp_path
     try:
         assert pinlock.hold(pins) and pinlock.held(pins)
         assert pinlock.hold(pins) and pinlock.hold(tmp_path / "link"), "this process's holds are one"
-        again = subprocess.run([sys.executable, "-c", HOLDER, str(pins)], input="", capture_output=True, text=True)
+        again = subprocess.run([sys.executable, "-c", PIN_HOLDER, str(pins)], input="", capture_output=True, text=True)
         assert again.returncode != 0 and f"pid {os.getpid()}" in again.stderr, again.stderr
     finally:
         pinlock.release()
     assert not pinlock.held(pins)
-    other = _holder(pins)  # released: another process may hold it
+    other = pin_holder(pins)  # released: another process may hold it
     other.send_signal(signal.SIGTERM)
     other.wait()
 
@@ -70,7 +56,7 @@ def test_a_missing_directory_is_not_held_and_a_new_one_is_locked_again(tmp_path)
         pins.mkdir()
         assert not pinlock.held(pins), "the lock was the removed directory's"
         assert pinlock.hold(pins) and pinlock.held(pins)
-        other = subprocess.run([sys.executable, "-c", HOLDER, str(pins)], input="", capture_output=True, text=True)
+        other = subprocess.run([sys.executable, "-c", PIN_HOLDER, str(pins)], input="", capture_output=True, text=True)
         assert other.returncode != 0 and "in use by another kpr agent" in other.stderr
     finally:
         pinlock.release()
@@ -134,6 +120,29 @@ def test_a_stop_that_fails_on_the_way_releases_the_pin_path(tmp_path):
     with pytest.raises(RuntimeError, match="the source's stop broke"):
         agent.shutdown()
     assert not pinlock.held(pins)
-    other = _holder(pins)  # another agent may start there
+    other = pin_holder(pins)  # another agent may start there
     other.kill()
     other.wait()
+
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "loop", "file_above"])
+def test_kpr_cleanup_of_a_pin_path_that_is_no_directory_locks_nothing(tmp_path, kind):
+    """`kpr cleanup` on a pin path that is not a directory: nothing there an agent could hold,
+    nothing to lock; cleanup says what it finds, as before its lock. A missing one, a loop of
+    links or one under a file has nothing to remove; a regular file is refused with a message
+    (a ValueError traceback before)."""
+    pins = tmp_path / "pins"
+    if kind == "file":
+        pins.write_text("")
+    elif kind == "loop":
+        pins.symlink_to(pins)
+    elif kind == "file_above":
+        (tmp_path / "f").write_text("")
+        pins = tmp_path / "f" / "pins"
+    res = kpr_cleanup(pins, tmp_path)
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    if kind == "file":
+        assert res.returncode == 2 and res.stderr == f"kpr cleanup: refusing to clean {pins}: not inside a bpffs\n", res.stderr
+    else:
+        assert res.returncode == 0 and res.stdout == f"nothing to remove under {pins}\n", res.stdout + res.stderr

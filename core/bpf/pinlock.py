@@ -10,7 +10,10 @@ for the life of the process (the lock goes with the process however it ends: no 
 after a kill), and a second agent is refused with the path and the holder's pid (from
 /proc/locks; "pid unknown" when the holder is in another pid namespace, another container's
 agent: /proc/locks leaves out, or shows as pid 0, the locks of processes this one cannot see).
-The lock is the process's: any number of holds by one process are one.
+The lock is the process's: any number of holds by one process are one. `kpr cleanup` takes the
+same hold for its run (kpr.cli): it refuses a pin path a live agent holds (it would take the
+agent's programs, maps and attachments from under it), and an agent starting meanwhile is
+refused.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ class PinPathBusy(RuntimeError):
     """Another process (another agent) holds the pin path; the message names it and its pid."""
 
     def __init__(self, path: Path | str, pids: list[int]) -> None:
-        who = f"pid {', '.join(map(str, pids))}" if pids else "pid unknown"
+        # `holder`: who holds it, for a message of the caller's own (`kpr cleanup`'s refusal)
+        self.holder = f"pid {', '.join(map(str, pids))}" if pids else "pid unknown"
         super().__init__(
-            f"bpf.pinPath {path} is in use by another kpr agent ({who}): one agent per pin path; "
+            f"bpf.pinPath {path} is in use by another kpr agent ({self.holder}): one agent per pin path; "
             "stop that agent or give this one another bpf.pinPath"
         )
         self.path, self.pids = Path(path), pids

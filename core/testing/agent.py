@@ -33,7 +33,7 @@ from typing import Any
 from kpr import hookimpl
 
 __all__ = ["AgentConfig", "NeedsMaps", "in_agent_netns", "kpr_argv", "kpr_cli", "kpr_cleanup", "lab_scratch",
-           "run_agent_until", "running_agent", "scratch_agent", "start_agent", "stop_agent_process"]
+           "PIN_HOLDER", "pin_holder", "run_agent_until", "running_agent", "scratch_agent", "start_agent", "stop_agent_process"]
 
 
 class NeedsMaps:
@@ -160,12 +160,32 @@ def lab_scratch(stack: contextlib.ExitStack, name: str) -> tuple[Path, Any, Path
     return mnt, topo, cg, wd
 
 
-def kpr_cleanup(pin: Path, work: Path, **kw: Any) -> subprocess.CompletedProcess[str]:
+def kpr_cleanup(pin: Path, work: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     """`kpr cleanup` of what an agent pinned under `pin` (a config naming only the pin
-    directory is written to `work`), as an operator runs it. `kw`: kpr_cli's."""
+    directory is written to `work`), as an operator runs it; `args`: more of its arguments
+    (`--force`). `kw`: kpr_cli's."""
     cfg = Path(work) / "kpr-cleanup.yaml"
     cfg.write_text(json.dumps({"bpf": {"pinPath": str(pin)}}))
-    return kpr_cli("cleanup", "--config", str(cfg), **kw)
+    return kpr_cli("cleanup", "--config", str(cfg), *args, **kw)
+
+
+# Another process holding a pin path as a running agent does (kpr.bpf.pinlock), until its
+# stdin closes (or it is killed): argv[1] the path; prints "held" once it holds it.
+PIN_HOLDER = """
+import sys
+from kpr.bpf import pinlock
+assert pinlock.hold(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def pin_holder(path: Path | str) -> subprocess.Popen:
+    """A process (PIN_HOLDER) holding the pin directory `path`, returned once it holds it;
+    the caller ends it (kill, or close its stdin) and waits for it."""
+    p = subprocess.Popen([sys.executable, "-c", PIN_HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline() == "held\n", f"the holder of {path} did not hold it"
+    return p
 
 
 def stop_agent_process(proc: subprocess.Popen, sig: int, log: Path, timeout: float = 30.0) -> int:

@@ -5,7 +5,9 @@ A slot table is a BPF_F_MMAPABLE array of KPR_SLOT_SIZE-byte slots: word 0 is th
 key and the value of the slot struct named in the header (its layout from kpr.bpf.abi, the
 one definition). Programs claim free slots by compare-and-swap and never free one; the
 collector frees a slot whose flow is gone (`free`: value and key zeroed first, word 0 last,
-so a program's claim can only ever see a whole free slot). Reads go through the mapping
+so a program's claim can only ever see a whole free slot). Fields after the value belong to the
+index, not to the flow in it (a home slot's gate words, lib/nodeport.h struct kpr_np_ct_slot):
+`free` keeps them; `column`/`set_column` read and write one such 64-bit field of every slot. Reads go through the mapping
 (no syscall per slot).
 
     with SlotTable.open(pin / "kpr_snat_slots", "kpr_snat_slot") as t:
@@ -16,6 +18,7 @@ so a program's claim can only ever see a whole free slot). Reads go through the 
 
 from __future__ import annotations
 
+import array
 import logging
 import struct
 from collections.abc import Iterator
@@ -157,11 +160,38 @@ class SlotTable:
     # -- writing
 
     def free(self, idx: int) -> None:
-        """Free slot `idx`: key, value and the rest zeroed, then word 0 (a program claims only a
-        slot whose word 0 is free: it never sees the old key or value in a slot it won)."""
+        """Free slot `idx`: value and key zeroed, then word 0 (a program claims only a slot whose
+        word 0 is free: it never sees the old key or value in a slot it won). The fields after
+        the value (the index's, not the flow's) are kept."""
         at = idx * self.size
-        self._mem[at + 8 : at + self.size] = bytes(self.size - 8)
+        self._mem[at + self.val_off : at + self.val_off + self.val_size] = bytes(self.val_size)
+        self._mem[at + self.key_off : at + self.key_off + self.key_size] = bytes(self.key_size)
         self._mem[at : at + 8] = bytes(8)
+
+    def _column_at(self, offset: int) -> memoryview:
+        if offset % 8 or not self.val_off + self.val_size <= offset <= self.size - 8:
+            raise ValueError(f"slot column at byte {offset}: not a 64-bit field after the value (of {self.size} bytes)")
+        step = self.size // 8
+        return self._words[offset // 8 : self.slots * step : step]
+
+    def column(self, offset: int) -> list[int]:
+        """The 64-bit field at byte `offset` of every slot, in index order (one read each)."""
+        col = self._column_at(offset)
+        try:
+            return col.tolist()
+        finally:
+            col.release()
+
+    def set_column(self, offset: int, values: list[int]) -> None:
+        """Store `values` (one per slot, in index order) into the 64-bit field at byte `offset`
+        of every slot: each an aligned 8-byte store (a program reads a whole old or new value)."""
+        if len(values) != self.slots:
+            raise ValueError(f"slot column of {len(values)} values for {self.slots} slots")
+        col = self._column_at(offset)
+        try:
+            col[:] = array.array("Q", values)
+        finally:
+            col.release()
 
     def clear(self) -> int:
         """Every slot freed (a benchmark's flush between rounds, a test's reset); returns how

@@ -27,6 +27,7 @@ from kpr.bpf import abi, kernctx
 from kpr.servicemaps import fetable
 from kpr.bpf import maps as M
 from kpr.bpf.inline import BPF_DIR
+from kpr.bpf.slots import SlotTable
 from kpr.netdevs import DevKind
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,41 @@ def _gate_open(m: M.BpfMap, packer: struct.Struct) -> None:
 def ct_gate_open(m: M.BpfMap) -> None:
     """Open the gate (the programs read kpr_ct after a slot miss again); see _gate_open."""
     _gate_open(m, CT_GATE)
+
+
+# The home slots' gates (lib/nodeport.h struct kpr_np_ct_slot: lru_adds, lru_clean), by byte offset.
+CT_HOME_ADDS, CT_HOME_CLEAN = (next(f.offset for f in abi.struct_of(CT_SLOT).fields if f.name == n)
+                               for n in ("lru_adds", "lru_clean"))
+
+
+def ct_home(t: SlotTable, key: bytes) -> int:
+    """The home slot (first probe) of an ORIGINAL conntrack key: the one whose gate words cover it."""
+    return t.probes(key, 1)[0]
+
+
+def ct_homes_adds(t: SlotTable) -> list[int]:
+    """Every home slot's count of kpr_ct writes (lru_adds), read before a sweep of kpr_ct."""
+    return t.column(CT_HOME_ADDS)
+
+
+def ct_homes_clean(t: SlotTable, adds: list[int], held: set[int]) -> None:
+    """After a sweep of kpr_ct: each home slot in `held` (a NodePort entry of a key homed there is
+    still in kpr_ct) open (lru_clean 0: never lru_adds + 1), every other marked clean with the
+    count ct_homes_adds read before the sweep; a write since has moved lru_adds past it, and that
+    home stays open (the rule of ct_gate_clean, per slot)."""
+    t.set_column(CT_HOME_CLEAN, [0 if i in held else (a + 1) & 0xFFFFFFFFFFFFFFFF for i, a in enumerate(adds)])
+
+
+def ct_homes_open(t: SlotTable) -> None:
+    """Open every home slot's gate: lru_adds moved on by two (see _gate_open: not atomic, and a
+    program's add lost to it still leaves the count past any a collector read before)."""
+    t.set_column(CT_HOME_ADDS, [(a + 2) & 0xFFFFFFFFFFFFFFFF for a in t.column(CT_HOME_ADDS)])
+
+
+def ct_homes_mark_clean(t: SlotTable) -> None:
+    """Every home slot marked clean as it is (a table just cleared, kpr_ct emptied: tests and
+    benchmarks' flush between rounds)."""
+    ct_homes_clean(t, ct_homes_adds(t), set())
 
 
 def snat_gate_open(m: M.BpfMap) -> None:
@@ -586,6 +622,10 @@ class Datapath(DeviceMaps):
         if gate is not None:
             ct_gate_open(gate)
             log.info("event=nodeport_ct_gate_opened reason=%s", why)
+        table = self.maps.get(CT_SLOTS_MAP)
+        if table is not None:  # the home slots' gates likewise: either gate shut skips kpr_ct
+            with SlotTable(table, CT_SLOT) as t:
+                ct_homes_open(t)
         # kpr_snat_gate likewise (README issue 14, H1's SNAT slots reviewed, item 5): an older
         # kpr's programs (without the gate's count) may have put even ports into kpr_snat
         # uncounted after a collector marked it clean. Always, not after a dump of kpr_snat: the

@@ -12,7 +12,9 @@ What belongs to whom:
   kpr_np_ct_slots  the same entries of KPR_NP_CT_SLOTS builds (lib/nodeport.h), judged alike;
               a dead one's slot is freed (kpr.bpf.slots), never one claimed less than GRACE_NS
               ago (its key may still be being written). After a full pass that left no NodePort
-              entry in kpr_ct, kpr_np_ct_gate is marked clean with the count read before it.
+              entry in kpr_ct, kpr_np_ct_gate is marked clean with the count read before it;
+              after every full pass, each home slot's gate (the keys whose first probe it
+              is) likewise, open where kpr_ct keeps a NodePort entry of such a key.
   kpr_np_rev  reverse translations (backend -> client) of local and DSR flows. Those made
               from a DSR header (on the backend's node: no conntrack entry there) expire on
               their own timestamps; the others live exactly as long as their conntrack flow.
@@ -260,6 +262,10 @@ class Collector:
         ct = self.maps["kpr_ct"]
         slots, gate = self._slot_maps()
         overflows = D.ct_gate_overflows(gate) if gate is not None else 0  # before the sweep (see ct_gate_clean)
+        # the home slots' counts likewise, when this pass may mark them (D.ct_homes_clean)
+        marks = slots is not None and self.ct_slots and not stale_only and only is None
+        home_adds = D.ct_homes_adds(slots) if marks else None
+        held_homes: set[int] = set()  # home slots of the NodePort entries kpr_ct keeps
         dead_ct: list[bytes] = []
         # flows cleared now whose partners go with them -> the NAT ports their entries held
         gone: dict[Flow, set[int]] = {}
@@ -299,6 +305,8 @@ class Collector:
                 dead_ct.append(k)
             elif ok:
                 n_lru += 1
+                if home_adds is not None:
+                    held_homes.add(D.ct_home(slots, k))
         if dead_ct:
             ct.delete_many(dead_ct)
         if slots is not None:
@@ -311,6 +319,8 @@ class Collector:
         n_ct += n_lru
         if gate is not None and self.ct_slots and not stale_only and only is None and n_lru == 0:
             D.ct_gate_clean(gate, overflows)
+        if home_adds is not None:
+            D.ct_homes_clean(slots, home_adds, held_homes)
         # A flow both cleared and live (its expired slot and the kpr_ct entry a reused source
         # port made while that slot was held: the same key, no frontend or NAT port in it)
         # keeps its partners but the cleared entry's own SNAT mapping (another NAT port).

@@ -655,10 +655,16 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "backend ids from kpr_slots, not from the frontend's kpr_fe line (KPR_LB_FE_IDS=0)": ("-DKPR_LB_FE_IDS=0",),
     "a new flow's next-hop entry read in its stage only, not touched at the pick (KPR_NP_NH_TOUCH=0)": (
         "-DKPR_NP_NH_TOUCH=0",),
+    "a SYN's frontend line loaded after the conntrack lookup, not beside it (KPR_NP_FE_TOUCH=0)": (
+        "-DKPR_NP_FE_TOUCH=0",),
     "tc: a new flow's mode looked up in kpr_np_fe though no frontend of its port has one (KPR_NP_NOMODE=0)": (
         "-DKPR_NP_NOMODE=0",),
     "NodePort conntrack in slots claimed by compare-and-swap, not kpr_ct's LRU (KPR_NP_CT_SLOTS=1)": (
         "-DKPR_NP_CT_SLOTS=1",),
+    "conntrack and a new SNAT flow's reply side both in slots, no LRU insert (KPR_NP_CT_SLOTS=1, KPR_NP_SNAT_SLOTS=1)": (
+        "-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1"),
+    "both in slots, their gates read as shut: no LRU lookup on a slot miss (benchmark only, KPR_NP_TEST_GATES_SHUT=1)": (
+        "-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1", "-DKPR_NP_TEST_GATES_SHUT=1"),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",
@@ -969,6 +975,11 @@ def clear_ct_slots(pin: Path) -> None:
     from kpr.nodeport import datapath as D
 
     _clear_slots(pin, D.CT_SLOTS_MAP, D.CT_SLOT, D.CT_GATE_MAP, D.ct_gate_overflows, D.ct_gate_clean)
+    if (pin / D.CT_SLOTS_MAP).exists():  # and every home slot's gate shut likewise
+        from kpr.bpf.slots import SlotTable
+
+        with SlotTable.open(pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+            D.ct_homes_mark_clean(t)
 
 
 def _clear_slots(pin: Path, table: str, slot: str, gate: str, overflows: Any, clean: Any) -> None:

@@ -421,3 +421,110 @@ def test_readback_skips_an_expired_slot_for_the_live_kpr_ct_entry(lab: ProgLab) 
     with DatapathMaps(lab.pin) as dm:
         got = dm.conntrack(M.addr_to_bytes(CLIENT4), M.addr_to_bytes(NODE4), sport, UDP_REMOTE, UDP_P)
     assert got is not None and got["map"] == "kpr_ct" and got["nat_port"] == M.ntohs(live_port), got
+
+
+# --- the home slots' gates (struct kpr_np_ct_slot lru_adds, lru_clean) -------------------------
+
+def home_gate(lab: ProgLab, key: bytes) -> tuple[int, int]:
+    """(lru_adds, lru_clean) of `key`'s home slot."""
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        i = D.ct_home(t, key)
+        return D.ct_homes_adds(t)[i], t.column(D.CT_HOME_CLEAN)[i]
+
+
+def home_shut(g: tuple[int, int]) -> bool:
+    return g[1] == g[0] + 1
+
+
+def _plant_lru(key: bytes) -> bytes:
+    """A NodePort entry for `key` as kpr_ct would hold it (backend 1), written unmarked."""
+    return D.CT_ENTRY.pack(now_ns(), 1, 1, D.CT_F_NODE_PORT | D.CT_F_LOCAL, 0, 0, 0, 0, bytes(16))
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_an_overflow_opens_kpr_ct_for_the_keys_of_its_home_slot_only(lab: ProgLab, hook: str) -> None:
+    """The table's gate opens at any overflow; the home slot's gate only for the keys homed
+    there: another key's slot miss (its home shut) does not look in kpr_ct, even with the
+    table's gate open, so an entry put there unmarked is not found; the overflowed flow is."""
+    sport = 48000 + HOOKS.index(hook) * 2
+    key = ct_key(CLIENT4, NODE4, sport, NODEPORT, TCP_P)
+    other = ct_key(CLIENT4, NODE4, sport + 1, NODEPORT, TCP_P)
+    _hold_probes(lab, key)
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        assert D.ct_home(t, key) != D.ct_home(t, other)
+    assert home_shut(home_gate(lab, key)) and home_shut(home_gate(lab, other)), "flushed: every home shut"
+    adds = home_gate(lab, key)[0]
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, NODE4, sport, NODEPORT, TCP_P))
+    assert d.get("new_local") == 1 and d.get("ct_slot_full") == 1 and lru_entry(lab, key) is not None, d
+    g = home_gate(lab, key)
+    assert g[0] == adds + 2 and not home_shut(g), "its home marked before and after the kpr_ct write: open"
+    o, c = gate(lab)
+    assert c != o + 1, "the table's gate open too"
+    assert home_shut(home_gate(lab, other)), "another key's home untouched"
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, NODE4, sport, NODEPORT, TCP_P, "A"))
+    assert d.get("established") == 1 and not NEW & set(d), ("the overflowed flow is found in kpr_ct", d)
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as m:
+        m.update(other, _plant_lru(other))
+    _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, NODE4, sport + 1, NODEPORT, TCP_P, "A"))
+    assert d.get("new_local") == 1 and not d.get("established"), ("a shut home: kpr_ct not read", d)
+
+
+def test_the_collector_opens_the_homes_of_the_keys_kpr_ct_keeps_and_shuts_the_others(lab: ProgLab) -> None:
+    kept = ct_key(CLIENT4, NODE4, 49000, NODEPORT, TCP_P)
+    gone = ct_key(CLIENT4, NODE4, 49001, NODEPORT, TCP_P)
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        assert D.ct_home(t, kept) != D.ct_home(t, gone)
+        D.ct_homes_open(t)  # (as a load leaves them: every home open)
+    assert not home_shut(home_gate(lab, kept)) and not home_shut(home_gate(lab, gone))
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as m:
+        m.update(kept, _plant_lru(kept))
+    col = _collector(lab)
+    try:
+        col.run()
+        assert not home_shut(home_gate(lab, kept)), "kpr_ct keeps a NodePort entry of a key homed there"
+        assert home_shut(home_gate(lab, gone)), "no entry of its keys in kpr_ct: shut"
+        with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as m:
+            m.delete(kept)
+        col.run()
+        assert home_shut(home_gate(lab, kept)) and home_shut(home_gate(lab, gone))
+    finally:
+        col.stop()
+
+
+def test_a_pass_that_began_before_a_write_leaves_its_home_open(lab: ProgLab) -> None:
+    """A program's marks after the collector read the counts (a write its sweep may miss) keep
+    the home open: clean is written with the count read before."""
+    key = ct_key(CLIENT4, NODE4, 49010, NODEPORT, TCP_P)
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        adds = D.ct_homes_adds(t)  # the pass's read, before its sweep
+    _hold_probes(lab, key)
+    _v, _out, d = run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, 49010, NODEPORT, TCP_P))
+    assert d.get("ct_slot_full") == 1, d
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        D.ct_homes_clean(t, adds, set())  # the sweep (before the write) found no entry
+    assert not home_shut(home_gate(lab, key)), "the write's marks came after the read: open"
+
+
+def test_a_collector_of_builds_without_slots_never_shuts_a_home(lab: ProgLab) -> None:
+    key = ct_key(CLIENT4, NODE4, 49020, NODEPORT, TCP_P)
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        D.ct_homes_open(t)
+    col = _collector(lab, ct_slots=False)
+    try:
+        col.run()
+    finally:
+        col.stop()
+    assert not home_shut(home_gate(lab, key)), "a no-slots collector shut a home"
+
+
+def test_freeing_a_slot_keeps_its_home_gate(lab: ProgLab) -> None:
+    key = ct_key(CLIENT4, NODE4, 49030, NODEPORT, TCP_P)
+    run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, 49030, NODEPORT, TCP_P))
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        idx = t.find(key, D.CT_PROBES)
+        assert idx is not None
+        D.ct_homes_open(t)
+        before = home_gate(lab, key)
+        t.free(idx)
+        assert t.claim(idx) == 0 and t.read(idx)[1:] == (bytes(t.key_size), bytes(t.val_size))
+    assert home_gate(lab, key) == before, "the index's gate words went with the flow"

@@ -42,6 +42,13 @@
  * kpr_snat holding even ports, and the XDP ICMP stage walked 982,872 of the verifier's 1,000,000. */
 #define KPR_NP_SNAT_SLOTS 0
 #endif
+#ifndef KPR_NP_TEST_GATES_SHUT
+/* Benchmarks only: non-zero, the slot tables' gates (kpr_snat_gate, lib/nodeport.h kpr_np_ct_gate)
+ * read as shut whatever they hold, so a slot miss never looks in kpr_snat or kpr_ct: what a new
+ * flow costs when its slot's key was never sent to the LRU maps (the bound a gate per slot could
+ * reach; one gate per table opens at a table's first overflow). Wrong for real traffic. */
+#define KPR_NP_TEST_GATES_SHUT 0
+#endif
 #ifndef KPR_SNAT_SLOT_TRIES
 #define KPR_SNAT_SLOT_TRIES 4 // random ports whose slots are tried before kpr_snat (then KPR_SNAT_RETRIES there)
 #endif
@@ -218,7 +225,7 @@ static __always_inline int kpr_snat_claim(const struct kpr_tuple *t, const union
 	kpr_snat_rev_fill(&rev, t, fe, fport);
 	// (a number, not the gate's pointer, carried on: see lib/slots.h)
 	g = kpr_snat_gate.lookup(&zero);
-	lru = !g || g->clean != g->overflows + 1; // kpr_snat may hold reverse entries
+	lru = !KPR_NP_TEST_GATES_SHUT && (!g || g->clean != g->overflows + 1); // kpr_snat may hold reverse entries
 #pragma nounroll
 	for (i = 0; i < KPR_SNAT_SLOT_TRIES; i++) {
 		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr, kpr_htons(kpr_snat_random_port() & ~1), t->proto);

@@ -663,8 +663,9 @@ static __always_inline __u8 kpr_np_mode_of(const struct kpr_svc_key *key, __u8 p
  * written to, where kpr_ct's insert takes an LRU element and links it into a bucket (issue 14).
  * The flow's first packet claims the slot (compare-and-swap) whatever the flow's stage; a SNAT
  * flow's stage adds the mapping. A flow whose probes are all held goes into kpr_ct as before
- * (counted ct_slot_full), and kpr_ct is read after a slot miss only while kpr_np_ct_gate says
- * NodePort entries may be there. The collector (kpr.nodeport.gc) frees the slots of expired
+ * (counted ct_slot_full), and kpr_ct is read after a slot miss only while both kpr_np_ct_gate and
+ * the key's home slot (its first probe: lru_adds, lru_clean) say NodePort entries may be there.
+ * The collector (kpr.nodeport.gc) frees the slots of expired
  * and stale flows. */
 #define KPR_NP_CT_SLOTS_N 262144 // kpr_np_ct_slots' slots: twice kpr_ct's default; a power of two, fixed (the programs' index mask)
 #define KPR_NP_CT_KEY_DWORDS 5   // struct kpr_ct_key in 64-bit words
@@ -673,7 +674,15 @@ struct kpr_np_ct_slot {
 	__u64 claim;              // KPR_SLOT_FREE, or the claim stamp (kpr_ct_now() | 1)
 	struct kpr_ct_key key;    // the flow's ORIGINAL key (written last)
 	struct kpr_ct_entry val;  // its entry
-	__u8 pad[40];             // zero
+	/* The home slot's gate (the rule of struct kpr_np_ct_gate, for the keys whose first probe
+	 * this slot is): programs add 1 to lru_adds before and after writing such a key's NodePort
+	 * entry to kpr_ct; the collector writes lru_clean = lru_adds as read before its sweep + 1 when
+	 * the sweep left no entry of a key homed here (0 when it did). Kept when the slot is freed or
+	 * claimed: they belong to the index, not to the flow in it. So one overflow opens kpr_ct's
+	 * look for the keys of its own home, where the table's gate opens it for every key. */
+	__u64 lru_adds;
+	__u64 lru_clean;
+	__u8 pad[24];             // zero
 };
 
 /* Whether kpr_ct may hold NodePort entries: unless clean == overflows + 1. A program adds 1 to
@@ -710,16 +719,30 @@ static __always_inline int kpr_np_ct_lru_maybe(void)
 	__u32 zero = 0;
 	struct kpr_np_ct_gate *g = kpr_np_ct_gate.lookup(&zero);
 
+	if (KPR_NP_TEST_GATES_SHUT)
+		return 0;
 	return !g || *(volatile __u64 *)&g->clean != *(volatile __u64 *)&g->overflows + 1;
 }
 
-static __always_inline void kpr_np_ct_lru_mark(void)
+// Whether kpr_ct may hold NodePort entries of the keys whose home slot is `home`.
+static __always_inline int kpr_np_ct_home_maybe(__u32 home)
+{
+	struct kpr_np_ct_slot *s = kpr_np_ct_slots.lookup(&home);
+
+	return !s || *(volatile __u64 *)&s->lru_clean != *(volatile __u64 *)&s->lru_adds + 1;
+}
+
+// A mark on the table's gate and on the key's home slot (`home`), before and after a kpr_ct write.
+static __always_inline void kpr_np_ct_lru_mark(__u32 home)
 {
 	__u32 zero = 0;
 	struct kpr_np_ct_gate *g = kpr_np_ct_gate.lookup(&zero);
+	struct kpr_np_ct_slot *s = kpr_np_ct_slots.lookup(&home);
 
 	if (g)
 		__sync_fetch_and_add(&g->overflows, 1);
+	if (s)
+		__sync_fetch_and_add(&s->lru_adds, 1);
 }
 
 /* Where the key `k` (hash `h`) is: its live entry's slot index | KPR_NP_CT_FOUND (a slot other
@@ -753,6 +776,18 @@ static __always_inline __u32 kpr_np_ct_hash(const struct kpr_ct_key *k)
 	return kpr_slots_hash(k, 2 * KPR_NP_CT_KEY_DWORDS);
 }
 
+// The home slot (first probe) of a key of hash `h`: where its gate words are.
+static __always_inline __u32 kpr_np_ct_home(__u32 h)
+{
+	return kpr_slots_index(h, 0, KPR_NP_CT_SLOTS_N - 1);
+}
+
+// Whether kpr_ct may hold the NodePort entry of a key of hash `h`: the table's gate and its home slot's.
+static __always_inline int kpr_np_ct_lru_may_hold(__u32 h)
+{
+	return kpr_np_ct_lru_maybe() && kpr_np_ct_home_maybe(kpr_np_ct_home(h));
+}
+
 /* NodePort's live entry of the tuple (original direction), refreshed with this packet: its
  * slot's (*slot: the index + 1, for the flow's stage), else kpr_ct's while NodePort entries
  * may be there (*slot 0). */
@@ -761,11 +796,12 @@ static __always_inline struct kpr_ct_entry *kpr_np_ct_lookup(const struct kpr_tu
 	struct kpr_ct_key k;
 	struct kpr_np_ct_slot *s;
 	__u64 now = kpr_ct_now();
-	__u32 r;
+	__u32 h, r;
 
 	*slot = 0;
 	kpr_ct_key_from_tuple(&k, t, KPR_CT_DIR_ORIGINAL);
-	r = kpr_np_ct_probe(&k, kpr_np_ct_hash(&k), now, KPR_NP_CT_NONE);
+	h = kpr_np_ct_hash(&k);
+	r = kpr_np_ct_probe(&k, h, now, KPR_NP_CT_NONE);
 	if (r != KPR_NP_CT_NONE && (r & KPR_NP_CT_FOUND)) {
 		r &= ~KPR_NP_CT_FOUND;
 		s = kpr_np_ct_slots.lookup(&r);
@@ -774,7 +810,7 @@ static __always_inline struct kpr_ct_entry *kpr_np_ct_lookup(const struct kpr_tu
 			return kpr_ct_refresh(&s->val, t, KPR_CT_DIR_ORIGINAL, now);
 		}
 	}
-	if (!kpr_np_ct_lru_maybe())
+	if (!kpr_np_ct_lru_may_hold(h))
 		return (void *)0;
 	return kpr_ct_lookup(t, KPR_CT_DIR_ORIGINAL);
 }
@@ -783,7 +819,8 @@ static __always_inline struct kpr_ct_entry *kpr_np_ct_lookup(const struct kpr_tu
 static __always_inline struct kpr_ct_entry *kpr_np_ct_peek(struct kpr_ct_key *k)
 {
 	struct kpr_np_ct_slot *s;
-	__u32 r = kpr_np_ct_probe(k, kpr_np_ct_hash(k), kpr_ct_now(), KPR_NP_CT_NONE);
+	__u32 h = kpr_np_ct_hash(k);
+	__u32 r = kpr_np_ct_probe(k, h, kpr_ct_now(), KPR_NP_CT_NONE);
 
 	if (r != KPR_NP_CT_NONE && (r & KPR_NP_CT_FOUND)) {
 		r &= ~KPR_NP_CT_FOUND;
@@ -791,20 +828,25 @@ static __always_inline struct kpr_ct_entry *kpr_np_ct_peek(struct kpr_ct_key *k)
 		if (s)
 			return &s->val;
 	}
-	if (!kpr_np_ct_lru_maybe())
+	if (!kpr_np_ct_lru_may_hold(h))
 		return (void *)0;
 	return kpr_ct.lookup(k);
 }
 
-// A NodePort entry written to kpr_ct, marked before and after (struct kpr_np_ct_gate).
+/* A NodePort entry written to kpr_ct, marked before and after (struct kpr_np_ct_gate, and the
+ * key's home slot: struct kpr_np_ct_slot's lru_adds). */
 static __always_inline int kpr_np_ct_lru_write(const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat, __u16 flags,
 					       const union kpr_addr *nat_addr, __be16 nat_port)
 {
+	struct kpr_ct_key k;
+	__u32 home;
 	int err;
 
-	kpr_np_ct_lru_mark();
+	kpr_ct_key_from_tuple(&k, t, KPR_CT_DIR_ORIGINAL);
+	home = kpr_np_ct_home(kpr_np_ct_hash(&k));
+	kpr_np_ct_lru_mark(home);
 	err = kpr_ct_write(t, KPR_CT_DIR_ORIGINAL, backend_id, rev_nat, flags, nat_addr, nat_port);
-	kpr_np_ct_lru_mark();
+	kpr_np_ct_lru_mark(home);
 	return err;
 }
 

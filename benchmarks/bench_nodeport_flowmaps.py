@@ -6,7 +6,10 @@ round by round, so every kind sees the same load. The same builds in every lab; 
 differ. Kind "array" is a layout, not a map kind: builds whose conntrack and SNAT reply sides
 are slots of arrays the program indexes by its own hash (the prototype kpr/testing/ct_array.h,
 kpr.testing.ct_array; one slot tried per key, so about one new flow in 60 finds its slot taken
-and counts conntrack_write_failed), in a lab of its own.
+and counts conntrack_write_failed), in a lab of its own. Kinds "ct-slots" and "slots" are the shipped
+slot tables (LRU maps as the product's, every build with -DKPR_NP_CT_SLOTS=1, and for "slots"
+-DKPR_NP_SNAT_SLOTS=1 too); filled (ct-slots:F) they hold F of their slots as well, so F of the new
+flows find their home held and overflow into kpr_ct (ct_slot_full counts them).
 
 Reported per kind: the new SNAT flow (kpr.testing.nodeport_bench's case, a fresh client per
 run) by builds stopping after the conntrack miss (9), after the SNAT port, conntrack entry and
@@ -41,6 +44,8 @@ from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
 
 # stop -> column: after the conntrack miss (9); the SNAT port, conntrack entry and rewrite (6); all (0)
 STOPS = {9: "ct miss", 6: "+SNAT/ct/rewrite", 0: "full"}
+# layouts of the shipped build switches: kind -> the -D flags every build of its lab gets (maps: LRU)
+SLOT_KINDS = {"ct-slots": ("-DKPR_NP_CT_SLOTS=1",), "slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1")}
 
 
 def main() -> int:
@@ -58,7 +63,7 @@ def main() -> int:
     except ValueError as e:
         ap.error(f"kinds: a fill is a fraction (kind:0.96): {e}")
     base_of = {k: k.partition(":")[0] for k in kinds}
-    unknown = set(base_of.values()) - set(KINDS) - {"array"}
+    unknown = set(base_of.values()) - set(KINDS) - {"array"} - set(SLOT_KINDS)
     if fills.get("array") or any(base_of[k] == "array" and f for k, f in fills.items()):
         ap.error("kinds: the array layout keeps its flows in maps of its own: no fill")
     if unknown or "lru" not in base_of.values() or any(not 0 <= f <= 1 for f in fills.values()):
@@ -77,6 +82,8 @@ def main() -> int:
             for name, flags in builds.items():
                 if base_of[k] == "array":
                     load_array_build(lab, a.hook, name, flags)
+                elif base_of[k] in SLOT_KINDS:
+                    lab.load(a.hook, name, [*flags, *SLOT_KINDS[base_of[k]]])
                 else:
                     if not lab.builds:
                         repin_flow_maps(lab, base_of[k])
@@ -86,6 +93,7 @@ def main() -> int:
         bares: dict[str, list[float]] = {k: [] for k in kinds}
         moved: dict[str, int] = {k: 0 for k in kinds}
         failed: dict[str, int] = {k: 0 for k in kinds}
+        full: dict[str, int] = {k: 0 for k in kinds}  # slot kinds: new flows whose slot was held
         for _r in range(a.rounds):
             for k, lab in labs.items():
                 bares[k].append(bare(lab, a.hook, a.runs, 1).wrapper)
@@ -96,6 +104,7 @@ def main() -> int:
                     if name == "default":
                         moved[k] += m.counted.get("new_snat", 0)
                         failed[k] += m.counted.get("conntrack_write_failed", 0)
+                        full[k] += m.counted.get("ct_slot_full", 0)
                 m = measure(lab, a.hook, "default", by_name["established, remote backend (SNAT)"], a.runs, 1,
                             single=False)
                 est[k].append(m.wrapper)
@@ -111,6 +120,7 @@ def main() -> int:
             pr(f"  {k:12s} " + " ".join(cells) + f" {d:+8.0f} {statistics.median(est[k]) - b[k]:12.0f}")
         pr("  bare (wrapper ns): " + ", ".join(f"{k} {b[k]:.0f}" for k in kinds))
         pr("  path: " + ", ".join(f"{k} new_snat+{moved[k]}" + (f" conntrack_write_failed+{failed[k]}" if failed[k] else "")
+                                  + (f" ct_slot_full+{full[k]}" if full[k] else "")
                                   for k in kinds) + f" of {a.rounds * a.runs} runs each")
     pr(f"  load at the end {open('/proc/loadavg').read().split()[:3]}; cold line {cold_line_ns():.0f} ns")
     return 0

@@ -147,3 +147,25 @@ def test_a_map_that_is_not_a_slot_table_is_refused(require_kernel: None, tmp_pat
     spec = M.MapSpec("kpr_not_slots", M.BPF_MAP_TYPE_ARRAY, 4, 128, 8)  # not mmapable
     with M.BpfMap.create(spec) as m, pytest.raises(SlotTableError, match="not a slot table"):
         SlotTable(m, ct)
+
+
+def test_a_column_after_the_value_belongs_to_the_index(prog) -> None:  # type: ignore[no-untyped-def]
+    """A 64-bit field after the value (a home slot's gate words) is read and written for every
+    slot at once, kept when its slot is freed or claimed; a field of the key or value, or an
+    unaligned offset, is refused by name."""
+    fd, table = prog
+    col = 48  # a word of pad (bytes 40-127)
+    table.set_column(col, [10 + i for i in range(SLOTS)])
+    table.set_column(120, [7] * SLOTS)  # the slot's last word
+    assert table.column(col) == [10 + i for i in range(SLOTS)] and table.column(120) == [7] * SLOTS
+    a = _key(1)
+    idx = _run(fd, 1, a) - 1
+    assert table.column(col)[idx] == 10 + idx, "a program's claim leaves it"
+    table.free(idx)
+    assert table.claim(idx) == 0 and table.read(idx)[1:] == (bytes(16), bytes(16))
+    assert table.column(col) == [10 + i for i in range(SLOTS)] and table.column(120) == [7] * SLOTS, "free kept it"
+    for bad in (8, 32, 52, 128):  # key, value, unaligned, past the slot
+        with pytest.raises(ValueError, match="not a 64-bit field after the value"):
+            table.column(bad)
+    with pytest.raises(ValueError, match="values for 8 slots"):
+        table.set_column(col, [0] * (SLOTS - 1))

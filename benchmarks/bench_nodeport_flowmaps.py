@@ -8,8 +8,10 @@ are slots of arrays the program indexes by its own hash (the prototype kpr/testi
 kpr.testing.ct_array; one slot tried per key, so about one new flow in 60 finds its slot taken
 and counts conntrack_write_failed), in a lab of its own. Kinds "ct-slots" and "slots" are the shipped
 slot tables (LRU maps as the product's, every build with -DKPR_NP_CT_SLOTS=1, and for "slots"
--DKPR_NP_SNAT_SLOTS=1 too); filled (ct-slots:F) they hold F of their slots as well, so F of the new
-flows find their home held and overflow into kpr_ct (ct_slot_full counts them).
+-DKPR_NP_SNAT_SLOTS=1 too; "ct-slots-1" with one probe a key, not the header's two); filled
+(ct-slots:F) they hold F of their slots as well, at random places, so about F (one probe) or F
+squared (two) of the new flows find their probes held and overflow into kpr_ct (ct_slot_full
+counts them).
 
 Reported per kind: the new SNAT flow (kpr.testing.nodeport_bench's case, a fresh client per
 run) by builds stopping after the conntrack miss (9), after the SNAT port, conntrack entry and
@@ -45,7 +47,8 @@ from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
 # stop -> column: after the conntrack miss (9); the SNAT port, conntrack entry and rewrite (6); all (0)
 STOPS = {9: "ct miss", 6: "+SNAT/ct/rewrite", 0: "full"}
 # layouts of the shipped build switches: kind -> the -D flags every build of its lab gets (maps: LRU)
-SLOT_KINDS = {"ct-slots": ("-DKPR_NP_CT_SLOTS=1",), "slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1")}
+SLOT_KINDS = {"ct-slots": ("-DKPR_NP_CT_SLOTS=1",), "slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1"),
+              "ct-slots-1": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_CT_PROBES=1")}  # (one probe a key: direct-mapped)
 
 
 def main() -> int:

@@ -311,12 +311,13 @@ class DatapathMaps:
         if slots is not None:
             t = SlotTable(slots, ND.CT_SLOT)
             try:
-                idx = t.find(key, ND.CT_PROBES)
-                if idx is not None:
-                    raw, where = t.read(idx)[2], ND.CT_SLOTS_MAP
-                    f = _CT_ENTRY.unpack(raw)
-                    if now_ns() - f[0] > ct_timeout(f[3], proto):  # expired: the programs read past it
-                        raw, where = None, ""
+                for idx in t.probes(key, ND.CT_PROBES):  # the first live entry of the key, as the programs take it
+                    stamp, k, v = t.read(idx)
+                    if stamp and k == key:
+                        f = _CT_ENTRY.unpack(v)
+                        if now_ns() - f[0] <= ct_timeout(f[3], proto):  # (an expired one they read past)
+                            raw, where = v, ND.CT_SLOTS_MAP
+                            break
             finally:
                 t.close()
         m = self.maps.get("kpr_ct")

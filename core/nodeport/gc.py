@@ -271,14 +271,17 @@ class Collector:
         gone: dict[Flow, set[int]] = {}
         judge = stale_only or self.ready()  # staleness against every service, or asked for
 
-        def live(k: bytes, v: bytes) -> bool | None:
-            """Whether a NodePort entry lives on (None: not one); counts and notes the flow."""
+        def live(k: bytes, v: bytes, young: bool = False) -> bool | None:
+            """Whether a NodePort entry lives on (None: not one); counts and notes the flow. A
+            `young` one (a slot claimed within GRACE_NS: perhaps still being written) lives on
+            unjudged, and its flow is noted live all the same: the same key's expired entry in
+            another slot must not take the live one's partners with it."""
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
             last_seen, bid, _rev_nat, flags, _tf, _pad, nat_port = D.CT_ENTRY.unpack(v)[:7]
             if direction != D.CT_DIR_ORIGINAL or not flags & D.CT_F_NODE_PORT:
                 return None
             be = names.get(bid)
-            if only is not None and not only(daddr, dport, proto):
+            if young or (only is not None and not only(daddr, dport, proto)):
                 if be is not None:
                     res.live.add((saddr, sport, proto, be[0], be[1]))
                     res.live_ports.add(((saddr, sport, proto, be[0], be[1]), nat_port))
@@ -311,7 +314,7 @@ class Collector:
             ct.delete_many(dead_ct)
         if slots is not None:
             for idx, stamp, k, v in slots.held():
-                ok = live(k, v) if now - stamp >= GRACE_NS else True  # (young: may be being filled)
+                ok = live(k, v, young=now - stamp < GRACE_NS)
                 if ok is False:
                     slots.free(idx)
                 elif ok:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 from typing import Any
 
 from kpr.bpf import maps as M
@@ -83,14 +84,16 @@ def fill_flow_maps(pin: Any, fraction: float) -> dict[str, int]:
     from kpr.nodeport import datapath as D
 
     if (pin / D.CT_SLOTS_MAP).exists():
-        # NodePort's conntrack slots (KPR_NP_CT_SLOTS) held at the same share, spread evenly
-        # (their keys the fillers', never at their own hash: no packet looks them up), so a
-        # new flow's probes meet held slots as on a node that full
+        # NodePort's conntrack slots (KPR_NP_CT_SLOTS) held at the same share, at random
+        # places (seeded: every round alike; their keys the fillers', never at their own hash:
+        # no packet looks them up), so a new flow's probes meet held slots as on a node that
+        # full: one probe finds its slot held at `fraction`, two adjacent ones both held at
+        # about its square (an even spread would leave every other slot free: never both)
         with SlotTable.open(pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
             n = int(t.slots * fraction)
-            for i in range(n):
+            for i, idx in enumerate(random.Random(n).sample(range(t.slots), n)):
                 key = _fill_addr(i).ljust(t.key_size, b"\0")
-                t.put(i * t.slots // n, 1, key, bytes(t.val_size))
+                t.put(idx, 1, key, bytes(t.val_size))
             out[D.CT_SLOTS_MAP] = n
     log.info("event=flow_maps_filled fraction=%s kpr_ct=%d kpr_snat=%d kpr_snat_slots=%d", fraction, out["kpr_ct"],
              out["kpr_snat"], out["kpr_snat_slots"])

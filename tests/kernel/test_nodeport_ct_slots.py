@@ -185,13 +185,16 @@ def test_a_new_flow_lands_in_its_slot_and_its_packets_and_replies_find_it(lab: P
         assert d.get("reply_snat") == 1, d
 
 
-def _hold_probes(lab: ProgLab, key: bytes) -> list[int]:
-    """Every probe of `key`'s hash held by another flow's entry (as a full neighbourhood)."""
+def _hold_probes(lab: ProgLab, key: bytes, skip: tuple[int, ...] = ()) -> list[int]:
+    """Every probe of `key`'s hash (but the indexes in `skip`) held by another flow's entry (as a
+    full neighbourhood)."""
     held = []
     with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
         h = slot_hash(key)
         for i in range(D.CT_PROBES):
             idx = (h + i) & (t.slots - 1)
+            if idx in skip:
+                continue
             other = key[:32] + struct.pack("=HHBBH", 1, 1, 17, 0, 0)  # another key: a UDP flow from port 1
             e = D.CT_ENTRY.pack(now_ns(), 1, 1, D.CT_F_NODE_PORT, 0, 0, 0, 0, bytes(16))
             t.put(idx, now_ns() | 1, other, e)
@@ -318,24 +321,44 @@ def _age_slot(lab: ProgLab, key: bytes, proto: int) -> None:
         t.put(idx, 1, k, D.CT_ENTRY.pack(*f))
 
 
+@pytest.mark.parametrize("where", ["kpr_ct", "slot"])
 @pytest.mark.parametrize("hook", HOOKS)
 def test_a_reused_source_port_keeps_its_snat_mapping_when_the_collector_frees_its_expired_slot(
-        lab: ProgLab, hook: str) -> None:
+        lab: ProgLab, hook: str, where: str) -> None:
     """Review R4 item 1: a client reusing a source port after its flow's slot expired finds the
-    slot still held by that expired entry (one probe) and its new flow goes into kpr_ct with
-    another NAT port. The collector's pass frees the expired slot and that entry's own SNAT
-    mapping only: the live flow's reply is still translated (it lost its mapping when partners
-    were freed by flow key)."""
-    sport = 45000 + HOOKS.index(hook)
+    slot still held by that expired entry, and its new flow goes into kpr_ct ("kpr_ct": the
+    other probes held too) or another probe's slot ("slot": the same key in two slots, one
+    expired) with another NAT port. The collector's pass frees the expired slot and that entry's
+    own SNAT mapping only: the live flow's reply is still translated (it lost its mapping when
+    partners were freed by flow key)."""
+    sport = 45000 + HOOKS.index(hook) * 2 + (where == "slot")
     pkt = frame(lab, CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P)
     key = ct_key(CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P)
     _v, _out, d = run_counted(lab, hook, hook, pkt)
     assert d.get("new_snat") == 1, d
     old_port = slot_entry(lab, key)[6]
     _age_slot(lab, key, UDP_P)
+    if where == "kpr_ct":
+        with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+            aged = t.find(key, D.CT_PROBES)
+        _hold_probes(lab, key, skip=(aged,))
+    elif D.CT_PROBES < 2:
+        pytest.skip("one probe a key: the reused port's flow always goes to kpr_ct")
     _v, _out, d = run_counted(lab, hook, hook, pkt)
-    assert d.get("new_snat") == 1 and d.get("ct_slot_full") == 1, d
-    _l, bid, _r, _f, _t, _p, new_port, _p2, nat_addr = D.CT_ENTRY.unpack(lru_entry(lab, key))
+    assert d.get("new_snat") == 1 and (d.get("ct_slot_full") == 1) == (where == "kpr_ct"), d
+    if where == "slot":
+        with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+            mine = [D.CT_ENTRY.unpack(t.read(i)[2]) for i in t.probes(key, D.CT_PROBES)
+                    if t.claim(i) and t.read(i)[1] == key]
+        assert lru_entry(lab, key) is None and len(mine) == 2, "the key in two slots, one expired"
+        _l, bid, _r, _f, _t, _p, new_port, _p2, nat_addr = max(mine)  # (the live one: last seen now)
+        from kpr.readback import DatapathMaps
+
+        with DatapathMaps(lab.pin) as dm:  # readback (kpr explain) shows the live one, as the programs take it
+            got = dm.conntrack(M.addr_to_bytes(CLIENT4), M.addr_to_bytes(NODE4), sport, UDP_REMOTE, UDP_P)
+        assert got is not None and got["map"] == D.CT_SLOTS_MAP and got["nat_port"] == M.ntohs(new_port), got
+    else:
+        _l, bid, _r, _f, _t, _p, new_port, _p2, nat_addr = D.CT_ENTRY.unpack(lru_entry(lab, key))
     assert new_port and new_port != old_port
     col = _collector(lab, frozenset({nat_addr}))
     try:
@@ -343,7 +366,7 @@ def test_a_reused_source_port_keeps_its_snat_mapping_when_the_collector_frees_it
     finally:
         col.stop()
     assert res.ct_expired == 1 and res.snat_freed == 1, res  # the expired slot's mapping, not the live one's
-    assert lru_entry(lab, key) is not None
+    assert (lru_entry(lab, key) if where == "kpr_ct" else slot_entry(lab, key)) is not None
     reply = frame(lab, REMOTE4, M.bytes_to_addr(nat_addr), 8080, M.ntohs(new_port), UDP_P)
     _v, _out, d = run_counted(lab, hook, hook, reply)
     assert d.get("reply_snat") == 1, d
@@ -401,6 +424,7 @@ def test_a_slot_claimed_but_keyless_drops_the_first_packet_rather_than_writing_k
     with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
         idx = slot_hash(key) & (t.slots - 1)
         t.put(idx, now_ns() | 1, bytes(len(key)), bytes(D.CT_ENTRY.size))
+    _hold_probes(lab, key, skip=(idx,))  # (its other probes held by other flows)
     _v, _out, d = run_counted(lab, hook, hook, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
     assert d.get("drop_ct_claim") == 1 and not NEW & set(d) and d.get("ct_slot_full", 0) == 0, d
     assert lru_entry(lab, key) is None
@@ -415,6 +439,9 @@ def test_readback_skips_an_expired_slot_for_the_live_kpr_ct_entry(lab: ProgLab) 
     key = ct_key(CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P)
     run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P))
     _age_slot(lab, key, UDP_P)
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        aged = t.find(key, D.CT_PROBES)
+    _hold_probes(lab, key, skip=(aged,))  # (the flow's other probes held: it goes to kpr_ct)
     _v, _out, d = run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P))
     assert d.get("ct_slot_full") == 1, d
     live_port = D.CT_ENTRY.unpack(lru_entry(lab, key))[6]
@@ -528,3 +555,22 @@ def test_freeing_a_slot_keeps_its_home_gate(lab: ProgLab) -> None:
         t.free(idx)
         assert t.claim(idx) == 0 and t.read(idx)[1:] == (bytes(t.key_size), bytes(t.val_size))
     assert home_gate(lab, key) == before, "the index's gate words went with the flow"
+
+
+def test_the_benchmarks_fill_holds_slots_at_random_places(lab: ProgLab) -> None:
+    """kpr.testing.flow_maps.fill_flow_maps holds F of the slots at random places, so two adjacent
+    probes (KPR_NP_CT_PROBES=2) are both held at about F squared, as on a node that full (an even
+    spread held every other slot: two probes never both held, a best case no node has)."""
+    from kpr.testing.flow_maps import fill_flow_maps
+
+    try:
+        fill_flow_maps(lab.pin, 0.5)
+        with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+            held = [False] * t.slots
+            for idx, _stamp, _k, _v in t.held():
+                held[idx] = True
+        assert sum(held) == len(held) // 2
+        both = sum(1 for i in range(len(held)) if held[i] and held[(i + 1) % len(held)]) / len(held)
+        assert 0.2 < both < 0.3, both
+    finally:
+        lab.flush_flows()

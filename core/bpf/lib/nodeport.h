@@ -188,11 +188,12 @@
 #define KPR_NP_CT_SLOTS 0
 #endif
 #ifndef KPR_NP_CT_PROBES
-/* Slots a flow may take, from its hash on (adjacent: two lines each). 1 (direct-mapped: a held
- * slot sends the flow to kpr_ct): with 2 or more, beside the SNAT reply side's slot probes, the
- * verifier gives up on the ingress program (E2BIG: it walks the probe loops, with their expiry
- * test, once per path into the service path); 4 loaded before those, 2 before them too. */
-#define KPR_NP_CT_PROBES 1
+/* Slots a flow may take, from its hash on (adjacent: two lines each). 2: a table F full sends
+ * about F squared of new flows to kpr_ct (1, direct-mapped: F of them; at half full that cost
+ * more than kpr_ct alone, README issue 14, seventeenth round). The verifier walks the probe loops,
+ * with their expiry test, once per path into the service path: 2 loads (XDP ingress 755k of the
+ * million, tc 781k, since the fast exit's raw address test); 4 did only before the SNAT slots. */
+#define KPR_NP_CT_PROBES 2
 #endif
 #ifndef KPR_NP_TEST_EARLY_FULL
 #define KPR_NP_TEST_EARLY_FULL 0 // tests only: non-zero, the verdict of a packet kpr_np_early leaves to the full path (KPR_NP_EARLY_FULL), returned in place of that path: which packets the fast exit decided

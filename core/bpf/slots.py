@@ -40,12 +40,14 @@ class SlotTableError(RuntimeError):
 
 
 def slot_hash(key: bytes) -> int:
-    """lib/slots.h kpr_slots_hash of a key (its 32-bit words, host order)."""
-    if len(key) % 4:
-        raise ValueError(f"slot key of {len(key)} bytes is not a whole number of 32-bit words")
-    h = 0x811C9DC5
-    for (w,) in struct.iter_unpack("=I", key):
-        h = ((h + w) * 0x01000193) & 0xFFFFFFFF
+    """lib/slots.h kpr_slots_hash of a key (its 64-bit words, host order)."""
+    if len(key) % 8:
+        raise ValueError(f"slot key of {len(key)} bytes is not a whole number of 64-bit words")
+    h = 0xCBF29CE484222325
+    for (w,) in struct.iter_unpack("=Q", key):
+        h = ((h ^ w) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 32
+    h &= 0xFFFFFFFF
     h ^= h >> 16
     h = (h * 0x7FEB352D) & 0xFFFFFFFF
     h ^= h >> 15

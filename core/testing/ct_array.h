@@ -60,10 +60,10 @@ BPF_TABLE_PINNED("array", __u32, struct kpr_ct_slot, kpr_ct_arr, KPR_CT_ARRAY_MA
 BPF_TABLE_PINNED("array", __u32, struct kpr_ct_slot, kpr_snat_arr, KPR_CT_ARRAY_MAX, KPR_PIN(kpr_snat_arr),
 		 BPF_F_MMAPABLE);
 
-// The key's ten words hashed as the product's slot tables hash theirs (lib/slots.h).
+// The key's five 64-bit words hashed as the product's slot tables hash theirs (lib/slots.h).
 static __always_inline __u32 kpr_ct_arr_hash(const struct kpr_ct_key *k)
 {
-	return kpr_slots_hash(k, 10);
+	return kpr_slots_hash(k, 5);
 }
 
 static __always_inline int kpr_ct_arr_key_eq(const struct kpr_ct_key *a, const struct kpr_ct_key *b)

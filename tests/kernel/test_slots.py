@@ -52,7 +52,7 @@ int slots_op(struct xdp_md *ctx)
 		return 0xffff;
 	op = *(__u8 *)(data + 14);
 	__builtin_memcpy(key, data + 16, 16);
-	h = kpr_slots_hash(key, 4);
+	h = kpr_slots_hash(key, 2);
 	if (op == 3)
 		return h;
 #pragma nounroll

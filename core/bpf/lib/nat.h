@@ -178,7 +178,7 @@ static __always_inline __u16 kpr_snat_random_port(void)
 static __always_inline __u32 kpr_snat_slot_probe(const struct kpr_ct_key *rk)
 {
 	struct kpr_snat_slot *s;
-	__u32 h = kpr_slots_hash(rk, 2 * KPR_SNAT_KEY_DWORDS), i, idx, free = KPR_SNAT_SLOT_NONE;
+	__u32 h = kpr_slots_hash(rk, KPR_SNAT_KEY_DWORDS), i, idx, free = KPR_SNAT_SLOT_NONE;
 
 #pragma nounroll
 	for (i = 0; i < KPR_SNAT_SLOT_PROBES; i++) {

@@ -774,7 +774,7 @@ static __always_inline __u32 kpr_np_ct_probe(const struct kpr_ct_key *k, __u32 h
 
 static __always_inline __u32 kpr_np_ct_hash(const struct kpr_ct_key *k)
 {
-	return kpr_slots_hash(k, 2 * KPR_NP_CT_KEY_DWORDS);
+	return kpr_slots_hash(k, KPR_NP_CT_KEY_DWORDS);
 }
 
 // The home slot (first probe) of a key of hash `h`: where its gate words are.

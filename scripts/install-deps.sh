@@ -24,7 +24,7 @@ else
 fi
 
 packages="python3-bpfcc linux-headers-$arch python3-venv libpcap0.8 iproute2 tcpdump arping
-iperf3 bird2 gobgpd nftables iptables iputils-ping procps util-linux bpftool"
+iperf3 bird2 gobgpd nftables iptables iputils-ping procps util-linux bpftool linux-perf"
 # The kubernetes source's tests drive the test API server with a real kubectl; where none is
 # installed (these machines have Google's 1.27-1.33), Debian's kubectl 1.20 will do.
 command -v kubectl >/dev/null 2>&1 || packages="$packages kubernetes-client"

@@ -498,6 +498,17 @@ def prog_info(fd: int) -> ProgInfo:
     return info
 
 
+def prog_jited(fd: int) -> bytes:
+    """The program's JIT image (the machine code perf's samples in bpf_prog_<tag>_<name> point
+    into, by offset); empty when the kernel has no JIT or hides it."""
+    n = prog_info(fd).jited_prog_len
+    buf = (ctypes.c_uint8 * max(n, 1))()
+    info = ProgInfo(jited_prog_len=n, jited_prog_insns=ctypes.addressof(buf))
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    check_rc(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return bytes(buf)[: info.jited_prog_len]
+
+
 class BpfMap:
     """One map by fd: element and batch operations on raw bytes keys and values.
 

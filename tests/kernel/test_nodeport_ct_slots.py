@@ -63,7 +63,7 @@ CASES = [
 ]
 
 
-def _services(lab: ProgLab) -> list:
+def _services(lab: ProgLab, remote4: str = REMOTE4) -> list:
     from kpr.model import Backend, Frontend, FrontendType, Protocol, Service, ServiceKey
 
     tcp, udp = Protocol.TCP, Protocol.UDP
@@ -75,7 +75,7 @@ def _services(lab: ProgLab) -> list:
 
     return lab._services() + [
         svc("udp-local-4", NODE4, UDP_LOCAL, udp, POD4, True),
-        svc("udp-remote-4", NODE4, UDP_REMOTE, udp, REMOTE4, False),
+        svc("udp-remote-4", NODE4, UDP_REMOTE, udp, remote4, False),
         svc("tcp-local-6", NODE6, NODEPORT, tcp, POD6, True),
         svc("tcp-remote-6", NODE6, TCP_REMOTE, tcp, REMOTE6, False),
         svc("udp-remote-6", NODE6, UDP_REMOTE, udp, REMOTE6, False),
@@ -183,6 +183,44 @@ def test_a_new_flow_lands_in_its_slot_and_its_packets_and_replies_find_it(lab: P
         reply = frame(lab, be_addr, nat, 8080, M.ntohs(nat_port), case.proto, "SA")
         _v, _out, d = run_counted(lab, hook, hook, reply)
         assert d.get("reply_snat") == 1, d
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_flow_whose_backend_went_away_is_balanced_again_in_its_own_slot(lab: ProgLab, hook: str) -> None:
+    """kpr_np_ct_claim's in-place re-pick: the next packet of a flow whose backend left the
+    service finds the flow's live slot (stale_backend), writes the new pick and a cleared SNAT
+    mapping into that slot (seen by a build that stops before the stage), and the stage maps it
+    afresh: one slot still holds the key, none of kpr_ct, and the packet goes to the new backend."""
+    moved = "10.244.2.6"  # (routed like REMOTE4: via node2)
+    stop = f"{hook}-stop3"
+    if stop not in lab.builds:
+        lab.load(hook, stop, [*SLOTS, "-DKPR_NP_BENCH_STOP=3", "-DKPR_NP_EST_INLINE=0"])
+        lab.builds[stop].set_frontend_ports(PORTS)  # (a load arms the lab's own ports only)
+    sport = 43100 + HOOKS.index(hook)
+    key = ct_key(CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P)
+    pkt = frame(lab, CLIENT4, NODE4, sport, UDP_REMOTE, UDP_P)
+    _v, _out, d = run_counted(lab, hook, hook, pkt)
+    assert d.get("new_snat") == 1, d
+    _last, old_bid, *_ = slot_entry(lab, key)
+    try:
+        lab.writer.full_sync(_services(lab, remote4=moved))
+        _v, _out, d = run_counted(lab, hook, stop, pkt)
+        assert d.get("stale_backend") == 1 and d.get("new_snat") == 1, d
+        assert d.get("ct_slot_full", 0) == 0 and d.get("drop_ct_claim", 0) == 0, d
+        _last, bid, _rev_nat, flags, _tf, _p, nat_port, _p2, _nat_addr = slot_entry(lab, key)
+        assert bid != old_bid and flags & D.CT_F_SNAT, (bid, old_bid, flags)
+        assert nat_port == 0, "the re-pick kept the old backend's SNAT mapping"
+        _v, out, d = run_counted(lab, hook, hook, pkt)
+        assert d.get("established") == 1 and not NEW & set(d), d
+        _last, bid2, _rev_nat, _flags, _tf, _p, nat_port, _p2, _nat_addr = slot_entry(lab, key)
+        assert bid2 == bid and nat_port, "the stage mapped the re-picked flow into its slot"
+        with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+            holding = [i for i in t.probes(key, D.CT_PROBES) if t.claim(i) and t.read(i)[1] == key]
+        assert len(holding) == 1, holding
+        assert lru_entry(lab, key) is None
+        assert IP(out[14:]).dst == moved, IP(out[14:]).summary()
+    finally:
+        lab.writer.full_sync(_services(lab))
 
 
 def _hold_probes(lab: ProgLab, key: bytes, skip: tuple[int, ...] = ()) -> list[int]:

@@ -10,8 +10,9 @@ What belongs to whom:
               their frontend are "stale" and cleared at once: kube-proxy's long-standing
               stale-UDP problem (clients keep sending into the void) does not happen here.
   kpr_np_ct_slots  the same entries of KPR_NP_CT_SLOTS builds (lib/nodeport.h), judged alike;
-              a dead one's slot is freed (kpr.bpf.slots), never one claimed less than GRACE_NS
-              ago (its key may still be being written). After a full pass that left no NodePort
+              a dead one's slot is freed (kpr.bpf.slots). One claimed less than GRACE_NS ago
+              (its mapping may still be being written) never expires, and is stale only by a
+              backend the pass's read of kpr_backend knows. After a full pass that left no NodePort
               entry in kpr_ct, kpr_np_ct_gate is marked clean with the count read before it;
               after every full pass, each home slot's gate (the keys whose first probe it
               is) likewise, open where kpr_ct keeps a NodePort entry of such a key.
@@ -273,20 +274,23 @@ class Collector:
 
         def live(k: bytes, v: bytes, young: bool = False) -> bool | None:
             """Whether a NodePort entry lives on (None: not one); counts and notes the flow. A
-            `young` one (a slot claimed within GRACE_NS: perhaps still being written) lives on
-            unjudged, and its flow is noted live all the same: the same key's expired entry in
-            another slot must not take the live one's partners with it."""
+            `young` one (a slot claimed within GRACE_NS: perhaps its mapping still being
+            written) never expires, and is judged stale only by a backend this pass's read of
+            kpr_backend knows (a backend added after that read is no removed one): a change's
+            purge clears a fresh UDP flow of a removed backend at once, as kpr_ct's. A flow that
+            lives is noted live: the same key's expired entry in another slot must not take the
+            live one's partners with it."""
             saddr, daddr, sport, dport, proto, direction, _ = D.CT_KEY.unpack(k)
             last_seen, bid, _rev_nat, flags, _tf, _pad, nat_port = D.CT_ENTRY.unpack(v)[:7]
             if direction != D.CT_DIR_ORIGINAL or not flags & D.CT_F_NODE_PORT:
                 return None
             be = names.get(bid)
-            if young or (only is not None and not only(daddr, dport, proto)):
+            if (young and be is None) or (only is not None and not only(daddr, dport, proto)):
                 if be is not None:
                     res.live.add((saddr, sport, proto, be[0], be[1]))
                     res.live_ports.add(((saddr, sport, proto, be[0], be[1]), nat_port))
                 return True
-            expired = not stale_only and now - last_seen > ct_timeout(flags, proto)
+            expired = not stale_only and not young and now - last_seen > ct_timeout(flags, proto)
             stale = proto != TCP and judge and self._stale(daddr, dport, proto, be)
             if expired or stale:
                 if stale and not expired:

@@ -410,6 +410,31 @@ def test_a_reused_source_port_keeps_its_snat_mapping_when_the_collector_frees_it
     assert d.get("reply_snat") == 1, d
 
 
+def test_a_change_clears_a_young_slots_udp_flow_of_a_removed_backend_not_one_newer_than_the_backends_read(
+        lab: ProgLab) -> None:
+    """A service change's purge (stale_only) judges a slot claimed within the grace period as
+    kpr_ct's entry would be judged: a UDP flow of a backend the frontend no longer has is cleared
+    at once (it was left up to the grace period and a pass, its packets still sent to the
+    removed backend). Only a young slot whose backend id the pass's read of kpr_backend lacks
+    (a backend added after that read) is kept."""
+    key = ct_key(CLIENT4, NODE4, 43300, UDP_REMOTE, UDP_P)
+    _v, _out, d = run_counted(lab, "tc", "tc", frame(lab, CLIENT4, NODE4, 43300, UDP_REMOTE, UDP_P))
+    assert d.get("new_snat") == 1, d
+    newer = ct_key(CLIENT4, NODE4, 43301, UDP_REMOTE, UDP_P)
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        t.put(t.first_free(newer, D.CT_PROBES), now_ns() | 1, newer,
+              D.CT_ENTRY.pack(now_ns(), 0xABCDEF, 1, D.CT_F_NODE_PORT | D.CT_F_SNAT, 0, 0, 0, 0, bytes(16)))
+    maps = dict(lab.builds["tc"].maps)
+    col = Collector(maps, lambda a, p, pr: set(), lambda: set(), 60.0, pin=lab.pin, ct_slots=True)
+    try:
+        res = col.run(stale_only=True)
+    finally:
+        col.stop()
+    assert res.stale == 1, res
+    assert slot_entry(lab, key) is None, "the removed backend's young flow kept its slot"
+    assert slot_entry(lab, newer) is not None, "a flow of a backend newer than the pass's read was cleared"
+
+
 def test_a_collector_of_builds_without_slots_never_marks_the_gate_clean(lab: ProgLab) -> None:
     """Review R4 item 3: a build without slots writes kpr_ct unmarked, so its collector (the
     header's KPR_NP_CT_SLOTS off) must never say kpr_ct holds no NodePort entry."""

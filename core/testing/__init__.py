@@ -26,6 +26,9 @@
   backend addresses, an external client; fe_disagreements reads the kpr_fe lines back.
 - kpr.testing.standin_maps: DictMap, a dict standing in for a map the code under test only
   dumps and deletes from (the NodePort collector's passes).
+- kpr.testing.np_conntrack: NodePort's conntrack entries wherever the build put them (a slot of
+  kpr_np_ct_slots or kpr_ct): ct_entries, ct_of_client, ct_write. Tests read flows there, not
+  from kpr_ct alone, so they hold whichever KPR_NP_CT_SLOTS the header defaults to.
 
 Submodules are imported on use so `import kpr.testing` stays cheap and needs no root.
 """

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.kernel
 
 HOOKS = ("tc", "xdp")
 SLOTS = ("-DKPR_NP_CT_SLOTS=1",)
+NO_SLOTS = ("-DKPR_NP_CT_SLOTS=0",)  # an older build, whatever the header's default
 UDP_LOCAL, TCP_REMOTE, UDP_REMOTE = 30081, 30082, 30083
 REMOTE4, REMOTE6 = "10.244.2.5", "fd00:244:2::5"
 CLIENT4, CLIENT6 = "192.0.2.70", "2001:db8:c::70"
@@ -314,7 +315,7 @@ def test_an_upgrade_keeps_the_flows_an_older_build_left_in_kpr_ct(lab: ProgLab, 
     the older build wrote kpr_ct unmarked, by the slot build's loader, which found the NodePort
     entry in kpr_ct ("loader"); a collector's pass while the flow lives keeps it open."""
     old = f"{hook}-lru"
-    lab.load(hook, old)  # (the same pins: kpr_ct, kpr_np_ct_slots and kpr_np_ct_gate shared)
+    lab.load(hook, old, NO_SLOTS)  # (the same pins: kpr_ct, kpr_np_ct_slots and kpr_np_ct_gate shared)
     try:
         lab.builds[old].set_frontend_ports(PORTS)
         sport = 44000 + HOOKS.index(hook) * 2 + (how == "loader")
@@ -457,7 +458,7 @@ def test_a_slot_build_loaded_before_an_older_build_writes_kpr_ct_finds_its_flow(
     then), the build it replaces still runs and begins a flow in kpr_ct, unmarked: the slot
     build's loader opened the gate whatever kpr_ct held, so the flow's next packet is found."""
     old = f"{hook}-lru-first"
-    lab.load(hook, old)
+    lab.load(hook, old, NO_SLOTS)
     new = f"{hook}-slots-after"
     try:
         lab.builds[old].set_frontend_ports(PORTS)

@@ -62,36 +62,44 @@ def _service_packets(lab: ProgLab) -> list[tuple[str, bytes, bytes | None]]:
     ]
 
 
-FLOW_MAPS = ("kpr_ct", "kpr_snat", "kpr_np_rev")
+FLOW_MAPS = ("kpr_snat", "kpr_np_rev")  # and the conntrack entries, wherever the build put them ("ct")
 
 
-def flows(lab: ProgLab) -> dict[str, list[tuple[bytes, bytes]]]:
-    """The flow maps' entries (a begun flow: its backend and SNAT port were drawn at random)."""
+def flows(lab: ProgLab) -> dict[str, list]:
+    """The flow maps' entries (a begun flow: its backend and SNAT port were drawn at random):
+    "ct", NodePort's conntrack (kpr.testing.np_conntrack: its slots or kpr_ct), then FLOW_MAPS."""
     from kpr.bpf import maps as M
+    from kpr.testing.np_conntrack import ct_entries
 
-    out = {}
+    out: dict[str, list] = {"ct": ct_entries(lab.pin)}
     for name in FLOW_MAPS:
         with M.BpfMap.open_pinned(lab.pin / name) as m:
             out[name] = m.items()
     return out
 
 
-# Each flow map's value without its clock field (kpr_ct_entry.last_seen, kpr_np_rev.last_seen,
+# Each flow entry without its clock field (kpr_ct_entry.last_seen, kpr_np_rev.last_seen,
 # kpr_nat_entry.created): what a packet wrote there, whenever it ran.
-UNTIMED = {"kpr_ct": lambda v: v[8:], "kpr_np_rev": lambda v: v[:24], "kpr_snat": lambda v: v[:24] + v[32:]}
+UNTIMED = {"kpr_np_rev": lambda v: v[:24], "kpr_snat": lambda v: v[:24] + v[32:]}
 
 
-def state(lab: ProgLab) -> dict[str, set[tuple[bytes, bytes]]]:
-    return {name: {(k, UNTIMED[name](v)) for k, v in items} for name, items in flows(lab).items()}
+def state(lab: ProgLab) -> dict[str, set]:
+    got = flows(lab)
+    out: dict[str, set] = {"ct": {(e.where, e.key, e.val[1:]) for e in got.pop("ct")}}
+    out.update({name: {(k, UNTIMED[name](v)) for k, v in items} for name, items in got.items()})
+    return out
 
 
-def restore(lab: ProgLab, saved: dict[str, list[tuple[bytes, bytes]]]) -> None:
+def restore(lab: ProgLab, saved: dict[str, list]) -> None:
     from kpr.bpf import maps as M
+    from kpr.testing.np_conntrack import ct_write
 
     lab.flush_flows()
-    for name, items in saved.items():
+    for e in saved["ct"]:
+        ct_write(lab.pin, e, e.val)
+    for name in FLOW_MAPS:
         with M.BpfMap.open_pinned(lab.pin / name) as m:
-            for k, v in items:
+            for k, v in saved[name]:
                 m.update(k, v)
 
 

@@ -45,6 +45,7 @@ from kpr.plugins.xdp_nodeport import datapath as XD
 from kpr.servicemaps import ServiceMapWriter
 from kpr.testing.netns import Topology, in_netns
 from kpr.testing.prog_run import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, Case, run_cases, test_run
+from kpr.testing.np_conntrack import ct_entries, ct_of_client, ct_write
 
 pytestmark = pytest.mark.kernel
 
@@ -338,11 +339,12 @@ def test_snat_to_a_remote_backend_and_the_reverse_nat_of_its_reply(lab: Lab) -> 
 
 
 def _flow_entries(lab: Lab, client: str, cport: int, proto: int) -> dict[str, list[tuple[tuple, tuple]]]:
-    """Every entry of kpr_ct, kpr_snat, kpr_snat_slots and kpr_np_rev naming the client address and port."""
+    """Every entry of kpr_snat, kpr_snat_slots and kpr_np_rev naming the client address and port,
+    and "ct": its conntrack entries wherever the build put them (kpr_np_ct_slots or kpr_ct)."""
     c = M.addr_to_bytes(client)
-    out: dict[str, list[tuple[tuple, tuple]]] = {}
-    for name, leaf in (("kpr_ct", D.CT_ENTRY), ("kpr_snat", D.NAT_ENTRY), (D.REV_MAP, D.NP_REV),
-                       (ND.SNAT_SLOTS_MAP, D.NAT_ENTRY)):
+    out: dict[str, list[tuple[tuple, tuple]]] = {
+        "ct": [(e.key, e.val) for e in ct_of_client(lab.pin, c, cport, proto)]}
+    for name, leaf in (("kpr_snat", D.NAT_ENTRY), (D.REV_MAP, D.NP_REV), (ND.SNAT_SLOTS_MAP, D.NAT_ENTRY)):
         if name == ND.SNAT_SLOTS_MAP:
             with _slots(lab) as t:
                 rows = [(D.CT_KEY.unpack(k), leaf.unpack(v)) for _i, _s, k, v in t.held()]
@@ -368,7 +370,7 @@ def test_a_new_snat_flow_writes_two_entries(snat_lab: Lab) -> None:
     assert verdict == TC_ACT_REDIRECT
     port = out[UDP].sport
     e = _flow_entries(lab, CLIENT4, cport, 17)
-    (ck, cv), = e["kpr_ct"]
+    (ck, cv), = e["ct"]
     assert ck[1] == M.addr_to_bytes(VIP_REMOTE) and ck[5] == D.CT_DIR_ORIGINAL
     last_seen, _bid, _rn, flags, _tf, _pad, nat_port, _pad2, nat_addr = cv
     assert flags & D.CT_F_SNAT and (nat_port, nat_addr) == (M.htons(port), M.addr_to_bytes(NODE4))
@@ -382,7 +384,7 @@ def test_a_new_snat_flow_writes_two_entries(snat_lab: Lab) -> None:
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
     assert verdict == TC_ACT_REDIRECT and out[UDP].sport == port
     assert {k: len(v) for k, v in _flow_entries(lab, CLIENT4, cport, 17).items()} == {
-        "kpr_ct": 1, "kpr_snat": 0 if slots else 1, ND.SNAT_SLOTS_MAP: 1 if slots else 0, D.REV_MAP: 0}
+        "ct": 1, "kpr_snat": 0 if slots else 1, ND.SNAT_SLOTS_MAP: 1 if slots else 0, D.REV_MAP: 0}
 
 
 def test_conntrack_stamps_are_on_the_collectors_clock(lab: Lab) -> None:
@@ -398,7 +400,7 @@ def test_conntrack_stamps_are_on_the_collectors_clock(lab: Lab) -> None:
     after = G.now_ns()
     assert verdict == TC_ACT_REDIRECT
     e = _flow_entries(lab, CLIENT4, 5079, 17)
-    (_ck, cv), = e["kpr_ct"]
+    (_ck, cv), = e["ct"]
     (_sk, sv), = e["kpr_snat"] + e[ND.SNAT_SLOTS_MAP]
     tick = ctclock.tick_nsec(ctclock.kernel_hz())
     for stamp in (cv[0], sv[4]):  # the reverse entry's created
@@ -415,10 +417,9 @@ def test_a_conntrack_stamp_ahead_of_the_programs_clock_is_fresh(lab: Lab) -> Non
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5081, 80))
     assert verdict == TC_ACT_REDIRECT
     port = out[UDP].sport
-    (ck, cv), = _flow_entries(lab, CLIENT4, 5081, 17)["kpr_ct"]
-    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
-        # 200 ms ahead of the programs' clock: what the coarse clock read just now here
-        ct.update(D.CT_KEY.pack(*ck), D.CT_ENTRY.pack(G.now_ns() + 200 * 10**6, *cv[1:]))
+    e, = ct_of_client(lab.pin, M.addr_to_bytes(CLIENT4), 5081, 17)
+    # 200 ms ahead of the programs' clock: what the coarse clock read just now here
+    ct_write(lab.pin, e, (G.now_ns() + 200 * 10**6, *e.val[1:]))
     before = lab.stats()
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, 5081, 80))
     after = lab.stats()
@@ -677,16 +678,15 @@ def test_the_entry_programs_established_path_refreshes_and_closes_the_flow(lab: 
     assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport - 1, 80))[0] == TC_ACT_REDIRECT
     cached = lab.stats()["fwd_nh_cached"]
     assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport, 80))[0] == TC_ACT_REDIRECT
-    (ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["kpr_ct"]
+    e, = ct_of_client(lab.pin, M.addr_to_bytes(CLIENT4), sport, 6)
     old = G.now_ns() - 5 * 10**9
-    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
-        ct.update(D.CT_KEY.pack(*ck), D.CT_ENTRY.pack(old, *cv[1:]))
+    ct_write(lab.pin, e, (old, *e.val[1:]))
     assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport, 80, flags="A"))[0] == TC_ACT_REDIRECT
-    (_ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["kpr_ct"]
+    (_ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["ct"]
     assert cv[0] > old + 4 * 10**9, "last_seen refreshed"
     assert not cv[3] & D.CT_F_CLOSING
     assert lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport, 80, flags="FA"))[0] == TC_ACT_REDIRECT
-    (_ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["kpr_ct"]
+    (_ck, cv), = _flow_entries(lab, CLIENT4, sport, 6)["ct"]
     assert cv[3] & D.CT_F_CLOSING and cv[4] & 0x01, "FIN seen: closing"
     # the new flow's first packet too (KPR_NP_NEW_NH: its backend's next hop was cached by
     # the flow above, so no FIB lookup for it either)
@@ -1943,10 +1943,8 @@ def test_the_collector_frees_the_slot_of_an_ended_flow_not_of_a_live_one(slot_la
     ck = D.CT_KEY.pack(M.addr_to_bytes(CLIENT4), M.addr_to_bytes(VIP_REMOTE), M.htons(44001), M.htons(80), 17,
                        D.CT_DIR_ORIGINAL, 0)
     old = ND_now() - 10 * GRACE_NS
-    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as ct:
-        v = list(D.CT_ENTRY.unpack(ct.lookup(ck)))
-        v[0] = old
-        ct.update(ck, D.CT_ENTRY.pack(*v))
+    e, = ct_entries(lab.pin, lambda k: D.CT_KEY.pack(*k) == ck)  # (its slot or kpr_ct)
+    ct_write(lab.pin, e, (old, *e.val[1:]), stamp=old | 1)  # (a slot's claim as old: past the grace too)
     idx = {}
     with _slots(lab) as t:
         for cport, port in ports.items():
@@ -1959,8 +1957,10 @@ def test_the_collector_frees_the_slot_of_an_ended_flow_not_of_a_live_one(slot_la
             M.addr_to_bytes(CLIENT4), M.htons(44003), M.htons(80), 0, 0, M.addr_to_bytes(VIP_REMOTE)))
     maps = {n: M.BpfMap.open_pinned(lab.pin / n) for n in
             ("kpr_ct", "kpr_snat", "kpr_backend", D.REV_MAP, ND.SNAT_SLOTS_MAP, ND.SNAT_GATE_MAP)}
+    c = None
     try:
-        c = Collector(maps, lambda *a: None, lambda: {M.addr_to_bytes(NODE4), M.addr_to_bytes(NODE6)}, 60)
+        c = Collector(maps, lambda *a: None, lambda: {M.addr_to_bytes(NODE4), M.addr_to_bytes(NODE6)}, 60,
+                      pin=lab.pin)  # (as the agent's: it finds kpr_np_ct_slots there)
         res = c.run()
         assert res.ct_expired >= 1
         with _slots(lab) as t:
@@ -1970,6 +1970,8 @@ def test_the_collector_frees_the_slot_of_an_ended_flow_not_of_a_live_one(slot_la
             assert t.claim(young) != 0, "a young slot without its conntrack entry (yet) is kept"
             t.free(young)
     finally:
+        if c is not None:
+            c.stop()  # (closes the slot table and gate it opened from the pin)
         for m in maps.values():
             m.close()
 
@@ -2008,9 +2010,11 @@ def test_the_collector_keeps_a_live_flows_reverse_entry_beside_another_frontends
     rev = D.NAT_ENTRY.pack(M.addr_to_bytes(CLIENT4), M.htons(cport), M.htons(80), 0, old, M.addr_to_bytes(other_fe))
     maps = {n: M.BpfMap.open_pinned(lab.pin / n) for n in
             ("kpr_ct", "kpr_snat", "kpr_backend", D.REV_MAP, ND.SNAT_SLOTS_MAP, ND.SNAT_GATE_MAP)}
+    c = None
     try:
         ct = maps["kpr_ct"]
-        v = list(D.CT_ENTRY.unpack(ct.lookup(ck)))
+        e, = ct_entries(lab.pin, lambda k: D.CT_KEY.pack(*k) == ck)  # (its slot or kpr_ct)
+        v = list(e.val)
         v[6] = M.htons(other)
         ct.update(ok, D.CT_ENTRY.pack(*v))  # the other frontend's flow: live, its own port
         with _slots(lab) as t:
@@ -2027,7 +2031,8 @@ def test_the_collector_keeps_a_live_flows_reverse_entry_beside_another_frontends
                 r[4] = old
                 maps["kpr_snat"].update(keys[port], D.NAT_ENTRY.pack(*r))
                 maps["kpr_snat"].update(keys[other], rev)
-        c = Collector(maps, lambda *a: None, lambda: {M.addr_to_bytes(NODE4), M.addr_to_bytes(NODE6)}, 60)
+        c = Collector(maps, lambda *a: None, lambda: {M.addr_to_bytes(NODE4), M.addr_to_bytes(NODE6)}, 60,
+                      pin=lab.pin)  # (as the agent's: it finds kpr_np_ct_slots there)
         c.run()
         assert _reverse_entries(lab, keys) == {port: True, other: True}, "both flows live: both kept"
         v[0] = old  # the other frontend's conntrack entry expires
@@ -2046,5 +2051,7 @@ def test_the_collector_keeps_a_live_flows_reverse_entry_beside_another_frontends
             if j is not None:
                 t.free(j)
         maps["kpr_snat"].delete(keys[other])
+        if c is not None:
+            c.stop()  # (closes the slot table and gate it opened from the pin)
         for m in maps.values():
             m.close()

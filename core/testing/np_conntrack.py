@@ -1,5 +1,5 @@
 """NodePort's conntrack entries wherever the build put them: a slot of kpr_np_ct_slots
-(KPR_NP_CT_SLOTS builds, the header's default) or kpr_ct (builds without slots, a flow whose
+(KPR_NP_CT_SLOTS builds) or kpr_ct (builds without slots, a flow whose
 probes were all held, a flow an older build began). Tests read a flow's entry here, never
 kpr_ct alone, so they hold in either build; kpr.readback's DatapathMaps.conntrack answers
 `kpr explain`'s question (the one live entry the programs take), this one a test's (every
@@ -50,7 +50,7 @@ def ct_of_client(pin: Path, client: bytes, cport: int, proto: int) -> list[CtEnt
 def ct_write(pin: Path, e: CtEntry, val: tuple, stamp: int | None = None) -> None:
     """Write `val` (D.CT_ENTRY's fields) into the entry `e` was read from: its slot (claim
     stamp kept, or `stamp`: a flow made to look old must look claimed long ago too, as the
-    collector leaves a slot younger than its grace period unjudged) or kpr_ct (no stamp)."""
+    collector never expires a slot younger than its grace period) or kpr_ct (no stamp)."""
     from kpr.bpf.slots import SlotTable
     from kpr.nodeport import datapath as D
 

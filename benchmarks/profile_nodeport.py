@@ -1,6 +1,6 @@
 """Where one case of a NodePort build spends its kernel time, by program, helper and instruction
-(issue 14, item 1: measure first): the case of kpr.testing.nodeport_bench run by the restoring
-wrapper (BPF_PROG_TEST_RUN, `--runs` a call, flows flushed before each call) for `--seconds`
+(issue 14, item 1: measure first): the case of kpr.testing.nodeport_bench measured as the
+benchmarks measure it (`measure`: flows flushed, the restoring wrapper's `--runs` a call) for `--seconds`
 while `perf record -g` samples this benchmark's CPU; the samples under bpf_test_run counted by
 the symbol they were taken in (kpr.testing.perfsamples), and for each of the build's programs its
 hottest offsets in the JIT image, disassembled around them when objdump is there. The stop builds
@@ -19,6 +19,7 @@ Needs perf (Debian: linux-perf) and root. Not a timing: shares of the samples, w
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import signal
@@ -29,10 +30,8 @@ import time
 from pathlib import Path
 
 from kpr.bpf import maps as M
-from kpr.testing.netns import in_netns
-from kpr.testing.nodeport_bench import ProgLab, cases, exit_on_sigterm
-from kpr.testing.perfsamples import parse, program_name
-from kpr.testing.prog_run import test_run
+from kpr.testing.nodeport_bench import ProgLab, cases, exit_on_sigterm, measure
+from kpr.testing.perfsamples import parse, program_name, program_tag
 
 BUILD = "profiled"
 
@@ -87,11 +86,10 @@ def main() -> int:
             names = "; ".join(c.name for c in cases(lab, a.hook))
             ap.error(f"--case {a.case!r} names {len(matches)} cases of: {names}")
         case = matches[0]
-        fd = lab.entry(a.hook, BUILD)
         data = Path(tmp) / "perf.data"
         pr(f"== {a.hook} {case.name}, build {flags or 'default'}; {time.strftime('%H:%M:%S')} UTC; "
            f"load {open('/proc/loadavg').read().split()[:3]}; CPU {cpu}; {a.seconds:g} s")
-        before = dp.stats()
+        moved: collections.Counter[str] = collections.Counter()
         calls = 0
         perf = subprocess.Popen(["perf", "record", "-q", "-g", "-C", str(cpu), "-o", str(data)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -101,34 +99,23 @@ def main() -> int:
                 pr(f"profile_nodeport: perf record ended at once: {perf.stderr.read().strip() if perf.stderr else ''}")
                 return 2
             end = time.monotonic() + a.seconds
-            with in_netns(lab.lb_path):
-                while time.monotonic() < end:
-                    lab.flush_flows()
-                    pkt = lab.packet(case.dst, case.dport, sport=40000 + calls % 1000,
-                                     flags="S" if case.kind == "new" else "A")
-                    if case.kind == "established":
-                        test_run(lab.entry(a.hook, "default"),
-                                 lab.packet(case.dst, case.dport, sport=40000 + calls % 1000, flags="S"),
-                                 ctx=lab.ctx(a.hook))
-                    lab.run_wrapped(a.hook, fd, pkt, a.runs, vary=case.kind == "new",
-                                    spread=lab.fillers if case.spread else 0)
-                    calls += 1
+            while time.monotonic() < end:
+                # one round of the benchmarks' own: flows flushed, the case set up, the wrapper's runs
+                moved.update(measure(lab, a.hook, BUILD, case, a.runs, 1, single=False).counted)
+                calls += 1
         finally:
             perf.send_signal(signal.SIGINT)
             perf.wait(timeout=60)
-        after = dp.stats()
         script = subprocess.run(["perf", "script", "-i", str(data)], capture_output=True, text=True)
         prof = parse(script.stdout.splitlines())
-        moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-        pr(f"  {calls} calls of {a.runs} runs; counters: {moved}")
+        pr(f"  {calls} calls of {a.runs} runs; counters: {dict(moved)}")
         pr(f"  {prof.in_run} of {prof.samples} samples under BPF_PROG_TEST_RUN; by the symbol they were taken in:")
         for sym, n in prof.leaves.most_common(a.top):
             pr(f"  {100 * n / prof.in_run:6.1f}%  {sym}")
-        # the build's programs by their symbol's tag (the kernel keeps 15 characters of a name)
         by_tag = {bytes(M.prog_info(dp.fd(p)).tag).hex(): p for p in dp.progs}
         for sym, _n in prof.leaves.most_common():
-            tag = sym[len("bpf_prog_"):][:16]
-            if not program_name(sym) or tag not in by_tag or prof.share(sym) < 0.02:
+            tag = program_tag(sym)
+            if tag not in by_tag or prof.share(sym) < 0.02:
                 continue
             pr(f"  {program_name(sym)} ({100 * prof.share(sym):.1f}% of the samples): hottest offsets")
             code = M.prog_jited(dp.fd(by_tag[tag]))

@@ -3,7 +3,7 @@ parser benchmarks/profile_nodeport.py reads perf's output with), on perf's own t
 
 from __future__ import annotations
 
-from kpr.testing.perfsamples import parse, program_name
+from kpr.testing.perfsamples import parse, program_name, program_tag
 
 INGRESS = "bpf_prog_6e42ce625c576c08_kpr_xnp_ingress"
 SCRIPT = f"""\
@@ -47,6 +47,8 @@ def test_a_program_is_named_by_its_jit_symbol_only() -> None:
     assert program_name(INGRESS) == "kpr_xnp_ingress"
     assert program_name("htab_map_hash") is None
     assert program_name("bpf_prog_nothex_kpr") is None
+    assert program_tag(INGRESS) == "6e42ce625c576c08"
+    assert program_tag("htab_map_hash") is None
 
 
 def test_nothing_to_read_is_an_empty_profile() -> None:

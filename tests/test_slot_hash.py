@@ -11,11 +11,12 @@ import ipaddress
 
 import pytest
 
+from kpr.bpf import abi
 from kpr.bpf import maps as M
 from kpr.bpf.slots import slot_hash
 from kpr.nodeport import datapath as D
 
-SLOTS = 262144  # kpr_np_ct_slots' and kpr_snat_slots' size
+SLOTS = abi.value("KPR_NP_CT_SLOTS_N")  # kpr_np_ct_slots' size (kpr_snat_slots', KPR_SNAT_SLOTS_N, is the same today)
 TCP = 6
 EVEN_PORTS = range(D.SNAT_PORT_MIN + D.SNAT_PORT_MIN % 2, D.SNAT_PORT_MAX + 1, 2)  # kpr_snat_claim's (lib/nat.h)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 UNDER = "bpf_test_run"  # the frame that marks a sample taken while a test run's program ran
 _FRAME = re.compile(r"^\s+[0-9a-f]+\s+(?P<sym>[^\s(]+?)(?:\+0x(?P<off>[0-9a-f]+))?(?:\s+\(.*\))?\s*$")
-_PROG = re.compile(r"^bpf_prog_[0-9a-f]{16}_(?P<name>\w+)$")
+_PROG = re.compile(r"^bpf_prog_(?P<tag>[0-9a-f]{16})_(?P<name>\w+)$")
 
 
 @dataclass
@@ -40,6 +40,13 @@ def program_name(symbol: str) -> str | None:
     """The program's name in a JIT image's symbol (bpf_prog_<tag>_<name>), else None."""
     m = _PROG.match(symbol)
     return m.group("name") if m else None
+
+
+def program_tag(symbol: str) -> str | None:
+    """The program's tag (bpf_prog_info.tag in hex) in a JIT image's symbol, else None: what
+    names a loaded program whole (the kernel keeps 15 characters of a name)."""
+    m = _PROG.match(symbol)
+    return m.group("tag") if m else None
 
 
 def _frames(block: list[str]) -> list[tuple[str, int | None]]:

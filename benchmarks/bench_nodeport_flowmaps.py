@@ -48,6 +48,7 @@ from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
 STOPS = {9: "ct miss", 6: "+SNAT/ct/rewrite", 0: "full"}
 # layouts of the shipped build switches: kind -> the -D flags every build of its lab gets (maps: LRU)
 SLOT_KINDS = {"ct-slots": ("-DKPR_NP_CT_SLOTS=1",), "slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1"),
+              "slots-syn0": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1", "-DKPR_NP_SYN_FIRST=0"),
               "ct-slots-1": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_CT_PROBES=1")}  # (one probe a key: direct-mapped)
 
 

@@ -663,6 +663,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_CT_SLOTS=1",),
     "conntrack and a new SNAT flow's reply side both in slots, no LRU insert (KPR_NP_CT_SLOTS=1, KPR_NP_SNAT_SLOTS=1)": (
         "-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1"),
+    "both in slots, a SYN's conntrack slots read before its pick, not after (KPR_NP_SYN_FIRST=0; XDP's default on)": (
+        "-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1", "-DKPR_NP_SYN_FIRST=0"),
     "both in slots, their gates read as shut: no LRU lookup on a slot miss (benchmark only, KPR_NP_TEST_GATES_SHUT=1)": (
         "-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1", "-DKPR_NP_TEST_GATES_SHUT=1"),
     "all off (as before issue 14's changes, with a fine clock and writes)": (

@@ -3,7 +3,10 @@ BPF_PROG_TEST_RUN and real packets: a new flow's entry lands in its slot of kpr_
 kpr_ct), its later packets and its replies find it (IPv4 and IPv6, TCP and UDP, a local backend
 and a source-NATed one); a flow whose probes are all held goes into kpr_ct, opens the gate and is
 still found; the collector frees expired slots and marks the gate clean only when kpr_ct holds no
-NodePort entry; a NodePort entry an older build left in a pinned kpr_ct keeps its flow."""
+NodePort entry; a NodePort entry an older build left in a pinned kpr_ct keeps its flow. With both
+slot tables on XDP, a SYN balanced before its conntrack slots are read (KPR_NP_SYN_FIRST) is
+still its flow's packet when the flow exists: a resent SYN, a SYN on a closed flow's tuple, a
+flow in kpr_ct; each against the same build with the switch off."""
 
 from __future__ import annotations
 
@@ -638,3 +641,82 @@ def test_the_benchmarks_fill_holds_slots_at_random_places(lab: ProgLab) -> None:
         assert 0.2 < both < 0.3, both
     finally:
         lab.flush_flows()
+
+
+# --- a SYN balanced before its conntrack slots are read (KPR_NP_SYN_FIRST, XDP with both slot tables)
+
+BOTH = (*SLOTS, "-DKPR_NP_SNAT_SLOTS=1")  # (XDP's default with both: KPR_NP_SYN_FIRST=1)
+SYN_BUILDS = {"xdp-syn": BOTH, "xdp-syn0": (*BOTH, "-DKPR_NP_SYN_FIRST=0")}
+
+
+def _syn_build(lab: ProgLab, name: str) -> str:
+    if name not in lab.builds:
+        lab.load("xdp", name, SYN_BUILDS[name])
+        lab.builds[name].set_frontend_ports(PORTS)  # (a load arms the lab's own ports only)
+    return name
+
+
+@pytest.mark.parametrize("build", sorted(SYN_BUILDS))
+def test_a_resent_syn_follows_its_flow_to_the_same_backend_and_snat_port(lab: ProgLab, build: str) -> None:
+    """A SYN sent again (its SYN-ACK lost) is the flow's packet, not a new flow: with
+    KPR_NP_SYN_FIRST its conntrack slots are first read by the claim, which finds the flow's
+    entry and follows it; the same packet out as the first SYN's, one slot holding the key."""
+    _syn_build(lab, build)
+    sport = 49100 + sorted(SYN_BUILDS).index(build)
+    key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
+    pkt = frame(lab, CLIENT4, VIP, sport, 80, TCP_P)
+    with in_netns(lab.lb_path):  # every backend's next hop cached, as the benchmarks do (the claim stage's path)
+        lab.run_wrapped("xdp", lab.entry("xdp", build), lab.packet(VIP, 80, flags="S"), 1000, vary=True)
+    lab.flush_flows()
+    _v, first, d = run_counted(lab, "xdp", build, pkt)
+    assert d.get("new_snat") == 1 and d.get("fwd_nh_cached") == 1, ("the claim stage's path", d)
+    port = TCP(first[34:]).sport
+    assert port % 2 == 0 and 61000 <= port <= 65535, port
+    _v, again, d = run_counted(lab, "xdp", build, pkt)
+    assert d.get("established") == 1 and not NEW & set(d), d
+    assert d.get("ct_slot_full", 0) == 0 and d.get("drop_ct_claim", 0) == 0, d
+    assert again == first, (IP(first[14:]).summary(), IP(again[14:]).summary())
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        assert [i for i in t.probes(key, D.CT_PROBES) if t.claim(i) and t.read(i)[1] == key] == [t.find(key, D.CT_PROBES)]
+    assert lru_entry(lab, key) is None
+
+
+@pytest.mark.parametrize("build", sorted(SYN_BUILDS))
+def test_a_syn_on_the_tuple_of_a_closed_flow_restarts_it(lab: ProgLab, build: str) -> None:
+    """A new connection on the tuple of one that sent its FIN: the same backend, the entry's
+    closing and reply marks cleared (the conntrack hit's restart; with KPR_NP_SYN_FIRST the
+    claim's follow does it)."""
+    _syn_build(lab, build)
+    sport = 49110 + sorted(SYN_BUILDS).index(build)
+    key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
+    _v, first, d = run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+    assert d.get("new_snat") == 1, d
+    for flags in ("A", "FA"):
+        run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P, flags))
+    _last, bid, _rev, flags_before, *_ = slot_entry(lab, key)
+    assert flags_before & D.CT_F_CLOSING, hex(flags_before)
+    _v, out, d = run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+    assert d.get("established") == 1 and not NEW & set(d), d
+    _last, bid2, _rev, flags_after, *_ = slot_entry(lab, key)
+    assert bid2 == bid and not flags_after & (D.CT_F_CLOSING | D.CT_F_SEEN_REPLY), hex(flags_after)
+    assert IP(out[14:]).dst == IP(first[14:]).dst
+
+
+def test_a_syn_while_kpr_ct_may_hold_nodeport_entries_reads_its_conntrack_first(lab: ProgLab) -> None:
+    """KPR_NP_SYN_FIRST only while the table's gate is shut: a flow that overflowed into kpr_ct
+    (its probes held) opens it, and its resent SYN finds it there; read after the pick, the
+    claim would meet a free probe and make the flow a second entry."""
+    build = _syn_build(lab, "xdp-syn")
+    sport = 49120
+    key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
+    pkt = frame(lab, CLIENT4, VIP, sport, 80, TCP_P)
+    held = _hold_probes(lab, key)
+    _v, first, d = run_counted(lab, "xdp", build, pkt)
+    assert d.get("new_snat") == 1 and d.get("ct_slot_full") == 1 and lru_entry(lab, key) is not None, d
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        for idx in held:
+            t.free(idx)
+    _v, again, d = run_counted(lab, "xdp", build, pkt)
+    assert d.get("established") == 1 and not NEW & set(d), d
+    assert slot_entry(lab, key) is None, "the resent SYN claimed a slot beside its kpr_ct entry"
+    assert again == first

@@ -168,6 +168,20 @@ static __always_inline __u16 kpr_snat_random_port(void)
 	return KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1);
 }
 
+/* The first SNAT port (host order) a new flow to backend b:bport tries, from its tuple after DNAT
+ * hashed with `seed` (RFC 6056's hash-based choice: no one without the seed can tell the port),
+ * as the range scaled by the hash (a multiply and a shift: a divide costs tens of cycles). `k`:
+ * room for the key. Its caller can load the port's slot before the claim (KPR_NP_SYN_FIRST). */
+static __always_inline __u16 kpr_snat_first_port(struct kpr_ct_key *k, const union kpr_addr *c, __be16 cport,
+						const union kpr_addr *b, __be16 bport, __u8 proto, __u64 seed)
+{
+	__u64 v;
+
+	kpr_ct_key_of(k, c, cport, b, bport, proto, KPR_CT_DIR_ORIGINAL);
+	v = ((__u64)kpr_slots_hash(k, KPR_SNAT_KEY_DWORDS) ^ seed) * 0x9E3779B97F4A7C15ULL;
+	return KPR_SNAT_PORT_MIN + (__u16)(((v >> 32) * (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1)) >> 32);
+}
+
 #define KPR_SNAT_SLOT_FOUND (1U << 31) // kpr_snat_slot_probe: the index holds the key
 #define KPR_SNAT_SLOT_NONE (~0U)        // kpr_snat_slot_probe: no slot holds the key, none of its probes is free
 
@@ -208,12 +222,13 @@ static __always_inline struct kpr_snat_slot *kpr_snat_slot_find(const struct kpr
 }
 
 /* A new NodePort SNAT flow's reply side in a slot of kpr_snat_slots (tuple after DNAT: client ->
- * backend): KPR_SNAT_SLOT_TRIES random even SNAT ports, each port's reply key hashed to its probes;
+ * backend): KPR_SNAT_SLOT_TRIES even SNAT ports, `first` (host order; 0: a random one) and then
+ * random ones, each port's reply key hashed to its probes;
  * a port whose key a slot holds, or kpr_snat (while its gate says it may hold reverse entries), is
  * taken; else the first free probe is claimed by compare-and-swap and filled (client, frontend).
  * Returns 0 with *port set, or KPR_SNAT_SLOTS_HELD (the caller then takes kpr_snat_alloc). */
 static __always_inline int kpr_snat_claim(const struct kpr_tuple *t, const union kpr_addr *nat_addr,
-					  const union kpr_addr *fe, __be16 fport, __be16 *port)
+					  const union kpr_addr *fe, __be16 fport, __u16 first, __be16 *port)
 {
 	struct kpr_ct_key rk;
 	struct kpr_nat_entry rev = {};
@@ -228,7 +243,8 @@ static __always_inline int kpr_snat_claim(const struct kpr_tuple *t, const union
 	lru = !KPR_NP_TEST_GATES_SHUT && (!g || g->clean != g->overflows + 1); // kpr_snat may hold reverse entries
 #pragma nounroll
 	for (i = 0; i < KPR_SNAT_SLOT_TRIES; i++) {
-		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr, kpr_htons(kpr_snat_random_port() & ~1), t->proto);
+		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr,
+				 kpr_htons((i == 0 && first ? first : kpr_snat_random_port()) & ~1), t->proto);
 		r = kpr_snat_slot_probe(&rk);
 		if (r == KPR_SNAT_SLOT_NONE || (r & KPR_SNAT_SLOT_FOUND) || (lru && kpr_snat.lookup(&rk)))
 			continue; // every probe held, or the port taken

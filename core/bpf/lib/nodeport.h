@@ -1679,10 +1679,17 @@ static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt,
 #define KPR_NP_SYN_FIRST_ON (KPR_NP_SYN_FIRST && KPR_NP_CT_SLOTS && KPR_NP_SNAT_SLOTS)
 
 #if KPR_NP_SYN_FIRST_ON
-// One CPU's room for a reply key (the entry's stack has none to spare) and its SNAT port seed.
+/* One CPU's room for a reply key (the entry's stack has none to spare), its SNAT port seed, and
+ * what the entry's touch found for the flow, carried to its claim stage (the same packet, a tail
+ * call later): the SNAT address and the first port, not looked up and hashed twice. */
 struct kpr_np_syn {
-	struct kpr_ct_key rk;
-	__u64 seed; // kpr_snat_first_port's; 0: not drawn yet (drawn on the CPU's first new flow)
+	struct kpr_ct_key rk;   // first: kpr_np_snat_touch finds the struct from it
+	__u64 seed;             // kpr_snat_first_port's; 0: not drawn yet (drawn on the CPU's first new flow)
+	union kpr_addr nat;     // the flow's SNAT address, as the touch found it
+	union kpr_addr saddr;   // the flow's client (with sport and bid: whose carry this is)
+	__u32 bid;              // the flow's backend; 0: nothing carried (taken once)
+	__be16 sport;
+	__u16 first;            // the first port, host order
 };
 BPF_PERCPU_ARRAY(kpr_np_syn, struct kpr_np_syn, 1);
 
@@ -1718,7 +1725,8 @@ static __always_inline __u16 kpr_np_snat_first(const struct kpr_tuple *t, const 
 }
 
 /* Load the slot line a new SNAT flow's claim will try first (the claim stage's read, after the
- * tail call, then finds it cached). Nothing is decided on what it reads. */
+ * tail call, then finds it cached), and leave the claim stage the SNAT address and first port
+ * (struct kpr_np_syn). Nothing is decided on what it reads. */
 static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_pkt *pkt, __u32 bid,
 					      const struct kpr_backend *be)
 {
@@ -1727,15 +1735,25 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 	struct kpr_ct_key *rk;
 	struct kpr_snat_slot *s;
 	__u32 idx;
+	__u16 first;
 
 	if (!nh)
 		return;
 	nat = kpr_np_snat_addr(nh->ifindex, pkt->t.family);
 	if (!nat)
 		return;
-	kpr_np_snat_first(&pkt->t, be, nat, &rk);
+	first = kpr_np_snat_first(&pkt->t, be, nat, &rk);
 	if (!rk)
 		return;
+	{
+		struct kpr_np_syn *p = (struct kpr_np_syn *)rk; // (rk is its first member)
+
+		p->nat = *nat;
+		p->saddr = pkt->t.saddr;
+		p->sport = pkt->t.sport;
+		p->first = first;
+		p->bid = bid;
+	}
 	idx = kpr_slots_index(kpr_slots_hash(rk, KPR_SNAT_KEY_DWORDS), 0, KPR_SNAT_SLOTS_N - 1);
 	s = kpr_snat_slots.lookup(&idx);
 	if (s)
@@ -1944,24 +1962,40 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 
 	if (kpr_np_stage_begin(ctx, &pkt, &st, &be))
 		return CTX_DROP;
+	first = 0;
+#if KPR_NP_SYN_FIRST_ON
+	{ // what the entry's touch found for this flow (struct kpr_np_syn), taken once
+		__u32 zero = 0;
+		struct kpr_np_syn *p = kpr_np_syn.lookup(&zero);
+
+		if (p && p->bid && p->bid == st->backend_id && p->sport == pkt.t.sport && kpr_addr_eq(&p->saddr, &pkt.t.saddr)) {
+			p->bid = 0;
+			nat = &p->nat;
+			first = p->first;
+			goto carried;
+		}
+	}
+#endif
 	nh = kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr);
 	if (!nh)
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
 	nat = kpr_np_snat_addr(nh->ifindex, pkt.t.family);
 	if (!nat)
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT); // (counted and dropped there)
-	orig = pkt.t;
-	orig.daddr = be->addr;
-	if (be->port)
-		orig.dport = be->port;
-	first = 0;
 #if KPR_NP_SYN_FIRST_ON
 	{
 		struct kpr_ct_key *rk;
 
-		first = kpr_np_snat_first(&pkt.t, be, nat, &rk); // (the port whose slot the entry loaded)
+		first = kpr_np_snat_first(&pkt.t, be, nat, &rk); // (nothing carried: the port a touch would have chosen)
 	}
 #endif
+#if KPR_NP_SYN_FIRST_ON
+carried:
+#endif
+	orig = pkt.t;
+	orig.daddr = be->addr;
+	if (be->port)
+		orig.dport = be->port;
 	if (kpr_snat_claim(&orig, nat, &pkt.t.daddr, pkt.t.dport, first, &nport)) {
 		kpr_np_count(KPR_NP_ST_SNAT_SLOT_FULL);
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);

@@ -200,7 +200,7 @@
  * conntrack slots are read (while kpr_ct holds no NodePort entry: the claim finds a live entry
  * of the tuple and follows it), and the slot of the first SNAT port its claim will try (a keyed
  * hash of the tuple, kpr_snat_first_port) is loaded just before them: the two cold lines of a
- * new flow in flight together instead of one after the other (XDP new SNAT flow 676 -> 539 ns
+ * new flow in flight together instead of one after the other (XDP new SNAT flow 685 -> 499 ns
  * above bare, README issue 14, nineteenth round). tc: 0, its ingress walk would be 938k of the
  * verifier's million. */
 #ifdef KPR_CTX_XDP

@@ -1675,10 +1675,8 @@ static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt,
 }
 #endif
 
-// Tracked flow or new flow to a frontend; anything else goes to the announced-address guard.
 #define KPR_NP_SYN_FIRST_ON (KPR_NP_SYN_FIRST && KPR_NP_CT_SLOTS && KPR_NP_SNAT_SLOTS)
 
-#if KPR_NP_SYN_FIRST_ON
 /* One CPU's room for a reply key (the entry's stack has none to spare), its SNAT port seed, and
  * what the entry's touch found for the flow, carried to its claim stage (the same packet, a tail
  * call later): the SNAT address and the first port, not looked up and hashed twice. */
@@ -1691,6 +1689,7 @@ struct kpr_np_syn {
 	__be16 sport;
 	__u16 first;            // the first port, host order
 };
+#if KPR_NP_SYN_FIRST_ON
 BPF_PERCPU_ARRAY(kpr_np_syn, struct kpr_np_syn, 1);
 
 /* This CPU's scratch, its seed drawn. A flow's first port is the same in the entry program and
@@ -1761,6 +1760,7 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 }
 #endif
 
+// Tracked flow or new flow to a frontend; anything else goes to the announced-address guard.
 static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 {
 	struct kpr_ct_entry *ct;

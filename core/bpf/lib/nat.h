@@ -169,7 +169,7 @@ static __always_inline __u16 kpr_snat_random_port(void)
 }
 
 /* The first SNAT port (host order) a new flow to backend b:bport tries, from its tuple after DNAT
- * hashed with `seed` (RFC 6056's hash-based choice: no one without the seed can tell the port),
+ * hashed with `seed` (after RFC 6056's hash-based choice: not a function of the tuple alone),
  * as the range scaled by the hash (a multiply and a shift: a divide costs tens of cycles). `k`:
  * room for the key. Its caller can load the port's slot before the claim (KPR_NP_SYN_FIRST). */
 static __always_inline __u16 kpr_snat_first_port(struct kpr_ct_key *k, const union kpr_addr *c, __be16 cport,

@@ -1681,7 +1681,7 @@ static __always_inline int kpr_np_est_local(kpr_ctx_t *ctx, struct kpr_pkt *pkt,
  * what the entry's touch found for the flow, carried to its claim stage (the same packet, a tail
  * call later): the SNAT address and the first port, not looked up and hashed twice. */
 struct kpr_np_syn {
-	struct kpr_ct_key rk;   // first: kpr_np_snat_touch finds the struct from it
+	struct kpr_ct_key rk;   // room for a key (the first port's, then the touched slot's)
 	__u64 seed;             // kpr_snat_first_port's; 0: not drawn yet (drawn on the CPU's first new flow)
 	union kpr_addr nat;     // the flow's SNAT address, as the touch found it
 	union kpr_addr saddr;   // the flow's client (with sport and bid: whose carry this is)
@@ -1705,22 +1705,13 @@ static __always_inline struct kpr_np_syn *kpr_np_syn_get(void)
 	return p;
 }
 
-/* The first SNAT port a new SNAT flow to backend `be` tries (host order), or 0 (a random one),
- * and the reply key it makes in `*rkp` (NULL: no room). */
-static __always_inline __u16 kpr_np_snat_first(const struct kpr_tuple *t, const struct kpr_backend *be,
-					       const union kpr_addr *nat, struct kpr_ct_key **rkp)
+/* The first SNAT port a new SNAT flow to backend `be` tries (host order), from this CPU's
+ * scratch `p` (its key room and seed). */
+static __always_inline __u16 kpr_np_snat_first(struct kpr_np_syn *p, const struct kpr_tuple *t,
+					       const struct kpr_backend *be)
 {
-	struct kpr_np_syn *p = kpr_np_syn_get();
-	__be16 bport = be->port ? be->port : t->dport;
-	__u16 port;
-
-	*rkp = (void *)0;
-	if (!p)
-		return 0;
-	port = kpr_snat_first_port(&p->rk, &t->saddr, t->sport, &be->addr, bport, t->proto, p->seed);
-	kpr_ct_reply_key(&p->rk, &be->addr, bport, nat, kpr_htons(port & ~1), t->proto);
-	*rkp = &p->rk;
-	return port;
+	return kpr_snat_first_port(&p->rk, &t->saddr, t->sport, &be->addr, be->port ? be->port : t->dport, t->proto,
+				   p->seed);
 }
 
 /* Load the slot line a new SNAT flow's claim will try first (the claim stage's read, after the
@@ -1730,30 +1721,24 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 					      const struct kpr_backend *be)
 {
 	struct kpr_np_nh *nh = kpr_np_nh_get(ctx, pkt->l3_off, bid, &be->addr);
+	struct kpr_np_syn *p = kpr_np_syn_get();
 	const union kpr_addr *nat;
-	struct kpr_ct_key *rk;
 	struct kpr_snat_slot *s;
 	__u32 idx;
-	__u16 first;
 
-	if (!nh)
+	if (!nh || !p)
 		return;
 	nat = kpr_np_snat_addr(nh->ifindex, pkt->t.family);
 	if (!nat)
 		return;
-	first = kpr_np_snat_first(&pkt->t, be, nat, &rk);
-	if (!rk)
-		return;
-	{
-		struct kpr_np_syn *p = (struct kpr_np_syn *)rk; // (rk is its first member)
-
-		p->nat = *nat;
-		p->saddr = pkt->t.saddr;
-		p->sport = pkt->t.sport;
-		p->first = first;
-		p->bid = bid;
-	}
-	idx = kpr_slots_index(kpr_slots_hash(rk, KPR_SNAT_KEY_DWORDS), 0, KPR_SNAT_SLOTS_N - 1);
+	p->first = kpr_np_snat_first(p, &pkt->t, be);
+	p->nat = *nat;
+	p->saddr = pkt->t.saddr;
+	p->sport = pkt->t.sport;
+	p->bid = bid;
+	kpr_ct_reply_key(&p->rk, &be->addr, be->port ? be->port : pkt->t.dport, nat, kpr_htons(p->first & ~1),
+			 pkt->t.proto);
+	idx = kpr_slots_index(kpr_slots_hash(&p->rk, KPR_SNAT_KEY_DWORDS), 0, KPR_SNAT_SLOTS_N - 1);
 	s = kpr_snat_slots.lookup(&idx);
 	if (s)
 		asm volatile("" ::"r"(*(volatile __u64 *)&s->claim));
@@ -1964,16 +1949,17 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 		return CTX_DROP;
 	first = 0;
 #if KPR_NP_SYN_FIRST_ON
-	{ // what the entry's touch found for this flow (struct kpr_np_syn), taken once
-		__u32 zero = 0;
-		struct kpr_np_syn *p = kpr_np_syn.lookup(&zero);
+	{ // what the entry's touch found for this flow (struct kpr_np_syn), taken once; else the same port
+		struct kpr_np_syn *p = kpr_np_syn_get();
 
-		if (p && p->bid && p->bid == st->backend_id && p->sport == pkt.t.sport && kpr_addr_eq(&p->saddr, &pkt.t.saddr)) {
+		if (p && p->bid == st->backend_id && p->sport == pkt.t.sport && kpr_addr_eq(&p->saddr, &pkt.t.saddr)) {
 			p->bid = 0;
 			nat = &p->nat;
 			first = p->first;
 			goto carried;
 		}
+		if (p)
+			first = kpr_np_snat_first(p, &pkt.t, be);
 	}
 #endif
 	nh = kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr);
@@ -1982,13 +1968,6 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 	nat = kpr_np_snat_addr(nh->ifindex, pkt.t.family);
 	if (!nat)
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT); // (counted and dropped there)
-#if KPR_NP_SYN_FIRST_ON
-	{
-		struct kpr_ct_key *rk;
-
-		first = kpr_np_snat_first(&pkt.t, be, nat, &rk); // (nothing carried: the port a touch would have chosen)
-	}
-#endif
 #if KPR_NP_SYN_FIRST_ON
 carried:
 #endif

@@ -6,9 +6,10 @@ round by round, so every kind sees the same load. The same builds in every lab; 
 differ. Kind "array" is a layout, not a map kind: builds whose conntrack and SNAT reply sides
 are slots of arrays the program indexes by its own hash (the prototype kpr/testing/ct_array.h,
 kpr.testing.ct_array; one slot tried per key, so about one new flow in 60 finds its slot taken
-and counts conntrack_write_failed), in a lab of its own. Kinds "ct-slots" and "slots" are the shipped
-slot tables (LRU maps as the product's, every build with -DKPR_NP_CT_SLOTS=1, and for "slots"
--DKPR_NP_SNAT_SLOTS=1 too; "ct-slots-1" with one probe a key, not the header's two); filled
+and counts conntrack_write_failed), in a lab of its own. Every kind but the slot kinds builds without
+the slot tables (-DKPR_NP_CT_SLOTS=0 -DKPR_NP_SNAT_SLOTS=0: "lru" is the product before them). Kinds
+"slots" (the product's default) and "ct-slots" (conntrack slots only) are the shipped slot tables
+(LRU maps as the product's; "ct-slots-1" with one probe a key, not the header's two); filled
 (ct-slots:F) they hold F of their slots as well, at random places, so about F (one probe) or F
 squared (two) of the new flows find their probes held and overflow into kpr_ct (ct_slot_full
 counts them).
@@ -41,15 +42,17 @@ import time
 
 from kpr.testing.coldline import cold_line_ns
 from kpr.testing.ct_array import load_array_build
-from kpr.testing.flow_maps import KINDS, repin_flow_maps
+from kpr.testing.flow_maps import KINDS, NO_SLOTS, repin_flow_maps
 from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
 
 # stop -> column: after the conntrack miss (9); the SNAT port, conntrack entry and rewrite (6); all (0)
 STOPS = {9: "ct miss", 6: "+SNAT/ct/rewrite", 0: "full"}
 # layouts of the shipped build switches: kind -> the -D flags every build of its lab gets (maps: LRU)
-SLOT_KINDS = {"ct-slots": ("-DKPR_NP_CT_SLOTS=1",), "slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1"),
+SLOT_KINDS = {"ct-slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=0"),
+              "slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1"),
               "slots-syn0": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1", "-DKPR_NP_SYN_FIRST=0"),
-              "ct-slots-1": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_CT_PROBES=1")}  # (one probe a key: direct-mapped)
+              "ct-slots-1": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=0", "-DKPR_NP_CT_PROBES=1")}  # (direct-mapped)
+
 
 
 def main() -> int:
@@ -91,7 +94,7 @@ def main() -> int:
                 else:
                     if not lab.builds:
                         repin_flow_maps(lab, base_of[k])
-                    lab.load(a.hook, name, flags)
+                    lab.load(a.hook, name, [*flags, *NO_SLOTS])  # (the array layout: ct_array.h turns them off)
         new: dict[tuple[str, str], list[float]] = {}
         est: dict[str, list[float]] = {k: [] for k in kinds}
         bares: dict[str, list[float]] = {k: [] for k in kinds}

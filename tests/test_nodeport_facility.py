@@ -50,6 +50,48 @@ def test_settings_merge_and_disagreements_name_both_keys() -> None:
     ]
 
 
+def test_flow_slots_are_on_by_default_and_both_plugins_must_agree() -> None:
+    """flowSlots: one setting for both builds (a flow XDP begins in a slot is looked for there by
+    tc); false builds both without the slot tables, and the collector then never marks the
+    conntrack gate clean (its programs write kpr_ct unmarked)."""
+    from kpr.nodeport import datapath as D
+
+    assert settings_from({"tc_nodeport": TcNodePortConfig.model_validate({})}).flow_slots
+    off = settings_from({"tc_nodeport": TcNodePortConfig.model_validate({"flowSlots": False}),
+                         "xdp_nodeport": XdpNodePortConfig.model_validate({"flowSlots": False})})
+    assert off.flow_slots is False
+    with pytest.raises(ConfigError) as exc:
+        settings_from({"tc_nodeport": TcNodePortConfig.model_validate({"flowSlots": False}),
+                       "xdp_nodeport": XdpNodePortConfig.model_validate({})})
+    assert exc.value.problems == [
+        "plugins.xdp_nodeport.flowSlots: True disagrees with plugins.tc_nodeport.flowSlots: False "
+        "(one NodePort facility serves both plugins)"
+    ]
+    with pytest.raises(ValueError, match="flowSlots"):
+        TcNodePortConfig.model_validate({"flowSlots": "maybe"})
+    on, no = D.Datapath("/nonexistent"), D.Datapath("/nonexistent", flow_slots=False)
+    assert D.CT_SLOTS_ON and D.SNAT_SLOTS_ON, "the headers' default (README issue 14)"
+    assert on.ct_slots() and on.snat_slots() and not set(D.NO_SLOTS) & set(on.cflags())
+    assert not no.ct_slots() and not no.snat_slots() and set(D.NO_SLOTS) <= set(no.cflags())
+    # a test's own -D flag still decides (extra_cflags come last)
+    assert D.Datapath("/nonexistent", flow_slots=False, extra_cflags=["-DKPR_NP_CT_SLOTS=1"]).ct_slots()
+    # SNAT slots are taken only with the SNAT mapping in conntrack and the next hop cached
+    assert not D.Datapath("/nonexistent", extra_cflags=["-DKPR_NP_SNAT_IN_CT=0"]).snat_slots()
+
+
+@pytest.mark.parametrize("flow_slots", [True, False])
+def test_each_plugin_builds_as_its_flow_slots_say(flow_slots: bool) -> None:
+    from pathlib import Path
+
+    from kpr.plugins.tc_nodeport.plugin import TcNodePort
+    from kpr.plugins.xdp_nodeport.plugin import XdpNodePort
+
+    for plugin, cfg in ((TcNodePort(), TcNodePortConfig), (XdpNodePort(), XdpNodePortConfig)):
+        plugin.pin = Path("/nonexistent")
+        dp = plugin._new_datapath(cfg.model_validate({"flowSlots": flow_slots}), 16381)
+        assert (dp.ct_slots(), dp.snat_slots()) == (flow_slots, flow_slots), type(plugin).__name__
+
+
 def test_a_change_yields_only_its_own_differences() -> None:
     book = ServiceBook()
     a = book.put(ServiceKey("default", "a"), service_state(_lb("a", "203.0.113.1", mode="dsr"))[0])

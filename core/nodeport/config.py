@@ -38,6 +38,11 @@ class NodePortSection(Section):
     gc_interval: float = Field(10.0, ge=0.5, le=3600)
     # Answer a frontend without backends with ICMP port unreachable (kube-proxy's REJECT); false drops.
     icmp_unreachable: bool = True
+    # NodePort's flows in the slot tables (kpr_np_ct_slots for conntrack, kpr_snat_slots for a new
+    # SNAT flow's reply side: one claimed line each, no LRU insert; kpr_ct and kpr_snat only for
+    # the overflow). false: kpr_ct and kpr_snat alone, as kpr did before (32 MiB less kernel
+    # memory; a new flow costs about twice as much). Both NodePort plugins must agree.
+    flow_slots: bool = True
     # Leave the programs attached when the agent stops (pinned BPF links, or the fallback
     # attachments), so NodePorts keep working until the next agent adopts them; `kpr cleanup`
     # removes them. false: detach on stop.

@@ -106,6 +106,9 @@ NH_MAP = "kpr_np_nh"  # next hops cached per backend (KPR_NP_NH_CACHE); key NH_G
 # read and freed by kpr.bpf.slots; the gate says whether kpr_ct may hold NodePort entries.
 CT_SLOTS_MAP, CT_SLOT, CT_GATE_MAP = "kpr_np_ct_slots", "kpr_np_ct_slot", "kpr_np_ct_gate"
 CT_SLOTS_ON = bool(abi.value("KPR_NP_CT_SLOTS"))  # the header's default (a -D flag overrides it per build)
+SNAT_SLOTS_ON = bool(abi.value("KPR_NP_SNAT_SLOTS"))  # lib/nat.h's default, likewise
+# The -D flags of a build without them (config flowSlots: false): NodePort's flows in kpr_ct and kpr_snat alone
+NO_SLOTS = ("-DKPR_NP_CT_SLOTS=0", "-DKPR_NP_SNAT_SLOTS=0")
 CT_PROBES = abi.value("KPR_NP_CT_PROBES")
 # The tc build's entry programs (tc shows these names): xdp_nodeport reads tc_nodeport's attachment
 # records of TC_EGRESS, the only program that translates a local backend's replies.
@@ -470,6 +473,7 @@ class Datapath(DeviceMaps):
         redirect_peer: bool = True,
         maglev_size: int = M.MAGLEV_DEFAULT_SIZE,
         snat_ports: tuple[int, int] = (SNAT_PORT_MIN, SNAT_PORT_MAX),
+        flow_slots: bool = True,
         extra_cflags: Iterable[str] = (),
     ) -> None:
         self.pin = Path(pin)
@@ -479,6 +483,7 @@ class Datapath(DeviceMaps):
         self.redirect_peer = redirect_peer
         self.maglev_size = maglev_size
         self.snat_ports = snat_ports
+        self.flow_slots = flow_slots  # false: no slot tables (flowSlots), whatever the headers' default
         self.extra_cflags = list(extra_cflags)
         # This build's own stage array (lib/nodeport.h KPR_NP_CALLS_PIN): the entries it
         # replaces keep their own stages until the switch; drop_other_generations() then
@@ -514,16 +519,27 @@ class Datapath(DeviceMaps):
             *(kernctx.cflags() if self.kernctx else ()),  # tc: the skb's checksum state (XDP builds ignore them)
             # no kpr_fe copy where the writer keeps none (kpr.servicemaps.fetable): no probe of an empty table
             *(() if fetable.supported() else ("-DKPR_LB_FE=0",)),
+            *(() if self.flow_slots else NO_SLOTS),
             *self.extra_cflags,
         ]
 
+    def _switch(self, name: str, default: bool) -> bool:
+        """A build switch's value in this build: the last -D flag naming it, else the header's default."""
+        on = default
+        for f in self.cflags():
+            if f.startswith(f"-D{name}="):
+                on = bool(int(f.split("=", 1)[1]))
+        return on
+
     def ct_slots(self) -> bool:
         """Whether this build keeps NodePort's conntrack in slots (lib/nodeport.h KPR_NP_CT_SLOTS)."""
-        on = CT_SLOTS_ON
-        for f in self.cflags():
-            if f.startswith("-DKPR_NP_CT_SLOTS="):
-                on = int(f.split("=", 1)[1])
-        return bool(on)
+        return self._switch("KPR_NP_CT_SLOTS", CT_SLOTS_ON)
+
+    def snat_slots(self) -> bool:
+        """Whether this build puts a new SNAT flow's reply side in kpr_snat_slots (lib/nat.h
+        KPR_NP_SNAT_SLOTS; the slot is taken only with KPR_NP_SNAT_IN_CT and KPR_NP_NEW_NH)."""
+        return (self._switch("KPR_NP_SNAT_SLOTS", SNAT_SLOTS_ON) and self._switch("KPR_NP_SNAT_IN_CT", True)
+                and self._switch("KPR_NP_NEW_NH", True))
 
     def load(self, links_of: Mapping[str, Path] | None = None) -> "Datapath":
         """Compile, load every program, fill the stage array, open the plugin's maps. When the

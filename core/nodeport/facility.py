@@ -58,6 +58,7 @@ class Settings:
     health_check: bool = True
     health_check_address: str = ""
     gc_interval: float = 10.0
+    flow_slots: bool = True
 
 
 def settings_from(sections: dict[str, NodePortSection]) -> Settings:
@@ -72,6 +73,7 @@ def settings_from(sections: dict[str, NodePortSection]) -> Settings:
     chosen: dict[str, tuple[str, Any]] = {}
     for name, s in sorted(sections.items()):
         for attr, key, applies in (("gc_interval", "gcInterval", True),
+                                   ("flow_slots", "flowSlots", True),
                                    ("health_check_address", "healthCheckAddress", s.health_check)):
             if not applies:
                 continue
@@ -91,6 +93,7 @@ def settings_from(sections: dict[str, NodePortSection]) -> Settings:
         health_check=any(s.health_check for s in sections.values()),
         health_check_address=chosen.get("health_check_address", ("", ""))[1],
         gc_interval=chosen["gc_interval"][1],
+        flow_slots=chosen["flow_slots"][1],
     )
 
 
@@ -177,6 +180,7 @@ class NodePortFacility:
             self.collector = Collector(
                 {**self.shared, **self.tables.maps}, self.book.allowed, lambda: set(self._snat_addrs),
                 self.settings.gc_interval, after_pass=self._check_algorithm, ready=lambda: self._synced, pin=pin,
+                ct_slots=self.settings.flow_slots,
             )
             self.collector.start()
         except BaseException:
@@ -472,7 +476,8 @@ class NodePortFacility:
         details: dict[str, object] = {
             "netns": self.netns_path or "host",
             "settings": {"healthCheck": self.settings.health_check, "gcInterval": self.settings.gc_interval,
-                         "healthCheckAddress": self.settings.health_check_address},
+                         "healthCheckAddress": self.settings.health_check_address,
+                         "flowSlots": self.settings.flow_slots},
             "writer": self.writer_check() if started else {},
             "notHonoured": not_honoured,
             "healthChecks": hc,

@@ -2,7 +2,7 @@
  * --kinds array and tests/kernel/test_nodeport_flowmaps_bench.py only: no collector, no writer
  * and no program of the agent's knows it. kpr.testing.ct_array pastes it before a plugin's
  * entry file (after its ctx header), where it replaces lib/conntrack.h's kpr_ct_lookup and
- * kpr_ct_write (KPR_CT_OWN) and lib/nat.h's kpr_snat_alloc (KPR_SNAT_ALLOC_OWN).
+ * kpr_ct_write_entry (KPR_CT_OWN) and lib/nat.h's kpr_snat_alloc (KPR_SNAT_ALLOC_OWN).
  *
  * kpr_ct and kpr_snat are kernel hashes: a new flow misses a bucket of kpr_ct, then each insert
  * takes an element (LRU: a node off its lists) and links it into a bucket; the reply side's
@@ -21,14 +21,21 @@
 #include "lib/slots.h"
 
 // the three replaced, declared for the headers' own callers (defined below)
+struct kpr_ct_key;
 struct kpr_ct_entry;
 static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple *t, __u8 dir);
-static __always_inline int kpr_ct_write(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,
-					__u16 flags, const union kpr_addr *nat_addr, __be16 nat_port);
+static __always_inline int kpr_ct_write_entry(const struct kpr_ct_key *k, const struct kpr_ct_entry *e);
 static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union kpr_addr *nat_addr,
 					  const union kpr_addr *fe, __be16 fport, __be16 *port);
 #define KPR_CT_OWN 1
 #define KPR_SNAT_ALLOC_OWN 1
+// NodePort's own slot tables would hold its flows before the prototype's arrays saw them
+#ifndef KPR_NP_CT_SLOTS
+#define KPR_NP_CT_SLOTS 0
+#endif
+#ifndef KPR_NP_SNAT_SLOTS
+#define KPR_NP_SNAT_SLOTS 0
+#endif
 #ifndef KPR_SNAT_RETRIES
 #define KPR_SNAT_RETRIES 4 // (the product's 16 with probing take the XDP SNAT stage past 4096 instructions)
 #endif
@@ -118,20 +125,16 @@ static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple
 	return kpr_ct_refresh(e, t, dir, now);
 }
 
-static __always_inline int kpr_ct_write(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,
-					__u16 flags, const union kpr_addr *nat_addr, __be16 nat_port)
+static __always_inline int kpr_ct_write_entry(const struct kpr_ct_key *k, const struct kpr_ct_entry *e)
 {
-	struct kpr_ct_entry e = {};
-	struct kpr_ct_key k;
 	struct kpr_ct_slot *s;
 	int found;
 
-	kpr_ct_new(&k, &e, t, dir, backend_id, rev_nat, flags, nat_addr, nat_port);
-	s = kpr_ct_arr_find(&k, e.last_seen, &found);
+	s = kpr_ct_arr_find(k, e->last_seen, &found);
 	if (!s)
 		return -7; // -E2BIG: no free slot within the probes
-	s->key = k;
-	*(struct kpr_ct_entry *)s->val = e; // (val is 8-aligned: offset 48)
+	s->key = *k;
+	*(struct kpr_ct_entry *)s->val = *e; // (val is 8-aligned: offset 48)
 	s->used = 1;
 	return 0;
 }

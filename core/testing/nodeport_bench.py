@@ -639,8 +639,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_DNAT_ONE_PASS=0",),
     "tc: IPv4 header checksum by bpf_l3_csum_replace, not in place (KPR_CSUM_IP_DIRECT=0)": ("-DKPR_CSUM_IP_DIRECT=0",),
     "four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0)": ("-DKPR_NP_SNAT_IN_CT=0",),
-    "a new SNAT flow's reply side a kpr_snat_slots slot, not an LRU insert into kpr_snat (KPR_NP_SNAT_SLOTS=1)": (
-        "-DKPR_NP_SNAT_SLOTS=1",),
+    "a new SNAT flow's reply side an LRU insert into kpr_snat, not a kpr_snat_slots slot (KPR_NP_SNAT_SLOTS=0)": (
+        "-DKPR_NP_SNAT_SLOTS=0",),
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "new SNAT flows look the route up though their backend's next hop is cached (KPR_NP_NEW_NH=0)": (
         "-DKPR_NP_NEW_NH=0",),
@@ -659,25 +659,26 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_FE_TOUCH=0",),
     "tc: a new flow's mode looked up in kpr_np_fe though no frontend of its port has one (KPR_NP_NOMODE=0)": (
         "-DKPR_NP_NOMODE=0",),
-    "NodePort conntrack in slots claimed by compare-and-swap, not kpr_ct's LRU (KPR_NP_CT_SLOTS=1)": (
-        "-DKPR_NP_CT_SLOTS=1",),
-    "conntrack and a new SNAT flow's reply side both in slots, no LRU insert (KPR_NP_CT_SLOTS=1, KPR_NP_SNAT_SLOTS=1)": (
-        "-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1"),
-    "both in slots, a SYN's conntrack slots read before its pick, not after (KPR_NP_SYN_FIRST=0; XDP's default on)": (
-        "-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1", "-DKPR_NP_SYN_FIRST=0"),
-    "both in slots, their gates read as shut: no LRU lookup on a slot miss (benchmark only, KPR_NP_TEST_GATES_SHUT=1)": (
-        "-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1", "-DKPR_NP_TEST_GATES_SHUT=1"),
+    "NodePort conntrack in kpr_ct's LRU, not slots claimed by compare-and-swap (KPR_NP_CT_SLOTS=0)": (
+        "-DKPR_NP_CT_SLOTS=0",),
+    "no slot tables: conntrack and a new SNAT flow's reply side LRU inserts (KPR_NP_CT_SLOTS=0, KPR_NP_SNAT_SLOTS=0)": (
+        "-DKPR_NP_CT_SLOTS=0", "-DKPR_NP_SNAT_SLOTS=0"),
+    "slot tables, a SYN's conntrack slots read before its pick, not after (KPR_NP_SYN_FIRST=0; XDP's default on)": (
+        "-DKPR_NP_SYN_FIRST=0",),
+    "slot tables, their gates read as shut: no LRU lookup on a slot miss (benchmark only, KPR_NP_TEST_GATES_SHUT=1)": (
+        "-DKPR_NP_TEST_GATES_SHUT=1",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_CT_LOOKUP_BEFORE_WRITE=0",
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",
         "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0", "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0",
         "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0", "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0",
-        "-DKPR_NP_DNAT_ONE_PASS=0"),
+        "-DKPR_NP_DNAT_ONE_PASS=0", "-DKPR_NP_CT_SLOTS=0", "-DKPR_NP_SNAT_SLOTS=0"),
     "before issue 14 (PREFILTER, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off; the backend carried)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
         "-DKPR_NP_NH_CACHE=0", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0",
         "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0", "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0",
-        "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0", "-DKPR_NP_DNAT_ONE_PASS=0"),
+        "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0", "-DKPR_NP_DNAT_ONE_PASS=0", "-DKPR_NP_CT_SLOTS=0",
+        "-DKPR_NP_SNAT_SLOTS=0"),
 }
 
 

@@ -53,6 +53,7 @@ class TcNodePort(NodePortAgent):
             icmp_unreachable=cfg.icmp_unreachable,
             redirect_peer=cfg.redirect_peer,
             snat_ports=cfg.snat_ports,
+            flow_slots=cfg.flow_slots,
             maglev_size=maglev_size,
             extra_cflags=self.extra_cflags,
         )

@@ -258,6 +258,7 @@ class XdpNodePort(NodePortAgent):
             conntrack_size=cfg.conntrack_size,
             icmp_unreachable=cfg.icmp_unreachable,
             snat_ports=cfg.snat_ports,
+            flow_slots=cfg.flow_slots,
             maglev_size=maglev_size,
             extra_cflags=self.extra_cflags,
         )

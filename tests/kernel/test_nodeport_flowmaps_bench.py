@@ -11,7 +11,7 @@ import pytest
 
 from kpr.bpf import maps as M
 from kpr.testing.ct_array import ARRAY_MAPS, load_array_build, used_slots
-from kpr.testing.flow_maps import KINDS, pinned_kind, repin_flow_maps
+from kpr.testing.flow_maps import KINDS, NO_SLOTS, pinned_kind, repin_flow_maps
 from kpr.testing.nodeport_bench import VIP, ProgLab
 from kpr.testing.nodeport_runs import run_counted
 from kpr.testing.prog_run import one_cpu
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.kernel
 def lab(request: pytest.FixtureRequest, require_kernel: None) -> Iterator[tuple[str, ProgLab]]:
     with ProgLab(10) as pl:
         repin_flow_maps(pl, request.param)
-        pl.load("xdp", "default")
+        pl.load("xdp", "default", NO_SLOTS)
         yield request.param, pl
 
 
@@ -103,7 +103,7 @@ def test_a_filled_lab_meets_new_flows_as_a_node_at_that_fill(require_kernel: Non
     with one_cpu(), ProgLab(10) as pl:
         if kind != "lru":
             repin_flow_maps(pl, kind)
-        pl.load("xdp", "default")
+        pl.load("xdp", "default", NO_SLOTS)
         pl.fill = fill
         pl.flush_flows()
         want = {}

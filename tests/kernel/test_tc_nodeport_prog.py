@@ -160,20 +160,27 @@ def lab(request: pytest.FixtureRequest, require_kernel: None) -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
-def slot_lab(lab: Lab) -> Iterator[Lab]:
-    """The lab with the KPR_NP_SNAT_SLOTS=1 tc build on its maps (its own stage array): the switch
-    is off by default (README issue 14, H1's round), the slot tests build it on explicitly."""
-    dp = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_NP_SNAT_SLOTS=1"])
+def lru_lab(lab: Lab) -> Iterator[Lab]:
+    """The lab with the KPR_NP_SNAT_SLOTS=0 tc build on its maps (its own stage array): a new SNAT
+    flow's reply side in kpr_snat, as before the slot tables were the default."""
+    dp = D.Datapath(lab.pin, mode="snat", extra_cflags=["-DKPR_NP_SNAT_SLOTS=0"])
     try:
         yield dataclasses.replace(lab, dp=dp.load())
     finally:
         dp.close()
 
 
-@pytest.fixture(params=["default", "slots"])
+@pytest.fixture(scope="module")
+def slot_lab(lab: Lab) -> Lab:
+    """The lab's build with kpr_snat_slots (the default: README issue 14)."""
+    assert lab.dp.snat_slots()
+    return lab
+
+
+@pytest.fixture(params=["default", "lru"])
 def snat_lab(request: pytest.FixtureRequest, lab: Lab) -> Lab:
-    """The default build (reverse entries in kpr_snat), then the KPR_NP_SNAT_SLOTS=1 build."""
-    return lab if request.param == "default" else request.getfixturevalue("slot_lab")
+    """The default build (reverse entries in kpr_snat_slots), then the KPR_NP_SNAT_SLOTS=0 build."""
+    return lab if request.param == "default" else request.getfixturevalue("lru_lab")
 
 
 # ---------------------------------------------------------------------- packet builders
@@ -363,7 +370,7 @@ def test_a_new_snat_flow_writes_two_entries(snat_lab: Lab) -> None:
     cached) holds client and frontend (kpr_snat in the default build); no SNAT forward entry, no kpr_np_rev entry. The reply
     finds the flow through that one entry (checked above)."""
     lab = snat_lab
-    slots = "-DKPR_NP_SNAT_SLOTS=1" in lab.dp.cflags()
+    slots = lab.dp.snat_slots()
     cport = 5177 if slots else 5077  # each build's own flow (the lab's maps are shared)
     _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, cport - 1, 80))
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
@@ -1852,7 +1859,7 @@ def test_a_shut_gate_keeps_a_claim_off_a_port_kpr_snat_holds(slot_lab: Lab) -> N
     entries would hold its reply key, the old flow's replies at risk); it overflows to kpr_snat's
     odd port 61001. Fails with `lru = 0` in kpr_snat_claim (the flow took 61000)."""
     lab = slot_lab
-    dp = D.Datapath(lab.pin, mode="snat", snat_ports=(61000, 61001), extra_cflags=["-DKPR_NP_SNAT_SLOTS=1"])
+    dp = D.Datapath(lab.pin, mode="snat", snat_ports=(61000, 61001))
     key = _reply_key(REM4, 8080, 61000, 17)
     old_client, old_cport = "192.0.2.78", 43001
     try:
@@ -1881,12 +1888,53 @@ def test_a_shut_gate_keeps_a_claim_off_a_port_kpr_snat_holds(slot_lab: Lab) -> N
             t.clear()
 
 
+def test_a_one_port_snat_range_is_kept_by_both_tables(slot_lab: Lab) -> None:
+    """snatPortRange of one port with kpr_snat_slots (the default): slots take even ports, kpr_snat
+    odd ones, and neither may round a port out of the range. 61001 alone: the flow takes it in
+    kpr_snat (no even port for a slot); 61000 alone: the first flow takes it in a slot, a second
+    client's flow to the same backend finds it held and is dropped, counted (no odd port for
+    kpr_snat). Before the mend the first got 61000 and the last 61001: ports outside the range."""
+    lab = slot_lab
+    keys = [_reply_key(REM4, 8080, p, 17) for p in (61000, 61001)]
+
+    def free_ports() -> None:  # (the lab's earlier flows, and the warm-up's, may hold them)
+        with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m, _slots(lab) as t:
+            for k in keys:
+                m.delete(k)
+                i = t.find(k, ND.SNAT_SLOT_PROBES)
+                if i is not None:
+                    t.free(i)
+
+    for port in (61001, 61000):
+        dp = D.Datapath(lab.pin, mode="snat", snat_ports=(port, port))
+        try:
+            one = dataclasses.replace(lab, dp=dp.load())
+            free_ports()
+            _warm(one, udp4(one, CLIENT4, VIP_REMOTE, 49000 + port % 2, 80))  # (the next hop cached)
+            free_ports()
+            verdict, out = one.one(D.INGRESS, udp4(one, CLIENT4, VIP_REMOTE, 49010 + port % 2, 80))
+            assert verdict == TC_ACT_REDIRECT and out[UDP].sport == port, f"range {port}: {out[UDP].sport}"
+            with M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m, _slots(lab) as t:
+                where = ("slot" if t.find(_reply_key(REM4, 8080, port, 17), ND.SNAT_SLOT_PROBES) is not None
+                         else "kpr_snat" if m.lookup(_reply_key(REM4, 8080, port, 17)) is not None else None)
+            assert where == ("slot" if port % 2 == 0 else "kpr_snat"), (port, where)
+            if port % 2 == 0:
+                before = one.stats()
+                verdict, _out = one.one(D.INGRESS, udp4(one, "192.0.2.79", VIP_REMOTE, 49020, 80))
+                assert verdict == TC_ACT_SHOT, "the range's one port is held: no port outside it"
+                assert one.stats()["drop_snat_no_port"] == before["drop_snat_no_port"] + 1
+        finally:
+            dp.close()
+            free_ports()
+
+
 def test_only_an_even_ports_kpr_snat_insert_counts_at_the_gate(lab: Lab) -> None:
     """R3 item 6: the programs count kpr_snat inserts of even ports only (odd ones are never a
-    slot's): a default build whose only SNAT port is 61001 leaves the gate's count as it was, one
+    slot's): a build whose only SNAT port is 61001 leaves the gate's count as it was, one
     whose only port is 61000 adds 1. Failed before the mend (61001's insert counted too)."""
     for port, added in ((61001, 0), (61000, 1)):
-        dp = D.Datapath(lab.pin, mode="snat", snat_ports=(port, port))
+        # (without kpr_snat_slots: the default build would take 61000 in a slot, not in kpr_snat)
+        dp = D.Datapath(lab.pin, mode="snat", snat_ports=(port, port), extra_cflags=["-DKPR_NP_SNAT_SLOTS=0"])
         key = _reply_key(REM4, 8080, port, 17)
         try:
             one = dataclasses.replace(lab, dp=dp.load())
@@ -1993,14 +2041,18 @@ def test_the_collector_keeps_a_live_flows_reverse_entry_beside_another_frontends
     from kpr.nodeport.gc import GRACE_NS, Collector
 
     lab = snat_lab
-    slots = "-DKPR_NP_SNAT_SLOTS=1" in lab.dp.cflags()
+    slots = lab.dp.snat_slots()
     cport = 46101 if slots else 46001
     other_fe = "203.0.113.99"  # a frontend the collector does not know: never judged stale
     _warm(lab, udp4(lab, CLIENT4, VIP_REMOTE, cport - 1, 80))
     verdict, out = lab.one(D.INGRESS, udp4(lab, CLIENT4, VIP_REMOTE, cport, 80))
     assert verdict == TC_ACT_REDIRECT
     port = out[UDP].sport
-    other = 61000 if port != 61000 else 61002  # even: a slot's port in the slot build
+    # even (a slot's port in the slot build), its key in no map and its home slot free: the lab's
+    # earlier flows hold ports and slots of their own
+    with _slots(lab) as t, M.BpfMap.open_pinned(lab.pin / "kpr_snat") as m:
+        other = next(p for p in range(61000, 65536, 2) if p != port and m.lookup(_reply_key(REM4, 8080, p, 17)) is None
+                     and not t.claim(slot_hash_of(_reply_key(REM4, 8080, p, 17)) & (t.slots - 1)))
     keys = {port: _reply_key(REM4, 8080, port, 17), other: _reply_key(REM4, 8080, other, 17)}
     old = ND_now() - 10 * GRACE_NS
     ck = D.CT_KEY.pack(M.addr_to_bytes(CLIENT4), M.addr_to_bytes(VIP_REMOTE), M.htons(cport), M.htons(80), 17,

@@ -204,7 +204,7 @@ static __always_inline void kpr_ct_new(struct kpr_ct_key *k, struct kpr_ct_entry
 	}
 }
 
-/* A build may bring its own kpr_ct_lookup and kpr_ct_write (bcc rewrites map calls only in the
+/* A build may bring its own kpr_ct_lookup and kpr_ct_write_entry (bcc rewrites map calls only in the
  * main text: a header pasted before the entry file defines KPR_CT_OWN, includes this one and
  * then defines them): kpr.testing.ct_array measures another layout of conntrack so. */
 #ifndef KPR_CT_OWN
@@ -226,6 +226,13 @@ static __always_inline struct kpr_ct_entry *kpr_ct_lookup(const struct kpr_tuple
 	return kpr_ct_refresh(e, t, dir, now);
 }
 
+// Record a flow's entry `e` under its key `k`. Returns 0 or the map update's negative error.
+static __always_inline int kpr_ct_write_entry(const struct kpr_ct_key *k, const struct kpr_ct_entry *e)
+{
+	return kpr_ct.update(k, e);
+}
+#endif /* KPR_CT_OWN */
+
 // Record a flow, with its SNAT mapping when `nat_addr` (see struct kpr_ct_entry). Returns 0 or
 // the map update's negative error.
 static __always_inline int kpr_ct_write(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,
@@ -235,9 +242,8 @@ static __always_inline int kpr_ct_write(const struct kpr_tuple *t, __u8 dir, __u
 	struct kpr_ct_entry e = {};
 
 	kpr_ct_new(&k, &e, t, dir, backend_id, rev_nat, flags, nat_addr, nat_port);
-	return kpr_ct.update(&k, &e);
+	return kpr_ct_write_entry(&k, &e);
 }
-#endif /* KPR_CT_OWN */
 
 // Record a new flow. Returns 0 or the map update's negative error.
 static __always_inline int kpr_ct_create(const struct kpr_tuple *t, __u8 dir, __u32 backend_id, __u32 rev_nat,

@@ -37,10 +37,10 @@
  * (kpr_snat_claim: one line, no LRU insert), kpr_snat only when every slot tried is held (counted:
  * KPR_NP_ST_SNAT_SLOT_FULL); 0: kpr_snat only, as before. Both builds read both for replies.
  * (Listed with NodePort's switches, lib/nodeport.h, where the claim's stage is.)
- * Off by default (README issue 14, H1's round): two slots could hold one reply key (one client's
- * replies to another), the collector freed a live flow's slot, its gate could say clean with
- * kpr_snat holding even ports, and the XDP ICMP stage walked 982,872 of the verifier's 1,000,000. */
-#define KPR_NP_SNAT_SLOTS 0
+ * On by default since README issue 14's twentieth round (with KPR_NP_CT_SLOTS; H1's defects, which
+ * kept it off, were mended in the rounds before); the agent builds both off for config
+ * flowSlots: false (kpr.nodeport.datapath.NO_SLOTS). */
+#define KPR_NP_SNAT_SLOTS 1
 #endif
 #ifndef KPR_NP_TEST_GATES_SHUT
 /* Benchmarks only: non-zero, the slot tables' gates (kpr_snat_gate, lib/nodeport.h kpr_np_ct_gate)
@@ -168,7 +168,30 @@ static __always_inline __u16 kpr_snat_random_port(void)
 	return KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1);
 }
 
-/* The first SNAT port (host order) a new flow to backend b:bport tries, from its tuple after DNAT
+/* The range's even ports (a kpr_snat_slots slot's, KPR_NP_SNAT_SLOTS) and odd ones (kpr_snat's in
+ * those builds): the first of each and how many. A range may start on an odd port or end on an
+ * even one (snatPortRange 61001-61001): a port rounded to its parity must stay inside it. */
+#define KPR_SNAT_EVEN_MIN ((KPR_SNAT_PORT_MIN + 1) & ~1)
+#define KPR_SNAT_EVEN_N (KPR_SNAT_PORT_MAX >= KPR_SNAT_EVEN_MIN ? (KPR_SNAT_PORT_MAX - KPR_SNAT_EVEN_MIN) / 2 + 1 : 0)
+#define KPR_SNAT_ODD_MIN (KPR_SNAT_PORT_MIN | 1)
+#define KPR_SNAT_ODD_N (KPR_SNAT_PORT_MAX >= KPR_SNAT_ODD_MIN ? (KPR_SNAT_PORT_MAX - KPR_SNAT_ODD_MIN) / 2 + 1 : 0)
+
+// A random even SNAT port of the range, host order (KPR_SNAT_EVEN_N > 0).
+static __always_inline __u16 kpr_snat_random_even(void)
+{
+	return KPR_SNAT_EVEN_MIN + 2 * (bpf_get_prandom_u32() % (KPR_SNAT_EVEN_N ? KPR_SNAT_EVEN_N : 1));
+}
+
+/* A random SNAT port for kpr_snat, host order: in KPR_NP_SNAT_SLOTS builds an odd one (never a
+ * slot's; KPR_SNAT_ODD_N > 0). */
+static __always_inline __u16 kpr_snat_random_lru_port(void)
+{
+	if (KPR_NP_SNAT_SLOTS)
+		return KPR_SNAT_ODD_MIN + 2 * (bpf_get_prandom_u32() % (KPR_SNAT_ODD_N ? KPR_SNAT_ODD_N : 1));
+	return kpr_snat_random_port();
+}
+
+/* The first (even) SNAT port (host order) a new flow to backend b:bport tries, from its tuple after DNAT
  * hashed with `seed` (after RFC 6056's hash-based choice: not a function of the tuple alone),
  * as the range scaled by the hash (a multiply and a shift: a divide costs tens of cycles). `k`:
  * room for the key. Its caller can load the port's slot before the claim (KPR_NP_SYN_FIRST). */
@@ -179,7 +202,7 @@ static __always_inline __u16 kpr_snat_first_port(struct kpr_ct_key *k, const uni
 
 	kpr_ct_key_of(k, c, cport, b, bport, proto, KPR_CT_DIR_ORIGINAL);
 	v = ((__u64)kpr_slots_hash(k, KPR_SNAT_KEY_DWORDS) ^ seed) * 0x9E3779B97F4A7C15ULL;
-	return KPR_SNAT_PORT_MIN + (__u16)(((v >> 32) * (KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1)) >> 32);
+	return KPR_SNAT_EVEN_MIN + 2 * (__u16)(((v >> 32) * KPR_SNAT_EVEN_N) >> 32);
 }
 
 #define KPR_SNAT_SLOT_FOUND (1U << 31) // kpr_snat_slot_probe: the index holds the key
@@ -237,6 +260,8 @@ static __always_inline int kpr_snat_claim(const struct kpr_tuple *t, const union
 	__u32 zero = 0, r;
 	int i, lru;
 
+	if (!KPR_SNAT_EVEN_N)
+		return KPR_SNAT_SLOTS_HELD; // (a range of one odd port: no slot's port in it)
 	kpr_snat_rev_fill(&rev, t, fe, fport);
 	// (a number, not the gate's pointer, carried on: see lib/slots.h)
 	g = kpr_snat_gate.lookup(&zero);
@@ -244,7 +269,7 @@ static __always_inline int kpr_snat_claim(const struct kpr_tuple *t, const union
 #pragma nounroll
 	for (i = 0; i < KPR_SNAT_SLOT_TRIES; i++) {
 		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr,
-				 kpr_htons((i == 0 && first ? first : kpr_snat_random_port()) & ~1), t->proto);
+				 kpr_htons(i == 0 && first ? first : kpr_snat_random_even()), t->proto);
 		r = kpr_snat_slot_probe(&rk);
 		if (r == KPR_SNAT_SLOT_NONE || (r & KPR_SNAT_SLOT_FOUND) || (lru && kpr_snat.lookup(&rk)))
 			continue; // every probe held, or the port taken
@@ -265,7 +290,7 @@ static __always_inline int kpr_snat_claim(const struct kpr_tuple *t, const union
  * insert: the reverse entry, inserted with BPF_NOEXIST so a port is owned by one flow per remote
  * endpoint, holds the client and the frontend. The forward side (SNAT address and port) goes into
  * the flow's conntrack entry (kpr_ct_create_snat). KPR_NP_SNAT_SLOTS builds take odd ports here
- * and even ones in kpr_snat_slots (kpr_snat_claim): a port one holds is never the other's, with no
+ * (none in a range without one) and even ones in kpr_snat_slots (kpr_snat_claim): a port one holds is never the other's, with no
  * look at the slots per try (the XDP SNAT stage has no room for it under the verifier's million
  * instructions). Every even port's insert counts in kpr_snat_gate. Returns 0 with *port set, or
  * KPR_E_NAT_NOPORT. */
@@ -278,10 +303,12 @@ static __always_inline int kpr_snat_alloc(const struct kpr_tuple *t, const union
 	__u32 zero = 0;
 	int i;
 
+	if (KPR_NP_SNAT_SLOTS && !KPR_SNAT_ODD_N)
+		return KPR_E_NAT_NOPORT; // (a range of one even port: the slots' alone)
 	kpr_snat_rev_fill(&rev, t, fe, fport);
 	for (i = 0; i < KPR_SNAT_RETRIES; i++) {
 		kpr_ct_reply_key(&rk, &t->daddr, t->dport, nat_addr,
-				 kpr_htons(kpr_snat_random_port() | (KPR_NP_SNAT_SLOTS ? 1 : 0)), t->proto);
+				 kpr_htons(kpr_snat_random_lru_port()), t->proto);
 		if (kpr_snat.insert(&rk, &rev) == 0)
 			goto found;
 	}

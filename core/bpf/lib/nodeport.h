@@ -166,7 +166,7 @@
 /* KPR_NP_SNAT_SLOTS (lib/nat.h, where kpr_snat_claim reads it; needs KPR_NP_SNAT_IN_CT and
  * KPR_NP_NEW_NH): 1: a new SNAT flow to a backend whose next hop is cached claims its reply side in
  * a slot of kpr_snat_slots (KPR_NP_CALL_SNAT_CLAIM), kpr_snat only when every slot tried is held.
- * Off by default (README issue 14, H1's SNAT slots reviewed). */
+ * On by default, with KPR_NP_CT_SLOTS (README issue 14, twentieth round; config flowSlots). */
 #ifndef KPR_NP_NEW_NH
 /* 1: a new SNAT flow to a backend whose next hop is cached takes its SNAT address from the
  * cached device and is sent there, without a FIB lookup; 0: new flows always look the route up */
@@ -184,8 +184,9 @@
 /* 1: NodePort's conntrack entries in a table of slots of its own (kpr_np_ct_slots, claimed by
  * compare-and-swap on a flow's first packet), kpr_ct (LRU, shared with host_routing) only for
  * a flow whose slots are all held and for flows an older build began, consulted after a slot
- * miss only while kpr_np_ct_gate says NodePort entries may be there; 0: kpr_ct only. */
-#define KPR_NP_CT_SLOTS 0
+ * miss only while kpr_np_ct_gate says NodePort entries may be there; 0: kpr_ct only (config
+ * flowSlots: false builds both slot tables off: kpr.nodeport.datapath.NO_SLOTS). */
+#define KPR_NP_CT_SLOTS 1
 #endif
 #ifndef KPR_NP_CT_PROBES
 /* Slots a flow may take, from its hash on (adjacent: two lines each). 2: a table F full sends
@@ -722,7 +723,22 @@ _Static_assert(sizeof(struct kpr_np_ct_gate) == 16, "kpr_np_ct_gate layout");
 #define KPR_NP_CT_BUSY 2    // two CPUs' first packets of the flow met: this one is dropped (the client resends)
 #define KPR_NP_CT_FULL 3    // every probe held: the entry belongs in kpr_ct
 
+/* One CPU's room for a new flow's claim (kpr_np_ct_claim): the entry it writes and a copy of its
+ * key (for kpr_ct when every probe is held), and the copy of the entry a claim follows. On the
+ * stack, with kpr_ct_write's own key and entry for that overflow, they took tc's kpr_np_ingress
+ * to 504 of BPF's 512 bytes (over it with KPR_NP_EARLY_PARSE=0, where LLVM ends the compile);
+ * with the room, 440 (XDP 424). A key to hash stays on the stack: written here in narrow fields and read
+ * back in words, its loads wait for the stores to reach the cache, and those wait for every
+ * older load, the SNAT slot's touched line among them (XDP new SNAT flow 506 -> 660 ns). */
+struct kpr_np_claim_room {
+	struct kpr_ct_key k;
+	struct kpr_ct_entry e;
+	struct kpr_ct_entry won; // KPR_NP_CT_FOLLOW: the entry of the flow's slot, as the claim read it
+};
+
 #if KPR_NP_CT_SLOTS
+BPF_PERCPU_ARRAY(kpr_np_claim, struct kpr_np_claim_room, 1);
+
 BPF_TABLE_PINNED("array", __u32, struct kpr_np_ct_slot, kpr_np_ct_slots, KPR_NP_CT_SLOTS_N, KPR_PIN(kpr_np_ct_slots),
 		 BPF_F_MMAPABLE);
 // Mmapable: the collector writes the clean word alone (a whole-value update could lose an add).
@@ -808,7 +824,7 @@ static __always_inline int kpr_np_ct_lru_may_hold(__u32 h)
  * may be there (*slot 0). */
 static __always_inline struct kpr_ct_entry *kpr_np_ct_lookup(const struct kpr_tuple *t, __u32 *slot)
 {
-	struct kpr_ct_key k;
+	struct kpr_ct_key k; // (on the stack: see struct kpr_np_claim_room)
 	struct kpr_np_ct_slot *s;
 	__u64 now = kpr_ct_now();
 	__u32 h, r;
@@ -848,8 +864,22 @@ static __always_inline struct kpr_ct_entry *kpr_np_ct_peek(struct kpr_ct_key *k)
 	return kpr_ct.lookup(k);
 }
 
-/* A NodePort entry written to kpr_ct, marked before and after (struct kpr_np_ct_gate, and the
- * key's home slot: struct kpr_np_ct_slot's lru_adds). */
+/* A NodePort entry (`e` under its ORIGINAL key `k`) written to kpr_ct, marked before and after
+ * (struct kpr_np_ct_gate, and the key's home slot: struct kpr_np_ct_slot's lru_adds). */
+static __always_inline int kpr_np_ct_lru_put(const struct kpr_ct_key *k, const struct kpr_ct_entry *e)
+{
+	__u32 home = kpr_np_ct_home(kpr_np_ct_hash(k));
+	int err;
+
+	kpr_np_ct_lru_mark(home);
+	err = kpr_ct_write_entry(k, e);
+	kpr_np_ct_lru_mark(home);
+	return err;
+}
+
+/* The same for a flow's entry with its mapping (the SNAT stage's; the claim's is in its room). Its
+ * key is made twice (once for the home slot, once by kpr_ct_write): one kpr_ct_new here instead
+ * took the XDP SNAT stage past bcc's 4096 instructions (4600). */
 static __always_inline int kpr_np_ct_lru_write(const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat, __u16 flags,
 					       const union kpr_addr *nat_addr, __be16 nat_port)
 {
@@ -899,37 +929,40 @@ static __always_inline __u32 kpr_np_ct_recheck(const struct kpr_ct_key *k, __u32
 	return r;
 }
 
-static __always_inline int kpr_np_ct_claim(const struct kpr_tuple *t, __u32 backend_id, __u32 rev_nat, __u16 flags,
-					   struct kpr_ct_entry *won, __u32 *slot)
+static __always_inline int kpr_np_ct_claim(struct kpr_np_claim_room *room, const struct kpr_tuple *t, __u32 backend_id,
+					   __u32 rev_nat, __u16 flags, __u32 *slot)
 {
-	struct kpr_ct_key k;
-	struct kpr_ct_entry e = {};
+	struct kpr_ct_key key; // (on the stack: see struct kpr_np_claim_room; copied there for kpr_ct)
+	const struct kpr_ct_key *k = &key;
+	struct kpr_ct_entry *e = &room->e;
 	struct kpr_np_ct_slot *s;
 	__u32 h, r, idx;
 
 	*slot = 0;
-	kpr_ct_new(&k, &e, t, KPR_CT_DIR_ORIGINAL, backend_id, rev_nat, flags, (void *)0, 0);
-	h = kpr_np_ct_hash(&k);
-	r = kpr_np_ct_probe(&k, h, e.last_seen, KPR_NP_CT_NONE);
+	__builtin_memset(e, 0, sizeof(*e)); // (the room holds the CPU's last claim)
+	kpr_ct_new(&key, e, t, KPR_CT_DIR_ORIGINAL, backend_id, rev_nat, flags, (void *)0, 0);
+	room->k = key;
+	h = kpr_np_ct_hash(k);
+	r = kpr_np_ct_probe(k, h, e->last_seen, KPR_NP_CT_NONE);
 	if (r != KPR_NP_CT_NONE && !(r & KPR_NP_CT_FOUND)) {
 		idx = r;
 		s = kpr_np_ct_slots.lookup(&idx);
 		if (!s)
 			return KPR_NP_CT_FULL;
-		if (!kpr_slots_claim(&s->claim, kpr_slots_stamp(e.last_seen)))
+		if (!kpr_slots_claim(&s->claim, kpr_slots_stamp(e->last_seen)))
 			r = KPR_NP_CT_NONE; // lost to another CPU: read again below
 	}
 	if (r == KPR_NP_CT_NONE) {
-		r = kpr_np_ct_recheck(&k, h, e.last_seen);
+		r = kpr_np_ct_recheck(k, h, e->last_seen);
 		if (r == KPR_NP_CT_NONE)
 			return KPR_NP_CT_FULL;
 		if (r == KPR_NP_CT_UNKEYED)
 			return KPR_NP_CT_BUSY;
 	} else if (!(r & KPR_NP_CT_FOUND)) {
-		s->val = e;
-		kpr_slots_fill_key(&s->key, &k, KPR_NP_CT_KEY_DWORDS);
+		s->val = *e;
+		kpr_slots_fill_key(&s->key, k, KPR_NP_CT_KEY_DWORDS);
 		__sync_fetch_and_add(&s->claim, 0); // (a locked add: the key is visible before the reads below)
-		r = kpr_np_ct_probe(&k, h, e.last_seen, idx);
+		r = kpr_np_ct_probe(k, h, e->last_seen, idx);
 		if (r == KPR_NP_CT_NONE || !(r & KPR_NP_CT_FOUND)) {
 			*slot = idx + 1;
 			return KPR_NP_CT_CLAIMED;
@@ -942,13 +975,13 @@ static __always_inline int kpr_np_ct_claim(const struct kpr_tuple *t, __u32 back
 	s = kpr_np_ct_slots.lookup(&r);
 	if (!s)
 		return KPR_NP_CT_BUSY;
-	*won = s->val;
+	room->won = s->val;
 	asm volatile("" ::: "memory");
 	// still the flow's after the copy (not given back by its own claimer meanwhile)
-	if (!kpr_slots_key_eq(&s->key, &k, KPR_NP_CT_KEY_DWORDS))
+	if (!kpr_slots_key_eq(&s->key, k, KPR_NP_CT_KEY_DWORDS))
 		return KPR_NP_CT_BUSY;
 	*slot = r + 1;
-	if (kpr_lb_backend(won->backend_id))
+	if (kpr_lb_backend(room->won.backend_id))
 		return KPR_NP_CT_FOLLOW;
 	/* The flow's own entry, its backend gone (kpr_np_lb balances such a flow again): the new
 	 * pick written in place, as kpr_ct's update replaces it (the mapping with it: its stage
@@ -1736,7 +1769,7 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 	p->saddr = pkt->t.saddr;
 	p->sport = pkt->t.sport;
 	p->bid = bid;
-	kpr_ct_reply_key(&p->rk, &be->addr, be->port ? be->port : pkt->t.dport, nat, kpr_htons(p->first & ~1),
+	kpr_ct_reply_key(&p->rk, &be->addr, be->port ? be->port : pkt->t.dport, nat, kpr_htons(p->first),
 			 pkt->t.proto);
 	idx = kpr_slots_index(kpr_slots_hash(&p->rk, KPR_SNAT_KEY_DWORDS), 0, KPR_SNAT_SLOTS_N - 1);
 	s = kpr_snat_slots.lookup(&idx);
@@ -1864,16 +1897,19 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		/* The flow's entry claimed now, whatever its stage (a SNAT flow's mapping is added by
 		 * its stage): a packet of the same flow another CPU began first follows that one's
 		 * backend, and is not counted as a new flow. */
-		struct kpr_ct_entry won;
+		struct kpr_np_claim_room *room;
+		struct kpr_ct_entry *won;
 		int claim;
+		__u32 zero = 0;
 
 #if KPR_NP_SYN_FIRST_ON
 		if (syn_first && (flags & KPR_CT_F_SNAT))
 			kpr_np_snat_touch(ctx, pkt, bid, be);
 #endif
-		claim = kpr_np_ct_claim(&pkt->t, bid, svc->rev_nat, flags, &won, &ct_slot);
-		if (claim == KPR_NP_CT_FOLLOW) {
-			struct kpr_backend *wbe = kpr_lb_backend(won.backend_id);
+		room = kpr_np_claim.lookup(&zero);
+		claim = room ? kpr_np_ct_claim(room, &pkt->t, bid, svc->rev_nat, flags, &ct_slot) : KPR_NP_CT_FULL;
+		if (claim == KPR_NP_CT_FOLLOW && room) {
+			struct kpr_backend *wbe = kpr_lb_backend(room->won.backend_id);
 			__u8 restart = 0;
 
 			if (wbe) {
@@ -1881,7 +1917,7 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 				/* A SYN met its tuple's live entry (a resent SYN, or a new connection on the
 				 * tuple of one that ended): what the conntrack hit above does with it. */
 				if (syn_first) {
-					if (won.flags & KPR_CT_F_CLOSING) {
+					if (room->won.flags & KPR_CT_F_CLOSING) {
 						__u32 idx = ct_slot - 1;
 						struct kpr_np_ct_slot *cs = kpr_np_ct_slots.lookup(&idx);
 
@@ -1889,13 +1925,14 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 							cs->val.flags &= ~(KPR_CT_F_CLOSING | KPR_CT_F_SEEN_REPLY);
 							cs->val.last_seen = kpr_ct_now();
 						}
-						won.flags &= ~(KPR_CT_F_CLOSING | KPR_CT_F_SEEN_REPLY);
+						room->won.flags &= ~(KPR_CT_F_CLOSING | KPR_CT_F_SEEN_REPLY);
 						restart = 1;
 					}
 					kpr_np_count(KPR_NP_ST_ESTABLISHED);
 				}
 #endif
-				return kpr_np_dispatch(ctx, wbe, won.backend_id, won.flags, restart, won.rev_nat, &won, ct_slot);
+				won = &room->won;
+				return kpr_np_dispatch(ctx, wbe, won->backend_id, won->flags, restart, won->rev_nat, won, ct_slot);
 			}
 			claim = KPR_NP_CT_BUSY; // (its backend gone since the claim's own test: the next packet balances it)
 		}
@@ -1905,7 +1942,8 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		}
 		if (claim == KPR_NP_CT_FULL) {
 			kpr_np_count(KPR_NP_ST_CT_SLOT_FULL);
-			if (kpr_np_ct_lru_write(&pkt->t, bid, svc->rev_nat, flags, (void *)0, 0)) {
+			// (the entry the claim made in its room: this flow's, with no mapping yet)
+			if (!room || kpr_np_ct_lru_put(&room->k, &room->e)) {
 				kpr_np_count(KPR_NP_ST_CT_FAILED);
 				kpr_mon_flow(KPR_MON_T_CT_FULL, KPR_NP_MON_HOOK, 0, &pkt->t, svc->rev_nat, bid, be);
 			}

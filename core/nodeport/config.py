@@ -41,7 +41,7 @@ class NodePortSection(Section):
     # NodePort's flows in the slot tables (kpr_np_ct_slots for conntrack, kpr_snat_slots for a new
     # SNAT flow's reply side: one claimed line each, no LRU insert; kpr_ct and kpr_snat only for
     # the overflow). false: kpr_ct and kpr_snat alone, as kpr did before (32 MiB less kernel
-    # memory; a new flow costs about twice as much). Both NodePort plugins must agree.
+    # memory; a new SNAT flow costs about 1.7 times as much). Both NodePort plugins must agree.
     flow_slots: bool = True
     # Leave the programs attached when the agent stops (pinned BPF links, or the fallback
     # attachments), so NodePorts keep working until the next agent adopts them; `kpr cleanup`

@@ -94,7 +94,7 @@ def main() -> int:
                 else:
                     if not lab.builds:
                         repin_flow_maps(lab, base_of[k])
-                    lab.load(a.hook, name, [*flags, *NO_SLOTS])  # (the array layout: ct_array.h turns them off)
+                    lab.load(a.hook, name, [*flags, *NO_SLOTS])  # (the map kinds: kpr_ct and kpr_snat alone)
         new: dict[tuple[str, str], list[float]] = {}
         est: dict[str, list[float]] = {k: [] for k in kinds}
         bares: dict[str, list[float]] = {k: [] for k in kinds}

@@ -13,7 +13,7 @@ them by hand, so a reordered counter or a changed field cannot silently disagree
 The parser knows the header style used here, not C at large: object-like `#define KPR_X value
 // comment` (integer expressions of other defines, strings), `#ifndef KPR_X` defaults, structs
 and unions of fixed-width fields (`__u8`..`__u64`, `__be16`/`__be32`, nested `union kpr_addr`
-and structs, arrays such as `__u8 pad[3]`), `__attribute__((packed))`, and the sizes the
+and structs, arrays such as `__u8 pad[3]`), `__attribute__((packed))` and `((aligned(N)))`, and the sizes the
 headers `_Static_assert`. Anything else (function-like macros, a struct with `#if` inside, a
 function pointer) is left alone until someone asks for it; then AbiError names what it is.
 """
@@ -157,7 +157,9 @@ _COMMENT_BLOCK = re.compile(r"/\*.*?\*/", re.S)
 _DEFINE = re.compile(r"^\s*#\s*define\s+(\w+)(\(?)(.*)$")
 _COND = re.compile(r"^\s*#\s*(if|ifdef|ifndef|elif|else|endif)\b\s*(\w*)")
 _TYPE_BLOCK = re.compile(
-    r"^(struct|union)\s+(\w+)\s*\{(.*?)^\}\s*(__attribute__\s*\(\(\s*packed\s*\)\))?\s*;", re.S | re.M
+    r"^(struct|union)\s+(\w+)\s*\{(.*?)^\}\s*"
+    r"(?:__attribute__\s*\(\(\s*(?:(packed)|aligned\s*\(\s*(\d+)\s*\))\s*\)\))?\s*;",
+    re.S | re.M
 )
 _FIELD = re.compile(r"^((?:union|struct)\s+\w+|\w+)\s+(\w+)\s*(?:\[\s*([^\]]+?)\s*\])?$")
 _ASSERT = re.compile(r"_Static_assert\s*\(\s*sizeof\s*\(\s*(struct|union)\s+(\w+)\s*\)\s*==\s*(\d+)")
@@ -198,8 +200,8 @@ class Abi:
         self.lib_dir = Path(lib_dir)
         self.defines: dict[str, list[Define]] = {}
         self.function_macros: set[str] = set()
-        # name -> (kind, header, body, packed); resolved into CType by struct_of()
-        self._raw_types: dict[str, tuple[str, str, str, bool]] = {}
+        # name -> (kind, header, body, packed, aligned(N) or 1); resolved into CType by struct_of()
+        self._raw_types: dict[str, tuple[str, str, str, bool, int]] = {}
         self.asserted_sizes: dict[str, tuple[int, str]] = {}  # type name -> (size, header)
         self._types: dict[str, CType] = {}
         self._values: dict[str, int | str] = {}
@@ -238,7 +240,7 @@ class Abi:
             conditional = any(f != macro and not _GUARD.match(f) for f in frames)
             self.defines.setdefault(macro, []).append(Define(macro, body, comment, name, lineno, conditional))
         for m in _TYPE_BLOCK.finditer(text):
-            self._raw_types.setdefault(m[2], (m[1], name, m[3], bool(m[4])))
+            self._raw_types.setdefault(m[2], (m[1], name, m[3], bool(m[4]), int(m[5] or 1)))
         for m in _ASSERT.finditer(text):
             self.asserted_sizes[m[2]] = (int(m[3]), name)
 
@@ -372,12 +374,12 @@ class Abi:
         raw = self._raw_types.get(name)
         if raw is None:
             raise AbiError(f"no struct or union {name} in any header under {self.lib_dir}")
-        kind, header, body, packed = raw
+        kind, header, body, packed, min_align = raw
         where = f"{kind} {name} ({header})"
         if re.search(r"^\s*#", body, re.M):
             raise AbiError(f"{where} has preprocessor lines inside: its layout depends on build flags")
         body = _COMMENT_BLOCK.sub(" ", re.sub(r"//[^\n]*", "", body))
-        fields, offset, size, align = [], 0, 0, 1
+        fields, offset, size, align = [], 0, 0, min_align
         for decl in (s.strip() for s in body.split(";")):
             if not decl:
                 continue
@@ -444,6 +446,10 @@ class Abi:
         cls = type(_camel(name), (cls_base,), attrs)
         if ctypes.sizeof(cls) != t.size:
             raise AbiError(f"{t.kind} {name}: ctypes lays it out in {ctypes.sizeof(cls)} bytes, the header in {t.size}")
+        # (ctypes knows no aligned(N): a field of such a type placed where C would not put it)
+        for f in t.fields:
+            if getattr(cls, f.name).offset != f.offset:
+                raise AbiError(f"{t.kind} {name}: ctypes puts {f.name} at {getattr(cls, f.name).offset}, the header at {f.offset}")
         return cls
 
     def types(self) -> list[str]:

@@ -88,7 +88,7 @@ struct kpr_ct_key {
 	__u8 proto;           // IPPROTO_*
 	__u8 dir;             // KPR_CT_DIR_*
 	__u16 pad;            // zero
-};
+} __attribute__((aligned(8))); // written and read as 64-bit words (kpr_ct_key_of, lib/slots.h): on the stack too
 
 /* kpr_ct value. A source-NATed NodePort flow keeps its SNAT address and port here (no SNAT
  * forward entry of its own: one LRU insert less per new flow); its reply side is one kpr_snat
@@ -106,33 +106,35 @@ struct kpr_ct_entry {
 };
 
 _Static_assert(sizeof(struct kpr_ct_key) == 40, "kpr_ct_key layout");
+_Static_assert(__builtin_offsetof(struct kpr_ct_key, sport) == 32 && __builtin_offsetof(struct kpr_ct_key, dir) == 37,
+	       "kpr_ct_key words (kpr_ct_key_of)");
 _Static_assert(sizeof(struct kpr_ct_entry) == 40, "kpr_ct_entry layout");
 
 // Tracked flows; LRU so the map never fills up with dead flows.
 BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_ct_entry, kpr_ct, KPR_CT_MAX, KPR_PIN(kpr_ct));
 
-static __always_inline void kpr_ct_key_from_tuple(struct kpr_ct_key *k, const struct kpr_tuple *t, __u8 dir)
-{
-	k->saddr = t->saddr;
-	k->daddr = t->daddr;
-	k->sport = t->sport;
-	k->dport = t->dport;
-	k->proto = t->proto;
-	k->dir = dir;
-	k->pad = 0;
-}
-
-// A key from `s`:`sport` to `d`:`dport` in direction `dir`.
+/* A key from `s`:`sport` to `d`:`dport` in direction `dir`, written as the five 64-bit words
+ * the slot hash and key compare read back (lib/slots.h). Why words: a word load over several
+ * narrow stores cannot be forwarded from the store buffer, so it waits until those stores reach
+ * the cache, and they wait for every older load: a new flow's conntrack claim hashed its key
+ * only after the touched SNAT slot's miss, and the two misses ran one after the other (XDP new
+ * SNAT flow 540-629 -> 490-547 ns, README issue 14, twenty-first round). Little-endian words,
+ * as the BPF target and the JIT's hosts are (kpr.bpf.slots.slot_hash reads the same bytes). */
 static __always_inline void kpr_ct_key_of(struct kpr_ct_key *k, const union kpr_addr *s, __be16 sport,
 					  const union kpr_addr *d, __be16 dport, __u8 proto, __u8 dir)
 {
-	k->saddr = *s;
-	k->daddr = *d;
-	k->sport = sport;
-	k->dport = dport;
-	k->proto = proto;
-	k->dir = dir;
-	k->pad = 0;
+	__u64 *w = (__u64 *)k;
+
+	w[0] = (__u64)s->w[0] | (__u64)s->w[1] << 32;
+	w[1] = (__u64)s->w[2] | (__u64)s->w[3] << 32;
+	w[2] = (__u64)d->w[0] | (__u64)d->w[1] << 32;
+	w[3] = (__u64)d->w[2] | (__u64)d->w[3] << 32;
+	w[4] = (__u64)sport | (__u64)dport << 16 | (__u64)proto << 32 | (__u64)dir << 40; // pad zero
+}
+
+static __always_inline void kpr_ct_key_from_tuple(struct kpr_ct_key *k, const struct kpr_tuple *t, __u8 dir)
+{
+	kpr_ct_key_of(k, &t->saddr, t->sport, &t->daddr, t->dport, t->proto, dir);
 }
 
 // Reply-direction key: from `b`:`bport` (the backend) to `c`:`cport` (the client, or the SNAT address).

@@ -177,7 +177,7 @@ CT_GATE = abi.packer("kpr_np_ct_gate")  # overflows, clean
 NP_FE_KEY = abi.packer("kpr_np_fe_key", skip=("pad",))  # addr, port, proto
 NP_FE = abi.packer("kpr_np_fe", skip=("pad",))  # mode
 NP_DEV = abi.packer("kpr_np_dev")  # addr4, addr6, flags, pad
-NP_NH = abi.packer("kpr_np_nh")  # gen, ifindex, smac, dmac, kind, pad, addr
+NP_NH = abi.packer("kpr_np_nh")  # gen, ifindex, smac, dmac, kind, nat4, pad, addr
 NH_GEN = abi.value("KPR_NP_NH_GEN")
 
 CT_DIR_ORIGINAL, CT_DIR_REPLY = abi.value("KPR_CT_DIR_ORIGINAL"), abi.value("KPR_CT_DIR_REPLY")
@@ -310,9 +310,9 @@ def invalidate_next_hops(m: M.BpfMap) -> int:
 
 def devices_changed(m: M.BpfMap, written: int, removed: int) -> None:
     """kpr_np_dev or kpr_np_devkind changed (`written` or `removed` entries): a cached next hop
-    keeps the kind and external-ness its device had when it was cached (the established local
-    and inline SNAT paths read them from kpr_np_nh, not the device maps), so the generation is
-    bumped. A disarmed cache (generation 0) is left off: bumping would turn it on."""
+    keeps the kind and external-ness its device had when it was cached, and an IPv4 backend's
+    SNAT address (the established local and inline SNAT paths, and a new SNAT flow, read them
+    from kpr_np_nh, not the device maps), so the generation is bumped. A disarmed cache (generation 0) is left off: bumping would turn it on."""
     if (written or removed) and _gen_in_force(m):
         invalidate_next_hops(m)
 
@@ -337,7 +337,7 @@ def _last_next_hop_gen(m: M.BpfMap) -> int:
 
 
 def _set_next_hop_gen(m: M.BpfMap, gen: int, last: int) -> None:
-    m.update(M.U32.pack(NH_GEN), NP_NH.pack(gen, last, bytes(6), bytes(6), 0, 0, _ZERO16))
+    m.update(M.U32.pack(NH_GEN), NP_NH.pack(gen, last, bytes(6), bytes(6), 0, 0, 0, _ZERO16))
 
 
 def _set_array_words(m: M.BpfMap, words: Mapping[int, int]) -> None:

@@ -718,7 +718,7 @@ def test_a_cached_redirect_counts_the_helper_the_kind_and_the_cache(lab: Lab) ->
     with M.BpfMap.open_pinned(lab.pin / D.NH_MAP) as nh:
         for k, v in nh.items():
             e = list(D.NP_NH.unpack(v))
-            if M.U32.unpack(k)[0] != D.NH_GEN and e[6] == M.addr_to_bytes(REM4):
+            if M.U32.unpack(k)[0] != D.NH_GEN and e[-1] == M.addr_to_bytes(REM4):
                 e[0] = 0
                 nh.update(k, D.NP_NH.pack(*e))
     first = fwd_moved(tcp4(lab, CLIENT4, VIP_REMOTE, 40971, 80))
@@ -792,7 +792,7 @@ def test_a_next_hop_cached_without_an_mtu_is_looked_up_on_tc(lab: Lab) -> None:
     with M.BpfMap.open_pinned(lab.pin / D.NH_MAP) as nh:
         for k, v in nh.items():
             e = list(D.NP_NH.unpack(v))
-            if M.U32.unpack(k)[0] != D.NH_GEN and e[0] and e[6] == M.addr_to_bytes(REM4):
+            if M.U32.unpack(k)[0] != D.NH_GEN and e[0] and e[-1] == M.addr_to_bytes(REM4):
                 e[4] &= 0xFFFF  # as XDP writes it: no MTU
                 nh.update(k, D.NP_NH.pack(*e))
     before = lab.stats()
@@ -819,7 +819,7 @@ def test_the_next_hop_is_cached_per_backend_until_the_generation_changes(lab: La
     with M.BpfMap.open_pinned(lab.pin / D.NH_MAP) as nh:
         gen = D.NP_NH.unpack(nh.lookup(M.U32.pack(D.NH_GEN)))[0]
         cached = [D.NP_NH.unpack(v) for k, v in nh.items() if M.U32.unpack(k)[0] != D.NH_GEN and D.NP_NH.unpack(v)[0]]
-    rem4 = [(c[0], c[1], c[3]) for c in cached if c[6] == M.addr_to_bytes(REM4)]
+    rem4 = [(c[0], c[1], c[3]) for c in cached if c[-1] == M.addr_to_bytes(REM4)]
     assert gen and set(rem4) == {(gen, lab.ifindex, bytes.fromhex(MAC_NODE2.replace(":", "")))}  # its TCP and UDP ids
     lb = lab.topo["lb"]
     try:
@@ -857,6 +857,35 @@ def test_a_device_change_bumps_the_next_hop_generation(lab: Lab) -> None:
     finally:
         lab.dp.set_device_kinds(kinds)
         lab.dp.set_devices({lab.ifindex: (NODE4, NODE6)}, (NODE4, NODE6))
+
+
+def test_an_ipv4_backends_snat_address_is_cached_with_its_next_hop(lab: Lab) -> None:
+    """kpr_np_nh.nat4: caching an IPv4 backend's next hop caches its egress device's SNAT address
+    too, and a new flow to that backend takes the address from there (no kpr_np_dev lookups):
+    the cached value is the node's address, and one written there by hand is the next new flow's
+    source, until the generation is bumped."""
+    def rem4_entries(nh: M.BpfMap) -> list[tuple[bytes, list[Any]]]:
+        return [(k, list(D.NP_NH.unpack(v))) for k, v in nh.items()
+                if M.U32.unpack(k)[0] != D.NH_GEN and D.NP_NH.unpack(v)[-1] == M.addr_to_bytes(REM4)]
+
+    def be32(addr: str) -> int:
+        return M.U32.unpack(bytes(map(int, addr.split("."))))[0]
+
+    verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40610, 80))
+    assert verdict == TC_ACT_REDIRECT and out[IP].src == NODE4
+    try:
+        with M.BpfMap.open_pinned(lab.pin / D.NH_MAP) as nh:
+            cached = [e for _, e in rem4_entries(nh) if e[0]]
+            assert cached and {e[5] for e in cached} == {be32(NODE4)}, "the device's address cached"
+            for k, e in rem4_entries(nh):
+                e[5] = be32("10.0.0.77")
+                nh.update(k, D.NP_NH.pack(*e))
+        verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40611, 80))
+        assert verdict == TC_ACT_REDIRECT and out[IP].src == "10.0.0.77", "the new flow took the cached address"
+    finally:
+        lab.dp.invalidate_next_hops()
+    verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40612, 80))
+    assert verdict == TC_ACT_REDIRECT and out[IP].src == NODE4, "looked up again after the bump"
 
 
 def test_dsr_adds_the_frontend_and_the_backend_node_strips_it(lab: Lab) -> None:

@@ -352,7 +352,8 @@ struct kpr_np_nh {
 	__u8 smac[6];        // the route's source MAC
 	__u8 dmac[6];        // the next hop's MAC
 	__u32 kind;          // KPR_DEV_* of ifindex (the forwarding counters) | KPR_NP_NH_EXTERNAL | mtu << 16
-	__u64 pad;           // zero (validity is the generation's: no time kept)
+	__be32 nat4;         // an IPv4 backend's SNAT address by ifindex (kpr_np_snat_addr); 0: look it up
+	__u32 pad;           // zero (validity is the generation's: no time kept)
 	union kpr_addr addr; // the backend's address (an index reused for another backend misses)
 };
 
@@ -1289,6 +1290,13 @@ static __always_inline void kpr_np_nh_put(__u32 bid, const union kpr_addr *addr,
 	__builtin_memcpy(e->smac, p->smac, 6);
 	__builtin_memcpy(e->dmac, p->dmac, 6);
 	e->kind = kind | (mtu << 16);
+	e->nat4 = 0;
+	if (kpr_addr_is_v4(addr)) {
+		const union kpr_addr *nat = kpr_np_snat_addr(ifindex, KPR_FAMILY_V4);
+
+		if (nat)
+			e->nat4 = nat->w[3];
+	}
 	e->addr = *addr;
 	e->gen = g->gen;
 #endif
@@ -1764,15 +1772,20 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 
 	if (!nh || !p)
 		return;
-	nat = kpr_np_snat_addr(nh->ifindex, pkt->t.family);
-	if (!nat)
-		return;
+	// (an IPv4 backend's address cached with its next hop: no kpr_np_dev lookups)
+	if (pkt->t.family == KPR_FAMILY_V4 && nh->nat4) {
+		kpr_addr_set_v4(&p->nat, nh->nat4);
+	} else {
+		nat = kpr_np_snat_addr(nh->ifindex, pkt->t.family);
+		if (!nat)
+			return;
+		p->nat = *nat;
+	}
 	p->first = kpr_np_snat_first(p, &pkt->t, be);
-	p->nat = *nat;
 	p->saddr = pkt->t.saddr;
 	p->sport = pkt->t.sport;
 	p->bid = bid;
-	kpr_ct_reply_key(&p->rk, &be->addr, be->port ? be->port : pkt->t.dport, nat, kpr_htons(p->first),
+	kpr_ct_reply_key(&p->rk, &be->addr, be->port ? be->port : pkt->t.dport, &p->nat, kpr_htons(p->first),
 			 pkt->t.proto);
 	idx = kpr_slots_index(kpr_slots_hash(&p->rk, KPR_SNAT_KEY_DWORDS), 0, KPR_SNAT_SLOTS_N - 1);
 	s = kpr_snat_slots.lookup(&idx);
@@ -1982,6 +1995,7 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 	struct kpr_backend *be;
 	struct kpr_tuple orig; // the tuple after DNAT (client -> backend)
 	const union kpr_addr *nat;
+	union kpr_addr nat4;
 	struct kpr_np_nh *nh;
 	__be16 nport;
 	__u16 first;
@@ -2006,7 +2020,12 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 	nh = kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr);
 	if (!nh)
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
-	nat = kpr_np_snat_addr(nh->ifindex, pkt.t.family);
+	if (pkt.t.family == KPR_FAMILY_V4 && nh->nat4) { // (cached with the next hop: no kpr_np_dev lookups)
+		kpr_addr_set_v4(&nat4, nh->nat4);
+		nat = &nat4;
+	} else {
+		nat = kpr_np_snat_addr(nh->ifindex, pkt.t.family);
+	}
 	if (!nat)
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT); // (counted and dropped there)
 #if KPR_NP_SYN_FIRST_ON

@@ -655,8 +655,6 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "backend ids from kpr_slots, not from the frontend's kpr_fe line (KPR_LB_FE_IDS=0)": ("-DKPR_LB_FE_IDS=0",),
     "a new flow's next-hop entry read in its stage only, not touched at the pick (KPR_NP_NH_TOUCH=0)": (
         "-DKPR_NP_NH_TOUCH=0",),
-    "a SYN's frontend line loaded after the conntrack lookup, not beside it (KPR_NP_FE_TOUCH=0)": (
-        "-DKPR_NP_FE_TOUCH=0",),
     "tc: a new flow's mode looked up in kpr_np_fe though no frontend of its port has one (KPR_NP_NOMODE=0)": (
         "-DKPR_NP_NOMODE=0",),
     "NodePort conntrack in kpr_ct's LRU, not slots claimed by compare-and-swap (KPR_NP_CT_SLOTS=0)": (
@@ -665,6 +663,7 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_NP_CT_SLOTS=0", "-DKPR_NP_SNAT_SLOTS=0"),
     "slot tables, a SYN's conntrack slots read before its pick, not after (KPR_NP_SYN_FIRST=0; XDP's default on)": (
         "-DKPR_NP_SYN_FIRST=0",),
+    "conntrack keys written field by field, not as 64-bit words (KPR_CT_KEY_WORDS=0)": ("-DKPR_CT_KEY_WORDS=0",),
     "slot tables, their gates read as shut: no LRU lookup on a slot miss (benchmark only, KPR_NP_TEST_GATES_SHUT=1)": (
         "-DKPR_NP_TEST_GATES_SHUT=1",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (
@@ -672,13 +671,13 @@ SWITCHES: dict[str, tuple[str, ...]] = {
         "-DKPR_CLOCK_FINE=1", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_SNAT_IN_CT=0", "-DKPR_NP_NH_CACHE=0",
         "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0", "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0",
         "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0", "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0",
-        "-DKPR_NP_DNAT_ONE_PASS=0", "-DKPR_NP_CT_SLOTS=0", "-DKPR_NP_SNAT_SLOTS=0"),
+        "-DKPR_NP_DNAT_ONE_PASS=0", "-DKPR_NP_CT_SLOTS=0", "-DKPR_NP_SNAT_SLOTS=0", "-DKPR_CT_KEY_WORDS=0"),
     "before issue 14 (PREFILTER, LAZY_SNAT_ADDR, SNAT_IN_CT, NH_CACHE off; the backend carried)": (
         "-DKPR_NP_PREFILTER=0", "-DKPR_NP_LAZY_SNAT_ADDR=0", "-DKPR_NP_SNAT_IN_CT=0",
         "-DKPR_NP_NH_CACHE=0", "-DKPR_CT_CLOCK_JIFFIES=0", "-DKPR_NP_EARLY_EXIT=0", "-DKPR_REWRITE_ONE_CSUM=0",
         "-DKPR_NP_EST_INLINE=0", "-DKPR_CSUM_IP_DIRECT=0", "-UKPR_SKB_KERN_CTX_FN", "-DKPR_CSUM_L4_INFER=0",
         "-DKPR_LB_FE=0", "-DKPR_NP_EST_LOCAL=0", "-DKPR_NP_DNAT_ONE_PASS=0", "-DKPR_NP_CT_SLOTS=0",
-        "-DKPR_NP_SNAT_SLOTS=0"),
+        "-DKPR_NP_SNAT_SLOTS=0", "-DKPR_CT_KEY_WORDS=0"),
 }
 
 

@@ -105,6 +105,10 @@ struct kpr_ct_entry {
 	union kpr_addr nat_addr; // KPR_CT_F_SNAT flows: the SNAT source address (with nat_port)
 };
 
+#ifndef KPR_CT_KEY_WORDS
+#define KPR_CT_KEY_WORDS 1 // 1: keys written as 64-bit words (kpr_ct_key_of); 0: field by field (a build near BPF's 512-byte stack: LLVM packs those tighter)
+#endif
+
 _Static_assert(sizeof(struct kpr_ct_key) == 40, "kpr_ct_key layout");
 _Static_assert(__builtin_offsetof(struct kpr_ct_key, sport) == 32 && __builtin_offsetof(struct kpr_ct_key, dir) == 37,
 	       "kpr_ct_key words (kpr_ct_key_of)");
@@ -123,6 +127,7 @@ BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_ct_entry, kpr_ct, KPR
 static __always_inline void kpr_ct_key_of(struct kpr_ct_key *k, const union kpr_addr *s, __be16 sport,
 					  const union kpr_addr *d, __be16 dport, __u8 proto, __u8 dir)
 {
+#if KPR_CT_KEY_WORDS
 	__u64 *w = (__u64 *)k;
 
 	w[0] = (__u64)s->w[0] | (__u64)s->w[1] << 32;
@@ -130,6 +135,15 @@ static __always_inline void kpr_ct_key_of(struct kpr_ct_key *k, const union kpr_
 	w[2] = (__u64)d->w[0] | (__u64)d->w[1] << 32;
 	w[3] = (__u64)d->w[2] | (__u64)d->w[3] << 32;
 	w[4] = (__u64)sport | (__u64)dport << 16 | (__u64)proto << 32 | (__u64)dir << 40; // pad zero
+#else
+	k->saddr = *s;
+	k->daddr = *d;
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->dir = dir;
+	k->pad = 0;
+#endif
 }
 
 static __always_inline void kpr_ct_key_from_tuple(struct kpr_ct_key *k, const struct kpr_tuple *t, __u8 dir)

@@ -63,6 +63,15 @@
 #include "lib/parse.h"
 #include "lib/csum.h"
 #include "lib/lb.h"
+/* Conntrack keys as 64-bit words (KPR_CT_KEY_WORDS, lib/conntrack.h) are for the slot tables'
+ * word reads. A build with four LRU inserts per new SNAT flow (KPR_NP_SNAT_IN_CT=0) writes them
+ * field by field: with words, tc's kpr_np_snat passed BPF's 512 stack bytes (LLVM then ends the
+ * compile). */
+#if !defined(KPR_CT_KEY_WORDS) && defined(KPR_NP_SNAT_IN_CT)
+#if !KPR_NP_SNAT_IN_CT
+#define KPR_CT_KEY_WORDS 0
+#endif
+#endif
 #include "lib/conntrack.h"
 #include "lib/nat.h"
 #include "lib/slots.h"

@@ -644,6 +644,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "FIB lookup every packet, no next hop cached (KPR_NP_NH_CACHE=0)": ("-DKPR_NP_NH_CACHE=0",),
     "new SNAT flows look the route up though their backend's next hop is cached (KPR_NP_NEW_NH=0)": (
         "-DKPR_NP_NEW_NH=0",),
+    "a new SNAT flow looks its IPv4 SNAT address up in kpr_np_dev, not cached with the next hop (KPR_NP_NH_SNAT_ADDR=0)": (
+        "-DKPR_NP_NH_SNAT_ADDR=0",),
     "fast exit puts the destination on the stack before its tests, not only for a lookup (KPR_NP_EARLY_RAW=0)": (
         "-DKPR_NP_EARLY_RAW=0",),
     "service packets parsed twice: the fast exit's raw read, then the full parse (KPR_NP_EARLY_PARSE=0)": (

@@ -186,6 +186,9 @@
  * and skips the FIB lookup while the agent's generation is unchanged; 0: a FIB lookup per packet */
 #define KPR_NP_NH_CACHE 1
 #endif
+#ifndef KPR_NP_NH_SNAT_ADDR
+#define KPR_NP_NH_SNAT_ADDR 1 // 1: a new SNAT flow to an IPv4 backend takes the SNAT address cached with its next hop (kpr_np_nh.nat4), no kpr_np_dev lookups
+#endif
 #ifndef KPR_NP_NH_MAX
 #define KPR_NP_NH_MAX 65536 // cached next hops, by backend index (indexes above: a FIB lookup per packet)
 #endif
@@ -1782,7 +1785,7 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 	if (!nh || !p)
 		return;
 	// (an IPv4 backend's address cached with its next hop: no kpr_np_dev lookups)
-	if (pkt->t.family == KPR_FAMILY_V4 && nh->nat4) {
+	if (KPR_NP_NH_SNAT_ADDR && pkt->t.family == KPR_FAMILY_V4 && nh->nat4) {
 		kpr_addr_set_v4(&p->nat, nh->nat4);
 	} else {
 		nat = kpr_np_snat_addr(nh->ifindex, pkt->t.family);
@@ -2029,7 +2032,7 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 	nh = kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr);
 	if (!nh)
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
-	if (pkt.t.family == KPR_FAMILY_V4 && nh->nat4) { // (cached with the next hop: no kpr_np_dev lookups)
+	if (KPR_NP_NH_SNAT_ADDR && pkt.t.family == KPR_FAMILY_V4 && nh->nat4) { // (cached with the next hop: no kpr_np_dev lookups)
 		kpr_addr_set_v4(&nat4, nh->nat4);
 		nat = &nat4;
 	} else {

@@ -40,9 +40,10 @@ import statistics
 import sys
 import time
 
+from kpr.nodeport.datapath import NO_SLOTS
 from kpr.testing.coldline import cold_line_ns
 from kpr.testing.ct_array import load_array_build
-from kpr.testing.flow_maps import KINDS, NO_SLOTS, repin_flow_maps
+from kpr.testing.flow_maps import KINDS, repin_flow_maps
 from kpr.testing.nodeport_bench import ProgLab, bare, cases, measure
 
 # stop -> column: after the conntrack miss (9); the SNAT port, conntrack entry and rewrite (6); all (0)
@@ -52,7 +53,6 @@ SLOT_KINDS = {"ct-slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=0"),
               "slots": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1"),
               "slots-syn0": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=1", "-DKPR_NP_SYN_FIRST=0"),
               "ct-slots-1": ("-DKPR_NP_CT_SLOTS=1", "-DKPR_NP_SNAT_SLOTS=0", "-DKPR_NP_CT_PROBES=1")}  # (direct-mapped)
-
 
 
 def main() -> int:

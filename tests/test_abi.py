@@ -297,6 +297,29 @@ def test_layout_rules(tmp_path: Path) -> None:
         s.format(skip=("nope",))
 
 
+def test_an_aligned_struct_is_laid_out_as_the_compiler_does(tmp_path: Path) -> None:
+    """`__attribute__((aligned(N)))` raises a type's alignment (struct kpr_ct_key's 8: written in
+    words); ctypes has no such attribute, so a mirror that would put a field elsewhere is refused
+    by name rather than read at the wrong offset."""
+    (tmp_path / "t.h").write_text(
+        "struct k {\n\t__u32 a[3];\n\t__u16 b;\n} __attribute__((aligned(8)));\n"
+        "struct at0 {\n\tstruct k key;\n\t__u64 c;\n};\n"
+        "struct at4 {\n\t__u32 seq;\n\tstruct k key;\n};\n"
+        "struct same_size {\n\t__u32 seq;\n\tstruct k key;\n\t__u64 c;\n};\n"
+    )
+    a = abi.Abi(tmp_path)
+    assert (a.struct_of("k").size, a.struct_of("k").align) == (16, 8)
+    assert [(f.name, f.offset) for f in a.struct_of("at4").fields] == [("seq", 0), ("key", 8)]
+    assert a.struct_of("at4").size == 24
+    assert a.ctype("at0").c.offset == 16  # where C puts it too: the mirror is taken
+    with pytest.raises(abi.AbiError, match=r"struct at4: ctypes lays it out in 20 bytes, the header in 24"):
+        a.ctype("at4")
+    # the same total size, a field moved: caught by the offsets, not the size
+    assert a.struct_of("same_size").size == 32
+    with pytest.raises(abi.AbiError, match=r"struct same_size: ctypes puts key at 4, the header at 8"):
+        a.ctype("same_size")
+
+
 # --- where the headers are -----------------------------------------------------------------------
 
 

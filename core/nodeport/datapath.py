@@ -312,7 +312,8 @@ def devices_changed(m: M.BpfMap, written: int, removed: int) -> None:
     """kpr_np_dev or kpr_np_devkind changed (`written` or `removed` entries): a cached next hop
     keeps the kind and external-ness its device had when it was cached, and an IPv4 backend's
     SNAT address (the established local and inline SNAT paths, and a new SNAT flow, read them
-    from kpr_np_nh, not the device maps), so the generation is bumped. A disarmed cache (generation 0) is left off: bumping would turn it on."""
+    from kpr_np_nh, not the device maps), so the generation is bumped. A disarmed cache
+    (generation 0) is left off: bumping would turn it on."""
     if (written or removed) and _gen_in_force(m):
         invalidate_next_hops(m)
 
@@ -538,8 +539,9 @@ class Datapath(DeviceMaps):
     def snat_slots(self) -> bool:
         """Whether this build puts a new SNAT flow's reply side in kpr_snat_slots (lib/nat.h
         KPR_NP_SNAT_SLOTS; the slot is taken only with KPR_NP_SNAT_IN_CT and KPR_NP_NEW_NH)."""
-        return (self._switch("KPR_NP_SNAT_SLOTS", SNAT_SLOTS_ON) and self._switch("KPR_NP_SNAT_IN_CT", True)
-                and self._switch("KPR_NP_NEW_NH", True))
+        return (self._switch("KPR_NP_SNAT_SLOTS", SNAT_SLOTS_ON)
+                and self._switch("KPR_NP_SNAT_IN_CT", bool(abi.value("KPR_NP_SNAT_IN_CT")))
+                and self._switch("KPR_NP_NEW_NH", bool(abi.value("KPR_NP_NEW_NH"))))
 
     def load(self, links_of: Mapping[str, Path] | None = None) -> "Datapath":
         """Compile, load every program, fill the stage array, open the plugin's maps. When the

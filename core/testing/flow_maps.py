@@ -12,7 +12,6 @@ import random
 from typing import Any
 
 from kpr.bpf import maps as M
-from kpr.nodeport.datapath import NO_SLOTS  # noqa: F401 (the kinds are measured in builds without the slot tables)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ def pinned_kind(lab: Any, name: str) -> tuple[int, int]:
     with M.BpfMap.open_pinned(lab.pin / name) as m:
         info = m.info()
         return info.type, info.map_flags
-
 
 
 FILL_NET = bytes([198, 18, 0, 0])  # 198.18.0.0/15 (RFC 2544 benchmarking, 131072 addresses): no lab address is in it

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from kpr.bpf import maps as M
+from kpr.nodeport.datapath import NO_SLOTS
 from kpr.testing.ct_array import ARRAY_MAPS, load_array_build, used_slots
-from kpr.testing.flow_maps import KINDS, NO_SLOTS, pinned_kind, repin_flow_maps
+from kpr.testing.flow_maps import KINDS, pinned_kind, repin_flow_maps
 from kpr.testing.nodeport_bench import VIP, ProgLab
 from kpr.testing.nodeport_runs import run_counted
 from kpr.testing.prog_run import one_cpu

@@ -106,7 +106,7 @@ struct kpr_ct_entry {
 };
 
 #ifndef KPR_CT_KEY_WORDS
-#define KPR_CT_KEY_WORDS 1 // 1: keys written as 64-bit words (kpr_ct_key_of); 0: field by field (a build near BPF's 512-byte stack: LLVM packs those tighter)
+#define KPR_CT_KEY_WORDS 1 // 1: keys written as 64-bit words (kpr_ct_key_of); 0: field by field (lib/nodeport.h: KPR_NP_SNAT_IN_CT=0 builds, whose tc kpr_np_snat passed 512 stack bytes with words)
 #endif
 
 _Static_assert(sizeof(struct kpr_ct_key) == 40, "kpr_ct_key layout");
@@ -122,7 +122,7 @@ BPF_TABLE_PINNED("lru_hash", struct kpr_ct_key, struct kpr_ct_entry, kpr_ct, KPR
  * narrow stores cannot be forwarded from the store buffer, so it waits until those stores reach
  * the cache, and they wait for every older load: a new flow's conntrack claim hashed its key
  * only after the touched SNAT slot's miss, and the two misses ran one after the other (XDP new
- * SNAT flow 540-629 -> 490-547 ns, README issue 14, twenty-first round). Little-endian words,
+ * SNAT flow 10-82 ns less in side-by-side runs, README issue 14, twenty-first round). Little-endian words,
  * as the BPF target and the JIT's hosts are (kpr.bpf.slots.slot_hash reads the same bytes). */
 static __always_inline void kpr_ct_key_of(struct kpr_ct_key *k, const union kpr_addr *s, __be16 sport,
 					  const union kpr_addr *d, __be16 dport, __u8 proto, __u8 dir)

@@ -1268,6 +1268,24 @@ static __always_inline struct kpr_np_nh *kpr_np_nh_get(kpr_ctx_t *ctx, __u32 l3_
 	return e;
 }
 
+/* The SNAT address of a new flow whose backend's next hop is `nh`, into `out`: an IPv4 backend's
+ * as cached with the next hop (kpr_np_nh.nat4, KPR_NP_NH_SNAT_ADDR: no kpr_np_dev lookups), else
+ * its egress device's (kpr_np_snat_addr). Returns 0, or -1 when the device has none. */
+static __always_inline int kpr_np_nh_snat_addr(const struct kpr_np_nh *nh, __u8 family, union kpr_addr *out)
+{
+	const union kpr_addr *a;
+
+	if (KPR_NP_NH_SNAT_ADDR && family == KPR_FAMILY_V4 && nh->nat4) {
+		kpr_addr_set_v4(out, nh->nat4);
+		return 0;
+	}
+	a = kpr_np_snat_addr(nh->ifindex, family);
+	if (!a)
+		return -1;
+	*out = *a;
+	return 0;
+}
+
 /* Cache a successful FIB lookup `p` for the backend: what kpr_np_forward does with it, a
  * redirect with the route's MACs, when the device is one it knows. On XDP the SNAT stage caches
  * after kpr_np_sendable, the local stage before it (devices XDP_REDIRECT cannot reach
@@ -1778,21 +1796,11 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 {
 	struct kpr_np_nh *nh = kpr_np_nh_get(ctx, pkt->l3_off, bid, &be->addr);
 	struct kpr_np_syn *p = kpr_np_syn_get();
-	const union kpr_addr *nat;
 	struct kpr_snat_slot *s;
 	__u32 idx;
 
-	if (!nh || !p)
+	if (!nh || !p || kpr_np_nh_snat_addr(nh, pkt->t.family, &p->nat))
 		return;
-	// (an IPv4 backend's address cached with its next hop: no kpr_np_dev lookups)
-	if (KPR_NP_NH_SNAT_ADDR && pkt->t.family == KPR_FAMILY_V4 && nh->nat4) {
-		kpr_addr_set_v4(&p->nat, nh->nat4);
-	} else {
-		nat = kpr_np_snat_addr(nh->ifindex, pkt->t.family);
-		if (!nat)
-			return;
-		p->nat = *nat;
-	}
 	p->first = kpr_np_snat_first(p, &pkt->t, be);
 	p->saddr = pkt->t.saddr;
 	p->sport = pkt->t.sport;
@@ -2007,7 +2015,7 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 	struct kpr_backend *be;
 	struct kpr_tuple orig; // the tuple after DNAT (client -> backend)
 	const union kpr_addr *nat;
-	union kpr_addr nat4;
+	union kpr_addr nat_buf; // (the address found from the next hop, when not carried)
 	struct kpr_np_nh *nh;
 	__be16 nport;
 	__u16 first;
@@ -2032,14 +2040,9 @@ static __always_inline int kpr_np_stage_snat_claim(kpr_ctx_t *ctx)
 	nh = kpr_np_nh_get(ctx, pkt.l3_off, st->backend_id, &be->addr);
 	if (!nh)
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
-	if (KPR_NP_NH_SNAT_ADDR && pkt.t.family == KPR_FAMILY_V4 && nh->nat4) { // (cached with the next hop: no kpr_np_dev lookups)
-		kpr_addr_set_v4(&nat4, nh->nat4);
-		nat = &nat4;
-	} else {
-		nat = kpr_np_snat_addr(nh->ifindex, pkt.t.family);
-	}
-	if (!nat)
+	if (kpr_np_nh_snat_addr(nh, pkt.t.family, &nat_buf))
 		return kpr_np_tail(ctx, KPR_NP_CALL_SNAT); // (counted and dropped there)
+	nat = &nat_buf;
 #if KPR_NP_SYN_FIRST_ON
 carried:
 #endif

@@ -12,6 +12,10 @@ helpers under a build that should have made no LRU insert.
 
     .venv/bin/python benchmarks/profile_nodeport.py [--hook xdp] [--case "new flow, remote backend"]
         [--cflags=-DKPR_NP_CT_SLOTS=1,...] [--seconds 20] [--runs 4000] [--top 12] [--offsets 3]
+        [--services 50000 --stride 40009 --case "new flows over"]
+
+--services and --stride make the lab of bench_nodeport_scale.py's many frontends: its spread
+case ("new flows over N frontends") then shows which loads go cold at scale (item 6).
 
 Needs perf (Debian: linux-perf) and root. Not a timing: shares of the samples, with the load.
 """
@@ -67,18 +71,20 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=4000, help="wrapper runs a call (new flows: flows a call)")
     ap.add_argument("--top", type=int, default=12, help="symbols listed")
     ap.add_argument("--offsets", type=int, default=3, help="hottest offsets listed per program")
+    ap.add_argument("--services", type=int, default=10, help="the lab's services (the spread case's frontends: 50000 for item 6)")
+    ap.add_argument("--stride", type=int, default=1, help="spread flows visit frontend n * stride %% fillers (40009: scattered)")
     a = ap.parse_args()
     if not shutil.which("perf"):
         print("profile_nodeport: perf is not installed (Debian: apt-get install linux-perf)", file=sys.stderr)
         return 2
-    if a.seconds <= 0 or a.runs <= 0:
-        ap.error("--seconds and --runs: positive numbers")
+    if a.seconds <= 0 or a.runs <= 0 or a.services <= 0 or a.stride <= 0:
+        ap.error("--seconds, --runs, --services and --stride: positive numbers")
     exit_on_sigterm()
     cpu = max(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpu})
     flags = [f for f in a.cflags.split(",") if f]
     pr = lambda *x: print(*x, flush=True)  # noqa: E731
-    with ProgLab(10) as lab, tempfile.TemporaryDirectory(prefix="kpr-profile-") as tmp:
+    with ProgLab(a.services, a.stride) as lab, tempfile.TemporaryDirectory(prefix="kpr-profile-") as tmp:
         dp = lab.load(a.hook, BUILD, flags)
         lab.load(a.hook, "default", [])
         matches = [c for c in cases(lab, a.hook) if a.case in c.name]

@@ -666,6 +666,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "slot tables, a SYN's conntrack slots read before its pick, not after (KPR_NP_SYN_FIRST=0; XDP's default on)": (
         "-DKPR_NP_SYN_FIRST=0",),
     "conntrack keys written field by field, not as 64-bit words (KPR_CT_KEY_WORDS=0)": ("-DKPR_CT_KEY_WORDS=0",),
+    "a new SYN's conntrack home slot read by its claim only, not touched beside the SNAT slot (KPR_NP_CT_TOUCH=0)": (
+        "-DKPR_NP_CT_TOUCH=0",),
     "slot tables, their gates read as shut: no LRU lookup on a slot miss (benchmark only, KPR_NP_TEST_GATES_SHUT=1)": (
         "-DKPR_NP_TEST_GATES_SHUT=1",),
     "all off (as before issue 14's changes, with a fine clock and writes)": (

@@ -32,7 +32,9 @@ pytestmark = pytest.mark.kernel
 
 HOOKS = ("tc", "xdp")
 SLOTS = ("-DKPR_NP_CT_SLOTS=1",)
-NO_SLOTS = ("-DKPR_NP_CT_SLOTS=0",)  # an older build, whatever the header's default
+# an older build (conntrack in kpr_ct only), whatever the header's default; not
+# kpr.nodeport.datapath.NO_SLOTS (both slot tables off, config flowSlots: false)
+NO_CT_SLOTS = ("-DKPR_NP_CT_SLOTS=0",)
 UDP_LOCAL, TCP_REMOTE, UDP_REMOTE = 30081, 30082, 30083
 REMOTE4, REMOTE6 = "10.244.2.5", "fd00:244:2::5"
 CLIENT4, CLIENT6 = "192.0.2.70", "2001:db8:c::70"
@@ -318,7 +320,7 @@ def test_an_upgrade_keeps_the_flows_an_older_build_left_in_kpr_ct(lab: ProgLab, 
     the older build wrote kpr_ct unmarked, by the slot build's loader, which found the NodePort
     entry in kpr_ct ("loader"); a collector's pass while the flow lives keeps it open."""
     old = f"{hook}-lru"
-    lab.load(hook, old, NO_SLOTS)  # (the same pins: kpr_ct, kpr_np_ct_slots and kpr_np_ct_gate shared)
+    lab.load(hook, old, NO_CT_SLOTS)  # (the same pins: kpr_ct, kpr_np_ct_slots and kpr_np_ct_gate shared)
     try:
         lab.builds[old].set_frontend_ports(PORTS)
         sport = 44000 + HOOKS.index(hook) * 2 + (how == "loader")
@@ -461,7 +463,7 @@ def test_a_slot_build_loaded_before_an_older_build_writes_kpr_ct_finds_its_flow(
     then), the build it replaces still runs and begins a flow in kpr_ct, unmarked: the slot
     build's loader opened the gate whatever kpr_ct held, so the flow's next packet is found."""
     old = f"{hook}-lru-first"
-    lab.load(hook, old, NO_SLOTS)
+    lab.load(hook, old, NO_CT_SLOTS)
     new = f"{hook}-slots-after"
     try:
         lab.builds[old].set_frontend_ports(PORTS)
@@ -702,10 +704,10 @@ def test_a_syn_on_the_tuple_of_a_closed_flow_restarts_it(lab: ProgLab, build: st
     assert IP(out[14:]).dst == IP(first[14:]).dst
 
 
-def test_a_syn_while_kpr_ct_may_hold_nodeport_entries_reads_its_conntrack_first(lab: ProgLab) -> None:
-    """KPR_NP_SYN_FIRST only while the table's gate is shut: a flow that overflowed into kpr_ct
-    (its probes held) opens it, and its resent SYN finds it there; read after the pick, the
-    claim would meet a free probe and make the flow a second entry."""
+def test_a_syn_while_kpr_ct_may_hold_nodeport_entries_finds_its_flow_there(lab: ProgLab) -> None:
+    """A flow that overflowed into kpr_ct (its probes held) opens the gates, and its resent SYN
+    finds it there (kpr_np_ct_lru_syn, before the claim); without that look the claim would meet
+    a free probe and make the flow a second entry."""
     build = _syn_build(lab, "xdp-syn")
     sport = 49120
     key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
@@ -720,3 +722,80 @@ def test_a_syn_while_kpr_ct_may_hold_nodeport_entries_reads_its_conntrack_first(
     assert d.get("established") == 1 and not NEW & set(d), d
     assert slot_entry(lab, key) is None, "the resent SYN claimed a slot beside its kpr_ct entry"
     assert again == first
+
+
+def _syn_scratch(lab: ProgLab, build: str) -> list[int]:
+    """Each CPU's kpr_np_syn scratch of `build`: the source port (network order) of the last flow
+    whose SNAT slot its entry program touched."""
+    table = lab.builds[build].bpf.get_table(b"kpr_np_syn")
+    return [v.sport for v in table[table.Key(0)]]
+
+
+def test_a_syn_is_balanced_first_while_another_flows_overflow_holds_the_gate_open(lab: ProgLab) -> None:
+    """One overflow into kpr_ct opens the table's gate until the collector's sweep; a SYN of any
+    other tuple (its home slot's gate shut) is still balanced before its conntrack slots are read:
+    its SNAT slot touched (this CPU's kpr_np_syn names it), its entry in a slot, kpr_ct not
+    written. With the table's gate read first (before this change) it took the conntrack
+    lookup and no touch: the scratch still named the overflowed flow."""
+    build = _syn_build(lab, "xdp-syn")
+    with in_netns(lab.lb_path):  # every backend's next hop cached (the touch's path)
+        lab.run_wrapped("xdp", lab.entry("xdp", build), lab.packet(VIP, 80, flags="S"), 200, vary=True)
+    lab.flush_flows()
+    over, other = 49130, 49131
+    over_key, other_key = ct_key(CLIENT4, VIP, over, 80, TCP_P), ct_key(CLIENT4, VIP, other, 80, TCP_P)
+    _hold_probes(lab, over_key)
+    _v, _out, d = run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, over, 80, TCP_P))
+    assert d.get("ct_slot_full") == 1 and lru_entry(lab, over_key) is not None, d
+    overflows, clean = gate(lab)
+    assert clean != overflows + 1, "the table's gate open"
+    assert M.htons(over) in _syn_scratch(lab, build), "the overflowed SYN was touched"
+    _v, _out, d = run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, other, 80, TCP_P))
+    assert d.get("new_snat") == 1 and d.get("fwd_nh_cached") == 1 and not d.get("ct_slot_full"), d
+    assert M.htons(other) in _syn_scratch(lab, build), "no touch: balanced after its lookup"
+    assert slot_entry(lab, other_key) is not None and lru_entry(lab, other_key) is None
+
+
+def test_a_syn_on_the_tuple_of_a_closed_flow_in_kpr_ct_restarts_it_there(lab: ProgLab) -> None:
+    """The overflowed flow's new connection on its tuple (after its FIN): found in kpr_ct after the
+    pick, the same backend, kpr_ct's own entry's closing and reply marks cleared, no slot taken."""
+    build = _syn_build(lab, "xdp-syn")
+    sport = 49140
+    key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
+    held = _hold_probes(lab, key)
+    _v, first, d = run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+    assert d.get("ct_slot_full") == 1, d
+    for flags in ("A", "FA"):
+        run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P, flags))
+    _last, bid, _rev, flags_before, *_ = D.CT_ENTRY.unpack(lru_entry(lab, key))
+    assert flags_before & D.CT_F_CLOSING, hex(flags_before)
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        for idx in held:
+            t.free(idx)
+    _v, out, d = run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+    assert d.get("established") == 1 and not NEW & set(d), d
+    _last, bid2, _rev, flags_after, *_ = D.CT_ENTRY.unpack(lru_entry(lab, key))
+    assert bid2 == bid and not flags_after & (D.CT_F_CLOSING | D.CT_F_SEEN_REPLY), hex(flags_after)
+    assert slot_entry(lab, key) is None
+    assert IP(out[14:]).dst == IP(first[14:]).dst
+
+
+def test_a_syn_whose_kpr_ct_flow_lost_its_backend_is_balanced_again_in_a_slot(lab: ProgLab) -> None:
+    """The overflowed flow's kpr_ct entry names a backend since deleted (an id no backend holds):
+    its next SYN is counted stale_backend and balanced as a new flow, in a slot (as the conntrack
+    hit of a non-SYN packet does), not followed to the gone backend nor dropped."""
+    build = _syn_build(lab, "xdp-syn")
+    sport = 49150
+    key = ct_key(CLIENT4, VIP, sport, 80, TCP_P)
+    held = _hold_probes(lab, key)
+    run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+    entry = bytearray(lru_entry(lab, key))
+    fields = list(D.CT_ENTRY.unpack(bytes(entry)))
+    fields[1] = 0xFFFFFF  # backend id: an index no backend holds
+    with M.BpfMap.open_pinned(lab.pin / "kpr_ct") as m:
+        m.update(key, D.CT_ENTRY.pack(*fields))
+    with SlotTable.open(lab.pin / D.CT_SLOTS_MAP, D.CT_SLOT) as t:
+        for idx in held:
+            t.free(idx)
+    _v, _out, d = run_counted(lab, "xdp", build, frame(lab, CLIENT4, VIP, sport, 80, TCP_P))
+    assert d.get("stale_backend") == 1 and d.get("new_snat") == 1, d
+    assert slot_entry(lab, key) is not None

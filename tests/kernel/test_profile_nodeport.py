@@ -32,3 +32,14 @@ def test_a_case_the_benchmark_lacks_is_refused_by_name(require_kernel: None) -> 
     out = subprocess.run([sys.executable, str(TOOL), "--case", "no such case", "--seconds", "1"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "--case 'no such case' names 0 cases" in out.stderr, out.stderr[-2000:]
+
+
+def test_the_spread_case_is_profiled_in_a_lab_of_the_services_asked_for(require_kernel: None) -> None:
+    """--services and --stride make the many-frontend lab of bench_nodeport_scale.py: the spread
+    case names that lab's filler frontends (two of the services are the lab's own) and ran."""
+    out = subprocess.run([sys.executable, str(TOOL), "--services", "50", "--stride", "7", "--case", "new flows over",
+                          "--seconds", "2", "--runs", "500", "--offsets", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "== xdp new flows over 48 frontends (SNAT)" in out.stdout, out.stdout[:2000]
+    assert re.search(r"counters: \{[^}]*'new_snat': [1-9]", out.stdout), out.stdout

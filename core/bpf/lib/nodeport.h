@@ -210,11 +210,12 @@
 #endif
 #ifndef KPR_NP_SYN_FIRST
 /* With both slot tables (KPR_NP_CT_SLOTS, KPR_NP_SNAT_SLOTS): 1, a TCP SYN is balanced before its
- * conntrack slots are read (while kpr_ct holds no NodePort entry: the claim finds a live entry
- * of the tuple and follows it), and the slot of the first SNAT port its claim will try (a keyed
- * hash of the tuple, kpr_snat_first_port) is loaded just before them: the two cold lines of a
- * new flow in flight together instead of one after the other (XDP new SNAT flow 685 -> 499 ns
- * above bare, README issue 14, nineteenth round). tc: 0, its ingress walk would be 938k of the
+ * conntrack slots are read (the claim finds a live entry of the tuple and follows it; kpr_ct,
+ * where a flow that overflowed its slots lives, is read after the pick while the gates say it
+ * may hold the tuple: kpr_np_ct_lru_syn), and the slot of the first SNAT port its claim will try
+ * (a keyed hash of the tuple, kpr_snat_first_port) is loaded just before them: the two cold lines
+ * of a new flow in flight together instead of one after the other (XDP new SNAT flow 685 -> 499
+ * ns above bare, README issue 14, nineteenth round). tc: 0, its ingress walk would be 938k of the
  * verifier's million. */
 #ifdef KPR_CTX_XDP
 #define KPR_NP_SYN_FIRST 1
@@ -1687,6 +1688,13 @@ static __always_inline int kpr_np_dispatch(kpr_ctx_t *ctx, const struct kpr_back
 	return kpr_np_tail(ctx, KPR_NP_CALL_SNAT);
 }
 
+#ifndef KPR_NP_CT_TOUCH
+/* 1: a new SYN's conntrack home slot (the claim's first probe) is loaded beside the SNAT slot's
+ * touch (kpr_np_snat_touch), its key hashed before that touch's own work: the claim's read, a
+ * hundred instructions and some twenty stores later, waited on the touched miss first (19% of
+ * the entry program's samples on it; 2.5% with this). */
+#define KPR_NP_CT_TOUCH 1
+#endif
 #ifndef KPR_NP_NH_TOUCH
 #define KPR_NP_NH_TOUCH 1 // 1: a new flow reads its backend's next-hop entry as it picks (the miss beside kpr_backend's)
 #endif
@@ -1798,9 +1806,17 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 	struct kpr_np_syn *p = kpr_np_syn_get();
 	struct kpr_snat_slot *s;
 	__u32 idx;
+#if KPR_NP_CT_TOUCH
+	struct kpr_np_ct_slot *cs;
+	__u32 home;
+#endif
 
 	if (!nh || !p || kpr_np_nh_snat_addr(nh, pkt->t.family, &p->nat))
 		return;
+#if KPR_NP_CT_TOUCH
+	kpr_ct_key_from_tuple(&p->rk, &pkt->t, KPR_CT_DIR_ORIGINAL);
+	home = kpr_np_ct_home(kpr_np_ct_hash(&p->rk));
+#endif
 	p->first = kpr_np_snat_first(p, &pkt->t, be);
 	p->saddr = pkt->t.saddr;
 	p->sport = pkt->t.sport;
@@ -1809,8 +1825,33 @@ static __always_inline void kpr_np_snat_touch(kpr_ctx_t *ctx, const struct kpr_p
 			 pkt->t.proto);
 	idx = kpr_slots_index(kpr_slots_hash(&p->rk, KPR_SNAT_KEY_DWORDS), 0, KPR_SNAT_SLOTS_N - 1);
 	s = kpr_snat_slots.lookup(&idx);
+#if KPR_NP_CT_TOUCH
+	cs = kpr_np_ct_slots.lookup(&home);
+	if (s && cs)
+		asm volatile("" ::"r"(*(volatile __u64 *)&s->claim), "r"(*(volatile __u64 *)&cs->claim));
+#else
 	if (s)
 		asm volatile("" ::"r"(*(volatile __u64 *)&s->claim));
+#endif
+}
+
+/* A SYN balanced first: its tuple's live NodePort entry in kpr_ct (a flow that overflowed its
+ * slots, its SYN resent or its tuple reused), refreshed; NULL when there is none or the gates
+ * say there can be none. Read after the SNAT slot's touch: the key's home slot, whose gate it
+ * reads while the table's is open, is the line the claim reads next, so its miss overlaps the
+ * touch's; and kpr_ct's bucket is read only for a home that had an overflow. */
+static __always_inline struct kpr_ct_entry *kpr_np_ct_lru_syn(const struct kpr_tuple *t)
+{
+	struct kpr_ct_key k;
+	struct kpr_ct_entry *e;
+
+	if (!kpr_np_ct_lru_maybe())
+		return (void *)0;
+	kpr_ct_key_from_tuple(&k, t, KPR_CT_DIR_ORIGINAL);
+	if (!kpr_np_ct_home_maybe(kpr_np_ct_home(kpr_np_ct_hash(&k))))
+		return (void *)0;
+	e = kpr_ct_lookup(t, KPR_CT_DIR_ORIGINAL);
+	return e && (e->flags & KPR_CT_F_NODE_PORT) ? e : (void *)0;
 }
 #endif
 
@@ -1826,9 +1867,10 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	__u32 bid, counter, ct_slot;
 	__u16 flags;
 #if KPR_NP_SYN_FIRST_ON
-	// (KPR_NP_SYN_FIRST) the table's gate: a tuple's entry may be in kpr_ct, read it first
-	int syn_first = pkt->t.proto == IPPROTO_TCP && (pkt->t.tcp_flags & (KPR_TCP_ACK | KPR_TCP_SYN)) == KPR_TCP_SYN &&
-			!kpr_np_ct_lru_maybe();
+	/* (KPR_NP_SYN_FIRST) whatever the gates say: kpr_ct is read after the pick (kpr_np_ct_lru_syn).
+	 * Read first while the table's gate was open, one overflow anywhere (in a benchmark round,
+	 * one in about 6000 flows) cost every later SYN until the collector's sweep its overlap. */
+	int syn_first = pkt->t.proto == IPPROTO_TCP && (pkt->t.tcp_flags & (KPR_TCP_ACK | KPR_TCP_SYN)) == KPR_TCP_SYN;
 #else
 	const int syn_first = 0;
 #endif
@@ -1934,18 +1976,31 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 		 * its stage): a packet of the same flow another CPU began first follows that one's
 		 * backend, and is not counted as a new flow. */
 		struct kpr_np_claim_room *room;
-		struct kpr_ct_entry *won;
+		struct kpr_ct_entry *won = (void *)0; // the live entry a claim follows: a copy of its slot's, or kpr_ct's own
 		int claim;
 		__u32 zero = 0;
 
 #if KPR_NP_SYN_FIRST_ON
 		if (syn_first && (flags & KPR_CT_F_SNAT))
 			kpr_np_snat_touch(ctx, pkt, bid, be);
+		if (syn_first) {
+			won = kpr_np_ct_lru_syn(&pkt->t);
+			if (won && !kpr_lb_backend(won->backend_id)) {
+				kpr_np_count(KPR_NP_ST_STALE_BACKEND); // (as the conntrack hit above: balanced again)
+				won = (void *)0;
+			}
+		}
 #endif
 		room = kpr_np_claim.lookup(&zero);
-		claim = room ? kpr_np_ct_claim(room, &pkt->t, bid, svc->rev_nat, flags, &ct_slot) : KPR_NP_CT_FULL;
-		if (claim == KPR_NP_CT_FOLLOW && room) {
-			struct kpr_backend *wbe = kpr_lb_backend(room->won.backend_id);
+		if (won) {
+			claim = KPR_NP_CT_FOLLOW; // (kpr_ct's: ct_slot stays 0, no slot claimed)
+		} else {
+			claim = room ? kpr_np_ct_claim(room, &pkt->t, bid, svc->rev_nat, flags, &ct_slot) : KPR_NP_CT_FULL;
+			if (claim == KPR_NP_CT_FOLLOW && room)
+				won = &room->won;
+		}
+		if (claim == KPR_NP_CT_FOLLOW && won) {
+			struct kpr_backend *wbe = kpr_lb_backend(won->backend_id);
 			__u8 restart = 0;
 
 			if (wbe) {
@@ -1953,21 +2008,20 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 				/* A SYN met its tuple's live entry (a resent SYN, or a new connection on the
 				 * tuple of one that ended): what the conntrack hit above does with it. */
 				if (syn_first) {
-					if (room->won.flags & KPR_CT_F_CLOSING) {
+					if (won->flags & KPR_CT_F_CLOSING) {
 						__u32 idx = ct_slot - 1;
-						struct kpr_np_ct_slot *cs = kpr_np_ct_slots.lookup(&idx);
+						struct kpr_np_ct_slot *cs = ct_slot ? kpr_np_ct_slots.lookup(&idx) : (void *)0;
 
-						if (cs) {
+						if (cs) { // (a slot's: `won` is the claim's copy, the slot's own entry cleared too)
 							cs->val.flags &= ~(KPR_CT_F_CLOSING | KPR_CT_F_SEEN_REPLY);
 							cs->val.last_seen = kpr_ct_now();
 						}
-						room->won.flags &= ~(KPR_CT_F_CLOSING | KPR_CT_F_SEEN_REPLY);
+						won->flags &= ~(KPR_CT_F_CLOSING | KPR_CT_F_SEEN_REPLY);
 						restart = 1;
 					}
 					kpr_np_count(KPR_NP_ST_ESTABLISHED);
 				}
 #endif
-				won = &room->won;
 				return kpr_np_dispatch(ctx, wbe, won->backend_id, won->flags, restart, won->rev_nat, won, ct_slot);
 			}
 			claim = KPR_NP_CT_BUSY; // (its backend gone since the claim's own test: the next packet balances it)

@@ -18,7 +18,8 @@ bench_xdp_nodeport.py's "new flows over N vs M frontends" line reports, measured
         [--no-warm]
 
 --cflags adds a twin of every build with these flags too (labels "cflags" for the full one,
-"stopN+cflags"), and their own table: a switch compared stage by stage, side by side
+"stopN+cflags"), their own table, and each twin's paired difference round by round (builds
+measured in turn, the order reversed every other round): a switch compared stage by stage, side by side
 (`--cflags=-DKPR_LB_FE=0`: frontends from kpr_svc only, not from their kpr_fe lines;
 `--cflags=-DKPR_LB_FE_IDS=0`: backend ids from kpr_slots, not from the frontend's line).
 --no-warm skips caching every filler backend's next hop before measuring (ProgLab.warm_next_hops;
@@ -50,6 +51,20 @@ STOP_LABELS = {
     6: "SNAT port, conntrack entry, rewrite",
     0: "full program (next-hop cache, redirect)",
 }
+
+
+def label(stop: int, variant: str) -> str:
+    """A build's name: stop N's (variant "+cflags": its twin with the flags), the full program's."""
+    return (f"stop{stop}" + variant) if stop else ("cflags" if variant else "default")
+
+
+def paired(off: list[float], on: list[float]) -> str:
+    """The differences on - off of rounds measured in turn, as "median (q1 / q3), faster in k of n":
+    a build's share of the load's drift cancels round by round, where two medians taken over
+    the same rounds still differ by it (labs of one process differed by up to 70 ns)."""
+    d = [b - a for a, b in zip(off, on)]
+    q = statistics.quantiles(d, n=4) if len(d) > 1 else [d[0]] * 3
+    return f"{statistics.median(d):+.0f} ns ({q[0]:+.0f} / {q[2]:+.0f}), faster in {sum(x < 0 for x in d)} of {len(d)}"
 
 
 def main() -> int:
@@ -95,11 +110,13 @@ def main() -> int:
         got: dict[tuple[int, str], list[float]] = {}
         moved: dict[tuple[int, str], int] = {}
         bares: dict[int, list[float]] = {n: [] for n in labs}
-        for _r in range(a.rounds):
+        for r in range(a.rounds):
             for n, lab in labs.items():
                 bares[n].append(bare(lab, a.hook, a.runs, 1).wrapper)
                 spread = [c for c in cases(lab, a.hook) if c.spread][0]
-                for name in builds:
+                # every other round in the reverse order: a twin's paired difference then carries
+                # no "measured second" share
+                for name in (list(builds) if r % 2 == 0 else list(builds)[::-1]):
                     m = measure(lab, a.hook, name, spread, a.runs, 1, single=False)
                     got.setdefault((n, name), []).append(m.wrapper)
                     moved[(n, name)] = moved.get((n, name), 0) + m.counted.get("new_snat", 0)
@@ -107,7 +124,7 @@ def main() -> int:
         w = {k: statistics.median(v) for k, v in got.items()}
         pr(f"  bare (wrapper ns): {few}: {b[few]:.1f}, {many}: {b[many]:.1f}")
         for variant in ("", "+cflags") if a.cflags else ("",):
-            key = lambda s, v=variant: (f"stop{s}" + v) if s else ("cflags" if v else "default")  # noqa: E731
+            key = lambda s, v=variant: label(s, v)  # noqa: E731
             if variant:
                 pr(f"  with {a.cflags}:")
             pr(f"  {'up to and including':44s} {'few':>7s} {'step':>6s} {'many':>7s} {'step':>6s} {'step grows':>10s}")
@@ -120,6 +137,13 @@ def main() -> int:
                 grow = (w[(many, key(s))] - b[many] - prev[many]) - (w[(few, key(s))] - b[few] - prev[few])
                 pr(f"  {STOP_LABELS.get(s, str(s)):44s} {' '.join(cells)} {grow:+10.0f}")
                 prev = {n: w[(n, key(s))] - b[n] for n in labs}
+        if a.cflags:
+            pr("  paired, round by round (the twin with the flags minus its build without; median, quartiles, rounds faster):")
+            for s in stops:
+                cells = []
+                for n in (few, many):
+                    cells.append(f"{n}: {paired(got[(n, label(s, ''))], got[(n, label(s, '+cflags'))])}")
+                pr(f"  {STOP_LABELS.get(s, str(s)):44s} {'; '.join(cells)}")
         for name in [x for x in ("default", "cflags") if x in builds]:
             # the path: every run of the full builds counted as a new SNAT flow
             proof = ", ".join(f"{n}: new_snat+{moved[(n, name)]}" for n in (few, many))

@@ -80,6 +80,18 @@ def test_flow_slots_are_on_by_default_and_both_plugins_must_agree() -> None:
 
 
 @pytest.mark.parametrize("flow_slots", [True, False])
+def test_the_facilitys_collector_serves_builds_as_flow_slots_say(flow_slots: bool) -> None:
+    """The collector kpr_start makes (NodePortFacility._new_collector) marks kpr_np_ct_gate clean
+    only for builds with slot tables: flowSlots false's programs write kpr_ct unmarked."""
+    from pathlib import Path
+
+    fac = NodePortFacility(settings_from({"tc_nodeport": TcNodePortConfig.model_validate({"flowSlots": flow_slots})}))
+    fac.pin = Path("/nonexistent")
+    collector = fac._new_collector({})
+    assert collector.ct_slots is flow_slots and collector.pin == fac.pin
+
+
+@pytest.mark.parametrize("flow_slots", [True, False])
 def test_each_plugin_builds_as_its_flow_slots_say(flow_slots: bool) -> None:
     from pathlib import Path
 

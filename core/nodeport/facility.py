@@ -177,11 +177,7 @@ class NodePortFacility:
             self.nexthops = self.netns(lambda: nexthops.subscribe(self._invalidate_next_hops, NAME))
             self._sync_node(context.node)
             self.tables.arm()  # ports pinned by an earlier run stay until the initial sync is complete
-            self.collector = Collector(
-                {**self.shared, **self.tables.maps}, self.book.allowed, lambda: set(self._snat_addrs),
-                self.settings.gc_interval, after_pass=self._check_algorithm, ready=lambda: self._synced, pin=pin,
-                ct_slots=self.settings.flow_slots,
-            )
+            self.collector = self._new_collector({**self.shared, **self.tables.maps})
             self.collector.start()
         except BaseException:
             self._teardown()
@@ -189,6 +185,15 @@ class NodePortFacility:
         for what in self._not_honoured():
             log.warning("event=nodeport_config_not_honoured %s", what)
         log.info("event=nodeport_facility_started netns=%s", self.netns_path or "host")
+
+    def _new_collector(self, maps: dict[str, M.BpfMap]) -> Collector:
+        """The flow collector over `maps` (the shared service maps and this facility's tables), for
+        builds as flowSlots says: one without slot tables never marks kpr_np_ct_gate clean."""
+        return Collector(
+            maps, self.book.allowed, lambda: set(self._snat_addrs), self.settings.gc_interval,
+            after_pass=self._check_algorithm, ready=lambda: self._synced, pin=self.pin,
+            ct_slots=self.settings.flow_slots,
+        )
 
     @hookimpl
     def kpr_stop(self, context: PluginContext) -> None:

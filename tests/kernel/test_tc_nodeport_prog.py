@@ -859,11 +859,16 @@ def test_a_device_change_bumps_the_next_hop_generation(lab: Lab) -> None:
         lab.dp.set_devices({lab.ifindex: (NODE4, NODE6)}, (NODE4, NODE6))
 
 
-def test_an_ipv4_backends_snat_address_is_cached_with_its_next_hop(lab: Lab) -> None:
+def test_an_ipv4_backends_snat_address_is_cached_with_its_next_hop(snat_lab: Lab) -> None:
     """kpr_np_nh.nat4: caching an IPv4 backend's next hop caches its egress device's SNAT address
     too, and a new flow to that backend takes the address from there (no kpr_np_dev lookups):
     the cached value is the node's address, and one written there by hand is the next new flow's
-    source, until the generation is bumped."""
+    source, until the generation is bumped. Both paths of a new flow: the claim stage's (default)
+    and the SNAT stage's, which a build without kpr_snat_slots takes (and any flow whose slots
+    are all held)."""
+    lab = snat_lab
+    sport = 40610 if lab.dp.snat_slots() else 40620  # (the builds share the lab's conntrack)
+
     def rem4_entries(nh: M.BpfMap) -> list[tuple[bytes, list[Any]]]:
         return [(k, list(D.NP_NH.unpack(v))) for k, v in nh.items()
                 if M.U32.unpack(k)[0] != D.NH_GEN and D.NP_NH.unpack(v)[-1] == M.addr_to_bytes(REM4)]
@@ -871,7 +876,7 @@ def test_an_ipv4_backends_snat_address_is_cached_with_its_next_hop(lab: Lab) -> 
     def be32(addr: str) -> int:
         return M.U32.unpack(bytes(map(int, addr.split("."))))[0]
 
-    verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40610, 80))
+    verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport, 80))
     assert verdict == TC_ACT_REDIRECT and out[IP].src == NODE4
     try:
         with M.BpfMap.open_pinned(lab.pin / D.NH_MAP) as nh:
@@ -880,11 +885,13 @@ def test_an_ipv4_backends_snat_address_is_cached_with_its_next_hop(lab: Lab) -> 
             for k, e in rem4_entries(nh):
                 e[5] = be32("10.0.0.77")
                 nh.update(k, D.NP_NH.pack(*e))
-        verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40611, 80))
+        new = lab.dp.stats().get("new_snat", 0)
+        verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport + 1, 80))
         assert verdict == TC_ACT_REDIRECT and out[IP].src == "10.0.0.77", "the new flow took the cached address"
+        assert lab.dp.stats()["new_snat"] == new + 1, "a new flow (not one an earlier build's run left)"
     finally:
         lab.dp.invalidate_next_hops()
-    verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, 40612, 80))
+    verdict, out = lab.one(D.INGRESS, tcp4(lab, CLIENT4, VIP_REMOTE, sport + 2, 80))
     assert verdict == TC_ACT_REDIRECT and out[IP].src == NODE4, "looked up again after the bump"
 
 

@@ -1447,18 +1447,18 @@ static __always_inline int kpr_np_stage_snat(kpr_ctx_t *ctx)
 			orig.daddr = be->addr;
 			if (be->port)
 				orig.dport = be->port;
-			nat = kpr_np_snat_addr(nh->ifindex, pkt.t.family);
-			if (!nat) {
+			// (the address as the claim stage takes it: cached with the next hop, or looked up)
+			if (kpr_np_nh_snat_addr(nh, pkt.t.family, &st->nat_addr)) {
 				kpr_np_drop(KPR_NP_ST_DROP_NO_SNAT_ADDR, KPR_MON_R_NO_SNAT_ADDRESS, &pkt.t);
 				return CTX_DROP;
 			}
+			nat = &st->nat_addr;
 			if (kpr_snat_alloc(&orig, nat, &pkt.t.daddr, pkt.t.dport, &nport)) {
 				kpr_np_count(KPR_NP_ST_DROP_SNAT_PORT);
 				kpr_mon_flow(KPR_MON_T_NAT_FULL, KPR_NP_MON_HOOK, KPR_MON_R_SNAT_NO_PORT, &orig, 0,
 					     st->backend_id, be);
 				return CTX_DROP;
 			}
-			st->nat_addr = *nat;
 			st->nat_port = nport;
 			if (kpr_np_ct_snat(st->ct_slot, &pkt.t, st->backend_id, st->rev_nat, st->flags, nat, nport)) {
 				kpr_np_count(KPR_NP_ST_CT_FAILED);

@@ -1,5 +1,5 @@
 """benchmarks/bench_nodeport_scale.py's paired report: the difference of two builds measured in
-turn, round by round (its own arithmetic; the kernel run is tests/kernel/test_bench_nodeport_scale.py)."""
+turn, round by round (its own arithmetic; the kernel run is tests/kernel/test_nodeport_scale_bench.py)."""
 
 from __future__ import annotations
 

@@ -1868,8 +1868,9 @@ static __always_inline int kpr_np_lb(kpr_ctx_t *ctx, struct kpr_pkt *pkt)
 	__u16 flags;
 #if KPR_NP_SYN_FIRST_ON
 	/* (KPR_NP_SYN_FIRST) whatever the gates say: kpr_ct is read after the pick (kpr_np_ct_lru_syn).
-	 * Read first while the table's gate was open, one overflow anywhere (in a benchmark round,
-	 * one in about 6000 flows) cost every later SYN until the collector's sweep its overlap. */
+	 * When it was read first while the table's gate was open, one overflow anywhere (the first of
+	 * a 20000-flow benchmark round came after about 6000 flows) cost every later SYN its two
+	 * misses' overlap until the collector's sweep. */
 	int syn_first = pkt->t.proto == IPPROTO_TCP && (pkt->t.tcp_flags & (KPR_TCP_ACK | KPR_TCP_SYN)) == KPR_TCP_SYN;
 #else
 	const int syn_first = 0;

@@ -124,7 +124,6 @@ def main() -> int:
         w = {k: statistics.median(v) for k, v in got.items()}
         pr(f"  bare (wrapper ns): {few}: {b[few]:.1f}, {many}: {b[many]:.1f}")
         for variant in ("", "+cflags") if a.cflags else ("",):
-            key = lambda s, v=variant: label(s, v)  # noqa: E731
             if variant:
                 pr(f"  with {a.cflags}:")
             pr(f"  {'up to and including':44s} {'few':>7s} {'step':>6s} {'many':>7s} {'step':>6s} {'step grows':>10s}")
@@ -132,11 +131,11 @@ def main() -> int:
             for s in stops:
                 cells = []
                 for n in (few, many):
-                    x = w[(n, key(s))] - b[n]
+                    x = w[(n, label(s, variant))] - b[n]
                     cells += [f"{x:7.0f}", f"{x - prev[n]:+6.0f}"]
-                grow = (w[(many, key(s))] - b[many] - prev[many]) - (w[(few, key(s))] - b[few] - prev[few])
+                grow = (w[(many, label(s, variant))] - b[many] - prev[many]) - (w[(few, label(s, variant))] - b[few] - prev[few])
                 pr(f"  {STOP_LABELS.get(s, str(s)):44s} {' '.join(cells)} {grow:+10.0f}")
-                prev = {n: w[(n, key(s))] - b[n] for n in labs}
+                prev = {n: w[(n, label(s, variant))] - b[n] for n in labs}
         if a.cflags:
             pr("  paired, round by round (the twin with the flags minus its build without; median, quartiles, rounds faster):")
             for s in stops:
